@@ -1,0 +1,21 @@
+"""semsr: semantics-guided diffusion super-resolution, offline-first.
+
+Public API (imported lazily so ``import semsr`` stays fast)::
+
+    import semsr
+    img = semsr.upscale("photo.jpg", model="default", outscale=4)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "upscale", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("upscale", "load"):
+        from semsr import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'semsr' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from semsr.cli import main
+
+sys.exit(main())

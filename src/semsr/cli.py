@@ -1,0 +1,67 @@
+"""The ``semsr`` command line.
+
+Every sub-command lives in its own module under :mod:`semsr.commands`; a module
+there defines ``register(subparsers)`` which adds one or more parsers and sets
+``func`` (a callable ``(argparse.Namespace) -> int``) on each. This file only
+discovers those modules, parses, and turns :class:`~semsr.errors.SemsrError`
+into a one-line message and an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from semsr import __version__
+from semsr.errors import SemsrError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every discovered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="semsr",
+        description="Semantics-guided diffusion super-resolution (offline-first).",
+    )
+    parser.add_argument("--version", action="version", version=f"semsr {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import semsr.commands as commands_pkg
+
+    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"semsr.commands.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except SemsrError as err:
+        if args.debug:
+            raise
+        print(f"semsr: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("semsr: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("semsr: error: out of memory (try a smaller --tile)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Registry of upscaling methods (restorers and diffusion recipes).
+
+A *method* turns an RGB image tensor into an upscaled one. Everything the CLI,
+the Python API, the benchmark runner and the web demo run goes through
+:func:`get_method`, so a new restorer or recipe only has to register a factory.
+
+Factories are registered lazily by module path (see ``_BUILTIN``) so importing
+the registry does not import torch models, ncnn or diffusers.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from semsr.errors import SemsrError
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What every upscaling method provides.
+
+    Attributes:
+        name: registry name, e.g. ``"realesrgan-x4plus"``.
+        scale: native integer scale factor of the model.
+        tiles_itself: True when the method does its own tiling (diffusion
+            methods tile in latent space); otherwise callers tile in pixels.
+    """
+
+    name: str
+    scale: int
+    tiles_itself: bool
+
+    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
+        """Upscale ``x`` of shape ``(B, 3, H, W)``, float in [0, 1].
+
+        Returns ``(B, 3, scale*H, scale*W)`` float in [0, 1]. ``run_opts`` are
+        per-call options (prompt, negative_prompt, steps, guidance_scale, seed,
+        tile, tile_pad, colour_fix, progress...); methods ignore the ones that
+        do not apply to them.
+        """
+        ...
+
+
+@dataclass
+class MethodSpec:
+    """Registry entry: how to build a method and what to tell users about it."""
+
+    name: str
+    factory: Callable[..., Method]
+    scale: int
+    summary: str = ""
+    aliases: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+# Modules that register methods when imported. Add a module here when it
+# defines new methods; keep the list short and import-cheap.
+_BUILTIN: tuple[str, ...] = (
+    "semsr.models.restorers",
+)
+_loaded = False
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (later registrations replace earlier ones)."""
+    _REGISTRY[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:  # a module of ours that is not written yet
+            if err.name != mod:
+                raise
+
+
+def specs() -> list[MethodSpec]:
+    """All registered methods, in registration order."""
+    _load_builtins()
+    return list(_REGISTRY.values())
+
+
+def resolve(name: str) -> MethodSpec:
+    """Return the spec for ``name`` (or an alias); raise a one-line error if unknown."""
+    _load_builtins()
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise SemsrError(f"unknown method {name!r}; known methods: {known}")
+    return _REGISTRY[key]
+
+
+def get_method(name: str, **build_opts: Any) -> Method:
+    """Build the method ``name`` with ``build_opts`` (device, dtype, paths...)."""
+    return resolve(name).factory(**build_opts)

@@ -1,0 +1,1 @@
+"""Low-level image operations shared by restorers, degradations and metrics."""

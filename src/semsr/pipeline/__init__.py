@@ -1,0 +1,1 @@
+"""semsr.pipeline"""

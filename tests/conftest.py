@@ -1,0 +1,24 @@
+"""Shared pytest fixtures. Area-specific fixtures live in the area's test files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from semsr.paths import data_root
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data root (``SEMSR_DATA`` or ``../shared/data``); skips when absent."""
+    root = data_root()
+    if root is None or not root.is_dir():
+        pytest.skip("shared data folder not found (set SEMSR_DATA)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep tests from writing into the user's ~/.cache/semsr (NIQE params are shared)."""
+    cache = tmp_path_factory.getbasetemp() / "semsr-cache"
+    monkeypatch.setenv("SEMSR_CACHE", str(cache))
