@@ -1,0 +1,544 @@
+"""Robust image I/O for upscaling: read anything Pillow reads, write without losing data.
+
+An image travels through semsr as a :class:`Picture`: the colour channels as an
+``(H, W, 3)`` ``uint8`` or ``uint16`` array (grey images have three equal
+channels and ``grey=True``), an optional ``(H, W)`` alpha plane of the same
+dtype, and the metadata needed to write the result back faithfully (ICC
+profile, EXIF, source format).
+
+What :func:`read_image` handles:
+
+- EXIF orientation is applied (``ImageOps.exif_transpose``) and removed from
+  the EXIF that is carried to the output.
+- Modes ``1``/``L``/``LA``/``P``/``PA``/``RGB``/``RGBA`` (and premultiplied
+  variants), ``I;16*`` and ``I`` (16-bit grey), ``CMYK`` (converted to sRGB
+  through the embedded ICC profile when there is one), ``YCbCr``/``HSV``.
+- 16-bit colour PNG/TIFF, which Pillow would truncate to 8 bits, are decoded
+  with OpenCV instead and stay 16-bit (:func:`write_picture` writes them back
+  as 16-bit PNG with the ICC profile spliced in).
+- Animated or multi-frame files, 32-bit float images, empty, truncated and
+  non-image files, zero-size images and images above ``max_pixels`` raise
+  :class:`~semsr.errors.InputError` naming the file.
+
+Writes are atomic (:func:`atomic_write`): a temporary file in the target
+folder is renamed over the destination only once it is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from semsr.errors import InputError
+
+log = logging.getLogger("semsr.io")
+
+#: Default decompression-bomb guard: refuse inputs with more pixels than this.
+DEFAULT_MAX_PIXELS = 100_000_000
+#: Output formats :func:`write_picture` supports.
+FORMATS = ("png", "jpg", "webp")
+_EXIF_ORIENTATION = 0x0112
+_SOURCE_TO_FORMAT = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp"}
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass
+class Picture:
+    """An image plus what is needed to write an upscaled copy of it faithfully.
+
+    Attributes:
+        rgb: ``(H, W, 3)`` ``uint8`` or ``uint16`` colour channels (for grey
+            images the three channels are equal).
+        alpha: ``(H, W)`` alpha plane with the dtype of ``rgb``, or ``None``.
+        grey: the source was greyscale; it is written back as greyscale.
+        icc_profile: ICC profile bytes describing ``rgb`` (or the grey plane).
+        exif: EXIF block (orientation already applied and removed), or ``None``.
+        format: Pillow's name of the source format (``"PNG"``, ``"JPEG"``...).
+        path: the file it was read from, if any.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    grey: bool = False
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    format: str | None = None
+    path: Path | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def bit_depth(self) -> int:
+        """8 or 16."""
+        return 16 if self.rgb.dtype == np.uint16 else 8
+
+    def with_pixels(self, rgb: np.ndarray, alpha: np.ndarray | None) -> Picture:
+        """A copy with new pixel arrays and the same metadata."""
+        return replace(self, rgb=rgb, alpha=alpha)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Set Pillow's own bomb guard to ``max_pixels`` while a file is opened.
+
+    Pillow warns above the limit and raises above twice the limit; semsr does
+    its own exact check (:func:`check_size`), so the warning is silenced.
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.1f} MP"
+
+
+def check_size(w: int, h: int, max_pixels: int | None, path: Path | None) -> None:
+    """Raise :class:`InputError` for zero-size images or more than ``max_pixels`` pixels."""
+    if w < 1 or h < 1:
+        raise InputError(f"image has zero size ({w}x{h})", path)
+    if max_pixels and w * h > max_pixels:
+        raise InputError(
+            f"image is {w}x{h} ({_megapixels(w * h)}), above the --max-pixels limit of "
+            f"{_megapixels(max_pixels)}; raise --max-pixels if you trust this file",
+            path,
+        )
+
+
+def check_frames(im: Image.Image, path: Path | None) -> None:
+    """Raise :class:`InputError` for animated / multi-frame images."""
+    n = getattr(im, "n_frames", 1)
+    if n > 1:
+        raise InputError(
+            f"animated or multi-frame image ({n} frames) is not supported; extract one frame first",
+            path,
+        )
+
+
+def _source_bit_depth(im: Image.Image, path: Path | None) -> int:
+    """Bits per sample stored in the file (PNG IHDR, TIFF BitsPerSample), else 8."""
+    if im.format == "PNG" and path is not None:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+        if len(head) == 26 and head[12:16] == b"IHDR":
+            return int(head[24])
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258)
+        if bits:
+            return int(max(bits) if isinstance(bits, tuple) else bits)
+    return 8
+
+
+def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an ``(H, W[, C])`` array, as ``exif_transpose`` does."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops.get(orientation, ops[1])(arr))
+
+
+def _exif_without_orientation(im: Image.Image) -> bytes | None:
+    exif = im.getexif()
+    exif.pop(_EXIF_ORIENTATION, None)
+    return exif.tobytes() if len(exif) else None
+
+
+def _read_16bit_colour(path: Path, im: Image.Image) -> Picture:
+    """Decode a 16-bit colour/alpha PNG or TIFF with OpenCV (Pillow would truncate it)."""
+    arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise InputError("cannot decode 16-bit image", path)
+    if arr.dtype != np.uint16:
+        arr = arr.astype(np.uint16) * 257 if arr.dtype == np.uint8 else arr.astype(np.uint16)
+    grey = im.mode in ("L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N")
+    alpha = None
+    if arr.ndim == 2:
+        rgb = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.shape[2] == 2:
+        rgb, alpha = np.repeat(arr[..., :1], 3, axis=2), arr[..., 1]
+    elif arr.shape[2] == 3:
+        rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    else:
+        rgb, alpha = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB), arr[..., 3]
+    if grey:
+        rgb = np.repeat(rgb[..., :1], 3, axis=2)
+    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    rgb = orient_array(rgb, orientation)
+    alpha = None if alpha is None else orient_array(alpha, orientation)
+    return Picture(
+        rgb=rgb,
+        alpha=alpha,
+        grey=grey,
+        icc_profile=im.info.get("icc_profile"),
+        exif=_exif_without_orientation(im),
+        format=im.format,
+    )
+
+
+def _srgb_profile_bytes() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def icc_colour_space(icc: bytes | None) -> str | None:
+    """The ICC header's data colour space (``"RGB"``, ``"GRAY"``, ``"CMYK"``...), or ``None``."""
+    if not icc or len(icc) < 20:
+        return None
+    return icc[16:20].decode("ascii", "replace").strip()
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None, path: Path | None) -> tuple[Image.Image, bytes | None]:
+    """Convert CMYK to RGB, colour-managed through the embedded profile when possible."""
+    if icc_colour_space(icc) == "CMYK":
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))  # type: ignore[arg-type]
+            dst = ImageCms.createProfile("sRGB")
+            out = ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
+            assert out is not None
+            return out, _srgb_profile_bytes()
+        except (ImageCms.PyCMSError, OSError) as err:
+            log.warning("%s: embedded CMYK profile unusable (%s); converting without it", path, err)
+    return im.convert("RGB"), None
+
+
+def _grey16(arr: np.ndarray) -> np.ndarray:
+    return np.repeat(arr[..., None], 3, axis=2)
+
+
+def picture_from_pil(im: Image.Image, path: Path | None = None) -> Picture:
+    """Turn a (loaded) Pillow image into a :class:`Picture`; see the module doc for modes."""
+    fmt = im.format
+    im = ImageOps.exif_transpose(im)
+    icc = im.info.get("icc_profile")
+    exif = _exif_without_orientation(im)
+    mode = im.mode
+    has_trns = "transparency" in im.info
+    alpha: np.ndarray | None = None
+    grey = False
+    if mode == "1":
+        im, mode = im.convert("L"), "L"
+    if mode.startswith("I;16"):
+        rgb, grey = _grey16(np.asarray(im).astype(np.uint16)), True
+    elif mode == "I":
+        rgb, grey = _grey16(np.clip(np.asarray(im), 0, 65535).astype(np.uint16)), True
+    elif mode == "F":
+        raise InputError("32-bit float images are not supported; convert to 16-bit PNG first", path)
+    elif mode in ("L", "LA", "La"):
+        grey = True
+        if mode != "L" or has_trns:
+            la = np.asarray(im.convert("LA"))
+            rgb, alpha = np.repeat(la[..., :1], 3, axis=2), la[..., 1].copy()
+        else:
+            rgb = np.repeat(np.asarray(im)[..., None], 3, axis=2)
+    elif mode == "CMYK":
+        conv, icc = _cmyk_to_rgb(im, icc, path)
+        rgb = np.asarray(conv)
+    elif mode in ("RGBA", "RGBa", "PA", "LA") or (mode in ("P", "RGB") and has_trns):
+        rgba = np.asarray(im.convert("RGBA"))
+        rgb, alpha = np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy()
+    else:
+        try:
+            rgb = np.asarray(im.convert("RGB"))
+        except (ValueError, OSError) as err:
+            raise InputError(f"unsupported colour mode {mode!r} ({err})", path) from err
+    if not rgb.flags.writeable or not rgb.flags.c_contiguous:
+        rgb = np.array(rgb, order="C")  # Pillow's arrays are read-only views
+    return Picture(
+        rgb=rgb,
+        alpha=alpha,
+        grey=grey,
+        icc_profile=icc,
+        exif=exif,
+        format=fmt,
+        path=path,
+    )
+
+
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read an image file into a :class:`Picture`.
+
+    Args:
+        path: file to read.
+        max_pixels: refuse images with more pixels than this (``None``/0: no limit).
+
+    Raises:
+        InputError: missing, empty, corrupt, truncated, animated, too large or
+            otherwise unusable input; the message names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if path.is_dir():
+        raise InputError("is a folder, not an image file", path)
+    if path.stat().st_size == 0:
+        raise InputError("file is empty (0 bytes)", path)
+    with _pillow_pixel_limit(max_pixels):
+        try:
+            im = Image.open(path)
+        except UnidentifiedImageError:
+            raise InputError("not a readable image (unknown format or corrupt header)", path) from None
+        except Image.DecompressionBombError as err:
+            raise InputError(f"image too large ({err}); raise --max-pixels if you trust it", path) from None
+        except OSError as err:
+            raise InputError(f"cannot open image: {err}", path) from None
+        with im:
+            check_size(im.width, im.height, max_pixels, path)
+            check_frames(im, path)
+            try:
+                if _source_bit_depth(im, path) == 16 and not im.mode.startswith("I"):
+                    pic = _read_16bit_colour(path, im)
+                else:
+                    im.load()
+                    pic = picture_from_pil(im, path)
+            except (InputError, MemoryError):
+                raise
+            except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, zlib.error...
+                raise InputError(f"corrupt or truncated image ({err})", path) from None
+    pic.path = path
+    return pic
+
+
+def picture_from_array(arr: np.ndarray) -> Picture:
+    """Wrap an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array (RGB order).
+
+    ``uint8``/``uint16`` arrays are taken as they are; float arrays are taken as
+    values in [0, 1] and stored as ``uint16``.
+    """
+    a = np.asarray(arr)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise InputError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        a = (np.clip(a, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    elif a.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"unsupported array dtype {a.dtype} (use uint8, uint16 or float in [0, 1])")
+    check_size(a.shape[1], a.shape[0], None, None)
+    if a.ndim == 2 or a.shape[2] == 1:
+        plane = a.reshape(a.shape[0], a.shape[1])
+        return Picture(rgb=np.repeat(plane[..., None], 3, axis=2), grey=True)
+    alpha = a[..., 3].copy() if a.shape[2] == 4 else None
+    return Picture(rgb=np.ascontiguousarray(a[..., :3]), alpha=alpha)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def to_8bit(a: np.ndarray) -> np.ndarray:
+    """``uint16`` -> ``uint8`` with rounding (``uint8`` passes through)."""
+    if a.dtype == np.uint8:
+        return a
+    return cv2.convertScaleAbs(a, alpha=255.0 / 65535.0)
+
+
+def _grey_plane(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` -> ``(H, W)`` BT.601 luma in the same dtype (exact for equal channels)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def picture_to_pil(pic: Picture) -> Image.Image:
+    """A Pillow image of ``pic`` (``L``/``LA``/``RGB``/``RGBA``, or ``I;16`` for 16-bit grey).
+
+    Pillow has no 16-bit colour modes, so 16-bit colour pictures come back as
+    8-bit; use :func:`write_picture` to keep 16 bits on disk.
+    """
+    if pic.grey and pic.bit_depth == 16 and pic.alpha is None:
+        im = Image.fromarray(_grey_plane(pic.rgb))
+        assert im.mode.startswith("I;16")
+    else:
+        rgb8 = to_8bit(pic.rgb)
+        im = Image.fromarray(_grey_plane(rgb8)) if pic.grey else Image.fromarray(rgb8)
+        if pic.alpha is not None:
+            im.putalpha(Image.fromarray(to_8bit(pic.alpha)))
+    icc = _icc_for(pic, "GRAY" if im.mode in ("L", "LA", "I;16") else "RGB")
+    if icc:
+        im.info["icc_profile"] = icc
+    if pic.exif:
+        im.info["exif"] = pic.exif
+    return im
+
+
+def _icc_for(pic: Picture, space: str) -> bytes | None:
+    """The picture's ICC profile if it describes ``space`` (``"RGB"``/``"GRAY"``), else ``None``."""
+    if not pic.icc_profile:
+        return None
+    found = icc_colour_space(pic.icc_profile)
+    if found != space:
+        log.warning("%s: ICC profile is for %s data, output is %s; profile dropped", pic.path, found, space)
+        return None
+    return pic.icc_profile
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    On any error (or ``KeyboardInterrupt``) the temporary file is removed and
+    ``path`` is left untouched, so a reader never sees a partial file. The
+    parent folder must exist.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_insert_after_ihdr(png: bytes, chunks: list[bytes]) -> bytes:
+    """Insert ready-made chunks right after IHDR (where iCCP and eXIf may go)."""
+    ihdr_end = 8 + 8 + 13 + 4
+    if png[12:16] != b"IHDR":
+        raise ValueError("not a PNG stream")
+    return png[:ihdr_end] + b"".join(chunks) + png[ihdr_end:]
+
+
+def _encode_png16(pic: Picture) -> bytes:
+    """16-bit PNG bytes (grey, RGB or RGBA) with ICC and EXIF chunks."""
+    if pic.grey and pic.alpha is None:
+        arr, space = _grey_plane(pic.rgb), "GRAY"
+    else:
+        space = "RGB"  # PNG has no 16-bit grey+alpha writer in OpenCV: grey+alpha goes out as RGBA
+        arr = cv2.cvtColor(pic.rgb, cv2.COLOR_RGB2BGR)
+        if pic.alpha is not None:
+            arr = np.dstack([arr, pic.alpha])
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise OSError("OpenCV could not encode the 16-bit PNG")
+    chunks = []
+    icc = _icc_for(pic, space)
+    if icc:
+        chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+    if pic.exif:
+        exif = pic.exif[6:] if pic.exif.startswith(b"Exif\x00\x00") else pic.exif
+        chunks.append(_png_chunk(b"eXIf", exif))
+    return _png_insert_after_ihdr(buf.tobytes(), chunks)
+
+
+def choose_format(ext: str, pic: Picture) -> tuple[str, str | None]:
+    """Pick the output format for ``--ext`` and say why when it differs from the request.
+
+    Args:
+        ext: ``"auto"`` (keep the input's format: png/jpg/webp, png otherwise)
+            or one of :data:`FORMATS` (``"jpeg"`` is accepted for ``"jpg"``).
+        pic: the image about to be written.
+
+    Returns:
+        ``(format, note)``; ``note`` explains a forced change (JPEG cannot hold
+        alpha, so alpha images are written as PNG rather than losing the alpha).
+    """
+    ext = ext.lower().lstrip(".")
+    ext = "jpg" if ext == "jpeg" else ext
+    if ext == "auto":
+        fmt = _SOURCE_TO_FORMAT.get(pic.format or "", "png")
+        if pic.bit_depth == 16 and fmt != "png":
+            fmt = "png"
+        return fmt, None
+    if ext not in FORMATS:
+        raise InputError(f"unsupported output format {ext!r}; choose auto, png, jpg or webp")
+    if ext == "jpg" and pic.alpha is not None:
+        return "png", "JPEG cannot store alpha; written as PNG to keep it"
+    if ext != "png" and pic.bit_depth == 16:
+        return ext, f"{ext.upper()} holds 8 bits per channel; the 16-bit result is written as 8-bit"
+    return ext, None
+
+
+def _save_picture(pic: Picture, fmt: str, quality: int, target: Path | io.BytesIO) -> None:
+    """Encode ``pic`` as ``fmt`` into ``target`` (a file path or a buffer)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unsupported output format {fmt!r}; choose png, jpg or webp")
+    if fmt == "png" and pic.bit_depth == 16:
+        data = _encode_png16(pic)
+        if isinstance(target, Path):
+            target.write_bytes(data)
+        else:
+            target.write(data)
+        return
+    if fmt == "jpg" and pic.alpha is not None:
+        raise InputError("JPEG cannot store alpha; write PNG or WebP", pic.path)
+    im = picture_to_pil(replace(pic, rgb=to_8bit(pic.rgb), alpha=None if pic.alpha is None else to_8bit(pic.alpha)))
+    opts: dict[str, Any] = {}
+    if "icc_profile" in im.info:
+        opts["icc_profile"] = im.info["icc_profile"]
+    if pic.exif:
+        opts["exif"] = pic.exif
+    if fmt == "jpg":
+        opts.update(quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "webp":
+        opts.update(quality=quality, method=4)
+    im.save(target, format=_PIL_FORMAT[fmt], **opts)
+
+
+def encode_picture(pic: Picture, fmt: str, quality: int = 95) -> bytes:
+    """``pic`` encoded as ``fmt`` (png/jpg/webp) bytes, keeping ICC/EXIF; 16-bit stays 16-bit in PNG."""
+    buf = io.BytesIO()
+    _save_picture(pic, "jpg" if fmt == "jpeg" else fmt, quality, buf)
+    return buf.getvalue()
+
+
+def write_picture(pic: Picture, path: str | Path, fmt: str | None = None, quality: int = 95) -> Path:
+    """Write ``pic`` to ``path`` atomically.
+
+    Args:
+        pic: the image (8- or 16-bit; 16-bit is kept only in PNG).
+        path: destination; its folder must exist.
+        fmt: ``png``/``jpg``/``webp``; default from the file suffix.
+        quality: JPEG/WebP quality (1-100).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    with atomic_write(path) as tmp:
+        _save_picture(pic, fmt, quality, tmp)
+    return path

@@ -1,0 +1,162 @@
+"""Pixel-space tiling: run any :class:`~semsr.methods.Method` on images of any size.
+
+The image is cut into a grid of tiles of at most ``tile`` x ``tile`` pixels
+(tile sizes are spread evenly, so there is no sliver at the right/bottom
+edge). Each tile is run with ``tile_pad`` pixels of surrounding context on
+every side (less at the image border), the context is cropped off the
+upscaled tile, and the core is written straight into a preallocated output.
+Peak memory is therefore one padded tile's worth of model activations plus
+the input and output arrays; with enough context (``tile_pad`` at least the
+method's receptive radius) the result equals the untiled one.
+
+Methods with ``tiles_itself = True`` (diffusion recipes tile in latent space)
+are called once with ``tile``/``tile_pad`` added to their run options.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from semsr.methods import Method
+
+#: Tile side used when the caller asks for automatic tiling (``tile=None``).
+AUTO_TILE = 512
+
+
+def resolve_tile(method: Method, tile: int | None) -> int:
+    """``tile=None`` means automatic: :data:`AUTO_TILE` for pixel-tiled methods, 0
+    (the method's own choice) for methods that tile themselves; ints pass through."""
+    if tile is not None:
+        return int(tile)
+    return 0 if getattr(method, "tiles_itself", False) else AUTO_TILE
+
+
+def tile_spans(length: int, tile: int) -> list[tuple[int, int]]:
+    """Split ``range(length)`` into ``ceil(length / tile)`` near-equal ``(start, stop)`` spans.
+
+    ``tile <= 0`` (or ``tile >= length``) gives a single span.
+    """
+    if tile <= 0 or tile >= length:
+        return [(0, length)]
+    n = math.ceil(length / tile)
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def tile_grid(h: int, w: int, tile: int) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """Yield ``((y0, y1), (x0, x1))`` core regions covering an ``h`` x ``w`` image row by row."""
+    for ys in tile_spans(h, tile):
+        for xs in tile_spans(w, tile):
+            yield ys, xs
+
+
+def count_tiles(h: int, w: int, tile: int) -> int:
+    """Number of tiles :func:`tiled_apply` runs for an ``h`` x ``w`` input."""
+    return len(tile_spans(h, tile)) * len(tile_spans(w, tile))
+
+
+def store(out: torch.Tensor, y: torch.Tensor) -> None:
+    """Copy float ``y`` (values in [0, 1]) into ``out`` (same shape), quantising integer outputs.
+
+    Integer ``out`` (``uint8``, ``uint16``...) gets ``round(clamp(y, 0, 1) * max)``;
+    floating ``out`` gets ``y`` unchanged.
+    """
+    if out.dtype.is_floating_point:
+        out.copy_(y)
+        return
+    top = float(torch.iinfo(out.dtype).max)
+    q = y.detach().float().clamp(0.0, 1.0)  # a new tensor: the caller's y is never modified
+    out.copy_(q.mul_(top).round_())
+
+
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """Output size of a method with factor ``scale``: ``ceil(scale * size)`` (exact for integers)."""
+    return math.ceil(h * scale - 1e-9), math.ceil(w * scale - 1e-9)
+
+
+def _run(method: Method, x: torch.Tensor, run_opts: Mapping[str, Any]) -> torch.Tensor:
+    device = getattr(method, "device", None)
+    if device is not None:
+        x = x.to(device)
+    with torch.inference_mode():
+        y = method(x, **run_opts)
+    b, c, h, w = x.shape
+    expected = (b, c, *scaled_size(h, w, method.scale))
+    if tuple(y.shape) != expected:
+        raise RuntimeError(
+            f"method {method.name!r} returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
+            f"expected {expected} (scale {method.scale})"
+        )
+    return y
+
+
+def tiled_apply(
+    method: Method,
+    x: torch.Tensor,
+    tile: int | None = 0,
+    tile_pad: int = 10,
+    run_opts: Mapping[str, Any] | None = None,
+    progress: bool | None = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Upscale ``x`` with ``method``, tile by tile.
+
+    Args:
+        method: any registered method (``scale`` = integer factor ``s``).
+        x: ``(B, C, H, W)`` float in [0, 1] (CPU); tiles are moved to
+            ``method.device`` when the method has one.
+        tile: maximum tile side in input pixels; ``0`` runs the whole image,
+            ``None`` picks automatically (:func:`resolve_tile`).
+        tile_pad: context pixels added on each side of a tile and cropped off
+            after the method ran (``s * tile_pad`` output pixels).
+        run_opts: per-call options passed to the method.
+        progress: show a tqdm bar per tile (``None``: only on a terminal).
+        out: optional preallocated ``(B, C, s*H, s*W)`` tensor, any dtype and
+            layout (e.g. a channels-last view of a ``uint8`` ``(H, W, 3)``
+            NumPy array); integer outputs are quantised (see :func:`store`).
+
+    Returns:
+        ``out`` (allocated as float32 when not given) holding the upscaled image.
+        A method with a non-integer ``scale`` is run on the whole image (tile
+        edges would fall between output pixels).
+    """
+    opts = dict(run_opts or {})
+    tile = resolve_tile(method, tile)
+    b, c, h, w = x.shape
+    if tile < 0 or tile_pad < 0:
+        raise ValueError("tile and tile_pad must be >= 0")
+    shape = (b, c, *scaled_size(h, w, method.scale))
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    if not float(method.scale).is_integer():
+        tile = 0
+    s = int(method.scale)
+
+    if getattr(method, "tiles_itself", False):
+        opts.update(tile=tile, tile_pad=tile_pad)
+        opts.setdefault("progress", progress)
+        store(out, _run(method, x, opts).to(out.device))
+        return out
+
+    n = count_tiles(h, w, tile)
+    bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=(None if progress is None else not progress or n < 2))
+    try:
+        for (y0, y1), (x0, x1) in tile_grid(h, w, tile):
+            py0, py1 = max(y0 - tile_pad, 0), min(y1 + tile_pad, h)
+            px0, px1 = max(x0 - tile_pad, 0), min(x1 + tile_pad, w)
+            if n == 1:
+                py0, py1, px0, px1 = 0, h, 0, w
+            y = _run(method, x[:, :, py0:py1, px0:px1], opts)
+            core = y[:, :, (y0 - py0) * s : (y1 - py0) * s, (x0 - px0) * s : (x1 - px0) * s]
+            store(out[:, :, y0 * s : y1 * s, x0 * s : x1 * s], core.to(out.device))
+            del y, core
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
