@@ -1,0 +1,120 @@
+"""``semsr bench``: run methods over benchmark sets, print the table, write JSON/CSV/report.
+
+    semsr bench --methods bicubic --datasets Set5,Set14 --degradation bicubic --scale 4 --json r.json
+    semsr bench --methods bicubic,realesrgan-x4plus --datasets Set5,RealSRSet \\
+        --degradation realesrgan --report report/
+    semsr bench --methods bicubic --datasets ~/my_hr_photos,lr:~/old_scans --metrics psnry,ssim,niqe
+
+Datasets are builtin names resolved under the data root (``SEMSR_DATA`` or
+``--data-root``) or folder paths (``lr:PATH`` for folders without ground
+truth). Full-reference metrics are computed only on sets with ground truth.
+Results are cached under the semsr cache, so an interrupted or extended run
+only computes what is missing (see :mod:`semsr.eval.runner`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from semsr.errors import SemsrError
+from semsr.eval import atomic
+from semsr.eval.lrsets import DEGRADATIONS
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _method_opt(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark methods on SR test sets (tables, JSON, visual report)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--methods", required=True, type=_split, help="comma-separated method names (see `semsr models list`)")
+    p.add_argument("--datasets", required=True, type=_split,
+                   help="comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER")
+    p.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS, help="how LR inputs are made (default bicubic)")
+    p.add_argument("-s", "--scale", type=int, default=4, help="scale factor (default 4)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each dataset")
+    p.add_argument("--metrics", type=_split, default=None,
+                   help="comma-separated metrics (default psnr,psnry,ssim,niqe); full-reference ones only where GT exists")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write {\"rows\": [...]} here")
+    p.add_argument("--csv", type=Path, default=None, metavar="PATH", help="write the CSV table here")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write HTML pages, crop grids and plots here")
+    p.add_argument("--report-images", type=int, default=2, metavar="N", help="images shown per dataset in the report (default 2)")
+    p.add_argument("--report-crop", type=int, default=96, metavar="PX", help="crop side in SR pixels (default 96, shown at 2x)")
+    p.add_argument("-t", "--tile", type=int, default=512,
+                   help="LR tile size for methods that do not tile themselves; 0 = whole image (default 512)")
+    p.add_argument("--tile-pad", type=int, default=16, help="tile overlap in LR pixels (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the realesrgan degradation (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads of the method process")
+    p.add_argument("--method-opt", type=_method_opt, action="append", default=[], metavar="KEY=VALUE",
+                   help="build option for every method, e.g. dtype=bf16 (repeatable)")
+    p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA or ../shared/data)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run methods in this process (faster start; peak RSS then includes everything loaded)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from semsr.eval.datasets import parse_datasets
+    from semsr.eval.report import csv_text, markdown_tables, write_report
+    from semsr.eval.runner import BenchConfig, ResultCache, rows_to_json, run_bench
+
+    for name, value in (("--limit", args.limit), ("--report-images", args.report_images), ("--report-crop", args.report_crop)):
+        if value is not None and value < 1:
+            raise SemsrError(f"{name} must be >= 1, got {value}")
+    if args.scale < 1:
+        raise SemsrError(f"--scale must be >= 1, got {args.scale}")
+    if args.tile < 0 or args.tile_pad < 0:
+        raise SemsrError("--tile and --tile-pad must be >= 0")
+    config = BenchConfig(
+        methods=args.methods,
+        datasets=parse_datasets(args.datasets, args.data_root),
+        degradation=args.degradation,
+        scale=args.scale,
+        seed=args.seed,
+        limit=args.limit,
+        metrics=args.metrics,
+        tile=args.tile,
+        tile_pad=args.tile_pad,
+        threads=args.threads,
+        isolate=not args.no_isolate,
+        method_opts=dict(args.method_opt),
+    )
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    with ResultCache() as cache:
+        result = run_bench(config, progress, cache)
+        if args.report is not None:
+            files = write_report(result, cache, args.report, args.report_images, args.report_crop)
+            progress(f"report: {len(files)} files in {args.report} (open {args.report / 'index.html'})")
+    print(markdown_tables(result.rows))
+    if args.json is not None:
+        atomic.write_json(args.json, rows_to_json(result.rows))
+    if args.csv is not None:
+        atomic.write_text(args.csv, csv_text(result.rows))
+    s = result.stats
+    progress(f"upscaled {s.upscaled} (cached {s.upscale_cached}); metric values computed {s.metrics_computed} "
+             f"(cached {s.metrics_cached})")
+    return 0
