@@ -1,0 +1,318 @@
+"""Training tasks: which modules exist, which train, and how a batch becomes outputs.
+
+A task owns the models of one recipe. The trainer only needs:
+
+- ``task.trainable``: one ``nn.Module`` holding every trainable parameter (a
+  recipe with several trainable parts wraps them in a container whose
+  ``forward`` the task calls); the trainer hands it to Accelerate (DDP) and the
+  optimiser, and keeps its EMA;
+- ``task.setup(device, weight_dtype)``: move/cast the frozen modules;
+- ``task.compute(model, batch)``: named outputs for the loss terms of
+  :mod:`semsr.train.losses` (``pred``/``target`` at least). ``model`` is the
+  prepared (possibly DDP-wrapped) ``trainable`` and must be *called* (not its
+  sub-modules) so gradient synchronisation works;
+- ``task.sample(model, lr, prompts, steps, guidance_scale, seed)``: SR images
+  for validation (``model`` is a detached copy of the trainable weights);
+- ``task.export(model, folder)``: save the trainable weights for inference.
+
+All random draws inside ``compute`` use per-sample generators seeded by
+``batch["seed"]`` (see :mod:`semsr.train.data`) — never the global RNG — so
+results do not depend on batch split, process count or resume point.
+
+New tasks register with :func:`register_task`::
+
+    @register_task("xpsr")
+    class XPSRTask(ControlNetSRTask): ...
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semsr.errors import SemsrError
+from semsr.pipeline.sd_controlnet import controlnet_unet_forward, make_hint
+from semsr.train.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator registering a :class:`Task` subclass under ``name``."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def available_tasks() -> list[str]:
+    """Names of the registered tasks."""
+    return sorted(_TASKS)
+
+
+def build_task(cfg: ExperimentConfig) -> Task:
+    """Instantiate the task named by ``cfg.task`` (loads its models)."""
+    cls = _TASKS.get(cfg.task)
+    if cls is None:
+        raise SemsrError(f"unknown task '{cfg.task}' (known: {', '.join(available_tasks())})")
+    return cls(cfg)
+
+
+class Task:
+    """Base class; see the module docstring for the contract."""
+
+    name = "task"
+    trainable: nn.Module
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move frozen modules to ``device`` in ``weight_dtype`` (trainable stays fp32)."""
+        raise NotImplementedError
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Named outputs for the loss terms from one micro-batch."""
+        raise NotImplementedError
+
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
+        guidance_scale: float, seed: int,
+    ) -> torch.Tensor:
+        """Super-resolve ``lr (B, 3, h, w)`` in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1]."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Save the (unwrapped) trainable weights in an inference-loadable layout."""
+        raise NotImplementedError
+
+    @property
+    def pixel_multiple(self) -> int:
+        """HR sizes must be multiples of this (e.g. the VAE factor); 1 by default."""
+        return 1
+
+
+def per_sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per sample from ``seeds (B,)`` int64."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+
+
+def randn_like_per_sample(x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``x (B, ...)``, row ``i`` drawn from ``gens[i]``."""
+    rows = [torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in gens]
+    return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+
+
+def tiny_models_dir() -> Path:
+    """Folder with the tiny random SD + ControlNet, written into the cache on first use.
+
+    The folder name carries a hash of :mod:`semsr.models.tiny`'s source, so a
+    changed writer produces a fresh folder. Concurrent processes (e.g. under
+    ``accelerate launch``) each write a private temporary folder and the first
+    rename wins.
+    """
+    import hashlib
+    import inspect
+    import os
+    import shutil
+    import tempfile
+
+    from semsr.models import tiny
+    from semsr.paths import cache_dir
+
+    digest = hashlib.sha1(inspect.getsource(tiny).encode()).hexdigest()[:12]
+    root = cache_dir() / "tiny-models"
+    final = root / digest
+    if (final / "sd" / "model_index.json").is_file() and (final / "controlnet" / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        tiny.write_tiny_models(tmp, ["sd", "controlnet"])
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "controlnet" / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn a configured model path into a folder; ``tiny://`` -> tiny random models.
+
+    ``tiny://`` (or ``tiny://sd``) is the tiny Stable Diffusion folder and
+    ``tiny://controlnet`` the matching ControlNet (see :func:`tiny_models_dir`).
+    """
+    if path.startswith("tiny://"):
+        part = path[len("tiny://"):].strip("/") or "sd"
+        if part not in ("sd", "controlnet"):
+            raise SemsrError(f"no tiny model '{part}' (have: sd, controlnet)", path)
+        return tiny_models_dir() / part
+    return Path(path).expanduser()
+
+
+class PromptEncoder:
+    """Frozen text encoder with a per-prompt cache: ``list[str] -> (B, L, D)``."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_cache: int = 512) -> None:
+        self._encode = encode
+        self._cache: dict[str, torch.Tensor] = {}
+        self._max = max_cache
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            embs = self._encode(missing)
+            if len(self._cache) + len(missing) > self._max:
+                self._cache.clear()
+            for p, e in zip(missing, embs, strict=True):
+                self._cache[p] = e
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def clear(self) -> None:
+        """Forget cached embeddings (after moving/casting the encoder)."""
+        self._cache.clear()
+
+
+@register_task("controlnet_sr")
+class ControlNetSRTask(Task):
+    """SD + SR ControlNet: frozen VAE, UNet and text encoder; trainable ControlNet.
+
+    The LR image, bicubic-upsampled to the HR size exactly as at inference
+    (:func:`semsr.pipeline.sd_controlnet.make_hint`), is the ControlNet hint;
+    the loss target is the noise (or velocity, for v-prediction schedulers).
+    Captions are replaced by the empty prompt with probability
+    ``train.null_prompt_prob`` so classifier-free guidance works at inference.
+
+    ``model.options``:
+        ``conditioning_channels``: ControlNet hint-embedding widths when the
+        ControlNet is created from the UNet (default: a width per VAE
+        down-sampling step, like SD's ``(16, 32, 96, 256)``).
+    """
+
+    OPTIONS = {"conditioning_channels"}
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        from diffusers import DDPMScheduler
+
+        from semsr.pipeline.loading import load_controlnet, load_sd
+        from semsr.pipeline.sd_controlnet import new_controlnet
+        from semsr.pipeline.text import load_text_conditioner
+
+        unknown = set(cfg.model.options) - self.OPTIONS
+        if unknown:
+            raise SemsrError(f"unknown model.options for controlnet_sr: {sorted(unknown)}")
+        sd = load_sd(resolve_model_path(cfg.model.pretrained))
+        self.components = sd
+        self.vae = sd.vae.requires_grad_(False).eval()
+        self.unet = sd.unet.requires_grad_(False).eval()
+        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text_encoder = load_text_conditioner(sd).requires_grad_(False).eval()
+        self.prompts = PromptEncoder(self.text_encoder.encode)
+        if cfg.model.controlnet:
+            controlnet = load_controlnet(resolve_model_path(cfg.model.controlnet))
+        else:
+            steps = self.vae_factor.bit_length() - 1
+            default = (16, 32, 96, 256, 256, 256)[: steps + 1]
+            widths = tuple(cfg.model.options.get("conditioning_channels", default))
+            if 2 ** (len(widths) - 1) != self.vae_factor:
+                raise SemsrError(
+                    f"model.options.conditioning_channels needs {steps + 1} entries for a VAE "
+                    f"down-sampling factor of {self.vae_factor}"
+                )
+            controlnet = new_controlnet(self.unet, conditioning_embedding_out_channels=widths)
+        self.trainable = controlnet.float().train().requires_grad_(True)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_factor
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+        for m in (self.vae, self.unet, self.text_encoder):
+            m.to(device=device, dtype=weight_dtype)
+        self.prompts.clear()
+
+    # -- training --------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self, hr: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """VAE latents of ``hr (B, 3, H, W)`` in [0, 1], sampled with per-sample noise.
+
+        Returns ``(B, C, H/f, W/f)`` float32, scaled by the VAE's scaling (and shift) factor.
+        """
+        dist = self.vae.encode((hr * 2 - 1).to(self.weight_dtype)).latent_dist
+        z = dist.mean.float() + dist.std.float() * randn_like_per_sample(dist.mean.float(), gens)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def draw_prompts(self, prompts: list[str], gens: list[torch.Generator]) -> list[str]:
+        """Replace each prompt by ``""`` with probability ``train.null_prompt_prob``."""
+        p = self.cfg.train.null_prompt_prob
+        drops = [float(torch.rand((), generator=g)) < p for g in gens]
+        return ["" if d else text for text, d in zip(prompts, drops, strict=True)]
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Noise-prediction outputs for ``batch`` (``hr``, ``lr``, ``prompt``, ``seed``).
+
+        Returns ``pred``/``target`` ``(B, C, h, w)``, ``latents`` and ``timesteps (B,)``.
+        Per-sample draws, in order: VAE posterior noise, diffusion noise,
+        timestep, prompt dropout.
+        """
+        hr = batch["hr"].to(self.device)
+        lr = batch["lr"].to(self.device)
+        gens = per_sample_generators(batch["seed"])
+        latents = self.encode_latents(hr, gens)
+        noise = randn_like_per_sample(latents, gens)
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
+        prompts = self.draw_prompts(list(batch["prompt"]), gens)
+        context = self.prompts(prompts).to(self.device, self.weight_dtype)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hint = make_hint(lr, tuple(hr.shape[-2:])).to(self.weight_dtype)
+        pred = controlnet_unet_forward(self.unet, model, noisy.to(self.weight_dtype), timesteps, context, hint)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+
+    # -- validation / export -------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
+        guidance_scale: float, seed: int,
+    ) -> torch.Tensor:
+        """Run :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR` with ``model`` as the ControlNet.
+
+        The pipeline casts ``model`` to the frozen modules' dtype and freezes
+        it: pass a copy of the trainable module, never the module itself.
+        """
+        from semsr.pipeline.sd_controlnet import DEFAULT_NEGATIVE, SDControlNetSR
+
+        pipe = SDControlNetSR(
+            vae=self.vae, unet=self.unet, controlnet=model, text=self.text_encoder,
+            scheduler_config=self.components.scheduler_config, device=self.device, dtype=self.weight_dtype,
+        )
+        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=DEFAULT_NEGATIVE,
+                    steps=steps, guidance_scale=guidance_scale, seed=seed)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write a diffusers ControlNet folder (``config.json`` + safetensors)."""
+        model.save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,353 @@
+"""The training loop on 🤗 Accelerate.
+
+One :class:`Trainer` runs one experiment (:class:`~semsr.train.config.ExperimentConfig`)
+into an output directory (layout in :mod:`semsr.train.checkpoints`):
+
+- the task (:mod:`semsr.train.tasks`) builds frozen + trainable modules; the
+  trainable module and AdamW go through ``accelerator.prepare`` (DDP when
+  launched with ``accelerate launch --num_processes N``; gloo on CPU);
+- gradient accumulation (``accelerator.accumulate``), mixed precision
+  (frozen modules cast to bf16/fp16, autocast around the step), gradient
+  clipping, LR schedule (constant/cosine with warm-up), EMA of the trainable
+  weights (diffusers' ``EMAModel``);
+- data are a pure function of the sample position (:mod:`semsr.train.data`),
+  so resuming only needs the step counter to reproduce the data order;
+- every ``checkpoint.every`` steps ``accelerator.save_state`` writes the model,
+  optimiser, LR scheduler, EMA, trainer step and every process's RNG states;
+  ``resume=True`` loads the newest one and continues at the same step;
+- a JSON-lines log, a curve PNG, periodic validation (SR of held-out images,
+  metrics from :mod:`semsr.eval.metrics`, a sample grid PNG).
+
+The LR schedule is rebuilt from the config on resume; a cosine schedule
+therefore follows the *new* ``max_steps`` if it was changed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semsr.errors import SemsrError
+from semsr.eval.atomic import write_png, write_text
+from semsr.train import checkpoints as ckpt
+from semsr.train.config import ExperimentConfig, dump_config
+from semsr.train.curve import plot_curve
+from semsr.train.data import CropDataset, list_images, make_degrader, make_loader, validation_pairs
+from semsr.train.losses import combine_losses, get_loss
+from semsr.train.tasks import build_task
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
+"""Called on every process after each optimiser step as ``(trainer, step, record)``."""
+
+
+class TrainState:
+    """Counters saved with each checkpoint (registered with Accelerate)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    step: int
+    output: Path
+    losses: list[float]
+    last_checkpoint: Path | None
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+class Trainer:
+    """Run (or resume) one experiment.
+
+    Args:
+        cfg: the experiment.
+        output: run directory (created).
+        resume: continue from the newest checkpoint in ``output`` (starts
+            fresh, with a log message, when there is none).
+        callbacks: functions called after every optimiser step (all processes).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        output: str | Path,
+        resume: bool = False,
+        callbacks: list[StepCallback] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.output = Path(output)
+        self.resume = resume
+        self.callbacks = list(callbacks or [])
+        for name in cfg.losses:
+            get_loss(name)  # fail on unknown loss names before loading models
+        if not resume and ckpt.list_checkpoints(self.output):
+            raise SemsrError("output already holds checkpoints; pass --resume or choose another --output",
+                             self.output)
+
+    # -- set-up ------------------------------------------------------------
+    def _make_accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        return Accelerator(
+            mixed_precision=self.cfg.train.mixed_precision,
+            gradient_accumulation_steps=self.cfg.train.grad_accum,
+            step_scheduler_with_optimizer=False,
+            project_config=ProjectConfiguration(project_dir=str(self.output)),
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=self.cfg.train.find_unused_parameters)
+            ],
+        )
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        from diffusers.optimization import get_scheduler
+
+        name = {"constant": "constant_with_warmup", "cosine": "cosine"}[self.cfg.schedule.name]
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=self.cfg.schedule.warmup_steps,
+            num_training_steps=max(1, self.cfg.train.max_steps),
+        )
+
+    # -- main loop ----------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train until ``train.max_steps``; returns the final step and logged losses."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.output.mkdir(parents=True, exist_ok=True)
+        acc = self.accelerator = self._make_accelerator()
+        set_seed(cfg.seed)
+        weight_dtype = _weight_dtype(cfg.train.mixed_precision)
+
+        task = self.task = build_task(cfg)
+        task.setup(acc.device, weight_dtype)
+        params = [p for p in task.trainable.parameters() if p.requires_grad]
+        if not params:
+            raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+            eps=cfg.optim.eps,
+        )
+        lr_scheduler = self._make_scheduler(optimizer)
+        model, optimizer = acc.prepare(task.trainable, optimizer)
+        self.model = model
+        state = self.state = TrainState()
+        ema = self.ema = None
+        if cfg.train.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            ema = self.ema = EMAModel(acc.unwrap_model(model).parameters(), decay=cfg.train.ema_decay)
+            acc.register_for_checkpointing(ema)
+        acc.register_for_checkpointing(lr_scheduler, state)
+
+        run_log = ckpt.RunLog(self.output / "log.jsonl")
+        last_ckpt: Path | None = None
+        if self.resume:
+            found = ckpt.latest_checkpoint(self.output)
+            if found is None:
+                log.warning("no checkpoint in %s: starting from step 0", self.output)
+            else:
+                acc.load_state(str(found[1]))
+                last_ckpt = found[1]
+                if state.step != found[0]:
+                    raise SemsrError(f"checkpoint says step {state.step}, folder says {found[0]}", found[1])
+                acc.print(f"resumed from {found[1]} at step {state.step}")
+        if acc.is_main_process:
+            run_log.truncate_after(state.step)
+            write_text(self.output / "config.yaml", dump_config(cfg))
+        acc.wait_for_everyone()
+
+        degrade = make_degrader(cfg.degradation, cfg.data.scale)
+        train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
+        dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
+        loader = make_loader(
+            dataset, cfg.data.batch_size, start_micro=state.step * cfg.train.grad_accum,
+            rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
+        )
+        val_pairs = []
+        if cfg.validation.every and acc.is_main_process and val_items:
+            multiple = cfg.data.scale * task.pixel_multiple
+            val_pairs = validation_pairs(val_items[: cfg.validation.count], cfg.validation.size, degrade,
+                                         cfg.seed, multiple=multiple)
+
+        acc.print(
+            f"training '{cfg.name}' ({cfg.task}): {len(train_items)} images, "
+            f"{sum(p.numel() for p in params) / 1e6:.3f} M trainable params, "
+            f"{acc.num_processes} process(es) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}"
+        )
+        losses: list[float] = []
+        batches = iter(loader)
+        t_last = time.perf_counter()
+        while state.step < cfg.train.max_steps:
+            micro_losses, micro_terms = [], {}
+            for _ in range(cfg.train.grad_accum):
+                batch = next(batches)
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        outputs = task.compute(model, batch)
+                        loss, terms = combine_losses(cfg.losses, outputs)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(float(loss.detach()))
+                for k, v in terms.items():
+                    micro_terms.setdefault(k, []).append(v)
+            lr_now = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(acc.unwrap_model(model).parameters())
+            state.step += 1
+            step = state.step
+
+            names = sorted(micro_terms)
+            local = torch.tensor([float(np.mean(micro_losses))] + [float(np.mean(micro_terms[k])) for k in names],
+                                 dtype=torch.float64, device=acc.device)
+            reduced = acc.reduce(local, reduction="mean").tolist() if acc.num_processes > 1 else local.tolist()
+            if not math.isfinite(reduced[0]):
+                raise SemsrError(f"loss became {reduced[0]} at step {step}; lower optim.lr or check the data")
+            losses.append(reduced[0])
+            now = time.perf_counter()
+            record = {
+                "type": "train", "step": step, "loss": reduced[0],
+                "terms": dict(zip(names, reduced[1:], strict=True)), "lr": lr_now,
+                "samples": step * cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes,
+                "sec": round(now - t_last, 4),
+            }
+            t_last = now
+            if acc.is_main_process and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                run_log.write(record)
+
+            last = step == cfg.train.max_steps
+            if cfg.validation.every and (step % cfg.validation.every == 0 or last):
+                self.validate(step, val_pairs, run_log)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
+                last_ckpt = self.save_checkpoint(step)
+                if acc.is_main_process:
+                    plot_curve(run_log.records(), self.output / "curve.png", title=cfg.name)
+            for cb in self.callbacks:
+                cb(self, step, record)
+
+        self.export()
+        if acc.is_main_process:
+            plot_curve(run_log.records(), self.output / "curve.png", title=cfg.name)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(step=state.step, output=self.output, losses=losses, last_checkpoint=last_ckpt)
+
+    # -- checkpoints, validation, export -----------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Write the full training state after ``step`` (all processes must call this)."""
+        acc = self.accelerator
+        staging = ckpt.staging_dir(self.output, step, clear=acc.is_main_process)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        acc.wait_for_everyone()
+        final = self.output / "checkpoints" / ckpt.checkpoint_name(step)
+        if acc.is_main_process:
+            final = ckpt.commit_checkpoint(
+                self.output, staging, step,
+                {"processes": acc.num_processes, "task": self.cfg.task, "name": self.cfg.name},
+                keep=self.cfg.checkpoint.keep,
+            )
+        acc.wait_for_everyone()
+        return final
+
+    def weights_copy(self, use_ema: bool) -> torch.nn.Module:
+        """A detached copy of the trainable module, with the EMA weights if ``use_ema``.
+
+        Validation and export work on a copy because the inference pipeline
+        casts and freezes the modules it is given.
+        """
+        import copy
+
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(model.parameters())
+        return model.eval().requires_grad_(False)
+
+    def validate(self, step: int, pairs: list[tuple[torch.Tensor, torch.Tensor]], run_log: ckpt.RunLog) -> None:
+        """SR the held-out pairs, log metrics, save a grid PNG (main process only)."""
+        acc = self.accelerator
+        if acc.is_main_process and pairs:
+            vcfg = self.cfg.validation
+            use_ema = vcfg.use_ema and self.ema is not None
+            model = self.weights_copy(use_ema)
+            srs = []
+            for i, (_, lr) in enumerate(pairs):
+                sr = self.task.sample(model, lr[None].to(acc.device), [vcfg.prompt], vcfg.steps,
+                                      vcfg.guidance_scale, seed=self.cfg.seed + i)
+                srs.append(sr[0].float().cpu().clamp(0, 1))
+            del model
+            metrics = compute_metrics(vcfg.metrics, srs, [hr for hr, _ in pairs])
+            write_png(self.output / "val" / f"{ckpt.checkpoint_name(step)}.png", sample_grid(pairs, srs))
+            run_log.write({"type": "val", "step": step, "metrics": metrics, "ema": use_ema})
+            acc.print(f"step {step}: validation " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        acc.wait_for_everyone()
+
+    def export(self) -> None:
+        """Save the trainable weights to ``final/`` (and EMA weights to ``final_ema/``)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.task.export(acc.unwrap_model(self.model), self.output / "final")
+            if self.ema is not None:
+                self.task.export(self.weights_copy(use_ema=True), self.output / "final_ema")
+        acc.wait_for_everyone()
+
+
+def compute_metrics(names: list[str], preds: list[torch.Tensor], gts: list[torch.Tensor]) -> dict[str, float]:
+    """Mean of each metric over image pairs ``(3, H, W)`` in [0, 1]; unavailable metrics are skipped."""
+    try:
+        from semsr.eval.metrics import get_metric
+    except ImportError:
+        log.warning("semsr.eval.metrics not available: validation runs without metrics")
+        return {}
+    out: dict[str, float] = {}
+    for name in names:
+        try:
+            fn = get_metric(name)
+            vals = [float(fn(p[None], g[None])) for p, g in zip(preds, gts, strict=True)]
+        except SemsrError as err:
+            log.warning("validation metric %s skipped: %s", name, err)
+            continue
+        out[name] = float(np.mean(vals))
+    return out
+
+
+def sample_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], srs: list[torch.Tensor]) -> np.ndarray:
+    """Rows of ``[LR (nearest-upsampled) | SR | HR]`` as a uint8 ``(H, W, 3)`` array."""
+    rows = []
+    for (hr, lr), sr in zip(pairs, srs, strict=True):
+        h, w = hr.shape[-2:]
+        lr_up = torch.nn.functional.interpolate(lr[None], size=(h, w), mode="nearest")[0]
+        sr = sr[..., :h, :w]
+        if sr.shape[-2:] != (h, w):
+            sr = torch.nn.functional.interpolate(sr[None], size=(h, w), mode="bicubic")[0]
+        rows.append(torch.cat([lr_up, sr, hr], dim=-1))
+    width = max(r.shape[-1] for r in rows)
+    rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]
+    grid = torch.cat(rows, dim=-2).clamp(0, 1)
+    return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
