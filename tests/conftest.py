@@ -22,3 +22,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Keep tests from writing into the user's ~/.cache/semsr (NIQE params are shared)."""
     cache = tmp_path_factory.getbasetemp() / "semsr-cache"
     monkeypatch.setenv("SEMSR_CACHE", str(cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with every registered tiny random model (``semsr.models.tiny``), written once per session.
+
+    Entries: ``sd/`` (diffusers SD folder), ``controlnet/``, ``sd.safetensors``
+    (single-file LDM layout), ``sd-minilm/`` (MiniLM text fallback), plus
+    whatever recipe modules register.
+    """
+    from semsr.models.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
