@@ -1,0 +1,223 @@
+"""``semsr data``: assemble the offline training corpus and inspect its manifest.
+
+Examples::
+
+    semsr data build-corpus --out /work/corpus --sources bsds500,lxqt,palapeli
+    semsr data build-corpus --out /work/corpus --max-side 2048        # all sources
+    semsr data summary /work/corpus
+
+``build-corpus`` fetches each source (Debian packages by ``apt-get download`` +
+``dpkg -x``, the scikit-image wheel by ``pip download --no-deps``; cached
+under ``<cache>/corpus``), extracts the photographs (also from ``.edj`` and
+``.rcc`` containers), applies EXIF orientation, downscales GCompris photos 2x
+and anything longer than ``--max-side``, and writes them under
+``OUT/<source>/`` — JPEGs that need no change are copied byte for byte, the
+rest become PNG — with ``OUT/manifest.sqlite`` recording package, version,
+path inside the package, container member, sizes and licence for each file.
+Images identical to a benchmark image (Set5/Set14/B100/Urban100) are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from semsr.data.corpus.manifest import Manifest, content_hash
+from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source
+from semsr.errors import InputError, SemsrError
+from semsr.paths import cache_dir, data_root
+
+BENCHMARKS = ("Set5", "Set14", "B100", "Urban100")
+MANIFEST_NAME = "manifest.sqlite"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="training corpus: build it, inspect its manifest")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    b = sub.add_parser("build-corpus", help="fetch and extract the offline training photographs")
+    b.add_argument("--out", required=True, help="corpus folder (images + manifest.sqlite)")
+    b.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                   help=f"comma-separated sources (default: all of {','.join(DEFAULT_SOURCES)})")
+    b.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds N (0: keep)")
+    b.add_argument("--cache", help="download/unpack cache (default: <semsr cache>/corpus)")
+    b.add_argument("--json", metavar="PATH", help="also write the manifest summary as JSON")
+    b.set_defaults(func=run_build)
+    s = sub.add_parser("summary", help="print the manifest summary of a corpus folder")
+    s.add_argument("corpus", help="corpus folder or manifest.sqlite")
+    s.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    s.set_defaults(func=run_summary)
+    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def benchmark_hashes(cache: Path) -> set[str]:
+    """Content hashes of every benchmark image under the data root (empty when absent).
+
+    Remembered in ``cache/benchmark_hashes.json`` by file name, size and mtime.
+    """
+    root = data_root()
+    if root is None:
+        return set()
+    memo_path = cache / "benchmark_hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    fresh = {}
+    for name in BENCHMARKS:
+        folder = root / "benchmarks" / name
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+                continue
+            st = f.stat()
+            key = f"{name}/{f.name}:{st.st_size}:{st.st_mtime_ns}"
+            if key not in memo:
+                with Image.open(f) as im:
+                    memo[key] = content_hash(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+            fresh[key] = memo[key]
+    if fresh:
+        cache.mkdir(parents=True, exist_ok=True)
+        _write(memo_path, json.dumps(fresh, indent=0).encode())
+    return set(fresh.values())
+
+
+def convert(c: Candidate, max_side: int) -> tuple[bytes, str, np.ndarray, dict]:
+    """Decode, orient, downscale; returns ``(file bytes, extension, pixels, notes)``."""
+    raw = c.load()
+    try:
+        im = Image.open(io.BytesIO(raw))
+        im.load()
+    except OSError as err:
+        raise InputError(f"cannot decode {c.member or c.path_in_package} ({err})") from None
+    fmt = im.format
+    notes: dict = {"source_format": fmt, "source_size": list(im.size)}
+    orientation = im.getexif().get(0x0112, 1)
+    changed = orientation not in (None, 1)
+    if changed:
+        notes["exif_orientation_applied"] = int(orientation)
+        im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        changed = True
+        notes["converted_from_mode"] = im.mode
+        im = im.convert("RGB")
+    if c.downscale > 1:
+        im = im.reduce(c.downscale)
+        changed = True
+        notes["downscaled"] = c.downscale
+    if max_side and max(im.size) > max_side:
+        f = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.LANCZOS)
+        changed = True
+        notes["resized_to_max_side"] = max_side
+    pixels = np.asarray(im)
+    if fmt == "JPEG" and not changed:
+        return raw, ".jpg", pixels, notes
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue(), ".png", pixels, notes
+
+
+def _write(path: Path, data: bytes) -> None:
+    from semsr.io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path | None = None,
+                 log=print) -> dict:
+    """Fetch ``sources`` into ``out``; returns the manifest summary."""
+    cache = cache or cache_dir() / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
+    refused = benchmark_hashes(cache)
+    stats = {}
+    with Manifest(out / MANIFEST_NAME) as manifest:
+        for source in sources:
+            added = skipped = kept = 0
+            for c in iter_source(source, cache):
+                stem_dir = out / source
+                existing = [manifest.find_path(f"{source}/{c.name}{ext}") for ext in (".jpg", ".png")]
+                rec = next((r for r in existing if r is not None), None)
+                if (rec is not None and (out / rec.path).exists() and rec.source_bytes == c.source_bytes
+                        and rec.member == c.member and rec.extra.get("max_side", 0) == max_side):
+                    kept += 1
+                    continue
+                data, ext, pixels, notes = convert(c, max_side)
+                key = content_hash(pixels)
+                if key in refused:
+                    log(f"  refused {source}/{c.name}: identical to a benchmark image")
+                    skipped += 1
+                    continue
+                rel = f"{source}/{c.name}{ext}"
+                _write(stem_dir / f"{c.name}{ext}", data)
+                manifest.add_image(
+                    path=rel, content_hash=key, width=pixels.shape[1], height=pixels.shape[0],
+                    file_bytes=len(data), source=source, package=c.package, package_version=c.package_version,
+                    path_in_package=c.path_in_package, member=c.member, source_bytes=c.source_bytes,
+                    licence=c.licence, licence_origin=c.licence_origin, extra={**notes, "max_side": max_side},
+                )
+                added += 1
+            stats[source] = {"added": added, "unchanged": kept, "refused": skipped}
+            log(f"{source}: {added} added, {kept} unchanged, {skipped} refused")
+        summary = manifest.summary()
+    summary["last_build"] = stats
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A fixed-width table of a manifest summary."""
+    lines = [f"{'source':<14}{'images':>7}{'MPix':>9}{'MiB':>9}{'min side':>9}{'max side':>9}  licences"]
+    for name, s in summary["sources"].items():
+        lic = ", ".join(f"{k} x{v}" for k, v in s["licences"].items())
+        lines.append(f"{name:<14}{s['images']:>7}{s['megapixels']:>9.1f}{s['bytes'] / 2**20:>9.1f}"
+                     f"{s['min_side']:>9}{s['max_side']:>9}  {lic}")
+    total_mp = sum(s["megapixels"] for s in summary["sources"].values())
+    total_b = sum(s["bytes"] for s in summary["sources"].values())
+    lines.append(f"{'total':<14}{summary['images']:>7}{total_mp:>9.1f}{total_b / 2**20:>9.1f}")
+    if summary.get("priors"):
+        lines.append("priors: " + ", ".join(f"{k} x{v}" for k, v in summary["priors"].items()))
+    return "\n".join(lines)
+
+
+def _emit(summary: dict, json_path: str | None) -> None:
+    print(format_summary(summary))
+    if json_path:
+        from semsr.io import atomic_write
+
+        with atomic_write(Path(json_path)) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown or not sources:
+        raise SemsrError(f"unknown source(s) {unknown}; known: {', '.join(SOURCES)}")
+    if args.max_side < 0:
+        raise SemsrError(f"--max-side must be >= 0, got {args.max_side}")
+    out = Path(args.out)
+    root = data_root()
+    if root is not None and out.resolve().is_relative_to((root / "benchmarks").resolve()):
+        raise SemsrError("refusing to write a training corpus inside the benchmark folder", out)
+    summary = build_corpus(out, sources, args.max_side, Path(args.cache) if args.cache else None)
+    _emit(summary, args.json)
+    return 0
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    path = Path(args.corpus)
+    path = path / MANIFEST_NAME if path.is_dir() else path
+    if not path.exists():
+        raise InputError("no corpus manifest here", path)
+    with Manifest(path, readonly=True) as m:
+        _emit(m.summary(), args.json)
+    return 0
