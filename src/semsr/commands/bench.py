@@ -63,9 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="LR tile size for methods that do not tile themselves; 0 = whole image (default 512)")
     p.add_argument("--tile-pad", type=int, default=16, help="tile overlap in LR pixels (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the realesrgan degradation (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads of the method process")
+    p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads (method process and metrics)")
     p.add_argument("--method-opt", type=_method_opt, action="append", default=[], metavar="KEY=VALUE",
                    help="build option for every method, e.g. dtype=bf16 (repeatable)")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS")
     p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA or ../shared/data)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run methods in this process (faster start; peak RSS then includes everything loaded)")
@@ -98,7 +100,15 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         isolate=not args.no_isolate,
         method_opts=dict(args.method_opt),
+        weights_dir=args.weights_dir,
     )
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SemsrError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)  # metric computation here; the method process gets it too
 
     def progress(msg: str) -> None:
         if not args.quiet:

@@ -116,4 +116,9 @@ def resolve_dataset(spec: str, root: Path | None = None) -> Dataset:
 def parse_datasets(specs: str | list[str], root: Path | None = None) -> list[Dataset]:
     """Resolve a comma-separated string (or list) of dataset specs, keeping order."""
     items = specs.split(",") if isinstance(specs, str) else list(specs)
-    return [resolve_dataset(s, root) for s in items if s.strip()]
+    found: dict[str, Dataset] = {}
+    for s in items:
+        if s.strip():
+            ds = resolve_dataset(s, root)
+            found.setdefault(ds.uid, ds)  # the same set named twice runs once
+    return list(found.values())

@@ -88,6 +88,7 @@ class BenchConfig:
         threads: ``torch.set_num_threads`` in the method process (None: torch default).
         isolate: run each method in its own spawned process (see module doc).
         method_opts: build options passed to every ``get_method`` call.
+        weights_dir: weights folder of deep metrics (default ``SEMSR_WEIGHTS``).
     """
 
     methods: list[str]
@@ -102,6 +103,7 @@ class BenchConfig:
     threads: int | None = None
     isolate: bool = True
     method_opts: dict[str, Any] = field(default_factory=dict)
+    weights_dir: Path | None = None
 
 
 @dataclass
@@ -375,7 +377,7 @@ class _MetricSet:
     unavailable: dict[str, str]
 
     @classmethod
-    def build(cls, names: Iterable[str]) -> _MetricSet:
+    def build(cls, names: Iterable[str], weights_dir: Path | None = None) -> _MetricSet:
         from semsr.eval.metrics import get_metric, list_metrics
 
         infos = {m.name: m for m in list_metrics()}
@@ -386,10 +388,11 @@ class _MetricSet:
         objects: dict[str, Any] = {}
         unavailable: dict[str, str] = {}
         for n in names:
+            opts = {"weights_dir": weights_dir} if weights_dir and infos[n].kind in ("deep", "distribution") else {}
             try:
-                objects[n] = get_metric(n)
+                objects[n] = get_metric(n, **opts)
             except UnavailableError as err:
-                unavailable[n] = err.message
+                unavailable[n] = str(err)
         return cls(names, objects, {n: infos[n] for n in names}, unavailable)
 
     def applicable(self, has_gt: bool) -> list[str]:
@@ -402,11 +405,16 @@ class _MetricSet:
         return [n for n in self.applicable(has_gt) if n in self.objects and self.info[n].kind == "distribution"]
 
 
-def _score_image(metrics: _MetricSet, names: list[str], sr: torch.Tensor, gt: torch.Tensor | None, scale: int) -> dict[str, float]:
+def _score_image(
+    metrics: _MetricSet, names: list[str], sr: torch.Tensor, gt: torch.Tensor | None, scale: int, where: EvalImage
+) -> dict[str, float]:
     out = {}
     for n in names:
         needs_gt = metrics.info[n].needs_gt
-        out[n] = float(metrics.objects[n](sr, gt if needs_gt else None, crop_border=scale))
+        try:
+            out[n] = float(metrics.objects[n](sr, gt if needs_gt else None, crop_border=scale))
+        except SemsrError as err:  # e.g. an image too small for NIQE: name the image, drop nothing silently
+            raise SemsrError(f"metric {n}: {err.message}", where.gt_path or where.lr_path) from None
     return out
 
 
@@ -439,7 +447,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
     if not config.datasets:
         raise SemsrError("no datasets given")
     specs = [resolve(m) for m in config.methods]  # unknown names fail before any work
-    metrics = _MetricSet.build(config.metrics or DEFAULT_METRICS)
+    metrics = _MetricSet.build(config.metrics or DEFAULT_METRICS, config.weights_dir)
     for name, reason in metrics.unavailable.items():
         say(f"metric {name} unavailable: {reason}")
     lrsets = []
@@ -528,7 +536,7 @@ def _evaluate(
             sr = align_channels(sr, ref)
             if gt is not None and sr.shape != gt.shape:
                 raise SemsrError(f"SR {tuple(sr.shape)} and ground truth {tuple(gt.shape)} differ", item.gt_path)
-            for n, v in _score_image(metrics, missing, sr, gt, config.scale).items():
+            for n, v in _score_image(metrics, missing, sr, gt, config.scale, item).items():
                 cache.put_metric(mkey, lrset.uid, item.key, n, v)
                 have[n] = v
                 stats.metrics_computed += 1
