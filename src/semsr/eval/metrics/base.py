@@ -11,8 +11,6 @@ then calls :meth:`Metric.compute`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from semsr.errors import InputError
@@ -80,14 +78,15 @@ class Metric:
     """Base class of per-image metrics; subclasses implement :meth:`compute`.
 
     Class attributes ``name``, ``higher_better``, ``needs_gt`` and ``kind``
-    mirror :class:`MetricInfo`.
+    mirror :class:`MetricInfo` (an instance may override ``name``, e.g.
+    ``lpips-vgg``).
     """
 
-    name: ClassVar[str] = ""
-    higher_better: ClassVar[bool] = True
-    needs_gt: ClassVar[bool] = True
-    kind: ClassVar[str] = "pixel"
-    summary: ClassVar[str] = ""
+    name: str = ""
+    higher_better: bool = True
+    needs_gt: bool = True
+    kind: str = "pixel"
+    summary: str = ""
 
     @property
     def info(self) -> MetricInfo:
