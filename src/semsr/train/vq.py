@@ -19,7 +19,7 @@ continuous 16x16 code, a strong baseline for PSNR).
 Command (the shipped weights were made with it; its report is in
 ``assets/weights/vq_edges.json`` beside the config)::
 
-    semsr train-vq --out src/semsr/assets/weights/vq_edges --steps 1200 --threads 2
+    semsr train-vq --out src/semsr/assets/weights/vq_edges --steps 1000 --threads 1
 """
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ class VQTrainConfig:
     modalities: tuple[str, ...] = ("canny", "hed")
     lr_scale: float = 0.5
     holdout: int = 40
-    steps: int = 1200
+    steps: int = 1000
     batch: int = 16
     lr: float = 2e-3
     crop_min: int = 64
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     time_limit: float | None = None
     log_every: int = 50
     model: EdgeVQConfig = field(default_factory=EdgeVQConfig)
@@ -211,9 +211,9 @@ def train_edge_vq(cfg: VQTrainConfig, log: Callable[[str], None] = print) -> dic
         loss.backward()
         opt.step()
         sched.step()
-        running = 0.9 * running + 0.1 * float(rec) if step > 1 else float(rec)
+        running = 0.9 * running + 0.1 * rec.item() if step > 1 else rec.item()
         if step % cfg.log_every == 0:
-            log(f"step {step}/{cfg.steps}  bce {running:.4f}  commit {float(commit):.4f}  "
+            log(f"step {step}/{cfg.steps}  bce {running:.4f}  commit {commit.item():.4f}  "
                 f"{time.time() - t0:.0f} s")
         if cfg.time_limit is not None and time.time() - t0 > cfg.time_limit:
             log(f"time limit reached after {step} steps")
