@@ -74,6 +74,9 @@ class FID(Metric):
             (default ``"fid"``).
         variant: force ``"fid"`` or ``"torchvision"`` (default: from the file found).
         batch_size: images per forward pass.
+        image_size: side of the square network input (299 as pytorch-fid;
+            other sizes give values not comparable with published FIDs --
+            tests use a small one to save CPU time).
         device: torch device.
     """
 
@@ -89,8 +92,12 @@ class FID(Metric):
         weights_path: str | Path | None = None,
         variant: str | None = None,
         batch_size: int = 8,
+        image_size: int = 299,
         device: str | torch.device = "cpu",
     ) -> None:
+        if image_size < 75:
+            raise ValueError("Inception-v3 needs inputs of at least 75x75")
+        self.image_size = int(image_size)
         if weights_path:
             path, found = Path(weights_path), variant or "fid"
         else:
@@ -118,7 +125,7 @@ class FID(Metric):
         if crop_border > 0:
             x = x[..., crop_border:-crop_border, crop_border:-crop_border]
         x = as_rgb(x).to(self.device, torch.float32)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
         return 2 * x - 1
 
     def features(self, images: Iterable[ImageLike], crop_border: int = 0) -> np.ndarray:
