@@ -100,7 +100,7 @@ def _build_table(rows: list[dict[str, Any]], hb: dict[str, bool], title: str, bo
     by = {(r["method"], r["dataset"]): r for r in rows}
     metrics_of = {d: list(dict.fromkeys(m for r in rows if r["dataset"] == d for m in r["metrics"])) for d in datasets}
     header = ["Method"] + [f"{d} ({' / '.join(_flag(m, hb) for m in metrics_of[d])})" for d in datasets]
-    header += ["s/img", "peak RSS MB"]
+    header += ["s/img", "CPU s/img", "peak RSS MB"]
     best = {
         (d, m): _best([by[(me, d)]["metrics"].get(m) for me in methods if (me, d) in by], hb.get(m, True))
         for d in datasets
@@ -109,7 +109,7 @@ def _build_table(rows: list[dict[str, Any]], hb: dict[str, bool], title: str, bo
     body = []
     for me in methods:
         cells = [me]
-        secs, rss = [], []
+        secs, cpu, rss = [], [], []
         for d in datasets:
             r = by.get((me, d))
             if r is None:
@@ -125,9 +125,12 @@ def _build_table(rows: list[dict[str, Any]], hb: dict[str, bool], title: str, bo
                 parts.append(s)
             cells.append(" / ".join(parts))
             secs.append(r["seconds_per_image"] * r["n_images"])
+            c = r.get("cpu_seconds_per_image")
+            cpu.append(None if c is None else c * r["n_images"])
             rss.append(r.get("peak_rss_mb"))
         n = sum(by[(me, d)]["n_images"] for d in datasets if (me, d) in by)
         cells.append(f"{sum(secs) / n:.3f}" if n else "")
+        cells.append(f"{sum(cpu) / n:.3f}" if n and None not in cpu else "n/a")
         known = [v for v in rss if v is not None]
         cells.append(f"{max(known):.0f}" if known else "n/a")
         body.append(cells)
@@ -146,8 +149,9 @@ def _title(deg: str, scale: int) -> str:
 def markdown_tables(rows: Sequence[Any], hb: dict[str, bool] | None = None) -> str:
     """Markdown: one table per (degradation, scale), methods as rows, datasets as column groups.
 
-    The last two columns are seconds per image (mean over every image of the
-    row's datasets) and the peak RSS of the method's process (max over them).
+    The last columns are wall and CPU seconds per image (means over every
+    image of the row's datasets) and the peak RSS of the method's process
+    (max over them).
     """
     hb = hb if hb is not None else higher_better_map()
     out = []
@@ -169,12 +173,15 @@ def csv_text(rows: Sequence[Any]) -> str:
     metrics = list(dict.fromkeys(m for r in dicts for m in r["metrics"]))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "dataset", "degradation", "scale", "n_images", *metrics, "seconds_per_image", "peak_rss_mb"])
+    w.writerow(["method", "dataset", "degradation", "scale", "n_images", *metrics, "seconds_per_image",
+                "cpu_seconds_per_image", "peak_rss_mb"])
     for r in dicts:
         vals = [r["metrics"].get(m) for m in metrics]
         w.writerow([r["method"], r["dataset"], r["degradation"], r["scale"], r["n_images"],
                     *("" if v is None else repr(float(v)) for v in vals),
-                    f"{r['seconds_per_image']:.6f}", "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}"])
+                    f"{r['seconds_per_image']:.6f}",
+                    "" if r.get("cpu_seconds_per_image") is None else f"{r['cpu_seconds_per_image']:.6f}",
+                    "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}"])
     return buf.getvalue()
 
 

@@ -32,7 +32,9 @@ peak (``ru_maxrss``) is used. ``isolate=False`` runs methods in this process
 
 **Seconds per image** is the wall time of the method call (with pixel tiling),
 excluding image I/O and model loading; the first image includes any lazy
-initialisation a method does on its first call.
+initialisation a method does on its first call. On a shared machine wall time
+depends on the load, so the CPU time of the method process over the same call
+(all its threads) is recorded too (``cpu_seconds_per_image``).
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ class Row:
     seconds_per_image: float
     peak_rss_mb: float | None
     n_images: int
+    cpu_seconds_per_image: float | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +138,15 @@ class Stats:
     upscale_cached: int = 0
     metrics_computed: int = 0
     metrics_cached: int = 0
+
+
+@dataclass
+class UpscaleRecord:
+    """What is cached per upscaled image (besides the SR PNG)."""
+
+    seconds: float
+    cpu_seconds: float | None
+    peak_rss_mb: float | None
 
 
 @dataclass
@@ -175,13 +187,17 @@ class ResultCache:
             PRAGMA journal_mode=WAL;
             CREATE TABLE IF NOT EXISTS upscale (
                 method TEXT, lrset TEXT, image TEXT,
-                seconds REAL, peak_rss_mb REAL, created REAL,
+                seconds REAL, peak_rss_mb REAL, created REAL, cpu_seconds REAL,
                 PRIMARY KEY (method, lrset, image));
             CREATE TABLE IF NOT EXISTS metric (
                 method TEXT, lrset TEXT, image TEXT, metric TEXT, value REAL,
                 PRIMARY KEY (method, lrset, image, metric));
             """
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(upscale)")}
+        if "cpu_seconds" not in columns:  # caches written before CPU time was recorded
+            with self.db:
+                self.db.execute("ALTER TABLE upscale ADD COLUMN cpu_seconds REAL")
 
     def close(self) -> None:
         self.db.close()
@@ -192,22 +208,24 @@ class ResultCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def upscale(self, mkey: str, lrset: str, image: str) -> tuple[float, float | None] | None:
+    def upscale(self, mkey: str, lrset: str, image: str) -> UpscaleRecord | None:
         row = self.db.execute(
-            "SELECT seconds, peak_rss_mb FROM upscale WHERE method=? AND lrset=? AND image=?",
+            "SELECT seconds, cpu_seconds, peak_rss_mb FROM upscale WHERE method=? AND lrset=? AND image=?",
             (mkey, lrset, image),
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else UpscaleRecord(*row)
 
-    def put_upscale(self, mkey: str, lrset: str, image: str, seconds: float, rss: float | None) -> None:
+    def put_upscale(self, mkey: str, lrset: str, image: str, rec: UpscaleRecord) -> None:
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO upscale VALUES (?, ?, ?, ?, ?, ?)",
-                (mkey, lrset, image, seconds, rss, time.time()),
+                "INSERT OR REPLACE INTO upscale (method, lrset, image, seconds, cpu_seconds, peak_rss_mb, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mkey, lrset, image, rec.seconds, rec.cpu_seconds, rec.peak_rss_mb, time.time()),
             )
-            # a new SR image invalidates the metric values of the old one
+            # a new SR image invalidates its metric values and the set-level ones
             self.db.execute(
-                "DELETE FROM metric WHERE method=? AND lrset=? AND image=?", (mkey, lrset, image)
+                "DELETE FROM metric WHERE method=? AND lrset=? AND (image=? OR image LIKE '*set:%')",
+                (mkey, lrset, image),
             )
 
     def metrics(self, mkey: str, lrset: str, image: str) -> dict[str, float]:
@@ -306,15 +324,16 @@ def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict],
     for job in jobs:
         x = as_rgb(load_eval_image(job.lr_path))
         can_reset = reset_peak_rss()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         y = upscale(method, x, scale, tile, tile_pad)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         atomic.write_png(Path(job.out_path), to_uint8(y))
         emit(
             {
                 "lrset": job.lrset,
                 "image": job.image,
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "peak_rss_mb": peak_rss_mb(),
                 "rss_reset": can_reset,
             }
@@ -495,7 +514,8 @@ def _ensure_upscaled(
         nonlocal done
         done += 1
         stats.upscaled += 1
-        cache.put_upscale(mkey, msg["lrset"], msg["image"], msg["seconds"], msg["peak_rss_mb"])
+        rec = UpscaleRecord(msg["seconds"], msg["cpu_seconds"], msg["peak_rss_mb"])
+        cache.put_upscale(mkey, msg["lrset"], msg["image"], rec)
         say(f"{name}: {done}/{len(jobs)} {set_names[msg['lrset']]} {msg['image'].split('@')[0]} {msg['seconds']:.2f} s")
 
     spec = {
@@ -518,14 +538,11 @@ def _evaluate(
     has_gt = lrset.dataset.has_gt
     per_image = metrics.per_image(has_gt)
     values: dict[str, list[float]] = {n: [] for n in per_image}
-    seconds: list[float] = []
-    peaks: list[float] = []
+    records: list[UpscaleRecord] = []
     for item in lrset.images:
         rec = cache.upscale(mkey, lrset.uid, item.key)
         assert rec is not None
-        seconds.append(rec[0])
-        if rec[1] is not None:
-            peaks.append(rec[1])
+        records.append(rec)
         have = cache.metrics(mkey, lrset.uid, item.key)
         missing = [n for n in per_image if n not in have]
         stats.metrics_cached += len(per_image) - len(missing)
@@ -560,15 +577,18 @@ def _evaluate(
         means[n] = have[n]
     unavailable = {n: r for n, r in metrics.unavailable.items() if n in metrics.applicable(has_gt)}
     ordered = {n: means.get(n) for n in metrics.applicable(has_gt)}
+    peaks = [r.peak_rss_mb for r in records if r.peak_rss_mb is not None]
+    cpu = [r.cpu_seconds for r in records if r.cpu_seconds is not None]
     return Row(
         method=name,
         dataset=lrset.dataset.name,
         degradation=lrset.degradation,
         scale=config.scale,
         metrics=ordered,
-        seconds_per_image=sum(seconds) / len(seconds),
+        seconds_per_image=sum(r.seconds for r in records) / len(records),
         peak_rss_mb=max(peaks) if peaks else None,
         n_images=len(lrset.images),
+        cpu_seconds_per_image=sum(cpu) / len(cpu) if cpu and len(cpu) == len(records) else None,
         unavailable=unavailable,
     )
 
