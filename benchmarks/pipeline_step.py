@@ -1,0 +1,199 @@
+"""Speed and memory of the SD + SR ControlNet pipeline at real (SD-1.5) size, random weights.
+
+    python benchmarks/pipeline_step.py [--json r.json] [--configs fp32,bf16,bf16-cl] [--skip-2048]
+
+1. Seconds per denoising step with CFG (UNet + ControlNet on a batch of 2,
+   64x64 latent = 512x512 output, 77-token context) for each precision
+   config, each in its own subprocess; peak RSS of the process while
+   stepping (weights resident), plus RSS after loading.
+2. End-to-end seconds for 512x512 and 2048x2048 outputs (x4 from 128x128 /
+   512x512 LR) through ``SDControlNetSR`` with automatic latent tiling
+   (64-latent tiles) and VAE tiling, 1 denoising step timed and the total
+   for 20 steps estimated as ``encode + decode + 20 * step``; peak RSS.
+
+Models are built locally from the published SD-1.5 configs
+(:mod:`semsr.pipeline.sd_configs`) with random weights: nothing is downloaded.
+The ControlNet is ``ControlNetModel.from_unet`` (SD-1.5 ControlNet size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "fp32": {"dtype": "fp32", "channels_last": False, "compile": False},
+    "bf16": {"dtype": "bf16", "channels_last": False, "compile": False},
+    "bf16-cl": {"dtype": "bf16", "channels_last": True, "compile": False},
+    "bf16-compile": {"dtype": "bf16", "channels_last": False, "compile": True},
+    "fp32-autocast": {"dtype": "fp32", "channels_last": False, "compile": False, "autocast": True},
+}
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM (Linux) so the peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def worker_step(cfg: dict, reps: int) -> dict:
+    import gc
+
+    import torch
+
+    from semsr.pipeline.precision import prepare_module
+    from semsr.pipeline.sd_configs import random_sd15
+    from semsr.pipeline.sd_controlnet import controlnet_unet_forward, new_controlnet
+
+    torch.manual_seed(0)
+    unet = random_sd15(with_text_encoder=False)["unet"]
+    controlnet = new_controlnet(unet)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
+    unet = prepare_module(unet, dtype=dtype, channels_last=cfg["channels_last"], compile=cfg["compile"])
+    controlnet = prepare_module(controlnet, dtype=dtype, channels_last=cfg["channels_last"], compile=cfg["compile"])
+    gc.collect()
+    rss_loaded = _rss_mb("VmRSS")
+    _reset_peak()
+    x = torch.randn(2, 4, 64, 64, dtype=dtype)  # CFG batch: [uncond, cond]
+    ctx = torch.randn(2, 77, 768, dtype=dtype)
+    hint = torch.rand(2, 3, 512, 512, dtype=dtype)
+    t = torch.tensor(500)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.get("autocast", False)))
+    with torch.inference_mode(), autocast:
+        t0 = time.perf_counter()
+        controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)  # warm-up
+        warm = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
+            times.append(time.perf_counter() - t0)
+    assert torch.isfinite(out.float()).all()
+    return {"seconds_per_step": min(times), "seconds_per_step_all": times, "warmup_seconds": warm,
+            "peak_rss_mb": _rss_mb("VmHWM"), "rss_after_load_mb": rss_loaded, "config": cfg}
+
+
+def worker_e2e(size: int, dtype: str) -> dict:
+    import gc
+
+    import torch
+
+    from semsr.models.tiny import tiny_clip_tokenizer
+    from semsr.pipeline.sd_configs import SD15_SCHEDULER, random_sd15
+    from semsr.pipeline.sd_controlnet import SDControlNetSR, new_controlnet
+    from semsr.pipeline.text import CLIPTextConditioner
+
+    torch.manual_seed(0)
+    parts = random_sd15()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_clip_tokenizer(Path(tmp))  # ids < 49408; the SD vocabulary is not shipped
+    text = CLIPTextConditioner(tokenizer, parts["text_encoder"])
+    pipe = SDControlNetSR(vae=parts["vae"], unet=parts["unet"], controlnet=new_controlnet(parts["unet"]), text=text,
+                          scheduler_config=SD15_SCHEDULER, dtype=dtype)
+    del parts
+    gc.collect()
+    rss_loaded = _rss_mb("VmRSS")
+    _reset_peak()
+    lr = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = pipe(lr, scale=4, steps=1, prompt="a photo", seed=0)
+    total = time.perf_counter() - t0
+    assert y.shape == (1, 3, size, size)
+    tm = pipe.last_timings
+    fixed = total - tm["denoise"]
+    return {"output": f"{size}x{size}", "dtype": dtype, "seconds_1_step": total, "seconds_per_step": tm["denoise"],
+            "encode_seconds": tm["encode"], "decode_seconds": tm["decode"],
+            "estimated_seconds_20_steps": fixed + 20 * tm["denoise"],
+            "latent_tile": pipe.resolve_latent_tile((size // 8, size // 8), None),
+            "peak_rss_mb": _rss_mb("VmHWM"), "rss_after_load_mb": rss_loaded}
+
+
+def _run_worker(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = fh.name
+    try:
+        cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write results as JSON here")
+    ap.add_argument("--configs", default="fp32,bf16,bf16-cl", help=f"step configs ({', '.join(CONFIGS)})")
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per config (min is reported)")
+    ap.add_argument("--e2e-dtype", default=None, help="dtype for end-to-end runs (default: fastest step config)")
+    ap.add_argument("--skip-2048", action="store_true", help="skip the (long) 2048x2048 end-to-end run")
+    ap.add_argument("--skip-e2e", action="store_true", help="only the per-step configs")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        kind = args.worker[0]
+        if kind == "step":
+            res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]))
+        else:
+            res = worker_e2e(int(args.worker[1]), args.worker[2])
+        Path(args.worker_out).write_text(json.dumps(res))
+        return 0
+
+    results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}}
+    for name in args.configs.split(","):
+        print(f"[step] {name} ...", flush=True)
+        results[name] = _run_worker(["step", name, str(args.reps)])
+        print(f"  {results[name]}", flush=True)
+    timed = {k: v for k, v in results.items() if isinstance(v, dict) and "seconds_per_step" in v}
+    e2e_dtype = args.e2e_dtype or (CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"]
+                                   if timed else "bf16")
+    sizes = [] if args.skip_e2e else [512] if args.skip_2048 else [512, 2048]
+    for size in sizes:
+        print(f"[e2e] {size}x{size} {e2e_dtype} ...", flush=True)
+        results[f"e2e_{size}"] = _run_worker(["e2e", str(size), e2e_dtype])
+        print(f"  {results[f'e2e_{size}']}", flush=True)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+
+    print("\nconfig         s/step(CFG,512px)   peak RSS MB   RSS loaded MB")
+    for name in args.configs.split(","):
+        r = results[name]
+        if "error" in r:
+            print(f"{name:<14} error: {r['error']}")
+        else:
+            print(f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}")
+    print("\nend-to-end     s (1 step)   s/step   encode s   decode s   est. 20 steps s   peak RSS MB")
+    for size in sizes:
+        r = results[f"e2e_{size}"]
+        if "error" in r:
+            print(f"{size}x{size:<9} error: {r['error']}")
+        else:
+            print(f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
+                  f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
+                  f"   {r['peak_rss_mb']:>11.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
