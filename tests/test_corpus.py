@@ -18,7 +18,7 @@ from semsr.data.corpus import sources as corpus_sources
 from semsr.data.corpus.containers import EetFile, RccFile, eet_images, lz4_block_decompress
 from semsr.data.corpus.crops import HRCropDataset, pad_to, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
-from semsr.data.corpus.sources import Candidate, debian_licence
+from semsr.data.corpus.sources import Candidate, debian_licence, normalise_licence, rcc_credits_licence
 from semsr.errors import InputError
 
 
@@ -228,7 +228,9 @@ def test_rcc_reader_on_a_synthetic_archive(tmp_path, version):
     photo = _jpeg(_photo(16, 16))
     files = {
         "/gcompris/resource/sea1.jpg": (photo, False),
-        "/gcompris/resource/README": (b"License: CC-BY-SA 4.0\n" * 5, True),
+        "/gcompris/resource/README": (b"Copyright: someone\nLicense: CC-BY-SA 4.0\nFiles:\nkey.svg\n\n"
+                                      b"Copyright: Ruthven\nLicense: CC0-1.0\nSource: https://example.org/x\n"
+                                      b"Files:\nsea*.jpg\n", True),
         "/gcompris/qml/Main.qml": (b"import QtQuick 2.12\n", True),
         "/top.txt": (b"hello", False),
     }
@@ -242,6 +244,10 @@ def test_rcc_reader_on_a_synthetic_archive(tmp_path, version):
         assert rcc.entries[p].compression == ("zlib" if compressed else None)
     with pytest.raises(InputError, match="no file"):
         rcc.read("/nope")
+    # per-file licences from a credits README inside the archive (GCompris style)
+    lic, origin = rcc_credits_licence(rcc, "/gcompris/resource/sea1.jpg")
+    assert lic == "CC0-1.0" and "Copyright: Ruthven" in origin.replace("copyright", "Copyright")
+    assert rcc_credits_licence(rcc, "/top.txt") is None
     with pytest.raises(InputError, match="bad magic"):
         RccFile(b"qrez" + bytes(40))
 
@@ -262,6 +268,8 @@ def test_dep5_licence_matching(tmp_path):
     lic, origin = debian_licence(tmp_path, "pkg", "usr/share/pkg/photo.jpg")
     assert lic == "GPL-3+" and "Files: *" in origin
     assert debian_licence(tmp_path, "missing", "x.jpg")[0] == "unknown"
+    assert [normalise_licence(x) for x in ("Public domain", "CC-BY-SA 4.0", "CC-BY 2.0", "GPL-3+")] == [
+        "public-domain", "CC-BY-SA-4.0", "CC-BY-2.0", "GPL-3+"]
 
 
 def test_texture_filter_avoids_flat_regions():
@@ -394,5 +402,5 @@ def test_build_corpus_downloads_a_real_debian_package(tmp_path):
         assert len(recs) == 5
         assert all(r.package == "palapeli-data" and r.path_in_package.startswith("usr/share/palapeli/collection/")
                    for r in recs)
-        assert {r.licence for r in recs} >= {"Public Domain"}
+        assert {r.licence for r in recs} >= {"public-domain"}
         assert all(min(r.width, r.height) >= 600 for r in recs)

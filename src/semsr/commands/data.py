@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from semsr.data.corpus.manifest import Manifest, content_hash
-from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source
+from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source, normalise_licence
 from semsr.errors import InputError, SemsrError
 from semsr.paths import cache_dir, data_root
 
@@ -144,11 +144,14 @@ def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path |
         for source in sources:
             added = skipped = kept = 0
             for c in iter_source(source, cache):
+                licence = normalise_licence(c.licence)
                 stem_dir = out / source
                 existing = [manifest.find_path(f"{source}/{c.name}{ext}") for ext in (".jpg", ".png")]
                 rec = next((r for r in existing if r is not None), None)
                 if (rec is not None and (out / rec.path).exists() and rec.source_bytes == c.source_bytes
                         and rec.member == c.member and rec.extra.get("max_side", 0) == max_side):
+                    if (rec.licence, rec.licence_origin) != (licence, c.licence_origin):
+                        manifest.update_licence(rec.content_hash, licence, c.licence_origin)
                     kept += 1
                     continue
                 data, ext, pixels, notes = convert(c, max_side)
@@ -163,7 +166,7 @@ def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path |
                     path=rel, content_hash=key, width=pixels.shape[1], height=pixels.shape[0],
                     file_bytes=len(data), source=source, package=c.package, package_version=c.package_version,
                     path_in_package=c.path_in_package, member=c.member, source_bytes=c.source_bytes,
-                    licence=c.licence, licence_origin=c.licence_origin, extra={**notes, "max_side": max_side},
+                    licence=licence, licence_origin=c.licence_origin, extra={**notes, "max_side": max_side},
                 )
                 added += 1
             stats[source] = {"added": added, "unchanged": kept, "refused": skipped}

@@ -210,6 +210,12 @@ class Manifest:
         row = self.db.execute("SELECT * FROM images WHERE content_hash = ?", (content_hash,)).fetchone()
         return None if row is None else self._record(row)
 
+    def update_licence(self, content_hash: str, licence: str, licence_origin: str | None) -> None:
+        """Change the recorded licence of an image (provenance re-read without re-converting)."""
+        self.db.execute("UPDATE images SET licence = ?, licence_origin = ? WHERE content_hash = ?",
+                        (licence, licence_origin, content_hash))
+        self.db.commit()
+
     def find_path(self, path: str) -> ImageRecord | None:
         """The image stored at ``path`` (relative to the corpus folder), if any."""
         row = self.db.execute("SELECT * FROM images WHERE path = ?", (str(path),)).fetchone()

@@ -119,6 +119,17 @@ def fetch_wheel(project: str, cache: Path) -> Path:
 # ----------------------------------------------------------------------------- licences
 
 
+def normalise_licence(name: str) -> str:
+    """Uniform spelling of a few licence names (``Public domain`` -> ``public-domain``, ``CC-BY 2.0`` -> ``CC-BY-2.0``)."""
+    name = " ".join(name.split())
+    if name.lower() in ("public domain", "public-domain", "pd"):
+        return "public-domain"
+    m = re.fullmatch(r"(?i)(CC[- ][A-Z-]+)[- ](\d(\.\d)?)", name)
+    if m:
+        return f"{m.group(1).upper().replace(' ', '-')}-{m.group(2)}"
+    return name
+
+
 def parse_dep5(text: str) -> list[tuple[list[str], str]]:
     """``(patterns, licence)`` of each ``Files:`` stanza of a DEP-5 copyright file, in order."""
     stanzas = []
@@ -266,6 +277,45 @@ def iter_enlightenment(cache: Path) -> Iterator[Candidate]:
                         pkg.package, pkg.version, member=best[1])
 
 
+def parse_credits(text: str) -> list[dict[str, object]]:
+    """Stanzas of a GCompris-style resource README: ``Copyright:``, ``License:``, ``Source:``, ``Files:`` list."""
+    stanzas = []
+    for block in re.split(r"\n\s*\n", text):
+        fields: dict[str, object] = {"files": []}
+        in_files = False
+        for line in block.splitlines():
+            m = re.match(r"^([A-Za-z-]+):\s*(.*)$", line.strip())
+            if m and m.group(1).lower() in ("copyright", "license", "source", "comments", "files", "author"):
+                key, val = m.group(1).lower(), m.group(2).strip()
+                in_files = key == "files"
+                if in_files:
+                    fields["files"] = val.split()
+                else:
+                    fields[key] = val
+            elif in_files and line.strip():
+                fields["files"] += line.split()  # type: ignore[operator]
+        if fields["files"] and "license" in fields:
+            stanzas.append(fields)
+    return stanzas
+
+
+def rcc_credits_licence(rcc: RccFile, member: str) -> tuple[str, str] | None:
+    """Licence of ``member`` from the nearest ``README`` credits file above it in the archive."""
+    parts = member.split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        folder = "/".join(parts[:depth])
+        readme = f"{folder}/README"
+        if readme not in rcc.entries:
+            continue
+        rel = "/".join(parts[depth:])
+        for st in parse_credits(rcc.read(readme).decode("utf-8", errors="replace")):
+            if any(fnmatch.fnmatchcase(rel, f) for f in st["files"]):  # type: ignore[union-attr]
+                lic = str(st["license"])
+                extra = "; ".join(f"{k}: {st[k]}" for k in ("copyright", "source") if k in st)
+                return lic, f"{readme} in the archive ({extra})"
+    return None
+
+
 GCOMPRIS_ARCHIVES = ("explore_*.rcc", "erase.rcc", "clickgame.rcc", "categorization.rcc")
 GCOMPRIS_MIN_SIDE = 400
 
@@ -285,7 +335,7 @@ def iter_gcompris(cache: Path) -> Iterator[Candidate]:
             with Image.open(io.BytesIO(data)) as im:
                 if min(im.size) < GCOMPRIS_MIN_SIDE or im.mode not in ("RGB", "L"):
                     continue
-            lic = debian_licence(pkg.root, pkg.package, member)
+            lic = rcc_credits_licence(rcc, member) or debian_licence(pkg.root, pkg.package, member)
             yield Candidate("gcompris", f"{f.stem}-{Path(member).stem}", lambda data=data: data, rel, len(data),
                             lic[0], lic[1], pkg.package, pkg.version, member=member, downscale=2)
 
