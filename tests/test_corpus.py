@@ -89,6 +89,12 @@ def test_manifest_round_trip_and_prior_cache(tmp_path):
         m.prior(key, "tags", compute, "ram-2")
         assert len(calls) == 2  # a new provider version is a new key
         assert ("tags", "ram-1") in m.prior_names(key)
+        # the manifest is a PriorSink for the prior providers' on-disk cache
+        from types import SimpleNamespace
+
+        m.add_prior(SimpleNamespace(image_key=key, provider="canny", version="lo100-hi200", kind="spatial",
+                                    path=tmp_path / "canny.npy"))
+        assert m.get_prior(key, "canny", "lo100-hi200")["path"] == str(tmp_path / "canny.npy")
         summary = m.summary()
         assert summary["images"] == 2 and summary["sources"]["a"]["licences"] == {"CC0-1.0": 1}
         assert summary["priors"]["tags@ram-1"] == 1

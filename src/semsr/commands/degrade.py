@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     p.add_argument("-s", "--scale", type=int, default=None, help="downscale factor (default: config's, 4)")
     p.add_argument("--config", help="degradation YAML (nested, Real-ESRGAN flat names, or a Real-ESRGAN options file)")
+    p.add_argument("--no-sharpen", action="store_true",
+                   help="skip the unsharp masking Real-ESRGAN applies to its training GT before degrading")
     p.add_argument("--params", metavar="JSON", help="also write every image's seed and sampled parameters here")
     p.add_argument("--grid", metavar="PNG", help="write a sample grid (seeds x stages) of the first/selected image")
     p.add_argument("--grid-seeds", type=int, default=4, help="rows of the sample grid (default 4)")
@@ -85,11 +87,14 @@ def write_png(path: Path, arr: np.ndarray) -> None:
 
 def load_config(args: argparse.Namespace) -> DegradationConfig:
     cfg = DegradationConfig.from_yaml(args.config) if args.config else DegradationConfig()
+    if args.scale is not None and args.scale < 1:
+        raise SemsrError(f"--scale must be >= 1, got {args.scale}")
+    changes = {}
     if args.scale is not None:
-        if args.scale < 1:
-            raise SemsrError(f"--scale must be >= 1, got {args.scale}")
-        cfg = DegradationConfig.from_dict({**cfg.to_dict(), "scale": args.scale})
-    return cfg
+        changes["scale"] = args.scale
+    if args.no_sharpen:
+        changes["sharpen_input"] = False
+    return DegradationConfig.from_dict({**cfg.to_dict(), **changes}) if changes else cfg
 
 
 def _describe(p: DegradationParams) -> str:
@@ -131,6 +136,10 @@ def sample_grid(deg: RealESRGANDegradation, hr: torch.Tensor, seeds: list[int], 
 
 def run(args: argparse.Namespace) -> int:
     files = list_images(Path(args.input))
+    stems = [f.stem for f in files]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise InputError(f"several inputs would write {clash[0]}.png; rename one", Path(args.input))
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise SemsrError("output exists and is not a folder", out)
