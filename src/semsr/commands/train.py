@@ -5,7 +5,10 @@ Examples::
     semsr train --config configs/tiny.yaml --max-steps 20 --output run
     semsr train --config configs/tiny.yaml --max-steps 40 --output run --resume
     semsr train --config configs/tiny.yaml optim.lr=1e-4 train.grad_accum=4
-    accelerate launch --cpu --num_processes 2 -m semsr.cli train --config configs/tiny.yaml --output run2
+    accelerate launch --multi_gpu --num_processes 2 -m semsr.cli train --config configs/tiny.yaml --output run2
+
+Without a GPU the processes join a gloo group (CPU data parallelism);
+``torchrun --nproc_per_node 2 -m semsr.cli train ...`` works the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a recipe (ControlNet/adapters) from a YAML experiment config",
         description="Train with Hugging Face Accelerate. Single process by default; launch with "
-                    "`accelerate launch --num_processes N -m semsr.cli train ...` for data parallelism. "
+                    "`accelerate launch --multi_gpu --num_processes N -m semsr.cli train ...` for data parallelism "
+                    "(gloo on CPU-only machines). "
                     "Writes config.yaml, log.jsonl, curve.png, checkpoints/ and final/ into --output.",
     )
     parser.add_argument("--config", "-c", required=True, type=Path, help="experiment YAML (e.g. configs/tiny.yaml)")
@@ -42,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     output = args.output if args.output is not None else Path("runs") / cfg.name
     result = Trainer(cfg, output, resume=args.resume).fit()
+    if not result.is_main_process:
+        return 0
     if result.losses:
         print(f"step {result.step}: loss {result.losses[-1]:.5f}; run directory {result.output}")
     else:

@@ -2,7 +2,8 @@
 
 Top panel: training loss per step (thin) with an exponential moving average
 (thick) and every loss term when there are several; learning rate on a
-second axis. Bottom panel (only when validation ran): validation metrics.
+second axis. Bottom row (only when validation ran): one small panel per
+validation metric.
 """
 from __future__ import annotations
 
@@ -49,9 +50,11 @@ def plot_curve(records: list[dict[str, Any]], out: Path, title: str = "") -> Pat
 
     train = [r for r in records if r.get("type") == "train"]
     val = [r for r in records if r.get("type") == "val" and r.get("metrics")]
-    rows = 2 if val else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(7, 3.2 * rows), squeeze=False)
-    ax = axes[0][0]
+    names = sorted({k for r in val for k in r["metrics"]})
+    rows, cols = (2, len(names)) if names else (1, 1)
+    fig = plt.figure(figsize=(max(7, 3 * cols), 3.2 * rows))
+    grid = fig.add_gridspec(rows, cols)
+    ax = fig.add_subplot(grid[0, :])
     if train:
         steps = [r["step"] for r in train]
         loss = [r["loss"] for r in train]
@@ -72,15 +75,12 @@ def plot_curve(records: list[dict[str, Any]], out: Path, title: str = "") -> Pat
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title or "training curve")
-    if val:
-        vax = axes[1][0]
-        names = sorted({k for r in val for k in r["metrics"]})
-        for name in names:
-            pts = [(r["step"], r["metrics"][name]) for r in val if name in r["metrics"]]
-            vax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for i, name in enumerate(names):
+        vax = fig.add_subplot(grid[1, i])
+        pts = [(r["step"], r["metrics"][name]) for r in val if name in r["metrics"]]
+        vax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i + 2}")
         vax.set_xlabel("step")
-        vax.set_ylabel("validation")
-        vax.legend(fontsize=8)
+        vax.set_title(f"validation {name}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

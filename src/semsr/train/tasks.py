@@ -137,7 +137,8 @@ def tiny_models_dir() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        tiny.write_tiny_models(tmp, ["sd", "controlnet"])
+        with torch.random.fork_rng():  # the writers seed torch; keep the caller's RNG untouched
+            tiny.write_tiny_models(tmp, ["sd", "controlnet"])
         try:
             os.rename(tmp, final)
         except OSError:
@@ -235,7 +236,9 @@ class ControlNetSRTask(Task):
                     f"model.options.conditioning_channels needs {steps + 1} entries for a VAE "
                     f"down-sampling factor of {self.vae_factor}"
                 )
-            controlnet = new_controlnet(self.unet, conditioning_embedding_out_channels=widths)
+            with torch.random.fork_rng():  # the hint encoder's random init depends on the seed only
+                torch.manual_seed(cfg.seed)
+                controlnet = new_controlnet(self.unet, conditioning_embedding_out_channels=widths)
         self.trainable = controlnet.float().train().requires_grad_(True)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32

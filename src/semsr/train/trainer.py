@@ -70,6 +70,24 @@ class TrainResult:
     output: Path
     losses: list[float]
     last_checkpoint: Path | None
+    is_main_process: bool = True
+
+
+def has_accelerator_device() -> bool:
+    """True when a GPU-like device is present (CUDA, XPU or MPS).
+
+    Without one the Accelerator is created with ``cpu=True``: that is what makes
+    Accelerate join processes started by ``accelerate launch --multi_gpu`` /
+    ``torchrun`` into a gloo process group (``MULTI_CPU``) instead of running
+    them as independent single processes.
+    """
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -110,6 +128,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         return Accelerator(
+            cpu=not has_accelerator_device(),
             mixed_precision=self.cfg.train.mixed_precision,
             gradient_accumulation_steps=self.cfg.train.grad_accum,
             step_scheduler_with_optimizer=False,
@@ -141,7 +160,8 @@ class Trainer:
         set_seed(cfg.seed)
         weight_dtype = _weight_dtype(cfg.train.mixed_precision)
 
-        task = self.task = build_task(cfg)
+        with acc.main_process_first():  # files generated on demand (tiny://) are written once, by rank 0
+            task = self.task = build_task(cfg)
         task.setup(acc.device, weight_dtype)
         params = [p for p in task.trainable.parameters() if p.requires_grad]
         if not params:
@@ -256,7 +276,8 @@ class Trainer:
             plot_curve(run_log.records(), self.output / "curve.png", title=cfg.name)
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(step=state.step, output=self.output, losses=losses, last_checkpoint=last_ckpt)
+        return TrainResult(step=state.step, output=self.output, losses=losses, last_checkpoint=last_ckpt,
+                           is_main_process=acc.is_main_process)
 
     # -- checkpoints, validation, export -----------------------------------
     def save_checkpoint(self, step: int) -> Path:

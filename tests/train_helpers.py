@@ -1,0 +1,53 @@
+"""Shared helpers of the training tests (tests/test_train.py, tests/test_train_ddp.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_textures(folder: Path, count: int = 6, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:
+    """Write ``count`` smooth random-texture RGB PNGs (not flat, so no crop is rejected)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(count):
+        img = np.zeros((h, w, 3), np.float32)
+        for c in range(3):
+            fx, fy, ph = rng.uniform(0.05, 0.4, 2).tolist() + [rng.uniform(0, 6.28)]
+            img[..., c] = 0.5 + 0.3 * np.sin(fx * xx + fy * yy + ph) + 0.1 * rng.standard_normal((h, w))
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def tiny_config_dict(hr_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A fast controlnet_sr experiment on the tiny models; ``sections`` update the defaults."""
+    cfg: dict[str, Any] = {
+        "name": "test",
+        "task": "controlnet_sr",
+        "seed": 0,
+        "model": {"pretrained": "tiny://", "options": {"conditioning_channels": [8, 8, 16, 16]}},
+        "data": {"hr": [str(hr_dir)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
+        "degradation": {"type": "realesrgan"},
+        "optim": {"lr": 1e-4},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "train": {"max_steps": 4, "grad_accum": 1, "ema_decay": 0.9, "threads": 1},
+        "losses": {"eps_mse": 1.0},
+        "validation": {"every": 0},
+        "checkpoint": {"every": 0, "keep": 2},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """Tensors of a safetensors file (float32 copies)."""
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path)).items()}
