@@ -369,8 +369,23 @@ def test_build_corpus_with_a_fake_source(tmp_path, monkeypatch, capsys):
                  "--max-side", "32"]) == 0
     with Image.open(out / "fake/big.png") as im:
         assert max(im.size) == 32
+    with Manifest(out / "manifest.sqlite", readonly=True) as m:
+        assert len(m) == 3 and m.find_path("fake/big.png").width == 32  # no stale rows
     assert main(["data", "summary", str(out)]) == 0
     assert "total" in capsys.readouterr().out
+    # textured crops with their own manifest, provenance inherited, reproducible
+    crops = tmp_path / "crops"
+    for _ in range(2):
+        assert main(["data", "make-crops", str(out), "--out", str(crops), "--size", "16", "--per-image", "2"]) == 0
+    with Manifest(crops / "manifest.sqlite", readonly=True) as cm, Manifest(out / "manifest.sqlite") as m:
+        crecs = cm.images()
+        assert len(crecs) == 6 and all((r.width, r.height) == (16, 16) for r in crecs)
+        parent = m.get_image(crecs[0].extra["parent"])
+        assert crecs[0].package == parent.package and crecs[0].licence == parent.licence
+        top, left, size = crecs[0].extra["box"]
+        with Image.open(out / parent.path) as im, Image.open(crops / crecs[0].path) as crop:
+            full = np.asarray(im.convert("RGB"))
+            np.testing.assert_array_equal(np.asarray(crop), full[top : top + size, left : left + size])
     assert main(["data", "build-corpus", "--out", str(out), "--sources", "nope"]) == 2
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from semsr.data.corpus.crops import DEFAULT_CROP, DEFAULT_MIN_TEXTURE, load_rgb_uint8, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source, normalise_licence
 from semsr.errors import InputError, SemsrError
@@ -46,6 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--cache", help="download/unpack cache (default: <semsr cache>/corpus)")
     b.add_argument("--json", metavar="PATH", help="also write the manifest summary as JSON")
     b.set_defaults(func=run_build)
+    c = sub.add_parser("make-crops", help="cut textured HR crops from a corpus into a crop corpus (own manifest)")
+    c.add_argument("corpus", help="corpus folder made by build-corpus")
+    c.add_argument("--out", required=True, help="crop folder (PNG crops + manifest.sqlite)")
+    c.add_argument("--size", type=int, default=DEFAULT_CROP, help=f"crop size (default {DEFAULT_CROP})")
+    c.add_argument("--per-image", type=int, default=4, help="crops per image (default 4)")
+    c.add_argument("--min-texture", type=float, default=DEFAULT_MIN_TEXTURE,
+                   help=f"reject crops whose mean luma gradient is below this (default {DEFAULT_MIN_TEXTURE})")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sources", help="comma-separated sources to use (default: all in the manifest)")
+    c.set_defaults(func=run_crops)
     s = sub.add_parser("summary", help="print the manifest summary of a corpus folder")
     s.add_argument("corpus", help="corpus folder or manifest.sqlite")
     s.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
@@ -161,6 +172,11 @@ def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path |
                     skipped += 1
                     continue
                 rel = f"{source}/{c.name}{ext}"
+                for stale in existing:  # an earlier conversion of this photo (other size or format)
+                    if stale is not None:
+                        manifest.remove_image(stale.content_hash)
+                        if stale.path != rel:
+                            (out / stale.path).unlink(missing_ok=True)
                 _write(stem_dir / f"{c.name}{ext}", data)
                 manifest.add_image(
                     path=rel, content_hash=key, width=pixels.shape[1], height=pixels.shape[0],
@@ -213,6 +229,58 @@ def run_build(args: argparse.Namespace) -> int:
         raise SemsrError("refusing to write a training corpus inside the benchmark folder", out)
     summary = build_corpus(out, sources, args.max_side, Path(args.cache) if args.cache else None)
     _emit(summary, args.json)
+    return 0
+
+
+def make_crops(corpus: Path, out: Path, size: int, per_image: int, min_texture: float, seed: int,
+               sources: list[str] | None = None, log=print) -> dict:
+    """Cut ``per_image`` textured ``size``-crops from each corpus image (smaller images are skipped).
+
+    Crops get their own content hashes (so priors are cached per crop) and
+    inherit the provenance and licence of their image; ``extra`` records the
+    parent hash, the box and the texture score. Positions depend only on
+    ``(seed, parent hash)``, so re-running reproduces the same crops.
+    """
+    src = Manifest(corpus / MANIFEST_NAME, readonly=True)
+    out.mkdir(parents=True, exist_ok=True)
+    made = skipped = 0
+    with src, Manifest(out / MANIFEST_NAME) as dst:
+        for rec in src.images():
+            if sources and rec.source not in sources:
+                continue
+            if min(rec.width, rec.height) < size:
+                skipped += 1
+                continue
+            img = load_rgb_uint8(corpus / rec.path)
+            rng = np.random.default_rng([seed, int(rec.content_hash[:15], 16)])
+            for i, (top, left) in enumerate(sample_crop_boxes(img, size, per_image, rng, min_texture)):
+                patch = np.ascontiguousarray(img[top : top + size, left : left + size])
+                buf = io.BytesIO()
+                Image.fromarray(patch).save(buf, format="PNG", compress_level=6)
+                rel = f"{rec.source}/{Path(rec.path).stem}_{i}.png"
+                _write(out / rel, buf.getvalue())
+                dst.add_image(
+                    path=rel, content_hash=content_hash(patch), width=size, height=size,
+                    file_bytes=len(buf.getvalue()), source=rec.source, package=rec.package,
+                    package_version=rec.package_version, path_in_package=rec.path_in_package, member=rec.member,
+                    source_bytes=rec.source_bytes, licence=rec.licence, licence_origin=rec.licence_origin,
+                    split=rec.split, extra={"parent": rec.content_hash, "parent_path": rec.path,
+                                            "box": [top, left, size], "texture": round(texture_score(patch), 3)},
+                )
+                made += 1
+        log(f"{made} crops from {len(src) - skipped} images; {skipped} images smaller than {size} skipped")
+        return dst.summary()
+
+
+def run_crops(args: argparse.Namespace) -> int:
+    corpus = Path(args.corpus)
+    if not (corpus / MANIFEST_NAME).exists():
+        raise InputError("no corpus manifest here (run `semsr data build-corpus` first)", corpus)
+    if args.size < 8 or args.per_image < 1:
+        raise SemsrError("--size must be >= 8 and --per-image >= 1")
+    sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    summary = make_crops(corpus, Path(args.out), args.size, args.per_image, args.min_texture, args.seed, sources)
+    _emit(summary, None)
     return 0
 
 
