@@ -301,7 +301,7 @@ class CachedProvider:
             try:
                 result = load_result(path)
                 self.hits += 1
-            except (OSError, ValueError, KeyError, TypeError):  # damaged entry: recompute
+            except Exception:  # a damaged or foreign entry (any reader error): recompute
                 result = None
         if result is None:
             result = self.provider(image)
