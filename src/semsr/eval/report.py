@@ -444,7 +444,9 @@ def _write_index(out_dir: Path, rows: list[dict[str, Any]], entries: list[dict[s
         atomic.write_text(cs, csv_text(group))
         written += [md, cs]
     links = "".join(f"<li><a href='{html.escape(p['page'])}'>{html.escape(p['title'])}</a></li>" for p in state["pages"])
-    body = f"<h1>semsr benchmark report</h1><h2>Pages</h2><ul>{links}</ul><h2>Results</h2>{html_tables(state['rows'], hb)}"
+    tables = " · ".join(f"<a href='{f.name}'>{f.name}</a>" for f in written if f.suffix in (".md", ".csv"))
+    body = (f"<h1>semsr benchmark report</h1><h2>Pages</h2><ul>{links}</ul>"
+            f"<h2>Results</h2><p>{tables}</p>{html_tables(state['rows'], hb)}")
     index = out_dir / "index.html"
     atomic.write_text(index, _page("semsr benchmark report", body))
     return written + [index]

@@ -323,7 +323,7 @@ def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict],
     method = _build_method(spec["name"], spec["opts"], scale, spec.get("threads"))
     for job in jobs:
         x = as_rgb(load_eval_image(job.lr_path))
-        can_reset = reset_peak_rss()
+        reset_peak_rss()  # when unsupported, peak_rss_mb() is the process peak so far
         start, cpu_start = time.perf_counter(), time.process_time()
         y = upscale(method, x, scale, tile, tile_pad)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -335,7 +335,6 @@ def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict],
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
                 "peak_rss_mb": peak_rss_mb(),
-                "rss_reset": can_reset,
             }
         )
 
