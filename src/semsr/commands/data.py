@@ -243,11 +243,12 @@ def make_crops(corpus: Path, out: Path, size: int, per_image: int, min_texture: 
     """
     src = Manifest(corpus / MANIFEST_NAME, readonly=True)
     out.mkdir(parents=True, exist_ok=True)
-    made = skipped = 0
+    made = skipped = used = 0
     with src, Manifest(out / MANIFEST_NAME) as dst:
         for rec in src.images():
             if sources and rec.source not in sources:
                 continue
+            used += 1
             if min(rec.width, rec.height) < size:
                 skipped += 1
                 continue
@@ -268,7 +269,7 @@ def make_crops(corpus: Path, out: Path, size: int, per_image: int, min_texture: 
                                             "box": [top, left, size], "texture": round(texture_score(patch), 3)},
                 )
                 made += 1
-        log(f"{made} crops from {len(src) - skipped} images; {skipped} images smaller than {size} skipped")
+        log(f"{made} crops from {used - skipped} images; {skipped} images smaller than {size} skipped")
         return dst.summary()
 
 

@@ -1,9 +1,10 @@
 """Random HR crops (512 by default) with flat-patch filtering.
 
-Flat patches (clear sky, walls, out-of-focus background) teach a super-resolver
-nothing and dominate random crops of many photos, so crops whose *texture
-score* — the mean absolute luma gradient in 0-255 units — is below a
-threshold are rejected and redrawn.
+Flat patches (clear sky, fog, walls, out-of-focus background) teach a
+super-resolver nothing and dominate random crops of many photos, so crops
+whose *texture score* — the mean absolute luma gradient in 0-255 units,
+measured at a fixed analysis resolution (~128 px) so that grain does not count
+— is below a threshold are rejected and redrawn.
 
 - :func:`texture_score` scores a patch;
 - :func:`sample_crop_boxes` draws ``count`` accepted ``(top, left)`` boxes;
@@ -21,16 +22,25 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 DEFAULT_CROP = 512
-DEFAULT_MIN_TEXTURE = 3.0
+DEFAULT_MIN_TEXTURE = 1.0
+ANALYSIS_SIZE = 128
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def texture_score(patch: np.ndarray) -> float:
-    """Mean absolute horizontal+vertical luma gradient of a uint8 ``(H, W, 3)`` patch (0-255 units).
+def texture_score(patch: np.ndarray, analysis_size: int = ANALYSIS_SIZE) -> float:
+    """Mean absolute horizontal+vertical luma gradient (0-255 units) of a uint8 ``(H, W, 3)`` patch.
 
-    About 0-2 for flat sky or blurred background, 5-30 for textured content.
+    The patch is first area-downscaled by the integer factor that brings its
+    shorter side closest to ``analysis_size`` (no change for small patches), so
+    the score measures structure at a fixed relative scale and sensor noise or
+    JPEG grain of large photos does not count as texture. About 0.3-0.8 for
+    fog, clear sky or out-of-focus background; 1.5-10 for content.
     """
     y = patch.astype(np.float32) @ _LUMA if patch.ndim == 3 else patch.astype(np.float32)
+    f = max(1, min(y.shape) // analysis_size)
+    if f > 1:
+        h, w = (y.shape[0] // f) * f, (y.shape[1] // f) * f
+        y = y[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
     gx = np.abs(np.diff(y, axis=1)).mean() if y.shape[1] > 1 else 0.0
     gy = np.abs(np.diff(y, axis=0)).mean() if y.shape[0] > 1 else 0.0
     return float(0.5 * (gx + gy))
