@@ -135,6 +135,30 @@ def test_small_images_are_skipped_and_empty_sets_rejected(tmp_path):
         list_images(config_from_dict(tiny_config_dict(tmp_path / "nope")).data, 64)
 
 
+def test_manifest_train_split_with_cached_captions(tmp_path):
+    from semsr.data.corpus.manifest import Manifest
+    from semsr.train.data import list_images
+
+    corpus = write_textures(tmp_path / "corpus", count=4)
+    with Manifest(corpus / "manifest.sqlite") as m:
+        for i, path in enumerate(sorted(corpus.glob("*.png"))):
+            m.add_image(path=path.name, content_hash=f"h{i}", width=96, height=80, source="test",
+                        licence="CC0", split="test" if i == 3 else "train")
+        m.put_prior("h0", "caption", "a red wave", provider_version="v1")
+        m.put_prior("h1", "caption", {"text": "old"}, provider_version="v1")
+        m.put_prior("h1", "caption", {"text": "a green wave"}, provider_version="v2")
+    cfg = config_from_dict(tiny_config_dict(corpus, data={"hr": [], "manifest": str(corpus / "manifest.sqlite"),
+                                                          "val_count": 0, "prompt": "default"}))
+    train, val = list_images(cfg.data, 64)
+    assert [it.path.name for it in train] == ["img00.png", "img01.png", "img02.png"] and val == []
+    assert [it.caption for it in train] == ["a red wave", "a green wave", None]
+    from semsr.train.data import CropDataset, make_degrader
+
+    ds = CropDataset(train, cfg.data, make_degrader({"type": "bicubic"}, 4), seed=0)
+    prompts = {ds.items[ds.index_at(p)].path.name: ds[p]["prompt"] for p in range(3)}
+    assert prompts == {"img00.png": "a red wave", "img01.png": "a green wave", "img02.png": "default"}
+
+
 # ---------------------------------------------------------------- losses
 
 
@@ -284,3 +308,25 @@ def test_output_with_checkpoints_needs_resume(tmp_path, hr_dir):
         Trainer(config_from_dict(cfg), tmp_path / "run")
     result = _train(cfg, tmp_path / "run", resume=True)  # already at max_steps: nothing to do
     assert result.step == 1 and result.losses == []
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, hr_dir):
+    cfg = tiny_config_dict(hr_dir, train={"max_steps": 2, "mixed_precision": "bf16", "ema_decay": 0.9, "threads": 1},
+                           validation={"every": 1, "count": 1, "size": 64, "steps": 2, "metrics": ["psnr"]})
+    _train(cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["train", "val", "train", "val"]
+    assert all(r["metrics"]["psnr"] > 5 for r in records if r["type"] == "val")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F32"}
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, hr_dir):
+    from semsr.train.trainer import has_accelerator_device
+
+    if has_accelerator_device():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SemsrError, match="fp16"):
+        _train(tiny_config_dict(hr_dir, train={"mixed_precision": "fp16"}), tmp_path / "run")

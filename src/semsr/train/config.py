@@ -59,7 +59,9 @@ class DataConfig:
 
     Attributes:
         hr: HR image folders (``{data}`` expands to :func:`semsr.paths.data_root`).
-        manifest: optional corpus manifest (SQLite) to read images and captions from.
+        manifest: optional corpus manifest (``manifest.sqlite`` of ``semsr data
+            build-corpus``): its ``train`` split, with cached captions.
+        caption_prior: name of the manifest prior used as caption.
         limit: use at most this many images (after the validation split); 0 = all.
         val_count: images held out (the last ones in sorted order) for validation.
         crop_size: HR crop size in pixels.
@@ -67,13 +69,17 @@ class DataConfig:
         batch_size: per-process micro-batch size.
         num_workers: DataLoader worker processes.
         prompt: caption used when an image has none in the manifest.
-        flat_threshold: reject crops whose luminance std is below this (0 = off).
-        max_crop_tries: crops tried before accepting a flat one.
+        min_texture: redraw crops whose texture score (mean absolute luma
+            gradient, 0-255 units, :func:`semsr.data.corpus.crops.texture_score`)
+            is below this; 0 disables the filter.
+        max_crop_tries: crops tried before keeping the most textured one.
+        hflip: mirror crops horizontally with probability 0.5.
         cache_images: keep decoded images in memory (small corpora only).
     """
 
     hr: list[str] = field(default_factory=list)
     manifest: str | None = None
+    caption_prior: str = "caption"
     limit: int = 0
     val_count: int = 2
     crop_size: int = 512
@@ -81,8 +87,9 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     prompt: str = ""
-    flat_threshold: float = 0.0
-    max_crop_tries: int = 5
+    min_texture: float = 1.0
+    max_crop_tries: int = 10
+    hflip: bool = True
     cache_images: bool = True
 
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
 from semsr.errors import SemsrError
 from semsr.paths import data_root
 from semsr.train.config import DataConfig
@@ -80,13 +81,42 @@ def _folder_items(folder: Path) -> list[ImageItem]:
     return [ImageItem(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
 
 
-def _manifest_items(manifest: Path) -> list[ImageItem]:
-    """Images (and captions, when cached) of a corpus manifest."""
+def _caption_text(value: Any) -> str | None:
+    """A caption prior's text: a string, or a mapping with ``text``/``caption``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for key in ("text", "caption"):
+            if isinstance(value.get(key), str):
+                return value[key]
+    return None
+
+
+def _manifest_items(manifest: Path, caption_prior: str) -> list[ImageItem]:
+    """The ``train`` split of a corpus manifest, with cached captions when present.
+
+    Paths in the manifest are relative to its folder. When several provider
+    versions of prior ``caption_prior`` are cached, the last one in sort
+    order is used.
+    """
+    import sqlite3
+
+    from semsr.data.corpus.manifest import Manifest
+
+    if not manifest.is_file():
+        raise SemsrError("manifest not found", manifest)
     try:
-        from semsr.data.corpus import manifest_training_items  # type: ignore[attr-defined]
-    except ImportError:
-        raise SemsrError("corpus manifests are not supported by this install", manifest) from None
-    return [ImageItem(Path(p), c) for p, c in manifest_training_items(manifest)]
+        with Manifest(manifest, readonly=True) as m:
+            items = []
+            for rec in m.images(split="train"):
+                caption = None
+                versions = [v for name, v in m.prior_names(rec.content_hash) if name == caption_prior]
+                if caption_prior and versions:
+                    caption = _caption_text(m.get_prior(rec.content_hash, caption_prior, versions[-1]))
+                items.append(ImageItem(manifest.parent / rec.path, caption))
+    except sqlite3.DatabaseError as err:
+        raise SemsrError(f"not a readable corpus manifest ({err})", manifest) from None
+    return items
 
 
 def list_images(cfg: DataConfig, min_size: int) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -100,7 +130,7 @@ def list_images(cfg: DataConfig, min_size: int) -> tuple[list[ImageItem], list[I
     for folder in cfg.hr:
         items += _folder_items(expand_path(folder))
     if cfg.manifest:
-        items += _manifest_items(expand_path(cfg.manifest))
+        items += _manifest_items(expand_path(cfg.manifest), cfg.caption_prior)
     if not items:
         raise SemsrError("no HR images configured (data.hr / data.manifest)")
     seen: set[Path] = set()
@@ -128,20 +158,17 @@ def list_images(cfg: DataConfig, min_size: int) -> tuple[list[ImageItem], list[I
     return train, val
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """Decode an image (EXIF-oriented, RGB) to ``(3, H, W)`` float32 in [0, 1]."""
+def load_image(path: Path) -> np.ndarray:
+    """Decode an image (EXIF-oriented, RGB) to uint8 ``(H, W, 3)``."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8).copy()
+        return load_rgb_uint8(path)
     except (OSError, ValueError) as err:
         raise SemsrError(f"cannot read image ({err})", path) from None
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-def _luma_std(x: torch.Tensor) -> float:
-    y = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
-    return float(y.std())
+def to_tensor(patch: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> ``(3, H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div_(255.0)
 
 
 def make_degrader(degradation: dict[str, Any], scale: int) -> Degrader:
@@ -204,7 +231,7 @@ class CropDataset(Dataset):
         self.cfg = cfg
         self.degrade = degrade
         self.seed = seed
-        self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
         self._perm_epoch = -1
         self._perm: list[int] = []
 
@@ -221,7 +248,7 @@ class CropDataset(Dataset):
             self._perm_epoch = epoch
         return self._perm[offset]
 
-    def _image(self, path: Path) -> torch.Tensor:
+    def _image(self, path: Path) -> np.ndarray:
         if not self.cfg.cache_images:
             return load_image(path)
         img = self._cache.get(path)
@@ -232,24 +259,20 @@ class CropDataset(Dataset):
                 self._cache.popitem(last=False)
         return img
 
-    def crop(self, img: torch.Tensor, position: int) -> torch.Tensor:
-        """Seeded random ``crop x crop`` window, re-drawn when too flat."""
+    def crop(self, img: np.ndarray, position: int) -> torch.Tensor:
+        """Seeded random ``crop x crop`` window of uint8 ``img (H, W, 3)``, re-drawn while flat.
+
+        Flat-patch filtering is :func:`semsr.data.corpus.crops.sample_crop_boxes`
+        (``data.min_texture``, ``data.max_crop_tries``); with ``data.hflip`` the
+        crop is mirrored with probability 0.5. Returns ``(3, crop, crop)`` in [0, 1].
+        """
         size = self.cfg.crop_size
-        _, h, w = img.shape
-        gen = np.random.default_rng(derive_seed(self.seed, "crop", position))
-        best, best_std = None, -1.0
-        for _ in range(max(1, self.cfg.max_crop_tries)):
-            top = int(gen.integers(0, h - size + 1))
-            left = int(gen.integers(0, w - size + 1))
-            patch = img[:, top : top + size, left : left + size]
-            if self.cfg.flat_threshold <= 0:
-                return patch.clone()
-            std = _luma_std(patch)
-            if std >= self.cfg.flat_threshold:
-                return patch.clone()
-            if std > best_std:
-                best, best_std = patch, std
-        return best.clone()
+        rng = np.random.default_rng(derive_seed(self.seed, "crop", position))
+        (top, left), = sample_crop_boxes(img, size, 1, rng, self.cfg.min_texture, self.cfg.max_crop_tries)
+        patch = img[top : top + size, left : left + size]
+        if self.cfg.hflip and rng.uniform() < 0.5:
+            patch = patch[:, ::-1]
+        return to_tensor(patch)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         item = self.items[self.index_at(position)]
@@ -321,12 +344,12 @@ def validation_pairs(
     pairs = []
     for i, item in enumerate(items):
         img = load_image(item.path)
-        _, h, w = img.shape
+        h, w = img.shape[:2]
         s = (min(size, h, w) // multiple) * multiple
         if s == 0:
             continue
         top, left = (h - s) // 2, (w - s) // 2
-        hr = img[:, top : top + s, left : left + s].contiguous()
+        hr = to_tensor(img[top : top + s, left : left + s])
         lr = degrade(hr[None], derive_seed(seed, "val", i))[0].float().clamp(0.0, 1.0)
         pairs.append((hr, lr))
     return pairs

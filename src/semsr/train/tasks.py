@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from semsr.errors import SemsrError
-from semsr.pipeline.sd_controlnet import controlnet_unet_forward, make_hint
+from semsr.pipeline.sd_controlnet import make_hint
 from semsr.train.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,21 @@ class ControlNetSRTask(Task):
         drops = [float(torch.rand((), generator=g)) < p for g in gens]
         return ["" if d else text for text, d in zip(prompts, drops, strict=True)]
 
+    def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                hint: torch.Tensor) -> torch.Tensor:
+        """UNet output ``(B, C, h, w)`` with the residuals of the trainable ControlNet ``model``.
+
+        Same computation as :func:`semsr.pipeline.sd_controlnet.controlnet_unet_forward`,
+        except that the residuals are cast to the frozen UNet's dtype: under mixed
+        precision Accelerate returns the prepared module's outputs in fp32, while
+        the frozen UNet runs natively in bf16/fp16.
+        """
+        x = noisy.to(self.weight_dtype)
+        down, mid = model(x, timesteps, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        down = [d.to(self.weight_dtype) for d in down]
+        return self.unet(x, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid.to(self.weight_dtype), return_dict=False)[0]
+
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Noise-prediction outputs for ``batch`` (``hr``, ``lr``, ``prompt``, ``seed``).
 
@@ -289,7 +304,7 @@ class ControlNetSRTask(Task):
         context = self.prompts(prompts).to(self.device, self.weight_dtype)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hint = make_hint(lr, tuple(hr.shape[-2:])).to(self.weight_dtype)
-        pred = controlnet_unet_forward(self.unet, model, noisy.to(self.weight_dtype), timesteps, context, hint)
+        pred = self.denoise(model, noisy, timesteps, context, hint)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:

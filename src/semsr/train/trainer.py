@@ -7,7 +7,8 @@ into an output directory (layout in :mod:`semsr.train.checkpoints`):
   trainable module and AdamW go through ``accelerator.prepare`` (DDP when
   launched with ``accelerate launch --num_processes N``; gloo on CPU);
 - gradient accumulation (``accelerator.accumulate``), mixed precision
-  (frozen modules cast to bf16/fp16, autocast around the step), gradient
+  (frozen modules cast to bf16/fp16, the trainable module's forward under
+  autocast, fp32 master weights), gradient
   clipping, LR schedule (constant/cosine with warm-up), EMA of the trainable
   weights (diffusers' ``EMAModel``);
 - data are a pure function of the sample position (:mod:`semsr.train.data`),
@@ -155,6 +156,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.mixed_precision == "fp16" and not has_accelerator_device():
+            raise SemsrError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         self.output.mkdir(parents=True, exist_ok=True)
         acc = self.accelerator = self._make_accelerator()
         set_seed(cfg.seed)
@@ -225,9 +228,10 @@ class Trainer:
             for _ in range(cfg.train.grad_accum):
                 batch = next(batches)
                 with acc.accumulate(model):
-                    with acc.autocast():
-                        outputs = task.compute(model, batch)
-                        loss, terms = combine_losses(cfg.losses, outputs)
+                    # the prepared trainable module runs under autocast (Accelerate wraps its
+                    # forward); frozen modules run natively in the weight dtype
+                    outputs = task.compute(model, batch)
+                    loss, terms = combine_losses(cfg.losses, outputs)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                         acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -306,6 +310,11 @@ class Trainer:
         import copy
 
         model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        # under mixed precision Accelerate patches an autocast + outputs-to-fp32 wrapper
+        # onto the instance's forward; the copy runs natively in the pipeline's dtype
+        if "_original_forward" in model.__dict__:
+            del model.__dict__["_original_forward"]
+            model.__dict__.pop("forward", None)
         if use_ema and self.ema is not None:
             self.ema.copy_to(model.parameters())
         return model.eval().requires_grad_(False)
