@@ -14,6 +14,7 @@ with published FIDs). Both use torchvision's key layout.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,31 @@ def frechet_distance(
             raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm")
         covmean = covmean.real
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """FID between two feature sets ``(N_a, D)``, ``(N_b, D)`` (each ``N >= 2``).
+
+    Equal to ``frechet_distance(*gaussian_stats(a), *gaussian_stats(b))``. When
+    the sets are smaller than the feature dimension (the usual case for SR
+    test sets: 5-100 images, D = 2048) the covariances are low rank and the
+    ``D x D`` square root is both slow and ill-conditioned, so the trace term is
+    computed exactly from the centred features instead: with
+    ``S_a = A^T A``, ``S_b = B^T B`` (``A = (X_a - mu_a) / sqrt(N_a - 1)``) the
+    non-zero eigenvalues of ``S_a S_b`` are the squared singular values of
+    ``A B^T``, so ``tr sqrt(S_a S_b)`` is the nuclear norm of the small
+    ``N_a x N_b`` matrix ``A B^T``.
+    """
+    mu_a, sigma_a = gaussian_stats(feats_a)
+    mu_b, sigma_b = gaussian_stats(feats_b)
+    n_a, n_b, dim = len(feats_a), len(feats_b), mu_a.shape[0]
+    if max(n_a, n_b) > dim:
+        return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    a = (np.asarray(feats_a, dtype=np.float64) - mu_a) / math.sqrt(n_a - 1)
+    b = (np.asarray(feats_b, dtype=np.float64) - mu_b) / math.sqrt(n_b - 1)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2 * nuclear)
 
 
 class FID(Metric):
@@ -143,9 +169,7 @@ class FID(Metric):
 
     def compute_sets(self, set_a: Sequence[ImageLike], set_b: Sequence[ImageLike], crop_border: int = 0) -> float:
         """FID between two sets of images (tensors or paths), each of at least 2 images."""
-        stats_a = gaussian_stats(self.features(set_a, crop_border))
-        stats_b = gaussian_stats(self.features(set_b, crop_border))
-        return frechet_distance(*stats_a, *stats_b)
+        return fid_from_features(self.features(set_a, crop_border), self.features(set_b, crop_border))
 
     def compute_folders(self, dir_a: str | Path, dir_b: str | Path, crop_border: int = 0) -> float:
         """FID between the images directly inside two folders."""

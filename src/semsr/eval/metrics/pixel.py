@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy import ndimage
 
 from semsr.errors import InputError
 from semsr.eval.metrics.base import Metric
@@ -29,35 +30,34 @@ def psnr_255(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @lru_cache(maxsize=4)
-def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     """Normalised 1-D Gaussian ``(size,)`` float64 (MATLAB ``fspecial('gaussian')`` is its outer product)."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-    g = torch.exp(-(x**2) / (2.0 * sigma**2))
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-(x**2) / (2.0 * sigma**2))
     return g / g.sum()
 
 
-def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable ``'valid'`` filtering of ``(N, 1, H, W)`` with the 1-D kernel ``g``."""
-    k = g.numel()
-    x = F.conv2d(x, g.view(1, 1, k, 1))
-    return F.conv2d(x, g.view(1, 1, 1, k))
+def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Separable ``'valid'`` filtering of ``(..., H, W)`` float64 with the symmetric 1-D kernel ``g``."""
+    r = len(g) // 2
+    out = ndimage.correlate1d(ndimage.correlate1d(x, g, axis=-2), g, axis=-1)
+    return out[..., r : x.shape[-2] - r, r : x.shape[-1] - r]
 
 
 def ssim_255(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
     """Mean SSIM of ``(C, H, W)`` (or ``(1, C, H, W)``) tensors in [0, 255], averaged over channels."""
-    a = a.to(torch.float64).reshape(-1, 1, *a.shape[-2:])
-    b = b.to(torch.float64).reshape(-1, 1, *b.shape[-2:])
+    a = a.detach().to(torch.float64).reshape(-1, *a.shape[-2:]).cpu().numpy()
+    b = b.detach().to(torch.float64).reshape(-1, *b.shape[-2:]).cpu().numpy()
     if min(a.shape[-2:]) < window:
         raise InputError(f"ssim needs images of at least {window}x{window} pixels, got {a.shape[-1]}x{a.shape[-2]}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     g = gaussian_kernel_1d(window, sigma)
-    # one batched filtering of the five moment images
-    stats = _filter_valid(torch.cat([a, b, a * a, b * b, a * b], dim=0), g)
-    mu1, mu2, e11, e22, e12 = stats.chunk(5, dim=0)
+    # one batched filtering of the five moment images (float64, as MATLAB's filter2 on doubles)
+    mu1, mu2, e11, e22, e12 = _filter_valid(np.stack([a, b, a * a, b * b, a * b]), g)
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     s11, s22, s12 = e11 - mu1_sq, e22 - mu2_sq, e12 - mu12
     ssim_map = ((2 * mu12 + c1) * (2 * s12 + c2)) / ((mu1_sq + mu2_sq + c1) * (s11 + s22 + c2))
-    return ssim_map.mean(dim=(1, 2, 3)).mean().item()
+    return float(ssim_map.mean(axis=(1, 2)).mean())
 
 
 class PSNR(Metric):
