@@ -117,9 +117,9 @@ def test_position_sampler_shards_global_batches():
         it = iter(sampler)
         return [next(it) for _ in range(n)]
 
-    single = take(PositionBatchSampler(4, start_micro=3), 2)
-    r0 = take(PositionBatchSampler(2, start_micro=3, rank=0, world_size=2), 2)
-    r1 = take(PositionBatchSampler(2, start_micro=3, rank=1, world_size=2), 2)
+    single = take(PositionBatchSampler(4, start=12), 2)
+    r0 = take(PositionBatchSampler(2, start=12, rank=0, world_size=2), 2)
+    r1 = take(PositionBatchSampler(2, start=12, rank=1, world_size=2), 2)
     assert single == [[12, 13, 14, 15], [16, 17, 18, 19]]
     assert [a + b for a, b in zip(r0, r1)] == single
 

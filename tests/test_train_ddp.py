@@ -99,22 +99,26 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     assert float((d_two - d_one).abs().max()) < 1e-3 * float(d_one.abs().max())
 
 
-def test_two_process_run_resumes_like_one_process_run(tmp_path):
-    """2 procs: 2 steps + checkpoint, then --resume to 3 steps == 1 proc x 2B for 3 steps straight."""
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    """2 procs x batch 1: 2 steps + checkpoint; resumed by 1 proc x batch 2 to step 3 ==
+    1 proc x batch 2 for 3 steps straight (the data stream continues at the consumed
+    sample count, whatever the process count)."""
     hr = write_textures(tmp_path / "hr")
     common = dict(train={"max_steps": 3, "ema_decay": 0.9, "threads": 1, "grad_accum": 2},
                   checkpoint={"every": 2, "keep": 2})
-    two = tmp_path / "two"
-    cfg_two = tiny_config_dict(hr, data={"batch_size": 1}, **common)
-    _launch(cfg_two, two, "--max-steps", "2")
-    assert (two / "checkpoints" / "step_00000002" / "random_states_1.pkl").is_file()
-    _launch(cfg_two, two, "--resume")
+    mixed = tmp_path / "mixed"
+    _launch(tiny_config_dict(hr, data={"batch_size": 1}, **common), mixed, "--max-steps", "2")
+    assert (mixed / "checkpoints" / "step_00000002" / "random_states_1.pkl").is_file()
+    from semsr.train.config import config_from_dict
+    from semsr.train.trainer import Trainer
+
+    Trainer(config_from_dict(tiny_config_dict(hr, data={"batch_size": 2}, **common)), mixed, resume=True).fit()
     one = tmp_path / "one"
     _train_in_process(tiny_config_dict(hr, data={"batch_size": 2}, **common), one)
 
-    a = [r["loss"] for r in _log(two) if r["type"] == "train"]
-    b = [r["loss"] for r in _log(one) if r["type"] == "train"]
-    assert len(a) == len(b) == 3
-    assert a == pytest.approx(b, rel=1e-4)
-    w_two, w_one = _weights(two), _weights(one)
-    assert max(float((w_two[k] - w_one[k]).abs().max()) for k in w_one) < 1e-5
+    a = [(r["step"], r["samples"], r["loss"]) for r in _log(mixed) if r["type"] == "train"]
+    b = [(r["step"], r["samples"], r["loss"]) for r in _log(one) if r["type"] == "train"]
+    assert [x[:2] for x in a] == [x[:2] for x in b] == [(1, 4), (2, 8), (3, 12)]
+    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-4)
+    w_mixed, w_one = _weights(mixed), _weights(one)
+    assert max(float((w_mixed[k] - w_one[k]).abs().max()) for k in w_one) < 1e-5

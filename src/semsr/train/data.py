@@ -1,15 +1,16 @@
 """Training data: HR crops degraded on the fly, reproducible by *sample position*.
 
 Every sample the run will ever see has a global position ``p = 0, 1, 2, ...``
-(micro-batch ``m`` holds positions ``m*G .. m*G+G-1`` with ``G`` the global
-micro-batch = per-process batch x processes; process ``r`` takes slice
-``r*B .. r*B+B-1``). Everything random about a sample — which image
-(a seeded permutation per epoch), where it is cropped, how it is degraded,
-and the task's noise/timestep/prompt-dropout draws (``sample["seed"]``) — is
-a pure function of ``(experiment seed, p)``. Hence:
+(a micro-batch holds ``G`` consecutive positions, ``G`` = per-process batch x
+processes; process ``r`` takes slice ``r*B .. r*B+B-1`` of it). Everything
+random about a sample — which image (a seeded permutation per epoch), where it
+is cropped, whether it is mirrored, how it is degraded, and the task's
+noise/timestep/prompt-dropout draws (``sample["seed"]``) — is a pure function
+of ``(experiment seed, p)``. Hence:
 
-- resuming at step ``s`` just restarts the stream at micro-batch
-  ``s * grad_accum``: same data order, same crops, same degradations;
+- resuming just restarts the stream at the number of samples consumed so far
+  (saved in the checkpoint): same data order, crops and degradations, even
+  when the number of processes changes;
 - 2 processes x batch B see exactly the samples of 1 process x batch 2B.
 """
 from __future__ import annotations
@@ -290,24 +291,24 @@ class CropDataset(Dataset):
 class PositionBatchSampler(Sampler[list[int]]):
     """Endless micro-batches of global positions for one process.
 
-    Micro-batch ``m`` (counting from 0 at the start of training) covers global
-    positions ``[m*G, (m+1)*G)`` with ``G = batch_size * world_size``; this
-    process yields its slice ``[m*G + rank*B, m*G + (rank+1)*B)``.
+    The ``m``-th micro-batch (from 0) covers global positions
+    ``[start + m*G, start + (m+1)*G)`` with ``G = batch_size * world_size``;
+    this process yields its slice of ``B = batch_size`` positions starting at
+    ``start + m*G + rank*B``.
     """
 
-    def __init__(self, batch_size: int, start_micro: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.batch_size = batch_size
-        self.start_micro = start_micro
+        self.start = start
         self.rank = rank
         self.world_size = world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        m = self.start_micro
+        first = self.start + self.rank * self.batch_size
         global_batch = self.batch_size * self.world_size
         while True:
-            first = m * global_batch + self.rank * self.batch_size
             yield list(range(first, first + self.batch_size))
-            m += 1
+            first += global_batch
 
     def __len__(self) -> int:  # pragma: no cover - endless; DataLoader does not need it
         raise TypeError("PositionBatchSampler is endless")
@@ -316,13 +317,13 @@ class PositionBatchSampler(Sampler[list[int]]):
 def make_loader(
     dataset: CropDataset,
     batch_size: int,
-    start_micro: int,
+    start: int,
     rank: int,
     world_size: int,
     num_workers: int = 0,
 ) -> DataLoader:
-    """Endless DataLoader over ``dataset`` starting at micro-batch ``start_micro``."""
-    sampler = PositionBatchSampler(batch_size, start_micro, rank, world_size)
+    """Endless DataLoader over ``dataset`` whose first micro-batch starts at global position ``start``."""
+    sampler = PositionBatchSampler(batch_size, start, rank, world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

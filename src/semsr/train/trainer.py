@@ -54,13 +54,15 @@ class TrainState:
     """Counters saved with each checkpoint (registered with Accelerate)."""
 
     def __init__(self) -> None:
-        self.step = 0
+        self.step = 0  # optimiser steps done
+        self.samples = 0  # global sample positions consumed (semsr.train.data)
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+        return {"step": self.step, "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
+        self.samples = int(state["samples"])
 
 
 @dataclass
@@ -206,7 +208,7 @@ class Trainer:
         train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
         dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
         loader = make_loader(
-            dataset, cfg.data.batch_size, start_micro=state.step * cfg.train.grad_accum,
+            dataset, cfg.data.batch_size, start=state.samples,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
         )
         val_pairs = []
@@ -245,6 +247,7 @@ class Trainer:
             if ema is not None:
                 ema.step(acc.unwrap_model(model).parameters())
             state.step += 1
+            state.samples += cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes
             step = state.step
 
             names = sorted(micro_terms)
@@ -258,7 +261,7 @@ class Trainer:
             record = {
                 "type": "train", "step": step, "loss": reduced[0],
                 "terms": dict(zip(names, reduced[1:], strict=True)), "lr": lr_now,
-                "samples": step * cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes,
+                "samples": state.samples,
                 "sec": round(now - t_last, 4),
             }
             t_last = now
