@@ -191,12 +191,13 @@ def _apply_to_planes(
     method: Method,
     arr: np.ndarray,
     tile: int | None,
-    tile_pad: int,
+    tile_pad: int | None,
     run_opts: Mapping[str, Any],
     progress: bool | None,
 ) -> np.ndarray:
     """Run ``method`` on ``(H, W, 3)`` integer ``arr``; returns ``(sH, sW, 3)`` of the same dtype."""
     top = float(np.iinfo(arr.dtype).max)
+    arr = np.require(arr, requirements=["C", "W"])  # torch wants writable memory (copies only if not)
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(top)
     out = np.empty((*scaled_size(arr.shape[0], arr.shape[1], method.scale), 3), dtype=arr.dtype)
     view = torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)  # (1, 3, sH, sW) view of out
@@ -209,7 +210,7 @@ def upscale_picture(
     pic: Picture,
     outscale: float | None = None,
     tile: int | None = None,
-    tile_pad: int = 10,
+    tile_pad: int | None = None,
     alpha: str = "bicubic",
     progress: bool | None = False,
     run_opts: Mapping[str, Any] | None = None,
@@ -222,7 +223,7 @@ def upscale_picture(
         outscale: final factor; the ``s``-times result is resized to
             ``round(outscale * size)``. ``None`` keeps ``s``.
         tile, tile_pad: pixel tiling (see :func:`~semsr.pipeline.tiling.tiled_apply`);
-            ``tile=None`` picks a memory-safe tile automatically.
+            ``None`` picks them automatically (memory-safe tiles, seamless context).
         alpha: ``"bicubic"`` (cubic resize of the alpha plane) or ``"model"``
             (the method run on the alpha plane replicated to RGB).
         progress: per-tile progress bar.
@@ -284,7 +285,7 @@ def upscale(
     model: str = "default",
     outscale: float | None = None,
     tile: int | None = None,
-    tile_pad: int = 10,
+    tile_pad: int | None = None,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     *,
@@ -303,7 +304,8 @@ def upscale(
         outscale: final factor (any float > 0); ``None`` = the model's scale.
         tile: tile side in input pixels (``0``: whole image at once; ``None``:
             automatic, 512-pixel tiles for restorers, which are seamless).
-        tile_pad: context pixels around each tile.
+        tile_pad: context pixels around each tile (``None``: what the method
+            needs to be seamless, 64 by default).
         device, dtype: where and in which precision the method runs.
         threads: CPU threads for torch (``None``: leave as is).
         alpha: ``"bicubic"`` or ``"model"`` for the alpha plane.

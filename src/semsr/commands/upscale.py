@@ -115,8 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="final scale, any float (model scale, then resize); default: the model's scale")
     g.add_argument("-t", "--tile", type=_non_negative_int, metavar="N",
                    help="tile side in input pixels; 0 = no tiling; default: automatic (512 for restorers)")
-    g.add_argument("--tile-pad", type=_non_negative_int, default=10, metavar="P",
-                   help="context pixels around each tile (default: 10)")
+    g.add_argument("--tile-pad", type=_non_negative_int, metavar="P",
+                   help="context pixels around each tile; default: what the method needs to be seamless "
+                        "(64 unless it says otherwise; Real-ESRGAN's 10 is faster but shows seams)")
     g.add_argument("--alpha-upsampler", choices=["bicubic", "model"], default="bicubic",
                    help="how the alpha channel is upscaled (default: bicubic)")
     g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -275,20 +276,25 @@ def method_options(args: argparse.Namespace, spec: MethodSpec) -> tuple[dict[str
 
 
 def _one_line(err: BaseException) -> str:
+    """First line of an error's message, without the path (reports show the input separately)."""
+    if isinstance(err, SemsrError):
+        return err.message.strip().splitlines()[0]
     text = str(err).strip().splitlines()
-    msg = text[0] if text else ""
-    return msg if isinstance(err, SemsrError) else f"{type(err).__name__}: {msg}"
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as ``semsr: warning: ...`` lines on the *current* ``sys.stderr``, above progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"semsr: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def _setup_logging() -> None:
     logger = logging.getLogger("semsr")
-    if not any(getattr(h, "_semsr_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("semsr: %(levelname)s: %(message)s"))
-        handler._semsr_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result]) -> None:

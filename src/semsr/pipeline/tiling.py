@@ -6,11 +6,14 @@ edge). Each tile is run with ``tile_pad`` pixels of surrounding context on
 every side (less at the image border), the context is cropped off the
 upscaled tile, and the core is written straight into a preallocated output.
 Peak memory is therefore one padded tile's worth of model activations plus
-the input and output arrays; with enough context (``tile_pad`` at least the
-method's receptive radius) the result equals the untiled one.
+the input and output arrays; with enough context the result matches the
+untiled one (a method may state the context it needs as a ``tile_pad``
+attribute; otherwise :data:`AUTO_TILE_PAD` is used — deep GAN restorers such
+as RRDBNet need far more than Real-ESRGAN's customary 10 pixels).
 
 Methods with ``tiles_itself = True`` (diffusion recipes tile in latent space)
-are called once with ``tile``/``tile_pad`` added to their run options.
+are called once with ``tile``/``tile_pad`` (input pixels; 0 = the method's
+own default) added to their run options.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ from semsr.methods import Method
 
 #: Tile side used when the caller asks for automatic tiling (``tile=None``).
 AUTO_TILE = 512
+#: Context used when neither the caller nor the method gives one (``tile_pad=None``).
+#: Measured on realesrgan-x4plus (RRDBNet, 23 blocks) with a photo: 64 pixels of
+#: context keep every output pixel within 1/255 of the untiled result (48: 0.007).
+AUTO_TILE_PAD = 64
 
 
 def resolve_tile(method: Method, tile: int | None) -> int:
@@ -33,6 +40,18 @@ def resolve_tile(method: Method, tile: int | None) -> int:
     if tile is not None:
         return int(tile)
     return 0 if getattr(method, "tiles_itself", False) else AUTO_TILE
+
+
+def resolve_tile_pad(method: Method, tile_pad: int | None) -> int:
+    """``tile_pad=None`` means the method's ``tile_pad`` attribute (the context it
+    needs to tile seamlessly) when it has one, else :data:`AUTO_TILE_PAD` (0, the
+    method's own choice, for methods that tile themselves)."""
+    if tile_pad is not None:
+        return int(tile_pad)
+    own = getattr(method, "tile_pad", None)
+    if own is None and getattr(method, "tiles_itself", False):
+        return 0
+    return AUTO_TILE_PAD if own is None else int(own)
 
 
 def tile_spans(length: int, tile: int) -> list[tuple[int, int]]:
@@ -98,7 +117,7 @@ def tiled_apply(
     method: Method,
     x: torch.Tensor,
     tile: int | None = 0,
-    tile_pad: int = 10,
+    tile_pad: int | None = None,
     run_opts: Mapping[str, Any] | None = None,
     progress: bool | None = False,
     out: torch.Tensor | None = None,
@@ -112,7 +131,8 @@ def tiled_apply(
         tile: maximum tile side in input pixels; ``0`` runs the whole image,
             ``None`` picks automatically (:func:`resolve_tile`).
         tile_pad: context pixels added on each side of a tile and cropped off
-            after the method ran (``s * tile_pad`` output pixels).
+            after the method ran (``s * tile_pad`` output pixels); ``None``:
+            :func:`resolve_tile_pad` (seamless for the bundled restorers).
         run_opts: per-call options passed to the method.
         progress: show a tqdm bar per tile (``None``: only on a terminal).
         out: optional preallocated ``(B, C, s*H, s*W)`` tensor, any dtype and
@@ -126,6 +146,7 @@ def tiled_apply(
     """
     opts = dict(run_opts or {})
     tile = resolve_tile(method, tile)
+    tile_pad = resolve_tile_pad(method, tile_pad)
     b, c, h, w = x.shape
     if tile < 0 or tile_pad < 0:
         raise ValueError("tile and tile_pad must be >= 0")
