@@ -151,3 +151,28 @@ def test_niqe_without_ground_truth(tmp_path: Path, capsys) -> None:
     doc = json.loads(out.read_text())
     assert list(doc["mean"]) == ["niqe"] and doc["per_image"][0]["gt"] is None
     assert doc["mean"]["niqe"] > 0
+
+
+def test_fid_compares_whole_folders_without_pairing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    import semsr.eval.metrics as metrics_pkg
+    from semsr.eval.metrics.fid import FID
+
+    seen = {}
+
+    class RecordingFID(FID):
+        def __init__(self, **_: object) -> None:  # no Inception needed to test the CLI's set handling
+            pass
+
+        def compute_sets(self, set_a, set_b, crop_border=0):
+            seen.update(a=[Path(p).name for p in set_a], b=[Path(p).name for p in set_b], crop=crop_border)
+            return 12.5
+
+    real = metrics_pkg.get_metric
+    monkeypatch.setattr(metrics_pkg, "get_metric", lambda n, **kw: RecordingFID() if n == "fid" else real(n, **kw))
+    pred, gt = folders  # names differ (im0_out.png vs im0.png): FID does not pair
+    out = tmp_path / "r.json"
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "fid", "--json", str(out)]) == 0
+    assert seen == {"a": ["im0_out.png", "im1_out.png", "im2_out.png"], "b": ["im0.png", "im1.png", "im2.png"], "crop": 0}
+    doc = json.loads(out.read_text())
+    assert doc["mean"] == {"fid": 12.5} and doc["metrics"]["fid"]["n"] == [3, 3]

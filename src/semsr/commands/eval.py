@@ -74,8 +74,16 @@ def run(args: argparse.Namespace) -> int:
     if crop_border < 0:
         raise InputError(f"--crop-border must be >= 0, got {crop_border}")
     names = _metric_names(args.metrics, has_gt=args.gt is not None)
-    pairs, unmatched = _pairs(args.pred, args.gt, args.suffix)
-    result = evaluate(pairs, names, crop_border, args.weights_dir, args.crop_gt, args.pred, args.gt)
+    from semsr.eval.metrics import metric_info
+
+    if all(metric_info(n).kind == "distribution" for n in names):
+        # set-level metrics (FID) compare whole folders: no pairing needed
+        pairs, unmatched = [], {"pred": [], "gt": []}
+        sets = (_files(args.pred), _files(args.gt))
+    else:
+        pairs, unmatched = _pairs(args.pred, args.gt, args.suffix)
+        sets = None
+    result = evaluate(pairs, names, crop_border, args.weights_dir, args.crop_gt, args.pred, args.gt, sets)
     result["unmatched"] = unmatched
     _print(result)
     if args.json:
@@ -211,8 +219,13 @@ def evaluate(
     crop_gt: bool = False,
     pred_root: Path | None = None,
     gt_root: Path | None = None,
+    sets: tuple[list[Path], list[Path]] | None = None,
 ) -> dict[str, Any]:
-    """Compute ``names`` over ``pairs``; returns the JSON document (means, per-image values, unavailable)."""
+    """Compute ``names`` over ``pairs``; returns the JSON document (means, per-image values, unavailable).
+
+    Set-level metrics (FID) use ``sets`` (all result files, all ground truths)
+    when given, else the paired files.
+    """
     from semsr.eval.metrics import metric_info
 
     built, unavailable = _build(names, weights_dir)
@@ -230,16 +243,16 @@ def evaluate(
     for n in image_metrics:
         vals = [r[n] for r in per_image]
         mean[n] = sum(vals) / len(vals)
+    set_a, set_b = sets if sets else ([p for _, p, _ in pairs], [g for _, _, g in pairs])
     for n in set_metrics:
-        mean[n] = built[n].compute_sets([p for _, p, _ in pairs], [g for _, _, g in pairs], crop_border=crop_border)
-    metrics = {
-        n: {**asdict(metric_info(n)), "name": built[n].name, "mean": mean[n], "n": len(pairs)} for n in mean
-    }
+        mean[n] = built[n].compute_sets(set_a, set_b, crop_border=crop_border)
+    counts = {n: (len(set_a), len(set_b)) if n in set_metrics else len(pairs) for n in mean}
+    metrics = {n: {**asdict(metric_info(n)), "name": built[n].name, "mean": mean[n], "n": counts[n]} for n in mean}
     return {
         "pred": str(pred_root) if pred_root else None,
         "gt": str(gt_root) if gt_root else None,
         "crop_border": crop_border,
-        "n_images": len(pairs),
+        "n_images": len(pairs) if pairs else len(set_a),
         "mean": {n: mean[n] for n in names if n in mean},
         "metrics": metrics,
         "per_image": per_image,
