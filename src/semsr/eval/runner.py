@@ -496,16 +496,18 @@ def _ensure_upscaled(
     config: BenchConfig, name: str, mkey: str, lrsets: list[LRSet], cache: ResultCache, stats: Stats, say: Progress
 ) -> None:
     jobs: list[_Job] = []
+    cached = 0
     for lrset in lrsets:
         for item in lrset.images:
             out = sr_file(mkey, lrset, item)
             if cache.upscale(mkey, lrset.uid, item.key) is not None and out.is_file():
-                stats.upscale_cached += 1
+                cached += 1
             else:
                 jobs.append(_Job(lrset.uid, item.key, str(item.lr_path), str(out)))
+    stats.upscale_cached += cached
     if not jobs:
         return
-    say(f"{name}: upscaling {len(jobs)} image(s) ({stats.upscale_cached} cached)")
+    say(f"{name}: upscaling {len(jobs)} image(s) ({cached} cached)")
     done = 0
     set_names = {ls.uid: ls.dataset.name for ls in lrsets}
 
