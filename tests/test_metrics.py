@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
 from scipy.signal import correlate2d
@@ -337,8 +338,8 @@ def test_frechet_distance_of_known_gaussians() -> None:
     s1, s2 = a @ a.T + np.eye(5), b @ b.T + np.eye(5)
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     # closed form of the 2-Wasserstein distance with the symmetric square root
-    r1 = np.real(__import__("scipy.linalg").linalg.sqrtm(s1))
-    cross = np.real(__import__("scipy.linalg").linalg.sqrtm(r1 @ s2 @ r1))
+    r1 = np.real(scipy.linalg.sqrtm(s1))
+    cross = np.real(scipy.linalg.sqrtm(r1 @ s2 @ r1))
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * cross)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
