@@ -138,7 +138,8 @@ class EMAQuantizer(nn.Module):
     moving average (``decay``) of the normalised encoder outputs assigned to
     each code, and codes whose usage EMA falls below ``dead_threshold`` are
     restarted from random encoder outputs of the batch (keeps the codebook in
-    use; all codes start "dead", so the first batch initialises them). Gradients pass straight through; the commitment loss pulls encoder
+    use). The first training batch initialises the codebook (random encoder outputs).
+    Gradients pass straight through; the commitment loss pulls encoder
     outputs towards their codes.
     """
 
@@ -148,10 +149,11 @@ class EMAQuantizer(nn.Module):
         self.decay, self.dead_threshold = decay, dead_threshold
         init = F.normalize(torch.randn(codebook_size, dim), dim=1)
         self.register_buffer("codebook", init)
-        # Zero usage at the start: the first training step restarts every code from encoder
-        # outputs of the batch (a data-dependent initialisation).
+        # Training state (not saved with the weights): usage and sums of the EMA, and whether
+        # the codebook was initialised from data (the first training batch).
         self.register_buffer("ema_count", torch.zeros(codebook_size))
         self.register_buffer("ema_sum", init.clone())
+        self.register_buffer("ema_initialised", torch.tensor(False))
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code ids for vectors ``(N, dim)`` -> ``(N,)`` int64."""
@@ -164,6 +166,8 @@ class EMAQuantizer(nn.Module):
         """
         b, d, h, w = z.shape
         flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
+        if self.training and not bool(self.ema_initialised):
+            self._init_from(flat.detach())
         ids = (flat.detach() @ self.codebook.t()).argmax(1)
         if self.training:
             self._ema_update(flat.detach(), ids)
@@ -171,6 +175,15 @@ class EMAQuantizer(nn.Module):
         commit = F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()
         return q.view(b, h, w, d).permute(0, 3, 1, 2), ids.view(b, h, w), commit
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        """Set every code to a random vector of the batch ``flat`` ``(N, dim)`` (unit norm)."""
+        pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+        self.codebook.copy_(flat[pick])
+        self.ema_sum.copy_(flat[pick])
+        self.ema_count.fill_(1.0)
+        self.ema_initialised.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, ids: torch.Tensor) -> None:
@@ -281,7 +294,10 @@ class EdgeVQ(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("quantizer.ema_") for k in missing):
             raise UnavailableError(f"weights do not match the config (missing {missing}, unexpected {unexpected})", weights)
-        model.quantizer.ema_sum.copy_(model.quantizer.codebook)
+        q = model.quantizer  # ready for fine-tuning: EMA state restarts from the loaded codebook
+        q.ema_sum.copy_(q.codebook)
+        q.ema_count.fill_(1.0)
+        q.ema_initialised.fill_(True)
         return model.eval()
 
 
