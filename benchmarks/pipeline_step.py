@@ -1,6 +1,6 @@
 """Speed and memory of the SD + SR ControlNet pipeline at real (SD-1.5) size, random weights.
 
-    python benchmarks/pipeline_step.py [--json r.json] [--configs fp32,bf16,bf16-cl] [--skip-2048]
+    python benchmarks/pipeline_step.py [--json r.json] [--configs fp32,bf16,bf16-cl] [--e2e-sizes 512,2048]
 
 1. Seconds per denoising step with CFG (UNet + ControlNet on a batch of 2,
    64x64 latent = 512x512 output, 77-token context) for each precision
@@ -138,14 +138,39 @@ def _run_worker(args: list[str]) -> dict:
         Path(out).unlink(missing_ok=True)
 
 
+def _print_tables(results: dict) -> None:
+    steps = [k for k in CONFIGS if k in results]
+    if steps:
+        print("\nconfig         s/step(CFG,512px)   peak RSS MB   RSS loaded MB")
+    for name in steps:
+        r = results[name]
+        if "error" in r:
+            print(f"{name:<14} error: {r['error']}")
+        else:
+            print(f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}")
+    sizes = [k for k in results if k.startswith("e2e_")]
+    if sizes:
+        print("\nend-to-end     s (1 step)   s/step   encode s   decode s   est. 20 steps s   peak RSS MB")
+    for key in sizes:
+        r = results[key]
+        if "error" in r:
+            print(f"{key:<14} error: {r['error']}")
+        else:
+            print(f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
+                  f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
+                  f"   {r['peak_rss_mb']:>11.0f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write results as JSON here")
-    ap.add_argument("--configs", default="fp32,bf16,bf16-cl", help=f"step configs ({', '.join(CONFIGS)})")
+    ap.add_argument("--json", help="write results as JSON here (updated after every measurement)")
+    ap.add_argument("--merge", action="store_true", help="update an existing --json file instead of replacing it")
+    ap.add_argument("--configs", default="fp32,bf16,bf16-cl", help=f"step configs ({', '.join(CONFIGS)}); '' = none")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per config (min is reported)")
     ap.add_argument("--e2e-dtype", default=None, help="dtype for end-to-end runs (default: fastest step config)")
-    ap.add_argument("--skip-2048", action="store_true", help="skip the (long) 2048x2048 end-to-end run")
-    ap.add_argument("--skip-e2e", action="store_true", help="only the per-step configs")
+    ap.add_argument("--e2e-sizes", default="512,2048", help="end-to-end output sizes; '' = none")
+    ap.add_argument("--skip-2048", action="store_true", help="same as --e2e-sizes 512")
+    ap.add_argument("--skip-e2e", action="store_true", help="same as --e2e-sizes ''")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,39 +184,33 @@ def main() -> int:
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
-    results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}}
-    for name in args.configs.split(","):
-        print(f"[step] {name} ...", flush=True)
-        results[name] = _run_worker(["step", name, str(args.reps)])
-        print(f"  {results[name]}", flush=True)
-    timed = {k: v for k, v in results.items() if isinstance(v, dict) and "seconds_per_step" in v}
-    e2e_dtype = args.e2e_dtype or (CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"]
-                                   if timed else "bf16")
-    sizes = [] if args.skip_e2e else [512] if args.skip_2048 else [512, 2048]
-    for size in sizes:
-        print(f"[e2e] {size}x{size} {e2e_dtype} ...", flush=True)
-        results[f"e2e_{size}"] = _run_worker(["e2e", str(size), e2e_dtype])
-        print(f"  {results[f'e2e_{size}']}", flush=True)
-    results["machine"]["load_avg_end"] = os.getloadavg()
+    results: dict = {}
+    if args.merge and args.json and Path(args.json).is_file():
+        results = json.loads(Path(args.json).read_text())
+    runs = results.setdefault("machine", {"cpus": os.cpu_count()}).setdefault("load_avg", {})
 
-    print("\nconfig         s/step(CFG,512px)   peak RSS MB   RSS loaded MB")
-    for name in args.configs.split(","):
-        r = results[name]
-        if "error" in r:
-            print(f"{name:<14} error: {r['error']}")
-        else:
-            print(f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}")
-    print("\nend-to-end     s (1 step)   s/step   encode s   decode s   est. 20 steps s   peak RSS MB")
-    for size in sizes:
-        r = results[f"e2e_{size}"]
-        if "error" in r:
-            print(f"{size}x{size:<9} error: {r['error']}")
-        else:
-            print(f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
-                  f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
-                  f"   {r['peak_rss_mb']:>11.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+    def measure(key: str, worker_args: list[str]) -> None:
+        print(f"[{key}] ...", flush=True)
+        start = os.getloadavg()
+        results[key] = _run_worker(worker_args)
+        runs[key] = {"start": start, "end": os.getloadavg()}
+        print(f"  {results[key]}", flush=True)
+        save()
+
+    configs = [c for c in args.configs.split(",") if c]
+    for name in configs:
+        measure(name, ["step", name, str(args.reps)])
+    timed = {k: v for k, v in results.items() if k in CONFIGS and "seconds_per_step" in v}
+    e2e_dtype = args.e2e_dtype or (CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"]
+                                   if timed else "fp32")
+    sizes = "" if args.skip_e2e else "512" if args.skip_2048 else args.e2e_sizes
+    for size in [int(s) for s in sizes.split(",") if s]:
+        measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype])
+    _print_tables(results)
     return 0
 
 

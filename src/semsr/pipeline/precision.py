@@ -1,11 +1,15 @@
 """Precision and speed settings for inference modules.
 
-Measured on the 2-core CPU here (``benchmarks/pipeline_step.py``, see
-/work/notes/pipeline_bench.md): bf16 *weights* (not autocast over fp32
-weights) are what makes SD-size UNets fast on CPUs with AVX512-BF16; diffusers
-already uses PyTorch SDPA attention (``AttnProcessor2_0``) by default.
-``channels_last`` and ``torch.compile`` are available as options and off by
-default (see the benchmark for their effect).
+Measured here (``benchmarks/pipeline_step.py``; 2 shared cores with AVX512-BF16,
+torch 2.13 CPU; numbers in /work/notes/pipeline_bench.md): with SD-1.5-size
+UNet + ControlNet, bf16 *weights* halve the memory (peak 3.1 GB vs 5.7 GB per
+CFG step) but were not faster than fp32 (140 s vs 104 s per step on a heavily
+loaded machine; an interleaved A/B of one SD resnet block: fp32 1.43 s, bf16
+2.08 s, bf16 channels-last 1.71 s, fp32 channels-last 1.34 s). So fp32 stays
+the default and bf16 is the low-memory option; fp16 is for GPUs only.
+diffusers already uses PyTorch SDPA attention (``AttnProcessor2_0``).
+``channels_last`` and ``torch.compile`` are options, off by default
+(compile was not measured: compiling an SD UNet takes minutes on 2 cores).
 """
 from __future__ import annotations
 
