@@ -132,7 +132,13 @@ def mscn(img: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 
 def niqe_score(img: torch.Tensor, params: NIQEParams, block: int = 96) -> float:
-    """NIQE of a grey/Y image ``(H, W)`` with values in [0, 255] (lower is better)."""
+    """NIQE of a grey/Y image ``(H, W)`` with values in [0, 255] (lower is better).
+
+    Images of a single 96x96 block have no feature covariance; it is taken as
+    zero (the distance then uses the pristine covariance alone). The MATLAB
+    code's ``nancov`` would treat the single feature row as one variable and
+    BasicSR fails there, so such values have no reference to match.
+    """
     img = img.to(torch.float64)
     h, w = img.shape
     nh, nw = h // block, w // block
