@@ -109,10 +109,13 @@ def test_bicubic_anchor_set5_set14_via_cli(data_dir: Path, tmp_path: Path, capsy
     assert "| bicubic |" in table and "psnry↑" in table and "28.42" in table
 
 
-def test_realsrset_is_lr_only(data_dir: Path) -> None:
+def test_realsrset_gets_only_no_reference_metrics(data_dir: Path, fresh_cache: Path) -> None:
     ds = resolve_dataset("realsrset")
     assert ds.name == "RealSRSet" and not ds.has_gt and len(ds.files) == 20
     assert resolve_dataset("B100").has_gt
+    (row,) = run_bench(_config(["RealSRSet"], methods=["bicubic"], metrics=["psnry", "ssim", "niqe"], limit=1)).rows
+    assert row.dataset == "RealSRSet" and row.degradation == "real" and row.n_images == 1
+    assert list(row.metrics) == ["niqe"] and row.metrics["niqe"] > 0
 
 
 # --------------------------------------------------------------------------- runner on synthetic folders
