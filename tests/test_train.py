@@ -330,3 +330,12 @@ def test_fp16_on_cpu_is_refused(tmp_path, hr_dir):
         pytest.skip("a GPU is present")
     with pytest.raises(SemsrError, match="fp16"):
         _train(tiny_config_dict(hr_dir, train={"mixed_precision": "fp16"}), tmp_path / "run")
+
+
+def test_unknown_task_or_loss_fails_before_loading_models(tmp_path, hr_dir):
+    from semsr.train.trainer import Trainer
+
+    with pytest.raises(SemsrError, match="unknown task 'nope'.*controlnet_sr"):
+        Trainer(config_from_dict(tiny_config_dict(hr_dir, task="nope")), tmp_path / "a")
+    with pytest.raises(SemsrError, match="unknown loss term 'dfcc'"):
+        Trainer(config_from_dict(tiny_config_dict(hr_dir, losses={"dfcc": 0.05})), tmp_path / "b")

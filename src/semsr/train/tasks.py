@@ -23,6 +23,9 @@ New tasks register with :func:`register_task`::
 
     @register_task("xpsr")
     class XPSRTask(ControlNetSRTask): ...
+
+and list their module in :data:`TASK_MODULES` (a one-line edit) so that
+``task: xpsr`` finds them; the module may register its loss terms too.
 """
 from __future__ import annotations
 
@@ -42,6 +45,17 @@ log = logging.getLogger(__name__)
 
 _TASKS: dict[str, type[Task]] = {}
 
+#: Modules imported before a task is looked up; each registers tasks (and loss terms).
+TASK_MODULES: list[str] = []
+
+
+def import_task_modules() -> None:
+    """Import every module of :data:`TASK_MODULES` (registers their tasks and losses)."""
+    import importlib
+
+    for name in TASK_MODULES:
+        importlib.import_module(name)
+
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator registering a :class:`Task` subclass under ``name``."""
@@ -56,11 +70,13 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def available_tasks() -> list[str]:
     """Names of the registered tasks."""
+    import_task_modules()
     return sorted(_TASKS)
 
 
 def build_task(cfg: ExperimentConfig) -> Task:
     """Instantiate the task named by ``cfg.task`` (loads its models)."""
+    import_task_modules()
     cls = _TASKS.get(cfg.task)
     if cls is None:
         raise SemsrError(f"unknown task '{cfg.task}' (known: {', '.join(available_tasks())})")

@@ -42,7 +42,7 @@ from semsr.train.config import ExperimentConfig, dump_config
 from semsr.train.curve import plot_curve
 from semsr.train.data import CropDataset, list_images, make_degrader, make_loader, validation_pairs
 from semsr.train.losses import combine_losses, get_loss
-from semsr.train.tasks import build_task
+from semsr.train.tasks import available_tasks, build_task, import_task_modules
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ class Trainer:
         self.output = Path(output)
         self.resume = resume
         self.callbacks = list(callbacks or [])
+        import_task_modules()  # recipes register their tasks and loss terms on import
+        if cfg.task not in available_tasks():
+            raise SemsrError(f"unknown task '{cfg.task}' (known: {', '.join(available_tasks())})")
         for name in cfg.losses:
             get_loss(name)  # fail on unknown loss names before loading models
         if not resume and ckpt.list_checkpoints(self.output):
