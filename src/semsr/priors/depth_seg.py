@@ -56,6 +56,9 @@ def _load(path: Path, auto_classes: tuple[Any, ...], what: str) -> tuple[Any, An
     """Load model + image processor from ``path`` with the first auto class that accepts its config."""
     from transformers import AutoConfig, AutoImageProcessor
 
+    from semsr.pipeline.loading import quiet_hf_logging  # also forces the hubs offline
+
+    quiet_hf_logging()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for auto in auto_classes:
         if type(config) in auto._model_mapping:
