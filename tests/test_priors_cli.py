@@ -36,6 +36,8 @@ class _MeanProvider:
         type(self).calls_total += 1
         if self.kind == "text":
             return PriorResult("text", f"mean={float(image.mean()) * self.scale:.3f}")
+        if self.kind == "embedding":
+            return PriorResult("embedding", image.flatten(2).mean(-1) * self.scale)
         return PriorResult("spatial", (image * self.scale).clamp(0, 1), {"scale": self.scale})
 
     calls_total = 0
@@ -48,6 +50,8 @@ def test_providers():
     opt = ProviderOption("scale", "--test-scale", "a factor", type=float)
     register_provider(ProviderSpec("test-text", lambda **o: _MeanProvider("text", "test-text", **o), "text",
                                    "test text prior", (opt,)))
+    register_provider(ProviderSpec("test-emb", lambda **o: _MeanProvider("embedding", "test-emb", **o), "embedding",
+                                   "test embedding", (opt,)))
     register_provider(ProviderSpec("test-map", lambda **o: _MeanProvider("spatial", "test-map", **o), "spatial",
                                    "test RGB map", (opt,)))
     yield
@@ -76,20 +80,22 @@ def test_generic_providers_options_and_cache(tmp_path, test_providers):
     _write_square(folder / "a.png")
     _write_square(folder / "b.png", (24, 24))
     out, js = tmp_path / "out", tmp_path / "index.json"
-    args = ["priors", "-i", str(folder), "--modalities", "test-text,test-map", "-o", str(out), "--json", str(js),
+    args = ["priors", "-i", str(folder), "--modalities", "test-text,test-map,test-emb", "-o", str(out), "--json", str(js),
             "--test-scale", "0.5"]
     assert main(args) == 0
-    assert _MeanProvider.calls_total == 4
+    assert _MeanProvider.calls_total == 6
     index = json.loads(js.read_text())
     text = index["images"][0]["priors"]["test-text"]
     assert text["kind"] == "text" and text["value"].startswith("mean=")
     rgb = np.asarray(Image.open(out / "a_test-map.png"))
     assert rgb.shape == (40, 56, 3) and rgb.max() <= 128  # the option reached the provider (scale 0.5)
     assert index["images"][1]["priors"]["test-map"]["file"] == str(Path("out") / "b_test-map.png")
+    emb = np.load(out / "a_test-emb.npy")
+    assert emb.shape == (1, 3) and index["images"][0]["priors"]["test-emb"]["shape"] == [1, 3]
     assert main(args) == 0
-    assert _MeanProvider.calls_total == 4  # second run: everything from the cache
+    assert _MeanProvider.calls_total == 6  # second run: everything from the cache
     assert main(args + ["--no-cache"]) == 0
-    assert _MeanProvider.calls_total == 8
+    assert _MeanProvider.calls_total == 12
 
 
 def test_list_shows_registered_priors(capsys):

@@ -9,7 +9,7 @@ The command is generic over the provider registry (:mod:`semsr.priors.base`):
 every registered provider can be named in ``--modalities`` and its options
 (``ProviderSpec.options``) appear as flags here. Spatial priors are written as
 PNG ``<out>/<stem>_<name>.png`` (grey for 1-channel maps, RGB for colourised
-ones); text and tag priors, the thresholds and other metadata of every prior go
+ones), embeddings as ``<out>/<stem>_<name>.npy``; text and tag priors, the thresholds and other metadata of every prior go
 into the JSON index (``<out>/priors.json`` unless ``--json``). Results are
 cached (``semsr.paths.cache_dir()/priors``), so a re-run is fast; ``--no-cache``
 recomputes. A bad input is reported and the run goes on; the exit code is
@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from semsr.errors import InputError, SemsrError
 from semsr.priors.base import PriorProvider, ProviderSpec, cached, provider_specs, resolve_provider
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise SemsrError("no input: give -i FILE|DIR (or --list)")
     from semsr.commands.upscale import collect_inputs
     from semsr.eval.atomic import write_json, write_png
-    from semsr.io import read_image
+    from semsr.io import atomic_write, read_image
     from semsr.priors.base import image_key, picture_tensor, spatial_to_uint8
 
     names = [n.strip() for n in args.modalities.split(",") if n.strip()]
@@ -128,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
                     item["file"] = _relative(target, index_path.parent)
                     item["channels"] = int(result.value.shape[1])  # type: ignore[union-attr]
                 elif result.kind == "embedding":
+                    target = out_dir / f"{src.stem}_{prov.name}.npy"
+                    with atomic_write(target) as tmp, open(tmp, "wb") as fh:
+                        np.save(fh, result.value.detach().cpu().numpy())  # type: ignore[union-attr]
+                    item["file"] = _relative(target, index_path.parent)
                     item["shape"] = list(result.value.shape)  # type: ignore[union-attr]
                 else:
                     item["value"] = list(result.value) if result.kind == "tags" else result.value
