@@ -18,8 +18,11 @@ from semsr.train.config import config_from_dict, dump_config, load_config  # noq
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """Each Trainer builds its own Accelerator; reset Accelerate's process-wide singletons after a test."""
+    """Each Trainer builds its own Accelerator; reset Accelerate's process-wide singletons after a
+    test, and torch's thread count (the test configs train with one thread)."""
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
