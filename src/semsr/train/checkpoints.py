@@ -61,6 +61,14 @@ def staging_dir(output: Path, step: int, clear: bool = False) -> Path:
     return path
 
 
+def remove_staging_dirs(output: Path) -> None:
+    """Delete leftovers of checkpoint saves that were interrupted."""
+    root = output / "checkpoints"
+    if root.is_dir():
+        for child in root.glob(".tmp_step_*"):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def commit_checkpoint(output: Path, staging: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
     """Mark ``staging`` complete, rename it to its final name and prune old checkpoints."""
     write_text(staging / MARKER, json.dumps({"step": step, **meta}, indent=2) + "\n")

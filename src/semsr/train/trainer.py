@@ -155,123 +155,39 @@ class Trainer:
 
     # -- main loop ----------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train until ``train.max_steps``; returns the final step and logged losses."""
-        from accelerate.utils import set_seed
-
+        """Train until ``train.max_steps``; returns the final step and the losses of this session."""
         cfg = self.cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.mixed_precision == "fp16" and not has_accelerator_device():
             raise SemsrError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         self.output.mkdir(parents=True, exist_ok=True)
-        acc = self.accelerator = self._make_accelerator()
-        set_seed(cfg.seed)
-        weight_dtype = _weight_dtype(cfg.train.mixed_precision)
-
-        with acc.main_process_first():  # files generated on demand (tiny://) are written once, by rank 0
-            task = self.task = build_task(cfg)
-        task.setup(acc.device, weight_dtype)
-        params = [p for p in task.trainable.parameters() if p.requires_grad]
-        if not params:
-            raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-            eps=cfg.optim.eps,
-        )
-        lr_scheduler = self._make_scheduler(optimizer)
-        model, optimizer = acc.prepare(task.trainable, optimizer)
-        self.model = model
-        state = self.state = TrainState()
-        ema = self.ema = None
-        if cfg.train.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            ema = self.ema = EMAModel(acc.unwrap_model(model).parameters(), decay=cfg.train.ema_decay)
-            acc.register_for_checkpointing(ema)
-        acc.register_for_checkpointing(lr_scheduler, state)
-
+        self._build()
+        acc, state = self.accelerator, self.state
         run_log = ckpt.RunLog(self.output / "log.jsonl")
-        last_ckpt: Path | None = None
-        if self.resume:
-            found = ckpt.latest_checkpoint(self.output)
-            if found is None:
-                log.warning("no checkpoint in %s: starting from step 0", self.output)
-            else:
-                acc.load_state(str(found[1]))
-                last_ckpt = found[1]
-                if state.step != found[0]:
-                    raise SemsrError(f"checkpoint says step {state.step}, folder says {found[0]}", found[1])
-                acc.print(f"resumed from {found[1]} at step {state.step}")
+        last_ckpt = self._resume(run_log) if self.resume else None
         if acc.is_main_process:
             run_log.truncate_after(state.step)
             write_text(self.output / "config.yaml", dump_config(cfg))
         acc.wait_for_everyone()
+        batches, val_pairs = self._data()
 
-        degrade = make_degrader(cfg.degradation, cfg.data.scale)
-        train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
-        dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
-        loader = make_loader(
-            dataset, cfg.data.batch_size, start=state.samples,
-            rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
-        )
-        val_pairs = []
-        if cfg.validation.every and acc.is_main_process and val_items:
-            multiple = cfg.data.scale * task.pixel_multiple
-            val_pairs = validation_pairs(val_items[: cfg.validation.count], cfg.validation.size, degrade,
-                                         cfg.seed, multiple=multiple)
-
-        acc.print(
-            f"training '{cfg.name}' ({cfg.task}): {len(train_items)} images, "
-            f"{sum(p.numel() for p in params) / 1e6:.3f} M trainable params, "
-            f"{acc.num_processes} process(es) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}"
-        )
         losses: list[float] = []
-        batches = iter(loader)
         t_last = time.perf_counter()
         while state.step < cfg.train.max_steps:
-            micro_losses, micro_terms = [], {}
-            for _ in range(cfg.train.grad_accum):
-                batch = next(batches)
-                with acc.accumulate(model):
-                    # the prepared trainable module runs under autocast (Accelerate wraps its
-                    # forward); frozen modules run natively in the weight dtype
-                    outputs = task.compute(model, batch)
-                    loss, terms = combine_losses(cfg.losses, outputs)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(float(loss.detach()))
-                for k, v in terms.items():
-                    micro_terms.setdefault(k, []).append(v)
-            lr_now = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(acc.unwrap_model(model).parameters())
-            state.step += 1
-            state.samples += cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes
+            loss, terms, lr = self._optimizer_step(batches)
             step = state.step
-
-            names = sorted(micro_terms)
-            local = torch.tensor([float(np.mean(micro_losses))] + [float(np.mean(micro_terms[k])) for k in names],
-                                 dtype=torch.float64, device=acc.device)
-            reduced = acc.reduce(local, reduction="mean").tolist() if acc.num_processes > 1 else local.tolist()
-            if not math.isfinite(reduced[0]):
-                raise SemsrError(f"loss became {reduced[0]} at step {step}; lower optim.lr or check the data")
-            losses.append(reduced[0])
+            if not math.isfinite(loss):
+                raise SemsrError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+            losses.append(loss)
             now = time.perf_counter()
-            record = {
-                "type": "train", "step": step, "loss": reduced[0],
-                "terms": dict(zip(names, reduced[1:], strict=True)), "lr": lr_now,
-                "samples": state.samples,
-                "sec": round(now - t_last, 4),
-            }
+            record = {"type": "train", "step": step, "loss": loss, "terms": terms,
+                      "lr": lr,
+                      "samples": state.samples, "sec": round(now - t_last, 4)}
             t_last = now
-            if acc.is_main_process and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
-                run_log.write(record)
-
             last = step == cfg.train.max_steps
+            if acc.is_main_process and (step % cfg.train.log_every == 0 or last):
+                run_log.write(record)
             if cfg.validation.every and (step % cfg.validation.every == 0 or last):
                 self.validate(step, val_pairs, run_log)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
@@ -288,6 +204,103 @@ class Trainer:
         acc.end_training()
         return TrainResult(step=state.step, output=self.output, losses=losses, last_checkpoint=last_ckpt,
                            is_main_process=acc.is_main_process)
+
+    def _build(self) -> None:
+        """Accelerator, task, AdamW, LR schedule, EMA; register everything a checkpoint holds."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        acc = self.accelerator = self._make_accelerator()
+        set_seed(cfg.seed)
+        with acc.main_process_first():  # files generated on demand (tiny://) are written once, by rank 0
+            task = self.task = build_task(cfg)
+        task.setup(acc.device, _weight_dtype(cfg.train.mixed_precision))
+        params = [p for p in task.trainable.parameters() if p.requires_grad]
+        if not params:
+            raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
+        self.n_params = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        # the scheduler is stepped once per optimiser step by this loop (not prepared:
+        # Accelerate would step it once per process)
+        self.lr_scheduler = self._make_scheduler(optimizer)
+        self.model, self.optimizer = acc.prepare(task.trainable, optimizer)
+        self.state = TrainState()
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(acc.unwrap_model(self.model).parameters(), decay=cfg.train.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_for_checkpointing(self.lr_scheduler, self.state)
+
+    def _resume(self, run_log: ckpt.RunLog) -> Path | None:
+        """Load the newest complete checkpoint (if any); returns its folder."""
+        acc, state = self.accelerator, self.state
+        if acc.is_main_process:
+            ckpt.remove_staging_dirs(self.output)
+        found = ckpt.latest_checkpoint(self.output)
+        if found is None:
+            log.warning("no checkpoint in %s: starting from step 0", self.output)
+            return None
+        acc.load_state(str(found[1]))
+        if state.step != found[0]:
+            raise SemsrError(f"checkpoint says step {state.step}, folder says {found[0]}", found[1])
+        acc.print(f"resumed from {found[1]} at step {state.step}")
+        return found[1]
+
+    def _data(self) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The endless batch iterator (from the consumed sample count) and the validation pairs."""
+        cfg, acc = self.cfg, self.accelerator
+        degrade = make_degrader(cfg.degradation, cfg.data.scale)
+        train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
+        dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
+        loader = make_loader(dataset, cfg.data.batch_size, start=self.state.samples, rank=acc.process_index,
+                             world_size=acc.num_processes, num_workers=cfg.data.num_workers)
+        val_pairs = []
+        if cfg.validation.every and acc.is_main_process and val_items:
+            val_pairs = validation_pairs(val_items[: cfg.validation.count], cfg.validation.size, degrade,
+                                         cfg.seed, multiple=cfg.data.scale * self.task.pixel_multiple)
+        acc.print(
+            f"training '{cfg.name}' ({cfg.task}): {len(train_items)} images, {self.n_params / 1e6:.3f} M trainable "
+            f"params, {acc.num_processes} process(es) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}"
+        )
+        return iter(loader), val_pairs
+
+    def _optimizer_step(self, batches: Any) -> tuple[float, dict[str, float], float]:
+        """``grad_accum`` micro-batches, one optimiser step, LR schedule, EMA.
+
+        Returns the step's loss and loss terms (averaged over micro-batches and
+        processes) and the learning rate the step used.
+        """
+        cfg, acc, model, optimizer = self.cfg, self.accelerator, self.model, self.optimizer
+        totals, terms = [], {}
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)
+            with acc.accumulate(model):
+                # the prepared trainable module runs under autocast (Accelerate wraps its
+                # forward); frozen modules run natively in the weight dtype
+                loss, parts = combine_losses(cfg.losses, self.task.compute(model, batch))
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            totals.append(float(loss.detach()))
+            for k, v in parts.items():
+                terms.setdefault(k, []).append(v)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(acc.unwrap_model(model).parameters())
+        self.state.step += 1
+        self.state.samples += cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes
+
+        names = sorted(terms)
+        local = torch.tensor([float(np.mean(totals))] + [float(np.mean(terms[k])) for k in names],
+                             dtype=torch.float64, device=acc.device)
+        values = (acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local).tolist()
+        return values[0], dict(zip(names, values[1:], strict=True)), lr
 
     # -- checkpoints, validation, export -----------------------------------
     def save_checkpoint(self, step: int) -> Path:
