@@ -17,6 +17,7 @@ to add priors/fusion).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from semsr.pipeline.loading import SDComponents, atomic_write_bytes, load_contro
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler, sample
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
+
+log = logging.getLogger("semsr.pipeline")
 
 #: XPSR's inference negative prompt (used as the default negative prompt).
 DEFAULT_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
@@ -134,6 +137,8 @@ class SDControlNetSR:
     def from_components(cls, components: SDComponents, controlnet: Any | None = None, **kwargs: Any) -> SDControlNetSR:
         """Build from loaded SD components; ``controlnet=None`` creates a new one with ``from_unet``."""
         if controlnet is None:
+            log.warning("no ControlNet given: using a new, untrained one made from the UNet "
+                        "(its zero convolutions ignore the LR hint)")
             controlnet = new_controlnet(components.unet)
         text = load_text_conditioner(components, dtype=kwargs.get("dtype", "fp32"), device=kwargs.get("device", "cpu"))
         return cls(vae=components.vae, unet=components.unet, controlnet=controlnet, text=text,
