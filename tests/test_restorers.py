@@ -231,6 +231,22 @@ def test_default_builds_target() -> None:
     assert method.name == cat.DEFAULT_TARGET and method.scale == 4 and method.tiles_itself is False
 
 
+def test_outputs_are_ordinary_tensors() -> None:
+    """Callers (tiling) may write into results in place: no inference tensors, no grad."""
+    tiny = TorchRestorer("tiny", RRDBNet(RRDBConfig(1, 8, 4, 4)), torch.device("cpu"), torch.float32)
+    for method in (tiny, methods.get_method("bicubic"), methods.get_method("realcugan-2x")):
+        out = method(torch.rand(1, 3, 6, 5))
+        assert not out.requires_grad and not out.is_inference()
+        out.mul_(0.5)
+
+
+def test_default_advertises_target_options() -> None:
+    import inspect
+
+    params = inspect.signature(methods.resolve("default").factory).parameters
+    assert {"device", "dtype", "threads", "channels_last"} <= set(params)
+
+
 def test_bicubic_method() -> None:
     x = torch.rand(2, 3, 9, 7)
     four = methods.get_method("bicubic")

@@ -23,6 +23,7 @@ whatever ``dtype``/``device`` say (its result is moved to ``x``'s device).
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,9 @@ class TorchRestorer:
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=dtype, memory_format=self.memory_format)
 
     def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: callers (tiling) may update the
+        # result in place, which inference tensors forbid outside the mode.
+        with torch.no_grad():
             inp = x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=self.memory_format)
             out = self.model(inp)
             return out.float().clamp_(0, 1).to(x.device).contiguous()
@@ -226,9 +229,15 @@ def _register_all() -> None:
     for info in infos:
         register(MethodSpec(info.name, _factory(info), info.scale, info.summary, extra={"model_info": info}))
     target = next(i for i in infos if i.name == cat.DEFAULT_TARGET)
+
+    def build_default(**opts: Any) -> Any:
+        return get_method(cat.DEFAULT_TARGET, **opts)
+
+    # Advertise the target's options (callers inspect factory signatures).
+    build_default.__signature__ = inspect.signature(_factory(target))  # type: ignore[attr-defined]
     register(MethodSpec(
         "default",
-        lambda **opts: get_method(cat.DEFAULT_TARGET, **opts),
+        build_default,
         target.scale,
         f"the bundled default (currently {cat.DEFAULT_TARGET})",
         extra={"model_info": cat.default_info(target)},
