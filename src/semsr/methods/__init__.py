@@ -65,6 +65,7 @@ _ALIASES: dict[str, str] = {}
 _BUILTIN: tuple[str, ...] = (
     "semsr.models.restorers",
     "semsr.pipeline.sd_controlnet",
+    "semsr.methods.coser",
 )
 _loaded = False
 
