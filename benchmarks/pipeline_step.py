@@ -132,7 +132,10 @@ def _run_worker(args: list[str]) -> dict:
         cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", out]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+            if proc.returncode < 0:
+                return {"error": f"worker terminated by signal {-proc.returncode}"}
+            lines = [ln for ln in proc.stderr.strip().splitlines() if "Error" in ln or "error" in ln]
+            return {"error": (lines or [f"exit {proc.returncode}"])[-1]}
         return json.loads(Path(out).read_text())
     finally:
         Path(out).unlink(missing_ok=True)
