@@ -259,6 +259,14 @@ def test_animated_gif_is_rejected(tmp_path: Path) -> None:
     assert "anim.gif" in str(info.value)
 
 
+def test_camera_mpo_jpeg_is_read_as_its_first_frame(tmp_path: Path) -> None:
+    main, preview = Image.new("RGB", (16, 12), (255, 0, 0)), Image.new("RGB", (8, 6), (0, 255, 0))
+    main.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[preview])
+    pic = read_image(tmp_path / "phone.jpg")
+    assert pic.rgb.shape == (12, 16, 3) and pic.rgb[5, 5, 0] > 240
+    assert choose_format("auto", pic)[0] == "jpg"
+
+
 def test_single_frame_gif_is_fine(tmp_path: Path) -> None:
     Image.new("P", (8, 8), 3).save(tmp_path / "still.gif")
     assert read_image(tmp_path / "still.gif").rgb.shape == (8, 8, 3)

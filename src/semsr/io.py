@@ -133,9 +133,13 @@ def check_size(w: int, h: int, max_pixels: int | None, path: Path | None) -> Non
 
 
 def check_frames(im: Image.Image, path: Path | None) -> None:
-    """Raise :class:`InputError` for animated / multi-frame images."""
+    """Raise :class:`InputError` for animated / multi-frame images.
+
+    MPO files (the JPEGs of many phones and cameras, with extra frames for
+    previews or depth) are accepted: their first frame is the photo.
+    """
     n = getattr(im, "n_frames", 1)
-    if n > 1:
+    if n > 1 and im.format != "MPO":
         raise InputError(
             f"animated or multi-frame image ({n} frames) is not supported; extract one frame first",
             path,
@@ -154,6 +158,11 @@ def _source_bit_depth(im: Image.Image, path: Path | None) -> int:
         if bits:
             return int(max(bits) if isinstance(bits, tuple) else bits)
     return 8
+
+
+def grey_to_rgb(plane: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 1)`` -> ``(H, W, 3)`` with three equal channels."""
+    return np.repeat(plane.reshape(plane.shape[0], plane.shape[1], 1), 3, axis=2)
 
 
 def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -187,15 +196,15 @@ def _read_16bit_colour(path: Path, im: Image.Image) -> Picture:
     grey = im.mode in ("L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N")
     alpha = None
     if arr.ndim == 2:
-        rgb = np.repeat(arr[..., None], 3, axis=2)
+        rgb = grey_to_rgb(arr)
     elif arr.shape[2] == 2:
-        rgb, alpha = np.repeat(arr[..., :1], 3, axis=2), arr[..., 1]
+        rgb, alpha = grey_to_rgb(arr[..., 0]), arr[..., 1]
     elif arr.shape[2] == 3:
         rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     else:
         rgb, alpha = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB), arr[..., 3]
     if grey:
-        rgb = np.repeat(rgb[..., :1], 3, axis=2)
+        rgb = grey_to_rgb(rgb[..., 0])
     orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
     rgb = orient_array(rgb, orientation)
     alpha = None if alpha is None else orient_array(alpha, orientation)
@@ -234,10 +243,6 @@ def _cmyk_to_rgb(im: Image.Image, icc: bytes | None, path: Path | None) -> tuple
     return im.convert("RGB"), None
 
 
-def _grey16(arr: np.ndarray) -> np.ndarray:
-    return np.repeat(arr[..., None], 3, axis=2)
-
-
 def picture_from_pil(im: Image.Image, path: Path | None = None) -> Picture:
     """Turn a (loaded) Pillow image into a :class:`Picture`; see the module doc for modes."""
     fmt = im.format
@@ -251,22 +256,22 @@ def picture_from_pil(im: Image.Image, path: Path | None = None) -> Picture:
     if mode == "1":
         im, mode = im.convert("L"), "L"
     if mode.startswith("I;16"):
-        rgb, grey = _grey16(np.asarray(im).astype(np.uint16)), True
+        rgb, grey = grey_to_rgb(np.asarray(im).astype(np.uint16)), True
     elif mode == "I":
-        rgb, grey = _grey16(np.clip(np.asarray(im), 0, 65535).astype(np.uint16)), True
+        rgb, grey = grey_to_rgb(np.clip(np.asarray(im), 0, 65535).astype(np.uint16)), True
     elif mode == "F":
         raise InputError("32-bit float images are not supported; convert to 16-bit PNG first", path)
     elif mode in ("L", "LA", "La"):
         grey = True
         if mode != "L" or has_trns:
             la = np.asarray(im.convert("LA"))
-            rgb, alpha = np.repeat(la[..., :1], 3, axis=2), la[..., 1].copy()
+            rgb, alpha = grey_to_rgb(la[..., 0]), la[..., 1].copy()
         else:
-            rgb = np.repeat(np.asarray(im)[..., None], 3, axis=2)
+            rgb = grey_to_rgb(np.asarray(im))
     elif mode == "CMYK":
         conv, icc = _cmyk_to_rgb(im, icc, path)
         rgb = np.asarray(conv)
-    elif mode in ("RGBA", "RGBa", "PA", "LA") or (mode in ("P", "RGB") and has_trns):
+    elif mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and has_trns):
         rgba = np.asarray(im.convert("RGBA"))
         rgb, alpha = np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy()
     else:
@@ -346,8 +351,7 @@ def picture_from_array(arr: np.ndarray) -> Picture:
         raise InputError(f"unsupported array dtype {a.dtype} (use uint8, uint16 or float in [0, 1])")
     check_size(a.shape[1], a.shape[0], None, None)
     if a.ndim == 2 or a.shape[2] == 1:
-        plane = a.reshape(a.shape[0], a.shape[1])
-        return Picture(rgb=np.repeat(plane[..., None], 3, axis=2), grey=True)
+        return Picture(rgb=grey_to_rgb(a), grey=True)
     alpha = a[..., 3].copy() if a.shape[2] == 4 else None
     return Picture(rgb=np.ascontiguousarray(a[..., :3]), alpha=alpha)
 

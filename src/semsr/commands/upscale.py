@@ -298,6 +298,7 @@ def _setup_logging() -> None:
 
 
 def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result]) -> None:
+    """Write the ``--json`` report atomically."""
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     report = {
         "semsr_version": __version__,
@@ -313,88 +314,108 @@ def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, result
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
+_PER_FILE_ERRORS = (SemsrError, OSError, ValueError, RuntimeError, MemoryError)
+
+
+class _Runner:
+    """Processes one input at a time with the settings of a ``semsr upscale`` invocation."""
+
+    def __init__(self, args: argparse.Namespace, spec: MethodSpec) -> None:
+        self.args = args
+        self.spec = spec
+        self.build, self.run_opts = method_options(args, spec)
+        self.out_dir = Path(args.output)
+        self.progress: bool | None = False if args.no_progress else None
+        self.claimed: dict[Path, str] = {}
+        self._method: Method | None = None
+
+    def method(self) -> Method:
+        """The method, built on first use (so a run that skips everything loads nothing)."""
+        if self._method is None:
+            a = self.args
+            try:
+                self._method = load(self.spec.name, device=a.device, dtype=a.dtype, threads=a.threads, **self.build)
+            except Exception as err:
+                raise _LoadFailed(err) from err
+        return self._method
+
+    def process(self, src: Path | str) -> tuple[str, Path]:
+        """Upscale ``src`` unless its output exists; returns ``(status, output_path)``."""
+        a = self.args
+        if isinstance(src, str):
+            raise InputError("no files match this pattern", src)
+        pic = read_image(src, max_pixels=a.max_pixels or None)
+        fmt, note = choose_format(a.ext, pic)
+        out = output_path(self.out_dir, src, a.suffix, fmt)
+        key = out.resolve()
+        if key == src.resolve():
+            raise InputError(f"output {out} would overwrite the input; use another -o or --suffix", src)
+        if key in self.claimed:
+            raise InputError(f"output {out} is also the output of {self.claimed[key]}", src)
+        self.claimed[key] = str(src)
+        if out.exists() and not a.overwrite:
+            tqdm.write(f"skipped {src}: {out} exists (use --overwrite to replace it)", file=sys.stdout)
+            return "skipped", out
+        if note:
+            log.warning("%s: %s", src, note)
+        result = upscale_picture(
+            self.method(), pic, outscale=a.outscale, tile=a.tile, tile_pad=a.tile_pad,
+            alpha=a.alpha_upsampler, progress=self.progress, run_opts=self.run_opts,
+        )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_picture(result, out, fmt, quality=a.quality)
+        tqdm.write(f"wrote {out} ({result.width}x{result.height})", file=sys.stdout)
+        return "ok", out
+
+
+def _print_summary(results: list[Result]) -> None:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    print(f"done: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed")
+    for r in results:
+        if r.status == "failed":
+            print(f"  failed: {r.input}: {r.error}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Upscale every input; returns 0 when none failed, 1 otherwise."""
     _setup_logging()
     debug = bool(getattr(args, "debug", False))
     spec = resolve(args.method)
-    build, run_opts = method_options(args, spec)
+    runner = _Runner(args, spec)
     files, unmatched = collect_inputs(args.input)
     inputs: list[Path | str] = [*files, *unmatched]
     if not inputs:
         raise InputError("no image files found", " ".join(args.input))
-    out_dir = Path(args.output)
-    show = None if not args.no_progress else False
-    method: Method | None = None
-
-    def get_method() -> Method:
-        nonlocal method
-        if method is None:
-            try:
-                method = load(spec.name, device=args.device, dtype=args.dtype, threads=args.threads, **build)
-            except Exception as err:
-                raise _LoadFailed(err) from err
-        return method
-
+    single = len(inputs) == 1
     results: list[Result] = []
-    claimed: dict[Path, str] = {}
     rss = PeakRss()
-    bar = tqdm(inputs, desc="images", unit="img", disable=True if len(inputs) < 2 else show)
+    bar = tqdm(inputs, desc="images", unit="img", disable=True if single else runner.progress)
     try:
         for src in bar:
             rss.reset()
             t0 = time.perf_counter()
+            error: str | None = None
+            failure: SemsrError | None = None
             out: Path | None = None
-            status, error = "ok", None
             try:
-                if isinstance(src, str):
-                    raise InputError("no files match this pattern", src)
-                pic = read_image(src, max_pixels=args.max_pixels or None)
-                fmt, note = choose_format(args.ext, pic)
-                out = output_path(out_dir, src, args.suffix, fmt)
-                if out.resolve() == src.resolve():
-                    raise InputError(f"output {out} would overwrite the input; use another -o or --suffix", src)
-                if out.resolve() in claimed:
-                    raise InputError(f"output {out} is also the output of {claimed[out.resolve()]}", src)
-                claimed[out.resolve()] = str(src)
-                if out.exists() and not args.overwrite:
-                    status = "skipped"
-                    tqdm.write(f"skipped {src}: {out} exists (use --overwrite to replace it)", file=sys.stdout)
-                else:
-                    if note:
-                        log.warning("%s: %s", src, note)
-                    result = upscale_picture(
-                        get_method(), pic, outscale=args.outscale, tile=args.tile, tile_pad=args.tile_pad,
-                        alpha=args.alpha_upsampler, progress=show, run_opts=run_opts,
-                    )
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    write_picture(result, out, fmt, quality=args.quality)
-                    tqdm.write(f"wrote {out} ({result.width}x{result.height})", file=sys.stdout)
+                status, out = runner.process(src)
             except _LoadFailed as err:
                 raise err.error from None
-            except (SemsrError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            except _PER_FILE_ERRORS as err:
                 if debug and not isinstance(err, SemsrError):
                     raise
                 status, error, out = "failed", _one_line(err), None
-                if len(inputs) == 1:
-                    results.append(Result(str(src), None, status, error, round(time.perf_counter() - t0, 3),
-                                          round(rss.peak_mb(), 1)))
-                    if isinstance(err, SemsrError):
-                        raise
-                    raise SemsrError(error, src) from err
-                tqdm.write(f"semsr: error: {src}: {error}", file=sys.stderr)
+                failure = err if isinstance(err, SemsrError) else SemsrError(error, src)
+                if not single:
+                    tqdm.write(f"semsr: error: {src}: {error}", file=sys.stderr)
             results.append(Result(str(src), None if out is None else str(out), status, error,
                                   round(time.perf_counter() - t0, 3), round(rss.peak_mb(), 1)))
+            if single and failure is not None:
+                raise failure
     finally:
         bar.close()
         if args.json:
             _write_report(Path(args.json), spec, args, results)
-
-    failed = [r for r in results if r.status == "failed"]
-    if len(results) > 1:
-        n_ok = sum(r.status == "ok" for r in results)
-        n_skip = sum(r.status == "skipped" for r in results)
-        print(f"done: {n_ok} ok, {n_skip} skipped, {len(failed)} failed")
-        for r in failed:
-            print(f"  failed: {r.input}: {r.error}")
-    return 1 if failed else 0
+    if not single:
+        _print_summary(results)
+    return 1 if any(r.status == "failed" for r in results) else 0

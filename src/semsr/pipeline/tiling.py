@@ -166,7 +166,7 @@ def tiled_apply(
         return out
 
     n = count_tiles(h, w, tile)
-    bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=(None if progress is None else not progress or n < 2))
+    bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=True if n < 2 else (None if progress is None else not progress))
     try:
         for (y0, y1), (x0, x1) in tile_grid(h, w, tile):
             py0, py1 = max(y0 - tile_pad, 0), min(y1 + tile_pad, h)
