@@ -155,9 +155,6 @@ def tiled_apply(
         out = torch.empty(shape, dtype=torch.float32)
     elif tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
-    if not float(method.scale).is_integer():
-        tile = 0
-    s = int(method.scale)
 
     if getattr(method, "tiles_itself", False):
         opts.update(tile=tile, tile_pad=tile_pad)
@@ -165,14 +162,16 @@ def tiled_apply(
         store(out, _run(method, x, opts).to(out.device))
         return out
 
+    if not float(method.scale).is_integer():
+        tile = 0
+    s = int(method.scale)
     n = count_tiles(h, w, tile)
-    bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=True if n < 2 else (None if progress is None else not progress))
+    disable = True if n < 2 else (None if progress is None else not progress)  # None: only on a terminal
+    bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=disable)
     try:
         for (y0, y1), (x0, x1) in tile_grid(h, w, tile):
             py0, py1 = max(y0 - tile_pad, 0), min(y1 + tile_pad, h)
             px0, px1 = max(x0 - tile_pad, 0), min(x1 + tile_pad, w)
-            if n == 1:
-                py0, py1, px0, px1 = 0, h, 0, w
             y = _run(method, x[:, :, py0:py1, px0:px1], opts)
             core = y[:, :, (y0 - py0) * s : (y1 - py0) * s, (x0 - px0) * s : (x1 - px0) * s]
             store(out[:, :, y0 * s : y1 * s, x0 * s : x1 * s], core.to(out.device))
