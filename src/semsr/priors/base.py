@@ -130,6 +130,9 @@ _REGISTRY: dict[str, ProviderSpec] = {}
 _BUILTIN: tuple[str, ...] = (
     "semsr.priors.edges",
     "semsr.priors.depth_seg",
+    "semsr.priors.tagger",
+    "semsr.priors.vlm",
+    "semsr.priors.irpad",
 )
 _loaded = False
 

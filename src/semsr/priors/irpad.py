@@ -1,0 +1,453 @@
+"""IRPAD (DaLPSR): degradation type-and-degree estimator and its text descriptions.
+
+DaLPSR's *Image-Restoration Prompt Alignment Decoder* turns "how is this image
+degraded" into a classification problem: for every degradation type the degree
+is discretised into a few intervals, a network predicts one interval per type,
+and each predicted interval is mapped to a fixed text phrase; the phrases,
+joined, are the low-level (degradation) prompt, e.g.::
+
+    "slight blur, heavy noise, moderate jpeg compression artifacts, full resolution"
+
+Degradation model the intervals refer to
+----------------------------------------
+The labels are defined by one controlled single-stage degradation (see
+:mod:`semsr.train.irpad`), applied to a sharp image ``x`` whose pixel grid is
+the grid IRPAD looks at::
+
+    x -> downscale by d -> blur (sigma) -> noise (sigma_n) -> 8-bit -> JPEG (q) -> upscale by d -> 8-bit
+
+i.e. blur, noise and JPEG happen on the *small* image and the result is then
+enlarged back ("the image was captured/saved small, then upscaled"). With
+``d = 1`` (level "none") the image is observed at its own resolution, which is
+the usual case of an LR input. Parameters and their intervals (:data:`LEVELS`):
+
+============  =====================================  =======  ============  ============  ============
+type          parameter                              none     slight        moderate      heavy
+============  =====================================  =======  ============  ============  ============
+blur          Gaussian std, px of the small image    0        0.7 - 1.1     1.5 - 2.1     2.8 - 4.0
+noise         Gaussian std, 0-255, small image       0        3 - 6         9 - 15        22 - 35
+jpeg          IJG quality (lower = stronger)         no JPEG  85 - 65       50 - 35       25 - 10
+downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
+============  =====================================  =======  ============  ============  ============
+
+The intervals leave gaps between levels on purpose (the brief of DaLPSR's
+follow-up: choose *distinguishable* degrees): a parameter inside a gap is
+outside the training distribution and is labelled with the nearest interval
+(:func:`level_of`; ``semsr bench-irpad --contiguous`` measures that case).
+
+Model
+-----
+:class:`IRPADNet` is a small fully convolutional CNN (one full-resolution conv,
+four stride-2 stages, global mean+std pooling) with one linear classification
+head per type. :class:`IRPADEstimator` runs it on an image of any size by
+averaging log-probabilities over a grid of ``crop x crop`` windows. Trained
+weights ship in ``semsr/assets/weights/irpad/`` (``model.safetensors`` +
+``config.json``; the config also carries the levels and their phrases, so a
+retrained model with other intervals describes itself).
+
+The text prior ``"irpad"`` (:class:`IRPADProvider`) returns the description and,
+in ``meta``, the predicted level and probabilities per type.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from semsr.errors import UnavailableError
+from semsr.paths import assets_dir
+from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+
+DEGRADATION_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "downscale")
+_REVISION = "1"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One degree interval of one degradation type.
+
+    Attributes:
+        name: ``"none"``, ``"slight"``, ``"moderate"``, ``"heavy"``.
+        low, high: the parameter interval the degree is sampled from
+            (``low == high`` for a point, e.g. "none"); for JPEG ``low`` is
+            the *higher* quality (intervals are ordered by severity).
+        text: the phrase this level contributes to the description.
+    """
+
+    name: str
+    low: float
+    high: float
+    text: str
+
+
+#: Degree intervals per type, ordered from "none" to the most severe (see module docstring).
+LEVELS: dict[str, tuple[Level, ...]] = {
+    "blur": (
+        Level("none", 0.0, 0.0, "no blur"),
+        Level("slight", 0.7, 1.1, "slight blur"),
+        Level("moderate", 1.5, 2.1, "moderate blur"),
+        Level("heavy", 2.8, 4.0, "heavy blur"),
+    ),
+    "noise": (
+        Level("none", 0.0, 0.0, "no noise"),
+        Level("slight", 3.0, 6.0, "slight noise"),
+        Level("moderate", 9.0, 15.0, "moderate noise"),
+        Level("heavy", 22.0, 35.0, "heavy noise"),
+    ),
+    "jpeg": (
+        Level("none", 100.0, 100.0, "no compression artifacts"),
+        Level("slight", 85.0, 65.0, "slight jpeg compression artifacts"),
+        Level("moderate", 50.0, 35.0, "moderate jpeg compression artifacts"),
+        Level("heavy", 25.0, 10.0, "heavy jpeg compression artifacts"),
+    ),
+    "downscale": (
+        Level("none", 1.0, 1.0, "full resolution"),
+        Level("slight", 1.8, 2.2, "slightly low resolution"),
+        Level("moderate", 2.8, 3.2, "low resolution"),
+        Level("heavy", 3.8, 4.2, "very low resolution"),
+    ),
+}
+
+#: What the parameter of each type means (documentation, also stored in the config).
+PARAMETERS: dict[str, str] = {
+    "blur": "isotropic-equivalent Gaussian std in pixels of the small (downscaled) image",
+    "noise": "additive Gaussian noise std in 0-255 units on the small image",
+    "jpeg": "IJG JPEG quality of the small image (100 = not compressed)",
+    "downscale": "factor d the image was downscaled by before being enlarged back (1 = not)",
+}
+
+
+def levels_to_json(levels: Mapping[str, Sequence[Level]]) -> dict[str, list[dict[str, Any]]]:
+    """``LEVELS``-like mapping -> JSON-serialisable dict."""
+    return {t: [asdict(lv) for lv in lvs] for t, lvs in levels.items()}
+
+
+def levels_from_json(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, tuple[Level, ...]]:
+    """Inverse of :func:`levels_to_json`."""
+    return {t: tuple(Level(str(d["name"]), float(d["low"]), float(d["high"]), str(d["text"])) for d in lvs)
+            for t, lvs in data.items()}
+
+
+def describe(levels: Mapping[str, int], table: Mapping[str, Sequence[Level]] | None = None,
+             omit_none: bool = False) -> str:
+    """Degradation prompt for predicted level indices, e.g. ``{"blur": 1, ...}``.
+
+    Phrases are joined with ``", "`` in the order of ``table`` (default
+    :data:`LEVELS`). With ``omit_none`` the "none" phrases are dropped (and an
+    image with no degradation at all is described as ``"clean image"``).
+    """
+    table = LEVELS if table is None else table
+    parts = []
+    for t, lvs in table.items():
+        if t not in levels:
+            continue
+        idx = int(levels[t])
+        if omit_none and idx == 0:
+            continue
+        parts.append(lvs[idx].text)
+    return ", ".join(parts) if parts else "clean image"
+
+
+def level_of(kind: str, value: float, table: Mapping[str, Sequence[Level]] | None = None) -> int:
+    """Index of the interval of ``kind`` that contains ``value`` (nearest interval when in a gap).
+
+    Distances are measured on the parameter axis (for JPEG the quality, whose
+    intervals are listed from high to low quality).
+    """
+    table = LEVELS if table is None else table
+    best, best_d = 0, math.inf
+    for i, lv in enumerate(table[kind]):
+        lo, hi = min(lv.low, lv.high), max(lv.low, lv.high)
+        d = 0.0 if lo <= value <= hi else min(abs(value - lo), abs(value - hi))
+        if d < best_d:
+            best, best_d = i, d
+    return best
+
+
+# --------------------------------------------------------------------------- network
+
+
+@dataclass
+class IRPADConfig:
+    """Architecture + label space of an :class:`IRPADNet` (saved as ``config.json``).
+
+    Attributes:
+        channels: widths of the full-resolution conv and the four stride-2 stages.
+        hidden: width of the shared layer before the heads.
+        highpass: also feed a fixed second-order high-pass residual of the
+            input (the "KV" kernel of image forensics), which exposes noise and
+            JPEG block edges from the first layer on.
+        crop: window size (px) the network was trained on and is run on.
+        levels: the label space (``LEVELS`` as JSON) including the phrases.
+        parameters: what each type's parameter means.
+        training: free-form record of how the weights were trained.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 48, 64, 96)
+    hidden: int = 128
+    crop: int = 64
+    highpass: bool = True
+    levels: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: levels_to_json(LEVELS))
+    parameters: dict[str, str] = field(default_factory=lambda: dict(PARAMETERS))
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self.levels)
+
+    def level_table(self) -> dict[str, tuple[Level, ...]]:
+        return levels_from_json(self.levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return {"model_type": "semsr-irpad", **d}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IRPADConfig:
+        keys = {"channels", "hidden", "crop", "highpass", "levels", "parameters", "training"}
+        kw = {k: v for k, v in data.items() if k in keys}
+        if "channels" in kw:
+            kw["channels"] = tuple(int(c) for c in kw["channels"])
+        return cls(**kw)
+
+
+def _conv_bn(ci: int, co: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True)]
+
+
+class IRPADNet(nn.Module):
+    """Multi-head degradation-degree classifier.
+
+    ``forward(x)`` takes ``(B, 3, H, W)`` float in [0, 1] (any ``H, W >= 16``) and
+    returns ``{type: logits (B, n_levels(type))}``. The input (and, with
+    ``config.highpass``, its high-pass residual) goes through one full-resolution
+    conv and ``len(channels) - 1`` stages of (stride-2 conv, conv), all 3x3 +
+    BatchNorm + ReLU; mean and std over space feed a shared layer and one linear
+    head per type.
+    """
+
+    def __init__(self, config: IRPADConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or IRPADConfig()
+        ch = self.config.channels
+        if self.config.highpass:
+            kv = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]]) / 4.0
+            self.register_buffer("kv", kv.expand(3, 1, 3, 3).clone(), persistent=False)
+        layers = _conv_bn(6 if self.config.highpass else 3, ch[0], 1)
+        for ci, co in zip(ch, ch[1:]):
+            layers += _conv_bn(ci, co, 2) + _conv_bn(co, co, 1)
+        self.features = nn.Sequential(*layers)
+        self.shared = nn.Sequential(nn.Linear(2 * ch[-1], self.config.hidden), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({t: nn.Linear(self.config.hidden, len(lv))
+                                    for t, lv in self.config.levels.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        inp = x * 2.0 - 1.0
+        if self.config.highpass:  # residual x 16: noise of std 2/255 becomes ~0.1
+            hp = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.kv, groups=3) * 16.0
+            inp = torch.cat([inp, hp], dim=1)
+        f = self.features(inp)
+        flat = f.flatten(2)
+        pooled = torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
+        h = self.shared(pooled)
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def default_weights_dir() -> Path:
+    """Folder of the shipped IRPAD weights (``semsr/assets/weights/irpad``)."""
+    return assets_dir() / "weights" / "irpad"
+
+
+def save_irpad(model: IRPADNet, folder: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically per file)."""
+    from safetensors.torch import save_file
+
+    from semsr.io import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_write(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def load_irpad(folder: str | Path | None = None, device: str | torch.device = "cpu") -> IRPADNet:
+    """Load an :class:`IRPADNet` (eval mode) from ``folder`` (default: the shipped weights)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser() if folder is not None else default_weights_dir()
+    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise UnavailableError("no IRPAD weights (need config.json and model.safetensors; "
+                               "train them with `semsr train-irpad`)", folder)
+    config = IRPADConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    model = IRPADNet(config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise UnavailableError(f"IRPAD weights do not match config.json ({str(err).splitlines()[0]})",
+                               folder) from None
+    return model.to(device).eval()
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """Short hash of an IRPAD folder's config and weights (for cache versions)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def crop_grid(h: int, w: int, crop: int, max_crops: int = 16) -> list[tuple[int, int]]:
+    """Top-left corners of ``crop x crop`` windows covering an ``h x w`` image.
+
+    ``ceil(side / crop)`` windows per side, evenly spread (overlapping when the
+    side is not a multiple of ``crop``); a side smaller than ``crop`` gets one
+    window at 0 (the window is then the whole side). At most ``max_crops``
+    windows, keeping an evenly spaced subset.
+    """
+    def starts(side: int) -> list[int]:
+        if side <= crop:
+            return [0]
+        n = math.ceil(side / crop)
+        return sorted({round(i * (side - crop) / (n - 1)) for i in range(n)})
+
+    grid = [(t, left) for t in starts(h) for left in starts(w)]
+    if len(grid) > max_crops:
+        idx = torch.linspace(0, len(grid) - 1, max_crops).round().long().tolist()
+        grid = [grid[i] for i in dict.fromkeys(idx)]
+    return grid
+
+
+@dataclass(frozen=True)
+class IRPADPrediction:
+    """IRPAD output for one image.
+
+    Attributes:
+        levels: predicted level index per type.
+        probs: per type, the probability of each level.
+        text: the description (:func:`describe`).
+    """
+
+    levels: dict[str, int]
+    probs: dict[str, list[float]]
+    text: str
+
+    def level_names(self, table: Mapping[str, Sequence[Level]]) -> dict[str, str]:
+        return {t: table[t][i].name for t, i in self.levels.items()}
+
+
+class IRPADEstimator:
+    """Run an :class:`IRPADNet` on whole images.
+
+    Args:
+        model: the network, or ``None`` to load ``weights`` (default: shipped).
+        weights: folder with ``config.json`` + ``model.safetensors``.
+        max_crops: windows averaged per image (see :func:`crop_grid`).
+        device: torch device.
+    """
+
+    def __init__(self, model: IRPADNet | None = None, weights: str | Path | None = None,
+                 max_crops: int = 16, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = (model if model is not None else load_irpad(weights, self.device)).eval()
+        self.config = self.model.config
+        self.table = self.config.level_table()
+        self.max_crops = int(max_crops)
+
+    def windows(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B * n, 3, c, c)`` analysis windows (``n`` per image, image-major)."""
+        c = self.config.crop
+        h, w = image.shape[-2:]
+        grid = crop_grid(h, w, c, self.max_crops)
+        crops = [image[..., t : t + c, left : left + c] for t, left in grid]
+        return torch.stack(crops, dim=1).flatten(0, 1)
+
+    @torch.no_grad()
+    def log_probs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean per-window log-probabilities ``{type: (B, n_levels)}`` for ``(B, 3, H, W)`` in [0, 1]."""
+        b = image.shape[0]
+        win = self.windows(image.float().clamp(0, 1)).to(self.device)
+        out = self.model(win)
+        return {t: F.log_softmax(v.float(), dim=1).view(b, -1, v.shape[1]).mean(1).cpu() for t, v in out.items()}
+
+    def predict_batch(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predicted level indices ``{type: (B,) int64}`` for ``(B, 3, H, W)`` in [0, 1]."""
+        return {t: lp.argmax(1) for t, lp in self.log_probs(image).items()}
+
+    def __call__(self, image: torch.Tensor) -> IRPADPrediction:
+        """Predict one image ``(1, 3, H, W)`` in [0, 1]."""
+        check_image(image)
+        lps = self.log_probs(image)
+        levels = {t: int(lp[0].argmax()) for t, lp in lps.items()}
+        probs = {t: [round(float(p), 4) for p in F.softmax(lp[0], 0)] for t, lp in lps.items()}
+        return IRPADPrediction(levels, probs, describe(levels, self.table))
+
+
+class IRPADProvider:
+    """Text prior ``"irpad"``: the DaLPSR degradation description of an image.
+
+    ``meta`` holds per type the level name and the level probabilities.
+
+    Args:
+        weights: IRPAD folder (default: the weights shipped with semsr).
+        omit_none: leave out the phrases of undegraded types.
+        max_crops: analysis windows averaged per image.
+        device: torch device.
+    """
+
+    name = "irpad"
+    kind = "text"
+
+    def __init__(self, weights: str | Path | None = None, omit_none: bool = False, max_crops: int = 16,
+                 device: str = "cpu") -> None:
+        folder = Path(weights).expanduser() if weights is not None else default_weights_dir()
+        self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, device=device)
+        self.omit_none = bool(omit_none)
+        self.version = (f"{_REVISION};{weights_fingerprint(folder)};none={int(not self.omit_none)};"
+                        f"crops={self.estimator.max_crops}")
+
+    def __call__(self, image: torch.Tensor) -> PriorResult:
+        pred = self.estimator(image)
+        text = describe(pred.levels, self.estimator.table, omit_none=self.omit_none)
+        meta = {"levels": pred.level_names(self.estimator.table), "probs": pred.probs}
+        return PriorResult("text", text, meta)
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _make_provider(weights: str | Path | None = None, omit_none: str | bool = False, max_crops: int = 16,
+                   device: str = "cpu") -> IRPADProvider:
+    return IRPADProvider(weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), device=device)
+
+
+register_provider(ProviderSpec(
+    name="irpad",
+    factory=_make_provider,
+    kind="text",
+    summary="DaLPSR degradation description (blur/noise/JPEG/downscale degree; shipped IRPAD weights)",
+    options=(
+        ProviderOption("weights", "--irpad-weights", "IRPAD weights folder (default: shipped weights)"),
+        ProviderOption("omit_none", "--irpad-omit-none", "drop the phrases of undegraded types (true/false)"),
+        DEVICE_OPTION,
+    ),
+))

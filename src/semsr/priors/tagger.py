@@ -1,0 +1,115 @@
+"""Tags prior: a RAM-style multi-label image tagger from a local ``transformers`` folder.
+
+DaLPSR (like SeeSR/PASD) uses object tags from RAM to steer the semantic
+prompt. Here a tagger is any ``AutoModelForImageClassification`` folder
+(ViT, Swin, ConvNeXt... with its image processor) whose head is multi-label:
+``config.problem_type == "multi_label_classification"`` and ``id2label`` the
+tag vocabulary. Scores are ``sigmoid(logits)``; tags with score >=
+``threshold`` are kept, highest first, at most ``top_k``. A single-label
+classifier (softmax head) is accepted too when ``problem_type`` says so or is
+unset — its softmax probabilities are thresholded the same way.
+
+``"tags"`` results carry ``meta["scores"]`` (tag -> score, rounded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from semsr.errors import UnavailableError
+from semsr.paths import weights_dir
+from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_TOP_K = 10
+_REVISION = "1"
+
+TAGGER_OPTION = ProviderOption("tagger", "--tagger", "local multi-label tagger folder (RAM-style)")
+THRESHOLD_OPTION = ProviderOption("tag_threshold", "--tag-threshold",
+                                  f"tag score threshold (default {DEFAULT_THRESHOLD})", float)
+TOP_K_OPTION = ProviderOption("tag_top_k", "--tag-top-k", f"keep at most this many tags (default {DEFAULT_TOP_K})",
+                              int)
+
+
+def tagger_folder(path: str | Path | None) -> Path:
+    """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing."""
+    folder = Path(path).expanduser() if path is not None else weights_dir() / "tagger"
+    if not (folder / "config.json").is_file():
+        where = folder if path is not None else f"{folder} (default)"
+        raise UnavailableError("no tagger folder (config.json missing); pass --tagger PATH to a multi-label "
+                               "image-classification model written by save_pretrained", where)
+    return folder
+
+
+class TagsProvider:
+    """Tags prior ``"tags"``: labels of a multi-label classifier above a threshold.
+
+    Args:
+        tagger: local model folder (default ``weights_dir()/"tagger"``).
+        threshold: minimum score (default 0.5).
+        top_k: keep at most this many tags (default 10; 0 = no limit).
+        device: torch device.
+    """
+
+    name = "tags"
+    kind = "tags"
+
+    def __init__(self, tagger: str | Path | None = None, threshold: float | None = None, top_k: int | None = None,
+                 device: str = "cpu") -> None:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+        from semsr.priors.vlm import folder_fingerprint
+
+        self.path = tagger_folder(tagger)
+        config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        if type(config) not in AutoModelForImageClassification._model_mapping:
+            raise UnavailableError(f"model type {config.model_type!r} is not an image-classification model",
+                                   self.path)
+        self.model = AutoModelForImageClassification.from_pretrained(self.path, local_files_only=True).eval()
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True, backend="pil")
+        except OSError as err:
+            raise UnavailableError(f"no image processor config (preprocessor_config.json): {err}", self.path) from None
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.multi_label = config.problem_type != "single_label_classification"
+        self.labels = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        self.top_k = DEFAULT_TOP_K if top_k is None else int(top_k)
+        self.version = (f"{_REVISION};{folder_fingerprint(self.path)};th={self.threshold:g};k={self.top_k};"
+                        f"ml={int(self.multi_label)}")
+
+    @torch.no_grad()
+    def scores(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-label scores ``(num_labels,)`` in [0, 1] for ``image`` ``(1, 3, H, W)`` in [0, 1]."""
+        from semsr.priors.vlm import to_pil
+
+        check_image(image)
+        inputs = self.processor(images=to_pil(image), return_tensors="pt").to(self.device)
+        logits = self.model(**inputs).logits[0].float().cpu()
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, 0)
+
+    def __call__(self, image: torch.Tensor) -> PriorResult:
+        scores = self.scores(image)
+        order = torch.argsort(scores, descending=True).tolist()
+        keep = [i for i in order if float(scores[i]) >= self.threshold]
+        if self.top_k > 0:
+            keep = keep[: self.top_k]
+        tags = tuple(self.labels.get(i, str(i)) for i in keep)
+        return PriorResult("tags", tags, {"scores": {t: round(float(scores[i]), 4) for t, i in zip(tags, keep)},
+                                          "threshold": self.threshold})
+
+
+def _make(tagger: str | Path | None = None, tag_threshold: float | None = None, tag_top_k: int | None = None,
+          device: str = "cpu") -> TagsProvider:
+    return TagsProvider(tagger, threshold=tag_threshold, top_k=tag_top_k, device=device)
+
+
+register_provider(ProviderSpec(
+    name="tags",
+    factory=_make,
+    kind="tags",
+    summary="object tags from a local multi-label classifier (RAM-style), threshold + top-k",
+    options=(TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, DEVICE_OPTION),
+))

@@ -1,0 +1,521 @@
+"""Training and evaluation data for IRPAD (see :mod:`semsr.priors.irpad`).
+
+Synthetic degradation
+---------------------
+Every sample is a ``size x size`` (96 px) crop of a sharp photograph degraded
+by one controlled single-stage pipeline built from
+:mod:`semsr.data.degradations`, whose parameters are drawn *per type
+independently*: first a level uniformly among the type's levels, then the
+parameter uniformly inside that level's interval (:data:`~semsr.priors.irpad.LEVELS`)::
+
+    downscale by d  (MATLAB bicubic with antialiasing | area | bilinear, picked at random)
+    blur            (Gaussian kernel, sigma_x = s * a, sigma_y = s / a, a in [1, 1.3], random angle)
+    noise           (Gaussian, colour or (40 %) grey)
+    8-bit rounding
+    JPEG            (quality q; the codec of semsr.data.degradations.jpeg)
+    upscale by d    (bicubic | bilinear) back to size x size, 8-bit rounding
+
+Sharp source crops: every photograph is first downscaled (MATLAB bicubic, with
+antialiasing) by ``f = max(U(1.5, 2.5), short_side / U(384, 768))`` so camera
+softness, sensor noise and the source's own JPEG artefacts shrink below the
+"none" levels, then ``size x size`` crops whose texture score
+(:func:`semsr.data.corpus.crops.texture_score`) is at least ``min_texture`` are
+taken (blur is unobservable on a flat patch).
+
+Held-out split
+--------------
+:func:`is_held_out` puts ~15 % of the photographs (by a hash of the file name,
+so the same photo is held out in ``data_root()/train/bsds500`` and in a corpus
+copy) aside. ``semsr train-irpad`` never sees them; ``semsr bench-irpad``
+evaluates on them only. The classic SR benchmarks are refused as training data.
+
+Datasets are written to disk first (``images.npy`` uint8 ``(N, S, S, 3)``,
+``labels.npy`` int64 ``(N, 4)``, ``params.npy`` float32 ``(N, 4)``,
+``meta.json``) and then trained on with random ``crop x crop`` windows and the
+eight flips/transpositions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
+from semsr.errors import SemsrError
+from semsr.priors.irpad import DEGRADATION_TYPES, LEVELS, IRPADConfig, IRPADEstimator, IRPADNet, Level, level_of
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+HELD_OUT_PERCENT = 15
+DOWN_MODES = ("imresize", "area", "bilinear")
+UP_MODES = ("bicubic", "bilinear")
+
+
+# --------------------------------------------------------------------------- split and sources
+
+
+def is_held_out(path: str | Path, percent: int = HELD_OUT_PERCENT) -> bool:
+    """Whether a photograph belongs to the IRPAD evaluation split (stable hash of its file name)."""
+    digest = hashlib.blake2b(Path(path).name.lower().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 100 < percent
+
+
+def _benchmark_dirs() -> list[Path]:
+    from semsr.paths import data_root
+
+    root = data_root()
+    return [] if root is None else [(root / "benchmarks").resolve()]
+
+
+def list_photos(sources: Sequence[str | Path], held_out: bool) -> list[Path]:
+    """Photographs of one split from folders and/or corpus manifests (``manifest.sqlite``).
+
+    Files are de-duplicated by file name (a corpus copy of a BSDS500 image counts
+    once). Raises :class:`SemsrError` for a missing source or a classic SR
+    benchmark folder (those are never training data).
+    """
+    found: dict[str, Path] = {}
+    for src in sources:
+        src = Path(src).expanduser()
+        if not src.exists():
+            raise SemsrError("image source not found", src)
+        if not held_out and any(src.resolve().is_relative_to(b) for b in _benchmark_dirs()):
+            raise SemsrError("the SR benchmarks (Set5/Set14/B100/Urban100) are not training data", src)
+        if src.is_file() and src.suffix == ".sqlite":
+            from semsr.data.corpus.manifest import Manifest
+
+            with Manifest(src, readonly=True) as m:
+                files = [src.parent / rec.path for rec in m.images()]
+        elif src.is_dir():
+            files = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        else:
+            files = [src]
+        for f in files:
+            if is_held_out(f) == held_out:
+                found.setdefault(f.name.lower(), f)
+    return sorted(found.values())
+
+
+def default_sources() -> list[Path]:
+    """``data_root()/train/bsds500`` (raises when the shared data folder is missing)."""
+    from semsr.paths import data_root
+
+    root = data_root()
+    if root is None or not (root / "train" / "bsds500").is_dir():
+        raise SemsrError("no training photographs: set SEMSR_DATA (needs train/bsds500) or pass --hr")
+    return [root / "train" / "bsds500"]
+
+
+# --------------------------------------------------------------------------- degradation
+
+
+@dataclass(frozen=True)
+class IRPADParams:
+    """The parameters of one synthetic degradation and its labels.
+
+    ``blur``: geometric-mean Gaussian std (small-image px), ``aniso`` the axis
+    ratio ``a`` and ``theta`` the angle; ``noise``: std in 0-255; ``jpeg``:
+    quality (100 = no JPEG); ``downscale``: factor ``d``; ``labels``: level
+    index per type.
+    """
+
+    blur: float
+    aniso: float
+    theta: float
+    noise: float
+    grey: bool
+    jpeg: float
+    downscale: float
+    down_mode: str
+    up_mode: str
+    noise_seed: int
+    labels: tuple[int, ...]
+
+    def values(self) -> tuple[float, ...]:
+        """Parameter per type, in :data:`DEGRADATION_TYPES` order."""
+        return (self.blur, self.noise, self.jpeg, self.downscale)
+
+
+def _extended(levels: Sequence[Level], i: int) -> tuple[float, float]:
+    """Interval of level ``i`` grown to the middle of the gaps beside it (``contiguous`` sampling)."""
+    def span(lv: Level) -> tuple[float, float]:
+        return min(lv.low, lv.high), max(lv.low, lv.high)
+
+    lo, hi = span(levels[i])
+    descending = levels[-1].low < levels[0].low
+    prev = span(levels[i - 1]) if i > 0 else None
+    nxt = span(levels[i + 1]) if i + 1 < len(levels) else None
+    if descending:  # severity grows as the value falls (JPEG quality)
+        prev, nxt = nxt, prev
+    if prev is not None:
+        lo = (prev[1] + lo) / 2.0
+    if nxt is not None:
+        hi = (hi + nxt[0]) / 2.0
+    return lo, hi
+
+
+def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]] | None = None,
+                  contiguous: bool = False) -> IRPADParams:
+    """Draw one degradation: a uniform level per type, then a value inside its interval.
+
+    With ``contiguous`` the non-"none" levels are sampled over their interval
+    grown to the middle of the neighbouring gaps, so every value of the
+    parameter range occurs; labels then come from :func:`level_of`.
+    """
+    table = LEVELS if table is None else table
+    values: dict[str, float] = {}
+    for t in DEGRADATION_TYPES:
+        levels = table[t]
+        i = int(rng.integers(len(levels)))
+        lv = levels[i]
+        if i == 0:
+            values[t] = lv.low
+        else:
+            lo, hi = _extended(levels, i) if contiguous else (min(lv.low, lv.high), max(lv.low, lv.high))
+            values[t] = float(rng.uniform(lo, hi))
+    labels = tuple(level_of(t, values[t], table) for t in DEGRADATION_TYPES)
+    return IRPADParams(
+        blur=values["blur"], aniso=float(rng.uniform(1.0, 1.3)), theta=float(rng.uniform(0, math.pi)),
+        noise=values["noise"], grey=bool(rng.uniform() < 0.4), jpeg=values["jpeg"],
+        downscale=values["downscale"], down_mode=DOWN_MODES[int(rng.integers(len(DOWN_MODES)))],
+        up_mode=UP_MODES[int(rng.integers(len(UP_MODES)))], noise_seed=int(rng.integers(0, 2**62)),
+        labels=labels,
+    )
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    from semsr.ops.imresize import imresize
+
+    if mode == "imresize":
+        return imresize(x, size=(size, size))
+    if mode == "area":
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255.0).round().clamp(0, 255) / 255.0
+
+
+@torch.no_grad()
+def degrade(hr: torch.Tensor, p: IRPADParams) -> torch.Tensor:
+    """Apply the IRPAD degradation ``p`` to ``hr`` ``(1, 3, S, S)`` float in [0, 1].
+
+    Returns ``(1, 3, S, S)`` float32 in [0, 1], multiples of 1/255.
+    """
+    from semsr.data.degradations import add_gaussian_noise, filter2d, gaussian_kernel, jpeg_compress
+
+    x = hr.float()
+    s = x.shape[-1]
+    small = max(8, round(s / p.downscale)) if p.downscale > 1.0 else s
+    if small != s:
+        x = _resize(x, small, p.down_mode).clamp(0, 1)
+    if p.blur > 0:
+        sx, sy = p.blur * p.aniso, p.blur / p.aniso
+        k = 2 * math.ceil(3.0 * max(sx, sy)) + 1
+        x = filter2d(x, torch.from_numpy(gaussian_kernel(k, sx, sy, p.theta)))
+    if p.noise > 0:
+        gen = torch.Generator().manual_seed(p.noise_seed)
+        x = add_gaussian_noise(x, p.noise, p.grey, gen)
+    x = _quantise(x)
+    if p.jpeg < 100:
+        x = jpeg_compress(x, p.jpeg)
+    if small != s:
+        x = _quantise(_resize(x, s, p.up_mode).clamp(0, 1))
+    return x
+
+
+def prescale(photo: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """Sharpen a photo by downscaling (see module docstring): uint8 ``(H, W, 3)`` -> ``(1, 3, h, w)``."""
+    from semsr.ops.imresize import imresize
+
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255.0
+    f = max(float(rng.uniform(1.5, 2.5)), min(photo.shape[:2]) / float(rng.uniform(384, 768)))
+    h, w = (max(1, round(d / f)) for d in photo.shape[:2])
+    return imresize(x, size=(h, w)).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Temporarily run torch with ``n`` intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class IRPADData:
+    """A synthetic set in memory: ``images`` uint8 ``(N, S, S, 3)``, ``labels`` int64 ``(N, 4)``,
+    ``params`` float32 ``(N, 4)`` (type order :data:`DEGRADATION_TYPES`)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    params: np.ndarray
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def generate(
+    photos: Sequence[Path],
+    n: int,
+    size: int = 96,
+    seed: int = 0,
+    crops_per_visit: int = 16,
+    min_texture: float = 3.0,
+    contiguous: bool = False,
+    sink: Callable[[int, np.ndarray, IRPADParams], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[IRPADParams]:
+    """Produce ``n`` degraded crops from ``photos``; ``sink(i, uint8 (S, S, 3), params)`` receives each.
+
+    Photos are visited in seeded random order (repeating as needed),
+    ``crops_per_visit`` crops per visit, each with its own degradation.
+    Deterministic for a given ``(photos, n, size, seed, ...)``.
+    """
+    if not photos:
+        raise SemsrError("no photographs to make IRPAD samples from")
+    with torch_threads(1):  # tiny per-sample ops: more threads only add contention
+        return _generate(photos, n, size, seed, crops_per_visit, min_texture, contiguous, sink, progress)
+
+
+def _generate(
+    photos: Sequence[Path], n: int, size: int, seed: int, crops_per_visit: int, min_texture: float,
+    contiguous: bool, sink: Callable[[int, np.ndarray, IRPADParams], None] | None,
+    progress: Callable[[int], None] | None,
+) -> list[IRPADParams]:
+    rng = np.random.default_rng(seed)
+    out: list[IRPADParams] = []
+    order: list[int] = []
+    while len(out) < n:
+        if not order:
+            order = list(rng.permutation(len(photos)))
+        path = photos[order.pop()]
+        try:
+            photo = load_rgb_uint8(path)
+        except (OSError, ValueError) as err:
+            log.warning("skipping unreadable %s (%s)", path, err)
+            continue
+        img = prescale(photo, rng)
+        if min(img.shape[-2:]) < size:
+            continue
+        u8 = (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        k = min(crops_per_visit, n - len(out))
+        for top, left in sample_crop_boxes(u8, size, k, rng, min_texture):
+            p = sample_params(rng, contiguous=contiguous)
+            y = degrade(img[..., top : top + size, left : left + size], p)
+            arr = (y[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            if sink is not None:
+                sink(len(out), arr, p)
+            out.append(p)
+            if progress is not None:
+                progress(len(out))
+    return out
+
+
+def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: float, contiguous: bool,
+          held_out: bool) -> dict[str, Any]:
+    from semsr.priors.irpad import levels_to_json
+
+    return {"types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS), "n": n, "size": size,
+            "seed": seed, "min_texture": min_texture, "contiguous": contiguous, "held_out": held_out,
+            "photos": [str(p) for p in photos]}
+
+
+def make_in_memory(photos: Sequence[Path], n: int, size: int = 96, seed: int = 0, min_texture: float = 3.0,
+                   contiguous: bool = False, held_out: bool = True) -> IRPADData:
+    """Generate a synthetic set in memory (used by ``semsr bench-irpad``)."""
+    images = np.zeros((n, size, size, 3), np.uint8)
+
+    def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
+        images[i] = arr
+
+    params = generate(photos, n, size, seed, min_texture=min_texture, contiguous=contiguous, sink=sink)
+    return IRPADData(images, np.array([p.labels for p in params], np.int64),
+                     np.array([p.values() for p in params], np.float32),
+                     _meta(photos, n, size, seed, min_texture, contiguous, held_out))
+
+
+def build_dataset(folder: str | Path, photos: Sequence[Path], n: int, size: int = 96, seed: int = 0,
+                  min_texture: float = 3.0, held_out: bool = False, log_every: int = 1000) -> Path:
+    """Write a synthetic set to ``folder`` (memory-mapped ``images.npy`` etc.; see module docstring).
+
+    An existing complete set with the same recipe (``meta.json``) is reused.
+    """
+    folder = Path(folder)
+    meta = _meta(photos, n, size, seed, min_texture, False, held_out)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        log.info("reusing IRPAD dataset %s", folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    images = np.lib.format.open_memmap(folder / "images.npy.tmp", mode="w+", dtype=np.uint8,
+                                       shape=(n, size, size, 3))
+    t0 = time.time()
+
+    def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
+        images[i] = arr
+
+    def progress(i: int) -> None:
+        if i % log_every == 0:
+            log.info("IRPAD dataset: %d/%d samples (%.0f s)", i, n, time.time() - t0)
+
+    params = generate(photos, n, size, seed, min_texture=min_texture, sink=sink, progress=progress)
+    images.flush()
+    del images
+    (folder / "images.npy.tmp").replace(folder / "images.npy")
+    np.save(folder / "labels.npy", np.array([p.labels for p in params], np.int64))
+    np.save(folder / "params.npy", np.array([p.values() for p in params], np.float32))
+    with open(folder / "params.jsonl", "w", encoding="utf-8") as fh:
+        for p in params:
+            fh.write(json.dumps(asdict(p)) + "\n")
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def load_dataset(folder: str | Path) -> IRPADData:
+    """Open a set written by :func:`build_dataset` (images memory-mapped)."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise SemsrError("not a complete IRPAD dataset (meta.json missing)", folder)
+    return IRPADData(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
+                     np.load(folder / "params.npy"), json.loads((folder / "meta.json").read_text()))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of :func:`train` (all recorded in the exported config)."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    val_fraction: float = 0.04
+    seed: int = 0
+    threads: int = 1
+    channels: tuple[int, ...] = (16, 32, 48, 64, 96)
+    crop: int = 64
+    highpass: bool = True
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/transpositions of ``(B, C, H, W)`` square images."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 2:
+        x = x.flip(-1)
+    if k & 1:
+        x = x.flip(-2)
+    return x
+
+
+def _batch(data: IRPADData, idx: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``crop`` windows of samples ``idx``, each under a random flip/transposition."""
+    s = data.images.shape[1]
+    out = np.empty((len(idx), crop, crop, 3), np.uint8)
+    for j, i in enumerate(idx):
+        t, left = rng.integers(0, s - crop + 1, size=2)
+        out[j] = data.images[i, t : t + crop, left : left + crop]
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+    x = _dihedral(x, int(rng.integers(8)))
+    return x.contiguous(), torch.from_numpy(data.labels[idx])
+
+
+def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) -> dict[str, Any]:
+    """Per-type interval accuracy and confusion matrices of ``estimator`` on ``data``.
+
+    Returns ``{"per_type": {type: acc}, "confusion": {type: [[count]] (true x predicted)}, "n": N,
+    "mean": mean accuracy}``.
+    """
+    types = list(data.meta.get("types", DEGRADATION_TYPES))
+    table = estimator.table
+    conf = {t: np.zeros((len(table[t]), len(table[t])), np.int64) for t in types}
+    for start in range(0, len(data), batch_size):
+        x = torch.from_numpy(np.array(data.images[start : start + batch_size]))
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        pred = estimator.predict_batch(x)
+        for j, t in enumerate(types):
+            np.add.at(conf[t], (data.labels[start : start + batch_size, j], pred[t].numpy()), 1)
+    per_type = {t: float(np.trace(c) / max(1, c.sum())) for t, c in conf.items()}
+    return {"per_type": per_type, "mean": float(np.mean(list(per_type.values()))), "n": len(data),
+            "confusion": {t: c.tolist() for t, c in conf.items()}}
+
+
+def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None] = print,
+          extra_record: Mapping[str, Any] | None = None) -> tuple[IRPADNet, dict[str, Any]]:
+    """Train an :class:`IRPADNet` on ``data`` (the last ``val_fraction`` is validation).
+
+    AdamW with a one-cycle schedule, summed cross-entropy over the four heads.
+    Returns the model (eval mode) and a training record (settings, timings,
+    validation accuracy per epoch) that is also stored in ``model.config.training``.
+    """
+    torch.set_num_threads(max(1, settings.threads))
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    n = len(data)
+    n_val = max(1, int(round(n * settings.val_fraction)))
+    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    val = IRPADData(data.images[n - n_val :], data.labels[n - n_val :], data.params[n - n_val :], data.meta)
+    config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass)
+    model = IRPADNet(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = len(train_idx) // settings.batch_size
+    total = steps_per_epoch * settings.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total, pct_start=0.15)
+    types = list(DEGRADATION_TYPES)
+    history: list[dict[str, Any]] = []
+    t0, c0 = time.time(), time.process_time()
+    step = 0
+    for epoch in range(settings.epochs):
+        model.train()
+        perm = rng.permutation(train_idx)
+        running = 0.0
+        for b in range(steps_per_epoch):
+            x, y = _batch(data, perm[b * settings.batch_size : (b + 1) * settings.batch_size], settings.crop, rng)
+            out = model(x)
+            loss = sum(F.cross_entropy(out[t], y[:, j], label_smoothing=settings.label_smoothing)
+                       for j, t in enumerate(types))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += float(loss.detach())
+            if step % 50 == 0:
+                log_fn(f"epoch {epoch + 1} step {step}/{total} loss {running / (b + 1):.3f} "
+                       f"({time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu)")
+        model.eval()
+        acc = accuracy(IRPADEstimator(model), val)
+        history.append({"epoch": epoch + 1, "loss": running / max(1, steps_per_epoch), "val": acc["per_type"],
+                        "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
+        log_fn(f"epoch {epoch + 1}: val " + ", ".join(f"{t} {a:.3f}" for t, a in acc["per_type"].items()))
+    record = {"settings": {**asdict(settings), "channels": list(settings.channels)},
+              "dataset": {k: v for k, v in data.meta.items() if k != "photos"} | {"photos": len(data.meta["photos"])},
+              "history": history, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+              **(dict(extra_record) if extra_record else {})}
+    model.config.training = record
+    return model.eval(), record

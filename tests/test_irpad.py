@@ -1,0 +1,227 @@
+"""IRPAD: level table and descriptions, the synthetic degradation, the shipped weights on held-out
+synthetic data (the ``bench-irpad`` acceptance with a smaller n), the ``irpad`` provider and a tiny
+end-to-end ``train-irpad`` run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semsr.cli import main
+from semsr.errors import SemsrError, UnavailableError
+from semsr.paths import assets_dir
+from semsr.priors.base import cached, get_provider, picture_tensor
+from semsr.priors.irpad import (
+    DEGRADATION_TYPES,
+    LEVELS,
+    IRPADEstimator,
+    IRPADProvider,
+    crop_grid,
+    default_weights_dir,
+    describe,
+    level_of,
+    load_irpad,
+)
+from semsr.train.irpad import IRPADParams, degrade, is_held_out, list_photos, sample_params
+
+
+def _sample_image() -> torch.Tensor:
+    from semsr.io import read_image
+
+    return picture_tensor(read_image(assets_dir() / "sample.png"))
+
+
+def _params(**kw: object) -> IRPADParams:
+    base = dict(blur=0.0, aniso=1.0, theta=0.0, noise=0.0, grey=False, jpeg=100.0, downscale=1.0,
+                down_mode="imresize", up_mode="bicubic", noise_seed=0, labels=(0, 0, 0, 0))
+    base.update(kw)
+    return IRPADParams(**base)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- levels and text
+
+
+def test_describe_joins_the_level_phrases_in_type_order() -> None:
+    text = describe({"blur": 1, "noise": 3, "jpeg": 2, "downscale": 0})
+    assert text == "slight blur, heavy noise, moderate jpeg compression artifacts, full resolution"
+    assert describe({"blur": 0, "noise": 2, "jpeg": 0, "downscale": 3}, omit_none=True) == \
+        "moderate noise, very low resolution"
+    assert describe({t: 0 for t in DEGRADATION_TYPES}, omit_none=True) == "clean image"
+
+
+def test_level_of_inside_intervals_and_nearest_in_gaps() -> None:
+    for t, levels in LEVELS.items():
+        for i, lv in enumerate(levels):
+            assert level_of(t, (lv.low + lv.high) / 2) == i
+    assert level_of("blur", 0.2) == 0 and level_of("blur", 0.5) == 1   # gap 0 .. 0.7
+    assert level_of("blur", 1.25) == 1 and level_of("blur", 1.4) == 2  # gap 1.1 .. 1.5
+    assert level_of("jpeg", 95) == 0 and level_of("jpeg", 55) == 1 and level_of("jpeg", 5) == 3
+    assert level_of("downscale", 2.4) == 1 and level_of("downscale", 2.6) == 2
+
+
+def test_sampled_parameters_lie_in_their_level_interval() -> None:
+    rng = np.random.default_rng(0)
+    seen = {t: set() for t in DEGRADATION_TYPES}
+    for _ in range(400):
+        p = sample_params(rng)
+        for t, value, label in zip(DEGRADATION_TYPES, p.values(), p.labels):
+            lv = LEVELS[t][label]
+            assert min(lv.low, lv.high) <= value <= max(lv.low, lv.high)
+            seen[t].add(label)
+    assert all(len(s) == len(LEVELS[t]) for t, s in seen.items())
+    rng = np.random.default_rng(1)
+    gap_values = 0
+    for _ in range(400):  # contiguous: values also fall into the gaps, labels by nearest interval
+        p = sample_params(rng, contiguous=True)
+        assert p.labels == tuple(level_of(t, v) for t, v in zip(DEGRADATION_TYPES, p.values()))
+        lv = LEVELS["noise"][p.labels[1]]
+        gap_values += not (min(lv.low, lv.high) <= p.noise <= max(lv.low, lv.high))
+    assert gap_values > 20
+
+
+# ----------------------------------------------------------------------------- degradation
+
+
+def test_degrade_identity_and_each_type_has_its_effect() -> None:
+    x = _sample_image()[..., 32:128, 32:128]
+    q = (x * 255).round() / 255
+    assert torch.equal(degrade(q, _params()), q)
+
+    def hf(img: torch.Tensor) -> float:  # high-frequency energy
+        return float((img[..., 1:, :] - img[..., :-1, :]).abs().mean())
+
+    blurred = degrade(q, _params(blur=2.0))
+    noisy = degrade(q, _params(noise=20.0, noise_seed=3))
+    jpeg = degrade(q, _params(jpeg=15.0))
+    small = degrade(q, _params(downscale=4.0))
+    for y in (blurred, noisy, jpeg, small):
+        assert y.shape == q.shape
+        assert torch.equal((y * 255).round() / 255, y)  # 8-bit values
+    assert hf(blurred) < 0.6 * hf(q) and hf(small) < 0.7 * hf(q)
+    assert hf(noisy) > 1.5 * hf(q)
+    assert 0 < float((jpeg - q).abs().mean()) < 0.1
+    # noise added on the small image is enlarged with it: grain of a 4x-downscaled image is coarse
+    n1 = degrade(q, _params(noise=20.0)) - q
+    n4 = degrade(q, _params(noise=20.0, downscale=4.0)) - degrade(q, _params(downscale=4.0))
+    assert hf(n4) < 0.5 * hf(n1)
+
+
+def test_held_out_split_is_stable_and_benchmarks_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [f"{i:06d}.jpg" for i in range(2000)]
+    share = np.mean([is_held_out(n) for n in names])
+    assert 0.12 < share < 0.18
+    assert is_held_out("a/b/123456.jpg") == is_held_out("c/123456.JPG")
+    bench = tmp_path / "data" / "benchmarks" / "Set5"
+    bench.mkdir(parents=True)
+    monkeypatch.setenv("SEMSR_DATA", str(tmp_path / "data"))
+    with pytest.raises(SemsrError, match="not training data"):
+        list_photos([bench], held_out=False)
+
+
+def test_crop_grid_covers_the_image() -> None:
+    assert crop_grid(96, 96, 64) == [(0, 0), (0, 32), (32, 0), (32, 32)]
+    assert crop_grid(40, 200, 64) == [(0, 0), (0, 45), (0, 91), (0, 136)]
+    assert len(crop_grid(1000, 1000, 64, max_crops=16)) == 16
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+
+def test_shipped_weights_reach_the_target_on_held_out_synthetic_data(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    torch_threads = torch.get_num_threads()
+    try:
+        assert main(["bench-irpad", "--n", "400", "--json", str(out), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    res = json.loads(out.read_text())
+    assert res["n"] == 400 and set(res["per_type"]) == set(DEGRADATION_TYPES)
+    assert all(acc >= 0.90 for acc in res["per_type"].values()), res["per_type"]
+    assert res["passed"] and res["source"].startswith("held-out split")
+    png = Path(res["confusion_png"])
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for t, conf in res["confusion"].items():
+        assert np.asarray(conf).sum() == 400
+
+
+def test_shipped_weights_are_small_and_self_describing() -> None:
+    folder = default_weights_dir()
+    assert (folder / "model.safetensors").stat().st_size <= 5 * 1024 * 1024
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "semsr-irpad"
+    assert "command" in cfg["training"] and "train-irpad" in cfg["training"]["command"]
+    model = load_irpad()
+    assert list(model.config.levels) == list(DEGRADATION_TYPES)
+
+
+def test_irpad_provider_text_format_and_cache(tmp_path: Path) -> None:
+    provider = get_provider("irpad")
+    assert isinstance(provider, IRPADProvider) and provider.kind == "text"
+    image = _sample_image()
+    result = provider(image)
+    phrases = [re.escape(lv.text) for lv in LEVELS["blur"]], [re.escape(lv.text) for lv in LEVELS["noise"]], \
+        [re.escape(lv.text) for lv in LEVELS["jpeg"]], [re.escape(lv.text) for lv in LEVELS["downscale"]]
+    pattern = ", ".join("(" + "|".join(p) + ")" for p in phrases)
+    assert re.fullmatch(pattern, result.value), result.value
+    assert set(result.meta["levels"]) == set(DEGRADATION_TYPES)
+    for t, probs in result.meta["probs"].items():
+        assert len(probs) == len(LEVELS[t]) and abs(sum(probs) - 1) < 1e-3
+    # a clean photo is described as (mostly) undegraded; heavy noise is recognised
+    assert result.meta["levels"]["noise"] == "none" and result.meta["levels"]["jpeg"] == "none"
+    noisy = degrade(image, _params(noise=30.0, noise_seed=1))
+    assert provider(noisy).meta["levels"]["noise"] == "heavy"
+    c = cached(provider, root=tmp_path)
+    first, second = c(image), c(image)
+    assert (c.misses, c.hits) == (1, 1) and first.value == second.value == result.value
+    assert get_provider("irpad", omit_none="true")(image).value == describe(
+        {t: LEVELS[t].index(next(lv for lv in LEVELS[t] if lv.name == n)) for t, n in result.meta["levels"].items()},
+        omit_none=True)
+
+
+def test_missing_weights_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UnavailableError, match="no IRPAD weights"):
+        load_irpad(tmp_path)
+    assert main(["bench-irpad", "--weights", str(tmp_path), "--n", "2"]) == UnavailableError.exit_code
+    assert "no IRPAD weights" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_irpad_end_to_end_on_a_tiny_set(tmp_path: Path) -> None:
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    img = (_sample_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    names = [f"p{i:03d}.png" for i in range(40)]
+    train_names = [n for n in names if not is_held_out(n)][:3]
+    held_names = [n for n in names if is_held_out(n)][:1]
+    for n in train_names + held_names:
+        Image.fromarray(img).save(photos / n)
+    assert [p.name for p in list_photos([photos], held_out=False)] == sorted(train_names)
+    out = tmp_path / "w"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train-irpad", "--hr", str(photos), "--out", str(out), "--data-dir", str(tmp_path / "data"),
+                   "--n", "160", "--size", "64", "--crop", "48", "--epochs", "1", "--batch-size", "32",
+                   "--channels", "8,8,16", "--threads", "1", "--min-texture", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    model = load_irpad(out)
+    assert model.config.channels == (8, 8, 16) and model.config.crop == 48
+    rec = model.config.training
+    assert rec["settings"]["epochs"] == 1 and len(rec["history"]) == 1 and "train-irpad" in rec["command"]
+    assert (tmp_path / "data" / "images.npy").is_file()
+    est = IRPADEstimator(model)
+    pred = est(torch.rand(1, 3, 70, 90))
+    assert set(pred.levels) == set(DEGRADATION_TYPES)
+    res = tmp_path / "r.json"
+    assert main(["bench-irpad", "--weights", str(out), "--hr", str(photos), "--n", "8", "--size", "64",
+                 "--json", str(res), "--threads", "1"]) == 0
+    assert json.loads(res.read_text())["n"] == 8
