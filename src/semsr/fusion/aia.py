@@ -124,7 +124,8 @@ class FeatureTokens(nn.Module):
         self.proj = nn.Linear(in_channels, dim)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = self.norm(feat)
+        # contiguous: GroupNorm's backward on channels-last input crashes (torch 2.13 CPU)
+        x = self.norm(feat.contiguous())
         return self.proj(x.flatten(2).transpose(1, 2))
 
 
@@ -212,7 +213,7 @@ class ConditionEncoder(nn.Module):
         t = torch.as_tensor(t, device=z.device)
         t = (t[None] if t.ndim == 0 else t).expand(z.shape[0])
         emb = self.time_embedding(self.time_proj(t).to(dtype))
-        h = self.conv_in(z.to(dtype))
+        h = self.conv_in(z.to(dtype).contiguous())  # VAE latents may come channels-last
         feats = []
         for i, level in enumerate(self.levels):
             for res in level.resnets:

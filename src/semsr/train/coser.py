@@ -1,0 +1,410 @@
+"""CoSeR training: ``coser-cognitive`` (stage 1) and ``coser-sr`` (stage 2) tasks, and their loss terms.
+
+**Stage 1, ``coser-cognitive``** — the cognitive encoder
+(:mod:`semsr.models.cognitive`): pre-SR (trainable SRResNet by default) ->
+frozen CLIP vision tower -> Q-Former adapter. Outputs ``cognitive`` ``(B, Te,
+D)`` and ``text_tokens``, the caption's SD text-encoder token embeddings
+aligned to ``Te`` tokens (CoSeR's alignment, :func:`~semsr.models.cognitive.text_token_targets`);
+loss ``cognitive_mse``. ``pre_sr_l1`` (L1 of the pre-SR output to the HR
+image) is available but off by default, as in CoSeR's code, where the pre-SR
+learns through the adapter loss only. Captions come from the corpus manifest
+(``data.manifest``, prior ``data.caption_prior``) or ``data.prompt``.
+Exports ``final/cognitive/``.
+
+``model.options``: ``clip`` (CLIP vision folder, required), ``num_queries``
+(50), ``qformer`` (``Blip2QFormerConfig`` fields), ``pre_sr`` (``{kind:
+srresnet|bicubic|method, ...}``), ``clip_layer`` (-2), ``train_pre_sr``
+(true), ``max_lr_side`` (128), ``init`` (a cognitive checkpoint to continue).
+
+**Stage 2, ``coser-sr``** — AiA (:mod:`semsr.fusion.aia`): frozen SD and
+cognitive encoder; trainable AiA blocks and the LR/reference encoders; loss
+``eps_mse``. Context = ``[text("") ; cognitive embedding]``, replaced by the
+null context ``[text("") ; aligned text("")]`` with probability
+``train.null_prompt_prob``. The reference is, as in CoSeR's training, another
+training image: one of the ``reference_top_k`` most CLIP-similar images to the
+one the crop comes from (a seeded random crop of it), replaced by VAE(zeros)
+with probability ``reference_drop_prob``. Exports ``final/aia/`` and
+``final/cognitive/`` — a complete ``--checkpoint`` folder for ``semsr upscale
+--method coser``.
+
+``model.options``: ``clip`` and ``cognitive`` (stage-1 checkpoint), required;
+``init`` (AiA checkpoint to continue), ``reference_top_k`` (10),
+``reference_drop_prob`` (0.1), ``init_from_self_attention`` (true).
+
+Paths may be ``tiny://`` (SD), ``tiny://clip-vision`` and ``tiny://coser``
+(the tiny random models, generated into the cache on first use).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semsr.errors import SemsrError
+from semsr.models.cognitive import (
+    CLIPVisionTower,
+    CognitiveEncoder,
+    build_cognitive_encoder,
+    load_clip_vision,
+    load_cognitive_encoder,
+    text_token_targets,
+)
+from semsr.ops.imresize import imresize
+from semsr.pipeline.sd_controlnet import make_hint
+from semsr.train.config import ExperimentConfig
+from semsr.train.data import CropDataset, list_images, load_image, to_tensor
+from semsr.train.losses import _require, register_loss
+from semsr.train.tasks import (
+    ControlNetSRTask,
+    PromptEncoder,
+    Task,
+    per_sample_generators,
+    randn_like_per_sample,
+    register_task,
+    resolve_model_path,
+    tiny_models_dir,
+)
+
+log = logging.getLogger(__name__)
+
+#: Tiny components of this recipe that ``tiny://<name>`` resolves to.
+TINY_COMPONENTS = ("clip-vision", "coser")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def ensure_tiny(name: str) -> Path:
+    """The tiny component ``name`` beside the cached tiny SD (written on first use, atomically)."""
+    from semsr.models.tiny import write_tiny_models
+
+    root = tiny_models_dir()
+    final = root / name
+    if final.exists():
+        return final
+    if name == "coser":
+        ensure_tiny("clip-vision")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        for dep in ("sd", "clip-vision"):
+            if (root / dep).exists():
+                (tmp / dep).symlink_to(root / dep)
+        with torch.random.fork_rng():
+            write_tiny_models(tmp, [name])
+        try:
+            os.rename(tmp / name, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_path(path: str) -> Path:
+    """Configured path -> folder; ``tiny://clip-vision`` and ``tiny://coser[/sub]`` besides
+    :func:`~semsr.train.tasks.resolve_model_path`'s ``tiny://`` forms."""
+    if path.startswith("tiny://"):
+        name, _, sub = path[len("tiny://"):].strip("/").partition("/")
+        if name in TINY_COMPONENTS:
+            return ensure_tiny(name) / sub if sub else ensure_tiny(name)
+    return resolve_model_path(path)
+
+
+def load_text_only(path: Path) -> nn.Module:
+    """Just the conditioning text encoder of an SD folder (CLIP, or MiniLM + projection)."""
+    from transformers import CLIPTextModel
+
+    from semsr.pipeline.loading import load_clip_tokenizer, load_sd, load_transformers_model
+    from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
+
+    if path.is_dir() and (path / "text_encoder").is_dir():
+        return CLIPTextConditioner(load_clip_tokenizer(path / "tokenizer"),
+                                   load_transformers_model(CLIPTextModel, path / "text_encoder", what="text encoder"))
+    if path.is_dir() and (path / "text_projection").is_dir():
+        return MiniLMTextEncoder.from_projection(path / "text_projection")
+    return load_text_conditioner(load_sd(path))  # single files and other layouts: load the whole checkpoint
+
+
+def _options(cfg: ExperimentConfig, allowed: set[str], required: tuple[str, ...]) -> dict[str, Any]:
+    opts = dict(cfg.model.options)
+    unknown = set(opts) - allowed
+    if unknown:
+        raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} (known: {sorted(allowed)})")
+    for key in required:
+        if not opts.get(key):
+            raise SemsrError(f"{cfg.task} needs model.options.{key}")
+    return opts
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@register_loss("cognitive_mse")
+def cognitive_mse(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MSE between the cognitive embedding and the aligned caption token embeddings (both ``(B, Te, D)``)."""
+    _require(outputs, "cognitive_mse", "cognitive", "text_tokens")
+    return F.mse_loss(outputs["cognitive"].float(), outputs["text_tokens"].float())
+
+
+@register_loss("pre_sr_l1")
+def pre_sr_l1(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between the pre-SR output ``(B, 3, H', W')`` and the HR crop resized to ``H' x W'``."""
+    _require(outputs, "pre_sr_l1", "pre_sr", "hr")
+    pre, hr = outputs["pre_sr"].float(), outputs["hr"].float()
+    if hr.shape[-2:] != pre.shape[-2:]:
+        hr = imresize(hr, size=tuple(pre.shape[-2:])).clamp(0, 1)
+    return F.l1_loss(pre, hr)
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+@register_task("coser-cognitive")
+class CoSeRCognitiveTask(Task):
+    """Stage 1: train the cognitive encoder's adapter (and pre-SR) to predict caption token embeddings."""
+
+    OPTIONS = {"clip", "num_queries", "qformer", "pre_sr", "clip_layer", "train_pre_sr", "max_lr_side", "init"}
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        opts = _options(cfg, self.OPTIONS, ("clip",))
+        self.text = load_text_only(resolve_path(cfg.model.pretrained)).requires_grad_(False).eval()
+        clip = load_clip_vision(resolve_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)))
+        if opts.get("init"):
+            encoder = load_cognitive_encoder(resolve_path(str(opts["init"])), clip)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                encoder = build_cognitive_encoder(
+                    clip, text_width=int(self.text.width), num_queries=int(opts.get("num_queries", 50)),
+                    pre_sr=opts.get("pre_sr"), qformer=opts.get("qformer"),
+                    max_lr_side=int(opts.get("max_lr_side", 128)))
+        if encoder.text_width != int(self.text.width):
+            raise SemsrError(f"cognitive encoder width {encoder.text_width} != text encoder width {self.text.width}")
+        encoder.pre_sr.requires_grad_(bool(opts.get("train_pre_sr", True)))
+        self.trainable = encoder.float().train()
+        te = encoder.num_queries
+        self.targets = PromptEncoder(lambda prompts: text_token_targets(self.text, prompts, te))
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+        self.text.to(device=device, dtype=weight_dtype)
+        self.targets.clear()
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``cognitive``/``text_tokens`` ``(B, Te, D)``, ``pre_sr`` ``(B, 3, 4h, 4w)`` and ``hr``."""
+        lr = batch["lr"].to(self.device)
+        cognitive, pre_sr = model(lr)
+        targets = self.targets(list(batch["prompt"])).to(self.device, torch.float32)
+        return {"cognitive": cognitive, "text_tokens": targets, "pre_sr": pre_sr, "hr": batch["hr"].to(self.device)}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
+               seed: int) -> torch.Tensor:
+        """The pre-SR output at ``data.scale`` (what the CLIP tower sees), ``(B, 3, s*h, s*w)``."""
+        out = model.pre_sr(lr.to(self.device)).float().clamp(0, 1)
+        size = (lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale)
+        return out if tuple(out.shape[-2:]) == size else imresize(out, size=size).clamp(0, 1)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write ``folder/cognitive/`` (pre-SR + adapter weights and config)."""
+        model.save(Path(folder) / "cognitive")
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+class NeighbourReferences:
+    """Training references: for the training image a crop comes from, one of its ``top_k`` most
+    CLIP-similar *other* training images (seeded choice), cropped at the crop size.
+
+    Embeddings are the CLIP tower's pooled image embeddings of a centre square
+    of every training image, computed once (one CLIP pass per image).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, clip: CLIPVisionTower, top_k: int = 10, batch: int = 16) -> None:
+        items, _ = list_images(cfg.data, cfg.data.crop_size)
+        self.items = items
+        self.dataset = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)  # positions -> image, crops
+        embs = []
+        for start in range(0, len(items), batch):
+            imgs = []
+            for item in items[start:start + batch]:
+                img = load_image(item.path)
+                side = min(img.shape[:2])
+                top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
+                sq = to_tensor(img[top:top + side, left:left + side])
+                imgs.append(F.interpolate(sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True,
+                                          align_corners=False)[0].clamp(0, 1))
+            embs.append(clip.pooled(torch.stack(imgs).to(next(clip.parameters()).device)).cpu())
+        emb = F.normalize(torch.cat(embs), dim=-1)
+        sims = emb @ emb.T
+        if len(items) > 1:
+            sims.fill_diagonal_(-float("inf"))
+        k = max(1, min(int(top_k), len(items) - 1))
+        self.neighbours = sims.topk(k, dim=1).indices  # (N, k); an image is its own neighbour only if alone
+        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
+        log.info("CoSeR references: %d training images, top-%d CLIP neighbours", len(items), k)
+
+    def _image(self, path: Path) -> np.ndarray:
+        img = self._cache.get(path)
+        if img is None:
+            img = self._cache[path] = load_image(path)
+            if len(self._cache) > 64:
+                self._cache.popitem(last=False)
+        return img
+
+    def neighbour(self, position: int, gen: torch.Generator) -> int:
+        """Index of the reference image for the sample at ``position``."""
+        row = self.neighbours[self.dataset.index_at(int(position))]
+        return int(row[int(torch.randint(len(row), (), generator=gen))])
+
+    def batch(self, positions: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """``(B, 3, S, S)`` reference crops in [0, 1] for the samples at ``positions``."""
+        out = []
+        for pos, gen in zip(positions.tolist(), gens, strict=True):
+            j = self.neighbour(pos, gen)
+            out.append(self.dataset.crop(self._image(self.items[j].path), int(pos)))
+        return torch.stack(out)
+
+
+@register_task("coser-sr")
+class CoSeRSRTask(Task):
+    """Stage 2: AiA blocks + LR/reference encoders on a frozen SD UNet, eps-MSE."""
+
+    OPTIONS = {"clip", "cognitive", "init", "reference_top_k", "reference_drop_prob", "init_from_self_attention"}
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        from diffusers import DDPMScheduler
+
+        from semsr.fusion.aia import AiAFusion, install_aia
+        from semsr.pipeline.loading import load_sd
+        from semsr.pipeline.text import load_text_conditioner
+
+        opts = _options(cfg, self.OPTIONS, ("clip", "cognitive"))
+        sd = load_sd(resolve_path(cfg.model.pretrained))
+        self.components = sd
+        self.vae = sd.vae.requires_grad_(False).eval()
+        self.unet = install_aia(sd.unet.requires_grad_(False).eval())
+        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text = load_text_conditioner(sd).requires_grad_(False).eval()
+        self.prompts = PromptEncoder(self.text.encode)
+        clip = load_clip_vision(resolve_path(str(opts["clip"])))
+        self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_path(str(opts["cognitive"])), clip)
+        self.cognitive.requires_grad_(False).eval()
+        if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
+            raise SemsrError(f"cognitive encoder width {self.cognitive.text_width} != UNet cross-attention width "
+                             f"{self.unet.config.cross_attention_dim}")
+        self.null_tokens = PromptEncoder(lambda p: text_token_targets(self.text, p, self.cognitive.num_queries))
+        if opts.get("init"):
+            fusion = AiAFusion.load(resolve_path(str(opts["init"])), self.unet)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                fusion = AiAFusion(self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True)))
+        self.trainable = fusion.float().train().requires_grad_(True)  # encoders are copies of the frozen UNet's
+        self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
+        if not 0.0 <= self.reference_drop_prob <= 1.0:
+            raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
+        self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)))
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+
+    encode_latents = ControlNetSRTask.encode_latents
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+        for m in (self.vae, self.unet, self.text, self.cognitive):
+            m.to(device=device, dtype=weight_dtype)
+        self.prompts.clear()
+        self.null_tokens.clear()
+
+    @torch.no_grad()
+    def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior-mode latent of ``image (B, 3, H, W)`` in [0, 1] (as the inference pipeline encodes)."""
+        z = self.vae.encode((image * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mode().float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def conditions(self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator],
+                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(context (B, 77+Te, D), z_lr (B, 4, h, w), z_ref (B, 4, h, w))`` with the per-sample drop-outs.
+
+        Draws per sample, in order: cognition drop, reference drop, reference choice.
+        """
+        bsz = lr.shape[0]
+        p_null = self.cfg.train.null_prompt_prob
+        keep_cog = torch.tensor([float(torch.rand((), generator=g)) >= p_null for g in gens], device=self.device)
+        keep_ref = torch.tensor([float(torch.rand((), generator=g)) >= self.reference_drop_prob for g in gens],
+                                device=self.device)
+        text = self.prompts([""] * bsz).to(self.device, self.weight_dtype)
+        cog = self.cognitive.embed(lr.to(self.device, self.weight_dtype)).to(self.weight_dtype)
+        null = self.null_tokens([""] * bsz).to(self.device, self.weight_dtype)
+        context = torch.cat([text, torch.where(keep_cog[:, None, None], cog, null)], dim=1)
+        z_lr = self.vae_mode(make_hint(lr, size))
+        z_ref = self.vae_mode(self.references.batch(positions, gens))
+        z_zero = self.vae_mode(torch.full((1, 3, *size), 0.5)).expand_as(z_ref)
+        return context, z_lr, torch.where(keep_ref[:, None, None, None], z_ref, z_zero)
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Noise-prediction outputs ``pred``/``target`` ``(B, 4, h, w)``, ``latents``, ``timesteps``.
+
+        Per-sample draws, in order: VAE posterior noise, diffusion noise,
+        timestep, then those of :meth:`conditions`.
+        """
+        hr = batch["hr"].to(self.device)
+        lr = batch["lr"].to(self.device)
+        gens = per_sample_generators(batch["seed"])
+        latents = self.encode_latents(hr, gens)
+        noise = randn_like_per_sample(latents, gens)
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
+        context, z_lr, z_ref = self.conditions(lr, batch["position"], gens, tuple(hr.shape[-2:]))
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
+        pred = model(self.unet, noisy, timesteps, context, z_lr.to(self.weight_dtype), z_ref.to(self.weight_dtype))
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
+               seed: int) -> torch.Tensor:
+        """The full CoSeR pipeline (reference generation + AiA SR) with ``model`` as the AiA weights.
+
+        The pipeline casts and freezes ``model``: pass a copy, never the trained module.
+        """
+        from semsr.methods.coser import COSER_NEGATIVE, CoSeRSR
+
+        pipe = CoSeRSR(vae=self.vae, unet=self.unet, text=self.text, cognitive=self.cognitive, fusion=model,
+                       scheduler_config=self.components.scheduler_config, device=self.device,
+                       dtype=self.weight_dtype)
+        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=COSER_NEGATIVE, steps=steps,
+                    guidance_scale=guidance_scale, seed=seed)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write a complete CoSeR checkpoint: ``folder/aia/`` and ``folder/cognitive/``."""
+        folder = Path(folder)
+        model.save(folder / "aia")
+        self.cognitive.save(folder / "cognitive")
+
