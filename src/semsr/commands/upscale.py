@@ -29,6 +29,11 @@ the keyword name is ``dest`` or the first long flag with dashes as
 underscores; the default is always ``None`` (= not given, not forwarded). The
 options appear under "options of <method>" in ``semsr upscale --help``; an
 option declared by several methods with the same ``dest`` is added once.
+
+**Side outputs.** A method may leave extra images of its last call in a
+``side_outputs`` attribute (``{name: (1, 3, H, W) tensor in [0, 1]}``, e.g.
+coser's reference with ``--save-reference``); each is written beside the
+output as ``<output stem>_<name>.png``.
 """
 from __future__ import annotations
 
@@ -365,7 +370,21 @@ class _Runner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_picture(result, out, fmt, quality=a.quality)
         tqdm.write(f"wrote {out} ({result.width}x{result.height})", file=sys.stdout)
+        for side in write_side_outputs(self.method(), out):
+            tqdm.write(f"wrote {side}", file=sys.stdout)
         return "ok", out
+
+
+def write_side_outputs(method: Method, out: Path) -> list[Path]:
+    """Write the method's ``side_outputs`` of its last call beside ``out`` (``<stem>_<name>.png``)."""
+    written = []
+    for name, image in (getattr(method, "side_outputs", None) or {}).items():
+        arr = (image[0].detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        path = out.with_name(f"{out.stem}_{name}.png")
+        with atomic_write(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        written.append(path)
+    return written
 
 
 def _print_summary(results: list[Result]) -> None:
