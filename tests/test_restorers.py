@@ -93,7 +93,7 @@ def test_rrdb_loader_rejects_other_graphs() -> None:
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize(("name", "size"), [("realesrgan-x4plus", 48), ("realsr-df2k-x4", 24)])
+@pytest.mark.parametrize(("name", "size"), [("realesrgan-x4plus", 48), ("realsr-df2k-x4", 16)])
 def test_rrdb_matches_ncnn_runtime(name: str, size: int, data_dir: Path, x4plus: RRDBNet) -> None:
     """PyTorch RRDBNet with weights from the blob == ncnn's own output (< 1e-3)."""
     param, bin_ = _paths(name)
@@ -131,10 +131,13 @@ def test_pth_round_trip_standard_keys(tmp_path: Path, x4plus: RRDBNet) -> None:
     assert loaded.config == RRDBConfig(23, 64, 32, 4)
     for key, val in x4plus.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], val), key
-    method = methods.get_method("realesrgan-pth", weights=str(path))
+    method = methods.get_method("realesrgan-pth", weights=str(path), channels_last=False)
+    assert method.name == "realesrgan-pth" and method.scale == 4
     x = torch.rand(1, 3, 8, 8)
     with torch.inference_mode():
-        assert torch.allclose(method(x), x4plus(x).clamp(0, 1), atol=1e-5)
+        # same weights, same layout; the tolerance only covers oneDNN picking
+        # a different convolution algorithm between calls
+        assert float((method(x) - x4plus(x).clamp(0, 1)).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])
