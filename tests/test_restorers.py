@@ -138,6 +138,8 @@ def test_pth_round_trip_standard_keys(tmp_path: Path, x4plus: RRDBNet) -> None:
         # same weights, same layout; the tolerance only covers oneDNN picking
         # a different convolution algorithm between calls
         assert float((method(x) - x4plus(x).clamp(0, 1)).abs().max()) < 1e-4
+    # the CLI passes the path as --checkpoint
+    assert methods.get_method("realesrgan-pth", checkpoint=str(path)).scale == 4
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])

@@ -191,11 +191,13 @@ def build_rrdb_blob(info: ModelInfo, device: Any = None, dtype: Any = None, thre
 
 
 def build_rrdb_pth(weights: str | Path | None = None, device: Any = None, dtype: Any = None,
-                   threads: int | None = None, channels_last: bool = True, **opts: Any) -> TorchRestorer:
-    """``realesrgan-pth`` factory: ``weights`` = path of a Real-ESRGAN/BasicSR ``.pth``."""
+                   threads: int | None = None, channels_last: bool = True, checkpoint: str | Path | None = None,
+                   **opts: Any) -> TorchRestorer:
+    """``realesrgan-pth`` factory: ``weights`` (or the CLI's ``--checkpoint``) = path of a Real-ESRGAN ``.pth``."""
     _reject_unknown("realesrgan-pth", opts)
+    weights = weights if weights is not None else checkpoint
     if weights is None:
-        raise SemsrError("method 'realesrgan-pth' needs weights=PATH (a Real-ESRGAN .pth file)")
+        raise SemsrError("method 'realesrgan-pth' needs weights=PATH (CLI: --checkpoint PATH, a Real-ESRGAN .pth file)")
     _apply_threads(threads)
     dev = parse_device(device)
     return TorchRestorer("realesrgan-pth", rrdbnet_from_pth(weights), dev, parse_dtype(dtype, dev), channels_last)
