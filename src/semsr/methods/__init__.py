@@ -66,6 +66,9 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.models.restorers",
     "semsr.pipeline.sd_controlnet",
     "semsr.methods.coser",
+    "semsr.methods.xpsr",
+    "semsr.methods.dalpsr",
+    "semsr.methods.mmsr",
 )
 _loaded = False
 

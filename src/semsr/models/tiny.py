@@ -38,7 +38,8 @@ TinyWriter = Callable[[Path], None]
 _WRITERS: dict[str, TinyWriter] = {}
 
 # Modules whose import registers more tiny writers (recipe modules append here).
-TINY_MODULES: list[str] = ["semsr.models.tiny_priors", "semsr.models.tiny_coser", "semsr.models.tiny_vlm"]
+TINY_MODULES: list[str] = ["semsr.models.tiny_priors", "semsr.models.tiny_coser", "semsr.models.tiny_vlm",
+                          "semsr.models.tiny_mmsr", "semsr.models.tiny_xpsr"]
 
 # A small, fixed corpus the tiny BPE tokenizer learns its merges from.
 _CORPUS = (
