@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "upscale", "load"]
+__all__ = ["__version__", "upscale", "load", "Pipeline", "Result"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("upscale", "load"):
+    if name in ("upscale", "load", "Pipeline", "Result"):
         from semsr import api
 
         return getattr(api, name)

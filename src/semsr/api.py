@@ -3,7 +3,8 @@
     import semsr
     img = semsr.upscale("photo.jpg")                      # bundled default, 4x
     img = semsr.upscale(pil_image, model="bicubic", outscale=3.5, tile=256)
-    method = semsr.load("realesrgan-x4plus", dtype="bf16")  # a Method, cached
+    pipe = semsr.load("realesrgan-x4plus", dtype="bf16")  # a Pipeline, cached
+    res = pipe("photo.jpg", tile=256)                     # Result: .image, .priors, .timings
 
 Built methods are cached per (name, build options), so repeated calls do not
 reload weights. Options are split in two kinds:
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +122,7 @@ def _cache_key(name: str, opts: Mapping[str, Any]) -> tuple[Any, ...]:
     return (name, tuple(sorted((k, hashable(v)) for k, v in opts.items())))
 
 
-def load(
+def load_method(
     method: str = "default",
     *,
     device: str = "cpu",
@@ -127,7 +130,9 @@ def load(
     threads: int | None = None,
     **build_opts: Any,
 ) -> Method:
-    """Build (or fetch from the cache) the method ``method``.
+    """Build (or fetch from the cache) the bare method ``method`` (tensor in, tensor out).
+
+    :func:`load` wraps the result in a :class:`~semsr.pipeline_api.Pipeline`.
 
     Args:
         method: registry name or alias (``semsr models list`` shows them).
@@ -165,8 +170,9 @@ def load(
 
 
 def clear_cache() -> None:
-    """Forget every cached method (frees their weights)."""
+    """Forget every cached method and pipeline (frees their weights)."""
     _cache.clear()
+    _pipelines.clear()
 
 
 def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
@@ -322,9 +328,269 @@ def upscale(
     """
     spec = resolve(model)
     build, run = split_options(spec, options)
-    method = load(spec.name, device=device, dtype=dtype, threads=threads, **build)
+    method = load_method(spec.name, device=device, dtype=dtype, threads=threads, **build)
     pic = as_picture(image_or_path, max_pixels=max_pixels)
     result = upscale_picture(
         method, pic, outscale=outscale, tile=tile, tile_pad=tile_pad, alpha=alpha, progress=progress, run_opts=run
     )
     return picture_to_pil(result)
+
+
+# ---------------------------------------------------------------- pipelines
+
+#: ``on_progress(stage, done, total)``: called as work advances (stage names:
+#: ``"tiles"`` for pixel tiling, ``"denoise"`` for diffusion steps...).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class Result:
+    """What one :class:`Pipeline` call produced.
+
+    Attributes:
+        image: the upscaled image (Pillow; mode as :func:`upscale` returns).
+        priors: the priors the method actually used, as it reports them
+            (:data:`PRIORS_ATTRIBUTE`): text (``str``: ``"prompt"``,
+            ``"caption"``, ``"degradation"``...), tags (``tuple[str, ...]``),
+            numbers, and images (modality maps, references) converted to
+            Pillow images. Restorers report nothing: ``{}``.
+        timings: seconds per stage: ``"load"`` (0 when the method was cached),
+            ``"read"``, ``"upscale"``, and any stage the method reports
+            (``last_timings``); ``"total"`` is read + upscale.
+    """
+
+    image: Image.Image
+    priors: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+#: Attribute a method sets during its call to report the priors it used
+#: (``dict[str, Any]``; tensors ``(1, C, H, W)`` in [0, 1] become images).
+PRIORS_ATTRIBUTE = "last_priors"
+#: Attribute a method may set to report its own per-stage seconds.
+TIMINGS_ATTRIBUTE = "last_timings"
+#: Optional method hook ``suggest_priors(x: Tensor (1, 3, H, W)) -> dict`` that
+#: extracts priors *before* a run (e.g. an IRPAD/VLM prompt) so a user can edit
+#: them; keys ``"prompt"``/``"negative_prompt"`` pre-fill the prompt fields.
+SUGGEST_HOOK = "suggest_priors"
+
+
+def priors_to_python(priors: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert a method's reported priors to plain Python/Pillow values.
+
+    Image tensors ``(1, C, H, W)`` / ``(C, H, W)`` float in [0, 1] (C = 1 or 3)
+    become Pillow ``L``/``RGB`` images; other tensors become lists (small) or
+    are summarised by shape; tuples/lists/str/numbers are kept.
+    """
+    out: dict[str, Any] = {}
+    for key, value in priors.items():
+        if isinstance(value, torch.Tensor):
+            t = value.detach().float().cpu()
+            if t.ndim == 4 and t.shape[0] == 1:
+                t = t[0]
+            if t.ndim == 3 and t.shape[0] in (1, 3) and min(t.shape[1:]) > 1:
+                arr = (t.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+                out[key] = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+            elif t.numel() <= 64:
+                out[key] = t.tolist()
+            else:
+                out[key] = f"tensor{tuple(t.shape)}"
+        elif isinstance(value, Mapping):
+            out[key] = priors_to_python(value)
+        else:
+            out[key] = value
+    return out
+
+
+class _TileCounter:
+    """Method proxy that reports each pixel tile through ``on_progress("tiles", ...)``."""
+
+    def __init__(self, method: Method, total: int, on_progress: ProgressCallback) -> None:
+        self._method, self._total, self._on_progress, self._done = method, total, on_progress, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
+        y = self._method(x, **run_opts)
+        self._done += 1
+        self._on_progress("tiles", min(self._done, self._total), self._total)
+        return y
+
+
+class Pipeline:
+    """A loaded method plus image-level calls returning :class:`Result`.
+
+    Made by :func:`load`::
+
+        pipe = semsr.load("sd-controlnet", base="/models/sd15", controlnet="/models/cn-sr")
+        res = pipe("photo.png", prompt="a red fox", steps=20, seed=1)
+        res.image.save("fox_x4.png"); print(res.priors, res.timings)
+
+    A pipeline is also a :class:`~semsr.methods.Method` (``name``, ``scale``,
+    ``tiles_itself``; a ``(B, 3, H, W)`` tensor in [0, 1] in gives the
+    method's tensor out), so it can be passed wherever a method is expected.
+    """
+
+    def __init__(self, method: Method, spec: MethodSpec, load_seconds: float = 0.0) -> None:
+        self.method = method
+        self.spec = spec
+        self.load_seconds = load_seconds
+
+    # Method protocol -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def scale(self) -> int:
+        return self.method.scale
+
+    @property
+    def tiles_itself(self) -> bool:
+        return bool(getattr(self.method, "tiles_itself", False))
+
+    def __getattr__(self, name: str) -> Any:  # tile_pad, device... of the method
+        if name == "method":
+            raise AttributeError(name)
+        return getattr(self.method, name)
+
+    # Image-level API ----------------------------------------------------
+    def __call__(
+        self,
+        image: str | Path | Image.Image | np.ndarray | Picture | torch.Tensor,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        tile: int | None = None,
+        *,
+        tile_pad: int | None = None,
+        outscale: float | None = None,
+        colour_fix: str | None = None,
+        alpha: str = "bicubic",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        progress: bool | None = False,
+        on_progress: ProgressCallback | None = None,
+        **run_opts: Any,
+    ) -> Result | torch.Tensor:
+        """Upscale ``image``.
+
+        Args:
+            image: path, Pillow image, ``(H, W[, C])`` NumPy array or
+                :class:`~semsr.io.Picture`. (A ``(B, 3, H, W)`` tensor calls
+                the method directly and returns its tensor.)
+            prompt, negative_prompt, steps, guidance_scale, seed, colour_fix:
+                diffusion run options (``None`` = the method's default;
+                restorers ignore them).
+            tile, tile_pad: tiling (see :func:`upscale`).
+            outscale: final factor (``None`` = the method's scale).
+            alpha: ``"bicubic"`` or ``"model"`` for an alpha plane.
+            max_pixels: refuse larger inputs.
+            progress: tqdm bars.
+            on_progress: ``callback(stage, done, total)`` as work advances.
+            **run_opts: the method's own options (``extra["cli_options"]``).
+
+        Returns:
+            :class:`Result` with ``.image``, ``.priors`` and ``.timings``.
+        """
+        if isinstance(image, torch.Tensor):
+            opts = dict(run_opts)
+            for k, v in (("prompt", prompt), ("negative_prompt", negative_prompt), ("steps", steps),
+                         ("guidance_scale", guidance_scale), ("seed", seed), ("tile", tile),
+                         ("tile_pad", tile_pad), ("colour_fix", colour_fix)):
+                if v is not None:
+                    opts[k] = v
+            return self.method(image, **opts)
+        t0 = time.perf_counter()
+        pic = as_picture(image, max_pixels=max_pixels)
+        t1 = time.perf_counter()
+        opts = {k: v for k, v in dict(run_opts, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                      guidance_scale=guidance_scale, seed=seed, colour_fix=colour_fix).items()
+                if v is not None}
+        method: Method = self.method
+        if on_progress is not None:
+            if self.tiles_itself:
+                opts["progress"] = lambda done, total: on_progress("denoise", done, total)
+            else:
+                from semsr.pipeline.tiling import count_tiles, resolve_tile
+
+                n = count_tiles(pic.height, pic.width, resolve_tile(self.method, tile))
+                n *= 2 if (pic.alpha is not None and alpha == "model") else 1
+                method = _TileCounter(self.method, n, on_progress)  # type: ignore[assignment]
+        for attr in (PRIORS_ATTRIBUTE, TIMINGS_ATTRIBUTE, "side_outputs"):
+            if hasattr(self.method, attr):
+                try:
+                    setattr(self.method, attr, {} if attr != "side_outputs" else None)
+                except AttributeError:
+                    pass
+        out = upscale_picture(method, pic, outscale=outscale, tile=tile, tile_pad=tile_pad, alpha=alpha,
+                              progress=progress, run_opts=opts)
+        t2 = time.perf_counter()
+        result_image = picture_to_pil(out)
+        timings = {"load": self.load_seconds, "read": t1 - t0}
+        timings.update({str(k): float(v) for k, v in (getattr(self.method, TIMINGS_ATTRIBUTE, None) or {}).items()})
+        timings.update(upscale=t2 - t1, total=time.perf_counter() - t0)
+        self.load_seconds = 0.0  # later calls reuse the loaded method
+        priors = dict(getattr(self.method, PRIORS_ATTRIBUTE, None) or {})
+        priors.update(getattr(self.method, "side_outputs", None) or {})
+        return Result(image=result_image, priors=priors_to_python(priors), timings=timings)
+
+    def suggest_priors(self, image: str | Path | Image.Image | np.ndarray | Picture,
+                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+        """Priors the method would extract from ``image`` (for editing before a run).
+
+        Calls the method's ``suggest_priors(x)`` hook (:data:`SUGGEST_HOOK`,
+        ``x`` = ``(1, 3, H, W)`` float in [0, 1]) when it has one; ``{}``
+        otherwise (restorers). Keys ``"prompt"``/``"negative_prompt"`` are
+        what a front end pre-fills its prompt fields with.
+        """
+        hook = getattr(self.method, SUGGEST_HOOK, None)
+        if not callable(hook):
+            return {}
+        pic = as_picture(image, max_pixels=max_pixels)
+        top = float(np.iinfo(pic.rgb.dtype).max)
+        x = torch.from_numpy(np.ascontiguousarray(pic.rgb)).permute(2, 0, 1).unsqueeze(0).float().div_(top)
+        return priors_to_python(dict(hook(x) or {}))
+
+
+_pipelines: dict[int, Pipeline] = {}
+
+
+def load(
+    method: str = "default",
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    threads: int | None = None,
+    **local_paths: Any,
+) -> Pipeline:
+    """Load ``method`` as a :class:`Pipeline` (cached per method and options).
+
+    Args:
+        method: registry name or alias (``semsr models list``).
+        device, dtype, threads: see :func:`load_method`.
+        **local_paths: weight paths (``base``, ``controlnet``, ``checkpoint``,
+            ``vlm``, ``clip``) and other build options of the method; local
+            files only, nothing is downloaded.
+
+    Example::
+
+        pipe = semsr.load("bicubic")
+        res = pipe("photo.png")
+        res.image.size, res.priors, res.timings["upscale"]
+    """
+    spec = resolve(method)
+    t0 = time.perf_counter()
+    built = load_method(spec.name, device=device, dtype=dtype, threads=threads, **local_paths)
+    seconds = time.perf_counter() - t0
+    cached = _pipelines.get(id(built))
+    if cached is not None and cached.method is built:
+        return cached
+    live = {id(m) for m in _cache.values()}
+    for key in [k for k in _pipelines if k not in live]:
+        del _pipelines[key]
+    pipe = Pipeline(built, spec, load_seconds=seconds)
+    _pipelines[id(built)] = pipe
+    return pipe
