@@ -199,10 +199,11 @@ class CoSeRSR:
 
     def reference_size(self, height: int, width: int, max_side: int = DEFAULT_REFERENCE_SIZE) -> tuple[int, int]:
         """Size of a reference for an ``height x width`` image: long side <= ``max_side``,
-        aspect kept, sides multiples of the UNet's latent granularity."""
+        aspect kept, sides multiples of the UNet's latent granularity and at least two of them
+        (the encoders' GroupNorms need more than one value per channel at the coarsest level)."""
         mult = self.factor * self.latent_multiple
         scale = min(1.0, float(max_side) / max(height, width))
-        return (max(mult, round(height * scale / mult) * mult), max(mult, round(width * scale / mult) * mult))
+        return (max(2 * mult, round(height * scale / mult) * mult), max(2 * mult, round(width * scale / mult) * mult))
 
     def _sampling_denoiser(self, spatial: Callable, tile: int, overlap: int) -> Callable:
         return tiled(spatial, tile, overlap) if tile else untiled(spatial)

@@ -1,0 +1,389 @@
+"""CoSeR recipe on tiny random models: AiA, hard attention, cognitive encoder, guidance, method, CLI, training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semsr.cli import main
+from semsr.errors import SemsrError, UnavailableError
+from semsr.fusion.aia import AiAFusion, HardAttnProcessor, hard_attention, install_aia, transformer_blocks
+from semsr.methods.coser import CoSeRSR, guidance_branches
+from semsr.models.cognitive import (
+    align_text_tokens,
+    build_cognitive_encoder,
+    load_clip_vision,
+    load_cognitive_encoder,
+    text_token_targets,
+)
+
+from train_helpers import REPO, write_textures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded on the shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_models: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet", local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path) -> CoSeRSR:
+    return CoSeRSR.from_pretrained(tiny_models / "sd", tiny_models / "coser", tiny_models / "clip-vision")
+
+
+@pytest.fixture(scope="module")
+def lr() -> torch.Tensor:
+    return torch.rand(1, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+
+
+def _unet_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 4, 16, 16, generator=g), "t": torch.tensor([900, 30]),
+            "context": torch.randn(2, 12, 32, generator=g), "z_lr": torch.randn(2, 4, 16, 16, generator=g),
+            "z_ref": torch.randn(2, 4, 8, 12, generator=g)}
+
+
+# ----------------------------------------------------------------------------- AiA
+
+
+def test_zero_initialised_aia_equals_the_plain_unet(unet):
+    fusion = AiAFusion(unet)
+    d = _unet_inputs()
+    with torch.no_grad():
+        plain = unet(d["x"], d["t"], encoder_hidden_states=d["context"]).sample
+        wrapped = fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
+        assert torch.equal(plain, wrapped)
+        # every transformer block got AiA parts, and the hooks are inert without AiA inputs
+        assert len(fusion.blocks) == len(transformer_blocks(unet)) > 0
+        assert torch.equal(unet(d["x"], d["t"], encoder_hidden_states=d["context"]).sample, plain)
+        # the same modules with non-zero "zero convolutions" do change the output (the test can fail)
+        for block in fusion.blocks.values():
+            torch.nn.init.normal_(block.ref_zero.weight, std=0.1)
+        changed = fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
+        assert (changed - plain).abs().max() > 1e-3
+        # ... and the reference enters only through the reference attention
+        no_ref = fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], None)
+        assert torch.equal(no_ref, plain)
+
+
+def test_aia_starts_from_the_pretrained_self_attention_and_keeps_unet_state(unet):
+    keys_before = set(unet.state_dict())
+    fusion = AiAFusion(unet)
+    install_aia(unet)
+    assert set(unet.state_dict()) == keys_before
+    name, _, block = transformer_blocks(unet)[0]
+    part = fusion.block(name)
+    assert torch.equal(part.lr_attn.to_q.weight, block.attn1.to_q.weight)
+    assert torch.equal(part.ref_attn.to_v.weight, block.attn1.to_v.weight)
+    assert torch.count_nonzero(part.lr_zero.weight) == 0 and torch.count_nonzero(part.ref_zero.bias) == 0
+
+
+def test_hard_attention_returns_the_argmax_value_scaled_by_its_score():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 9, 4, generator=g), torch.randn(2, 3, 9, 5, generator=g)
+    out = hard_attention(q, k, v, scale=0.5, chunk=3)
+    expected = torch.empty(2, 3, 7, 5)
+    for b in range(2):
+        for h in range(3):
+            for i in range(7):
+                scores = [float(q[b, h, i] @ k[b, h, j]) * 0.5 for j in range(9)]
+                j = int(np.argmax(scores))
+                expected[b, h, i] = v[b, h, j] * scores[j]
+    torch.testing.assert_close(out, expected)
+
+
+def test_hard_attention_processor_uses_the_projections_and_no_softmax():
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(4, cross_attention_dim=4, heads=1, dim_head=4, processor=HardAttnProcessor())
+    with torch.no_grad():
+        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            lin.weight.copy_(torch.eye(4))
+        attn.to_out[0].bias.zero_()
+    keys = torch.tensor([[[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 3.0]]])
+    query = torch.tensor([[[0, 1.0, 0, 0], [0, 0, 0, 1.0]]])
+    out = attn(query, encoder_hidden_states=keys)
+    # query 0 picks key 1 (score 2 * 0.5), query 1 picks key 2 (score 3 * 0.5)
+    torch.testing.assert_close(out, torch.tensor([[[0, 2.0, 0, 0], [0, 0, 0, 4.5]]]))
+
+
+def test_aia_checkpoint_round_trip_and_wrong_unet(unet, tmp_path):
+    from semsr.models.tiny import tiny_unet
+
+    fusion = AiAFusion(unet)
+    with torch.no_grad():
+        for block in fusion.blocks.values():
+            torch.nn.init.normal_(block.lr_zero.weight, std=0.1)
+    fusion.save(tmp_path / "aia")
+    loaded = AiAFusion.load(tmp_path / "aia", unet)
+    d = _unet_inputs(3)
+    with torch.no_grad():
+        a = fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
+        b = loaded(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
+    assert torch.equal(a, b)
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(**{**dict(tiny_unet().config), "block_out_channels": (32, 32)})
+    with pytest.raises(UnavailableError, match="another UNet"):
+        AiAFusion.load(tmp_path / "aia", other)
+
+
+# ----------------------------------------------------------------------------- cognitive encoder
+
+
+def test_align_text_tokens_takes_the_window_ending_at_the_end_token():
+    tokens = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 3)
+    out = align_text_tokens(tokens, torch.tensor([7, 3]), 4)
+    assert out[0, :, 0].tolist() == [3, 4, 5, 6]  # last 4 of the 7 real tokens
+    assert out[1, :, 0].tolist() == [0, 1, 2, 2]  # 3 tokens, end token repeated
+
+
+def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
+    from semsr.train.coser import load_text_only
+
+    clip = load_clip_vision(tiny_models / "clip-vision")
+    text = load_text_only(tiny_models / "sd")
+    torch.manual_seed(0)
+    enc = build_cognitive_encoder(clip, text_width=text.width, pre_sr={"num_feat": 8, "num_block": 1},
+                                  qformer={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                           "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+                                           "attention_probs_dropout_prob": 0.0})
+    assert enc.num_queries == 50
+    crossing = [hasattr(layer, "crossattention") for layer in enc.adapter.qformer.encoder.layer]
+    assert crossing == [True, False]  # cross-attention every 2 layers
+    lr = torch.rand(2, 3, 12, 16, generator=torch.Generator().manual_seed(0))
+    emb, pre = enc(lr)
+    assert emb.shape == (2, 50, 32) and pre.shape == (2, 3, 48, 64)
+    targets = text_token_targets(text, ["a photo of a cat", "a dog on the grass"], 50)
+    assert targets.shape == (2, 50, 32)
+    params = [p for p in enc.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in enc.clip.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.mse_loss(enc(lr)[0], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.pre_sr.parameters())  # through CLIP
+
+
+def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    with pytest.raises(UnavailableError, match="wide"):
+        load_cognitive_encoder(tiny_models / "coser", tmp_path)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def test_guidance_branches_and_formula():
+    pos, neg = torch.ones(1, 3, 2), -torch.ones(1, 3, 2)
+    ref, zero = torch.full((1, 4, 2, 2), 2.0), torch.zeros(1, 4, 2, 2)
+    two = guidance_branches(pos, neg, ref, zero, 3.0)
+    assert [w for w, _ in two] == [-2.0, 3.0]
+    assert two[0][1].context is neg and two[0][1].reference is zero  # negative: neg prompt + VAE(zeros)
+    assert two[1][1].context is pos and two[1][1].reference is ref
+    three = guidance_branches(pos, neg, ref, zero, 3.0, reference_guidance=1.5)
+    assert [w for w, _ in three] == [-0.5, -1.5, 3.0]
+    assert three[1][1].context is neg and three[1][1].reference is ref
+
+    def eps(b):  # a stand-in model: any function of the branch
+        return b.context.sum() * 10 + b.reference.sum()
+
+    e_n, e_r, e_f = eps(three[0][1]), eps(three[1][1]), eps(three[2][1])
+    combined = sum(w * eps(b) for w, b in three)
+    torch.testing.assert_close(combined, e_n + 1.5 * (e_r - e_n) + 3.0 * (e_f - e_r))
+    assert [w for w, _ in guidance_branches(pos, neg, ref, zero, 1.0)] == [1.0]
+    plain = guidance_branches(pos, neg, None, None, 4.0)
+    assert [(w, b.reference) for w, b in plain] == [(-3.0, None), (4.0, None)]
+
+
+def test_negative_branch_uses_negative_prompt_embedding_and_vae_of_zeros(pipe, lr):
+    pos, neg = pipe.contexts(lr, ["a cat"], ["blurry"])
+    te = pipe.cognitive.num_queries
+    text_neg = pipe.encode_prompts(["blurry"])
+    assert pos.shape == neg.shape == (1, 77 + te, 32)
+    torch.testing.assert_close(neg[:, :77], text_neg)
+    torch.testing.assert_close(neg[:, 77:], text_token_targets(pipe.text, ["blurry"], te))
+    torch.testing.assert_close(pos[:, 77:], pipe.cognitive.embed(lr))
+    ref = torch.rand(1, 3, 64, 80)
+    z_ref, z_zero = pipe.reference_latent(ref, 1)
+    with torch.no_grad():  # VAE(zeros): the VAE's own [-1, 1] input range, all zero
+        direct = pipe.vae.encode(torch.zeros(1, 3, 64, 80)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(z_zero, direct)
+    torch.testing.assert_close(z_ref, pipe.vae_encode(ref))
+    branches = guidance_branches(pos, neg, z_ref, z_zero, 3.0)
+    assert branches[0][1].context is neg and branches[0][1].reference is z_zero
+
+
+# ----------------------------------------------------------------------------- pipeline and ablations
+
+
+def test_pipeline_generates_a_reference_and_ablations(pipe, lr, monkeypatch):
+    full = pipe(lr, steps=3, seed=1)
+    assert full.shape == (1, 3, 64, 80) and 0 <= full.min() and full.max() <= 1
+    assert pipe.last_reference is not None and pipe.last_reference.shape == (1, 3, 64, 80)
+    assert torch.equal(pipe.last_reference, (pipe.last_reference * 255).round() / 255)  # 8-bit levels
+
+    no_ref = pipe(lr, steps=3, seed=1, use_reference=False)
+    assert pipe.last_reference is None and (no_ref - full).abs().max() > 1e-3
+    other = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(pipe(lr, steps=3, seed=1, use_reference=False, reference=other), no_ref)
+    with_other = pipe(lr, steps=3, seed=1, reference=other)
+    assert (with_other - full).abs().max() > 1e-3  # the reference matters when used
+
+    def boom(*a, **k):
+        raise AssertionError("cognitive encoder called")
+
+    base = pipe(lr, steps=3, seed=1, use_cognition=False, reference=other)
+    monkeypatch.setattr(pipe.cognitive, "embed", boom)
+    assert torch.equal(pipe(lr, steps=3, seed=1, use_cognition=False, reference=other), base)
+    with pytest.raises(AssertionError, match="cognitive encoder called"):
+        pipe(lr, steps=1, seed=1, reference=other)
+
+
+def test_separate_reference_guidance_changes_the_result(pipe, lr):
+    ref = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(2))
+    a = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0)
+    b = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=3.0)
+    c = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=6.0)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-4
+
+
+def test_latent_tiles_match_shape_and_stay_close(pipe):
+    lr = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(4))
+    ref = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    whole = pipe(lr, steps=2, seed=0, reference=ref, latent_tile=0)
+    tiles = pipe(lr, steps=2, seed=0, reference=ref, latent_tile=8, tile_overlap=4)
+    assert tiles.shape == whole.shape == (1, 3, 128, 160)
+    assert (tiles - whole).abs().mean() < 0.1
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _image(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_cli_end_to_end_with_reference_cache(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SEMSR_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = CoSeRSR.generate_reference
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CoSeRSR, "generate_reference", counting)
+    img = _image(tmp_path / "img.png", 7)
+    args = ["upscale", "-i", img, "-o", tmp_path / "out", "--method", "coser", "--base", tiny_models / "sd",
+            "--checkpoint", tiny_models / "coser", "--clip", tiny_models / "clip-vision", "--steps", "4",
+            "--save-reference", "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    out, ref = tmp_path / "out" / "img_out.png", tmp_path / "out" / "img_out_reference.png"
+    assert Image.open(out).size == (80, 64) and Image.open(ref).size == (80, 64)
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "coser-references").glob("*.png"))) == 1
+    first, first_ref = np.asarray(Image.open(out)), np.asarray(Image.open(ref))
+    assert main([str(a) for a in args + ["--overwrite"]]) == 0
+    assert len(calls) == 1  # second run: the reference came from the cache
+    assert np.array_equal(np.asarray(Image.open(out)), first)
+    assert np.array_equal(np.asarray(Image.open(ref)), first_ref)
+    # a user reference is used as given (no generation) and saved beside the output
+    user = _image(tmp_path / "user_ref.png", 9)
+    assert main([str(a) for a in args + ["--overwrite", "--reference", user, "--suffix", "u"]]) == 0
+    assert len(calls) == 1 and (tmp_path / "out" / "img_u_reference.png").is_file()
+    # the no-reference ablation writes no reference
+    assert main([str(a) for a in args + ["--no-reference", "--suffix", "nr"]]) == 0
+    assert (tmp_path / "out" / "img_nr.png").is_file() and not (tmp_path / "out" / "img_nr_reference.png").exists()
+    capsys.readouterr()
+
+
+def test_cli_missing_paths_are_one_line_errors(tiny_models, tmp_path, capsys):
+    img = _image(tmp_path / "img.png", 1)
+    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o"), "--method", "coser",
+               "--base", str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "coser")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--clip" in err and "Traceback" not in err
+    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o"), "--method", "coser", "--base",
+               str(tiny_models / "sd"), "--checkpoint", str(tmp_path), "--clip", str(tiny_models / "clip-vision")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "CoSeR checkpoint" in err
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_training_configs_run_through_semsr_train(tiny_models, tmp_path, capsys):
+    hr = write_textures(tmp_path / "hr", count=5, size=(72, 72))
+    common = [f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0"]
+    cog = ["train", "--config", str(REPO / "configs" / "coser-cognitive-tiny.yaml"), "--output",
+           str(tmp_path / "cog"), "--max-steps", "3", f"model.pretrained={tiny_models / 'sd'}",
+           f"model.options.clip={tiny_models / 'clip-vision'}", *common]
+    assert main(cog) == 0
+    records = [json.loads(line) for line in (tmp_path / "cog" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert "cognitive_mse" in records[0]["terms"]
+    assert (tmp_path / "cog" / "final" / "cognitive" / "model.safetensors").is_file()
+
+    sr = ["train", "--config", str(REPO / "configs" / "coser-tiny.yaml"), "--output", str(tmp_path / "sr"),
+          "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
+          f"model.options.clip={tiny_models / 'clip-vision'}",
+          f"model.options.cognitive={tmp_path / 'cog' / 'final'}", "validation.every=2", *common]
+    assert main(sr) == 0
+    records = [json.loads(line) for line in (tmp_path / "sr" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["train", "train", "val"]
+    final = tmp_path / "sr" / "final"
+    # the exported folder is a complete checkpoint for the coser method
+    pipe = CoSeRSR.from_pretrained(tiny_models / "sd", final, tiny_models / "clip-vision")
+    assert pipe(torch.rand(1, 3, 16, 16), steps=1).shape == (1, 3, 64, 64)
+    capsys.readouterr()
+
+
+def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
+    cfg = config_from_dict({
+        "name": "t", "task": "coser-sr",
+        "model": {"pretrained": str(tiny_models / "sd"),
+                  "options": {"clip": str(tiny_models / "clip-vision"), "cognitive": str(tiny_models / "coser"),
+                              "reference_top_k": 2}},
+        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
+    })
+    task = build_task(cfg)
+    trainable = {id(p) for p in task.trainable.parameters() if p.requires_grad}
+    assert trainable and len(trainable) == sum(1 for _ in task.trainable.parameters())
+    assert not any(p.requires_grad for p in task.unet.parameters())
+    assert not any(p.requires_grad for p in task.cognitive.parameters())
+    # references are other training images (never the crop's own image when there are others)
+    for pos in range(6):
+        i = task.references.dataset.index_at(pos)
+        assert task.references.neighbour(pos, torch.Generator().manual_seed(pos)) != i
+    with pytest.raises(SemsrError, match="unknown model.options"):
+        build_task(config_from_dict({**cfg.to_dict(), "model": {"pretrained": str(tiny_models / "sd"),
+                                                                 "options": {"clip": "x", "cognitive": "y",
+                                                                             "bogus": 1}}}))
