@@ -219,6 +219,16 @@ class SDControlNetSR:
             x = self.vae.decode((z / cfg.scaling_factor + shift).to(self.device, self.dtype)).sample
         return ((x.float() + 1) / 2).clamp_(0, 1)
 
+    def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None,
+                   guidance_scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The sampler's ``(cond, uncond)`` for ``B`` prompts: ``{"context": (B, L, D)}``; ``uncond``
+        is None without CFG. Subclasses with more conditions (e.g. XPSR's two prompts) override this."""
+        cond = {"context": self.encode_prompts(prompts)}
+        if negative_prompt is None or guidance_scale == 1.0:
+            return cond, None
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        return cond, {"context": self.encode_prompts(negs)}
+
     def spatial_denoiser(self, hint: torch.Tensor, conditioning_scale: float = 1.0):
         """The per-step model call over a latent window (see :mod:`.latent_tiling`).
 
@@ -285,11 +295,7 @@ class SDControlNetSR:
 
         prompts = [prompt] * bsz if isinstance(prompt, str) else list(prompt)
         t0 = time.perf_counter()
-        cond = {"context": self.encode_prompts(prompts)}
-        uncond = None
-        if negative_prompt is not None and guidance_scale != 1.0:
-            negs = [negative_prompt] * bsz if isinstance(negative_prompt, str) else list(negative_prompt)
-            uncond = {"context": self.encode_prompts(negs)}
+        cond, uncond = self.conditions(prompts, negative_prompt, guidance_scale)
         init = self.vae_encode(hint_padded, vae_tile) if start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
 

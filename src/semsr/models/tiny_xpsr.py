@@ -1,0 +1,44 @@
+"""Tiny random XPSR / DaLPSR checkpoints for ``semsr dev tiny-models`` (see :mod:`semsr.models.tiny`).
+
+``xpsr`` and ``dalpsr``: checkpoint folders for the tiny SD (``root/sd``, written before) with
+
+- ``controlnet/``: diffusers ControlNet (``config.json`` + safetensors; non-zero zero-convs);
+- ``sfa/``: :class:`~semsr.fusion.sfa.SFAFusion` (``config.json`` + ``model.safetensors``);
+  ``xpsr`` in ``parallel`` mode with the UNet's conditional attention, ``dalpsr`` in
+  ``serial`` mode without it; the conditional attention's zero layers get small random
+  weights so it visibly acts (a fresh one is an exact no-op);
+- ``dfc/``: the Degradation-Free Constraint heads (training only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from semsr.models.tiny import register_tiny, tiny_controlnet
+
+
+def write_two_prompt_checkpoint(folder: Path, sd: Path, mode: str, conditional_attention: bool) -> Path:
+    """Write ``folder/{controlnet,sfa,dfc}`` for the SD folder ``sd``."""
+    from diffusers import UNet2DConditionModel
+
+    from semsr.errors import SemsrError
+    from semsr.fusion.dfc import DFCHeads
+    from semsr.fusion.sfa import SFAFusion
+
+    if not (sd / "unet").is_dir():
+        raise SemsrError("tiny XPSR/DaLPSR checkpoints are built on tiny 'sd': write it first", sd)
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet", local_files_only=True)
+    controlnet = tiny_controlnet(unet)
+    fusion = SFAFusion(controlnet, unet if conditional_attention else None, mode=mode)
+    with torch.no_grad():
+        for layer in fusion.cond_out.values():
+            torch.nn.init.normal_(layer.weight, std=0.05)
+    controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+    fusion.save(folder / "sfa")
+    DFCHeads(controlnet).save(folder / "dfc")
+    return folder
+
+
+register_tiny("xpsr", lambda root: write_two_prompt_checkpoint(root / "xpsr", root / "sd", "parallel", True))
+register_tiny("dalpsr", lambda root: write_two_prompt_checkpoint(root / "dalpsr", root / "sd", "serial", False))
