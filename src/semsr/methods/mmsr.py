@@ -78,9 +78,17 @@ CHECKPOINT_FILE = "mmsr.json"
 # ----------------------------------------------------------------------------- conv_in
 
 
-def widen_conv_in(conv: nn.Conv2d, extra: int) -> nn.Conv2d:
+class ConcatConvIn(nn.Conv2d):
+    """The widened UNet ``conv_in``; runs in its own dtype (fp32 master weights under a bf16 UNet)
+    and returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+def widen_conv_in(conv: nn.Conv2d, extra: int) -> ConcatConvIn:
     """A copy of ``conv`` with ``extra`` more input channels whose weights are zero (InstructPix2Pix)."""
-    new = nn.Conv2d(conv.in_channels + extra, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+    new = ConcatConvIn(conv.in_channels + extra, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
     with torch.no_grad():
         new.weight.zero_()
@@ -113,7 +121,7 @@ def load_conv_in(folder: str | Path) -> tuple[nn.Conv2d, int]:
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UnavailableError("not a conv_in folder (needs config.json + model.safetensors)", folder)
     cfg = json.loads((folder / "config.json").read_text())
-    conv = nn.Conv2d(int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["kernel_size"]),
+    conv = ConcatConvIn(int(cfg["in_channels"]), int(cfg["out_channels"]), int(cfg["kernel_size"]),
                      padding=int(cfg["padding"]))
     conv.load_state_dict(load_file(str(folder / "model.safetensors")))
     return conv, int(cfg["latent_channels"])

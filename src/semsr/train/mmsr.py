@@ -1,0 +1,197 @@
+"""MMSR training task (``task: mmsr``): Multimodal Latent Connector + widened conv_in on a frozen SD UNet.
+
+Per micro-batch (HR crop, degraded LR, caption, seed)::
+
+    hint = bicubic(LR) to the HR size          z_LR = VAE mode(hint)        z_0 = VAE sample(HR)
+    spatial modalities of the hint (edge/depth/seg providers, uncached) --VQ--> (B, 256, 256) each
+    caption -> text tokens (B, 77, D)          (caption -> "" with train.null_prompt_prob, text CFG)
+    every modality (caption included) -> its null token with model.options.modality_drop_prob (10 %)
+    eps-MSE on UNet([z_t ; z_LR], t, connector(caption, modalities))
+
+``model.options``:
+    ``modalities``: spatial modalities (default ``[edge, depth, seg]``);
+    ``depth_model`` / ``seg_model``: transformers folders (``tiny://depth``, ``tiny://seg`` for the tiny ones);
+    ``vq``: tokenizer path (default: the shipped edge VQ); ``edge``: ``canny`` (default) or ``hed``;
+    ``modality_drop_prob``: null-token substitution probability per modality (0.1);
+    ``connector``: :class:`~semsr.fusion.mmlc.ConnectorConfig` overrides (``num_latents``, ``heads``,
+    ``cross_layers``, ``self_layers``, ``mlp_ratio``); width and text width follow the UNet / text encoder;
+    ``init``: an MMSR checkpoint folder to continue from.
+
+Trainable: the connector and the widened conv_in (the rest of the UNet is
+frozen). Export: an MMSR checkpoint folder (:func:`semsr.methods.mmsr.save_checkpoint`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semsr.errors import SemsrError
+from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, ConnectorConfig, MultimodalLatentConnector
+from semsr.methods.mmsr import DEFAULT_NEGATIVE, MMSRConditioning, MMSRSR, load_checkpoint, save_checkpoint
+from semsr.pipeline.sd_controlnet import make_hint
+from semsr.train.config import ExperimentConfig
+from semsr.train.tasks import (
+    ControlNetSRTask,
+    PromptEncoder,
+    Task,
+    per_sample_generators,
+    randn_like_per_sample,
+    register_task,
+    resolve_model_path,
+)
+
+_TINY = ("depth", "seg", "mmsr")
+_CONNECTOR_KEYS = {"num_latents", "heads", "cross_layers", "self_layers", "mlp_ratio"}
+
+
+def resolve_path(path: str) -> Path:
+    """Configured path -> folder; ``tiny://depth``, ``tiny://seg``, ``tiny://mmsr`` besides the SD forms."""
+    if path.startswith("tiny://"):
+        name = path[len("tiny://"):].strip("/")
+        if name in _TINY:
+            from semsr.train.coser import ensure_tiny
+
+            return ensure_tiny(name)
+    return resolve_model_path(path)
+
+
+@register_task("mmsr")
+class MMSRTask(Task):
+    """See the module docstring."""
+
+    OPTIONS = {"modalities", "depth_model", "seg_model", "vq", "edge", "modality_drop_prob", "connector", "init"}
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        from diffusers import DDPMScheduler
+
+        from semsr.models.vq import load_tokenizer
+        from semsr.pipeline.loading import load_sd
+        from semsr.pipeline.text import load_text_conditioner
+        from semsr.priors.mmsr import ModalityTokens
+
+        opts = dict(cfg.model.options)
+        unknown = set(opts) - self.OPTIONS
+        if unknown:
+            raise SemsrError(f"unknown model.options for mmsr: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
+        self.modalities = list(opts.get("modalities") or SPATIAL_MODALITIES)
+        bad = [m for m in self.modalities if m not in SPATIAL_MODALITIES]
+        if bad:
+            raise SemsrError(f"model.options.modalities: unknown {bad}; known: {list(SPATIAL_MODALITIES)}")
+        self.drop_prob = float(opts.get("modality_drop_prob", 0.1))
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise SemsrError("model.options.modality_drop_prob must be in [0, 1]")
+        sd = load_sd(resolve_model_path(cfg.model.pretrained))
+        self.components = sd
+        self.vae = sd.vae.requires_grad_(False).eval()
+        self.unet = sd.unet.requires_grad_(False).eval()
+        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text = load_text_conditioner(sd).requires_grad_(False).eval()
+        self.prompts = PromptEncoder(self.text.encode)
+        self.sources: dict[str, dict[str, Any]] = {"edge": {}}
+        for name in ("depth", "seg"):
+            if name in self.modalities:
+                given = opts.get(f"{name}_model")
+                if not given:
+                    raise SemsrError(f"modality {name} needs model.options.{name}_model")
+                self.sources[name] = {"model": str(resolve_path(str(given)))}
+        self.vq_path = str(resolve_path(str(opts["vq"]))) if opts.get("vq") else None
+        self.edge = str(opts.get("edge", "canny"))
+        self.tokenizer = load_tokenizer(self.vq_path)
+        self.tokens = ModalityTokens(self.modalities, self.tokenizer, self.sources, edge=self.edge, use_cache=False)
+        if opts.get("init"):
+            cond, meta = load_checkpoint(resolve_path(str(opts["init"])))
+            if list(cond.connector.config.spatial) != self.modalities:
+                raise SemsrError(f"init checkpoint has modalities {cond.connector.config.spatial}, the config "
+                                 f"{self.modalities}")
+        else:
+            extra = dict(opts.get("connector") or {})
+            bad = set(extra) - _CONNECTOR_KEYS
+            if bad:
+                raise SemsrError(f"model.options.connector: unknown {sorted(bad)} (known: {sorted(_CONNECTOR_KEYS)})")
+            width = int(self.unet.config.cross_attention_dim)
+            ccfg = ConnectorConfig(width=width, text_width=int(self.text.width), spatial=self.modalities,
+                                   vq_dim=int(self.tokenizer.embed_dim), **extra)
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                cond = MMSRConditioning.new(self.unet, MultimodalLatentConnector(ccfg))
+        if cond.connector.config.vq_dim != int(self.tokenizer.embed_dim):
+            raise SemsrError(f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
+                             f"{self.tokenizer.embed_dim}")
+        self.trainable = cond.float().train().requires_grad_(True)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+
+    encode_latents = ControlNetSRTask.encode_latents
+    draw_prompts = ControlNetSRTask.draw_prompts
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+        for m in (self.vae, self.unet, self.text):
+            m.to(device=device, dtype=weight_dtype)
+        self.prompts.clear()
+
+    @torch.no_grad()
+    def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior-mode latent of ``image (B, 3, H, W)`` in [0, 1] (as the inference pipeline encodes)."""
+        z = self.vae.encode((image * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mode().float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def draw_drops(self, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Per modality (caption first, then the spatial ones) a ``(B,)`` bool: replace by the null token."""
+        names = [CAPTION, *self.modalities]
+        return {m: torch.tensor([float(torch.rand((), generator=g)) < self.drop_prob for g in gens],
+                                device=self.device) for m in names}
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``pred``/``target`` ``(B, 4, h, w)``, ``latents``, ``timesteps``.
+
+        Per-sample draws, in order: VAE posterior noise, diffusion noise,
+        timestep, prompt dropout, modality drops.
+        """
+        hr = batch["hr"].to(self.device)
+        lr = batch["lr"].to(self.device)
+        gens = per_sample_generators(batch["seed"])
+        latents = self.encode_latents(hr, gens)
+        noise = randn_like_per_sample(latents, gens)
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
+        prompts = self.draw_prompts(list(batch["prompt"]), gens)
+        drops = self.draw_drops(gens)
+        text = self.prompts(prompts).to(self.device, torch.float32)
+        hint = make_hint(lr, tuple(hr.shape[-2:]))
+        spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
+        z_lr = self.vae_mode(hint)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = model(self.unet, noisy.to(self.weight_dtype), z_lr.to(self.weight_dtype), timesteps, text, spatial,
+                     drops)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
+               seed: int) -> torch.Tensor:
+        """The MMSR pipeline (m-CFG, ``guidance_scale`` = w) with ``model`` (a copy) as connector + conv_in."""
+        pipe = MMSRSR(vae=self.vae, unet=self.unet, text=self.text, cond=model,
+                      meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
+                      scheduler_config=self.components.scheduler_config, sources=self.sources,
+                      tokenizer=self.tokenizer, device=self.device, dtype=self.weight_dtype)
+        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=DEFAULT_NEGATIVE,
+                    modalities=[CAPTION, *self.modalities], steps=steps, guidance_scale=guidance_scale, seed=seed)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write an MMSR checkpoint folder (``mmsr.json``, ``connector/``, ``conv_in/``)."""
+        save_checkpoint(folder, model, modalities=self.modalities, edge=self.edge, tokenizer=self.vq_path)
+
