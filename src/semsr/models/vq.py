@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.errors import UnavailableError
+from semsr.io import atomic_write
 from semsr.paths import assets_dir
 
 #: Name of the shipped edge tokenizer inside ``assets/weights``.
@@ -268,14 +269,12 @@ class EdgeVQ(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                  if not k.startswith("quantizer.ema_")}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         cfg = asdict(self.config)
         cfg["channels"] = list(cfg["channels"])
-        tmp_json = path.with_name(f".{path.stem}.json.tmp")
-        tmp_json.write_text(json.dumps(cfg, indent=2) + "\n")
-        tmp_json.replace(path.with_suffix(".json"))
+        with atomic_write(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
         return path
 
     @classmethod

@@ -16,10 +16,28 @@ PSNR (maps in [0, 1]) and edge IoU (maps thresholded at 0.3, exact and with
 map (constant) and a 16x16 average-pooled map upsampled bilinearly (a
 continuous 16x16 code, a strong baseline for PSNR).
 
-Command (the shipped weights were made with it; its report is in
-``assets/weights/vq_edges.json`` beside the config)::
+Command (the shipped weights were made with it; its full report is
+``assets/weights/vq_edges.report.json`` beside the config ``vq_edges.json``)::
 
     semsr train-vq --out src/semsr/assets/weights/vq_edges --steps 1000 --threads 1 --time-limit 2400
+
+Shipped model (1.1 M parameters + codebook 1024 x 256, 5.5 MB fp32): 975 steps
+of batch 16 (the time limit cut the last 25; 726 s of CPU time, 40 min wall on
+a busy 2-core machine). Held-out scores (40 BSDS500 images, Canny + HED maps
+of the half-size images, whole maps resized to 128x128; IoU at 0.3):
+
+============  =========  =====  ==========  ========================
+maps          tokenizer  PSNR   IoU (1 px)  baselines PSNR / IoU (1 px)
+============  =========  =====  ==========  ========================
+Canny + HED   VQ 16x16   20.90  0.920       mean map 12.31 / 0.00;
+                                            16x16 avg-pool 16.88 / 0.48
+Canny         VQ 16x16   18.33  0.849       16x16 avg-pool 16.52 / 0.02
+HED           VQ 16x16   23.46  0.991       16x16 avg-pool 17.24 / 0.94
+============  =========  =====  ==========  ========================
+
+1008 of the 1024 codes are used on the held-out maps. Reconstructions keep
+the layout of the contours; thin Canny lines come back as soft, slightly
+wobbly strokes (about 1 px off), HED maps come back blurrier than the input.
 """
 from __future__ import annotations
 
@@ -34,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from semsr.errors import InputError
+from semsr.io import atomic_write
 from semsr.models.vq import EdgeVQ, EdgeVQConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -238,7 +257,8 @@ def train_edge_vq(cfg: VQTrainConfig, log: Callable[[str], None] = print) -> dic
         "config": cfg_dict,
     }
     report_path = out.with_suffix(".report.json")
-    report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_write(report_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     log(json.dumps(scores, indent=2))
     return report
 
