@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,19 @@ def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.pre_sr.parameters())  # through CLIP
+
+
+@pytest.mark.parametrize("spec", [{"kind": "bicubic"}, {"kind": "method", "name": "bicubic"}])
+def test_fixed_pre_sr_options(tiny_models, spec):
+    from semsr.ops.imresize import imresize
+
+    enc = build_cognitive_encoder(load_clip_vision(tiny_models / "clip-vision"), text_width=32, num_queries=7,
+                                  pre_sr=spec, qformer={"hidden_size": 32, "num_hidden_layers": 1,
+                                                        "num_attention_heads": 4, "intermediate_size": 64})
+    lr = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    emb, pre = enc(lr)
+    assert emb.shape == (1, 7, 32) and not list(enc.pre_sr.parameters())
+    torch.testing.assert_close(pre, imresize(lr, scale=4).clamp(0, 1), atol=1e-5, rtol=0)
 
 
 def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
@@ -383,6 +397,7 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
     for pos in range(6):
         i = task.references.dataset.index_at(pos)
         assert task.references.neighbour(pos, torch.Generator().manual_seed(pos)) != i
+    assert len(list((Path(os.environ["SEMSR_CACHE"]) / "coser-clip-embeddings").glob("*.pt"))) >= 1
     with pytest.raises(SemsrError, match="unknown model.options"):
         build_task(config_from_dict({**cfg.to_dict(), "model": {"pretrained": str(tiny_models / "sd"),
                                                                  "options": {"clip": "x", "cognitive": "y",

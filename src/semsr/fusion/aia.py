@@ -44,15 +44,15 @@ from semsr.errors import SemsrError, UnavailableError
 
 #: ``config.json`` kind of an AiA checkpoint folder.
 CHECKPOINT_KIND = "coser-aia"
-#: Query rows per chunk of hard attention (bounds the ``(rows, keys)`` score matrix).
-HARD_ATTENTION_CHUNK = 1024
+#: Scores held at a time by hard attention (``B * heads * query rows * keys``; 2**24 floats = 64 MB).
+HARD_ATTENTION_BUDGET = 2**24
 
 
 # ----------------------------------------------------------------------------- hard attention
 
 
 def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   chunk: int = HARD_ATTENTION_CHUNK) -> torch.Tensor:
+                   chunk: int | None = None) -> torch.Tensor:
     """CoSeR's "one-hot" reference attention.
 
     For every query the key with the highest score ``s = scale * q.k`` is
@@ -64,14 +64,18 @@ def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         k: ``(B, H, Nk, d)`` keys.
         v: ``(B, H, Nk, dv)`` values.
         scale: score scale (``d ** -0.5``).
-        chunk: queries processed at a time (memory: ``B*H*chunk*Nk`` scores).
+        chunk: queries processed at a time (memory: ``B*H*chunk*Nk`` scores); default:
+            as many as fit :data:`HARD_ATTENTION_BUDGET`.
     Returns:
         ``(B, H, Nq, dv)``. Differentiable in ``v`` (gather) and in ``q``, ``k``
         (through the max score).
     """
+    if chunk is None:
+        chunk = HARD_ATTENTION_BUDGET // max(1, q.shape[0] * q.shape[1] * k.shape[-2])
+    chunk = max(1, int(chunk))
     outs = []
     kt = k.transpose(-1, -2)
-    for start in range(0, q.shape[-2], max(1, int(chunk))):
+    for start in range(0, q.shape[-2], chunk):
         scores = torch.matmul(q[..., start:start + chunk, :], kt) * scale  # (B, H, c, Nk)
         best, index = scores.max(dim=-1)  # (B, H, c)
         picked = torch.gather(v, 2, index.unsqueeze(-1).expand(*index.shape, v.shape[-1]))

@@ -231,25 +231,18 @@ class NeighbourReferences:
     CLIP-similar *other* training images (seeded choice), cropped at the crop size.
 
     Embeddings are the CLIP tower's pooled image embeddings of a centre square
-    of every training image, computed once (one CLIP pass per image).
+    of every training image: one CLIP pass per image, cached on disk per CLIP
+    model and image list (``<cache>/coser-clip-embeddings/``), so resumed runs
+    and the other processes of a multi-process run (the task is built on the
+    main process first) only read them.
     """
 
-    def __init__(self, cfg: ExperimentConfig, clip: CLIPVisionTower, top_k: int = 10, batch: int = 16) -> None:
+    def __init__(self, cfg: ExperimentConfig, clip: CLIPVisionTower, top_k: int = 10, *,
+                 clip_dir: Path | None = None, batch: int = 16) -> None:
         items, _ = list_images(cfg.data, cfg.data.crop_size)
         self.items = items
         self.dataset = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)  # positions -> image, crops
-        embs = []
-        for start in range(0, len(items), batch):
-            imgs = []
-            for item in items[start:start + batch]:
-                img = load_image(item.path)
-                side = min(img.shape[:2])
-                top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-                sq = to_tensor(img[top:top + side, left:left + side])
-                imgs.append(F.interpolate(sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True,
-                                          align_corners=False)[0].clamp(0, 1))
-            embs.append(clip.pooled(torch.stack(imgs).to(next(clip.parameters()).device)).cpu())
-        emb = F.normalize(torch.cat(embs), dim=-1)
+        emb = F.normalize(self._embeddings(clip, clip_dir, batch), dim=-1)
         sims = emb @ emb.T
         if len(items) > 1:
             sims.fill_diagonal_(-float("inf"))
@@ -257,6 +250,48 @@ class NeighbourReferences:
         self.neighbours = sims.topk(k, dim=1).indices  # (N, k); an image is its own neighbour only if alone
         self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
         log.info("CoSeR references: %d training images, top-%d CLIP neighbours", len(items), k)
+
+    def _embeddings(self, clip: CLIPVisionTower, clip_dir: Path | None, batch: int) -> torch.Tensor:
+        """``(N, Hc)`` pooled CLIP embeddings of the training images (cached on disk)."""
+        import hashlib
+        import json
+
+        from semsr.methods.coser import files_fingerprint
+        from semsr.paths import cache_dir
+
+        listing = [(str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns) for it in self.items]
+        key = hashlib.sha256(json.dumps([files_fingerprint([clip_dir]) if clip_dir else repr(clip.model.config),
+                                         clip.image_size, listing]).encode()).hexdigest()
+        path = cache_dir() / "coser-clip-embeddings" / f"{key}.pt"
+        if path.is_file():
+            try:
+                emb = torch.load(path, map_location="cpu", weights_only=True)
+                if emb.shape[0] == len(self.items):
+                    return emb
+            except (OSError, RuntimeError):
+                pass  # unreadable: recompute
+        embs = []
+        device = next(clip.parameters()).device
+        for start in range(0, len(self.items), batch):
+            imgs = []
+            for item in self.items[start:start + batch]:
+                img = load_image(item.path)
+                side = min(img.shape[:2])
+                top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
+                sq = to_tensor(img[top:top + side, left:left + side])
+                imgs.append(F.interpolate(sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True,
+                                          align_corners=False)[0].clamp(0, 1))
+            embs.append(clip.pooled(torch.stack(imgs).to(device)).cpu())
+        emb = torch.cat(embs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(emb, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return emb
 
     def _image(self, path: Path) -> np.ndarray:
         img = self._cache.get(path)
@@ -303,7 +338,8 @@ class CoSeRSRTask(Task):
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.text = load_text_conditioner(sd).requires_grad_(False).eval()
         self.prompts = PromptEncoder(self.text.encode)
-        clip = load_clip_vision(resolve_path(str(opts["clip"])))
+        clip_dir = resolve_path(str(opts["clip"]))
+        clip = load_clip_vision(clip_dir)
         self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_path(str(opts["cognitive"])), clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
@@ -320,7 +356,7 @@ class CoSeRSRTask(Task):
         self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
         if not 0.0 <= self.reference_drop_prob <= 1.0:
             raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
-        self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)))
+        self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)), clip_dir=clip_dir)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
 
