@@ -1,0 +1,67 @@
+"""``semsr serve``: the local web demo (upload, pick a method, compare, download).
+
+    semsr serve                                  # http://127.0.0.1:7860/
+    semsr serve --port 7861 --base /models/sd15 --controlnet /models/cn-sr
+
+Binds to 127.0.0.1 unless ``--host`` says otherwise. Runs one job at a time;
+others wait in a queue (``--max-jobs``). Uploads above ``--max-upload-mb`` or
+``--max-pixels`` are refused with a message in the page. The page is served
+from the package (no CDN, fonts or analytics), so it works offline.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from semsr.api import PATH_OPTIONS
+from semsr.commands.upscale import _max_pixels
+
+log = logging.getLogger("semsr.serve")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` sub-command."""
+    p = subparsers.add_parser("serve", help="run the local web demo",
+                              description="Serve the semsr web demo (one job at a time, localhost by default).")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 = any free port)")
+    p.add_argument("--method", dest="default_method", default="default", help="initially selected method")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default: 20)")
+    p.add_argument("--max-pixels", type=_max_pixels, default=2_000_000, metavar="N",
+                   help="largest input image in pixels (default: 2M)")
+    p.add_argument("--max-jobs", type=int, default=8, help="jobs waiting or running at once (default: 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    g = p.add_argument_group("weights of diffusion methods (local paths)")
+    for name in PATH_OPTIONS:
+        g.add_argument(f"--{name}", metavar="PATH", help=f"{name} weights for methods that take them")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from semsr.errors import SemsrError
+    from semsr.ui.server import make_server
+
+    if args.max_jobs < 1:
+        raise SemsrError("--max-jobs must be >= 1")
+    try:
+        server = make_server(
+            args.host, args.port, paths={k: getattr(args, k) for k in PATH_OPTIONS},
+            device=args.device, dtype=args.dtype, threads=args.threads,
+            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or 10**12,
+            max_jobs=args.max_jobs, default_method=args.default_method,
+        )
+    except OSError as err:
+        raise SemsrError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this machine can use the demo", args.host)
+    print(f"semsr web demo on {server.url}  (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,105 @@
+"""What the web demo shows about each registered method (built from the registry).
+
+Nothing here is specific to a method: the picker lists :func:`semsr.methods.specs`,
+availability comes from the same rows as ``semsr models list`` plus the weight
+paths the server was started with, and each method's own options are rendered
+from its ``MethodSpec.extra["cli_options"]`` (run options only; build options
+are server-side and come from the ``semsr serve`` command line).
+
+An option entry may carry a ``"ui"`` dict of hints for the page:
+``{"widget": "slider", "min": 0, "max": 2, "step": 0.05}`` (a range slider,
+e.g. MMSR's per-modality temperatures) or ``{"widget": "image"}`` (an image
+upload, e.g. a reference for CoSeR/RFA; also inferred from ``metavar="IMAGE"``).
+``{"hidden": true}`` keeps an option off the page.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from semsr.api import PATH_OPTIONS, option_dest
+from semsr.methods import MethodSpec, specs
+
+#: Run options the page always offers (the shared diffusion options).
+COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
+#: Options the page never renders per method (covered by common fields or meaningless in a browser).
+_SKIP = {"save_reference", "progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
+
+
+def required_paths(spec: MethodSpec) -> list[str]:
+    """Weight-path options (:data:`~semsr.api.PATH_OPTIONS`) the method's factory takes."""
+    try:
+        params = inspect.signature(spec.factory).parameters
+    except (TypeError, ValueError):
+        return []
+    return [p for p in PATH_OPTIONS if p in params]
+
+
+def _type_name(opt: Mapping[str, Any]) -> str:
+    if opt.get("action") in ("store_true", "store_false"):
+        return "bool"
+    t = opt.get("type")
+    return {int: "int", float: "float"}.get(t, "str")
+
+
+def option_schema(opt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """JSON description of one ``cli_options`` entry for the page, or ``None`` to skip it."""
+    if opt.get("target", "run") != "run":
+        return None
+    ui = dict(opt.get("ui") or {})
+    dest = option_dest(opt)
+    if dest in _SKIP or ui.get("hidden"):
+        return None
+    widget = ui.get("widget")
+    kind = _type_name(opt)
+    if widget is None:
+        if opt.get("metavar") == "IMAGE":
+            widget = "image"
+        elif opt.get("choices"):
+            widget = "select"
+        elif kind == "bool":
+            widget = "checkbox"
+        else:
+            widget = "number" if kind in ("int", "float") else "text"
+    label = next((f for f in opt["flags"] if f.startswith("--")), opt["flags"][0]).lstrip("-")
+    return {
+        "dest": dest, "label": label, "widget": widget, "type": kind,
+        "choices": [str(c) for c in opt.get("choices") or []],
+        "help": str(opt.get("help", "")),
+        "min": ui.get("min"), "max": ui.get("max"), "step": ui.get("step"), "default": ui.get("default"),
+    }
+
+
+def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:
+    """One method as the page sees it: name, scale, summary, availability (+ reason), options."""
+    needs = required_paths(spec)
+    available = bool(row.get("available", True))
+    reason = "" if available else f"weights not installed ({row.get('package') or 'package missing'})"
+    diffusion = bool(spec.extra.get("diffusion", "base" in needs))
+    if available and needs and not any(paths.get(p) for p in needs):
+        available = False
+        reason = "needs " + ", ".join(f"--{p}" for p in needs) + " given to `semsr serve`"
+    if row.get("needs") and not any(paths.get(p) for p in needs):
+        available, reason = False, f"needs {row['needs']}"
+    options = [s for s in (option_schema(o) for o in spec.extra.get("cli_options") or ()) if s is not None]
+    return {
+        "name": spec.name, "scale": spec.scale, "summary": spec.summary, "available": available,
+        "reason": reason, "diffusion": diffusion, "options": options,
+        "colour_fixes": list(spec.extra.get("colour_fixes") or []),
+        "alias_of": row.get("alias_of"),
+    }
+
+
+def catalogue(paths: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every registered method for the picker; available ones first, registry order within."""
+    from semsr.commands.models import rows
+
+    by_name = {r["name"]: r for r in rows()}
+    entries = [method_entry(s, by_name.get(s.name, {}), paths or {}) for s in specs()]
+    return sorted(entries, key=lambda e: (not e["available"], e["name"] != "default"))
+
+
+def find(entries: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The entry called ``name``."""
+    return next((e for e in entries if e["name"] == name), None)
