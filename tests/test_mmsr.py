@@ -1,0 +1,301 @@
+"""MMSR: Multimodal Latent Connector, null tokens, modality temperature, m-CFG, tiny pipeline and training."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semsr.cli import main
+from semsr.errors import SemsrError
+from semsr.fusion.mmlc import (
+    CAPTION,
+    SPATIAL_MODALITIES,
+    ConnectorConfig,
+    MultimodalLatentConnector,
+    parse_temperatures,
+)
+from semsr.pipeline.sampler import guided
+from train_helpers import REPO, write_textures
+
+W = 32  # tiny width (the tiny UNet's cross-attention width)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def connector() -> MultimodalLatentConnector:
+    torch.manual_seed(0)
+    return MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4, self_layers=1)).eval()
+
+
+def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, 77, W, generator=g)
+    spatial = {m: torch.randn(batch, 256, 256, generator=g) for m in SPATIAL_MODALITIES}
+    return text, spatial
+
+
+# ----------------------------------------------------------------------------- connector
+
+
+def test_token_counts_and_output_shape(connector):
+    text, spatial = _inputs()
+    assert connector.config.sequence_length == 3 * 256 + 77 == 845
+    assert connector.sequence(text, spatial).shape == (2, 845, W)
+    weights: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = connector(text, spatial, attention_out=weights)
+    assert out.shape == (2, 128, W)
+    assert weights[0].shape == (2, 4, 128, 845)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 4, 128), atol=1e-5)
+    slots = connector.slots()
+    assert [slots[m] for m in (CAPTION, *SPATIAL_MODALITIES)] == [slice(0, 77), slice(77, 333), slice(333, 589),
+                                                                  slice(589, 845)]
+    two = MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4, spatial=["edge", "depth"]))
+    assert two.config.sequence_length == 589 and two(text, {"edge": spatial["edge"]}).shape == (2, 128, W)
+
+
+def test_missing_modality_uses_its_null_token(connector):
+    text, spatial = _inputs()
+    seq = connector.sequence(text, {"edge": spatial["edge"]})  # depth, seg missing
+    slots = connector.slots()
+    for m in ("depth", "seg"):
+        assert torch.equal(seq[:, slots[m]], connector.null_tokens[m].expand(2, 256, -1))
+    assert not torch.equal(seq[:, slots["edge"]], connector.null_tokens["edge"].expand(2, 256, -1))
+    no_text = connector.sequence(None, spatial)
+    assert torch.equal(no_text[:, slots[CAPTION]], connector.null_tokens[CAPTION].expand(2, 77, -1))
+    # dropping a modality for all samples is the same as leaving it out
+    drop = {"depth": torch.tensor([True, True]), "seg": torch.tensor([True, True])}
+    with torch.no_grad():
+        assert torch.allclose(connector(text, spatial, drop=drop), connector(text, {"edge": spatial["edge"]}),
+                              atol=1e-6)
+        # a per-sample drop changes only that sample
+        one = connector(text, spatial, drop={"edge": torch.tensor([True, False])})
+        full = connector(text, spatial)
+    assert not torch.allclose(one[0], full[0], atol=1e-4) and torch.allclose(one[1], full[1], atol=1e-6)
+    # gradients reach the null tokens through the drop path
+    out = connector(text, spatial, drop={"edge": torch.tensor([True, False])})
+    out.square().mean().backward()
+    assert connector.null_tokens["edge"].grad is not None and connector.null_tokens["edge"].grad.abs().sum() > 0
+    connector.zero_grad(set_to_none=True)
+    with pytest.raises(SemsrError, match="tokens"):
+        connector.sequence(text, {"edge": torch.randn(2, 100, 256)})
+
+
+def test_temperature_moves_attention_mass_monotonically(connector):
+    text, spatial = _inputs()
+    deltas = [0.4, 0.7, 1.0, 2.0, 5.0, 10.0]
+    masses = []
+    with torch.no_grad():
+        for d in deltas:
+            weights: list[torch.Tensor] = []
+            connector(text, spatial, {"depth": d}, attention_out=weights)
+            masses.append({k: float(v) for k, v in connector.modality_mass(weights[0]).items()})
+    depth = [m["depth"] for m in masses]
+    others = [m["edge"] + m["seg"] + m[CAPTION] for m in masses]
+    assert all(a > b for a, b in zip(depth, depth[1:])), depth  # larger delta -> less mass
+    assert all(a < b for a, b in zip(others, others[1:])), others
+    # exact form for one query: mass(delta) = (A / delta) / (A / delta + 1 - A), A = mass at delta = 1
+    q = torch.randn(1, 1, W)
+    kv = connector.sequence(text[:1], {m: v[:1] for m, v in spatial.items()})
+    attn = connector.cross_blocks[0].attn
+    with torch.no_grad():
+        _, w1 = attn(q, kv, None, return_weights=True)
+        _, w4 = attn(q, kv, connector.key_bias({"depth": 4.0}), return_weights=True)
+    s = connector.slots()["depth"]
+    a = float(w1[..., s].sum(-1).mean())
+    assert math.isclose(float(w4[..., s].sum(-1).mean()), (a / 4) / (a / 4 + 1 - a), rel_tol=1e-4)
+    # delta = 1 is the untempered model; no temperatures -> no bias at all
+    assert connector.key_bias({"edge": 1.0}) is None
+    with torch.no_grad():
+        assert torch.allclose(connector(text, spatial, {"edge": 1.0}), connector(text, spatial), atol=1e-6)
+
+
+def test_parse_temperatures():
+    assert parse_temperatures("depth=0.5,edge=2") == {"depth": 0.5, "edge": 2.0}
+    assert parse_temperatures({"seg": 10}) == {"seg": 10.0}
+    assert parse_temperatures(None) == {} and parse_temperatures("") == {}
+    for bad, msg in (("depth=0.3", "outside"), ("edge=11", "outside"), ("foo=1", "unknown modality"),
+                     ("depth", "NAME=VALUE"), ("depth=x", "not a number")):
+        with pytest.raises(SemsrError, match=msg):
+            parse_temperatures(bad)
+
+
+def test_connector_save_load_roundtrip(connector, tmp_path):
+    connector.save(tmp_path / "c")
+    again = MultimodalLatentConnector.load(tmp_path / "c")
+    text, spatial = _inputs()
+    with torch.no_grad():
+        assert torch.equal(again(text, spatial), connector(text, spatial))
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def test_mcfg_formula_is_cfg_with_scale_one_plus_w():
+    """(1 + w) eps(pos) - w eps(neg) == eps(neg) + (1 + w) (eps(pos) - eps(neg)) -- what the sampler runs."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+
+    def denoiser(x, t, cond):
+        return lin(x) * cond["context"]
+
+    x = torch.randn(2, 8)
+    pos, neg = {"context": torch.randn(2, 8)}, {"context": torch.randn(2, 8)}
+    with torch.no_grad():
+        e_pos, e_neg = denoiser(x, 0, pos), denoiser(x, 0, neg)
+        for w in (0.0, 2.0, 10.0, 14.0):
+            got = guided(denoiser, x, torch.tensor(0), pos, neg, 1.0 + w)
+            assert torch.allclose(got, (1 + w) * e_pos - w * e_neg, atol=1e-5)
+
+
+def test_guidance_modes_build_their_negative_branch():
+    from semsr.methods.mmsr import guidance_negative
+
+    assert guidance_negative("mcfg") == (True, True)
+    assert guidance_negative("null-modality") == (True, False)
+    assert guidance_negative("cfg") == (False, False)
+    with pytest.raises(SemsrError):
+        guidance_negative("x")
+
+
+# ----------------------------------------------------------------------------- conv_in
+
+
+def test_widened_conv_in_starts_as_the_pretrained_unet(tiny_models):
+    from diffusers import UNet2DConditionModel
+
+    from semsr.methods.mmsr import MMSRConditioning
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet", local_files_only=True).eval()
+    x, z, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16), torch.randn(1, 128, W)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+        cond = MMSRConditioning.new(unet, MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4)))
+        assert cond.conv_in.weight.shape[1] == 8 and cond.conv_in.weight[:, 4:].abs().sum() == 0
+        cond.attach(unet)
+        out = unet(torch.cat([x, z], 1), t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- tiny pipeline
+
+
+@pytest.fixture(scope="module")
+def mmsr_method(tiny_models):
+    from semsr.methods import get_method
+
+    return get_method("mmsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "mmsr"))
+
+
+def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models):
+    pipe = mmsr_method.pipeline
+    assert pipe.default_modalities() == [CAPTION, "edge", "depth", "seg"]  # depth/ and seg/ found beside
+    assert pipe.sources["depth"]["model"] == str(tiny_models / "depth")
+    lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(3))
+    run = dict(steps=2, seed=0, prompt="a cat")
+    out = mmsr_method(lr, **run, modalities="caption,edge,depth,seg")
+    assert out.shape == (1, 3, 48, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert pipe.last_modalities == [CAPTION, "edge", "depth", "seg"]
+    again = mmsr_method(lr, **run, modalities="caption,edge,depth,seg")
+    assert torch.equal(out, again)
+    hot = mmsr_method(lr, **run, modalities="caption,edge,depth,seg", modality_temperature="edge=2")
+    fewer = mmsr_method(lr, **run, modalities="caption,edge")
+    assert not torch.equal(out, hot) and not torch.equal(out, fewer)
+    # the three guidance modes differ in the negative branch only
+    hint = torch.rand(1, 3, 48, 64)
+    ctx = {}
+    for mode in ("mcfg", "null-modality", "cfg"):
+        ctx[mode] = pipe.contexts(lr, hint, ["a cat"], ["blurry"], modalities=[CAPTION, "edge"], temperatures={},
+                                  mode=mode, need_negative=True)
+    assert torch.equal(ctx["mcfg"][0], ctx["cfg"][0]) and torch.equal(ctx["mcfg"][0], ctx["null-modality"][0])
+    assert not torch.allclose(ctx["mcfg"][1], ctx["null-modality"][1])
+    assert not torch.allclose(ctx["null-modality"][1], ctx["cfg"][1])
+    with torch.no_grad():
+        expect_cfg = pipe.cond.context(pipe.encode_prompts([""]), {})
+    assert torch.allclose(ctx["cfg"][1], expect_cfg, atol=1e-6)
+    with pytest.raises(SemsrError, match="outside"):
+        mmsr_method(lr, **run, modality_temperature="depth=0.1")
+
+
+def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
+    arr = (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "img.png")
+    args = ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "out", "--method", "mmsr", "--base",
+            tiny_models / "sd", "--checkpoint", tiny_models / "mmsr", "--modalities", "caption,edge,depth,seg",
+            "--modality-temperature", "edge=2", "--steps", "2", "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    assert Image.open(tmp_path / "out" / "img_out.png").size == (96, 80)
+    capsys.readouterr()
+    # a requested modality without a model is a one-line error
+    ckpt = tmp_path / "ckpt"
+    import shutil
+
+    shutil.copytree(tiny_models / "mmsr", ckpt)
+    rc = main([str(a) for a in ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o2", "--method", "mmsr",
+                                "--base", tiny_models / "sd", "--checkpoint", ckpt, "--modalities", "caption,depth",
+                                "--steps", "1"]])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--depth-model" in err and "Traceback" not in err
+    rc = main([str(a) for a in ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o3", "--method", "mmsr",
+                                "--base", tiny_models / "sd", "--checkpoint", tmp_path]])
+    err = capsys.readouterr().err
+    assert rc != 0 and "MMSR checkpoint" in err
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, capsys):
+    hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
+    args = ["train", "--config", str(REPO / "configs" / "mmsr-tiny.yaml"), "--output", str(tmp_path / "run"),
+            "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
+            f"model.options.depth_model={tiny_models / 'depth'}", f"model.options.seg_model={tiny_models / 'seg'}",
+            f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0", "validation.every=2", "checkpoint.every=2"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["train", "train", "val"]
+    assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
+    final = tmp_path / "run" / "final"
+    from semsr.methods.mmsr import MMSRSR, load_checkpoint
+
+    cond, meta = load_checkpoint(final)
+    assert meta["modalities"] == ["edge", "depth", "seg"]
+    assert cond.conv_in.weight[:, 4:].abs().sum() > 0  # the LR channels left zero and learned
+    pipe = MMSRSR.from_pretrained(tiny_models / "sd", final, depth_model=tiny_models / "depth",
+                                  seg_model=tiny_models / "seg")
+    assert pipe(torch.rand(1, 3, 16, 16), steps=1).shape == (1, 3, 64, 64)
+    capsys.readouterr()
+
+
+def test_null_drop_probability_in_training_draws(tiny_models):
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    cfg = config_from_dict({
+        "name": "t", "task": "mmsr", "seed": 0,
+        "model": {"pretrained": str(tiny_models / "sd"),
+                  "options": {"modalities": ["edge"], "modality_drop_prob": 0.1,
+                              "connector": {"heads": 4, "self_layers": 1}}},
+        "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
+    })
+    task = build_task(cfg)
+    gens = [torch.Generator().manual_seed(i) for i in range(2000)]
+    drops = task.draw_drops(gens)
+    assert set(drops) == {CAPTION, "edge"}
+    for v in drops.values():
+        assert abs(float(v.float().mean()) - 0.1) < 0.025
+    trainable = {n for n, p in task.trainable.named_parameters() if p.requires_grad}
+    assert any(n.startswith("connector.") for n in trainable) and "conv_in.weight" in trainable
+    assert not any(p.requires_grad for p in task.unet.parameters())
