@@ -8,6 +8,8 @@
   ``serial`` mode without it; the conditional attention's zero layers get small random
   weights so it visibly acts (a fresh one is an exact no-op);
 - ``dfc/``: the Degradation-Free Constraint heads (training only).
+
+``irpad-untrained``: a random IRPAD (config.json + model.safetensors) for tests.
 """
 from __future__ import annotations
 
@@ -42,3 +44,14 @@ def write_two_prompt_checkpoint(folder: Path, sd: Path, mode: str, conditional_a
 
 register_tiny("xpsr", lambda root: write_two_prompt_checkpoint(root / "xpsr", root / "sd", "parallel", True))
 register_tiny("dalpsr", lambda root: write_two_prompt_checkpoint(root / "dalpsr", root / "sd", "serial", False))
+
+
+def write_untrained_irpad(root: Path) -> None:
+    """``root/irpad-untrained``: a randomly initialised IRPAD in the shipped on-disk format
+    (for tests and tiny training configs that must not depend on the trained weights)."""
+    from semsr.priors.irpad import IRPADNet, save_irpad
+
+    save_irpad(IRPADNet().eval(), root / "irpad-untrained")
+
+
+register_tiny("irpad-untrained", write_untrained_irpad)
