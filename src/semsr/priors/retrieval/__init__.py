@@ -1,0 +1,1 @@
+"""Reference retrieval for the RFA recipe: embedders and the FAISS + SQLite reference database."""
