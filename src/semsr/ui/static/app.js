@@ -146,7 +146,14 @@ function showResult(st) {
   const out = st.output;
   state.result = { id: st.id, ...out };
   const after = $("after"), before = $("before");
-  after.onload = () => { drawCrops(); };
+  after.onload = () => {
+    // Show small results enlarged (at least 512 px wide) and big ones fitted to the view.
+    const room = $("view").clientWidth, tall = window.innerHeight * 0.7;
+    const fit = Math.min(room / after.naturalWidth, tall / after.naturalHeight);
+    const want = Math.max(1, Math.min(512 / after.naturalWidth, 3));
+    after.style.width = Math.round(after.naturalWidth * Math.min(want, fit)) + "px";
+    drawCrops();
+  };
   before.src = `/api/images/${state.image.id}`;
   after.src = `/api/jobs/${st.id}/result`;
   $("placeholder").hidden = true; $("compare").hidden = false;
@@ -178,14 +185,14 @@ function drawCrops() {
   if (!after.complete || !before.complete || !after.naturalWidth) return;
   const s = r.width / state.image.width;
   const p = state.point || { x: 0.5, y: 0.5 };
-  const size = 256;
+  const size = 128, view = 256;  // 128 output pixels shown 2x
   let ax = Math.round(p.x * r.width - size / 2), ay = Math.round(p.y * r.height - size / 2);
   ax = Math.max(0, Math.min(ax, r.width - size)); ay = Math.max(0, Math.min(ay, r.height - size));
   for (const [id, img, scale] of [["crop-after", after, 1], ["crop-before", before, 1 / s]]) {
     const c = $(id).getContext("2d");
     c.imageSmoothingEnabled = false;
-    c.clearRect(0, 0, size, size);
-    c.drawImage(img, ax * scale, ay * scale, size * scale, size * scale, 0, 0, size, size);
+    c.clearRect(0, 0, view, view);
+    c.drawImage(img, ax * scale, ay * scale, size * scale, size * scale, 0, 0, view, view);
   }
 }
 
@@ -193,7 +200,7 @@ function setupCompare() {
   const slider = $("slider");
   const move = () => {
     const v = slider.value;
-    $("after-clip").style.clipPath = `inset(0 0 0 ${v}%)`;
+    $("before-clip").style.clipPath = `inset(0 ${100 - v}% 0 0)`;
     $("handle").style.left = v + "%";
   };
   slider.addEventListener("input", move);

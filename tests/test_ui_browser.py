@@ -1,0 +1,130 @@
+"""The web demo in a real headless Chromium (Debian package) driven by Playwright.
+
+Run with ``.ci/browser`` (installs chromium + playwright, then ``pytest -m browser``).
+Skips when /usr/bin/chromium or the playwright package is missing. Saves the
+screenshot docs/img/demo.png used by docs/webdemo.md.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _ui_helpers import serve
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "img" / "demo.png"
+MAX_SCREENSHOT = 300_000
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with serve() as (url, seconds), sync_api.sync_playwright() as pw:
+        assert seconds < 60
+        ctx = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, accept_downloads=True,
+            viewport={"width": 1200, "height": 760})
+        requests: list[str] = []
+        ctx.on("request", lambda r: requests.append(r.url))
+        page = ctx.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.wait_for_selector("#method option", state="attached")
+        yield page, url, requests
+        ctx.close()
+
+
+def _photo(path: Path, size: int) -> Path:
+    """A crop of the bundled sample photo, ``size`` x ``size``."""
+    im = Image.open(REPO / "src" / "semsr" / "assets" / "sample.png").convert("RGB")
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im.crop((left, top, left + size, top + size)).save(path)
+    return path
+
+
+def _upload(page, path: Path) -> None:
+    page.set_input_files("#file", str(path))
+
+
+def _run(page, method: str) -> None:
+    page.select_option("#method", method)
+    page.wait_for_function("!document.querySelector('#run').disabled")
+    before = page.eval_on_selector("#after", "e => e.src")
+    page.click("#run")
+    page.wait_for_function(
+        "prev => { const a = document.querySelector('#after'); return a.src !== prev && a.complete && a.naturalWidth > 0; }",
+        arg=before)
+
+
+def test_upload_run_download_and_errors(browser_page, tmp_path):
+    page, url, requests = browser_page
+    # Upload and run the fast method.
+    _upload(page, _photo(tmp_path / "tiny.png", 24))
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('24×24')")
+    assert page.is_hidden("#error")
+    _run(page, "bicubic")
+    assert page.eval_on_selector("#after", "e => [e.naturalWidth, e.naturalHeight]") == [96, 96]
+    assert "bicubic" in page.inner_text("#result-info")
+    with page.expect_download() as dl:
+        page.click("#download")
+    saved = tmp_path / "download.png"
+    dl.value.save_as(saved)
+    assert dl.value.suggested_filename == "tiny_bicubic_x4.png"
+    assert Image.open(saved).size == (96, 96)
+
+    # A non-image gives a clear message in the page.
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not an image")
+    _upload(page, bad)
+    page.wait_for_selector("#error:not([hidden])")
+    assert "notes.txt: not a readable image" in page.inner_text("#error")
+    assert page.is_disabled("#run")
+
+    # The default method on a small photo; this run is the screenshot.
+    _upload(page, _photo(tmp_path / "photo.png", 64))
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('64×64')")
+    assert page.is_hidden("#error")
+    _run(page, "default")
+    assert page.eval_on_selector("#after", "e => e.naturalWidth") == 256
+    out = np.asarray(Image.open(io.BytesIO(page.request.get(page.eval_on_selector("#download", "e => e.href")).body())))
+    assert out.shape == (256, 256, 3) and out.std() > 5  # a real picture, not a blank
+    page.mouse.click(*_centre(page, "#compare", 0.6, 0.4))  # move the zoomed crops
+    page.eval_on_selector("#slider", "e => { e.value = 45; e.dispatchEvent(new Event('input')); }")
+    _save_screenshot(page.screenshot(full_page=True))
+
+    # Everything the page fetched came from our server (offline: no CDN, fonts, analytics).
+    assert requests and all(r.startswith(url) or r.startswith("blob:") or r.startswith("data:") for r in requests), requests
+
+
+def _centre(page, selector: str, fx: float, fy: float) -> tuple[float, float]:
+    box = page.locator(selector).bounding_box()
+    return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+
+
+def _save_screenshot(png: bytes) -> None:
+    """Write docs/img/demo.png, reduced to a palette image if needed to stay < 300 KB."""
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    colours = 256
+    while buf.tell() >= MAX_SCREENSHOT and colours >= 32:
+        buf = io.BytesIO()
+        im.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, "PNG", optimize=True)
+        colours //= 2
+    assert buf.tell() < MAX_SCREENSHOT
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.write_bytes(buf.getvalue())
