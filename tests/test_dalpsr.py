@@ -1,0 +1,115 @@
+"""DaLPSR: IRPAD degradation prompt + tag-steered semantic prompt through the two-prompt ControlNet,
+without and with a VLM, the ``dalpsr`` CLI preset and the tiny training config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from semsr.cli import main
+from semsr.methods import get_method
+from semsr.methods.xpsr import TwoPromptSR
+from semsr.priors.irpad import LEVELS
+from train_helpers import REPO, write_textures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _is_irpad_text(text: str) -> bool:
+    phrases = {lv.text for lvs in LEVELS.values() for lv in lvs}
+    return all(part in phrases for part in text.split(", "))
+
+
+def test_dalpsr_without_vlm_uses_prompt_tags_and_irpad(tiny_models, capsys):
+    import semsr.priors.prompts as prompts_mod
+
+    prompts_mod._noted.discard("no-vlm")
+    method = get_method("dalpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "dalpsr"),
+                        tagger=str(tiny_models / "tagger"), irpad=str(tiny_models / "irpad-untrained"))
+    assert method.pipeline.sfa.mode == "serial" and len(method.pipeline.sfa.cond) == 0
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = method(lr, prompt="a house", steps=1)
+    assert out.shape == (2, 3, 64, 64)
+    err = capsys.readouterr().err
+    assert err.count("no vision-language model") == 1
+    for cond in method.last_conditions:
+        assert cond.sources["low"] == "irpad" and _is_irpad_text(cond.low)
+        assert cond.high.startswith("a house")
+        if cond.tags:  # tags steer the semantic prompt when the tagger finds any
+            assert cond.sources["high"] == "user+tags" and cond.high == "a house, " + ", ".join(cond.tags)
+
+
+def test_dalpsr_low_prompt_changes_the_output(tiny_models):
+    method = get_method("dalpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "dalpsr"),
+                        irpad=str(tiny_models / "irpad-untrained"))
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    a = method(lr, prompt="a", low_prompt="no blur, no noise", steps=1, colour_fix="none")
+    b = method(lr, prompt="a", low_prompt="heavy blur, heavy noise", steps=1, colour_fix="none")
+    assert not torch.equal(a, b)
+
+
+def test_cli_dalpsr_end_to_end_with_vlm_and_tagger(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.fromarray((torch.rand(16, 20, 3) * 255).byte().numpy()).save(img)
+    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "out"), "--method", "dalpsr", "--base",
+               str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "dalpsr"), "--vlm", str(tiny_models / "vlm"),
+               "--tagger", str(tiny_models / "tagger"), "--irpad", str(tiny_models / "irpad-untrained"),
+               "--steps", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "in_out.png").size == (80, 64)
+    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o2"), "--method", "dalpsr", "--base",
+               str(tiny_models / "sd"), "--checkpoint", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "checkpoint folder" in err and "Traceback" not in err
+
+
+def test_tiny_dalpsr_config_trains_through_semsr_train(tiny_models, tmp_path, capsys):
+    hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
+    args = ["train", "--config", str(REPO / "configs" / "dalpsr-tiny.yaml"), "--output", str(tmp_path / "run"),
+            "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
+            f"model.options.tagger={tiny_models / 'tagger'}", f"model.options.irpad={tiny_models / 'irpad-untrained'}",
+            f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0", "validation.every=2", "checkpoint.every=2"]
+    assert main(args) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["train", "train", "val"]
+    assert set(records[0]["terms"]) == {"eps_mse", "dfc"}
+    final = tmp_path / "run" / "final"
+    assert all((final / part / "config.json").is_file() for part in ("controlnet", "sfa", "dfc"))
+    pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", final)
+    assert pipe.sfa.mode == "serial"
+
+
+def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_path):
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
+    cfg = config_from_dict({
+        "name": "t", "task": "xpsr",
+        "model": {"pretrained": str(tiny_models / "sd"),
+                  "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad"}},
+        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+    })
+    task = build_task(cfg)
+    params = list(task.trainable.parameters())
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for p in task.unet.parameters())
+    assert not any(p.requires_grad for p in task.vae.parameters())
+    assert len(task.trainable.sfa.cond) > 0 and task.trainable.sfa.mode == "parallel"
+    assert isinstance(task.trainable.dfc, torch.nn.Module)
+    bad = config_from_dict({"name": "t", "task": "dalpsr",
+                            "model": {"pretrained": str(tiny_models / "sd"), "options": {"nope": 1}},
+                            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64}})
+    with pytest.raises(Exception, match="nope"):
+        build_task(bad)
+    assert Path(cfg.model.pretrained).is_dir()
