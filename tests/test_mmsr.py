@@ -299,3 +299,38 @@ def test_null_drop_probability_in_training_draws(tiny_models):
     trainable = {n for n, p in task.trainable.named_parameters() if p.requires_grad}
     assert any(n.startswith("connector.") for n in trainable) and "conv_in.weight" in trainable
     assert not any(p.requires_grad for p in task.unet.parameters())
+
+
+def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
+    from semsr.methods.mmsr import MMSRSR, cross_attention_paths
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    cfg = config_from_dict({
+        "name": "t", "task": "mmsr", "seed": 0,
+        "model": {"pretrained": str(tiny_models / "sd"),
+                  "options": {"modalities": ["edge"], "train_cross_attention": True,
+                              "connector": {"num_latents": 16, "heads": 4, "self_layers": 1}}},
+        "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
+    })
+    task = build_task(cfg)
+    task.setup(torch.device("cpu"), torch.float32)
+    model = task.trainable
+    paths = cross_attention_paths(task.unet)
+    assert paths and sorted(k.replace("__", ".") for k in model.unet_modules) == sorted(paths)
+    g = torch.Generator().manual_seed(0)
+    batch = {"hr": torch.rand(2, 3, 64, 64, generator=g), "lr": torch.rand(2, 3, 16, 16, generator=g),
+             "prompt": ["a cat", "a dog"], "seed": torch.tensor([1, 2])}
+    out = task.compute(model, batch)
+    torch.nn.functional.mse_loss(out["pred"], out["target"]).backward()
+    key = next(iter(model.unet_modules))
+    assert model.unet_modules[key].to_k.weight.grad.abs().sum() > 0
+    assert task.unet.get_submodule(key.replace("__", ".")) is model.unet_modules[key]
+    with torch.no_grad():
+        model.unet_modules[key].to_k.weight.add_(0.5)
+    task.export(model, tmp_path / "ck")
+    assert (tmp_path / "ck" / "unet_attention" / "model.safetensors").is_file()
+    pipe = MMSRSR.from_pretrained(tiny_models / "sd", tmp_path / "ck")
+    loaded = pipe.unet.get_submodule(key.replace("__", ".")).to_k.weight
+    assert torch.allclose(loaded, model.unet_modules[key].to_k.weight)
+    assert pipe(torch.rand(1, 3, 16, 16), modalities=["caption", "edge"], steps=1).shape == (1, 3, 64, 64)

@@ -31,6 +31,7 @@ connector on (caption, modalities ``m``); the modes differ in the negative::
     mmsr.json        {"modalities": [...spatial...], "edge": "canny", "tokenizer": null | PATH}
     connector/       config.json + model.safetensors   (MultimodalLatentConnector)
     conv_in/         config.json + model.safetensors   (the widened UNet conv_in)
+    unet_attention/  optional: config.json {"modules": [...]} + model.safetensors (trained UNet cross-attentions)
 
 ``tokenizer`` null means the shipped edge VQ (used for every spatial modality);
 a relative path is resolved against the checkpoint folder. Depth / seg models:
@@ -130,29 +131,78 @@ def load_conv_in(folder: str | Path) -> tuple[nn.Conv2d, int]:
 # ----------------------------------------------------------------------------- trainable pair
 
 
+def _get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def cross_attention_paths(unet: nn.Module) -> list[str]:
+    """Module paths of the UNet's cross-attention layers (``...attn2``), the ones that read the context."""
+    return [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+
+
 class MMSRConditioning(nn.Module):
-    """The trained MMSR parts: connector + widened UNet ``conv_in``.
+    """The trained MMSR parts: connector + widened UNet ``conv_in`` (+ optionally the UNet's cross-attentions).
 
     :meth:`forward` is the whole model call (so a DDP-wrapped instance can be
-    called in training): it installs ``conv_in`` in the frozen ``unet`` (held
-    outside the module's parameters), builds the context and runs the UNet.
+    called in training): it installs ``conv_in`` (and the trained
+    cross-attention layers) in the frozen ``unet`` (held outside the module's
+    parameters), builds the context and runs the UNet.
+
+    Attributes:
+        unet_modules: trained copies of UNet sub-modules keyed by their path with
+            ``.`` -> ``__`` (empty unless cross-attention training is on).
     """
 
-    def __init__(self, connector: MultimodalLatentConnector, conv_in: nn.Conv2d, latent_channels: int) -> None:
+    def __init__(self, connector: MultimodalLatentConnector, conv_in: nn.Conv2d, latent_channels: int,
+                 unet_modules: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.connector = connector
         self.conv_in = conv_in
         self.latent_channels = int(latent_channels)
+        self.unet_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in (unet_modules or {}).items()})
+        # (module paths, their checkpoint weights) of unet_modules, loaded at the first attach
+        self._pending: tuple[list[str], dict[str, torch.Tensor]] | None = None
 
     def attach(self, unet: nn.Module) -> nn.Module:
-        """Put this ``conv_in`` into ``unet`` (checks the widths); returns ``unet``."""
+        """Put this ``conv_in`` (and ``unet_modules``) into ``unet`` (checks the widths); returns ``unet``."""
         old = unet.conv_in
         if old is not self.conv_in:
             if old.out_channels != self.conv_in.out_channels:
                 raise SemsrError(f"conv_in has {self.conv_in.out_channels} output channels, the UNet "
                                  f"{old.out_channels}: checkpoint and --base do not match")
             unet.conv_in = self.conv_in
+        self.materialise(unet)
+        for key, module in self.unet_modules.items():
+            path = key.replace("__", ".")
+            if _get_module(unet, path) is not module:
+                _set_module(unet, path, module)
         return unet
+
+    def materialise(self, unet: nn.Module) -> None:
+        """Build ``unet_modules`` as copies of ``unet``'s modules with the pending checkpoint weights
+        (no-op when nothing is pending); ``unet`` itself is not changed."""
+        import copy
+
+        if self._pending is None:
+            return
+        (paths, state), self._pending = self._pending, None
+        ref = next(iter(self.connector.parameters()))
+        for path in paths:
+            try:
+                module = copy.deepcopy(_get_module(unet, path))
+            except AttributeError:
+                raise SemsrError(f"the checkpoint trains UNet module {path!r}, which --base does not have") from None
+            sub = {k[len(path) + 1:]: v for k, v in state.items() if k.startswith(path + ".")}
+            try:
+                module.load_state_dict(sub)
+            except RuntimeError as err:
+                raise SemsrError(f"checkpoint weights of {path} do not fit --base's UNet: {err}") from None
+            self.unet_modules[path.replace(".", "__")] = module.to(ref.device, ref.dtype)
 
     def context(self, text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
                 temperatures: Mapping[str, float] | None = None,
@@ -171,25 +221,46 @@ class MMSRConditioning(nn.Module):
                     return_dict=False)[0]
 
     @classmethod
-    def new(cls, unet: nn.Module, connector: MultimodalLatentConnector) -> MMSRConditioning:
-        """Fresh conditioning for ``unet``: conv_in widened by the latent channel count."""
+    def new(cls, unet: nn.Module, connector: MultimodalLatentConnector,
+            cross_attention: bool = False) -> MMSRConditioning:
+        """Fresh conditioning for ``unet``: conv_in widened by the latent channel count; with
+        ``cross_attention`` also trainable copies of the UNet's cross-attention layers."""
+        import copy
+
         c = int(unet.conv_in.in_channels)
-        return cls(connector, widen_conv_in(unet.conv_in, c).float(), c)
+        mods = {p: copy.deepcopy(_get_module(unet, p)).float() for p in cross_attention_paths(unet)} \
+            if cross_attention else None
+        return cls(connector, widen_conv_in(unet.conv_in, c).float(), c, mods)
 
 
 def save_checkpoint(folder: str | Path, cond: MMSRConditioning, *, modalities: Sequence[str], edge: str = "canny",
                     tokenizer: str | None = None) -> Path:
     """Write an MMSR checkpoint folder (see the module docstring)."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     cond.connector.save(folder / "connector")
     save_conv_in(cond.conv_in, folder / "conv_in", cond.latent_channels)
+    if len(cond.unet_modules):
+        sub = folder / "unet_attention"
+        sub.mkdir(parents=True, exist_ok=True)
+        state = {f"{k.replace('__', '.')}.{n}": v.detach().contiguous().cpu()
+                 for k, m in cond.unet_modules.items() for n, v in m.state_dict().items()}
+        tmp = sub / ".model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(sub / "model.safetensors")
+        paths = [k.replace("__", ".") for k in cond.unet_modules]
+        atomic_write_bytes(sub / "config.json", (json.dumps({"modules": paths}, indent=2) + "\n").encode())
     meta = {"modalities": [m for m in modalities if m != CAPTION], "edge": edge, "tokenizer": tokenizer}
     atomic_write_bytes(folder / CHECKPOINT_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return folder
 
 
 def load_checkpoint(folder: str | Path) -> tuple[MMSRConditioning, dict[str, Any]]:
-    """``(conditioning, meta)`` from an MMSR checkpoint folder."""
+    """``(conditioning, meta)`` from an MMSR checkpoint folder (trained UNet cross-attention weights,
+    if any, are installed at the first :meth:`MMSRConditioning.attach`)."""
+    from safetensors.torch import load_file
+
     folder = Path(folder).expanduser()
     if not (folder / CHECKPOINT_FILE).is_file():
         raise UnavailableError(f"not an MMSR checkpoint folder ({CHECKPOINT_FILE}, connector/, conv_in/)",
@@ -197,7 +268,12 @@ def load_checkpoint(folder: str | Path) -> tuple[MMSRConditioning, dict[str, Any
     meta = json.loads((folder / CHECKPOINT_FILE).read_text())
     connector = MultimodalLatentConnector.load(folder / "connector")
     conv, latent = load_conv_in(folder / "conv_in")
-    return MMSRConditioning(connector, conv, latent).eval(), meta
+    cond = MMSRConditioning(connector, conv, latent).eval()
+    attn = folder / "unet_attention"
+    if (attn / "model.safetensors").is_file():
+        paths = json.loads((attn / "config.json").read_text())["modules"]
+        cond._pending = (list(paths), load_file(str(attn / "model.safetensors")))
+    return cond, meta
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -15,10 +15,12 @@ Per micro-batch (HR crop, degraded LR, caption, seed)::
     ``modality_drop_prob``: null-token substitution probability per modality (0.1);
     ``connector``: :class:`~semsr.fusion.mmlc.ConnectorConfig` overrides (``num_latents``, ``heads``,
     ``cross_layers``, ``self_layers``, ``mlp_ratio``); width and text width follow the UNet / text encoder;
-    ``init``: an MMSR checkpoint folder to continue from.
+    ``init``: an MMSR checkpoint folder to continue from;
+    ``train_cross_attention``: also train (copies of) the UNet's cross-attention layers (``attn2``), which
+    read the connector's tokens instead of the text tokens they were trained on (default false).
 
-Trainable: the connector and the widened conv_in (the rest of the UNet is
-frozen). Export: an MMSR checkpoint folder (:func:`semsr.methods.mmsr.save_checkpoint`).
+Trainable: the connector and the widened conv_in, plus the UNet's
+cross-attention layers with ``train_cross_attention`` (the rest is frozen). Export: an MMSR checkpoint folder (:func:`semsr.methods.mmsr.save_checkpoint`).
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def resolve_path(path: str) -> Path:
 class MMSRTask(Task):
     """See the module docstring."""
 
-    OPTIONS = {"modalities", "depth_model", "seg_model", "vq", "edge", "modality_drop_prob", "connector", "init"}
+    OPTIONS = {"modalities", "depth_model", "seg_model", "vq", "edge", "modality_drop_prob", "connector", "init",
+               "train_cross_attention"}
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -105,6 +108,7 @@ class MMSRTask(Task):
         self.tokens = ModalityTokens(self.modalities, self.tokenizer, self.sources, edge=self.edge, use_cache=False)
         if opts.get("init"):
             cond, meta = load_checkpoint(resolve_path(str(opts["init"])))
+            cond.materialise(self.unet)  # builds the trained cross-attention layers, if any
             if list(cond.connector.config.spatial) != self.modalities:
                 raise SemsrError(f"init checkpoint has modalities {cond.connector.config.spatial}, the config "
                                  f"{self.modalities}")
@@ -118,7 +122,8 @@ class MMSRTask(Task):
                                    vq_dim=int(self.tokenizer.embed_dim), **extra)
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
-                cond = MMSRConditioning.new(self.unet, MultimodalLatentConnector(ccfg))
+                cond = MMSRConditioning.new(self.unet, MultimodalLatentConnector(ccfg),
+                                            cross_attention=bool(opts.get("train_cross_attention", False)))
         if cond.connector.config.vq_dim != int(self.tokenizer.embed_dim):
             raise SemsrError(f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
                              f"{self.tokenizer.embed_dim}")
