@@ -26,7 +26,8 @@ adds its own options by listing them in its ``MethodSpec.extra["cli_options"]``:
 Each entry is ``argparse.add_argument`` keywords plus ``flags`` and ``target``
 (``"run"``: passed on every call, default; ``"build"``: passed to the factory);
 the keyword name is ``dest`` or the first long flag with dashes as
-underscores; the default is always ``None`` (= not given, not forwarded). The
+underscores; an optional ``"ui"`` dict holds web-demo hints (see
+:mod:`semsr.ui.catalog`) and is not given to argparse; the default is always ``None`` (= not given, not forwarded). The
 options appear under "options of <method>" in ``semsr upscale --help``; an
 option declared by several methods with the same ``dest`` is added once.
 
@@ -164,7 +165,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"options of {spec.name}")
         for opt in entries:
             dest = option_dest(opt)
-            kwargs = {k: v for k, v in opt.items() if k not in ("flags", "target", "dest", "default")}
+            kwargs = {k: v for k, v in opt.items() if k not in ("flags", "target", "dest", "default", "ui")}
             try:
                 group.add_argument(*opt["flags"], dest=dest, default=None, **kwargs)
             except argparse.ArgumentError as err:  # a flag another method already uses differently

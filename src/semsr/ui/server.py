@@ -52,7 +52,8 @@ _PRIOR_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
+    """A byte count for people: ``"12.3 MB"``, ``"49 KB"``."""
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
 
 
 class DemoApp:

@@ -4,7 +4,7 @@ const $ = (id) => document.getElementById(id);
 const state = { config: null, methods: [], image: null, job: null, result: null, point: null, refs: {} };
 
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
-function mb(n) { return (n / 1048576).toFixed(1) + " MB"; }
+function mb(n) { return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : Math.round(n / 1024) + " KB"; }
 
 async function api(path, opts) {
   const res = await fetch(path, opts);

@@ -1,0 +1,212 @@
+"""The web demo's HTTP API without a browser: start-up, endpoints, limits, queue."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _ui_helpers import serve
+from semsr.methods import MethodSpec, register
+from semsr.ui.server import make_server
+
+GATE = threading.Event()
+SEEN: list[dict[str, Any]] = []
+
+
+class _Gated:
+    """2x nearest method that waits for GATE (to hold the queue) and records its options."""
+
+    name, scale, tiles_itself = "test-ui-gated", 2, True
+
+    def __init__(self) -> None:
+        self.last_priors: dict[str, Any] = {}
+
+    def __call__(self, x: torch.Tensor, **opts: Any) -> torch.Tensor:
+        assert GATE.wait(30)
+        SEEN.append(opts)
+        self.last_priors = {"prompt": opts.get("prompt", ""), "map": torch.full((1, 1, 3, 3), 0.5)}
+        return x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
+        return {"prompt": "a suggested prompt", "tags": ("a", "b")}
+
+
+register(MethodSpec("test-ui-gated", lambda **_: _Gated(), 2, "test method", extra={"cli_options": [
+    {"flags": ["--mode"], "target": "run", "choices": ["x", "y"], "help": "a choice"},
+    {"flags": ["--temp-depth"], "target": "run", "type": float, "ui": {"widget": "slider", "min": 0, "max": 2}},
+    {"flags": ["--reference"], "target": "run", "metavar": "IMAGE"},
+    {"flags": ["--flag"], "target": "run", "action": "store_true"},
+    {"flags": ["--weights-dir"], "target": "build"},
+]}))
+
+
+def _png(w: int = 6, h: int = 5, flat: bool = False) -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr * 0 if flat else arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _req(url: str, data: bytes | dict | None = None, method: str | None = None, headers: dict | None = None):
+    """``(status, body bytes, headers)`` of a request (errors included)."""
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), r.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+def _json(url: str, data: bytes | dict | None = None, method: str | None = None) -> tuple[int, Any]:
+    status, body, _ = _req(url, data, method)
+    return status, json.loads(body)
+
+
+def _wait(url: str, job: str, states: tuple[str, ...] = ("done", "error"), timeout: float = 30) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        _, st = _json(f"{url}api/jobs/{job}")
+        if st["state"] in states:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} stuck: {st}")
+
+
+@pytest.fixture()
+def server():
+    GATE.set()
+    SEEN.clear()
+    srv = make_server("127.0.0.1", 0, max_upload_bytes=50_000, max_pixels=10_000, max_jobs=2)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv.url
+    GATE.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def _upload(url: str, data: bytes, name: str = "a.png") -> tuple[int, Any]:
+    status, body, _ = _req(url + "api/images", data, headers={"X-Filename": name})
+    return status, json.loads(body)
+
+
+def test_serve_command_answers_within_60s():
+    with serve("--max-jobs", "1") as (url, seconds):
+        assert seconds < 60
+        status, body, headers = _req(url)
+        assert status == 200 and b"semsr" in body and headers["Content-Type"].startswith("text/html")
+        for path in ("static/app.js", "static/app.css", "api/config", "api/methods"):
+            assert _req(url + path)[0] == 200, path
+        assert _json(url + "api/config")[1]["max_jobs"] == 1
+
+
+def test_page_has_no_external_assets(server):
+    for path in ("", "static/app.js", "static/app.css"):
+        text = _req(server + path)[1].decode()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+
+
+def test_methods_catalogue_from_registry(server):
+    status, methods = _json(server + "api/methods")
+    by = {m["name"]: m for m in methods}
+    assert status == 200 and by["bicubic"]["available"] and by["default"]["available"]
+    assert not by["sd-controlnet"]["available"] and "--base" in by["sd-controlnet"]["reason"]
+    assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
+    opts = {o["dest"]: o for o in by["test-ui-gated"]["options"]}
+    assert set(opts) == {"mode", "temp_depth", "reference", "flag"}  # build options stay server-side
+    assert opts["mode"]["widget"] == "select" and opts["mode"]["choices"] == ["x", "y"]
+    assert opts["temp_depth"]["widget"] == "slider" and opts["temp_depth"]["max"] == 2
+    assert opts["reference"]["widget"] == "image" and opts["flag"]["widget"] == "checkbox"
+
+
+def test_upload_run_download(server):
+    status, img = _upload(server, _png(), "my photo.png")
+    assert status == 201 and (img["width"], img["height"]) == (6, 5) and img["name"] == "my photo.png"
+    status, _, headers = _req(f"{server}api/images/{img['id']}")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    status, job = _json(server + "api/jobs", {"image": img["id"], "method": "bicubic", "tile": "0"})
+    assert status == 202
+    st = _wait(server, job["id"])
+    assert st["state"] == "done", st
+    out = st["output"]
+    assert (out["width"], out["height"]) == (24, 20) and out["priors"] == {} and out["timings"]["upscale"] >= 0
+    status, body, headers = _req(f"{server}api/jobs/{job['id']}/result?download=1")
+    assert status == 200 and 'filename="my photo_bicubic_x4.png"' in headers["Content-Disposition"]
+    assert Image.open(io.BytesIO(body)).size == (24, 20)
+
+
+def test_bad_uploads_have_clear_messages(server):
+    status, err = _upload(server, b"this is not an image", "notes.txt")
+    assert status == 400 and err["error"].startswith("notes.txt: not a readable image")
+    status, err = _upload(server, b"", "empty.png")
+    assert status == 400 and "empty" in err["error"]
+    status, err = _upload(server, b"\0" * 60_000, "big.png")
+    assert status == 413 and err["error"] == "the file is 59 KB, above the upload limit of 49 KB"
+    status, err = _upload(server, _png(200, 100, flat=True), "huge.png")
+    assert status == 400 and "200x100" in err["error"] and "semsr serve --max-pixels" in err["error"]
+
+
+def test_bad_job_requests(server):
+    _, img = _upload(server, _png())
+    cases = [
+        ({"image": img["id"], "method": "nope"}, "unknown method"),
+        ({"image": img["id"], "method": "sd-controlnet"}, "not available"),
+        ({"image": "i999-00000", "method": "bicubic"}, "upload it again"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"mode": "z"}}, "choose one of x, y"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"temp_depth": "hot"}}, "not a float"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"weights_dir": "/x"}}, "no option"),
+        ({"image": img["id"], "method": "bicubic", "kind": "train"}, "unknown job kind"),
+    ]
+    for body, expected in cases:
+        status, err = _json(server + "api/jobs", body)
+        assert status == 400 and expected in err["error"], (body, err)
+    status, _, _ = _req(server + "api/jobs", b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 400
+
+
+def test_queue_one_at_a_time_positions_full_and_cancel(server):
+    _, img = _upload(server, _png())
+    _, ref = _upload(server, _png(3, 3), "ref.png")
+    GATE.clear()
+    body = {"image": img["id"], "method": "test-ui-gated", "prompt": "a cat", "steps": "3",
+            "options": {"mode": "y", "temp_depth": "0.5", "reference": ref["id"], "flag": True}}
+    _, a = _json(server + "api/jobs", body)
+    _wait(server, a["id"], ("running",))
+    _, b = _json(server + "api/jobs", body)
+    assert b["position"] == 1
+    status, err = _json(server + "api/jobs", body)
+    assert status == 503 and "queue is full" in err["error"]
+    assert _json(f"{server}api/jobs/{b['id']}")[1]["state"] == "queued"
+    assert _json(f"{server}api/jobs/{b['id']}", method="DELETE")[0] == 200
+    assert _json(f"{server}api/jobs/{a['id']}", method="DELETE")[0] == 409  # running: not cancellable
+    GATE.set()
+    st = _wait(server, a["id"])
+    assert st["state"] == "done", st
+    assert _json(f"{server}api/jobs/{b['id']}")[1]["state"] == "cancelled"
+    assert len(SEEN) == 1
+    opts = SEEN[0]
+    assert opts["prompt"] == "a cat" and opts["steps"] == 3 and opts["mode"] == "y" and opts["temp_depth"] == 0.5
+    assert opts["flag"] is True and opts["reference"].endswith("input.bin")  # the uploaded reference's file
+    priors = st["output"]["priors"]
+    assert priors["prompt"] == "a cat"
+    assert _req(server + priors["map"]["image"].lstrip("/"))[0] == 200
+
+
+def test_priors_job_suggests_prompts(server):
+    _, img = _upload(server, _png())
+    _, job = _json(server + "api/jobs", {"kind": "priors", "image": img["id"], "method": "test-ui-gated"})
+    st = _wait(server, job["id"])
+    assert st["output"]["priors"] == {"prompt": "a suggested prompt", "tags": ["a", "b"]}
+    _, job = _json(server + "api/jobs", {"kind": "priors", "image": img["id"], "method": "bicubic"})
+    assert _wait(server, job["id"])["output"]["priors"] == {}
