@@ -16,7 +16,7 @@ from PIL import Image
 
 from _ui_helpers import serve
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.browser  # ~40 s on 2 busy cores (not slow: < 60 s)
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -210,3 +210,15 @@ def test_priors_job_suggests_prompts(server):
     assert st["output"]["priors"] == {"prompt": "a suggested prompt", "tags": ["a", "b"]}
     _, job = _json(server + "api/jobs", {"kind": "priors", "image": img["id"], "method": "bicubic"})
     assert _wait(server, job["id"])["output"]["priors"] == {}
+
+
+def test_port_in_use_is_a_one_line_error():
+    import subprocess
+    import sys
+
+    with serve() as (url, _):
+        port = url.rsplit(":", 1)[1].strip("/")
+        proc = subprocess.run([sys.executable, "-m", "semsr", "serve", "--port", port],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"semsr: error: cannot listen on 127.0.0.1:{port}: Address already in use"

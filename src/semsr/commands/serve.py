@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from semsr.api import PATH_OPTIONS
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this machine can use the demo", args.host)
     print(f"semsr web demo on {server.url}  (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # `kill` cleans up like Ctrl+C (temporary files removed)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -65,3 +67,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

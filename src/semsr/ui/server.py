@@ -422,8 +422,8 @@ class DemoServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], app: DemoApp) -> None:
+        self.app = app  # before binding: a failed bind calls server_close()
         super().__init__(address, Handler)
-        self.app = app
 
     @property
     def url(self) -> str:
