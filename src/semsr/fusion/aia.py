@@ -63,7 +63,7 @@ def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         q: ``(B, H, Nq, d)`` queries.
         k: ``(B, H, Nk, d)`` keys.
         v: ``(B, H, Nk, dv)`` values.
-        scale: score scale (``d ** -0.5``).
+        scale: score scale (``d ** -0.5``), positive.
         chunk: queries processed at a time (memory: ``B*H*chunk*Nk`` scores); default:
             as many as fit :data:`HARD_ATTENTION_BUDGET`.
     Returns:
@@ -75,8 +75,9 @@ def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     chunk = max(1, int(chunk))
     outs = []
     kt = k.transpose(-1, -2)
+    q = q * scale  # scale > 0: same argmax, and far cheaper than scaling the (c, Nk) scores
     for start in range(0, q.shape[-2], chunk):
-        scores = torch.matmul(q[..., start:start + chunk, :], kt) * scale  # (B, H, c, Nk)
+        scores = torch.matmul(q[..., start:start + chunk, :], kt)  # (B, H, c, Nk)
         best, index = scores.max(dim=-1)  # (B, H, c)
         picked = torch.gather(v, 2, index.unsqueeze(-1).expand(*index.shape, v.shape[-1]))
         outs.append(picked * best.unsqueeze(-1))
