@@ -44,7 +44,6 @@ modality of the checkpoint whose source is available is used.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -65,8 +64,6 @@ from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint
 from semsr.pipeline.text import load_text_conditioner
-
-log = logging.getLogger("semsr.mmsr")
 
 GUIDANCE_MODES = ("mcfg", "cfg", "null-modality")
 DEFAULT_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
@@ -343,6 +340,7 @@ class MMSRSR:
             raise SemsrError(f"connector width {ccfg.width} != UNet cross-attention width "
                              f"{self.unet.config.cross_attention_dim}")
         self._encoders: dict[tuple[str, ...], Any] = {}
+        self._captioner: Any = None
         self.last_modalities: list[str] = []
         self.last_timings: dict[str, float] = {}
 
@@ -412,7 +410,9 @@ class MMSRSR:
             return prompts
         from semsr.priors.base import cached, get_provider
 
-        provider = cached(get_provider("caption", vlm=self.vlm))
+        if self._captioner is None:
+            self._captioner = cached(get_provider("caption", vlm=self.vlm))
+        provider = self._captioner
         return [p or str(provider(img[None].float().cpu()).value) for p, img in zip(prompts, lr, strict=True)]
 
     def contexts(self, lr: torch.Tensor, hint: torch.Tensor, prompts: list[str], negatives: list[str], *,
