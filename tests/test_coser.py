@@ -81,6 +81,26 @@ def test_zero_initialised_aia_equals_the_plain_unet(unet):
         assert torch.equal(no_ref, plain)
 
 
+def test_aia_on_an_sd2_style_unet():
+    """Linear projections in the transformers and per-level head widths (SD 2.x layout)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, norm_num_groups=16).eval()
+    fusion = AiAFusion(unet)
+    d = _unet_inputs(1)
+    with torch.no_grad():
+        plain = unet(d["x"], d["t"], encoder_hidden_states=d["context"]).sample
+        assert torch.equal(fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"]), plain)
+        for block in fusion.blocks.values():
+            torch.nn.init.normal_(block.lr_zero.weight, std=0.1)
+        assert (fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"]) - plain).abs().max() > 1e-3
+
+
 def test_aia_starts_from_the_pretrained_self_attention_and_keeps_unet_state(unet):
     keys_before = set(unet.state_dict())
     fusion = AiAFusion(unet)

@@ -479,6 +479,7 @@ class CoSeRMethod:
     def _cached_references(self, x: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
         cache = self.cache or ReferenceCache()
         settings = {"model": self.fingerprint, "scale": self.scale, "dtype": str(self.pipeline.dtype),
+                    "device": str(self.pipeline.device),
                     **{k: opts[k] for k in ("prompt", "negative_prompt", "steps", "reference_steps",
                                             "reference_gen_guidance", "reference_size", "seed", "scheduler",
                                             "no_cognition")}}
