@@ -227,6 +227,13 @@ def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models
     assert torch.allclose(ctx["cfg"][1], expect_cfg, atol=1e-6)
     with pytest.raises(SemsrError, match="outside"):
         mmsr_method(lr, **run, modality_temperature="depth=0.1")
+    # an empty prompt asks the VLM (when one is given) for the caption; a given prompt is kept
+    pipe.vlm = tiny_models / "vlm"
+    try:
+        caps = pipe.captions(lr, [""])
+        assert caps[0] and pipe.captions(lr, ["a cat"]) == ["a cat"]
+    finally:
+        pipe.vlm, pipe._captioner = None, None
 
 
 def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
