@@ -356,6 +356,7 @@ class CoSeRSRTask(Task):
         self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
         if not 0.0 <= self.reference_drop_prob <= 1.0:
             raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
+        self._zero_latents: dict[tuple[int, int], torch.Tensor] = {}
         self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)), clip_dir=clip_dir)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
@@ -372,6 +373,7 @@ class CoSeRSRTask(Task):
             m.to(device=device, dtype=weight_dtype)
         self.prompts.clear()
         self.null_tokens.clear()
+        self._zero_latents.clear()
 
     @torch.no_grad()
     def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
@@ -398,7 +400,9 @@ class CoSeRSRTask(Task):
         context = torch.cat([text, torch.where(keep_cog[:, None, None], cog, null)], dim=1)
         z_lr = self.vae_mode(make_hint(lr, size))
         z_ref = self.vae_mode(self.references.batch(positions, gens))
-        z_zero = self.vae_mode(torch.full((1, 3, *size), 0.5)).expand_as(z_ref)
+        if size not in self._zero_latents:  # VAE(zeros): zero in the VAE's [-1, 1] input range
+            self._zero_latents[size] = self.vae_mode(torch.full((1, 3, *size), 0.5))
+        z_zero = self._zero_latents[size].expand_as(z_ref)
         return context, z_lr, torch.where(keep_ref[:, None, None, None], z_ref, z_zero)
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
