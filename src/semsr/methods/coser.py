@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.aia import AiAFusion, install_aia
 from semsr.methods import MethodSpec, register, resolve
-from semsr.models.cognitive import CognitiveEncoder, load_clip_vision, load_cognitive_encoder, text_token_targets
+from semsr.models.cognitive import CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
 from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
@@ -205,9 +205,6 @@ class CoSeRSR:
         scale = min(1.0, float(max_side) / max(height, width))
         return (max(2 * mult, round(height * scale / mult) * mult), max(2 * mult, round(width * scale / mult) * mult))
 
-    def _sampling_denoiser(self, spatial: Callable, tile: int, overlap: int) -> Callable:
-        return tiled(spatial, tile, overlap) if tile else untiled(spatial)
-
     def generate_reference(self, lr: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                            size: tuple[int, int], *, steps: int, guidance_scale: float, seed: int = 0,
                            scheduler: str = "ddpm", progress: Any = False) -> torch.Tensor:
@@ -348,7 +345,8 @@ class CoSeRSR:
         timings["encode"] = time.perf_counter() - t0
         branches = guidance_branches(pos, neg, z_ref, z_zero, guidance_scale, reference_guidance)
         overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
-        denoiser = self._sampling_denoiser(self.spatial_denoiser(z_lr), tile, overlap)
+        spatial = self.spatial_denoiser(z_lr)
+        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
         callback, close = _progress_fn(progress)
         t0 = time.perf_counter()
         try:
