@@ -222,3 +222,31 @@ def test_port_in_use_is_a_one_line_error():
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"semsr: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.slow
+def test_diffusion_method_with_tiny_models(tiny_models):
+    """sd-controlnet through the server: availability with paths, prompts/steps forwarded, step progress."""
+    srv = make_server("127.0.0.1", 0, paths={"base": str(tiny_models / "sd"), "controlnet": str(tiny_models / "controlnet")})
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = srv.url
+        by = {m["name"]: m for m in _json(url + "api/methods")[1]}
+        assert by["sd-controlnet"]["available"] and by["sd-controlnet"]["diffusion"]
+        assert by["sd-controlnet"]["missing_paths"] == []
+        assert by["coser"]["available"] and by["coser"]["missing_paths"] == ["checkpoint", "clip"]
+        _, img = _upload(url, _png(16, 16))
+        body = {"image": img["id"], "method": "sd-controlnet", "prompt": "a cat", "negative_prompt": "blur",
+                "steps": 2, "seed": 3, "colour_fix": "wavelet", "options": {"scheduler": "ddim"}}
+        _, job = _json(url + "api/jobs", body)
+        st = _wait(url, job["id"], timeout=300)
+        assert st["state"] == "done", st
+        assert (st["stage"], st["done"], st["total"]) == ("denoise", 2, 2)
+        assert (st["output"]["width"], st["output"]["height"]) == (64, 64)
+        assert st["output"]["options"]["scheduler"] == "ddim"
+        _, job = _json(url + "api/jobs", {"image": img["id"], "method": "coser"})
+        st = _wait(url, job["id"], timeout=120)
+        assert st["state"] == "error" and "--checkpoint" in st["message"], st
+    finally:
+        srv.shutdown()
+        srv.server_close()

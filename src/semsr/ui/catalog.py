@@ -2,7 +2,9 @@
 
 Nothing here is specific to a method: the picker lists :func:`semsr.methods.specs`,
 availability comes from the same rows as ``semsr models list`` plus the weight
-paths the server was started with, and each method's own options are rendered
+paths the server was started with (a method taking weight paths is offered once
+at least one of them is given; ``missing_paths`` lists the others, and a run
+that needs them fails with the method's own one-line message), and each method's own options are rendered
 from its ``MethodSpec.extra["cli_options"]`` (run options only; build options
 are server-side and come from the ``semsr serve`` command line).
 
@@ -77,15 +79,17 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
     available = bool(row.get("available", True))
     reason = "" if available else f"weights not installed ({row.get('package') or 'package missing'})"
     diffusion = bool(spec.extra.get("diffusion", "base" in needs))
-    if available and needs and not any(paths.get(p) for p in needs):
+    missing = [p for p in needs if not paths.get(p)]
+    if available and needs and len(missing) == len(needs):
         available = False
         reason = "needs " + ", ".join(f"--{p}" for p in needs) + " given to `semsr serve`"
-    if row.get("needs") and not any(paths.get(p) for p in needs):
+    if row.get("needs") and len(missing) == len(needs):
         available, reason = False, f"needs {row['needs']}"
     options = [s for s in (option_schema(o) for o in spec.extra.get("cli_options") or ()) if s is not None]
     return {
         "name": spec.name, "scale": spec.scale, "summary": spec.summary, "available": available,
         "reason": reason, "diffusion": diffusion, "options": options,
+        "missing_paths": missing if available else [],
         "colour_fixes": list(spec.extra.get("colour_fixes") or []),
         "alias_of": row.get("alias_of"),
     }

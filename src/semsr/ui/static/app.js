@@ -80,7 +80,8 @@ function optionField(o) {
 function onMethodChange() {
   const m = currentMethod();
   if (!m) return;
-  $("method-info").textContent = m.summary;
+  $("method-info").textContent = m.summary +
+    (m.missing_paths && m.missing_paths.length ? ` (not configured: ${m.missing_paths.map((p) => "--" + p).join(", ")})` : "");
   $("diffusion").hidden = !m.diffusion;
   const cf = $("colour_fix");
   cf.innerHTML = '<option value="">default</option>' + (m.colour_fixes || []).map((c) => `<option>${c}</option>`).join("");
