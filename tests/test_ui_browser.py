@@ -16,7 +16,7 @@ from PIL import Image
 
 from _ui_helpers import serve
 
-pytestmark = pytest.mark.browser  # ~40 s on 2 busy cores (not slow: < 60 s)
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # 35-60 s on 2 busy cores
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -76,6 +76,7 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
     _upload(page, _photo(tmp_path / "tiny.png", 24))
     page.wait_for_function("document.querySelector('#drop-text').textContent.includes('24×24')")
     assert page.is_hidden("#error")
+    assert page.is_hidden("#compare") and page.is_hidden("#download")  # nothing to compare yet
     _run(page, "bicubic")
     assert page.eval_on_selector("#after", "e => [e.naturalWidth, e.naturalHeight]") == [96, 96]
     assert "bicubic" in page.inner_text("#result-info")

@@ -3,7 +3,8 @@
 const $ = (id) => document.getElementById(id);
 const state = { config: null, methods: [], image: null, job: null, result: null, point: null, refs: {} };
 
-function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
+function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; if (msg) showNote(""); }
+function showNote(msg) { const e = $("note"); e.textContent = msg; e.hidden = !msg; }
 function mb(n) { return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : Math.round(n / 1024) + " KB"; }
 
 async function api(path, opts) {
@@ -246,7 +247,7 @@ async function main() {
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); onFile(e.dataTransfer.files[0]); });
   $("run").addEventListener("click", async () => {
-    showError("");
+    showError(""); showNote("");
     try { showResult(await runJob(collect())); }
     catch (err) { showError(err.message); $("progress-box").hidden = true; }
   });
@@ -259,7 +260,8 @@ async function main() {
       if (p.prompt !== undefined) $("prompt").value = p.prompt;
       if (p.negative_prompt !== undefined) $("negative_prompt").value = p.negative_prompt;
       renderPriors(p);
-      if (!Object.keys(p).length) showError(`${currentMethod().name} extracts no priors before running`);
+      showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
+        : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
     } catch (err) { showError(err.message); }
   });
 }
