@@ -87,3 +87,35 @@ def test_bench_retrieval_cli(tmp_path: Path, tiny_models: Path, capsys: pytest.C
     assert main(["index", "search", str(imgs / "3.png"), "--db", str(tmp_path / "db"), "-k", "2", "--json",
                  "--aligner", str(tmp_path / "aligner")]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+
+
+def test_adain_gates_at_init_leave_unet_unchanged_and_learn(tiny_models: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from semsr.fusion.adain import attach_adain
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+    keys = set(unet.state_dict())
+    adapters = attach_adain(unet, control_dim=16)
+    assert set(unet.state_dict()) == keys  # the UNet's own weights/keys are untouched
+    gates = adapters.gates()
+    assert gates and all(float(v.detach()) == 0.0 for v in gates.values())
+    ctrl = torch.randn(1, 16, generator=g)  # repeated over the batch (as for CFG)
+    with torch.no_grad(), adapters.control(ctrl):
+        same = unet(x, t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(same, ref, atol=1e-5)
+    # opened gates change the output, and the gates receive gradients
+    with torch.no_grad():
+        for v in gates.values():
+            v.fill_(0.5)
+    with adapters.control(ctrl):
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+    assert not torch.allclose(out, ref, atol=1e-4)
+    out.pow(2).mean().backward()
+    assert all(v.grad is not None and float(v.grad.abs()) > 0 for v in gates.values())

@@ -1,0 +1,222 @@
+"""AdaIN adapters (RFA, seed 003 stage 2): steer a UNet's transformer blocks toward a control embedding.
+
+For every ``BasicTransformerBlock`` of a diffusers UNet (or ControlNet) the
+adapter adds, per block:
+
+- ``alpha``: AdaIN on the cross-attention queries and keys (``attn2``): the
+  token statistics (mean/std over tokens, per channel) of Q and K are
+  replaced by statistics predicted from the control embedding;
+- ``beta``: AdaIN on the output of the LayerNorm before cross-attention (``norm2``);
+- ``gamma``: AdaIN on the output of the LayerNorm before the FFN (``norm3``).
+
+Each modulation is blended in as ``x + tanh(g) * (AdaIN(x, c) - x)`` with the
+learnable gate ``g`` initialised to 0, so at initialisation the base model's
+output is unchanged exactly. Statistics come from the control embedding ``c``
+``(B, Dc)`` through a per-block linear layer (initialised to mean 0, std 1).
+
+Usage::
+
+    adapters = attach_adain(unet, control_dim=768)
+    with adapters.control(embedding):          # (B, Dc); repeated over CFG batches
+        eps = unet(x, t, encoder_hidden_states=ctx).sample
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+
+
+def adain(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """AdaIN over tokens: ``x (B, L, C)`` normalised per channel, then scaled by ``std`` and shifted by ``mean`` ``(B, C)``."""
+    mu = x.mean(dim=1, keepdim=True)
+    sigma = x.var(dim=1, keepdim=True, unbiased=False).add(EPS).sqrt()
+    return (x - mu) / sigma * std.unsqueeze(1) + mean.unsqueeze(1)
+
+
+class _ControlState:
+    """The current control embedding shared by all adapters of one model."""
+
+    def __init__(self) -> None:
+        self.embedding: torch.Tensor | None = None
+
+    def for_batch(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        c = self.embedding
+        if c is None:
+            return None
+        if c.shape[0] != batch:
+            if batch % c.shape[0]:
+                raise ValueError(f"control batch {c.shape[0]} does not divide the model batch {batch}")
+            c = c.repeat(batch // c.shape[0], 1)
+        return c.to(like.device, like.dtype)
+
+
+class StyleHead(nn.Module):
+    """``(B, Dc)`` -> AdaIN ``(mean, std)`` each ``(B, C)``; initialised to mean 0, std 1."""
+
+    def __init__(self, control_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(control_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.proj(c).chunk(2, dim=-1)
+        return mean, log_std.exp()
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor, head: StyleHead, c: torch.Tensor | None) -> torch.Tensor:
+    if c is None:
+        return x
+    mean, std = head(c.to(x.dtype))
+    return x + torch.tanh(gate).to(x.dtype) * (adain(x, mean, std) - x)
+
+
+class AdaINNorm(nn.Module):
+    """Gated AdaIN applied to a block LayerNorm's output (``beta`` or ``gamma``) via a forward hook.
+
+    The hook leaves the UNet's module tree and ``state_dict`` untouched.
+    """
+
+    def __init__(self, channels: int, control_dim: int, state: _ControlState) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.style = StyleHead(control_dim, channels)
+        self._state = [state]  # list: keep it out of the module tree
+        self._handle: Any = None
+
+    def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 3:
+            return output
+        return _gated(output, self.gate, self.style, self._state[0].for_batch(output.shape[0], output))
+
+    def attach(self, norm: nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = norm.register_forward_hook(self.hook)
+
+
+class CrossAttnAdaIN(nn.Module):
+    """Parameters of the gated AdaIN on cross-attention Q and K (``alpha``); see :class:`AdaINCrossAttnProcessor`."""
+
+    def __init__(self, inner_dim: int, control_dim: int, state: _ControlState) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.style_q = StyleHead(control_dim, inner_dim)
+        self.style_k = StyleHead(control_dim, inner_dim)
+        self._state = [state]
+
+    def processor(self) -> AdaINCrossAttnProcessor:
+        return AdaINCrossAttnProcessor(self)
+
+
+class AdaINCrossAttnProcessor:
+    """Cross-attention processor with gated AdaIN on Q and K (``alpha``).
+
+    Same maths as diffusers' default processor (scaled dot-product attention,
+    ``to_out``), masks supported. A plain object (not a module) so the UNet's
+    ``state_dict`` does not change; the parameters live in :class:`CrossAttnAdaIN`.
+    """
+
+    def __init__(self, params: CrossAttnAdaIN) -> None:
+        self.params = params
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        in_ndim = hidden_states.ndim
+        if in_ndim == 4:
+            b, ch, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, ch, h * w).transpose(1, 2)
+        bsz, seq, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], bsz)
+            attention_mask = attention_mask.view(bsz, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        p = self.params
+        c = p._state[0].for_batch(bsz, q)
+        q = _gated(q, p.gate, p.style_q, c)
+        k = _gated(k, p.gate, p.style_k, c)
+        head_dim = k.shape[-1] // attn.heads
+        q, k, v = (t.view(bsz, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(bsz, -1, attn.heads * head_dim).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if in_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, ch, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AdaINAdapters(nn.Module):
+    """All adapters attached to one model; ``parameters()`` are the trainable ones."""
+
+    def __init__(self, control_dim: int) -> None:
+        super().__init__()
+        self.control_dim = int(control_dim)
+        self.state = _ControlState()
+        self.blocks = nn.ModuleDict()
+
+    @contextmanager
+    def control(self, embedding: torch.Tensor | None) -> Iterator[None]:
+        """Use ``embedding (B, Dc)`` as the control inside the block (None: adapters off)."""
+        prev = self.state.embedding
+        self.state.embedding = embedding
+        try:
+            yield
+        finally:
+            self.state.embedding = prev
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """``{"<block>.alpha|beta|gamma": gate}`` for inspection."""
+        out = {}
+        for name, mods in self.blocks.items():
+            out[f"{name}.alpha"] = mods["attn2"].gate
+            out[f"{name}.beta"] = mods["norm2"].gate
+            out[f"{name}.gamma"] = mods["norm3"].gate
+        return out
+
+
+def attach_adain(model: nn.Module, control_dim: int, adapters: AdaINAdapters | None = None) -> AdaINAdapters:
+    """Attach gated AdaIN adapters to every ``BasicTransformerBlock`` of ``model`` (in place).
+
+    Returns the :class:`AdaINAdapters` (load/save its ``state_dict``). Passing
+    ``adapters`` re-attaches an existing set (e.g. after loading weights).
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    ad = adapters if adapters is not None else AdaINAdapters(control_dim)
+    for name, block in model.named_modules():
+        if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
+            continue
+        key = name.replace(".", "__")
+        if key not in ad.blocks:
+            dim = block.norm2.normalized_shape[0] if hasattr(block.norm2, "normalized_shape") else block.attn2.query_dim
+            inner = block.attn2.to_q.out_features
+            ad.blocks[key] = nn.ModuleDict({
+                "attn2": CrossAttnAdaIN(inner, ad.control_dim, ad.state),
+                "norm2": AdaINNorm(dim, ad.control_dim, ad.state),
+                "norm3": AdaINNorm(dim, ad.control_dim, ad.state),
+            })
+        mods = ad.blocks[key]
+        block.attn2.set_processor(mods["attn2"].processor())
+        mods["norm2"].attach(block.norm2)
+        mods["norm3"].attach(block.norm3)
+    if not ad.blocks:
+        raise ValueError("no cross-attention transformer blocks found to attach AdaIN adapters to")
+    return ad
