@@ -34,6 +34,7 @@ class _Gated:
         assert GATE.wait(30)
         SEEN.append(opts)
         self.last_priors = {"prompt": opts.get("prompt", ""), "map": torch.full((1, 1, 3, 3), 0.5)}
+        self.side_outputs = {"extra": torch.zeros(1, 3, 4, 4)} if opts.get("save_extra") else {}
         return x.repeat_interleave(2, 2).repeat_interleave(2, 3)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
@@ -46,7 +47,8 @@ register(MethodSpec("test-ui-gated", lambda **_: _Gated(), 2, "test method", ext
     {"flags": ["--reference"], "target": "run", "metavar": "IMAGE"},
     {"flags": ["--flag"], "target": "run", "action": "store_true"},
     {"flags": ["--weights-dir"], "target": "build"},
-]}))
+    {"flags": ["--save-extra"], "target": "run", "action": "store_true"},
+], "suggests_priors": True}))
 
 
 def _png(w: int = 6, h: int = 5, flat: bool = False) -> bytes:
@@ -124,7 +126,9 @@ def test_methods_catalogue_from_registry(server):
     assert not by["sd-controlnet"]["available"] and "--base" in by["sd-controlnet"]["reason"]
     assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
     opts = {o["dest"]: o for o in by["test-ui-gated"]["options"]}
-    assert set(opts) == {"mode", "temp_depth", "reference", "flag"}  # build options stay server-side
+    # build options stay server-side; save_* flags are always on (their side outputs are shown)
+    assert set(opts) == {"mode", "temp_depth", "reference", "flag"}
+    assert by["test-ui-gated"]["suggests_priors"] and not by["bicubic"]["suggests_priors"]
     assert opts["mode"]["widget"] == "select" and opts["mode"]["choices"] == ["x", "y"]
     assert opts["temp_depth"]["widget"] == "slider" and opts["temp_depth"]["max"] == 2
     assert opts["reference"]["widget"] == "image" and opts["flag"]["widget"] == "checkbox"
@@ -201,6 +205,9 @@ def test_queue_one_at_a_time_positions_full_and_cancel(server):
     priors = st["output"]["priors"]
     assert priors["prompt"] == "a cat"
     assert _req(server + priors["map"]["image"].lstrip("/"))[0] == 200
+    assert opts["save_extra"] is True
+    status, body, _ = _req(server + priors["extra"]["image"].lstrip("/"))
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (4, 4)
 
 
 def test_priors_job_suggests_prompts(server):

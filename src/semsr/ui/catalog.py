@@ -13,6 +13,12 @@ An option entry may carry a ``"ui"`` dict of hints for the page:
 e.g. MMSR's per-modality temperatures) or ``{"widget": "image"}`` (an image
 upload, e.g. a reference for CoSeR/RFA; also inferred from ``metavar="IMAGE"``).
 ``{"hidden": true}`` keeps an option off the page.
+
+A method whose ``MethodSpec.extra["suggests_priors"]`` is true implements the
+``suggest_priors`` hook (:data:`semsr.api.SUGGEST_HOOK`); the page then extracts
+priors right after an upload and pre-fills the prompt fields with them.
+Flag options named ``save_*`` (e.g. coser's ``--save-reference``) are switched
+on by the server so the side outputs they produce are shown with the priors.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from semsr.methods import MethodSpec, specs
 #: Run options the page always offers (the shared diffusion options).
 COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
 #: Options the page never renders per method (covered by common fields or meaningless in a browser).
-_SKIP = {"save_reference", "progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
+_SKIP = {"progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
 
 
 def required_paths(spec: MethodSpec) -> list[str]:
@@ -51,7 +57,7 @@ def option_schema(opt: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     ui = dict(opt.get("ui") or {})
     dest = option_dest(opt)
-    if dest in _SKIP or ui.get("hidden"):
+    if dest in _SKIP or ui.get("hidden") or (dest.startswith("save_") and _type_name(opt) == "bool"):
         return None
     widget = ui.get("widget")
     kind = _type_name(opt)
@@ -90,6 +96,10 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
         "name": spec.name, "scale": spec.scale, "summary": spec.summary, "available": available,
         "reason": reason, "diffusion": diffusion, "options": options,
         "missing_paths": missing if available else [],
+        "suggests_priors": bool(spec.extra.get("suggests_priors", False)),
+        "forced_options": {option_dest(o): True for o in spec.extra.get("cli_options") or ()
+                           if o.get("target", "run") == "run" and option_dest(o).startswith("save_")
+                           and _type_name(o) == "bool"},
         "colour_fixes": list(spec.extra.get("colour_fixes") or []),
         "alias_of": row.get("alias_of"),
     }

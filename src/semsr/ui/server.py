@@ -186,6 +186,7 @@ class DemoApp:
             if schema.get(key, {}).get("widget") == "image":
                 value = self.image(str(value))["path"]
             opts[key] = value
+        opts.update(entry.get("forced_options") or {})  # save_* flags: side outputs are shown as priors
         if opts.get("steps") is not None and not 1 <= opts["steps"] <= 1000:
             raise InputError("steps must be between 1 and 1000")
         return opts

@@ -92,6 +92,7 @@ function onMethodChange() {
   $("mo-name").textContent = m.name;
   $("method-options").hidden = m.options.length === 0;
   updateRun();
+  if (state.image && m.suggests_priors && !state.job) extractPriors(true);
 }
 
 function updateRun() { $("run").disabled = !state.image || !currentMethod() || !!state.job; }
@@ -225,6 +226,7 @@ async function onFile(file) {
     $("drop-text").textContent = `${state.image.name} · ${state.image.width}×${state.image.height}`;
     $("drop").classList.add("has-file");
     $("before").src = `/api/images/${state.image.id}`;
+    if (currentMethod() && currentMethod().suggests_priors) extractPriors(true);
   } catch (err) {
     $("drop-text").textContent = "Drop an image here or choose a file";
     showError(err.message);
@@ -251,18 +253,22 @@ async function main() {
     try { showResult(await runJob(collect())); }
     catch (err) { showError(err.message); $("progress-box").hidden = true; }
   });
-  $("extract").addEventListener("click", async () => {
-    showError("");
-    if (!state.image) { showError("upload an image first"); return; }
-    try {
-      const st = await runJob({ kind: "priors", image: state.image.id, method: currentMethod().name });
-      const p = st.output.priors || {};
-      if (p.prompt !== undefined) $("prompt").value = p.prompt;
-      if (p.negative_prompt !== undefined) $("negative_prompt").value = p.negative_prompt;
-      renderPriors(p);
-      showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
-        : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
-    } catch (err) { showError(err.message); }
-  });
+  $("extract").addEventListener("click", () => extractPriors(false));
+}
+
+// Run the method's prior extraction and pre-fill the prompts (auto: only into empty fields, quietly).
+async function extractPriors(auto) {
+  showError("");
+  if (!state.image) { showError("upload an image first"); return; }
+  if (auto && ($("prompt").value || $("negative_prompt").value)) return;
+  try {
+    const st = await runJob({ kind: "priors", image: state.image.id, method: currentMethod().name });
+    const p = st.output.priors || {};
+    if (p.prompt !== undefined) $("prompt").value = p.prompt;
+    if (p.negative_prompt !== undefined) $("negative_prompt").value = p.negative_prompt;
+    renderPriors(p);
+    showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
+      : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
+  } catch (err) { showError(err.message); }
 }
 main();
