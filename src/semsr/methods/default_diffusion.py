@@ -1,0 +1,87 @@
+"""The ``default-diffusion`` method: the project's own residual diffusion refiner (:mod:`semsr.models.default_sr`).
+
+Weights: ``--checkpoint DIR`` (a folder written by ``semsr train --config
+configs/default.yaml``, e.g. ``run/final``) or the packaged
+``semsr/assets/weights/default-sr`` once it is shipped. Options: ``--steps``,
+``--seed``, ``--scheduler``, ``--prompt``, ``--tile`` (output pixels per tile)
+and the ablation switches ``--no-text-prior``, ``--no-edge-prior``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semsr.errors import UnavailableError
+from semsr.methods import MethodSpec, register
+from semsr.paths import assets_dir
+
+NAME = "default-diffusion"
+DEFAULT_STEPS = 4
+_RUN_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "steps": DEFAULT_STEPS, "seed": 0, "scheduler": "ddim", "guidance_scale": 1.0,
+    "no_text_prior": False, "no_edge_prior": False, "tile": None, "tile_overlap": None, "progress": None,
+}
+
+
+def packaged_weights() -> Path:
+    """Folder of the shipped default-model weights (``semsr/assets/weights/default-sr``)."""
+    return assets_dir() / "weights" / "default-sr"
+
+
+class DefaultDiffusionMethod:
+    """:class:`~semsr.models.default_sr.DefaultSRPipeline` as a semsr method (tiles in its working space)."""
+
+    tiles_itself = True
+
+    def __init__(self, pipeline: Any, name: str = NAME) -> None:
+        self.pipeline = pipeline
+        self.name = name
+        self.scale = pipeline.config.scale
+
+    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
+        opts = dict(_RUN_DEFAULTS)
+        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
+        u = self.pipeline.config.unshuffle
+        tile = max(1, int(opts["tile"]) // u) if opts["tile"] else 64
+        overlap = opts["tile_overlap"]
+        return self.pipeline(
+            x, prompt=opts["prompt"] or "", steps=int(opts["steps"]), seed=int(opts["seed"]),
+            scheduler=opts["scheduler"], guidance_scale=float(opts["guidance_scale"]),
+            use_text=not opts["no_text_prior"], use_edges=not opts["no_edge_prior"], tile=tile,
+            tile_overlap=overlap, progress=opts["progress"] if callable(opts["progress"]) else None)
+
+
+def build(checkpoint: str | Path | None = None, *, device: str = "cpu", irpad: str | None = None,
+          stage1: str | None = None, threads: int | None = None, **_ignored: Any) -> DefaultDiffusionMethod:
+    """Factory: ``checkpoint`` folder (default: the packaged weights), optional IRPAD folder and stage-1 override."""
+    from semsr.methods import get_method
+    from semsr.models.default_sr import DefaultSR, DefaultSRPipeline
+
+    folder = Path(checkpoint).expanduser() if checkpoint else packaged_weights()
+    if not (folder / "config.json").is_file():
+        raise UnavailableError("no default-model weights here (train them: semsr train --config "
+                               "configs/default.yaml, then pass --checkpoint RUN/final)", folder)
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = DefaultSR.load(folder)
+    s1 = get_method(stage1 or model.config.stage1, device=device)
+    return DefaultDiffusionMethod(DefaultSRPipeline(model, stage1=s1, irpad=irpad, device=device))
+
+
+register(MethodSpec(
+    name=NAME,
+    factory=build,
+    scale=4,
+    summary="the project's compact residual diffusion refiner over realesrgan-x4plus "
+            "(MiniLM text + IRPAD prompt, Canny edges via ControlNet; --checkpoint RUN/final)",
+    extra={"cli_options": [
+        {"flags": ["--no-text-prior"], "target": "run", "action": "store_true",
+         "help": "default-diffusion: ablation, empty text condition (no prompt, no IRPAD)"},
+        {"flags": ["--no-edge-prior"], "target": "run", "action": "store_true",
+         "help": "default-diffusion: ablation, no edge map (zero ControlNet hint)"},
+        {"flags": ["--stage1"], "target": "build", "metavar": "METHOD",
+         "help": "default-diffusion: stage-1 restorer (default: the checkpoint's)"},
+    ]},
+))

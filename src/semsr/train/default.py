@@ -1,0 +1,146 @@
+"""Training task ``default_sr``: the bundled default model (:mod:`semsr.models.default_sr`).
+
+Per micro-batch (``hr (B, 3, H, W)``, ``lr (B, 3, H/s, W/s)`` from the Real-ESRGAN
+degradation of :mod:`semsr.train.data`)::
+
+    y1  = stage1(lr)                           frozen (realesrgan-x4plus; bicubic in the tiny config)
+    r0  = unshuffle(k * (hr - y1))             the clean scaled residual (the "sample" target)
+    t, eps per sample; r_t = add_noise(r0, eps, t)
+    text = prompt + IRPAD(lr)  -> "" with prob train.null_prompt_prob
+    edges = canny(y1)          -> 0  with prob model.options.edge_drop_prob
+    pred = model(r_t, t, {stage1, tokens, edges})   -> outputs pred/target (= r0)
+
+The loss terms ``eps_mse`` (MSE of the x0 prediction) and ``residual_l1``
+(registered here; L1 of the same, i.e. ``k`` times the pixel L1 of the SR
+image) come from :mod:`semsr.train.losses`.
+
+``model.options`` (all optional): the :class:`~semsr.models.default_sr.DefaultSRConfig`
+fields (``block_out_channels``, ``unshuffle``, ``stage1``, ``residual_scale``...),
+``init`` (a checkpoint folder to start from), ``irpad`` (IRPAD folder; ``null`` =
+the shipped weights, silently absent if none), ``use_irpad`` (default true),
+``edge_drop_prob`` (default 0.1). ``model.pretrained`` / ``model.controlnet`` are unused.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semsr.errors import SemsrError
+from semsr.models.default_sr import (
+    DefaultSR,
+    DefaultSRConfig,
+    DefaultSRPipeline,
+    DegradationText,
+    TextTokens,
+    edge_map,
+    join_prompt,
+    to_space,
+)
+from semsr.train.config import ExperimentConfig
+from semsr.train.losses import _require, register_loss
+from semsr.train.tasks import Task, per_sample_generators, randn_like_per_sample, register_task
+
+log = logging.getLogger(__name__)
+
+_TASK_OPTIONS = {"init", "irpad", "use_irpad", "edge_drop_prob"}
+
+
+@register_loss("residual_l1")
+def residual_l1(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between ``pred`` and ``target`` ``(B, C, h, w)`` (the x0 residual of ``default_sr``)."""
+    _require(outputs, "residual_l1", "pred", "target")
+    return F.l1_loss(outputs["pred"].float(), outputs["target"].float())
+
+
+@register_task("default_sr")
+class DefaultSRTask(Task):
+    """Residual diffusion refiner over a frozen stage-1 restorer; everything in :class:`DefaultSR` trains."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        from diffusers import DDPMScheduler
+
+        from semsr.methods import get_method
+
+        opts = dict(cfg.model.options)
+        arch = {k: v for k, v in opts.items() if k not in _TASK_OPTIONS}
+        self.options = {"init": None, "irpad": None, "use_irpad": True, "edge_drop_prob": 0.1,
+                        **{k: v for k, v in opts.items() if k in _TASK_OPTIONS}}
+        if self.options["init"]:
+            model = DefaultSR.load(Path(str(self.options["init"])).expanduser()).train().requires_grad_(True)
+            if arch:
+                raise SemsrError(f"model.options {sorted(arch)} cannot change an 'init' checkpoint's architecture")
+        else:
+            arch.setdefault("scale", cfg.data.scale)
+            config = DefaultSRConfig.from_dict(arch)
+            with torch.random.fork_rng():  # the init depends on the seed only
+                torch.manual_seed(cfg.seed)
+                model = DefaultSR(config)
+        if model.config.scale != cfg.data.scale:
+            raise SemsrError(f"model scale {model.config.scale} != data.scale {cfg.data.scale}")
+        self.trainable = model.float().train()
+        self.mconfig = model.config
+        self.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler)
+        self.stage1 = get_method(model.config.stage1)
+        self.text = TextTokens()
+        self.degradation = DegradationText(self.options["irpad"], enabled=bool(self.options["use_irpad"]))
+        if not self.degradation.available and self.options["use_irpad"]:
+            log.info("default_sr: no IRPAD weights (%s); the text condition is the prompt only",
+                     self.degradation.reason)
+        self.device = torch.device("cpu")
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.mconfig.multiple
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device = device  # stage 1 and the text encoder stay fp32 on the CPU-side helpers
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Outputs ``pred``/``target`` ``(B, 3u^2, H/u, W/u)`` and ``timesteps (B,)``.
+
+        Per-sample draws, in order: diffusion noise, timestep, prompt dropout, edge dropout.
+        """
+        cfg = self.mconfig
+        hr = batch["hr"].float()
+        lr = batch["lr"].float()
+        if hr.shape[-1] % cfg.multiple or hr.shape[-2] % cfg.multiple:
+            raise SemsrError(f"data.crop_size must be a multiple of {cfg.multiple} for this model")
+        gens = per_sample_generators(batch["seed"])
+        with torch.no_grad():
+            y1 = self.stage1(lr).float().clamp(0, 1)
+            target = to_space((hr - y1) * cfg.residual_scale, cfg.unshuffle)
+            noise = randn_like_per_sample(target, gens)
+            t_max = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens])
+            p_text = self.cfg.train.null_prompt_prob
+            p_edge = float(self.options["edge_drop_prob"])
+            drop_text = [float(torch.rand((), generator=g)) < p_text for g in gens]
+            drop_edge = [float(torch.rand((), generator=g)) < p_edge for g in gens]
+            deg = self.degradation(lr)
+            prompts = ["" if d else join_prompt(p, q) for p, q, d in zip(batch["prompt"], deg, drop_text, strict=True)]
+            edges = edge_map(y1) * torch.tensor([0.0 if d else 1.0 for d in drop_edge]).view(-1, 1, 1, 1)
+            noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
+            cond = {"stage1": to_space(y1 * 2 - 1, cfg.unshuffle), "tokens": self.text(prompts), "edges": edges}
+        dev = self.device
+        cond = {k: v.to(dev) for k, v in cond.items()}
+        pred = model(noisy.to(dev), timesteps.to(dev), cond)
+        return {"pred": pred, "target": target.to(dev), "timesteps": timesteps.to(dev)}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
+               guidance_scale: float, seed: int) -> torch.Tensor:
+        """SR of ``lr (B, 3, h, w)`` with a copy of the trainable model (see :class:`DefaultSRPipeline`)."""
+        pipe = DefaultSRPipeline(model, stage1=self.stage1, text=self.text, degradation=self.degradation,
+                                 device=self.device)
+        return pipe(lr, prompt=prompts, steps=steps, seed=seed, guidance_scale=guidance_scale)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the :meth:`DefaultSR.save` folder (loadable by ``--method default-diffusion --checkpoint``)."""
+        model.save(folder)
