@@ -69,6 +69,8 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.xpsr",
     "semsr.methods.dalpsr",
     "semsr.methods.mmsr",
+    "semsr.methods.rfa",
+    "semsr.methods.default_diffusion",
 )
 _loaded = False
 
