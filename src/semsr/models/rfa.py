@@ -1,4 +1,4 @@
-"""Reference-Finding Aligner (RFA, seed 003 stage 1a).
+"""Stage-1 models of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
 
 The aligner maps the embedder tokens of a *low-resolution* image (32x32 in
 the seed, upsampled to the embedder's input size) to the global embedding the
@@ -93,15 +93,7 @@ class ReferenceFindingAligner(nn.Module):
         return F.normalize(self(tok, vec), dim=-1)
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save
-
-        from semsr.eval.atomic import write_bytes, write_text
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in self.state_dict().items()}))
-        write_text(folder / "config.json", json.dumps(asdict(self.config), indent=2))
-        return folder
+        return _save_module(self, folder)
 
 
 def align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -141,5 +133,161 @@ def load_aligner(folder: str | Path, embedder_spec: str | None = None) -> Refere
         raise SemsrError(f"aligner was trained for embedder {config.embedder!r}, database uses {embedder_spec!r}",
                          folder)
     model = ReferenceFindingAligner(config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
+# ============================================================================ I2T embedding enhancer
+
+
+@dataclass
+class EnhancerConfig:
+    """Shape of the I2T Embedding Enhancer (stored as ``config.json``)."""
+
+    token_dim: int
+    out_dim: int
+    num_tokens: int
+    lm_dim: int
+    num_refs: int = 4
+    width: int = 256
+    depth: int = 2
+    heads: int = 4
+    prefix_len: int = 4
+    embedder: str | None = None
+
+
+class EmbeddingEnhancer(nn.Module):
+    """I2T Embedding Enhancer (seed 003 stage 1b).
+
+    LR tokens are the queries; keys/values are the LR tokens plus the tokens of
+    the K retrieved references (each slot with a learned type embedding), in
+    ``depth`` pre-norm decoder layers (self-attention over LR tokens +
+    cross-attention over LR+references + FFN).
+
+    ``forward(lr_tokens (B, N, T), ref_tokens (B, K, N, T))`` returns
+    ``(image_embed (B, D), prefix (B, P, lm_dim))``: the enhanced image
+    embedding (trained by cosine alignment to the GT HR embedding, see
+    :func:`enhancer_loss`) and the token-pooled summary projected to ``P``
+    prefix embeddings that condition the text decoder.
+    """
+
+    def __init__(self, config: EnhancerConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.proj = nn.Linear(config.token_dim, w)
+        self.pos = nn.Parameter(torch.zeros(1, config.num_tokens, w))
+        self.slot = nn.Parameter(torch.zeros(1 + config.num_refs, 1, w))
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(w, config.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(w)
+        self.image_head = nn.Linear(w, config.out_dim)
+        self.prefix_head = nn.Linear(w, config.prefix_len * config.lm_dim)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        nn.init.trunc_normal_(self.slot, std=0.02)
+
+    def forward(self, lr_tokens: torch.Tensor, ref_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = lr_tokens.shape
+        k = ref_tokens.shape[1]
+        if n != self.config.num_tokens or k > self.config.num_refs:
+            raise SemsrError(f"enhancer expects {self.config.num_tokens} tokens and <= {self.config.num_refs} "
+                             f"references, got {n} and {k}")
+        q = self.proj(lr_tokens) + self.pos + self.slot[0]
+        refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1:1 + k].unsqueeze(0)
+        mem = torch.cat([q, refs.reshape(b, k * n, -1)], dim=1)
+        for layer in self.layers:
+            q = layer(q, mem)
+        pooled = self.norm(q).mean(dim=1)
+        prefix = self.prefix_head(pooled).view(b, self.config.prefix_len, self.config.lm_dim)
+        return self.image_head(pooled), prefix
+
+    def save(self, folder: str | Path) -> Path:
+        return _save_module(self, folder)
+
+
+def enhancer_loss(image_embed: torch.Tensor, hr_embed: torch.Tensor) -> torch.Tensor:
+    """Cosine alignment ``1 - cos(enhanced, GT HR embedding)`` averaged; both ``(B, D)``."""
+    return (1 - F.cosine_similarity(image_embed, hr_embed, dim=-1)).mean()
+
+
+def caption_loss(lm: Any, prefix: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher-forced LM loss of caption tokens ``(B, L)`` after the prefix ``(B, P, lm_dim)``.
+
+    A differentiable stand-in for the seed's supervision (CLIP text embedding
+    of the generated text aligned to captions), which needs soft decoding.
+    """
+    emb = lm.get_input_embeddings()(input_ids)
+    inputs = torch.cat([prefix.to(emb.dtype), emb], dim=1)
+    labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long), input_ids], dim=1)
+    if attention_mask is not None:
+        labels[:, prefix.shape[1]:][attention_mask == 0] = -100
+        attention_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype), attention_mask], 1)
+    return lm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels).loss
+
+
+@torch.no_grad()
+def generate_text(lm: Any, tokenizer: Any, prefix: torch.Tensor, max_new_tokens: int = 24) -> list[str]:
+    """Greedy decoding from prefix embeddings ``(B, P, lm_dim)``; one string per image."""
+    emb_layer = lm.get_input_embeddings()
+    eos = tokenizer.eos_token_id
+    inputs = prefix.to(emb_layer.weight.dtype)
+    out: list[list[int]] = [[] for _ in range(prefix.shape[0])]
+    done = torch.zeros(prefix.shape[0], dtype=torch.bool)
+    past = None
+    for _ in range(max_new_tokens):
+        res = lm(inputs_embeds=inputs, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = res.logits[:, -1].argmax(-1)
+        for i, tok in enumerate(nxt.tolist()):
+            if not done[i]:
+                if tok == eos:
+                    done[i] = True
+                else:
+                    out[i].append(tok)
+        if bool(done.all()):
+            break
+        inputs = emb_layer(nxt).unsqueeze(1)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+
+def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
+    """A causal LM + tokenizer from a local folder (``local_files_only``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from semsr.pipeline.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+
+    ensure_offline()
+    quiet_hf_logging()
+    folder = require(Path(folder).expanduser(), "text decoder folder")
+    lm = load_transformers_model(AutoModelForCausalLM, folder, what="text decoder").eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UnavailableError(f"cannot load the text decoder's tokenizer: {err}", folder) from err
+    return lm, tok
+
+
+def _save_module(module: nn.Module, folder: str | Path) -> Path:
+    from safetensors.torch import save
+
+    from semsr.eval.atomic import write_bytes, write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in module.state_dict().items()}))
+    write_text(folder / "config.json", json.dumps(asdict(module.config), indent=2))  # type: ignore[arg-type]
+    return folder
+
+
+def load_enhancer(folder: str | Path) -> EmbeddingEnhancer:
+    """Load an enhancer folder (``config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UnavailableError("no enhancer checkpoint (config.json + model.safetensors)", folder)
+    model = EmbeddingEnhancer(EnhancerConfig(**json.loads((folder / "config.json").read_text())))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()

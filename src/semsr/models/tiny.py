@@ -39,7 +39,7 @@ _WRITERS: dict[str, TinyWriter] = {}
 
 # Modules whose import registers more tiny writers (recipe modules append here).
 TINY_MODULES: list[str] = ["semsr.models.tiny_priors", "semsr.models.tiny_coser", "semsr.models.tiny_vlm",
-                          "semsr.models.tiny_mmsr", "semsr.models.tiny_xpsr"]
+                          "semsr.models.tiny_mmsr", "semsr.models.tiny_xpsr", "semsr.models.tiny_rfa"]
 
 # A small, fixed corpus the tiny BPE tokenizer learns its merges from.
 _CORPUS = (
