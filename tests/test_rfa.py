@@ -119,3 +119,58 @@ def test_adain_gates_at_init_leave_unet_unchanged_and_learn(tiny_models: Path) -
     assert not torch.allclose(out, ref, atol=1e-4)
     out.pow(2).mean().backward()
     assert all(v.grad is not None and float(v.grad.abs()) > 0 for v in gates.values())
+
+
+def test_enhancer_loss_falls_and_text_decodes(tiny_models: Path) -> None:
+    from semsr.models.rfa import (EmbeddingEnhancer, EnhancerConfig, caption_loss, enhancer_loss, generate_text,
+                                  load_text_decoder)
+
+    lm, tok = load_text_decoder(tiny_models / "text-decoder")
+    g = torch.Generator().manual_seed(0)
+    lr_tok, refs = torch.randn(16, 5, 12, generator=g), torch.randn(16, 4, 5, 12, generator=g)
+    hr = F.normalize(torch.tanh(refs.mean((1, 2)) @ torch.randn(12, 16, generator=g)), dim=-1)
+    model = EmbeddingEnhancer(EnhancerConfig(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd,
+                                             width=32, depth=1, heads=2, prefix_len=2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids = tok(["a photo of a cat"] * 16, return_tensors="pt").input_ids
+    losses = []
+    for _ in range(60):
+        emb, prefix = model(lr_tok, refs)
+        loss = enhancer_loss(emb, hr) + caption_loss(lm, prefix, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+    with torch.no_grad():
+        texts = generate_text(lm, tok, model(lr_tok[:2], refs[:2, :3])[1], max_new_tokens=6)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> None:
+    from PIL import Image
+
+    from semsr.cli import main
+
+    rng = np.random.default_rng(1)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        Image.fromarray((np.kron(rng.random((4, 4, 3)), np.ones((12, 12, 1))) * 255).astype(np.uint8)).save(
+            refs / f"r{i}.png")
+    db = tmp_path / "db"
+    assert main(["index", "build", "--images", str(refs), "--out", str(db), "--embedder",
+                 f"clip:{tiny_models / 'clip-vision'}"]) == 0
+    lr = tmp_path / "lr.png"
+    Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).save(lr)
+    out = tmp_path / "out"
+    assert main(["upscale", "-i", str(lr), "-o", str(out), "--method", "rfa", "--base", str(tiny_models / "sd"),
+                 "--controlnet", str(tiny_models / "controlnet"), "--checkpoint", str(tiny_models / "rfa"),
+                 "--db", str(db), "--save-reference", "--num-references", "2", "--steps", "2"]) == 0
+    made = sorted(p.name for p in out.iterdir())
+    assert len([m for m in made if "_reference" in m]) == 2
+    main_out = [m for m in made if "_reference" not in m]
+    assert len(main_out) == 1 and Image.open(out / main_out[0]).size == (64, 64)  # x16 default
+    # without a database or --clip the method explains what it needs
+    assert main(["upscale", "-i", str(lr), "-o", str(out), "--method", "rfa", "--base", str(tiny_models / "sd"),
+                 "--checkpoint", str(tiny_models / "rfa")]) != 0

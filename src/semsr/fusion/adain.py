@@ -97,9 +97,13 @@ class AdaINNorm(nn.Module):
         return _gated(output, self.gate, self.style, self._state[0].for_batch(output.shape[0], output))
 
     def attach(self, norm: nn.Module) -> None:
+        self.detach()
+        self._handle = norm.register_forward_hook(self.hook)
+
+    def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
-        self._handle = norm.register_forward_hook(self.hook)
+            self._handle = None
 
 
 class CrossAttnAdaIN(nn.Module):
@@ -201,6 +205,9 @@ def attach_adain(model: nn.Module, control_dim: int, adapters: AdaINAdapters | N
     from diffusers.models.attention import BasicTransformerBlock
 
     ad = adapters if adapters is not None else AdaINAdapters(control_dim)
+    previous = getattr(model, "_semsr_adain", None)
+    if previous is not None and previous is not ad:
+        detach_adain(model)
     for name, block in model.named_modules():
         if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
             continue
@@ -219,4 +226,22 @@ def attach_adain(model: nn.Module, control_dim: int, adapters: AdaINAdapters | N
         mods["norm3"].attach(block.norm3)
     if not ad.blocks:
         raise ValueError("no cross-attention transformer blocks found to attach AdaIN adapters to")
+    object.__setattr__(model, "_semsr_adain", ad)  # not a submodule: the model's state_dict stays unchanged
     return ad
+
+
+def detach_adain(model: nn.Module) -> None:
+    """Remove the adapters attached to ``model`` (hooks and processors); the model is the base one again."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    ad = getattr(model, "_semsr_adain", None)
+    if ad is None:
+        return
+    for mods in ad.blocks.values():
+        mods["norm2"].detach()
+        mods["norm3"].detach()
+    for block in model.modules():
+        if isinstance(block, BasicTransformerBlock) and block.attn2 is not None:
+            block.attn2.set_processor(AttnProcessor2_0())
+    object.__setattr__(model, "_semsr_adain", None)
