@@ -323,13 +323,14 @@ class DefaultSRPipeline:
         if len(prompts) != b:
             raise SemsrError(f"{len(prompts)} prompts for {b} images")
         lr = lr.float().clamp(0, 1)
-        m = cfg.multiple // cfg.scale if cfg.multiple % cfg.scale == 0 else cfg.multiple
-        ph, pw = (-h) % m, (-w) % m
-        lr_pad = F.pad(lr, (0, pw, 0, ph), mode="replicate") if ph or pw else lr
-        y1 = self.stage1(lr_pad).float().clamp(0, 1).to(self.device)
+        y1 = self.stage1(lr).float().clamp(0, 1).to(self.device)
         if steps == 0:
-            return y1[..., : h * cfg.scale, : w * cfg.scale].cpu()
-        cond, _ = self.conditions(lr_pad, y1, prompts, use_text=use_text, use_edges=use_edges, use_irpad=use_irpad)
+            return y1.cpu()
+        # pad the stage-1 output (not the LR) to the model's multiple, so the crop is exactly stage1(lr)
+        ph, pw = (-y1.shape[-2]) % cfg.multiple, (-y1.shape[-1]) % cfg.multiple
+        if ph or pw:
+            y1 = F.pad(y1, (0, pw, 0, ph), mode="replicate")
+        cond, _ = self.conditions(lr, y1, prompts, use_text=use_text, use_edges=use_edges, use_irpad=use_irpad)
         uncond = None
         if guidance_scale != 1.0:
             uncond = {**cond, "tokens": self.text([""] * b).to(self.device)}

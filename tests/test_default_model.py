@@ -1,0 +1,155 @@
+"""The bundled default model (issue 10): architecture, identity at init, ablation switches, training, method."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from semsr.errors import SemsrError, UnavailableError
+from semsr.models.default_sr import (
+    DefaultSR,
+    DefaultSRConfig,
+    DefaultSRPipeline,
+    DegradationText,
+    TextTokens,
+    from_space,
+    to_space,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ARCH = {
+    "stage1": "bicubic", "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "conditioning_channels": [8, 8, 8],
+    "cross_attention_dim": 32, "attention_head_dim": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def text_tokens() -> TextTokens:
+    return TextTokens()
+
+
+@pytest.fixture(scope="module")
+def bicubic():  # noqa: ANN201
+    from semsr.methods import get_method
+
+    return get_method("bicubic")
+
+
+def tiny_model(seed: int = 0, perturb: bool = False) -> DefaultSR:
+    torch.manual_seed(seed)
+    model = DefaultSR(DefaultSRConfig(**TINY_ARCH))
+    if perturb:  # a "trained" model: non-zero output layer and zero convolutions
+        with torch.no_grad():
+            for p in [model.unet.conv_out.weight, *model.controlnet.controlnet_down_blocks.parameters(),
+                      *model.controlnet.controlnet_mid_block.parameters(),
+                      *model.controlnet.controlnet_cond_embedding.conv_out.parameters()]:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def textured(h: int = 20, w: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = 0.5 + 0.3 * torch.sin(0.7 * xx + 0.4 * yy)
+    return (base[None, None].repeat(1, 3, 1, 1) + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def no_irpad(tmp_path: Path) -> DegradationText:
+    return DegradationText(tmp_path / "absent")
+
+
+def test_config_validation() -> None:
+    assert DefaultSRConfig().channels == 48 and DefaultSRConfig().multiple == 16
+    with pytest.raises(SemsrError, match="power of two"):
+        DefaultSRConfig(unshuffle=3, conditioning_channels=[8, 8])
+    with pytest.raises(SemsrError, match="conditioning_channels"):
+        DefaultSRConfig(unshuffle=4, conditioning_channels=[8, 8])
+    with pytest.raises(SemsrError, match="unknown"):
+        DefaultSRConfig.from_dict({"widths": [1]})
+
+
+def test_space_roundtrip_and_forward_shapes() -> None:
+    x = torch.rand(2, 3, 32, 48)
+    z = to_space(x, 4)
+    assert z.shape == (2, 48, 8, 12)
+    assert torch.equal(from_space(z, 4), x)
+    model = tiny_model(perturb=True)
+    cond = {"stage1": torch.randn(2, 48, 8, 12), "tokens": torch.randn(2, 77, 384), "edges": torch.rand(2, 1, 32, 48)}
+    out = model(torch.randn(2, 48, 8, 12), torch.tensor(500), cond)
+    assert out.shape == (2, 48, 8, 12) and out.abs().sum() > 0
+
+
+def test_fresh_model_leaves_stage1_unchanged(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:  # noqa: ANN001
+    pipe = DefaultSRPipeline(tiny_model(), stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))
+    lr = textured(21, 26)  # not a multiple of 4: padded, then cropped back
+    y1 = bicubic(lr)
+    for scheduler in ("ddim", "dpm++"):
+        sr = pipe(lr, prompt="a brick wall", steps=4, seed=3, scheduler=scheduler)
+        assert sr.shape == (1, 3, 84, 104)
+        torch.testing.assert_close(sr, y1, atol=1e-6, rtol=0)
+
+
+def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:  # noqa: ANN001
+    pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens,
+                             degradation=no_irpad(tmp_path))
+    lr = textured()
+    run = dict(prompt="a brick wall", steps=2, seed=1)
+    full = pipe(lr, **run)
+    assert torch.equal(full, pipe(lr, **run))  # seeded: reproducible
+    assert not torch.allclose(full, pipe(lr, **{**run, "use_text": False}))
+    assert not torch.allclose(full, pipe(lr, **{**run, "use_edges": False}))
+    assert not torch.allclose(full, pipe(lr, **{**run, "steps": 1}))
+    torch.testing.assert_close(pipe(lr, **{**run, "steps": 0}), bicubic(lr), atol=1e-6, rtol=0)
+    # tiled sampling (working-space tiles of 4 with overlap) covers the image with the same shape
+    tiled = pipe(textured(32, 40), **run, tile=4, tile_overlap=2)
+    assert tiled.shape == (1, 3, 128, 160) and torch.isfinite(tiled).all()
+
+
+def test_missing_irpad_gives_empty_description(tmp_path: Path) -> None:
+    deg = DegradationText(tmp_path / "none")
+    assert not deg.available and "IRPAD" in deg.reason
+    assert deg(torch.rand(2, 3, 16, 16)) == ["", ""]
+    assert DegradationText(enabled=False)(torch.rand(1, 3, 8, 8)) == [""]
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    model = tiny_model(perturb=True)
+    model.save(tmp_path / "ck")
+    loaded = DefaultSR.load(tmp_path / "ck")
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(UnavailableError):
+        DefaultSR.load(tmp_path)
+
+
+def test_tiny_config_trains_and_method_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from PIL import Image
+
+    from semsr.cli import main
+    from tests.train_helpers import write_textures
+
+    hr = write_textures(tmp_path / "hr", count=4, size=(64, 64))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(REPO / "configs" / "default-tiny.yaml"), "--output", str(out),
+                 f"data.hr=[{hr}]", "data.limit=0", "data.val_count=1"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert any("loss" in r for r in records)
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "unet").is_dir()
+
+    Image.fromarray((textured(16, 20)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
+    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "sr"), "--method",
+                 "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
+                 "--no-edge-prior"]) == 0
+    assert Image.open(tmp_path / "sr" / "a_out.png").size == (80, 64)
+
+
+def test_method_without_weights_is_one_line_error(tmp_path: Path) -> None:
+    from semsr.methods import get_method
+
+    with pytest.raises(UnavailableError, match="default-model weights"):
+        get_method("default-diffusion", checkpoint=str(tmp_path))
