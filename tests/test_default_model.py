@@ -102,8 +102,8 @@ def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTo
     assert not torch.allclose(full, pipe(lr, **{**run, "use_edges": False}))
     assert not torch.allclose(full, pipe(lr, **{**run, "steps": 1}))
     torch.testing.assert_close(pipe(lr, **{**run, "steps": 0}), bicubic(lr), atol=1e-6, rtol=0)
-    # tiled sampling (working-space tiles of 4 with overlap) covers the image with the same shape
-    tiled = pipe(textured(32, 40), **run, tile=4, tile_overlap=2)
+    # tiled sampling (2 x 3 working-space tiles of 16 with overlap) covers the image with the same shape
+    tiled = pipe(textured(32, 40), **{**run, "steps": 1}, tile=16, tile_overlap=4)
     assert tiled.shape == (1, 3, 128, 160) and torch.isfinite(tiled).all()
 
 
