@@ -44,7 +44,7 @@ class DefaultDiffusionMethod:
         opts = dict(_RUN_DEFAULTS)
         opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
         u = self.pipeline.config.unshuffle
-        tile = max(1, int(opts["tile"]) // u) if opts["tile"] else 64
+        tile = max(1, int(opts["tile"]) // u) if opts["tile"] else 256
         overlap = opts["tile_overlap"]
         return self.pipeline(
             x, prompt=opts["prompt"] or "", steps=int(opts["steps"]), seed=int(opts["seed"]),

@@ -308,7 +308,7 @@ class DefaultSRPipeline:
     def __call__(self, lr: torch.Tensor, *, prompt: str | list[str] = "", steps: int = 4, seed: int = 0,
                  scheduler: str = "ddim", guidance_scale: float = 1.0, use_text: bool = True,
                  use_edges: bool = True, use_irpad: bool = True, edge_scale: float = 1.0,
-                 tile: int | None = 64, tile_overlap: int | None = None, progress: Any = None) -> torch.Tensor:
+                 tile: int | None = 256, tile_overlap: int | None = None, progress: Any = None) -> torch.Tensor:
         """Super-resolve ``lr (B, 3, h, w)`` in [0, 1] -> ``(B, 3, s h, s w)`` in [0, 1].
 
         ``tile`` is the side of a working-space tile (``tile * u`` output pixels; None or 0:
