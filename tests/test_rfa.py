@@ -131,17 +131,20 @@ def test_enhancer_loss_falls_and_text_decodes(tiny_models: Path) -> None:
     hr = F.normalize(torch.tanh(refs.mean((1, 2)) @ torch.randn(12, 16, generator=g)), dim=-1)
     model = EmbeddingEnhancer(EnhancerConfig(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd,
                                              width=32, depth=1, heads=2, prefix_len=2))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ids = tok(["a photo of a cat"] * 16, return_tensors="pt").input_ids
-    losses = []
+    cos_losses, cap_losses = [], []
     for _ in range(60):
         emb, prefix = model(lr_tok, refs)
-        loss = enhancer_loss(emb, hr) + caption_loss(lm, prefix, ids)
+        cos, cap = enhancer_loss(emb, hr), caption_loss(lm, prefix, ids)
         opt.zero_grad()
-        loss.backward()
+        (cos + cap).backward()
         opt.step()
-        losses.append(float(loss.detach()))
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+        cos_losses.append(float(cos.detach()))
+        cap_losses.append(float(cap.detach()))
+    assert np.mean(cos_losses[-5:]) < 0.5 * np.mean(cos_losses[:3])
+    # only the prefix is trained (random frozen LM): the caption loss still goes down, a little
+    assert np.mean(cap_losses[-5:]) < np.mean(cap_losses[:3]) - 0.02
     with torch.no_grad():
         texts = generate_text(lm, tok, model(lr_tok[:2], refs[:2, :3])[1], max_new_tokens=6)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
