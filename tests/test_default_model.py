@@ -153,3 +153,21 @@ def test_method_without_weights_is_one_line_error(tmp_path: Path) -> None:
 
     with pytest.raises(UnavailableError, match="default-model weights"):
         get_method("default-diffusion", checkpoint=str(tmp_path))
+
+
+def test_resumed_run_equals_straight_run(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from semsr.cli import main
+    from tests.train_helpers import write_textures
+
+    hr = write_textures(tmp_path / "hr", count=4, size=(64, 64))
+    common = ["--config", str(REPO / "configs" / "default-tiny.yaml"), f"data.hr=[{hr}]", "data.limit=0",
+              "data.val_count=1", "validation.every=0", "checkpoint.every=1", "train.ema_decay=0"]
+    assert main(["train", "--output", str(tmp_path / "a"), "--max-steps", "1", *common]) == 0
+    assert main(["train", "--output", str(tmp_path / "a"), "--max-steps", "3", "--resume", *common]) == 0
+    assert main(["train", "--output", str(tmp_path / "b"), "--max-steps", "3", *common]) == 0
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / "final" / name)), load_file(str(tmp_path / "b" / "final" / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("conv_out"))  # training moved the zero layer
