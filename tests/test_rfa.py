@@ -175,5 +175,5 @@ def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> N
     main_out = [m for m in made if "_reference" not in m]
     assert len(main_out) == 1 and Image.open(out / main_out[0]).size == (64, 64)  # x16 default
     # without a database or --clip the method explains what it needs
-    assert main(["upscale", "-i", str(lr), "-o", str(out), "--method", "rfa", "--base", str(tiny_models / "sd"),
-                 "--checkpoint", str(tiny_models / "rfa")]) != 0
+    assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "out2"), "--method", "rfa", "--base",
+                 str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "rfa")]) != 0
