@@ -125,29 +125,6 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
         DefaultSR.load(tmp_path)
 
 
-def test_tiny_config_trains_and_method_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-
-    from PIL import Image
-
-    from semsr.cli import main
-    from tests.train_helpers import write_textures
-
-    hr = write_textures(tmp_path / "hr", count=4, size=(64, 64))
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(REPO / "configs" / "default-tiny.yaml"), "--output", str(out),
-                 f"data.hr=[{hr}]", "data.limit=0", "data.val_count=1"]) == 0
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    assert any("loss" in r for r in records)
-    assert (out / "final" / "config.json").is_file() and (out / "final" / "unet").is_dir()
-
-    Image.fromarray((textured(16, 20)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
-    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "sr"), "--method",
-                 "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
-                 "--no-edge-prior"]) == 0
-    assert Image.open(tmp_path / "sr" / "a_out.png").size == (80, 64)
-
-
 def test_method_without_weights_is_one_line_error(tmp_path: Path) -> None:
     from semsr.methods import get_method
 
@@ -155,19 +132,44 @@ def test_method_without_weights_is_one_line_error(tmp_path: Path) -> None:
         get_method("default-diffusion", checkpoint=str(tmp_path))
 
 
-def test_resumed_run_equals_straight_run(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``a``: 1 step then resumed to 2; ``b``: 2 steps straight (configs/default-tiny.yaml on 4 textures)."""
     from semsr.cli import main
     from tests.train_helpers import write_textures
 
-    hr = write_textures(tmp_path / "hr", count=4, size=(64, 64))
+    root = tmp_path_factory.mktemp("default-runs")
+    hr = write_textures(root / "hr", count=4, size=(64, 64))
     common = ["--config", str(REPO / "configs" / "default-tiny.yaml"), f"data.hr=[{hr}]", "data.limit=0",
-              "data.val_count=1", "validation.every=0", "checkpoint.every=1", "train.ema_decay=0"]
-    assert main(["train", "--output", str(tmp_path / "a"), "--max-steps", "1", *common]) == 0
-    assert main(["train", "--output", str(tmp_path / "a"), "--max-steps", "3", "--resume", *common]) == 0
-    assert main(["train", "--output", str(tmp_path / "b"), "--max-steps", "3", *common]) == 0
+              "data.val_count=1", "validation.every=2", "checkpoint.every=1", "train.ema_decay=0"]
+    assert main(["train", "--output", str(root / "a"), "--max-steps", "1", *common]) == 0
+    assert main(["train", "--output", str(root / "a"), "--max-steps", "2", "--resume", *common]) == 0
+    assert main(["train", "--output", str(root / "b"), "--max-steps", "2", *common]) == 0
+    return root
+
+
+def test_resumed_run_equals_straight_run(tiny_runs: Path) -> None:
+    from safetensors.torch import load_file
+
     name = "unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(tmp_path / "a" / "final" / name)), load_file(str(tmp_path / "b" / "final" / name))
+    a, b = load_file(str(tiny_runs / "a" / "final" / name)), load_file(str(tiny_runs / "b" / "final" / name))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("conv_out"))  # training moved the zero layer
+
+
+def test_tiny_config_trains_and_method_runs(tiny_runs: Path, tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    from semsr.cli import main
+
+    out = tiny_runs / "b"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert any("loss" in r for r in records) and any(r.get("type") == "val" for r in records)
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "unet").is_dir()
+    Image.fromarray((textured(16, 20)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
+    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "sr"), "--method",
+                 "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
+                 "--no-edge-prior"]) == 0
+    assert Image.open(tmp_path / "sr" / "a_out.png").size == (80, 64)
