@@ -25,6 +25,15 @@ TINY_ARCH = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # noqa: ANN201
+    """Tiny tensors: one intra-op thread (two spin against each other on the shared cores, 30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def text_tokens() -> TextTokens:
     return TextTokens()
