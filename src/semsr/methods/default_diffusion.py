@@ -3,7 +3,7 @@
 Weights: ``--checkpoint DIR`` (a folder written by ``semsr train --config
 configs/default.yaml``, e.g. ``run/final``) or the packaged
 ``semsr/assets/weights/default-sr`` once it is shipped. Options: ``--steps``,
-``--seed``, ``--scheduler``, ``--prompt``, ``--tile`` (output pixels per tile)
+``--seed``, ``--scheduler``, ``--prompt``, ``--tile`` (input pixels per tile, like the other diffusion methods)
 and the ablation switches ``--no-text-prior``, ``--no-edge-prior``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class DefaultDiffusionMethod:
         opts = dict(_RUN_DEFAULTS)
         opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
         u = self.pipeline.config.unshuffle
-        tile = max(1, int(opts["tile"]) // u) if opts["tile"] else 256
+        tile = max(1, int(opts["tile"]) * self.scale // u) if opts["tile"] else 256  # --tile is in input pixels
         overlap = opts["tile_overlap"]
         return self.pipeline(
             x, prompt=opts["prompt"] or "", steps=int(opts["steps"]), seed=int(opts["seed"]),
