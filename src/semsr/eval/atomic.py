@@ -9,14 +9,7 @@ import numpy as np
 from PIL import Image
 
 from semsr.io import atomic_write
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+from semsr.io import atomic_write_bytes as write_bytes
 
 
 def write_text(path: Path, text: str) -> None:

