@@ -276,4 +276,4 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_test_one() -> None:
     sample = install_and_run.split("-i ", 1)[1].split()[0]
     assert "semsr upscale" in install_and_run and (root / sample).is_file()
     ci = [ln for ln in (root / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert ci[-1] == install_and_test and "pytest" in install_and_test
+    assert install_and_test in ci and "pytest" in install_and_test
