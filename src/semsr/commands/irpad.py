@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--contiguous", action="store_true",
                    help="sample parameters over whole ranges incl. the gaps between levels (nearest-level labels)")
     b.add_argument("--max-crops", type=int, default=16, help="analysis windows per image (default 16)")
-    b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    b.add_argument("--flips", type=int, default=1, help="flips/transpositions averaged per window, 1-8 (default 1)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     b.add_argument("--json", type=Path, default=None, help="write results as JSON")
     b.add_argument("--confusion", type=Path, default=None, metavar="PNG",
                    help="confusion-matrix figure (default: <json stem>_confusion.png, or irpad_confusion.png)")
@@ -145,7 +146,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SemsrError("--n must be at least 1")
     torch.set_num_threads(max(1, args.threads))
     folder = args.weights or default_weights_dir()
-    estimator = IRPADEstimator(weights=folder, max_crops=args.max_crops)
+    if not 1 <= args.flips <= 8:
+        raise SemsrError("--flips must be between 1 and 8")
+    estimator = IRPADEstimator(weights=folder, max_crops=args.max_crops, flips=args.flips)
     photos, where = bench_photos(args.hr)
     t0 = time.time()
     data = make_in_memory(photos, args.n, size=args.size, seed=args.seed, contiguous=args.contiguous,
@@ -162,7 +165,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "per_type": per_type, "n": result["n"], "mean": result["mean"], "target": TARGET,
         "passed": all(a >= TARGET for a in per_type.values()), "confusion": result["confusion"], "levels": names,
         "weights": str(folder), "fingerprint": weights_fingerprint(Path(folder)), "seed": args.seed,
-        "size": args.size, "contiguous": args.contiguous, "photos": len(photos), "source": where,
+        "size": args.size, "contiguous": args.contiguous, "flips": args.flips, "max_crops": args.max_crops,
+        "photos": len(photos), "source": where,
         "seconds": {"generate": round(t_gen, 1), "classify": round(t_eval, 1)},
     }
     confusion = args.confusion

@@ -10,6 +10,8 @@ exercised on randomly initialised models of real classes, saved with
   byte-level BPE ``PreTrainedTokenizerFast`` learnt offline from a small
   corpus, LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` chat template).
   ``generate()`` runs; its text is noise.
+- ``vlm-blip2``: ``Blip2ForConditionalGeneration`` (OPT decoder) + ``Blip2Processor``,
+  a VLM without chat template or image token in the prompt.
 - ``tagger``: ``ViTForImageClassification`` with a multi-label head
   (``problem_type="multi_label_classification"``) over 16 tags + ViT processor.
 """
@@ -34,8 +36,12 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def tiny_bpe_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` (any text encodes) with LLaVA's special tokens."""
+def tiny_bpe_tokenizer(vocab_size: int = 400, image_token: bool = True):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (any text encodes) with LLaVA's special tokens.
+
+    With ``image_token=False`` the tokenizer does not declare ``<image>`` as its
+    image token (BLIP-2's processor adds it itself).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,8 +54,9 @@ def tiny_bpe_tokenizer(vocab_size: int = 400):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS, HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, TAG_TEMPLATE,
                              "USER: ASSISTANT:", " ".join(TAGS)], trainer)
+    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+                                   unk_token="<unk>", **extra)
 
 
 def write_tiny_llava(root: Path) -> None:
@@ -75,6 +82,38 @@ def write_tiny_llava(root: Path) -> None:
     processor.save_pretrained(root / "vlm")
 
 
+def write_tiny_blip2(root: Path) -> None:
+    """``root/vlm-blip2``: BLIP-2 (ViT 1 layer, Q-Former 1 layer / 4 queries, OPT 2 layers, width 32) + processor.
+
+    A second VLM family without a chat template, loaded through the same auto classes.
+    """
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = tiny_bpe_tokenizer(image_token=False)
+    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, num_query_tokens=4)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, encoder_hidden_size=32),
+        text_config=OPTConfig(vocab_size=len(processor.tokenizer), hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id),
+        num_query_tokens=4, image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
+    Blip2ForConditionalGeneration(config).save_pretrained(root / "vlm-blip2")
+    processor.save_pretrained(root / "vlm-blip2")
+
+
 def write_tiny_tagger(root: Path) -> None:
     """``root/tagger``: ViT (2 layers, width 32, 32 px) with a 16-tag multi-label head + ViT processor."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -88,4 +127,5 @@ def write_tiny_tagger(root: Path) -> None:
 
 
 register_tiny("vlm", write_tiny_llava)
+register_tiny("vlm-blip2", write_tiny_blip2)
 register_tiny("tagger", write_tiny_tagger)

@@ -14,19 +14,22 @@ The labels are defined by one controlled single-stage degradation (see
 :mod:`semsr.train.irpad`), applied to a sharp image ``x`` whose pixel grid is
 the grid IRPAD looks at::
 
-    x -> downscale by d -> blur (sigma) -> noise (sigma_n) -> 8-bit -> JPEG (q) -> upscale by d -> 8-bit
+    x -> downscale by d -> blur (sigma) -> 8-bit -> JPEG (q) -> noise (sigma_n) -> 8-bit -> upscale by d -> 8-bit
 
-i.e. blur, noise and JPEG happen on the *small* image and the result is then
+i.e. blur, JPEG and noise happen on the *small* image and the result is then
 enlarged back ("the image was captured/saved small, then upscaled"). With
 ``d = 1`` (level "none") the image is observed at its own resolution, which is
-the usual case of an LR input. Parameters and their intervals (:data:`LEVELS`):
+the usual case of an LR input. Noise comes after JPEG so that every sampled
+noise level stays visible (a heavy JPEG quantises earlier noise away, which
+left the noise label undefined: 47 % accuracy under heavy JPEG in a first
+design). Parameters and their intervals (:data:`LEVELS`):
 
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
 ============  =====================================  =======  ============  ============  ============
-blur          Gaussian std, px of the small image    0        0.7 - 1.1     1.5 - 2.1     2.8 - 4.0
-noise         Gaussian std, 0-255, small image       0        3 - 6         9 - 15        22 - 35
-jpeg          IJG quality (lower = stronger)         no JPEG  85 - 65       50 - 35       25 - 10
+blur          Gaussian std, px of the small image    0        0.8 - 1.2     1.7 - 2.4     3.2 - 4.5
+noise         Gaussian std, 0-255, small image       0        3 - 5         8 - 12        16 - 24
+jpeg          IJG quality (lower = stronger)         no JPEG  70 - 50       38 - 25       16 - 8
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
 ============  =====================================  =======  ============  ============  ============
 
@@ -67,7 +70,7 @@ from semsr.paths import assets_dir
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 
 DEGRADATION_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "downscale")
-_REVISION = "1"
+_REVISION = "2"
 
 
 @dataclass(frozen=True)
@@ -92,21 +95,21 @@ class Level:
 LEVELS: dict[str, tuple[Level, ...]] = {
     "blur": (
         Level("none", 0.0, 0.0, "no blur"),
-        Level("slight", 0.7, 1.1, "slight blur"),
-        Level("moderate", 1.5, 2.1, "moderate blur"),
-        Level("heavy", 2.8, 4.0, "heavy blur"),
+        Level("slight", 0.8, 1.2, "slight blur"),
+        Level("moderate", 1.7, 2.4, "moderate blur"),
+        Level("heavy", 3.2, 4.5, "heavy blur"),
     ),
     "noise": (
         Level("none", 0.0, 0.0, "no noise"),
-        Level("slight", 3.0, 6.0, "slight noise"),
-        Level("moderate", 9.0, 15.0, "moderate noise"),
-        Level("heavy", 22.0, 35.0, "heavy noise"),
+        Level("slight", 3.0, 5.0, "slight noise"),
+        Level("moderate", 8.0, 12.0, "moderate noise"),
+        Level("heavy", 16.0, 24.0, "heavy noise"),
     ),
     "jpeg": (
         Level("none", 100.0, 100.0, "no compression artifacts"),
-        Level("slight", 85.0, 65.0, "slight jpeg compression artifacts"),
-        Level("moderate", 50.0, 35.0, "moderate jpeg compression artifacts"),
-        Level("heavy", 25.0, 10.0, "heavy jpeg compression artifacts"),
+        Level("slight", 70.0, 50.0, "slight jpeg compression artifacts"),
+        Level("moderate", 38.0, 25.0, "moderate jpeg compression artifacts"),
+        Level("heavy", 16.0, 8.0, "heavy jpeg compression artifacts"),
     ),
     "downscale": (
         Level("none", 1.0, 1.0, "full resolution"),
@@ -334,6 +337,21 @@ def crop_grid(h: int, w: int, crop: int, max_crops: int = 16) -> list[tuple[int,
     return grid
 
 
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th (0..7) flip/transposition of square images ``(B, C, H, W)``; 0 is the identity.
+
+    Every degradation of the IRPAD model is invariant to these, so they serve as
+    training augmentation and test-time averaging.
+    """
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 2:
+        x = x.flip(-1)
+    if k & 1:
+        x = x.flip(-2)
+    return x
+
+
 @dataclass(frozen=True)
 class IRPADPrediction:
     """IRPAD output for one image.
@@ -359,11 +377,16 @@ class IRPADEstimator:
         model: the network, or ``None`` to load ``weights`` (default: shipped).
         weights: folder with ``config.json`` + ``model.safetensors``.
         max_crops: windows averaged per image (see :func:`crop_grid`).
+        flips: also average over this many flips/transpositions of each window
+            (1 = none, up to 8; see :func:`dihedral`).
         device: torch device.
     """
 
     def __init__(self, model: IRPADNet | None = None, weights: str | Path | None = None,
-                 max_crops: int = 16, device: str = "cpu") -> None:
+                 max_crops: int = 16, flips: int = 1, device: str = "cpu") -> None:
+        if not 1 <= int(flips) <= 8:
+            raise ValueError(f"flips must be in 1..8, got {flips}")
+        self.flips = int(flips)
         self.device = torch.device(device)
         self.model = (model if model is not None else load_irpad(weights, self.device)).eval()
         self.config = self.model.config
@@ -383,8 +406,13 @@ class IRPADEstimator:
         """Mean per-window log-probabilities ``{type: (B, n_levels)}`` for ``(B, 3, H, W)`` in [0, 1]."""
         b = image.shape[0]
         win = self.windows(image.float().clamp(0, 1)).to(self.device)
-        out = self.model(win)
-        return {t: F.log_softmax(v.float(), dim=1).view(b, -1, v.shape[1]).mean(1).cpu() for t, v in out.items()}
+        total: dict[str, torch.Tensor] = {}
+        for k in range(self.flips):
+            out = self.model(dihedral(win, k) if win.shape[-1] == win.shape[-2] else win)
+            for t, v in out.items():
+                lp = F.log_softmax(v.float(), dim=1).view(b, -1, v.shape[1]).mean(1).cpu()
+                total[t] = total[t] + lp if t in total else lp
+        return {t: v / self.flips for t, v in total.items()}
 
     def predict_batch(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predicted level indices ``{type: (B,) int64}`` for ``(B, 3, H, W)`` in [0, 1]."""
@@ -408,6 +436,7 @@ class IRPADProvider:
         weights: IRPAD folder (default: the weights shipped with semsr).
         omit_none: leave out the phrases of undegraded types.
         max_crops: analysis windows averaged per image.
+        flips: flips/transpositions averaged per window (1..8).
         device: torch device.
     """
 
@@ -415,12 +444,12 @@ class IRPADProvider:
     kind = "text"
 
     def __init__(self, weights: str | Path | None = None, omit_none: bool = False, max_crops: int = 16,
-                 device: str = "cpu") -> None:
+                 flips: int = 1, device: str = "cpu") -> None:
         folder = Path(weights).expanduser() if weights is not None else default_weights_dir()
-        self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, device=device)
+        self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, flips=flips, device=device)
         self.omit_none = bool(omit_none)
         self.version = (f"{_REVISION};{weights_fingerprint(folder)};none={int(not self.omit_none)};"
-                        f"crops={self.estimator.max_crops}")
+                        f"crops={self.estimator.max_crops};flips={self.estimator.flips}")
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
         pred = self.estimator(image)
@@ -436,8 +465,9 @@ def _bool(value: str | bool) -> bool:
 
 
 def _make_provider(weights: str | Path | None = None, omit_none: str | bool = False, max_crops: int = 16,
-                   device: str = "cpu") -> IRPADProvider:
-    return IRPADProvider(weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), device=device)
+                   flips: int = 1, device: str = "cpu") -> IRPADProvider:
+    return IRPADProvider(weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), flips=int(flips),
+                         device=device)
 
 
 register_provider(ProviderSpec(

@@ -18,8 +18,10 @@ transformers, ``AutoModelForVision2Seq``) accepts its config and
 ``AutoProcessor`` loads its processor: LLaVA / LLaVA-NeXT, Qwen2-VL, SmolVLM /
 Idefics3, PaliGemma, BLIP-2... The prompt is built with the processor's chat
 template when it has one (one user turn: the image, then the instruction),
-otherwise as ``"<image token>\\n<instruction>"`` (or the bare instruction for
-processors without an image token, e.g. BLIP-2). Decoding is greedy
+as ``"Question: <instruction> Answer:"`` for Q-Former models (BLIP-2,
+InstructBLIP: their processor inserts the image queries), otherwise as
+``"<image token>\\n<instruction>"`` (or the bare instruction for processors
+without an image token). Decoding is greedy
 (``do_sample=False``) so the prior is deterministic and cacheable; only the
 newly generated tokens are returned, whitespace-normalised.
 
@@ -125,6 +127,8 @@ def build_prompt(processor: Any, instruction: str) -> str:
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if getattr(processor, "num_query_tokens", None) is not None:  # BLIP-2 / InstructBLIP insert the queries
+        return f"Question: {instruction} Answer:"
     token = getattr(processor, "image_token", None)
     return f"{token}\n{instruction}" if token else instruction
 

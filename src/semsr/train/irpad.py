@@ -10,9 +10,9 @@ parameter uniformly inside that level's interval (:data:`~semsr.priors.irpad.LEV
 
     downscale by d  (MATLAB bicubic with antialiasing | area | bilinear, picked at random)
     blur            (Gaussian kernel, sigma_x = s * a, sigma_y = s / a, a in [1, 1.3], random angle)
-    noise           (Gaussian, colour or (40 %) grey)
     8-bit rounding
     JPEG            (quality q; the codec of semsr.data.degradations.jpeg)
+    noise           (Gaussian, colour or (40 %) grey), 8-bit rounding
     upscale by d    (bicubic | bilinear) back to size x size, 8-bit rounding
 
 Sharp source crops: every photograph is first downscaled (MATLAB bicubic, with
@@ -53,12 +53,23 @@ import torch.nn.functional as F
 
 from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
 from semsr.errors import SemsrError
-from semsr.priors.irpad import DEGRADATION_TYPES, LEVELS, IRPADConfig, IRPADEstimator, IRPADNet, Level, level_of
+from semsr.priors.irpad import (
+    DEGRADATION_TYPES,
+    LEVELS,
+    IRPADConfig,
+    IRPADEstimator,
+    IRPADNet,
+    Level,
+    dihedral,
+    level_of,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 HELD_OUT_PERCENT = 15
+#: Bumped whenever :func:`degrade` or the sampling changes (stored datasets are then rebuilt).
+PIPELINE_REVISION = 2
 DOWN_MODES = ("imresize", "area", "bilinear")
 UP_MODES = ("bicubic", "bilinear")
 
@@ -226,12 +237,12 @@ def degrade(hr: torch.Tensor, p: IRPADParams) -> torch.Tensor:
         sx, sy = p.blur * p.aniso, p.blur / p.aniso
         k = 2 * math.ceil(3.0 * max(sx, sy)) + 1
         x = filter2d(x, torch.from_numpy(gaussian_kernel(k, sx, sy, p.theta)))
-    if p.noise > 0:
-        gen = torch.Generator().manual_seed(p.noise_seed)
-        x = add_gaussian_noise(x, p.noise, p.grey, gen)
     x = _quantise(x)
     if p.jpeg < 100:
         x = jpeg_compress(x, p.jpeg)
+    if p.noise > 0:
+        gen = torch.Generator().manual_seed(p.noise_seed)
+        x = _quantise(add_gaussian_noise(x, p.noise, p.grey, gen))
     if small != s:
         x = _quantise(_resize(x, s, p.up_mode).clamp(0, 1))
     return x
@@ -336,7 +347,8 @@ def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: flo
           held_out: bool) -> dict[str, Any]:
     from semsr.priors.irpad import levels_to_json
 
-    return {"types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS), "n": n, "size": size,
+    return {"pipeline": PIPELINE_REVISION, "types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS),
+            "n": n, "size": size,
             "seed": seed, "min_texture": min_texture, "contiguous": contiguous, "held_out": held_out,
             "photos": [str(p) for p in photos]}
 
@@ -422,17 +434,6 @@ class TrainSettings:
     highpass: bool = True
 
 
-def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 flips/transpositions of ``(B, C, H, W)`` square images."""
-    if k & 4:
-        x = x.transpose(-1, -2)
-    if k & 2:
-        x = x.flip(-1)
-    if k & 1:
-        x = x.flip(-2)
-    return x
-
-
 def _batch(data: IRPADData, idx: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``crop`` windows of samples ``idx``, each under a random flip/transposition."""
     s = data.images.shape[1]
@@ -441,7 +442,7 @@ def _batch(data: IRPADData, idx: np.ndarray, crop: int, rng: np.random.Generator
         t, left = rng.integers(0, s - crop + 1, size=2)
         out[j] = data.images[i, t : t + crop, left : left + crop]
     x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
-    x = _dihedral(x, int(rng.integers(8)))
+    x = dihedral(x, int(rng.integers(8)))
     return x.contiguous(), torch.from_numpy(data.labels[idx])
 
 
