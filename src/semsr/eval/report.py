@@ -296,23 +296,29 @@ def _quality_axes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def speed_plot(rows: list[dict[str, Any]], hb: dict[str, bool], path: Path, title: str) -> None:
-    """Quality vs seconds per image: one point per method, one panel per quality axis."""
+    """Quality vs seconds per image: one point per method, one panel per quality axis.
+
+    Uses CPU seconds when every row has them (stable on a busy machine), else wall seconds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axes_names = _quality_axes(rows)
+    cpu = all(r.get("cpu_seconds_per_image") is not None for r in rows)
+    key = "cpu_seconds_per_image" if cpu else "seconds_per_image"
     fig, axes = plt.subplots(1, len(axes_names), figsize=(4.2 * len(axes_names), 3.2), dpi=80, squeeze=False)
     for ax, m in zip(axes[0], axes_names):
         for r in rows:
             v = r["metrics"].get(m)
             if v is None:
                 continue
-            ax.scatter([r["seconds_per_image"]], [v], s=30)
-            ax.annotate(r["method"], (r["seconds_per_image"], v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            t = r[key]
+            ax.scatter([t], [v], s=30)
+            ax.annotate(r["method"], (t, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (log)")
+        ax.set_xlabel(f"{'CPU ' if cpu else ''}seconds per image (log)")
         ax.set_ylabel(f"{m} ({'higher' if hb.get(m, True) else 'lower'} is better)")
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.25, y=0.15)
