@@ -224,9 +224,11 @@ def test_cfg_uses_both_negatives(pipe):
         pipe.conditions(["a"], None, 1.0)
 
 
-def test_method_caches_prompts_and_runs_without_vlm(tiny_models, capsys):
+def test_method_caches_prompts_and_runs_without_vlm(tiny_models, capsys, tmp_path, monkeypatch):
     import semsr.priors.prompts as prompts_mod
     from semsr.methods import get_method
+
+    monkeypatch.setenv("SEMSR_CACHE", str(tmp_path / "cache"))  # other tests may have cached this image's priors
 
     prompts_mod._noted.discard("no-vlm")
     method = get_method("xpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "xpsr"),

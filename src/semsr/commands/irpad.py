@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--crop", type=int, default=64, help="training window (default 64)")
     t.add_argument("--channels", default="16,32,48,64,96", help="network widths (default 16,32,48,64,96)")
     t.add_argument("--no-highpass", action="store_true", help="do not feed the fixed high-pass residual")
+    t.add_argument("--no-lines", action="store_true", help="do not feed the fixed 8-px line-gradient channels")
     t.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU more threads mostly spin)")
     t.add_argument("--eval-n", type=int, default=0,
@@ -182,6 +183,16 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace, sources: list[Path], data_dir: Path) -> str:
+    """The full ``semsr train-irpad`` command line equivalent to ``args`` (every option spelled out)."""
+    parts = ["semsr", "train-irpad", "--hr", *(str(s) for s in sources), "--out", str(args.out),
+             "--data-dir", str(data_dir)]
+    for flag in ("n", "size", "min_texture", "seed", "epochs", "batch_size", "lr", "crop", "channels", "threads"):
+        parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    parts += [f for f, on in (("--no-highpass", args.no_highpass), ("--no-lines", args.no_lines)) if on]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -211,7 +222,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not photos:
         raise SemsrError("no training photographs found", " ".join(map(str, sources)))
     data_dir = args.data_dir or cache_dir() / "irpad" / f"data-{args.n}-{args.size}-{args.seed}"
-    command = "semsr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    command = train_command(args, sources, data_dir)
     logging.info("IRPAD: %d training photos -> %s", len(photos), data_dir)
     t0, c0 = time.time(), time.process_time()
     build_dataset(data_dir, photos, args.n, size=args.size, seed=args.seed, min_texture=args.min_texture)
@@ -219,7 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
     logging.info("dataset ready (%.0f s wall)", data_time["wall_s"])
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              threads=args.threads, channels=channels, crop=args.crop,
-                             highpass=not args.no_highpass)
+                             highpass=not args.no_highpass, lines=not args.no_lines)
     model, record = train(load_dataset(data_dir), settings, log_fn=logging.info,
                           extra_record={"command": command, "dataset_build": data_time,
                                         "sources": [str(s) for s in sources]})

@@ -27,9 +27,9 @@ design). Parameters and their intervals (:data:`LEVELS`):
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
 ============  =====================================  =======  ============  ============  ============
-blur          Gaussian std, px of the small image    0        0.8 - 1.2     1.7 - 2.4     3.2 - 4.5
-noise         Gaussian std, 0-255, small image       0        3 - 5         8 - 12        16 - 24
-jpeg          IJG quality (lower = stronger)         no JPEG  70 - 50       38 - 25       16 - 8
+blur          Gaussian std, px of the small image    0        0.8 - 1.2     1.8 - 2.5     3.5 - 5.0
+noise         Gaussian std, 0-255, small image       0        2.5 - 4.5     7 - 10        13 - 19
+jpeg          IJG quality (lower = stronger)         no JPEG  65 - 45       32 - 22       14 - 8
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
 ============  =====================================  =======  ============  ============  ============
 
@@ -96,20 +96,20 @@ LEVELS: dict[str, tuple[Level, ...]] = {
     "blur": (
         Level("none", 0.0, 0.0, "no blur"),
         Level("slight", 0.8, 1.2, "slight blur"),
-        Level("moderate", 1.7, 2.4, "moderate blur"),
-        Level("heavy", 3.2, 4.5, "heavy blur"),
+        Level("moderate", 1.8, 2.5, "moderate blur"),
+        Level("heavy", 3.5, 5.0, "heavy blur"),
     ),
     "noise": (
         Level("none", 0.0, 0.0, "no noise"),
-        Level("slight", 3.0, 5.0, "slight noise"),
-        Level("moderate", 8.0, 12.0, "moderate noise"),
-        Level("heavy", 16.0, 24.0, "heavy noise"),
+        Level("slight", 2.5, 4.5, "slight noise"),
+        Level("moderate", 7.0, 10.0, "moderate noise"),
+        Level("heavy", 13.0, 19.0, "heavy noise"),
     ),
     "jpeg": (
         Level("none", 100.0, 100.0, "no compression artifacts"),
-        Level("slight", 70.0, 50.0, "slight jpeg compression artifacts"),
-        Level("moderate", 38.0, 25.0, "moderate jpeg compression artifacts"),
-        Level("heavy", 16.0, 8.0, "heavy jpeg compression artifacts"),
+        Level("slight", 65.0, 45.0, "slight jpeg compression artifacts"),
+        Level("moderate", 32.0, 22.0, "moderate jpeg compression artifacts"),
+        Level("heavy", 14.0, 8.0, "heavy jpeg compression artifacts"),
     ),
     "downscale": (
         Level("none", 1.0, 1.0, "full resolution"),
@@ -188,6 +188,10 @@ class IRPADConfig:
         highpass: also feed a fixed second-order high-pass residual of the
             input (the "KV" kernel of image forensics), which exposes noise and
             JPEG block edges from the first layer on.
+        lines: also feed the luma's horizontal (vertical) difference averaged
+            over 8 rows (columns): a block edge of a JPEG grid is a straight
+            step, so it keeps its height while independent noise drops by
+            sqrt(8).
         crop: window size (px) the network was trained on and is run on.
         levels: the label space (``LEVELS`` as JSON) including the phrases.
         parameters: what each type's parameter means.
@@ -198,6 +202,7 @@ class IRPADConfig:
     hidden: int = 128
     crop: int = 64
     highpass: bool = True
+    lines: bool = True
     levels: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: levels_to_json(LEVELS))
     parameters: dict[str, str] = field(default_factory=lambda: dict(PARAMETERS))
     training: dict[str, Any] = field(default_factory=dict)
@@ -216,7 +221,7 @@ class IRPADConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IRPADConfig:
-        keys = {"channels", "hidden", "crop", "highpass", "levels", "parameters", "training"}
+        keys = {"channels", "hidden", "crop", "highpass", "lines", "levels", "parameters", "training"}
         kw = {k: v for k, v in data.items() if k in keys}
         if "channels" in kw:
             kw["channels"] = tuple(int(c) for c in kw["channels"])
@@ -232,7 +237,8 @@ class IRPADNet(nn.Module):
 
     ``forward(x)`` takes ``(B, 3, H, W)`` float in [0, 1] (any ``H, W >= 16``) and
     returns ``{type: logits (B, n_levels(type))}``. The input (and, with
-    ``config.highpass``, its high-pass residual) goes through one full-resolution
+    ``config.highpass`` / ``config.lines``, fixed forensic filters of it: a
+    high-pass residual, 8-px line averages of the luma gradient) goes through one full-resolution
     conv and ``len(channels) - 1`` stages of (stride-2 conv, conv), all 3x3 +
     BatchNorm + ReLU; mean and std over space feed a shared layer and one linear
     head per type.
@@ -245,7 +251,13 @@ class IRPADNet(nn.Module):
         if self.config.highpass:
             kv = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]]) / 4.0
             self.register_buffer("kv", kv.expand(3, 1, 3, 3).clone(), persistent=False)
-        layers = _conv_bn(6 if self.config.highpass else 3, ch[0], 1)
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        if self.config.lines:
+            line = torch.cat([-torch.ones(8, 1), torch.ones(8, 1)], dim=1) / 8.0  # (8, 2): d/dx, mean over 8 rows
+            self.register_buffer("line_x", line.view(1, 1, 8, 2).clone(), persistent=False)
+            self.register_buffer("line_y", line.t().contiguous().view(1, 1, 2, 8).clone(), persistent=False)
+        n_in = 3 + 3 * int(self.config.highpass) + 2 * int(self.config.lines)
+        layers = _conv_bn(n_in, ch[0], 1)
         for ci, co in zip(ch, ch[1:]):
             layers += _conv_bn(ci, co, 2) + _conv_bn(co, co, 1)
         self.features = nn.Sequential(*layers)
@@ -258,6 +270,11 @@ class IRPADNet(nn.Module):
         if self.config.highpass:  # residual x 16: noise of std 2/255 becomes ~0.1
             hp = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.kv, groups=3) * 16.0
             inp = torch.cat([inp, hp], dim=1)
+        if self.config.lines:  # pad (left, right, top, bottom) so the output keeps the input size
+            y = (x * self.luma).sum(1, keepdim=True)
+            lx = F.conv2d(F.pad(y, (0, 1, 3, 4), mode="replicate"), self.line_x) * 16.0
+            ly = F.conv2d(F.pad(y, (3, 4, 0, 1), mode="replicate"), self.line_y) * 16.0
+            inp = torch.cat([inp, lx, ly], dim=1)
         f = self.features(inp)
         flat = f.flatten(2)
         pooled = torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)

@@ -393,8 +393,7 @@ def build_dataset(folder: str | Path, photos: Sequence[Path], n: int, size: int 
             log.info("IRPAD dataset: %d/%d samples (%.0f s)", i, n, time.time() - t0)
 
     params = generate(photos, n, size, seed, min_texture=min_texture, sink=sink, progress=progress)
-    images.flush()
-    del images
+    images.flush()  # renaming a file that is still mapped is fine on POSIX
     (folder / "images.npy.tmp").replace(folder / "images.npy")
     np.save(folder / "labels.npy", np.array([p.labels for p in params], np.int64))
     np.save(folder / "params.npy", np.array([p.values() for p in params], np.float32))
@@ -432,6 +431,7 @@ class TrainSettings:
     channels: tuple[int, ...] = (16, 32, 48, 64, 96)
     crop: int = 64
     highpass: bool = True
+    lines: bool = True
 
 
 def _batch(data: IRPADData, idx: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,9 +479,10 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
     rng = np.random.default_rng(settings.seed)
     n = len(data)
     n_val = max(1, int(round(n * settings.val_fraction)))
-    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    train_idx = np.arange(n - n_val)
     val = IRPADData(data.images[n - n_val :], data.labels[n - n_val :], data.params[n - n_val :], data.meta)
-    config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass)
+    config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass,
+                         lines=settings.lines)
     model = IRPADNet(config)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = len(train_idx) // settings.batch_size
