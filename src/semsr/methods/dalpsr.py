@@ -39,5 +39,5 @@ register(MethodSpec(
     extra={"cli_options": shared_cli_options() + [
         {"flags": ["--tagger"], "target": "build", "metavar": "DIR",
          "help": "dalpsr: RAM-style tagger folder whose tags steer the semantic prompt"},
-    ], "colour_fixes": list(COLOUR_FIXES)},
+    ], "colour_fixes": list(COLOUR_FIXES), "suggests_priors": True},
 ))

@@ -36,6 +36,7 @@ from semsr.pipeline.loading import load_controlnet, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sd_controlnet import SDControlNetSR, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
+from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter, first, text_conditions_priors
 
 XPSR_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 #: Appended to the high-level prompt (XPSR's official inference config).
@@ -135,11 +136,11 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "added_prompt": XPSR_ADDED_POSITIVE, "low_prompt": None, "steps": DEFAULT_STEPS,
     "guidance_scale": DEFAULT_GUIDANCE, "seed": 0, "scheduler": "ddpm", "colour_fix": "adain", "tile": 0,
     "latent_tile": None, "tile_overlap": None, "start_from_lr": True, "strength": 1.0, "conditioning_scale": 1.0,
-    "progress": False,
+    "progress": False, PRIORS_IN_PROMPT: False,
 }
 
 
-class TwoPromptMethod:
+class TwoPromptMethod(PriorReporter):
     """``xpsr`` / ``dalpsr`` as a registry Method (tiles in latent space).
 
     Run options (``None`` = default): prompt (user prompt; with a VLM it is put
@@ -147,9 +148,12 @@ class TwoPromptMethod:
     negative_prompt, low_negative_prompt, added_prompt (appended to the
     high-level prompt), steps, guidance_scale, seed, scheduler, colour_fix,
     tile, latent_tile, tile_overlap, start_from_lr, strength,
-    conditioning_scale, progress.
+    conditioning_scale, progress, priors_in_prompt (the prompt already holds
+    the semantic prior, e.g. an edited :meth:`suggest_priors` caption: it is
+    used as the high-level prompt instead of being put in front of it).
 
-    ``last_conditions`` holds the :class:`~semsr.priors.prompts.TextConditions`
+    ``last_priors`` reports the prompts and priors of the last call's first
+    image (:mod:`semsr.priors.report`); ``last_conditions`` holds the :class:`~semsr.priors.prompts.TextConditions`
     of the last call (one per image).
     """
 
@@ -169,9 +173,10 @@ class TwoPromptMethod:
         """``(high, low)`` prompts for each image of ``x (B, 3, h, w)`` (priors are cached per image)."""
         from semsr.priors.prompts import UserPrompts
 
-        self.priors.user = UserPrompts.load(opts["prompt"])
+        given = bool(opts[PRIORS_IN_PROMPT])
+        self.priors.user = UserPrompts.load(None if given else opts["prompt"])
         self.last_conditions = [self.priors(img[None]) for img in x]
-        highs = [join_prompt(c.high, opts["added_prompt"]) for c in self.last_conditions]
+        highs = [join_prompt(opts["prompt"] if given else c.high, opts["added_prompt"]) for c in self.last_conditions]
         lows = [opts["low_prompt"] if opts["low_prompt"] is not None else c.low for c in self.last_conditions]
         return highs, lows
 
@@ -182,13 +187,28 @@ class TwoPromptMethod:
         if latent_tile is None and opts["tile"]:
             latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
         highs, lows = self.prompts(x, opts)
-        return self.pipeline(
+        out = self.pipeline(
             x, scale=self.scale, prompt=highs, low_prompt=lows, negative_prompt=opts["negative_prompt"],
             low_negative_prompt=opts["low_negative_prompt"], steps=opts["steps"],
             guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
             colour_fix_method=opts["colour_fix"], latent_tile=latent_tile, tile_overlap=opts["tile_overlap"],
             start_from_lr=opts["start_from_lr"], strength=opts["strength"],
             conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
+        given = bool(opts[PRIORS_IN_PROMPT])
+        self.report_priors(
+            prompt=highs[0], negative_prompt=first(opts["negative_prompt"]), low_prompt=lows[0],
+            low_negative_prompt=first(opts["low_negative_prompt"]), user_prompt=None if given else opts["prompt"],
+            **text_conditions_priors(self.last_conditions[0], high=not given, low=opts["low_prompt"] is None))
+        return out
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """Semantic prompt (VLM caption / tags) and low-level prompt (VLM quality / IRPAD) of ``x``, no user prompt."""
+        from semsr.priors.prompts import UserPrompts
+
+        self.priors.user = UserPrompts()
+        cond = self.priors(x)
+        return {"prompt": cond.high, "low_prompt": cond.low, "negative_prompt": self.defaults["negative_prompt"],
+                **text_conditions_priors(cond)}
 
 
 def build_two_prompt_method(name: str, *, base: str | None, checkpoint: str | None, priors_opts: dict[str, Any],
@@ -240,5 +260,5 @@ register(MethodSpec(
     scale=4,
     summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
             "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
-    extra={"cli_options": shared_cli_options(), "colour_fixes": list(COLOUR_FIXES)},
+    extra={"cli_options": shared_cli_options(), "colour_fixes": list(COLOUR_FIXES), "suggests_priors": True},
 ))
