@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from semsr.errors import SemsrError, UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.sd_controlnet import sd_cli_options
+from semsr.priors.report import PriorReporter, first
 
 DEFAULT_SCALE = 16
 DEFAULT_REFERENCES = 4
@@ -68,13 +69,14 @@ class RFAStage1:
         return {"embedding": F.normalize(image_embed, dim=-1), "text": text, "hits": hits, "references": refs_img}
 
 
-class RFAMethod:
+class RFAMethod(PriorReporter):
     """``rfa`` as a registry :class:`~semsr.methods.Method`.
 
     Run options: num_references (4), save_reference, prompt (default: the
     decoded text) and every ``sd-controlnet`` run option. After a call
     ``side_outputs`` holds the references when ``save_reference`` was set and
-    ``last_stage1`` the retrieved paths/scores and the text.
+    ``last_stage1`` the retrieved paths/scores and the text; ``last_priors``
+    the first image's prompt (and its source), reference paths, scores and images.
     """
 
     name = "rfa"
@@ -103,7 +105,24 @@ class RFAMethod:
         inner_opts = {k: v for k, v in run_opts.items() if k not in _RUN_KEYS}
         emb = s1["embedding"].to(self.device)
         with self.adapters.control(emb):
-            return self.inner(x, prompt=prompt, **inner_opts)
+            out = self.inner(x, prompt=prompt, **inner_opts)
+        source = "user" if opts["prompt"] else ("text decoder" if self.stage1.lm is not None else "none")
+        self.report_priors(**self.inner.last_priors, prompt_source=source, **stage1_priors(s1),
+                           **{f"reference{i}": img for i, img in enumerate(first(s1["references"]) or [], start=1)})
+        return out
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """The decoded text (the default prompt; "" without a text decoder) and the retrieved references."""
+        s1 = self.stage1(x, DEFAULT_REFERENCES)
+        return {"prompt": first(s1["text"]), "negative_prompt": self.inner.prior_suggestion(x).get("negative_prompt"),
+                **stage1_priors(s1)}
+
+
+def stage1_priors(s1: dict[str, Any]) -> dict[str, Any]:
+    """Display priors of the first image of a stage-1 result: reference paths and cosine scores."""
+    hits = first(s1["hits"]) or []
+    return {"reference_paths": tuple(str(h.entry.path) for h in hits),
+            "reference_scores": tuple(round(float(h.score), 4) for h in hits)}
 
 
 def load_adain(folder: Path, unet: Any) -> Any:
@@ -187,5 +206,5 @@ register(MethodSpec(
     scale=DEFAULT_SCALE,
     summary="RFA: retrieval-augmented x16 SR (aligned LR retrieval, I2T enhancer, AdaIN adapters; "
             "--base SD, --controlnet, --checkpoint RFA folder, --db reference database)",
-    extra={"cli_options": _cli_options()},
+    extra={"cli_options": _cli_options(), "suggests_priors": True},
 ))

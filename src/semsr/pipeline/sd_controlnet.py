@@ -36,6 +36,7 @@ from semsr.pipeline.loading import SDComponents, atomic_write_bytes, load_contro
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler, sample
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
+from semsr.priors.report import PriorReporter, first
 
 log = logging.getLogger("semsr.pipeline")
 
@@ -330,7 +331,7 @@ _RUN_DEFAULTS: dict[str, Any] = {
 }
 
 
-class SDControlNetMethod:
+class SDControlNetMethod(PriorReporter):
     """``sd-controlnet`` as a registry :class:`~semsr.methods.Method` (tiles in latent space).
 
     Run options (``None`` = default): prompt, negative_prompt, steps (20),
@@ -339,6 +340,8 @@ class SDControlNetMethod:
     ``--tile``; 0 = automatic), latent_tile (tile side in latent pixels,
     overrides ``tile``), tile_overlap (latent), start_from_lr, strength,
     conditioning_scale, progress. Other options (e.g. ``tile_pad``) are ignored.
+    ``last_priors``: the prompt and negative prompt of the last call (no
+    priors are extracted; :meth:`suggest_priors` offers the default negative prompt).
     """
 
     name = "sd-controlnet"
@@ -356,12 +359,18 @@ class SDControlNetMethod:
         latent_tile = opts["latent_tile"]
         if latent_tile is None and opts["tile"]:
             latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
-        return self.pipeline(
+        out = self.pipeline(
             x, scale=self.scale, prompt=opts["prompt"], negative_prompt=opts["negative_prompt"], steps=opts["steps"],
             guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
             colour_fix_method=opts["colour_fix"], latent_tile=latent_tile, tile_overlap=opts["tile_overlap"],
             start_from_lr=opts["start_from_lr"], strength=opts["strength"],
             conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
+        self.report_priors(prompt=first(opts["prompt"]), negative_prompt=first(opts["negative_prompt"]))
+        return out
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """Nothing is extracted from the image: the default negative prompt, to edit."""
+        return {"negative_prompt": _RUN_DEFAULTS["negative_prompt"]}
 
 
 def build(base: str | None = None, controlnet: str | None = None, *, device: str = "cpu",
