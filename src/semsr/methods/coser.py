@@ -56,6 +56,7 @@ from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
+from semsr.priors.report import PriorReporter, first
 
 #: Negative prompt of CoSeR's inference script.
 COSER_NEGATIVE = ("worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, banner, "
@@ -445,7 +446,7 @@ class ReferenceCache:
         write_png(self.folder / f"{key}.png", arr)
 
 
-class CoSeRMethod:
+class CoSeRMethod(PriorReporter):
     """``coser`` as a registry :class:`~semsr.methods.Method` (tiles in latent space).
 
     Run options (``None`` = default): prompt (""), negative_prompt (CoSeR's),
@@ -459,7 +460,9 @@ class CoSeRMethod:
     generation options). After each call ``side_outputs`` holds
     ``{"reference": (B, 3, H, W)}`` when ``save_reference`` was set (the CLI
     writes it beside the output); ``last_reference_source`` says where the
-    reference came from: ``generated``, ``cache``, ``file`` or ``none``.
+    reference came from: ``generated``, ``cache``, ``file`` or ``none``;
+    ``last_priors`` the first image's prompts, whether the cognitive embedding
+    was used, and the reference (image, source, file).
     """
 
     name = "coser"
@@ -527,7 +530,16 @@ class CoSeRMethod:
             start_from_lr=opts["start_from_lr"], strength=opts["strength"], progress=opts["progress"])
         if opts["save_reference"] and self.pipeline.last_reference is not None:
             self.side_outputs = {"reference": self.pipeline.last_reference}
+        ref = self.pipeline.last_reference
+        self.report_priors(prompt=first(opts["prompt"]), negative_prompt=first(opts["negative_prompt"]),
+                           cognition=not opts["no_cognition"], reference_source=self.last_reference_source,
+                           reference_path=str(opts["reference"]) if self.last_reference_source == "file" else None,
+                           reference=None if ref is None else ref[:1])
         return out
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """CoSeR's cognitive prior is an embedding, not text: the default negative prompt, to edit."""
+        return {"negative_prompt": _RUN_DEFAULTS["negative_prompt"]}
 
 
 def build(base: str | None = None, checkpoint: str | None = None, clip: str | None = None, *, device: str = "cpu",
