@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.errors import SemsrError, UnavailableError
-from semsr.fusion.mmlc import CAPTION, MultimodalLatentConnector, parse_temperatures
+from semsr.fusion.mmlc import ALL_MODALITIES, CAPTION, TEMPERATURE_RANGE, MultimodalLatentConnector, parse_temperatures
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
 from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
@@ -64,6 +64,7 @@ from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
 from semsr.pipeline.text import load_text_conditioner
+from semsr.priors.report import PriorReporter, first
 
 GUIDANCE_MODES = ("mcfg", "cfg", "null-modality")
 DEFAULT_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
@@ -528,18 +529,30 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": DEFAULT_NEGATIVE, "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
     "modalities": None, "modality_temperature": None, "guidance_mode": "mcfg", "seed": 0, "scheduler": "ddpm",
     "colour_fix": "adain", "tile": 0, "latent_tile": None, "tile_overlap": None, "start_from_lr": True,
-    "strength": 1.0, "progress": False,
+    "strength": 1.0, "progress": False, **{f"{m}_temperature": None for m in ALL_MODALITIES},
 }
 
 
-class MMSRMethod:
+def temperature_options() -> list[dict[str, Any]]:
+    """One ``--<modality>-temperature`` option per modality (sliders in the web demo)."""
+    lo, hi = TEMPERATURE_RANGE
+    return [{"flags": [f"--{m}-temperature"], "target": "run", "type": float, "metavar": "D",
+             "ui": {"widget": "slider", "min": lo, "max": hi, "step": 0.1, "default": 1.0},
+             "help": f"mmsr: attention temperature of the {m} modality in [{lo:g}, {hi:g}] (smaller = stronger "
+                     "influence; default 1; overrides --modality-temperature)"} for m in ALL_MODALITIES]
+
+
+class MMSRMethod(PriorReporter):
     """``mmsr`` as a registry :class:`~semsr.methods.Method` (tiles in latent space).
 
     Run options (``None`` = default): prompt (the caption; "" + ``--vlm`` asks
     the VLM), negative_prompt, modalities (``"caption,edge,depth,seg"`` or a
     list), modality_temperature (``"depth=0.5,edge=2"`` or a dict), guidance_mode
     (mcfg|cfg|null-modality), steps (50), guidance_scale (w, 2), seed, scheduler,
-    colour_fix, tile, latent_tile, tile_overlap, start_from_lr, strength, progress.
+    colour_fix, tile, latent_tile, tile_overlap, start_from_lr, strength, progress,
+    ``<modality>_temperature`` (one float per modality, over modality_temperature).
+    ``last_priors``: the first image's caption (and its source), modalities,
+    temperatures and modality maps.
     """
 
     name = "mmsr"
@@ -556,13 +569,34 @@ class MMSRMethod:
         latent_tile = opts["latent_tile"]
         if latent_tile is None and opts["tile"]:
             latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
-        return self.pipeline(
-            x, scale=self.scale, prompt=opts["prompt"], negative_prompt=opts["negative_prompt"],
-            modalities=parse_modalities(opts["modalities"]), temperatures=opts["modality_temperature"],
+        temps = parse_temperatures(opts["modality_temperature"])
+        temps.update({m: opts[f"{m}_temperature"] for m in ALL_MODALITIES if opts[f"{m}_temperature"] is not None})
+        mods = parse_modalities(opts["modalities"])
+        mods = self.pipeline.default_modalities() if mods is None else mods
+        prompts = [opts["prompt"]] * x.shape[0] if isinstance(opts["prompt"], str) else list(opts["prompt"])
+        captions = self.pipeline.captions(x, prompts) if CAPTION in mods else prompts
+        out = self.pipeline(
+            x, scale=self.scale, prompt=captions, negative_prompt=opts["negative_prompt"],
+            modalities=mods, temperatures=temps,
             guidance_mode=opts["guidance_mode"], steps=opts["steps"], guidance_scale=opts["guidance_scale"],
             seed=opts["seed"], scheduler=opts["scheduler"], colour_fix_method=opts["colour_fix"],
             latent_tile=latent_tile, tile_overlap=opts["tile_overlap"], start_from_lr=opts["start_from_lr"],
             strength=opts["strength"], progress=opts["progress"])
+        spatial = [m for m in self.pipeline.cond.connector.config.spatial if m in mods]
+        hint = make_hint(x[:1], tuple(out.shape[-2:]))  # the maps are cached: this reads them back
+        maps = self.pipeline._modality_encoder(spatial).maps(hint) if spatial else {}
+        source = "user" if prompts[0] else ("vlm" if self.pipeline.vlm is not None else "none")
+        self.report_priors(
+            prompt=captions[0] if CAPTION in mods else None, caption_source=source if CAPTION in mods else None,
+            negative_prompt=first(opts["negative_prompt"]), modalities=tuple(mods), modality_temperature=temps,
+            guidance_mode=opts["guidance_mode"], **maps)
+        return out
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """The VLM caption (with ``--vlm``; else no prompt), default negative prompt and modalities."""
+        caption = self.pipeline.captions(x, [""])[0] if self.pipeline.vlm is not None else None
+        return {"prompt": caption, "caption": caption, "negative_prompt": _RUN_DEFAULTS["negative_prompt"],
+                "modalities": tuple(self.pipeline.default_modalities())}
 
 
 def build(base: str | None = None, checkpoint: str | None = None, *, vlm: str | None = None,
@@ -594,9 +628,10 @@ register(MethodSpec(
         {"flags": ["--modalities"], "target": "run", "metavar": "LIST",
          "help": "mmsr: modalities to use, from caption,edge,depth,seg (default: caption + every checkpoint "
                  "modality whose model is found); the others get the learned null token"},
-        {"flags": ["--modality-temperature"], "target": "run", "metavar": "M=D,...",
+        {"flags": ["--modality-temperature"], "target": "run", "metavar": "M=D,...", "ui": {"hidden": True},
          "help": "mmsr: attention temperature per modality in [0.4, 10], e.g. depth=0.5,edge=2 (smaller = "
                  "stronger influence; default 1)"},
+        *temperature_options(),
         {"flags": ["--guidance-mode"], "target": "run", "choices": list(GUIDANCE_MODES),
          "help": "mmsr: negative branch: mcfg (negative prompt + modalities, default), null-modality "
                  "(negative prompt, null modalities) or cfg (empty text, null modalities); --guidance-scale "
@@ -610,5 +645,5 @@ register(MethodSpec(
                  ".safetensors; default: the checkpoint's, else the shipped edge VQ)"},
         {"flags": ["--edge-detector"], "target": "build", "choices": ["canny", "hed"],
          "help": "mmsr: edge modality source (default: the checkpoint's, canny)"},
-    ], "colour_fixes": list(COLOUR_FIXES)},
+    ], "colour_fixes": list(COLOUR_FIXES), "suggests_priors": True},
 ))
