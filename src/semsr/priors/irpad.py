@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from semsr.errors import UnavailableError
 from semsr.paths import assets_dir
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.jpeg_lattice import JPEGLattice
 
 DEGRADATION_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "downscale")
 _REVISION = "2"
@@ -192,6 +193,10 @@ class IRPADConfig:
             over 8 rows (columns): a block edge of a JPEG grid is a straight
             step, so it keeps its height while independent noise drops by
             sqrt(8).
+        lattice: also score the image's JPEG quantisation lattice
+            (:class:`semsr.priors.jpeg_lattice.JPEGLattice`, ``lattice_bins``
+            candidate quality scales) and feed the scores, through a small
+            learned layer, next to the pooled CNN features.
         crop: window size (px) the network was trained on and is run on.
         levels: the label space (``LEVELS`` as JSON) including the phrases.
         parameters: what each type's parameter means.
@@ -203,6 +208,8 @@ class IRPADConfig:
     crop: int = 64
     highpass: bool = True
     lines: bool = True
+    lattice: bool = True
+    lattice_bins: int = 128
     levels: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: levels_to_json(LEVELS))
     parameters: dict[str, str] = field(default_factory=lambda: dict(PARAMETERS))
     training: dict[str, Any] = field(default_factory=dict)
@@ -221,7 +228,8 @@ class IRPADConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IRPADConfig:
-        keys = {"channels", "hidden", "crop", "highpass", "lines", "levels", "parameters", "training"}
+        keys = {"channels", "hidden", "crop", "highpass", "lines", "lattice", "lattice_bins", "levels", "parameters",
+                "training"}
         kw = {k: v for k, v in data.items() if k in keys}
         if "channels" in kw:
             kw["channels"] = tuple(int(c) for c in kw["channels"])
@@ -240,8 +248,9 @@ class IRPADNet(nn.Module):
     ``config.highpass`` / ``config.lines``, fixed forensic filters of it: a
     high-pass residual, 8-px line averages of the luma gradient) goes through one full-resolution
     conv and ``len(channels) - 1`` stages of (stride-2 conv, conv), all 3x3 +
-    BatchNorm + ReLU; mean and std over space feed a shared layer and one linear
-    head per type.
+    BatchNorm + ReLU; mean and std over space (and, with ``config.lattice``, the
+    JPEG lattice scores through a linear layer) feed a shared layer and one
+    linear head per type.
     """
 
     def __init__(self, config: IRPADConfig | None = None) -> None:
@@ -261,7 +270,12 @@ class IRPADNet(nn.Module):
         for ci, co in zip(ch, ch[1:]):
             layers += _conv_bn(ci, co, 2) + _conv_bn(co, co, 1)
         self.features = nn.Sequential(*layers)
-        self.shared = nn.Sequential(nn.Linear(2 * ch[-1], self.config.hidden), nn.ReLU(inplace=True))
+        n_pooled = 2 * ch[-1]
+        if self.config.lattice:
+            self.lattice = JPEGLattice(bins=self.config.lattice_bins)
+            self.lattice_proj = nn.Sequential(nn.Linear(self.lattice.out_features, 64), nn.ReLU(inplace=True))
+            n_pooled += 64
+        self.shared = nn.Sequential(nn.Linear(n_pooled, self.config.hidden), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({t: nn.Linear(self.config.hidden, len(lv))
                                     for t, lv in self.config.levels.items()})
 
@@ -277,8 +291,10 @@ class IRPADNet(nn.Module):
             inp = torch.cat([inp, lx, ly], dim=1)
         f = self.features(inp)
         flat = f.flatten(2)
-        pooled = torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
-        h = self.shared(pooled)
+        parts = [flat.mean(-1), flat.std(-1, unbiased=False)]
+        if self.config.lattice:
+            parts.append(self.lattice_proj(self.lattice(x)))
+        h = self.shared(torch.cat(parts, dim=1))
         return {t: head(h) for t, head in self.heads.items()}
 
 

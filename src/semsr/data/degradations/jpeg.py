@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-_LUMA_TABLE = (
+LUMA_TABLE = (
     16, 11, 10, 16, 24, 40, 51, 61,
     12, 12, 14, 19, 26, 58, 60, 55,
     14, 13, 16, 24, 40, 57, 69, 56,
@@ -35,7 +35,7 @@ _LUMA_TABLE = (
     49, 64, 78, 87, 103, 121, 120, 101,
     72, 92, 95, 98, 112, 100, 103, 99,
 )  # fmt: skip
-_CHROMA_TABLE = (
+CHROMA_TABLE = (
     17, 18, 24, 47, 99, 99, 99, 99,
     18, 21, 26, 66, 99, 99, 99, 99,
     24, 26, 56, 99, 99, 99, 99, 99,
@@ -51,7 +51,7 @@ _YCC2RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
 
 
 @lru_cache(maxsize=4)
-def _dct_matrix(dtype: torch.dtype) -> torch.Tensor:
+def dct_matrix(dtype: torch.dtype) -> torch.Tensor:
     """Orthonormal 8-point DCT-II matrix ``D`` (rows = frequencies): ``X = D x D^T``."""
     d = torch.empty(8, 8, dtype=torch.float64)
     for u in range(8):
@@ -83,7 +83,7 @@ def _quantise_plane(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     ``table`` is ``(B, 8, 8)``: the per-image scaled quantisation table.
     """
-    d = _dct_matrix(plane.dtype)
+    d = dct_matrix(plane.dtype)
     blk = _blocks(plane)
     coef = d @ blk @ d.T
     t = table[:, None, None]
@@ -116,8 +116,8 @@ def jpeg_compress(img: torch.Tensor, quality: float | Sequence[float] | torch.Te
     ph, pw = (-h) % 16, (-w) % 16
     ycc = F.pad(ycc, (0, pw, 0, ph), mode="replicate")
     scale = quality_scale(q).view(b, 1, 1)
-    ytab = (torch.tensor(_LUMA_TABLE, dtype=work).view(1, 8, 8) * scale).clamp(min=1.0)
-    ctab = (torch.tensor(_CHROMA_TABLE, dtype=work).view(1, 8, 8) * scale).clamp(min=1.0)
+    ytab = (torch.tensor(LUMA_TABLE, dtype=work).view(1, 8, 8) * scale).clamp(min=1.0)
+    ctab = (torch.tensor(CHROMA_TABLE, dtype=work).view(1, 8, 8) * scale).clamp(min=1.0)
     y = _quantise_plane(ycc[:, 0] - 128.0, ytab) + 128.0
     chroma = F.avg_pool2d(ycc[:, 1:], 2)  # (B, 2, H/2, W/2)
     cb = _quantise_plane(chroma[:, 0] - 128.0, ctab) + 128.0
