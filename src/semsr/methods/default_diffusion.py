@@ -16,12 +16,14 @@ import torch
 from semsr.errors import UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.paths import assets_dir
+from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter
 
 NAME = "default-diffusion"
 DEFAULT_STEPS = 4
 _RUN_DEFAULTS: dict[str, Any] = {
     "prompt": "", "steps": DEFAULT_STEPS, "seed": 0, "scheduler": "ddim", "guidance_scale": 1.0,
     "no_text_prior": False, "no_edge_prior": False, "tile": None, "tile_overlap": None, "progress": None,
+    PRIORS_IN_PROMPT: False,
 }
 
 
@@ -30,8 +32,14 @@ def packaged_weights() -> Path:
     return assets_dir() / "weights" / "default-sr"
 
 
-class DefaultDiffusionMethod:
-    """:class:`~semsr.models.default_sr.DefaultSRPipeline` as a semsr method (tiles in its working space)."""
+class DefaultDiffusionMethod(PriorReporter):
+    """:class:`~semsr.models.default_sr.DefaultSRPipeline` as a semsr method (tiles in its working space).
+
+    The text condition is the prompt joined with IRPAD's degradation description
+    (none when the IRPAD weights are absent); with ``priors_in_prompt`` the
+    prompt is used as given (it already holds an edited :meth:`suggest_priors`
+    description). ``last_priors``: the first image's text, prompt and description.
+    """
 
     tiles_itself = True
 
@@ -46,11 +54,32 @@ class DefaultDiffusionMethod:
         u = self.pipeline.config.unshuffle
         tile = max(1, int(opts["tile"]) * self.scale // u) if opts["tile"] else 256  # --tile is in input pixels
         overlap = opts["tile_overlap"]
-        return self.pipeline(
-            x, prompt=opts["prompt"] or "", steps=int(opts["steps"]), seed=int(opts["seed"]),
+        texts, users, degradation = self.text_conditions(x, opts)
+        out = self.pipeline(
+            x, prompt=texts, steps=int(opts["steps"]), seed=int(opts["seed"]),
             scheduler=opts["scheduler"], guidance_scale=float(opts["guidance_scale"]),
-            use_text=not opts["no_text_prior"], use_edges=not opts["no_edge_prior"], tile=tile,
+            use_text=not opts["no_text_prior"], use_irpad=False, use_edges=not opts["no_edge_prior"], tile=tile,
             tile_overlap=overlap, progress=opts["progress"] if callable(opts["progress"]) else None)
+        self.report_priors(prompt=texts[0], user_prompt=(users[0] or None) if degradation[0] else None,
+                           degradation=degradation[0] or None, edge_prior=not opts["no_edge_prior"])
+        return out
+
+    def text_conditions(self, x: torch.Tensor, opts: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+        """``(texts, user prompts, degradation descriptions)`` per image of ``x (B, 3, h, w)``."""
+        from semsr.models.default_sr import join_prompt
+
+        prompt, b = opts["prompt"] or "", x.shape[0]
+        users = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        use_text = not opts["no_text_prior"]
+        with_irpad = use_text and not opts[PRIORS_IN_PROMPT]
+        degradation = self.pipeline.degradation(x.float().clamp(0, 1)) if with_irpad else [""] * b
+        texts = [join_prompt(u, d) if use_text else "" for u, d in zip(users, degradation, strict=True)]
+        return texts, users, degradation
+
+    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+        """IRPAD's degradation description as the prompt ("" when the IRPAD weights are absent)."""
+        degradation = self.pipeline.degradation(x)[0]
+        return {"prompt": degradation, "degradation": degradation or None}
 
 
 def build(checkpoint: str | Path | None = None, *, device: str = "cpu", irpad: str | None = None,
@@ -83,5 +112,5 @@ register(MethodSpec(
          "help": "default-diffusion: ablation, no edge map (zero ControlNet hint)"},
         {"flags": ["--stage1"], "target": "build", "metavar": "METHOD",
          "help": "default-diffusion: stage-1 restorer (default: the checkpoint's)"},
-    ]},
+    ], "suggests_priors": True},
 ))
