@@ -16,7 +16,9 @@ upload, e.g. a reference for CoSeR/RFA; also inferred from ``metavar="IMAGE"``).
 
 A method whose ``MethodSpec.extra["suggests_priors"]`` is true implements the
 ``suggest_priors`` hook (:data:`semsr.api.SUGGEST_HOOK`); the page then extracts
-priors right after an upload and pre-fills the prompt fields with them.
+priors right after an upload and pre-fills the prompt fields with them (and any
+text option named like a suggested key, e.g. xpsr's ``low_prompt``), then runs
+with ``priors_in_prompt`` so the method uses the (edited) fields as given.
 Flag options named ``save_*`` (e.g. coser's ``--save-reference``) are switched
 on by the server so the side outputs they produce are shown with the priors.
 """
@@ -29,8 +31,10 @@ from typing import Any
 from semsr.api import PATH_OPTIONS, option_dest
 from semsr.methods import MethodSpec, specs
 
-#: Run options the page always offers (the shared diffusion options).
-COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
+#: Run options the page always offers (the shared diffusion options); ``priors_in_prompt``
+#: (:data:`semsr.priors.report.PRIORS_IN_PROMPT`) is sent when the prompts were pre-filled from priors.
+COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix",
+                      "priors_in_prompt")
 #: Options the page never renders per method (covered by common fields or meaningless in a browser).
 _SKIP = {"progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
 

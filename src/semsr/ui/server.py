@@ -162,7 +162,7 @@ class DemoApp:
             if key in body and body[key] not in (None, ""):
                 raw[key] = body[key]
         schema = {o["dest"]: o for o in entry["options"]}
-        numeric = {"steps": "int", "seed": "int", "guidance_scale": "float"}
+        numeric = {"steps": "int", "seed": "int", "guidance_scale": "float", "priors_in_prompt": "bool"}
         for key, value in raw.items():
             if value in (None, "", False):
                 continue
@@ -175,7 +175,7 @@ class DemoApp:
                 elif kind == "float":
                     value = float(value)
                 elif kind == "bool":
-                    value = bool(value)
+                    value = value is True or str(value).strip().lower() in ("1", "true", "on", "yes")
                 else:
                     value = str(value)
             except (TypeError, ValueError):

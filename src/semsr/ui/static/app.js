@@ -1,7 +1,9 @@
 // semsr web demo: plain JavaScript, no external assets.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { config: null, methods: [], image: null, job: null, result: null, point: null, refs: {} };
+// suggested: field -> value last pre-filled from priors; priorsInPrompt: the prompts came from priors (maybe edited).
+const state = { config: null, methods: [], image: null, job: null, result: null, point: null, refs: {},
+  suggested: {}, priorsInPrompt: false };
 
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; if (msg) showNote(""); }
 function showNote(msg) { const e = $("note"); e.textContent = msg; e.hidden = !msg; }
@@ -62,7 +64,8 @@ function optionField(o) {
   } else if (o.widget === "slider") {
     input = document.createElement("input"); input.type = "range";
     input.min = o.min ?? 0; input.max = o.max ?? 1; input.step = o.step ?? 0.01; input.value = o.default ?? input.min;
-    const out = document.createElement("span"); out.className = "small"; out.textContent = input.value;
+    input.dataset.default = input.value;  // left at its default, the option is not sent (the method's default applies)
+    const out = document.createElement("span"); out.className = "small slider-value"; out.textContent = input.value;
     input.addEventListener("input", () => { out.textContent = input.value; });
     label.append(o.label, input, out);
   } else {
@@ -100,13 +103,16 @@ function updateRun() { $("run").disabled = !state.image || !currentMethod() || !
 function collect() {
   const m = currentMethod();
   const body = { kind: "upscale", image: state.image.id, method: m.name, tile: $("tile").value };
-  if (m.diffusion)
+  if (m.diffusion) {
     for (const k of ["prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix"]) body[k] = $(k).value;
+    if (state.priorsInPrompt) body.priors_in_prompt = true;
+  }
   const options = {};
   for (const el of $("mo-fields").querySelectorAll("[data-dest]")) {
     const d = el.dataset.dest;
     if (el.dataset.widget === "checkbox") { if (el.checked) options[d] = true; }
     else if (el.dataset.widget === "image") { if (state.refs[d]) options[d] = state.refs[d]; }
+    else if (el.dataset.widget === "slider") { if (el.value !== el.dataset.default) options[d] = el.value; }
     else if (el.value !== "") options[d] = el.value;
   }
   body.options = options;
@@ -256,16 +262,30 @@ async function main() {
   $("extract").addEventListener("click", () => extractPriors(false));
 }
 
-// Run the method's prior extraction and pre-fill the prompts (auto: only into empty fields, quietly).
+// The fields a suggestion may pre-fill: the prompts and the method's text options, by name.
+function prefillFields() {
+  const fields = { prompt: $("prompt"), negative_prompt: $("negative_prompt") };
+  for (const el of $("mo-fields").querySelectorAll("[data-dest]"))
+    if (el.dataset.widget === "text") fields[el.dataset.dest] = el;
+  return fields;
+}
+
+// Run the method's prior extraction and pre-fill the prompts. auto (after an upload or a method change):
+// quietly, and only when the user has not typed into the fields (empty or still the last suggestion).
 async function extractPriors(auto) {
   showError("");
   if (!state.image) { showError("upload an image first"); return; }
-  if (auto && ($("prompt").value || $("negative_prompt").value)) return;
+  const fields = prefillFields();
+  if (auto && Object.entries(fields).some(([k, el]) => el.value !== "" && el.value !== state.suggested[k])) return;
   try {
     const st = await runJob({ kind: "priors", image: state.image.id, method: currentMethod().name });
     const p = st.output.priors || {};
-    if (p.prompt !== undefined) $("prompt").value = p.prompt;
-    if (p.negative_prompt !== undefined) $("negative_prompt").value = p.negative_prompt;
+    state.suggested = {};
+    for (const [k, el] of Object.entries(fields)) {
+      if (typeof p[k] !== "string") continue;
+      el.value = p[k]; state.suggested[k] = p[k];
+    }
+    if (typeof p.prompt === "string") state.priorsInPrompt = true;
     renderPriors(p);
     showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
       : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
