@@ -2,12 +2,17 @@
 
 Run with ``.ci/browser`` (installs chromium + playwright, then ``pytest -m browser``).
 Skips when /usr/bin/chromium or the playwright package is missing. Saves the
-screenshot docs/img/demo.png used by docs/webdemo.md.
+screenshot docs/img/demo.png used by docs/webdemo.md. The server gets the tiny
+random models (SD, MMSR checkpoint, VLM) so a prompt-driven method can pre-fill
+its prompt from the image's priors.
 """
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,14 @@ MAX_SCREENSHOT = 300_000
 
 
 @pytest.fixture(scope="module")
-def browser_page(tmp_path_factory):
+def browser_page(tmp_path_factory, tiny_models):
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     profile = tmp_path_factory.mktemp("chromium-profile")
-    with serve() as (url, seconds), sync_api.sync_playwright() as pw:
+    paths = ["--base", str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "mmsr"), "--vlm", str(tiny_models / "vlm"),
+             "--threads", "1"]
+    with serve(*paths) as (url, seconds), sync_api.sync_playwright() as pw:
         assert seconds < 60
         ctx = pw.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, accept_downloads=True,
@@ -109,6 +116,62 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
 
     # Everything the page fetched came from our server (offline: no CDN, fonts, analytics).
     assert requests and all(r.startswith(url) or r.startswith("blob:") or r.startswith("data:") for r in requests), requests
+
+
+def _server_priors(url: str, image_id: str, method: str) -> dict:
+    """What the server's priors job (the page's pre-fill source) returns, fetched over HTTP."""
+    req = urllib.request.Request(url + "api/jobs", json.dumps({"kind": "priors", "image": image_id, "method": method}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        job = json.load(r)["id"]
+    for _ in range(600):
+        with urllib.request.urlopen(f"{url}api/jobs/{job}", timeout=30) as r:
+            st = json.load(r)
+        if st["state"] in ("done", "error"):
+            assert st["state"] == "done", st
+            return st["output"]["priors"]
+        time.sleep(0.2)
+    raise AssertionError(f"priors job {job} did not finish")
+
+
+def test_prompt_prefilled_from_priors_and_temperature_sliders(browser_page, tmp_path):
+    """MMSR (tiny models + tiny VLM): the upload's caption pre-fills the prompt; the edited prompt and a moved
+    temperature slider reach the method; the sliders are range inputs."""
+    page, url, _ = browser_page
+    page.select_option("#method", "bicubic")  # no extraction while uploading
+    _upload(page, _photo(tmp_path / "small.png", 16))
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('16×16')")
+    assert page.input_value("#prompt") == page.input_value("#negative_prompt") == ""
+    page.select_option("#method", "mmsr")  # a method with priors: extraction starts at once
+    page.wait_for_function("document.querySelector('#prompt').value !== ''")
+    page.wait_for_function("!document.querySelector('#run').disabled")
+    prompt = page.input_value("#prompt")
+    suggested = _server_priors(url, page.evaluate("state.image.id"), "mmsr")
+    assert prompt == suggested["prompt"] == suggested["caption"]  # the tiny VLM's caption of this image
+    assert page.input_value("#negative_prompt") == suggested["negative_prompt"]
+    assert "priors extracted" in page.inner_text("#note")
+
+    sliders = page.eval_on_selector_all("#mo-fields input[type=range]",
+                                        "els => els.map(e => [e.dataset.dest, e.min, e.max, e.value])")
+    assert sliders == [[f"{m}_temperature", "0.4", "10", "1"] for m in ("caption", "edge", "depth", "seg")]
+    assert page.locator("#mo-fields [data-dest=modality_temperature]").count() == 0
+
+    page.fill("#prompt", "a cat, " + prompt)  # edit the pre-filled prompt
+    page.fill("#steps", "1")
+    page.eval_on_selector("[data-dest=edge_temperature]", "e => { e.value = 2; e.dispatchEvent(new Event('input')); }")
+    assert "2" in page.inner_text("#mo-fields")  # the slider shows its value
+    before = page.eval_on_selector("#after", "e => e.src")
+    page.click("#run")
+    page.wait_for_function(
+        "prev => { const a = document.querySelector('#after'); return a.src !== prev && a.complete && a.naturalWidth > 0; }",
+        arg=before)
+    assert page.eval_on_selector("#after", "e => e.naturalWidth") == 64
+    out = page.evaluate("state.result")
+    assert out["options"]["priors_in_prompt"] is True and out["options"]["edge_temperature"] == 2.0
+    assert "caption_temperature" not in out["options"]  # sliders left at their default are not sent
+    assert out["priors"]["prompt"] == "a cat, " + prompt and out["priors"]["caption_source"] == "user"
+    assert out["priors"]["modality_temperature"] == {"edge": 2.0}
+    assert sorted(page.eval_on_selector_all("#priors-list img", "els => els.map(e => e.alt)")) == ["depth", "edge", "seg"]
+    assert "a cat, " in page.inner_text("#priors-list")
 
 
 def _centre(page, selector: str, fx: float, fy: float) -> tuple[float, float]:
