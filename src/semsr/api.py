@@ -50,6 +50,7 @@ from semsr.io import (
 )
 from semsr.methods import Method, MethodSpec, resolve
 from semsr.pipeline.tiling import scaled_size, tiled_apply
+from semsr.priors.report import PRIORS_IN_PROMPT  # noqa: F401 - re-exported: semsr.api.PRIORS_IN_PROMPT
 
 log = logging.getLogger("semsr.api")
 
@@ -371,7 +372,11 @@ PRIORS_ATTRIBUTE = "last_priors"
 TIMINGS_ATTRIBUTE = "last_timings"
 #: Optional method hook ``suggest_priors(x: Tensor (1, 3, H, W)) -> dict`` that
 #: extracts priors *before* a run (e.g. an IRPAD/VLM prompt) so a user can edit
-#: them; keys ``"prompt"``/``"negative_prompt"`` pre-fill the prompt fields.
+#: them; keys ``"prompt"``/``"negative_prompt"`` pre-fill the prompt fields (and
+#: other run-option names, e.g. ``"low_prompt"``, the method's own fields). Pass
+#: them back with the run option :data:`PRIORS_IN_PROMPT` (``priors_in_prompt=True``)
+#: so the method uses them as given. Methods implement both through
+#: :class:`semsr.priors.report.PriorReporter`.
 SUGGEST_HOOK = "suggest_priors"
 
 
@@ -490,7 +495,9 @@ class Pipeline:
             max_pixels: refuse larger inputs.
             progress: tqdm bars.
             on_progress: ``callback(stage, done, total)`` as work advances.
-            **run_opts: the method's own options (``extra["cli_options"]``).
+            **run_opts: the method's own options (``extra["cli_options"]``), and
+                ``priors_in_prompt=True`` when the prompts hold (edited)
+                :meth:`suggest_priors` text that must not be extracted and added again.
 
         Returns:
             :class:`Result` with ``.image``, ``.priors`` and ``.timings``.
@@ -544,7 +551,13 @@ class Pipeline:
         Calls the method's ``suggest_priors(x)`` hook (:data:`SUGGEST_HOOK`,
         ``x`` = ``(1, 3, H, W)`` float in [0, 1]) when it has one; ``{}``
         otherwise (restorers). Keys ``"prompt"``/``"negative_prompt"`` are
-        what a front end pre-fills its prompt fields with.
+        what a front end pre-fills its prompt fields with; passing the
+        run-option keys back with ``priors_in_prompt=True`` reproduces the
+        method's default conditioning::
+
+            s = pipe.suggest_priors("photo.png")      # e.g. {"prompt": "<caption>", "low_prompt": "<IRPAD text>", ...}
+            res = pipe("photo.png", prompt=s["prompt"] + ", freckles", low_prompt=s["low_prompt"],
+                       priors_in_prompt=True)
         """
         hook = getattr(self.method, SUGGEST_HOOK, None)
         if not callable(hook):
