@@ -215,15 +215,16 @@ def caption_loss(lm: Any, prefix: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced LM loss of caption tokens ``(B, L)`` after the prefix ``(B, P, lm_dim)``.
 
-    A differentiable stand-in for the seed's supervision (CLIP text embedding
-    of the generated text aligned to captions), which needs soft decoding.
+    An auxiliary term (``rfa_caption_nll``); the seed's supervision — the CLIP
+    text embedding of the generated text aligned to the caption's — is
+    :mod:`semsr.models.rfa_text` (loss ``rfa_text_clip``).
     """
     emb = lm.get_input_embeddings()(input_ids)
     inputs = torch.cat([prefix.to(emb.dtype), emb], dim=1)
-    labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long), input_ids], dim=1)
+    labels = torch.cat([input_ids.new_full(prefix.shape[:2], -100), input_ids], dim=1)
     if attention_mask is not None:
         labels[:, prefix.shape[1]:][attention_mask == 0] = -100
-        attention_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype), attention_mask], 1)
+        attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], 1)
     return lm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels).loss
 
 

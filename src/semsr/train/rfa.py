@@ -1,15 +1,52 @@
-"""Training for the RFA recipe (seed 003): the Reference-Finding Aligner.
+"""Stage-1 training of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
 
-Pairs are (LR, HR) where LR is the HR image resized by MATLAB-compatible
-bicubic to ``lr_size`` x ``lr_size`` (32 in the seed; the whole image, aspect
-not kept — the embedders also resize to a square) and the target is the HR
-image's entry in the reference database. Training images come from the
-offline corpus (``/work/corpus``-style folders or ``data_root()/train/...``),
-never from benchmark sets.
+Two tasks of the shared trainer (``semsr train --config ...``; stage 2 is
+``rfa-sr`` in :mod:`semsr.train.rfa_sr`):
 
-LR features are cached per image content hash under
-``cache_dir()/retrieval/lr/<embedder>/<lr_size>/<sha256>.npz`` so repeated
-benchmarks and trainings only pay for the embedder once.
+**``rfa-aligner``** — the aligner (:class:`~semsr.models.rfa.ReferenceFindingAligner`)
+on the trainer's (HR crop, degraded LR) pairs: the LR crop's embedder tokens
+and raw embedding -> predicted HR embedding, loss ``rfa_align_l2`` (the
+seed's ``||C_hat_LR - C_HR||^2``) to the embedder's embedding of the HR crop.
+The seed's setting is 512-px crops, ``scale: 16`` (32x32 LR) and
+``degradation: {type: bicubic}``. Exports ``final/aligner/``.
+``model.options``: ``embedder`` (required: ``hed-vgg`` or ``clip:FOLDER``,
+the reference database's), ``width`` (256), ``depth`` (2), ``heads`` (4),
+``residual`` (true), ``init`` (an aligner folder to continue from).
+
+**``rfa-enhancer``** — the enhancer (:class:`~semsr.models.rfa.EmbeddingEnhancer`).
+Per sample: LR tokens; the top-K references retrieved from the reference
+database ``db`` with the aligned LR query (``aligner``; raw LR embedding
+without one), skipping the database entry of the training image itself
+(same content hash) so the enhancer cannot copy its target; their tokens
+(cached in memory per database row). Outputs the enhanced image embedding
+(loss ``rfa_image_cos``: ``1 - cos`` to the HR crop's embedding) and the
+prefix of the frozen text decoder, whose greedy text is encoded by the frozen
+CLIP text encoder and aligned to the CLIP text embedding of the image's
+caption (loss ``rfa_text_clip``, made differentiable as described in
+:mod:`semsr.models.rfa_text`). ``rfa_caption_nll`` (teacher-forced LM loss
+of the caption after the prefix) is an optional auxiliary term, not the
+seed's. Captions come from the corpus manifest (``data.manifest``, prior
+``data.caption_prior``) or ``data.prompt``. Exports ``final/enhancer/``.
+``model.options``: ``embedder``, ``db``, ``text_decoder`` (causal LM
+folder) required; ``clip_text`` (CLIP text encoder: SD or CLIP folder,
+default ``model.pretrained``), ``aligner`` (folder or ``default``),
+``num_refs`` (4), ``exclude_self`` (true), ``width``/``depth``/``heads``/
+``prefix_len`` (256/2/4/4), ``decode_len`` (16 tokens), ``tau`` (1.0),
+``ref_cache`` (1024 reference token sets kept), ``init`` (enhancer folder).
+
+Neither task renders images, so ``validation.every`` must be 0; the
+aligner's held-out retrieval is measured by ``semsr bench-retrieval
+--aligner RUN/final/aligner``. Paths may be ``tiny://`` forms
+(:func:`semsr.train.coser.resolve_path`).
+
+Also here: the (LR, HR) feature pairs of ``semsr bench-retrieval``, whose
+quick in-memory aligner fit (:func:`train_aligner`) shares the task's step
+(:func:`aligner_outputs` + ``rfa_align_l2``). Its pairs are whole images: LR
+= the HR image resized by MATLAB-compatible bicubic to ``lr_size`` x
+``lr_size`` (aspect not kept — the embedders also resize to a square),
+target = the image's entry in the reference database. LR features are cached
+per content hash under ``cache_dir()/retrieval/lr/<embedder>/<lr_size>/<sha256>.npz``.
+Training images come from the offline corpus, never from benchmark sets.
 """
 from __future__ import annotations
 
@@ -20,9 +57,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semsr.models.rfa import AlignerConfig, ReferenceFindingAligner, align_loss, encode
+from torch import nn
+
+from semsr.errors import SemsrError
+from semsr.models.rfa import AlignerConfig, ReferenceFindingAligner, align_loss, encode, enhancer_loss
+from semsr.train.losses import _require, register_loss
+from semsr.train.tasks import Task, register_task
 
 LR_SIZE = 32
+#: The aligner's loss terms (as in ``losses:`` of configs/rfa-aligner.yaml).
+ALIGN_LOSS = {"rfa_align_l2": 1.0}
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+
+@register_loss("rfa_align_l2")
+def rfa_align_l2(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Seed's ``||aligned - hr_embed||^2`` (summed over the embedding, mean over the batch); ``(B, D)`` each."""
+    _require(outputs, "rfa_align_l2", "aligned", "hr_embed")
+    return align_loss(outputs["aligned"].float(), outputs["hr_embed"].float())
+
+
+@register_loss("rfa_image_cos")
+def rfa_image_cos(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``1 - cos(image_embed, hr_embed)`` averaged: enhanced vs GT HR image embedding, ``(B, D)`` each."""
+    _require(outputs, "rfa_image_cos", "image_embed", "hr_embed")
+    return enhancer_loss(outputs["image_embed"].float(), outputs["hr_embed"].float())
+
+
+@register_loss("rfa_text_clip")
+def rfa_text_clip(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``1 - cos(text_embed, caption_embed)`` averaged: CLIP text embedding of the decoded text vs the
+    caption's, ``(B, Dt)`` each (see :mod:`semsr.models.rfa_text`)."""
+    _require(outputs, "rfa_text_clip", "text_embed", "caption_embed")
+    return (1 - torch.nn.functional.cosine_similarity(outputs["text_embed"].float(),
+                                                      outputs["caption_embed"].float(), dim=-1)).mean()
+
+
+@register_loss("rfa_caption_nll")
+def rfa_caption_nll(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teacher-forced LM loss of the caption after the prefix (scalar; auxiliary, not the seed's)."""
+    _require(outputs, "rfa_caption_nll", "caption_nll")
+    return outputs["caption_nll"]
 
 
 @dataclass
@@ -106,14 +183,33 @@ def split_by_hash(shas: Sequence[str], holdout: float, seed: int = 0) -> tuple[l
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
+def aligner_outputs(model: torch.nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Tensor,
+                    hr_vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One aligner forward as named outputs for the loss terms (the step shared by the
+    ``rfa-aligner`` task and :func:`train_aligner`).
+
+    Args: ``lr_tokens (B, N, T)``, ``lr_vec (B, D)`` raw LR embedding, ``hr_vec (B, D)`` target.
+    Returns ``aligned`` (prediction), ``hr_embed`` and ``lr_embed``, all ``(B, D)``.
+    """
+    return {"aligned": model(lr_tokens, lr_vec), "hr_embed": hr_vec, "lr_embed": lr_vec}
+
+
 def train_aligner(feats: PairFeatures, hr_vectors: torch.Tensor, *, steps: int = 300, lr: float = 1e-3,
                   batch: int = 64, weight_decay: float = 1e-2, seed: int = 0, width: int = 256, depth: int = 2,
                   heads: int = 4, residual: bool = True, embedder: str | None = None,
                   log: Callable[[int, float], None] | None = None) -> tuple[ReferenceFindingAligner, list[float]]:
-    """Train an aligner on ``feats`` with targets ``hr_vectors[feats.hr_vid]``; returns (model, losses).
+    """Quick in-memory fit on cached features (``semsr bench-retrieval``); returns (model, losses).
 
-    AdamW with cosine decay; ``losses`` are the per-step L2 alignment losses.
+    Targets are ``hr_vectors[feats.hr_vid]``: the database's whole-image
+    embeddings, with LR features computed once per image (:func:`lr_pair_features`),
+    so hundreds of steps take seconds. The step is the ``rfa-aligner`` task's
+    (:func:`aligner_outputs` + the registered ``rfa_align_l2`` loss); AdamW
+    with cosine decay. Training on image crops with the shared trainer is
+    ``semsr train --config configs/rfa-aligner.yaml``. ``losses`` are the
+    per-step L2 alignment losses.
     """
+    from semsr.train.losses import combine_losses
+
     torch.manual_seed(seed)
     n, num_tokens, token_dim = feats.lr_tokens.shape
     cfg = AlignerConfig(token_dim=token_dim, out_dim=int(hr_vectors.shape[1]), num_tokens=num_tokens, width=width,
@@ -126,7 +222,8 @@ def train_aligner(feats: PairFeatures, hr_vectors: torch.Tensor, *, steps: int =
     losses = []
     for step in range(steps):
         idx = torch.randperm(n, generator=gen)[:batch]
-        loss = align_loss(model(feats.lr_tokens[idx], feats.lr_vec[idx]), target[idx])
+        loss, _ = combine_losses(ALIGN_LOSS, aligner_outputs(model, feats.lr_tokens[idx], feats.lr_vec[idx],
+                                                             target[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -145,3 +242,256 @@ def hit_rates(db, queries: torch.Tensor, target_vids: torch.Tensor, ks: Sequence
         found = [int(t) in [h.entry.vid for h in row[:k]] for row, t in zip(hits, target_vids.tolist())]
         out[f"top{k}"] = float(np.mean(found)) if found else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------- trainer tasks
+
+
+def resolve_embedder_spec(text: str) -> str:
+    """Configured embedder -> spec; ``clip:tiny://clip-vision`` and other ``tiny://`` folders -> real paths."""
+    from semsr.train.coser import resolve_path
+
+    if text.startswith("clip:"):
+        return "clip:" + str(resolve_path(text.split(":", 1)[1]))
+    return text
+
+
+def _resolve(path: object) -> Path:
+    from semsr.train.coser import resolve_path
+
+    return resolve_path(str(path))
+
+
+class _Stage1Task(Task):
+    """Common parts of the stage-1 tasks: options, the frozen embedder, no image validation."""
+
+    OPTIONS: frozenset[str] = frozenset()
+    REQUIRED: tuple[str, ...] = ("embedder",)
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        from semsr.priors.retrieval.embedders import embedder_from_spec
+
+        super().__init__(cfg)
+        if cfg.validation.every:
+            raise SemsrError(f"{cfg.task} renders no images: set validation.every: 0 (measure retrieval with "
+                             "`semsr bench-retrieval --aligner RUN/final/aligner`)")
+        opts = dict(cfg.model.options)
+        unknown = set(opts) - self.OPTIONS
+        if unknown:
+            raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} "
+                             f"(known: {sorted(self.OPTIONS)})")
+        for key in self.REQUIRED:
+            if not opts.get(key):
+                raise SemsrError(f"{cfg.task} needs model.options.{key}")
+        self.opts = opts
+        self.embedder = embedder_from_spec(resolve_embedder_spec(str(opts["embedder"])))
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+
+    @torch.no_grad()
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding (B, D), tokens (B, N, T))`` of ``img (B, 3, H, W)`` in [0, 1], on the task device.
+
+        The frozen embedder runs in fp32 on the CPU (as in ``rfa-sr``).
+        """
+        vec, tok = encode(self.embedder, img.float().cpu())
+        return vec.float().to(self.device), tok.float().to(self.device)
+
+    @torch.no_grad()
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Embedding ``(B, D)`` of ``img (B, 3, H, W)`` in [0, 1], on the task device."""
+        return self.embedder.embed(img.float().cpu()).float().to(self.device)
+
+    def seeded(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """``build()`` with torch's RNG seeded by the experiment seed (caller's RNG untouched)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            return build()
+
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
+               seed: int) -> torch.Tensor:
+        raise SemsrError(f"{self.cfg.task} renders no images (set validation.every: 0)")
+
+
+@register_task("rfa-aligner")
+class RFAAlignerTask(_Stage1Task):
+    """Reference-Finding Aligner on (HR crop, degraded LR) pairs, ``rfa_align_l2`` (see module docstring)."""
+
+    OPTIONS = frozenset({"embedder", "width", "depth", "heads", "residual", "init"})
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        from semsr.models.rfa import load_aligner
+
+        super().__init__(cfg)
+        o, emb = self.opts, self.embedder
+        if o.get("init"):
+            model = load_aligner(_resolve(o["init"]), emb.spec)
+        else:
+            config = AlignerConfig(token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
+                                   width=int(o.get("width", 256)), depth=int(o.get("depth", 2)),
+                                   heads=int(o.get("heads", 4)), residual=bool(o.get("residual", True)),
+                                   embedder=emb.spec)
+            model = self.seeded(lambda: ReferenceFindingAligner(config))
+        self.trainable = model.float().train().requires_grad_(True)
+
+    def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """``aligned``/``hr_embed``/``lr_embed`` ``(B, D)`` from ``batch["lr"]`` and ``batch["hr"]``."""
+        lr_vec, lr_tok = self.encode(batch["lr"])
+        return aligner_outputs(model, lr_tok, lr_vec, self.embed(batch["hr"]))
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write ``folder/aligner/`` (``config.json`` + ``model.safetensors``)."""
+        model.save(Path(folder) / "aligner")
+
+
+class ReferenceTokens:
+    """Top-K reference tokens for LR queries from a reference database.
+
+    The query is the aligner's prediction (normalised) or the raw LR
+    embedding; hits whose content hash is in ``exclude`` (the training image
+    itself) are skipped. Tokens of database images are computed once and kept
+    for the ``cache_size`` most recent rows.
+    """
+
+    def __init__(self, db, embedder, aligner: nn.Module | None, k: int, cache_size: int = 1024) -> None:  # noqa: ANN001
+        from collections import OrderedDict
+
+        self.db, self.embedder, self.aligner, self.k = db, embedder, aligner, int(k)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _tokens(self, entry) -> torch.Tensor:  # noqa: ANN001
+        from semsr.priors.retrieval.index import load_rgb
+
+        tok = self._cache.get(entry.vid)
+        if tok is None:
+            tok = encode(self.embedder, load_rgb(Path(entry.path)))[1][0].float()
+            self._cache[entry.vid] = tok
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(entry.vid)
+        return tok
+
+    @torch.no_grad()
+    def __call__(self, lr_tok: torch.Tensor, lr_vec: torch.Tensor, exclude: Sequence[str | None]) -> torch.Tensor:
+        """``(B, k', N, T)`` tokens (CPU, fp32) of the top ``k' <= k`` references of each LR query
+        (``k'`` = fewest usable hits in the batch)."""
+        tok, vec = lr_tok.float().cpu(), lr_vec.float().cpu()
+        query = torch.nn.functional.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
+        extra = 1 if any(e is not None for e in exclude) else 0
+        hits = self.db.search(query.numpy(), self.k + extra) if self.k > 0 else [[] for _ in exclude]
+        rows = [[h for h in row if h.entry.sha256 != sha][: self.k] for row, sha in zip(hits, exclude, strict=True)]
+        n = min(len(r) for r in rows)
+        if n == 0:
+            return tok.new_zeros(len(rows), 0, *tok.shape[1:])
+        return torch.stack([torch.stack([self._tokens(h.entry) for h in row[:n]]) for row in rows])
+
+
+@register_task("rfa-enhancer")
+class RFAEnhancerTask(_Stage1Task):
+    """I2T Embedding Enhancer: ``rfa_image_cos`` + ``rfa_text_clip`` (see module docstring)."""
+
+    OPTIONS = frozenset({"embedder", "db", "aligner", "num_refs", "exclude_self", "width", "depth", "heads",
+                         "prefix_len", "init", "text_decoder", "clip_text", "decode_len", "tau", "ref_cache"})
+    REQUIRED = ("embedder", "db", "text_decoder")
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        from semsr.models.rfa import EmbeddingEnhancer, EnhancerConfig, load_aligner, load_enhancer, load_text_decoder
+        from semsr.priors.retrieval.index import ReferenceDB
+        from semsr.train.data import CropDataset, list_images
+
+        super().__init__(cfg)
+        o, emb = self.opts, self.embedder
+        self.lm, self.tokenizer = load_text_decoder(_resolve(o["text_decoder"]))
+        self.lm.requires_grad_(False)
+        lm_dim = int(self.lm.get_input_embeddings().embedding_dim)
+        if o.get("init"):
+            model = load_enhancer(_resolve(o["init"]))
+            c = model.config
+            if (c.token_dim, c.out_dim, c.num_tokens, c.lm_dim) != (emb.token_dim, emb.dim, emb.num_tokens, lm_dim):
+                raise SemsrError("model.options.init: enhancer does not fit this embedder / text decoder",
+                                 _resolve(o["init"]))
+        else:
+            config = EnhancerConfig(token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
+                                    lm_dim=lm_dim, num_refs=int(o.get("num_refs", 4)), width=int(o.get("width", 256)),
+                                    depth=int(o.get("depth", 2)), heads=int(o.get("heads", 4)),
+                                    prefix_len=int(o.get("prefix_len", 4)), embedder=emb.spec)
+            model = self.seeded(lambda: EmbeddingEnhancer(config))
+        self.trainable = model.float().train().requires_grad_(True)
+
+        db = ReferenceDB(_resolve(o["db"]))
+        if db.embedder_spec != emb.spec:
+            raise SemsrError(f"database embedder {db.embedder_spec!r} differs from model.options.embedder "
+                             f"{emb.spec!r}", db.folder)
+        aligner = None
+        if o.get("aligner"):
+            aligner = load_aligner("default" if o["aligner"] == "default" else _resolve(o["aligner"]), emb.spec)
+        self.refs = ReferenceTokens(db, emb, aligner, min(int(o.get("num_refs", model.config.num_refs)),
+                                                          model.config.num_refs), int(o.get("ref_cache", 1024)))
+        self.exclude_self = bool(o.get("exclude_self", True))
+        if self.exclude_self:  # sample position -> training image, as the trainer's dataset maps it
+            items, _ = list_images(cfg.data, cfg.data.crop_size)
+            self._items = items
+            self._positions = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)
+            self._shas: dict[Path, str] = {}
+
+        self.decode_len = int(o.get("decode_len", 16))
+        self.tau = float(o.get("tau", 1.0))
+        self.clip_text = None
+        if cfg.losses.get("rfa_text_clip", 0):
+            from semsr.models.rfa_text import VocabBridge, load_clip_text
+            from semsr.train.tasks import PromptEncoder
+
+            self.clip_text = load_clip_text(_resolve(o.get("clip_text") or cfg.model.pretrained))
+            self.bridge = VocabBridge(self.tokenizer, self.clip_text.tokenizer,
+                                      int(self.lm.get_input_embeddings().num_embeddings))
+            self.captions = PromptEncoder(self.clip_text.embed)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        super().setup(device, weight_dtype)
+        self.lm.to(device=device, dtype=weight_dtype)
+        if self.clip_text is not None:
+            self.clip_text.to(device=device, dtype=weight_dtype)
+            self.captions.clear()
+
+    def _sha(self, position: int) -> str:
+        from semsr.priors.retrieval.index import file_sha256
+
+        path = self._items[self._positions.index_at(position)].path
+        if path not in self._shas:
+            self._shas[path] = file_sha256(path)
+        return self._shas[path]
+
+    def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """``image_embed``/``hr_embed`` ``(B, D)``; with the text terms on, ``text_embed``/``caption_embed``
+        ``(B, Dt)`` and/or ``caption_nll`` (scalar)."""
+        lr_vec, lr_tok = self.encode(batch["lr"])
+        positions = [int(p) for p in batch["position"]]
+        exclude = [self._sha(p) for p in positions] if self.exclude_self else [None] * len(positions)
+        ref_tok = self.refs(lr_tok, lr_vec, exclude).to(self.device)
+        image_embed, prefix = model(lr_tok, ref_tok)
+        out = {"image_embed": image_embed, "hr_embed": self.embed(batch["hr"])}
+        prompts = list(batch["prompt"])
+        if self.clip_text is not None:
+            from semsr.models.rfa_text import soft_decode
+
+            dec = soft_decode(self.lm, prefix, self.decode_len, self.tokenizer.eos_token_id, self.tau)
+            out["text_embed"] = self.clip_text.embed_decoded(dec, self.bridge)
+            out["caption_embed"] = self.captions(prompts).to(self.device, torch.float32)
+        if self.cfg.losses.get("rfa_caption_nll", 0):
+            from semsr.models.rfa import caption_loss
+
+            enc = self.tokenizer([p + self.tokenizer.eos_token for p in prompts], return_tensors="pt", padding=True)
+            out["caption_nll"] = caption_loss(self.lm, prefix, enc.input_ids.to(self.device),
+                                              enc.attention_mask.to(self.device))
+        return out
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write ``folder/enhancer/`` (``config.json`` + ``model.safetensors``)."""
+        model.save(Path(folder) / "enhancer")

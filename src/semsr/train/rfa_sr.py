@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from semsr.errors import SemsrError
+from semsr.train.rfa import resolve_embedder_spec
 from semsr.train.tasks import ControlNetSRTask, register_task
 
 
@@ -38,15 +39,6 @@ class ControlNetWithAdaIN(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.controlnet(*args, **kwargs)
-
-
-def _embedder_spec(text: str) -> str:
-    """``clip:tiny://clip-vision`` and other ``tiny://`` forms -> real folders."""
-    from semsr.train.coser import resolve_path
-
-    if text.startswith("clip:"):
-        return "clip:" + str(resolve_path(text.split(":", 1)[1]))
-    return text
 
 
 @register_task("rfa-sr")
@@ -68,7 +60,7 @@ class RFASRTask(ControlNetSRTask):
             super().__init__(cfg)
         finally:
             cfg.model.options = {**opts, "embedder": embedder_opt}
-        self.embedder = embedder_from_spec(_embedder_spec(str(embedder_opt)))
+        self.embedder = embedder_from_spec(resolve_embedder_spec(str(embedder_opt)))
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             adapters = attach_adain(self.unet, control_dim=int(self.embedder.dim))

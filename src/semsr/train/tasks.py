@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 _TASKS: dict[str, type[Task]] = {}
 
 #: Modules imported before a task is looked up; each registers tasks (and loss terms).
-TASK_MODULES: list[str] = ["semsr.train.coser", "semsr.train.mmsr", "semsr.train.xpsr", "semsr.train.default", "semsr.train.rfa_sr"]
+TASK_MODULES: list[str] = ["semsr.train.coser", "semsr.train.mmsr", "semsr.train.xpsr", "semsr.train.default", "semsr.train.rfa_sr", "semsr.train.rfa"]
 
 
 def import_task_modules() -> None:

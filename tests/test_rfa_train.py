@@ -1,0 +1,229 @@
+"""RFA stage-1 training through the shared trainer: text alignment in CLIP space, rfa-aligner and
+rfa-enhancer tasks (tiny runs, resume, exports loaded by bench-retrieval and the rfa method)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semsr.cli import main
+from train_helpers import REPO, load_safetensors, write_textures
+
+
+@pytest.fixture(scope="module")
+def text_models(tiny_models: Path):
+    """(tiny GPT-2, its tokenizer, tiny SD's CLIP text encoder, the vocabulary bridge)."""
+    from semsr.models.rfa import load_text_decoder
+    from semsr.models.rfa_text import VocabBridge, load_clip_text
+
+    lm, tok = load_text_decoder(tiny_models / "text-decoder")
+    clip = load_clip_text(tiny_models / "sd")
+    return lm, tok, clip, VocabBridge(tok, clip.tokenizer, lm.get_input_embeddings().num_embeddings)
+
+
+# ----------------------------------------------------------------------------- CLIP text alignment
+
+
+def test_soft_decoding_is_greedy_decoding_and_its_clip_embedding_is_exact(text_models) -> None:
+    from semsr.models.rfa import generate_text
+    from semsr.models.rfa_text import SoftDecoding, soft_decode
+
+    lm, tok, clip, bridge = text_models
+    prefix = torch.randn(3, 2, lm.config.n_embd, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    dec = soft_decode(lm, prefix, 5, tok.eos_token_id)
+    # forward = greedy decoding (what the rfa method decodes at inference)
+    texts = [tok.decode(dec.ids[b, : dec.lengths[b]], skip_special_tokens=True).strip() for b in range(3)]
+    assert texts == generate_text(lm, tok, prefix.detach(), max_new_tokens=5)
+    assert torch.equal(dec.weights.detach(), F.one_hot(dec.ids, dec.weights.shape[-1]).float())
+    # forward value = the CLIP text encoder on [BOS, pieces..., EOS]
+    emb = clip.embed_decoded(dec, bridge)
+    for b in range(3):
+        pieces = [p for t in range(int(dec.lengths[b])) for p in bridge.pieces[int(dec.ids[b, t])]]
+        ids = torch.tensor([[clip.bos_id, *pieces, clip.eos_id]])
+        torch.testing.assert_close(emb[b], clip.model(input_ids=ids).pooler_output[0])
+    # and gradients reach the prefix through the straight-through steps
+    emb.sum().backward()
+    assert prefix.grad is not None and float(prefix.grad.abs().sum()) > 0
+    # text made of whole-word tokens is encoded exactly as the string itself
+    words = [v for v in range(len(tok)) if tok.decode([v]).startswith(" ") and tok.decode([v])[1:].isalpha()
+             and len(bridge.pieces[v]) == 1][:4]
+    assert len(words) >= 3
+    ids = torch.tensor([words])
+    manual = SoftDecoding(ids, F.one_hot(ids, len(bridge.pieces)).float(), torch.tensor([len(words)]))
+    torch.testing.assert_close(clip.embed_decoded(manual, bridge), clip.embed([tok.decode(words).strip()]))
+
+
+def test_text_clip_loss_steers_the_enhancer_text_toward_the_caption(text_models) -> None:
+    """``rfa_text_clip`` alone trains the enhancer so its decoded text's CLIP embedding nears the caption's."""
+    from semsr.models.rfa import EmbeddingEnhancer, EnhancerConfig
+    from semsr.models.rfa_text import soft_decode
+    from semsr.train.losses import get_loss
+    from semsr.train.tasks import import_task_modules
+
+    import_task_modules()
+    lm, tok, clip, bridge = text_models
+    g = torch.Generator().manual_seed(0)
+    lr_tok, refs = torch.randn(4, 5, 12, generator=g), torch.randn(4, 2, 5, 12, generator=g)
+    torch.manual_seed(0)
+    model = EmbeddingEnhancer(EnhancerConfig(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd,
+                                             num_refs=2, width=32, depth=1, heads=2, prefix_len=2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    caption = clip.embed(["a photo of a cat"] * 4)
+    loss_fn = get_loss("rfa_text_clip")
+    losses = []
+    for _ in range(25):
+        _, prefix = model(lr_tok, refs)
+        text = clip.embed_decoded(soft_decode(lm, prefix, 3, tok.eos_token_id), bridge)
+        loss = loss_fn({"text_embed": text, "caption_embed": caption})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    # straight-through steps flip tokens now and then: compare medians (a dead gradient path keeps it flat)
+    assert np.median(losses[-8:]) < np.median(losses[:3]) - 0.05, losses
+
+
+def test_load_clip_text_layouts_and_errors(tiny_models: Path, tmp_path: Path) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from semsr.errors import SemsrError, UnavailableError
+    from semsr.models.rfa_text import load_clip_text
+
+    folder = tmp_path / "clip-text"
+    cfg = CLIPTextConfig(vocab_size=len(load_clip_text(tiny_models / "sd").tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+    CLIPTextModelWithProjection(cfg).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_models / "sd" / "tokenizer" / name).is_file():
+            shutil.copy(tiny_models / "sd" / "tokenizer" / name, folder / name)
+    proj = load_clip_text(folder)
+    assert proj.projected and proj.dim == 16 and proj.embed(["a cat"]).shape == (1, 16)
+    with pytest.raises(UnavailableError):
+        load_clip_text(tmp_path)
+    with pytest.raises(SemsrError, match="not CLIP"):
+        load_clip_text(tiny_models / "text-decoder")
+
+
+# ----------------------------------------------------------------------------- trainer tasks
+
+
+@pytest.fixture(scope="module")
+def rfa_runs(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Textures, a reference database of them, and tiny rfa-aligner runs: 4 steps + resume to 6, and 6 straight."""
+    root = tmp_path_factory.mktemp("rfa-runs")
+    imgs = write_textures(root / "imgs", count=6, size=(72, 72))
+    clip = f"clip:{tiny_models / 'clip-vision'}"
+    assert main(["index", "build", "--images", str(imgs), "--out", str(root / "db"), "--embedder", clip]) == 0
+    common = ["--config", str(REPO / "configs" / "rfa-aligner-tiny.yaml"), f"model.options.embedder={clip}",
+              f"data.hr=[{imgs}]", "data.val_count=2", "data.limit=0", "checkpoint.every=2"]
+    assert main(["train", *common, "--output", str(root / "al"), "--max-steps", "4"]) == 0
+    assert main(["train", *common, "--output", str(root / "al"), "--max-steps", "6", "--resume"]) == 0
+    assert main(["train", *common, "--output", str(root / "al-straight"), "--max-steps", "6"]) == 0
+    return {"root": root, "imgs": imgs, "db": root / "db", "aligner_run": root / "al",
+            "straight": root / "al-straight", "clip": Path(clip[5:])}
+
+
+def _train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
+def test_aligner_task_resumes_exactly_and_exports_a_loadable_aligner(rfa_runs, capsys) -> None:
+    from semsr.models.rfa import load_aligner
+
+    resumed, straight = _train_records(rfa_runs["aligner_run"]), _train_records(rfa_runs["straight"])
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert "rfa_align_l2" in resumed[0]["terms"]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
+    final = rfa_runs["aligner_run"] / "final" / "aligner"
+    a, b = load_safetensors(final / "model.safetensors"), load_safetensors(
+        rfa_runs["straight"] / "final" / "aligner" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.startswith("head."))  # trained off zero init
+    model = load_aligner(final, f"clip:{rfa_runs['clip'].resolve()}")
+    assert model.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
+    # bench-retrieval scores the run on its held-out (validation) and training images
+    out = rfa_runs["root"] / "r.json"
+    assert main(["bench-retrieval", "--aligner", str(rfa_runs["aligner_run"]), "--db", str(rfa_runs["db"]),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["heldout_pairs"], res["train_pairs"], res["database_size"]) == (2, 4, 6)
+    assert "aligned" in res["heldout"] and "top-4" in capsys.readouterr().out
+    # an aligner folder alone is scored on all images
+    assert main(["bench-retrieval", "--aligner", str(final), "--db", str(rfa_runs["db"]), "--images",
+                 str(rfa_runs["imgs"]), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["all_pairs"] == 6
+
+
+def test_stage1_tasks_reject_bad_options(tiny_models: Path, tmp_path: Path) -> None:
+    from semsr.errors import SemsrError
+    from semsr.train.config import load_config
+    from semsr.train.tasks import build_task
+
+    base = [f"model.options.embedder=clip:{tiny_models / 'clip-vision'}", f"data.hr=[{tmp_path}]"]
+    for extra, message in ((["validation.every=2"], "renders no images"),
+                           (["model.options.colour=1"], "unknown model.options"),):
+        cfg = load_config(REPO / "configs" / "rfa-aligner-tiny.yaml", base + extra)
+        with pytest.raises(SemsrError, match=message):
+            build_task(cfg)
+    cfg = load_config(REPO / "configs" / "rfa-enhancer-tiny.yaml", base + ["model.options.db="])
+    with pytest.raises(SemsrError, match="needs model.options.db"):
+        build_task(cfg)
+
+
+def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
+    from semsr.priors.retrieval.embedders import embedder_from_spec
+    from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
+    from semsr.train.rfa import ReferenceTokens
+
+    emb = embedder_from_spec(f"clip:{rfa_runs['clip']}")
+    files = sorted(rfa_runs["imgs"].iterdir())[:2]
+    vec, tok = emb.encode(torch.cat([load_rgb(f) for f in files]))
+    with ReferenceDB(rfa_runs["db"]) as db:
+        refs = ReferenceTokens(db, emb, None, k=2)
+        own = refs(tok, vec, [None, None])
+        other = refs(tok, vec, [file_sha256(f) for f in files])
+        # the HR image itself is every query's best hit; excluded, the next ones take its place
+        for b, f in enumerate(files):
+            self_tok = emb.encode(load_rgb(f))[1][0]
+            assert torch.allclose(own[b, 0], self_tok, atol=1e-5)
+            assert not any(torch.allclose(other[b, j], self_tok, atol=1e-5) for j in range(2))
+    assert other.shape == (2, 2, emb.num_tokens, emb.token_dim)
+
+
+def test_enhancer_task_trains_with_text_alignment_and_the_rfa_method_loads_the_runs(
+        rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from semsr.models.rfa import load_enhancer
+
+    run = tmp_path / "en"
+    assert main(["train", "--config", str(REPO / "configs" / "rfa-enhancer-tiny.yaml"), "--output", str(run),
+                 "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
+                 f"model.options.embedder=clip:{rfa_runs['clip']}", f"model.options.db={rfa_runs['db']}",
+                 f"model.options.text_decoder={tiny_models / 'text-decoder'}",
+                 f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
+                 f"data.hr=[{rfa_runs['imgs']}]", "data.val_count=2", "data.limit=0", "losses.rfa_caption_nll=0.1"
+                 ]) == 0
+    records = _train_records(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert set(records[0]["terms"]) == {"rfa_image_cos", "rfa_text_clip", "rfa_caption_nll"}
+    assert all(0.0 <= r["terms"]["rfa_text_clip"] <= 2.0 for r in records)
+    enhancer = load_enhancer(run / "final" / "enhancer")
+    assert enhancer.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
+    # an RFA checkpoint assembled from the runs (+ the tiny adapters and text decoder) serves `--method rfa`
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(rfa_runs["aligner_run"] / "final" / "aligner", ckpt / "aligner")
+    shutil.copytree(run / "final" / "enhancer", ckpt / "enhancer")
+    shutil.copytree(tiny_models / "rfa" / "adain", ckpt / "adain")
+    lr = tmp_path / "lr.png"
+    Image.fromarray((np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)).save(lr)
+    assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "out"), "--method", "rfa", "--base",
+                 str(tiny_models / "sd"), "--controlnet", str(tiny_models / "controlnet"), "--checkpoint", str(ckpt),
+                 "--text-decoder", str(tiny_models / "text-decoder"), "--db", str(rfa_runs["db"]),
+                 "--steps", "1"]) == 0
+    assert [Image.open(p).size for p in (tmp_path / "out").iterdir()] == [(64, 64)]
