@@ -27,8 +27,8 @@ design). Parameters and their intervals (:data:`LEVELS`):
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
 ============  =====================================  =======  ============  ============  ============
-blur          Gaussian std, px of the small image    0        0.8 - 1.2     1.8 - 2.5     3.5 - 5.0
-noise         Gaussian std, 0-255, small image       0        2.5 - 4.5     7 - 10        13 - 19
+blur          Gaussian std, px of the small image    0        0.9 - 1.3     2.0 - 2.7     3.6 - 5.0
+noise         Gaussian std, 0-255, small image       0        3 - 5         8 - 12        16 - 24
 jpeg          IJG quality (lower = stronger)         no JPEG  65 - 45       32 - 22       14 - 8
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
 ============  =====================================  =======  ============  ============  ============
@@ -96,15 +96,15 @@ class Level:
 LEVELS: dict[str, tuple[Level, ...]] = {
     "blur": (
         Level("none", 0.0, 0.0, "no blur"),
-        Level("slight", 0.8, 1.2, "slight blur"),
-        Level("moderate", 1.8, 2.5, "moderate blur"),
-        Level("heavy", 3.5, 5.0, "heavy blur"),
+        Level("slight", 0.9, 1.3, "slight blur"),
+        Level("moderate", 2.0, 2.7, "moderate blur"),
+        Level("heavy", 3.6, 5.0, "heavy blur"),
     ),
     "noise": (
         Level("none", 0.0, 0.0, "no noise"),
-        Level("slight", 2.5, 4.5, "slight noise"),
-        Level("moderate", 7.0, 10.0, "moderate noise"),
-        Level("heavy", 13.0, 19.0, "heavy noise"),
+        Level("slight", 3.0, 5.0, "slight noise"),
+        Level("moderate", 8.0, 12.0, "moderate noise"),
+        Level("heavy", 16.0, 24.0, "heavy noise"),
     ),
     "jpeg": (
         Level("none", 100.0, 100.0, "no compression artifacts"),
