@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rfa_helpers import one_thread, write_blocks  # noqa: F401  (autouse fixture)
 from semsr.models.rfa import AlignerConfig, ReferenceFindingAligner, align_loss, load_aligner
 from semsr.train.rfa import PairFeatures, split_by_hash, train_aligner
 
@@ -26,8 +27,9 @@ def _synthetic_pairs(n: int = 96, tokens: int = 5, tdim: int = 12, dim: int = 16
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_aligner_loss_falls(residual: bool) -> None:
-    feats, hr = _synthetic_pairs()
-    model, losses = train_aligner(feats, hr, steps=120, lr=3e-3, width=32, depth=1, heads=2, residual=residual)
+    feats, hr = _synthetic_pairs(n=48)
+    model, losses = train_aligner(feats, hr, steps=60, batch=48, lr=3e-3, width=32, depth=1, heads=2,
+                                  residual=residual)
     first, last = np.mean(losses[:5]), np.mean(losses[-10:])
     assert last < 0.5 * first, (first, last)
     with torch.no_grad():
@@ -63,19 +65,13 @@ def test_split_by_hash_is_deterministic_and_disjoint() -> None:
 
 
 def test_bench_retrieval_cli(tmp_path: Path, tiny_models: Path, capsys: pytest.CaptureFixture) -> None:
-    from PIL import Image
-
     from semsr.cli import main
 
-    rng = np.random.default_rng(0)
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in range(10):
-        Image.fromarray((np.kron(rng.random((4, 4, 3)), np.ones((16, 16, 1))) * 255).astype(np.uint8)).save(
-            imgs / f"{i}.png")
+    imgs = write_blocks(tmp_path / "imgs", 10)
     out = tmp_path / "r.json"
     rc = main(["bench-retrieval", "--images", str(imgs), "--db", str(tmp_path / "db"), "--embedder",
                f"clip:{tiny_models / 'clip-vision'}", "--steps", "10", "--holdout", "0.3", "--json", str(out),
+               "--lr-size", "8",  # below the tiny CLIP's 32 px input, so LR and HR embeddings differ
                "--save-aligner", str(tmp_path / "aligner")])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -127,14 +123,15 @@ def test_enhancer_loss_falls_and_text_decodes(tiny_models: Path) -> None:
 
     lm, tok = load_text_decoder(tiny_models / "text-decoder")
     g = torch.Generator().manual_seed(0)
-    lr_tok, refs = torch.randn(16, 5, 12, generator=g), torch.randn(16, 4, 5, 12, generator=g)
+    lr_tok, refs = torch.randn(8, 5, 12, generator=g), torch.randn(8, 4, 5, 12, generator=g)
     hr = F.normalize(torch.tanh(refs.mean((1, 2)) @ torch.randn(12, 16, generator=g)), dim=-1)
+    torch.manual_seed(0)
     model = EmbeddingEnhancer(EnhancerConfig(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd,
                                              width=32, depth=1, heads=2, prefix_len=2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ids = tok(["a photo of a cat"] * 16, return_tensors="pt").input_ids
+    ids = tok(["a photo of a cat"] * 8, return_tensors="pt").input_ids
     cos_losses, cap_losses = [], []
-    for _ in range(60):
+    for _ in range(30):
         emb, prefix = model(lr_tok, refs)
         cos, cap = enhancer_loss(emb, hr), caption_loss(lm, prefix, ids)
         opt.zero_grad()
@@ -143,8 +140,8 @@ def test_enhancer_loss_falls_and_text_decodes(tiny_models: Path) -> None:
         cos_losses.append(float(cos.detach()))
         cap_losses.append(float(cap.detach()))
     assert np.mean(cos_losses[-5:]) < 0.5 * np.mean(cos_losses[:3])
-    # only the prefix is trained (random frozen LM): the caption loss still goes down, a little
-    assert np.mean(cap_losses[-5:]) < np.mean(cap_losses[:3]) - 0.02
+    # only the prefix is trained (frozen random LM): the teacher-forced caption loss still goes down
+    assert np.mean(cap_losses[-5:]) < np.mean(cap_losses[:3]) - 0.5
     with torch.no_grad():
         texts = generate_text(lm, tok, model(lr_tok[:2], refs[:2, :3])[1], max_new_tokens=6)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
@@ -156,11 +153,7 @@ def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> N
     from semsr.cli import main
 
     rng = np.random.default_rng(1)
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for i in range(3):
-        Image.fromarray((np.kron(rng.random((4, 4, 3)), np.ones((12, 12, 1))) * 255).astype(np.uint8)).save(
-            refs / f"r{i}.png")
+    refs = write_blocks(tmp_path / "refs", 3, px=12, seed=1, prefix="r")
     db = tmp_path / "db"
     assert main(["index", "build", "--images", str(refs), "--out", str(db), "--embedder",
                  f"clip:{tiny_models / 'clip-vision'}"]) == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rfa_helpers import one_thread  # noqa: F401  (autouse fixture)
 from semsr.cli import main
 from train_helpers import REPO, load_safetensors, write_textures
 
