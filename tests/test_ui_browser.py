@@ -1,8 +1,10 @@
 """The web demo in a real headless Chromium (Debian package) driven by Playwright.
 
 Run with ``.ci/browser`` (installs chromium + playwright, then ``pytest -m browser``).
-Skips when /usr/bin/chromium or the playwright package is missing. Saves the
-screenshot docs/img/demo.png used by docs/webdemo.md. The server gets the tiny
+Skips when /usr/bin/chromium or the playwright package is missing. Saves a
+screenshot of the demo to ``$SEMSR_DEMO_SCREENSHOT`` (default: the temp folder;
+``SEMSR_DEMO_SCREENSHOT=docs/img/demo.png`` refreshes the one docs/webdemo.md
+shows — tests never touch tracked files on their own). The server gets the tiny
 random models (SD, MMSR checkpoint, VLM) so a prompt-driven method can pre-fill
 its prompt from the image's priors.
 """
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +31,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT = REPO / "docs" / "img" / "demo.png"
+SCREENSHOT = Path(os.environ.get("SEMSR_DEMO_SCREENSHOT") or Path(tempfile.gettempdir()) / "semsr-demo.png")
 MAX_SCREENSHOT = 300_000
 
 
@@ -180,7 +184,7 @@ def _centre(page, selector: str, fx: float, fy: float) -> tuple[float, float]:
 
 
 def _save_screenshot(png: bytes) -> None:
-    """Write docs/img/demo.png, reduced to a palette image if needed to stay < 300 KB."""
+    """Write the screenshot (``SCREENSHOT``), reduced to a palette image if needed to stay < 300 KB."""
     im = Image.open(io.BytesIO(png)).convert("RGB")
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=True)
