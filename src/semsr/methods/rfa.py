@@ -15,7 +15,10 @@ AdaIN control (:mod:`semsr.fusion.adain`).
 Checkpoint folder (``--checkpoint``): ``aligner/``, ``enhancer/`` (each
 ``config.json`` + ``model.safetensors``), ``adain/`` (``config.json`` with
 ``control_dim`` + ``model.safetensors``) and optionally ``text-decoder/`` (a
-transformers causal LM + tokenizer; ``--text-decoder`` overrides).
+transformers causal LM + tokenizer; ``--text-decoder`` overrides). The three
+trained parts are the ``final/`` exports of ``semsr train`` with the tasks
+``rfa-aligner``, ``rfa-enhancer`` (:mod:`semsr.train.rfa`) and ``rfa-sr``
+(:mod:`semsr.train.rfa_sr`, whose ``final/controlnet`` is ``--controlnet``).
 With ``--save-reference`` the retrieved references are written beside the
 output (``<stem>_reference1.png`` ...).
 """
@@ -176,8 +179,14 @@ def build(base: str | None = None, controlnet: str | None = None, checkpoint: st
     if database is not None and clip and embedder_from_spec(spec).spec != database.embedder_spec:
         raise SemsrError(f"--clip differs from the database's embedder {database.embedder_spec}", db)
     embedder = embedder_from_spec(spec)
-    aligner = load_aligner(ckpt / "aligner") if (ckpt / "aligner").is_dir() else None
+    aligner = load_aligner(ckpt / "aligner", embedder.spec) if (ckpt / "aligner").is_dir() else None
     enhancer = load_enhancer(ckpt / "enhancer")
+    for part in (aligner, enhancer):
+        c = getattr(part, "config", None)
+        if c is not None and (c.token_dim, c.num_tokens) != (embedder.token_dim, embedder.num_tokens):
+            raise SemsrError(f"the checkpoint's {type(part).__name__} takes {c.num_tokens} tokens of {c.token_dim}, "
+                             f"the embedder {embedder.spec} gives {embedder.num_tokens} of {embedder.token_dim} "
+                             "(build the database with the embedder the checkpoint was trained for)", ckpt)
     td = Path(text_decoder).expanduser() if text_decoder else ckpt / "text-decoder"
     lm, tok = load_text_decoder(td) if (text_decoder or td.is_dir()) else (None, None)
     inner = build_sd_controlnet(base, controlnet, device=device, dtype=dtype, scale=scale, base_config=base_config,

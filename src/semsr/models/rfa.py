@@ -127,7 +127,8 @@ def load_aligner(folder: str | Path, embedder_spec: str | None = None) -> Refere
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UnavailableError("no aligner checkpoint (config.json + model.safetensors) here; "
-                               "train one with `semsr bench-retrieval --save-aligner DIR`", folder)
+                               "train one with `semsr train --config configs/rfa-aligner.yaml` (-> RUN/final/aligner) "
+                               "or `semsr bench-retrieval --save-aligner DIR`", folder)
     config = AlignerConfig(**json.loads((folder / "config.json").read_text()))
     if embedder_spec is not None and config.embedder not in (None, embedder_spec):
         raise SemsrError(f"aligner was trained for embedder {config.embedder!r}, database uses {embedder_spec!r}",
