@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,19 +41,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.aia import AiAFusion, install_aia
 from semsr.methods import MethodSpec, register
 from semsr.models.cognitive import CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
-from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
-from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
+from semsr.pipeline.colorfix import COLOUR_FIXES
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
+from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.loading import load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
-from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
+from semsr.pipeline.sd_controlnet import require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.report import PriorReporter, first
 
@@ -123,7 +122,7 @@ def quantise(image: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pipeline
 
 
-class CoSeRSR:
+class CoSeRSR(LatentSRPipeline):
     """The CoSeR pipeline (see the module docstring).
 
     Attributes:
@@ -133,12 +132,6 @@ class CoSeRSR:
         last_reference: the reference image ``(B, 3, H, W)`` used by the last call, or None.
         last_timings: seconds of the last call: ``reference``, ``encode``, ``denoise``, ``decode``.
     """
-
-    # The SD pieces CoSeR shares with the SD+ControlNet pipeline (they use vae/text/device/dtype only).
-    vae_encode = SDControlNetSR.vae_encode
-    vae_decode = SDControlNetSR.vae_decode
-    encode_prompts = SDControlNetSR.encode_prompts
-    resolve_latent_tile = SDControlNetSR.resolve_latent_tile
 
     def __init__(self, *, vae: Any, unet: Any, text: Any, cognitive: CognitiveEncoder, fusion: AiAFusion,
                  scheduler_config: dict[str, Any], device: str | torch.device = "cpu",
@@ -222,7 +215,7 @@ class CoSeRSR:
                                 return_dict=False)[0]
             return combine(list(out.chunk(k)), [w for w, _ in branches])
 
-        callback, close = _progress_fn(progress, "reference")
+        callback, close = progress_fn(progress, "reference")
         try:
             z = sample(denoise, make_scheduler(scheduler, self.scheduler_config), shape=tuple(init.shape), cond=None,
                        steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init,
@@ -313,17 +306,8 @@ class CoSeRSR:
             use_reference / use_cognition: the ablation switches.
             Others as :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR`.
         """
-        if lr.ndim != 4 or lr.shape[1] != 3:
-            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(lr.shape)}")
-        bsz, _, h, w = lr.shape
-        out_h, out_w = h * scale, w * scale
-        mult = self.factor * self.latent_multiple
-        pad_h, pad_w = math.ceil(out_h / mult) * mult, math.ceil(out_w / mult) * mult
-        hint = make_hint(lr, (out_h, out_w))
-        hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
-        lat_hw = (pad_h // self.factor, pad_w // self.factor)
-        tile = self.resolve_latent_tile(lat_hw, latent_tile)
-        vae_tile = tile * self.factor if tile else None
+        layout = self.layout(lr, scale, latent_tile)
+        bsz, (out_h, out_w) = layout.batch, layout.out_hw
         timings: dict[str, float] = {}
         prompts, negatives = _prompt_lists(prompt, negative_prompt, bsz)
 
@@ -342,28 +326,15 @@ class CoSeRSR:
         timings["reference"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        z_lr = self.vae_encode(hint_padded, vae_tile)
+        z_lr = self.vae_encode(layout.hint_padded, layout.vae_tile)
         timings["encode"] = time.perf_counter() - t0
         branches = guidance_branches(pos, neg, z_ref, z_zero, guidance_scale, reference_guidance)
-        overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
-        spatial = self.spatial_denoiser(z_lr)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
-        callback, close = _progress_fn(progress)
-        t0 = time.perf_counter()
-        try:
-            z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
-                       shape=(bsz, int(self.unet.config.in_channels), *lat_hw), cond=branches, steps=int(steps),
-                       generator=torch.Generator("cpu").manual_seed(int(seed)),
-                       init_latents=z_lr if start_from_lr else None, strength=strength, device=self.device,
-                       progress=callback)
-        finally:
-            close()
-        timings["denoise"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image = self.vae_decode(z, vae_tile)[:, :, :out_h, :out_w]
-        timings["decode"] = time.perf_counter() - t0
+        image = self.denoise_decode(
+            self.spatial_denoiser(z_lr), layout, channels=self.unet.config.in_channels, cond=branches, steps=steps,
+            seed=seed, scheduler=scheduler, init_latents=z_lr if start_from_lr else None, strength=strength,
+            tile_overlap=tile_overlap, colour_fix_method=colour_fix_method, progress=progress, timings=timings)
         self.last_timings = timings
-        return colour_fix(image.cpu(), hint, colour_fix_method)
+        return image
 
 
 def _prompt_lists(prompt: str | list[str], negative: str | list[str] | None, batch: int) -> tuple[list[str], list[str]]:
@@ -506,11 +477,7 @@ class CoSeRMethod(PriorReporter):
         return torch.stack(refs)  # type: ignore[arg-type]
 
     def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = dict(_RUN_DEFAULTS)
-        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
-        latent_tile = opts["latent_tile"]
-        if latent_tile is None and opts["tile"]:
-            latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
+        opts = sd_run_options(_RUN_DEFAULTS, run_opts, scale=self.scale, factor=self.pipeline.factor)
         use_reference = not opts["no_reference"]
         reference = None
         self.side_outputs = {}
@@ -526,7 +493,7 @@ class CoSeRMethod(PriorReporter):
             use_reference=use_reference, use_cognition=not opts["no_cognition"],
             reference_steps=opts["reference_steps"], reference_gen_guidance=opts["reference_gen_guidance"],
             reference_size=opts["reference_size"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=latent_tile, tile_overlap=opts["tile_overlap"],
+            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
             start_from_lr=opts["start_from_lr"], strength=opts["strength"], progress=opts["progress"])
         if opts["save_reference"] and self.pipeline.last_reference is not None:
             self.side_outputs = {"reference": self.pipeline.last_reference}
@@ -546,13 +513,9 @@ def build(base: str | None = None, checkpoint: str | None = None, clip: str | No
           dtype: str | torch.dtype | None = None, scale: int = 4, base_config: str | None = None,
           channels_last: bool = False, compile: bool = False, threads: int | None = None) -> CoSeRMethod:
     """Factory of ``coser``: ``base`` SD, ``checkpoint`` CoSeR folder, ``clip`` CLIP vision folder."""
-    for value, flag, what in ((base, "--base", "a Stable Diffusion folder or single file"),
-                              (checkpoint, "--checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
-                              (clip, "--clip", "a local CLIP vision model folder")):
-        if value is None:
-            raise UnavailableError(f"coser needs {what}: pass {flag} PATH")
-    if threads:
-        torch.set_num_threads(int(threads))
+    require_build_paths("coser", (base, "--base", "a Stable Diffusion folder or single file"),
+                        (checkpoint, "--checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
+                        (clip, "--clip", "a local CLIP vision model folder"), threads=threads)
     pipe = CoSeRSR.from_pretrained(base, checkpoint, clip, base_config=base_config, device=device,
                                    dtype=dtype or "fp32", channels_last=channels_last, compile=compile)
     return CoSeRMethod(pipe, scale=scale, fingerprint=files_fingerprint([base, base_config, checkpoint, clip]))

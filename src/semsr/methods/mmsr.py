@@ -44,25 +44,23 @@ modality of the checkpoint whose source is available is used.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.mmlc import ALL_MODALITIES, CAPTION, TEMPERATURE_RANGE, MultimodalLatentConnector, parse_temperatures
 from semsr.methods import MethodSpec, register
-from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
-from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled
+from semsr.pipeline.colorfix import COLOUR_FIXES
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint
+from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.loading import atomic_write_bytes, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sampler import make_scheduler, sample
-from semsr.pipeline.sd_controlnet import SDControlNetSR, _progress_fn, make_hint, sd_cli_options
+from semsr.pipeline.sd_controlnet import require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.report import PriorReporter, first
 
@@ -300,7 +298,7 @@ def guidance_negative(mode: str) -> tuple[bool, bool]:
     raise SemsrError(f"unknown guidance mode {mode!r}; use one of {', '.join(GUIDANCE_MODES)}")
 
 
-class MMSRSR:
+class MMSRSR(LatentSRPipeline):
     """The MMSR pipeline (see the module docstring).
 
     Attributes:
@@ -310,11 +308,6 @@ class MMSRSR:
         sources: per spatial modality, provider options (``{"depth": {"model": PATH}}``).
         last_modalities: modalities used by the last call; ``last_timings``: seconds per stage.
     """
-
-    vae_encode = SDControlNetSR.vae_encode
-    vae_decode = SDControlNetSR.vae_decode
-    encode_prompts = SDControlNetSR.encode_prompts
-    resolve_latent_tile = SDControlNetSR.resolve_latent_tile
 
     def __init__(self, *, vae: Any, unet: Any, text: Any, cond: MMSRConditioning, meta: Mapping[str, Any],
                  scheduler_config: dict[str, Any], sources: Mapping[str, Mapping[str, Any]] | None = None,
@@ -443,9 +436,7 @@ class MMSRSR:
         z_lr = z_lr.to(self.device, self.dtype)
 
         def spatial(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], window: Window) -> torch.Tensor:
-            z = crop_window(z_lr, window, 1)
-            if x.shape[0] != z.shape[0]:
-                z = z.repeat(x.shape[0] // z.shape[0], 1, 1, 1)
+            z = crop_window(z_lr, window, 1, batch=x.shape[0])
             with torch.no_grad():
                 out = self.unet(torch.cat([x.to(self.dtype), z], dim=1), t, encoder_hidden_states=cond["context"],
                                 return_dict=False)[0]
@@ -470,22 +461,13 @@ class MMSRSR:
             guidance_mode: ``mcfg`` | ``cfg`` | ``null-modality``; ``guidance_scale`` is ``w``.
             Others as :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR`.
         """
-        if lr.ndim != 4 or lr.shape[1] != 3:
-            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(lr.shape)}")
+        layout = self.layout(lr, scale, latent_tile)
         guidance_negative(guidance_mode)
         if guidance_scale < 0:
             raise SemsrError(f"the MMSR guidance scale w must be >= 0, got {guidance_scale:g}")
         temps = parse_temperatures(temperatures)
         mods = parse_modalities(modalities) if modalities is not None else self.default_modalities()
-        bsz, _, h, w = lr.shape
-        out_h, out_w = h * scale, w * scale
-        mult = self.factor * self.latent_multiple
-        pad_h, pad_w = math.ceil(out_h / mult) * mult, math.ceil(out_w / mult) * mult
-        hint = make_hint(lr, (out_h, out_w))
-        hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
-        lat_hw = (pad_h // self.factor, pad_w // self.factor)
-        tile = self.resolve_latent_tile(lat_hw, latent_tile)
-        vae_tile = tile * self.factor if tile else None
+        bsz = layout.batch
         prompts = [prompt] * bsz if isinstance(prompt, str) else list(prompt)
         neg = "" if negative_prompt is None else negative_prompt
         negatives = [neg] * bsz if isinstance(neg, str) else list(neg)
@@ -494,33 +476,20 @@ class MMSRSR:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        pos, negctx = self.contexts(lr, hint, prompts, negatives, modalities=mods, temperatures=temps,
+        pos, negctx = self.contexts(lr, layout.hint, prompts, negatives, modalities=mods, temperatures=temps,
                                     mode=guidance_mode, need_negative=guidance_scale != 0)
         timings["priors"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        z_lr = self.vae_encode(hint_padded, vae_tile)
+        z_lr = self.vae_encode(layout.hint_padded, layout.vae_tile)
         timings["encode"] = time.perf_counter() - t0
-        overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
-        spatial = self.spatial_denoiser(z_lr)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
-        callback, close = _progress_fn(progress)
-        t0 = time.perf_counter()
-        try:
-            z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
-                       shape=(bsz, self.cond.latent_channels, *lat_hw), cond={"context": pos},
-                       uncond=None if negctx is None else {"context": negctx}, guidance_scale=1.0 + guidance_scale,
-                       steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed)),
-                       init_latents=z_lr if start_from_lr else None, strength=strength, device=self.device,
-                       progress=callback)
-        finally:
-            close()
-        timings["denoise"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image = self.vae_decode(z, vae_tile)[:, :, :out_h, :out_w]
-        timings["decode"] = time.perf_counter() - t0
+        image = self.denoise_decode(
+            self.spatial_denoiser(z_lr), layout, channels=self.cond.latent_channels, cond={"context": pos},
+            uncond=None if negctx is None else {"context": negctx}, guidance_scale=1.0 + guidance_scale, steps=steps,
+            seed=seed, scheduler=scheduler, init_latents=z_lr if start_from_lr else None, strength=strength,
+            tile_overlap=tile_overlap, colour_fix_method=colour_fix_method, progress=progress, timings=timings)
         self.last_modalities = mods
         self.last_timings = timings
-        return colour_fix(image.cpu(), hint, colour_fix_method)
+        return image
 
 
 # ----------------------------------------------------------------------------- method
@@ -564,11 +533,7 @@ class MMSRMethod(PriorReporter):
         self.device = pipeline.device
 
     def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = dict(_RUN_DEFAULTS)
-        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
-        latent_tile = opts["latent_tile"]
-        if latent_tile is None and opts["tile"]:
-            latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
+        opts = sd_run_options(_RUN_DEFAULTS, run_opts, scale=self.scale, factor=self.pipeline.factor)
         temps = parse_temperatures(opts["modality_temperature"])
         temps.update({m: opts[f"{m}_temperature"] for m in ALL_MODALITIES if opts[f"{m}_temperature"] is not None})
         mods = parse_modalities(opts["modalities"])
@@ -580,7 +545,7 @@ class MMSRMethod(PriorReporter):
             modalities=mods, temperatures=temps,
             guidance_mode=opts["guidance_mode"], steps=opts["steps"], guidance_scale=opts["guidance_scale"],
             seed=opts["seed"], scheduler=opts["scheduler"], colour_fix_method=opts["colour_fix"],
-            latent_tile=latent_tile, tile_overlap=opts["tile_overlap"], start_from_lr=opts["start_from_lr"],
+            latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"], start_from_lr=opts["start_from_lr"],
             strength=opts["strength"], progress=opts["progress"])
         spatial = [m for m in self.pipeline.cond.connector.config.spatial if m in mods]
         hint = make_hint(x[:1], tuple(out.shape[-2:]))  # the maps are cached: this reads them back
@@ -605,13 +570,9 @@ def build(base: str | None = None, checkpoint: str | None = None, *, vlm: str | 
           scale: int = 4, base_config: str | None = None, channels_last: bool = False, compile: bool = False,
           threads: int | None = None) -> MMSRMethod:
     """Factory of ``mmsr``: ``base`` SD, ``checkpoint`` MMSR folder; optional depth/seg/VQ/VLM folders."""
-    for value, flag, what in ((base, "--base", "a Stable Diffusion folder or single file"),
-                              (checkpoint, "--checkpoint", "an MMSR checkpoint folder (mmsr.json, connector/, "
-                                                           "conv_in/)")):
-        if value is None:
-            raise UnavailableError(f"mmsr needs {what}: pass {flag} PATH")
-    if threads:
-        torch.set_num_threads(int(threads))
+    require_build_paths("mmsr", (base, "--base", "a Stable Diffusion folder or single file"),
+                        (checkpoint, "--checkpoint", "an MMSR checkpoint folder (mmsr.json, connector/, conv_in/)"),
+                        threads=threads)
     pipe = MMSRSR.from_pretrained(base, checkpoint, base_config=base_config, depth_model=depth_model,
                                   seg_model=seg_model, vq=vq, vlm=vlm, edge=edge_detector, device=device,
                                   dtype=dtype or "fp32", channels_last=channels_last, compile=compile)

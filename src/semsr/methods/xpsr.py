@@ -31,10 +31,9 @@ from semsr.errors import SemsrError, UnavailableError
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES
-from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.loading import load_controlnet, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sd_controlnet import SDControlNetSR, sd_cli_options
+from semsr.pipeline.sd_controlnet import SDControlNetSR, require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter, first, text_conditions_priors
 
@@ -103,20 +102,11 @@ class TwoPromptSR(SDControlNetSR):
         negs = _per_image(negative_prompt, len(prompts), "negative prompts")
         return cond, {"context": self.encode_prompts(negs), "low": self.encode_prompts(low_negs)}
 
-    def spatial_denoiser(self, hint: torch.Tensor, conditioning_scale: float = 1.0):
-        """Per-step model call over a latent window; ``cond`` is ``{"context": c_h, "low": c_l}``."""
-        hint = hint.to(self.device, self.dtype)
-
-        def spatial(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], window: Window) -> torch.Tensor:
-            h = crop_window(hint, window, self.factor)
-            if x.shape[0] != h.shape[0]:
-                h = h.repeat(x.shape[0] // h.shape[0], 1, 1, 1)
-            with torch.no_grad():
-                out = self.sfa.controlnet_unet_forward(self.unet, self.controlnet, x.to(self.dtype), t,
-                                                       cond["context"], cond["low"], h, conditioning_scale)
-            return out.float()
-
-        return spatial
+    def model_forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], hint: torch.Tensor,
+                      conditioning_scale: float) -> torch.Tensor:
+        """The SFA ControlNet + UNet call; ``cond`` is ``{"context": c_h, "low": c_l}`` (each ``(N, L, D)``)."""
+        return self.sfa.controlnet_unet_forward(self.unet, self.controlnet, x, t, cond["context"], cond["low"], hint,
+                                                conditioning_scale)
 
     def __call__(self, lr: torch.Tensor, *, low_prompt: str | list[str] = "",
                  low_negative_prompt: str | list[str] = XPSR_LOW_NEGATIVE, **kwargs: Any) -> torch.Tensor:
@@ -181,17 +171,14 @@ class TwoPromptMethod(PriorReporter):
         return highs, lows
 
     def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = dict(self.defaults)
-        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
-        latent_tile = opts["latent_tile"]
-        if latent_tile is None and opts["tile"]:
-            latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
+        opts = sd_run_options(self.defaults, run_opts, scale=self.scale, factor=self.pipeline.factor,
+                              known=_RUN_DEFAULTS)
         highs, lows = self.prompts(x, opts)
         out = self.pipeline(
             x, scale=self.scale, prompt=highs, low_prompt=lows, negative_prompt=opts["negative_prompt"],
             low_negative_prompt=opts["low_negative_prompt"], steps=opts["steps"],
             guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=latent_tile, tile_overlap=opts["tile_overlap"],
+            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
             start_from_lr=opts["start_from_lr"], strength=opts["strength"],
             conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
         given = bool(opts[PRIORS_IN_PROMPT])
@@ -219,12 +206,9 @@ def build_two_prompt_method(name: str, *, base: str | None, checkpoint: str | No
     """Shared factory of ``xpsr`` and ``dalpsr``; ``priors_opts`` go to :class:`~semsr.priors.prompts.TextPriors`."""
     from semsr.priors.prompts import TextPriors
 
-    for value, flag, what in ((base, "--base", "a Stable Diffusion folder or single file"),
-                              (checkpoint, "--checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)")):
-        if value is None:
-            raise UnavailableError(f"{name} needs {what}: pass {flag} PATH")
-    if threads:
-        torch.set_num_threads(int(threads))
+    require_build_paths(name, (base, "--base", "a Stable Diffusion folder or single file"),
+                        (checkpoint, "--checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"),
+                        threads=threads)
     pipe = TwoPromptSR.from_checkpoint(base, checkpoint, base_config=base_config, sfa_mode=sfa_mode, device=device,
                                        dtype=dtype or "fp32", channels_last=channels_last, compile=compile)
     priors = TextPriors(device=str(device), **priors_opts)

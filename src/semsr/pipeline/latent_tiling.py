@@ -102,10 +102,17 @@ def untiled(spatial: SpatialDenoiser) -> Denoiser:
     return denoise
 
 
-def crop_window(t: torch.Tensor, window: Window, factor: int = 1) -> torch.Tensor:
-    """Crop a spatial condition ``(B, C, factor*H, factor*W)`` to the latent ``window``."""
+def crop_window(t: torch.Tensor, window: Window, factor: int = 1, batch: int | None = None) -> torch.Tensor:
+    """Crop a spatial condition ``(B, C, factor*H, factor*W)`` to the latent ``window``.
+
+    ``batch`` (a multiple of ``B``, e.g. the CFG branches stacked on the latent)
+    repeats the crop to ``batch`` rows.
+    """
     top, left, h, w = window
-    return t[..., top * factor:(top + h) * factor, left * factor:(left + w) * factor]
+    out = t[..., top * factor:(top + h) * factor, left * factor:(left + w) * factor]
+    if batch is not None and batch != out.shape[0]:
+        out = out.repeat(batch // out.shape[0], 1, 1, 1)
+    return out
 
 
 @contextmanager

@@ -8,33 +8,32 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
     z_0 --VAE.decode (tiled)--> image --colour fix (adain|wavelet|none) vs hint--> HR
 
 Building blocks live in sibling modules (loading, text, sampler,
-latent_tiling, colorfix); this module only composes them. Recipe modules
+latent_tiling, colorfix, latent_sr); this module only composes them. Recipe modules
 reuse :func:`controlnet_unet_forward` (the per-step model call, also the
-training forward for the eps-MSE loss), :func:`make_hint` and
-:class:`SDControlNetSR` (subclass it or wrap :meth:`SDControlNetSR.spatial_denoiser`
-to add priors/fusion).
+training forward for the eps-MSE loss), :func:`make_hint`,
+:class:`~semsr.pipeline.latent_sr.LatentSRPipeline` (the shared layout /
+sampling / decoding steps) and :class:`SDControlNetSR` (subclass it or wrap
+:meth:`SDControlNetSR.spatial_denoiser` to add priors/fusion).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from semsr.errors import SemsrError, UnavailableError
 from semsr.methods import MethodSpec, register
-from semsr.ops.imresize import imresize
-from semsr.pipeline.colorfix import COLOUR_FIXES, colour_fix
-from semsr.pipeline.latent_tiling import Window, crop_window, tiled, untiled, vae_tiling
+from semsr.pipeline.colorfix import COLOUR_FIXES
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint  # noqa: F401  (make_hint: re-exported for recipes)
+from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.loading import SDComponents, atomic_write_bytes, load_controlnet, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler, sample
+from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
 from semsr.priors.report import PriorReporter, first
 
@@ -44,10 +43,6 @@ log = logging.getLogger("semsr.pipeline")
 DEFAULT_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
-#: Latent side above which the latent is tiled automatically (96 latent = 768 px).
-AUTO_TILE_ABOVE = 96
-#: Default latent tile (SD's native 64 latent = 512 px).
-DEFAULT_LATENT_TILE = 64
 
 
 def new_controlnet(unet: Any, **kwargs: Any) -> Any:
@@ -55,11 +50,6 @@ def new_controlnet(unet: Any, **kwargs: Any) -> Any:
     from diffusers import ControlNetModel
 
     return ControlNetModel.from_unet(unet, **kwargs)
-
-
-def make_hint(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The ControlNet hint: ``lr`` ``(B,3,h,w)`` in [0,1] bicubic-upsampled (MATLAB-style) to ``size``, clamped."""
-    return imresize(lr.float(), size=size).clamp_(0, 1)
 
 
 def controlnet_unet_forward(unet: Any, controlnet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -80,26 +70,7 @@ def controlnet_unet_forward(unet: Any, controlnet: Any, x: torch.Tensor, t: torc
                 mid_block_additional_residual=mid, return_dict=False)[0]
 
 
-def _progress_fn(progress: Any, desc: str = "denoise") -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """Turn a ``progress`` option (callable, bool or None) into ``(callback, close)``."""
-    if callable(progress):
-        return progress, lambda: None
-    if progress is False:
-        return None, lambda: None
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None if progress is None else False)
-        bar.update(done - bar.n)
-
-    return update, lambda: bar.close() if bar is not None else None
-
-
-class SDControlNetSR:
+class SDControlNetSR(LatentSRPipeline):
     """The SD + SR ControlNet pipeline (see the module docstring for the flow).
 
     Attributes:
@@ -199,27 +170,6 @@ class SDControlNetSR:
 
     # ------------------------------------------------------------------ pieces
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """``B`` prompts -> ``(B, 77, D)`` context in the pipeline dtype."""
-        with torch.no_grad():
-            return self.text.encode(prompts).to(self.device, self.dtype)
-
-    def vae_encode(self, image: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> scaled latent ``(B, 4, H/f, W/f)`` float32 (posterior mode)."""
-        cfg = self.vae.config
-        with torch.no_grad(), vae_tiling(self.vae, tile_px):
-            z = self.vae.encode((image * 2 - 1).to(self.device, self.dtype)).latent_dist.mode()
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((z.float() - shift) * cfg.scaling_factor)
-
-    def vae_decode(self, z: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
-        """Scaled latent ``(B, 4, h, w)`` -> image ``(B, 3, f*h, f*w)`` float32 in [0, 1]."""
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        with torch.no_grad(), vae_tiling(self.vae, tile_px):
-            x = self.vae.decode((z / cfg.scaling_factor + shift).to(self.device, self.dtype)).sample
-        return ((x.float() + 1) / 2).clamp_(0, 1)
-
     def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None,
                    guidance_scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """The sampler's ``(cond, uncond)`` for ``B`` prompts: ``{"context": (B, L, D)}``; ``uncond``
@@ -230,35 +180,29 @@ class SDControlNetSR:
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         return cond, {"context": self.encode_prompts(negs)}
 
-    def spatial_denoiser(self, hint: torch.Tensor, conditioning_scale: float = 1.0):
-        """The per-step model call over a latent window (see :mod:`.latent_tiling`).
+    def model_forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], hint: torch.Tensor,
+                      conditioning_scale: float) -> torch.Tensor:
+        """One ControlNet + UNet evaluation: ``x (N, 4, h, w)`` (model dtype), ``cond["context"] (N, L, D)``,
+        ``hint (N, 3, f*h, f*w)`` -> ``(N, 4, h, w)``. Subclasses with more conditions override this."""
+        return controlnet_unet_forward(self.unet, self.controlnet, x, t, cond["context"], hint, conditioning_scale)
 
-        ``cond`` is ``{"context": (B, L, D)}``; the hint ``(B, 3, H, W)`` is
+    def spatial_denoiser(self, hint: torch.Tensor, conditioning_scale: float = 1.0):
+        """The per-step model call (:meth:`model_forward`) over a latent window (see :mod:`.latent_tiling`).
+
+        ``cond`` is :meth:`conditions`' dict; the hint ``(B, 3, H, W)`` is
         shared by both CFG branches and cropped to the window here.
         """
         hint = hint.to(self.device, self.dtype)
 
         def spatial(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], window: Window) -> torch.Tensor:
-            h = crop_window(hint, window, self.factor)
-            if x.shape[0] != h.shape[0]:
-                h = h.repeat(x.shape[0] // h.shape[0], 1, 1, 1)
+            h = crop_window(hint, window, self.factor, batch=x.shape[0])
             with torch.no_grad():
-                out = controlnet_unet_forward(self.unet, self.controlnet, x.to(self.dtype), t, cond["context"], h,
-                                              conditioning_scale)
+                out = self.model_forward(x.to(self.dtype), t, cond, h, conditioning_scale)
             return out.float()
 
         return spatial
 
     # ------------------------------------------------------------------ run
-
-    def resolve_latent_tile(self, latent_hw: tuple[int, int], latent_tile: int | None) -> int:
-        """Latent tile side to use (0 = untiled): ``None`` = automatic (64 when a side exceeds 96)."""
-        if latent_tile is None:
-            latent_tile = DEFAULT_LATENT_TILE if max(latent_hw) > AUTO_TILE_ABOVE else 0
-        if latent_tile <= 0 or latent_tile >= max(latent_hw):
-            return 0
-        m = self.latent_multiple
-        return max(m, (int(latent_tile) // m) * m)
 
     def __call__(self, lr: torch.Tensor, *, scale: int = 4, prompt: str | list[str] = "",
                  negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE, steps: int = DEFAULT_STEPS,
@@ -281,45 +225,23 @@ class SDControlNetSR:
             conditioning_scale: ControlNet residual scale.
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
         """
-        if lr.ndim != 4 or lr.shape[1] != 3:
-            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(lr.shape)}")
-        bsz, _, h, w = lr.shape
-        out_h, out_w = h * scale, w * scale
-        mult = self.factor * self.latent_multiple
-        pad_h, pad_w = math.ceil(out_h / mult) * mult, math.ceil(out_w / mult) * mult
-        hint = make_hint(lr, (out_h, out_w))
-        hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
-        lat_hw = (pad_h // self.factor, pad_w // self.factor)
-        tile = self.resolve_latent_tile(lat_hw, latent_tile)
-        vae_tile = tile * self.factor if tile else None
+        layout = self.layout(lr, scale, latent_tile)
         timings: dict[str, float] = {}
 
-        prompts = [prompt] * bsz if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] * layout.batch if isinstance(prompt, str) else list(prompt)
         t0 = time.perf_counter()
         cond, uncond = self.conditions(prompts, negative_prompt, guidance_scale)
-        init = self.vae_encode(hint_padded, vae_tile) if start_from_lr else None
+        init = self.vae_encode(layout.hint_padded, layout.vae_tile) if start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
 
-        spatial = self.spatial_denoiser(hint_padded, conditioning_scale)
-        overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        callback, close = _progress_fn(progress)
-        t0 = time.perf_counter()
-        try:
-            z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
-                       shape=(bsz, int(self.unet.config.in_channels), *lat_hw), cond=cond, uncond=uncond,
-                       guidance_scale=guidance_scale, steps=int(steps), generator=generator, init_latents=init,
-                       strength=strength, device=self.device, progress=callback)
-        finally:
-            close()
-        timings["denoise"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image = self.vae_decode(z, vae_tile)[:, :, :out_h, :out_w]
-        timings["decode"] = time.perf_counter() - t0
+        image = self.denoise_decode(
+            self.spatial_denoiser(layout.hint_padded, conditioning_scale), layout,
+            channels=self.unet.config.in_channels, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+            steps=steps, seed=seed, scheduler=scheduler, init_latents=init, strength=strength,
+            tile_overlap=tile_overlap, colour_fix_method=colour_fix_method, progress=progress, timings=timings)
         timings["steps"] = float(steps)
         self.last_timings = timings
-        return colour_fix(image.cpu(), hint, colour_fix_method)
+        return image
 
 
 # ---------------------------------------------------------------------- method
@@ -329,6 +251,34 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "seed": 0, "scheduler": "ddpm", "colour_fix": "adain", "tile": 0, "latent_tile": None, "tile_overlap": None,
     "start_from_lr": True, "strength": 1.0, "conditioning_scale": 1.0, "progress": False,
 }
+
+
+def sd_run_options(defaults: Mapping[str, Any], run_opts: Mapping[str, Any], *, scale: int, factor: int,
+                   known: Container[str] | None = None) -> dict[str, Any]:
+    """The run options of an SD-based method: ``defaults`` updated with the ``run_opts`` that are
+    not None and ``known`` (default: the keys of ``defaults``; others are ignored).
+
+    ``latent_tile`` left None is taken from ``tile`` (the CLI's ``--tile``, in
+    input pixels) when that is set: its side in latent pixels of the ``scale`` x
+    output (VAE downsampling ``factor``), at least 1.
+    """
+    known = defaults if known is None else known
+    opts = dict(defaults)
+    opts.update({k: v for k, v in run_opts.items() if k in known and v is not None})
+    if opts["latent_tile"] is None and opts["tile"]:
+        opts["latent_tile"] = max(1, round(int(opts["tile"]) * scale / factor))
+    return opts
+
+
+def require_build_paths(name: str, *required: tuple[Any, str, str], threads: int | None = None) -> None:
+    """Start of an SD-based method's factory: raise :class:`~semsr.errors.UnavailableError`
+    ``"<name> needs <what>: pass <flag> PATH"`` for the first ``(value, flag, what)`` whose
+    value is None, then apply ``threads`` (``torch.set_num_threads``) when given."""
+    for value, flag, what in required:
+        if value is None:
+            raise UnavailableError(f"{name} needs {what}: pass {flag} PATH")
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 class SDControlNetMethod(PriorReporter):
@@ -354,15 +304,11 @@ class SDControlNetMethod(PriorReporter):
         self.device = pipeline.device
 
     def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = dict(_RUN_DEFAULTS)
-        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
-        latent_tile = opts["latent_tile"]
-        if latent_tile is None and opts["tile"]:
-            latent_tile = max(1, round(int(opts["tile"]) * self.scale / self.pipeline.factor))
+        opts = sd_run_options(_RUN_DEFAULTS, run_opts, scale=self.scale, factor=self.pipeline.factor)
         out = self.pipeline(
             x, scale=self.scale, prompt=opts["prompt"], negative_prompt=opts["negative_prompt"], steps=opts["steps"],
             guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=latent_tile, tile_overlap=opts["tile_overlap"],
+            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
             start_from_lr=opts["start_from_lr"], strength=opts["strength"],
             conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
         self.report_priors(prompt=first(opts["prompt"]), negative_prompt=first(opts["negative_prompt"]))

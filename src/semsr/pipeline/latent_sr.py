@@ -1,0 +1,188 @@
+"""The steps every Stable Diffusion latent SR pipeline shares (sd-controlnet, xpsr/dalpsr, coser, mmsr).
+
+A recipe's ``__call__`` is its own conditioning between two shared steps::
+
+    layout = self.layout(lr, scale, latent_tile)     # hint, replicate-padded hint, latent size, tiles
+    ... recipe: contexts / priors, z_LR = self.vae_encode(layout.hint_padded, layout.vae_tile),
+        spatial = the per-step model call over a latent window ...
+    image = self.denoise_decode(spatial, layout, ...)  # (tiled) sampling, VAE decode, crop, colour fix
+
+:class:`LatentSRPipeline` holds these steps plus the VAE / text helpers; a
+pipeline class inherits it and sets the attributes it reads (``vae``,
+``unet``, ``text``, ``device``, ``dtype``, ``factor``, ``latent_multiple``,
+``scheduler_config``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from semsr.errors import SemsrError
+from semsr.ops.imresize import imresize
+from semsr.pipeline.colorfix import colour_fix
+from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
+from semsr.pipeline.sampler import make_scheduler, sample
+
+#: Latent side above which the latent is tiled automatically (96 latent = 768 px).
+AUTO_TILE_ABOVE = 96
+#: Default latent tile (SD's native 64 latent = 512 px).
+DEFAULT_LATENT_TILE = 64
+
+
+def make_hint(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ControlNet hint: ``lr`` ``(B,3,h,w)`` in [0,1] bicubic-upsampled (MATLAB-style) to ``size``, clamped."""
+    return imresize(lr.float(), size=size).clamp_(0, 1)
+
+
+def progress_fn(progress: Any, desc: str = "denoise") -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """Turn a ``progress`` option (callable, bool or None) into ``(callback, close)``.
+
+    A callable is used as is; False gives no callback; True (or None, then only
+    on a terminal) a tqdm bar named ``desc``, closed by ``close()``.
+    """
+    if callable(progress):
+        return progress, lambda: None
+    if progress is False:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None if progress is None else False)
+        bar.update(done - bar.n)
+
+    return update, lambda: bar.close() if bar is not None else None
+
+
+@dataclass(frozen=True)
+class SRLayout:
+    """Sizes and hint of one SR call.
+
+    Attributes:
+        batch: ``B``.
+        out_hw: ``(s*h, s*w)`` output size.
+        lat_hw: latent size of the padded output (a multiple of the UNet's granularity).
+        hint: ``(B, 3, s*h, s*w)`` float32 bicubic LR in [0, 1] (the colour-fix reference).
+        hint_padded: ``(B, 3, f*lat_h, f*lat_w)`` the hint replicate-padded to the latent size.
+        tile: latent tile side (0 = untiled).
+        vae_tile: VAE tile side in pixels (None = untiled).
+    """
+
+    batch: int
+    out_hw: tuple[int, int]
+    lat_hw: tuple[int, int]
+    hint: torch.Tensor
+    hint_padded: torch.Tensor
+    tile: int
+    vae_tile: int | None
+
+
+class LatentSRPipeline:
+    """Shared pieces of the SD latent SR pipelines (see the module docstring).
+
+    Subclasses set ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
+    ``device``, ``dtype``, ``factor`` (VAE downsampling), ``latent_multiple``
+    (UNet granularity) and ``scheduler_config``.
+    """
+
+    vae: Any
+    unet: Any
+    text: Any
+    device: torch.device
+    dtype: torch.dtype
+    factor: int
+    latent_multiple: int
+    scheduler_config: dict[str, Any]
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """``B`` prompts -> ``(B, 77, D)`` context in the pipeline dtype."""
+        with torch.no_grad():
+            return self.text.encode(prompts).to(self.device, self.dtype)
+
+    def vae_encode(self, image: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> scaled latent ``(B, 4, H/f, W/f)`` float32 (posterior mode)."""
+        cfg = self.vae.config
+        with torch.no_grad(), vae_tiling(self.vae, tile_px):
+            z = self.vae.encode((image * 2 - 1).to(self.device, self.dtype)).latent_dist.mode()
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return ((z.float() - shift) * cfg.scaling_factor)
+
+    def vae_decode(self, z: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
+        """Scaled latent ``(B, 4, h, w)`` -> image ``(B, 3, f*h, f*w)`` float32 in [0, 1]."""
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        with torch.no_grad(), vae_tiling(self.vae, tile_px):
+            x = self.vae.decode((z / cfg.scaling_factor + shift).to(self.device, self.dtype)).sample
+        return ((x.float() + 1) / 2).clamp_(0, 1)
+
+    def resolve_latent_tile(self, latent_hw: tuple[int, int], latent_tile: int | None) -> int:
+        """Latent tile side to use (0 = untiled): ``None`` = automatic (64 when a side exceeds 96)."""
+        if latent_tile is None:
+            latent_tile = DEFAULT_LATENT_TILE if max(latent_hw) > AUTO_TILE_ABOVE else 0
+        if latent_tile <= 0 or latent_tile >= max(latent_hw):
+            return 0
+        m = self.latent_multiple
+        return max(m, (int(latent_tile) // m) * m)
+
+    def layout(self, lr: torch.Tensor, scale: int, latent_tile: int | None) -> SRLayout:
+        """Check ``lr`` ``(B, 3, h, w)`` and lay out a ``scale`` x SR call: the hint, its padding to
+        a size the VAE and UNet accept, the latent size and the latent / VAE tiles."""
+        if lr.ndim != 4 or lr.shape[1] != 3:
+            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(lr.shape)}")
+        bsz, _, h, w = lr.shape
+        out_h, out_w = h * scale, w * scale
+        mult = self.factor * self.latent_multiple
+        pad_h, pad_w = math.ceil(out_h / mult) * mult, math.ceil(out_w / mult) * mult
+        hint = make_hint(lr, (out_h, out_w))
+        hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
+        lat_hw = (pad_h // self.factor, pad_w // self.factor)
+        tile = self.resolve_latent_tile(lat_hw, latent_tile)
+        return SRLayout(batch=bsz, out_hw=(out_h, out_w), lat_hw=lat_hw, hint=hint, hint_padded=hint_padded,
+                        tile=tile, vae_tile=tile * self.factor if tile else None)
+
+    def denoise_decode(self, spatial: SpatialDenoiser, layout: SRLayout, *, channels: int, cond: Any,
+                       uncond: Any = None, guidance_scale: float = 1.0, steps: int, seed: int, scheduler: str,
+                       init_latents: torch.Tensor | None, strength: float, tile_overlap: int | None,
+                       colour_fix_method: str, progress: Any, timings: dict[str, float]) -> torch.Tensor:
+        """Sample the latent with ``spatial`` (on ``layout.tile`` tiles), decode, crop and colour-fix.
+
+        Args:
+            spatial: ``(x, t, cond, window) -> model output`` over a latent window.
+            channels: latent channels ``C`` of the sampled ``(B, C, *layout.lat_hw)``.
+            cond / uncond / guidance_scale: as :func:`~semsr.pipeline.sampler.sample`.
+            steps, seed, scheduler, init_latents, strength: sampling (noise from a CPU
+                generator seeded with ``seed``).
+            tile_overlap: latent overlap between tiles (None: tile // 4).
+            progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
+            timings: gets ``denoise`` and ``decode`` seconds.
+        Returns:
+            ``(B, 3, *layout.out_hw)`` float32 in [0, 1] on the CPU, colour-fixed against ``layout.hint``.
+        """
+        tile = layout.tile
+        overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
+        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
+        callback, close = progress_fn(progress)
+        t0 = time.perf_counter()
+        try:
+            z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
+                       shape=(layout.batch, int(channels), *layout.lat_hw), cond=cond, uncond=uncond,
+                       guidance_scale=guidance_scale, steps=int(steps),
+                       generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init_latents,
+                       strength=strength, device=self.device, progress=callback)
+        finally:
+            close()
+        timings["denoise"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out_h, out_w = layout.out_hw
+        image = self.vae_decode(z, layout.vae_tile)[:, :, :out_h, :out_w]
+        timings["decode"] = time.perf_counter() - t0
+        return colour_fix(image.cpu(), layout.hint, colour_fix_method)
