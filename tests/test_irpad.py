@@ -243,3 +243,19 @@ def test_train_irpad_end_to_end_on_a_tiny_set(tmp_path: Path) -> None:
     assert main(["bench-irpad", "--weights", str(out), "--hr", str(photos), "--n", "8", "--size", "64",
                  "--json", str(res), "--threads", "1"]) == 0
     assert json.loads(res.read_text())["n"] == 8
+
+
+def test_noise_label_is_the_noise_the_jpeg_left_visible() -> None:
+    from semsr.train.irpad import degrade_visible
+
+    q = (_sample_image()[..., 32:128, 32:128] * 255).round() / 255
+    y, visible = degrade_visible(q, _params(noise=20.0, noise_seed=4))
+    assert visible == 20.0 and torch.equal(y, degrade(q, _params(noise=20.0, noise_seed=4)))
+    _, light = degrade_visible(q, _params(noise=20.0, noise_seed=4, jpeg=55.0))
+    _, heavy = degrade_visible(q, _params(noise=20.0, noise_seed=4, jpeg=10.0))
+    assert 0.0 < heavy < light < 20.0
+    p = _params(noise=4.0, noise_seed=4, jpeg=10.0)
+    _, vis = degrade_visible(q, p)
+    relabelled = p.with_visible_noise(vis)
+    assert relabelled.noise_visible == vis and relabelled.labels[DEGRADATION_TYPES.index("noise")] == level_of("noise", vis)
+    assert relabelled.labels[DEGRADATION_TYPES.index("jpeg")] == p.labels[DEGRADATION_TYPES.index("jpeg")]

@@ -14,21 +14,24 @@ The labels are defined by one controlled single-stage degradation (see
 :mod:`semsr.train.irpad`), applied to a sharp image ``x`` whose pixel grid is
 the grid IRPAD looks at::
 
-    x -> downscale by d -> blur (sigma) -> 8-bit -> JPEG (q) -> noise (sigma_n) -> 8-bit -> upscale by d -> 8-bit
+    x -> downscale by d -> blur (sigma) -> noise (sigma_n) -> 8-bit -> upscale by d -> 8-bit -> JPEG (q)
 
-i.e. blur, JPEG and noise happen on the *small* image and the result is then
-enlarged back ("the image was captured/saved small, then upscaled"). With
-``d = 1`` (level "none") the image is observed at its own resolution, which is
-the usual case of an LR input. Noise comes after JPEG so that every sampled
-noise level stays visible (a heavy JPEG quantises earlier noise away, which
-left the noise label undefined: 47 % accuracy under heavy JPEG in a first
-design). Parameters and their intervals (:data:`LEVELS`):
+i.e. blur and noise happen on the *small* image, which is then enlarged back
+("the image was captured small, then upscaled"), and the file was compressed
+last, at its final size, as cameras and the web do. With ``d = 1`` (level
+"none") the image is observed at its own resolution, the usual case of an LR
+input. The JPEG quantises part of the noise away (a heavy JPEG leaves little of
+a slight noise), so the noise label is the level of the std the JPEG left
+visible (:func:`semsr.train.irpad.degrade_visible`), not of the std added.
+(A first design added the noise after the JPEG and resampled after it: that
+hides the JPEG's block grid and quantisation lattice, and its JPEG levels
+reached only 0.49-0.63 held-out accuracy.) Parameters and their intervals (:data:`LEVELS`):
 
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
 ============  =====================================  =======  ============  ============  ============
 blur          Gaussian std, px of the small image    0        0.9 - 1.3     2.0 - 2.7     3.6 - 5.0
-noise         Gaussian std, 0-255, small image       0        3 - 5         8 - 12        16 - 24
+noise         Gaussian std left visible, 0-255       0        3 - 5         8 - 12        16 - 24
 jpeg          IJG quality (lower = stronger)         no JPEG  65 - 45       32 - 22       14 - 8
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
 ============  =====================================  =======  ============  ============  ============
@@ -42,7 +45,9 @@ Model
 -----
 :class:`IRPADNet` is a small fully convolutional CNN (one full-resolution conv,
 four stride-2 stages, global mean+std pooling) with one linear classification
-head per type. :class:`IRPADEstimator` runs it on an image of any size by
+head per type; next to the RGB input it sees fixed forensic filters (a
+high-pass residual, 8-px line gradients) and, before the heads, the JPEG
+quantisation-lattice scores of :mod:`semsr.priors.jpeg_lattice`. :class:`IRPADEstimator` runs it on an image of any size by
 averaging log-probabilities over a grid of ``crop x crop`` windows. Trained
 weights ship in ``semsr/assets/weights/irpad/`` (``model.safetensors`` +
 ``config.json``; the config also carries the levels and their phrases, so a
@@ -123,7 +128,7 @@ LEVELS: dict[str, tuple[Level, ...]] = {
 #: What the parameter of each type means (documentation, also stored in the config).
 PARAMETERS: dict[str, str] = {
     "blur": "isotropic-equivalent Gaussian std in pixels of the small (downscaled) image",
-    "noise": "additive Gaussian noise std in 0-255 units on the small image",
+    "noise": "std in 0-255 units of the Gaussian noise added to the small image that the JPEG left visible",
     "jpeg": "IJG JPEG quality of the small image (100 = not compressed)",
     "downscale": "factor d the image was downscaled by before being enlarged back (1 = not)",
 }
