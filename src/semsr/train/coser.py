@@ -64,11 +64,10 @@ from semsr.train.config import ExperimentConfig
 from semsr.train.data import CropDataset, list_images, load_image, to_tensor
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import (
-    ControlNetSRTask,
+    LatentDiffusionTask,
+    NoisedBatch,
     PromptEncoder,
     Task,
-    per_sample_generators,
-    randn_like_per_sample,
     register_task,
     resolve_model_path,
     tiny_models_dir,
@@ -316,28 +315,18 @@ class NeighbourReferences:
 
 
 @register_task("coser-sr")
-class CoSeRSRTask(Task):
+class CoSeRSRTask(LatentDiffusionTask):
     """Stage 2: AiA blocks + LR/reference encoders on a frozen SD UNet, eps-MSE."""
 
     OPTIONS = {"clip", "cognitive", "init", "reference_top_k", "reference_drop_prob", "init_from_self_attention"}
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from diffusers import DDPMScheduler
-
         from semsr.fusion.aia import AiAFusion, install_aia
-        from semsr.pipeline.loading import load_sd
-        from semsr.pipeline.text import load_text_conditioner
 
         opts = _options(cfg, self.OPTIONS, ("clip", "cognitive"))
-        sd = load_sd(resolve_path(cfg.model.pretrained))
-        self.components = sd
-        self.vae = sd.vae.requires_grad_(False).eval()
-        self.unet = install_aia(sd.unet.requires_grad_(False).eval())
-        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.text = load_text_conditioner(sd).requires_grad_(False).eval()
-        self.prompts = PromptEncoder(self.text.encode)
+        self.load_frozen_sd(resolve_path(cfg.model.pretrained))
+        self.unet = install_aia(self.unet)
         clip_dir = resolve_path(str(opts["clip"]))
         clip = load_clip_vision(clip_dir)
         self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_path(str(opts["cognitive"])), clip)
@@ -358,29 +347,14 @@ class CoSeRSRTask(Task):
             raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
         self._zero_latents: dict[tuple[int, int], torch.Tensor] = {}
         self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)), clip_dir=clip_dir)
-        self.device = torch.device("cpu")
-        self.weight_dtype = torch.float32
 
-    encode_latents = ControlNetSRTask.encode_latents
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    def frozen_modules(self) -> list[nn.Module]:
+        return [*super().frozen_modules(), self.cognitive]
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.device, self.weight_dtype = device, weight_dtype
-        for m in (self.vae, self.unet, self.text, self.cognitive):
-            m.to(device=device, dtype=weight_dtype)
-        self.prompts.clear()
+        super().setup(device, weight_dtype)
         self.null_tokens.clear()
         self._zero_latents.clear()
-
-    @torch.no_grad()
-    def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
-        """Scaled posterior-mode latent of ``image (B, 3, H, W)`` in [0, 1] (as the inference pipeline encodes)."""
-        z = self.vae.encode((image * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mode().float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def conditions(self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator],
@@ -405,27 +379,12 @@ class CoSeRSRTask(Task):
         z_zero = self._zero_latents[size].expand_as(z_ref)
         return context, z_lr, torch.where(keep_ref[:, None, None, None], z_ref, z_zero)
 
-    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Noise-prediction outputs ``pred``/``target`` ``(B, 4, h, w)``, ``latents``, ``timesteps``.
-
-        Per-sample draws, in order: VAE posterior noise, diffusion noise,
-        timestep, then those of :meth:`conditions`.
-        """
-        hr = batch["hr"].to(self.device)
-        lr = batch["lr"].to(self.device)
-        gens = per_sample_generators(batch["seed"])
-        latents = self.encode_latents(hr, gens)
-        noise = randn_like_per_sample(latents, gens)
-        t_max = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
-        context, z_lr, z_ref = self.conditions(lr, batch["position"], gens, tuple(hr.shape[-2:]))
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-        pred = model(self.unet, noisy, timesteps, context, z_lr.to(self.weight_dtype), z_ref.to(self.weight_dtype))
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+    def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
+        """``pred (B, 4, h, w)`` of the AiA UNet; draws those of :meth:`conditions` after the base task's."""
+        context, z_lr, z_ref = self.conditions(step.lr, step.batch["position"], step.gens, tuple(step.hr.shape[-2:]))
+        noisy = step.noisy.to(self.weight_dtype)
+        return {"pred": model(self.unet, noisy, step.timesteps, context, z_lr.to(self.weight_dtype),
+                              z_ref.to(self.weight_dtype))}
 
     @torch.no_grad()
     def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,

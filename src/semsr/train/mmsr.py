@@ -35,15 +35,7 @@ from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, ConnectorConfig, Mult
 from semsr.methods.mmsr import DEFAULT_NEGATIVE, MMSRConditioning, MMSRSR, load_checkpoint, save_checkpoint
 from semsr.pipeline.sd_controlnet import make_hint
 from semsr.train.config import ExperimentConfig
-from semsr.train.tasks import (
-    ControlNetSRTask,
-    PromptEncoder,
-    Task,
-    per_sample_generators,
-    randn_like_per_sample,
-    register_task,
-    resolve_model_path,
-)
+from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, register_task, resolve_model_path
 
 _TINY = ("depth", "seg", "mmsr")
 _CONNECTOR_KEYS = {"num_latents", "heads", "cross_layers", "self_layers", "mlp_ratio"}
@@ -61,7 +53,7 @@ def resolve_path(path: str) -> Path:
 
 
 @register_task("mmsr")
-class MMSRTask(Task):
+class MMSRTask(LatentDiffusionTask):
     """See the module docstring."""
 
     OPTIONS = {"modalities", "depth_model", "seg_model", "vq", "edge", "modality_drop_prob", "connector", "init",
@@ -69,11 +61,7 @@ class MMSRTask(Task):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from diffusers import DDPMScheduler
-
         from semsr.models.vq import load_tokenizer
-        from semsr.pipeline.loading import load_sd
-        from semsr.pipeline.text import load_text_conditioner
         from semsr.priors.mmsr import ModalityTokens
 
         opts = dict(cfg.model.options)
@@ -87,14 +75,7 @@ class MMSRTask(Task):
         self.drop_prob = float(opts.get("modality_drop_prob", 0.1))
         if not 0.0 <= self.drop_prob <= 1.0:
             raise SemsrError("model.options.modality_drop_prob must be in [0, 1]")
-        sd = load_sd(resolve_model_path(cfg.model.pretrained))
-        self.components = sd
-        self.vae = sd.vae.requires_grad_(False).eval()
-        self.unet = sd.unet.requires_grad_(False).eval()
-        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.text = load_text_conditioner(sd).requires_grad_(False).eval()
-        self.prompts = PromptEncoder(self.text.encode)
+        self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         self.sources: dict[str, dict[str, Any]] = {"edge": {}}
         for name in ("depth", "seg"):
             if name in self.modalities:
@@ -128,28 +109,6 @@ class MMSRTask(Task):
             raise SemsrError(f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
                              f"{self.tokenizer.embed_dim}")
         self.trainable = cond.float().train().requires_grad_(True)
-        self.device = torch.device("cpu")
-        self.weight_dtype = torch.float32
-
-    encode_latents = ControlNetSRTask.encode_latents
-    draw_prompts = ControlNetSRTask.draw_prompts
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.device, self.weight_dtype = device, weight_dtype
-        for m in (self.vae, self.unet, self.text):
-            m.to(device=device, dtype=weight_dtype)
-        self.prompts.clear()
-
-    @torch.no_grad()
-    def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
-        """Scaled posterior-mode latent of ``image (B, 3, H, W)`` in [0, 1] (as the inference pipeline encodes)."""
-        z = self.vae.encode((image * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mode().float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
 
     def draw_drops(self, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per modality (caption first, then the spatial ones) a ``(B,)`` bool: replace by the null token."""
@@ -157,33 +116,19 @@ class MMSRTask(Task):
         return {m: torch.tensor([float(torch.rand((), generator=g)) < self.drop_prob for g in gens],
                                 device=self.device) for m in names}
 
-    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``pred``/``target`` ``(B, 4, h, w)``, ``latents``, ``timesteps``.
+    def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
+        """``pred (B, 4, h, w)`` of UNet([z_t ; z_LR]) on the connector's tokens.
 
-        Per-sample draws, in order: VAE posterior noise, diffusion noise,
-        timestep, prompt dropout, modality drops.
+        Draws, after the base task's: prompt dropout, modality drops.
         """
-        hr = batch["hr"].to(self.device)
-        lr = batch["lr"].to(self.device)
-        gens = per_sample_generators(batch["seed"])
-        latents = self.encode_latents(hr, gens)
-        noise = randn_like_per_sample(latents, gens)
-        t_max = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
-        prompts = self.draw_prompts(list(batch["prompt"]), gens)
-        drops = self.draw_drops(gens)
+        prompts = self.draw_prompts(list(step.batch["prompt"]), step.gens)
+        drops = self.draw_drops(step.gens)
         text = self.prompts(prompts).to(self.device, torch.float32)
-        hint = make_hint(lr, tuple(hr.shape[-2:]))
+        hint = make_hint(step.lr, tuple(step.hr.shape[-2:]))
         spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
         z_lr = self.vae_mode(hint)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = model(self.unet, noisy.to(self.weight_dtype), z_lr.to(self.weight_dtype), timesteps, text, spatial,
-                     drops)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+        return {"pred": model(self.unet, step.noisy.to(self.weight_dtype), z_lr.to(self.weight_dtype), step.timesteps,
+                              text, spatial, drops)}
 
     @torch.no_grad()
     def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,

@@ -19,6 +19,11 @@ All random draws inside ``compute`` use per-sample generators seeded by
 ``batch["seed"]`` (see :mod:`semsr.train.data`) — never the global RNG — so
 results do not depend on batch split, process count or resume point.
 
+Tasks on a frozen Stable Diffusion derive from :class:`LatentDiffusionTask`,
+which loads the SD parts and runs the shared noise-prediction step; a recipe
+supplies its model call through the :meth:`LatentDiffusionTask.predict` hook
+(:class:`ControlNetSRTask` is the ControlNet one).
+
 New tasks register with :func:`register_task`::
 
     @register_task("xpsr")
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +210,129 @@ class PromptEncoder:
         self._cache.clear()
 
 
+@dataclass
+class NoisedBatch:
+    """One micro-batch on the task's device, noised for a training step.
+
+    Attributes:
+        batch: the micro-batch as the loader gave it (``prompt``, ``position``, ...).
+        hr: ``(B, 3, H, W)`` HR crops in [0, 1]; lr: ``(B, 3, h, w)`` degraded LR.
+        gens: per-sample generators (already past the latent, noise and timestep draws).
+        latents: ``(B, C, H/f, W/f)`` float32 scaled VAE latents ``z_0`` of ``hr``.
+        noise: diffusion noise like ``latents``; timesteps: ``(B,)`` int64.
+        noisy: ``z_t`` float32 (``noise_scheduler.add_noise``).
+    """
+
+    batch: dict[str, Any]
+    hr: torch.Tensor
+    lr: torch.Tensor
+    gens: list[torch.Generator]
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+class LatentDiffusionTask(Task):
+    """Base of the tasks that train extra modules on a frozen Stable Diffusion (noise prediction on latents).
+
+    :meth:`load_frozen_sd` (called by the subclass's ``__init__``) sets
+    ``components``, ``vae``, ``unet``, ``text`` (the text conditioner),
+    ``prompts`` (its cached :class:`PromptEncoder`), ``noise_scheduler``
+    (DDPM, from the checkpoint) and ``vae_factor``. :meth:`compute` draws per
+    sample, in order, the VAE posterior noise, the diffusion noise and the
+    timestep, then calls the :meth:`predict` hook (which makes the recipe's own
+    draws and model call) and adds the eps / velocity ``target``.
+    """
+
+    def load_frozen_sd(self, path: Path) -> Any:
+        """Load the SD folder/file ``path`` frozen (see the class docstring); returns the components."""
+        from diffusers import DDPMScheduler
+
+        from semsr.pipeline.loading import load_sd
+        from semsr.pipeline.text import load_text_conditioner
+
+        sd = load_sd(path)
+        self.components = sd
+        self.vae = sd.vae.requires_grad_(False).eval()
+        self.unet = sd.unet.requires_grad_(False).eval()
+        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text = load_text_conditioner(sd).requires_grad_(False).eval()
+        self.prompts = PromptEncoder(self.text.encode)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+        return sd
+
+    @property
+    def pixel_multiple(self) -> int:
+        """VAE factor times the UNet's down-sampling: latents the UNet maps back to their own size."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen modules :meth:`setup` moves and casts (subclasses add theirs)."""
+        return [self.vae, self.unet, self.text]
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device, self.weight_dtype = device, weight_dtype
+        for m in self.frozen_modules():
+            m.to(device=device, dtype=weight_dtype)
+        self.prompts.clear()
+
+    # -- training --------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self, hr: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """VAE latents of ``hr (B, 3, H, W)`` in [0, 1], sampled with per-sample noise.
+
+        Returns ``(B, C, H/f, W/f)`` float32, scaled by the VAE's scaling (and shift) factor.
+        """
+        dist = self.vae.encode((hr * 2 - 1).to(self.weight_dtype)).latent_dist
+        z = dist.mean.float() + dist.std.float() * randn_like_per_sample(dist.mean.float(), gens)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def vae_mode(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior-mode latent of ``image (B, 3, H, W)`` in [0, 1] (as the inference pipeline encodes)."""
+        z = self.vae.encode((image * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mode().float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def draw_prompts(self, prompts: list[str], gens: list[torch.Generator]) -> list[str]:
+        """Replace each prompt by ``""`` with probability ``train.null_prompt_prob``."""
+        p = self.cfg.train.null_prompt_prob
+        drops = [float(torch.rand((), generator=g)) < p for g in gens]
+        return ["" if d else text for text, d in zip(prompts, drops, strict=True)]
+
+    def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
+        """The recipe's model call on ``step.noisy``: ``{"pred": (B, C, h, w), **extra outputs}``."""
+        raise NotImplementedError
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """Noise-prediction outputs for ``batch`` (``hr``, ``lr``, ``prompt``, ``seed``, ...).
+
+        Returns ``pred``/``target`` ``(B, C, h, w)``, ``latents``, ``timesteps (B,)``
+        and the extra outputs of :meth:`predict`. Per-sample draws, in order: VAE
+        posterior noise, diffusion noise, timestep, then those of :meth:`predict`.
+        """
+        hr = batch["hr"].to(self.device)
+        lr = batch["lr"].to(self.device)
+        gens = per_sample_generators(batch["seed"])
+        latents = self.encode_latents(hr, gens)
+        noise = randn_like_per_sample(latents, gens)
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        out = dict(self.predict(model, NoisedBatch(batch, hr, lr, gens, latents, noise, timesteps, noisy)))
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"pred": out.pop("pred"), "target": target, "latents": latents, "timesteps": timesteps, **out}
+
+
 @register_task("controlnet_sr")
-class ControlNetSRTask(Task):
+class ControlNetSRTask(LatentDiffusionTask):
     """SD + SR ControlNet: frozen VAE, UNet and text encoder; trainable ControlNet.
 
     The LR image, bicubic-upsampled to the HR size exactly as at inference
@@ -224,23 +351,13 @@ class ControlNetSRTask(Task):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from diffusers import DDPMScheduler
-
-        from semsr.pipeline.loading import load_controlnet, load_sd
+        from semsr.pipeline.loading import load_controlnet
         from semsr.pipeline.sd_controlnet import new_controlnet
-        from semsr.pipeline.text import load_text_conditioner
 
         unknown = set(cfg.model.options) - self.OPTIONS
         if unknown:
             raise SemsrError(f"unknown model.options for controlnet_sr: {sorted(unknown)}")
-        sd = load_sd(resolve_model_path(cfg.model.pretrained))
-        self.components = sd
-        self.vae = sd.vae.requires_grad_(False).eval()
-        self.unet = sd.unet.requires_grad_(False).eval()
-        self.noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.text_encoder = load_text_conditioner(sd).requires_grad_(False).eval()
-        self.prompts = PromptEncoder(self.text_encoder.encode)
+        self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         if cfg.model.controlnet:
             controlnet = load_controlnet(resolve_model_path(cfg.model.controlnet))
         else:
@@ -256,37 +373,13 @@ class ControlNetSRTask(Task):
                 torch.manual_seed(cfg.seed)
                 controlnet = new_controlnet(self.unet, conditioning_embedding_out_channels=widths)
         self.trainable = controlnet.float().train().requires_grad_(True)
-        self.device = torch.device("cpu")
-        self.weight_dtype = torch.float32
 
     @property
     def pixel_multiple(self) -> int:
+        """The VAE factor only: the ControlNet's residuals follow the UNet's own resizing."""
         return self.vae_factor
 
-    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.device, self.weight_dtype = device, weight_dtype
-        for m in (self.vae, self.unet, self.text_encoder):
-            m.to(device=device, dtype=weight_dtype)
-        self.prompts.clear()
-
     # -- training --------------------------------------------------------
-    @torch.no_grad()
-    def encode_latents(self, hr: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        """VAE latents of ``hr (B, 3, H, W)`` in [0, 1], sampled with per-sample noise.
-
-        Returns ``(B, C, H/f, W/f)`` float32, scaled by the VAE's scaling (and shift) factor.
-        """
-        dist = self.vae.encode((hr * 2 - 1).to(self.weight_dtype)).latent_dist
-        z = dist.mean.float() + dist.std.float() * randn_like_per_sample(dist.mean.float(), gens)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
-
-    def draw_prompts(self, prompts: list[str], gens: list[torch.Generator]) -> list[str]:
-        """Replace each prompt by ``""`` with probability ``train.null_prompt_prob``."""
-        p = self.cfg.train.null_prompt_prob
-        drops = [float(torch.rand((), generator=g)) < p for g in gens]
-        return ["" if d else text for text, d in zip(prompts, drops, strict=True)]
-
     def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 hint: torch.Tensor) -> torch.Tensor:
         """UNet output ``(B, C, h, w)`` with the residuals of the trainable ControlNet ``model``.
@@ -302,30 +395,15 @@ class ControlNetSRTask(Task):
         return self.unet(x, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid.to(self.weight_dtype), return_dict=False)[0]
 
-    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Noise-prediction outputs for ``batch`` (``hr``, ``lr``, ``prompt``, ``seed``).
+    def hint(self, step: NoisedBatch) -> torch.Tensor:
+        """The ControlNet hint ``(B, 3, H, W)`` of ``step`` (bicubic LR at the HR size) in the frozen dtype."""
+        return make_hint(step.lr, tuple(step.hr.shape[-2:])).to(self.weight_dtype)
 
-        Returns ``pred``/``target`` ``(B, C, h, w)``, ``latents`` and ``timesteps (B,)``.
-        Per-sample draws, in order: VAE posterior noise, diffusion noise,
-        timestep, prompt dropout.
-        """
-        hr = batch["hr"].to(self.device)
-        lr = batch["lr"].to(self.device)
-        gens = per_sample_generators(batch["seed"])
-        latents = self.encode_latents(hr, gens)
-        noise = randn_like_per_sample(latents, gens)
-        t_max = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
-        prompts = self.draw_prompts(list(batch["prompt"]), gens)
+    def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
+        """Draws the prompt dropout, then the ControlNet + UNet prediction on the hint."""
+        prompts = self.draw_prompts(list(step.batch["prompt"]), step.gens)
         context = self.prompts(prompts).to(self.device, self.weight_dtype)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hint = make_hint(lr, tuple(hr.shape[-2:])).to(self.weight_dtype)
-        pred = self.denoise(model, noisy, timesteps, context, hint)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps}
+        return {"pred": self.denoise(model, step.noisy, step.timesteps, context, self.hint(step))}
 
     # -- validation / export -------------------------------------------------
     @torch.no_grad()
@@ -341,7 +419,7 @@ class ControlNetSRTask(Task):
         from semsr.pipeline.sd_controlnet import DEFAULT_NEGATIVE, SDControlNetSR
 
         pipe = SDControlNetSR(
-            vae=self.vae, unet=self.unet, controlnet=model, text=self.text_encoder,
+            vae=self.vae, unet=self.unet, controlnet=model, text=self.text,
             scheduler_config=self.components.scheduler_config, device=self.device, dtype=self.weight_dtype,
         )
         return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=DEFAULT_NEGATIVE,

@@ -34,9 +34,8 @@ from torch import nn
 from semsr.errors import SemsrError
 from semsr.fusion.dfc import DFCHeads, dfc_targets
 from semsr.fusion.sfa import SFAFusion, two_prompt_context
-from semsr.pipeline.sd_controlnet import make_hint
 from semsr.train.config import ExperimentConfig
-from semsr.train.tasks import ControlNetSRTask, per_sample_generators, randn_like_per_sample, register_task
+from semsr.train.tasks import ControlNetSRTask, NoisedBatch, register_task
 
 
 def resolve_path(path: str | None) -> str | None:
@@ -143,34 +142,20 @@ class XPSRTask(ControlNetSRTask):
         return highs, lows
 
     # -- training --------------------------------------------------------
-    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        """Outputs ``pred``/``target``/``latents``/``timesteps`` and ``dfc_pred``/``dfc_target``.
+    def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
+        """``pred`` and ``dfc_pred``/``dfc_target`` (the base adds ``target``/``latents``/``timesteps``).
 
-        Per-sample draws, in order: VAE posterior noise, diffusion noise, timestep, prompt dropout.
+        Draws the prompt dropout (both prompts together) after the base task's draws.
         """
-        hr = batch["hr"].to(self.device)
-        lr = batch["lr"].to(self.device)
-        gens = per_sample_generators(batch["seed"])
-        latents = self.encode_latents(hr, gens)
-        noise = randn_like_per_sample(latents, gens)
-        t_max = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.stack([torch.randint(0, t_max, (), generator=g) for g in gens]).to(self.device)
         p = self.cfg.train.null_prompt_prob
-        drops = [float(torch.rand((), generator=g)) < p for g in gens]
-        highs, lows = self.two_prompts(lr, list(batch["prompt"]))
+        drops = [float(torch.rand((), generator=g)) < p for g in step.gens]
+        highs, lows = self.two_prompts(step.lr, list(step.batch["prompt"]))
         highs = ["" if d else s for s, d in zip(highs, drops, strict=True)]
         lows = ["" if d else s for s, d in zip(lows, drops, strict=True)]
         high = self.prompts(highs).to(self.device, self.weight_dtype)
         low = self.prompts(lows).to(self.device, self.weight_dtype)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hint = make_hint(lr, tuple(hr.shape[-2:])).to(self.weight_dtype)
-        pred, dfc_pred = model(noisy.to(self.weight_dtype), timesteps, high, low, hint, self.unet)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return {"pred": pred, "target": target, "latents": latents, "timesteps": timesteps,
-                "dfc_pred": dfc_pred, "dfc_target": dfc_targets(dfc_pred, latents, hr)}
+        pred, dfc_pred = model(step.noisy.to(self.weight_dtype), step.timesteps, high, low, self.hint(step), self.unet)
+        return {"pred": pred, "dfc_pred": dfc_pred, "dfc_target": dfc_targets(dfc_pred, step.latents, step.hr)}
 
     # -- validation / export -------------------------------------------------
     @torch.no_grad()
@@ -180,7 +165,7 @@ class XPSRTask(ControlNetSRTask):
         from semsr.methods.xpsr import XPSR_NEGATIVE, TwoPromptSR, join_prompt
 
         highs, lows = self.two_prompts(lr, prompts * lr.shape[0] if len(prompts) == 1 else prompts)
-        pipe = TwoPromptSR(vae=self.vae, unet=self.unet, controlnet=model.controlnet, text=self.text_encoder,
+        pipe = TwoPromptSR(vae=self.vae, unet=self.unet, controlnet=model.controlnet, text=self.text,
                            sfa=model.sfa, scheduler_config=self.components.scheduler_config, device=self.device,
                            dtype=self.weight_dtype)
         return pipe(lr, scale=self.cfg.data.scale, prompt=[join_prompt(h, self.opts["added_prompt"]) for h in highs],
