@@ -9,14 +9,13 @@ the registry does not import torch models, ncnn or diffusers.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from semsr.errors import SemsrError
+from semsr.registry import LazyRegistry
 
 
 @runtime_checkable
@@ -57,9 +56,6 @@ class MethodSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_ALIASES: dict[str, str] = {}
-
 # Modules that register methods when imported. Add a module here when it
 # defines new methods; keep the list short and import-cheap.
 _BUILTIN: tuple[str, ...] = (
@@ -72,44 +68,24 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.rfa",
     "semsr.methods.default_diffusion",
 )
-_loaded = False
+_METHODS: LazyRegistry[MethodSpec] = LazyRegistry(_BUILTIN, "method")
+_REGISTRY = _METHODS.entries
+_ALIASES = _METHODS.aliases
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (later registrations replace earlier ones)."""
-    _REGISTRY[spec.name] = spec
-    for alias in spec.aliases:
-        _ALIASES[alias] = spec.name
-    return spec
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:  # a module of ours that is not written yet
-            if err.name != mod:
-                raise
+    return _METHODS.add(spec.name, spec, spec.aliases)
 
 
 def specs() -> list[MethodSpec]:
     """All registered methods, in registration order."""
-    _load_builtins()
-    return list(_REGISTRY.values())
+    return _METHODS.specs()
 
 
 def resolve(name: str) -> MethodSpec:
     """Return the spec for ``name`` (or an alias); raise a one-line error if unknown."""
-    _load_builtins()
-    key = _ALIASES.get(name, name)
-    if key not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise SemsrError(f"unknown method {name!r}; known methods: {known}")
-    return _REGISTRY[key]
+    return _METHODS.resolve(name)
 
 
 def get_method(name: str, **build_opts: Any) -> Method:

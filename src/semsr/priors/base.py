@@ -27,7 +27,6 @@ command-line flags, so a new provider needs no change to the command.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -38,9 +37,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from semsr.errors import InputError, SemsrError
+from semsr.errors import InputError
 from semsr.io import Picture, atomic_write
 from semsr.paths import cache_dir
+from semsr.registry import LazyRegistry
 
 PriorKind = Literal["text", "spatial", "embedding", "tags"]
 KINDS: tuple[str, ...] = ("text", "spatial", "embedding", "tags")
@@ -125,7 +125,6 @@ class ProviderSpec:
     options: tuple[ProviderOption, ...] = ()
 
 
-_REGISTRY: dict[str, ProviderSpec] = {}
 # Modules that register providers when imported (keep them import-cheap).
 _BUILTIN: tuple[str, ...] = (
     "semsr.priors.edges",
@@ -134,42 +133,25 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.priors.vlm",
     "semsr.priors.irpad",
 )
-_loaded = False
+_PROVIDERS: LazyRegistry[ProviderSpec] = LazyRegistry(_BUILTIN, "prior")
+_REGISTRY = _PROVIDERS.entries
 
 
 def register_provider(spec: ProviderSpec) -> ProviderSpec:
     """Add ``spec`` to the registry (a later registration replaces an earlier one)."""
     if spec.kind not in KINDS:
         raise ValueError(f"unknown prior kind {spec.kind!r}")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:  # a provider module of ours not written yet
-            if err.name != mod:
-                raise
+    return _PROVIDERS.add(spec.name, spec)
 
 
 def provider_specs() -> list[ProviderSpec]:
     """All registered provider specs, in registration order."""
-    _load_builtins()
-    return list(_REGISTRY.values())
+    return _PROVIDERS.specs()
 
 
 def resolve_provider(name: str) -> ProviderSpec:
     """Return the spec for ``name``; raise a one-line :class:`SemsrError` if unknown."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise SemsrError(f"unknown prior {name!r}; known priors: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _PROVIDERS.resolve(name)
 
 
 def get_provider(name: str, **opts: Any) -> PriorProvider:
