@@ -228,3 +228,16 @@ def test_enhancer_task_trains_with_text_alignment_and_the_rfa_method_loads_the_r
                  "--text-decoder", str(tiny_models / "text-decoder"), "--db", str(rfa_runs["db"]),
                  "--steps", "1"]) == 0
     assert [Image.open(p).size for p in (tmp_path / "out").iterdir()] == [(64, 64)]
+
+
+@pytest.mark.parametrize("name", ["rfa-aligner", "rfa-aligner-tiny", "rfa-enhancer", "rfa-enhancer-tiny"])
+def test_stage1_configs_parse_and_name_known_tasks_and_losses(name: str) -> None:
+    from semsr.train.config import load_config
+    from semsr.train.losses import get_loss
+    from semsr.train.tasks import available_tasks
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.task in available_tasks() and cfg.validation.every == 0
+    for loss in cfg.losses:
+        get_loss(loss)
+    assert cfg.data.crop_size // cfg.data.scale == (32 if "tiny" not in name else 16)
