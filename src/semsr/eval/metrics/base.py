@@ -10,8 +10,12 @@ then calls :meth:`Metric.compute`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from semsr.errors import InputError
 from semsr.ops.color import luma
@@ -129,3 +133,41 @@ class Metric:
 
     def __repr__(self) -> str:
         return f"<metric {self.name} ({'higher' if self.higher_better else 'lower'} is better)>"
+
+
+class BackboneDistance(Metric):
+    """Full-reference distance of a network on an ImageNet backbone (LPIPS, DISTS); lower is better.
+
+    The network is ``model(x, y) -> (B,)`` on RGB ``(B, 3, H, W)`` in [0, 1]
+    (grey images are replicated to RGB) with a ``backbone`` that loads a
+    torchvision state dict (:mod:`semsr.eval.metrics.backbones`).
+    """
+
+    higher_better = False
+    needs_gt = True
+    kind = "deep"
+    model: nn.Module
+    device: torch.device
+
+    @staticmethod
+    def backbone_file(path: str | Path | None, files: Sequence[str], what: str,
+                      weights_dir: str | Path | None) -> Path:
+        """``path``, else the first of ``files`` found in the weights folders (``what`` names it if none is)."""
+        from semsr.eval.weights import find_weight_file
+
+        return Path(path) if path else find_weight_file(files, what, weights_dir)
+
+    def use_model(self, model: nn.Module, backbone: Path, device: str | torch.device) -> None:
+        """Load the torchvision file ``backbone`` into ``model.backbone``; run ``model`` frozen on ``device``."""
+        from semsr.eval.weights import load_state_dict
+
+        model.backbone.load_torchvision(load_state_dict(backbone), backbone)
+        self.model = model
+        self.device = torch.device(device)
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
+        assert gt is not None
+        x = as_rgb(pred).to(self.device, torch.float32)
+        y = as_rgb(gt).to(self.device, torch.float32)
+        return self.model(x, y).item()

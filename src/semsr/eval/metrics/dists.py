@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from semsr.errors import UnavailableError
 from semsr.eval.metrics.backbones import VGG16Features
-from semsr.eval.metrics.base import Metric, as_rgb
-from semsr.eval.weights import VGG16_FILES, find_weight_file, load_state_dict, registry_file
+from semsr.eval.metrics.base import BackboneDistance
+from semsr.eval.weights import VGG16_FILES, load_state_dict, registry_file
 
 CHANNELS = (3, 64, 128, 256, 512, 512)
 
@@ -68,7 +68,7 @@ class DISTSNet(nn.Module):
         return 1 - score
 
 
-class DISTS(Metric):
+class DISTS(BackboneDistance):
     """DISTS (lower is better); grey images are replicated to RGB.
 
     Args:
@@ -79,9 +79,6 @@ class DISTS(Metric):
     """
 
     name = "dists"
-    higher_better = False
-    needs_gt = True
-    kind = "deep"
     summary = "DISTS (VGG16, L2 pooling)"
 
     def __init__(
@@ -92,18 +89,9 @@ class DISTS(Metric):
         weights_path: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        bpath = Path(backbone_path) if backbone_path else find_weight_file(
-            VGG16_FILES, "dists: VGG16 ImageNet backbone (torchvision)", weights_dir
-        )
+        bpath = self.backbone_file(backbone_path, VGG16_FILES, "dists: VGG16 ImageNet backbone (torchvision)",
+                                   weights_dir)
         wpath = Path(weights_path) if weights_path else registry_file("dists/weights.pt", weights_dir, fetch=fetch)
-        self.model = DISTSNet()
-        self.model.backbone.load_torchvision(load_state_dict(bpath), bpath)
-        self.model.load_alpha_beta(load_state_dict(wpath), wpath)
-        self.device = torch.device(device)
-        self.model.to(self.device).eval().requires_grad_(False)
-
-    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
-        assert gt is not None
-        x = as_rgb(pred).to(self.device, torch.float32)
-        y = as_rgb(gt).to(self.device, torch.float32)
-        return self.model(x, y).item()
+        model = DISTSNet()
+        model.load_alpha_beta(load_state_dict(wpath), wpath)
+        self.use_model(model, bpath, device)

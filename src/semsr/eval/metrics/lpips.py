@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from semsr.errors import UnavailableError
 from semsr.eval.metrics.backbones import AlexNetFeatures, VGG16Features
-from semsr.eval.metrics.base import Metric, as_rgb
-from semsr.eval.weights import ALEXNET_FILES, VGG16_FILES, find_weight_file, load_state_dict, registry_file
+from semsr.eval.metrics.base import BackboneDistance
+from semsr.eval.weights import ALEXNET_FILES, VGG16_FILES, load_state_dict, registry_file
 
 _BACKBONES = {"alex": (AlexNetFeatures, ALEXNET_FILES, "AlexNet"), "vgg": (VGG16Features, VGG16_FILES, "VGG16")}
 
@@ -62,7 +62,7 @@ class LPIPSNet(nn.Module):
         return total
 
 
-class LPIPS(Metric):
+class LPIPS(BackboneDistance):
     """LPIPS distance (lower is better); grey images are replicated to RGB.
 
     Args:
@@ -72,10 +72,6 @@ class LPIPS(Metric):
         backbone_path, heads_path: explicit files (override the search).
         device: torch device to run on.
     """
-
-    higher_better = False
-    needs_gt = True
-    kind = "deep"
 
     def __init__(
         self,
@@ -91,18 +87,9 @@ class LPIPS(Metric):
         self.name = "lpips" if net == "alex" else f"lpips-{net}"
         self.summary = f"LPIPS v0.1, {_BACKBONES[net][2]}"
         files, label = _BACKBONES[net][1], _BACKBONES[net][2]
-        bpath = Path(backbone_path) if backbone_path else find_weight_file(
-            files, f"{self.name}: {label} ImageNet backbone (torchvision)", weights_dir
-        )
+        bpath = self.backbone_file(backbone_path, files, f"{self.name}: {label} ImageNet backbone (torchvision)",
+                                   weights_dir)
         hpath = Path(heads_path) if heads_path else registry_file(f"lpips/v0.1/{net}.pth", weights_dir, fetch=fetch)
-        self.model = LPIPSNet(net)
-        self.model.backbone.load_torchvision(load_state_dict(bpath), bpath)
-        self.model.load_heads(load_state_dict(hpath), hpath)
-        self.device = torch.device(device)
-        self.model.to(self.device).eval().requires_grad_(False)
-
-    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
-        assert gt is not None
-        x = as_rgb(pred).to(self.device, torch.float32)
-        y = as_rgb(gt).to(self.device, torch.float32)
-        return self.model(x, y).item()
+        model = LPIPSNet(net)
+        model.load_heads(load_state_dict(hpath), hpath)
+        self.use_model(model, bpath, device)
