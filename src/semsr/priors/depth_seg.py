@@ -78,7 +78,28 @@ def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     return (image[0].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-class DepthProvider:
+class _DenseModelProvider:
+    """Shared part of the depth and seg providers: a local transformers model + processor on one image."""
+
+    kind = "spatial"
+
+    def _load_model(self, model: str | Path | None, flag: str, auto_classes: tuple[Any, ...], what: str,
+                    device: str) -> None:
+        """Find (``model`` or the ``--<flag>`` default folder) and load the model to ``device``."""
+        self.path = _model_folder(model, self.name, flag)
+        self.model, self.processor = _load(self.path, auto_classes, what)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    def _forward(self, image: torch.Tensor) -> tuple[Any, tuple[int, int]]:
+        """Check ``image (1, 3, H, W)`` in [0, 1] and run the model: ``(raw output, (H, W))``."""
+        check_image(image)
+        h, w = image.shape[-2:]
+        inputs = self.processor(images=_to_uint8_hwc(image), return_tensors="pt").to(self.device)
+        return self.model(**inputs), (h, w)
+
+
+class DepthProvider(_DenseModelProvider):
     """Spatial prior ``"depth"``: normalised depth ``(1, 1, H, W)`` in [0, 1] (near = bright).
 
     Args:
@@ -88,24 +109,17 @@ class DepthProvider:
     """
 
     name = "depth"
-    kind = "spatial"
 
     def __init__(self, model: str | Path | None = None, invert: bool = False, device: str = "cpu") -> None:
         from transformers import AutoModelForDepthEstimation
 
-        self.path = _model_folder(model, "depth", "--depth-model")
-        self.model, self.processor = _load(self.path, (AutoModelForDepthEstimation,), "depth-estimation")
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self._load_model(model, "--depth-model", (AutoModelForDepthEstimation,), "depth-estimation", device)
         self.invert = bool(invert)
         self.version = f"{_REVISION};{_folder_fingerprint(self.path)};inv={int(self.invert)}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:
-        check_image(image)
-        h, w = image.shape[-2:]
-        inputs = self.processor(images=_to_uint8_hwc(image), return_tensors="pt").to(self.device)
-        out = self.model(**inputs)
+        out, (h, w) = self._forward(image)
         if hasattr(self.processor, "post_process_depth_estimation"):
             depth = self.processor.post_process_depth_estimation(out, target_sizes=[(h, w)])[0]["predicted_depth"]
         else:
@@ -137,7 +151,7 @@ def label_palette(num_labels: int) -> torch.Tensor:
     return torch.from_numpy(colours).float() / 255.0
 
 
-class SegProvider:
+class SegProvider(_DenseModelProvider):
     """Spatial prior ``"seg"``: colourised semantic label map ``(1, 3, H, W)`` in [0, 1].
 
     Args:
@@ -147,26 +161,19 @@ class SegProvider:
     """
 
     name = "seg"
-    kind = "spatial"
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu") -> None:
         from transformers import AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation
 
-        self.path = _model_folder(model, "seg", "--seg-model")
-        self.model, self.processor = _load(
-            self.path, (AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation), "segmentation")
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self._load_model(model, "--seg-model", (AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation),
+                         "segmentation", device)
         self.id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         self.palette = label_palette(max(len(self.id2label), 1) + 1)
         self.version = f"{_REVISION};{_folder_fingerprint(self.path)}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:
-        check_image(image)
-        h, w = image.shape[-2:]
-        inputs = self.processor(images=_to_uint8_hwc(image), return_tensors="pt").to(self.device)
-        out = self.model(**inputs)
+        out, (h, w) = self._forward(image)
         labels = self.processor.post_process_semantic_segmentation(out, target_sizes=[(h, w)])[0]
         labels = labels.long().cpu().clamp(min=0)
         if int(labels.max()) >= len(self.palette):
