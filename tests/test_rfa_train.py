@@ -196,7 +196,7 @@ def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
     assert other.shape == (2, 2, emb.num_tokens, emb.token_dim)
 
 
-def test_enhancer_task_trains_with_text_alignment_and_the_rfa_method_loads_the_runs(
+def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
         rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -216,15 +216,21 @@ def test_enhancer_task_trains_with_text_alignment_and_the_rfa_method_loads_the_r
     assert all(0.0 <= r["terms"]["rfa_text_clip"] <= 2.0 for r in records)
     enhancer = load_enhancer(run / "final" / "enhancer")
     assert enhancer.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
-    # an RFA checkpoint assembled from the runs (+ the tiny adapters and text decoder) serves `--method rfa`
+    # stage 2 (rfa-sr: ControlNet + AdaIN adapters), then an RFA checkpoint assembled from the three runs
+    sr = tmp_path / "sr"
+    assert main(["train", "--config", str(REPO / "configs" / "rfa-tiny.yaml"), "--output", str(sr), "--max-steps", "2",
+                 f"model.pretrained={tiny_models / 'sd'}", f"model.options.embedder=clip:{rfa_runs['clip']}",
+                 f"data.hr=[{rfa_runs['imgs']}]", "data.val_count=2", "data.limit=0", "validation.every=0"]) == 0
     ckpt = tmp_path / "ckpt"
     shutil.copytree(rfa_runs["aligner_run"] / "final" / "aligner", ckpt / "aligner")
     shutil.copytree(run / "final" / "enhancer", ckpt / "enhancer")
-    shutil.copytree(tiny_models / "rfa" / "adain", ckpt / "adain")
+    shutil.copytree(sr / "final" / "adain", ckpt / "adain")
+    gates = {k: v for k, v in load_safetensors(ckpt / "adain" / "model.safetensors").items() if v.numel() == 1}
+    assert gates and any(float(v.abs()) > 0 for v in gates.values())  # the gates left their zero initialisation
     lr = tmp_path / "lr.png"
     Image.fromarray((np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)).save(lr)
     assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "out"), "--method", "rfa", "--base",
-                 str(tiny_models / "sd"), "--controlnet", str(tiny_models / "controlnet"), "--checkpoint", str(ckpt),
+                 str(tiny_models / "sd"), "--controlnet", str(sr / "final" / "controlnet"), "--checkpoint", str(ckpt),
                  "--text-decoder", str(tiny_models / "text-decoder"), "--db", str(rfa_runs["db"]),
                  "--steps", "1"]) == 0
     assert [Image.open(p).size for p in (tmp_path / "out").iterdir()] == [(64, 64)]
