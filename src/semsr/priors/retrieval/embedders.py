@@ -69,7 +69,25 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=True).clamp(0, 1)
 
 
-class HedVGGEmbedder(nn.Module):
+class _OnePassEmbedder(nn.Module):
+    """Base of the embedders: :meth:`encode` computes both views in one pass; ``embed`` / ``tokens`` pick one."""
+
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embed (B, dim), tokens (B, num_tokens, token_dim))`` of ``img (B, 3, H, W)`` in [0, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(B, dim)`` unit vectors."""
+        return self.encode(img)[0]
+
+    @torch.no_grad()
+    def tokens(self, img: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(B, num_tokens, token_dim)`` tokens."""
+        return self.encode(img)[1]
+
+
+class HedVGGEmbedder(_OnePassEmbedder):
     """Offline embedder from HED's VGG-16 trunk (see module docstring).
 
     Args:
@@ -104,18 +122,8 @@ class HedVGGEmbedder(nn.Module):
         return feats
 
     @torch.no_grad()
-    def embed(self, img: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> ``(B, dim)`` unit vectors."""
-        return self.encode(img)[0]
-
-    @torch.no_grad()
-    def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> ``(B, (size/16)^2, 512)`` block-5 tokens."""
-        return self.encode(img)[1]
-
-    @torch.no_grad()
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embed (B, dim), tokens (B, N, 512))`` from one pass of the trunk."""
+        """``(embed (B, dim), tokens (B, (size/16)^2, 512))`` (block-5 tokens) from one pass of the trunk."""
         feats = self._features(img)
         parts = []
         for i in _HED_POOL_BLOCKS:
@@ -126,7 +134,7 @@ class HedVGGEmbedder(nn.Module):
         return F.normalize(torch.cat(parts, dim=-1), dim=-1), t
 
 
-class CLIPEmbedder(nn.Module):
+class CLIPEmbedder(_OnePassEmbedder):
     """CLIP vision embedder from a local folder (see module docstring)."""
 
     def __init__(self, folder: str | Path) -> None:
@@ -158,18 +166,8 @@ class CLIPEmbedder(nn.Module):
         return (_resize(img, t.image_size) - t.mean) / t.std
 
     @torch.no_grad()
-    def embed(self, img: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> ``(B, dim)`` unit vectors."""
-        return self.encode(img)[0]
-
-    @torch.no_grad()
-    def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> ``(B, 1 + P, hidden)`` last hidden states."""
-        return self.encode(img)[1]
-
-    @torch.no_grad()
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embed (B, dim), tokens (B, 1 + P, hidden))`` from one pass."""
+        """``(embed (B, dim), tokens (B, 1 + P, hidden))`` (last hidden states) from one pass."""
         out = self.tower.model(pixel_values=self._pixels(img))
         vec = out.image_embeds if self.projected else out.pooler_output
         return F.normalize(vec.float(), dim=-1), out.last_hidden_state.float()
