@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from semsr.errors import SemsrError, UnavailableError
+from semsr.fusion.layers import zero_linear
 
 #: ``config.json`` kind of an AiA checkpoint folder.
 CHECKPOINT_KIND = "coser-aia"
@@ -110,14 +111,6 @@ class HardAttnProcessor:
 
 
 # ----------------------------------------------------------------------------- per-block modules
-
-
-def zero_linear(dim: int) -> nn.Linear:
-    """A zero-initialised ``Linear(dim, dim)`` (the 1x1 zero convolution over tokens)."""
-    layer = nn.Linear(dim, dim)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class FeatureTokens(nn.Module):

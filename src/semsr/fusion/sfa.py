@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from semsr.errors import SemsrError, UnavailableError
+from semsr.fusion.layers import zero_linear
 
 #: ``config.json`` kind of an SFA checkpoint folder.
 CHECKPOINT_KIND = "xpsr-sfa"
@@ -95,8 +96,8 @@ def two_prompt_context(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     return torch.cat([high, low], dim=1)
 
 
-class SFAProcessor:
-    """Attention processor of a ControlNet block's ``attn2`` (see the module docstring)."""
+class _SlotProcessor:
+    """An attention processor bound to ``fusion``'s modules of one block (``slot``), over diffusers' own."""
 
     def __init__(self, fusion: SFAFusion, slot: str) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -104,6 +105,10 @@ class SFAProcessor:
         self.fusion = fusion
         self.slot = slot
         self.base = AttnProcessor2_0()
+
+
+class SFAProcessor(_SlotProcessor):
+    """Attention processor of a ControlNet block's ``attn2`` (see the module docstring)."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,16 +127,9 @@ class SFAProcessor:
         return self.fusion.fuse[self.slot](high, encoder_hidden_states=low(hidden_states, encoder_hidden_states=c_l))
 
 
-class ConditionalAttnProcessor:
+class ConditionalAttnProcessor(_SlotProcessor):
     """Processor of a UNet block's ``attn2``: high-level cross-attention + zero-gated attention to
     the ControlNet features of the block's resolution (when :meth:`SFAFusion.unet_features` set them)."""
-
-    def __init__(self, fusion: SFAFusion, slot: str) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.fusion = fusion
-        self.slot = slot
-        self.base = AttnProcessor2_0()
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,14 +144,6 @@ class ConditionalAttnProcessor:
             tokens = tokens.repeat(hidden_states.shape[0] // tokens.shape[0], 1, 1)
         extra = self.fusion.cond[self.slot](hidden_states, encoder_hidden_states=tokens.to(hidden_states.dtype))
         return out + self.fusion.cond_out[self.slot](extra)
-
-
-def zero_linear(dim: int) -> nn.Linear:
-    """A ``dim -> dim`` linear layer with zero weight and bias (a 1x1 zero convolution on tokens)."""
-    layer = nn.Linear(dim, dim)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class SFAFusion(nn.Module):
