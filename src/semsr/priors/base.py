@@ -37,9 +37,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from semsr.errors import InputError
+from semsr.errors import InputError, UnavailableError
 from semsr.io import Picture, atomic_write
-from semsr.paths import cache_dir
+from semsr.paths import cache_dir, weights_dir
 from semsr.registry import LazyRegistry
 
 PriorKind = Literal["text", "spatial", "embedding", "tags"]
@@ -157,6 +157,16 @@ def resolve_provider(name: str) -> ProviderSpec:
 def get_provider(name: str, **opts: Any) -> PriorProvider:
     """Build provider ``name`` with factory options ``opts`` (model path, device, thresholds...)."""
     return resolve_provider(name).factory(**opts)
+
+
+def model_folder(path: str | Path | None, default_name: str, missing: str) -> Path:
+    """A provider's local model folder (written by ``save_pretrained``): ``path``, or
+    ``weights_dir()/default_name`` when None. Raises :class:`UnavailableError` ``missing``
+    (on the folder, marked ``(default)`` when it was not given) unless it holds ``config.json``."""
+    folder = Path(path).expanduser() if path is not None else weights_dir() / default_name
+    if not (folder / "config.json").is_file():
+        raise UnavailableError(missing, folder if path is not None else f"{folder} (default)")
+    return folder
 
 
 # --------------------------------------------------------------------- caching

@@ -28,20 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from semsr.errors import UnavailableError
-from semsr.paths import weights_dir
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
 
 _REVISION = "1"
-
-
-def _model_folder(model: str | Path | None, default_name: str, flag: str) -> Path:
-    path = Path(model).expanduser() if model is not None else weights_dir() / default_name
-    if not (path / "config.json").is_file():
-        where = path if model is not None else f"{path} (default)"
-        raise UnavailableError(
-            f"no transformers model folder (config.json missing); pass {flag} PATH to a folder written by "
-            f"save_pretrained", where)
-    return path
 
 
 def _folder_fingerprint(path: Path) -> str:
@@ -86,7 +83,8 @@ class _DenseModelProvider:
     def _load_model(self, model: str | Path | None, flag: str, auto_classes: tuple[Any, ...], what: str,
                     device: str) -> None:
         """Find (``model`` or the ``--<flag>`` default folder) and load the model to ``device``."""
-        self.path = _model_folder(model, self.name, flag)
+        self.path = model_folder(model, self.name, f"no transformers model folder (config.json missing); pass "
+                                                   f"{flag} PATH to a folder written by save_pretrained")
         self.model, self.processor = _load(self.path, auto_classes, what)
         self.device = torch.device(device)
         self.model.to(self.device)

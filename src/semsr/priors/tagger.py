@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 
 from semsr.errors import UnavailableError
-from semsr.paths import weights_dir
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TOP_K = 10
@@ -34,12 +41,8 @@ TOP_K_OPTION = ProviderOption("tag_top_k", "--tag-top-k", f"keep at most this ma
 
 def tagger_folder(path: str | Path | None) -> Path:
     """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing."""
-    folder = Path(path).expanduser() if path is not None else weights_dir() / "tagger"
-    if not (folder / "config.json").is_file():
-        where = folder if path is not None else f"{folder} (default)"
-        raise UnavailableError("no tagger folder (config.json missing); pass --tagger PATH to a multi-label "
-                               "image-classification model written by save_pretrained", where)
-    return folder
+    return model_folder(path, "tagger", "no tagger folder (config.json missing); pass --tagger PATH to a "
+                                        "multi-label image-classification model written by save_pretrained")
 
 
 class TagsProvider:

@@ -42,8 +42,15 @@ import numpy as np
 import torch
 
 from semsr.errors import UnavailableError
-from semsr.paths import weights_dir
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
 from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION
 
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
@@ -57,12 +64,8 @@ _REVISION = "1"
 
 def vlm_folder(path: str | Path | None) -> Path:
     """The VLM folder: ``path`` or ``weights_dir()/"vlm"``; raises :class:`UnavailableError` if absent."""
-    folder = Path(path).expanduser() if path is not None else weights_dir() / "vlm"
-    if not (folder / "config.json").is_file():
-        where = folder if path is not None else f"{folder} (default)"
-        raise UnavailableError("no vision-language model folder (config.json missing); pass --vlm PATH to a "
-                               "folder written by save_pretrained (e.g. a LLaVA checkpoint)", where)
-    return folder
+    return model_folder(path, "vlm", "no vision-language model folder (config.json missing); pass --vlm PATH to a "
+                                     "folder written by save_pretrained (e.g. a LLaVA checkpoint)")
 
 
 def folder_fingerprint(path: Path) -> str:
