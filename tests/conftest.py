@@ -35,3 +35,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from semsr.models.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """One intra-op torch thread for a module of tiny-model tests (two threads spin against each
+    other on the shared cores). Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

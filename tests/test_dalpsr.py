@@ -15,12 +15,7 @@ from semsr.priors.irpad import LEVELS
 from train_helpers import REPO, write_textures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
 
 def _is_irpad_text(text: str) -> bool:

@@ -17,13 +17,7 @@ from semsr.pipeline.sampler import cat_conditions, guided, make_scheduler, sampl
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
 
 @pytest.fixture(scope="module")

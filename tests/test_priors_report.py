@@ -17,13 +17,12 @@ from semsr.priors.irpad import LEVELS
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two spin against each other on the shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _clear_api_cache():
     yield
-    torch.set_num_threads(before)
     api.clear_cache()
 
 
