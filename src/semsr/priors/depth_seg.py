@@ -28,15 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from semsr.errors import UnavailableError
-from semsr.priors.base import (
-    DEVICE_OPTION,
-    PriorResult,
-    ProviderOption,
-    ProviderSpec,
-    check_image,
-    model_folder,
-    register_provider,
-)
+from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import model_folder
 
 _REVISION = "1"
 

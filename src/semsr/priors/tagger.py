@@ -18,15 +18,8 @@ from pathlib import Path
 import torch
 
 from semsr.errors import UnavailableError
-from semsr.priors.base import (
-    DEVICE_OPTION,
-    PriorResult,
-    ProviderOption,
-    ProviderSpec,
-    check_image,
-    model_folder,
-    register_provider,
-)
+from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import model_folder
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TOP_K = 10

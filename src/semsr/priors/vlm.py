@@ -42,15 +42,8 @@ import numpy as np
 import torch
 
 from semsr.errors import UnavailableError
-from semsr.priors.base import (
-    DEVICE_OPTION,
-    PriorResult,
-    ProviderOption,
-    ProviderSpec,
-    check_image,
-    model_folder,
-    register_provider,
-)
+from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
+from semsr.priors.base import model_folder
 from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION
 
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
