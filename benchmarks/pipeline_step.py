@@ -1,6 +1,7 @@
 """Speed and memory of the SD + SR ControlNet pipeline at real (SD-1.5) size, random weights.
 
     python benchmarks/pipeline_step.py [--json r.json] [--configs fp32,bf16,bf16-cl] [--e2e-sizes 512,2048]
+        [--compile unet,down-block,transformer [--compile-modes default,freeze] [--compile-cache DIR]]
 
 1. Seconds per denoising step with CFG (UNet + ControlNet on a batch of 2,
    64x64 latent = 512x512 output, 77-token context) for each precision
@@ -10,6 +11,13 @@
    512x512 LR) through ``SDControlNetSR`` with automatic latent tiling
    (64-latent tiles) and VAE tiling, 1 denoising step timed and the total
    for 20 steps estimated as ``encode + decode + 20 * step``; peak RSS.
+3. ``--compile unet,down-block,transformer``: ``torch.compile`` (inductor) vs
+   eager on a real-size piece (the whole SD-1.5 UNet at a 64x64 latent, batch
+   2; its first down block; or one of its transformer blocks), each mode
+   (``default``; ``freeze`` = inductor freezing) in its own subprocess with a
+   fresh inductor cache: compile time (first compiled call minus a warm
+   compiled call), seconds per forward eager vs compiled (interleaved rounds,
+   min), max |compiled - eager| and peak RSS.
 
 Models are built locally from the published SD-1.5 configs
 (:mod:`semsr.pipeline.sd_configs`) with random weights: nothing is downloaded.
@@ -20,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +51,14 @@ def _rss_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (comparable across machine loads, unlike wall time)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _reset_peak() -> None:
@@ -99,6 +117,7 @@ def worker_e2e(size: int, dtype: str) -> dict:
     from semsr.pipeline.sd_controlnet import SDControlNetSR, new_controlnet
     from semsr.pipeline.text import CLIPTextConditioner
 
+    t_build = time.perf_counter()
     torch.manual_seed(0)
     parts = random_sd15()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,33 +127,120 @@ def worker_e2e(size: int, dtype: str) -> dict:
                           scheduler_config=SD15_SCHEDULER, dtype=dtype)
     del parts
     gc.collect()
+    build_seconds = time.perf_counter() - t_build
     rss_loaded = _rss_mb("VmRSS")
     _reset_peak()
     lr = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with torch.inference_mode():
         y = pipe(lr, scale=4, steps=1, prompt="a photo", seed=0)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     assert y.shape == (1, 3, size, size)
     tm = pipe.last_timings
     fixed = total - tm["denoise"]
-    return {"output": f"{size}x{size}", "dtype": dtype, "seconds_1_step": total, "seconds_per_step": tm["denoise"],
+    return {"measured": True, "output": f"{size}x{size}", "dtype": dtype, "threads": torch.get_num_threads(),
+            "build_seconds": build_seconds, "seconds_1_step": total, "cpu_seconds_1_step": cpu, "seconds_per_step": tm["denoise"],
             "encode_seconds": tm["encode"], "decode_seconds": tm["decode"],
             "estimated_seconds_20_steps": fixed + 20 * tm["denoise"],
             "latent_tile": pipe.resolve_latent_tile((size // 8, size // 8), None),
             "peak_rss_mb": _rss_mb("VmHWM"), "rss_after_load_mb": rss_loaded}
 
 
-def _run_worker(args: list[str]) -> dict:
+COMPILE_TARGETS = ("unet", "down-block", "transformer")
+COMPILE_MODES = ("default", "freeze")
+
+
+def _compile_piece(target: str, dtype: "torch.dtype"):
+    """A real-size SD-1.5 piece and a call running it: ``(module, call)``, ``call(m) -> Tensor``.
+
+    Inputs are a CFG batch of 2 at SD's native 64x64 latent (512x512 output):
+    ``unet`` gets ``(2, 4, 64, 64)``; ``down-block`` (CrossAttnDownBlock2D, 320
+    ch) and ``transformer`` (its first Transformer2DModel) get ``(2, 320, 64, 64)``;
+    the context is ``(2, 77, 768)``, the time embedding ``(2, 1280)``.
+    """
+    import torch
+
+    from semsr.pipeline.sd_configs import random_sd15
+
+    torch.manual_seed(0)
+    unet = random_sd15(with_text_encoder=False)["unet"].to(dtype).eval().requires_grad_(False)
+    ctx = torch.randn(2, 77, 768, dtype=dtype)
+    if target == "unet":
+        x, t = torch.randn(2, 4, 64, 64, dtype=dtype), torch.tensor(500)
+        return unet, lambda m: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+    h = torch.randn(2, 320, 64, 64, dtype=dtype)
+    if target == "down-block":
+        temb = torch.randn(2, 1280, dtype=dtype)
+        return unet.down_blocks[0], lambda m: m(h, temb, encoder_hidden_states=ctx)[0]
+    if target == "transformer":
+        return unet.down_blocks[0].attentions[0], lambda m: m(h, encoder_hidden_states=ctx, return_dict=False)[0]
+    raise ValueError(f"unknown compile target {target!r} (choose from {', '.join(COMPILE_TARGETS)})")
+
+
+def worker_compile(target: str, mode: str, reps: int, dtype_name: str) -> dict:
+    """Eager vs ``torch.compile`` on one piece (see :func:`_compile_piece`), in this process."""
+    import gc
+
+    import torch
+    import torch._inductor.config as inductor_config
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    module, call = _compile_piece(target, dtype)
+    params_m = sum(p.numel() for p in module.parameters()) / 1e6
+    gc.collect()
+    _reset_peak()
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}")
+    inductor_config.freezing = mode == "freeze"
+    compiled = torch.compile(module)
+
+    def timed(m) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        out = call(m)
+        return time.perf_counter() - t0, out
+
+    with torch.no_grad():  # freezing needs no_grad; inference_mode is not used for either side
+        eager_warm, ref = timed(module)
+        first, out = timed(compiled)
+        second, _ = timed(compiled)
+        eager, comp = [], []
+        for _ in range(reps):  # interleaved so both sides see the same machine load
+            eager.append(timed(module)[0])
+            comp.append(timed(compiled)[0])
+    diff = (out.float() - ref.float()).abs().max().item()
+    return {"target": target, "mode": mode, "dtype": dtype_name, "params_m": params_m,
+            "threads": torch.get_num_threads(), "compile_seconds": first - min(comp),
+            "first_compiled_call_seconds": first, "second_compiled_call_seconds": second,
+            "eager_warmup_seconds": eager_warm, "eager_seconds": min(eager), "compiled_seconds": min(comp),
+            "eager_seconds_all": eager, "compiled_seconds_all": comp, "speedup": min(eager) / min(comp),
+            "speedup_median": statistics.median(eager) / statistics.median(comp),
+            "max_abs_diff": diff, "ref_abs_max": ref.float().abs().max().item(), "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: str | None = None) -> dict:
+    """Run one measurement in a fresh process; its result dict, or ``{"error": ...}``.
+
+    ``inductor_cache``: inductor cache folder to use; None = a fresh temporary
+    one, so compile times are cold-cache times.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
     try:
         cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache or fresh}
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+            try:
+                _, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and any compile sub-processes it started
+                proc.communicate()
+                return {"error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0:
             if proc.returncode < 0:
                 return {"error": f"worker terminated by signal {-proc.returncode}"}
-            lines = [ln for ln in proc.stderr.strip().splitlines() if "Error" in ln or "error" in ln]
+            lines = [ln for ln in stderr.strip().splitlines() if "Error" in ln or "error" in ln]
             return {"error": (lines or [f"exit {proc.returncode}"])[-1]}
         return json.loads(Path(out).read_text())
     finally:
@@ -164,6 +270,24 @@ def _print_tables(results: dict) -> None:
                   f"   {r['peak_rss_mb']:>11.0f}")
 
 
+def _print_compile_table(results: dict) -> None:
+    keys = [k for k in results if k.startswith("compile_")]
+    if not keys:
+        return
+    print("\n(s/fwd: min of the interleaved rounds; speedup: eager/compiled of the min and of the median)")
+    print("torch.compile run                     compile s   eager s/fwd   compiled s/fwd   speedup min  median"
+          "   max|diff|   peak RSS MB")
+    for key in keys:
+        r = results[key]
+        if "error" in r:
+            print(f"{key.removeprefix('compile_'):<36} error: {r['error']}")
+        else:
+            med = statistics.median(r["eager_seconds_all"]) / statistics.median(r["compiled_seconds_all"])
+            print(f"{key.removeprefix('compile_'):<36} {r['compile_seconds']:>10.1f}   {r['eager_seconds']:>11.2f}   "
+                  f"{r['compiled_seconds']:>14.2f}   {r['speedup']:>11.2f}  {med:>6.2f}   {r['max_abs_diff']:>9.1e}"
+                  f"   {r['peak_rss_mb']:>11.0f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write results as JSON here (updated after every measurement)")
@@ -174,6 +298,15 @@ def main() -> int:
     ap.add_argument("--e2e-sizes", default="512,2048", help="end-to-end output sizes; '' = none")
     ap.add_argument("--skip-2048", action="store_true", help="same as --e2e-sizes 512")
     ap.add_argument("--skip-e2e", action="store_true", help="same as --e2e-sizes ''")
+    ap.add_argument("--compile", default="", help=f"torch.compile vs eager on these pieces ({', '.join(COMPILE_TARGETS)}); "
+                    "default none")
+    ap.add_argument("--compile-modes", default="default,freeze", help=f"compile modes ({', '.join(COMPILE_MODES)})")
+    ap.add_argument("--compile-dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile-reps", type=int, default=3, help="interleaved eager/compiled rounds (min is reported)")
+    ap.add_argument("--compile-timeout", type=float, default=1200.0, help="seconds before a compile worker is killed")
+    ap.add_argument("--compile-cache", metavar="DIR",
+                    help="inductor cache folder shared by the compile runs (default: a fresh one per run, i.e. "
+                         "cold-cache compile times; run twice with the same DIR for warm-cache times)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,6 +315,8 @@ def main() -> int:
         kind = args.worker[0]
         if kind == "step":
             res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]))
+        elif kind == "compile":
+            res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
             res = worker_e2e(int(args.worker[1]), args.worker[2])
         Path(args.worker_out).write_text(json.dumps(res))
@@ -196,11 +331,12 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-    def measure(key: str, worker_args: list[str]) -> None:
+    def measure(key: str, worker_args: list[str], timeout: float | None = None, cache: str | None = None) -> None:
         print(f"[{key}] ...", flush=True)
-        start = os.getloadavg()
-        results[key] = _run_worker(worker_args)
-        runs[key] = {"start": start, "end": os.getloadavg()}
+        start, t0 = os.getloadavg(), time.perf_counter()
+        results[key] = _run_worker(worker_args, timeout, cache)
+        runs[key] = {"start": start, "end": os.getloadavg(), "process_wall_seconds": time.perf_counter() - t0,
+                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"  {results[key]}", flush=True)
         save()
 
@@ -213,7 +349,16 @@ def main() -> int:
     sizes = "" if args.skip_e2e else "512" if args.skip_2048 else args.e2e_sizes
     for size in [int(s) for s in sizes.split(",") if s]:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype])
+    for target in [t for t in args.compile.split(",") if t]:
+        for mode in [m for m in args.compile_modes.split(",") if m]:
+            key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
+            measure(key, ["compile", target, mode, str(args.compile_reps), args.compile_dtype], args.compile_timeout,
+                    args.compile_cache)
+            if args.compile_cache:
+                results[key]["inductor_cache"] = "shared: " + args.compile_cache
+                save()
     _print_tables(results)
+    _print_compile_table(results)
     return 0
 
 
