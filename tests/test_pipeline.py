@@ -361,3 +361,14 @@ def test_loading_forces_offline_mode():
 
     loading.ensure_offline()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and hub.HF_HUB_OFFLINE
+
+
+def test_compile_option_values() -> None:
+    from semsr.errors import SemsrError
+    from semsr.pipeline.precision import compile_mode
+
+    assert compile_mode(False) is None and compile_mode("false") is None and compile_mode(None) is None
+    assert compile_mode(True) == "default" and compile_mode("1") == "default"
+    assert compile_mode("Freeze") == "freeze"
+    with pytest.raises(SemsrError, match="compile must be"):
+        compile_mode("fast")
