@@ -59,7 +59,8 @@ def test_level_of_inside_intervals_and_nearest_in_gaps() -> None:
             assert level_of(t, (lv.low + lv.high) / 2) == i
     assert level_of("blur", 0.2) == 0 and level_of("blur", 0.5) == 1   # gap 0 .. 0.9
     assert level_of("blur", 1.5) == 1 and level_of("blur", 1.8) == 2  # gap 1.3 .. 2.0
-    assert level_of("jpeg", 95) == 0 and level_of("jpeg", 45) == 1 and level_of("jpeg", 5) == 3
+    assert level_of("jpeg", 97) == 0 and level_of("jpeg", 72) == 1 and level_of("jpeg", 47) == 2
+    assert level_of("jpeg", 5) == 3
     assert level_of("downscale", 2.4) == 1 and level_of("downscale", 2.6) == 2
 
 
@@ -179,7 +180,7 @@ def test_irpad_provider_text_format_and_cache(tmp_path: Path) -> None:
     sharp = imresize(image, scale=0.5).clamp(0, 1)
     for params, expected in [
         (_params(noise=20.0, noise_seed=1), {"blur": "none", "noise": "heavy", "jpeg": "none", "downscale": "none"}),
-        (_params(jpeg=12.0), {"noise": "none", "jpeg": "heavy", "downscale": "none"}),
+        (_params(jpeg=35.0), {"noise": "none", "jpeg": "heavy", "downscale": "none"}),
         (_params(blur=2.3, downscale=3.0, noise=10.0), {"blur": "moderate", "noise": "moderate", "jpeg": "none",
                                                         "downscale": "moderate"}),
     ]:

@@ -32,7 +32,7 @@ type          parameter                              none     slight        mode
 ============  =====================================  =======  ============  ============  ============
 blur          Gaussian std, px of the small image    0        0.9 - 1.3     2.0 - 2.7     3.6 - 5.0
 noise         Gaussian std left visible, 0-255       0        3 - 5         8 - 12        16 - 24
-jpeg          IJG quality (lower = stronger)         no JPEG  65 - 45       32 - 22       14 - 8
+jpeg          IJG quality (lower = stronger)         no JPEG  90 - 75       65 - 50       40 - 30
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
 ============  =====================================  =======  ============  ============  ============
 
@@ -113,9 +113,9 @@ LEVELS: dict[str, tuple[Level, ...]] = {
     ),
     "jpeg": (
         Level("none", 100.0, 100.0, "no compression artifacts"),
-        Level("slight", 65.0, 45.0, "slight jpeg compression artifacts"),
-        Level("moderate", 32.0, 22.0, "moderate jpeg compression artifacts"),
-        Level("heavy", 14.0, 8.0, "heavy jpeg compression artifacts"),
+        Level("slight", 90.0, 75.0, "slight jpeg compression artifacts"),
+        Level("moderate", 65.0, 50.0, "moderate jpeg compression artifacts"),
+        Level("heavy", 40.0, 30.0, "heavy jpeg compression artifacts"),
     ),
     "downscale": (
         Level("none", 1.0, 1.0, "full resolution"),
