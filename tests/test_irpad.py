@@ -239,6 +239,20 @@ def test_train_irpad_end_to_end_on_a_tiny_set(tmp_path: Path) -> None:
     assert main(["bench-irpad", "--weights", str(out), "--hr", str(photos), "--n", "8", "--size", "64",
                  "--json", str(res), "--threads", "1"]) == 0
     assert json.loads(res.read_text())["n"] == 8
+    # continue training from those weights (same data set, architecture taken from the weights)
+    out2 = tmp_path / "w2"
+    try:
+        rc = main(["train-irpad", "--hr", str(photos), "--out", str(out2), "--data-dir", str(tmp_path / "data"),
+                   "--n", "160", "--size", "64", "--epochs", "1", "--batch-size", "32", "--threads", "1",
+                   "--min-texture", "0", "--init", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    cont = load_irpad(out2)
+    assert cont.config.channels == (8, 8, 16) and cont.config.crop == 48
+    assert cont.config.training["previous"]["command"] == rec["command"]
+    assert f"--init {out}" in cont.config.training["command"]
+    assert any(not torch.equal(a, b) for a, b in zip(cont.state_dict().values(), model.state_dict().values()))
 
 
 def test_noise_label_is_the_noise_the_jpeg_left_visible() -> None:

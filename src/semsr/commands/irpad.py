@@ -69,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--channels", default="16,32,48,64,96", help="network widths (default 16,32,48,64,96)")
     t.add_argument("--no-highpass", action="store_true", help="do not feed the fixed high-pass residual")
     t.add_argument("--no-lines", action="store_true", help="do not feed the fixed 8-px line-gradient channels")
+    t.add_argument("--init", type=Path, default=None, metavar="DIR",
+                   help="continue training from these IRPAD weights (same levels; architecture taken from them)")
     t.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU more threads mostly spin)")
     t.add_argument("--eval-n", type=int, default=0,
@@ -190,6 +192,8 @@ def train_command(args: argparse.Namespace, sources: list[Path], data_dir: Path)
     for flag in ("n", "size", "min_texture", "seed", "epochs", "batch_size", "lr", "crop", "channels", "threads"):
         parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     parts += [f for f, on in (("--no-highpass", args.no_highpass), ("--no-lines", args.no_lines)) if on]
+    if args.init is not None:
+        parts += ["--init", str(args.init)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -197,7 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from semsr.paths import cache_dir
-    from semsr.priors.irpad import IRPADEstimator, save_irpad
+    from semsr.priors.irpad import IRPADEstimator, load_irpad, save_irpad
     from semsr.train.irpad import (
         TrainSettings,
         accuracy,
@@ -231,7 +235,8 @@ def run_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              threads=args.threads, channels=channels, crop=args.crop,
                              highpass=not args.no_highpass, lines=not args.no_lines)
-    model, record = train(load_dataset(data_dir), settings, log_fn=logging.info,
+    init = load_irpad(args.init) if args.init is not None else None
+    model, record = train(load_dataset(data_dir), settings, log_fn=logging.info, init=init,
                           extra_record={"command": command, "dataset_build": data_time,
                                         "sources": [str(s) for s in sources]})
     save_irpad(model, args.out)

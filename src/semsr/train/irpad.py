@@ -507,10 +507,13 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
 
 
 def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None] = print,
-          extra_record: Mapping[str, Any] | None = None) -> tuple[IRPADNet, dict[str, Any]]:
+          extra_record: Mapping[str, Any] | None = None,
+          init: IRPADNet | None = None) -> tuple[IRPADNet, dict[str, Any]]:
     """Train an :class:`IRPADNet` on ``data`` (the last ``val_fraction`` is validation).
 
     AdamW with a one-cycle schedule, summed cross-entropy over the four heads.
+    With ``init`` training continues from that model (its architecture wins over
+    ``settings.channels`` etc.; its record is kept under ``"previous"``).
     Returns the model (eval mode) and a training record (settings, timings,
     validation accuracy per epoch) that is also stored in ``model.config.training``.
     """
@@ -521,9 +524,17 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
     n_val = max(1, int(round(n * settings.val_fraction)))
     train_idx = np.arange(n - n_val)
     val = IRPADData(data.images[n - n_val :], data.labels[n - n_val :], data.params[n - n_val :], data.meta)
-    config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass,
-                         lines=settings.lines)
-    model = IRPADNet(config)
+    if init is not None:
+        model, previous = init, dict(init.config.training)
+        if list(init.config.levels) != list(DEGRADATION_TYPES) or init.config.levels != data.meta.get("levels",
+                                                                                                 init.config.levels):
+            raise SemsrError("the initial IRPAD weights were trained on other levels than this data set")
+        settings = replace(settings, channels=tuple(init.config.channels), crop=init.config.crop,
+                           highpass=init.config.highpass, lines=init.config.lines)
+    else:
+        config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass,
+                             lines=settings.lines)
+        model, previous = IRPADNet(config), None
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = len(train_idx) // settings.batch_size
     total = steps_per_epoch * settings.epochs
@@ -559,5 +570,7 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
               "dataset": {k: v for k, v in data.meta.items() if k != "photos"} | {"photos": len(data.meta["photos"])},
               "history": history, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
               **(dict(extra_record) if extra_record else {})}
+    if previous is not None:
+        record["previous"] = previous
     model.config.training = record
     return model.eval(), record
