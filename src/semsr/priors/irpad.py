@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from semsr.data.degradations.jpeg import RGB2YCC
 from semsr.errors import UnavailableError
 from semsr.paths import assets_dir
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
@@ -265,7 +266,7 @@ class IRPADNet(nn.Module):
         if self.config.highpass:
             kv = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]]) / 4.0
             self.register_buffer("kv", kv.expand(3, 1, 3, 3).clone(), persistent=False)
-        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor(RGB2YCC[0]).view(1, 3, 1, 1), persistent=False)
         if self.config.lines:
             line = torch.cat([-torch.ones(8, 1), torch.ones(8, 1)], dim=1) / 8.0  # (8, 2): d/dx, mean over 8 rows
             self.register_buffer("line_x", line.view(1, 1, 8, 2).clone(), persistent=False)

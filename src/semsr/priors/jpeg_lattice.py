@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from semsr.data.degradations.jpeg import LUMA_TABLE, dct_matrix
+from semsr.data.degradations.jpeg import LUMA_TABLE, RGB2YCC, dct_matrix
 
 #: zig-zag positions (row, column) of the first AC coefficients used for the score
 _ZIGZAG_AC = ((0, 1), (1, 0), (2, 0), (1, 1), (0, 2), (0, 3), (1, 2), (2, 1), (3, 0), (4, 0), (3, 1), (2, 2),
@@ -60,7 +60,7 @@ class JPEGLattice(nn.Module):
         self.register_buffer("bases", bases, persistent=False)
         scales = torch.exp(torch.linspace(math.log(s_min), math.log(s_max), bins))
         self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor(RGB2YCC[0]).view(1, 3, 1, 1), persistent=False)  # the codec's Y
         self.bins = int(bins)
         self.min_abs = float(min_abs)
 

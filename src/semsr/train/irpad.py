@@ -270,9 +270,11 @@ def degrade_visible(hr: torch.Tensor, p: IRPADParams) -> tuple[torch.Tensor, flo
         sx, sy = p.blur * p.aniso, p.blur / p.aniso
         k = 2 * math.ceil(3.0 * max(sx, sy)) + 1
         x = filter2d(x, torch.from_numpy(gaussian_kernel(k, sx, sy, p.theta)))
+    track = p.noise > 0 and p.jpeg < 100  # render a noise-free copy to measure what the JPEG leaves
     if p.noise > 0:
         gen = torch.Generator().manual_seed(p.noise_seed)
-        x = torch.cat([add_gaussian_noise(x, p.noise, p.grey, gen), x])  # (2, 3, h, w): with, without noise
+        noisy = add_gaussian_noise(x, p.noise, p.grey, gen)
+        x = torch.cat([noisy, x]) if track else noisy  # (2 or 1, 3, h, w): with (, without) noise
     x = _quantise(x.clamp(0, 1))
     if small != s:
         x = _quantise(_resize(x, s, p.up_mode).clamp(0, 1))
@@ -280,7 +282,7 @@ def degrade_visible(hr: torch.Tensor, p: IRPADParams) -> tuple[torch.Tensor, flo
     if p.jpeg < 100:
         before = x
         x = jpeg_compress(x, p.jpeg)
-        if p.noise > 0:
+        if track:
             n_before, n_after = (before[0] - before[1]).double(), (x[0] - x[1]).double()
             gain = float((n_after * n_before).sum() / n_before.pow(2).sum().clamp(min=1e-12))
             visible = p.noise * min(max(gain, 0.0), 1.0)
@@ -526,8 +528,7 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
     val = IRPADData(data.images[n - n_val :], data.labels[n - n_val :], data.params[n - n_val :], data.meta)
     if init is not None:
         model, previous = init, dict(init.config.training)
-        if list(init.config.levels) != list(DEGRADATION_TYPES) or init.config.levels != data.meta.get("levels",
-                                                                                                 init.config.levels):
+        if init.config.levels != data.meta["levels"]:
             raise SemsrError("the initial IRPAD weights were trained on other levels than this data set")
         settings = replace(settings, channels=tuple(init.config.channels), crop=init.config.crop,
                            highpass=init.config.highpass, lines=init.config.lines)

@@ -46,7 +46,7 @@ CHROMA_TABLE = (
     99, 99, 99, 99, 99, 99, 99, 99,
 )  # fmt: skip
 
-_RGB2YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+RGB2YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 _YCC2RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
 
 
@@ -110,7 +110,7 @@ def jpeg_compress(img: torch.Tensor, quality: float | Sequence[float] | torch.Te
     if q.numel() != b:
         raise ValueError(f"expected {b} qualities, got {q.numel()}")
     x = (img.to(work).clamp(0.0, 1.0) * 255.0).round()  # an encoder sees 8-bit samples
-    ycc = torch.einsum("ij,bjhw->bihw", torch.tensor(_RGB2YCC, dtype=work), x)
+    ycc = torch.einsum("ij,bjhw->bihw", torch.tensor(RGB2YCC, dtype=work), x)
     ycc[:, 1:] += 128.0
     # pad to whole 16x16 MCUs by edge replication
     ph, pw = (-h) % 16, (-w) % 16
