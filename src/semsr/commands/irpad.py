@@ -225,6 +225,7 @@ def run_train(args: argparse.Namespace) -> int:
     photos = list_photos(sources, held_out=False)
     if not photos:
         raise SemsrError("no training photographs found", " ".join(map(str, sources)))
+    init = load_irpad(args.init) if args.init is not None else None  # a wrong path fails before the data is built
     data_dir = args.data_dir or cache_dir() / "irpad" / f"data-{args.n}-{args.size}-{args.seed}"
     command = train_command(args, sources, data_dir)
     logging.info("IRPAD: %d training photos -> %s", len(photos), data_dir)
@@ -235,7 +236,6 @@ def run_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              threads=args.threads, channels=channels, crop=args.crop,
                              highpass=not args.no_highpass, lines=not args.no_lines)
-    init = load_irpad(args.init) if args.init is not None else None
     model, record = train(load_dataset(data_dir), settings, log_fn=logging.info, init=init,
                           extra_record={"command": command, "dataset_build": data_time,
                                         "sources": [str(s) for s in sources]})
