@@ -182,3 +182,28 @@ def test_tiny_config_trains_and_method_runs(tiny_runs: Path, tmp_path: Path) -> 
                  "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
                  "--no-edge-prior"]) == 0
     assert Image.open(tmp_path / "sr" / "a_out.png").size == (80, 64)
+
+
+def test_texture_energy_is_phase_free_but_sees_blur() -> None:
+    """The loss is 0 for the HR image, small for the same texture moved inside its cells, large for a blur."""
+    import torch.nn.functional as F
+
+    from semsr.train.default import local_gradient_energy, texture_energy
+
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 64, 64, generator=g)
+    assert local_gradient_energy(hr).shape == (2, 1, 8, 8)
+    shifted = torch.roll(hr, shifts=(1, 1), dims=(-2, -1))
+    blurred = F.avg_pool2d(F.pad(hr, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    same = texture_energy({"sr": hr, "hr": hr})
+    moved = texture_energy({"sr": shifted, "hr": hr})
+    blur = texture_energy({"sr": blurred, "hr": hr})
+    mse_moved = F.mse_loss(shifted, hr)
+    assert float(same) == 0.0
+    assert float(blur) > 10 * float(moved)
+    assert float(mse_moved) > 0.1  # the shift is a large error for a pixel-wise loss
+    sr = blurred.clone().requires_grad_(True)
+    texture_energy({"sr": sr, "hr": hr}).backward()
+    assert sr.grad is not None and float(sr.grad.abs().sum()) > 0
+    with pytest.raises(SemsrError, match="texture_energy"):
+        texture_energy({"sr": hr})
