@@ -34,6 +34,7 @@ def _row(spec: methods.MethodSpec) -> dict[str, Any]:
         "size_bytes": 0,
         "alias_of": None,
         "needs": spec.extra.get("needs"),
+        "training_data": spec.extra.get("training_data"),
     }
 
 
@@ -72,6 +73,9 @@ def format_table(table: list[dict[str, Any]]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*ln).rstrip() for ln in lines]
+    trained = [r for r in table if r.get("training_data") and not r.get("alias_of")]
+    if trained:
+        out += ["", "trained by semsr:"] + [f"  {r['name']}: {r['training_data']}" for r in trained]
     return "\n".join(out)
 
 

@@ -67,6 +67,7 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.mmsr",
     "semsr.methods.rfa",
     "semsr.methods.default_diffusion",
+    "semsr.methods.default_alias",  # last: "default" points at a method registered above
 )
 _METHODS: LazyRegistry[MethodSpec] = LazyRegistry(_BUILTIN, "method")
 _REGISTRY = _METHODS.entries

@@ -15,6 +15,7 @@ import torch
 
 from semsr.errors import UnavailableError
 from semsr.methods import MethodSpec, register
+from semsr.models.catalog import DEFAULT_SR
 from semsr.paths import assets_dir
 from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter
 
@@ -29,7 +30,7 @@ _RUN_DEFAULTS: dict[str, Any] = {
 
 def packaged_weights() -> Path:
     """Folder of the shipped default-model weights (``semsr/assets/weights/default-sr``)."""
-    return assets_dir() / "weights" / "default-sr"
+    return assets_dir().joinpath(*DEFAULT_SR.folder.split("/"))
 
 
 class DefaultDiffusionMethod(PriorReporter):
@@ -112,5 +113,5 @@ register(MethodSpec(
          "help": "default-diffusion: ablation, no edge map (zero ControlNet hint)"},
         {"flags": ["--stage1"], "target": "build", "metavar": "METHOD",
          "help": "default-diffusion: stage-1 restorer (default: the checkpoint's)"},
-    ], "suggests_priors": True},
+    ], "suggests_priors": True, "model_info": DEFAULT_SR},
 ))

@@ -41,10 +41,12 @@ class ModelInfo:
         summary: one line for ``semsr models list``.
         package: pip distribution name that ships the files, if any.
         module: importable package holding the files.
-        files: file names under ``<module>/models/``.
+        files: file names under ``<module>/<folder>/``.
         licence: licence of the weights as published upstream.
         alias_of: for aliases, the target's name.
         needs: what the user must supply (e.g. ``"weights=PATH"``), if anything.
+        folder: sub-folder of ``module`` holding ``files`` (``"models"`` in the sr-vulkan packages).
+        training_data: what the weights were trained on, for models semsr trained itself.
     """
 
     name: str
@@ -57,6 +59,8 @@ class ModelInfo:
     licence: str = ""
     alias_of: str | None = None
     needs: str | None = None
+    folder: str = "models"
+    training_data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def paths(self) -> list[Path] | None:
@@ -64,10 +68,10 @@ class ModelInfo:
         if self.module is None:
             return []
         try:
-            root = importlib.resources.files(self.module) / "models"
+            root = Path(str(importlib.resources.files(self.module)))
         except ModuleNotFoundError:
             return None
-        return [Path(str(root / f)) for f in self.files]
+        return [root / self.folder / f for f in self.files]
 
     def available(self) -> bool:
         """True when the package imports and every file is present and non-empty."""
@@ -114,6 +118,7 @@ class ModelInfo:
             "size_bytes": sum(known) if known else 0,
             "alias_of": self.alias_of,
             "needs": self.needs,
+            "training_data": self.training_data,
         }
 
 
@@ -192,8 +197,24 @@ def _realcugan_models() -> list[ModelInfo]:
     return out
 
 
-# The model behind the name "default". A later issue replaces it with the
-# trained diffusion recipe; change this one line (or register a new "default").
+#: The project's own diffusion model, trained by ``semsr train --config configs/default.yaml``
+#: (docs/default-model.md) and shipped inside the package.
+DEFAULT_SR = ModelInfo(
+    "default-diffusion", 4, "pytorch",
+    "semsr's compact residual diffusion refiner over realesrgan-x4plus "
+    "(MiniLM text + IRPAD prompt, Canny edges via ControlNet)",
+    "semsr", "semsr.assets",
+    ("config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "text_proj.safetensors"),
+    "Apache-2.0 (semsr); stage 1 realesrgan-x4plus: " + LIC_REALESRGAN,
+    folder="weights/default-sr",
+    training_data="semsr offline corpus, 575 photos: BSDS500 train+test (400, research use; disjoint from B100), "
+                  "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
+                  "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "
+                  "the corpus manifest",
+)
+
+# The model behind the name "default" (registered by semsr.methods.default_alias).
 DEFAULT_TARGET = "realesrgan-x4plus"
 
 
@@ -216,6 +237,7 @@ def default_info(target: ModelInfo) -> ModelInfo:
     return ModelInfo(
         "default", target.scale, "alias", f"bundled default: {target.name}",
         target.package, target.module, target.files, target.licence, alias_of=target.name,
+        folder=target.folder, training_data=target.training_data,
     )
 
 

@@ -10,7 +10,8 @@ Importing this module registers one method per entry of
 - ``realesrgan-pth``: RRDBNet from a user's Real-ESRGAN ``.pth`` (``weights=PATH``);
 - ``realesr-animevideov3-x{2,3,4}`` and ``realcugan[-pro]-{2,3,4}x[-variant]``:
   the ncnn runtime on CPU;
-- ``default``: builds :data:`~semsr.models.catalog.DEFAULT_TARGET`.
+- ``default`` (registered by :mod:`semsr.methods.default_alias`): builds
+  :data:`~semsr.models.catalog.DEFAULT_TARGET`.
 
 Every method is a callable ``(x: (B, 3, H, W) float in [0, 1]) -> (B, 3, sH, sW)
 float32 in [0, 1]`` on the device of ``x``, with attributes ``name``,
@@ -23,7 +24,6 @@ whatever ``dtype``/``device`` say (its result is moved to ``x``'s device).
 """
 from __future__ import annotations
 
-import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from semsr.errors import SemsrError, UnavailableError
-from semsr.methods import MethodSpec, get_method, register
+from semsr.methods import MethodSpec, register
 from semsr.models import catalog as cat
 from semsr.models.catalog import ModelInfo
 from semsr.models.ncnn_runtime import NcnnNet
@@ -227,23 +227,8 @@ def _factory(info: ModelInfo):  # noqa: ANN202
 
 
 def _register_all() -> None:
-    infos = cat.catalog()
-    for info in infos:
+    for info in cat.catalog():
         register(MethodSpec(info.name, _factory(info), info.scale, info.summary, extra={"model_info": info}))
-    target = next(i for i in infos if i.name == cat.DEFAULT_TARGET)
-
-    def build_default(**opts: Any) -> Any:
-        return get_method(cat.DEFAULT_TARGET, **opts)
-
-    # Advertise the target's options (callers inspect factory signatures).
-    build_default.__signature__ = inspect.signature(_factory(target))  # type: ignore[attr-defined]
-    register(MethodSpec(
-        "default",
-        build_default,
-        target.scale,
-        f"the bundled default (currently {cat.DEFAULT_TARGET})",
-        extra={"model_info": cat.default_info(target)},
-    ))
 
 
 _register_all()
