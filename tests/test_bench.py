@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from semsr.cli import main
 from semsr.errors import SemsrError
 from semsr.eval.datasets import resolve_dataset
 from semsr.eval.lrsets import MANIFEST, load_lr, prepare
-from semsr.eval.runner import BenchConfig, ResultCache, run_bench
+from semsr.eval.runner import (
+    BenchConfig,
+    ResultCache,
+    parse_method_entry,
+    plan_methods,
+    run_bench,
+    split_methods,
+)
 
 # Published bicubic x4 anchors (EDSR/RCAN/SwinIR tables): PSNR-Y, SSIM-Y
 ANCHORS = {"Set5": (28.42, 0.8104), "Set14": (26.00, 0.7027)}
@@ -273,3 +281,189 @@ def test_set_level_metric_gets_folders_of_sr_and_gt(tmp_path: Path, fresh_cache:
     assert calls == [(3, 3)], "set-level value must come from the cache"
     (row2,) = run_bench(_config([str(folder)], metrics=["fid"], limit=2)).rows
     assert row2.metrics["fid"] == 22.0
+
+
+# --------------------------------------------------------------------------- method variants and weight fingerprints
+
+
+class _Variant:
+    """x4 nearest upscaler plus ``level``/255 (a build option); records the run options of every call."""
+
+    calls: list[dict[str, object]] = []
+    builds: list[int] = []
+    scale = 4
+    tiles_itself = False
+
+    def __init__(self, name: str, level: int) -> None:
+        self.name, self.level = name, level
+
+    def __call__(self, x: torch.Tensor, **run_opts: object) -> torch.Tensor:
+        type(self).calls.append(dict(run_opts))
+        y = x.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+        return (y + self.level / 255.0).clamp(0, 1)
+
+
+def _variant_factory(name: str):  # noqa: ANN202
+    def factory(level: int = 0, checkpoint: str | None = None, **_: object) -> _Variant:
+        _Variant.builds.append(level)
+        return _Variant(name, level)
+
+    return factory
+
+
+@pytest.fixture()
+def variant_method():
+    """``test-variant``: factory with named build options ``level`` and ``checkpoint`` (plus ``**kwargs``)."""
+    _Variant.calls, _Variant.builds = [], []
+    methods.register(methods.MethodSpec("test-variant", _variant_factory("test-variant"), 4, "test variants"))
+    yield _Variant
+    methods._REGISTRY.pop("test-variant", None)
+
+
+def test_split_and_parse_method_entries() -> None:
+    text = "default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3],realesrgan-x4plus"
+    parts = split_methods(text)
+    assert parts == ["default", "default[steps=1]", "default[no_edge_prior]", "default[steps=8,seed=3]",
+                     "realesrgan-x4plus"]
+    assert [parse_method_entry(p).label for p in parts] == parts
+    e = parse_method_entry(" a[ x = 2 , no-edge , g=0.5, on=TRUE, off=false, p=/runs/r1/final, v=1e-3 ] ")
+    assert e.name == "a"
+    assert e.opts == {"x": 2, "no_edge": True, "g": 0.5, "on": True, "off": False, "p": "/runs/r1/final", "v": 0.001}
+    assert type(e.opts["x"]) is int and type(e.opts["g"]) is float
+    assert e.label == "a[x=2,no_edge,g=0.5,on,off=false,p=/runs/r1/final,v=0.001]"
+    assert parse_method_entry("bicubic").opts == {} and split_methods(" a , ,b ") == ["a", "b"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a[steps=1", "unbalanced"),
+    ("a]steps=1[", "unbalanced"),
+    ("a[steps=1]]", "unbalanced"),
+])
+def test_split_rejects_unbalanced_brackets(text: str, match: str) -> None:
+    with pytest.raises(SemsrError, match=match):
+        split_methods(text)
+
+
+@pytest.mark.parametrize("entry", ["a[]", "a[=3]", "a[steps=1,]", "a[x y=1]", "a[steps=]", "a[s=1,s=2]",
+                                   "[steps=1]", "a[b[c]]", "a[x=1]tail", "a]"])
+def test_parse_rejects_malformed_entries(entry: str) -> None:
+    with pytest.raises(SemsrError) as err:
+        parse_method_entry(entry)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("methods_arg", ["bicubic,bicubic[steps=1", "bicubic,no-such-method[steps=1]",
+                                         "bicubic,bicubic[steps=1,]"])
+def test_malformed_methods_fail_before_any_work(tmp_path: Path, fresh_cache: Path, methods_arg: str,
+                                                capsys: pytest.CaptureFixture) -> None:
+    folder = _write_images(tmp_path / "hr", 1)
+    code = main(["bench", "--methods", methods_arg, "--datasets", str(folder), "--no-isolate"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("semsr: error:")
+    assert not (fresh_cache / "bench").exists(), "nothing may be prepared or cached"
+
+
+def test_build_and_run_options_are_routed(tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant]) -> None:
+    """Factory parameters are build options (over --method-opt); other keys reach every call."""
+    folder = _write_images(tmp_path / "hr", 2)
+    entries = ["test-variant", "test-variant[level=9]", "test-variant[steps=3,flag]", "test-variant[level=9, steps=3]"]
+    result = run_bench(_config([str(folder)], methods=entries, method_opts={"level": 5}, metrics=["psnr"]))
+    labels = ["test-variant", "test-variant[level=9]", "test-variant[steps=3,flag]", "test-variant[level=9,steps=3]"]
+    assert [r.method for r in result.rows] == labels
+    assert variant_method.builds == [5, 9, 5, 9]
+    assert variant_method.calls == [{}, {}, {}, {}, {"steps": 3, "flag": True}, {"steps": 3, "flag": True},
+                                    {"steps": 3}, {"steps": 3}]
+    assert list(result.method_keys) == labels and len(set(result.method_keys.values())) == 4
+    psnr = {r.method: r.metrics["psnr"] for r in result.rows}
+    assert psnr["test-variant"] == psnr["test-variant[steps=3,flag]"] != psnr["test-variant[level=9]"]
+    for label in labels:  # each variant has its own SR files
+        assert result.sr_path(label, result.lrsets[0], result.lrsets[0].images[0]).is_file()
+    again = run_bench(_config([str(folder)], methods=entries[::-1] + ["test-variant[level=9,steps=3]"],
+                              method_opts={"level": 5}, metrics=["psnr"]))
+    assert len(variant_method.calls) == 8 and again.stats.upscale_cached == 8
+    assert [r.method for r in again.rows] == labels[::-1], "a repeated entry is one row"
+    assert again.method_keys == result.method_keys
+
+
+def test_plain_entry_key_unchanged_and_variant_keys_differ() -> None:
+    from semsr.eval.runner import method_key
+
+    (plain, variant) = plan_methods(BenchConfig(methods=["bicubic,bicubic[steps=2]"], datasets=[]))
+    assert plain.key == method_key("bicubic", {"tile": 512, "tile_pad": 16}), "caches of plain entries stay valid"
+    assert variant.key != plain.key and variant.run_opts == {"steps": 2} and variant.build_opts == {}
+    (dtype_variant,) = plan_methods(BenchConfig(methods=["bicubic[dtype=float64]"], datasets=[]))
+    assert dtype_variant.build_opts == {"dtype": "float64"} and dtype_variant.run_opts == {}
+
+
+def test_checkpoint_folder_content_changes_the_key(tmp_path: Path, fresh_cache: Path,
+                                                   variant_method: type[_Variant]) -> None:
+    ckpt = tmp_path / "run" / "final"
+    (ckpt / "unet").mkdir(parents=True)
+    weights = ckpt / "unet" / "model.safetensors"
+    weights.write_bytes(b"A" * 64)
+    (ckpt / "config.json").write_text("{}")
+    folder = _write_images(tmp_path / "hr", 1)
+
+    def key() -> str:
+        (plan,) = plan_methods(BenchConfig(methods=[f"test-variant[checkpoint={ckpt}]"], datasets=[]))
+        assert plan.build_opts == {"checkpoint": str(ckpt)}
+        return plan.key
+
+    first = key()
+    assert key() == first
+    run_bench(_config([str(folder)], methods=[f"test-variant[checkpoint={ckpt}]"], metrics=["psnr"]))
+    assert len(variant_method.calls) == 1
+    st = weights.stat()
+    weights.write_bytes(b"B" * 64)  # same size, new content
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = key()
+    assert second != first
+    result = run_bench(_config([str(folder)], methods=[f"test-variant[checkpoint={ckpt}]"], metrics=["psnr"]))
+    assert len(variant_method.calls) == 2 and result.stats.upscaled == 1, "new weights must not reuse old outputs"
+    (ckpt / "extra.bin").write_bytes(b"x")
+    assert key() not in (first, second)
+
+
+def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               variant_method: type[_Variant]) -> None:
+    from semsr.models.catalog import ModelInfo, default_info
+
+    pkg = tmp_path / "site" / "semsr_test_weights"
+    (pkg / "weights").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    blob = pkg / "weights" / "net.bin"
+    blob.write_bytes(b"\0" * 32)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    info = ModelInfo("test-weighted", 4, "pytorch", module="semsr_test_weights", files=("net.bin",), folder="weights")
+    methods.register(methods.MethodSpec("test-weighted", _variant_factory("test-weighted"), 4,
+                                        extra={"model_info": info}))
+    methods.register(methods.MethodSpec("test-weighted-alias", _variant_factory("test-weighted-alias"), 4,
+                                        extra={"model_info": default_info(info)}))
+    try:
+        def keys() -> list[str]:
+            plans = plan_methods(BenchConfig(methods=["test-weighted,test-weighted-alias,test-variant"], datasets=[]))
+            return [p.key for p in plans]
+
+        before = keys()
+        st = blob.stat()
+        blob.write_bytes(b"\1" * 32)
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        after = keys()
+        assert after[0] != before[0] and after[1] != before[1], "weights (and the alias's target) are fingerprinted"
+        assert after[2] == before[2], "methods without weight files keep their key"
+    finally:
+        methods._REGISTRY.pop("test-weighted", None)
+        methods._REGISTRY.pop("test-weighted-alias", None)
+
+
+def test_cli_rows_carry_variant_labels(tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant],
+                                       capsys: pytest.CaptureFixture) -> None:
+    folder = _write_images(tmp_path / "hr", 1)
+    out, csv = tmp_path / "r.json", tmp_path / "r.csv"
+    code = main(["bench", "--methods", "test-variant,test-variant[level=3,steps=2]", "--datasets", str(folder),
+                 "--metrics", "psnr", "--no-isolate", "-q", "--json", str(out), "--csv", str(csv)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["test-variant", "test-variant[level=3,steps=2]"]
+    assert "test-variant[level=3,steps=2]" in csv.read_text()
+    assert "| test-variant[level=3,steps=2] |" in capsys.readouterr().out

@@ -4,12 +4,25 @@
     semsr bench --methods bicubic,realesrgan-x4plus --datasets Set5,RealSRSet \\
         --degradation realesrgan --report report/
     semsr bench --methods bicubic --datasets ~/my_hr_photos,lr:~/old_scans --metrics psnry,ssim,niqe
+    semsr bench --methods default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3],realesrgan-x4plus \\
+        --datasets Set5 --limit 2
+
+Method variants: an entry may carry options in brackets, NAME[KEY=VALUE,...]
+(quote the list in the shell). A bare KEY means true; values read as int,
+float, true/false, else text. A key that is a parameter of the method's
+factory (e.g. checkpoint, stage1, dtype) is a build option and overrides
+--method-opt; any other key (steps, seed, no_edge_prior...) is passed to the
+method on every image. Each entry is its own row (``default[steps=1]``) and its
+own cache entry; ``default-diffusion[checkpoint=RUN/final]`` benches a training
+run.
 
 Datasets are builtin names resolved under the data root (``SEMSR_DATA`` or
 ``--data-root``) or folder paths (``lr:PATH`` for folders without ground
 truth). Full-reference metrics are computed only on sets with ground truth.
 Results are cached under the semsr cache, so an interrupted or extended run
-only computes what is missing (see :mod:`semsr.eval.runner`).
+only computes what is missing; the cache key includes the method's options and
+a fingerprint of its weight files (packaged weights, a checkpoint folder), so
+retrained weights are never served from stale outputs (see :mod:`semsr.eval.runner`).
 """
 from __future__ import annotations
 
@@ -46,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--methods", required=True, type=_split, help="comma-separated method names (see `semsr models list`)")
+    p.add_argument("--methods", required=True, metavar="LIST",
+                   help="comma-separated method names (see `semsr models list`), each optionally with options "
+                        "in brackets: default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3]")
     p.add_argument("--datasets", required=True, type=_split,
                    help="comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER")
     p.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS, help="how LR inputs are made (default bicubic)")
@@ -65,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the realesrgan degradation (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads (method process and metrics)")
     p.add_argument("--method-opt", type=_method_opt, action="append", default=[], metavar="KEY=VALUE",
-                   help="build option for every method, e.g. dtype=bf16 (repeatable)")
+                   help="build option for every method, e.g. dtype=bf16 (repeatable; bracket options override it)")
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS")
     p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA or ../shared/data)")
@@ -78,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from semsr.eval.datasets import parse_datasets
     from semsr.eval.report import csv_text, markdown_tables, write_report
-    from semsr.eval.runner import BenchConfig, ResultCache, rows_to_json, run_bench
+    from semsr.eval.runner import BenchConfig, ResultCache, plan_methods, rows_to_json, run_bench, split_methods
 
     for name, value in (("--limit", args.limit), ("--report-images", args.report_images), ("--report-crop", args.report_crop)):
         if value is not None and value < 1:
@@ -88,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile < 0 or args.tile_pad < 0:
         raise SemsrError("--tile and --tile-pad must be >= 0")
     config = BenchConfig(
-        methods=args.methods,
+        methods=split_methods(args.methods),
         datasets=parse_datasets(args.datasets, args.data_root),
         degradation=args.degradation,
         scale=args.scale,
@@ -114,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
+    plan_methods(config)  # malformed entries and unknown methods: one line, before the cache is opened
     with ResultCache() as cache:
         result = run_bench(config, progress, cache)
         if args.report is not None:

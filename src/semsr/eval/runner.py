@@ -7,10 +7,26 @@ Flow for one ``run_bench`` call::
         --metrics (this process)-->         per-image metric values        (cached)
         --aggregate-->                      one Row per (method, dataset)
 
+**Method variants.** A method entry may carry options in brackets, so
+ablations are separate rows of one table::
+
+    default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3],realesrgan-x4plus
+
+(:func:`split_methods` splits such a list on the commas outside brackets,
+:func:`parse_method_entry` reads one entry). A bare key means ``True``; values
+read as int, float, ``true``/``false``, else string. A key that names a
+parameter of the method's factory (``inspect.signature``, ``**kwargs`` not
+counted) is a *build* option, overriding ``BenchConfig.method_opts``; any other
+key is a *run* option, passed to every method call. The row's ``method`` is the
+normalised entry (e.g. ``default[steps=1]``).
+
 **Caching and resume.** Every upscale and every metric value is stored in an
 SQLite file (``cache_dir()/bench/results.sqlite``) as soon as it exists, keyed
 by (method key, LR-set id, image key). The method key holds the method name
-and every option that changes its output (build options, tile size); the
+and every option that changes its output (build and run options, tile size)
+plus a fingerprint of the method's weight files (its catalog ``model_info``,
+an alias's target, and the files under a ``checkpoint``/``weights`` build
+option), so newly trained weights are never served from stale outputs; the
 LR-set id holds the dataset, degradation, scale, seed and degradation
 configuration; the image key holds the file's content hash. A rerun -- after
 an interruption, with more datasets, more metrics or a larger ``--limit`` --
@@ -76,7 +92,9 @@ class BenchConfig:
     """What to run.
 
     Attributes:
-        methods: registry names (:mod:`semsr.methods`).
+        methods: method entries: registry names (:mod:`semsr.methods`), each
+            optionally with bracket options, e.g. ``"default[steps=1]"``
+            (see the module doc and :func:`parse_method_entry`).
         datasets: resolved datasets (:func:`semsr.eval.datasets.parse_datasets`).
         degradation: ``"bicubic"`` or ``"realesrgan"`` (ground-truth sets only).
         scale: integer scale factor; every method must produce it.
@@ -89,7 +107,8 @@ class BenchConfig:
         tile_pad: overlap (LR pixels) around each tile.
         threads: ``torch.set_num_threads`` in the method process (None: torch default).
         isolate: run each method in its own spawned process (see module doc).
-        method_opts: build options passed to every ``get_method`` call.
+        method_opts: build options passed to every ``get_method`` call
+            (an entry's bracket options override them).
         weights_dir: weights folder of deep metrics (default ``SEMSR_WEIGHTS``).
     """
 
@@ -149,6 +168,154 @@ class UpscaleRecord:
     peak_rss_mb: float | None
 
 
+# --------------------------------------------------------------------------- method entries
+
+@dataclass
+class MethodEntry:
+    """One ``--methods`` entry: a registry name and its bracket options, in written order."""
+
+    name: str
+    opts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Normalised text of the entry, e.g. ``default[steps=8,seed=3]`` (a row's ``method``)."""
+        if not self.opts:
+            return self.name
+        return f"{self.name}[{','.join(_format_option(k, v) for k, v in self.opts.items())}]"
+
+
+@dataclass
+class MethodPlan:
+    """A method entry resolved for a run.
+
+    Attributes:
+        label: the row's ``method`` (:attr:`MethodEntry.label` with the registry name).
+        name: registry name to build.
+        build_opts: factory keyword options (``BenchConfig.method_opts`` plus the entry's build options).
+        run_opts: options passed to every method call.
+        key: cache key (:func:`method_key`) of its outputs.
+    """
+
+    label: str
+    name: str
+    build_opts: dict[str, Any]
+    run_opts: dict[str, Any]
+    key: str
+
+
+def _format_option(key: str, value: Any) -> str:
+    if value is True:
+        return key
+    if value is False:
+        return f"{key}=false"
+    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+
+
+def parse_option_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            value = conv(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a ``--methods`` list on the commas outside brackets; unbalanced brackets are an error.
+
+    ``"a,b[x=1,y],c"`` -> ``["a", "b[x=1,y]", "c"]`` (empty entries dropped).
+    """
+    entries: list[str] = []
+    depth = start = 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise SemsrError(f"unbalanced ']' in method list {text!r}")
+        elif ch == "," and depth == 0:
+            entries.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise SemsrError(f"unbalanced '[' in method list {text!r}")
+    entries.append(text[start:])
+    return [e.strip() for e in entries if e.strip()]
+
+
+def parse_method_entry(text: str) -> MethodEntry:
+    """Parse ``name`` or ``name[k=v,flag,...]``; a one-line :class:`SemsrError` if malformed.
+
+    Keys are identifiers (``-`` read as ``_``), a bare key means True, values
+    go through :func:`parse_option_value`. The name is not looked up here.
+    """
+    entry = text.strip()
+    name, inner = entry, None
+    if "[" in entry or "]" in entry:
+        open_at = entry.find("[")
+        if open_at < 0 or not entry.endswith("]") or entry.count("[") != 1 or entry.count("]") != 1:
+            raise SemsrError(f"malformed method entry {entry!r} (expected NAME or NAME[KEY=VALUE,...])")
+        name, inner = entry[:open_at].strip(), entry[open_at + 1 : -1]
+    if not name:
+        raise SemsrError(f"malformed method entry {entry!r}: no method name")
+    opts: dict[str, Any] = {}
+    for part in [] if inner is None else inner.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise SemsrError(f"malformed option {part.strip()!r} in method entry {entry!r} (expected KEY or KEY=VALUE)")
+        if key in opts:
+            raise SemsrError(f"option {key!r} given twice in method entry {entry!r}")
+        if sep and not value.strip():
+            raise SemsrError(f"option {key!r} has no value in method entry {entry!r}")
+        opts[key] = parse_option_value(value.strip()) if sep else True
+    return MethodEntry(name, opts)
+
+
+def build_option_names(spec: Any) -> set[str]:
+    """Keyword parameters of ``spec.factory`` (``**kwargs`` and positional-only ones not counted)."""
+    try:
+        params = inspect.signature(spec.factory).parameters
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, p in params.items() if p.kind in kinds}
+
+
+def plan_methods(config: BenchConfig) -> list[MethodPlan]:
+    """Parse and resolve ``config.methods`` (before any work): one plan per distinct entry.
+
+    Entries may themselves be comma lists (:func:`split_methods`). An entry's
+    options that name a factory parameter are build options (overriding
+    ``config.method_opts``), the others run options; the cache key holds both,
+    the tile settings and the weights fingerprint (:func:`weights_fingerprint`).
+    """
+    from semsr.methods import resolve
+
+    entries = [parse_method_entry(e) for m in config.methods for e in split_methods(m)]
+    if not entries:
+        raise SemsrError("no methods given")
+    specs = [resolve(e.name) for e in entries]  # unknown names fail before any work
+    plans: dict[str, MethodPlan] = {}
+    for entry, spec in zip(entries, specs):
+        names = build_option_names(spec)
+        build = {**config.method_opts, **{k: v for k, v in entry.opts.items() if k in names}}
+        run = {k: v for k, v in entry.opts.items() if k not in names}
+        key_opts = {**build, "tile": config.tile, "tile_pad": config.tile_pad, **weights_fingerprint(spec, build)}
+        if run:
+            key_opts["#run"] = run
+        label = MethodEntry(spec.name, entry.opts).label
+        plans.setdefault(label, MethodPlan(label, spec.name, build, run, method_key(spec.name, key_opts)))
+    return list(plans.values())
+
+
 @dataclass
 class BenchResult:
     rows: list[Row]
@@ -167,6 +334,71 @@ def method_key(name: str, opts: dict[str, Any]) -> str:
     """Cache identity of a method with the options that change its output."""
     blob = json.dumps(opts, sort_keys=True, default=str)
     return f"{name}#{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+
+
+# (path, size, mtime_ns) -> sha1 of the content; weight files are hashed once per process
+_FILE_SHA1: dict[tuple[str, int, int], str] = {}
+
+# build options whose value is a weights file or folder: its files join the method key
+WEIGHT_OPTIONS = ("checkpoint", "weights")
+
+
+def file_sha1(path: Path) -> str:
+    """SHA-1 of ``path``'s content, memoised per (path, size, mtime_ns) within the process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_SHA1:
+        digest = hashlib.sha1()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_SHA1[memo] = digest.hexdigest()
+    return _FILE_SHA1[memo]
+
+
+def files_fingerprint(files: Iterable[tuple[str, Path]]) -> str:
+    """SHA-1 over (relative name, size, content) of ``files`` (name, path); missing files count too."""
+    digest = hashlib.sha1()
+    for rel, path in sorted(files, key=lambda f: f[0]):
+        if path.is_file():
+            digest.update(f"{rel}\0{path.stat().st_size}\0{file_sha1(path)}\n".encode())
+        else:
+            digest.update(f"{rel}\0missing\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _folder_files(root: Path) -> list[tuple[str, Path]]:
+    """(name relative to ``root``, path) of every file under ``root`` (``root`` itself if a file)."""
+    if root.is_file():
+        return [(root.name, root)]
+    if not root.is_dir():
+        return [(root.name, root)]  # recorded as missing
+    return [(p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
+
+
+def weights_fingerprint(spec: Any, build_opts: dict[str, Any]) -> dict[str, str]:
+    """Key entries that change when the weight files of method ``spec`` change.
+
+    ``"#weights"``: the files of ``spec.extra["model_info"]`` (for an alias such
+    as ``default``, its target's); ``"#<option>"``: the files under a
+    ``checkpoint``/``weights`` build option. Empty for methods without weight files.
+    """
+    from semsr.methods import resolve
+    from semsr.models.catalog import ModelInfo
+
+    out: dict[str, str] = {}
+    info = spec.extra.get("model_info")
+    if isinstance(info, ModelInfo) and info.alias_of:
+        target = resolve(info.alias_of).extra.get("model_info")
+        info = target if isinstance(target, ModelInfo) else info
+    paths = info.paths() if isinstance(info, ModelInfo) else None
+    if paths:
+        out["#weights"] = files_fingerprint(zip(info.files, paths))
+    for opt in WEIGHT_OPTIONS:
+        value = build_opts.get(opt)
+        if isinstance(value, (str, Path)) and str(value):
+            out[f"#{opt}"] = files_fingerprint(_folder_files(Path(value).expanduser()))
+    return out
 
 
 def sr_file(mkey: str, lrset: LRSet, item: EvalImage) -> Path:
@@ -269,16 +501,18 @@ def peak_rss_mb() -> float:
 
 # --------------------------------------------------------------------------- upscaling
 
-def upscale(method: Any, x: torch.Tensor, scale: int, tile: int, tile_pad: int) -> torch.Tensor:
+def upscale(method: Any, x: torch.Tensor, scale: int, tile: int, tile_pad: int,
+            run_opts: dict[str, Any] | None = None) -> torch.Tensor:
     """Upscale ``x`` ``(1, 3, h, w)`` in [0, 1] with ``method`` -> ``(1, 3, scale*h, scale*w)``.
 
     Methods that do not tile themselves are run tile by tile
-    (:func:`semsr.pipeline.tiling.tiled_apply`) when the image is larger than ``tile``.
+    (:func:`semsr.pipeline.tiling.tiled_apply`) when the image is larger than
+    ``tile``; ``run_opts`` go to every method call.
     """
     from semsr.pipeline.tiling import tiled_apply
 
     try:
-        y = tiled_apply(method, x, tile=tile, tile_pad=tile_pad)
+        y = tiled_apply(method, x, tile=tile, tile_pad=tile_pad, run_opts=run_opts)
     except RuntimeError as err:
         if "returned shape" in str(err):
             raise SemsrError(str(err), getattr(method, "name", None)) from None
@@ -302,10 +536,7 @@ def _build_method(name: str, opts: dict[str, Any], scale: int, threads: int | No
     from semsr.methods import get_method, resolve
 
     spec = resolve(name)
-    try:
-        params = inspect.signature(spec.factory).parameters
-    except (TypeError, ValueError):
-        params = {}
+    params = build_option_names(spec)
     extra: dict[str, Any] = {}
     if "scale" in params:
         extra["scale"] = scale
@@ -325,7 +556,7 @@ def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict],
         x = as_rgb(load_eval_image(job.lr_path))
         reset_peak_rss()  # when unsupported, peak_rss_mb() is the process peak so far
         start, cpu_start = time.perf_counter(), time.process_time()
-        y = upscale(method, x, scale, tile, tile_pad)
+        y = upscale(method, x, scale, tile, tile_pad, spec.get("run_opts"))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         atomic.write_png(Path(job.out_path), to_uint8(y))
         emit(
@@ -366,14 +597,14 @@ def _run_isolated(spec: dict[str, Any], on_record: Callable[[dict], None]) -> No
                 msg = parent_conn.recv()
             except EOFError:
                 proc.join()
-                raise SemsrError(f"method process died (exit code {proc.exitcode})", spec["name"]) from None
+                raise SemsrError(f"method process died (exit code {proc.exitcode})", spec["label"]) from None
             if msg.get("done"):
                 break
             if "error" in msg:
                 if msg["semsr"]:
                     cls = UnavailableError if msg.get("unavailable") else SemsrError
                     raise cls(msg["error"])
-                raise RuntimeError(f"method {spec['name']} failed: {msg['error']}")
+                raise RuntimeError(f"method {spec['label']} failed: {msg['error']}")
             on_record(msg)
     finally:
         proc.join(timeout=30)
@@ -456,15 +687,13 @@ def _score_set(metric: Any, sr_paths: list[Path], gt_paths: list[Path]) -> float
 # --------------------------------------------------------------------------- the run
 
 def run_bench(config: BenchConfig, progress: Progress | None = None, cache: ResultCache | None = None) -> BenchResult:
-    """Run (or resume) a benchmark and return one :class:`Row` per (method, dataset)."""
-    from semsr.methods import resolve
-
+    """Run (or resume) a benchmark and return one :class:`Row` per (method entry, dataset)."""
     say = progress or (lambda _msg: None)
     if not config.methods:
         raise SemsrError("no methods given")
     if not config.datasets:
         raise SemsrError("no datasets given")
-    specs = [resolve(m) for m in config.methods]  # unknown names fail before any work
+    plans = plan_methods(config)  # malformed entries and unknown names fail before any work
     metrics = _MetricSet.build(config.metrics or DEFAULT_METRICS, config.weights_dir)
     for name, reason in metrics.unavailable.items():
         say(f"metric {name} unavailable: {reason}")
@@ -479,12 +708,11 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
     keys: dict[str, str] = {}
     rows: list[Row] = []
     try:
-        for spec in specs:
-            mkey = method_key(spec.name, {**config.method_opts, "tile": config.tile, "tile_pad": config.tile_pad})
-            keys[spec.name] = mkey
-            _ensure_upscaled(config, spec.name, mkey, lrsets, cache, stats, say)
+        for plan in plans:
+            keys[plan.label] = plan.key
+            _ensure_upscaled(config, plan, lrsets, cache, stats, say)
             for lrset in lrsets:
-                rows.append(_evaluate(config, spec.name, mkey, lrset, metrics, cache, stats, say))
+                rows.append(_evaluate(config, plan.label, plan.key, lrset, metrics, cache, stats, say))
     finally:
         if own_cache:
             cache.close()
@@ -493,8 +721,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
 
 
 def _ensure_upscaled(
-    config: BenchConfig, name: str, mkey: str, lrsets: list[LRSet], cache: ResultCache, stats: Stats, say: Progress
+    config: BenchConfig, plan: MethodPlan, lrsets: list[LRSet], cache: ResultCache, stats: Stats, say: Progress
 ) -> None:
+    name, mkey = plan.label, plan.key
     jobs: list[_Job] = []
     cached = 0
     for lrset in lrsets:
@@ -520,8 +749,10 @@ def _ensure_upscaled(
         say(f"{name}: {done}/{len(jobs)} {set_names[msg['lrset']]} {msg['image'].split('@')[0]} {msg['seconds']:.2f} s")
 
     spec = {
-        "name": name,
-        "opts": config.method_opts,
+        "name": plan.name,
+        "label": plan.label,
+        "opts": plan.build_opts,
+        "run_opts": plan.run_opts,
         "scale": config.scale,
         "tile": config.tile,
         "tile_pad": config.tile_pad,
