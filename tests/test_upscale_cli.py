@@ -141,6 +141,11 @@ def test_suffix_ext_glob_and_folder(tmp_path: Path, capsys) -> None:
     assert rc == 0, err
     assert files_in(tmp_path / "f") == ["a_x4.png", "b_x4.jpg"]  # --ext auto keeps the format
     assert "done: 2 ok, 0 skipped, 0 failed" in out
+    assert "img/s" not in err and "img]" not in err  # not a terminal: no bar
+    rc, out, err = run_cli(capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "n", "-n", "bicubic",
+                           "--no-progress")
+    assert rc == 0 and "done: 2 ok" in out
+    assert "img/s" not in err and "img]" not in err  # --no-progress: never a bar
 
 
 def test_rgba_with_ext_jpg_is_written_as_png(tmp_path: Path, capsys) -> None:

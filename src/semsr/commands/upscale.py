@@ -409,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
     single = len(inputs) == 1
     results: list[Result] = []
     rss = PeakRss()
-    bar = tqdm(inputs, desc="images", unit="img", disable=True if single else runner.progress)
+    # runner.progress: False = --no-progress, None = bars only on a terminal (tqdm's disable=None)
+    bar = tqdm(inputs, desc="images", unit="img", disable=True if single or runner.progress is False else None)
     try:
         for src in bar:
             rss.reset()
