@@ -12,8 +12,8 @@ degradation of :mod:`semsr.train.data`)::
 
 The loss terms ``eps_mse`` (MSE of the x0 prediction), ``residual_l1``
 (registered here; L1 of the same, i.e. ``k`` times the pixel L1 of the SR
-image) and ``texture_energy`` (registered here; see :func:`texture_energy`)
-come from :mod:`semsr.train.losses`.
+image), ``gradient_l1`` and ``texture_energy`` (registered here; see
+:func:`gradient_l1`, :func:`texture_energy`) come from :mod:`semsr.train.losses`.
 
 ``model.options`` (all optional): the :class:`~semsr.models.default_sr.DefaultSRConfig`
 fields (``block_out_channels``, ``unshuffle``, ``stage1``, ``residual_scale``...),
@@ -64,16 +64,34 @@ def residual_l1(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def local_gradient_energy(image: torch.Tensor, window: int = 8) -> torch.Tensor:
-    """Mean luma gradient magnitude per ``window``-px cell: ``(B, 3, H, W)`` -> ``(B, 1, H//window, W//window)``.
-
-    Forward differences (the last row/column repeats), magnitude ``sqrt(dx^2 + dy^2 + 1e-6)``.
-    """
+def luma_gradients(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward differences of the luma: ``(B, 3, H, W)`` -> ``dx, dy`` ``(B, 1, H, W)`` (zero on the last column/row)."""
     w = image.new_tensor(_LUMA).view(1, 3, 1, 1)
     y = (image.float() * w).sum(1, keepdim=True)
     dx = F.pad(y[..., :, 1:] - y[..., :, :-1], (0, 1, 0, 0))
     dy = F.pad(y[..., 1:, :] - y[..., :-1, :], (0, 0, 0, 1))
+    return dx, dy
+
+
+def local_gradient_energy(image: torch.Tensor, window: int = 8) -> torch.Tensor:
+    """Mean luma gradient magnitude per ``window``-px cell: ``(B, 3, H, W)`` -> ``(B, 1, H//window, W//window)``.
+
+    Magnitude ``sqrt(dx^2 + dy^2 + 1e-6)`` of :func:`luma_gradients`.
+    """
+    dx, dy = luma_gradients(image)
     return F.avg_pool2d(torch.sqrt(dx * dx + dy * dy + 1e-6), window)
+
+
+@register_loss("gradient_l1")
+def gradient_l1(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between the luma gradients of the predicted SR image and the HR image (``sr``/``hr`` ``(B, 3, H, W)``).
+
+    Pixel-aligned, so it keeps PSNR; the L1 median of an uncertain gradient is zero, so it sharpens the edges
+    the model is sure of without painting grain where it is not.
+    """
+    _require(outputs, "gradient_l1", "sr", "hr")
+    (sx, sy), (hx, hy) = luma_gradients(outputs["sr"]), luma_gradients(outputs["hr"])
+    return F.l1_loss(sx, hx) + F.l1_loss(sy, hy)
 
 
 @register_loss("texture_energy")
