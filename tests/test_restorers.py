@@ -232,8 +232,12 @@ def test_registry_has_restorers() -> None:
 
 
 def test_default_builds_target() -> None:
-    method = methods.get_method("default")
-    assert method.name == cat.DEFAULT_TARGET and method.scale == 4 and method.tiles_itself is False
+    try:
+        method = methods.get_method("default")
+    except SemsrError as err:  # the target's weights are not on this machine
+        pytest.skip(f"default unavailable: {err}")
+    assert method.name == cat.DEFAULT_TARGET and method.scale == 4
+    assert methods.resolve("default").extra["model_info"].alias_of == cat.DEFAULT_TARGET
 
 
 def test_outputs_are_ordinary_tensors() -> None:
@@ -249,7 +253,8 @@ def test_default_advertises_target_options() -> None:
     import inspect
 
     params = inspect.signature(methods.resolve("default").factory).parameters
-    assert {"device", "dtype", "threads", "channels_last"} <= set(params)
+    target = inspect.signature(methods.resolve(cat.DEFAULT_TARGET).factory).parameters
+    assert {"device", "threads"} <= set(params) and list(params) == list(target)
 
 
 def test_bicubic_method() -> None:
