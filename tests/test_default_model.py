@@ -220,3 +220,28 @@ def test_gradient_l1_is_aligned_and_differentiable() -> None:
     flat = torch.full_like(hr, 0.5).requires_grad_(True)
     gradient_l1({"sr": flat, "hr": hr}).backward()
     assert float(flat.grad.abs().sum()) > 0
+
+
+def test_default_steps_come_from_the_checkpoint(tmp_path: Path) -> None:
+    """Without --steps the method samples with the checkpoint's ``default_steps``; --steps overrides it."""
+    from semsr.methods import get_method
+
+    cfg = DefaultSRConfig(**{**TINY_ARCH, "default_steps": 2})
+    DefaultSR(cfg).save(tmp_path / "ck")
+    assert DefaultSR.load(tmp_path / "ck").config.default_steps == 2
+    method = get_method("default-diffusion", checkpoint=tmp_path / "ck")
+    seen: list[int] = []
+    real = method.pipeline.__call__
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    method.pipeline = type("Spy", (), {"__call__": staticmethod(spy), "config": method.pipeline.config,
+                                       "degradation": method.pipeline.degradation})()
+    x = torch.rand(1, 3, 16, 16)
+    method(x)
+    method(x, steps=1)
+    assert seen == [2, 1]
+    with pytest.raises(SemsrError, match="default_steps"):
+        DefaultSRConfig(default_steps=0)

@@ -20,9 +20,8 @@ from semsr.paths import assets_dir
 from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter
 
 NAME = "default-diffusion"
-DEFAULT_STEPS = 4
-_RUN_DEFAULTS: dict[str, Any] = {
-    "prompt": "", "steps": DEFAULT_STEPS, "seed": 0, "scheduler": "ddim", "guidance_scale": 1.0,
+_RUN_DEFAULTS: dict[str, Any] = {  # "steps": None = the checkpoint's ``default_steps``
+    "prompt": "", "steps": None, "seed": 0, "scheduler": "ddim", "guidance_scale": 1.0,
     "no_text_prior": False, "no_edge_prior": False, "tile": None, "tile_overlap": None, "progress": None,
     PRIORS_IN_PROMPT: False,
 }
@@ -57,7 +56,8 @@ class DefaultDiffusionMethod(PriorReporter):
         overlap = opts["tile_overlap"]
         texts, users, degradation = self.text_conditions(x, opts)
         out = self.pipeline(
-            x, prompt=texts, steps=int(opts["steps"]), seed=int(opts["seed"]),
+            x, prompt=texts, steps=int(self.pipeline.config.default_steps if opts["steps"] is None else opts["steps"]),
+            seed=int(opts["seed"]),
             scheduler=opts["scheduler"], guidance_scale=float(opts["guidance_scale"]),
             use_text=not opts["no_text_prior"], use_irpad=False, use_edges=not opts["no_edge_prior"], tile=tile,
             tile_overlap=overlap, progress=opts["progress"] if callable(opts["progress"]) else None)

@@ -55,6 +55,8 @@ class DefaultSRConfig:
         residual_scale: ``k``; the diffused residual is ``k * (HR - y1)`` (raises its SNR).
         stage1: registered method producing ``y1`` (``realesrgan-x4plus`` or ``bicubic``).
         scheduler: diffusers scheduler config (DDIM/DPM++ built from it).
+        default_steps: sampling steps the method uses when the user gives none (chosen for
+            the shipped weights, see docs/default-model.md).
     """
 
     scale: int = 4
@@ -72,6 +74,7 @@ class DefaultSRConfig:
         "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
         "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing",
     })
+    default_steps: int = 4
 
     def __post_init__(self) -> None:
         u = self.unshuffle
@@ -79,6 +82,8 @@ class DefaultSRConfig:
             raise SemsrError(f"unshuffle must be a power of two, got {u}")
         if 2 ** (len(self.conditioning_channels) - 1) != u:
             raise SemsrError(f"conditioning_channels needs {u.bit_length()} entries for unshuffle={u}")
+        if self.default_steps < 1:
+            raise SemsrError(f"default_steps must be >= 1, got {self.default_steps}")
 
     @property
     def channels(self) -> int:
