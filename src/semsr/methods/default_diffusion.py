@@ -29,7 +29,7 @@ _RUN_DEFAULTS: dict[str, Any] = {  # "steps": None = the checkpoint's ``default_
 
 def packaged_weights() -> Path:
     """Folder of the shipped default-model weights (``semsr/assets/weights/default-sr``)."""
-    return assets_dir().joinpath(*DEFAULT_SR.folder.split("/"))
+    return assets_dir() / "weights" / "default-sr"
 
 
 class DefaultDiffusionMethod(PriorReporter):

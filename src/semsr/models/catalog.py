@@ -203,11 +203,11 @@ DEFAULT_SR = ModelInfo(
     "default-diffusion", 4, "pytorch",
     "semsr's compact residual diffusion refiner over realesrgan-x4plus "
     "(MiniLM text + IRPAD prompt, Canny edges via ControlNet)",
-    "semsr", "semsr.assets",
+    "semsr", "semsr",
     ("config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
      "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "text_proj.safetensors"),
     "Apache-2.0 (semsr); stage 1 realesrgan-x4plus: " + LIC_REALESRGAN,
-    folder="weights/default-sr",
+    folder="assets/weights/default-sr",
     training_data="semsr offline corpus, 575 photos: BSDS500 train+test (400, research use; disjoint from B100), "
                   "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
                   "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "
@@ -215,7 +215,7 @@ DEFAULT_SR = ModelInfo(
 )
 
 # The model behind the name "default" (registered by semsr.methods.default_alias).
-DEFAULT_TARGET = "realesrgan-x4plus"
+DEFAULT_TARGET = "default-diffusion"
 
 
 def catalog() -> list[ModelInfo]:
