@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from _ui_helpers import serve
-from semsr.methods import MethodSpec, register
+from semsr.methods import MethodSpec, register, resolve
+from semsr.ui.catalog import path_options, required_paths
 from semsr.ui.server import make_server
 
 GATE = threading.Event()
@@ -124,6 +125,11 @@ def test_methods_catalogue_from_registry(server):
     by = {m["name"]: m for m in methods}
     assert status == 200 and by["bicubic"]["available"] and by["default"]["available"]
     assert not by["sd-controlnet"]["available"] and "--base" in by["sd-controlnet"]["reason"]
+    # packaged weights: --checkpoint is optional for the shipped model, still passed on when given
+    assert by["default-diffusion"]["available"] and by["default-diffusion"]["missing_paths"] == []
+    assert required_paths(resolve("default-diffusion")) == []
+    assert path_options(resolve("default-diffusion")) == ["checkpoint"]
+    assert required_paths(resolve("realesrgan-pth")) == ["checkpoint"]
     assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
     opts = {o["dest"]: o for o in by["test-ui-gated"]["options"]}
     # build options stay server-side; save_* flags are always on (their side outputs are shown)

@@ -39,13 +39,20 @@ COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "s
 _SKIP = {"progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
 
 
-def required_paths(spec: MethodSpec) -> list[str]:
+def path_options(spec: MethodSpec) -> list[str]:
     """Weight-path options (:data:`~semsr.api.PATH_OPTIONS`) the method's factory takes."""
     try:
         params = inspect.signature(spec.factory).parameters
     except (TypeError, ValueError):
         return []
     return [p for p in PATH_OPTIONS if p in params]
+
+
+def required_paths(spec: MethodSpec) -> list[str]:
+    """The path options the server must be given: :func:`path_options` minus the ones the
+    method fills from packaged files (``spec.extra["bundled_paths"]``)."""
+    bundled = set(spec.extra.get("bundled_paths") or ())
+    return [p for p in path_options(spec) if p not in bundled]
 
 
 def _type_name(opt: Mapping[str, Any]) -> str:
