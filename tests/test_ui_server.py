@@ -131,6 +131,7 @@ def test_methods_catalogue_from_registry(server):
     assert path_options(resolve("default-diffusion")) == ["checkpoint"]
     assert required_paths(resolve("realesrgan-pth")) == ["checkpoint"]
     assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
+    assert by["default"]["diffusion"] and by["default-diffusion"]["diffusion"]  # prompt, steps, seed on the page
     opts = {o["dest"]: o for o in by["test-ui-gated"]["options"]}
     # build options stay server-side; save_* flags are always on (their side outputs are shown)
     assert set(opts) == {"mode", "temp_depth", "reference", "flag"}
@@ -263,3 +264,51 @@ def test_diffusion_method_with_tiny_models(tiny_models):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_server_paths_never_replace_packaged_weights(tmp_path):
+    """A --checkpoint for the recipes (here: a folder that is no default-diffusion checkpoint)
+    leaves the shipped default model alone; METHOD=PATH scopes a path to one method."""
+    from semsr.commands.serve import scoped_paths
+    from semsr.errors import SemsrError
+    from semsr.ui.catalog import paths_for
+
+    other = tmp_path / "mmsr-run"
+    other.mkdir()
+    default, pth = resolve("default-diffusion"), resolve("realesrgan-pth")
+    assert paths_for(default, {"checkpoint": str(other)}) == {}
+    assert paths_for(pth, {"checkpoint": str(other)}) == {"checkpoint": str(other)}
+    scoped = scoped_paths("checkpoint", [str(other), "default=/runs/mine"])
+    assert scoped == {"": str(other), "default-diffusion": "/runs/mine"}
+    assert paths_for(default, {"checkpoint": scoped}) == {"checkpoint": "/runs/mine"}
+    assert paths_for(pth, {"checkpoint": scoped}) == {"checkpoint": str(other)}
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    assert scoped_paths("base", [str(odd)]) == {"": str(odd)}
+    with pytest.raises(SemsrError, match="unknown method 'nope'"):
+        scoped_paths("checkpoint", ["nope=/x"])
+    with pytest.raises(SemsrError, match="given twice for mmsr"):
+        scoped_paths("checkpoint", ["mmsr=/a", "mmsr=/b"])
+
+    srv = make_server("127.0.0.1", 0, paths={"checkpoint": str(other)})
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = srv.url
+        by = {m["name"]: m for m in _json(url + "api/methods")[1]}
+        assert by["default"]["available"] and by["realesrgan-pth"]["missing_paths"] == []
+        _, img = _upload(url, _png(16, 16))
+        _, job = _json(url + "api/jobs", {"image": img["id"], "method": "default", "steps": 1})
+        st = _wait(url, job["id"], timeout=120)
+        assert st["state"] == "done", st
+        assert (st["output"]["width"], st["output"]["height"]) == (64, 64)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_scoped_path_reaches_the_default_alias():
+    from semsr.commands.serve import scoped_paths
+    from semsr.ui.catalog import paths_for
+
+    scoped = scoped_paths("checkpoint", ["default-diffusion=/runs/mine"])
+    assert paths_for(resolve("default"), {"checkpoint": scoped}) == {"checkpoint": "/runs/mine"}

@@ -14,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from semsr.api import PATH_OPTIONS
 from semsr.commands.upscale import _max_pixels
@@ -35,9 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-    g = p.add_argument_group("weights of diffusion methods (local paths)")
+    g = p.add_argument_group(
+        "weights of diffusion methods (local paths)",
+        "PATH goes to every method that needs it; METHOD=PATH (repeatable) to that method only, "
+        "which is also how a method with packaged weights (default-diffusion) gets other ones")
     for name in PATH_OPTIONS:
-        g.add_argument(f"--{name}", metavar="PATH", help=f"{name} weights for methods that take them")
+        g.add_argument(f"--{name}", metavar="[METHOD=]PATH", action="append",
+                       help=f"{name} weights for methods that take them")
     p.set_defaults(func=run)
 
 
@@ -47,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_jobs < 1:
         raise SemsrError("--max-jobs must be >= 1")
+    paths = {name: scoped_paths(name, getattr(args, name) or []) for name in PATH_OPTIONS}
     try:
         server = make_server(
-            args.host, args.port, paths={k: getattr(args, k) for k in PATH_OPTIONS},
+            args.host, args.port, paths={k: v for k, v in paths.items() if v},
             device=args.device, dtype=args.dtype, threads=args.threads,
             max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or 10**12,
             max_jobs=args.max_jobs, default_method=args.default_method,
@@ -67,6 +73,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def scoped_paths(option: str, values: list[str]) -> dict[str, str]:
+    """``--OPTION`` values as ``{method name: path}`` (``""`` = every method).
+
+    ``mmsr=/runs/mmsr`` is scoped when ``mmsr`` names a registered method (aliases
+    resolve to their method); any other value is one path for every method, so a
+    path that merely contains ``=`` still works. The same scope twice is an error.
+    """
+    from semsr.errors import SemsrError
+    from semsr.methods import resolve
+
+    out: dict[str, str] = {}
+    for value in values:
+        scope, path = "", value
+        head, sep, tail = value.partition("=")
+        if sep and head and "/" not in head and tail:
+            try:
+                spec = resolve(head)
+                scope, path = spec.extra.get("alias_of") or spec.name, tail
+            except SemsrError:
+                if not Path(value).exists():
+                    raise SemsrError(f"--{option} {value}: unknown method {head!r} (see `semsr models list`)") from None
+        if scope in out:
+            raise SemsrError(f"--{option} given twice for {scope or 'every method'}")
+        out[scope] = path
+    return out
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -24,6 +24,7 @@ def _register() -> None:
     build_default.__signature__ = inspect.signature(target.factory)  # type: ignore[attr-defined]
     info = target.extra.get("model_info")
     extra: dict[str, Any] = {k: v for k, v in target.extra.items() if k != "model_info"}
+    extra["alias_of"] = target.name
     if isinstance(info, cat.ModelInfo):
         extra["model_info"] = cat.default_info(info)
     register(MethodSpec("default", build_default, target.scale,

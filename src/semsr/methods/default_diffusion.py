@@ -113,6 +113,6 @@ register(MethodSpec(
          "help": "default-diffusion: ablation, no edge map (zero ControlNet hint)"},
         {"flags": ["--stage1"], "target": "build", "metavar": "METHOD",
          "help": "default-diffusion: stage-1 restorer (default: the checkpoint's)"},
-    ], "suggests_priors": True, "model_info": DEFAULT_SR,
+    ], "suggests_priors": True, "diffusion": True, "model_info": DEFAULT_SR,
        "bundled_paths": ("checkpoint",)},  # --checkpoint is optional: the packaged weights
 ))

@@ -55,6 +55,28 @@ def required_paths(spec: MethodSpec) -> list[str]:
     return [p for p in path_options(spec) if p not in bundled]
 
 
+def paths_for(spec: MethodSpec, paths: Mapping[str, Any]) -> dict[str, str]:
+    """The weight paths a method is built with, picked from the server's ``paths``.
+
+    ``paths`` maps a path option (``"checkpoint"``) either to one path for every method
+    that takes it, or to ``{method name: path}`` (key ``""`` = every method). A path
+    for every method never replaces packaged weights (``spec.extra["bundled_paths"]``):
+    ``semsr serve --checkpoint /runs/mmsr`` must not feed an MMSR checkpoint to the
+    shipped default model; ``--checkpoint default-diffusion=/runs/mine`` does reach it
+    (a method name keys its aliases too: ``default`` for the default's target).
+    """
+    bundled = set(spec.extra.get("bundled_paths") or ())
+    chosen: dict[str, str] = {}
+    for opt in path_options(spec):
+        value = paths.get(opt)
+        scoped = dict(value) if isinstance(value, Mapping) else {"": value}
+        own = scoped.get(spec.name) or scoped.get(spec.extra.get("alias_of") or spec.name)
+        path = own or (None if opt in bundled else scoped.get(""))
+        if path:
+            chosen[opt] = str(path)
+    return chosen
+
+
 def _type_name(opt: Mapping[str, Any]) -> str:
     if opt.get("action") in ("store_true", "store_false"):
         return "bool"
@@ -96,7 +118,8 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
     available = bool(row.get("available", True))
     reason = "" if available else f"weights not installed ({row.get('package') or 'package missing'})"
     diffusion = bool(spec.extra.get("diffusion", "base" in needs))
-    missing = [p for p in needs if not paths.get(p)]
+    given = paths_for(spec, paths)
+    missing = [p for p in needs if p not in given]
     if available and needs and len(missing) == len(needs):
         available = False
         reason = "needs " + ", ".join(f"--{p}" for p in needs) + " given to `semsr serve`"

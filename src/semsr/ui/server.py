@@ -41,7 +41,7 @@ from PIL import Image
 from semsr import __version__
 from semsr.errors import InputError, SemsrError
 from semsr.io import picture_to_pil, read_image
-from semsr.ui.catalog import COMMON_RUN_OPTIONS, catalogue, find, path_options
+from semsr.ui.catalog import COMMON_RUN_OPTIONS, catalogue, find, paths_for
 from semsr.ui.jobs import Job, JobQueue, QueueFull
 
 log = logging.getLogger("semsr.ui")
@@ -61,7 +61,8 @@ class DemoApp:
 
     Args:
         paths: weight paths (``base``, ``controlnet``, ``checkpoint``,
-            ``vlm``, ``clip``) given to methods that take them.
+            ``vlm``, ``clip``) given to methods that take them; a value is one path
+            or ``{method name: path}`` (see :func:`semsr.ui.catalog.paths_for`).
         device, dtype, threads: how methods are built.
         max_upload_bytes: largest accepted upload.
         max_pixels: largest accepted image (width x height).
@@ -206,7 +207,7 @@ class DemoApp:
             raise InputError("tile must be >= 0 (0 = whole image)")
         info = self.image(str(body["image"]))
         spec = resolve(entry["name"])
-        paths = {k: self.paths[k] for k in path_options(spec) if k in self.paths}
+        paths = paths_for(spec, self.paths)
         job.progress("load", 0, 0)
         pipe = api.load(spec.name, device=self.device, dtype=self.dtype, threads=self.threads, **paths)
         pic = read_image(info["path"], max_pixels=self.max_pixels)

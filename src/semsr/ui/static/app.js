@@ -232,6 +232,7 @@ async function onFile(file) {
     $("drop-text").textContent = `${state.image.name} · ${state.image.width}×${state.image.height}`;
     $("drop").classList.add("has-file");
     $("before").src = `/api/images/${state.image.id}`;
+    forgetSuggestions();
     if (currentMethod() && currentMethod().suggests_priors) extractPriors(true);
   } catch (err) {
     $("drop-text").textContent = "Drop an image here or choose a file";
@@ -268,6 +269,14 @@ function prefillFields() {
   for (const el of $("mo-fields").querySelectorAll("[data-dest]"))
     if (el.dataset.widget === "text") fields[el.dataset.dest] = el;
   return fields;
+}
+
+// A new image: empty the fields that still hold the previous image's suggestion (edited ones stay).
+function forgetSuggestions() {
+  for (const [k, el] of Object.entries(prefillFields()))
+    if (k in state.suggested && el.value === state.suggested[k]) el.value = "";
+  if ($("prompt").value === "") state.priorsInPrompt = false;
+  state.suggested = {};
 }
 
 // Run the method's prior extraction and pre-fill the prompts. auto (after an upload or a method change):
