@@ -232,7 +232,11 @@ def test_niqe_prefers_natural_over_noisy(niqe_params: Path, data_dir: Path) -> N
         niqe(img[..., :90, :90])
 
 
-def test_niqe_params_missing_is_unavailable(tmp_path: Path, no_home_cache: None) -> None:
+def test_niqe_params_missing_is_unavailable(
+    tmp_path: Path, no_home_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an empty cache of its own: the session cache may already hold the params another test fetched
+    monkeypatch.setenv("SEMSR_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(UnavailableError, match="fetch-weights niqe"):
         get_metric("niqe", weights_dir=tmp_path, fetch=False)
 
