@@ -467,3 +467,22 @@ def test_cli_rows_carry_variant_labels(tmp_path: Path, fresh_cache: Path, varian
     assert [r["method"] for r in rows] == ["test-variant", "test-variant[level=3,steps=2]"]
     assert "test-variant[level=3,steps=2]" in csv.read_text()
     assert "| test-variant[level=3,steps=2] |" in capsys.readouterr().out
+
+
+def test_method_process_exits_quietly_when_the_bench_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed `semsr bench` leaves its method process writing into a closed pipe: it stops
+    without a traceback (the outputs it finished are already cached)."""
+    from semsr.eval import runner
+
+    class GonePipe:
+        closed = False
+
+        def send(self, msg: object) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def close(self) -> None:
+            self.closed = True
+
+    conn = GonePipe()
+    runner._worker_main({"jobs": []}, conn)
+    assert conn.closed and capsys.readouterr().err == ""

@@ -573,14 +573,17 @@ def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict],
 def _worker_main(spec: dict[str, Any], conn: Any) -> None:
     """Entry point of the per-method process: run the jobs, stream records to ``conn``."""
     try:
-        if spec.get("threads"):
-            torch.set_num_threads(int(spec["threads"]))
-        _process_jobs(spec, [_Job(**j) for j in spec["jobs"]], conn.send)
-        conn.send({"done": True})
-    except SemsrError as err:
-        conn.send({"error": str(err), "semsr": True, "unavailable": isinstance(err, UnavailableError)})
-    except BaseException as err:  # report, then let the parent decide
-        conn.send({"error": f"{type(err).__name__}: {err}", "semsr": False})
+        try:
+            if spec.get("threads"):
+                torch.set_num_threads(int(spec["threads"]))
+            _process_jobs(spec, [_Job(**j) for j in spec["jobs"]], conn.send)
+            conn.send({"done": True})
+        except SemsrError as err:
+            conn.send({"error": str(err), "semsr": True, "unavailable": isinstance(err, UnavailableError)})
+        except BaseException as err:  # report, then let the parent decide
+            conn.send({"error": f"{type(err).__name__}: {err}", "semsr": False})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the bench process is gone (killed): nobody to report to; finished outputs are cached
     finally:
         conn.close()
 
