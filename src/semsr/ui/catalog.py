@@ -66,11 +66,12 @@ def paths_for(spec: MethodSpec, paths: Mapping[str, Any]) -> dict[str, str]:
     (a method name keys its aliases too: ``default`` for the default's target).
     """
     bundled = set(spec.extra.get("bundled_paths") or ())
+    names = (spec.name, spec.extra.get("alias_of"))
     chosen: dict[str, str] = {}
     for opt in path_options(spec):
         value = paths.get(opt)
         scoped = dict(value) if isinstance(value, Mapping) else {"": value}
-        own = scoped.get(spec.name) or scoped.get(spec.extra.get("alias_of") or spec.name)
+        own = next((scoped[n] for n in names if scoped.get(n)), None)
         path = own or (None if opt in bundled else scoped.get(""))
         if path:
             chosen[opt] = str(path)
