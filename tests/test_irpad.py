@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,45 @@ def test_noise_label_is_the_noise_the_jpeg_left_visible() -> None:
     relabelled = p.with_visible_noise(vis)
     assert relabelled.noise_visible == vis and relabelled.labels[DEGRADATION_TYPES.index("noise")] == level_of("noise", vis)
     assert relabelled.labels[DEGRADATION_TYPES.index("jpeg")] == p.labels[DEGRADATION_TYPES.index("jpeg")]
+
+
+def test_render_visible_lands_the_visible_noise_in_the_drawn_interval() -> None:
+    from semsr.train.irpad import degrade_visible, render_visible
+
+    q = (_sample_image()[..., 32:128, 32:128] * 255).round() / 255
+    slight = LEVELS["noise"][1]
+    p = _params(noise=4.0, noise_seed=4, jpeg=85.0, labels=(0, 1, 1, 0))
+    _, before = degrade_visible(q, p)
+    assert before < slight.low  # the codec removes most of a slight noise on this crop ...
+    y, out = render_visible(q, p)
+    assert p.noise < out.noise <= 2 * slight.high and out.noise_visible is not None  # ... so more is added
+    assert slight.low <= out.noise_visible <= slight.high and out.labels[1] == 1
+    assert torch.equal(y, degrade(q, out))
+    # a strong JPEG: the added std stops at twice the interval's top, the label is the nearest visible level
+    strong = render_visible(q, replace(p, jpeg=35.0, labels=(0, 1, 3, 0)))[1]
+    assert strong.noise == 2 * slight.high and strong.labels[1] == level_of("noise", strong.noise_visible)
+    # without a JPEG (or with contiguous sampling) nothing is re-rendered
+    clean = _params(noise=4.0, noise_seed=4, labels=(0, 1, 0, 0))
+    assert render_visible(q, clean)[1] == clean.with_visible_noise(4.0)
+    assert render_visible(q, p, contiguous=True)[1].noise == p.noise
+
+
+def test_samples_are_cut_from_a_larger_degraded_region() -> None:
+    """With a context the degradation sees the surroundings (no border padding inside the sample)."""
+    from semsr.train.irpad import _context_start, generate
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        side, size, ctx = int(rng.integers(96, 300)), 64, 128
+        ctx = min(ctx, side)
+        start = int(rng.integers(0, side - size + 1))
+        c = _context_start(rng, start, size, ctx, side)
+        assert 0 <= c <= start and start + size <= c + ctx <= side
+    photo = Path(assets_dir() / "sample.png")
+    got: dict[int, list[np.ndarray]] = {}
+    for context in (64, 192):
+        got[context] = []
+        generate([photo], 6, size=64, seed=3, context=context, min_texture=0.0,
+                 sink=lambda i, arr, p, c=context: got[c].append(arr))
+        assert all(a.shape == (64, 64, 3) for a in got[context])
+    assert any(not np.array_equal(a, b) for a, b in zip(got[64], got[192]))

@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--n", type=int, default=2000, help="number of synthetic samples (default 2000)")
     b.add_argument("--seed", type=int, default=1234, help="generation seed (default 1234)")
     b.add_argument("--size", type=int, default=96, help="sample size in px (default 96)")
+    b.add_argument("--context", type=int, default=192, metavar="N",
+                   help="degrade a region of N px around each sample, then cut the sample out (default 192; at most the photo's short side)")
     b.add_argument("--contiguous", action="store_true",
                    help="sample parameters over whole ranges incl. the gaps between levels (nearest-level labels)")
     b.add_argument("--max-crops", type=int, default=16, help="analysis windows per image (default 16)")
@@ -60,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dataset folder (default: <cache>/irpad/data-<n>-<size>-<seed>); reused when complete")
     t.add_argument("--n", type=int, default=48000, help="synthetic training samples (default 48000)")
     t.add_argument("--size", type=int, default=96, help="sample size in px (default 96)")
+    t.add_argument("--context", type=int, default=192, metavar="N",
+                   help="degrade a region of N px around each sample, then cut the sample out (default 192; at most the photo's short side)")
     t.add_argument("--min-texture", type=float, default=3.0, help="crop texture threshold (default 3.0)")
     t.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
     t.add_argument("--epochs", type=int, default=8)
@@ -147,6 +151,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise SemsrError("--n must be at least 1")
+    if args.context < args.size:
+        raise SemsrError(f"--context ({args.context}) must be at least --size ({args.size})")
     torch.set_num_threads(max(1, args.threads))
     folder = args.weights or default_weights_dir()
     if not 1 <= args.flips <= 8:
@@ -155,12 +161,13 @@ def run_bench(args: argparse.Namespace) -> int:
     photos, where = bench_photos(args.hr)
     t0 = time.time()
     data = make_in_memory(photos, args.n, size=args.size, seed=args.seed, contiguous=args.contiguous,
-                          held_out=args.hr is None)
+                          held_out=args.hr is None, context=args.context)
     t_gen = time.time() - t0
     result = accuracy(estimator, data)
     t_eval = time.time() - t0 - t_gen
     per_type = result["per_type"]
-    print(f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px, seed {args.seed}"
+    print(f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px of {args.context}-px regions, "
+          f"seed {args.seed}"
           f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})")
     print(format_table(per_type))
     names = {t: [lv.name for lv in lvs] for t, lvs in estimator.table.items()}
@@ -168,7 +175,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "per_type": per_type, "n": result["n"], "mean": result["mean"], "target": TARGET,
         "passed": all(a >= TARGET for a in per_type.values()), "confusion": result["confusion"], "levels": names,
         "weights": str(folder), "fingerprint": weights_fingerprint(Path(folder)), "seed": args.seed,
-        "size": args.size, "contiguous": args.contiguous, "flips": args.flips, "max_crops": args.max_crops,
+        "size": args.size, "context": args.context, "contiguous": args.contiguous, "flips": args.flips,
+        "max_crops": args.max_crops,
         "photos": len(photos), "source": where,
         "seconds": {"generate": round(t_gen, 1), "classify": round(t_eval, 1)},
     }
@@ -189,7 +197,8 @@ def train_command(args: argparse.Namespace, sources: list[Path], data_dir: Path)
     """The full ``semsr train-irpad`` command line equivalent to ``args`` (every option spelled out)."""
     parts = ["semsr", "train-irpad", "--hr", *(str(s) for s in sources), "--out", str(args.out),
              "--data-dir", str(data_dir)]
-    for flag in ("n", "size", "min_texture", "seed", "epochs", "batch_size", "lr", "crop", "channels", "threads"):
+    for flag in ("n", "size", "context", "min_texture", "seed", "epochs", "batch_size", "lr", "crop", "channels",
+                 "threads"):
         parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     parts += [f for f, on in (("--no-highpass", args.no_highpass), ("--no-lines", args.no_lines)) if on]
     if args.init is not None:
@@ -219,8 +228,8 @@ def run_train(args: argparse.Namespace) -> int:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
         raise SemsrError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
-    if len(channels) < 2 or args.crop > args.size or args.n < 100:
-        raise SemsrError("need >= 2 --channels, --crop <= --size and --n >= 100")
+    if len(channels) < 2 or args.crop > args.size or args.n < 100 or args.context < args.size:
+        raise SemsrError("need >= 2 --channels, --crop <= --size <= --context and --n >= 100")
     sources = args.hr or default_sources()
     photos = list_photos(sources, held_out=False)
     if not photos:
@@ -230,7 +239,8 @@ def run_train(args: argparse.Namespace) -> int:
     command = train_command(args, sources, data_dir)
     logging.info("IRPAD: %d training photos -> %s", len(photos), data_dir)
     t0, c0 = time.time(), time.process_time()
-    build_dataset(data_dir, photos, args.n, size=args.size, seed=args.seed, min_texture=args.min_texture)
+    build_dataset(data_dir, photos, args.n, size=args.size, seed=args.seed, min_texture=args.min_texture,
+                  context=args.context)
     data_time = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
     logging.info("dataset ready (%.0f s wall)", data_time["wall_s"])
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -243,7 +253,7 @@ def run_train(args: argparse.Namespace) -> int:
     logging.info("saved %s (training %.0f s wall, %.0f s cpu)", args.out, record["wall_s"], record["cpu_s"])
     if args.eval_n > 0:
         photos_ho = list_photos(sources, held_out=True)
-        held = make_in_memory(photos_ho, args.eval_n, size=args.size, seed=1234)
+        held = make_in_memory(photos_ho, args.eval_n, size=args.size, seed=1234, context=args.context)
         acc = accuracy(IRPADEstimator(model), held)
         print(format_table(acc["per_type"]))
     return 0

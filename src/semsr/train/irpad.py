@@ -26,9 +26,26 @@ std that was added.
 Sharp source crops: every photograph is first downscaled (MATLAB bicubic, with
 antialiasing) by ``f = max(U(1.5, 2.5), short_side / U(384, 768))`` so camera
 softness, sensor noise and the source's own JPEG artefacts shrink below the
-"none" levels, then ``size x size`` crops whose texture score
+"none" levels, then ``size x size`` windows whose texture score
 (:func:`semsr.data.corpus.crops.texture_score`) is at least ``min_texture`` are
-taken (blur is unobservable on a flat patch).
+chosen (blur is unobservable on a flat patch).
+
+Context (revision 5): the degradation is applied to a ``context x context``
+region (default 192 px, at most the photo's short side) around the window and
+the window is cut out afterwards, as in a real LR image, which was degraded
+whole. Degrading the 96-px window itself made a 4x-downscaled sample a 24-px
+image under a Gaussian up to 41 px wide, dominated by the border padding.
+
+Visible-noise levels (revision 5): the noise level and its value are drawn
+like the other types, as the std *left visible after the JPEG*. When the
+codec keeps only part of the noise, the sample is rendered again with the
+added std divided by the measured gain, so the visible std lands in the drawn
+interval (up to three times; the added std is capped at twice the interval's
+upper bound, beyond which a strong JPEG turns noise into blotches, and ~91 %
+of the noisy samples land inside; the rest take the nearest level). Labels
+then respect the gaps between levels as for the other types
+(before, a slight noise under a strong JPEG could leave 1-2 units visible,
+labelled by the nearest level though hardly distinguishable from none).
 
 Held-out split
 --------------
@@ -77,7 +94,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 HELD_OUT_PERCENT = 15
 #: Bumped whenever :func:`degrade` or the sampling changes (stored datasets are then rebuilt).
-PIPELINE_REVISION = 4
+PIPELINE_REVISION = 5
 DOWN_MODES = ("imresize", "area", "bilinear")
 UP_MODES = ("bicubic", "bilinear")
 
@@ -289,6 +306,42 @@ def degrade_visible(hr: torch.Tensor, p: IRPADParams) -> tuple[torch.Tensor, flo
     return x[:1], visible
 
 
+def render_visible(hr: torch.Tensor, p: IRPADParams, contiguous: bool = False,
+                   table: Mapping[str, Sequence[Level]] | None = None,
+                   retries: int = 3) -> tuple[torch.Tensor, IRPADParams]:
+    """Degrade ``hr`` ``(1, 3, S, S)`` so that ``p.noise`` is the std *visible* after the JPEG.
+
+    :func:`degrade_visible` measures the share of the noise the codec keeps;
+    while the visible std falls outside the drawn level's interval (unless
+    ``contiguous``) the sample is rendered again (at most ``retries`` times)
+    with the drawn std divided by the last measured gain (the gain grows with
+    the std, as the codec keeps more of a stronger noise). The added std is
+    capped at twice the interval's upper bound — a stronger noise under a
+    strong JPEG turns into blotches rather than grain — and the label is then
+    the nearest level of what stays visible. Returns the image and ``p`` with the added std (``noise``),
+    the visible std (``noise_visible``) and its level label.
+    """
+    table = LEVELS if table is None else table
+    y, visible = degrade_visible(hr, p)
+    j = DEGRADATION_TYPES.index("noise")
+    lv = table["noise"][p.labels[j]]
+    lo, hi = min(lv.low, lv.high), max(lv.low, lv.high)
+    target = p.noise
+    for _ in range(0 if contiguous or p.noise <= 0 else retries):
+        if lo <= visible <= hi:
+            break
+        gain = max(visible / p.noise, 1.0 / 64.0)
+        p = replace(p, noise=min(target / gain, 2.0 * hi))
+        y, visible = degrade_visible(hr, p)
+    return y, p.with_visible_noise(visible, table)
+
+
+def _context_start(rng: np.random.Generator, start: int, size: int, context: int, side: int) -> int:
+    """Start of a ``context``-long span inside ``[0, side)`` that contains ``[start, start + size)``."""
+    lo, hi = max(0, start + size - context), min(start, side - context)
+    return int(rng.integers(lo, hi + 1))
+
+
 def prescale(photo: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     """Sharpen a photo by downscaling (see module docstring): uint8 ``(H, W, 3)`` -> ``(1, 3, h, w)``."""
     from semsr.ops.imresize import imresize
@@ -337,23 +390,26 @@ def generate(
     contiguous: bool = False,
     sink: Callable[[int, np.ndarray, IRPADParams], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    context: int = 192,
 ) -> list[IRPADParams]:
     """Produce ``n`` degraded crops from ``photos``; ``sink(i, uint8 (S, S, 3), params)`` receives each.
 
     Photos are visited in seeded random order (repeating as needed),
-    ``crops_per_visit`` crops per visit, each with its own degradation.
+    ``crops_per_visit`` windows per visit, each with its own degradation applied
+    to a ``context``-px region around it (see module docstring).
     Deterministic for a given ``(photos, n, size, seed, ...)``.
     """
     if not photos:
         raise SemsrError("no photographs to make IRPAD samples from")
     with torch_threads(1):  # tiny per-sample ops: more threads only add contention
-        return _generate(photos, n, size, seed, crops_per_visit, min_texture, contiguous, sink, progress)
+        return _generate(photos, n, size, seed, crops_per_visit, min_texture, contiguous, sink, progress,
+                         context)
 
 
 def _generate(
     photos: Sequence[Path], n: int, size: int, seed: int, crops_per_visit: int, min_texture: float,
     contiguous: bool, sink: Callable[[int, np.ndarray, IRPADParams], None] | None,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int], None] | None, context: int,
 ) -> list[IRPADParams]:
     rng = np.random.default_rng(seed)
     out: list[IRPADParams] = []
@@ -368,14 +424,17 @@ def _generate(
             log.warning("skipping unreadable %s (%s)", path, err)
             continue
         img = prescale(photo, rng)
-        if min(img.shape[-2:]) < size:
+        h, w = img.shape[-2:]
+        if min(h, w) < size:
             continue
+        ctx = max(size, min(context, h, w))
         u8 = (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         k = min(crops_per_visit, n - len(out))
         for top, left in sample_crop_boxes(u8, size, k, rng, min_texture):
+            ct, cl = (_context_start(rng, a, size, ctx, side) for a, side in ((top, h), (left, w)))
             p = sample_params(rng, contiguous=contiguous)
-            y, visible = degrade_visible(img[..., top : top + size, left : left + size], p)
-            p = p.with_visible_noise(visible)
+            y, p = render_visible(img[..., ct : ct + ctx, cl : cl + ctx], p, contiguous)
+            y = y[..., top - ct : top - ct + size, left - cl : left - cl + size]
             arr = (y[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
             if sink is not None:
                 sink(len(out), arr, p)
@@ -386,37 +445,39 @@ def _generate(
 
 
 def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: float, contiguous: bool,
-          held_out: bool) -> dict[str, Any]:
+          held_out: bool, context: int) -> dict[str, Any]:
     from semsr.priors.irpad import levels_to_json
 
     return {"pipeline": PIPELINE_REVISION, "types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS),
-            "n": n, "size": size,
+            "n": n, "size": size, "context": context,
             "seed": seed, "min_texture": min_texture, "contiguous": contiguous, "held_out": held_out,
             "photos": [str(p) for p in photos]}
 
 
 def make_in_memory(photos: Sequence[Path], n: int, size: int = 96, seed: int = 0, min_texture: float = 3.0,
-                   contiguous: bool = False, held_out: bool = True) -> IRPADData:
+                   contiguous: bool = False, held_out: bool = True, context: int = 192) -> IRPADData:
     """Generate a synthetic set in memory (used by ``semsr bench-irpad``)."""
     images = np.zeros((n, size, size, 3), np.uint8)
 
     def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
         images[i] = arr
 
-    params = generate(photos, n, size, seed, min_texture=min_texture, contiguous=contiguous, sink=sink)
+    params = generate(photos, n, size, seed, min_texture=min_texture, contiguous=contiguous, sink=sink,
+                      context=context)
     return IRPADData(images, np.array([p.labels for p in params], np.int64),
                      np.array([p.values() for p in params], np.float32),
-                     _meta(photos, n, size, seed, min_texture, contiguous, held_out))
+                     _meta(photos, n, size, seed, min_texture, contiguous, held_out, context))
 
 
 def build_dataset(folder: str | Path, photos: Sequence[Path], n: int, size: int = 96, seed: int = 0,
-                  min_texture: float = 3.0, held_out: bool = False, log_every: int = 1000) -> Path:
+                  min_texture: float = 3.0, held_out: bool = False, log_every: int = 1000,
+                  context: int = 192) -> Path:
     """Write a synthetic set to ``folder`` (memory-mapped ``images.npy`` etc.; see module docstring).
 
     An existing complete set with the same recipe (``meta.json``) is reused.
     """
     folder = Path(folder)
-    meta = _meta(photos, n, size, seed, min_texture, False, held_out)
+    meta = _meta(photos, n, size, seed, min_texture, False, held_out, context)
     meta_path = folder / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         log.info("reusing IRPAD dataset %s", folder)
@@ -434,7 +495,8 @@ def build_dataset(folder: str | Path, photos: Sequence[Path], n: int, size: int 
         if i % log_every == 0:
             log.info("IRPAD dataset: %d/%d samples (%.0f s)", i, n, time.time() - t0)
 
-    params = generate(photos, n, size, seed, min_texture=min_texture, sink=sink, progress=progress)
+    params = generate(photos, n, size, seed, min_texture=min_texture, sink=sink, progress=progress,
+                      context=context)
     images.flush()  # renaming a file that is still mapped is fine on POSIX
     (folder / "images.npy.tmp").replace(folder / "images.npy")
     np.save(folder / "labels.npy", np.array([p.labels for p in params], np.int64))
