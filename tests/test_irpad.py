@@ -254,6 +254,19 @@ def test_train_irpad_end_to_end_on_a_tiny_set(tmp_path: Path) -> None:
     assert cont.config.training["previous"]["command"] == rec["command"]
     assert f"--init {out}" in cont.config.training["command"]
     assert any(not torch.equal(a, b) for a, b in zip(cont.state_dict().values(), model.state_dict().values()))
+    # fine-tuning on a larger window: the window becomes the model's analysis window
+    out3 = tmp_path / "w3"
+    try:
+        rc = main(["train-irpad", "--hr", str(photos), "--out", str(out3), "--data-dir", str(tmp_path / "data"),
+                   "--n", "160", "--size", "64", "--epochs", "1", "--batch-size", "32", "--threads", "1",
+                   "--min-texture", "0", "--init", str(out), "--crop", "64"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    wide = load_irpad(out3)
+    assert wide.config.channels == (8, 8, 16) and wide.config.crop == 64
+    assert "--crop 64" in wide.config.training["command"]
+    assert IRPADEstimator(wide).windows(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
 def test_noise_label_is_the_noise_the_jpeg_left_visible() -> None:

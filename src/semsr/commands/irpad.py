@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--contiguous", action="store_true",
                    help="sample parameters over whole ranges incl. the gaps between levels (nearest-level labels)")
     b.add_argument("--max-crops", type=int, default=16, help="analysis windows per image (default 16)")
-    b.add_argument("--flips", type=int, default=1, help="flips/transpositions averaged per window, 1-8 (default 1)")
+    b.add_argument("--flips", type=int, default=None,
+                   help="flips/transpositions averaged per window, 1-8 (default: the estimator's, 8)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     b.add_argument("--json", type=Path, default=None, help="write results as JSON")
     b.add_argument("--confusion", type=Path, default=None, metavar="PNG",
@@ -69,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--crop", type=int, default=64, help="training window (default 64)")
+    t.add_argument("--crop", type=int, default=None,
+                   help="training (and analysis) window in px (default 64, with --init the initial model's)")
     t.add_argument("--channels", default="16,32,48,64,96", help="network widths (default 16,32,48,64,96)")
     t.add_argument("--no-highpass", action="store_true", help="do not feed the fixed high-pass residual")
     t.add_argument("--no-lines", action="store_true", help="do not feed the fixed 8-px line-gradient channels")
@@ -155,6 +157,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SemsrError(f"--context ({args.context}) must be at least --size ({args.size})")
     torch.set_num_threads(max(1, args.threads))
     folder = args.weights or default_weights_dir()
+    if args.flips is None:
+        from semsr.priors.irpad import DEFAULT_FLIPS
+
+        args.flips = DEFAULT_FLIPS
     if not 1 <= args.flips <= 8:
         raise SemsrError("--flips must be between 1 and 8")
     estimator = IRPADEstimator(weights=folder, max_crops=args.max_crops, flips=args.flips)
@@ -228,13 +234,15 @@ def run_train(args: argparse.Namespace) -> int:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
         raise SemsrError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
-    if len(channels) < 2 or args.crop > args.size or args.n < 100 or args.context < args.size:
-        raise SemsrError("need >= 2 --channels, --crop <= --size <= --context and --n >= 100")
+    init = load_irpad(args.init) if args.init is not None else None  # a wrong path fails before the data is built
+    if args.crop is None:
+        args.crop = init.config.crop if init is not None else 64
+    if len(channels) < 2 or not 16 <= args.crop <= args.size or args.n < 100 or args.context < args.size:
+        raise SemsrError("need >= 2 --channels, 16 <= --crop <= --size <= --context and --n >= 100")
     sources = args.hr or default_sources()
     photos = list_photos(sources, held_out=False)
     if not photos:
         raise SemsrError("no training photographs found", " ".join(map(str, sources)))
-    init = load_irpad(args.init) if args.init is not None else None  # a wrong path fails before the data is built
     data_dir = args.data_dir or cache_dir() / "irpad" / f"data-{args.n}-{args.size}-{args.seed}"
     command = train_command(args, sources, data_dir)
     logging.info("IRPAD: %d training photos -> %s", len(photos), data_dir)

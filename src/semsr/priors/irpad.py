@@ -409,6 +409,11 @@ class IRPADPrediction:
         return {t: table[t][i].name for t, i in self.levels.items()}
 
 
+#: Flips/transpositions averaged per analysis window by default: eight passes of a 0.3 M-parameter network
+#: per window (~0.7 s for a 512-px image on one CPU core) lift the held-out blur accuracy by about a point.
+DEFAULT_FLIPS = 8
+
+
 class IRPADEstimator:
     """Run an :class:`IRPADNet` on whole images.
 
@@ -417,12 +422,12 @@ class IRPADEstimator:
         weights: folder with ``config.json`` + ``model.safetensors``.
         max_crops: windows averaged per image (see :func:`crop_grid`).
         flips: also average over this many flips/transpositions of each window
-            (1 = none, up to 8; see :func:`dihedral`).
+            (1 = none, up to 8; see :func:`dihedral`; default :data:`DEFAULT_FLIPS`).
         device: torch device.
     """
 
     def __init__(self, model: IRPADNet | None = None, weights: str | Path | None = None,
-                 max_crops: int = 16, flips: int = 1, device: str = "cpu") -> None:
+                 max_crops: int = 16, flips: int = DEFAULT_FLIPS, device: str = "cpu") -> None:
         if not 1 <= int(flips) <= 8:
             raise ValueError(f"flips must be in 1..8, got {flips}")
         self.flips = int(flips)
@@ -483,7 +488,7 @@ class IRPADProvider:
     kind = "text"
 
     def __init__(self, weights: str | Path | None = None, omit_none: bool = False, max_crops: int = 16,
-                 flips: int = 1, device: str = "cpu") -> None:
+                 flips: int = DEFAULT_FLIPS, device: str = "cpu") -> None:
         folder = Path(weights).expanduser() if weights is not None else default_weights_dir()
         self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, flips=flips, device=device)
         self.omit_none = bool(omit_none)
@@ -504,7 +509,7 @@ def _bool(value: str | bool) -> bool:
 
 
 def _make_provider(weights: str | Path | None = None, omit_none: str | bool = False, max_crops: int = 16,
-                   flips: int = 1, device: str = "cpu") -> IRPADProvider:
+                   flips: int = DEFAULT_FLIPS, device: str = "cpu") -> IRPADProvider:
     return IRPADProvider(weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), flips=int(flips),
                          device=device)
 

@@ -577,7 +577,8 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
 
     AdamW with a one-cycle schedule, summed cross-entropy over the four heads.
     With ``init`` training continues from that model (its architecture wins over
-    ``settings.channels`` etc.; its record is kept under ``"previous"``).
+    ``settings.channels`` etc., the training window ``settings.crop`` becomes its
+    analysis window; its record is kept under ``"previous"``).
     Returns the model (eval mode) and a training record (settings, timings,
     validation accuracy per epoch) that is also stored in ``model.config.training``.
     """
@@ -592,8 +593,9 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
         model, previous = init, dict(init.config.training)
         if init.config.levels != data.meta["levels"]:
             raise SemsrError("the initial IRPAD weights were trained on other levels than this data set")
-        settings = replace(settings, channels=tuple(init.config.channels), crop=init.config.crop,
-                           highpass=init.config.highpass, lines=init.config.lines)
+        settings = replace(settings, channels=tuple(init.config.channels), highpass=init.config.highpass,
+                           lines=init.config.lines)
+        model.config.crop = settings.crop  # fully convolutional: the window may grow when fine-tuning
     else:
         config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass,
                              lines=settings.lines)
@@ -625,7 +627,7 @@ def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None
                 log_fn(f"epoch {epoch + 1} step {step}/{total} loss {running / (b + 1):.3f} "
                        f"({time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu)")
         model.eval()
-        acc = accuracy(IRPADEstimator(model), val)
+        acc = accuracy(IRPADEstimator(model, flips=1), val)  # no test-time flips: a quick per-epoch check
         history.append({"epoch": epoch + 1, "loss": running / max(1, steps_per_epoch), "val": acc["per_type"],
                         "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
         log_fn(f"epoch {epoch + 1}: val " + ", ".join(f"{t} {a:.3f}" for t, a in acc["per_type"].items()))
