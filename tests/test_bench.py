@@ -433,8 +433,12 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
     (pkg / "__init__.py").write_text("")
     blob = pkg / "weights" / "net.bin"
     blob.write_bytes(b"\0" * 32)
+    (pkg / "prior").mkdir()
+    used = pkg / "prior" / "w.bin"  # another model the outputs depend on (the default model's IRPAD)
+    used.write_bytes(b"\0" * 8)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    info = ModelInfo("test-weighted", 4, "pytorch", module="semsr_test_weights", files=("net.bin",), folder="weights")
+    info = ModelInfo("test-weighted", 4, "pytorch", module="semsr_test_weights", files=("net.bin",), folder="weights",
+                     uses=("prior/w.bin",))
     methods.register(methods.MethodSpec("test-weighted", _variant_factory("test-weighted"), 4,
                                         extra={"model_info": info}))
     methods.register(methods.MethodSpec("test-weighted-alias", _variant_factory("test-weighted-alias"), 4,
@@ -451,6 +455,9 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
         after = keys()
         assert after[0] != before[0] and after[1] != before[1], "weights (and the alias's target) are fingerprinted"
         assert after[2] == before[2], "methods without weight files keep their key"
+        used.write_bytes(b"\1" * 8)
+        changed = keys()
+        assert changed[0] != after[0] and changed[1] != after[1], "files the model uses are fingerprinted too"
     finally:
         methods._REGISTRY.pop("test-weighted", None)
         methods._REGISTRY.pop("test-weighted-alias", None)

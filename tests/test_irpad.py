@@ -27,7 +27,17 @@ from semsr.priors.irpad import (
     level_of,
     load_irpad,
 )
-from semsr.train.irpad import IRPADParams, degrade, is_held_out, list_photos, sample_params
+from semsr.train.irpad import (
+    DOWN_MODES,
+    RESAMPLING_BLUR,
+    IRPADParams,
+    degrade,
+    fit_resampling_blur,
+    is_held_out,
+    list_photos,
+    resampling_blur,
+    sample_params,
+)
 
 
 def _sample_image() -> torch.Tensor:
@@ -83,6 +93,31 @@ def test_sampled_parameters_lie_in_their_level_interval() -> None:
         lv = LEVELS["noise"][p.labels[1]]
         gap_values += not (min(lv.low, lv.high) <= p.noise <= max(lv.low, lv.high))
     assert gap_values > 20
+
+
+def test_blur_label_is_the_total_blur_including_the_resampling() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        p = sample_params(rng)
+        rs = resampling_blur(p.downscale, p.down_mode, p.up_mode)
+        assert (rs > 0) == (p.downscale > 1.0)
+        assert p.total_blur() == pytest.approx(float(np.hypot(p.blur, rs)))
+        if p.downscale > 1.0:  # resampling blurs by itself: never "no blur", and only the levels it can reach
+            assert p.labels[0] >= 1 and LEVELS["blur"][p.labels[0]].high > rs
+    heavy = [sample_params(rng) for _ in range(600)]
+    assert {p.labels[0] for p in heavy if p.labels[3] == 3} == {2, 3}  # 4x smaller: at least moderate blur
+
+
+def test_resampling_blur_table_matches_a_fit_on_a_photo() -> None:
+    x = _sample_image()
+    sigmas = tuple(np.arange(0.3, 2.61, 0.05))
+    fits = {}
+    for down, up in RESAMPLING_BLUR:
+        for d in (2.0, 4.0):
+            fits[down, up, d] = fit_resampling_blur([x], d, down, up, sigmas)
+            assert fits[down, up, d] == pytest.approx(resampling_blur(d, down, up), rel=0.2), (down, up, d)
+    for down in DOWN_MODES:  # a bilinear enlargement is softer than a bicubic one
+        assert fits[down, "bilinear", 4.0] > fits[down, "bicubic", 4.0]
 
 
 # ----------------------------------------------------------------------------- degradation

@@ -380,7 +380,7 @@ def weights_fingerprint(spec: Any, build_opts: dict[str, Any]) -> dict[str, str]
     """Key entries that change when the weight files of method ``spec`` change.
 
     ``"#weights"``: the files of ``spec.extra["model_info"]`` (for an alias such
-    as ``default``, its target's); ``"#<option>"``: the files under a
+    as ``default``, its target's), with the files it ``uses``; ``"#<option>"``: the files under a
     ``checkpoint``/``weights`` build option. Empty for methods without weight files.
     """
     from semsr.methods import resolve
@@ -393,7 +393,8 @@ def weights_fingerprint(spec: Any, build_opts: dict[str, Any]) -> dict[str, str]
         info = target if isinstance(target, ModelInfo) else info
     paths = info.paths() if isinstance(info, ModelInfo) else None
     if paths:
-        out["#weights"] = files_fingerprint(zip(info.files, paths))
+        used = info.used_paths() or []
+        out["#weights"] = files_fingerprint([*zip(info.files, paths), *zip(info.uses, used)])
     for opt in WEIGHT_OPTIONS:
         value = build_opts.get(opt)
         if isinstance(value, (str, Path)) and str(value):

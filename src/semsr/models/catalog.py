@@ -47,6 +47,8 @@ class ModelInfo:
         needs: what the user must supply (e.g. ``"weights=PATH"``), if anything.
         folder: sub-folder of ``module`` holding ``files`` (``"models"`` in the sr-vulkan packages).
         training_data: what the weights were trained on, for models semsr trained itself.
+        uses: other files under ``<module>/`` the outputs depend on (the IRPAD weights behind the
+            default model's degradation text); part of the benchmark cache key with ``files``.
     """
 
     name: str
@@ -61,17 +63,31 @@ class ModelInfo:
     needs: str | None = None
     folder: str = "models"
     training_data: str | None = None
+    uses: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def _root(self) -> Path | None:
+        """Folder of the importable ``module``, or ``None`` when there is none or it is not importable."""
+        if self.module is None:
+            return None
+        try:
+            return Path(str(importlib.resources.files(self.module)))
+        except ModuleNotFoundError:
+            return None
 
     def paths(self) -> list[Path] | None:
         """Absolute paths of ``files``, or ``None`` when the package is not importable."""
         if self.module is None:
             return []
-        try:
-            root = Path(str(importlib.resources.files(self.module)))
-        except ModuleNotFoundError:
-            return None
-        return [root / self.folder / f for f in self.files]
+        root = self._root()
+        return None if root is None else [root / self.folder / f for f in self.files]
+
+    def used_paths(self) -> list[Path] | None:
+        """Absolute paths of ``uses``, or ``None`` when the package is not importable."""
+        if self.module is None:
+            return []
+        root = self._root()
+        return None if root is None else [root / f for f in self.uses]
 
     def available(self) -> bool:
         """True when the package imports and every file is present and non-empty."""
@@ -208,6 +224,7 @@ DEFAULT_SR = ModelInfo(
      "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "text_proj.safetensors"),
     "Apache-2.0 (semsr); stage 1 realesrgan-x4plus: " + LIC_REALESRGAN,
     folder="assets/weights/default-sr",
+    uses=("assets/weights/irpad/config.json", "assets/weights/irpad/model.safetensors"),
     training_data="semsr offline corpus, 575 photos: BSDS500 train+test (400, research use; disjoint from B100), "
                   "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
                   "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "

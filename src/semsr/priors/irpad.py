@@ -14,11 +14,16 @@ The labels are defined by one controlled single-stage degradation (see
 :mod:`semsr.train.irpad`), applied to a sharp image ``x`` whose pixel grid is
 the grid IRPAD looks at::
 
-    x -> downscale by d -> blur (sigma) -> noise (sigma_n) -> 8-bit -> upscale by d -> 8-bit -> JPEG (q)
+    x -> blur (sigma) -> downscale by d -> noise (sigma_n) -> 8-bit -> upscale by d -> 8-bit -> JPEG (q)
 
-i.e. blur and noise happen on the *small* image, which is then enlarged back
+i.e. the noise happens on the *small* image, which is then enlarged back
 ("the image was captured small, then upscaled"), and the file was compressed
-last, at its final size, as cameras and the web do. With ``d = 1`` (level
+last, at its final size, as cameras and the web do. The blur label is of the
+*total* blur on that grid: the Gaussian's std combined with the softness of
+the resampling itself (about 0.36-0.55 d px, by resampling mode; see
+:func:`semsr.train.irpad.resampling_blur`), so a 4x-downscaled image is at
+least "moderately" blurred and the blur phrase describes how soft the image
+looks. With ``d = 1`` (level
 "none") the image is observed at its own resolution, the usual case of an LR
 input. The JPEG quantises part of the noise away (a heavy JPEG leaves little of
 a slight noise), so the noise label is the level of the std the JPEG left
@@ -30,7 +35,7 @@ reached only 0.49-0.63 held-out accuracy.) Parameters and their intervals (:data
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
 ============  =====================================  =======  ============  ============  ============
-blur          Gaussian std, px of the small image    0        0.9 - 1.3     2.0 - 2.7     3.6 - 5.0
+blur          total Gaussian-equivalent std, px      0        0.9 - 1.3     2.0 - 2.7     3.6 - 5.0
 noise         Gaussian std left visible, 0-255       0        3 - 5         8 - 12        16 - 24
 jpeg          IJG quality (lower = stronger)         no JPEG  90 - 75       65 - 50       40 - 30
 downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 - 3.2     3.8 - 4.2
@@ -128,9 +133,10 @@ LEVELS: dict[str, tuple[Level, ...]] = {
 
 #: What the parameter of each type means (documentation, also stored in the config).
 PARAMETERS: dict[str, str] = {
-    "blur": "isotropic-equivalent Gaussian std in pixels of the small (downscaled) image",
+    "blur": "total blur: Gaussian-equivalent std in pixels of the image, the Gaussian applied combined with the "
+            "softness of the downscale and enlargement",
     "noise": "std in 0-255 units of the Gaussian noise added to the small image that the JPEG left visible",
-    "jpeg": "IJG JPEG quality of the small image (100 = not compressed)",
+    "jpeg": "IJG JPEG quality, applied last at the image's final size (100 = not compressed)",
     "downscale": "factor d the image was downscaled by before being enlarged back (1 = not)",
 }
 
