@@ -245,15 +245,22 @@ def fit_resampling_blur(images: Sequence[torch.Tensor], d: float, down_mode: str
     return float(sigmas[int(err.argmin())])
 
 
+def _span(lv: Level) -> tuple[float, float]:
+    """``(lowest, highest)`` parameter value of a level (JPEG intervals are listed high to low)."""
+    return min(lv.low, lv.high), max(lv.low, lv.high)
+
+
+def _sampling_span(levels: Sequence[Level], i: int, contiguous: bool) -> tuple[float, float]:
+    """Where level ``i``'s parameter is drawn: its interval, or with ``contiguous`` :func:`_extended`."""
+    return _extended(levels, i) if contiguous else _span(levels[i])
+
+
 def _extended(levels: Sequence[Level], i: int) -> tuple[float, float]:
     """Interval of level ``i`` grown to the middle of the gaps beside it (``contiguous`` sampling)."""
-    def span(lv: Level) -> tuple[float, float]:
-        return min(lv.low, lv.high), max(lv.low, lv.high)
-
-    lo, hi = span(levels[i])
+    lo, hi = _span(levels[i])
     descending = levels[-1].low < levels[0].low
-    prev = span(levels[i - 1]) if i > 0 else None
-    nxt = span(levels[i + 1]) if i + 1 < len(levels) else None
+    prev = _span(levels[i - 1]) if i > 0 else None
+    nxt = _span(levels[i + 1]) if i + 1 < len(levels) else None
     if descending:  # severity grows as the value falls (JPEG quality)
         prev, nxt = nxt, prev
     if prev is not None:
@@ -285,7 +292,7 @@ def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]]
         if i == 0:
             values[t] = lv.low
         else:
-            lo, hi = _extended(levels, i) if contiguous else (min(lv.low, lv.high), max(lv.low, lv.high))
+            lo, hi = _sampling_span(levels, i, contiguous)
             values[t] = float(rng.uniform(lo, hi))
     labels = tuple(level_of(t, values[t], table) for t in DEGRADATION_TYPES)
     p = IRPADParams(
@@ -299,8 +306,7 @@ def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]]
     if rs == 0.0:
         return p
     levels = table["blur"]
-    spans = [_extended(levels, i) if contiguous else (min(lv.low, lv.high), max(lv.low, lv.high))
-             for i, lv in enumerate(levels)]
+    spans = [_sampling_span(levels, i, contiguous) for i in range(len(levels))]
     reachable = [i for i in range(1, len(levels)) if spans[i][1] > rs]
     i = reachable[int(rng.integers(len(reachable)))]
     total = float(rng.uniform(max(spans[i][0], rs), spans[i][1]))
@@ -395,7 +401,7 @@ def render_visible(hr: torch.Tensor, p: IRPADParams, contiguous: bool = False,
     y, visible = degrade_visible(hr, p)
     j = DEGRADATION_TYPES.index("noise")
     lv = table["noise"][p.labels[j]]
-    lo, hi = min(lv.low, lv.high), max(lv.low, lv.high)
+    lo, hi = _span(lv)
     target = p.noise
     for _ in range(0 if contiguous or p.noise <= 0 else retries):
         if lo <= visible <= hi:
