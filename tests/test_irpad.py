@@ -168,8 +168,8 @@ def test_crop_grid_covers_the_image() -> None:
 # ----------------------------------------------------------------------------- shipped weights
 
 def test_shipped_weights_beat_dalpsr_on_held_out_synthetic_data(data_dir: Path, tmp_path: Path) -> None:
-    """DaLPSR's IRPAD reaches 63-69 % per type; the shipped weights must stay above 70 % on every type and
-    identify the JPEG quality (the issue's 90 % target is reported in the JSON's ``passed``, see docs/irpad.md)."""
+    """DaLPSR's IRPAD reaches 63-69 % per type; the issue's target is 90 % (2000 samples, docs/irpad.md: 0.938 for
+    the weakest type); on this smaller sample every type must stay above 88 % and JPEG above 95 %."""
     out = tmp_path / "r.json"
     torch_threads = torch.get_num_threads()
     try:
@@ -178,7 +178,7 @@ def test_shipped_weights_beat_dalpsr_on_held_out_synthetic_data(data_dir: Path, 
         torch.set_num_threads(torch_threads)
     res = json.loads(out.read_text())
     assert res["n"] == 400 and set(res["per_type"]) == set(DEGRADATION_TYPES)
-    assert all(acc >= 0.70 for acc in res["per_type"].values()), res["per_type"]
+    assert all(acc >= 0.88 for acc in res["per_type"].values()), res["per_type"]
     assert res["per_type"]["jpeg"] >= 0.95, res["per_type"]
     assert res["passed"] == all(acc >= res["target"] for acc in res["per_type"].values())
     assert res["target"] == 0.90 and res["source"].startswith("held-out split")
@@ -186,6 +186,12 @@ def test_shipped_weights_beat_dalpsr_on_held_out_synthetic_data(data_dir: Path, 
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for t, conf in res["confusion"].items():
         assert np.asarray(conf).sum() == 400
+    for t, grid in res["by_downscale_noise"].items():
+        cells = np.asarray(grid, dtype=float)
+        assert cells.shape == (4, 4) and np.nanmin(cells) >= 0 and np.nanmax(cells) <= 1
+    # no noise is where resampling and blur are confusable: downscale is weakest there
+    down = np.asarray(res["by_downscale_noise"]["downscale"], dtype=float)
+    assert np.nanmean(down[:, 0]) < np.nanmean(down[:, 1:])
 
 
 def test_shipped_weights_are_small_and_self_describing() -> None:

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--flips", type=int, default=None,
                    help="flips/transpositions averaged per window, 1-8 (default: the estimator's, 8)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    b.add_argument("--split", action="store_true",
+                   help="also print each type's accuracy by true downscale (rows) x true noise level (columns); "
+                        "always in the JSON")
     b.add_argument("--json", type=Path, default=None, help="write results as JSON")
     b.add_argument("--confusion", type=Path, default=None, metavar="PNG",
                    help="confusion-matrix figure (default: <json stem>_confusion.png, or irpad_confusion.png)")
@@ -104,6 +107,16 @@ def format_table(per_type: dict[str, float], target: float = TARGET) -> str:
     for t, a in per_type.items():
         lines.append(f"{t:<10} {a:>8.4f}  {'ok' if a >= target else 'BELOW'}")
     lines.append(f"{'mean':<10} {sum(per_type.values()) / len(per_type):>8.4f}")
+    return "\n".join(lines)
+
+
+def format_split(split: dict[str, list[list[float | None]]], names: dict[str, list[str]]) -> str:
+    """Per type: accuracy by true downscale level (rows) x true noise level (columns), "-" for empty cells."""
+    lines = []
+    for t, rows in split.items():
+        lines.append(f"{t} accuracy by downscale (rows) x noise: " + " ".join(f"{n:>8}" for n in names["noise"]))
+        for d, row in zip(names["downscale"], rows):
+            lines.append(f"  {d:<10}" + "".join(f"{'-' if v is None else f'{v:.2f}':>9}" for v in row))
     return "\n".join(lines)
 
 
@@ -177,9 +190,12 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})")
     print(format_table(per_type))
     names = {t: [lv.name for lv in lvs] for t, lvs in estimator.table.items()}
+    if args.split:
+        print(format_split(result["by_downscale_noise"], names))
     out: dict[str, Any] = {
         "per_type": per_type, "n": result["n"], "mean": result["mean"], "target": TARGET,
-        "passed": all(a >= TARGET for a in per_type.values()), "confusion": result["confusion"], "levels": names,
+        "passed": all(a >= TARGET for a in per_type.values()), "confusion": result["confusion"],
+        "by_downscale_noise": result["by_downscale_noise"], "levels": names,
         "weights": str(folder), "fingerprint": weights_fingerprint(Path(folder)), "seed": args.seed,
         "size": args.size, "context": args.context, "contiguous": args.contiguous, "flips": args.flips,
         "max_crops": args.max_crops,

@@ -630,20 +630,34 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
     """Per-type interval accuracy and confusion matrices of ``estimator`` on ``data``.
 
     Returns ``{"per_type": {type: acc}, "confusion": {type: [[count]] (true x predicted)}, "n": N,
-    "mean": mean accuracy}``.
+    "mean": mean accuracy, "by_downscale_noise": {type: [[acc or None]]}}``; the last splits each
+    type's accuracy by the true downscale level (rows) and true noise level (columns), where the
+    confusable cases sit (no noise: resampling vs blur); ``None`` marks an empty cell.
     """
     types = list(data.meta.get("types", DEGRADATION_TYPES))
     table = estimator.table
     conf = {t: np.zeros((len(table[t]), len(table[t])), np.int64) for t in types}
+    preds = np.zeros_like(data.labels)
     for start in range(0, len(data), batch_size):
         x = torch.from_numpy(np.array(data.images[start : start + batch_size]))
         x = x.permute(0, 3, 1, 2).float() / 255.0
         pred = estimator.predict_batch(x)
         for j, t in enumerate(types):
-            np.add.at(conf[t], (data.labels[start : start + batch_size, j], pred[t].numpy()), 1)
+            preds[start : start + batch_size, j] = pred[t].numpy()
+    for j, t in enumerate(types):
+        np.add.at(conf[t], (data.labels[:, j], preds[:, j]), 1)
     per_type = {t: float(np.trace(c) / max(1, c.sum())) for t, c in conf.items()}
+    d_j, n_j = types.index("downscale"), types.index("noise")
+    correct = preds == data.labels
+
+    def cell(j: int, d: int, n: int) -> float | None:
+        m = (data.labels[:, d_j] == d) & (data.labels[:, n_j] == n)
+        return float(correct[m, j].mean()) if m.any() else None
+
+    split = {t: [[cell(j, d, n) for n in range(len(table["noise"]))] for d in range(len(table["downscale"]))]
+             for j, t in enumerate(types)}
     return {"per_type": per_type, "mean": float(np.mean(list(per_type.values()))), "n": len(data),
-            "confusion": {t: c.tolist() for t, c in conf.items()}}
+            "confusion": {t: c.tolist() for t, c in conf.items()}, "by_downscale_noise": split}
 
 
 def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None] = print,
