@@ -32,7 +32,7 @@ def unet_config(kind: str) -> dict:
     if kind == "small":
         return {**SD15_UNET, "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 768}
     if kind == "tiny":
-        from semsr.models.tiny import tiny_unet
+        from semsr.testing.tiny import tiny_unet
 
         return dict(tiny_unet().config)
     raise SystemExit(f"unknown --unet {kind}")

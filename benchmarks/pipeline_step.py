@@ -112,7 +112,7 @@ def worker_e2e(size: int, dtype: str) -> dict:
 
     import torch
 
-    from semsr.models.tiny import tiny_clip_tokenizer
+    from semsr.testing.tiny import tiny_clip_tokenizer
     from semsr.pipeline.sd_configs import SD15_SCHEDULER, random_sd15
     from semsr.pipeline.sd_controlnet import SDControlNetSR, new_controlnet
     from semsr.pipeline.text import CLIPTextConditioner

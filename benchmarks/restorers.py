@@ -48,7 +48,7 @@ RRDB_CONFIGS = {k for k, v in CONFIGS.items() if v[0] in ("realesrgan-x4plus", "
 
 def load_image(size: int) -> np.ndarray:
     """``(3, size, size)`` float32 in [0, 1]: Set5 baby centre crop (or synthetic)."""
-    from semsr.paths import data_root
+    from semsr.core.paths import data_root
 
     root = data_root()
     path = root / "benchmarks" / "Set5" / "baby.png" if root else None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from semsr.paths import data_root
+from semsr.core.paths import data_root
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +26,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with every registered tiny random model (``semsr.models.tiny``), written once per session.
+    """Folder with every registered tiny random model (``semsr.testing.tiny``), written once per session.
 
     Entries: ``sd/`` (diffusers SD folder), ``controlnet/``, ``sd.safetensors``
     (single-file LDM layout), ``sd-minilm/`` (MiniLM text fallback), plus
     whatever recipe modules register.
     """
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 
 from _upscale_helpers import files_in, make_image, run_cli
 

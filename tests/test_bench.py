@@ -13,7 +13,7 @@ from PIL import Image
 
 from semsr import methods
 from semsr.cli import main
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval.datasets import resolve_dataset
 from semsr.eval.lrsets import MANIFEST, load_lr, prepare
 from semsr.eval.runner import (

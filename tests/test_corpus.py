@@ -19,7 +19,7 @@ from semsr.data.corpus.containers import EetFile, RccFile, eet_images, lz4_block
 from semsr.data.corpus.crops import HRCropDataset, pad_to, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import Candidate, debian_licence, normalise_licence, rcc_credits_licence
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 
 
 def _jpeg(arr: np.ndarray, exif_orientation: int | None = None, quality: int = 95) -> bytes:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from semsr.cli import main
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.aia import AiAFusion, HardAttnProcessor, hard_attention, install_aia, transformer_blocks
 from semsr.methods.coser import CoSeRSR, guidance_branches
 from semsr.models.cognitive import (
@@ -137,7 +137,7 @@ def test_hard_attention_processor_uses_the_projections_and_no_softmax():
 
 
 def test_aia_checkpoint_round_trip_and_wrong_unet(unet, tmp_path):
-    from semsr.models.tiny import tiny_unet
+    from semsr.testing.tiny import tiny_unet
 
     fusion = AiAFusion(unet)
     with torch.no_grad():

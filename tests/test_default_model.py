@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.models.default_sr import (
     DefaultSR,
     DefaultSRConfig,

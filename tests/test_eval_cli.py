@@ -137,7 +137,7 @@ def test_set5_bicubic_anchor_through_the_cli(data_dir: Path, tmp_path: Path) -> 
 
 def test_niqe_without_ground_truth(tmp_path: Path, capsys) -> None:
     import semsr.eval.weights as W
-    from semsr.errors import UnavailableError
+    from semsr.core.errors import UnavailableError
 
     try:
         W.registry_file("niqe/niqe_pris_params.npz")

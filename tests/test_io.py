@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from semsr.api import upscale_picture
-from semsr.errors import InputError
-from semsr.io import (
+from semsr.core.errors import InputError
+from semsr.core.io import (
     Picture,
     atomic_write,
     choose_format,
@@ -146,7 +146,7 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
 def test_cmyk_with_unusable_profile_warns_and_converts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad_icc = b"\x00" * 16 + b"CMYK" + b"\x00" * 200  # says CMYK, is not a valid profile
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg", icc_profile=bad_icc)
-    with caplog.at_level(logging.WARNING, logger="semsr.io"):
+    with caplog.at_level(logging.WARNING, logger="semsr.core.io"):
         pic = read_image(tmp_path / "c.jpg")
     assert "CMYK profile unusable" in caplog.text
     assert pic.icc_profile is None and pic.rgb[0, 0, 0] > 240
@@ -222,7 +222,7 @@ def test_icc_profile_is_carried_over(tmp_path: Path, fmt: str, bicubic) -> None:
 def test_icc_profile_of_wrong_colour_space_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     pic = picture_from_array(np.zeros((4, 4), np.uint8))
     pic.icc_profile = SRGB  # an RGB profile on a grey image
-    with caplog.at_level(logging.WARNING, logger="semsr.io"):
+    with caplog.at_level(logging.WARNING, logger="semsr.core.io"):
         im = picture_to_pil(pic)
     assert im.mode == "L" and "icc_profile" not in im.info and "dropped" in caplog.text
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from semsr.cli import main
-from semsr.errors import SemsrError, UnavailableError
-from semsr.paths import assets_dir
+from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.paths import assets_dir
 from semsr.priors.base import cached, get_provider, picture_tensor
 from semsr.priors.irpad import (
     DEGRADATION_TYPES,
@@ -41,7 +41,7 @@ from semsr.train.irpad import (
 
 
 def _sample_image() -> torch.Tensor:
-    from semsr.io import read_image
+    from semsr.core.io import read_image
 
     return picture_tensor(read_image(assets_dir() / "sample.png"))
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from semsr.cli import main
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.fusion.mmlc import (
     CAPTION,
     SPATIAL_MODALITIES,

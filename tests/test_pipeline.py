@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
 from semsr.pipeline.latent_tiling import tile_starts, tiled, tiled_apply, untiled
 from semsr.pipeline.loading import load_checkpoint, load_controlnet, load_sd, save_checkpoint
@@ -334,7 +334,7 @@ def test_cli_tiny_models_then_upscale(tmp_path):
 
 
 def test_tiny_registry_accepts_new_writers(tmp_path):
-    from semsr.models import tiny
+    from semsr.testing import tiny
 
     def write_marker(root: Path) -> None:
         (root / "marker.txt").write_text(str(torch.rand(1).item()))
@@ -364,7 +364,7 @@ def test_loading_forces_offline_mode():
 
 
 def test_compile_option_values() -> None:
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.pipeline.precision import compile_mode
 
     assert compile_mode(False) is None and compile_mode("false") is None and compile_mode(None) is None

@@ -131,7 +131,7 @@ def test_folder_with_a_broken_file_goes_on(tmp_path, capsys):
 
 
 def test_hed_through_the_cli(tmp_path):
-    from semsr.errors import UnavailableError
+    from semsr.core.errors import UnavailableError
     from semsr.models.hed import default_weights_path
 
     try:

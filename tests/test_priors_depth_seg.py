@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.priors.base import get_provider
 from semsr.priors.depth_seg import label_palette
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-priors"), ["depth", "depth-dpt", "seg", "seg-mask2former"])
 

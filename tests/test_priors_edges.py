@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from semsr.errors import InputError, SemsrError
+from semsr.core.errors import InputError, SemsrError
 from semsr.priors.base import (
     CachedProvider,
     PriorRecord,
@@ -25,7 +25,7 @@ from semsr.priors.edges import CannyProvider, canny_edges
 
 
 def _hed_weights() -> Path:
-    from semsr.errors import UnavailableError
+    from semsr.core.errors import UnavailableError
     from semsr.models.hed import default_weights_path
 
     try:

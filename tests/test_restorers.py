@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from semsr import methods
-from semsr.errors import InputError, SemsrError, UnavailableError
+from semsr.core.errors import InputError, SemsrError, UnavailableError
 from semsr.models import catalog as cat
 from semsr.models.ncnn_blob import NcnnFormatError, load_ncnn, parse_param
 from semsr.models.ncnn_runtime import NcnnNet

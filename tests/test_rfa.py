@@ -49,7 +49,7 @@ def test_residual_aligner_starts_as_identity_and_round_trips(tmp_path: Path) -> 
     again = load_aligner(tmp_path / "al", "x")
     with torch.no_grad():
         assert torch.allclose(again(feats.lr_tokens, feats.lr_vec), ref)
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
 
     with pytest.raises(SemsrError):
         load_aligner(tmp_path / "al", "other-embedder")

@@ -92,7 +92,7 @@ def test_text_clip_loss_steers_the_enhancer_text_toward_the_caption(text_models)
 def test_load_clip_text_layouts_and_errors(tiny_models: Path, tmp_path: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from semsr.errors import SemsrError, UnavailableError
+    from semsr.core.errors import SemsrError, UnavailableError
     from semsr.models.rfa_text import load_clip_text
 
     folder = tmp_path / "clip-text"
@@ -161,7 +161,7 @@ def test_aligner_task_resumes_exactly_and_exports_a_loadable_aligner(rfa_runs, c
 
 
 def test_stage1_tasks_reject_bad_options(tiny_models: Path, tmp_path: Path) -> None:
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.train.config import load_config
     from semsr.train.tasks import build_task
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.methods import get_method
 from semsr.pipeline.tiling import (
     AUTO_TILE_PAD,
@@ -138,7 +138,7 @@ def test_realesrgan_tiled_vs_untiled_with_default_pad() -> None:
     untiled result within 1/255 everywhere (Real-ESRGAN's customary pad of 10 does not)."""
     from PIL import Image
 
-    from semsr.paths import assets_dir
+    from semsr.core.paths import assets_dir
 
     try:
         method = get_method("realesrgan-x4plus")

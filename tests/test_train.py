@@ -12,7 +12,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures  # noqa: E402
 
-from semsr.errors import SemsrError  # noqa: E402
+from semsr.core.errors import SemsrError  # noqa: E402
 from semsr.train.config import config_from_dict, dump_config, load_config  # noqa: E402
 
 

@@ -270,7 +270,7 @@ def test_server_paths_never_replace_packaged_weights(tmp_path):
     """A --checkpoint for the recipes (here: a folder that is no default-diffusion checkpoint)
     leaves the shipped default model alone; METHOD=PATH scopes a path to one method."""
     from semsr.commands.serve import scoped_paths
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.ui.catalog import paths_for
 
     other = tmp_path / "mmsr-run"

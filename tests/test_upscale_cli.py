@@ -15,7 +15,7 @@ from PIL import Image
 
 import semsr
 from semsr import api
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.methods import MethodSpec, _REGISTRY, get_method, register
 
 from _upscale_helpers import files_in, make_image, run_cli
@@ -251,7 +251,7 @@ def test_default_method_on_a_tiny_image(tmp_path: Path) -> None:
     except SemsrError as err:
         pytest.skip(f"default method unavailable: {err}")
     assert method.scale == 4
-    with Image.open(semsr.paths.assets_dir() / "sample.png") as im:
+    with Image.open(semsr.core.paths.assets_dir() / "sample.png") as im:
         im.convert("RGB").crop((64, 64, 96, 96)).save(tmp_path / "img.png")
     res = subprocess.run([sys.executable, "-m", "semsr", "upscale", "-i", str(tmp_path / "img.png"),
                           "-o", str(tmp_path / "outdir")], capture_output=True, text=True, timeout=300)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from semsr.cli import main
-from semsr.errors import InputError, UnavailableError
-from semsr.models.tiny import write_tiny_models
-from semsr.models.tiny_vlm import TAGS
+from semsr.core.errors import InputError, UnavailableError
+from semsr.testing.tiny import write_tiny_models
+from semsr.testing.tiny_vlm import TAGS
 from semsr.priors import prompts as prompts_mod
 from semsr.priors.base import get_provider
 from semsr.priors.prompts import TextPriors, UserPrompts, read_sidecar

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.models.vq import (
     EdgeVQ,
     EdgeVQConfig,
@@ -129,7 +129,7 @@ def test_save_load_round_trip(tmp_path):
 
 def _heldout_maps(data_dir: Path, n: int) -> torch.Tensor:
     """Canny maps of ``n`` held-out BSDS500 images (the report's list), made as in training."""
-    from semsr.io import read_image
+    from semsr.core.io import read_image
     from semsr.ops.imresize import imresize
     from semsr.priors.base import get_provider, picture_tensor
 
@@ -175,7 +175,7 @@ def test_shipped_tokenizer_reconstructs_heldout_edges(data_dir):
 
 @pytest.fixture(scope="module")
 def tiny_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-vq"), ["vqgan"]) / "vqgan"
 

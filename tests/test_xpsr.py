@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from semsr.cli import main
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.fusion.dfc import DFCHeads, dfc_loss, dfc_targets
 from semsr.fusion.sfa import SFAFusion, transformer_blocks, two_prompt_context
 from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, XPSR_LOW_NEGATIVE, XPSR_NEGATIVE, TwoPromptSR
-from semsr.models.tiny import tiny_controlnet, tiny_unet
+from semsr.testing.tiny import tiny_controlnet, tiny_unet
 from semsr.pipeline.latent_tiling import untiled
 from semsr.pipeline.sampler import guided
 from train_helpers import REPO, write_textures

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semsr.errors import InputError, SemsrError
-from semsr.io import (
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import (
     DEFAULT_MAX_PIXELS,
     Picture,
     check_frames,
@@ -222,7 +222,7 @@ def upscale_picture(
     progress: bool | None = False,
     run_opts: Mapping[str, Any] | None = None,
 ) -> Picture:
-    """Upscale a :class:`~semsr.io.Picture` (the core of the CLI and :func:`upscale`).
+    """Upscale a :class:`~semsr.core.io.Picture` (the core of the CLI and :func:`upscale`).
 
     Args:
         method: a built method (native factor ``s = method.scale``).
@@ -259,7 +259,7 @@ def upscale_picture(
 
 
 def as_picture(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Picture:
-    """A :class:`~semsr.io.Picture` from a path, a Pillow image or a NumPy array."""
+    """A :class:`~semsr.core.io.Picture` from a path, a Pillow image or a NumPy array."""
     if isinstance(image, Picture):
         return image
     if isinstance(image, (str, Path)):
@@ -325,7 +325,7 @@ def upscale(
         ``L``/``LA``/``RGB``/``RGBA`` image (``I;16`` for 16-bit grey), with
         the input's ICC profile in ``info["icc_profile"]``. 16-bit colour
         comes back as 8-bit because Pillow has no 16-bit RGB mode; the CLI
-        (:func:`semsr.io.write_picture`) keeps 16 bits on disk.
+        (:func:`semsr.core.io.write_picture`) keeps 16 bits on disk.
     """
     spec = resolve(model)
     build, run = split_options(spec, options)
@@ -484,7 +484,7 @@ class Pipeline:
 
         Args:
             image: path, Pillow image, ``(H, W[, C])`` NumPy array or
-                :class:`~semsr.io.Picture`. (A ``(B, 3, H, W)`` tensor calls
+                :class:`~semsr.core.io.Picture`. (A ``(B, 3, H, W)`` tensor calls
                 the method directly and returns its tensor.)
             prompt, negative_prompt, steps, guidance_scale, seed, colour_fix:
                 diffusion run options (``None`` = the method's default;

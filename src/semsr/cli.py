@@ -3,7 +3,7 @@
 Every sub-command lives in its own module under :mod:`semsr.commands`; a module
 there defines ``register(subparsers)`` which adds one or more parsers and sets
 ``func`` (a callable ``(argparse.Namespace) -> int``) on each. This file only
-discovers those modules, parses, and turns :class:`~semsr.errors.SemsrError`
+discovers those modules, parses, and turns :class:`~semsr.core.errors.SemsrError`
 into a one-line message and an exit code.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from semsr import __version__
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval import atomic
 from semsr.eval.lrsets import DEGRADATIONS
 

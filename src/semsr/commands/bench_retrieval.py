@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _default_images() -> list[Path]:
-    from semsr.paths import data_root
+    from semsr.core.paths import data_root
 
     root = data_root()
     if root is None or not (root / "train" / "bsds500").is_dir():
@@ -89,7 +89,7 @@ def _run_splits(cfg) -> dict[str, list[Path]]:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     from semsr.commands.index import _collect, _open_or_create
     from semsr.models.rfa import load_aligner
-    from semsr.paths import cache_dir
+    from semsr.core.paths import cache_dir
     from semsr.priors.retrieval.embedders import embedder_from_spec
     from semsr.priors.retrieval.index import add_images, file_sha256
     from semsr.train.rfa import hit_rates, lr_pair_features, split_by_hash, train_aligner

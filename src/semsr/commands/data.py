@@ -29,8 +29,8 @@ from PIL import Image, ImageOps
 from semsr.data.corpus.crops import DEFAULT_CROP, DEFAULT_MIN_TEXTURE, load_rgb_uint8, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source, normalise_licence
-from semsr.errors import InputError, SemsrError
-from semsr.paths import cache_dir, data_root
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.paths import cache_dir, data_root
 
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100")
 MANIFEST_NAME = "manifest.sqlite"
@@ -137,7 +137,7 @@ def convert(c: Candidate, max_side: int) -> tuple[bytes, str, np.ndarray, dict]:
 
 
 def _write(path: Path, data: bytes) -> None:
-    from semsr.io import atomic_write
+    from semsr.core.io import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
@@ -210,7 +210,7 @@ def format_summary(summary: dict) -> str:
 def _emit(summary: dict, json_path: str | None) -> None:
     print(format_summary(summary))
     if json_path:
-        from semsr.io import atomic_write
+        from semsr.core.io import atomic_write
 
         with atomic_write(Path(json_path)) as tmp:
             tmp.write_text(json.dumps(summary, indent=1) + "\n")

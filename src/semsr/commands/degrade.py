@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from semsr.data.degradations import DegradationConfig, DegradationParams, RealESRGANDegradation, image_seed
 from semsr.data.degradations.pipeline import sample_params
-from semsr.errors import InputError, SemsrError
+from semsr.core.errors import InputError, SemsrError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -64,7 +64,7 @@ def list_images(path: Path) -> list[Path]:
 
 def load_rgb(path: Path) -> torch.Tensor:
     """Read an image (EXIF orientation applied, alpha dropped) as ``(1, 3, H, W)`` float in [0, 1]."""
-    from semsr.io import read_image
+    from semsr.core.io import read_image
 
     pic = read_image(path)
     peak = 65535.0 if pic.rgb.dtype == np.uint16 else 255.0
@@ -79,7 +79,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def write_png(path: Path, arr: np.ndarray) -> None:
     """Write a uint8 image as PNG atomically (no metadata, so bytes depend only on pixels)."""
-    from semsr.io import atomic_write
+    from semsr.core.io import atomic_write
 
     with atomic_write(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         records[f.name] = {"seed": seed, "params": params[0].to_dict()}
         print(f"{f.name} -> {out / (f.stem + '.png')}  {tuple(hr.shape[-2:])} -> {tuple(lr.shape[-2:])}")
     if args.params:
-        from semsr.io import atomic_write
+        from semsr.core.io import atomic_write
 
         payload = {"config": deg.config.to_dict(), "run_seed": args.seed, "images": records}
         with atomic_write(Path(args.params)) as tmp:

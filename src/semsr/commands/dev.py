@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     out = write_tiny_models(args.out, args.only, seed=args.seed)
     for entry in sorted(out.iterdir()):

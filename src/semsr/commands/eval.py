@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from semsr.errors import InputError, SemsrError, UnavailableError
+from semsr.core.errors import InputError, SemsrError, UnavailableError
 
 DEFAULT_FR = ("psnr", "psnry", "ssim")
 DEFAULT_NR = ("niqe",)

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 TARGET = 0.90
 
@@ -231,7 +231,7 @@ def train_command(args: argparse.Namespace, sources: list[Path], data_dir: Path)
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from semsr.paths import cache_dir
+    from semsr.core.paths import cache_dir
     from semsr.priors.irpad import IRPADEstimator, load_irpad, save_irpad
     from semsr.train.irpad import (
         TrainSettings,

@@ -11,7 +11,7 @@ every registered provider can be named in ``--modalities`` and its options
 PNG ``<out>/<stem>_<name>.png`` (grey for 1-channel maps, RGB for colourised
 ones), embeddings as ``<out>/<stem>_<name>.npy``; text and tag priors, the thresholds and other metadata of every prior go
 into the JSON index (``<out>/priors.json`` unless ``--json``). Results are
-cached (``semsr.paths.cache_dir()/priors``), so a re-run is fast; ``--no-cache``
+cached (``semsr.core.paths.cache_dir()/priors``), so a re-run is fast; ``--no-cache``
 recomputes. A bad input is reported and the run goes on; the exit code is
 non-zero when any input failed.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from semsr.errors import InputError, SemsrError
+from semsr.core.errors import InputError, SemsrError
 from semsr.priors.base import PriorProvider, ProviderSpec, cached, provider_specs, resolve_provider
 
 DEFAULT_MODALITIES = "canny,hed"
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise SemsrError("no input: give -i FILE|DIR (or --list)")
     from semsr.commands.upscale import collect_inputs
     from semsr.eval.atomic import write_json, write_png
-    from semsr.io import atomic_write, read_image
+    from semsr.core.io import atomic_write, read_image
     from semsr.priors.base import image_key, picture_tensor, spatial_to_uint8
 
     names = [n.strip() for n in args.modalities.split(",") if n.strip()]

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.ui.server import make_server
 
     if args.max_jobs < 1:
@@ -82,7 +82,7 @@ def scoped_paths(option: str, values: list[str]) -> dict[str, str]:
     resolve to their method); any other value is one path for every method, so a
     path that merely contains ``=`` still works. The same scope twice is an error.
     """
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.methods import resolve
 
     out: dict[str, str] = {}

@@ -4,7 +4,7 @@
     semsr upscale -i photos/ -o out -s 2 --ext png   # every image in a folder, exact 2x
     semsr upscale -i 'scans/*.tif' -n bicubic --json report.json
 
-Each input is read (:mod:`semsr.io`), upscaled (:func:`semsr.api.upscale_picture`)
+Each input is read (:mod:`semsr.core.io`), upscaled (:func:`semsr.api.upscale_picture`)
 and written atomically as ``<output>/<stem>_<suffix>.<ext>``. Existing outputs
 are skipped unless ``--overwrite``. A bad input is reported and the run goes
 on; the exit code is non-zero when any input failed (a single failing input
@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 
 from semsr import __version__
 from semsr.api import PATH_OPTIONS, load, option_dest, upscale_picture
-from semsr.errors import InputError, SemsrError
-from semsr.io import DEFAULT_MAX_PIXELS, atomic_write, choose_format, read_image, write_picture
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import DEFAULT_MAX_PIXELS, atomic_write, choose_format, read_image, write_picture
 from semsr.methods import Method, MethodSpec, resolve, specs
 
 log = logging.getLogger("semsr.upscale")

@@ -1,4 +1,4 @@
-"""Atomic writes of benchmark files (text, JSON, uint8 PNG) on top of :func:`semsr.io.atomic_write`."""
+"""Atomic writes of benchmark files (text, JSON, uint8 PNG) on top of :func:`semsr.core.io.atomic_write`."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from semsr.io import atomic_write
-from semsr.io import atomic_write_bytes as write_bytes
+from semsr.core.io import atomic_write
+from semsr.core.io import atomic_write_bytes as write_bytes
 
 
 def write_text(path: Path, text: str) -> None:

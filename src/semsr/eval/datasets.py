@@ -10,7 +10,7 @@ Two kinds of sets exist:
   photographs without ground truth (RealSRSet); they are upscaled as they are
   and only no-reference metrics apply.
 
-Named sets live under :func:`semsr.paths.data_root` (``benchmarks/<name>``,
+Named sets live under :func:`semsr.core.paths.data_root` (``benchmarks/<name>``,
 ``real-lr/RealSRSet``). A folder path is taken as a ground-truth set; prefix it
 with ``lr:`` to declare it LR-only (``lr:/photos/old-scans``), or ``hr:`` to be
 explicit.
@@ -21,9 +21,9 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval.metrics.image import list_images
-from semsr.paths import data_root
+from semsr.core.paths import data_root
 
 # lower-case lookup name -> (display name, folder under data_root, has ground truth)
 BUILTIN: dict[str, tuple[str, str, bool]] = {
@@ -87,7 +87,7 @@ def resolve_dataset(spec: str, root: Path | None = None) -> Dataset:
         spec: a builtin name (case-insensitive: ``Set5``, ``Set14``, ``B100``,
             ``Urban100``, ``RealSRSet``), a folder path, or a folder path
             prefixed with ``lr:`` (LR-only) / ``hr:`` (ground truth).
-        root: data root for builtin names (default :func:`semsr.paths.data_root`).
+        root: data root for builtin names (default :func:`semsr.core.paths.data_root`).
 
     Raises:
         SemsrError: unknown name, missing folder or folder without images.

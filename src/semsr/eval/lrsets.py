@@ -30,14 +30,14 @@ from typing import Any
 import torch
 
 from semsr.data.degradations.pipeline import image_seed
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval import atomic
 from semsr.eval.datasets import Dataset
 from semsr.eval.images import crop_to_multiple, quantize, to_uint8
 from semsr.eval.metrics.base import as_rgb
 from semsr.eval.metrics.image import load_eval_image
 from semsr.ops.imresize import imresize
-from semsr.paths import cache_dir
+from semsr.core.paths import cache_dir
 
 DEGRADATIONS = ("bicubic", "realesrgan")
 REAL = "real"  # degradation label of LR-only sets

@@ -72,14 +72,14 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.eval import atomic
 from semsr.eval.datasets import Dataset
 from semsr.eval.images import to_uint8
 from semsr.eval.metrics.base import align_channels, as_rgb
 from semsr.eval.metrics.image import load_eval_image
 from semsr.eval.lrsets import EvalImage, LRSet, load_gt, load_lr, prepare
-from semsr.paths import cache_dir
+from semsr.core.paths import cache_dir
 
 DEFAULT_METRICS = ("psnr", "psnry", "ssim", "niqe")
 Progress = Callable[[str], None]

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from semsr.errors import UnavailableError
-from semsr.io import atomic_write_bytes
-from semsr.paths import cache_dir, weights_dir as default_weights_dir
+from semsr.core.errors import UnavailableError
+from semsr.core.io import atomic_write_bytes
+from semsr.core.paths import cache_dir, weights_dir as default_weights_dir
 
 PIP_TIMEOUT_S = 900
 

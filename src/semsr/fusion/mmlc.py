@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 #: Modality names in their fixed sequence order (caption first, then the spatial ones).
 CAPTION = "caption"

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.layers import zero_linear
 
 #: ``config.json`` kind of an SFA checkpoint folder.

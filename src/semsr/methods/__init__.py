@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from semsr.registry import LazyRegistry
+from semsr.core.registry import Registry
 
 
 @runtime_checkable
@@ -69,7 +69,7 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.default_diffusion",
     "semsr.methods.default_alias",  # last: "default" points at a method registered above
 )
-_METHODS: LazyRegistry[MethodSpec] = LazyRegistry(_BUILTIN, "method")
+_METHODS: Registry[MethodSpec] = Registry(_BUILTIN, "method")
 _REGISTRY = _METHODS.entries
 _ALIASES = _METHODS.aliases
 

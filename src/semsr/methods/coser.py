@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.aia import AiAFusion, install_aia
 from semsr.methods import MethodSpec, register
 from semsr.models.cognitive import CognitiveEncoder, load_cognitive_encoder, text_token_targets
@@ -359,7 +359,7 @@ _RUN_DEFAULTS: dict[str, Any] = {
 
 def read_reference(path: str | Path) -> torch.Tensor:
     """A reference image file -> ``(1, 3, H, W)`` float in [0, 1] (alpha dropped, grey -> RGB)."""
-    from semsr.io import read_image
+    from semsr.core.io import read_image
 
     pic = read_image(path)
     top = float(np.iinfo(pic.rgb.dtype).max)
@@ -387,7 +387,7 @@ class ReferenceCache:
 
     def __init__(self, folder: Path | None = None) -> None:
         if folder is None:
-            from semsr.paths import cache_dir
+            from semsr.core.paths import cache_dir
 
             folder = cache_dir() / "coser-references"
         self.folder = Path(folder)

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.models.catalog import DEFAULT_SR
-from semsr.paths import assets_dir
+from semsr.core.paths import assets_dir
 from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter
 
 NAME = "default-diffusion"

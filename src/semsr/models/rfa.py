@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 
 @dataclass
@@ -110,7 +110,7 @@ def encode(embedder: Any, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def default_aligner_dir(embedder_spec: str) -> Path:
     """The shipped aligner for an embedder (``assets/weights/rfa/aligner-<embedder>``)."""
-    from semsr.paths import assets_dir
+    from semsr.core.paths import assets_dir
 
     safe = embedder_spec.replace(":", "-").replace("/", "_")
     return assets_dir() / "weights" / "rfa" / f"aligner-{safe}"

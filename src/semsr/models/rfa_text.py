@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 
 @dataclass

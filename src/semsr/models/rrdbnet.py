@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
 LRELU_SLOPE = 0.2
@@ -234,7 +234,7 @@ def rrdbnet_from_pth(path: str | Path) -> RRDBNet:
     """Load a Real-ESRGAN/BasicSR RRDBNet ``.pth`` (float32, eval mode).
 
     The file is read with ``torch.load(weights_only=True)``, so it cannot run
-    code. Raises :class:`~semsr.errors.InputError` for a missing file, a file
+    code. Raises :class:`~semsr.core.errors.InputError` for a missing file, a file
     that is not a state dict, or keys/shapes that do not match RRDBNet.
     """
     path = Path(path)

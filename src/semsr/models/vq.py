@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import UnavailableError
-from semsr.io import atomic_write
-from semsr.paths import assets_dir
+from semsr.core.errors import UnavailableError
+from semsr.core.io import atomic_write
+from semsr.core.paths import assets_dir
 
 #: Name of the shipped edge tokenizer inside ``assets/weights``.
 SHIPPED_EDGE_VQ = "vq_edges"

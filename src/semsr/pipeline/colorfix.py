@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 COLOUR_FIXES = ("adain", "wavelet", "none")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling

@@ -3,7 +3,7 @@
 Everything here reads from a path the user gives; nothing ever contacts a model
 hub: ``HF_HUB_OFFLINE`` is forced on and every ``from_pretrained`` call passes
 ``local_files_only=True``. Missing or incomplete paths raise
-:class:`~semsr.errors.UnavailableError` naming the exact file that is missing.
+:class:`~semsr.core.errors.UnavailableError` naming the exact file that is missing.
 
 Supported layouts:
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from semsr.io import atomic_write_bytes  # noqa: F401  (re-exported for recipe modules)
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.io import atomic_write_bytes  # noqa: F401  (re-exported for recipe modules)
+from semsr.core.errors import SemsrError, UnavailableError
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.pipeline.loading import resolve_dtype
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Progress = Callable[[int, int], None]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint  # noqa: F401  (make_hint: re-exported for recipes)
@@ -271,7 +271,7 @@ def sd_run_options(defaults: Mapping[str, Any], run_opts: Mapping[str, Any], *, 
 
 
 def require_build_paths(name: str, *required: tuple[Any, str, str], threads: int | None = None) -> None:
-    """Start of an SD-based method's factory: raise :class:`~semsr.errors.UnavailableError`
+    """Start of an SD-based method's factory: raise :class:`~semsr.core.errors.UnavailableError`
     ``"<name> needs <what>: pass <flag> PATH"`` for the first ``(value, flag, what)`` whose
     value is None, then apply ``threads`` (``torch.set_num_threads``) when given."""
     for value, flag, what in required:

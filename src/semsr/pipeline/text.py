@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.pipeline.loading import (
     SDComponents,
     ensure_offline,

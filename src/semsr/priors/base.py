@@ -37,10 +37,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from semsr.errors import InputError, UnavailableError
-from semsr.io import Picture, atomic_write
-from semsr.paths import cache_dir, weights_dir
-from semsr.registry import LazyRegistry
+from semsr.core.errors import InputError, UnavailableError
+from semsr.core.io import Picture, atomic_write
+from semsr.core.paths import cache_dir, weights_dir
+from semsr.core.registry import Registry
 
 PriorKind = Literal["text", "spatial", "embedding", "tags"]
 KINDS: tuple[str, ...] = ("text", "spatial", "embedding", "tags")
@@ -133,7 +133,7 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.priors.vlm",
     "semsr.priors.irpad",
 )
-_PROVIDERS: LazyRegistry[ProviderSpec] = LazyRegistry(_BUILTIN, "prior")
+_PROVIDERS: Registry[ProviderSpec] = Registry(_BUILTIN, "prior")
 _REGISTRY = _PROVIDERS.entries
 
 
@@ -255,7 +255,7 @@ class CachedProvider:
     """Wrap a provider so each (image content, name, version) is computed once.
 
     Entries live in ``<root>/<name>/<version slug>/<key[:2]>/<key>.{safetensors,json}``
-    where ``root`` defaults to ``semsr.paths.cache_dir() / "priors"``. When a
+    where ``root`` defaults to ``semsr.core.paths.cache_dir() / "priors"``. When a
     ``sink`` (e.g. the corpus manifest) is given it is told about each entry,
     freshly computed or found in the cache.
 
@@ -326,6 +326,6 @@ def spatial_to_uint8(value: torch.Tensor) -> np.ndarray:
 
 
 def picture_tensor(pic: Picture) -> torch.Tensor:
-    """:class:`semsr.io.Picture` -> ``(1, 3, H, W)`` float32 in [0, 1] (alpha dropped)."""
+    """:class:`semsr.core.io.Picture` -> ``(1, 3, H, W)`` float32 in [0, 1] (alpha dropped)."""
     scale = 65535.0 if pic.rgb.dtype == np.uint16 else 255.0
     return torch.from_numpy(pic.rgb.astype(np.float32) / scale).permute(2, 0, 1)[None].contiguous()

@@ -15,7 +15,7 @@ image size, rendered with a fixed palette (:func:`label_palette`) as
 
 Everything loads with ``local_files_only=True``; the model folder comes from
 the ``model`` option (``--depth-model`` / ``--seg-model``) or, when absent,
-``semsr.paths.weights_dir()/"depth"`` or ``/"seg"``.
+``semsr.core.paths.weights_dir()/"depth"`` or ``/"seg"``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 from semsr.priors.base import model_folder
 

@@ -76,8 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from semsr.data.degradations.jpeg import RGB2YCC
-from semsr.errors import UnavailableError
-from semsr.paths import assets_dir
+from semsr.core.errors import UnavailableError
+from semsr.core.paths import assets_dir
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 from semsr.priors.jpeg_lattice import JPEGLattice
 
@@ -319,7 +319,7 @@ def save_irpad(model: IRPADNet, folder: str | Path) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically per file)."""
     from safetensors.torch import save_file
 
-    from semsr.io import atomic_write
+    from semsr.core.io import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

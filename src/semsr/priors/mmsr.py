@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.models.vq import SpatialTokenizer, load_tokenizer
 from semsr.priors.base import cached, get_provider
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import InputError, UnavailableError
+from semsr.core.errors import InputError, UnavailableError
 from semsr.priors.base import CachedProvider, cached
 
 _FILE_KEYS = ("file", "filename", "image", "name", "path")

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 #: Run option: the prompt (and other suggested fields) already hold the extracted text priors.
 PRIORS_IN_PROMPT = "priors_in_prompt"

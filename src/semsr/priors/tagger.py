@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 from semsr.priors.base import model_folder
 

@@ -26,7 +26,7 @@ without an image token). Decoding is greedy
 newly generated tokens are returned, whitespace-normalised.
 
 Everything loads with ``local_files_only=True`` from ``--vlm PATH`` (default
-``semsr.paths.weights_dir()/"vlm"``). A loaded model is shared by the
+``semsr.core.paths.weights_dir()/"vlm"``). A loaded model is shared by the
 caption and quality providers of one process (:func:`load_vlm` is cached).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 from semsr.priors.base import model_folder
 from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION

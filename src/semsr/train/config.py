@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DataConfig:
     """Training images and how batches are made.
 
     Attributes:
-        hr: HR image folders (``{data}`` expands to :func:`semsr.paths.data_root`).
+        hr: HR image folders (``{data}`` expands to :func:`semsr.core.paths.data_root`).
         manifest: optional corpus manifest (``manifest.sqlite`` of ``semsr data
             build-corpus``): its ``train`` split, with cached captions.
         caption_prior: name of the manifest prior used as caption.

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.models.cognitive import (
     CLIPVisionTower,
     CognitiveEncoder,
@@ -84,7 +84,7 @@ TINY_COMPONENTS = ("clip-vision", "coser")
 
 def ensure_tiny(name: str) -> Path:
     """The tiny component ``name`` beside the cached tiny SD (written on first use, atomically)."""
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     root = tiny_models_dir()
     final = root / name
@@ -256,7 +256,7 @@ class NeighbourReferences:
         import json
 
         from semsr.methods.coser import files_fingerprint
-        from semsr.paths import cache_dir
+        from semsr.core.paths import cache_dir
 
         listing = [(str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns) for it in self.items]
         key = hashlib.sha256(json.dumps([files_fingerprint([clip_dir]) if clip_dir else repr(clip.model.config),

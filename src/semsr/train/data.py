@@ -29,8 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
-from semsr.errors import SemsrError
-from semsr.paths import data_root
+from semsr.core.errors import SemsrError
+from semsr.core.paths import data_root
 from semsr.train.config import DataConfig
 
 log = logging.getLogger(__name__)

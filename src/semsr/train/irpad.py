@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 
 from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.priors.irpad import (
     DEGRADATION_TYPES,
     LEVELS,
@@ -130,7 +130,7 @@ def is_held_out(path: str | Path, percent: int = HELD_OUT_PERCENT) -> bool:
 
 
 def _benchmark_dirs() -> list[Path]:
-    from semsr.paths import data_root
+    from semsr.core.paths import data_root
 
     root = data_root()
     return [] if root is None else [(root / "benchmarks").resolve()]
@@ -167,7 +167,7 @@ def list_photos(sources: Sequence[str | Path], held_out: bool) -> list[Path]:
 
 def default_sources() -> list[Path]:
     """``data_root()/train/bsds500`` (raises when the shared data folder is missing)."""
-    from semsr.paths import data_root
+    from semsr.core.paths import data_root
 
     root = data_root()
     if root is None or not (root / "train" / "bsds500").is_dir():

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, ConnectorConfig, MultimodalLatentConnector
 from semsr.methods.mmsr import DEFAULT_NEGATIVE, MMSRConditioning, MMSRSR, load_checkpoint, save_checkpoint
 from semsr.pipeline.sd_controlnet import make_hint

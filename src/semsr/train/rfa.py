@@ -59,7 +59,7 @@ import torch
 
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.models.rfa import AlignerConfig, ReferenceFindingAligner, align_loss, encode, enhancer_loss
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import Task, register_task
@@ -131,7 +131,7 @@ def make_lr(hr: torch.Tensor, lr_size: int = LR_SIZE) -> torch.Tensor:
 
 
 def _cache_file(embedder_spec: str, lr_size: int, sha: str) -> Path:
-    from semsr.paths import cache_dir
+    from semsr.core.paths import cache_dir
 
     safe = embedder_spec.replace(":", "-").replace("/", "_")[-120:]
     return cache_dir() / "retrieval" / "lr" / safe / str(lr_size) / f"{sha}.npz"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.train.rfa import resolve_embedder_spec
 from semsr.train.tasks import ControlNetSRTask, register_task
 

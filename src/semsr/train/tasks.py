@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.pipeline.sd_controlnet import make_hint
 from semsr.train.config import ExperimentConfig
 
@@ -137,7 +137,7 @@ def randn_like_per_sample(x: torch.Tensor, gens: list[torch.Generator]) -> torch
 def tiny_models_dir() -> Path:
     """Folder with the tiny random SD + ControlNet, written into the cache on first use.
 
-    The folder name carries a hash of :mod:`semsr.models.tiny`'s source, so a
+    The folder name carries a hash of :mod:`semsr.testing.tiny`'s source, so a
     changed writer produces a fresh folder. Concurrent processes (e.g. under
     ``accelerate launch``) each write a private temporary folder and the first
     rename wins.
@@ -148,8 +148,8 @@ def tiny_models_dir() -> Path:
     import shutil
     import tempfile
 
-    from semsr.models import tiny
-    from semsr.paths import cache_dir
+    from semsr.testing import tiny
+    from semsr.core.paths import cache_dir
 
     digest = hashlib.sha1(inspect.getsource(tiny).encode()).hexdigest()[:12]
     root = cache_dir() / "tiny-models"

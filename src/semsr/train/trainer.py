@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval.atomic import write_png, write_text
 from semsr.train import checkpoints as ckpt
 from semsr.train.config import ExperimentConfig, dump_config

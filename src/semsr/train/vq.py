@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import InputError
-from semsr.io import atomic_write
+from semsr.core.errors import InputError
+from semsr.core.io import atomic_write
 from semsr.models.vq import EdgeVQ, EdgeVQConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -94,9 +94,9 @@ def build_map_bank(
 ) -> list[torch.Tensor]:
     """Modality maps of every image: a list of ``(1, 1, h, w)`` float maps in [0, 1].
 
-    Maps come from the cached providers (``semsr.paths.cache_dir()/priors``).
+    Maps come from the cached providers (``semsr.core.paths.cache_dir()/priors``).
     """
-    from semsr.io import read_image
+    from semsr.core.io import read_image
     from semsr.ops.imresize import imresize
     from semsr.priors.base import cached, get_provider, picture_tensor
 
@@ -193,7 +193,7 @@ def train_edge_vq(cfg: VQTrainConfig, log: Callable[[str], None] = print) -> dic
 
     Returns the report (also written to ``<out>.report.json``).
     """
-    from semsr.paths import data_root
+    from semsr.core.paths import data_root
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, cfg.threads))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.fusion.dfc import DFCHeads, dfc_targets
 from semsr.fusion.sfa import SFAFusion, two_prompt_context
 from semsr.train.config import ExperimentConfig

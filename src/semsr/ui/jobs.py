@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 log = logging.getLogger("semsr.ui")
 
@@ -70,7 +70,7 @@ class JobQueue:
 
     Args:
         runner: does the work; returns the job's JSON-ready output; raises
-            :class:`~semsr.errors.SemsrError` for user errors (message shown
+            :class:`~semsr.core.errors.SemsrError` for user errors (message shown
             as is) or anything else (reported as an internal error).
         max_jobs: most jobs waiting or running at once.
         keep: finished jobs remembered for status requests (oldest dropped).

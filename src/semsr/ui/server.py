@@ -39,8 +39,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 from PIL import Image
 
 from semsr import __version__
-from semsr.errors import InputError, SemsrError
-from semsr.io import picture_to_pil, read_image
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import picture_to_pil, read_image
 from semsr.ui.catalog import COMMON_RUN_OPTIONS, catalogue, find, paths_for
 from semsr.ui.jobs import Job, JobQueue, QueueFull
 

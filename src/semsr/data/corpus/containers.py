@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semsr.errors import InputError, UnavailableError
+from semsr.core.errors import InputError, UnavailableError
 
 EET_MAGIC_FILE2 = 0x1EE70F42
 EET_IMAGE_LOSSLESS = 0xAC1DFEED

@@ -30,8 +30,8 @@ from pathlib import Path
 from PIL import Image
 
 from semsr.data.corpus.containers import EetFile, RccFile, decode_eet_image
-from semsr.errors import InputError, UnavailableError
-from semsr.paths import data_root
+from semsr.core.errors import InputError, UnavailableError
+from semsr.core.paths import data_root
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from semsr.data.degradations.kernels import (
 )
 from semsr.data.degradations.noise import add_gaussian_noise, add_poisson_noise
 from semsr.data.degradations.resize import RESIZE_MODES, resize, scaled_size
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 # ----------------------------------------------------------------------------- config
 

@@ -4,9 +4,9 @@
 >>> psnry = get_metric("psnry")
 >>> psnry(pred, gt, crop_border=4)          # pred, gt: (1, C, H, W) float in [0, 1]
 
-``get_metric`` raises :class:`semsr.errors.UnavailableError` (with the reason)
+``get_metric`` raises :class:`semsr.core.errors.UnavailableError` (with the reason)
 when a metric's weights are missing. Deep metrics take ``weights_dir=`` (else
-``SEMSR_WEIGHTS``/:func:`semsr.paths.weights_dir`); see
+``SEMSR_WEIGHTS``/:func:`semsr.core.paths.weights_dir`); see
 :mod:`semsr.eval.weights` for the files each one expects.
 
 ===========  ===============  ========  ============  ==========================================
@@ -31,7 +31,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 from semsr.eval.metrics.base import Metric, MetricInfo
 from semsr.eval.metrics.image import list_images, load_eval_image
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 
 # --------------------------------------------------------------------------- loading
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 from semsr.ops.color import luma
 
 KINDS = ("pixel", "deep", "distribution")

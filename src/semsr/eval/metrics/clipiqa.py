@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.base import Metric, as_rgb
 from semsr.eval.weights import resolve_weights_dir
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.backbones import VGG16Features
 from semsr.eval.metrics.base import BackboneDistance
 from semsr.eval.weights import VGG16_FILES, load_state_dict, registry_file

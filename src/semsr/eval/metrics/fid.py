@@ -23,7 +23,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from semsr.errors import InputError, SemsrError, UnavailableError
+from semsr.core.errors import InputError, SemsrError, UnavailableError
 from semsr.eval.metrics.backbones import InceptionV3Pool3
 from semsr.eval.metrics.base import Metric, as_image_batch, as_rgb
 from semsr.eval.metrics.image import list_images, load_eval_image

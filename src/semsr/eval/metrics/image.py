@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -26,7 +26,7 @@ def load_eval_image(path: str | Path) -> torch.Tensor:
 
     ``C = 1`` for grey files (8 or 16 bit), ``C = 3`` otherwise (alpha is
     dropped, palette/CMYK converted to RGB). EXIF orientation is applied.
-    Raises :class:`~semsr.errors.InputError` for unreadable files.
+    Raises :class:`~semsr.core.errors.InputError` for unreadable files.
     """
     path = Path(path)
     try:

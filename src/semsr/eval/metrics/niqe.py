@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import gamma as gamma_fn
 
-from semsr.errors import InputError, UnavailableError
+from semsr.core.errors import InputError, UnavailableError
 from semsr.eval.metrics.base import Metric
 from semsr.eval.weights import registry_file
 from semsr.ops.color import y_channel_255

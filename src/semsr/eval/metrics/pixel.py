@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 from semsr.eval.metrics.base import Metric
 from semsr.ops.color import to_255, y_channel_255
 

@@ -1,7 +1,7 @@
 """Metrics the community reports that semsr cannot compute yet: MUSIQ and MANIQA.
 
 Their networks are not implemented here and their weights are not obtainable
-offline. Building them raises :class:`~semsr.errors.UnavailableError` with
+offline. Building them raises :class:`~semsr.core.errors.UnavailableError` with
 the reason (weights missing, or weights present but no implementation) so
 reports show them as unavailable instead of silently dropping them.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semsr.errors import UnavailableError
+from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.base import Metric
 from semsr.eval.weights import user_weight_roots
 

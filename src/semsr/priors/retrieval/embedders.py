@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 
 HED_VGG_SIZE = 128
 _HED_POOL_BLOCKS = (2, 3, 4)  # zero-based: VGG blocks 3, 4, 5

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semsr.errors import InputError, SemsrError
+from semsr.core.errors import InputError, SemsrError
 
 FLAT_MAX = 50_000
 HNSW_MAX = 1_000_000
@@ -401,7 +401,7 @@ def load_rgb(path: Path):  # -> torch.Tensor
     """Read an image as ``(1, 3, H, W)`` float in [0, 1]."""
     import torch
 
-    from semsr.io import read_image
+    from semsr.core.io import read_image
 
     rgb = read_image(path).rgb
     scale = 65535.0 if rgb.dtype == np.uint16 else 255.0

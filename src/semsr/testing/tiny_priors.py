@@ -5,7 +5,7 @@ VQGAN checkpoints cannot be fetched here, so the loading code of
 :mod:`semsr.priors.depth_seg` and :class:`semsr.models.vq.DiffusersVQTokenizer`
 is exercised on randomly initialised models of the same classes, written with
 ``save_pretrained`` exactly like the real folders (weights, ``config.json`` and
-``preprocessor_config.json``). Registered writers (see :mod:`semsr.models.tiny`):
+``preprocessor_config.json``). Registered writers (see :mod:`semsr.testing.tiny`):
 
 - ``depth``: ``DepthAnythingForDepthEstimation`` (DINOv2 backbone) + DPT processor;
 - ``depth-dpt``: ``DPTForDepthEstimation`` (ViT backbone) + DPT processor;
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semsr.models.tiny import register_tiny
+from semsr.testing.tiny import register_tiny
 
 _LABELS = {0: "background", 1: "sky", 2: "building", 3: "person", 4: "tree"}
 

@@ -1,4 +1,4 @@
-"""Tiny writers for the RFA recipe (see :mod:`semsr.models.tiny`).
+"""Tiny writers for the RFA recipe (see :mod:`semsr.testing.tiny`).
 
 - ``text-decoder/``: a 2-layer ``GPT2LMHeadModel`` + byte-level BPE tokenizer
   (the I2T text decoder's on-disk format; random weights, initialised 10x
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semsr.models.tiny import register_tiny
-from semsr.models.tiny_coser import TINY_CLIP_VISION
+from semsr.testing.tiny import register_tiny
+from semsr.testing.tiny_coser import TINY_CLIP_VISION
 
 #: ``initializer_range`` 0.2 (GPT-2: 0.02): a less flat random LM, whose greedy text follows its prefix, so the
 #: text-alignment loss has something to steer in tests.
@@ -23,7 +23,7 @@ TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "initia
 def _write_gpt2(folder: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from semsr.models.tiny_vlm import tiny_bpe_tokenizer
+    from semsr.testing.tiny_vlm import tiny_bpe_tokenizer
 
     tok = tiny_bpe_tokenizer(vocab_size=300, image_token=False)
     cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

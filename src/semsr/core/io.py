@@ -18,7 +18,7 @@ What :func:`read_image` handles:
   as 16-bit PNG with the ICC profile spliced in).
 - Animated or multi-frame files, 32-bit float images, empty, truncated and
   non-image files, zero-size images and images above ``max_pixels`` raise
-  :class:`~semsr.errors.InputError` naming the file.
+  :class:`~semsr.core.errors.InputError` naming the file.
 
 Writes are atomic (:func:`atomic_write`): a temporary file in the target
 folder is renamed over the destination only once it is complete.
@@ -42,9 +42,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from semsr.errors import InputError
+from semsr.core.errors import InputError
 
-log = logging.getLogger("semsr.io")
+log = logging.getLogger("semsr.core.io")
 
 #: Default decompression-bomb guard: refuse inputs with more pixels than this.
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semsr.models.tiny import _CORPUS, register_tiny
+from semsr.testing.tiny import _CORPUS, register_tiny
 
 TAGS = ("person", "cat", "dog", "bird", "tree", "grass", "flower", "sky", "cloud", "mountain", "water",
         "building", "car", "street", "face", "fabric")

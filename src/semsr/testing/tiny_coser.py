@@ -1,4 +1,4 @@
-"""Tiny random CoSeR components for ``semsr dev tiny-models`` (see :mod:`semsr.models.tiny`).
+"""Tiny random CoSeR components for ``semsr dev tiny-models`` (see :mod:`semsr.testing.tiny`).
 
 - ``clip-vision``: a 2-layer ``CLIPVisionModel`` (width 32, 32 px input, 8 px
   patches -> 17 tokens) and its ``CLIPImageProcessor``, saved with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from semsr.models.tiny import register_tiny
+from semsr.testing.tiny import register_tiny
 
 TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "image_size": 32, "patch_size": 8, "projection_dim": 32}
@@ -43,7 +43,7 @@ def write_tiny_coser(root: Path) -> None:
     """``root/coser``: ``cognitive/`` and ``aia/`` checkpoints for ``root/sd`` and ``root/clip-vision``."""
     from diffusers import UNet2DConditionModel
 
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.fusion.aia import AiAFusion
     from semsr.models.cognitive import build_cognitive_encoder, load_clip_vision
 

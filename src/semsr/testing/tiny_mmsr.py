@@ -1,4 +1,4 @@
-"""Tiny random MMSR checkpoint for ``semsr dev tiny-models`` (see :mod:`semsr.models.tiny`).
+"""Tiny random MMSR checkpoint for ``semsr dev tiny-models`` (see :mod:`semsr.testing.tiny`).
 
 ``mmsr``: an MMSR checkpoint folder for the tiny SD (``sd/``, written before
 it): ``connector/`` (Multimodal Latent Connector, width 32 = the tiny UNet's
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from semsr.models.tiny import register_tiny
+from semsr.testing.tiny import register_tiny
 
 TINY_CONNECTOR = {"num_latents": 128, "heads": 4, "cross_layers": 1, "self_layers": 1, "mlp_ratio": 2.0}
 
@@ -25,7 +25,7 @@ def write_tiny_mmsr(root: Path) -> None:
     """``root/mmsr``: connector + widened conv_in for ``root/sd``."""
     from diffusers import UNet2DConditionModel
 
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.fusion.mmlc import ConnectorConfig, MultimodalLatentConnector
     from semsr.methods.mmsr import MMSRConditioning, save_checkpoint
 

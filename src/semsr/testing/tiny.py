@@ -9,7 +9,7 @@ parameter versions of the *same classes*, saved exactly as the real ones are
 one entry ``out/<name>`` (a folder or a file). Recipe modules add their own
 components with :func:`register_tiny`::
 
-    from semsr.models.tiny import register_tiny
+    from semsr.testing.tiny import register_tiny
 
     def _write_clip_vision(root: Path) -> None:
         model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, ...))
@@ -38,8 +38,8 @@ TinyWriter = Callable[[Path], None]
 _WRITERS: dict[str, TinyWriter] = {}
 
 # Modules whose import registers more tiny writers (recipe modules append here).
-TINY_MODULES: list[str] = ["semsr.models.tiny_priors", "semsr.models.tiny_coser", "semsr.models.tiny_vlm",
-                          "semsr.models.tiny_mmsr", "semsr.models.tiny_xpsr", "semsr.models.tiny_rfa"]
+TINY_MODULES: list[str] = ["semsr.testing.tiny_priors", "semsr.testing.tiny_coser", "semsr.testing.tiny_vlm",
+                          "semsr.testing.tiny_mmsr", "semsr.testing.tiny_xpsr", "semsr.testing.tiny_rfa"]
 
 # A small, fixed corpus the tiny BPE tokenizer learns its merges from.
 _CORPUS = (
@@ -77,7 +77,7 @@ def write_tiny_models(out: str | Path, names: Iterable[str] | None = None, *, se
     wanted = list(_WRITERS) if names is None else list(names)
     unknown = [n for n in wanted if n not in _WRITERS]
     if unknown:
-        from semsr.errors import SemsrError
+        from semsr.core.errors import SemsrError
 
         raise SemsrError(f"unknown tiny component(s) {', '.join(unknown)}; known: {', '.join(_WRITERS)}")
     for name in _WRITERS:  # keep registration order (dependencies)

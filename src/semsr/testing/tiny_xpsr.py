@@ -1,4 +1,4 @@
-"""Tiny random XPSR / DaLPSR checkpoints for ``semsr dev tiny-models`` (see :mod:`semsr.models.tiny`).
+"""Tiny random XPSR / DaLPSR checkpoints for ``semsr dev tiny-models`` (see :mod:`semsr.testing.tiny`).
 
 ``xpsr`` and ``dalpsr``: checkpoint folders for the tiny SD (``root/sd``, written before) with
 
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from semsr.models.tiny import register_tiny, tiny_controlnet
+from semsr.testing.tiny import register_tiny, tiny_controlnet
 
 
 def write_two_prompt_checkpoint(folder: Path, sd: Path, mode: str, conditional_attention: bool) -> Path:
     """Write ``folder/{controlnet,sfa,dfc}`` for the SD folder ``sd``."""
     from diffusers import UNet2DConditionModel
 
-    from semsr.errors import SemsrError
+    from semsr.core.errors import SemsrError
     from semsr.fusion.dfc import DFCHeads
     from semsr.fusion.sfa import SFAFusion
 

@@ -7,16 +7,17 @@ not one of its imports).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
-from semsr.errors import SemsrError
+from semsr.core.errors import SemsrError
 
 S = TypeVar("S")
 
 
-class LazyRegistry(Generic[S]):
+class Registry(Generic[S]):
     """Specs by name (plus aliases), with the built-in modules imported on first lookup.
 
     Attributes:
@@ -58,9 +59,11 @@ class LazyRegistry(Generic[S]):
         return list(self.entries.values())
 
     def resolve(self, name: str) -> S:
-        """The spec of ``name`` (or an alias); a one-line :class:`~semsr.errors.SemsrError` if unknown."""
+        """The spec of ``name`` (or an alias); a one-line :class:`~semsr.core.errors.SemsrError` if unknown."""
         self.load_builtins()
         key = self.aliases.get(name, name)
         if key not in self.entries:
-            raise SemsrError(f"unknown {self.what} {name!r}; known {self.what}s: {', '.join(sorted(self.entries))}")
+            near = difflib.get_close_matches(name, [*self.entries, *self.aliases], n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise SemsrError(f"unknown {self.what} {name!r}; {hint}known {self.what}s: {', '.join(sorted(self.entries))}")
         return self.entries[key]

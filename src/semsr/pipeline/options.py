@@ -1,0 +1,72 @@
+"""Options every Stable Diffusion latent SR method shares (recipes subclass them).
+
+:class:`LatentSROptions` holds the sampling options of every latent diffusion
+recipe and the build options of a Stable Diffusion base; recipes derive their
+own options class from it, redefine a field to change its default (XPSR's
+negative prompt, MMSR's 50 steps) and add their own fields.
+
+Tiles: ``tile`` (from :class:`~semsr.core.options.MethodOptions`) is in
+*input* pixels, as for every method; ``latent_tile`` (latent pixels) overrides
+it. :func:`latent_tile` is the one conversion between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from semsr.core.options import MethodOptions, option
+from semsr.pipeline.colorfix import COLOUR_FIXES
+from semsr.pipeline.sampler import SCHEDULER_NAMES
+
+
+@dataclass(kw_only=True, frozen=True)
+class SamplingOptions(MethodOptions):
+    """Prompts and sampling of a diffusion method."""
+
+    prompt: str = option("", help="positive prompt")
+    negative_prompt: str = option("", help="negative prompt")
+    steps: int = option(20, min=1, max=1000, help="sampling steps", metavar="N")
+    guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+    seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
+    scheduler: str = option("ddpm", choices=SCHEDULER_NAMES, help="sampler")
+    colour_fix: str = option(
+        "adain", choices=COLOUR_FIXES, flags=("--color-fix",), help="colour correction against the input"
+    )
+    tile_overlap: int | None = option(
+        None, min=0, max=1 << 16, units="latent px", metavar="N", help="overlap of latent tiles (default: tile/4)"
+    )
+
+
+@dataclass(kw_only=True, frozen=True)
+class LatentSROptions(SamplingOptions):
+    """A Stable Diffusion base (build) and the latent SR sampling options (run)."""
+
+    base: Path | None = option(None, stage="build", metavar="PATH", help="Stable Diffusion folder or single file")
+    base_config: Path | None = option(
+        None, stage="build", metavar="DIR", help="local diffusers config folder for a single-file --base"
+    )
+    channels_last: bool = option(False, stage="build", hidden=True, help="channels-last memory format")
+    compile: str | None = option(
+        None, stage="build", choices=("default", "freeze"), hidden=True, help="torch.compile the UNet"
+    )
+    latent_tile: int | None = option(
+        None,
+        min=0,
+        max=1 << 16,
+        units="latent px",
+        metavar="N",
+        help="latent tile side, overrides --tile (default: 64 when the latent exceeds 96)",
+    )
+    start_from_lr: bool = option(True, help="start from the LR latent noised to the first timestep")
+    strength: float = option(1.0, min=1e-6, max=1.0, help="fraction of the schedule run from the noised LR latent")
+
+
+def latent_tile(options: LatentSROptions, scale: float, factor: int) -> int | None:
+    """The latent tile side of a call: ``latent_tile`` if given, else ``tile`` (input pixels) in latent
+    pixels of the ``scale`` x output (VAE factor ``factor``), at least 1; ``None`` = automatic."""
+    if options.latent_tile is not None:
+        return options.latent_tile
+    if options.tile:
+        return max(1, round(int(options.tile) * scale / factor))
+    return None
