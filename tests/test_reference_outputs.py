@@ -1,0 +1,70 @@
+"""Every recipe's output and one training step per task on the tiny random models equal the recorded
+references (``tests/data/reference``, written by ``python -m tests.reference.record`` before the
+architecture refactor).
+
+Bit-identical (``torch.equal``) when torch and ``torch.backends.cpu.get_cpu_capability()`` match the
+recording; otherwise within ``atol = rtol = 1e-4``. Strings (reported priors, parameter names, shapes)
+must always be equal. The semsr calls are all in ``tests/reference/cases.py``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.reference import cases as C  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "reference"
+META = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
+RECORDED = list(META["cases"])
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread (as recorded)
+
+
+def exact() -> bool:
+    """Bit-identical comparison on the recording's torch version and CPU capability."""
+    m = META["machine"]
+    return m["torch"] == torch.__version__ and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(DATA / "outputs.safetensors"))
+
+
+def test_every_case_is_recorded() -> None:
+    assert sorted(C.CASES) == sorted(RECORDED), "re-record: python -m tests.reference.record"
+
+
+@pytest.mark.parametrize("key", RECORDED)
+def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_models: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    result = C.run_case(key, tiny_models, tmp_path)
+    prefix = f"{key}/"
+    want_tensors = {k[len(prefix):]: v for k, v in reference.items() if k.startswith(prefix)}
+    want_strings = {k[len(prefix):]: v for k, v in META["strings"].items() if k.startswith(prefix)}
+    got_tensors = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
+    got_strings = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+    assert sorted(got_tensors) == sorted(want_tensors)
+    assert got_strings == want_strings
+    bitwise = exact()
+    mismatched = []
+    for name, want in want_tensors.items():
+        got = got_tensors[name].detach().cpu()
+        if bitwise:
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+                diff = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else "shape"
+                mismatched.append(f"{name}: max |diff| {diff}")
+        else:
+            try:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            except AssertionError as err:
+                mismatched.append(f"{name}: {str(err).splitlines()[0]}")
+    assert not mismatched, f"{len(mismatched)} of {len(want_tensors)} tensors differ " \
+                           f"({'bit-identical' if bitwise else 'tolerance'} check):\n" + "\n".join(mismatched[:20])
