@@ -264,7 +264,7 @@ def fingerprint(p: torch.Tensor) -> torch.Tensor:
 
 def write_tiny(folder: Path) -> Path:
     """Every registered tiny random model into ``folder``."""
-    from semsr.models.tiny import write_tiny_models
+    from semsr.testing.tiny import write_tiny_models
 
     return write_tiny_models(folder)
 
@@ -333,7 +333,7 @@ def train_with_trainer(config: Path, overrides: Mapping[str, Any], output: Path)
 
 def train_irpad_one_epoch(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     """IRPAD data made in memory from the bundled sample photo, one epoch of :func:`semsr.train.irpad.train`."""
-    from semsr.paths import assets_dir
+    from semsr.core.paths import assets_dir
     from semsr.train.irpad import TrainSettings, make_in_memory, train
 
     photo = assets_dir() / "sample.png"
