@@ -6,7 +6,7 @@ Recorded by ``python -m tests.reference.record`` into ``tests/data/reference/`` 
 The case *definitions* (:data:`METHOD_CASES`, :data:`TRAIN_CASES`) are plain data: method name, build
 options, run options, input spec; task config, overrides. **Every call into the semsr API is in the
 functions of the section "semsr API calls" below** (``build_method``, ``call_method``,
-``method_priors``, ``write_tiny``, ``build_reference_db``, ``train_with_trainer``, ``train_irpad_one_epoch``,
+``method_options``, ``write_tiny``, ``build_reference_db``, ``train_with_trainer``, ``train_irpad_one_epoch``,
 ``train_edge_vq``); when the API changes, adapt those functions only (keep the case data and the
 recorded keys).
 
@@ -280,22 +280,24 @@ def build_reference_db(images: Path, out: Path, tiny_dir: Path) -> Path:
     return out
 
 
-def build_method(name: str, build: Mapping[str, Any]) -> Any:
+def method_options(name: str, build: Mapping[str, Any], run: Mapping[str, Any]) -> Any:
+    """The method's typed options from the case's build and run option values (validated)."""
+    from semsr.methods import resolve
+
+    return resolve(name).parse({**dict(build), **dict(run)})
+
+
+def build_method(name: str, options: Any) -> Any:
     """A fresh (uncached) method."""
-    from semsr.methods import get_method
+    from semsr.methods import resolve
 
-    return get_method(name, **dict(build))
+    return resolve(name).factory(options)
 
 
-def call_method(method: Any, x: torch.Tensor, run: Mapping[str, Any]) -> torch.Tensor:
-    """The method's output tensor ``(B, 3, sH, sW)``."""
+def call_method(method: Any, x: torch.Tensor, options: Any) -> Any:
+    """The method's :class:`~semsr.core.outputs.SROutput` (``images`` ``(B, 3, sH, sW)``, ``priors``)."""
     with torch.no_grad():
-        return method(x, **dict(run))
-
-
-def method_priors(method: Any) -> Mapping[str, Any]:
-    """The priors the last call reported (``last_priors``; ``{}`` for restorers)."""
-    return dict(getattr(method, "last_priors", None) or {})
+        return method(x, options)
 
 
 def train_with_trainer(config: Path, overrides: Mapping[str, Any], output: Path) -> dict[str, Any]:
@@ -397,10 +399,11 @@ def run_method_case(case: MethodCase, tiny_dir: Path) -> dict[str, torch.Tensor 
     """
     with isolated() as work:
         paths = _prepare(case.needs, tiny_dir, work)
-        method = build_method(case.method, _fill(dict(case.build), paths))
-        out = call_method(method, input_tensor(case.input), _fill(dict(case.run), paths))
+        options = method_options(case.method, _fill(dict(case.build), paths), _fill(dict(case.run), paths))
+        output = call_method(build_method(case.method, options), input_tensor(case.input), options)
+        out = output.images
         result: dict[str, torch.Tensor | str] = {"output": _crop(out), "shape": json.dumps(list(out.shape))}
-        for key, value in sorted(method_priors(method).items()):
+        for key, value in sorted(output.priors.items()):
             if isinstance(value, torch.Tensor):  # image priors (modality maps, references)
                 result[f"prior/{key}"] = _crop(value)
                 continue

@@ -58,3 +58,11 @@ def resolve_dtype(
     if out == torch.float16 and dev is not None and dev.type == "cpu":
         raise SemsrError("fp16 needs a GPU; on CPU use bf16 or fp32")
     return out
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads`` is given (>= 1)."""
+    if threads is not None:
+        if int(threads) < 1:
+            raise SemsrError(f"threads must be >= 1, not {threads}")
+        torch.set_num_threads(int(threads))

@@ -1,66 +1,28 @@
-"""Registry of upscaling methods (restorers and diffusion recipes).
+"""The method registry: every restorer and diffusion recipe, by name.
 
-A *method* turns an RGB image tensor into an upscaled one. Everything the CLI,
-the Python API, the benchmark runner and the web demo run goes through
-:func:`get_method`, so a new restorer or recipe only has to register a factory.
+A *method* turns an RGB image tensor into an upscaled one (the
+:class:`~semsr.core.method.Method` protocol); it is registered as a
+:class:`~semsr.core.method.MethodSpec` naming its factory and its typed
+options class. Everything the CLI, the Python API, the benchmark runner and
+the web demo run goes through :func:`resolve`, so a new restorer or recipe
+only has to register a spec.
 
-Factories are registered lazily by module path (see ``_BUILTIN``) so importing
-the registry does not import torch models, ncnn or diffusers.
+The built-in modules register on first lookup (``_BUILTIN``), so importing
+this package imports no model code.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
-
-import torch
-
+from semsr.core.method import Method, MethodSpec
+from semsr.core.options import MethodOptions
 from semsr.core.registry import Registry
 
+__all__ = ["Method", "MethodSpec", "build", "register", "resolve", "specs"]
 
-@runtime_checkable
-class Method(Protocol):
-    """What every upscaling method provides.
-
-    Attributes:
-        name: registry name, e.g. ``"realesrgan-x4plus"``.
-        scale: native integer scale factor of the model.
-        tiles_itself: True when the method does its own tiling (diffusion
-            methods tile in latent space); otherwise callers tile in pixels.
-    """
-
-    name: str
-    scale: int
-    tiles_itself: bool
-
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        """Upscale ``x`` of shape ``(B, 3, H, W)``, float in [0, 1].
-
-        Returns ``(B, 3, scale*H, scale*W)`` float in [0, 1]. ``run_opts`` are
-        per-call options (prompt, negative_prompt, steps, guidance_scale, seed,
-        tile, tile_pad, colour_fix, progress...); methods ignore the ones that
-        do not apply to them.
-        """
-        ...
-
-
-@dataclass
-class MethodSpec:
-    """Registry entry: how to build a method and what to tell users about it."""
-
-    name: str
-    factory: Callable[..., Method]
-    scale: int
-    summary: str = ""
-    aliases: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# Modules that register methods when imported. Add a module here when it
-# defines new methods; keep the list short and import-cheap.
+# Modules that register methods when imported, in registration order.
 _BUILTIN: tuple[str, ...] = (
-    "semsr.models.restorers",
-    "semsr.pipeline.sd_controlnet",
+    "semsr.methods.restorers",
+    "semsr.methods.sd_controlnet",
     "semsr.methods.coser",
     "semsr.methods.xpsr",
     "semsr.methods.dalpsr",
@@ -69,26 +31,26 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.default_diffusion",
     "semsr.methods.default_alias",  # last: "default" points at a method registered above
 )
-_METHODS: Registry[MethodSpec] = Registry(_BUILTIN, "method")
-_REGISTRY = _METHODS.entries
-_ALIASES = _METHODS.aliases
+REGISTRY: Registry[MethodSpec] = Registry(_BUILTIN, "method")
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (later registrations replace earlier ones)."""
-    return _METHODS.add(spec.name, spec, spec.aliases)
+    return REGISTRY.add(spec.name, spec, spec.aliases)
 
 
 def specs() -> list[MethodSpec]:
     """All registered methods, in registration order."""
-    return _METHODS.specs()
+    return REGISTRY.specs()
 
 
 def resolve(name: str) -> MethodSpec:
-    """Return the spec for ``name`` (or an alias); raise a one-line error if unknown."""
-    return _METHODS.resolve(name)
+    """The spec of ``name`` (or an alias); a one-line error naming the closest name if unknown."""
+    return REGISTRY.resolve(name)
 
 
-def get_method(name: str, **build_opts: Any) -> Method:
-    """Build the method ``name`` with ``build_opts`` (device, dtype, paths...)."""
-    return resolve(name).factory(**build_opts)
+def build(name: str, options: MethodOptions | dict | None = None) -> Method:
+    """Build method ``name`` from its options object, or from a dict of option values (validated)."""
+    spec = resolve(name)
+    opts = options if isinstance(options, MethodOptions) else spec.parse(options)
+    return spec.factory(opts)

@@ -204,7 +204,7 @@ class TextTokens:
 
     def __init__(self) -> None:
         from semsr.pipeline.text import MiniLMTextEncoder
-        from semsr.train.tasks import PromptEncoder
+        from semsr.pipeline.text import PromptEncoder
 
         enc = MiniLMTextEncoder.build(MINILM_WIDTH)
         self.bert, self.tokenizer, self.max_length = enc.bert, enc.tokenizer, enc.max_length

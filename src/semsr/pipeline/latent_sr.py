@@ -27,6 +27,7 @@ from semsr.core.errors import SemsrError
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
+from semsr.pipeline.guidance import Denoiser
 from semsr.pipeline.sampler import make_scheduler, sample
 
 #: Latent side above which the latent is tiled automatically (96 latent = 768 px).
@@ -150,7 +151,7 @@ class LatentSRPipeline:
                         tile=tile, vae_tile=tile * self.factor if tile else None)
 
     def denoise_decode(self, spatial: SpatialDenoiser, layout: SRLayout, *, channels: int, cond: Any,
-                       uncond: Any = None, guidance_scale: float = 1.0, steps: int, seed: int, scheduler: str,
+                       guide: Callable[[Denoiser], Denoiser] | None = None, steps: int, seed: int, scheduler: str,
                        init_latents: torch.Tensor | None, strength: float, tile_overlap: int | None,
                        colour_fix_method: str, progress: Any, timings: dict[str, float]) -> torch.Tensor:
         """Sample the latent with ``spatial`` (on ``layout.tile`` tiles), decode, crop and colour-fix.
@@ -158,7 +159,9 @@ class LatentSRPipeline:
         Args:
             spatial: ``(x, t, cond, window) -> model output`` over a latent window.
             channels: latent channels ``C`` of the sampled ``(B, C, *layout.lat_hw)``.
-            cond / uncond / guidance_scale: as :func:`~semsr.pipeline.sampler.sample`.
+            cond: the condition of every step (:func:`~semsr.pipeline.sampler.sample`).
+            guide: guidance wrapper around the (tiled) denoiser, e.g.
+                ``lambda d: cfg(d, uncond, scale)`` (:mod:`semsr.pipeline.guidance`); None: no guidance.
             steps, seed, scheduler, init_latents, strength: sampling (noise from a CPU
                 generator seeded with ``seed``).
             tile_overlap: latent overlap between tiles (None: tile // 4).
@@ -170,12 +173,13 @@ class LatentSRPipeline:
         tile = layout.tile
         overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
         denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
+        if guide is not None:
+            denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
         try:
             z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
-                       shape=(layout.batch, int(channels), *layout.lat_hw), cond=cond, uncond=uncond,
-                       guidance_scale=guidance_scale, steps=int(steps),
+                       shape=(layout.batch, int(channels), *layout.lat_hw), cond=cond, steps=int(steps),
                        generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init_latents,
                        strength=strength, device=self.device, progress=callback)
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from semsr.core.errors import UnavailableError
 from semsr.core.options import MethodOptions, option
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.sampler import SCHEDULER_NAMES
@@ -42,6 +43,7 @@ class SamplingOptions(MethodOptions):
 class LatentSROptions(SamplingOptions):
     """A Stable Diffusion base (build) and the latent SR sampling options (run)."""
 
+    scale: int = option(4, stage="build", min=1, max=64, help="SR factor of the model", metavar="S")
     base: Path | None = option(None, stage="build", metavar="PATH", help="Stable Diffusion folder or single file")
     base_config: Path | None = option(
         None, stage="build", metavar="DIR", help="local diffusers config folder for a single-file --base"
@@ -60,6 +62,21 @@ class LatentSROptions(SamplingOptions):
     )
     start_from_lr: bool = option(True, help="start from the LR latent noised to the first timestep")
     strength: float = option(1.0, min=1e-6, max=1.0, help="fraction of the schedule run from the noised LR latent")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ControlNetSROptions(LatentSROptions):
+    """:class:`LatentSROptions` plus an SR ControlNet (its folder and residual scale)."""
+
+    controlnet: Path | None = option(None, stage="build", metavar="DIR", help="SR ControlNet folder")
+    conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
+
+
+def require_paths(method: str, options: MethodOptions, *fields: tuple[str, str]) -> None:
+    """Raise ``"<method> needs <what>: pass --<field> PATH"`` for the first ``(field, what)`` not given."""
+    for name, what in fields:
+        if getattr(options, name) is None:
+            raise UnavailableError(f"{method} needs {what}: pass --{name.replace('_', '-')} PATH")
 
 
 def latent_tile(options: LatentSROptions, scale: float, factor: int) -> int | None:

@@ -3,13 +3,8 @@
 A *denoiser* is any callable ``(x_t, t, cond) -> model_output`` where ``x_t``
 is the ``(B, C, h, w)`` float32 latent, ``t`` a scalar timestep tensor and
 ``cond`` whatever the model needs (a tensor, or a dict/tuple of tensors with
-batch first). Guidance is done here, model-agnostically:
-
-- ``guidance_scale == 1`` or no ``uncond``: one forward on ``cond`` (no CFG);
-- otherwise one batched forward on ``[uncond, cond]`` and
-  ``out = u + s * (c - u)``. The MMSR-style m-CFG
-  ``(1 + w) * eps(pos) - w * eps(neg)`` is the same formula with
-  ``s = 1 + w`` and the negative branch as ``uncond``.
+batch first). Guidance is not done here: wrap the denoiser
+(:mod:`semsr.pipeline.guidance`) before passing it in.
 
 Schedulers: ``ddpm`` (XPSR's default, 20 steps), ``ddim``, ``dpm++``
 (DPM-Solver++ multistep), all built from the checkpoint's scheduler config.
@@ -22,8 +17,8 @@ from typing import Any
 import torch
 
 from semsr.core.errors import SemsrError
+from semsr.pipeline.guidance import Denoiser
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++")
@@ -45,43 +40,18 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     raise SemsrError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_NAMES)}")
 
 
-def cat_conditions(a: Any, b: Any) -> Any:
-    """Concatenate two conditions along the batch dimension (tensors, dicts, tuples/lists, None)."""
-    if a is None and b is None:
-        return None
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b], dim=0)
-    if isinstance(a, dict):
-        return {k: cat_conditions(a[k], b[k]) for k in a}
-    if isinstance(a, (tuple, list)):
-        return type(a)(cat_conditions(x, y) for x, y in zip(a, b))
-    if a == b:  # plain scalars/strings shared by both branches
-        return a
-    raise TypeError(f"cannot batch conditions of type {type(a).__name__}")
-
-
-def guided(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any = None,
-           guidance_scale: float = 1.0) -> torch.Tensor:
-    """One guided model evaluation. ``x``: ``(B, C, h, w)``; returns ``(B, C, h, w)``."""
-    if uncond is None or guidance_scale == 1.0:
-        return denoiser(x, t, cond)
-    both = denoiser(torch.cat([x, x], dim=0), t, cat_conditions(uncond, cond))
-    out_u, out_c = both.chunk(2, dim=0)
-    return out_u + guidance_scale * (out_c - out_u)
-
-
-def sample(denoiser: Denoiser, scheduler: Any, *, shape: tuple[int, ...], cond: Any, uncond: Any = None,
-           guidance_scale: float = 1.0, steps: int = 20, generator: torch.Generator | None = None,
+def sample(denoiser: Denoiser, scheduler: Any, *, shape: tuple[int, ...], cond: Any, steps: int = 20,
+           generator: torch.Generator | None = None,
            init_latents: torch.Tensor | None = None, strength: float = 1.0,
            device: torch.device | str = "cpu", progress: Progress | None = None) -> torch.Tensor:
     """Run the reverse diffusion and return the final latent ``shape`` (float32).
 
     Args:
-        denoiser: ``(x_t, t, cond) -> model output`` (epsilon or v, as the scheduler expects).
+        denoiser: ``(x_t, t, cond) -> model output`` (epsilon or v, as the scheduler expects),
+            guidance included (:mod:`semsr.pipeline.guidance`).
         scheduler: a diffusers scheduler (see :func:`make_scheduler`); mutated.
         shape: latent shape ``(B, C, h, w)``.
-        cond / uncond: positive / negative conditions (``uncond`` None: no CFG).
-        guidance_scale: CFG scale; 1 takes the single-forward path.
+        cond: the condition passed to ``denoiser`` at every step.
         steps: number of denoising steps.
         generator: ``torch.Generator`` for the initial and per-step noise (CPU).
         init_latents: optional ``shape`` latent to start from (e.g. the LR
@@ -108,7 +78,7 @@ def sample(denoiser: Denoiser, scheduler: Any, *, shape: tuple[int, ...], cond: 
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
-        out = guided(denoiser, x_in, t, cond, uncond, guidance_scale).float()
+        out = denoiser(x_in, t, cond).float()
         x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, total)

@@ -20,22 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from semsr.core.errors import SemsrError, UnavailableError
-from semsr.methods import MethodSpec, register
-from semsr.pipeline.colorfix import COLOUR_FIXES
-from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint  # noqa: F401  (make_hint: re-exported for recipes)
+from semsr.core.errors import SemsrError
+from semsr.core.io import atomic_write_bytes
+from semsr.core.method import ProgressFn
+from semsr.core.outputs import SROutput, compact
+from semsr.pipeline.guidance import cfg
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.loading import SDComponents, atomic_write_bytes, load_controlnet, load_sd
+from semsr.pipeline.loading import SDComponents, load_controlnet, load_sd
+from semsr.pipeline.options import ControlNetSROptions, latent_tile
 from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler
+from semsr.pipeline.sampler import make_scheduler
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
-from semsr.priors.report import PriorReporter, first
 
 log = logging.getLogger("semsr.pipeline")
 
@@ -78,12 +79,20 @@ class SDControlNetSR(LatentSRPipeline):
         text: conditioning encoder with ``encode(prompts) -> (B, 77, D)``.
         scheduler_config: the checkpoint's scheduler config dict.
         factor: VAE downsampling factor (8 for SD).
-        last_timings: seconds of the last call: ``encode``, ``denoise``, ``decode``, ``steps``.
+        scale: SR factor of a call (a build option of the method).
     """
+
+    name = "sd-controlnet"
+    tiles_itself = True
+    options_class: type[ControlNetSROptions] = ControlNetSROptions
 
     def __init__(self, *, vae: Any, unet: Any, controlnet: Any, text: Any, scheduler_config: dict[str, Any],
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
-                 channels_last: bool = False, compile: bool = False) -> None:
+                 channels_last: bool = False, compile: bool | str | None = False, scale: int = 4,
+                 name: str | None = None) -> None:
+        self.scale = int(scale)
+        if name is not None:
+            self.name = name
         self.device = torch.device(device)
         self.dtype = check_dtype(dtype, self.device)
         prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
@@ -101,7 +110,6 @@ class SDControlNetSR(LatentSRPipeline):
                              f"{self.unet.config.cross_attention_dim}")
         # latent sizes must survive the UNet's downsamplings
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ loading / saving
 
@@ -204,158 +212,43 @@ class SDControlNetSR(LatentSRPipeline):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, *, scale: int = 4, prompt: str | list[str] = "",
-                 negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE, steps: int = DEFAULT_STEPS,
-                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, scheduler: str = "ddpm",
-                 colour_fix_method: str = "adain", latent_tile: int | None = None, tile_overlap: int | None = None,
-                 start_from_lr: bool = True, strength: float = 1.0, conditioning_scale: float = 1.0,
-                 progress: Any = False) -> torch.Tensor:
+    def __call__(self, lr: torch.Tensor, options: ControlNetSROptions | None = None, *,
+                 prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
+                 progress: ProgressFn | bool | None = False) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         Args:
-            prompt / negative_prompt: one string or one per image; ``negative_prompt``
-                None (or guidance_scale 1) disables CFG.
-            steps, guidance_scale, seed, scheduler: sampling (``ddpm`` | ``ddim`` | ``dpm++``).
-            colour_fix_method: ``adain`` | ``wavelet`` | ``none``.
-            latent_tile: latent tile side (None: automatic, 0: untiled); the VAE
-                is tiled with the same tile in pixels.
-            tile_overlap: latent overlap between tiles (default tile // 4).
-            start_from_lr: start from the LR latent noised to the first timestep
-                (XPSR) instead of pure noise; ``strength`` < 1 skips the noisiest steps.
-            conditioning_scale: ControlNet residual scale.
+            options: the run options (``None``: :attr:`options_class` defaults). ``negative_prompt``
+                with ``guidance_scale`` 1 runs without CFG.
+            prompts / negative_prompts: one per image, overriding ``options.prompt`` /
+                ``options.negative_prompt`` (e.g. validation captions).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
+        Returns:
+            ``images`` and ``priors`` (the first image's prompt and negative prompt), ``timings``
+            (``encode``, ``denoise``, ``decode`` seconds and ``steps``).
         """
-        layout = self.layout(lr, scale, latent_tile)
+        opts = options if options is not None else self.options_class()
+        layout = self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
         timings: dict[str, float] = {}
-
-        prompts = [prompt] * layout.batch if isinstance(prompt, str) else list(prompt)
+        prompts = list(prompts) if prompts is not None else [opts.prompt] * layout.batch
+        negatives = list(negative_prompts) if negative_prompts is not None else [opts.negative_prompt] * layout.batch
         t0 = time.perf_counter()
-        cond, uncond = self.conditions(prompts, negative_prompt, guidance_scale)
-        init = self.vae_encode(layout.hint_padded, layout.vae_tile) if start_from_lr else None
+        cond, uncond = self.conditions(prompts, negatives, opts.guidance_scale)
+        init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
 
         image = self.denoise_decode(
-            self.spatial_denoiser(layout.hint_padded, conditioning_scale), layout,
-            channels=self.unet.config.in_channels, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-            steps=steps, seed=seed, scheduler=scheduler, init_latents=init, strength=strength,
-            tile_overlap=tile_overlap, colour_fix_method=colour_fix_method, progress=progress, timings=timings)
-        timings["steps"] = float(steps)
-        self.last_timings = timings
-        return image
+            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale), layout,
+            channels=self.unet.config.in_channels, cond=cond,
+            guide=lambda d: cfg(d, uncond, opts.guidance_scale), steps=opts.steps, seed=opts.seed,
+            scheduler=opts.scheduler, init_latents=init, strength=opts.strength, tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+        timings["steps"] = float(opts.steps)
+        priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0]})
+        return SROutput(image, priors=priors, timings=timings)
 
-
-# ---------------------------------------------------------------------- method
-
-_RUN_DEFAULTS: dict[str, Any] = {
-    "prompt": "", "negative_prompt": DEFAULT_NEGATIVE, "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
-    "seed": 0, "scheduler": "ddpm", "colour_fix": "adain", "tile": 0, "latent_tile": None, "tile_overlap": None,
-    "start_from_lr": True, "strength": 1.0, "conditioning_scale": 1.0, "progress": False,
-}
-
-
-def sd_run_options(defaults: Mapping[str, Any], run_opts: Mapping[str, Any], *, scale: int, factor: int,
-                   known: Container[str] | None = None) -> dict[str, Any]:
-    """The run options of an SD-based method: ``defaults`` updated with the ``run_opts`` that are
-    not None and ``known`` (default: the keys of ``defaults``; others are ignored).
-
-    ``latent_tile`` left None is taken from ``tile`` (the CLI's ``--tile``, in
-    input pixels) when that is set: its side in latent pixels of the ``scale`` x
-    output (VAE downsampling ``factor``), at least 1.
-    """
-    known = defaults if known is None else known
-    opts = dict(defaults)
-    opts.update({k: v for k, v in run_opts.items() if k in known and v is not None})
-    if opts["latent_tile"] is None and opts["tile"]:
-        opts["latent_tile"] = max(1, round(int(opts["tile"]) * scale / factor))
-    return opts
-
-
-def require_build_paths(name: str, *required: tuple[Any, str, str], threads: int | None = None) -> None:
-    """Start of an SD-based method's factory: raise :class:`~semsr.core.errors.UnavailableError`
-    ``"<name> needs <what>: pass <flag> PATH"`` for the first ``(value, flag, what)`` whose
-    value is None, then apply ``threads`` (``torch.set_num_threads``) when given."""
-    for value, flag, what in required:
-        if value is None:
-            raise UnavailableError(f"{name} needs {what}: pass {flag} PATH")
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-class SDControlNetMethod(PriorReporter):
-    """``sd-controlnet`` as a registry :class:`~semsr.methods.Method` (tiles in latent space).
-
-    Run options (``None`` = default): prompt, negative_prompt, steps (20),
-    guidance_scale (4.5), seed (0), scheduler (ddpm|ddim|dpm++), colour_fix
-    (adain|wavelet|none), tile (tile side in *input* pixels as the CLI's
-    ``--tile``; 0 = automatic), latent_tile (tile side in latent pixels,
-    overrides ``tile``), tile_overlap (latent), start_from_lr, strength,
-    conditioning_scale, progress. Other options (e.g. ``tile_pad``) are ignored.
-    ``last_priors``: the prompt and negative prompt of the last call (no
-    priors are extracted; :meth:`suggest_priors` offers the default negative prompt).
-    """
-
-    name = "sd-controlnet"
-    tiles_itself = True
-
-    def __init__(self, pipeline: SDControlNetSR, scale: int = 4, name: str = "sd-controlnet") -> None:
-        self.pipeline = pipeline
-        self.scale = int(scale)
-        self.name = name
-        self.device = pipeline.device
-
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = sd_run_options(_RUN_DEFAULTS, run_opts, scale=self.scale, factor=self.pipeline.factor)
-        out = self.pipeline(
-            x, scale=self.scale, prompt=opts["prompt"], negative_prompt=opts["negative_prompt"], steps=opts["steps"],
-            guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
-            start_from_lr=opts["start_from_lr"], strength=opts["strength"],
-            conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
-        self.report_priors(prompt=first(opts["prompt"]), negative_prompt=first(opts["negative_prompt"]))
-        return out
-
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """Nothing is extracted from the image: the default negative prompt, to edit."""
-        return {"negative_prompt": _RUN_DEFAULTS["negative_prompt"]}
+        return {"negative_prompt": self.options_class().negative_prompt}
 
 
-def build(base: str | None = None, controlnet: str | None = None, *, device: str = "cpu",
-          dtype: str | torch.dtype | None = None, scale: int = 4, base_config: str | None = None,
-          channels_last: bool = False, compile: bool = False, threads: int | None = None) -> SDControlNetMethod:
-    """Factory of ``sd-controlnet``: ``base`` = SD folder or single file, ``controlnet`` = ControlNet folder."""
-    if base is None:
-        raise UnavailableError("sd-controlnet needs a Stable Diffusion checkpoint: pass --base PATH "
-                               "(a diffusers SD folder or a .safetensors/.ckpt file)")
-    if threads:
-        torch.set_num_threads(int(threads))
-    pipe = SDControlNetSR.from_pretrained(base, controlnet, base_config=base_config, device=device,
-                                          dtype=dtype or "fp32", channels_last=channels_last, compile=compile)
-    return SDControlNetMethod(pipe, scale=scale)
-
-
-def sd_cli_options() -> list[dict[str, Any]]:
-    """``semsr upscale`` options of every SD-based method (sampler, latent tiles, strength, base config).
-
-    Returns fresh dicts on every call, so recipes may extend the list they get.
-    """
-    return [
-        {"flags": ["--base-config"], "target": "build", "metavar": "DIR",
-         "help": "local diffusers config folder for a single-file --base"},
-        {"flags": ["--scheduler"], "target": "run", "choices": list(SCHEDULER_NAMES),
-         "help": "sampler (default: ddpm)"},
-        {"flags": ["--latent-tile"], "target": "run", "type": int, "metavar": "N",
-         "help": "latent tile side (overrides --tile; default: 64 when the latent exceeds 96)"},
-        {"flags": ["--tile-overlap"], "target": "run", "type": int, "metavar": "N",
-         "help": "latent tile overlap (default: tile/4)"},
-        {"flags": ["--strength"], "target": "run", "type": float,
-         "help": "fraction of the schedule run from the noised LR latent (default: 1.0)"},
-    ]
-
-
-register(MethodSpec(
-    name="sd-controlnet",
-    factory=build,
-    scale=4,
-    summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
-    extra={"cli_options": sd_cli_options(), "colour_fixes": list(COLOUR_FIXES)},
-))

@@ -13,6 +13,8 @@ Two encoders share one interface (``encode(prompts) -> (B, 77, D)``):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,3 +156,27 @@ def load_text_conditioner(components: SDComponents, *, dtype: str | torch.dtype 
     else:
         enc = MiniLMTextEncoder.build(int(components.unet.config.cross_attention_dim))
     return enc.to(device=device, dtype=resolve_dtype(dtype))
+
+
+class PromptEncoder:
+    """Frozen text encoder with a per-prompt cache: ``list[str] -> (B, L, D)``."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_cache: int = 512) -> None:
+        self._encode = encode
+        self._cache: dict[str, torch.Tensor] = {}
+        self._max = max_cache
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            embs = self._encode(missing)
+            if len(self._cache) + len(missing) > self._max:
+                self._cache.clear()
+            for p, e in zip(missing, embs, strict=True):
+                self._cache[p] = e
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def clear(self) -> None:
+        """Forget cached embeddings (after moving/casting the encoder)."""
+        self._cache.clear()

@@ -3,10 +3,10 @@
 This is the method side of the contract :mod:`semsr.api` and the web demo
 (:mod:`semsr.ui`) read:
 
-- ``method.last_priors`` (:data:`semsr.api.PRIORS_ATTRIBUTE`): set by
-  ``__call__`` to the priors the method actually used for the first image of
-  the batch (the API and the demo run one image at a time);
-- ``method.suggest_priors(x)`` (:data:`semsr.api.SUGGEST_HOOK`): ``x`` is
+- ``SROutput.priors`` (:class:`semsr.core.outputs.SROutput`): the priors the
+  method actually used for the first image of the batch (the API and the demo
+  run one image at a time), compacted with :func:`semsr.core.outputs.compact`;
+- ``method.suggest_priors(x)`` (:class:`semsr.core.method.SuggestsPriors`): ``x`` is
   ``(1, 3, H, W)`` float in [0, 1]; returns the priors the method would
   extract, computed with its own (cached) providers only -- no diffusion, no
   model it has not loaded already;
@@ -34,31 +34,13 @@ conditioning. The other keys are for display. Shared key names:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
-import torch
-
-from semsr.core.errors import SemsrError
 
 #: Run option: the prompt (and other suggested fields) already hold the extracted text priors.
 PRIORS_IN_PROMPT = "priors_in_prompt"
 #: Display key of the low-level text of XPSR/DaLPSR by where it came from.
 LOW_LEVEL_KEYS = {"irpad": "degradation", "vlm": "quality"}
-
-
-def compact(priors: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` and empty collections; lists of strings become tuples; tensors go to the CPU (detached)."""
-    out: dict[str, Any] = {}
-    for key, value in priors.items():
-        if value is None or (isinstance(value, (tuple, list, dict)) and not value):
-            continue
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = tuple(value)
-        elif isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-        out[key] = value
-    return out
 
 
 def first(value: Any) -> Any:
@@ -84,29 +66,3 @@ def text_conditions_priors(cond: Any, high: bool = True, low: bool = True) -> di
         out[LOW_LEVEL_KEYS.get(sources.get("low", ""), "low_level_prompt")] = cond.low
     out["sources"] = sources
     return out
-
-
-class PriorReporter:
-    """Mixin giving a method ``last_priors``, :meth:`report_priors` and the ``suggest_priors`` hook.
-
-    A method calls :meth:`report_priors` at the end of ``__call__`` and
-    implements :meth:`prior_suggestion`.
-    """
-
-    last_priors: Mapping[str, Any] = MappingProxyType({})
-
-    def report_priors(self, **priors: Any) -> dict[str, Any]:
-        """Set ``last_priors`` to ``priors`` (compacted, see :func:`compact`); returns it."""
-        self.last_priors = compact(priors)
-        return self.last_priors
-
-    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
-        """Priors for ``x`` ``(1, 3, H, W)`` in [0, 1] before a run (see the module docstring)."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
-        with torch.no_grad():
-            return compact(self.prior_suggestion(x[:1].float().clamp(0, 1)))
-
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
-        """What :meth:`suggest_priors` returns for one image ``(1, 3, H, W)`` in [0, 1] (before compaction)."""
-        raise NotImplementedError

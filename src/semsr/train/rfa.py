@@ -444,7 +444,7 @@ class RFAEnhancerTask(_Stage1Task):
         self.clip_text = None
         if cfg.losses.get("rfa_text_clip", 0):
             from semsr.models.rfa_text import VocabBridge, load_clip_text
-            from semsr.train.tasks import PromptEncoder
+            from semsr.pipeline.text import PromptEncoder
 
             self.clip_text = load_clip_text(_resolve(o.get("clip_text") or cfg.model.pretrained))
             self.bridge = VocabBridge(self.tokenizer, self.clip_text.tokenizer,

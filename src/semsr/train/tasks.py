@@ -45,6 +45,7 @@ from torch import nn
 
 from semsr.core.errors import SemsrError
 from semsr.pipeline.sd_controlnet import make_hint
+from semsr.pipeline.text import PromptEncoder
 from semsr.train.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -184,30 +185,6 @@ def resolve_model_path(path: str) -> Path:
             raise SemsrError(f"no tiny model '{part}' (have: sd, controlnet)", path)
         return tiny_models_dir() / part
     return Path(path).expanduser()
-
-
-class PromptEncoder:
-    """Frozen text encoder with a per-prompt cache: ``list[str] -> (B, L, D)``."""
-
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_cache: int = 512) -> None:
-        self._encode = encode
-        self._cache: dict[str, torch.Tensor] = {}
-        self._max = max_cache
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            embs = self._encode(missing)
-            if len(self._cache) + len(missing) > self._max:
-                self._cache.clear()
-            for p, e in zip(missing, embs, strict=True):
-                self._cache[p] = e
-        return torch.stack([self._cache[p] for p in prompts])
-
-    def clear(self) -> None:
-        """Forget cached embeddings (after moving/casting the encoder)."""
-        self._cache.clear()
 
 
 @dataclass

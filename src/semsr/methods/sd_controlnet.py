@@ -1,0 +1,52 @@
+"""``sd-controlnet``: Stable Diffusion + an SR ControlNet, bring your own weights.
+
+The pipeline is :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR`; this
+preset adds its defaults (XPSR's negative prompt, 20 DDPM steps, CFG 4.5) and
+registers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from semsr.core.dtypes import apply_threads
+from semsr.core.method import MethodSpec
+from semsr.core.options import option
+from semsr.methods import register
+from semsr.pipeline.options import ControlNetSROptions, require_paths
+from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
+
+
+@dataclass(kw_only=True, frozen=True)
+class SDControlNetOptions(ControlNetSROptions):
+    """Options of ``sd-controlnet``."""
+
+    negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
+    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    guidance_scale: float = option(
+        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
+    )
+
+
+def build(options: SDControlNetOptions) -> SDControlNetSR:
+    """Factory of ``sd-controlnet``: ``base`` SD folder or single file, ``controlnet`` folder (optional)."""
+    require_paths("sd-controlnet", options, ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a "
+                                             ".safetensors/.ckpt file)"))
+    apply_threads(options.threads)
+    pipe = SDControlNetSR.from_pretrained(
+        options.base, options.controlnet, base_config=options.base_config, device=options.device,
+        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
+        scale=options.scale)
+    pipe.options_class = SDControlNetOptions
+    return pipe
+
+
+register(MethodSpec(
+    name="sd-controlnet",
+    factory=build,
+    options=SDControlNetOptions,
+    scale=4,
+    summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
+    diffusion=True,
+    weight_paths=("base", "controlnet"),
+))
