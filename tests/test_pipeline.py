@@ -12,7 +12,7 @@ from PIL import Image
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
 from semsr.pipeline.latent_tiling import tile_starts, tiled, tiled_apply, untiled
-from semsr.pipeline.loading import load_checkpoint, load_controlnet, load_sd, save_checkpoint
+from semsr.core.loading import load_checkpoint, load_controlnet, load_sd, save_checkpoint
 from semsr.pipeline.sampler import cat_conditions, guided, make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 
@@ -357,7 +357,7 @@ def test_loading_forces_offline_mode():
 
     import huggingface_hub.constants as hub
 
-    from semsr.pipeline import loading
+    from semsr.core import loading
 
     loading.ensure_offline()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and hub.HF_HUB_OFFLINE

@@ -6,6 +6,10 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+from semsr.core.errors import SemsrError
+
 #: Files up to this size are hashed whole; larger ones by size plus their first and last MiB.
 WHOLE_FILE_BYTES = 64 << 20
 _CHUNK = 1 << 20
@@ -56,3 +60,18 @@ def fingerprint(paths: Iterable[str | Path | None], length: int = 16) -> str:
             else:
                 digest.update(f"{rel}\0missing\n".encode())
     return digest.hexdigest()[:length]
+
+
+def image_key(image: torch.Tensor) -> str:
+    """Content hash of ``image`` ``(1, 3, H, W)`` in [0, 1] (hex SHA-256).
+
+    The image is quantised to 16 bits first, so the same 8- or 16-bit file read
+    by different loaders (or on different devices/dtypes) gets the same key.
+    """
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(image.shape)}")
+    q = (image.detach().float().cpu().clamp(0, 1) * 65535.0).round().to(torch.int32).numpy().astype("<u2")
+    h = hashlib.sha256()
+    h.update(repr(tuple(image.shape)).encode())
+    h.update(q.tobytes())
+    return h.hexdigest()

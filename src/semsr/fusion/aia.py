@@ -327,14 +327,14 @@ class AiAFusion(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/config.json`` + ``folder/model.safetensors``."""
-        from semsr.pipeline.loading import save_checkpoint
+        from semsr.core.loading import save_checkpoint
 
         return save_checkpoint(folder, self.state_dict(), self.config())
 
     @classmethod
     def load(cls, folder: str | Path, unet: nn.Module) -> AiAFusion:
         """Load AiA weights saved by :meth:`save` for ``unet`` (must be the same architecture)."""
-        from semsr.pipeline.loading import load_checkpoint
+        from semsr.core.loading import load_checkpoint
 
         folder = Path(folder)
         tensors, config = load_checkpoint(folder)

@@ -119,7 +119,7 @@ class DFCHeads(nn.Module):
         """``folder/config.json`` + ``folder/model.safetensors``."""
         from safetensors.torch import save_file
 
-        from semsr.pipeline.loading import atomic_write_bytes
+        from semsr.core.loading import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

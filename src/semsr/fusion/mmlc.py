@@ -299,7 +299,7 @@ class MultimodalLatentConnector(nn.Module):
         """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically)."""
         from safetensors.torch import save_file
 
-        from semsr.pipeline.loading import atomic_write_bytes
+        from semsr.core.loading import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -238,7 +238,7 @@ class SFAFusion(nn.Module):
         """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically per file)."""
         from safetensors.torch import save_file
 
-        from semsr.pipeline.loading import atomic_write_bytes
+        from semsr.core.loading import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.loading import load_sd
+from semsr.core.loading import load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import require_build_paths, sd_cli_options, sd_run_options

@@ -58,7 +58,7 @@ from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.loading import atomic_write_bytes, load_sd
+from semsr.core.loading import atomic_write_bytes, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sd_controlnet import require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner

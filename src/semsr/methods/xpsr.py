@@ -31,7 +31,7 @@ from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import MethodSpec, register
 from semsr.pipeline.colorfix import COLOUR_FIXES
-from semsr.pipeline.loading import load_controlnet, load_sd
+from semsr.core.loading import load_controlnet, load_sd
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sd_controlnet import SDControlNetSR, require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner

@@ -201,7 +201,7 @@ def load_clip_vision(folder: str | Path, *, layer: int = -2, dtype: torch.dtype 
     """
     from transformers import CLIPVisionModel
 
-    from semsr.pipeline.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+    from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
 
     ensure_offline()
     quiet_hf_logging()
@@ -331,7 +331,7 @@ class CognitiveEncoder(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/config.json`` + ``folder/model.safetensors`` (pre-SR + adapter)."""
-        from semsr.pipeline.loading import save_checkpoint
+        from semsr.core.loading import save_checkpoint
 
         return save_checkpoint(folder, self.trained_state_dict(), self.config())
 
@@ -351,7 +351,7 @@ def load_cognitive_encoder(folder: str | Path, clip: CLIPVisionTower | str | Pat
 
     ``clip`` is a loaded tower or the CLIP folder; its width must match the checkpoint's.
     """
-    from semsr.pipeline.loading import load_checkpoint, require
+    from semsr.core.loading import load_checkpoint, require
 
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file() and (folder / "cognitive").is_dir():

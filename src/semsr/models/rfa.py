@@ -258,7 +258,7 @@ def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
     """A causal LM + tokenizer from a local folder (``local_files_only``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from semsr.pipeline.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+    from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
 
     ensure_offline()
     quiet_hf_logging()

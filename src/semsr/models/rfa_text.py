@@ -217,7 +217,7 @@ def load_clip_text(folder: str | Path) -> CLIPTextEmbedder:
 
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from semsr.pipeline.loading import ensure_offline, load_clip_tokenizer, load_transformers_model, quiet_hf_logging
+    from semsr.core.loading import ensure_offline, load_clip_tokenizer, load_transformers_model, quiet_hf_logging
 
     ensure_offline()
     quiet_hf_logging()

@@ -319,7 +319,7 @@ class DiffusersVQTokenizer:
     def __init__(self, path: str | Path, grid: int = 16, device: str = "cpu") -> None:
         from diffusers import VQModel
 
-        from semsr.pipeline.loading import quiet_hf_logging  # also forces the hubs offline
+        from semsr.core.loading import quiet_hf_logging  # also forces the hubs offline
 
         quiet_hf_logging()
         self.path = Path(path)

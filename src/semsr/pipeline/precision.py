@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from semsr.core.errors import SemsrError
-from semsr.pipeline.loading import resolve_dtype
+from semsr.core.loading import resolve_dtype
 
 
 def check_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

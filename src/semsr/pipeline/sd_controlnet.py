@@ -32,7 +32,7 @@ from semsr.core.outputs import SROutput, compact
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.loading import SDComponents, load_controlnet, load_sd
+from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.pipeline.options import ControlNetSROptions, latent_tile
 from semsr.pipeline.precision import check_dtype, prepare_module
 from semsr.pipeline.sampler import make_scheduler

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from semsr.pipeline.loading import atomic_write_bytes
+from semsr.core.loading import atomic_write_bytes
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

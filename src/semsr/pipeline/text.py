@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from semsr.core.errors import UnavailableError
-from semsr.pipeline.loading import (
+from semsr.core.loading import (
     SDComponents,
     ensure_offline,
     quiet_hf_logging,

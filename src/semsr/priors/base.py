@@ -40,6 +40,7 @@ import torch
 from semsr.core.errors import InputError, UnavailableError
 from semsr.core.io import Picture, atomic_write
 from semsr.core.paths import cache_dir, weights_dir
+from semsr.core.fingerprint import image_key
 from semsr.core.registry import Registry
 
 PriorKind = Literal["text", "spatial", "embedding", "tags"]
@@ -178,20 +179,6 @@ def check_image(image: torch.Tensor) -> None:
             and image.is_floating_point()):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"a prior provider takes one RGB image (1, 3, H, W) float in [0, 1], got {shape}")
-
-
-def image_key(image: torch.Tensor) -> str:
-    """Content hash of ``image`` ``(1, 3, H, W)`` in [0, 1] (hex SHA-256).
-
-    The image is quantised to 16 bits first, so the same 8- or 16-bit file read
-    by different loaders (or on different devices/dtypes) gets the same key.
-    """
-    check_image(image)
-    q = (image.detach().float().cpu().clamp(0, 1) * 65535.0).round().to(torch.int32).numpy().astype("<u2")
-    h = hashlib.sha256()
-    h.update(repr(tuple(image.shape)).encode())
-    h.update(q.tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def _load(path: Path, auto_classes: tuple[Any, ...], what: str) -> tuple[Any, An
     """Load model + image processor from ``path`` with the first auto class that accepts its config."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    from semsr.pipeline.loading import quiet_hf_logging  # also forces the hubs offline
+    from semsr.core.loading import quiet_hf_logging  # also forces the hubs offline
 
     quiet_hf_logging()
     config = AutoConfig.from_pretrained(path, local_files_only=True)

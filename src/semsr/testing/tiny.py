@@ -260,7 +260,7 @@ def _write_controlnet(root: Path) -> None:
 
 
 def _write_sd_single_file(root: Path) -> None:
-    from semsr.pipeline.loading import load_sd
+    from semsr.core.loading import load_sd
     from semsr.pipeline.single_file import save_single_file
 
     comps = load_sd(root / "sd")

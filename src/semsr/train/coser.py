@@ -123,7 +123,7 @@ def load_text_only(path: Path) -> nn.Module:
     """Just the conditioning text encoder of an SD folder (CLIP, or MiniLM + projection)."""
     from transformers import CLIPTextModel
 
-    from semsr.pipeline.loading import load_clip_tokenizer, load_sd, load_transformers_model
+    from semsr.core.loading import load_clip_tokenizer, load_sd, load_transformers_model
     from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
 
     if path.is_dir() and (path / "text_encoder").is_dir():

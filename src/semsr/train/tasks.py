@@ -226,7 +226,7 @@ class LatentDiffusionTask(Task):
         """Load the SD folder/file ``path`` frozen (see the class docstring); returns the components."""
         from diffusers import DDPMScheduler
 
-        from semsr.pipeline.loading import load_sd
+        from semsr.core.loading import load_sd
         from semsr.pipeline.text import load_text_conditioner
 
         sd = load_sd(path)
@@ -328,7 +328,7 @@ class ControlNetSRTask(LatentDiffusionTask):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from semsr.pipeline.loading import load_controlnet
+        from semsr.core.loading import load_controlnet
         from semsr.pipeline.sd_controlnet import new_controlnet
 
         unknown = set(cfg.model.options) - self.OPTIONS

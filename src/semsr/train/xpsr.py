@@ -101,7 +101,7 @@ class XPSRTask(ControlNetSRTask):
         controlnet = self.trainable
         init = self.opts.get("init")
         if init:
-            from semsr.pipeline.loading import load_controlnet
+            from semsr.core.loading import load_controlnet
 
             init = Path(str(resolve_path(init)))
             controlnet = load_controlnet(init / "controlnet").float()

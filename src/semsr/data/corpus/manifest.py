@@ -12,7 +12,7 @@ One file (``manifest.sqlite``) beside the corpus images holds:
   provider version)`` so each prior is computed once per provider version.
   Values are JSON, raw bytes, or arrays/tensors stored as ``.npy`` bytes.
 
-The content hash is :func:`semsr.priors.base.image_key` (SHA-256 of the
+The content hash is :func:`semsr.core.fingerprint.image_key` (SHA-256 of the
 16-bit-quantised pixels and shape), the same key the prior providers' on-disk
 cache uses, so a file and the same pixels held in memory share their priors.
 
@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from semsr.core.fingerprint import image_key
 
 SCHEMA_VERSION = 1
 
@@ -79,7 +81,6 @@ _IMAGE_FIELDS = ("content_hash", "path", "width", "height", "file_bytes", "sourc
 
 def content_hash(image: torch.Tensor | np.ndarray) -> str:
     """Content hash of an image: a ``(1, 3, H, W)`` float tensor in [0, 1] or a uint8 ``(H, W, 3)`` array."""
-    from semsr.priors.base import image_key
 
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

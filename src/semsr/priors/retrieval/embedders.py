@@ -142,7 +142,7 @@ class CLIPEmbedder(_OnePassEmbedder):
         from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
         from semsr.models.cognitive import load_clip_vision
-        from semsr.pipeline.loading import load_transformers_model, require
+        from semsr.core.loading import load_transformers_model, require
 
         folder = require(Path(folder).expanduser(), "CLIP vision folder")
         tower = load_clip_vision(folder, layer=-1)  # resolves size/mean/std from the processor
