@@ -24,14 +24,22 @@ Modules that register writers are imported lazily from ``TINY_MODULES``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import json
+import os
+import shutil
+import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+from semsr.core.errors import SemsrError
+from semsr.core.paths import cache_dir
 
 TinyWriter = Callable[[Path], None]
 
@@ -77,14 +85,73 @@ def write_tiny_models(out: str | Path, names: Iterable[str] | None = None, *, se
     wanted = list(_WRITERS) if names is None else list(names)
     unknown = [n for n in wanted if n not in _WRITERS]
     if unknown:
-        from semsr.core.errors import SemsrError
-
         raise SemsrError(f"unknown tiny component(s) {', '.join(unknown)}; known: {', '.join(_WRITERS)}")
     for name in _WRITERS:  # keep registration order (dependencies)
         if name in wanted:
             torch.manual_seed(seed + zlib.crc32(name.encode()))
             _WRITERS[name](out)
     return out
+
+
+def tiny_cache_dir() -> Path:
+    """Cache folder of tiny components written on demand (``<cache>/tiny-models/<hash of the writers>``).
+
+    The folder name carries a hash of the source of every tiny-model module, so a changed
+    writer produces a fresh folder.
+    """
+    _import_tiny_modules()
+    digest = hashlib.sha1()
+    for mod in ["semsr.testing.tiny", *TINY_MODULES]:
+        digest.update(inspect.getsource(importlib.import_module(mod)).encode())
+    return cache_dir() / "tiny-models" / digest.hexdigest()[:12]
+
+
+def ensure_tiny(name: str) -> Path:
+    """The tiny component ``name`` in :func:`tiny_cache_dir`, written on first use.
+
+    Every component registered before ``name`` that is missing is written first (writers may
+    read earlier entries); each one is written into a private temporary folder and renamed into
+    place, so concurrent processes (``accelerate launch``) never see a partial component.
+    """
+    names = tiny_names()
+    if name not in names:
+        raise SemsrError(f"no tiny model {name!r} (have: {', '.join(names)})", f"tiny://{name}")
+    root = tiny_cache_dir()
+    if (root / name).exists():
+        return root / name
+    root.mkdir(parents=True, exist_ok=True)
+    for dep in names[: names.index(name) + 1]:
+        if (root / dep).exists():
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            for have in names:
+                if (root / have).exists():
+                    (tmp / have).symlink_to(root / have)
+            with torch.random.fork_rng():  # the writers seed torch; keep the caller's RNG untouched
+                write_tiny_models(tmp, [dep])
+            try:
+                os.rename(tmp / dep, root / dep)
+            except OSError:
+                if not (root / dep).exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root / name
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A configured model path as a local path; ``tiny://NAME[/SUB]`` -> the tiny component.
+
+    ``tiny://`` alone is the tiny Stable Diffusion folder (``tiny://sd``). Other paths are
+    returned as given (``~`` expanded).
+    """
+    text = str(path)
+    if not text.startswith("tiny://"):
+        return Path(text).expanduser()
+    name, _, sub = text[len("tiny://") :].strip("/").partition("/")
+    folder = ensure_tiny(name or "sd")
+    return folder / sub if sub else folder
 
 
 # --------------------------------------------------------------------------- tokenizer
