@@ -42,6 +42,7 @@ from diffusers.configuration_utils import register_to_config
 
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.io import atomic_write_bytes
+from semsr.core.version import __version__
 
 __all__ = [
     "INDEX_FILE",
@@ -78,7 +79,7 @@ class Component(ModelMixin, ConfigMixin):
     :func:`load_component`, which checks the folder and fails with one line.
     """
 
-    config_name = "config.json"
+    config_name = "config.json"  # type: ignore[assignment]  # diffusers declares it None on the mixin
 
 
 def register_component(cls: C) -> C:
@@ -111,7 +112,7 @@ def load_component(cls: type, folder: str | Path, *, dtype: torch.dtype | None =
     if issubclass(cls, Component):
         kwargs["low_cpu_mem_usage"] = False  # build real tensors: some components hold computed buffers
     try:
-        model = cls.from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(folder, **kwargs)  # type: ignore[attr-defined]  # a ModelMixin class
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         lines = str(err).strip().splitlines()
         raise UnavailableError(f"cannot load {cls.__name__}: {lines[0] if lines else type(err).__name__}", folder) from err
@@ -177,8 +178,6 @@ def save_checkpoint(
     The folder is assembled beside ``folder`` and renamed into place, so a
     reader sees a complete checkpoint or the previous one (which is replaced).
     """
-    from semsr import __version__
-
     folder = Path(folder).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

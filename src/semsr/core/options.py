@@ -100,8 +100,8 @@ class OptionInfo:
         if self.units:
             extra.append(self.units)
         if self.min is not None or self.max is not None:
-            lo = "" if self.min is None else f"{self.min:g}"
-            hi = "" if self.max is None else f"{self.max:g}"
+            lo = "" if self.min is None else _num(self.min)
+            hi = "" if self.max is None else _num(self.max)
             extra.append(f"range {lo}..{hi}")
         if self.default not in (None, dataclasses.MISSING, (), False, ""):
             extra.append(f"default {_show(self.default)}")
@@ -145,6 +145,11 @@ def option(
         }
     }
     return field(default=default, metadata=meta)
+
+
+def _num(value: float) -> str:
+    """A bound for people: ``1048576``, ``0.4``."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _show(value: Any) -> str:
@@ -375,9 +380,9 @@ def _coerce(info: OptionInfo, value: Any, label: str) -> Any:
         raise OptionError(f"option {label}: choose one of {', '.join(map(str, info.choices))}, got {value!r}")
     if kind in ("int", "float"):
         if info.min is not None and out < info.min:
-            raise _bad(label, value, f"must be >= {info.min:g}")
+            raise _bad(label, value, f"must be >= {_num(info.min)}")
         if info.max is not None and out > info.max:
-            raise _bad(label, value, f"must be <= {info.max:g}")
+            raise _bad(label, value, f"must be <= {_num(info.max)}")
     return out
 
 
