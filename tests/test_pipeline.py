@@ -1,6 +1,8 @@
-"""Diffusion SR core on the tiny random models: loading, sampler, CFG, tiling, colour fix, CLI."""
+"""Diffusion SR core on the tiny random models: loading, sampler, guidance, tiling, colour fix, CLI."""
 from __future__ import annotations
 
+import copy
+import inspect
 import shutil
 from pathlib import Path
 
@@ -10,19 +12,23 @@ import torch
 from PIL import Image
 
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
-from semsr.pipeline.latent_tiling import tile_starts, tiled, tiled_apply, untiled
 from semsr.core.loading import load_checkpoint, load_controlnet, load_sd, save_checkpoint
-from semsr.pipeline.sampler import cat_conditions, guided, make_scheduler, sample
-from semsr.pipeline.sd_controlnet import SDControlNetSR
-
+from semsr.core.outputs import SROutput
+from semsr.methods.sd_controlnet import SDControlNetOptions
+from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
+from semsr.pipeline.guidance import cat_conditions, cfg, weighted
+from semsr.pipeline.latent_tiling import blend_windows, tile_starts, tiled, untiled
+from semsr.pipeline.options import ControlNetSROptions
+from semsr.pipeline.sampler import make_scheduler, sample
+from semsr.pipeline.sd_controlnet import SDControlNetSR, controlnet_unet_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models: Path) -> SDControlNetSR:
-    return SDControlNetSR.from_pretrained(tiny_models / "sd", tiny_models / "controlnet")
+    return SDControlNetSR.from_pretrained(tiny_models / "sd", tiny_models / "controlnet",
+                                          options_class=SDControlNetOptions)
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +36,48 @@ def lr() -> torch.Tensor:
     return torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
 
 
-def run(pipe: SDControlNetSR, lr: torch.Tensor, **kw) -> torch.Tensor:
+def call(pipe: SDControlNetSR, lr: torch.Tensor, **kw) -> SROutput:
     opts = dict(steps=3, prompt="a photo", seed=1)
     opts.update(kw)
-    return pipe(lr, **opts)
+    return pipe(lr, pipe.options_class(**opts))
+
+
+def run(pipe: SDControlNetSR, lr: torch.Tensor, **kw) -> torch.Tensor:
+    return call(pipe, lr, **kw).images
 
 
 # ----------------------------------------------------------------------------- pipeline
 
 
-def test_full_pipeline_shape_range_and_timings(pipe, lr):
-    y = run(pipe, lr, steps=4)
+def test_full_pipeline_shape_range_timings_and_priors(pipe, lr):
+    out = call(pipe, lr, steps=4)
+    y = out.images
     assert y.shape == (1, 3, 128, 160) and y.dtype == torch.float32
     assert 0 <= y.min() and y.max() <= 1 and y.std() > 0.01
-    assert set(pipe.last_timings) >= {"encode", "denoise", "decode"}
+    assert set(out.timings) >= {"encode", "denoise", "decode"} and out.timings["steps"] == 4
+    assert out.priors == {"prompt": "a photo", "negative_prompt": SDControlNetOptions().negative_prompt}
+    assert not hasattr(pipe, "last_timings")
+
+
+def test_options_class_is_an_init_keyword(pipe, lr):
+    assert pipe.options_class is SDControlNetOptions
+    plain = SDControlNetSR(vae=pipe.vae, unet=pipe.unet, controlnet=pipe.controlnet, text=pipe.text,
+                           scheduler_config=pipe.scheduler_config)
+    assert plain.options_class is ControlNetSROptions and SDControlNetSR.options_class is ControlNetSROptions
+    assert plain.suggest_priors(lr) == {"negative_prompt": ""}
+    assert pipe.suggest_priors(lr) == {"negative_prompt": SDControlNetOptions().negative_prompt}
+    # a call without options uses the defaults of the options class
+    with_defaults = pipe(lr)
+    assert torch.equal(with_defaults.images, pipe(lr, SDControlNetOptions()).images)
 
 
 def test_odd_sizes_and_batches_are_padded_and_cropped(pipe):
+    x2 = SDControlNetSR(vae=pipe.vae, unet=pipe.unet, controlnet=pipe.controlnet, text=pipe.text,
+                        scheduler_config=pipe.scheduler_config, scale=2, options_class=SDControlNetOptions)
     x = torch.rand(2, 3, 13, 21, generator=torch.Generator().manual_seed(3))
-    y = pipe(x, scale=2, steps=2, prompt=["a cat", "a dog"], seed=0)
-    assert y.shape == (2, 3, 26, 42)
+    out = x2(x, SDControlNetOptions(steps=2, seed=0), prompts=["a cat", "a dog"])
+    assert out.images.shape == (2, 3, 26, 42)
+    assert out.priors["prompt"] == "a cat"
 
 
 def test_same_seed_same_output_and_seed_matters(pipe, lr):
@@ -75,7 +103,8 @@ def test_start_from_noise_and_strength(pipe, lr):
 def test_save_load_round_trip_identical(pipe, lr, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "controlnet" / "config.json").is_file()
-    again = SDControlNetSR.from_pretrained(tmp_path / "saved")  # finds saved/controlnet itself
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # written whole, no staging left behind
+    again = SDControlNetSR.from_pretrained(tmp_path / "saved", options_class=SDControlNetOptions)
     for name in ("unet", "vae", "controlnet"):
         sa, sb = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -110,9 +139,30 @@ def test_negative_prompt_changes_output(pipe, lr):
 
 
 def test_controlnet_hint_matters(pipe, lr):
-    a = run(pipe, lr, conditioning_scale=1.0, colour_fix_method="none")
-    b = run(pipe, lr, conditioning_scale=0.0, colour_fix_method="none")
+    a = run(pipe, lr, conditioning_scale=1.0, colour_fix="none")
+    b = run(pipe, lr, conditioning_scale=0.0, colour_fix="none")
     assert (a - b).abs().mean() > 1e-4
+
+
+def test_controlnet_unet_forward_casts_residuals_to_the_unet_dtype(pipe):
+    """fp32: exactly UNet(x, + ControlNet residuals); a bf16 UNet takes fp32 residuals (mixed-precision training)."""
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    hint, t = torch.rand(2, 3, 64, 64, generator=g), torch.tensor([10, 500])
+    with torch.no_grad():
+        down, mid = pipe.controlnet(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+        want = pipe.unet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+        assert torch.equal(controlnet_unet_forward(pipe.unet, pipe.controlnet, x, t, ctx, hint), want)
+        unet16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+
+        def fp32_controlnet(xb, tb, *, encoder_hidden_states, controlnet_cond, **kw):  # autocast-like: fp32 outputs
+            return pipe.controlnet(xb.float(), tb, encoder_hidden_states=encoder_hidden_states.float(),
+                                   controlnet_cond=controlnet_cond.float(), **kw)
+
+        out = controlnet_unet_forward(unet16, fp32_controlnet, x.bfloat16(), t, ctx.bfloat16(), hint.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == want.shape
+    assert (out.float() - want).abs().mean() < 0.1 * want.abs().mean()
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -126,7 +176,7 @@ def test_tile_starts_cover_with_overlap():
             assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
 
 
-def test_tiled_apply_exact_for_pointwise_functions_with_window_crops():
+def test_blend_windows_exact_for_pointwise_functions_with_window_crops():
     """Blending and window bookkeeping are exact: a pointwise model that reads a spatial
     condition through its window gives the untiled result."""
     g = torch.Generator().manual_seed(0)
@@ -139,6 +189,8 @@ def test_tiled_apply_exact_for_pointwise_functions_with_window_crops():
     full = untiled(spatial)(x, torch.tensor(1), 0.5)
     tiles = tiled(spatial, tile=16, overlap=5)(x, torch.tensor(1), 0.5)
     torch.testing.assert_close(tiles, full, rtol=0, atol=1e-5)
+    blended = blend_windows(lambda xt, window: spatial(xt, torch.tensor(1), 0.5, window), x, 16, 5)
+    assert torch.equal(blended, tiles)
 
 
 def test_latent_tile_at_least_latent_size_is_identical(pipe, lr):
@@ -150,9 +202,9 @@ def test_tiled_vs_untiled_pipeline_close(pipe, lr):
     Tolerance: tiling (12-latent tiles, 4 overlap, on a 16x20 latent - 4 tiles, a harsh case)
     must change the image far less than re-sampling with another seed does (measured ratio
     ~0.14; bound 0.35), and the tiled image must not show seams (no larger jumps at tile borders)."""
-    base = run(pipe, lr, latent_tile=0, colour_fix_method="none")
-    tiled_out = run(pipe, lr, latent_tile=12, tile_overlap=4, colour_fix_method="none")
-    other_seed = run(pipe, lr, latent_tile=0, seed=7, colour_fix_method="none")
+    base = run(pipe, lr, latent_tile=0, colour_fix="none")
+    tiled_out = run(pipe, lr, latent_tile=12, tile_overlap=4, colour_fix="none")
+    other_seed = run(pipe, lr, latent_tile=0, seed=7, colour_fix="none")
     d_tile = (base - tiled_out).abs().mean()
     d_seed = (base - other_seed).abs().mean()
     assert d_tile < 0.35 * d_seed, (d_tile, d_seed)
@@ -171,28 +223,80 @@ def test_tiled_vae_close_to_untiled(pipe):
 # ----------------------------------------------------------------------------- sampler pieces
 
 
-def test_cat_conditions_and_guided_formula():
-    a = {"context": torch.zeros(1, 3, 2), "extra": (torch.ones(1, 2),)}
-    b = {"context": torch.ones(1, 3, 2), "extra": (torch.zeros(1, 2),)}
+def test_cat_conditions():
+    a = {"context": torch.zeros(1, 3, 2), "extra": (torch.ones(1, 2),), "mode": "x"}
+    b = {"context": torch.ones(1, 3, 2), "extra": (torch.zeros(1, 2),), "mode": "x"}
     c = cat_conditions(a, b)
-    assert c["context"].shape == (2, 3, 2) and c["extra"][0].shape == (2, 2)
+    assert c["context"].shape == (2, 3, 2) and c["extra"][0].shape == (2, 2) and c["mode"] == "x"
+    assert torch.equal(c["context"][1], b["context"][0])
+    assert cat_conditions(None, None) is None
+    with pytest.raises(TypeError):
+        cat_conditions({"mode": "x"}, {"mode": "y"})
 
-    def den(x, t, cond):  # output = cond value broadcast
+
+def _cond_denoiser(calls: list[int]):
+    def den(x, t, cond):  # output = the condition's value, broadcast
+        calls.append(x.shape[0])
         return x * 0 + cond[:, :1, None, None]
 
+    return den
+
+
+def test_cfg_formula_one_batched_call_and_passthrough():
+    calls: list[int] = []
+    den = _cond_denoiser(calls)
+    assert cfg(den, None, 3.0) is den and cfg(den, torch.ones(1, 1), 1.0) is den  # one forward, no CFG
     x = torch.zeros(1, 1, 2, 2)
-    out = guided(den, x, torch.tensor(0), torch.full((1, 1), 3.0), torch.full((1, 1), 1.0), 2.5)
+    guided = cfg(den, torch.full((1, 1), 1.0), 2.5)
+    out = guided(x, torch.tensor(0), torch.full((1, 1), 3.0))
     torch.testing.assert_close(out, torch.full_like(x, 1 + 2.5 * (3 - 1)))
+    assert calls == [2]  # [uncond, cond] in one call
 
 
-def test_sample_counts_steps_and_reports_progress(pipe):
-    seen = []
+def test_weighted_branches_sum_in_float32():
+    calls: list[int] = []
+
+    def den(x, t, cond):
+        calls.append(x.shape[0])
+        return torch.cat([xc * 0 + c for xc, c in zip(x.chunk(len(cond)), cond)]).to(torch.bfloat16)
+
+    x = torch.zeros(2, 1, 2, 2)
+    out = weighted(den, [0.5, -2.0, 1.0])(x, torch.tensor(0), [1.0, 2.0, 4.0])
+    assert out.dtype == torch.float32 and calls == [6]
+    torch.testing.assert_close(out, torch.full_like(x, 0.5 - 4.0 + 4.0))
+
+
+def test_sampler_has_no_guidance_and_calls_the_denoiser_once_per_step(pipe):
+    params = set(inspect.signature(sample).parameters)
+    assert not params & {"uncond", "guidance_scale", "guided", "guidance"}
+    seen, calls = [], []
+    den = _cond_denoiser(calls)
     sched = make_scheduler("ddpm", pipe.scheduler_config)
-    z = sample(lambda x, t, c: torch.zeros_like(x), sched, shape=(1, 4, 4, 4), cond=None, steps=5,
+    z = sample(den, sched, shape=(1, 4, 4, 4), cond=torch.zeros(1, 1), steps=5,
                generator=torch.Generator().manual_seed(0), progress=lambda d, n: seen.append((d, n)))
-    assert z.shape == (1, 4, 4, 4) and seen[-1] == (5, 5) and len(seen) == 5
+    assert z.shape == (1, 4, 4, 4) and z.dtype == torch.float32
+    assert seen[-1] == (5, 5) and len(seen) == 5 and calls == [1] * 5
+    calls.clear()
+    guided = cfg(den, torch.ones(1, 1), 3.0)  # guidance wraps the denoiser: the sampler does not know
+    sample(guided, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=torch.zeros(1, 1),
+           steps=3, generator=torch.Generator().manual_seed(0))
+    assert calls == [2] * 3
     with pytest.raises(SemsrError):
         make_scheduler("euler-magic", pipe.scheduler_config)
+    with pytest.raises(SemsrError, match="steps"):
+        sample(den, sched, shape=(1, 4, 4, 4), cond=None, steps=0)
+
+
+def test_sample_from_init_latents_with_strength(pipe):
+    init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    calls: list[int] = []
+    den = _cond_denoiser(calls)
+    z = sample(den, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=torch.zeros(1, 1),
+               steps=4, generator=torch.Generator().manual_seed(0), init_latents=init, strength=0.5)
+    assert z.shape == (1, 4, 4, 4) and len(calls) == 2  # half the schedule
+    with pytest.raises(SemsrError, match="strength"):
+        sample(den, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=None, steps=4,
+               init_latents=init, strength=0.0)
 
 
 # ----------------------------------------------------------------------------- colour fix
@@ -364,7 +468,6 @@ def test_loading_forces_offline_mode():
 
 
 def test_compile_option_values() -> None:
-    from semsr.core.errors import SemsrError
     from semsr.pipeline.precision import compile_mode
 
     assert compile_mode(False) is None and compile_mode("false") is None and compile_mode(None) is None

@@ -6,15 +6,18 @@
     pipe = semsr.load("realesrgan-x4plus", dtype="bf16")  # a Pipeline, cached
     res = pipe("photo.jpg", tile=256)                     # Result: .image, .priors, .timings
 
-Built methods are cached per (name, build options), so repeated calls do not
-reload weights. Options are split in two kinds:
+Keyword options are the method's options (:mod:`semsr.core.options`; ``semsr
+upscale -n NAME -h`` lists them): they are validated by the method's options
+class, so a misspelt name or a bad value is one :class:`~semsr.core.options.OptionError`
+line (``method 'default' has no option stepz; did you mean steps?``). Each
+option has a stage:
 
 - *build options* configure how a method is constructed (``device``,
   ``dtype``, ``threads``, weight paths such as ``checkpoint``/``controlnet``/
-  ``base``/``vlm``/``clip``, or any keyword the method's factory names);
-- *run options* are passed on every call (``prompt``, ``negative_prompt``,
-  ``steps``, ``guidance_scale``, ``seed``, ``colour_fix``...); methods ignore
-  the ones that do not apply to them.
+  ``base``...); built methods are cached per (name, build options), so
+  repeated calls do not reload weights;
+- *run options* are read on every call (``prompt``, ``negative_prompt``,
+  ``steps``, ``guidance_scale``, ``seed``, ``colour_fix``, ``tile``...).
 
 :func:`upscale_picture` is the core shared with the CLI: model at its native
 scale (tiled, written straight into a ``uint8``/``uint16`` array), alpha
@@ -23,8 +26,6 @@ shrinking, Lanczos when enlarging, as Real-ESRGAN does).
 """
 from __future__ import annotations
 
-import inspect
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -48,132 +49,85 @@ from semsr.core.io import (
     picture_to_pil,
     read_image,
 )
-from semsr.methods import Method, MethodSpec, resolve
-from semsr.pipeline.tiling import scaled_size, tiled_apply
-from semsr.priors.report import PRIORS_IN_PROMPT  # noqa: F401 - re-exported: semsr.api.PRIORS_IN_PROMPT
+from semsr.core.method import Method, MethodSpec, ProgressFn, SuggestsPriors
+from semsr.core.options import MethodOptions, OptionError
+from semsr.core.outputs import SROutput
+from semsr.methods import resolve
+from semsr.pipeline.tiling import count_tiles, resolve_tile, scaled_size, upscale_tiled
 
-log = logging.getLogger("semsr.api")
-
-#: Build options every front end knows (weight paths); forwarded only when given.
-PATH_OPTIONS = ("base", "controlnet", "checkpoint", "vlm", "clip")
 #: How an alpha plane is upscaled: MATLAB-like cubic resize, or the method itself.
 ALPHA_MODES = ("bicubic", "model")
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
 _CACHE_SIZE = 4
 _cache: OrderedDict[tuple[Any, ...], Method] = OrderedDict()
 
-
-def normalise_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp32"|"bf16"|"fp16"`` (or a ``torch.dtype``) -> ``torch.dtype``; ``None`` stays ``None``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise SemsrError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
+#: ``on_progress(stage, done, total)``: called as work advances (stage names:
+#: ``"tiles"`` for pixel tiling, ``"denoise"`` for diffusion steps...).
+ProgressCallback = Callable[[str, int, int], None]
 
 
-def factory_accepts(spec: MethodSpec) -> tuple[set[str], bool]:
-    """Keyword names ``spec.factory`` declares, and whether it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(spec.factory).parameters.values()
-    except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+# ---------------------------------------------------------------- options and methods
 
 
-def declared_build_options(spec: MethodSpec) -> set[str]:
-    """Build-option names a method declares: factory parameters plus its ``build`` CLI options."""
-    names, _ = factory_accepts(spec)
-    for opt in spec.extra.get("cli_options", ()):
-        if opt.get("target", "run") == "build":
-            names.add(option_dest(opt))
-    return names
+def parse_options(spec: MethodSpec, options: MethodOptions | None = None,
+                  values: Mapping[str, Any] | None = None) -> MethodOptions:
+    """``spec``'s options: ``options`` (an object of ``spec.options``, or the defaults) with ``values`` applied.
 
-
-def option_dest(opt: Mapping[str, Any]) -> str:
-    """The keyword name of a ``cli_options`` entry (``dest`` or its first long flag)."""
-    if "dest" in opt:
-        return str(opt["dest"])
-    flags = list(opt["flags"])
-    long = next((f for f in flags if f.startswith("--")), flags[0])
-    return long.lstrip("-").replace("-", "_")
-
-
-def filter_build_options(spec: MethodSpec, opts: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Keep the options ``spec.factory`` can take; return ``(kept, dropped_names)``."""
-    names, var_kw = factory_accepts(spec)
-    kept = {k: v for k, v in opts.items() if var_kw or k in names}
-    return kept, [k for k in opts if k not in kept]
-
-
-def _cache_key(name: str, opts: Mapping[str, Any]) -> tuple[Any, ...]:
-    def hashable(v: Any) -> Any:
-        try:
-            hash(v)
-            return v
-        except TypeError:
-            return repr(v)
-
-    return (name, tuple(sorted((k, hashable(v)) for k, v in opts.items())))
-
-
-def load_method(
-    method: str = "default",
-    *,
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
-    threads: int | None = None,
-    **build_opts: Any,
-) -> Method:
-    """Build (or fetch from the cache) the bare method ``method`` (tensor in, tensor out).
-
-    :func:`load` wraps the result in a :class:`~semsr.pipeline_api.Pipeline`.
-
-    Args:
-        method: registry name or alias (``semsr models list`` shows them).
-        device: torch device string.
-        dtype: ``"fp32"``/``"bf16"``/``"fp16"`` or a ``torch.dtype``; ``None``
-            lets the method choose.
-        threads: CPU threads (``torch.set_num_threads``; also given to the
-            factory when it takes ``threads``).
-        **build_opts: further factory options (weight paths...). ``None``
-            values are dropped; options the factory does not take are dropped
-            with a warning.
-
-    Returns:
-        The :class:`~semsr.methods.Method`.
+    Raises:
+        OptionError: an option ``spec`` does not have (naming the closest one) or a bad value.
     """
-    spec = resolve(method)
-    if threads:
-        torch.set_num_threads(int(threads))
-    opts = {"device": device, "dtype": normalise_dtype(dtype), "threads": threads}
-    opts.update(build_opts)
-    opts = {k: v for k, v in opts.items() if v is not None}
-    kept, dropped = filter_build_options(spec, opts)
-    for name in dropped:
-        if name not in ("device", "dtype", "threads"):
-            log.warning("method %s does not take option %r; ignored", spec.name, name)
-    key = _cache_key(spec.name, kept)
+    if options is not None and not isinstance(options, spec.options):
+        raise OptionError(f"method {spec.name!r} takes {spec.options.__name__}, not {type(options).__name__}")
+    if not values:
+        return options if options is not None else spec.parse()
+    return spec.parse({**(options.values() if options is not None else {}), **values})
+
+
+def _options_key(options: MethodOptions) -> tuple[Any, ...]:
+    def hashable(v: Any) -> Any:
+        if isinstance(v, dict):
+            return tuple(sorted(v.items()))
+        return str(v) if isinstance(v, Path) else v
+
+    return tuple((k, hashable(v)) for k, v in options.values().items())
+
+
+def build_cached(spec: MethodSpec, options: MethodOptions) -> tuple[Method, float]:
+    """The method ``spec`` built with the build part of ``options`` (cached per ``(name, build key)``)
+    and the seconds building took (0 when it came from the cache)."""
+    key = (spec.name, options.build_key())
     if key in _cache:
         _cache.move_to_end(key)
-        return _cache[key]
-    built = spec.factory(**kept)
+        return _cache[key], 0.0
+    t0 = time.perf_counter()
+    built = spec.factory(options)
     _cache[key] = built
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
-    return built
+    return built, time.perf_counter() - t0
+
+
+def load_method(method: str = "default", options: MethodOptions | None = None, **values: Any) -> Method:
+    """Build (or fetch from the cache) the bare method ``method`` (tensor in, :class:`SROutput` out).
+
+    :func:`load` wraps the result in a :class:`Pipeline`.
+
+    Args:
+        method: registry name or alias (``semsr models list`` shows them).
+        options: an options object of the method (``None``: the defaults).
+        **values: option values on top of ``options`` (only the build options
+            matter here: ``device``, ``dtype``, ``threads``, weight paths...).
+    """
+    spec = resolve(method)
+    return build_cached(spec, parse_options(spec, options, values))[0]
 
 
 def clear_cache() -> None:
     """Forget every cached method and pipeline (frees their weights)."""
     _cache.clear()
     _pipelines.clear()
+
+
+# ---------------------------------------------------------------- pictures
 
 
 def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
@@ -194,68 +148,90 @@ def resize_plane(arr: np.ndarray, size: tuple[int, int], enlarge: int = cv2.INTE
     return cv2.resize(arr, (w, h), interpolation=interp)
 
 
-def _apply_to_planes(
-    method: Method,
-    arr: np.ndarray,
-    tile: int | None,
-    tile_pad: int | None,
-    run_opts: Mapping[str, Any],
-    progress: bool | None,
-) -> np.ndarray:
-    """Run ``method`` on ``(H, W, 3)`` integer ``arr``; returns ``(sH, sW, 3)`` of the same dtype."""
+def _apply_to_planes(method: Method, arr: np.ndarray, options: MethodOptions | None,
+                     progress: ProgressFn | bool | None) -> tuple[np.ndarray, SROutput]:
+    """Run ``method`` on ``(H, W, 3)`` integer ``arr``; returns ``(sH, sW, 3)`` of the same dtype and the call's output."""
     top = float(np.iinfo(arr.dtype).max)
     arr = np.require(arr, requirements=["C", "W"])  # torch wants writable memory (copies only if not)
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(top)
     out = np.empty((*scaled_size(arr.shape[0], arr.shape[1], method.scale), 3), dtype=arr.dtype)
     view = torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)  # (1, 3, sH, sW) view of out
-    tiled_apply(method, x, tile=tile, tile_pad=tile_pad, run_opts=run_opts, progress=progress, out=view)
-    return out
+    result = upscale_tiled(method, x, options, progress=progress, out=view)
+    return out, result
 
 
-def upscale_picture(
+@dataclass
+class PictureOutput:
+    """What :func:`upscale_picture_output` produced: the picture and what the method reported.
+
+    Attributes:
+        picture: the upscaled picture (dtype and metadata of the input).
+        priors, timings, side_images: as in :class:`~semsr.core.outputs.SROutput`
+            (of the colour planes' run; timings summed over pixel tiles).
+    """
+
+    picture: Picture
+    priors: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    side_images: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def upscale_picture_output(
     method: Method,
     pic: Picture,
+    options: MethodOptions | None = None,
+    *,
     outscale: float | None = None,
-    tile: int | None = None,
-    tile_pad: int | None = None,
     alpha: str = "bicubic",
-    progress: bool | None = False,
-    run_opts: Mapping[str, Any] | None = None,
-) -> Picture:
+    progress: ProgressFn | bool | None = False,
+) -> PictureOutput:
     """Upscale a :class:`~semsr.core.io.Picture` (the core of the CLI and :func:`upscale`).
 
     Args:
         method: a built method (native factor ``s = method.scale``).
         pic: input picture (``uint8`` or ``uint16``).
+        options: the method's options object, passed to every call; its
+            ``tile``/``tile_pad`` drive the pixel tiling (see
+            :func:`~semsr.pipeline.tiling.upscale_tiled`; ``None``: automatic).
         outscale: final factor; the ``s``-times result is resized to
             ``round(outscale * size)``. ``None`` keeps ``s``.
-        tile, tile_pad: pixel tiling (see :func:`~semsr.pipeline.tiling.tiled_apply`);
-            ``None`` picks them automatically (memory-safe tiles, seamless context).
         alpha: ``"bicubic"`` (cubic resize of the alpha plane) or ``"model"``
             (the method run on the alpha plane replicated to RGB).
-        progress: per-tile progress bar.
-        run_opts: per-call method options.
+        progress: per-tile progress: a bar (True / ``None`` on a terminal) or ``callable(done, total)``.
 
     Returns:
-        A new picture with the same dtype and metadata as ``pic``.
+        The new picture (same dtype and metadata as ``pic``) and the method's report.
     """
     if alpha not in ALPHA_MODES:
         raise SemsrError(f"unknown alpha mode {alpha!r}; choose {' or '.join(ALPHA_MODES)}")
     if outscale is not None and not outscale > 0:
         raise SemsrError(f"--outscale must be > 0, got {outscale}")
-    opts = dict(run_opts or {})
-    rgb = _apply_to_planes(method, pic.rgb, tile, tile_pad, opts, progress)
+    rgb, result = _apply_to_planes(method, pic.rgb, options, progress)
     target = rgb.shape[:2] if outscale is None else output_size(pic.height, pic.width, outscale)
     rgb = resize_plane(rgb, target)
     out_alpha = None
     if pic.alpha is not None:
         if alpha == "model":
             a3 = np.repeat(pic.alpha[..., None], 3, axis=2)
-            a = cv2.cvtColor(_apply_to_planes(method, a3, tile, tile_pad, opts, progress), cv2.COLOR_RGB2GRAY)
+            a = cv2.cvtColor(_apply_to_planes(method, a3, options, progress)[0], cv2.COLOR_RGB2GRAY)
             out_alpha = resize_plane(a, target)
         else:
             out_alpha = resize_plane(pic.alpha, target, enlarge=cv2.INTER_CUBIC)
-    return pic.with_pixels(rgb, out_alpha)
+    return PictureOutput(pic.with_pixels(rgb, out_alpha), priors=dict(result.priors), timings=dict(result.timings),
+                         side_images=dict(result.side_images))
+
+
+def upscale_picture(
+    method: Method,
+    pic: Picture,
+    options: MethodOptions | None = None,
+    *,
+    outscale: float | None = None,
+    alpha: str = "bicubic",
+    progress: ProgressFn | bool | None = False,
+) -> Picture:
+    """The picture of :func:`upscale_picture_output`."""
+    return upscale_picture_output(method, pic, options, outscale=outscale, alpha=alpha, progress=progress).picture
 
 
 def as_picture(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Picture:
@@ -274,29 +250,11 @@ def as_picture(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Pictu
     raise InputError(f"cannot upscale a {type(image).__name__}; give a path, PIL image or NumPy array")
 
 
-def split_options(spec: MethodSpec, opts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword options into ``(build_opts, run_opts)`` for ``spec``.
-
-    Build options are the weight-path options (:data:`PATH_OPTIONS`) and any
-    name the method declares for building (factory parameters, ``cli_options``
-    with ``target="build"``); everything else is a run option.
-    """
-    build_names = set(PATH_OPTIONS) | declared_build_options(spec)
-    build = {k: v for k, v in opts.items() if k in build_names}
-    run = {k: v for k, v in opts.items() if k not in build_names}
-    return build, run
-
-
 def upscale(
     image_or_path: str | Path | Image.Image | np.ndarray,
     model: str = "default",
     outscale: float | None = None,
-    tile: int | None = None,
-    tile_pad: int | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
     *,
-    threads: int | None = None,
     alpha: str = "bicubic",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool | None = False,
@@ -309,39 +267,31 @@ def upscale(
             ``uint8``/``uint16``/float-in-[0, 1] NumPy array (RGB order).
         model: method name (``"default"``, ``"bicubic"``, ``"realesrgan-x4plus"``...).
         outscale: final factor (any float > 0); ``None`` = the model's scale.
-        tile: tile side in input pixels (``0``: whole image at once; ``None``:
-            automatic, 512-pixel tiles for restorers, which are seamless).
-        tile_pad: context pixels around each tile (``None``: what the method
-            needs to be seamless, 64 by default).
-        device, dtype: where and in which precision the method runs.
-        threads: CPU threads for torch (``None``: leave as is).
         alpha: ``"bicubic"`` or ``"model"`` for the alpha plane.
         max_pixels: refuse larger inputs (decompression-bomb guard).
         progress: show per-tile progress.
-        **options: build options (weight paths, factory keywords) and run
-            options (prompt, steps, seed...); see :func:`split_options`.
+        **options: the method's options (``None`` = its default), e.g. ``tile``
+            (input pixels; ``0``: whole image at once; default automatic, 512-pixel
+            tiles for restorers, which are seamless), ``tile_pad``, ``device``,
+            ``dtype``, ``threads``, weight paths, ``prompt``, ``steps``, ``seed``...
 
     Returns:
         ``L``/``LA``/``RGB``/``RGBA`` image (``I;16`` for 16-bit grey), with
         the input's ICC profile in ``info["icc_profile"]``. 16-bit colour
         comes back as 8-bit because Pillow has no 16-bit RGB mode; the CLI
         (:func:`semsr.core.io.write_picture`) keeps 16 bits on disk.
+
+    Raises:
+        OptionError: an option the method does not have, or a bad value (one line).
     """
     spec = resolve(model)
-    build, run = split_options(spec, options)
-    method = load_method(spec.name, device=device, dtype=dtype, threads=threads, **build)
+    opts = parse_options(spec, None, options)
+    method, _ = build_cached(spec, opts)
     pic = as_picture(image_or_path, max_pixels=max_pixels)
-    result = upscale_picture(
-        method, pic, outscale=outscale, tile=tile, tile_pad=tile_pad, alpha=alpha, progress=progress, run_opts=run
-    )
-    return picture_to_pil(result)
+    return picture_to_pil(upscale_picture(method, pic, opts, outscale=outscale, alpha=alpha, progress=progress))
 
 
 # ---------------------------------------------------------------- pipelines
-
-#: ``on_progress(stage, done, total)``: called as work advances (stage names:
-#: ``"tiles"`` for pixel tiling, ``"denoise"`` for diffusion steps...).
-ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -350,34 +300,19 @@ class Result:
 
     Attributes:
         image: the upscaled image (Pillow; mode as :func:`upscale` returns).
-        priors: the priors the method actually used, as it reports them
-            (:data:`PRIORS_ATTRIBUTE`): text (``str``: ``"prompt"``,
-            ``"caption"``, ``"degradation"``...), tags (``tuple[str, ...]``),
-            numbers, and images (modality maps, references) converted to
-            Pillow images. Restorers report nothing: ``{}``.
+        priors: the priors the method used (``SROutput.priors``) and its side
+            images (``SROutput.side_images``, e.g. CoSeR's reference): text
+            (``str``: ``"prompt"``, ``"caption"``, ``"degradation"``...), tags
+            (``tuple[str, ...]``), numbers, and images (modality maps,
+            references) converted to Pillow images. Restorers report nothing: ``{}``.
         timings: seconds per stage: ``"load"`` (0 when the method was cached),
             ``"read"``, ``"upscale"``, and any stage the method reports
-            (``last_timings``); ``"total"`` is read + upscale.
+            (``SROutput.timings``); ``"total"`` is read + upscale.
     """
 
     image: Image.Image
     priors: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-#: Attribute a method sets during its call to report the priors it used
-#: (``dict[str, Any]``; tensors ``(1, C, H, W)`` in [0, 1] become images).
-PRIORS_ATTRIBUTE = "last_priors"
-#: Attribute a method may set to report its own per-stage seconds.
-TIMINGS_ATTRIBUTE = "last_timings"
-#: Optional method hook ``suggest_priors(x: Tensor (1, 3, H, W)) -> dict`` that
-#: extracts priors *before* a run (e.g. an IRPAD/VLM prompt) so a user can edit
-#: them; keys ``"prompt"``/``"negative_prompt"`` pre-fill the prompt fields (and
-#: other run-option names, e.g. ``"low_prompt"``, the method's own fields). Pass
-#: them back with the run option :data:`PRIORS_IN_PROMPT` (``priors_in_prompt=True``)
-#: so the method uses them as given. Methods implement both through
-#: :class:`semsr.priors.report.PriorReporter`.
-SUGGEST_HOOK = "suggest_priors"
 
 
 def priors_to_python(priors: Mapping[str, Any]) -> dict[str, Any]:
@@ -407,20 +342,17 @@ def priors_to_python(priors: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _TileCounter:
-    """Method proxy that reports each pixel tile through ``on_progress("tiles", ...)``."""
+class _TileProgress:
+    """``progress(done, total)`` of the pixel tiler, reported as ``on_progress("tiles", ...)`` across ``runs`` runs."""
 
-    def __init__(self, method: Method, total: int, on_progress: ProgressCallback) -> None:
-        self._method, self._total, self._on_progress, self._done = method, total, on_progress, 0
+    def __init__(self, on_progress: ProgressCallback, total: int) -> None:
+        self.on_progress, self.total, self.offset, self.last = on_progress, total, 0, 0
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._method, name)
-
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        y = self._method(x, **run_opts)
-        self._done += 1
-        self._on_progress("tiles", min(self._done, self._total), self._total)
-        return y
+    def __call__(self, done: int, total: int) -> None:
+        if done < self.last:  # a new run (the alpha plane)
+            self.offset += self.last
+        self.last = done
+        self.on_progress("tiles", min(self.offset + done, self.total), self.total)
 
 
 class Pipeline:
@@ -432,14 +364,22 @@ class Pipeline:
         res = pipe("photo.png", prompt="a red fox", steps=20, seed=1)
         res.image.save("fox_x4.png"); print(res.priors, res.timings)
 
-    A pipeline is also a :class:`~semsr.methods.Method` (``name``, ``scale``,
-    ``tiles_itself``; a ``(B, 3, H, W)`` tensor in [0, 1] in gives the
-    method's tensor out), so it can be passed wherever a method is expected.
+    A pipeline is also a :class:`~semsr.core.method.Method` (``name``, ``scale``,
+    ``tiles_itself``; ``pipe(x, options)`` with a ``(B, 3, H, W)`` tensor in [0, 1]
+    gives the method's :class:`~semsr.core.outputs.SROutput`), so it can be passed
+    wherever a method is expected.
+
+    Attributes:
+        method: the built method.
+        spec: its registry entry.
+        options: the options it was loaded with (the defaults of every call).
     """
 
-    def __init__(self, method: Method, spec: MethodSpec, load_seconds: float = 0.0) -> None:
+    def __init__(self, method: Method, spec: MethodSpec, options: MethodOptions | None = None,
+                 load_seconds: float = 0.0) -> None:
         self.method = method
         self.spec = spec
+        self.options = options if options is not None else spec.options()
         self.load_seconds = load_seconds
 
     # Method protocol -------------------------------------------------
@@ -455,100 +395,94 @@ class Pipeline:
     def tiles_itself(self) -> bool:
         return bool(getattr(self.method, "tiles_itself", False))
 
+    @property
+    def options_class(self) -> type[MethodOptions]:
+        return self.spec.options
+
     def __getattr__(self, name: str) -> Any:  # tile_pad, device... of the method
         if name == "method":
             raise AttributeError(name)
         return getattr(self.method, name)
 
+    def call_options(self, options: MethodOptions | None = None, values: Mapping[str, Any] | None = None) -> MethodOptions:
+        """The options of one call: :attr:`options`, or ``options``, with ``values`` applied.
+
+        Raises:
+            OptionError: unknown option, bad value, or a build option other than
+                the pipeline's (those are given to :func:`load`).
+        """
+        opts = parse_options(self.spec, options if options is not None else self.options, values)
+        if opts.build_key() != self.options.build_key():
+            loaded, asked = self.options.values("build"), opts.values("build")
+            names = [n for n in asked if asked[n] != loaded[n]]
+            raise OptionError(f"method {self.spec.name!r}: {', '.join(names)} "
+                              f"{'is a build option' if len(names) == 1 else 'are build options'}; "
+                              f"give {'it' if len(names) == 1 else 'them'} to semsr.load(...)")
+        return opts
+
     # Image-level API ----------------------------------------------------
     def __call__(
         self,
         image: str | Path | Image.Image | np.ndarray | Picture | torch.Tensor,
-        prompt: str | None = None,
-        negative_prompt: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        tile: int | None = None,
+        options: MethodOptions | None = None,
         *,
-        tile_pad: int | None = None,
         outscale: float | None = None,
-        colour_fix: str | None = None,
         alpha: str = "bicubic",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        progress: bool | None = False,
+        progress: ProgressFn | bool | None = False,
         on_progress: ProgressCallback | None = None,
-        **run_opts: Any,
-    ) -> Result | torch.Tensor:
+        **values: Any,
+    ) -> Result | SROutput:
         """Upscale ``image``.
 
         Args:
             image: path, Pillow image, ``(H, W[, C])`` NumPy array or
                 :class:`~semsr.core.io.Picture`. (A ``(B, 3, H, W)`` tensor calls
-                the method directly and returns its tensor.)
-            prompt, negative_prompt, steps, guidance_scale, seed, colour_fix:
-                diffusion run options (``None`` = the method's default;
-                restorers ignore them).
-            tile, tile_pad: tiling (see :func:`upscale`).
+                the method directly and returns its :class:`~semsr.core.outputs.SROutput`.)
+            options: an options object of the method (default: the pipeline's :attr:`options`).
             outscale: final factor (``None`` = the method's scale).
             alpha: ``"bicubic"`` or ``"model"`` for an alpha plane.
             max_pixels: refuse larger inputs.
             progress: tqdm bars.
             on_progress: ``callback(stage, done, total)`` as work advances.
-            **run_opts: the method's own options (``extra["cli_options"]``), and
-                ``priors_in_prompt=True`` when the prompts hold (edited)
-                :meth:`suggest_priors` text that must not be extracted and added again.
+            **values: run options of the method (``prompt``, ``negative_prompt``, ``steps``,
+                ``guidance_scale``, ``seed``, ``colour_fix``, ``tile``, ``tile_pad``...; ``None`` =
+                the method's default), and ``priors_in_prompt=True`` (methods that suggest
+                priors) when the prompts hold (edited) :meth:`suggest_priors` text that must
+                not be extracted and added again.
 
         Returns:
             :class:`Result` with ``.image``, ``.priors`` and ``.timings``.
         """
+        opts = self.call_options(options, values)
         if isinstance(image, torch.Tensor):
-            opts = dict(run_opts)
-            for k, v in (("prompt", prompt), ("negative_prompt", negative_prompt), ("steps", steps),
-                         ("guidance_scale", guidance_scale), ("seed", seed), ("tile", tile),
-                         ("tile_pad", tile_pad), ("colour_fix", colour_fix)):
-                if v is not None:
-                    opts[k] = v
-            return self.method(image, **opts)
+            return self.method(image, opts, progress=progress)
         t0 = time.perf_counter()
         pic = as_picture(image, max_pixels=max_pixels)
         t1 = time.perf_counter()
-        opts = {k: v for k, v in dict(run_opts, prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                                      guidance_scale=guidance_scale, seed=seed, colour_fix=colour_fix).items()
-                if v is not None}
-        method: Method = self.method
+        report: ProgressFn | bool | None = progress
         if on_progress is not None:
             if self.tiles_itself:
-                opts["progress"] = lambda done, total: on_progress("denoise", done, total)
+                report = lambda done, total: on_progress("denoise", done, total)  # noqa: E731
             else:
-                from semsr.pipeline.tiling import count_tiles, resolve_tile
-
-                n = count_tiles(pic.height, pic.width, resolve_tile(self.method, tile))
+                n = count_tiles(pic.height, pic.width, resolve_tile(self.method, opts.tile))
                 n *= 2 if (pic.alpha is not None and alpha == "model") else 1
-                method = _TileCounter(self.method, n, on_progress)  # type: ignore[assignment]
-        for attr in (PRIORS_ATTRIBUTE, TIMINGS_ATTRIBUTE, "side_outputs"):
-            if hasattr(self.method, attr):
-                try:
-                    setattr(self.method, attr, {} if attr != "side_outputs" else None)
-                except AttributeError:
-                    pass
-        out = upscale_picture(method, pic, outscale=outscale, tile=tile, tile_pad=tile_pad, alpha=alpha,
-                              progress=progress, run_opts=opts)
+                report = _TileProgress(on_progress, n)
+        out = upscale_picture_output(self.method, pic, opts, outscale=outscale, alpha=alpha, progress=report)
         t2 = time.perf_counter()
-        result_image = picture_to_pil(out)
+        result_image = picture_to_pil(out.picture)
         timings = {"load": self.load_seconds, "read": t1 - t0}
-        timings.update({str(k): float(v) for k, v in (getattr(self.method, TIMINGS_ATTRIBUTE, None) or {}).items()})
+        timings.update({str(k): float(v) for k, v in out.timings.items()})
         timings.update(upscale=t2 - t1, total=time.perf_counter() - t0)
         self.load_seconds = 0.0  # later calls reuse the loaded method
-        priors = dict(getattr(self.method, PRIORS_ATTRIBUTE, None) or {})
-        priors.update(getattr(self.method, "side_outputs", None) or {})
+        priors = {**out.priors, **out.side_images}
         return Result(image=result_image, priors=priors_to_python(priors), timings=timings)
 
     def suggest_priors(self, image: str | Path | Image.Image | np.ndarray | Picture,
                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
         """Priors the method would extract from ``image`` (for editing before a run).
 
-        Calls the method's ``suggest_priors(x)`` hook (:data:`SUGGEST_HOOK`,
+        Calls the method's ``suggest_priors(x)`` (:class:`~semsr.core.method.SuggestsPriors`,
         ``x`` = ``(1, 3, H, W)`` float in [0, 1]) when it has one; ``{}``
         otherwise (restorers). Keys ``"prompt"``/``"negative_prompt"`` are
         what a front end pre-fills its prompt fields with; passing the
@@ -559,34 +493,30 @@ class Pipeline:
             res = pipe("photo.png", prompt=s["prompt"] + ", freckles", low_prompt=s["low_prompt"],
                        priors_in_prompt=True)
         """
-        hook = getattr(self.method, SUGGEST_HOOK, None)
-        if not callable(hook):
+        if not isinstance(self.method, SuggestsPriors):
             return {}
         pic = as_picture(image, max_pixels=max_pixels)
         top = float(np.iinfo(pic.rgb.dtype).max)
         x = torch.from_numpy(np.ascontiguousarray(pic.rgb)).permute(2, 0, 1).unsqueeze(0).float().div_(top)
-        return priors_to_python(dict(hook(x) or {}))
+        return priors_to_python(dict(self.method.suggest_priors(x) or {}))
 
 
-_pipelines: dict[int, Pipeline] = {}
+_pipelines: dict[tuple[Any, ...], Pipeline] = {}
 
 
-def load(
-    method: str = "default",
-    *,
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
-    threads: int | None = None,
-    **local_paths: Any,
-) -> Pipeline:
+def load(method: str = "default", options: MethodOptions | None = None, **values: Any) -> Pipeline:
     """Load ``method`` as a :class:`Pipeline` (cached per method and options).
 
     Args:
         method: registry name or alias (``semsr models list``).
-        device, dtype, threads: see :func:`load_method`.
-        **local_paths: weight paths (``base``, ``controlnet``, ``checkpoint``,
-            ``vlm``, ``clip``) and other build options of the method; local
-            files only, nothing is downloaded.
+        options: an options object of the method (``None``: the defaults).
+        **values: option values on top of ``options``: build options (``device``,
+            ``dtype``, ``threads``, weight paths such as ``base``, ``controlnet``,
+            ``checkpoint``; local files only, nothing is downloaded) and run
+            options, which become the defaults of the pipeline's calls.
+
+    Raises:
+        OptionError: an option the method does not have, or a bad value (one line).
 
     Example::
 
@@ -595,15 +525,15 @@ def load(
         res.image.size, res.priors, res.timings["upscale"]
     """
     spec = resolve(method)
-    t0 = time.perf_counter()
-    built = load_method(spec.name, device=device, dtype=dtype, threads=threads, **local_paths)
-    seconds = time.perf_counter() - t0
-    cached = _pipelines.get(id(built))
+    opts = parse_options(spec, options, values)
+    built, seconds = build_cached(spec, opts)
+    key = (spec.name, _options_key(opts))
+    cached = _pipelines.get(key)
     if cached is not None and cached.method is built:
         return cached
     live = {id(m) for m in _cache.values()}
-    for key in [k for k in _pipelines if k not in live]:
-        del _pipelines[key]
-    pipe = Pipeline(built, spec, load_seconds=seconds)
-    _pipelines[id(built)] = pipe
+    for old in [k for k, p in _pipelines.items() if id(p.method) not in live]:
+        del _pipelines[old]
+    pipe = Pipeline(built, spec, opts, load_seconds=seconds)
+    _pipelines[key] = pipe
     return pipe

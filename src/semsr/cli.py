@@ -2,9 +2,16 @@
 
 Every sub-command lives in its own module under :mod:`semsr.commands`; a module
 there defines ``register(subparsers)`` which adds one or more parsers and sets
-``func`` (a callable ``(argparse.Namespace) -> int``) on each. This file only
-discovers those modules, parses, and turns :class:`~semsr.core.errors.SemsrError`
-into a one-line message and an exit code.
+``func`` (a callable ``(argparse.Namespace) -> int``) on each. Modules named
+``bench_*`` are kinds of ``semsr bench`` (:mod:`semsr.commands.bench` registers
+them), not commands. This file only discovers the modules, parses, and turns
+:class:`~semsr.core.errors.SemsrError` into a one-line message and an exit code.
+
+A command whose options depend on other options (``semsr upscale``: the
+chosen method's options) parses in two stages: it sets ``finish_parse``
+(``(namespace, leftover arguments) -> namespace``), which receives what the
+first stage did not recognise; other commands get argparse's usual
+"unrecognized arguments" error.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+import semsr.commands as commands_pkg
 from semsr import __version__
 from semsr.core.errors import SemsrError
 
@@ -27,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"semsr {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import semsr.commands as commands_pkg
-
     for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
+        if info.name.startswith(("_", "bench_")):  # bench_*: kinds of `semsr bench`
             continue
         module = importlib.import_module(f"semsr.commands.{info.name}")
         register = getattr(module, "register", None)
@@ -42,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+    args, rest = parser.parse_known_args(argv)
+    finish = getattr(args, "finish_parse", None)
+    if finish is None and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if finish is not None:
+            args = finish(args, rest)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
         return int(args.func(args) or 0)
     except SemsrError as err:
         if args.debug:

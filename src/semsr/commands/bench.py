@@ -8,13 +8,17 @@
         --datasets Set5 --limit 2
 
 Method variants: an entry may carry options in brackets, NAME[KEY=VALUE,...]
-(quote the list in the shell). A bare KEY means true; values read as int,
-float, true/false, else text. A key that is a parameter of the method's
-factory (e.g. checkpoint, stage1, dtype) is a build option and overrides
---method-opt; any other key (steps, seed, no_edge_prior...) is passed to the
-method on every image. Each entry is its own row (``default[steps=1]``) and its
-own cache entry; ``default-diffusion[checkpoint=RUN/final]`` benches a training
-run.
+(quote the list in the shell). A bare KEY means true; values are read by the
+method's options class like the flags of `semsr upscale -n NAME` (which lists
+them with -h), so a misspelt option is one line naming the closest one. The
+entry's options override --method-opt; build options (checkpoint, stage1,
+dtype...) configure how the method is built, run options (steps, seed,
+no_edge_prior...) are passed on every image. Each entry is its own row
+(``default[steps=1]``) and its own cache entry;
+``default-diffusion[checkpoint=RUN/final]`` benches a training run.
+
+Kinds: ``semsr bench KIND ...`` runs another benchmark (``semsr bench KIND -h``);
+without a kind it is the SR benchmark described here.
 
 Datasets are builtin names resolved under the data root (``SEMSR_DATA`` or
 ``--data-root``) or folder paths (``lr:PATH`` for folders without ground
@@ -27,43 +31,61 @@ retrained weights are never served from stale outputs (see :mod:`semsr.eval.runn
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 from pathlib import Path
-from typing import Any
+
+import torch
 
 from semsr.core.errors import SemsrError
 from semsr.eval import atomic
+from semsr.eval.datasets import parse_datasets
 from semsr.eval.lrsets import DEGRADATIONS
+from semsr.eval.report import csv_text, markdown_tables, write_report
+from semsr.eval.runner import BenchConfig, ResultCache, plan_methods, rows_to_json, run_bench, split_methods
+
+#: Modules adding a kind of benchmark (``semsr bench KIND``): each defines ``register_kind(subparsers)``,
+#: which adds its parser and sets ``func``. A module that does not exist (yet) is skipped.
+KIND_MODULES: tuple[str, ...] = ("semsr.commands.bench_irpad", "semsr.commands.bench_retrieval")
 
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _method_opt(text: str) -> tuple[str, Any]:
+def _method_opt(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        parsed: Any = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
+    return key.strip().replace("-", "_"), value.strip()
+
+
+def add_kinds(subparsers: argparse._SubParsersAction) -> None:
+    """Let every module of :data:`KIND_MODULES` that exists add its kind."""
+    for name in KIND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a kind not written yet
+            if err.name != name:
+                raise
+            continue
+        register_kind = getattr(module, "register_kind", None)
+        if register_kind is not None:
+            register_kind(subparsers)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmark methods on SR test sets (tables, JSON, visual report)",
+        help="benchmark methods on SR test sets (tables, JSON, visual report); other kinds: semsr bench KIND",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--methods", required=True, metavar="LIST",
-                   help="comma-separated method names (see `semsr models list`), each optionally with options "
-                        "in brackets: default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3]")
-    p.add_argument("--datasets", required=True, type=_split,
-                   help="comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER")
+    p.add_argument("--methods", metavar="LIST",
+                   help="(required) comma-separated method names (see `semsr models list`), each optionally with "
+                        "options in brackets: default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3]")
+    p.add_argument("--datasets", type=_split,
+                   help="(required) comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER")
     p.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS, help="how LR inputs are made (default bicubic)")
     p.add_argument("-s", "--scale", type=int, default=4, help="scale factor (default 4)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each dataset")
@@ -80,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the realesrgan degradation (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads (method process and metrics)")
     p.add_argument("--method-opt", type=_method_opt, action="append", default=[], metavar="KEY=VALUE",
-                   help="build option for every method, e.g. dtype=bf16 (repeatable; bracket options override it)")
+                   help="option of every method, e.g. dtype=bf16 (repeatable; bracket options override it)")
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS")
     p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA or ../shared/data)")
@@ -88,13 +110,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run methods in this process (faster start; peak RSS then includes everything loaded)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
+    add_kinds(p.add_subparsers(dest="kind", metavar="KIND", required=False))
 
 
 def run(args: argparse.Namespace) -> int:
-    from semsr.eval.datasets import parse_datasets
-    from semsr.eval.report import csv_text, markdown_tables, write_report
-    from semsr.eval.runner import BenchConfig, ResultCache, plan_methods, rows_to_json, run_bench, split_methods
-
+    """The SR benchmark (``semsr bench`` without a kind)."""
+    missing = [flag for flag, value in (("--methods", args.methods), ("--datasets", args.datasets)) if not value]
+    if missing:
+        raise SemsrError(f"the following arguments are required: {', '.join(missing)}")
     for name, value in (("--limit", args.limit), ("--report-images", args.report_images), ("--report-crop", args.report_crop)):
         if value is not None and value < 1:
             raise SemsrError(f"{name} must be >= 1, got {value}")
@@ -121,8 +144,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise SemsrError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
         torch.set_num_threads(args.threads)  # metric computation here; the method process gets it too
 
     def progress(msg: str) -> None:

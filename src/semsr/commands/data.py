@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import IMAGE_EXTENSIONS, atomic_write_bytes
+from semsr.core.paths import cache_dir, data_root
 from semsr.data.corpus.crops import DEFAULT_CROP, DEFAULT_MIN_TEXTURE, load_rgb_uint8, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source, normalise_licence
-from semsr.core.errors import InputError, SemsrError
-from semsr.core.paths import cache_dir, data_root
 
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100")
 MANIFEST_NAME = "manifest.sqlite"
@@ -86,7 +87,7 @@ def benchmark_hashes(cache: Path) -> set[str]:
         if not folder.is_dir():
             continue
         for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             st = f.stat()
             key = f"{name}/{f.name}:{st.st_size}:{st.st_mtime_ns}"
@@ -137,11 +138,7 @@ def convert(c: Candidate, max_side: int) -> tuple[bytes, str, np.ndarray, dict]:
 
 
 def _write(path: Path, data: bytes) -> None:
-    from semsr.core.io import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    atomic_write_bytes(path, data)
 
 
 def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path | None = None,
@@ -210,10 +207,7 @@ def format_summary(summary: dict) -> str:
 def _emit(summary: dict, json_path: str | None) -> None:
     print(format_summary(summary))
     if json_path:
-        from semsr.core.io import atomic_write
-
-        with atomic_write(Path(json_path)) as tmp:
-            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_bytes(Path(json_path), (json.dumps(summary, indent=1) + "\n").encode())
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import IMAGE_EXTENSIONS, atomic_write, read_image
 from semsr.data.degradations import DegradationConfig, DegradationParams, RealESRGANDegradation, image_seed
 from semsr.data.degradations.pipeline import sample_params
-from semsr.core.errors import InputError, SemsrError
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +55,7 @@ def list_images(path: Path) -> list[Path]:
         raise InputError("no such file or folder", path)
     if path.is_file():
         return [path]
-    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise InputError("no images in folder", path)
     return files
@@ -64,8 +63,6 @@ def list_images(path: Path) -> list[Path]:
 
 def load_rgb(path: Path) -> torch.Tensor:
     """Read an image (EXIF orientation applied, alpha dropped) as ``(1, 3, H, W)`` float in [0, 1]."""
-    from semsr.core.io import read_image
-
     pic = read_image(path)
     peak = 65535.0 if pic.rgb.dtype == np.uint16 else 255.0
     arr = torch.from_numpy(np.ascontiguousarray(pic.rgb).astype(np.float32) / peak)
@@ -79,8 +76,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def write_png(path: Path, arr: np.ndarray) -> None:
     """Write a uint8 image as PNG atomically (no metadata, so bytes depend only on pixels)."""
-    from semsr.core.io import atomic_write
-
     with atomic_write(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
 
@@ -157,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
         records[f.name] = {"seed": seed, "params": params[0].to_dict()}
         print(f"{f.name} -> {out / (f.stem + '.png')}  {tuple(hr.shape[-2:])} -> {tuple(lr.shape[-2:])}")
     if args.params:
-        from semsr.core.io import atomic_write
-
         payload = {"config": deg.config.to_dict(), "run_seed": args.seed, "images": records}
         with atomic_write(Path(args.params)) as tmp:
             tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

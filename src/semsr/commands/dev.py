@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semsr.testing.tiny import write_tiny_models
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("dev", help="developer tools (tiny test models)")
@@ -22,8 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
-    from semsr.testing.tiny import write_tiny_models
-
     out = write_tiny_models(args.out, args.only, seed=args.seed)
     for entry in sorted(out.iterdir()):
         print(entry)

@@ -21,7 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from semsr.core.errors import InputError, SemsrError, UnavailableError
+from semsr.eval import metrics as metric_registry
+from semsr.eval import weights as weight_registry
 
 DEFAULT_FR = ("psnr", "psnry", "ssim")
 DEFAULT_NR = ("niqe",)
@@ -67,16 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.pred is None:
         raise SemsrError("--pred is required (or use --list-metrics / --fetch-weights)")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     crop_border = args.crop_border if args.crop_border is not None else (args.scale or 0)
     if crop_border < 0:
         raise InputError(f"--crop-border must be >= 0, got {crop_border}")
     names = _metric_names(args.metrics, has_gt=args.gt is not None)
-    from semsr.eval.metrics import metric_info
-
-    if all(metric_info(n).kind == "distribution" for n in names):
+    if all(metric_registry.metric_info(n).kind == "distribution" for n in names):
         # set-level metrics (FID) compare whole folders: no pairing needed
         pairs, unmatched = [], {"pred": [], "gt": []}
         sets = (_files(args.pred), _files(args.gt))
@@ -98,34 +98,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list_metrics() -> int:
-    from semsr.eval.metrics import list_metrics
-
     print(f"{'name':<10} {'better':<7} {'reference':<10} {'kind':<13} summary")
-    for m in list_metrics():
+    for m in metric_registry.list_metrics():
         ref = "set" if m.kind == "distribution" else ("full" if m.needs_gt else "none")
         print(f"{m.name:<10} {'higher' if m.higher_better else 'lower':<7} {ref:<10} {m.kind:<13} {m.summary}")
     return 0
 
 
 def _fetch(keys: str) -> None:
-    from semsr.eval.weights import REGISTRY_ASSETS, fetch_asset
-
-    wanted = list(REGISTRY_ASSETS) if keys.strip() == "all" else [k.strip() for k in keys.split(",") if k.strip()]
+    wanted = list(weight_registry.REGISTRY_ASSETS) if keys.strip() == "all" else [k.strip() for k in keys.split(",") if k.strip()]
     for key in wanted:
-        if key not in REGISTRY_ASSETS:
-            raise SemsrError(f"unknown weights {key!r}; choose from {', '.join(REGISTRY_ASSETS)} or all")
-        for path in fetch_asset(key):
+        if key not in weight_registry.REGISTRY_ASSETS:
+            raise SemsrError(f"unknown weights {key!r}; choose from {', '.join(weight_registry.REGISTRY_ASSETS)} or all")
+        for path in weight_registry.fetch_asset(key):
             print(f"{key}: {path}")
 
 
 def _metric_names(spec: str | None, has_gt: bool) -> list[str]:
-    from semsr.eval.metrics import metric_info
-
     names = [n.strip().lower() for n in spec.split(",") if n.strip()] if spec else list(DEFAULT_FR if has_gt else DEFAULT_NR)
     if not names:
         raise SemsrError("--metrics is empty")
     names = list(dict.fromkeys(names))
-    infos = {n: metric_info(n) for n in names}  # raises on unknown names
+    infos = {n: metric_registry.metric_info(n) for n in names}  # raises on unknown names
     if not has_gt:
         needing = [n for n in names if infos[n].needs_gt]
         if needing:
@@ -134,13 +128,11 @@ def _metric_names(spec: str | None, has_gt: bool) -> list[str]:
 
 
 def _files(path: Path) -> list[Path]:
-    from semsr.eval.metrics import list_images
-
     if path.is_file():
         return [path]
     if not path.exists():
         raise InputError("no such file or folder", path)
-    files = list_images(path)
+    files = metric_registry.list_images(path)
     if not files:
         raise InputError("no images found", path)
     return files
@@ -181,26 +173,22 @@ def _pairs(
 
 
 def _build(names: list[str], weights_dir: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
-    from semsr.eval.metrics import get_metric, metric_info
-
     built, unavailable = {}, {}
     for n in names:
-        uses_weights = metric_info(n).kind != "pixel" or n == "niqe"
+        uses_weights = metric_registry.metric_info(n).kind != "pixel" or n == "niqe"
         opts = {"weights_dir": weights_dir} if weights_dir and uses_weights else {}
         try:
-            built[n] = get_metric(n, **opts)
+            built[n] = metric_registry.get_metric(n, **opts)
         except UnavailableError as err:
             unavailable[n] = str(err)
     return built, unavailable
 
 
 def _load_pair(pred_file: Path, gt_file: Path | None, crop_gt: bool):
-    from semsr.eval.metrics import load_eval_image
-
-    pred = load_eval_image(pred_file)
+    pred = metric_registry.load_eval_image(pred_file)
     if gt_file is None:
         return pred, None
-    gt = load_eval_image(gt_file)
+    gt = metric_registry.load_eval_image(gt_file)
     (ph, pw), (gh, gw) = pred.shape[-2:], gt.shape[-2:]
     if (ph, pw) != (gh, gw):
         if crop_gt and gh >= ph and gw >= pw:
@@ -226,8 +214,6 @@ def evaluate(
     Set-level metrics (FID) use ``sets`` (all result files, all ground truths)
     when given, else the paired files.
     """
-    from semsr.eval.metrics import metric_info
-
     built, unavailable = _build(names, weights_dir)
     image_metrics = [n for n in names if n in built and built[n].kind != "distribution"]
     set_metrics = [n for n in names if n in built and built[n].kind == "distribution"]
@@ -247,7 +233,7 @@ def evaluate(
     for n in set_metrics:
         mean[n] = built[n].compute_sets(set_a, set_b, crop_border=crop_border)
     counts = {n: (len(set_a), len(set_b)) if n in set_metrics else len(pairs) for n in mean}
-    metrics = {n: {**asdict(metric_info(n)), "name": built[n].name, "mean": mean[n], "n": counts[n]} for n in mean}
+    metrics = {n: {**asdict(metric_registry.metric_info(n)), "name": built[n].name, "mean": mean[n], "n": counts[n]} for n in mean}
     return {
         "pred": str(pred_root) if pred_root else None,
         "gt": str(gt_root) if gt_root else None,
@@ -266,7 +252,7 @@ def _fmt(v: float) -> str:
 
 def _print(result: dict[str, Any]) -> None:
     print(f"{result['n_images']} image(s), crop border {result['crop_border']}")
-    for n, info in result["metrics"].items():
+    for info in result["metrics"].values():
         arrow = "higher is better" if info["higher_better"] else "lower is better"
         print(f"  {info['name']:<10} {_fmt(info['mean']):>10}   ({arrow})")
     for n, reason in result["unavailable"].items():

@@ -23,7 +23,15 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
+from semsr.models.rfa import ReferenceFindingAligner, aligner_dir, check_embedder
+from semsr.priors.retrieval.embedders import embedder_from_spec
+from semsr.priors.retrieval.index import (ReferenceDB, add_images, list_image_files, load_rgb, merge_databases,
+                                          shard_files)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,8 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _collect(paths: list[Path]) -> list[Path]:
-    from semsr.priors.retrieval.index import list_image_files
-
+    """The image files under ``paths`` (folders, recursively, or files); an error when there are none."""
     files: list[Path] = []
     for p in paths:
         files += list_image_files(p)
@@ -96,11 +103,6 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def _fill(db_path: Path, files: list[Path], embedder_spec: str | None, kind: str = "auto") -> dict:
-    import torch
-
-    from semsr.priors.retrieval.embedders import embedder_from_spec
-    from semsr.priors.retrieval.index import add_images
-
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     with _open_or_create(db_path, embedder_spec, kind) as db:
         emb = embedder_from_spec(db.embedder_spec)
@@ -117,10 +119,8 @@ def _fill(db_path: Path, files: list[Path], embedder_spec: str | None, kind: str
     return counts
 
 
-def _open_or_create(path: Path, embedder_spec: str | None, kind: str):  # -> ReferenceDB
-    from semsr.priors.retrieval.embedders import embedder_from_spec
-    from semsr.priors.retrieval.index import ReferenceDB
-
+def _open_or_create(path: Path, embedder_spec: str | None, kind: str) -> ReferenceDB:
+    """The database at ``path`` (its embedder checked against ``embedder_spec``), or a new one with it."""
     if (path / "meta.sqlite").is_file():
         db = ReferenceDB(path)
         if embedder_spec is not None and embedder_from_spec(embedder_spec).spec != db.embedder_spec:
@@ -135,8 +135,6 @@ def _open_or_create(path: Path, embedder_spec: str | None, kind: str):  # -> Ref
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from semsr.priors.retrieval.index import merge_databases, shard_files
-
     files = _collect(args.images)
     rank, world = _parse_shard(args.shard)
     if world == 1:
@@ -149,7 +147,7 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"{shard_dir}: {counts['added']} added, {counts['duplicates']} duplicates, {counts['failed']} failed")
     if args.shard is not None:  # manual sharding: the user merges later
         return 0
-    from accelerate import PartialState
+    from accelerate import PartialState  # optional heavy dependency
 
     state = PartialState()
     state.wait_for_everyone()
@@ -171,8 +169,6 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from semsr.priors.retrieval.index import ReferenceDB
-
     with ReferenceDB(args.db) as db:
         info = db.info()
     if args.json:
@@ -184,8 +180,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from semsr.priors.retrieval.index import ReferenceDB, load_rgb
-
     if args.k < 1:
         raise SemsrError(f"-k must be at least 1, got {args.k}")
     with ReferenceDB(args.db) as db:
@@ -201,24 +195,20 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query_vector(img, embedder_spec: str, aligner: str | None):  # noqa: ANN001
-    import torch
-
-    from semsr.priors.retrieval.embedders import embedder_from_spec
-
+def _query_vector(img: torch.Tensor, embedder_spec: str, aligner: str | None) -> np.ndarray:
+    """Search vector ``(1, D)`` of ``img`` ``(1, 3, H, W)``: its embedding, or the aligner's prediction."""
     emb = embedder_from_spec(embedder_spec)
-    with torch.inference_mode():
-        if aligner is None:
+    if aligner is None:
+        with torch.inference_mode():
             return emb.embed(img).numpy()
-        from semsr.models.rfa import load_aligner
-
-        model = load_aligner(aligner, embedder_spec)
+    folder = aligner_dir(aligner, embedder_spec)
+    model = load_component(ReferenceFindingAligner, folder)
+    check_embedder(model, emb, folder)
+    with torch.inference_mode():
         return model.query(emb, img).numpy()
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from semsr.priors.retrieval.index import merge_databases
-
     counts = merge_databases(args.out, args.shards, kind=args.kind)
     print(f"{args.out}: {counts['added']} added, {counts['duplicates']} duplicates skipped")
     return 0

@@ -12,35 +12,12 @@ import json
 from typing import Any
 
 from semsr import methods
-from semsr.models.catalog import ModelInfo
-
-
-def _row(spec: methods.MethodSpec) -> dict[str, Any]:
-    info = spec.extra.get("model_info")
-    if isinstance(info, ModelInfo):
-        return info.to_json()
-    available = spec.extra.get("available", True)
-    return {
-        "name": spec.name,
-        "scale": spec.scale,
-        "available": bool(available() if callable(available) else available),
-        "runtime": spec.extra.get("runtime", "pytorch"),
-        "summary": spec.summary,
-        "package": spec.extra.get("package"),
-        "package_version": None,
-        "package_licence": None,
-        "licence": spec.extra.get("licence", ""),
-        "files": {},
-        "size_bytes": 0,
-        "alias_of": None,
-        "needs": spec.extra.get("needs"),
-        "training_data": spec.extra.get("training_data"),
-    }
+from semsr.models.catalog import method_row
 
 
 def rows() -> list[dict[str, Any]]:
-    """One JSON-ready row per registered method, in registration order."""
-    return [_row(spec) for spec in methods.specs()]
+    """One JSON-ready row per registered method, in registration order (:func:`semsr.models.catalog.method_row`)."""
+    return [method_row(s.name, s.scale, s.summary, s.info) for s in methods.specs()]
 
 
 def _human(n: int) -> str:

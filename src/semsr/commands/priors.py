@@ -18,15 +18,26 @@ non-zero when any input failed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from semsr.commands.upscale import collect_inputs
 from semsr.core.errors import InputError, SemsrError
-from semsr.priors.base import PriorProvider, ProviderSpec, cached, provider_specs, resolve_provider
+from semsr.core.fingerprint import image_key
+from semsr.core.io import atomic_write, read_image
+from semsr.eval.atomic import write_json, write_png
+from semsr.priors.base import (
+    PriorProvider,
+    ProviderSpec,
+    cached,
+    picture_tensor,
+    provider_specs,
+    resolve_provider,
+    spatial_to_uint8,
+)
 
 DEFAULT_MODALITIES = "canny,hed"
 
@@ -91,11 +102,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.input:
         raise SemsrError("no input: give -i FILE|DIR (or --list)")
-    from semsr.commands.upscale import collect_inputs
-    from semsr.eval.atomic import write_json, write_png
-    from semsr.core.io import atomic_write, read_image
-    from semsr.priors.base import image_key, picture_tensor, spatial_to_uint8
-
     names = [n.strip() for n in args.modalities.split(",") if n.strip()]
     if not names:
         raise SemsrError("--modalities is empty")

@@ -16,8 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
-from semsr.api import PATH_OPTIONS
 from semsr.commands.upscale import _max_pixels
+from semsr.core.errors import SemsrError
+from semsr.methods import resolve
+from semsr.ui.catalog import PATH_OPTIONS
+from semsr.ui.server import make_server
 
 log = logging.getLogger("semsr.serve")
 
@@ -47,9 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from semsr.core.errors import SemsrError
-    from semsr.ui.server import make_server
-
     if args.max_jobs < 1:
         raise SemsrError("--max-jobs must be >= 1")
     paths = {name: scoped_paths(name, getattr(args, name) or []) for name in PATH_OPTIONS}
@@ -82,9 +82,6 @@ def scoped_paths(option: str, values: list[str]) -> dict[str, str]:
     resolve to their method); any other value is one path for every method, so a
     path that merely contains ``=`` still works. The same scope twice is an error.
     """
-    from semsr.core.errors import SemsrError
-    from semsr.methods import resolve
-
     out: dict[str, str] = {}
     for value in values:
         scope, path = "", value
@@ -92,7 +89,7 @@ def scoped_paths(option: str, values: list[str]) -> dict[str, str]:
         if sep and head and "/" not in head and tail:
             try:
                 spec = resolve(head)
-                scope, path = spec.extra.get("alias_of") or spec.name, tail
+                scope, path = spec.alias_of or spec.name, tail
             except SemsrError:
                 if not Path(value).exists():
                     raise SemsrError(f"--{option} {value}: unknown method {head!r} (see `semsr models list`)") from None

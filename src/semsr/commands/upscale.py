@@ -3,38 +3,29 @@
     semsr upscale -i photo.jpg                       # -> results/photo_out.jpg (4x, default method)
     semsr upscale -i photos/ -o out -s 2 --ext png   # every image in a folder, exact 2x
     semsr upscale -i 'scans/*.tif' -n bicubic --json report.json
+    semsr upscale -n sd-controlnet -h                # the options of one method
 
-Each input is read (:mod:`semsr.core.io`), upscaled (:func:`semsr.api.upscale_picture`)
+Each input is read (:mod:`semsr.core.io`), upscaled (:func:`semsr.api.upscale_picture_output`)
 and written atomically as ``<output>/<stem>_<suffix>.<ext>``. Existing outputs
 are skipped unless ``--overwrite``. A bad input is reported and the run goes
 on; the exit code is non-zero when any input failed (a single failing input
 gives the usual one-line ``semsr: error: <file>: <problem>``).
 
-**Method options.** Options shared by many methods are built in: device and
-precision (build options) and the diffusion run options (``--prompt``,
-``--negative-prompt``, ``--steps``, ``--guidance-scale``, ``--seed``,
-``--colour-fix``), plus weight paths ``--base/--controlnet/--checkpoint/
---vlm/--clip`` (build options). All are forwarded only when given. A method
-adds its own options by listing them in its ``MethodSpec.extra["cli_options"]``::
+**Two-stage parsing.** The first stage reads the options every method shares
+(input/output, ``-n/--method``, ``-s/--outscale``, ``--alpha-upsampler``,
+``--fp32``); the second adds the chosen method's options, generated from its
+options class (:mod:`semsr.core.options`): the flag is ``--name-with-dashes``
+plus the option's extra ``flags`` (``-t`` for ``--tile``, ``--color-fix``),
+a bool that defaults to false is a switch, one that defaults to true has a
+``--no-`` form, everything else is text read by the options class. An option
+the method does not have is one line naming the closest one it has
+(``method 'bicubic' has no option --steps; did you mean --scale?``);
+``semsr upscale -n NAME -h`` lists NAME's options under "options of NAME".
 
-    MethodSpec(..., extra={"cli_options": [
-        {"flags": ["--sfa-scale"], "type": float, "target": "run",
-         "help": "weight of the semantic-fusion attention"},
-        {"flags": ["--irpad"], "target": "build", "help": "IRPAD checkpoint folder"},
-    ]})
-
-Each entry is ``argparse.add_argument`` keywords plus ``flags`` and ``target``
-(``"run"``: passed on every call, default; ``"build"``: passed to the factory);
-the keyword name is ``dest`` or the first long flag with dashes as
-underscores; an optional ``"ui"`` dict holds web-demo hints (see
-:mod:`semsr.ui.catalog`) and is not given to argparse; the default is always ``None`` (= not given, not forwarded). The
-options appear under "options of <method>" in ``semsr upscale --help``; an
-option declared by several methods with the same ``dest`` is added once.
-
-**Side outputs.** A method may leave extra images of its last call in a
-``side_outputs`` attribute (``{name: (1, 3, H, W) tensor in [0, 1]}``, e.g.
-coser's reference with ``--save-reference``); each is written beside the
-output as ``<output stem>_<name>.png``.
+**Side images.** A method may return extra images with its output
+(``SROutput.side_images``, e.g. coser's reference); when one of its ``save_*``
+switches is on (``--save-reference``) each is written beside the output as
+``<output stem>_<name>.png``.
 """
 from __future__ import annotations
 
@@ -54,15 +45,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from semsr import __version__
-from semsr.api import PATH_OPTIONS, load, option_dest, upscale_picture
+from semsr.api import load_method, upscale_picture_output
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import DEFAULT_MAX_PIXELS, atomic_write, choose_format, read_image, write_picture
-from semsr.methods import Method, MethodSpec, resolve, specs
+from semsr.core.method import Method, MethodSpec
+from semsr.core.options import MethodOptions, OptionInfo
+from semsr.methods import resolve
 
 log = logging.getLogger("semsr.upscale")
 
-#: Run options every method may receive (forwarded only when given).
-RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
+_DESCRIPTION = "Upscale images with a restorer or a diffusion recipe."
+_EPILOG = ("Outputs are written atomically; existing outputs are skipped unless --overwrite. "
+           "`semsr upscale -n NAME -h` lists the options of method NAME.")
 
 
 # ---------------------------------------------------------------- parser
@@ -84,24 +78,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``upscale`` sub-command."""
-    p = subparsers.add_parser(
-        "upscale",
-        help="upscale images (file, folder or glob)",
-        description="Upscale images with a restorer or a diffusion recipe.",
-        epilog="Outputs are written atomically; existing outputs are skipped unless --overwrite.",
-    )
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """The options of every method (the first stage): input/output, the method, the final scale."""
     g = p.add_argument_group("input and output")
-    g.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
-                   help="image file(s), folder(s) or glob pattern(s)")
+    g.add_argument("-i", "--input", nargs="+", metavar="PATH",
+                   help="image file(s), folder(s) or glob pattern(s) (required)")
     g.add_argument("-o", "--output", default="results", metavar="DIR", help="output folder (default: results)")
     g.add_argument("--suffix", default="out", help="output name is <stem>_<suffix>.<ext> (default: out; '' = none)")
     g.add_argument("--ext", default="auto", choices=["auto", "png", "jpg", "jpeg", "webp"],
@@ -115,63 +96,102 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = p.add_argument_group("method")
-    g.add_argument("-n", "--model", "--method", dest="method", default="default",
+    g.add_argument("-n", "--model", "--method", dest="method", default=None,
                    help="method name (default: default; see `semsr models list`)")
     g.add_argument("-s", "--outscale", type=_positive_float, metavar="S",
                    help="final scale, any float (model scale, then resize); default: the model's scale")
-    g.add_argument("-t", "--tile", type=_non_negative_int, metavar="N",
-                   help="tile side in input pixels; 0 = no tiling; default: automatic (512 for restorers)")
-    g.add_argument("--tile-pad", type=_non_negative_int, metavar="P",
-                   help="context pixels around each tile; default: what the method needs to be seamless "
-                        "(64 unless it says otherwise; Real-ESRGAN's 10 is faster but shows seams)")
     g.add_argument("--alpha-upsampler", choices=["bicubic", "model"], default="bicubic",
                    help="how the alpha channel is upscaled (default: bicubic)")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
-    g.add_argument("--fp32", dest="dtype", action="store_const", const="fp32", help="same as --dtype fp32")
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-
-    g = p.add_argument_group("diffusion options (passed to the method when given)")
-    g.add_argument("--prompt", help="positive prompt")
-    g.add_argument("--negative-prompt", help="negative prompt")
-    g.add_argument("--steps", type=int, help="sampling steps")
-    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--seed", type=int, help="random seed")
-    g.add_argument("--colour-fix", "--color-fix", dest="colour_fix", choices=["adain", "wavelet", "none"],
-                   help="colour correction against the input")
-
-    g = p.add_argument_group("weight paths (passed to the method when given)")
-    g.add_argument("--base", help="base diffusion model folder")
-    g.add_argument("--controlnet", help="ControlNet folder")
-    g.add_argument("--checkpoint", help="checkpoint file or folder (e.g. a Real-ESRGAN .pth)")
-    g.add_argument("--vlm", help="vision-language model folder (captions)")
-    g.add_argument("--clip", help="CLIP model folder")
-
-    _add_method_options(p)
-    p.set_defaults(func=run)
+    g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
 
 
-def _method_cli_options(spec: MethodSpec) -> list[dict[str, Any]]:
-    return list(spec.extra.get("cli_options") or ())
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``upscale`` sub-command (first stage; :func:`finish_parse` is the second)."""
+    p = subparsers.add_parser("upscale", help="upscale images (file, folder or glob)", description=_DESCRIPTION,
+                              epilog=_EPILOG, add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with -n NAME: and NAME's options)")
+    add_common_options(p)
+    p.set_defaults(func=run, finish_parse=finish_parse)
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    """Add every registered method's ``extra["cli_options"]`` (see the module doc)."""
-    taken = {a.dest for a in parser._actions}
-    for spec in specs():
-        entries = [o for o in _method_cli_options(spec) if option_dest(o) not in taken]
-        if not entries:
-            continue
-        group = parser.add_argument_group(f"options of {spec.name}")
-        for opt in entries:
-            dest = option_dest(opt)
-            kwargs = {k: v for k, v in opt.items() if k not in ("flags", "target", "dest", "default", "ui")}
-            try:
-                group.add_argument(*opt["flags"], dest=dest, default=None, **kwargs)
-            except argparse.ArgumentError as err:  # a flag another method already uses differently
-                log.debug("option %s of %s not added: %s", opt["flags"], spec.name, err)
-                continue
-            taken.add(dest)
+def option_arguments(info: OptionInfo) -> tuple[list[str], dict[str, Any]]:
+    """``(flags, add_argument keywords)`` of one method option (see the module doc)."""
+    flags = [info.flag, *(f for f in info.flags if f != info.flag)]
+    kwargs: dict[str, Any] = {"dest": info.name, "default": argparse.SUPPRESS,
+                              "help": info.describe().replace("%", "%%")}
+    if info.kind == "bool" and info.default is False:
+        kwargs["action"] = "store_true"
+    elif info.kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        choices = "{" + ",".join(map(str, info.choices)) + "}" if info.choices else None
+        kwargs["metavar"] = info.metavar or choices or info.name.upper()
+    return flags, kwargs
+
+
+def add_method_options(parser: argparse.ArgumentParser, spec: MethodSpec) -> argparse.ArgumentParser:
+    """Add ``spec``'s options to ``parser`` (group "options of NAME"); flags ``parser`` has already are skipped."""
+    group = parser.add_argument_group(f"options of {spec.name}")
+    for info in spec.options.infos().values():
+        flags, kwargs = option_arguments(info)
+        try:
+            group.add_argument(*flags, **kwargs)
+        except argparse.ArgumentError as err:  # a flag of the common options (help parser only)
+            log.debug("option %s of %s not listed: %s", info.flag, spec.name, err)
+    return parser
+
+
+def help_parser(spec: MethodSpec | None) -> argparse.ArgumentParser:
+    """The parser ``semsr upscale -h`` prints: the common options, and ``spec``'s when given."""
+    p = argparse.ArgumentParser(prog="semsr upscale", description=_DESCRIPTION, epilog=_EPILOG, allow_abbrev=False)
+    add_common_options(p)
+    return add_method_options(p, spec) if spec is not None else p
+
+
+def parse_method_options(spec: MethodSpec, argv: list[str], fp32: bool = False) -> MethodOptions:
+    """``spec``'s options from command-line words (the second stage).
+
+    Raises:
+        OptionError: a flag the method does not have (naming the closest one), or a bad value.
+        SemsrError: words that are no option.
+    """
+    parser = argparse.ArgumentParser(prog="semsr upscale", add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_method_options(parser, spec)
+    try:
+        ns, left = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:  # e.g. a flag without its value: one line, not usage + message
+        raise SemsrError(str(err)) from None
+    for word in left:
+        if word.startswith("-") and word != "-" and not _is_number(word):
+            spec.parse({word.split("=", 1)[0].lstrip("-").replace("-", "_"): ""}, style="flag")  # raises
+    if left:
+        raise SemsrError(f"unrecognized arguments: {' '.join(left)}")
+    values = vars(ns)
+    if fp32 and "dtype" not in values:
+        values["dtype"] = "fp32"
+    return spec.parse(values, style="flag")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
+    """Second stage: resolve the method, show help or parse its options into ``args.options``."""
+    spec = resolve(args.method or "default")
+    if args.help:
+        help_parser(spec if args.method else None).print_help()
+        raise SystemExit(0)
+    if not args.input:
+        help_parser(None).error("the following arguments are required: -i/--input")
+    args.spec = spec
+    args.method = spec.name
+    args.options = parse_method_options(spec, rest, fp32=args.fp32)
+    return args
 
 
 # ---------------------------------------------------------------- inputs and outputs
@@ -265,22 +285,6 @@ class _LoadFailed(Exception):
         self.error = error
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def method_options(args: argparse.Namespace, spec: MethodSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(build_opts, run_opts)`` the user gave for ``spec`` (generic + the method's own options)."""
-    build = _given(args, PATH_OPTIONS)
-    run = _given(args, RUN_OPTIONS)
-    for opt in _method_cli_options(spec):
-        dest = option_dest(opt)
-        value = getattr(args, dest, None)
-        if value is not None:
-            (build if opt.get("target", "run") == "build" else run)[dest] = value
-    return build, run
-
-
 def _one_line(err: BaseException) -> str:
     """First line of an error's message, without the path (reports show the input separately)."""
     if isinstance(err, SemsrError):
@@ -303,6 +307,7 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+
 def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result]) -> None:
     """Write the ``--json`` report atomically."""
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
@@ -310,8 +315,8 @@ def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, result
         "semsr_version": __version__,
         "method": spec.name,
         "outscale": args.outscale,
-        "tile": args.tile,
-        "tile_pad": args.tile_pad,
+        "tile": args.options.tile,
+        "tile_pad": args.options.tile_pad,
         "summary": counts,
         "results": [asdict(r) for r in results],
     }
@@ -323,13 +328,18 @@ def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, result
 _PER_FILE_ERRORS = (SemsrError, OSError, ValueError, RuntimeError, MemoryError)
 
 
+def wants_side_images(options: MethodOptions) -> bool:
+    """True when one of the method's ``save_*`` switches (``--save-reference``) is on."""
+    return any(v is True for k, v in options.values("run").items() if k.startswith("save_"))
+
+
 class _Runner:
     """Processes one input at a time with the settings of a ``semsr upscale`` invocation."""
 
-    def __init__(self, args: argparse.Namespace, spec: MethodSpec) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.spec = spec
-        self.build, self.run_opts = method_options(args, spec)
+        self.spec: MethodSpec = args.spec
+        self.options: MethodOptions = args.options
         self.out_dir = Path(args.output)
         self.progress: bool | None = False if args.no_progress else None
         self.claimed: dict[Path, str] = {}
@@ -338,9 +348,8 @@ class _Runner:
     def method(self) -> Method:
         """The method, built on first use (so a run that skips everything loads nothing)."""
         if self._method is None:
-            a = self.args
             try:
-                self._method = load(self.spec.name, device=a.device, dtype=a.dtype, threads=a.threads, **self.build)
+                self._method = load_method(self.spec.name, self.options)
             except Exception as err:
                 raise _LoadFailed(err) from err
         return self._method
@@ -364,22 +373,22 @@ class _Runner:
             return "skipped", out
         if note:
             log.warning("%s: %s", src, note)
-        result = upscale_picture(
-            self.method(), pic, outscale=a.outscale, tile=a.tile, tile_pad=a.tile_pad,
-            alpha=a.alpha_upsampler, progress=self.progress, run_opts=self.run_opts,
-        )
+        result = upscale_picture_output(self.method(), pic, self.options, outscale=a.outscale,
+                                        alpha=a.alpha_upsampler, progress=self.progress)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_picture(result, out, fmt, quality=a.quality)
-        tqdm.write(f"wrote {out} ({result.width}x{result.height})", file=sys.stdout)
-        for side in write_side_outputs(self.method(), out):
-            tqdm.write(f"wrote {side}", file=sys.stdout)
+        write_picture(result.picture, out, fmt, quality=a.quality)
+        tqdm.write(f"wrote {out} ({result.picture.width}x{result.picture.height})", file=sys.stdout)
+        if wants_side_images(self.options):
+            for side in write_side_images(result.side_images, out):
+                tqdm.write(f"wrote {side}", file=sys.stdout)
         return "ok", out
 
 
-def write_side_outputs(method: Method, out: Path) -> list[Path]:
-    """Write the method's ``side_outputs`` of its last call beside ``out`` (``<stem>_<name>.png``)."""
+def write_side_images(images: dict[str, Any], out: Path) -> list[Path]:
+    """Write side images ``{name: (B or 1, 3, H, W) in [0, 1]}`` (the first of each) beside ``out``
+    as ``<stem>_<name>.png``."""
     written = []
-    for name, image in (getattr(method, "side_outputs", None) or {}).items():
+    for name, image in images.items():
         arr = (image[0].detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         path = out.with_name(f"{out.stem}_{name}.png")
         with atomic_write(path) as tmp:
@@ -400,8 +409,8 @@ def run(args: argparse.Namespace) -> int:
     """Upscale every input; returns 0 when none failed, 1 otherwise."""
     _setup_logging()
     debug = bool(getattr(args, "debug", False))
-    spec = resolve(args.method)
-    runner = _Runner(args, spec)
+    spec = args.spec
+    runner = _Runner(args)
     files, unmatched = collect_inputs(args.input)
     inputs: list[Path | str] = [*files, *unmatched]
     if not inputs:

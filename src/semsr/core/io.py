@@ -20,15 +20,19 @@ What :func:`read_image` handles:
   non-image files, zero-size images and images above ``max_pixels`` raise
   :class:`~semsr.core.errors.InputError` naming the file.
 
-Writes are atomic (:func:`atomic_write`): a temporary file in the target
-folder is renamed over the destination only once it is complete.
+Writes are atomic: :func:`atomic_write` (files) and :func:`atomic_folder`
+(folders) build the result under a temporary name beside the destination and
+rename it into place only once it is complete (:func:`atomic_move`).
+:data:`IMAGE_EXTENSIONS` are the file suffixes :func:`read_image` tries.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import warnings
@@ -40,7 +44,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from semsr.core.errors import InputError
 
@@ -53,6 +57,24 @@ FORMATS = ("png", "jpg", "webp")
 _EXIF_ORIENTATION = 0x0112
 _SOURCE_TO_FORMAT = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp"}
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def _readable_extensions() -> frozenset[str]:
+    """Lower-case suffixes (``".png"``) of the formats Pillow can open, without the stub formats
+    (HDF5, GRIB, BUFR, WMF...) that need a decoder registered from outside."""
+    Image.init()
+    out = set()
+    for ext, fmt in Image.registered_extensions().items():
+        opener = Image.OPEN.get(fmt, (None,))[0]
+        if opener is None or (inspect.isclass(opener) and issubclass(opener, ImageFile.StubImageFile)):
+            continue
+        out.add(ext.lower())
+    return frozenset(out)
+
+
+#: File suffixes (lower case, with the dot) of the image formats :func:`read_image` can read. Folder
+#: listings (training data, degradation inputs, retrieval databases, batch upscaling) filter with it.
+IMAGE_EXTENSIONS: frozenset[str] = _readable_extensions()
 
 
 @dataclass
@@ -439,6 +461,72 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_move(src: str | Path, dst: str | Path, *, replace: bool = True) -> Path:
+    """Put the finished file or folder ``src`` at ``dst`` with one rename (same file system).
+
+    An existing ``dst`` is replaced (it is first renamed aside, then deleted), so
+    a reader sees the old or the new content, never a mix. With
+    ``replace=False`` an existing ``dst`` wins: ``src`` is deleted (several
+    processes racing to produce the same file). Returns ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        if not replace:
+            _remove(src)
+            return dst
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        os.rename(dst, old / dst.name)
+        try:
+            os.rename(src, dst)
+        except BaseException:
+            os.rename(old / dst.name, dst)  # put the previous content back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return dst
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if replace or not dst.exists():  # replace=False: another process may have finished first
+            raise
+        _remove(src)
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, staging: str | Path | None = None, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; move it to ``path`` (:func:`atomic_move`) on success.
+
+    On any error (or ``KeyboardInterrupt``) the staging folder is deleted and
+    ``path`` is left untouched. ``staging`` names the staging folder (emptied
+    first) when several processes write into it and must know its name;
+    by default it is a fresh temporary folder. ``replace=False``: an existing
+    ``path`` is kept and the staged folder discarded. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        tmp = Path(staging)
+        if tmp.exists():
+            _remove(tmp)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        atomic_move(tmp, path, replace=replace)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -29,18 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 
-from semsr.core.io import atomic_write_bytes  # noqa: F401  (re-exported for recipe modules)
+from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError, UnavailableError
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+from semsr.core.io import atomic_write_bytes
 
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -69,7 +62,7 @@ def ensure_offline() -> None:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[var] = "1"
     try:
-        import huggingface_hub.constants as hub_constants
+        import huggingface_hub.constants as hub_constants  # flip the flag of an already imported hub
 
         hub_constants.HF_HUB_OFFLINE = True
     except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
@@ -81,25 +74,13 @@ ensure_offline()
 
 def quiet_hf_logging() -> None:
     """Silence transformers/diffusers info logs and per-file progress bars during loading."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
+    import diffusers.utils.logging as dlog  # heavy dependency, imported on use
+    import transformers.utils.logging as tlog  # heavy dependency, imported on use
 
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Map ``"fp32" | "bf16" | "fp16"`` (or a torch dtype, or None -> fp32) to a torch dtype."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower()
-    if key not in DTYPES:
-        raise SemsrError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
-    return DTYPES[key]
 
 
 def require(path: str | Path, what: str) -> Path:
@@ -163,7 +144,7 @@ def load_transformers_model(cls: Any, folder: str | Path, *, dtype: torch.dtype 
 
 def load_clip_tokenizer(folder: str | Path) -> Any:
     """Load a CLIP tokenizer (``vocab.json`` + ``merges.txt``) from a local folder."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy dependency, imported on use
 
     folder = Path(folder)
     require(folder, "tokenizer folder")
@@ -230,8 +211,8 @@ def load_sd(path: str | Path, *, dtype: str | torch.dtype = "fp32", config: str 
 
 
 def _load_sd_folder(folder: Path, dtype: torch.dtype) -> SDComponents:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy dependency, imported on use
+    from transformers import CLIPTextModel  # heavy dependency, imported on use
 
     require(folder / "model_index.json", "model_index.json (not a diffusers Stable Diffusion folder)")
     sched_file = require(folder / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -257,7 +238,7 @@ def find_single_file_config(path: Path) -> Path | None:
 
 
 def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) -> SDComponents:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # heavy dependency, imported on use
 
     if config is None:
         config = find_single_file_config(path)
@@ -280,7 +261,7 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) ->
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs)
-    except Exception as err:  # noqa: BLE001 - diffusers raises many types for bad files
+    except Exception as err:
         if isinstance(err, SemsrError):
             raise
         msg = _one_line(err)
@@ -294,7 +275,7 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) ->
 
 def load_controlnet(path: str | Path, *, dtype: str | torch.dtype = "fp32") -> Any:
     """Load a diffusers ``ControlNetModel`` from a local folder (``config.json`` + weights)."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # heavy dependency, imported on use
 
     path = Path(path).expanduser()
     quiet_hf_logging()
@@ -320,8 +301,6 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config
         tensors: a state dict; tensors are made contiguous and moved to CPU.
         config: JSON-serialisable description needed to rebuild the module.
     """
-    from safetensors.torch import save
-
     folder = Path(folder)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(folder / CHECKPOINT_WEIGHTS, save(clean, metadata={"format": "pt"}))
@@ -331,8 +310,6 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config
 
 def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a project checkpoint written by :func:`save_checkpoint`; returns ``(tensors, config)``."""
-    from safetensors.torch import load_file
-
     folder = Path(folder).expanduser()
     require(folder, "checkpoint folder")
     config = _read_json(require(folder / CHECKPOINT_CONFIG, "checkpoint config"))
@@ -345,12 +322,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     require(path, "weights file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise UnavailableError(f"cannot load weights safely: {_one_line(err)}", path) from err
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from semsr.data.degradations import DegradationConfig, RealESRGANDegradation
 from semsr.data.degradations.pipeline import image_seed
 from semsr.core.errors import SemsrError
 from semsr.eval import atomic
@@ -118,8 +119,6 @@ def _bicubic(scale: int) -> tuple[Degrade, dict[str, Any]]:
 
 
 def _realesrgan(scale: int) -> tuple[Degrade, dict[str, Any]]:
-    from semsr.data.degradations import DegradationConfig, RealESRGANDegradation
-
     # No unsharp masking of the input: Real-ESRGAN sharpens its *training* GT
     # before degrading it, but a benchmark LR must be a degradation of the very
     # ground truth the outputs are compared with.

@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 from semsr.eval import atomic
 from semsr.eval.images import to_uint8
 from semsr.eval.lrsets import REAL, EvalImage, LRSet, load_gt, load_lr
+from semsr.eval.metrics import list_metrics
 from semsr.eval.metrics.image import load_eval_image
 
 # decimals per metric in tables (others: 4)
@@ -47,8 +49,6 @@ PERCEPTUAL = ("lpips", "dists", "niqe", "musiq", "clipiqa", "maniqa", "fid")
 
 def higher_better_map() -> dict[str, bool]:
     """``{metric name: higher is better}`` from the metrics registry."""
-    from semsr.eval.metrics import list_metrics
-
     return {m.name: m.higher_better for m in list_metrics()}
 
 
@@ -235,8 +235,6 @@ def _to_rgb_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _label_strip(width: int, lines: list[str], font: Any) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     im = Image.new("RGB", (width, 16 * len(lines) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(im)
     for i, line in enumerate(lines):
@@ -248,8 +246,6 @@ def _label_strip(width: int, lines: list[str], font: Any) -> np.ndarray:
 
 
 def _font() -> Any:
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1: bitmap font
@@ -300,10 +296,10 @@ def speed_plot(rows: list[dict[str, Any]], hb: dict[str, bool], path: Path, titl
 
     Uses CPU seconds when every row has them (stable on a busy machine), else wall seconds.
     """
-    import matplotlib
+    import matplotlib  # optional heavy dependency, only for the report's plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional heavy dependency (see above)
 
     axes_names = _quality_axes(rows)
     cpu = all(r.get("cpu_seconds_per_image") is not None for r in rows)

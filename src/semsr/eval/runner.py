@@ -13,26 +13,28 @@ ablations are separate rows of one table::
     default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3],realesrgan-x4plus
 
 (:func:`split_methods` splits such a list on the commas outside brackets,
-:func:`parse_method_entry` reads one entry). A bare key means ``True``; values
-read as int, float, ``true``/``false``, else string. A key that names a
-parameter of the method's factory (``inspect.signature``, ``**kwargs`` not
-counted) is a *build* option, overriding ``BenchConfig.method_opts``; any other
-key is a *run* option, passed to every method call. The row's ``method`` is the
-normalised entry (e.g. ``default[steps=1]``).
+:func:`parse_method_entry` reads one entry). A bare key means ``true``; every
+other value is text, read by the method's options class
+(:meth:`semsr.core.method.MethodSpec.parse`) like the CLI's flags, so an
+unknown option or a bad value is one line naming the closest option, before any
+work. The entry's options override ``BenchConfig.method_opts``; whether an
+option is a build or a run option comes from its stage. The row's ``method``
+is the normalised entry (``default[steps=1]``; values as parsed).
 
 **Caching and resume.** Every upscale and every metric value is stored in an
 SQLite file (``cache_dir()/bench/results.sqlite``) as soon as it exists, keyed
-by (method key, LR-set id, image key). The method key holds the method name
-and every option that changes its output (build and run options, tile size)
-plus a fingerprint of the method's weight files (its catalog ``model_info``,
-an alias's target, and the files under a ``checkpoint``/``weights`` build
-option), so newly trained weights are never served from stale outputs; the
-LR-set id holds the dataset, degradation, scale, seed and degradation
-configuration; the image key holds the file's content hash. A rerun -- after
-an interruption, with more datasets, more metrics or a larger ``--limit`` --
-only computes what is missing. SR images are kept as uint8 PNGs under
-``cache_dir()/bench/sr/`` (the SR convention rounds outputs to 8 bits, and the
-report and FID read them back).
+by (method key, LR-set id, image key). The method key holds the normalised
+entry, the build key of its options (threads excepted), the run options that
+differ from the defaults, the tile settings and a fingerprint
+(:func:`semsr.core.fingerprint.fingerprint`) of the method's weight files (its
+catalogue ``info``, an alias's target's, and the files under each weight-path
+build option such as ``checkpoint``), so newly trained weights are never served
+from stale outputs; the LR-set id holds the dataset, degradation, scale, seed
+and degradation configuration; the image key holds the file's content hash. A
+rerun -- after an interruption, with more datasets, more metrics or a larger
+``--limit`` -- only computes what is missing. SR images are kept as uint8 PNGs
+under ``cache_dir()/bench/sr/`` (the SR convention rounds outputs to 8 bits,
+and the report and FID read them back).
 
 **Peak RSS.** Each method runs in its own freshly spawned process (default
 ``isolate=True``): resident memory of one method (weights, allocator caches,
@@ -55,7 +57,6 @@ depends on the load, so the CPU time of the method process over the same call
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import multiprocessing as mp
@@ -73,13 +74,20 @@ from typing import Any
 import torch
 
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.fingerprint import fingerprint
+from semsr.core.method import MethodSpec
+from semsr.core.options import MethodOptions
+from semsr.core.paths import cache_dir
 from semsr.eval import atomic
+from semsr.eval import metrics as metric_registry
 from semsr.eval.datasets import Dataset
 from semsr.eval.images import to_uint8
+from semsr.eval.lrsets import EvalImage, LRSet, load_gt, load_lr, prepare
 from semsr.eval.metrics.base import align_channels, as_rgb
 from semsr.eval.metrics.image import load_eval_image
-from semsr.eval.lrsets import EvalImage, LRSet, load_gt, load_lr, prepare
-from semsr.core.paths import cache_dir
+from semsr.methods import resolve
+from semsr.models.catalog import ModelInfo
+from semsr.pipeline.tiling import upscale_tiled
 
 DEFAULT_METRICS = ("psnr", "psnry", "ssim", "niqe")
 Progress = Callable[[str], None]
@@ -107,8 +115,8 @@ class BenchConfig:
         tile_pad: overlap (LR pixels) around each tile.
         threads: ``torch.set_num_threads`` in the method process (None: torch default).
         isolate: run each method in its own spawned process (see module doc).
-        method_opts: build options passed to every ``get_method`` call
-            (an entry's bracket options override them).
+        method_opts: options of every method, as text (``--method-opt dtype=bf16``) or
+            Python values; an entry's bracket options override them.
         weights_dir: weights folder of deep metrics (default ``SEMSR_WEIGHTS``).
     """
 
@@ -172,14 +180,14 @@ class UpscaleRecord:
 
 @dataclass
 class MethodEntry:
-    """One ``--methods`` entry: a registry name and its bracket options, in written order."""
+    """One ``--methods`` entry: a registry name and its bracket options (text; ``True`` for a bare key), in written order."""
 
     name: str
-    opts: dict[str, Any] = field(default_factory=dict)
+    opts: dict[str, str | bool] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        """Normalised text of the entry, e.g. ``default[steps=8,seed=3]`` (a row's ``method``)."""
+        """The entry as written, spaces dropped and ``-`` in keys read as ``_``, e.g. ``default[steps=8,seed=3]``."""
         if not self.opts:
             return self.name
         return f"{self.name}[{','.join(_format_option(k, v) for k, v in self.opts.items())}]"
@@ -190,18 +198,28 @@ class MethodPlan:
     """A method entry resolved for a run.
 
     Attributes:
-        label: the row's ``method`` (:attr:`MethodEntry.label` with the registry name).
+        label: the row's ``method``: the registry name with the entry's options as parsed
+            (``default[steps=1]``; :func:`plan_label`).
         name: registry name to build.
-        build_opts: factory keyword options (``BenchConfig.method_opts`` plus the entry's build options).
-        run_opts: options passed to every method call.
+        options: the method's options (``BenchConfig.method_opts``, the entry's options, the
+            bench's scale, threads and tile settings where the entry does not set them).
         key: cache key (:func:`method_key`) of its outputs.
     """
 
     label: str
     name: str
-    build_opts: dict[str, Any]
-    run_opts: dict[str, Any]
+    options: MethodOptions
     key: str
+
+    @property
+    def build_values(self) -> dict[str, Any]:
+        """The build options that differ from the method's defaults."""
+        return self.options.changed("build")
+
+    @property
+    def run_values(self) -> dict[str, Any]:
+        """The run options that differ from the method's defaults."""
+        return self.options.changed("run")
 
 
 def _format_option(key: str, value: Any) -> str:
@@ -209,22 +227,13 @@ def _format_option(key: str, value: Any) -> str:
         return key
     if value is False:
         return f"{key}=false"
-    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
-
-
-def parse_option_value(text: str) -> Any:
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            value = conv(text)
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            return value
-    return text
+    if isinstance(value, float):
+        return f"{key}={value!r}"
+    if isinstance(value, tuple):
+        return f"{key}={','.join(map(str, value))}"
+    if isinstance(value, dict):
+        return f"{key}={','.join(f'{k}={v!r}' for k, v in value.items())}"
+    return f"{key}={value}"
 
 
 def split_methods(text: str) -> list[str]:
@@ -253,8 +262,8 @@ def split_methods(text: str) -> list[str]:
 def parse_method_entry(text: str) -> MethodEntry:
     """Parse ``name`` or ``name[k=v,flag,...]``; a one-line :class:`SemsrError` if malformed.
 
-    Keys are identifiers (``-`` read as ``_``), a bare key means True, values
-    go through :func:`parse_option_value`. The name is not looked up here.
+    Keys are identifiers (``-`` read as ``_``), a bare key means ``True``,
+    values stay text (stripped). Neither the name nor the options are looked up here.
     """
     entry = text.strip()
     name, inner = entry, None
@@ -265,7 +274,7 @@ def parse_method_entry(text: str) -> MethodEntry:
         name, inner = entry[:open_at].strip(), entry[open_at + 1 : -1]
     if not name:
         raise SemsrError(f"malformed method entry {entry!r}: no method name")
-    opts: dict[str, Any] = {}
+    opts: dict[str, str | bool] = {}
     for part in [] if inner is None else inner.split(","):
         key, sep, value = part.partition("=")
         key = key.strip().replace("-", "_")
@@ -275,44 +284,43 @@ def parse_method_entry(text: str) -> MethodEntry:
             raise SemsrError(f"option {key!r} given twice in method entry {entry!r}")
         if sep and not value.strip():
             raise SemsrError(f"option {key!r} has no value in method entry {entry!r}")
-        opts[key] = parse_option_value(value.strip()) if sep else True
+        opts[key] = value.strip() if sep else True
     return MethodEntry(name, opts)
 
 
-def build_option_names(spec: Any) -> set[str]:
-    """Keyword parameters of ``spec.factory`` (``**kwargs`` and positional-only ones not counted)."""
-    try:
-        params = inspect.signature(spec.factory).parameters
-    except (TypeError, ValueError):
-        return set()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {n for n, p in params.items() if p.kind in kinds}
+def plan_label(name: str, keys: Iterable[str], options: MethodOptions) -> str:
+    """``name[k=v,...]`` with the parsed values of ``keys`` (a true flag as its bare key)."""
+    keys = list(keys)
+    if not keys:
+        return name
+    return f"{name}[{','.join(_format_option(k, getattr(options, k)) for k in keys)}]"
 
 
 def plan_methods(config: BenchConfig) -> list[MethodPlan]:
     """Parse and resolve ``config.methods`` (before any work): one plan per distinct entry.
 
-    Entries may themselves be comma lists (:func:`split_methods`). An entry's
-    options that name a factory parameter are build options (overriding
-    ``config.method_opts``), the others run options; the cache key holds both,
-    the tile settings and the weights fingerprint (:func:`weights_fingerprint`).
+    Entries may themselves be comma lists (:func:`split_methods`). The options of an
+    entry are ``config.method_opts`` overridden by its bracket options, parsed by the
+    method's options class (an unknown or malformed option is one line, naming the
+    closest valid one); the bench's ``scale`` and ``threads`` fill the method's
+    options of those names and ``tile``/``tile_pad`` fill the tile settings when the
+    entry does not set them. The cache key: :func:`plan_key`.
     """
-    from semsr.methods import resolve
-
     entries = [parse_method_entry(e) for m in config.methods for e in split_methods(m)]
     if not entries:
         raise SemsrError("no methods given")
     specs = [resolve(e.name) for e in entries]  # unknown names fail before any work
     plans: dict[str, MethodPlan] = {}
     for entry, spec in zip(entries, specs):
-        names = build_option_names(spec)
-        build = {**config.method_opts, **{k: v for k, v in entry.opts.items() if k in names}}
-        run = {k: v for k, v in entry.opts.items() if k not in names}
-        key_opts = {**build, "tile": config.tile, "tile_pad": config.tile_pad, **weights_fingerprint(spec, build)}
-        if run:
-            key_opts["#run"] = run
-        label = MethodEntry(spec.name, entry.opts).label
-        plans.setdefault(label, MethodPlan(label, spec.name, build, run, method_key(spec.name, key_opts)))
+        values: dict[str, Any] = {**config.method_opts, **entry.opts}
+        names = spec.options.names()
+        for name, value in (("scale", config.scale), ("threads", config.threads), ("tile", config.tile),
+                            ("tile_pad", config.tile_pad)):
+            if name in names and name not in values and value is not None:
+                values[name] = value
+        options = spec.parse(values)
+        label = plan_label(spec.name, entry.opts, options)
+        plans.setdefault(label, MethodPlan(label, spec.name, options, plan_key(spec, label, options)))
     return list(plans.values())
 
 
@@ -336,69 +344,34 @@ def method_key(name: str, opts: dict[str, Any]) -> str:
     return f"{name}#{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
-# (path, size, mtime_ns) -> sha1 of the content; weight files are hashed once per process
-_FILE_SHA1: dict[tuple[str, int, int], str] = {}
-
-# build options whose value is a weights file or folder: its files join the method key
-WEIGHT_OPTIONS = ("checkpoint", "weights")
-
-
-def file_sha1(path: Path) -> str:
-    """SHA-1 of ``path``'s content, memoised per (path, size, mtime_ns) within the process."""
-    st = path.stat()
-    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _FILE_SHA1:
-        digest = hashlib.sha1()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        _FILE_SHA1[memo] = digest.hexdigest()
-    return _FILE_SHA1[memo]
+def plan_key(spec: MethodSpec, label: str, options: MethodOptions) -> str:
+    """:func:`method_key` of a planned entry: its label, build key (``threads`` left out: it does not
+    change outputs), changed run options and :func:`weights_fingerprint`."""
+    build = [[k, v] for k, v in options.build_key() if k != "threads"]
+    return method_key(spec.name, {"label": label, "build": build, "run": options.changed("run"),
+                                  **weights_fingerprint(spec, options)})
 
 
-def files_fingerprint(files: Iterable[tuple[str, Path]]) -> str:
-    """SHA-1 over (relative name, size, content) of ``files`` (name, path); missing files count too."""
-    digest = hashlib.sha1()
-    for rel, path in sorted(files, key=lambda f: f[0]):
-        if path.is_file():
-            digest.update(f"{rel}\0{path.stat().st_size}\0{file_sha1(path)}\n".encode())
-        else:
-            digest.update(f"{rel}\0missing\n".encode())
-    return digest.hexdigest()[:12]
-
-
-def _folder_files(root: Path) -> list[tuple[str, Path]]:
-    """(name relative to ``root``, path) of every file under ``root`` (``root`` itself if a file)."""
-    if root.is_file():
-        return [(root.name, root)]
-    if not root.is_dir():
-        return [(root.name, root)]  # recorded as missing
-    return [(p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()]
-
-
-def weights_fingerprint(spec: Any, build_opts: dict[str, Any]) -> dict[str, str]:
+def weights_fingerprint(spec: MethodSpec, options: MethodOptions) -> dict[str, str]:
     """Key entries that change when the weight files of method ``spec`` change.
 
-    ``"#weights"``: the files of ``spec.extra["model_info"]`` (for an alias such
-    as ``default``, its target's), with the files it ``uses``; ``"#<option>"``: the files under a
-    ``checkpoint``/``weights`` build option. Empty for methods without weight files.
+    ``"#weights"``: the files of ``spec.info`` (for an alias such as ``default``, its
+    target's), with the files it ``uses``; ``"#<option>"``: the files under each
+    weight-path build option (``spec.weight_paths``) that is given. Empty for methods
+    without weight files.
     """
-    from semsr.methods import resolve
-    from semsr.models.catalog import ModelInfo
-
     out: dict[str, str] = {}
-    info = spec.extra.get("model_info")
-    if isinstance(info, ModelInfo) and info.alias_of:
-        target = resolve(info.alias_of).extra.get("model_info")
+    info = spec.info
+    if spec.alias_of:
+        target = resolve(spec.alias_of).info
         info = target if isinstance(target, ModelInfo) else info
     paths = info.paths() if isinstance(info, ModelInfo) else None
     if paths:
-        used = info.used_paths() or []
-        out["#weights"] = files_fingerprint([*zip(info.files, paths), *zip(info.uses, used)])
-    for opt in WEIGHT_OPTIONS:
-        value = build_opts.get(opt)
-        if isinstance(value, (str, Path)) and str(value):
-            out[f"#{opt}"] = files_fingerprint(_folder_files(Path(value).expanduser()))
+        out["#weights"] = fingerprint([*paths, *(info.used_paths() or [])])
+    for name in spec.weight_paths:
+        value = getattr(options, name, None)
+        if value is not None:
+            out[f"#{name}"] = fingerprint([value])
     return out
 
 
@@ -502,18 +475,15 @@ def peak_rss_mb() -> float:
 
 # --------------------------------------------------------------------------- upscaling
 
-def upscale(method: Any, x: torch.Tensor, scale: int, tile: int, tile_pad: int,
-            run_opts: dict[str, Any] | None = None) -> torch.Tensor:
+def upscale(method: Any, x: torch.Tensor, scale: int, options: MethodOptions | None = None) -> torch.Tensor:
     """Upscale ``x`` ``(1, 3, h, w)`` in [0, 1] with ``method`` -> ``(1, 3, scale*h, scale*w)``.
 
     Methods that do not tile themselves are run tile by tile
-    (:func:`semsr.pipeline.tiling.tiled_apply`) when the image is larger than
-    ``tile``; ``run_opts`` go to every method call.
+    (:func:`semsr.pipeline.tiling.upscale_tiled`, ``options.tile``/``tile_pad``) when the
+    image is larger than the tile; ``options`` go to every method call.
     """
-    from semsr.pipeline.tiling import tiled_apply
-
     try:
-        y = tiled_apply(method, x, tile=tile, tile_pad=tile_pad, run_opts=run_opts)
+        y = upscale_tiled(method, x, options).images
     except RuntimeError as err:
         if "returned shape" in str(err):
             raise SemsrError(str(err), getattr(method, "name", None)) from None
@@ -532,32 +502,25 @@ class _Job:
     out_path: str
 
 
-def _build_method(name: str, opts: dict[str, Any], scale: int, threads: int | None = None) -> Any:
-    """Build method ``name``; ``scale`` and ``threads`` are passed when its factory takes them."""
-    from semsr.methods import get_method, resolve
-
+def _build_method(name: str, values: dict[str, Any], scale: int) -> tuple[Any, MethodOptions]:
+    """Build method ``name`` with options ``values`` (Python values, validated again); check its scale."""
     spec = resolve(name)
-    params = build_option_names(spec)
-    extra: dict[str, Any] = {}
-    if "scale" in params:
-        extra["scale"] = scale
-    if threads and "threads" in params:
-        extra["threads"] = threads
-    method = get_method(spec.name, **{**extra, **opts})
+    options = spec.parse(values)
+    method = spec.factory(options)
     if int(getattr(method, "scale", scale)) != scale:
         raise SemsrError(f"method {name} upscales x{method.scale}, but --scale {scale} was asked")
-    return method
+    return method, options
 
 
 def _process_jobs(spec: dict[str, Any], jobs: list[_Job], emit: Callable[[dict], None]) -> None:
     """Upscale ``jobs`` with the method described by ``spec``; ``emit`` one record per finished image."""
-    scale, tile, tile_pad = spec["scale"], spec["tile"], spec["tile_pad"]
-    method = _build_method(spec["name"], spec["opts"], scale, spec.get("threads"))
+    scale = spec["scale"]
+    method, options = _build_method(spec["name"], spec["options"], scale)
     for job in jobs:
         x = as_rgb(load_eval_image(job.lr_path))
         reset_peak_rss()  # when unsupported, peak_rss_mb() is the process peak so far
         start, cpu_start = time.perf_counter(), time.process_time()
-        y = upscale(method, x, scale, tile, tile_pad, spec.get("run_opts"))
+        y = upscale(method, x, scale, options)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         atomic.write_png(Path(job.out_path), to_uint8(y))
         emit(
@@ -631,9 +594,7 @@ class _MetricSet:
 
     @classmethod
     def build(cls, names: Iterable[str], weights_dir: Path | None = None) -> _MetricSet:
-        from semsr.eval.metrics import get_metric, list_metrics
-
-        infos = {m.name: m for m in list_metrics()}
+        infos = {m.name: m for m in metric_registry.list_metrics()}
         names = list(dict.fromkeys(names))
         unknown = [n for n in names if n not in infos]
         if unknown:
@@ -643,7 +604,7 @@ class _MetricSet:
         for n in names:
             opts = {"weights_dir": weights_dir} if weights_dir and infos[n].kind in ("deep", "distribution") else {}
             try:
-                objects[n] = get_metric(n, **opts)
+                objects[n] = metric_registry.get_metric(n, **opts)
             except UnavailableError as err:
                 unavailable[n] = str(err)
         return cls(names, objects, {n: infos[n] for n in names}, unavailable)
@@ -755,11 +716,8 @@ def _ensure_upscaled(
     spec = {
         "name": plan.name,
         "label": plan.label,
-        "opts": plan.build_opts,
-        "run_opts": plan.run_opts,
+        "options": plan.options.values(),  # plain values: the spawned process parses them again
         "scale": config.scale,
-        "tile": config.tile,
-        "tile_pad": config.tile_pad,
         "threads": config.threads,
     }
     if config.isolate:

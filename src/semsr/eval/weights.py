@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from semsr.core.errors import UnavailableError
 from semsr.core.io import atomic_write_bytes
@@ -132,8 +133,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a ``.pth``/``.pt``/``.safetensors`` state dict on CPU (tensors only)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign file: tell the user which one

@@ -14,21 +14,30 @@ learnable gate ``g`` initialised to 0, so at initialisation the base model's
 output is unchanged exactly. Statistics come from the control embedding ``c``
 ``(B, Dc)`` through a per-block linear layer (initialised to mean 0, std 1).
 
-Usage::
+:class:`AdaINAdapters` is a :class:`~semsr.core.components.Component`: its
+config records ``control_dim`` and, per block, the widths its layers need, so
+it is built (and loaded) without the UNet. Usage::
 
-    adapters = attach_adain(unet, control_dim=768)
+    adapters = attach_adain(unet, AdaINAdapters.for_model(unet, control_dim=768))
     with adapters.control(embedding):          # (B, Dc); repeated over CFG batches
         eps = unet(x, t, encoder_hidden_states=ctx).sample
+
+Outside a ``control`` block the adapters are off (the UNet is the base one).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
+
+from semsr.core.components import Component, register_component, register_to_config
+from semsr.core.errors import SemsrError
 
 EPS = 1e-5
 
@@ -167,14 +176,38 @@ class AdaINCrossAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-class AdaINAdapters(nn.Module):
-    """All adapters attached to one model; ``parameters()`` are the trainable ones."""
+@register_component
+class AdaINAdapters(Component):
+    """All adapters of one model; ``parameters()`` are the trainable ones.
 
-    def __init__(self, control_dim: int) -> None:
+    Args:
+        control_dim: width ``Dc`` of the control embedding.
+        block_widths: per adapted transformer block (the block's module path with ``.`` -> ``__``, in
+            the model's module order), ``[channels, inner_dim]``: the width of its LayerNorms and of its
+            cross-attention queries. :meth:`for_model` reads them from a model. The adapters of a block
+            are ``blocks[key]`` (``attn2``, ``norm2``, ``norm3``).
+    """
+
+    @register_to_config
+    def __init__(self, control_dim: int, block_widths: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()
         self.control_dim = int(control_dim)
         self.state = _ControlState()
         self.blocks = nn.ModuleDict()
+        for key, (dim, inner) in (block_widths or {}).items():
+            self.blocks[key] = nn.ModuleDict({
+                "attn2": CrossAttnAdaIN(int(inner), self.control_dim, self.state),
+                "norm2": AdaINNorm(int(dim), self.control_dim, self.state),
+                "norm3": AdaINNorm(int(dim), self.control_dim, self.state),
+            })
+
+    @classmethod
+    def for_model(cls, model: nn.Module, control_dim: int) -> AdaINAdapters:
+        """New adapters (gates at 0: the identity) for every cross-attention ``BasicTransformerBlock`` of ``model``."""
+        widths = {key: [dim, inner] for key, (_block, dim, inner) in _transformer_blocks(model).items()}
+        if not widths:
+            raise SemsrError("no cross-attention transformer blocks found to attach AdaIN adapters to")
+        return cls(control_dim=int(control_dim), block_widths=widths)
 
     @contextmanager
     def control(self, embedding: torch.Tensor | None) -> Iterator[None]:
@@ -196,52 +229,55 @@ class AdaINAdapters(nn.Module):
         return out
 
 
-def attach_adain(model: nn.Module, control_dim: int, adapters: AdaINAdapters | None = None) -> AdaINAdapters:
-    """Attach gated AdaIN adapters to every ``BasicTransformerBlock`` of ``model`` (in place).
-
-    Returns the :class:`AdaINAdapters` (load/save its ``state_dict``). Passing
-    ``adapters`` re-attaches an existing set (e.g. after loading weights).
-    """
-    from diffusers.models.attention import BasicTransformerBlock
-
-    ad = adapters if adapters is not None else AdaINAdapters(control_dim)
-    previous = getattr(model, "_semsr_adain", None)
-    if previous is not None and previous is not ad:
-        detach_adain(model)
+def _transformer_blocks(model: nn.Module) -> dict[str, tuple[Any, int, int]]:
+    """``{key: (block, channels, inner_dim)}`` of the cross-attention ``BasicTransformerBlock`` s of
+    ``model`` in module order (a ``torch.compile`` d model is walked through its original module)."""
+    model = getattr(model, "_orig_mod", model)
+    out = {}
     for name, block in model.named_modules():
         if not isinstance(block, BasicTransformerBlock) or block.attn2 is None:
             continue
-        key = name.replace(".", "__")
-        if key not in ad.blocks:
-            dim = block.norm2.normalized_shape[0] if hasattr(block.norm2, "normalized_shape") else block.attn2.query_dim
-            inner = block.attn2.to_q.out_features
-            ad.blocks[key] = nn.ModuleDict({
-                "attn2": CrossAttnAdaIN(inner, ad.control_dim, ad.state),
-                "norm2": AdaINNorm(dim, ad.control_dim, ad.state),
-                "norm3": AdaINNorm(dim, ad.control_dim, ad.state),
-            })
-        mods = ad.blocks[key]
+        dim = block.norm2.normalized_shape[0] if hasattr(block.norm2, "normalized_shape") else block.attn2.query_dim
+        out[name.replace(".", "__")] = (block, int(dim), int(block.attn2.to_q.out_features))
+    return out
+
+
+def attach_adain(model: nn.Module, adapters: AdaINAdapters) -> AdaINAdapters:
+    """Attach ``adapters`` to the transformer blocks of ``model`` (in place; other adapters are detached).
+
+    The adapters must have been made for a model of this structure (:meth:`AdaINAdapters.for_model`);
+    the model's ``state_dict`` is unchanged (hooks and attention processors only). Returns ``adapters``.
+    """
+    found = _transformer_blocks(model)
+    want = {key: [int(v) for v in dims] for key, dims in (adapters.config.block_widths or {}).items()}
+    have = {key: [dim, inner] for key, (_block, dim, inner) in found.items()}
+    if want != have:
+        missing, extra = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        raise SemsrError(f"the AdaIN adapters do not fit this model ({len(missing)} blocks without an adapter, "
+                         f"{len(extra)} adapters without a block, "
+                         f"{sum(want[k] != have[k] for k in set(want) & set(have))} of other widths)")
+    target = getattr(model, "_orig_mod", model)
+    previous = getattr(target, "_semsr_adain", None)
+    if previous is not None and previous is not adapters:
+        detach_adain(model)
+    for key, (block, _dim, _inner) in found.items():
+        mods = adapters.blocks[key]
         block.attn2.set_processor(mods["attn2"].processor())
         mods["norm2"].attach(block.norm2)
         mods["norm3"].attach(block.norm3)
-    if not ad.blocks:
-        raise ValueError("no cross-attention transformer blocks found to attach AdaIN adapters to")
-    object.__setattr__(model, "_semsr_adain", ad)  # not a submodule: the model's state_dict stays unchanged
-    return ad
+    object.__setattr__(target, "_semsr_adain", adapters)  # not a submodule: the model's state_dict stays unchanged
+    return adapters
 
 
 def detach_adain(model: nn.Module) -> None:
     """Remove the adapters attached to ``model`` (hooks and processors); the model is the base one again."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    ad = getattr(model, "_semsr_adain", None)
+    target = getattr(model, "_orig_mod", model)
+    ad = getattr(target, "_semsr_adain", None)
     if ad is None:
         return
     for mods in ad.blocks.values():
         mods["norm2"].detach()
         mods["norm3"].detach()
-    for block in model.modules():
-        if isinstance(block, BasicTransformerBlock) and block.attn2 is not None:
-            block.attn2.set_processor(AttnProcessor2_0())
-    object.__setattr__(model, "_semsr_adain", None)
+    for block, _dim, _inner in _transformer_blocks(target).values():
+        block.attn2.set_processor(AttnProcessor2_0())
+    object.__setattr__(target, "_semsr_adain", None)

@@ -21,6 +21,14 @@ path, time-conditioned) run on the VAE latents of the bicubic-upsampled LR
 image and of the reference image; they give one feature map per UNet
 resolution level.
 
+:class:`AiAFusion` is a :class:`~semsr.core.components.Component`: its
+config records the UNet structure it was made for (``unet_config``) and its
+transformer blocks (``transformer_blocks``), so the whole module is built from
+the config alone (:func:`~semsr.core.components.load_component`, or the
+``aia`` component of a CoSeR checkpoint); :meth:`AiAFusion.from_unet` makes a
+new one for a UNet (encoders copied from the UNet, attentions from its
+self-attentions).
+
 How it is wired (no change to the UNet's weights or state dict):
 :func:`install_aia` registers a forward pre-hook on every transformer block;
 the hook looks for ``cross_attention_kwargs["aia"]`` (an :class:`AiAInputs`:
@@ -31,20 +39,32 @@ Calls without that key (e.g. reference generation) run the plain UNet.
 """
 from __future__ import annotations
 
-import copy
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import DownBlock2D
 from torch import nn
 
+from semsr.core.components import Component, register_component, register_to_config
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.layers import zero_linear
 
-#: ``config.json`` kind of an AiA checkpoint folder.
-CHECKPOINT_KIND = "coser-aia"
+#: UNet config entries the AiA structure depends on (recorded in :attr:`AiAFusion.config` ``unet_config``).
+UNET_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+             "attention_head_dim", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift",
+             "time_embedding_type", "time_embedding_dim", "timestep_post_act", "time_cond_proj_dim", "conv_in_kernel",
+             "resnet_time_scale_shift", "downsample_padding", "mid_block_scale_factor", "dropout",
+             "class_embeddings_concat")
+#: Down-block types whose resnets/downsamplers the encoders copy (attention, if any, is left out).
+ENCODER_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 #: Scores held at a time by hard attention (``B * heads * query rows * keys``; 2**24 floats = 64 MB).
 HARD_ATTENTION_BUDGET = 2**24
 
@@ -139,8 +159,6 @@ class AiABlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, feature_channels: int, groups: int = 32) -> None:
         super().__init__()
-        from diffusers.models.attention_processor import Attention
-
         self.lr_tokens = FeatureTokens(feature_channels, dim, groups)
         self.ref_tokens = FeatureTokens(feature_channels, dim, groups)
         self.ref_attn = Attention(dim, cross_attention_dim=dim, heads=heads, dim_head=dim_head,
@@ -180,31 +198,71 @@ class AiABlock(nn.Module):
 # ----------------------------------------------------------------------------- encoders
 
 
+def unet_config(unet: nn.Module) -> dict[str, Any]:
+    """The UNet config entries the AiA structure depends on, as JSON values (see :data:`UNET_KEYS`)."""
+    cfg = unet.config
+    return json.loads(json.dumps({k: getattr(cfg, k, None) for k in UNET_KEYS}))
+
+
 class ConditionEncoder(nn.Module):
     """ControlNet-style feature encoder: a trainable copy of the UNet's encoder path (no attention).
 
     ``forward(z (B, 4, h, w), t)`` -> one feature map per UNet resolution level
     ``l``: ``(B, block_out_channels[l], h / 2**l, w / 2**l)``, taken after the
     level's resnets (the last level also goes through a copy of the mid
-    block's first resnet). The time embedding, ``conv_in``, resnets and
-    downsamplers start as copies of the UNet's.
+    block's first resnet). The structure is built from the UNet config
+    entries of :func:`unet_config`; :meth:`copy_from` loads the UNet's time
+    embedding, ``conv_in``, resnets and downsamplers.
+
+    Args:
+        unet: :func:`unet_config` of the UNet.
+        latent_channels: channels of the encoded latents.
     """
 
-    def __init__(self, unet: nn.Module, latent_channels: int = 4) -> None:
+    def __init__(self, unet: Mapping[str, Any], latent_channels: int = 4) -> None:
         super().__init__()
-        self.time_proj = copy.deepcopy(unet.time_proj)
-        self.time_embedding = copy.deepcopy(unet.time_embedding)
-        if unet.conv_in.in_channels == latent_channels:
-            self.conv_in = copy.deepcopy(unet.conv_in)
-        else:
-            self.conv_in = nn.Conv2d(latent_channels, unet.conv_in.out_channels, 3, padding=1)
+        channels = [int(c) for c in unet["block_out_channels"]]
+        if (unet.get("time_embedding_type") or "positional") != "positional" or unet.get("class_embeddings_concat"):
+            raise SemsrError("AiA encoders need a UNet with positional time embeddings (SD 1.x/2.x layout)")
+        bad = [b for b in unet["down_block_types"] if b not in ENCODER_BLOCK_TYPES]
+        if bad:
+            raise SemsrError(f"AiA encoders support the down blocks {', '.join(ENCODER_BLOCK_TYPES)}, not {bad[0]}")
+        time_dim = int(unet.get("time_embedding_dim") or channels[0] * 4)
+        act, eps, groups = unet["act_fn"], float(unet["norm_eps"]), unet["norm_num_groups"]
+        dropout, shift = float(unet.get("dropout") or 0.0), unet["resnet_time_scale_shift"]
+        self.time_proj = Timesteps(channels[0], unet["flip_sin_to_cos"], unet["freq_shift"])
+        self.time_embedding = TimestepEmbedding(channels[0], time_dim, act_fn=act, post_act_fn=unet["timestep_post_act"],
+                                                cond_proj_dim=unet["time_cond_proj_dim"])
+        kernel = int(unet.get("conv_in_kernel") or 3)
+        self.conv_in = nn.Conv2d(int(latent_channels), channels[0], kernel_size=kernel, padding=(kernel - 1) // 2)
+        layers = unet["layers_per_block"]
+        layers = [int(layers)] * len(channels) if isinstance(layers, int) else [int(n) for n in layers]
         self.levels = nn.ModuleList()
-        for block in unet.down_blocks:
-            level = nn.Module()
-            level.resnets = copy.deepcopy(block.resnets)
-            level.downsamplers = copy.deepcopy(block.downsamplers) if block.downsamplers is not None else None
-            self.levels.append(level)
-        self.mid = copy.deepcopy(unet.mid_block.resnets[0])
+        out_ch = channels[0]
+        for i in range(len(channels)):
+            in_ch, out_ch = out_ch, channels[i]
+            self.levels.append(DownBlock2D(
+                in_channels=in_ch, out_channels=out_ch, temb_channels=time_dim, dropout=dropout, num_layers=layers[i],
+                resnet_eps=eps, resnet_time_scale_shift=shift, resnet_act_fn=act, resnet_groups=groups,
+                add_downsample=i < len(channels) - 1, downsample_padding=unet["downsample_padding"]))
+        mid = channels[-1]
+        self.mid = ResnetBlock2D(in_channels=mid, out_channels=mid, temb_channels=time_dim, eps=eps,
+                                 groups=groups if groups is not None else min(mid // 4, 32), dropout=dropout,
+                                 time_embedding_norm=shift, non_linearity=act,
+                                 output_scale_factor=unet["mid_block_scale_factor"], pre_norm=True)
+
+    @torch.no_grad()
+    def copy_from(self, unet: nn.Module) -> None:
+        """Load the UNet's time embedding, ``conv_in`` (when the latent channels match), the resnets and
+        downsamplers of its down blocks and the first resnet of its mid block."""
+        self.time_embedding.load_state_dict(unet.time_embedding.state_dict())
+        if unet.conv_in.weight.shape == self.conv_in.weight.shape:
+            self.conv_in.load_state_dict(unet.conv_in.state_dict())
+        for level, block in zip(self.levels, unet.down_blocks, strict=True):
+            level.resnets.load_state_dict(block.resnets.state_dict())
+            if block.downsamplers is not None:
+                level.downsamplers.load_state_dict(block.downsamplers.state_dict())
+        self.mid.load_state_dict(unet.mid_block.resnets[0].state_dict())
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float | int) -> list[torch.Tensor]:
         dtype = self.conv_in.weight.dtype
@@ -232,8 +290,6 @@ def transformer_blocks(unet: nn.Module) -> list[tuple[str, int, nn.Module]]:
     ``level`` is the resolution level (0 = full latent resolution): ``down_blocks.i``
     -> ``i``, ``mid_block`` -> the last level, ``up_blocks.i`` -> ``n - 1 - i``.
     """
-    from diffusers.models.attention import BasicTransformerBlock
-
     n = len(unet.config.block_out_channels)
     out = []
     for name, module in unet.named_modules():
@@ -254,11 +310,22 @@ def transformer_blocks(unet: nn.Module) -> list[tuple[str, int, nn.Module]]:
     return out
 
 
+def block_specs(unet: nn.Module) -> list[list[Any]]:
+    """``[name, level, dim, heads, dim_head]`` of every transformer block of ``unet`` (AiA's config)."""
+    specs = []
+    for name, level, block in transformer_blocks(unet):
+        attn = block.attn1
+        heads = int(attn.heads)
+        specs.append([name, level, int(block.norm1.normalized_shape[0]), heads, int(attn.inner_dim // heads)])
+    return specs
+
+
 def _slot(name: str) -> str:
     return name.replace(".", "__")
 
 
-class AiAFusion(nn.Module):
+@register_component
+class AiAFusion(Component):
     """All trainable AiA weights for one UNet: per-block :class:`AiABlock` s plus the LR and reference encoders.
 
     ``forward(unet, x, t, context, z_lr, z_ref=None)`` runs the (frozen) UNet
@@ -268,27 +335,54 @@ class AiAFusion(nn.Module):
     reference attention). Returns the UNet output ``(B, 4, h, w)``. The UNet
     is an argument (not a sub-module) so copies and state dicts of the fusion
     never include it.
+
+    Args (the config; use :meth:`from_unet` for a new module):
+        unet_config: :func:`unet_config` of the UNet it is made for.
+        transformer_blocks: :func:`block_specs` of that UNet.
+        init_from_self_attention: the new attentions started as copies of the blocks' self-attentions.
+        latent_channels: channels of the LR / reference latents.
     """
 
-    def __init__(self, unet: nn.Module, *, init_from_self_attention: bool = True) -> None:
+    @register_to_config
+    def __init__(self, unet_config: dict[str, Any], transformer_blocks: list[list[Any]],
+                 init_from_self_attention: bool = True, latent_channels: int = 4) -> None:
         super().__init__()
-        cfg = unet.config
-        groups = int(cfg.norm_num_groups or 32)
+        groups = int(unet_config.get("norm_num_groups") or 32)
         self.levels: dict[str, int] = {}
         self.blocks = nn.ModuleDict()
-        for name, level, block in transformer_blocks(unet):
-            attn = block.attn1
-            dim = int(block.norm1.normalized_shape[0])
-            heads = int(attn.heads)
-            part = AiABlock(dim, heads, attn.inner_dim // heads, int(cfg.block_out_channels[level]), groups)
+        for name, level, dim, heads, dim_head in transformer_blocks:
+            feature_channels = int(unet_config["block_out_channels"][int(level)])
+            self.blocks[_slot(name)] = AiABlock(int(dim), int(heads), int(dim_head), feature_channels, groups)
+            self.levels[str(name)] = int(level)
+        # the encoders are copies of the UNet's or loaded weights: their initialisation draws nothing
+        # from the global RNG (the AiA blocks' initialisation depends on the seed alone)
+        with torch.random.fork_rng(devices=[]):
+            self.lr_encoder = ConditionEncoder(unet_config, latent_channels)
+            self.ref_encoder = ConditionEncoder(unet_config, latent_channels)
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, *, init_from_self_attention: bool = True) -> AiAFusion:
+        """New AiA weights for ``unet``: zero-initialised residual layers (the wrapped UNet equals the plain
+        one), encoders copied from the UNet, attentions copied from the self-attentions when asked."""
+        fusion = cls(unet_config=unet_config(unet), transformer_blocks=block_specs(unet),
+                     init_from_self_attention=init_from_self_attention)
+        with torch.no_grad():
             if init_from_self_attention:
-                part.init_from_attention(attn)
-            self.blocks[_slot(name)] = part
-            self.levels[name] = level
-        self.lr_encoder = ConditionEncoder(unet)
-        self.ref_encoder = ConditionEncoder(unet)
-        self.unet_signature = unet_signature(unet)
-        self.init_from_self_attention = init_from_self_attention
+                for name, _, block in transformer_blocks(unet):
+                    fusion.block(name).init_from_attention(block.attn1)
+            fusion.lr_encoder.copy_from(unet)
+            fusion.ref_encoder.copy_from(unet)
+        return fusion
+
+    def check_unet(self, unet: nn.Module) -> None:
+        """Raise :class:`~semsr.core.errors.UnavailableError` unless ``unet`` has the structure these weights
+        were made for."""
+        mine, theirs = json.loads(json.dumps(dict(self.config["unet_config"]))), unet_config(unet)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        names = {n for n, _, _ in transformer_blocks(unet)}
+        if diff or names != set(self.levels):
+            what = ", ".join(f"{k} {mine.get(k)} vs {theirs.get(k)}" for k in diff[:3]) or "transformer blocks"
+            raise UnavailableError(f"AiA weights were made for another UNet ({what})")
 
     def block(self, name: str) -> AiABlock:
         """The AiA parts of the UNet block ``name``."""
@@ -317,50 +411,6 @@ class AiAFusion(nn.Module):
         lr_feats = self.lr_features(z_lr, t)
         ref_feats = None if z_ref is None else self.ref_features(z_ref, t)
         return self.unet_forward(unet, x, t, context, lr_feats, ref_feats)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """JSON description stored beside the weights."""
-        return {"kind": CHECKPOINT_KIND, "version": 1, "unet": self.unet_signature,
-                "init_from_self_attention": self.init_from_self_attention,
-                "blocks": sorted(self.levels), "levels": len(self.lr_encoder.levels)}
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``folder/config.json`` + ``folder/model.safetensors``."""
-        from semsr.core.loading import save_checkpoint
-
-        return save_checkpoint(folder, self.state_dict(), self.config())
-
-    @classmethod
-    def load(cls, folder: str | Path, unet: nn.Module) -> AiAFusion:
-        """Load AiA weights saved by :meth:`save` for ``unet`` (must be the same architecture)."""
-        from semsr.core.loading import load_checkpoint
-
-        folder = Path(folder)
-        tensors, config = load_checkpoint(folder)
-        if config.get("kind") != CHECKPOINT_KIND:
-            raise UnavailableError(f"not a CoSeR AiA checkpoint (config kind {config.get('kind')!r})",
-                                   folder / "config.json")
-        if config.get("unet") != unet_signature(unet):
-            raise UnavailableError(f"AiA weights were made for another UNet ({config.get('unet')} vs "
-                                   f"{unet_signature(unet)})", folder)
-        fusion = cls(unet, init_from_self_attention=False)
-        missing, unexpected = fusion.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise UnavailableError(f"AiA weights do not match: missing {sorted(missing)[:3]}, "
-                                   f"unexpected {sorted(unexpected)[:3]}", folder)
-        fusion.init_from_self_attention = bool(config.get("init_from_self_attention", True))
-        return fusion
-
-
-def unet_signature(unet: nn.Module) -> dict[str, Any]:
-    """The UNet architecture facts AiA weights depend on (checked when loading)."""
-    cfg = unet.config
-    head_dim = cfg.attention_head_dim
-    return {"block_out_channels": list(cfg.block_out_channels), "layers_per_block": int(cfg.layers_per_block),
-            "cross_attention_dim": int(cfg.cross_attention_dim),
-            "attention_head_dim": list(head_dim) if isinstance(head_dim, (list, tuple)) else int(head_dim),
-            "down_block_types": list(cfg.down_block_types)}
 
 
 # ----------------------------------------------------------------------------- hooks

@@ -12,8 +12,12 @@ Two kinds of single-layer heads (3x3 convolutions), attached to a diffusers
   HR image in [0, 1] area-resized to each stage's size (``H/2, H/4, H/8`` for SD).
 
 ``L_DFC = sum_i mean|x_hr,i - x_hat_i| + sum_j mean|z_hr,j - z_hat_j|`` (XPSR eq. 3);
-the training loss is ``eps-MSE + 0.05 * L_DFC`` (loss term ``dfc``, registered in
-:mod:`semsr.train.losses` by importing this module). Heads are not used at inference.
+the training loss is ``eps-MSE + 0.05 * L_DFC`` (loss term ``dfc``, registered by
+:mod:`semsr.train.xpsr`). Heads are not used at inference.
+
+:class:`DFCHeads` is a component (:mod:`semsr.core.components`): its config
+records the head indices and input widths, so it is rebuilt from its folder
+alone; :meth:`DFCHeads.from_controlnet` makes new heads for a ControlNet.
 
 Features are captured with forward hooks that exist only inside
 :meth:`DFCHeads.capture`, so a ControlNet outside that block runs unchanged.
@@ -21,19 +25,15 @@ Features are captured with forward hooks that exist only inside
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.core.errors import SemsrError, UnavailableError
-from semsr.train.losses import _require, register_loss
+from semsr.core.components import Component, register_component, register_to_config
+from semsr.core.errors import SemsrError
 
-CHECKPOINT_KIND = "xpsr-dfc"
 #: XPSR's weight of the DFC term.
 DFC_WEIGHT = 0.05
 
@@ -57,24 +57,46 @@ def _stride2_stages(controlnet: nn.Module) -> list[int]:
     return [i for i, conv in enumerate(blocks) if tuple(conv.stride) == (2, 2)]
 
 
-class DFCHeads(nn.Module):
-    """The DFC heads for one ControlNet architecture (see the module docstring)."""
+@register_component
+class DFCHeads(Component):
+    """The DFC heads for one ControlNet architecture (see the module docstring).
 
-    def __init__(self, controlnet: nn.Module, latent_channels: int = 4) -> None:
+    Args:
+        latent_index: indices of the ControlNet down residuals with a latent head (the last of
+            each resolution level), ascending.
+        latent_in: input channels of each of those heads.
+        mid_in: input channels of the mid-block head.
+        pixel_index: indices of the stride-2 convolutions of the hint encoder with a pixel head.
+        pixel_in: input channels of each pixel head.
+        latent_channels: channels of the predicted latents.
+    """
+
+    @register_to_config
+    def __init__(self, latent_index: list[int], latent_in: list[int], mid_in: int, pixel_index: list[int],
+                 pixel_in: list[int], latent_channels: int = 4) -> None:
         super().__init__()
+        self.latent_index = [int(i) for i in latent_index]
+        self.pixel_index = [int(i) for i in pixel_index]
+        self.latent = nn.ModuleDict()
+        for idx, ch in zip(self.latent_index, latent_in, strict=True):
+            self.latent[f"down{idx}"] = nn.Conv2d(int(ch), latent_channels, 3, padding=1)
+        self.latent["mid"] = nn.Conv2d(int(mid_in), latent_channels, 3, padding=1)
+        self.pixel = nn.ModuleDict()
+        for i, ch in zip(self.pixel_index, pixel_in, strict=True):
+            self.pixel[f"pyr{i}"] = nn.Conv2d(int(ch), 3, 3, padding=1)
+
+    @classmethod
+    def from_controlnet(cls, controlnet: nn.Module, latent_channels: int = 4) -> DFCHeads:
+        """New (randomly initialised) heads for ``controlnet``'s architecture."""
         levels = residual_levels(controlnet)
         last = {lvl: idx for idx, lvl in enumerate(levels)}  # last residual of each level
-        self.latent_index = sorted(last.values())
-        self.latent = nn.ModuleDict()
-        for idx in self.latent_index:
-            ch = controlnet.controlnet_down_blocks[idx].in_channels
-            self.latent[f"down{idx}"] = nn.Conv2d(ch, latent_channels, 3, padding=1)
-        self.latent["mid"] = nn.Conv2d(controlnet.controlnet_mid_block.in_channels, latent_channels, 3, padding=1)
-        self.pixel_index = _stride2_stages(controlnet)
-        self.pixel = nn.ModuleDict()
-        for i in self.pixel_index:
-            ch = controlnet.controlnet_cond_embedding.blocks[i].out_channels
-            self.pixel[f"pyr{i}"] = nn.Conv2d(ch, 3, 3, padding=1)
+        latent_index = sorted(last.values())
+        pixel_index = _stride2_stages(controlnet)
+        blocks = controlnet.controlnet_cond_embedding.blocks
+        return cls(latent_index=latent_index,
+                   latent_in=[int(controlnet.controlnet_down_blocks[i].in_channels) for i in latent_index],
+                   mid_in=int(controlnet.controlnet_mid_block.in_channels), pixel_index=pixel_index,
+                   pixel_in=[int(blocks[i].out_channels) for i in pixel_index], latent_channels=latent_channels)
 
     @contextlib.contextmanager
     def capture(self, controlnet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -112,35 +134,6 @@ class DFCHeads(nn.Module):
             out[f"pixel/{key}"] = head(feats[key].to(head.weight.dtype))
         return out
 
-    def config(self) -> dict[str, Any]:
-        return {"kind": CHECKPOINT_KIND, "latent_heads": list(self.latent), "pixel_heads": list(self.pixel)}
-
-    def save(self, folder: str | Path) -> Path:
-        """``folder/config.json`` + ``folder/model.safetensors``."""
-        from safetensors.torch import save_file
-
-        from semsr.core.loading import atomic_write_bytes
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".model.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata={"format": "pt"})
-        tmp.replace(folder / "model.safetensors")
-        atomic_write_bytes(folder / "config.json", (json.dumps(self.config(), indent=2) + "\n").encode())
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path, controlnet: nn.Module) -> DFCHeads:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not (folder / "model.safetensors").is_file():
-            raise UnavailableError("not a DFC checkpoint (needs config.json + model.safetensors)", folder)
-        heads = cls(controlnet)
-        heads.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return heads
-
 
 def dfc_targets(preds: Mapping[str, torch.Tensor], hr_latent: torch.Tensor,
                 hr_image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,10 +151,3 @@ def dfc_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tens
     if not preds:
         raise SemsrError("DFC: no head predictions")
     return sum(F.l1_loss(preds[k].float(), targets[k].float()) for k in preds)  # type: ignore[return-value]
-
-
-@register_loss("dfc")
-def dfc(outputs: Mapping[str, Any]) -> torch.Tensor:
-    """Loss term ``dfc``: needs task outputs ``dfc_pred`` and ``dfc_target`` (dicts of tensors)."""
-    _require(outputs, "dfc", "dfc_pred", "dfc_target")
-    return dfc_loss(outputs["dfc_pred"], outputs["dfc_target"])

@@ -32,17 +32,15 @@ logits gain mass as ``delta`` grows), so the user's knob would not be monotone.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.components import Component, register_component, register_to_config
+from semsr.core.errors import SemsrError
 
 #: Modality names in their fixed sequence order (caption first, then the spatial ones).
 CAPTION = "caption"
@@ -50,53 +48,6 @@ SPATIAL_MODALITIES: tuple[str, ...] = ("edge", "depth", "seg")
 ALL_MODALITIES: tuple[str, ...] = (CAPTION, *SPATIAL_MODALITIES)
 #: Allowed range of a modality temperature (paper: delta in [0.4, 10]).
 TEMPERATURE_RANGE = (0.4, 10.0)
-
-
-@dataclass
-class ConnectorConfig:
-    """Architecture of the connector (saved as ``config.json``).
-
-    Attributes:
-        width: token width ``D`` (= the UNet's ``cross_attention_dim``).
-        text_width: width of the text-encoder tokens (``D_text``).
-        text_tokens: number of text tokens (77).
-        spatial: spatial modalities, in sequence order.
-        grid_tokens: tokens per spatial modality (16 x 16 = 256).
-        vq_dim: VQ codebook vector size (256).
-        num_latents: learnable latent tokens ``N`` (128).
-        heads: attention heads.
-        cross_layers / self_layers: number of cross- then self-attention blocks.
-        mlp_ratio: feed-forward expansion.
-    """
-
-    width: int = 768
-    text_width: int = 768
-    text_tokens: int = 77
-    spatial: list[str] = field(default_factory=lambda: list(SPATIAL_MODALITIES))
-    grid_tokens: int = 256
-    vq_dim: int = 256
-    num_latents: int = 128
-    heads: int = 8
-    cross_layers: int = 1
-    self_layers: int = 2
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.spatial if m not in SPATIAL_MODALITIES]
-        if unknown:
-            raise SemsrError(f"unknown spatial modalities {unknown}; known: {', '.join(SPATIAL_MODALITIES)}")
-        if self.width % self.heads:
-            raise SemsrError(f"connector width {self.width} is not divisible by {self.heads} heads")
-
-    @property
-    def modalities(self) -> list[str]:
-        """All modality slots in sequence order (caption first)."""
-        return [CAPTION, *self.spatial]
-
-    @property
-    def sequence_length(self) -> int:
-        """``M = text_tokens + grid_tokens * len(spatial)``."""
-        return self.text_tokens + self.grid_tokens * len(self.spatial)
 
 
 def parse_temperatures(text: str | Mapping[str, float] | None) -> dict[str, float]:
@@ -188,33 +139,66 @@ class _Block(nn.Module):
         return x + self.ff(self.norm_ff(x))
 
 
-class MultimodalLatentConnector(nn.Module):
-    """Compress caption + spatial-modality tokens into ``N`` latent tokens (see the module docstring)."""
+@register_component
+class MultimodalLatentConnector(Component):
+    """Compress caption + spatial-modality tokens into ``N`` latent tokens (see the module docstring).
 
-    def __init__(self, config: ConnectorConfig | None = None) -> None:
+    Args:
+        width: token width ``D`` (= the UNet's ``cross_attention_dim``).
+        text_width: width of the text-encoder tokens (``D_text``).
+        text_tokens: number of text tokens (77).
+        spatial: spatial modalities, in sequence order (subset of ``edge``, ``depth``, ``seg``).
+        grid_tokens: tokens per spatial modality (16 x 16 = 256).
+        vq_dim: VQ codebook vector size (256).
+        num_latents: learnable latent tokens ``N`` (128).
+        heads: attention heads.
+        cross_layers / self_layers: number of cross- then self-attention blocks.
+        mlp_ratio: feed-forward expansion.
+    """
+
+    @register_to_config
+    def __init__(self, width: int = 768, text_width: int = 768, text_tokens: int = 77,
+                 spatial: Sequence[str] = SPATIAL_MODALITIES, grid_tokens: int = 256, vq_dim: int = 256,
+                 num_latents: int = 128, heads: int = 8, cross_layers: int = 1, self_layers: int = 2,
+                 mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.config = cfg = config or ConnectorConfig()
-        d = cfg.width
-        self.text_proj = nn.Linear(cfg.text_width, d)
-        self.spatial_proj = nn.ModuleDict({m: nn.Linear(cfg.vq_dim, d) for m in cfg.spatial})
-        self.spatial_pos = nn.Parameter(torch.randn(cfg.grid_tokens, d) * 0.02)
-        self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in cfg.modalities})
-        self.null_tokens = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in cfg.modalities})
-        self.latents = nn.Parameter(torch.randn(cfg.num_latents, d) * 0.02)
-        self.cross_blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, True) for _ in range(cfg.cross_layers))
-        self.self_blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, False) for _ in range(cfg.self_layers))
+        unknown = [m for m in spatial if m not in SPATIAL_MODALITIES]
+        if unknown:
+            raise SemsrError(f"unknown spatial modalities {unknown}; known: {', '.join(SPATIAL_MODALITIES)}")
+        if width % heads:
+            raise SemsrError(f"connector width {width} is not divisible by {heads} heads")
+        self.spatial: list[str] = list(spatial)
+        d = int(width)
+        self.text_proj = nn.Linear(text_width, d)
+        self.spatial_proj = nn.ModuleDict({m: nn.Linear(vq_dim, d) for m in self.spatial})
+        self.spatial_pos = nn.Parameter(torch.randn(grid_tokens, d) * 0.02)
+        self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in self.modalities})
+        self.null_tokens = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in self.modalities})
+        self.latents = nn.Parameter(torch.randn(num_latents, d) * 0.02)
+        self.cross_blocks = nn.ModuleList(_Block(d, heads, mlp_ratio, True) for _ in range(cross_layers))
+        self.self_blocks = nn.ModuleList(_Block(d, heads, mlp_ratio, False) for _ in range(self_layers))
         self.norm_out = nn.LayerNorm(d)
+
+    @property
+    def modalities(self) -> list[str]:
+        """All modality slots in sequence order (caption first)."""
+        return [CAPTION, *self.spatial]
+
+    @property
+    def sequence_length(self) -> int:
+        """``M = text_tokens + grid_tokens * len(spatial)``."""
+        return int(self.config.text_tokens) + int(self.config.grid_tokens) * len(self.spatial)
 
     # ------------------------------------------------------------------ sequence
 
     def slots(self) -> dict[str, slice]:
         """Token range of each modality inside the ``M``-token sequence."""
-        cfg = self.config
-        out = {CAPTION: slice(0, cfg.text_tokens)}
-        start = cfg.text_tokens
-        for m in cfg.spatial:
-            out[m] = slice(start, start + cfg.grid_tokens)
-            start += cfg.grid_tokens
+        text_tokens, grid_tokens = int(self.config.text_tokens), int(self.config.grid_tokens)
+        out = {CAPTION: slice(0, text_tokens)}
+        start = text_tokens
+        for m in self.spatial:
+            out[m] = slice(start, start + grid_tokens)
+            start += grid_tokens
         return out
 
     def sequence(self, text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
@@ -226,18 +210,17 @@ class MultimodalLatentConnector(nn.Module):
             spatial: per spatial modality, VQ codebook vectors ``(B, 256, vq_dim)`` or None (missing).
             drop: optional per modality ``(B,)`` bool; True replaces that sample's modality by its null token.
         """
-        cfg = self.config
-        known = set(cfg.spatial)
+        known = set(self.spatial)
         extra = [m for m, v in spatial.items() if v is not None and m not in known]
         if extra:
-            raise SemsrError(f"this connector was built for modalities {cfg.modalities}; got also {extra}")
+            raise SemsrError(f"this connector was built for modalities {self.modalities}; got also {extra}")
         ref = text if text is not None else next((v for v in spatial.values() if v is not None), None)
         batch = 1 if ref is None else ref.shape[0]
         dtype = self.latents.dtype
         device = self.latents.device
         parts: list[torch.Tensor] = []
-        for m in cfg.modalities:
-            n = cfg.text_tokens if m == CAPTION else cfg.grid_tokens
+        for m in self.modalities:
+            n = int(self.config.text_tokens) if m == CAPTION else int(self.config.grid_tokens)
             value = text if m == CAPTION else spatial.get(m)
             null = self.null_tokens[m].view(1, 1, -1).expand(batch, n, -1)
             if value is None:
@@ -259,7 +242,7 @@ class MultimodalLatentConnector(nn.Module):
         temps = parse_temperatures(temperatures or {})
         if all(v == 1.0 for v in temps.values()):
             return None
-        bias = torch.zeros(1, self.config.sequence_length, device=device or self.latents.device,
+        bias = torch.zeros(1, self.sequence_length, device=device or self.latents.device,
                            dtype=dtype or self.latents.dtype)
         slots = self.slots()
         for m, delta in temps.items():
@@ -292,38 +275,6 @@ class MultimodalLatentConnector(nn.Module):
         ``weights``: ``(B, heads, N, M)`` from ``attention_out``; returns ``{modality: scalar}``.
         """
         return {m: weights[..., s].sum(-1).mean() for m, s in self.slots().items()}
-
-    # ------------------------------------------------------------------ persistence
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically)."""
-        from safetensors.torch import save_file
-
-        from semsr.core.loading import atomic_write_bytes
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".model.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(folder / "model.safetensors")
-        atomic_write_bytes(folder / "config.json", (json.dumps(asdict(self.config), indent=2) + "\n").encode())
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> MultimodalLatentConnector:
-        """Load a folder written by :meth:`save`."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise UnavailableError("not a connector folder (needs config.json + model.safetensors)", folder)
-        try:
-            cfg = ConnectorConfig(**json.loads((folder / "config.json").read_text()))
-        except (TypeError, ValueError) as err:
-            raise UnavailableError(f"bad connector config: {err}", folder / "config.json") from err
-        model = cls(cfg)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval()
 
 
 def spatial_slots_for(modalities: Sequence[str]) -> list[str]:

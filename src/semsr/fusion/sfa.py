@@ -39,33 +39,33 @@ initialisation. Features are handed over with :meth:`SFAFusion.unet_features`.
 
 How it is wired: diffusers attention *processors* (plain objects, not modules)
 are set on the ``attn2`` of each block; the new weights live in one
-:class:`SFAFusion` module (trainable, saved as ``config.json`` +
-``model.safetensors``). The ControlNet's and UNet's state dicts are untouched.
+:class:`SFAFusion` component (trainable; ``config.json`` +
+``diffusion_pytorch_model.safetensors``, see :mod:`semsr.core.components`).
+Its config records the block names and the constructor arguments of every
+attention it holds, so it is rebuilt from its folder alone;
+:meth:`SFAFusion.from_models` makes a new one from a ControlNet (and UNet).
+The ControlNet's and UNet's state dicts are untouched.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.components import Component, register_component, register_to_config
+from semsr.core.errors import SemsrError
 from semsr.fusion.layers import zero_linear
 
-#: ``config.json`` kind of an SFA checkpoint folder.
-CHECKPOINT_KIND = "xpsr-sfa"
 SFA_MODES = ("parallel", "serial", "high", "low")
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, block)`` of every diffusers ``BasicTransformerBlock`` in ``model``, in module order."""
-    from diffusers.models.attention import BasicTransformerBlock
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]
 
 
@@ -73,20 +73,46 @@ def _slot(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _copy_attention(attn: nn.Module) -> nn.Module:
-    """A trainable copy of a diffusers ``Attention`` with the default processor."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def attention_config(attn: Attention) -> dict[str, Any]:
+    """The ``Attention`` constructor arguments (JSON values) that rebuild ``attn``'s structure.
 
-    new = copy.deepcopy(attn)
-    new.set_processor(AttnProcessor2_0())
-    return new.requires_grad_(True)
+    Covers the attentions of SD's transformer blocks (projections, heads, bias,
+    dropout, upcast); any other variant is refused.
+    """
+    if (attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_cross is not None
+            or attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None
+            or attn.added_kv_proj_dim is not None or attn.out_dim != attn.query_dim):
+        raise SemsrError("SFA: unsupported attention variant (norms, residual or extra projections)")
+    return {
+        "query_dim": int(attn.query_dim),
+        "cross_attention_dim": int(attn.cross_attention_dim) if attn.is_cross_attention else None,
+        "heads": int(attn.heads),
+        "dim_head": int(attn.inner_dim // attn.heads),
+        "dropout": float(attn.dropout),
+        "bias": bool(attn.use_bias),
+        "upcast_attention": bool(attn.upcast_attention),
+        "out_bias": attn.to_out[0].bias is not None,
+    }
+
+
+def _new_attention(config: dict[str, Any]) -> Attention:
+    """A trainable ``Attention`` built from :func:`attention_config`, with the default processor.
+
+    Its weights are always overwritten (by a pretrained attention or a checkpoint), so it is
+    built without advancing the global RNG: making an SFA draws exactly what the zero layers draw.
+    """
+    with torch.random.fork_rng(devices=[]):
+        attn = Attention(**config)
+    attn.set_processor(AttnProcessor2_0())
+    return attn
 
 
 def split_context(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 2L, D)`` two-prompt context -> ``(c_h, c_l)``, each ``(B, L, D)``."""
     if context.shape[1] % 2:
         raise SemsrError(f"SFA context must be cat([c_h, c_l], 1) of two equal lengths, got {context.shape[1]} tokens")
-    return context.chunk(2, dim=1)
+    high, low = context.chunk(2, dim=1)
+    return high, low
 
 
 def two_prompt_context(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -100,8 +126,6 @@ class _SlotProcessor:
     """An attention processor bound to ``fusion``'s modules of one block (``slot``), over diffusers' own."""
 
     def __init__(self, fusion: SFAFusion, slot: str) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.fusion = fusion
         self.slot = slot
         self.base = AttnProcessor2_0()
@@ -146,34 +170,61 @@ class ConditionalAttnProcessor(_SlotProcessor):
         return out + self.fusion.cond_out[self.slot](extra)
 
 
-class SFAFusion(nn.Module):
+@register_component
+class SFAFusion(Component):
     """The new attention weights of XPSR: per ControlNet block ``low`` (copy of ``attn2``) and
     ``fuse`` (copy of ``attn1``); per UNet block ``cond`` (copy of ``attn1``) and ``cond_out`` (zero).
 
     Args:
-        controlnet: the ControlNet whose pretrained attentions initialise the copies.
-        unet: the UNet for the conditional attention (None: no conditional attention).
+        controlnet_blocks: one entry per ControlNet transformer block, in module order:
+            ``{"name": <block module name>, "low": <attention config>, "fuse": <attention config>}``
+            (:func:`attention_config`).
+        unet_blocks: one entry per UNet transformer block, ``{"name": ..., "cond": <attention config>}``;
+            empty: no conditional attention.
         mode: one of :data:`SFA_MODES` (switchable later by setting ``mode``).
+
+    :meth:`from_models` fills these from a ControlNet and UNet and copies their
+    pretrained attentions into the new ones.
     """
 
-    def __init__(self, controlnet: nn.Module, unet: nn.Module | None = None, mode: str = "parallel") -> None:
+    @register_to_config
+    def __init__(self, controlnet_blocks: list[dict[str, Any]], unet_blocks: list[dict[str, Any]] | None = None,
+                 mode: str = "parallel") -> None:
         super().__init__()
         self.mode = mode
+        if not controlnet_blocks:
+            raise SemsrError("SFA: the ControlNet has no transformer blocks")
         self.low = nn.ModuleDict()
         self.fuse = nn.ModuleDict()
         self.cond = nn.ModuleDict()
         self.cond_out = nn.ModuleDict()
-        blocks = transformer_blocks(controlnet)
-        if not blocks:
-            raise SemsrError("SFA: the ControlNet has no transformer blocks")
-        for name, block in blocks:
-            self.low[_slot(name)] = _copy_attention(block.attn2)
-            self.fuse[_slot(name)] = _copy_attention(block.attn1)
-        if unet is not None:
-            for name, block in transformer_blocks(unet):
-                self.cond[_slot(name)] = _copy_attention(block.attn1)
-                self.cond_out[_slot(name)] = zero_linear(int(block.attn1.to_q.in_features))
+        for block in controlnet_blocks:
+            self.low[_slot(block["name"])] = _new_attention(block["low"])
+            self.fuse[_slot(block["name"])] = _new_attention(block["fuse"])
+        for block in unet_blocks or ():
+            self.cond[_slot(block["name"])] = _new_attention(block["cond"])
+            self.cond_out[_slot(block["name"])] = zero_linear(int(block["cond"]["query_dim"]))
         self._unet_features: dict[int, torch.Tensor] | None = None
+
+    @classmethod
+    def from_models(cls, controlnet: nn.Module, unet: nn.Module | None = None, mode: str = "parallel") -> SFAFusion:
+        """A new SFA for ``controlnet`` (and the conditional attention for ``unet``, if given): the new
+        attentions start as copies of the pretrained ones (see the module docstring), ``cond_out`` at zero."""
+        cn_blocks = transformer_blocks(controlnet)
+        unet_blocks = transformer_blocks(unet) if unet is not None else []
+        fusion = cls(
+            controlnet_blocks=[{"name": n, "low": attention_config(b.attn2), "fuse": attention_config(b.attn1)}
+                               for n, b in cn_blocks],
+            unet_blocks=[{"name": n, "cond": attention_config(b.attn1)} for n, b in unet_blocks],
+            mode=mode)
+        pairs = [(fusion.low, n, b.attn2) for n, b in cn_blocks] + [(fusion.fuse, n, b.attn1) for n, b in cn_blocks]
+        pairs += [(fusion.cond, n, b.attn1) for n, b in unet_blocks]
+        with torch.no_grad():
+            for modules, name, pretrained in pairs:
+                weight = pretrained.to_q.weight
+                modules[_slot(name)].to(device=weight.device, dtype=weight.dtype)
+                modules[_slot(name)].load_state_dict(pretrained.state_dict())
+        return fusion
 
     @property
     def mode(self) -> str:
@@ -184,6 +235,7 @@ class SFAFusion(nn.Module):
         if value not in SFA_MODES:
             raise SemsrError(f"unknown SFA mode {value!r}; use one of {', '.join(SFA_MODES)}")
         self._mode = value
+        self.register_to_config(mode=value)  # saved with the weights
 
     # ------------------------------------------------------------------ wiring
 
@@ -215,8 +267,11 @@ class SFAFusion(nn.Module):
                                 conditioning_scale: float = 1.0) -> torch.Tensor:
         """XPSR's model call: ControlNet on ``(c_h, c_l)`` with SFA, UNet on ``c_h`` + conditional attention.
 
+        The one forward of inference and training. The ControlNet residuals are cast to ``x``'s
+        dtype (the frozen UNet's): under mixed precision a prepared trainable module returns fp32.
+
         Args:
-            x: ``(B, 4, h, w)`` noisy latent; t: scalar or ``(B,)`` timesteps.
+            x: ``(B, 4, h, w)`` noisy latent in the UNet's dtype; t: scalar or ``(B,)`` timesteps.
             high, low: ``(B, L, D)`` high- and low-level contexts.
             hint: ``(B, 3, f*h, f*w)`` in [0, 1].
         Returns:
@@ -224,47 +279,8 @@ class SFAFusion(nn.Module):
         """
         down, mid = controlnet(x, t, encoder_hidden_states=two_prompt_context(high, low), controlnet_cond=hint,
                                conditioning_scale=conditioning_scale, return_dict=False)
+        down = [d.to(x.dtype) for d in down]
+        mid = mid.to(x.dtype)
         with self.unet_features(down, mid):
             return unet(x, t, encoder_hidden_states=high, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid, return_dict=False)[0]
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": CHECKPOINT_KIND, "mode": self.mode, "conditional_attention": bool(len(self.cond)),
-                "controlnet_blocks": list(self.low), "unet_blocks": list(self.cond)}
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically per file)."""
-        from safetensors.torch import save_file
-
-        from semsr.core.loading import atomic_write_bytes
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / "model.safetensors")
-        atomic_write_bytes(folder / "config.json", (json.dumps(self.config(), indent=2) + "\n").encode())
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path, controlnet: nn.Module, unet: nn.Module | None = None,
-             mode: str | None = None) -> SFAFusion:
-        """Build the structure from ``controlnet``/``unet`` and load ``folder``'s weights."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        cfg_path = folder / "config.json"
-        if not cfg_path.is_file() or not (folder / "model.safetensors").is_file():
-            raise UnavailableError("not an SFA checkpoint (needs config.json + model.safetensors)", folder)
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("kind") != CHECKPOINT_KIND:
-            raise UnavailableError(f"config kind is {cfg.get('kind')!r}, expected {CHECKPOINT_KIND!r}", cfg_path)
-        fusion = cls(controlnet, unet if cfg.get("conditional_attention") else None, mode or cfg.get("mode", "parallel"))
-        missing, unexpected = fusion.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        if missing or unexpected:
-            raise UnavailableError(f"SFA weights do not match the model ({len(missing)} missing, "
-                                   f"{len(unexpected)} unexpected tensors)", folder)
-        return fusion

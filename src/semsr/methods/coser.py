@@ -1,4 +1,4 @@
-"""CoSeR (cognitive super-resolution) on Stable Diffusion, and the ``coser`` method.
+"""``coser``: CoSeR (cognitive super-resolution) on Stable Diffusion — options, pipeline, registration.
 
 Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
@@ -23,6 +23,15 @@ With ``s_r == s_c == s`` this is CoSeR's two-branch CFG ``eps(neg, 0) + s *
 with ``s_r == s_c == 1`` only ``eps(ctx, ref)`` is run. Without reference
 (``no_reference``) it is plain CFG ``eps(neg) + s_c * [eps(ctx) - eps(neg)]``.
 Reference generation uses plain CFG with ``reference_gen_guidance`` (7).
+The combination is :func:`semsr.pipeline.guidance.weighted` around the
+per-window model call (:func:`guidance_branches` gives the weights and the
+branch conditions), one batched forward per step and latent tile.
+
+**References** come from ``reference`` (an image file), else from the
+reference cache (:mod:`semsr.methods.coser_references`, per input image,
+model files and generation options), else they are generated. Every call
+returns the reference it used in ``SROutput.side_images["reference"]``
+(``save_reference`` asks the front ends to write it) and in its priors.
 
 **Ablations**: ``no_reference`` (no reference is generated or used; AiA keeps
 only the LR attention), ``no_cognition`` (the cognitive encoder is not run;
@@ -31,31 +40,33 @@ negative prompt's; a generated reference is then text-to-image from the prompt).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from semsr.core.components import INDEX_FILE, load_checkpoint, load_component, read_index
+from semsr.core.dtypes import apply_threads, resolve_dtype
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.fusion.aia import AiAFusion, install_aia
-from semsr.methods import MethodSpec, register
-from semsr.models.cognitive import CognitiveEncoder, load_cognitive_encoder, text_token_targets
-from semsr.ops.imresize import imresize
-from semsr.pipeline.colorfix import COLOUR_FIXES
-from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
-from semsr.pipeline.latent_tiling import Window, crop_window
+from semsr.core.fingerprint import fingerprint
 from semsr.core.loading import load_sd
-from semsr.pipeline.precision import check_dtype, prepare_module
+from semsr.core.method import MethodSpec, ProgressFn
+from semsr.core.options import option
+from semsr.core.outputs import SROutput, compact
+from semsr.fusion.aia import AiAFusion, install_aia
+from semsr.methods import register
+from semsr.methods.coser_references import ReferenceCache, read_reference
+from semsr.models.cognitive import RECIPE, CognitiveEncoder, load_cognitive_encoder, text_token_targets
+from semsr.ops.imresize import imresize
+from semsr.pipeline.guidance import Denoiser, weighted
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
+from semsr.pipeline.latent_tiling import SpatialDenoiser, Window, crop_window
+from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
-from semsr.pipeline.sd_controlnet import require_build_paths, sd_cli_options, sd_run_options
 from semsr.pipeline.text import load_text_conditioner
-from semsr.priors.report import PriorReporter, first
 
 #: Negative prompt of CoSeR's inference script.
 COSER_NEGATIVE = ("worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, banner, "
@@ -68,12 +79,53 @@ DEFAULT_REFERENCE_GEN_GUIDANCE = 7.0
 DEFAULT_REFERENCE_SIZE = 512
 
 
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass(kw_only=True, frozen=True)
+class CoSeROptions(LatentSROptions):
+    """Options of ``coser``."""
+
+    checkpoint: Path | None = option(None, stage="build", metavar="DIR",
+                                     help="CoSeR checkpoint folder (cognitive/ + aia/, as semsr train writes it)")
+    clip: Path | None = option(None, stage="build", metavar="DIR", help="local CLIP vision model folder")
+    negative_prompt: str = option(COSER_NEGATIVE, help="negative prompt")
+    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    guidance_scale: float = option(DEFAULT_GUIDANCE, min=0.0, max=100.0, metavar="S",
+                                   help="cognitive (classifier-free) guidance scale")
+    reference: Path | None = option(None, widget="image", metavar="IMAGE",
+                                    help="use this reference image instead of generating one")
+    save_reference: bool = option(False, help="write the reference used beside the output (<output stem>_reference.png)")
+    reference_guidance: float | None = option(None, min=0.0, max=100.0, metavar="S",
+                                              help="reference guidance scale (default: --guidance-scale)")
+    reference_gen_guidance: float = option(DEFAULT_REFERENCE_GEN_GUIDANCE, min=0.0, max=100.0, metavar="S",
+                                           help="guidance scale of the reference generation")
+    reference_steps: int | None = option(None, min=1, max=1000, metavar="N",
+                                         help="sampling steps of the reference generation (default: --steps)")
+    reference_size: int = option(DEFAULT_REFERENCE_SIZE, min=1, max=1 << 16, units="output px", metavar="PX",
+                                 help="long side of the generated reference (at most the output size)")
+    no_reference: bool = option(False, help="ablation: no reference image (AiA keeps only the LR attention)")
+    no_cognition: bool = option(False, help="ablation: no cognitive embedding (the prompt's text embedding instead)")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def load_part(path: str | Path, name: str, cls: type) -> Any:
+    """Component ``name`` of the CoSeR checkpoint folder ``path``, or ``path`` itself when it is a component
+    folder (``config.json`` + weights, e.g. ``<checkpoint>/aia``) of class ``cls``; in eval mode."""
+    path = Path(path).expanduser()
+    if (path / INDEX_FILE).is_file():
+        return load_checkpoint(path, RECIPE, names=[name])[0][name]
+    return load_component(cls, path)
+
+
 # ----------------------------------------------------------------------------- guidance
 
 
 @dataclass
 class Branch:
-    """One model evaluation of the guidance combination.
+    """One model evaluation of the guidance combination (a branch condition of :func:`weighted`).
 
     Attributes:
         context: ``(B, L, D)`` cross-attention context.
@@ -104,16 +156,6 @@ def guidance_branches(positive: torch.Tensor, negative: torch.Tensor, reference:
     return [(w, b) for w, b in terms if w != 0.0]
 
 
-def combine(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """``sum(w * out)`` in float32."""
-    total = None
-    for w, out in zip(weights, outputs, strict=True):
-        term = out.float() * w
-        total = term if total is None else total + term
-    assert total is not None
-    return total
-
-
 def quantise(image: torch.Tensor) -> torch.Tensor:
     """Round ``image`` in [0, 1] to 8-bit levels (so a reference read back from a PNG is identical)."""
     return (image.float().clamp(0, 1) * 255).round() / 255
@@ -123,21 +165,29 @@ def quantise(image: torch.Tensor) -> torch.Tensor:
 
 
 class CoSeRSR(LatentSRPipeline):
-    """The CoSeR pipeline (see the module docstring).
+    """The ``coser`` method: the CoSeR pipeline (see the module docstring).
 
     Attributes:
         vae, unet, text: the frozen SD components (the UNet carries the AiA hooks).
-        cognitive: :class:`~semsr.models.cognitive.CognitiveEncoder`.
+        cognitive: :class:`~semsr.models.cognitive.CognitiveEncoder` (CLIP tower attached).
         fusion: :class:`~semsr.fusion.aia.AiAFusion` (AiA blocks + LR/reference encoders).
-        last_reference: the reference image ``(B, 3, H, W)`` used by the last call, or None.
-        last_timings: seconds of the last call: ``reference``, ``encode``, ``denoise``, ``decode``.
+        scale: SR factor of a call (a build option).
+        references: the cache of generated references, or None (generate on every call).
+        model_id: identity of the model files in the reference cache keys.
     """
+
+    name = "coser"
+    tiles_itself = True
+    options_class: type[CoSeROptions] = CoSeROptions
 
     def __init__(self, *, vae: Any, unet: Any, text: Any, cognitive: CognitiveEncoder, fusion: AiAFusion,
                  scheduler_config: dict[str, Any], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32", channels_last: bool = False, compile: bool = False) -> None:
+                 dtype: str | torch.dtype = "fp32", channels_last: bool = False, compile: bool | str | None = False,
+                 scale: int = 4, references: ReferenceCache | None = None, model_id: str = "") -> None:
+        self.scale = int(scale)
         self.device = torch.device(device)
-        self.dtype = check_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        fusion.check_unet(unet)
         prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
         self.vae = prepare_module(vae, **prep)
         self.unet = install_aia(prepare_module(unet, **prep, compile=compile))
@@ -147,32 +197,37 @@ class CoSeRSR(LatentSRPipeline):
         self.scheduler_config = dict(scheduler_config)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.references = references
+        self.model_id = model_id
         width = int(self.unet.config.cross_attention_dim)
         if int(self.text.width) != width:
             raise SemsrError(f"text encoder width {self.text.width} != UNet cross-attention width {width}")
         if self.cognitive.text_width != width:
             raise SemsrError(f"cognitive embedding width {self.cognitive.text_width} != UNet cross-attention "
                              f"width {width}")
-        self.last_reference: torch.Tensor | None = None
-        self.last_timings: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(cls, base: str | Path, checkpoint: str | Path, clip: str | Path, *,
                         base_config: str | Path | None = None, **kwargs: Any) -> CoSeRSR:
-        """Load from local paths: ``base`` SD folder/file, ``checkpoint`` CoSeR folder
-        (``cognitive/`` + ``aia/``), ``clip`` CLIP vision folder. ``kwargs``: device, dtype,
-        channels_last, compile."""
+        """Load from local paths: ``base`` SD folder/file, ``checkpoint`` CoSeR checkpoint folder
+        (``cognitive`` + ``aia`` components), ``clip`` CLIP vision folder. ``kwargs``: device, dtype,
+        channels_last, compile, scale, references, model_id."""
         device = torch.device(kwargs.get("device", "cpu"))
-        dtype = check_dtype(kwargs.get("dtype", "fp32"), device)
+        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
         checkpoint = Path(checkpoint).expanduser()
-        aia_dir = checkpoint / "aia"
-        if not (aia_dir / "config.json").is_file():
-            raise UnavailableError("not a CoSeR checkpoint folder (needs aia/ and cognitive/ with config.json + "
-                                   "model.safetensors)", aia_dir / "config.json")
+        try:
+            index = read_index(checkpoint, RECIPE)
+        except UnavailableError as err:
+            raise UnavailableError(f"not a CoSeR checkpoint folder ({err.message}; semsr train writes one in "
+                                   "final/)", checkpoint) from None
+        missing = [n for n in ("cognitive", "aia") if n not in index.components]
+        if missing:
+            raise UnavailableError(f"the CoSeR checkpoint has no {missing[0]!r} component (a stage-1 export has "
+                                   "only 'cognitive': train coser-sr on it)", checkpoint)
         comps = load_sd(base, dtype=dtype, config=base_config)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
-        cognitive = load_cognitive_encoder(checkpoint / "cognitive", clip)
-        fusion = AiAFusion.load(aia_dir, comps.unet)
+        cognitive = load_cognitive_encoder(checkpoint, clip)
+        fusion = load_checkpoint(checkpoint, RECIPE, names=["aia"])[0]["aia"]
         return cls(vae=comps.vae, unet=comps.unet, text=text, cognitive=cognitive, fusion=fusion,
                    scheduler_config=comps.scheduler_config, **{**kwargs, "device": device, "dtype": dtype})
 
@@ -201,40 +256,67 @@ class CoSeRSR(LatentSRPipeline):
 
     def generate_reference(self, lr: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                            size: tuple[int, int], *, steps: int, guidance_scale: float, seed: int = 0,
-                           scheduler: str = "ddpm", progress: Any = False) -> torch.Tensor:
+                           scheduler: str = "ddpm", progress: ProgressFn | bool | None = False) -> torch.Tensor:
         """The reference image ``(B, 3, *size)`` in [0, 1] (8-bit levels): the plain SD UNet on
-        ``positive`` (CFG against ``negative``), started from the LR latent at ``size`` noised to t=T."""
+        ``positive`` (CFG against ``negative``, :func:`~semsr.pipeline.guidance.weighted`), started
+        from the LR latent at ``size`` noised to t=T."""
         init = self.vae_encode(make_hint(lr, size))
-        branches = [(w, b) for w, b in ((1.0 - guidance_scale, negative), (guidance_scale, positive)) if w != 0.0]
+        branches = [(w, c) for w, c in ((1.0 - guidance_scale, negative), (guidance_scale, positive)) if w != 0.0]
 
-        def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-            k = len(branches)
-            ctx = torch.cat([c for _, c in branches], dim=0)
+        def plain(x: torch.Tensor, t: torch.Tensor, cond: list[torch.Tensor]) -> torch.Tensor:
             with torch.no_grad():
-                out = self.unet(x.repeat(k, 1, 1, 1).to(self.dtype), t, encoder_hidden_states=ctx,
-                                return_dict=False)[0]
-            return combine(list(out.chunk(k)), [w for w, _ in branches])
+                return self.unet(x.to(self.dtype), t, encoder_hidden_states=torch.cat(cond, dim=0),
+                                 return_dict=False)[0]
 
         callback, close = progress_fn(progress, "reference")
         try:
-            z = sample(denoise, make_scheduler(scheduler, self.scheduler_config), shape=tuple(init.shape), cond=None,
-                       steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init,
+            z = sample(weighted(plain, [w for w, _ in branches]), make_scheduler(scheduler, self.scheduler_config),
+                       shape=tuple(init.shape), cond=[c for _, c in branches], steps=int(steps),
+                       generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init,
                        device=self.device, progress=callback)
         finally:
             close()
         return quantise(self.vae_decode(z).cpu())
 
-    def reference_for(self, lr: torch.Tensor, *, prompt: str | list[str] = "", negative_prompt: str | list[str] | None
-                      = COSER_NEGATIVE, scale: int = 4, steps: int = DEFAULT_STEPS,
-                      guidance_scale: float = DEFAULT_REFERENCE_GEN_GUIDANCE, size: int = DEFAULT_REFERENCE_SIZE,
-                      use_cognition: bool = True, seed: int = 0, scheduler: str = "ddpm",
-                      progress: Any = False) -> torch.Tensor:
+    def reference_for(self, lr: torch.Tensor, prompts: list[str], negatives: list[str], *,
+                      steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_REFERENCE_GEN_GUIDANCE,
+                      size: int = DEFAULT_REFERENCE_SIZE, use_cognition: bool = True, seed: int = 0,
+                      scheduler: str = "ddpm", progress: ProgressFn | bool | None = False) -> torch.Tensor:
         """Generate the reference for ``lr (B, 3, h, w)`` -> ``(B, 3, H, W)`` (long side ``<= size``)."""
-        prompts, negatives = _prompt_lists(prompt, negative_prompt, lr.shape[0])
         pos, neg = self.contexts(lr, prompts, negatives, use_cognition)
-        ref_hw = self.reference_size(lr.shape[-2] * scale, lr.shape[-1] * scale, size)
+        ref_hw = self.reference_size(lr.shape[-2] * self.scale, lr.shape[-1] * self.scale, size)
         return self.generate_reference(lr, pos, neg, ref_hw, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                        scheduler=scheduler, progress=progress)
+
+    def generated_references(self, lr: torch.Tensor, options: CoSeROptions, prompts: list[str],
+                             negatives: list[str], progress: ProgressFn | bool | None = False
+                             ) -> tuple[torch.Tensor, str]:
+        """``(references (B, 3, H, W), source)``: from :attr:`references` (source ``"cache"``) or generated
+        with the ``reference_*`` options (source ``"generated"``; stored in the cache when there is one)."""
+
+        def generate(rows: list[int]) -> torch.Tensor:
+            return self.reference_for(
+                lr[rows], [prompts[i] for i in rows], [negatives[i] for i in rows],
+                steps=int(options.reference_steps or options.steps), guidance_scale=options.reference_gen_guidance,
+                size=options.reference_size, use_cognition=not options.no_cognition, seed=options.seed,
+                scheduler=options.scheduler, progress=progress)
+
+        if self.references is None:
+            return generate(list(range(lr.shape[0]))), "generated"
+        settings = {"model": self.model_id, "scale": self.scale, "dtype": str(self.dtype), "device": str(self.device),
+                    **{k: getattr(options, k) for k in ("steps", "reference_steps", "reference_gen_guidance",
+                                                         "reference_size", "seed", "scheduler", "no_cognition")}}
+        keys = [self.references.key(img, {**settings, "prompt": p, "negative_prompt": n})
+                for img, p, n in zip(lr, prompts, negatives, strict=True)]
+        refs: list[torch.Tensor | None] = [self.references.get(k) for k in keys]
+        missing = [i for i, r in enumerate(refs) if r is None]
+        if missing:
+            for i, img in zip(missing, generate(missing), strict=True):
+                self.references.put(keys[i], img)
+                refs[i] = img
+        if len({tuple(r.shape) for r in refs if r is not None}) != 1:
+            raise SemsrError("cached references of one batch differ in size; run the images one by one")
+        return torch.stack(refs), "generated" if missing else "cache"  # type: ignore[arg-type]
 
     def reference_latent(self, reference: torch.Tensor, batch: int,
                          max_side: int = DEFAULT_REFERENCE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +334,10 @@ class CoSeRSR(LatentSRPipeline):
         z_zero = self.vae_encode(torch.full((1, 3, *size), 0.5)).expand(batch, -1, -1, -1)
         return z_ref, z_zero
 
-    def spatial_denoiser(self, z_lr: torch.Tensor) -> Callable:
-        """The per-step AiA model call over a latent window; ``cond`` is the guidance branch list.
+    def spatial_denoiser(self, z_lr: torch.Tensor, weights: list[float]) -> SpatialDenoiser:
+        """The guided per-step AiA model call over a latent window: ``cond`` is the list of
+        :class:`Branch` es, combined with ``weights`` by :func:`~semsr.pipeline.guidance.weighted`
+        (one batched forward; the branches are combined per window, before tile blending).
 
         LR features are computed once per window and shared by the branches;
         reference features once per step per reference (references are global,
@@ -269,281 +353,117 @@ class CoSeRSR(LatentSRPipeline):
                 ref_cache[key] = self.fusion.ref_features(ref.to(self.dtype), t)
             return ref_cache[key]
 
-        def spatial(x: torch.Tensor, t: torch.Tensor, cond: list[tuple[float, Branch]], window: Window) -> torch.Tensor:
-            k = len(cond)
-            with torch.no_grad():
-                lr_feats = self.fusion.lr_features(crop_window(z_lr, window).to(self.dtype), t)
-                refs = [b.reference for _, b in cond]
-                if all(r is None for r in refs):
-                    ref_all = None
-                else:
-                    per_branch = [ref_feats(r, t) for r in refs]
-                    ref_all = [torch.cat(level, dim=0) for level in zip(*per_branch, strict=True)]
-                ctx = torch.cat([b.context for _, b in cond], dim=0)
-                out = self.fusion.unet_forward(self.unet, x.repeat(k, 1, 1, 1).to(self.dtype), t, ctx,
-                                               [f.repeat(k, 1, 1, 1) for f in lr_feats], ref_all)
-            return combine(list(out.chunk(k)), [w for w, _ in cond])
+        def branches(window: Window) -> Denoiser:
+            def forward(x: torch.Tensor, t: torch.Tensor, cond: list[Branch]) -> torch.Tensor:
+                k = len(cond)
+                with torch.no_grad():
+                    lr_feats = self.fusion.lr_features(crop_window(z_lr, window).to(self.dtype), t)
+                    refs = [b.reference for b in cond]
+                    if all(r is None for r in refs):
+                        ref_all = None
+                    else:
+                        per_branch = [ref_feats(r, t) for r in refs]
+                        ref_all = [torch.cat(level, dim=0) for level in zip(*per_branch, strict=True)]
+                    ctx = torch.cat([b.context for b in cond], dim=0)
+                    return self.fusion.unet_forward(self.unet, x.to(self.dtype), t, ctx,
+                                                    [f.repeat(k, 1, 1, 1) for f in lr_feats], ref_all)
+
+            return forward
+
+        def spatial(x: torch.Tensor, t: torch.Tensor, cond: list[Branch], window: Window) -> torch.Tensor:
+            return weighted(branches(window), weights)(x, t, cond)
 
         return spatial
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, *, scale: int = 4, prompt: str | list[str] = "",
-                 negative_prompt: str | list[str] | None = COSER_NEGATIVE, steps: int = DEFAULT_STEPS,
-                 guidance_scale: float = DEFAULT_GUIDANCE, reference_guidance: float | None = None,
-                 reference: torch.Tensor | None = None, use_reference: bool = True, use_cognition: bool = True,
-                 reference_steps: int | None = None, reference_gen_guidance: float = DEFAULT_REFERENCE_GEN_GUIDANCE,
-                 reference_size: int = DEFAULT_REFERENCE_SIZE, seed: int = 0, scheduler: str = "ddpm",
-                 colour_fix_method: str = "adain", latent_tile: int | None = None, tile_overlap: int | None = None,
-                 start_from_lr: bool = True, strength: float = 1.0, progress: Any = False) -> torch.Tensor:
+    def __call__(self, lr: torch.Tensor, options: CoSeROptions | None = None, *, prompts: list[str] | None = None,
+                 negative_prompts: list[str] | None = None,
+                 progress: ProgressFn | bool | None = False) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         Args:
-            prompt / negative_prompt: one string or one per image (``None`` negative = the empty prompt).
-            guidance_scale, reference_guidance: ``s_c`` and ``s_r`` of the guidance formula.
-            reference: ``(1 or B, 3, H, W)`` reference image in [0, 1]; None generates one
-                (``reference_steps``, ``reference_gen_guidance``, long side ``reference_size``).
-            use_reference / use_cognition: the ablation switches.
-            Others as :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR`.
+            options: the run options (``None``: :class:`CoSeROptions` defaults).
+            prompts / negative_prompts: one per image, overriding ``options.prompt`` /
+                ``options.negative_prompt`` (e.g. validation captions).
+            progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
+        Returns:
+            ``images``; ``priors`` of the first image: ``prompt``, ``negative_prompt``, ``cognition``
+            (the cognitive embedding was used), ``reference_source`` (``generated``, ``cache``,
+            ``file`` or ``none``), ``reference_path`` (a file reference) and ``reference``
+            ``(1, 3, H, W)``; ``side_images["reference"]`` ``(B, 3, H, W)`` when a reference was used;
+            ``timings`` (``reference``, ``encode``, ``denoise``, ``decode`` seconds and ``steps``).
         """
-        layout = self.layout(lr, scale, latent_tile)
-        bsz, (out_h, out_w) = layout.batch, layout.out_hw
+        opts = options if options is not None else self.options_class()
+        layout = self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
+        bsz = layout.batch
+        prompts = list(prompts) if prompts is not None else [opts.prompt] * bsz
+        negatives = list(negative_prompts) if negative_prompts is not None else [opts.negative_prompt] * bsz
+        if len(prompts) != bsz or len(negatives) != bsz:
+            raise SemsrError(f"{len(prompts)} prompts / {len(negatives)} negative prompts for {bsz} images")
+        use_cognition = not opts.no_cognition
         timings: dict[str, float] = {}
-        prompts, negatives = _prompt_lists(prompt, negative_prompt, bsz)
 
         t0 = time.perf_counter()
+        reference, source = None, "none"
+        if not opts.no_reference:
+            if opts.reference is not None:
+                reference, source = read_reference(opts.reference), "file"
+            else:
+                reference, source = self.generated_references(lr, opts, prompts, negatives, progress)
         pos, neg = self.contexts(lr, prompts, negatives, use_cognition)
         z_ref = z_zero = None
-        self.last_reference = None
-        if use_reference:
-            if reference is None:
-                ref_hw = self.reference_size(out_h, out_w, reference_size)
-                reference = self.generate_reference(
-                    lr, pos, neg, ref_hw, steps=int(reference_steps or steps), guidance_scale=reference_gen_guidance,
-                    seed=seed, scheduler=scheduler, progress=progress)
-            self.last_reference = reference.expand(bsz, -1, -1, -1).float().cpu()
-            z_ref, z_zero = self.reference_latent(reference, bsz, max(reference_size, 1))
+        if reference is not None:
+            z_ref, z_zero = self.reference_latent(reference, bsz, max(opts.reference_size, 1))
         timings["reference"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         z_lr = self.vae_encode(layout.hint_padded, layout.vae_tile)
         timings["encode"] = time.perf_counter() - t0
-        branches = guidance_branches(pos, neg, z_ref, z_zero, guidance_scale, reference_guidance)
+        branches = guidance_branches(pos, neg, z_ref, z_zero, opts.guidance_scale, opts.reference_guidance)
         image = self.denoise_decode(
-            self.spatial_denoiser(z_lr), layout, channels=self.unet.config.in_channels, cond=branches, steps=steps,
-            seed=seed, scheduler=scheduler, init_latents=z_lr if start_from_lr else None, strength=strength,
-            tile_overlap=tile_overlap, colour_fix_method=colour_fix_method, progress=progress, timings=timings)
-        self.last_timings = timings
-        return image
+            self.spatial_denoiser(z_lr, [w for w, _ in branches]), layout, channels=self.unet.config.in_channels,
+            cond=[b for _, b in branches], steps=opts.steps, seed=opts.seed, scheduler=opts.scheduler,
+            init_latents=z_lr if opts.start_from_lr else None, strength=opts.strength,
+            tile_overlap=opts.tile_overlap, colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+        timings["steps"] = float(opts.steps)
 
+        used = None if reference is None else reference.expand(bsz, -1, -1, -1).float().cpu()
+        priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0], "cognition": use_cognition,
+                          "reference_source": source,
+                          "reference_path": str(opts.reference) if source == "file" else None,
+                          "reference": None if used is None else used[:1]})
+        side = {} if used is None else {"reference": used}
+        return SROutput(image, priors=priors, timings=timings, side_images=side)
 
-def _prompt_lists(prompt: str | list[str], negative: str | list[str] | None, batch: int) -> tuple[list[str], list[str]]:
-    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-    negative = "" if negative is None else negative
-    negatives = [negative] * batch if isinstance(negative, str) else list(negative)
-    if len(prompts) != batch or len(negatives) != batch:
-        raise SemsrError(f"{len(prompts)} prompts / {len(negatives)} negative prompts for {batch} images")
-    return prompts, negatives
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
+        """CoSeR's cognitive prior is an embedding, not text: the default negative prompt, to edit."""
+        return compact({"negative_prompt": self.options_class().negative_prompt})
 
 
 # ----------------------------------------------------------------------------- method
 
-_RUN_DEFAULTS: dict[str, Any] = {
-    "prompt": "", "negative_prompt": COSER_NEGATIVE, "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
-    "reference_guidance": None, "reference": None, "save_reference": False, "no_reference": False,
-    "no_cognition": False, "reference_steps": None, "reference_gen_guidance": DEFAULT_REFERENCE_GEN_GUIDANCE,
-    "reference_size": DEFAULT_REFERENCE_SIZE, "seed": 0, "scheduler": "ddpm", "colour_fix": "adain", "tile": 0,
-    "latent_tile": None, "tile_overlap": None, "start_from_lr": True, "strength": 1.0, "progress": False,
-}
 
-
-def read_reference(path: str | Path) -> torch.Tensor:
-    """A reference image file -> ``(1, 3, H, W)`` float in [0, 1] (alpha dropped, grey -> RGB)."""
-    from semsr.core.io import read_image
-
-    pic = read_image(path)
-    top = float(np.iinfo(pic.rgb.dtype).max)
-    return torch.from_numpy(np.ascontiguousarray(pic.rgb)).permute(2, 0, 1)[None].float() / top
-
-
-def files_fingerprint(paths: list[str | Path | None]) -> str:
-    """A cheap identity of model files: names, sizes and modification times of the weights/configs."""
-    parts = []
-    for p in paths:
-        if p is None:
-            continue
-        p = Path(p).expanduser().resolve()
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
-                                                and f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth",
-                                                                 ".json", ".txt"))
-        for f in files:
-            st = f.stat()
-            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-class ReferenceCache:
-    """Generated references on disk (``<cache>/coser-references/<key>.png``), keyed per input image."""
-
-    def __init__(self, folder: Path | None = None) -> None:
-        if folder is None:
-            from semsr.core.paths import cache_dir
-
-            folder = cache_dir() / "coser-references"
-        self.folder = Path(folder)
-
-    @staticmethod
-    def key(image: torch.Tensor, settings: dict[str, Any]) -> str:
-        """Key of one input ``(3, h, w)`` under ``settings`` (model identity and generation options)."""
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-        data = image.detach().float().cpu().contiguous()
-        digest.update(str(tuple(data.shape)).encode())
-        digest.update(data.numpy().tobytes())
-        return digest.hexdigest()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        path = self.folder / f"{key}.png"
-        if not path.is_file():
-            return None
-        try:
-            return read_reference(path)[0]
-        except SemsrError:
-            return None  # unreadable entry: regenerate
-
-    def put(self, key: str, image: torch.Tensor) -> None:
-        from semsr.eval.atomic import write_png
-
-        arr = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        write_png(self.folder / f"{key}.png", arr)
-
-
-class CoSeRMethod(PriorReporter):
-    """``coser`` as a registry :class:`~semsr.methods.Method` (tiles in latent space).
-
-    Run options (``None`` = default): prompt (""), negative_prompt (CoSeR's),
-    steps (50), guidance_scale (3, cognitive), reference_guidance (=
-    guidance_scale), reference (image path), save_reference, no_reference,
-    no_cognition, reference_steps (= steps), reference_gen_guidance (7),
-    reference_size (512), seed, scheduler, colour_fix, tile, latent_tile,
-    tile_overlap, start_from_lr, strength, progress.
-
-    Generated references are cached per input content (and model files and
-    generation options). After each call ``side_outputs`` holds
-    ``{"reference": (B, 3, H, W)}`` when ``save_reference`` was set (the CLI
-    writes it beside the output); ``last_reference_source`` says where the
-    reference came from: ``generated``, ``cache``, ``file`` or ``none``;
-    ``last_priors`` the first image's prompts, whether the cognitive embedding
-    was used, and the reference (image, source, file).
-    """
-
-    name = "coser"
-    tiles_itself = True
-
-    def __init__(self, pipeline: CoSeRSR, scale: int = 4, fingerprint: str = "", cache: ReferenceCache | None = None) -> None:
-        self.pipeline = pipeline
-        self.scale = int(scale)
-        self.device = pipeline.device
-        self.fingerprint = fingerprint
-        self.cache = cache
-        self.side_outputs: dict[str, torch.Tensor] = {}
-        self.last_reference_source = "none"
-
-    def _cached_references(self, x: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
-        cache = self.cache or ReferenceCache()
-        settings = {"model": self.fingerprint, "scale": self.scale, "dtype": str(self.pipeline.dtype),
-                    "device": str(self.pipeline.device),
-                    **{k: opts[k] for k in ("prompt", "negative_prompt", "steps", "reference_steps",
-                                            "reference_gen_guidance", "reference_size", "seed", "scheduler",
-                                            "no_cognition")}}
-        keys = [cache.key(img, settings) for img in x]
-        refs: list[torch.Tensor | None] = [cache.get(k) for k in keys]
-        missing = [i for i, r in enumerate(refs) if r is None]
-        self.last_reference_source = "generated" if missing else "cache"
-        if missing:
-            prompt = opts["prompt"] if isinstance(opts["prompt"], str) else [opts["prompt"][i] for i in missing]
-            neg = opts["negative_prompt"]
-            neg = neg if neg is None or isinstance(neg, str) else [neg[i] for i in missing]
-            made = self.pipeline.reference_for(
-                x[missing], prompt=prompt, negative_prompt=neg, scale=self.scale,
-                steps=int(opts["reference_steps"] or opts["steps"]), guidance_scale=opts["reference_gen_guidance"],
-                size=opts["reference_size"], use_cognition=not opts["no_cognition"], seed=opts["seed"],
-                scheduler=opts["scheduler"], progress=opts["progress"])
-            for i, img in zip(missing, made, strict=True):
-                cache.put(keys[i], img)
-                refs[i] = img
-        shapes = {tuple(r.shape) for r in refs}
-        if len(shapes) != 1:
-            raise SemsrError("cached references of one batch differ in size; run the images one by one")
-        return torch.stack(refs)  # type: ignore[arg-type]
-
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = sd_run_options(_RUN_DEFAULTS, run_opts, scale=self.scale, factor=self.pipeline.factor)
-        use_reference = not opts["no_reference"]
-        reference = None
-        self.side_outputs = {}
-        self.last_reference_source = "none"
-        if use_reference and opts["reference"]:
-            reference = read_reference(opts["reference"])
-            self.last_reference_source = "file"
-        elif use_reference:
-            reference = self._cached_references(x, opts)
-        out = self.pipeline(
-            x, scale=self.scale, prompt=opts["prompt"], negative_prompt=opts["negative_prompt"], steps=opts["steps"],
-            guidance_scale=opts["guidance_scale"], reference_guidance=opts["reference_guidance"], reference=reference,
-            use_reference=use_reference, use_cognition=not opts["no_cognition"],
-            reference_steps=opts["reference_steps"], reference_gen_guidance=opts["reference_gen_guidance"],
-            reference_size=opts["reference_size"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
-            start_from_lr=opts["start_from_lr"], strength=opts["strength"], progress=opts["progress"])
-        if opts["save_reference"] and self.pipeline.last_reference is not None:
-            self.side_outputs = {"reference": self.pipeline.last_reference}
-        ref = self.pipeline.last_reference
-        self.report_priors(prompt=first(opts["prompt"]), negative_prompt=first(opts["negative_prompt"]),
-                           cognition=not opts["no_cognition"], reference_source=self.last_reference_source,
-                           reference_path=str(opts["reference"]) if self.last_reference_source == "file" else None,
-                           reference=None if ref is None else ref[:1])
-        return out
-
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
-        """CoSeR's cognitive prior is an embedding, not text: the default negative prompt, to edit."""
-        return {"negative_prompt": _RUN_DEFAULTS["negative_prompt"]}
-
-
-def build(base: str | None = None, checkpoint: str | None = None, clip: str | None = None, *, device: str = "cpu",
-          dtype: str | torch.dtype | None = None, scale: int = 4, base_config: str | None = None,
-          channels_last: bool = False, compile: bool = False, threads: int | None = None) -> CoSeRMethod:
+def build(options: CoSeROptions) -> CoSeRSR:
     """Factory of ``coser``: ``base`` SD, ``checkpoint`` CoSeR folder, ``clip`` CLIP vision folder."""
-    require_build_paths("coser", (base, "--base", "a Stable Diffusion folder or single file"),
-                        (checkpoint, "--checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
-                        (clip, "--clip", "a local CLIP vision model folder"), threads=threads)
-    pipe = CoSeRSR.from_pretrained(base, checkpoint, clip, base_config=base_config, device=device,
-                                   dtype=dtype or "fp32", channels_last=channels_last, compile=compile)
-    return CoSeRMethod(pipe, scale=scale, fingerprint=files_fingerprint([base, base_config, checkpoint, clip]))
+    require_paths("coser", options, ("base", "a Stable Diffusion folder or single file"),
+                  ("checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
+                  ("clip", "a local CLIP vision model folder"))
+    apply_threads(options.threads)
+    return CoSeRSR.from_pretrained(
+        options.base, options.checkpoint, options.clip, base_config=options.base_config, device=options.device,
+        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
+        scale=options.scale, references=ReferenceCache(),
+        model_id=fingerprint([options.base, options.base_config, options.checkpoint, options.clip]))
 
 
 register(MethodSpec(
     name="coser",
     factory=build,
+    options=CoSeROptions,
     scale=4,
     summary="CoSeR: cognitive embedding + generated reference + All-in-Attention "
             "(--base SD, --checkpoint CoSeR folder, --clip CLIP vision folder)",
-    extra={"cli_options": sd_cli_options() + [
-        {"flags": ["--reference"], "target": "run", "metavar": "IMAGE",
-         "help": "coser: use this reference image instead of generating one"},
-        {"flags": ["--save-reference"], "target": "run", "action": "store_true",
-         "help": "coser: write the reference used beside the output (<output stem>_reference.png)"},
-        {"flags": ["--reference-guidance"], "target": "run", "type": float, "metavar": "S",
-         "help": "coser: reference guidance scale (default: --guidance-scale, 3)"},
-        {"flags": ["--reference-gen-guidance"], "target": "run", "type": float, "metavar": "S",
-         "help": f"coser: guidance scale of the reference generation (default {DEFAULT_REFERENCE_GEN_GUIDANCE:g})"},
-        {"flags": ["--reference-steps"], "target": "run", "type": int, "metavar": "N",
-         "help": "coser: sampling steps of the reference generation (default: --steps)"},
-        {"flags": ["--reference-size"], "target": "run", "type": int, "metavar": "PX",
-         "help": f"coser: long side of the generated reference (default {DEFAULT_REFERENCE_SIZE}, "
-                 "at most the output size)"},
-        {"flags": ["--no-reference"], "target": "run", "action": "store_true",
-         "help": "coser ablation: no reference image (AiA keeps only the LR attention)"},
-        {"flags": ["--no-cognition"], "target": "run", "action": "store_true",
-         "help": "coser ablation: no cognitive embedding (the prompt's text embedding instead)"},
-    ], "colour_fixes": list(COLOUR_FIXES)},
+    diffusion=True,
+    weight_paths=("base", "checkpoint", "clip"),
 ))

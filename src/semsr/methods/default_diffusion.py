@@ -1,30 +1,51 @@
-"""The ``default-diffusion`` method: the project's own residual diffusion refiner (:mod:`semsr.models.default_sr`).
+"""``default-diffusion``: the project's own residual diffusion refiner (network: :mod:`semsr.models.default_sr`).
 
-Weights: ``--checkpoint DIR`` (a folder written by ``semsr train --config
-configs/default.yaml``, e.g. ``run/final``) or the packaged
-``semsr/assets/weights/default-sr`` once it is shipped. Options: ``--steps``,
-``--seed``, ``--scheduler``, ``--prompt``, ``--tile`` (input pixels per tile, like the other diffusion methods)
-and the ablation switches ``--no-text-prior``, ``--no-edge-prior``.
+Weights: ``--checkpoint DIR`` (a ``default-sr`` checkpoint written by ``semsr
+train --config configs/default.yaml``, e.g. ``run/final``) or the packaged
+``semsr/assets/weights/default-sr``. The text condition is the prompt joined
+with IRPAD's degradation description (:mod:`semsr.priors.irpad`; none when the
+IRPAD weights are absent), the ControlNet hint the Canny edges of the stage-1
+output. Ablation switches: ``--no-text-prior``, ``--no-edge-prior``.
+
+Tiles: ``--tile`` is in input pixels like every method's, converted to the
+working space (``u``-times pixel-unshuffled output) by
+:func:`semsr.pipeline.options.latent_tile` (the one rule of the latent
+recipes, with the unshuffle factor as the "VAE factor"); ``--latent-tile``
+gives the working-space side directly. Default: :data:`DEFAULT_TILE`.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from semsr.core.errors import UnavailableError
-from semsr.methods import MethodSpec, register
-from semsr.models.catalog import DEFAULT_SR
+from semsr.core.components import INDEX_FILE
+from semsr.core.dtypes import apply_threads
+from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.method import MethodSpec, ProgressFn
+from semsr.core.options import MethodOptions, option
+from semsr.core.outputs import SROutput, compact
 from semsr.core.paths import assets_dir
-from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter
+from semsr.methods import build as build_method
+from semsr.methods import register
+from semsr.models.catalog import DEFAULT_SR
+from semsr.models.default_sr import MINILM_WIDTH, DefaultSR, from_space, load_default_sr, to_space
+from semsr.pipeline.guidance import cfg
+from semsr.pipeline.latent_sr import progress_fn
+from semsr.pipeline.latent_tiling import crop_window, tiled, untiled
+from semsr.pipeline.options import latent_tile
+from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler, sample
+from semsr.pipeline.text import MiniLMTextEncoder, PromptEncoder
+from semsr.priors.edges import canny_edges
+from semsr.priors.irpad import IRPADEstimator, describe
 
 NAME = "default-diffusion"
-_RUN_DEFAULTS: dict[str, Any] = {  # "steps": None = the checkpoint's ``default_steps``
-    "prompt": "", "steps": None, "seed": 0, "scheduler": "ddim", "guidance_scale": 1.0,
-    "no_text_prior": False, "no_edge_prior": False, "tile": None, "tile_overlap": None, "progress": None,
-    PRIORS_IN_PROMPT: False,
-}
+#: Working-space tile side when ``--tile`` / ``--latent-tile`` are not given (``u`` output px per unit).
+DEFAULT_TILE = 256
 
 
 def packaged_weights() -> Path:
@@ -32,87 +53,267 @@ def packaged_weights() -> Path:
     return assets_dir() / "weights" / "default-sr"
 
 
-class DefaultDiffusionMethod(PriorReporter):
-    """:class:`~semsr.models.default_sr.DefaultSRPipeline` as a semsr method (tiles in its working space).
+@dataclass(kw_only=True, frozen=True)
+class DefaultDiffusionOptions(MethodOptions):
+    """Options of ``default-diffusion``."""
 
-    The text condition is the prompt joined with IRPAD's degradation description
-    (none when the IRPAD weights are absent); with ``priors_in_prompt`` the
-    prompt is used as given (it already holds an edited :meth:`suggest_priors`
-    description). ``last_priors``: the first image's text, prompt and description.
+    checkpoint: Path | None = option(
+        None, stage="build", metavar="DIR", help="default-model checkpoint folder (default: the packaged weights)")
+    irpad: Path | None = option(
+        None, stage="build", metavar="DIR", help="IRPAD weights folder for the degradation text (default: shipped)")
+    stage1: str | None = option(
+        None, stage="build", metavar="METHOD", help="stage-1 restorer (default: the checkpoint's)")
+    prompt: str = option("", help="positive prompt (joined with IRPAD's degradation description)")
+    steps: int | None = option(
+        None, min=0, max=1000, metavar="N",
+        help="sampling steps (0 = the stage-1 output; default: the checkpoint's default_steps)")
+    seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
+    scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
+    guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+    no_text_prior: bool = option(False, help="ablation: empty text condition (no prompt, no IRPAD)")
+    no_edge_prior: bool = option(False, help="ablation: no edge map (zero ControlNet hint)")
+    priors_in_prompt: bool = option(
+        False, hidden=True, help="the prompt already holds the (edited) degradation description")
+    latent_tile: int | None = option(
+        None, min=0, max=1 << 16, units="working-space px", metavar="N",
+        help=f"working-space tile side, overrides --tile (default: {DEFAULT_TILE})")
+    tile_overlap: int | None = option(
+        None, min=0, max=1 << 16, units="working-space px", metavar="N", help="overlap of tiles (default: tile/4)")
+
+
+# ---------------------------------------------------------------------- priors
+class TextTokens:
+    """Frozen MiniLM tokens ``list[str] -> (B, 77, 384)`` with a per-prompt cache."""
+
+    def __init__(self) -> None:
+        enc = MiniLMTextEncoder.build(MINILM_WIDTH)
+        self.bert, self.tokenizer, self.max_length = enc.bert, enc.tokenizer, enc.max_length
+        self._cached = PromptEncoder(self._encode)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt")
+        return self.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.float()
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        return self._cached(list(prompts))
+
+
+class DegradationText:
+    """IRPAD's degradation description of LR images, or ``""`` per image when no IRPAD weights exist.
+
+    Args:
+        weights: IRPAD folder; ``None`` = the shipped weights (may be absent).
+        enabled: False always returns empty descriptions.
     """
 
+    def __init__(self, weights: str | Path | None = None, enabled: bool = True) -> None:
+        self.estimator: Any = None
+        self.reason = "disabled"
+        if not enabled:
+            return
+        try:
+            self.estimator = IRPADEstimator(weights=weights, max_crops=4)
+            self.reason = ""
+        except UnavailableError as err:
+            self.reason = str(err)
+
+    @property
+    def available(self) -> bool:
+        return self.estimator is not None
+
+    @torch.no_grad()
+    def __call__(self, lr: torch.Tensor) -> list[str]:
+        """``lr (B, 3, h, w)`` in [0, 1] -> one description per image."""
+        if self.estimator is None:
+            return [""] * lr.shape[0]
+        c = self.estimator.config.crop
+        if min(lr.shape[-2:]) < c:  # IRPAD's windows need at least one full crop
+            lr = F.interpolate(lr, size=(max(c, lr.shape[-2]), max(c, lr.shape[-1])), mode="bicubic",
+                               align_corners=False).clamp(0, 1)
+        levels = self.estimator.predict_batch(lr)
+        return [describe({t: int(v[i]) for t, v in levels.items()}, self.estimator.table, omit_none=True)
+                for i in range(lr.shape[0])]
+
+
+def edge_map(image: torch.Tensor) -> torch.Tensor:
+    """Canny edges (:func:`semsr.priors.edges.canny_edges`) per image: ``(B, 3, H, W) -> (B, 1, H, W)`` in {0, 1}."""
+    return torch.cat([canny_edges(img[None].float().clamp(0, 1).cpu())[0] for img in image]).to(image.device)
+
+
+def join_prompt(user: str, degradation: str) -> str:
+    """The text condition: user prompt and degradation description, comma-joined."""
+    return ", ".join(p.strip() for p in (user, degradation) if p and p.strip())
+
+
+# ---------------------------------------------------------------------- the method
+class DefaultSRPipeline:
+    """Inference around a :class:`DefaultSR` (the ``default-diffusion`` method): stage 1, priors,
+    few-step sampling in the unshuffled working space, tiling.
+
+    Args:
+        model: the trained (or fresh) :class:`DefaultSR`; it is frozen here.
+        stage1: a registered method (``(B, 3, h, w) -> SROutput (B, 3, sh, sw)``); default
+            ``model.config.stage1`` built on ``device``.
+        text: frozen MiniLM tokens (shared with training); built when None.
+        degradation: IRPAD descriptions; built from ``irpad`` when None.
+        irpad: IRPAD weights folder (None: the shipped ones; absent: no degradation text).
+        device: torch device of the model.
+    """
+
+    name = NAME
     tiles_itself = True
+    options_class = DefaultDiffusionOptions
 
-    def __init__(self, pipeline: Any, name: str = NAME) -> None:
-        self.pipeline = pipeline
-        self.name = name
-        self.scale = pipeline.config.scale
+    def __init__(self, model: DefaultSR, *, stage1: Any = None, text: TextTokens | None = None,
+                 degradation: DegradationText | None = None, irpad: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.config = model.config
+        self.scale = int(self.config.scale)
+        self.stage1 = stage1 if stage1 is not None else build_method(self.config.stage1, {"device": str(self.device)})
+        self.text = text if text is not None else TextTokens()
+        self.degradation = degradation if degradation is not None else DegradationText(irpad)
 
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = dict(_RUN_DEFAULTS)
-        opts.update({k: v for k, v in run_opts.items() if k in _RUN_DEFAULTS and v is not None})
-        u = self.pipeline.config.unshuffle
-        tile = max(1, int(opts["tile"]) * self.scale // u) if opts["tile"] else 256  # --tile is in input pixels
-        overlap = opts["tile_overlap"]
-        texts, users, degradation = self.text_conditions(x, opts)
-        out = self.pipeline(
-            x, prompt=texts, steps=int(self.pipeline.config.default_steps if opts["steps"] is None else opts["steps"]),
-            seed=int(opts["seed"]),
-            scheduler=opts["scheduler"], guidance_scale=float(opts["guidance_scale"]),
-            use_text=not opts["no_text_prior"], use_irpad=False, use_edges=not opts["no_edge_prior"], tile=tile,
-            tile_overlap=overlap, progress=opts["progress"] if callable(opts["progress"]) else None)
-        self.report_priors(prompt=texts[0], user_prompt=(users[0] or None) if degradation[0] else None,
-                           degradation=degradation[0] or None, edge_prior=not opts["no_edge_prior"])
-        return out
+    def __call__(self, x: torch.Tensor, options: DefaultDiffusionOptions | None = None, *,
+                 prompts: list[str] | None = None, progress: ProgressFn | bool | None = False) -> SROutput:
+        """Super-resolve ``x (B, 3, h, w)`` in [0, 1] -> ``images (B, 3, s h, s w)`` in [0, 1].
 
-    def text_conditions(self, x: torch.Tensor, opts: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
-        """``(texts, user prompts, degradation descriptions)`` per image of ``x (B, 3, h, w)``."""
-        from semsr.models.default_sr import join_prompt
-
-        prompt, b = opts["prompt"] or "", x.shape[0]
-        users = [prompt] * b if isinstance(prompt, str) else list(prompt)
-        use_text = not opts["no_text_prior"]
-        with_irpad = use_text and not opts[PRIORS_IN_PROMPT]
-        degradation = self.pipeline.degradation(x.float().clamp(0, 1)) if with_irpad else [""] * b
+        Args:
+            options: the run options (``None``: the defaults).
+            prompts: one user prompt per image, overriding ``options.prompt`` (validation captions).
+            progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
+        Returns:
+            ``priors`` of the first image: ``prompt`` (the text condition), ``user_prompt`` and
+            ``degradation`` (when IRPAD added a description), ``edge_prior``; ``timings``
+            (``stage1``, ``priors``, ``denoise`` seconds and ``steps``).
+        """
+        opts = options if options is not None else self.options_class()
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        users = list(prompts) if prompts is not None else [opts.prompt] * b
+        if len(users) != b:
+            raise SemsrError(f"{len(users)} prompts for {b} images")
+        lr = x.float().clamp(0, 1)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        use_text = not opts.no_text_prior
+        with_irpad = use_text and not opts.priors_in_prompt
+        degradation = self.degradation(lr) if with_irpad else [""] * b
         texts = [join_prompt(u, d) if use_text else "" for u, d in zip(users, degradation, strict=True)]
-        return texts, users, degradation
+        timings["priors"] = time.perf_counter() - t0
+        steps = int(self.config.default_steps if opts.steps is None else opts.steps)
+        tile = latent_tile(opts, self.scale, self.config.unshuffle)
+        images = self.refine(lr, texts, steps=steps, seed=opts.seed, scheduler=opts.scheduler,
+                             guidance_scale=opts.guidance_scale, use_edges=not opts.no_edge_prior,
+                             tile=DEFAULT_TILE if tile is None else tile, tile_overlap=opts.tile_overlap,
+                             progress=progress, timings=timings)
+        timings["steps"] = float(steps)
+        priors = compact({"prompt": texts[0], "user_prompt": (users[0] or None) if degradation[0] else None,
+                          "degradation": degradation[0] or None, "edge_prior": not opts.no_edge_prior})
+        return SROutput(images, priors=priors, timings=timings)
 
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
-        """IRPAD's degradation description as the prompt ("" when the IRPAD weights are absent)."""
-        degradation = self.pipeline.degradation(x)[0]
-        return {"prompt": degradation, "degradation": degradation or None}
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
+        """IRPAD's degradation description of ``x (1, 3, H, W)`` as the prompt (``""`` without IRPAD weights)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            degradation = self.degradation(x[:1].float().clamp(0, 1))[0]
+        return compact({"prompt": degradation, "degradation": degradation or None})
+
+    @torch.no_grad()
+    def conditions(self, y1: torch.Tensor, texts: list[str], *, use_edges: bool = True) -> dict[str, torch.Tensor]:
+        """Condition dict of :meth:`DefaultSR.forward` for the stage-1 output ``y1 (B, 3, H, W)`` and the
+        text conditions ``texts`` (one per image): ``stage1``, ``tokens (B, 77, 384)``, ``edges (B, 1, H, W)``."""
+        u = self.config.unshuffle
+        edges = edge_map(y1) if use_edges else torch.zeros_like(y1[:, :1])
+        return {"stage1": to_space(y1 * 2 - 1, u).to(self.device), "tokens": self.text(texts).to(self.device),
+                "edges": edges.to(self.device)}
+
+    @torch.no_grad()
+    def refine(self, lr: torch.Tensor, texts: list[str], *, steps: int, seed: int, scheduler: str = "ddim",
+               guidance_scale: float = 1.0, use_edges: bool = True, edge_scale: float = 1.0,
+               tile: int | None = DEFAULT_TILE, tile_overlap: int | None = None, progress: Any = False,
+               timings: dict[str, float] | None = None) -> torch.Tensor:
+        """Stage 1 and the diffusion refinement of ``lr (B, 3, h, w)`` in [0, 1] with the text conditions
+        ``texts``: ``(B, 3, s h, s w)`` in [0, 1] on the CPU.
+
+        ``tile`` is the side of a working-space tile (``tile * u`` output pixels; None or 0:
+        untiled), ``tile_overlap`` their overlap (None: tile / 4). ``steps == 0`` returns the
+        stage-1 output (the ablation floor).
+        """
+        timings = {} if timings is None else timings
+        cfg_ = self.config
+        b, _, h, w = lr.shape
+        t0 = time.perf_counter()
+        y1 = self.stage1(lr).images.float().clamp(0, 1).to(self.device)
+        timings["stage1"] = time.perf_counter() - t0
+        if steps == 0:
+            return y1.cpu()
+        # pad the stage-1 output (not the LR) to the model's multiple, so the crop is exactly stage1(lr)
+        multiple = self.model.multiple
+        ph, pw = (-y1.shape[-2]) % multiple, (-y1.shape[-1]) % multiple
+        if ph or pw:
+            y1 = F.pad(y1, (0, pw, 0, ph), mode="replicate")
+        cond = self.conditions(y1, texts, use_edges=use_edges)
+        uncond = None
+        if guidance_scale != 1.0:
+            uncond = {**cond, "tokens": self.text([""] * b).to(self.device)}
+        u = cfg_.unshuffle
+
+        def spatial(x: torch.Tensor, t: torch.Tensor, c: dict[str, torch.Tensor], window: tuple[int, int, int, int]):
+            local = {"stage1": crop_window(c["stage1"], window), "tokens": c["tokens"],
+                     "edges": crop_window(c["edges"], window, u)}
+            return self.model(x, t, local, edge_scale=edge_scale)
+
+        shape = (b, self.model.channels, y1.shape[-2] // u, y1.shape[-1] // u)
+        side = multiple // u
+        if tile and max(shape[-2:]) > tile:
+            tile = max(side, int(tile) // side * side)
+            overlap = tile_overlap if tile_overlap is not None else tile // 4
+            denoiser = tiled(spatial, tile, overlap)
+        else:
+            denoiser = untiled(spatial)
+        callback, close = progress_fn(progress)
+        t0 = time.perf_counter()
+        try:
+            residual = sample(cfg(denoiser, uncond, guidance_scale), make_scheduler(scheduler, cfg_.scheduler),
+                              shape=shape, cond=cond, steps=int(steps),
+                              generator=torch.Generator().manual_seed(int(seed)), device=self.device,
+                              progress=callback)
+        finally:
+            close()
+        timings["denoise"] = time.perf_counter() - t0
+        sr = (y1 + from_space(residual, u) / cfg_.residual_scale).clamp_(0, 1)
+        return sr[..., : h * cfg_.scale, : w * cfg_.scale].cpu()
 
 
-def build(checkpoint: str | Path | None = None, *, device: str = "cpu", irpad: str | None = None,
-          stage1: str | None = None, threads: int | None = None, **_ignored: Any) -> DefaultDiffusionMethod:
-    """Factory: ``checkpoint`` folder (default: the packaged weights), optional IRPAD folder and stage-1 override."""
-    from semsr.methods import get_method
-    from semsr.models.default_sr import DefaultSR, DefaultSRPipeline
-
-    folder = Path(checkpoint).expanduser() if checkpoint else packaged_weights()
-    if not (folder / "config.json").is_file():
+def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
+    """Factory of ``default-diffusion``: the ``checkpoint`` (default: the packaged weights), the IRPAD
+    folder and a stage-1 override; built on ``device``."""
+    folder = Path(options.checkpoint).expanduser() if options.checkpoint else packaged_weights()
+    if not (folder / INDEX_FILE).is_file():
         raise UnavailableError("no default-model weights here (train them: semsr train --config "
                                "configs/default.yaml, then pass --checkpoint RUN/final)", folder)
-    if threads:
-        torch.set_num_threads(int(threads))
-    model = DefaultSR.load(folder)
-    s1 = get_method(stage1 or model.config.stage1, device=device)
-    return DefaultDiffusionMethod(DefaultSRPipeline(model, stage1=s1, irpad=irpad, device=device))
+    apply_threads(options.threads)
+    model = load_default_sr(folder)
+    stage1 = build_method(options.stage1 or model.config.stage1, {"device": options.device})
+    return DefaultSRPipeline(model, stage1=stage1, irpad=options.irpad, device=options.device)
 
 
 register(MethodSpec(
     name=NAME,
     factory=build,
+    options=DefaultDiffusionOptions,
     scale=4,
     summary="the project's compact residual diffusion refiner over realesrgan-x4plus "
             "(MiniLM text + IRPAD prompt, Canny edges via ControlNet; --checkpoint RUN/final)",
-    extra={"cli_options": [
-        {"flags": ["--no-text-prior"], "target": "run", "action": "store_true",
-         "help": "default-diffusion: ablation, empty text condition (no prompt, no IRPAD)"},
-        {"flags": ["--no-edge-prior"], "target": "run", "action": "store_true",
-         "help": "default-diffusion: ablation, no edge map (zero ControlNet hint)"},
-        {"flags": ["--stage1"], "target": "build", "metavar": "METHOD",
-         "help": "default-diffusion: stage-1 restorer (default: the checkpoint's)"},
-    ], "suggests_priors": True, "diffusion": True, "model_info": DEFAULT_SR,
-       "bundled_paths": ("checkpoint",)},  # --checkpoint is optional: the packaged weights
+    info=DEFAULT_SR,
+    suggests_priors=True,
+    diffusion=True,
+    weight_paths=("checkpoint", "irpad"),
+    bundled_paths=("checkpoint", "irpad"),  # both optional: the packaged weights
 ))

@@ -3,58 +3,125 @@
     semsr upscale -i lr32.png -o out --method rfa --base SD --controlnet CN --checkpoint RFA --db DB \\
         [--text-decoder GPT2DIR] [--num-references 4] [--save-reference]
 
-Stage 1: the LR image is embedded (the database's embedder), mapped by the
-Reference-Finding Aligner to the HR embedding space, and the top-K (4) HR
-references are retrieved from the database (:mod:`semsr.priors.retrieval`).
-The I2T Embedding Enhancer fuses LR and reference tokens into an enhanced
-image embedding and a prefix from which the text decoder writes a prompt
-(used when the user gives none). Stage 2: SD + ControlNet (LR hint) with the
-text as the cross-attention context and the enhanced image embedding as the
-AdaIN control (:mod:`semsr.fusion.adain`).
+Stage 1 (:class:`ReferenceRetriever`): the LR image is embedded (the
+database's embedder), mapped by the Reference-Finding Aligner to the HR
+embedding space, and the top-K (4) HR references are retrieved from the
+database (:mod:`semsr.priors.retrieval`). The I2T Embedding Enhancer fuses LR
+and reference tokens into an enhanced image embedding and a prefix from which
+the text decoder writes a prompt (used when the user gives none). Stage 2
+(:class:`RFASR`, an :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR`):
+SD + ControlNet (LR hint) with the text as the cross-attention context and the
+enhanced image embedding as the AdaIN control (:mod:`semsr.fusion.adain`),
+set for the duration of each call only.
 
-Checkpoint folder (``--checkpoint``): ``aligner/``, ``enhancer/`` (each
-``config.json`` + ``model.safetensors``), ``adain/`` (``config.json`` with
-``control_dim`` + ``model.safetensors``) and optionally ``text-decoder/`` (a
-transformers causal LM + tokenizer; ``--text-decoder`` overrides). The three
-trained parts are the ``final/`` exports of ``semsr train`` with the tasks
-``rfa-aligner``, ``rfa-enhancer`` (:mod:`semsr.train.rfa`) and ``rfa-sr``
-(:mod:`semsr.train.rfa_sr`, whose ``final/controlnet`` is ``--controlnet``).
-With ``--save-reference`` the retrieved references are written beside the
-output (``<stem>_reference1.png`` ...).
+Checkpoint folder (``--checkpoint``): an RFA checkpoint
+(:func:`semsr.models.rfa.save_rfa_checkpoint`): the components ``aligner``
+(optional), ``enhancer`` and ``adain`` and optionally a text decoder folder (a
+transformers causal LM + tokenizer) named in the index meta; ``--text-decoder``
+overrides it. ``semsr train`` makes the parts: tasks ``rfa-aligner`` and
+``rfa-enhancer`` (:mod:`semsr.train.rfa`) export ``final/aligner`` and
+``final/enhancer``; ``rfa-sr`` (:mod:`semsr.train.rfa_sr`) exports
+``final/controlnet`` (``--controlnet``) and ``final/rfa``, the checkpoint with
+its adapters and the stage-1 parts it was given. Every call returns the
+retrieved references of the first image as ``side_images`` ``reference1``...
+(written beside the output with ``--save-reference``) and in ``priors``.
 """
 from __future__ import annotations
 
-import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from semsr.core.components import load_checkpoint
+from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.methods import MethodSpec, register
-from semsr.pipeline.sd_controlnet import sd_cli_options
-from semsr.priors.report import PriorReporter, first
+from semsr.core.method import MethodSpec, ProgressFn
+from semsr.core.options import option
+from semsr.core.outputs import SROutput, compact
+from semsr.fusion.adain import AdaINAdapters, attach_adain
+from semsr.methods import register
+from semsr.models.rfa import (RFA_RECIPE, EmbeddingEnhancer, ReferenceFindingAligner, check_embedder, encode,
+                              generate_text, load_text_decoder, text_decoder_dir)
+from semsr.pipeline.options import ControlNetSROptions, require_paths
+from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
+from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
+from semsr.priors.retrieval.index import Hit, ReferenceDB, load_rgb
 
 DEFAULT_SCALE = 16
 DEFAULT_REFERENCES = 4
-_RUN_KEYS = {"num_references": DEFAULT_REFERENCES, "save_reference": False, "prompt": ""}
 
 
-class RFAStage1:
-    """Retrieval + enhancement: LR ``(B, 3, h, w)`` -> references, enhanced embedding, text."""
+@dataclass(kw_only=True, frozen=True)
+class RFAOptions(ControlNetSROptions):
+    """Options of ``rfa``: the RFA parts (build), the references (run) and ``sd-controlnet``'s sampling."""
 
-    def __init__(self, embedder: Any, db: Any, aligner: Any, enhancer: Any, lm: Any = None,
-                 tokenizer: Any = None) -> None:
+    scale: int = option(DEFAULT_SCALE, stage="build", min=1, max=64, help="SR factor of the model", metavar="S")
+    checkpoint: Path | None = option(
+        None, stage="build", metavar="DIR", help="RFA checkpoint folder (aligner, enhancer, AdaIN adapters)")
+    clip: Path | None = option(
+        None, stage="build", metavar="DIR", help="CLIP vision folder embedding the queries (default: the database's "
+                                                 "embedder)")
+    db: Path | None = option(None, stage="build", metavar="DB", help="reference database folder (`semsr index build`)")
+    text_decoder: Path | None = option(
+        None, stage="build", metavar="DIR",
+        help="causal LM folder for the I2T text (default: the checkpoint's text decoder, if it has one)")
+    negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
+    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    guidance_scale: float = option(
+        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+    num_references: int = option(
+        DEFAULT_REFERENCES, min=0, max=1024, metavar="K", help="references retrieved per image")
+    save_reference: bool = option(
+        False, help="write the reference(s) used beside the output (<output stem>_reference*.png)")
+
+
+@dataclass
+class Retrieval:
+    """Stage-1 result for a batch of ``B`` LR images.
+
+    Attributes:
+        embedding: ``(B, D)`` unit enhanced image embeddings (the AdaIN control).
+        text: decoded prompt per image (``""`` without a text decoder).
+        hits: retrieved database entries per image, best first.
+        references: the reference images per image, ``(1, 3, H, W)`` each in [0, 1].
+    """
+
+    embedding: torch.Tensor
+    text: list[str]
+    hits: list[list[Hit]]
+    references: list[list[torch.Tensor]]
+
+    def priors(self) -> dict[str, Any]:
+        """Display priors of the first image: ``reference_paths`` and cosine ``reference_scores``."""
+        hits = self.hits[0] if self.hits else []
+        return {"reference_paths": tuple(str(h.entry.path) for h in hits),
+                "reference_scores": tuple(round(float(h.score), 4) for h in hits)}
+
+    def images(self) -> dict[str, torch.Tensor]:
+        """The first image's references as ``{"reference1": (1, 3, H, W), ...}``."""
+        first = self.references[0] if self.references else []
+        return {f"reference{i}": img for i, img in enumerate(first, start=1)}
+
+
+class ReferenceRetriever:
+    """Stage 1: LR ``(B, 3, h, w)`` -> references, enhanced embedding, text (see the module docstring).
+
+    Runs on the CPU in float32 (embedder, aligner, enhancer, text decoder).
+    """
+
+    def __init__(self, embedder: Embedder, db: ReferenceDB | None, aligner: ReferenceFindingAligner | None,
+                 enhancer: EmbeddingEnhancer, lm: Any = None, tokenizer: Any = None) -> None:
         self.embedder, self.db, self.aligner, self.enhancer = embedder, db, aligner, enhancer
         self.lm, self.tokenizer = lm, tokenizer
 
     @torch.no_grad()
-    def __call__(self, lr: torch.Tensor, k: int = DEFAULT_REFERENCES) -> dict[str, Any]:
-        """Returns ``{"embedding": (B, D), "text": [str]*B, "hits": [[Hit]]*B, "references": [[(1,3,H,W)]]*B}``."""
-        from semsr.models.rfa import encode, generate_text
-        from semsr.priors.retrieval.index import load_rgb
-
+    def __call__(self, lr: torch.Tensor, k: int = DEFAULT_REFERENCES) -> Retrieval:
+        """Retrieve up to ``k`` references per image (at most the enhancer's ``num_refs``; the fewest any
+        image of the batch has) and run the enhancer and the text decoder."""
         vec, tok = encode(self.embedder, lr.float())
         query = F.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
         k = min(int(k), self.enhancer.config.num_refs)
@@ -69,151 +136,96 @@ class RFAStage1:
             ref_tokens.append(torch.stack(toks) if toks else tok.new_zeros(0, *tok.shape[1:]))
         image_embed, prefix = self.enhancer(tok, torch.stack(ref_tokens))
         text = generate_text(self.lm, self.tokenizer, prefix) if self.lm is not None else [""] * len(lr)
-        return {"embedding": F.normalize(image_embed, dim=-1), "text": text, "hits": hits, "references": refs_img}
+        return Retrieval(F.normalize(image_embed, dim=-1), text, hits, refs_img)
 
 
-class RFAMethod(PriorReporter):
-    """``rfa`` as a registry :class:`~semsr.methods.Method`.
+class RFASR(SDControlNetSR):
+    """The ``rfa`` method: :class:`ReferenceRetriever` + SD/ControlNet with AdaIN adapters on the UNet.
 
-    Run options: num_references (4), save_reference, prompt (default: the
-    decoded text) and every ``sd-controlnet`` run option. After a call
-    ``side_outputs`` holds the references when ``save_reference`` was set and
-    ``last_stage1`` the retrieved paths/scores and the text; ``last_priors``
-    the first image's prompt (and its source), reference paths, scores and images.
+    Attributes:
+        retriever: stage 1.
+        adapters: the :class:`~semsr.fusion.adain.AdaINAdapters` attached to ``unet`` (off outside a call).
     """
 
     name = "rfa"
-    tiles_itself = True
+    options_class: type[RFAOptions] = RFAOptions
 
-    def __init__(self, inner: Any, stage1: RFAStage1, adapters: Any, scale: int = DEFAULT_SCALE) -> None:
-        self.inner = inner  # SDControlNetMethod
-        self.stage1 = stage1
-        self.adapters = adapters
-        self.scale = int(scale)
-        self.inner.scale = self.scale
-        self.device = inner.device
-        self.side_outputs: dict[str, torch.Tensor] = {}
-        self.last_stage1: list[dict[str, Any]] = []
+    def __init__(self, *, retriever: ReferenceRetriever, adain: AdaINAdapters, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.retriever = retriever
+        self.adapters = attach_adain(self.unet, adain).to(self.device, self.dtype).eval().requires_grad_(False)
 
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = {**_RUN_KEYS, **{k: v for k, v in run_opts.items() if k in _RUN_KEYS and v is not None}}
-        s1 = self.stage1(x, opts["num_references"])
-        prompt = opts["prompt"] or s1["text"]
-        self.last_stage1 = [{"text": t, "references": [h.as_dict() for h in hits]}
-                            for t, hits in zip(s1["text"], s1["hits"])]
-        self.side_outputs = {}
-        if opts["save_reference"] and s1["references"]:
-            for i, img in enumerate(s1["references"][0], start=1):
-                self.side_outputs[f"reference{i}"] = img
-        inner_opts = {k: v for k, v in run_opts.items() if k not in _RUN_KEYS}
-        emb = s1["embedding"].to(self.device)
-        with self.adapters.control(emb):
-            out = self.inner(x, prompt=prompt, **inner_opts)
-        source = "user" if opts["prompt"] else ("text decoder" if self.stage1.lm is not None else "none")
-        self.report_priors(**self.inner.last_priors, prompt_source=source, **stage1_priors(s1),
-                           **{f"reference{i}": img for i, img in enumerate(first(s1["references"]) or [], start=1)})
-        return out
+    def __call__(self, x: torch.Tensor, options: RFAOptions | None = None, *,
+                 progress: ProgressFn | bool | None = False) -> SROutput:
+        """Super-resolve ``x`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
-        """The decoded text (the default prompt; "" without a text decoder) and the retrieved references."""
-        s1 = self.stage1(x, DEFAULT_REFERENCES)
-        return {"prompt": first(s1["text"]), "negative_prompt": self.inner.prior_suggestion(x).get("negative_prompt"),
-                **stage1_priors(s1)}
+        The prompt is ``options.prompt`` or, when empty, the decoded text of each image. Returns the
+        first image's ``priors`` (prompt, its source, negative prompt, reference paths, scores and
+        images) and its references as ``side_images``; ``timings`` add ``retrieve`` seconds.
+        """
+        opts = options if options is not None else self.options_class()
+        t0 = time.perf_counter()
+        found = self.retriever(x, opts.num_references)
+        retrieve = time.perf_counter() - t0
+        prompts = [opts.prompt] * len(x) if opts.prompt else list(found.text)
+        with self.adapters.control(found.embedding.to(self.device)):
+            out = super().__call__(x, opts, prompts=prompts, progress=progress)
+        source = "user" if opts.prompt else ("text decoder" if self.retriever.lm is not None else "none")
+        references = found.images()
+        priors = compact({**out.priors, "prompt_source": source, **found.priors(), **references})
+        return SROutput(out.images, priors=priors, timings={"retrieve": retrieve, **out.timings},
+                        side_images=references)
 
-
-def stage1_priors(s1: dict[str, Any]) -> dict[str, Any]:
-    """Display priors of the first image of a stage-1 result: reference paths and cosine scores."""
-    hits = first(s1["hits"]) or []
-    return {"reference_paths": tuple(str(h.entry.path) for h in hits),
-            "reference_scores": tuple(round(float(h.score), 4) for h in hits)}
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
+        """The decoded text (the default prompt; ``""`` without a text decoder), the default negative
+        prompt and the retrieved references' paths and scores for ``x`` ``(1, 3, H, W)`` in [0, 1]."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            found = self.retriever(x[:1].float().clamp(0, 1), DEFAULT_REFERENCES)
+        return compact({"prompt": found.text[0], "negative_prompt": self.options_class().negative_prompt,
+                        **found.priors()})
 
 
-def load_adain(folder: Path, unet: Any) -> Any:
-    """Attach AdaIN adapters to ``unet`` and load their weights from ``folder``."""
-    from safetensors.torch import load_file
-
-    from semsr.fusion.adain import attach_adain
-
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise UnavailableError("missing AdaIN adapter config", cfg_file)
-    adapters = attach_adain(unet, int(json.loads(cfg_file.read_text())["control_dim"]))
-    if (folder / "model.safetensors").is_file():
-        missing, unexpected = adapters.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        if unexpected or missing:
-            raise SemsrError(f"AdaIN weights do not fit this UNet ({len(missing)} missing, "
-                             f"{len(unexpected)} unexpected keys)", folder)
-    return adapters.to(unet.device, unet.dtype)
-
-
-def save_adain(adapters: Any, folder: str | Path) -> Path:
-    """Write adapters as ``config.json`` + ``model.safetensors``."""
-    from safetensors.torch import save
-
-    from semsr.eval.atomic import write_bytes, write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in adapters.state_dict().items()}))
-    write_text(folder / "config.json", json.dumps({"control_dim": adapters.control_dim}))
-    return folder
-
-
-def build(base: str | None = None, controlnet: str | None = None, checkpoint: str | None = None,
-          clip: str | None = None, db: str | None = None, text_decoder: str | None = None, *, device: str = "cpu",
-          dtype: str | torch.dtype | None = None, scale: int = DEFAULT_SCALE, base_config: str | None = None,
-          channels_last: bool = False, compile: bool = False, threads: int | None = None) -> RFAMethod:
-    """Factory of ``rfa`` (see the module docstring for the checkpoint layout)."""
-    from semsr.pipeline.sd_controlnet import build as build_sd_controlnet
-    from semsr.models.rfa import load_aligner, load_enhancer, load_text_decoder
-    from semsr.priors.retrieval.embedders import embedder_from_spec
-    from semsr.priors.retrieval.index import ReferenceDB
-
-    if checkpoint is None:
-        raise UnavailableError("rfa needs --checkpoint (folder with aligner/, enhancer/, adain/)")
-    ckpt = Path(checkpoint).expanduser()
-    database = ReferenceDB(db) if db else None
-    if database is None and clip is None:
+def build(options: RFAOptions) -> RFASR:
+    """Factory of ``rfa`` (see the module docstring for the checkpoint)."""
+    require_paths("rfa", options,
+                  ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a .safetensors/.ckpt file)"),
+                  ("checkpoint", "an RFA checkpoint folder (aligner, enhancer, adain)"))
+    if options.db is None and options.clip is None:
         raise UnavailableError("rfa needs --db (a reference database from `semsr index build`) or at least --clip")
-    spec = f"clip:{clip}" if clip else database.embedder_spec  # type: ignore[union-attr]
-    if database is not None and clip and embedder_from_spec(spec).spec != database.embedder_spec:
-        raise SemsrError(f"--clip differs from the database's embedder {database.embedder_spec}", db)
+    apply_threads(options.threads)
+    database = ReferenceDB(options.db) if options.db is not None else None
+    spec = f"clip:{options.clip}" if options.clip is not None else database.embedder_spec  # type: ignore[union-attr]
     embedder = embedder_from_spec(spec)
-    aligner = load_aligner(ckpt / "aligner", embedder.spec) if (ckpt / "aligner").is_dir() else None
-    enhancer = load_enhancer(ckpt / "enhancer")
+    if database is not None and embedder.spec != database.embedder_spec:
+        raise SemsrError(f"--clip differs from the database's embedder {database.embedder_spec}", options.db)
+    ckpt = Path(options.checkpoint).expanduser()  # type: ignore[arg-type]
+    parts, index = load_checkpoint(ckpt, RFA_RECIPE)
+    for name in ("enhancer", "adain"):
+        if name not in parts:
+            raise UnavailableError(f"the rfa checkpoint has no {name!r} component", ckpt)
+    aligner, enhancer = parts.get("aligner"), parts["enhancer"]
     for part in (aligner, enhancer):
-        c = getattr(part, "config", None)
-        if c is not None and (c.token_dim, c.num_tokens) != (embedder.token_dim, embedder.num_tokens):
-            raise SemsrError(f"the checkpoint's {type(part).__name__} takes {c.num_tokens} tokens of {c.token_dim}, "
-                             f"the embedder {embedder.spec} gives {embedder.num_tokens} of {embedder.token_dim} "
-                             "(build the database with the embedder the checkpoint was trained for)", ckpt)
-    td = Path(text_decoder).expanduser() if text_decoder else ckpt / "text-decoder"
-    lm, tok = load_text_decoder(td) if (text_decoder or td.is_dir()) else (None, None)
-    inner = build_sd_controlnet(base, controlnet, device=device, dtype=dtype, scale=scale, base_config=base_config,
-                                channels_last=channels_last, compile=compile, threads=threads)
-    adapters = load_adain(ckpt / "adain", inner.pipeline.unet)
-    return RFAMethod(inner, RFAStage1(embedder, database, aligner, enhancer, lm, tok), adapters, scale=scale)
-
-
-def _cli_options() -> list[dict[str, Any]]:
-    shared = sd_cli_options()
-    return shared + [
-        {"flags": ["--db"], "target": "build", "metavar": "DB",
-         "help": "rfa: reference database folder (`semsr index build`)"},
-        {"flags": ["--text-decoder"], "target": "build", "metavar": "DIR",
-         "help": "rfa: causal LM folder for the I2T text (default: <checkpoint>/text-decoder if present)"},
-        {"flags": ["--num-references"], "target": "run", "type": int, "metavar": "K",
-         "help": f"rfa: references retrieved per image (default {DEFAULT_REFERENCES})"},
-        {"flags": ["--save-reference"], "target": "run", "action": "store_true",
-         "help": "write the reference(s) used beside the output (<output stem>_reference*.png)"},
-    ]
+        if part is not None:
+            check_embedder(part, embedder, ckpt)
+    decoder = options.text_decoder or text_decoder_dir(ckpt, index.meta)
+    lm, tok = load_text_decoder(decoder) if decoder is not None else (None, None)
+    return RFASR.from_pretrained(
+        options.base, options.controlnet, base_config=options.base_config, device=options.device,  # type: ignore[arg-type]
+        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
+        scale=options.scale, retriever=ReferenceRetriever(embedder, database, aligner, enhancer, lm, tok),
+        adain=parts["adain"])
 
 
 register(MethodSpec(
     name="rfa",
     factory=build,
+    options=RFAOptions,
     scale=DEFAULT_SCALE,
     summary="RFA: retrieval-augmented x16 SR (aligned LR retrieval, I2T enhancer, AdaIN adapters; "
             "--base SD, --controlnet, --checkpoint RFA folder, --db reference database)",
-    extra={"cli_options": _cli_options(), "suggests_priors": True},
+    suggests_priors=True,
+    diffusion=True,
+    weight_paths=("base", "controlnet", "checkpoint", "clip", "db", "text_decoder"),
 ))

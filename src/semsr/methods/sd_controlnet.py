@@ -33,12 +33,10 @@ def build(options: SDControlNetOptions) -> SDControlNetSR:
     require_paths("sd-controlnet", options, ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a "
                                              ".safetensors/.ckpt file)"))
     apply_threads(options.threads)
-    pipe = SDControlNetSR.from_pretrained(
+    return SDControlNetSR.from_pretrained(
         options.base, options.controlnet, base_config=options.base_config, device=options.device,
         dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
-        scale=options.scale)
-    pipe.options_class = SDControlNetOptions
-    return pipe
+        scale=options.scale, options_class=SDControlNetOptions)
 
 
 register(MethodSpec(

@@ -13,29 +13,43 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
 Without a VLM on disk the high-level prompt is the user prompt and the
 low-level one IRPAD's degradation description (one note on stderr says so).
-The checkpoint folder (``--checkpoint``) holds ``controlnet/`` (diffusers
-ControlNet), ``sfa/`` (:class:`~semsr.fusion.sfa.SFAFusion`) and, from
-training, ``dfc/`` (heads, unused at inference).
+The checkpoint folder (``--checkpoint``) is a component checkpoint
+(:mod:`semsr.core.components`) of recipe ``xpsr`` or ``dalpsr`` with the
+components ``controlnet`` (diffusers ControlNet), ``sfa``
+(:class:`~semsr.fusion.sfa.SFAFusion`) and, from training, ``dfc``
+(:class:`~semsr.fusion.dfc.DFCHeads`, unused at inference).
 
-The DaLPSR preset (:mod:`semsr.methods.dalpsr`) is the same pipeline with
-other text priors; :func:`build_two_prompt_method` is shared.
+:class:`TwoPromptSR` is the pipeline and the method of both recipes; the
+DaLPSR preset (:mod:`semsr.methods.dalpsr`) gives it other text priors
+(:func:`build_two_prompt`).
 """
+
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from semsr.core.components import load_checkpoint, read_index
+from semsr.core.dtypes import apply_threads, resolve_dtype
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.loading import load_sd
+from semsr.core.method import MethodSpec, ProgressFn
+from semsr.core.options import option
+from semsr.core.outputs import SROutput, compact
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
-from semsr.methods import MethodSpec, register
-from semsr.pipeline.colorfix import COLOUR_FIXES
-from semsr.core.loading import load_controlnet, load_sd
-from semsr.pipeline.precision import check_dtype, prepare_module
-from semsr.pipeline.sd_controlnet import SDControlNetSR, require_build_paths, sd_cli_options, sd_run_options
+from semsr.methods import register
+from semsr.pipeline.guidance import cfg
+from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.precision import prepare_module
+from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.text import load_text_conditioner
-from semsr.priors.report import PRIORS_IN_PROMPT, PriorReporter, first, text_conditions_priors
+from semsr.priors.prompts import TextConditions, TextPriors
+from semsr.priors.report import text_conditions_priors
 
 XPSR_NEGATIVE = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 #: Appended to the high-level prompt (XPSR's official inference config).
@@ -44,6 +58,42 @@ XPSR_ADDED_POSITIVE = "clean, high-resolution, 8k, high quality"
 XPSR_LOW_NEGATIVE = "high resolution, best quality, clear"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
+#: Recipes whose checkpoints hold the two-prompt layout (``controlnet``, ``sfa``, ``dfc``).
+TWO_PROMPT_RECIPES = ("xpsr", "dalpsr")
+
+
+@dataclass(kw_only=True, frozen=True)
+class XPSROptions(LatentSROptions):
+    """Options of ``xpsr`` (and, with ``tagger``, of ``dalpsr``): XPSR's sampling defaults and two prompts."""
+
+    checkpoint: Path | None = option(
+        None, stage="build", metavar="DIR", help="XPSR/DaLPSR checkpoint folder (controlnet + sfa components)"
+    )
+    vlm: Path | None = option(
+        None, stage="build", metavar="DIR", help="vision-language model folder (default: weights/vlm if present)"
+    )
+    irpad: Path | None = option(
+        None, stage="build", metavar="DIR", help="IRPAD weights folder (default: the shipped weights)"
+    )
+    sfa_mode: str | None = option(
+        None, stage="build", choices=SFA_MODES,
+        help="semantic-fusion variant (default: the checkpoint's; XPSR Table 3 ablation)",
+    )
+    negative_prompt: str = option(XPSR_NEGATIVE, help="negative prompt (high-level branch)")
+    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    guidance_scale: float = option(
+        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
+    )
+    low_prompt: str | None = option(
+        None, metavar="TEXT", help="low-level (quality/degradation) prompt instead of the VLM/IRPAD one"
+    )
+    low_negative_prompt: str = option(XPSR_LOW_NEGATIVE, metavar="TEXT", help="negative prompt of the low-level branch")
+    added_prompt: str = option(XPSR_ADDED_POSITIVE, metavar="TEXT", help="appended to the high-level prompt")
+    conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
+    priors_in_prompt: bool = option(
+        False, hidden=True,
+        help="the prompt already holds the semantic prior (an edited suggestion): use it as the high-level prompt",
+    )
 
 
 def join_prompt(*parts: str | None) -> str:
@@ -51,55 +101,78 @@ def join_prompt(*parts: str | None) -> str:
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
 
 
-def _per_image(value: str | list[str], batch: int, what: str) -> list[str]:
-    values = [value] * batch if isinstance(value, str) else list(value)
+def _per_image(values: list[str], batch: int, what: str) -> list[str]:
     if len(values) != batch:
         raise SemsrError(f"{len(values)} {what} for {batch} images")
-    return values
+    return list(values)
+
+
+def read_two_prompt_checkpoint(folder: str | Path, *, names: Iterable[str] | None = ("controlnet", "sfa"),
+                               dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The ``names`` components (None: all) of an ``xpsr`` or ``dalpsr`` checkpoint folder (one layout)."""
+    index = read_index(folder)
+    if index.recipe not in TWO_PROMPT_RECIPES:
+        raise UnavailableError(f"this is a {index.recipe} checkpoint, not an XPSR/DaLPSR one", folder)
+    components, _ = load_checkpoint(folder, index.recipe, names=names, dtype=dtype)
+    return components
 
 
 class TwoPromptSR(SDControlNetSR):
-    """SD + SR ControlNet with SFA: two prompts (high ``c_h``, low ``c_l``) per image.
+    """SD + SR ControlNet with SFA and two prompts per image (high ``c_h``, low ``c_l``): the
+    ``xpsr`` and ``dalpsr`` method.
 
-    ``__call__`` takes the :class:`SDControlNetSR` options plus ``low_prompt`` and
-    ``low_negative_prompt`` (one string or one per image); ``prompt`` /
-    ``negative_prompt`` are the high-level ones.
+    Args:
+        sfa: the semantic-fusion weights (installed on ``controlnet`` and ``unet``).
+        priors: the text priors of the recipe (VLM / tagger / IRPAD); ``None`` for a pipeline
+            that is always given its prompts (e.g. validation during training).
+        **kwargs: as :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR` (``name``, ``scale``,
+            ``options_class``: the recipe's options class, whose defaults a call without options uses).
     """
 
-    def __init__(self, *, sfa: SFAFusion, **kwargs: Any) -> None:
+    name = "xpsr"
+    options_class: type[XPSROptions] = XPSROptions  # type: ignore[assignment]
+
+    def __init__(self, *, sfa: SFAFusion, priors: TextPriors | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.priors = priors
         self.sfa = prepare_module(sfa, device=self.device, dtype=self.dtype)
         self.sfa.install(self.controlnet, self.unet)
-        self._low: tuple[list[str], list[str]] | None = None
 
     @classmethod
     def from_checkpoint(cls, base: str | Path, checkpoint: str | Path, *, base_config: str | Path | None = None,
                         sfa_mode: str | None = None, **kwargs: Any) -> TwoPromptSR:
-        """``base`` SD folder/file + ``checkpoint`` folder with ``controlnet/`` and ``sfa/``."""
+        """``base`` SD folder/file + ``checkpoint`` (an ``xpsr``/``dalpsr`` checkpoint folder).
+
+        ``sfa_mode`` overrides the checkpoint's; ``kwargs``: ``device``, ``dtype``, ``priors``,
+        ``scale``, ``name``, ``options_class``, ``channels_last``, ``compile``.
+        """
         device = torch.device(kwargs.get("device", "cpu"))
-        dtype = check_dtype(kwargs.get("dtype", "fp32"), device)
-        checkpoint = Path(checkpoint).expanduser()
-        for part in ("controlnet", "sfa"):
-            if not (checkpoint / part / "config.json").is_file():
-                raise UnavailableError(f"not an XPSR/DaLPSR checkpoint folder (needs controlnet/ and sfa/ with "
-                                       f"config.json + safetensors)", checkpoint / part)
+        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        parts = read_two_prompt_checkpoint(checkpoint, dtype=dtype)
+        if sfa_mode is not None:
+            parts["sfa"].mode = sfa_mode
         comps = load_sd(base, dtype=dtype, config=base_config)
-        controlnet = load_controlnet(checkpoint / "controlnet", dtype=dtype)
-        sfa = SFAFusion.load(checkpoint / "sfa", controlnet, comps.unet, mode=sfa_mode)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
-        return cls(vae=comps.vae, unet=comps.unet, controlnet=controlnet, text=text, sfa=sfa,
+        return cls(vae=comps.vae, unet=comps.unet, controlnet=parts["controlnet"], text=text, sfa=parts["sfa"],
                    scheduler_config=comps.scheduler_config, **{**kwargs, "device": device, "dtype": dtype})
 
-    def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None,
-                   guidance_scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """``cond = {"context": c_h, "low": c_l}``; ``uncond`` the two negatives (each ``(B, L, D)``)."""
-        if self._low is None:
-            raise SemsrError("TwoPromptSR.conditions called outside __call__ (no low-level prompts)")
-        lows, low_negs = self._low
+    # ------------------------------------------------------------------ pieces
+
+    def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None, guidance_scale: float, *,
+                   low_prompts: list[str] | None = None, low_negative_prompts: list[str] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """``cond = {"context": c_h, "low": c_l}`` for ``B`` high- and low-level prompts; ``uncond`` the
+        two negatives (each ``(B, L, D)``), None without CFG. ``low_prompts`` is required."""
+        if low_prompts is None:
+            raise SemsrError("the two-prompt pipeline needs the low-level prompts (low_prompts=...)")
+        bsz = len(prompts)
+        lows = _per_image(low_prompts, bsz, "low-level prompts")
         cond = {"context": self.encode_prompts(prompts), "low": self.encode_prompts(lows)}
         if negative_prompt is None or guidance_scale == 1.0:
             return cond, None
-        negs = _per_image(negative_prompt, len(prompts), "negative prompts")
+        negs = [negative_prompt] * bsz if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = _per_image(negs, bsz, "negative prompts")
+        low_negs = _per_image(low_negative_prompts or [], bsz, "low-level negative prompts")
         return cond, {"context": self.encode_prompts(negs), "low": self.encode_prompts(low_negs)}
 
     def model_forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], hint: torch.Tensor,
@@ -108,141 +181,117 @@ class TwoPromptSR(SDControlNetSR):
         return self.sfa.controlnet_unet_forward(self.unet, self.controlnet, x, t, cond["context"], cond["low"], hint,
                                                 conditioning_scale)
 
-    def __call__(self, lr: torch.Tensor, *, low_prompt: str | list[str] = "",
-                 low_negative_prompt: str | list[str] = XPSR_LOW_NEGATIVE, **kwargs: Any) -> torch.Tensor:
-        bsz = lr.shape[0]
-        self._low = (_per_image(low_prompt, bsz, "low-level prompts"),
-                     _per_image(low_negative_prompt, bsz, "low-level negative prompts"))
-        try:
-            return super().__call__(lr, **kwargs)
-        finally:
-            self._low = None
+    def text_conditions(self, x: torch.Tensor, prompt: str | None = None) -> list[TextConditions]:
+        """The text priors of each image of ``x`` ``(B, 3, h, w)`` with the user's ``prompt`` (cached per image)."""
+        if self.priors is None:
+            raise SemsrError(f"{self.name}: this pipeline has no text priors; pass its prompts")
+        return [self.priors(img[None], prompt) for img in x]
+
+    # ------------------------------------------------------------------ run
+
+    def __call__(self, lr: torch.Tensor, options: XPSROptions | None = None, *,  # type: ignore[override]
+                 prompts: list[str] | None = None, low_prompts: list[str] | None = None,
+                 progress: ProgressFn | bool | None = False) -> SROutput:
+        """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
+
+        The high-level prompt of an image is its text prior (the VLM caption, or the tags)
+        with ``options.prompt`` in front, or ``options.prompt`` alone with
+        ``priors_in_prompt``; then ``added_prompt`` is appended. The low-level prompt is
+        ``options.low_prompt`` or the text prior (VLM quality answer or IRPAD description).
+
+        Args:
+            options: the run options (``None``: :attr:`options_class` defaults).
+            prompts / low_prompts: one per image, the high- / low-level prompts used as given
+                instead of the above (no priors, nothing added; e.g. validation during training).
+            progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
+        Returns:
+            ``images``; ``priors`` of the first image (prompts encoded, the user prompt, caption /
+            tags / degradation or quality text and their ``sources``); ``timings`` (``priors``,
+            ``encode``, ``denoise``, ``decode`` seconds and ``steps``).
+        """
+        opts = options if options is not None else self.options_class()
+        layout = self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
+        timings: dict[str, float] = {}
+        given = bool(opts.priors_in_prompt)
+        use_high = prompts is None and not given
+        use_low = low_prompts is None and opts.low_prompt is None
+        t0 = time.perf_counter()
+        conds: list[TextConditions] = []
+        if prompts is None or low_prompts is None:
+            conds = self.text_conditions(lr, None if given else (opts.prompt or "").strip() or None)
+        if prompts is None:
+            highs = [join_prompt(opts.prompt if given else c.high, opts.added_prompt) for c in conds]
+        else:
+            highs = _per_image(list(prompts), layout.batch, "prompts")
+        if low_prompts is None:
+            lows = [opts.low_prompt if opts.low_prompt is not None else c.low for c in conds]
+        else:
+            lows = _per_image(list(low_prompts), layout.batch, "low-level prompts")
+        timings["priors"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cond, uncond = self.conditions(highs, opts.negative_prompt, opts.guidance_scale, low_prompts=lows,
+                                       low_negative_prompts=[opts.low_negative_prompt] * layout.batch)
+        init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
+        timings["encode"] = time.perf_counter() - t0
+
+        image = self.denoise_decode(
+            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale), layout,
+            channels=self.unet.config.in_channels, cond=cond,
+            guide=lambda d: cfg(d, uncond, opts.guidance_scale), steps=opts.steps, seed=opts.seed,
+            scheduler=opts.scheduler, init_latents=init, strength=opts.strength, tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+        timings["steps"] = float(opts.steps)
+        used = text_conditions_priors(conds[0], high=use_high, low=use_low) if conds else {}
+        priors = compact({
+            "prompt": highs[0], "negative_prompt": opts.negative_prompt, "low_prompt": lows[0],
+            "low_negative_prompt": opts.low_negative_prompt,
+            "user_prompt": (opts.prompt or None) if use_high else None, **used})
+        return SROutput(image, priors=priors, timings=timings)
+
+    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
+        """Semantic prompt (VLM caption / tags) and low-level prompt (VLM quality / IRPAD) of ``x``
+        ``(1, 3, H, W)`` in [0, 1], without a user prompt, plus the default negative prompt."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            cond = self.text_conditions(x[:1].float().clamp(0, 1))[0]
+        return compact({"prompt": cond.high, "low_prompt": cond.low,
+                        "negative_prompt": self.options_class().negative_prompt, **text_conditions_priors(cond)})
 
 
 # ----------------------------------------------------------------------------- method
 
-_RUN_DEFAULTS: dict[str, Any] = {
-    "prompt": None, "negative_prompt": XPSR_NEGATIVE, "low_negative_prompt": XPSR_LOW_NEGATIVE,
-    "added_prompt": XPSR_ADDED_POSITIVE, "low_prompt": None, "steps": DEFAULT_STEPS,
-    "guidance_scale": DEFAULT_GUIDANCE, "seed": 0, "scheduler": "ddpm", "colour_fix": "adain", "tile": 0,
-    "latent_tile": None, "tile_overlap": None, "start_from_lr": True, "strength": 1.0, "conditioning_scale": 1.0,
-    "progress": False, PRIORS_IN_PROMPT: False,
-}
+
+def build_two_prompt(name: str, options: XPSROptions, make_priors: Callable[[], TextPriors]) -> TwoPromptSR:
+    """The shared factory of ``xpsr`` and ``dalpsr``: checks the paths, loads the checkpoint, then
+    gives the pipeline the recipe's text priors (``make_priors()``)."""
+    require_paths(name, options, ("base", "a Stable Diffusion folder or single file"),
+                  ("checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"))
+    apply_threads(options.threads)
+    pipe = TwoPromptSR.from_checkpoint(
+        options.base, options.checkpoint, base_config=options.base_config, sfa_mode=options.sfa_mode,
+        device=options.device, dtype=options.dtype or "fp32", channels_last=options.channels_last,
+        compile=options.compile, scale=options.scale, name=name, options_class=type(options))
+    pipe.priors = make_priors()
+    return pipe
 
 
-class TwoPromptMethod(PriorReporter):
-    """``xpsr`` / ``dalpsr`` as a registry Method (tiles in latent space).
-
-    Run options (``None`` = default): prompt (user prompt; with a VLM it is put
-    in front of the caption), low_prompt (replaces the low-level prior),
-    negative_prompt, low_negative_prompt, added_prompt (appended to the
-    high-level prompt), steps, guidance_scale, seed, scheduler, colour_fix,
-    tile, latent_tile, tile_overlap, start_from_lr, strength,
-    conditioning_scale, progress, priors_in_prompt (the prompt already holds
-    the semantic prior, e.g. an edited :meth:`suggest_priors` caption: it is
-    used as the high-level prompt instead of being put in front of it).
-
-    ``last_priors`` reports the prompts and priors of the last call's first
-    image (:mod:`semsr.priors.report`); ``last_conditions`` holds the :class:`~semsr.priors.prompts.TextConditions`
-    of the last call (one per image).
-    """
-
-    tiles_itself = True
-
-    def __init__(self, name: str, pipeline: TwoPromptSR, priors: Any, scale: int = 4,
-                 defaults: dict[str, Any] | None = None) -> None:
-        self.name = name
-        self.pipeline = pipeline
-        self.priors = priors
-        self.scale = int(scale)
-        self.device = pipeline.device
-        self.defaults = {**_RUN_DEFAULTS, **(defaults or {})}
-        self.last_conditions: list[Any] = []
-
-    def prompts(self, x: torch.Tensor, opts: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """``(high, low)`` prompts for each image of ``x (B, 3, h, w)`` (priors are cached per image)."""
-        from semsr.priors.prompts import UserPrompts
-
-        given = bool(opts[PRIORS_IN_PROMPT])
-        self.priors.user = UserPrompts.load(None if given else opts["prompt"])
-        self.last_conditions = [self.priors(img[None]) for img in x]
-        highs = [join_prompt(opts["prompt"] if given else c.high, opts["added_prompt"]) for c in self.last_conditions]
-        lows = [opts["low_prompt"] if opts["low_prompt"] is not None else c.low for c in self.last_conditions]
-        return highs, lows
-
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        opts = sd_run_options(self.defaults, run_opts, scale=self.scale, factor=self.pipeline.factor,
-                              known=_RUN_DEFAULTS)
-        highs, lows = self.prompts(x, opts)
-        out = self.pipeline(
-            x, scale=self.scale, prompt=highs, low_prompt=lows, negative_prompt=opts["negative_prompt"],
-            low_negative_prompt=opts["low_negative_prompt"], steps=opts["steps"],
-            guidance_scale=opts["guidance_scale"], seed=opts["seed"], scheduler=opts["scheduler"],
-            colour_fix_method=opts["colour_fix"], latent_tile=opts["latent_tile"], tile_overlap=opts["tile_overlap"],
-            start_from_lr=opts["start_from_lr"], strength=opts["strength"],
-            conditioning_scale=opts["conditioning_scale"], progress=opts["progress"])
-        given = bool(opts[PRIORS_IN_PROMPT])
-        self.report_priors(
-            prompt=highs[0], negative_prompt=first(opts["negative_prompt"]), low_prompt=lows[0],
-            low_negative_prompt=first(opts["low_negative_prompt"]), user_prompt=None if given else opts["prompt"],
-            **text_conditions_priors(self.last_conditions[0], high=not given, low=opts["low_prompt"] is None))
-        return out
-
-    def prior_suggestion(self, x: torch.Tensor) -> dict[str, Any]:
-        """Semantic prompt (VLM caption / tags) and low-level prompt (VLM quality / IRPAD) of ``x``, no user prompt."""
-        from semsr.priors.prompts import UserPrompts
-
-        self.priors.user = UserPrompts()
-        cond = self.priors(x)
-        return {"prompt": cond.high, "low_prompt": cond.low, "negative_prompt": self.defaults["negative_prompt"],
-                **text_conditions_priors(cond)}
-
-
-def build_two_prompt_method(name: str, *, base: str | None, checkpoint: str | None, priors_opts: dict[str, Any],
-                            device: str = "cpu", dtype: str | torch.dtype | None = None, scale: int = 4,
-                            base_config: str | None = None, sfa_mode: str | None = None,
-                            channels_last: bool = False, compile: bool = False, threads: int | None = None,
-                            defaults: dict[str, Any] | None = None) -> TwoPromptMethod:
-    """Shared factory of ``xpsr`` and ``dalpsr``; ``priors_opts`` go to :class:`~semsr.priors.prompts.TextPriors`."""
-    from semsr.priors.prompts import TextPriors
-
-    require_build_paths(name, (base, "--base", "a Stable Diffusion folder or single file"),
-                        (checkpoint, "--checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"),
-                        threads=threads)
-    pipe = TwoPromptSR.from_checkpoint(base, checkpoint, base_config=base_config, sfa_mode=sfa_mode, device=device,
-                                       dtype=dtype or "fp32", channels_last=channels_last, compile=compile)
-    priors = TextPriors(device=str(device), **priors_opts)
-    return TwoPromptMethod(name, pipe, priors, scale=scale, defaults=defaults)
-
-
-def build(base: str | None = None, checkpoint: str | None = None, vlm: str | None = None, *,
-          irpad: str | None = None, **kwargs: Any) -> TwoPromptMethod:
+def build(options: XPSROptions) -> TwoPromptSR:
     """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (optional)."""
-    return build_two_prompt_method("xpsr", base=base, checkpoint=checkpoint,
-                                   priors_opts={"vlm": vlm, "low_source": "vlm", "irpad_weights": irpad}, **kwargs)
-
-
-def shared_cli_options() -> list[dict[str, Any]]:
-    """Options of both two-prompt presets (plus ``sd-controlnet``'s sampling options)."""
-    return sd_cli_options() + [
-        {"flags": ["--low-prompt"], "target": "run", "metavar": "TEXT",
-         "help": "xpsr/dalpsr: low-level (quality/degradation) prompt instead of the VLM/IRPAD one"},
-        {"flags": ["--low-negative-prompt"], "target": "run", "metavar": "TEXT",
-         "help": f"xpsr/dalpsr: negative prompt of the low-level branch (default: {XPSR_LOW_NEGATIVE!r})"},
-        {"flags": ["--added-prompt"], "target": "run", "metavar": "TEXT",
-         "help": f"xpsr/dalpsr: appended to the high-level prompt (default: {XPSR_ADDED_POSITIVE!r})"},
-        {"flags": ["--sfa-mode"], "target": "build", "choices": list(SFA_MODES),
-         "help": "xpsr/dalpsr: semantic-fusion variant (default: the checkpoint's; XPSR Table 3 ablation)"},
-        {"flags": ["--irpad"], "target": "build", "metavar": "DIR",
-         "help": "xpsr/dalpsr: IRPAD weights folder (default: the shipped weights)"},
-    ]
+    return build_two_prompt("xpsr", options, lambda: TextPriors(
+        vlm=options.vlm, low_source="vlm", irpad_weights=options.irpad, device=str(options.device)))
 
 
 register(MethodSpec(
     name="xpsr",
     factory=build,
+    options=XPSROptions,
     scale=4,
     summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
             "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
-    extra={"cli_options": shared_cli_options(), "colour_fixes": list(COLOUR_FIXES), "suggests_priors": True},
+    suggests_priors=True,
+    diffusion=True,
+    weight_paths=("base", "checkpoint", "vlm", "irpad"),
+    bundled_paths=("irpad",),
 ))

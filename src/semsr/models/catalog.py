@@ -3,12 +3,12 @@
 Each :class:`ModelInfo` names a model, its native scale, the pip package that
 ships its files (found with :mod:`importlib.resources`, never downloaded at
 run time), the licence of the *weights* as published upstream and whether the
-files are present on this machine. ``semsr models list`` prints these rows;
-:mod:`semsr.models.restorers` registers one method per entry.
+files are present on this machine. ``semsr models list`` prints these rows
+(:func:`method_row`); :mod:`semsr.methods.restorers` registers one method per entry.
 
-Other modules can describe their own registered methods by putting a
-``ModelInfo`` under ``MethodSpec.extra["model_info"]``; methods without one are
-listed with what the registry knows (name, scale, summary).
+Other modules describe their own registered methods by giving a
+``ModelInfo`` as ``MethodSpec.info``; methods without one are listed with what
+the registry knows (name, scale, summary).
 """
 from __future__ import annotations
 
@@ -256,6 +256,33 @@ def default_info(target: ModelInfo) -> ModelInfo:
         target.package, target.module, target.files, target.licence, alias_of=target.name,
         folder=target.folder, training_data=target.training_data,
     )
+
+
+def method_row(name: str, scale: int, summary: str, info: Any = None) -> dict[str, Any]:
+    """Row of ``semsr models list --json`` (and the web demo's picker) for a registered method.
+
+    ``info`` is the method's :class:`ModelInfo` (``MethodSpec.info``): its
+    :meth:`ModelInfo.to_json`; without one, what the registry knows (a method
+    without packaged files, available as far as the catalogue can tell).
+    """
+    if isinstance(info, ModelInfo):
+        return info.to_json()
+    return {
+        "name": name,
+        "scale": scale,
+        "available": True,
+        "runtime": "pytorch",
+        "summary": summary,
+        "package": None,
+        "package_version": None,
+        "package_licence": None,
+        "licence": "",
+        "files": {},
+        "size_bytes": 0,
+        "alias_of": None,
+        "needs": None,
+        "training_data": None,
+    }
 
 
 def get_info(name: str) -> ModelInfo:

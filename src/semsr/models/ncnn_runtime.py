@@ -34,7 +34,7 @@ class NcnnNet:
         threads: int | None = None,
     ) -> None:
         try:
-            import ncnn
+            import ncnn  # optional heavy dependency (native wheel), loaded on first use
         except ImportError as err:  # pragma: no cover - ncnn is a dependency
             raise UnavailableError("the 'ncnn' package is not installed (pip install ncnn)") from err
         self._ncnn = ncnn

@@ -62,10 +62,9 @@ def pad_reflect(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -
 
 
 class RealCUGAN:
-    """A Real-CUGAN model as a semsr method.
+    """A Real-CUGAN ncnn network with its padding rules (the method is :class:`semsr.methods.restorers.NcnnRestorer`).
 
     Args:
-        name: registry name (for reports).
         scale: 2, 3 or 4.
         param_path, bin_path: the ncnn blob pair.
         threads: ncnn threads (default ``torch.get_num_threads()``).
@@ -74,17 +73,14 @@ class RealCUGAN:
     ``(B, 3, scale*H, scale*W)`` float32 in [0, 1] on the same device.
     """
 
-    tiles_itself = False
-
-    def __init__(self, name: str, scale: int, param_path: str | Path, bin_path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, scale: int, param_path: str | Path, bin_path: str | Path, threads: int | None = None) -> None:
         if scale not in GEOMETRY:
             raise ValueError(f"Real-CUGAN scale must be 2, 3 or 4, not {scale}")
-        self.name = name
         self.scale = scale
         self.geometry = GEOMETRY[scale]
         self.net = NcnnNet(param_path, bin_path, "in0", "out0", threads=threads)
 
-    def __call__(self, x: torch.Tensor, **run_opts: object) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g, s = self.geometry, self.scale
         h, w = x.shape[-2:]
         xf = x.detach().float().cpu()
@@ -92,7 +88,7 @@ class RealCUGAN:
         padded = pad_reflect(xf, g.prepad, g.prepad + extra_w, g.prepad, g.prepad + extra_h)
         y = self.net(padded)
         if y.shape[-2:] != (s * (h + extra_h), s * (w + extra_w)):
-            raise RuntimeError(f"{self.name}: unexpected ncnn output {tuple(y.shape)} for input {tuple(padded.shape)}")
+            raise RuntimeError(f"Real-CUGAN {s}x: unexpected ncnn output {tuple(y.shape)} for input {tuple(padded.shape)}")
         y = y[..., : s * h, : s * w]
         if g.residual:
             y = y + F.interpolate(xf, scale_factor=s, mode="nearest")

@@ -18,12 +18,19 @@ training pairs (our offline corpus, not the seed's 100k ImageNet images) this
 keeps the aligner from being worse than no alignment; the seed maps tokens to
 the CLS directly (``residual=False``).
 
-A checkpoint is one folder: ``config.json`` + ``model.safetensors``.
+Both models are :class:`~semsr.core.components.Component` s: a folder with
+``config.json`` + ``diffusion_pytorch_model.safetensors`` (``save_pretrained``,
+:func:`~semsr.core.components.load_component`). The RFA checkpoint is one
+:func:`~semsr.core.components.save_checkpoint` folder of recipe ``rfa`` with the
+components ``aligner`` (optional), ``enhancer`` and ``adain``
+(:class:`~semsr.fusion.adain.AdaINAdapters`), plus optionally a transformers
+causal LM folder (the text decoder) named in the index meta
+(:func:`save_rfa_checkpoint`).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,56 +38,79 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semsr.core.components import Component, register_component, register_to_config, save_checkpoint
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+from semsr.core.paths import assets_dir
+
+#: Recipe name of RFA checkpoints (``model_index.json``'s ``_class_name``).
+RFA_RECIPE = "rfa"
+#: Index meta key naming the text decoder folder inside an RFA checkpoint.
+TEXT_DECODER_KEY = "text_decoder"
+#: Folder name of the text decoder inside an RFA checkpoint.
+TEXT_DECODER_DIR = "text-decoder"
 
 
-@dataclass
-class AlignerConfig:
-    """Shape of an aligner (stored as ``config.json``)."""
+def check_embedder(model: Component, embedder: Any, where: str | Path | None = None) -> None:
+    """Raise :class:`SemsrError` unless the stage-1 ``model`` (aligner or enhancer) fits ``embedder``.
 
-    token_dim: int
-    out_dim: int
-    num_tokens: int
-    width: int = 256
-    depth: int = 2
-    heads: int = 4
-    residual: bool = True
-    embedder: str | None = None  # embedder spec the aligner was trained for
+    The model must take the embedder's ``num_tokens`` tokens of ``token_dim``, and, when it records the
+    embedder it was trained for (``config.embedder``), that must be ``embedder.spec``.
+    """
+    c = model.config
+    name = type(model).__name__
+    if c.embedder not in (None, embedder.spec):
+        raise SemsrError(f"the {name} was trained for embedder {c.embedder!r}, the database uses "
+                         f"{embedder.spec!r}", where)
+    if (c.token_dim, c.num_tokens) != (embedder.token_dim, embedder.num_tokens):
+        raise SemsrError(f"the {name} takes {c.num_tokens} tokens of {c.token_dim}, the embedder {embedder.spec} "
+                         f"gives {embedder.num_tokens} of {embedder.token_dim} (build the database with the "
+                         "embedder the checkpoint was trained for)", where)
 
 
-class ReferenceFindingAligner(nn.Module):
+@register_component
+class ReferenceFindingAligner(Component):
     """LR tokens (+ learnable CLS) -> predicted HR embedding.
 
     ``forward(tokens (B, N, T), lr_embed (B, D) | None) -> (B, D)`` (not normalised).
+
+    Args:
+        token_dim, num_tokens: the embedder's tokens ``T`` and ``N``.
+        out_dim: the embedding size ``D``.
+        width, depth, heads: decoder width, layers and attention heads.
+        residual: predict a correction of the raw LR embedding (head initialised to zero).
+        embedder: spec of the embedder the aligner is trained for (checked on loading).
     """
 
-    def __init__(self, config: AlignerConfig) -> None:
+    @register_to_config
+    def __init__(self, token_dim: int, out_dim: int, num_tokens: int, width: int = 256, depth: int = 2,
+                 heads: int = 4, residual: bool = True, embedder: str | None = None) -> None:
         super().__init__()
-        self.config = config
-        w = config.width
-        self.proj = nn.Linear(config.token_dim, w)
-        self.pos = nn.Parameter(torch.zeros(1, config.num_tokens, w))
+        w = width
+        self.proj = nn.Linear(token_dim, w)
+        self.pos = nn.Parameter(torch.zeros(1, num_tokens, w))
         self.cls = nn.Parameter(torch.randn(1, 1, w) * 0.02)
         self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(w, config.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(config.depth))
+            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(depth))
         self.norm = nn.LayerNorm(w)
-        self.head = nn.Linear(w, config.out_dim)
+        self.head = nn.Linear(w, out_dim)
         nn.init.trunc_normal_(self.pos, std=0.02)
-        if config.residual:
+        if residual:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens: torch.Tensor, lr_embed: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens.shape[1] != self.config.num_tokens or tokens.shape[2] != self.config.token_dim:
-            raise SemsrError(f"aligner expects {self.config.num_tokens} tokens of {self.config.token_dim}, "
+        c = self.config
+        if tokens.shape[1] != c.num_tokens or tokens.shape[2] != c.token_dim:
+            raise SemsrError(f"aligner expects {c.num_tokens} tokens of {c.token_dim}, "
                              f"got {tuple(tokens.shape[1:])} (is it for another embedder?)")
         mem = self.proj(tokens) + self.pos
         q = self.cls.expand(tokens.shape[0], -1, -1)
         for layer in self.layers:
             q = layer(q, mem)
         out = self.head(self.norm(q[:, 0]))
-        if self.config.residual:
+        if c.residual:
             if lr_embed is None:
                 raise SemsrError("a residual aligner needs the raw LR embedding")
             out = out + lr_embed
@@ -91,9 +121,6 @@ class ReferenceFindingAligner(nn.Module):
         """Search vector for LR images ``(B, 3, h, w)`` in [0, 1]: ``(B, D)`` unit vectors."""
         vec, tok = encode(embedder, lr)
         return F.normalize(self(tok, vec), dim=-1)
-
-    def save(self, folder: str | Path) -> Path:
-        return _save_module(self, folder)
 
 
 def align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,54 +137,20 @@ def encode(embedder: Any, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def default_aligner_dir(embedder_spec: str) -> Path:
     """The shipped aligner for an embedder (``assets/weights/rfa/aligner-<embedder>``)."""
-    from semsr.core.paths import assets_dir
-
     safe = embedder_spec.replace(":", "-").replace("/", "_")
     return assets_dir() / "weights" / "rfa" / f"aligner-{safe}"
 
 
-def load_aligner(folder: str | Path, embedder_spec: str | None = None) -> ReferenceFindingAligner:
-    """Load an aligner folder (``'default'``: the shipped one for ``embedder_spec``)."""
-    from safetensors.torch import load_file
-
-    if str(folder) == "default":
-        if embedder_spec is None:
-            raise SemsrError("the default aligner needs the embedder spec")
-        folder = default_aligner_dir(embedder_spec)
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise UnavailableError("no aligner checkpoint (config.json + model.safetensors) here; "
-                               "train one with `semsr train --config configs/rfa-aligner.yaml` (-> RUN/final/aligner) "
-                               "or `semsr bench-retrieval --save-aligner DIR`", folder)
-    config = AlignerConfig(**json.loads((folder / "config.json").read_text()))
-    if embedder_spec is not None and config.embedder not in (None, embedder_spec):
-        raise SemsrError(f"aligner was trained for embedder {config.embedder!r}, database uses {embedder_spec!r}",
-                         folder)
-    model = ReferenceFindingAligner(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval()
+def aligner_dir(folder: str | Path, embedder_spec: str) -> Path:
+    """An aligner folder as given, or ``'default'``: the shipped one for ``embedder_spec``."""
+    return default_aligner_dir(embedder_spec) if str(folder) == "default" else Path(folder).expanduser()
 
 
 # ============================================================================ I2T embedding enhancer
 
 
-@dataclass
-class EnhancerConfig:
-    """Shape of the I2T Embedding Enhancer (stored as ``config.json``)."""
-
-    token_dim: int
-    out_dim: int
-    num_tokens: int
-    lm_dim: int
-    num_refs: int = 4
-    width: int = 256
-    depth: int = 2
-    heads: int = 4
-    prefix_len: int = 4
-    embedder: str | None = None
-
-
-class EmbeddingEnhancer(nn.Module):
+@register_component
+class EmbeddingEnhancer(Component):
     """I2T Embedding Enhancer (seed 003 stage 1b).
 
     LR tokens are the queries; keys/values are the LR tokens plus the tokens of
@@ -170,29 +163,40 @@ class EmbeddingEnhancer(nn.Module):
     embedding (trained by cosine alignment to the GT HR embedding, see
     :func:`enhancer_loss`) and the token-pooled summary projected to ``P``
     prefix embeddings that condition the text decoder.
+
+    Args:
+        token_dim, num_tokens, out_dim: the embedder's token width ``T``, tokens ``N`` and embedding ``D``.
+        lm_dim: input embedding width of the text decoder.
+        num_refs: most references ``K`` taken.
+        width, depth, heads: decoder width, layers and attention heads.
+        prefix_len: prefix embeddings ``P`` given to the text decoder.
+        embedder: spec of the embedder the enhancer is trained for.
     """
 
-    def __init__(self, config: EnhancerConfig) -> None:
+    @register_to_config
+    def __init__(self, token_dim: int, out_dim: int, num_tokens: int, lm_dim: int, num_refs: int = 4,
+                 width: int = 256, depth: int = 2, heads: int = 4, prefix_len: int = 4,
+                 embedder: str | None = None) -> None:
         super().__init__()
-        self.config = config
-        w = config.width
-        self.proj = nn.Linear(config.token_dim, w)
-        self.pos = nn.Parameter(torch.zeros(1, config.num_tokens, w))
-        self.slot = nn.Parameter(torch.zeros(1 + config.num_refs, 1, w))
+        w = width
+        self.proj = nn.Linear(token_dim, w)
+        self.pos = nn.Parameter(torch.zeros(1, num_tokens, w))
+        self.slot = nn.Parameter(torch.zeros(1 + num_refs, 1, w))
         self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(w, config.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(config.depth))
+            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(depth))
         self.norm = nn.LayerNorm(w)
-        self.image_head = nn.Linear(w, config.out_dim)
-        self.prefix_head = nn.Linear(w, config.prefix_len * config.lm_dim)
+        self.image_head = nn.Linear(w, out_dim)
+        self.prefix_head = nn.Linear(w, prefix_len * lm_dim)
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.slot, std=0.02)
 
     def forward(self, lr_tokens: torch.Tensor, ref_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
         b, n, _ = lr_tokens.shape
         k = ref_tokens.shape[1]
-        if n != self.config.num_tokens or k > self.config.num_refs:
-            raise SemsrError(f"enhancer expects {self.config.num_tokens} tokens and <= {self.config.num_refs} "
+        if n != c.num_tokens or k > c.num_refs:
+            raise SemsrError(f"enhancer expects {c.num_tokens} tokens and <= {c.num_refs} "
                              f"references, got {n} and {k}")
         q = self.proj(lr_tokens) + self.pos + self.slot[0]
         refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1:1 + k].unsqueeze(0)
@@ -200,11 +204,8 @@ class EmbeddingEnhancer(nn.Module):
         for layer in self.layers:
             q = layer(q, mem)
         pooled = self.norm(q).mean(dim=1)
-        prefix = self.prefix_head(pooled).view(b, self.config.prefix_len, self.config.lm_dim)
+        prefix = self.prefix_head(pooled).view(b, c.prefix_len, c.lm_dim)
         return self.image_head(pooled), prefix
-
-    def save(self, folder: str | Path) -> Path:
-        return _save_module(self, folder)
 
 
 def enhancer_loss(image_embed: torch.Tensor, hr_embed: torch.Tensor) -> torch.Tensor:
@@ -256,9 +257,7 @@ def generate_text(lm: Any, tokenizer: Any, prefix: torch.Tensor, max_new_tokens:
 
 def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
     """A causal LM + tokenizer from a local folder (``local_files_only``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from semsr.core.loading import ensure_offline, load_transformers_model, quiet_hf_logging, require
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional heavy dependency
 
     ensure_offline()
     quiet_hf_logging()
@@ -271,25 +270,22 @@ def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
     return lm, tok
 
 
-def _save_module(module: nn.Module, folder: str | Path) -> Path:
-    from safetensors.torch import save
+# ============================================================================ the RFA checkpoint
 
-    from semsr.eval.atomic import write_bytes, write_text
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in module.state_dict().items()}))
-    write_text(folder / "config.json", json.dumps(asdict(module.config), indent=2))  # type: ignore[arg-type]
+def save_rfa_checkpoint(folder: str | Path, components: Mapping[str, Component | None],
+                        text_decoder: str | Path | None = None) -> Path:
+    """Write an RFA checkpoint: ``components`` (``aligner`` (optional), ``enhancer``, ``adain``) with
+    :func:`~semsr.core.components.save_checkpoint`, plus a copy of the ``text_decoder`` folder (a
+    transformers causal LM + tokenizer) as ``text-decoder/``, named in the index meta."""
+    meta = {TEXT_DECODER_KEY: TEXT_DECODER_DIR} if text_decoder is not None else {}
+    folder = save_checkpoint(folder, RFA_RECIPE, components, meta=meta)
+    if text_decoder is not None:
+        shutil.copytree(require(Path(text_decoder).expanduser(), "text decoder folder"), folder / TEXT_DECODER_DIR)
     return folder
 
 
-def load_enhancer(folder: str | Path) -> EmbeddingEnhancer:
-    """Load an enhancer folder (``config.json`` + ``model.safetensors``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise UnavailableError("no enhancer checkpoint (config.json + model.safetensors)", folder)
-    model = EmbeddingEnhancer(EnhancerConfig(**json.loads((folder / "config.json").read_text())))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval()
+def text_decoder_dir(folder: str | Path, meta: Mapping[str, Any]) -> Path | None:
+    """The text decoder folder an RFA checkpoint's index ``meta`` names (None: it has none)."""
+    name = meta.get(TEXT_DECODER_KEY)
+    return Path(folder).expanduser() / str(name) if name else None

@@ -7,11 +7,12 @@ one interface (:class:`SpatialTokenizer`):
 
 - :class:`EdgeVQ` -- the project's own small VQ autoencoder (conv encoder,
   cosine-similarity codebook with EMA updates and dead-code restarts,
-  straight-through gradients, commitment loss, conv decoder). It is trained on
-  Canny + HED maps of the BSDS500 training images (``semsr train-vq``, see
-  :mod:`semsr.train.vq`) and shipped in the package
-  (``assets/weights/vq_edges.safetensors`` + ``vq_edges.json``), so the edge
-  modalities work offline: :func:`load_tokenizer` with no path loads it.
+  straight-through gradients, commitment loss, conv decoder), a
+  :class:`~semsr.core.components.Component`. It is trained on Canny + HED
+  maps of the BSDS500 training images (task ``edge-vq`` of ``semsr train``,
+  see :mod:`semsr.train.vq`) and shipped in the package
+  (``assets/weights/vq-edges/``, a component folder), so the edge modalities
+  work offline: :func:`load_tokenizer` with no path loads it.
 - :class:`DiffusersVQTokenizer` -- any diffusers ``VQModel`` (a VQGAN) from a
   local folder; the input size is chosen so the latent grid is 16x16.
 
@@ -21,20 +22,22 @@ them to its input size and adapts the channel count (grey <-> RGB).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from diffusers import VQModel
 from torch import nn
 
+from semsr.core.components import Component, load_component, register_component, register_to_config
 from semsr.core.errors import UnavailableError
-from semsr.core.io import atomic_write
+from semsr.core.loading import quiet_hf_logging
 from semsr.core.paths import assets_dir
 
-#: Name of the shipped edge tokenizer inside ``assets/weights``.
-SHIPPED_EDGE_VQ = "vq_edges"
+#: Folder of the shipped edge tokenizer inside ``assets/weights``.
+SHIPPED_EDGE_VQ = "vq-edges"
 
 
 @runtime_checkable
@@ -90,33 +93,6 @@ def prepare_maps(maps: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 # ------------------------------------------------------------------ own model
 
 
-@dataclass
-class EdgeVQConfig:
-    """Hyper-parameters of :class:`EdgeVQ` (stored as JSON beside the weights).
-
-    The encoder folds ``patch x patch`` pixels into channels (pixel unshuffle),
-    then runs ``len(channels)`` stages, each but the first halving the
-    resolution, so ``image_size == grid * patch * 2**(len(channels) - 1)``.
-    """
-
-    in_channels: int = 1
-    image_size: int = 128
-    patch: int = 2
-    channels: tuple[int, ...] = (32, 64, 128)
-    res_blocks: int = 1
-    grid: int = 16
-    embed_dim: int = 256
-    codebook_size: int = 1024
-    decay: float = 0.99
-    commitment: float = 0.25
-    dead_threshold: float = 0.03
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(self.channels)
-        if self.image_size != self.grid * self.patch * 2 ** (len(self.channels) - 1):
-            raise ValueError("image_size must equal grid * patch * 2**(len(channels) - 1)")
-
-
 class _ResBlock(nn.Module):
     """Pre-activation residual block, channels unchanged: ``(B, C, H, W)`` -> same."""
 
@@ -131,119 +107,178 @@ class _ResBlock(nn.Module):
         return x + self.body(x)
 
 
-class EMAQuantizer(nn.Module):
-    """Cosine-similarity vector quantiser with an EMA-updated codebook.
+class CodebookEMA(nn.Module):
+    """Training state of an :class:`EMAQuantizer`'s codebook (not part of the tokenizer's weights).
 
-    Vectors and codes are L2-normalised; the nearest code is the one with the
-    largest cosine similarity. In training the codebook follows an exponential
-    moving average (``decay``) of the normalised encoder outputs assigned to
-    each code, and codes whose usage EMA falls below ``dead_threshold`` are
-    restarted from random encoder outputs of the batch (keeps the codebook in
-    use). The first training batch initialises the codebook (random encoder outputs).
-    Gradients pass straight through; the commitment loss pulls encoder
-    outputs towards their codes.
+    Buffers: ``count`` ``(K,)`` usage EMA, ``total`` ``(K, dim)`` EMA of the assigned vectors,
+    ``initialised`` (the codebook was set from data). A fresh state initialises the codebook
+    from the first training batch; :meth:`resume_from` continues from a trained codebook.
+
+    Args:
+        codebook_size, dim: the codebook's shape ``(K, dim)``.
+        decay: EMA decay.
+        dead_threshold: codes whose usage EMA falls below this are restarted from random
+            vectors of the batch (keeps the codebook in use).
     """
 
     def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, dead_threshold: float = 0.03) -> None:
         super().__init__()
+        self.decay, self.dead_threshold = float(decay), float(dead_threshold)
+        self.register_buffer("count", torch.zeros(codebook_size))
+        self.register_buffer("total", torch.zeros(codebook_size, dim))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    @torch.no_grad()
+    def resume_from(self, codebook: torch.Tensor) -> CodebookEMA:
+        """Continue from a trained ``codebook`` ``(K, dim)``: sums = the codes, usage 1 each."""
+        self.total.copy_(codebook)
+        self.count.fill_(1.0)
+        self.initialised.fill_(True)
+        return self
+
+    @torch.no_grad()
+    def init_from(self, flat: torch.Tensor, codebook: torch.Tensor, generator: torch.Generator | None) -> None:
+        """Set every code to a random vector of the batch ``flat`` ``(N, dim)`` (unit norm)."""
+        pick = torch.randint(0, flat.shape[0], (codebook.shape[0],), generator=generator).to(flat.device)
+        codebook.copy_(flat[pick])
+        self.total.copy_(flat[pick])
+        self.count.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def update(self, flat: torch.Tensor, ids: torch.Tensor, codebook: torch.Tensor,
+               generator: torch.Generator | None) -> None:
+        """One EMA step with the batch ``flat`` ``(N, dim)`` assigned to codes ``ids`` ``(N,)``; writes ``codebook``."""
+        counts = torch.bincount(ids, minlength=codebook.shape[0]).type_as(flat)
+        sums = torch.zeros_like(self.total).index_add_(0, ids, flat)
+        self.count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.total.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        dead = self.count < self.dead_threshold
+        if dead.any():
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), generator=generator).to(flat.device)
+            self.total[dead] = flat[pick]
+            self.count[dead] = 0.25  # unused restarted codes are restarted again after ~100 steps
+        codebook.copy_(F.normalize(self.total, dim=1))
+
+
+class EMAQuantizer(nn.Module):
+    """Cosine-similarity vector quantiser with an EMA-updated codebook.
+
+    Vectors and codes are L2-normalised; the nearest code is the one with the
+    largest cosine similarity. In training (an ``ema`` state passed to
+    :meth:`forward`) the codebook follows an exponential moving average of the
+    normalised encoder outputs assigned to each code, with dead-code restarts
+    (:class:`CodebookEMA`); the first batch of a fresh state initialises the
+    codebook. Gradients pass straight through; the commitment loss pulls
+    encoder outputs towards their codes.
+    """
+
+    def __init__(self, codebook_size: int, dim: int) -> None:
+        super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
-        self.decay, self.dead_threshold = decay, dead_threshold
-        init = F.normalize(torch.randn(codebook_size, dim), dim=1)
-        self.register_buffer("codebook", init)
-        # Training state (not saved with the weights): usage and sums of the EMA, and whether
-        # the codebook was initialised from data (the first training batch).
-        self.register_buffer("ema_count", torch.zeros(codebook_size))
-        self.register_buffer("ema_sum", init.clone())
-        self.register_buffer("ema_initialised", torch.tensor(False))
+        self.register_buffer("codebook", F.normalize(torch.randn(codebook_size, dim), dim=1))
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code ids for vectors ``(N, dim)`` -> ``(N,)`` int64."""
         return (F.normalize(z, dim=1) @ self.codebook.t()).argmax(1)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantise ``z`` ``(B, dim, h, w)``.
+    def forward(self, z: torch.Tensor, ema: CodebookEMA | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise ``z`` ``(B, dim, h, w)``; with ``ema``, update the codebook first (training).
 
+        ``generator`` drives the random picks of codebook (re)initialisation.
         Returns ``(z_q (B, dim, h, w), ids (B, h, w), commitment loss scalar)``.
         """
         b, d, h, w = z.shape
         flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
-        if self.training and not bool(self.ema_initialised):
-            self._init_from(flat.detach())
+        if ema is not None and not bool(ema.initialised):
+            ema.init_from(flat.detach(), self.codebook, generator)
         ids = (flat.detach() @ self.codebook.t()).argmax(1)
-        if self.training:
-            self._ema_update(flat.detach(), ids)
+        if ema is not None:
+            ema.update(flat.detach(), ids, self.codebook, generator)
         q = self.codebook[ids]
         commit = F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()
         return q.view(b, h, w, d).permute(0, 3, 1, 2), ids.view(b, h, w), commit
-
-    @torch.no_grad()
-    def _init_from(self, flat: torch.Tensor) -> None:
-        """Set every code to a random vector of the batch ``flat`` ``(N, dim)`` (unit norm)."""
-        pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
-        self.codebook.copy_(flat[pick])
-        self.ema_sum.copy_(flat[pick])
-        self.ema_count.fill_(1.0)
-        self.ema_initialised.fill_(True)
-
-    @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, ids: torch.Tensor) -> None:
-        counts = torch.bincount(ids, minlength=self.codebook_size).type_as(flat)
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, ids, flat)
-        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        dead = self.ema_count < self.dead_threshold
-        if dead.any():
-            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-            self.ema_sum[dead] = flat[pick]
-            self.ema_count[dead] = 0.25  # unused restarted codes are restarted again after ~100 steps
-        self.codebook.copy_(F.normalize(self.ema_sum, dim=1))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids (any shape) -> unit codebook vectors ``(*ids.shape, dim)``."""
         return self.codebook[ids]
 
 
-class EdgeVQ(nn.Module):
+@register_component
+class EdgeVQ(Component):
     """Small VQ autoencoder for single-channel modality maps (edges by default).
 
     ``encode``: maps ``(B, C, H, W)`` in [0, 1] -> ids ``(B, 16, 16)``;
     ``decode``: ids -> maps ``(B, in_channels, image_size, image_size)`` in [0, 1];
     ``forward`` (training): prepared maps -> ``(logits, ids, commitment loss)``.
+
+    The encoder folds ``patch x patch`` pixels into channels (pixel unshuffle),
+    then runs ``len(channels)`` stages, each but the first halving the
+    resolution, so ``image_size == grid * patch * 2**(len(channels) - 1)``.
+
+    Args:
+        in_channels: map channels (1).
+        image_size: side of the maps the network reads (128).
+        patch: pixel-unshuffle factor (2).
+        channels: encoder stage widths (the decoder mirrors them).
+        res_blocks: residual blocks per stage.
+        grid: tokens per side (16).
+        embed_dim: codebook vector size (256).
+        codebook_size: number of codes (1024).
+        decay, dead_threshold: codebook EMA settings used in training (:class:`CodebookEMA`).
     """
 
-    def __init__(self, config: EdgeVQConfig | None = None) -> None:
+    @register_to_config
+    def __init__(self, in_channels: int = 1, image_size: int = 128, patch: int = 2,
+                 channels: Sequence[int] = (32, 64, 128), res_blocks: int = 1, grid: int = 16, embed_dim: int = 256,
+                 codebook_size: int = 1024, decay: float = 0.99, dead_threshold: float = 0.03) -> None:
         super().__init__()
-        self.config = cfg = config or EdgeVQConfig()
-        self.grid, self.codebook_size, self.embed_dim = cfg.grid, cfg.codebook_size, cfg.embed_dim
-        ch, p = cfg.channels, cfg.patch
-        enc: list[nn.Module] = [nn.PixelUnshuffle(p), nn.Conv2d(cfg.in_channels * p * p, ch[0], 3, padding=1)]
+        ch = tuple(int(c) for c in channels)
+        if image_size != grid * patch * 2 ** (len(ch) - 1):
+            raise ValueError("image_size must equal grid * patch * 2**(len(channels) - 1)")
+        self.grid, self.codebook_size, self.embed_dim = int(grid), int(codebook_size), int(embed_dim)
+        self.image_size, self.in_channels = int(image_size), int(in_channels)
+        p = patch
+        enc: list[nn.Module] = [nn.PixelUnshuffle(p), nn.Conv2d(in_channels * p * p, ch[0], 3, padding=1)]
         prev = ch[0]
         for i, c in enumerate(ch):
             if i > 0:
                 enc.append(nn.Conv2d(prev, c, 4, stride=2, padding=1))
-            enc += [_ResBlock(c) for _ in range(cfg.res_blocks)]
+            enc += [_ResBlock(c) for _ in range(res_blocks)]
             prev = c
-        enc += [nn.GroupNorm(8, prev), nn.SiLU(), nn.Conv2d(prev, cfg.embed_dim, 1)]
+        enc += [nn.GroupNorm(8, prev), nn.SiLU(), nn.Conv2d(prev, embed_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.decay, cfg.dead_threshold)
-        dec: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, ch[-1], 1)]
+        self.quantizer = EMAQuantizer(codebook_size, embed_dim)
+        dec: list[nn.Module] = [nn.Conv2d(embed_dim, ch[-1], 1)]
         for i in range(len(ch) - 1, -1, -1):  # mirror of the encoder
-            dec += [_ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
+            dec += [_ResBlock(ch[i]) for _ in range(res_blocks)]
             if i > 0:
                 dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i], ch[i - 1], 3, padding=1)]
-        dec += [nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.in_channels * p * p, 3, padding=1),
+        dec += [nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], in_channels * p * p, 3, padding=1),
                 nn.PixelShuffle(p)]
         self.decoder = nn.Sequential(*dec)
 
+    def new_ema(self, *, fresh: bool) -> CodebookEMA:
+        """A codebook EMA state for training this model: ``fresh`` (first batch initialises the
+        codebook) or continuing from the current codebook."""
+        ema = CodebookEMA(self.codebook_size, self.embed_dim, self.config.decay, self.config.dead_threshold)
+        ema = ema.to(self.quantizer.codebook.device)
+        return ema if fresh else ema.resume_from(self.quantizer.codebook)
+
     def prepare(self, maps: torch.Tensor) -> torch.Tensor:
         """Any-size maps -> ``(B, in_channels, image_size, image_size)`` in [0, 1]."""
-        return prepare_maps(maps, self.config.image_size, self.config.in_channels)
+        return prepare_maps(maps, self.image_size, self.in_channels)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prepared maps ``(B, C, S, S)`` -> ``(recon logits (B, C, S, S), ids (B, 16, 16), commitment)``."""
+    def forward(self, x: torch.Tensor, ema: CodebookEMA | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prepared maps ``(B, C, S, S)`` -> ``(recon logits (B, C, S, S), ids (B, 16, 16), commitment)``.
+
+        With ``ema`` (training) the codebook is updated from this batch (see :class:`EMAQuantizer`).
+        """
         z = self.encoder(x * 2.0 - 1.0)
-        q, ids, commit = self.quantizer(z)
+        q, ids, commit = self.quantizer(z, ema, generator)
         return self.decoder(q), ids, commit
 
     @torch.no_grad()
@@ -260,49 +295,10 @@ class EdgeVQ(nn.Module):
         q = self.quantizer.embed(tokens).permute(0, 3, 1, 2)
         return torch.sigmoid(self.decoder(q))
 
-    # -- persistence: <stem>.safetensors + <stem>.json
-    def save(self, path: str | Path) -> Path:
-        """Write weights (fp32 safetensors) and config JSON beside it; returns the weights path."""
-        from safetensors.torch import save_file
-
-        path = Path(path).with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith("quantizer.ema_")}
-        with atomic_write(path) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        cfg = asdict(self.config)
-        cfg["channels"] = list(cfg["channels"])
-        with atomic_write(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "EdgeVQ":
-        """Load from ``<stem>.safetensors`` + ``<stem>.json`` (either path works)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        weights, cfg_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-        if not weights.is_file() or not cfg_path.is_file():
-            raise UnavailableError("VQ tokenizer weights/config not found (.safetensors + .json)", path)
-        known = {f.name for f in fields(EdgeVQConfig)}
-        cfg = EdgeVQConfig(**{k: v for k, v in json.loads(cfg_path.read_text()).items() if k in known})
-        model = cls(cfg)
-        state = load_file(str(weights))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("quantizer.ema_") for k in missing):
-            raise UnavailableError(f"weights do not match the config (missing {missing}, unexpected {unexpected})", weights)
-        q = model.quantizer  # ready for fine-tuning: EMA state restarts from the loaded codebook
-        q.ema_sum.copy_(q.codebook)
-        q.ema_count.fill_(1.0)
-        q.ema_initialised.fill_(True)
-        return model.eval()
-
 
 def shipped_edge_vq_path() -> Path:
-    """Path of the edge tokenizer shipped in the package (``assets/weights/vq_edges.safetensors``)."""
-    return assets_dir() / "weights" / f"{SHIPPED_EDGE_VQ}.safetensors"
+    """Folder of the edge tokenizer shipped in the package (``assets/weights/vq-edges``)."""
+    return assets_dir() / "weights" / SHIPPED_EDGE_VQ
 
 
 # ------------------------------------------------------------ diffusers VQGAN
@@ -317,11 +313,7 @@ class DiffusersVQTokenizer:
     """
 
     def __init__(self, path: str | Path, grid: int = 16, device: str = "cpu") -> None:
-        from diffusers import VQModel
-
-        from semsr.core.loading import quiet_hf_logging  # also forces the hubs offline
-
-        quiet_hf_logging()
+        quiet_hf_logging()  # also forces the hubs offline
         self.path = Path(path)
         try:
             self.model = VQModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
@@ -356,18 +348,28 @@ class DiffusersVQTokenizer:
         return ((out + 1.0) / 2.0).clamp(0, 1)
 
 
+def _config_class(folder: Path) -> str | None:
+    """``_class_name`` of ``folder/config.json`` (None when unreadable)."""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(data.get("_class_name")) if isinstance(data, dict) else None
+
+
 def load_tokenizer(path: str | Path | None = None, device: str = "cpu") -> SpatialTokenizer:
     """Load a spatial tokenizer.
 
     Args:
-        path: ``None`` for the shipped edge tokenizer; a diffusers ``VQModel``
-            folder (``config.json`` with ``_class_name: VQModel``); or an
-            :class:`EdgeVQ` ``.safetensors``/``.json`` pair.
+        path: ``None`` for the shipped edge tokenizer; an :class:`EdgeVQ` component
+            folder (``config.json`` with ``_class_name: EdgeVQ``); or a diffusers
+            ``VQModel`` folder.
         device: torch device.
     """
-    if path is None:
-        return EdgeVQ.load(shipped_edge_vq_path()).to(device)
-    path = Path(path)
-    if path.is_dir():
-        return DiffusersVQTokenizer(path, device=device)
-    return EdgeVQ.load(path).to(device)
+    folder = shipped_edge_vq_path() if path is None else Path(path).expanduser()
+    if not folder.is_dir():
+        raise UnavailableError("not a VQ tokenizer folder (an EdgeVQ component or a diffusers VQModel folder)",
+                               folder)
+    if _config_class(folder) == EdgeVQ.__name__:
+        return load_component(EdgeVQ, folder).to(device)
+    return DiffusersVQTokenizer(folder, device=device)

@@ -1,7 +1,7 @@
 """MATLAB-compatible ``imresize`` (bicubic, with antialiasing when shrinking).
 
 The SR literature makes LR test images and bicubic baselines with MATLAB's
-``imresize``; PyTorch/OpenCV/PIL bicubic differ from it by up to ~0.3 dB PSNR.
+``imresize``, whose results PyTorch/OpenCV/PIL bicubic do not reproduce.
 This module reproduces MATLAB's algorithm: the cubic kernel with a = -0.5, the
 kernel stretched by 1/scale when downscaling (antialiasing), sample positions
 ``u = x / scale + 0.5 * (1 - 1 / scale)`` and symmetric padding at the borders.

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from semsr.core.errors import SemsrError
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
-from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
 from semsr.pipeline.guidance import Denoiser
+from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
 from semsr.pipeline.sampler import make_scheduler, sample
 
 #: Latent side above which the latent is tiled automatically (96 latent = 768 px).
@@ -51,8 +52,6 @@ def progress_fn(progress: Any, desc: str = "denoise") -> tuple[Callable[[int, in
         return progress, lambda: None
     if progress is False:
         return None, lambda: None
-    from tqdm.auto import tqdm
-
     bar = None
 
     def update(done: int, total: int) -> None:

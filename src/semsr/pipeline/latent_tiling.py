@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from semsr.pipeline.guidance import Denoiser
+
 Window = tuple[int, int, int, int]  # top, left, height, width
 SpatialDenoiser = Callable[[torch.Tensor, torch.Tensor, Any, Window], torch.Tensor]
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -55,7 +56,7 @@ def gaussian_weight(height: int, width: int, sigma_frac: float = 0.25, *, device
     return axis(height)[:, None] * axis(width)[None, :]
 
 
-def tiled_apply(fn: Callable[[torch.Tensor, Window], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
+def blend_windows(fn: Callable[[torch.Tensor, Window], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
                 sigma_frac: float = 0.25) -> torch.Tensor:
     """Apply ``fn(x_tile, window)`` on overlapping tiles of ``x`` and blend with Gaussian weights.
 
@@ -88,7 +89,7 @@ def tiled(spatial: SpatialDenoiser, tile: int, overlap: int) -> Denoiser:
     """Wrap a spatial denoiser so each call runs on Gaussian-blended latent tiles."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return tiled_apply(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap)
+        return blend_windows(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap)
 
     return denoise
 

@@ -1,20 +1,11 @@
-"""Precision and speed settings for inference modules.
+"""Memory-format and compile settings for inference modules (dtypes: :func:`semsr.core.dtypes.resolve_dtype`).
 
-Measured here (``benchmarks/pipeline_step.py``; 2 shared cores with AVX512-BF16,
-torch 2.13 CPU; numbers in docs/benchmarks/pipeline.md): with SD-1.5-size
-UNet + ControlNet, bf16 *weights* halve the memory (peak 3.1 GB vs 5.7 GB per
-CFG step) but were not faster than fp32 (140 s vs 104 s per step on a heavily
-loaded machine; an interleaved A/B of one SD resnet block: fp32 1.43 s, bf16
-2.08 s, bf16 channels-last 1.71 s, fp32 channels-last 1.34 s). So fp32 stays
-the default and bf16 is the low-memory option; fp16 is for GPUs only.
-diffusers already uses PyTorch SDPA attention (``AttnProcessor2_0``).
-``channels_last`` and ``torch.compile`` are options, off by default.
-``torch.compile`` on the SD-1.5 UNet (fp32, batch 2, 64x64 latent): the default
-mode compiles in ~176 s and does not win (median 0.98x); with inductor
-*freezing* (``compile="freeze"``) a forward is ~1.3x faster (16.1-16.4 s vs
-21.0-21.4 s) but peak RSS doubles (9.3 GB vs 4.6 GB) and the compile time
-(~140-180 s cold, ~73 s with a warm cache) is repaid only after 30-40 UNet
-forwards — worth it for long tiled or batch runs with RAM to spare.
+fp32 is the default precision; bf16 weights halve the memory; fp16 is for GPUs
+only. diffusers already uses PyTorch SDPA attention. ``channels_last`` and
+``torch.compile`` (``compile="default"``, or ``"freeze"`` for inductor weight
+freezing: faster forwards on CPU for twice the memory and a long compile) are
+options, off by default. Measurements behind these defaults:
+``docs/benchmarks/pipeline.md``.
 """
 from __future__ import annotations
 
@@ -23,15 +14,6 @@ from typing import Any
 import torch
 
 from semsr.core.errors import SemsrError
-from semsr.core.loading import resolve_dtype
-
-
-def check_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """Resolve ``dtype`` for ``device``; fp16 is refused on CPU (slow/unsupported kernels)."""
-    resolved = resolve_dtype(dtype)
-    if resolved == torch.float16 and torch.device(device).type == "cpu":
-        raise SemsrError("fp16 needs a GPU; on CPU use bf16 or fp32")
-    return resolved
 
 
 def compile_mode(value: bool | str | None) -> str | None:
@@ -61,14 +43,14 @@ def prepare_module(module: Any, *, device: str | torch.device = "cpu", dtype: to
     ``torch.compile`` wraps ``forward`` in place (``module.compile()``), so the
     module keeps its attributes (``config``, ``dtype``) that diffusers code reads.
     ``compile="freeze"`` also turns on inductor's weight freezing (process-wide;
-    faster on CPU, twice the memory — see the module docstring).
+    faster forwards on CPU for twice the memory).
     """
     module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     mode = compile_mode(compile)
     if mode == "freeze":
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # heavy: loads the compiler stack
 
         inductor_config.freezing = True
     if mode is not None:

@@ -1,4 +1,4 @@
-"""The denoising loop as a plain function over a diffusers scheduler, with classifier-free guidance.
+"""The denoising loop as a plain function over a diffusers scheduler.
 
 A *denoiser* is any callable ``(x_t, t, cond) -> model_output`` where ``x_t``
 is the ``(B, C, h, w)`` float32 latent, ``t`` a scalar timestep tensor and
@@ -27,7 +27,7 @@ _ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpmpp": "dpm++", "
 
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     """Build scheduler ``name`` (``ddpm`` | ``ddim`` | ``dpm++``) from an SD ``scheduler_config``."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # heavy, imported on use
 
     key = _ALIASES.get(name.lower(), name.lower())
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}

@@ -74,11 +74,11 @@ SD15_SCHEDULER: dict[str, Any] = {
 
 def random_sd15(*, with_text_encoder: bool = True) -> dict[str, Any]:
     """SD-1.5-size ``unet``, ``vae`` (and CLIP ``text_encoder``) with random weights (fp32)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy dependency, imported on use
 
     parts: dict[str, Any] = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE)}
     if with_text_encoder:
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel  # heavy dependency, imported on use
 
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
     return parts

@@ -1,4 +1,5 @@
-"""Stable Diffusion + SR ControlNet super-resolution pipeline, and the ``sd-controlnet`` method.
+"""Stable Diffusion + SR ControlNet super-resolution pipeline (preset as the ``sd-controlnet`` method
+in :mod:`semsr.methods.sd_controlnet`).
 
 Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
@@ -7,8 +8,8 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
     for t in schedule:  eps = UNet(z_t, t, context, + ControlNet(z_t, t, context, hint))   [CFG, latent tiles]
     z_0 --VAE.decode (tiled)--> image --colour fix (adain|wavelet|none) vs hint--> HR
 
-Building blocks live in sibling modules (loading, text, sampler,
-latent_tiling, colorfix, latent_sr); this module only composes them. Recipe modules
+Building blocks live in :mod:`semsr.core.loading` and sibling modules (text, sampler,
+guidance, latent_tiling, colorfix, latent_sr); this module only composes them. Recipe modules
 reuse :func:`controlnet_unet_forward` (the per-step model call, also the
 training forward for the eps-MSE loss), :func:`make_hint`,
 :class:`~semsr.pipeline.latent_sr.LatentSRPipeline` (the shared layout /
@@ -25,16 +26,17 @@ from typing import Any
 
 import torch
 
+from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
-from semsr.core.io import atomic_write_bytes
+from semsr.core.io import atomic_folder, atomic_write_bytes
+from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.core.method import ProgressFn
 from semsr.core.outputs import SROutput, compact
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint
+from semsr.pipeline.latent_sr import LatentSRPipeline
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.pipeline.options import ControlNetSROptions, latent_tile
-from semsr.pipeline.precision import check_dtype, prepare_module
+from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
 
@@ -48,27 +50,33 @@ DEFAULT_GUIDANCE = 4.5
 
 def new_controlnet(unet: Any, **kwargs: Any) -> Any:
     """A fresh SR ControlNet initialised from ``unet`` (``ControlNetModel.from_unet``; zero convs are 0)."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # heavy dependency, imported on use
 
     return ControlNetModel.from_unet(unet, **kwargs)
 
 
 def controlnet_unet_forward(unet: Any, controlnet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                             hint: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
-    """UNet noise prediction with ControlNet residuals.
+    """UNet noise prediction with ControlNet residuals: the per-step model call of inference and training.
+
+    The residuals are cast to the UNet's dtype before they are added (under
+    mixed-precision training the ControlNet's outputs come back in fp32 while
+    the frozen UNet runs in bf16/fp16; with one dtype the cast does nothing).
 
     Args:
-        x: ``(B, 4, h, w)`` noisy latent (model dtype).
+        x: ``(B, 4, h, w)`` noisy latent (the UNet's dtype).
         t: scalar or ``(B,)`` timesteps.
         context: ``(B, L, D)`` cross-attention context.
         hint: ``(B, 3, f*h, f*w)`` pixel-space hint in [0, 1] (``f`` = VAE factor).
+        conditioning_scale: ControlNet residual scale.
     Returns:
-        ``(B, 4, h, w)`` model output (epsilon or v).
+        ``(B, 4, h, w)`` model output (epsilon or v) in the UNet's dtype.
     """
     down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint,
                            conditioning_scale=conditioning_scale, return_dict=False)
-    return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid, return_dict=False)[0]
+    dtype = unet.dtype
+    return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=[d.to(dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
 
 
 class SDControlNetSR(LatentSRPipeline):
@@ -80,6 +88,7 @@ class SDControlNetSR(LatentSRPipeline):
         scheduler_config: the checkpoint's scheduler config dict.
         factor: VAE downsampling factor (8 for SD).
         scale: SR factor of a call (a build option of the method).
+        options_class: the options dataclass whose defaults a call without options uses.
     """
 
     name = "sd-controlnet"
@@ -89,12 +98,14 @@ class SDControlNetSR(LatentSRPipeline):
     def __init__(self, *, vae: Any, unet: Any, controlnet: Any, text: Any, scheduler_config: dict[str, Any],
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                  channels_last: bool = False, compile: bool | str | None = False, scale: int = 4,
-                 name: str | None = None) -> None:
+                 name: str | None = None, options_class: type[ControlNetSROptions] | None = None) -> None:
         self.scale = int(scale)
         if name is not None:
             self.name = name
+        if options_class is not None:
+            self.options_class = options_class
         self.device = torch.device(device)
-        self.dtype = check_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
         self.vae = prepare_module(vae, **prep)
         self.unet = prepare_module(unet, **prep, compile=compile)
@@ -135,10 +146,11 @@ class SDControlNetSR(LatentSRPipeline):
                 if it exists (folders written by :meth:`save_pretrained`), else a new
                 ControlNet is created from the UNet (untrained: the hint has no effect).
             base_config: config folder for single-file ``base`` (see :func:`load_sd`).
-            **kwargs: ``device``, ``dtype``, ``channels_last``, ``compile``.
+            **kwargs: ``device``, ``dtype``, ``channels_last``, ``compile``, ``scale``, ``name``,
+                ``options_class`` (see :class:`SDControlNetSR`).
         """
         device = torch.device(kwargs.get("device", "cpu"))
-        dtype = check_dtype(kwargs.get("dtype", "fp32"), device)
+        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
         comps = load_sd(base, dtype=dtype, config=base_config)
         if controlnet is None and Path(base).is_dir() and (Path(base) / "controlnet").is_dir():
             controlnet = Path(base) / "controlnet"
@@ -148,32 +160,34 @@ class SDControlNetSR(LatentSRPipeline):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write a diffusers SD folder (``vae/ unet/ scheduler/`` + text) plus ``controlnet/``.
 
-        :meth:`from_pretrained` on the folder restores an identical pipeline.
+        The folder is written whole (:func:`~semsr.core.io.atomic_folder`), replacing an
+        existing one; :meth:`from_pretrained` on it restores an identical pipeline.
         """
-        from diffusers import __version__ as diffusers_version
+        from diffusers import __version__ as diffusers_version  # heavy dependency, imported on use
 
+        if not isinstance(self.text, (CLIPTextConditioner, MiniLMTextEncoder)):
+            raise SemsrError(f"cannot save text encoder of type {type(self.text).__name__}")
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
                                  "feature_extractor": [None, None], "safety_checker": [None, None],
                                  "requires_safety_checker": False}
-        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
-        sched = make_scheduler("ddpm", self.scheduler_config)
-        sched.save_pretrained(folder / "scheduler")
-        index.update(vae=["diffusers", "AutoencoderKL"], unet=["diffusers", "UNet2DConditionModel"],
-                     scheduler=["diffusers", type(sched).__name__])
-        if isinstance(self.text, CLIPTextConditioner):
-            self.text.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-            self.text.tokenizer.save_pretrained(folder / "tokenizer")
-            index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
-        elif isinstance(self.text, MiniLMTextEncoder):
-            self.text.save_projection(folder / "text_projection")
-            index.update(text_encoder=[None, None], tokenizer=[None, None])
-        else:
-            raise SemsrError(f"cannot save text encoder of type {type(self.text).__name__}")
-        atomic_write_bytes(folder / "model_index.json", (json.dumps(index, indent=2) + "\n").encode())
+        with atomic_folder(folder) as tmp:
+            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            self.controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+            sched = make_scheduler("ddpm", self.scheduler_config)
+            sched.save_pretrained(tmp / "scheduler")
+            index.update(vae=["diffusers", "AutoencoderKL"], unet=["diffusers", "UNet2DConditionModel"],
+                         scheduler=["diffusers", type(sched).__name__])
+            if isinstance(self.text, CLIPTextConditioner):
+                self.text.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.text.tokenizer.save_pretrained(tmp / "tokenizer")
+                index.update(text_encoder=["transformers", "CLIPTextModel"],
+                             tokenizer=["transformers", "CLIPTokenizer"])
+            else:
+                self.text.save_projection(tmp / "text_projection")
+                index.update(text_encoder=[None, None], tokenizer=[None, None])
+            atomic_write_bytes(tmp / "model_index.json", (json.dumps(index, indent=2) + "\n").encode())
         return folder
 
     # ------------------------------------------------------------------ pieces

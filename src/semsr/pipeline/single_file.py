@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
-from semsr.core.loading import atomic_write_bytes
+from semsr.core.io import atomic_write_bytes
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -133,8 +134,6 @@ def save_single_file(path: str | Path, *, unet: Any, vae: Any, text_encoder: Any
     path = Path(path)
     state = to_ldm_state_dict(unet=unet, vae=vae, text_encoder=text_encoder)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
         data = save(state, metadata={"format": "pt"})
     else:
         buf = io.BytesIO()

@@ -13,23 +13,22 @@ Two encoders share one interface (``encode(prompts) -> (B, 77, D)``):
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import UnavailableError
 from semsr.core.loading import (
     SDComponents,
     ensure_offline,
-    quiet_hf_logging,
     load_checkpoint,
+    quiet_hf_logging,
     require,
-    resolve_dtype,
     save_checkpoint,
 )
 
@@ -99,7 +98,7 @@ class MiniLMTextEncoder(nn.Module):
     @classmethod
     def build(cls, width: int, *, seed: int = 0) -> MiniLMTextEncoder:
         """Load MiniLM from the package and create a fresh projection (initialised from ``seed``)."""
-        from transformers import AutoTokenizer, BertModel
+        from transformers import AutoTokenizer, BertModel  # heavy dependency, imported on use
 
         ensure_offline()
         quiet_hf_logging()

@@ -1,30 +1,34 @@
-"""Pixel-space tiling: run any :class:`~semsr.methods.Method` on images of any size.
+"""Pixel-space tiling: run any :class:`~semsr.core.method.Method` on images of any size.
 
 The image is cut into a grid of tiles of at most ``tile`` x ``tile`` pixels
 (tile sizes are spread evenly, so there is no sliver at the right/bottom
 edge). Each tile is run with ``tile_pad`` pixels of surrounding context on
 every side (less at the image border), the context is cropped off the
-upscaled tile, and the core is written straight into a preallocated output.
-Peak memory is therefore one padded tile's worth of model activations plus
-the input and output arrays; with enough context the result matches the
-untiled one (a method may state the context it needs as a ``tile_pad``
-attribute; otherwise :data:`AUTO_TILE_PAD` is used — deep GAN restorers such
-as RRDBNet need far more than Real-ESRGAN's customary 10 pixels).
+upscaled tile (``SROutput.images``), and the core is written straight into a
+preallocated output. Peak memory is therefore one padded tile's worth of
+model activations plus the input and output arrays; with enough context the
+result matches the untiled one (a method may state the context it needs as a
+``tile_pad`` attribute; otherwise :data:`AUTO_TILE_PAD` is used — deep GAN
+restorers such as RRDBNet need far more than Real-ESRGAN's customary 10 pixels).
 
+``tile``/``tile_pad`` come from the method's options (``options.tile``,
+``options.tile_pad``; ``None`` = automatic) unless given as arguments.
 Methods with ``tiles_itself = True`` (diffusion recipes tile in latent space)
-are called once with ``tile``/``tile_pad`` (input pixels; 0 = the method's
-own default) added to their run options.
+are called once, with the options object whose ``tile``/``tile_pad`` are set
+to the resolved values (input pixels; 0 = the method's own default).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from semsr.methods import Method
+from semsr.core.method import Method, ProgressFn
+from semsr.core.outputs import SROutput
 
 #: Tile side used when the caller asks for automatic tiling (``tile=None``).
 AUTO_TILE = 512
@@ -74,7 +78,7 @@ def tile_grid(h: int, w: int, tile: int) -> Iterator[tuple[tuple[int, int], tupl
 
 
 def count_tiles(h: int, w: int, tile: int) -> int:
-    """Number of tiles :func:`tiled_apply` runs for an ``h`` x ``w`` input."""
+    """Number of tiles :func:`upscale_tiled` runs for an ``h`` x ``w`` input."""
     return len(tile_spans(h, tile)) * len(tile_spans(w, tile))
 
 
@@ -97,12 +101,13 @@ def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
     return math.ceil(h * scale - 1e-9), math.ceil(w * scale - 1e-9)
 
 
-def _run(method: Method, x: torch.Tensor, run_opts: Mapping[str, Any]) -> torch.Tensor:
+def _run(method: Method, x: torch.Tensor, options: Any, progress: ProgressFn | bool | None) -> SROutput:
     device = getattr(method, "device", None)
     if device is not None:
         x = x.to(device)
     with torch.inference_mode():
-        y = method(x, **run_opts)
+        result = method(x, options, progress=progress)
+    y = result.images
     b, c, h, w = x.shape
     expected = (b, c, *scaled_size(h, w, method.scale))
     if tuple(y.shape) != expected:
@@ -110,43 +115,58 @@ def _run(method: Method, x: torch.Tensor, run_opts: Mapping[str, Any]) -> torch.
             f"method {method.name!r} returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
             f"expected {expected} (scale {method.scale})"
         )
-    return y
+    return result
 
 
-def tiled_apply(
+def _with_tiles(method: Method, options: Any, tile: int, tile_pad: int) -> Any:
+    """``options`` (or the method's default options) with ``tile``/``tile_pad`` set, for a self-tiling method."""
+    if options is None:
+        options_class = getattr(method, "options_class", None)
+        if options_class is None:
+            return None
+        options = options_class()
+    return dataclasses.replace(options, tile=tile, tile_pad=tile_pad)
+
+
+def upscale_tiled(
     method: Method,
     x: torch.Tensor,
-    tile: int | None = 0,
+    options: Any = None,
+    *,
+    tile: int | None = None,
     tile_pad: int | None = None,
-    run_opts: Mapping[str, Any] | None = None,
-    progress: bool | None = False,
+    progress: ProgressFn | bool | None = False,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> SROutput:
     """Upscale ``x`` with ``method``, tile by tile.
 
     Args:
-        method: any registered method (``scale`` = integer factor ``s``).
+        method: any method (``scale`` = factor ``s``).
         x: ``(B, C, H, W)`` float in [0, 1] (CPU); tiles are moved to
             ``method.device`` when the method has one.
+        options: the method's options object, passed to every call (``None``: defaults).
         tile: maximum tile side in input pixels; ``0`` runs the whole image,
-            ``None`` picks automatically (:func:`resolve_tile`).
+            ``None``: ``options.tile``, and when that is ``None`` too, automatic
+            (:func:`resolve_tile`).
         tile_pad: context pixels added on each side of a tile and cropped off
             after the method ran (``s * tile_pad`` output pixels); ``None``:
-            :func:`resolve_tile_pad` (seamless for the bundled restorers).
-        run_opts: per-call options passed to the method.
-        progress: show a tqdm bar per tile (``None``: only on a terminal).
+            ``options.tile_pad``, else :func:`resolve_tile_pad` (seamless for the
+            bundled restorers).
+        progress: ``callable(done, total)`` per tile (for a self-tiling method: its own
+            progress), True, ``None`` (a tqdm bar only on a terminal) or False.
         out: optional preallocated ``(B, C, s*H, s*W)`` tensor, any dtype and
             layout (e.g. a channels-last view of a ``uint8`` ``(H, W, 3)``
             NumPy array); integer outputs are quantised (see :func:`store`).
 
     Returns:
-        ``out`` (allocated as float32 when not given) holding the upscaled image.
+        :class:`~semsr.core.outputs.SROutput` whose ``images`` is ``out`` (allocated as
+        float32 when not given) holding the upscaled image; ``priors`` and
+        ``side_images`` of the first call, ``timings`` summed over the calls.
         A method with a non-integer ``scale`` is run on the whole image (tile
         edges would fall between output pixels).
     """
-    opts = dict(run_opts or {})
-    tile = resolve_tile(method, tile)
-    tile_pad = resolve_tile_pad(method, tile_pad)
+    tile = resolve_tile(method, tile if tile is not None else getattr(options, "tile", None))
+    tile_pad = resolve_tile_pad(method, tile_pad if tile_pad is not None else getattr(options, "tile_pad", None))
     b, c, h, w = x.shape
     if tile < 0 or tile_pad < 0:
         raise ValueError("tile and tile_pad must be >= 0")
@@ -157,26 +177,35 @@ def tiled_apply(
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
 
     if getattr(method, "tiles_itself", False):
-        opts.update(tile=tile, tile_pad=tile_pad)
-        opts.setdefault("progress", progress)
-        store(out, _run(method, x, opts).to(out.device))
-        return out
+        result = _run(method, x, _with_tiles(method, options, tile, tile_pad), progress)
+        store(out, result.images.to(out.device))
+        return SROutput(out, priors=result.priors, timings=result.timings, side_images=result.side_images)
 
     if not float(method.scale).is_integer():
         tile = 0
     s = int(method.scale)
     n = count_tiles(h, w, tile)
-    disable = True if n < 2 else (None if progress is None else not progress)  # None: only on a terminal
+    report = progress if callable(progress) else None
+    disable = True if n < 2 or report else (None if progress is None else not progress)  # None: only on a terminal
     bar = tqdm(total=n, desc="tiles", unit="tile", leave=False, disable=disable)
+    first: SROutput | None = None
+    timings: dict[str, float] = {}
     try:
-        for (y0, y1), (x0, x1) in tile_grid(h, w, tile):
+        for done, ((y0, y1), (x0, x1)) in enumerate(tile_grid(h, w, tile), start=1):
             py0, py1 = max(y0 - tile_pad, 0), min(y1 + tile_pad, h)
             px0, px1 = max(x0 - tile_pad, 0), min(x1 + tile_pad, w)
-            y = _run(method, x[:, :, py0:py1, px0:px1], opts)
+            result = _run(method, x[:, :, py0:py1, px0:px1], options, False)
+            y = result.images
             core = y[:, :, (y0 - py0) * s : (y1 - py0) * s, (x0 - px0) * s : (x1 - px0) * s]
             store(out[:, :, y0 * s : y1 * s, x0 * s : x1 * s], core.to(out.device))
-            del y, core
+            first = first or result
+            for key, value in result.timings.items():
+                timings[key] = timings.get(key, 0.0) + float(value)
+            del y, core, result
             bar.update(1)
+            if report is not None:
+                report(done, n)
     finally:
         bar.close()
-    return out
+    assert first is not None
+    return SROutput(out, priors=first.priors, timings=timings, side_images=first.side_images)

@@ -36,11 +36,13 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from semsr.core.errors import InputError, UnavailableError
+from semsr.core.fingerprint import image_key
 from semsr.core.io import Picture, atomic_write
 from semsr.core.paths import cache_dir, weights_dir
-from semsr.core.fingerprint import image_key
 from semsr.core.registry import Registry
 
 PriorKind = Literal["text", "spatial", "embedding", "tags"]
@@ -202,8 +204,6 @@ class PriorSink(Protocol):
 
 def save_result(result: PriorResult, path: Path) -> None:
     """Write ``result`` atomically: ``.safetensors`` for tensors, ``.json`` otherwise."""
-    from safetensors.torch import save_file
-
     if isinstance(result.value, torch.Tensor):
         meta = {"kind": result.kind, "meta": json.dumps(dict(result.meta))}
         tensor = result.value.detach().cpu().contiguous()
@@ -221,8 +221,6 @@ def save_result(result: PriorResult, path: Path) -> None:
 def load_result(path: Path) -> PriorResult:
     """Read a result written by :func:`save_result`."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             value = f.get_tensor("value")

@@ -19,7 +19,6 @@ the ``model`` option (``--depth-model`` / ``--seg-model``) or, when absent,
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,26 @@ import torch
 import torch.nn.functional as F
 
 from semsr.core.errors import UnavailableError
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
-from semsr.priors.base import model_folder
+from semsr.core.fingerprint import fingerprint
+from semsr.core.loading import quiet_hf_logging
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
 
 _REVISION = "1"
 
 
-def _folder_fingerprint(path: Path) -> str:
-    """Short hash of a model folder's config and weight-file sizes (for cache versions)."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 def _load(path: Path, auto_classes: tuple[Any, ...], what: str) -> tuple[Any, Any]:
     """Load model + image processor from ``path`` with the first auto class that accepts its config."""
-    from transformers import AutoConfig, AutoImageProcessor
+    from transformers import AutoConfig, AutoImageProcessor  # heavy dependency: loaded with a model
 
-    from semsr.core.loading import quiet_hf_logging  # also forces the hubs offline
-
-    quiet_hf_logging()
+    quiet_hf_logging()  # also forces the hubs offline
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for auto in auto_classes:
         if type(config) in auto._model_mapping:
@@ -102,11 +100,11 @@ class DepthProvider(_DenseModelProvider):
     name = "depth"
 
     def __init__(self, model: str | Path | None = None, invert: bool = False, device: str = "cpu") -> None:
-        from transformers import AutoModelForDepthEstimation
+        from transformers import AutoModelForDepthEstimation  # heavy dependency: loaded with a model
 
         self._load_model(model, "--depth-model", (AutoModelForDepthEstimation,), "depth-estimation", device)
         self.invert = bool(invert)
-        self.version = f"{_REVISION};{_folder_fingerprint(self.path)};inv={int(self.invert)}"
+        self.version = f"{_REVISION};{fingerprint([self.path])};inv={int(self.invert)}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:
@@ -154,13 +152,16 @@ class SegProvider(_DenseModelProvider):
     name = "seg"
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu") -> None:
-        from transformers import AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation
+        from transformers import (  # heavy dependency: loaded with a model
+            AutoModelForSemanticSegmentation,
+            AutoModelForUniversalSegmentation,
+        )
 
         self._load_model(model, "--seg-model", (AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation),
                          "segmentation", device)
         self.id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         self.palette = label_palette(max(len(self.id2label), 1) + 1)
-        self.version = f"{_REVISION};{_folder_fingerprint(self.path)}"
+        self.version = f"{_REVISION};{fingerprint([self.path])}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semsr.core.fingerprint import fingerprint
+from semsr.models.hed import HED, default_weights_path
 from semsr.priors.base import (
     DEVICE_OPTION,
     PriorResult,
@@ -48,7 +50,7 @@ _HED_REVISION = "1"
 
 def _grey_u8(image: torch.Tensor) -> np.ndarray:
     """RGB ``(1, 3, H, W)`` in [0, 1] -> OpenCV grey ``uint8`` ``(H, W)`` (BT.601 luma)."""
-    import cv2
+    import cv2  # heavy dependency: loaded when an edge map is computed
 
     rgb = (image[0].detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
     return cv2.cvtColor(np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2GRAY)
@@ -67,7 +69,7 @@ def canny_thresholds(
     See the module docstring for the two rules (``"percentile"``, ``"median"``).
     Returns ``(low, high)`` in the units ``cv2.Canny(..., L2gradient=True)`` uses.
     """
-    import cv2
+    import cv2  # heavy dependency: loaded when an edge map is computed
 
     if mode == "median":
         v = float(np.median(grey))
@@ -94,7 +96,7 @@ def canny_edges(
     Returns the binary edge map ``(1, 1, H, W)`` float in {0, 1} and the
     ``(low, high)`` thresholds used. Deterministic (pure OpenCV on uint8).
     """
-    import cv2
+    import cv2  # heavy dependency: loaded when an edge map is computed
 
     check_image(image)
     grey = _grey_u8(image)
@@ -164,14 +166,11 @@ class HEDProvider:
     kind = "spatial"
 
     def __init__(self, weights: str | Path | None = None, max_side: int = 1024, device: str = "cpu") -> None:
-        from semsr.models.hed import HED, default_weights_path
-
         self.weights = Path(weights) if weights is not None else default_weights_path()
         self.max_side = int(max_side)
         self.device = torch.device(device)
         self.model = HED.from_h5(self.weights).to(self.device)
-        stat = self.weights.stat()
-        self.version = f"{_HED_REVISION};w={self.weights.name}:{stat.st_size};max={self.max_side}"
+        self.version = f"{_HED_REVISION};w={fingerprint([self.weights])};max={self.max_side}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:

@@ -27,10 +27,8 @@ looks. With ``d = 1`` (level
 "none") the image is observed at its own resolution, the usual case of an LR
 input. The JPEG quantises part of the noise away (a heavy JPEG leaves little of
 a slight noise), so the noise label is the level of the std the JPEG left
-visible (:func:`semsr.train.irpad.degrade_visible`), not of the std added.
-(A first design added the noise after the JPEG and resampled after it: that
-hides the JPEG's block grid and quantisation lattice, and its JPEG levels
-reached only 0.49-0.63 held-out accuracy.) Parameters and their intervals (:data:`LEVELS`):
+visible (:func:`semsr.train.irpad.degrade_visible`), not of the std added
+(why this order: docs/irpad.md). Parameters and their intervals (:data:`LEVELS`):
 
 ============  =====================================  =======  ============  ============  ============
 type          parameter                              none     slight        moderate      heavy
@@ -44,7 +42,7 @@ downscale     resize factor d (down, then back up)   1        1.8 - 2.2     2.8 
 The intervals leave gaps between levels on purpose (the brief of DaLPSR's
 follow-up: choose *distinguishable* degrees): a parameter inside a gap is
 outside the training distribution and is labelled with the nearest interval
-(:func:`level_of`; ``semsr bench-irpad --contiguous`` measures that case).
+(:func:`level_of`; ``semsr bench irpad --contiguous`` measures that case).
 
 Model
 -----
@@ -53,21 +51,22 @@ four stride-2 stages, global mean+std pooling) with one linear classification
 head per type; next to the RGB input it sees fixed forensic filters (a
 high-pass residual, 8-px line gradients) and, before the heads, the JPEG
 quantisation-lattice scores of :mod:`semsr.priors.jpeg_lattice`. :class:`IRPADEstimator` runs it on an image of any size by
-averaging log-probabilities over a grid of ``crop x crop`` windows. Trained
-weights ship in ``semsr/assets/weights/irpad/`` (``model.safetensors`` +
-``config.json``; the config also carries the levels and their phrases, so a
-retrained model with other intervals describes itself).
+averaging log-probabilities over a grid of ``crop x crop`` windows. The network
+is a :class:`~semsr.core.components.Component`: a weights folder is
+``config.json`` + ``diffusion_pytorch_model.safetensors`` (``save_pretrained`` /
+:func:`load_irpad`); trained weights ship in ``semsr/assets/weights/irpad/``.
+The config also carries the levels and their phrases (so a retrained model
+with other intervals describes itself) and the record of how the weights were
+trained.
 
 The text prior ``"irpad"`` (:class:`IRPADProvider`) returns the description and,
 in ``meta``, the predicted level and probabilities per type.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +74,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semsr.data.degradations.jpeg import RGB2YCC
+from semsr.core.components import Component, load_component, register_component, register_to_config
 from semsr.core.errors import UnavailableError
+from semsr.core.fingerprint import fingerprint
 from semsr.core.paths import assets_dir
+from semsr.data.degradations.jpeg import RGB2YCC
 from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
 from semsr.priors.jpeg_lattice import JPEGLattice
 
@@ -190,14 +191,32 @@ def level_of(kind: str, value: float, table: Mapping[str, Sequence[Level]] | Non
 
 # --------------------------------------------------------------------------- network
 
+#: Config keys of an :class:`IRPADNet` (the architecture and label space; ``training`` is a free-form record).
+CONFIG_KEYS = ("channels", "hidden", "crop", "highpass", "lines", "lattice", "lattice_bins", "levels", "types",
+               "parameters", "training")
 
-@dataclass
-class IRPADConfig:
-    """Architecture + label space of an :class:`IRPADNet` (saved as ``config.json``).
 
-    Attributes:
-        channels: widths of the full-resolution conv and the four stride-2 stages.
+def _conv_bn(ci: int, co: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True)]
+
+
+@register_component
+class IRPADNet(Component):
+    """Multi-head degradation-degree classifier.
+
+    ``forward(x)`` takes ``(B, 3, H, W)`` float in [0, 1] (any ``H, W >= 16``) and
+    returns ``{type: logits (B, n_levels(type))}``. The input (and, with
+    ``highpass`` / ``lines``, fixed forensic filters of it: a high-pass residual,
+    8-px line averages of the luma gradient) goes through one full-resolution
+    conv and ``len(channels) - 1`` stages of (stride-2 conv, conv), all 3x3 +
+    BatchNorm + ReLU; mean and std over space (and, with ``lattice``, the JPEG
+    lattice scores through a linear layer) feed a shared layer and one linear
+    head per type.
+
+    Args (the component config, ``model.config.<name>``):
+        channels: widths of the full-resolution conv and the stride-2 stages.
         hidden: width of the shared layer before the heads.
+        crop: window size (px) the network was trained on and is run on.
         highpass: also feed a fixed second-order high-pass residual of the
             input (the "KV" kernel of image forensics), which exposes noise and
             JPEG block edges from the first layer on.
@@ -209,94 +228,77 @@ class IRPADConfig:
             (:class:`semsr.priors.jpeg_lattice.JPEGLattice`, ``lattice_bins``
             candidate quality scales) and feed the scores, through a small
             learned layer, next to the pooled CNN features.
-        crop: window size (px) the network was trained on and is run on.
-        levels: the label space (``LEVELS`` as JSON) including the phrases.
-        parameters: what each type's parameter means.
+        levels: the label space (``LEVELS`` as JSON, :func:`levels_to_json`) including
+            the phrases; default :data:`LEVELS`.
+        types: the order of the types (heads, phrases of a description); default: the
+            order of ``levels`` (recorded because JSON configs are written with sorted keys).
+        parameters: what each type's parameter means; default :data:`PARAMETERS`.
         training: free-form record of how the weights were trained.
     """
 
-    channels: tuple[int, ...] = (16, 32, 48, 64, 96)
-    hidden: int = 128
-    crop: int = 64
-    highpass: bool = True
-    lines: bool = True
-    lattice: bool = True
-    lattice_bins: int = 128
-    levels: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: levels_to_json(LEVELS))
-    parameters: dict[str, str] = field(default_factory=lambda: dict(PARAMETERS))
-    training: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def types(self) -> tuple[str, ...]:
-        return tuple(self.levels)
-
-    def level_table(self) -> dict[str, tuple[Level, ...]]:
-        return levels_from_json(self.levels)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return {"model_type": "semsr-irpad", **d}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> IRPADConfig:
-        keys = {"channels", "hidden", "crop", "highpass", "lines", "lattice", "lattice_bins", "levels", "parameters",
-                "training"}
-        kw = {k: v for k, v in data.items() if k in keys}
-        if "channels" in kw:
-            kw["channels"] = tuple(int(c) for c in kw["channels"])
-        return cls(**kw)
-
-
-def _conv_bn(ci: int, co: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True)]
-
-
-class IRPADNet(nn.Module):
-    """Multi-head degradation-degree classifier.
-
-    ``forward(x)`` takes ``(B, 3, H, W)`` float in [0, 1] (any ``H, W >= 16``) and
-    returns ``{type: logits (B, n_levels(type))}``. The input (and, with
-    ``config.highpass`` / ``config.lines``, fixed forensic filters of it: a
-    high-pass residual, 8-px line averages of the luma gradient) goes through one full-resolution
-    conv and ``len(channels) - 1`` stages of (stride-2 conv, conv), all 3x3 +
-    BatchNorm + ReLU; mean and std over space (and, with ``config.lattice``, the
-    JPEG lattice scores through a linear layer) feed a shared layer and one
-    linear head per type.
-    """
-
-    def __init__(self, config: IRPADConfig | None = None) -> None:
+    @register_to_config
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 48, 64, 96),
+        hidden: int = 128,
+        crop: int = 64,
+        highpass: bool = True,
+        lines: bool = True,
+        lattice: bool = True,
+        lattice_bins: int = 128,
+        levels: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        types: Sequence[str] | None = None,
+        parameters: Mapping[str, str] | None = None,
+        training: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.config = config or IRPADConfig()
-        ch = self.config.channels
-        if self.config.highpass:
+        levels = levels_to_json(LEVELS) if levels is None else {t: list(lv) for t, lv in levels.items()}
+        types = list(levels) if types is None else list(types)
+        if sorted(types) != sorted(levels):
+            raise ValueError(f"IRPAD types {types} do not match the level table's {sorted(levels)}")
+        self.register_to_config(levels=levels, types=types,  # the defaults too: the file describes the model
+                                parameters=dict(PARAMETERS) if parameters is None else dict(parameters),
+                                training={} if training is None else dict(training))
+        ch = tuple(int(c) for c in channels)
+        if highpass:
             kv = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]]) / 4.0
             self.register_buffer("kv", kv.expand(3, 1, 3, 3).clone(), persistent=False)
         self.register_buffer("luma", torch.tensor(RGB2YCC[0]).view(1, 3, 1, 1), persistent=False)
-        if self.config.lines:
+        if lines:
             line = torch.cat([-torch.ones(8, 1), torch.ones(8, 1)], dim=1) / 8.0  # (8, 2): d/dx, mean over 8 rows
             self.register_buffer("line_x", line.view(1, 1, 8, 2).clone(), persistent=False)
             self.register_buffer("line_y", line.t().contiguous().view(1, 1, 2, 8).clone(), persistent=False)
-        n_in = 3 + 3 * int(self.config.highpass) + 2 * int(self.config.lines)
+        n_in = 3 + 3 * int(highpass) + 2 * int(lines)
         layers = _conv_bn(n_in, ch[0], 1)
         for ci, co in zip(ch, ch[1:]):
             layers += _conv_bn(ci, co, 2) + _conv_bn(co, co, 1)
         self.features = nn.Sequential(*layers)
         n_pooled = 2 * ch[-1]
-        if self.config.lattice:
-            self.lattice = JPEGLattice(bins=self.config.lattice_bins)
-            self.lattice_proj = nn.Sequential(nn.Linear(self.lattice.out_features, 64), nn.ReLU(inplace=True))
+        if lattice:
+            # named jpeg_lattice: ``lattice`` is the config flag (it has no weights, so no state-dict key)
+            self.jpeg_lattice = JPEGLattice(bins=lattice_bins)
+            self.lattice_proj = nn.Sequential(nn.Linear(self.jpeg_lattice.out_features, 64), nn.ReLU(inplace=True))
             n_pooled += 64
-        self.shared = nn.Sequential(nn.Linear(n_pooled, self.config.hidden), nn.ReLU(inplace=True))
-        self.heads = nn.ModuleDict({t: nn.Linear(self.config.hidden, len(lv))
-                                    for t, lv in self.config.levels.items()})
+        self.shared = nn.Sequential(nn.Linear(n_pooled, hidden), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, len(levels[t])) for t in types})
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The degradation types of the heads, in order."""
+        return tuple(self.config.types)
+
+    def level_table(self) -> dict[str, tuple[Level, ...]]:
+        """The label space as :class:`Level` tuples per type, in :attr:`types` order."""
+        table = levels_from_json(self.config.levels)
+        return {t: table[t] for t in self.types}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
         inp = x * 2.0 - 1.0
-        if self.config.highpass:  # residual x 16: noise of std 2/255 becomes ~0.1
+        if cfg.highpass:  # residual x 16: noise of std 2/255 becomes ~0.1
             hp = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.kv, groups=3) * 16.0
             inp = torch.cat([inp, hp], dim=1)
-        if self.config.lines:  # pad (left, right, top, bottom) so the output keeps the input size
+        if cfg.lines:  # pad (left, right, top, bottom) so the output keeps the input size
             y = (x * self.luma).sum(1, keepdim=True)
             lx = F.conv2d(F.pad(y, (0, 1, 3, 4), mode="replicate"), self.line_x) * 16.0
             ly = F.conv2d(F.pad(y, (3, 4, 0, 1), mode="replicate"), self.line_y) * 16.0
@@ -304,8 +306,8 @@ class IRPADNet(nn.Module):
         f = self.features(inp)
         flat = f.flatten(2)
         parts = [flat.mean(-1), flat.std(-1, unbiased=False)]
-        if self.config.lattice:
-            parts.append(self.lattice_proj(self.lattice(x)))
+        if cfg.lattice:
+            parts.append(self.lattice_proj(self.jpeg_lattice(x)))
         h = self.shared(torch.cat(parts, dim=1))
         return {t: head(h) for t, head in self.heads.items()}
 
@@ -315,47 +317,17 @@ def default_weights_dir() -> Path:
     return assets_dir() / "weights" / "irpad"
 
 
-def save_irpad(model: IRPADNet, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically per file)."""
-    from safetensors.torch import save_file
-
-    from semsr.core.io import atomic_write
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_write(folder / "config.json") as tmp:
-        tmp.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
 def load_irpad(folder: str | Path | None = None, device: str | torch.device = "cpu") -> IRPADNet:
-    """Load an :class:`IRPADNet` (eval mode) from ``folder`` (default: the shipped weights)."""
-    from safetensors.torch import load_file
-
+    """Load an :class:`IRPADNet` (eval mode) from a component folder (default: the shipped weights)."""
     folder = Path(folder).expanduser() if folder is not None else default_weights_dir()
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise UnavailableError("no IRPAD weights (need config.json and model.safetensors; "
-                               "train them with `semsr train-irpad`)", folder)
-    config = IRPADConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-    model = IRPADNet(config)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except RuntimeError as err:
-        raise UnavailableError(f"IRPAD weights do not match config.json ({str(err).splitlines()[0]})",
-                               folder) from None
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise UnavailableError("no IRPAD weights (need config.json and .safetensors weights; "
+                               "train them with `semsr train --config configs/irpad.yaml`)", folder)
+    model = load_component(IRPADNet, folder)
+    with torch.no_grad():  # own, aligned storage: SIMD kernels give other roundings on the file's offsets
+        for t in (*model.parameters(), *model.buffers()):
+            t.data = t.data.clone()
     return model.to(device).eval()
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """Short hash of an IRPAD folder's config and weights (for cache versions)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        h.update((folder / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- inference
@@ -415,8 +387,7 @@ class IRPADPrediction:
         return {t: table[t][i].name for t, i in self.levels.items()}
 
 
-#: Flips/transpositions averaged per analysis window by default: eight passes of a 0.3 M-parameter network
-#: per window (~0.7 s for a 512-px image on one CPU core) lift the held-out blur accuracy by about a point.
+#: Flips/transpositions averaged per analysis window by default (their effect and cost: docs/irpad.md).
 DEFAULT_FLIPS = 8
 
 
@@ -425,7 +396,7 @@ class IRPADEstimator:
 
     Args:
         model: the network, or ``None`` to load ``weights`` (default: shipped).
-        weights: folder with ``config.json`` + ``model.safetensors``.
+        weights: an :class:`IRPADNet` component folder (:func:`load_irpad`).
         max_crops: windows averaged per image (see :func:`crop_grid`).
         flips: also average over this many flips/transpositions of each window
             (1 = none, up to 8; see :func:`dihedral`; default :data:`DEFAULT_FLIPS`).
@@ -440,7 +411,7 @@ class IRPADEstimator:
         self.device = torch.device(device)
         self.model = (model if model is not None else load_irpad(weights, self.device)).eval()
         self.config = self.model.config
-        self.table = self.config.level_table()
+        self.table = self.model.level_table()
         self.max_crops = int(max_crops)
 
     def windows(self, image: torch.Tensor) -> torch.Tensor:
@@ -498,7 +469,7 @@ class IRPADProvider:
         folder = Path(weights).expanduser() if weights is not None else default_weights_dir()
         self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, flips=flips, device=device)
         self.omit_none = bool(omit_none)
-        self.version = (f"{_REVISION};{weights_fingerprint(folder)};none={int(not self.omit_none)};"
+        self.version = (f"{_REVISION};{fingerprint([folder])};none={int(not self.omit_none)};"
                         f"crops={self.estimator.max_crops};flips={self.estimator.flips}")
 
     def __call__(self, image: torch.Tensor) -> PriorResult:

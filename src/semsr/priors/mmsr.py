@@ -67,13 +67,19 @@ class ModalityTokens:
         return out
 
     @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(vectors, maps)``: per modality the codebook vectors
+        ``(B, grid*grid, embed_dim)`` float32 and the maps they encode ``(B, C, H, W)`` in [0, 1]."""
+        maps = self.maps(images)
+        vectors = {}
+        for m, value in maps.items():
+            ids = self.tokenizer.encode(value)
+            vectors[m] = self.tokenizer.embed(ids).float().cpu()
+        return vectors, maps
+
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` in [0, 1] -> per modality codebook vectors ``(B, grid*grid, embed_dim)`` float32."""
-        out = {}
-        for m, maps in self.maps(images).items():
-            ids = self.tokenizer.encode(maps)
-            out[m] = self.tokenizer.embed(ids).float().cpu()
-        return out
+        return self.encode(images)[0]
 
 
 def find_model_folder(name: str, given: str | Path | None, near: Sequence[Path]) -> Path | None:

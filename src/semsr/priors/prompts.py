@@ -30,8 +30,11 @@ low        ``low_source="vlm"``: VLM quality answer     IRPAD description
 =========  ===========================================  ==========================================
 
 XPSR uses ``low_source="vlm"``, DaLPSR ``low_source="irpad"`` with a tagger.
-``user_mode="replace"`` makes a user prompt replace the caption (the VLM is
-then not asked for the high-level prompt of that image).
+The user prompt of an image is an argument of each call
+(``priors(image, prompt)``; a :class:`UserPrompts` picks it per file), so one
+:class:`TextPriors` serves any number of callers. ``user_mode="replace"``
+makes a user prompt replace the caption (the VLM is then not asked for the
+high-level prompt of that image).
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ import torch
 
 from semsr.core.errors import InputError, UnavailableError
 from semsr.priors.base import CachedProvider, cached
+from semsr.priors.irpad import IRPADProvider
+from semsr.priors.tagger import TagsProvider
+from semsr.priors.vlm import DEFAULT_MAX_NEW_TOKENS, VLMTextProvider, vlm_folder
 
 _FILE_KEYS = ("file", "filename", "image", "name", "path")
 _PROMPT_KEYS = ("prompt", "caption", "text")
@@ -190,7 +196,6 @@ class TextPriors:
         tagger: tagger folder (optional).
         low_source: ``"vlm"`` (XPSR) or ``"irpad"`` (DaLPSR).
         irpad_weights: IRPAD folder (default: shipped weights).
-        user: user prompts (``--prompt`` / sidecar).
         user_mode: ``"prepend"`` (user prompt, then caption) or ``"replace"``.
         high_instruction, low_instruction: VLM instructions (default: XPSR's).
         use_tags_with_vlm: let the tags steer the caption instruction (DaLPSR).
@@ -204,7 +209,6 @@ class TextPriors:
         tagger: str | Path | None = None,
         low_source: str = "vlm",
         irpad_weights: str | Path | None = None,
-        user: UserPrompts | None = None,
         user_mode: str = "prepend",
         high_instruction: str | None = None,
         low_instruction: str | None = None,
@@ -214,16 +218,11 @@ class TextPriors:
         dtype: str = "float32",
         cache: bool = True,
     ) -> None:
-        from semsr.priors.irpad import IRPADProvider
-        from semsr.priors.tagger import TagsProvider
-        from semsr.priors.vlm import DEFAULT_MAX_NEW_TOKENS, VLMTextProvider, vlm_folder
-
         if low_source not in ("vlm", "irpad"):
             raise ValueError(f"low_source must be 'vlm' or 'irpad', got {low_source!r}")
         if user_mode not in ("prepend", "replace"):
             raise ValueError(f"user_mode must be 'prepend' or 'replace', got {user_mode!r}")
         wrap = cached if cache else (lambda p: p)
-        self.user = user or UserPrompts()
         self.user_mode = user_mode
         self.low_source = low_source
         self.tags: Any = wrap(TagsProvider(tagger, device=device)) if tagger is not None else None
@@ -260,9 +259,10 @@ class TextPriors:
         """The providers in use (for cache statistics and versions)."""
         return [p for p in (self.tags, self.caption, self.quality, self.irpad) if p is not None]
 
-    def __call__(self, image: torch.Tensor, path: str | Path | None = None) -> TextConditions:
-        """Prompts for ``image`` ``(1, 3, H, W)`` in [0, 1]; ``path`` selects the user prompt."""
-        user = self.user.get(path)
+    def __call__(self, image: torch.Tensor, prompt: str | None = None) -> TextConditions:
+        """Prompts for ``image`` ``(1, 3, H, W)`` in [0, 1] with the user's ``prompt`` for it, used as
+        given (``None`` or ``""``: none; e.g. ``UserPrompts.get(path)`` picks it per file)."""
+        user = prompt or None
         tags: tuple[str, ...] = tuple(self.tags(image).value) if self.tags is not None else ()
         if self.caption is not None and not (user and self.user_mode == "replace"):
             result = self.caption(image)

@@ -15,11 +15,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from semsr.core.errors import UnavailableError
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
-from semsr.priors.base import model_folder
+from semsr.core.fingerprint import fingerprint
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TOP_K = 10
@@ -30,6 +40,12 @@ THRESHOLD_OPTION = ProviderOption("tag_threshold", "--tag-threshold",
                                   f"tag score threshold (default {DEFAULT_THRESHOLD})", float)
 TOP_K_OPTION = ProviderOption("tag_top_k", "--tag-top-k", f"keep at most this many tags (default {DEFAULT_TOP_K})",
                               int)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(1, 3, H, W)`` float in [0, 1] -> RGB ``PIL.Image`` (the input of image processors)."""
+    arr = (image[0].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def tagger_folder(path: str | Path | None) -> Path:
@@ -53,9 +69,11 @@ class TagsProvider:
 
     def __init__(self, tagger: str | Path | None = None, threshold: float | None = None, top_k: int | None = None,
                  device: str = "cpu") -> None:
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
-        from semsr.priors.vlm import folder_fingerprint
+        from transformers import (  # heavy dependency: imported when a tagger is built
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModelForImageClassification,
+        )
 
         self.path = tagger_folder(tagger)
         config = AutoConfig.from_pretrained(self.path, local_files_only=True)
@@ -73,14 +91,12 @@ class TagsProvider:
         self.labels = {int(k): str(v) for k, v in (config.id2label or {}).items()}
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         self.top_k = DEFAULT_TOP_K if top_k is None else int(top_k)
-        self.version = (f"{_REVISION};{folder_fingerprint(self.path)};th={self.threshold:g};k={self.top_k};"
+        self.version = (f"{_REVISION};{fingerprint([self.path])};th={self.threshold:g};k={self.top_k};"
                         f"ml={int(self.multi_label)}")
 
     @torch.no_grad()
     def scores(self, image: torch.Tensor) -> torch.Tensor:
         """Per-label scores ``(num_labels,)`` in [0, 1] for ``image`` ``(1, 3, H, W)`` in [0, 1]."""
-        from semsr.priors.vlm import to_pil
-
         check_image(image)
         inputs = self.processor(images=to_pil(image), return_tensors="pt").to(self.device)
         logits = self.model(**inputs).logits[0].float().cpu()

@@ -31,20 +31,26 @@ caption and quality providers of one process (:func:`load_vlm` is cached).
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from semsr.core.errors import UnavailableError
-from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, ProviderSpec, check_image, register_provider
-from semsr.priors.base import model_folder
-from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION
+from semsr.core.fingerprint import fingerprint
+from semsr.priors.base import (
+    DEVICE_OPTION,
+    PriorResult,
+    ProviderOption,
+    ProviderSpec,
+    check_image,
+    model_folder,
+    register_provider,
+)
+from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, TagsProvider, to_pil
 
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
 LOW_LEVEL_INSTRUCTION = ("Please describe the quality of this image and evaluate it based on factors such as "
@@ -61,19 +67,8 @@ def vlm_folder(path: str | Path | None) -> Path:
                                      "folder written by save_pretrained (e.g. a LLaVA checkpoint)")
 
 
-def folder_fingerprint(path: Path) -> str:
-    """Short hash of a model folder's configs and weight-file sizes (for cache versions)."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.jinja")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 def _vlm_auto_classes() -> list[Any]:
-    import transformers
+    import transformers  # heavy dependency: imported when a VLM is loaded
 
     return [getattr(transformers, n) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
             if hasattr(transformers, n)]
@@ -92,7 +87,7 @@ class LoadedVLM:
 @lru_cache(maxsize=2)
 def load_vlm(path: str, device: str = "cpu", dtype: str = "float32") -> LoadedVLM:
     """Load model + processor from a local folder (cached per ``(path, device, dtype)``)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor  # heavy dependency: imported when a VLM is loaded
 
     folder = vlm_folder(path)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -108,14 +103,6 @@ def load_vlm(path: str, device: str = "cpu", dtype: str = "float32") -> LoadedVL
         raise UnavailableError(f"cannot load the processor of the VLM ({err})", folder) from None
     dev = torch.device(device)
     return LoadedVLM(model.to(dev).eval(), processor, folder, dev)
-
-
-def to_pil(image: torch.Tensor):  # -> PIL.Image.Image
-    """``(1, 3, H, W)`` float in [0, 1] -> RGB ``PIL.Image``."""
-    from PIL import Image
-
-    arr = (image[0].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def build_prompt(processor: Any, instruction: str) -> str:
@@ -190,8 +177,6 @@ class VLMTextProvider:
         self.vlm = load_vlm(str(self.path), device, dtype)
         self.tagger: Any = None
         if isinstance(tagger, (str, Path)):
-            from semsr.priors.tagger import TagsProvider
-
             self.tagger = TagsProvider(tagger, threshold=tag_threshold, top_k=tag_top_k, device=device)
         elif tagger is not None:  # an already built (possibly cached) tags provider
             self.tagger = tagger
@@ -200,7 +185,7 @@ class VLMTextProvider:
         self.tag_template = tag_template
         self.max_new_tokens = int(max_new_tokens)
         tag_part = f";tags={self.tagger.version};tt={tag_template}" if self.tagger else ""
-        self.version = (f"{_REVISION};{folder_fingerprint(self.path)};{dtype};n={self.max_new_tokens};"
+        self.version = (f"{_REVISION};{fingerprint([self.path])};{dtype};n={self.max_new_tokens};"
                         f"i={self.instruction}{tag_part}")
 
     def steered_instruction(self, image: torch.Tensor) -> tuple[str, tuple[str, ...]]:

@@ -28,7 +28,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -37,9 +36,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from semsr.core.errors import SemsrError
+from semsr.core.io import atomic_move
+from semsr.core.loading import load_sd
 from semsr.core.paths import cache_dir
+from semsr.pipeline.single_file import save_single_file
+from semsr.pipeline.text import MiniLMTextEncoder
 
 TinyWriter = Callable[[Path], None]
 
@@ -110,8 +114,9 @@ def ensure_tiny(name: str) -> Path:
     """The tiny component ``name`` in :func:`tiny_cache_dir`, written on first use.
 
     Every component registered before ``name`` that is missing is written first (writers may
-    read earlier entries); each one is written into a private temporary folder and renamed into
-    place, so concurrent processes (``accelerate launch``) never see a partial component.
+    read earlier entries); each one is written into a private temporary folder and moved into
+    place (:func:`~semsr.core.io.atomic_move`; the first process to finish wins), so concurrent
+    processes (``accelerate launch``) never see a partial component.
     """
     names = tiny_names()
     if name not in names:
@@ -130,11 +135,7 @@ def ensure_tiny(name: str) -> Path:
                     (tmp / have).symlink_to(root / have)
             with torch.random.fork_rng():  # the writers seed torch; keep the caller's RNG untouched
                 write_tiny_models(tmp, [dep])
-            try:
-                os.rename(tmp / dep, root / dep)
-            except OSError:
-                if not (root / dep).exists():
-                    raise
+            atomic_move(tmp / dep, root / dep, replace=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root / name
@@ -217,7 +218,7 @@ def write_clip_tokenizer_files(folder: Path, merges: list[tuple[str, str]]) -> d
 
 def tiny_clip_tokenizer(folder: Path, n_merges: int = 200):
     """Build and save a small CLIP tokenizer in ``folder``; returns the loaded tokenizer."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy dependency, imported on use
 
     write_clip_tokenizer_files(folder, learn_bpe_merges(_CORPUS, n_merges))
     tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
@@ -231,7 +232,7 @@ def tiny_clip_tokenizer(folder: Path, n_merges: int = 200):
 
 def tiny_unet():
     """A ~1.4 M parameter ``UNet2DConditionModel`` with SD-1.5's block structure."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy dependency, imported on use
 
     return UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -244,7 +245,7 @@ def tiny_unet():
 
 def tiny_vae():
     """A ~0.3 M parameter ``AutoencoderKL`` with SD's 4 levels (factor 8) and 4 latent channels."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy dependency, imported on use
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
@@ -256,7 +257,7 @@ def tiny_vae():
 
 def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int):
     """A 2-layer ``CLIPTextModel`` with width 32 (the tiny UNet's cross-attention width)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # heavy dependency, imported on use
 
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
@@ -266,7 +267,7 @@ def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int):
 
 def sd_scheduler_config():
     """The DDPM scheduler SD 1.5 ships (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # heavy dependency, imported on use
 
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          num_train_timesteps=1000, clip_sample=False, steps_offset=1,
@@ -280,7 +281,7 @@ def tiny_controlnet(unet):
     hint actually changes the tiny model's output (real trained ControlNets
     are non-zero too); a freshly initialised ControlNet would ignore the hint.
     """
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel  # heavy dependency, imported on use
 
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
     zero_convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block,
@@ -293,7 +294,7 @@ def tiny_controlnet(unet):
 
 
 def _write_sd(root: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # heavy dependency, imported on use
 
     folder = root / "sd"
     tokenizer = tiny_clip_tokenizer(folder / "tokenizer")
@@ -312,34 +313,25 @@ def _prefix_keys(file: Path, prefix: str) -> None:
     released SD checkpoints (and older transformers) have it, and both load.
     The tiny models use the released layout.
     """
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(str(file))
     save_file({k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, str(file),
               metadata={"format": "pt"})
 
 
 def _write_controlnet(root: Path) -> None:
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy dependency, imported on use
 
     unet = UNet2DConditionModel.from_pretrained(root / "sd" / "unet", local_files_only=True)
     tiny_controlnet(unet).save_pretrained(root / "controlnet", safe_serialization=True)
 
 
 def _write_sd_single_file(root: Path) -> None:
-    from semsr.core.loading import load_sd
-    from semsr.pipeline.single_file import save_single_file
-
     comps = load_sd(root / "sd")
     save_single_file(root / "sd.safetensors", unet=comps.unet, vae=comps.vae, text_encoder=comps.text_encoder)
 
 
 def _write_sd_minilm(root: Path) -> None:
     """SD folder whose conditioning is the offline MiniLM encoder + a projection (no CLIP)."""
-    import shutil
-
-    from semsr.pipeline.text import MiniLMTextEncoder
-
     src, folder = root / "sd", root / "sd-minilm"
     if folder.exists():
         shutil.rmtree(folder)

@@ -9,9 +9,10 @@ Layout of an output directory::
     val/step_00000020.png       validation sample grids
     final/ (final_ema/)         trainable weights for inference
 
-A checkpoint folder is written under a temporary name and renamed when
-complete, so a kill during saving never leaves a half checkpoint that
-``--resume`` would pick.
+A checkpoint folder is written under a temporary name (:func:`staging_dir`,
+known to every process) and moved into place when complete
+(:func:`commit_checkpoint`, through :func:`semsr.core.io.atomic_move`), so a
+kill during saving never leaves a half checkpoint that ``--resume`` would pick.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from semsr.core.io import atomic_move
 from semsr.eval.atomic import write_text
+from semsr.train.curve import read_log
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "trainer.json"
@@ -62,20 +65,17 @@ def staging_dir(output: Path, step: int, clear: bool = False) -> Path:
 
 
 def remove_staging_dirs(output: Path) -> None:
-    """Delete leftovers of checkpoint saves that were interrupted."""
+    """Delete leftovers of checkpoint saves that were interrupted (staging folders, replaced checkpoints)."""
     root = output / "checkpoints"
     if root.is_dir():
-        for child in root.glob(".tmp_step_*"):
+        for child in [*root.glob(".tmp_step_*"), *root.glob(".step_*.old.*")]:
             shutil.rmtree(child, ignore_errors=True)
 
 
 def commit_checkpoint(output: Path, staging: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Mark ``staging`` complete, rename it to its final name and prune old checkpoints."""
+    """Mark ``staging`` complete, move it to its final name (replacing an older one) and prune old checkpoints."""
     write_text(staging / MARKER, json.dumps({"step": step, **meta}, indent=2) + "\n")
-    final = output / "checkpoints" / checkpoint_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    final = atomic_move(staging, output / "checkpoints" / checkpoint_name(step))
     for _, old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -96,8 +96,6 @@ class RunLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint a resume starts from)."""
-        from semsr.train.curve import read_log
-
         if not self.path.is_file():
             return
         kept = [r for r in read_log(self.path) if int(r.get("step", 0)) <= step]
@@ -105,6 +103,4 @@ class RunLog:
 
     def records(self) -> list[dict[str, Any]]:
         """All records written so far."""
-        from semsr.train.curve import read_log
-
         return read_log(self.path)

@@ -9,7 +9,7 @@ loss ``cognitive_mse``. ``pre_sr_l1`` (L1 of the pre-SR output to the HR
 image) is available but off by default, as in CoSeR's code, where the pre-SR
 learns through the adapter loss only. Captions come from the corpus manifest
 (``data.manifest``, prior ``data.caption_prior``) or ``data.prompt``.
-Exports ``final/cognitive/``.
+Exports ``final/``: a CoSeR checkpoint with the ``cognitive`` component only.
 
 ``model.options``: ``clip`` (CLIP vision folder, required), ``num_queries``
 (50), ``qformer`` (``Blip2QFormerConfig`` fields), ``pre_sr`` (``{kind:
@@ -23,23 +23,24 @@ null context ``[text("") ; aligned text("")]`` with probability
 ``train.null_prompt_prob``. The reference is, as in CoSeR's training, another
 training image: one of the ``reference_top_k`` most CLIP-similar images to the
 one the crop comes from (a seeded random crop of it), replaced by VAE(zeros)
-with probability ``reference_drop_prob``. Exports ``final/aia/`` and
-``final/cognitive/`` — a complete ``--checkpoint`` folder for ``semsr upscale
---method coser``.
+with probability ``reference_drop_prob``. The prediction is the inference
+forward, :meth:`AiAFusion.forward <semsr.fusion.aia.AiAFusion.forward>`.
+Exports ``final/``: a complete CoSeR checkpoint (``cognitive`` + ``aia``), the
+``--checkpoint`` folder of ``semsr upscale --method coser``.
 
-``model.options``: ``clip`` and ``cognitive`` (stage-1 checkpoint), required;
-``init`` (AiA checkpoint to continue), ``reference_top_k`` (10),
+``model.options``: ``clip`` and ``cognitive`` (stage-1 checkpoint folder or its
+``cognitive/`` component), required; ``init`` (AiA weights to continue: a
+checkpoint folder or its ``aia/`` component), ``reference_top_k`` (10),
 ``reference_drop_prob`` (0.1), ``init_from_self_attention`` (true).
 
-Paths may be ``tiny://`` (SD), ``tiny://clip-vision`` and ``tiny://coser``
-(the tiny random models, generated into the cache on first use).
+Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path`:
+``tiny://`` is the tiny SD, ``tiny://clip-vision``, ``tiny://coser``...).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semsr.core.components import save_checkpoint
 from semsr.core.errors import SemsrError
+from semsr.core.fingerprint import fingerprint
+from semsr.core.io import atomic_write
+from semsr.core.loading import load_clip_tokenizer, load_sd, load_transformers_model
+from semsr.core.paths import cache_dir
+from semsr.fusion.aia import AiAFusion, install_aia
+from semsr.methods.coser import COSER_NEGATIVE, CoSeROptions, CoSeRSR, load_part
 from semsr.models.cognitive import (
+    RECIPE,
     CLIPVisionTower,
     CognitiveEncoder,
     build_cognitive_encoder,
@@ -59,72 +68,23 @@ from semsr.models.cognitive import (
     text_token_targets,
 )
 from semsr.ops.imresize import imresize
-from semsr.pipeline.sd_controlnet import make_hint
+from semsr.pipeline.latent_sr import make_hint
+from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, PromptEncoder, load_text_conditioner
+from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import CropDataset, list_images, load_image, to_tensor
 from semsr.train.losses import _require, register_loss
-from semsr.train.tasks import (
-    LatentDiffusionTask,
-    NoisedBatch,
-    PromptEncoder,
-    Task,
-    register_task,
-    resolve_model_path,
-    tiny_models_dir,
-)
+from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, Task, register_task
 
 log = logging.getLogger(__name__)
 
-#: Tiny components of this recipe that ``tiny://<name>`` resolves to.
-TINY_COMPONENTS = ("clip-vision", "coser")
 
-
-# ----------------------------------------------------------------------------- paths
-
-
-def ensure_tiny(name: str) -> Path:
-    """The tiny component ``name`` beside the cached tiny SD (written on first use, atomically)."""
-    from semsr.testing.tiny import write_tiny_models
-
-    root = tiny_models_dir()
-    final = root / name
-    if final.exists():
-        return final
-    if name == "coser":
-        ensure_tiny("clip-vision")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        for dep in ("sd", "clip-vision"):
-            if (root / dep).exists():
-                (tmp / dep).symlink_to(root / dep)
-        with torch.random.fork_rng():
-            write_tiny_models(tmp, [name])
-        try:
-            os.rename(tmp / name, final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def resolve_path(path: str) -> Path:
-    """Configured path -> folder; ``tiny://clip-vision`` and ``tiny://coser[/sub]`` besides
-    :func:`~semsr.train.tasks.resolve_model_path`'s ``tiny://`` forms."""
-    if path.startswith("tiny://"):
-        name, _, sub = path[len("tiny://"):].strip("/").partition("/")
-        if name in TINY_COMPONENTS:
-            return ensure_tiny(name) / sub if sub else ensure_tiny(name)
-    return resolve_model_path(path)
+# ----------------------------------------------------------------------------- loading
 
 
 def load_text_only(path: Path) -> nn.Module:
     """Just the conditioning text encoder of an SD folder (CLIP, or MiniLM + projection)."""
-    from transformers import CLIPTextModel
-
-    from semsr.core.loading import load_clip_tokenizer, load_sd, load_transformers_model
-    from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
+    from transformers import CLIPTextModel  # heavy dependency, imported on use
 
     if path.is_dir() and (path / "text_encoder").is_dir():
         return CLIPTextConditioner(load_clip_tokenizer(path / "tokenizer"),
@@ -177,10 +137,10 @@ class CoSeRCognitiveTask(Task):
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         opts = _options(cfg, self.OPTIONS, ("clip",))
-        self.text = load_text_only(resolve_path(cfg.model.pretrained)).requires_grad_(False).eval()
-        clip = load_clip_vision(resolve_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)))
+        self.text = load_text_only(resolve_model_path(cfg.model.pretrained)).requires_grad_(False).eval()
+        clip = load_clip_vision(resolve_model_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)))
         if opts.get("init"):
-            encoder = load_cognitive_encoder(resolve_path(str(opts["init"])), clip)
+            encoder = load_cognitive_encoder(resolve_model_path(str(opts["init"])), clip)
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
@@ -218,8 +178,8 @@ class CoSeRCognitiveTask(Task):
         return out if tuple(out.shape[-2:]) == size else imresize(out, size=size).clamp(0, 1)
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write ``folder/cognitive/`` (pre-SR + adapter weights and config)."""
-        model.save(Path(folder) / "cognitive")
+        """Write a CoSeR checkpoint with the ``cognitive`` component (pre-SR + adapter) into ``folder``."""
+        save_checkpoint(folder, RECIPE, {"cognitive": model})
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -252,14 +212,8 @@ class NeighbourReferences:
 
     def _embeddings(self, clip: CLIPVisionTower, clip_dir: Path | None, batch: int) -> torch.Tensor:
         """``(N, Hc)`` pooled CLIP embeddings of the training images (cached on disk)."""
-        import hashlib
-        import json
-
-        from semsr.methods.coser import files_fingerprint
-        from semsr.core.paths import cache_dir
-
         listing = [(str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns) for it in self.items]
-        key = hashlib.sha256(json.dumps([files_fingerprint([clip_dir]) if clip_dir else repr(clip.model.config),
+        key = hashlib.sha256(json.dumps([fingerprint([clip_dir]) if clip_dir else repr(clip.model.config),
                                          clip.image_size, listing]).encode()).hexdigest()
         path = cache_dir() / "coser-clip-embeddings" / f"{key}.pt"
         if path.is_file():
@@ -283,13 +237,8 @@ class NeighbourReferences:
             embs.append(clip.pooled(torch.stack(imgs).to(device)).cpu())
         emb = torch.cat(embs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_write(path) as tmp:
             torch.save(emb, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         return emb
 
     def _image(self, path: Path) -> np.ndarray:
@@ -322,26 +271,26 @@ class CoSeRSRTask(LatentDiffusionTask):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from semsr.fusion.aia import AiAFusion, install_aia
-
         opts = _options(cfg, self.OPTIONS, ("clip", "cognitive"))
-        self.load_frozen_sd(resolve_path(cfg.model.pretrained))
+        self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         self.unet = install_aia(self.unet)
-        clip_dir = resolve_path(str(opts["clip"]))
+        clip_dir = resolve_model_path(str(opts["clip"]))
         clip = load_clip_vision(clip_dir)
-        self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_path(str(opts["cognitive"])), clip)
+        self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_model_path(str(opts["cognitive"])), clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
             raise SemsrError(f"cognitive encoder width {self.cognitive.text_width} != UNet cross-attention width "
                              f"{self.unet.config.cross_attention_dim}")
         self.null_tokens = PromptEncoder(lambda p: text_token_targets(self.text, p, self.cognitive.num_queries))
         if opts.get("init"):
-            fusion = AiAFusion.load(resolve_path(str(opts["init"])), self.unet)
+            fusion = load_part(resolve_model_path(str(opts["init"])), "aia", AiAFusion)
+            fusion.check_unet(self.unet)
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
-                fusion = AiAFusion(self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True)))
-        self.trainable = fusion.float().train().requires_grad_(True)  # encoders are copies of the frozen UNet's
+                fusion = AiAFusion.from_unet(
+                    self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True)))
+        self.trainable = fusion.float().train().requires_grad_(True)
         self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
         if not 0.0 <= self.reference_drop_prob <= 1.0:
             raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
@@ -389,21 +338,18 @@ class CoSeRSRTask(LatentDiffusionTask):
     @torch.no_grad()
     def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
                seed: int) -> torch.Tensor:
-        """The full CoSeR pipeline (reference generation + AiA SR) with ``model`` as the AiA weights.
+        """The full CoSeR pipeline (reference generation, uncached, + AiA SR) with ``model`` as the AiA weights;
+        ``prompts`` holds one prompt per image of ``lr``, the negative prompt is CoSeR's.
 
         The pipeline casts and freezes ``model``: pass a copy, never the trained module.
         """
-        from semsr.methods.coser import COSER_NEGATIVE, CoSeRSR
-
         pipe = CoSeRSR(vae=self.vae, unet=self.unet, text=self.text, cognitive=self.cognitive, fusion=model,
                        scheduler_config=self.components.scheduler_config, device=self.device,
-                       dtype=self.weight_dtype)
-        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=COSER_NEGATIVE, steps=steps,
-                    guidance_scale=guidance_scale, seed=seed)
+                       dtype=self.weight_dtype, scale=self.cfg.data.scale)
+        options = CoSeROptions(negative_prompt=COSER_NEGATIVE, steps=steps, guidance_scale=guidance_scale, seed=seed)
+        return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write a complete CoSeR checkpoint: ``folder/aia/`` and ``folder/cognitive/``."""
-        folder = Path(folder)
-        model.save(folder / "aia")
-        self.cognitive.save(folder / "cognitive")
+        """Write a complete CoSeR checkpoint (``cognitive`` + ``aia``) into ``folder``."""
+        save_checkpoint(folder, RECIPE, {"cognitive": self.cognitive, "aia": model})
 

@@ -7,6 +7,7 @@ validation metric.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -41,12 +42,10 @@ def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
 
 def plot_curve(records: list[dict[str, Any]], out: Path, title: str = "") -> Path:
     """Draw the loss/LR (and validation) curves of ``records`` into PNG ``out`` (atomically)."""
-    import io
-
-    import matplotlib
+    import matplotlib  # heavy dependency, imported on use
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy dependency, after selecting the Agg backend
 
     train = [r for r in records if r.get("type") == "train"]
     val = [r for r in records if r.get("type") == "val" and r.get("metrics")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,14 +29,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
 from semsr.core.errors import SemsrError
+from semsr.core.io import IMAGE_EXTENSIONS
 from semsr.core.paths import data_root
+from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
+from semsr.data.corpus.manifest import Manifest
+from semsr.data.degradations import RealESRGANDegradation
+from semsr.ops.imresize import imresize
 from semsr.train.config import DataConfig
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 Degrader = Callable[[torch.Tensor, int], torch.Tensor]
 """``(hr (B, 3, H, W) float [0, 1], seed) -> lr (B, 3, H/s, W/s) float [0, 1]``."""
@@ -79,7 +82,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 def _folder_items(folder: Path) -> list[ImageItem]:
     if not folder.is_dir():
         raise SemsrError("HR folder not found", folder)
-    return [ImageItem(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+    return [ImageItem(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _caption_text(value: Any) -> str | None:
@@ -100,10 +103,6 @@ def _manifest_items(manifest: Path, caption_prior: str) -> list[ImageItem]:
     versions of prior ``caption_prior`` are cached, the last one in sort
     order is used.
     """
-    import sqlite3
-
-    from semsr.data.corpus.manifest import Manifest
-
     if not manifest.is_file():
         raise SemsrError("manifest not found", manifest)
     try:
@@ -184,15 +183,12 @@ def make_degrader(degradation: dict[str, Any], scale: int) -> Degrader:
     if kind == "bicubic":
         if opts:
             raise SemsrError(f"bicubic degradation takes no options, got {sorted(opts)}")
-        from semsr.ops.imresize import imresize
 
         def bicubic(hr: torch.Tensor, seed: int) -> torch.Tensor:
             return imresize(hr, scale=1.0 / scale).clamp_(0.0, 1.0)
 
         return bicubic
     if kind == "realesrgan":
-        from semsr.data.degradations import RealESRGANDegradation
-
         if int(opts.setdefault("scale", scale)) != scale:
             raise SemsrError(f"degradation.scale ({opts['scale']}) differs from data.scale ({scale})")
         try:

@@ -20,7 +20,8 @@ Per micro-batch (HR crop, degraded LR, caption, seed)::
     read the connector's tokens instead of the text tokens they were trained on (default false).
 
 Trainable: the connector and the widened conv_in, plus the UNet's
-cross-attention layers with ``train_cross_attention`` (the rest is frozen). Export: an MMSR checkpoint folder (:func:`semsr.methods.mmsr.save_checkpoint`).
+cross-attention layers with ``train_cross_attention`` (the rest is frozen). Export: an MMSR checkpoint folder
+(:func:`semsr.methods.mmsr.save_mmsr`).
 """
 from __future__ import annotations
 
@@ -30,26 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
+import semsr.train.vq  # noqa: F401  (registers the edge-vq task while TASK_MODULES does not list semsr.train.vq)
 from semsr.core.errors import SemsrError
-from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, ConnectorConfig, MultimodalLatentConnector
-from semsr.methods.mmsr import DEFAULT_NEGATIVE, MMSRConditioning, MMSRSR, load_checkpoint, save_checkpoint
-from semsr.pipeline.sd_controlnet import make_hint
+from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector
+from semsr.fusion.mmsr_conditioning import MMSRConditioning
+from semsr.methods.mmsr import MMSR, MMSROptions, load_mmsr, save_mmsr
+from semsr.models.vq import load_tokenizer
+from semsr.pipeline.latent_sr import make_hint
+from semsr.priors.mmsr import ModalityTokens
+from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, register_task, resolve_model_path
+from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, register_task
 
-_TINY = ("depth", "seg", "mmsr")
 _CONNECTOR_KEYS = {"num_latents", "heads", "cross_layers", "self_layers", "mlp_ratio"}
-
-
-def resolve_path(path: str) -> Path:
-    """Configured path -> folder; ``tiny://depth``, ``tiny://seg``, ``tiny://mmsr`` besides the SD forms."""
-    if path.startswith("tiny://"):
-        name = path[len("tiny://"):].strip("/")
-        if name in _TINY:
-            from semsr.train.coser import ensure_tiny
-
-            return ensure_tiny(name)
-    return resolve_model_path(path)
 
 
 @register_task("mmsr")
@@ -61,9 +55,6 @@ class MMSRTask(LatentDiffusionTask):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from semsr.models.vq import load_tokenizer
-        from semsr.priors.mmsr import ModalityTokens
-
         opts = dict(cfg.model.options)
         unknown = set(opts) - self.OPTIONS
         if unknown:
@@ -82,16 +73,15 @@ class MMSRTask(LatentDiffusionTask):
                 given = opts.get(f"{name}_model")
                 if not given:
                     raise SemsrError(f"modality {name} needs model.options.{name}_model")
-                self.sources[name] = {"model": str(resolve_path(str(given)))}
-        self.vq_path = str(resolve_path(str(opts["vq"]))) if opts.get("vq") else None
+                self.sources[name] = {"model": str(resolve_model_path(str(given)))}
+        self.vq_path = str(resolve_model_path(str(opts["vq"]))) if opts.get("vq") else None
         self.edge = str(opts.get("edge", "canny"))
         self.tokenizer = load_tokenizer(self.vq_path)
         self.tokens = ModalityTokens(self.modalities, self.tokenizer, self.sources, edge=self.edge, use_cache=False)
         if opts.get("init"):
-            cond, meta = load_checkpoint(resolve_path(str(opts["init"])))
-            cond.materialise(self.unet)  # builds the trained cross-attention layers, if any
-            if list(cond.connector.config.spatial) != self.modalities:
-                raise SemsrError(f"init checkpoint has modalities {cond.connector.config.spatial}, the config "
+            cond, _ = load_mmsr(resolve_model_path(str(opts["init"])))
+            if cond.connector.spatial != self.modalities:
+                raise SemsrError(f"init checkpoint has modalities {cond.connector.spatial}, the config "
                                  f"{self.modalities}")
         else:
             extra = dict(opts.get("connector") or {})
@@ -99,13 +89,14 @@ class MMSRTask(LatentDiffusionTask):
             if bad:
                 raise SemsrError(f"model.options.connector: unknown {sorted(bad)} (known: {sorted(_CONNECTOR_KEYS)})")
             width = int(self.unet.config.cross_attention_dim)
-            ccfg = ConnectorConfig(width=width, text_width=int(self.text.width), spatial=self.modalities,
-                                   vq_dim=int(self.tokenizer.embed_dim), **extra)
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
-                cond = MMSRConditioning.new(self.unet, MultimodalLatentConnector(ccfg),
+                connector = MultimodalLatentConnector(width=width, text_width=int(self.text.width),
+                                                      spatial=self.modalities, vq_dim=int(self.tokenizer.embed_dim),
+                                                      **extra)
+                cond = MMSRConditioning.new(self.unet, connector,
                                             cross_attention=bool(opts.get("train_cross_attention", False)))
-        if cond.connector.config.vq_dim != int(self.tokenizer.embed_dim):
+        if int(cond.connector.config.vq_dim) != int(self.tokenizer.embed_dim):
             raise SemsrError(f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
                              f"{self.tokenizer.embed_dim}")
         self.trainable = cond.float().train().requires_grad_(True)
@@ -117,7 +108,8 @@ class MMSRTask(LatentDiffusionTask):
                                 device=self.device) for m in names}
 
     def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
-        """``pred (B, 4, h, w)`` of UNet([z_t ; z_LR]) on the connector's tokens.
+        """``pred (B, 4, h, w)`` of UNet([z_t ; z_LR]) on the connector's tokens (the inference model call,
+        :func:`~semsr.fusion.mmsr_conditioning.concat_unet_forward`, through ``model``'s forward).
 
         Draws, after the base task's: prompt dropout, modality drops.
         """
@@ -134,14 +126,14 @@ class MMSRTask(LatentDiffusionTask):
     def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
                seed: int) -> torch.Tensor:
         """The MMSR pipeline (m-CFG, ``guidance_scale`` = w) with ``model`` (a copy) as connector + conv_in."""
-        pipe = MMSRSR(vae=self.vae, unet=self.unet, text=self.text, cond=model,
-                      meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
-                      scheduler_config=self.components.scheduler_config, sources=self.sources,
-                      tokenizer=self.tokenizer, device=self.device, dtype=self.weight_dtype)
-        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=DEFAULT_NEGATIVE,
-                    modalities=[CAPTION, *self.modalities], steps=steps, guidance_scale=guidance_scale, seed=seed)
+        pipe = MMSR(vae=self.vae, unet=self.unet, text=self.text, cond=model,
+                    meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
+                    scheduler_config=self.components.scheduler_config, sources=self.sources,
+                    tokenizer=self.tokenizer, device=self.device, dtype=self.weight_dtype, scale=self.cfg.data.scale)
+        options = MMSROptions(modalities=(CAPTION, *self.modalities), steps=steps, guidance_scale=guidance_scale,
+                              seed=seed)
+        return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write an MMSR checkpoint folder (``mmsr.json``, ``connector/``, ``conv_in/``)."""
-        save_checkpoint(folder, model, modalities=self.modalities, edge=self.edge, tokenizer=self.vq_path)
-
+        """Write an MMSR checkpoint folder (``model_index.json``, ``connector/``, ``conv_in/``)."""
+        save_mmsr(folder, model, modalities=self.modalities, edge=self.edge, tokenizer=self.vq_path)

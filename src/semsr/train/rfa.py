@@ -35,38 +35,48 @@ default ``model.pretrained``), ``aligner`` (folder or ``default``),
 ``ref_cache`` (1024 reference token sets kept), ``init`` (enhancer folder).
 
 Neither task renders images, so ``validation.every`` must be 0; the
-aligner's held-out retrieval is measured by ``semsr bench-retrieval
+aligner's held-out retrieval is measured by ``semsr bench retrieval
 --aligner RUN/final/aligner``. Paths may be ``tiny://`` forms
-(:func:`semsr.train.coser.resolve_path`).
+(:func:`semsr.testing.tiny.resolve_model_path`).
 
-Also here: the (LR, HR) feature pairs of ``semsr bench-retrieval``, whose
-quick in-memory aligner fit (:func:`train_aligner`) shares the task's step
-(:func:`aligner_outputs` + ``rfa_align_l2``). Its pairs are whole images: LR
-= the HR image resized by MATLAB-compatible bicubic to ``lr_size`` x
-``lr_size`` (aspect not kept — the embedders also resize to a square),
-target = the image's entry in the reference database. LR features are cached
-per content hash under ``cache_dir()/retrieval/lr/<embedder>/<lr_size>/<sha256>.npz``.
-Training images come from the offline corpus, never from benchmark sets.
+Also here: the (LR, HR) feature pairs ``semsr bench retrieval`` scores an
+aligner on. Its pairs are whole images: LR = the HR image resized by
+MATLAB-compatible bicubic to ``lr_size`` x ``lr_size`` (aspect not kept — the
+embedders also resize to a square), target = the image's entry in the
+reference database. LR features are cached per content hash under
+``cache_dir()/retrieval/lr/<embedder>/<lr_size>/<sha256>.npz``. Training
+images come from the offline corpus, never from benchmark sets.
 """
 from __future__ import annotations
 
+import io
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch import nn
 
+from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
-from semsr.models.rfa import AlignerConfig, ReferenceFindingAligner, align_loss, encode, enhancer_loss
+from semsr.core.io import atomic_write_bytes
+from semsr.core.paths import cache_dir
+from semsr.models.rfa import (EmbeddingEnhancer, ReferenceFindingAligner, align_loss, aligner_dir, caption_loss,
+                              check_embedder, encode, enhancer_loss, load_text_decoder)
+from semsr.models.rfa_text import VocabBridge, load_clip_text, soft_decode
+from semsr.ops.imresize import imresize
+from semsr.pipeline.text import PromptEncoder
+from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
+from semsr.priors.retrieval.index import Entry, ReferenceDB, file_sha256, load_rgb
+from semsr.testing.tiny import resolve_model_path
+from semsr.train.config import ExperimentConfig
+from semsr.train.data import CropDataset, list_images
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import Task, register_task
 
 LR_SIZE = 32
-#: The aligner's loss terms (as in ``losses:`` of configs/rfa-aligner.yaml).
-ALIGN_LOSS = {"rfa_align_l2": 1.0}
 
 
 # ----------------------------------------------------------------------------- loss terms
@@ -125,24 +135,17 @@ class PairFeatures:
 
 def make_lr(hr: torch.Tensor, lr_size: int = LR_SIZE) -> torch.Tensor:
     """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, lr_size, lr_size)`` (MATLAB bicubic, clamped)."""
-    from semsr.ops.imresize import imresize
-
     return imresize(hr.float(), size=(lr_size, lr_size)).clamp(0, 1)
 
 
 def _cache_file(embedder_spec: str, lr_size: int, sha: str) -> Path:
-    from semsr.core.paths import cache_dir
-
     safe = embedder_spec.replace(":", "-").replace("/", "_")[-120:]
     return cache_dir() / "retrieval" / "lr" / safe / str(lr_size) / f"{sha}.npz"
 
 
-def lr_pair_features(db, files: Sequence[Path], embedder, *, lr_size: int = LR_SIZE,  # noqa: ANN001
+def lr_pair_features(db: ReferenceDB, files: Sequence[Path], embedder: Embedder, *, lr_size: int = LR_SIZE,
                      progress: Callable[[int, int], None] | None = None) -> PairFeatures:
     """Embed the LR versions of ``files`` whose HR content is in ``db`` (others are skipped)."""
-    from semsr.eval.atomic import write_bytes
-    from semsr.priors.retrieval.index import file_sha256, load_rgb
-
     vecs, toks, vids, shas = [], [], [], []
     for i, path in enumerate(files):
         sha = file_sha256(path)
@@ -157,12 +160,9 @@ def lr_pair_features(db, files: Sequence[Path], embedder, *, lr_size: int = LR_S
             with torch.inference_mode():
                 vec, tok = encode(embedder, make_lr(load_rgb(path), lr_size))
             vec, tok = vec[0].float(), tok[0].float()
-            import io
-
             buf = io.BytesIO()
             np.savez(buf, vec=vec.numpy(), tokens=tok.numpy())
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes(cache, buf.getvalue())
+            atomic_write_bytes(cache, buf.getvalue())
         vecs.append(vec)
         toks.append(tok)
         vids.append(entry.vid)
@@ -183,10 +183,9 @@ def split_by_hash(shas: Sequence[str], holdout: float, seed: int = 0) -> tuple[l
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
-def aligner_outputs(model: torch.nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Tensor,
+def aligner_outputs(model: nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Tensor,
                     hr_vec: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One aligner forward as named outputs for the loss terms (the step shared by the
-    ``rfa-aligner`` task and :func:`train_aligner`).
+    """One aligner forward as named outputs for the loss terms (the ``rfa-aligner`` task's step).
 
     Args: ``lr_tokens (B, N, T)``, ``lr_vec (B, D)`` raw LR embedding, ``hr_vec (B, D)`` target.
     Returns ``aligned`` (prediction), ``hr_embed`` and ``lr_embed``, all ``(B, D)``.
@@ -194,47 +193,8 @@ def aligner_outputs(model: torch.nn.Module, lr_tokens: torch.Tensor, lr_vec: tor
     return {"aligned": model(lr_tokens, lr_vec), "hr_embed": hr_vec, "lr_embed": lr_vec}
 
 
-def train_aligner(feats: PairFeatures, hr_vectors: torch.Tensor, *, steps: int = 300, lr: float = 1e-3,
-                  batch: int = 64, weight_decay: float = 1e-2, seed: int = 0, width: int = 256, depth: int = 2,
-                  heads: int = 4, residual: bool = True, embedder: str | None = None,
-                  log: Callable[[int, float], None] | None = None) -> tuple[ReferenceFindingAligner, list[float]]:
-    """Quick in-memory fit on cached features (``semsr bench-retrieval``); returns (model, losses).
-
-    Targets are ``hr_vectors[feats.hr_vid]``: the database's whole-image
-    embeddings, with LR features computed once per image (:func:`lr_pair_features`),
-    so hundreds of steps take seconds. The step is the ``rfa-aligner`` task's
-    (:func:`aligner_outputs` + the registered ``rfa_align_l2`` loss); AdamW
-    with cosine decay. Training on image crops with the shared trainer is
-    ``semsr train --config configs/rfa-aligner.yaml``. ``losses`` are the
-    per-step L2 alignment losses.
-    """
-    from semsr.train.losses import combine_losses
-
-    torch.manual_seed(seed)
-    n, num_tokens, token_dim = feats.lr_tokens.shape
-    cfg = AlignerConfig(token_dim=token_dim, out_dim=int(hr_vectors.shape[1]), num_tokens=num_tokens, width=width,
-                        depth=depth, heads=heads, residual=residual, embedder=embedder)
-    model = ReferenceFindingAligner(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    target = hr_vectors[feats.hr_vid].float()
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
-        idx = torch.randperm(n, generator=gen)[:batch]
-        loss, _ = combine_losses(ALIGN_LOSS, aligner_outputs(model, feats.lr_tokens[idx], feats.lr_vec[idx],
-                                                             target[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log is not None:
-            log(step, losses[-1])
-    return model.eval(), losses
-
-
-def hit_rates(db, queries: torch.Tensor, target_vids: torch.Tensor, ks: Sequence[int] = (1, 4)) -> dict[str, float]:  # noqa: ANN001
+def hit_rates(db: ReferenceDB, queries: torch.Tensor, target_vids: torch.Tensor,
+              ks: Sequence[int] = (1, 4)) -> dict[str, float]:
     """Fraction of queries ``(N, D)`` whose target row is among the top-k database hits, for each k."""
     hits = db.search(queries.numpy(), k=max(ks))
     out = {}
@@ -249,17 +209,18 @@ def hit_rates(db, queries: torch.Tensor, target_vids: torch.Tensor, ks: Sequence
 
 def resolve_embedder_spec(text: str) -> str:
     """Configured embedder -> spec; ``clip:tiny://clip-vision`` and other ``tiny://`` folders -> real paths."""
-    from semsr.train.coser import resolve_path
-
     if text.startswith("clip:"):
-        return "clip:" + str(resolve_path(text.split(":", 1)[1]))
+        return "clip:" + str(resolve_model_path(text.split(":", 1)[1]))
     return text
 
 
-def _resolve(path: object) -> Path:
-    from semsr.train.coser import resolve_path
-
-    return resolve_path(str(path))
+def load_aligner(value: object, embedder: Embedder) -> ReferenceFindingAligner:
+    """The aligner of a configured folder (``tiny://`` forms, ``default``: the shipped one), checked against
+    ``embedder``."""
+    folder = aligner_dir("default", embedder.spec) if str(value) == "default" else resolve_model_path(str(value))
+    model = load_component(ReferenceFindingAligner, folder)
+    check_embedder(model, embedder, folder)
+    return model
 
 
 class _Stage1Task(Task):
@@ -268,13 +229,11 @@ class _Stage1Task(Task):
     OPTIONS: frozenset[str] = frozenset()
     REQUIRED: tuple[str, ...] = ("embedder",)
 
-    def __init__(self, cfg) -> None:  # noqa: ANN001
-        from semsr.priors.retrieval.embedders import embedder_from_spec
-
+    def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         if cfg.validation.every:
             raise SemsrError(f"{cfg.task} renders no images: set validation.every: 0 (measure retrieval with "
-                             "`semsr bench-retrieval --aligner RUN/final/aligner`)")
+                             "`semsr bench retrieval --aligner RUN/final/aligner`)")
         opts = dict(cfg.model.options)
         unknown = set(opts) - self.OPTIONS
         if unknown:
@@ -322,19 +281,16 @@ class RFAAlignerTask(_Stage1Task):
 
     OPTIONS = frozenset({"embedder", "width", "depth", "heads", "residual", "init"})
 
-    def __init__(self, cfg) -> None:  # noqa: ANN001
-        from semsr.models.rfa import load_aligner
-
+    def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         o, emb = self.opts, self.embedder
         if o.get("init"):
-            model = load_aligner(_resolve(o["init"]), emb.spec)
+            model = load_aligner(o["init"], emb)
         else:
-            config = AlignerConfig(token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
-                                   width=int(o.get("width", 256)), depth=int(o.get("depth", 2)),
-                                   heads=int(o.get("heads", 4)), residual=bool(o.get("residual", True)),
-                                   embedder=emb.spec)
-            model = self.seeded(lambda: ReferenceFindingAligner(config))
+            model = self.seeded(lambda: ReferenceFindingAligner(
+                token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
+                width=int(o.get("width", 256)), depth=int(o.get("depth", 2)), heads=int(o.get("heads", 4)),
+                residual=bool(o.get("residual", True)), embedder=emb.spec))
         self.trainable = model.float().train().requires_grad_(True)
 
     def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -343,8 +299,8 @@ class RFAAlignerTask(_Stage1Task):
         return aligner_outputs(model, lr_tok, lr_vec, self.embed(batch["hr"]))
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write ``folder/aligner/`` (``config.json`` + ``model.safetensors``)."""
-        model.save(Path(folder) / "aligner")
+        """Write the component folder ``folder/aligner/``."""
+        model.save_pretrained(Path(folder) / "aligner", safe_serialization=True)
 
 
 class ReferenceTokens:
@@ -356,16 +312,13 @@ class ReferenceTokens:
     for the ``cache_size`` most recent rows.
     """
 
-    def __init__(self, db, embedder, aligner: nn.Module | None, k: int, cache_size: int = 1024) -> None:  # noqa: ANN001
-        from collections import OrderedDict
-
+    def __init__(self, db: ReferenceDB, embedder: Embedder, aligner: nn.Module | None, k: int,
+                 cache_size: int = 1024) -> None:
         self.db, self.embedder, self.aligner, self.k = db, embedder, aligner, int(k)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
 
-    def _tokens(self, entry) -> torch.Tensor:  # noqa: ANN001
-        from semsr.priors.retrieval.index import load_rgb
-
+    def _tokens(self, entry: Entry) -> torch.Tensor:
         tok = self._cache.get(entry.vid)
         if tok is None:
             tok = encode(self.embedder, load_rgb(Path(entry.path)))[1][0].float()
@@ -399,37 +352,30 @@ class RFAEnhancerTask(_Stage1Task):
                          "prefix_len", "init", "text_decoder", "clip_text", "decode_len", "tau", "ref_cache"})
     REQUIRED = ("embedder", "db", "text_decoder")
 
-    def __init__(self, cfg) -> None:  # noqa: ANN001
-        from semsr.models.rfa import EmbeddingEnhancer, EnhancerConfig, load_aligner, load_enhancer, load_text_decoder
-        from semsr.priors.retrieval.index import ReferenceDB
-        from semsr.train.data import CropDataset, list_images
-
+    def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         o, emb = self.opts, self.embedder
-        self.lm, self.tokenizer = load_text_decoder(_resolve(o["text_decoder"]))
+        self.lm, self.tokenizer = load_text_decoder(resolve_model_path(str(o["text_decoder"])))
         self.lm.requires_grad_(False)
         lm_dim = int(self.lm.get_input_embeddings().embedding_dim)
         if o.get("init"):
-            model = load_enhancer(_resolve(o["init"]))
+            init = resolve_model_path(str(o["init"]))
+            model = load_component(EmbeddingEnhancer, init)
             c = model.config
             if (c.token_dim, c.out_dim, c.num_tokens, c.lm_dim) != (emb.token_dim, emb.dim, emb.num_tokens, lm_dim):
-                raise SemsrError("model.options.init: enhancer does not fit this embedder / text decoder",
-                                 _resolve(o["init"]))
+                raise SemsrError("model.options.init: enhancer does not fit this embedder / text decoder", init)
         else:
-            config = EnhancerConfig(token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
-                                    lm_dim=lm_dim, num_refs=int(o.get("num_refs", 4)), width=int(o.get("width", 256)),
-                                    depth=int(o.get("depth", 2)), heads=int(o.get("heads", 4)),
-                                    prefix_len=int(o.get("prefix_len", 4)), embedder=emb.spec)
-            model = self.seeded(lambda: EmbeddingEnhancer(config))
+            model = self.seeded(lambda: EmbeddingEnhancer(
+                token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens), lm_dim=lm_dim,
+                num_refs=int(o.get("num_refs", 4)), width=int(o.get("width", 256)), depth=int(o.get("depth", 2)),
+                heads=int(o.get("heads", 4)), prefix_len=int(o.get("prefix_len", 4)), embedder=emb.spec))
         self.trainable = model.float().train().requires_grad_(True)
 
-        db = ReferenceDB(_resolve(o["db"]))
+        db = ReferenceDB(resolve_model_path(str(o["db"])))
         if db.embedder_spec != emb.spec:
             raise SemsrError(f"database embedder {db.embedder_spec!r} differs from model.options.embedder "
                              f"{emb.spec!r}", db.folder)
-        aligner = None
-        if o.get("aligner"):
-            aligner = load_aligner("default" if o["aligner"] == "default" else _resolve(o["aligner"]), emb.spec)
+        aligner = load_aligner(o["aligner"], emb) if o.get("aligner") else None
         self.refs = ReferenceTokens(db, emb, aligner, min(int(o.get("num_refs", model.config.num_refs)),
                                                           model.config.num_refs), int(o.get("ref_cache", 1024)))
         self.exclude_self = bool(o.get("exclude_self", True))
@@ -443,10 +389,7 @@ class RFAEnhancerTask(_Stage1Task):
         self.tau = float(o.get("tau", 1.0))
         self.clip_text = None
         if cfg.losses.get("rfa_text_clip", 0):
-            from semsr.models.rfa_text import VocabBridge, load_clip_text
-            from semsr.pipeline.text import PromptEncoder
-
-            self.clip_text = load_clip_text(_resolve(o.get("clip_text") or cfg.model.pretrained))
+            self.clip_text = load_clip_text(resolve_model_path(str(o.get("clip_text") or cfg.model.pretrained)))
             self.bridge = VocabBridge(self.tokenizer, self.clip_text.tokenizer,
                                       int(self.lm.get_input_embeddings().num_embeddings))
             self.captions = PromptEncoder(self.clip_text.embed)
@@ -461,8 +404,6 @@ class RFAEnhancerTask(_Stage1Task):
             self.captions.clear()
 
     def _sha(self, position: int) -> str:
-        from semsr.priors.retrieval.index import file_sha256
-
         path = self._items[self._positions.index_at(position)].path
         if path not in self._shas:
             self._shas[path] = file_sha256(path)
@@ -479,19 +420,15 @@ class RFAEnhancerTask(_Stage1Task):
         out = {"image_embed": image_embed, "hr_embed": self.embed(batch["hr"])}
         prompts = list(batch["prompt"])
         if self.clip_text is not None:
-            from semsr.models.rfa_text import soft_decode
-
             dec = soft_decode(self.lm, prefix, self.decode_len, self.tokenizer.eos_token_id, self.tau)
             out["text_embed"] = self.clip_text.embed_decoded(dec, self.bridge)
             out["caption_embed"] = self.captions(prompts).to(self.device, torch.float32)
         if self.cfg.losses.get("rfa_caption_nll", 0):
-            from semsr.models.rfa import caption_loss
-
             enc = self.tokenizer([p + self.tokenizer.eos_token for p in prompts], return_tensors="pt", padding=True)
             out["caption_nll"] = caption_loss(self.lm, prefix, enc.input_ids.to(self.device),
                                               enc.attention_mask.to(self.device))
         return out
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write ``folder/enhancer/`` (``config.json`` + ``model.safetensors``)."""
-        model.save(Path(folder) / "enhancer")
+        """Write the component folder ``folder/enhancer/``."""
+        model.save_pretrained(Path(folder) / "enhancer", safe_serialization=True)

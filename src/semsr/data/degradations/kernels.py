@@ -243,8 +243,8 @@ def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
     Computes the cross-correlation (``F.conv2d``'s convention, equal to
     convolution for the point-symmetric kernels of this module); kernels of
-    size >= 9 go through the FFT, which is ~10x faster on CPU than a direct
-    21x21 convolution.
+    size >= 9 go through the FFT (cheaper than a direct convolution for large
+    kernels).
 
     Args:
         img: ``(B, C, H, W)`` float.

@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
+from semsr.core.errors import SemsrError
 from semsr.data.degradations.jpeg import jpeg_compress
 from semsr.data.degradations.kernels import (
     KERNEL_TYPES,
@@ -48,7 +50,6 @@ from semsr.data.degradations.kernels import (
 )
 from semsr.data.degradations.noise import add_gaussian_noise, add_poisson_noise
 from semsr.data.degradations.resize import RESIZE_MODES, resize, scaled_size
-from semsr.core.errors import SemsrError
 
 # ----------------------------------------------------------------------------- config
 
@@ -204,8 +205,6 @@ class DegradationConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> DegradationConfig:
         """Load a YAML file (nested, flat, or a full Real-ESRGAN options file)."""
-        import yaml
-
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}

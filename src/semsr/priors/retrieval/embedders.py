@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.loading import load_transformers_model, require
+from semsr.models.cognitive import load_clip_vision
+from semsr.models.hed import HED
 
 HED_VGG_SIZE = 128
 _HED_POOL_BLOCKS = (2, 3, 4)  # zero-based: VGG blocks 3, 4, 5
@@ -99,8 +102,6 @@ class HedVGGEmbedder(_OnePassEmbedder):
 
     def __init__(self, size: int = HED_VGG_SIZE, weights: str | Path | None = None) -> None:
         super().__init__()
-        from semsr.models.hed import HED
-
         if size % 16:
             raise SemsrError(f"hed-vgg size must be a multiple of 16, got {size}")
         self.hed = HED.from_h5(weights).requires_grad_(False)
@@ -139,10 +140,7 @@ class CLIPEmbedder(_OnePassEmbedder):
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
-
-        from semsr.models.cognitive import load_clip_vision
-        from semsr.core.loading import load_transformers_model, require
+        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection  # optional heavy dependency
 
         folder = require(Path(folder).expanduser(), "CLIP vision folder")
         tower = load_clip_vision(folder, layer=-1)  # resolves size/mean/std from the processor

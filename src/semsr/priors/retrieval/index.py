@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from semsr.core.errors import InputError, SemsrError
+from semsr.core.io import IMAGE_EXTENSIONS, atomic_write, read_image
 
 FLAT_MAX = 50_000
 HNSW_MAX = 1_000_000
@@ -109,7 +111,7 @@ def _pq_subquantizers(dim: int) -> int:
 
 def build_faiss_index(vectors: np.ndarray, kind: str):  # -> faiss.Index
     """A FAISS inner-product index of ``kind`` over ``vectors (N, D) float32`` (rows added in order)."""
-    import faiss
+    import faiss  # optional heavy dependency
 
     n, dim = vectors.shape
     if kind == "flat":
@@ -135,7 +137,8 @@ def build_faiss_index(vectors: np.ndarray, kind: str):  # -> faiss.Index
 
 
 def index_kind(index) -> str:  # noqa: ANN001
-    import faiss
+    """``flat`` | ``hnsw`` | ``ivfpq``: the kind of a FAISS index."""
+    import faiss  # optional heavy dependency
 
     if isinstance(index, faiss.IndexHNSW):
         return "hnsw"
@@ -292,16 +295,15 @@ class ReferenceDB:
         self._write_index(build_faiss_index(self.vectors(), kind))
 
     def _write_index(self, index) -> None:  # noqa: ANN001
-        import faiss
+        import faiss  # optional heavy dependency
 
-        tmp = self.folder / f".{INDEX}.{os.getpid()}.tmp"
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, self.folder / INDEX)
+        with atomic_write(self.folder / INDEX) as tmp:
+            faiss.write_index(index, str(tmp))
         self._index = None
 
     def sync_index(self) -> None:
         """Bring ``index.faiss`` up to date: add the rows it lacks, or rebuild it when the kind changed."""
-        import faiss
+        import faiss  # optional heavy dependency
 
         n = len(self)
         if n == 0:
@@ -321,7 +323,7 @@ class ReferenceDB:
 
     def index(self):  # -> faiss.Index
         """The FAISS index, opened memory-mapped (read-only); rebuilt if stale or missing."""
-        import faiss
+        import faiss  # optional heavy dependency
 
         if self._index is not None:
             return self._index
@@ -386,23 +388,18 @@ def read_caption(path: Path) -> str | None:
 
 
 def list_image_files(root: str | Path) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted), or ``[root]`` for a file."""
-    from semsr.train.data import IMAGE_EXTS
-
+    """Image files under ``root`` (recursive, sorted; :data:`~semsr.core.io.IMAGE_EXTENSIONS`), or ``[root]``
+    for a file."""
     root = Path(root).expanduser()
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise InputError("no such file or folder", root)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_rgb(path: Path):  # -> torch.Tensor
+def load_rgb(path: Path) -> torch.Tensor:
     """Read an image as ``(1, 3, H, W)`` float in [0, 1]."""
-    import torch
-
-    from semsr.core.io import read_image
-
     rgb = read_image(path).rgb
     scale = 65535.0 if rgb.dtype == np.uint16 else 255.0
     return torch.from_numpy(rgb.astype(np.float32) / scale).permute(2, 0, 1).unsqueeze(0)
@@ -416,8 +413,6 @@ def add_images(db: ReferenceDB, files: Sequence[Path], embedder, *, batch: int =
     Returns counts ``{"added", "duplicates", "failed"}``. Unreadable files are
     reported through ``on_error`` and skipped.
     """
-    import torch
-
     counts = {"added": 0, "duplicates": 0, "failed": 0}
     pending: list[Entry] = []
     vecs: list[np.ndarray] = []

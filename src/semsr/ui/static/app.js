@@ -42,6 +42,9 @@ function renderMethods() {
   onMethodChange();
 }
 
+// Common fields with a fixed place on the page (shown when the method has the option).
+const COMMON = ["prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix"];
+
 function optionField(o) {
   const label = document.createElement("label");
   label.className = "field" + (o.widget === "checkbox" ? " check" : "");
@@ -51,7 +54,8 @@ function optionField(o) {
     input = document.createElement("select");
     input.innerHTML = '<option value="">default</option>' + o.choices.map((c) => `<option>${c}</option>`).join("");
   } else if (o.widget === "checkbox") {
-    input = document.createElement("input"); input.type = "checkbox";
+    input = document.createElement("input"); input.type = "checkbox"; input.checked = o.default === true;
+    input.dataset.default = String(o.default === true);  // sent only when changed
   } else if (o.widget === "image") {
     input = document.createElement("input"); input.type = "file"; input.accept = "image/*";
     input.addEventListener("change", async () => {
@@ -71,8 +75,10 @@ function optionField(o) {
   } else {
     input = document.createElement("input");
     input.type = o.widget === "number" ? "number" : "text";
-    if (o.type === "float") input.step = "any";
-    input.placeholder = "default";
+    if (o.type === "float") input.step = o.step ?? "any";
+    if (o.min !== null && o.min !== undefined) input.min = o.min;
+    if (o.max !== null && o.max !== undefined) input.max = o.max;
+    input.placeholder = o.default === null || o.default === undefined || o.default === "" ? "default" : String(o.default);
   }
   input.dataset.dest = o.dest; input.dataset.widget = o.widget; input.dataset.type = o.type;
   if (!label.contains(input)) {
@@ -81,14 +87,31 @@ function optionField(o) {
   return label;
 }
 
+// Show the common fields the method has, with its bounds, choices and defaults as placeholders.
+function setupCommon(m) {
+  const common = m.common || {};
+  for (const k of COMMON) {
+    const el = $(k), o = common[k];
+    el.closest("label").hidden = !o;
+    if (!o) continue;
+    if (k === "colour_fix") {
+      el.innerHTML = '<option value="">default</option>' + o.choices.map((c) => `<option>${c}</option>`).join("");
+      continue;
+    }
+    if (o.min !== null && o.min !== undefined) el.min = o.min; else el.removeAttribute("min");
+    if (o.max !== null && o.max !== undefined) el.max = o.max; else el.removeAttribute("max");
+    el.placeholder = o.default === null || o.default === undefined || o.default === "" ? "default" : String(o.default);
+  }
+  $("diffusion").hidden = Object.keys(common).length === 0;
+  $("extract").hidden = !m.suggests_priors;
+}
+
 function onMethodChange() {
   const m = currentMethod();
   if (!m) return;
   $("method-info").textContent = m.summary +
     (m.missing_paths && m.missing_paths.length ? ` (not configured: ${m.missing_paths.map((p) => "--" + p).join(", ")})` : "");
-  $("diffusion").hidden = !m.diffusion;
-  const cf = $("colour_fix");
-  cf.innerHTML = '<option value="">default</option>' + (m.colour_fixes || []).map((c) => `<option>${c}</option>`).join("");
+  setupCommon(m);
   const fields = $("mo-fields");
   fields.innerHTML = ""; state.refs = {};
   for (const o of m.options) fields.appendChild(optionField(o));
@@ -103,14 +126,12 @@ function updateRun() { $("run").disabled = !state.image || !currentMethod() || !
 function collect() {
   const m = currentMethod();
   const body = { kind: "upscale", image: state.image.id, method: m.name, tile: $("tile").value };
-  if (m.diffusion) {
-    for (const k of ["prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix"]) body[k] = $(k).value;
-    if (state.priorsInPrompt) body.priors_in_prompt = true;
-  }
+  for (const k of Object.keys(m.common || {})) body[k] = $(k).value;
+  if (state.priorsInPrompt && m.priors_in_prompt) body.priors_in_prompt = true;
   const options = {};
   for (const el of $("mo-fields").querySelectorAll("[data-dest]")) {
     const d = el.dataset.dest;
-    if (el.dataset.widget === "checkbox") { if (el.checked) options[d] = true; }
+    if (el.dataset.widget === "checkbox") { if (String(el.checked) !== el.dataset.default) options[d] = el.checked; }
     else if (el.dataset.widget === "image") { if (state.refs[d]) options[d] = state.refs[d]; }
     else if (el.dataset.widget === "slider") { if (el.value !== el.dataset.default) options[d] = el.value; }
     else if (el.value !== "") options[d] = el.value;
