@@ -22,8 +22,13 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from transformers import Blip2QFormerModel
 
+from semsr.fusion.aia import AiAFusion
+from semsr.models.cognitive import SRResNet, qformer_config
 from semsr.pipeline.sd_configs import SD15_UNET
+from semsr.testing.tiny import tiny_unet
 
 
 def unet_config(kind: str) -> dict:
@@ -32,26 +37,19 @@ def unet_config(kind: str) -> dict:
     if kind == "small":
         return {**SD15_UNET, "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 768}
     if kind == "tiny":
-        from semsr.testing.tiny import tiny_unet
-
         return dict(tiny_unet().config)
     raise SystemExit(f"unknown --unet {kind}")
 
 
 def param_counts() -> dict[str, float]:
     """Millions of parameters of the SD-1.5-size pieces (meta device)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import Blip2QFormerModel
-
-    from semsr.fusion.aia import AiAFusion
-    from semsr.models.cognitive import SRResNet, qformer_config
 
     def count(m: torch.nn.Module) -> float:
         return round(sum(p.numel() for p in m.parameters()) / 1e6, 2)
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
-        fusion = AiAFusion(unet, init_from_self_attention=False)
+        fusion = AiAFusion.from_unet(unet, init_from_self_attention=False)
         qformer = Blip2QFormerModel(qformer_config(hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
                                                    encoder_hidden_size=1024))
     return {"sd15_unet": count(unet), "aia_blocks": count(fusion.blocks), "lr_encoder": count(fusion.lr_encoder),
@@ -60,14 +58,10 @@ def param_counts() -> dict[str, float]:
 
 
 def step_times(kind: str, latent: int, repeats: int) -> dict[str, float]:
-    from diffusers import UNet2DConditionModel
-
-    from semsr.fusion.aia import AiAFusion
-
     torch.manual_seed(0)
     cfg = unet_config(kind)
     unet = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
-    fusion = AiAFusion(unet).eval().requires_grad_(False)
+    fusion = AiAFusion.from_unet(unet).eval().requires_grad_(False)
     width = int(cfg["cross_attention_dim"])
     x = torch.randn(1, 4, latent, latent)
     ctx = torch.randn(1, 77 + 50, width)
@@ -77,7 +71,7 @@ def step_times(kind: str, latent: int, repeats: int) -> dict[str, float]:
     def plain_cfg() -> None:
         unet(x.repeat(2, 1, 1, 1), t, encoder_hidden_states=ctx.repeat(2, 1, 1))
 
-    def aia(branches: int):  # noqa: ANN202
+    def aia(branches: int):
         def run() -> None:
             lr_feats = fusion.lr_features(z_lr, t)
             refs = [fusion.ref_features(r, t) for r in (z_ref, z_zero)[: 1 if branches == 1 else 2]]

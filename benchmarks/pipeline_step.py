@@ -112,10 +112,11 @@ def worker_e2e(size: int, dtype: str) -> dict:
 
     import torch
 
-    from semsr.testing.tiny import tiny_clip_tokenizer
+    from semsr.methods.sd_controlnet import SDControlNetOptions
     from semsr.pipeline.sd_configs import SD15_SCHEDULER, random_sd15
     from semsr.pipeline.sd_controlnet import SDControlNetSR, new_controlnet
     from semsr.pipeline.text import CLIPTextConditioner
+    from semsr.testing.tiny import tiny_clip_tokenizer
 
     t_build = time.perf_counter()
     torch.manual_seed(0)
@@ -124,7 +125,7 @@ def worker_e2e(size: int, dtype: str) -> dict:
         tokenizer = tiny_clip_tokenizer(Path(tmp))  # ids < 49408; the SD vocabulary is not shipped
     text = CLIPTextConditioner(tokenizer, parts["text_encoder"])
     pipe = SDControlNetSR(vae=parts["vae"], unet=parts["unet"], controlnet=new_controlnet(parts["unet"]), text=text,
-                          scheduler_config=SD15_SCHEDULER, dtype=dtype)
+                          scheduler_config=SD15_SCHEDULER, dtype=dtype, scale=4, options_class=SDControlNetOptions)
     del parts
     gc.collect()
     build_seconds = time.perf_counter() - t_build
@@ -133,10 +134,10 @@ def worker_e2e(size: int, dtype: str) -> dict:
     lr = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with torch.inference_mode():
-        y = pipe(lr, scale=4, steps=1, prompt="a photo", seed=0)
+        out = pipe(lr, SDControlNetOptions(steps=1, prompt="a photo", seed=0))
     total, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    assert y.shape == (1, 3, size, size)
-    tm = pipe.last_timings
+    assert out.images.shape == (1, 3, size, size)
+    tm = out.timings
     fixed = total - tm["denoise"]
     return {"measured": True, "output": f"{size}x{size}", "dtype": dtype, "threads": torch.get_num_threads(),
             "build_seconds": build_seconds, "seconds_1_step": total, "cpu_seconds_1_step": cpu, "seconds_per_step": tm["denoise"],

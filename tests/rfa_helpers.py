@@ -1,6 +1,7 @@
 """Shared pieces of the RFA tests (tests/test_rfa.py, tests/test_rfa_train.py)."""
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from semsr.commands.bench_retrieval import register_kind
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,3 +30,11 @@ def write_blocks(folder: Path, count: int, blocks: int = 4, px: int = 16, seed: 
         img = np.kron(rng.random((blocks, blocks, 3)), np.ones((px, px, 1)))
         Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{prefix}{i}.png")
     return folder
+
+
+def bench_retrieval(argv: list[str]) -> int:
+    """``semsr bench retrieval ARGV``: the kind's parser (``register_kind``) on a parser of its own."""
+    parser = argparse.ArgumentParser(prog="semsr bench")
+    register_kind(parser.add_subparsers(dest="kind"))
+    args = parser.parse_args(["retrieval", *argv])
+    return int(args.func(args) or 0)

@@ -11,19 +11,26 @@ import torch
 from PIL import Image
 
 from semsr.cli import main
+from semsr.core.components import load_checkpoint, load_component, read_index, save_checkpoint
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.options import OptionError
 from semsr.fusion.aia import AiAFusion, HardAttnProcessor, hard_attention, install_aia, transformer_blocks
-from semsr.methods.coser import CoSeRSR, guidance_branches
+from semsr.methods import resolve
+from semsr.methods.coser import COSER_NEGATIVE, CoSeROptions, CoSeRSR, guidance_branches
 from semsr.models.cognitive import (
+    CognitiveEncoder,
     align_text_tokens,
     build_cognitive_encoder,
     load_clip_vision,
     load_cognitive_encoder,
     text_token_targets,
 )
-
+from semsr.ops.imresize import imresize
+from semsr.pipeline.guidance import weighted
+from semsr.testing.tiny import tiny_unet
+from semsr.train.config import config_from_dict
+from semsr.train.coser import CoSeRSRTask, load_text_only
 from train_helpers import REPO, write_textures
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
@@ -52,11 +59,22 @@ def _unet_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
             "z_ref": torch.randn(2, 4, 8, 12, generator=g)}
 
 
+def _run(pipe: CoSeRSR, lr: torch.Tensor, **options):
+    return pipe(lr, CoSeROptions(**options))
+
+
+def _png(path: Path, image: torch.Tensor) -> Path:
+    """Write ``image`` ``(1, 3, H, W)`` in [0, 1] as an 8-bit PNG."""
+    arr = (image[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- AiA
 
 
 def test_zero_initialised_aia_equals_the_plain_unet(unet):
-    fusion = AiAFusion(unet)
+    fusion = AiAFusion.from_unet(unet)
     d = _unet_inputs()
     with torch.no_grad():
         plain = unet(d["x"], d["t"], encoder_hidden_states=d["context"]).sample
@@ -85,7 +103,7 @@ def test_aia_on_an_sd2_style_unet():
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, norm_num_groups=16).eval()
-    fusion = AiAFusion(unet)
+    fusion = AiAFusion.from_unet(unet)
     d = _unet_inputs(1)
     with torch.no_grad():
         plain = unet(d["x"], d["t"], encoder_hidden_states=d["context"]).sample
@@ -97,7 +115,7 @@ def test_aia_on_an_sd2_style_unet():
 
 def test_aia_starts_from_the_pretrained_self_attention_and_keeps_unet_state(unet):
     keys_before = set(unet.state_dict())
-    fusion = AiAFusion(unet)
+    fusion = AiAFusion.from_unet(unet)
     install_aia(unet)
     assert set(unet.state_dict()) == keys_before
     name, _, block = transformer_blocks(unet)[0]
@@ -105,7 +123,25 @@ def test_aia_starts_from_the_pretrained_self_attention_and_keeps_unet_state(unet
     assert torch.equal(part.lr_attn.to_q.weight, block.attn1.to_q.weight)
     assert torch.equal(part.ref_attn.to_v.weight, block.attn1.to_v.weight)
     assert torch.count_nonzero(part.lr_zero.weight) == 0 and torch.count_nonzero(part.ref_zero.bias) == 0
+    # the encoders start as copies of the UNet's encoder path
+    assert torch.equal(fusion.lr_encoder.levels[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(fusion.ref_encoder.mid.conv2.weight, unet.mid_block.resnets[0].conv2.weight)
+    assert torch.equal(fusion.lr_encoder.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
 
+
+def test_aia_structure_from_config_alone(unet):
+    """A fusion built from its config (no UNet) has the same modules as one made from the UNet, and the
+    encoders' initialisation draws nothing from the global RNG (the blocks' initialisation is seeded)."""
+    torch.manual_seed(0)
+    made = AiAFusion.from_unet(unet)
+    after_made = torch.rand(4)
+    torch.manual_seed(0)
+    built = AiAFusion(**dict(made.config))
+    assert torch.equal(torch.rand(4), after_made)
+    a, b = made.state_dict(), built.state_dict()
+    assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("blocks.") and "_zero" not in k
+               and ".to_" not in k)  # same seeded init; attentions are copied from the UNet only by from_unet
 
 def test_hard_attention_returns_the_argmax_value_scaled_by_its_score():
     g = torch.Generator().manual_seed(1)
@@ -137,24 +173,37 @@ def test_hard_attention_processor_uses_the_projections_and_no_softmax():
 
 
 def test_aia_checkpoint_round_trip_and_wrong_unet(unet, tmp_path):
-    from semsr.testing.tiny import tiny_unet
+    from diffusers import UNet2DConditionModel
 
-    fusion = AiAFusion(unet)
+    fusion = AiAFusion.from_unet(unet)
     with torch.no_grad():
         for block in fusion.blocks.values():
             torch.nn.init.normal_(block.lr_zero.weight, std=0.1)
-    fusion.save(tmp_path / "aia")
-    loaded = AiAFusion.load(tmp_path / "aia", unet)
+    fusion.save_pretrained(tmp_path / "aia")
+    loaded = load_component(AiAFusion, tmp_path / "aia")  # structure from the config alone
+    loaded.check_unet(unet)
     d = _unet_inputs(3)
     with torch.no_grad():
         a = fusion(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
         b = loaded(unet, d["x"], d["t"], d["context"], d["z_lr"], d["z_ref"])
     assert torch.equal(a, b)
-    from diffusers import UNet2DConditionModel
-
     other = UNet2DConditionModel(**{**dict(tiny_unet().config), "block_out_channels": (32, 32)})
     with pytest.raises(UnavailableError, match="another UNet"):
-        AiAFusion.load(tmp_path / "aia", other)
+        loaded.check_unet(other)
+
+
+def test_coser_checkpoint_layout(tiny_models, tmp_path):
+    """The tiny ``coser`` folder is the one checkpoint layout: model_index.json + cognitive/ + aia/."""
+    index = read_index(tiny_models / "coser", "coser")
+    assert index.components == {"cognitive": ("semsr", "CognitiveEncoder"), "aia": ("semsr", "AiAFusion")}
+    parts, _ = load_checkpoint(tiny_models / "coser", "coser")
+    assert isinstance(parts["cognitive"], CognitiveEncoder) and isinstance(parts["aia"], AiAFusion)
+    assert parts["cognitive"].clip is None  # the CLIP tower is never part of the checkpoint
+    save_checkpoint(tmp_path / "copy", "coser", parts)
+    again, _ = load_checkpoint(tmp_path / "copy", "coser")
+    for name, part in parts.items():
+        want, got = part.state_dict(), again[name].state_dict()
+        assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
 
 
 # ----------------------------------------------------------------------------- cognitive encoder
@@ -168,8 +217,6 @@ def test_align_text_tokens_takes_the_window_ending_at_the_end_token():
 
 
 def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
-    from semsr.train.coser import load_text_only
-
     clip = load_clip_vision(tiny_models / "clip-vision")
     text = load_text_only(tiny_models / "sd")
     torch.manual_seed(0)
@@ -201,8 +248,6 @@ def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
 
 @pytest.mark.parametrize("spec", [{"kind": "bicubic"}, {"kind": "method", "name": "bicubic"}])
 def test_fixed_pre_sr_options(tiny_models, spec):
-    from semsr.ops.imresize import imresize
-
     enc = build_cognitive_encoder(load_clip_vision(tiny_models / "clip-vision"), text_width=32, num_queries=7,
                                   pre_sr=spec, qformer={"hidden_size": 32, "num_hidden_layers": 1,
                                                         "num_attention_heads": 4, "intermediate_size": 64})
@@ -210,6 +255,24 @@ def test_fixed_pre_sr_options(tiny_models, spec):
     emb, pre = enc(lr)
     assert emb.shape == (1, 7, 32) and not list(enc.pre_sr.parameters())
     torch.testing.assert_close(pre, imresize(lr, scale=4).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_cognitive_encoder_component_keeps_clip_attached_not_saved(tiny_models):
+    from_checkpoint = load_cognitive_encoder(tiny_models / "coser", tiny_models / "clip-vision")
+    from_component = load_cognitive_encoder(tiny_models / "coser" / "cognitive", tiny_models / "clip-vision")
+    own = from_checkpoint.state_dict()
+    assert own and all(k.startswith(("pre_sr.", "adapter.")) for k in own)
+    assert all(torch.equal(own[k], v) for k, v in from_component.state_dict().items())
+    assert not any(n.startswith("clip") for n, _ in from_checkpoint.named_parameters())
+    lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(from_checkpoint.embed(lr), from_component.embed(lr))
+    from_component.to(torch.float64)  # moves and casts take the attached tower along
+    assert next(from_component.clip.parameters()).dtype == torch.float64
+    assert from_component.embed(lr.double()).dtype == torch.float64
+    with pytest.raises(SemsrError, match="CLIP"):
+        CognitiveEncoder(num_queries=2, text_width=32, clip_width=32, pre_sr_spec={"kind": "bicubic"},
+                         qformer={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                  "intermediate_size": 64})(lr)
 
 
 def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
@@ -245,6 +308,13 @@ def test_guidance_branches_and_formula():
     plain = guidance_branches(pos, neg, None, None, 4.0)
     assert [(w, b.reference) for w, b in plain] == [(-3.0, None), (4.0, None)]
 
+    # the weighted denoiser wrapper evaluates the branches in one batched call, in order
+    def batched(x, t, cond):
+        return torch.cat([x[:1] * 0 + eps(b) for b in cond], dim=0)
+
+    guided = weighted(batched, [w for w, _ in three])(torch.zeros(1, 4, 2, 2), torch.tensor(1), [b for _, b in three])
+    torch.testing.assert_close(guided, torch.full((1, 4, 2, 2), float(combined)))
+
 
 def test_negative_branch_uses_negative_prompt_embedding_and_vae_of_zeros(pipe, lr):
     pos, neg = pipe.contexts(lr, ["a cat"], ["blurry"])
@@ -267,44 +337,102 @@ def test_negative_branch_uses_negative_prompt_embedding_and_vae_of_zeros(pipe, l
 # ----------------------------------------------------------------------------- pipeline and ablations
 
 
-def test_pipeline_generates_a_reference_and_ablations(pipe, lr, monkeypatch):
-    full = pipe(lr, steps=3, seed=1)
-    assert full.shape == (1, 3, 64, 80) and 0 <= full.min() and full.max() <= 1
-    assert pipe.last_reference is not None and pipe.last_reference.shape == (1, 3, 64, 80)
-    assert torch.equal(pipe.last_reference, (pipe.last_reference * 255).round() / 255)  # 8-bit levels
+def test_pipeline_generates_a_reference_and_ablations(pipe, lr, monkeypatch, tmp_path):
+    full = _run(pipe, lr, steps=3, seed=1)
+    assert full.images.shape == (1, 3, 64, 80) and 0 <= full.images.min() and full.images.max() <= 1
+    ref = full.side_images["reference"]
+    assert ref.shape == (1, 3, 64, 80) and torch.equal(ref, (ref * 255).round() / 255)  # 8-bit levels
+    assert full.priors["reference_source"] == "generated" and full.priors["cognition"] is True
+    assert torch.equal(full.priors["reference"], ref[:1]) and "reference_path" not in full.priors
+    assert full.priors["negative_prompt"] == COSER_NEGATIVE and full.priors["prompt"] == ""
+    assert set(full.timings) >= {"reference", "encode", "denoise", "decode"}
+    assert not hasattr(pipe, "last_reference") and not hasattr(pipe, "side_outputs")
 
-    no_ref = pipe(lr, steps=3, seed=1, use_reference=False)
-    assert pipe.last_reference is None and (no_ref - full).abs().max() > 1e-3
-    other = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(pipe(lr, steps=3, seed=1, use_reference=False, reference=other), no_ref)
-    with_other = pipe(lr, steps=3, seed=1, reference=other)
-    assert (with_other - full).abs().max() > 1e-3  # the reference matters when used
+    no_ref = _run(pipe, lr, steps=3, seed=1, no_reference=True)
+    assert no_ref.side_images == {} and no_ref.priors["reference_source"] == "none"
+    assert "reference" not in no_ref.priors and (no_ref.images - full.images).abs().max() > 1e-3
+    other = _png(tmp_path / "other.png", torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(_run(pipe, lr, steps=3, seed=1, no_reference=True, reference=other).images, no_ref.images)
+    with_other = _run(pipe, lr, steps=3, seed=1, reference=other)
+    assert (with_other.images - full.images).abs().max() > 1e-3  # the reference matters when used
+    assert with_other.priors["reference_source"] == "file" and with_other.priors["reference_path"] == str(other)
+    assert with_other.side_images["reference"].shape == (1, 3, 40, 48)
 
     def boom(*a, **k):
         raise AssertionError("cognitive encoder called")
 
-    base = pipe(lr, steps=3, seed=1, use_cognition=False, reference=other)
+    base = _run(pipe, lr, steps=3, seed=1, no_cognition=True, reference=other)
+    assert base.priors["cognition"] is False
     monkeypatch.setattr(pipe.cognitive, "embed", boom)
-    assert torch.equal(pipe(lr, steps=3, seed=1, use_cognition=False, reference=other), base)
+    assert torch.equal(_run(pipe, lr, steps=3, seed=1, no_cognition=True, reference=other).images, base.images)
     with pytest.raises(AssertionError, match="cognitive encoder called"):
-        pipe(lr, steps=1, seed=1, reference=other)
+        _run(pipe, lr, steps=1, seed=1, reference=other)
 
 
-def test_separate_reference_guidance_changes_the_result(pipe, lr):
-    ref = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(2))
-    a = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0)
-    b = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=3.0)
-    c = pipe(lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=6.0)
+def test_separate_reference_guidance_changes_the_result(pipe, lr, tmp_path):
+    ref = _png(tmp_path / "ref.png", torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(2)))
+    a = _run(pipe, lr, steps=2, seed=0, reference=ref, guidance_scale=3.0).images
+    b = _run(pipe, lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=3.0).images
+    c = _run(pipe, lr, steps=2, seed=0, reference=ref, guidance_scale=3.0, reference_guidance=6.0).images
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-4
 
 
-def test_latent_tiles_match_shape_and_stay_close(pipe):
+def test_latent_tiles_match_shape_and_stay_close(pipe, tmp_path):
     lr = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(4))
-    ref = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    whole = pipe(lr, steps=2, seed=0, reference=ref, latent_tile=0)
-    tiles = pipe(lr, steps=2, seed=0, reference=ref, latent_tile=8, tile_overlap=4)
+    ref = _png(tmp_path / "ref.png", torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)))
+    whole = _run(pipe, lr, steps=2, seed=0, reference=ref, latent_tile=0).images
+    tiles = _run(pipe, lr, steps=2, seed=0, reference=ref, latent_tile=8, tile_overlap=4).images
     assert tiles.shape == whole.shape == (1, 3, 128, 160)
     assert (tiles - whole).abs().mean() < 0.1
+    # --tile (input px) is the same tile in latent pixels of the 4x output (VAE factor 8)
+    assert torch.equal(_run(pipe, lr, steps=2, seed=0, reference=ref, tile=16).images,
+                       _run(pipe, lr, steps=2, seed=0, reference=ref, latent_tile=8).images)
+
+
+# ----------------------------------------------------------------------------- method
+
+
+def test_options_schema_and_errors():
+    spec = resolve("coser")
+    opts = spec.parse({"steps": "3", "reference_size": "256", "no_reference": "true", "reference": "~/r.png"})
+    assert (opts.steps, opts.reference_size, opts.no_reference) == (3, 256, True)
+    assert opts.reference == Path("~/r.png").expanduser()
+    infos = CoSeROptions.infos()
+    assert {n for n in ("checkpoint", "clip", "base") if infos[n].stage == "build"} == {"checkpoint", "clip", "base"}
+    assert infos["reference"].widget == "image" and infos["reference"].stage == "run"
+    defaults = CoSeROptions()
+    assert (defaults.steps, defaults.guidance_scale, defaults.negative_prompt) == (50, 3.0, COSER_NEGATIVE)
+    assert defaults.reference_guidance is None and defaults.reference_gen_guidance == 7.0
+    with pytest.raises(OptionError, match="did you mean reference_size"):
+        spec.parse({"referense_size": 3})
+    assert spec.diffusion and set(spec.weight_paths) == {"base", "checkpoint", "clip"}
+    with pytest.raises(UnavailableError, match="pass --checkpoint"):
+        spec.build(spec.parse({"base": "/nowhere"}))
+
+
+def test_method_caches_generated_references(tiny_models, tmp_path, monkeypatch, lr):
+    monkeypatch.setenv("SEMSR_CACHE", str(tmp_path / "cache"))
+    spec = resolve("coser")
+    options = spec.parse({"base": tiny_models / "sd", "checkpoint": tiny_models / "coser",
+                          "clip": tiny_models / "clip-vision", "steps": 2, "seed": 3})
+    method = spec.build(options)
+    calls = []
+    original = method.generate_reference
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(method, "generate_reference", counting)
+    first = method(lr, options)
+    second = method(lr, options)
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "coser-references").glob("*.png"))) == 1
+    assert (first.priors["reference_source"], second.priors["reference_source"]) == ("generated", "cache")
+    assert torch.equal(first.side_images["reference"], second.side_images["reference"])
+    assert torch.equal(first.images, second.images)
+    method(lr, options.replace(seed=4))  # another generation setting: another entry
+    assert len(calls) == 2
+    assert method.suggest_priors(lr) == {"negative_prompt": COSER_NEGATIVE}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -374,7 +502,7 @@ def test_tiny_training_configs_run_through_semsr_train(tiny_models, tmp_path, ca
     records = [json.loads(line) for line in (tmp_path / "cog" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
     assert "cognitive_mse" in records[0]["terms"]
-    assert (tmp_path / "cog" / "final" / "cognitive" / "model.safetensors").is_file()
+    assert read_index(tmp_path / "cog" / "final", "coser").components == {"cognitive": ("semsr", "CognitiveEncoder")}
 
     sr = ["train", "--config", str(REPO / "configs" / "coser-tiny.yaml"), "--output", str(tmp_path / "sr"),
           "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
@@ -385,15 +513,16 @@ def test_tiny_training_configs_run_through_semsr_train(tiny_models, tmp_path, ca
     assert [r["type"] for r in records] == ["train", "train", "val"]
     final = tmp_path / "sr" / "final"
     # the exported folder is a complete checkpoint for the coser method
+    assert set(read_index(final, "coser").components) == {"cognitive", "aia"}
     pipe = CoSeRSR.from_pretrained(tiny_models / "sd", final, tiny_models / "clip-vision")
-    assert pipe(torch.rand(1, 3, 16, 16), steps=1).shape == (1, 3, 64, 64)
+    assert pipe(torch.rand(1, 3, 16, 16), CoSeROptions(steps=1)).images.shape == (1, 3, 64, 64)
+    # ... and a stage-1 export is not
+    with pytest.raises(UnavailableError, match="no 'aia' component"):
+        CoSeRSR.from_pretrained(tiny_models / "sd", tmp_path / "cog" / "final", tiny_models / "clip-vision")
     capsys.readouterr()
 
 
 def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
-    from semsr.train.config import config_from_dict
-    from semsr.train.tasks import build_task
-
     hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
     cfg = config_from_dict({
         "name": "t", "task": "coser-sr",
@@ -402,7 +531,7 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
                               "reference_top_k": 2}},
         "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
     })
-    task = build_task(cfg)
+    task = CoSeRSRTask(cfg)
     trainable = {id(p) for p in task.trainable.parameters() if p.requires_grad}
     assert trainable and len(trainable) == sum(1 for _ in task.trainable.parameters())
     assert not any(p.requires_grad for p in task.unet.parameters())
@@ -413,6 +542,6 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
         assert task.references.neighbour(pos, torch.Generator().manual_seed(pos)) != i
     assert len(list((Path(os.environ["SEMSR_CACHE"]) / "coser-clip-embeddings").glob("*.pt"))) >= 1
     with pytest.raises(SemsrError, match="unknown model.options"):
-        build_task(config_from_dict({**cfg.to_dict(), "model": {"pretrained": str(tiny_models / "sd"),
+        CoSeRSRTask(config_from_dict({**cfg.to_dict(), "model": {"pretrained": str(tiny_models / "sd"),
                                                                  "options": {"clip": "x", "cognitive": "y",
                                                                              "bogus": 1}}}))

@@ -1,5 +1,6 @@
 """DaLPSR: IRPAD degradation prompt + tag-steered semantic prompt through the two-prompt ControlNet,
 without and with a VLM, the ``dalpsr`` CLI preset and the tiny training config."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,15 @@ import pytest
 import torch
 
 from semsr.cli import main
-from semsr.methods import get_method
-from semsr.methods.xpsr import TwoPromptSR
+from semsr.core.components import read_index
+from semsr.methods import build, resolve
+from semsr.methods.dalpsr import DaLPSROptions
+from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions
+from semsr.priors import prompts as prompts_mod
 from semsr.priors.irpad import LEVELS
+from semsr.train.config import config_from_dict
+from semsr.train.tasks import build_task
 from train_helpers import REPO, write_textures
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
@@ -23,32 +28,59 @@ def _is_irpad_text(text: str) -> bool:
     return all(part in phrases for part in text.split(", "))
 
 
-def test_dalpsr_without_vlm_uses_prompt_tags_and_irpad(tiny_models, capsys):
-    import semsr.priors.prompts as prompts_mod
+def _dalpsr(tiny_models: Path, **build_opts: str) -> TwoPromptSR:
+    return build(
+        "dalpsr",
+        {
+            "base": str(tiny_models / "sd"),
+            "checkpoint": str(tiny_models / "dalpsr"),
+            "irpad": str(tiny_models / "irpad-untrained"),
+            **build_opts,
+        },
+    )
 
-    prompts_mod._noted.discard("no-vlm")
-    method = get_method("dalpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "dalpsr"),
-                        tagger=str(tiny_models / "tagger"), irpad=str(tiny_models / "irpad-untrained"))
-    assert method.pipeline.sfa.mode == "serial" and len(method.pipeline.sfa.cond) == 0
+
+def _run(**values: object) -> DaLPSROptions:
+    return resolve("dalpsr").parse(values)
+
+
+def test_dalpsr_options_derive_from_xpsr():
+    spec = resolve("dalpsr")
+    assert spec.options is DaLPSROptions and issubclass(DaLPSROptions, XPSROptions) and spec.suggests_priors
+    assert set(DaLPSROptions.names()) == set(XPSROptions.names()) | {"tagger"}
+    assert DaLPSROptions.infos()["tagger"].stage == "build" and "tagger" not in XPSROptions.names()
+    assert spec.parse({}).values("run") == XPSROptions().values("run")  # XPSR's sampling defaults
+
+
+def test_dalpsr_without_vlm_uses_prompt_tags_and_irpad(tiny_models, capsys, monkeypatch):
+    monkeypatch.setattr(prompts_mod, "_noted", set())
+    method = _dalpsr(tiny_models, tagger=str(tiny_models / "tagger"))
+    assert method.name == "dalpsr" and method.options_class is DaLPSROptions
+    assert method.sfa.mode == "serial" and len(method.sfa.cond) == 0
     lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    out = method(lr, prompt="a house", steps=1)
-    assert out.shape == (2, 3, 64, 64)
+    out = method(lr, _run(prompt="a house", steps=1))
+    assert out.images.shape == (2, 3, 64, 64)
     err = capsys.readouterr().err
     assert err.count("no vision-language model") == 1
-    for cond in method.last_conditions:
+    conds = method.text_conditions(lr, "a house")  # cached: what the call used, per image
+    for cond in conds:
         assert cond.sources["low"] == "irpad" and _is_irpad_text(cond.low)
         assert cond.high.startswith("a house")
         assert cond.tags  # the tiny tagger labels every image; its tags steer the semantic prompt
         assert cond.sources["high"] == "user+tags" and cond.high == "a house, " + ", ".join(cond.tags)
+    p = out.priors  # the first image's
+    assert p["prompt"] == f"{conds[0].high}, {XPSR_ADDED_POSITIVE}" and p["tags"] == conds[0].tags
+    assert p["semantic_prompt"] == conds[0].high and p["degradation"] == p["low_prompt"] == conds[0].low
+    assert p["user_prompt"] == "a house" and p["sources"] == {"high": "user+tags", "low": "irpad"}
 
 
 def test_dalpsr_low_prompt_changes_the_output(tiny_models):
-    method = get_method("dalpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "dalpsr"),
-                        irpad=str(tiny_models / "irpad-untrained"))
+    method = _dalpsr(tiny_models)
     lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    a = method(lr, prompt="a", low_prompt="no blur, no noise", steps=1, colour_fix="none")
-    b = method(lr, prompt="a", low_prompt="heavy blur, heavy noise", steps=1, colour_fix="none")
-    assert not torch.equal(a, b)
+    a = method(lr, _run(prompt="a", low_prompt="no blur, no noise", steps=1, colour_fix="none"))
+    b = method(lr, _run(prompt="a", low_prompt="heavy blur, heavy noise", steps=1, colour_fix="none"))
+    assert not torch.equal(a.images, b.images)
+    assert (a.priors["low_prompt"], b.priors["low_prompt"]) == ("no blur, no noise", "heavy blur, heavy noise")
 
 
 def test_cli_dalpsr_end_to_end_with_vlm_and_tagger(tiny_models, tmp_path, capsys):
@@ -56,45 +88,96 @@ def test_cli_dalpsr_end_to_end_with_vlm_and_tagger(tiny_models, tmp_path, capsys
 
     img = tmp_path / "in.png"
     Image.fromarray((torch.rand(16, 20, 3) * 255).byte().numpy()).save(img)
-    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "out"), "--method", "dalpsr", "--base",
-               str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "dalpsr"), "--vlm", str(tiny_models / "vlm"),
-               "--tagger", str(tiny_models / "tagger"), "--irpad", str(tiny_models / "irpad-untrained"),
-               "--steps", "2", "--no-progress"])
+    rc = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(tmp_path / "out"),
+            "--method",
+            "dalpsr",
+            "--base",
+            str(tiny_models / "sd"),
+            "--checkpoint",
+            str(tiny_models / "dalpsr"),
+            "--vlm",
+            str(tiny_models / "vlm"),
+            "--tagger",
+            str(tiny_models / "tagger"),
+            "--irpad",
+            str(tiny_models / "irpad-untrained"),
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert Image.open(tmp_path / "out" / "in_out.png").size == (80, 64)
-    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o2"), "--method", "dalpsr", "--base",
-               str(tiny_models / "sd"), "--checkpoint", str(tmp_path), "--steps", "1"])
+    rc = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(tmp_path / "o2"),
+            "--method",
+            "dalpsr",
+            "--base",
+            str(tiny_models / "sd"),
+            "--checkpoint",
+            str(tmp_path),
+            "--steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "checkpoint folder" in err and "Traceback" not in err
 
 
 def test_tiny_dalpsr_config_trains_through_semsr_train(tiny_models, tmp_path, capsys):
     hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
-    args = ["train", "--config", str(REPO / "configs" / "dalpsr-tiny.yaml"), "--output", str(tmp_path / "run"),
-            "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
-            f"model.options.tagger={tiny_models / 'tagger'}", f"model.options.irpad={tiny_models / 'irpad-untrained'}",
-            f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0", "validation.every=2", "checkpoint.every=2"]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "dalpsr-tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        f"model.pretrained={tiny_models / 'sd'}",
+        f"model.options.tagger={tiny_models / 'tagger'}",
+        f"model.options.irpad={tiny_models / 'irpad-untrained'}",
+        f"data.hr=[{hr}]",
+        "data.val_count=1",
+        "data.limit=0",
+        "validation.every=2",
+        "checkpoint.every=2",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records] == ["train", "train", "val"]
     assert set(records[0]["terms"]) == {"eps_mse", "dfc"}
     final = tmp_path / "run" / "final"
-    assert all((final / part / "config.json").is_file() for part in ("controlnet", "sfa", "dfc"))
+    index = read_index(final)
+    assert index.recipe == "dalpsr" and set(index.components) == {"controlnet", "sfa", "dfc"}
     pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", final)
-    assert pipe.sfa.mode == "serial"
+    assert pipe.sfa.mode == "serial" and len(pipe.sfa.cond) == 0
 
 
 def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_path):
-    from semsr.train.config import config_from_dict
-    from semsr.train.tasks import build_task
-
     hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
-    cfg = config_from_dict({
-        "name": "t", "task": "xpsr",
-        "model": {"pretrained": str(tiny_models / "sd"),
-                  "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad"}},
-        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "xpsr",
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad"},
+            },
+            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+        }
+    )
     task = build_task(cfg)
     params = list(task.trainable.parameters())
     assert params and all(p.requires_grad for p in params)
@@ -102,9 +185,39 @@ def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_p
     assert not any(p.requires_grad for p in task.vae.parameters())
     assert len(task.trainable.sfa.cond) > 0 and task.trainable.sfa.mode == "parallel"
     assert isinstance(task.trainable.dfc, torch.nn.Module)
-    bad = config_from_dict({"name": "t", "task": "dalpsr",
-                            "model": {"pretrained": str(tiny_models / "sd"), "options": {"nope": 1}},
-                            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64}})
+    bad = config_from_dict(
+        {
+            "name": "t",
+            "task": "dalpsr",
+            "model": {"pretrained": str(tiny_models / "sd"), "options": {"nope": 1}},
+            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64},
+        }
+    )
     with pytest.raises(Exception, match="nope"):
         build_task(bad)
     assert Path(cfg.model.pretrained).is_dir()
+
+
+def test_training_continues_from_a_checkpoint(tiny_models, tmp_path):
+    """``model.options.init``: the checkpoint's ControlNet, SFA (mode from the task) and DFC heads."""
+    hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "dalpsr",
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {"irpad": str(tiny_models / "irpad-untrained"), "init": str(tiny_models / "xpsr")},
+            },
+            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+        }
+    )
+    task = build_task(cfg)
+    model = task.trainable
+    assert model.sfa.mode == "serial" and len(model.sfa.cond) > 0  # the xpsr checkpoint's conditional attention
+    pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", tiny_models / "xpsr")
+    for name in ("controlnet", "sfa"):
+        want = getattr(pipe, name).state_dict()
+        got = getattr(model, name).state_dict()
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    assert all(p.requires_grad for p in model.parameters())

@@ -1,21 +1,28 @@
-"""The bundled default model (issue 10): architecture, identity at init, ablation switches, training, method."""
+"""The bundled default model (issue 10): architecture, identity at init, ablation switches, checkpoint layout,
+typed options and reported priors, training, method."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from semsr.core.components import INDEX_FILE, read_index
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.models.default_sr import (
-    DefaultSR,
-    DefaultSRConfig,
+from semsr.core.outputs import SROutput
+from semsr.methods import build as build_method
+from semsr.methods import resolve
+from semsr.methods.default_diffusion import (
+    DEFAULT_TILE,
+    DefaultDiffusionOptions,
     DefaultSRPipeline,
     DegradationText,
     TextTokens,
-    from_space,
-    to_space,
+    packaged_weights,
 )
+from semsr.models.default_sr import DefaultSR, from_space, load_default_sr, save_default_sr, to_space
+from semsr.pipeline.options import latent_tile
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_ARCH = {
@@ -26,7 +33,7 @@ TINY_ARCH = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
+def one_thread():
     """Tiny tensors: one intra-op thread (two spin against each other on the shared cores, 30x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -40,15 +47,13 @@ def text_tokens() -> TextTokens:
 
 
 @pytest.fixture(scope="module")
-def bicubic():  # noqa: ANN201
-    from semsr.methods import get_method
-
-    return get_method("bicubic")
+def bicubic():
+    return build_method("bicubic")
 
 
-def tiny_model(seed: int = 0, perturb: bool = False) -> DefaultSR:
+def tiny_model(seed: int = 0, perturb: bool = False, **config: object) -> DefaultSR:
     torch.manual_seed(seed)
-    model = DefaultSR(DefaultSRConfig(**TINY_ARCH))
+    model = DefaultSR(**{**TINY_ARCH, **config})
     if perturb:  # a "trained" model: non-zero output layer and zero convolutions
         with torch.no_grad():
             for p in [model.unet.conv_out.weight, *model.controlnet.controlnet_down_blocks.parameters(),
@@ -69,14 +74,29 @@ def no_irpad(tmp_path: Path) -> DegradationText:
     return DegradationText(tmp_path / "absent")
 
 
+class FixedDegradation(DegradationText):
+    """A degradation description without IRPAD weights (the same text for every image)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(enabled=False)
+        self.text = text
+
+    def __call__(self, lr: torch.Tensor) -> list[str]:
+        return [self.text] * lr.shape[0]
+
+
 def test_config_validation() -> None:
-    assert DefaultSRConfig().channels == 48 and DefaultSRConfig().multiple == 16
+    model = DefaultSR()
+    assert model.channels == 48 and model.multiple == 16 and model.config.default_steps == 4
+    assert model.config.scheduler["prediction_type"] == "sample"  # the default schedule is recorded in the config
     with pytest.raises(SemsrError, match="power of two"):
-        DefaultSRConfig(unshuffle=3, conditioning_channels=[8, 8])
+        DefaultSR(unshuffle=3, conditioning_channels=[8, 8])
     with pytest.raises(SemsrError, match="conditioning_channels"):
-        DefaultSRConfig(unshuffle=4, conditioning_channels=[8, 8])
+        DefaultSR(unshuffle=4, conditioning_channels=[8, 8])
     with pytest.raises(SemsrError, match="unknown"):
-        DefaultSRConfig.from_dict({"widths": [1]})
+        DefaultSR.from_options({"widths": [1]})
+    with pytest.raises(SemsrError, match="default_steps"):
+        DefaultSR(default_steps=0)
 
 
 def test_space_roundtrip_and_forward_shapes() -> None:
@@ -90,30 +110,81 @@ def test_space_roundtrip_and_forward_shapes() -> None:
     assert out.shape == (2, 48, 8, 12) and out.abs().sum() > 0
 
 
-def test_fresh_model_leaves_stage1_unchanged(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:  # noqa: ANN001
+def test_fresh_model_leaves_stage1_unchanged(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:
     pipe = DefaultSRPipeline(tiny_model(), stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))
+    assert (pipe.name, pipe.scale, pipe.tiles_itself) == ("default-diffusion", 4, True)
     lr = textured(21, 26)  # not a multiple of 4: padded, then cropped back
-    y1 = bicubic(lr)
+    y1 = bicubic(lr).images
     for scheduler in ("ddim", "dpm++"):
-        sr = pipe(lr, prompt="a brick wall", steps=4, seed=3, scheduler=scheduler)
-        assert sr.shape == (1, 3, 84, 104)
-        torch.testing.assert_close(sr, y1, atol=1e-6, rtol=0)
+        out = pipe(lr, DefaultDiffusionOptions(prompt="a brick wall", steps=4, seed=3, scheduler=scheduler))
+        assert isinstance(out, SROutput) and out.images.shape == (1, 3, 84, 104)
+        torch.testing.assert_close(out.images, y1, atol=1e-6, rtol=0)
+        assert out.timings["steps"] == 4.0 and "denoise" in out.timings
 
 
-def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:  # noqa: ANN001
+def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:
     pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens,
                              degradation=no_irpad(tmp_path))
     lr = textured()
-    run = dict(prompt="a brick wall", steps=2, seed=1)
-    full = pipe(lr, **run)
-    assert torch.equal(full, pipe(lr, **run))  # seeded: reproducible
-    assert not torch.allclose(full, pipe(lr, **{**run, "use_text": False}))
-    assert not torch.allclose(full, pipe(lr, **{**run, "use_edges": False}))
-    assert not torch.allclose(full, pipe(lr, **{**run, "steps": 1}))
-    torch.testing.assert_close(pipe(lr, **{**run, "steps": 0}), bicubic(lr), atol=1e-6, rtol=0)
+    run = DefaultDiffusionOptions(prompt="a brick wall", steps=2, seed=1)
+    full = pipe(lr, run).images
+    assert torch.equal(full, pipe(lr, run).images)  # seeded: reproducible
+    assert not torch.allclose(full, pipe(lr, run.replace(no_text_prior=True)).images)
+    assert not torch.allclose(full, pipe(lr, run.replace(no_edge_prior=True)).images)
+    assert not torch.allclose(full, pipe(lr, run.replace(steps=1)).images)
+    assert not torch.allclose(full, pipe(lr, run.replace(guidance_scale=3.0)).images)
+    torch.testing.assert_close(pipe(lr, run.replace(steps=0)).images, bicubic(lr).images, atol=1e-6, rtol=0)
     # tiled sampling (2 x 3 working-space tiles of 16 with overlap) covers the image with the same shape
-    tiled = pipe(textured(32, 40), **{**run, "steps": 1}, tile=16, tile_overlap=4)
+    tiled = pipe(textured(32, 40), run.replace(steps=1, latent_tile=16, tile_overlap=4)).images
     assert tiled.shape == (1, 3, 128, 160) and torch.isfinite(tiled).all()
+    # --tile is in input pixels: 16 input px are 16 * 4 / 4 working-space px, the same tiles
+    assert torch.equal(pipe(textured(32, 40), run.replace(steps=1, tile=16, tile_overlap=4)).images, tiled)
+
+
+def test_tile_uses_the_one_latent_tile_rule() -> None:
+    opts = DefaultDiffusionOptions.parse({"tile": "64"})
+    assert latent_tile(opts, 4, 4) == 64 and latent_tile(opts, 4, 2) == 128
+    assert latent_tile(opts.replace(latent_tile=24), 4, 4) == 24
+    assert latent_tile(DefaultDiffusionOptions(), 4, 4) is None and DEFAULT_TILE == 256
+
+
+def test_options_are_typed_and_checked() -> None:
+    spec = resolve("default-diffusion")
+    assert spec.options is DefaultDiffusionOptions and spec.suggests_priors and spec.diffusion
+    assert set(spec.bundled_paths) == {"checkpoint", "irpad"}
+    opts = spec.parse({"steps": "3", "no_edge_prior": "true", "scheduler": "dpm++", "stage1": "bicubic"})
+    assert (opts.steps, opts.no_edge_prior, opts.scheduler, opts.stage1) == (3, True, "dpm++", "bicubic")
+    assert DefaultDiffusionOptions().steps is None  # None = the checkpoint's default_steps
+    assert DefaultDiffusionOptions.infos()["priors_in_prompt"].hidden
+    assert set(DefaultDiffusionOptions.names("build")) >= {"checkpoint", "irpad", "stage1", "device"}
+    with pytest.raises(SemsrError, match="no_edge_prior"):
+        spec.parse({"no_edge_priors": True})
+    with pytest.raises(SemsrError, match="scheduler"):
+        spec.parse({"scheduler": "euler"})
+
+
+def test_reported_and_suggested_priors(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:
+    deg = FixedDegradation("heavy blur")
+    pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens, degradation=deg)
+    lr = textured(16, 16)
+    assert pipe.suggest_priors(lr) == {"prompt": "heavy blur", "degradation": "heavy blur"}
+    run = DefaultDiffusionOptions(prompt="a cat", steps=1)
+    out = pipe(lr, run)
+    assert out.priors == {"prompt": "a cat, heavy blur", "user_prompt": "a cat", "degradation": "heavy blur",
+                          "edge_prior": True}
+    # the prompt already holds the (edited) description: used as given, same conditioning as the default run
+    edited = pipe(lr, run.replace(prompt="a cat, heavy blur", priors_in_prompt=True))
+    assert edited.priors == {"prompt": "a cat, heavy blur", "edge_prior": True}
+    assert torch.equal(edited.images, out.images)
+    assert pipe(lr, run.replace(no_text_prior=True, no_edge_prior=True)).priors == {"prompt": "", "edge_prior": False}
+    # per-image prompts (validation captions) override options.prompt
+    two = pipe(torch.cat([lr, lr]), run, prompts=["a dog", "a cat"])
+    assert two.images.shape[0] == 2 and two.priors["user_prompt"] == "a dog"
+    with pytest.raises(SemsrError, match="2 prompts for 1 images"):
+        pipe(lr, run, prompts=["a", "b"])
+    pipe.degradation = no_irpad(tmp_path)  # no IRPAD weights: no description, the prompt alone
+    assert pipe.suggest_priors(lr) == {"prompt": ""}
+    assert pipe(lr, run).priors == {"prompt": "a cat", "edge_prior": True}
 
 
 def test_missing_irpad_gives_empty_description(tmp_path: Path) -> None:
@@ -123,29 +194,66 @@ def test_missing_irpad_gives_empty_description(tmp_path: Path) -> None:
     assert DegradationText(enabled=False)(torch.rand(1, 3, 8, 8)) == [""]
 
 
-def test_save_load_roundtrip(tmp_path: Path) -> None:
-    model = tiny_model(perturb=True)
-    model.save(tmp_path / "ck")
-    loaded = DefaultSR.load(tmp_path / "ck")
-    assert loaded.config == model.config
-    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
-    with pytest.raises(UnavailableError):
-        DefaultSR.load(tmp_path)
+def test_checkpoint_layout_roundtrip(tmp_path: Path) -> None:
+    model = tiny_model(perturb=True, default_steps=3)
+    save_default_sr(model, tmp_path / "ck")
+    index = read_index(tmp_path / "ck", "default-sr")
+    assert index.components == {"unet": ("diffusers", "UNet2DConditionModel"),
+                                "controlnet": ("diffusers", "ControlNetModel"),
+                                "text_proj": ("semsr", "DefaultSRTextProj")}
+    assert index.meta["default_steps"] == 3 and index.meta["stage1"] == "bicubic"
+    loaded = load_default_sr(tmp_path / "ck")
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == \
+        json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    want = model.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(want)
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(UnavailableError, match="default-model checkpoint"):
+        load_default_sr(tmp_path)
+
+
+def test_packaged_weights_are_a_default_sr_checkpoint() -> None:
+    folder = packaged_weights()
+    index = read_index(folder, "default-sr")
+    assert set(index.components) == {"unet", "controlnet", "text_proj"}
+    assert index.meta["default_steps"] == 1 and index.meta["stage1"] == "realesrgan-x4plus"
+    model = load_default_sr(folder)
+    assert model.config.scale == 4 and model.channels == 48
+    assert sum(p.numel() for p in model.parameters()) > 5_000_000
 
 
 def test_method_without_weights_is_one_line_error(tmp_path: Path) -> None:
-    from semsr.methods import get_method
-
     with pytest.raises(UnavailableError, match="default-model weights"):
-        get_method("default-diffusion", checkpoint=str(tmp_path))
+        build_method("default-diffusion", {"checkpoint": str(tmp_path)})
+
+
+def test_default_steps_come_from_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without steps the method samples with the checkpoint's ``default_steps``; the steps option overrides it."""
+    save_default_sr(tiny_model(default_steps=2), tmp_path / "ck")
+    assert load_default_sr(tmp_path / "ck").config.default_steps == 2
+    method = build_method("default-diffusion", {"checkpoint": str(tmp_path / "ck"), "irpad": str(tmp_path / "none")})
+    assert isinstance(method, DefaultSRPipeline) and method.stage1.name == "bicubic"
+    seen: list[int] = []
+    real = method.refine
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(method, "refine", spy)
+    x = torch.rand(1, 3, 16, 16)
+    assert method(x).timings["steps"] == 2.0
+    method(x, DefaultDiffusionOptions(steps=1))
+    assert seen == [2, 1]
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``a``: 1 step then resumed to 2; ``b``: 2 steps straight (configs/default-tiny.yaml on 4 textures)."""
-    from semsr.cli import main
     from tests.train_helpers import write_textures
+
+    from semsr.cli import main
 
     root = tmp_path_factory.mktemp("default-runs")
     hr = write_textures(root / "hr", count=4, size=(64, 64))
@@ -167,8 +275,6 @@ def test_resumed_run_equals_straight_run(tiny_runs: Path) -> None:
 
 
 def test_tiny_config_trains_and_method_runs(tiny_runs: Path, tmp_path: Path) -> None:
-    import json
-
     from PIL import Image
 
     from semsr.cli import main
@@ -176,7 +282,8 @@ def test_tiny_config_trains_and_method_runs(tiny_runs: Path, tmp_path: Path) -> 
     out = tiny_runs / "b"
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     assert any("loss" in r for r in records) and any(r.get("type") == "val" for r in records)
-    assert (out / "final" / "config.json").is_file() and (out / "final" / "unet").is_dir()
+    assert (out / "final" / INDEX_FILE).is_file() and (out / "final" / "unet").is_dir()
+    assert load_default_sr(out / "final").config.stage1 == "bicubic"
     Image.fromarray((textured(16, 20)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
     assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "sr"), "--method",
                  "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
@@ -220,28 +327,3 @@ def test_gradient_l1_is_aligned_and_differentiable() -> None:
     flat = torch.full_like(hr, 0.5).requires_grad_(True)
     gradient_l1({"sr": flat, "hr": hr}).backward()
     assert float(flat.grad.abs().sum()) > 0
-
-
-def test_default_steps_come_from_the_checkpoint(tmp_path: Path) -> None:
-    """Without --steps the method samples with the checkpoint's ``default_steps``; --steps overrides it."""
-    from semsr.methods import get_method
-
-    cfg = DefaultSRConfig(**{**TINY_ARCH, "default_steps": 2})
-    DefaultSR(cfg).save(tmp_path / "ck")
-    assert DefaultSR.load(tmp_path / "ck").config.default_steps == 2
-    method = get_method("default-diffusion", checkpoint=tmp_path / "ck")
-    seen: list[int] = []
-    real = method.pipeline.__call__
-
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        seen.append(kwargs["steps"])
-        return real(*args, **kwargs)
-
-    method.pipeline = type("Spy", (), {"__call__": staticmethod(spy), "config": method.pipeline.config,
-                                       "degradation": method.pipeline.degradation})()
-    x = torch.rand(1, 3, 16, 16)
-    method(x)
-    method(x, steps=1)
-    assert seen == [2, 1]
-    with pytest.raises(SemsrError, match="default_steps"):
-        DefaultSRConfig(default_steps=0)

@@ -10,15 +10,13 @@ import torch
 from PIL import Image
 
 from semsr.cli import main
+from semsr.core.components import load_component, read_index
 from semsr.core.errors import SemsrError
-from semsr.fusion.mmlc import (
-    CAPTION,
-    SPATIAL_MODALITIES,
-    ConnectorConfig,
-    MultimodalLatentConnector,
-    parse_temperatures,
-)
-from semsr.pipeline.sampler import guided
+from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector, parse_temperatures
+from semsr.fusion.mmsr_conditioning import ConcatConvIn, MMSRConditioning, cross_attention_paths
+from semsr.methods import build
+from semsr.methods.mmsr import MMSR, MMSROptions, guidance_negative, load_mmsr
+from semsr.pipeline.guidance import cfg
 from train_helpers import REPO, write_textures
 
 W = 32  # tiny width (the tiny UNet's cross-attention width)
@@ -30,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op 
 @pytest.fixture(scope="module")
 def connector() -> MultimodalLatentConnector:
     torch.manual_seed(0)
-    return MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4, self_layers=1)).eval()
+    return MultimodalLatentConnector(width=W, text_width=W, heads=4, self_layers=1).eval()
 
 
 def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -45,7 +43,7 @@ def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict[str, torc
 
 def test_token_counts_and_output_shape(connector):
     text, spatial = _inputs()
-    assert connector.config.sequence_length == 3 * 256 + 77 == 845
+    assert connector.sequence_length == 3 * 256 + 77 == 845
     assert connector.sequence(text, spatial).shape == (2, 845, W)
     weights: list[torch.Tensor] = []
     with torch.no_grad():
@@ -56,8 +54,8 @@ def test_token_counts_and_output_shape(connector):
     slots = connector.slots()
     assert [slots[m] for m in (CAPTION, *SPATIAL_MODALITIES)] == [slice(0, 77), slice(77, 333), slice(333, 589),
                                                                   slice(589, 845)]
-    two = MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4, spatial=["edge", "depth"]))
-    assert two.config.sequence_length == 589 and two(text, {"edge": spatial["edge"]}).shape == (2, 128, W)
+    two = MultimodalLatentConnector(width=W, text_width=W, heads=4, spatial=["edge", "depth"])
+    assert two.sequence_length == 589 and two(text, {"edge": spatial["edge"]}).shape == (2, 128, W)
 
 
 def test_missing_modality_uses_its_null_token(connector):
@@ -126,19 +124,22 @@ def test_parse_temperatures():
             parse_temperatures(bad)
 
 
-def test_connector_save_load_roundtrip(connector, tmp_path):
-    connector.save(tmp_path / "c")
-    again = MultimodalLatentConnector.load(tmp_path / "c")
+def test_connector_is_a_component_and_round_trips(connector, tmp_path):
+    connector.save_pretrained(tmp_path / "c")
+    again = load_component(MultimodalLatentConnector, tmp_path / "c")  # the structure comes from config.json
+    assert again.spatial == list(SPATIAL_MODALITIES) and again.sequence_length == 845
     text, spatial = _inputs()
     with torch.no_grad():
         assert torch.equal(again(text, spatial), connector(text, spatial))
+    with pytest.raises(SemsrError, match="unknown spatial"):
+        MultimodalLatentConnector(width=W, text_width=W, heads=4, spatial=["normals"])
 
 
 # ----------------------------------------------------------------------------- guidance
 
 
 def test_mcfg_formula_is_cfg_with_scale_one_plus_w():
-    """(1 + w) eps(pos) - w eps(neg) == eps(neg) + (1 + w) (eps(pos) - eps(neg)) -- what the sampler runs."""
+    """(1 + w) eps(pos) - w eps(neg) == eps(neg) + (1 + w) (eps(pos) - eps(neg)) -- the guidance wrapper mmsr uses."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 8)
 
@@ -150,13 +151,11 @@ def test_mcfg_formula_is_cfg_with_scale_one_plus_w():
     with torch.no_grad():
         e_pos, e_neg = denoiser(x, 0, pos), denoiser(x, 0, neg)
         for w in (0.0, 2.0, 10.0, 14.0):
-            got = guided(denoiser, x, torch.tensor(0), pos, neg, 1.0 + w)
+            got = cfg(denoiser, neg, 1.0 + w)(x, torch.tensor(0), pos)
             assert torch.allclose(got, (1 + w) * e_pos - w * e_neg, atol=1e-5)
 
 
 def test_guidance_modes_build_their_negative_branch():
-    from semsr.methods.mmsr import guidance_negative
-
     assert guidance_negative("mcfg") == (True, True)
     assert guidance_negative("null-modality") == (True, False)
     assert guidance_negative("cfg") == (False, False)
@@ -167,21 +166,24 @@ def test_guidance_modes_build_their_negative_branch():
 # ----------------------------------------------------------------------------- conv_in
 
 
-def test_widened_conv_in_starts_as_the_pretrained_unet(tiny_models):
+def test_widened_conv_in_starts_as_the_pretrained_unet(tiny_models, tmp_path):
     from diffusers import UNet2DConditionModel
-
-    from semsr.methods.mmsr import MMSRConditioning
 
     unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet", local_files_only=True).eval()
     x, z, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16), torch.randn(1, 128, W)
     t = torch.tensor(500)
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=ctx).sample
-        cond = MMSRConditioning.new(unet, MultimodalLatentConnector(ConnectorConfig(width=W, text_width=W, heads=4)))
+        cond = MMSRConditioning.new(unet, MultimodalLatentConnector(width=W, text_width=W, heads=4))
         assert cond.conv_in.weight.shape[1] == 8 and cond.conv_in.weight[:, 4:].abs().sum() == 0
         cond.attach(unet)
         out = unet(torch.cat([x, z], 1), t, encoder_hidden_states=ctx).sample
     assert torch.allclose(out, ref, atol=1e-5)
+    # a component: the structure comes from its config alone
+    cond.conv_in.save_pretrained(tmp_path / "conv_in")
+    again = load_component(ConcatConvIn, tmp_path / "conv_in")
+    assert (again.in_channels, again.out_channels, again.latent_channels) == (8, cond.conv_in.out_channels, 4)
+    assert torch.equal(again(torch.cat([x, z], 1)), cond.conv_in(torch.cat([x, z], 1)))
 
 
 # ----------------------------------------------------------------------------- tiny pipeline
@@ -189,46 +191,82 @@ def test_widened_conv_in_starts_as_the_pretrained_unet(tiny_models):
 
 @pytest.fixture(scope="module")
 def mmsr_method(tiny_models):
-    from semsr.methods import get_method
+    return build("mmsr", {"base": tiny_models / "sd", "checkpoint": tiny_models / "mmsr"})
 
-    return get_method("mmsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "mmsr"))
+
+def test_tiny_checkpoint_layout(tiny_models):
+    index = read_index(tiny_models / "mmsr", "mmsr")
+    assert index.components == {"connector": ("semsr", "MultimodalLatentConnector"),
+                                "conv_in": ("semsr", "ConcatConvIn")}
+    assert index.meta == {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizer": None}
+    cond, meta = load_mmsr(tiny_models / "mmsr")
+    assert meta == index.meta and cond.unet_attention is None and cond.latent_channels == 4
 
 
 def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models):
-    pipe = mmsr_method.pipeline
+    pipe = mmsr_method
+    assert isinstance(pipe, MMSR) and (pipe.name, pipe.scale, pipe.tiles_itself) == ("mmsr", 4, True)
     assert pipe.default_modalities() == [CAPTION, "edge", "depth", "seg"]  # depth/ and seg/ found beside
     assert pipe.sources["depth"]["model"] == str(tiny_models / "depth")
     lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(3))
-    run = dict(steps=2, seed=0, prompt="a cat")
-    out = mmsr_method(lr, **run, modalities="caption,edge,depth,seg")
+    run = MMSROptions.parse({"steps": 2, "seed": 0, "prompt": "a cat", "modalities": "caption,edge,depth,seg"})
+    res = pipe(lr, run)
+    out = res.images
     assert out.shape == (1, 3, 48, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
-    assert pipe.last_modalities == [CAPTION, "edge", "depth", "seg"]
-    again = mmsr_method(lr, **run, modalities="caption,edge,depth,seg")
-    assert torch.equal(out, again)
-    hot = mmsr_method(lr, **run, modalities="caption,edge,depth,seg", modality_temperature="edge=2")
-    fewer = mmsr_method(lr, **run, modalities="caption,edge")
-    assert not torch.equal(out, hot) and not torch.equal(out, fewer)
+    assert res.priors["modalities"] == (CAPTION, "edge", "depth", "seg")
+    assert res.priors["prompt"] == "a cat" and res.priors["caption_source"] == "user"
+    assert res.priors["edge"].shape == (1, 1, 48, 64) and res.priors["seg"].shape == (1, 3, 48, 64)
+    assert "modality_temperature" not in res.priors and set(res.timings) >= {"priors", "encode", "denoise"}
+    assert torch.equal(out, pipe(lr, run).images)
+    hot = pipe(lr, run.replace(modality_temperature="edge=2"))
+    assert hot.priors["modality_temperature"] == {"edge": 2.0}
+    # the per-modality option is the same knob and overrides the M=D form
+    assert torch.equal(pipe(lr, run.replace(edge_temperature=2.0)).images, hot.images)
+    assert torch.equal(pipe(lr, run.replace(modality_temperature="edge=5", edge_temperature=2.0)).images, hot.images)
+    fewer = pipe(lr, run.replace(modalities="caption,edge"))
+    assert not torch.equal(out, hot.images) and not torch.equal(out, fewer.images)
+    assert "depth" not in fewer.priors
     # the three guidance modes differ in the negative branch only
-    hint = torch.rand(1, 3, 48, 64)
+    spatial, _ = pipe.modality_tokens(["edge"]).encode(torch.rand(1, 3, 48, 64))
     ctx = {}
     for mode in ("mcfg", "null-modality", "cfg"):
-        ctx[mode] = pipe.contexts(lr, hint, ["a cat"], ["blurry"], modalities=[CAPTION, "edge"], temperatures={},
-                                  mode=mode, need_negative=True)
+        ctx[mode] = pipe.contexts(["a cat"], ["blurry"], spatial, temperatures={}, mode=mode, need_negative=True)
     assert torch.equal(ctx["mcfg"][0], ctx["cfg"][0]) and torch.equal(ctx["mcfg"][0], ctx["null-modality"][0])
     assert not torch.allclose(ctx["mcfg"][1], ctx["null-modality"][1])
     assert not torch.allclose(ctx["null-modality"][1], ctx["cfg"][1])
     with torch.no_grad():
         expect_cfg = pipe.cond.context(pipe.encode_prompts([""]), {})
     assert torch.allclose(ctx["cfg"][1], expect_cfg, atol=1e-6)
-    with pytest.raises(SemsrError, match="outside"):
-        mmsr_method(lr, **run, modality_temperature="depth=0.1")
+    with pytest.raises(SemsrError, match="0.4"):
+        run.replace(modality_temperature="depth=0.1")
+    with pytest.raises(SemsrError, match="unknown entry"):
+        run.replace(modalities="caption,normals")
     # an empty prompt asks the VLM (when one is given) for the caption; a given prompt is kept
     pipe.vlm = tiny_models / "vlm"
     try:
         caps = pipe.captions(lr, [""])
         assert caps[0] and pipe.captions(lr, ["a cat"]) == ["a cat"]
+        suggestion = pipe.suggest_priors(lr)
+        assert suggestion["prompt"] == suggestion["caption"] == caps[0]
+        assert suggestion["modalities"] == (CAPTION, "edge", "depth", "seg")
     finally:
         pipe.vlm, pipe._captioner = None, None
+    assert "prompt" not in pipe.suggest_priors(lr)
+
+
+def test_options_schema():
+    infos = MMSROptions.infos()
+    assert (infos["steps"].default, infos["guidance_scale"].default, infos["guidance_scale"].min) == (50, 2.0, 0.0)
+    assert infos["modalities"].kind == "strs" and infos["modalities"].choices == (CAPTION, *SPATIAL_MODALITIES)
+    assert infos["modality_temperature"].kind == "floats" and infos["modality_temperature"].hidden
+    for m in (CAPTION, *SPATIAL_MODALITIES):
+        info = infos[f"{m}_temperature"]
+        assert (info.widget, info.min, info.max, info.step) == ("slider", 0.4, 10.0, 0.1)
+    assert infos["guidance_mode"].choices == ("mcfg", "cfg", "null-modality")
+    assert {n for n in ("checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm")
+            if infos[n].stage == "build"} == {"checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm"}
+    opts = MMSROptions.parse({"modality_temperature": "depth=0.5,edge=2", "seg_temperature": "3"})
+    assert opts.temperatures() == {"depth": 0.5, "edge": 2.0, "seg": 3.0}
 
 
 def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
@@ -270,14 +308,12 @@ def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, ca
     assert [r["type"] for r in records] == ["train", "train", "val"]
     assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
     final = tmp_path / "run" / "final"
-    from semsr.methods.mmsr import MMSRSR, load_checkpoint
-
-    cond, meta = load_checkpoint(final)
+    cond, meta = load_mmsr(final)
     assert meta["modalities"] == ["edge", "depth", "seg"]
     assert cond.conv_in.weight[:, 4:].abs().sum() > 0  # the LR channels left zero and learned
-    pipe = MMSRSR.from_pretrained(tiny_models / "sd", final, depth_model=tiny_models / "depth",
-                                  seg_model=tiny_models / "seg")
-    assert pipe(torch.rand(1, 3, 16, 16), steps=1).shape == (1, 3, 64, 64)
+    pipe = MMSR.from_pretrained(tiny_models / "sd", final, depth_model=tiny_models / "depth",
+                                seg_model=tiny_models / "seg")
+    assert pipe(torch.rand(1, 3, 16, 16), MMSROptions(steps=1)).images.shape == (1, 3, 64, 64)
     capsys.readouterr()
 
 
@@ -304,7 +340,6 @@ def test_null_drop_probability_in_training_draws(tiny_models):
 
 
 def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
-    from semsr.methods.mmsr import MMSRSR, cross_attention_paths
     from semsr.train.config import config_from_dict
     from semsr.train.tasks import build_task
 
@@ -319,20 +354,25 @@ def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
     task.setup(torch.device("cpu"), torch.float32)
     model = task.trainable
     paths = cross_attention_paths(task.unet)
-    assert paths and sorted(k.replace("__", ".") for k in model.unet_modules) == sorted(paths)
+    layers = model.unet_attention.layers
+    assert paths and sorted(model.unet_attention.paths) == sorted(paths)
+    key = next(iter(layers))
+    path = key.replace("__", ".")
+    # fresh copies equal the UNet's layers
+    assert torch.equal(layers[key].to_k.weight, task.unet.get_submodule(path).to_k.weight)
     g = torch.Generator().manual_seed(0)
     batch = {"hr": torch.rand(2, 3, 64, 64, generator=g), "lr": torch.rand(2, 3, 16, 16, generator=g),
              "prompt": ["a cat", "a dog"], "seed": torch.tensor([1, 2])}
     out = task.compute(model, batch)
     torch.nn.functional.mse_loss(out["pred"], out["target"]).backward()
-    key = next(iter(model.unet_modules))
-    assert model.unet_modules[key].to_k.weight.grad.abs().sum() > 0
-    assert task.unet.get_submodule(key.replace("__", ".")) is model.unet_modules[key]
+    assert layers[key].to_k.weight.grad.abs().sum() > 0
+    assert task.unet.get_submodule(path) is layers[key]
     with torch.no_grad():
-        model.unet_modules[key].to_k.weight.add_(0.5)
+        layers[key].to_k.weight.add_(0.5)
     task.export(model, tmp_path / "ck")
-    assert (tmp_path / "ck" / "unet_attention" / "model.safetensors").is_file()
-    pipe = MMSRSR.from_pretrained(tiny_models / "sd", tmp_path / "ck")
-    loaded = pipe.unet.get_submodule(key.replace("__", ".")).to_k.weight
-    assert torch.allclose(loaded, model.unet_modules[key].to_k.weight)
-    assert pipe(torch.rand(1, 3, 16, 16), modalities=["caption", "edge"], steps=1).shape == (1, 3, 64, 64)
+    assert read_index(tmp_path / "ck", "mmsr").components["unet_attention"] == ("semsr", "CrossAttentionLayers")
+    pipe = MMSR.from_pretrained(tiny_models / "sd", tmp_path / "ck")
+    loaded = pipe.unet.get_submodule(path).to_k.weight
+    assert torch.allclose(loaded, layers[key].to_k.weight)
+    run = MMSROptions(modalities=("caption", "edge"), steps=1)
+    assert pipe(torch.rand(1, 3, 16, 16), run).images.shape == (1, 3, 64, 64)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from semsr.core.errors import InputError, SemsrError
+from semsr.core.errors import SemsrError
 from semsr.priors.base import (
     CachedProvider,
     PriorRecord,
@@ -314,7 +314,7 @@ def test_image_key_is_loader_independent():
     b = torch.from_numpy(arr).permute(2, 0, 1)[None].double() / 255.0
     assert image_key(a) == image_key(b)
     assert image_key(a) != image_key(a.transpose(-1, -2).contiguous())
-    with pytest.raises(InputError):
+    with pytest.raises(SemsrError, match=r"\(1, 3, H, W\)"):
         image_key(torch.rand(3, 10, 10))
 
 

@@ -180,9 +180,9 @@ def test_server_types_priors_in_prompt():
 
     app = DemoApp()
     try:
-        entry = {"name": "x", "options": [], "forced_options": {}}
-        assert app._run_options(entry, {"prompt": "a", "priors_in_prompt": True}) == {"prompt": "a",
-                                                                                       "priors_in_prompt": True}
-        assert app._run_options(entry, {"priors_in_prompt": "false"}) == {"priors_in_prompt": False}
+        entry = {"name": "default-diffusion", "forced_options": {}}
+        opts = app.options(entry, {"prompt": "a", "priors_in_prompt": True})
+        assert opts.prompt == "a" and opts.priors_in_prompt is True
+        assert app.options(entry, {"priors_in_prompt": "false"}).priors_in_prompt is False
     finally:
         app.close()

@@ -13,11 +13,13 @@ from PIL import Image
 
 from semsr import methods
 from semsr.core.errors import InputError, SemsrError, UnavailableError
+from semsr.core.options import MethodOptions, OptionError
+from semsr.core.outputs import SROutput
+from semsr.methods.restorers import BicubicOptions, RRDBOptions, RRDBPthOptions, TorchRestorer, build_ncnn
 from semsr.models import catalog as cat
 from semsr.models.ncnn_blob import NcnnFormatError, load_ncnn, parse_param
 from semsr.models.ncnn_runtime import NcnnNet
 from semsr.models.realcugan import pad_reflect
-from semsr.models.restorers import TorchRestorer, build_ncnn, parse_dtype
 from semsr.models.rrdbnet import RRDBConfig, RRDBNet, rrdbnet_from_ncnn, rrdbnet_from_pth, save_pth
 from semsr.ops.imresize import imresize
 
@@ -110,8 +112,8 @@ def test_rrdb_matches_ncnn_runtime(name: str, size: int, data_dir: Path, x4plus:
 def test_restorer_dtypes_agree(data_dir: Path, x4plus: RRDBNet) -> None:
     x = _set5_crop(data_dir, "bird", 100, 100, 24)
     cpu = torch.device("cpu")
-    fp32 = TorchRestorer("x4", copy.deepcopy(x4plus), cpu, parse_dtype("fp32", cpu))(x)
-    bf16 = TorchRestorer("x4", copy.deepcopy(x4plus), cpu, parse_dtype(torch.bfloat16, cpu))(x)
+    fp32 = TorchRestorer("x4", copy.deepcopy(x4plus), cpu, torch.float32)(x).images
+    bf16 = TorchRestorer("x4", copy.deepcopy(x4plus), cpu, torch.bfloat16)(x).images
     assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == (1, 3, 96, 96)
     diff = (fp32 - bf16).abs()
     assert 0 < float(diff.mean()) < 0.01 and float(diff.max()) < 0.15
@@ -131,15 +133,16 @@ def test_pth_round_trip_standard_keys(tmp_path: Path, x4plus: RRDBNet) -> None:
     assert loaded.config == RRDBConfig(23, 64, 32, 4)
     for key, val in x4plus.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], val), key
-    method = methods.get_method("realesrgan-pth", weights=str(path), channels_last=False)
+    method = methods.build("realesrgan-pth", {"weights": str(path), "channels_last": False})
     assert method.name == "realesrgan-pth" and method.scale == 4
     x = torch.rand(1, 3, 8, 8)
     with torch.inference_mode():
         # same weights, same layout; the tolerance only covers oneDNN picking
         # a different convolution algorithm between calls
-        assert float((method(x) - x4plus(x).clamp(0, 1)).abs().max()) < 1e-4
-    # the CLI passes the path as --checkpoint
-    assert methods.get_method("realesrgan-pth", checkpoint=str(path)).scale == 4
+        assert float((method(x).images - x4plus(x).clamp(0, 1)).abs().max()) < 1e-4
+    # --checkpoint is the shared spelling of a weights file
+    assert methods.build("realesrgan-pth", {"checkpoint": str(path)}).scale == 4
+    assert methods.resolve("realesrgan-pth").weight_paths == ("weights", "checkpoint")
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])
@@ -180,11 +183,11 @@ def test_pth_bad_inputs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["realcugan-2x", "realcugan-3x", "realcugan-4x", "realcugan-pro-3x"])
 def test_realcugan_aligned_and_sane(name: str, data_dir: Path) -> None:
     """Output is scale*H x scale*W, aligned with the input and close to the truth."""
-    method = methods.get_method(name, threads=2)
+    method = methods.build(name, {"threads": 2})
     s = method.scale
     hr = _set5_crop(data_dir, "bird", 100, 100, 96)
     lr = imresize(hr, scale=1 / s).clamp(0, 1)
-    out = method(lr)
+    out = method(lr).images
     assert out.shape == (1, 3, 96, 96)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     bicubic = imresize(lr, scale=s).clamp(0, 1)
@@ -202,13 +205,13 @@ def test_realcugan_all_variants_any_size() -> None:
     x = torch.rand(1, 3, 17, 22)
     for info in cat.catalog():
         if info.name.startswith("realcugan"):
-            out = methods.get_method(info.name)(x)
+            out = methods.build(info.name)(x).images
             assert out.shape == (1, 3, 17 * info.scale, 22 * info.scale), info.name
             assert torch.isfinite(out).all()
     for name in ("realcugan-2x", "realcugan-3x", "realcugan-4x"):
-        method = methods.get_method(name)
+        method = methods.build(name)
         for h, w in ((1, 1), (5, 3)):
-            assert method(torch.rand(1, 3, h, w)).shape == (1, 3, h * method.scale, w * method.scale)
+            assert method(torch.rand(1, 3, h, w)).images.shape == (1, 3, h * method.scale, w * method.scale)
 
 
 def test_pad_reflect_small_images() -> None:
@@ -232,52 +235,61 @@ def test_registry_has_restorers() -> None:
 
 
 def test_default_builds_target() -> None:
+    spec = methods.resolve("default")
+    target = methods.resolve(cat.DEFAULT_TARGET)
+    assert spec.alias_of == cat.DEFAULT_TARGET and spec.info.alias_of == cat.DEFAULT_TARGET
+    assert spec.options is target.options and spec.factory is target.factory  # the target's options, no copies
     try:
-        method = methods.get_method("default")
+        method = methods.build("default")
     except SemsrError as err:  # the target's weights are not on this machine
         pytest.skip(f"default unavailable: {err}")
     assert method.name == cat.DEFAULT_TARGET and method.scale == 4
-    assert methods.resolve("default").extra["model_info"].alias_of == cat.DEFAULT_TARGET
 
 
 def test_outputs_are_ordinary_tensors() -> None:
     """Callers (tiling) may write into results in place: no inference tensors, no grad."""
     tiny = TorchRestorer("tiny", RRDBNet(RRDBConfig(1, 8, 4, 4)), torch.device("cpu"), torch.float32)
-    for method in (tiny, methods.get_method("bicubic"), methods.get_method("realcugan-2x")):
+    for method in (tiny, methods.build("bicubic"), methods.build("realcugan-2x")):
         out = method(torch.rand(1, 3, 6, 5))
-        assert not out.requires_grad and not out.is_inference()
-        out.mul_(0.5)
+        assert isinstance(out, SROutput) and out.priors == {} and out.side_images == {}
+        assert not out.images.requires_grad and not out.images.is_inference()
+        out.images.mul_(0.5)
 
 
-def test_default_advertises_target_options() -> None:
-    import inspect
-
-    params = inspect.signature(methods.resolve("default").factory).parameters
-    target = inspect.signature(methods.resolve(cat.DEFAULT_TARGET).factory).parameters
-    assert {"device", "threads"} <= set(params) and list(params) == list(target)
+def test_restorer_options_classes() -> None:
+    assert methods.resolve("bicubic").options is BicubicOptions
+    assert methods.resolve("realesrgan-x4plus").options is RRDBOptions
+    assert methods.resolve("realesrgan-pth").options is RRDBPthOptions
+    assert methods.resolve("realcugan-2x").options is MethodOptions
+    assert BicubicOptions.infos()["scale"].stage == "build" and RRDBOptions().channels_last is True
+    assert methods.resolve("realesrgan-x4plus").parse({"channels_last": "false"}).channels_last is False
 
 
 def test_bicubic_method() -> None:
     x = torch.rand(2, 3, 9, 7)
-    four = methods.get_method("bicubic")
+    four = methods.build("bicubic")
     assert four.scale == 4 and four.tiles_itself is False
-    assert torch.allclose(four(x), imresize(x, scale=4).clamp(0, 1))
-    two = methods.get_method("bicubic", scale=2, dtype="fp32", device="cpu", threads=None)
-    assert two(x).shape == (2, 3, 18, 14)
-    with pytest.raises(SemsrError, match="positive"):
-        methods.get_method("bicubic", scale=0)
+    assert torch.allclose(four(x).images, imresize(x, scale=4).clamp(0, 1))
+    two = methods.build("bicubic", {"scale": "2", "dtype": "fp32", "device": "cpu", "threads": None})
+    assert two.scale == 2 and two(x).images.shape == (2, 3, 18, 14)
+    assert methods.build("bicubic", {"scale": 1.5}).scale == 1.5
+    for bad in (0, -1, "0"):
+        with pytest.raises(OptionError, match="must be > 0"):
+            methods.build("bicubic", {"scale": bad})
 
 
 def test_build_options_validated() -> None:
-    with pytest.raises(SemsrError, match="no option"):
-        methods.get_method("realcugan-2x", tile=64)
-    with pytest.raises(SemsrError, match="unknown dtype"):
-        methods.get_method("bicubic", dtype="int7")
-    with pytest.raises(SemsrError, match="needs weights"):
-        methods.get_method("realesrgan-pth")
+    with pytest.raises(OptionError, match="has no option tiles; did you mean tile"):
+        methods.build("realcugan-2x", {"tiles": 64})
+    with pytest.raises(OptionError, match="choose one of fp32, bf16, fp16"):
+        methods.build("bicubic", {"dtype": "int7"})
+    with pytest.raises(SemsrError, match="fp16 needs a GPU"):
+        methods.build("realesrgan-x4plus", {"dtype": "fp16"})
+    with pytest.raises(UnavailableError, match="pass --weights PATH"):
+        methods.build("realesrgan-pth")
     if not torch.cuda.is_available():
         with pytest.raises(UnavailableError, match="cuda"):
-            methods.get_method("bicubic", device="cuda")
+            methods.build("bicubic", {"device": "cuda"})
 
 
 def test_unavailable_package_reported(tmp_path: Path) -> None:
@@ -286,7 +298,7 @@ def test_unavailable_package_reported(tmp_path: Path) -> None:
     assert info.available() is False
     assert info.file_sizes() == {"X.param": None, "X.bin": None}
     with pytest.raises(UnavailableError, match="pip install no-such-pkg"):
-        build_ncnn(info)
+        build_ncnn(info, MethodOptions())
 
 
 def test_copied_blob_loads_from_any_folder(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_round_trip_each_image_finds_itself(tmp_path: Path, clip_spec: str) -> N
 
 def test_incremental_add_and_dedup(tmp_path: Path, clip_spec: str) -> None:
     files = _write_images(tmp_path / "a", 4)
-    more = _write_images(tmp_path / "b", 3, seed=1)
+    _write_images(tmp_path / "b", 3, seed=1)
     shutil.copy(files[0], tmp_path / "b" / "copy_of_first.png")  # same content, other name
     emb = embedder_from_spec(clip_spec)
     with _build(tmp_path / "db", files, clip_spec) as db:

@@ -1,5 +1,5 @@
-"""RFA stage-1 training through the shared trainer: text alignment in CLIP space, rfa-aligner and
-rfa-enhancer tasks (tiny runs, resume, exports loaded by bench-retrieval and the rfa method)."""
+"""RFA training through the shared trainer: text alignment in CLIP space, rfa-aligner, rfa-enhancer and
+rfa-sr tasks (tiny runs, resume, exports loaded by `semsr bench retrieval` and the rfa method)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rfa_helpers import one_thread  # noqa: F401  (autouse fixture)
+from rfa_helpers import bench_retrieval, one_thread  # noqa: F401  (autouse fixture)
 from semsr.cli import main
+from semsr.core.components import load_checkpoint, load_component
+from semsr.models.rfa import EmbeddingEnhancer, ReferenceFindingAligner
 from train_helpers import REPO, load_safetensors, write_textures
 
 
@@ -61,7 +63,6 @@ def test_soft_decoding_is_greedy_decoding_and_its_clip_embedding_is_exact(text_m
 
 def test_text_clip_loss_steers_the_enhancer_text_toward_the_caption(text_models) -> None:
     """``rfa_text_clip`` alone trains the enhancer so its decoded text's CLIP embedding nears the caption's."""
-    from semsr.models.rfa import EmbeddingEnhancer, EnhancerConfig
     from semsr.models.rfa_text import soft_decode
     from semsr.train.losses import get_loss
     from semsr.train.tasks import import_task_modules
@@ -71,8 +72,8 @@ def test_text_clip_loss_steers_the_enhancer_text_toward_the_caption(text_models)
     g = torch.Generator().manual_seed(0)
     lr_tok, refs = torch.randn(4, 5, 12, generator=g), torch.randn(4, 2, 5, 12, generator=g)
     torch.manual_seed(0)
-    model = EmbeddingEnhancer(EnhancerConfig(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd,
-                                             num_refs=2, width=32, depth=1, heads=2, prefix_len=2))
+    model = EmbeddingEnhancer(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd, num_refs=2, width=32,
+                              depth=1, heads=2, prefix_len=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     caption = clip.embed(["a photo of a cat"] * 4)
     loss_fn = get_loss("rfa_text_clip")
@@ -134,29 +135,27 @@ def _train_records(run: Path) -> list[dict]:
 
 
 def test_aligner_task_resumes_exactly_and_exports_a_loadable_aligner(rfa_runs, capsys) -> None:
-    from semsr.models.rfa import load_aligner
-
     resumed, straight = _train_records(rfa_runs["aligner_run"]), _train_records(rfa_runs["straight"])
     assert [r["step"] for r in resumed] == list(range(1, 7))
     assert "rfa_align_l2" in resumed[0]["terms"]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
     final = rfa_runs["aligner_run"] / "final" / "aligner"
-    a, b = load_safetensors(final / "model.safetensors"), load_safetensors(
-        rfa_runs["straight"] / "final" / "aligner" / "model.safetensors")
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b = load_safetensors(final / weights), load_safetensors(rfa_runs["straight"] / "final" / "aligner" / weights)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.startswith("head."))  # trained off zero init
-    model = load_aligner(final, f"clip:{rfa_runs['clip'].resolve()}")
+    model = load_component(ReferenceFindingAligner, final)
     assert model.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
-    # bench-retrieval scores the run on its held-out (validation) and training images
+    # `semsr bench retrieval` scores the run on its held-out (validation) and training images
     out = rfa_runs["root"] / "r.json"
-    assert main(["bench-retrieval", "--aligner", str(rfa_runs["aligner_run"]), "--db", str(rfa_runs["db"]),
-                 "--json", str(out)]) == 0
+    assert bench_retrieval(["--aligner", str(rfa_runs["aligner_run"]), "--db", str(rfa_runs["db"]),
+                            "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert (res["heldout_pairs"], res["train_pairs"], res["database_size"]) == (2, 4, 6)
     assert "aligned" in res["heldout"] and "top-4" in capsys.readouterr().out
     # an aligner folder alone is scored on all images
-    assert main(["bench-retrieval", "--aligner", str(final), "--db", str(rfa_runs["db"]), "--images",
-                 str(rfa_runs["imgs"]), "--json", str(out)]) == 0
+    assert bench_retrieval(["--aligner", str(final), "--db", str(rfa_runs["db"]), "--images",
+                            str(rfa_runs["imgs"]), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["all_pairs"] == 6
 
 
@@ -198,9 +197,7 @@ def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
 
 def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
         rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
-    from PIL import Image
-
-    from semsr.models.rfa import load_enhancer
+    from semsr.methods import build, resolve
 
     run = tmp_path / "en"
     assert main(["train", "--config", str(REPO / "configs" / "rfa-enhancer-tiny.yaml"), "--output", str(run),
@@ -214,26 +211,28 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
     assert [r["step"] for r in records] == [1, 2]
     assert set(records[0]["terms"]) == {"rfa_image_cos", "rfa_text_clip", "rfa_caption_nll"}
     assert all(0.0 <= r["terms"]["rfa_text_clip"] <= 2.0 for r in records)
-    enhancer = load_enhancer(run / "final" / "enhancer")
+    enhancer = load_component(EmbeddingEnhancer, run / "final" / "enhancer")
     assert enhancer.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
-    # stage 2 (rfa-sr: ControlNet + AdaIN adapters), then an RFA checkpoint assembled from the three runs
+    # stage 2 (rfa-sr: ControlNet + AdaIN adapters) exports the RFA checkpoint with the stage-1 parts it is given
     sr = tmp_path / "sr"
     assert main(["train", "--config", str(REPO / "configs" / "rfa-tiny.yaml"), "--output", str(sr), "--max-steps", "2",
                  f"model.pretrained={tiny_models / 'sd'}", f"model.options.embedder=clip:{rfa_runs['clip']}",
+                 f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
+                 f"model.options.enhancer={run / 'final' / 'enhancer'}",
+                 f"model.options.text_decoder={tiny_models / 'text-decoder'}",
                  f"data.hr=[{rfa_runs['imgs']}]", "data.val_count=2", "data.limit=0", "validation.every=0"]) == 0
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(rfa_runs["aligner_run"] / "final" / "aligner", ckpt / "aligner")
-    shutil.copytree(run / "final" / "enhancer", ckpt / "enhancer")
-    shutil.copytree(sr / "final" / "adain", ckpt / "adain")
-    gates = {k: v for k, v in load_safetensors(ckpt / "adain" / "model.safetensors").items() if v.numel() == 1}
+    ckpt = sr / "final" / "rfa"
+    parts, index = load_checkpoint(ckpt, "rfa")
+    assert set(parts) == {"aligner", "enhancer", "adain"} and (ckpt / index.meta["text_decoder"]).is_dir()
+    gates = {k: v for k, v in load_safetensors(ckpt / "adain" / "diffusion_pytorch_model.safetensors").items()
+             if v.numel() == 1}
     assert gates and any(float(v.abs()) > 0 for v in gates.values())  # the gates left their zero initialisation
-    lr = tmp_path / "lr.png"
-    Image.fromarray((np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)).save(lr)
-    assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "out"), "--method", "rfa", "--base",
-                 str(tiny_models / "sd"), "--controlnet", str(sr / "final" / "controlnet"), "--checkpoint", str(ckpt),
-                 "--text-decoder", str(tiny_models / "text-decoder"), "--db", str(rfa_runs["db"]),
-                 "--steps", "1"]) == 0
-    assert [Image.open(p).size for p in (tmp_path / "out").iterdir()] == [(64, 64)]
+    method = build("rfa", {"base": tiny_models / "sd", "controlnet": sr / "final" / "controlnet", "checkpoint": ckpt,
+                           "db": rfa_runs["db"]})
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32))
+    out = method(x, resolve("rfa").parse({"steps": 1}))
+    assert out.images.shape == (1, 3, 64, 64) and out.priors["prompt_source"] == "text decoder"
+    assert len(out.side_images) == 4
 
 
 @pytest.mark.parametrize("name", ["rfa-aligner", "rfa-aligner-tiny", "rfa-enhancer", "rfa-enhancer-tiny"])

@@ -12,16 +12,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from semsr import methods
 from semsr.core.errors import SemsrError
-from semsr.methods import get_method
+from semsr.core.options import MethodOptions
+from semsr.core.outputs import SROutput
 from semsr.pipeline.tiling import (
     AUTO_TILE_PAD,
     count_tiles,
     resolve_tile,
     resolve_tile_pad,
     tile_spans,
-    tiled_apply,
+    upscale_tiled,
 )
+
+
+def tiled(method, x: torch.Tensor, options=None, **kw) -> torch.Tensor:
+    """The upscaled tensor of :func:`upscale_tiled`."""
+    return upscale_tiled(method, x, options, **kw).images
 
 
 class ConvNet2x:
@@ -36,26 +43,29 @@ class ConvNet2x:
         self.weights = [torch.randn(3, 3, 3, 3, generator=g) * 0.2 for _ in range(3)]
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, **run_opts) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, options=None, *, progress=False) -> SROutput:
         self.calls += 1
         for w in self.weights:
             x = torch.tanh(F.conv2d(x, w, padding=1)) * 0.5 + x
-        return F.interpolate(x.clamp(0, 1), scale_factor=2, mode="nearest")
+        return SROutput(F.interpolate(x.clamp(0, 1), scale_factor=2, mode="nearest"), timings={"conv": 1.0},
+                        priors={"calls": self.calls})
 
 
 class SelfTiler:
-    """Test-only method that tiles itself and records the options it got."""
+    """Test-only method that tiles itself and records the options and progress it got."""
 
     name = "test-self-tiler"
     scale = 2
     tiles_itself = True
+    options_class = MethodOptions
 
     def __init__(self) -> None:
-        self.seen: list[dict] = []
+        self.seen: list[tuple[MethodOptions, object]] = []
 
-    def __call__(self, x: torch.Tensor, **run_opts) -> torch.Tensor:
-        self.seen.append(dict(run_opts))
-        return F.interpolate(x, scale_factor=2, mode="nearest")
+    def __call__(self, x: torch.Tensor, options=None, *, progress=False) -> SROutput:
+        self.seen.append((options, progress))
+        return SROutput(F.interpolate(x, scale_factor=2, mode="nearest"), priors={"prompt": "p"},
+                        side_images={"ref": torch.zeros(1, 3, 2, 2)})
 
 
 @pytest.mark.parametrize("length,tile", [(10, 0), (10, 10), (10, 3), (1000, 256), (7, 2), (1, 4)])
@@ -71,32 +81,41 @@ def test_tile_spans_cover_evenly(length: int, tile: int) -> None:
 
 
 def test_bicubic_tiled_equals_untiled() -> None:
-    method = get_method("bicubic")
+    method = methods.build("bicubic")
     x = torch.rand(1, 3, 53, 70, generator=torch.Generator().manual_seed(1))
-    whole = tiled_apply(method, x, tile=0)
-    tiled = tiled_apply(method, x, tile=16, tile_pad=4)
+    whole = tiled(method, x, tile=0)
+    by_tiles = tiled(method, x, tile=16, tile_pad=4)
     assert whole.shape == (1, 3, 212, 280)
-    assert (tiled - whole).abs().max().item() < 1e-5
+    assert (by_tiles - whole).abs().max().item() < 1e-5
+    # the tile settings of the options object are used when no argument overrides them
+    options = methods.resolve("bicubic").parse({"tile": "16", "tile_pad": "4"})
+    assert torch.equal(tiled(method, x, options), by_tiles)
+    assert torch.equal(tiled(method, x, options, tile=0), whole)
 
 
 def test_convnet_tiled_is_seamless_with_enough_context() -> None:
     method = ConvNet2x()
     x = torch.rand(2, 3, 37, 45, generator=torch.Generator().manual_seed(2))
-    whole = tiled_apply(method, x, tile=0)
-    good = tiled_apply(method, x, tile=12, tile_pad=3)
-    assert (good - whole).abs().max().item() < 1e-5
+    whole = tiled(method, x, tile=0)
+    good = upscale_tiled(method, x, tile=12, tile_pad=3)
+    assert (good.images - whole).abs().max().item() < 1e-5
+    # 4 x 4 tiles: timings summed over the calls, priors of the first call
+    assert good.timings == {"conv": 16.0} and good.priors == {"calls": 2}
     # without context the tile seams show (proves the comparison can fail)
-    bad = tiled_apply(method, x, tile=12, tile_pad=0)
+    bad = tiled(method, x, tile=12, tile_pad=0)
     assert (bad - whole).abs().max().item() > 1 / 255
+    seen: list[tuple[int, int]] = []
+    tiled(method, x, tile=12, tile_pad=3, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 16) for i in range(1, 17)]
 
 
 def test_integer_output_is_rounded_into_a_numpy_view() -> None:
     method = ConvNet2x()
     x = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(3))
-    ref = tiled_apply(method, x, tile=0)
+    ref = tiled(method, x, tile=0)
     arr = np.zeros((40, 48, 3), np.uint8)
     view = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    tiled_apply(method, x, tile=8, tile_pad=3, out=view)
+    assert tiled(method, x, tile=8, tile_pad=3, out=view) is view
     expected = (ref[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     assert np.abs(arr.astype(int) - expected.astype(int)).max() <= 1
     assert (arr == expected).mean() > 0.999
@@ -107,17 +126,26 @@ def test_method_output_shape_is_checked() -> None:
         scale = 3
 
     with pytest.raises(RuntimeError, match="expected"):
-        tiled_apply(Wrong(), torch.rand(1, 3, 8, 8), tile=0)
+        upscale_tiled(Wrong(), torch.rand(1, 3, 8, 8), tile=0)
     with pytest.raises(ValueError, match="out has shape"):
-        tiled_apply(ConvNet2x(), torch.rand(1, 3, 8, 8), out=torch.empty(1, 3, 8, 8))
+        upscale_tiled(ConvNet2x(), torch.rand(1, 3, 8, 8), out=torch.empty(1, 3, 8, 8))
 
 
 def test_self_tiling_method_is_called_once_with_tile_options() -> None:
     method = SelfTiler()
-    out = tiled_apply(method, torch.rand(1, 3, 30, 30), tile=8, tile_pad=2, run_opts={"seed": 1})
-    assert out.shape == (1, 3, 60, 60)
+    options = MethodOptions(threads=3, tile=8, tile_pad=2)
+    report = lambda done, total: None  # noqa: E731
+    out = upscale_tiled(method, torch.rand(1, 3, 30, 30), options, progress=report)
+    assert out.images.shape == (1, 3, 60, 60)
+    assert out.priors == {"prompt": "p"} and set(out.side_images) == {"ref"}
     assert len(method.seen) == 1
-    assert method.seen[0]["tile"] == 8 and method.seen[0]["tile_pad"] == 2 and method.seen[0]["seed"] == 1
+    got, progress = method.seen[0]
+    assert got == options and progress is report  # the same options object's values, its progress
+    # automatic tiles: the method's own choice (0); without options: its options class's defaults
+    upscale_tiled(method, torch.rand(1, 3, 30, 30), MethodOptions(threads=3))
+    assert method.seen[-1][0] == MethodOptions(threads=3, tile=0, tile_pad=0)
+    upscale_tiled(method, torch.rand(1, 3, 30, 30), tile=5)
+    assert method.seen[-1][0] == MethodOptions(tile=5, tile_pad=0)
 
 
 def test_auto_tile_and_pad() -> None:
@@ -141,16 +169,16 @@ def test_realesrgan_tiled_vs_untiled_with_default_pad() -> None:
     from semsr.core.paths import assets_dir
 
     try:
-        method = get_method("realesrgan-x4plus")
+        method = methods.build("realesrgan-x4plus")
     except SemsrError as err:
         pytest.skip(f"realesrgan-x4plus unavailable: {err}")
     with Image.open(assets_dir() / "sample.png") as im:
         a = np.asarray(im.convert("RGB"))[8:168, 16:176]
     x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255
-    whole = tiled_apply(method, x, tile=0)
-    tiled = tiled_apply(method, x, tile=80)  # default tile_pad
-    assert (tiled - whole).abs().max().item() < 1 / 255
-    seamy = tiled_apply(method, x, tile=80, tile_pad=10)
+    whole = tiled(method, x, tile=0)
+    by_tiles = tiled(method, x, tile=80)  # default tile_pad
+    assert (by_tiles - whole).abs().max().item() < 1 / 255
+    seamy = tiled(method, x, tile=80, tile_pad=10)
     assert (seamy - whole).abs().max().item() > 1 / 255
 
 

@@ -187,14 +187,23 @@ def test_loss_registry_and_weighting():
 # ---------------------------------------------------------------- task
 
 
-def test_loss_falls_when_overfitting_a_fixed_batch(hr_dir):
+def test_loss_falls_when_overfitting_a_fixed_batch(hr_dir, monkeypatch):
+    """The controlnet_sr task learns, through the inference pipeline's ControlNet + UNet forward."""
+    from semsr.train import tasks
     from semsr.train.losses import combine_losses
-    from semsr.train.tasks import build_task
 
+    forwards = []
+    inference_forward = tasks.controlnet_unet_forward
+
+    def spy(unet, controlnet, *args, **kwargs):
+        forwards.append(controlnet)
+        return inference_forward(unet, controlnet, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "controlnet_unet_forward", spy)
     torch.set_num_threads(1)
     cfg = config_from_dict(tiny_config_dict(hr_dir, train={"null_prompt_prob": 0.0}))
     torch.manual_seed(0)
-    task = build_task(cfg)
+    task = tasks.build_task(cfg)
     task.setup(torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 64, 64, generator=gen)
@@ -212,6 +221,48 @@ def test_loss_falls_when_overfitting_a_fixed_batch(hr_dir):
     assert losses[-1] < 0.75 * losses[0], losses
     assert all(torch.equal(frozen[k], v) for k, v in task.unet.state_dict().items())  # base stays frozen
     assert not any(p.requires_grad for p in task.vae.parameters())
+    assert len(forwards) == 20 and all(m is task.trainable for m in forwards)
+
+
+# ---------------------------------------------------------------- checkpoints and exports
+
+
+def test_checkpoint_commit_replaces_whole_folders(tmp_path):
+    from semsr.train import checkpoints as ckpt
+
+    out = tmp_path / "run"
+    for content in ("old", "new"):
+        staging = ckpt.staging_dir(out, 5, clear=True)
+        staging.mkdir(parents=True)  # accelerator.save_state writes here on every process
+        (staging / "model.safetensors").write_text(content)
+        final = ckpt.commit_checkpoint(out, staging, 5, {"task": "controlnet_sr"}, keep=2)
+    assert final == out / "checkpoints" / "step_00000005" and ckpt.latest_checkpoint(out) == (5, final)
+    assert (final / "model.safetensors").read_text() == "new"
+    assert json.loads((final / ckpt.MARKER).read_text()) == {"step": 5, "task": "controlnet_sr"}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005"]  # no staging left
+    (out / "checkpoints" / ".tmp_step_00000006").mkdir()  # a save killed half-way
+    assert ckpt.latest_checkpoint(out) == (5, final)
+    ckpt.remove_staging_dirs(out)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005"]
+
+
+def test_exports_are_written_whole(tmp_path):
+    """The trainer exports into a staging folder (semsr.core.io.atomic_folder): a failed export keeps the old one."""
+    from semsr.core.io import atomic_folder
+
+    class Failed(Exception):
+        pass
+
+    final = tmp_path / "final"
+    with atomic_folder(final) as folder:
+        (folder / "config.json").write_text("1")
+    with pytest.raises(Failed), atomic_folder(final) as folder:
+        (folder / "config.json").write_text("2")
+        raise Failed
+    assert (final / "config.json").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["final"]
+    with atomic_folder(final) as folder:
+        (folder / "other.json").write_text("3")
+    assert [p.name for p in final.iterdir()] == ["other.json"]  # replaced, not merged
 
 
 # ---------------------------------------------------------------- trainer

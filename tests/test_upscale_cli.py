@@ -1,9 +1,11 @@
 """``semsr upscale`` and ``semsr.upscale``: outputs, naming, scales, skip/overwrite, reports, options."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,50 +16,59 @@ import torch.nn.functional as F
 from PIL import Image
 
 import semsr
-from semsr import api
-from semsr.core.errors import SemsrError
-from semsr.methods import MethodSpec, _REGISTRY, get_method, register
-
 from _upscale_helpers import files_in, make_image, run_cli
-
+from semsr import api
+from semsr.commands.upscale import parse_method_options
+from semsr.core.errors import SemsrError
+from semsr.core.options import MethodOptions, OptionError, option
+from semsr.core.outputs import SROutput
+from semsr.eval.runner import BenchConfig, plan_methods
+from semsr.methods import REGISTRY, MethodSpec, build, register, resolve
+from semsr.ui.server import DemoApp
 
 # ---------------------------------------------------------------- a test-only method with options
 
 
-class Recorder:
-    """Nearest-neighbour 2x method that records its build and run options."""
+@dataclass(kw_only=True, frozen=True)
+class RecorderOptions(MethodOptions):
+    """Options of ``test-recorder``: a build path, run options of each kind, switches."""
 
+    test_weights: Path | None = option(None, stage="build", metavar="DIR", help="weights folder")
+    test_strength: float = option(0.5, min=0, max=1, help="a run option")
+    prompt: str = option("", help="positive prompt")
+    seed: int = option(0, min=0, help="seed")
+    colour_fix: str = option("adain", choices=("adain", "wavelet", "none"), flags=("--color-fix",), help="colour")
+    labels: tuple[str, ...] = option((), help="a list")
+    temps: dict[str, float] | None = option(None, help="per-name numbers")
+    sharpen: bool = option(False, help="a switch")
+    start_from_lr: bool = option(True, help="a switch that is on by default")
+    save_reference: bool = option(False, help="write the reference beside the output")
+
+
+class Recorder:
+    """Nearest-neighbour 2x method that records its build and run options; returns a side image."""
+
+    name = "test-recorder"
     scale = 2
     tiles_itself = False
     calls: list[dict[str, Any]] = []
 
-    def __init__(self, name: str, build: dict[str, Any]) -> None:
-        self.name = name
-        self.build = build
+    def __init__(self, options: RecorderOptions) -> None:
+        self.build = options
 
-    def __call__(self, x: torch.Tensor, **run_opts: Any) -> torch.Tensor:
-        Recorder.calls.append({"build": self.build, "run": run_opts})
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
-def _recorder_factory(device: str = "cpu", dtype: Any = None, threads: Any = None,
-                      test_weights: str | None = None) -> Recorder:
-    return Recorder("test-recorder", {"device": device, "dtype": dtype, "test_weights": test_weights})
+    def __call__(self, x: torch.Tensor, options: RecorderOptions | None = None, *, progress: Any = False) -> SROutput:
+        Recorder.calls.append({"build": self.build, "run": options})
+        return SROutput(F.interpolate(x, scale_factor=2, mode="nearest"),
+                        side_images={"reference": torch.full((1, 3, 5, 6), 0.5)})
 
 
 @pytest.fixture
 def recorder():
-    spec = register(MethodSpec(
-        "test-recorder", _recorder_factory, 2, "test only",
-        extra={"cli_options": [
-            {"flags": ["--test-weights"], "target": "build", "help": "weights folder"},
-            {"flags": ["--test-strength"], "type": float, "help": "a run option"},
-        ]},
-    ))
+    spec = register(MethodSpec("test-recorder", Recorder, RecorderOptions, 2, "test only"))
     Recorder.calls = []
     api.clear_cache()
     yield spec
-    _REGISTRY.pop("test-recorder", None)
+    REGISTRY.entries.pop("test-recorder", None)
     api.clear_cache()
 
 
@@ -174,36 +185,109 @@ def test_unknown_method_is_a_one_line_error(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------- options reach the method
 
 
-def test_method_cli_options_and_generic_options_are_forwarded(tmp_path: Path, capsys, recorder) -> None:
+def test_method_options_are_parsed_by_its_options_class(tmp_path: Path, capsys, recorder) -> None:
     src = make_image(tmp_path / "a.png", 6, 4)
-    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
-                         "--test-weights", "/w", "--test-strength", "0.7", "--prompt", "a cat",
-                         "--color-fix", "wavelet", "--seed", "3", "--dtype", "bf16", "--tile", "0")
+    rc, out, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
+                           "--test-weights", "/w", "--test-strength", "0.7", "--prompt", "a cat",
+                           "--color-fix", "wavelet", "--seed", "3", "--dtype", "bf16", "-t", "0", "--sharpen",
+                           "--no-start-from-lr", "--labels", "a,b", "--temps", "depth=0.5")
     assert rc == 0, err
     call = Recorder.calls[-1]
-    assert call["build"] == {"device": "cpu", "dtype": torch.bfloat16, "test_weights": "/w"}
-    assert call["run"] == {"test_strength": 0.7, "prompt": "a cat", "colour_fix": "wavelet", "seed": 3}
+    assert call["build"] == call["run"]  # one options object: built with its build part, called with all of it
+    assert call["run"] == RecorderOptions(test_weights=Path("/w"), test_strength=0.7, prompt="a cat",
+                                          colour_fix="wavelet", seed=3, dtype="bf16", tile=0, sharpen=True,
+                                          start_from_lr=False, labels=("a", "b"), temps={"depth": 0.5})
+    assert files_in(tmp_path / "o") == ["a_out.png"]  # no --save-reference: no side image
 
 
-def test_options_not_given_are_not_forwarded(tmp_path: Path, capsys, recorder) -> None:
+def test_options_not_given_keep_their_defaults(tmp_path: Path, capsys, recorder) -> None:
     src = make_image(tmp_path / "a.png", 6, 4)
     assert run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--fp32")[0] == 0
-    call = Recorder.calls[-1]
-    assert call["run"] == {} and call["build"]["test_weights"] is None and call["build"]["dtype"] == torch.float32
+    assert Recorder.calls[-1]["run"] == RecorderOptions(dtype="fp32")
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--fp32",
+                         "--dtype", "bf16", "--overwrite")
+    assert rc == 0, err
+    assert Recorder.calls[-1]["run"].dtype == "bf16"  # --dtype wins over --fp32
 
 
-def test_method_options_show_in_help(capsys, recorder) -> None:
-    with pytest.raises(SystemExit):
+def test_save_reference_writes_the_side_images(tmp_path: Path, capsys, recorder) -> None:
+    src = make_image(tmp_path / "a.png", 6, 4)
+    rc, out, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
+                           "--save-reference")
+    assert rc == 0, err
+    assert files_in(tmp_path / "o") == ["a_out.png", "a_out_reference.png"]
+    assert str(tmp_path / "o" / "a_out_reference.png") in out
+    with Image.open(tmp_path / "o" / "a_out_reference.png") as im:
+        assert im.size == (6, 5)
+
+
+def test_unknown_option_is_one_line_naming_the_closest(tmp_path: Path, capsys) -> None:
+    src = make_image(tmp_path / "a.png")
+    rc, out, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "bicubic", "--steps", "3")
+    near = resolve("bicubic").parse  # the one message of the options parser, in flag style
+    with pytest.raises(OptionError) as expected:
+        near({"steps": 3}, style="flag")
+    assert rc == 2 and err == f"semsr: error: {expected.value}\n"
+    assert err.startswith("semsr: error: method 'bicubic' has no option --steps; did you mean --")
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "sd-controlnet", "--setps", "3")
+    assert rc == 2 and err == "semsr: error: method 'sd-controlnet' has no option --setps; did you mean --steps?\n"
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "bicubic", "--tile=abc")
+    assert rc == 2 and err == "semsr: error: option --tile: expected an integer, got 'abc'\n"
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "bicubic", "--scale", "0")
+    assert rc == 2 and err.count("\n") == 1 and "option scale: must be > 0" in err
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "bicubic", "--tile")
+    assert rc == 2 and err.count("\n") == 1 and "--tile" in err and "expected one argument" in err
+
+
+def test_help_lists_the_common_options_and_with_a_method_its_options(capsys, recorder) -> None:
+    with pytest.raises(SystemExit) as exit_:
         run_cli(capsys, "upscale", "--help")
     out = capsys.readouterr().out
-    assert "options of test-recorder" in out and "--test-strength" in out and "--colour-fix" in out
+    assert exit_.value.code == 0
+    assert "--outscale" in out and "--max-pixels" in out and "--fp32" in out and "options of" not in out
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "upscale", "-n", "test-recorder", "-h")
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--outscale" in out
+    section = out.split("options of test-recorder:", 1)[1]
+    for flag in ("--test-weights DIR", "--test-strength", "-t N, --tile N", "--tile-pad", "--device", "--dtype",
+                 "--threads", "--color-fix", "--sharpen", "--start-from-lr, --no-start-from-lr", "--save-reference"):
+        assert flag in section, flag
+    assert "a run option (range 0..1; default 0.5)" in " ".join(section.split())
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "upscale", "-n", "sd-controlnet", "-h")
+    section = capsys.readouterr().out.split("options of sd-controlnet:", 1)[1]
+    assert "--steps N" in section and "--base PATH" in section and "--prompt" in section
 
 
-def test_path_option_a_method_does_not_take_is_refused_or_ignored(tmp_path: Path, capsys, recorder) -> None:
-    src = make_image(tmp_path / "a.png", 6, 4)
-    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
-                         "--controlnet", "/c")
-    assert rc == 0 and "does not take option 'controlnet'" in err
+def test_input_is_required(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "upscale", "-n", "bicubic")
+    assert exit_.value.code == 2 and "-i/--input" in capsys.readouterr().err
+
+
+def test_cli_web_and_bench_give_equal_options(tmp_path: Path) -> None:
+    """The same settings as CLI words, web-form JSON and bench-bracket text parse to equal option objects."""
+    spec = resolve("sd-controlnet")
+    cli = parse_method_options(spec, ["--steps", "3", "--seed", "2", "--color-fix", "wavelet", "--guidance-scale",
+                                      "1.5", "--no-start-from-lr", "--prompt", "a cat", "-t", "64",
+                                      "--scheduler", "ddim"])
+    (plan,) = plan_methods(BenchConfig(methods=["sd-controlnet[steps=3,seed=2,colour_fix=wavelet,guidance_scale=1.5,"
+                                                "start_from_lr=false,prompt=a cat,tile=64,tile_pad=16,"
+                                                "scheduler=ddim]"], datasets=[]))
+    app = DemoApp()
+    try:
+        entry = next(e for e in app.methods() if e["name"] == "sd-controlnet")
+        web = app.options(entry, {"method": "sd-controlnet", "steps": 3, "seed": "2", "colour_fix": "wavelet",
+                                  "guidance_scale": 1.5, "prompt": "a cat", "tile": "64", "negative_prompt": "",
+                                  "options": {"start_from_lr": False, "scheduler": "ddim", "tile_pad": 16}})
+    finally:
+        app.close()
+    expected = spec.parse({"steps": 3, "seed": 2, "colour_fix": "wavelet", "guidance_scale": 1.5,
+                           "start_from_lr": False, "prompt": "a cat", "tile": 64, "scheduler": "ddim"})
+    assert cli == expected
+    assert web == dataclasses.replace(expected, tile_pad=16) == plan.options
 
 
 # ---------------------------------------------------------------- Python API
@@ -226,14 +310,15 @@ def test_api_accepts_path_pil_and_numpy(tmp_path: Path) -> None:
 def test_api_caches_built_methods(recorder) -> None:
     first = semsr.load("test-recorder", test_weights="/a")
     assert semsr.load("test-recorder", test_weights="/a") is first
-    assert semsr.load("test-recorder", test_weights="/b") is not first
+    assert semsr.load("test-recorder", test_weights="/b").method is not first.method
+    assert semsr.load("test-recorder", test_weights="/a", seed=4).method is first.method  # run options: same build
 
 
-def test_api_splits_build_and_run_options(recorder) -> None:
-    semsr.upscale(np.zeros((3, 3, 3), np.uint8), model="test-recorder", test_weights="/w", prompt="p", steps=5)
+def test_api_passes_one_options_object(recorder) -> None:
+    semsr.upscale(np.zeros((3, 3, 3), np.uint8), model="test-recorder", test_weights="/w", prompt="p", seed=5)
     call = Recorder.calls[-1]
-    assert call["build"]["test_weights"] == "/w"
-    assert call["run"] == {"prompt": "p", "steps": 5}
+    assert call["build"].test_weights == Path("/w")
+    assert call["run"] == RecorderOptions(test_weights=Path("/w"), prompt="p", seed=5)
 
 
 def test_api_bad_input_raises_semsr_error(tmp_path: Path) -> None:
@@ -247,7 +332,7 @@ def test_api_bad_input_raises_semsr_error(tmp_path: Path) -> None:
 def test_default_method_on_a_tiny_image(tmp_path: Path) -> None:
     """Acceptance: `semsr upscale -i img.png -o outdir` with the bundled default writes one 4x image."""
     try:
-        method = get_method("default")
+        method = build("default")
     except SemsrError as err:
         pytest.skip(f"default method unavailable: {err}")
     assert method.scale == 4

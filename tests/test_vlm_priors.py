@@ -1,23 +1,23 @@
 """Text priors of XPSR / DaLPSR on tiny models: VLM caption/quality (generate() path), tagger,
 tag-steered instructions, user prompts (--prompt, JSON/CSV sidecars), caching, the ``semsr priors``
 command, and the fallback without a VLM."""
+
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from semsr.cli import main
 from semsr.core.errors import InputError, UnavailableError
-from semsr.testing.tiny import write_tiny_models
-from semsr.testing.tiny_vlm import TAGS
 from semsr.priors import prompts as prompts_mod
 from semsr.priors.base import get_provider
 from semsr.priors.prompts import TextPriors, UserPrompts, read_sidecar
 from semsr.priors.tagger import TagsProvider
+from semsr.priors.tagger import to_pil as tagger_to_pil
 from semsr.priors.vlm import (
     HIGH_LEVEL_INSTRUCTION,
     LOW_LEVEL_INSTRUCTION,
@@ -27,6 +27,8 @@ from semsr.priors.vlm import (
     load_vlm,
     to_pil,
 )
+from semsr.testing.tiny import write_tiny_models
+from semsr.testing.tiny_vlm import TAGS
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,23 @@ def fresh_notes(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------- VLM
 
 
+def test_vlm_and_tagger_share_one_image_conversion(image: torch.Tensor) -> None:
+    assert to_pil is tagger_to_pil
+    pil = to_pil(image)
+    assert pil.size == (56, 40) and pil.mode == "RGB"
+
+
+def test_provider_versions_follow_the_model_files(tiny: Path, tmp_path: Path) -> None:
+    """Cache versions fingerprint the model folder (semsr.core.fingerprint): another file, another version."""
+    copy = tmp_path / "tagger"
+    shutil.copytree(tiny / "tagger", copy)
+    a = TagsProvider(copy).version
+    assert TagsProvider(copy).version == a
+    cfg = json.loads((copy / "preprocessor_config.json").read_text())
+    (copy / "preprocessor_config.json").write_text(json.dumps({**cfg, "note": "changed"}))
+    assert TagsProvider(copy).version != a
+
+
 def test_tiny_vlm_folder_is_a_real_llava_checkpoint(tiny: Path) -> None:
     folder = tiny / "vlm"
     cfg = json.loads((folder / "config.json").read_text())
@@ -64,8 +83,9 @@ def test_tiny_vlm_folder_is_a_real_llava_checkpoint(tiny: Path) -> None:
 def test_generate_returns_only_the_new_tokens(tiny: Path, image: torch.Tensor, name: str) -> None:
     vlm = load_vlm(str(tiny / name))
     text = generate_text(vlm, image, HIGH_LEVEL_INSTRUCTION, max_new_tokens=8)
-    inputs = vlm.processor(images=to_pil(image), text=build_prompt(vlm.processor, HIGH_LEVEL_INSTRUCTION),
-                           return_tensors="pt")
+    inputs = vlm.processor(
+        images=to_pil(image), text=build_prompt(vlm.processor, HIGH_LEVEL_INSTRUCTION), return_tensors="pt"
+    )
     with torch.no_grad():
         out = vlm.model.generate(**inputs, max_new_tokens=8, do_sample=False)
     n_in = inputs["input_ids"].shape[1]
@@ -112,8 +132,9 @@ def test_tagger_threshold_and_top_k(tiny: Path, image: torch.Tensor) -> None:
 
 
 def test_tags_steer_the_caption_instruction(tiny: Path, image: torch.Tensor) -> None:
-    cap = get_provider("caption", vlm=str(tiny / "vlm"), tagger=str(tiny / "tagger"), tag_threshold=0.0,
-                       tag_top_k=2, max_new_tokens=4)
+    cap = get_provider(
+        "caption", vlm=str(tiny / "vlm"), tagger=str(tiny / "tagger"), tag_threshold=0.0, tag_top_k=2, max_new_tokens=4
+    )
     r = cap(image)
     assert len(r.meta["tags"]) == 2
     assert r.meta["instruction"] == f"The image contains: {', '.join(r.meta['tags'])}. {HIGH_LEVEL_INSTRUCTION}"
@@ -128,14 +149,34 @@ def test_priors_command_extracts_caption_quality_tags_irpad(tiny: Path, tmp_path
     src.mkdir()
     Image.new("RGB", (48, 40), (120, 60, 30)).save(src / "a.png")
     out = tmp_path / "out"
-    rc = main(["priors", "-i", str(src), "-o", str(out), "--modalities", "caption,quality,tags,irpad",
-               "--vlm", str(tiny / "vlm"), "--tagger", str(tiny / "tagger"), "--vlm-max-new-tokens", "4",
-               "--tag-threshold", "0"])
+    rc = main(
+        [
+            "priors",
+            "-i",
+            str(src),
+            "-o",
+            str(out),
+            "--modalities",
+            "caption,quality,tags,irpad",
+            "--vlm",
+            str(tiny / "vlm"),
+            "--tagger",
+            str(tiny / "tagger"),
+            "--vlm-max-new-tokens",
+            "4",
+            "--tag-threshold",
+            "0",
+        ]
+    )
     assert rc == 0
     index = json.loads((out / "priors.json").read_text())
     priors = index["images"][0]["priors"]
-    assert {k: v["kind"] for k, v in priors.items()} == {"caption": "text", "quality": "text", "tags": "tags",
-                                                          "irpad": "text"}
+    assert {k: v["kind"] for k, v in priors.items()} == {
+        "caption": "text",
+        "quality": "text",
+        "tags": "tags",
+        "irpad": "text",
+    }
     assert priors["caption"]["meta"]["instruction"].startswith("The image contains: ")
     assert priors["irpad"]["value"].count(", ") == 3
 
@@ -163,13 +204,16 @@ def test_sidecar_json_and_csv(tmp_path: Path) -> None:
     assert UserPrompts.load(sidecar=j).get("dir/bird.jpg") == "a bird"  # by stem
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("bad.json", "{nope", "not valid JSON"),
-    ("bad2.json", "[1, 2]", "objects with file and prompt"),
-    ("bad3.json", '{"a.png": 3}', "must be strings"),
-    ("bad.csv", "a.png\n", "needs a file and a prompt"),
-    ("bad.txt", "a.png,x", "must be .json or .csv"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("bad.json", "{nope", "not valid JSON"),
+        ("bad2.json", "[1, 2]", "objects with file and prompt"),
+        ("bad3.json", '{"a.png": 3}', "must be strings"),
+        ("bad.csv", "a.png\n", "needs a file and a prompt"),
+        ("bad.txt", "a.png,x", "must be .json or .csv"),
+    ],
+)
 def test_bad_sidecars_are_input_errors(tmp_path: Path, name: str, content: str, match: str) -> None:
     f = tmp_path / name
     f.write_text(content)
@@ -182,8 +226,9 @@ def test_bad_sidecars_are_input_errors(tmp_path: Path, name: str, content: str, 
 # ----------------------------------------------------------------------------- text conditions
 
 
-def test_text_priors_with_vlm_are_cached(tiny: Path, image: torch.Tensor, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_priors_with_vlm_are_cached(
+    tiny: Path, image: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
     import semsr.priors.vlm as vlm_mod
 
@@ -194,45 +239,50 @@ def test_text_priors_with_vlm_are_cached(tiny: Path, image: torch.Tensor, tmp_pa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(vlm_mod, "generate_text", counting)
-    tp = TextPriors(vlm=tiny / "vlm", tagger=tiny / "tagger", low_source="vlm", max_new_tokens=4,
-                    user=UserPrompts.load(prompt="a red scene"))
-    first = tp(image, "x.png")
+    tp = TextPriors(vlm=tiny / "vlm", tagger=tiny / "tagger", low_source="vlm", max_new_tokens=4)
+    user = UserPrompts.load(prompt="a red scene")  # the user prompt is an argument of each call
+    first = tp(image, user.get("x.png"))
     assert calls["n"] == 2 and first.sources == {"high": "user+vlm", "low": "vlm"}
     assert first.high.startswith("a red scene")
-    second = tp(image, "x.png")
+    second = tp(image, "a red scene")
     assert calls["n"] == 2 and second == first  # nothing recomputed
     assert [p.misses for p in tp.providers()] == [1, 1, 1]  # tags, caption, quality: each computed once
     assert all(p.hits >= 1 for p in tp.providers())  # (the tag-steered caption also reads the cached tags)
-    again = TextPriors(vlm=tiny / "vlm", tagger=tiny / "tagger", low_source="vlm", max_new_tokens=4,
-                       user=UserPrompts.load(prompt="a red scene"))
-    assert again(image, "x.png") == first and calls["n"] == 2  # cache on disk, across instances
+    bare = tp(image)  # same providers, no user prompt: the caption alone, still from the cache
+    assert calls["n"] == 2 and bare.sources["high"] == "vlm" and first.high == f"a red scene, {bare.high}"
+    again = TextPriors(vlm=tiny / "vlm", tagger=tiny / "tagger", low_source="vlm", max_new_tokens=4)
+    assert again(image, "a red scene") == first and calls["n"] == 2  # cache on disk, across instances
     dal = TextPriors(vlm=tiny / "vlm", tagger=tiny / "tagger", low_source="irpad", max_new_tokens=4)
     cond = dal(image)
     assert cond.sources == {"high": "vlm", "low": "irpad"} and cond.low.count(", ") == 3
-    replace = TextPriors(vlm=tiny / "vlm", low_source="irpad", user_mode="replace",
-                         user=UserPrompts.load(prompt="only mine"))
+    replace = TextPriors(vlm=tiny / "vlm", low_source="irpad", user_mode="replace")
     n = calls["n"]
-    assert replace(image).high == "only mine" and calls["n"] == n
+    assert replace(image, "only mine").high == "only mine" and calls["n"] == n
 
 
-def test_without_vlm_falls_back_to_user_prompt_and_irpad(tmp_path: Path, image: torch.Tensor, tiny: Path,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str],
-                                                         fresh_notes: None) -> None:
+def test_without_vlm_falls_back_to_user_prompt_and_irpad(
+    tmp_path: Path,
+    image: torch.Tensor,
+    tiny: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fresh_notes: None,
+) -> None:
     monkeypatch.setenv("SEMSR_WEIGHTS", str(tmp_path / "no-weights"))
-    tp = TextPriors(vlm=None, low_source="vlm", user=UserPrompts.load(prompt="a cat on a mat"))
+    tp = TextPriors(vlm=None, low_source="vlm")
     err = capsys.readouterr().err
     assert err.count("semsr: note: no vision-language model") == 1 and "IRPAD" in err
     assert not tp.has_vlm
-    cond = tp(image)
+    cond = tp(image, "a cat on a mat")
     assert cond.high == "a cat on a mat" and cond.sources == {"high": "user", "low": "irpad"}
+    assert tp(image, "").sources["high"] == "none"  # an empty prompt is no prompt
     assert cond.low == get_provider("irpad")(image).value
     TextPriors(vlm=None, low_source="irpad")  # said once per process
     assert capsys.readouterr().err == ""
     bare = TextPriors(vlm=None)(image)
     assert bare.high == "" and bare.sources["high"] == "none"
     with_tags = TextPriors(vlm=None, tagger=tiny / "tagger")
-    t = with_tags(image, "a.png")
+    t = with_tags(image)
     assert t.sources["high"] == "tags" and t.high == ", ".join(t.tags)
     with pytest.raises(UnavailableError):  # an explicit path that does not exist is an error
         TextPriors(vlm=tmp_path / "missing")

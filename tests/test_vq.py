@@ -1,4 +1,5 @@
-"""VQ tokenizers: shapes, quantiser mechanics, persistence, the shipped edge tokenizer, diffusers VQModel."""
+"""VQ tokenizers: shapes, quantiser mechanics, persistence, the shipped edge tokenizer, diffusers VQModel,
+the ``edge-vq`` training task."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semsr.core.errors import UnavailableError
+from semsr.core.components import load_component
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.models.vq import (
+    CodebookEMA,
     EdgeVQ,
-    EdgeVQConfig,
     EMAQuantizer,
     SpatialTokenizer,
     load_tokenizer,
@@ -20,7 +22,7 @@ from semsr.models.vq import (
     shipped_edge_vq_path,
 )
 
-SMALL = EdgeVQConfig(channels=(8, 16), image_size=64)  # 64 / 2 (patch) / 2 = 16x16 grid
+SMALL = {"channels": (8, 16), "image_size": 64}  # 64 / 2 (patch) / 2 = 16x16 grid
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def one_thread():
 
 def test_edge_vq_shapes():
     torch.manual_seed(0)
-    model = EdgeVQ(EdgeVQConfig()).eval()
+    model = EdgeVQ().eval()
     assert isinstance(model, SpatialTokenizer)
     assert (model.grid, model.codebook_size, model.embed_dim) == (16, 1024, 256)
     assert tuple(model.quantizer.codebook.shape) == (1024, 256)
@@ -51,7 +53,7 @@ def test_edge_vq_shapes():
 
 def test_config_checks_geometry():
     with pytest.raises(ValueError):
-        EdgeVQConfig(image_size=100)
+        EdgeVQ(image_size=100)
 
 
 def test_prepare_maps_channels_and_size():
@@ -65,13 +67,14 @@ def test_prepare_maps_channels_and_size():
 
 def test_quantizer_first_batch_initialises_codes_and_ema_moves_them():
     torch.manual_seed(0)
-    q = EMAQuantizer(codebook_size=8, dim=4, decay=1.0)  # decay 1: the EMA keeps the initial codes
+    q = EMAQuantizer(codebook_size=8, dim=4)
+    ema = CodebookEMA(8, 4, decay=1.0)  # decay 1: the EMA keeps the initial codes
     z = torch.randn(2, 4, 4, 4, requires_grad=True)  # 32 vectors
-    q.train()
-    zq, ids, commit = q(z)
+    gen = torch.Generator().manual_seed(0)
+    zq, ids, commit = q(z, ema, gen)
     flat = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), dim=1)
     # the first training batch initialised every code to one of its vectors
-    assert bool(q.ema_initialised)
+    assert bool(ema.initialised)
     dist = torch.cdist(q.codebook, flat).min(1).values
     assert float(dist.max()) < 1e-3  # (cdist itself is only accurate to ~1e-4 here)
     assert ids.shape == (2, 4, 4) and zq.shape == z.shape and float(commit.detach()) > 0
@@ -79,19 +82,21 @@ def test_quantizer_first_batch_initialises_codes_and_ema_moves_them():
     (zq.sum() + commit).backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
     before = q.codebook.clone()
-    q.decay = 0.9
-    q(torch.randn(2, 4, 4, 4))
+    ema.decay = 0.9
+    q(torch.randn(2, 4, 4, 4), ema, gen)
     assert not torch.equal(before, q.codebook)
-    q.eval()
     frozen = q.codebook.clone()
     q(torch.randn(2, 4, 4, 4))
-    assert torch.equal(frozen, q.codebook)  # no updates at inference
+    assert torch.equal(frozen, q.codebook)  # no EMA state: no updates (inference)
+    # the EMA state is training state: it is not part of the tokenizer's weights
+    assert set(q.state_dict()) == {"codebook"} and set(ema.state_dict()) == {"count", "total", "initialised"}
 
 
 def test_training_learns_a_line_pattern(one_thread):
     """30 steps on one batch get well below the best constant prediction (BCE 0.23 here)."""
     torch.manual_seed(0)
-    model = EdgeVQ(EdgeVQConfig(channels=(8, 16), image_size=64, codebook_size=64, embed_dim=32))
+    model = EdgeVQ(channels=(8, 16), image_size=64, codebook_size=64, embed_dim=32)
+    ema = model.new_ema(fresh=True)
     x = torch.zeros(4, 1, 64, 64)
     x[..., 20:22, :] = 1.0
     x[..., :, 40:42] = 1.0
@@ -99,7 +104,7 @@ def test_training_learns_a_line_pattern(one_thread):
     best_constant = -(p * np.log(p) + (1 - p) * np.log(1 - p))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
-        logits, _, commit = model(x)
+        logits, _, commit = model(x, ema)
         loss = F.binary_cross_entropy_with_logits(logits, x) + 0.25 * commit
         opt.zero_grad()
         loss.backward()
@@ -107,21 +112,24 @@ def test_training_learns_a_line_pattern(one_thread):
     assert float(loss.detach()) < 0.25 * best_constant
 
 
-def test_save_load_round_trip(tmp_path):
+def test_component_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = EdgeVQ(SMALL)
-    model.train()
-    model(torch.rand(2, 1, 64, 64))  # initialise the codebook from data
+    model = EdgeVQ(**SMALL)
+    model(torch.rand(2, 1, 64, 64), model.new_ema(fresh=True))  # initialise the codebook from data
     model.eval()
-    path = model.save(tmp_path / "vq")
-    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
-    assert json.loads(path.with_suffix(".json").read_text())["channels"] == [8, 16]
-    back = load_tokenizer(path)
+    model.save_pretrained(tmp_path / "vq")
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    assert config["_class_name"] == "EdgeVQ" and config["channels"] == [8, 16]
+    back = load_tokenizer(tmp_path / "vq")
+    assert isinstance(back, EdgeVQ) and not back.training
     maps = torch.rand(3, 1, 50, 70)
     assert torch.equal(model.encode(maps), back.encode(maps))
     assert torch.allclose(model.decode(model.encode(maps)), back.decode(back.encode(maps)))
+    # a loaded tokenizer continues training from its codebook
+    ema = back.new_ema(fresh=False)
+    assert bool(ema.initialised) and torch.equal(ema.total, back.quantizer.codebook)
     with pytest.raises(UnavailableError):
-        load_tokenizer(tmp_path / "missing.safetensors")
+        load_tokenizer(tmp_path / "missing")
 
 
 # ------------------------------------------------------------ shipped weights
@@ -133,7 +141,7 @@ def _heldout_maps(data_dir: Path, n: int) -> torch.Tensor:
     from semsr.ops.imresize import imresize
     from semsr.priors.base import get_provider, picture_tensor
 
-    report = json.loads(shipped_edge_vq_path().with_suffix(".report.json").read_text())
+    report = json.loads((shipped_edge_vq_path() / "report.json").read_text())
     folder = data_dir / "train" / "bsds500"
     canny = get_provider("canny")
     maps = []
@@ -144,13 +152,14 @@ def _heldout_maps(data_dir: Path, n: int) -> torch.Tensor:
 
 
 def test_shipped_tokenizer_is_small_and_loads():
-    path = shipped_edge_vq_path()
-    assert path.is_file(), "shipped weights missing: run `semsr train-vq` (see semsr.train.vq)"
-    assert path.stat().st_size <= 10 * 1024 * 1024
+    folder = shipped_edge_vq_path()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file(), "shipped weights missing (see semsr.train.vq)"
+    assert weights.stat().st_size <= 10 * 1024 * 1024
     tok = load_tokenizer()
-    assert isinstance(tok, EdgeVQ)
+    assert isinstance(tok, EdgeVQ) and isinstance(load_component(EdgeVQ, folder), EdgeVQ)
     assert (tok.grid, tok.codebook_size, tok.embed_dim) == (16, 1024, 256)
-    report = json.loads(path.with_suffix(".report.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
     assert Path(report["config"]["data"]).parts[-2:] == ("train", "bsds500")  # never a benchmark set
     assert len(report["heldout_images"]) == report["config"]["holdout"] == 40
 
@@ -210,24 +219,62 @@ def test_diffusers_tokenizer_reports_bad_folder(tmp_path):
 # ------------------------------------------------------------------- training
 
 
-def test_train_vq_command_smoke(tmp_path, monkeypatch):
+def _rectangles(folder: Path, count: int = 3) -> Path:
     from PIL import Image
 
-    from semsr.cli import main
-
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(count):
         arr = np.full((48, 64, 3), 40, np.uint8)
         y, x = rng.integers(4, 20, 2)
         arr[y:y + 20, x:x + 30] = 220
-        Image.fromarray(arr).save(imgs / f"{i}.png")
-    out = tmp_path / "vq"
-    code = main(["train-vq", "--out", str(out), "--data", str(imgs), "--modalities", "canny", "--holdout", "1",
-                 "--steps", "2", "--batch", "2", "--lr-scale", "1"])
-    assert code == 0
-    report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["steps_done"] == 2 and report["heldout_images"] == ["2.png"]
-    assert set(report["scores_heldout_128px"]) == {"vq", "baseline_mean_map", "baseline_pool16_bilinear"}
-    assert load_tokenizer(out.with_suffix(".safetensors")).encode(torch.rand(1, 1, 30, 30)).shape == (1, 16, 16)
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+def test_edge_vq_task_runs_through_semsr_train(tmp_path):
+    from semsr.cli import main
+
+    imgs = _rectangles(tmp_path / "imgs")
+    repo = Path(__file__).resolve().parents[1]
+    args = ["train", "--config", str(repo / "configs" / "edge-vq-tiny.yaml"), "--output", str(tmp_path / "run"),
+            "--max-steps", "2", f"data.hr=[{imgs}]", "data.crop_size=48", "data.limit=0",
+            "model.options.lr_scale=1.0"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(set(r["terms"]) == {"vq_bce", "vq_commit"} for r in records)
+    final = tmp_path / "run" / "final"
+    report = json.loads((final / "report.json").read_text())
+    assert report["heldout_images"] == ["2.png"]
+    assert set(report["scores_heldout"]) == {"vq", "baseline_own_mean", "baseline_pool16_bilinear"}
+    tok = load_tokenizer(final)
+    assert isinstance(tok, EdgeVQ) and tok.encode(torch.rand(1, 1, 30, 30)).shape == (1, 16, 16)
+    assert set(tok.state_dict()) == set(EdgeVQ(channels=(8, 16), image_size=64, codebook_size=64,
+                                               embed_dim=32).state_dict())  # no EMA statistics
+
+
+def test_edge_vq_task_draws_per_sample_and_initialises_the_codebook(tmp_path):
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    cfg = config_from_dict({
+        "name": "t", "task": "edge-vq", "seed": 0,
+        "model": {"options": {"modalities": ["canny"], "lr_scale": 1.0, "crop_min": 16,
+                              "vq": {"channels": [8, 16], "image_size": 64, "codebook_size": 16, "embed_dim": 8}}},
+        "data": {"hr": [str(tmp_path)], "crop_size": 48, "scale": 1, "batch_size": 2},
+    })
+    task = build_task(cfg)
+    task.setup(torch.device("cpu"), torch.float32)
+    model = task.trainable
+    assert not bool(model.ema.initialised)
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 48, 48, generator=g)
+    hr[:, :, 10:30, 12:40] = 1.0
+    out = task.compute(model, {"hr": hr, "seed": torch.tensor([5, 6])})
+    assert out["logits"].shape == out["maps"].shape == (2, 1, 64, 64) and out["commit"].ndim == 0
+    assert bool(model.ema.initialised)
+    # a sample's map depends on its own seed only (not on the batch it is in)
+    one = task.compute(model, {"hr": hr[1:], "seed": torch.tensor([6])})
+    assert torch.equal(one["maps"][0], out["maps"][1])
+    with pytest.raises(SemsrError, match="unknown model.options"):
+        build_task(config_from_dict({"name": "t", "task": "edge-vq", "model": {"options": {"foo": 1}}}))

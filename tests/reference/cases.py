@@ -60,7 +60,8 @@ class TrainCase:
     """One optimiser step of a training task.
 
     ``kind``: ``"trainer"`` (``config`` YAML through the shared trainer, ``overrides`` as dotted keys),
-    ``"irpad"`` (one epoch of IRPAD training, ``options`` = sizes) or ``"vq"`` (edge VQ steps).
+    ``"irpad"`` (one epoch of IRPAD training, ``options`` = sizes) or ``"vq"`` (edge VQ steps of the
+    ``edge-vq`` task on synthetic images).
     """
 
     name: str
@@ -355,12 +356,8 @@ def train_irpad_one_epoch(work: Path, options: Mapping[str, Any]) -> dict[str, A
 
 
 def train_edge_vq(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options["steps"]`` steps of edge-VQ training on synthetic rectangles (as the train-vq smoke test)."""
+    """``options["steps"]`` steps of the ``edge-vq`` task (configs/edge-vq-tiny.yaml) on synthetic rectangles."""
     from PIL import Image
-
-    from semsr.models.vq import EdgeVQ, EdgeVQConfig
-    from semsr.train.vq import VQTrainConfig
-    from semsr.train.vq import train_edge_vq as train
 
     imgs = work / "vq-imgs"
     imgs.mkdir()
@@ -370,22 +367,12 @@ def train_edge_vq(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         y, x = rng.integers(4, 20, 2)
         arr[y:y + 20, x:x + 30] = 220
         Image.fromarray(arr).save(imgs / f"{i}.png")
-    logs: list[str] = []
-    cfg = VQTrainConfig(data=imgs, out=work / "vq", modalities=tuple(options["modalities"]),
-                        lr_scale=float(options["lr_scale"]), holdout=int(options["holdout"]),
-                        steps=int(options["steps"]), batch=int(options["batch"]), seed=int(options["seed"]),
-                        log_every=1, model=EdgeVQConfig())
-    threads = torch.get_num_threads()
-    try:
-        report = train(cfg, log=logs.append)
-    finally:
-        torch.set_num_threads(threads)
-    model = EdgeVQ.load(work / "vq.safetensors")
-    step_line = next(line for line in logs if line.startswith("step 1/"))
-    bce = float(step_line.split("bce")[1].split()[0])
-    scores = report["scores_heldout_128px"]["vq"]
-    return {"loss": bce, "terms": {f"heldout_{k}": float(v) for k, v in sorted(scores.items())},
-            "params": {n: t.detach().clone() for n, t in model.state_dict().items() if t.is_floating_point()}}
+    overrides = {"data.hr": [str(imgs)], "data.val_count": int(options["holdout"]), "data.limit": 0,
+                 "data.crop_size": 48, "data.batch_size": int(options["batch"]), "seed": int(options["seed"]),
+                 "train.max_steps": int(options["steps"]), "checkpoint.every": 0,
+                 "model.options.modalities": list(options["modalities"]),
+                 "model.options.lr_scale": float(options["lr_scale"])}
+    return train_with_trainer(REPO / "configs" / "edge-vq-tiny.yaml", overrides, work / "run")
 
 
 # ============================================================================ running cases

@@ -30,8 +30,14 @@ from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
 from semsr.models.rfa import ReferenceFindingAligner, aligner_dir, check_embedder
 from semsr.priors.retrieval.embedders import embedder_from_spec
-from semsr.priors.retrieval.index import (ReferenceDB, add_images, list_image_files, load_rgb, merge_databases,
-                                          shard_files)
+from semsr.priors.retrieval.index import (
+    ReferenceDB,
+    add_images,
+    list_image_files,
+    load_rgb,
+    merge_databases,
+    shard_files,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -116,7 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def option_arguments(info: OptionInfo) -> tuple[list[str], dict[str, Any]]:
     """``(flags, add_argument keywords)`` of one method option (see the module doc)."""
-    flags = [info.flag, *(f for f in info.flags if f != info.flag)]
+    extra = [f for f in info.flags if f != info.flag]
+    flags = [*(f for f in extra if not f.startswith("--")), info.flag, *(f for f in extra if f.startswith("--"))]
     kwargs: dict[str, Any] = {"dest": info.name, "default": argparse.SUPPRESS,
                               "help": info.describe().replace("%", "%%")}
     if info.kind == "bool" and info.default is False:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -440,7 +440,7 @@ class AiAInputs:
 _CAK_POSITION = 5  # cross_attention_kwargs in BasicTransformerBlock.forward(hidden_states, ...) positional form
 
 
-def _make_hook(name: str, level: int):  # noqa: ANN202
+def _make_hook(name: str, level: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         positional = "cross_attention_kwargs" not in kwargs and len(args) > _CAK_POSITION
         cak = args[_CAK_POSITION] if positional else kwargs.get("cross_attention_kwargs")

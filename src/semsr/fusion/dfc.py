@@ -22,6 +22,7 @@ alone; :meth:`DFCHeads.from_controlnet` makes new heads for a ControlNet.
 Features are captured with forward hooks that exist only inside
 :meth:`DFCHeads.capture`, so a ControlNet outside that block runs unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ def residual_levels(controlnet: nn.Module) -> list[int]:
         if getattr(block, "downsamplers", None):
             levels.append(i + 1)
     if len(levels) != len(controlnet.controlnet_down_blocks):
-        raise SemsrError(f"DFC: {len(levels)} residuals expected, ControlNet has "
-                         f"{len(controlnet.controlnet_down_blocks)} zero convolutions")
+        raise SemsrError(
+            f"DFC: {len(levels)} residuals expected, ControlNet has "
+            f"{len(controlnet.controlnet_down_blocks)} zero convolutions"
+        )
     return levels
 
 
@@ -72,8 +75,15 @@ class DFCHeads(Component):
     """
 
     @register_to_config
-    def __init__(self, latent_index: list[int], latent_in: list[int], mid_in: int, pixel_index: list[int],
-                 pixel_in: list[int], latent_channels: int = 4) -> None:
+    def __init__(
+        self,
+        latent_index: list[int],
+        latent_in: list[int],
+        mid_in: int,
+        pixel_index: list[int],
+        pixel_in: list[int],
+        latent_channels: int = 4,
+    ) -> None:
         super().__init__()
         self.latent_index = [int(i) for i in latent_index]
         self.pixel_index = [int(i) for i in pixel_index]
@@ -93,10 +103,14 @@ class DFCHeads(Component):
         latent_index = sorted(last.values())
         pixel_index = _stride2_stages(controlnet)
         blocks = controlnet.controlnet_cond_embedding.blocks
-        return cls(latent_index=latent_index,
-                   latent_in=[int(controlnet.controlnet_down_blocks[i].in_channels) for i in latent_index],
-                   mid_in=int(controlnet.controlnet_mid_block.in_channels), pixel_index=pixel_index,
-                   pixel_in=[int(blocks[i].out_channels) for i in pixel_index], latent_channels=latent_channels)
+        return cls(
+            latent_index=latent_index,
+            latent_in=[int(controlnet.controlnet_down_blocks[i].in_channels) for i in latent_index],
+            mid_in=int(controlnet.controlnet_mid_block.in_channels),
+            pixel_index=pixel_index,
+            pixel_in=[int(blocks[i].out_channels) for i in pixel_index],
+            latent_channels=latent_channels,
+        )
 
     @contextlib.contextmanager
     def capture(self, controlnet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -104,14 +118,16 @@ class DFCHeads(Component):
         feats: dict[str, torch.Tensor] = {}
         handles = []
 
-        def grab_input(key: str):  # noqa: ANN202
+        def grab_input(key: str):
             def hook(_m: nn.Module, args: tuple) -> None:
                 feats[key] = args[0]
+
             return hook
 
-        def grab_output(key: str):  # noqa: ANN202
+        def grab_output(key: str):
             def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
                 feats[key] = F.silu(out)
+
             return hook
 
         for idx in self.latent_index:
@@ -135,8 +151,9 @@ class DFCHeads(Component):
         return out
 
 
-def dfc_targets(preds: Mapping[str, torch.Tensor], hr_latent: torch.Tensor,
-                hr_image: torch.Tensor) -> dict[str, torch.Tensor]:
+def dfc_targets(
+    preds: Mapping[str, torch.Tensor], hr_latent: torch.Tensor, hr_image: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The resized HR latent ``(B, 4, h, w)`` / image ``(B, 3, H, W)`` in [0, 1] for every head prediction."""
     out = {}
     for key, pred in preds.items():

@@ -109,16 +109,16 @@ class CrossAttentionLayers(Component):
     """Trained copies of UNet cross-attention layers, by module path.
 
     Args:
-        layers: module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) -> the
+        specs: module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) -> the
             diffusers ``Attention`` arguments of that layer (see :meth:`from_unet`).
 
     The copies are ``self.layers[path with "." -> "__"]``.
     """
 
     @register_to_config
-    def __init__(self, layers: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
         super().__init__()
-        self.layers = nn.ModuleDict({path.replace(".", "__"): Attention(**dict(kw)) for path, kw in layers.items()})
+        self.layers = nn.ModuleDict({path.replace(".", "__"): Attention(**dict(kw)) for path, kw in specs.items()})
 
     @property
     def paths(self) -> list[str]:

@@ -46,6 +46,7 @@ attention it holds, so it is rebuilt from its folder alone;
 :meth:`SFAFusion.from_models` makes a new one from a ControlNet (and UNet).
 The ControlNet's and UNet's state dicts are untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,9 +80,16 @@ def attention_config(attn: Attention) -> dict[str, Any]:
     Covers the attentions of SD's transformer blocks (projections, heads, bias,
     dropout, upcast); any other variant is refused.
     """
-    if (attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_cross is not None
-            or attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None
-            or attn.added_kv_proj_dim is not None or attn.out_dim != attn.query_dim):
+    if (
+        attn.residual_connection
+        or attn.rescale_output_factor != 1.0
+        or attn.norm_cross is not None
+        or attn.group_norm is not None
+        or attn.spatial_norm is not None
+        or attn.norm_q is not None
+        or attn.added_kv_proj_dim is not None
+        or attn.out_dim != attn.query_dim
+    ):
         raise SemsrError("SFA: unsupported attention variant (norms, residual or extra projections)")
     return {
         "query_dim": int(attn.query_dim),
@@ -134,8 +142,14 @@ class _SlotProcessor:
 class SFAProcessor(_SlotProcessor):
     """Attention processor of a ControlNet block's ``attn2`` (see the module docstring)."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if encoder_hidden_states is None:
             raise SemsrError("SFA needs the two-prompt context cat([c_h, c_l], 1)")
         c_h, c_l = split_context(encoder_hidden_states)
@@ -155,8 +169,14 @@ class ConditionalAttnProcessor(_SlotProcessor):
     """Processor of a UNet block's ``attn2``: high-level cross-attention + zero-gated attention to
     the ControlNet features of the block's resolution (when :meth:`SFAFusion.unet_features` set them)."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask)
         feats = self.fusion._unet_features
         if not feats or self.slot not in self.fusion.cond:
@@ -188,8 +208,12 @@ class SFAFusion(Component):
     """
 
     @register_to_config
-    def __init__(self, controlnet_blocks: list[dict[str, Any]], unet_blocks: list[dict[str, Any]] | None = None,
-                 mode: str = "parallel") -> None:
+    def __init__(
+        self,
+        controlnet_blocks: list[dict[str, Any]],
+        unet_blocks: list[dict[str, Any]] | None = None,
+        mode: str = "parallel",
+    ) -> None:
         super().__init__()
         self.mode = mode
         if not controlnet_blocks:
@@ -213,10 +237,12 @@ class SFAFusion(Component):
         cn_blocks = transformer_blocks(controlnet)
         unet_blocks = transformer_blocks(unet) if unet is not None else []
         fusion = cls(
-            controlnet_blocks=[{"name": n, "low": attention_config(b.attn2), "fuse": attention_config(b.attn1)}
-                               for n, b in cn_blocks],
+            controlnet_blocks=[
+                {"name": n, "low": attention_config(b.attn2), "fuse": attention_config(b.attn1)} for n, b in cn_blocks
+            ],
             unet_blocks=[{"name": n, "cond": attention_config(b.attn1)} for n, b in unet_blocks],
-            mode=mode)
+            mode=mode,
+        )
         pairs = [(fusion.low, n, b.attn2) for n, b in cn_blocks] + [(fusion.fuse, n, b.attn1) for n, b in cn_blocks]
         pairs += [(fusion.cond, n, b.attn1) for n, b in unet_blocks]
         with torch.no_grad():
@@ -262,9 +288,17 @@ class SFAFusion(Component):
         finally:
             self._unet_features = None
 
-    def controlnet_unet_forward(self, unet: nn.Module, controlnet: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                                high: torch.Tensor, low: torch.Tensor, hint: torch.Tensor,
-                                conditioning_scale: float = 1.0) -> torch.Tensor:
+    def controlnet_unet_forward(
+        self,
+        unet: nn.Module,
+        controlnet: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        high: torch.Tensor,
+        low: torch.Tensor,
+        hint: torch.Tensor,
+        conditioning_scale: float = 1.0,
+    ) -> torch.Tensor:
         """XPSR's model call: ControlNet on ``(c_h, c_l)`` with SFA, UNet on ``c_h`` + conditional attention.
 
         The one forward of inference and training. The ControlNet residuals are cast to ``x``'s
@@ -277,10 +311,22 @@ class SFAFusion(Component):
         Returns:
             ``(B, 4, h, w)`` model output.
         """
-        down, mid = controlnet(x, t, encoder_hidden_states=two_prompt_context(high, low), controlnet_cond=hint,
-                               conditioning_scale=conditioning_scale, return_dict=False)
+        down, mid = controlnet(
+            x,
+            t,
+            encoder_hidden_states=two_prompt_context(high, low),
+            controlnet_cond=hint,
+            conditioning_scale=conditioning_scale,
+            return_dict=False,
+        )
         down = [d.to(x.dtype) for d in down]
         mid = mid.to(x.dtype)
         with self.unet_features(down, mid):
-            return unet(x, t, encoder_hidden_states=high, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, return_dict=False)[0]
+            return unet(
+                x,
+                t,
+                encoder_hidden_states=high,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]

@@ -227,7 +227,7 @@ class CoSeRSR(LatentSRPipeline):
         comps = load_sd(base, dtype=dtype, config=base_config)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
         cognitive = load_cognitive_encoder(checkpoint, clip)
-        fusion = load_checkpoint(checkpoint, RECIPE, names=["aia"])[0]["aia"]
+        fusion = load_part(checkpoint, "aia", AiAFusion)
         return cls(vae=comps.vae, unet=comps.unet, text=text, cognitive=cognitive, fusion=fusion,
                    scheduler_config=comps.scheduler_config, **{**kwargs, "device": device, "dtype": dtype})
 

@@ -36,20 +36,31 @@ class DaLPSROptions(XPSROptions):
 
 def build(options: DaLPSROptions) -> TwoPromptSR:
     """Factory of ``dalpsr``: ``base`` SD, ``checkpoint`` folder, optional ``vlm`` and ``tagger`` folders."""
-    return build_two_prompt("dalpsr", options, lambda: TextPriors(
-        vlm=options.vlm, tagger=options.tagger, low_source="irpad", irpad_weights=options.irpad,
-        use_tags_with_vlm=True, device=str(options.device)))
+    return build_two_prompt(
+        "dalpsr",
+        options,
+        lambda: TextPriors(
+            vlm=options.vlm,
+            tagger=options.tagger,
+            low_source="irpad",
+            irpad_weights=options.irpad,
+            use_tags_with_vlm=True,
+            device=str(options.device),
+        ),
+    )
 
 
-register(MethodSpec(
-    name="dalpsr",
-    factory=build,
-    options=DaLPSROptions,
-    scale=4,
-    summary="DaLPSR: IRPAD degradation prompt + tag-steered VLM semantic prompt through cross-attention "
-            "(--base SD, --checkpoint folder, optional --vlm and --tagger)",
-    suggests_priors=True,
-    diffusion=True,
-    weight_paths=("base", "checkpoint", "vlm", "tagger", "irpad"),
-    bundled_paths=("irpad",),
-))
+register(
+    MethodSpec(
+        name="dalpsr",
+        factory=build,
+        options=DaLPSROptions,
+        scale=4,
+        summary="DaLPSR: IRPAD degradation prompt + tag-steered VLM semantic prompt through cross-attention "
+        "(--base SD, --checkpoint folder, optional --vlm and --tagger)",
+        suggests_priors=True,
+        diffusion=True,
+        weight_paths=("base", "checkpoint", "vlm", "tagger", "irpad"),
+        bundled_paths=("irpad",),
+    )
+)

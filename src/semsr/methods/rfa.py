@@ -44,8 +44,16 @@ from semsr.core.options import option
 from semsr.core.outputs import SROutput, compact
 from semsr.fusion.adain import AdaINAdapters, attach_adain
 from semsr.methods import register
-from semsr.models.rfa import (RFA_RECIPE, EmbeddingEnhancer, ReferenceFindingAligner, check_embedder, encode,
-                              generate_text, load_text_decoder, text_decoder_dir)
+from semsr.models.rfa import (
+    RFA_RECIPE,
+    EmbeddingEnhancer,
+    ReferenceFindingAligner,
+    check_embedder,
+    encode,
+    generate_text,
+    load_text_decoder,
+    text_decoder_dir,
+)
 from semsr.pipeline.options import ControlNetSROptions, require_paths
 from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
@@ -110,7 +118,7 @@ class Retrieval:
 class ReferenceRetriever:
     """Stage 1: LR ``(B, 3, h, w)`` -> references, enhanced embedding, text (see the module docstring).
 
-    Runs on the CPU in float32 (embedder, aligner, enhancer, text decoder).
+    Runs on the CPU in float32 (embedder, aligner, enhancer, text decoder), whatever the device of stage 2.
     """
 
     def __init__(self, embedder: Embedder, db: ReferenceDB | None, aligner: ReferenceFindingAligner | None,
@@ -122,7 +130,7 @@ class ReferenceRetriever:
     def __call__(self, lr: torch.Tensor, k: int = DEFAULT_REFERENCES) -> Retrieval:
         """Retrieve up to ``k`` references per image (at most the enhancer's ``num_refs``; the fewest any
         image of the batch has) and run the enhancer and the text decoder."""
-        vec, tok = encode(self.embedder, lr.float())
+        vec, tok = encode(self.embedder, lr.float().cpu())
         query = F.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
         k = min(int(k), self.enhancer.config.num_refs)
         hits = self.db.search(query.numpy(), k) if self.db is not None and k > 0 else [[] for _ in range(len(lr))]

@@ -76,7 +76,9 @@ class XPSROptions(LatentSROptions):
         None, stage="build", metavar="DIR", help="IRPAD weights folder (default: the shipped weights)"
     )
     sfa_mode: str | None = option(
-        None, stage="build", choices=SFA_MODES,
+        None,
+        stage="build",
+        choices=SFA_MODES,
         help="semantic-fusion variant (default: the checkpoint's; XPSR Table 3 ablation)",
     )
     negative_prompt: str = option(XPSR_NEGATIVE, help="negative prompt (high-level branch)")
@@ -91,7 +93,8 @@ class XPSROptions(LatentSROptions):
     added_prompt: str = option(XPSR_ADDED_POSITIVE, metavar="TEXT", help="appended to the high-level prompt")
     conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
     priors_in_prompt: bool = option(
-        False, hidden=True,
+        False,
+        hidden=True,
         help="the prompt already holds the semantic prior (an edited suggestion): use it as the high-level prompt",
     )
 
@@ -107,8 +110,9 @@ def _per_image(values: list[str], batch: int, what: str) -> list[str]:
     return list(values)
 
 
-def read_two_prompt_checkpoint(folder: str | Path, *, names: Iterable[str] | None = ("controlnet", "sfa"),
-                               dtype: torch.dtype | None = None) -> dict[str, Any]:
+def read_two_prompt_checkpoint(
+    folder: str | Path, *, names: Iterable[str] | None = ("controlnet", "sfa"), dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """The ``names`` components (None: all) of an ``xpsr`` or ``dalpsr`` checkpoint folder (one layout)."""
     index = read_index(folder)
     if index.recipe not in TWO_PROMPT_RECIPES:
@@ -139,8 +143,15 @@ class TwoPromptSR(SDControlNetSR):
         self.sfa.install(self.controlnet, self.unet)
 
     @classmethod
-    def from_checkpoint(cls, base: str | Path, checkpoint: str | Path, *, base_config: str | Path | None = None,
-                        sfa_mode: str | None = None, **kwargs: Any) -> TwoPromptSR:
+    def from_checkpoint(
+        cls,
+        base: str | Path,
+        checkpoint: str | Path,
+        *,
+        base_config: str | Path | None = None,
+        sfa_mode: str | None = None,
+        **kwargs: Any,
+    ) -> TwoPromptSR:
         """``base`` SD folder/file + ``checkpoint`` (an ``xpsr``/``dalpsr`` checkpoint folder).
 
         ``sfa_mode`` overrides the checkpoint's; ``kwargs``: ``device``, ``dtype``, ``priors``,
@@ -153,14 +164,27 @@ class TwoPromptSR(SDControlNetSR):
             parts["sfa"].mode = sfa_mode
         comps = load_sd(base, dtype=dtype, config=base_config)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
-        return cls(vae=comps.vae, unet=comps.unet, controlnet=parts["controlnet"], text=text, sfa=parts["sfa"],
-                   scheduler_config=comps.scheduler_config, **{**kwargs, "device": device, "dtype": dtype})
+        return cls(
+            vae=comps.vae,
+            unet=comps.unet,
+            controlnet=parts["controlnet"],
+            text=text,
+            sfa=parts["sfa"],
+            scheduler_config=comps.scheduler_config,
+            **{**kwargs, "device": device, "dtype": dtype},
+        )
 
     # ------------------------------------------------------------------ pieces
 
-    def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None, guidance_scale: float, *,
-                   low_prompts: list[str] | None = None, low_negative_prompts: list[str] | None = None,
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    def conditions(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        guidance_scale: float,
+        *,
+        low_prompts: list[str] | None = None,
+        low_negative_prompts: list[str] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """``cond = {"context": c_h, "low": c_l}`` for ``B`` high- and low-level prompts; ``uncond`` the
         two negatives (each ``(B, L, D)``), None without CFG. ``low_prompts`` is required."""
         if low_prompts is None:
@@ -175,11 +199,18 @@ class TwoPromptSR(SDControlNetSR):
         low_negs = _per_image(low_negative_prompts or [], bsz, "low-level negative prompts")
         return cond, {"context": self.encode_prompts(negs), "low": self.encode_prompts(low_negs)}
 
-    def model_forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], hint: torch.Tensor,
-                      conditioning_scale: float) -> torch.Tensor:
+    def model_forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        hint: torch.Tensor,
+        conditioning_scale: float,
+    ) -> torch.Tensor:
         """The SFA ControlNet + UNet call; ``cond`` is ``{"context": c_h, "low": c_l}`` (each ``(N, L, D)``)."""
-        return self.sfa.controlnet_unet_forward(self.unet, self.controlnet, x, t, cond["context"], cond["low"], hint,
-                                                conditioning_scale)
+        return self.sfa.controlnet_unet_forward(
+            self.unet, self.controlnet, x, t, cond["context"], cond["low"], hint, conditioning_scale
+        )
 
     def text_conditions(self, x: torch.Tensor, prompt: str | None = None) -> list[TextConditions]:
         """The text priors of each image of ``x`` ``(B, 3, h, w)`` with the user's ``prompt`` (cached per image)."""
@@ -189,9 +220,15 @@ class TwoPromptSR(SDControlNetSR):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, options: XPSROptions | None = None, *,  # type: ignore[override]
-                 prompts: list[str] | None = None, low_prompts: list[str] | None = None,
-                 progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self,
+        lr: torch.Tensor,
+        options: XPSROptions | None = None,
+        *,  # type: ignore[override]
+        prompts: list[str] | None = None,
+        low_prompts: list[str] | None = None,
+        progress: ProgressFn | bool | None = False,
+    ) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         The high-level prompt of an image is its text prior (the VLM caption, or the tags)
@@ -230,23 +267,44 @@ class TwoPromptSR(SDControlNetSR):
         timings["priors"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        cond, uncond = self.conditions(highs, opts.negative_prompt, opts.guidance_scale, low_prompts=lows,
-                                       low_negative_prompts=[opts.low_negative_prompt] * layout.batch)
+        cond, uncond = self.conditions(
+            highs,
+            opts.negative_prompt,
+            opts.guidance_scale,
+            low_prompts=lows,
+            low_negative_prompts=[opts.low_negative_prompt] * layout.batch,
+        )
         init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
 
         image = self.denoise_decode(
-            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale), layout,
-            channels=self.unet.config.in_channels, cond=cond,
-            guide=lambda d: cfg(d, uncond, opts.guidance_scale), steps=opts.steps, seed=opts.seed,
-            scheduler=opts.scheduler, init_latents=init, strength=opts.strength, tile_overlap=opts.tile_overlap,
-            colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
+            layout,
+            channels=self.unet.config.in_channels,
+            cond=cond,
+            guide=lambda d: cfg(d, uncond, opts.guidance_scale),
+            steps=opts.steps,
+            seed=opts.seed,
+            scheduler=opts.scheduler,
+            init_latents=init,
+            strength=opts.strength,
+            tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix,
+            progress=progress,
+            timings=timings,
+        )
         timings["steps"] = float(opts.steps)
         used = text_conditions_priors(conds[0], high=use_high, low=use_low) if conds else {}
-        priors = compact({
-            "prompt": highs[0], "negative_prompt": opts.negative_prompt, "low_prompt": lows[0],
-            "low_negative_prompt": opts.low_negative_prompt,
-            "user_prompt": (opts.prompt or None) if use_high else None, **used})
+        priors = compact(
+            {
+                "prompt": highs[0],
+                "negative_prompt": opts.negative_prompt,
+                "low_prompt": lows[0],
+                "low_negative_prompt": opts.low_negative_prompt,
+                "user_prompt": (opts.prompt or None) if use_high else None,
+                **used,
+            }
+        )
         return SROutput(image, priors=priors, timings=timings)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
@@ -256,8 +314,14 @@ class TwoPromptSR(SDControlNetSR):
             raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
         with torch.no_grad():
             cond = self.text_conditions(x[:1].float().clamp(0, 1))[0]
-        return compact({"prompt": cond.high, "low_prompt": cond.low,
-                        "negative_prompt": self.options_class().negative_prompt, **text_conditions_priors(cond)})
+        return compact(
+            {
+                "prompt": cond.high,
+                "low_prompt": cond.low,
+                "negative_prompt": self.options_class().negative_prompt,
+                **text_conditions_priors(cond),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------- method
@@ -266,32 +330,50 @@ class TwoPromptSR(SDControlNetSR):
 def build_two_prompt(name: str, options: XPSROptions, make_priors: Callable[[], TextPriors]) -> TwoPromptSR:
     """The shared factory of ``xpsr`` and ``dalpsr``: checks the paths, loads the checkpoint, then
     gives the pipeline the recipe's text priors (``make_priors()``)."""
-    require_paths(name, options, ("base", "a Stable Diffusion folder or single file"),
-                  ("checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"))
+    require_paths(
+        name,
+        options,
+        ("base", "a Stable Diffusion folder or single file"),
+        ("checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"),
+    )
     apply_threads(options.threads)
     pipe = TwoPromptSR.from_checkpoint(
-        options.base, options.checkpoint, base_config=options.base_config, sfa_mode=options.sfa_mode,
-        device=options.device, dtype=options.dtype or "fp32", channels_last=options.channels_last,
-        compile=options.compile, scale=options.scale, name=name, options_class=type(options))
+        options.base,
+        options.checkpoint,
+        base_config=options.base_config,
+        sfa_mode=options.sfa_mode,
+        device=options.device,
+        dtype=options.dtype or "fp32",
+        channels_last=options.channels_last,
+        compile=options.compile,
+        scale=options.scale,
+        name=name,
+        options_class=type(options),
+    )
     pipe.priors = make_priors()
     return pipe
 
 
 def build(options: XPSROptions) -> TwoPromptSR:
     """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (optional)."""
-    return build_two_prompt("xpsr", options, lambda: TextPriors(
-        vlm=options.vlm, low_source="vlm", irpad_weights=options.irpad, device=str(options.device)))
+    return build_two_prompt(
+        "xpsr",
+        options,
+        lambda: TextPriors(vlm=options.vlm, low_source="vlm", irpad_weights=options.irpad, device=str(options.device)),
+    )
 
 
-register(MethodSpec(
-    name="xpsr",
-    factory=build,
-    options=XPSROptions,
-    scale=4,
-    summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
-            "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
-    suggests_priors=True,
-    diffusion=True,
-    weight_paths=("base", "checkpoint", "vlm", "irpad"),
-    bundled_paths=("irpad",),
-))
+register(
+    MethodSpec(
+        name="xpsr",
+        factory=build,
+        options=XPSROptions,
+        scale=4,
+        summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
+        "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
+        suggests_priors=True,
+        diffusion=True,
+        weight_paths=("base", "checkpoint", "vlm", "irpad"),
+        bundled_paths=("irpad",),
+    )
+)

@@ -38,6 +38,7 @@ approximation.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.loading import ensure_offline, load_clip_tokenizer, load_transformers_model, quiet_hf_logging
 
 
 @dataclass
@@ -213,11 +215,7 @@ def load_clip_text(folder: str | Path) -> CLIPTextEmbedder:
     CLIP text encoder SD conditions on) or a transformers folder holding a
     ``CLIPTextModel``/``CLIPTextModelWithProjection``/``CLIPModel`` and its tokenizer.
     """
-    import json
-
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from semsr.core.loading import ensure_offline, load_clip_tokenizer, load_transformers_model, quiet_hf_logging
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # optional heavy dependency
 
     ensure_offline()
     quiet_hf_logging()

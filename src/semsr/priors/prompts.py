@@ -36,6 +36,7 @@ The user prompt of an image is an argument of each call
 makes a user prompt replace the caption (the VLM is then not asked for the
 high-level prompt of that image).
 """
+
 from __future__ import annotations
 
 import csv
@@ -237,16 +238,28 @@ class TextPriors:
         self.quality: Any = None
         if folder is not None:
             n = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-            self.caption = wrap(VLMTextProvider("caption", high_instruction, folder,
-                                                tagger=self.tags if use_tags_with_vlm else None,
-                                                max_new_tokens=n, device=device, dtype=dtype))
+            self.caption = wrap(
+                VLMTextProvider(
+                    "caption",
+                    high_instruction,
+                    folder,
+                    tagger=self.tags if use_tags_with_vlm else None,
+                    max_new_tokens=n,
+                    device=device,
+                    dtype=dtype,
+                )
+            )
             if low_source == "vlm":
-                self.quality = wrap(VLMTextProvider("quality", low_instruction, folder, max_new_tokens=n,
-                                                    device=device, dtype=dtype))
+                self.quality = wrap(
+                    VLMTextProvider("quality", low_instruction, folder, max_new_tokens=n, device=device, dtype=dtype)
+                )
         else:
             high = "the user prompt" + (" and the tagger's tags" if self.tags is not None else "")
-            note_once("no-vlm", "no vision-language model (give --vlm PATH): the semantic prompt is "
-                                f"{high}, the degradation prompt is IRPAD's description")
+            note_once(
+                "no-vlm",
+                "no vision-language model (give --vlm PATH): the semantic prompt is "
+                f"{high}, the degradation prompt is IRPAD's description",
+            )
         self.irpad: Any = None
         if self.quality is None:
             self.irpad = wrap(IRPADProvider(irpad_weights, device=device))

@@ -31,11 +31,10 @@ conditioning. The other keys are for display. Shared key names:
 ``reference*``         reference images ``(1, 3, H, W)``; ``reference_paths``/``reference_source``
 =====================  =====================================================
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
-
 
 #: Run option: the prompt (and other suggested fields) already hold the extracted text priors.
 PRIORS_IN_PROMPT = "priors_in_prompt"

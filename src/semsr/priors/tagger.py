@@ -11,6 +11,7 @@ unset — its softmax probabilities are thresholded the same way.
 
 ``"tags"`` results carry ``meta["scores"]`` (tag -> score, rounded).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,10 +37,10 @@ DEFAULT_TOP_K = 10
 _REVISION = "1"
 
 TAGGER_OPTION = ProviderOption("tagger", "--tagger", "local multi-label tagger folder (RAM-style)")
-THRESHOLD_OPTION = ProviderOption("tag_threshold", "--tag-threshold",
-                                  f"tag score threshold (default {DEFAULT_THRESHOLD})", float)
-TOP_K_OPTION = ProviderOption("tag_top_k", "--tag-top-k", f"keep at most this many tags (default {DEFAULT_TOP_K})",
-                              int)
+THRESHOLD_OPTION = ProviderOption(
+    "tag_threshold", "--tag-threshold", f"tag score threshold (default {DEFAULT_THRESHOLD})", float
+)
+TOP_K_OPTION = ProviderOption("tag_top_k", "--tag-top-k", f"keep at most this many tags (default {DEFAULT_TOP_K})", int)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -50,8 +51,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def tagger_folder(path: str | Path | None) -> Path:
     """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing."""
-    return model_folder(path, "tagger", "no tagger folder (config.json missing); pass --tagger PATH to a "
-                                        "multi-label image-classification model written by save_pretrained")
+    return model_folder(
+        path,
+        "tagger",
+        "no tagger folder (config.json missing); pass --tagger PATH to a "
+        "multi-label image-classification model written by save_pretrained",
+    )
 
 
 class TagsProvider:
@@ -67,8 +72,13 @@ class TagsProvider:
     name = "tags"
     kind = "tags"
 
-    def __init__(self, tagger: str | Path | None = None, threshold: float | None = None, top_k: int | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        tagger: str | Path | None = None,
+        threshold: float | None = None,
+        top_k: int | None = None,
+        device: str = "cpu",
+    ) -> None:
         from transformers import (  # heavy dependency: imported when a tagger is built
             AutoConfig,
             AutoImageProcessor,
@@ -78,8 +88,7 @@ class TagsProvider:
         self.path = tagger_folder(tagger)
         config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         if type(config) not in AutoModelForImageClassification._model_mapping:
-            raise UnavailableError(f"model type {config.model_type!r} is not an image-classification model",
-                                   self.path)
+            raise UnavailableError(f"model type {config.model_type!r} is not an image-classification model", self.path)
         self.model = AutoModelForImageClassification.from_pretrained(self.path, local_files_only=True).eval()
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True, backend="pil")
@@ -91,8 +100,9 @@ class TagsProvider:
         self.labels = {int(k): str(v) for k, v in (config.id2label or {}).items()}
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         self.top_k = DEFAULT_TOP_K if top_k is None else int(top_k)
-        self.version = (f"{_REVISION};{fingerprint([self.path])};th={self.threshold:g};k={self.top_k};"
-                        f"ml={int(self.multi_label)}")
+        self.version = (
+            f"{_REVISION};{fingerprint([self.path])};th={self.threshold:g};k={self.top_k};ml={int(self.multi_label)}"
+        )
 
     @torch.no_grad()
     def scores(self, image: torch.Tensor) -> torch.Tensor:
@@ -109,19 +119,28 @@ class TagsProvider:
         if self.top_k > 0:
             keep = keep[: self.top_k]
         tags = tuple(self.labels.get(i, str(i)) for i in keep)
-        return PriorResult("tags", tags, {"scores": {t: round(float(scores[i]), 4) for t, i in zip(tags, keep)},
-                                          "threshold": self.threshold})
+        return PriorResult(
+            "tags",
+            tags,
+            {"scores": {t: round(float(scores[i]), 4) for t, i in zip(tags, keep)}, "threshold": self.threshold},
+        )
 
 
-def _make(tagger: str | Path | None = None, tag_threshold: float | None = None, tag_top_k: int | None = None,
-          device: str = "cpu") -> TagsProvider:
+def _make(
+    tagger: str | Path | None = None,
+    tag_threshold: float | None = None,
+    tag_top_k: int | None = None,
+    device: str = "cpu",
+) -> TagsProvider:
     return TagsProvider(tagger, threshold=tag_threshold, top_k=tag_top_k, device=device)
 
 
-register_provider(ProviderSpec(
-    name="tags",
-    factory=_make,
-    kind="tags",
-    summary="object tags from a local multi-label classifier (RAM-style), threshold + top-k",
-    options=(TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, DEVICE_OPTION),
-))
+register_provider(
+    ProviderSpec(
+        name="tags",
+        factory=_make,
+        kind="tags",
+        summary="object tags from a local multi-label classifier (RAM-style), threshold + top-k",
+        options=(TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, DEVICE_OPTION),
+    )
+)

@@ -29,6 +29,7 @@ Everything loads with ``local_files_only=True`` from ``--vlm PATH`` (default
 ``semsr.core.paths.weights_dir()/"vlm"``). A loaded model is shared by the
 caption and quality providers of one process (:func:`load_vlm` is cached).
 """
+
 from __future__ import annotations
 
 import re
@@ -53,8 +54,10 @@ from semsr.priors.base import (
 from semsr.priors.tagger import TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, TagsProvider, to_pil
 
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
-LOW_LEVEL_INSTRUCTION = ("Please describe the quality of this image and evaluate it based on factors such as "
-                         "clarity, color, noise, and lighting")
+LOW_LEVEL_INSTRUCTION = (
+    "Please describe the quality of this image and evaluate it based on factors such as "
+    "clarity, color, noise, and lighting"
+)
 #: How tagger labels steer the semantic instruction (DaLPSR).
 TAG_TEMPLATE = "The image contains: {tags}. {instruction}"
 DEFAULT_MAX_NEW_TOKENS = 77
@@ -63,15 +66,22 @@ _REVISION = "1"
 
 def vlm_folder(path: str | Path | None) -> Path:
     """The VLM folder: ``path`` or ``weights_dir()/"vlm"``; raises :class:`UnavailableError` if absent."""
-    return model_folder(path, "vlm", "no vision-language model folder (config.json missing); pass --vlm PATH to a "
-                                     "folder written by save_pretrained (e.g. a LLaVA checkpoint)")
+    return model_folder(
+        path,
+        "vlm",
+        "no vision-language model folder (config.json missing); pass --vlm PATH to a "
+        "folder written by save_pretrained (e.g. a LLaVA checkpoint)",
+    )
 
 
 def _vlm_auto_classes() -> list[Any]:
     import transformers  # heavy dependency: imported when a VLM is loaded
 
-    return [getattr(transformers, n) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
-            if hasattr(transformers, n)]
+    return [
+        getattr(transformers, n)
+        for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
+        if hasattr(transformers, n)
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,8 +132,9 @@ def clean_text(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_text(vlm: LoadedVLM, image: torch.Tensor, instruction: str,
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
+def generate_text(
+    vlm: LoadedVLM, image: torch.Tensor, instruction: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+) -> str:
     """Greedy answer of the VLM to ``instruction`` about ``image`` ``(1, 3, H, W)`` in [0, 1]."""
     check_image(image)
     prompt = build_prompt(vlm.processor, instruction)
@@ -185,8 +196,9 @@ class VLMTextProvider:
         self.tag_template = tag_template
         self.max_new_tokens = int(max_new_tokens)
         tag_part = f";tags={self.tagger.version};tt={tag_template}" if self.tagger else ""
-        self.version = (f"{_REVISION};{fingerprint([self.path])};{dtype};n={self.max_new_tokens};"
-                        f"i={self.instruction}{tag_part}")
+        self.version = (
+            f"{_REVISION};{fingerprint([self.path])};{dtype};n={self.max_new_tokens};i={self.instruction}{tag_part}"
+        )
 
     def steered_instruction(self, image: torch.Tensor) -> tuple[str, tuple[str, ...]]:
         """The instruction for ``image`` and the tags that steered it (none without a tagger)."""
@@ -204,13 +216,27 @@ class VLMTextProvider:
 
 
 def _factory(name: str):
-    def make(vlm: str | Path | None = None, instruction: str | None = None, tagger: str | Path | None = None,
-             tag_threshold: float | None = None, tag_top_k: int | None = None,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str = "cpu",
-             dtype: str = "float32") -> VLMTextProvider:
-        return VLMTextProvider(name, instruction=instruction, vlm=vlm,
-                               tagger=tagger if name == "caption" else None, tag_threshold=tag_threshold,
-                               tag_top_k=tag_top_k, max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    def make(
+        vlm: str | Path | None = None,
+        instruction: str | None = None,
+        tagger: str | Path | None = None,
+        tag_threshold: float | None = None,
+        tag_top_k: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> VLMTextProvider:
+        return VLMTextProvider(
+            name,
+            instruction=instruction,
+            vlm=vlm,
+            tagger=tagger if name == "caption" else None,
+            tag_threshold=tag_threshold,
+            tag_top_k=tag_top_k,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            dtype=dtype,
+        )
 
     return make
 
@@ -218,28 +244,46 @@ def _factory(name: str):
 VLM_OPTION = ProviderOption("vlm", "--vlm", "local vision-language model folder (LLaVA, Qwen2-VL, SmolVLM, ...)")
 _COMMON = (
     VLM_OPTION,
-    ProviderOption("max_new_tokens", "--vlm-max-new-tokens", f"VLM answer length (default {DEFAULT_MAX_NEW_TOKENS})",
-                   int),
+    ProviderOption(
+        "max_new_tokens", "--vlm-max-new-tokens", f"VLM answer length (default {DEFAULT_MAX_NEW_TOKENS})", int
+    ),
     ProviderOption("dtype", "--vlm-dtype", "VLM precision: float32 (default), bfloat16, float16"),
     DEVICE_OPTION,
 )
 
-register_provider(ProviderSpec(
-    name="caption",
-    factory=_factory("caption"),
-    kind="text",
-    summary="high-level description from a local VLM (XPSR instruction; tags from --tagger steer it)",
-    options=(_COMMON[0], ProviderOption("instruction", "--caption-instruction",
-                                        "instruction for the caption (default: XPSR's high-level one)"),
-             TAGGER_OPTION, THRESHOLD_OPTION, TOP_K_OPTION, *_COMMON[1:]),
-))
+register_provider(
+    ProviderSpec(
+        name="caption",
+        factory=_factory("caption"),
+        kind="text",
+        summary="high-level description from a local VLM (XPSR instruction; tags from --tagger steer it)",
+        options=(
+            _COMMON[0],
+            ProviderOption(
+                "instruction", "--caption-instruction", "instruction for the caption (default: XPSR's high-level one)"
+            ),
+            TAGGER_OPTION,
+            THRESHOLD_OPTION,
+            TOP_K_OPTION,
+            *_COMMON[1:],
+        ),
+    )
+)
 
-register_provider(ProviderSpec(
-    name="quality",
-    factory=_factory("quality"),
-    kind="text",
-    summary="low-level quality description from a local VLM (XPSR instruction)",
-    options=(_COMMON[0], ProviderOption("instruction", "--quality-instruction",
-                                        "instruction for the quality description (default: XPSR's low-level one)"),
-             *_COMMON[1:]),
-))
+register_provider(
+    ProviderSpec(
+        name="quality",
+        factory=_factory("quality"),
+        kind="text",
+        summary="low-level quality description from a local VLM (XPSR instruction)",
+        options=(
+            _COMMON[0],
+            ProviderOption(
+                "instruction",
+                "--quality-instruction",
+                "instruction for the quality description (default: XPSR's low-level one)",
+            ),
+            *_COMMON[1:],
+        ),
+    )
+)

@@ -43,8 +43,9 @@ def write_two_prompt_checkpoint(folder: Path, sd: Path, recipe: str, mode: str, 
 
 
 register_tiny("xpsr", lambda root: write_two_prompt_checkpoint(root / "xpsr", root / "sd", "xpsr", "parallel", True))
-register_tiny("dalpsr",
-              lambda root: write_two_prompt_checkpoint(root / "dalpsr", root / "sd", "dalpsr", "serial", False))
+register_tiny(
+    "dalpsr", lambda root: write_two_prompt_checkpoint(root / "dalpsr", root / "sd", "dalpsr", "serial", False)
+)
 
 
 def write_untrained_irpad(root: Path) -> None:

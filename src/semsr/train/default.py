@@ -1,4 +1,5 @@
-"""Training task ``default_sr``: the bundled default model (:mod:`semsr.models.default_sr`).
+"""Training task ``default_sr``: the bundled default model (:mod:`semsr.models.default_sr`,
+inference in :mod:`semsr.methods.default_diffusion`).
 
 Per micro-batch (``hr (B, 3, H, W)``, ``lr (B, 3, H/s, W/s)`` from the Real-ESRGAN
 degradation of :mod:`semsr.train.data`)::
@@ -15,7 +16,7 @@ The loss terms ``eps_mse`` (MSE of the x0 prediction), ``residual_l1``
 image), ``gradient_l1`` and ``texture_energy`` (registered here; see
 :func:`gradient_l1`, :func:`texture_energy`) come from :mod:`semsr.train.losses`.
 
-``model.options`` (all optional): the :class:`~semsr.models.default_sr.DefaultSRConfig`
+``model.options`` (all optional): the :class:`~semsr.models.default_sr.DefaultSR` config
 fields (``block_out_channels``, ``unshuffle``, ``stage1``, ``residual_scale``...),
 ``init`` (a checkpoint folder to start from), ``irpad`` (IRPAD folder; ``null`` =
 the shipped weights, silently absent if none), ``use_irpad`` (default true),
@@ -30,20 +31,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from torch import nn
 
 from semsr.core.errors import SemsrError
-from semsr.models.default_sr import (
-    DefaultSR,
-    DefaultSRConfig,
+from semsr.methods import build as build_method
+from semsr.methods.default_diffusion import (
+    DefaultDiffusionOptions,
     DefaultSRPipeline,
     DegradationText,
     TextTokens,
     edge_map,
-    from_space,
     join_prompt,
-    to_space,
 )
+from semsr.models.default_sr import DefaultSR, from_space, load_default_sr, save_default_sr, to_space
 from semsr.train.config import ExperimentConfig
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import Task, per_sample_generators, randn_like_per_sample, register_task
@@ -114,30 +115,26 @@ class DefaultSRTask(Task):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        from diffusers import DDPMScheduler
-
-        from semsr.methods import get_method
-
         opts = dict(cfg.model.options)
         arch = {k: v for k, v in opts.items() if k not in _TASK_OPTIONS}
         self.options = {"init": None, "irpad": None, "use_irpad": True, "edge_drop_prob": 0.1,
                         **{k: v for k, v in opts.items() if k in _TASK_OPTIONS}}
         if self.options["init"]:
-            model = DefaultSR.load(Path(str(self.options["init"])).expanduser()).train().requires_grad_(True)
+            model = load_default_sr(Path(str(self.options["init"])).expanduser()).train().requires_grad_(True)
             if arch:
                 raise SemsrError(f"model.options {sorted(arch)} cannot change an 'init' checkpoint's architecture")
         else:
             arch.setdefault("scale", cfg.data.scale)
-            config = DefaultSRConfig.from_dict(arch)
             with torch.random.fork_rng():  # the init depends on the seed only
                 torch.manual_seed(cfg.seed)
-                model = DefaultSR(config)
+                model = DefaultSR.from_options(arch)
         if model.config.scale != cfg.data.scale:
             raise SemsrError(f"model scale {model.config.scale} != data.scale {cfg.data.scale}")
         self.trainable = model.float().train()
         self.mconfig = model.config
+        self.multiple, self.channels = model.multiple, model.channels
         self.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler)
-        self.stage1 = get_method(model.config.stage1)
+        self.stage1 = build_method(model.config.stage1)
         self.text = TextTokens()
         self.degradation = DegradationText(self.options["irpad"], enabled=bool(self.options["use_irpad"]))
         if not self.degradation.available and self.options["use_irpad"]:
@@ -147,7 +144,7 @@ class DefaultSRTask(Task):
 
     @property
     def pixel_multiple(self) -> int:
-        return self.mconfig.multiple
+        return self.multiple
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         self.device = device  # stage 1 and the text encoder stay fp32 on the CPU-side helpers
@@ -161,11 +158,11 @@ class DefaultSRTask(Task):
         cfg = self.mconfig
         hr = batch["hr"].float()
         lr = batch["lr"].float()
-        if hr.shape[-1] % cfg.multiple or hr.shape[-2] % cfg.multiple:
-            raise SemsrError(f"data.crop_size must be a multiple of {cfg.multiple} for this model")
+        if hr.shape[-1] % self.multiple or hr.shape[-2] % self.multiple:
+            raise SemsrError(f"data.crop_size must be a multiple of {self.multiple} for this model")
         gens = per_sample_generators(batch["seed"])
         with torch.no_grad():
-            y1 = self.stage1(lr).float().clamp(0, 1)
+            y1 = self.stage1(lr).images.float().clamp(0, 1)
             target = to_space((hr - y1) * cfg.residual_scale, cfg.unshuffle)
             noise = randn_like_per_sample(target, gens)
             t_max = self.noise_scheduler.config.num_train_timesteps
@@ -191,8 +188,9 @@ class DefaultSRTask(Task):
         """SR of ``lr (B, 3, h, w)`` with a copy of the trainable model (see :class:`DefaultSRPipeline`)."""
         pipe = DefaultSRPipeline(model, stage1=self.stage1, text=self.text, degradation=self.degradation,
                                  device=self.device)
-        return pipe(lr, prompt=prompts, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        options = DefaultDiffusionOptions(steps=steps, seed=seed, guidance_scale=guidance_scale)
+        return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write the :meth:`DefaultSR.save` folder (loadable by ``--method default-diffusion --checkpoint``)."""
-        model.save(folder)
+        """Write the ``default-sr`` checkpoint (loadable by ``--method default-diffusion --checkpoint``)."""
+        save_default_sr(model, folder)

@@ -1,112 +1,103 @@
-"""Training and evaluation data for IRPAD (see :mod:`semsr.priors.irpad`).
+"""IRPAD training (task ``irpad`` of the shared trainer) and its synthetic data (see :mod:`semsr.priors.irpad`).
 
 Synthetic degradation
 ---------------------
-Every sample is a ``size x size`` (96 px) crop of a sharp photograph degraded
-by one controlled single-stage pipeline built from
-:mod:`semsr.data.degradations`, whose parameters are drawn *per type
-independently*: first a level uniformly among the type's levels, then the
-parameter uniformly inside that level's interval (:data:`~semsr.priors.irpad.LEVELS`)::
+A sharp image ``x`` (a square crop) is degraded by one controlled
+single-stage pipeline built from :mod:`semsr.data.degradations`, whose
+parameters are drawn *per type independently*: first a level uniformly among
+the type's levels, then the parameter uniformly inside that level's interval
+(:data:`~semsr.priors.irpad.LEVELS`, :func:`sample_params`)::
 
     blur            (Gaussian kernel, sigma_x = s * a, sigma_y = s / a, a in [1, 1.3], random angle)
     downscale by d  (MATLAB bicubic with antialiasing | area | bilinear, picked at random)
     noise           (Gaussian, colour or (40 %) grey), 8-bit rounding
-    upscale by d    (bicubic | bilinear) back to size x size, 8-bit rounding
+    upscale by d    (bicubic | bilinear) back to the input size, 8-bit rounding
     JPEG            (quality q; the codec of semsr.data.degradations.jpeg), last
 
-The order is a camera's and the web's: sensor noise is compressed with the
-image, and the file a user has was JPEG-encoded at its final size. (Revision 2
-added noise after the JPEG and resampled after it; both erase what identifies
-the JPEG quality — the block grid and the quantisation lattice — so its levels
-were not observable: 0.49-0.63 held-out accuracy.) The price of that order
-is that a heavy JPEG removes a slight noise; so the *noise* label is the level
-of the noise std the JPEG left visible (:func:`degrade_visible`), not of the
-std that was added.
+(:func:`degrade`). Labels:
 
-Sharp source crops: every photograph is first downscaled (MATLAB bicubic, with
-antialiasing) by ``f = max(U(1.5, 2.5), short_side / U(384, 768))`` so camera
-softness, sensor noise and the source's own JPEG artefacts shrink below the
-"none" levels, then ``size x size`` windows whose texture score
-(:func:`semsr.data.corpus.crops.texture_score`) is at least ``min_texture`` are
-chosen (blur is unobservable on a flat patch).
+- *blur*: the level of the *total* blur the image shows, the Gaussian's std
+  combined with the resampling's own softness, ``sqrt(s^2 + resampling_blur(d)^2)``
+  (:data:`RESAMPLING_BLUR`, fitted per resampling mode by
+  :func:`fit_resampling_blur`); with ``d > 1`` the blur level is drawn among the
+  levels the resampling leaves reachable, so an image enlarged from 2x smaller
+  is at least "slightly" blurred and one from 4x smaller at least "moderately";
+- *noise*: the level of the std *left visible after the JPEG*
+  (:func:`degrade_visible`); :func:`render_visible` renders a sample again with a
+  larger added std (up to three times, capped at twice the interval's top) when
+  the codec keeps too little of the drawn one, the label is then the nearest
+  level of what stays visible;
+- *jpeg*, *downscale*: the level of the drawn parameter.
 
-Context (revision 5): the degradation is applied to a ``context x context``
-region (default 192 px, at most the photo's short side) around the window and
-the window is cut out afterwards, as in a real LR image, which was degraded
-whole. Degrading the 96-px window itself made a 4x-downscaled sample a 24-px
-image under a Gaussian up to 41 px wide, dominated by the border padding.
+The degradation is applied to a region larger than the analysed window (a
+real LR image was degraded whole), and the window is cut out afterwards.
+Sharp sources: each photograph (or training crop) is first downscaled by
+``f`` in ``U(1.5, 2.5)`` (MATLAB bicubic, antialiased) so camera softness,
+sensor noise and the source's own JPEG shrink below the "none" levels. Why the
+pipeline has this order and these labels: docs/irpad.md.
 
-Visible-noise levels (revision 5): the noise level and its value are drawn
-like the other types, as the std *left visible after the JPEG*. When the
-codec keeps only part of the noise, the sample is rendered again with the
-added std divided by the measured gain, so the visible std lands in the drawn
-interval (up to three times; the added std is capped at twice the interval's
-upper bound, beyond which a strong JPEG turns noise into blotches, and ~91 %
-of the noisy samples land inside; the rest take the nearest level). Labels
-then respect the gaps between levels as for the other types
-(before, a slight noise under a strong JPEG could leave 1-2 units visible,
-labelled by the nearest level though hardly distinguishable from none).
-
-Total blur (revision 6): the blur is applied before the downscale, on the
-grid of the image one ends up with (the classical ``(x * k) downscaled + n``
-order), and its label is the level of the *total* blur the image shows: the
-Gaussian's std combined with the resampling's own softness,
-``sqrt(s^2 + resampling_blur(d)^2)`` (:data:`RESAMPLING_BLUR`, fitted per
-resampling mode). Without noise, "downscaled by d and slightly blurred" and
-"moderately blurred" are the same image; with the blur measured on the small
-image (revisions up to 5) such pairs had different blur labels, and blur
-stopped at 0.88 held-out accuracy. Now they share the blur label and differ
-only in the downscale label. So an image enlarged from 2x smaller is at least
-"slightly" blurred, and one from 4x smaller at least "moderately".
+Training (task ``irpad``)
+-------------------------
+``semsr train --config configs/irpad.yaml`` runs :class:`IRPADTask` in the
+shared trainer: every HR crop ``batch["hr"] (B, 3, S, S)`` (``data.crop_size = S``)
+is prescaled, degraded with draws from its per-sample generator
+(``batch["seed"]``) and cut to a random ``crop``-px window under a random
+flip/transposition; the loss term ``irpad_ce`` is the summed cross-entropy of the
+type heads. The task exports an :class:`~semsr.priors.irpad.IRPADNet` component
+folder (``final/``), loadable by :func:`~semsr.priors.irpad.load_irpad`.
 
 Held-out split
 --------------
 :func:`is_held_out` puts ~15 % of the photographs (by a hash of the file name,
 so the same photo is held out in ``data_root()/train/bsds500`` and in a corpus
-copy) aside. ``semsr train-irpad`` never sees them; ``semsr bench-irpad``
-evaluates on them only. The classic SR benchmarks are refused as training data.
-
-Datasets are written to disk first (``images.npy`` uint8 ``(N, S, S, 3)``,
-``labels.npy`` int64 ``(N, 4)``, ``params.npy`` float32 ``(N, 4)``,
-``meta.json``) and then trained on with random ``crop x crop`` windows and the
-eight flips/transpositions.
+copy) aside for ``semsr bench irpad`` (:func:`make_in_memory`, :func:`accuracy`);
+:meth:`IRPADTask.train_items` drops them from the training images. The classic
+SR benchmarks are refused as training data (:func:`list_photos`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
 from semsr.core.errors import SemsrError
+from semsr.core.paths import data_root
+from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
+from semsr.data.corpus.manifest import Manifest
+from semsr.data.degradations import add_gaussian_noise, filter2d, gaussian_kernel, jpeg_compress
+from semsr.ops.imresize import imresize
 from semsr.priors.irpad import (
     DEGRADATION_TYPES,
     LEVELS,
     PARAMETERS,
-    IRPADConfig,
     IRPADEstimator,
     IRPADNet,
     Level,
     dihedral,
     level_of,
+    levels_to_json,
+    load_irpad,
 )
+from semsr.train.config import ExperimentConfig
+from semsr.train.data import ImageItem
+from semsr.train.losses import _require, register_loss
+from semsr.train.tasks import Task, per_sample_generators, register_task
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 HELD_OUT_PERCENT = 15
-#: Bumped whenever :func:`degrade` or the sampling changes (stored datasets are then rebuilt).
+#: Bumped whenever :func:`degrade` or the sampling changes (recorded with generated sets and trained weights).
 PIPELINE_REVISION = 6
 DOWN_MODES = ("imresize", "area", "bilinear")
 UP_MODES = ("bicubic", "bilinear")
@@ -130,8 +121,6 @@ def is_held_out(path: str | Path, percent: int = HELD_OUT_PERCENT) -> bool:
 
 
 def _benchmark_dirs() -> list[Path]:
-    from semsr.core.paths import data_root
-
     root = data_root()
     return [] if root is None else [(root / "benchmarks").resolve()]
 
@@ -151,8 +140,6 @@ def list_photos(sources: Sequence[str | Path], held_out: bool) -> list[Path]:
         if not held_out and any(src.resolve().is_relative_to(b) for b in _benchmark_dirs()):
             raise SemsrError("the SR benchmarks (Set5/Set14/B100/Urban100) are not training data", src)
         if src.is_file() and src.suffix == ".sqlite":
-            from semsr.data.corpus.manifest import Manifest
-
             with Manifest(src, readonly=True) as m:
                 files = [src.parent / rec.path for rec in m.images()]
         elif src.is_dir():
@@ -167,8 +154,6 @@ def list_photos(sources: Sequence[str | Path], held_out: bool) -> list[Path]:
 
 def default_sources() -> list[Path]:
     """``data_root()/train/bsds500`` (raises when the shared data folder is missing)."""
-    from semsr.core.paths import data_root
-
     root = data_root()
     if root is None or not (root / "train" / "bsds500").is_dir():
         raise SemsrError("no training photographs: set SEMSR_DATA (needs train/bsds500) or pass --hr")
@@ -231,8 +216,6 @@ def fit_resampling_blur(images: Sequence[torch.Tensor], d: float, down_mode: str
     ``images``: sharp ``(1, 3, S, S)`` tensors in [0, 1], ``S`` the same for all; a 16-px border is ignored.
     How :data:`RESAMPLING_BLUR` was measured (its entries are the fitted std divided by ``d``).
     """
-    from semsr.data.degradations import filter2d, gaussian_kernel
-
     size = images[0].shape[-1]
     small = max(8, round(size / d))
     inner = slice(16, -16)
@@ -316,8 +299,6 @@ def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]]
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    from semsr.ops.imresize import imresize
-
     if mode == "imresize":
         return imresize(x, size=(size, size))
     if mode == "area":
@@ -352,8 +333,6 @@ def degrade_visible(hr: torch.Tensor, p: IRPADParams) -> tuple[torch.Tensor, flo
 
     Returns ``((1, 3, S, S) float32 in [0, 1], visible std in 0-255)``.
     """
-    from semsr.data.degradations import add_gaussian_noise, filter2d, gaussian_kernel, jpeg_compress
-
     x = hr.float()
     s = x.shape[-1]
     if p.blur > 0:
@@ -420,8 +399,6 @@ def _context_start(rng: np.random.Generator, start: int, size: int, context: int
 
 def prescale(photo: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     """Sharpen a photo by downscaling (see module docstring): uint8 ``(H, W, 3)`` -> ``(1, 3, h, w)``."""
-    from semsr.ops.imresize import imresize
-
     x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255.0
     f = max(float(rng.uniform(1.5, 2.5)), min(photo.shape[:2]) / float(rng.uniform(384, 768)))
     h, w = (max(1, round(d / f)) for d in photo.shape[:2])
@@ -522,8 +499,6 @@ def _generate(
 
 def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: float, contiguous: bool,
           held_out: bool, context: int) -> dict[str, Any]:
-    from semsr.priors.irpad import levels_to_json
-
     return {"pipeline": PIPELINE_REVISION, "types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS),
             "n": n, "size": size, "context": context,
             "seed": seed, "min_texture": min_texture, "contiguous": contiguous, "held_out": held_out,
@@ -532,7 +507,7 @@ def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: flo
 
 def make_in_memory(photos: Sequence[Path], n: int, size: int = 96, seed: int = 0, min_texture: float = 3.0,
                    contiguous: bool = False, held_out: bool = True, context: int = 192) -> IRPADData:
-    """Generate a synthetic set in memory (used by ``semsr bench-irpad``)."""
+    """Generate a synthetic set in memory (the ``semsr bench irpad`` evaluation set)."""
     images = np.zeros((n, size, size, 3), np.uint8)
 
     def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
@@ -543,87 +518,6 @@ def make_in_memory(photos: Sequence[Path], n: int, size: int = 96, seed: int = 0
     return IRPADData(images, np.array([p.labels for p in params], np.int64),
                      np.array([p.values() for p in params], np.float32),
                      _meta(photos, n, size, seed, min_texture, contiguous, held_out, context))
-
-
-def build_dataset(folder: str | Path, photos: Sequence[Path], n: int, size: int = 96, seed: int = 0,
-                  min_texture: float = 3.0, held_out: bool = False, log_every: int = 1000,
-                  context: int = 192) -> Path:
-    """Write a synthetic set to ``folder`` (memory-mapped ``images.npy`` etc.; see module docstring).
-
-    An existing complete set with the same recipe (``meta.json``) is reused.
-    """
-    folder = Path(folder)
-    meta = _meta(photos, n, size, seed, min_texture, False, held_out, context)
-    meta_path = folder / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-        log.info("reusing IRPAD dataset %s", folder)
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)
-    images = np.lib.format.open_memmap(folder / "images.npy.tmp", mode="w+", dtype=np.uint8,
-                                       shape=(n, size, size, 3))
-    t0 = time.time()
-
-    def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
-        images[i] = arr
-
-    def progress(i: int) -> None:
-        if i % log_every == 0:
-            log.info("IRPAD dataset: %d/%d samples (%.0f s)", i, n, time.time() - t0)
-
-    params = generate(photos, n, size, seed, min_texture=min_texture, sink=sink, progress=progress,
-                      context=context)
-    images.flush()  # renaming a file that is still mapped is fine on POSIX
-    (folder / "images.npy.tmp").replace(folder / "images.npy")
-    np.save(folder / "labels.npy", np.array([p.labels for p in params], np.int64))
-    np.save(folder / "params.npy", np.array([p.values() for p in params], np.float32))
-    with open(folder / "params.jsonl", "w", encoding="utf-8") as fh:
-        for p in params:
-            fh.write(json.dumps(asdict(p)) + "\n")
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return folder
-
-
-def load_dataset(folder: str | Path) -> IRPADData:
-    """Open a set written by :func:`build_dataset` (images memory-mapped)."""
-    folder = Path(folder)
-    if not (folder / "meta.json").is_file():
-        raise SemsrError("not a complete IRPAD dataset (meta.json missing)", folder)
-    return IRPADData(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                     np.load(folder / "params.npy"), json.loads((folder / "meta.json").read_text()))
-
-
-# --------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainSettings:
-    """Hyper-parameters of :func:`train` (all recorded in the exported config)."""
-
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
-    val_fraction: float = 0.04
-    seed: int = 0
-    threads: int = 1
-    channels: tuple[int, ...] = (16, 32, 48, 64, 96)
-    crop: int = 64
-    highpass: bool = True
-    lines: bool = True
-
-
-def _batch(data: IRPADData, idx: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``crop`` windows of samples ``idx``, each under a random flip/transposition."""
-    s = data.images.shape[1]
-    out = np.empty((len(idx), crop, crop, 3), np.uint8)
-    for j, i in enumerate(idx):
-        t, left = rng.integers(0, s - crop + 1, size=2)
-        out[j] = data.images[i, t : t + crop, left : left + crop]
-    x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
-    x = dihedral(x, int(rng.integers(8)))
-    return x.contiguous(), torch.from_numpy(data.labels[idx])
 
 
 def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) -> dict[str, Any]:
@@ -660,73 +554,136 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
             "confusion": {t: c.tolist() for t, c in conf.items()}, "by_downscale_noise": split}
 
 
-def train(data: IRPADData, settings: TrainSettings, log_fn: Callable[[str], None] = print,
-          extra_record: Mapping[str, Any] | None = None,
-          init: IRPADNet | None = None) -> tuple[IRPADNet, dict[str, Any]]:
-    """Train an :class:`IRPADNet` on ``data`` (the last ``val_fraction`` is validation).
+# --------------------------------------------------------------------------- training task
 
-    AdamW with a one-cycle schedule, summed cross-entropy over the four heads.
-    With ``init`` training continues from that model (its architecture wins over
-    ``settings.channels`` etc., the training window ``settings.crop`` becomes its
-    analysis window; its record is kept under ``"previous"``).
-    Returns the model (eval mode) and a training record (settings, timings,
-    validation accuracy per epoch) that is also stored in ``model.config.training``.
+#: ``model.options`` of the ``irpad`` task that are not :class:`IRPADNet` config fields.
+_TASK_OPTIONS = {"init", "label_smoothing", "prescale", "contiguous"}
+#: :class:`IRPADNet` config fields a training config may set.
+_ARCH_OPTIONS = {"channels", "hidden", "crop", "highpass", "lines", "lattice", "lattice_bins"}
+
+
+@register_loss("irpad_ce")
+def irpad_ce(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of the IRPAD heads: ``logits.<type> (B, n_levels)`` against the columns of
+    ``labels (B, T)`` (heads in output order), with ``label_smoothing`` (a scalar tensor)."""
+    _require(outputs, "irpad_ce", "labels", "label_smoothing")
+    heads = [k for k in outputs if k.startswith("logits.")]
+    labels, smoothing = outputs["labels"], float(outputs["label_smoothing"])
+    return sum(F.cross_entropy(outputs[k].float(), labels[:, j], label_smoothing=smoothing)
+               for j, k in enumerate(heads))
+
+
+def degraded_window(hr: torch.Tensor, crop: int, rng: np.random.Generator, prescale_range: tuple[float, float],
+                    contiguous: bool = False) -> tuple[torch.Tensor, IRPADParams]:
+    """One training sample from a sharp square crop ``hr (1, 3, S, S)`` in [0, 1].
+
+    Draws, in order, from ``rng``: the prescale factor ``f`` in ``prescale_range`` (the crop is
+    downscaled to ``max(crop, round(S / f))`` px), the degradation (:func:`sample_params`, rendered
+    with :func:`render_visible` on the whole prescaled crop), the position of the ``crop``-px window
+    and its flip/transposition (:func:`~semsr.priors.irpad.dihedral`).
+    Returns the window ``(1, 3, crop, crop)`` float32 in [0, 1] (multiples of 1/255) and its parameters.
     """
-    torch.set_num_threads(max(1, settings.threads))
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    n = len(data)
-    n_val = max(1, int(round(n * settings.val_fraction)))
-    train_idx = np.arange(n - n_val)
-    val = IRPADData(data.images[n - n_val :], data.labels[n - n_val :], data.params[n - n_val :], data.meta)
-    if init is not None:
-        model, previous = init, dict(init.config.training)
-        if init.config.levels != data.meta["levels"]:
-            raise SemsrError("the initial IRPAD weights were trained on other levels than this data set")
-        settings = replace(settings, channels=tuple(init.config.channels), highpass=init.config.highpass,
-                           lines=init.config.lines)
-        model.config.crop = settings.crop  # fully convolutional: the window may grow when fine-tuning
-        model.config.parameters = dict(PARAMETERS)  # the meaning of the labels is this data set's
-    else:
-        config = IRPADConfig(channels=tuple(settings.channels), crop=settings.crop, highpass=settings.highpass,
-                             lines=settings.lines)
-        model, previous = IRPADNet(config), None
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = len(train_idx) // settings.batch_size
-    total = steps_per_epoch * settings.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total, pct_start=0.15)
-    types = list(DEGRADATION_TYPES)
-    history: list[dict[str, Any]] = []
-    t0, c0 = time.time(), time.process_time()
-    step = 0
-    for epoch in range(settings.epochs):
-        model.train()
-        perm = rng.permutation(train_idx)
-        running = 0.0
-        for b in range(steps_per_epoch):
-            x, y = _batch(data, perm[b * settings.batch_size : (b + 1) * settings.batch_size], settings.crop, rng)
-            out = model(x)
-            loss = sum(F.cross_entropy(out[t], y[:, j], label_smoothing=settings.label_smoothing)
-                       for j, t in enumerate(types))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            running += float(loss.detach())
-            if step % 50 == 0:
-                log_fn(f"epoch {epoch + 1} step {step}/{total} loss {running / (b + 1):.3f} "
-                       f"({time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s cpu)")
-        model.eval()
-        acc = accuracy(IRPADEstimator(model, flips=1), val)  # no test-time flips: a quick per-epoch check
-        history.append({"epoch": epoch + 1, "loss": running / max(1, steps_per_epoch), "val": acc["per_type"],
-                        "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
-        log_fn(f"epoch {epoch + 1}: val " + ", ".join(f"{t} {a:.3f}" for t, a in acc["per_type"].items()))
-    record = {"settings": {**asdict(settings), "channels": list(settings.channels)},
-              "dataset": {k: v for k, v in data.meta.items() if k != "photos"} | {"photos": len(data.meta["photos"])},
-              "history": history, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-              **(dict(extra_record) if extra_record else {})}
-    if previous is not None:
-        record["previous"] = previous
-    model.config.training = record
-    return model.eval(), record
+    side = hr.shape[-1]
+    f = float(rng.uniform(*prescale_range))
+    small = max(crop, round(side / f))
+    x = imresize(hr.float(), size=(small, small)).clamp(0, 1)
+    p = sample_params(rng, contiguous=contiguous)
+    y, p = render_visible(x, p, contiguous)
+    top, left = (int(v) for v in rng.integers(0, small - crop + 1, size=2))
+    window = y[..., top : top + crop, left : left + crop]
+    return dihedral(window, int(rng.integers(8))).contiguous(), p
+
+
+@register_task("irpad")
+class IRPADTask(Task):
+    """Train an :class:`~semsr.priors.irpad.IRPADNet` on synthetic degradations of the HR crops.
+
+    ``model.options`` (all optional): the :class:`IRPADNet` config fields ``channels``,
+    ``hidden``, ``crop`` (the training and analysis window, px), ``highpass``, ``lines``,
+    ``lattice``, ``lattice_bins``; ``init`` (an IRPAD folder to continue from: its architecture
+    wins, ``crop`` becomes its analysis window; same level table required), ``label_smoothing``
+    (default 0.05), ``prescale`` (``[low, high]`` sharpening factor range, default ``[1.5, 2.5]``),
+    ``contiguous`` (draw parameters inside the gaps between levels too, default false).
+    ``data.crop_size`` is the degraded region (before the prescale); ``data.scale`` and the
+    ``degradation`` section only make the trainer's unused LR (use ``scale: 1``, ``type: bicubic``).
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        opts = dict(cfg.model.options)
+        unknown = set(opts) - _TASK_OPTIONS - _ARCH_OPTIONS
+        if unknown:
+            raise SemsrError(f"unknown model.options for irpad: {sorted(unknown)}")
+        if cfg.validation.every:
+            raise SemsrError("task irpad has no SR validation: set validation.every: 0 "
+                             "(evaluate the exported weights with `semsr bench irpad --weights RUN/final`)")
+        arch = {k: v for k, v in opts.items() if k in _ARCH_OPTIONS}
+        self.label_smoothing = float(opts.get("label_smoothing", 0.05))
+        low, high = (float(v) for v in opts.get("prescale", (1.5, 2.5)))
+        if not 1.0 <= low <= high:
+            raise SemsrError(f"model.options.prescale must be [low, high] with 1 <= low <= high, got {[low, high]}")
+        self.prescale = (low, high)
+        self.contiguous = bool(opts.get("contiguous", False))
+        self.previous: dict[str, Any] | None = None
+        if opts.get("init"):
+            model = load_irpad(Path(str(opts["init"])).expanduser())
+            if model.config.levels != levels_to_json(LEVELS):
+                raise SemsrError("the initial IRPAD weights were trained on other levels than this task's")
+            self.previous = dict(model.config.training)
+            # fully convolutional: the window may grow when fine-tuning; the labels mean this task's parameters
+            model.register_to_config(crop=int(arch.get("crop", model.config.crop)), parameters=dict(PARAMETERS))
+        else:
+            with torch.random.fork_rng():  # the init depends on the seed only
+                torch.manual_seed(cfg.seed)
+                model = IRPADNet(**arch)
+        self.crop = int(model.config.crop)
+        if cfg.data.crop_size / high < self.crop:
+            raise SemsrError(f"data.crop_size ({cfg.data.crop_size}) / prescale {high:g} is below the window "
+                             f"model.options.crop ({self.crop})")
+        self.trainable = model.float().train().requires_grad_(True)
+        self.types = model.types
+        self.device = torch.device("cpu")
+
+    def train_items(self, items: list[ImageItem]) -> list[ImageItem]:
+        """The training images without IRPAD's held-out photographs (:func:`is_held_out`)."""
+        return [it for it in items if not is_held_out(it.path)]
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.device = device  # no frozen modules
+
+    @torch.no_grad()
+    def samples(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The degraded windows ``(B, 3, crop, crop)`` in [0, 1] and labels ``(B, T)`` int64 (head order)
+        of a micro-batch, from ``batch["hr"]`` with one NumPy generator per sample seeded from its
+        per-sample torch generator (:func:`degraded_window`)."""
+        hr = batch["hr"].float().cpu()
+        if hr.shape[-1] != hr.shape[-2]:
+            raise SemsrError(f"task irpad needs square HR crops, got {tuple(hr.shape[-2:])}")
+        windows, labels = [], []
+        for img, gen in zip(hr, per_sample_generators(batch["seed"]), strict=True):
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=gen)))
+            window, p = degraded_window(img[None], self.crop, rng, self.prescale, self.contiguous)
+            windows.append(window)
+            labels.append([p.labels[DEGRADATION_TYPES.index(t)] for t in self.types])
+        return torch.cat(windows), torch.tensor(labels, dtype=torch.int64)
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Outputs ``logits.<type> (B, n_levels)``, ``labels (B, T)`` and ``label_smoothing`` (loss ``irpad_ce``)."""
+        with torch_threads(1):  # tiny per-sample ops: more threads only add contention
+            x, labels = self.samples(batch)
+        logits = model(x.to(self.device))
+        return {**{f"logits.{t}": logits[t] for t in self.types}, "labels": labels.to(self.device),
+                "label_smoothing": torch.tensor(self.label_smoothing)}
+
+    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
+               guidance_scale: float, seed: int) -> torch.Tensor:
+        raise SemsrError("task irpad has no SR validation (validation.every must be 0)")
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the :class:`IRPADNet` component folder (``config.json`` with the training record
+        + ``diffusion_pytorch_model.safetensors``), loadable by :func:`~semsr.priors.irpad.load_irpad`."""
+        record: dict[str, Any] = {"task": "irpad", "pipeline": PIPELINE_REVISION, "config": self.cfg.to_dict()}
+        if self.previous is not None:
+            record["previous"] = self.previous
+        model.register_to_config(training=record)
+        model.save_pretrained(Path(folder), safe_serialization=True)

@@ -63,8 +63,17 @@ from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_write_bytes
 from semsr.core.paths import cache_dir
-from semsr.models.rfa import (EmbeddingEnhancer, ReferenceFindingAligner, align_loss, aligner_dir, caption_loss,
-                              check_embedder, encode, enhancer_loss, load_text_decoder)
+from semsr.models.rfa import (
+    EmbeddingEnhancer,
+    ReferenceFindingAligner,
+    align_loss,
+    aligner_dir,
+    caption_loss,
+    check_embedder,
+    encode,
+    enhancer_loss,
+    load_text_decoder,
+)
 from semsr.models.rfa_text import VocabBridge, load_clip_text, soft_decode
 from semsr.ops.imresize import imresize
 from semsr.pipeline.text import PromptEncoder

@@ -26,7 +26,7 @@ Trainable: the whole tokenizer; its codebook is a buffer updated by the EMA
 of the exported tokenizer). Export: an EdgeVQ component folder (``config.json``
 + weights, loadable with ``--vq``) and ``report.json``: held-out scores
 (:func:`evaluate`) on the validation images (``data.val_count``, whole images,
-maps resized to 128x128). There is no SR validation: keep ``validation.every: 0``.
+maps resized to the tokenizer's input size). There is no SR validation: keep ``validation.every: 0``.
 
 The shipped tokenizer (``assets/weights/vq-edges``) was trained before this
 task existed, by a stand-alone loop over a bank of whole-image maps (its
@@ -36,6 +36,7 @@ Canny + HED maps. ``configs/edge-vq.yaml`` is the same recipe on this trainer.
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_write_bytes
 from semsr.models.vq import CodebookEMA, EdgeVQ, prepare_maps
 from semsr.ops.imresize import imresize
 from semsr.priors.base import PriorProvider, cached, get_provider
 from semsr.testing.tiny import resolve_model_path
-from semsr.core.components import load_component
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import list_images, load_image, to_tensor
 from semsr.train.losses import register_loss
@@ -152,10 +153,10 @@ def map_scores(recon: torch.Tensor, target: torch.Tensor, threshold: float = 0.3
 
 
 @torch.no_grad()
-def evaluate(model: EdgeVQ, maps: torch.Tensor, mean_map: torch.Tensor) -> dict[str, dict[str, float]]:
+def evaluate(model: EdgeVQ, maps: torch.Tensor) -> dict[str, dict[str, float]]:
     """Scores of the tokenizer and of two token-free baselines on ``maps`` ``(N, 1, S, S)``.
 
-    Baselines: ``mean_map`` ``(1, 1, S, S)`` (constant) and a ``grid x grid``
+    Baselines: each map's own mean (the best constant map) and a ``grid x grid``
     average-pooled map upsampled bilinearly (a continuous code, strong for
     PSNR). IoU thresholds the maps at 0.3 (Canny maps are binary at full
     resolution but soft after resizing; HED maps are soft). ``encode`` and
@@ -165,10 +166,11 @@ def evaluate(model: EdgeVQ, maps: torch.Tensor, mean_map: torch.Tensor) -> dict[
     g = model.grid
     pooled = F.interpolate(F.adaptive_avg_pool2d(maps, g), size=maps.shape[-2:], mode="bilinear",
                            align_corners=False)
+    own_mean = maps.mean(dim=(1, 2, 3), keepdim=True).expand_as(maps)
     used = torch.cat([model.encode(maps[i:i + 32]).flatten() for i in range(0, len(maps), 32)]).unique().numel()
     return {
         "vq": {**map_scores(recon, maps), "codes_used": used},
-        "baseline_mean_map": map_scores(mean_map.expand_as(maps), maps),
+        "baseline_own_mean": map_scores(own_mean, maps),
         "baseline_pool16_bilinear": map_scores(pooled, maps),
     }
 
@@ -248,13 +250,13 @@ class EdgeVQTask(Task):
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write the EdgeVQ component folder and ``report.json`` (held-out scores, when there are held-out images)."""
-        vq = model.vq.float().cpu()
+        vq = copy.deepcopy(model.vq).float().cpu().eval()
         folder = Path(folder)
         vq.save_pretrained(folder, safe_serialization=True)
         names, maps = self.heldout_maps() if self.cfg.data.val_count else ([], None)
         report: dict[str, Any] = {"task": "edge-vq", "modalities": list(self.modalities), "lr_scale": self.lr_scale,
-                                  "heldout_images": names}
+                                  "heldout_images": names, "map_size": vq.image_size}
         if maps is not None and len(maps):
-            report["scores_heldout_128px"] = evaluate(vq, maps, maps.mean(0, keepdim=True))
+            report["scores_heldout"] = evaluate(vq, maps)
         report["config"] = self.cfg.to_dict()
         atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())

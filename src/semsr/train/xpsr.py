@@ -27,6 +27,7 @@ weight them ``eps_mse: 1.0, dfc: 0.05``. ``export`` writes a complete
 ``max_new_tokens`` (VLM answer length), ``added_prompt`` (appended to the
 high-level prompt at validation, XPSR's "clean, high-resolution, 8k, high quality").
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -69,8 +70,15 @@ class XPSRTrainable(nn.Module):
         self.sfa = sfa
         self.dfc = dfc
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, high: torch.Tensor, low: torch.Tensor, hint: torch.Tensor,
-                unet: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        high: torch.Tensor,
+        low: torch.Tensor,
+        hint: torch.Tensor,
+        unet: nn.Module,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x (B, 4, h, w)`` noisy latent (the frozen UNet's dtype), ``high``/``low`` ``(B, L, D)``, ``hint
         (B, 3, 8h, 8w)`` -> ``(UNet output (B, 4, h, w), DFC head predictions)``.
 
@@ -87,10 +95,24 @@ class XPSRTrainable(nn.Module):
 class XPSRTask(ControlNetSRTask):
     """XPSR: SFA ControlNet + UNet conditional attention, eps-MSE + 0.05 DFC (see the module docstring)."""
 
-    OPTIONS = ControlNetSRTask.OPTIONS | {"sfa_mode", "conditional_attention", "init", "vlm", "tagger", "irpad",
-                                          "low_source", "max_new_tokens", "added_prompt"}
-    DEFAULTS: dict[str, Any] = {"sfa_mode": "parallel", "conditional_attention": True, "low_source": "vlm",
-                                "max_new_tokens": None, "added_prompt": XPSR_ADDED_POSITIVE}
+    OPTIONS = ControlNetSRTask.OPTIONS | {
+        "sfa_mode",
+        "conditional_attention",
+        "init",
+        "vlm",
+        "tagger",
+        "irpad",
+        "low_source",
+        "max_new_tokens",
+        "added_prompt",
+    }
+    DEFAULTS: dict[str, Any] = {
+        "sfa_mode": "parallel",
+        "conditional_attention": True,
+        "low_source": "vlm",
+        "max_new_tokens": None,
+        "added_prompt": XPSR_ADDED_POSITIVE,
+    }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         opts = dict(cfg.model.options)
@@ -115,8 +137,9 @@ class XPSRTask(ControlNetSRTask):
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed + 1)
-                sfa = SFAFusion.from_models(controlnet, self.unet if self.opts["conditional_attention"] else None,
-                                            mode=self.opts["sfa_mode"])
+                sfa = SFAFusion.from_models(
+                    controlnet, self.unet if self.opts["conditional_attention"] else None, mode=self.opts["sfa_mode"]
+                )
                 dfc = DFCHeads.from_controlnet(controlnet)
         self.trainable = XPSRTrainable(controlnet, sfa, dfc).float().train().requires_grad_(True)
         self._priors: TextPriors | None = None
@@ -126,9 +149,14 @@ class XPSRTask(ControlNetSRTask):
         """The :class:`~semsr.priors.prompts.TextPriors` of this task (built on first use)."""
         if self._priors is None:
             o = self.opts
-            self._priors = TextPriors(vlm=_local(o.get("vlm")), tagger=_local(o.get("tagger")),
-                                      low_source=o["low_source"], irpad_weights=_local(o.get("irpad")),
-                                      user_mode="replace", max_new_tokens=o["max_new_tokens"])
+            self._priors = TextPriors(
+                vlm=_local(o.get("vlm")),
+                tagger=_local(o.get("tagger")),
+                low_source=o["low_source"],
+                irpad_weights=_local(o.get("irpad")),
+                user_mode="replace",
+                max_new_tokens=o["max_new_tokens"],
+            )
         return self._priors
 
     def two_prompts(self, lr: torch.Tensor, prompts: list[str]) -> tuple[list[str], list[str]]:
@@ -160,17 +188,28 @@ class XPSRTask(ControlNetSRTask):
 
     # -- validation / export -------------------------------------------------
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """SR of ``lr`` ``(B, 3, h, w)`` by :class:`~semsr.methods.xpsr.TwoPromptSR` with ``model``, a *copy*
         of the trainable weights (the pipeline casts and freezes them); XPSR's inference defaults."""
         highs, lows = self.two_prompts(lr, prompts * lr.shape[0] if len(prompts) == 1 else prompts)
-        pipe = TwoPromptSR(vae=self.vae, unet=self.unet, controlnet=model.controlnet, text=self.text,
-                           sfa=model.sfa, scheduler_config=self.components.scheduler_config, device=self.device,
-                           dtype=self.weight_dtype, scale=self.cfg.data.scale, name=self.name)
+        pipe = TwoPromptSR(
+            vae=self.vae,
+            unet=self.unet,
+            controlnet=model.controlnet,
+            text=self.text,
+            sfa=model.sfa,
+            scheduler_config=self.components.scheduler_config,
+            device=self.device,
+            dtype=self.weight_dtype,
+            scale=self.cfg.data.scale,
+            name=self.name,
+        )
         options = XPSROptions(steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
-        return pipe(lr, options, prompts=[join_prompt(h, self.opts["added_prompt"]) for h in highs],
-                    low_prompts=lows).images
+        return pipe(
+            lr, options, prompts=[join_prompt(h, self.opts["added_prompt"]) for h in highs], low_prompts=lows
+        ).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa``, ``dfc``."""

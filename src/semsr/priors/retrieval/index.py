@@ -136,7 +136,7 @@ def build_faiss_index(vectors: np.ndarray, kind: str):  # -> faiss.Index
     return index
 
 
-def index_kind(index) -> str:  # noqa: ANN001
+def index_kind(index) -> str:
     """``flat`` | ``hnsw`` | ``ivfpq``: the kind of a FAISS index."""
     import faiss  # optional heavy dependency
 
@@ -294,7 +294,7 @@ class ReferenceDB:
         kind = choose_kind(len(self), self.meta("kind") or "auto")
         self._write_index(build_faiss_index(self.vectors(), kind))
 
-    def _write_index(self, index) -> None:  # noqa: ANN001
+    def _write_index(self, index) -> None:
         import faiss  # optional heavy dependency
 
         with atomic_write(self.folder / INDEX) as tmp:
@@ -405,7 +405,7 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb.astype(np.float32) / scale).permute(2, 0, 1).unsqueeze(0)
 
 
-def add_images(db: ReferenceDB, files: Sequence[Path], embedder, *, batch: int = 16,  # noqa: ANN001
+def add_images(db: ReferenceDB, files: Sequence[Path], embedder, *, batch: int = 16,
                on_error: Callable[[Path, Exception], None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Embed and add ``files`` to ``db``, skipping content already present.
