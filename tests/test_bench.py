@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from PIL import Image
 
 from semsr import methods
 from semsr.cli import main
+from semsr.commands import bench as bench_command
 from semsr.core.errors import SemsrError
+from semsr.core.options import MethodOptions, OptionError, option
+from semsr.core.outputs import SROutput
 from semsr.eval.datasets import resolve_dataset
 from semsr.eval.lrsets import MANIFEST, load_lr, prepare
 from semsr.eval.runner import (
@@ -56,17 +60,17 @@ class _Nearest:
     scale = 4
     tiles_itself = False
 
-    def __call__(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, options: object = None, *, progress: object = False) -> SROutput:
         type(self).calls += 1
-        return x.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+        return SROutput(x.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2))
 
 
 @pytest.fixture()
 def nearest_method():
     _Nearest.calls = 0
-    methods.register(methods.MethodSpec("test-nearest", lambda **_: _Nearest(), 4, "test upscaler"))
+    methods.register(methods.MethodSpec("test-nearest", lambda _options: _Nearest(), MethodOptions, 4, "test upscaler"))
     yield _Nearest
-    methods._REGISTRY.pop("test-nearest", None)
+    methods.REGISTRY.entries.pop("test-nearest", None)
 
 
 @pytest.fixture()
@@ -286,6 +290,16 @@ def test_set_level_metric_gets_folders_of_sr_and_gt(tmp_path: Path, fresh_cache:
 # --------------------------------------------------------------------------- method variants and weight fingerprints
 
 
+@dataclass(kw_only=True, frozen=True)
+class VariantOptions(MethodOptions):
+    """Options of ``test-variant``: build options ``level`` and ``checkpoint``, run options ``steps`` and ``flag``."""
+
+    level: int = option(0, stage="build", min=0, max=255, help="added to every pixel (/255)")
+    checkpoint: Path | None = option(None, stage="build", help="weights folder (fingerprinted)")
+    steps: int = option(20, min=1, max=1000, help="steps")
+    flag: bool = option(False, help="a switch")
+
+
 class _Variant:
     """x4 nearest upscaler plus ``level``/255 (a build option); records the run options of every call."""
 
@@ -297,27 +311,35 @@ class _Variant:
     def __init__(self, name: str, level: int) -> None:
         self.name, self.level = name, level
 
-    def __call__(self, x: torch.Tensor, **run_opts: object) -> torch.Tensor:
-        type(self).calls.append(dict(run_opts))
+    def __call__(self, x: torch.Tensor, options: VariantOptions | None = None, *, progress: object = False) -> SROutput:
+        type(self).calls.append(options.changed("run") if options is not None else {})
         y = x.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
-        return (y + self.level / 255.0).clamp(0, 1)
+        return SROutput((y + self.level / 255.0).clamp(0, 1))
 
 
 def _variant_factory(name: str):  # noqa: ANN202
-    def factory(level: int = 0, checkpoint: str | None = None, **_: object) -> _Variant:
-        _Variant.builds.append(level)
-        return _Variant(name, level)
+    def factory(options: VariantOptions) -> _Variant:
+        _Variant.builds.append(options.level)
+        return _Variant(name, options.level)
 
     return factory
 
 
+def _variant_spec(name: str, **kw: object) -> methods.MethodSpec:
+    return methods.MethodSpec(name, _variant_factory(name), VariantOptions, 4, "test variants",
+                              weight_paths=("checkpoint",), **kw)  # type: ignore[arg-type]
+
+
 @pytest.fixture()
 def variant_method():
-    """``test-variant``: factory with named build options ``level`` and ``checkpoint`` (plus ``**kwargs``)."""
+    """``test-variant``: build options ``level`` and ``checkpoint`` (a weight path), run options ``steps``, ``flag``."""
     _Variant.calls, _Variant.builds = [], []
-    methods.register(methods.MethodSpec("test-variant", _variant_factory("test-variant"), 4, "test variants"))
+    methods.register(_variant_spec("test-variant"))
     yield _Variant
-    methods._REGISTRY.pop("test-variant", None)
+    methods.REGISTRY.entries.pop("test-variant", None)
+
+
+TILES = {"tile": 512, "tile_pad": 16}  # the bench's tile settings, part of every plan's run options
 
 
 def test_split_and_parse_method_entries() -> None:
@@ -328,9 +350,9 @@ def test_split_and_parse_method_entries() -> None:
     assert [parse_method_entry(p).label for p in parts] == parts
     e = parse_method_entry(" a[ x = 2 , no-edge , g=0.5, on=TRUE, off=false, p=/runs/r1/final, v=1e-3 ] ")
     assert e.name == "a"
-    assert e.opts == {"x": 2, "no_edge": True, "g": 0.5, "on": True, "off": False, "p": "/runs/r1/final", "v": 0.001}
-    assert type(e.opts["x"]) is int and type(e.opts["g"]) is float
-    assert e.label == "a[x=2,no_edge,g=0.5,on,off=false,p=/runs/r1/final,v=0.001]"
+    assert e.opts == {"x": "2", "no_edge": True, "g": "0.5", "on": "TRUE", "off": "false", "p": "/runs/r1/final",
+                      "v": "1e-3"}  # text: the method's options class reads it
+    assert e.label == "a[x=2,no_edge,g=0.5,on=TRUE,off=false,p=/runs/r1/final,v=1e-3]"
     assert parse_method_entry("bicubic").opts == {} and split_methods(" a , ,b ") == ["a", "b"]
 
 
@@ -364,35 +386,56 @@ def test_malformed_methods_fail_before_any_work(tmp_path: Path, fresh_cache: Pat
 
 
 def test_build_and_run_options_are_routed(tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant]) -> None:
-    """Factory parameters are build options (over --method-opt); other keys reach every call."""
+    """The options' stages decide: build options (over --method-opt) build, run options reach every call."""
     folder = _write_images(tmp_path / "hr", 2)
     entries = ["test-variant", "test-variant[level=9]", "test-variant[steps=3,flag]", "test-variant[level=9, steps=3]"]
-    result = run_bench(_config([str(folder)], methods=entries, method_opts={"level": 5}, metrics=["psnr"]))
+    result = run_bench(_config([str(folder)], methods=entries, method_opts={"level": "5"}, metrics=["psnr"]))
     labels = ["test-variant", "test-variant[level=9]", "test-variant[steps=3,flag]", "test-variant[level=9,steps=3]"]
     assert [r.method for r in result.rows] == labels
     assert variant_method.builds == [5, 9, 5, 9]
-    assert variant_method.calls == [{}, {}, {}, {}, {"steps": 3, "flag": True}, {"steps": 3, "flag": True},
-                                    {"steps": 3}, {"steps": 3}]
+    assert variant_method.calls == [TILES] * 4 + [{"steps": 3, "flag": True, **TILES}] * 2 + [{"steps": 3, **TILES}] * 2
     assert list(result.method_keys) == labels and len(set(result.method_keys.values())) == 4
     psnr = {r.method: r.metrics["psnr"] for r in result.rows}
     assert psnr["test-variant"] == psnr["test-variant[steps=3,flag]"] != psnr["test-variant[level=9]"]
     for label in labels:  # each variant has its own SR files
         assert result.sr_path(label, result.lrsets[0], result.lrsets[0].images[0]).is_file()
-    again = run_bench(_config([str(folder)], methods=entries[::-1] + ["test-variant[level=9,steps=3]"],
-                              method_opts={"level": 5}, metrics=["psnr"]))
+    again = run_bench(_config([str(folder)], methods=entries[::-1] + ["test-variant[level=09,steps=3]"],
+                              method_opts={"level": "5"}, metrics=["psnr"]))
     assert len(variant_method.calls) == 8 and again.stats.upscale_cached == 8
-    assert [r.method for r in again.rows] == labels[::-1], "a repeated entry is one row"
+    assert [r.method for r in again.rows] == labels[::-1], "a repeated entry (values as parsed) is one row"
     assert again.method_keys == result.method_keys
 
 
-def test_plain_entry_key_unchanged_and_variant_keys_differ() -> None:
-    from semsr.eval.runner import method_key
+def test_plan_options_and_keys() -> None:
+    (plain, variant) = plan_methods(BenchConfig(methods=["bicubic,bicubic[tile=64]"], datasets=[]))
+    assert plain.label == "bicubic" and plain.options == methods.resolve("bicubic").parse({"scale": 4, **TILES})
+    assert variant.key != plain.key and variant.run_values == {"tile": 64, "tile_pad": 16}
+    assert plain.build_values == {} and variant.build_values == {}  # bicubic's scale: the bench's (4, its default)
+    (x2,) = plan_methods(BenchConfig(methods=["bicubic"], datasets=[], scale=2, threads=1))
+    assert x2.build_values == {"scale": 2.0, "threads": 1}
+    (one_thread,) = plan_methods(BenchConfig(methods=["bicubic"], datasets=[], threads=1))
+    assert one_thread.key == plain.key, "threads do not change outputs: same cache entry"
+    (bf16,) = plan_methods(BenchConfig(methods=["bicubic[dtype=bf16]"], datasets=[]))
+    assert bf16.build_values == {"dtype": "bf16"} and bf16.key != plain.key
 
-    (plain, variant) = plan_methods(BenchConfig(methods=["bicubic,bicubic[steps=2]"], datasets=[]))
-    assert plain.key == method_key("bicubic", {"tile": 512, "tile_pad": 16}), "caches of plain entries stay valid"
-    assert variant.key != plain.key and variant.run_opts == {"steps": 2} and variant.build_opts == {}
-    (dtype_variant,) = plan_methods(BenchConfig(methods=["bicubic[dtype=float64]"], datasets=[]))
-    assert dtype_variant.build_opts == {"dtype": "float64"} and dtype_variant.run_opts == {}
+
+def test_bracket_options_are_parsed_by_the_method(capsys: pytest.CaptureFixture, fresh_cache: Path,
+                                                   tmp_path: Path) -> None:
+    """`semsr bench --methods 'default[setps=1]'`: one line naming setps and steps, before any work."""
+    with pytest.raises(OptionError) as err:
+        plan_methods(BenchConfig(methods=["sd-controlnet[setps=1]"], datasets=[]))
+    assert str(err.value) == "method 'sd-controlnet' has no option setps; did you mean steps?"
+    with pytest.raises(OptionError, match="option steps: expected an integer, got '1.5'"):
+        plan_methods(BenchConfig(methods=["sd-controlnet[steps=1.5]"], datasets=[]))
+    with pytest.raises(OptionError, match="option steps: expected an integer, got '1e30'"):
+        plan_methods(BenchConfig(methods=["sd-controlnet[steps=1e30]"], datasets=[]))
+    with pytest.raises(OptionError, match="option tile: expected an integer, got 'abc'"):
+        plan_methods(BenchConfig(methods=["bicubic[tile=abc]"], datasets=[]))
+    folder = _write_images(tmp_path / "hr", 1)
+    code = main(["bench", "--methods", "default[setps=1]", "--datasets", str(folder), "--no-isolate"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text == "semsr: error: method 'default' has no option setps; did you mean steps?\n"
+    assert not (fresh_cache / "bench").exists(), "nothing may be prepared or cached"
 
 
 def test_checkpoint_folder_content_changes_the_key(tmp_path: Path, fresh_cache: Path,
@@ -406,7 +449,7 @@ def test_checkpoint_folder_content_changes_the_key(tmp_path: Path, fresh_cache: 
 
     def key() -> str:
         (plan,) = plan_methods(BenchConfig(methods=[f"test-variant[checkpoint={ckpt}]"], datasets=[]))
-        assert plan.build_opts == {"checkpoint": str(ckpt)}
+        assert plan.build_values == {"checkpoint": ckpt}
         return plan.key
 
     first = key()
@@ -439,10 +482,8 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     info = ModelInfo("test-weighted", 4, "pytorch", module="semsr_test_weights", files=("net.bin",), folder="weights",
                      uses=("prior/w.bin",))
-    methods.register(methods.MethodSpec("test-weighted", _variant_factory("test-weighted"), 4,
-                                        extra={"model_info": info}))
-    methods.register(methods.MethodSpec("test-weighted-alias", _variant_factory("test-weighted-alias"), 4,
-                                        extra={"model_info": default_info(info)}))
+    methods.register(_variant_spec("test-weighted", info=info))
+    methods.register(_variant_spec("test-weighted-alias", info=default_info(info), alias_of="test-weighted"))
     try:
         def keys() -> list[str]:
             plans = plan_methods(BenchConfig(methods=["test-weighted,test-weighted-alias,test-variant"], datasets=[]))
@@ -459,8 +500,8 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
         changed = keys()
         assert changed[0] != after[0] and changed[1] != after[1], "files the model uses are fingerprinted too"
     finally:
-        methods._REGISTRY.pop("test-weighted", None)
-        methods._REGISTRY.pop("test-weighted-alias", None)
+        methods.REGISTRY.entries.pop("test-weighted", None)
+        methods.REGISTRY.entries.pop("test-weighted-alias", None)
 
 
 def test_cli_rows_carry_variant_labels(tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant],
@@ -493,3 +534,37 @@ def test_method_process_exits_quietly_when_the_bench_is_gone(capsys: pytest.Capt
     conn = GonePipe()
     runner._worker_main({"jobs": []}, conn)
     assert conn.closed and capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+def test_bench_kinds_are_sub_commands(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`semsr bench KIND`: each module of KIND_MODULES that exists adds a kind; none is a top-level command."""
+    import sys
+    import types
+
+    kind = types.ModuleType("semsr_test_bench_kind")
+    seen: list[str] = []
+
+    def register_kind(subparsers) -> None:  # noqa: ANN001
+        p = subparsers.add_parser("demo", help="a test kind")
+        p.add_argument("--n", type=int, default=1)
+        p.set_defaults(func=lambda args: seen.append(f"demo {args.n}") or 0)
+
+    kind.register_kind = register_kind  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "semsr_test_bench_kind", kind)
+    monkeypatch.setattr(bench_command, "KIND_MODULES", ("semsr_test_no_such_kind", "semsr_test_bench_kind"))
+    assert main(["bench", "demo", "--n", "3"]) == 0 and seen == ["demo 3"]
+    assert main(["bench", "--datasets", "Set5"]) == 2
+    assert capsys.readouterr().err == "semsr: error: the following arguments are required: --methods\n"
+    with pytest.raises(SystemExit):
+        main(["bench", "-h"])
+    assert "demo" in capsys.readouterr().out
+    assert bench_command.KIND_MODULES == ("semsr_test_no_such_kind", "semsr_test_bench_kind")
+    monkeypatch.undo()
+    assert bench_command.KIND_MODULES == ("semsr.commands.bench_irpad", "semsr.commands.bench_retrieval")
+    from semsr.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert not any(name.startswith("bench-") or name.startswith("bench_") for name in commands)

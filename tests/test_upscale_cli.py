@@ -245,7 +245,7 @@ def test_help_lists_the_common_options_and_with_a_method_its_options(capsys, rec
         run_cli(capsys, "upscale", "--help")
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    assert "--outscale" in out and "--max-pixels" in out and "--fp32" in out and "options of" not in out
+    assert "--outscale" in out and "--max-pixels" in out and "--fp32" in out and "options of default:" not in out
     with pytest.raises(SystemExit) as exit_:
         run_cli(capsys, "upscale", "-n", "test-recorder", "-h")
     out = capsys.readouterr().out

@@ -215,11 +215,10 @@ class CoSeRSR(LatentSRPipeline):
         device = torch.device(kwargs.get("device", "cpu"))
         dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
         checkpoint = Path(checkpoint).expanduser()
-        try:
-            index = read_index(checkpoint, RECIPE)
-        except UnavailableError as err:
-            raise UnavailableError(f"not a CoSeR checkpoint folder ({err.message}; semsr train writes one in "
-                                   "final/)", checkpoint) from None
+        if not (checkpoint / INDEX_FILE).is_file():
+            raise UnavailableError(f"not a CoSeR checkpoint folder (no {INDEX_FILE}; semsr train writes one in final/)",
+                                   checkpoint)
+        index = read_index(checkpoint, RECIPE)
         missing = [n for n in ("cognitive", "aia") if n not in index.components]
         if missing:
             raise UnavailableError(f"the CoSeR checkpoint has no {missing[0]!r} component (a stage-1 export has "

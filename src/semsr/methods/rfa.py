@@ -217,6 +217,9 @@ def build(options: RFAOptions) -> RFASR:
     for part in (aligner, enhancer):
         if part is not None:
             check_embedder(part, embedder, ckpt)
+    if enhancer.config.out_dim != parts["adain"].control_dim:
+        raise SemsrError(f"the enhancer's embedding ({enhancer.config.out_dim}) is not the AdaIN control "
+                         f"({parts['adain'].control_dim})", ckpt)
     decoder = options.text_decoder or text_decoder_dir(ckpt, index.meta)
     lm, tok = load_text_decoder(decoder) if decoder is not None else (None, None)
     return RFASR.from_pretrained(

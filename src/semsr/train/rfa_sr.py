@@ -33,7 +33,7 @@ from torch import nn
 from semsr.core.components import Component, load_component
 from semsr.core.errors import SemsrError
 from semsr.fusion.adain import AdaINAdapters, attach_adain
-from semsr.models.rfa import EmbeddingEnhancer, ReferenceFindingAligner, save_rfa_checkpoint
+from semsr.models.rfa import EmbeddingEnhancer, ReferenceFindingAligner, check_embedder, save_rfa_checkpoint
 from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.retrieval.embedders import embedder_from_spec
 from semsr.testing.tiny import resolve_model_path
@@ -74,10 +74,13 @@ class RFASRTask(ControlNetSRTask):
         finally:
             cfg.model.options = {**opts, **own}
         self.embedder = embedder_from_spec(resolve_embedder_spec(str(own["embedder"])))
-        self.stage1: dict[str, Component] = {}
-        for name, cls in (("aligner", ReferenceFindingAligner), ("enhancer", EmbeddingEnhancer)):
-            if own.get(name):
-                self.stage1[name] = load_component(cls, resolve_model_path(str(own[name])))
+        self.stage1: dict[str, Component] = {}  # exported with the adapters (loading them leaves the RNG as it is)
+        with torch.random.fork_rng():
+            for name, cls in (("aligner", ReferenceFindingAligner), ("enhancer", EmbeddingEnhancer)):
+                if own.get(name):
+                    folder = resolve_model_path(str(own[name]))
+                    self.stage1[name] = load_component(cls, folder)
+                    check_embedder(self.stage1[name], self.embedder, folder)
         self.text_decoder = resolve_model_path(str(own["text_decoder"])) if own.get("text_decoder") else None
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
