@@ -7,6 +7,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,12 +17,32 @@ import torch
 from PIL import Image
 
 from _ui_helpers import serve
+from semsr.core.options import MethodOptions, option
+from semsr.core.outputs import SROutput
 from semsr.methods import MethodSpec, register, resolve
 from semsr.ui.catalog import path_options, required_paths
-from semsr.ui.server import make_server
+from semsr.ui.server import DemoApp, make_server
 
 GATE = threading.Event()
-SEEN: list[dict[str, Any]] = []
+SEEN: list[Any] = []
+
+
+@dataclass(kw_only=True, frozen=True)
+class GatedOptions(MethodOptions):
+    """Options of ``test-ui-gated``: the common fields, a choice, a slider, an image, switches, a build option."""
+
+    prompt: str = option("", help="prompt")
+    steps: int = option(20, min=1, max=1000, help="steps")
+    seed: int = option(0, min=0, help="seed")
+    guidance_scale: float = option(1.0, min=0, max=100, help="guidance")
+    mode: str = option("x", choices=("x", "y"), help="a choice")
+    temp_depth: float = option(1.0, min=0, max=2, step=0.05, widget="slider", help="a slider")
+    reference: Path | None = option(None, widget="image", help="an image upload")
+    flag: bool = option(False, help="a switch")
+    weights_dir: Path | None = option(None, stage="build", help="a build option")
+    save_extra: bool = option(False, help="a side image")
+    secret: str = option("", hidden=True, help="not on the page")
+    priors_in_prompt: bool = option(False, help="the prompt holds the suggested priors")
 
 
 class _Gated:
@@ -28,28 +50,18 @@ class _Gated:
 
     name, scale, tiles_itself = "test-ui-gated", 2, True
 
-    def __init__(self) -> None:
-        self.last_priors: dict[str, Any] = {}
-
-    def __call__(self, x: torch.Tensor, **opts: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, options: GatedOptions | None = None, *, progress: Any = False) -> SROutput:
         assert GATE.wait(30)
-        SEEN.append(opts)
-        self.last_priors = {"prompt": opts.get("prompt", ""), "map": torch.full((1, 1, 3, 3), 0.5)}
-        self.side_outputs = {"extra": torch.zeros(1, 3, 4, 4)} if opts.get("save_extra") else {}
-        return x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+        SEEN.append(options)
+        priors = {"prompt": options.prompt, "map": torch.full((1, 1, 3, 3), 0.5)}
+        return SROutput(x.repeat_interleave(2, 2).repeat_interleave(2, 3), priors=priors,
+                        side_images={"extra": torch.zeros(1, 3, 4, 4)})
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         return {"prompt": "a suggested prompt", "tags": ("a", "b")}
 
 
-register(MethodSpec("test-ui-gated", lambda **_: _Gated(), 2, "test method", extra={"cli_options": [
-    {"flags": ["--mode"], "target": "run", "choices": ["x", "y"], "help": "a choice"},
-    {"flags": ["--temp-depth"], "target": "run", "type": float, "ui": {"widget": "slider", "min": 0, "max": 2}},
-    {"flags": ["--reference"], "target": "run", "metavar": "IMAGE"},
-    {"flags": ["--flag"], "target": "run", "action": "store_true"},
-    {"flags": ["--weights-dir"], "target": "build"},
-    {"flags": ["--save-extra"], "target": "run", "action": "store_true"},
-], "suggests_priors": True}))
+register(MethodSpec("test-ui-gated", lambda _options: _Gated(), GatedOptions, 2, "test method", suggests_priors=True))
 
 
 def _png(w: int = 6, h: int = 5, flat: bool = False) -> bytes:
@@ -132,13 +144,25 @@ def test_methods_catalogue_from_registry(server):
     assert required_paths(resolve("realesrgan-pth")) == ["checkpoint"]
     assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
     assert by["default"]["diffusion"] and by["default-diffusion"]["diffusion"]  # prompt, steps, seed on the page
-    opts = {o["dest"]: o for o in by["test-ui-gated"]["options"]}
-    # build options stay server-side; save_* flags are always on (their side outputs are shown)
+    gated = by["test-ui-gated"]
+    opts = {o["dest"]: o for o in gated["options"]}
+    # run options only (build options stay server-side), not hidden ones, not the fixed fields;
+    # save_* switches are always on (their side images are shown)
     assert set(opts) == {"mode", "temp_depth", "reference", "flag"}
-    assert by["test-ui-gated"]["suggests_priors"] and not by["bicubic"]["suggests_priors"]
+    assert set(gated["common"]) == {"prompt", "steps", "seed", "guidance_scale"}
+    assert gated["common"]["steps"]["min"] == 1 and gated["common"]["steps"]["default"] == 20
+    assert gated["forced_options"] == {"save_extra": True} and gated["priors_in_prompt"]
+    assert gated["suggests_priors"] and not by["bicubic"]["suggests_priors"]
     assert opts["mode"]["widget"] == "select" and opts["mode"]["choices"] == ["x", "y"]
     assert opts["temp_depth"]["widget"] == "slider" and opts["temp_depth"]["max"] == 2
+    assert opts["temp_depth"]["step"] == 0.05 and opts["temp_depth"]["default"] == 1.0
     assert opts["reference"]["widget"] == "image" and opts["flag"]["widget"] == "checkbox"
+    assert opts["flag"]["default"] is False and "a switch" in opts["flag"]["help"]
+    bicubic = by["bicubic"]
+    assert bicubic["common"] == {} and [o["dest"] for o in bicubic["options"]] == []  # scale: a build option
+    assert set(by["sd-controlnet"]["common"]) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
+                                                   "colour_fix"}
+    assert by["sd-controlnet"]["colour_fixes"] == ["adain", "wavelet", "none"]
 
 
 def test_upload_run_download(server):
@@ -175,13 +199,24 @@ def test_bad_job_requests(server):
         ({"image": img["id"], "method": "sd-controlnet"}, "not available"),
         ({"image": "i999-00000", "method": "bicubic"}, "upload it again"),
         ({"image": img["id"], "method": "test-ui-gated", "options": {"mode": "z"}}, "choose one of x, y"),
-        ({"image": img["id"], "method": "test-ui-gated", "options": {"temp_depth": "hot"}}, "not a float"),
-        ({"image": img["id"], "method": "test-ui-gated", "options": {"weights_dir": "/x"}}, "no option"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"temp_depth": "hot"}},
+         "option temp_depth: expected a number, got 'hot'"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"weights_dir": "/x"}},
+         "option weights_dir of method 'test-ui-gated' is set by the server"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"stepz": 3}},
+         "method 'test-ui-gated' has no option stepz; did you mean steps?"),
+        ({"image": img["id"], "method": "bicubic", "prompt": "a cat"}, "method 'bicubic' has no option prompt"),
+        ({"image": img["id"], "method": "bicubic", "tile": "abc"}, "option tile: expected an integer, got 'abc'"),
+        ({"image": img["id"], "method": "test-ui-gated", "steps": 1.5}, "option steps: expected an integer, got 1.5"),
+        ({"image": img["id"], "method": "test-ui-gated", "steps": 1e30}, "option steps: must be <= 1000, got 1e+30"),
+        ({"image": img["id"], "method": "test-ui-gated", "seed": "1e30"}, "option seed: expected an integer"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": {"reference": "i999-00000"}}, "upload it again"),
+        ({"image": img["id"], "method": "test-ui-gated", "options": ["mode"]}, "options must be a JSON object"),
         ({"image": img["id"], "method": "bicubic", "kind": "train"}, "unknown job kind"),
     ]
     for body, expected in cases:
         status, err = _json(server + "api/jobs", body)
-        assert status == 400 and expected in err["error"], (body, err)
+        assert status == 400 and expected in err["error"] and "\n" not in err["error"], (body, err)
     status, _, _ = _req(server + "api/jobs", b"{not json", headers={"Content-Type": "application/json"})
     assert status == 400
 
@@ -190,7 +225,8 @@ def test_queue_one_at_a_time_positions_full_and_cancel(server):
     _, img = _upload(server, _png())
     _, ref = _upload(server, _png(3, 3), "ref.png")
     GATE.clear()
-    body = {"image": img["id"], "method": "test-ui-gated", "prompt": "a cat", "steps": "3",
+    body = {"image": img["id"], "method": "test-ui-gated", "prompt": "a cat", "steps": "3", "seed": "",
+            "priors_in_prompt": True, "tile": "",
             "options": {"mode": "y", "temp_depth": "0.5", "reference": ref["id"], "flag": True}}
     _, a = _json(server + "api/jobs", body)
     _wait(server, a["id"], ("running",))
@@ -207,12 +243,15 @@ def test_queue_one_at_a_time_positions_full_and_cancel(server):
     assert _json(f"{server}api/jobs/{b['id']}")[1]["state"] == "cancelled"
     assert len(SEEN) == 1
     opts = SEEN[0]
-    assert opts["prompt"] == "a cat" and opts["steps"] == 3 and opts["mode"] == "y" and opts["temp_depth"] == 0.5
-    assert opts["flag"] is True and opts["reference"].endswith("input.bin")  # the uploaded reference's file
+    assert isinstance(opts, GatedOptions)
+    assert opts.prompt == "a cat" and opts.steps == 3 and opts.mode == "y" and opts.temp_depth == 0.5
+    assert opts.flag is True and opts.reference.name == "input.bin"  # the uploaded reference's file
+    assert opts.priors_in_prompt is True and opts.tile == 0  # the page's switch; automatic tiles of a self-tiler
     priors = st["output"]["priors"]
     assert priors["prompt"] == "a cat"
+    assert st["output"]["options"]["steps"] == 3 and "reference" not in st["output"]["options"]
     assert _req(server + priors["map"]["image"].lstrip("/"))[0] == 200
-    assert opts["save_extra"] is True
+    assert opts.save_extra is True
     status, body, _ = _req(server + priors["extra"]["image"].lstrip("/"))
     assert status == 200 and Image.open(io.BytesIO(body)).size == (4, 4)
 
@@ -312,3 +351,18 @@ def test_scoped_path_reaches_the_default_alias():
 
     scoped = scoped_paths("checkpoint", ["default-diffusion=/runs/mine"])
     assert paths_for(resolve("default"), {"checkpoint": scoped}) == {"checkpoint": "/runs/mine"}
+
+
+def test_job_options_read_json_as_the_parser_does():
+    """Numbers, text and booleans from JSON are read as the options parser reads them."""
+    app = DemoApp()
+    try:
+        entry = next(e for e in app.methods() if e["name"] == "test-ui-gated")
+        as_text = app.options(entry, {"steps": "3", "guidance_scale": "1.5", "options": {"flag": "true",
+                                                                                          "temp_depth": "2"}})
+        as_json = app.options(entry, {"steps": 3, "guidance_scale": 1.5, "options": {"flag": True, "temp_depth": 2}})
+        assert as_text == as_json == resolve("test-ui-gated").parse(
+            {"steps": 3, "guidance_scale": 1.5, "flag": True, "temp_depth": 2.0, "save_extra": True})
+        assert app.options(entry, {"steps": None, "prompt": ""}) == GatedOptions(save_extra=True)  # null, "": default
+    finally:
+        app.close()

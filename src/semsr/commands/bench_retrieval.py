@@ -13,8 +13,9 @@ and the hit is its own HR entry in the top-1 / top-4 results.
 Without ``--aligner`` the images are split by content hash into a training
 part, on which an aligner is trained with the ``rfa-aligner`` task of
 ``semsr train`` (the trainer's ``(HR crop, bicubic LR)`` pairs, LR crops of
-``--lr-size``; ``--steps``, ``--lr``, ``--seed``, a cosine schedule), and a
-held-out part. ``--aligner RUN`` scores the aligner of a ``semsr train`` run
+``--lr-size``; ``--steps``, ``--lr``, ``--seed``; batch, warm-up and cosine
+schedule as ``configs/rfa-aligner.yaml``), and a held-out part.
+``--aligner RUN`` scores the aligner of a ``semsr train`` run
 (``RUN/final/aligner``) on the run's held-out images (``data.val_count``,
 never trained on) and its training images (default images: the run's);
 ``--aligner FOLDER`` scores an aligner folder on all images.
@@ -51,8 +52,9 @@ from semsr.train.trainer import Trainer
 
 #: Largest SR factor of the training crops (the seed's x16: 512-px crops for 32x32 LR).
 MAX_TRAIN_SCALE = 16
-#: Micro-batch of the aligner training (as configs/rfa-aligner.yaml).
+#: Micro-batch and most warm-up steps of the aligner training (as configs/rfa-aligner.yaml).
 TRAIN_BATCH = 8
+WARMUP_STEPS = 20
 
 
 def register_kind(subparsers: argparse._SubParsersAction) -> None:
@@ -129,7 +131,7 @@ def aligner_run_config(files: Sequence[Path], folder: Path, embedder_spec: str, 
                  "batch_size": TRAIN_BATCH, "num_workers": 0},
         "degradation": {"type": "bicubic"},
         "optim": {"lr": lr, "weight_decay": 1e-2, "max_grad_norm": 1.0},
-        "schedule": {"name": "cosine", "warmup_steps": 0},
+        "schedule": {"name": "cosine", "warmup_steps": min(WARMUP_STEPS, steps // 10)},
         "train": {"max_steps": steps, "mixed_precision": "no", "ema_decay": 0.0, "log_every": 10},
         "losses": {"rfa_align_l2": 1.0},
         "validation": {"every": 0},

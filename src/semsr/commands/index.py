@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--db", required=True, type=Path, help="database folder")
     s.add_argument("-k", type=int, default=4, help="number of results (default 4)")
     s.add_argument("--aligner", default=None,
-                   help="embed the query with a Reference-Finding Aligner checkpoint folder (for LR queries); "
+                   help="embed the query with a Reference-Finding Aligner folder (for LR queries; `semsr train` final/aligner); "
                         "'default' = the shipped one for the database's embedder")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=run_search)

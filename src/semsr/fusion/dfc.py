@@ -26,7 +26,7 @@ Features are captured with forward hooks that exist only inside
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -118,13 +118,13 @@ class DFCHeads(Component):
         feats: dict[str, torch.Tensor] = {}
         handles = []
 
-        def grab_input(key: str):
+        def grab_input(key: str) -> Callable[[nn.Module, tuple], None]:
             def hook(_m: nn.Module, args: tuple) -> None:
                 feats[key] = args[0]
 
             return hook
 
-        def grab_output(key: str):
+        def grab_output(key: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
             def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
                 feats[key] = F.silu(out)
 

@@ -275,8 +275,3 @@ class MultimodalLatentConnector(Component):
         ``weights``: ``(B, heads, N, M)`` from ``attention_out``; returns ``{modality: scalar}``.
         """
         return {m: weights[..., s].sum(-1).mean() for m, s in self.slots().items()}
-
-
-def spatial_slots_for(modalities: Sequence[str]) -> list[str]:
-    """The spatial modalities among ``modalities`` in sequence order."""
-    return [m for m in SPATIAL_MODALITIES if m in modalities]

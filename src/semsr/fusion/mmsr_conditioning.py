@@ -19,7 +19,6 @@ the UNet is the pretrained one.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 

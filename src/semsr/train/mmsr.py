@@ -13,7 +13,7 @@ Per micro-batch (HR crop, degraded LR, caption, seed)::
     ``depth_model`` / ``seg_model``: transformers folders (``tiny://depth``, ``tiny://seg`` for the tiny ones);
     ``vq``: tokenizer path (default: the shipped edge VQ); ``edge``: ``canny`` (default) or ``hed``;
     ``modality_drop_prob``: null-token substitution probability per modality (0.1);
-    ``connector``: :class:`~semsr.fusion.mmlc.ConnectorConfig` overrides (``num_latents``, ``heads``,
+    ``connector``: :class:`~semsr.fusion.mmlc.MultimodalLatentConnector` arguments (``num_latents``, ``heads``,
     ``cross_layers``, ``self_layers``, ``mlp_ratio``); width and text width follow the UNet / text encoder;
     ``init``: an MMSR checkpoint folder to continue from;
     ``train_cross_attention``: also train (copies of) the UNet's cross-attention layers (``attn2``), which

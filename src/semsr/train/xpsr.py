@@ -50,7 +50,7 @@ from semsr.train.tasks import ControlNetSRTask, NoisedBatch, register_task
 
 
 @register_loss("dfc")
-def dfc(outputs: Mapping[str, Any]) -> torch.Tensor:
+def dfc_term(outputs: Mapping[str, Any]) -> torch.Tensor:
     """Loss term ``dfc``: needs task outputs ``dfc_pred`` and ``dfc_target`` (dicts of tensors)."""
     _require(outputs, "dfc", "dfc_pred", "dfc_target")
     return dfc_loss(outputs["dfc_pred"], outputs["dfc_target"])
