@@ -35,6 +35,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the workers import torch in their own subprocess
+    import torch
 
 CONFIGS = {
     "fp32": {"dtype": "fp32", "channels_last": False, "compile": False},
@@ -151,7 +155,7 @@ COMPILE_TARGETS = ("unet", "down-block", "transformer")
 COMPILE_MODES = ("default", "freeze")
 
 
-def _compile_piece(target: str, dtype: "torch.dtype"):
+def _compile_piece(target: str, dtype: torch.dtype):
     """A real-size SD-1.5 piece and a call running it: ``(module, call)``, ``call(m) -> Tensor``.
 
     Inputs are a CFG batch of 2 at SD's native 64x64 latent (512x512 output):

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from semsr.cli import main
+from semsr.core.errors import InputError
 from semsr.data.corpus import sources as corpus_sources
 from semsr.data.corpus.containers import EetFile, RccFile, eet_images, lz4_block_decompress
 from semsr.data.corpus.crops import HRCropDataset, pad_to, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import Candidate, debian_licence, normalise_licence, rcc_credits_licence
-from semsr.core.errors import InputError
 
 
 def _jpeg(arr: np.ndarray, exif_orientation: int | None = None, quality: int = 95) -> bytes:

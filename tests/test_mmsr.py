@@ -223,6 +223,9 @@ def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models
     # the per-modality option is the same knob and overrides the M=D form
     assert torch.equal(pipe(lr, run.replace(edge_temperature=2.0)).images, hot.images)
     assert torch.equal(pipe(lr, run.replace(modality_temperature="edge=5", edge_temperature=2.0)).images, hot.images)
+    # all sliders at 1 (their default) is the untempered model and reports no temperature
+    ones = pipe(lr, run.replace(**{f"{m}_temperature": 1.0 for m in (CAPTION, *SPATIAL_MODALITIES)}))
+    assert torch.equal(ones.images, out) and "modality_temperature" not in ones.priors
     fewer = pipe(lr, run.replace(modalities="caption,edge"))
     assert not torch.equal(out, hot.images) and not torch.equal(out, fewer.images)
     assert "depth" not in fewer.priors
@@ -261,7 +264,7 @@ def test_options_schema():
     assert infos["modality_temperature"].kind == "floats" and infos["modality_temperature"].hidden
     for m in (CAPTION, *SPATIAL_MODALITIES):
         info = infos[f"{m}_temperature"]
-        assert (info.widget, info.min, info.max, info.step) == ("slider", 0.4, 10.0, 0.1)
+        assert (info.widget, info.min, info.max, info.step, info.default) == ("slider", 0.4, 10.0, 0.1, 1.0)
     assert infos["guidance_mode"].choices == ("mcfg", "cfg", "null-modality")
     assert {n for n in ("checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm")
             if infos[n].stage == "build"} == {"checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm"}

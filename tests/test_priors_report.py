@@ -117,16 +117,17 @@ def test_mmsr_temperatures_are_sliders_in_the_web_demo():
 
 
 def test_default_diffusion_suggests_irpad_text_and_lacks_it_without_weights(tiny_models, tmp_path):
-    from semsr.models.default_sr import DefaultSR, DefaultSRConfig, DegradationText
+    from semsr.methods.default_diffusion import DegradationText
+    from semsr.models.default_sr import DefaultSR, save_default_sr
 
     torch.manual_seed(0)
-    model = DefaultSR(DefaultSRConfig(
+    model = DefaultSR(
         stage1="bicubic", block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], conditioning_channels=[8, 8, 8],
-        cross_attention_dim=32, attention_head_dim=8))
+        cross_attention_dim=32, attention_head_dim=8)
     with torch.no_grad():
         model.unet.conv_out.weight.normal_(0, 0.05)  # "trained": the text condition changes the output
-    model.save(tmp_path / "ck")
+    save_default_sr(model, tmp_path / "ck")
     pipe = semsr.load("default-diffusion", checkpoint=str(tmp_path / "ck"), irpad=str(tiny_models / "irpad-untrained"))
     img = _photo()
     s = pipe.suggest_priors(img)
@@ -138,7 +139,7 @@ def test_default_diffusion_suggests_irpad_text_and_lacks_it_without_weights(tiny
     assert _same(pipe(img, steps=2, prompt=s["prompt"], priors_in_prompt=True), default)
     assert not _same(pipe(img, steps=2, prompt=s["prompt"]), default)  # the description twice
 
-    method = pipe.method.pipeline
+    method = pipe.method
     method.degradation, kept = DegradationText(tmp_path / "no-irpad"), method.degradation
     try:
         assert pipe.suggest_priors(img) == {"prompt": ""}

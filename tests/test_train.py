@@ -10,10 +10,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures  # noqa: E402
-
-from semsr.core.errors import SemsrError  # noqa: E402
-from semsr.train.config import config_from_dict, dump_config, load_config  # noqa: E402
+from semsr.core.errors import SemsrError
+from semsr.train.config import config_from_dict, dump_config, load_config
+from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures
 
 
 @pytest.fixture(autouse=True)
@@ -340,8 +339,9 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, hr_dir):
     _train(tiny_config_dict(hr_dir, data={"batch_size": 2}, **common), b)
     assert _train_losses(a)[1] == pytest.approx(_train_losses(b)[1], rel=1e-5)
 
-    from semsr.train.tasks import build_task
     from accelerate.utils import set_seed
+
+    from semsr.train.tasks import build_task
 
     set_seed(0)
     init = {k: v.float() for k, v in build_task(config_from_dict(tiny_config_dict(hr_dir))).trainable.state_dict().items()}

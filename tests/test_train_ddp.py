@@ -19,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures  # noqa: E402
+from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures
 
 pytestmark = pytest.mark.slow
 

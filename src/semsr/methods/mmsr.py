@@ -83,9 +83,9 @@ _LO, _HI = TEMPERATURE_RANGE
 
 
 def _temperature_option(modality: str) -> Any:
-    return option(None, min=_LO, max=_HI, widget="slider", step=0.1, metavar="D",
+    return option(1.0, min=_LO, max=_HI, widget="slider", step=0.1, metavar="D",
                   help=f"attention temperature of the {modality} modality in [{_LO:g}, {_HI:g}] (smaller = "
-                       "stronger influence; default 1; overrides --modality-temperature)")
+                       "stronger influence; 1 = as trained; other values override --modality-temperature)")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -119,21 +119,21 @@ class MMSROptions(LatentSROptions):
         None, choices=ALL_MODALITIES, min=_LO, max=_HI, hidden=True, metavar="M=D,...",
         help=f"attention temperature per modality in [{_LO:g}, {_HI:g}], e.g. depth=0.5,edge=2 (smaller = "
              "stronger influence; default 1)")
-    caption_temperature: float | None = _temperature_option("caption")
-    edge_temperature: float | None = _temperature_option("edge")
-    depth_temperature: float | None = _temperature_option("depth")
-    seg_temperature: float | None = _temperature_option("seg")
+    caption_temperature: float = _temperature_option("caption")
+    edge_temperature: float = _temperature_option("edge")
+    depth_temperature: float = _temperature_option("depth")
+    seg_temperature: float = _temperature_option("seg")
     guidance_mode: str = option("mcfg", choices=GUIDANCE_MODES,
                                 help="negative branch: mcfg (negative prompt + modalities), null-modality "
                                      "(negative prompt, null modalities) or cfg (empty text, null modalities)")
 
     def temperatures(self) -> dict[str, float]:
-        """``modality_temperature`` updated with the per-modality ``<m>_temperature`` options that are set."""
+        """``modality_temperature`` updated with the per-modality ``<m>_temperature`` options other than 1."""
         temps = dict(self.modality_temperature or {})
         for m in ALL_MODALITIES:
-            value = getattr(self, f"{m}_temperature")
-            if value is not None:
-                temps[m] = float(value)
+            value = float(getattr(self, f"{m}_temperature"))
+            if value != 1.0:
+                temps[m] = value
         return temps
 
 

@@ -220,11 +220,12 @@ DEFAULT_SR = ModelInfo(
     "semsr's compact residual diffusion refiner over realesrgan-x4plus "
     "(MiniLM text + IRPAD prompt, Canny edges via ControlNet)",
     "semsr", "semsr",
-    ("config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors", "text_proj.safetensors"),
+    ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+     "text_proj/config.json", "text_proj/diffusion_pytorch_model.safetensors"),
     "Apache-2.0 (semsr); stage 1 realesrgan-x4plus: " + LIC_REALESRGAN,
     folder="assets/weights/default-sr",
-    uses=("assets/weights/irpad/config.json", "assets/weights/irpad/model.safetensors"),
+    uses=("assets/weights/irpad/config.json", "assets/weights/irpad/diffusion_pytorch_model.safetensors"),
     training_data="semsr offline corpus, 575 photos: BSDS500 train+test (400, research use; disjoint from B100), "
                   "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
                   "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "
