@@ -57,7 +57,7 @@ def cli_run(x: torch.Tensor, checkpoint: str, threads: int) -> dict:
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - t0
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    steps = json.loads((Path(checkpoint) / "config.json").read_text()).get("default_steps", 4)
+    steps = json.loads((Path(checkpoint) / "model_index.json").read_text()).get("meta", {}).get("default_steps", 4)
     return {"what": "semsr upscale (CLI)", "steps": steps, "seconds": seconds, "peak_rss_gib": child_peak}
 
 
@@ -71,27 +71,28 @@ def main() -> int:
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from semsr.methods import get_method
-    from semsr.models.default_sr import DefaultSR, DefaultSRConfig
-
+    from semsr import methods
     from semsr.methods.default_diffusion import packaged_weights
+    from semsr.models.default_sr import DefaultSR, save_default_sr
 
     ck = args.checkpoint
-    if ck is None and (packaged_weights() / "config.json").is_file():
+    if ck is None and (packaged_weights() / "model_index.json").is_file():
         ck = str(packaged_weights())
     if ck is None:
         ck = tempfile.mkdtemp(prefix="default-sr-")
         torch.manual_seed(0)
-        DefaultSR(DefaultSRConfig()).save(ck)
+        save_default_sr(DefaultSR(), ck)
     x, rows = load_input(args.image, args.size), []
     rows.append(cli_run(x, ck, args.threads))
-    method = get_method("default-diffusion", checkpoint=ck)
+    spec = methods.resolve("default-diffusion")
+    method = spec.build(spec.parse({"checkpoint": ck}))
     t0 = time.perf_counter()
-    method.pipeline.stage1(x)
+    method.stage1(x)
     rows.append({"what": "stage1 only", "steps": 0, "seconds": time.perf_counter() - t0, "peak_rss_gib": rss_gib()})
     for steps in args.steps:
+        options = spec.parse({"checkpoint": ck, "steps": steps})
         t0 = time.perf_counter()
-        y = method(x, steps=steps)
+        y = method(x, options).images
         rows.append({"what": "default-diffusion", "steps": steps, "seconds": time.perf_counter() - t0,
                      "peak_rss_gib": rss_gib()})
     print(f"input {args.size}x{args.size} -> {tuple(y.shape[-2:])}, threads {args.threads}")

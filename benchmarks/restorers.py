@@ -37,12 +37,13 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
     "torch-fp32": ("realesrgan-x4plus", {"dtype": "fp32", "channels_last": False}, "RRDBNet fp32, NCHW"),
     "torch-fp32-cl": ("realesrgan-x4plus", {"dtype": "fp32", "channels_last": True}, "RRDBNet fp32, channels_last"),
     "torch-bf16-cl": ("realesrgan-x4plus", {"dtype": "bf16", "channels_last": True}, "RRDBNet bf16 weights, channels_last"),
-    "torch-fp16-cl": ("realesrgan-x4plus", {"dtype": "fp16", "channels_last": True}, "RRDBNet fp16 weights, channels_last"),
+    "torch-fp16-cl": ("realesrgan-x4plus", {"dtype": "fp16", "channels_last": True, "device": "cuda"},
+                      "RRDBNet fp16 weights, channels_last (CUDA only: fp16 is refused on CPU)"),
     "torch-default": ("realesrgan-x4plus", {}, "RRDBNet with semsr's CPU defaults"),
     "ncnn": ("ncnn:realesrgan-x4plus", {}, "ncnn runtime, same blob"),
     "realcugan-4x": ("realcugan-4x", {}, "Real-CUGAN SE 4x, ncnn runtime"),
 }
-DEFAULT_CONFIGS = ("bicubic", "torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "torch-fp16-cl", "ncnn", "realcugan-4x")
+DEFAULT_CONFIGS = ("bicubic", "torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "ncnn", "realcugan-4x")
 RRDB_CONFIGS = {k for k, v in CONFIGS.items() if v[0] in ("realesrgan-x4plus", "ncnn:realesrgan-x4plus")}
 
 
@@ -74,23 +75,23 @@ def worker(config: str, size: int, threads: int, repeats: int, out_npy: str | No
     x = torch.from_numpy(load_image(size))[None]
     t0 = time.perf_counter()
     if method_name.startswith("ncnn:"):
+        from semsr.methods.restorers import NcnnRestorer
         from semsr.models import catalog
-        from semsr.models.restorers import NcnnRestorer
         from semsr.models.ncnn_runtime import NcnnNet
 
         info = catalog.get_info(method_name[len("ncnn:") :])
         param, bin_ = info.paths()
         run = NcnnRestorer(config, 4, NcnnNet(param, bin_, info.extra["input"], info.extra["output"], threads=threads))
     else:
-        from semsr.methods import get_method
+        from semsr import methods
 
-        run = get_method(method_name, threads=threads, **opts)
+        run = methods.build(method_name, {"threads": threads, **opts})
     load_s = time.perf_counter() - t0
     run(x[..., :16, :16])  # warm-up (kernel selection, lazy init)
     times, cpu_times = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        y = run(x)
+        y = run(x).images
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     if out_npy:

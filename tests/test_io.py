@@ -24,7 +24,7 @@ from semsr.core.io import (
     read_image,
     write_picture,
 )
-from semsr.methods import get_method
+from semsr.methods import build
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -35,7 +35,7 @@ def _rng_image(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bicubic():
-    return get_method("bicubic", scale=2)
+    return build("bicubic", {"scale": 2})
 
 
 # ---------------------------------------------------------------- orientation

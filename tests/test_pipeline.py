@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.core.loading import load_checkpoint, load_controlnet, load_sd, save_checkpoint
+from semsr.core.loading import load_controlnet, load_sd
 from semsr.core.outputs import SROutput
 from semsr.methods.sd_controlnet import SDControlNetOptions
 from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
@@ -393,18 +393,8 @@ def test_cli_wrong_base_is_one_line_error(tmp_path, capsys):
     assert code != 0 and "missing-sd" in err and "Traceback" not in err
 
 
-def test_project_checkpoint_round_trip(tmp_path):
-    tensors = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
-    save_checkpoint(tmp_path / "ck", tensors, {"kind": "test", "width": 4})
-    back, cfg = load_checkpoint(tmp_path / "ck")
-    assert cfg == {"kind": "test", "width": 4} and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    with pytest.raises(UnavailableError, match="model.safetensors"):
-        (tmp_path / "ck" / "model.safetensors").unlink()
-        load_checkpoint(tmp_path / "ck")
-
-
 def test_minilm_fallback_text_encoder(tiny_models, lr, tmp_path):
-    from semsr.pipeline.text import MiniLMTextEncoder
+    from semsr.pipeline.text import MiniLMProjection, MiniLMTextEncoder
 
     p = SDControlNetSR.from_pretrained(tiny_models / "sd-minilm", tiny_models / "controlnet")
     assert isinstance(p.text, MiniLMTextEncoder)
@@ -412,9 +402,13 @@ def test_minilm_fallback_text_encoder(tiny_models, lr, tmp_path):
     assert ctx.shape == (2, 77, 32)
     assert (ctx[0] - ctx[1]).abs().mean() > 1e-4
     assert run(p, lr, steps=2).shape == (1, 3, 128, 160)
-    p.text.save_projection(tmp_path / "proj")
+    p.text.save_projection(tmp_path / "proj")  # the projection is a component folder
+    assert sorted(f.name for f in (tmp_path / "proj").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     again = MiniLMTextEncoder.from_projection(tmp_path / "proj")
+    assert isinstance(again.proj, MiniLMProjection) and again.proj.config.width == 32
     torch.testing.assert_close(again.encode(["a photo of a cat"]), ctx[:1], rtol=0, atol=1e-6)
+    with pytest.raises(UnavailableError, match="no config.json"):
+        MiniLMTextEncoder.from_projection(tmp_path)
 
 
 # ----------------------------------------------------------------------------- CLI

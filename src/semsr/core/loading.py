@@ -15,9 +15,10 @@ Supported layouts:
   layout, loaded through diffusers' ``from_single_file`` with a *local*
   config folder (given, or found next to the file); pickles are loaded with
   ``torch.load(weights_only=True)``;
-- a diffusers ControlNet folder (``config.json`` + weights);
-- project checkpoints: a folder with ``config.json`` + ``model.safetensors``
-  (:func:`save_checkpoint` / :func:`load_checkpoint`).
+- a diffusers ControlNet folder (``config.json`` + weights).
+
+semsr's own checkpoints (components and recipe checkpoint folders) are
+:mod:`semsr.core.components`.
 """
 from __future__ import annotations
 
@@ -29,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.core.io import atomic_write_bytes
 
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -48,8 +48,6 @@ TRANSFORMERS_WEIGHTS = (
     "pytorch_model.bin.index.json",
 )
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_WEIGHTS = "model.safetensors"
 
 
 def ensure_offline() -> None:
@@ -291,30 +289,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UnavailableError(f"unreadable JSON: {_one_line(err)}", path) from err
-
-
-def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write a project checkpoint: ``folder/config.json`` + ``folder/model.safetensors`` (atomically).
-
-    Args:
-        folder: output folder (created).
-        tensors: a state dict; tensors are made contiguous and moved to CPU.
-        config: JSON-serialisable description needed to rebuild the module.
-    """
-    folder = Path(folder)
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(folder / CHECKPOINT_WEIGHTS, save(clean, metadata={"format": "pt"}))
-    atomic_write_bytes(folder / CHECKPOINT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return folder
-
-
-def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a project checkpoint written by :func:`save_checkpoint`; returns ``(tensors, config)``."""
-    folder = Path(folder).expanduser()
-    require(folder, "checkpoint folder")
-    config = _read_json(require(folder / CHECKPOINT_CONFIG, "checkpoint config"))
-    weights = require(folder / CHECKPOINT_WEIGHTS, "checkpoint weights")
-    return load_file(str(weights), device=str(device)), config
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

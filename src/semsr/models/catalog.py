@@ -255,7 +255,7 @@ def default_info(target: ModelInfo) -> ModelInfo:
     return ModelInfo(
         "default", target.scale, "alias", f"bundled default: {target.name}",
         target.package, target.module, target.files, target.licence, alias_of=target.name,
-        folder=target.folder, training_data=target.training_data,
+        folder=target.folder, training_data=target.training_data, uses=target.uses,
     )
 
 

