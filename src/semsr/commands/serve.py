@@ -19,7 +19,7 @@ from pathlib import Path
 from semsr.commands.upscale import _max_pixels
 from semsr.core.errors import SemsrError
 from semsr.methods import resolve
-from semsr.ui.catalog import PATH_OPTIONS
+from semsr.ui.catalog import SERVE_PATHS
 from semsr.ui.server import make_server
 
 log = logging.getLogger("semsr.serve")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights of diffusion methods (local paths)",
         "PATH goes to every method that needs it; METHOD=PATH (repeatable) to that method only, "
         "which is also how a method with packaged weights (default-diffusion) gets other ones")
-    for name in PATH_OPTIONS:
+    for name in SERVE_PATHS:
         g.add_argument(f"--{name}", metavar="[METHOD=]PATH", action="append",
                        help=f"{name} weights for methods that take them")
     p.set_defaults(func=run)
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_jobs < 1:
         raise SemsrError("--max-jobs must be >= 1")
-    paths = {name: scoped_paths(name, getattr(args, name) or []) for name in PATH_OPTIONS}
+    paths = {name: scoped_paths(name, getattr(args, name) or []) for name in SERVE_PATHS}
     try:
         server = make_server(
             args.host, args.port, paths={k: v for k, v in paths.items() if v},

@@ -36,7 +36,7 @@ from semsr.priors.report import PRIORS_IN_PROMPT
 
 #: Weight-path options ``semsr serve`` takes (``--base PATH`` or ``--base METHOD=PATH``) and
 #: gives to the methods that have them.
-PATH_OPTIONS = ("base", "controlnet", "checkpoint", "vlm", "clip")
+SERVE_PATHS = ("base", "controlnet", "checkpoint", "vlm", "clip")
 #: Run options with a fixed place on the page (shown when the method has them).
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
 #: Options the page never renders per method (fixed fields, or sent by the page itself).
@@ -44,8 +44,8 @@ _SKIP = {"tile", "tile_pad", PRIORS_IN_PROMPT, *COMMON_FIELDS}
 
 
 def path_options(spec: MethodSpec) -> list[str]:
-    """The server's weight-path options (:data:`PATH_OPTIONS`) the method has (``spec.weight_paths``)."""
-    return [p for p in PATH_OPTIONS if p in spec.weight_paths]
+    """The server's weight-path options (:data:`SERVE_PATHS`) the method has (``spec.weight_paths``)."""
+    return [p for p in SERVE_PATHS if p in spec.weight_paths]
 
 
 def required_paths(spec: MethodSpec) -> list[str]:
