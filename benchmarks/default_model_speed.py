@@ -33,8 +33,8 @@ def rss_gib() -> float:
 def load_input(path: str | None, size: int) -> torch.Tensor:
     """``(1, 3, size, size)`` in [0, 1]: the photo (default: the bundled sample) resized with MATLAB bicubic."""
     from semsr.core.io import read_image, to_8bit
-    from semsr.ops.imresize import imresize
     from semsr.core.paths import assets_dir
+    from semsr.ops.imresize import imresize
 
     pic = read_image(Path(path) if path else assets_dir() / "sample.png")
     x = torch.from_numpy(to_8bit(pic.rgb).copy()).permute(2, 0, 1)[None].float() / 255.0

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from semsr.core.errors import InputError
-
 from _upscale_helpers import files_in, make_image, run_cli
+from semsr.core.errors import InputError
 
 
 def _one_line_error(err: str, path: Path, words: str) -> None:
@@ -125,7 +124,7 @@ def test_folder_mixing_good_and_bad_files(tmp_path: Path, capsys) -> None:
 def test_interrupted_write_leaves_no_partial_output(tmp_path: Path, capsys, monkeypatch) -> None:
     src = make_image(tmp_path / "a.png")
 
-    def interrupted_save(self, fp, format=None, **kw):  # noqa: A002
+    def interrupted_save(self, fp, format=None, **kw):
         Path(fp).write_bytes(b"\x89PNG half written")
         raise KeyboardInterrupt
 

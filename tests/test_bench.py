@@ -317,7 +317,7 @@ class _Variant:
         return SROutput((y + self.level / 255.0).clamp(0, 1))
 
 
-def _variant_factory(name: str):  # noqa: ANN202
+def _variant_factory(name: str):
     def factory(options: VariantOptions) -> _Variant:
         _Variant.builds.append(options.level)
         return _Variant(name, options.level)
@@ -547,7 +547,7 @@ def test_bench_kinds_are_sub_commands(capsys: pytest.CaptureFixture, monkeypatch
     kind = types.ModuleType("semsr_test_bench_kind")
     seen: list[str] = []
 
-    def register_kind(subparsers) -> None:  # noqa: ANN001
+    def register_kind(subparsers) -> None:
         p = subparsers.add_parser("demo", help="a test kind")
         p.add_argument("--n", type=int, default=1)
         p.set_defaults(func=lambda args: seen.append(f"demo {args.n}") or 0)

@@ -307,7 +307,7 @@ def test_atomic_write_replaces_and_is_readable(tmp_path: Path) -> None:
 
 
 def test_write_picture_failure_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self, fp, format=None, **kw):  # noqa: A002
+    def boom(self, fp, format=None, **kw):
         Path(fp).write_bytes(b"half a png")
         raise KeyboardInterrupt
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from semsr.core.version import __version__
+
 __all__ = ["__version__", "upscale", "load", "Pipeline", "Result"]
 
 

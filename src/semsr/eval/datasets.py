@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from semsr.core.errors import SemsrError
-from semsr.eval.metrics.image import list_images
 from semsr.core.paths import data_root
+from semsr.eval.metrics.image import list_images
 
 # lower-case lookup name -> (display name, folder under data_root, has ground truth)
 BUILTIN: dict[str, tuple[str, str, bool]] = {

@@ -29,16 +29,16 @@ from typing import Any
 
 import torch
 
+from semsr.core.errors import SemsrError
+from semsr.core.paths import cache_dir
 from semsr.data.degradations import DegradationConfig, RealESRGANDegradation
 from semsr.data.degradations.pipeline import image_seed
-from semsr.core.errors import SemsrError
 from semsr.eval import atomic
 from semsr.eval.datasets import Dataset
 from semsr.eval.images import crop_to_multiple, quantize, to_uint8
 from semsr.eval.metrics.base import as_rgb
 from semsr.eval.metrics.image import load_eval_image
 from semsr.ops.imresize import imresize
-from semsr.core.paths import cache_dir
 
 DEGRADATIONS = ("bicubic", "realesrgan")
 REAL = "real"  # degradation label of LR-only sets

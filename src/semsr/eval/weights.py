@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 
 from semsr.core.errors import UnavailableError
 from semsr.core.io import atomic_write_bytes
-from semsr.core.paths import cache_dir, weights_dir as default_weights_dir
+from semsr.core.paths import cache_dir
+from semsr.core.paths import weights_dir as default_weights_dir
 
 PIP_TIMEOUT_S = 900
 

@@ -11,7 +11,7 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 Building blocks live in :mod:`semsr.core.loading` and sibling modules (text, sampler,
 guidance, latent_tiling, colorfix, latent_sr); this module only composes them. Recipe modules
 reuse :func:`controlnet_unet_forward` (the per-step model call, also the
-training forward for the eps-MSE loss), :func:`make_hint`,
+training forward for the eps-MSE loss), :func:`~semsr.pipeline.latent_sr.make_hint`,
 :class:`~semsr.pipeline.latent_sr.LatentSRPipeline` (the shared layout /
 sampling / decoding steps) and :class:`SDControlNetSR` (subclass it or wrap
 :meth:`SDControlNetSR.spatial_denoiser` to add priors/fusion).

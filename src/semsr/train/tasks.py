@@ -265,7 +265,7 @@ class ControlNetSRTask(LatentDiffusionTask):
     """SD + SR ControlNet: frozen VAE, UNet and text encoder; trainable ControlNet.
 
     The LR image, bicubic-upsampled to the HR size exactly as at inference
-    (:func:`semsr.pipeline.sd_controlnet.make_hint`), is the ControlNet hint;
+    (:func:`semsr.pipeline.latent_sr.make_hint`), is the ControlNet hint;
     the loss target is the noise (or velocity, for v-prediction schedulers).
     Captions are replaced by the empty prompt with probability
     ``train.null_prompt_prob`` so classifier-free guidance works at inference.

@@ -160,7 +160,7 @@ class JobQueue:
                 job.message, job.state = err.message, "error"
             except MemoryError:
                 job.message, job.state = "out of memory: try a smaller image or a smaller tile", "error"
-            except Exception as err:  # noqa: BLE001 - reported to the page, logged in full
+            except Exception as err:
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 job.message, job.state = f"internal error: {type(err).__name__}: {err}", "error"
             finally:

@@ -40,7 +40,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -348,10 +347,10 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     # ---------------------------------------------------------- routes
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
         try:
@@ -389,7 +388,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "not found (job not finished?)")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         parts = [p for p in urlparse(self.path).path.split("/") if p]
         try:
             if parts == ["api", "images"]:
@@ -419,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
         except SemsrError as err:
             self._error(400, err.message)
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         parts = [p for p in urlparse(self.path).path.split("/") if p]
         if len(parts) == 3 and parts[:2] == ["api", "jobs"] and self.app.queue.cancel(parts[2]):
             self._json(200, {"cancelled": parts[2]})

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from semsr.core.errors import InputError
+from semsr.eval.weights import find_weight_file, load_state_dict
 from semsr.ops.color import luma
 
 KINDS = ("pixel", "deep", "distribution")
@@ -153,14 +154,10 @@ class BackboneDistance(Metric):
     def backbone_file(path: str | Path | None, files: Sequence[str], what: str,
                       weights_dir: str | Path | None) -> Path:
         """``path``, else the first of ``files`` found in the weights folders (``what`` names it if none is)."""
-        from semsr.eval.weights import find_weight_file
-
         return Path(path) if path else find_weight_file(files, what, weights_dir)
 
     def use_model(self, model: nn.Module, backbone: Path, device: str | torch.device) -> None:
         """Load the torchvision file ``backbone`` into ``model.backbone``; run ``model`` frozen on ``device``."""
-        from semsr.eval.weights import load_state_dict
-
         model.backbone.load_torchvision(load_state_dict(backbone), backbone)
         self.model = model
         self.device = torch.device(device)

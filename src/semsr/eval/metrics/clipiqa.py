@@ -89,7 +89,7 @@ class CLIPIQA(Metric):
         prompts: tuple[str, str] = PROMPTS,
         device: str | torch.device = "cpu",
     ) -> None:
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel  # optional heavy dependency, loaded on first use
 
         folder = Path(clip_path) if clip_path else find_clip_folder(weights_dir)
         try:
