@@ -6,7 +6,7 @@ Recorded by ``python -m tests.reference.record`` into ``tests/data/reference/`` 
 The case *definitions* (:data:`METHOD_CASES`, :data:`TRAIN_CASES`) are plain data: method name, build
 options, run options, input spec; task config, overrides. **Every call into the semsr API is in the
 functions of the section "semsr API calls" below** (``build_method``, ``call_method``,
-``method_options``, ``write_tiny``, ``build_reference_db``, ``train_with_trainer``, ``train_irpad_one_epoch``,
+``method_options``, ``write_tiny``, ``build_reference_db``, ``train_with_trainer``,
 ``train_edge_vq``); when the API changes, adapt those functions only (keep the case data and the
 recorded keys).
 
@@ -60,8 +60,7 @@ class TrainCase:
     """One optimiser step of a training task.
 
     ``kind``: ``"trainer"`` (``config`` YAML through the shared trainer, ``overrides`` as dotted keys),
-    ``"irpad"`` (one epoch of IRPAD training, ``options`` = sizes) or ``"vq"`` (edge VQ steps of the
-    ``edge-vq`` task on synthetic images).
+    or ``"vq"`` (edge VQ steps of the ``edge-vq`` task on synthetic images).
     """
 
     name: str
@@ -151,8 +150,8 @@ TRAIN_CASES: list[TrainCase] = [
               {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.embedder": "clip:{tiny}/clip-vision",
                "model.options.db": "{db}", "model.options.text_decoder": "{tiny}/text-decoder"},
               needs=("db",)),
-    TrainCase("irpad", "irpad", options={"n": 34, "size": 64, "crop": 48, "batch_size": 16,
-                                         "channels": (8, 8, 16), "seed": 0}),
+    TrainCase("irpad", "trainer", "configs/irpad-tiny.yaml",
+              {**_TRAIN_COMMON, "data.crop_size": 64, "model.options.crop": 24}),
     TrainCase("edge-vq", "vq", options={"steps": 1, "batch": 2, "holdout": 1, "modalities": ("canny",),
                                         "lr_scale": 1.0, "seed": 0}),
 ]
@@ -334,27 +333,6 @@ def train_with_trainer(config: Path, overrides: Mapping[str, Any], output: Path)
     return seen
 
 
-def train_irpad_one_epoch(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
-    """IRPAD data made in memory from the bundled sample photo, one epoch of :func:`semsr.train.irpad.train`."""
-    from semsr.core.paths import assets_dir
-    from semsr.train.irpad import TrainSettings, make_in_memory, train
-
-    photo = assets_dir() / "sample.png"
-    data = make_in_memory([photo], int(options["n"]), size=int(options["size"]), seed=int(options["seed"]),
-                          min_texture=0.0)
-    settings = TrainSettings(epochs=1, batch_size=int(options["batch_size"]), channels=tuple(options["channels"]),
-                             crop=int(options["crop"]), seed=int(options["seed"]), threads=1)
-    threads = torch.get_num_threads()
-    try:
-        model, record = train(data, settings, log_fn=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
-    hist = record["history"][0]
-    return {"loss": hist["loss"], "terms": {f"val_{k}": v for k, v in hist["val"].items()},
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "data": torch.from_numpy(np.asarray(data.images[:2])).float()}
-
-
 def train_edge_vq(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options["steps"]`` steps of the ``edge-vq`` task (configs/edge-vq-tiny.yaml) on synthetic rectangles."""
     from PIL import Image
@@ -411,8 +389,6 @@ def run_train_case(case: TrainCase, workdir: Path, tiny_dir: Path | None = None)
         paths = _prepare(case.needs, tiny_dir, work)
         if case.kind == "trainer":
             seen = train_with_trainer(REPO / str(case.config), _fill(dict(case.overrides), paths), work / "run")
-        elif case.kind == "irpad":
-            seen = train_irpad_one_epoch(work, case.options)
         elif case.kind == "vq":
             seen = train_edge_vq(work, case.options)
         else:

@@ -59,8 +59,10 @@ def case_definition(key: str) -> dict[str, Any]:
     return {"type": type(case).__name__, **_jsonable(dataclasses.asdict(case))}
 
 
-def record(out: Path, keys: list[str], log=print) -> dict[str, Any]:  # noqa: ANN001
-    from safetensors.torch import save_file
+def record(out: Path, keys: list[str], log=print, update: str | None = None) -> dict[str, Any]:  # noqa: ANN001
+    """Record ``keys`` into ``out``; with ``update`` (a reason), replace only those cases in the existing
+    recording and note the reason under ``meta["rerecorded"]`` (every other case keeps its tensors)."""
+    from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(THREADS)
     tensors: dict[str, torch.Tensor] = {}
@@ -81,6 +83,16 @@ def record(out: Path, keys: list[str], log=print) -> dict[str, Any]:  # noqa: AN
     order = sorted(C.CASES, key=list(C.CASES).index)
     meta = {"machine": machine(), "cases": {k: case_definition(k) for k in order if k in keys},
             "strings": dict(sorted(strings.items())), "seconds": seconds}
+    if update is not None:
+        old_meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        old = load_file(str(out / "outputs.safetensors"))
+        mine = tuple(f"{k}/" for k in keys)
+        tensors = {**{k: v for k, v in old.items() if not k.startswith(mine)}, **tensors}
+        strings = {**{k: v for k, v in old_meta["strings"].items() if not k.startswith(mine)}, **strings}
+        cases = {**old_meta["cases"], **meta["cases"]}
+        meta = {**old_meta, "cases": {k: cases[k] for k in order if k in cases},
+                "strings": dict(sorted(strings.items())), "seconds": {**old_meta["seconds"], **seconds},
+                "rerecorded": {**old_meta.get("rerecorded", {}), **{k: update for k in keys}}}
     out.mkdir(parents=True, exist_ok=True)
     save_file(dict(sorted(tensors.items())), str(out / "outputs.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -92,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--only", nargs="*", help="case keys (method/<name>, train/<name>); default: all")
     ap.add_argument("--reverse", action="store_true", help="run the cases in reverse order (order-independence check)")
+    ap.add_argument("--update", metavar="REASON",
+                    help="replace only the --only cases in the existing recording, noting REASON in meta.json")
     args = ap.parse_args(argv)
     keys = list(args.only or C.CASES)
     unknown = [k for k in keys if k not in C.CASES]
@@ -100,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reverse:
         keys.reverse()
     t0 = time.perf_counter()
-    record(args.out, keys)
+    if args.update and not args.only:
+        ap.error("--update needs --only")
+    record(args.out, keys, update=args.update)
     print(f"recorded {len(keys)} cases into {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -183,12 +183,12 @@ def _is_number(word: str) -> bool:
 
 def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
     """Second stage: resolve the method, show help or parse its options into ``args.options``."""
-    spec = resolve(args.method or "default")
     if args.help:
-        help_parser(spec if args.method else None).print_help()
+        help_parser(resolve(args.method) if args.method else None).print_help()
         raise SystemExit(0)
     if not args.input:
         help_parser(None).error("the following arguments are required: -i/--input")
+    spec = resolve(args.method or "default")
     args.spec = spec
     args.method = spec.name
     args.options = parse_method_options(spec, rest, fp32=args.fp32)

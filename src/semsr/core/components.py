@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.core.io import atomic_write_bytes
+from semsr.core.io import atomic_folder
 from semsr.core.version import __version__
 
 __all__ = [
@@ -175,13 +173,12 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder: each component with ``save_pretrained`` plus the index.
 
-    The folder is assembled beside ``folder`` and renamed into place, so a
-    reader sees a complete checkpoint or the previous one (which is replaced).
+    The folder is assembled beside ``folder`` and moved into place
+    (:func:`semsr.core.io.atomic_folder`), so a reader sees a complete checkpoint
+    or the previous one (which is replaced).
     """
     folder = Path(folder).expanduser()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         index: dict[str, Any] = {"_class_name": recipe, "_semsr_version": __version__}
         for name, module in components.items():
             if module is None:
@@ -189,17 +186,7 @@ def save_checkpoint(
             index[name] = list(_library_of(module))
             module.save_pretrained(tmp / name, safe_serialization=True)
         index["meta"] = dict(meta or {})
-        atomic_write_bytes(tmp / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            folder.rename(old / "x")
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
 
 

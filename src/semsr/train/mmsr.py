@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import semsr.train.vq  # noqa: F401  (registers the edge-vq task while TASK_MODULES does not list semsr.train.vq)
 from semsr.core.errors import SemsrError
 from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector
 from semsr.fusion.mmsr_conditioning import MMSRConditioning

@@ -62,7 +62,10 @@ log = logging.getLogger(__name__)
 _TASKS: dict[str, type[Task]] = {}
 
 #: Modules imported before a task is looked up; each registers tasks (and loss terms).
-TASK_MODULES: list[str] = ["semsr.train.coser", "semsr.train.mmsr", "semsr.train.xpsr", "semsr.train.default", "semsr.train.rfa_sr", "semsr.train.rfa"]
+TASK_MODULES: list[str] = [
+    "semsr.train.coser", "semsr.train.mmsr", "semsr.train.xpsr", "semsr.train.default", "semsr.train.rfa_sr",
+    "semsr.train.rfa", "semsr.train.irpad", "semsr.train.vq",
+]
 
 
 def import_task_modules() -> None:
@@ -129,6 +132,10 @@ class Task:
     def pixel_multiple(self) -> int:
         """HR sizes must be multiples of this (e.g. the VAE factor); 1 by default."""
         return 1
+
+    def train_items(self, items: list[Any]) -> list[Any]:
+        """The training images this task uses from the listed ones (all by default; a task may hold some out)."""
+        return items
 
 
 def per_sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:

@@ -255,6 +255,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         degrade = make_degrader(cfg.degradation, cfg.data.scale)
         train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
+        train_items = self.task.train_items(train_items)
         dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
         loader = make_loader(dataset, cfg.data.batch_size, start=self.state.samples, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=cfg.data.num_workers)
