@@ -170,7 +170,8 @@ def test_prompt_prefilled_from_priors_and_temperature_sliders(browser_page, tmp_
         arg=before)
     assert page.eval_on_selector("#after", "e => e.naturalWidth") == 64
     out = page.evaluate("state.result")
-    assert out["options"]["priors_in_prompt"] is True and out["options"]["edge_temperature"] == 2.0
+    assert out["options"]["edge_temperature"] == 2.0 and out["options"]["steps"] == 1
+    assert "priors_in_prompt" not in out["options"]  # sent only to methods that have the option (mmsr has not)
     assert "caption_temperature" not in out["options"]  # sliders left at their default are not sent
     assert out["priors"]["prompt"] == "a cat, " + prompt and out["priors"]["caption_source"] == "user"
     assert out["priors"]["modality_temperature"] == {"edge": 2.0}

@@ -26,6 +26,7 @@ shrinking, Lanczos when enlarging, as Real-ESRGAN does).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -77,9 +78,13 @@ def parse_options(spec: MethodSpec, options: MethodOptions | None = None,
     """
     if options is not None and not isinstance(options, spec.options):
         raise OptionError(f"method {spec.name!r} takes {spec.options.__name__}, not {type(options).__name__}")
-    if not values:
-        return options if options is not None else spec.parse()
-    return spec.parse({**(options.values() if options is not None else {}), **values})
+    if options is None:
+        return spec.parse(values)
+    given = {k: v for k, v in (values or {}).items() if v is not None}
+    if not given:
+        return options
+    parsed = spec.parse(given)  # validates the new values (an unknown name names the closest option)
+    return dataclasses.replace(options, **{k: getattr(parsed, k) for k in given})
 
 
 def _options_key(options: MethodOptions) -> tuple[Any, ...]:

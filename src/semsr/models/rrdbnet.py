@@ -24,8 +24,6 @@ Weights come from two sources:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import InputError
+from semsr.core.io import atomic_write
 from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
 LRELU_SLOPE = 0.2
@@ -255,12 +254,5 @@ def rrdbnet_from_pth(path: str | Path) -> RRDBNet:
 
 def save_pth(model: RRDBNet, path: str | Path, key: str = "params_ema") -> None:
     """Save ``model`` as a Real-ESRGAN-style ``{key: state_dict}`` file (atomic)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save({key: model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

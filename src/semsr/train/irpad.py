@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import SemsrError
+from semsr.core.io import IMAGE_EXTENSIONS
 from semsr.core.paths import data_root
 from semsr.data.corpus.crops import load_rgb_uint8, sample_crop_boxes
 from semsr.data.corpus.manifest import Manifest
@@ -95,7 +96,6 @@ from semsr.train.tasks import Task, per_sample_generators, register_task
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 HELD_OUT_PERCENT = 15
 #: Bumped whenever :func:`degrade` or the sampling changes (recorded with generated sets and trained weights).
 PIPELINE_REVISION = 6
@@ -143,7 +143,7 @@ def list_photos(sources: Sequence[str | Path], held_out: bool) -> list[Path]:
             with Manifest(src, readonly=True) as m:
                 files = [src.parent / rec.path for rec in m.images()]
         elif src.is_dir():
-            files = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+            files = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
         else:
             files = [src]
         for f in files:

@@ -192,7 +192,7 @@ class DemoApp:
             if info is not None and info.stage == "build":
                 raise OptionError(f"option {key} of method {spec.name!r} is set by the server (semsr serve), "
                                   f"not by the page")
-            if info is not None and info.widget == "image" and value is not False:
+            if info is not None and info.widget == "image":
                 value = self.image(str(value))["path"]
             values[str(key)] = value
         values.update(entry.get("forced_options") or {})  # save_* switches: side images are shown as priors
