@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def test_recipe_example_is_short() -> None:
 def test_recipe_example_runs_through_the_registry(tiny_models: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(methods.REGISTRY, "entries", dict(methods.REGISTRY.entries))
     module = types.ModuleType("gated_recipe")
+    monkeypatch.setitem(sys.modules, "gated_recipe", module)  # dataclasses look their module up
     exec(compile(_recipe_code(), str(DOC), "exec"), module.__dict__)  # noqa: S102 - our own documentation
     from diffusers import ControlNetModel
 
