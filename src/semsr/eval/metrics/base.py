@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from semsr.core.errors import InputError
-from semsr.eval.weights import find_weight_file, load_state_dict
+from semsr.core.weights import find_weight_file, load_state_dict
 from semsr.ops.color import luma
 
 KINDS = ("pixel", "deep", "distribution")

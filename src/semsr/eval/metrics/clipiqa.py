@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.base import Metric, as_rgb
-from semsr.eval.weights import resolve_weights_dir
+from semsr.core.weights import resolve_weights_dir
 
 PROMPTS = ("Good photo.", "Bad photo.")
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

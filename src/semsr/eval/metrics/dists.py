@@ -22,7 +22,7 @@ import torch.nn as nn
 from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.backbones import VGG16Features
 from semsr.eval.metrics.base import BackboneDistance
-from semsr.eval.weights import VGG16_FILES, load_state_dict, registry_file
+from semsr.core.weights import VGG16_FILES, load_state_dict, registry_file
 
 CHANNELS = (3, 64, 128, 256, 512, 512)
 

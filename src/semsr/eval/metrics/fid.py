@@ -6,7 +6,7 @@ Each image (grey replicated to RGB) is resized to 299x299 (bilinear,
 
     FID = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
 
-Weights (user-provided, see :mod:`semsr.eval.weights`):
+Weights (user-provided, see :mod:`semsr.core.weights`):
 ``pt_inception-2015-12-05-6726825d.pth`` (the TF FID Inception as ported by
 pytorch-fid; values comparable with published FIDs) or, as a fallback,
 torchvision's ``inception_v3_google-0cc3c7bd.pth`` (values NOT comparable
@@ -27,7 +27,7 @@ from semsr.core.errors import InputError, SemsrError, UnavailableError
 from semsr.eval.metrics.backbones import InceptionV3Pool3
 from semsr.eval.metrics.base import Metric, as_image_batch, as_rgb
 from semsr.eval.metrics.image import list_images, load_eval_image
-from semsr.eval.weights import FID_INCEPTION_FILES, TV_INCEPTION_FILES, find_weight_file, load_state_dict
+from semsr.core.weights import FID_INCEPTION_FILES, TV_INCEPTION_FILES, find_weight_file, load_state_dict
 
 ImageLike = torch.Tensor | str | Path
 

@@ -4,7 +4,7 @@
 ``f_l`` the five ReLU stages of the ImageNet backbone applied to
 ``(2x - 1 - shift) / scale`` and ``w_l`` the learned 1x1 linear heads.
 
-Files (see :mod:`semsr.eval.weights`):
+Files (see :mod:`semsr.core.weights`):
 
 - backbone: ``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth`` (torchvision
   ImageNet weights) from the user's weights folder;
@@ -22,7 +22,7 @@ import torch.nn as nn
 from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.backbones import AlexNetFeatures, VGG16Features
 from semsr.eval.metrics.base import BackboneDistance
-from semsr.eval.weights import ALEXNET_FILES, VGG16_FILES, load_state_dict, registry_file
+from semsr.core.weights import ALEXNET_FILES, VGG16_FILES, load_state_dict, registry_file
 
 _BACKBONES = {"alex": (AlexNetFeatures, ALEXNET_FILES, "AlexNet"), "vgg": (VGG16Features, VGG16_FILES, "VGG16")}
 

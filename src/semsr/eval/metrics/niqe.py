@@ -15,7 +15,7 @@ Algorithm (``computequality.m`` / ``computefeature.m`` / ``estimateaggdparam.m``
    against the pristine model ``mu_p, C_p``.
 
 The pristine parameters are the published ones (``niqe_pris_params.npz`` of
-the basicsr 1.4.2 source distribution, see :mod:`semsr.eval.weights`).
+the basicsr 1.4.2 source distribution, see :mod:`semsr.core.weights`).
 Input convention as in the SR literature: Y of MATLAB ``rgb2ycbcr``, rounded.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from scipy.special import gamma as gamma_fn
 
 from semsr.core.errors import InputError, UnavailableError
 from semsr.eval.metrics.base import Metric
-from semsr.eval.weights import registry_file
+from semsr.core.weights import registry_file
 from semsr.ops.color import y_channel_255
 from semsr.ops.imresize import imresize
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from semsr.core.errors import UnavailableError
 from semsr.eval.metrics.base import Metric
-from semsr.eval.weights import user_weight_roots
+from semsr.core.weights import user_weight_roots
 
 
 class _NotImplementedIQA(Metric):

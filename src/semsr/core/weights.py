@@ -1,4 +1,4 @@
-"""Where metric weights come from.
+"""Where weights that semsr does not ship come from (metric backbones, NIQE/LPIPS/DISTS parameters, HED).
 
 Two kinds of files:
 
