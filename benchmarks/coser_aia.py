@@ -14,6 +14,7 @@
    shared CPU), ``sd15`` is the real size (~5.6 GB fp32 with AiA).
    Ratios are to the plain CFG step, all measured in one process, interleaved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,18 @@ def param_counts() -> dict[str, float]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         fusion = AiAFusion.from_unet(unet, init_from_self_attention=False)
-        qformer = Blip2QFormerModel(qformer_config(hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
-                                                   encoder_hidden_size=1024))
-    return {"sd15_unet": count(unet), "aia_blocks": count(fusion.blocks), "lr_encoder": count(fusion.lr_encoder),
-            "ref_encoder": count(fusion.ref_encoder), "aia_total": count(fusion),
-            "qformer_adapter": round(count(qformer) + 50 * 1024 / 1e6, 2), "srresnet": count(SRResNet())}
+        qformer = Blip2QFormerModel(
+            qformer_config(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, encoder_hidden_size=1024)
+        )
+    return {
+        "sd15_unet": count(unet),
+        "aia_blocks": count(fusion.blocks),
+        "lr_encoder": count(fusion.lr_encoder),
+        "ref_encoder": count(fusion.ref_encoder),
+        "aia_total": count(fusion),
+        "qformer_adapter": round(count(qformer) + 50 * 1024 / 1e6, 2),
+        "srresnet": count(SRResNet()),
+    }
 
 
 def step_times(kind: str, latent: int, repeats: int) -> dict[str, float]:
@@ -77,8 +85,15 @@ def step_times(kind: str, latent: int, repeats: int) -> dict[str, float]:
             refs = [fusion.ref_features(r, t) for r in (z_ref, z_zero)[: 1 if branches == 1 else 2]]
             per_branch = {1: [0], 2: [1, 0], 3: [1, 0, 0]}[branches]
             ref_all = [torch.cat([refs[i][lvl] for i in per_branch]) for lvl in range(len(lr_feats))]
-            fusion.unet_forward(unet, x.repeat(branches, 1, 1, 1), t, ctx.repeat(branches, 1, 1),
-                                [f.repeat(branches, 1, 1, 1) for f in lr_feats], ref_all)
+            fusion.unet_forward(
+                unet,
+                x.repeat(branches, 1, 1, 1),
+                t,
+                ctx.repeat(branches, 1, 1),
+                [f.repeat(branches, 1, 1, 1) for f in lr_feats],
+                ref_all,
+            )
+
         return run
 
     cases = {"plain_cfg_2": plain_cfg, "aia_1": aia(1), "aia_cfg_2": aia(2), "aia_cfg_3": aia(3)}
@@ -109,15 +124,26 @@ def main() -> None:
         print(f"  {k:16s} {v:9.2f}")
     secs = step_times(args.unet, args.latent, args.repeats)
     base = secs["plain_cfg_2"]
-    print(f"\nseconds per step ({args.unet} UNet, latent {args.latent}, {args.threads} thread(s), best of "
-          f"{args.repeats})")
+    print(
+        f"\nseconds per step ({args.unet} UNet, latent {args.latent}, {args.threads} thread(s), best of {args.repeats})"
+    )
     print(f"  {'case':14s} {'seconds':>8s} {'ratio':>6s}")
     for k, v in secs.items():
         print(f"  {k:14s} {v:8.3f} {v / base:6.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"params_millions": params, "unet": args.unet, "latent": args.latent,
-                                         "threads": args.threads, "seconds_per_step": secs,
-                                         "ratio_to_plain_cfg": {k: v / base for k, v in secs.items()}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "params_millions": params,
+                    "unet": args.unet,
+                    "latent": args.latent,
+                    "threads": args.threads,
+                    "seconds_per_step": secs,
+                    "ratio_to_plain_cfg": {k: v / base for k, v in secs.items()},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

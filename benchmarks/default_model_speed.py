@@ -14,6 +14,7 @@ Prints a table; ``--json PATH`` writes the rows.
 
     python benchmarks/default_model_speed.py --size 256 --steps 1 4 --threads 2 --json speed.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,23 @@ def cli_run(x: torch.Tensor, checkpoint: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "input.png"
         Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(src)
-        cmd = [sys.executable, "-m", "semsr", "upscale", "-i", str(src), "-o", str(Path(tmp) / "out"),
-               "--method", "default-diffusion", "--checkpoint", checkpoint, "--threads", str(threads), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "semsr",
+            "upscale",
+            "-i",
+            str(src),
+            "-o",
+            str(Path(tmp) / "out"),
+            "--method",
+            "default-diffusion",
+            "--checkpoint",
+            checkpoint,
+            "--threads",
+            str(threads),
+            "--no-progress",
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - t0
@@ -93,8 +109,14 @@ def main() -> int:
         options = spec.parse({"checkpoint": ck, "steps": steps})
         t0 = time.perf_counter()
         y = method(x, options).images
-        rows.append({"what": "default-diffusion", "steps": steps, "seconds": time.perf_counter() - t0,
-                     "peak_rss_gib": rss_gib()})
+        rows.append(
+            {
+                "what": "default-diffusion",
+                "steps": steps,
+                "seconds": time.perf_counter() - t0,
+                "peak_rss_gib": rss_gib(),
+            }
+        )
     print(f"input {args.size}x{args.size} -> {tuple(y.shape[-2:])}, threads {args.threads}")
     print(f"{'what':<20}{'steps':>6}{'seconds':>10}{'peak RSS GiB':>14}")
     for r in rows:

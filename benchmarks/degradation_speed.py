@@ -8,6 +8,7 @@ a 21x21 blur through :func:`filter2d` (FFT) against a direct grouped
 pipeline per image (median over seeds, so over the random paths), and prints
 a table (milliseconds, median of ``--repeats`` runs).
 """
+
 from __future__ import annotations
 
 import argparse

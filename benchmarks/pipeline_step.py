@@ -23,6 +23,7 @@ Models are built locally from the published SD-1.5 configs
 (:mod:`semsr.pipeline.sd_configs`) with random weights: nothing is downloaded.
 The ControlNet is ``ControlNetModel.from_unet`` (SD-1.5 ControlNet size).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,14 @@ def worker_step(cfg: dict, reps: int) -> dict:
             out = controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
             times.append(time.perf_counter() - t0)
     assert torch.isfinite(out.float()).all()
-    return {"seconds_per_step": min(times), "seconds_per_step_all": times, "warmup_seconds": warm,
-            "peak_rss_mb": _rss_mb("VmHWM"), "rss_after_load_mb": rss_loaded, "config": cfg}
+    return {
+        "seconds_per_step": min(times),
+        "seconds_per_step_all": times,
+        "warmup_seconds": warm,
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "rss_after_load_mb": rss_loaded,
+        "config": cfg,
+    }
 
 
 def worker_e2e(size: int, dtype: str) -> dict:
@@ -128,8 +135,16 @@ def worker_e2e(size: int, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tiny_clip_tokenizer(Path(tmp))  # ids < 49408; the SD vocabulary is not shipped
     text = CLIPTextConditioner(tokenizer, parts["text_encoder"])
-    pipe = SDControlNetSR(vae=parts["vae"], unet=parts["unet"], controlnet=new_controlnet(parts["unet"]), text=text,
-                          scheduler_config=SD15_SCHEDULER, dtype=dtype, scale=4, options_class=SDControlNetOptions)
+    pipe = SDControlNetSR(
+        vae=parts["vae"],
+        unet=parts["unet"],
+        controlnet=new_controlnet(parts["unet"]),
+        text=text,
+        scheduler_config=SD15_SCHEDULER,
+        dtype=dtype,
+        scale=4,
+        options_class=SDControlNetOptions,
+    )
     del parts
     gc.collect()
     build_seconds = time.perf_counter() - t_build
@@ -143,12 +158,22 @@ def worker_e2e(size: int, dtype: str) -> dict:
     assert out.images.shape == (1, 3, size, size)
     tm = out.timings
     fixed = total - tm["denoise"]
-    return {"measured": True, "output": f"{size}x{size}", "dtype": dtype, "threads": torch.get_num_threads(),
-            "build_seconds": build_seconds, "seconds_1_step": total, "cpu_seconds_1_step": cpu, "seconds_per_step": tm["denoise"],
-            "encode_seconds": tm["encode"], "decode_seconds": tm["decode"],
-            "estimated_seconds_20_steps": fixed + 20 * tm["denoise"],
-            "latent_tile": pipe.resolve_latent_tile((size // 8, size // 8), None),
-            "peak_rss_mb": _rss_mb("VmHWM"), "rss_after_load_mb": rss_loaded}
+    return {
+        "measured": True,
+        "output": f"{size}x{size}",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "build_seconds": build_seconds,
+        "seconds_1_step": total,
+        "cpu_seconds_1_step": cpu,
+        "seconds_per_step": tm["denoise"],
+        "encode_seconds": tm["encode"],
+        "decode_seconds": tm["decode"],
+        "estimated_seconds_20_steps": fixed + 20 * tm["denoise"],
+        "latent_tile": pipe.resolve_latent_tile((size // 8, size // 8), None),
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "rss_after_load_mb": rss_loaded,
+    }
 
 
 COMPILE_TARGETS = ("unet", "down-block", "transformer")
@@ -213,13 +238,26 @@ def worker_compile(target: str, mode: str, reps: int, dtype_name: str) -> dict:
             eager.append(timed(module)[0])
             comp.append(timed(compiled)[0])
     diff = (out.float() - ref.float()).abs().max().item()
-    return {"target": target, "mode": mode, "dtype": dtype_name, "params_m": params_m,
-            "threads": torch.get_num_threads(), "compile_seconds": first - min(comp),
-            "first_compiled_call_seconds": first, "second_compiled_call_seconds": second,
-            "eager_warmup_seconds": eager_warm, "eager_seconds": min(eager), "compiled_seconds": min(comp),
-            "eager_seconds_all": eager, "compiled_seconds_all": comp, "speedup": min(eager) / min(comp),
-            "speedup_median": statistics.median(eager) / statistics.median(comp),
-            "max_abs_diff": diff, "ref_abs_max": ref.float().abs().max().item(), "peak_rss_mb": _rss_mb("VmHWM")}
+    return {
+        "target": target,
+        "mode": mode,
+        "dtype": dtype_name,
+        "params_m": params_m,
+        "threads": torch.get_num_threads(),
+        "compile_seconds": first - min(comp),
+        "first_compiled_call_seconds": first,
+        "second_compiled_call_seconds": second,
+        "eager_warmup_seconds": eager_warm,
+        "eager_seconds": min(eager),
+        "compiled_seconds": min(comp),
+        "eager_seconds_all": eager,
+        "compiled_seconds_all": comp,
+        "speedup": min(eager) / min(comp),
+        "speedup_median": statistics.median(eager) / statistics.median(comp),
+        "max_abs_diff": diff,
+        "ref_abs_max": ref.float().abs().max().item(),
+        "peak_rss_mb": _rss_mb("VmHWM"),
+    }
 
 
 def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: str | None = None) -> dict:
@@ -234,8 +272,9 @@ def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: s
         cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", out]
         with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache or fresh}
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+            )
             try:
                 _, stderr = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -261,7 +300,9 @@ def _print_tables(results: dict) -> None:
         if "error" in r:
             print(f"{name:<14} error: {r['error']}")
         else:
-            print(f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}")
+            print(
+                f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}"
+            )
     sizes = [k for k in results if k.startswith("e2e_")]
     if sizes:
         print("\nend-to-end     s (1 step)   s/step   encode s   decode s   est. 20 steps s   peak RSS MB")
@@ -270,9 +311,11 @@ def _print_tables(results: dict) -> None:
         if "error" in r:
             print(f"{key:<14} error: {r['error']}")
         else:
-            print(f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
-                  f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
-                  f"   {r['peak_rss_mb']:>11.0f}")
+            print(
+                f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
+                f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
+                f"   {r['peak_rss_mb']:>11.0f}"
+            )
 
 
 def _print_compile_table(results: dict) -> None:
@@ -280,17 +323,21 @@ def _print_compile_table(results: dict) -> None:
     if not keys:
         return
     print("\n(s/fwd: min of the interleaved rounds; speedup: eager/compiled of the min and of the median)")
-    print("torch.compile run                     compile s   eager s/fwd   compiled s/fwd   speedup min  median"
-          "   max|diff|   peak RSS MB")
+    print(
+        "torch.compile run                     compile s   eager s/fwd   compiled s/fwd   speedup min  median"
+        "   max|diff|   peak RSS MB"
+    )
     for key in keys:
         r = results[key]
         if "error" in r:
             print(f"{key.removeprefix('compile_'):<36} error: {r['error']}")
         else:
             med = statistics.median(r["eager_seconds_all"]) / statistics.median(r["compiled_seconds_all"])
-            print(f"{key.removeprefix('compile_'):<36} {r['compile_seconds']:>10.1f}   {r['eager_seconds']:>11.2f}   "
-                  f"{r['compiled_seconds']:>14.2f}   {r['speedup']:>11.2f}  {med:>6.2f}   {r['max_abs_diff']:>9.1e}"
-                  f"   {r['peak_rss_mb']:>11.0f}")
+            print(
+                f"{key.removeprefix('compile_'):<36} {r['compile_seconds']:>10.1f}   {r['eager_seconds']:>11.2f}   "
+                f"{r['compiled_seconds']:>14.2f}   {r['speedup']:>11.2f}  {med:>6.2f}   {r['max_abs_diff']:>9.1e}"
+                f"   {r['peak_rss_mb']:>11.0f}"
+            )
 
 
 def main() -> int:
@@ -303,15 +350,21 @@ def main() -> int:
     ap.add_argument("--e2e-sizes", default="512,2048", help="end-to-end output sizes; '' = none")
     ap.add_argument("--skip-2048", action="store_true", help="same as --e2e-sizes 512")
     ap.add_argument("--skip-e2e", action="store_true", help="same as --e2e-sizes ''")
-    ap.add_argument("--compile", default="", help=f"torch.compile vs eager on these pieces ({', '.join(COMPILE_TARGETS)}); "
-                    "default none")
+    ap.add_argument(
+        "--compile",
+        default="",
+        help=f"torch.compile vs eager on these pieces ({', '.join(COMPILE_TARGETS)}); default none",
+    )
     ap.add_argument("--compile-modes", default="default,freeze", help=f"compile modes ({', '.join(COMPILE_MODES)})")
     ap.add_argument("--compile-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--compile-reps", type=int, default=3, help="interleaved eager/compiled rounds (min is reported)")
     ap.add_argument("--compile-timeout", type=float, default=1200.0, help="seconds before a compile worker is killed")
-    ap.add_argument("--compile-cache", metavar="DIR",
-                    help="inductor cache folder shared by the compile runs (default: a fresh one per run, i.e. "
-                         "cold-cache compile times; run twice with the same DIR for warm-cache times)")
+    ap.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="inductor cache folder shared by the compile runs (default: a fresh one per run, i.e. "
+        "cold-cache compile times; run twice with the same DIR for warm-cache times)",
+    )
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -340,8 +393,12 @@ def main() -> int:
         print(f"[{key}] ...", flush=True)
         start, t0 = os.getloadavg(), time.perf_counter()
         results[key] = _run_worker(worker_args, timeout, cache)
-        runs[key] = {"start": start, "end": os.getloadavg(), "process_wall_seconds": time.perf_counter() - t0,
-                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        runs[key] = {
+            "start": start,
+            "end": os.getloadavg(),
+            "process_wall_seconds": time.perf_counter() - t0,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         print(f"  {results[key]}", flush=True)
         save()
 
@@ -349,16 +406,21 @@ def main() -> int:
     for name in configs:
         measure(name, ["step", name, str(args.reps)])
     timed = {k: v for k, v in results.items() if k in CONFIGS and "seconds_per_step" in v}
-    e2e_dtype = args.e2e_dtype or (CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"]
-                                   if timed else "fp32")
+    e2e_dtype = args.e2e_dtype or (
+        CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"] if timed else "fp32"
+    )
     sizes = "" if args.skip_e2e else "512" if args.skip_2048 else args.e2e_sizes
     for size in [int(s) for s in sizes.split(",") if s]:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype])
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
-            measure(key, ["compile", target, mode, str(args.compile_reps), args.compile_dtype], args.compile_timeout,
-                    args.compile_cache)
+            measure(
+                key,
+                ["compile", target, mode, str(args.compile_reps), args.compile_dtype],
+                args.compile_timeout,
+                args.compile_cache,
+            )
             if args.compile_cache:
                 results[key]["inductor_cache"] = "shared: " + args.compile_cache
                 save()

@@ -17,6 +17,7 @@ Usage::
 The input is a centre crop of Set5 ``baby.png`` (512x512) from the data root,
 or a synthetic picture when the data is absent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,16 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
     "bicubic": ("bicubic", {}, "MATLAB bicubic x4 (semsr.ops.imresize)"),
     "torch-fp32": ("realesrgan-x4plus", {"dtype": "fp32", "channels_last": False}, "RRDBNet fp32, NCHW"),
     "torch-fp32-cl": ("realesrgan-x4plus", {"dtype": "fp32", "channels_last": True}, "RRDBNet fp32, channels_last"),
-    "torch-bf16-cl": ("realesrgan-x4plus", {"dtype": "bf16", "channels_last": True}, "RRDBNet bf16 weights, channels_last"),
-    "torch-fp16-cl": ("realesrgan-x4plus", {"dtype": "fp16", "channels_last": True, "device": "cuda"},
-                      "RRDBNet fp16 weights, channels_last (CUDA only: fp16 is refused on CPU)"),
+    "torch-bf16-cl": (
+        "realesrgan-x4plus",
+        {"dtype": "bf16", "channels_last": True},
+        "RRDBNet bf16 weights, channels_last",
+    ),
+    "torch-fp16-cl": (
+        "realesrgan-x4plus",
+        {"dtype": "fp16", "channels_last": True, "device": "cuda"},
+        "RRDBNet fp16 weights, channels_last (CUDA only: fp16 is refused on CPU)",
+    ),
     "torch-default": ("realesrgan-x4plus", {}, "RRDBNet with semsr's CPU defaults"),
     "ncnn": ("ncnn:realesrgan-x4plus", {}, "ncnn runtime, same blob"),
     "realcugan-4x": ("realcugan-4x", {}, "Real-CUGAN SE 4x, ncnn runtime"),
@@ -116,8 +124,18 @@ def run_all(configs: list[str], sizes: list[int], threads: int, repeats: int) ->
             outputs: dict[str, str] = {}
             for config in configs:
                 npy = os.path.join(tmp, f"{config}-{size}.npy") if config in RRDB_CONFIGS else None
-                cmd = [sys.executable, __file__, "--worker", config, "--sizes", str(size),
-                       "--threads", str(threads), "--repeats", str(repeats)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    config,
+                    "--sizes",
+                    str(size),
+                    "--threads",
+                    str(threads),
+                    "--repeats",
+                    str(repeats),
+                ]
                 if npy:
                     cmd += ["--out-npy", npy]
                 print(f"[{config} @ {size}x{size}] ...", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ the run's ``log.jsonl``), samples per second, total wall time of the run
 The ``ddp2`` variant runs two processes under ``accelerate launch
 --multi_gpu`` (gloo on CPU) with batch 1 each, the same global batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,44 @@ VARIANTS: dict[str, list[str]] = {
 
 def run_variant(name: str, steps: int, workdir: Path) -> dict:
     out = workdir / name
-    args = ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--output", str(out),
-            "--max-steps", str(steps), "validation.every=0", "checkpoint.every=0", *VARIANTS[name]]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--output",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "validation.every=0",
+        "checkpoint.every=0",
+        *VARIANTS[name],
+    ]
     if name == "ddp2":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "semsr.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "semsr.cli",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "semsr.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a fresh wrapper per variant, so RUSAGE_CHILDREN covers only this variant's processes
-    wrapper = ("import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-               "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    wrapper = (
+        "import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -57,9 +85,15 @@ def run_variant(name: str, steps: int, workdir: Path) -> dict:
     secs = [r["sec"] for r in train[2:]] or [r["sec"] for r in train]
     per_step = statistics.median(secs)
     samples_per_step = train[-1]["samples"] / train[-1]["step"]
-    return {"variant": name, "steps": len(train), "sec_per_step": round(per_step, 4),
-            "samples_per_sec": round(samples_per_step / per_step, 2), "process_wall_s": round(wall, 1),
-            "peak_rss_mb_per_process": round(peak_mb, 1), "final_loss": round(train[-1]["loss"], 5)}
+    return {
+        "variant": name,
+        "steps": len(train),
+        "sec_per_step": round(per_step, 4),
+        "samples_per_sec": round(samples_per_step / per_step, 2),
+        "process_wall_s": round(wall, 1),
+        "peak_rss_mb_per_process": round(peak_mb, 1),
+        "final_loss": round(train[-1]["loss"], 5),
+    }
 
 
 def main() -> int:

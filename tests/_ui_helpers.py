@@ -1,4 +1,5 @@
 """Shared helpers of the web-demo tests: free ports and a `semsr serve` subprocess."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,14 @@ def serve(*extra: str, cwd: Path | None = None) -> Iterator[tuple[str, float]]:
     """Run ``semsr serve --port <free> *extra``; yield ``(base_url, seconds_to_first_200)``."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "semsr", "serve", "--port", str(port), *extra],
-                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "semsr", "serve", "--port", str(port), *extra],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         seconds = wait_http(url, 60, proc)

@@ -1,4 +1,5 @@
 """Helpers shared by the ``semsr upscale`` CLI tests (test_upscale_cli.py, test_bad_input.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

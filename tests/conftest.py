@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Area-specific fixtures live in the area's test files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_thread():  # noqa: ANN201
+def one_thread():
     """One intra-op torch thread for a module of tiny-model tests (two threads spin against each
     other on the shared cores). Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     import torch

@@ -1,4 +1,5 @@
 """Shared pieces of the RFA tests (tests/test_rfa.py, tests/test_rfa_train.py)."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """semsr.load(...) -> Pipeline -> Result (image, priors, timings); the priors/suggest protocol; typed options."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -165,13 +166,16 @@ def test_default_options_are_parsed_by_the_targets_class():
     assert not api._cache
 
 
-@pytest.mark.parametrize(("values", "match"), [
-    ({"tile": "abc"}, "option tile: expected an integer, got 'abc'"),
-    ({"steps": 1.5}, "option steps: expected an integer, got 1.5"),
-    ({"steps": 1e30}, "option steps: must be <= 1000, got 1e+30"),
-    ({"tile": 1e30}, "option tile: must be <= 1048576, got 1e+30"),
-    ({"seed": True}, "option seed: expected an integer, got True"),
-])
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"tile": "abc"}, "option tile: expected an integer, got 'abc'"),
+        ({"steps": 1.5}, "option steps: expected an integer, got 1.5"),
+        ({"steps": 1e30}, "option steps: must be <= 1000, got 1e+30"),
+        ({"tile": 1e30}, "option tile: must be <= 1048576, got 1e+30"),
+        ({"seed": True}, "option seed: expected an integer, got True"),
+    ],
+)
 def test_mistyped_values_are_one_line(values: dict[str, Any], match: str):
     with pytest.raises(OptionError) as err:
         semsr.upscale(np.zeros((4, 4, 3), np.uint8), model="test-reporter", **values)

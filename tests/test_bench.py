@@ -1,4 +1,5 @@
 """Tests of the benchmark harness: datasets, LR sets, runner (cache/resume), report, `semsr bench`."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ ANCHORS = {"Set5": (28.42, 0.8104), "Set14": (26.00, 0.7027)}
 # --------------------------------------------------------------------------- fixtures
 
 
-def _write_images(folder: Path, n: int, size: tuple[int, int] = (96, 80), grey: tuple[int, ...] = (), seed: int = 0) -> Path:
+def _write_images(
+    folder: Path, n: int, size: tuple[int, int] = (96, 80), grey: tuple[int, ...] = (), seed: int = 0
+) -> Path:
     """Smooth random test images (a structured pattern plus noise), uint8 PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -83,8 +86,9 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _config(datasets: list[str], **kw: object) -> BenchConfig:
     from semsr.eval.datasets import parse_datasets
 
-    base = dict(methods=["test-nearest"], datasets=parse_datasets(datasets), isolate=False,
-                metrics=["psnr", "psnry", "ssim"])
+    base = dict(
+        methods=["test-nearest"], datasets=parse_datasets(datasets), isolate=False, metrics=["psnr", "psnry", "ssim"]
+    )
     base.update(kw)
     return BenchConfig(**base)  # type: ignore[arg-type]
 
@@ -97,8 +101,26 @@ def test_bicubic_anchor_set5_set14_via_cli(data_dir: Path, tmp_path: Path, capsy
     out = tmp_path / "r.json"
     threads = torch.get_num_threads()
     try:  # one thread: much faster than oversubscribed OpenMP on a busy 2-core machine
-        code = main(["bench", "--methods", "bicubic", "--datasets", "Set5,Set14", "--degradation", "bicubic",
-                     "--scale", "4", "--metrics", "psnr,psnry,ssim", "--json", str(out), "-q", "--threads", "1"])
+        code = main(
+            [
+                "bench",
+                "--methods",
+                "bicubic",
+                "--datasets",
+                "Set5,Set14",
+                "--degradation",
+                "bicubic",
+                "--scale",
+                "4",
+                "--metrics",
+                "psnr,psnry,ssim",
+                "--json",
+                str(out),
+                "-q",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -108,8 +130,16 @@ def test_bicubic_anchor_set5_set14_via_cli(data_dir: Path, tmp_path: Path, capsy
     assert set(rows) == {"Set5", "Set14"}
     for name, (psnry, ssim) in ANCHORS.items():
         r = rows[name]
-        assert set(r) >= {"method", "dataset", "degradation", "scale", "metrics", "seconds_per_image",
-                          "peak_rss_mb", "n_images"}
+        assert set(r) >= {
+            "method",
+            "dataset",
+            "degradation",
+            "scale",
+            "metrics",
+            "seconds_per_image",
+            "peak_rss_mb",
+            "n_images",
+        }
         assert (r["method"], r["degradation"], r["scale"]) == ("bicubic", "bicubic", 4)
         assert r["n_images"] == {"Set5": 5, "Set14": 14}[name]
         assert set(r["metrics"]) == {"psnr", "psnry", "ssim"}
@@ -160,7 +190,9 @@ def test_limit_and_folder_dataset(tmp_path: Path, fresh_cache: Path, nearest_met
     assert 10 < row.metrics["psnry"] < 60 and 0 < row.metrics["ssim"] < 1
 
 
-def test_lr_only_set_gets_no_reference_metrics(tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest]) -> None:
+def test_lr_only_set_gets_no_reference_metrics(
+    tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest]
+) -> None:
     folder = _write_images(tmp_path / "real", 2, size=(48, 40))
     result = run_bench(_config(["lr:" + str(folder)], metrics=["psnry", "ssim", "niqe"]))
     (row,) = result.rows
@@ -193,7 +225,10 @@ def test_lrset_manifest_and_realesrgan_determinism(tmp_path: Path, monkeypatch: 
     assert shas[0] == shas[1], "the same seed must give byte-identical LR inputs"
     assert shas[0][0] != shas[0][1]
     other = prepare(ds, "realesrgan", 4, seed=4)
-    assert json.loads((other.images[0].lr_path.parent / MANIFEST).read_text())["images"]["img00.png"]["lr_sha256"] != shas[0][0]
+    assert (
+        json.loads((other.images[0].lr_path.parent / MANIFEST).read_text())["images"]["img00.png"]["lr_sha256"]
+        != shas[0][0]
+    )
 
 
 def test_report_files(tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest]) -> None:
@@ -201,8 +236,9 @@ def test_report_files(tmp_path: Path, fresh_cache: Path, nearest_method: type[_N
 
     hr = _write_images(tmp_path / "hr", 3, size=(128, 128))
     real = _write_images(tmp_path / "real", 2, size=(40, 40), seed=1)
-    result = run_bench(_config([str(hr), "lr:" + str(real)], methods=["bicubic", "test-nearest"],
-                               metrics=["psnry", "niqe"]))
+    result = run_bench(
+        _config([str(hr), "lr:" + str(real)], methods=["bicubic", "test-nearest"], metrics=["psnry", "niqe"])
+    )
     out = tmp_path / "report"
     with ResultCache() as cache:
         files = write_report(result, cache, out, images_per_set=2, crop=64)
@@ -248,7 +284,9 @@ def test_scale_mismatch_is_reported(tmp_path: Path, fresh_cache: Path, nearest_m
 # --------------------------------------------------------------------------- unavailable and set-level metrics
 
 
-def test_unavailable_metric_is_reported_not_skipped(tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest]) -> None:
+def test_unavailable_metric_is_reported_not_skipped(
+    tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest]
+) -> None:
     from semsr.eval.runner import rows_to_json
 
     folder = _write_images(tmp_path / "hr", 1)
@@ -259,8 +297,9 @@ def test_unavailable_metric_is_reported_not_skipped(tmp_path: Path, fresh_cache:
     assert doc["rows"][0]["metrics"]["lpips"] is None and "lpips" in doc["rows"][0]["unavailable"]
 
 
-def test_set_level_metric_gets_folders_of_sr_and_gt(tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_set_level_metric_gets_folders_of_sr_and_gt(
+    tmp_path: Path, fresh_cache: Path, nearest_method: type[_Nearest], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """FID-like metrics receive one folder of SR outputs and one of ground truths (cached per image set)."""
     import semsr.eval.metrics as metrics_pkg
     from semsr.eval.metrics.image import list_images
@@ -326,8 +365,9 @@ def _variant_factory(name: str):
 
 
 def _variant_spec(name: str, **kw: object) -> methods.MethodSpec:
-    return methods.MethodSpec(name, _variant_factory(name), VariantOptions, 4, "test variants",
-                              weight_paths=("checkpoint",), **kw)  # type: ignore[arg-type]
+    return methods.MethodSpec(
+        name, _variant_factory(name), VariantOptions, 4, "test variants", weight_paths=("checkpoint",), **kw
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture()
@@ -345,39 +385,58 @@ TILES = {"tile": 512, "tile_pad": 16}  # the bench's tile settings, part of ever
 def test_split_and_parse_method_entries() -> None:
     text = "default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3],realesrgan-x4plus"
     parts = split_methods(text)
-    assert parts == ["default", "default[steps=1]", "default[no_edge_prior]", "default[steps=8,seed=3]",
-                     "realesrgan-x4plus"]
+    assert parts == [
+        "default",
+        "default[steps=1]",
+        "default[no_edge_prior]",
+        "default[steps=8,seed=3]",
+        "realesrgan-x4plus",
+    ]
     assert [parse_method_entry(p).label for p in parts] == parts
     e = parse_method_entry(" a[ x = 2 , no-edge , g=0.5, on=TRUE, off=false, p=/runs/r1/final, v=1e-3 ] ")
     assert e.name == "a"
-    assert e.opts == {"x": "2", "no_edge": True, "g": "0.5", "on": "TRUE", "off": "false", "p": "/runs/r1/final",
-                      "v": "1e-3"}  # text: the method's options class reads it
+    assert e.opts == {
+        "x": "2",
+        "no_edge": True,
+        "g": "0.5",
+        "on": "TRUE",
+        "off": "false",
+        "p": "/runs/r1/final",
+        "v": "1e-3",
+    }  # text: the method's options class reads it
     assert e.label == "a[x=2,no_edge,g=0.5,on=TRUE,off=false,p=/runs/r1/final,v=1e-3]"
     assert parse_method_entry("bicubic").opts == {} and split_methods(" a , ,b ") == ["a", "b"]
 
 
-@pytest.mark.parametrize("text, match", [
-    ("a[steps=1", "unbalanced"),
-    ("a]steps=1[", "unbalanced"),
-    ("a[steps=1]]", "unbalanced"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("a[steps=1", "unbalanced"),
+        ("a]steps=1[", "unbalanced"),
+        ("a[steps=1]]", "unbalanced"),
+    ],
+)
 def test_split_rejects_unbalanced_brackets(text: str, match: str) -> None:
     with pytest.raises(SemsrError, match=match):
         split_methods(text)
 
 
-@pytest.mark.parametrize("entry", ["a[]", "a[=3]", "a[steps=1,]", "a[x y=1]", "a[steps=]", "a[s=1,s=2]",
-                                   "[steps=1]", "a[b[c]]", "a[x=1]tail", "a]"])
+@pytest.mark.parametrize(
+    "entry",
+    ["a[]", "a[=3]", "a[steps=1,]", "a[x y=1]", "a[steps=]", "a[s=1,s=2]", "[steps=1]", "a[b[c]]", "a[x=1]tail", "a]"],
+)
 def test_parse_rejects_malformed_entries(entry: str) -> None:
     with pytest.raises(SemsrError) as err:
         parse_method_entry(entry)
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("methods_arg", ["bicubic,bicubic[steps=1", "bicubic,no-such-method[steps=1]",
-                                         "bicubic,bicubic[steps=1,]"])
-def test_malformed_methods_fail_before_any_work(tmp_path: Path, fresh_cache: Path, methods_arg: str,
-                                                capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "methods_arg", ["bicubic,bicubic[steps=1", "bicubic,no-such-method[steps=1]", "bicubic,bicubic[steps=1,]"]
+)
+def test_malformed_methods_fail_before_any_work(
+    tmp_path: Path, fresh_cache: Path, methods_arg: str, capsys: pytest.CaptureFixture
+) -> None:
     folder = _write_images(tmp_path / "hr", 1)
     code = main(["bench", "--methods", methods_arg, "--datasets", str(folder), "--no-isolate"])
     err = capsys.readouterr().err.strip()
@@ -399,8 +458,14 @@ def test_build_and_run_options_are_routed(tmp_path: Path, fresh_cache: Path, var
     assert psnr["test-variant"] == psnr["test-variant[steps=3,flag]"] != psnr["test-variant[level=9]"]
     for label in labels:  # each variant has its own SR files
         assert result.sr_path(label, result.lrsets[0], result.lrsets[0].images[0]).is_file()
-    again = run_bench(_config([str(folder)], methods=entries[::-1] + ["test-variant[level=09,steps=3]"],
-                              method_opts={"level": "5"}, metrics=["psnr"]))
+    again = run_bench(
+        _config(
+            [str(folder)],
+            methods=entries[::-1] + ["test-variant[level=09,steps=3]"],
+            method_opts={"level": "5"},
+            metrics=["psnr"],
+        )
+    )
     assert len(variant_method.calls) == 8 and again.stats.upscale_cached == 8
     assert [r.method for r in again.rows] == labels[::-1], "a repeated entry (values as parsed) is one row"
     assert again.method_keys == result.method_keys
@@ -419,8 +484,9 @@ def test_plan_options_and_keys() -> None:
     assert bf16.build_values == {"dtype": "bf16"} and bf16.key != plain.key
 
 
-def test_bracket_options_are_parsed_by_the_method(capsys: pytest.CaptureFixture, fresh_cache: Path,
-                                                   tmp_path: Path) -> None:
+def test_bracket_options_are_parsed_by_the_method(
+    capsys: pytest.CaptureFixture, fresh_cache: Path, tmp_path: Path
+) -> None:
     """`semsr bench --methods 'default[setps=1]'`: one line naming setps and steps, before any work."""
     with pytest.raises(OptionError) as err:
         plan_methods(BenchConfig(methods=["sd-controlnet[setps=1]"], datasets=[]))
@@ -438,8 +504,9 @@ def test_bracket_options_are_parsed_by_the_method(capsys: pytest.CaptureFixture,
     assert not (fresh_cache / "bench").exists(), "nothing may be prepared or cached"
 
 
-def test_checkpoint_folder_content_changes_the_key(tmp_path: Path, fresh_cache: Path,
-                                                   variant_method: type[_Variant]) -> None:
+def test_checkpoint_folder_content_changes_the_key(
+    tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant]
+) -> None:
     ckpt = tmp_path / "run" / "final"
     (ckpt / "unet").mkdir(parents=True)
     weights = ckpt / "unet" / "model.safetensors"
@@ -467,8 +534,9 @@ def test_checkpoint_folder_content_changes_the_key(tmp_path: Path, fresh_cache: 
     assert key() not in (first, second)
 
 
-def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               variant_method: type[_Variant]) -> None:
+def test_model_info_files_change_the_key_also_through_an_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant_method: type[_Variant]
+) -> None:
     from semsr.models.catalog import ModelInfo, default_info
 
     pkg = tmp_path / "site" / "semsr_test_weights"
@@ -480,11 +548,19 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
     used = pkg / "prior" / "w.bin"  # another model the outputs depend on (the default model's IRPAD)
     used.write_bytes(b"\0" * 8)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    info = ModelInfo("test-weighted", 4, "pytorch", module="semsr_test_weights", files=("net.bin",), folder="weights",
-                     uses=("prior/w.bin",))
+    info = ModelInfo(
+        "test-weighted",
+        4,
+        "pytorch",
+        module="semsr_test_weights",
+        files=("net.bin",),
+        folder="weights",
+        uses=("prior/w.bin",),
+    )
     methods.register(_variant_spec("test-weighted", info=info))
     methods.register(_variant_spec("test-weighted-alias", info=default_info(info), alias_of="test-weighted"))
     try:
+
         def keys() -> list[str]:
             plans = plan_methods(BenchConfig(methods=["test-weighted,test-weighted-alias,test-variant"], datasets=[]))
             return [p.key for p in plans]
@@ -504,12 +580,28 @@ def test_model_info_files_change_the_key_also_through_an_alias(tmp_path: Path, m
         methods.REGISTRY.entries.pop("test-weighted-alias", None)
 
 
-def test_cli_rows_carry_variant_labels(tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant],
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_cli_rows_carry_variant_labels(
+    tmp_path: Path, fresh_cache: Path, variant_method: type[_Variant], capsys: pytest.CaptureFixture
+) -> None:
     folder = _write_images(tmp_path / "hr", 1)
     out, csv = tmp_path / "r.json", tmp_path / "r.csv"
-    code = main(["bench", "--methods", "test-variant,test-variant[level=3,steps=2]", "--datasets", str(folder),
-                 "--metrics", "psnr", "--no-isolate", "-q", "--json", str(out), "--csv", str(csv)])
+    code = main(
+        [
+            "bench",
+            "--methods",
+            "test-variant,test-variant[level=3,steps=2]",
+            "--datasets",
+            str(folder),
+            "--metrics",
+            "psnr",
+            "--no-isolate",
+            "-q",
+            "--json",
+            str(out),
+            "--csv",
+            str(csv),
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["test-variant", "test-variant[level=3,steps=2]"]

@@ -1,4 +1,5 @@
 """Tests of the training corpus: manifest + prior cache, EET/RCC readers, crops, build-corpus."""
+
 from __future__ import annotations
 
 import io
@@ -51,15 +52,34 @@ def test_manifest_round_trip_and_prior_cache(tmp_path):
     assert key == content_hash(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255.0)
     assert key != content_hash(_photo(20, 30, seed=1))
     with Manifest(path) as m:
-        m.add_image(path="a/x.png", content_hash=key, width=30, height=20, file_bytes=123, source="a",
-                    package="pkg", package_version="1.0-1", path_in_package="usr/share/x.edj",
-                    member="edje/images/3", source_bytes=456, licence="CC0-1.0", licence_origin="copyright",
-                    extra={"note": 1})
+        m.add_image(
+            path="a/x.png",
+            content_hash=key,
+            width=30,
+            height=20,
+            file_bytes=123,
+            source="a",
+            package="pkg",
+            package_version="1.0-1",
+            path_in_package="usr/share/x.edj",
+            member="edje/images/3",
+            source_bytes=456,
+            licence="CC0-1.0",
+            licence_origin="copyright",
+            extra={"note": 1},
+        )
         m.add_image(path="b/y.jpg", content_hash="h2", width=5, height=7, source="b", licence="GPL-2+")
         assert len(m) == 2 and key in m and "nope" not in m
         rec = m.get_image(key)
         assert (rec.path, rec.width, rec.height, rec.package, rec.member, rec.source_bytes, rec.licence) == (
-            "a/x.png", 30, 20, "pkg", "edje/images/3", 456, "CC0-1.0")
+            "a/x.png",
+            30,
+            20,
+            "pkg",
+            "edje/images/3",
+            456,
+            "CC0-1.0",
+        )
         assert rec.extra == {"note": 1} and m.find_path("b/y.jpg").content_hash == "h2"
         assert [r.path for r in m.images(source="b")] == ["b/y.jpg"]
         # priors: JSON, arrays, tensors, bytes; versions are separate keys
@@ -92,8 +112,11 @@ def test_manifest_round_trip_and_prior_cache(tmp_path):
         # the manifest is a PriorSink for the prior providers' on-disk cache
         from types import SimpleNamespace
 
-        m.add_prior(SimpleNamespace(image_key=key, provider="canny", version="lo100-hi200", kind="spatial",
-                                    path=tmp_path / "canny.npy"))
+        m.add_prior(
+            SimpleNamespace(
+                image_key=key, provider="canny", version="lo100-hi200", kind="spatial", path=tmp_path / "canny.npy"
+            )
+        )
         assert m.get_prior(key, "canny", "lo100-hi200")["path"] == str(tmp_path / "canny.npy")
         summary = m.summary()
         assert summary["images"] == 2 and summary["sources"]["a"]["licences"] == {"CC0-1.0": 1}
@@ -234,9 +257,12 @@ def test_rcc_reader_on_a_synthetic_archive(tmp_path, version):
     photo = _jpeg(_photo(16, 16))
     files = {
         "/gcompris/resource/sea1.jpg": (photo, False),
-        "/gcompris/resource/README": (b"Copyright: someone\nLicense: CC-BY-SA 4.0\nFiles:\nkey.svg\n\n"
-                                      b"Copyright: Ruthven\nLicense: CC0-1.0\nSource: https://example.org/x\n"
-                                      b"Files:\nsea*.jpg\n", True),
+        "/gcompris/resource/README": (
+            b"Copyright: someone\nLicense: CC-BY-SA 4.0\nFiles:\nkey.svg\n\n"
+            b"Copyright: Ruthven\nLicense: CC0-1.0\nSource: https://example.org/x\n"
+            b"Files:\nsea*.jpg\n",
+            True,
+        ),
         "/gcompris/qml/Main.qml": (b"import QtQuick 2.12\n", True),
         "/top.txt": (b"hello", False),
     }
@@ -275,7 +301,11 @@ def test_dep5_licence_matching(tmp_path):
     assert lic == "GPL-3+" and "Files: *" in origin
     assert debian_licence(tmp_path, "missing", "x.jpg")[0] == "unknown"
     assert [normalise_licence(x) for x in ("Public domain", "CC-BY-SA 4.0", "CC-BY 2.0", "GPL-3+")] == [
-        "public-domain", "CC-BY-SA-4.0", "CC-BY-2.0", "GPL-3+"]
+        "public-domain",
+        "CC-BY-SA-4.0",
+        "CC-BY-2.0",
+        "GPL-3+",
+    ]
 
 
 def test_texture_filter_avoids_flat_regions():
@@ -325,12 +355,33 @@ def _fake_source(tmp_path: Path):
         return buf.getvalue()
 
     def iterate(cache: Path):
-        yield Candidate("fake", "rotated", lambda: _jpeg(rotated, exif_orientation=6), "usr/share/fake/rot.jpg",
-                        1000, "CC0-1.0", "test", "fake-pkg", "1.0")
-        yield Candidate("fake", "plain", lambda: plain, "usr/share/fake/plain.jpg", len(plain), "GPL-2+", "test",
-                        "fake-pkg", "1.0")
-        yield Candidate("fake", "big", lambda: png(big), "usr/share/fake/c.rcc", 2000, "GPL-3+", "test",
-                        "fake-pkg", "1.0", member="/res/big.webp", downscale=2)
+        yield Candidate(
+            "fake",
+            "rotated",
+            lambda: _jpeg(rotated, exif_orientation=6),
+            "usr/share/fake/rot.jpg",
+            1000,
+            "CC0-1.0",
+            "test",
+            "fake-pkg",
+            "1.0",
+        )
+        yield Candidate(
+            "fake", "plain", lambda: plain, "usr/share/fake/plain.jpg", len(plain), "GPL-2+", "test", "fake-pkg", "1.0"
+        )
+        yield Candidate(
+            "fake",
+            "big",
+            lambda: png(big),
+            "usr/share/fake/c.rcc",
+            2000,
+            "GPL-3+",
+            "test",
+            "fake-pkg",
+            "1.0",
+            member="/res/big.webp",
+            downscale=2,
+        )
 
     return iterate, plain
 
@@ -340,8 +391,23 @@ def test_build_corpus_with_a_fake_source(tmp_path, monkeypatch, capsys):
     iterate, plain = _fake_source(tmp_path)
     monkeypatch.setitem(corpus_sources.SOURCES, "fake", iterate)
     out = tmp_path / "corpus"
-    assert main(["data", "build-corpus", "--out", str(out), "--sources", "fake", "--cache", str(tmp_path / "c"),
-                 "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build-corpus",
+                "--out",
+                str(out),
+                "--sources",
+                "fake",
+                "--cache",
+                str(tmp_path / "c"),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     assert (out / "fake/plain.jpg").read_bytes() == plain  # unchanged JPEG copied byte for byte
     with Image.open(out / "fake/rotated.png") as im:
         assert im.size == (30, 50)  # EXIF orientation 6 applied (portrait)
@@ -352,7 +418,12 @@ def test_build_corpus_with_a_fake_source(tmp_path, monkeypatch, capsys):
         assert set(recs) == {"fake/plain.jpg", "fake/rotated.png", "fake/big.png"}
         big = recs["fake/big.png"]
         assert (big.package, big.package_version, big.path_in_package, big.member, big.source_bytes) == (
-            "fake-pkg", "1.0", "usr/share/fake/c.rcc", "/res/big.webp", 2000)
+            "fake-pkg",
+            "1.0",
+            "usr/share/fake/c.rcc",
+            "/res/big.webp",
+            2000,
+        )
         assert big.licence == "GPL-3+" and big.extra["downscaled"] == 2
         assert recs["fake/rotated.png"].extra["exif_orientation_applied"] == 6
         assert big.file_bytes == (out / "fake/big.png").stat().st_size
@@ -365,8 +436,23 @@ def test_build_corpus_with_a_fake_source(tmp_path, monkeypatch, capsys):
     # a second run leaves everything in place; --max-side re-converts
     assert main(["data", "build-corpus", "--out", str(out), "--sources", "fake", "--cache", str(tmp_path / "c")]) == 0
     assert "0 added, 3 unchanged" in capsys.readouterr().out
-    assert main(["data", "build-corpus", "--out", str(out), "--sources", "fake", "--cache", str(tmp_path / "c"),
-                 "--max-side", "32"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build-corpus",
+                "--out",
+                str(out),
+                "--sources",
+                "fake",
+                "--cache",
+                str(tmp_path / "c"),
+                "--max-side",
+                "32",
+            ]
+        )
+        == 0
+    )
     with Image.open(out / "fake/big.png") as im:
         assert max(im.size) == 32
     with Manifest(out / "manifest.sqlite", readonly=True) as m:
@@ -416,12 +502,16 @@ def test_build_corpus_downloads_a_real_debian_package(tmp_path):
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         pytest.skip("needs apt-get and dpkg")
     out = tmp_path / "corpus"
-    assert main(["data", "build-corpus", "--out", str(out), "--sources", "palapeli",
-                 "--cache", str(tmp_path / "cache")]) == 0
+    assert (
+        main(["data", "build-corpus", "--out", str(out), "--sources", "palapeli", "--cache", str(tmp_path / "cache")])
+        == 0
+    )
     with Manifest(out / "manifest.sqlite", readonly=True) as m:
         recs = m.images()
         assert len(recs) == 5
-        assert all(r.package == "palapeli-data" and r.path_in_package.startswith("usr/share/palapeli/collection/")
-                   for r in recs)
+        assert all(
+            r.package == "palapeli-data" and r.path_in_package.startswith("usr/share/palapeli/collection/")
+            for r in recs
+        )
         assert {r.licence for r in recs} >= {"public-domain"}
         assert all(min(r.width, r.height) >= 600 for r in recs)

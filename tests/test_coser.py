@@ -1,4 +1,5 @@
 """CoSeR recipe on tiny random models: AiA, hard attention, cognitive encoder, guidance, method, CLI, training."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,13 @@ def lr() -> torch.Tensor:
 
 def _unet_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(2, 4, 16, 16, generator=g), "t": torch.tensor([900, 30]),
-            "context": torch.randn(2, 12, 32, generator=g), "z_lr": torch.randn(2, 4, 16, 16, generator=g),
-            "z_ref": torch.randn(2, 4, 8, 12, generator=g)}
+    return {
+        "x": torch.randn(2, 4, 16, 16, generator=g),
+        "t": torch.tensor([900, 30]),
+        "context": torch.randn(2, 12, 32, generator=g),
+        "z_lr": torch.randn(2, 4, 16, 16, generator=g),
+        "z_ref": torch.randn(2, 4, 8, 12, generator=g),
+    }
 
 
 def _run(pipe: CoSeRSR, lr: torch.Tensor, **options):
@@ -99,10 +104,16 @@ def test_aia_on_an_sd2_style_unet():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, norm_num_groups=16).eval()
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    ).eval()
     fusion = AiAFusion.from_unet(unet)
     d = _unet_inputs(1)
     with torch.no_grad():
@@ -140,12 +151,18 @@ def test_aia_structure_from_config_alone(unet):
     assert torch.equal(torch.rand(4), after_made)
     a, b = made.state_dict(), built.state_dict()
     assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("blocks.") and "_zero" not in k
-               and ".to_" not in k)  # same seeded init; attentions are copied from the UNet only by from_unet
+    assert all(
+        torch.equal(a[k], b[k]) for k in a if k.startswith("blocks.") and "_zero" not in k and ".to_" not in k
+    )  # same seeded init; attentions are copied from the UNet only by from_unet
+
 
 def test_hard_attention_returns_the_argmax_value_scaled_by_its_score():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 9, 4, generator=g), torch.randn(2, 3, 9, 5, generator=g)
+    q, k, v = (
+        torch.randn(2, 3, 7, 4, generator=g),
+        torch.randn(2, 3, 9, 4, generator=g),
+        torch.randn(2, 3, 9, 5, generator=g),
+    )
     out = hard_attention(q, k, v, scale=0.5, chunk=3)
     expected = torch.empty(2, 3, 7, 5)
     for b in range(2):
@@ -220,10 +237,19 @@ def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
     clip = load_clip_vision(tiny_models / "clip-vision")
     text = load_text_only(tiny_models / "sd")
     torch.manual_seed(0)
-    enc = build_cognitive_encoder(clip, text_width=text.width, pre_sr={"num_feat": 8, "num_block": 1},
-                                  qformer={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                           "intermediate_size": 64, "hidden_dropout_prob": 0.0,
-                                           "attention_probs_dropout_prob": 0.0})
+    enc = build_cognitive_encoder(
+        clip,
+        text_width=text.width,
+        pre_sr={"num_feat": 8, "num_block": 1},
+        qformer={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+    )
     assert enc.num_queries == 50
     crossing = [hasattr(layer, "crossattention") for layer in enc.adapter.qformer.encoder.layer]
     assert crossing == [True, False]  # cross-attention every 2 layers
@@ -248,9 +274,13 @@ def test_cognitive_encoder_shapes_and_overfit_step(tiny_models):
 
 @pytest.mark.parametrize("spec", [{"kind": "bicubic"}, {"kind": "method", "name": "bicubic"}])
 def test_fixed_pre_sr_options(tiny_models, spec):
-    enc = build_cognitive_encoder(load_clip_vision(tiny_models / "clip-vision"), text_width=32, num_queries=7,
-                                  pre_sr=spec, qformer={"hidden_size": 32, "num_hidden_layers": 1,
-                                                        "num_attention_heads": 4, "intermediate_size": 64})
+    enc = build_cognitive_encoder(
+        load_clip_vision(tiny_models / "clip-vision"),
+        text_width=32,
+        num_queries=7,
+        pre_sr=spec,
+        qformer={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+    )
     lr = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(0))
     emb, pre = enc(lr)
     assert emb.shape == (1, 7, 32) and not list(enc.pre_sr.parameters())
@@ -270,16 +300,28 @@ def test_cognitive_encoder_component_keeps_clip_attached_not_saved(tiny_models):
     assert next(from_component.clip.parameters()).dtype == torch.float64
     assert from_component.embed(lr.double()).dtype == torch.float64
     with pytest.raises(SemsrError, match="CLIP"):
-        CognitiveEncoder(num_queries=2, text_width=32, clip_width=32, pre_sr_spec={"kind": "bicubic"},
-                         qformer={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                  "intermediate_size": 64})(lr)
+        CognitiveEncoder(
+            num_queries=2,
+            text_width=32,
+            clip_width=32,
+            pre_sr_spec={"kind": "bicubic"},
+            qformer={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+        )(lr)
 
 
 def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(UnavailableError, match="wide"):
         load_cognitive_encoder(tiny_models / "coser", tmp_path)
 
@@ -385,8 +427,10 @@ def test_latent_tiles_match_shape_and_stay_close(pipe, tmp_path):
     assert tiles.shape == whole.shape == (1, 3, 128, 160)
     assert (tiles - whole).abs().mean() < 0.1
     # --tile (input px) is the same tile in latent pixels of the 4x output (VAE factor 8)
-    assert torch.equal(_run(pipe, lr, steps=2, seed=0, reference=ref, tile=16).images,
-                       _run(pipe, lr, steps=2, seed=0, reference=ref, latent_tile=8).images)
+    assert torch.equal(
+        _run(pipe, lr, steps=2, seed=0, reference=ref, tile=16).images,
+        _run(pipe, lr, steps=2, seed=0, reference=ref, latent_tile=8).images,
+    )
 
 
 # ----------------------------------------------------------------------------- method
@@ -413,8 +457,15 @@ def test_options_schema_and_errors():
 def test_method_caches_generated_references(tiny_models, tmp_path, monkeypatch, lr):
     monkeypatch.setenv("SEMSR_CACHE", str(tmp_path / "cache"))
     spec = resolve("coser")
-    options = spec.parse({"base": tiny_models / "sd", "checkpoint": tiny_models / "coser",
-                          "clip": tiny_models / "clip-vision", "steps": 2, "seed": 3})
+    options = spec.parse(
+        {
+            "base": tiny_models / "sd",
+            "checkpoint": tiny_models / "coser",
+            "clip": tiny_models / "clip-vision",
+            "steps": 2,
+            "seed": 3,
+        }
+    )
     method = spec.build(options)
     calls = []
     original = method.generate_reference
@@ -455,9 +506,25 @@ def test_cli_end_to_end_with_reference_cache(tiny_models, tmp_path, capsys, monk
 
     monkeypatch.setattr(CoSeRSR, "generate_reference", counting)
     img = _image(tmp_path / "img.png", 7)
-    args = ["upscale", "-i", img, "-o", tmp_path / "out", "--method", "coser", "--base", tiny_models / "sd",
-            "--checkpoint", tiny_models / "coser", "--clip", tiny_models / "clip-vision", "--steps", "4",
-            "--save-reference", "--no-progress"]
+    args = [
+        "upscale",
+        "-i",
+        img,
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "coser",
+        "--base",
+        tiny_models / "sd",
+        "--checkpoint",
+        tiny_models / "coser",
+        "--clip",
+        tiny_models / "clip-vision",
+        "--steps",
+        "4",
+        "--save-reference",
+        "--no-progress",
+    ]
     assert main([str(a) for a in args]) == 0
     out, ref = tmp_path / "out" / "img_out.png", tmp_path / "out" / "img_out_reference.png"
     assert Image.open(out).size == (80, 64) and Image.open(ref).size == (80, 64)
@@ -479,12 +546,40 @@ def test_cli_end_to_end_with_reference_cache(tiny_models, tmp_path, capsys, monk
 
 def test_cli_missing_paths_are_one_line_errors(tiny_models, tmp_path, capsys):
     img = _image(tmp_path / "img.png", 1)
-    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o"), "--method", "coser",
-               "--base", str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "coser")])
+    rc = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(tmp_path / "o"),
+            "--method",
+            "coser",
+            "--base",
+            str(tiny_models / "sd"),
+            "--checkpoint",
+            str(tiny_models / "coser"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "--clip" in err and "Traceback" not in err
-    rc = main(["upscale", "-i", str(img), "-o", str(tmp_path / "o"), "--method", "coser", "--base",
-               str(tiny_models / "sd"), "--checkpoint", str(tmp_path), "--clip", str(tiny_models / "clip-vision")])
+    rc = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(tmp_path / "o"),
+            "--method",
+            "coser",
+            "--base",
+            str(tiny_models / "sd"),
+            "--checkpoint",
+            str(tmp_path),
+            "--clip",
+            str(tiny_models / "clip-vision"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "CoSeR checkpoint" in err
 
@@ -495,19 +590,38 @@ def test_cli_missing_paths_are_one_line_errors(tiny_models, tmp_path, capsys):
 def test_tiny_training_configs_run_through_semsr_train(tiny_models, tmp_path, capsys):
     hr = write_textures(tmp_path / "hr", count=5, size=(72, 72))
     common = [f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0"]
-    cog = ["train", "--config", str(REPO / "configs" / "coser-cognitive-tiny.yaml"), "--output",
-           str(tmp_path / "cog"), "--max-steps", "3", f"model.pretrained={tiny_models / 'sd'}",
-           f"model.options.clip={tiny_models / 'clip-vision'}", *common]
+    cog = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "coser-cognitive-tiny.yaml"),
+        "--output",
+        str(tmp_path / "cog"),
+        "--max-steps",
+        "3",
+        f"model.pretrained={tiny_models / 'sd'}",
+        f"model.options.clip={tiny_models / 'clip-vision'}",
+        *common,
+    ]
     assert main(cog) == 0
     records = [json.loads(line) for line in (tmp_path / "cog" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
     assert "cognitive_mse" in records[0]["terms"]
     assert read_index(tmp_path / "cog" / "final", "coser").components == {"cognitive": ("semsr", "CognitiveEncoder")}
 
-    sr = ["train", "--config", str(REPO / "configs" / "coser-tiny.yaml"), "--output", str(tmp_path / "sr"),
-          "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
-          f"model.options.clip={tiny_models / 'clip-vision'}",
-          f"model.options.cognitive={tmp_path / 'cog' / 'final'}", "validation.every=2", *common]
+    sr = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "coser-tiny.yaml"),
+        "--output",
+        str(tmp_path / "sr"),
+        "--max-steps",
+        "2",
+        f"model.pretrained={tiny_models / 'sd'}",
+        f"model.options.clip={tiny_models / 'clip-vision'}",
+        f"model.options.cognitive={tmp_path / 'cog' / 'final'}",
+        "validation.every=2",
+        *common,
+    ]
     assert main(sr) == 0
     records = [json.loads(line) for line in (tmp_path / "sr" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records] == ["train", "train", "val"]
@@ -524,13 +638,21 @@ def test_tiny_training_configs_run_through_semsr_train(tiny_models, tmp_path, ca
 
 def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
     hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
-    cfg = config_from_dict({
-        "name": "t", "task": "coser-sr",
-        "model": {"pretrained": str(tiny_models / "sd"),
-                  "options": {"clip": str(tiny_models / "clip-vision"), "cognitive": str(tiny_models / "coser"),
-                              "reference_top_k": 2}},
-        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "coser-sr",
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {
+                    "clip": str(tiny_models / "clip-vision"),
+                    "cognitive": str(tiny_models / "coser"),
+                    "reference_top_k": 2,
+                },
+            },
+            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
+        }
+    )
     task = CoSeRSRTask(cfg)
     trainable = {id(p) for p in task.trainable.parameters() if p.requires_grad}
     assert trainable and len(trainable) == sum(1 for _ in task.trainable.parameters())
@@ -542,6 +664,14 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
         assert task.references.neighbour(pos, torch.Generator().manual_seed(pos)) != i
     assert len(list((Path(os.environ["SEMSR_CACHE"]) / "coser-clip-embeddings").glob("*.pt"))) >= 1
     with pytest.raises(SemsrError, match="unknown model.options"):
-        CoSeRSRTask(config_from_dict({**cfg.to_dict(), "model": {"pretrained": str(tiny_models / "sd"),
-                                                                 "options": {"clip": "x", "cognitive": "y",
-                                                                             "bogus": 1}}}))
+        CoSeRSRTask(
+            config_from_dict(
+                {
+                    **cfg.to_dict(),
+                    "model": {
+                        "pretrained": str(tiny_models / "sd"),
+                        "options": {"clip": "x", "cognitive": "y", "bogus": 1},
+                    },
+                }
+            )
+        )

@@ -1,5 +1,6 @@
 """The bundled default model (issue 10): architecture, identity at init, ablation switches, checkpoint layout,
 typed options and reported priors, training, method."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,13 @@ from semsr.pipeline.options import latent_tile
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_ARCH = {
-    "stage1": "bicubic", "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "conditioning_channels": [8, 8, 8],
-    "cross_attention_dim": 32, "attention_head_dim": 8,
+    "stage1": "bicubic",
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "conditioning_channels": [8, 8, 8],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
 }
 
 
@@ -56,9 +61,12 @@ def tiny_model(seed: int = 0, perturb: bool = False, **config: object) -> Defaul
     model = DefaultSR(**{**TINY_ARCH, **config})
     if perturb:  # a "trained" model: non-zero output layer and zero convolutions
         with torch.no_grad():
-            for p in [model.unet.conv_out.weight, *model.controlnet.controlnet_down_blocks.parameters(),
-                      *model.controlnet.controlnet_mid_block.parameters(),
-                      *model.controlnet.controlnet_cond_embedding.conv_out.parameters()]:
+            for p in [
+                model.unet.conv_out.weight,
+                *model.controlnet.controlnet_down_blocks.parameters(),
+                *model.controlnet.controlnet_mid_block.parameters(),
+                *model.controlnet.controlnet_cond_embedding.conv_out.parameters(),
+            ]:
                 p.normal_(0, 0.05)
     return model.eval()
 
@@ -123,8 +131,7 @@ def test_fresh_model_leaves_stage1_unchanged(tmp_path: Path, text_tokens: TextTo
 
 
 def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:
-    pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens,
-                             degradation=no_irpad(tmp_path))
+    pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))
     lr = textured()
     run = DefaultDiffusionOptions(prompt="a brick wall", steps=2, seed=1)
     full = pipe(lr, run).images
@@ -170,8 +177,12 @@ def test_reported_and_suggested_priors(tmp_path: Path, text_tokens: TextTokens, 
     assert pipe.suggest_priors(lr) == {"prompt": "heavy blur", "degradation": "heavy blur"}
     run = DefaultDiffusionOptions(prompt="a cat", steps=1)
     out = pipe(lr, run)
-    assert out.priors == {"prompt": "a cat, heavy blur", "user_prompt": "a cat", "degradation": "heavy blur",
-                          "edge_prior": True}
+    assert out.priors == {
+        "prompt": "a cat, heavy blur",
+        "user_prompt": "a cat",
+        "degradation": "heavy blur",
+        "edge_prior": True,
+    }
     # the prompt already holds the (edited) description: used as given, same conditioning as the default run
     edited = pipe(lr, run.replace(prompt="a cat, heavy blur", priors_in_prompt=True))
     assert edited.priors == {"prompt": "a cat, heavy blur", "edge_prior": True}
@@ -198,13 +209,16 @@ def test_checkpoint_layout_roundtrip(tmp_path: Path) -> None:
     model = tiny_model(perturb=True, default_steps=3)
     save_default_sr(model, tmp_path / "ck")
     index = read_index(tmp_path / "ck", "default-sr")
-    assert index.components == {"unet": ("diffusers", "UNet2DConditionModel"),
-                                "controlnet": ("diffusers", "ControlNetModel"),
-                                "text_proj": ("semsr", "DefaultSRTextProj")}
+    assert index.components == {
+        "unet": ("diffusers", "UNet2DConditionModel"),
+        "controlnet": ("diffusers", "ControlNetModel"),
+        "text_proj": ("semsr", "DefaultSRTextProj"),
+    }
     assert index.meta["default_steps"] == 3 and index.meta["stage1"] == "bicubic"
     loaded = load_default_sr(tmp_path / "ck")
-    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == \
-        json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == json.loads(
+        json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")})
+    )
     assert not any(p.requires_grad for p in loaded.parameters())
     want = model.state_dict()
     assert sorted(loaded.state_dict()) == sorted(want)
@@ -257,8 +271,16 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("default-runs")
     hr = write_textures(root / "hr", count=4, size=(64, 64))
-    common = ["--config", str(REPO / "configs" / "default-tiny.yaml"), f"data.hr=[{hr}]", "data.limit=0",
-              "data.val_count=1", "validation.every=2", "checkpoint.every=1", "train.ema_decay=0"]
+    common = [
+        "--config",
+        str(REPO / "configs" / "default-tiny.yaml"),
+        f"data.hr=[{hr}]",
+        "data.limit=0",
+        "data.val_count=1",
+        "validation.every=2",
+        "checkpoint.every=1",
+        "train.ema_decay=0",
+    ]
     assert main(["train", "--output", str(root / "a"), "--max-steps", "1", *common]) == 0
     assert main(["train", "--output", str(root / "a"), "--max-steps", "2", "--resume", *common]) == 0
     assert main(["train", "--output", str(root / "b"), "--max-steps", "2", *common]) == 0
@@ -285,9 +307,25 @@ def test_tiny_config_trains_and_method_runs(tiny_runs: Path, tmp_path: Path) -> 
     assert (out / "final" / INDEX_FILE).is_file() and (out / "final" / "unet").is_dir()
     assert load_default_sr(out / "final").config.stage1 == "bicubic"
     Image.fromarray((textured(16, 20)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
-    assert main(["upscale", "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "sr"), "--method",
-                 "default-diffusion", "--checkpoint", str(out / "final"), "--steps", "2",
-                 "--no-edge-prior"]) == 0
+    assert (
+        main(
+            [
+                "upscale",
+                "-i",
+                str(tmp_path / "a.png"),
+                "-o",
+                str(tmp_path / "sr"),
+                "--method",
+                "default-diffusion",
+                "--checkpoint",
+                str(out / "final"),
+                "--steps",
+                "2",
+                "--no-edge-prior",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "sr" / "a_out.png").size == (80, 64)
 
 

@@ -1,4 +1,5 @@
 """Tests of the Real-ESRGAN degradation model (semsr.data.degradations) and `semsr degrade`."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ from semsr.data.degradations.kernels import KernelSpec, sample_kernel
 def _natural_image(h: int = 96, w: int = 128, seed: int = 0) -> torch.Tensor:
     """A smooth colour field with edges and mild texture: ``(1, 3, h, w)`` in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
-    base = F.interpolate(torch.rand(1, 3, h // 16, w // 16, generator=g), size=(h, w), mode="bicubic",
-                         align_corners=False)
+    base = F.interpolate(
+        torch.rand(1, 3, h // 16, w // 16, generator=g), size=(h, w), mode="bicubic", align_corners=False
+    )
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     stripes = ((xx // 9 + yy // 13) % 2).float()[None, None] * 0.25
     tex = torch.rand(1, 3, h, w, generator=g) * 0.08
@@ -54,8 +56,16 @@ def _second_moments(k: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", KERNEL_TYPES + ("sinc", "identity"))
 def test_every_kernel_kind_is_normalised_odd_square_and_point_symmetric(kind):
-    spec = KernelSpec(kind, 15, 21, sigma_x=2.0, sigma_y=0.7 if "aniso" in kind else 2.0,
-                      theta=0.6 if "aniso" in kind else 0.0, beta=1.7, omega_c=1.3)
+    spec = KernelSpec(
+        kind,
+        15,
+        21,
+        sigma_x=2.0,
+        sigma_y=0.7 if "aniso" in kind else 2.0,
+        theta=0.6 if "aniso" in kind else 0.0,
+        beta=1.7,
+        omega_c=1.3,
+    )
     k = spec.build()
     assert k.shape == (21, 21)
     assert k.sum() == pytest.approx(1.0, abs=1e-12)
@@ -108,8 +118,12 @@ def test_sampled_kernel_kinds_follow_the_configured_probabilities():
     cfg = DegradationConfig().stage1
     rng = np.random.default_rng(0)
     n = 4000
-    specs = [sample_kernel(rng, 21, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob, cfg.blur_sigma,
-                           cfg.betag_range, cfg.betap_range) for _ in range(n)]
+    specs = [
+        sample_kernel(
+            rng, 21, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob, cfg.blur_sigma, cfg.betag_range, cfg.betap_range
+        )
+        for _ in range(n)
+    ]
     freq = {k: sum(s.kind == k for s in specs) / n for k in KERNEL_TYPES + ("sinc",)}
     assert freq["sinc"] == pytest.approx(0.1, abs=0.02)
     for kind, p in zip(cfg.kernel_list, cfg.kernel_prob):
@@ -122,8 +136,9 @@ def test_sampled_kernel_kinds_follow_the_configured_probabilities():
 
 def test_filter2d_matches_direct_convolution_and_handles_per_image_kernels():
     x = torch.rand(2, 3, 40, 52, generator=torch.Generator().manual_seed(1))
-    k21 = torch.stack([torch.from_numpy(gaussian_kernel(21, 2.5, 1.0, 0.4)),
-                       torch.from_numpy(sinc_kernel(21, 1.0))]).float()
+    k21 = torch.stack(
+        [torch.from_numpy(gaussian_kernel(21, 2.5, 1.0, 0.4)), torch.from_numpy(sinc_kernel(21, 1.0))]
+    ).float()
     padded = F.pad(x, (10, 10, 10, 10), mode="reflect").reshape(1, 6, 60, 72)
     direct = F.conv2d(padded, k21.repeat_interleave(3, 0)[:, None], groups=6).reshape(2, 3, 40, 52)
     torch.testing.assert_close(filter2d(x, k21), direct, atol=2e-6, rtol=0)
@@ -209,13 +224,19 @@ def test_default_config_is_real_esrgan_x4plus():
     assert (s1.resize_prob, s1.resize_range) == ((0.2, 0.7, 0.1), (0.15, 1.5))
     assert (s1.gaussian_noise_prob, s1.noise_range, s1.poisson_scale_range) == (0.5, (1.0, 30.0), (0.05, 3.0))
     assert (s1.gray_noise_prob, s1.jpeg_range, s1.blur_prob) == (0.4, (30.0, 95.0), 1.0)
-    assert (s2.blur_prob, s2.blur_sigma, s2.resize_prob, s2.resize_range) == (0.8, (0.2, 1.5), (0.3, 0.4, 0.3), (0.3, 1.2))
+    assert (s2.blur_prob, s2.blur_sigma, s2.resize_prob, s2.resize_range) == (
+        0.8,
+        (0.2, 1.5),
+        (0.3, 0.4, 0.3),
+        (0.3, 1.2),
+    )
     assert (s2.noise_range, s2.poisson_scale_range, s2.jpeg_range) == ((1.0, 25.0), (0.05, 2.5), (30.0, 95.0))
 
 
 def test_config_from_real_esrgan_names_and_yaml(tmp_path):
-    cfg = DegradationConfig.from_dict({"blur_sigma2": [0.3, 1.0], "second_blur_prob": 0.5, "noise_range": [2, 9],
-                                       "scale": 2})
+    cfg = DegradationConfig.from_dict(
+        {"blur_sigma2": [0.3, 1.0], "second_blur_prob": 0.5, "noise_range": [2, 9], "scale": 2}
+    )
     assert cfg.stage2.blur_sigma == (0.3, 1.0) and cfg.stage2.blur_prob == 0.5
     assert cfg.stage1.noise_range == (2, 9) and cfg.scale == 2
     assert DegradationConfig.from_dict(cfg.to_dict()) == cfg
@@ -272,14 +293,27 @@ def test_pipeline_parameter_ranges_and_trace():
     assert out.shape == (1, 3, 16, 20)
     # with blur/noise/resizes switched off (JPEG q100 keeps 4:2:0 chroma loss) LR ~ area-downscaled HR,
     # while the default model degrades far more
-    no_deg = RealESRGANDegradation({"stage1": {"blur_prob": 0.0, "noise_range": [0.01, 0.02],
-                                               "gaussian_noise_prob": 1.0, "jpeg_range": [100, 100],
-                                               "resize_prob": [0, 0, 1]},
-                                    "stage2": {"blur_prob": 0.0, "noise_range": [0.01, 0.02],
-                                               "gaussian_noise_prob": 1.0, "jpeg_range": [100, 100],
-                                               "resize_prob": [0, 0, 1]},
-                                    "final_sinc_prob": 0.0, "sharpen_input": False,
-                                    "resize_modes": ["area"]})
+    no_deg = RealESRGANDegradation(
+        {
+            "stage1": {
+                "blur_prob": 0.0,
+                "noise_range": [0.01, 0.02],
+                "gaussian_noise_prob": 1.0,
+                "jpeg_range": [100, 100],
+                "resize_prob": [0, 0, 1],
+            },
+            "stage2": {
+                "blur_prob": 0.0,
+                "noise_range": [0.01, 0.02],
+                "gaussian_noise_prob": 1.0,
+                "jpeg_range": [100, 100],
+                "resize_prob": [0, 0, 1],
+            },
+            "final_sinc_prob": 0.0,
+            "sharpen_input": False,
+            "resize_modes": ["area"],
+        }
+    )
     clean = no_deg(hr, seed=0)
     area = F.interpolate(hr, size=(16, 20), mode="area")
     assert _psnr(clean, area) > 30
@@ -314,8 +348,10 @@ def test_degrade_cli_on_set5_is_byte_identical(data_dir, tmp_path, capsys):
     params = json.loads((tmp_path / "p.json").read_text())
     assert set(params["images"]) == {f for f in files}
     # another seed gives other images; a single file works too
-    assert main(["degrade", "-i", str(set5 / "bird.png"), "-o", str(out3), "--seed", "1", "--scale", "2",
-                 "--no-sharpen"]) == 0
+    assert (
+        main(["degrade", "-i", str(set5 / "bird.png"), "-o", str(out3), "--seed", "1", "--scale", "2", "--no-sharpen"])
+        == 0
+    )
     assert [p.name for p in out3.iterdir()] == ["bird.png"]
     with Image.open(out3 / "bird.png") as im:
         assert im.size == (144, 144)
@@ -329,8 +365,26 @@ def test_degrade_cli_grid_and_errors(tmp_path, capsys):
     arr = (_natural_image(64, 96)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(arr).save(src / "a.png")
     grid = tmp_path / "grid.png"
-    assert main(["degrade", "-i", str(src), "-o", str(tmp_path / "lr"), "--seed", "2", "--grid", str(grid),
-                 "--grid-seeds", "3", "--grid-tile", "64"]) == 0
+    assert (
+        main(
+            [
+                "degrade",
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "lr"),
+                "--seed",
+                "2",
+                "--grid",
+                str(grid),
+                "--grid-seeds",
+                "3",
+                "--grid-tile",
+                "64",
+            ]
+        )
+        == 0
+    )
     with Image.open(grid) as im:
         assert im.size == (4 * 64, 3 * (64 + 14) + 14)
     capsys.readouterr()

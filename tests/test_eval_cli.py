@@ -1,4 +1,5 @@
 """``semsr eval``: pairing, per-image JSON, unavailable metrics, errors, and the Set5 anchor end to end."""
+
 from __future__ import annotations
 
 import json
@@ -153,8 +154,9 @@ def test_niqe_without_ground_truth(tmp_path: Path, capsys) -> None:
     assert doc["mean"]["niqe"] > 0
 
 
-def test_fid_compares_whole_folders_without_pairing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
+def test_fid_compares_whole_folders_without_pairing(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import semsr.eval.metrics as metrics_pkg
     from semsr.eval.metrics.fid import FID
 
@@ -173,6 +175,10 @@ def test_fid_compares_whole_folders_without_pairing(folders: tuple[Path, Path], 
     pred, gt = folders  # names differ (im0_out.png vs im0.png): FID does not pair
     out = tmp_path / "r.json"
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "fid", "--json", str(out)]) == 0
-    assert seen == {"a": ["im0_out.png", "im1_out.png", "im2_out.png"], "b": ["im0.png", "im1.png", "im2.png"], "crop": 0}
+    assert seen == {
+        "a": ["im0_out.png", "im1_out.png", "im2_out.png"],
+        "b": ["im0.png", "im1.png", "im2.png"],
+        "crop": 0,
+    }
     doc = json.loads(out.read_text())
     assert doc["mean"] == {"fid": 12.5} and doc["metrics"]["fid"]["n"] == [3, 3]

@@ -1,4 +1,5 @@
 """Image I/O matrix: orientation, alpha, grey, palette, CMYK, 16-bit, ICC, animation, bombs, atomic writes."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """The JPEG quantisation-lattice feature of IRPAD (semsr.priors.jpeg_lattice)."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,9 @@ def test_peak_at_the_true_quality_scale_on_any_grid_phase(quality: float, offset
 def test_no_peak_without_jpeg_or_after_resampling() -> None:
     lattice = JPEGLattice()
     plain = _texture(1)[..., :64, :64]
-    resized = torch.nn.functional.interpolate(jpeg_compress(_texture(1, 96), 25.0), size=(64, 64), mode="bilinear",
-                                              antialias=True, align_corners=False)
+    resized = torch.nn.functional.interpolate(
+        jpeg_compress(_texture(1, 96), 25.0), size=(64, 64), mode="bilinear", antialias=True, align_corners=False
+    )
     for x in (plain, resized):
         s = lattice((x * 255).round() / 255)[0, :-1]
         near_true = s[(lattice.scales - float(quality_scale(torch.tensor(25.0)))).abs().argmin()]

@@ -42,8 +42,7 @@ def test_no_function_local_imports_of_semsr_modules() -> None:
         f"{p.relative_to(REPO)}:{line}: {mod}"
         for p in sorted(SRC.rglob("*.py"))
         for line, mod, _ in _function_local_imports(p)
-        if mod.startswith(("semsr", "."))
-        and p.name != "__init__.py"  # the package's lazy public names (semsr.upscale)
+        if mod.startswith(("semsr", ".")) and p.name != "__init__.py"  # the package's lazy public names (semsr.upscale)
     ]
     assert not bad, "function-local imports of semsr modules:\n" + "\n".join(bad)
 

@@ -4,6 +4,7 @@ Deep metrics are exercised with randomly initialised networks saved in the exact
 published formats (torchvision backbone state dicts, the lpips package's heads,
 dists-pytorch's alpha/beta, pytorch-fid's Inception layout, a transformers CLIP folder).
 """
+
 from __future__ import annotations
 
 import io
@@ -178,7 +179,9 @@ def test_load_eval_image_modes(tmp_path: Path) -> None:
     rgba = np.random.default_rng(0).integers(0, 256, (5, 6, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
     x = load_eval_image(tmp_path / "a.png")
-    assert x.shape == (1, 3, 5, 6) and torch.allclose(x[0].permute(1, 2, 0) * 255, torch.from_numpy(rgba[..., :3]).float())
+    assert x.shape == (1, 3, 5, 6) and torch.allclose(
+        x[0].permute(1, 2, 0) * 255, torch.from_numpy(rgba[..., :3]).float()
+    )
     g16 = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
     Image.fromarray(g16).save(tmp_path / "g16.png")
     y = load_eval_image(tmp_path / "g16.png")
@@ -188,9 +191,7 @@ def test_load_eval_image_modes(tmp_path: Path) -> None:
         load_eval_image(tmp_path / "bad.png")
 
 
-@pytest.mark.parametrize(
-    "name, psnr_pub, ssim_pub", [("Set5", 28.42, 0.8104), ("Set14", 26.00, 0.7027)]
-)
+@pytest.mark.parametrize("name, psnr_pub, ssim_pub", [("Set5", 28.42, 0.8104), ("Set14", 26.00, 0.7027)])
 def test_bicubic_x4_reproduces_published_anchor(data_dir: Path, name: str, psnr_pub: float, ssim_pub: float) -> None:
     folder = data_dir / "benchmarks" / name
     if not folder.is_dir():
@@ -283,7 +284,9 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     alex = {f"features.{k}": v for k, v in AlexNetFeatures().features.state_dict().items()}
     alex["classifier.1.weight"] = torch.zeros(4, 4)  # the published file also holds the classifier
     torch.save(alex, wd / "alexnet-owt-7be5be79.pth")
-    torch.save({f"features.{k}": v for k, v in VGG16Features().features.state_dict().items()}, wd / "vgg16-397923af.pth")
+    torch.save(
+        {f"features.{k}": v for k, v in VGG16Features().features.state_dict().items()}, wd / "vgg16-397923af.pth"
+    )
     (wd / "lpips" / "v0.1").mkdir(parents=True)
     for net, chans in (("alex", AlexNetFeatures.CHANNELS), ("vgg", VGG16Features.CHANNELS)):
         heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(chans)}
@@ -414,8 +417,17 @@ def _tiny_clip(folder: Path) -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)  # fmt: skip
     torch.manual_seed(0)

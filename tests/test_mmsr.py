@@ -1,4 +1,5 @@
 """MMSR: Multimodal Latent Connector, null tokens, modality temperature, m-CFG, tiny pipeline and training."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,12 @@ def test_token_counts_and_output_shape(connector):
     assert weights[0].shape == (2, 4, 128, 845)
     assert torch.allclose(weights[0].sum(-1), torch.ones(2, 4, 128), atol=1e-5)
     slots = connector.slots()
-    assert [slots[m] for m in (CAPTION, *SPATIAL_MODALITIES)] == [slice(0, 77), slice(77, 333), slice(333, 589),
-                                                                  slice(589, 845)]
+    assert [slots[m] for m in (CAPTION, *SPATIAL_MODALITIES)] == [
+        slice(0, 77),
+        slice(77, 333),
+        slice(333, 589),
+        slice(589, 845),
+    ]
     two = MultimodalLatentConnector(width=W, text_width=W, heads=4, spatial=["edge", "depth"])
     assert two.sequence_length == 589 and two(text, {"edge": spatial["edge"]}).shape == (2, 128, W)
 
@@ -70,8 +75,9 @@ def test_missing_modality_uses_its_null_token(connector):
     # dropping a modality for all samples is the same as leaving it out
     drop = {"depth": torch.tensor([True, True]), "seg": torch.tensor([True, True])}
     with torch.no_grad():
-        assert torch.allclose(connector(text, spatial, drop=drop), connector(text, {"edge": spatial["edge"]}),
-                              atol=1e-6)
+        assert torch.allclose(
+            connector(text, spatial, drop=drop), connector(text, {"edge": spatial["edge"]}), atol=1e-6
+        )
         # a per-sample drop changes only that sample
         one = connector(text, spatial, drop={"edge": torch.tensor([True, False])})
         full = connector(text, spatial)
@@ -118,8 +124,13 @@ def test_parse_temperatures():
     assert parse_temperatures("depth=0.5,edge=2") == {"depth": 0.5, "edge": 2.0}
     assert parse_temperatures({"seg": 10}) == {"seg": 10.0}
     assert parse_temperatures(None) == {} and parse_temperatures("") == {}
-    for bad, msg in (("depth=0.3", "outside"), ("edge=11", "outside"), ("foo=1", "unknown modality"),
-                     ("depth", "NAME=VALUE"), ("depth=x", "not a number")):
+    for bad, msg in (
+        ("depth=0.3", "outside"),
+        ("edge=11", "outside"),
+        ("foo=1", "unknown modality"),
+        ("depth", "NAME=VALUE"),
+        ("depth=x", "not a number"),
+    ):
         with pytest.raises(SemsrError, match=msg):
             parse_temperatures(bad)
 
@@ -196,8 +207,10 @@ def mmsr_method(tiny_models):
 
 def test_tiny_checkpoint_layout(tiny_models):
     index = read_index(tiny_models / "mmsr", "mmsr")
-    assert index.components == {"connector": ("semsr", "MultimodalLatentConnector"),
-                                "conv_in": ("semsr", "ConcatConvIn")}
+    assert index.components == {
+        "connector": ("semsr", "MultimodalLatentConnector"),
+        "conv_in": ("semsr", "ConcatConvIn"),
+    }
     assert index.meta == {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizer": None}
     cond, meta = load_mmsr(tiny_models / "mmsr")
     assert meta == index.meta and cond.unet_attention is None and cond.latent_channels == 4
@@ -266,8 +279,9 @@ def test_options_schema():
         info = infos[f"{m}_temperature"]
         assert (info.widget, info.min, info.max, info.step, info.default) == ("slider", 0.4, 10.0, 0.1, 1.0)
     assert infos["guidance_mode"].choices == ("mcfg", "cfg", "null-modality")
-    assert {n for n in ("checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm")
-            if infos[n].stage == "build"} == {"checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm"}
+    assert {
+        n for n in ("checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm") if infos[n].stage == "build"
+    } == {"checkpoint", "depth_model", "seg_model", "vq", "edge_detector", "vlm"}
     opts = MMSROptions.parse({"modality_temperature": "depth=0.5,edge=2", "seg_temperature": "3"})
     assert opts.temperatures() == {"depth": 0.5, "edge": 2.0, "seg": 3.0}
 
@@ -275,9 +289,26 @@ def test_options_schema():
 def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
     arr = (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / "img.png")
-    args = ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "out", "--method", "mmsr", "--base",
-            tiny_models / "sd", "--checkpoint", tiny_models / "mmsr", "--modalities", "caption,edge,depth,seg",
-            "--modality-temperature", "edge=2", "--steps", "2", "--no-progress"]
+    args = [
+        "upscale",
+        "-i",
+        tmp_path / "img.png",
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "mmsr",
+        "--base",
+        tiny_models / "sd",
+        "--checkpoint",
+        tiny_models / "mmsr",
+        "--modalities",
+        "caption,edge,depth,seg",
+        "--modality-temperature",
+        "edge=2",
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
     assert main([str(a) for a in args]) == 0
     assert Image.open(tmp_path / "out" / "img_out.png").size == (96, 80)
     capsys.readouterr()
@@ -286,13 +317,48 @@ def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
     import shutil
 
     shutil.copytree(tiny_models / "mmsr", ckpt)
-    rc = main([str(a) for a in ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o2", "--method", "mmsr",
-                                "--base", tiny_models / "sd", "--checkpoint", ckpt, "--modalities", "caption,depth",
-                                "--steps", "1"]])
+    rc = main(
+        [
+            str(a)
+            for a in [
+                "upscale",
+                "-i",
+                tmp_path / "img.png",
+                "-o",
+                tmp_path / "o2",
+                "--method",
+                "mmsr",
+                "--base",
+                tiny_models / "sd",
+                "--checkpoint",
+                ckpt,
+                "--modalities",
+                "caption,depth",
+                "--steps",
+                "1",
+            ]
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "--depth-model" in err and "Traceback" not in err
-    rc = main([str(a) for a in ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o3", "--method", "mmsr",
-                                "--base", tiny_models / "sd", "--checkpoint", tmp_path]])
+    rc = main(
+        [
+            str(a)
+            for a in [
+                "upscale",
+                "-i",
+                tmp_path / "img.png",
+                "-o",
+                tmp_path / "o3",
+                "--method",
+                "mmsr",
+                "--base",
+                tiny_models / "sd",
+                "--checkpoint",
+                tmp_path,
+            ]
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "MMSR checkpoint" in err
 
@@ -302,10 +368,23 @@ def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
 
 def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, capsys):
     hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
-    args = ["train", "--config", str(REPO / "configs" / "mmsr-tiny.yaml"), "--output", str(tmp_path / "run"),
-            "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
-            f"model.options.depth_model={tiny_models / 'depth'}", f"model.options.seg_model={tiny_models / 'seg'}",
-            f"data.hr=[{hr}]", "data.val_count=1", "data.limit=0", "validation.every=2", "checkpoint.every=2"]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "mmsr-tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        f"model.pretrained={tiny_models / 'sd'}",
+        f"model.options.depth_model={tiny_models / 'depth'}",
+        f"model.options.seg_model={tiny_models / 'seg'}",
+        f"data.hr=[{hr}]",
+        "data.val_count=1",
+        "data.limit=0",
+        "validation.every=2",
+        "checkpoint.every=2",
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records] == ["train", "train", "val"]
@@ -314,8 +393,9 @@ def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, ca
     cond, meta = load_mmsr(final)
     assert meta["modalities"] == ["edge", "depth", "seg"]
     assert cond.conv_in.weight[:, 4:].abs().sum() > 0  # the LR channels left zero and learned
-    pipe = MMSR.from_pretrained(tiny_models / "sd", final, depth_model=tiny_models / "depth",
-                                seg_model=tiny_models / "seg")
+    pipe = MMSR.from_pretrained(
+        tiny_models / "sd", final, depth_model=tiny_models / "depth", seg_model=tiny_models / "seg"
+    )
     assert pipe(torch.rand(1, 3, 16, 16), MMSROptions(steps=1)).images.shape == (1, 3, 64, 64)
     capsys.readouterr()
 
@@ -324,13 +404,22 @@ def test_null_drop_probability_in_training_draws(tiny_models):
     from semsr.train.config import config_from_dict
     from semsr.train.tasks import build_task
 
-    cfg = config_from_dict({
-        "name": "t", "task": "mmsr", "seed": 0,
-        "model": {"pretrained": str(tiny_models / "sd"),
-                  "options": {"modalities": ["edge"], "modality_drop_prob": 0.1,
-                              "connector": {"heads": 4, "self_layers": 1}}},
-        "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "mmsr",
+            "seed": 0,
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {
+                    "modalities": ["edge"],
+                    "modality_drop_prob": 0.1,
+                    "connector": {"heads": 4, "self_layers": 1},
+                },
+            },
+            "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
+        }
+    )
     task = build_task(cfg)
     gens = [torch.Generator().manual_seed(i) for i in range(2000)]
     drops = task.draw_drops(gens)
@@ -346,13 +435,22 @@ def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
     from semsr.train.config import config_from_dict
     from semsr.train.tasks import build_task
 
-    cfg = config_from_dict({
-        "name": "t", "task": "mmsr", "seed": 0,
-        "model": {"pretrained": str(tiny_models / "sd"),
-                  "options": {"modalities": ["edge"], "train_cross_attention": True,
-                              "connector": {"num_latents": 16, "heads": 4, "self_layers": 1}}},
-        "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "mmsr",
+            "seed": 0,
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {
+                    "modalities": ["edge"],
+                    "train_cross_attention": True,
+                    "connector": {"num_latents": 16, "heads": 4, "self_layers": 1},
+                },
+            },
+            "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
+        }
+    )
     task = build_task(cfg)
     task.setup(torch.device("cpu"), torch.float32)
     model = task.trainable
@@ -364,8 +462,12 @@ def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
     # fresh copies equal the UNet's layers
     assert torch.equal(layers[key].to_k.weight, task.unet.get_submodule(path).to_k.weight)
     g = torch.Generator().manual_seed(0)
-    batch = {"hr": torch.rand(2, 3, 64, 64, generator=g), "lr": torch.rand(2, 3, 16, 16, generator=g),
-             "prompt": ["a cat", "a dog"], "seed": torch.tensor([1, 2])}
+    batch = {
+        "hr": torch.rand(2, 3, 64, 64, generator=g),
+        "lr": torch.rand(2, 3, 16, 16, generator=g),
+        "prompt": ["a cat", "a dog"],
+        "seed": torch.tensor([1, 2]),
+    }
     out = task.compute(model, batch)
     torch.nn.functional.mse_loss(out["pred"], out["target"]).backward()
     assert layers[key].to_k.weight.grad.abs().sum() > 0

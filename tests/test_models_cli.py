@@ -1,4 +1,5 @@
 """``semsr models list [--json]``."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,24 @@ from semsr.cli import main
 def test_models_list_json_subprocess() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "semsr", "models", "list", "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert isinstance(rows, list)
     by_name = {r["name"]: r for r in rows}
-    for name in ("realesrgan-x4plus", "realsr-df2k-x4", "bicubic", "default", "realcugan-2x",
-                 "realcugan-4x-denoise3x", "realcugan-pro-3x-conservative"):
+    for name in (
+        "realesrgan-x4plus",
+        "realsr-df2k-x4",
+        "bicubic",
+        "default",
+        "realcugan-2x",
+        "realcugan-4x-denoise3x",
+        "realcugan-pro-3x-conservative",
+    ):
         assert name in by_name, name
     for row in rows:
         assert {"name", "scale", "available"} <= set(row)

@@ -34,10 +34,28 @@ def test_defaults_and_stages() -> None:
 
 
 def test_text_and_python_values_give_equal_options() -> None:
-    text = _Opts.parse({"steps": "4", "guidance_scale": "3", "no_reference": "true", "modalities": "edge,caption",
-                        "temperature": "edge=2,depth=0.5", "checkpoint": "~/w", "tile": "128"})
-    python = _Opts.parse({"steps": 4, "guidance_scale": 3, "no_reference": True, "modalities": ["edge", "caption"],
-                          "temperature": {"edge": 2, "depth": 0.5}, "checkpoint": Path("~/w"), "tile": 128})
+    text = _Opts.parse(
+        {
+            "steps": "4",
+            "guidance_scale": "3",
+            "no_reference": "true",
+            "modalities": "edge,caption",
+            "temperature": "edge=2,depth=0.5",
+            "checkpoint": "~/w",
+            "tile": "128",
+        }
+    )
+    python = _Opts.parse(
+        {
+            "steps": 4,
+            "guidance_scale": 3,
+            "no_reference": True,
+            "modalities": ["edge", "caption"],
+            "temperature": {"edge": 2, "depth": 0.5},
+            "checkpoint": Path("~/w"),
+            "tile": 128,
+        }
+    )
     assert text == python
     assert text.modalities == ("edge", "caption") and text.temperature == {"edge": 2.0, "depth": 0.5}
     assert text.checkpoint == Path("~/w").expanduser()

@@ -1,4 +1,5 @@
 """Diffusion SR core on the tiny random models: loading, sampler, guidance, tiling, colour fix, CLI."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models: Path) -> SDControlNetSR:
-    return SDControlNetSR.from_pretrained(tiny_models / "sd", tiny_models / "controlnet",
-                                          options_class=SDControlNetOptions)
+    return SDControlNetSR.from_pretrained(
+        tiny_models / "sd", tiny_models / "controlnet", options_class=SDControlNetOptions
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,9 @@ def test_full_pipeline_shape_range_timings_and_priors(pipe, lr):
 
 def test_options_class_is_an_init_keyword(pipe, lr):
     assert pipe.options_class is SDControlNetOptions
-    plain = SDControlNetSR(vae=pipe.vae, unet=pipe.unet, controlnet=pipe.controlnet, text=pipe.text,
-                           scheduler_config=pipe.scheduler_config)
+    plain = SDControlNetSR(
+        vae=pipe.vae, unet=pipe.unet, controlnet=pipe.controlnet, text=pipe.text, scheduler_config=pipe.scheduler_config
+    )
     assert plain.options_class is ControlNetSROptions and SDControlNetSR.options_class is ControlNetSROptions
     assert plain.suggest_priors(lr) == {"negative_prompt": ""}
     assert pipe.suggest_priors(lr) == {"negative_prompt": SDControlNetOptions().negative_prompt}
@@ -72,8 +75,15 @@ def test_options_class_is_an_init_keyword(pipe, lr):
 
 
 def test_odd_sizes_and_batches_are_padded_and_cropped(pipe):
-    x2 = SDControlNetSR(vae=pipe.vae, unet=pipe.unet, controlnet=pipe.controlnet, text=pipe.text,
-                        scheduler_config=pipe.scheduler_config, scale=2, options_class=SDControlNetOptions)
+    x2 = SDControlNetSR(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        controlnet=pipe.controlnet,
+        text=pipe.text,
+        scheduler_config=pipe.scheduler_config,
+        scale=2,
+        options_class=SDControlNetOptions,
+    )
     x = torch.rand(2, 3, 13, 21, generator=torch.Generator().manual_seed(3))
     out = x2(x, SDControlNetOptions(steps=2, seed=0), prompts=["a cat", "a dog"])
     assert out.images.shape == (2, 3, 26, 42)
@@ -134,8 +144,9 @@ def test_negative_prompt_changes_output(pipe, lr):
     b = run(pipe, lr, negative_prompt="sharp, clean, detailed photograph")
     assert (a - b).abs().mean() > 1e-4
     # and with guidance 1 the negative prompt is not used at all
-    assert torch.equal(run(pipe, lr, guidance_scale=1.0, negative_prompt="x"),
-                       run(pipe, lr, guidance_scale=1.0, negative_prompt="y"))
+    assert torch.equal(
+        run(pipe, lr, guidance_scale=1.0, negative_prompt="x"), run(pipe, lr, guidance_scale=1.0, negative_prompt="y")
+    )
 
 
 def test_controlnet_hint_matters(pipe, lr):
@@ -151,14 +162,25 @@ def test_controlnet_unet_forward_casts_residuals_to_the_unet_dtype(pipe):
     hint, t = torch.rand(2, 3, 64, 64, generator=g), torch.tensor([10, 500])
     with torch.no_grad():
         down, mid = pipe.controlnet(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
-        want = pipe.unet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+        want = pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
         assert torch.equal(controlnet_unet_forward(pipe.unet, pipe.controlnet, x, t, ctx, hint), want)
         unet16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
 
         def fp32_controlnet(xb, tb, *, encoder_hidden_states, controlnet_cond, **kw):  # autocast-like: fp32 outputs
-            return pipe.controlnet(xb.float(), tb, encoder_hidden_states=encoder_hidden_states.float(),
-                                   controlnet_cond=controlnet_cond.float(), **kw)
+            return pipe.controlnet(
+                xb.float(),
+                tb,
+                encoder_hidden_states=encoder_hidden_states.float(),
+                controlnet_cond=controlnet_cond.float(),
+                **kw,
+            )
 
         out = controlnet_unet_forward(unet16, fp32_controlnet, x.bfloat16(), t, ctx.bfloat16(), hint.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == want.shape
@@ -184,7 +206,7 @@ def test_blend_windows_exact_for_pointwise_functions_with_window_crops():
 
     def spatial(xt, t, cond, window):
         top, left, h, w = window
-        return torch.tanh(xt) * 2 + cond * cmap[..., top:top + h, left:left + w]
+        return torch.tanh(xt) * 2 + cond * cmap[..., top : top + h, left : left + w]
 
     full = untiled(spatial)(x, torch.tensor(1), 0.5)
     tiles = tiled(spatial, tile=16, overlap=5)(x, torch.tensor(1), 0.5)
@@ -272,14 +294,27 @@ def test_sampler_has_no_guidance_and_calls_the_denoiser_once_per_step(pipe):
     seen, calls = [], []
     den = _cond_denoiser(calls)
     sched = make_scheduler("ddpm", pipe.scheduler_config)
-    z = sample(den, sched, shape=(1, 4, 4, 4), cond=torch.zeros(1, 1), steps=5,
-               generator=torch.Generator().manual_seed(0), progress=lambda d, n: seen.append((d, n)))
+    z = sample(
+        den,
+        sched,
+        shape=(1, 4, 4, 4),
+        cond=torch.zeros(1, 1),
+        steps=5,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda d, n: seen.append((d, n)),
+    )
     assert z.shape == (1, 4, 4, 4) and z.dtype == torch.float32
     assert seen[-1] == (5, 5) and len(seen) == 5 and calls == [1] * 5
     calls.clear()
     guided = cfg(den, torch.ones(1, 1), 3.0)  # guidance wraps the denoiser: the sampler does not know
-    sample(guided, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=torch.zeros(1, 1),
-           steps=3, generator=torch.Generator().manual_seed(0))
+    sample(
+        guided,
+        make_scheduler("ddim", pipe.scheduler_config),
+        shape=(1, 4, 4, 4),
+        cond=torch.zeros(1, 1),
+        steps=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert calls == [2] * 3
     with pytest.raises(SemsrError):
         make_scheduler("euler-magic", pipe.scheduler_config)
@@ -291,12 +326,27 @@ def test_sample_from_init_latents_with_strength(pipe):
     init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     calls: list[int] = []
     den = _cond_denoiser(calls)
-    z = sample(den, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=torch.zeros(1, 1),
-               steps=4, generator=torch.Generator().manual_seed(0), init_latents=init, strength=0.5)
+    z = sample(
+        den,
+        make_scheduler("ddim", pipe.scheduler_config),
+        shape=(1, 4, 4, 4),
+        cond=torch.zeros(1, 1),
+        steps=4,
+        generator=torch.Generator().manual_seed(0),
+        init_latents=init,
+        strength=0.5,
+    )
     assert z.shape == (1, 4, 4, 4) and len(calls) == 2  # half the schedule
     with pytest.raises(SemsrError, match="strength"):
-        sample(den, make_scheduler("ddim", pipe.scheduler_config), shape=(1, 4, 4, 4), cond=None, steps=4,
-               init_latents=init, strength=0.0)
+        sample(
+            den,
+            make_scheduler("ddim", pipe.scheduler_config),
+            shape=(1, 4, 4, 4),
+            cond=None,
+            steps=4,
+            init_latents=init,
+            strength=0.0,
+        )
 
 
 # ----------------------------------------------------------------------------- colour fix
@@ -355,10 +405,16 @@ def _copy_sd(tiny_models: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("missing", [
-    "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "model_index.json",
-    "tokenizer/merges.txt", "scheduler/scheduler_config.json",
-])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "model_index.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+    ],
+)
 def test_incomplete_sd_folder_names_the_missing_file(tiny_models, tmp_path, missing):
     sd = _copy_sd(tiny_models, tmp_path)
     (sd / missing).unlink()
@@ -387,8 +443,19 @@ def test_cli_wrong_base_is_one_line_error(tmp_path, capsys):
 
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
-    code = main(["upscale", "-i", str(img), "-o", str(tmp_path / "out"), "--method", "sd-controlnet",
-                 "--base", str(tmp_path / "missing-sd")])
+    code = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(tmp_path / "out"),
+            "--method",
+            "sd-controlnet",
+            "--base",
+            str(tmp_path / "missing-sd"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "missing-sd" in err and "Traceback" not in err
 
@@ -403,7 +470,10 @@ def test_minilm_fallback_text_encoder(tiny_models, lr, tmp_path):
     assert (ctx[0] - ctx[1]).abs().mean() > 1e-4
     assert run(p, lr, steps=2).shape == (1, 3, 128, 160)
     p.text.save_projection(tmp_path / "proj")  # the projection is a component folder
-    assert sorted(f.name for f in (tmp_path / "proj").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "proj").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     again = MiniLMTextEncoder.from_projection(tmp_path / "proj")
     assert isinstance(again.proj, MiniLMProjection) and again.proj.config.width == 32
     torch.testing.assert_close(again.encode(["a photo of a cat"]), ctx[:1], rtol=0, atol=1e-6)
@@ -422,8 +492,26 @@ def test_cli_tiny_models_then_upscale(tmp_path):
     img = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(0).random((24, 20, 3)) * 255).astype(np.uint8)).save(img)
     out = tmp_path / "out"
-    code = main(["upscale", "-i", str(img), "-o", str(out), "--method", "sd-controlnet", "--base", str(tiny / "sd"),
-                 "--controlnet", str(tiny / "controlnet"), "--steps", "4", "--prompt", "a photo", "--no-progress"])
+    code = main(
+        [
+            "upscale",
+            "-i",
+            str(img),
+            "-o",
+            str(out),
+            "--method",
+            "sd-controlnet",
+            "--base",
+            str(tiny / "sd"),
+            "--controlnet",
+            str(tiny / "controlnet"),
+            "--steps",
+            "4",
+            "--prompt",
+            "a photo",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     files = list(out.iterdir())
     assert len(files) == 1

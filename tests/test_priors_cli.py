@@ -1,4 +1,5 @@
 """``semsr priors``: outputs, JSON index, caching, registry-driven options, errors."""
+
 from __future__ import annotations
 
 import json
@@ -48,12 +49,21 @@ def test_providers():
     saved = dict(base._REGISTRY)
     _MeanProvider.calls_total = 0
     opt = ProviderOption("scale", "--test-scale", "a factor", type=float)
-    register_provider(ProviderSpec("test-text", lambda **o: _MeanProvider("text", "test-text", **o), "text",
-                                   "test text prior", (opt,)))
-    register_provider(ProviderSpec("test-emb", lambda **o: _MeanProvider("embedding", "test-emb", **o), "embedding",
-                                   "test embedding", (opt,)))
-    register_provider(ProviderSpec("test-map", lambda **o: _MeanProvider("spatial", "test-map", **o), "spatial",
-                                   "test RGB map", (opt,)))
+    register_provider(
+        ProviderSpec(
+            "test-text", lambda **o: _MeanProvider("text", "test-text", **o), "text", "test text prior", (opt,)
+        )
+    )
+    register_provider(
+        ProviderSpec(
+            "test-emb", lambda **o: _MeanProvider("embedding", "test-emb", **o), "embedding", "test embedding", (opt,)
+        )
+    )
+    register_provider(
+        ProviderSpec(
+            "test-map", lambda **o: _MeanProvider("spatial", "test-map", **o), "spatial", "test RGB map", (opt,)
+        )
+    )
     yield
     base._REGISTRY.clear()
     base._REGISTRY.update(saved)
@@ -80,8 +90,19 @@ def test_generic_providers_options_and_cache(tmp_path, test_providers):
     _write_square(folder / "a.png")
     _write_square(folder / "b.png", (24, 24))
     out, js = tmp_path / "out", tmp_path / "index.json"
-    args = ["priors", "-i", str(folder), "--modalities", "test-text,test-map,test-emb", "-o", str(out), "--json", str(js),
-            "--test-scale", "0.5"]
+    args = [
+        "priors",
+        "-i",
+        str(folder),
+        "--modalities",
+        "test-text,test-map,test-emb",
+        "-o",
+        str(out),
+        "--json",
+        str(js),
+        "--test-scale",
+        "0.5",
+    ]
     assert main(args) == 0
     assert _MeanProvider.calls_total == 6
     index = json.loads(js.read_text())
@@ -113,8 +134,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     img = _write_square(tmp_path / "x.png")
     assert main(["priors", "-i", str(img), "--modalities", "canny,nope", "-o", str(tmp_path / "o")]) == 2
     assert "unknown prior 'nope'" in capsys.readouterr().err
-    code = main(["priors", "-i", str(img), "--modalities", "depth", "--depth-model", str(tmp_path / "none"),
-                 "-o", str(tmp_path / "o")])
+    code = main(
+        [
+            "priors",
+            "-i",
+            str(img),
+            "--modalities",
+            "depth",
+            "--depth-model",
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 3 and "--depth-model" in capsys.readouterr().err
 
 

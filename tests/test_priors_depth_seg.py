@@ -1,4 +1,5 @@
 """Depth and segmentation providers on tiny random transformers models written by ``semsr dev tiny-models``."""
+
 from __future__ import annotations
 
 from pathlib import Path

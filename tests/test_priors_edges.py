@@ -1,4 +1,5 @@
 """Edge priors: HED parity with independent references, HED/Canny behaviour, prior caching."""
+
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,7 @@ def _np_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
     out = np.zeros((h, w, kernel.shape[3]), dtype=np.float64)
     for dy in range(kh):
         for dx in range(kw):
-            out += xp[dy:dy + h, dx:dx + w, :] @ kernel[dy, dx]
+            out += xp[dy : dy + h, dx : dx + w, :] @ kernel[dy, dx]
     return out + bias
 
 
@@ -178,8 +179,9 @@ def _square_image(size: int = 96, lo: int = 24, hi: int = 72) -> torch.Tensor:
 
 def _ring_masks(size: int = 96, lo: int = 24, hi: int = 72) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    dist = torch.minimum(torch.minimum((yy - lo).abs(), (yy - (hi - 1)).abs()),
-                         torch.minimum((xx - lo).abs(), (xx - (hi - 1)).abs()))
+    dist = torch.minimum(
+        torch.minimum((yy - lo).abs(), (yy - (hi - 1)).abs()), torch.minimum((xx - lo).abs(), (xx - (hi - 1)).abs())
+    )
     inside = (yy >= lo) & (yy < hi) & (xx >= lo) & (xx < hi)
     boundary = (dist <= 1) & (yy >= lo - 1) & (yy <= hi) & (xx >= lo - 1) & (xx <= hi)
     interior = inside & (dist >= 8)
@@ -237,7 +239,9 @@ def test_canny_threshold_modes():
 
 
 def test_canny_flat_image_has_no_edges():
-    flat = torch.full((1, 3, 64, 64), 0.5) + 0.004 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    flat = torch.full((1, 3, 64, 64), 0.5) + 0.004 * torch.randn(
+        1, 3, 64, 64, generator=torch.Generator().manual_seed(1)
+    )
     edges, _ = canny_edges(flat.clamp(0, 1))
     assert edges.sum() == 0
 

@@ -1,5 +1,6 @@
 """Priors the prompt-driven methods report (``Result.priors``) and suggest (``suggest_priors``) on tiny models,
 the ``priors_in_prompt`` round trip, and MMSR's per-modality temperature sliders (issue 11)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,12 @@ def _same(a: semsr.Result, b: semsr.Result) -> bool:
 
 
 def test_xpsr_suggests_the_irpad_text_and_reports_the_prompts_it_used(tiny_models):
-    pipe = semsr.load("xpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "xpsr"),
-                      irpad=str(tiny_models / "irpad-untrained"))
+    pipe = semsr.load(
+        "xpsr",
+        base=str(tiny_models / "sd"),
+        checkpoint=str(tiny_models / "xpsr"),
+        irpad=str(tiny_models / "irpad-untrained"),
+    )
     img = _photo()
     s = pipe.suggest_priors(img)
     # no VLM, no tagger: nothing semantic to suggest; the low-level prompt is IRPAD's description
@@ -65,8 +70,13 @@ def test_xpsr_suggests_the_irpad_text_and_reports_the_prompts_it_used(tiny_model
 
 
 def test_dalpsr_suggestion_round_trips_with_priors_in_prompt(tiny_models):
-    pipe = semsr.load("dalpsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "dalpsr"),
-                      tagger=str(tiny_models / "tagger"), irpad=str(tiny_models / "irpad-untrained"))
+    pipe = semsr.load(
+        "dalpsr",
+        base=str(tiny_models / "sd"),
+        checkpoint=str(tiny_models / "dalpsr"),
+        tagger=str(tiny_models / "tagger"),
+        irpad=str(tiny_models / "irpad-untrained"),
+    )
     img = _photo()
     s = pipe.suggest_priors(img)
     assert s["tags"] and s["prompt"] == ", ".join(s["tags"]) and s["sources"]["high"] == "tags"
@@ -77,12 +87,15 @@ def test_dalpsr_suggestion_round_trips_with_priors_in_prompt(tiny_models):
     assert _same(pipe(img, steps=1, priors_in_prompt=True, **fields), default)  # the suggestion reproduces the default
     # without the flag the tags would be added to the (pre-filled) prompt a second time
     twice = pipe(img, steps=1, **fields)
-    assert twice.priors["prompt"] == f"{s['prompt']}, {s['prompt']}, {XPSR_ADDED_POSITIVE}" and not _same(twice, default)
+    assert twice.priors["prompt"] == f"{s['prompt']}, {s['prompt']}, {XPSR_ADDED_POSITIVE}" and not _same(
+        twice, default
+    )
 
 
 def test_mmsr_reports_caption_modalities_and_maps_and_takes_per_modality_temperatures(tiny_models):
-    pipe = semsr.load("mmsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "mmsr"),
-                      vlm=str(tiny_models / "vlm"))
+    pipe = semsr.load(
+        "mmsr", base=str(tiny_models / "sd"), checkpoint=str(tiny_models / "mmsr"), vlm=str(tiny_models / "vlm")
+    )
     img = _photo()
     s = pipe.suggest_priors(img)
     assert s["prompt"] and s["caption"] == s["prompt"]  # the VLM caption of the image
@@ -90,7 +103,9 @@ def test_mmsr_reports_caption_modalities_and_maps_and_takes_per_modality_tempera
     run = {"steps": 1, "modalities": "caption,edge,depth"}
     res = pipe(img, **run)
     p = res.priors
-    assert p["prompt"] == s["caption"] and p["caption_source"] == "vlm" and p["modalities"] == ("caption", "edge", "depth")
+    assert (
+        p["prompt"] == s["caption"] and p["caption_source"] == "vlm" and p["modalities"] == ("caption", "edge", "depth")
+    )
     assert isinstance(p["edge"], Image.Image) and p["edge"].size == res.image.size == (64, 64)
     assert isinstance(p["depth"], Image.Image) and "seg" not in p
     assert _same(pipe(img, prompt=s["prompt"], **run), res)  # the suggested caption reproduces the default
@@ -122,9 +137,14 @@ def test_default_diffusion_suggests_irpad_text_and_lacks_it_without_weights(tiny
 
     torch.manual_seed(0)
     model = DefaultSR(
-        stage1="bicubic", block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], conditioning_channels=[8, 8, 8],
-        cross_attention_dim=32, attention_head_dim=8)
+        stage1="bicubic",
+        block_out_channels=[16, 32],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        conditioning_channels=[8, 8, 8],
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
     with torch.no_grad():
         model.unet.conv_out.weight.normal_(0, 0.05)  # "trained": the text condition changes the output
     save_default_sr(model, tmp_path / "ck")
@@ -160,11 +180,30 @@ def test_sd_controlnet_and_rfa_report_prompts_and_references(tiny_models, tmp_pa
     (tmp_path / "refs").mkdir()
     for i in range(3):
         Image.fromarray((np.kron(rng.random((4, 4, 3)), np.ones((12, 12, 1))) * 255).astype(np.uint8)).save(
-            tmp_path / "refs" / f"r{i}.png")
-    assert main(["index", "build", "--images", str(tmp_path / "refs"), "--out", str(tmp_path / "db"),
-                 "--embedder", f"clip:{tiny_models / 'clip-vision'}"]) == 0
-    rfa = semsr.load("rfa", base=str(tiny_models / "sd"), controlnet=str(tiny_models / "controlnet"),
-                     checkpoint=str(tiny_models / "rfa"), db=str(tmp_path / "db"))
+            tmp_path / "refs" / f"r{i}.png"
+        )
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--images",
+                str(tmp_path / "refs"),
+                "--out",
+                str(tmp_path / "db"),
+                "--embedder",
+                f"clip:{tiny_models / 'clip-vision'}",
+            ]
+        )
+        == 0
+    )
+    rfa = semsr.load(
+        "rfa",
+        base=str(tiny_models / "sd"),
+        controlnet=str(tiny_models / "controlnet"),
+        checkpoint=str(tiny_models / "rfa"),
+        db=str(tmp_path / "db"),
+    )
     lr = _photo(4)
     s = rfa.suggest_priors(lr)
     assert isinstance(s["prompt"], str) and len(s["reference_paths"]) == 3
@@ -172,7 +211,9 @@ def test_sd_controlnet_and_rfa_report_prompts_and_references(tiny_models, tmp_pa
     res = rfa(lr, prompt="a wall", num_references=2, steps=1)
     p = res.priors
     assert p["prompt"] == "a wall" and p["prompt_source"] == "user" and p["reference_paths"] == s["reference_paths"][:2]
-    assert isinstance(p["reference1"], Image.Image) and isinstance(p["reference2"], Image.Image) and "reference3" not in p
+    assert (
+        isinstance(p["reference1"], Image.Image) and isinstance(p["reference2"], Image.Image) and "reference3" not in p
+    )
     assert rfa(lr, steps=1).priors["prompt_source"] == "text decoder"
 
 

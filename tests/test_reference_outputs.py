@@ -6,6 +6,7 @@ Bit-identical (``torch.equal``) when torch and ``torch.backends.cpu.get_cpu_capa
 recording; otherwise within ``atol = rtol = 1e-4``. Strings (reported priors, parameter names, shapes)
 must always be equal. The semsr calls are all in ``tests/reference/cases.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.reference import cases as C  # noqa: E402
+from tests.reference import cases as C
 
 DATA = Path(__file__).resolve().parent / "data" / "reference"
 META = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
@@ -47,8 +48,8 @@ def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_mo
     torch.set_num_threads(1)
     result = C.run_case(key, tiny_models, tmp_path)
     prefix = f"{key}/"
-    want_tensors = {k[len(prefix):]: v for k, v in reference.items() if k.startswith(prefix)}
-    want_strings = {k[len(prefix):]: v for k, v in META["strings"].items() if k.startswith(prefix)}
+    want_tensors = {k[len(prefix) :]: v for k, v in reference.items() if k.startswith(prefix)}
+    want_strings = {k[len(prefix) :]: v for k, v in META["strings"].items() if k.startswith(prefix)}
     got_tensors = {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
     got_strings = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
     assert sorted(got_tensors) == sorted(want_tensors)
@@ -66,5 +67,7 @@ def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_mo
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             except AssertionError as err:
                 mismatched.append(f"{name}: {str(err).splitlines()[0]}")
-    assert not mismatched, f"{len(mismatched)} of {len(want_tensors)} tensors differ " \
-                           f"({'bit-identical' if bitwise else 'tolerance'} check):\n" + "\n".join(mismatched[:20])
+    assert not mismatched, (
+        f"{len(mismatched)} of {len(want_tensors)} tensors differ "
+        f"({'bit-identical' if bitwise else 'tolerance'} check):\n" + "\n".join(mismatched[:20])
+    )

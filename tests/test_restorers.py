@@ -1,5 +1,6 @@
 """Restorers: ncnn blob reader, RRDBNet parity with the ncnn runtime, .pth loading,
 Real-CUGAN geometry and sanity, the method registry entries."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,14 @@ from semsr.models.rrdbnet import RRDBConfig, RRDBNet, rrdbnet_from_ncnn, rrdbnet
 from semsr.ops.imresize import imresize
 
 STANDARD_KEYS = (
-    "conv_first.weight", "body.0.rdb1.conv1.weight", "body.0.rdb3.conv5.bias",
-    "conv_body.weight", "conv_up1.weight", "conv_up2.weight", "conv_hr.weight", "conv_last.bias",
+    "conv_first.weight",
+    "body.0.rdb1.conv1.weight",
+    "body.0.rdb3.conv5.bias",
+    "conv_body.weight",
+    "conv_up1.weight",
+    "conv_up2.weight",
+    "conv_hr.weight",
+    "conv_last.bias",
 )
 
 
@@ -227,8 +234,17 @@ def test_pad_reflect_small_images() -> None:
 
 def test_registry_has_restorers() -> None:
     names = {s.name for s in methods.specs()}
-    required = {"bicubic", "realesrgan-x4plus", "realsr-df2k-x4", "realesrgan-pth", "default",
-                "realcugan-2x", "realcugan-3x-conservative", "realcugan-4x-denoise3x", "realcugan-pro-2x"}
+    required = {
+        "bicubic",
+        "realesrgan-x4plus",
+        "realsr-df2k-x4",
+        "realesrgan-pth",
+        "default",
+        "realcugan-2x",
+        "realcugan-3x-conservative",
+        "realcugan-4x-denoise3x",
+        "realcugan-pro-2x",
+    }
     assert required <= names
     assert sum(n.startswith("realcugan") for n in names) == 17
     assert methods.resolve("default").scale == 4
@@ -293,8 +309,9 @@ def test_build_options_validated() -> None:
 
 
 def test_unavailable_package_reported(tmp_path: Path) -> None:
-    info = cat.ModelInfo("ghost", 4, "ncnn", package="no-such-pkg", module="semsr_no_such_module",
-                         files=("X.param", "X.bin"))
+    info = cat.ModelInfo(
+        "ghost", 4, "ncnn", package="no-such-pkg", module="semsr_no_such_module", files=("X.param", "X.bin")
+    )
     assert info.available() is False
     assert info.file_sizes() == {"X.param": None, "X.bin": None}
     with pytest.raises(UnavailableError, match="pip install no-such-pkg"):

@@ -1,4 +1,5 @@
 """Reference database: round trip, incremental add, de-duplication, mmap opening, kinds, shards, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -128,11 +129,12 @@ def test_cli_build_twice_search_json_info(tmp_path: Path, clip_spec: str, capsys
     files = _write_images(tmp_path / "imgs", 5)
     db = tmp_path / "db"
     for _ in range(2):
-        assert main(["index", "build", "--images", str(tmp_path / "imgs"), "--out", str(db),
-                     "--embedder", clip_spec]) == 0
+        assert (
+            main(["index", "build", "--images", str(tmp_path / "imgs"), "--out", str(db), "--embedder", clip_spec]) == 0
+        )
     assert main(["index", "info", "--db", str(db), "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["images"] == 5
+    assert json.loads(out[out.index("{") :])["images"] == 5
     assert main(["index", "search", str(files[1]), "--db", str(db), "-k", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert len(res) == 4 and res[0]["path"] == str(files[1].resolve())

@@ -1,5 +1,6 @@
 """RFA recipe: aligner fit, component round trips, `semsr bench retrieval`, AdaIN gates, the method contract,
 end-to-end run."""
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,15 @@ def _synthetic_pairs(n: int = 96, tokens: int = 5, tdim: int = 12, dim: int = 16
     return feats, hr
 
 
-def _fit(feats: PairFeatures, hr: torch.Tensor, *, steps: int, lr: float, residual: bool
-         ) -> tuple[ReferenceFindingAligner, list[float]]:
+def _fit(
+    feats: PairFeatures, hr: torch.Tensor, *, steps: int, lr: float, residual: bool
+) -> tuple[ReferenceFindingAligner, list[float]]:
     """Full-batch AdamW on the ``rfa-aligner`` task's step (``aligner_outputs`` + ``rfa_align_l2``)."""
     torch.manual_seed(0)
     n, tokens, tdim = feats.lr_tokens.shape
-    model = ReferenceFindingAligner(token_dim=tdim, out_dim=hr.shape[1], num_tokens=tokens, width=32, depth=1, heads=2,
-                                    residual=residual)
+    model = ReferenceFindingAligner(
+        token_dim=tdim, out_dim=hr.shape[1], num_tokens=tokens, width=32, depth=1, heads=2, residual=residual
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     losses = []
     for _ in range(steps):
@@ -61,8 +64,9 @@ def test_aligner_loss_falls(residual: bool) -> None:
 
 
 def test_residual_aligner_starts_as_identity_and_round_trips(tmp_path: Path) -> None:
-    model = ReferenceFindingAligner(token_dim=12, out_dim=16, num_tokens=5, width=32, depth=1, heads=2,
-                                    embedder="x").eval()
+    model = ReferenceFindingAligner(
+        token_dim=12, out_dim=16, num_tokens=5, width=32, depth=1, heads=2, embedder="x"
+    ).eval()
     feats, _ = _synthetic_pairs(n=4)
     with torch.no_grad():
         assert torch.allclose(model(feats.lr_tokens, feats.lr_vec), feats.lr_vec)
@@ -101,10 +105,26 @@ def test_bench_retrieval_cli(tmp_path: Path, tiny_models: Path, capsys: pytest.C
 
     imgs = write_blocks(tmp_path / "imgs", 10)
     out = tmp_path / "r.json"
-    rc = bench_retrieval(["--images", str(imgs), "--db", str(tmp_path / "db"), "--embedder",
-                          f"clip:{tiny_models / 'clip-vision'}", "--steps", "10", "--holdout", "0.3", "--json",
-                          str(out), "--lr-size", "8",  # below the tiny CLIP's 32 px input: LR and HR embeddings differ
-                          "--save-aligner", str(tmp_path / "aligner")])
+    rc = bench_retrieval(
+        [
+            "--images",
+            str(imgs),
+            "--db",
+            str(tmp_path / "db"),
+            "--embedder",
+            f"clip:{tiny_models / 'clip-vision'}",
+            "--steps",
+            "10",
+            "--holdout",
+            "0.3",
+            "--json",
+            str(out),
+            "--lr-size",
+            "8",  # below the tiny CLIP's 32 px input: LR and HR embeddings differ
+            "--save-aligner",
+            str(tmp_path / "aligner"),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["database_size"] == 10 and res["heldout_pairs"] == 3 and res["train_pairs"] == 7
@@ -114,8 +134,23 @@ def test_bench_retrieval_cli(tmp_path: Path, tiny_models: Path, capsys: pytest.C
         assert 0.0 <= res["heldout"][q]["top1"] <= res["heldout"][q]["top4"] <= 1.0
     assert "top-4" in capsys.readouterr().out
     # the saved aligner serves LR queries in `semsr index search --aligner`
-    assert main(["index", "search", str(imgs / "3.png"), "--db", str(tmp_path / "db"), "-k", "2", "--json",
-                 "--aligner", str(tmp_path / "aligner")]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                str(imgs / "3.png"),
+                "--db",
+                str(tmp_path / "db"),
+                "-k",
+                "2",
+                "--json",
+                "--aligner",
+                str(tmp_path / "aligner"),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
 
 
@@ -188,8 +223,9 @@ def test_enhancer_loss_falls_and_text_decodes(tiny_models: Path) -> None:
     lr_tok, refs = torch.randn(8, 5, 12, generator=g), torch.randn(8, 4, 5, 12, generator=g)
     hr = F.normalize(torch.tanh(refs.mean((1, 2)) @ torch.randn(12, 16, generator=g)), dim=-1)
     torch.manual_seed(0)
-    model = EmbeddingEnhancer(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd, width=32, depth=1,
-                              heads=2, prefix_len=2)
+    model = EmbeddingEnhancer(
+        token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd, width=32, depth=1, heads=2, prefix_len=2
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ids = tok(["a photo of a cat"] * 8, return_tensors="pt").input_ids
     cos_losses, cap_losses = [], []
@@ -216,8 +252,21 @@ def reference_db(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     root = tmp_path_factory.mktemp("rfa-db")
     refs = write_blocks(root / "refs", 3, px=12, seed=1, prefix="r")
-    assert main(["index", "build", "--images", str(refs), "--out", str(root / "db"), "--embedder",
-                 f"clip:{tiny_models / 'clip-vision'}"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--images",
+                str(refs),
+                "--out",
+                str(root / "db"),
+                "--embedder",
+                f"clip:{tiny_models / 'clip-vision'}",
+            ]
+        )
+        == 0
+    )
     return root / "db"
 
 
@@ -226,8 +275,15 @@ def test_rfa_method_returns_references_and_keeps_no_state(tiny_models: Path, ref
 
     spec = resolve("rfa")
     assert spec.scale == 16 and spec.suggests_priors and spec.diffusion
-    method = build("rfa", {"base": tiny_models / "sd", "controlnet": tiny_models / "controlnet",
-                           "checkpoint": tiny_models / "rfa", "db": reference_db})
+    method = build(
+        "rfa",
+        {
+            "base": tiny_models / "sd",
+            "controlnet": tiny_models / "controlnet",
+            "checkpoint": tiny_models / "rfa",
+            "db": reference_db,
+        },
+    )
     assert method.name == "rfa" and method.scale == 16 and method.tiles_itself
     x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     before = dict(vars(method))
@@ -278,18 +334,71 @@ def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> N
     rng = np.random.default_rng(1)
     refs = write_blocks(tmp_path / "refs", 3, px=12, seed=1, prefix="r")
     db = tmp_path / "db"
-    assert main(["index", "build", "--images", str(refs), "--out", str(db), "--embedder",
-                 f"clip:{tiny_models / 'clip-vision'}"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--images",
+                str(refs),
+                "--out",
+                str(db),
+                "--embedder",
+                f"clip:{tiny_models / 'clip-vision'}",
+            ]
+        )
+        == 0
+    )
     lr = tmp_path / "lr.png"
     Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).save(lr)
     out = tmp_path / "out"
-    assert main(["upscale", "-i", str(lr), "-o", str(out), "--method", "rfa", "--base", str(tiny_models / "sd"),
-                 "--controlnet", str(tiny_models / "controlnet"), "--checkpoint", str(tiny_models / "rfa"),
-                 "--db", str(db), "--save-reference", "--num-references", "2", "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "upscale",
+                "-i",
+                str(lr),
+                "-o",
+                str(out),
+                "--method",
+                "rfa",
+                "--base",
+                str(tiny_models / "sd"),
+                "--controlnet",
+                str(tiny_models / "controlnet"),
+                "--checkpoint",
+                str(tiny_models / "rfa"),
+                "--db",
+                str(db),
+                "--save-reference",
+                "--num-references",
+                "2",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     made = sorted(p.name for p in out.iterdir())
     assert len([m for m in made if "_reference" in m]) == 2
     main_out = [m for m in made if "_reference" not in m]
     assert len(main_out) == 1 and Image.open(out / main_out[0]).size == (64, 64)  # x16 default
     # without a database or --clip the method explains what it needs
-    assert main(["upscale", "-i", str(lr), "-o", str(tmp_path / "out2"), "--method", "rfa", "--base",
-                 str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "rfa")]) != 0
+    assert (
+        main(
+            [
+                "upscale",
+                "-i",
+                str(lr),
+                "-o",
+                str(tmp_path / "out2"),
+                "--method",
+                "rfa",
+                "--base",
+                str(tiny_models / "sd"),
+                "--checkpoint",
+                str(tiny_models / "rfa"),
+            ]
+        )
+        != 0
+    )

@@ -1,5 +1,6 @@
 """RFA training through the shared trainer: text alignment in CLIP space, rfa-aligner, rfa-enhancer and
 rfa-sr tasks (tiny runs, resume, exports loaded by `semsr bench retrieval` and the rfa method)."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def test_soft_decoding_is_greedy_decoding_and_its_clip_embedding_is_exact(text_m
     emb.sum().backward()
     assert prefix.grad is not None and float(prefix.grad.abs().sum()) > 0
     # text made of whole-word tokens is encoded exactly as the string itself
-    words = [v for v in range(len(tok)) if tok.decode([v]).startswith(" ") and tok.decode([v])[1:].isalpha()
-             and len(bridge.pieces[v]) == 1][:4]
+    words = [
+        v
+        for v in range(len(tok))
+        if tok.decode([v]).startswith(" ") and tok.decode([v])[1:].isalpha() and len(bridge.pieces[v]) == 1
+    ][:4]
     assert len(words) >= 3
     ids = torch.tensor([words])
     manual = SoftDecoding(ids, F.one_hot(ids, len(bridge.pieces)).float(), torch.tensor([len(words)]))
@@ -72,8 +76,17 @@ def test_text_clip_loss_steers_the_enhancer_text_toward_the_caption(text_models)
     g = torch.Generator().manual_seed(0)
     lr_tok, refs = torch.randn(4, 5, 12, generator=g), torch.randn(4, 2, 5, 12, generator=g)
     torch.manual_seed(0)
-    model = EmbeddingEnhancer(token_dim=12, out_dim=16, num_tokens=5, lm_dim=lm.config.n_embd, num_refs=2, width=32,
-                              depth=1, heads=2, prefix_len=2)
+    model = EmbeddingEnhancer(
+        token_dim=12,
+        out_dim=16,
+        num_tokens=5,
+        lm_dim=lm.config.n_embd,
+        num_refs=2,
+        width=32,
+        depth=1,
+        heads=2,
+        prefix_len=2,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     caption = clip.embed(["a photo of a cat"] * 4)
     loss_fn = get_loss("rfa_text_clip")
@@ -97,8 +110,14 @@ def test_load_clip_text_layouts_and_errors(tiny_models: Path, tmp_path: Path) ->
     from semsr.models.rfa_text import load_clip_text
 
     folder = tmp_path / "clip-text"
-    cfg = CLIPTextConfig(vocab_size=len(load_clip_text(tiny_models / "sd").tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+    cfg = CLIPTextConfig(
+        vocab_size=len(load_clip_text(tiny_models / "sd").tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        projection_dim=16,
+    )
     CLIPTextModelWithProjection(cfg).save_pretrained(folder)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_models / "sd" / "tokenizer" / name).is_file():
@@ -121,13 +140,26 @@ def rfa_runs(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     imgs = write_textures(root / "imgs", count=6, size=(72, 72))
     clip = f"clip:{tiny_models / 'clip-vision'}"
     assert main(["index", "build", "--images", str(imgs), "--out", str(root / "db"), "--embedder", clip]) == 0
-    common = ["--config", str(REPO / "configs" / "rfa-aligner-tiny.yaml"), f"model.options.embedder={clip}",
-              f"data.hr=[{imgs}]", "data.val_count=2", "data.limit=0", "checkpoint.every=2"]
+    common = [
+        "--config",
+        str(REPO / "configs" / "rfa-aligner-tiny.yaml"),
+        f"model.options.embedder={clip}",
+        f"data.hr=[{imgs}]",
+        "data.val_count=2",
+        "data.limit=0",
+        "checkpoint.every=2",
+    ]
     assert main(["train", *common, "--output", str(root / "al"), "--max-steps", "4"]) == 0
     assert main(["train", *common, "--output", str(root / "al"), "--max-steps", "6", "--resume"]) == 0
     assert main(["train", *common, "--output", str(root / "al-straight"), "--max-steps", "6"]) == 0
-    return {"root": root, "imgs": imgs, "db": root / "db", "aligner_run": root / "al",
-            "straight": root / "al-straight", "clip": Path(clip[5:])}
+    return {
+        "root": root,
+        "imgs": imgs,
+        "db": root / "db",
+        "aligner_run": root / "al",
+        "straight": root / "al-straight",
+        "clip": Path(clip[5:]),
+    }
 
 
 def _train_records(run: Path) -> list[dict]:
@@ -148,14 +180,29 @@ def test_aligner_task_resumes_exactly_and_exports_a_loadable_aligner(rfa_runs, c
     assert model.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
     # `semsr bench retrieval` scores the run on its held-out (validation) and training images
     out = rfa_runs["root"] / "r.json"
-    assert bench_retrieval(["--aligner", str(rfa_runs["aligner_run"]), "--db", str(rfa_runs["db"]),
-                            "--json", str(out)]) == 0
+    assert (
+        bench_retrieval(["--aligner", str(rfa_runs["aligner_run"]), "--db", str(rfa_runs["db"]), "--json", str(out)])
+        == 0
+    )
     res = json.loads(out.read_text())
     assert (res["heldout_pairs"], res["train_pairs"], res["database_size"]) == (2, 4, 6)
     assert "aligned" in res["heldout"] and "top-4" in capsys.readouterr().out
     # an aligner folder alone is scored on all images
-    assert bench_retrieval(["--aligner", str(final), "--db", str(rfa_runs["db"]), "--images",
-                            str(rfa_runs["imgs"]), "--json", str(out)]) == 0
+    assert (
+        bench_retrieval(
+            [
+                "--aligner",
+                str(final),
+                "--db",
+                str(rfa_runs["db"]),
+                "--images",
+                str(rfa_runs["imgs"]),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["all_pairs"] == 6
 
 
@@ -165,8 +212,10 @@ def test_stage1_tasks_reject_bad_options(tiny_models: Path, tmp_path: Path) -> N
     from semsr.train.tasks import build_task
 
     base = [f"model.options.embedder=clip:{tiny_models / 'clip-vision'}", f"data.hr=[{tmp_path}]"]
-    for extra, message in ((["validation.every=2"], "renders no images"),
-                           (["model.options.colour=1"], "unknown model.options"),):
+    for extra, message in (
+        (["validation.every=2"], "renders no images"),
+        (["model.options.colour=1"], "unknown model.options"),
+    ):
         cfg = load_config(REPO / "configs" / "rfa-aligner-tiny.yaml", base + extra)
         with pytest.raises(SemsrError, match=message):
             build_task(cfg)
@@ -196,17 +245,34 @@ def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
 
 
 def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
-        rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
+    rfa_runs, tiny_models: Path, tmp_path: Path
+) -> None:
     from semsr.methods import build, resolve
 
     run = tmp_path / "en"
-    assert main(["train", "--config", str(REPO / "configs" / "rfa-enhancer-tiny.yaml"), "--output", str(run),
-                 "--max-steps", "2", f"model.pretrained={tiny_models / 'sd'}",
-                 f"model.options.embedder=clip:{rfa_runs['clip']}", f"model.options.db={rfa_runs['db']}",
-                 f"model.options.text_decoder={tiny_models / 'text-decoder'}",
-                 f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
-                 f"data.hr=[{rfa_runs['imgs']}]", "data.val_count=2", "data.limit=0", "losses.rfa_caption_nll=0.1"
-                 ]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(REPO / "configs" / "rfa-enhancer-tiny.yaml"),
+                "--output",
+                str(run),
+                "--max-steps",
+                "2",
+                f"model.pretrained={tiny_models / 'sd'}",
+                f"model.options.embedder=clip:{rfa_runs['clip']}",
+                f"model.options.db={rfa_runs['db']}",
+                f"model.options.text_decoder={tiny_models / 'text-decoder'}",
+                f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
+                f"data.hr=[{rfa_runs['imgs']}]",
+                "data.val_count=2",
+                "data.limit=0",
+                "losses.rfa_caption_nll=0.1",
+            ]
+        )
+        == 0
+    )
     records = _train_records(run)
     assert [r["step"] for r in records] == [1, 2]
     assert set(records[0]["terms"]) == {"rfa_image_cos", "rfa_text_clip", "rfa_caption_nll"}
@@ -215,20 +281,47 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
     assert enhancer.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
     # stage 2 (rfa-sr: ControlNet + AdaIN adapters) exports the RFA checkpoint with the stage-1 parts it is given
     sr = tmp_path / "sr"
-    assert main(["train", "--config", str(REPO / "configs" / "rfa-tiny.yaml"), "--output", str(sr), "--max-steps", "2",
-                 f"model.pretrained={tiny_models / 'sd'}", f"model.options.embedder=clip:{rfa_runs['clip']}",
-                 f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
-                 f"model.options.enhancer={run / 'final' / 'enhancer'}",
-                 f"model.options.text_decoder={tiny_models / 'text-decoder'}",
-                 f"data.hr=[{rfa_runs['imgs']}]", "data.val_count=2", "data.limit=0", "validation.every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(REPO / "configs" / "rfa-tiny.yaml"),
+                "--output",
+                str(sr),
+                "--max-steps",
+                "2",
+                f"model.pretrained={tiny_models / 'sd'}",
+                f"model.options.embedder=clip:{rfa_runs['clip']}",
+                f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
+                f"model.options.enhancer={run / 'final' / 'enhancer'}",
+                f"model.options.text_decoder={tiny_models / 'text-decoder'}",
+                f"data.hr=[{rfa_runs['imgs']}]",
+                "data.val_count=2",
+                "data.limit=0",
+                "validation.every=0",
+            ]
+        )
+        == 0
+    )
     ckpt = sr / "final" / "rfa"
     parts, index = load_checkpoint(ckpt, "rfa")
     assert set(parts) == {"aligner", "enhancer", "adain"} and (ckpt / index.meta["text_decoder"]).is_dir()
-    gates = {k: v for k, v in load_safetensors(ckpt / "adain" / "diffusion_pytorch_model.safetensors").items()
-             if v.numel() == 1}
+    gates = {
+        k: v
+        for k, v in load_safetensors(ckpt / "adain" / "diffusion_pytorch_model.safetensors").items()
+        if v.numel() == 1
+    }
     assert gates and any(float(v.abs()) > 0 for v in gates.values())  # the gates left their zero initialisation
-    method = build("rfa", {"base": tiny_models / "sd", "controlnet": sr / "final" / "controlnet", "checkpoint": ckpt,
-                           "db": rfa_runs["db"]})
+    method = build(
+        "rfa",
+        {
+            "base": tiny_models / "sd",
+            "controlnet": sr / "final" / "controlnet",
+            "checkpoint": ckpt,
+            "db": rfa_runs["db"],
+        },
+    )
     x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32))
     out = method(x, resolve("rfa").parse({"steps": 1}))
     assert out.images.shape == (1, 3, 64, 64) and out.priors["prompt_source"] == "text decoder"

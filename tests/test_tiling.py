@@ -1,4 +1,5 @@
 """Pixel-space tiling: seamless results, quantised outputs, self-tiling methods, bounded memory."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,11 @@ class ConvNet2x:
         self.calls += 1
         for w in self.weights:
             x = torch.tanh(F.conv2d(x, w, padding=1)) * 0.5 + x
-        return SROutput(F.interpolate(x.clamp(0, 1), scale_factor=2, mode="nearest"), timings={"conv": 1.0},
-                        priors={"calls": self.calls})
+        return SROutput(
+            F.interpolate(x.clamp(0, 1), scale_factor=2, mode="nearest"),
+            timings={"conv": 1.0},
+            priors={"calls": self.calls},
+        )
 
 
 class SelfTiler:
@@ -64,8 +68,11 @@ class SelfTiler:
 
     def __call__(self, x: torch.Tensor, options=None, *, progress=False) -> SROutput:
         self.seen.append((options, progress))
-        return SROutput(F.interpolate(x, scale_factor=2, mode="nearest"), priors={"prompt": "p"},
-                        side_images={"ref": torch.zeros(1, 3, 2, 2)})
+        return SROutput(
+            F.interpolate(x, scale_factor=2, mode="nearest"),
+            priors={"prompt": "p"},
+            side_images={"ref": torch.zeros(1, 3, 2, 2)},
+        )
 
 
 @pytest.mark.parametrize("length,tile", [(10, 0), (10, 10), (10, 3), (1000, 256), (7, 2), (1, 4)])
@@ -200,8 +207,25 @@ def test_4000x3000_input_stays_under_4gib(tmp_path: Path) -> None:
     Image.fromarray(img).save(src, quality=90)
     del img, yy, xx
     report = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "semsr", "upscale", "-i", str(src), "-o", str(tmp_path / "out"),
-           "-n", "bicubic", "--tile", "256", "--ext", "png", "--json", str(report), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "semsr",
+        "upscale",
+        "-i",
+        str(src),
+        "-o",
+        str(tmp_path / "out"),
+        "-n",
+        "bicubic",
+        "--tile",
+        "256",
+        "--ext",
+        "png",
+        "--json",
+        str(report),
+        "--no-progress",
+    ]
     res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *cmd], capture_output=True, text=True, check=True)
     stats = json.loads(res.stdout)
     assert stats["rc"] == 0, res.stderr

@@ -1,4 +1,5 @@
 """Training machinery: config, data determinism, losses, tasks, trainer, resume."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def _train_losses(output: Path) -> dict[int, float]:
 
 
 def test_tiny_yaml_loads_with_overrides():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.max_steps=7", "optim.lr=2e-4", "losses.eps_mse=0.5",
-                                                       "data.hr=[a, b]"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", ["train.max_steps=7", "optim.lr=2e-4", "losses.eps_mse=0.5", "data.hr=[a, b]"]
+    )
     assert cfg.task == "controlnet_sr" and cfg.model.pretrained == "tiny://"
     assert cfg.train.max_steps == 7 and cfg.optim.lr == pytest.approx(2e-4)
     assert cfg.losses == {"eps_mse": 0.5} and cfg.data.hr == ["a", "b"]
@@ -144,13 +146,23 @@ def test_manifest_train_split_with_cached_captions(tmp_path):
     corpus = write_textures(tmp_path / "corpus", count=4)
     with Manifest(corpus / "manifest.sqlite") as m:
         for i, path in enumerate(sorted(corpus.glob("*.png"))):
-            m.add_image(path=path.name, content_hash=f"h{i}", width=96, height=80, source="test",
-                        licence="CC0", split="test" if i == 3 else "train")
+            m.add_image(
+                path=path.name,
+                content_hash=f"h{i}",
+                width=96,
+                height=80,
+                source="test",
+                licence="CC0",
+                split="test" if i == 3 else "train",
+            )
         m.put_prior("h0", "caption", "a red wave", provider_version="v1")
         m.put_prior("h1", "caption", {"text": "old"}, provider_version="v1")
         m.put_prior("h1", "caption", {"text": "a green wave"}, provider_version="v2")
-    cfg = config_from_dict(tiny_config_dict(corpus, data={"hr": [], "manifest": str(corpus / "manifest.sqlite"),
-                                                          "val_count": 0, "prompt": "default"}))
+    cfg = config_from_dict(
+        tiny_config_dict(
+            corpus, data={"hr": [], "manifest": str(corpus / "manifest.sqlite"), "val_count": 0, "prompt": "default"}
+        )
+    )
     train, val = list_images(cfg.data, 64)
     assert [it.path.name for it in train] == ["img00.png", "img01.png", "img02.png"] and val == []
     assert [it.caption for it in train] == ["a red wave", "a green wave", None]
@@ -206,8 +218,12 @@ def test_loss_falls_when_overfitting_a_fixed_batch(hr_dir, monkeypatch):
     task.setup(torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 64, 64, generator=gen)
-    batch = {"hr": hr, "lr": torch.nn.functional.avg_pool2d(hr, 4), "prompt": ["", "a photo"],
-             "seed": torch.tensor([11, 12])}
+    batch = {
+        "hr": hr,
+        "lr": torch.nn.functional.avg_pool2d(hr, 4),
+        "prompt": ["", "a photo"],
+        "seed": torch.tensor([11, 12]),
+    }
     frozen = {k: v.clone() for k, v in task.unet.state_dict().items()}
     opt = torch.optim.AdamW(task.trainable.parameters(), lr=1e-3)
     losses = []
@@ -272,8 +288,19 @@ def test_tiny_config_trains_and_writes_run_directory(tmp_path, data_dir):
     from semsr.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--output", str(out), "--max-steps", "3",
-            "validation.every=3", "checkpoint.every=2", "data.limit=4", "train.grad_accum=1"]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "validation.every=3",
+        "checkpoint.every=2",
+        "data.limit=4",
+        "train.grad_accum=1",
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
@@ -293,9 +320,13 @@ def test_tiny_config_trains_and_writes_run_directory(tmp_path, data_dir):
 
 def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path, hr_dir):
     """8 steps straight == 4 steps, checkpoint, (2 more steps, killed), resume to 8."""
-    cfg = tiny_config_dict(hr_dir, train={"max_steps": 8, "grad_accum": 2, "ema_decay": 0.9, "threads": 1},
-                           data={"batch_size": 1}, checkpoint={"every": 4, "keep": 2},
-                           schedule={"name": "cosine", "warmup_steps": 2})
+    cfg = tiny_config_dict(
+        hr_dir,
+        train={"max_steps": 8, "grad_accum": 2, "ema_decay": 0.9, "threads": 1},
+        data={"batch_size": 1},
+        checkpoint={"every": 4, "keep": 2},
+        schedule={"name": "cosine", "warmup_steps": 2},
+    )
     straight = tmp_path / "straight"
     _train(cfg, straight)
 
@@ -331,10 +362,14 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, hr_dir):
     With AdamW's eps far above |grad|, the first update is ``-lr * grad / eps``,
     so comparing weights compares the (averaged) gradients themselves.
     """
-    common = {"optim": {"lr": 1000.0, "eps": 1000.0, "weight_decay": 0.0, "max_grad_norm": 0.0},
-              "train": {"max_steps": 1, "ema_decay": 0.0, "threads": 1}}
+    common = {
+        "optim": {"lr": 1000.0, "eps": 1000.0, "weight_decay": 0.0, "max_grad_norm": 0.0},
+        "train": {"max_steps": 1, "ema_decay": 0.0, "threads": 1},
+    }
     a = tmp_path / "accum"
-    _train(tiny_config_dict(hr_dir, data={"batch_size": 1}, **{**common, "train": {**common["train"], "grad_accum": 2}}), a)
+    _train(
+        tiny_config_dict(hr_dir, data={"batch_size": 1}, **{**common, "train": {**common["train"], "grad_accum": 2}}), a
+    )
     b = tmp_path / "batch"
     _train(tiny_config_dict(hr_dir, data={"batch_size": 2}, **common), b)
     assert _train_losses(a)[1] == pytest.approx(_train_losses(b)[1], rel=1e-5)
@@ -344,7 +379,9 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, hr_dir):
     from semsr.train.tasks import build_task
 
     set_seed(0)
-    init = {k: v.float() for k, v in build_task(config_from_dict(tiny_config_dict(hr_dir))).trainable.state_dict().items()}
+    init = {
+        k: v.float() for k, v in build_task(config_from_dict(tiny_config_dict(hr_dir))).trainable.state_dict().items()
+    }
     wa = load_safetensors(a / "final" / "diffusion_pytorch_model.safetensors")
     wb = load_safetensors(b / "final" / "diffusion_pytorch_model.safetensors")
     da = torch.cat([(wa[k] - init[k]).flatten() for k in init])
@@ -365,8 +402,11 @@ def test_output_with_checkpoints_needs_resume(tmp_path, hr_dir):
 
 
 def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, hr_dir):
-    cfg = tiny_config_dict(hr_dir, train={"max_steps": 2, "mixed_precision": "bf16", "ema_decay": 0.9, "threads": 1},
-                           validation={"every": 1, "count": 1, "size": 64, "steps": 2, "metrics": ["psnr"]})
+    cfg = tiny_config_dict(
+        hr_dir,
+        train={"max_steps": 2, "mixed_precision": "bf16", "ema_decay": 0.9, "threads": 1},
+        validation={"every": 1, "count": 1, "size": 64, "steps": 2, "metrics": ["psnr"]},
+    )
     _train(cfg, tmp_path / "run")
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records] == ["train", "val", "train", "val"]

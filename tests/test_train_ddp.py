@@ -6,6 +6,7 @@ Every sample's content and random draws are a function of its global position
 Each launch starts two Python processes that import diffusers (~40 s on two
 shared cores), hence ``slow``.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,30 @@ def _launch(config: dict, output: Path, *extra: str, processes: int = 2) -> None
     cfg_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "semsr.cli", "train", "--config", str(cfg_file), "--output", str(output), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "semsr.cli",
+        "train",
+        "--config",
+        str(cfg_file),
+        "--output",
+        str(output),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{processes} process(es)" in proc.stdout + proc.stderr
@@ -104,8 +126,9 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
     1 proc x batch 2 for 3 steps straight (the data stream continues at the consumed
     sample count, whatever the process count)."""
     hr = write_textures(tmp_path / "hr")
-    common = dict(train={"max_steps": 3, "ema_decay": 0.9, "threads": 1, "grad_accum": 2},
-                  checkpoint={"every": 2, "keep": 2})
+    common = dict(
+        train={"max_steps": 3, "ema_decay": 0.9, "threads": 1, "grad_accum": 2}, checkpoint={"every": 2, "keep": 2}
+    )
     mixed = tmp_path / "mixed"
     _launch(tiny_config_dict(hr, data={"batch_size": 1}, **common), mixed, "--max-steps", "2")
     assert (mixed / "checkpoints" / "step_00000002" / "random_states_1.pkl").is_file()

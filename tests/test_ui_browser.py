@@ -8,6 +8,7 @@ shows — tests never touch tracked files on their own). The server gets the tin
 random models (SD, MMSR checkpoint, VLM) so a prompt-driven method can pre-fill
 its prompt from the image's priors.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,15 @@ from _ui_helpers import serve
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # 35-60 s on 2 busy cores
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = Path(os.environ.get("SEMSR_DEMO_SCREENSHOT") or Path(tempfile.gettempdir()) / "semsr-demo.png")
 MAX_SCREENSHOT = 300_000
@@ -41,13 +49,26 @@ def browser_page(tmp_path_factory, tiny_models):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     profile = tmp_path_factory.mktemp("chromium-profile")
-    paths = ["--base", str(tiny_models / "sd"), "--checkpoint", str(tiny_models / "mmsr"), "--vlm", str(tiny_models / "vlm"),
-             "--threads", "1"]
+    paths = [
+        "--base",
+        str(tiny_models / "sd"),
+        "--checkpoint",
+        str(tiny_models / "mmsr"),
+        "--vlm",
+        str(tiny_models / "vlm"),
+        "--threads",
+        "1",
+    ]
     with serve(*paths) as (url, seconds), sync_api.sync_playwright() as pw:
         assert seconds < 60
         ctx = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, accept_downloads=True,
-            viewport={"width": 1200, "height": 760})
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            accept_downloads=True,
+            viewport={"width": 1200, "height": 760},
+        )
         requests: list[str] = []
         ctx.on("request", lambda r: requests.append(r.url))
         page = ctx.new_page()
@@ -78,7 +99,8 @@ def _run(page, method: str) -> None:
     page.click("#run")
     page.wait_for_function(
         "prev => { const a = document.querySelector('#after'); return a.src !== prev && a.complete && a.naturalWidth > 0; }",
-        arg=before)
+        arg=before,
+    )
 
 
 def test_upload_run_download_and_errors(browser_page, tmp_path):
@@ -119,12 +141,16 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
     _save_screenshot(page.screenshot(full_page=True))
 
     # Everything the page fetched came from our server (offline: no CDN, fonts, analytics).
-    assert requests and all(r.startswith(url) or r.startswith("blob:") or r.startswith("data:") for r in requests), requests
+    assert requests and all(r.startswith(url) or r.startswith("blob:") or r.startswith("data:") for r in requests), (
+        requests
+    )
 
 
 def _server_priors(url: str, image_id: str, method: str) -> dict:
     """What the server's priors job (the page's pre-fill source) returns, fetched over HTTP."""
-    req = urllib.request.Request(url + "api/jobs", json.dumps({"kind": "priors", "image": image_id, "method": method}).encode())
+    req = urllib.request.Request(
+        url + "api/jobs", json.dumps({"kind": "priors", "image": image_id, "method": method}).encode()
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         job = json.load(r)["id"]
     for _ in range(600):
@@ -154,8 +180,9 @@ def test_prompt_prefilled_from_priors_and_temperature_sliders(browser_page, tmp_
     assert page.input_value("#negative_prompt") == suggested["negative_prompt"]
     assert "priors extracted" in page.inner_text("#note")
 
-    sliders = page.eval_on_selector_all("#mo-fields input[type=range]",
-                                        "els => els.map(e => [e.dataset.dest, e.min, e.max, e.value])")
+    sliders = page.eval_on_selector_all(
+        "#mo-fields input[type=range]", "els => els.map(e => [e.dataset.dest, e.min, e.max, e.value])"
+    )
     assert sliders == [[f"{m}_temperature", "0.4", "10", "1"] for m in ("caption", "edge", "depth", "seg")]
     assert page.locator("#mo-fields [data-dest=modality_temperature]").count() == 0
 
@@ -167,7 +194,8 @@ def test_prompt_prefilled_from_priors_and_temperature_sliders(browser_page, tmp_
     page.click("#run")
     page.wait_for_function(
         "prev => { const a = document.querySelector('#after'); return a.src !== prev && a.complete && a.naturalWidth > 0; }",
-        arg=before)
+        arg=before,
+    )
     assert page.eval_on_selector("#after", "e => e.naturalWidth") == 64
     out = page.evaluate("state.result")
     assert out["options"]["edge_temperature"] == 2.0 and out["options"]["steps"] == 1
@@ -175,7 +203,11 @@ def test_prompt_prefilled_from_priors_and_temperature_sliders(browser_page, tmp_
     assert "caption_temperature" not in out["options"]  # sliders left at their default are not sent
     assert out["priors"]["prompt"] == "a cat, " + prompt and out["priors"]["caption_source"] == "user"
     assert out["priors"]["modality_temperature"] == {"edge": 2.0}
-    assert sorted(page.eval_on_selector_all("#priors-list img", "els => els.map(e => e.alt)")) == ["depth", "edge", "seg"]
+    assert sorted(page.eval_on_selector_all("#priors-list img", "els => els.map(e => e.alt)")) == [
+        "depth",
+        "edge",
+        "seg",
+    ]
     assert "a cat, " in page.inner_text("#priors-list")
 
 

@@ -1,4 +1,5 @@
 """The web demo's HTTP API without a browser: start-up, endpoints, limits, queue."""
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,11 @@ class _Gated:
         assert GATE.wait(30)
         SEEN.append(options)
         priors = {"prompt": options.prompt, "map": torch.full((1, 1, 3, 3), 0.5)}
-        return SROutput(x.repeat_interleave(2, 2).repeat_interleave(2, 3), priors=priors,
-                        side_images={"extra": torch.zeros(1, 3, 4, 4)})
+        return SROutput(
+            x.repeat_interleave(2, 2).repeat_interleave(2, 3),
+            priors=priors,
+            side_images={"extra": torch.zeros(1, 3, 4, 4)},
+        )
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         return {"prompt": "a suggested prompt", "tags": ("a", "b")}
@@ -160,8 +164,14 @@ def test_methods_catalogue_from_registry(server):
     assert opts["flag"]["default"] is False and "a switch" in opts["flag"]["help"]
     bicubic = by["bicubic"]
     assert bicubic["common"] == {} and [o["dest"] for o in bicubic["options"]] == []  # scale: a build option
-    assert set(by["sd-controlnet"]["common"]) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
-                                                   "colour_fix"}
+    assert set(by["sd-controlnet"]["common"]) == {
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "guidance_scale",
+        "seed",
+        "colour_fix",
+    }
     assert by["sd-controlnet"]["colour_fixes"] == ["adain", "wavelet", "none"]
 
 
@@ -199,12 +209,18 @@ def test_bad_job_requests(server):
         ({"image": img["id"], "method": "sd-controlnet"}, "not available"),
         ({"image": "i999-00000", "method": "bicubic"}, "upload it again"),
         ({"image": img["id"], "method": "test-ui-gated", "options": {"mode": "z"}}, "choose one of x, y"),
-        ({"image": img["id"], "method": "test-ui-gated", "options": {"temp_depth": "hot"}},
-         "option temp_depth: expected a number, got 'hot'"),
-        ({"image": img["id"], "method": "test-ui-gated", "options": {"weights_dir": "/x"}},
-         "option weights_dir of method 'test-ui-gated' is set by the server"),
-        ({"image": img["id"], "method": "test-ui-gated", "options": {"stepz": 3}},
-         "method 'test-ui-gated' has no option stepz; did you mean steps?"),
+        (
+            {"image": img["id"], "method": "test-ui-gated", "options": {"temp_depth": "hot"}},
+            "option temp_depth: expected a number, got 'hot'",
+        ),
+        (
+            {"image": img["id"], "method": "test-ui-gated", "options": {"weights_dir": "/x"}},
+            "option weights_dir of method 'test-ui-gated' is set by the server",
+        ),
+        (
+            {"image": img["id"], "method": "test-ui-gated", "options": {"stepz": 3}},
+            "method 'test-ui-gated' has no option stepz; did you mean steps?",
+        ),
         ({"image": img["id"], "method": "bicubic", "prompt": "a cat"}, "method 'bicubic' has no option prompt"),
         ({"image": img["id"], "method": "bicubic", "tile": "abc"}, "option tile: expected an integer, got 'abc'"),
         ({"image": img["id"], "method": "test-ui-gated", "steps": 1.5}, "option steps: expected an integer, got 1.5"),
@@ -225,9 +241,16 @@ def test_queue_one_at_a_time_positions_full_and_cancel(server):
     _, img = _upload(server, _png())
     _, ref = _upload(server, _png(3, 3), "ref.png")
     GATE.clear()
-    body = {"image": img["id"], "method": "test-ui-gated", "prompt": "a cat", "steps": "3", "seed": "",
-            "priors_in_prompt": True, "tile": "",
-            "options": {"mode": "y", "temp_depth": "0.5", "reference": ref["id"], "flag": True}}
+    body = {
+        "image": img["id"],
+        "method": "test-ui-gated",
+        "prompt": "a cat",
+        "steps": "3",
+        "seed": "",
+        "priors_in_prompt": True,
+        "tile": "",
+        "options": {"mode": "y", "temp_depth": "0.5", "reference": ref["id"], "flag": True},
+    }
     _, a = _json(server + "api/jobs", body)
     _wait(server, a["id"], ("running",))
     _, b = _json(server + "api/jobs", body)
@@ -271,8 +294,9 @@ def test_port_in_use_is_a_one_line_error():
 
     with serve() as (url, _):
         port = url.rsplit(":", 1)[1].strip("/")
-        proc = subprocess.run([sys.executable, "-m", "semsr", "serve", "--port", port],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "semsr", "serve", "--port", port], capture_output=True, text=True, timeout=120
+        )
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"semsr: error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
@@ -280,7 +304,9 @@ def test_port_in_use_is_a_one_line_error():
 @pytest.mark.slow
 def test_diffusion_method_with_tiny_models(tiny_models):
     """sd-controlnet through the server: availability with paths, prompts/steps forwarded, step progress."""
-    srv = make_server("127.0.0.1", 0, paths={"base": str(tiny_models / "sd"), "controlnet": str(tiny_models / "controlnet")})
+    srv = make_server(
+        "127.0.0.1", 0, paths={"base": str(tiny_models / "sd"), "controlnet": str(tiny_models / "controlnet")}
+    )
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         url = srv.url
@@ -289,8 +315,16 @@ def test_diffusion_method_with_tiny_models(tiny_models):
         assert by["sd-controlnet"]["missing_paths"] == []
         assert by["coser"]["available"] and by["coser"]["missing_paths"] == ["checkpoint", "clip"]
         _, img = _upload(url, _png(16, 16))
-        body = {"image": img["id"], "method": "sd-controlnet", "prompt": "a cat", "negative_prompt": "blur",
-                "steps": 2, "seed": 3, "colour_fix": "wavelet", "options": {"scheduler": "ddim"}}
+        body = {
+            "image": img["id"],
+            "method": "sd-controlnet",
+            "prompt": "a cat",
+            "negative_prompt": "blur",
+            "steps": 2,
+            "seed": 3,
+            "colour_fix": "wavelet",
+            "options": {"scheduler": "ddim"},
+        }
         _, job = _json(url + "api/jobs", body)
         st = _wait(url, job["id"], timeout=300)
         assert st["state"] == "done", st
@@ -358,11 +392,17 @@ def test_job_options_read_json_as_the_parser_does():
     app = DemoApp()
     try:
         entry = next(e for e in app.methods() if e["name"] == "test-ui-gated")
-        as_text = app.options(entry, {"steps": "3", "guidance_scale": "1.5", "options": {"flag": "true",
-                                                                                          "temp_depth": "2"}})
+        as_text = app.options(
+            entry, {"steps": "3", "guidance_scale": "1.5", "options": {"flag": "true", "temp_depth": "2"}}
+        )
         as_json = app.options(entry, {"steps": 3, "guidance_scale": 1.5, "options": {"flag": True, "temp_depth": 2}})
-        assert as_text == as_json == resolve("test-ui-gated").parse(
-            {"steps": 3, "guidance_scale": 1.5, "flag": True, "temp_depth": 2.0, "save_extra": True})
+        assert (
+            as_text
+            == as_json
+            == resolve("test-ui-gated").parse(
+                {"steps": 3, "guidance_scale": 1.5, "flag": True, "temp_depth": 2.0, "save_extra": True}
+            )
+        )
         assert app.options(entry, {"steps": None, "prompt": ""}) == GatedOptions(save_extra=True)  # null, "": default
     finally:
         app.close()

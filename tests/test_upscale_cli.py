@@ -1,4 +1,5 @@
 """``semsr upscale`` and ``semsr.upscale``: outputs, naming, scales, skip/overwrite, reports, options."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,9 @@ class Recorder:
 
     def __call__(self, x: torch.Tensor, options: RecorderOptions | None = None, *, progress: Any = False) -> SROutput:
         Recorder.calls.append({"build": self.build, "run": options})
-        return SROutput(F.interpolate(x, scale_factor=2, mode="nearest"),
-                        side_images={"reference": torch.full((1, 3, 5, 6), 0.5)})
+        return SROutput(
+            F.interpolate(x, scale_factor=2, mode="nearest"), side_images={"reference": torch.full((1, 3, 5, 6), 0.5)}
+        )
 
 
 @pytest.fixture
@@ -125,7 +127,9 @@ def test_json_report(tmp_path: Path, capsys) -> None:
     good = make_image(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "bad.png").write_bytes(b"")
     report = tmp_path / "rep" / "report.json"
-    rc, _, _ = run_cli(capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "o", "-n", "bicubic", "--json", report)
+    rc, _, _ = run_cli(
+        capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "o", "-n", "bicubic", "--json", report
+    )
     assert rc == 1
     data = json.loads(report.read_text())
     assert data["method"] == "bicubic" and data["summary"] == {"ok": 1, "skipped": 0, "failed": 1}
@@ -144,17 +148,32 @@ def test_suffix_ext_glob_and_folder(tmp_path: Path, capsys) -> None:
     make_image(tmp_path / "in" / "a.png")
     make_image(tmp_path / "in" / "b.jpg")
     (tmp_path / "in" / "notes.txt").write_text("not an image, not picked from a folder")
-    rc, _, err = run_cli(capsys, "upscale", "-i", str(tmp_path / "in" / "*.png"), "-o", tmp_path / "g",
-                         "-n", "bicubic", "--suffix", "", "--ext", "webp")
+    rc, _, err = run_cli(
+        capsys,
+        "upscale",
+        "-i",
+        str(tmp_path / "in" / "*.png"),
+        "-o",
+        tmp_path / "g",
+        "-n",
+        "bicubic",
+        "--suffix",
+        "",
+        "--ext",
+        "webp",
+    )
     assert rc == 0, err
     assert files_in(tmp_path / "g") == ["a.webp"]
-    rc, out, err = run_cli(capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "f", "-n", "bicubic", "--suffix", "x4")
+    rc, out, err = run_cli(
+        capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "f", "-n", "bicubic", "--suffix", "x4"
+    )
     assert rc == 0, err
     assert files_in(tmp_path / "f") == ["a_x4.png", "b_x4.jpg"]  # --ext auto keeps the format
     assert "done: 2 ok, 0 skipped, 0 failed" in out
     assert "img/s" not in err and "img]" not in err  # not a terminal: no bar
-    rc, out, err = run_cli(capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "n", "-n", "bicubic",
-                           "--no-progress")
+    rc, out, err = run_cli(
+        capsys, "upscale", "-i", tmp_path / "in", "-o", tmp_path / "n", "-n", "bicubic", "--no-progress"
+    )
     assert rc == 0 and "done: 2 ok" in out
     assert "img/s" not in err and "img]" not in err  # --no-progress: never a bar
 
@@ -187,16 +206,52 @@ def test_unknown_method_is_a_one_line_error(tmp_path: Path, capsys) -> None:
 
 def test_method_options_are_parsed_by_its_options_class(tmp_path: Path, capsys, recorder) -> None:
     src = make_image(tmp_path / "a.png", 6, 4)
-    rc, out, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
-                           "--test-weights", "/w", "--test-strength", "0.7", "--prompt", "a cat",
-                           "--color-fix", "wavelet", "--seed", "3", "--dtype", "bf16", "-t", "0", "--sharpen",
-                           "--no-start-from-lr", "--labels", "a,b", "--temps", "depth=0.5")
+    rc, out, err = run_cli(
+        capsys,
+        "upscale",
+        "-i",
+        src,
+        "-o",
+        tmp_path / "o",
+        "-n",
+        "test-recorder",
+        "--test-weights",
+        "/w",
+        "--test-strength",
+        "0.7",
+        "--prompt",
+        "a cat",
+        "--color-fix",
+        "wavelet",
+        "--seed",
+        "3",
+        "--dtype",
+        "bf16",
+        "-t",
+        "0",
+        "--sharpen",
+        "--no-start-from-lr",
+        "--labels",
+        "a,b",
+        "--temps",
+        "depth=0.5",
+    )
     assert rc == 0, err
     call = Recorder.calls[-1]
     assert call["build"] == call["run"]  # one options object: built with its build part, called with all of it
-    assert call["run"] == RecorderOptions(test_weights=Path("/w"), test_strength=0.7, prompt="a cat",
-                                          colour_fix="wavelet", seed=3, dtype="bf16", tile=0, sharpen=True,
-                                          start_from_lr=False, labels=("a", "b"), temps={"depth": 0.5})
+    assert call["run"] == RecorderOptions(
+        test_weights=Path("/w"),
+        test_strength=0.7,
+        prompt="a cat",
+        colour_fix="wavelet",
+        seed=3,
+        dtype="bf16",
+        tile=0,
+        sharpen=True,
+        start_from_lr=False,
+        labels=("a", "b"),
+        temps={"depth": 0.5},
+    )
     assert files_in(tmp_path / "o") == ["a_out.png"]  # no --save-reference: no side image
 
 
@@ -204,16 +259,29 @@ def test_options_not_given_keep_their_defaults(tmp_path: Path, capsys, recorder)
     src = make_image(tmp_path / "a.png", 6, 4)
     assert run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--fp32")[0] == 0
     assert Recorder.calls[-1]["run"] == RecorderOptions(dtype="fp32")
-    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--fp32",
-                         "--dtype", "bf16", "--overwrite")
+    rc, _, err = run_cli(
+        capsys,
+        "upscale",
+        "-i",
+        src,
+        "-o",
+        tmp_path / "o",
+        "-n",
+        "test-recorder",
+        "--fp32",
+        "--dtype",
+        "bf16",
+        "--overwrite",
+    )
     assert rc == 0, err
     assert Recorder.calls[-1]["run"].dtype == "bf16"  # --dtype wins over --fp32
 
 
 def test_save_reference_writes_the_side_images(tmp_path: Path, capsys, recorder) -> None:
     src = make_image(tmp_path / "a.png", 6, 4)
-    rc, out, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder",
-                           "--save-reference")
+    rc, out, err = run_cli(
+        capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--save-reference"
+    )
     assert rc == 0, err
     assert files_in(tmp_path / "o") == ["a_out.png", "a_out_reference.png"]
     assert str(tmp_path / "o" / "a_out_reference.png") in out
@@ -251,8 +319,19 @@ def test_help_lists_the_common_options_and_with_a_method_its_options(capsys, rec
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "--outscale" in out
     section = out.split("options of test-recorder:", 1)[1]
-    for flag in ("--test-weights DIR", "--test-strength", "-t N, --tile N", "--tile-pad", "--device", "--dtype",
-                 "--threads", "--color-fix", "--sharpen", "--start-from-lr, --no-start-from-lr", "--save-reference"):
+    for flag in (
+        "--test-weights DIR",
+        "--test-strength",
+        "-t N, --tile N",
+        "--tile-pad",
+        "--device",
+        "--dtype",
+        "--threads",
+        "--color-fix",
+        "--sharpen",
+        "--start-from-lr, --no-start-from-lr",
+        "--save-reference",
+    ):
         assert flag in section, flag
     assert "a run option (range 0..1; default 0.5)" in " ".join(section.split())
     with pytest.raises(SystemExit):
@@ -270,22 +349,67 @@ def test_input_is_required(capsys) -> None:
 def test_cli_web_and_bench_give_equal_options(tmp_path: Path) -> None:
     """The same settings as CLI words, web-form JSON and bench-bracket text parse to equal option objects."""
     spec = resolve("sd-controlnet")
-    cli = parse_method_options(spec, ["--steps", "3", "--seed", "2", "--color-fix", "wavelet", "--guidance-scale",
-                                      "1.5", "--no-start-from-lr", "--prompt", "a cat", "-t", "64",
-                                      "--scheduler", "ddim"])
-    (plan,) = plan_methods(BenchConfig(methods=["sd-controlnet[steps=3,seed=2,colour_fix=wavelet,guidance_scale=1.5,"
-                                                "start_from_lr=false,prompt=a cat,tile=64,tile_pad=16,"
-                                                "scheduler=ddim]"], datasets=[]))
+    cli = parse_method_options(
+        spec,
+        [
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--color-fix",
+            "wavelet",
+            "--guidance-scale",
+            "1.5",
+            "--no-start-from-lr",
+            "--prompt",
+            "a cat",
+            "-t",
+            "64",
+            "--scheduler",
+            "ddim",
+        ],
+    )
+    (plan,) = plan_methods(
+        BenchConfig(
+            methods=[
+                "sd-controlnet[steps=3,seed=2,colour_fix=wavelet,guidance_scale=1.5,"
+                "start_from_lr=false,prompt=a cat,tile=64,tile_pad=16,"
+                "scheduler=ddim]"
+            ],
+            datasets=[],
+        )
+    )
     app = DemoApp()
     try:
         entry = next(e for e in app.methods() if e["name"] == "sd-controlnet")
-        web = app.options(entry, {"method": "sd-controlnet", "steps": 3, "seed": "2", "colour_fix": "wavelet",
-                                  "guidance_scale": 1.5, "prompt": "a cat", "tile": "64", "negative_prompt": "",
-                                  "options": {"start_from_lr": False, "scheduler": "ddim", "tile_pad": 16}})
+        web = app.options(
+            entry,
+            {
+                "method": "sd-controlnet",
+                "steps": 3,
+                "seed": "2",
+                "colour_fix": "wavelet",
+                "guidance_scale": 1.5,
+                "prompt": "a cat",
+                "tile": "64",
+                "negative_prompt": "",
+                "options": {"start_from_lr": False, "scheduler": "ddim", "tile_pad": 16},
+            },
+        )
     finally:
         app.close()
-    expected = spec.parse({"steps": 3, "seed": 2, "colour_fix": "wavelet", "guidance_scale": 1.5,
-                           "start_from_lr": False, "prompt": "a cat", "tile": 64, "scheduler": "ddim"})
+    expected = spec.parse(
+        {
+            "steps": 3,
+            "seed": 2,
+            "colour_fix": "wavelet",
+            "guidance_scale": 1.5,
+            "start_from_lr": False,
+            "prompt": "a cat",
+            "tile": 64,
+            "scheduler": "ddim",
+        }
+    )
     assert cli == expected
     assert web == dataclasses.replace(expected, tile_pad=16) == plan.options
 
@@ -338,8 +462,12 @@ def test_default_method_on_a_tiny_image(tmp_path: Path) -> None:
     assert method.scale == 4
     with Image.open(semsr.core.paths.assets_dir() / "sample.png") as im:
         im.convert("RGB").crop((64, 64, 96, 96)).save(tmp_path / "img.png")
-    res = subprocess.run([sys.executable, "-m", "semsr", "upscale", "-i", str(tmp_path / "img.png"),
-                          "-o", str(tmp_path / "outdir")], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "semsr", "upscale", "-i", str(tmp_path / "img.png"), "-o", str(tmp_path / "outdir")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert files_in(tmp_path / "outdir") == ["img_out.png"]
     assert str(tmp_path / "outdir" / "img_out.png") in res.stdout

@@ -1,5 +1,6 @@
 """VQ tokenizers: shapes, quantiser mechanics, persistence, the shipped edge tokenizer, diffusers VQModel,
 the ``edge-vq`` training task."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,10 @@ def test_config_checks_geometry():
 def test_prepare_maps_channels_and_size():
     x = torch.rand(2, 3, 40, 50)
     assert prepare_maps(x, 16, 1).shape == (2, 1, 16, 16)
-    assert torch.allclose(prepare_maps(x, 40, 1)[..., :40, :40], F.interpolate(x.mean(1, keepdim=True), (40, 40),
-                                                                                 mode="bilinear", antialias=True))
+    assert torch.allclose(
+        prepare_maps(x, 40, 1)[..., :40, :40],
+        F.interpolate(x.mean(1, keepdim=True), (40, 40), mode="bilinear", antialias=True),
+    )
     g = torch.rand(1, 1, 8, 8)
     assert torch.equal(prepare_maps(g, 8, 3), g.expand(1, 3, 8, 8))
 
@@ -227,7 +230,7 @@ def _rectangles(folder: Path, count: int = 3) -> Path:
     for i in range(count):
         arr = np.full((48, 64, 3), 40, np.uint8)
         y, x = rng.integers(4, 20, 2)
-        arr[y:y + 20, x:x + 30] = 220
+        arr[y : y + 20, x : x + 30] = 220
         Image.fromarray(arr).save(folder / f"{i}.png")
     return folder
 
@@ -237,9 +240,19 @@ def test_edge_vq_task_runs_through_semsr_train(tmp_path):
 
     imgs = _rectangles(tmp_path / "imgs")
     repo = Path(__file__).resolve().parents[1]
-    args = ["train", "--config", str(repo / "configs" / "edge-vq-tiny.yaml"), "--output", str(tmp_path / "run"),
-            "--max-steps", "2", f"data.hr=[{imgs}]", "data.crop_size=48", "data.limit=0",
-            "model.options.lr_scale=1.0"]
+    args = [
+        "train",
+        "--config",
+        str(repo / "configs" / "edge-vq-tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        f"data.hr=[{imgs}]",
+        "data.crop_size=48",
+        "data.limit=0",
+        "model.options.lr_scale=1.0",
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(set(r["terms"]) == {"vq_bce", "vq_commit"} for r in records)
@@ -249,20 +262,31 @@ def test_edge_vq_task_runs_through_semsr_train(tmp_path):
     assert set(report["scores_heldout"]) == {"vq", "baseline_own_mean", "baseline_pool16_bilinear"}
     tok = load_tokenizer(final)
     assert isinstance(tok, EdgeVQ) and tok.encode(torch.rand(1, 1, 30, 30)).shape == (1, 16, 16)
-    assert set(tok.state_dict()) == set(EdgeVQ(channels=(8, 16), image_size=64, codebook_size=64,
-                                               embed_dim=32).state_dict())  # no EMA statistics
+    assert set(tok.state_dict()) == set(
+        EdgeVQ(channels=(8, 16), image_size=64, codebook_size=64, embed_dim=32).state_dict()
+    )  # no EMA statistics
 
 
 def test_edge_vq_task_draws_per_sample_and_initialises_the_codebook(tmp_path):
     from semsr.train.config import config_from_dict
     from semsr.train.tasks import build_task
 
-    cfg = config_from_dict({
-        "name": "t", "task": "edge-vq", "seed": 0,
-        "model": {"options": {"modalities": ["canny"], "lr_scale": 1.0, "crop_min": 16,
-                              "vq": {"channels": [8, 16], "image_size": 64, "codebook_size": 16, "embed_dim": 8}}},
-        "data": {"hr": [str(tmp_path)], "crop_size": 48, "scale": 1, "batch_size": 2},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "edge-vq",
+            "seed": 0,
+            "model": {
+                "options": {
+                    "modalities": ["canny"],
+                    "lr_scale": 1.0,
+                    "crop_min": 16,
+                    "vq": {"channels": [8, 16], "image_size": 64, "codebook_size": 16, "embed_dim": 8},
+                }
+            },
+            "data": {"hr": [str(tmp_path)], "crop_size": 48, "scale": 1, "batch_size": 2},
+        }
+    )
     task = build_task(cfg)
     task.setup(torch.device("cpu"), torch.float32)
     model = task.trainable

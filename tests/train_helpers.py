@@ -1,4 +1,5 @@
 """Shared helpers of the training tests (tests/test_train.py, tests/test_train_ddp.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

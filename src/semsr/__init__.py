@@ -5,6 +5,7 @@ Public API (imported lazily so ``import semsr`` stays fast)::
     import semsr
     img = semsr.upscale("photo.jpg", model="default", outscale=4)
 """
+
 from __future__ import annotations
 
 from typing import Any

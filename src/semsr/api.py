@@ -24,6 +24,7 @@ scale (tiled, written straight into a ``uint8``/``uint16`` array), alpha
 upscaled separately, then a resize to the exact ``outscale`` (area filter when
 shrinking, Lanczos when enlarging, as Real-ESRGAN does).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,8 +70,9 @@ ProgressCallback = Callable[[str, int, int], None]
 # ---------------------------------------------------------------- options and methods
 
 
-def parse_options(spec: MethodSpec, options: MethodOptions | None = None,
-                  values: Mapping[str, Any] | None = None) -> MethodOptions:
+def parse_options(
+    spec: MethodSpec, options: MethodOptions | None = None, values: Mapping[str, Any] | None = None
+) -> MethodOptions:
     """``spec``'s options: ``options`` (an object of ``spec.options``, or the defaults) with ``values`` applied.
 
     Raises:
@@ -153,8 +155,9 @@ def resize_plane(arr: np.ndarray, size: tuple[int, int], enlarge: int = cv2.INTE
     return cv2.resize(arr, (w, h), interpolation=interp)
 
 
-def _apply_to_planes(method: Method, arr: np.ndarray, options: MethodOptions | None,
-                     progress: ProgressFn | bool | None) -> tuple[np.ndarray, SROutput]:
+def _apply_to_planes(
+    method: Method, arr: np.ndarray, options: MethodOptions | None, progress: ProgressFn | bool | None
+) -> tuple[np.ndarray, SROutput]:
     """Run ``method`` on ``(H, W, 3)`` integer ``arr``; returns ``(sH, sW, 3)`` of the same dtype and the call's output."""
     top = float(np.iinfo(arr.dtype).max)
     arr = np.require(arr, requirements=["C", "W"])  # torch wants writable memory (copies only if not)
@@ -222,8 +225,12 @@ def upscale_picture_output(
             out_alpha = resize_plane(a, target)
         else:
             out_alpha = resize_plane(pic.alpha, target, enlarge=cv2.INTER_CUBIC)
-    return PictureOutput(pic.with_pixels(rgb, out_alpha), priors=dict(result.priors), timings=dict(result.timings),
-                         side_images=dict(result.side_images))
+    return PictureOutput(
+        pic.with_pixels(rgb, out_alpha),
+        priors=dict(result.priors),
+        timings=dict(result.timings),
+        side_images=dict(result.side_images),
+    )
 
 
 def upscale_picture(
@@ -334,7 +341,7 @@ def priors_to_python(priors: Mapping[str, Any]) -> dict[str, Any]:
             if t.ndim == 4 and t.shape[0] == 1:
                 t = t[0]
             if t.ndim == 3 and t.shape[0] in (1, 3) and min(t.shape[1:]) > 1:
-                arr = (t.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+                arr = t.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
                 out[key] = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
             elif t.numel() <= 64:
                 out[key] = t.tolist()
@@ -380,8 +387,9 @@ class Pipeline:
         options: the options it was loaded with (the defaults of every call).
     """
 
-    def __init__(self, method: Method, spec: MethodSpec, options: MethodOptions | None = None,
-                 load_seconds: float = 0.0) -> None:
+    def __init__(
+        self, method: Method, spec: MethodSpec, options: MethodOptions | None = None, load_seconds: float = 0.0
+    ) -> None:
         self.method = method
         self.spec = spec
         self.options = options if options is not None else spec.options()
@@ -409,7 +417,9 @@ class Pipeline:
             raise AttributeError(name)
         return getattr(self.method, name)
 
-    def call_options(self, options: MethodOptions | None = None, values: Mapping[str, Any] | None = None) -> MethodOptions:
+    def call_options(
+        self, options: MethodOptions | None = None, values: Mapping[str, Any] | None = None
+    ) -> MethodOptions:
         """The options of one call: :attr:`options`, or ``options``, with ``values`` applied.
 
         Raises:
@@ -420,9 +430,11 @@ class Pipeline:
         if opts.build_key() != self.options.build_key():
             loaded, asked = self.options.values("build"), opts.values("build")
             names = [n for n in asked if asked[n] != loaded[n]]
-            raise OptionError(f"method {self.spec.name!r}: {', '.join(names)} "
-                              f"{'is a build option' if len(names) == 1 else 'are build options'}; "
-                              f"give {'it' if len(names) == 1 else 'them'} to semsr.load(...)")
+            raise OptionError(
+                f"method {self.spec.name!r}: {', '.join(names)} "
+                f"{'is a build option' if len(names) == 1 else 'are build options'}; "
+                f"give {'it' if len(names) == 1 else 'them'} to semsr.load(...)"
+            )
         return opts
 
     # Image-level API ----------------------------------------------------
@@ -483,8 +495,9 @@ class Pipeline:
         priors = {**out.priors, **out.side_images}
         return Result(image=result_image, priors=priors_to_python(priors), timings=timings)
 
-    def suggest_priors(self, image: str | Path | Image.Image | np.ndarray | Picture,
-                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    def suggest_priors(
+        self, image: str | Path | Image.Image | np.ndarray | Picture, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> dict[str, Any]:
         """Priors the method would extract from ``image`` (for editing before a run).
 
         Calls the method's ``suggest_priors(x)`` (:class:`~semsr.core.method.SuggestsPriors`,

@@ -13,6 +13,7 @@ chosen method's options) parses in two stages: it sets ``finish_parse``
 first stage did not recognise; other commands get argparse's usual
 "unrecognized arguments" error.
 """
+
 from __future__ import annotations
 
 import argparse

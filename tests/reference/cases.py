@@ -14,6 +14,7 @@ Path placeholders in option values: ``{tiny}`` = the tiny-models folder, ``{work
 scratch folder, ``{textures}`` = synthetic HR textures, ``{db}`` = a reference database of them,
 ``{repo}`` = the repository root.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,92 +73,213 @@ class TrainCase:
 
 
 _SD = {"base": "{tiny}/sd"}
-_TRAIN_COMMON = {"train.max_steps": 1, "validation.every": 0, "checkpoint.every": 0, "data.hr": ["{textures}"],
-                 "data.val_count": 1, "data.limit": 0}
+_TRAIN_COMMON = {
+    "train.max_steps": 1,
+    "validation.every": 0,
+    "checkpoint.every": 0,
+    "data.hr": ["{textures}"],
+    "data.val_count": 1,
+    "data.limit": 0,
+}
 
 METHOD_CASES: list[MethodCase] = [
     MethodCase("bicubic", "bicubic", input={"shape": (1, 3, 16, 20), "seed": 1}),
     MethodCase("bicubic-x3", "bicubic", build={"scale": 3}, input={"shape": (2, 3, 12, 12), "seed": 2}),
     MethodCase("realesrgan-x4plus", "realesrgan-x4plus", input={"shape": (1, 3, 16, 16), "seed": 3}),
     MethodCase("realcugan-2x", "realcugan-2x", input={"shape": (1, 3, 24, 24), "seed": 4}),
-    MethodCase("sd-controlnet", "sd-controlnet", build={**_SD, "controlnet": "{tiny}/controlnet"},
-               run={"prompt": "a fox", "negative_prompt": "blur", "steps": 2, "guidance_scale": 3.0, "seed": 1},
-               input={"shape": (1, 3, 16, 16), "seed": 5}),
-    MethodCase("xpsr", "xpsr", build={**_SD, "checkpoint": "{tiny}/xpsr", "irpad": "{tiny}/irpad-untrained"},
-               run={"prompt": "a red bird", "steps": 2, "guidance_scale": 4.5, "seed": 2},
-               input={"shape": (1, 3, 16, 16), "seed": 0}),
-    MethodCase("xpsr-vlm", "xpsr", build={**_SD, "checkpoint": "{tiny}/xpsr", "vlm": "{tiny}/vlm",
-                                          "sfa_mode": "serial"},
-               run={"steps": 2, "seed": 0, "colour_fix": "none"}, input={"shape": (1, 3, 16, 16), "seed": 6}),
-    MethodCase("dalpsr", "dalpsr", build={**_SD, "checkpoint": "{tiny}/dalpsr", "tagger": "{tiny}/tagger",
-                                          "irpad": "{tiny}/irpad-untrained"},
-               run={"prompt": "a house", "steps": 2, "seed": 3}, input={"shape": (1, 3, 16, 16), "seed": 7}),
-    MethodCase("dalpsr-low-prompt", "dalpsr", build={**_SD, "checkpoint": "{tiny}/dalpsr",
-                                                     "irpad": "{tiny}/irpad-untrained"},
-               run={"prompt": "a", "low_prompt": "heavy blur, heavy noise", "steps": 2, "colour_fix": "none"},
-               input={"shape": (1, 3, 16, 16), "seed": 2}),
-    MethodCase("mmsr", "mmsr", build={**_SD, "checkpoint": "{tiny}/mmsr"},
-               run={"steps": 2, "seed": 0, "guidance_mode": "mcfg", "guidance_scale": 2.0},
-               input={"shape": (1, 3, 12, 16), "seed": 3}),
-    MethodCase("mmsr-modalities", "mmsr", build={**_SD, "checkpoint": "{tiny}/mmsr"},
-               run={"prompt": "a cat", "steps": 2, "seed": 0, "modalities": "caption,edge,depth",
-                    "modality_temperature": "edge=2", "guidance_mode": "mcfg"},
-               input={"shape": (1, 3, 12, 16), "seed": 3}),
-    MethodCase("coser", "coser", build={**_SD, "checkpoint": "{tiny}/coser", "clip": "{tiny}/clip-vision"},
-               run={"steps": 2, "seed": 1, "guidance_scale": 3.0, "reference_steps": 2},
-               input={"shape": (1, 3, 16, 20), "seed": 0}),
-    MethodCase("coser-no-reference", "coser", build={**_SD, "checkpoint": "{tiny}/coser",
-                                                     "clip": "{tiny}/clip-vision"},
-               run={"steps": 2, "seed": 1, "no_reference": True}, input={"shape": (1, 3, 16, 20), "seed": 0}),
-    MethodCase("rfa", "rfa", build={**_SD, "controlnet": "{tiny}/controlnet", "checkpoint": "{tiny}/rfa",
-                                    "db": "{db}"},
-               run={"steps": 2, "seed": 0, "num_references": 2}, input={"shape": (1, 3, 4, 4), "seed": 8},
-               needs=("db",)),
-    MethodCase("rfa-prompt", "rfa", build={**_SD, "controlnet": "{tiny}/controlnet", "checkpoint": "{tiny}/rfa",
-                                           "db": "{db}"},
-               run={"prompt": "a wall", "steps": 2, "seed": 1, "guidance_scale": 2.0},
-               input={"shape": (1, 3, 4, 4), "seed": 9}, needs=("db",)),
-    MethodCase("default-diffusion-1", "default-diffusion", run={"steps": 1, "seed": 0},
-               input={"shape": (1, 3, 16, 16), "seed": 10}),
-    MethodCase("default-diffusion-2", "default-diffusion", build={"irpad": "{tiny}/irpad-untrained"},
-               run={"prompt": "a brick wall", "steps": 2, "seed": 1}, input={"shape": (1, 3, 16, 16), "seed": 10}),
+    MethodCase(
+        "sd-controlnet",
+        "sd-controlnet",
+        build={**_SD, "controlnet": "{tiny}/controlnet"},
+        run={"prompt": "a fox", "negative_prompt": "blur", "steps": 2, "guidance_scale": 3.0, "seed": 1},
+        input={"shape": (1, 3, 16, 16), "seed": 5},
+    ),
+    MethodCase(
+        "xpsr",
+        "xpsr",
+        build={**_SD, "checkpoint": "{tiny}/xpsr", "irpad": "{tiny}/irpad-untrained"},
+        run={"prompt": "a red bird", "steps": 2, "guidance_scale": 4.5, "seed": 2},
+        input={"shape": (1, 3, 16, 16), "seed": 0},
+    ),
+    MethodCase(
+        "xpsr-vlm",
+        "xpsr",
+        build={**_SD, "checkpoint": "{tiny}/xpsr", "vlm": "{tiny}/vlm", "sfa_mode": "serial"},
+        run={"steps": 2, "seed": 0, "colour_fix": "none"},
+        input={"shape": (1, 3, 16, 16), "seed": 6},
+    ),
+    MethodCase(
+        "dalpsr",
+        "dalpsr",
+        build={**_SD, "checkpoint": "{tiny}/dalpsr", "tagger": "{tiny}/tagger", "irpad": "{tiny}/irpad-untrained"},
+        run={"prompt": "a house", "steps": 2, "seed": 3},
+        input={"shape": (1, 3, 16, 16), "seed": 7},
+    ),
+    MethodCase(
+        "dalpsr-low-prompt",
+        "dalpsr",
+        build={**_SD, "checkpoint": "{tiny}/dalpsr", "irpad": "{tiny}/irpad-untrained"},
+        run={"prompt": "a", "low_prompt": "heavy blur, heavy noise", "steps": 2, "colour_fix": "none"},
+        input={"shape": (1, 3, 16, 16), "seed": 2},
+    ),
+    MethodCase(
+        "mmsr",
+        "mmsr",
+        build={**_SD, "checkpoint": "{tiny}/mmsr"},
+        run={"steps": 2, "seed": 0, "guidance_mode": "mcfg", "guidance_scale": 2.0},
+        input={"shape": (1, 3, 12, 16), "seed": 3},
+    ),
+    MethodCase(
+        "mmsr-modalities",
+        "mmsr",
+        build={**_SD, "checkpoint": "{tiny}/mmsr"},
+        run={
+            "prompt": "a cat",
+            "steps": 2,
+            "seed": 0,
+            "modalities": "caption,edge,depth",
+            "modality_temperature": "edge=2",
+            "guidance_mode": "mcfg",
+        },
+        input={"shape": (1, 3, 12, 16), "seed": 3},
+    ),
+    MethodCase(
+        "coser",
+        "coser",
+        build={**_SD, "checkpoint": "{tiny}/coser", "clip": "{tiny}/clip-vision"},
+        run={"steps": 2, "seed": 1, "guidance_scale": 3.0, "reference_steps": 2},
+        input={"shape": (1, 3, 16, 20), "seed": 0},
+    ),
+    MethodCase(
+        "coser-no-reference",
+        "coser",
+        build={**_SD, "checkpoint": "{tiny}/coser", "clip": "{tiny}/clip-vision"},
+        run={"steps": 2, "seed": 1, "no_reference": True},
+        input={"shape": (1, 3, 16, 20), "seed": 0},
+    ),
+    MethodCase(
+        "rfa",
+        "rfa",
+        build={**_SD, "controlnet": "{tiny}/controlnet", "checkpoint": "{tiny}/rfa", "db": "{db}"},
+        run={"steps": 2, "seed": 0, "num_references": 2},
+        input={"shape": (1, 3, 4, 4), "seed": 8},
+        needs=("db",),
+    ),
+    MethodCase(
+        "rfa-prompt",
+        "rfa",
+        build={**_SD, "controlnet": "{tiny}/controlnet", "checkpoint": "{tiny}/rfa", "db": "{db}"},
+        run={"prompt": "a wall", "steps": 2, "seed": 1, "guidance_scale": 2.0},
+        input={"shape": (1, 3, 4, 4), "seed": 9},
+        needs=("db",),
+    ),
+    MethodCase(
+        "default-diffusion-1",
+        "default-diffusion",
+        run={"steps": 1, "seed": 0},
+        input={"shape": (1, 3, 16, 16), "seed": 10},
+    ),
+    MethodCase(
+        "default-diffusion-2",
+        "default-diffusion",
+        build={"irpad": "{tiny}/irpad-untrained"},
+        run={"prompt": "a brick wall", "steps": 2, "seed": 1},
+        input={"shape": (1, 3, 16, 16), "seed": 10},
+    ),
 ]
 
 TRAIN_CASES: list[TrainCase] = [
-    TrainCase("controlnet_sr", "trainer", "configs/tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd"}),
-    TrainCase("xpsr", "trainer", "configs/xpsr-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.vlm": "{tiny}/vlm",
-               "model.options.max_new_tokens": 4}),
-    TrainCase("dalpsr", "trainer", "configs/dalpsr-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.tagger": "{tiny}/tagger",
-               "model.options.irpad": "{tiny}/irpad-untrained"}),
-    TrainCase("mmsr", "trainer", "configs/mmsr-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.depth_model": "{tiny}/depth",
-               "model.options.seg_model": "{tiny}/seg"}),
-    TrainCase("coser-cognitive", "trainer", "configs/coser-cognitive-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.clip": "{tiny}/clip-vision"}),
-    TrainCase("coser", "trainer", "configs/coser-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.clip": "{tiny}/clip-vision",
-               "model.options.cognitive": "{tiny}/coser/cognitive"}),
+    TrainCase("controlnet_sr", "trainer", "configs/tiny.yaml", {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd"}),
+    TrainCase(
+        "xpsr",
+        "trainer",
+        "configs/xpsr-tiny.yaml",
+        {
+            **_TRAIN_COMMON,
+            "model.pretrained": "{tiny}/sd",
+            "model.options.vlm": "{tiny}/vlm",
+            "model.options.max_new_tokens": 4,
+        },
+    ),
+    TrainCase(
+        "dalpsr",
+        "trainer",
+        "configs/dalpsr-tiny.yaml",
+        {
+            **_TRAIN_COMMON,
+            "model.pretrained": "{tiny}/sd",
+            "model.options.tagger": "{tiny}/tagger",
+            "model.options.irpad": "{tiny}/irpad-untrained",
+        },
+    ),
+    TrainCase(
+        "mmsr",
+        "trainer",
+        "configs/mmsr-tiny.yaml",
+        {
+            **_TRAIN_COMMON,
+            "model.pretrained": "{tiny}/sd",
+            "model.options.depth_model": "{tiny}/depth",
+            "model.options.seg_model": "{tiny}/seg",
+        },
+    ),
+    TrainCase(
+        "coser-cognitive",
+        "trainer",
+        "configs/coser-cognitive-tiny.yaml",
+        {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.clip": "{tiny}/clip-vision"},
+    ),
+    TrainCase(
+        "coser",
+        "trainer",
+        "configs/coser-tiny.yaml",
+        {
+            **_TRAIN_COMMON,
+            "model.pretrained": "{tiny}/sd",
+            "model.options.clip": "{tiny}/clip-vision",
+            "model.options.cognitive": "{tiny}/coser/cognitive",
+        },
+    ),
     TrainCase("default", "trainer", "configs/default-tiny.yaml", dict(_TRAIN_COMMON)),
-    TrainCase("rfa-sr", "trainer", "configs/rfa-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd",
-               "model.options.embedder": "clip:{tiny}/clip-vision"}),
-    TrainCase("rfa-aligner", "trainer", "configs/rfa-aligner-tiny.yaml",
-              {**_TRAIN_COMMON, "model.options.embedder": "clip:{tiny}/clip-vision"}),
-    TrainCase("rfa-enhancer", "trainer", "configs/rfa-enhancer-tiny.yaml",
-              {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.embedder": "clip:{tiny}/clip-vision",
-               "model.options.db": "{db}", "model.options.text_decoder": "{tiny}/text-decoder"},
-              needs=("db",)),
-    TrainCase("irpad", "trainer", "configs/irpad-tiny.yaml",
-              {**_TRAIN_COMMON, "data.crop_size": 64, "model.options.crop": 24}),
-    TrainCase("edge-vq", "vq", options={"steps": 1, "batch": 2, "holdout": 1, "modalities": ("canny",),
-                                        "lr_scale": 1.0, "seed": 0}),
+    TrainCase(
+        "rfa-sr",
+        "trainer",
+        "configs/rfa-tiny.yaml",
+        {**_TRAIN_COMMON, "model.pretrained": "{tiny}/sd", "model.options.embedder": "clip:{tiny}/clip-vision"},
+    ),
+    TrainCase(
+        "rfa-aligner",
+        "trainer",
+        "configs/rfa-aligner-tiny.yaml",
+        {**_TRAIN_COMMON, "model.options.embedder": "clip:{tiny}/clip-vision"},
+    ),
+    TrainCase(
+        "rfa-enhancer",
+        "trainer",
+        "configs/rfa-enhancer-tiny.yaml",
+        {
+            **_TRAIN_COMMON,
+            "model.pretrained": "{tiny}/sd",
+            "model.options.embedder": "clip:{tiny}/clip-vision",
+            "model.options.db": "{db}",
+            "model.options.text_decoder": "{tiny}/text-decoder",
+        },
+        needs=("db",),
+    ),
+    TrainCase(
+        "irpad", "trainer", "configs/irpad-tiny.yaml", {**_TRAIN_COMMON, "data.crop_size": 64, "model.options.crop": 24}
+    ),
+    TrainCase(
+        "edge-vq",
+        "vq",
+        options={"steps": 1, "batch": 2, "holdout": 1, "modalities": ("canny",), "lr_scale": 1.0, "seed": 0},
+    ),
 ]
 
 CASES: dict[str, MethodCase | TrainCase] = {
-    **{f"method/{c.name}": c for c in METHOD_CASES}, **{f"train/{c.name}": c for c in TRAIN_CASES}}
+    **{f"method/{c.name}": c for c in METHOD_CASES},
+    **{f"train/{c.name}": c for c in TRAIN_CASES},
+}
 
 
 # ============================================================================ isolation helpers
@@ -239,6 +361,7 @@ def _crop(t: torch.Tensor) -> torch.Tensor:
 
 def _plain(value: Any, paths: Mapping[str, Path]) -> str | None:
     """A reported prior as a JSON string if it is plain data (str, number, bool, or lists/dicts of them)."""
+
     def ok(v: Any) -> bool:
         if isinstance(v, str | int | float | bool) or v is None:
             return True
@@ -273,8 +396,18 @@ def build_reference_db(images: Path, out: Path, tiny_dir: Path) -> Path:
     """A retrieval database of ``images`` with the tiny CLIP vision embedder."""
     from semsr.cli import main
 
-    rc = main(["index", "build", "--images", str(images), "--out", str(out), "--embedder",
-               f"clip:{Path(tiny_dir) / 'clip-vision'}"])
+    rc = main(
+        [
+            "index",
+            "build",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--embedder",
+            f"clip:{Path(tiny_dir) / 'clip-vision'}",
+        ]
+    )
     if rc != 0:
         raise RuntimeError(f"semsr index build failed ({rc})")
     return out
@@ -343,13 +476,20 @@ def train_edge_vq(work: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     for i in range(3):
         arr = np.full((48, 64, 3), 40, np.uint8)
         y, x = rng.integers(4, 20, 2)
-        arr[y:y + 20, x:x + 30] = 220
+        arr[y : y + 20, x : x + 30] = 220
         Image.fromarray(arr).save(imgs / f"{i}.png")
-    overrides = {"data.hr": [str(imgs)], "data.val_count": int(options["holdout"]), "data.limit": 0,
-                 "data.crop_size": 48, "data.batch_size": int(options["batch"]), "seed": int(options["seed"]),
-                 "train.max_steps": int(options["steps"]), "checkpoint.every": 0,
-                 "model.options.modalities": list(options["modalities"]),
-                 "model.options.lr_scale": float(options["lr_scale"])}
+    overrides = {
+        "data.hr": [str(imgs)],
+        "data.val_count": int(options["holdout"]),
+        "data.limit": 0,
+        "data.crop_size": 48,
+        "data.batch_size": int(options["batch"]),
+        "seed": int(options["seed"]),
+        "train.max_steps": int(options["steps"]),
+        "checkpoint.every": 0,
+        "model.options.modalities": list(options["modalities"]),
+        "model.options.lr_scale": float(options["lr_scale"]),
+    }
     return train_with_trainer(REPO / "configs" / "edge-vq-tiny.yaml", overrides, work / "run")
 
 

@@ -8,6 +8,7 @@ into ``outputs.safetensors`` and the string results, the case definitions and th
 (torch version, ``torch.backends.cpu.get_cpu_capability()``, CPU model, threads) into ``meta.json``.
 Runs with one torch thread; the tiny models are written into a temporary folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ if __package__ in (None, ""):  # run as a script: make ``tests.reference`` impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-
 from tests.reference import cases as C
 
 DEFAULT_OUT = C.REPO / "tests" / "data" / "reference"
@@ -42,8 +42,13 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_model": cpu_model(), "threads": THREADS, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
+        "threads": THREADS,
+        "python": platform.python_version(),
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,7 +64,7 @@ def case_definition(key: str) -> dict[str, Any]:
     return {"type": type(case).__name__, **_jsonable(dataclasses.asdict(case))}
 
 
-def record(out: Path, keys: list[str], log=print, update: str | None = None) -> dict[str, Any]:  # noqa: ANN001
+def record(out: Path, keys: list[str], log=print, update: str | None = None) -> dict[str, Any]:
     """Record ``keys`` into ``out``; with ``update`` (a reason), replace only those cases in the existing
     recording and note the reason under ``meta["rerecorded"]`` (every other case keeps its tensors)."""
     from safetensors.torch import load_file, save_file
@@ -81,8 +86,12 @@ def record(out: Path, keys: list[str], log=print, update: str | None = None) -> 
                     strings[f"{key}/{name}"] = str(value)
             log(f"{key}: {seconds[key]:.1f} s, {len(result)} values")
     order = sorted(C.CASES, key=list(C.CASES).index)
-    meta = {"machine": machine(), "cases": {k: case_definition(k) for k in order if k in keys},
-            "strings": dict(sorted(strings.items())), "seconds": seconds}
+    meta = {
+        "machine": machine(),
+        "cases": {k: case_definition(k) for k in order if k in keys},
+        "strings": dict(sorted(strings.items())),
+        "seconds": seconds,
+    }
     if update is not None:
         old_meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         old = load_file(str(out / "outputs.safetensors"))
@@ -90,9 +99,13 @@ def record(out: Path, keys: list[str], log=print, update: str | None = None) -> 
         tensors = {**{k: v for k, v in old.items() if not k.startswith(mine)}, **tensors}
         strings = {**{k: v for k, v in old_meta["strings"].items() if not k.startswith(mine)}, **strings}
         cases = {**old_meta["cases"], **meta["cases"]}
-        meta = {**old_meta, "cases": {k: cases[k] for k in order if k in cases},
-                "strings": dict(sorted(strings.items())), "seconds": {**old_meta["seconds"], **seconds},
-                "rerecorded": {**old_meta.get("rerecorded", {}), **{k: update for k in keys}}}
+        meta = {
+            **old_meta,
+            "cases": {k: cases[k] for k in order if k in cases},
+            "strings": dict(sorted(strings.items())),
+            "seconds": {**old_meta["seconds"], **seconds},
+            "rerecorded": {**old_meta.get("rerecorded", {}), **{k: update for k in keys}},
+        }
     out.mkdir(parents=True, exist_ok=True)
     save_file(dict(sorted(tensors.items())), str(out / "outputs.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -104,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--only", nargs="*", help="case keys (method/<name>, train/<name>); default: all")
     ap.add_argument("--reverse", action="store_true", help="run the cases in reverse order (order-independence check)")
-    ap.add_argument("--update", metavar="REASON",
-                    help="replace only the --only cases in the existing recording, noting REASON in meta.json")
+    ap.add_argument(
+        "--update",
+        metavar="REASON",
+        help="replace only the --only cases in the existing recording, noting REASON in meta.json",
+    )
     args = ap.parse_args(argv)
     keys = list(args.only or C.CASES)
     unknown = [k for k in keys if k not in C.CASES]

@@ -28,6 +28,7 @@ only computes what is missing; the cache key includes the method's options and
 a fingerprint of its weight files (packaged weights, a checkpoint folder), so
 retrained weights are never served from stale outputs (see :mod:`semsr.eval.runner`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,33 +82,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--methods", metavar="LIST",
-                   help="(required) comma-separated method names (see `semsr models list`), each optionally with "
-                        "options in brackets: default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3]")
-    p.add_argument("--datasets", type=_split,
-                   help="(required) comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER")
-    p.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS, help="how LR inputs are made (default bicubic)")
+    p.add_argument(
+        "--methods",
+        metavar="LIST",
+        help="(required) comma-separated method names (see `semsr models list`), each optionally with "
+        "options in brackets: default,default[steps=1],default[no_edge_prior],default[steps=8,seed=3]",
+    )
+    p.add_argument(
+        "--datasets",
+        type=_split,
+        help="(required) comma-separated: Set5, Set14, B100, Urban100, RealSRSet, a folder, or lr:FOLDER",
+    )
+    p.add_argument(
+        "--degradation", default="bicubic", choices=DEGRADATIONS, help="how LR inputs are made (default bicubic)"
+    )
     p.add_argument("-s", "--scale", type=int, default=4, help="scale factor (default 4)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each dataset")
-    p.add_argument("--metrics", type=_split, default=None,
-                   help="comma-separated metrics (default psnr,psnry,ssim,niqe); full-reference ones only where GT exists")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write {\"rows\": [...]} here")
+    p.add_argument(
+        "--metrics",
+        type=_split,
+        default=None,
+        help="comma-separated metrics (default psnr,psnry,ssim,niqe); full-reference ones only where GT exists",
+    )
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help='write {"rows": [...]} here')
     p.add_argument("--csv", type=Path, default=None, metavar="PATH", help="write the CSV table here")
-    p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write HTML pages, crop grids and plots here")
-    p.add_argument("--report-images", type=int, default=2, metavar="N", help="images shown per dataset in the report (default 2)")
-    p.add_argument("--report-crop", type=int, default=96, metavar="PX", help="crop side in SR pixels (default 96, shown at 2x)")
-    p.add_argument("-t", "--tile", type=int, default=512,
-                   help="LR tile size for methods that do not tile themselves; 0 = whole image (default 512)")
+    p.add_argument(
+        "--report", type=Path, default=None, metavar="DIR", help="write HTML pages, crop grids and plots here"
+    )
+    p.add_argument(
+        "--report-images", type=int, default=2, metavar="N", help="images shown per dataset in the report (default 2)"
+    )
+    p.add_argument(
+        "--report-crop", type=int, default=96, metavar="PX", help="crop side in SR pixels (default 96, shown at 2x)"
+    )
+    p.add_argument(
+        "-t",
+        "--tile",
+        type=int,
+        default=512,
+        help="LR tile size for methods that do not tile themselves; 0 = whole image (default 512)",
+    )
     p.add_argument("--tile-pad", type=int, default=16, help="tile overlap in LR pixels (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the realesrgan degradation (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch/ncnn threads (method process and metrics)")
-    p.add_argument("--method-opt", type=_method_opt, action="append", default=[], metavar="KEY=VALUE",
-                   help="option of every method, e.g. dtype=bf16 (repeatable; bracket options override it)")
-    p.add_argument("--weights-dir", type=Path, default=None,
-                   help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS")
+    p.add_argument(
+        "--method-opt",
+        type=_method_opt,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of every method, e.g. dtype=bf16 (repeatable; bracket options override it)",
+    )
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS",
+    )
     p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA or ../shared/data)")
-    p.add_argument("--no-isolate", action="store_true",
-                   help="run methods in this process (faster start; peak RSS then includes everything loaded)")
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="run methods in this process (faster start; peak RSS then includes everything loaded)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
     add_kinds(p.add_subparsers(dest="kind", metavar="KIND", required=False))
@@ -118,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in (("--methods", args.methods), ("--datasets", args.datasets)) if not value]
     if missing:
         raise SemsrError(f"the following arguments are required: {', '.join(missing)}")
-    for name, value in (("--limit", args.limit), ("--report-images", args.report_images), ("--report-crop", args.report_crop)):
+    for name, value in (
+        ("--limit", args.limit),
+        ("--report-images", args.report_images),
+        ("--report-crop", args.report_crop),
+    ):
         if value is not None and value < 1:
             raise SemsrError(f"{name} must be >= 1, got {value}")
     if args.scale < 1:
@@ -162,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if args.csv is not None:
         atomic.write_text(args.csv, csv_text(result.rows))
     s = result.stats
-    progress(f"upscaled {s.upscaled} (cached {s.upscale_cached}); metric values computed {s.metrics_computed} "
-             f"(cached {s.metrics_cached})")
+    progress(
+        f"upscaled {s.upscaled} (cached {s.upscale_cached}); metric values computed {s.metrics_computed} "
+        f"(cached {s.metrics_cached})"
+    )
     return 0

@@ -7,6 +7,7 @@ The synthetic degradation, the held-out split and the level intervals are
 documented in :mod:`semsr.train.irpad` and :mod:`semsr.priors.irpad` (training:
 ``semsr train --config configs/irpad.yaml``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,30 +35,57 @@ def register_kind(subparsers: argparse._SubParsersAction) -> None:
         "irpad",
         help="per-type accuracy of the IRPAD degradation estimator on held-out synthetic data",
         description="Generate a synthetic degraded set (fixed seed) from held-out photographs, classify "
-                    "the blur/noise/JPEG/downscale degree with IRPAD and report the per-type interval "
-                    "accuracy (table, JSON) and confusion matrices (PNG).")
+        "the blur/noise/JPEG/downscale degree with IRPAD and report the per-type interval "
+        "accuracy (table, JSON) and confusion matrices (PNG).",
+    )
     b.add_argument("--weights", type=Path, default=None, help="IRPAD folder (default: the shipped weights)")
-    b.add_argument("--hr", nargs="+", type=Path, default=None, metavar="DIR|MANIFEST",
-                   help="photographs to degrade (default: the held-out split of data_root()/train/bsds500; "
-                        "given sources are used whole)")
+    b.add_argument(
+        "--hr",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="DIR|MANIFEST",
+        help="photographs to degrade (default: the held-out split of data_root()/train/bsds500; "
+        "given sources are used whole)",
+    )
     b.add_argument("--n", type=int, default=2000, help="number of synthetic samples (default 2000)")
     b.add_argument("--seed", type=int, default=1234, help="generation seed (default 1234)")
     b.add_argument("--size", type=int, default=96, help="sample size in px (default 96)")
-    b.add_argument("--context", type=int, default=192, metavar="N",
-                   help="degrade a region of N px around each sample, then cut the sample out (default 192; "
-                        "at most the photo's short side)")
-    b.add_argument("--contiguous", action="store_true",
-                   help="sample parameters over whole ranges incl. the gaps between levels (nearest-level labels)")
+    b.add_argument(
+        "--context",
+        type=int,
+        default=192,
+        metavar="N",
+        help="degrade a region of N px around each sample, then cut the sample out (default 192; "
+        "at most the photo's short side)",
+    )
+    b.add_argument(
+        "--contiguous",
+        action="store_true",
+        help="sample parameters over whole ranges incl. the gaps between levels (nearest-level labels)",
+    )
     b.add_argument("--max-crops", type=int, default=16, help="analysis windows per image (default 16)")
-    b.add_argument("--flips", type=int, default=None,
-                   help=f"flips/transpositions averaged per window, 1-8 (default: the estimator's, {DEFAULT_FLIPS})")
+    b.add_argument(
+        "--flips",
+        type=int,
+        default=None,
+        help=f"flips/transpositions averaged per window, 1-8 (default: the estimator's, {DEFAULT_FLIPS})",
+    )
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    b.add_argument("--split", action="store_true",
-                   help="also print each type's accuracy by true downscale (rows) x true noise level (columns); "
-                        "always in the JSON")
+    b.add_argument(
+        "--split",
+        action="store_true",
+        help="also print each type's accuracy by true downscale (rows) x true noise level (columns); "
+        "always in the JSON",
+    )
     b.add_argument("--json", type=Path, default=None, help="write results as JSON")
-    b.add_argument("--confusion", type=Path, default=None, metavar="PNG",
-                   help="confusion-matrix figure (default: <json stem>_confusion.png, or irpad_confusion.png)")
+    b.add_argument(
+        "--confusion",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="confusion-matrix figure (default: <json stem>_confusion.png, or irpad_confusion.png)",
+    )
     b.set_defaults(func=run_bench)
 
 
@@ -89,8 +117,13 @@ def format_split(split: dict[str, list[list[float | None]]], names: dict[str, li
     return "\n".join(lines)
 
 
-def write_confusion_png(path: Path, confusion: dict[str, list[list[int]]], names: dict[str, list[str]],
-                        per_type: dict[str, float], title: str = "") -> None:
+def write_confusion_png(
+    path: Path,
+    confusion: dict[str, list[list[int]]],
+    names: dict[str, list[str]],
+    per_type: dict[str, float],
+    title: str = "",
+) -> None:
     """Row-normalised confusion matrices (true x predicted), counts annotated, one panel per type."""
     import matplotlib  # optional heavy dependency, only for the figure
 
@@ -105,8 +138,15 @@ def write_confusion_png(path: Path, confusion: dict[str, list[list[int]]], names
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(c.shape[0]):
             for j in range(c.shape[1]):
-                ax.text(j, i, f"{int(c[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(c[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
         ax.set_xticks(range(len(names[t])), names[t], rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(names[t])), names[t], fontsize=8)
         ax.set_xlabel("predicted")
@@ -135,34 +175,59 @@ def run_bench(args: argparse.Namespace) -> int:
     estimator = IRPADEstimator(weights=folder, max_crops=args.max_crops, flips=flips)
     photos, where = bench_photos(args.hr)
     t0 = time.time()
-    data = make_in_memory(photos, args.n, size=args.size, seed=args.seed, contiguous=args.contiguous,
-                          held_out=args.hr is None, context=args.context)
+    data = make_in_memory(
+        photos,
+        args.n,
+        size=args.size,
+        seed=args.seed,
+        contiguous=args.contiguous,
+        held_out=args.hr is None,
+        context=args.context,
+    )
     t_gen = time.time() - t0
     result = accuracy(estimator, data)
     t_eval = time.time() - t0 - t_gen
     per_type = result["per_type"]
-    print(f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px of {args.context}-px regions, "
-          f"seed {args.seed}"
-          f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})")
+    print(
+        f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px of {args.context}-px regions, "
+        f"seed {args.seed}"
+        f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})"
+    )
     print(format_table(per_type))
     names = {t: [lv.name for lv in lvs] for t, lvs in estimator.table.items()}
     if args.split:
         print(format_split(result["by_downscale_noise"], names))
     out: dict[str, Any] = {
-        "per_type": per_type, "n": result["n"], "mean": result["mean"], "target": TARGET,
-        "passed": all(a >= TARGET for a in per_type.values()), "confusion": result["confusion"],
-        "by_downscale_noise": result["by_downscale_noise"], "levels": names,
-        "weights": str(folder), "fingerprint": fingerprint([Path(folder)]), "seed": args.seed,
-        "size": args.size, "context": args.context, "contiguous": args.contiguous, "flips": flips,
+        "per_type": per_type,
+        "n": result["n"],
+        "mean": result["mean"],
+        "target": TARGET,
+        "passed": all(a >= TARGET for a in per_type.values()),
+        "confusion": result["confusion"],
+        "by_downscale_noise": result["by_downscale_noise"],
+        "levels": names,
+        "weights": str(folder),
+        "fingerprint": fingerprint([Path(folder)]),
+        "seed": args.seed,
+        "size": args.size,
+        "context": args.context,
+        "contiguous": args.contiguous,
+        "flips": flips,
         "max_crops": args.max_crops,
-        "photos": len(photos), "source": where,
+        "photos": len(photos),
+        "source": where,
         "seconds": {"generate": round(t_gen, 1), "classify": round(t_eval, 1)},
     }
     confusion = args.confusion
     if confusion is None:
         confusion = args.json.with_name(args.json.stem + "_confusion.png") if args.json else Path("irpad_confusion.png")
-    write_confusion_png(confusion, result["confusion"], names, per_type,
-                        title=f"IRPAD, {args.n} held-out synthetic samples (seed {args.seed})")
+    write_confusion_png(
+        confusion,
+        result["confusion"],
+        names,
+        per_type,
+        title=f"IRPAD, {args.n} held-out synthetic samples (seed {args.seed})",
+    )
     out["confusion_png"] = str(confusion)
     print(f"confusion matrices: {confusion}")
     if args.json:

@@ -22,6 +22,7 @@ never trained on) and its training images (default images: the run's);
 Training images come from the offline corpus (default
 ``data_root()/train/bsds500``), never benchmark sets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,14 +60,20 @@ WARMUP_STEPS = 20
 
 def register_kind(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``retrieval`` kind to ``semsr bench`` (``subparsers`` of the bench parser)."""
-    p = subparsers.add_parser("retrieval", help="top-1/top-4 LR retrieval hit rate, raw vs aligned",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("--images", type=Path, nargs="+", default=None,
-                   help="HR training images (default: <data>/train/bsds500)")
-    p.add_argument("--db", type=Path, default=None,
-                   help="database holding those images (default: built/extended in the cache)")
-    p.add_argument("--embedder", default=None,
-                   help="embedder when the database is created (default: the aligner's, else hed-vgg)")
+    p = subparsers.add_parser(
+        "retrieval",
+        help="top-1/top-4 LR retrieval hit rate, raw vs aligned",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument(
+        "--images", type=Path, nargs="+", default=None, help="HR training images (default: <data>/train/bsds500)"
+    )
+    p.add_argument(
+        "--db", type=Path, default=None, help="database holding those images (default: built/extended in the cache)"
+    )
+    p.add_argument(
+        "--embedder", default=None, help="embedder when the database is created (default: the aligner's, else hed-vgg)"
+    )
     p.add_argument("--lr-size", type=int, default=32, help="LR side (default 32, the seed's x16 setting)")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out fraction (default 0.25)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
@@ -74,9 +81,13 @@ def register_kind(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="aligner learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-aligner", type=Path, default=None, help="save the trained aligner to this folder")
-    p.add_argument("--aligner", type=Path, default=None,
-                   help="score this aligner instead of training one: a `semsr train` run folder (its held-out and "
-                        "training images) or an aligner folder (all images)")
+    p.add_argument(
+        "--aligner",
+        type=Path,
+        default=None,
+        help="score this aligner instead of training one: a `semsr train` run folder (its held-out and "
+        "training images) or an aligner folder (all images)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write results as JSON")
     p.set_defaults(func=run)
 
@@ -94,8 +105,10 @@ def _aligner_source(path: Path) -> tuple[Path, ExperimentConfig | None]:
         return path, None
     if (path / "config.yaml").is_file() and (path / "final" / "aligner" / "config.json").is_file():
         return path / "final" / "aligner", load_config(path / "config.yaml")
-    raise SemsrError("not an aligner folder (config.json + weights) nor a finished `semsr train` run "
-                     "(config.yaml + final/aligner)", path)
+    raise SemsrError(
+        "not an aligner folder (config.json + weights) nor a finished `semsr train` run (config.yaml + final/aligner)",
+        path,
+    )
 
 
 def _run_splits(cfg: ExperimentConfig) -> dict[str, list[Path]]:
@@ -111,8 +124,9 @@ def _aligner_embedder(folder: Path | None) -> str | None:
     return json.loads((folder / "config.json").read_text()).get("embedder")
 
 
-def aligner_run_config(files: Sequence[Path], folder: Path, embedder_spec: str, *, lr_size: int, steps: int,
-                       lr: float, seed: int) -> ExperimentConfig:
+def aligner_run_config(
+    files: Sequence[Path], folder: Path, embedder_spec: str, *, lr_size: int, steps: int, lr: float, seed: int
+) -> ExperimentConfig:
     """The ``rfa-aligner`` experiment on ``files``: they are linked into ``folder`` (its ``data.hr``);
     crops of ``lr_size`` x the largest factor (at most :data:`MAX_TRAIN_SCALE`) that fits every image."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,28 +138,41 @@ def aligner_run_config(files: Sequence[Path], folder: Path, embedder_spec: str, 
     if not sides:
         raise SemsrError("no training images")
     scale = max(1, min(MAX_TRAIN_SCALE, min(sides) // lr_size))
-    return config_from_dict({
-        "name": "bench-retrieval-aligner", "task": "rfa-aligner", "seed": seed,
-        "model": {"options": {"embedder": embedder_spec}},
-        "data": {"hr": [str(folder)], "val_count": 0, "limit": 0, "crop_size": lr_size * scale, "scale": scale,
-                 "batch_size": TRAIN_BATCH, "num_workers": 0},
-        "degradation": {"type": "bicubic"},
-        "optim": {"lr": lr, "weight_decay": 1e-2, "max_grad_norm": 1.0},
-        "schedule": {"name": "cosine", "warmup_steps": min(WARMUP_STEPS, steps // 10)},
-        "train": {"max_steps": steps, "mixed_precision": "no", "ema_decay": 0.0, "log_every": 10},
-        "losses": {"rfa_align_l2": 1.0},
-        "validation": {"every": 0},
-        "checkpoint": {"every": 0, "keep": 1},
-    })
+    return config_from_dict(
+        {
+            "name": "bench-retrieval-aligner",
+            "task": "rfa-aligner",
+            "seed": seed,
+            "model": {"options": {"embedder": embedder_spec}},
+            "data": {
+                "hr": [str(folder)],
+                "val_count": 0,
+                "limit": 0,
+                "crop_size": lr_size * scale,
+                "scale": scale,
+                "batch_size": TRAIN_BATCH,
+                "num_workers": 0,
+            },
+            "degradation": {"type": "bicubic"},
+            "optim": {"lr": lr, "weight_decay": 1e-2, "max_grad_norm": 1.0},
+            "schedule": {"name": "cosine", "warmup_steps": min(WARMUP_STEPS, steps // 10)},
+            "train": {"max_steps": steps, "mixed_precision": "no", "ema_decay": 0.0, "log_every": 10},
+            "losses": {"rfa_align_l2": 1.0},
+            "validation": {"every": 0},
+            "checkpoint": {"every": 0, "keep": 1},
+        }
+    )
 
 
-def train_aligner(files: Sequence[Path], embedder_spec: str, *, lr_size: int, steps: int, lr: float,
-                  seed: int) -> tuple[ReferenceFindingAligner, list[float]]:
+def train_aligner(
+    files: Sequence[Path], embedder_spec: str, *, lr_size: int, steps: int, lr: float, seed: int
+) -> tuple[ReferenceFindingAligner, list[float]]:
     """Train an aligner on ``files`` with the ``rfa-aligner`` task (in a temporary run folder);
     returns the aligner and the per-step losses."""
     with tempfile.TemporaryDirectory(prefix="semsr-bench-retrieval-") as tmp:
-        cfg = aligner_run_config(files, Path(tmp) / "images", embedder_spec, lr_size=lr_size, steps=steps, lr=lr,
-                                 seed=seed)
+        cfg = aligner_run_config(
+            files, Path(tmp) / "images", embedder_spec, lr_size=lr_size, steps=steps, lr=lr, seed=seed
+        )
         result = Trainer(cfg, Path(tmp) / "run").fit()
         model = load_component(ReferenceFindingAligner, Path(tmp) / "run" / "final" / "aligner")
     return model, result.losses
@@ -157,8 +184,9 @@ def _progress(what: str) -> Callable[[int, int], None] | None:
     return lambda i, n: print(f"\r{what} {i}/{n}", end="" if i < n else "\n", file=sys.stderr)
 
 
-def _scores(db: ReferenceDB, feats: PairFeatures, model: ReferenceFindingAligner,
-            splits: dict[str, list[int]]) -> dict[str, dict[str, dict[str, float]]]:
+def _scores(
+    db: ReferenceDB, feats: PairFeatures, model: ReferenceFindingAligner, splits: dict[str, list[int]]
+) -> dict[str, dict[str, dict[str, float]]]:
     """``{split: {"raw": hit rates, "aligned": hit rates}}`` of the LR queries of each split."""
     out = {}
     for name, idx in splits.items():
@@ -197,12 +225,19 @@ def run(args: argparse.Namespace) -> int:
                 raise SemsrError(f"need at least 4 images in the database, have {len(feats.sha)}")
             train_idx, hold_idx = split_by_hash(feats.sha, args.holdout, args.seed)
             by_sha = {file_sha256(f): f for f in files}
-            model, losses = train_aligner([by_sha[feats.sha[i]] for i in train_idx], db.embedder_spec,
-                                          lr_size=args.lr_size, steps=args.steps, lr=args.lr, seed=args.seed)
+            model, losses = train_aligner(
+                [by_sha[feats.sha[i]] for i in train_idx],
+                db.embedder_spec,
+                lr_size=args.lr_size,
+                steps=args.steps,
+                lr=args.lr,
+                seed=args.seed,
+            )
             splits = {"heldout": hold_idx, "train": train_idx}
             tail = losses[-20:] or [float("nan")]
-            result.update(steps=args.steps, loss_first=losses[0] if losses else float("nan"),
-                          loss_last=sum(tail) / len(tail))
+            result.update(
+                steps=args.steps, loss_first=losses[0] if losses else float("nan"), loss_last=sum(tail) / len(tail)
+            )
         else:
             model = load_component(ReferenceFindingAligner, aligner_dir)
             check_embedder(model, emb, aligner_dir)
@@ -210,20 +245,33 @@ def run(args: argparse.Namespace) -> int:
                 splits = {"all": list(range(len(feats.sha)))}
             else:
                 where = {sha: i for i, sha in enumerate(feats.sha)}
-                splits = {name: sorted(where[s] for s in {file_sha256(f) for f in paths} if s in where)
-                          for name, paths in run_files.items()}
+                splits = {
+                    name: sorted(where[s] for s in {file_sha256(f) for f in paths} if s in where)
+                    for name, paths in run_files.items()
+                }
             result["aligner"] = str(args.aligner)
-        result = {"embedder": db.embedder_spec, "database": str(db_path), "database_size": len(db),
-                  "lr_size": args.lr_size, **{f"{k}_pairs": len(v) for k, v in splits.items()}, **result,
-                  **_scores(db, feats, model, splits)}
+        result = {
+            "embedder": db.embedder_spec,
+            "database": str(db_path),
+            "database_size": len(db),
+            "lr_size": args.lr_size,
+            **{f"{k}_pairs": len(v) for k, v in splits.items()},
+            **result,
+            **_scores(db, feats, model, splits),
+        }
     if args.save_aligner is not None:
         model.save_pretrained(args.save_aligner, safe_serialization=True)
         result["aligner"] = str(args.save_aligner)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    how = (f"aligner {result['aligner']}" if aligner_dir is not None else
-           f"aligner trained on {result['train_pairs']} pairs, L2 {result['loss_first']:.4f} -> {result['loss_last']:.4f}")
-    print(f"retrieval of {args.lr_size}x{args.lr_size} LR queries among {result['database_size']} HR images "
-          f"({result['embedder']}); {how}")
+    how = (
+        f"aligner {result['aligner']}"
+        if aligner_dir is not None
+        else f"aligner trained on {result['train_pairs']} pairs, L2 {result['loss_first']:.4f} -> {result['loss_last']:.4f}"
+    )
+    print(
+        f"retrieval of {args.lr_size}x{args.lr_size} LR queries among {result['database_size']} HR images "
+        f"({result['embedder']}); {how}"
+    )
     print(f"{'split':10s} {'query':8s} {'top-1':>7s} {'top-4':>7s}")
     for split in ("heldout", "train", "all"):
         for q in ("raw", "aligned"):

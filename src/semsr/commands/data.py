@@ -16,6 +16,7 @@ rest become PNG — with ``OUT/manifest.sqlite`` recording package, version,
 path inside the package, container member, sizes and licence for each file.
 Images identical to a benchmark image (Set5/Set14/B100/Urban100) are refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     b = sub.add_parser("build-corpus", help="fetch and extract the offline training photographs")
     b.add_argument("--out", required=True, help="corpus folder (images + manifest.sqlite)")
-    b.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
-                   help=f"comma-separated sources (default: all of {','.join(DEFAULT_SOURCES)})")
+    b.add_argument(
+        "--sources",
+        default=",".join(DEFAULT_SOURCES),
+        help=f"comma-separated sources (default: all of {','.join(DEFAULT_SOURCES)})",
+    )
     b.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds N (0: keep)")
     b.add_argument("--cache", help="download/unpack cache (default: <semsr cache>/corpus)")
     b.add_argument("--json", metavar="PATH", help="also write the manifest summary as JSON")
@@ -53,8 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="crop folder (PNG crops + manifest.sqlite)")
     c.add_argument("--size", type=int, default=DEFAULT_CROP, help=f"crop size (default {DEFAULT_CROP})")
     c.add_argument("--per-image", type=int, default=4, help="crops per image (default 4)")
-    c.add_argument("--min-texture", type=float, default=DEFAULT_MIN_TEXTURE,
-                   help=f"reject crops whose mean luma gradient is below this (default {DEFAULT_MIN_TEXTURE})")
+    c.add_argument(
+        "--min-texture",
+        type=float,
+        default=DEFAULT_MIN_TEXTURE,
+        help=f"reject crops whose mean luma gradient is below this (default {DEFAULT_MIN_TEXTURE})",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--sources", help="comma-separated sources to use (default: all in the manifest)")
     c.set_defaults(func=run_crops)
@@ -141,8 +149,7 @@ def _write(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path | None = None,
-                 log=print) -> dict:
+def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path | None = None, log=print) -> dict:
     """Fetch ``sources`` into ``out``; returns the manifest summary."""
     cache = cache or cache_dir() / "corpus"
     out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +163,13 @@ def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path |
                 stem_dir = out / source
                 existing = [manifest.find_path(f"{source}/{c.name}{ext}") for ext in (".jpg", ".png")]
                 rec = next((r for r in existing if r is not None), None)
-                if (rec is not None and (out / rec.path).exists() and rec.source_bytes == c.source_bytes
-                        and rec.member == c.member and rec.extra.get("max_side", 0) == max_side):
+                if (
+                    rec is not None
+                    and (out / rec.path).exists()
+                    and rec.source_bytes == c.source_bytes
+                    and rec.member == c.member
+                    and rec.extra.get("max_side", 0) == max_side
+                ):
                     if (rec.licence, rec.licence_origin) != (licence, c.licence_origin):
                         manifest.update_licence(rec.content_hash, licence, c.licence_origin)
                     kept += 1
@@ -176,10 +188,20 @@ def build_corpus(out: Path, sources: list[str], max_side: int = 0, cache: Path |
                             (out / stale.path).unlink(missing_ok=True)
                 _write(stem_dir / f"{c.name}{ext}", data)
                 manifest.add_image(
-                    path=rel, content_hash=key, width=pixels.shape[1], height=pixels.shape[0],
-                    file_bytes=len(data), source=source, package=c.package, package_version=c.package_version,
-                    path_in_package=c.path_in_package, member=c.member, source_bytes=c.source_bytes,
-                    licence=licence, licence_origin=c.licence_origin, extra={**notes, "max_side": max_side},
+                    path=rel,
+                    content_hash=key,
+                    width=pixels.shape[1],
+                    height=pixels.shape[0],
+                    file_bytes=len(data),
+                    source=source,
+                    package=c.package,
+                    package_version=c.package_version,
+                    path_in_package=c.path_in_package,
+                    member=c.member,
+                    source_bytes=c.source_bytes,
+                    licence=licence,
+                    licence_origin=c.licence_origin,
+                    extra={**notes, "max_side": max_side},
                 )
                 added += 1
             stats[source] = {"added": added, "unchanged": kept, "refused": skipped}
@@ -194,8 +216,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'source':<14}{'images':>7}{'MPix':>9}{'MiB':>9}{'min side':>9}{'max side':>9}  licences"]
     for name, s in summary["sources"].items():
         lic = ", ".join(f"{k} x{v}" for k, v in s["licences"].items())
-        lines.append(f"{name:<14}{s['images']:>7}{s['megapixels']:>9.1f}{s['bytes'] / 2**20:>9.1f}"
-                     f"{s['min_side']:>9}{s['max_side']:>9}  {lic}")
+        lines.append(
+            f"{name:<14}{s['images']:>7}{s['megapixels']:>9.1f}{s['bytes'] / 2**20:>9.1f}"
+            f"{s['min_side']:>9}{s['max_side']:>9}  {lic}"
+        )
     total_mp = sum(s["megapixels"] for s in summary["sources"].values())
     total_b = sum(s["bytes"] for s in summary["sources"].values())
     lines.append(f"{'total':<14}{summary['images']:>7}{total_mp:>9.1f}{total_b / 2**20:>9.1f}")
@@ -226,8 +250,16 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_crops(corpus: Path, out: Path, size: int, per_image: int, min_texture: float, seed: int,
-               sources: list[str] | None = None, log=print) -> dict:
+def make_crops(
+    corpus: Path,
+    out: Path,
+    size: int,
+    per_image: int,
+    min_texture: float,
+    seed: int,
+    sources: list[str] | None = None,
+    log=print,
+) -> dict:
     """Cut ``per_image`` textured ``size``-crops from each corpus image (smaller images are skipped).
 
     Crops get their own content hashes (so priors are cached per crop) and
@@ -255,12 +287,26 @@ def make_crops(corpus: Path, out: Path, size: int, per_image: int, min_texture: 
                 rel = f"{rec.source}/{Path(rec.path).stem}_{i}.png"
                 _write(out / rel, buf.getvalue())
                 dst.add_image(
-                    path=rel, content_hash=content_hash(patch), width=size, height=size,
-                    file_bytes=len(buf.getvalue()), source=rec.source, package=rec.package,
-                    package_version=rec.package_version, path_in_package=rec.path_in_package, member=rec.member,
-                    source_bytes=rec.source_bytes, licence=rec.licence, licence_origin=rec.licence_origin,
-                    split=rec.split, extra={"parent": rec.content_hash, "parent_path": rec.path,
-                                            "box": [top, left, size], "texture": round(texture_score(patch), 3)},
+                    path=rel,
+                    content_hash=content_hash(patch),
+                    width=size,
+                    height=size,
+                    file_bytes=len(buf.getvalue()),
+                    source=rec.source,
+                    package=rec.package,
+                    package_version=rec.package_version,
+                    path_in_package=rec.path_in_package,
+                    member=rec.member,
+                    source_bytes=rec.source_bytes,
+                    licence=rec.licence,
+                    licence_origin=rec.licence_origin,
+                    split=rec.split,
+                    extra={
+                        "parent": rec.content_hash,
+                        "parent_path": rec.path,
+                        "box": [top, left, size],
+                        "texture": round(texture_score(patch), 3),
+                    },
                 )
                 made += 1
         log(f"{made} crops from {used - skipped} images; {skipped} images smaller than {size} skipped")

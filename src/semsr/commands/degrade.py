@@ -12,6 +12,7 @@ byte-identical PNG files. ``--grid`` writes a PNG sheet showing, for several
 seeds, the input and the image after each stage, for looking at what the
 model makes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     p.add_argument("-s", "--scale", type=int, default=None, help="downscale factor (default: config's, 4)")
     p.add_argument("--config", help="degradation YAML (nested, Real-ESRGAN flat names, or a Real-ESRGAN options file)")
-    p.add_argument("--no-sharpen", action="store_true",
-                   help="skip the unsharp masking Real-ESRGAN applies to its training GT before degrading")
+    p.add_argument(
+        "--no-sharpen",
+        action="store_true",
+        help="skip the unsharp masking Real-ESRGAN applies to its training GT before degrading",
+    )
     p.add_argument("--params", metavar="JSON", help="also write every image's seed and sampled parameters here")
     p.add_argument("--grid", metavar="PNG", help="write a sample grid (seeds x stages) of the first/selected image")
     p.add_argument("--grid-seeds", type=int, default=4, help="rows of the sample grid (default 4)")

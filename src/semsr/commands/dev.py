@@ -1,4 +1,5 @@
 """``semsr dev``: developer tools (tiny random models for tests and demos)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tiny-models",
         help="write randomly initialised few-million-parameter models in the real on-disk formats",
         description="Write tiny random versions of every component semsr loads (SD folder, ControlNet, "
-                    "single-file SD, ...) into OUT/<name>. The outputs are noise; they exist to exercise "
-                    "the loading and pipeline code paths offline.")
+        "single-file SD, ...) into OUT/<name>. The outputs are noise; they exist to exercise "
+        "the loading and pipeline code paths offline.",
+    )
     tiny.add_argument("--out", required=True, type=Path, help="output folder")
     tiny.add_argument("--only", nargs="+", metavar="NAME", help="write only these components")
     tiny.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -9,6 +9,7 @@ also pairs ``baby_out.png``). Prints the mean of every metric; ``--json``
 writes per-image values and means. A metric whose weights are missing is
 reported as unavailable with the reason, never silently dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 
+from semsr.core import weights as weight_registry
 from semsr.core.errors import InputError, SemsrError, UnavailableError
 from semsr.eval import metrics as metric_registry
-from semsr.core import weights as weight_registry
 
 DEFAULT_FR = ("psnr", "psnry", "ssim")
 DEFAULT_NR = ("niqe",)
@@ -45,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated metric names (default: {','.join(DEFAULT_FR)} with --gt, "
         f"{','.join(DEFAULT_NR)} without); see --list-metrics",
     )
-    p.add_argument("--crop-border", type=int, default=None, help="pixels removed from each edge (default: --scale, else 0)")
+    p.add_argument(
+        "--crop-border", type=int, default=None, help="pixels removed from each edge (default: --scale, else 0)"
+    )
     p.add_argument("--scale", type=int, default=None, help="SR scale factor; sets the default --crop-border")
     p.add_argument("--suffix", default="", help="results are named <stem>_<suffix> (Real-ESRGAN --suffix)")
     p.add_argument("--crop-gt", action="store_true", help="crop larger ground truths to the result size (top-left)")
@@ -106,16 +109,26 @@ def _list_metrics() -> int:
 
 
 def _fetch(keys: str) -> None:
-    wanted = list(weight_registry.REGISTRY_ASSETS) if keys.strip() == "all" else [k.strip() for k in keys.split(",") if k.strip()]
+    wanted = (
+        list(weight_registry.REGISTRY_ASSETS)
+        if keys.strip() == "all"
+        else [k.strip() for k in keys.split(",") if k.strip()]
+    )
     for key in wanted:
         if key not in weight_registry.REGISTRY_ASSETS:
-            raise SemsrError(f"unknown weights {key!r}; choose from {', '.join(weight_registry.REGISTRY_ASSETS)} or all")
+            raise SemsrError(
+                f"unknown weights {key!r}; choose from {', '.join(weight_registry.REGISTRY_ASSETS)} or all"
+            )
         for path in weight_registry.fetch_asset(key):
             print(f"{key}: {path}")
 
 
 def _metric_names(spec: str | None, has_gt: bool) -> list[str]:
-    names = [n.strip().lower() for n in spec.split(",") if n.strip()] if spec else list(DEFAULT_FR if has_gt else DEFAULT_NR)
+    names = (
+        [n.strip().lower() for n in spec.split(",") if n.strip()]
+        if spec
+        else list(DEFAULT_FR if has_gt else DEFAULT_NR)
+    )
     if not names:
         raise SemsrError("--metrics is empty")
     names = list(dict.fromkeys(names))
@@ -233,7 +246,10 @@ def evaluate(
     for n in set_metrics:
         mean[n] = built[n].compute_sets(set_a, set_b, crop_border=crop_border)
     counts = {n: (len(set_a), len(set_b)) if n in set_metrics else len(pairs) for n in mean}
-    metrics = {n: {**asdict(metric_registry.metric_info(n)), "name": built[n].name, "mean": mean[n], "n": counts[n]} for n in mean}
+    metrics = {
+        n: {**asdict(metric_registry.metric_info(n)), "name": built[n].name, "mean": mean[n], "n": counts[n]}
+        for n in mean
+    }
     return {
         "pred": str(pred_root) if pred_root else None,
         "gt": str(gt_root) if gt_root else None,
@@ -260,7 +276,9 @@ def _print(result: dict[str, Any]) -> None:
     for side in ("pred", "gt"):
         skipped = result.get("unmatched", {}).get(side) or []
         if skipped:
-            print(f"warning: {len(skipped)} {side} file(s) without a partner: {', '.join(skipped[:5])}", file=sys.stderr)
+            print(
+                f"warning: {len(skipped)} {side} file(s) without a partner: {', '.join(skipped[:5])}", file=sys.stderr
+            )
 
 
 def _jsonable(obj: Any) -> Any:

@@ -15,6 +15,7 @@ an existing database adds only images whose content is new. Under
 ``<out>.shards/<rank>-of-<world>`` and the main process merges them into
 ``<out>`` when all are done.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,33 @@ from semsr.priors.retrieval.index import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("index", help="reference image database (FAISS + SQLite) for retrieval",
-                              description="Build and query a reference database of HR images for retrieval.")
+    p = subparsers.add_parser(
+        "index",
+        help="reference image database (FAISS + SQLite) for retrieval",
+        description="Build and query a reference database of HR images for retrieval.",
+    )
     sub = p.add_subparsers(dest="index_command", metavar="INDEX_COMMAND")
 
     b = sub.add_parser("build", help="create (or extend) a database from a folder of images")
     b.add_argument("--images", required=True, nargs="+", type=Path, help="image folder(s) or file(s)")
     b.add_argument("--out", required=True, type=Path, help="database folder")
-    b.add_argument("--embedder", default="hed-vgg",
-                   help="hed-vgg (offline, default), hed-vgg:SIZE or clip:FOLDER (local CLIP vision model)")
-    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
-                   help="FAISS index kind (auto: exact flat when small, HNSW, then IVF-PQ when large)")
-    b.add_argument("--shard", default=None, metavar="RANK/WORLD",
-                   help="build only shard RANK of WORLD (merge the shards with `semsr index merge`)")
+    b.add_argument(
+        "--embedder",
+        default="hed-vgg",
+        help="hed-vgg (offline, default), hed-vgg:SIZE or clip:FOLDER (local CLIP vision model)",
+    )
+    b.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "hnsw", "ivfpq"],
+        help="FAISS index kind (auto: exact flat when small, HNSW, then IVF-PQ when large)",
+    )
+    b.add_argument(
+        "--shard",
+        default=None,
+        metavar="RANK/WORLD",
+        help="build only shard RANK of WORLD (merge the shards with `semsr index merge`)",
+    )
     b.set_defaults(func=run_build)
 
     a = sub.add_parser("add", help="add images to an existing database (content already present is skipped)")
@@ -70,9 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("image", type=Path, help="query image")
     s.add_argument("--db", required=True, type=Path, help="database folder")
     s.add_argument("-k", type=int, default=4, help="number of results (default 4)")
-    s.add_argument("--aligner", default=None,
-                   help="embed the query with a Reference-Finding Aligner folder (for LR queries; `semsr train` final/aligner); "
-                        "'default' = the shipped one for the database's embedder")
+    s.add_argument(
+        "--aligner",
+        default=None,
+        help="embed the query with a Reference-Finding Aligner folder (for LR queries; `semsr train` final/aligner); "
+        "'default' = the shipped one for the database's embedder",
+    )
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=run_search)
 
@@ -131,8 +149,9 @@ def _open_or_create(path: Path, embedder_spec: str | None, kind: str) -> Referen
         db = ReferenceDB(path)
         if embedder_spec is not None and embedder_from_spec(embedder_spec).spec != db.embedder_spec:
             db.close()
-            raise SemsrError(f"database was built with embedder {db.embedder_spec!r}; "
-                             f"use the same --embedder or a new --out", path)
+            raise SemsrError(
+                f"database was built with embedder {db.embedder_spec!r}; use the same --embedder or a new --out", path
+            )
         if kind != "auto" and kind != (db.meta("kind") or "auto"):
             db.set_kind(kind)
         return db
@@ -145,8 +164,10 @@ def run_build(args: argparse.Namespace) -> int:
     rank, world = _parse_shard(args.shard)
     if world == 1:
         counts = _fill(args.out, files, args.embedder, args.kind)
-        print(f"{args.out}: {counts['added']} added, {counts['duplicates']} duplicates skipped, "
-              f"{counts['failed']} failed; {counts['total']} images")
+        print(
+            f"{args.out}: {counts['added']} added, {counts['duplicates']} duplicates skipped, "
+            f"{counts['failed']} failed; {counts['total']} images"
+        )
         return 1 if counts["failed"] and not counts["total"] else 0
     shard_dir = args.out.with_name(args.out.name + ".shards") / f"{rank:05d}-of-{world:05d}"
     counts = _fill(shard_dir, shard_files(files, rank, world), args.embedder, args.kind)
@@ -169,8 +190,10 @@ def run_add(args: argparse.Namespace) -> int:
     if not (args.db / "meta.sqlite").is_file():
         raise SemsrError("not a reference database; create it with `semsr index build`", args.db)
     counts = _fill(args.db, _collect(args.images), None)
-    print(f"{args.db}: {counts['added']} added, {counts['duplicates']} duplicates skipped, "
-          f"{counts['failed']} failed; {counts['total']} images")
+    print(
+        f"{args.db}: {counts['added']} added, {counts['duplicates']} duplicates skipped, "
+        f"{counts['failed']} failed; {counts['total']} images"
+    )
     return 0
 
 
@@ -193,8 +216,12 @@ def run_search(args: argparse.Namespace) -> int:
         query = _query_vector(img, db.embedder_spec, args.aligner)
         hits = db.search(query, args.k)[0]
     if args.json:
-        print(json.dumps({"query": str(args.image), "db": str(args.db), "k": args.k,
-                          "results": [h.as_dict() for h in hits]}, indent=2))
+        print(
+            json.dumps(
+                {"query": str(args.image), "db": str(args.db), "k": args.k, "results": [h.as_dict() for h in hits]},
+                indent=2,
+            )
+        )
     else:
         for h in hits:
             print(f"{h.rank:3d}  {h.score:.4f}  {h.entry.path}")

@@ -5,6 +5,7 @@ the weights and whether it can run on this machine (package importable and
 files present). ``--json`` prints a JSON array of objects with at least the
 keys ``name``, ``scale`` and ``available``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,8 @@ def format_table(table: list[dict[str, Any]]) -> str:
             r["runtime"],
             _human(r["size_bytes"]),
             "yes" if r["available"] else "no",
-            f"{r['package']}=={r['package_version']}" if r.get("package") and r.get("package_version")
+            f"{r['package']}=={r['package_version']}"
+            if r.get("package") and r.get("package_version")
             else (r.get("package") or (f"needs {r['needs']}" if r.get("needs") else "-")),
             r["licence"] or "-",
         )

@@ -15,6 +15,7 @@ cached (``semsr.core.paths.cache_dir()/priors``), so a re-run is fast; ``--no-ca
 recomputes. A bad input is reported and the run goes on; the exit code is
 non-zero when any input failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "priors",
         help="extract priors (edges, depth, segmentation, ...) from images",
         description="Extract priors from an image, a folder of images or a glob, write spatial maps as PNG "
-                    "and everything (with metadata) into a JSON index. `semsr priors --list` shows the "
-                    "available priors.",
+        "and everything (with metadata) into a JSON index. `semsr priors --list` shows the "
+        "available priors.",
     )
     p.add_argument("-i", "--input", nargs="+", metavar="FILE|DIR", help="input image(s), folder(s) or glob(s)")
     p.add_argument("-o", "--output", type=Path, default=Path("priors"), help="output folder (default: ./priors)")
-    p.add_argument("--modalities", default=DEFAULT_MODALITIES,
-                   help=f"comma-separated priors to extract (default: {DEFAULT_MODALITIES}; see --list)")
+    p.add_argument(
+        "--modalities",
+        default=DEFAULT_MODALITIES,
+        help=f"comma-separated priors to extract (default: {DEFAULT_MODALITIES}; see --list)",
+    )
     p.add_argument("--json", type=Path, default=None, help="JSON index path (default: <output>/priors.json)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the prior cache")
     p.add_argument("--list", action="store_true", help="list the available priors and exit")
@@ -64,8 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             if opt.flag in seen:
                 continue
             seen.add(opt.flag)
-            group.add_argument(opt.flag, dest=_dest(opt.flag), type=opt.type, default=None, help=opt.help,
-                               metavar=opt.name.upper())
+            group.add_argument(
+                opt.flag, dest=_dest(opt.flag), type=opt.type, default=None, help=opt.help, metavar=opt.name.upper()
+            )
     p.set_defaults(func=run)
 
 
@@ -125,8 +130,13 @@ def run(args: argparse.Namespace) -> int:
     for src in files:
         try:
             image = picture_tensor(read_image(src))
-            entry: dict[str, Any] = {"input": str(src), "width": int(image.shape[-1]),
-                                     "height": int(image.shape[-2]), "image_key": image_key(image), "priors": {}}
+            entry: dict[str, Any] = {
+                "input": str(src),
+                "width": int(image.shape[-1]),
+                "height": int(image.shape[-2]),
+                "image_key": image_key(image),
+                "priors": {},
+            }
             for prov in providers:
                 result = prov(image)
                 item: dict[str, Any] = {"kind": result.kind, "version": prov.version, "meta": dict(result.meta)}
@@ -151,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
             if len(files) == 1:
                 raise
             print(f"semsr: error: {err}", file=sys.stderr)
-    write_json(index_path, {
-        "providers": {p.name: {"kind": p.kind, "version": p.version} for p in providers},
-        "images": entries,
-    })
+    write_json(
+        index_path,
+        {
+            "providers": {p.name: {"kind": p.kind, "version": p.version} for p in providers},
+            "images": entries,
+        },
+    )
     return 1 if failed else 0

@@ -8,6 +8,7 @@ others wait in a queue (``--max-jobs``). Uploads above ``--max-upload-mb`` or
 ``--max-pixels`` are refused with a message in the page. The page is served
 from the package (no CDN, fonts or analytics), so it works offline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,22 @@ log = logging.getLogger("semsr.serve")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` sub-command."""
-    p = subparsers.add_parser("serve", help="run the local web demo",
-                              description="Serve the semsr web demo (one job at a time, localhost by default).")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the local web demo",
+        description="Serve the semsr web demo (one job at a time, localhost by default).",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 = any free port)")
     p.add_argument("--method", dest="default_method", default="default", help="initially selected method")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default: 20)")
-    p.add_argument("--max-pixels", type=_max_pixels, default=2_000_000, metavar="N",
-                   help="largest input image in pixels (default: 2M)")
+    p.add_argument(
+        "--max-pixels",
+        type=_max_pixels,
+        default=2_000_000,
+        metavar="N",
+        help="largest input image in pixels (default: 2M)",
+    )
     p.add_argument("--max-jobs", type=int, default=8, help="jobs waiting or running at once (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
@@ -42,10 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group(
         "weights of diffusion methods (local paths)",
         "PATH goes to every method that needs it; METHOD=PATH (repeatable) to that method only, "
-        "which is also how a method with packaged weights (default-diffusion) gets other ones")
+        "which is also how a method with packaged weights (default-diffusion) gets other ones",
+    )
     for name in SERVE_PATHS:
-        g.add_argument(f"--{name}", metavar="[METHOD=]PATH", action="append",
-                       help=f"{name} weights for methods that take them")
+        g.add_argument(
+            f"--{name}", metavar="[METHOD=]PATH", action="append", help=f"{name} weights for methods that take them"
+        )
     p.set_defaults(func=run)
 
 
@@ -55,10 +66,16 @@ def run(args: argparse.Namespace) -> int:
     paths = {name: scoped_paths(name, getattr(args, name) or []) for name in SERVE_PATHS}
     try:
         server = make_server(
-            args.host, args.port, paths={k: v for k, v in paths.items() if v},
-            device=args.device, dtype=args.dtype, threads=args.threads,
-            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or 10**12,
-            max_jobs=args.max_jobs, default_method=args.default_method,
+            args.host,
+            args.port,
+            paths={k: v for k, v in paths.items() if v},
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels or 10**12,
+            max_jobs=args.max_jobs,
+            default_method=args.default_method,
         )
     except OSError as err:
         raise SemsrError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None

@@ -10,6 +10,7 @@ Examples::
 Without a GPU the processes join a gloo group (CPU data parallelism);
 ``torchrun --nproc_per_node 2 -m semsr.cli train ...`` works the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a recipe (ControlNet/adapters) from a YAML experiment config",
         description="Train with Hugging Face Accelerate. Single process by default; launch with "
-                    "`accelerate launch --multi_gpu --num_processes N -m semsr.cli train ...` for data parallelism "
-                    "(gloo on CPU-only machines). "
-                    "Writes config.yaml, log.jsonl, curve.png, checkpoints/ and final/ into --output.",
+        "`accelerate launch --multi_gpu --num_processes N -m semsr.cli train ...` for data parallelism "
+        "(gloo on CPU-only machines). "
+        "Writes config.yaml, log.jsonl, curve.png, checkpoints/ and final/ into --output.",
     )
     parser.add_argument("--config", "-c", required=True, type=Path, help="experiment YAML (e.g. configs/tiny.yaml)")
-    parser.add_argument("--output", "-o", type=Path, default=None,
-                        help="run directory (default: runs/<config name>)")
+    parser.add_argument("--output", "-o", type=Path, default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in --output (same step, same data order)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides with dotted keys, e.g. optim.lr=1e-4 data.batch_size=4")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --output (same step, same data order)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides with dotted keys, e.g. optim.lr=1e-4 data.batch_size=4",
+    )
     parser.set_defaults(func=run)
 
 
@@ -51,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if result.losses:
         print(f"step {result.step}: loss {result.losses[-1]:.5f}; run directory {result.output}")
     else:
-        print(f"nothing to do: already at step {result.step} (train.max_steps={cfg.train.max_steps}); "
-              f"run directory {result.output}")
+        print(
+            f"nothing to do: already at step {result.step} (train.max_steps={cfg.train.max_steps}); "
+            f"run directory {result.output}"
+        )
     return 0

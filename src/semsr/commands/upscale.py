@@ -27,6 +27,7 @@ the method does not have is one line naming the closest one it has
 switches is on (``--save-reference``) each is written beside the output as
 ``<output stem>_<name>.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ from semsr.methods import resolve
 log = logging.getLogger("semsr.upscale")
 
 _DESCRIPTION = "Upscale images with a restorer or a diffusion recipe."
-_EPILOG = ("Outputs are written atomically; existing outputs are skipped unless --overwrite. "
-           "`semsr upscale -n NAME -h` lists the options of method NAME.")
+_EPILOG = (
+    "Outputs are written atomically; existing outputs are skipped unless --overwrite. "
+    "`semsr upscale -n NAME -h` lists the options of method NAME."
+)
 
 
 # ---------------------------------------------------------------- parser
@@ -81,34 +84,67 @@ def _positive_float(text: str) -> float:
 def add_common_options(p: argparse.ArgumentParser) -> None:
     """The options of every method (the first stage): input/output, the method, the final scale."""
     g = p.add_argument_group("input and output")
-    g.add_argument("-i", "--input", nargs="+", metavar="PATH",
-                   help="image file(s), folder(s) or glob pattern(s) (required)")
+    g.add_argument(
+        "-i", "--input", nargs="+", metavar="PATH", help="image file(s), folder(s) or glob pattern(s) (required)"
+    )
     g.add_argument("-o", "--output", default="results", metavar="DIR", help="output folder (default: results)")
     g.add_argument("--suffix", default="out", help="output name is <stem>_<suffix>.<ext> (default: out; '' = none)")
-    g.add_argument("--ext", default="auto", choices=["auto", "png", "jpg", "jpeg", "webp"],
-                   help="output format; auto keeps png/jpg/webp inputs' format, png otherwise "
-                        "(images with alpha never go to jpg: they are written as png)")
+    g.add_argument(
+        "--ext",
+        default="auto",
+        choices=["auto", "png", "jpg", "jpeg", "webp"],
+        help="output format; auto keeps png/jpg/webp inputs' format, png otherwise "
+        "(images with alpha never go to jpg: they are written as png)",
+    )
     g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default: 95)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
-    g.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse inputs with more pixels (default: {DEFAULT_MAX_PIXELS // 10**6}M; 0 = no limit)")
-    g.add_argument("--json", metavar="PATH", help="write a JSON report (per input: output, status, error, seconds, peak RSS)")
+    g.add_argument(
+        "--max-pixels",
+        type=_max_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse inputs with more pixels (default: {DEFAULT_MAX_PIXELS // 10**6}M; 0 = no limit)",
+    )
+    g.add_argument(
+        "--json", metavar="PATH", help="write a JSON report (per input: output, status, error, seconds, peak RSS)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = p.add_argument_group("method")
-    g.add_argument("-n", "--model", "--method", dest="method", default=None,
-                   help="method name (default: default; see `semsr models list`)")
-    g.add_argument("-s", "--outscale", type=_positive_float, metavar="S",
-                   help="final scale, any float (model scale, then resize); default: the model's scale")
-    g.add_argument("--alpha-upsampler", choices=["bicubic", "model"], default="bicubic",
-                   help="how the alpha channel is upscaled (default: bicubic)")
+    g.add_argument(
+        "-n",
+        "--model",
+        "--method",
+        dest="method",
+        default=None,
+        help="method name (default: default; see `semsr models list`)",
+    )
+    g.add_argument(
+        "-s",
+        "--outscale",
+        type=_positive_float,
+        metavar="S",
+        help="final scale, any float (model scale, then resize); default: the model's scale",
+    )
+    g.add_argument(
+        "--alpha-upsampler",
+        choices=["bicubic", "model"],
+        default="bicubic",
+        help="how the alpha channel is upscaled (default: bicubic)",
+    )
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``upscale`` sub-command (first stage; :func:`finish_parse` is the second)."""
-    p = subparsers.add_parser("upscale", help="upscale images (file, folder or glob)", description=_DESCRIPTION,
-                              epilog=_EPILOG, add_help=False, allow_abbrev=False)
+    p = subparsers.add_parser(
+        "upscale",
+        help="upscale images (file, folder or glob)",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        add_help=False,
+        allow_abbrev=False,
+    )
     p.add_argument("-h", "--help", action="store_true", help="show this help (with -n NAME: and NAME's options)")
     add_common_options(p)
     p.set_defaults(func=run, finish_parse=finish_parse)
@@ -118,8 +154,11 @@ def option_arguments(info: OptionInfo) -> tuple[list[str], dict[str, Any]]:
     """``(flags, add_argument keywords)`` of one method option (see the module doc)."""
     extra = [f for f in info.flags if f != info.flag]
     flags = [*(f for f in extra if not f.startswith("--")), info.flag, *(f for f in extra if f.startswith("--"))]
-    kwargs: dict[str, Any] = {"dest": info.name, "default": argparse.SUPPRESS,
-                              "help": info.describe().replace("%", "%%")}
+    kwargs: dict[str, Any] = {
+        "dest": info.name,
+        "default": argparse.SUPPRESS,
+        "help": info.describe().replace("%", "%%"),
+    }
     if info.kind == "bool" and info.default is False:
         kwargs["action"] = "store_true"
     elif info.kind == "bool":
@@ -212,7 +251,8 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
         path = Path(item)
         if path.is_dir():
             found += sorted(
-                f for f in path.iterdir()
+                f
+                for f in path.iterdir()
                 if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _IMAGE_SUFFIXES
             )
         elif not path.exists() and glob.has_magic(item):
@@ -308,7 +348,6 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-
 def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result]) -> None:
     """Write the ``--json`` report atomically."""
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
@@ -374,8 +413,9 @@ class _Runner:
             return "skipped", out
         if note:
             log.warning("%s: %s", src, note)
-        result = upscale_picture_output(self.method(), pic, self.options, outscale=a.outscale,
-                                        alpha=a.alpha_upsampler, progress=self.progress)
+        result = upscale_picture_output(
+            self.method(), pic, self.options, outscale=a.outscale, alpha=a.alpha_upsampler, progress=self.progress
+        )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_picture(result.picture, out, fmt, quality=a.quality)
         tqdm.write(f"wrote {out} ({result.picture.width}x{result.picture.height})", file=sys.stdout)
@@ -439,8 +479,16 @@ def run(args: argparse.Namespace) -> int:
                 failure = err if isinstance(err, SemsrError) else SemsrError(error, src)
                 if not single:
                     tqdm.write(f"semsr: error: {src}: {error}", file=sys.stderr)
-            results.append(Result(str(src), None if out is None else str(out), status, error,
-                                  round(time.perf_counter() - t0, 3), round(rss.peak_mb(), 1)))
+            results.append(
+                Result(
+                    str(src),
+                    None if out is None else str(out),
+                    status,
+                    error,
+                    round(time.perf_counter() - t0, 3),
+                    round(rss.peak_mb(), 1),
+                )
+            )
             if single and failure is not None:
                 raise failure
     finally:

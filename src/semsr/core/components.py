@@ -113,7 +113,9 @@ def load_component(cls: type, folder: str | Path, *, dtype: torch.dtype | None =
         model = cls.from_pretrained(folder, **kwargs)  # type: ignore[attr-defined]  # a ModelMixin class
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         lines = str(err).strip().splitlines()
-        raise UnavailableError(f"cannot load {cls.__name__}: {lines[0] if lines else type(err).__name__}", folder) from err
+        raise UnavailableError(
+            f"cannot load {cls.__name__}: {lines[0] if lines else type(err).__name__}", folder
+        ) from err
     return model.eval()
 
 

@@ -5,6 +5,7 @@ Anything raised as :class:`SemsrError` is reported by the CLI as a single line
 (unless ``--debug`` is given). Library code raises it for bad input, missing
 files and unavailable models; programming errors stay ordinary exceptions.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -68,8 +68,9 @@ def image_key(image: torch.Tensor) -> str:
     The image is quantised to 16 bits first, so the same 8- or 16-bit file read
     by different loaders (or on different devices/dtypes) gets the same key.
     """
-    if not (isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[:2] == (1, 3)
-            and image.is_floating_point()):
+    if not (
+        isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[:2] == (1, 3) and image.is_floating_point()
+    ):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"a prior provider takes one RGB image (1, 3, H, W) float in [0, 1], got {shape}")
     q = (image.detach().float().cpu().clamp(0, 1) * 65535.0).round().to(torch.int32).numpy().astype("<u2")

@@ -25,6 +25,7 @@ Writes are atomic: :func:`atomic_write` (files) and :func:`atomic_folder`
 rename it into place only once it is complete (:func:`atomic_move`).
 :data:`IMAGE_EXTENSIONS` are the file suffixes :func:`read_image` tries.
 """
+
 from __future__ import annotations
 
 import contextlib

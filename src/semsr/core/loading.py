@@ -20,6 +20,7 @@ Supported layouts:
 semsr's own checkpoints (components and recipe checkpoint folders) are
 :mod:`semsr.core.components`.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,9 @@ def _check_component(folder: Path, weights: Iterable[str], what: str, config_nam
     return variant
 
 
-def load_diffusers_model(cls: Any, folder: str | Path, *, dtype: torch.dtype = torch.float32,
-                         what: str | None = None) -> Any:
+def load_diffusers_model(
+    cls: Any, folder: str | Path, *, dtype: torch.dtype = torch.float32, what: str | None = None
+) -> Any:
     """Load a diffusers ``ModelMixin`` subclass from a local folder (config.json + weights)."""
     folder = Path(folder)
     what = what or cls.__name__
@@ -128,8 +130,9 @@ def load_diffusers_model(cls: Any, folder: str | Path, *, dtype: torch.dtype = t
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
 
 
-def load_transformers_model(cls: Any, folder: str | Path, *, dtype: torch.dtype = torch.float32,
-                            what: str | None = None) -> Any:
+def load_transformers_model(
+    cls: Any, folder: str | Path, *, dtype: torch.dtype = torch.float32, what: str | None = None
+) -> Any:
     """Load a transformers ``PreTrainedModel`` subclass from a local folder."""
     folder = Path(folder)
     what = what or cls.__name__
@@ -203,7 +206,9 @@ def load_sd(path: str | Path, *, dtype: str | torch.dtype = "fp32", config: str 
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UnavailableError(
-                f"not a Stable Diffusion checkpoint (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})", path)
+                f"not a Stable Diffusion checkpoint (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})",
+                path,
+            )
         return _load_sd_single_file(path, torch_dtype, None if config is None else Path(config).expanduser())
     raise UnavailableError("no such Stable Diffusion folder or file", path)
 
@@ -218,13 +223,19 @@ def _load_sd_folder(folder: Path, dtype: torch.dtype) -> SDComponents:
     unet = load_diffusers_model(UNet2DConditionModel, folder / "unet", dtype=dtype, what="UNet")
     text_encoder = tokenizer = projection = None
     if (folder / "text_encoder").exists():
-        text_encoder = load_transformers_model(CLIPTextModel, folder / "text_encoder", dtype=dtype,
-                                               what="text encoder")
+        text_encoder = load_transformers_model(CLIPTextModel, folder / "text_encoder", dtype=dtype, what="text encoder")
         tokenizer = load_clip_tokenizer(folder / "tokenizer")
     elif (folder / "text_projection").exists():
         projection = folder / "text_projection"
-    return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler_config=_read_json(sched_file), source=folder, text_projection=projection)
+    return SDComponents(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=_read_json(sched_file),
+        source=folder,
+        text_projection=projection,
+    )
 
 
 def find_single_file_config(path: Path) -> Path | None:
@@ -244,7 +255,9 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) ->
             raise UnavailableError(
                 "single-file checkpoint needs a local diffusers config folder (model_index.json, "
                 "unet/, vae/, text_encoder/, tokenizer/, scheduler/ configs); none found next to it: "
-                "pass config=DIR (CLI: --base-config DIR)", path)
+                "pass config=DIR (CLI: --base-config DIR)",
+                path,
+            )
     require(config / "model_index.json", "model_index.json of the single-file config folder")
     for sub, fname in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         require(config / sub / fname, f"{sub} config of the single-file config folder")
@@ -257,8 +270,15 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) ->
         kwargs.update(text_encoder=None, tokenizer=None)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs)
+            str(path),
+            config=str(config),
+            local_files_only=True,
+            torch_dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **kwargs,
+        )
     except Exception as err:
         if isinstance(err, SemsrError):
             raise
@@ -267,8 +287,15 @@ def _load_sd_single_file(path: Path, dtype: torch.dtype, config: Path | None) ->
             msg = "the .ckpt holds non-tensor pickled objects and is not loaded unsafely; convert it to .safetensors"
         raise UnavailableError(f"cannot load single-file checkpoint: {msg}", path) from err
     projection = config / "text_projection" if (config / "text_projection").exists() else None
-    return SDComponents(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                        scheduler_config=dict(pipe.scheduler.config), source=path, text_projection=projection)
+    return SDComponents(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        source=path,
+        text_projection=projection,
+    )
 
 
 def load_controlnet(path: str | Path, *, dtype: str | torch.dtype = "fp32") -> Any:

@@ -35,9 +35,7 @@ class Method(Protocol):
     scale: int
     tiles_itself: bool
 
-    def __call__(
-        self, x: torch.Tensor, options: Any = None, *, progress: ProgressFn | None = None
-    ) -> SROutput:
+    def __call__(self, x: torch.Tensor, options: Any = None, *, progress: ProgressFn | None = None) -> SROutput:
         """Upscale ``x`` ``(B, 3, H, W)`` float in [0, 1] with the run options of ``options``.
 
         ``options`` is the method's options dataclass (``None``: the defaults).

@@ -10,6 +10,7 @@ with unusual layouts can point semsr elsewhere:
 - ``SEMSR_WEIGHTS``: folder with user-provided weights (LPIPS/DISTS backbones,
   Inception for FID, CLIP...); default ``<cache>/weights``.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ the ``builtin`` modules, each of which registers its specs. A built-in module
 that does not exist yet is skipped (only when the missing module is that one,
 not one of its imports).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -65,5 +66,7 @@ class Registry(Generic[S]):
         if key not in self.entries:
             near = difflib.get_close_matches(name, [*self.entries, *self.aliases], n=1, cutoff=0.5)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            raise SemsrError(f"unknown {self.what} {name!r}; {hint}known {self.what}s: {', '.join(sorted(self.entries))}")
+            raise SemsrError(
+                f"unknown {self.what} {name!r}; {hint}known {self.what}s: {', '.join(sorted(self.entries))}"
+            )
         return self.entries[key]

@@ -18,6 +18,7 @@ Two kinds of files:
    path (e.g. ``<weights>/niqe/niqe_pris_params.npz``) or in the default user
    cache ``~/.cache/semsr/registry`` when ``SEMSR_CACHE`` points elsewhere.
 """
+
 from __future__ import annotations
 
 import subprocess

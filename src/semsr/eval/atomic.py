@@ -1,4 +1,5 @@
 """Atomic writes of benchmark files (text, JSON, uint8 PNG) on top of :func:`semsr.core.io.atomic_write`."""
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ Named sets live under :func:`semsr.core.paths.data_root` (``benchmarks/<name>``,
 with ``lr:`` to declare it LR-only (``lr:/photos/old-scans``), or ``hr:`` to be
 explicit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,7 +98,7 @@ def resolve_dataset(spec: str, root: Path | None = None) -> Dataset:
         raise SemsrError("empty dataset name")
     for prefix, has_gt in (("lr:", False), ("hr:", True)):
         if spec.lower().startswith(prefix):
-            folder = Path(spec[len(prefix):]).expanduser()
+            folder = Path(spec[len(prefix) :]).expanduser()
             return _from_folder(folder.resolve().name, folder, has_gt)
     entry = BUILTIN.get(spec.lower())
     if entry is not None:

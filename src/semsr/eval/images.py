@@ -5,6 +5,7 @@ inputs and SR outputs to 8 bits) and as float tensors ``(1, C, H, W)`` in
 [0, 1] in memory, ``C = 1`` for grey and ``C = 3`` for colour (read with
 :func:`semsr.eval.metrics.image.load_eval_image`).
 """
+
 from __future__ import annotations
 
 import numpy as np

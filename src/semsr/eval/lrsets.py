@@ -18,6 +18,7 @@ its configuration, scale, seed and, per image, the source path, its SHA-256,
 the per-image seed, the HR/LR sizes and the LR file's SHA-256. An image is
 regenerated when its source hash changes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -143,6 +144,7 @@ def get_degradation(name: str, scale: int) -> tuple[Degrade, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- LR sets
 
+
 def _config_digest(config: dict[str, Any]) -> str:
     blob = json.dumps({"format": _FORMAT, **config}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
@@ -166,10 +168,7 @@ def prepare(dataset: Dataset, degradation: str, scale: int, seed: int = 0) -> LR
     """
     hashes = {p.name: file_sha256(p) for p in dataset.files}
     if not dataset.has_gt:
-        items = tuple(
-            EvalImage(p.name, f"{p.stem}@{hashes[p.name][:12]}", p, None, _is_grey(p))
-            for p in dataset.files
-        )
+        items = tuple(EvalImage(p.name, f"{p.stem}@{hashes[p.name][:12]}", p, None, _is_grey(p)) for p in dataset.files)
         uid = f"{dataset.uid}/{REAL}-x{scale}"
         return LRSet(dataset, REAL, scale, seed, uid, items)
 
@@ -189,9 +188,7 @@ def prepare(dataset: Dataset, degradation: str, scale: int, seed: int = 0) -> LR
             entry["source_sha256"] = hashes[path.name]
             entries[path.name] = entry
             changed = True
-        items.append(
-            EvalImage(path.name, f"{path.stem}@{hashes[path.name][:12]}", lr_file, path, entry["grey"])
-        )
+        items.append(EvalImage(path.name, f"{path.stem}@{hashes[path.name][:12]}", lr_file, path, entry["grey"]))
     if changed or not manifest_path.is_file():
         atomic.write_json(
             manifest_path,

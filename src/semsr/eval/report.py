@@ -17,6 +17,7 @@ plus ``index.html`` linking every page ever written to DIR (kept in
 Crops are small (``crop`` SR pixels, default 96, shown at 2x) so that a whole
 report stays a few MB.
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,8 +74,10 @@ def _groups(rows: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, A
     if not keys:
         keys = list(dict.fromkeys((r["degradation"], r["scale"]) for r in real))
         return [(d, s, [r for r in real if r["scale"] == s]) for d, s in keys]
-    return [(d, s, [r for r in rows if (r["degradation"], r["scale"]) == (d, s)] + [r for r in real if r["scale"] == s])
-            for d, s in keys]
+    return [
+        (d, s, [r for r in rows if (r["degradation"], r["scale"]) == (d, s)] + [r for r in real if r["scale"] == s])
+        for d, s in keys
+    ]
 
 
 def _best(values: list[float | None], higher: bool) -> float | None:
@@ -173,15 +176,34 @@ def csv_text(rows: Sequence[Any]) -> str:
     metrics = list(dict.fromkeys(m for r in dicts for m in r["metrics"]))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "dataset", "degradation", "scale", "n_images", *metrics, "seconds_per_image",
-                "cpu_seconds_per_image", "peak_rss_mb"])
+    w.writerow(
+        [
+            "method",
+            "dataset",
+            "degradation",
+            "scale",
+            "n_images",
+            *metrics,
+            "seconds_per_image",
+            "cpu_seconds_per_image",
+            "peak_rss_mb",
+        ]
+    )
     for r in dicts:
         vals = [r["metrics"].get(m) for m in metrics]
-        w.writerow([r["method"], r["dataset"], r["degradation"], r["scale"], r["n_images"],
-                    *("" if v is None else repr(float(v)) for v in vals),
-                    f"{r['seconds_per_image']:.6f}",
-                    "" if r.get("cpu_seconds_per_image") is None else f"{r['cpu_seconds_per_image']:.6f}",
-                    "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}"])
+        w.writerow(
+            [
+                r["method"],
+                r["dataset"],
+                r["degradation"],
+                r["scale"],
+                r["n_images"],
+                *("" if v is None else repr(float(v)) for v in vals),
+                f"{r['seconds_per_image']:.6f}",
+                "" if r.get("cpu_seconds_per_image") is None else f"{r['cpu_seconds_per_image']:.6f}",
+                "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -334,8 +356,10 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:center;font-size:13px}img
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
+    )
 
 
 def _slug(*parts: Any) -> str:
@@ -379,29 +403,54 @@ def write_report(
         plot = out_dir / f"{stem}_speed.png"
         speed_plot(ds_rows, hb, plot, title)
         written.append(plot)
-        body = [f"<p><a href='index.html'>all results</a></p><h1>{html.escape(title)}</h1>",
-                html_tables(ds_rows, hb), f"<img src='{plot.name}' alt='quality vs seconds per image'>"]
+        body = [
+            f"<p><a href='index.html'>all results</a></p><h1>{html.escape(title)}</h1>",
+            html_tables(ds_rows, hb),
+            f"<img src='{plot.name}' alt='quality vs seconds per image'>",
+        ]
         for item in pick_images(lrset, images_per_set):
             grid_path, table = _image_grid(result, cache, lrset, item, methods, hb, crop, zoom, out_dir, stem)
             written.append(grid_path)
-            body.append(f"<div class='grid'><h3>{html.escape(item.name)}</h3>"
-                        f"<img src='{grid_path.name}' alt='{html.escape(item.name)} crops'>{table}</div>")
+            body.append(
+                f"<div class='grid'><h3>{html.escape(item.name)}</h3>"
+                f"<img src='{grid_path.name}' alt='{html.escape(item.name)} crops'>{table}</div>"
+            )
         page = out_dir / f"{stem}.html"
         atomic.write_text(page, _page(title, "\n".join(body)))
         written.append(page)
-        index_entries.append({"page": page.name, "title": title, "dataset": lrset.dataset.name,
-                              "degradation": lrset.degradation, "scale": lrset.scale, "methods": methods})
+        index_entries.append(
+            {
+                "page": page.name,
+                "title": title,
+                "dataset": lrset.dataset.name,
+                "degradation": lrset.degradation,
+                "scale": lrset.scale,
+                "methods": methods,
+            }
+        )
     written += _write_index(out_dir, rows, index_entries, hb)
     return written
 
 
-def _image_grid(result: Any, cache: Any, lrset: LRSet, item: EvalImage, methods: list[str],
-                hb: dict[str, bool], crop: int, zoom: int, out_dir: Path, stem: str) -> tuple[Path, str]:
+def _image_grid(
+    result: Any,
+    cache: Any,
+    lrset: LRSet,
+    item: EvalImage,
+    methods: list[str],
+    hb: dict[str, bool],
+    crop: int,
+    zoom: int,
+    out_dir: Path,
+    stem: str,
+) -> tuple[Path, str]:
     s = lrset.scale
     lr = load_lr(item)
     top, left, c = choose_crop(lr, s, crop)
     lr_crop = lr[..., top // s : (top + c) // s, left // s : (left + c) // s]
-    tiles: list[tuple[list[str], torch.Tensor]] = [(["LR (nearest)"], lr_crop.repeat_interleave(s, -1).repeat_interleave(s, -2))]
+    tiles: list[tuple[list[str], torch.Tensor]] = [
+        (["LR (nearest)"], lr_crop.repeat_interleave(s, -1).repeat_interleave(s, -2))
+    ]
     per_image: dict[str, dict[str, float]] = {}
     for me in methods:
         mkey = result.method_keys[me]
@@ -409,7 +458,9 @@ def _image_grid(result: Any, cache: Any, lrset: LRSet, item: EvalImage, methods:
         vals = cache.metrics(mkey, lrset.uid, item.key)
         per_image[me] = vals
         shown = [m for m in _quality_axes([{"metrics": vals}]) if m in vals]
-        tiles.append(([me, " ".join(f"{m} {_fmt(m, vals[m])}" for m in shown)], sr[..., top : top + c, left : left + c]))
+        tiles.append(
+            ([me, " ".join(f"{m} {_fmt(m, vals[m])}" for m in shown)], sr[..., top : top + c, left : left + c])
+        )
     if item.gt_path is not None:
         gt = load_gt(item, s)
         tiles.append((["ground truth"], gt[..., top : top + c, left : left + c]))
@@ -419,12 +470,16 @@ def _image_grid(result: Any, cache: Any, lrset: LRSet, item: EvalImage, methods:
     names = list(dict.fromkeys(m for v in per_image.values() for m in v))
     table = "<table><tr><th>method</th>" + "".join(f"<th>{html.escape(_flag(m, hb))}</th>" for m in names) + "</tr>"
     for me, vals in per_image.items():
-        table += f"<tr><td>{html.escape(me)}</td>" + "".join(f"<td>{_fmt(m, vals.get(m))}</td>" for m in names) + "</tr>"
+        table += (
+            f"<tr><td>{html.escape(me)}</td>" + "".join(f"<td>{_fmt(m, vals.get(m))}</td>" for m in names) + "</tr>"
+        )
     table += "</table>"
     return path, table
 
 
-def _write_index(out_dir: Path, rows: list[dict[str, Any]], entries: list[dict[str, Any]], hb: dict[str, bool]) -> list[Path]:
+def _write_index(
+    out_dir: Path, rows: list[dict[str, Any]], entries: list[dict[str, Any]], hb: dict[str, bool]
+) -> list[Path]:
     """Merge this run into ``report.json`` and rewrite ``index.html`` and the results tables."""
     state_path = out_dir / "report.json"
     try:
@@ -445,10 +500,14 @@ def _write_index(out_dir: Path, rows: list[dict[str, Any]], entries: list[dict[s
         atomic.write_text(md, markdown_tables(group, hb))
         atomic.write_text(cs, csv_text(group))
         written += [md, cs]
-    links = "".join(f"<li><a href='{html.escape(p['page'])}'>{html.escape(p['title'])}</a></li>" for p in state["pages"])
+    links = "".join(
+        f"<li><a href='{html.escape(p['page'])}'>{html.escape(p['title'])}</a></li>" for p in state["pages"]
+    )
     tables = " · ".join(f"<a href='{f.name}'>{f.name}</a>" for f in written if f.suffix in (".md", ".csv"))
-    body = (f"<h1>semsr benchmark report</h1><h2>Pages</h2><ul>{links}</ul>"
-            f"<h2>Results</h2><p>{tables}</p>{html_tables(state['rows'], hb)}")
+    body = (
+        f"<h1>semsr benchmark report</h1><h2>Pages</h2><ul>{links}</ul>"
+        f"<h2>Results</h2><p>{tables}</p>{html_tables(state['rows'], hb)}"
+    )
     index = out_dir / "index.html"
     atomic.write_text(index, _page("semsr benchmark report", body))
     return written + [index]

@@ -54,6 +54,7 @@ initialisation a method does on its first call. On a shared machine wall time
 depends on the load, so the CPU time of the method process over the same call
 (all its threads) is recorded too (``cpu_seconds_per_image``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,6 +95,7 @@ Progress = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- configuration / results
+
 
 @dataclass
 class BenchConfig:
@@ -177,6 +179,7 @@ class UpscaleRecord:
 
 
 # --------------------------------------------------------------------------- method entries
+
 
 @dataclass
 class MethodEntry:
@@ -314,8 +317,12 @@ def plan_methods(config: BenchConfig) -> list[MethodPlan]:
     for entry, spec in zip(entries, specs):
         values: dict[str, Any] = {**config.method_opts, **entry.opts}
         names = spec.options.names()
-        for name, value in (("scale", config.scale), ("threads", config.threads), ("tile", config.tile),
-                            ("tile_pad", config.tile_pad)):
+        for name, value in (
+            ("scale", config.scale),
+            ("threads", config.threads),
+            ("tile", config.tile),
+            ("tile_pad", config.tile_pad),
+        ):
             if name in names and name not in values and value is not None:
                 values[name] = value
         options = spec.parse(values)
@@ -338,6 +345,7 @@ class BenchResult:
 
 # --------------------------------------------------------------------------- cache
 
+
 def method_key(name: str, opts: dict[str, Any]) -> str:
     """Cache identity of a method with the options that change its output."""
     blob = json.dumps(opts, sort_keys=True, default=str)
@@ -348,8 +356,9 @@ def plan_key(spec: MethodSpec, label: str, options: MethodOptions) -> str:
     """:func:`method_key` of a planned entry: its label, build key (``threads`` left out: it does not
     change outputs), changed run options and :func:`weights_fingerprint`."""
     build = [[k, v] for k, v in options.build_key() if k != "threads"]
-    return method_key(spec.name, {"label": label, "build": build, "run": options.changed("run"),
-                                  **weights_fingerprint(spec, options)})
+    return method_key(
+        spec.name, {"label": label, "build": build, "run": options.changed("run"), **weights_fingerprint(spec, options)}
+    )
 
 
 def weights_fingerprint(spec: MethodSpec, options: MethodOptions) -> dict[str, str]:
@@ -443,12 +452,11 @@ class ResultCache:
 
     def put_metric(self, mkey: str, lrset: str, image: str, metric: str, value: float) -> None:
         with self.db:
-            self.db.execute(
-                "INSERT OR REPLACE INTO metric VALUES (?, ?, ?, ?, ?)", (mkey, lrset, image, metric, value)
-            )
+            self.db.execute("INSERT OR REPLACE INTO metric VALUES (?, ?, ?, ?, ?)", (mkey, lrset, image, metric, value))
 
 
 # --------------------------------------------------------------------------- memory
+
 
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark (Linux ``clear_refs``); False if unsupported."""
@@ -474,6 +482,7 @@ def peak_rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------- upscaling
+
 
 def upscale(method: Any, x: torch.Tensor, scale: int, options: MethodOptions | None = None) -> torch.Tensor:
     """Upscale ``x`` ``(1, 3, h, w)`` in [0, 1] with ``method`` -> ``(1, 3, scale*h, scale*w)``.
@@ -583,6 +592,7 @@ def _run_isolated(spec: dict[str, Any], on_record: Callable[[dict], None]) -> No
 
 # --------------------------------------------------------------------------- metrics
 
+
 @dataclass
 class _MetricSet:
     """The metrics of a run, built once; unavailable ones keep their reason."""
@@ -650,6 +660,7 @@ def _score_set(metric: Any, sr_paths: list[Path], gt_paths: list[Path]) -> float
 
 
 # --------------------------------------------------------------------------- the run
+
 
 def run_bench(config: BenchConfig, progress: Progress | None = None, cache: ResultCache | None = None) -> BenchResult:
     """Run (or resume) a benchmark and return one :class:`Row` per (method entry, dataset)."""
@@ -727,7 +738,14 @@ def _ensure_upscaled(
 
 
 def _evaluate(
-    config: BenchConfig, name: str, mkey: str, lrset: LRSet, metrics: _MetricSet, cache: ResultCache, stats: Stats, say: Progress
+    config: BenchConfig,
+    name: str,
+    mkey: str,
+    lrset: LRSet,
+    metrics: _MetricSet,
+    cache: ResultCache,
+    stats: Stats,
+    say: Progress,
 ) -> Row:
     has_gt = lrset.dataset.has_gt
     per_image = metrics.per_image(has_gt)
@@ -789,6 +807,7 @@ def _evaluate(
 
 def rows_to_json(rows: list[Row]) -> dict[str, Any]:
     """The ``--json`` document: ``{"rows": [...]}`` with NaN written as null."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None

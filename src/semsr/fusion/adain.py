@@ -24,6 +24,7 @@ it is built (and loaded) without the UNet. Usage::
 
 Outside a ``control`` block the adapters are off (the UNet is the base one).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -140,9 +141,16 @@ class AdaINCrossAttnProcessor:
     def __init__(self, params: CrossAttnAdaIN) -> None:
         self.params = params
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -195,11 +203,13 @@ class AdaINAdapters(Component):
         self.state = _ControlState()
         self.blocks = nn.ModuleDict()
         for key, (dim, inner) in (block_widths or {}).items():
-            self.blocks[key] = nn.ModuleDict({
-                "attn2": CrossAttnAdaIN(int(inner), self.control_dim, self.state),
-                "norm2": AdaINNorm(int(dim), self.control_dim, self.state),
-                "norm3": AdaINNorm(int(dim), self.control_dim, self.state),
-            })
+            self.blocks[key] = nn.ModuleDict(
+                {
+                    "attn2": CrossAttnAdaIN(int(inner), self.control_dim, self.state),
+                    "norm2": AdaINNorm(int(dim), self.control_dim, self.state),
+                    "norm3": AdaINNorm(int(dim), self.control_dim, self.state),
+                }
+            )
 
     @classmethod
     def for_model(cls, model: nn.Module, control_dim: int) -> AdaINAdapters:
@@ -253,9 +263,11 @@ def attach_adain(model: nn.Module, adapters: AdaINAdapters) -> AdaINAdapters:
     have = {key: [dim, inner] for key, (_block, dim, inner) in found.items()}
     if want != have:
         missing, extra = sorted(set(have) - set(want)), sorted(set(want) - set(have))
-        raise SemsrError(f"the AdaIN adapters do not fit this model ({len(missing)} blocks without an adapter, "
-                         f"{len(extra)} adapters without a block, "
-                         f"{sum(want[k] != have[k] for k in set(want) & set(have))} of other widths)")
+        raise SemsrError(
+            f"the AdaIN adapters do not fit this model ({len(missing)} blocks without an adapter, "
+            f"{len(extra)} adapters without a block, "
+            f"{sum(want[k] != have[k] for k in set(want) & set(have))} of other widths)"
+        )
     target = getattr(model, "_orig_mod", model)
     previous = getattr(target, "_semsr_adain", None)
     if previous is not None and previous is not adapters:

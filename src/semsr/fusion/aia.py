@@ -37,6 +37,7 @@ AiA steps to the block's input and removes the key before the block runs.
 Calls without that key (e.g. reference generation) run the plain UNet.
 :meth:`AiAFusion.unet_forward` does all of this for one UNet call.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,11 +59,29 @@ from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.layers import zero_linear
 
 #: UNet config entries the AiA structure depends on (recorded in :attr:`AiAFusion.config` ``unet_config``).
-UNET_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
-             "attention_head_dim", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift",
-             "time_embedding_type", "time_embedding_dim", "timestep_post_act", "time_cond_proj_dim", "conv_in_kernel",
-             "resnet_time_scale_shift", "downsample_padding", "mid_block_scale_factor", "dropout",
-             "class_embeddings_concat")
+UNET_KEYS = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "norm_num_groups",
+    "norm_eps",
+    "act_fn",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "time_embedding_type",
+    "time_embedding_dim",
+    "timestep_post_act",
+    "time_cond_proj_dim",
+    "conv_in_kernel",
+    "resnet_time_scale_shift",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "dropout",
+    "class_embeddings_concat",
+)
 #: Down-block types whose resnets/downsamplers the encoders copy (attention, if any, is left out).
 ENCODER_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 #: Scores held at a time by hard attention (``B * heads * query rows * keys``; 2**24 floats = 64 MB).
@@ -72,8 +91,9 @@ HARD_ATTENTION_BUDGET = 2**24
 # ----------------------------------------------------------------------------- hard attention
 
 
-def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   chunk: int | None = None) -> torch.Tensor:
+def hard_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int | None = None
+) -> torch.Tensor:
     """CoSeR's "one-hot" reference attention.
 
     For every query the key with the highest score ``s = scale * q.k`` is
@@ -98,7 +118,7 @@ def hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     kt = k.transpose(-1, -2)
     q = q * scale  # scale > 0: same argmax, and far cheaper than scaling the (c, Nk) scores
     for start in range(0, q.shape[-2], chunk):
-        scores = torch.matmul(q[..., start:start + chunk, :], kt)  # (B, H, c, Nk)
+        scores = torch.matmul(q[..., start : start + chunk, :], kt)  # (B, H, c, Nk)
         best, index = scores.max(dim=-1)  # (B, H, c)
         picked = torch.gather(v, 2, index.unsqueeze(-1).expand(*index.shape, v.shape[-1]))
         outs.append(picked * best.unsqueeze(-1))
@@ -112,9 +132,15 @@ class HardAttnProcessor:
     ``(B, Nq, C)``: heads split as usual, ``to_out`` applied to the merged heads.
     """
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if attention_mask is not None:
             raise SemsrError("hard attention takes no attention mask")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -161,8 +187,9 @@ class AiABlock(nn.Module):
         super().__init__()
         self.lr_tokens = FeatureTokens(feature_channels, dim, groups)
         self.ref_tokens = FeatureTokens(feature_channels, dim, groups)
-        self.ref_attn = Attention(dim, cross_attention_dim=dim, heads=heads, dim_head=dim_head,
-                                  processor=HardAttnProcessor())
+        self.ref_attn = Attention(
+            dim, cross_attention_dim=dim, heads=heads, dim_head=dim_head, processor=HardAttnProcessor()
+        )
         self.ref_zero = zero_linear(dim)
         self.lr_norm = nn.LayerNorm(dim)
         self.lr_attn = Attention(dim, cross_attention_dim=dim, heads=heads, dim_head=dim_head)
@@ -175,8 +202,9 @@ class AiABlock(nn.Module):
                 getattr(target, name).load_state_dict(getattr(attn, name).state_dict())
             target.to_out[0].load_state_dict(attn.to_out[0].state_dict())
 
-    def forward(self, hidden: torch.Tensor, lr_feat: torch.Tensor | None,
-                ref_feat: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, lr_feat: torch.Tensor | None, ref_feat: torch.Tensor | None
+    ) -> torch.Tensor:
         """``hidden (B, N, C)`` + AiA terms; ``lr_feat (B, Cf, h, w)`` with ``h*w == N``; ``ref_feat`` any size.
 
         Without LR features the input is returned unchanged (the reference
@@ -187,8 +215,9 @@ class AiABlock(nn.Module):
             return hidden
         lr = self.lr_tokens(lr_feat.to(hidden.dtype))
         if lr.shape[1] != hidden.shape[1] or lr.shape[0] != hidden.shape[0]:
-            raise SemsrError(f"AiA: LR features give {tuple(lr.shape[:2])} tokens but the block has "
-                             f"{tuple(hidden.shape[:2])}")
+            raise SemsrError(
+                f"AiA: LR features give {tuple(lr.shape[:2])} tokens but the block has {tuple(hidden.shape[:2])}"
+            )
         if ref_feat is not None:
             ref = self.ref_tokens(ref_feat.to(hidden.dtype))
             hidden = hidden + self.ref_zero(self.ref_attn(lr, encoder_hidden_states=ref))
@@ -231,8 +260,13 @@ class ConditionEncoder(nn.Module):
         act, eps, groups = unet["act_fn"], float(unet["norm_eps"]), unet["norm_num_groups"]
         dropout, shift = float(unet.get("dropout") or 0.0), unet["resnet_time_scale_shift"]
         self.time_proj = Timesteps(channels[0], unet["flip_sin_to_cos"], unet["freq_shift"])
-        self.time_embedding = TimestepEmbedding(channels[0], time_dim, act_fn=act, post_act_fn=unet["timestep_post_act"],
-                                                cond_proj_dim=unet["time_cond_proj_dim"])
+        self.time_embedding = TimestepEmbedding(
+            channels[0],
+            time_dim,
+            act_fn=act,
+            post_act_fn=unet["timestep_post_act"],
+            cond_proj_dim=unet["time_cond_proj_dim"],
+        )
         kernel = int(unet.get("conv_in_kernel") or 3)
         self.conv_in = nn.Conv2d(int(latent_channels), channels[0], kernel_size=kernel, padding=(kernel - 1) // 2)
         layers = unet["layers_per_block"]
@@ -241,15 +275,34 @@ class ConditionEncoder(nn.Module):
         out_ch = channels[0]
         for i in range(len(channels)):
             in_ch, out_ch = out_ch, channels[i]
-            self.levels.append(DownBlock2D(
-                in_channels=in_ch, out_channels=out_ch, temb_channels=time_dim, dropout=dropout, num_layers=layers[i],
-                resnet_eps=eps, resnet_time_scale_shift=shift, resnet_act_fn=act, resnet_groups=groups,
-                add_downsample=i < len(channels) - 1, downsample_padding=unet["downsample_padding"]))
+            self.levels.append(
+                DownBlock2D(
+                    in_channels=in_ch,
+                    out_channels=out_ch,
+                    temb_channels=time_dim,
+                    dropout=dropout,
+                    num_layers=layers[i],
+                    resnet_eps=eps,
+                    resnet_time_scale_shift=shift,
+                    resnet_act_fn=act,
+                    resnet_groups=groups,
+                    add_downsample=i < len(channels) - 1,
+                    downsample_padding=unet["downsample_padding"],
+                )
+            )
         mid = channels[-1]
-        self.mid = ResnetBlock2D(in_channels=mid, out_channels=mid, temb_channels=time_dim, eps=eps,
-                                 groups=groups if groups is not None else min(mid // 4, 32), dropout=dropout,
-                                 time_embedding_norm=shift, non_linearity=act,
-                                 output_scale_factor=unet["mid_block_scale_factor"], pre_norm=True)
+        self.mid = ResnetBlock2D(
+            in_channels=mid,
+            out_channels=mid,
+            temb_channels=time_dim,
+            eps=eps,
+            groups=groups if groups is not None else min(mid // 4, 32),
+            dropout=dropout,
+            time_embedding_norm=shift,
+            non_linearity=act,
+            output_scale_factor=unet["mid_block_scale_factor"],
+            pre_norm=True,
+        )
 
     @torch.no_grad()
     def copy_from(self, unet: nn.Module) -> None:
@@ -344,8 +397,13 @@ class AiAFusion(Component):
     """
 
     @register_to_config
-    def __init__(self, unet_config: dict[str, Any], transformer_blocks: list[list[Any]],
-                 init_from_self_attention: bool = True, latent_channels: int = 4) -> None:
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        transformer_blocks: list[list[Any]],
+        init_from_self_attention: bool = True,
+        latent_channels: int = 4,
+    ) -> None:
         super().__init__()
         groups = int(unet_config.get("norm_num_groups") or 32)
         self.levels: dict[str, int] = {}
@@ -364,8 +422,11 @@ class AiAFusion(Component):
     def from_unet(cls, unet: nn.Module, *, init_from_self_attention: bool = True) -> AiAFusion:
         """New AiA weights for ``unet``: zero-initialised residual layers (the wrapped UNet equals the plain
         one), encoders copied from the UNet, attentions copied from the self-attentions when asked."""
-        fusion = cls(unet_config=unet_config(unet), transformer_blocks=block_specs(unet),
-                     init_from_self_attention=init_from_self_attention)
+        fusion = cls(
+            unet_config=unet_config(unet),
+            transformer_blocks=block_specs(unet),
+            init_from_self_attention=init_from_self_attention,
+        )
         with torch.no_grad():
             if init_from_self_attention:
                 for name, _, block in transformer_blocks(unet):
@@ -399,15 +460,29 @@ class AiAFusion(Component):
         """Per-level reference features of ``z_ref (B, 4, hr, wr)`` at timestep ``t``."""
         return self.ref_encoder(z_ref, t)
 
-    def unet_forward(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     lr_feats: list[torch.Tensor] | None, ref_feats: list[torch.Tensor] | None) -> torch.Tensor:
+    def unet_forward(
+        self,
+        unet: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        lr_feats: list[torch.Tensor] | None,
+        ref_feats: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
         """UNet output with AiA given precomputed features (installs the hooks on first use)."""
         install_aia(unet)
         aia = AiAInputs(self, lr_feats, ref_feats)
         return unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"aia": aia}, return_dict=False)[0]
 
-    def forward(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                z_lr: torch.Tensor, z_ref: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        unet: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        z_lr: torch.Tensor,
+        z_ref: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         lr_feats = self.lr_features(z_lr, t)
         ref_feats = None if z_ref is None else self.ref_features(z_ref, t)
         return self.unet_forward(unet, x, t, context, lr_feats, ref_feats)
@@ -470,8 +545,10 @@ def install_aia(unet: nn.Module) -> nn.Module:
     """
     if getattr(unet, "_semsr_aia_hooks", None):
         return unet
-    handles = [block.register_forward_pre_hook(_make_hook(name, level), with_kwargs=True)
-               for name, level, block in transformer_blocks(unet)]
+    handles = [
+        block.register_forward_pre_hook(_make_hook(name, level), with_kwargs=True)
+        for name, level, block in transformer_blocks(unet)
+    ]
     unet._semsr_aia_hooks = handles
     return unet
 

@@ -1,4 +1,5 @@
 """Small layers the fusion modules share."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -30,6 +30,7 @@ was not used: it sharpens or flattens the distribution *inside* the modality
 and moves mass in a direction that depends on the logits' signs (negative
 logits gain mass as ``delta`` grows), so the user's knob would not be monotone.
 """
+
 from __future__ import annotations
 
 import math
@@ -96,8 +97,9 @@ class CrossAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_bias: torch.Tensor | None = None,
-                return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, kv: torch.Tensor, key_bias: torch.Tensor | None = None, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(B, N, D)`` (and the attention weights ``(B, heads, N, M)`` when asked)."""
         qh, kh, vh = self._split(self.to_q(q)), self._split(self.to_k(kv)), self._split(self.to_v(kv))
         mask = None if key_bias is None else key_bias[:, None, None, :].to(qh.dtype)
@@ -127,8 +129,13 @@ class _Block(nn.Module):
         hidden = int(width * mlp_ratio)
         self.ff = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
-                weights_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+        weights_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         q = self.norm_q(x)
         src = self.norm_kv(kv) if self.cross else q
         res = self.attn(q, src, key_bias if self.cross else None, return_weights=weights_out is not None)
@@ -157,10 +164,20 @@ class MultimodalLatentConnector(Component):
     """
 
     @register_to_config
-    def __init__(self, width: int = 768, text_width: int = 768, text_tokens: int = 77,
-                 spatial: Sequence[str] = SPATIAL_MODALITIES, grid_tokens: int = 256, vq_dim: int = 256,
-                 num_latents: int = 128, heads: int = 8, cross_layers: int = 1, self_layers: int = 2,
-                 mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        width: int = 768,
+        text_width: int = 768,
+        text_tokens: int = 77,
+        spatial: Sequence[str] = SPATIAL_MODALITIES,
+        grid_tokens: int = 256,
+        vq_dim: int = 256,
+        num_latents: int = 128,
+        heads: int = 8,
+        cross_layers: int = 1,
+        self_layers: int = 2,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         unknown = [m for m in spatial if m not in SPATIAL_MODALITIES]
         if unknown:
@@ -201,8 +218,12 @@ class MultimodalLatentConnector(Component):
             start += grid_tokens
         return out
 
-    def sequence(self, text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
-                 drop: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def sequence(
+        self,
+        text: torch.Tensor | None,
+        spatial: Mapping[str, torch.Tensor | None],
+        drop: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The ``(B, M, D)`` token sequence.
 
         Args:
@@ -236,23 +257,33 @@ class MultimodalLatentConnector(Component):
             parts.append(tokens)
         return torch.cat(parts, dim=1)
 
-    def key_bias(self, temperatures: Mapping[str, float] | None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def key_bias(
+        self,
+        temperatures: Mapping[str, float] | None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
         """``(1, M)`` logit bias ``-ln delta_m`` over the sequence, or None when every delta is 1."""
         temps = parse_temperatures(temperatures or {})
         if all(v == 1.0 for v in temps.values()):
             return None
-        bias = torch.zeros(1, self.sequence_length, device=device or self.latents.device,
-                           dtype=dtype or self.latents.dtype)
+        bias = torch.zeros(
+            1, self.sequence_length, device=device or self.latents.device, dtype=dtype or self.latents.dtype
+        )
         slots = self.slots()
         for m, delta in temps.items():
             if m in slots:
                 bias[:, slots[m]] = -math.log(delta)
         return bias
 
-    def forward(self, text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
-                temperatures: Mapping[str, float] | None = None, drop: Mapping[str, torch.Tensor] | None = None,
-                attention_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        text: torch.Tensor | None,
+        spatial: Mapping[str, torch.Tensor | None],
+        temperatures: Mapping[str, float] | None = None,
+        drop: Mapping[str, torch.Tensor] | None = None,
+        attention_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Latent tokens ``(B, N, D)`` (see :meth:`sequence` for the inputs).
 
         Args:

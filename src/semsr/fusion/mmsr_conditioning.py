@@ -17,6 +17,7 @@ The widened ``conv_in`` keeps the pretrained weights for the noisy latent and
 starts the LR-latent weights at zero (InstructPix2Pix), so before training
 the UNet is the pretrained one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -48,8 +49,9 @@ class ConcatConvIn(Component):
     """
 
     @register_to_config
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1,
-                 latent_channels: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1, latent_channels: int = 4
+    ) -> None:
         super().__init__()
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
         self.weight = conv.weight
@@ -76,11 +78,16 @@ def widen_conv_in(conv: nn.Conv2d, extra: int) -> ConcatConvIn:
     """A copy of ``conv`` with ``extra`` more input channels whose weights are zero (InstructPix2Pix)."""
     if conv.bias is None or conv.stride != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1]:
         raise SemsrError("the UNet's conv_in must be a square stride-1 convolution with a bias")
-    new = ConcatConvIn(conv.in_channels + extra, conv.out_channels, conv.kernel_size[0], conv.padding[0],
-                       latent_channels=conv.in_channels).to(conv.weight)  # conv's device and dtype
+    new = ConcatConvIn(
+        conv.in_channels + extra,
+        conv.out_channels,
+        conv.kernel_size[0],
+        conv.padding[0],
+        latent_channels=conv.in_channels,
+    ).to(conv.weight)  # conv's device and dtype
     with torch.no_grad():
         new.weight.zero_()
-        new.weight[:, :conv.in_channels] = conv.weight
+        new.weight[:, : conv.in_channels] = conv.weight
         new.bias.copy_(conv.bias)
     return new
 
@@ -92,10 +99,16 @@ def cross_attention_paths(unet: nn.Module) -> list[str]:
 
 def _attention_kwargs(attn: Attention) -> dict[str, Any]:
     """The ``Attention`` arguments a UNet transformer block builds its ``attn2`` with."""
-    return {"query_dim": int(attn.query_dim), "cross_attention_dim": int(attn.cross_attention_dim),
-            "heads": int(attn.heads), "dim_head": int(attn.inner_dim // attn.heads), "dropout": float(attn.dropout),
-            "bias": bool(attn.use_bias), "upcast_attention": bool(attn.upcast_attention),
-            "out_bias": attn.to_out[0].bias is not None}
+    return {
+        "query_dim": int(attn.query_dim),
+        "cross_attention_dim": int(attn.cross_attention_dim),
+        "heads": int(attn.heads),
+        "dim_head": int(attn.inner_dim // attn.heads),
+        "dropout": float(attn.dropout),
+        "bias": bool(attn.use_bias),
+        "upcast_attention": bool(attn.upcast_attention),
+        "out_bias": attn.to_out[0].bias is not None,
+    }
 
 
 def _same_layout(a: nn.Module, b: nn.Module) -> bool:
@@ -152,8 +165,9 @@ class CrossAttentionLayers(Component):
             setattr(unet.get_submodule(parent) if parent else unet, name, module)
 
 
-def concat_unet_forward(unet: nn.Module, x: torch.Tensor, z_lr: torch.Tensor, t: torch.Tensor,
-                        context: torch.Tensor) -> torch.Tensor:
+def concat_unet_forward(
+    unet: nn.Module, x: torch.Tensor, z_lr: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
     """The MMSR model call (inference and training): ``UNet([x ; z_lr], t, context)``.
 
     Args:
@@ -165,8 +179,7 @@ def concat_unet_forward(unet: nn.Module, x: torch.Tensor, z_lr: torch.Tensor, t:
         ``(B, C, h, w)`` model output (epsilon or v) in the UNet's dtype.
     """
     dtype = unet.dtype
-    return unet(torch.cat([x, z_lr], dim=1).to(dtype), t, encoder_hidden_states=context.to(dtype),
-                return_dict=False)[0]
+    return unet(torch.cat([x, z_lr], dim=1).to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0]
 
 
 class MMSRConditioning(nn.Module):
@@ -183,8 +196,12 @@ class MMSRConditioning(nn.Module):
         unet_attention: :class:`CrossAttentionLayers` or None.
     """
 
-    def __init__(self, connector: MultimodalLatentConnector, conv_in: ConcatConvIn,
-                 unet_attention: CrossAttentionLayers | None = None) -> None:
+    def __init__(
+        self,
+        connector: MultimodalLatentConnector,
+        conv_in: ConcatConvIn,
+        unet_attention: CrossAttentionLayers | None = None,
+    ) -> None:
         super().__init__()
         self.connector = connector
         self.conv_in = conv_in
@@ -204,29 +221,43 @@ class MMSRConditioning(nn.Module):
         old = unet.conv_in
         if old is not self.conv_in:
             if old.out_channels != self.conv_in.out_channels:
-                raise SemsrError(f"conv_in has {self.conv_in.out_channels} output channels, the UNet "
-                                 f"{old.out_channels}: checkpoint and --base do not match")
+                raise SemsrError(
+                    f"conv_in has {self.conv_in.out_channels} output channels, the UNet "
+                    f"{old.out_channels}: checkpoint and --base do not match"
+                )
             unet.conv_in = self.conv_in
         if self.unet_attention is not None:
             self.unet_attention.attach(unet)
         return unet
 
-    def context(self, text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
-                temperatures: Mapping[str, float] | None = None,
-                drop: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def context(
+        self,
+        text: torch.Tensor | None,
+        spatial: Mapping[str, torch.Tensor | None],
+        temperatures: Mapping[str, float] | None = None,
+        drop: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Connector output ``(B, N, D)`` (see :meth:`MultimodalLatentConnector.sequence` for the inputs)."""
         return self.connector(text, spatial, temperatures, drop)
 
-    def forward(self, unet: nn.Module, noisy: torch.Tensor, z_lr: torch.Tensor, t: torch.Tensor,
-                text: torch.Tensor | None, spatial: Mapping[str, torch.Tensor | None],
-                drop: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        unet: nn.Module,
+        noisy: torch.Tensor,
+        z_lr: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor | None,
+        spatial: Mapping[str, torch.Tensor | None],
+        drop: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``eps (B, C, h, w)`` for ``noisy`` / ``z_lr`` ``(B, C, h, w)`` latents (training call)."""
         self.attach(unet)
         return concat_unet_forward(unet, noisy, z_lr, t, self.context(text, spatial, None, drop))
 
     @classmethod
-    def new(cls, unet: nn.Module, connector: MultimodalLatentConnector,
-            cross_attention: bool = False) -> MMSRConditioning:
+    def new(
+        cls, unet: nn.Module, connector: MultimodalLatentConnector, cross_attention: bool = False
+    ) -> MMSRConditioning:
         """Fresh conditioning for ``unet`` (not changed): conv_in widened by the latent channel count;
         with ``cross_attention`` also trainable copies of the UNet's cross-attention layers."""
         c = int(unet.conv_in.in_channels)
@@ -234,5 +265,11 @@ class MMSRConditioning(nn.Module):
         return cls(connector, conv_in, CrossAttentionLayers.from_unet(unet) if cross_attention else None)
 
 
-__all__ = ["ConcatConvIn", "CrossAttentionLayers", "MMSRConditioning", "concat_unet_forward",
-           "cross_attention_paths", "widen_conv_in"]
+__all__ = [
+    "ConcatConvIn",
+    "CrossAttentionLayers",
+    "MMSRConditioning",
+    "concat_unet_forward",
+    "cross_attention_paths",
+    "widen_conv_in",
+]

@@ -38,6 +38,7 @@ only the LR attention), ``no_cognition`` (the cognitive encoder is not run;
 the context is the prompt's text embedding alone and the negative the
 negative prompt's; a generated reference is then text-to-image from the prompt).
 """
+
 from __future__ import annotations
 
 import time
@@ -69,9 +70,11 @@ from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.text import load_text_conditioner
 
 #: Negative prompt of CoSeR's inference script.
-COSER_NEGATIVE = ("worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, banner, "
-                  "extra digits, cropped, jpeg artifacts, signature, username, error, sketch, duplicate, ugly, "
-                  "monochrome, horror, geometry, mutation, disgusting")
+COSER_NEGATIVE = (
+    "worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, banner, "
+    "extra digits, cropped, jpeg artifacts, signature, username, error, sketch, duplicate, ugly, "
+    "monochrome, horror, geometry, mutation, disgusting"
+)
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_REFERENCE_GEN_GUIDANCE = 7.0
@@ -86,24 +89,42 @@ DEFAULT_REFERENCE_SIZE = 512
 class CoSeROptions(LatentSROptions):
     """Options of ``coser``."""
 
-    checkpoint: Path | None = option(None, stage="build", metavar="DIR",
-                                     help="CoSeR checkpoint folder (cognitive/ + aia/, as semsr train writes it)")
+    checkpoint: Path | None = option(
+        None, stage="build", metavar="DIR", help="CoSeR checkpoint folder (cognitive/ + aia/, as semsr train writes it)"
+    )
     clip: Path | None = option(None, stage="build", metavar="DIR", help="local CLIP vision model folder")
     negative_prompt: str = option(COSER_NEGATIVE, help="negative prompt")
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(DEFAULT_GUIDANCE, min=0.0, max=100.0, metavar="S",
-                                   help="cognitive (classifier-free) guidance scale")
-    reference: Path | None = option(None, widget="image", metavar="IMAGE",
-                                    help="use this reference image instead of generating one")
-    save_reference: bool = option(False, help="write the reference used beside the output (<output stem>_reference.png)")
-    reference_guidance: float | None = option(None, min=0.0, max=100.0, metavar="S",
-                                              help="reference guidance scale (default: --guidance-scale)")
-    reference_gen_guidance: float = option(DEFAULT_REFERENCE_GEN_GUIDANCE, min=0.0, max=100.0, metavar="S",
-                                           help="guidance scale of the reference generation")
-    reference_steps: int | None = option(None, min=1, max=1000, metavar="N",
-                                         help="sampling steps of the reference generation (default: --steps)")
-    reference_size: int = option(DEFAULT_REFERENCE_SIZE, min=1, max=1 << 16, units="output px", metavar="PX",
-                                 help="long side of the generated reference (at most the output size)")
+    guidance_scale: float = option(
+        DEFAULT_GUIDANCE, min=0.0, max=100.0, metavar="S", help="cognitive (classifier-free) guidance scale"
+    )
+    reference: Path | None = option(
+        None, widget="image", metavar="IMAGE", help="use this reference image instead of generating one"
+    )
+    save_reference: bool = option(
+        False, help="write the reference used beside the output (<output stem>_reference.png)"
+    )
+    reference_guidance: float | None = option(
+        None, min=0.0, max=100.0, metavar="S", help="reference guidance scale (default: --guidance-scale)"
+    )
+    reference_gen_guidance: float = option(
+        DEFAULT_REFERENCE_GEN_GUIDANCE,
+        min=0.0,
+        max=100.0,
+        metavar="S",
+        help="guidance scale of the reference generation",
+    )
+    reference_steps: int | None = option(
+        None, min=1, max=1000, metavar="N", help="sampling steps of the reference generation (default: --steps)"
+    )
+    reference_size: int = option(
+        DEFAULT_REFERENCE_SIZE,
+        min=1,
+        max=1 << 16,
+        units="output px",
+        metavar="PX",
+        help="long side of the generated reference (at most the output size)",
+    )
     no_reference: bool = option(False, help="ablation: no reference image (AiA keeps only the LR attention)")
     no_cognition: bool = option(False, help="ablation: no cognitive embedding (the prompt's text embedding instead)")
 
@@ -136,9 +157,14 @@ class Branch:
     reference: torch.Tensor | None
 
 
-def guidance_branches(positive: torch.Tensor, negative: torch.Tensor, reference: torch.Tensor | None,
-                      zero_reference: torch.Tensor | None, guidance_scale: float,
-                      reference_guidance: float | None = None) -> list[tuple[float, Branch]]:
+def guidance_branches(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    reference: torch.Tensor | None,
+    zero_reference: torch.Tensor | None,
+    guidance_scale: float,
+    reference_guidance: float | None = None,
+) -> list[tuple[float, Branch]]:
     """The branches of CoSeR guidance and their weights (see the module docstring).
 
     Returns ``[(weight, Branch), ...]`` with ``eps = sum(weight * eps(branch))``;
@@ -151,8 +177,11 @@ def guidance_branches(positive: torch.Tensor, negative: torch.Tensor, reference:
     else:
         if zero_reference is None:
             raise SemsrError("reference guidance needs the VAE(zeros) reference latent")
-        terms = [(1.0 - s_r, Branch(negative, zero_reference)), (s_r - s_c, Branch(negative, reference)),
-                 (s_c, Branch(positive, reference))]
+        terms = [
+            (1.0 - s_r, Branch(negative, zero_reference)),
+            (s_r - s_c, Branch(negative, reference)),
+            (s_c, Branch(positive, reference)),
+        ]
     return [(w, b) for w, b in terms if w != 0.0]
 
 
@@ -180,10 +209,23 @@ class CoSeRSR(LatentSRPipeline):
     tiles_itself = True
     options_class: type[CoSeROptions] = CoSeROptions
 
-    def __init__(self, *, vae: Any, unet: Any, text: Any, cognitive: CognitiveEncoder, fusion: AiAFusion,
-                 scheduler_config: dict[str, Any], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32", channels_last: bool = False, compile: bool | str | None = False,
-                 scale: int = 4, references: ReferenceCache | None = None, model_id: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        vae: Any,
+        unet: Any,
+        text: Any,
+        cognitive: CognitiveEncoder,
+        fusion: AiAFusion,
+        scheduler_config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        channels_last: bool = False,
+        compile: bool | str | None = False,
+        scale: int = 4,
+        references: ReferenceCache | None = None,
+        model_id: str = "",
+    ) -> None:
         self.scale = int(scale)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -203,12 +245,20 @@ class CoSeRSR(LatentSRPipeline):
         if int(self.text.width) != width:
             raise SemsrError(f"text encoder width {self.text.width} != UNet cross-attention width {width}")
         if self.cognitive.text_width != width:
-            raise SemsrError(f"cognitive embedding width {self.cognitive.text_width} != UNet cross-attention "
-                             f"width {width}")
+            raise SemsrError(
+                f"cognitive embedding width {self.cognitive.text_width} != UNet cross-attention width {width}"
+            )
 
     @classmethod
-    def from_pretrained(cls, base: str | Path, checkpoint: str | Path, clip: str | Path, *,
-                        base_config: str | Path | None = None, **kwargs: Any) -> CoSeRSR:
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        checkpoint: str | Path,
+        clip: str | Path,
+        *,
+        base_config: str | Path | None = None,
+        **kwargs: Any,
+    ) -> CoSeRSR:
         """Load from local paths: ``base`` SD folder/file, ``checkpoint`` CoSeR checkpoint folder
         (``cognitive`` + ``aia`` components), ``clip`` CLIP vision folder. ``kwargs``: device, dtype,
         channels_last, compile, scale, references, model_id."""
@@ -216,24 +266,36 @@ class CoSeRSR(LatentSRPipeline):
         dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
         checkpoint = Path(checkpoint).expanduser()
         if not (checkpoint / INDEX_FILE).is_file():
-            raise UnavailableError(f"not a CoSeR checkpoint folder (no {INDEX_FILE}; semsr train writes one in final/)",
-                                   checkpoint)
+            raise UnavailableError(
+                f"not a CoSeR checkpoint folder (no {INDEX_FILE}; semsr train writes one in final/)", checkpoint
+            )
         index = read_index(checkpoint, RECIPE)
         missing = [n for n in ("cognitive", "aia") if n not in index.components]
         if missing:
-            raise UnavailableError(f"the CoSeR checkpoint has no {missing[0]!r} component (a stage-1 export has "
-                                   "only 'cognitive': train coser-sr on it)", checkpoint)
+            raise UnavailableError(
+                f"the CoSeR checkpoint has no {missing[0]!r} component (a stage-1 export has "
+                "only 'cognitive': train coser-sr on it)",
+                checkpoint,
+            )
         comps = load_sd(base, dtype=dtype, config=base_config)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
         cognitive = load_cognitive_encoder(checkpoint, clip)
         fusion = load_part(checkpoint, "aia", AiAFusion)
-        return cls(vae=comps.vae, unet=comps.unet, text=text, cognitive=cognitive, fusion=fusion,
-                   scheduler_config=comps.scheduler_config, **{**kwargs, "device": device, "dtype": dtype})
+        return cls(
+            vae=comps.vae,
+            unet=comps.unet,
+            text=text,
+            cognitive=cognitive,
+            fusion=fusion,
+            scheduler_config=comps.scheduler_config,
+            **{**kwargs, "device": device, "dtype": dtype},
+        )
 
     # ------------------------------------------------------------------ conditions
 
-    def contexts(self, lr: torch.Tensor, prompts: list[str], negatives: list[str],
-                 use_cognition: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def contexts(
+        self, lr: torch.Tensor, prompts: list[str], negatives: list[str], use_cognition: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(positive, negative)`` contexts ``(B, L, D)`` (see the module docstring)."""
         text = self.encode_prompts(prompts)
         neg = self.encode_prompts(negatives)
@@ -253,9 +315,19 @@ class CoSeRSR(LatentSRPipeline):
         scale = min(1.0, float(max_side) / max(height, width))
         return (max(2 * mult, round(height * scale / mult) * mult), max(2 * mult, round(width * scale / mult) * mult))
 
-    def generate_reference(self, lr: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                           size: tuple[int, int], *, steps: int, guidance_scale: float, seed: int = 0,
-                           scheduler: str = "ddpm", progress: ProgressFn | bool | None = False) -> torch.Tensor:
+    def generate_reference(
+        self,
+        lr: torch.Tensor,
+        positive: torch.Tensor,
+        negative: torch.Tensor,
+        size: tuple[int, int],
+        *,
+        steps: int,
+        guidance_scale: float,
+        seed: int = 0,
+        scheduler: str = "ddpm",
+        progress: ProgressFn | bool | None = False,
+    ) -> torch.Tensor:
         """The reference image ``(B, 3, *size)`` in [0, 1] (8-bit levels): the plain SD UNet on
         ``positive`` (CFG against ``negative``, :func:`~semsr.pipeline.guidance.weighted`), started
         from the LR latent at ``size`` noised to t=T."""
@@ -264,49 +336,105 @@ class CoSeRSR(LatentSRPipeline):
 
         def plain(x: torch.Tensor, t: torch.Tensor, cond: list[torch.Tensor]) -> torch.Tensor:
             with torch.no_grad():
-                return self.unet(x.to(self.dtype), t, encoder_hidden_states=torch.cat(cond, dim=0),
-                                 return_dict=False)[0]
+                return self.unet(x.to(self.dtype), t, encoder_hidden_states=torch.cat(cond, dim=0), return_dict=False)[
+                    0
+                ]
 
         callback, close = progress_fn(progress, "reference")
         try:
-            z = sample(weighted(plain, [w for w, _ in branches]), make_scheduler(scheduler, self.scheduler_config),
-                       shape=tuple(init.shape), cond=[c for _, c in branches], steps=int(steps),
-                       generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init,
-                       device=self.device, progress=callback)
+            z = sample(
+                weighted(plain, [w for w, _ in branches]),
+                make_scheduler(scheduler, self.scheduler_config),
+                shape=tuple(init.shape),
+                cond=[c for _, c in branches],
+                steps=int(steps),
+                generator=torch.Generator("cpu").manual_seed(int(seed)),
+                init_latents=init,
+                device=self.device,
+                progress=callback,
+            )
         finally:
             close()
         return quantise(self.vae_decode(z).cpu())
 
-    def reference_for(self, lr: torch.Tensor, prompts: list[str], negatives: list[str], *,
-                      steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_REFERENCE_GEN_GUIDANCE,
-                      size: int = DEFAULT_REFERENCE_SIZE, use_cognition: bool = True, seed: int = 0,
-                      scheduler: str = "ddpm", progress: ProgressFn | bool | None = False) -> torch.Tensor:
+    def reference_for(
+        self,
+        lr: torch.Tensor,
+        prompts: list[str],
+        negatives: list[str],
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_REFERENCE_GEN_GUIDANCE,
+        size: int = DEFAULT_REFERENCE_SIZE,
+        use_cognition: bool = True,
+        seed: int = 0,
+        scheduler: str = "ddpm",
+        progress: ProgressFn | bool | None = False,
+    ) -> torch.Tensor:
         """Generate the reference for ``lr (B, 3, h, w)`` -> ``(B, 3, H, W)`` (long side ``<= size``)."""
         pos, neg = self.contexts(lr, prompts, negatives, use_cognition)
         ref_hw = self.reference_size(lr.shape[-2] * self.scale, lr.shape[-1] * self.scale, size)
-        return self.generate_reference(lr, pos, neg, ref_hw, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                       scheduler=scheduler, progress=progress)
+        return self.generate_reference(
+            lr,
+            pos,
+            neg,
+            ref_hw,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            progress=progress,
+        )
 
-    def generated_references(self, lr: torch.Tensor, options: CoSeROptions, prompts: list[str],
-                             negatives: list[str], progress: ProgressFn | bool | None = False
-                             ) -> tuple[torch.Tensor, str]:
+    def generated_references(
+        self,
+        lr: torch.Tensor,
+        options: CoSeROptions,
+        prompts: list[str],
+        negatives: list[str],
+        progress: ProgressFn | bool | None = False,
+    ) -> tuple[torch.Tensor, str]:
         """``(references (B, 3, H, W), source)``: from :attr:`references` (source ``"cache"``) or generated
         with the ``reference_*`` options (source ``"generated"``; stored in the cache when there is one)."""
 
         def generate(rows: list[int]) -> torch.Tensor:
             return self.reference_for(
-                lr[rows], [prompts[i] for i in rows], [negatives[i] for i in rows],
-                steps=int(options.reference_steps or options.steps), guidance_scale=options.reference_gen_guidance,
-                size=options.reference_size, use_cognition=not options.no_cognition, seed=options.seed,
-                scheduler=options.scheduler, progress=progress)
+                lr[rows],
+                [prompts[i] for i in rows],
+                [negatives[i] for i in rows],
+                steps=int(options.reference_steps or options.steps),
+                guidance_scale=options.reference_gen_guidance,
+                size=options.reference_size,
+                use_cognition=not options.no_cognition,
+                seed=options.seed,
+                scheduler=options.scheduler,
+                progress=progress,
+            )
 
         if self.references is None:
             return generate(list(range(lr.shape[0]))), "generated"
-        settings = {"model": self.model_id, "scale": self.scale, "dtype": str(self.dtype), "device": str(self.device),
-                    **{k: getattr(options, k) for k in ("steps", "reference_steps", "reference_gen_guidance",
-                                                         "reference_size", "seed", "scheduler", "no_cognition")}}
-        keys = [self.references.key(img, {**settings, "prompt": p, "negative_prompt": n})
-                for img, p, n in zip(lr, prompts, negatives, strict=True)]
+        settings = {
+            "model": self.model_id,
+            "scale": self.scale,
+            "dtype": str(self.dtype),
+            "device": str(self.device),
+            **{
+                k: getattr(options, k)
+                for k in (
+                    "steps",
+                    "reference_steps",
+                    "reference_gen_guidance",
+                    "reference_size",
+                    "seed",
+                    "scheduler",
+                    "no_cognition",
+                )
+            },
+        }
+        keys = [
+            self.references.key(img, {**settings, "prompt": p, "negative_prompt": n})
+            for img, p, n in zip(lr, prompts, negatives, strict=True)
+        ]
         refs: list[torch.Tensor | None] = [self.references.get(k) for k in keys]
         missing = [i for i, r in enumerate(refs) if r is None]
         if missing:
@@ -317,8 +445,9 @@ class CoSeRSR(LatentSRPipeline):
             raise SemsrError("cached references of one batch differ in size; run the images one by one")
         return torch.stack(refs), "generated" if missing else "cache"  # type: ignore[arg-type]
 
-    def reference_latent(self, reference: torch.Tensor, batch: int,
-                         max_side: int = DEFAULT_REFERENCE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_latent(
+        self, reference: torch.Tensor, batch: int, max_side: int = DEFAULT_REFERENCE_SIZE
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_ref, z_zero)``: latents of ``reference (1 or B, 3, H, W)`` resized to an allowed size
         (long side <= ``max_side``) and of VAE(zeros) of the same size, both ``(B, 4, H/f, W/f)``."""
         if reference.ndim != 4 or reference.shape[1] != 3:
@@ -364,8 +493,9 @@ class CoSeRSR(LatentSRPipeline):
                         per_branch = [ref_feats(r, t) for r in refs]
                         ref_all = [torch.cat(level, dim=0) for level in zip(*per_branch, strict=True)]
                     ctx = torch.cat([b.context for b in cond], dim=0)
-                    return self.fusion.unet_forward(self.unet, x.to(self.dtype), t, ctx,
-                                                    [f.repeat(k, 1, 1, 1) for f in lr_feats], ref_all)
+                    return self.fusion.unet_forward(
+                        self.unet, x.to(self.dtype), t, ctx, [f.repeat(k, 1, 1, 1) for f in lr_feats], ref_all
+                    )
 
             return forward
 
@@ -376,9 +506,15 @@ class CoSeRSR(LatentSRPipeline):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, options: CoSeROptions | None = None, *, prompts: list[str] | None = None,
-                 negative_prompts: list[str] | None = None,
-                 progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self,
+        lr: torch.Tensor,
+        options: CoSeROptions | None = None,
+        *,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
+        progress: ProgressFn | bool | None = False,
+    ) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         Args:
@@ -421,17 +557,33 @@ class CoSeRSR(LatentSRPipeline):
         timings["encode"] = time.perf_counter() - t0
         branches = guidance_branches(pos, neg, z_ref, z_zero, opts.guidance_scale, opts.reference_guidance)
         image = self.denoise_decode(
-            self.spatial_denoiser(z_lr, [w for w, _ in branches]), layout, channels=self.unet.config.in_channels,
-            cond=[b for _, b in branches], steps=opts.steps, seed=opts.seed, scheduler=opts.scheduler,
-            init_latents=z_lr if opts.start_from_lr else None, strength=opts.strength,
-            tile_overlap=opts.tile_overlap, colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+            self.spatial_denoiser(z_lr, [w for w, _ in branches]),
+            layout,
+            channels=self.unet.config.in_channels,
+            cond=[b for _, b in branches],
+            steps=opts.steps,
+            seed=opts.seed,
+            scheduler=opts.scheduler,
+            init_latents=z_lr if opts.start_from_lr else None,
+            strength=opts.strength,
+            tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix,
+            progress=progress,
+            timings=timings,
+        )
         timings["steps"] = float(opts.steps)
 
         used = None if reference is None else reference.expand(bsz, -1, -1, -1).float().cpu()
-        priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0], "cognition": use_cognition,
-                          "reference_source": source,
-                          "reference_path": str(opts.reference) if source == "file" else None,
-                          "reference": None if used is None else used[:1]})
+        priors = compact(
+            {
+                "prompt": prompts[0],
+                "negative_prompt": negatives[0],
+                "cognition": use_cognition,
+                "reference_source": source,
+                "reference_path": str(opts.reference) if source == "file" else None,
+                "reference": None if used is None else used[:1],
+            }
+        )
         side = {} if used is None else {"reference": used}
         return SROutput(image, priors=priors, timings=timings, side_images=side)
 
@@ -445,24 +597,38 @@ class CoSeRSR(LatentSRPipeline):
 
 def build(options: CoSeROptions) -> CoSeRSR:
     """Factory of ``coser``: ``base`` SD, ``checkpoint`` CoSeR folder, ``clip`` CLIP vision folder."""
-    require_paths("coser", options, ("base", "a Stable Diffusion folder or single file"),
-                  ("checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
-                  ("clip", "a local CLIP vision model folder"))
+    require_paths(
+        "coser",
+        options,
+        ("base", "a Stable Diffusion folder or single file"),
+        ("checkpoint", "a CoSeR checkpoint folder (cognitive/ + aia/)"),
+        ("clip", "a local CLIP vision model folder"),
+    )
     apply_threads(options.threads)
     return CoSeRSR.from_pretrained(
-        options.base, options.checkpoint, options.clip, base_config=options.base_config, device=options.device,
-        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
-        scale=options.scale, references=ReferenceCache(),
-        model_id=fingerprint([options.base, options.base_config, options.checkpoint, options.clip]))
+        options.base,
+        options.checkpoint,
+        options.clip,
+        base_config=options.base_config,
+        device=options.device,
+        dtype=options.dtype or "fp32",
+        channels_last=options.channels_last,
+        compile=options.compile,
+        scale=options.scale,
+        references=ReferenceCache(),
+        model_id=fingerprint([options.base, options.base_config, options.checkpoint, options.clip]),
+    )
 
 
-register(MethodSpec(
-    name="coser",
-    factory=build,
-    options=CoSeROptions,
-    scale=4,
-    summary="CoSeR: cognitive embedding + generated reference + All-in-Attention "
-            "(--base SD, --checkpoint CoSeR folder, --clip CLIP vision folder)",
-    diffusion=True,
-    weight_paths=("base", "checkpoint", "clip"),
-))
+register(
+    MethodSpec(
+        name="coser",
+        factory=build,
+        options=CoSeROptions,
+        scale=4,
+        summary="CoSeR: cognitive embedding + generated reference + All-in-Attention "
+        "(--base SD, --checkpoint CoSeR folder, --clip CLIP vision folder)",
+        diffusion=True,
+        weight_paths=("base", "checkpoint", "clip"),
+    )
+)

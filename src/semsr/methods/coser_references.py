@@ -7,6 +7,7 @@ generation depends on (model files, :func:`~semsr.core.fingerprint.fingerprint`;
 prompts, steps, seed...). References are 8-bit images, so an entry read back
 is identical to the generated tensor.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ working space (``u``-times pixel-unshuffled output) by
 recipes, with the unshuffle factor as the "VAE factor"); ``--latent-tile``
 gives the working-space side directly. Default: :data:`DEFAULT_TILE`.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,27 +59,41 @@ class DefaultDiffusionOptions(MethodOptions):
     """Options of ``default-diffusion``."""
 
     checkpoint: Path | None = option(
-        None, stage="build", metavar="DIR", help="default-model checkpoint folder (default: the packaged weights)")
+        None, stage="build", metavar="DIR", help="default-model checkpoint folder (default: the packaged weights)"
+    )
     irpad: Path | None = option(
-        None, stage="build", metavar="DIR", help="IRPAD weights folder for the degradation text (default: shipped)")
+        None, stage="build", metavar="DIR", help="IRPAD weights folder for the degradation text (default: shipped)"
+    )
     stage1: str | None = option(
-        None, stage="build", metavar="METHOD", help="stage-1 restorer (default: the checkpoint's)")
+        None, stage="build", metavar="METHOD", help="stage-1 restorer (default: the checkpoint's)"
+    )
     prompt: str = option("", help="positive prompt (joined with IRPAD's degradation description)")
     steps: int | None = option(
-        None, min=0, max=1000, metavar="N",
-        help="sampling steps (0 = the stage-1 output; default: the checkpoint's default_steps)")
+        None,
+        min=0,
+        max=1000,
+        metavar="N",
+        help="sampling steps (0 = the stage-1 output; default: the checkpoint's default_steps)",
+    )
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
     guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
     no_text_prior: bool = option(False, help="ablation: empty text condition (no prompt, no IRPAD)")
     no_edge_prior: bool = option(False, help="ablation: no edge map (zero ControlNet hint)")
     priors_in_prompt: bool = option(
-        False, hidden=True, help="the prompt already holds the (edited) degradation description")
+        False, hidden=True, help="the prompt already holds the (edited) degradation description"
+    )
     latent_tile: int | None = option(
-        None, min=0, max=1 << 16, units="working-space px", metavar="N",
-        help=f"working-space tile side, overrides --tile (default: {DEFAULT_TILE})")
+        None,
+        min=0,
+        max=1 << 16,
+        units="working-space px",
+        metavar="N",
+        help=f"working-space tile side, overrides --tile (default: {DEFAULT_TILE})",
+    )
     tile_overlap: int | None = option(
-        None, min=0, max=1 << 16, units="working-space px", metavar="N", help="overlap of tiles (default: tile/4)")
+        None, min=0, max=1 << 16, units="working-space px", metavar="N", help="overlap of tiles (default: tile/4)"
+    )
 
 
 # ---------------------------------------------------------------------- priors
@@ -92,8 +107,9 @@ class TextTokens:
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         return self.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.float()
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
@@ -130,11 +146,14 @@ class DegradationText:
             return [""] * lr.shape[0]
         c = self.estimator.config.crop
         if min(lr.shape[-2:]) < c:  # IRPAD's windows need at least one full crop
-            lr = F.interpolate(lr, size=(max(c, lr.shape[-2]), max(c, lr.shape[-1])), mode="bicubic",
-                               align_corners=False).clamp(0, 1)
+            lr = F.interpolate(
+                lr, size=(max(c, lr.shape[-2]), max(c, lr.shape[-1])), mode="bicubic", align_corners=False
+            ).clamp(0, 1)
         levels = self.estimator.predict_batch(lr)
-        return [describe({t: int(v[i]) for t, v in levels.items()}, self.estimator.table, omit_none=True)
-                for i in range(lr.shape[0])]
+        return [
+            describe({t: int(v[i]) for t, v in levels.items()}, self.estimator.table, omit_none=True)
+            for i in range(lr.shape[0])
+        ]
 
 
 def edge_map(image: torch.Tensor) -> torch.Tensor:
@@ -166,9 +185,16 @@ class DefaultSRPipeline:
     tiles_itself = True
     options_class = DefaultDiffusionOptions
 
-    def __init__(self, model: DefaultSR, *, stage1: Any = None, text: TextTokens | None = None,
-                 degradation: DegradationText | None = None, irpad: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: DefaultSR,
+        *,
+        stage1: Any = None,
+        text: TextTokens | None = None,
+        degradation: DegradationText | None = None,
+        irpad: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.config = model.config
@@ -177,8 +203,14 @@ class DefaultSRPipeline:
         self.text = text if text is not None else TextTokens()
         self.degradation = degradation if degradation is not None else DegradationText(irpad)
 
-    def __call__(self, x: torch.Tensor, options: DefaultDiffusionOptions | None = None, *,
-                 prompts: list[str] | None = None, progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        options: DefaultDiffusionOptions | None = None,
+        *,
+        prompts: list[str] | None = None,
+        progress: ProgressFn | bool | None = False,
+    ) -> SROutput:
         """Super-resolve ``x (B, 3, h, w)`` in [0, 1] -> ``images (B, 3, s h, s w)`` in [0, 1].
 
         Args:
@@ -207,13 +239,28 @@ class DefaultSRPipeline:
         timings["priors"] = time.perf_counter() - t0
         steps = int(self.config.default_steps if opts.steps is None else opts.steps)
         tile = latent_tile(opts, self.scale, self.config.unshuffle)
-        images = self.refine(lr, texts, steps=steps, seed=opts.seed, scheduler=opts.scheduler,
-                             guidance_scale=opts.guidance_scale, use_edges=not opts.no_edge_prior,
-                             tile=DEFAULT_TILE if tile is None else tile, tile_overlap=opts.tile_overlap,
-                             progress=progress, timings=timings)
+        images = self.refine(
+            lr,
+            texts,
+            steps=steps,
+            seed=opts.seed,
+            scheduler=opts.scheduler,
+            guidance_scale=opts.guidance_scale,
+            use_edges=not opts.no_edge_prior,
+            tile=DEFAULT_TILE if tile is None else tile,
+            tile_overlap=opts.tile_overlap,
+            progress=progress,
+            timings=timings,
+        )
         timings["steps"] = float(steps)
-        priors = compact({"prompt": texts[0], "user_prompt": (users[0] or None) if degradation[0] else None,
-                          "degradation": degradation[0] or None, "edge_prior": not opts.no_edge_prior})
+        priors = compact(
+            {
+                "prompt": texts[0],
+                "user_prompt": (users[0] or None) if degradation[0] else None,
+                "degradation": degradation[0] or None,
+                "edge_prior": not opts.no_edge_prior,
+            }
+        )
         return SROutput(images, priors=priors, timings=timings)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
@@ -230,14 +277,29 @@ class DefaultSRPipeline:
         text conditions ``texts`` (one per image): ``stage1``, ``tokens (B, 77, 384)``, ``edges (B, 1, H, W)``."""
         u = self.config.unshuffle
         edges = edge_map(y1) if use_edges else torch.zeros_like(y1[:, :1])
-        return {"stage1": to_space(y1 * 2 - 1, u).to(self.device), "tokens": self.text(texts).to(self.device),
-                "edges": edges.to(self.device)}
+        return {
+            "stage1": to_space(y1 * 2 - 1, u).to(self.device),
+            "tokens": self.text(texts).to(self.device),
+            "edges": edges.to(self.device),
+        }
 
     @torch.no_grad()
-    def refine(self, lr: torch.Tensor, texts: list[str], *, steps: int, seed: int, scheduler: str = "ddim",
-               guidance_scale: float = 1.0, use_edges: bool = True, edge_scale: float = 1.0,
-               tile: int | None = DEFAULT_TILE, tile_overlap: int | None = None, progress: Any = False,
-               timings: dict[str, float] | None = None) -> torch.Tensor:
+    def refine(
+        self,
+        lr: torch.Tensor,
+        texts: list[str],
+        *,
+        steps: int,
+        seed: int,
+        scheduler: str = "ddim",
+        guidance_scale: float = 1.0,
+        use_edges: bool = True,
+        edge_scale: float = 1.0,
+        tile: int | None = DEFAULT_TILE,
+        tile_overlap: int | None = None,
+        progress: Any = False,
+        timings: dict[str, float] | None = None,
+    ) -> torch.Tensor:
         """Stage 1 and the diffusion refinement of ``lr (B, 3, h, w)`` in [0, 1] with the text conditions
         ``texts``: ``(B, 3, s h, s w)`` in [0, 1] on the CPU.
 
@@ -265,8 +327,11 @@ class DefaultSRPipeline:
         u = cfg_.unshuffle
 
         def spatial(x: torch.Tensor, t: torch.Tensor, c: dict[str, torch.Tensor], window: tuple[int, int, int, int]):
-            local = {"stage1": crop_window(c["stage1"], window), "tokens": c["tokens"],
-                     "edges": crop_window(c["edges"], window, u)}
+            local = {
+                "stage1": crop_window(c["stage1"], window),
+                "tokens": c["tokens"],
+                "edges": crop_window(c["edges"], window, u),
+            }
             return self.model(x, t, local, edge_scale=edge_scale)
 
         shape = (b, self.model.channels, y1.shape[-2] // u, y1.shape[-1] // u)
@@ -280,10 +345,16 @@ class DefaultSRPipeline:
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
         try:
-            residual = sample(cfg(denoiser, uncond, guidance_scale), make_scheduler(scheduler, cfg_.scheduler),
-                              shape=shape, cond=cond, steps=int(steps),
-                              generator=torch.Generator().manual_seed(int(seed)), device=self.device,
-                              progress=callback)
+            residual = sample(
+                cfg(denoiser, uncond, guidance_scale),
+                make_scheduler(scheduler, cfg_.scheduler),
+                shape=shape,
+                cond=cond,
+                steps=int(steps),
+                generator=torch.Generator().manual_seed(int(seed)),
+                device=self.device,
+                progress=callback,
+            )
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0
@@ -296,24 +367,29 @@ def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
     folder and a stage-1 override; built on ``device``."""
     folder = Path(options.checkpoint).expanduser() if options.checkpoint else packaged_weights()
     if not (folder / INDEX_FILE).is_file():
-        raise UnavailableError("no default-model weights here (train them: semsr train --config "
-                               "configs/default.yaml, then pass --checkpoint RUN/final)", folder)
+        raise UnavailableError(
+            "no default-model weights here (train them: semsr train --config "
+            "configs/default.yaml, then pass --checkpoint RUN/final)",
+            folder,
+        )
     apply_threads(options.threads)
     model = load_default_sr(folder)
     stage1 = build_method(options.stage1 or model.config.stage1, {"device": options.device})
     return DefaultSRPipeline(model, stage1=stage1, irpad=options.irpad, device=options.device)
 
 
-register(MethodSpec(
-    name=NAME,
-    factory=build,
-    options=DefaultDiffusionOptions,
-    scale=4,
-    summary="the project's compact residual diffusion refiner over realesrgan-x4plus "
-            "(MiniLM text + IRPAD prompt, Canny edges via ControlNet; --checkpoint RUN/final)",
-    info=DEFAULT_SR,
-    suggests_priors=True,
-    diffusion=True,
-    weight_paths=("checkpoint", "irpad"),
-    bundled_paths=("checkpoint", "irpad"),  # both optional: the packaged weights
-))
+register(
+    MethodSpec(
+        name=NAME,
+        factory=build,
+        options=DefaultDiffusionOptions,
+        scale=4,
+        summary="the project's compact residual diffusion refiner over realesrgan-x4plus "
+        "(MiniLM text + IRPAD prompt, Canny edges via ControlNet; --checkpoint RUN/final)",
+        info=DEFAULT_SR,
+        suggests_priors=True,
+        diffusion=True,
+        weight_paths=("checkpoint", "irpad"),
+        bundled_paths=("checkpoint", "irpad"),  # both optional: the packaged weights
+    )
+)

@@ -41,6 +41,7 @@ transformers folder inside the checkpoint folder or beside it (so
 that ``semsr dev tiny-models`` writes). Without ``--modalities`` every
 modality of the checkpoint whose source is available is used.
 """
+
 from __future__ import annotations
 
 import time
@@ -83,49 +84,86 @@ _LO, _HI = TEMPERATURE_RANGE
 
 
 def _temperature_option(modality: str) -> Any:
-    return option(1.0, min=_LO, max=_HI, widget="slider", step=0.1, metavar="D",
-                  help=f"attention temperature of the {modality} modality in [{_LO:g}, {_HI:g}] (smaller = "
-                       "stronger influence; 1 = as trained; other values override --modality-temperature)")
+    return option(
+        1.0,
+        min=_LO,
+        max=_HI,
+        widget="slider",
+        step=0.1,
+        metavar="D",
+        help=f"attention temperature of the {modality} modality in [{_LO:g}, {_HI:g}] (smaller = "
+        "stronger influence; 1 = as trained; other values override --modality-temperature)",
+    )
 
 
 @dataclass(kw_only=True, frozen=True)
 class MMSROptions(LatentSROptions):
     """Options of ``mmsr`` (the Stable Diffusion ones plus the MMSR checkpoint, modalities and m-CFG)."""
 
-    checkpoint: Path | None = option(None, stage="build", metavar="DIR",
-                                     help="MMSR checkpoint folder (model_index.json, connector/, conv_in/)")
-    depth_model: Path | None = option(None, stage="build", metavar="DIR",
-                                      help="local transformers depth model (default: depth/ in or beside the "
-                                           "checkpoint)")
-    seg_model: Path | None = option(None, stage="build", metavar="DIR",
-                                    help="local transformers segmentation model (default: seg/ in or beside the "
-                                         "checkpoint)")
-    vq: Path | None = option(None, stage="build", metavar="PATH",
-                             help="VQ tokenizer for the spatial modalities (diffusers VQModel or EdgeVQ folder; "
-                                  "default: the checkpoint's, else the shipped edge VQ)")
-    edge_detector: str | None = option(None, stage="build", choices=EDGE_PROVIDERS,
-                                       help="edge modality source (default: the checkpoint's, canny)")
-    vlm: Path | None = option(None, stage="build", metavar="DIR",
-                              help="local VLM folder captioning the image when the prompt is empty")
+    checkpoint: Path | None = option(
+        None, stage="build", metavar="DIR", help="MMSR checkpoint folder (model_index.json, connector/, conv_in/)"
+    )
+    depth_model: Path | None = option(
+        None,
+        stage="build",
+        metavar="DIR",
+        help="local transformers depth model (default: depth/ in or beside the checkpoint)",
+    )
+    seg_model: Path | None = option(
+        None,
+        stage="build",
+        metavar="DIR",
+        help="local transformers segmentation model (default: seg/ in or beside the checkpoint)",
+    )
+    vq: Path | None = option(
+        None,
+        stage="build",
+        metavar="PATH",
+        help="VQ tokenizer for the spatial modalities (diffusers VQModel or EdgeVQ folder; "
+        "default: the checkpoint's, else the shipped edge VQ)",
+    )
+    edge_detector: str | None = option(
+        None, stage="build", choices=EDGE_PROVIDERS, help="edge modality source (default: the checkpoint's, canny)"
+    )
+    vlm: Path | None = option(
+        None, stage="build", metavar="DIR", help="local VLM folder captioning the image when the prompt is empty"
+    )
     negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(DEFAULT_GUIDANCE, min=0.0, max=100.0, metavar="W",
-                                   help="w of m-CFG: (1 + w) * eps(pos) - w * eps(neg); 0 = positive branch only")
+    guidance_scale: float = option(
+        DEFAULT_GUIDANCE,
+        min=0.0,
+        max=100.0,
+        metavar="W",
+        help="w of m-CFG: (1 + w) * eps(pos) - w * eps(neg); 0 = positive branch only",
+    )
     modalities: tuple[str, ...] | None = option(
-        None, choices=ALL_MODALITIES, metavar="LIST",
+        None,
+        choices=ALL_MODALITIES,
+        metavar="LIST",
         help="modalities to use, from caption,edge,depth,seg (default: caption + every checkpoint modality whose "
-             "model is found); the others get the learned null token")
+        "model is found); the others get the learned null token",
+    )
     modality_temperature: dict[str, float] | None = option(
-        None, choices=ALL_MODALITIES, min=_LO, max=_HI, hidden=True, metavar="M=D,...",
+        None,
+        choices=ALL_MODALITIES,
+        min=_LO,
+        max=_HI,
+        hidden=True,
+        metavar="M=D,...",
         help=f"attention temperature per modality in [{_LO:g}, {_HI:g}], e.g. depth=0.5,edge=2 (smaller = "
-             "stronger influence; default 1)")
+        "stronger influence; default 1)",
+    )
     caption_temperature: float = _temperature_option("caption")
     edge_temperature: float = _temperature_option("edge")
     depth_temperature: float = _temperature_option("depth")
     seg_temperature: float = _temperature_option("seg")
-    guidance_mode: str = option("mcfg", choices=GUIDANCE_MODES,
-                                help="negative branch: mcfg (negative prompt + modalities), null-modality "
-                                     "(negative prompt, null modalities) or cfg (empty text, null modalities)")
+    guidance_mode: str = option(
+        "mcfg",
+        choices=GUIDANCE_MODES,
+        help="negative branch: mcfg (negative prompt + modalities), null-modality "
+        "(negative prompt, null modalities) or cfg (empty text, null modalities)",
+    )
 
     def temperatures(self) -> dict[str, float]:
         """``modality_temperature`` updated with the per-modality ``<m>_temperature`` options other than 1."""
@@ -151,8 +189,14 @@ def guidance_negative(mode: str) -> tuple[bool, bool]:
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def save_mmsr(folder: str | Path, cond: MMSRConditioning, *, modalities: Sequence[str], edge: str = "canny",
-              tokenizer: str | None = None) -> Path:
+def save_mmsr(
+    folder: str | Path,
+    cond: MMSRConditioning,
+    *,
+    modalities: Sequence[str],
+    edge: str = "canny",
+    tokenizer: str | None = None,
+) -> Path:
     """Write an MMSR checkpoint folder (see the module docstring)."""
     meta = {"modalities": [m for m in modalities if m != CAPTION], "edge": edge, "tokenizer": tokenizer}
     return save_checkpoint(folder, RECIPE, cond.components(), meta=meta)
@@ -162,8 +206,9 @@ def load_mmsr(folder: str | Path) -> tuple[MMSRConditioning, dict[str, Any]]:
     """``(conditioning, meta)`` of an MMSR checkpoint folder (see the module docstring)."""
     folder = Path(folder).expanduser()
     if not (folder / INDEX_FILE).is_file():
-        raise UnavailableError(f"not an MMSR checkpoint folder ({INDEX_FILE}, connector/, conv_in/)",
-                               folder / INDEX_FILE)
+        raise UnavailableError(
+            f"not an MMSR checkpoint folder ({INDEX_FILE}, connector/, conv_in/)", folder / INDEX_FILE
+        )
     comps, index = load_checkpoint(folder, RECIPE)
     cond = MMSRConditioning(comps["connector"], comps["conv_in"], comps.get("unet_attention"))
     return cond.eval(), dict(index.meta)
@@ -187,11 +232,24 @@ class MMSR(LatentSRPipeline):
     tiles_itself = True
     options_class: type[MMSROptions] = MMSROptions
 
-    def __init__(self, *, vae: Any, unet: Any, text: Any, cond: MMSRConditioning, meta: Mapping[str, Any],
-                 scheduler_config: dict[str, Any], sources: Mapping[str, Mapping[str, Any]] | None = None,
-                 tokenizer: Any = None, vlm: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32", channels_last: bool = False, compile: bool | str | None = None,
-                 scale: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        vae: Any,
+        unet: Any,
+        text: Any,
+        cond: MMSRConditioning,
+        meta: Mapping[str, Any],
+        scheduler_config: dict[str, Any],
+        sources: Mapping[str, Mapping[str, Any]] | None = None,
+        tokenizer: Any = None,
+        vlm: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        channels_last: bool = False,
+        compile: bool | str | None = None,
+        scale: int = 4,
+    ) -> None:
         self.scale = int(scale)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -211,16 +269,26 @@ class MMSR(LatentSRPipeline):
         if int(self.text.width) != int(ccfg.text_width):
             raise SemsrError(f"text encoder width {self.text.width} != connector text width {ccfg.text_width}")
         if int(ccfg.width) != int(self.unet.config.cross_attention_dim):
-            raise SemsrError(f"connector width {ccfg.width} != UNet cross-attention width "
-                             f"{self.unet.config.cross_attention_dim}")
+            raise SemsrError(
+                f"connector width {ccfg.width} != UNet cross-attention width {self.unet.config.cross_attention_dim}"
+            )
         self._encoders: dict[tuple[str, ...], ModalityTokens] = {}
         self._captioner: Any = None
 
     @classmethod
-    def from_pretrained(cls, base: str | Path, checkpoint: str | Path, *, base_config: str | Path | None = None,
-                        depth_model: str | Path | None = None, seg_model: str | Path | None = None,
-                        vq: str | Path | None = None, vlm: str | Path | None = None, edge: str | None = None,
-                        **kwargs: Any) -> MMSR:
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        checkpoint: str | Path,
+        *,
+        base_config: str | Path | None = None,
+        depth_model: str | Path | None = None,
+        seg_model: str | Path | None = None,
+        vq: str | Path | None = None,
+        vlm: str | Path | None = None,
+        edge: str | None = None,
+        **kwargs: Any,
+    ) -> MMSR:
         """Load from local paths (see the module docstring for the checkpoint layout and model discovery).
 
         ``kwargs``: ``device``, ``dtype``, ``channels_last``, ``compile``, ``scale``.
@@ -242,13 +310,25 @@ class MMSR(LatentSRPipeline):
             tok_path = checkpoint / tok_path
         tokenizer = load_tokenizer(tok_path)
         if int(tokenizer.embed_dim) != int(cond.connector.config.vq_dim):
-            raise SemsrError(f"VQ tokenizer vectors have {tokenizer.embed_dim} dims, the connector expects "
-                             f"{cond.connector.config.vq_dim}", tok_path or "shipped edge VQ")
+            raise SemsrError(
+                f"VQ tokenizer vectors have {tokenizer.embed_dim} dims, the connector expects "
+                f"{cond.connector.config.vq_dim}",
+                tok_path or "shipped edge VQ",
+            )
         if edge is not None:
             meta = {**meta, "edge": edge}
-        return cls(vae=comps.vae, unet=comps.unet, text=text, cond=cond, meta=meta,
-                   scheduler_config=comps.scheduler_config, sources=sources, tokenizer=tokenizer, vlm=vlm,
-                   **{**kwargs, "device": device, "dtype": dtype})
+        return cls(
+            vae=comps.vae,
+            unet=comps.unet,
+            text=text,
+            cond=cond,
+            meta=meta,
+            scheduler_config=comps.scheduler_config,
+            sources=sources,
+            tokenizer=tokenizer,
+            vlm=vlm,
+            **{**kwargs, "device": device, "dtype": dtype},
+        )
 
     # ------------------------------------------------------------------ conditions
 
@@ -263,10 +343,13 @@ class MMSR(LatentSRPipeline):
             missing = [m for m in spatial if m not in self.sources]
             if missing:
                 flag = " / ".join(f"--{m}-model" for m in missing)
-                raise UnavailableError(f"modality {', '.join(missing)} needs a model folder: pass {flag} PATH "
-                                       f"(or put a {missing[0]}/ folder beside the checkpoint)")
-            self._encoders[key] = ModalityTokens(list(spatial), self.tokenizer, self.sources,
-                                                 edge=self.meta.get("edge", "canny"), device=self.device)
+                raise UnavailableError(
+                    f"modality {', '.join(missing)} needs a model folder: pass {flag} PATH "
+                    f"(or put a {missing[0]}/ folder beside the checkpoint)"
+                )
+            self._encoders[key] = ModalityTokens(
+                list(spatial), self.tokenizer, self.sources, edge=self.meta.get("edge", "canny"), device=self.device
+            )
         return self._encoders[key]
 
     def captions(self, lr: torch.Tensor, prompts: list[str]) -> list[str]:
@@ -283,13 +366,22 @@ class MMSR(LatentSRPipeline):
         spatial = self.cond.connector.spatial
         not_in_ckpt = [m for m in modalities if m != CAPTION and m not in spatial]
         if not_in_ckpt:
-            raise SemsrError(f"the checkpoint has no {', '.join(not_in_ckpt)} modality (it has "
-                             f"{', '.join(self.cond.connector.modalities)})")
+            raise SemsrError(
+                f"the checkpoint has no {', '.join(not_in_ckpt)} modality (it has "
+                f"{', '.join(self.cond.connector.modalities)})"
+            )
         return [m for m in spatial if m in modalities]
 
-    def contexts(self, captions: list[str] | None, negatives: list[str], spatial: Mapping[str, torch.Tensor], *,
-                 temperatures: Mapping[str, float] | None, mode: str,
-                 need_negative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def contexts(
+        self,
+        captions: list[str] | None,
+        negatives: list[str],
+        spatial: Mapping[str, torch.Tensor],
+        *,
+        temperatures: Mapping[str, float] | None,
+        mode: str,
+        need_negative: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(positive, negative)`` connector contexts ``(B, N, D)`` (negative None when not needed).
 
         Args:
@@ -326,8 +418,14 @@ class MMSR(LatentSRPipeline):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, options: MMSROptions | None = None, *, prompts: list[str] | None = None,
-                 progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self,
+        lr: torch.Tensor,
+        options: MMSROptions | None = None,
+        *,
+        prompts: list[str] | None = None,
+        progress: ProgressFn | bool | None = False,
+    ) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         Args:
@@ -360,33 +458,56 @@ class MMSR(LatentSRPipeline):
         spatial_names = self.check_modalities(mods)
         tokens, maps = self.modality_tokens(spatial_names).encode(layout.hint) if spatial_names else ({}, {})
         captions = self.captions(lr, given) if CAPTION in mods else None
-        pos, neg = self.contexts(captions, negatives, tokens, temperatures=temps, mode=opts.guidance_mode,
-                                 need_negative=w != 0)
+        pos, neg = self.contexts(
+            captions, negatives, tokens, temperatures=temps, mode=opts.guidance_mode, need_negative=w != 0
+        )
         timings["priors"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         z_lr = self.vae_encode(layout.hint_padded, layout.vae_tile)
         timings["encode"] = time.perf_counter() - t0
         uncond = None if neg is None else {"context": neg}
         image = self.denoise_decode(
-            self.spatial_denoiser(z_lr), layout, channels=self.cond.latent_channels, cond={"context": pos},
-            guide=lambda d: cfg(d, uncond, 1.0 + w), steps=opts.steps, seed=opts.seed, scheduler=opts.scheduler,
-            init_latents=z_lr if opts.start_from_lr else None, strength=opts.strength,
-            tile_overlap=opts.tile_overlap, colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+            self.spatial_denoiser(z_lr),
+            layout,
+            channels=self.cond.latent_channels,
+            cond={"context": pos},
+            guide=lambda d: cfg(d, uncond, 1.0 + w),
+            steps=opts.steps,
+            seed=opts.seed,
+            scheduler=opts.scheduler,
+            init_latents=z_lr if opts.start_from_lr else None,
+            strength=opts.strength,
+            tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix,
+            progress=progress,
+            timings=timings,
+        )
 
         source = "user" if given[0] else ("vlm" if self.vlm is not None else "none")
-        priors = compact({
-            "prompt": captions[0] if captions is not None else None,
-            "caption_source": source if captions is not None else None,
-            "negative_prompt": negatives[0], "modalities": tuple(mods), "modality_temperature": temps,
-            "guidance_mode": opts.guidance_mode, **{m: v[:1] for m, v in maps.items()},
-        })
+        priors = compact(
+            {
+                "prompt": captions[0] if captions is not None else None,
+                "caption_source": source if captions is not None else None,
+                "negative_prompt": negatives[0],
+                "modalities": tuple(mods),
+                "modality_temperature": temps,
+                "guidance_mode": opts.guidance_mode,
+                **{m: v[:1] for m, v in maps.items()},
+            }
+        )
         return SROutput(image, priors=priors, timings=timings)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """The VLM caption (with ``--vlm``; else no prompt), default negative prompt and modalities."""
         caption = self.captions(x, [""])[0] if self.vlm is not None else None
-        return compact({"prompt": caption, "caption": caption, "negative_prompt": self.options_class().negative_prompt,
-                        "modalities": tuple(self.default_modalities())})
+        return compact(
+            {
+                "prompt": caption,
+                "caption": caption,
+                "negative_prompt": self.options_class().negative_prompt,
+                "modalities": tuple(self.default_modalities()),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------- method
@@ -394,28 +515,55 @@ class MMSR(LatentSRPipeline):
 
 def build(options: MMSROptions) -> MMSR:
     """Factory of ``mmsr``: ``base`` SD, ``checkpoint`` MMSR folder; optional depth/seg/VQ/VLM folders."""
-    require_paths("mmsr", options, ("base", "a Stable Diffusion folder or single file"),
-                  ("checkpoint", "an MMSR checkpoint folder (model_index.json, connector/, conv_in/)"))
+    require_paths(
+        "mmsr",
+        options,
+        ("base", "a Stable Diffusion folder or single file"),
+        ("checkpoint", "an MMSR checkpoint folder (model_index.json, connector/, conv_in/)"),
+    )
     apply_threads(options.threads)
     return MMSR.from_pretrained(
-        options.base, options.checkpoint, base_config=options.base_config, depth_model=options.depth_model,
-        seg_model=options.seg_model, vq=options.vq, vlm=options.vlm, edge=options.edge_detector,
-        device=options.device, dtype=options.dtype or "fp32", channels_last=options.channels_last,
-        compile=options.compile, scale=options.scale)
+        options.base,
+        options.checkpoint,
+        base_config=options.base_config,
+        depth_model=options.depth_model,
+        seg_model=options.seg_model,
+        vq=options.vq,
+        vlm=options.vlm,
+        edge=options.edge_detector,
+        device=options.device,
+        dtype=options.dtype or "fp32",
+        channels_last=options.channels_last,
+        compile=options.compile,
+        scale=options.scale,
+    )
 
 
-register(MethodSpec(
-    name="mmsr",
-    factory=build,
-    options=MMSROptions,
-    scale=4,
-    summary="MMSR: caption + edge/depth/seg VQ tokens through a Multimodal Latent Connector, LR concatenated, "
-            "m-CFG (--base SD, --checkpoint MMSR folder)",
-    suggests_priors=True,
-    diffusion=True,
-    weight_paths=("base", "checkpoint", "depth_model", "seg_model", "vq", "vlm"),
-    bundled_paths=("vq",),
-))
+register(
+    MethodSpec(
+        name="mmsr",
+        factory=build,
+        options=MMSROptions,
+        scale=4,
+        summary="MMSR: caption + edge/depth/seg VQ tokens through a Multimodal Latent Connector, LR concatenated, "
+        "m-CFG (--base SD, --checkpoint MMSR folder)",
+        suggests_priors=True,
+        diffusion=True,
+        weight_paths=("base", "checkpoint", "depth_model", "seg_model", "vq", "vlm"),
+        bundled_paths=("vq",),
+    )
+)
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_NEGATIVE", "DEFAULT_STEPS", "GUIDANCE_MODES", "MMSR", "MMSROptions",
-           "SPATIAL_MODALITIES", "build", "guidance_negative", "load_mmsr", "save_mmsr"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_NEGATIVE",
+    "DEFAULT_STEPS",
+    "GUIDANCE_MODES",
+    "MMSR",
+    "MMSROptions",
+    "SPATIAL_MODALITIES",
+    "build",
+    "guidance_negative",
+    "load_mmsr",
+    "save_mmsr",
+]

@@ -21,6 +21,7 @@ Build options shared by all (:class:`~semsr.core.options.MethodOptions`):
 computes in fp32 on CPU whatever ``dtype``/``device`` say (its result is moved
 to ``x``'s device).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -110,8 +111,9 @@ class TorchRestorer:
 
     tiles_itself = False
 
-    def __init__(self, name: str, model: RRDBNet, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool = True) -> None:
+    def __init__(
+        self, name: str, model: RRDBNet, device: torch.device, dtype: torch.dtype, channels_last: bool = True
+    ) -> None:
         self.name = name
         self.scale = model.scale
         self.device = device
@@ -213,8 +215,9 @@ def spec_for(info: ModelInfo) -> MethodSpec:
     if info.name == "bicubic":
         return MethodSpec(factory=build_bicubic, options=BicubicOptions, **common)
     if info.name == "realesrgan-pth":
-        return MethodSpec(factory=build_rrdb_pth, options=RRDBPthOptions, weight_paths=("weights", "checkpoint"),
-                          **common)
+        return MethodSpec(
+            factory=build_rrdb_pth, options=RRDBPthOptions, weight_paths=("weights", "checkpoint"), **common
+        )
     if info.runtime == "pytorch":
         return MethodSpec(factory=partial(build_rrdb_blob, info), options=RRDBOptions, **common)
     return MethodSpec(factory=partial(build_ncnn, info), options=MethodOptions, **common)

@@ -26,6 +26,7 @@ its adapters and the stage-1 parts it was given. Every call returns the
 retrieved references of the first image as ``side_images`` ``reference1``...
 (written beside the output with ``--save-reference``) and in ``priors``.
 """
+
 from __future__ import annotations
 
 import time
@@ -69,22 +70,32 @@ class RFAOptions(ControlNetSROptions):
 
     scale: int = option(DEFAULT_SCALE, stage="build", min=1, max=64, help="SR factor of the model", metavar="S")
     checkpoint: Path | None = option(
-        None, stage="build", metavar="DIR", help="RFA checkpoint folder (aligner, enhancer, AdaIN adapters)")
+        None, stage="build", metavar="DIR", help="RFA checkpoint folder (aligner, enhancer, AdaIN adapters)"
+    )
     clip: Path | None = option(
-        None, stage="build", metavar="DIR", help="CLIP vision folder embedding the queries (default: the database's "
-                                                 "embedder)")
+        None,
+        stage="build",
+        metavar="DIR",
+        help="CLIP vision folder embedding the queries (default: the database's embedder)",
+    )
     db: Path | None = option(None, stage="build", metavar="DB", help="reference database folder (`semsr index build`)")
     text_decoder: Path | None = option(
-        None, stage="build", metavar="DIR",
-        help="causal LM folder for the I2T text (default: the checkpoint's text decoder, if it has one)")
+        None,
+        stage="build",
+        metavar="DIR",
+        help="causal LM folder for the I2T text (default: the checkpoint's text decoder, if it has one)",
+    )
     negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
     guidance_scale: float = option(
-        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
+    )
     num_references: int = option(
-        DEFAULT_REFERENCES, min=0, max=1024, metavar="K", help="references retrieved per image")
+        DEFAULT_REFERENCES, min=0, max=1024, metavar="K", help="references retrieved per image"
+    )
     save_reference: bool = option(
-        False, help="write the reference(s) used beside the output (<output stem>_reference*.png)")
+        False, help="write the reference(s) used beside the output (<output stem>_reference*.png)"
+    )
 
 
 @dataclass
@@ -106,8 +117,10 @@ class Retrieval:
     def priors(self) -> dict[str, Any]:
         """Display priors of the first image: ``reference_paths`` and cosine ``reference_scores``."""
         hits = self.hits[0] if self.hits else []
-        return {"reference_paths": tuple(str(h.entry.path) for h in hits),
-                "reference_scores": tuple(round(float(h.score), 4) for h in hits)}
+        return {
+            "reference_paths": tuple(str(h.entry.path) for h in hits),
+            "reference_scores": tuple(round(float(h.score), 4) for h in hits),
+        }
 
     def images(self) -> dict[str, torch.Tensor]:
         """The first image's references as ``{"reference1": (1, 3, H, W), ...}``."""
@@ -121,8 +134,15 @@ class ReferenceRetriever:
     Runs on the CPU in float32 (embedder, aligner, enhancer, text decoder), whatever the device of stage 2.
     """
 
-    def __init__(self, embedder: Embedder, db: ReferenceDB | None, aligner: ReferenceFindingAligner | None,
-                 enhancer: EmbeddingEnhancer, lm: Any = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        db: ReferenceDB | None,
+        aligner: ReferenceFindingAligner | None,
+        enhancer: EmbeddingEnhancer,
+        lm: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
         self.embedder, self.db, self.aligner, self.enhancer = embedder, db, aligner, enhancer
         self.lm, self.tokenizer = lm, tokenizer
 
@@ -163,8 +183,9 @@ class RFASR(SDControlNetSR):
         self.retriever = retriever
         self.adapters = attach_adain(self.unet, adain).to(self.device, self.dtype).eval().requires_grad_(False)
 
-    def __call__(self, x: torch.Tensor, options: RFAOptions | None = None, *,
-                 progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self, x: torch.Tensor, options: RFAOptions | None = None, *, progress: ProgressFn | bool | None = False
+    ) -> SROutput:
         """Super-resolve ``x`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         The prompt is ``options.prompt`` or, when empty, the decoded text of each image. Returns the
@@ -181,8 +202,9 @@ class RFASR(SDControlNetSR):
         source = "user" if opts.prompt else ("text decoder" if self.retriever.lm is not None else "none")
         references = found.images()
         priors = compact({**out.priors, "prompt_source": source, **found.priors(), **references})
-        return SROutput(out.images, priors=priors, timings={"retrieve": retrieve, **out.timings},
-                        side_images=references)
+        return SROutput(
+            out.images, priors=priors, timings={"retrieve": retrieve, **out.timings}, side_images=references
+        )
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """The decoded text (the default prompt; ``""`` without a text decoder), the default negative
@@ -191,15 +213,19 @@ class RFASR(SDControlNetSR):
             raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
         with torch.no_grad():
             found = self.retriever(x[:1].float().clamp(0, 1), DEFAULT_REFERENCES)
-        return compact({"prompt": found.text[0], "negative_prompt": self.options_class().negative_prompt,
-                        **found.priors()})
+        return compact(
+            {"prompt": found.text[0], "negative_prompt": self.options_class().negative_prompt, **found.priors()}
+        )
 
 
 def build(options: RFAOptions) -> RFASR:
     """Factory of ``rfa`` (see the module docstring for the checkpoint)."""
-    require_paths("rfa", options,
-                  ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a .safetensors/.ckpt file)"),
-                  ("checkpoint", "an RFA checkpoint folder (aligner, enhancer, adain)"))
+    require_paths(
+        "rfa",
+        options,
+        ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a .safetensors/.ckpt file)"),
+        ("checkpoint", "an RFA checkpoint folder (aligner, enhancer, adain)"),
+    )
     if options.db is None and options.clip is None:
         raise UnavailableError("rfa needs --db (a reference database from `semsr index build`) or at least --clip")
     apply_threads(options.threads)
@@ -218,25 +244,37 @@ def build(options: RFAOptions) -> RFASR:
         if part is not None:
             check_embedder(part, embedder, ckpt)
     if enhancer.config.out_dim != parts["adain"].control_dim:
-        raise SemsrError(f"the enhancer's embedding ({enhancer.config.out_dim}) is not the AdaIN control "
-                         f"({parts['adain'].control_dim})", ckpt)
+        raise SemsrError(
+            f"the enhancer's embedding ({enhancer.config.out_dim}) is not the AdaIN control "
+            f"({parts['adain'].control_dim})",
+            ckpt,
+        )
     decoder = options.text_decoder or text_decoder_dir(ckpt, index.meta)
     lm, tok = load_text_decoder(decoder) if decoder is not None else (None, None)
     return RFASR.from_pretrained(
-        options.base, options.controlnet, base_config=options.base_config, device=options.device,  # type: ignore[arg-type]
-        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
-        scale=options.scale, retriever=ReferenceRetriever(embedder, database, aligner, enhancer, lm, tok),
-        adain=parts["adain"])
+        options.base,
+        options.controlnet,
+        base_config=options.base_config,
+        device=options.device,  # type: ignore[arg-type]
+        dtype=options.dtype or "fp32",
+        channels_last=options.channels_last,
+        compile=options.compile,
+        scale=options.scale,
+        retriever=ReferenceRetriever(embedder, database, aligner, enhancer, lm, tok),
+        adain=parts["adain"],
+    )
 
 
-register(MethodSpec(
-    name="rfa",
-    factory=build,
-    options=RFAOptions,
-    scale=DEFAULT_SCALE,
-    summary="RFA: retrieval-augmented x16 SR (aligned LR retrieval, I2T enhancer, AdaIN adapters; "
-            "--base SD, --controlnet, --checkpoint RFA folder, --db reference database)",
-    suggests_priors=True,
-    diffusion=True,
-    weight_paths=("base", "controlnet", "checkpoint", "clip", "db", "text_decoder"),
-))
+register(
+    MethodSpec(
+        name="rfa",
+        factory=build,
+        options=RFAOptions,
+        scale=DEFAULT_SCALE,
+        summary="RFA: retrieval-augmented x16 SR (aligned LR retrieval, I2T enhancer, AdaIN adapters; "
+        "--base SD, --controlnet, --checkpoint RFA folder, --db reference database)",
+        suggests_priors=True,
+        diffusion=True,
+        weight_paths=("base", "controlnet", "checkpoint", "clip", "db", "text_decoder"),
+    )
+)

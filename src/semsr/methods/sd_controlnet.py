@@ -30,21 +30,33 @@ class SDControlNetOptions(ControlNetSROptions):
 
 def build(options: SDControlNetOptions) -> SDControlNetSR:
     """Factory of ``sd-controlnet``: ``base`` SD folder or single file, ``controlnet`` folder (optional)."""
-    require_paths("sd-controlnet", options, ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a "
-                                             ".safetensors/.ckpt file)"))
+    require_paths(
+        "sd-controlnet",
+        options,
+        ("base", "a Stable Diffusion checkpoint (a diffusers SD folder or a .safetensors/.ckpt file)"),
+    )
     apply_threads(options.threads)
     return SDControlNetSR.from_pretrained(
-        options.base, options.controlnet, base_config=options.base_config, device=options.device,
-        dtype=options.dtype or "fp32", channels_last=options.channels_last, compile=options.compile,
-        scale=options.scale, options_class=SDControlNetOptions)
+        options.base,
+        options.controlnet,
+        base_config=options.base_config,
+        device=options.device,
+        dtype=options.dtype or "fp32",
+        channels_last=options.channels_last,
+        compile=options.compile,
+        scale=options.scale,
+        options_class=SDControlNetOptions,
+    )
 
 
-register(MethodSpec(
-    name="sd-controlnet",
-    factory=build,
-    options=SDControlNetOptions,
-    scale=4,
-    summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
-    diffusion=True,
-    weight_paths=("base", "controlnet"),
-))
+register(
+    MethodSpec(
+        name="sd-controlnet",
+        factory=build,
+        options=SDControlNetOptions,
+        scale=4,
+        summary="Stable Diffusion + SR ControlNet (bring your own SD and ControlNet; local paths only)",
+        diffusion=True,
+        weight_paths=("base", "controlnet"),
+    )
+)

@@ -10,6 +10,7 @@ Other modules describe their own registered methods by giving a
 ``ModelInfo`` as ``MethodSpec.info``; methods without one are listed with what
 the registry knows (name, scale, summary).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -145,21 +146,33 @@ def _blob(stem: str) -> tuple[str, str]:
 def _rrdb_models() -> list[ModelInfo]:
     return [
         ModelInfo(
-            "realesrgan-x4plus", 4, "pytorch",
+            "realesrgan-x4plus",
+            4,
+            "pytorch",
             "Real-ESRGAN x4plus (RRDBNet 23 blocks) for real-world photos",
-            *PKG_REALESRGAN, _blob("REALESRGAN_X4PLUS_UP4X"), LIC_REALESRGAN,
+            *PKG_REALESRGAN,
+            _blob("REALESRGAN_X4PLUS_UP4X"),
+            LIC_REALESRGAN,
             extra={"input": "data", "output": "output"},
         ),
         ModelInfo(
-            "realesrgan-x4plus-anime", 4, "pytorch",
+            "realesrgan-x4plus-anime",
+            4,
+            "pytorch",
             "Real-ESRGAN x4plus anime (RRDBNet 6 blocks) for illustrations",
-            *PKG_REALESRGAN, _blob("REALESRGAN_X4PLUSANIME_UP4X"), LIC_REALESRGAN,
+            *PKG_REALESRGAN,
+            _blob("REALESRGAN_X4PLUSANIME_UP4X"),
+            LIC_REALESRGAN,
             extra={"input": "data", "output": "output"},
         ),
         ModelInfo(
-            "realsr-df2k-x4", 4, "pytorch",
+            "realsr-df2k-x4",
+            4,
+            "pytorch",
             "RealSR DF2K x4 (RRDBNet 23 blocks, kernel estimation + noise injection)",
-            *PKG_REALSR, _blob("REALSR_DF2K_UP4X"), LIC_REALSR,
+            *PKG_REALSR,
+            _blob("REALSR_DF2K_UP4X"),
+            LIC_REALSR,
             extra={"input": "data", "output": "output"},
         ),
     ]
@@ -168,9 +181,13 @@ def _rrdb_models() -> list[ModelInfo]:
 def _animevideo_models() -> list[ModelInfo]:
     return [
         ModelInfo(
-            f"realesr-animevideov3-x{s}", s, "ncnn",
+            f"realesr-animevideov3-x{s}",
+            s,
+            "ncnn",
             f"Real-ESRGAN animevideov3 x{s} (compact VGG-style net) for anime video frames",
-            *PKG_REALESRGAN, _blob(f"REALESRGAN_ANIMAVIDEOV3_UP{s}X"), LIC_REALESRGAN,
+            *PKG_REALESRGAN,
+            _blob(f"REALESRGAN_ANIMAVIDEOV3_UP{s}X"),
+            LIC_REALESRGAN,
             extra={"input": "data", "output": "output"},
         )
         for s in (2, 3, 4)
@@ -200,13 +217,17 @@ def _realcugan_models() -> list[ModelInfo]:
     for edition, scale, variant in _REALCUGAN_VARIANTS:
         stem = f"REALCUGAN_{edition.upper()}_UP{scale}X" + (f"_{variant.upper()}" if variant else "")
         what = {"": "no denoising", "conservative": "conservative (keeps texture)"}.get(
-            variant, f"denoise level {variant[len('denoise'):-1]}"
+            variant, f"denoise level {variant[len('denoise') : -1]}"
         )
         out.append(
             ModelInfo(
-                realcugan_name(edition, scale, variant), scale, "ncnn",
+                realcugan_name(edition, scale, variant),
+                scale,
+                "ncnn",
                 f"Real-CUGAN {edition.upper()} {scale}x, {what} (anime/illustration)",
-                *PKG_REALCUGAN, _blob(stem), LIC_REALCUGAN,
+                *PKG_REALCUGAN,
+                _blob(stem),
+                LIC_REALCUGAN,
                 extra={"input": "in0", "output": "out0"},
             )
         )
@@ -216,20 +237,29 @@ def _realcugan_models() -> list[ModelInfo]:
 #: The project's own diffusion model, trained by ``semsr train --config configs/default.yaml``
 #: (docs/default-model.md) and shipped inside the package.
 DEFAULT_SR = ModelInfo(
-    "default-diffusion", 4, "pytorch",
+    "default-diffusion",
+    4,
+    "pytorch",
     "semsr's compact residual diffusion refiner over realesrgan-x4plus "
     "(MiniLM text + IRPAD prompt, Canny edges via ControlNet)",
-    "semsr", "semsr",
-    ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
-     "text_proj/config.json", "text_proj/diffusion_pytorch_model.safetensors"),
+    "semsr",
+    "semsr",
+    (
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
+        "text_proj/config.json",
+        "text_proj/diffusion_pytorch_model.safetensors",
+    ),
     "Apache-2.0 (semsr); stage 1 realesrgan-x4plus: " + LIC_REALESRGAN,
     folder="assets/weights/default-sr",
     uses=("assets/weights/irpad/config.json", "assets/weights/irpad/diffusion_pytorch_model.safetensors"),
     training_data="semsr offline corpus, 575 photos: BSDS500 train+test (400, research use; disjoint from B100), "
-                  "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
-                  "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "
-                  "the corpus manifest",
+    "GCompris (120: public domain, CC0, CC-BY(-SA)), KPhotoAlbum (23, GPL-2+), Enlightenment (14, "
+    "BSD-2-Clause), LXQt (11, CC-BY-SA-3.0), Palapeli (5), scikit-image (6); per-image licences in "
+    "the corpus manifest",
 )
 
 # The model behind the name "default" (registered by semsr.methods.default_alias).
@@ -239,12 +269,22 @@ DEFAULT_TARGET = "default-diffusion"
 def catalog() -> list[ModelInfo]:
     """All restorers this module knows, in listing order."""
     return [
-        ModelInfo("bicubic", 4, "builtin", "MATLAB-compatible bicubic imresize (build option scale=N)",
-                  licence="n/a (no weights)"),
+        ModelInfo(
+            "bicubic",
+            4,
+            "builtin",
+            "MATLAB-compatible bicubic imresize (build option scale=N)",
+            licence="n/a (no weights)",
+        ),
         *_rrdb_models(),
-        ModelInfo("realesrgan-pth", 4, "pytorch",
-                  "RRDBNet from a Real-ESRGAN/BasicSR .pth you supply (params_ema/params)",
-                  licence="that of the weights you supply", needs="weights=PATH"),
+        ModelInfo(
+            "realesrgan-pth",
+            4,
+            "pytorch",
+            "RRDBNet from a Real-ESRGAN/BasicSR .pth you supply (params_ema/params)",
+            licence="that of the weights you supply",
+            needs="weights=PATH",
+        ),
         *_animevideo_models(),
         *_realcugan_models(),
     ]
@@ -253,9 +293,18 @@ def catalog() -> list[ModelInfo]:
 def default_info(target: ModelInfo) -> ModelInfo:
     """Catalog row for ``default``: the target's files, marked as an alias."""
     return ModelInfo(
-        "default", target.scale, "alias", f"bundled default: {target.name}",
-        target.package, target.module, target.files, target.licence, alias_of=target.name,
-        folder=target.folder, training_data=target.training_data, uses=target.uses,
+        "default",
+        target.scale,
+        "alias",
+        f"bundled default: {target.name}",
+        target.package,
+        target.module,
+        target.files,
+        target.licence,
+        alias_of=target.name,
+        folder=target.folder,
+        training_data=target.training_data,
+        uses=target.uses,
     )
 
 

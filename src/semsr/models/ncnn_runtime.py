@@ -5,6 +5,7 @@ pair with Vulkan off, converts ``(3, H, W)`` float tensors to ``ncnn.Mat``
 (keeping the NumPy buffer alive while ncnn reads it: ``ncnn.Mat(array)``
 borrows the memory, it does not copy) and returns the output as a tensor.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

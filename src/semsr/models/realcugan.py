@@ -18,6 +18,7 @@ realcugan-ncnn-vulkan CPU path):
 The SE blocks average over the *whole* input, so the output of a tile differs
 slightly from the same region of a whole-image run (tile with generous padding).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class RealCUGAN:
         padded = pad_reflect(xf, g.prepad, g.prepad + extra_w, g.prepad, g.prepad + extra_h)
         y = self.net(padded)
         if y.shape[-2:] != (s * (h + extra_h), s * (w + extra_w)):
-            raise RuntimeError(f"Real-CUGAN {s}x: unexpected ncnn output {tuple(y.shape)} for input {tuple(padded.shape)}")
+            raise RuntimeError(
+                f"Real-CUGAN {s}x: unexpected ncnn output {tuple(y.shape)} for input {tuple(padded.shape)}"
+            )
         y = y[..., : s * h, : s * w]
         if g.residual:
             y = y + F.interpolate(xf, scale_factor=s, mode="nearest")

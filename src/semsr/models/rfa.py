@@ -27,6 +27,7 @@ components ``aligner`` (optional), ``enhancer`` and ``adain``
 causal LM folder (the text decoder) named in the index meta
 (:func:`save_rfa_checkpoint`).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -60,12 +61,16 @@ def check_embedder(model: Component, embedder: Any, where: str | Path | None = N
     c = model.config
     name = type(model).__name__
     if c.embedder not in (None, embedder.spec):
-        raise SemsrError(f"the {name} was trained for embedder {c.embedder!r}, the database uses "
-                         f"{embedder.spec!r}", where)
+        raise SemsrError(
+            f"the {name} was trained for embedder {c.embedder!r}, the database uses {embedder.spec!r}", where
+        )
     if (c.token_dim, c.num_tokens) != (embedder.token_dim, embedder.num_tokens):
-        raise SemsrError(f"the {name} takes {c.num_tokens} tokens of {c.token_dim}, the embedder {embedder.spec} "
-                         f"gives {embedder.num_tokens} of {embedder.token_dim} (build the database with the "
-                         "embedder the checkpoint was trained for)", where)
+        raise SemsrError(
+            f"the {name} takes {c.num_tokens} tokens of {c.token_dim}, the embedder {embedder.spec} "
+            f"gives {embedder.num_tokens} of {embedder.token_dim} (build the database with the "
+            "embedder the checkpoint was trained for)",
+            where,
+        )
 
 
 @register_component
@@ -83,16 +88,26 @@ class ReferenceFindingAligner(Component):
     """
 
     @register_to_config
-    def __init__(self, token_dim: int, out_dim: int, num_tokens: int, width: int = 256, depth: int = 2,
-                 heads: int = 4, residual: bool = True, embedder: str | None = None) -> None:
+    def __init__(
+        self,
+        token_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        width: int = 256,
+        depth: int = 2,
+        heads: int = 4,
+        residual: bool = True,
+        embedder: str | None = None,
+    ) -> None:
         super().__init__()
         w = width
         self.proj = nn.Linear(token_dim, w)
         self.pos = nn.Parameter(torch.zeros(1, num_tokens, w))
         self.cls = nn.Parameter(torch.randn(1, 1, w) * 0.02)
         self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(depth))
+            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, out_dim)
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -103,8 +118,10 @@ class ReferenceFindingAligner(Component):
     def forward(self, tokens: torch.Tensor, lr_embed: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         if tokens.shape[1] != c.num_tokens or tokens.shape[2] != c.token_dim:
-            raise SemsrError(f"aligner expects {c.num_tokens} tokens of {c.token_dim}, "
-                             f"got {tuple(tokens.shape[1:])} (is it for another embedder?)")
+            raise SemsrError(
+                f"aligner expects {c.num_tokens} tokens of {c.token_dim}, "
+                f"got {tuple(tokens.shape[1:])} (is it for another embedder?)"
+            )
         mem = self.proj(tokens) + self.pos
         q = self.cls.expand(tokens.shape[0], -1, -1)
         for layer in self.layers:
@@ -174,17 +191,28 @@ class EmbeddingEnhancer(Component):
     """
 
     @register_to_config
-    def __init__(self, token_dim: int, out_dim: int, num_tokens: int, lm_dim: int, num_refs: int = 4,
-                 width: int = 256, depth: int = 2, heads: int = 4, prefix_len: int = 4,
-                 embedder: str | None = None) -> None:
+    def __init__(
+        self,
+        token_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        lm_dim: int,
+        num_refs: int = 4,
+        width: int = 256,
+        depth: int = 2,
+        heads: int = 4,
+        prefix_len: int = 4,
+        embedder: str | None = None,
+    ) -> None:
         super().__init__()
         w = width
         self.proj = nn.Linear(token_dim, w)
         self.pos = nn.Parameter(torch.zeros(1, num_tokens, w))
         self.slot = nn.Parameter(torch.zeros(1 + num_refs, 1, w))
         self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(depth))
+            nn.TransformerDecoderLayer(w, heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(w)
         self.image_head = nn.Linear(w, out_dim)
         self.prefix_head = nn.Linear(w, prefix_len * lm_dim)
@@ -196,10 +224,9 @@ class EmbeddingEnhancer(Component):
         b, n, _ = lr_tokens.shape
         k = ref_tokens.shape[1]
         if n != c.num_tokens or k > c.num_refs:
-            raise SemsrError(f"enhancer expects {c.num_tokens} tokens and <= {c.num_refs} "
-                             f"references, got {n} and {k}")
+            raise SemsrError(f"enhancer expects {c.num_tokens} tokens and <= {c.num_refs} references, got {n} and {k}")
         q = self.proj(lr_tokens) + self.pos + self.slot[0]
-        refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1:1 + k].unsqueeze(0)
+        refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1 : 1 + k].unsqueeze(0)
         mem = torch.cat([q, refs.reshape(b, k * n, -1)], dim=1)
         for layer in self.layers:
             q = layer(q, mem)
@@ -213,8 +240,9 @@ def enhancer_loss(image_embed: torch.Tensor, hr_embed: torch.Tensor) -> torch.Te
     return (1 - F.cosine_similarity(image_embed, hr_embed, dim=-1)).mean()
 
 
-def caption_loss(lm: Any, prefix: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def caption_loss(
+    lm: Any, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Teacher-forced LM loss of caption tokens ``(B, L)`` after the prefix ``(B, P, lm_dim)``.
 
     An auxiliary term (``rfa_caption_nll``); the seed's supervision — the CLIP
@@ -225,7 +253,7 @@ def caption_loss(lm: Any, prefix: torch.Tensor, input_ids: torch.Tensor,
     inputs = torch.cat([prefix.to(emb.dtype), emb], dim=1)
     labels = torch.cat([input_ids.new_full(prefix.shape[:2], -100), input_ids], dim=1)
     if attention_mask is not None:
-        labels[:, prefix.shape[1]:][attention_mask == 0] = -100
+        labels[:, prefix.shape[1] :][attention_mask == 0] = -100
         attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], 1)
     return lm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels).loss
 
@@ -273,8 +301,9 @@ def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
 # ============================================================================ the RFA checkpoint
 
 
-def save_rfa_checkpoint(folder: str | Path, components: Mapping[str, Component | None],
-                        text_decoder: str | Path | None = None) -> Path:
+def save_rfa_checkpoint(
+    folder: str | Path, components: Mapping[str, Component | None], text_decoder: str | Path | None = None
+) -> Path:
     """Write an RFA checkpoint: ``components`` (``aligner`` (optional), ``enhancer``, ``adain``) with
     :func:`~semsr.core.components.save_checkpoint`, plus a copy of the ``text_decoder`` folder (a
     transformers causal LM + tokenizer) as ``text-decoder/``, named in the index meta."""

@@ -36,6 +36,7 @@ space); a word split over several LM tokens is encoded piece by piece
 (``"ca" + "t"`` -> ``ca</w> t</w>`` instead of ``cat</w>``) — the one
 approximation.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ class SoftDecoding:
     lengths: torch.Tensor
 
 
-def soft_decode(lm: Any, prefix: torch.Tensor, max_new_tokens: int, eos_id: int | None,
-                tau: float = 1.0) -> SoftDecoding:
+def soft_decode(
+    lm: Any, prefix: torch.Tensor, max_new_tokens: int, eos_id: int | None, tau: float = 1.0
+) -> SoftDecoding:
     """Differentiable greedy decoding from prefix embeddings ``(B, P, lm_dim)`` (see module docstring)."""
     emb = lm.get_input_embeddings()
     table = emb.weight
@@ -100,8 +102,11 @@ class VocabBridge:
     """
 
     def __init__(self, lm_tokenizer: Any, clip_tokenizer: Any, lm_vocab: int) -> None:
-        special = {i for i in (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id)
-                   if i is not None}
+        special = {
+            i
+            for i in (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id)
+            if i is not None
+        }
         lm_special = set(getattr(lm_tokenizer, "all_special_ids", []) or [])
         n_tok = len(lm_tokenizer)
         texts = [lm_tokenizer.decode([v]) if v < n_tok and v not in lm_special else "" for v in range(lm_vocab)]
@@ -158,8 +163,9 @@ class CLIPTextEmbedder(nn.Module):
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """Pooled embeddings of ``prompts`` (B strings) -> ``(B, D)`` float32."""
         device = next(self.model.parameters()).device
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         return self._pooled(self.model(input_ids=ids))
 
     def embed_decoded(self, dec: SoftDecoding, bridge: VocabBridge) -> torch.Tensor:
@@ -230,8 +236,9 @@ def load_clip_text(folder: str | Path) -> CLIPTextEmbedder:
     cfg = json.loads(cfg_file.read_text())
     arch = set(cfg.get("architectures") or [])
     if cfg.get("model_type") not in ("clip", "clip_text_model"):
-        raise SemsrError(f"text encoder is {cfg.get('model_type')!r}, not CLIP (the RFA text loss needs CLIP)",
-                         model_dir)
+        raise SemsrError(
+            f"text encoder is {cfg.get('model_type')!r}, not CLIP (the RFA text loss needs CLIP)", model_dir
+        )
     cls = CLIPTextModelWithProjection if arch & {"CLIPTextModelWithProjection", "CLIPModel"} else CLIPTextModel
     model = load_transformers_model(cls, model_dir, what="CLIP text encoder")
     return CLIPTextEmbedder(load_clip_tokenizer(tok_dir), model)

@@ -22,6 +22,7 @@ Weights come from two sources:
 - :func:`rrdbnet_from_pth`: a BasicSR/Real-ESRGAN ``.pth`` state dict (under
   ``params_ema`` or ``params``, or bare), loaded with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -158,7 +159,9 @@ def _check_ncnn_graph(layers: list[NcnnLayer], source: str) -> list[NcnnLayer]:
     return convs
 
 
-def rrdb_state_dict_from_ncnn(layers: list[NcnnLayer], source: str = "ncnn") -> tuple[RRDBConfig, dict[str, torch.Tensor]]:
+def rrdb_state_dict_from_ncnn(
+    layers: list[NcnnLayer], source: str = "ncnn"
+) -> tuple[RRDBConfig, dict[str, torch.Tensor]]:
     """Map the convolutions of an ncnn RRDBNet graph to BasicSR state-dict keys.
 
     Checks, per conv, the kernel size (3), padding (1), stride (1), the
@@ -175,7 +178,9 @@ def rrdb_state_dict_from_ncnn(layers: list[NcnnLayer], source: str = "ncnn") -> 
     for (prefix, lrelu), ly in zip(_conv_order(num_block), convs, strict=True):
         w = ly.weights["weight"]
         if tuple(w.shape) != expected_shapes[prefix]:
-            raise NcnnFormatError(f"{source}: layer {ly.name} ({prefix}): weight {w.shape}, expected {expected_shapes[prefix]}")
+            raise NcnnFormatError(
+                f"{source}: layer {ly.name} ({prefix}): weight {w.shape}, expected {expected_shapes[prefix]}"
+            )
         if ly.get(4, 0) != 1 or ly.get(3, 1) != 1 or ly.get(2, 1) != 1 or "bias" not in ly.weights:
             raise NcnnFormatError(f"{source}: layer {ly.name} ({prefix}): expected 3x3 conv, pad 1, stride 1, bias")
         has_lrelu = ly.get(9, 0) == 2 and ly.get(10) == [LRELU_SLOPE]

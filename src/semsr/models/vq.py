@@ -19,6 +19,7 @@ one interface (:class:`SpatialTokenizer`):
 Maps are ``(B, C, H, W)`` float in [0, 1] of any size; each tokenizer resizes
 them to its input size and adapts the channel count (grey <-> RGB).
 """
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,12 @@ class _ResBlock(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-            nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(8, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,8 +151,9 @@ class CodebookEMA(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def update(self, flat: torch.Tensor, ids: torch.Tensor, codebook: torch.Tensor,
-               generator: torch.Generator | None) -> None:
+    def update(
+        self, flat: torch.Tensor, ids: torch.Tensor, codebook: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
         """One EMA step with the batch ``flat`` ``(N, dim)`` assigned to codes ``ids`` ``(N,)``; writes ``codebook``."""
         counts = torch.bincount(ids, minlength=codebook.shape[0]).type_as(flat)
         sums = torch.zeros_like(self.total).index_add_(0, ids, flat)
@@ -182,8 +188,9 @@ class EMAQuantizer(nn.Module):
         """Nearest code ids for vectors ``(N, dim)`` -> ``(N,)`` int64."""
         return (F.normalize(z, dim=1) @ self.codebook.t()).argmax(1)
 
-    def forward(self, z: torch.Tensor, ema: CodebookEMA | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, ema: CodebookEMA | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantise ``z`` ``(B, dim, h, w)``; with ``ema``, update the codebook first (training).
 
         ``generator`` drives the random picks of codebook (re)initialisation.
@@ -231,9 +238,19 @@ class EdgeVQ(Component):
     """
 
     @register_to_config
-    def __init__(self, in_channels: int = 1, image_size: int = 128, patch: int = 2,
-                 channels: Sequence[int] = (32, 64, 128), res_blocks: int = 1, grid: int = 16, embed_dim: int = 256,
-                 codebook_size: int = 1024, decay: float = 0.99, dead_threshold: float = 0.03) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 128,
+        patch: int = 2,
+        channels: Sequence[int] = (32, 64, 128),
+        res_blocks: int = 1,
+        grid: int = 16,
+        embed_dim: int = 256,
+        codebook_size: int = 1024,
+        decay: float = 0.99,
+        dead_threshold: float = 0.03,
+    ) -> None:
         super().__init__()
         ch = tuple(int(c) for c in channels)
         if image_size != grid * patch * 2 ** (len(ch) - 1):
@@ -256,8 +273,12 @@ class EdgeVQ(Component):
             dec += [_ResBlock(ch[i]) for _ in range(res_blocks)]
             if i > 0:
                 dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i], ch[i - 1], 3, padding=1)]
-        dec += [nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], in_channels * p * p, 3, padding=1),
-                nn.PixelShuffle(p)]
+        dec += [
+            nn.GroupNorm(8, ch[0]),
+            nn.SiLU(),
+            nn.Conv2d(ch[0], in_channels * p * p, 3, padding=1),
+            nn.PixelShuffle(p),
+        ]
         self.decoder = nn.Sequential(*dec)
 
     def new_ema(self, *, fresh: bool) -> CodebookEMA:
@@ -271,8 +292,9 @@ class EdgeVQ(Component):
         """Any-size maps -> ``(B, in_channels, image_size, image_size)`` in [0, 1]."""
         return prepare_maps(maps, self.image_size, self.in_channels)
 
-    def forward(self, x: torch.Tensor, ema: CodebookEMA | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, ema: CodebookEMA | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prepared maps ``(B, C, S, S)`` -> ``(recon logits (B, C, S, S), ids (B, 16, 16), commitment)``.
 
         With ``ema`` (training) the codebook is updated from this batch (see :class:`EMAQuantizer`).
@@ -368,8 +390,7 @@ def load_tokenizer(path: str | Path | None = None, device: str = "cpu") -> Spati
     """
     folder = shipped_edge_vq_path() if path is None else Path(path).expanduser()
     if not folder.is_dir():
-        raise UnavailableError("not a VQ tokenizer folder (an EdgeVQ component or a diffusers VQModel folder)",
-                               folder)
+        raise UnavailableError("not a VQ tokenizer folder (an EdgeVQ component or a diffusers VQModel folder)", folder)
     if _config_class(folder) == EdgeVQ.__name__:
         return load_component(EdgeVQ, folder).to(device)
     return DiffusersVQTokenizer(folder, device=device)

@@ -14,6 +14,7 @@ that, which is what the published bicubic anchors need.
 All tensors here are float, channels first: ``(..., 3, H, W)`` in [0, 1]
 unless stated otherwise.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ kernel stretched by 1/scale when downscaling (antialiasing), sample positions
 The resize is separable and linear, so it is computed as two matrix products
 ``W_h @ img @ W_w.T`` with weight matrices built once per (size, scale).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,9 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     """Keys cubic kernel with a = -0.5 (MATLAB's ``cubic``)."""
     ax = np.abs(x)
     ax2, ax3 = ax * ax, ax * ax * ax
-    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1) + (
-        -0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0
-    ) * ((ax > 1) & (ax <= 2))
+    return (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * (
+        (ax > 1) & (ax <= 2)
+    )
 
 
 @lru_cache(maxsize=64)

@@ -10,6 +10,7 @@ details but takes colour from the LR input:
   frequencies;
 - ``none``: unchanged.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ pipeline class inherits it and sets the attributes it reads (``vae``,
 ``unet``, ``text``, ``device``, ``dtype``, ``factor``, ``latent_multiple``,
 ``scheduler_config``).
 """
+
 from __future__ import annotations
 
 import math
@@ -114,7 +115,7 @@ class LatentSRPipeline:
         with torch.no_grad(), vae_tiling(self.vae, tile_px):
             z = self.vae.encode((image * 2 - 1).to(self.device, self.dtype)).latent_dist.mode()
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((z.float() - shift) * cfg.scaling_factor)
+        return (z.float() - shift) * cfg.scaling_factor
 
     def vae_decode(self, z: torch.Tensor, tile_px: int | None = None) -> torch.Tensor:
         """Scaled latent ``(B, 4, h, w)`` -> image ``(B, 3, f*h, f*w)`` float32 in [0, 1]."""
@@ -146,13 +147,34 @@ class LatentSRPipeline:
         hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
         lat_hw = (pad_h // self.factor, pad_w // self.factor)
         tile = self.resolve_latent_tile(lat_hw, latent_tile)
-        return SRLayout(batch=bsz, out_hw=(out_h, out_w), lat_hw=lat_hw, hint=hint, hint_padded=hint_padded,
-                        tile=tile, vae_tile=tile * self.factor if tile else None)
+        return SRLayout(
+            batch=bsz,
+            out_hw=(out_h, out_w),
+            lat_hw=lat_hw,
+            hint=hint,
+            hint_padded=hint_padded,
+            tile=tile,
+            vae_tile=tile * self.factor if tile else None,
+        )
 
-    def denoise_decode(self, spatial: SpatialDenoiser, layout: SRLayout, *, channels: int, cond: Any,
-                       guide: Callable[[Denoiser], Denoiser] | None = None, steps: int, seed: int, scheduler: str,
-                       init_latents: torch.Tensor | None, strength: float, tile_overlap: int | None,
-                       colour_fix_method: str, progress: Any, timings: dict[str, float]) -> torch.Tensor:
+    def denoise_decode(
+        self,
+        spatial: SpatialDenoiser,
+        layout: SRLayout,
+        *,
+        channels: int,
+        cond: Any,
+        guide: Callable[[Denoiser], Denoiser] | None = None,
+        steps: int,
+        seed: int,
+        scheduler: str,
+        init_latents: torch.Tensor | None,
+        strength: float,
+        tile_overlap: int | None,
+        colour_fix_method: str,
+        progress: Any,
+        timings: dict[str, float],
+    ) -> torch.Tensor:
         """Sample the latent with ``spatial`` (on ``layout.tile`` tiles), decode, crop and colour-fix.
 
         Args:
@@ -177,10 +199,18 @@ class LatentSRPipeline:
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
         try:
-            z = sample(denoiser, make_scheduler(scheduler, self.scheduler_config),
-                       shape=(layout.batch, int(channels), *layout.lat_hw), cond=cond, steps=int(steps),
-                       generator=torch.Generator("cpu").manual_seed(int(seed)), init_latents=init_latents,
-                       strength=strength, device=self.device, progress=callback)
+            z = sample(
+                denoiser,
+                make_scheduler(scheduler, self.scheduler_config),
+                shape=(layout.batch, int(channels), *layout.lat_hw),
+                cond=cond,
+                steps=int(steps),
+                generator=torch.Generator("cpu").manual_seed(int(seed)),
+                init_latents=init_latents,
+                strength=strength,
+                device=self.device,
+                progress=callback,
+            )
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0

@@ -16,6 +16,7 @@ tile plus the latent-size accumulators.
 VAE tiling uses diffusers' ``AutoencoderKL`` tiling (overlapping tiles with
 linear blending) with the tile size set per call (:func:`vae_tiling`).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,13 @@ def gaussian_weight(height: int, width: int, sigma_frac: float = 0.25, *, device
     return axis(height)[:, None] * axis(width)[None, :]
 
 
-def blend_windows(fn: Callable[[torch.Tensor, Window], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-                sigma_frac: float = 0.25) -> torch.Tensor:
+def blend_windows(
+    fn: Callable[[torch.Tensor, Window], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    sigma_frac: float = 0.25,
+) -> torch.Tensor:
     """Apply ``fn(x_tile, window)`` on overlapping tiles of ``x`` and blend with Gaussian weights.
 
     Args:
@@ -76,11 +82,11 @@ def blend_windows(fn: Callable[[torch.Tensor, Window], torch.Tensor], x: torch.T
     for top in tile_starts(height, th, min(overlap, th - 1)):
         for left in tile_starts(width, tw, min(overlap, tw - 1)):
             window = (top, left, th, tw)
-            y = fn(x[:, :, top:top + th, left:left + tw], window).float()
+            y = fn(x[:, :, top : top + th, left : left + tw], window).float()
             if out is None:
                 out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
-            out[:, :, top:top + th, left:left + tw] += y * weight
-            total[top:top + th, left:left + tw] += weight
+            out[:, :, top : top + th, left : left + tw] += y * weight
+            total[top : top + th, left : left + tw] += weight
     assert out is not None
     return out / total
 
@@ -110,7 +116,7 @@ def crop_window(t: torch.Tensor, window: Window, factor: int = 1, batch: int | N
     repeats the crop to ``batch`` rows.
     """
     top, left, h, w = window
-    out = t[..., top * factor:(top + h) * factor, left * factor:(left + w) * factor]
+    out = t[..., top * factor : (top + h) * factor, left * factor : (left + w) * factor]
     if batch is not None and batch != out.shape[0]:
         out = out.repeat(batch // out.shape[0], 1, 1, 1)
     return out

@@ -7,6 +7,7 @@ freezing: faster forwards on CPU for twice the memory and a long compile) are
 options, off by default. Measurements behind these defaults:
 ``docs/benchmarks/pipeline.md``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +37,14 @@ def compile_mode(value: bool | str | None) -> str | None:
     raise SemsrError(f"compile must be true, false, default or freeze, got {value!r}")
 
 
-def prepare_module(module: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   channels_last: bool = False, compile: bool | str = False) -> Any:
+def prepare_module(
+    module: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    compile: bool | str = False,
+) -> Any:
     """Move ``module`` to ``device``/``dtype`` in eval mode, optionally channels-last and compiled.
 
     ``torch.compile`` wraps ``forward`` in place (``module.compile()``), so the

@@ -9,6 +9,7 @@ batch first). Guidance is not done here: wrap the denoiser
 Schedulers: ``ddpm`` (XPSR's default, 20 steps), ``ddim``, ``dpm++``
 (DPM-Solver++ multistep), all built from the checkpoint's scheduler config.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,10 +41,19 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     raise SemsrError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULER_NAMES)}")
 
 
-def sample(denoiser: Denoiser, scheduler: Any, *, shape: tuple[int, ...], cond: Any, steps: int = 20,
-           generator: torch.Generator | None = None,
-           init_latents: torch.Tensor | None = None, strength: float = 1.0,
-           device: torch.device | str = "cpu", progress: Progress | None = None) -> torch.Tensor:
+def sample(
+    denoiser: Denoiser,
+    scheduler: Any,
+    *,
+    shape: tuple[int, ...],
+    cond: Any,
+    steps: int = 20,
+    generator: torch.Generator | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> torch.Tensor:
     """Run the reverse diffusion and return the final latent ``shape`` (float32).
 
     Args:
@@ -71,7 +81,7 @@ def sample(denoiser: Denoiser, scheduler: Any, *, shape: tuple[int, ...], cond: 
         if not 0.0 < strength <= 1.0:
             raise SemsrError(f"strength must be in (0, 1], got {strength}")
         start = min(int(round(steps * (1.0 - strength))), steps - 1)
-        timesteps = timesteps[start * scheduler.order:]
+        timesteps = timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
         x = scheduler.add_noise(init_latents.float().to(device), noise, timesteps[:1])

@@ -5,6 +5,7 @@ These are the architecture hyper-parameters of SD 1.5 (``unet/config.json``,
 real-size models can be built with random weights, e.g. for speed and memory
 benchmarks (``benchmarks/pipeline_step.py``).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -16,6 +16,7 @@ training forward for the eps-MSE loss), :func:`~semsr.pipeline.latent_sr.make_hi
 sampling / decoding steps) and :class:`SDControlNetSR` (subclass it or wrap
 :meth:`SDControlNetSR.spatial_denoiser` to add priors/fusion).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,15 @@ def new_controlnet(unet: Any, **kwargs: Any) -> Any:
     return ControlNetModel.from_unet(unet, **kwargs)
 
 
-def controlnet_unet_forward(unet: Any, controlnet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                            hint: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
+def controlnet_unet_forward(
+    unet: Any,
+    controlnet: Any,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor,
+    hint: torch.Tensor,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
     """UNet noise prediction with ControlNet residuals: the per-step model call of inference and training.
 
     The residuals are cast to the UNet's dtype before they are added (under
@@ -72,11 +80,23 @@ def controlnet_unet_forward(unet: Any, controlnet: Any, x: torch.Tensor, t: torc
     Returns:
         ``(B, 4, h, w)`` model output (epsilon or v) in the UNet's dtype.
     """
-    down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint,
-                           conditioning_scale=conditioning_scale, return_dict=False)
+    down, mid = controlnet(
+        x,
+        t,
+        encoder_hidden_states=context,
+        controlnet_cond=hint,
+        conditioning_scale=conditioning_scale,
+        return_dict=False,
+    )
     dtype = unet.dtype
-    return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=[d.to(dtype) for d in down],
-                mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+    return unet(
+        x,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=[d.to(dtype) for d in down],
+        mid_block_additional_residual=mid.to(dtype),
+        return_dict=False,
+    )[0]
 
 
 class SDControlNetSR(LatentSRPipeline):
@@ -95,10 +115,22 @@ class SDControlNetSR(LatentSRPipeline):
     tiles_itself = True
     options_class: type[ControlNetSROptions] = ControlNetSROptions
 
-    def __init__(self, *, vae: Any, unet: Any, controlnet: Any, text: Any, scheduler_config: dict[str, Any],
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
-                 channels_last: bool = False, compile: bool | str | None = False, scale: int = 4,
-                 name: str | None = None, options_class: type[ControlNetSROptions] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        vae: Any,
+        unet: Any,
+        controlnet: Any,
+        text: Any,
+        scheduler_config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        channels_last: bool = False,
+        compile: bool | str | None = False,
+        scale: int = 4,
+        name: str | None = None,
+        options_class: type[ControlNetSROptions] | None = None,
+    ) -> None:
         self.scale = int(scale)
         if name is not None:
             self.name = name
@@ -117,8 +149,10 @@ class SDControlNetSR(LatentSRPipeline):
         if hint_factor != self.factor:
             raise SemsrError(f"ControlNet hint encoder downsamples by {hint_factor} but the VAE by {self.factor}")
         if int(self.text.width) != int(self.unet.config.cross_attention_dim):
-            raise SemsrError(f"text encoder width {self.text.width} != UNet cross-attention width "
-                             f"{self.unet.config.cross_attention_dim}")
+            raise SemsrError(
+                f"text encoder width {self.text.width} != UNet cross-attention width "
+                f"{self.unet.config.cross_attention_dim}"
+            )
         # latent sizes must survive the UNet's downsamplings
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
 
@@ -128,16 +162,30 @@ class SDControlNetSR(LatentSRPipeline):
     def from_components(cls, components: SDComponents, controlnet: Any | None = None, **kwargs: Any) -> SDControlNetSR:
         """Build from loaded SD components; ``controlnet=None`` creates a new one with ``from_unet``."""
         if controlnet is None:
-            log.warning("no ControlNet given: using a new, untrained one made from the UNet "
-                        "(its zero convolutions ignore the LR hint)")
+            log.warning(
+                "no ControlNet given: using a new, untrained one made from the UNet "
+                "(its zero convolutions ignore the LR hint)"
+            )
             controlnet = new_controlnet(components.unet)
         text = load_text_conditioner(components, dtype=kwargs.get("dtype", "fp32"), device=kwargs.get("device", "cpu"))
-        return cls(vae=components.vae, unet=components.unet, controlnet=controlnet, text=text,
-                   scheduler_config=components.scheduler_config, **kwargs)
+        return cls(
+            vae=components.vae,
+            unet=components.unet,
+            controlnet=controlnet,
+            text=text,
+            scheduler_config=components.scheduler_config,
+            **kwargs,
+        )
 
     @classmethod
-    def from_pretrained(cls, base: str | Path, controlnet: str | Path | None = None, *,
-                        base_config: str | Path | None = None, **kwargs: Any) -> SDControlNetSR:
+    def from_pretrained(
+        cls,
+        base: str | Path,
+        controlnet: str | Path | None = None,
+        *,
+        base_config: str | Path | None = None,
+        **kwargs: Any,
+    ) -> SDControlNetSR:
         """Load from local paths only.
 
         Args:
@@ -168,22 +216,30 @@ class SDControlNetSR(LatentSRPipeline):
         if not isinstance(self.text, (CLIPTextConditioner, MiniLMTextEncoder)):
             raise SemsrError(f"cannot save text encoder of type {type(self.text).__name__}")
         folder = Path(folder)
-        index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
-                                 "feature_extractor": [None, None], "safety_checker": [None, None],
-                                 "requires_safety_checker": False}
+        index: dict[str, Any] = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers_version,
+            "feature_extractor": [None, None],
+            "safety_checker": [None, None],
+            "requires_safety_checker": False,
+        }
         with atomic_folder(folder) as tmp:
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             self.controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
             sched = make_scheduler("ddpm", self.scheduler_config)
             sched.save_pretrained(tmp / "scheduler")
-            index.update(vae=["diffusers", "AutoencoderKL"], unet=["diffusers", "UNet2DConditionModel"],
-                         scheduler=["diffusers", type(sched).__name__])
+            index.update(
+                vae=["diffusers", "AutoencoderKL"],
+                unet=["diffusers", "UNet2DConditionModel"],
+                scheduler=["diffusers", type(sched).__name__],
+            )
             if isinstance(self.text, CLIPTextConditioner):
                 self.text.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
                 self.text.tokenizer.save_pretrained(tmp / "tokenizer")
-                index.update(text_encoder=["transformers", "CLIPTextModel"],
-                             tokenizer=["transformers", "CLIPTokenizer"])
+                index.update(
+                    text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"]
+                )
             else:
                 self.text.save_projection(tmp / "text_projection")
                 index.update(text_encoder=[None, None], tokenizer=[None, None])
@@ -192,8 +248,9 @@ class SDControlNetSR(LatentSRPipeline):
 
     # ------------------------------------------------------------------ pieces
 
-    def conditions(self, prompts: list[str], negative_prompt: str | list[str] | None,
-                   guidance_scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    def conditions(
+        self, prompts: list[str], negative_prompt: str | list[str] | None, guidance_scale: float
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """The sampler's ``(cond, uncond)`` for ``B`` prompts: ``{"context": (B, L, D)}``; ``uncond``
         is None without CFG. Subclasses with more conditions (e.g. XPSR's two prompts) override this."""
         cond = {"context": self.encode_prompts(prompts)}
@@ -202,8 +259,14 @@ class SDControlNetSR(LatentSRPipeline):
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         return cond, {"context": self.encode_prompts(negs)}
 
-    def model_forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], hint: torch.Tensor,
-                      conditioning_scale: float) -> torch.Tensor:
+    def model_forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        hint: torch.Tensor,
+        conditioning_scale: float,
+    ) -> torch.Tensor:
         """One ControlNet + UNet evaluation: ``x (N, 4, h, w)`` (model dtype), ``cond["context"] (N, L, D)``,
         ``hint (N, 3, f*h, f*w)`` -> ``(N, 4, h, w)``. Subclasses with more conditions override this."""
         return controlnet_unet_forward(self.unet, self.controlnet, x, t, cond["context"], hint, conditioning_scale)
@@ -226,9 +289,15 @@ class SDControlNetSR(LatentSRPipeline):
 
     # ------------------------------------------------------------------ run
 
-    def __call__(self, lr: torch.Tensor, options: ControlNetSROptions | None = None, *,
-                 prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
-                 progress: ProgressFn | bool | None = False) -> SROutput:
+    def __call__(
+        self,
+        lr: torch.Tensor,
+        options: ControlNetSROptions | None = None,
+        *,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
+        progress: ProgressFn | bool | None = False,
+    ) -> SROutput:
         """Super-resolve ``lr`` ``(B, 3, h, w)`` in [0, 1] -> ``(B, 3, scale*h, scale*w)`` in [0, 1].
 
         Args:
@@ -252,11 +321,21 @@ class SDControlNetSR(LatentSRPipeline):
         timings["encode"] = time.perf_counter() - t0
 
         image = self.denoise_decode(
-            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale), layout,
-            channels=self.unet.config.in_channels, cond=cond,
-            guide=lambda d: cfg(d, uncond, opts.guidance_scale), steps=opts.steps, seed=opts.seed,
-            scheduler=opts.scheduler, init_latents=init, strength=opts.strength, tile_overlap=opts.tile_overlap,
-            colour_fix_method=opts.colour_fix, progress=progress, timings=timings)
+            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
+            layout,
+            channels=self.unet.config.in_channels,
+            cond=cond,
+            guide=lambda d: cfg(d, uncond, opts.guidance_scale),
+            steps=opts.steps,
+            seed=opts.seed,
+            scheduler=opts.scheduler,
+            init_latents=init,
+            strength=opts.strength,
+            tile_overlap=opts.tile_overlap,
+            colour_fix_method=opts.colour_fix,
+            progress=progress,
+            timings=timings,
+        )
         timings["steps"] = float(opts.steps)
         priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0]})
         return SROutput(image, priors=priors, timings=timings)
@@ -264,5 +343,3 @@ class SDControlNetSR(LatentSRPipeline):
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """Nothing is extracted from the image: the default negative prompt, to edit."""
         return {"negative_prompt": self.options_class().negative_prompt}
-
-

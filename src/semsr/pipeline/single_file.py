@@ -8,6 +8,7 @@ test models (and users who fine-tune here) get a real single-file variant.
 The mapping is the inverse of diffusers' LDM -> diffusers conversion for SD 1.x
 UNets, the KL VAE and the CLIP (not OpenCLIP) text encoder.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,8 +33,14 @@ _UNET_FIXED = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_FIXED = {"conv_norm_out": "norm_out"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -46,7 +53,7 @@ def _split(key: str, n: int) -> tuple[list[str], str]:
 def _rename_head(rest: str, table: dict[str, str]) -> str:
     for old, new in table.items():
         if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
+            return new + rest[len(old) :]
     return rest
 
 

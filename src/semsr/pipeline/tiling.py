@@ -17,6 +17,7 @@ Methods with ``tiles_itself = True`` (diffusion recipes tile in latent space)
 are called once, with the options object whose ``tile``/``tile_pad`` are set
 to the resolved values (input pixels; 0 = the method's own default).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -24,6 +24,7 @@ import-cheap: import transformers/h5py inside the factory). A spec lists its
 user options (:class:`ProviderOption`), from which ``semsr priors`` builds its
 command-line flags, so a new provider needs no change to the command.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,7 +77,9 @@ class PriorResult:
             "text": isinstance(self.value, str),
             "tags": isinstance(self.value, tuple) and all(isinstance(t, str) for t in self.value),
             "spatial": isinstance(self.value, torch.Tensor) and self.value.ndim == 4 and self.value.shape[0] == 1,
-            "embedding": isinstance(self.value, torch.Tensor) and self.value.ndim in (2, 3) and self.value.shape[0] == 1,
+            "embedding": isinstance(self.value, torch.Tensor)
+            and self.value.ndim in (2, 3)
+            and self.value.shape[0] == 1,
         }[self.kind]
         if not ok:
             raise TypeError(f"bad value for a {self.kind!r} prior: {type(self.value).__name__}")
@@ -177,8 +180,9 @@ def model_folder(path: str | Path | None, default_name: str, missing: str) -> Pa
 
 def check_image(image: torch.Tensor) -> None:
     """Raise :class:`InputError` unless ``image`` is ``(1, 3, H, W)`` floating point."""
-    if not (isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[:2] == (1, 3)
-            and image.is_floating_point()):
+    if not (
+        isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[:2] == (1, 3) and image.is_floating_point()
+    ):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"a prior provider takes one RGB image (1, 3, H, W) float in [0, 1], got {shape}")
 

@@ -17,6 +17,7 @@ Everything loads with ``local_files_only=True``; the model folder comes from
 the ``model`` option (``--depth-model`` / ``--seg-model``) or, when absent,
 ``semsr.core.paths.weights_dir()/"depth"`` or ``/"seg"``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,11 +72,16 @@ class _DenseModelProvider:
 
     kind = "spatial"
 
-    def _load_model(self, model: str | Path | None, flag: str, auto_classes: tuple[Any, ...], what: str,
-                    device: str) -> None:
+    def _load_model(
+        self, model: str | Path | None, flag: str, auto_classes: tuple[Any, ...], what: str, device: str
+    ) -> None:
         """Find (``model`` or the ``--<flag>`` default folder) and load the model to ``device``."""
-        self.path = model_folder(model, self.name, f"no transformers model folder (config.json missing); pass "
-                                                   f"{flag} PATH to a folder written by save_pretrained")
+        self.path = model_folder(
+            model,
+            self.name,
+            f"no transformers model folder (config.json missing); pass "
+            f"{flag} PATH to a folder written by save_pretrained",
+        )
         self.model, self.processor = _load(self.path, auto_classes, what)
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -157,8 +163,13 @@ class SegProvider(_DenseModelProvider):
             AutoModelForUniversalSegmentation,
         )
 
-        self._load_model(model, "--seg-model", (AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation),
-                         "segmentation", device)
+        self._load_model(
+            model,
+            "--seg-model",
+            (AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation),
+            "segmentation",
+            device,
+        )
         self.id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         self.palette = label_palette(max(len(self.id2label), 1) + 1)
         self.version = f"{_REVISION};{fingerprint([self.path])}"
@@ -175,18 +186,22 @@ class SegProvider(_DenseModelProvider):
         return PriorResult("spatial", colour, {"labels": {str(i): self.id2label.get(i, str(i)) for i in present}})
 
 
-register_provider(ProviderSpec(
-    name="depth",
-    factory=DepthProvider,
-    kind="spatial",
-    summary="monocular depth (DPT / Depth-Anything from a local transformers folder)",
-    options=(ProviderOption("model", "--depth-model", "local transformers depth-estimation folder"), DEVICE_OPTION),
-))
+register_provider(
+    ProviderSpec(
+        name="depth",
+        factory=DepthProvider,
+        kind="spatial",
+        summary="monocular depth (DPT / Depth-Anything from a local transformers folder)",
+        options=(ProviderOption("model", "--depth-model", "local transformers depth-estimation folder"), DEVICE_OPTION),
+    )
+)
 
-register_provider(ProviderSpec(
-    name="seg",
-    factory=SegProvider,
-    kind="spatial",
-    summary="semantic segmentation (SegFormer / Mask2Former from a local transformers folder), colourised",
-    options=(ProviderOption("model", "--seg-model", "local transformers segmentation folder"), DEVICE_OPTION),
-))
+register_provider(
+    ProviderSpec(
+        name="seg",
+        factory=SegProvider,
+        kind="spatial",
+        summary="semantic segmentation (SegFormer / Mask2Former from a local transformers folder), colourised",
+        options=(ProviderOption("model", "--seg-model", "local transformers segmentation folder"), DEVICE_OPTION),
+    )
+)

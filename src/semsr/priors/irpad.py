@@ -62,6 +62,7 @@ trained.
 The text prior ``"irpad"`` (:class:`IRPADProvider`) returns the description and,
 in ``meta``, the predicted level and probabilities per type.
 """
+
 from __future__ import annotations
 
 import math
@@ -135,7 +136,7 @@ LEVELS: dict[str, tuple[Level, ...]] = {
 #: What the parameter of each type means (documentation, also stored in the config).
 PARAMETERS: dict[str, str] = {
     "blur": "total blur: Gaussian-equivalent std in pixels of the image, the Gaussian applied combined with the "
-            "softness of the downscale and enlargement",
+    "softness of the downscale and enlargement",
     "noise": "std in 0-255 units of the Gaussian noise added to the small image that the JPEG left visible",
     "jpeg": "IJG JPEG quality, applied last at the image's final size (100 = not compressed)",
     "downscale": "factor d the image was downscaled by before being enlarged back (1 = not)",
@@ -149,12 +150,15 @@ def levels_to_json(levels: Mapping[str, Sequence[Level]]) -> dict[str, list[dict
 
 def levels_from_json(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, tuple[Level, ...]]:
     """Inverse of :func:`levels_to_json`."""
-    return {t: tuple(Level(str(d["name"]), float(d["low"]), float(d["high"]), str(d["text"])) for d in lvs)
-            for t, lvs in data.items()}
+    return {
+        t: tuple(Level(str(d["name"]), float(d["low"]), float(d["high"]), str(d["text"])) for d in lvs)
+        for t, lvs in data.items()
+    }
 
 
-def describe(levels: Mapping[str, int], table: Mapping[str, Sequence[Level]] | None = None,
-             omit_none: bool = False) -> str:
+def describe(
+    levels: Mapping[str, int], table: Mapping[str, Sequence[Level]] | None = None, omit_none: bool = False
+) -> str:
     """Degradation prompt for predicted level indices, e.g. ``{"blur": 1, ...}``.
 
     Phrases are joined with ``", "`` in the order of ``table`` (default
@@ -192,8 +196,19 @@ def level_of(kind: str, value: float, table: Mapping[str, Sequence[Level]] | Non
 # --------------------------------------------------------------------------- network
 
 #: Config keys of an :class:`IRPADNet` (the architecture and label space; ``training`` is a free-form record).
-CONFIG_KEYS = ("channels", "hidden", "crop", "highpass", "lines", "lattice", "lattice_bins", "levels", "types",
-               "parameters", "training")
+CONFIG_KEYS = (
+    "channels",
+    "hidden",
+    "crop",
+    "highpass",
+    "lines",
+    "lattice",
+    "lattice_bins",
+    "levels",
+    "types",
+    "parameters",
+    "training",
+)
 
 
 def _conv_bn(ci: int, co: int, stride: int) -> list[nn.Module]:
@@ -256,9 +271,12 @@ class IRPADNet(Component):
         types = list(levels) if types is None else list(types)
         if sorted(types) != sorted(levels):
             raise ValueError(f"IRPAD types {types} do not match the level table's {sorted(levels)}")
-        self.register_to_config(levels=levels, types=types,  # the defaults too: the file describes the model
-                                parameters=dict(PARAMETERS) if parameters is None else dict(parameters),
-                                training={} if training is None else dict(training))
+        self.register_to_config(
+            levels=levels,
+            types=types,  # the defaults too: the file describes the model
+            parameters=dict(PARAMETERS) if parameters is None else dict(parameters),
+            training={} if training is None else dict(training),
+        )
         ch = tuple(int(c) for c in channels)
         if highpass:
             kv = torch.tensor([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]]) / 4.0
@@ -321,8 +339,11 @@ def load_irpad(folder: str | Path | None = None, device: str | torch.device = "c
     """Load an :class:`IRPADNet` (eval mode) from a component folder (default: the shipped weights)."""
     folder = Path(folder).expanduser() if folder is not None else default_weights_dir()
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise UnavailableError("no IRPAD weights (need config.json and .safetensors weights; "
-                               "train them with `semsr train --config configs/irpad.yaml`)", folder)
+        raise UnavailableError(
+            "no IRPAD weights (need config.json and .safetensors weights; "
+            "train them with `semsr train --config configs/irpad.yaml`)",
+            folder,
+        )
     model = load_component(IRPADNet, folder)
     with torch.no_grad():  # own, aligned storage: SIMD kernels give other roundings on the file's offsets
         for t in (*model.parameters(), *model.buffers()):
@@ -341,6 +362,7 @@ def crop_grid(h: int, w: int, crop: int, max_crops: int = 16) -> list[tuple[int,
     window at 0 (the window is then the whole side). At most ``max_crops``
     windows, keeping an evenly spaced subset.
     """
+
     def starts(side: int) -> list[int]:
         if side <= crop:
             return [0]
@@ -403,8 +425,14 @@ class IRPADEstimator:
         device: torch device.
     """
 
-    def __init__(self, model: IRPADNet | None = None, weights: str | Path | None = None,
-                 max_crops: int = 16, flips: int = DEFAULT_FLIPS, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: IRPADNet | None = None,
+        weights: str | Path | None = None,
+        max_crops: int = 16,
+        flips: int = DEFAULT_FLIPS,
+        device: str = "cpu",
+    ) -> None:
         if not 1 <= int(flips) <= 8:
             raise ValueError(f"flips must be in 1..8, got {flips}")
         self.flips = int(flips)
@@ -464,13 +492,21 @@ class IRPADProvider:
     name = "irpad"
     kind = "text"
 
-    def __init__(self, weights: str | Path | None = None, omit_none: bool = False, max_crops: int = 16,
-                 flips: int = DEFAULT_FLIPS, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        omit_none: bool = False,
+        max_crops: int = 16,
+        flips: int = DEFAULT_FLIPS,
+        device: str = "cpu",
+    ) -> None:
         folder = Path(weights).expanduser() if weights is not None else default_weights_dir()
         self.estimator = IRPADEstimator(weights=folder, max_crops=max_crops, flips=flips, device=device)
         self.omit_none = bool(omit_none)
-        self.version = (f"{_REVISION};{fingerprint([folder])};none={int(not self.omit_none)};"
-                        f"crops={self.estimator.max_crops};flips={self.estimator.flips}")
+        self.version = (
+            f"{_REVISION};{fingerprint([folder])};none={int(not self.omit_none)};"
+            f"crops={self.estimator.max_crops};flips={self.estimator.flips}"
+        )
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
         pred = self.estimator(image)
@@ -485,20 +521,28 @@ def _bool(value: str | bool) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def _make_provider(weights: str | Path | None = None, omit_none: str | bool = False, max_crops: int = 16,
-                   flips: int = DEFAULT_FLIPS, device: str = "cpu") -> IRPADProvider:
-    return IRPADProvider(weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), flips=int(flips),
-                         device=device)
+def _make_provider(
+    weights: str | Path | None = None,
+    omit_none: str | bool = False,
+    max_crops: int = 16,
+    flips: int = DEFAULT_FLIPS,
+    device: str = "cpu",
+) -> IRPADProvider:
+    return IRPADProvider(
+        weights=weights, omit_none=_bool(omit_none), max_crops=int(max_crops), flips=int(flips), device=device
+    )
 
 
-register_provider(ProviderSpec(
-    name="irpad",
-    factory=_make_provider,
-    kind="text",
-    summary="DaLPSR degradation description (blur/noise/JPEG/downscale degree; shipped IRPAD weights)",
-    options=(
-        ProviderOption("weights", "--irpad-weights", "IRPAD weights folder (default: shipped weights)"),
-        ProviderOption("omit_none", "--irpad-omit-none", "drop the phrases of undegraded types (true/false)"),
-        DEVICE_OPTION,
-    ),
-))
+register_provider(
+    ProviderSpec(
+        name="irpad",
+        factory=_make_provider,
+        kind="text",
+        summary="DaLPSR degradation description (blur/noise/JPEG/downscale degree; shipped IRPAD weights)",
+        options=(
+            ProviderOption("weights", "--irpad-weights", "IRPAD weights folder (default: shipped weights)"),
+            ProviderOption("omit_none", "--irpad-omit-none", "drop the phrases of undegraded types (true/false)"),
+            DEVICE_OPTION,
+        ),
+    )
+)

@@ -24,6 +24,7 @@ The output is ``(B, bins + 1)``: ``S`` per candidate scale and the zero
 fraction at the chosen phase. Unaligned or resampled JPEGs (the lattice is
 gone) give ~0 scores, and the network falls back to its learned features.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,22 @@ from torch import nn
 from semsr.data.degradations.jpeg import LUMA_TABLE, RGB2YCC, dct_matrix
 
 #: zig-zag positions (row, column) of the first AC coefficients used for the score
-_ZIGZAG_AC = ((0, 1), (1, 0), (2, 0), (1, 1), (0, 2), (0, 3), (1, 2), (2, 1), (3, 0), (4, 0), (3, 1), (2, 2),
-              (1, 3), (0, 4))
+_ZIGZAG_AC = (
+    (0, 1),
+    (1, 0),
+    (2, 0),
+    (1, 1),
+    (0, 2),
+    (0, 3),
+    (1, 2),
+    (2, 1),
+    (3, 0),
+    (4, 0),
+    (3, 1),
+    (2, 2),
+    (1, 3),
+    (0, 4),
+)
 
 
 class JPEGLattice(nn.Module):

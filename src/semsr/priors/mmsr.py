@@ -10,6 +10,7 @@ go through the on-disk prior cache; training calls the providers directly
 (the shipped edge VQ by default, or a diffusers VQGAN folder) turns each map
 into ``(grid*grid, embed_dim)`` = ``(256, 256)`` codebook vectors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -38,9 +39,15 @@ class ModalityTokens:
         use_cache: go through the on-disk prior cache.
     """
 
-    def __init__(self, modalities: Sequence[str], tokenizer: SpatialTokenizer | None = None,
-                 provider_opts: Mapping[str, Mapping[str, Any]] | None = None, edge: str = "canny",
-                 use_cache: bool = True, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        tokenizer: SpatialTokenizer | None = None,
+        provider_opts: Mapping[str, Mapping[str, Any]] | None = None,
+        edge: str = "canny",
+        use_cache: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
         if edge not in EDGE_PROVIDERS:
             raise SemsrError(f"unknown edge detector {edge!r}; use one of {', '.join(EDGE_PROVIDERS)}")
         unknown = [m for m in modalities if m not in DEFAULT_PROVIDERS]

@@ -22,6 +22,7 @@ it, e.g. ``sd.safetensors`` is exported from ``sd``) and each starts from a
 fixed torch seed derived from its name, so the output is reproducible.
 Modules that register writers are imported lazily from ``TINY_MODULES``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,14 @@ TinyWriter = Callable[[Path], None]
 _WRITERS: dict[str, TinyWriter] = {}
 
 # Modules whose import registers more tiny writers (recipe modules append here).
-TINY_MODULES: list[str] = ["semsr.testing.tiny_priors", "semsr.testing.tiny_coser", "semsr.testing.tiny_vlm",
-                          "semsr.testing.tiny_mmsr", "semsr.testing.tiny_xpsr", "semsr.testing.tiny_rfa"]
+TINY_MODULES: list[str] = [
+    "semsr.testing.tiny_priors",
+    "semsr.testing.tiny_coser",
+    "semsr.testing.tiny_vlm",
+    "semsr.testing.tiny_mmsr",
+    "semsr.testing.tiny_xpsr",
+    "semsr.testing.tiny_rfa",
+]
 
 # A small, fixed corpus the tiny BPE tokenizer learns its merges from.
 _CORPUS = (
@@ -160,7 +167,9 @@ def resolve_model_path(path: str | Path) -> Path:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-to-printable-unicode table (256 entries)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table: dict[int, str] = {}
     extra = 0
     for b in range(256):
@@ -221,8 +230,12 @@ def tiny_clip_tokenizer(folder: Path, n_merges: int = 200):
     from transformers import CLIPTokenizer  # heavy dependency, imported on use
 
     write_clip_tokenizer_files(folder, learn_bpe_merges(_CORPUS, n_merges))
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                        model_max_length=77, pad_token="<|endoftext|>")
+    tok = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"),
+        merges=str(folder / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -235,11 +248,16 @@ def tiny_unet():
     from diffusers import UNet2DConditionModel  # heavy dependency, imported on use
 
     return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=32,
     )
 
 
@@ -248,9 +266,15 @@ def tiny_vae():
     from diffusers import AutoencoderKL  # heavy dependency, imported on use
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32, 32),
+        norm_num_groups=8,
+        sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.18215,
     )
 
@@ -259,9 +283,18 @@ def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int):
     """A 2-layer ``CLIPTextModel`` with width 32 (the tiny UNet's cross-attention width)."""
     from transformers import CLIPTextConfig, CLIPTextModel  # heavy dependency, imported on use
 
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
     return CLIPTextModel(cfg)
 
 
@@ -269,9 +302,15 @@ def sd_scheduler_config():
     """The DDPM scheduler SD 1.5 ships (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon)."""
     from diffusers import DDPMScheduler  # heavy dependency, imported on use
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
-                         prediction_type="epsilon")
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 def tiny_controlnet(unet):
@@ -284,8 +323,7 @@ def tiny_controlnet(unet):
     from diffusers import ControlNetModel  # heavy dependency, imported on use
 
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-    zero_convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block,
-                                                     net.controlnet_cond_embedding.conv_out]
+    zero_convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
     with torch.no_grad():
         for conv in zero_convs:
             torch.nn.init.normal_(conv.weight, std=0.05)
@@ -299,9 +337,16 @@ def _write_sd(root: Path) -> None:
     folder = root / "sd"
     tokenizer = tiny_clip_tokenizer(folder / "tokenizer")
     text_encoder = tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
-                                   scheduler=sd_scheduler_config(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=sd_scheduler_config(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     _prefix_keys(folder / "text_encoder" / "model.safetensors", "text_model.")
 
@@ -314,8 +359,9 @@ def _prefix_keys(file: Path, prefix: str) -> None:
     The tiny models use the released layout.
     """
     tensors = load_file(str(file))
-    save_file({k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, str(file),
-              metadata={"format": "pt"})
+    save_file(
+        {k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, str(file), metadata={"format": "pt"}
+    )
 
 
 def _write_controlnet(root: Path) -> None:

@@ -12,6 +12,7 @@
 
 ``coser`` reads ``sd/`` and ``clip-vision/`` written before it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,10 +26,23 @@ from semsr.fusion.aia import AiAFusion
 from semsr.models.cognitive import RECIPE, build_cognitive_encoder, load_clip_vision
 from semsr.testing.tiny import register_tiny
 
-TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "image_size": 32, "patch_size": 8, "projection_dim": 32}
-TINY_QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_CLIP_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+TINY_QFORMER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 TINY_PRE_SR = {"kind": "srresnet", "num_feat": 8, "num_block": 1, "scale": 4}
 
 
@@ -41,7 +55,8 @@ def write_tiny_clip_vision(root: Path) -> None:
     CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)).save_pretrained(folder, safe_serialization=True)
     size = TINY_CLIP_VISION["image_size"]
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        folder)
+        folder
+    )
 
 
 def write_tiny_coser(root: Path) -> None:
@@ -51,8 +66,9 @@ def write_tiny_coser(root: Path) -> None:
             raise SemsrError(f"tiny 'coser' is built on tiny '{need}': write it first", root / need)
     unet = UNet2DConditionModel.from_pretrained(root / "sd" / "unet", local_files_only=True)
     clip = load_clip_vision(root / "clip-vision")
-    encoder = build_cognitive_encoder(clip, text_width=int(unet.config.cross_attention_dim), pre_sr=TINY_PRE_SR,
-                                      qformer=TINY_QFORMER)
+    encoder = build_cognitive_encoder(
+        clip, text_width=int(unet.config.cross_attention_dim), pre_sr=TINY_PRE_SR, qformer=TINY_QFORMER
+    )
     fusion = AiAFusion.from_unet(unet)
     with torch.no_grad():
         for block in fusion.blocks.values():

@@ -11,6 +11,7 @@ model's output (a freshly widened conv_in ignores it). Depth/seg models are
 the tiny ``depth/`` and ``seg/`` entries beside it, which
 :mod:`semsr.methods.mmsr` finds on its own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,7 +37,7 @@ def write_tiny_mmsr(root: Path) -> None:
     connector = MultimodalLatentConnector(width=width, text_width=width, **TINY_CONNECTOR)
     cond = MMSRConditioning.new(unet, connector)
     with torch.no_grad():
-        torch.nn.init.normal_(cond.conv_in.weight[:, cond.latent_channels:], std=0.05)
+        torch.nn.init.normal_(cond.conv_in.weight[:, cond.latent_channels :], std=0.05)
     save_mmsr(root / "mmsr", cond, modalities=connector.spatial, edge="canny", tokenizer=None)
 
 

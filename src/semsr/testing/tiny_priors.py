@@ -14,6 +14,7 @@ is exercised on randomly initialised models of the same classes, written with
 - ``vqgan``: diffusers ``VQModel`` with a 16x16 latent grid at 32x32 input,
   codebook 1024 x 256 (the MMSR tokenizer sizes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,19 +35,36 @@ def _dpt_processor(size: int, keep_aspect_ratio: bool):
     ratio with sides a multiple of 14; DPT-Large resizes to a fixed square)."""
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil  # heavy dependency
 
-    return DPTImageProcessorPil(size={"height": size, "width": size}, keep_aspect_ratio=keep_aspect_ratio,
-                                ensure_multiple_of=14 if keep_aspect_ratio else 1, do_pad=False)
+    return DPTImageProcessorPil(
+        size={"height": size, "width": size},
+        keep_aspect_ratio=keep_aspect_ratio,
+        ensure_multiple_of=14 if keep_aspect_ratio else 1,
+        do_pad=False,
+    )
 
 
 def write_tiny_depth_anything(root: Path) -> None:
     """``root/depth``: Depth-Anything (DINOv2 backbone, 4 layers, width 32)."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config  # heavy dependency
 
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 16, 16, 16],
-                              fusion_hidden_size=16, head_hidden_size=8, patch_size=14)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=56,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    cfg = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        patch_size=14,
+    )
     DepthAnythingForDepthEstimation(cfg).save_pretrained(root / "depth")
     _dpt_processor(56, keep_aspect_ratio=True).save_pretrained(root / "depth")
 
@@ -55,9 +73,19 @@ def write_tiny_dpt(root: Path) -> None:
     """``root/depth-dpt``: DPT (ViT-hybrid-free, 4 layers, width 32)."""
     from transformers import DPTConfig, DPTForDepthEstimation  # heavy dependency
 
-    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-                    patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 16, 16],
-                    fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1)
+    cfg = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+        head_in_index=-1,
+    )
     DPTForDepthEstimation(cfg).save_pretrained(root / "depth-dpt")
     _dpt_processor(64, keep_aspect_ratio=False).save_pretrained(root / "depth-dpt")
 
@@ -67,9 +95,18 @@ def write_tiny_segformer(root: Path) -> None:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation  # heavy dependency
     from transformers.models.segformer import image_processing_pil_segformer as pil  # heavy dependency
 
-    cfg = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
-                          decoder_hidden_size=16, **_label_maps())
+    cfg = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        **_label_maps(),
+    )
     SegformerForSemanticSegmentation(cfg).save_pretrained(root / "seg")
     pil.SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(root / "seg")
 
@@ -79,21 +116,48 @@ def write_tiny_mask2former(root: Path) -> None:
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # heavy dependency
     from transformers.models.mask2former import image_processing_pil_mask2former as pil  # heavy dependency
 
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, feature_size=32, mask_feature_size=32,
-                            encoder_feedforward_dim=32, dim_feedforward=32, num_queries=4, encoder_layers=1,
-                            decoder_layers=2, num_attention_heads=2, common_stride=4, **_label_maps())
+    swin = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    cfg = Mask2FormerConfig(
+        backbone_config=swin,
+        hidden_dim=32,
+        feature_size=32,
+        mask_feature_size=32,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_queries=4,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        common_stride=4,
+        **_label_maps(),
+    )
     Mask2FormerForUniversalSegmentation(cfg).save_pretrained(root / "seg-mask2former")
     pil.Mask2FormerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(root / "seg-mask2former")
 
 
 def write_tiny_vqgan(root: Path) -> None:
     """``root/vqgan``: diffusers ``VQModel``, 2 levels (32x32 input -> 16x16 grid), codebook 1024 x 256."""
-    VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-            latent_channels=8, num_vq_embeddings=1024, vq_embed_dim=256, norm_num_groups=8,
-            sample_size=32).save_pretrained(root / "vqgan")
+    VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        latent_channels=8,
+        num_vq_embeddings=1024,
+        vq_embed_dim=256,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(root / "vqgan")
 
 
 register_tiny("depth", write_tiny_depth_anything)

@@ -8,6 +8,7 @@
   and ``adain`` (adapters at their identity initialisation), and a text decoder
   of its own in ``rfa/text-decoder``.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -28,8 +29,13 @@ def _write_gpt2(folder: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel  # optional heavy dependency
 
     tok = tiny_bpe_tokenizer(vocab_size=300, image_token=False)
-    cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, **TINY_GPT2)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_GPT2,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
 
@@ -45,16 +51,28 @@ def write_tiny_rfa(root: Path) -> None:
 
     c = TINY_CLIP_VISION
     tokens = 1 + (c["image_size"] // c["patch_size"]) ** 2
-    aligner = ReferenceFindingAligner(token_dim=c["hidden_size"], out_dim=c["hidden_size"], num_tokens=tokens,
-                                      width=32, depth=1, heads=2)
-    enhancer = EmbeddingEnhancer(token_dim=c["hidden_size"], out_dim=c["hidden_size"], num_tokens=tokens,
-                                 lm_dim=TINY_GPT2["n_embd"], width=32, depth=1, heads=2, prefix_len=2)
+    aligner = ReferenceFindingAligner(
+        token_dim=c["hidden_size"], out_dim=c["hidden_size"], num_tokens=tokens, width=32, depth=1, heads=2
+    )
+    enhancer = EmbeddingEnhancer(
+        token_dim=c["hidden_size"],
+        out_dim=c["hidden_size"],
+        num_tokens=tokens,
+        lm_dim=TINY_GPT2["n_embd"],
+        width=32,
+        depth=1,
+        heads=2,
+        prefix_len=2,
+    )
     unet = UNet2DConditionModel.from_pretrained(root / "sd" / "unet")
     adain = AdaINAdapters.for_model(unet, control_dim=c["hidden_size"])
     with tempfile.TemporaryDirectory(prefix=".tiny-rfa-", dir=root) as tmp:
         _write_gpt2(Path(tmp) / "text-decoder")  # the RNG draws of the GPT-2 follow those of the adapters
-        save_rfa_checkpoint(root / "rfa", {"aligner": aligner, "enhancer": enhancer, "adain": adain},
-                            text_decoder=Path(tmp) / "text-decoder")
+        save_rfa_checkpoint(
+            root / "rfa",
+            {"aligner": aligner, "enhancer": enhancer, "adain": adain},
+            text_decoder=Path(tmp) / "text-decoder",
+        )
 
 
 register_tiny("text-decoder", write_tiny_text_decoder)

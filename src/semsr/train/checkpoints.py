@@ -14,6 +14,7 @@ known to every process) and moved into place when complete
 (:func:`commit_checkpoint`, through :func:`semsr.core.io.atomic_move`), so a
 kill during saving never leaves a half checkpoint that ``--resume`` would pick.
 """
+
 from __future__ import annotations
 
 import json

@@ -20,6 +20,7 @@ dataclasses below (unknown keys are errors, so typos do not pass silently)::
 Command-line overrides use dotted keys with YAML values, e.g.
 ``train.max_steps=20 optim.lr=1e-4 losses.dfc=0.05``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -198,8 +199,10 @@ class ExperimentConfig:
         checks = [
             (self.train.max_steps >= 0, "train.max_steps must be >= 0"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-            (self.train.mixed_precision in ("no", "bf16", "fp16"),
-             "train.mixed_precision must be one of no, bf16, fp16"),
+            (
+                self.train.mixed_precision in ("no", "bf16", "fp16"),
+                "train.mixed_precision must be one of no, bf16, fp16",
+            ),
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
             (0.0 <= self.train.null_prompt_prob <= 1.0, "train.null_prompt_prob must be in [0, 1]"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
@@ -208,8 +211,10 @@ class ExperimentConfig:
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
             (self.data.scale >= 1, "data.scale must be >= 1"),
-            (self.data.crop_size >= 8 and self.data.crop_size % self.data.scale == 0,
-             "data.crop_size must be >= 8 and a multiple of data.scale"),
+            (
+                self.data.crop_size >= 8 and self.data.crop_size % self.data.scale == 0,
+                "data.crop_size must be >= 8 and a multiple of data.scale",
+            ),
             (self.data.val_count >= 0, "data.val_count must be >= 0"),
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
             (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),

@@ -36,6 +36,7 @@ checkpoint folder or its ``aia/`` component), ``reference_top_k`` (10),
 Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path`:
 ``tiny://`` is the tiny SD, ``tiny://clip-vision``, ``tiny://coser``...).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,10 @@ def load_text_only(path: Path) -> nn.Module:
     from transformers import CLIPTextModel  # heavy dependency, imported on use
 
     if path.is_dir() and (path / "text_encoder").is_dir():
-        return CLIPTextConditioner(load_clip_tokenizer(path / "tokenizer"),
-                                   load_transformers_model(CLIPTextModel, path / "text_encoder", what="text encoder"))
+        return CLIPTextConditioner(
+            load_clip_tokenizer(path / "tokenizer"),
+            load_transformers_model(CLIPTextModel, path / "text_encoder", what="text encoder"),
+        )
     if path.is_dir() and (path / "text_projection").is_dir():
         return MiniLMTextEncoder.from_projection(path / "text_projection")
     return load_text_conditioner(load_sd(path))  # single files and other layouts: load the whole checkpoint
@@ -145,9 +148,13 @@ class CoSeRCognitiveTask(Task):
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 encoder = build_cognitive_encoder(
-                    clip, text_width=int(self.text.width), num_queries=int(opts.get("num_queries", 50)),
-                    pre_sr=opts.get("pre_sr"), qformer=opts.get("qformer"),
-                    max_lr_side=int(opts.get("max_lr_side", 128)))
+                    clip,
+                    text_width=int(self.text.width),
+                    num_queries=int(opts.get("num_queries", 50)),
+                    pre_sr=opts.get("pre_sr"),
+                    qformer=opts.get("qformer"),
+                    max_lr_side=int(opts.get("max_lr_side", 128)),
+                )
         if encoder.text_width != int(self.text.width):
             raise SemsrError(f"cognitive encoder width {encoder.text_width} != text encoder width {self.text.width}")
         encoder.pre_sr.requires_grad_(bool(opts.get("train_pre_sr", True)))
@@ -170,8 +177,9 @@ class CoSeRCognitiveTask(Task):
         return {"cognitive": cognitive, "text_tokens": targets, "pre_sr": pre_sr, "hr": batch["hr"].to(self.device)}
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """The pre-SR output at ``data.scale`` (what the CLIP tower sees), ``(B, 3, s*h, s*w)``."""
         out = model.pre_sr(lr.to(self.device)).float().clamp(0, 1)
         size = (lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale)
@@ -196,8 +204,15 @@ class NeighbourReferences:
     main process first) only read them.
     """
 
-    def __init__(self, cfg: ExperimentConfig, clip: CLIPVisionTower, top_k: int = 10, *,
-                 clip_dir: Path | None = None, batch: int = 16) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clip: CLIPVisionTower,
+        top_k: int = 10,
+        *,
+        clip_dir: Path | None = None,
+        batch: int = 16,
+    ) -> None:
         items, _ = list_images(cfg.data, cfg.data.crop_size)
         self.items = items
         self.dataset = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)  # positions -> image, crops
@@ -213,8 +228,11 @@ class NeighbourReferences:
     def _embeddings(self, clip: CLIPVisionTower, clip_dir: Path | None, batch: int) -> torch.Tensor:
         """``(N, Hc)`` pooled CLIP embeddings of the training images (cached on disk)."""
         listing = [(str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns) for it in self.items]
-        key = hashlib.sha256(json.dumps([fingerprint([clip_dir]) if clip_dir else repr(clip.model.config),
-                                         clip.image_size, listing]).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps(
+                [fingerprint([clip_dir]) if clip_dir else repr(clip.model.config), clip.image_size, listing]
+            ).encode()
+        ).hexdigest()
         path = cache_dir() / "coser-clip-embeddings" / f"{key}.pt"
         if path.is_file():
             try:
@@ -227,13 +245,16 @@ class NeighbourReferences:
         device = next(clip.parameters()).device
         for start in range(0, len(self.items), batch):
             imgs = []
-            for item in self.items[start:start + batch]:
+            for item in self.items[start : start + batch]:
                 img = load_image(item.path)
                 side = min(img.shape[:2])
                 top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-                sq = to_tensor(img[top:top + side, left:left + side])
-                imgs.append(F.interpolate(sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True,
-                                          align_corners=False)[0].clamp(0, 1))
+                sq = to_tensor(img[top : top + side, left : left + side])
+                imgs.append(
+                    F.interpolate(
+                        sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False
+                    )[0].clamp(0, 1)
+                )
             embs.append(clip.pooled(torch.stack(imgs).to(device)).cpu())
         emb = torch.cat(embs)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +300,10 @@ class CoSeRSRTask(LatentDiffusionTask):
         self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_model_path(str(opts["cognitive"])), clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
-            raise SemsrError(f"cognitive encoder width {self.cognitive.text_width} != UNet cross-attention width "
-                             f"{self.unet.config.cross_attention_dim}")
+            raise SemsrError(
+                f"cognitive encoder width {self.cognitive.text_width} != UNet cross-attention width "
+                f"{self.unet.config.cross_attention_dim}"
+            )
         self.null_tokens = PromptEncoder(lambda p: text_token_targets(self.text, p, self.cognitive.num_queries))
         if opts.get("init"):
             fusion = load_part(resolve_model_path(str(opts["init"])), "aia", AiAFusion)
@@ -289,7 +312,8 @@ class CoSeRSRTask(LatentDiffusionTask):
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 fusion = AiAFusion.from_unet(
-                    self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True)))
+                    self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True))
+                )
         self.trainable = fusion.float().train().requires_grad_(True)
         self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
         if not 0.0 <= self.reference_drop_prob <= 1.0:
@@ -306,8 +330,9 @@ class CoSeRSRTask(LatentDiffusionTask):
         self._zero_latents.clear()
 
     @torch.no_grad()
-    def conditions(self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator],
-                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def conditions(
+        self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(context (B, 77+Te, D), z_lr (B, 4, h, w), z_ref (B, 4, h, w))`` with the per-sample drop-outs.
 
         Draws per sample, in order: cognition drop, reference drop, reference choice.
@@ -315,8 +340,9 @@ class CoSeRSRTask(LatentDiffusionTask):
         bsz = lr.shape[0]
         p_null = self.cfg.train.null_prompt_prob
         keep_cog = torch.tensor([float(torch.rand((), generator=g)) >= p_null for g in gens], device=self.device)
-        keep_ref = torch.tensor([float(torch.rand((), generator=g)) >= self.reference_drop_prob for g in gens],
-                                device=self.device)
+        keep_ref = torch.tensor(
+            [float(torch.rand((), generator=g)) >= self.reference_drop_prob for g in gens], device=self.device
+        )
         text = self.prompts([""] * bsz).to(self.device, self.weight_dtype)
         cog = self.cognitive.embed(lr.to(self.device, self.weight_dtype)).to(self.weight_dtype)
         null = self.null_tokens([""] * bsz).to(self.device, self.weight_dtype)
@@ -332,24 +358,35 @@ class CoSeRSRTask(LatentDiffusionTask):
         """``pred (B, 4, h, w)`` of the AiA UNet; draws those of :meth:`conditions` after the base task's."""
         context, z_lr, z_ref = self.conditions(step.lr, step.batch["position"], step.gens, tuple(step.hr.shape[-2:]))
         noisy = step.noisy.to(self.weight_dtype)
-        return {"pred": model(self.unet, noisy, step.timesteps, context, z_lr.to(self.weight_dtype),
-                              z_ref.to(self.weight_dtype))}
+        return {
+            "pred": model(
+                self.unet, noisy, step.timesteps, context, z_lr.to(self.weight_dtype), z_ref.to(self.weight_dtype)
+            )
+        }
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """The full CoSeR pipeline (reference generation, uncached, + AiA SR) with ``model`` as the AiA weights;
         ``prompts`` holds one prompt per image of ``lr``, the negative prompt is CoSeR's.
 
         The pipeline casts and freezes ``model``: pass a copy, never the trained module.
         """
-        pipe = CoSeRSR(vae=self.vae, unet=self.unet, text=self.text, cognitive=self.cognitive, fusion=model,
-                       scheduler_config=self.components.scheduler_config, device=self.device,
-                       dtype=self.weight_dtype, scale=self.cfg.data.scale)
+        pipe = CoSeRSR(
+            vae=self.vae,
+            unet=self.unet,
+            text=self.text,
+            cognitive=self.cognitive,
+            fusion=model,
+            scheduler_config=self.components.scheduler_config,
+            device=self.device,
+            dtype=self.weight_dtype,
+            scale=self.cfg.data.scale,
+        )
         options = CoSeROptions(negative_prompt=COSER_NEGATIVE, steps=steps, guidance_scale=guidance_scale, seed=seed)
         return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write a complete CoSeR checkpoint (``cognitive`` + ``aia``) into ``folder``."""
         save_checkpoint(folder, RECIPE, {"cognitive": self.cognitive, "aia": model})
-

@@ -5,6 +5,7 @@ Top panel: training loss per step (thin) with an exponential moving average
 second axis. Bottom row (only when validation ran): one small panel per
 validation metric.
 """
+
 from __future__ import annotations
 
 import io

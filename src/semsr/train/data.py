@@ -13,6 +13,7 @@ of ``(experiment seed, p)``. Hence:
   when the number of processes changes;
 - 2 processes x batch B see exactly the samples of 1 process x batch 2B.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -148,8 +149,7 @@ def list_images(cfg: DataConfig, min_size: int) -> tuple[list[ImageItem], list[I
             usable.append(item)
     if len(usable) <= cfg.val_count:
         raise SemsrError(
-            f"only {len(usable)} usable HR images (>= {min_size} px); need more than "
-            f"data.val_count={cfg.val_count}"
+            f"only {len(usable)} usable HR images (>= {min_size} px); need more than data.val_count={cfg.val_count}"
         )
     split = len(usable) - cfg.val_count
     train, val = usable[:split], usable[split:]
@@ -265,7 +265,7 @@ class CropDataset(Dataset):
         """
         size = self.cfg.crop_size
         rng = np.random.default_rng(derive_seed(self.seed, "crop", position))
-        (top, left), = sample_crop_boxes(img, size, 1, rng, self.cfg.min_texture, self.cfg.max_crop_tries)
+        ((top, left),) = sample_crop_boxes(img, size, 1, rng, self.cfg.min_texture, self.cfg.max_crop_tries)
         patch = img[top : top + size, left : left + size]
         if self.cfg.hflip and rng.uniform() < 0.5:
             patch = patch[:, ::-1]

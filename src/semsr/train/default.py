@@ -22,6 +22,7 @@ fields (``block_out_channels``, ``unshuffle``, ``stage1``, ``residual_scale``...
 the shipped weights, silently absent if none), ``use_irpad`` (default true),
 ``edge_drop_prob`` (default 0.1). ``model.pretrained`` / ``model.controlnet`` are unused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -117,8 +118,13 @@ class DefaultSRTask(Task):
         super().__init__(cfg)
         opts = dict(cfg.model.options)
         arch = {k: v for k, v in opts.items() if k not in _TASK_OPTIONS}
-        self.options = {"init": None, "irpad": None, "use_irpad": True, "edge_drop_prob": 0.1,
-                        **{k: v for k, v in opts.items() if k in _TASK_OPTIONS}}
+        self.options = {
+            "init": None,
+            "irpad": None,
+            "use_irpad": True,
+            "edge_drop_prob": 0.1,
+            **{k: v for k, v in opts.items() if k in _TASK_OPTIONS},
+        }
         if self.options["init"]:
             model = load_default_sr(Path(str(self.options["init"])).expanduser()).train().requires_grad_(True)
             if arch:
@@ -138,8 +144,9 @@ class DefaultSRTask(Task):
         self.text = TextTokens()
         self.degradation = DegradationText(self.options["irpad"], enabled=bool(self.options["use_irpad"]))
         if not self.degradation.available and self.options["use_irpad"]:
-            log.info("default_sr: no IRPAD weights (%s); the text condition is the prompt only",
-                     self.degradation.reason)
+            log.info(
+                "default_sr: no IRPAD weights (%s); the text condition is the prompt only", self.degradation.reason
+            )
         self.device = torch.device("cpu")
 
     @property
@@ -183,11 +190,13 @@ class DefaultSRTask(Task):
         return {"pred": pred, "target": target.to(dev), "timesteps": timesteps.to(dev), "sr": sr, "hr": hr.to(dev)}
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
-               guidance_scale: float, seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """SR of ``lr (B, 3, h, w)`` with a copy of the trainable model (see :class:`DefaultSRPipeline`)."""
-        pipe = DefaultSRPipeline(model, stage1=self.stage1, text=self.text, degradation=self.degradation,
-                                 device=self.device)
+        pipe = DefaultSRPipeline(
+            model, stage1=self.stage1, text=self.text, degradation=self.degradation, device=self.device
+        )
         options = DefaultDiffusionOptions(steps=steps, seed=seed, guidance_scale=guidance_scale)
         return pipe(lr, options, prompts=list(prompts)).images
 

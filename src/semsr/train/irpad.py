@@ -54,6 +54,7 @@ copy) aside for ``semsr bench irpad`` (:func:`make_in_memory`, :func:`accuracy`)
 :meth:`IRPADTask.train_items` drops them from the training images. The classic
 SR benchmarks are refused as training data (:func:`list_photos`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,9 +106,12 @@ UP_MODES = ("bicubic", "bilinear")
 #: (final-grid px), for each (down, up) mode pair; least-squares fits on sharp photographs, d = 1.8 .. 4.2
 #: (:func:`fit_resampling_blur`). Without antialiasing, "bilinear" down aliases rather than blurs.
 RESAMPLING_BLUR: dict[tuple[str, str], float] = {
-    ("imresize", "bicubic"): 0.414, ("imresize", "bilinear"): 0.502,
-    ("area", "bicubic"): 0.452, ("area", "bilinear"): 0.55,
-    ("bilinear", "bicubic"): 0.36, ("bilinear", "bilinear"): 0.45,
+    ("imresize", "bicubic"): 0.414,
+    ("imresize", "bilinear"): 0.502,
+    ("area", "bicubic"): 0.452,
+    ("area", "bilinear"): 0.55,
+    ("bilinear", "bicubic"): 0.36,
+    ("bilinear", "bilinear"): 0.45,
 }
 
 
@@ -209,8 +213,13 @@ def resampling_blur(d: float, down_mode: str, up_mode: str) -> float:
 
 
 @torch.no_grad()
-def fit_resampling_blur(images: Sequence[torch.Tensor], d: float, down_mode: str, up_mode: str,
-                        sigmas: Sequence[float] = tuple(np.arange(0.3, 4.01, 0.05))) -> float:
+def fit_resampling_blur(
+    images: Sequence[torch.Tensor],
+    d: float,
+    down_mode: str,
+    up_mode: str,
+    sigmas: Sequence[float] = tuple(np.arange(0.3, 4.01, 0.05)),
+) -> float:
     """The Gaussian std whose blur best matches (least squares) "down by ``d``, up by ``d``" on ``images``.
 
     ``images``: sharp ``(1, 3, S, S)`` tensors in [0, 1], ``S`` the same for all; a 16-px border is ignored.
@@ -253,8 +262,9 @@ def _extended(levels: Sequence[Level], i: int) -> tuple[float, float]:
     return lo, hi
 
 
-def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]] | None = None,
-                  contiguous: bool = False) -> IRPADParams:
+def sample_params(
+    rng: np.random.Generator, table: Mapping[str, Sequence[Level]] | None = None, contiguous: bool = False
+) -> IRPADParams:
     """Draw one degradation: a uniform level per type, then a value inside its interval.
 
     The blur level is of the *total* blur (:meth:`IRPADParams.total_blur`):
@@ -279,10 +289,16 @@ def sample_params(rng: np.random.Generator, table: Mapping[str, Sequence[Level]]
             values[t] = float(rng.uniform(lo, hi))
     labels = tuple(level_of(t, values[t], table) for t in DEGRADATION_TYPES)
     p = IRPADParams(
-        blur=values["blur"], aniso=float(rng.uniform(1.0, 1.3)), theta=float(rng.uniform(0, math.pi)),
-        noise=values["noise"], grey=bool(rng.uniform() < 0.4), jpeg=values["jpeg"],
-        downscale=values["downscale"], down_mode=DOWN_MODES[int(rng.integers(len(DOWN_MODES)))],
-        up_mode=UP_MODES[int(rng.integers(len(UP_MODES)))], noise_seed=int(rng.integers(0, 2**62)),
+        blur=values["blur"],
+        aniso=float(rng.uniform(1.0, 1.3)),
+        theta=float(rng.uniform(0, math.pi)),
+        noise=values["noise"],
+        grey=bool(rng.uniform() < 0.4),
+        jpeg=values["jpeg"],
+        downscale=values["downscale"],
+        down_mode=DOWN_MODES[int(rng.integers(len(DOWN_MODES)))],
+        up_mode=UP_MODES[int(rng.integers(len(UP_MODES)))],
+        noise_seed=int(rng.integers(0, 2**62)),
         labels=labels,
     )
     rs = resampling_blur(p.downscale, p.down_mode, p.up_mode)
@@ -361,9 +377,13 @@ def degrade_visible(hr: torch.Tensor, p: IRPADParams) -> tuple[torch.Tensor, flo
     return x[:1], visible
 
 
-def render_visible(hr: torch.Tensor, p: IRPADParams, contiguous: bool = False,
-                   table: Mapping[str, Sequence[Level]] | None = None,
-                   retries: int = 3) -> tuple[torch.Tensor, IRPADParams]:
+def render_visible(
+    hr: torch.Tensor,
+    p: IRPADParams,
+    contiguous: bool = False,
+    table: Mapping[str, Sequence[Level]] | None = None,
+    retries: int = 3,
+) -> tuple[torch.Tensor, IRPADParams]:
     """Degrade ``hr`` ``(1, 3, S, S)`` so that ``p.noise`` is the std *visible* after the JPEG.
 
     :func:`degrade_visible` measures the share of the noise the codec keeps;
@@ -455,14 +475,20 @@ def generate(
     if not photos:
         raise SemsrError("no photographs to make IRPAD samples from")
     with torch_threads(1):  # tiny per-sample ops: more threads only add contention
-        return _generate(photos, n, size, seed, crops_per_visit, min_texture, contiguous, sink, progress,
-                         context)
+        return _generate(photos, n, size, seed, crops_per_visit, min_texture, contiguous, sink, progress, context)
 
 
 def _generate(
-    photos: Sequence[Path], n: int, size: int, seed: int, crops_per_visit: int, min_texture: float,
-    contiguous: bool, sink: Callable[[int, np.ndarray, IRPADParams], None] | None,
-    progress: Callable[[int], None] | None, context: int,
+    photos: Sequence[Path],
+    n: int,
+    size: int,
+    seed: int,
+    crops_per_visit: int,
+    min_texture: float,
+    contiguous: bool,
+    sink: Callable[[int, np.ndarray, IRPADParams], None] | None,
+    progress: Callable[[int], None] | None,
+    context: int,
 ) -> list[IRPADParams]:
     rng = np.random.default_rng(seed)
     out: list[IRPADParams] = []
@@ -497,27 +523,54 @@ def _generate(
     return out
 
 
-def _meta(photos: Sequence[Path], n: int, size: int, seed: int, min_texture: float, contiguous: bool,
-          held_out: bool, context: int) -> dict[str, Any]:
-    return {"pipeline": PIPELINE_REVISION, "types": list(DEGRADATION_TYPES), "levels": levels_to_json(LEVELS),
-            "n": n, "size": size, "context": context,
-            "seed": seed, "min_texture": min_texture, "contiguous": contiguous, "held_out": held_out,
-            "photos": [str(p) for p in photos]}
+def _meta(
+    photos: Sequence[Path],
+    n: int,
+    size: int,
+    seed: int,
+    min_texture: float,
+    contiguous: bool,
+    held_out: bool,
+    context: int,
+) -> dict[str, Any]:
+    return {
+        "pipeline": PIPELINE_REVISION,
+        "types": list(DEGRADATION_TYPES),
+        "levels": levels_to_json(LEVELS),
+        "n": n,
+        "size": size,
+        "context": context,
+        "seed": seed,
+        "min_texture": min_texture,
+        "contiguous": contiguous,
+        "held_out": held_out,
+        "photos": [str(p) for p in photos],
+    }
 
 
-def make_in_memory(photos: Sequence[Path], n: int, size: int = 96, seed: int = 0, min_texture: float = 3.0,
-                   contiguous: bool = False, held_out: bool = True, context: int = 192) -> IRPADData:
+def make_in_memory(
+    photos: Sequence[Path],
+    n: int,
+    size: int = 96,
+    seed: int = 0,
+    min_texture: float = 3.0,
+    contiguous: bool = False,
+    held_out: bool = True,
+    context: int = 192,
+) -> IRPADData:
     """Generate a synthetic set in memory (the ``semsr bench irpad`` evaluation set)."""
     images = np.zeros((n, size, size, 3), np.uint8)
 
     def sink(i: int, arr: np.ndarray, p: IRPADParams) -> None:
         images[i] = arr
 
-    params = generate(photos, n, size, seed, min_texture=min_texture, contiguous=contiguous, sink=sink,
-                      context=context)
-    return IRPADData(images, np.array([p.labels for p in params], np.int64),
-                     np.array([p.values() for p in params], np.float32),
-                     _meta(photos, n, size, seed, min_texture, contiguous, held_out, context))
+    params = generate(photos, n, size, seed, min_texture=min_texture, contiguous=contiguous, sink=sink, context=context)
+    return IRPADData(
+        images,
+        np.array([p.labels for p in params], np.int64),
+        np.array([p.values() for p in params], np.float32),
+        _meta(photos, n, size, seed, min_texture, contiguous, held_out, context),
+    )
 
 
 def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) -> dict[str, Any]:
@@ -548,10 +601,17 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
         m = (data.labels[:, d_j] == d) & (data.labels[:, n_j] == n)
         return float(correct[m, j].mean()) if m.any() else None
 
-    split = {t: [[cell(j, d, n) for n in range(len(table["noise"]))] for d in range(len(table["downscale"]))]
-             for j, t in enumerate(types)}
-    return {"per_type": per_type, "mean": float(np.mean(list(per_type.values()))), "n": len(data),
-            "confusion": {t: c.tolist() for t, c in conf.items()}, "by_downscale_noise": split}
+    split = {
+        t: [[cell(j, d, n) for n in range(len(table["noise"]))] for d in range(len(table["downscale"]))]
+        for j, t in enumerate(types)
+    }
+    return {
+        "per_type": per_type,
+        "mean": float(np.mean(list(per_type.values()))),
+        "n": len(data),
+        "confusion": {t: c.tolist() for t, c in conf.items()},
+        "by_downscale_noise": split,
+    }
 
 
 # --------------------------------------------------------------------------- training task
@@ -569,12 +629,14 @@ def irpad_ce(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     _require(outputs, "irpad_ce", "labels", "label_smoothing")
     heads = [k for k in outputs if k.startswith("logits.")]
     labels, smoothing = outputs["labels"], float(outputs["label_smoothing"])
-    return sum(F.cross_entropy(outputs[k].float(), labels[:, j], label_smoothing=smoothing)
-               for j, k in enumerate(heads))
+    return sum(
+        F.cross_entropy(outputs[k].float(), labels[:, j], label_smoothing=smoothing) for j, k in enumerate(heads)
+    )
 
 
-def degraded_window(hr: torch.Tensor, crop: int, rng: np.random.Generator, prescale_range: tuple[float, float],
-                    contiguous: bool = False) -> tuple[torch.Tensor, IRPADParams]:
+def degraded_window(
+    hr: torch.Tensor, crop: int, rng: np.random.Generator, prescale_range: tuple[float, float], contiguous: bool = False
+) -> tuple[torch.Tensor, IRPADParams]:
     """One training sample from a sharp square crop ``hr (1, 3, S, S)`` in [0, 1].
 
     Draws, in order, from ``rng``: the prescale factor ``f`` in ``prescale_range`` (the crop is
@@ -615,8 +677,10 @@ class IRPADTask(Task):
         if unknown:
             raise SemsrError(f"unknown model.options for irpad: {sorted(unknown)}")
         if cfg.validation.every:
-            raise SemsrError("task irpad has no SR validation: set validation.every: 0 "
-                             "(evaluate the exported weights with `semsr bench irpad --weights RUN/final`)")
+            raise SemsrError(
+                "task irpad has no SR validation: set validation.every: 0 "
+                "(evaluate the exported weights with `semsr bench irpad --weights RUN/final`)"
+            )
         arch = {k: v for k, v in opts.items() if k in _ARCH_OPTIONS}
         self.label_smoothing = float(opts.get("label_smoothing", 0.05))
         low, high = (float(v) for v in opts.get("prescale", (1.5, 2.5)))
@@ -638,8 +702,10 @@ class IRPADTask(Task):
                 model = IRPADNet(**arch)
         self.crop = int(model.config.crop)
         if cfg.data.crop_size / high < self.crop:
-            raise SemsrError(f"data.crop_size ({cfg.data.crop_size}) / prescale {high:g} is below the window "
-                             f"model.options.crop ({self.crop})")
+            raise SemsrError(
+                f"data.crop_size ({cfg.data.crop_size}) / prescale {high:g} is below the window "
+                f"model.options.crop ({self.crop})"
+            )
         self.trainable = model.float().train().requires_grad_(True)
         self.types = model.types
         self.device = torch.device("cpu")
@@ -672,11 +738,15 @@ class IRPADTask(Task):
         with torch_threads(1):  # tiny per-sample ops: more threads only add contention
             x, labels = self.samples(batch)
         logits = model(x.to(self.device))
-        return {**{f"logits.{t}": logits[t] for t in self.types}, "labels": labels.to(self.device),
-                "label_smoothing": torch.tensor(self.label_smoothing)}
+        return {
+            **{f"logits.{t}": logits[t] for t in self.types},
+            "labels": labels.to(self.device),
+            "label_smoothing": torch.tensor(self.label_smoothing),
+        }
 
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
-               guidance_scale: float, seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         raise SemsrError("task irpad has no SR validation (validation.every must be 0)")
 
     def export(self, model: nn.Module, folder: Path) -> None:

@@ -13,6 +13,7 @@ Recipes add terms by registering them::
     def dfc(outputs):
         return F.l1_loss(outputs["dfc_latent"], outputs["hr_latent"])
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

@@ -23,6 +23,7 @@ Trainable: the connector and the widened conv_in, plus the UNet's
 cross-attention layers with ``train_cross_attention`` (the rest is frozen). Export: an MMSR checkpoint folder
 (:func:`semsr.methods.mmsr.save_mmsr`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,17 @@ _CONNECTOR_KEYS = {"num_latents", "heads", "cross_layers", "self_layers", "mlp_r
 class MMSRTask(LatentDiffusionTask):
     """See the module docstring."""
 
-    OPTIONS = {"modalities", "depth_model", "seg_model", "vq", "edge", "modality_drop_prob", "connector", "init",
-               "train_cross_attention"}
+    OPTIONS = {
+        "modalities",
+        "depth_model",
+        "seg_model",
+        "vq",
+        "edge",
+        "modality_drop_prob",
+        "connector",
+        "init",
+        "train_cross_attention",
+    }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -80,8 +90,9 @@ class MMSRTask(LatentDiffusionTask):
         if opts.get("init"):
             cond, _ = load_mmsr(resolve_model_path(str(opts["init"])))
             if cond.connector.spatial != self.modalities:
-                raise SemsrError(f"init checkpoint has modalities {cond.connector.spatial}, the config "
-                                 f"{self.modalities}")
+                raise SemsrError(
+                    f"init checkpoint has modalities {cond.connector.spatial}, the config {self.modalities}"
+                )
         else:
             extra = dict(opts.get("connector") or {})
             bad = set(extra) - _CONNECTOR_KEYS
@@ -90,21 +101,30 @@ class MMSRTask(LatentDiffusionTask):
             width = int(self.unet.config.cross_attention_dim)
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
-                connector = MultimodalLatentConnector(width=width, text_width=int(self.text.width),
-                                                      spatial=self.modalities, vq_dim=int(self.tokenizer.embed_dim),
-                                                      **extra)
-                cond = MMSRConditioning.new(self.unet, connector,
-                                            cross_attention=bool(opts.get("train_cross_attention", False)))
+                connector = MultimodalLatentConnector(
+                    width=width,
+                    text_width=int(self.text.width),
+                    spatial=self.modalities,
+                    vq_dim=int(self.tokenizer.embed_dim),
+                    **extra,
+                )
+                cond = MMSRConditioning.new(
+                    self.unet, connector, cross_attention=bool(opts.get("train_cross_attention", False))
+                )
         if int(cond.connector.config.vq_dim) != int(self.tokenizer.embed_dim):
-            raise SemsrError(f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
-                             f"{self.tokenizer.embed_dim}")
+            raise SemsrError(
+                f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
+                f"{self.tokenizer.embed_dim}"
+            )
         self.trainable = cond.float().train().requires_grad_(True)
 
     def draw_drops(self, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per modality (caption first, then the spatial ones) a ``(B,)`` bool: replace by the null token."""
         names = [CAPTION, *self.modalities]
-        return {m: torch.tensor([float(torch.rand((), generator=g)) < self.drop_prob for g in gens],
-                                device=self.device) for m in names}
+        return {
+            m: torch.tensor([float(torch.rand((), generator=g)) < self.drop_prob for g in gens], device=self.device)
+            for m in names
+        }
 
     def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
         """``pred (B, 4, h, w)`` of UNet([z_t ; z_LR]) on the connector's tokens (the inference model call,
@@ -118,19 +138,39 @@ class MMSRTask(LatentDiffusionTask):
         hint = make_hint(step.lr, tuple(step.hr.shape[-2:]))
         spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
         z_lr = self.vae_mode(hint)
-        return {"pred": model(self.unet, step.noisy.to(self.weight_dtype), z_lr.to(self.weight_dtype), step.timesteps,
-                              text, spatial, drops)}
+        return {
+            "pred": model(
+                self.unet,
+                step.noisy.to(self.weight_dtype),
+                z_lr.to(self.weight_dtype),
+                step.timesteps,
+                text,
+                spatial,
+                drops,
+            )
+        }
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """The MMSR pipeline (m-CFG, ``guidance_scale`` = w) with ``model`` (a copy) as connector + conv_in."""
-        pipe = MMSR(vae=self.vae, unet=self.unet, text=self.text, cond=model,
-                    meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
-                    scheduler_config=self.components.scheduler_config, sources=self.sources,
-                    tokenizer=self.tokenizer, device=self.device, dtype=self.weight_dtype, scale=self.cfg.data.scale)
-        options = MMSROptions(modalities=(CAPTION, *self.modalities), steps=steps, guidance_scale=guidance_scale,
-                              seed=seed)
+        pipe = MMSR(
+            vae=self.vae,
+            unet=self.unet,
+            text=self.text,
+            cond=model,
+            meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
+            scheduler_config=self.components.scheduler_config,
+            sources=self.sources,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            dtype=self.weight_dtype,
+            scale=self.cfg.data.scale,
+        )
+        options = MMSROptions(
+            modalities=(CAPTION, *self.modalities), steps=steps, guidance_scale=guidance_scale, seed=seed
+        )
         return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:

@@ -47,6 +47,7 @@ reference database. LR features are cached per content hash under
 ``cache_dir()/retrieval/lr/<embedder>/<lr_size>/<sha256>.npz``. Training
 images come from the offline corpus, never from benchmark sets.
 """
+
 from __future__ import annotations
 
 import io
@@ -110,8 +111,10 @@ def rfa_text_clip(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``1 - cos(text_embed, caption_embed)`` averaged: CLIP text embedding of the decoded text vs the
     caption's, ``(B, Dt)`` each (see :mod:`semsr.models.rfa_text`)."""
     _require(outputs, "rfa_text_clip", "text_embed", "caption_embed")
-    return (1 - torch.nn.functional.cosine_similarity(outputs["text_embed"].float(),
-                                                      outputs["caption_embed"].float(), dim=-1)).mean()
+    return (
+        1
+        - torch.nn.functional.cosine_similarity(outputs["text_embed"].float(), outputs["caption_embed"].float(), dim=-1)
+    ).mean()
 
 
 @register_loss("rfa_caption_nll")
@@ -152,8 +155,14 @@ def _cache_file(embedder_spec: str, lr_size: int, sha: str) -> Path:
     return cache_dir() / "retrieval" / "lr" / safe / str(lr_size) / f"{sha}.npz"
 
 
-def lr_pair_features(db: ReferenceDB, files: Sequence[Path], embedder: Embedder, *, lr_size: int = LR_SIZE,
-                     progress: Callable[[int, int], None] | None = None) -> PairFeatures:
+def lr_pair_features(
+    db: ReferenceDB,
+    files: Sequence[Path],
+    embedder: Embedder,
+    *,
+    lr_size: int = LR_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> PairFeatures:
     """Embed the LR versions of ``files`` whose HR content is in ``db`` (others are skipped)."""
     vecs, toks, vids, shas = [], [], [], []
     for i, path in enumerate(files):
@@ -192,8 +201,9 @@ def split_by_hash(shas: Sequence[str], holdout: float, seed: int = 0) -> tuple[l
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
-def aligner_outputs(model: nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Tensor,
-                    hr_vec: torch.Tensor) -> dict[str, torch.Tensor]:
+def aligner_outputs(
+    model: nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Tensor, hr_vec: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One aligner forward as named outputs for the loss terms (the ``rfa-aligner`` task's step).
 
     Args: ``lr_tokens (B, N, T)``, ``lr_vec (B, D)`` raw LR embedding, ``hr_vec (B, D)`` target.
@@ -202,8 +212,9 @@ def aligner_outputs(model: nn.Module, lr_tokens: torch.Tensor, lr_vec: torch.Ten
     return {"aligned": model(lr_tokens, lr_vec), "hr_embed": hr_vec, "lr_embed": lr_vec}
 
 
-def hit_rates(db: ReferenceDB, queries: torch.Tensor, target_vids: torch.Tensor,
-              ks: Sequence[int] = (1, 4)) -> dict[str, float]:
+def hit_rates(
+    db: ReferenceDB, queries: torch.Tensor, target_vids: torch.Tensor, ks: Sequence[int] = (1, 4)
+) -> dict[str, float]:
     """Fraction of queries ``(N, D)`` whose target row is among the top-k database hits, for each k."""
     hits = db.search(queries.numpy(), k=max(ks))
     out = {}
@@ -241,13 +252,14 @@ class _Stage1Task(Task):
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         if cfg.validation.every:
-            raise SemsrError(f"{cfg.task} renders no images: set validation.every: 0 (measure retrieval with "
-                             "`semsr bench retrieval --aligner RUN/final/aligner`)")
+            raise SemsrError(
+                f"{cfg.task} renders no images: set validation.every: 0 (measure retrieval with "
+                "`semsr bench retrieval --aligner RUN/final/aligner`)"
+            )
         opts = dict(cfg.model.options)
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} "
-                             f"(known: {sorted(self.OPTIONS)})")
+            raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
         for key in self.REQUIRED:
             if not opts.get(key):
                 raise SemsrError(f"{cfg.task} needs model.options.{key}")
@@ -279,8 +291,9 @@ class _Stage1Task(Task):
             torch.manual_seed(self.cfg.seed)
             return build()
 
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         raise SemsrError(f"{self.cfg.task} renders no images (set validation.every: 0)")
 
 
@@ -296,10 +309,18 @@ class RFAAlignerTask(_Stage1Task):
         if o.get("init"):
             model = load_aligner(o["init"], emb)
         else:
-            model = self.seeded(lambda: ReferenceFindingAligner(
-                token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens),
-                width=int(o.get("width", 256)), depth=int(o.get("depth", 2)), heads=int(o.get("heads", 4)),
-                residual=bool(o.get("residual", True)), embedder=emb.spec))
+            model = self.seeded(
+                lambda: ReferenceFindingAligner(
+                    token_dim=int(emb.token_dim),
+                    out_dim=int(emb.dim),
+                    num_tokens=int(emb.num_tokens),
+                    width=int(o.get("width", 256)),
+                    depth=int(o.get("depth", 2)),
+                    heads=int(o.get("heads", 4)),
+                    residual=bool(o.get("residual", True)),
+                    embedder=emb.spec,
+                )
+            )
         self.trainable = model.float().train().requires_grad_(True)
 
     def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -321,8 +342,9 @@ class ReferenceTokens:
     for the ``cache_size`` most recent rows.
     """
 
-    def __init__(self, db: ReferenceDB, embedder: Embedder, aligner: nn.Module | None, k: int,
-                 cache_size: int = 1024) -> None:
+    def __init__(
+        self, db: ReferenceDB, embedder: Embedder, aligner: nn.Module | None, k: int, cache_size: int = 1024
+    ) -> None:
         self.db, self.embedder, self.aligner, self.k = db, embedder, aligner, int(k)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -357,8 +379,25 @@ class ReferenceTokens:
 class RFAEnhancerTask(_Stage1Task):
     """I2T Embedding Enhancer: ``rfa_image_cos`` + ``rfa_text_clip`` (see module docstring)."""
 
-    OPTIONS = frozenset({"embedder", "db", "aligner", "num_refs", "exclude_self", "width", "depth", "heads",
-                         "prefix_len", "init", "text_decoder", "clip_text", "decode_len", "tau", "ref_cache"})
+    OPTIONS = frozenset(
+        {
+            "embedder",
+            "db",
+            "aligner",
+            "num_refs",
+            "exclude_self",
+            "width",
+            "depth",
+            "heads",
+            "prefix_len",
+            "init",
+            "text_decoder",
+            "clip_text",
+            "decode_len",
+            "tau",
+            "ref_cache",
+        }
+    )
     REQUIRED = ("embedder", "db", "text_decoder")
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -374,19 +413,35 @@ class RFAEnhancerTask(_Stage1Task):
             if (c.token_dim, c.out_dim, c.num_tokens, c.lm_dim) != (emb.token_dim, emb.dim, emb.num_tokens, lm_dim):
                 raise SemsrError("model.options.init: enhancer does not fit this embedder / text decoder", init)
         else:
-            model = self.seeded(lambda: EmbeddingEnhancer(
-                token_dim=int(emb.token_dim), out_dim=int(emb.dim), num_tokens=int(emb.num_tokens), lm_dim=lm_dim,
-                num_refs=int(o.get("num_refs", 4)), width=int(o.get("width", 256)), depth=int(o.get("depth", 2)),
-                heads=int(o.get("heads", 4)), prefix_len=int(o.get("prefix_len", 4)), embedder=emb.spec))
+            model = self.seeded(
+                lambda: EmbeddingEnhancer(
+                    token_dim=int(emb.token_dim),
+                    out_dim=int(emb.dim),
+                    num_tokens=int(emb.num_tokens),
+                    lm_dim=lm_dim,
+                    num_refs=int(o.get("num_refs", 4)),
+                    width=int(o.get("width", 256)),
+                    depth=int(o.get("depth", 2)),
+                    heads=int(o.get("heads", 4)),
+                    prefix_len=int(o.get("prefix_len", 4)),
+                    embedder=emb.spec,
+                )
+            )
         self.trainable = model.float().train().requires_grad_(True)
 
         db = ReferenceDB(resolve_model_path(str(o["db"])))
         if db.embedder_spec != emb.spec:
-            raise SemsrError(f"database embedder {db.embedder_spec!r} differs from model.options.embedder "
-                             f"{emb.spec!r}", db.folder)
+            raise SemsrError(
+                f"database embedder {db.embedder_spec!r} differs from model.options.embedder {emb.spec!r}", db.folder
+            )
         aligner = load_aligner(o["aligner"], emb) if o.get("aligner") else None
-        self.refs = ReferenceTokens(db, emb, aligner, min(int(o.get("num_refs", model.config.num_refs)),
-                                                          model.config.num_refs), int(o.get("ref_cache", 1024)))
+        self.refs = ReferenceTokens(
+            db,
+            emb,
+            aligner,
+            min(int(o.get("num_refs", model.config.num_refs)), model.config.num_refs),
+            int(o.get("ref_cache", 1024)),
+        )
         self.exclude_self = bool(o.get("exclude_self", True))
         if self.exclude_self:  # sample position -> training image, as the trainer's dataset maps it
             items, _ = list_images(cfg.data, cfg.data.crop_size)
@@ -399,8 +454,9 @@ class RFAEnhancerTask(_Stage1Task):
         self.clip_text = None
         if cfg.losses.get("rfa_text_clip", 0):
             self.clip_text = load_clip_text(resolve_model_path(str(o.get("clip_text") or cfg.model.pretrained)))
-            self.bridge = VocabBridge(self.tokenizer, self.clip_text.tokenizer,
-                                      int(self.lm.get_input_embeddings().num_embeddings))
+            self.bridge = VocabBridge(
+                self.tokenizer, self.clip_text.tokenizer, int(self.lm.get_input_embeddings().num_embeddings)
+            )
             self.captions = PromptEncoder(self.clip_text.embed)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -434,8 +490,9 @@ class RFAEnhancerTask(_Stage1Task):
             out["caption_embed"] = self.captions(prompts).to(self.device, torch.float32)
         if self.cfg.losses.get("rfa_caption_nll", 0):
             enc = self.tokenizer([p + self.tokenizer.eos_token for p in prompts], return_tensors="pt", padding=True)
-            out["caption_nll"] = caption_loss(self.lm, prefix, enc.input_ids.to(self.device),
-                                              enc.attention_mask.to(self.device))
+            out["caption_nll"] = caption_loss(
+                self.lm, prefix, enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+            )
         return out
 
     def export(self, model: nn.Module, folder: Path) -> None:

@@ -22,6 +22,7 @@ Export: ``<folder>/controlnet`` (diffusers ControlNet: ``--controlnet``) and
 with the trained ``adain`` component and the stage-1 parts given in
 ``model.options`` (``--checkpoint`` of ``--method rfa`` when it has the enhancer).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -101,8 +102,9 @@ class RFASRTask(ControlNetSRTask):
         return attach_adain(self.unet, inner.adain)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
         """SR with the copy's adapters; control = embedding of the bicubic-upsampled LR (no references here)."""
         adapters = self._adapters(model)
         size = (lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale)

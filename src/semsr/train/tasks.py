@@ -36,6 +36,7 @@ New tasks register with :func:`register_task`::
 and list their module in :data:`TASK_MODULES` (a one-line edit) so that
 ``task: xpsr`` finds them; the module may register its loss terms too.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -63,8 +64,14 @@ _TASKS: dict[str, type[Task]] = {}
 
 #: Modules imported before a task is looked up; each registers tasks (and loss terms).
 TASK_MODULES: list[str] = [
-    "semsr.train.coser", "semsr.train.mmsr", "semsr.train.xpsr", "semsr.train.default", "semsr.train.rfa_sr",
-    "semsr.train.rfa", "semsr.train.irpad", "semsr.train.vq",
+    "semsr.train.coser",
+    "semsr.train.mmsr",
+    "semsr.train.xpsr",
+    "semsr.train.default",
+    "semsr.train.rfa_sr",
+    "semsr.train.rfa",
+    "semsr.train.irpad",
+    "semsr.train.vq",
 ]
 
 
@@ -118,8 +125,13 @@ class Task:
         raise NotImplementedError
 
     def sample(
-        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
-        guidance_scale: float, seed: int,
+        self,
+        model: nn.Module,
+        lr: torch.Tensor,
+        prompts: list[str],
+        steps: int,
+        guidance_scale: float,
+        seed: int,
     ) -> torch.Tensor:
         """Super-resolve ``lr (B, 3, h, w)`` in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1]."""
         raise NotImplementedError
@@ -313,8 +325,9 @@ class ControlNetSRTask(LatentDiffusionTask):
         return self.vae_factor
 
     # -- training --------------------------------------------------------
-    def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                hint: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, hint: torch.Tensor
+    ) -> torch.Tensor:
         """UNet output ``(B, C, h, w)`` with the residuals of the trainable ControlNet ``model``.
 
         ``noisy`` ``(B, C, h, w)`` float32, ``timesteps`` ``(B,)``, ``context`` ``(B, L, D)`` and ``hint``
@@ -338,8 +351,13 @@ class ControlNetSRTask(LatentDiffusionTask):
     # -- validation / export -------------------------------------------------
     @torch.no_grad()
     def sample(
-        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int,
-        guidance_scale: float, seed: int,
+        self,
+        model: nn.Module,
+        lr: torch.Tensor,
+        prompts: list[str],
+        steps: int,
+        guidance_scale: float,
+        seed: int,
     ) -> torch.Tensor:
         """Run :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR` with ``model`` as the ControlNet.
 
@@ -349,12 +367,18 @@ class ControlNetSRTask(LatentDiffusionTask):
         it: pass a copy of the trainable module, never the module itself.
         """
         pipe = SDControlNetSR(
-            vae=self.vae, unet=self.unet, controlnet=model, text=self.text,
-            scheduler_config=self.components.scheduler_config, device=self.device, dtype=self.weight_dtype,
+            vae=self.vae,
+            unet=self.unet,
+            controlnet=model,
+            text=self.text,
+            scheduler_config=self.components.scheduler_config,
+            device=self.device,
+            dtype=self.weight_dtype,
             scale=self.cfg.data.scale,
         )
-        options = ControlNetSROptions(negative_prompt=DEFAULT_NEGATIVE, steps=steps, guidance_scale=guidance_scale,
-                                      seed=seed)
+        options = ControlNetSROptions(
+            negative_prompt=DEFAULT_NEGATIVE, steps=steps, guidance_scale=guidance_scale, seed=seed
+        )
         return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:

@@ -22,6 +22,7 @@ into an output directory (layout in :mod:`semsr.train.checkpoints`):
 The LR schedule is rebuilt from the config on resume; a cosine schedule
 therefore follows the *new* ``max_steps`` if it was changed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -125,8 +126,7 @@ class Trainer:
         for name in cfg.losses:
             get_loss(name)  # fail on unknown loss names before loading models
         if not resume and ckpt.list_checkpoints(self.output):
-            raise SemsrError("output already holds checkpoints; pass --resume or choose another --output",
-                             self.output)
+            raise SemsrError("output already holds checkpoints; pass --resume or choose another --output", self.output)
 
     # -- set-up ------------------------------------------------------------
     def _make_accelerator(self) -> Any:
@@ -149,7 +149,9 @@ class Trainer:
 
         name = {"constant": "constant_with_warmup", "cosine": "cosine"}[self.cfg.schedule.name]
         return get_scheduler(
-            name, optimizer, num_warmup_steps=self.cfg.schedule.warmup_steps,
+            name,
+            optimizer,
+            num_warmup_steps=self.cfg.schedule.warmup_steps,
             num_training_steps=max(1, self.cfg.train.max_steps),
         )
 
@@ -181,9 +183,15 @@ class Trainer:
                 raise SemsrError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
             losses.append(loss)
             now = time.perf_counter()
-            record = {"type": "train", "step": step, "loss": loss, "terms": terms,
-                      "lr": lr,
-                      "samples": state.samples, "sec": round(now - t_last, 4)}
+            record = {
+                "type": "train",
+                "step": step,
+                "loss": loss,
+                "terms": terms,
+                "lr": lr,
+                "samples": state.samples,
+                "sec": round(now - t_last, 4),
+            }
             t_last = now
             last = step == cfg.train.max_steps
             if acc.is_main_process and (step % cfg.train.log_every == 0 or last):
@@ -202,8 +210,13 @@ class Trainer:
             plot_curve(run_log.records(), self.output / "curve.png", title=cfg.name)
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(step=state.step, output=self.output, losses=losses, last_checkpoint=last_ckpt,
-                           is_main_process=acc.is_main_process)
+        return TrainResult(
+            step=state.step,
+            output=self.output,
+            losses=losses,
+            last_checkpoint=last_ckpt,
+            is_main_process=acc.is_main_process,
+        )
 
     def _build(self) -> None:
         """Accelerator, task, AdamW, LR schedule, EMA; register everything a checkpoint holds."""
@@ -220,8 +233,9 @@ class Trainer:
         if not params:
             raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
         self.n_params = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps
+        )
         # the scheduler is stepped once per optimiser step by this loop (not prepared:
         # Accelerate would step it once per process)
         self.lr_scheduler = self._make_scheduler(optimizer)
@@ -257,12 +271,23 @@ class Trainer:
         train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
         train_items = self.task.train_items(train_items)
         dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
-        loader = make_loader(dataset, cfg.data.batch_size, start=self.state.samples, rank=acc.process_index,
-                             world_size=acc.num_processes, num_workers=cfg.data.num_workers)
+        loader = make_loader(
+            dataset,
+            cfg.data.batch_size,
+            start=self.state.samples,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            num_workers=cfg.data.num_workers,
+        )
         val_pairs = []
         if cfg.validation.every and acc.is_main_process and val_items:
-            val_pairs = validation_pairs(val_items[: cfg.validation.count], cfg.validation.size, degrade,
-                                         cfg.seed, multiple=cfg.data.scale * self.task.pixel_multiple)
+            val_pairs = validation_pairs(
+                val_items[: cfg.validation.count],
+                cfg.validation.size,
+                degrade,
+                cfg.seed,
+                multiple=cfg.data.scale * self.task.pixel_multiple,
+            )
         acc.print(
             f"training '{cfg.name}' ({cfg.task}): {len(train_items)} images, {self.n_params / 1e6:.3f} M trainable "
             f"params, {acc.num_processes} process(es) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}"
@@ -299,8 +324,9 @@ class Trainer:
         self.state.samples += cfg.train.grad_accum * cfg.data.batch_size * acc.num_processes
 
         names = sorted(terms)
-        local = torch.tensor([float(np.mean(totals))] + [float(np.mean(terms[k])) for k in names],
-                             dtype=torch.float64, device=acc.device)
+        local = torch.tensor(
+            [float(np.mean(totals))] + [float(np.mean(terms[k])) for k in names], dtype=torch.float64, device=acc.device
+        )
         values = (acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local).tolist()
         return values[0], dict(zip(names, values[1:], strict=True)), lr
 
@@ -320,7 +346,9 @@ class Trainer:
         final = self.output / "checkpoints" / ckpt.checkpoint_name(step)
         if acc.is_main_process:
             final = ckpt.commit_checkpoint(
-                self.output, staging, step,
+                self.output,
+                staging,
+                step,
                 {"processes": acc.num_processes, "task": self.cfg.task, "name": self.cfg.name},
                 keep=self.cfg.checkpoint.keep,
             )
@@ -352,8 +380,14 @@ class Trainer:
             model = self.weights_copy(use_ema)
             srs = []
             for i, (_, lr) in enumerate(pairs):
-                sr = self.task.sample(model, lr[None].to(acc.device), [vcfg.prompt], vcfg.steps,
-                                      vcfg.guidance_scale, seed=self.cfg.seed + i)
+                sr = self.task.sample(
+                    model,
+                    lr[None].to(acc.device),
+                    [vcfg.prompt],
+                    vcfg.steps,
+                    vcfg.guidance_scale,
+                    seed=self.cfg.seed + i,
+                )
                 srs.append(sr[0].float().cpu().clamp(0, 1))
             del model
             metrics = compute_metrics(vcfg.metrics, srs, [hr for hr, _ in pairs])

@@ -34,6 +34,7 @@ settings and scores are in ``vq-edges/report.json``): 975 steps of batch 16,
 Adam with warm-up and cosine decay, BSDS500 training images at half size,
 Canny + HED maps. ``configs/edge-vq.yaml`` is the same recipe on this trainer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,7 +100,7 @@ def random_view(edges: torch.Tensor, size: int, crop_min: int, gen: torch.Genera
     side = int(torch.randint(min(crop_min, short), short + 1, (1,), generator=gen))
     y = int(torch.randint(0, h - side + 1, (1,), generator=gen))
     x = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-    crop = edges[..., y:y + side, x:x + side]
+    crop = edges[..., y : y + side, x : x + side]
     crop = torch.rot90(crop, int(torch.randint(4, (1,), generator=gen)), dims=(-2, -1))
     if bool(torch.randint(2, (1,), generator=gen)):
         crop = crop.flip(-1)
@@ -162,12 +163,11 @@ def evaluate(model: EdgeVQ, maps: torch.Tensor) -> dict[str, dict[str, float]]:
     resolution but soft after resizing; HED maps are soft). ``encode`` and
     ``decode`` do not depend on the module's training mode.
     """
-    recon = torch.cat([model.decode(model.encode(maps[i:i + 32])) for i in range(0, len(maps), 32)])
+    recon = torch.cat([model.decode(model.encode(maps[i : i + 32])) for i in range(0, len(maps), 32)])
     g = model.grid
-    pooled = F.interpolate(F.adaptive_avg_pool2d(maps, g), size=maps.shape[-2:], mode="bilinear",
-                           align_corners=False)
+    pooled = F.interpolate(F.adaptive_avg_pool2d(maps, g), size=maps.shape[-2:], mode="bilinear", align_corners=False)
     own_mean = maps.mean(dim=(1, 2, 3), keepdim=True).expand_as(maps)
-    used = torch.cat([model.encode(maps[i:i + 32]).flatten() for i in range(0, len(maps), 32)]).unique().numel()
+    used = torch.cat([model.encode(maps[i : i + 32]).flatten() for i in range(0, len(maps), 32)]).unique().numel()
     return {
         "vq": {**map_scores(recon, maps), "codes_used": used},
         "baseline_own_mean": map_scores(own_mean, maps),
@@ -234,18 +234,23 @@ class EdgeVQTask(Task):
         logits, _, commit = model(maps, seed)
         return {"logits": logits, "maps": maps, "commit": commit}
 
-    def sample(self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float,
-               seed: int) -> torch.Tensor:
-        raise SemsrError("task edge-vq has no SR validation: set validation.every: 0 (export writes held-out "
-                         "scores to report.json)")
+    def sample(
+        self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
+    ) -> torch.Tensor:
+        raise SemsrError(
+            "task edge-vq has no SR validation: set validation.every: 0 (export writes held-out scores to report.json)"
+        )
 
     def heldout_maps(self) -> tuple[list[str], torch.Tensor]:
         """Names and maps ``(N, 1, S, S)`` of the validation images (whole images, every modality)."""
         _, val_items = list_images(self.cfg.data, self.cfg.data.crop_size)
         size = int(self.trainable.vq.image_size)
         providers = [cached(p) for p in self.providers]  # the same images at every export
-        maps = [prepare_maps(edge_map(to_tensor(load_image(item.path))[None], p, self.lr_scale), size, 1)
-                for item in val_items for p in providers]
+        maps = [
+            prepare_maps(edge_map(to_tensor(load_image(item.path))[None], p, self.lr_scale), size, 1)
+            for item in val_items
+            for p in providers
+        ]
         return [item.path.name for item in val_items], torch.cat(maps) if maps else torch.zeros(0, 1, size, size)
 
     def export(self, model: nn.Module, folder: Path) -> None:
@@ -254,8 +259,13 @@ class EdgeVQTask(Task):
         folder = Path(folder)
         vq.save_pretrained(folder, safe_serialization=True)
         names, maps = self.heldout_maps() if self.cfg.data.val_count else ([], None)
-        report: dict[str, Any] = {"task": "edge-vq", "modalities": list(self.modalities), "lr_scale": self.lr_scale,
-                                  "heldout_images": names, "map_size": vq.image_size}
+        report: dict[str, Any] = {
+            "task": "edge-vq",
+            "modalities": list(self.modalities),
+            "lr_scale": self.lr_scale,
+            "heldout_images": names,
+            "map_size": vq.image_size,
+        }
         if maps is not None and len(maps):
             report["scores_heldout"] = evaluate(vq, maps)
         report["config"] = self.cfg.to_dict()

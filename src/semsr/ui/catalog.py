@@ -23,6 +23,7 @@ runs with ``priors_in_prompt`` so the method uses the (edited) fields as given.
 Bool options named ``save_*`` (e.g. coser's ``save_reference``) are switched on
 by the server so the side images they produce are shown with the priors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -92,23 +93,38 @@ def option_schema(info: OptionInfo) -> dict[str, Any]:
     if isinstance(info.default, tuple):
         default = ",".join(map(str, info.default))
     return {
-        "dest": info.name, "label": info.name.replace("_", "-"), "widget": _widget(info), "type": info.kind,
-        "choices": [str(c) for c in info.choices], "help": info.describe(),
-        "min": info.min, "max": info.max, "step": info.step, "default": default,
+        "dest": info.name,
+        "label": info.name.replace("_", "-"),
+        "widget": _widget(info),
+        "type": info.kind,
+        "choices": [str(c) for c in info.choices],
+        "help": info.describe(),
+        "min": info.min,
+        "max": info.max,
+        "step": info.step,
+        "default": default,
     }
 
 
 def form_options(spec: MethodSpec) -> list[OptionInfo]:
     """The method's own fields: run options, not hidden, not fixed on the page, not ``save_*`` switches."""
-    return [i for i in spec.options.infos().values()
-            if i.stage == "run" and not i.hidden and i.name not in _SKIP
-            and not (i.name.startswith("save_") and i.kind == "bool")]
+    return [
+        i
+        for i in spec.options.infos().values()
+        if i.stage == "run"
+        and not i.hidden
+        and i.name not in _SKIP
+        and not (i.name.startswith("save_") and i.kind == "bool")
+    ]
 
 
 def forced_options(spec: MethodSpec) -> dict[str, bool]:
     """Run switches the server always turns on: ``save_*`` (their side images are shown as priors)."""
-    return {i.name: True for i in spec.options.infos().values()
-            if i.stage == "run" and i.kind == "bool" and i.name.startswith("save_")}
+    return {
+        i.name: True
+        for i in spec.options.infos().values()
+        if i.stage == "run" and i.kind == "bool" and i.name.startswith("save_")
+    }
 
 
 def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,8 +142,13 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
     infos = spec.options.infos()
     common = {n: option_schema(infos[n]) for n in COMMON_FIELDS if n in infos and not infos[n].hidden}
     return {
-        "name": spec.name, "scale": spec.scale, "summary": spec.summary, "available": available,
-        "reason": reason, "diffusion": spec.diffusion, "common": common,
+        "name": spec.name,
+        "scale": spec.scale,
+        "summary": spec.summary,
+        "available": available,
+        "reason": reason,
+        "diffusion": spec.diffusion,
+        "common": common,
         "options": [option_schema(i) for i in form_options(spec)],
         "missing_paths": missing if available else [],
         "suggests_priors": spec.suggests_priors,

@@ -6,6 +6,7 @@ order and report their position (``0`` = running, ``n`` = ``n`` jobs ahead).
 At most ``max_jobs`` jobs may be waiting or running; more are refused
 (:class:`QueueFull`), so nobody can pile up work without bound.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -77,8 +78,9 @@ class JobQueue:
         on_forget: called with each job dropped from memory (to delete its files).
     """
 
-    def __init__(self, runner: Runner, max_jobs: int = 8, keep: int = 64,
-                 on_forget: Callable[[Job], None] | None = None) -> None:
+    def __init__(
+        self, runner: Runner, max_jobs: int = 8, keep: int = 64, on_forget: Callable[[Job], None] | None = None
+    ) -> None:
         self.runner = runner
         self.max_jobs = max_jobs
         self.keep = keep

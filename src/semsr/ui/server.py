@@ -28,6 +28,7 @@ option (those come from the ``semsr serve`` command line) or a bad value is a
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. Uploads and
 jobs live in a private temporary folder removed when the server stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,9 +85,18 @@ class DemoApp:
         default_method: the picker's initial choice.
     """
 
-    def __init__(self, paths: Mapping[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, max_upload_bytes: int = 20 * 2**20, max_pixels: int = 2_000_000,
-                 max_jobs: int = 8, keep_images: int = 32, default_method: str = "default") -> None:
+    def __init__(
+        self,
+        paths: Mapping[str, Any] | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        threads: int | None = None,
+        max_upload_bytes: int = 20 * 2**20,
+        max_pixels: int = 2_000_000,
+        max_jobs: int = 8,
+        keep_images: int = 32,
+        default_method: str = "default",
+    ) -> None:
         self.paths = {k: v for k, v in (paths or {}).items() if v}
         self.device, self.dtype, self.threads = device, dtype, threads
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
@@ -108,8 +118,11 @@ class DemoApp:
 
     def config(self) -> dict[str, Any]:
         return {
-            "version": __version__, "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
-            "max_jobs": self.queue.max_jobs, "default_method": self.default_method,
+            "version": __version__,
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "max_jobs": self.queue.max_jobs,
+            "default_method": self.default_method,
         }
 
     # ---------------------------------------------------------- images
@@ -136,8 +149,14 @@ class DemoApp:
             msg = err.message.replace("--max-pixels", "semsr serve --max-pixels")
             raise InputError(f"{_display_name(filename)}: {msg}") from None
         picture_to_pil(pic).save(folder / "preview.png")
-        info = {"id": image_id, "width": pic.width, "height": pic.height, "name": _display_name(filename),
-                "path": str(src), "preview": str(folder / "preview.png")}
+        info = {
+            "id": image_id,
+            "width": pic.width,
+            "height": pic.height,
+            "name": _display_name(filename),
+            "path": str(src),
+            "preview": str(folder / "preview.png"),
+        }
         with self._lock:
             self._images[image_id] = info
             while len(self._images) > self._keep_images:
@@ -190,8 +209,9 @@ class DemoApp:
                 continue
             info = infos.get(str(key))
             if info is not None and info.stage == "build":
-                raise OptionError(f"option {key} of method {spec.name!r} is set by the server (semsr serve), "
-                                  f"not by the page")
+                raise OptionError(
+                    f"option {key} of method {spec.name!r} is set by the server (semsr serve), not by the page"
+                )
             if info is not None and info.widget == "image":
                 value = self.image(str(value))["path"]
             values[str(key)] = value
@@ -224,7 +244,10 @@ class DemoApp:
                 value.save(folder / f"prior-{key}.png")
                 prior_images[key] = f"/api/jobs/{job.id}/prior/{key}"
         return {
-            "width": result.image.width, "height": result.image.height, "method": spec.name, "scale": spec.scale,
+            "width": result.image.width,
+            "height": result.image.height,
+            "method": spec.name,
+            "scale": spec.scale,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
             "priors": _json_priors(result.priors, prior_images),
             "options": _json_options(options.changed("run")),
@@ -235,8 +258,14 @@ class DemoApp:
         """The JSON the page polls."""
         now = time.time()
         return {
-            "id": job.id, "kind": job.kind, "state": job.state, "position": self.queue.position(job),
-            "stage": job.stage, "done": job.done, "total": job.total, "message": job.message,
+            "id": job.id,
+            "kind": job.kind,
+            "state": job.state,
+            "position": self.queue.position(job),
+            "stage": job.stage,
+            "done": job.done,
+            "total": job.total,
+            "message": job.message,
             "elapsed": round((job.finished or now) - (job.started or now), 2),
             "output": job.output if job.state == "done" else None,
         }

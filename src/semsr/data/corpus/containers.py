@@ -30,6 +30,7 @@ compression > 0 (lossless). Those headers are little-endian.
 
 Node flags: 1 zlib-compressed, 2 directory, 4 zstd-compressed.
 """
+
 from __future__ import annotations
 
 import struct
@@ -154,8 +155,9 @@ class EetFile:
             if off + size > len(d):
                 raise self._fail(f"entry {i} extends past the end")
             name = d[noff : noff + nsize - 1].decode("utf-8", errors="replace")
-            self.entries[name] = EetEntry(name, off, size, dsize, bool(flags & 1), bool(flags & 2),
-                                          bool(flags & 4), (flags >> 3) & 0xFF)
+            self.entries[name] = EetEntry(
+                name, off, size, dsize, bool(flags & 1), bool(flags & 2), bool(flags & 4), (flags >> 3) & 0xFF
+            )
 
     def names(self) -> list[str]:
         """Entry names in directory order."""
@@ -333,7 +335,8 @@ class RccFile:
             try:
                 import zstandard  # optional dependency (zstd-compressed members only)
             except ImportError:
-                raise UnavailableError(f"{path!r} is zstd-compressed; `pip install zstandard` to read it",
-                                       self.name) from None
+                raise UnavailableError(
+                    f"{path!r} is zstd-compressed; `pip install zstandard` to read it", self.name
+                ) from None
             return zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 30)
         return payload

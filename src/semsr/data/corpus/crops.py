@@ -11,6 +11,7 @@ measured at a fixed analysis resolution (~128 px) so that grain does not count
 - :class:`HRCropDataset` is a map-style torch dataset of crops over image files,
   reproducible from ``(seed, epoch, index)``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -133,7 +134,7 @@ class HRCropDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         path = self.paths[index // self.crops_per_image]
         img = pad_to(load_rgb_uint8(path), self.size)
-        (top, left), = sample_crop_boxes(img, self.size, 1, rng, self.min_texture)
+        ((top, left),) = sample_crop_boxes(img, self.size, 1, rng, self.min_texture)
         patch = img[top : top + self.size, left : left + self.size]
         if self.hflip and rng.uniform() < 0.5:
             patch = patch[:, ::-1]

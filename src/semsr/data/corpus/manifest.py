@@ -25,6 +25,7 @@ cache uses, so a file and the same pixels held in memory share their priors.
 The database uses WAL journaling so several processes (e.g. data-loader
 workers) can read while one writes.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,8 +76,24 @@ CREATE TABLE IF NOT EXISTS priors (
 );
 """
 
-_IMAGE_FIELDS = ("content_hash", "path", "width", "height", "file_bytes", "source", "package", "package_version",
-                 "path_in_package", "member", "source_bytes", "licence", "licence_origin", "split", "extra", "added")
+_IMAGE_FIELDS = (
+    "content_hash",
+    "path",
+    "width",
+    "height",
+    "file_bytes",
+    "source",
+    "package",
+    "package_version",
+    "path_in_package",
+    "member",
+    "source_bytes",
+    "licence",
+    "licence_origin",
+    "split",
+    "extra",
+    "added",
+)
 
 
 def content_hash(image: torch.Tensor | np.ndarray) -> str:
@@ -193,11 +210,29 @@ class Manifest:
         such as an ``.edj`` or ``.rcc``); ``source_bytes`` the size of the
         original file or entry, ``file_bytes`` that of the corpus file.
         """
-        row = (content_hash, str(path), int(width), int(height), file_bytes, source, package, package_version,
-               path_in_package, member, source_bytes, licence, licence_origin, split,
-               json.dumps(extra or {}, sort_keys=True), time.time())
-        self.db.execute(f"INSERT OR REPLACE INTO images ({', '.join(_IMAGE_FIELDS)}) VALUES "
-                        f"({', '.join('?' * len(_IMAGE_FIELDS))})", row)
+        row = (
+            content_hash,
+            str(path),
+            int(width),
+            int(height),
+            file_bytes,
+            source,
+            package,
+            package_version,
+            path_in_package,
+            member,
+            source_bytes,
+            licence,
+            licence_origin,
+            split,
+            json.dumps(extra or {}, sort_keys=True),
+            time.time(),
+        )
+        self.db.execute(
+            f"INSERT OR REPLACE INTO images ({', '.join(_IMAGE_FIELDS)}) VALUES "
+            f"({', '.join('?' * len(_IMAGE_FIELDS))})",
+            row,
+        )
         self.db.commit()
         return content_hash
 
@@ -213,8 +248,10 @@ class Manifest:
 
     def update_licence(self, content_hash: str, licence: str, licence_origin: str | None) -> None:
         """Change the recorded licence of an image (provenance re-read without re-converting)."""
-        self.db.execute("UPDATE images SET licence = ?, licence_origin = ? WHERE content_hash = ?",
-                        (licence, licence_origin, content_hash))
+        self.db.execute(
+            "UPDATE images SET licence = ?, licence_origin = ? WHERE content_hash = ?",
+            (licence, licence_origin, content_hash),
+        )
         self.db.commit()
 
     def find_path(self, path: str) -> ImageRecord | None:
@@ -246,21 +283,28 @@ class Manifest:
     def put_prior(self, content_hash: str, name: str, value: Any, provider_version: str = "") -> None:
         """Store (or replace) a prior value; see :func:`encode_value` for accepted types."""
         kind, blob = encode_value(value)
-        self.db.execute("INSERT OR REPLACE INTO priors VALUES (?, ?, ?, ?, ?, ?)",
-                        (content_hash, name, provider_version, kind, sqlite3.Binary(blob), time.time()))
+        self.db.execute(
+            "INSERT OR REPLACE INTO priors VALUES (?, ?, ?, ?, ?, ?)",
+            (content_hash, name, provider_version, kind, sqlite3.Binary(blob), time.time()),
+        )
         self.db.commit()
 
     def get_prior(self, content_hash: str, name: str, provider_version: str = "") -> Any | None:
         """The cached value, or ``None`` when this prior was never stored for this version."""
         row = self.db.execute(
             "SELECT kind, value FROM priors WHERE content_hash = ? AND name = ? AND provider_version = ?",
-            (content_hash, name, provider_version)).fetchone()
+            (content_hash, name, provider_version),
+        ).fetchone()
         return None if row is None else decode_value(row["kind"], row["value"])
 
     def has_prior(self, content_hash: str, name: str, provider_version: str = "") -> bool:
-        return self.db.execute(
-            "SELECT 1 FROM priors WHERE content_hash = ? AND name = ? AND provider_version = ?",
-            (content_hash, name, provider_version)).fetchone() is not None
+        return (
+            self.db.execute(
+                "SELECT 1 FROM priors WHERE content_hash = ? AND name = ? AND provider_version = ?",
+                (content_hash, name, provider_version),
+            ).fetchone()
+            is not None
+        )
 
     def prior(self, content_hash: str, name: str, compute: Callable[[], Any], provider_version: str = "") -> Any:
         """Return the cached prior, computing and storing it with ``compute()`` the first time.
@@ -270,7 +314,8 @@ class Manifest:
         """
         row = self.db.execute(
             "SELECT kind, value FROM priors WHERE content_hash = ? AND name = ? AND provider_version = ?",
-            (content_hash, name, provider_version)).fetchone()
+            (content_hash, name, provider_version),
+        ).fetchone()
         if row is not None:
             return decode_value(row["kind"], row["value"])
         self.put_prior(content_hash, name, compute(), provider_version)
@@ -278,33 +323,53 @@ class Manifest:
 
     def prior_names(self, content_hash: str) -> list[tuple[str, str]]:
         """``(name, provider_version)`` of every prior cached for an image."""
-        return [(r["name"], r["provider_version"]) for r in self.db.execute(
-            "SELECT name, provider_version FROM priors WHERE content_hash = ? ORDER BY name, provider_version",
-            (content_hash,))]
+        return [
+            (r["name"], r["provider_version"])
+            for r in self.db.execute(
+                "SELECT name, provider_version FROM priors WHERE content_hash = ? ORDER BY name, provider_version",
+                (content_hash,),
+            )
+        ]
 
     def add_prior(self, record: Any) -> None:
         """:class:`semsr.priors.base.PriorSink` hook: remember where a provider cached a prior."""
-        self.put_prior(record.image_key, record.provider,
-                       {"path": str(record.path), "kind": record.kind, "stored_by": "provider-cache"},
-                       provider_version=record.version)
+        self.put_prior(
+            record.image_key,
+            record.provider,
+            {"path": str(record.path), "kind": record.kind, "stored_by": "provider-cache"},
+            provider_version=record.version,
+        )
 
     # ------------------------------------------------------------------ reports
     def summary(self) -> dict[str, Any]:
         """Counts, pixels and bytes per source, licences, and prior counts (JSON-friendly)."""
         per_source = {}
         for r in self.db.execute(
-                "SELECT source, COUNT(*) AS n, SUM(width * height) AS px, SUM(file_bytes) AS bytes, "
-                "MIN(MIN(width, height)) AS min_side, MAX(MAX(width, height)) AS max_side, "
-                "GROUP_CONCAT(DISTINCT package) AS packages FROM images GROUP BY source ORDER BY source"):
+            "SELECT source, COUNT(*) AS n, SUM(width * height) AS px, SUM(file_bytes) AS bytes, "
+            "MIN(MIN(width, height)) AS min_side, MAX(MAX(width, height)) AS max_side, "
+            "GROUP_CONCAT(DISTINCT package) AS packages FROM images GROUP BY source ORDER BY source"
+        ):
             per_source[r["source"]] = {
-                "images": r["n"], "megapixels": round((r["px"] or 0) / 1e6, 2), "bytes": r["bytes"] or 0,
-                "min_side": r["min_side"], "max_side": r["max_side"], "packages": r["packages"],
-                "licences": {lr["licence"]: lr["n"] for lr in self.db.execute(
-                    "SELECT licence, COUNT(*) AS n FROM images WHERE source = ? GROUP BY licence ORDER BY n DESC",
-                    (r["source"],))},
+                "images": r["n"],
+                "megapixels": round((r["px"] or 0) / 1e6, 2),
+                "bytes": r["bytes"] or 0,
+                "min_side": r["min_side"],
+                "max_side": r["max_side"],
+                "packages": r["packages"],
+                "licences": {
+                    lr["licence"]: lr["n"]
+                    for lr in self.db.execute(
+                        "SELECT licence, COUNT(*) AS n FROM images WHERE source = ? GROUP BY licence ORDER BY n DESC",
+                        (r["source"],),
+                    )
+                },
             }
-        priors = {f"{r['name']}@{r['provider_version']}": r["n"] for r in self.db.execute(
-            "SELECT name, provider_version, COUNT(*) AS n FROM priors GROUP BY name, provider_version")}
+        priors = {
+            f"{r['name']}@{r['provider_version']}": r["n"]
+            for r in self.db.execute(
+                "SELECT name, provider_version, COUNT(*) AS n FROM priors GROUP BY name, provider_version"
+            )
+        }
         return {"images": len(self), "sources": per_source, "priors": priors}
 
     def iter_paths(self, root: str | Path) -> Iterator[Path]:

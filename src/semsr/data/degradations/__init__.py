@@ -1,4 +1,5 @@
 """Real-ESRGAN second-order degradation model on batched tensors (see :mod:`.pipeline`)."""
+
 from semsr.data.degradations.jpeg import jpeg_compress
 from semsr.data.degradations.kernels import (
     KERNEL_TYPES,
@@ -22,8 +23,23 @@ from semsr.data.degradations.pipeline import (
 from semsr.data.degradations.resize import RESIZE_MODES, resize
 
 __all__ = [
-    "KERNEL_TYPES", "RESIZE_MODES", "DegradationConfig", "DegradationParams", "KernelSpec",
-    "RealESRGANDegradation", "StageConfig", "add_gaussian_noise", "add_poisson_noise", "filter2d",
-    "gaussian_kernel", "generalized_gaussian_kernel", "image_seed", "jpeg_compress", "plateau_kernel",
-    "resize", "sample_params", "sinc_kernel", "usm_sharpen",
+    "KERNEL_TYPES",
+    "RESIZE_MODES",
+    "DegradationConfig",
+    "DegradationParams",
+    "KernelSpec",
+    "RealESRGANDegradation",
+    "StageConfig",
+    "add_gaussian_noise",
+    "add_poisson_noise",
+    "filter2d",
+    "gaussian_kernel",
+    "generalized_gaussian_kernel",
+    "image_seed",
+    "jpeg_compress",
+    "plateau_kernel",
+    "resize",
+    "sample_params",
+    "sinc_kernel",
+    "usm_sharpen",
 ]

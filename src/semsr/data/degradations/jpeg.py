@@ -16,6 +16,7 @@ Real-ESRGAN does the same with its non-differentiable DiffJPEG; qualities are
 floats drawn uniformly from ``jpeg_range``. Entropy coding is lossless and
 therefore skipped.
 """
+
 from __future__ import annotations
 
 import math

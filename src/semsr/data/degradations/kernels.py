@@ -18,6 +18,7 @@ per pixel, pi = Nyquist) truncated to ``K x K``; it produces ringing.
 Gaussian-family kernels), and :func:`filter2d` applies per-image kernels to a
 batch with reflect padding.
 """
+
 from __future__ import annotations
 
 import math

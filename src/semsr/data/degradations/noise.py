@@ -7,6 +7,7 @@ field shared by the three channels (luminance noise); colour noise is drawn
 independently per channel. Outputs are clipped to [0, 1] (Real-ESRGAN's
 ``clip=True, rounds=False``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -85,7 +86,7 @@ def poisson_noise(
     b, c, h, w = img.shape
     s = _per_image(scale, b, img)
     g = _per_image(grey, b, img)
-    q = ((img * 255.0).round().clamp(0, 255) / 255.0)
+    q = (img * 255.0).round().clamp(0, 255) / 255.0
     lv = _levels(q).to(img.device)
     colour = torch.poisson(q * lv, generator=generator) / lv - q
     if bool((g > 0).any()):

@@ -25,6 +25,7 @@ Usage::
     lr = deg(hr, seed=0)                              # hr (B, 3, H, W) in [0, 1]
     lr, params = deg(hr, seed=[3, 7], return_params=True)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,15 @@ class StageConfig:
             raise ValueError(f"{where}.kernel_prob must give one positive weight per kernel_list entry")
         if len(self.resize_prob) != 3 or sum(self.resize_prob) <= 0 or min(self.resize_prob) < 0:
             raise ValueError(f"{where}.resize_prob must be 3 non-negative weights (up, down, keep)")
-        for name in ("blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range",
-                     "poisson_scale_range", "jpeg_range"):
+        for name in (
+            "blur_sigma",
+            "betag_range",
+            "betap_range",
+            "resize_range",
+            "noise_range",
+            "poisson_scale_range",
+            "jpeg_range",
+        ):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
                 raise ValueError(f"{where}.{name} must be 0 < lo <= hi, got {[lo, hi]}")
@@ -281,7 +289,9 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _sample_stage(rng: np.random.Generator, cfg: StageConfig, kernel: KernelSpec, modes: tuple[str, ...]) -> StageParams:
+def _sample_stage(
+    rng: np.random.Generator, cfg: StageConfig, kernel: KernelSpec, modes: tuple[str, ...]
+) -> StageParams:
     use_blur = rng.uniform() < cfg.blur_prob
     rp = np.asarray(cfg.resize_prob, dtype=np.float64)
     direction = ("up", "down", "keep")[int(rng.choice(3, p=rp / rp.sum()))]
@@ -306,8 +316,16 @@ def sample_params(cfg: DegradationConfig, seed: int) -> DegradationParams:
     rng = np.random.default_rng(int(seed))
 
     def kernel(st: StageConfig) -> KernelSpec:
-        return sample_kernel(rng, st.kernel_size, st.kernel_list, st.kernel_prob, st.sinc_prob,
-                             st.blur_sigma, st.betag_range, st.betap_range)
+        return sample_kernel(
+            rng,
+            st.kernel_size,
+            st.kernel_list,
+            st.kernel_prob,
+            st.sinc_prob,
+            st.blur_sigma,
+            st.betag_range,
+            st.betap_range,
+        )
 
     k1, k2 = kernel(cfg.stage1), kernel(cfg.stage2)
     final = None
@@ -424,6 +442,7 @@ class RealESRGANDegradation:
         x = _add_noise(x, p2, gen)
         if trace is not None:
             trace["stage2"] = x
+
         # final: [resize back + sinc] and JPEG in random order
         def resize_sinc(t: torch.Tensor) -> torch.Tensor:
             t = resize(t, target, params.final_resize_mode)

@@ -5,6 +5,7 @@ Real-ESRGAN resizes with PyTorch's ``area``, ``bilinear`` and ``bicubic``
 without antialiasing adds aliasing, bicubic adds overshoot — both are part of
 the degradation space.
 """
+
 from __future__ import annotations
 
 import torch

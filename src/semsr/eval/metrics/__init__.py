@@ -25,6 +25,7 @@ musiq        higher           no        deep          not implemented: Unavailab
 maniqa       higher           no        deep          not implemented: UnavailableError
 ===========  ===============  ========  ============  ==========================================
 """
+
 from __future__ import annotations
 
 import importlib

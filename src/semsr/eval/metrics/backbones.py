@@ -14,6 +14,7 @@ torchvision itself is not used (it cannot be installed next to this torch).
   pytorch-fid (average pools exclude padding, max pool in the last block);
   ``variant="torchvision"`` is torchvision's Inception-v3.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -220,7 +221,13 @@ class InceptionC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             bd = layer(bd)
         bp = self.branch_pool(_pool_branch(x, self.pool))
         return torch.cat([self.branch1x1(x), b7, bd, bp], 1)

@@ -8,6 +8,7 @@ ground truth is reduced to its BT.601 luma; a grey prediction of a colour
 ground truth is replicated), crops ``crop_border`` pixels from every edge and
 then calls :meth:`Metric.compute`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -151,8 +152,7 @@ class BackboneDistance(Metric):
     device: torch.device
 
     @staticmethod
-    def backbone_file(path: str | Path | None, files: Sequence[str], what: str,
-                      weights_dir: str | Path | None) -> Path:
+    def backbone_file(path: str | Path | None, files: Sequence[str], what: str, weights_dir: str | Path | None) -> Path:
         """``path``, else the first of ``files`` found in the weights folders (``what`` names it if none is)."""
         return Path(path) if path else find_weight_file(files, what, weights_dir)
 

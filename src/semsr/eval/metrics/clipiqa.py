@@ -16,6 +16,7 @@ The model folder is a ``CLIPModel.save_pretrained`` folder with its tokenizer
 (and optionally ``preprocessor_config.json``): ``clip_path=``, or the first
 folder named ``clip*`` in the weights folder. Loaded with ``local_files_only``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from semsr.core.errors import UnavailableError
-from semsr.eval.metrics.base import Metric, as_rgb
 from semsr.core.weights import resolve_weights_dir
+from semsr.eval.metrics.base import Metric, as_rgb
 
 PROMPTS = ("Good photo.", "Bad photo.")
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

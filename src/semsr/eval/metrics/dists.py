@@ -12,6 +12,7 @@ pooling, ImageNet mean/std normalisation), per channel ``k``:
 first use), the backbone from ``vgg16-397923af.pth`` in the weights folder.
 Images are used at their own size (no resizing).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from semsr.core.errors import UnavailableError
+from semsr.core.weights import VGG16_FILES, load_state_dict, registry_file
 from semsr.eval.metrics.backbones import VGG16Features
 from semsr.eval.metrics.base import BackboneDistance
-from semsr.core.weights import VGG16_FILES, load_state_dict, registry_file
 
 CHANNELS = (3, 64, 128, 256, 512, 512)
 
@@ -89,8 +90,9 @@ class DISTS(BackboneDistance):
         weights_path: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        bpath = self.backbone_file(backbone_path, VGG16_FILES, "dists: VGG16 ImageNet backbone (torchvision)",
-                                   weights_dir)
+        bpath = self.backbone_file(
+            backbone_path, VGG16_FILES, "dists: VGG16 ImageNet backbone (torchvision)", weights_dir
+        )
         wpath = Path(weights_path) if weights_path else registry_file("dists/weights.pt", weights_dir, fetch=fetch)
         model = DISTSNet()
         model.load_alpha_beta(load_state_dict(wpath), wpath)

@@ -12,6 +12,7 @@ pytorch-fid; values comparable with published FIDs) or, as a fallback,
 torchvision's ``inception_v3_google-0cc3c7bd.pth`` (values NOT comparable
 with published FIDs). Both use torchvision's key layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from semsr.core.errors import InputError, SemsrError, UnavailableError
+from semsr.core.weights import FID_INCEPTION_FILES, TV_INCEPTION_FILES, find_weight_file, load_state_dict
 from semsr.eval.metrics.backbones import InceptionV3Pool3
 from semsr.eval.metrics.base import Metric, as_image_batch, as_rgb
 from semsr.eval.metrics.image import list_images, load_eval_image
-from semsr.core.weights import FID_INCEPTION_FILES, TV_INCEPTION_FILES, find_weight_file, load_state_dict
 
 ImageLike = torch.Tensor | str | Path
 

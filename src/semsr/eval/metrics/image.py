@@ -6,6 +6,7 @@ The published PSNR/SSIM tables treat single-channel images (e.g.
 grey files and ``C = 3`` for colour files, exactly as stored (an RGB file whose
 channels happen to be equal stays RGB).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,6 +12,7 @@ Files (see :mod:`semsr.core.weights`):
   (keys ``lin0.model.1.weight`` ... ``lin4.model.1.weight``), fetched from the
   ``lpips==0.1.4`` wheel on first use or read from the weights folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from semsr.core.errors import UnavailableError
+from semsr.core.weights import ALEXNET_FILES, VGG16_FILES, load_state_dict, registry_file
 from semsr.eval.metrics.backbones import AlexNetFeatures, VGG16Features
 from semsr.eval.metrics.base import BackboneDistance
-from semsr.core.weights import ALEXNET_FILES, VGG16_FILES, load_state_dict, registry_file
 
 _BACKBONES = {"alex": (AlexNetFeatures, ALEXNET_FILES, "AlexNet"), "vgg": (VGG16Features, VGG16_FILES, "VGG16")}
 
@@ -87,8 +88,9 @@ class LPIPS(BackboneDistance):
         self.name = "lpips" if net == "alex" else f"lpips-{net}"
         self.summary = f"LPIPS v0.1, {_BACKBONES[net][2]}"
         files, label = _BACKBONES[net][1], _BACKBONES[net][2]
-        bpath = self.backbone_file(backbone_path, files, f"{self.name}: {label} ImageNet backbone (torchvision)",
-                                   weights_dir)
+        bpath = self.backbone_file(
+            backbone_path, files, f"{self.name}: {label} ImageNet backbone (torchvision)", weights_dir
+        )
         hpath = Path(heads_path) if heads_path else registry_file(f"lpips/v0.1/{net}.pth", weights_dir, fetch=fetch)
         model = LPIPSNet(net)
         model.load_heads(load_state_dict(hpath), hpath)

@@ -18,6 +18,7 @@ The pristine parameters are the published ones (``niqe_pris_params.npz`` of
 the basicsr 1.4.2 source distribution, see :mod:`semsr.core.weights`).
 Input convention as in the SR literature: Y of MATLAB ``rgb2ycbcr``, rounded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from scipy.special import gamma as gamma_fn
 
 from semsr.core.errors import InputError, UnavailableError
-from semsr.eval.metrics.base import Metric
 from semsr.core.weights import registry_file
+from semsr.eval.metrics.base import Metric
 from semsr.ops.color import y_channel_255
 from semsr.ops.imresize import imresize
 

@@ -9,6 +9,7 @@
   Gaussian window with sigma 1.5, ``'valid'`` filtering, K = (0.01, 0.03),
   L = 255, no downsampling, mean of the SSIM map.
 """
+
 from __future__ import annotations
 
 import math

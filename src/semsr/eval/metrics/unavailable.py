@@ -5,13 +5,14 @@ offline. Building them raises :class:`~semsr.core.errors.UnavailableError` with
 the reason (weights missing, or weights present but no implementation) so
 reports show them as unavailable instead of silently dropping them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from semsr.core.errors import UnavailableError
-from semsr.eval.metrics.base import Metric
 from semsr.core.weights import user_weight_roots
+from semsr.eval.metrics.base import Metric
 
 
 class _NotImplementedIQA(Metric):

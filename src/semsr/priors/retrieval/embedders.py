@@ -32,6 +32,7 @@ Two embedders exist:
 ``embedder_from_spec(spec)`` rebuilds an embedder from the string stored in
 a database, so a search always uses the embedder the database was built with.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ class Embedder(Protocol):
 
 def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
     """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, size, size)`` (bicubic, antialiased)."""
-    return F.interpolate(img.float(), size=(size, size), mode="bicubic", align_corners=False,
-                         antialias=True).clamp(0, 1)
+    return F.interpolate(img.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
+        0, 1
+    )
 
 
 class _OnePassEmbedder(nn.Module):
@@ -147,8 +149,9 @@ class CLIPEmbedder(_OnePassEmbedder):
         arch = _architectures(folder)
         self.projected = any(a in ("CLIPVisionModelWithProjection", "CLIPModel") for a in arch)
         if self.projected:
-            tower.model = load_transformers_model(CLIPVisionModelWithProjection, folder,
-                                                  what="CLIP vision model with projection").eval()
+            tower.model = load_transformers_model(
+                CLIPVisionModelWithProjection, folder, what="CLIP vision model with projection"
+            ).eval()
             self.dim = int(tower.model.config.projection_dim)
         else:
             assert isinstance(tower.model, CLIPVisionModel)

@@ -26,6 +26,7 @@ commit, the index is written to a temporary file and renamed; on opening for
 writing, surplus vector rows (from an interrupted add) are cut off and an index
 whose size disagrees with the metadata is rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,8 +83,16 @@ class Hit:
 
     def as_dict(self) -> dict:
         e = self.entry
-        return {"rank": self.rank, "score": round(float(self.score), 6), "path": e.path, "sha256": e.sha256,
-                "width": e.width, "height": e.height, "caption": e.caption, "id": e.vid}
+        return {
+            "rank": self.rank,
+            "score": round(float(self.score), 6),
+            "path": e.path,
+            "sha256": e.sha256,
+            "width": e.width,
+            "height": e.height,
+            "caption": e.caption,
+            "id": e.vid,
+        }
 
 
 def file_sha256(path: str | Path) -> str:
@@ -132,7 +141,7 @@ def build_faiss_index(vectors: np.ndarray, kind: str):  # -> faiss.Index
     else:
         raise SemsrError(f"unknown index kind {kind!r}")
     for start in range(0, n, 65_536):  # chunked so a memory-mapped matrix is paged in piecewise
-        index.add(np.ascontiguousarray(vectors[start:start + 65_536], dtype=np.float32))
+        index.add(np.ascontiguousarray(vectors[start : start + 65_536], dtype=np.float32))
     return index
 
 
@@ -158,13 +167,15 @@ class ReferenceDB:
             changed with :meth:`set_kind`).
     """
 
-    def __init__(self, folder: str | Path, *, create: bool = False, embedder: str | None = None,
-                 kind: str = "auto") -> None:
+    def __init__(
+        self, folder: str | Path, *, create: bool = False, embedder: str | None = None, kind: str = "auto"
+    ) -> None:
         self.folder = Path(folder).expanduser()
         if not (self.folder / META_DB).is_file():
             if not create:
-                raise InputError("not a reference database (no meta.sqlite); create it with `semsr index build`",
-                                 self.folder)
+                raise InputError(
+                    "not a reference database (no meta.sqlite); create it with `semsr index build`", self.folder
+                )
             if embedder is None:
                 raise SemsrError("an embedder is needed to create a database")
             choose_kind(0, kind)
@@ -177,8 +188,9 @@ class ReferenceDB:
             self._set_meta(embedder=embedder, kind=kind)
             self.conn.commit()
         elif embedder is not None and embedder != self.meta("embedder"):
-            raise SemsrError(f"database was built with embedder {self.meta('embedder')!r}, not {embedder!r}",
-                             self.folder)
+            raise SemsrError(
+                f"database was built with embedder {self.meta('embedder')!r}, not {embedder!r}", self.folder
+            )
         self._index = None
         self._dim: int | None = int(self.meta("dim")) if self.meta("dim") else None
 
@@ -189,8 +201,9 @@ class ReferenceDB:
         return None if row is None else row[0]
 
     def _set_meta(self, **values: object) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                              [(k, str(v)) for k, v in values.items()])
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, str(v)) for k, v in values.items()]
+        )
 
     @property
     def embedder_spec(self) -> str:
@@ -213,13 +226,22 @@ class ReferenceDB:
             rows = self.conn.execute(f"SELECT {cols} FROM images ORDER BY vid").fetchall()
             return [Entry(*r) for r in rows]
         wanted = [int(v) for v in vids]
-        found = {r[0]: Entry(*r) for r in self.conn.execute(
-            f"SELECT {cols} FROM images WHERE vid IN ({','.join('?' * len(wanted))})", wanted)} if wanted else {}
+        found = (
+            {
+                r[0]: Entry(*r)
+                for r in self.conn.execute(
+                    f"SELECT {cols} FROM images WHERE vid IN ({','.join('?' * len(wanted))})", wanted
+                )
+            }
+            if wanted
+            else {}
+        )
         return [found[v] for v in wanted if v in found]
 
     def entry_by_hash(self, sha: str) -> Entry | None:
-        r = self.conn.execute("SELECT vid, path, sha256, width, height, caption FROM images WHERE sha256 = ?",
-                              (sha,)).fetchone()
+        r = self.conn.execute(
+            "SELECT vid, path, sha256, width, height, caption FROM images WHERE sha256 = ?", (sha,)
+        ).fetchone()
         return None if r is None else Entry(*r)
 
     # ------------------------------------------------------------------ vectors
@@ -271,8 +293,11 @@ class ReferenceDB:
             os.fsync(f.fileno())
         self.conn.executemany(
             "INSERT INTO images(vid, path, sha256, width, height, caption) VALUES (?, ?, ?, ?, ?, ?)",
-            [(start + j, entries[i].path, entries[i].sha256, entries[i].width, entries[i].height, entries[i].caption)
-             for j, i in enumerate(keep)])
+            [
+                (start + j, entries[i].path, entries[i].sha256, entries[i].width, entries[i].height, entries[i].caption)
+                for j, i in enumerate(keep)
+            ],
+        )
         self.conn.commit()
         if update_index:
             self.sync_index()
@@ -318,7 +343,7 @@ class ReferenceDB:
             return
         vecs = self.vectors()
         for start in range(index.ntotal, n, 65_536):
-            index.add(np.ascontiguousarray(vecs[start:min(n, start + 65_536)]))
+            index.add(np.ascontiguousarray(vecs[start : min(n, start + 65_536)]))
         self._write_index(index)
 
     def index(self):  # -> faiss.Index
@@ -328,8 +353,9 @@ class ReferenceDB:
         if self._index is not None:
             return self._index
         path = self.folder / INDEX
-        if not path.is_file() or faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).ntotal \
-                != len(self):
+        if not path.is_file() or faiss.read_index(
+            str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+        ).ntotal != len(self):
             self._truncate_surplus()
             self.sync_index()
         self._index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -357,12 +383,17 @@ class ReferenceDB:
         n = len(self)
         idx_path = self.folder / INDEX
         kind_setting = self.meta("kind") or "auto"
-        return {"path": str(self.folder), "images": n, "embedder": self.embedder_spec, "dim": self._dim,
-                "kind_setting": kind_setting, "kind": index_kind(self.index()) if n else choose_kind(n, kind_setting),
-                "captions": int(self.conn.execute("SELECT COUNT(*) FROM images WHERE caption IS NOT NULL")
-                                .fetchone()[0]),
-                "vector_bytes": (self.folder / VECTORS).stat().st_size if (self.folder / VECTORS).exists() else 0,
-                "index_bytes": idx_path.stat().st_size if idx_path.exists() else 0}
+        return {
+            "path": str(self.folder),
+            "images": n,
+            "embedder": self.embedder_spec,
+            "dim": self._dim,
+            "kind_setting": kind_setting,
+            "kind": index_kind(self.index()) if n else choose_kind(n, kind_setting),
+            "captions": int(self.conn.execute("SELECT COUNT(*) FROM images WHERE caption IS NOT NULL").fetchone()[0]),
+            "vector_bytes": (self.folder / VECTORS).stat().st_size if (self.folder / VECTORS).exists() else 0,
+            "index_bytes": idx_path.stat().st_size if idx_path.exists() else 0,
+        }
 
     def close(self) -> None:
         self._index = None
@@ -405,9 +436,15 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(rgb.astype(np.float32) / scale).permute(2, 0, 1).unsqueeze(0)
 
 
-def add_images(db: ReferenceDB, files: Sequence[Path], embedder, *, batch: int = 16,
-               on_error: Callable[[Path, Exception], None] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+def add_images(
+    db: ReferenceDB,
+    files: Sequence[Path],
+    embedder,
+    *,
+    batch: int = 16,
+    on_error: Callable[[Path, Exception], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
     """Embed and add ``files`` to ``db``, skipping content already present.
 
     Returns counts ``{"added", "duplicates", "failed"}``. Unreadable files are
@@ -477,8 +514,9 @@ def merge_databases(out: str | Path, shards: Sequence[str | Path], *, kind: str 
                 entries, vecs = src.entries(), src.vectors()
                 total += len(entries)
                 for start in range(0, len(entries), 65_536):
-                    dst.add_vectors(entries[start:start + 65_536], np.asarray(vecs[start:start + 65_536]),
-                                    update_index=False)
+                    dst.add_vectors(
+                        entries[start : start + 65_536], np.asarray(vecs[start : start + 65_536]), update_index=False
+                    )
             dst.sync_index()
             added = len(dst) - before
     finally:
