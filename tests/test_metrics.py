@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from scipy.signal import correlate2d
 
+from semsr.core import weights as W
 from semsr.core.errors import InputError, SemsrError, UnavailableError
-from semsr.eval import weights as W
 from semsr.eval.metrics import get_metric, list_images, list_metrics, load_eval_image, metric_info
 from semsr.eval.metrics.backbones import AlexNetFeatures, InceptionV3Pool3, VGG16Features
 from semsr.eval.metrics.dists import CHANNELS as DISTS_CHANNELS

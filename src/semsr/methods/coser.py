@@ -559,19 +559,13 @@ class CoSeRSR(LatentSRPipeline):
         image = self.denoise_decode(
             self.spatial_denoiser(z_lr, [w for w, _ in branches]),
             layout,
+            opts,
             channels=self.unet.config.in_channels,
             cond=[b for _, b in branches],
-            steps=opts.steps,
-            seed=opts.seed,
-            scheduler=opts.scheduler,
-            init_latents=z_lr if opts.start_from_lr else None,
-            strength=opts.strength,
-            tile_overlap=opts.tile_overlap,
-            colour_fix_method=opts.colour_fix,
+            init_latents=z_lr,
             progress=progress,
             timings=timings,
         )
-        timings["steps"] = float(opts.steps)
 
         used = None if reference is None else reference.expand(bsz, -1, -1, -1).float().cpu()
         priors = compact(

@@ -469,16 +469,11 @@ class MMSR(LatentSRPipeline):
         image = self.denoise_decode(
             self.spatial_denoiser(z_lr),
             layout,
+            opts,
             channels=self.cond.latent_channels,
             cond={"context": pos},
             guide=lambda d: cfg(d, uncond, 1.0 + w),
-            steps=opts.steps,
-            seed=opts.seed,
-            scheduler=opts.scheduler,
-            init_latents=z_lr if opts.start_from_lr else None,
-            strength=opts.strength,
-            tile_overlap=opts.tile_overlap,
-            colour_fix_method=opts.colour_fix,
+            init_latents=z_lr,
             progress=progress,
             timings=timings,
         )

@@ -280,20 +280,14 @@ class TwoPromptSR(SDControlNetSR):
         image = self.denoise_decode(
             self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
             layout,
+            opts,
             channels=self.unet.config.in_channels,
             cond=cond,
             guide=lambda d: cfg(d, uncond, opts.guidance_scale),
-            steps=opts.steps,
-            seed=opts.seed,
-            scheduler=opts.scheduler,
             init_latents=init,
-            strength=opts.strength,
-            tile_overlap=opts.tile_overlap,
-            colour_fix_method=opts.colour_fix,
             progress=progress,
             timings=timings,
         )
-        timings["steps"] = float(opts.steps)
         used = text_conditions_priors(conds[0], high=use_high, low=use_low) if conds else {}
         priors = compact(
             {

@@ -30,6 +30,7 @@ from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import Denoiser
 from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
+from semsr.pipeline.options import LatentSROptions
 from semsr.pipeline.sampler import make_scheduler, sample
 
 #: Latent side above which the latent is tiled automatically (96 latent = 768 px).
@@ -161,17 +162,12 @@ class LatentSRPipeline:
         self,
         spatial: SpatialDenoiser,
         layout: SRLayout,
+        options: LatentSROptions,
         *,
         channels: int,
         cond: Any,
         guide: Callable[[Denoiser], Denoiser] | None = None,
-        steps: int,
-        seed: int,
-        scheduler: str,
-        init_latents: torch.Tensor | None,
-        strength: float,
-        tile_overlap: int | None,
-        colour_fix_method: str,
+        init_latents: torch.Tensor | None = None,
         progress: Any,
         timings: dict[str, float],
     ) -> torch.Tensor:
@@ -183,16 +179,17 @@ class LatentSRPipeline:
             cond: the condition of every step (:func:`~semsr.pipeline.sampler.sample`).
             guide: guidance wrapper around the (tiled) denoiser, e.g.
                 ``lambda d: cfg(d, uncond, scale)`` (:mod:`semsr.pipeline.guidance`); None: no guidance.
-            steps, seed, scheduler, init_latents, strength: sampling (noise from a CPU
-                generator seeded with ``seed``).
-            tile_overlap: latent overlap between tiles (None: tile // 4).
+            options: the sampling options: ``steps``, ``seed`` (noise from a CPU generator),
+                ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
+                ``tile_overlap`` (None: tile // 4) and ``colour_fix``.
+            init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
-            timings: gets ``denoise`` and ``decode`` seconds.
+            timings: gets ``denoise`` and ``decode`` seconds and ``steps``.
         Returns:
             ``(B, 3, *layout.out_hw)`` float32 in [0, 1] on the CPU, colour-fixed against ``layout.hint``.
         """
         tile = layout.tile
-        overlap = tile // 4 if tile_overlap is None else int(tile_overlap)
+        overlap = tile // 4 if options.tile_overlap is None else int(options.tile_overlap)
         denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
         if guide is not None:
             denoiser = guide(denoiser)
@@ -201,13 +198,13 @@ class LatentSRPipeline:
         try:
             z = sample(
                 denoiser,
-                make_scheduler(scheduler, self.scheduler_config),
+                make_scheduler(options.scheduler, self.scheduler_config),
                 shape=(layout.batch, int(channels), *layout.lat_hw),
                 cond=cond,
-                steps=int(steps),
-                generator=torch.Generator("cpu").manual_seed(int(seed)),
-                init_latents=init_latents,
-                strength=strength,
+                steps=int(options.steps),
+                generator=torch.Generator("cpu").manual_seed(int(options.seed)),
+                init_latents=init_latents if options.start_from_lr else None,
+                strength=options.strength,
                 device=self.device,
                 progress=callback,
             )
@@ -218,4 +215,5 @@ class LatentSRPipeline:
         out_h, out_w = layout.out_hw
         image = self.vae_decode(z, layout.vae_tile)[:, :, :out_h, :out_w]
         timings["decode"] = time.perf_counter() - t0
-        return colour_fix(image.cpu(), layout.hint, colour_fix_method)
+        timings["steps"] = float(options.steps)
+        return colour_fix(image.cpu(), layout.hint, options.colour_fix)
