@@ -226,19 +226,21 @@ class CoSeRSR(LatentSRPipeline):
         references: ReferenceCache | None = None,
         model_id: str = "",
     ) -> None:
-        self.scale = int(scale)
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         fusion.check_unet(unet)
-        prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
-        self.vae = prepare_module(vae, **prep)
-        self.unet = install_aia(prepare_module(unet, **prep, compile=compile))
-        self.fusion = prepare_module(fusion, **prep)
+        self.setup_sd(
+            vae=vae,
+            unet=unet,
+            text=text,
+            scheduler_config=scheduler_config,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            compile=compile,
+            scale=scale,
+        )
+        self.unet = install_aia(self.unet)
+        self.fusion = prepare_module(fusion, device=self.device, dtype=self.dtype, channels_last=channels_last)
         self.cognitive = prepare_module(cognitive, device=self.device, dtype=self.dtype)
-        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        self.scheduler_config = dict(scheduler_config)
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.references = references
         self.model_id = model_id
         width = int(self.unet.config.cross_attention_dim)

@@ -250,21 +250,23 @@ class MMSR(LatentSRPipeline):
         compile: bool | str | None = None,
         scale: int = 4,
     ) -> None:
-        self.scale = int(scale)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
-        self.vae = prepare_module(vae, **prep)
-        self.cond = prepare_module(cond, device=self.device, dtype=self.dtype)
-        self.unet = prepare_module(self.cond.attach(unet), **prep, compile=compile)
-        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        cond = prepare_module(cond, device=resolve_device(device), dtype=resolve_dtype(dtype, resolve_device(device)))
+        self.cond = cond
+        self.setup_sd(
+            vae=vae,
+            unet=cond.attach(unet),
+            text=text,
+            scheduler_config=scheduler_config,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            compile=compile,
+            scale=scale,
+        )
         self.meta = dict(meta)
         self.sources = {k: dict(v) for k, v in (sources or {}).items()}
         self.tokenizer = tokenizer
         self.vlm = vlm
-        self.scheduler_config = dict(scheduler_config)
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         ccfg = self.cond.connector.config
         if int(self.text.width) != int(ccfg.text_width):
             raise SemsrError(f"text encoder width {self.text.width} != connector text width {ccfg.text_width}")

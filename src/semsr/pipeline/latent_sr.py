@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from semsr.core.dtypes import resolve_device, resolve_dtype
 from semsr.core.errors import SemsrError
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import Denoiser
 from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
 from semsr.pipeline.options import LatentSROptions
+from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 
 #: Latent side above which the latent is tiled automatically (96 latent = 768 px).
@@ -104,6 +106,33 @@ class LatentSRPipeline:
     factor: int
     latent_multiple: int
     scheduler_config: dict[str, Any]
+
+    def setup_sd(
+        self,
+        *,
+        vae: Any,
+        unet: Any,
+        text: Any,
+        scheduler_config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        channels_last: bool = False,
+        compile: bool | str | None = None,
+        scale: int = 4,
+    ) -> None:
+        """Hold the frozen SD parts on ``device`` in ``dtype`` (eval, no grad) and derive ``factor``
+        (VAE downsampling) and ``latent_multiple`` (UNet granularity); ``compile`` applies to the UNet."""
+        self.scale = int(scale)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.vae = prepare_module(vae, device=self.device, dtype=self.dtype, channels_last=channels_last)
+        self.unet = prepare_module(
+            unet, device=self.device, dtype=self.dtype, channels_last=channels_last, compile=compile
+        )
+        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``B`` prompts -> ``(B, 77, D)`` context in the pipeline dtype."""

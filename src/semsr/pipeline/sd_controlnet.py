@@ -131,20 +131,24 @@ class SDControlNetSR(LatentSRPipeline):
         name: str | None = None,
         options_class: type[ControlNetSROptions] | None = None,
     ) -> None:
-        self.scale = int(scale)
         if name is not None:
             self.name = name
         if options_class is not None:
             self.options_class = options_class
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        prep = dict(device=self.device, dtype=self.dtype, channels_last=channels_last)
-        self.vae = prepare_module(vae, **prep)
-        self.unet = prepare_module(unet, **prep, compile=compile)
-        self.controlnet = prepare_module(controlnet, **prep, compile=compile)
-        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        self.scheduler_config = dict(scheduler_config)
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.setup_sd(
+            vae=vae,
+            unet=unet,
+            text=text,
+            scheduler_config=scheduler_config,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            compile=compile,
+            scale=scale,
+        )
+        self.controlnet = prepare_module(
+            controlnet, device=self.device, dtype=self.dtype, channels_last=channels_last, compile=compile
+        )
         hint_factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
         if hint_factor != self.factor:
             raise SemsrError(f"ControlNet hint encoder downsamples by {hint_factor} but the VAE by {self.factor}")
@@ -153,8 +157,6 @@ class SDControlNetSR(LatentSRPipeline):
                 f"text encoder width {self.text.width} != UNet cross-attention width "
                 f"{self.unet.config.cross_attention_dim}"
             )
-        # latent sizes must survive the UNet's downsamplings
-        self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ loading / saving
 
