@@ -43,7 +43,6 @@ from semsr.core.options import option
 from semsr.core.outputs import SROutput, compact
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import register
-from semsr.pipeline.guidance import cfg
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sd_controlnet import SDControlNetSR
@@ -274,20 +273,7 @@ class TwoPromptSR(SDControlNetSR):
             low_prompts=lows,
             low_negative_prompts=[opts.low_negative_prompt] * layout.batch,
         )
-        init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
-        timings["encode"] = time.perf_counter() - t0
-
-        image = self.denoise_decode(
-            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
-            layout,
-            opts,
-            channels=self.unet.config.in_channels,
-            cond=cond,
-            guide=lambda d: cfg(d, uncond, opts.guidance_scale),
-            init_latents=init,
-            progress=progress,
-            timings=timings,
-        )
+        image = self.controlnet_sample(layout, opts, cond, uncond, progress=progress, timings=timings, t0=t0)
         used = text_conditions_priors(conds[0], high=use_high, low=use_low) if conds else {}
         priors = compact(
             {

@@ -34,7 +34,7 @@ from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.core.method import ProgressFn
 from semsr.core.outputs import SROutput, compact
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline
+from semsr.pipeline.latent_sr import LatentSRPipeline, SRLayout
 from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.options import ControlNetSROptions, latent_tile
 from semsr.pipeline.precision import prepare_module
@@ -319,10 +319,27 @@ class SDControlNetSR(LatentSRPipeline):
         negatives = list(negative_prompts) if negative_prompts is not None else [opts.negative_prompt] * layout.batch
         t0 = time.perf_counter()
         cond, uncond = self.conditions(prompts, negatives, opts.guidance_scale)
+        image = self.controlnet_sample(layout, opts, cond, uncond, progress=progress, timings=timings, t0=t0)
+        priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0]})
+        return SROutput(image, priors=priors, timings=timings)
+
+    def controlnet_sample(
+        self,
+        layout: SRLayout,
+        opts: ControlNetSROptions,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
+        *,
+        progress: ProgressFn | bool | None,
+        timings: dict[str, float],
+        t0: float,
+    ) -> torch.Tensor:
+        """From the conditions of a call to the image ``(B, 3, *layout.out_hw)``: the LR start latent
+        (``encode`` seconds counted from ``t0``, when the conditions started), then CFG sampling with the
+        ControlNet hint and decoding (:meth:`denoise_decode`)."""
         init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
-
-        image = self.denoise_decode(
+        return self.denoise_decode(
             self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
             layout,
             opts,
@@ -333,8 +350,6 @@ class SDControlNetSR(LatentSRPipeline):
             progress=progress,
             timings=timings,
         )
-        priors = compact({"prompt": prompts[0], "negative_prompt": negatives[0]})
-        return SROutput(image, priors=priors, timings=timings)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """Nothing is extracted from the image: the default negative prompt, to edit."""
