@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from semsr import __version__
 from semsr.api import load_method, upscale_picture_output
 from semsr.core.errors import InputError, SemsrError
-from semsr.core.io import DEFAULT_MAX_PIXELS, atomic_write, choose_format, read_image, write_picture
+from semsr.core.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, atomic_write, choose_format, read_image, write_picture
 from semsr.core.method import Method, MethodSpec
 from semsr.core.options import MethodOptions, OptionInfo
 from semsr.methods import resolve
@@ -236,8 +236,6 @@ def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespac
 
 # ---------------------------------------------------------------- inputs and outputs
 
-_IMAGE_SUFFIXES = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
 
 def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     """Expand ``-i`` items: folders -> their image files (sorted, not recursive),
@@ -253,7 +251,7 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             found += sorted(
                 f
                 for f in path.iterdir()
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _IMAGE_SUFFIXES
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
             )
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(Path(m) for m in glob.glob(item) if Path(m).is_file())

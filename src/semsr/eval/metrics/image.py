@@ -16,8 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from semsr.core.errors import InputError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+from semsr.core.io import IMAGE_EXTENSIONS
 
 _GREY_MODES = {"1": "L", "L": "L", "LA": "L", "I": "I", "I;16": "I", "I;16B": "I", "I;16L": "I"}
 
