@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tests.train_helpers import write_textures
 
 REPO = Path(__file__).resolve().parents[2]
 #: Recorded output tensors larger than this (per spatial side) are cropped top-left.
@@ -326,26 +327,9 @@ def _unfill(text: str, paths: Mapping[str, Path]) -> str:
     return text
 
 
-def write_textures(folder: Path, count: int = 6, size: tuple[int, int] = (72, 72), seed: int = 0) -> Path:
-    """Smooth random-texture RGB PNGs (as tests/train_helpers.write_textures)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(count):
-        img = np.zeros((h, w, 3), np.float32)
-        for c in range(3):
-            fx, fy, ph = rng.uniform(0.05, 0.4, 2).tolist() + [rng.uniform(0, 6.28)]
-            img[..., c] = 0.5 + 0.3 * np.sin(fx * xx + fy * yy + ph) + 0.1 * rng.standard_normal((h, w))
-        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
-    return folder
-
-
 def _prepare(needs: tuple[str, ...], tiny_dir: Path, work: Path) -> dict[str, Path]:
     paths = {"tiny": Path(tiny_dir), "work": work, "repo": REPO}
-    paths["textures"] = write_textures(work / "textures")
+    paths["textures"] = write_textures(work / "textures", size=(72, 72))
     if "db" in needs:
         paths["db"] = build_reference_db(paths["textures"], work / "db", tiny_dir)
     return paths
