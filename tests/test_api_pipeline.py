@@ -25,6 +25,7 @@ class ReporterOptions(MethodOptions):
     prompt: str = option("", help="prompt")
     negative_prompt: str = option("", help="negative prompt")
     steps: int = option(20, min=1, max=1000, help="steps")
+    guidance_scale: float = option(1.0, min=0.0, help="guidance scale")
     seed: int = option(0, min=0, help="seed")
 
 
@@ -140,29 +141,67 @@ def test_options_build_once_and_run_per_call():
     assert (pipe_b.method.calls[-1].steps, pipe_b.method.calls[-1].seed) == (4, 2)
 
 
-def test_unknown_option_is_one_line_naming_the_closest():
+def test_unknown_keyword_is_a_type_error_naming_the_closest():
     img = np.zeros((4, 4, 3), np.uint8)
-    with pytest.raises(OptionError) as err:
-        semsr.upscale(img, model="test-reporter", stepz=4)
-    assert str(err.value) == "method 'test-reporter' has no option stepz; did you mean steps?"
-    with pytest.raises(OptionError, match="has no option tiles; did you mean tile"):
+    with pytest.raises(TypeError) as err:
+        semsr.upscale(img, "test-reporter", stepz=4)
+    assert (
+        str(err.value)
+        == "semsr.upscale('test-reporter') got an unexpected keyword argument 'stepz'; did you mean 'steps'?"
+    )
+    assert isinstance(err.value, OptionError)  # still one semsr error line for the CLI and the server
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tiles'; did you mean 'tile'"):
         semsr.upscale(img, model="bicubic", tiles=8)
-    with pytest.raises(OptionError, match="has no option stepz; did you mean steps"):
-        semsr.load("test-reporter")(img, stepz=4)
-    with pytest.raises(OptionError, match="has no option stepz; did you mean steps"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'promt'; did you mean 'prompt'"):
+        semsr.load("test-reporter")(img, promt="a cat")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guidance'; did you mean 'guidance_scale'"):
+        semsr.load("test-reporter")(img, guidance=3.0)
+    with pytest.raises(TypeError, match=r"semsr.load\('test-reporter'\) got an unexpected keyword argument 'stepz'"):
         semsr.load("test-reporter", stepz=4)
     with pytest.raises(OptionError, match="takes ReporterOptions, not MethodOptions"):
         semsr.load("test-reporter", MethodOptions())
 
 
+def test_diffusers_keywords_lists_and_output_types():
+    pipe = semsr.load("test-reporter")
+    img = np.zeros((3, 4, 3), np.uint8)
+    pipe(img, num_inference_steps=6, generator=torch.Generator().manual_seed(11))
+    assert (pipe.method.calls[-1].steps, pipe.method.calls[-1].seed) == (6, 11)
+    res = pipe([img, np.full((2, 2, 3), 255, np.uint8)], output_type="np")
+    assert [a.shape for a in res.images] == [(6, 8, 3), (4, 4, 3)]
+    assert res.images[1].dtype == np.float32 and float(res.images[1].max()) == 1.0
+    assert len(res.image_priors) == 2 and res.priors == res.image_priors[0]
+    (tensors,) = pipe([img], output_type="pt", return_dict=False)
+    assert isinstance(tensors[0], torch.Tensor) and tuple(tensors[0].shape) == (3, 6, 8)
+    assert isinstance(pipe(img).image, Image.Image)
+    with pytest.raises(OptionError, match="output_type must be one of pil, np, pt"):
+        pipe(img, output_type="latent")
+    many = semsr.upscale([img, img], "bicubic")
+    assert [m.size for m in many] == [(16, 12), (16, 12)]
+
+
+def test_pipeline_to_rebuilds_with_the_new_device_and_dtype():
+    pipe = semsr.load("bicubic")
+    before = pipe.method
+    assert pipe.to("cpu") is pipe and pipe.method is before  # nothing changed
+    pipe.to(torch.bfloat16)
+    assert pipe.options.dtype == "bf16" and pipe.method is not before
+    pipe.to("cpu", torch.float32)
+    assert pipe.options.dtype == "fp32" and pipe.device == torch.device("cpu")
+    with pytest.raises(TypeError, match="takes a device and/or a dtype"):
+        pipe.to(3)
+
+
 def test_default_options_are_parsed_by_the_targets_class():
-    """`semsr.upscale(img, model="default", stepz=4)` fails before anything is built."""
+    """`semsr.upscale(img, "default", stepz=4)` fails before anything is built."""
     spec = semsr.methods.resolve("default")
     if "steps" not in spec.options.names():
         pytest.skip("the default method has no steps option")
-    with pytest.raises(OptionError) as err:
-        semsr.upscale(np.zeros((4, 4, 3), np.uint8), model="default", stepz=4)
-    assert str(err.value) == "method 'default' has no option stepz; did you mean steps?"
+    with pytest.raises(TypeError) as err:
+        semsr.upscale(np.zeros((4, 4, 3), np.uint8), "default", stepz=4)
+    assert (
+        str(err.value) == "semsr.upscale('default') got an unexpected keyword argument 'stepz'; did you mean 'steps'?"
+    )
     assert not api._cache
 
 

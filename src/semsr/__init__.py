@@ -3,7 +3,7 @@
 Public API (imported lazily so ``import semsr`` stays fast)::
 
     import semsr
-    img = semsr.upscale("photo.jpg", model="default", outscale=4)
+    img = semsr.upscale("photo.jpg", "default", outscale=4)
 """
 
 from __future__ import annotations

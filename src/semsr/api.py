@@ -1,12 +1,19 @@
 """Python API: ``semsr.upscale(...)`` and ``semsr.load(...)``.
 
     import semsr
-    img = semsr.upscale("photo.jpg")                      # bundled default, 4x
-    img = semsr.upscale(pil_image, model="bicubic", outscale=3.5, tile=256)
-    pipe = semsr.load("realesrgan-x4plus", dtype="bf16")  # a Pipeline, cached
-    res = pipe("photo.jpg", tile=256)                     # Result: .image, .priors, .timings
+    img = semsr.upscale("photo.jpg")                       # bundled default, 4x
+    img = semsr.upscale(pil_image, "bicubic", outscale=3.5, tile=256)
+    pipe = semsr.load("realesrgan-x4plus").to("cpu", torch.bfloat16)  # a Pipeline, cached
+    res = pipe("photo.jpg", tile=256)                      # Result: .images, .priors, .timings
+    res = pipe(["a.png", "b.png"], output_type="np")       # a list in, a list out
 
-Keyword options are the method's options (:mod:`semsr.core.options`; ``semsr
+The image-level calls follow diffusers' habits: ``num_inference_steps`` is accepted
+for ``steps`` and a ``torch.Generator`` (``generator=``) for ``seed``; ``output_type``
+is ``"pil"``, ``"np"`` or ``"pt"``; ``return_dict=False`` returns ``(images,)``; and an
+unknown keyword raises :class:`UnknownKeyword` (a ``TypeError``) naming the closest
+valid one.
+
+Other keyword options are the method's options (:mod:`semsr.core.options`; ``semsr
 upscale -n NAME -h`` lists them): they are validated by the method's options
 class, so a misspelt name or a bad value is one :class:`~semsr.core.options.OptionError`
 line (``method 'default' has no option stepz; did you mean steps?``). Each
@@ -30,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +59,7 @@ from semsr.core.io import (
     read_image,
 )
 from semsr.core.method import Method, MethodSpec, ProgressFn, SuggestsPriors
-from semsr.core.options import MethodOptions, OptionError
+from semsr.core.options import MethodOptions, OptionError, closest
 from semsr.core.outputs import SROutput
 from semsr.methods import resolve
 from semsr.pipeline.tiling import count_tiles, resolve_tile, scaled_size, upscale_tiled
@@ -65,6 +72,47 @@ _cache: OrderedDict[tuple[Any, ...], Method] = OrderedDict()
 #: ``on_progress(stage, done, total)``: called as work advances (stage names:
 #: ``"tiles"`` for pixel tiling, ``"denoise"`` for diffusion steps...).
 ProgressCallback = Callable[[str, int, int], None]
+
+#: diffusers' keyword names accepted by the image-level calls -> semsr's option names.
+KEYWORD_ALIASES: dict[str, str] = {"num_inference_steps": "steps"}
+#: What :class:`Pipeline` calls return images as (diffusers' names).
+OUTPUT_TYPES = ("pil", "np", "pt")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class UnknownKeyword(OptionError, TypeError):
+    """A keyword the call does not take (both an :class:`OptionError` and a ``TypeError``)."""
+
+
+def method_keywords(spec: MethodSpec, values: Mapping[str, Any], who: str, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``values`` with diffusers' names mapped to ``spec``'s options (``num_inference_steps`` -> ``steps``,
+    ``generator`` -> ``seed``: the generator's initial seed).
+
+    Raises:
+        UnknownKeyword: a name that is neither an option of ``spec`` nor in ``extra``,
+            naming the closest valid one.
+    """
+    names = spec.options.names()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = KEYWORD_ALIASES.get(key, key)
+        if name == "generator" and "seed" in names:
+            name, value = "seed", _generator_seed(value)
+        if name not in names:
+            near = closest(key, [*names, *KEYWORD_ALIASES, *(["generator"] if "seed" in names else []), *extra])
+            hint = f"; did you mean {near!r}?" if near else ""
+            raise UnknownKeyword(f"{who} got an unexpected keyword argument {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def _generator_seed(generator: Any) -> int | None:
+    """The seed of a ``torch.Generator`` (its initial seed; its state is not used or advanced)."""
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        return int(generator.initial_seed())
+    raise OptionError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
 # ---------------------------------------------------------------- options and methods
@@ -263,21 +311,24 @@ def as_picture(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Pictu
 
 
 def upscale(
-    image_or_path: str | Path | Image.Image | np.ndarray,
-    model: str = "default",
+    image_or_path: str | Path | Image.Image | np.ndarray | Sequence[str | Path | Image.Image | np.ndarray],
+    method: str = "default",
     outscale: float | None = None,
     *,
     alpha: str = "bicubic",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool | None = False,
+    model: str | None = None,
     **options: Any,
-) -> Image.Image:
-    """Upscale an image and return it as a Pillow image.
+) -> Image.Image | list[Image.Image]:
+    """Upscale an image (or a list of images) and return Pillow images.
 
     Args:
         image_or_path: a file path, a Pillow image, or an ``(H, W[, 3|4])``
-            ``uint8``/``uint16``/float-in-[0, 1] NumPy array (RGB order).
-        model: method name (``"default"``, ``"bicubic"``, ``"realesrgan-x4plus"``...).
+            ``uint8``/``uint16``/float-in-[0, 1] NumPy array (RGB order); or a list of them.
+        method: method name (``"default"``, ``"bicubic"``, ``"realesrgan-x4plus"``...), as in
+            :func:`load`.
+        model: the former name of ``method`` (still accepted).
         outscale: final factor (any float > 0); ``None`` = the model's scale.
         alpha: ``"bicubic"`` or ``"model"`` for the alpha plane.
         max_pixels: refuse larger inputs (decompression-bomb guard).
@@ -289,18 +340,31 @@ def upscale(
 
     Returns:
         ``L``/``LA``/``RGB``/``RGBA`` image (``I;16`` for 16-bit grey), with
-        the input's ICC profile in ``info["icc_profile"]``. 16-bit colour
-        comes back as 8-bit because Pillow has no 16-bit RGB mode; the CLI
+        the input's ICC profile in ``info["icc_profile"]`` (a list of them for a list).
+        16-bit colour comes back as 8-bit because Pillow has no 16-bit RGB mode; the CLI
         (:func:`semsr.core.io.write_picture`) keeps 16 bits on disk.
 
     Raises:
-        OptionError: an option the method does not have, or a bad value (one line).
+        UnknownKeyword: a keyword that is not an option of the method (a ``TypeError``, naming the closest).
+        OptionError: a bad value (one line).
     """
-    spec = resolve(model)
-    opts = parse_options(spec, None, options)
-    method, _ = build_cached(spec, opts)
-    pic = as_picture(image_or_path, max_pixels=max_pixels)
-    return picture_to_pil(upscale_picture(method, pic, opts, outscale=outscale, alpha=alpha, progress=progress))
+    name = model if model is not None else method
+    spec = resolve(name)
+    opts = parse_options(spec, None, method_keywords(spec, options, f"semsr.upscale({name!r})"))
+    built, _ = build_cached(spec, opts)
+
+    def one(image: Any) -> Image.Image:
+        pic = as_picture(image, max_pixels=max_pixels)
+        return picture_to_pil(upscale_picture(built, pic, opts, outscale=outscale, alpha=alpha, progress=progress))
+
+    if _is_batch(image_or_path):
+        return [one(image) for image in image_or_path]
+    return one(image_or_path)
+
+
+def _is_batch(images: Any) -> bool:
+    """A list/tuple of images (an ``(H, W, C)`` array or a path is one image)."""
+    return isinstance(images, (list, tuple))
 
 
 # ---------------------------------------------------------------- pipelines
@@ -308,23 +372,44 @@ def upscale(
 
 @dataclass
 class Result:
-    """What one :class:`Pipeline` call produced.
+    """What one :class:`Pipeline` call produced (diffusers' ``ImagePipelineOutput`` plus semsr's reports).
 
     Attributes:
-        image: the upscaled image (Pillow; mode as :func:`upscale` returns).
-        priors: the priors the method used (``SROutput.priors``) and its side
-            images (``SROutput.side_images``, e.g. CoSeR's reference): text
+        images: the upscaled images, one per input, as ``output_type`` asked: Pillow images
+            (mode as :func:`upscale` returns), ``(H, W, C)`` float32 NumPy arrays in [0, 1]
+            (``"np"``; C = 3, or 4 with alpha; 16-bit precision kept) or ``(C, H, W)`` float32
+            tensors (``"pt"``).
+        priors: the priors the method used for the first (or only) image (``SROutput.priors``)
+            and its side images (``SROutput.side_images``, e.g. CoSeR's reference): text
             (``str``: ``"prompt"``, ``"caption"``, ``"degradation"``...), tags
-            (``tuple[str, ...]``), numbers, and images (modality maps,
-            references) converted to Pillow images. Restorers report nothing: ``{}``.
-        timings: seconds per stage: ``"load"`` (0 when the method was cached),
-            ``"read"``, ``"upscale"``, and any stage the method reports
+            (``tuple[str, ...]``), numbers, and images (modality maps, references) converted
+            to Pillow images. Restorers report nothing: ``{}``.
+        timings: seconds per stage, summed over the images: ``"load"`` (0 when the method was
+            cached), ``"read"``, ``"upscale"``, and any stage the method reports
             (``SROutput.timings``); ``"total"`` is read + upscale.
+        image_priors: the priors of every image, in input order.
     """
 
-    image: Image.Image
+    images: list[Any]
     priors: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    image_priors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def image(self) -> Any:
+        """The first (or only) image."""
+        return self.images[0]
+
+
+def convert_picture(pic: Picture, output_type: str) -> Any:
+    """``pic`` as ``output_type``: a Pillow image (``"pil"``), an ``(H, W, C)`` float32 array in [0, 1]
+    (``"np"``) or a ``(C, H, W)`` float32 tensor in [0, 1] (``"pt"``); C = 3, or 4 with alpha."""
+    if output_type == "pil":
+        return picture_to_pil(pic)
+    top = float(np.iinfo(pic.rgb.dtype).max)
+    planes = pic.rgb if pic.alpha is None else np.concatenate([pic.rgb, pic.alpha[..., None]], axis=2)
+    arr = planes.astype(np.float32) / top
+    return arr if output_type == "np" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def priors_to_python(priors: Mapping[str, Any]) -> dict[str, Any]:
@@ -437,10 +522,44 @@ class Pipeline:
             )
         return opts
 
+    # diffusers habits ------------------------------------------------------
+    def to(
+        self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+    ) -> Pipeline:
+        """Move the pipeline to ``device`` and/or ``dtype`` (diffusers' ``pipe.to(...)``); returns ``self``.
+
+        ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to("cpu", torch.float32)``. The method is
+        rebuilt with the new build options (from the cache when it was built that way before).
+        """
+        for arg in args:
+            if isinstance(arg, (torch.dtype, str)) and (arg in _DTYPE_NAMES or arg in _DTYPE_NAMES.values()):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+            else:
+                raise TypeError(f"Pipeline.to() takes a device and/or a dtype, got {arg!r}")
+        changes: dict[str, Any] = {}
+        if device is not None:
+            changes["device"] = str(device)
+        if dtype is not None:
+            if isinstance(dtype, torch.dtype) and dtype not in _DTYPE_NAMES:
+                raise OptionError(f"dtype {dtype} is not supported; use one of {', '.join(map(str, _DTYPE_NAMES))}")
+            changes["dtype"] = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        if changes:
+            opts = parse_options(self.spec, self.options, changes)
+            self.method, seconds = build_cached(self.spec, opts)
+            self.options, self.load_seconds = opts, self.load_seconds + seconds
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device the method runs on."""
+        return torch.device(self.options.device)
+
     # Image-level API ----------------------------------------------------
     def __call__(
         self,
-        image: str | Path | Image.Image | np.ndarray | Picture | torch.Tensor,
+        image: Any,
         options: MethodOptions | None = None,
         *,
         outscale: float | None = None,
@@ -448,13 +567,15 @@ class Pipeline:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         progress: ProgressFn | bool | None = False,
         on_progress: ProgressCallback | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
         **values: Any,
-    ) -> Result | SROutput:
-        """Upscale ``image``.
+    ) -> Result | SROutput | tuple[list[Any]]:
+        """Upscale ``image`` (or a list of images).
 
         Args:
             image: path, Pillow image, ``(H, W[, C])`` NumPy array or
-                :class:`~semsr.core.io.Picture`. (A ``(B, 3, H, W)`` tensor calls
+                :class:`~semsr.core.io.Picture`, or a list of them. (A ``(B, 3, H, W)`` tensor calls
                 the method directly and returns its :class:`~semsr.core.outputs.SROutput`.)
             options: an options object of the method (default: the pipeline's :attr:`options`).
             outscale: final factor (``None`` = the method's scale).
@@ -462,38 +583,51 @@ class Pipeline:
             max_pixels: refuse larger inputs.
             progress: tqdm bars.
             on_progress: ``callback(stage, done, total)`` as work advances.
-            **values: run options of the method (``prompt``, ``negative_prompt``, ``steps``,
-                ``guidance_scale``, ``seed``, ``colour_fix``, ``tile``, ``tile_pad``...; ``None`` =
-                the method's default), and ``priors_in_prompt=True`` (methods that suggest
-                priors) when the prompts hold (edited) :meth:`suggest_priors` text that must
-                not be extracted and added again.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`Result`).
+            return_dict: ``False`` returns ``(images,)`` as diffusers does.
+            **values: run options of the method (``prompt``, ``negative_prompt``, ``steps`` or
+                ``num_inference_steps``, ``guidance_scale``, ``seed`` or ``generator``, ``colour_fix``,
+                ``tile``, ``tile_pad``...; ``None`` = the method's default), and
+                ``priors_in_prompt=True`` (methods that suggest priors) when the prompts hold (edited)
+                :meth:`suggest_priors` text that must not be extracted and added again.
 
         Returns:
-            :class:`Result` with ``.image``, ``.priors`` and ``.timings``.
+            :class:`Result` with ``.images``, ``.priors`` and ``.timings``.
+
+        Raises:
+            UnknownKeyword: a keyword the method does not take (a ``TypeError``, naming the closest).
         """
-        opts = self.call_options(options, values)
+        if output_type not in OUTPUT_TYPES:
+            raise OptionError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        opts = self.call_options(options, method_keywords(self.spec, values, f"pipeline {self.spec.name!r}"))
         if isinstance(image, torch.Tensor):
             return self.method(image, opts, progress=progress)
-        t0 = time.perf_counter()
-        pic = as_picture(image, max_pixels=max_pixels)
-        t1 = time.perf_counter()
-        report: ProgressFn | bool | None = progress
-        if on_progress is not None:
-            if self.tiles_itself:
-                report = lambda done, total: on_progress("denoise", done, total)  # noqa: E731
-            else:
-                n = count_tiles(pic.height, pic.width, resolve_tile(self.method, opts.tile))
-                n *= 2 if (pic.alpha is not None and alpha == "model") else 1
-                report = _TileProgress(on_progress, n)
-        out = upscale_picture_output(self.method, pic, opts, outscale=outscale, alpha=alpha, progress=report)
-        t2 = time.perf_counter()
-        result_image = picture_to_pil(out.picture)
-        timings = {"load": self.load_seconds, "read": t1 - t0}
-        timings.update({str(k): float(v) for k, v in out.timings.items()})
-        timings.update(upscale=t2 - t1, total=time.perf_counter() - t0)
+        images = list(image) if _is_batch(image) else [image]
+        outputs, all_priors, timings = [], [], {"load": self.load_seconds}
+        for item in images:
+            t0 = time.perf_counter()
+            pic = as_picture(item, max_pixels=max_pixels)
+            t1 = time.perf_counter()
+            report: ProgressFn | bool | None = progress
+            if on_progress is not None:
+                if self.tiles_itself:
+                    report = lambda done, total: on_progress("denoise", done, total)  # noqa: E731
+                else:
+                    n = count_tiles(pic.height, pic.width, resolve_tile(self.method, opts.tile))
+                    n *= 2 if (pic.alpha is not None and alpha == "model") else 1
+                    report = _TileProgress(on_progress, n)
+            out = upscale_picture_output(self.method, pic, opts, outscale=outscale, alpha=alpha, progress=report)
+            t2 = time.perf_counter()
+            outputs.append(convert_picture(out.picture, output_type))
+            stages = {"read": t1 - t0, **{str(k): float(v) for k, v in out.timings.items()}}
+            stages.update(upscale=t2 - t1, total=time.perf_counter() - t0)
+            for key, value in stages.items():
+                timings[key] = timings.get(key, 0.0) + value
+            all_priors.append(priors_to_python({**out.priors, **out.side_images}))
         self.load_seconds = 0.0  # later calls reuse the loaded method
-        priors = {**out.priors, **out.side_images}
-        return Result(image=result_image, priors=priors_to_python(priors), timings=timings)
+        if not return_dict:
+            return (outputs,)
+        return Result(images=outputs, priors=all_priors[0], timings=timings, image_priors=all_priors)
 
     def suggest_priors(
         self, image: str | Path | Image.Image | np.ndarray | Picture, max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -534,7 +668,8 @@ def load(method: str = "default", options: MethodOptions | None = None, **values
             options, which become the defaults of the pipeline's calls.
 
     Raises:
-        OptionError: an option the method does not have, or a bad value (one line).
+        UnknownKeyword: a keyword that is not an option of the method (a ``TypeError``, naming the closest).
+        OptionError: a bad value (one line).
 
     Example::
 
@@ -543,7 +678,7 @@ def load(method: str = "default", options: MethodOptions | None = None, **values
         res.image.size, res.priors, res.timings["upscale"]
     """
     spec = resolve(method)
-    opts = parse_options(spec, options, values)
+    opts = parse_options(spec, options, method_keywords(spec, values, f"semsr.load({method!r})"))
     built, seconds = build_cached(spec, opts)
     key = (spec.name, _options_key(opts))
     cached = _pipelines.get(key)
