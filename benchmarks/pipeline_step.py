@@ -2,6 +2,9 @@
 
     python benchmarks/pipeline_step.py [--json r.json] [--configs fp32,bf16,bf16-cl] [--e2e-sizes 512,2048]
         [--compile unet,down-block,transformer [--compile-modes default,freeze] [--compile-cache DIR]]
+    python benchmarks/pipeline_step.py --device cuda --json gpu.json       # GPU: eager / channels_last /
+        # torch.compile / CUDA graphs per step, 20 steps end to end at 512, 1024 and 2048, peak GPU memory
+    python benchmarks/pipeline_step.py --size tiny --configs fp32 --e2e-sizes 64   # the same code on tiny models
 
 1. Seconds per denoising step with CFG (UNet + ControlNet on a batch of 2,
    64x64 latent = 512x512 output, 77-token context) for each precision
@@ -22,6 +25,15 @@
 Models are built locally from the published SD-1.5 configs
 (:mod:`semsr.pipeline.sd_configs`) with random weights: nothing is downloaded.
 The ControlNet is ``ControlNetModel.from_unet`` (SD-1.5 ControlNet size).
+``--size tiny`` runs the same code on the tiny test models (:mod:`semsr.testing.tiny`).
+
+``--device cuda``: times are taken between ``torch.cuda.synchronize()`` calls, memory is
+``torch.cuda.max_memory_allocated`` (reset before each measurement), the step configs default to
+``fp16, fp16-cl, fp16-compile, fp16-cudagraphs, bf16`` (``-compile``: ``torch.compile`` with
+inductor's default mode; ``-cudagraphs``: ``mode="reduce-overhead"``, with
+``torch.compiler.cudagraph_mark_step_begin()`` before each step because the ControlNet's
+output buffers are reused), and the end-to-end runs time all ``--e2e-steps`` (default 20)
+at 512, 1024 and 2048 instead of estimating them from one step.
 """
 
 from __future__ import annotations
@@ -47,7 +59,67 @@ CONFIGS = {
     "bf16-cl": {"dtype": "bf16", "channels_last": True, "compile": False},
     "bf16-compile": {"dtype": "bf16", "channels_last": False, "compile": True},
     "fp32-autocast": {"dtype": "fp32", "channels_last": False, "compile": False, "autocast": True},
+    "fp16": {"dtype": "fp16", "channels_last": False, "compile": False},
+    "fp16-cl": {"dtype": "fp16", "channels_last": True, "compile": False},
+    "fp16-compile": {"dtype": "fp16", "channels_last": False, "compile": "default"},
+    "fp16-cudagraphs": {"dtype": "fp16", "channels_last": False, "compile": "reduce-overhead"},
 }
+#: Step configs and end-to-end sizes measured by default, per device type.
+DEFAULT_CONFIGS = {"cpu": "fp32,bf16,bf16-cl", "cuda": "fp16,fp16-cl,fp16-compile,fp16-cudagraphs,bf16"}
+DEFAULT_E2E_SIZES = {"cpu": "512,2048", "cuda": "512,1024,2048"}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _device_type(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work (timings on CUDA are taken between synchronisations)."""
+    import torch
+
+    if _device_type(device) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: str) -> None:
+    import torch
+
+    if _device_type(device) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak()
+
+
+def _peak_memory(device: str) -> dict:
+    """Peak memory since the last reset: ``peak_rss_mb`` (CPU) or ``peak_gpu_mb`` (CUDA, max allocated)."""
+    import torch
+
+    if _device_type(device) == "cuda":
+        return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_rss_mb": _rss_mb("VmHWM")}
+    return {"peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def _sd_parts(size: str, *, with_text_encoder: bool) -> tuple[dict, dict]:
+    """``(parts, dims)``: random UNet/VAE(/text encoder) of SD-1.5 size (``real``) or the tiny test models.
+
+    ``dims``: ``latent`` side at 512-px-equivalent work (64 real, 16 tiny), ``context`` width, ``factor``.
+    """
+    from semsr.pipeline.sd_configs import random_sd15
+    from semsr.testing.tiny import tiny_unet, tiny_vae
+
+    if size == "real":
+        return random_sd15(with_text_encoder=with_text_encoder), {"latent": 64, "context": 768, "factor": 8}
+    if size != "tiny":
+        raise ValueError(f"unknown --size {size!r} (real or tiny)")
+    return {"unet": tiny_unet(), "vae": tiny_vae()}, {"latent": 16, "context": 32, "factor": 8}
+
+
+def _controlnet(unet, size: str):
+    from semsr.pipeline.sd_controlnet import new_controlnet
+    from semsr.testing.tiny import tiny_controlnet
+
+    return new_controlnet(unet) if size == "real" else tiny_controlnet(unet)
 
 
 def _rss_mb(field: str) -> float:
@@ -56,6 +128,26 @@ def _rss_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the tables."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether the CPU flags list avx512_bf16 or AMX (bf16 matrix work in hardware)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cpu_seconds() -> float:
@@ -75,72 +167,103 @@ def _reset_peak() -> None:
         pass
 
 
-def worker_step(cfg: dict, reps: int) -> dict:
+def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -> dict:
     import gc
 
     import torch
 
     from semsr.pipeline.precision import prepare_module
-    from semsr.pipeline.sd_configs import random_sd15
-    from semsr.pipeline.sd_controlnet import controlnet_unet_forward, new_controlnet
+    from semsr.pipeline.sd_controlnet import controlnet_unet_forward
 
     torch.manual_seed(0)
-    unet = random_sd15(with_text_encoder=False)["unet"]
-    controlnet = new_controlnet(unet)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
-    unet = prepare_module(unet, dtype=dtype, channels_last=cfg["channels_last"], compile=cfg["compile"])
-    controlnet = prepare_module(controlnet, dtype=dtype, channels_last=cfg["channels_last"], compile=cfg["compile"])
+    parts, dims = _sd_parts(size, with_text_encoder=False)
+    unet = parts["unet"]
+    controlnet = _controlnet(unet, size)
+    dtype = getattr(torch, _DTYPES[cfg["dtype"]])
+    mode = cfg["compile"]
+    cuda_graphs = mode == "reduce-overhead" and _device_type(device) == "cuda"
+    unet, controlnet = (
+        prepare_module(m, device=device, dtype=dtype, channels_last=cfg["channels_last"]) for m in (unet, controlnet)
+    )
+    if mode:
+        for m in (unet, controlnet):
+            m.compile(**({} if mode is True else {"mode": mode}))
     gc.collect()
     rss_loaded = _rss_mb("VmRSS")
-    _reset_peak()
-    x = torch.randn(2, 4, 64, 64, dtype=dtype)  # CFG batch: [uncond, cond]
-    ctx = torch.randn(2, 77, 768, dtype=dtype)
-    hint = torch.rand(2, 3, 512, 512, dtype=dtype)
-    t = torch.tensor(500)
+    _reset_peak_memory(device)
+    n = dims["latent"]
+    x = torch.randn(2, 4, n, n, dtype=dtype, device=device)  # CFG batch: [uncond, cond]
+    ctx = torch.randn(2, 77, dims["context"], dtype=dtype, device=device)
+    hint = torch.rand(2, 3, n * dims["factor"], n * dims["factor"], dtype=dtype, device=device)
+    t = torch.tensor(500, device=device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.get("autocast", False)))
+
+    def step() -> torch.Tensor:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
+
     with torch.inference_mode(), autocast:
+        _sync(device)
         t0 = time.perf_counter()
-        controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)  # warm-up
+        ref = step().clone()  # warm-up (compiles when compiled)
+        for _ in range(2 if mode else 0):  # CUDA graphs are recorded on a later call
+            step()
+        _sync(device)
         warm = time.perf_counter() - t0
         times = []
         for _ in range(reps):
+            _sync(device)
             t0 = time.perf_counter()
-            out = controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
+            out = step()
+            _sync(device)
             times.append(time.perf_counter() - t0)
+        diff = (out.float() - ref.float()).abs().max().item()
     assert torch.isfinite(out.float()).all()
     return {
         "seconds_per_step": min(times),
         "seconds_per_step_all": times,
         "warmup_seconds": warm,
-        "peak_rss_mb": _rss_mb("VmHWM"),
+        "max_abs_diff_to_first_call": diff,
         "rss_after_load_mb": rss_loaded,
         "config": cfg,
+        "device": device,
+        "size": size,
+        **_peak_memory(device),
     }
 
 
-def worker_e2e(size: int, dtype: str) -> dict:
+def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real", steps: int = 1) -> dict:
+    """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
+
+    With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
+    """
     import gc
 
     import torch
 
     from semsr.methods.sd_controlnet import SDControlNetOptions
-    from semsr.pipeline.sd_configs import SD15_SCHEDULER, random_sd15
-    from semsr.pipeline.sd_controlnet import SDControlNetSR, new_controlnet
+    from semsr.pipeline.sd_configs import SD15_SCHEDULER
+    from semsr.pipeline.sd_controlnet import SDControlNetSR
     from semsr.pipeline.text import CLIPTextConditioner
-    from semsr.testing.tiny import tiny_clip_tokenizer
+    from semsr.testing.tiny import tiny_clip_tokenizer, tiny_text_encoder
 
     t_build = time.perf_counter()
     torch.manual_seed(0)
-    parts = random_sd15()
+    parts, _ = _sd_parts(size, with_text_encoder=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tiny_clip_tokenizer(Path(tmp))  # ids < 49408; the SD vocabulary is not shipped
+    if size == "tiny":
+        vocab = tokenizer.get_vocab()
+        parts["text_encoder"] = tiny_text_encoder(len(vocab), tokenizer.eos_token_id, tokenizer.bos_token_id)
     text = CLIPTextConditioner(tokenizer, parts["text_encoder"])
     pipe = SDControlNetSR(
         vae=parts["vae"],
         unet=parts["unet"],
-        controlnet=new_controlnet(parts["unet"]),
+        controlnet=_controlnet(parts["unet"], size),
         text=text,
         scheduler_config=SD15_SCHEDULER,
+        device=device,
         dtype=dtype,
         scale=4,
         options_class=SDControlNetOptions,
@@ -149,30 +272,42 @@ def worker_e2e(size: int, dtype: str) -> dict:
     gc.collect()
     build_seconds = time.perf_counter() - t_build
     rss_loaded = _rss_mb("VmRSS")
-    _reset_peak()
-    lr = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+    lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
+    opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0)
+    if _device_type(device) == "cuda":  # first call: kernels, cuDNN autotuning
+        with torch.inference_mode():
+            pipe(lr, opts.replace(steps=1))
+    _reset_peak_memory(device)
+    _sync(device)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with torch.inference_mode():
-        out = pipe(lr, SDControlNetOptions(steps=1, prompt="a photo", seed=0))
+        out = pipe(lr, opts)
+    _sync(device)
     total, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    assert out.images.shape == (1, 3, size, size)
+    assert out.images.shape == (1, 3, out_size, out_size)
     tm = out.timings
     fixed = total - tm["denoise"]
+    per_step = tm["denoise"] / steps
     return {
         "measured": True,
-        "output": f"{size}x{size}",
+        "output": f"{out_size}x{out_size}",
         "dtype": dtype,
+        "device": device,
+        "size": size,
+        "steps": steps,
         "threads": torch.get_num_threads(),
         "build_seconds": build_seconds,
-        "seconds_1_step": total,
-        "cpu_seconds_1_step": cpu,
-        "seconds_per_step": tm["denoise"],
+        "seconds_total": total,
+        "seconds_1_step": fixed + per_step,
+        "cpu_seconds": cpu,
+        "seconds_per_step": per_step,
         "encode_seconds": tm["encode"],
         "decode_seconds": tm["decode"],
-        "estimated_seconds_20_steps": fixed + 20 * tm["denoise"],
-        "latent_tile": pipe.resolve_latent_tile((size // 8, size // 8), None),
-        "peak_rss_mb": _rss_mb("VmHWM"),
+        "estimated_seconds_20_steps": fixed + 20 * per_step,
+        "seconds_20_steps_measured": total if steps == 20 else None,
+        "latent_tile": pipe.resolve_latent_tile((out_size // 8, out_size // 8), None),
         "rss_after_load_mb": rss_loaded,
+        **_peak_memory(device),
     }
 
 
@@ -269,7 +404,7 @@ def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: s
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
     try:
-        cmd = [sys.executable, __file__, "--worker", *args, "--worker-out", out]
+        cmd = [sys.executable, __file__, *args, "--worker-out", out]
         with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache or fresh}
             proc = subprocess.Popen(
@@ -294,27 +429,31 @@ def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: s
 def _print_tables(results: dict) -> None:
     steps = [k for k in CONFIGS if k in results]
     if steps:
-        print("\nconfig         s/step(CFG,512px)   peak RSS MB   RSS loaded MB")
+        print("\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s")
     for name in steps:
         r = results[name]
         if "error" in r:
-            print(f"{name:<14} error: {r['error']}")
+            print(f"{name:<17} error: {r['error']}")
         else:
+            peak = r.get("peak_gpu_mb", r["peak_rss_mb"])
             print(
-                f"{name:<14} {r['seconds_per_step']:>17.2f}   {r['peak_rss_mb']:>11.0f}   {r['rss_after_load_mb']:>13.0f}"
+                f"{name:<17} {1000 * r['seconds_per_step']:>18.1f}   {peak:>27.0f}   {r['rss_after_load_mb']:>13.0f}"
+                f"   {r['warmup_seconds']:>9.1f}"
             )
     sizes = [k for k in results if k.startswith("e2e_")]
     if sizes:
-        print("\nend-to-end     s (1 step)   s/step   encode s   decode s   est. 20 steps s   peak RSS MB")
+        print("\nend-to-end   steps   s total   s/step   encode s   decode s   20 steps s   latent tile   peak MB")
     for key in sizes:
         r = results[key]
         if "error" in r:
-            print(f"{key:<14} error: {r['error']}")
+            print(f"{key:<12} error: {r['error']}")
         else:
+            twenty = r.get("seconds_20_steps_measured") or r["estimated_seconds_20_steps"]
+            mark = "" if r.get("seconds_20_steps_measured") else " (est.)"
             print(
-                f"{r['output']:<14} {r['seconds_1_step']:>10.1f}   {r['seconds_per_step']:>6.1f}   "
-                f"{r['encode_seconds']:>8.1f}   {r['decode_seconds']:>8.1f}   {r['estimated_seconds_20_steps']:>15.0f}"
-                f"   {r['peak_rss_mb']:>11.0f}"
+                f"{r['output']:<12} {r.get('steps', 1):>5}   {r.get('seconds_total', r['seconds_1_step']):>7.2f}   "
+                f"{r['seconds_per_step']:>6.3f}   {r['encode_seconds']:>8.2f}   {r['decode_seconds']:>8.2f}   "
+                f"{twenty:>10.2f}{mark}   {str(r.get('latent_tile')):>11}   {r.get('peak_gpu_mb', r['peak_rss_mb']):>7.0f}"
             )
 
 
@@ -344,10 +483,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write results as JSON here (updated after every measurement)")
     ap.add_argument("--merge", action="store_true", help="update an existing --json file instead of replacing it")
-    ap.add_argument("--configs", default="fp32,bf16,bf16-cl", help=f"step configs ({', '.join(CONFIGS)}); '' = none")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default cpu)")
+    ap.add_argument("--size", default="real", choices=["real", "tiny"], help="SD-1.5 size or the tiny test models")
+    ap.add_argument(
+        "--configs",
+        default=None,
+        help=f"step configs ({', '.join(CONFIGS)}); '' = none; default per device: {DEFAULT_CONFIGS}",
+    )
     ap.add_argument("--reps", type=int, default=2, help="timed steps per config (min is reported)")
     ap.add_argument("--e2e-dtype", default=None, help="dtype for end-to-end runs (default: fastest step config)")
-    ap.add_argument("--e2e-sizes", default="512,2048", help="end-to-end output sizes; '' = none")
+    ap.add_argument(
+        "--e2e-sizes", default=None, help=f"end-to-end output sizes; '' = none; default {DEFAULT_E2E_SIZES}"
+    )
+    ap.add_argument(
+        "--e2e-steps", type=int, default=None, help="denoising steps timed end to end (default: 1 on CPU, 20 on CUDA)"
+    )
     ap.add_argument("--skip-2048", action="store_true", help="same as --e2e-sizes 512")
     ap.add_argument("--skip-e2e", action="store_true", help="same as --e2e-sizes ''")
     ap.add_argument(
@@ -372,18 +522,23 @@ def main() -> int:
     if args.worker:
         kind = args.worker[0]
         if kind == "step":
-            res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]))
+            res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]), args.device, args.size)
         elif kind == "compile":
             res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
-            res = worker_e2e(int(args.worker[1]), args.worker[2])
+            res = worker_e2e(int(args.worker[1]), args.worker[2], args.device, args.size, int(args.worker[3]))
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
     results: dict = {}
     if args.merge and args.json and Path(args.json).is_file():
         results = json.loads(Path(args.json).read_text())
-    runs = results.setdefault("machine", {"cpus": os.cpu_count()}).setdefault("load_avg", {})
+    machine = results.setdefault("machine", {"cpus": os.cpu_count()})
+    machine.update(device=args.device, size=args.size, cpu_model=_cpu_model(), cpu_bf16=_cpu_has_native_bf16())
+    runs = machine.setdefault("load_avg", {})
+    dev = _device_type(args.device)
+    common = ["--device", args.device, "--size", args.size]
+    print(f"pipeline_step: device {args.device}, {args.size} size, CPU {machine['cpu_model']}", flush=True)
 
     def save() -> None:
         if args.json:
@@ -392,7 +547,7 @@ def main() -> int:
     def measure(key: str, worker_args: list[str], timeout: float | None = None, cache: str | None = None) -> None:
         print(f"[{key}] ...", flush=True)
         start, t0 = os.getloadavg(), time.perf_counter()
-        results[key] = _run_worker(worker_args, timeout, cache)
+        results[key] = _run_worker([*common, "--worker", *worker_args], timeout, cache)
         runs[key] = {
             "start": start,
             "end": os.getloadavg(),
@@ -402,16 +557,18 @@ def main() -> int:
         print(f"  {results[key]}", flush=True)
         save()
 
-    configs = [c for c in args.configs.split(",") if c]
+    configs = [c for c in (DEFAULT_CONFIGS.get(dev, "fp32") if args.configs is None else args.configs).split(",") if c]
     for name in configs:
         measure(name, ["step", name, str(args.reps)])
     timed = {k: v for k, v in results.items() if k in CONFIGS and "seconds_per_step" in v}
     e2e_dtype = args.e2e_dtype or (
         CONFIGS[min(timed, key=lambda k: timed[k]["seconds_per_step"])]["dtype"] if timed else "fp32"
     )
-    sizes = "" if args.skip_e2e else "512" if args.skip_2048 else args.e2e_sizes
+    e2e_sizes = DEFAULT_E2E_SIZES.get(dev, "512") if args.e2e_sizes is None else args.e2e_sizes
+    sizes = "" if args.skip_e2e else "512" if args.skip_2048 else e2e_sizes
+    e2e_steps = args.e2e_steps or (20 if dev == "cuda" else 1)
     for size in [int(s) for s in sizes.split(",") if s]:
-        measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype])
+        measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype, str(e2e_steps)])
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
