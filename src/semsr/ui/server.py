@@ -475,7 +475,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+        """``{"error": message}``: one line, at most 240 characters (messages may echo client input)."""
+        message = " ".join(message.split())
+        self._json(status, {"error": message if len(message) <= 240 else message[:237] + "..."})
 
     def _file(self, path: Path, ctype: str | None = None, download: str | None = None) -> None:
         if not path.is_file():
