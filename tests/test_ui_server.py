@@ -540,6 +540,14 @@ def test_host_and_origin_allow_lists(server):
     assert _req(server + "api/jobs", job, headers={"Origin": own})[0] == 202
 
 
+def test_only_known_files_are_served(server):
+    """Static files by plain name, uploads and results by id: no path leads out of those folders."""
+    for path in ("static/../server.py", "static/..%2fserver.py", "static/..", "api/images/..%2f..", "../etc/passwd"):
+        reply = _raw(server, f"GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        assert _statuses(reply) == [404] and b"import" not in reply, path
+    assert _req(server + "static/app.js")[0] == 200
+
+
 def test_json_endpoints_need_a_json_content_type(server):
     """A text/plain cross-site POST (no CORS preflight) is not parsed as JSON; uploads refuse form types too."""
     _, img = _upload(server, _png())
@@ -640,10 +648,18 @@ def test_chunked_upload_gets_one_answer(server):
     assert _statuses(reply) == [413] and b"above the upload limit of 49 KB" in reply
 
 
-def test_disconnecting_clients_print_nothing(tmp_path):
-    """Clients that vanish mid-upload or before reading the reply leave no traceback on the server's stderr."""
+def test_serve_command_options_and_quiet_disconnects(tmp_path):
+    """`semsr serve --allow-host/--allow-origin/--max-steps/--job-timeout` reach the server, and clients
+    that vanish mid-upload or before reading the reply leave no traceback on its stderr."""
     log_file = tmp_path / "stderr.txt"
-    with serve("--max-jobs", "1", stderr=log_file) as (url, _):
+    flags = ("--allow-host", "demo.lan", "--allow-origin", "http://tool.lan:3000", "--max-steps", "40")
+    with serve(*flags, "--job-timeout", "60", stderr=log_file) as (url, _):
+        status, config, _ = _req(url + "api/config", headers={"Host": "demo.lan:7860"})
+        assert status == 200 and json.loads(config)["max_steps"] == 40 and json.loads(config)["job_timeout"] == 60
+        assert _req(url + "api/config", headers={"Host": "other.lan"})[0] == 403
+        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3000"})[0] == 200
+        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3001"})[0] == 403
+
         host, port = urllib.parse.urlparse(url).netloc.split(":")
         requests = [
             b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 1000,
@@ -659,15 +675,3 @@ def test_disconnecting_clients_print_nothing(tmp_path):
         assert _req(url + "api/config")[0] == 200
     text = log_file.read_text()
     assert "Traceback" not in text and "Error" not in text, text
-
-
-def test_serve_command_sets_the_allow_lists_and_limits():
-    """`semsr serve --allow-host/--allow-origin/--max-steps/--job-timeout` reach the server."""
-    with serve(
-        "--allow-host", "demo.lan", "--allow-origin", "http://tool.lan:3000", "--max-steps", "40", "--job-timeout", "60"
-    ) as (url, _):
-        status, config, _ = _req(url + "api/config", headers={"Host": "demo.lan:7860"})
-        assert status == 200 and json.loads(config)["max_steps"] == 40 and json.loads(config)["job_timeout"] == 60
-        assert _req(url + "api/config", headers={"Host": "other.lan"})[0] == 403
-        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3000"})[0] == 200
-        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3001"})[0] == 403
