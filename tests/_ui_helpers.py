@@ -25,7 +25,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else '(see stderr file)'}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -37,16 +39,20 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 
 @contextlib.contextmanager
-def serve(*extra: str, cwd: Path | None = None) -> Iterator[tuple[str, float]]:
-    """Run ``semsr serve --port <free> *extra``; yield ``(base_url, seconds_to_first_200)``."""
+def serve(*extra: str, cwd: Path | None = None, stderr: Path | None = None) -> Iterator[tuple[str, float]]:
+    """Run ``semsr serve --port <free> *extra``; yield ``(base_url, seconds_to_first_200)``.
+
+    ``stderr``: a file that receives the server's standard error (read it after the block).
+    """
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    err_file = open(stderr, "w") if stderr is not None else None  # closed after the server stops
     proc = subprocess.Popen(
         [sys.executable, "-m", "semsr", "serve", "--port", str(port), *extra],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=err_file if err_file is not None else subprocess.PIPE,
         text=True,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -60,3 +66,5 @@ def serve(*extra: str, cwd: Path | None = None) -> Iterator[tuple[str, float]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if err_file is not None:
+            err_file.close()

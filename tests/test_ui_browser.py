@@ -149,7 +149,9 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
 def _server_priors(url: str, image_id: str, method: str) -> dict:
     """What the server's priors job (the page's pre-fill source) returns, fetched over HTTP."""
     req = urllib.request.Request(
-        url + "api/jobs", json.dumps({"kind": "priors", "image": image_id, "method": method}).encode()
+        url + "api/jobs",
+        json.dumps({"kind": "priors", "image": image_id, "method": method}).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         job = json.load(r)["id"]

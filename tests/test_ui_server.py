@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import socket
+import struct
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +80,12 @@ def _png(w: int = 6, h: int = 5, flat: bool = False) -> bytes:
 
 
 def _req(url: str, data: bytes | dict | None = None, method: str | None = None, headers: dict | None = None):
-    """``(status, body bytes, headers)`` of a request (errors included)."""
+    """``(status, body bytes, headers)`` of a request (errors included); a dict is sent as JSON."""
+    headers = dict(headers or {})
     if isinstance(data, dict):
         data = json.dumps(data).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        headers.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read(), r.headers
@@ -116,7 +122,9 @@ def server():
 
 
 def _upload(url: str, data: bytes, name: str = "a.png") -> tuple[int, Any]:
-    status, body, _ = _req(url + "api/images", data, headers={"X-Filename": name})
+    status, body, _ = _req(
+        url + "api/images", data, headers={"X-Filename": name, "Content-Type": "application/octet-stream"}
+    )
     return status, json.loads(body)
 
 
@@ -258,8 +266,7 @@ def test_queue_one_at_a_time_positions_full_and_cancel(server):
     status, err = _json(server + "api/jobs", body)
     assert status == 503 and "queue is full" in err["error"]
     assert _json(f"{server}api/jobs/{b['id']}")[1]["state"] == "queued"
-    assert _json(f"{server}api/jobs/{b['id']}", method="DELETE")[0] == 200
-    assert _json(f"{server}api/jobs/{a['id']}", method="DELETE")[0] == 409  # running: not cancellable
+    assert _json(f"{server}api/jobs/{b['id']}", method="DELETE") == (200, {"id": b["id"], "state": "cancelled"})
     GATE.set()
     st = _wait(server, a["id"])
     assert st["state"] == "done", st
@@ -406,3 +413,265 @@ def test_job_options_read_json_as_the_parser_does():
         assert app.options(entry, {"steps": None, "prompt": ""}) == GatedOptions(save_extra=True)  # null, "": default
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- hardening (issue 23: what the server refuses)
+
+
+@dataclass(kw_only=True, frozen=True)
+class StepsOptions(MethodOptions):
+    """Options of ``test-ui-steps``: a step count and a per-step delay."""
+
+    steps: int = option(20, min=1, max=1000, help="steps")
+    reference_steps: int = option(1, min=1, max=1000, help="a second step count")
+    delay: float = option(0.02, min=0, max=1, help="seconds per step")
+
+
+class _Steps:
+    """2x nearest method that reports ``progress(done, total)`` after each of its ``steps`` (like the sampler)."""
+
+    name, scale, tiles_itself = "test-ui-steps", 2, True
+
+    def __call__(self, x: torch.Tensor, options: StepsOptions | None = None, *, progress: Any = False) -> SROutput:
+        for i in range(options.steps):
+            time.sleep(options.delay)
+            if callable(progress):
+                progress(i + 1, options.steps)
+        return SROutput(x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+register(MethodSpec("test-ui-steps", lambda _options: _Steps(), StepsOptions, 2, "test method with steps"))
+
+
+def _raw(url: str, request: bytes, read_for: float = 5.0) -> bytes:
+    """Send raw bytes to the server of ``url``; what comes back until it closes or ``read_for`` seconds pass."""
+    host, port = urllib.parse.urlparse(url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=read_for) as sock:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + read_for
+        try:
+            while time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        return data
+
+
+def _statuses(reply: bytes) -> list[int]:
+    """The status codes of every HTTP response in ``reply``."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", reply)]
+
+
+def test_download_name_outside_latin1(server):
+    """RFC 6266/5987: the page's download link works for any upload name (an ASCII fallback + filename*)."""
+    name = "фото 照片 café.png"
+    status, img = _upload(server, _png(), urllib.parse.quote(name))
+    assert status == 201 and img["name"] == name
+    _, job = _json(server + "api/jobs", {"image": img["id"], "method": "bicubic"})
+    assert _wait(server, job["id"])["output"]["filename"] == "фото 照片 café_bicubic_x4.png"
+    status, body, headers = _req(f"{server}api/jobs/{job['id']}/result?download=1")
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (24, 20)
+    value = headers["Content-Disposition"]
+    assert value == (
+        "attachment; filename=\"____ __ cafe_bicubic_x4.png\"; filename*=UTF-8''"
+        + urllib.parse.quote("фото 照片 café_bicubic_x4.png", safe="")
+    )
+    assert value.isascii()
+    encoded = value.split("filename*=UTF-8''")[1]
+    assert urllib.parse.unquote(encoded) == "фото 照片 café_bicubic_x4.png"
+
+
+def test_malformed_job_requests_answer_400(server):
+    """Odd types, non-UTF-8 bodies, deep nesting, unknown request fields: a 400 with the reason, never a crash."""
+    _, img = _upload(server, _png())
+    base = {"image": img["id"], "method": "test-ui-gated"}
+    cases = [
+        (dict(base, options="mode=y"), "options must be a JSON object {name: value}, got 'mode=y'"),
+        (dict(base, options=0), "options must be a JSON object {name: value}, got 0"),
+        (dict(base, options=5), "options must be a JSON object {name: value}, got 5"),
+        (dict(base, options=False), "options must be a JSON object {name: value}, got False"),
+        (dict(base, options=["mode"]), "options must be a JSON object"),
+        (dict(base, stepz=3), "method 'test-ui-gated' has no option stepz; did you mean steps?"),
+        (dict(base, imagee="x"), "method 'test-ui-gated' has no option imagee; did you mean image?"),
+        (dict(base, steps=3, options={"steps": 4}), "option steps is given twice"),
+        (dict(base, image=["i1"]), "image must be the id of an upload, got ['i1']"),
+        (dict(base, method={"name": "bicubic"}), "method must be a method name"),
+        (dict(base, options={"reference": 5}), "option reference: expected the id of an upload, got 5"),
+        (dict(base, prompt="x" * 10_000, steps="y" * 10_000), "option steps: expected an integer, got 'yyy"),
+        (dict(base, options={"mode": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}}), "nests deeper than 8"),
+    ]
+    for body, expected in cases:
+        status, err = _json(server + "api/jobs", body)
+        assert status == 400 and expected in err["error"] and "\n" not in err["error"], (body, err)
+        assert len(err["error"]) < 300, err  # client input is echoed shortened
+    raw_cases = [
+        (b'{"image": "\xff\xfe", "method": "bicubic"}', "the request is not UTF-8 (byte 11)"),
+        (b"[" * 100_000 + b"]" * 100_000, "the request nests deeper than 8 levels"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "the request nests deeper than 8 levels"),
+        (b'{"image": "x", "steps": NaN}', "the request is not JSON: NaN is not JSON"),
+        (b"[1, 2]", "the request must be a JSON object, got list"),
+        (b"{not json", "the request is not JSON"),
+    ]
+    for data, expected in raw_cases:
+        status, body, _ = _req(server + "api/jobs", data, headers={"Content-Type": "application/json"})
+        err = json.loads(body)["error"]
+        assert status == 400 and err.startswith(expected), (data[:40], err)
+    # the server still answers
+    assert _json(server + "api/jobs", dict(base, steps=2))[0] == 202
+
+
+def test_host_and_origin_allow_lists(server):
+    """DNS rebinding (a foreign Host) and cross-site requests (a foreign Origin) are refused with 403."""
+    assert _req(server + "api/config", headers={"Host": "evil.example:7860"})[0] == 403
+    status, body, _ = _req(server + "api/config", headers={"Host": "evil.example"})
+    assert status == 403 and "semsr serve --allow-host" in json.loads(body)["error"]
+    assert _req(server + "api/config", headers={"Host": "localhost:1"})[0] == 200
+    _, img = _upload(server, _png())
+    job = {"image": img["id"], "method": "bicubic"}
+    for origin in ("http://evil.example", "null", "http://localhost:1"):  # another port is another site
+        status, body, _ = _req(server + "api/jobs", job, headers={"Origin": origin})
+        assert status == 403 and "not accepted" in json.loads(body)["error"], origin
+        assert _req(server + "api/images", _png(), headers={"Origin": origin})[0] == 403
+    own = server.rstrip("/")
+    assert _req(server + "api/jobs", job, headers={"Origin": own})[0] == 202
+
+
+def test_only_known_files_are_served(server):
+    """Static files by plain name, uploads and results by id: no path leads out of those folders."""
+    for path in ("static/../server.py", "static/..%2fserver.py", "static/..", "api/images/..%2f..", "../etc/passwd"):
+        reply = _raw(server, f"GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        assert _statuses(reply) == [404] and b"import" not in reply, path
+    assert _req(server + "static/app.js")[0] == 200
+
+
+def test_json_endpoints_need_a_json_content_type(server):
+    """A text/plain cross-site POST (no CORS preflight) is not parsed as JSON; uploads refuse form types too."""
+    _, img = _upload(server, _png())
+    data = json.dumps({"image": img["id"], "method": "bicubic"}).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        status, body, _ = _req(server + "api/jobs", data, headers=headers)
+        assert status == 415 and "application/json" in json.loads(body)["error"], ctype
+    status, body, _ = _req(server + "api/images", _png(), headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/octet-stream" in json.loads(body)["error"]
+    assert _req(server + "api/jobs", data, headers={"Content-Type": "application/json; charset=utf-8"})[0] == 202
+
+
+def _own_server(**opts: Any):
+    srv = make_server("127.0.0.1", 0, **opts)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv
+
+
+def test_stalled_connections_time_out_and_are_capped():
+    """A silent connection is closed after the request timeout (408 for a stalled body); connections
+    beyond the cap are answered 503 at once instead of holding a thread each."""
+    srv = _own_server(request_timeout=1.0, max_connections=3)
+    try:
+        url = srv.url
+        t0 = time.monotonic()
+        reply = _raw(url, b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\nabc")
+        assert _statuses(reply) == [408] and b"stalled" in reply and time.monotonic() - t0 < 4
+        host, port = srv.server_address[:2]
+        idle = [socket.create_connection((host, port), timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.3)
+            reply = _raw(url, b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", read_for=2)
+            assert _statuses(reply) == [503] and b"busy" in reply
+            for sock in idle:  # the server closes the silent ones
+                assert sock.recv(100) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.3)
+        assert _req(url + "api/config")[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_cancel_running_job_time_limit_and_step_cap():
+    """DELETE stops a running job at its next step; a job stops after the time limit; steps are capped."""
+    srv = _own_server(job_timeout=1.0, max_steps=300)
+    try:
+        url = srv.url
+        _, img = _upload(url, _png())
+        body = {"image": img["id"], "method": "test-ui-steps", "steps": 300, "options": {"delay": 0.05}}
+        _, job = _json(url + "api/jobs", body)
+        t0 = time.monotonic()
+        while _json(f"{url}api/jobs/{job['id']}")[1]["done"] < 2:
+            time.sleep(0.02)
+        status, reply = _json(f"{url}api/jobs/{job['id']}", method="DELETE")
+        assert status == 202 and reply == {"id": job["id"], "state": "running", "cancelling": True}
+        st = _wait(url, job["id"], ("cancelled", "done", "error"), timeout=10)
+        assert st["state"] == "cancelled" and st["message"] == "cancelled while running", st
+        assert st["done"] < 10 and time.monotonic() - t0 < 5
+        assert _json(f"{url}api/jobs/{job['id']}", method="DELETE")[0] == 409
+        assert _json(f"{url}api/jobs/j999-00000", method="DELETE")[0] == 404
+
+        _, job = _json(url + "api/jobs", body)  # 300 x 0.05 s > the 1 s limit
+        st = _wait(url, job["id"], ("cancelled", "done", "error"), timeout=15)
+        assert st["state"] == "error" and "time limit" in st["message"] and "--job-timeout" in st["message"], st
+        assert st["done"] < 100 and st["elapsed"] < 3
+
+        for key in ("steps", "reference_steps"):
+            status, err = _json(url + "api/jobs", {**body, key: 301})
+            assert status == 400, err
+            assert err["error"] == f"option {key}: at most 300 on this server (semsr serve --max-steps), got 301"
+        methods = {m["name"]: m for m in _json(url + "api/methods")[1]}
+        assert _json(url + "api/config")[1]["max_steps"] == 300
+        assert methods["sd-controlnet"]["common"]["steps"]["max"] == 300
+        assert {o["dest"]: o["max"] for o in methods["test-ui-steps"]["options"]}["reference_steps"] == 300
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_chunked_upload_gets_one_answer(server):
+    """A chunked upload is read as such: one 201, no second spurious 400 from the chunks."""
+    png = _png()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(png[i : i + 40]), png[i : i + 40]) for i in range(0, len(png), 40))
+    request = (
+        b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+        b"X-Filename: c.png\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    reply = _raw(server, request, read_for=1.5)
+    assert _statuses(reply) == [201], reply
+    assert b'"width": 6' in reply
+    too_big = b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    too_big += b"10000\r\n" + b"\0" * 0x10000 + b"\r\n0\r\n\r\n"
+    reply = _raw(server, too_big, read_for=1.5)
+    assert _statuses(reply) == [413] and b"above the upload limit of 49 KB" in reply
+
+
+def test_serve_command_options_and_quiet_disconnects(tmp_path):
+    """`semsr serve --allow-host/--allow-origin/--max-steps/--job-timeout` reach the server, and clients
+    that vanish mid-upload or before reading the reply leave no traceback on its stderr."""
+    log_file = tmp_path / "stderr.txt"
+    flags = ("--allow-host", "demo.lan", "--allow-origin", "http://tool.lan:3000", "--max-steps", "40")
+    with serve(*flags, "--job-timeout", "60", stderr=log_file) as (url, _):
+        status, config, _ = _req(url + "api/config", headers={"Host": "demo.lan:7860"})
+        assert status == 200 and json.loads(config)["max_steps"] == 40 and json.loads(config)["job_timeout"] == 60
+        assert _req(url + "api/config", headers={"Host": "other.lan"})[0] == 403
+        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3000"})[0] == 200
+        assert _req(url + "api/config", headers={"Origin": "http://tool.lan:3001"})[0] == 403
+
+        host, port = urllib.parse.urlparse(url).netloc.split(":")
+        requests = [
+            b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 1000,
+            b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        ]
+        for request in requests * 3:
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(request)
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            sock.close()
+        time.sleep(0.5)
+        assert _req(url + "api/config")[0] == 200
+    text = log_file.read_text()
+    assert "Traceback" not in text and "Error" not in text, text

@@ -3,10 +3,16 @@
     semsr serve                                  # http://127.0.0.1:7860/
     semsr serve --port 7861 --base /models/sd15 --controlnet /models/cn-sr
 
-Binds to 127.0.0.1 unless ``--host`` says otherwise. Runs one job at a time;
-others wait in a queue (``--max-jobs``). Uploads above ``--max-upload-mb`` or
-``--max-pixels`` are refused with a message in the page. The page is served
-from the package (no CDN, fonts or analytics), so it works offline.
+Binds to 127.0.0.1 unless ``--host`` says otherwise, and answers only requests
+addressed to localhost (``Host``) from its own page (``Origin``) unless
+``--allow-host``/``--allow-origin`` add others. Runs one job at a time; others
+wait in a queue (``--max-jobs``); a running job can be cancelled and stops after
+``--job-timeout`` seconds; ``--max-steps`` caps sampling steps. Uploads above
+``--max-upload-mb`` or ``--max-pixels`` are refused with a message in the page.
+Connections time out after ``--request-timeout`` seconds of silence and at most
+``--max-connections`` are served at once. The page is served from the package
+(no CDN, fonts or analytics), so it works offline. ``docs/security.md`` lists
+what the server refuses.
 """
 
 from __future__ import annotations
@@ -45,6 +51,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest input image in pixels (default: 2M)",
     )
     p.add_argument("--max-jobs", type=int, default=8, help="jobs waiting or running at once (default: 8)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=200,
+        metavar="N",
+        help="most sampling steps per job (default: 200; 0 = the methods' own)",
+    )
+    p.add_argument(
+        "--job-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="a running job stops at its next step after this long (default: 1800; 0 = no limit)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests addressed to this host name (repeatable; '*' = any; "
+        "default: localhost, 127.0.0.1, ::1 and the --host address)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also accept requests from pages of this origin, e.g. http://example.lan:8080 (repeatable; '*' = any; "
+        "default: only the demo's own page)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection silent for this long (default: 30)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=32, metavar="N", help="connections served at once (default: 32)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
@@ -61,8 +107,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_jobs < 1:
-        raise SemsrError("--max-jobs must be >= 1")
+    for flag, value, least in (
+        ("--max-jobs", args.max_jobs, 1),
+        ("--max-connections", args.max_connections, 1),
+        ("--max-steps", args.max_steps, 0),
+        ("--job-timeout", args.job_timeout, 0),
+    ):
+        if not value >= least:  # `not >=`: NaN too
+            raise SemsrError(f"{flag} must be >= {least}, got {value:g}")
+    if not args.request_timeout > 0 or args.request_timeout == float("inf"):
+        raise SemsrError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout:g}")
     paths = {name: scoped_paths(name, getattr(args, name) or []) for name in SERVE_PATHS}
     try:
         server = make_server(
@@ -76,11 +130,21 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels or 10**12,
             max_jobs=args.max_jobs,
             default_method=args.default_method,
+            max_steps=args.max_steps,
+            job_timeout=args.job_timeout,
+            allowed_hosts=args.allow_host,
+            allowed_origins=args.allow_origin,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
         )
     except OSError as err:
         raise SemsrError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: anyone who can reach this machine can use the demo", args.host)
+        log.warning(
+            "serving on %s: anyone who can reach this machine can use the demo "
+            "(requests must name an allowed host: localhost, the --host address or --allow-host NAME)",
+            args.host,
+        )
     print(f"semsr web demo on {server.url}  (Ctrl+C to stop)", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _stop)  # `kill` cleans up like Ctrl+C (temporary files removed)
     try:

@@ -5,6 +5,12 @@ time: :class:`JobQueue` has a single worker thread; other jobs wait in FIFO
 order and report their position (``0`` = running, ``n`` = ``n`` jobs ahead).
 At most ``max_jobs`` jobs may be waiting or running; more are refused
 (:class:`QueueFull`), so nobody can pile up work without bound.
+
+A running job stops at its next progress report (:meth:`Job.progress`, which
+the runner passes to the method: it is called after every sampler step or
+tile) once it is cancelled (:meth:`JobQueue.cancel`) or has run longer than
+the queue's ``time_limit``: the report raises :class:`JobCancelled` or
+:class:`JobTimeLimit`, which unwinds the method.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ class QueueFull(SemsrError):
     """The queue already holds ``max_jobs`` waiting or running jobs."""
 
 
+class JobCancelled(SemsrError):
+    """Raised from a running job's progress report after :meth:`JobQueue.cancel`."""
+
+
+class JobTimeLimit(SemsrError):
+    """Raised from a running job's progress report once it has run past the queue's time limit."""
+
+
 @dataclass
 class Job:
     """A unit of work and its progress (read by the status endpoint).
@@ -43,6 +57,8 @@ class Job:
             ``"tiles"``, ``"denoise"``...; ``total`` 0 = unknown).
         message: error message (``state == "error"``).
         output: what the runner returned (JSON-ready dict).
+        cancel_requested: set by :meth:`JobQueue.cancel` while the job runs.
+        time_limit: seconds the job may run (``None`` = no limit); set when it starts.
     """
 
     id: str
@@ -57,10 +73,22 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    cancel_requested: bool = False
+    time_limit: float | None = None
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        """Progress callback for the runner: ``stage``, ``done`` of ``total`` units."""
+        """Progress callback for the runner: ``stage``, ``done`` of ``total`` units; then :meth:`check`."""
         self.stage, self.done, self.total = stage, int(done), int(total)
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`JobCancelled` or :class:`JobTimeLimit` when the job must stop."""
+        if self.cancel_requested:
+            raise JobCancelled("cancelled while running")
+        if self.time_limit is not None and self.started is not None and time.time() - self.started > self.time_limit:
+            raise JobTimeLimit(
+                f"stopped after {self.time_limit:g} s, the server's time limit for a job (semsr serve --job-timeout)"
+            )
 
 
 Runner = Callable[[Job], dict[str, Any]]
@@ -76,12 +104,19 @@ class JobQueue:
         max_jobs: most jobs waiting or running at once.
         keep: finished jobs remembered for status requests (oldest dropped).
         on_forget: called with each job dropped from memory (to delete its files).
+        time_limit: seconds a job may run before its next progress report stops it (``None`` = no limit).
     """
 
     def __init__(
-        self, runner: Runner, max_jobs: int = 8, keep: int = 64, on_forget: Callable[[Job], None] | None = None
+        self,
+        runner: Runner,
+        max_jobs: int = 8,
+        keep: int = 64,
+        on_forget: Callable[[Job], None] | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.runner = runner
+        self.time_limit = time_limit
         self.max_jobs = max_jobs
         self.keep = keep
         self.on_forget = on_forget
@@ -118,15 +153,19 @@ class JobQueue:
                 return 0
             return self._pending.index(job.id) + (self._running is not None)
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued (not yet running) job; True when it was cancelled."""
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a job: ``"cancelled"`` (it was queued and is dropped), ``"cancelling"`` (it is
+        running and stops at its next progress report), ``None`` (unknown or finished)."""
         with self._cond:
             if job_id in self._pending:
                 self._pending.remove(job_id)
                 self._jobs[job_id].state = "cancelled"
                 self._cond.notify_all()
-                return True
-            return False
+                return "cancelled"
+            if job_id == self._running:
+                self._jobs[job_id].cancel_requested = True
+                return "cancelling"
+            return None
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the running job (queued jobs are dropped)."""
@@ -154,10 +193,14 @@ class JobQueue:
                     return
                 job = self._jobs[self._pending.pop(0)]
                 self._running = job.id
-                job.state, job.started = "running", time.time()
+                job.state, job.started, job.time_limit = "running", time.time(), self.time_limit
             try:
-                job.output = self.runner(job)
-                job.state = "done"
+                output = self.runner(job)
+                if job.cancel_requested:  # a method that never reported progress: drop its result
+                    raise JobCancelled("cancelled while running")
+                job.output, job.state = output, "done"
+            except JobCancelled as err:
+                job.message, job.state = err.message, "cancelled"
             except SemsrError as err:
                 job.message, job.state = err.message, "error"
             except MemoryError:

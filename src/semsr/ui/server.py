@@ -4,26 +4,40 @@ The page (``static/index.html``, ``app.js``, ``app.css``) talks to a small JSON 
 
 ==========================  ===================================================
 ``GET  /``                  the page
-``GET  /api/config``        limits (upload bytes, pixels, queue) and defaults
+``GET  /api/config``        limits (upload bytes, pixels, queue, steps, job time) and defaults
 ``GET  /api/methods``       the method picker (:func:`semsr.ui.catalog.catalogue`)
 ``POST /api/images``        upload one image (raw request body) -> ``{id, width, height}``
 ``GET  /api/images/<id>``   the uploaded image as PNG
 ``POST /api/jobs``          JSON ``{kind: "upscale"|"priors", image, method, ...}`` -> ``{id, position}``
 ``GET  /api/jobs/<id>``     state, queue position, progress, output
-``DELETE /api/jobs/<id>``   cancel a queued job
+``DELETE /api/jobs/<id>``   cancel a job (queued: dropped; running: stopped at its next step)
 ``GET  /api/jobs/<id>/result[?download=1]``  full-resolution PNG
 ``GET  /api/jobs/<id>/prior/<name>``         an image prior the method used
 ==========================  ===================================================
 
 A job's options are validated by the method's options class
-(:meth:`semsr.core.method.MethodSpec.parse`) when it is submitted: the fixed
-fields (``prompt``, ``negative_prompt``, ``steps``, ``guidance_scale``,
-``seed``, ``colour_fix``, ``tile``, ``priors_in_prompt``) and the method's own
-(``options``: ``{name: value}``); numbers, text and booleans are read as the
-parser reads them (``"3"`` and ``3`` alike), ``null`` and ``""`` mean "the
-default", an image option holds an upload id. An unknown option, a build
-option (those come from the ``semsr serve`` command line) or a bad value is a
-400 answer with the one-line reason.
+(:meth:`semsr.core.method.MethodSpec.parse`) when it is submitted: every
+request field other than ``kind``, ``image``, ``method`` and ``options`` is a
+run option of the method (the page sends ``prompt``, ``negative_prompt``,
+``steps``, ``guidance_scale``, ``seed``, ``colour_fix``, ``tile``,
+``priors_in_prompt``), and ``options`` (a JSON object ``{name: value}``) holds
+the method's own; numbers, text and booleans are read as the parser reads
+them (``"3"`` and ``3`` alike, ``1.5`` is no integer), ``null`` and ``""``
+mean "the default", an image option holds an upload id. An unknown option
+(named with the closest valid one), a build option (those come from the
+``semsr serve`` command line), a bad value or more sampling steps than
+``max_steps`` is a 400 answer with the one-line reason.
+
+What the server refuses before any work (``docs/security.md``): a ``Host``
+header that is not an allowed host name (localhost by default: DNS
+rebinding), an ``Origin`` that is not the page's own or an allowed one (403);
+a job request that is not ``Content-Type: application/json``, an upload sent
+as a form type a cross-site page could send without asking (415); a body that
+is not UTF-8 JSON, nests deeper than :data:`MAX_JSON_DEPTH` or is not an
+object (400); bodies above the limits (413). Every connection has a read
+timeout (408 for a stalled body) and at most ``max_connections`` are served
+at once (503 for the others). Clients that go away are no error: nothing is
+printed for them.
 
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. Uploads and
 jobs live in a private temporary folder removed when the server stops.
@@ -36,15 +50,19 @@ import logging
 import mimetypes
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import threading
 import time
+import traceback
+import unicodedata
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from PIL import Image
 
@@ -52,10 +70,9 @@ from semsr import __version__
 from semsr.api import load
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import picture_to_pil, read_image
-from semsr.core.options import MethodOptions, OptionError
+from semsr.core.options import MethodOptions, OptionError, closest
 from semsr.methods import resolve
-from semsr.priors.report import PRIORS_IN_PROMPT
-from semsr.ui.catalog import COMMON_FIELDS, catalogue, find, paths_for
+from semsr.ui.catalog import catalogue, find, paths_for
 from semsr.ui.jobs import Job, JobQueue, QueueFull
 
 log = logging.getLogger("semsr.ui")
@@ -63,6 +80,16 @@ log = logging.getLogger("semsr.ui")
 STATIC = Path(__file__).with_name("static")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _PRIOR_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Fields of a job request that are not options of the method.
+REQUEST_FIELDS = ("kind", "image", "method", "options")
+#: Deepest nesting of a job request (the page sends depth 2).
+MAX_JSON_DEPTH = 8
+#: Largest job request body.
+MAX_JSON_BYTES = 1 << 20
+#: Host names served by default (``semsr serve --allow-host`` adds others).
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: Content types a cross-site page can send without the browser asking the server first (CORS "simple" requests).
+_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def _mb(n: int) -> str:
@@ -83,6 +110,9 @@ class DemoApp:
         max_jobs: most jobs waiting or running at once.
         keep_images: uploads remembered (oldest deleted first).
         default_method: the picker's initial choice.
+        max_steps: most sampling steps a job may ask for (options named ``steps`` or ``*_steps``; 0 = the
+            methods' own bounds).
+        job_timeout: seconds a job may run; it stops at its next step or tile after that (0 = no limit).
     """
 
     def __init__(
@@ -96,24 +126,35 @@ class DemoApp:
         max_jobs: int = 8,
         keep_images: int = 32,
         default_method: str = "default",
+        max_steps: int = 200,
+        job_timeout: float = 1800.0,
     ) -> None:
         self.paths = {k: v for k, v in (paths or {}).items() if v}
         self.device, self.dtype, self.threads = device, dtype, threads
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
         self.default_method = default_method
+        self.max_steps, self.job_timeout = int(max_steps), float(job_timeout)
         self.workdir = Path(tempfile.mkdtemp(prefix="semsr-serve-"))
         self._images: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._keep_images = keep_images
         self._lock = threading.Lock()
         self._counter = 0
         self._methods: list[dict[str, Any]] | None = None
-        self.queue = JobQueue(self.run_job, max_jobs=max_jobs, on_forget=self._forget_job)
+        self.queue = JobQueue(
+            self.run_job, max_jobs=max_jobs, on_forget=self._forget_job, time_limit=self.job_timeout or None
+        )
 
     # ---------------------------------------------------------- info
     def methods(self) -> list[dict[str, Any]]:
         """The picker entries (computed once)."""
         if self._methods is None:
-            self._methods = catalogue(self.paths)
+            entries = catalogue(self.paths)
+            if self.max_steps:  # the page's bounds are the server's
+                for entry in entries:
+                    for field in [*entry["common"].values(), *entry["options"]]:
+                        if _is_steps(field["dest"], field["type"]):
+                            field["max"] = min(field["max"] or self.max_steps, self.max_steps)
+            self._methods = entries
         return self._methods
 
     def config(self) -> dict[str, Any]:
@@ -122,6 +163,8 @@ class DemoApp:
             "max_upload_bytes": self.max_upload_bytes,
             "max_pixels": self.max_pixels,
             "max_jobs": self.queue.max_jobs,
+            "max_steps": self.max_steps,
+            "job_timeout": self.job_timeout,
             "default_method": self.default_method,
         }
 
@@ -176,14 +219,19 @@ class DemoApp:
         """Check a job request and queue it."""
         kind = body.get("kind", "upscale")
         if kind not in ("upscale", "priors"):
-            raise InputError(f"unknown job kind {kind!r}")
-        name = str(body.get("method") or self.default_method)
+            raise InputError(f"unknown job kind {_short(kind)}; choose upscale or priors")
+        name = body.get("method") or self.default_method
+        if not isinstance(name, str):
+            raise InputError(f"method must be a method name, got {_short(name)}")
         entry = find(self.methods(), name)
         if entry is None:
-            raise InputError(f"unknown method {name!r}")
+            raise InputError(f"unknown method {_short(name)}")
         if not entry["available"]:
             raise InputError(f"method {name} is not available on this server: {entry['reason']}")
-        self.image(str(body.get("image", "")))  # exists?
+        image = body.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError(f"image must be the id of an upload, got {_short(image)}")
+        self.image(image)  # exists?
         self.options(entry, body)  # validate now: errors answer the request, not the job
         return self.queue.submit(kind, dict(body, method=name))
 
@@ -196,13 +244,21 @@ class DemoApp:
         """The method's options of a job request (see the module doc); :class:`OptionError` when invalid."""
         spec = resolve(entry["name"])
         infos = spec.options.infos()
-        raw = body.get("options") or {}
+        raw = body.get("options")
+        if raw is None:
+            raw = {}
         if not isinstance(raw, Mapping):
-            raise InputError("options must be a JSON object")
+            raise InputError(f"options must be a JSON object {{name: value}}, got {_short(raw)}")
         given = dict(raw)
-        for key in (*COMMON_FIELDS, "tile", PRIORS_IN_PROMPT):
-            if key in body:
-                given[key] = body[key]
+        for key, value in body.items():
+            if key in REQUEST_FIELDS:
+                continue
+            if key not in infos:
+                near = closest(key.replace("-", "_"), [*infos, *REQUEST_FIELDS])
+                raise OptionError(f"method {spec.name!r} has no option {key}; did you mean {near}?")
+            if key in given:
+                raise OptionError(f"option {key} is given twice (in the request and in its options)")
+            given[key] = value
         values: dict[str, Any] = {}
         for key, value in given.items():
             if value is None or value == "":
@@ -213,10 +269,20 @@ class DemoApp:
                     f"option {key} of method {spec.name!r} is set by the server (semsr serve), not by the page"
                 )
             if info is not None and info.widget == "image":
-                value = self.image(str(value))["path"]
+                if not isinstance(value, str):
+                    raise OptionError(f"option {key}: expected the id of an upload, got {_short(value)}")
+                value = self.image(value)["path"]
             values[str(key)] = value
         values.update(entry.get("forced_options") or {})  # save_* switches: side images are shown as priors
-        return spec.parse({**self.build_values(spec), **values})
+        options = spec.parse({**self.build_values(spec), **values})
+        if self.max_steps:
+            for name, info in infos.items():
+                value = getattr(options, name)
+                if _is_steps(name, info.kind) and value is not None and value > self.max_steps:
+                    raise OptionError(
+                        f"option {name}: at most {self.max_steps} on this server (semsr serve --max-steps), got {value}"
+                    )
+        return options
 
     def run_job(self, job: Job) -> dict[str, Any]:
         """The queue's runner: build the pipeline (cached) and run it."""
@@ -228,6 +294,7 @@ class DemoApp:
         spec = resolve(entry["name"])
         job.progress("load", 0, 0)
         pipe = load(spec.name, options)
+        job.check()
         pic = read_image(info["path"], max_pixels=self.max_pixels)
         if job.kind == "priors":
             job.progress("priors", 0, 0)
@@ -278,6 +345,26 @@ class DemoApp:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _is_steps(name: str, kind: str) -> bool:
+    """An integer option counting sampling steps (capped by ``semsr serve --max-steps``)."""
+    return kind == "int" and (name == "steps" or name.endswith("_steps"))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages echo client input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename`` and the exact name as RFC 5987 ``filename*`` (RFC 6266)."""
+    decomposed = unicodedata.normalize("NFKD", filename)  # "é" -> "e" + accent (dropped)
+    plain = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._ -") else "_" for c in decomposed if not unicodedata.combining(c)
+    )
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def _display_name(name: str) -> str:
     name = Path(str(name).replace("\\", "/")).name
     return re.sub(r"[^\w.\- ]", "_", name)[:80] or "upload"
@@ -312,15 +399,59 @@ def _json_priors(priors: Mapping[str, Any], image_urls: Mapping[str, str] | None
     return out
 
 
+class _Refused(Exception):
+    """A request answered with ``status`` and a one-line ``message`` (the connection is then closed)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _ClientGone(Exception):
+    """The client closed the connection in the middle of a request: nothing to answer."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests lists and objects (a scalar is 0)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _host_name(value: str) -> str:
+    """The host name of a ``Host`` header or URL netloc, lower case, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Routes requests to the :class:`DemoApp` in ``server.app``."""
+    """Routes requests to the :class:`DemoApp` in ``server.app`` (after the checks in the module doc)."""
 
     server_version = f"semsr/{__version__}"
     protocol_version = "HTTP/1.1"
+    server: DemoServer
 
     @property
     def app(self) -> DemoApp:
-        return self.server.app  # type: ignore[attr-defined]
+        return self.server.app
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # every read and write of this connection
+        super().setup()
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -334,6 +465,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -342,65 +475,182 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+        """``{"error": message}``: one line, at most 240 characters (messages may echo client input)."""
+        message = " ".join(message.split())
+        self._json(status, {"error": message if len(message) <= 240 else message[:237] + "..."})
 
     def _file(self, path: Path, ctype: str | None = None, download: str | None = None) -> None:
         if not path.is_file():
             self._error(404, "not found (the result may have expired)")
             return
-        headers = {"Content-Disposition": f'attachment; filename="{download}"'} if download else None
+        headers = {"Content-Disposition": content_disposition(download)} if download else None
         ctype = ctype or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self._send(200, path.read_bytes(), ctype, headers)
 
-    def _read_body(self, limit: int) -> bytes | None:
-        """The request body, or ``None`` (after replying 413) when it is above ``limit``."""
+    # ---------------------------------------------------------- checks and bodies
+    def _check_host_and_origin(self) -> None:
+        """Raise :class:`_Refused` (403) for a ``Host`` or ``Origin`` this server does not serve."""
+        host = self.headers.get("Host")
+        if host is None:
+            raise _Refused(400, "the request has no Host header")
+        allowed = self.server.allowed_hosts
+        if "*" not in allowed and _host_name(host) not in allowed:
+            raise _Refused(
+                403, f"host {_short(_host_name(host))} is not served here (semsr serve --allow-host NAME adds one)"
+            )
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        origins = self.server.allowed_origins
+        url = urlparse(origin.strip().lower())
+        same = url.scheme in ("http", "https") and url.netloc == host.strip().lower()
+        if not (same or "*" in origins or origin.strip().lower().rstrip("/") in origins):
+            raise _Refused(
+                403, f"requests from {_short(origin)} are not accepted (semsr serve --allow-origin URL adds one)"
+            )
+
+    def _read_body(self, limit: int, what: str, limit_name: str) -> bytes:
+        """The request body (``Content-Length`` or chunked), at most ``limit`` bytes.
+
+        Raises:
+            _Refused: 413 above ``limit``, 400 for a malformed length or chunk, 408 when the client stalls.
+            _ClientGone: the client closed the connection before the whole body arrived.
+        """
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._error(400, "bad Content-Length")
-            return None
-        if length > limit:
-            # Drain a bounded amount so the browser sees the reply rather than a reset.
-            remaining = length
-            while remaining > 0 and remaining <= 8 * limit:
-                chunk = self.rfile.read(min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-            if remaining > 0:
-                self.close_connection = True
-            self._error(413, f"the file is {_mb(length)}, above the upload limit of {_mb(limit)}")
-            return None
-        return self.rfile.read(length)
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                return self._read_chunked(limit, what, limit_name)
+            if self.headers.get("Transfer-Encoding"):
+                raise _Refused(501, f"Transfer-Encoding {_short(self.headers['Transfer-Encoding'])} is not supported")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                raise _Refused(400, "bad Content-Length")
+            if length > limit:
+                self._drain(length, limit)
+                raise _Refused(413, f"{what} is {_mb(length)}, above {limit_name} of {_mb(limit)}")
+            data = self.rfile.read(length)
+            if len(data) < length:
+                raise _ClientGone
+            return data
+        except TimeoutError:
+            raise _Refused(408, f"{what} stalled: nothing arrived for {self.timeout:g} s") from None
+
+    def _drain(self, length: int, limit: int) -> None:
+        """Read a bounded amount of a refused body so the browser sees the reply rather than a reset."""
+        remaining = length
+        while 0 < remaining <= 8 * limit:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def _read_chunked(self, limit: int, what: str, limit_name: str) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise _ClientGone
+            try:
+                n = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _Refused(400, "bad chunk size in a chunked body") from None
+            if n < 0:
+                raise _Refused(400, "bad chunk size in a chunked body")
+            if n == 0:
+                break
+            size += n
+            if size > limit:
+                raise _Refused(413, f"{what} is above {limit_name} of {_mb(limit)}")
+            data = self.rfile.read(n)
+            if len(data) < n:
+                raise _ClientGone
+            parts.append(data)
+            if self.rfile.read(2) != b"\r\n":
+                raise _Refused(400, "bad chunk end in a chunked body")
+        for _ in range(100):  # trailer fields, then the blank line
+            if self.rfile.readline(65536) in (b"\r\n", b"\n", b""):
+                break
+        return b"".join(parts)
+
+    def _json_body(self) -> dict[str, Any]:
+        """The job request: ``Content-Type: application/json``, UTF-8, an object, nesting at most
+        :data:`MAX_JSON_DEPTH` levels; :class:`_Refused` otherwise."""
+        ctype = self.headers.get_content_type()
+        if ctype != "application/json" or not self.headers.get("Content-Type"):
+            raise _Refused(415, f"a job request must be Content-Type: application/json, not {ctype}")
+        raw = self._read_body(MAX_JSON_BYTES, "the request", "the limit for a job request")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Refused(400, f"the request is not UTF-8 (byte {err.start})") from None
+        try:
+            body = json.loads(text or "{}", parse_constant=_no_constant)
+        except RecursionError:
+            raise _Refused(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError as err:
+            raise _Refused(400, f"the request is not JSON: {str(err).splitlines()[0]}") from None
+        if _depth(body) > MAX_JSON_DEPTH:
+            raise _Refused(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels")
+        if not isinstance(body, dict):
+            raise _Refused(400, f"the request must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _dispatch(self, route: Any) -> None:
+        """Run ``route()`` after the host/origin check; turn errors into one-line answers."""
+        try:
+            self._check_host_and_origin()
+            route()
+        except _Refused as err:
+            self.close_connection = True  # the rest of a refused request may still be on its way
+            self._error(err.status, err.message)
+        except _ClientGone:
+            self.close_connection = True
+        except QueueFull as err:
+            self._error(503, err.message)
+        except SemsrError as err:
+            self._error(404 if self.command in ("GET", "HEAD") else 400, err.message)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as err:
+            log.error("%s %s failed:\n%s", self.command, self.path, traceback.format_exc())
+            self.close_connection = True
+            self._error(500, f"internal error: {type(err).__name__}")
 
     # ---------------------------------------------------------- routes
     def do_HEAD(self) -> None:
-        self.do_GET()
+        self._dispatch(self._get)
 
     def do_GET(self) -> None:
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:
+        self._dispatch(self._post)
+
+    def do_DELETE(self) -> None:
+        self._dispatch(self._delete)
+
+    def _get(self) -> None:
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
-        try:
-            if not parts or parts == ["index.html"]:
-                self._file(STATIC / "index.html", "text/html; charset=utf-8")
-            elif parts[0] == "static" and len(parts) == 2 and _PRIOR_NAME.match(parts[1]):
-                self._file(STATIC / parts[1])
-            elif parts == ["api", "config"]:
-                self._json(200, self.app.config())
-            elif parts == ["api", "methods"]:
-                self._json(200, self.app.methods())
-            elif len(parts) == 3 and parts[:2] == ["api", "images"] and _ID.match(parts[2]):
-                self._file(Path(self.app.image(parts[2])["preview"]), "image/png")
-            elif len(parts) >= 3 and parts[:2] == ["api", "jobs"] and _ID.match(parts[2]):
-                self._get_job(parts[2], parts[3:], parse_qs(url.query))
-            elif parts == ["favicon.ico"]:
-                self._send(204, b"", "image/x-icon")
-            else:
-                self._error(404, "not found")
-        except SemsrError as err:
-            self._error(404, err.message)
+        if not parts or parts == ["index.html"]:
+            self._file(STATIC / "index.html", "text/html; charset=utf-8")
+        elif parts[0] == "static" and len(parts) == 2 and _PRIOR_NAME.match(parts[1]):
+            self._file(STATIC / parts[1])
+        elif parts == ["api", "config"]:
+            self._json(200, self.app.config())
+        elif parts == ["api", "methods"]:
+            self._json(200, self.app.methods())
+        elif len(parts) == 3 and parts[:2] == ["api", "images"] and _ID.match(parts[2]):
+            self._file(Path(self.app.image(parts[2])["preview"]), "image/png")
+        elif len(parts) >= 3 and parts[:2] == ["api", "jobs"] and _ID.match(parts[2]):
+            self._get_job(parts[2], parts[3:], parse_qs(url.query))
+        elif parts == ["favicon.ico"]:
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._error(404, "not found")
 
     def _get_job(self, job_id: str, rest: list[str], query: dict[str, list[str]]) -> None:
         job = self.app.queue.get(job_id)
@@ -417,52 +667,69 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, "not found (job not finished?)")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         parts = [p for p in urlparse(self.path).path.split("/") if p]
-        try:
-            if parts == ["api", "images"]:
-                data = self._read_body(self.app.max_upload_bytes)
-                if data is None:
-                    return
-                name = unquote(self.headers.get("X-Filename") or "upload")
-                self._json(201, self.app.add_image(data, name))
-            elif parts == ["api", "jobs"]:
-                raw = self._read_body(1 << 20)
-                if raw is None:
-                    return
-                try:
-                    body = json.loads(raw or b"{}")
-                except json.JSONDecodeError:
-                    self._error(400, "the request is not JSON")
-                    return
-                if not isinstance(body, dict):
-                    self._error(400, "the request must be a JSON object")
-                    return
-                job = self.app.submit(body)
-                self._json(202, {"id": job.id, "position": self.app.queue.position(job)})
-            else:
-                self._error(404, "not found")
-        except QueueFull as err:
-            self._error(503, err.message)
-        except SemsrError as err:
-            self._error(400, err.message)
-
-    def do_DELETE(self) -> None:
-        parts = [p for p in urlparse(self.path).path.split("/") if p]
-        if len(parts) == 3 and parts[:2] == ["api", "jobs"] and self.app.queue.cancel(parts[2]):
-            self._json(200, {"cancelled": parts[2]})
+        if parts == ["api", "images"]:
+            ctype = self.headers.get_content_type()
+            if self.headers.get("Content-Type") and ctype in _FORM_TYPES:
+                raise _Refused(
+                    415, f"send the image as the raw body (Content-Type: application/octet-stream), not {ctype}"
+                )
+            data = self._read_body(self.app.max_upload_bytes, "the file", "the upload limit")
+            name = unquote(self.headers.get("X-Filename") or "upload")
+            self._json(201, self.app.add_image(data, name))
+        elif parts == ["api", "jobs"]:
+            job = self.app.submit(self._json_body())
+            self._json(202, {"id": job.id, "position": self.app.queue.position(job)})
         else:
-            self._error(409, "only queued jobs can be cancelled")
+            raise _Refused(404, "not found")
+
+    def _delete(self) -> None:
+        parts = [p for p in urlparse(self.path).path.split("/") if p]
+        if len(parts) != 3 or parts[:2] != ["api", "jobs"] or self.app.queue.get(parts[2]) is None:
+            self._error(404, "unknown or expired job")
+            return
+        outcome = self.app.queue.cancel(parts[2])
+        if outcome == "cancelled":
+            self._json(200, {"id": parts[2], "state": "cancelled"})
+        elif outcome == "cancelling":
+            self._json(202, {"id": parts[2], "state": "running", "cancelling": True})
+        else:
+            self._error(409, "the job has already finished")
 
 
 class DemoServer(ThreadingHTTPServer):
-    """A threading HTTP server holding a :class:`DemoApp`."""
+    """A threading HTTP server holding a :class:`DemoApp`.
+
+    Args:
+        address: ``(host, port)`` to bind (port 0 = any free port).
+        app: the demo's state.
+        allowed_hosts: ``Host`` names served besides :data:`LOCAL_HOSTS` and the bound address
+            (``"*"`` = any).
+        allowed_origins: ``Origin`` values accepted besides the page's own (``"*"`` = any).
+        request_timeout: seconds a connection may stay silent (while sending a request or between requests).
+        max_connections: connections served at once (one thread each); more are answered 503 at once.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: DemoApp) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: DemoApp,
+        allowed_hosts: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
+        request_timeout: float = 30.0,
+        max_connections: int = 32,
+    ) -> None:
         self.app = app  # before binding: a failed bind calls server_close()
+        bound = () if address[0] in ("", "0.0.0.0", "::") else (address[0],)
+        self.allowed_hosts = {_host_name(h) if h != "*" else h for h in (*LOCAL_HOSTS, *bound, *allowed_hosts)}
+        self.allowed_origins = {o.strip().lower().rstrip("/") for o in allowed_origins}
+        self.request_timeout = float(request_timeout)
+        self.max_connections = int(max_connections)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, Handler)
 
     @property
@@ -470,11 +737,60 @@ class DemoServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        """Answer 503 on the accepting thread (no thread is started) and close."""
+        body = json.dumps({"error": f"the server is busy ({self.max_connections} connections); try again"}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 5\r\n\r\n"
+        )
+        try:
+            request.settimeout(0.05)
+            try:
+                request.recv(65536)  # the request, if it has arrived: closing with it unread would reset
+            except OSError:
+                pass
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or stalled is no error; anything else is logged once."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("client %s went away", client_address[0])
+            return
+        log.error("request from %s failed:\n%s", client_address[0], traceback.format_exc())
+
     def server_close(self) -> None:
         super().server_close()
         self.app.close()
 
 
-def make_server(host: str = "127.0.0.1", port: int = 7860, **app_opts: Any) -> DemoServer:
-    """Bind a :class:`DemoServer` (``port=0`` picks a free port); call ``serve_forever()``."""
-    return DemoServer((host, port), DemoApp(**app_opts))
+_SERVER_OPTIONS = ("allowed_hosts", "allowed_origins", "request_timeout", "max_connections")
+
+
+def make_server(host: str = "127.0.0.1", port: int = 7860, **opts: Any) -> DemoServer:
+    """Bind a :class:`DemoServer` (``port=0`` picks a free port); call ``serve_forever()``.
+
+    ``opts``: :class:`DemoServer`'s ``allowed_hosts``, ``allowed_origins``, ``request_timeout``,
+    ``max_connections``; the rest go to :class:`DemoApp`.
+    """
+    server_opts = {k: opts.pop(k) for k in _SERVER_OPTIONS if k in opts}
+    return DemoServer((host, port), DemoApp(**opts), **server_opts)

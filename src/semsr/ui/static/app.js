@@ -160,16 +160,24 @@ function setProgress(st) {
 async function runJob(body) {
   const sub = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   state.job = sub.id; updateRun();
+  // Cancel: a queued job is dropped, a running one stops after its current step.
+  const cancel = $("cancel");
+  cancel.hidden = false; cancel.disabled = false;
+  cancel.onclick = () => {
+    cancel.disabled = true;
+    api(`/api/jobs/${sub.id}`, { method: "DELETE" }).catch((err) => showError(err.message));
+  };
   try {
     for (;;) {
       const st = await api(`/api/jobs/${sub.id}`);
       setProgress(st);
       $("status").textContent = st.state === "queued" ? `queue position ${st.position}` : st.state;
       if (st.state === "done") return st;
-      if (st.state === "error" || st.state === "cancelled") throw new Error(st.message || st.state);
+      if (st.state === "cancelled") { const err = new Error(st.message || "cancelled"); err.cancelled = true; throw err; }
+      if (st.state === "error") throw new Error(st.message || st.state);
       await new Promise((r) => setTimeout(r, 400));
     }
-  } finally { state.job = null; updateRun(); }
+  } finally { state.job = null; cancel.hidden = true; cancel.onclick = null; updateRun(); }
 }
 
 function showResult(st) {
@@ -279,7 +287,7 @@ async function main() {
   $("run").addEventListener("click", async () => {
     showError(""); showNote("");
     try { showResult(await runJob(collect())); }
-    catch (err) { showError(err.message); $("progress-box").hidden = true; }
+    catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); $("progress-box").hidden = true; }
   });
   $("extract").addEventListener("click", () => extractPriors(false));
 }
@@ -319,6 +327,6 @@ async function extractPriors(auto) {
     renderPriors(p);
     showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
       : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
-  } catch (err) { showError(err.message); }
+  } catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); }
 }
 main();
