@@ -3,8 +3,14 @@ references (``tests/data/reference``, written by ``python -m tests.reference.rec
 architecture refactor).
 
 Bit-identical (``torch.equal``) when torch and ``torch.backends.cpu.get_cpu_capability()`` match the
-recording; otherwise within ``atol = rtol = 1e-4``. Strings (reported priors, parameter names, shapes)
-must always be equal. The semsr calls are all in ``tests/reference/cases.py``.
+case's recording (``meta["case_machines"][key]`` for a re-recorded case, else ``meta["machine"]``).
+On another CPU capability the kernels differ (AVX2 vs AVX512 oneDNN/MKL paths), and those differences
+grow through 20-50 sampling steps or a few optimiser steps: measured AVX512 against the AVX2 recording,
+``method/coser`` differs by up to 7.0e-3 and ``train/edge-vq``'s biases by up to 1.9e-3. There the check is
+``atol = rtol = CROSS_CPU_TOL`` (2e-2): it still catches a changed structure or a broken path (those move
+values by 0.1 and more), while the bit-identical check on the recording capability guards numerics.
+Strings (reported priors, parameter names, shapes) must always be equal. The semsr calls are all in
+``tests/reference/cases.py``.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from tests.reference import cases as C
 DATA = Path(__file__).resolve().parent / "data" / "reference"
 META = json.loads((DATA / "meta.json").read_text(encoding="utf-8"))
 RECORDED = list(META["cases"])
+#: Tolerance of the check on a CPU capability other than the recording's (see the module docstring).
+CROSS_CPU_TOL = 2e-2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread (as recorded)
 
 
-def exact() -> bool:
-    """Bit-identical comparison on the recording's torch version and CPU capability."""
-    m = META["machine"]
+def exact(key: str) -> bool:
+    """Bit-identical comparison on the torch version and CPU capability ``key`` was recorded with."""
+    m = META.get("case_machines", {}).get(key, META["machine"])
     return m["torch"] == torch.__version__ and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
@@ -54,7 +62,7 @@ def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_mo
     got_strings = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
     assert sorted(got_tensors) == sorted(want_tensors)
     assert got_strings == want_strings
-    bitwise = exact()
+    bitwise = exact(key)
     mismatched = []
     for name, want in want_tensors.items():
         got = got_tensors[name].detach().cpu()
@@ -64,7 +72,7 @@ def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_mo
                 mismatched.append(f"{name}: max |diff| {diff}")
         else:
             try:
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(got, want, atol=CROSS_CPU_TOL, rtol=CROSS_CPU_TOL)
             except AssertionError as err:
                 mismatched.append(f"{name}: {str(err).splitlines()[0]}")
     assert not mismatched, (

@@ -105,6 +105,8 @@ def record(out: Path, keys: list[str], log=print, update: str | None = None) -> 
             "strings": dict(sorted(strings.items())),
             "seconds": {**old_meta["seconds"], **seconds},
             "rerecorded": {**old_meta.get("rerecorded", {}), **{k: update for k in keys}},
+            # the machine each re-recorded case comes from (the bit-identical check compares against it)
+            "case_machines": {**old_meta.get("case_machines", {}), **{k: meta["machine"] for k in keys}},
         }
     out.mkdir(parents=True, exist_ok=True)
     save_file(dict(sorted(tensors.items())), str(out / "outputs.safetensors"))
