@@ -33,6 +33,9 @@ from semsr.core.paths import cache_dir, data_root
 from semsr.data.corpus.crops import DEFAULT_CROP, DEFAULT_MIN_TEXTURE, load_rgb_uint8, sample_crop_boxes, texture_score
 from semsr.data.corpus.manifest import Manifest, content_hash
 from semsr.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Candidate, iter_source, normalise_licence
+from semsr.train.config import load_config
+from semsr.train.data import expand_path, list_images, make_degrader
+from semsr.train.pairs import make_pairs
 
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100")
 MANIFEST_NAME = "manifest.sqlite"
@@ -66,6 +69,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--sources", help="comma-separated sources to use (default: all in the manifest)")
     c.set_defaults(func=run_crops)
+    m = sub.add_parser(
+        "make-pairs", help="write K deterministic degraded LR images per HR image (paired training data)"
+    )
+    m.add_argument("--out", required=True, help="pairs folder (lr/*.png + pairs.jsonl)")
+    m.add_argument("--config", help="training config: its data.hr/data.manifest, data.scale and degradation")
+    m.add_argument("--hr", action="append", default=[], help="HR image folder (repeatable; {data} expands)")
+    m.add_argument(
+        "--degradation",
+        choices=["realesrgan", "bicubic"],
+        help="degradation (default: the config's, else realesrgan second order)",
+    )
+    m.add_argument("-s", "--scale", type=int, help="downscale factor (default: the config's data.scale, else 4)")
+    m.add_argument("--per-image", type=int, default=4, help="LR variants per HR image (default 4)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the degradations (default 0)")
+    m.set_defaults(func=run_make_pairs)
     s = sub.add_parser("summary", help="print the manifest summary of a corpus folder")
     s.add_argument("corpus", help="corpus folder or manifest.sqlite")
     s.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
@@ -323,6 +341,45 @@ def run_crops(args: argparse.Namespace) -> int:
     summary = make_crops(corpus, Path(args.out), args.size, args.per_image, args.min_texture, args.seed, sources)
     _emit(summary, None)
     return 0
+
+
+def run_make_pairs(args: argparse.Namespace) -> int:
+    """``semsr data make-pairs``: HR images from ``--hr``/``--config``, degradation from the flags or the config."""
+    degradation: dict = {}
+    scale, files = 4, []
+    if args.config:
+        cfg = load_config(args.config)
+        degradation, scale = dict(cfg.degradation), cfg.data.scale
+        if not args.hr:
+            train, val = list_images(cfg.data, 1)
+            files = [item.path for item in train + val]
+    if args.degradation and args.degradation != degradation.get("type", "realesrgan"):
+        degradation = {"type": args.degradation}
+    scale = args.scale or scale
+    if args.scale and degradation.get("scale") not in (None, args.scale):
+        degradation = {**degradation, "scale": args.scale}
+    for folder in args.hr:
+        root = expand_path(folder)
+        if not root.is_dir():
+            raise InputError("HR folder not found", root)
+        files += [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise SemsrError("no HR images: pass --hr FOLDER or --config with data.hr / data.manifest")
+    kind = degradation.get("type", "realesrgan")
+    counts = make_pairs(
+        files,
+        Path(args.out),
+        degrade=make_degrader(degradation, scale),
+        degradation=kind,
+        scale=scale,
+        per_image=args.per_image,
+        seed=args.seed,
+    )
+    print(
+        f"{counts['images']} HR images x {args.per_image} ({kind}, x{scale}): {counts['written']} LR written, "
+        f"{counts['kept']} kept from an earlier run, {counts['failed']} images failed -> {Path(args.out) / 'pairs.jsonl'}"
+    )
+    return 1 if counts["failed"] else 0
 
 
 def run_summary(args: argparse.Namespace) -> int:
