@@ -18,6 +18,7 @@ from semsr.core.method import SuggestsPriors
 from semsr.core.options import OptionError
 from semsr.fusion.aia import (
     AiAFusion,
+    ConditionEncoder,
     HardAttnProcessor,
     feature_slots,
     hard_attention,
@@ -221,6 +222,8 @@ def test_control_features_come_from_controlnet_branches_with_attention(unet):
     assert len(a) == len(cfg["block_out_channels"]) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(SemsrError, match="control must be one of"):
         AiAFusion.from_unet(unet, control="adapter")
+    with pytest.raises(SemsrError, match="conv_in"):  # no silently skipped input layer
+        ConditionEncoder(dict(cfg), latent_channels=8).copy_from(unet)
 
 
 def test_hard_attention_returns_the_argmax_value_scaled_by_its_score():
@@ -820,7 +823,9 @@ def test_training_references_same_class_with_labels_else_clip_neighbours(tiny_mo
         assert labels[j] == labels[i] and j != i
     # the same images as CLIP neighbours when asked: other classes become candidates
     clip_refs = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [classes], reference_pool="clip"))).references
-    assert clip_refs.pool == "clip" and any(labels[int(j)] != labels[i] for i, r in enumerate(clip_refs.neighbours) for j in r)
+    assert clip_refs.pool == "clip" and any(
+        labels[int(j)] != labels[i] for i, r in enumerate(clip_refs.neighbours) for j in r
+    )
     # a flat folder has no labels: CLIP neighbours over all images
     flat = write_textures(tmp_path / "flat", count=4, size=(72, 72))
     flat_refs = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [flat]))).references
