@@ -26,6 +26,7 @@ from semsr.fusion.aia import (
     skip_channels,
     transformer_blocks,
 )
+from semsr.methods import coser as coser_module
 from semsr.methods import resolve
 from semsr.methods.coser import COSER_NEGATIVE, CoSeROptions, CoSeRSR, guidance_branches
 from semsr.models.cognitive import (
@@ -222,6 +223,9 @@ def test_control_features_come_from_controlnet_branches_with_attention(unet):
     assert len(a) == len(cfg["block_out_channels"]) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(SemsrError, match="control must be one of"):
         AiAFusion.from_unet(unet, control="adapter")
+    legacy = {k: v for k, v in dict(fusion.config).items() if k not in ("control", "controlnet_config")}
+    with pytest.raises(UnavailableError, match="older semsr"):  # a pre-ControlNet AiA config
+        AiAFusion(**{k: v for k, v in legacy.items() if not k.startswith("_")})
     with pytest.raises(SemsrError, match="conv_in"):  # no silently skipped input layer
         ConditionEncoder(dict(cfg), latent_channels=8).copy_from(unet)
 
@@ -576,6 +580,11 @@ def test_method_caches_generated_references(tiny_models, tmp_path, monkeypatch, 
     assert torch.equal(first.images, second.images)
     method(lr, options.replace(seed=4))  # another generation setting: another entry
     assert len(calls) == 2
+    # references cached by another version of the generation (e.g. the former [text; cognitive] context)
+    # are not reused
+    monkeypatch.setattr(coser_module, "REFERENCE_VERSION", coser_module.REFERENCE_VERSION - 1)
+    method(lr, options)
+    assert len(calls) == 3
     # the spec and the pipeline agree: coser has no text priors to suggest (its prior is an embedding)
     assert spec.suggests_priors is False and not isinstance(method, SuggestsPriors)
 

@@ -500,7 +500,10 @@ class AiAFusion(Component):
         if control not in CONTROL_KINDS:
             raise SemsrError(f"AiA control must be one of {', '.join(CONTROL_KINDS)}, got {control!r}")
         if control == "controlnet" and not controlnet_config:
-            raise SemsrError("AiA control 'controlnet' needs its controlnet_config (make new weights with from_unet)")
+            raise UnavailableError(
+                "AiA weights without a controlnet_config: made by an older semsr (attention-free encoders, "
+                "retrain with coser-sr) or not by AiAFusion.from_unet"
+            )
         self.control = control
         groups = int(unet_config.get("norm_num_groups") or 32)
         names = [str(spec[0]) for spec in transformer_blocks]

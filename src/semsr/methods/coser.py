@@ -86,6 +86,9 @@ COSER_NEGATIVE = (
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_REFERENCE_GEN_GUIDANCE = 7.0
+#: Version of the reference generation in the reference cache keys (raise it when generation changes:
+#: 2 = the cognitive embedding alone as context).
+REFERENCE_VERSION = 2
 #: Long side of generated references (SD's native 512 px; never above the output size).
 DEFAULT_REFERENCE_SIZE = 512
 
@@ -101,6 +104,9 @@ class CoSeROptions(LatentSROptions):
         None, stage="build", metavar="DIR", help="CoSeR checkpoint folder (cognitive/ + aia/, as semsr train writes it)"
     )
     clip: Path | None = option(None, stage="build", metavar="DIR", help="local CLIP vision model folder")
+    prompt: str = option(
+        "", help="prompt, only with --no-cognition (CoSeR conditions on the cognitive embedding alone)"
+    )
     negative_prompt: str = option(COSER_NEGATIVE, help="negative prompt")
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
     guidance_scale: float = option(
@@ -429,6 +435,7 @@ class CoSeRSR(LatentSRPipeline):
         if self.references is None:
             return generate(list(range(lr.shape[0]))), "generated"
         settings = {
+            "version": REFERENCE_VERSION,
             "model": self.model_id,
             "scale": self.scale,
             "dtype": str(self.dtype),
@@ -563,11 +570,6 @@ class CoSeRSR(LatentSRPipeline):
         use_cognition = not opts.no_cognition
         if opts.no_reference and opts.reference is not None:
             raise SemsrError("coser: --reference and --no-reference contradict each other; pass one of them")
-        if use_cognition and any(p.strip() for p in prompts):
-            raise SemsrError(
-                "coser conditions on the cognitive embedding alone: --prompt is not used "
-                "(pass --no-cognition to condition on the prompt instead)"
-            )
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
