@@ -396,6 +396,12 @@ def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
             patch_size=8,
         )
     ).save_pretrained(tmp_path)
+    # no silent guess of the CLIP input size and normalisation
+    with pytest.raises(UnavailableError, match="preprocessor_config.json"):
+        load_cognitive_encoder(tiny_models / "coser", tmp_path)
+    (tmp_path / "preprocessor_config.json").write_bytes(
+        (tiny_models / "clip-vision" / "preprocessor_config.json").read_bytes()
+    )
     with pytest.raises(UnavailableError, match="wide"):
         load_cognitive_encoder(tiny_models / "coser", tmp_path)
 

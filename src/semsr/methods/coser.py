@@ -491,8 +491,9 @@ class CoSeRSR(LatentSRPipeline):
 
         LR features come from the LR branch on the window: with ControlNet branches
         once per step and window for all guidance branches in one batch (they read
-        the noisy latent and each branch's context); with the encoder option once
-        per window, shared by the branches. Reference features are computed once
+        the noisy latent and each branch's context); with the encoder option also
+        once per step and window, but on the LR latent alone and shared by the
+        branches. Reference features are computed once
         per step per (reference, context) pair (references are global, never
         cropped to the window).
         """

@@ -159,7 +159,9 @@ class CoSeRCognitiveTask(Task):
                     bare[0],
                 )
         self.text = load_text_only(resolve_model_path(cfg.model.pretrained)).requires_grad_(False).eval()
-        clip = load_clip_vision(resolve_model_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)))
+        clip = load_clip_vision(
+            resolve_model_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)), require_processor=True
+        )
         if opts.get("init"):
             encoder = load_cognitive_encoder(resolve_model_path(str(opts["init"])), clip)
         else:
@@ -377,7 +379,7 @@ class CoSeRSRTask(LatentDiffusionTask):
         self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         self.unet = install_aia(self.unet)
         clip_dir = resolve_model_path(str(opts["clip"]))
-        clip = load_clip_vision(clip_dir)
+        clip = load_clip_vision(clip_dir, require_processor=True)
         self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_model_path(str(opts["cognitive"])), clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
