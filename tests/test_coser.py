@@ -14,8 +14,19 @@ from PIL import Image
 from semsr.cli import main
 from semsr.core.components import load_checkpoint, load_component, read_index, save_checkpoint
 from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.method import SuggestsPriors
 from semsr.core.options import OptionError
-from semsr.fusion.aia import AiAFusion, HardAttnProcessor, hard_attention, install_aia, transformer_blocks
+from semsr.fusion.aia import (
+    AiAFusion,
+    ConditionEncoder,
+    HardAttnProcessor,
+    feature_slots,
+    hard_attention,
+    install_aia,
+    skip_channels,
+    transformer_blocks,
+)
+from semsr.methods import coser as coser_module
 from semsr.methods import resolve
 from semsr.methods.coser import COSER_NEGATIVE, CoSeROptions, CoSeRSR, guidance_branches
 from semsr.models.cognitive import (
@@ -30,7 +41,7 @@ from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import weighted
 from semsr.testing.tiny import tiny_unet
 from semsr.train.config import config_from_dict
-from semsr.train.coser import CoSeRSRTask, load_text_only
+from semsr.train.coser import CoSeRCognitiveTask, CoSeRSRTask, NeighbourReferences, load_text_only
 from train_helpers import REPO, write_textures
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
@@ -134,26 +145,89 @@ def test_aia_starts_from_the_pretrained_self_attention_and_keeps_unet_state(unet
     assert torch.equal(part.lr_attn.to_q.weight, block.attn1.to_q.weight)
     assert torch.equal(part.ref_attn.to_v.weight, block.attn1.to_v.weight)
     assert torch.count_nonzero(part.lr_zero.weight) == 0 and torch.count_nonzero(part.ref_zero.bias) == 0
-    # the encoders start as copies of the UNet's encoder path
-    assert torch.equal(fusion.lr_encoder.levels[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
-    assert torch.equal(fusion.ref_encoder.mid.conv2.weight, unet.mid_block.resnets[0].conv2.weight)
-    assert torch.equal(fusion.lr_encoder.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+    # the ControlNet branches start as copies of the UNet's encoder path, attention included
+    lr_branch, ref_branch = fusion.lr_branch, fusion.ref_branch
+    assert torch.equal(lr_branch.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(
+        ref_branch.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight,
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight,
+    )
+    assert torch.equal(lr_branch.mid_block.attentions[0].proj_in.weight, unet.mid_block.attentions[0].proj_in.weight)
+    assert torch.equal(lr_branch.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+    # the encoder option: copies of the resnets and downsamplers only
+    enc = AiAFusion.from_unet(unet, control="encoder")
+    assert torch.equal(enc.lr_branch.levels[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(enc.ref_branch.mid.conv2.weight, unet.mid_block.resnets[0].conv2.weight)
+    assert not any("attn" in n for n, _ in enc.lr_branch.named_parameters())
 
 
 def test_aia_structure_from_config_alone(unet):
     """A fusion built from its config (no UNet) has the same modules as one made from the UNet, and the
     encoders' initialisation draws nothing from the global RNG (the blocks' initialisation is seeded)."""
-    torch.manual_seed(0)
-    made = AiAFusion.from_unet(unet)
-    after_made = torch.rand(4)
-    torch.manual_seed(0)
-    built = AiAFusion(**dict(made.config))
-    assert torch.equal(torch.rand(4), after_made)
-    a, b = made.state_dict(), built.state_dict()
-    assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
-    assert all(
-        torch.equal(a[k], b[k]) for k in a if k.startswith("blocks.") and "_zero" not in k and ".to_" not in k
-    )  # same seeded init; attentions are copied from the UNet only by from_unet
+    for control in ("controlnet", "encoder"):
+        torch.manual_seed(0)
+        made = AiAFusion.from_unet(unet, control=control)
+        after_made = torch.rand(4)
+        torch.manual_seed(0)
+        built = AiAFusion(**dict(made.config))
+        assert torch.equal(torch.rand(4), after_made)
+        a, b = made.state_dict(), built.state_dict()
+        assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
+        assert all(
+            torch.equal(a[k], b[k]) for k in a if k.startswith("blocks.") and "_zero" not in k and ".to_" not in k
+        )  # same seeded init; attentions are copied from the UNet only by from_unet
+
+
+def test_control_features_come_from_controlnet_branches_with_attention(unet):
+    """Issue 19: LR and reference features through ControlNet-style branches with attention (cross-attention
+    to the context, the noisy latent as the LR branch's sample), placed at the UNet's skip connections; the
+    attention-free encoders stay an explicit option."""
+    from diffusers import ControlNetModel
+
+    fusion = AiAFusion.from_unet(unet)
+    assert fusion.config["control"] == "controlnet" and fusion.context_dependent
+    assert isinstance(fusion.lr_branch, ControlNetModel) and isinstance(fusion.ref_branch, ControlNetModel)
+    for branch in (fusion.lr_branch, fusion.ref_branch):  # a latent hint; zero-initialised hint embedding
+        assert branch.controlnet_cond_embedding.conv_in.in_channels == 4
+        torch.nn.init.normal_(branch.controlnet_cond_embedding.conv_out.weight, std=0.2)
+    d = _unet_inputs(2)
+    with torch.no_grad():
+        feats = fusion.lr_features(d["z_lr"], d["t"], sample=d["x"], context=d["context"])
+        # one feature per skip connection plus the mid block, as the UNet's encoder makes them
+        cfg = fusion.config["unet_config"]
+        assert [f.shape[1] for f in feats] == [*skip_channels(cfg), cfg["block_out_channels"][-1]]
+        # the features attend to the context and read the noisy latent and the LR hint
+        other_ctx = fusion.lr_features(d["z_lr"], d["t"], sample=d["x"], context=d["context"].flip(1) * 2)
+        other_x = fusion.lr_features(d["z_lr"], d["t"], sample=d["x"] * 0.5, context=d["context"])
+        other_lr = fusion.lr_features(d["z_lr"] * -1, d["t"], sample=d["x"], context=d["context"])
+        for other in (other_ctx, other_x, other_lr):
+            assert (other[2] - feats[2]).abs().max() > 1e-4
+        ref = fusion.ref_features(d["z_ref"], d["t"], context=d["context"])
+        ref_ctx = fusion.ref_features(d["z_ref"], d["t"], context=d["context"] * 3)
+        assert ref[0].shape[-2:] == d["z_ref"].shape[-2:] and (ref_ctx[1] - ref[1]).abs().max() > 1e-4
+        with pytest.raises(SemsrError, match="context"):
+            fusion.lr_features(d["z_lr"], d["t"])
+    # every transformer block reads the feature at its own place in the skip connections
+    slots = feature_slots(cfg, [n for n, _, _ in transformer_blocks(unet)])
+    assert slots == fusion.slots
+    assert slots["down_blocks.0.attentions.1.transformer_blocks.0"] == 2  # conv_in, res0, res1
+    assert slots["up_blocks.1.attentions.0.transformer_blocks.0"] == 2  # the first skip popped at that level
+    assert slots["up_blocks.1.attentions.2.transformer_blocks.0"] == 0  # ... the last one: conv_in's
+    assert slots["mid_block.attentions.0.transformer_blocks.0"] == len(skip_channels(cfg))
+    # the encoder option: per-level features of the latent alone
+    enc = AiAFusion.from_unet(unet, control="encoder")
+    assert not enc.context_dependent
+    with torch.no_grad():
+        a = enc.lr_features(d["z_lr"], d["t"], sample=d["x"], context=d["context"])
+        b = enc.lr_features(d["z_lr"], d["t"], sample=d["x"] * 0.5, context=d["context"] * 3)
+    assert len(a) == len(cfg["block_out_channels"]) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(SemsrError, match="control must be one of"):
+        AiAFusion.from_unet(unet, control="adapter")
+    legacy = {k: v for k, v in dict(fusion.config).items() if k not in ("control", "controlnet_config")}
+    with pytest.raises(UnavailableError, match="older semsr"):  # a pre-ControlNet AiA config
+        AiAFusion(**{k: v for k, v in legacy.items() if not k.startswith("_")})
+    with pytest.raises(SemsrError, match="conv_in"):  # no silently skipped input layer
+        ConditionEncoder(dict(cfg), latent_channels=8).copy_from(unet)
 
 
 def test_hard_attention_returns_the_argmax_value_scaled_by_its_score():
@@ -322,6 +396,12 @@ def test_cognitive_checkpoint_rejects_another_clip_width(tiny_models, tmp_path):
             patch_size=8,
         )
     ).save_pretrained(tmp_path)
+    # no silent guess of the CLIP input size and normalisation
+    with pytest.raises(UnavailableError, match="preprocessor_config.json"):
+        load_cognitive_encoder(tiny_models / "coser", tmp_path)
+    (tmp_path / "preprocessor_config.json").write_bytes(
+        (tiny_models / "clip-vision" / "preprocessor_config.json").read_bytes()
+    )
     with pytest.raises(UnavailableError, match="wide"):
         load_cognitive_encoder(tiny_models / "coser", tmp_path)
 
@@ -359,13 +439,10 @@ def test_guidance_branches_and_formula():
 
 
 def test_negative_branch_uses_negative_prompt_embedding_and_vae_of_zeros(pipe, lr):
-    pos, neg = pipe.contexts(lr, ["a cat"], ["blurry"])
+    pos, neg = pipe.contexts(lr, [""], ["blurry"])
     te = pipe.cognitive.num_queries
-    text_neg = pipe.encode_prompts(["blurry"])
-    assert pos.shape == neg.shape == (1, 77 + te, 32)
-    torch.testing.assert_close(neg[:, :77], text_neg)
-    torch.testing.assert_close(neg[:, 77:], text_token_targets(pipe.text, ["blurry"], te))
-    torch.testing.assert_close(pos[:, 77:], pipe.cognitive.embed(lr))
+    assert pos.shape == neg.shape == (1, te, 32)
+    torch.testing.assert_close(neg, text_token_targets(pipe.text, ["blurry"], te))
     ref = torch.rand(1, 3, 64, 80)
     z_ref, z_zero = pipe.reference_latent(ref, 1)
     with torch.no_grad():  # VAE(zeros): the VAE's own [-1, 1] input range, all zero
@@ -374,6 +451,31 @@ def test_negative_branch_uses_negative_prompt_embedding_and_vae_of_zeros(pipe, l
     torch.testing.assert_close(z_ref, pipe.vae_encode(ref))
     branches = guidance_branches(pos, neg, z_ref, z_zero, 3.0)
     assert branches[0][1].context is neg and branches[0][1].reference is z_zero
+
+
+def test_context_is_the_cognitive_embedding_alone(pipe, lr, monkeypatch):
+    """Issue 19: reference generation and SR cross-attend to the cognitive embedding alone ``(B, Te, D)``
+    (not ``[text(""); cognitive]``); the prompt takes part only with --no-cognition."""
+    te = pipe.cognitive.num_queries
+    pos, _ = pipe.contexts(lr, [""], ["blurry"])
+    torch.testing.assert_close(pos, pipe.cognitive.embed(lr))
+    seen = []
+    unet_forward = type(pipe.unet).forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(("aia" in (kwargs.get("cross_attention_kwargs") or {}), tuple(encoder_hidden_states.shape)))
+        return unet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.unet), "forward", spy)
+    _run(pipe, lr, steps=1, seed=0, reference_steps=1)
+    generation = {shape for aia, shape in seen if not aia}
+    sr = {shape for aia, shape in seen if aia}
+    assert generation == {(2, te, 32)} and sr == {(2, te, 32)}  # CFG: negative + cognitive, Te tokens each
+    seen.clear()
+    _run(pipe, lr, steps=1, seed=0, reference_steps=1, no_cognition=True, prompt="a cat")
+    assert {shape for _, shape in seen} == {(2, 77, 32)}
+    with pytest.raises(SemsrError, match="--no-cognition"):
+        _run(pipe, lr, steps=1, prompt="a cat")
 
 
 # ----------------------------------------------------------------------------- pipeline and ablations
@@ -394,7 +496,8 @@ def test_pipeline_generates_a_reference_and_ablations(pipe, lr, monkeypatch, tmp
     assert no_ref.side_images == {} and no_ref.priors["reference_source"] == "none"
     assert "reference" not in no_ref.priors and (no_ref.images - full.images).abs().max() > 1e-3
     other = _png(tmp_path / "other.png", torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(5)))
-    assert torch.equal(_run(pipe, lr, steps=3, seed=1, no_reference=True, reference=other).images, no_ref.images)
+    with pytest.raises(SemsrError, match="--reference and --no-reference"):  # no silently ignored reference
+        _run(pipe, lr, steps=3, seed=1, no_reference=True, reference=other)
     with_other = _run(pipe, lr, steps=3, seed=1, reference=other)
     assert (with_other.images - full.images).abs().max() > 1e-3  # the reference matters when used
     assert with_other.priors["reference_source"] == "file" and with_other.priors["reference_path"] == str(other)
@@ -483,7 +586,13 @@ def test_method_caches_generated_references(tiny_models, tmp_path, monkeypatch, 
     assert torch.equal(first.images, second.images)
     method(lr, options.replace(seed=4))  # another generation setting: another entry
     assert len(calls) == 2
-    assert method.suggest_priors(lr) == {"negative_prompt": COSER_NEGATIVE}
+    # references cached by another version of the generation (e.g. the former [text; cognitive] context)
+    # are not reused
+    monkeypatch.setattr(coser_module, "REFERENCE_VERSION", coser_module.REFERENCE_VERSION - 1)
+    method(lr, options)
+    assert len(calls) == 3
+    # the spec and the pipeline agree: coser has no text priors to suggest (its prior is an embedding)
+    assert spec.suggests_priors is False and not isinstance(method, SuggestsPriors)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -675,3 +784,93 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
                 }
             )
         )
+
+
+def _sr_config(tiny_models: Path, hr: list[Path], **options) -> dict:
+    return {
+        "name": "t",
+        "task": "coser-sr",
+        "model": {
+            "pretrained": str(tiny_models / "sd"),
+            "options": {
+                "clip": str(tiny_models / "clip-vision"),
+                "cognitive": str(tiny_models / "coser"),
+                "reference_top_k": 2,
+                **options,
+            },
+        },
+        "data": {"hr": [str(h) for h in hr], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
+    }
+
+
+def test_sr_training_context_is_the_cognitive_embedding_alone(tiny_models, tmp_path):
+    hr = write_textures(tmp_path / "hr", count=3, size=(72, 72))
+    task = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [hr])))
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    context, z_lr, z_ref = task.conditions(lr, torch.tensor([0, 1]), gens, (64, 64))
+    te = task.cognitive.num_queries
+    assert context.shape == (2, te, 32) and z_lr.shape == z_ref.shape == (2, 4, 8, 8)
+    cog = task.cognitive.embed(lr)
+    null = text_token_targets(task.text, ["", ""], te)
+    for i in range(2):  # each sample: its cognitive embedding, or the null tokens (prompt drop-out)
+        assert torch.allclose(context[i], cog[i]) or torch.allclose(context[i], null[i])
+
+
+def _class_folders(root: Path, counts: dict[str, int]) -> Path:
+    for k, (name, count) in enumerate(counts.items()):
+        write_textures(root / name, count=count, size=(72, 72), seed=10 * k)
+    return root
+
+
+def test_training_references_same_class_with_labels_else_clip_neighbours(tiny_models, tmp_path):
+    """Issue 19: ImageNet-style class folders give same-class references; a flat folder CLIP neighbours."""
+    classes = _class_folders(tmp_path / "imagenet", {"n01": 3, "n02": 3, "n03": 3})
+    task = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [classes])))
+    refs = task.references
+    assert refs.pool == "class" and len(refs.items) == 8  # 9 images, the last held out for validation
+    labels = [it.path.parent.name for it in refs.items]
+    for i, row in enumerate(refs.neighbours):
+        assert len(row) >= 1 and all(labels[int(j)] == labels[i] and int(j) != i for j in row)
+    for pos in range(8):
+        i = refs.dataset.index_at(pos)
+        j = refs.neighbour(pos, torch.Generator().manual_seed(pos))
+        assert labels[j] == labels[i] and j != i
+    # the same images as CLIP neighbours when asked: other classes become candidates
+    clip_refs = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [classes], reference_pool="clip"))).references
+    assert clip_refs.pool == "clip" and any(
+        labels[int(j)] != labels[i] for i, r in enumerate(clip_refs.neighbours) for j in r
+    )
+    # a flat folder has no labels: CLIP neighbours over all images
+    flat = write_textures(tmp_path / "flat", count=4, size=(72, 72))
+    flat_refs = CoSeRSRTask(config_from_dict(_sr_config(tiny_models, [flat]))).references
+    assert flat_refs.pool == "clip" and all(i not in r.tolist() for i, r in enumerate(flat_refs.neighbours))
+    with pytest.raises(SemsrError, match="not in a class folder"):
+        NeighbourReferences(config_from_dict(_sr_config(tiny_models, [flat])), task.cognitive.clip, pool="class")
+
+
+def test_training_references_never_fall_back_silently(tiny_models, tmp_path):
+    clip = load_clip_vision(tiny_models / "clip-vision")
+    mixed = _class_folders(tmp_path / "mixed", {"n01": 2})
+    write_textures(mixed, count=2, size=(72, 72), seed=5)
+    with pytest.raises(SemsrError, match="reference_pool"):
+        NeighbourReferences(config_from_dict(_sr_config(tiny_models, [mixed])), clip)
+    lone = _class_folders(tmp_path / "lone", {"n01": 3, "n02": 1, "n03": 1})  # n03 held out; n02 alone
+    with pytest.raises(SemsrError, match="class 'n02' has no other image"):
+        NeighbourReferences(config_from_dict(_sr_config(tiny_models, [lone])), clip)
+    single = write_textures(tmp_path / "single", count=2, size=(72, 72))  # one training image + validation
+    with pytest.raises(SemsrError, match="no other image"):
+        NeighbourReferences(config_from_dict(_sr_config(tiny_models, [single])), clip)
+
+
+def test_cognitive_training_without_captions_is_an_error(tiny_models, tmp_path):
+    hr = write_textures(tmp_path / "hr", count=3, size=(72, 72))
+    cfg = {
+        "name": "c",
+        "task": "coser-cognitive",
+        "model": {"pretrained": str(tiny_models / "sd"), "options": {"clip": str(tiny_models / "clip-vision")}},
+        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 2},
+    }
+    with pytest.raises(SemsrError, match="data.prompt"):
+        CoSeRCognitiveTask(config_from_dict(cfg))
+    CoSeRCognitiveTask(config_from_dict({**cfg, "data": {**cfg["data"], "prompt": "a photo"}}))

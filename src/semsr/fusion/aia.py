@@ -4,8 +4,8 @@ Each ``BasicTransformerBlock`` of a pretrained (frozen) diffusers
 ``UNet2DConditionModel`` gets two new attention steps *before* its own
 self-attention, cross-attention and feed-forward::
 
-    lr  = proj_lr(GroupNorm(F_lr))             # (B, N, C) tokens of the LR features at this resolution
-    ref = proj_ref(GroupNorm(F_ref))           # (B, M, C) tokens of the reference features
+    lr  = proj_lr(GroupNorm(F_lr))             # (B, N, C) tokens of the LR control features of this block
+    ref = proj_ref(GroupNorm(F_ref))           # (B, M, C) tokens of the reference control features
     x  += zero_ref(HardAttention(q=lr, k=ref, v=ref))   # argmax over keys, value * max score, no softmax
     x  += zero_lr(Attention(q=LayerNorm(x), k=lr, v=lr))
     x   = block(x, context=cognitive embedding)           # pretrained self-attn, cross-attn, FFN
@@ -15,24 +15,44 @@ over the token grid is a Linear over channels, so they are zero-initialised
 ``nn.Linear`` layers and the wrapped UNet equals the plain one at
 initialisation. The two new attentions start as copies of the block's
 pretrained self-attention (``init_from_self_attention``, CoSeR's
-``use_atten_init``). ``F_lr`` and ``F_ref`` come from two ControlNet-style
-encoders (:class:`ConditionEncoder`: trainable copies of the UNet's encoder
-path, time-conditioned) run on the VAE latents of the bicubic-upsampled LR
-image and of the reference image; they give one feature map per UNet
-resolution level.
+``use_atten_init``).
+
+**Control features** ``F_lr`` and ``F_ref`` come from two branches, chosen by
+the ``control`` config entry:
+
+- ``"controlnet"`` (default, CoSeR's design): two diffusers ``ControlNetModel``
+  s made ``from_unet`` (trainable copies of the UNet's encoder *with* its
+  transformer blocks: self-attention and cross-attention to the cognitive
+  embedding), reading a 4-channel latent hint through a zero-initialised
+  ``conv_in -> SiLU -> zero conv`` embedding. The LR branch runs on the noisy
+  latent with the LR latent as hint (ControlNet proper); the reference branch,
+  whose reference is not pixel-aligned with the noisy latent (one global
+  reference of its own size), runs on the reference latent with the same
+  latent as hint. Both cross-attend to the branch's context (cognitive
+  embedding or the negative). Their per-skip outputs feed the transformer
+  block that sits at the same place: a down-block transformer reads the
+  ControlNet output after the same resnet/attention pair, the mid block the
+  mid output, an up-block transformer the skip connection its resnet
+  concatenates (:func:`feature_slots`). ControlNet's output 1x1 convolutions
+  start as identities (AiA's own zero layers already make the start exact).
+- ``"encoder"`` (an option): the cheaper attention-free :class:`ConditionEncoder`
+  s (resnets and downsamplers of the UNet's encoder, time-conditioned) on the
+  LR and reference latents alone, one feature map per resolution level,
+  independent of the noisy latent and of the context.
 
 :class:`AiAFusion` is a :class:`~semsr.core.components.Component`: its
-config records the UNet structure it was made for (``unet_config``) and its
-transformer blocks (``transformer_blocks``), so the whole module is built from
-the config alone (:func:`~semsr.core.components.load_component`, or the
-``aia`` component of a CoSeR checkpoint); :meth:`AiAFusion.from_unet` makes a
-new one for a UNet (encoders copied from the UNet, attentions from its
+config records the UNet structure it was made for (``unet_config``), its
+transformer blocks (``transformer_blocks``) and the branches' structure
+(``control``, ``controlnet_config``), so the whole module is built from the
+config alone (:func:`~semsr.core.components.load_component`, or the ``aia``
+component of a CoSeR checkpoint); :meth:`AiAFusion.from_unet` makes a new one
+for a UNet (branches copied from the UNet, attentions from its
 self-attentions).
 
 How it is wired (no change to the UNet's weights or state dict):
 :func:`install_aia` registers a forward pre-hook on every transformer block;
 the hook looks for ``cross_attention_kwargs["aia"]`` (an :class:`AiAInputs`:
-the :class:`AiAFusion` weights plus the per-level features), applies the two
+the :class:`AiAFusion` weights plus the control features), applies the two
 AiA steps to the block's input and removes the key before the block runs.
 Calls without that key (e.g. reference generation) run the plain UNet.
 :meth:`AiAFusion.unet_forward` does all of this for one UNet call.
@@ -47,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import ControlNetModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -84,6 +105,8 @@ UNET_KEYS = (
 )
 #: Down-block types whose resnets/downsamplers the encoders copy (attention, if any, is left out).
 ENCODER_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+#: The control branches (:class:`AiAFusion` ``control``): ControlNets with attention, or attention-free encoders.
+CONTROL_KINDS = ("controlnet", "encoder")
 #: Scores held at a time by hard attention (``B * heads * query rows * keys``; 2**24 floats = 64 MB).
 HARD_ATTENTION_BUDGET = 2**24
 
@@ -179,7 +202,7 @@ class AiABlock(nn.Module):
     Args:
         dim: the block's hidden width ``C``.
         heads, dim_head: attention heads (those of the block's self-attention).
-        feature_channels: channels ``Cf`` of the encoder features at the block's level.
+        feature_channels: channels ``Cf`` of the control features the block reads.
         groups: GroupNorm groups of the feature projections.
     """
 
@@ -306,11 +329,16 @@ class ConditionEncoder(nn.Module):
 
     @torch.no_grad()
     def copy_from(self, unet: nn.Module) -> None:
-        """Load the UNet's time embedding, ``conv_in`` (when the latent channels match), the resnets and
-        downsamplers of its down blocks and the first resnet of its mid block."""
+        """Load the UNet's time embedding, ``conv_in``, the resnets and downsamplers of its down blocks and
+        the first resnet of its mid block; a UNet whose ``conv_in`` reads another number of channels than the
+        latents is an error (its input layer cannot be copied)."""
+        if unet.conv_in.weight.shape != self.conv_in.weight.shape:
+            raise SemsrError(
+                f"AiA encoders: the UNet's conv_in takes {unet.conv_in.weight.shape[1]} channels, the latents have "
+                f"{self.conv_in.weight.shape[1]} (latent_channels)"
+            )
         self.time_embedding.load_state_dict(unet.time_embedding.state_dict())
-        if unet.conv_in.weight.shape == self.conv_in.weight.shape:
-            self.conv_in.load_state_dict(unet.conv_in.state_dict())
+        self.conv_in.load_state_dict(unet.conv_in.state_dict())
         for level, block in zip(self.levels, unet.down_blocks, strict=True):
             level.resnets.load_state_dict(block.resnets.state_dict())
             if block.downsamplers is not None:
@@ -373,13 +401,72 @@ def block_specs(unet: nn.Module) -> list[list[Any]]:
     return specs
 
 
+def _layers(unet: Mapping[str, Any]) -> list[int]:
+    layers, n = unet["layers_per_block"], len(unet["block_out_channels"])
+    return [int(layers)] * n if isinstance(layers, int) else [int(k) for k in layers]
+
+
+def skip_channels(unet: Mapping[str, Any]) -> list[int]:
+    """Channels of the UNet's skip connections in the order its encoder makes them (those of a ControlNet's
+    ``down_block_res_samples``): ``conv_in``, then per level its resnets and, but at the last level, its
+    downsampler."""
+    channels, layers = [int(c) for c in unet["block_out_channels"]], _layers(unet)
+    out = [channels[0]]
+    for i, ch in enumerate(channels):
+        out += [ch] * layers[i] + ([ch] if i < len(channels) - 1 else [])
+    return out
+
+
+def feature_slots(unet: Mapping[str, Any], names: list[str]) -> dict[str, int]:
+    """Index into ``[*down_block_res_samples, mid_block_res_sample]`` of the control feature each transformer
+    block ``names[i]`` (``down_blocks.i.attentions.l...``, ``mid_block...``, ``up_blocks.i.attentions.l...``)
+    reads: the ControlNet output after the same resnet/attention pair, the mid output, or the skip connection
+    the up block's resnet ``l`` concatenates."""
+    layers, skips = _layers(unet), len(skip_channels(unet))
+    up_layers = [k + 1 for k in reversed(layers)]
+    slots = {}
+    for name in names:
+        part, *rest = name.split(".")
+        if part == "mid_block":
+            slots[name] = skips
+            continue
+        if len(rest) < 3 or rest[1] != "attentions":
+            raise SemsrError(f"AiA: cannot place the transformer block {name} in the UNet's skip connections")
+        block, layer = int(rest[0]), int(rest[2])
+        if part == "down_blocks":
+            slots[name] = 1 + sum(k + 1 for k in layers[:block]) + layer
+        else:
+            slots[name] = skips - 1 - (sum(up_layers[:block]) + layer)
+    return slots
+
+
+def control_branch(unet: nn.Module) -> ControlNetModel:
+    """A ControlNet branch for AiA made from ``unet``: diffusers' ``ControlNetModel.from_unet`` with a latent
+    hint (4 channels, embedding ``conv_in -> SiLU -> zero conv`` at the latent resolution) and its output 1x1
+    convolutions set to identities."""
+    channels = int(unet.config.block_out_channels[0])
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(channels,), conditioning_channels=int(unet.config.in_channels)
+    )
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.zero_()
+            conv.weight[:, :, 0, 0].copy_(torch.eye(conv.weight.shape[0]))
+            conv.bias.zero_()
+    return controlnet
+
+
 def _slot(name: str) -> str:
     return name.replace(".", "__")
 
 
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
 @register_component
 class AiAFusion(Component):
-    """All trainable AiA weights for one UNet: per-block :class:`AiABlock` s plus the LR and reference encoders.
+    """All trainable AiA weights for one UNet: per-block :class:`AiABlock` s plus the LR and reference branches.
 
     ``forward(unet, x, t, context, z_lr, z_ref=None)`` runs the (frozen) UNet
     with AiA: ``x (B, 4, h, w)`` noisy latent, ``context (B, L, D)`` the
@@ -394,6 +481,9 @@ class AiAFusion(Component):
         transformer_blocks: :func:`block_specs` of that UNet.
         init_from_self_attention: the new attentions started as copies of the blocks' self-attentions.
         latent_channels: channels of the LR / reference latents.
+        control: ``"controlnet"`` (ControlNet branches with attention) or ``"encoder"`` (attention-free
+            encoders); see the module docstring.
+        controlnet_config: the branches' ``ControlNetModel`` config (``control="controlnet"``).
     """
 
     @register_to_config
@@ -403,45 +493,83 @@ class AiAFusion(Component):
         transformer_blocks: list[list[Any]],
         init_from_self_attention: bool = True,
         latent_channels: int = 4,
+        control: str = "controlnet",
+        controlnet_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if control not in CONTROL_KINDS:
+            raise SemsrError(f"AiA control must be one of {', '.join(CONTROL_KINDS)}, got {control!r}")
+        if control == "controlnet" and not controlnet_config:
+            raise UnavailableError(
+                "AiA weights without a controlnet_config: made by an older semsr (attention-free encoders, "
+                "retrain with coser-sr) or not by AiAFusion.from_unet"
+            )
+        self.control = control
         groups = int(unet_config.get("norm_num_groups") or 32)
-        self.levels: dict[str, int] = {}
+        names = [str(spec[0]) for spec in transformer_blocks]
+        if control == "controlnet":
+            skips = skip_channels(unet_config)
+            channels = [*skips, int(unet_config["block_out_channels"][-1])]
+            self.slots = feature_slots(unet_config, names)
+        else:
+            channels = [int(c) for c in unet_config["block_out_channels"]]
+            self.slots = {str(spec[0]): int(spec[1]) for spec in transformer_blocks}
         self.blocks = nn.ModuleDict()
-        for name, level, dim, heads, dim_head in transformer_blocks:
-            feature_channels = int(unet_config["block_out_channels"][int(level)])
+        for name, _level, dim, heads, dim_head in transformer_blocks:
+            feature_channels = channels[self.slots[str(name)]]
             self.blocks[_slot(name)] = AiABlock(int(dim), int(heads), int(dim_head), feature_channels, groups)
-            self.levels[str(name)] = int(level)
-        # the encoders are copies of the UNet's or loaded weights: their initialisation draws nothing
+        # the branches are copies of the UNet's or loaded weights: their initialisation draws nothing
         # from the global RNG (the AiA blocks' initialisation depends on the seed alone)
         with torch.random.fork_rng(devices=[]):
-            self.lr_encoder = ConditionEncoder(unet_config, latent_channels)
-            self.ref_encoder = ConditionEncoder(unet_config, latent_channels)
+            if control == "controlnet":
+                cfg = {k: v for k, v in dict(controlnet_config).items() if not k.startswith("_")}
+                self.lr_branch = ControlNetModel.from_config(cfg)
+                self.ref_branch = ControlNetModel.from_config(cfg)
+            else:
+                self.lr_branch = ConditionEncoder(unet_config, latent_channels)
+                self.ref_branch = ConditionEncoder(unet_config, latent_channels)
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, *, init_from_self_attention: bool = True) -> AiAFusion:
+    def from_unet(
+        cls, unet: nn.Module, *, init_from_self_attention: bool = True, control: str = "controlnet"
+    ) -> AiAFusion:
         """New AiA weights for ``unet``: zero-initialised residual layers (the wrapped UNet equals the plain
-        one), encoders copied from the UNet, attentions copied from the self-attentions when asked."""
+        one), branches copied from the UNet (:func:`control_branch` or :meth:`ConditionEncoder.copy_from`),
+        attentions copied from the self-attentions when asked."""
+        if control not in CONTROL_KINDS:
+            raise SemsrError(f"AiA control must be one of {', '.join(CONTROL_KINDS)}, got {control!r}")
+        branches = None
+        controlnet_config = None
+        if control == "controlnet":
+            with torch.random.fork_rng(devices=[]):
+                branches = (control_branch(unet), control_branch(unet))
+            controlnet_config = _json({k: v for k, v in dict(branches[0].config).items() if not k.startswith("_")})
         fusion = cls(
             unet_config=unet_config(unet),
             transformer_blocks=block_specs(unet),
             init_from_self_attention=init_from_self_attention,
+            control=control,
+            controlnet_config=controlnet_config,
         )
         with torch.no_grad():
             if init_from_self_attention:
                 for name, _, block in transformer_blocks(unet):
                     fusion.block(name).init_from_attention(block.attn1)
-            fusion.lr_encoder.copy_from(unet)
-            fusion.ref_encoder.copy_from(unet)
+            if branches is not None:
+                fusion.lr_branch.load_state_dict(branches[0].state_dict())
+                fusion.ref_branch.load_state_dict(branches[1].state_dict())
+            else:
+                fusion.lr_branch.copy_from(unet)
+                fusion.ref_branch.copy_from(unet)
         return fusion
 
     def check_unet(self, unet: nn.Module) -> None:
         """Raise :class:`~semsr.core.errors.UnavailableError` unless ``unet`` has the structure these weights
         were made for."""
-        mine, theirs = json.loads(json.dumps(dict(self.config["unet_config"]))), unet_config(unet)
+        mine, theirs = _json(dict(self.config["unet_config"])), unet_config(unet)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         names = {n for n, _, _ in transformer_blocks(unet)}
-        if diff or names != set(self.levels):
+        if diff or names != set(self.slots):
             what = ", ".join(f"{k} {mine.get(k)} vs {theirs.get(k)}" for k in diff[:3]) or "transformer blocks"
             raise UnavailableError(f"AiA weights were made for another UNet ({what})")
 
@@ -452,13 +580,57 @@ class AiAFusion(Component):
         except KeyError:
             raise SemsrError(f"AiA weights have no block {name!r}: they were made for another UNet") from None
 
-    def lr_features(self, z_lr: torch.Tensor, t: torch.Tensor | float | int) -> list[torch.Tensor]:
-        """Per-level LR features of ``z_lr (B, 4, h, w)`` at timestep ``t``."""
-        return self.lr_encoder(z_lr, t)
+    def slot(self, name: str) -> int:
+        """Index of the control feature the UNet block ``name`` reads."""
+        return self.slots[name]
 
-    def ref_features(self, z_ref: torch.Tensor, t: torch.Tensor | float | int) -> list[torch.Tensor]:
-        """Per-level reference features of ``z_ref (B, 4, hr, wr)`` at timestep ``t``."""
-        return self.ref_encoder(z_ref, t)
+    @property
+    def context_dependent(self) -> bool:
+        """The control features depend on the noisy latent and the context (ControlNet branches)."""
+        return self.control == "controlnet"
+
+    def _branch(
+        self,
+        branch: nn.Module,
+        hint: torch.Tensor,
+        t: torch.Tensor | float | int,
+        sample: torch.Tensor | None,
+        context: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        if self.control == "encoder":
+            return branch(hint, t)
+        if sample is None or context is None:
+            raise SemsrError("AiA ControlNet branches need the sample and the context")
+        dtype = next(branch.parameters()).dtype
+        t = torch.as_tensor(t, device=sample.device)
+        down, mid = branch(
+            sample.to(dtype).contiguous(),
+            t,
+            encoder_hidden_states=context.to(dtype),
+            controlnet_cond=hint.to(dtype).contiguous(),
+            return_dict=False,
+        )
+        return [*down, mid]
+
+    def lr_features(
+        self,
+        z_lr: torch.Tensor,
+        t: torch.Tensor | float | int,
+        *,
+        sample: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """LR control features of ``z_lr (B, 4, h, w)`` at timestep ``t``: ControlNet branch on the noisy
+        latent ``sample (B, 4, h, w)`` with ``z_lr`` as hint, cross-attending to ``context (B, L, D)``; the
+        encoder option reads ``z_lr`` alone. One tensor per feature slot (:meth:`slot`)."""
+        return self._branch(self.lr_branch, z_lr, t, sample, context)
+
+    def ref_features(
+        self, z_ref: torch.Tensor, t: torch.Tensor | float | int, *, context: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Reference control features of ``z_ref (B, 4, hr, wr)`` at timestep ``t`` (ControlNet branch on the
+        reference latent, cross-attending to ``context (B, L, D)``; the encoder option reads ``z_ref`` alone)."""
+        return self._branch(self.ref_branch, z_ref, t, z_ref, context)
 
     def unet_forward(
         self,
@@ -483,8 +655,8 @@ class AiAFusion(Component):
         z_lr: torch.Tensor,
         z_ref: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        lr_feats = self.lr_features(z_lr, t)
-        ref_feats = None if z_ref is None else self.ref_features(z_ref, t)
+        lr_feats = self.lr_features(z_lr, t, sample=x, context=context)
+        ref_feats = None if z_ref is None else self.ref_features(z_ref, t, context=context)
         return self.unet_forward(unet, x, t, context, lr_feats, ref_feats)
 
 
@@ -497,25 +669,26 @@ class AiAInputs:
 
     Attributes:
         fusion: the AiA weights.
-        lr: per-level LR features, or None (plain block).
-        ref: per-level reference features, or None (no reference attention).
+        lr: LR control features (one per feature slot, :meth:`AiAFusion.slot`), or None (plain block).
+        ref: reference control features, or None (no reference attention).
     """
 
     fusion: AiAFusion
     lr: list[torch.Tensor] | None
     ref: list[torch.Tensor] | None
 
-    def apply(self, name: str, level: int, hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         if self.lr is None:
             return hidden
-        ref = None if self.ref is None else self.ref[level]
-        return self.fusion.block(name).forward(hidden, self.lr[level], ref)
+        slot = self.fusion.slot(name)
+        ref = None if self.ref is None else self.ref[slot]
+        return self.fusion.block(name).forward(hidden, self.lr[slot], ref)
 
 
 _CAK_POSITION = 5  # cross_attention_kwargs in BasicTransformerBlock.forward(hidden_states, ...) positional form
 
 
-def _make_hook(name: str, level: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+def _make_hook(name: str) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         positional = "cross_attention_kwargs" not in kwargs and len(args) > _CAK_POSITION
         cak = args[_CAK_POSITION] if positional else kwargs.get("cross_attention_kwargs")
@@ -525,9 +698,9 @@ def _make_hook(name: str, level: int) -> Callable[[nn.Module, tuple, dict], tupl
         rest = {k: v for k, v in cak.items() if k != "aia"} or None
         args, kwargs = list(args), dict(kwargs)
         if args:
-            args[0] = inputs.apply(name, level, args[0])
+            args[0] = inputs.apply(name, args[0])
         else:
-            kwargs["hidden_states"] = inputs.apply(name, level, kwargs["hidden_states"])
+            kwargs["hidden_states"] = inputs.apply(name, kwargs["hidden_states"])
         if positional:
             args[_CAK_POSITION] = rest
         else:
@@ -546,8 +719,8 @@ def install_aia(unet: nn.Module) -> nn.Module:
     if getattr(unet, "_semsr_aia_hooks", None):
         return unet
     handles = [
-        block.register_forward_pre_hook(_make_hook(name, level), with_kwargs=True)
-        for name, level, block in transformer_blocks(unet)
+        block.register_forward_pre_hook(_make_hook(name), with_kwargs=True)
+        for name, _, block in transformer_blocks(unet)
     ]
     unet._semsr_aia_hooks = handles
     return unet

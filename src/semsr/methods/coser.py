@@ -3,13 +3,18 @@
 Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
     LR --cognitive encoder--> cog (B, Te, D)                      (semsr.models.cognitive)
-    context   = [text(prompt) ; cog]                 (B, 77 + Te, D)   prompt "" by default
-    negative  = [text(neg)    ; align(text(neg), Te)]                  the negative prompt fills the cognition slot
+    context   = cog                                  (B, Te, D)   the cognitive embedding alone
+    negative  = align(text(neg), Te)                 (B, Te, D)   the negative prompt's token embeddings
     1. reference: SD UNet *without* AiA, conditioned on the context, CFG against the negative,
        started from the LR latent noised to t=T  -> reference image (cached per input), or --reference IMAGE
-    2. SR: UNet with All-in-Attention (semsr.fusion.aia): LR latent and reference latent through the
-       ControlNet-style encoders into every transformer block, cross-attention to the context,
-       guidance below, latent tiles; VAE decode (tiled); colour fix against the bicubic LR
+    2. SR: UNet with All-in-Attention (semsr.fusion.aia): the noisy latent with the LR latent as hint, and
+       the reference latent, through ControlNet branches (attention, cross-attention to the branch's
+       context) into every transformer block, cross-attention to the context, guidance below, latent
+       tiles; VAE decode (tiled); colour fix against the bicubic LR
+
+The prompt takes no part with the cognitive embedding (CoSeR conditions on
+the embedding alone): a non-empty ``prompt`` is an error unless
+``no_cognition`` is set.
 
 **Guidance** (``s_c`` = ``guidance_scale``, cognitive; ``s_r`` =
 ``reference_guidance``, defaults to ``s_c``). With ``eps(ctx, ref)`` the
@@ -33,10 +38,13 @@ model files and generation options), else they are generated. Every call
 returns the reference it used in ``SROutput.side_images["reference"]``
 (``save_reference`` asks the front ends to write it) and in its priors.
 
-**Ablations**: ``no_reference`` (no reference is generated or used; AiA keeps
-only the LR attention), ``no_cognition`` (the cognitive encoder is not run;
-the context is the prompt's text embedding alone and the negative the
-negative prompt's; a generated reference is then text-to-image from the prompt).
+**Ablations** (explicit opt-outs, recorded in ``SROutput.priors``):
+``no_reference`` (no reference is generated or used; AiA keeps only the LR
+attention; ``reference_source: none``), ``no_cognition`` (the cognitive
+encoder is not run; the context is the prompt's text embedding ``(B, 77, D)``
+and the negative the negative prompt's; a generated reference is then
+text-to-image from the prompt; ``cognition: false``). ``reference`` together
+with ``no_reference`` is an error.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ COSER_NEGATIVE = (
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_REFERENCE_GEN_GUIDANCE = 7.0
+#: Version of the reference generation in the reference cache keys (raise it when generation changes:
+#: 2 = the cognitive embedding alone as context).
+REFERENCE_VERSION = 2
 #: Long side of generated references (SD's native 512 px; never above the output size).
 DEFAULT_REFERENCE_SIZE = 512
 
@@ -93,6 +104,9 @@ class CoSeROptions(LatentSROptions):
         None, stage="build", metavar="DIR", help="CoSeR checkpoint folder (cognitive/ + aia/, as semsr train writes it)"
     )
     clip: Path | None = option(None, stage="build", metavar="DIR", help="local CLIP vision model folder")
+    prompt: str = option(
+        "", help="prompt, only with --no-cognition (CoSeR conditions on the cognitive embedding alone)"
+    )
     negative_prompt: str = option(COSER_NEGATIVE, help="negative prompt")
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
     guidance_scale: float = option(
@@ -199,7 +213,7 @@ class CoSeRSR(LatentSRPipeline):
     Attributes:
         vae, unet, text: the frozen SD components (the UNet carries the AiA hooks).
         cognitive: :class:`~semsr.models.cognitive.CognitiveEncoder` (CLIP tower attached).
-        fusion: :class:`~semsr.fusion.aia.AiAFusion` (AiA blocks + LR/reference encoders).
+        fusion: :class:`~semsr.fusion.aia.AiAFusion` (AiA blocks + LR/reference control branches).
         scale: SR factor of a call (a build option).
         references: the cache of generated references, or None (generate on every call).
         model_id: identity of the model files in the reference cache keys.
@@ -298,16 +312,21 @@ class CoSeRSR(LatentSRPipeline):
     def contexts(
         self, lr: torch.Tensor, prompts: list[str], negatives: list[str], use_cognition: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positive, negative)`` contexts ``(B, L, D)`` (see the module docstring)."""
-        text = self.encode_prompts(prompts)
-        neg = self.encode_prompts(negatives)
+        """``(positive, negative)`` contexts: with cognition the cognitive embedding ``(B, Te, D)`` and the
+        negative prompts' token embeddings aligned to ``Te`` tokens; without, the prompts' and negative
+        prompts' text embeddings ``(B, 77, D)``. Prompts must be empty with cognition (see the module
+        docstring)."""
         if not use_cognition:
-            return text, neg
-        te = self.cognitive.num_queries
+            return self.encode_prompts(prompts), self.encode_prompts(negatives)
+        if any(p.strip() for p in prompts):
+            raise SemsrError(
+                "coser conditions on the cognitive embedding alone: --prompt is not used "
+                "(pass --no-cognition to condition on the prompt instead)"
+            )
         with torch.no_grad():
             cog = self.cognitive.embed(lr.to(self.device, self.dtype)).to(self.dtype)
-            neg_cog = text_token_targets(self.text, negatives, te).to(self.device, self.dtype)
-        return torch.cat([text, cog], dim=1), torch.cat([neg, neg_cog], dim=1)
+            neg = text_token_targets(self.text, negatives, self.cognitive.num_queries).to(self.device, self.dtype)
+        return cog, neg
 
     def reference_size(self, height: int, width: int, max_side: int = DEFAULT_REFERENCE_SIZE) -> tuple[int, int]:
         """Size of a reference for an ``height x width`` image: long side <= ``max_side``,
@@ -416,6 +435,7 @@ class CoSeRSR(LatentSRPipeline):
         if self.references is None:
             return generate(list(range(lr.shape[0]))), "generated"
         settings = {
+            "version": REFERENCE_VERSION,
             "model": self.model_id,
             "scale": self.scale,
             "dtype": str(self.dtype),
@@ -469,35 +489,45 @@ class CoSeRSR(LatentSRPipeline):
         :class:`Branch` es, combined with ``weights`` by :func:`~semsr.pipeline.guidance.weighted`
         (one batched forward; the branches are combined per window, before tile blending).
 
-        LR features are computed once per window and shared by the branches;
-        reference features once per step per reference (references are global,
-        never cropped to the window).
+        LR features come from the LR branch on the window: with ControlNet branches
+        once per step and window for all guidance branches in one batch (they read
+        the noisy latent and each branch's context); with the encoder option also
+        once per step and window, but on the LR latent alone and shared by the
+        branches. Reference features are computed once
+        per step per (reference, context) pair (references are global, never
+        cropped to the window).
         """
-        ref_cache: dict[tuple[int, float], list[torch.Tensor]] = {}
+        ref_cache: dict[tuple[int, int, float], list[torch.Tensor]] = {}
+        by_context = self.fusion.context_dependent
 
-        def ref_feats(ref: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
-            key = (id(ref), float(t))
+        def ref_feats(ref: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+            key = (id(ref), id(context) if by_context else 0, float(t.flatten()[0]))
             if key not in ref_cache:
-                if any(k[1] != float(t) for k in ref_cache):
+                if any(k[2] != key[2] for k in ref_cache):
                     ref_cache.clear()
-                ref_cache[key] = self.fusion.ref_features(ref.to(self.dtype), t)
+                ctx = context.to(self.dtype) if by_context else None
+                ref_cache[key] = self.fusion.ref_features(ref.to(self.dtype), t.flatten()[:1], context=ctx)
             return ref_cache[key]
 
         def branches(window: Window) -> Denoiser:
             def forward(x: torch.Tensor, t: torch.Tensor, cond: list[Branch]) -> torch.Tensor:
                 k = len(cond)
                 with torch.no_grad():
-                    lr_feats = self.fusion.lr_features(crop_window(z_lr, window).to(self.dtype), t)
+                    ctx = torch.cat([b.context for b in cond], dim=0).to(self.dtype)
+                    z_win = crop_window(z_lr, window).to(self.dtype)
+                    if by_context:
+                        lr_feats = self.fusion.lr_features(
+                            z_win.repeat(k, 1, 1, 1), t, sample=x.to(self.dtype), context=ctx
+                        )
+                    else:
+                        lr_feats = [f.repeat(k, 1, 1, 1) for f in self.fusion.lr_features(z_win, t)]
                     refs = [b.reference for b in cond]
                     if all(r is None for r in refs):
                         ref_all = None
                     else:
-                        per_branch = [ref_feats(r, t) for r in refs]
+                        per_branch = [ref_feats(b.reference, b.context, t) for b in cond]
                         ref_all = [torch.cat(level, dim=0) for level in zip(*per_branch, strict=True)]
-                    ctx = torch.cat([b.context for b in cond], dim=0)
-                    return self.fusion.unet_forward(
-                        self.unet, x.to(self.dtype), t, ctx, [f.repeat(k, 1, 1, 1) for f in lr_feats], ref_all
-                    )
+                    return self.fusion.unet_forward(self.unet, x.to(self.dtype), t, ctx, lr_feats, ref_all)
 
             return forward
 
@@ -539,6 +569,8 @@ class CoSeRSR(LatentSRPipeline):
         if len(prompts) != bsz or len(negatives) != bsz:
             raise SemsrError(f"{len(prompts)} prompts / {len(negatives)} negative prompts for {bsz} images")
         use_cognition = not opts.no_cognition
+        if opts.no_reference and opts.reference is not None:
+            raise SemsrError("coser: --reference and --no-reference contradict each other; pass one of them")
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
@@ -582,10 +614,6 @@ class CoSeRSR(LatentSRPipeline):
         )
         side = {} if used is None else {"reference": used}
         return SROutput(image, priors=priors, timings=timings, side_images=side)
-
-    def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
-        """CoSeR's cognitive prior is an embedding, not text: the default negative prompt, to edit."""
-        return compact({"negative_prompt": self.options_class().negative_prompt})
 
 
 # ----------------------------------------------------------------------------- method

@@ -271,17 +271,27 @@ class CLIPVisionTower(nn.Module):
         return self.model(pixel_values=((x - self.mean) / self.std).to(dtype)).pooler_output.float()
 
 
-def load_clip_vision(folder: str | Path, *, layer: int = -2, dtype: torch.dtype = torch.float32) -> CLIPVisionTower:
+def load_clip_vision(
+    folder: str | Path, *, layer: int = -2, dtype: torch.dtype = torch.float32, require_processor: bool = False
+) -> CLIPVisionTower:
     """Load a CLIP vision tower from a local transformers folder (a ``CLIPVisionModel`` or full ``CLIPModel``).
 
     Normalisation and input size come from ``preprocessor_config.json`` when
-    present, else from the model config with OpenAI CLIP's mean/std.
+    present, else from the model config with OpenAI CLIP's mean/std; with
+    ``require_processor`` (CoSeR's cognitive encoder) a folder without it is an
+    error instead of a guess.
     """
     from transformers import CLIPVisionModel  # heavy dependency, imported on use
 
     ensure_offline()
     quiet_hf_logging()
     folder = require(Path(folder).expanduser(), "CLIP vision folder")
+    if require_processor and not (folder / "preprocessor_config.json").is_file():
+        raise UnavailableError(
+            "the CLIP vision folder has no preprocessor_config.json (its input size and normalisation); "
+            "save the model's CLIPImageProcessor beside it",
+            folder,
+        )
     model = load_transformers_model(CLIPVisionModel, folder, dtype=dtype, what="CLIP vision model")
     size, mean, std = int(model.config.image_size), _OPENAI_MEAN, _OPENAI_STD
     if (folder / "preprocessor_config.json").is_file():
@@ -475,7 +485,7 @@ def load_cognitive_encoder(
     else:
         encoder = load_component(CognitiveEncoder, require(path, "cognitive encoder folder"), dtype=dtype)
     if not isinstance(clip, CLIPVisionTower):
-        clip = load_clip_vision(clip, layer=int(encoder.config["clip_layer"]))
+        clip = load_clip_vision(clip, layer=int(encoder.config["clip_layer"]), require_processor=True)
     try:
         return encoder.attach_clip(clip)
     except UnavailableError as err:

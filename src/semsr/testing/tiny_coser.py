@@ -6,9 +6,11 @@
 - ``coser``: a CoSeR checkpoint folder for the tiny SD
   (:func:`~semsr.core.components.save_checkpoint`: ``model_index.json`` +
   ``cognitive/``, SRResNet pre-SR + Q-Former adapter with Te = 50 queries,
-  width 32, and ``aia/``, AiA blocks + LR/reference encoders). The AiA zero
-  layers get small random weights so the LR and the reference visibly change
-  the tiny model's output (a freshly initialised AiA would be an exact no-op).
+  width 32, and ``aia/``, AiA blocks + LR/reference ControlNet branches). The
+  AiA zero layers and the branches' zero-initialised hint embeddings get small
+  random weights so the LR and the reference visibly change the tiny model's
+  output (a freshly initialised AiA would be an exact no-op, and a fresh
+  ControlNet branch would not read its hint).
 
 ``coser`` reads ``sd/`` and ``clip-vision/`` written before it.
 """
@@ -74,6 +76,8 @@ def write_tiny_coser(root: Path) -> None:
         for block in fusion.blocks.values():
             for layer in (block.ref_zero, block.lr_zero):
                 torch.nn.init.normal_(layer.weight, std=0.2)
+        for branch in (fusion.lr_branch, fusion.ref_branch):
+            torch.nn.init.normal_(branch.controlnet_cond_embedding.conv_out.weight, std=0.2)
     save_checkpoint(root / "coser", RECIPE, {"cognitive": encoder, "aia": fusion})
 
 

@@ -59,7 +59,8 @@ class DataConfig:
     """Training images and how batches are made.
 
     Attributes:
-        hr: HR image folders (``{data}`` expands to :func:`semsr.core.paths.data_root`).
+        hr: HR image folders (``{data}`` expands to :func:`semsr.core.paths.data_root`); their images and those
+            of their sub-folders one level down (ImageNet-style class folders).
         manifest: optional corpus manifest (``manifest.sqlite`` of ``semsr data
             build-corpus``): its ``train`` split, with cached captions.
         caption_prior: name of the manifest prior used as caption.

@@ -8,7 +8,9 @@ aligned to ``Te`` tokens (CoSeR's alignment, :func:`~semsr.models.cognitive.text
 loss ``cognitive_mse``. ``pre_sr_l1`` (L1 of the pre-SR output to the HR
 image) is available but off by default, as in CoSeR's code, where the pre-SR
 learns through the adapter loss only. Captions come from the corpus manifest
-(``data.manifest``, prior ``data.caption_prior``) or ``data.prompt``.
+(``data.manifest``, prior ``data.caption_prior``) or ``data.prompt``; a
+training image without a caption while ``data.prompt`` is empty is an error
+(the encoder would learn the empty prompt's tokens).
 Exports ``final/``: a CoSeR checkpoint with the ``cognitive`` component only.
 
 ``model.options``: ``clip`` (CLIP vision folder, required), ``num_queries``
@@ -17,21 +19,28 @@ srresnet|bicubic|method, ...}``), ``clip_layer`` (-2), ``train_pre_sr``
 (true), ``max_lr_side`` (128), ``init`` (a cognitive checkpoint to continue).
 
 **Stage 2, ``coser-sr``** — AiA (:mod:`semsr.fusion.aia`): frozen SD and
-cognitive encoder; trainable AiA blocks and the LR/reference encoders; loss
-``eps_mse``. Context = ``[text("") ; cognitive embedding]``, replaced by the
-null context ``[text("") ; aligned text("")]`` with probability
-``train.null_prompt_prob``. The reference is, as in CoSeR's training, another
-training image: one of the ``reference_top_k`` most CLIP-similar images to the
-one the crop comes from (a seeded random crop of it), replaced by VAE(zeros)
-with probability ``reference_drop_prob``. The prediction is the inference
-forward, :meth:`AiAFusion.forward <semsr.fusion.aia.AiAFusion.forward>`.
+cognitive encoder; trainable AiA blocks and the LR/reference control branches
+(ControlNets, or the attention-free encoders with ``control: encoder``); loss
+``eps_mse``. Context = the cognitive embedding ``(B, Te, D)`` alone, replaced
+by the null context (the empty prompt's token embeddings aligned to ``Te``)
+with probability ``train.null_prompt_prob``. The reference is, as in CoSeR's
+training, another training image (a seeded random crop of it), replaced by
+VAE(zeros) with probability ``reference_drop_prob``: one of the
+``reference_top_k`` most CLIP-similar images *of the same class* when the
+images carry labels (ImageNet-style class folders: ``data.hr`` roots holding
+one sub-folder per class), else of all training images
+(:class:`NeighbourReferences`, ``reference_pool``). The prediction is the
+inference forward, :meth:`AiAFusion.forward <semsr.fusion.aia.AiAFusion.forward>`.
 Exports ``final/``: a complete CoSeR checkpoint (``cognitive`` + ``aia``), the
 ``--checkpoint`` folder of ``semsr upscale --method coser``.
 
 ``model.options``: ``clip`` and ``cognitive`` (stage-1 checkpoint folder or its
 ``cognitive/`` component), required; ``init`` (AiA weights to continue: a
 checkpoint folder or its ``aia/`` component), ``reference_top_k`` (10),
-``reference_drop_prob`` (0.1), ``init_from_self_attention`` (true).
+``reference_drop_prob`` (0.1), ``reference_pool`` (``auto``: same class when
+every image has a class folder, CLIP neighbours when none has; ``class``;
+``clip``), ``init_from_self_attention`` (true), ``control`` (``controlnet``
+or ``encoder``, see :mod:`semsr.fusion.aia`).
 
 Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path`:
 ``tiny://`` is the tiny SD, ``tiny://clip-vision``, ``tiny://coser``...).
@@ -73,7 +82,7 @@ from semsr.pipeline.latent_sr import make_hint
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, PromptEncoder, load_text_conditioner
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.data import CropDataset, list_images, load_image, to_tensor
+from semsr.train.data import CropDataset, ImageItem, expand_path, list_images, load_image, to_tensor
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, Task, register_task
 
@@ -140,8 +149,19 @@ class CoSeRCognitiveTask(Task):
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         opts = _options(cfg, self.OPTIONS, ("clip",))
+        if not cfg.data.prompt.strip():
+            train, _ = list_images(cfg.data, cfg.data.crop_size)
+            bare = [it.path for it in train if not (it.caption or "").strip()]
+            if bare:
+                raise SemsrError(
+                    f"coser-cognitive learns caption tokens, but {len(bare)} training image(s) have no caption "
+                    "(set data.manifest with data.caption_prior, or data.prompt)",
+                    bare[0],
+                )
         self.text = load_text_only(resolve_model_path(cfg.model.pretrained)).requires_grad_(False).eval()
-        clip = load_clip_vision(resolve_model_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)))
+        clip = load_clip_vision(
+            resolve_model_path(str(opts["clip"])), layer=int(opts.get("clip_layer", -2)), require_processor=True
+        )
         if opts.get("init"):
             encoder = load_cognitive_encoder(resolve_model_path(str(opts["init"])), clip)
         else:
@@ -193,9 +213,30 @@ class CoSeRCognitiveTask(Task):
 # ----------------------------------------------------------------------------- stage 2
 
 
+#: ``model.options.reference_pool`` values of ``coser-sr``.
+REFERENCE_POOLS = ("auto", "class", "clip")
+
+
+def class_labels(items: list[ImageItem], roots: list[Path]) -> list[str | None]:
+    """Class label of every training image: the name of its sub-folder when it sits in a class folder of a
+    ``data.hr`` root (``root/<class>/<image>``, ImageNet-style), else None."""
+    resolved = [r.resolve() for r in roots]
+    labels: list[str | None] = []
+    for item in items:
+        parent = item.path.resolve().parent
+        labels.append(parent.name if parent.parent in resolved else None)
+    return labels
+
+
 class NeighbourReferences:
     """Training references: for the training image a crop comes from, one of its ``top_k`` most
-    CLIP-similar *other* training images (seeded choice), cropped at the crop size.
+    CLIP-similar *other* training images (seeded choice), cropped at the crop size; with ``pool="class"``
+    only images of the same class are candidates (CoSeR's ImageNet training: same-class images ranked by
+    CLIP similarity).
+
+    ``pool="auto"`` is ``class`` when every training image has a class label (:func:`class_labels`) and
+    ``clip`` when none has; a mix is an error, as is an image with no other candidate (a lone image, or a
+    class with one image): its reference would be itself. :attr:`pool` is the pool used.
 
     Embeddings are the CLIP tower's pooled image embeddings of a centre square
     of every training image: one CLIP pass per image, cached on disk per CLIP
@@ -210,20 +251,53 @@ class NeighbourReferences:
         clip: CLIPVisionTower,
         top_k: int = 10,
         *,
+        pool: str = "auto",
         clip_dir: Path | None = None,
         batch: int = 16,
     ) -> None:
+        if pool not in REFERENCE_POOLS:
+            raise SemsrError(f"model.options.reference_pool must be one of {', '.join(REFERENCE_POOLS)}, got {pool!r}")
         items, _ = list_images(cfg.data, cfg.data.crop_size)
         self.items = items
+        labels = class_labels(items, [expand_path(h) for h in cfg.data.hr])
+        labelled = sum(label is not None for label in labels)
+        if pool == "auto":
+            if 0 < labelled < len(items):
+                raise SemsrError(
+                    f"{labelled} of {len(items)} training images are in class folders: set "
+                    "model.options.reference_pool to class (same-class references) or clip (CLIP neighbours)"
+                )
+            pool = "class" if labelled else "clip"
+        if pool == "class" and labelled < len(items):
+            missing = items[labels.index(None)].path
+            raise SemsrError(
+                "model.options.reference_pool is class but this training image is not in a class folder "
+                "(data.hr roots must hold one sub-folder per class)",
+                missing,
+            )
+        self.pool = pool
+        self.labels = labels
         self.dataset = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)  # positions -> image, crops
         emb = F.normalize(self._embeddings(clip, clip_dir, batch), dim=-1)
         sims = emb @ emb.T
-        if len(items) > 1:
-            sims.fill_diagonal_(-float("inf"))
-        k = max(1, min(int(top_k), len(items) - 1))
-        self.neighbours = sims.topk(k, dim=1).indices  # (N, k); an image is its own neighbour only if alone
+        sims.fill_diagonal_(-float("inf"))  # never the image itself
+        if pool == "class":
+            names = sorted({str(label) for label in labels})
+            codes = torch.tensor([names.index(str(label)) for label in labels])
+            sims = sims.masked_fill(codes[:, None] != codes[None, :], -float("inf"))
+        candidates = torch.isfinite(sims).sum(dim=1)
+        if int(candidates.min()) < 1:
+            lone = int(candidates.argmin())
+            what = f"class {labels[lone]!r} has" if pool == "class" else "the training set has"
+            raise SemsrError(
+                f"{what} no other image to take a reference from (CoSeR references are other training images)",
+                items[lone].path,
+            )
+        k = max(1, int(top_k))
+        #: per training image, the indices of its (up to) ``top_k`` candidates, most similar first
+        self.neighbours = [row.topk(min(k, int(n))).indices for row, n in zip(sims, candidates, strict=True)]
         self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
-        log.info("CoSeR references: %d training images, top-%d CLIP neighbours", len(items), k)
+        log.info("CoSeR references: %d training images, top-%d CLIP neighbours (%s pool)", len(items), k, pool)
 
     def _embeddings(self, clip: CLIPVisionTower, clip_dir: Path | None, batch: int) -> torch.Tensor:
         """``(N, Hc)`` pooled CLIP embeddings of the training images (cached on disk)."""
@@ -288,7 +362,16 @@ class NeighbourReferences:
 class CoSeRSRTask(LatentDiffusionTask):
     """Stage 2: AiA blocks + LR/reference encoders on a frozen SD UNet, eps-MSE."""
 
-    OPTIONS = {"clip", "cognitive", "init", "reference_top_k", "reference_drop_prob", "init_from_self_attention"}
+    OPTIONS = {
+        "clip",
+        "cognitive",
+        "init",
+        "reference_top_k",
+        "reference_drop_prob",
+        "reference_pool",
+        "init_from_self_attention",
+        "control",
+    }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -296,7 +379,7 @@ class CoSeRSRTask(LatentDiffusionTask):
         self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         self.unet = install_aia(self.unet)
         clip_dir = resolve_model_path(str(opts["clip"]))
-        clip = load_clip_vision(clip_dir)
+        clip = load_clip_vision(clip_dir, require_processor=True)
         self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_model_path(str(opts["cognitive"])), clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
@@ -312,14 +395,22 @@ class CoSeRSRTask(LatentDiffusionTask):
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 fusion = AiAFusion.from_unet(
-                    self.unet, init_from_self_attention=bool(opts.get("init_from_self_attention", True))
+                    self.unet,
+                    init_from_self_attention=bool(opts.get("init_from_self_attention", True)),
+                    control=str(opts.get("control", "controlnet")),
                 )
         self.trainable = fusion.float().train().requires_grad_(True)
         self.reference_drop_prob = float(opts.get("reference_drop_prob", 0.1))
         if not 0.0 <= self.reference_drop_prob <= 1.0:
             raise SemsrError("model.options.reference_drop_prob must be in [0, 1]")
         self._zero_latents: dict[tuple[int, int], torch.Tensor] = {}
-        self.references = NeighbourReferences(cfg, clip, int(opts.get("reference_top_k", 10)), clip_dir=clip_dir)
+        self.references = NeighbourReferences(
+            cfg,
+            clip,
+            int(opts.get("reference_top_k", 10)),
+            pool=str(opts.get("reference_pool", "auto")),
+            clip_dir=clip_dir,
+        )
 
     def frozen_modules(self) -> list[nn.Module]:
         return [*super().frozen_modules(), self.cognitive]
@@ -333,7 +424,7 @@ class CoSeRSRTask(LatentDiffusionTask):
     def conditions(
         self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator], size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(context (B, 77+Te, D), z_lr (B, 4, h, w), z_ref (B, 4, h, w))`` with the per-sample drop-outs.
+        """``(context (B, Te, D), z_lr (B, 4, h, w), z_ref (B, 4, h, w))`` with the per-sample drop-outs.
 
         Draws per sample, in order: cognition drop, reference drop, reference choice.
         """
@@ -343,10 +434,9 @@ class CoSeRSRTask(LatentDiffusionTask):
         keep_ref = torch.tensor(
             [float(torch.rand((), generator=g)) >= self.reference_drop_prob for g in gens], device=self.device
         )
-        text = self.prompts([""] * bsz).to(self.device, self.weight_dtype)
         cog = self.cognitive.embed(lr.to(self.device, self.weight_dtype)).to(self.weight_dtype)
         null = self.null_tokens([""] * bsz).to(self.device, self.weight_dtype)
-        context = torch.cat([text, torch.where(keep_cog[:, None, None], cog, null)], dim=1)
+        context = torch.where(keep_cog[:, None, None], cog, null)
         z_lr = self.vae_mode(make_hint(lr, size))
         z_ref = self.vae_mode(self.references.batch(positions, gens))
         if size not in self._zero_latents:  # VAE(zeros): zero in the VAE's [-1, 1] input range
@@ -369,7 +459,8 @@ class CoSeRSRTask(LatentDiffusionTask):
         self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
     ) -> torch.Tensor:
         """The full CoSeR pipeline (reference generation, uncached, + AiA SR) with ``model`` as the AiA weights;
-        ``prompts`` holds one prompt per image of ``lr``, the negative prompt is CoSeR's.
+        conditioned on the cognitive embedding alone (``prompts``, the captions, take no part), the negative
+        prompt is CoSeR's.
 
         The pipeline casts and freezes ``model``: pass a copy, never the trained module.
         """
@@ -385,7 +476,7 @@ class CoSeRSRTask(LatentDiffusionTask):
             scale=self.cfg.data.scale,
         )
         options = CoSeROptions(negative_prompt=COSER_NEGATIVE, steps=steps, guidance_scale=guidance_scale, seed=seed)
-        return pipe(lr, options, prompts=list(prompts)).images
+        return pipe(lr, options).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write a complete CoSeR checkpoint (``cognitive`` + ``aia``) into ``folder``."""

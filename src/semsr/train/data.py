@@ -81,9 +81,15 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _folder_items(folder: Path) -> list[ImageItem]:
+    """The images in ``folder`` and in its sub-folders one level down (ImageNet-style class folders,
+    ``folder/<class>/<image>``; hidden sub-folders are skipped)."""
     if not folder.is_dir():
         raise SemsrError("HR folder not found", folder)
-    return [ImageItem(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file()]
+    for sub in (p for p in entries if p.is_dir() and not p.name.startswith(".")):
+        files += [p for p in sorted(sub.iterdir()) if p.is_file()]
+    return [ImageItem(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _caption_text(value: Any) -> str | None:
