@@ -13,10 +13,11 @@ from semsr.cli import main
 from semsr.core.components import read_index
 from semsr.methods import build, resolve
 from semsr.methods.dalpsr import DaLPSROptions
-from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions
+from semsr.core.errors import SemsrError
+from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, unet_context
 from semsr.priors import prompts as prompts_mod
 from semsr.priors.irpad import LEVELS
-from semsr.train.config import config_from_dict
+from semsr.train.config import config_from_dict, load_config
 from semsr.train.tasks import build_task
 from train_helpers import REPO, write_textures
 
@@ -81,6 +82,47 @@ def test_dalpsr_low_prompt_changes_the_output(tiny_models):
     b = method(lr, _run(prompt="a", low_prompt="heavy blur, heavy noise", steps=1, colour_fix="none"))
     assert not torch.equal(a.images, b.images)
     assert (a.priors["low_prompt"], b.priors["low_prompt"]) == ("no blur, no noise", "heavy blur, heavy noise")
+
+
+def _unet_contexts(method: TwoPromptSR, lr: torch.Tensor, low_prompt: str) -> list[torch.Tensor]:
+    """The ``encoder_hidden_states`` of every UNet call of one ``method`` run (CFG: both halves)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, _args, kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+
+    handle = method.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        method(lr, _run(prompt="a", low_prompt=low_prompt, steps=1, colour_fix="none"))
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_dalpsr_degradation_prompt_conditions_the_unet(tiny_models):
+    """The paper: both prompts condition the denoising UNet by cross-attention (XPSR's UNet sees c_h only)."""
+    method = _dalpsr(tiny_models)
+    assert method.unet_prompts == "both"
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    a = _unet_contexts(method, lr, "no blur, no noise")
+    b = _unet_contexts(method, lr, "heavy blur, heavy noise")
+    assert a and len(a) == len(b)
+    assert not torch.equal(a[0], b[0])  # the degradation prompt changes the UNet's cross-attention input
+    c_h, c_l = method.encode_prompts([f"a, {XPSR_ADDED_POSITIVE}"]), method.encode_prompts(["heavy blur, heavy noise"])
+    assert torch.equal(b[0][-1:], torch.cat([c_h, c_l], dim=1))  # the conditional half: [c_sem; c_deg]
+    xpsr = TwoPromptSR.from_checkpoint(tiny_models / "sd", tiny_models / "dalpsr", priors=method.priors)
+    assert xpsr.unet_prompts == "high"  # XPSR keeps the UNet on the high-level prompt
+    x = _unet_contexts(xpsr, lr, "no blur, no noise")
+    y = _unet_contexts(xpsr, lr, "heavy blur, heavy noise")
+    assert torch.equal(x[0], y[0]) and x[0].shape[1] * 2 == a[0].shape[1]
+
+
+def test_unet_context_rejects_unknown_choice():
+    high, low = torch.zeros(1, 3, 4), torch.ones(1, 3, 4)
+    assert torch.equal(unet_context(high, low, "high"), high)
+    assert unet_context(high, low, "both").shape == (1, 6, 4)
+    with pytest.raises(SemsrError, match="unet_prompts"):
+        unet_context(high, low, "low")
 
 
 def test_cli_dalpsr_end_to_end_with_vlm_and_tagger(tiny_models, tmp_path, capsys):
@@ -157,10 +199,10 @@ def test_tiny_dalpsr_config_trains_through_semsr_train(tiny_models, tmp_path, ca
     assert main(args) == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["type"] for r in records] == ["train", "train", "val"]
-    assert set(records[0]["terms"]) == {"eps_mse", "dfc"}
+    assert set(records[0]["terms"]) == {"eps_mse"}  # the paper's plain diffusion loss, no XPSR DFC term
     final = tmp_path / "run" / "final"
     index = read_index(final)
-    assert index.recipe == "dalpsr" and set(index.components) == {"controlnet", "sfa", "dfc"}
+    assert index.recipe == "dalpsr" and set(index.components) == {"controlnet", "sfa"}
     pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", final)
     assert pipe.sfa.mode == "serial" and len(pipe.sfa.cond) == 0
 
@@ -176,6 +218,7 @@ def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_p
                 "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad"},
             },
             "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+            "losses": {"eps_mse": 1.0, "dfc": 0.05},
         }
     )
     task = build_task(cfg)
@@ -221,3 +264,40 @@ def test_training_continues_from_a_checkpoint(tiny_models, tmp_path):
         got = getattr(model, name).state_dict()
         assert list(got) == list(want) and all(torch.equal(got[k], want[k].float()) for k in want)
     assert all(p.requires_grad for p in model.parameters())
+    assert model.dfc is None and model.unet_prompts == "both"  # default losses: eps_mse alone, no DFC heads
+
+
+@pytest.mark.parametrize("name", ["dalpsr.yaml", "dalpsr-tiny.yaml"])
+def test_dalpsr_configs_train_with_plain_diffusion_loss_on_both_prompts(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.task == "dalpsr" and cfg.losses == {"eps_mse": 1.0}
+    assert cfg.model.options["unet_prompts"] == "both" and cfg.model.options["sfa_mode"] == "serial"
+
+
+def test_dalpsr_training_feeds_both_prompts_to_the_unet(tiny_models, tmp_path):
+    hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "task": "dalpsr",
+            "model": {
+                "pretrained": str(tiny_models / "sd"),
+                "options": {"irpad": str(tiny_models / "irpad-untrained")},
+            },
+            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+        }
+    )
+    task = build_task(cfg)
+    model = task.trainable
+    seen: list[torch.Tensor] = []
+    handle = task.unet.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True
+    )
+    x, t, hint = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.rand(1, 3, 64, 64)
+    high, low = task.prompts(["a house"]), task.prompts(["heavy noise"])
+    try:
+        pred, dfc = model(x, t, high, low, hint, task.unet)
+    finally:
+        handle.remove()
+    assert pred.shape == x.shape and dfc == {}
+    assert torch.equal(seen[0], torch.cat([high, low], dim=1))

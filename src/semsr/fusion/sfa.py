@@ -298,6 +298,7 @@ class SFAFusion(Component):
         low: torch.Tensor,
         hint: torch.Tensor,
         conditioning_scale: float = 1.0,
+        unet_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """XPSR's model call: ControlNet on ``(c_h, c_l)`` with SFA, UNet on ``c_h`` + conditional attention.
 
@@ -308,6 +309,8 @@ class SFAFusion(Component):
             x: ``(B, 4, h, w)`` noisy latent in the UNet's dtype; t: scalar or ``(B,)`` timesteps.
             high, low: ``(B, L, D)`` high- and low-level contexts.
             hint: ``(B, 3, f*h, f*w)`` in [0, 1].
+            unet_context: ``(B, L', D)`` the UNet's cross-attention context instead of ``high``
+                (DaLPSR: both prompts, see :func:`semsr.methods.xpsr.unet_context`).
         Returns:
             ``(B, 4, h, w)`` model output.
         """
@@ -325,7 +328,7 @@ class SFAFusion(Component):
             return unet(
                 x,
                 t,
-                encoder_hidden_states=high,
+                encoder_hidden_states=high if unet_context is None else unet_context,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
                 return_dict=False,

@@ -13,15 +13,17 @@ Model: :class:`XPSRTrainable` = ControlNet (SFA processors) + :class:`~semsr.fus
 (low-level and fusion attentions, UNet conditional attention) + :class:`~semsr.fusion.dfc.DFCHeads`;
 its forward is the inference one (:meth:`~semsr.fusion.sfa.SFAFusion.controlnet_unet_forward`)
 with the DFC features captured. Outputs ``pred``/``target`` (eps-MSE) and
-``dfc_pred``/``dfc_target`` (loss term ``dfc``, registered here); the configs
-weight them ``eps_mse: 1.0, dfc: 0.05``. ``export`` writes a complete
+``dfc_pred``/``dfc_target`` (loss term ``dfc``, registered here); the XPSR configs
+weight them ``eps_mse: 1.0, dfc: 0.05``, the DaLPSR ones train with ``eps_mse`` alone
+(the paper's plain diffusion loss; without a ``dfc`` term the task has no DFC heads). ``export`` writes a complete
 ``--checkpoint`` folder: the checkpoint of recipe ``xpsr`` / ``dalpsr``
 (:func:`semsr.core.components.save_checkpoint`) with the components
 ``controlnet``, ``sfa`` and ``dfc``.
 
 ``model.options`` (besides ``conditioning_channels``): ``sfa_mode``
 (parallel|serial|high|low; xpsr: parallel, dalpsr: serial), ``conditional_attention``
-(xpsr: true, dalpsr: false), ``init`` (checkpoint folder to continue from), ``vlm``,
+(xpsr: true, dalpsr: false), ``unet_prompts`` (the UNet's cross-attention context, high|both;
+xpsr: high, dalpsr: both), ``init`` (checkpoint folder to continue from), ``vlm``,
 ``tagger``, ``irpad`` (folders; ``tiny://vlm``, ``tiny://tagger``,
 ``tiny://irpad-untrained`` are the tiny ones, see :func:`semsr.testing.tiny.resolve_model_path`), ``low_source`` (vlm|irpad),
 ``max_new_tokens`` (VLM answer length), ``added_prompt`` (appended to the
@@ -41,7 +43,15 @@ from semsr.core.components import save_checkpoint
 from semsr.core.errors import SemsrError
 from semsr.fusion.dfc import DFCHeads, dfc_loss, dfc_targets
 from semsr.fusion.sfa import SFAFusion
-from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, join_prompt, read_two_prompt_checkpoint
+from semsr.methods.xpsr import (
+    UNET_PROMPTS,
+    XPSR_ADDED_POSITIVE,
+    TwoPromptSR,
+    XPSROptions,
+    join_prompt,
+    read_two_prompt_checkpoint,
+    unet_context,
+)
 from semsr.priors.prompts import TextPriors
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
@@ -62,13 +72,15 @@ def _local(path: str | None) -> str | None:
 
 
 class XPSRTrainable(nn.Module):
-    """The trainable part: ``controlnet``, ``sfa`` and ``dfc``; ``forward`` runs one noise prediction."""
+    """The trainable part: ``controlnet``, ``sfa`` and ``dfc`` (None: no DFC term); ``forward`` runs one
+    noise prediction with the UNet on :func:`~semsr.methods.xpsr.unet_context` (``unet_prompts``)."""
 
-    def __init__(self, controlnet: nn.Module, sfa: SFAFusion, dfc: DFCHeads) -> None:
+    def __init__(self, controlnet: nn.Module, sfa: SFAFusion, dfc: DFCHeads | None, unet_prompts: str = "high") -> None:
         super().__init__()
         self.controlnet = controlnet
         self.sfa = sfa
         self.dfc = dfc
+        self.unet_prompts = unet_prompts
 
     def forward(
         self,
@@ -82,12 +94,18 @@ class XPSRTrainable(nn.Module):
         """``x (B, 4, h, w)`` noisy latent (the frozen UNet's dtype), ``high``/``low`` ``(B, L, D)``, ``hint
         (B, 3, 8h, 8w)`` -> ``(UNet output (B, 4, h, w), DFC head predictions)``.
 
-        The model call is the inference one (:meth:`SFAFusion.controlnet_unet_forward`); the DFC
-        heads read the ControlNet features captured during it.
+        The model call is the inference one (:meth:`SFAFusion.controlnet_unet_forward`, the UNet on
+        :func:`~semsr.methods.xpsr.unet_context`); the DFC heads read the ControlNet features
+        captured during it (no predictions without heads).
         """
         self.sfa.install(self.controlnet, unet)  # point the processors at *these* weights (copies too)
+        context = unet_context(high, low, self.unet_prompts)
+        if self.dfc is None:
+            return self.sfa.controlnet_unet_forward(
+                unet, self.controlnet, x, t, high, low, hint, unet_context=context
+            ), {}
         with self.dfc.capture(self.controlnet) as feats:
-            pred = self.sfa.controlnet_unet_forward(unet, self.controlnet, x, t, high, low, hint)
+            pred = self.sfa.controlnet_unet_forward(unet, self.controlnet, x, t, high, low, hint, unet_context=context)
         return pred, self.dfc(feats)
 
 
@@ -105,6 +123,7 @@ class XPSRTask(ControlNetSRTask):
         "low_source",
         "max_new_tokens",
         "added_prompt",
+        "unet_prompts",
     }
     DEFAULTS: dict[str, Any] = {
         "sfa_mode": "parallel",
@@ -112,6 +131,7 @@ class XPSRTask(ControlNetSRTask):
         "low_source": "vlm",
         "max_new_tokens": None,
         "added_prompt": XPSR_ADDED_POSITIVE,
+        "unet_prompts": "high",
     }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -141,7 +161,12 @@ class XPSRTask(ControlNetSRTask):
                     controlnet, self.unet if self.opts["conditional_attention"] else None, mode=self.opts["sfa_mode"]
                 )
                 dfc = DFCHeads.from_controlnet(controlnet)
-        self.trainable = XPSRTrainable(controlnet, sfa, dfc).float().train().requires_grad_(True)
+        if self.opts["unet_prompts"] not in UNET_PROMPTS:
+            raise SemsrError(f"model.options.unet_prompts must be one of {', '.join(UNET_PROMPTS)}")
+        if not cfg.losses.get("dfc", 0):  # plain diffusion loss: no DFC heads
+            dfc = None
+        self.trainable = XPSRTrainable(controlnet, sfa, dfc, self.opts["unet_prompts"])
+        self.trainable.float().train().requires_grad_(True)
         self._priors: TextPriors | None = None
 
     # -- prompts ---------------------------------------------------------
@@ -184,6 +209,8 @@ class XPSRTask(ControlNetSRTask):
         high = self.prompts(highs).to(self.device, self.weight_dtype)
         low = self.prompts(lows).to(self.device, self.weight_dtype)
         pred, dfc_pred = model(step.noisy.to(self.weight_dtype), step.timesteps, high, low, self.hint(step), self.unet)
+        if not dfc_pred:  # plain diffusion loss (no ``dfc`` term)
+            return {"pred": pred}
         return {"pred": pred, "dfc_pred": dfc_pred, "dfc_target": dfc_targets(dfc_pred, step.latents, step.hr)}
 
     # -- validation / export -------------------------------------------------
@@ -205,6 +232,7 @@ class XPSRTask(ControlNetSRTask):
             dtype=self.weight_dtype,
             scale=self.cfg.data.scale,
             name=self.name,
+            unet_prompts=model.unet_prompts,
         )
         options = XPSROptions(steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
         return pipe(
@@ -212,12 +240,22 @@ class XPSRTask(ControlNetSRTask):
         ).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa``, ``dfc``."""
-        save_checkpoint(folder, self.name, {"controlnet": model.controlnet, "sfa": model.sfa, "dfc": model.dfc})
+        """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa`` and,
+        when trained (a ``dfc`` loss term), ``dfc``."""
+        parts = {"controlnet": model.controlnet, "sfa": model.sfa}
+        if model.dfc is not None:
+            parts["dfc"] = model.dfc
+        save_checkpoint(folder, self.name, parts)
 
 
 @register_task("dalpsr")
 class DaLPSRTask(XPSRTask):
     """DaLPSR: IRPAD degradation prompt + (tag-steered) semantic prompt, serial cross-attentions, one stage."""
 
-    DEFAULTS = {**XPSRTask.DEFAULTS, "sfa_mode": "serial", "conditional_attention": False, "low_source": "irpad"}
+    DEFAULTS = {
+        **XPSRTask.DEFAULTS,
+        "sfa_mode": "serial",
+        "conditional_attention": False,
+        "low_source": "irpad",
+        "unet_prompts": "both",  # the paper: both prompts condition the denoising UNet by cross-attention
+    }
