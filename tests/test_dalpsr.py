@@ -11,9 +11,9 @@ import torch
 
 from semsr.cli import main
 from semsr.core.components import read_index
+from semsr.core.errors import SemsrError
 from semsr.methods import build, resolve
 from semsr.methods.dalpsr import DaLPSROptions
-from semsr.core.errors import SemsrError
 from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, unet_context
 from semsr.priors import prompts as prompts_mod
 from semsr.priors.irpad import LEVELS
