@@ -301,3 +301,44 @@ def test_dalpsr_training_feeds_both_prompts_to_the_unet(tiny_models, tmp_path):
         handle.remove()
     assert pred.shape == x.shape and dfc == {}
     assert torch.equal(seen[0], torch.cat([high, low], dim=1))
+
+
+def test_tiny_dalpsr_encoder_stage_fine_tunes_the_tagger_encoder(tiny_models, tmp_path, capsys):
+    """Stage 0 (``dalpsr-encoder``): the tagger's image encoder changes, its head does not, and the
+    exported folder is a loadable ``--tagger``."""
+    from safetensors.torch import load_file
+
+    from semsr.priors.tagger import TagsProvider
+
+    hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "dalpsr-encoder-tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        f"model.options.tagger={tiny_models / 'tagger'}",
+        f"data.hr=[{hr}]",
+        "data.val_count=1",
+        "data.limit=0",
+        "checkpoint.every=2",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records] == ["train", "train"]
+    assert set(records[0]["terms"]) == {"encoder_feature_mse", "tag_distill_bce"}
+    folder = tmp_path / "run" / "final" / "tagger"
+    before = load_file(tiny_models / "tagger" / "model.safetensors")
+    after = load_file(folder / "model.safetensors")
+    assert set(before) == set(after)
+    encoder = [k for k in before if not k.startswith("classifier.")]
+    assert any(not torch.equal(before[k], after[k]) for k in encoder)  # the image encoder was fine-tuned
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("classifier."))  # head kept
+    tags = TagsProvider(folder, threshold=0.0, top_k=3)(
+        torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    )
+    assert len(tags.value) == 3
+    with pytest.raises(Exception, match="validation.every"):
+        build_task(load_config(REPO / "configs" / "dalpsr-encoder-tiny.yaml", ["validation.every=2"]))
