@@ -48,6 +48,7 @@ def build(options: DaLPSROptions) -> TwoPromptSR:
             vlm=options.vlm,
             tagger=options.tagger,
             low_source="irpad",
+            no_vlm=options.no_vlm,
             irpad_weights=options.irpad,
             use_tags_with_vlm=True,
             device=str(options.device),

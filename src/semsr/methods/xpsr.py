@@ -11,8 +11,10 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
          neg_l = "high resolution, best quality, clear"                   (--low-negative-prompt)
     DDPM 20 steps, s = 4.5, start from the LR latent noised to t=T, AdaIN colour fix
 
-Without a VLM on disk the high-level prompt is the user prompt and the
-low-level one IRPAD's degradation description (one note on stderr says so).
+A VLM is required: without ``--vlm`` (or ``weights_dir()/vlm``) the build fails with one
+line naming ``--vlm`` and ``--no-vlm``. ``--no-vlm`` is the explicit opt-out: the high-level
+prompt is the user prompt and the low-level one IRPAD's degradation description, and
+``SROutput.priors["no_vlm"]`` records it.
 The checkpoint folder (``--checkpoint``) is a component checkpoint
 (:mod:`semsr.core.components`) of recipe ``xpsr`` or ``dalpsr`` with the
 components ``controlnet`` (diffusers ControlNet), ``sfa``
@@ -74,6 +76,7 @@ class XPSROptions(LatentSROptions):
     vlm: Path | None = option(
         None, stage="build", metavar="DIR", help="vision-language model folder (default: weights/vlm if present)"
     )
+    no_vlm: bool = option(False, stage="build", help="no VLM: use my prompt (+ IRPAD)")
     irpad: Path | None = option(
         None, stage="build", metavar="DIR", help="IRPAD weights folder (default: the shipped weights)"
     )
@@ -312,6 +315,7 @@ class TwoPromptSR(SDControlNetSR):
                 "low_prompt": lows[0],
                 "low_negative_prompt": opts.low_negative_prompt,
                 "user_prompt": (opts.prompt or None) if use_high else None,
+                "no_vlm": True if self.priors is not None and self.priors.no_vlm else None,
                 **used,
             }
         )
@@ -368,11 +372,17 @@ def build_two_prompt(
 
 
 def build(options: XPSROptions) -> TwoPromptSR:
-    """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (optional)."""
+    """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (or ``no_vlm``)."""
     return build_two_prompt(
         "xpsr",
         options,
-        lambda: TextPriors(vlm=options.vlm, low_source="vlm", irpad_weights=options.irpad, device=str(options.device)),
+        lambda: TextPriors(
+            vlm=options.vlm,
+            low_source="vlm",
+            no_vlm=options.no_vlm,
+            irpad_weights=options.irpad,
+            device=str(options.device),
+        ),
     )
 
 
@@ -383,7 +393,7 @@ register(
         options=XPSROptions,
         scale=4,
         summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
-        "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
+        "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; or --no-vlm: your prompt + IRPAD)",
         suggests_priors=True,
         diffusion=True,
         weight_paths=("base", "checkpoint", "vlm", "irpad"),
