@@ -15,7 +15,6 @@ from semsr.core.errors import SemsrError
 from semsr.methods import build, resolve
 from semsr.methods.dalpsr import DaLPSROptions
 from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, unet_context
-from semsr.priors import prompts as prompts_mod
 from semsr.priors.irpad import LEVELS
 from semsr.train.config import config_from_dict, load_config
 from semsr.train.tasks import build_task
@@ -29,13 +28,15 @@ def _is_irpad_text(text: str) -> bool:
     return all(part in phrases for part in text.split(", "))
 
 
-def _dalpsr(tiny_models: Path, **build_opts: str) -> TwoPromptSR:
+def _dalpsr(tiny_models: Path, **build_opts: object) -> TwoPromptSR:
+    """The tiny ``dalpsr`` method; without ``vlm`` in ``build_opts`` with the explicit ``no_vlm`` opt-out."""
     return build(
         "dalpsr",
         {
             "base": str(tiny_models / "sd"),
             "checkpoint": str(tiny_models / "dalpsr"),
             "irpad": str(tiny_models / "irpad-untrained"),
+            **({} if "vlm" in build_opts else {"no_vlm": True}),
             **build_opts,
         },
     )
@@ -53,16 +54,13 @@ def test_dalpsr_options_derive_from_xpsr():
     assert spec.parse({}).values("run") == XPSROptions().values("run")  # XPSR's sampling defaults
 
 
-def test_dalpsr_without_vlm_uses_prompt_tags_and_irpad(tiny_models, capsys, monkeypatch):
-    monkeypatch.setattr(prompts_mod, "_noted", set())
+def test_dalpsr_with_no_vlm_uses_prompt_tags_and_irpad(tiny_models):
     method = _dalpsr(tiny_models, tagger=str(tiny_models / "tagger"))
     assert method.name == "dalpsr" and method.options_class is DaLPSROptions
-    assert method.sfa.mode == "serial" and len(method.sfa.cond) == 0
+    assert method.sfa.mode == "serial" and not method.sfa.conditional_attention
     lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     out = method(lr, _run(prompt="a house", steps=1))
-    assert out.images.shape == (2, 3, 64, 64)
-    err = capsys.readouterr().err
-    assert err.count("no vision-language model") == 1
+    assert out.images.shape == (2, 3, 64, 64) and out.priors["no_vlm"] is True
     conds = method.text_conditions(lr, "a house")  # cached: what the call used, per image
     for cond in conds:
         assert cond.sources["low"] == "irpad" and _is_irpad_text(cond.low)
@@ -204,7 +202,7 @@ def test_tiny_dalpsr_config_trains_through_semsr_train(tiny_models, tmp_path, ca
     index = read_index(final)
     assert index.recipe == "dalpsr" and set(index.components) == {"controlnet", "sfa"}
     pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", final)
-    assert pipe.sfa.mode == "serial" and len(pipe.sfa.cond) == 0
+    assert pipe.sfa.mode == "serial" and not pipe.sfa.conditional_attention
 
 
 def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_path):
@@ -215,7 +213,7 @@ def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_p
             "task": "xpsr",
             "model": {
                 "pretrained": str(tiny_models / "sd"),
-                "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad"},
+                "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad", "no_vlm": True},
             },
             "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
             "losses": {"eps_mse": 1.0, "dfc": 0.05},
@@ -226,7 +224,7 @@ def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_p
     assert params and all(p.requires_grad for p in params)
     assert not any(p.requires_grad for p in task.unet.parameters())
     assert not any(p.requires_grad for p in task.vae.parameters())
-    assert len(task.trainable.sfa.cond) > 0 and task.trainable.sfa.mode == "parallel"
+    assert task.trainable.sfa.conditional_attention and task.trainable.sfa.mode == "parallel"
     assert isinstance(task.trainable.dfc, torch.nn.Module)
     bad = config_from_dict(
         {
@@ -250,14 +248,18 @@ def test_training_continues_from_a_checkpoint(tiny_models, tmp_path):
             "task": "dalpsr",
             "model": {
                 "pretrained": str(tiny_models / "sd"),
-                "options": {"irpad": str(tiny_models / "irpad-untrained"), "init": str(tiny_models / "xpsr")},
+                "options": {
+                    "irpad": str(tiny_models / "irpad-untrained"),
+                    "init": str(tiny_models / "xpsr"),
+                    "no_vlm": True,
+                },
             },
             "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
         }
     )
     task = build_task(cfg)
     model = task.trainable
-    assert model.sfa.mode == "serial" and len(model.sfa.cond) > 0  # the xpsr checkpoint's conditional attention
+    assert model.sfa.mode == "serial" and model.sfa.conditional_attention  # the xpsr checkpoint's
     pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", tiny_models / "xpsr")
     for name in ("controlnet", "sfa"):
         want = getattr(pipe, name).state_dict()
@@ -282,7 +284,7 @@ def test_dalpsr_training_feeds_both_prompts_to_the_unet(tiny_models, tmp_path):
             "task": "dalpsr",
             "model": {
                 "pretrained": str(tiny_models / "sd"),
-                "options": {"irpad": str(tiny_models / "irpad-untrained")},
+                "options": {"irpad": str(tiny_models / "irpad-untrained"), "no_vlm": True},
             },
             "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
         }
