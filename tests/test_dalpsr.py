@@ -1,5 +1,6 @@
-"""DaLPSR: IRPAD degradation prompt + tag-steered semantic prompt through the two-prompt ControlNet,
-without and with a VLM, the ``dalpsr`` CLI preset and the tiny training config."""
+"""DaLPSR: IRPAD degradation prompt + tag-steered semantic prompt, both in the UNet's cross-attention and
+the two-prompt ControlNet, with a VLM and with the no-VLM opt-out, the ``dalpsr`` CLI preset, the tiny
+training configs (plain diffusion loss; the LR-robust tagger encoder stage) and the tagger formats."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from semsr.cli import main
 from semsr.core.components import read_index
-from semsr.core.errors import SemsrError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.methods import build, resolve
 from semsr.methods.dalpsr import DaLPSROptions
 from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, unet_context
 from semsr.priors.irpad import LEVELS
+from semsr.priors.tagger import TagsProvider
 from semsr.train.config import config_from_dict, load_config
 from semsr.train.tasks import build_task
 from train_helpers import REPO, write_textures
@@ -308,10 +311,6 @@ def test_dalpsr_training_feeds_both_prompts_to_the_unet(tiny_models, tmp_path):
 def test_tiny_dalpsr_encoder_stage_fine_tunes_the_tagger_encoder(tiny_models, tmp_path, capsys):
     """Stage 0 (``dalpsr-encoder``): the tagger's image encoder changes, its head does not, and the
     exported folder is a loadable ``--tagger``."""
-    from safetensors.torch import load_file
-
-    from semsr.priors.tagger import TagsProvider
-
     hr = write_textures(tmp_path / "hr", count=4, size=(72, 72))
     args = [
         "train",
@@ -344,3 +343,15 @@ def test_tiny_dalpsr_encoder_stage_fine_tunes_the_tagger_encoder(tiny_models, tm
     assert len(tags.value) == 3
     with pytest.raises(Exception, match="validation.every"):
         build_task(load_config(REPO / "configs" / "dalpsr-encoder-tiny.yaml", ["validation.every=2"]))
+
+
+def test_a_ram_checkpoint_is_refused_with_one_line_naming_the_format(tmp_path):
+    folder = tmp_path / "ram"
+    folder.mkdir()
+    (folder / "ram_swin_large_14m.pth").write_bytes(b"not loaded")
+    for given in (folder, folder / "ram_swin_large_14m.pth"):
+        with pytest.raises(UnavailableError, match=r"ram_swin_large_14m\.pth: recognize-anything") as err:
+            TagsProvider(given)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UnavailableError, match="config.json missing"):
+        TagsProvider(tmp_path)
