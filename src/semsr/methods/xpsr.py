@@ -4,8 +4,8 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
     LR --TextPriors (VLM caption / quality; cached)--> high c_h, low c_l prompts   (semsr.priors.prompts)
     high += ", clean, high-resolution, 8k, high quality"                           (XPSR's added positive)
-    ControlNet(z_t, [c_h; c_l], hint) with SFA  -> residuals                       (semsr.fusion.sfa)
-    UNet(z_t, c_h, residuals) + conditional attention to the ControlNet features   (DaLPSR: c_h and c_l)
+    ControlNet(z_t, c_h, hint) + SFA layers on c_l  -> residuals                   (semsr.fusion.sfa)
+    UNet(z_t, c_h, residuals) + up-block conditional attention to the residuals    (DaLPSR: c_h and c_l)
     CFG: eps = eps(neg_h, neg_l) + s * [eps(c_h, c_l) - eps(neg_h, neg_l)]
          neg_h = "blurry, dotted, noise, unclear, low-res, over-smoothed" (--negative-prompt)
          neg_l = "high resolution, best quality, clear"                   (--low-negative-prompt)
@@ -15,6 +15,7 @@ A VLM is required: without ``--vlm`` (or ``weights_dir()/vlm``) the build fails 
 line naming ``--vlm`` and ``--no-vlm``. ``--no-vlm`` is the explicit opt-out: the high-level
 prompt is the user prompt and the low-level one IRPAD's degradation description, and
 ``SROutput.priors["no_vlm"]`` records it.
+
 The checkpoint folder (``--checkpoint``) is a component checkpoint
 (:mod:`semsr.core.components`) of recipe ``xpsr`` or ``dalpsr`` with the
 components ``controlnet`` (diffusers ControlNet), ``sfa``

@@ -45,7 +45,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,18 +60,8 @@ from semsr.priors.vlm import DEFAULT_MAX_NEW_TOKENS, VLMTextProvider, vlm_folder
 
 _FILE_KEYS = ("file", "filename", "image", "name", "path")
 _PROMPT_KEYS = ("prompt", "caption", "text")
-_noted: set[str] = set()
 #: What to pass when no VLM is found (the error of :class:`TextPriors`).
 NO_VLM_HINT = "pass --vlm PATH (a local VLM folder), or --no-vlm to run on your prompt (+ IRPAD) without one"
-
-
-def note_once(key: str, message: str) -> bool:
-    """Print ``semsr: note: <message>`` to stderr the first time ``key`` is seen; returns whether it printed."""
-    if key in _noted:
-        return False
-    _noted.add(key)
-    print(f"semsr: note: {message}", file=sys.stderr)
-    return True
 
 
 def _normalise_key(key: str) -> str:
