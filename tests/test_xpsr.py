@@ -212,6 +212,26 @@ def test_reinstalling_replaces_the_hooks(nets):
     assert not no_unet_part.conditional_attention and sum(len(m._forward_hooks) for m in unet.modules()) == 0
 
 
+@pytest.mark.parametrize(
+    ("mode", "frozen"),
+    [("parallel", set()), ("serial", {"attentions_connect"}), ("high", {"attentions_connect", "attentions_lowlevel"})],
+)
+def test_training_freezes_the_layers_its_sfa_mode_does_not_run(nets, mode, frozen):
+    """No trainable parameter without a gradient (DDP): a mode's unused layers stop training."""
+    unet, controlnet = nets
+    fusion = SFAFusion.from_models(controlnet, unet, mode=mode)
+    fusion.freeze_unused()
+    for name, param in fusion.named_parameters():
+        kind = (
+            name.split(".")[2] if name.startswith("down_blocks") or name.startswith("up_blocks") else name.split(".")[1]
+        )
+        assert param.requires_grad == (kind not in frozen), name
+    fusion.install(controlnet, unet)
+    i = _inputs(3)
+    fusion.controlnet_unet_forward(unet, controlnet, i["x"], i["t"], i["c_h"], i["c_l"], i["hint"]).sum().backward()
+    assert all(p.grad is not None for p in fusion.parameters() if p.requires_grad)
+
+
 def test_making_an_sfa_leaves_the_global_rng_alone(nets):
     unet, controlnet = nets
     torch.manual_seed(7)

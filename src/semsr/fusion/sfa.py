@@ -317,6 +317,17 @@ class SFAFusion(Component):
         """Whether this SFA carries the UNet's conditional attention."""
         return bool(self.config.unet_layers)
 
+    def freeze_unused(self) -> None:
+        """Stop gradients of the layers the current mode does not run (``attentions_connect`` outside
+        ``parallel``, ``attentions_lowlevel`` in ``high``), so distributed training sees no unused
+        trainable parameters."""
+        unused = {CONNECT} if self.mode != "high" else {CONNECT, LOWLEVEL}
+        if self.mode == "parallel":
+            unused = set()
+        for name, param in self.named_parameters():
+            if any(f".{kind}." in f".{name}" for kind in unused):
+                param.requires_grad_(False)
+
     # ------------------------------------------------------------------ wiring
 
     def install(self, controlnet: nn.Module, unet: nn.Module | None = None) -> None:

@@ -191,6 +191,7 @@ class XPSRTask(ControlNetSRTask):
             dfc = None
         self.trainable = XPSRTrainable(controlnet, sfa, dfc, self.opts["unet_prompts"])
         self.trainable.float().train().requires_grad_(True)
+        sfa.freeze_unused()  # e.g. serial (DaLPSR) never runs attentions_connect
         self._priors: TextPriors | None = None
         prompts = self.opts["prompts"]
         self.prompt_file = XPSRPromptFile.load(expand_path(str(prompts))) if prompts else None
