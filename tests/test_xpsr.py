@@ -750,3 +750,18 @@ def test_prompt_records_from_two_semsr_priors_indexes(tmp_path):
     assert xpsr_prompts.XPSRPromptFile.load(out).get("x/A.JPG")["high"] == "a cat"
     empty = index(tmp_path / "lr2.json", [])
     assert xpsr_prompts.main([str(hr), str(empty), "-o", str(out)]) != 0
+
+
+def test_training_without_vlm_or_opt_out_fails_when_the_task_is_built(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMSR_WEIGHTS", str(tmp_path / "no-weights"))
+    hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
+    raw = {
+        "name": "t",
+        "task": "xpsr",
+        "model": {"pretrained": str(tiny_models / "sd"), "options": {"irpad": str(tiny_models / "irpad-untrained")}},
+        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+    }
+    with pytest.raises(UnavailableError, match="--no-vlm"):
+        build_task(config_from_dict(raw))
+    task = build_task(config_from_dict(raw, ["model.options.no_vlm=true"]))
+    assert task.text_priors().no_vlm

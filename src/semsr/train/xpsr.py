@@ -195,8 +195,8 @@ class XPSRTask(ControlNetSRTask):
         self._priors: TextPriors | None = None
         prompts = self.opts["prompts"]
         self.prompt_file = XPSRPromptFile.load(expand_path(str(prompts))) if prompts else None
-        if self.prompt_file is not None and cfg.validation.every:
-            self.text_priors()  # validation asks the VLM (or no_vlm): fail now, not at the first validation
+        if self.prompt_file is None or self.opts["low_source"] != "vlm" or cfg.validation.every:
+            self.text_priors()  # training or validation asks it: a missing VLM fails now, not at step 1
 
     # -- prompts ---------------------------------------------------------
     def text_priors(self) -> TextPriors:
