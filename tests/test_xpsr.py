@@ -748,6 +748,11 @@ def test_prompt_records_from_two_semsr_priors_indexes(tmp_path):
     ]
     assert xpsr_prompts.XPSRPromptFile.load(out).get("/data/HR/a.jpg")["low"] == "blurry"
     assert xpsr_prompts.XPSRPromptFile.load(out).get("x/A.JPG")["high"] == "a cat"
+    absolute = tmp_path / "abs.jsonl"
+    absolute.write_text(json.dumps({"key": "/data/HR/b.png", "high": "h", "low": "l"}) + "\n")
+    assert xpsr_prompts.XPSRPromptFile.load(absolute).get("/data/HR/b.png", ("high", "low"))["low"] == "l"
+    with pytest.raises(SemsrError, match="no prompts for training image b.png"):
+        xpsr_prompts.XPSRPromptFile.load(absolute).get("/other/b.png")
     empty = index(tmp_path / "lr2.json", [])
     assert xpsr_prompts.main([str(hr), str(empty), "-o", str(out)]) != 0
 

@@ -39,7 +39,7 @@ FIELDS = ("high", "low", "low_gt")
 
 
 def _norm(key: str) -> str:
-    return str(key).strip().replace("\\", "/").lower()
+    return str(key).strip().replace("\\", "/").strip("/").lower()
 
 
 def path_keys(path: str | Path) -> list[str]:
