@@ -268,7 +268,8 @@ def test_training_continues_from_a_checkpoint(tiny_models, tmp_path):
         want = getattr(pipe, name).state_dict()
         got = getattr(model, name).state_dict()
         assert list(got) == list(want) and all(torch.equal(got[k], want[k].float()) for k in want)
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.controlnet.parameters())
+    assert any(p.requires_grad for p in model.sfa.parameters())  # the layers serial mode runs (not the connect ones)
     assert model.dfc is None and model.unet_prompts == "both"  # default losses: eps_mse alone, no DFC heads
 
 
