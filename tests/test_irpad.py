@@ -18,6 +18,8 @@ from semsr.commands.bench_irpad import register_kind
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.fingerprint import fingerprint
 from semsr.core.paths import assets_dir
+from semsr.data.degradations import RealESRGANDegradation, filter2d, gaussian_kernel
+from semsr.data.degradations.pipeline import sample_params as realesrgan_params
 from semsr.priors.base import cached, get_provider, picture_tensor
 from semsr.priors.irpad import (
     DEGRADATION_TYPES,
@@ -46,6 +48,14 @@ from semsr.train.irpad import (
     list_photos,
     resampling_blur,
     sample_params,
+)
+from semsr.train.irpad_realesrgan import (
+    _no_noise,
+    downscale_factor,
+    fit_blur,
+    label_sample,
+    make_realesrgan_set,
+    white_noise_std,
 )
 from semsr.train.trainer import Trainer
 
@@ -485,3 +495,46 @@ def test_samples_are_cut_from_a_larger_degraded_region() -> None:
         )
         assert all(a.shape == (64, 64, 3) for a in got[context])
     assert any(not np.array_equal(a, b) for a, b in zip(got[64], got[192]))
+
+
+# ----------------------------------------------------------------------------- Real-ESRGAN LR in IRPAD's label space
+
+
+def test_realesrgan_labels_blur_noise_and_downscale_as_the_lr_shows_them() -> None:
+    x = _sample_image()[..., :96, :96]
+    g = filter2d(x, torch.from_numpy(gaussian_kernel(2 * 3 * 2 + 1, 1.5)))
+    assert fit_blur(x, g) == pytest.approx(1.5, abs=0.1) and fit_blur(x, x) == 0.0
+    white = torch.randn(1, 3, 200, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    assert white_noise_std(white) == pytest.approx(10.0, rel=0.05)
+    smooth = torch.nn.functional.avg_pool2d(white, 4, 1)  # correlated noise: little pixel-level grain
+    assert white_noise_std(smooth) < 0.5 * float(smooth.std())
+    deg = RealESRGANDegradation()
+    base = realesrgan_params(deg.config, 5)
+    down = replace(base, stage1=replace(base.stage1, resize_factor=0.5), stage2=replace(base.stage2, resize_factor=0.4))
+    assert downscale_factor(down, 4) == pytest.approx(2.5)  # smallest grid 0.4 of the LR: enlarged 2.5x
+    keep = replace(base, stage1=replace(base.stage1, resize_factor=1.0), stage2=replace(base.stage2, resize_factor=1.0))
+    assert downscale_factor(keep, 4) == 1.0
+    hr = _sample_image()[..., :128, :128]
+    lr, label = label_sample(deg, hr, _no_noise(keep))
+    assert lr.shape == (1, 3, 32, 32) and label["values"][1] < 0.5  # no noise drawn: none visible
+    _, noisy = label_sample(deg, hr, keep)
+    assert noisy["values"][1] > label["values"][1] and noisy["values"][2] == keep.stage2.jpeg_quality
+
+
+def test_bench_irpad_on_realesrgan_lr(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    _photos(photos)
+    data = make_realesrgan_set(list_photos([photos], held_out=False), 6, hr_size=64, seed=3)
+    assert data.images.shape == (6, 16, 16, 3) and data.labels.shape == (6, 4)
+    assert len(data.meta["final_order"]) == 6 and data.meta["degradation"] == "realesrgan"
+    again = make_realesrgan_set(list_photos([photos], held_out=False), 6, hr_size=64, seed=3)
+    assert np.array_equal(data.images, again.images) and np.array_equal(data.labels, again.labels)
+    out = tmp_path / "r.json"
+    argv = ["--degradation", "realesrgan", "--hr", str(photos), "--n", "6", "--hr-size", "64", "--threads", "1"]
+    assert bench_irpad([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["degradation"] == "realesrgan" and res["n"] == 6 and res["size"] == 16
+    assert sum(r["n"] for r in res["by_final_order"].values()) == 6
+    assert set(res["label_values"]) == {*DEGRADATION_TYPES, "noise_std"}
+    with pytest.raises(SemsrError, match="hr-size"):
+        bench_irpad([*argv[:-4], "--hr-size", "30"])

@@ -49,6 +49,7 @@ def test_xpsr_suggests_the_irpad_text_and_reports_the_prompts_it_used(tiny_model
         base=str(tiny_models / "sd"),
         checkpoint=str(tiny_models / "xpsr"),
         irpad=str(tiny_models / "irpad-untrained"),
+        no_vlm=True,
     )
     img = _photo()
     s = pipe.suggest_priors(img)
@@ -76,6 +77,7 @@ def test_dalpsr_suggestion_round_trips_with_priors_in_prompt(tiny_models):
         checkpoint=str(tiny_models / "dalpsr"),
         tagger=str(tiny_models / "tagger"),
         irpad=str(tiny_models / "irpad-untrained"),
+        no_vlm=True,
     )
     img = _photo()
     s = pipe.suggest_priors(img)

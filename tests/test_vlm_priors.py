@@ -13,7 +13,6 @@ import torch
 
 from semsr.cli import main
 from semsr.core.errors import InputError, UnavailableError
-from semsr.priors import prompts as prompts_mod
 from semsr.priors.base import get_provider
 from semsr.priors.prompts import TextPriors, UserPrompts, read_sidecar
 from semsr.priors.tagger import TagsProvider
@@ -41,11 +40,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.rand(1, 3, 40, 56, generator=g)
-
-
-@pytest.fixture()
-def fresh_notes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prompts_mod, "_noted", set())
 
 
 # ----------------------------------------------------------------------------- VLM
@@ -260,29 +254,35 @@ def test_text_priors_with_vlm_are_cached(
     assert replace(image, "only mine").high == "only mine" and calls["n"] == n
 
 
-def test_without_vlm_falls_back_to_user_prompt_and_irpad(
+def test_without_vlm_there_is_no_silent_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEMSR_WEIGHTS", str(tmp_path / "no-weights"))
+    for low_source in ("vlm", "irpad"):
+        with pytest.raises(UnavailableError, match="pass --vlm PATH.*or --no-vlm") as err:
+            TextPriors(vlm=None, low_source=low_source)
+        assert "no-weights" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnavailableError, match="--no-vlm"):  # an explicit path that does not exist
+        TextPriors(vlm=tmp_path / "missing")
+    with pytest.raises(UnavailableError, match="exclude each other"):
+        TextPriors(vlm=tmp_path / "missing", no_vlm=True)
+
+
+def test_no_vlm_opt_out_uses_the_user_prompt_and_irpad(
     tmp_path: Path,
     image: torch.Tensor,
     tiny: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    fresh_notes: None,
 ) -> None:
     monkeypatch.setenv("SEMSR_WEIGHTS", str(tmp_path / "no-weights"))
-    tp = TextPriors(vlm=None, low_source="vlm")
-    err = capsys.readouterr().err
-    assert err.count("semsr: note: no vision-language model") == 1 and "IRPAD" in err
-    assert not tp.has_vlm
+    tp = TextPriors(no_vlm=True, low_source="vlm")
+    assert capsys.readouterr().err == ""  # explicit, nothing to note
+    assert not tp.has_vlm and tp.no_vlm
     cond = tp(image, "a cat on a mat")
     assert cond.high == "a cat on a mat" and cond.sources == {"high": "user", "low": "irpad"}
     assert tp(image, "").sources["high"] == "none"  # an empty prompt is no prompt
     assert cond.low == get_provider("irpad")(image).value
-    TextPriors(vlm=None, low_source="irpad")  # said once per process
-    assert capsys.readouterr().err == ""
-    bare = TextPriors(vlm=None)(image)
+    bare = TextPriors(no_vlm=True)(image)
     assert bare.high == "" and bare.sources["high"] == "none"
-    with_tags = TextPriors(vlm=None, tagger=tiny / "tagger")
+    with_tags = TextPriors(no_vlm=True, tagger=tiny / "tagger")
     t = with_tags(image)
     assert t.sources["high"] == "tags" and t.high == ", ".join(t.tags)
-    with pytest.raises(UnavailableError):  # an explicit path that does not exist is an error
-        TextPriors(vlm=tmp_path / "missing")

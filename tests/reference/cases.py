@@ -98,7 +98,7 @@ METHOD_CASES: list[MethodCase] = [
     MethodCase(
         "xpsr",
         "xpsr",
-        build={**_SD, "checkpoint": "{tiny}/xpsr", "irpad": "{tiny}/irpad-untrained"},
+        build={**_SD, "checkpoint": "{tiny}/xpsr", "irpad": "{tiny}/irpad-untrained", "no_vlm": True},
         run={"prompt": "a red bird", "steps": 2, "guidance_scale": 4.5, "seed": 2},
         input={"shape": (1, 3, 16, 16), "seed": 0},
     ),
@@ -112,14 +112,20 @@ METHOD_CASES: list[MethodCase] = [
     MethodCase(
         "dalpsr",
         "dalpsr",
-        build={**_SD, "checkpoint": "{tiny}/dalpsr", "tagger": "{tiny}/tagger", "irpad": "{tiny}/irpad-untrained"},
+        build={
+            **_SD,
+            "checkpoint": "{tiny}/dalpsr",
+            "tagger": "{tiny}/tagger",
+            "irpad": "{tiny}/irpad-untrained",
+            "no_vlm": True,
+        },
         run={"prompt": "a house", "steps": 2, "seed": 3},
         input={"shape": (1, 3, 16, 16), "seed": 7},
     ),
     MethodCase(
         "dalpsr-low-prompt",
         "dalpsr",
-        build={**_SD, "checkpoint": "{tiny}/dalpsr", "irpad": "{tiny}/irpad-untrained"},
+        build={**_SD, "checkpoint": "{tiny}/dalpsr", "irpad": "{tiny}/irpad-untrained", "no_vlm": True},
         run={"prompt": "a", "low_prompt": "heavy blur, heavy noise", "steps": 2, "colour_fix": "none"},
         input={"shape": (1, 3, 16, 16), "seed": 2},
     ),

@@ -2,6 +2,11 @@
 
     semsr bench irpad --json r.json                  # shipped weights, held-out synthetic set
     semsr bench irpad --n 400 --contiguous           # parameters also inside the gaps between levels
+    semsr bench irpad --degradation realesrgan       # Real-ESRGAN second-order LR (DaLPSR's training data)
+
+``--degradation irpad`` (default) is IRPAD's own first-order generator;
+``realesrgan`` degrades HR squares with Real-ESRGAN's second-order pipeline and
+labels the LR images in IRPAD's label space (:mod:`semsr.train.irpad_realesrgan`).
 
 The synthetic degradation, the held-out split and the level intervals are
 documented in :mod:`semsr.train.irpad` and :mod:`semsr.priors.irpad` (training:
@@ -24,6 +29,7 @@ from semsr.core.fingerprint import fingerprint
 from semsr.eval.atomic import write_bytes, write_json
 from semsr.priors.irpad import DEFAULT_FLIPS, IRPADEstimator, default_weights_dir
 from semsr.train.irpad import accuracy, default_sources, list_photos, make_in_memory
+from semsr.train.irpad_realesrgan import accuracy_by_final_order, make_realesrgan_set
 
 #: Per-type accuracy the estimator is expected to reach (``passed`` in the JSON).
 TARGET = 0.90
@@ -47,6 +53,20 @@ def register_kind(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR|MANIFEST",
         help="photographs to degrade (default: the held-out split of data_root()/train/bsds500; "
         "given sources are used whole)",
+    )
+    b.add_argument(
+        "--degradation",
+        choices=("irpad", "realesrgan"),
+        default="irpad",
+        help="irpad: IRPAD's first-order generator (default); realesrgan: Real-ESRGAN's second-order pipeline "
+        "(the LR DaLPSR trains on), labelled in IRPAD's label space",
+    )
+    b.add_argument(
+        "--hr-size",
+        type=int,
+        default=320,
+        metavar="N",
+        help="realesrgan: HR square in px, the LR sample is N/4 (default 320)",
     )
     b.add_argument("--n", type=int, default=2000, help="number of synthetic samples (default 2000)")
     b.add_argument("--seed", type=int, default=1234, help="generation seed (default 1234)")
@@ -173,27 +193,44 @@ def run_bench(args: argparse.Namespace) -> int:
     if not 1 <= flips <= 8:
         raise SemsrError("--flips must be between 1 and 8")
     estimator = IRPADEstimator(weights=folder, max_crops=args.max_crops, flips=flips)
+    realesrgan = args.degradation == "realesrgan"
+    if realesrgan and (args.hr_size < 32 or args.hr_size % 4):
+        raise SemsrError(f"--hr-size must be a multiple of 4 and at least 32, got {args.hr_size}")
     photos, where = bench_photos(args.hr)
     t0 = time.time()
-    data = make_in_memory(
-        photos,
-        args.n,
-        size=args.size,
-        seed=args.seed,
-        contiguous=args.contiguous,
-        held_out=args.hr is None,
-        context=args.context,
-    )
+    if realesrgan:
+        data = make_realesrgan_set(photos, args.n, hr_size=args.hr_size, seed=args.seed)
+    else:
+        data = make_in_memory(
+            photos,
+            args.n,
+            size=args.size,
+            seed=args.seed,
+            contiguous=args.contiguous,
+            held_out=args.hr is None,
+            context=args.context,
+        )
     t_gen = time.time() - t0
     result = accuracy(estimator, data)
     t_eval = time.time() - t0 - t_gen
     per_type = result["per_type"]
-    print(
-        f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px of {args.context}-px regions, "
-        f"seed {args.seed}"
-        f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})"
-    )
+    if realesrgan:
+        print(
+            f"IRPAD {folder} on {args.n} Real-ESRGAN second-order LR samples ({args.hr_size // 4} px from "
+            f"{args.hr_size}-px HR squares, seed {args.seed}) from {len(photos)} photos ({where})"
+        )
+    else:
+        print(
+            f"IRPAD {folder} on {args.n} synthetic samples ({args.size} px of {args.context}-px regions, "
+            f"seed {args.seed}"
+            f"{', contiguous' if args.contiguous else ''}) from {len(photos)} photos ({where})"
+        )
     print(format_table(per_type))
+    by_order = accuracy_by_final_order(data, result["predictions"]) if realesrgan else None
+    if by_order:
+        for order, r in by_order.items():
+            accs = ", ".join(f"{t} {a:.3f}" for t, a in r["per_type"].items())
+            print(f"  final order {order} (n={r['n']}): {accs}")
     names = {t: [lv.name for lv in lvs] for t, lvs in estimator.table.items()}
     if args.split:
         print(format_split(result["by_downscale_noise"], names))
@@ -209,7 +246,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "weights": str(folder),
         "fingerprint": fingerprint([Path(folder)]),
         "seed": args.seed,
-        "size": args.size,
+        "degradation": args.degradation,
+        "size": args.hr_size // 4 if realesrgan else args.size,
         "context": args.context,
         "contiguous": args.contiguous,
         "flips": flips,
@@ -218,6 +256,16 @@ def run_bench(args: argparse.Namespace) -> int:
         "source": where,
         "seconds": {"generate": round(t_gen, 1), "classify": round(t_eval, 1)},
     }
+    if realesrgan:
+        out["hr_size"] = args.hr_size
+        out["by_final_order"] = by_order
+        out["label_values"] = {
+            t: [round(float(v), 3) for v in np.percentile(data.params[:, j], [10, 50, 90])]
+            for j, t in enumerate(data.meta["types"])
+        }
+        out["label_values"]["noise_std"] = [
+            round(float(v), 3) for v in np.percentile(data.meta["noise_std"], [10, 50, 90])
+        ]
     confusion = args.confusion
     if confusion is None:
         confusion = args.json.with_name(args.json.stem + "_confusion.png") if args.json else Path("irpad_confusion.png")
@@ -226,7 +274,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result["confusion"],
         names,
         per_type,
-        title=f"IRPAD, {args.n} held-out synthetic samples (seed {args.seed})",
+        title=f"IRPAD, {args.n} held-out {'Real-ESRGAN LR' if realesrgan else 'synthetic'} samples (seed {args.seed})",
     )
     out["confusion_png"] = str(confusion)
     print(f"confusion matrices: {confusion}")

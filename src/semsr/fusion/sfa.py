@@ -1,50 +1,44 @@
 """XPSR's Semantic-Fusion Attention (SFA) in the SR ControlNet, and the UNet's conditional attention.
 
-**ControlNet side.** In every ``BasicTransformerBlock`` of a diffusers
-``ControlNetModel`` the cross-attention ``attn2`` (which runs after each
-resnet) becomes, with ``x`` the block's normalised hidden states
-``(B, N, C)`` and the two prompts ``c_h`` (high-level, semantic) and ``c_l``
-(low-level, quality/degradation), each ``(B, L, D)``::
+The structure follows XPSR's released code (``models/xpsr``): every attention *layer* is a whole
+diffusers ``Transformer2DModel`` (norm, projections, self-attention, cross-attention, feed-forward,
+residual), and the new layers sit beside the pretrained ones.
 
-    parallel (SFA):  CA_f(q = CA_h(x, c_h), kv = CA_l(x, c_l))      XPSR eq. (2), default
-    serial:          CA_l(CA_h(x, c_h), c_l)                        XPSR eq. (1), Table 3 ablation
-    high:            CA_h(x, c_h)                                   high-level branch only (= plain ControlNet)
-    low:             CA_l(x, c_l)                                   low-level branch only
+**ControlNet side.** For each transformer layer ``T_h`` of the ControlNet (``down_blocks.i.attentions.j``
+and ``mid_block.attentions.j``; it runs after the layer's resnet) SFA adds two layers of the same shape:
+``attentions_lowlevel`` ``T_l`` and ``attentions_connect`` ``T_c``. With ``x`` the resnet output
+``(B, C, h, w)`` and the prompts ``c_h`` (high-level, semantic) and ``c_l`` (low-level, quality /
+degradation), each ``(B, L, D)``, the layer's output becomes::
 
-``CA_h`` is the block's own pretrained cross-attention (its weights and
-state-dict keys are unchanged); ``CA_l`` starts as a copy of it; the fusion
-attention ``CA_f`` (query and key/value both of width ``C``) starts as a copy of
-the block's pretrained self-attention ``attn1``. The block's residual
-connection around ``attn2`` is kept, so the block computes
-``x + SFA(norm(x))`` where it computed ``x + CA(norm(x), c)``.
+    parallel (SFA):  T_c(H, tokens(T_l(x, c_l)))  with H = T_h(x, c_h)   XPSR eq. (2), released; default
+    serial:          T_l(T_h(x, c_h), c_l)                               XPSR eq. (1), Table 3 ablation
+    high:            T_h(x, c_h)                                         high-level branch only (= plain ControlNet)
+    low:             T_l(x, c_l)                                         low-level branch only
 
-**Identities at initialisation** (tested): with ``c_h == c_l == c``,
-``CA_l(x, c) == CA_h(x, c)`` exactly, so ``parallel`` gives
-``attn1(attn2(x, c))`` — the pretrained cross-attention output passed through
-the pretrained self-attention — and ``serial`` gives ``attn2(attn2(x, c), c)``;
-``high`` reproduces the plain ControlNet exactly for any ``c_l``.
+``tokens`` flattens ``(B, C, h, w)`` to ``(B, h*w, C)``: the connecting layer cross-attends from the
+high-level output to the low-level one (its cross-attention width is ``C``). Each ``Transformer2DModel``
+adds its input back, so ``T_c(H, .) = H + ...``: the high-level output (and through it the caption)
+reaches the features through the residual, and the low-level branch adds to it.
 
-The two prompts travel as one context ``cat([c_h, c_l], dim=1)`` of shape
-``(B, 2L, D)`` (both encoded to the same length ``L``) through the ControlNet's
-ordinary ``encoder_hidden_states``; each SFA processor splits it in halves.
+Initialisation as released (``ControlNetModel.from_unet``): ``T_l`` is a copy of ``T_h``; ``T_c`` copies
+every tensor of ``T_h`` whose shape fits (all but its cross-attention keys/values when ``D != C``; those
+keep diffusers' random initialisation).
 
-**UNet side.** The UNet keeps its (frozen) high-level cross-attention on
-``c_h`` and gains a *conditional attention* to the ControlNet's features: in
-every UNet transformer block, ``attn2``'s output gets
-``+ zero_linear(CA_c(q = x, kv = F))`` where ``F`` are the tokens ``(B, N, C)``
-of the ControlNet residual at the block's resolution (the mid-block residual
-at the lowest one). ``CA_c`` starts as a copy of the block's self-attention and
-``zero_linear`` is zero, so the UNet is exactly the plain UNet at
-initialisation. Features are handed over with :meth:`SFAFusion.unet_features`.
+**UNet side** (*conditional attention*, released as ``pixel_attentions``). In the UNet's **up-blocks
+only**, after each layer (resnet, and its transformer in a cross-attention up-block) a
+``Transformer2DModel`` ``P`` attends from the UNet features to the ControlNet residual that is added to
+that layer's skip connection: ``h <- P(h, tokens(r_k))``, ``r_k`` ``(B, C_k, h_k, w_k)`` (scaled by the
+conditioning scale, as the UNet receives it). Down and mid blocks carry no such layer. The UNet keeps
+its frozen high-level cross-attention. ``P``'s output projection starts at zero, so the UNet is exactly
+the pretrained one until trained (released: random initialisation; see docs/xpsr.md).
 
-How it is wired: diffusers attention *processors* (plain objects, not modules)
-are set on the ``attn2`` of each block; the new weights live in one
-:class:`SFAFusion` component (trainable; ``config.json`` +
-``diffusion_pytorch_model.safetensors``, see :mod:`semsr.core.components`).
-Its config records the block names and the constructor arguments of every
-attention it holds, so it is rebuilt from its folder alone;
-:meth:`SFAFusion.from_models` makes a new one from a ControlNet (and UNet).
-The ControlNet's and UNet's state dicts are untouched.
+Wiring: the new layers live in one :class:`SFAFusion` component whose state-dict keys are the released
+ones (``down_blocks.0.attentions_lowlevel.0.*``, ``mid_block.attentions_connect.0.*``,
+``up_blocks.1.pixel_attentions.2.*``), so the released weights map onto it by name; the ControlNet's and
+UNet's own state dicts are untouched. :meth:`SFAFusion.install` puts forward hooks on the pretrained
+layers (``T_h``; the UNet's up-block layers); :meth:`SFAFusion.controlnet_unet_forward` is the one model
+call of inference and training and hands the hooks ``c_l`` and the residuals. The config records every
+layer's ``Transformer2DModel`` arguments, so the component is rebuilt from its folder alone.
 """
 
 from __future__ import annotations
@@ -54,202 +48,257 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models import Transformer2DModel
 from torch import nn
 
 from semsr.core.components import Component, register_component, register_to_config
 from semsr.core.errors import SemsrError
-from semsr.fusion.layers import zero_linear
 
 SFA_MODES = ("parallel", "serial", "high", "low")
+#: Submodule names of the new layers (as in XPSR's released checkpoints).
+LOWLEVEL, CONNECT, PIXEL = "attentions_lowlevel", "attentions_connect", "pixel_attentions"
 
 
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every diffusers ``BasicTransformerBlock`` in ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]
+def transformer_config(layer: nn.Module) -> dict[str, Any]:
+    """The constructor arguments (JSON values) of a diffusers ``Transformer2DModel``."""
+    if not isinstance(layer, Transformer2DModel):
+        raise SemsrError(f"SFA: expected a Transformer2DModel layer, got {type(layer).__name__}")
+    return {k: v for k, v in layer.config.items() if not k.startswith("_")}
 
 
-def _slot(name: str) -> str:
-    return name.replace(".", "__")
+def controlnet_layers(controlnet: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """``(block path, index, layer)`` of every transformer layer of a ControlNet's down and mid blocks."""
+    out = []
+    for i, block in enumerate(controlnet.down_blocks):
+        out += [(f"down_blocks.{i}", j, layer) for j, layer in enumerate(getattr(block, "attentions", None) or ())]
+    mid = getattr(controlnet, "mid_block", None)
+    out += [("mid_block", j, layer) for j, layer in enumerate(getattr(mid, "attentions", None) or ())]
+    return out
 
 
-def attention_config(attn: Attention) -> dict[str, Any]:
-    """The ``Attention`` constructor arguments (JSON values) that rebuild ``attn``'s structure.
+def _residual_channels(unet: nn.Module) -> list[int]:
+    """Channels of each skip connection of ``unet`` (= each ControlNet down residual), in order."""
+    channels = [int(unet.conv_in.out_channels)]
+    for block in unet.down_blocks:
+        channels += [int(r.out_channels) for r in block.resnets]
+        if getattr(block, "downsamplers", None):
+            channels.append(int(block.resnets[-1].out_channels))
+    return channels
 
-    Covers the attentions of SD's transformer blocks (projections, heads, bias,
-    dropout, upcast); any other variant is refused.
+
+def _per_block(value: Any, i: int) -> Any:
+    """An int setting, or its entry for up-block ``i`` of a per-down-block list (reversed)."""
+    return value if isinstance(value, int) else list(reversed(value))[i]
+
+
+def unet_up_layers(unet: nn.Module) -> list[dict[str, Any]]:
+    """Each up-block layer of ``unet`` with the ControlNet residual its skip connection receives.
+
+    Returns dicts ``{"block": "up_blocks.i", "index": j, "residual": k, "channels": C, "residual_channels":
+    C_k, "heads": n, "layers": m}``; the hooked module is the layer's transformer (cross-attention
+    up-blocks) or its resnet.
     """
-    if (
-        attn.residual_connection
-        or attn.rescale_output_factor != 1.0
-        or attn.norm_cross is not None
-        or attn.group_norm is not None
-        or attn.spatial_norm is not None
-        or attn.norm_q is not None
-        or attn.added_kv_proj_dim is not None
-        or attn.out_dim != attn.query_dim
-    ):
-        raise SemsrError("SFA: unsupported attention variant (norms, residual or extra projections)")
+    channels = _residual_channels(unet)
+    remaining = list(range(len(channels)))
+    cfg = unet.config
+    heads_cfg = cfg.num_attention_heads or cfg.attention_head_dim
+    out = []
+    for i, block in enumerate(unet.up_blocks):
+        n = len(block.resnets)
+        taken, remaining = remaining[-n:], remaining[:-n]
+        attentions = getattr(block, "attentions", None)
+        for j, resnet in enumerate(block.resnets):
+            k = taken[-1 - j]  # skip states are consumed from the end, as the UNet does
+            heads = attentions[j].config.num_attention_heads if attentions else _per_block(heads_cfg, i)
+            out.append(
+                {
+                    "block": f"up_blocks.{i}",
+                    "index": j,
+                    "residual": k,
+                    "channels": int(resnet.out_channels),
+                    "residual_channels": channels[k],
+                    "heads": int(heads),
+                    "layers": int(_per_block(cfg.transformer_layers_per_block, i)),
+                }
+            )
+    return out
+
+
+def _pixel_attention_config(unet: nn.Module, layer: dict[str, Any]) -> dict[str, Any]:
+    cfg = unet.config
     return {
-        "query_dim": int(attn.query_dim),
-        "cross_attention_dim": int(attn.cross_attention_dim) if attn.is_cross_attention else None,
-        "heads": int(attn.heads),
-        "dim_head": int(attn.inner_dim // attn.heads),
-        "dropout": float(attn.dropout),
-        "bias": bool(attn.use_bias),
-        "upcast_attention": bool(attn.upcast_attention),
-        "out_bias": attn.to_out[0].bias is not None,
+        "num_attention_heads": layer["heads"],
+        "attention_head_dim": layer["channels"] // layer["heads"],
+        "in_channels": layer["channels"],
+        "num_layers": layer["layers"],
+        "cross_attention_dim": layer["residual_channels"],
+        "norm_num_groups": int(cfg.norm_num_groups),
+        "use_linear_projection": bool(cfg.use_linear_projection),
+        "upcast_attention": bool(cfg.upcast_attention),
     }
 
 
-def _new_attention(config: dict[str, Any]) -> Attention:
-    """A trainable ``Attention`` built from :func:`attention_config`, with the default processor.
-
-    Its weights are always overwritten (by a pretrained attention or a checkpoint), so it is
-    built without advancing the global RNG: making an SFA draws exactly what the zero layers draw.
-    """
-    with torch.random.fork_rng(devices=[]):
-        attn = Attention(**config)
-    attn.set_processor(AttnProcessor2_0())
-    return attn
+def _hooked_module(model: nn.Module, block: str, index: int, unet_side: bool) -> nn.Module:
+    parent = model.get_submodule(block)
+    if unet_side and not getattr(parent, "attentions", None):
+        return parent.resnets[index]
+    return parent.attentions[index]
 
 
-def split_context(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 2L, D)`` two-prompt context -> ``(c_h, c_l)``, each ``(B, L, D)``."""
-    if context.shape[1] % 2:
-        raise SemsrError(f"SFA context must be cat([c_h, c_l], 1) of two equal lengths, got {context.shape[1]} tokens")
-    high, low = context.chunk(2, dim=1)
-    return high, low
+def _remove_hooks(module: nn.Module, kind: type) -> None:
+    """Drop the forward hooks of type ``kind`` from ``module`` (a re-install replaces them)."""
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, kind):
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
 
 
-def two_prompt_context(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """``c_h (B, L, D)`` and ``c_l (B, L, D)`` -> the ControlNet context ``(B, 2L, D)``."""
-    if high.shape != low.shape:
-        raise SemsrError(f"high- and low-level contexts differ in shape: {tuple(high.shape)} vs {tuple(low.shape)}")
-    return torch.cat([high, low], dim=1)
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h*w, C)``."""
+    return x.flatten(2).transpose(1, 2)
 
 
-class _SlotProcessor:
-    """An attention processor bound to ``fusion``'s modules of one block (``slot``), over diffusers' own."""
-
-    def __init__(self, fusion: SFAFusion, slot: str) -> None:
-        self.fusion = fusion
-        self.slot = slot
-        self.base = AttnProcessor2_0()
+def _sample(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
 
 
-class SFAProcessor(_SlotProcessor):
-    """Attention processor of a ControlNet block's ``attn2`` (see the module docstring)."""
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is None:
-            raise SemsrError("SFA needs the two-prompt context cat([c_h, c_l], 1)")
-        c_h, c_l = split_context(encoder_hidden_states)
-        mode = self.fusion.mode
-        low = self.fusion.low[self.slot]
-        if mode == "high":
-            return self.base(attn, hidden_states, c_h, attention_mask)
-        if mode == "low":
-            return low(hidden_states, encoder_hidden_states=c_l)
-        high = self.base(attn, hidden_states, c_h, attention_mask)
-        if mode == "serial":
-            return low(high, encoder_hidden_states=c_l)
-        return self.fusion.fuse[self.slot](high, encoder_hidden_states=low(hidden_states, encoder_hidden_states=c_l))
+def _like(output: Any, sample: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    if isinstance(output, torch.Tensor):
+        return sample
+    return type(output)(sample=sample)
 
 
-class ConditionalAttnProcessor(_SlotProcessor):
-    """Processor of a UNet block's ``attn2``: high-level cross-attention + zero-gated attention to
-    the ControlNet features of the block's resolution (when :meth:`SFAFusion.unet_features` set them)."""
+class _SFAHook:
+    """Forward hook of a ControlNet transformer layer ``T_h``: applies the SFA mode (module docstring)."""
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask)
-        feats = self.fusion._unet_features
-        if not feats or self.slot not in self.fusion.cond:
-            return out
-        tokens = feats.get(hidden_states.shape[1])
-        if tokens is None:
-            return out
-        if tokens.shape[0] != hidden_states.shape[0]:
-            tokens = tokens.repeat(hidden_states.shape[0] // tokens.shape[0], 1, 1)
-        extra = self.fusion.cond[self.slot](hidden_states, encoder_hidden_states=tokens.to(hidden_states.dtype))
-        return out + self.fusion.cond_out[self.slot](extra)
+    def __init__(self, fusion: SFAFusion, block: str, index: int) -> None:
+        self.fusion, self.block, self.index = fusion, block, index
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        fusion = self.fusion
+        if fusion.mode == "high":
+            return None
+        low_ctx = fusion._low_context
+        if low_ctx is None:
+            raise SemsrError("SFA: the ControlNet ran without the low-level prompt (use controlnet_unet_forward)")
+        x = args[0] if args else kwargs["hidden_states"]
+        high = _sample(output)
+        low_layer = fusion.layer(self.block, LOWLEVEL, self.index)
+        c_l = low_ctx.to(x.dtype)
+        if fusion.mode == "serial":
+            new = low_layer(high, encoder_hidden_states=c_l, return_dict=False)[0]
+        elif fusion.mode == "low":
+            new = low_layer(x, encoder_hidden_states=c_l, return_dict=False)[0]
+        else:
+            low = low_layer(x, encoder_hidden_states=c_l, return_dict=False)[0]
+            connect = fusion.layer(self.block, CONNECT, self.index)
+            new = connect(high, encoder_hidden_states=_tokens(low), return_dict=False)[0]
+        return _like(output, new)
+
+
+class _PixelHook:
+    """Forward hook of a UNet up-block layer: conditional attention to its ControlNet residual."""
+
+    def __init__(self, fusion: SFAFusion, block: str, index: int, residual: int) -> None:
+        self.fusion, self.block, self.index, self.residual = fusion, block, index, residual
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+        residuals = self.fusion._residuals
+        if residuals is None:  # a UNet call outside controlnet_unet_forward: plain UNet
+            return None
+        h = _sample(output)
+        tokens = _tokens(residuals[self.residual]).to(h.dtype)
+        layer = self.fusion.layer(self.block, PIXEL, self.index)
+        return _like(output, layer(h, encoder_hidden_states=tokens, return_dict=False)[0])
 
 
 @register_component
 class SFAFusion(Component):
-    """The new attention weights of XPSR: per ControlNet block ``low`` (copy of ``attn2``) and
-    ``fuse`` (copy of ``attn1``); per UNet block ``cond`` (copy of ``attn1``) and ``cond_out`` (zero).
+    """XPSR's new layers: per ControlNet transformer layer ``attentions_lowlevel`` and
+    ``attentions_connect``; per UNet up-block layer ``pixel_attentions`` (the conditional attention).
 
     Args:
-        controlnet_blocks: one entry per ControlNet transformer block, in module order:
-            ``{"name": <block module name>, "low": <attention config>, "fuse": <attention config>}``
-            (:func:`attention_config`).
-        unet_blocks: one entry per UNet transformer block, ``{"name": ..., "cond": <attention config>}``;
-            empty: no conditional attention.
+        controlnet_layers: one entry per ControlNet transformer layer, in module order:
+            ``{"block": "down_blocks.0" | "mid_block", "index": j, "lowlevel": <Transformer2DModel
+            arguments>, "connect": <arguments>}``.
+        unet_layers: one entry per UNet up-block layer (:func:`unet_up_layers` plus ``"pixel"``: its
+            arguments); empty: no conditional attention.
         mode: one of :data:`SFA_MODES` (switchable later by setting ``mode``).
 
-    :meth:`from_models` fills these from a ControlNet and UNet and copies their
-    pretrained attentions into the new ones.
+    State-dict keys are XPSR's released ones (module docstring). :meth:`from_models` fills these
+    from a ControlNet (and UNet) and initialises the layers.
     """
 
     @register_to_config
     def __init__(
         self,
-        controlnet_blocks: list[dict[str, Any]],
-        unet_blocks: list[dict[str, Any]] | None = None,
+        controlnet_layers: list[dict[str, Any]],
+        unet_layers: list[dict[str, Any]] | None = None,
         mode: str = "parallel",
     ) -> None:
         super().__init__()
         self.mode = mode
-        if not controlnet_blocks:
-            raise SemsrError("SFA: the ControlNet has no transformer blocks")
-        self.low = nn.ModuleDict()
-        self.fuse = nn.ModuleDict()
-        self.cond = nn.ModuleDict()
-        self.cond_out = nn.ModuleDict()
-        for block in controlnet_blocks:
-            self.low[_slot(block["name"])] = _new_attention(block["low"])
-            self.fuse[_slot(block["name"])] = _new_attention(block["fuse"])
-        for block in unet_blocks or ():
-            self.cond[_slot(block["name"])] = _new_attention(block["cond"])
-            self.cond_out[_slot(block["name"])] = zero_linear(int(block["cond"]["query_dim"]))
-        self._unet_features: dict[int, torch.Tensor] | None = None
+        if not controlnet_layers:
+            raise SemsrError("SFA: the ControlNet has no transformer layers")
+        with torch.random.fork_rng(devices=[]):  # building never advances the caller's RNG
+            for layer in controlnet_layers:
+                self._add(layer["block"], LOWLEVEL, layer["index"], Transformer2DModel(**layer["lowlevel"]))
+                self._add(layer["block"], CONNECT, layer["index"], Transformer2DModel(**layer["connect"]))
+            for layer in unet_layers or ():
+                pixel = Transformer2DModel(**layer["pixel"])
+                nn.init.zeros_(pixel.proj_out.weight)
+                nn.init.zeros_(pixel.proj_out.bias)
+                self._add(layer["block"], PIXEL, layer["index"], pixel)
+        self._low_context: torch.Tensor | None = None
+        self._residuals: Sequence[torch.Tensor] | None = None
+
+    def _add(self, block: str, kind: str, index: int, module: nn.Module) -> None:
+        node: nn.Module = self
+        for part in [*block.split("."), kind]:
+            if part not in node._modules:
+                node.add_module(part, nn.ModuleDict())
+            node = node._modules[part]
+        node.add_module(str(index), module)
+
+    def layer(self, block: str, kind: str, index: int) -> nn.Module:
+        """The new layer ``<block>.<kind>.<index>`` (e.g. ``down_blocks.0``, :data:`LOWLEVEL`, 1)."""
+        return self.get_submodule(f"{block}.{kind}.{index}")
 
     @classmethod
     def from_models(cls, controlnet: nn.Module, unet: nn.Module | None = None, mode: str = "parallel") -> SFAFusion:
-        """A new SFA for ``controlnet`` (and the conditional attention for ``unet``, if given): the new
-        attentions start as copies of the pretrained ones (see the module docstring), ``cond_out`` at zero."""
-        cn_blocks = transformer_blocks(controlnet)
-        unet_blocks = transformer_blocks(unet) if unet is not None else []
+        """New SFA layers for ``controlnet`` (and the conditional attention for ``unet``, if given),
+        initialised as the module docstring says."""
+        cn_layers = controlnet_layers(controlnet)
+        entries = []
+        for block, j, layer in cn_layers:
+            cfg = transformer_config(layer)
+            entries.append(
+                {
+                    "block": block,
+                    "index": j,
+                    "lowlevel": cfg,
+                    "connect": {**cfg, "cross_attention_dim": int(cfg["in_channels"])},
+                }
+            )
+        up = unet_up_layers(unet) if unet is not None else []
         fusion = cls(
-            controlnet_blocks=[
-                {"name": n, "low": attention_config(b.attn2), "fuse": attention_config(b.attn1)} for n, b in cn_blocks
-            ],
-            unet_blocks=[{"name": n, "cond": attention_config(b.attn1)} for n, b in unet_blocks],
+            controlnet_layers=entries,
+            unet_layers=[{**u, "pixel": _pixel_attention_config(unet, u)} for u in up],
             mode=mode,
         )
-        pairs = [(fusion.low, n, b.attn2) for n, b in cn_blocks] + [(fusion.fuse, n, b.attn1) for n, b in cn_blocks]
-        pairs += [(fusion.cond, n, b.attn1) for n, b in unet_blocks]
+        weight = next(controlnet.parameters())
+        if (weight.device, weight.dtype) != (torch.device("cpu"), torch.float32):
+            fusion.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            for modules, name, pretrained in pairs:
-                weight = pretrained.to_q.weight
-                modules[_slot(name)].to(device=weight.device, dtype=weight.dtype)
-                modules[_slot(name)].load_state_dict(pretrained.state_dict())
+            for block, j, layer in cn_layers:
+                pretrained = layer.state_dict()
+                fusion.layer(block, LOWLEVEL, j).load_state_dict(pretrained)
+                connect = fusion.layer(block, CONNECT, j)
+                fits = {k: v for k, v in pretrained.items() if v.shape == connect.state_dict()[k].shape}
+                connect.load_state_dict(fits, strict=False)
         return fusion
 
     @property
@@ -263,30 +312,60 @@ class SFAFusion(Component):
         self._mode = value
         self.register_to_config(mode=value)  # saved with the weights
 
+    @property
+    def conditional_attention(self) -> bool:
+        """Whether this SFA carries the UNet's conditional attention."""
+        return bool(self.config.unet_layers)
+
+    def freeze_unused(self) -> None:
+        """Stop gradients of the layers the current mode does not run (``attentions_connect`` outside
+        ``parallel``, ``attentions_lowlevel`` in ``high``), so distributed training sees no unused
+        trainable parameters."""
+        unused = {CONNECT} if self.mode != "high" else {CONNECT, LOWLEVEL}
+        if self.mode == "parallel":
+            unused = set()
+        for name, param in self.named_parameters():
+            if any(f".{kind}." in f".{name}" for kind in unused):
+                param.requires_grad_(False)
+
     # ------------------------------------------------------------------ wiring
 
     def install(self, controlnet: nn.Module, unet: nn.Module | None = None) -> None:
-        """Set the SFA processors on ``controlnet`` (and conditional ones on ``unet``)."""
-        for name, block in transformer_blocks(controlnet):
-            if _slot(name) not in self.low:
-                raise SemsrError(f"SFA weights have no block {name}: ControlNet architecture differs")
-            block.attn2.set_processor(SFAProcessor(self, _slot(name)))
-        if unet is not None and len(self.cond):
-            for name, block in transformer_blocks(unet):
-                block.attn2.set_processor(ConditionalAttnProcessor(self, _slot(name)))
+        """Hook these layers into ``controlnet`` (and ``unet``); a re-install replaces earlier hooks."""
+        found = {(b, j) for b, j, _ in controlnet_layers(controlnet)}
+        mine = {(e["block"], int(e["index"])) for e in self.config.controlnet_layers}
+        if found != mine:
+            missing = sorted(found ^ mine)[0]
+            raise SemsrError(f"SFA weights do not fit this ControlNet (layer {missing[0]}.{missing[1]})")
+        for block, j in sorted(found):
+            target = _hooked_module(controlnet, block, j, unet_side=False)
+            _remove_hooks(target, _SFAHook)
+            target.register_forward_hook(_SFAHook(self, block, j), with_kwargs=True)
+        if unet is None:
+            return
+        layers = unet_up_layers(unet)
+        for layer in layers:
+            _remove_hooks(_hooked_module(unet, layer["block"], layer["index"], unet_side=True), _PixelHook)
+        if not self.conditional_attention:
+            return
+        mine_unet = [(e["block"], int(e["index"]), int(e["residual"])) for e in self.config.unet_layers]
+        if [(u["block"], u["index"], u["residual"]) for u in layers] != mine_unet:
+            raise SemsrError("SFA conditional-attention weights do not fit this UNet's up-blocks")
+        for block, j, k in mine_unet:
+            target = _hooked_module(unet, block, j, unet_side=True)
+            target.register_forward_hook(_PixelHook(self, block, j, k))
 
     @contextlib.contextmanager
-    def unet_features(self, down: Sequence[torch.Tensor], mid: torch.Tensor) -> Iterator[None]:
-        """Make the ControlNet residuals ``down`` (each ``(B, C_i, h_i, w_i)``) and ``mid`` the
-        conditional attention's keys/values for UNet calls inside the ``with`` block."""
-        feats: dict[int, torch.Tensor] = {}
-        for f in list(down) + [mid]:  # later (deeper) features at a resolution win; mid wins at the lowest
-            feats[f.shape[-2] * f.shape[-1]] = f.flatten(2).transpose(1, 2)
-        self._unet_features = feats
+    def conditions(
+        self, low: torch.Tensor | None = None, residuals: Sequence[torch.Tensor] | None = None
+    ) -> Iterator[None]:
+        """Give the hooks the low-level context ``low`` ``(B, L, D)`` (ControlNet calls) and the
+        ControlNet down residuals (UNet calls) for the calls inside the ``with`` block."""
+        self._low_context, self._residuals = low, residuals
         try:
             yield
         finally:
-            self._unet_features = None
+            self._low_context, self._residuals = None, None
 
     def controlnet_unet_forward(
         self,
@@ -298,34 +377,39 @@ class SFAFusion(Component):
         low: torch.Tensor,
         hint: torch.Tensor,
         conditioning_scale: float = 1.0,
+        unet_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """XPSR's model call: ControlNet on ``(c_h, c_l)`` with SFA, UNet on ``c_h`` + conditional attention.
 
-        The one forward of inference and training. The ControlNet residuals are cast to ``x``'s
-        dtype (the frozen UNet's): under mixed precision a prepared trainable module returns fp32.
+        The one forward of inference and training (the layers must be :meth:`install`-ed). The
+        ControlNet residuals are cast to ``x``'s dtype (the frozen UNet's): under mixed precision a
+        prepared trainable module returns fp32.
 
         Args:
             x: ``(B, 4, h, w)`` noisy latent in the UNet's dtype; t: scalar or ``(B,)`` timesteps.
             high, low: ``(B, L, D)`` high- and low-level contexts.
             hint: ``(B, 3, f*h, f*w)`` in [0, 1].
+            unet_context: ``(B, L', D)`` the UNet's cross-attention context instead of ``high``
+                (DaLPSR: both prompts, see :func:`semsr.methods.xpsr.unet_context`).
         Returns:
             ``(B, 4, h, w)`` model output.
         """
-        down, mid = controlnet(
-            x,
-            t,
-            encoder_hidden_states=two_prompt_context(high, low),
-            controlnet_cond=hint,
-            conditioning_scale=conditioning_scale,
-            return_dict=False,
-        )
-        down = [d.to(x.dtype) for d in down]
-        mid = mid.to(x.dtype)
-        with self.unet_features(down, mid):
-            return unet(
+        with self.conditions(low=low):
+            down, mid = controlnet(
                 x,
                 t,
                 encoder_hidden_states=high,
+                controlnet_cond=hint,
+                conditioning_scale=conditioning_scale,
+                return_dict=False,
+            )
+        down = [d.to(x.dtype) for d in down]
+        mid = mid.to(x.dtype)
+        with self.conditions(residuals=down):
+            return unet(
+                x,
+                t,
+                encoder_hidden_states=high if unet_context is None else unet_context,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
                 return_dict=False,

@@ -1,9 +1,11 @@
 """DaLPSR (degradation-aligned language prompts) on SD + SR ControlNet, and the ``dalpsr`` method.
 
-One stage, two prompts through cross-attention in the ControlNet (the
-:class:`~semsr.methods.xpsr.TwoPromptSR` pipeline; the checkpoint's ``sfa``
-component says how the two cross-attentions are combined — the tiny and
-trained DaLPSR checkpoints use ``serial``: semantic, then degradation)::
+One stage, two prompts through cross-attention (the
+:class:`~semsr.methods.xpsr.TwoPromptSR` pipeline with ``unet_prompts="both"``):
+the denoising UNet cross-attends to both prompts, ``cat([c_sem, c_deg], tokens)``
+(the paper: "both prompts condition the denoising U-Net"); in the ControlNet the
+checkpoint's ``sfa`` component says how the two cross-attentions are combined
+(the tiny and trained DaLPSR checkpoints use ``serial``: semantic, then degradation)::
 
     degradation prompt  = IRPAD's per-type interval description   (semsr.priors.irpad, shipped weights)
     semantic prompt     = VLM caption steered by tagger labels    (--vlm, --tagger; semsr.priors.vlm/tagger)
@@ -24,6 +26,9 @@ from semsr.methods import register
 from semsr.methods.xpsr import TwoPromptSR, XPSROptions, build_two_prompt
 from semsr.priors.prompts import TextPriors
 
+#: The UNet's cross-attention context: semantic and degradation prompt (:func:`semsr.methods.xpsr.unet_context`).
+DALPSR_UNET_PROMPTS = "both"
+
 
 @dataclass(kw_only=True, frozen=True)
 class DaLPSROptions(XPSROptions):
@@ -43,10 +48,12 @@ def build(options: DaLPSROptions) -> TwoPromptSR:
             vlm=options.vlm,
             tagger=options.tagger,
             low_source="irpad",
+            no_vlm=options.no_vlm,
             irpad_weights=options.irpad,
             use_tags_with_vlm=True,
             device=str(options.device),
         ),
+        unet_prompts=DALPSR_UNET_PROMPTS,
     )
 
 

@@ -4,15 +4,18 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 
     LR --TextPriors (VLM caption / quality; cached)--> high c_h, low c_l prompts   (semsr.priors.prompts)
     high += ", clean, high-resolution, 8k, high quality"                           (XPSR's added positive)
-    ControlNet(z_t, [c_h; c_l], hint) with SFA  -> residuals                       (semsr.fusion.sfa)
-    UNet(z_t, c_h, residuals) + conditional attention to the ControlNet features
+    ControlNet(z_t, c_h, hint) + SFA layers on c_l  -> residuals                   (semsr.fusion.sfa)
+    UNet(z_t, c_h, residuals) + up-block conditional attention to the residuals    (DaLPSR: c_h and c_l)
     CFG: eps = eps(neg_h, neg_l) + s * [eps(c_h, c_l) - eps(neg_h, neg_l)]
          neg_h = "blurry, dotted, noise, unclear, low-res, over-smoothed" (--negative-prompt)
          neg_l = "high resolution, best quality, clear"                   (--low-negative-prompt)
     DDPM 20 steps, s = 4.5, start from the LR latent noised to t=T, AdaIN colour fix
 
-Without a VLM on disk the high-level prompt is the user prompt and the
-low-level one IRPAD's degradation description (one note on stderr says so).
+A VLM is required: without ``--vlm`` (or ``weights_dir()/vlm``) the build fails with one
+line naming ``--vlm`` and ``--no-vlm``. ``--no-vlm`` is the explicit opt-out: the high-level
+prompt is the user prompt and the low-level one IRPAD's degradation description, and
+``SROutput.priors["no_vlm"]`` records it.
+
 The checkpoint folder (``--checkpoint``) is a component checkpoint
 (:mod:`semsr.core.components`) of recipe ``xpsr`` or ``dalpsr`` with the
 components ``controlnet`` (diffusers ControlNet), ``sfa``
@@ -59,6 +62,9 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5
 #: Recipes whose checkpoints hold the two-prompt layout (``controlnet``, ``sfa``, ``dfc``).
 TWO_PROMPT_RECIPES = ("xpsr", "dalpsr")
+#: Which prompts form the UNet's cross-attention context: ``high`` (XPSR: ``c_h`` only) or
+#: ``both`` (DaLPSR: ``cat([c_h, c_l], tokens)``, semantic and degradation prompt).
+UNET_PROMPTS = ("high", "both")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -71,6 +77,7 @@ class XPSROptions(LatentSROptions):
     vlm: Path | None = option(
         None, stage="build", metavar="DIR", help="vision-language model folder (default: weights/vlm if present)"
     )
+    no_vlm: bool = option(False, stage="build", help="no VLM: use my prompt (+ IRPAD)")
     irpad: Path | None = option(
         None, stage="build", metavar="DIR", help="IRPAD weights folder (default: the shipped weights)"
     )
@@ -103,6 +110,16 @@ def join_prompt(*parts: str | None) -> str:
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
 
 
+def unet_context(high: torch.Tensor, low: torch.Tensor, prompts: str) -> torch.Tensor:
+    """The UNet's cross-attention context from ``c_h`` and ``c_l`` (each ``(B, L, D)``): ``c_h``
+    for ``prompts="high"``, ``cat([c_h, c_l], 1)`` ``(B, 2L, D)`` for ``"both"`` (see :data:`UNET_PROMPTS`)."""
+    if prompts == "high":
+        return high
+    if prompts == "both":
+        return torch.cat([high, low], dim=1)
+    raise SemsrError(f"unet_prompts must be one of {', '.join(UNET_PROMPTS)}, got {prompts!r}")
+
+
 def _per_image(values: list[str], batch: int, what: str) -> list[str]:
     if len(values) != batch:
         raise SemsrError(f"{len(values)} {what} for {batch} images")
@@ -128,6 +145,8 @@ class TwoPromptSR(SDControlNetSR):
         sfa: the semantic-fusion weights (installed on ``controlnet`` and ``unet``).
         priors: the text priors of the recipe (VLM / tagger / IRPAD); ``None`` for a pipeline
             that is always given its prompts (e.g. validation during training).
+        unet_prompts: which prompts the UNet cross-attends to (:data:`UNET_PROMPTS`): ``"high"``
+            (XPSR) or ``"both"`` (DaLPSR).
         **kwargs: as :class:`~semsr.pipeline.sd_controlnet.SDControlNetSR` (``name``, ``scale``,
             ``options_class``: the recipe's options class, whose defaults a call without options uses).
     """
@@ -135,9 +154,14 @@ class TwoPromptSR(SDControlNetSR):
     name = "xpsr"
     options_class: type[XPSROptions] = XPSROptions  # type: ignore[assignment]
 
-    def __init__(self, *, sfa: SFAFusion, priors: TextPriors | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, sfa: SFAFusion, priors: TextPriors | None = None, unet_prompts: str = "high", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if unet_prompts not in UNET_PROMPTS:
+            raise SemsrError(f"unet_prompts must be one of {', '.join(UNET_PROMPTS)}, got {unet_prompts!r}")
         self.priors = priors
+        self.unet_prompts = unet_prompts
         self.sfa = prepare_module(sfa, device=self.device, dtype=self.dtype)
         self.sfa.install(self.controlnet, self.unet)
 
@@ -154,7 +178,7 @@ class TwoPromptSR(SDControlNetSR):
         """``base`` SD folder/file + ``checkpoint`` (an ``xpsr``/``dalpsr`` checkpoint folder).
 
         ``sfa_mode`` overrides the checkpoint's; ``kwargs``: ``device``, ``dtype``, ``priors``,
-        ``scale``, ``name``, ``options_class``, ``channels_last``, ``compile``.
+        ``unet_prompts``, ``scale``, ``name``, ``options_class``, ``channels_last``, ``compile``.
         """
         device = torch.device(kwargs.get("device", "cpu"))
         dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
@@ -206,9 +230,19 @@ class TwoPromptSR(SDControlNetSR):
         hint: torch.Tensor,
         conditioning_scale: float,
     ) -> torch.Tensor:
-        """The SFA ControlNet + UNet call; ``cond`` is ``{"context": c_h, "low": c_l}`` (each ``(N, L, D)``)."""
+        """The SFA ControlNet + UNet call; ``cond`` is ``{"context": c_h, "low": c_l}`` (each ``(N, L, D)``);
+        the UNet's context is :func:`unet_context` of them (:attr:`unet_prompts`)."""
+        high, low = cond["context"], cond["low"]
         return self.sfa.controlnet_unet_forward(
-            self.unet, self.controlnet, x, t, cond["context"], cond["low"], hint, conditioning_scale
+            self.unet,
+            self.controlnet,
+            x,
+            t,
+            high,
+            low,
+            hint,
+            conditioning_scale,
+            unet_context=unet_context(high, low, self.unet_prompts),
         )
 
     def text_conditions(self, x: torch.Tensor, prompt: str | None = None) -> list[TextConditions]:
@@ -282,6 +316,7 @@ class TwoPromptSR(SDControlNetSR):
                 "low_prompt": lows[0],
                 "low_negative_prompt": opts.low_negative_prompt,
                 "user_prompt": (opts.prompt or None) if use_high else None,
+                "no_vlm": True if self.priors is not None and self.priors.no_vlm else None,
                 **used,
             }
         )
@@ -307,9 +342,11 @@ class TwoPromptSR(SDControlNetSR):
 # ----------------------------------------------------------------------------- method
 
 
-def build_two_prompt(name: str, options: XPSROptions, make_priors: Callable[[], TextPriors]) -> TwoPromptSR:
+def build_two_prompt(
+    name: str, options: XPSROptions, make_priors: Callable[[], TextPriors], *, unet_prompts: str = "high"
+) -> TwoPromptSR:
     """The shared factory of ``xpsr`` and ``dalpsr``: checks the paths, loads the checkpoint, then
-    gives the pipeline the recipe's text priors (``make_priors()``)."""
+    gives the pipeline the recipe's text priors (``make_priors()``); ``unet_prompts`` as :class:`TwoPromptSR`."""
     require_paths(
         name,
         options,
@@ -329,17 +366,24 @@ def build_two_prompt(name: str, options: XPSROptions, make_priors: Callable[[], 
         scale=options.scale,
         name=name,
         options_class=type(options),
+        unet_prompts=unet_prompts,
     )
     pipe.priors = make_priors()
     return pipe
 
 
 def build(options: XPSROptions) -> TwoPromptSR:
-    """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (optional)."""
+    """Factory of ``xpsr``: ``base`` SD, ``checkpoint`` XPSR folder, ``vlm`` VLM folder (or ``no_vlm``)."""
     return build_two_prompt(
         "xpsr",
         options,
-        lambda: TextPriors(vlm=options.vlm, low_source="vlm", irpad_weights=options.irpad, device=str(options.device)),
+        lambda: TextPriors(
+            vlm=options.vlm,
+            low_source="vlm",
+            no_vlm=options.no_vlm,
+            irpad_weights=options.irpad,
+            device=str(options.device),
+        ),
     )
 
 
@@ -350,7 +394,7 @@ register(
         options=XPSROptions,
         scale=4,
         summary="XPSR: VLM caption + quality prompts through Semantic-Fusion Attention "
-        "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; without --vlm: prompt + IRPAD)",
+        "(--base SD, --checkpoint XPSR folder, --vlm VLM folder; or --no-vlm: your prompt + IRPAD)",
         suggests_priors=True,
         diffusion=True,
         weight_paths=("base", "checkpoint", "vlm", "irpad"),

@@ -21,7 +21,7 @@ Text conditions
 *low-level* (degradation/quality) prompt, from cached providers:
 
 =========  ===========================================  ==========================================
-           with a VLM                                   without a VLM (said once on stderr)
+           with a VLM                                   ``no_vlm=True`` (the explicit opt-out)
 =========  ===========================================  ==========================================
 high       VLM caption (tag-steered when a tagger is    user prompt, plus the tags when a tagger
            given), user prompt in front                 is given ("" when neither)
@@ -29,6 +29,9 @@ low        ``low_source="vlm"``: VLM quality answer     IRPAD description
            ``low_source="irpad"``: IRPAD description
 =========  ===========================================  ==========================================
 
+There is no silent fallback: without a VLM folder (``vlm`` nor ``weights_dir()/"vlm"``) and
+without ``no_vlm=True`` a :class:`TextPriors` is not built (one-line error naming ``--vlm`` and
+``--no-vlm``, :data:`NO_VLM_HINT`); ``no_vlm`` together with a ``vlm`` path is an error too.
 XPSR uses ``low_source="vlm"``, DaLPSR ``low_source="irpad"`` with a tagger.
 The user prompt of an image is an argument of each call
 (``priors(image, prompt)``; a :class:`UserPrompts` picks it per file), so one
@@ -42,7 +45,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,16 +60,8 @@ from semsr.priors.vlm import DEFAULT_MAX_NEW_TOKENS, VLMTextProvider, vlm_folder
 
 _FILE_KEYS = ("file", "filename", "image", "name", "path")
 _PROMPT_KEYS = ("prompt", "caption", "text")
-_noted: set[str] = set()
-
-
-def note_once(key: str, message: str) -> bool:
-    """Print ``semsr: note: <message>`` to stderr the first time ``key`` is seen; returns whether it printed."""
-    if key in _noted:
-        return False
-    _noted.add(key)
-    print(f"semsr: note: {message}", file=sys.stderr)
-    return True
+#: What to pass when no VLM is found (the error of :class:`TextPriors`).
+NO_VLM_HINT = "pass --vlm PATH (a local VLM folder), or --no-vlm to run on your prompt (+ IRPAD) without one"
 
 
 def _normalise_key(key: str) -> str:
@@ -191,9 +185,10 @@ class TextPriors:
     """High- and low-level prompts per image for XPSR / DaLPSR (see module docstring).
 
     Args:
-        vlm: VLM folder; ``None`` tries ``weights_dir()/"vlm"`` and falls back
-            (with one note on stderr) when it does not exist. An explicit path
-            that cannot be loaded is an error.
+        vlm: VLM folder; ``None`` tries ``weights_dir()/"vlm"``. A folder that is not there is an
+            error (:class:`~semsr.core.errors.UnavailableError` naming ``--vlm`` / ``--no-vlm``).
+        no_vlm: the explicit opt-out: no VLM; the semantic prompt is the user prompt (+ tags) and
+            the low-level one IRPAD's description (module docstring). Excludes ``vlm``.
         tagger: tagger folder (optional).
         low_source: ``"vlm"`` (XPSR) or ``"irpad"`` (DaLPSR).
         irpad_weights: IRPAD folder (default: shipped weights).
@@ -209,6 +204,7 @@ class TextPriors:
         vlm: str | Path | None = None,
         tagger: str | Path | None = None,
         low_source: str = "vlm",
+        no_vlm: bool = False,
         irpad_weights: str | Path | None = None,
         user_mode: str = "prepend",
         high_instruction: str | None = None,
@@ -227,13 +223,15 @@ class TextPriors:
         self.user_mode = user_mode
         self.low_source = low_source
         self.tags: Any = wrap(TagsProvider(tagger, device=device)) if tagger is not None else None
-        folder: Path | None
-        try:
-            folder = vlm_folder(vlm)
-        except UnavailableError:
-            if vlm is not None:
-                raise
-            folder = None
+        if no_vlm and vlm is not None:
+            raise UnavailableError("--vlm and --no-vlm exclude each other; give one", vlm)
+        self.no_vlm = bool(no_vlm)
+        folder: Path | None = None
+        if not no_vlm:
+            try:
+                folder = vlm_folder(vlm)
+            except UnavailableError as err:
+                raise UnavailableError(f"no vision-language model here; {NO_VLM_HINT}", err.path) from None
         self.caption: Any = None
         self.quality: Any = None
         if folder is not None:
@@ -253,13 +251,6 @@ class TextPriors:
                 self.quality = wrap(
                     VLMTextProvider("quality", low_instruction, folder, max_new_tokens=n, device=device, dtype=dtype)
                 )
-        else:
-            high = "the user prompt" + (" and the tagger's tags" if self.tags is not None else "")
-            note_once(
-                "no-vlm",
-                "no vision-language model (give --vlm PATH): the semantic prompt is "
-                f"{high}, the degradation prompt is IRPAD's description",
-            )
         self.irpad: Any = None
         if self.quality is None:
             self.irpad = wrap(IRPADProvider(irpad_weights, device=device))

@@ -10,6 +10,11 @@ classifier (softmax head) is accepted too when ``problem_type`` says so or is
 unset — its softmax probabilities are thresholded the same way.
 
 ``"tags"`` results carry ``meta["scores"]`` (tag -> score, rounded).
+
+recognize-anything checkpoints (RAM / RAM++ ``.pth``: Swin-L + a BERT
+query2label head) are not loaded; why, and the accepted format, in
+docs/dalpsr.md. DaLPSR's LR-robust fine-tuning of a tagger's image encoder is
+the ``dalpsr-encoder`` training task (:mod:`semsr.train.dalpsr_encoder`).
 """
 
 from __future__ import annotations
@@ -50,7 +55,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def tagger_folder(path: str | Path | None) -> Path:
-    """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing."""
+    """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing
+    (naming recognize-anything ``.pth`` checkpoints, which are not a supported format, when given one)."""
+    given = Path(path).expanduser() if path is not None else None
+    if given is not None and not (given / "config.json").is_file():
+        pth = sorted(given.glob("*.pth")) if given.is_dir() else ([given] if given.suffix == ".pth" else [])
+        if pth:
+            raise UnavailableError(
+                f"{pth[0].name}: recognize-anything (RAM/RAM++) .pth checkpoints are not a supported tagger format; "
+                "pass a transformers image-classification folder (docs/dalpsr.md, Tagger)",
+                given,
+            )
     return model_folder(
         path,
         "tagger",

@@ -5,10 +5,10 @@ recipes ``xpsr`` / ``dalpsr``) for the tiny SD (``root/sd``, written before) wit
 
 - ``controlnet``: diffusers ControlNet (non-zero zero-convs);
 - ``sfa``: :class:`~semsr.fusion.sfa.SFAFusion`; ``xpsr`` in ``parallel`` mode with the
-  UNet's conditional attention, ``dalpsr`` in ``serial`` mode without it; the conditional
-  attention's zero layers get small random weights so it visibly acts (a fresh one is an
-  exact no-op);
-- ``dfc``: the Degradation-Free Constraint heads (training only).
+  UNet's conditional attention (``pixel_attentions`` in the up-blocks), ``dalpsr`` in ``serial``
+  mode without it; the conditional attention's output projections (zero when new) get small
+  random weights so it visibly acts;
+- ``dfc``: the Degradation-Free Constraint heads (the paper's set; training only).
 
 ``irpad-untrained``: a random IRPAD component folder for tests.
 """
@@ -36,8 +36,9 @@ def write_two_prompt_checkpoint(folder: Path, sd: Path, recipe: str, mode: str, 
     controlnet = tiny_controlnet(unet)
     fusion = SFAFusion.from_models(controlnet, unet if conditional_attention else None, mode=mode)
     with torch.no_grad():
-        for layer in fusion.cond_out.values():
-            torch.nn.init.normal_(layer.weight, std=0.05)
+        for name, param in fusion.named_parameters():
+            if ".pixel_attentions." in name and ".proj_out." in name:
+                torch.nn.init.normal_(param, std=0.05)
     dfc = DFCHeads.from_controlnet(controlnet)
     return save_checkpoint(folder, recipe, {"controlnet": controlnet, "sfa": fusion, "dfc": dfc})
 

@@ -219,6 +219,7 @@ class CropDataset(Dataset):
     - ``prompt``: the caption (or the configured default prompt)
     - ``seed``: int64 seed for the task's per-sample random draws
     - ``position``: ``p``
+    - ``path``: the HR image file (e.g. for prompts precomputed per image)
     """
 
     def __init__(
@@ -287,6 +288,7 @@ class CropDataset(Dataset):
             "prompt": item.caption if item.caption is not None else self.cfg.prompt,
             "seed": torch.tensor(derive_seed(self.seed, "task", position), dtype=torch.int64),
             "position": torch.tensor(position, dtype=torch.int64),
+            "path": str(item.path),
         }
 
 

@@ -577,7 +577,8 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
     """Per-type interval accuracy and confusion matrices of ``estimator`` on ``data``.
 
     Returns ``{"per_type": {type: acc}, "confusion": {type: [[count]] (true x predicted)}, "n": N,
-    "mean": mean accuracy, "by_downscale_noise": {type: [[acc or None]]}}``; the last splits each
+    "mean": mean accuracy, "by_downscale_noise": {type: [[acc or None]]}, "predictions": int64 (N, 4)
+    level indices}``; ``by_downscale_noise`` splits each
     type's accuracy by the true downscale level (rows) and true noise level (columns), where the
     confusable cases sit (no noise: resampling vs blur); ``None`` marks an empty cell.
     """
@@ -611,6 +612,7 @@ def accuracy(estimator: IRPADEstimator, data: IRPADData, batch_size: int = 128) 
         "n": len(data),
         "confusion": {t: c.tolist() for t, c in conf.items()},
         "by_downscale_noise": split,
+        "predictions": preds,
     }
 
 

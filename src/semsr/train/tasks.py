@@ -71,6 +71,7 @@ TASK_MODULES: list[str] = [
     "semsr.train.rfa_sr",
     "semsr.train.rfa",
     "semsr.train.irpad",
+    "semsr.train.dalpsr_encoder",
     "semsr.train.vq",
 ]
 

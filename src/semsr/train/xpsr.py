@@ -1,30 +1,42 @@
 """XPSR and DaLPSR training: tasks ``xpsr`` and ``dalpsr`` (frozen SD; trainable ControlNet + new attention).
 
-Per sample: the high-level prompt ``c_h`` and the low-level prompt ``c_l`` come
-from :class:`~semsr.priors.prompts.TextPriors` on the LR crop (cached per
-image content): XPSR asks the VLM for the quality description
-(``low_source: vlm``), DaLPSR uses IRPAD's degradation description
-(``low_source: irpad``; tags from ``tagger`` steer the caption). The batch
-caption (manifest or ``data.prompt``) is the high-level prompt when it is not
-empty; otherwise the VLM caption (or ``""`` without a VLM). With probability
-``train.null_prompt_prob`` both prompts become ``""`` (classifier-free guidance).
+Prompts per sample, high-level ``c_h`` and low-level ``c_l``:
+
+- **precomputed** (``prompts: FILE``, XPSR's released way and the XPSR config's): the record of the
+  sample's HR image in the JSON-lines file (:mod:`semsr.train.xpsr_prompts`): ``c_h`` = the caption of
+  the HR image, ``c_l`` = the quality answer for its LR image (``low_gt``, the answer for the HR
+  image, where the HR crop is the hint); with ``low_source: irpad`` ``c_l`` is IRPAD's description of
+  the hint. A training image without a record is a one-line error before the first step.
+- **online** (no ``prompts``): :class:`~semsr.priors.prompts.TextPriors` on the hint image (cached per
+  image content): XPSR asks the VLM (``low_source: vlm``), DaLPSR uses IRPAD (``low_source: irpad``;
+  tags from ``tagger`` steer the caption). A non-empty batch caption (manifest or ``data.prompt``)
+  replaces the caption. Without ``vlm`` this needs ``no_vlm: true`` (no silent fallback).
+
+With probability ``train.null_prompt_prob`` both prompts become ``""`` (classifier-free guidance).
+With probability ``gt_hint_prob`` (XPSR: 0.1, as released; DaLPSR: 0) the HR crop replaces the
+bicubic LR as the ControlNet hint (released: ``original_image_ratio=0.1``). Validation SRs the
+held-out LR images with prompts from ``TextPriors`` (the VLM, or ``no_vlm``), as inference does.
 
 Model: :class:`XPSRTrainable` = ControlNet (SFA processors) + :class:`~semsr.fusion.sfa.SFAFusion`
 (low-level and fusion attentions, UNet conditional attention) + :class:`~semsr.fusion.dfc.DFCHeads`;
 its forward is the inference one (:meth:`~semsr.fusion.sfa.SFAFusion.controlnet_unet_forward`)
 with the DFC features captured. Outputs ``pred``/``target`` (eps-MSE) and
-``dfc_pred``/``dfc_target`` (loss term ``dfc``, registered here); the configs
-weight them ``eps_mse: 1.0, dfc: 0.05``. ``export`` writes a complete
+``dfc_pred``/``dfc_target`` (loss term ``dfc``, registered here); the XPSR configs
+weight them ``eps_mse: 1.0, dfc: 0.05``, the DaLPSR ones train with ``eps_mse`` alone
+(the paper's plain diffusion loss; without a ``dfc`` term the task has no DFC heads). ``export`` writes a complete
 ``--checkpoint`` folder: the checkpoint of recipe ``xpsr`` / ``dalpsr``
 (:func:`semsr.core.components.save_checkpoint`) with the components
-``controlnet``, ``sfa`` and ``dfc``.
+``controlnet``, ``sfa`` and ``dfc``. ``dfc_heads``: ``paper`` (3 latent heads, default) or
+``released`` (every residual + mid), see :mod:`semsr.fusion.dfc`.
 
 ``model.options`` (besides ``conditioning_channels``): ``sfa_mode``
 (parallel|serial|high|low; xpsr: parallel, dalpsr: serial), ``conditional_attention``
-(xpsr: true, dalpsr: false), ``init`` (checkpoint folder to continue from), ``vlm``,
+(xpsr: true, dalpsr: false), ``unet_prompts`` (the UNet's cross-attention context, high|both;
+xpsr: high, dalpsr: both), ``init`` (checkpoint folder to continue from), ``vlm``,
 ``tagger``, ``irpad`` (folders; ``tiny://vlm``, ``tiny://tagger``,
 ``tiny://irpad-untrained`` are the tiny ones, see :func:`semsr.testing.tiny.resolve_model_path`), ``low_source`` (vlm|irpad),
-``max_new_tokens`` (VLM answer length), ``added_prompt`` (appended to the
+``no_vlm`` (the explicit no-VLM opt-out), ``prompts`` (precomputed prompts file), ``gt_hint_prob``,
+``dfc_heads`` (paper|released), ``max_new_tokens`` (VLM answer length), ``added_prompt`` (appended to the
 high-level prompt at validation, XPSR's "clean, high-resolution, 8k, high quality").
 """
 
@@ -39,14 +51,24 @@ from torch import nn
 
 from semsr.core.components import save_checkpoint
 from semsr.core.errors import SemsrError
-from semsr.fusion.dfc import DFCHeads, dfc_loss, dfc_targets
+from semsr.fusion.dfc import LATENT_HEADS, DFCHeads, dfc_loss, dfc_targets
 from semsr.fusion.sfa import SFAFusion
-from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, join_prompt, read_two_prompt_checkpoint
+from semsr.methods.xpsr import (
+    UNET_PROMPTS,
+    XPSR_ADDED_POSITIVE,
+    TwoPromptSR,
+    XPSROptions,
+    join_prompt,
+    read_two_prompt_checkpoint,
+    unet_context,
+)
 from semsr.priors.prompts import TextPriors
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
+from semsr.train.data import expand_path
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import ControlNetSRTask, NoisedBatch, register_task
+from semsr.train.xpsr_prompts import XPSRPromptFile
 
 
 @register_loss("dfc")
@@ -62,13 +84,15 @@ def _local(path: str | None) -> str | None:
 
 
 class XPSRTrainable(nn.Module):
-    """The trainable part: ``controlnet``, ``sfa`` and ``dfc``; ``forward`` runs one noise prediction."""
+    """The trainable part: ``controlnet``, ``sfa`` and ``dfc`` (None: no DFC term); ``forward`` runs one
+    noise prediction with the UNet on :func:`~semsr.methods.xpsr.unet_context` (``unet_prompts``)."""
 
-    def __init__(self, controlnet: nn.Module, sfa: SFAFusion, dfc: DFCHeads) -> None:
+    def __init__(self, controlnet: nn.Module, sfa: SFAFusion, dfc: DFCHeads | None, unet_prompts: str = "high") -> None:
         super().__init__()
         self.controlnet = controlnet
         self.sfa = sfa
         self.dfc = dfc
+        self.unet_prompts = unet_prompts
 
     def forward(
         self,
@@ -82,12 +106,18 @@ class XPSRTrainable(nn.Module):
         """``x (B, 4, h, w)`` noisy latent (the frozen UNet's dtype), ``high``/``low`` ``(B, L, D)``, ``hint
         (B, 3, 8h, 8w)`` -> ``(UNet output (B, 4, h, w), DFC head predictions)``.
 
-        The model call is the inference one (:meth:`SFAFusion.controlnet_unet_forward`); the DFC
-        heads read the ControlNet features captured during it.
+        The model call is the inference one (:meth:`SFAFusion.controlnet_unet_forward`, the UNet on
+        :func:`~semsr.methods.xpsr.unet_context`); the DFC heads read the ControlNet features
+        captured during it (no predictions without heads).
         """
         self.sfa.install(self.controlnet, unet)  # point the processors at *these* weights (copies too)
+        context = unet_context(high, low, self.unet_prompts)
+        if self.dfc is None:
+            return self.sfa.controlnet_unet_forward(
+                unet, self.controlnet, x, t, high, low, hint, unet_context=context
+            ), {}
         with self.dfc.capture(self.controlnet) as feats:
-            pred = self.sfa.controlnet_unet_forward(unet, self.controlnet, x, t, high, low, hint)
+            pred = self.sfa.controlnet_unet_forward(unet, self.controlnet, x, t, high, low, hint, unet_context=context)
         return pred, self.dfc(feats)
 
 
@@ -105,6 +135,11 @@ class XPSRTask(ControlNetSRTask):
         "low_source",
         "max_new_tokens",
         "added_prompt",
+        "unet_prompts",
+        "no_vlm",
+        "prompts",
+        "gt_hint_prob",
+        "dfc_heads",
     }
     DEFAULTS: dict[str, Any] = {
         "sfa_mode": "parallel",
@@ -112,6 +147,11 @@ class XPSRTask(ControlNetSRTask):
         "low_source": "vlm",
         "max_new_tokens": None,
         "added_prompt": XPSR_ADDED_POSITIVE,
+        "unet_prompts": "high",
+        "no_vlm": False,
+        "prompts": None,
+        "gt_hint_prob": 0.1,  # XPSR's released original_image_ratio
+        "dfc_heads": "paper",
     }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -133,16 +173,30 @@ class XPSRTask(ControlNetSRTask):
             controlnet = parts["controlnet"].float()
             sfa = parts["sfa"]
             sfa.mode = self.opts["sfa_mode"]
-            dfc = parts["dfc"] if "dfc" in parts else DFCHeads.from_controlnet(controlnet)
+            dfc = parts["dfc"] if "dfc" in parts else DFCHeads.from_controlnet(controlnet, self.opts["dfc_heads"])
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed + 1)
                 sfa = SFAFusion.from_models(
                     controlnet, self.unet if self.opts["conditional_attention"] else None, mode=self.opts["sfa_mode"]
                 )
-                dfc = DFCHeads.from_controlnet(controlnet)
-        self.trainable = XPSRTrainable(controlnet, sfa, dfc).float().train().requires_grad_(True)
+                dfc = DFCHeads.from_controlnet(controlnet, self.opts["dfc_heads"])
+        if self.opts["dfc_heads"] not in LATENT_HEADS:
+            raise SemsrError(f"model.options.dfc_heads must be one of {', '.join(LATENT_HEADS)}")
+        if not 0.0 <= float(self.opts["gt_hint_prob"]) <= 1.0:
+            raise SemsrError("model.options.gt_hint_prob must be in [0, 1]")
+        if self.opts["unet_prompts"] not in UNET_PROMPTS:
+            raise SemsrError(f"model.options.unet_prompts must be one of {', '.join(UNET_PROMPTS)}")
+        if not cfg.losses.get("dfc", 0):  # plain diffusion loss: no DFC heads
+            dfc = None
+        self.trainable = XPSRTrainable(controlnet, sfa, dfc, self.opts["unet_prompts"])
+        self.trainable.float().train().requires_grad_(True)
+        sfa.freeze_unused()  # e.g. serial (DaLPSR) never runs attentions_connect
         self._priors: TextPriors | None = None
+        prompts = self.opts["prompts"]
+        self.prompt_file = XPSRPromptFile.load(expand_path(str(prompts))) if prompts else None
+        if self.prompt_file is None or self.opts["low_source"] != "vlm" or cfg.validation.every:
+            self.text_priors()  # training or validation asks it: a missing VLM fails now, not at step 1
 
     # -- prompts ---------------------------------------------------------
     def text_priors(self) -> TextPriors:
@@ -155,13 +209,14 @@ class XPSRTask(ControlNetSRTask):
                 low_source=o["low_source"],
                 irpad_weights=_local(o.get("irpad")),
                 user_mode="replace",
+                no_vlm=bool(o["no_vlm"]),
                 max_new_tokens=o["max_new_tokens"],
             )
         return self._priors
 
     def two_prompts(self, lr: torch.Tensor, prompts: list[str]) -> tuple[list[str], list[str]]:
-        """``(high, low)`` prompts of each LR image ``(B, 3, h, w)``; ``prompts`` are the batch captions
-        (a non-empty caption replaces the VLM caption)."""
+        """``(high, low)`` prompts of each image ``(B, 3, h, w)`` from :meth:`text_priors`; ``prompts`` are
+        the batch captions (a non-empty caption replaces the VLM caption)."""
         priors = self.text_priors()
         highs, lows = [], []
         for img, prompt in zip(lr.float().cpu(), prompts, strict=True):
@@ -170,20 +225,59 @@ class XPSRTask(ControlNetSRTask):
             lows.append(cond.low)
         return highs, lows
 
+    def train_items(self, items: list[Any]) -> list[Any]:
+        """All listed images; with a prompts file, checks first that each has its record (one-line error)."""
+        if self.prompt_file is not None:
+            for item in items:
+                self.prompt_file.get(item.path, self._record_fields())
+        return items
+
+    def _record_fields(self) -> tuple[str, ...]:
+        if self.opts["low_source"] != "vlm":
+            return ("high",)
+        return ("high", "low", "low_gt") if float(self.opts["gt_hint_prob"]) > 0 else ("high", "low")
+
+    def sample_prompts(self, step: NoisedBatch, gt_hint: list[bool]) -> tuple[list[str], list[str]]:
+        """``(high, low)`` per sample of ``step`` (module docstring); ``gt_hint[i]``: the HR crop is sample
+        ``i``'s hint, so its low-level prompt describes the HR image."""
+        images = [hr if gt else lr for hr, lr, gt in zip(step.hr, step.lr, gt_hint, strict=True)]
+        if self.prompt_file is None:
+            highs, lows = [], []
+            for img, caption in zip(images, step.batch["prompt"], strict=True):
+                h, low = self.two_prompts(img[None], [caption])
+                highs += h
+                lows += low
+            return highs, lows
+        records = [self.prompt_file.get(p, self._record_fields()) for p in step.batch["path"]]
+        highs = [r["high"] for r in records]
+        if self.opts["low_source"] == "vlm":
+            return highs, [r["low_gt"] if gt else r["low"] for r, gt in zip(records, gt_hint, strict=True)]
+        lows = [self.text_priors()(img[None].float().cpu().clamp(0, 1), h).low for img, h in zip(images, highs)]
+        return highs, lows
+
     # -- training --------------------------------------------------------
     def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
         """``pred`` and ``dfc_pred``/``dfc_target`` (the base adds ``target``/``latents``/``timesteps``).
 
-        Draws the prompt dropout (both prompts together) after the base task's draws.
+        Draws, after the base task's draws, the prompt dropout (both prompts together) and then,
+        when ``gt_hint_prob`` > 0, whether the HR crop is the hint.
         """
         p = self.cfg.train.null_prompt_prob
         drops = [float(torch.rand((), generator=g)) < p for g in step.gens]
-        highs, lows = self.two_prompts(step.lr, list(step.batch["prompt"]))
+        p_gt = float(self.opts["gt_hint_prob"])
+        gt_hint = [p_gt > 0 and float(torch.rand((), generator=g)) < p_gt for g in step.gens]
+        highs, lows = self.sample_prompts(step, gt_hint)
         highs = ["" if d else s for s, d in zip(highs, drops, strict=True)]
         lows = ["" if d else s for s, d in zip(lows, drops, strict=True)]
         high = self.prompts(highs).to(self.device, self.weight_dtype)
         low = self.prompts(lows).to(self.device, self.weight_dtype)
-        pred, dfc_pred = model(step.noisy.to(self.weight_dtype), step.timesteps, high, low, self.hint(step), self.unet)
+        hint = self.hint(step)
+        if any(gt_hint):
+            use_hr = torch.tensor(gt_hint, device=hint.device)[:, None, None, None]
+            hint = torch.where(use_hr, step.hr.to(hint.device, hint.dtype), hint)
+        pred, dfc_pred = model(step.noisy.to(self.weight_dtype), step.timesteps, high, low, hint, self.unet)
+        if not dfc_pred:  # plain diffusion loss (no ``dfc`` term)
+            return {"pred": pred}
         return {"pred": pred, "dfc_pred": dfc_pred, "dfc_target": dfc_targets(dfc_pred, step.latents, step.hr)}
 
     # -- validation / export -------------------------------------------------
@@ -205,6 +299,7 @@ class XPSRTask(ControlNetSRTask):
             dtype=self.weight_dtype,
             scale=self.cfg.data.scale,
             name=self.name,
+            unet_prompts=model.unet_prompts,
         )
         options = XPSROptions(steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed))
         return pipe(
@@ -212,12 +307,23 @@ class XPSRTask(ControlNetSRTask):
         ).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa``, ``dfc``."""
-        save_checkpoint(folder, self.name, {"controlnet": model.controlnet, "sfa": model.sfa, "dfc": model.dfc})
+        """Write the ``xpsr`` / ``dalpsr`` checkpoint ``folder``: components ``controlnet``, ``sfa`` and,
+        when trained (a ``dfc`` loss term), ``dfc``."""
+        parts = {"controlnet": model.controlnet, "sfa": model.sfa}
+        if model.dfc is not None:
+            parts["dfc"] = model.dfc
+        save_checkpoint(folder, self.name, parts)
 
 
 @register_task("dalpsr")
 class DaLPSRTask(XPSRTask):
     """DaLPSR: IRPAD degradation prompt + (tag-steered) semantic prompt, serial cross-attentions, one stage."""
 
-    DEFAULTS = {**XPSRTask.DEFAULTS, "sfa_mode": "serial", "conditional_attention": False, "low_source": "irpad"}
+    DEFAULTS = {
+        **XPSRTask.DEFAULTS,
+        "gt_hint_prob": 0.0,  # XPSR's released trick, not DaLPSR's
+        "sfa_mode": "serial",
+        "conditional_attention": False,
+        "low_source": "irpad",
+        "unet_prompts": "both",  # the paper: both prompts condition the denoising UNet by cross-attention
+    }
