@@ -2,9 +2,9 @@
 
 Examples::
 
-    semsr data build-corpus --out /work/corpus --sources bsds500,lxqt,palapeli
-    semsr data build-corpus --out /work/corpus --max-side 2048        # all sources
-    semsr data summary /work/corpus
+    semsr data build-corpus --out corpus --sources bsds500,lxqt,palapeli
+    semsr data build-corpus --out corpus --max-side 2048        # all sources
+    semsr data summary corpus
 
 ``build-corpus`` fetches each source (Debian packages by ``apt-get download`` +
 ``dpkg -x``, the scikit-image wheel by ``pip download --no-deps``; cached

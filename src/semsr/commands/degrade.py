@@ -2,7 +2,7 @@
 
 Examples::
 
-    semsr degrade -i ../shared/data/benchmarks/Set5 -o out --seed 0
+    semsr degrade -i $SEMSR_DATA/benchmarks/Set5 -o out --seed 0
     semsr degrade -i photo.png -o out --seed 3 --config my_degradation.yaml
     semsr degrade -i hr/ -o out --seed 0 --grid grid.png --grid-seeds 6
 

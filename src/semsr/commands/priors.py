@@ -1,7 +1,7 @@
 """``semsr priors``: extract priors (edges, depth, segmentation, captions...) from images.
 
     semsr priors -i photo.png                              # canny + hed -> priors/photo_canny.png ...
-    semsr priors -i ../shared/data/benchmarks/Set5 --modalities canny,hed -o out
+    semsr priors -i $SEMSR_DATA/benchmarks/Set5 --modalities canny,hed -o out
     semsr priors -i lr/ --modalities depth,seg --depth-model ~/models/dpt --seg-model ~/models/segformer
     semsr priors --list                                    # what can be extracted here
 

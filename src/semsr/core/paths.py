@@ -3,8 +3,8 @@
 All locations are overridable by environment variables so tests, CI and users
 with unusual layouts can point semsr elsewhere:
 
-- ``SEMSR_DATA``: benchmark/training data root (default: ``../shared/data``
-  relative to the repository, when it exists).
+- ``SEMSR_DATA``: benchmark/training data root (default: a folder
+  ``shared/data`` beside the repository or the working folder, when there is one).
 - ``SEMSR_CACHE``: cache for derived files (LR sets, priors, NIQE params);
   default ``~/.cache/semsr``.
 - ``SEMSR_WEIGHTS``: folder with user-provided weights (LPIPS/DISTS backbones,

@@ -1,7 +1,7 @@
 """DaLPSR's LR-robust image-encoder fine-tuning stage: task ``dalpsr-encoder`` of the shared trainer.
 
 DaLPSR feeds the LR image to a *fine-tuned image encoder* before the tags
-that steer the MLLM are read (seed 004: "LR image -> fine-tuned image encoder
+that steer the MLLM are read (the paper: "LR image -> fine-tuned image encoder
 -> MLLM (via RAM tags)"); a tagger trained on clean photographs mislabels
 degraded inputs. This stage fine-tunes the image encoder of a tagger folder
 (:mod:`semsr.priors.tagger`: a ``transformers`` image-classification model)
