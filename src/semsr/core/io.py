@@ -149,7 +149,7 @@ def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
 
 
 def _megapixels(n: int) -> str:
-    return f"{n / 1e6:.1f} MP"
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
 
 
 def check_size(w: int, h: int, max_pixels: int | None, path: Path | None) -> None:

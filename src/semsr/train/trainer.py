@@ -42,7 +42,7 @@ import torch
 
 from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
-from semsr.core.io import atomic_folder
+from semsr.core.io import atomic_folder, check_output_folder, sweep_temp_files
 from semsr.eval.atomic import write_png, write_text
 from semsr.eval.metrics import get_metric
 from semsr.train import checkpoints as ckpt
@@ -128,6 +128,9 @@ class Trainer:
             raise SemsrError(f"unknown task '{cfg.task}' (known: {', '.join(available_tasks())})")
         for name in cfg.losses:
             get_loss(name)  # fail on unknown loss names before loading models
+        if self.output.exists() and not self.output.is_dir():
+            raise SemsrError("--output is a file, not a run folder", self.output)
+        check_output_folder(self.output, "--output", create=False)
         if not resume and ckpt.list_checkpoints(self.output):
             raise SemsrError("output already holds checkpoints; pass --resume or choose another --output", self.output)
 
@@ -167,6 +170,7 @@ class Trainer:
         if cfg.train.mixed_precision == "fp16" and not has_accelerator_device():
             raise SemsrError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         self.output.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(self.output, recursive=True)  # a killed run's temp files and export staging folders
         self._build()
         acc, state = self.accelerator, self.state
         run_log = ckpt.RunLog(self.output / "log.jsonl")
