@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -305,7 +306,9 @@ class Trainer:
             try:
                 states = self._read_checkpoint(step, folder)
             except ckpt.CorruptCheckpoint as err:
-                log.warning("checkpoint %s is unreadable (%s); trying an older one", folder.name, err)
+                if acc.is_main_process:
+                    print(f"semsr: warning: checkpoint {folder.name} is unreadable ({err}); trying an older one",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 skipped.append(folder.name)
                 continue
             self._apply_checkpoint(states, folder)
