@@ -304,3 +304,20 @@ def test_unsafe_pth_refusal_does_not_advise_weights_only_false(tmp_path: Path) -
             load(path)
         text = str(err.value)
         assert "pickled Python objects" in text and "weights_only=False" not in text and len(text.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- item 11: memory bound
+
+
+def test_upscale_beyond_available_memory_is_refused_with_the_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, no_model: None
+) -> None:
+    """The whole-image buffers are estimated before the model loads; more than the available memory is one
+    line with both numbers (here 200x200 at 4x: 0.2 MB in, 2 x 1.9 MB out, against 1 MiB available)."""
+    src = make_image(tmp_path / "a.png", 200, 200)
+    monkeypatch.setattr(core_io, "available_memory", lambda: 2**20)
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "bicubic")
+    assert rc == 2 and _one_line(err, str(src), "800x800", "needs about 4 MiB", "1 MiB is available")
+    pic = core_io.read_image(src)
+    assert core_io.picture_memory(pic, (800, 800), resized=False) == 200 * 200 * 3 * 2 + 800 * 800 * 3 * 2
+    assert core_io.picture_memory(pic, (700, 700), resized=True) == 200 * 200 * 3 * 2 + 700 * 700 * 3 * 3

@@ -46,13 +46,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from semsr import __version__
-from semsr.api import load_method, upscale_picture_output
+from semsr.api import load_method, output_size, upscale_picture_output
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     atomic_write,
     check_output_file,
+    check_memory,
     check_output_folder,
     choose_format,
     read_image,
@@ -451,6 +452,9 @@ class _Runner:
             return "skipped", out
         if note:
             log.warning("%s: %s", src, note)
+        native = (pic.height * self.spec.scale, pic.width * self.spec.scale)
+        out_hw = native if a.outscale is None else output_size(pic.height, pic.width, a.outscale)
+        check_memory(pic, out_hw, out_hw != native, src)
         result = upscale_picture_output(
             self.method(), pic, self.options, outscale=a.outscale, alpha=a.alpha_upsampler, progress=self.progress
         )

@@ -396,6 +396,56 @@ def picture_from_array(arr: np.ndarray) -> Picture:
     return Picture(rgb=np.ascontiguousarray(a[..., :3]), alpha=alpha)
 
 
+# ---------------------------------------------------------------- memory
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", fh.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def picture_memory(pic: Picture, out_hw: tuple[int, int], resized: bool) -> int:
+    """Bytes of the whole-image buffers an upscale of ``pic`` to ``out_hw`` holds at its peak.
+
+    The method itself works tile by tile (its working set is bounded by the tile
+    size, not the image); what grows with the image are the decoded input and
+    its copy, the assembled output, one converted copy for encoding (two for
+    16-bit PNG: colour order and the encoded stream), and the resized copy when
+    ``--outscale`` differs from the native scale. Alpha planes count the same way.
+    """
+    b = pic.bit_depth // 8
+    channels = 3 + (pic.alpha is not None)
+    copies_out = (2 if b == 1 else 3) + int(resized)
+    h, w = out_hw
+    return pic.width * pic.height * channels * b * 2 + h * w * channels * b * copies_out
+
+
+def check_memory(pic: Picture, out_hw: tuple[int, int], resized: bool, path: Path | None) -> int:
+    """Refuse an upscale whose buffers (:func:`picture_memory`) exceed the memory available now.
+
+    Returns the estimate in bytes. Raises :class:`InputError` naming both numbers.
+    """
+    need = picture_memory(pic, out_hw, resized)
+    free = available_memory()
+    if free is not None and need > free:
+        h, w = out_hw
+        raise InputError(
+            f"upscaling to {w}x{h} ({_megapixels(w * h)}) needs about {_size(need)} of memory for the "
+            f"image buffers; {_size(free)} is available. Use a smaller --outscale or free memory",
+            path,
+        )
+    return need
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 # ---------------------------------------------------------------- writing
 
 
