@@ -67,7 +67,9 @@ def test_eval_pairing_errors_and_size_mismatch(folders: tuple[Path, Path], tmp_p
     (gt / "extra.png").write_bytes((gt / "im0.png").read_bytes())
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--suffix", "out"]) == 2
     err = capsys.readouterr().err
-    assert "semsr: error: " in err and "1 ground truth(s) have no result (extra.png)" in err and "--allow-missing" in err
+    assert (
+        "semsr: error: " in err and "1 ground truth(s) have no result (extra.png)" in err and "--allow-missing" in err
+    )
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--suffix", "out", "--allow-missing"]) == 0
     assert "extra.png" in capsys.readouterr().err
     # full-reference metrics need --gt

@@ -20,15 +20,16 @@ import torch
 
 import semsr
 import semsr.commands.upscale as upscale_cmd
+import semsr.core.io as core_io
 from _upscale_helpers import files_in, make_image, run_cli
 from semsr import api
 from semsr.cli import main
 from semsr.core.errors import InputError, UnavailableError
-import semsr.core.io as core_io
 from semsr.core.options import OptionError
 from semsr.core.weights import load_state_dict
 from semsr.eval.runner import BenchConfig, plan_methods
 from semsr.models.rrdbnet import rrdbnet_from_pth
+
 
 def _env() -> dict[str, str]:
     """The environment of a subprocess that imports the semsr under test."""
@@ -163,9 +164,24 @@ def test_output_that_is_a_file_is_refused_before_the_model_loads(
     assert rc == 2 and str(src) not in line and ".tmp" not in line
 
 
-def test_json_report_path_is_checked_before_work(
+def test_unwritable_output_is_refused_before_the_model_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None
 ) -> None:
+    """/sys refuses new files even to root (the tests may run as root, where chmod does not bite)."""
+    target = Path("/sys/semsr-test-output")
+    try:
+        (Path("/sys") / ".semsr-probe").write_bytes(b"")
+    except OSError:
+        pass
+    else:
+        pytest.skip("/sys is writable here")
+    src = make_image(tmp_path / "a.png")
+    rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", target, "-n", "bicubic")
+    line = _one_line(err, str(target), "-o/--output: cannot write here")
+    assert rc == 2 and str(src) not in line and ".tmp" not in line
+
+
+def test_json_report_path_is_checked_before_work(tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None) -> None:
     src = make_image(tmp_path / "a.png")
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "upscale", "-i", src, "-o", out, "-n", "bicubic", "--json", tmp_path)
@@ -215,12 +231,12 @@ def test_full_disk_names_the_output_and_keeps_the_summary(
 
 
 @pytest.mark.parametrize("value", ["-5", "0", "500", "abc"])
-def test_quality_is_checked_up_front(
-    value: str, tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None
-) -> None:
+def test_quality_is_checked_up_front(value: str, tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None) -> None:
     src = make_image(tmp_path / "a.png")
     with pytest.raises(SystemExit) as exit_:
-        main(["upscale", "-i", str(src), "-o", str(tmp_path / "o"), "-n", "bicubic", "--ext", "jpg", "--quality", value])
+        main(
+            ["upscale", "-i", str(src), "-o", str(tmp_path / "o"), "-n", "bicubic", "--ext", "jpg", "--quality", value]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "argument --quality" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

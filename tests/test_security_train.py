@@ -25,7 +25,6 @@ from semsr.train.config import config_from_dict
 from train_helpers import tiny_config_dict, write_textures
 
 
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     threads = torch.get_num_threads()
