@@ -177,3 +177,13 @@ def test_kill_during_export_leaves_no_partial_final_folder(tmp_path: Path, hr_di
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
     ckpt_files = list((run / "checkpoints" / "step_00000002").iterdir())
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in ckpt_files)
+
+
+def test_resume_with_ema_from_a_checkpoint_without_ema_is_one_line(tmp_path: Path, hr_dir: Path) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(hr_dir, 1, 1)
+    cfg["train"]["ema_decay"] = 0.0
+    _train(cfg, run)
+    cfg["train"].update(ema_decay=0.9, max_steps=2)
+    with pytest.raises(SemsrError, match="checkpoint has no EMA state"):
+        _train(cfg, run, resume=True)

@@ -277,6 +277,10 @@ class Trainer:
             CorruptCheckpoint: a part that cannot be read, or a step that does not match the folder.
         """
         ckpt.check_known_files(folder)
+        if self.ema is not None and not (folder / "ema.json").exists() and (folder / "model.json").exists():
+            raise SemsrError(
+                "checkpoint has no EMA state (trained with train.ema_decay=0); resume with the same", folder
+            )
         names = [n for n in self._state_parts() if n != "scaler" or (folder / "scaler.json").exists()]
         states = {name: ckpt.read_part(folder, name) for name in names}
         rng = f"random_states_{self.accelerator.process_index}"
