@@ -187,3 +187,31 @@ def test_resume_with_ema_from_a_checkpoint_without_ema_is_one_line(tmp_path: Pat
     cfg["train"].update(ema_decay=0.9, max_steps=2)
     with pytest.raises(SemsrError, match="checkpoint has no EMA state"):
         _train(cfg, run, resume=True)
+
+
+def test_kill_during_pruning_leaves_no_stale_checkpoint_folder(tmp_path: Path, hr_dir: Path) -> None:
+    """SIGKILL while an old checkpoint is being deleted (its marker already gone): the next run removes what
+    is left, so no `step_*` folder lingers that no listing shows and nothing ever deletes."""
+    run = tmp_path / "run"
+    cfg = _cfg(hr_dir, 3, 1)
+    cfg["checkpoint"]["keep"] = 1
+    code = textwrap.dedent(f"""
+        import json, os, shutil, signal
+        from pathlib import Path
+        from semsr.train.config import config_from_dict
+        from semsr.train.trainer import Trainer
+
+        real_rmtree = shutil.rmtree
+        def rmtree(path, *args, **kwargs):
+            marker = Path(path) / "trainer.json"
+            if "step_" in Path(path).name and marker.is_file():
+                marker.unlink()  # deletion under way, then the kill
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_rmtree(path, *args, **kwargs)
+        shutil.rmtree = rmtree
+        Trainer(config_from_dict(json.loads({json.dumps(json.dumps(cfg))})), {str(run)!r}).fit()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    _train(cfg, run, resume=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
