@@ -215,3 +215,10 @@ def test_kill_during_pruning_leaves_no_stale_checkpoint_folder(tmp_path: Path, h
     assert proc.returncode == -9, proc.stderr[-2000:]
     _train(cfg, run, resume=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
+
+
+def test_negative_train_threads_are_refused(hr_dir: Path) -> None:
+    cfg = _cfg(hr_dir, 1, 0)
+    cfg["train"]["threads"] = -3
+    with pytest.raises(SemsrError, match="train.threads must be >= 0"):
+        config_from_dict(cfg)
