@@ -63,9 +63,14 @@ def test_eval_pairing_errors_and_size_mismatch(folders: tuple[Path, Path], tmp_p
     err = capsys.readouterr().err
     assert err.startswith("semsr: error: ") and "--crop-gt" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--pred", str(pred), "--gt", str(big), "--suffix", "out", "--crop-gt"]) == 0
-    # partial overlap: computed on the pairs, the rest reported
+    # partial overlap: a ground truth without a result fails unless --allow-missing
     (gt / "extra.png").write_bytes((gt / "im0.png").read_bytes())
-    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--suffix", "out"]) == 0
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--suffix", "out"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "semsr: error: " in err and "1 ground truth(s) have no result (extra.png)" in err and "--allow-missing" in err
+    )
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--suffix", "out", "--allow-missing"]) == 0
     assert "extra.png" in capsys.readouterr().err
     # full-reference metrics need --gt
     assert main(["eval", "--pred", str(pred), "--metrics", "psnr"]) == 2

@@ -131,7 +131,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
     )
     mixed = tmp_path / "mixed"
     _launch(tiny_config_dict(hr, data={"batch_size": 1}, **common), mixed, "--max-steps", "2")
-    assert (mixed / "checkpoints" / "step_00000002" / "random_states_1.pkl").is_file()
+    assert (mixed / "checkpoints" / "step_00000002" / "random_states_1.json").is_file()
     from semsr.train.config import config_from_dict
     from semsr.train.trainer import Trainer
 

@@ -132,7 +132,7 @@ def test_json_report(tmp_path: Path, capsys) -> None:
     )
     assert rc == 1
     data = json.loads(report.read_text())
-    assert data["method"] == "bicubic" and data["summary"] == {"ok": 1, "skipped": 0, "failed": 1}
+    assert data["method"] == "bicubic" and data["summary"] == {"ok": 1, "skipped": 0, "failed": 1, "not_run": 0}
     by_name = {Path(r["input"]).name: r for r in data["results"]}
     ok, bad = by_name["good.png"], by_name["bad.png"]
     assert ok["status"] == "ok" and ok["output"] == str(tmp_path / "o" / "good_out.png") and ok["error"] is None

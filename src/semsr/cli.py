@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
 import semsr.commands as commands_pkg
 from semsr import __version__
-from semsr.core.errors import SemsrError
+from semsr.core.errors import SemsrError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code.
+
+    SIGTERM is handled like Ctrl-C (:class:`~semsr.core.errors.Terminated` is a
+    ``KeyboardInterrupt``): commands finish or drop the current output, write their
+    reports, and the exit code is 143 (130 for Ctrl-C).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     finish = getattr(args, "finish_parse", None)
@@ -65,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"semsr: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated as err:
+        print("semsr: terminated", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("semsr: interrupted", file=sys.stderr)
         return 130

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 
 from semsr.core.errors import SemsrError
+from semsr.core.io import check_output_file, check_output_folder, sweep_temp_files
+from semsr.core.paths import cache_dir
 from semsr.eval import atomic
 from semsr.eval.datasets import parse_datasets
 from semsr.eval.lrsets import DEGRADATIONS
@@ -192,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
     plan_methods(config)  # malformed entries and unknown methods: one line, before the cache is opened
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path is not None:
+            check_output_file(path, flag, create=False)
+    if args.report is not None:
+        check_output_folder(args.report, "--report", create=False)
+    sweep_temp_files(cache_dir() / "bench", recursive=True)  # LR sets, SR outputs of killed runs
     with ResultCache() as cache:
         result = run_bench(config, progress, cache)
         if args.report is not None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 
 from semsr.core import weights as weight_registry
 from semsr.core.errors import InputError, SemsrError, UnavailableError
+from semsr.core.io import atomic_write_bytes, check_output_file, sweep_temp_files, write_error_message
 from semsr.eval import metrics as metric_registry
 
 DEFAULT_FR = ("psnr", "psnry", "ssim")
@@ -61,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--list-metrics", action="store_true", help="list metric names and exit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 even when some ground truths have no result (the means then cover only the matched images)",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.pred is None:
         raise SemsrError("--pred is required (or use --list-metrics / --fetch-weights)")
+    if args.threads is not None and args.threads < 1:
+        raise SemsrError(f"--threads must be >= 1, got {args.threads}")
+    if args.json:
+        check_output_file(args.json, "--json", create=False)
+        sweep_temp_files(args.json.parent)
     if args.threads:
         torch.set_num_threads(args.threads)
     crop_border = args.crop_border if args.crop_border is not None else (args.scale or 0)
@@ -90,10 +99,21 @@ def run(args: argparse.Namespace) -> int:
     result["unmatched"] = unmatched
     _print(result)
     if args.json:
-        _write_json(args.json, result)
+        try:
+            _write_json(args.json, result)
+        except OSError as err:
+            raise SemsrError(f"--json: {write_error_message(err, args.json)}") from None
     if not result["mean"]:
         reasons = "; ".join(f"{k}: {v}" for k, v in result["unavailable"].items())
         raise UnavailableError(f"no metric could be computed ({reasons})")
+    missing = unmatched["gt"]
+    if missing and not args.allow_missing:
+        raise InputError(
+            f"{len(missing)} ground truth(s) have no result ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}); the means cover only {result['n_images']} image(s). "
+            "Pass --allow-missing to accept that",
+            args.pred,
+        )
     return 0
 
 
@@ -294,12 +314,4 @@ def _jsonable(obj: Any) -> Any:
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(doc), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n").encode("utf-8"))

@@ -46,9 +46,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from semsr import __version__
-from semsr.api import load_method, upscale_picture_output
+from semsr.api import load_method, output_size, upscale_picture_output
 from semsr.core.errors import InputError, SemsrError
-from semsr.core.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, atomic_write, choose_format, read_image, write_picture
+from semsr.core.io import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    atomic_write,
+    check_memory,
+    check_output_file,
+    check_output_folder,
+    choose_format,
+    read_image,
+    sweep_temp_files,
+    write_error_message,
+    write_picture,
+)
 from semsr.core.method import Method, MethodSpec
 from semsr.core.options import MethodOptions, OptionInfo
 from semsr.methods import resolve
@@ -74,6 +86,17 @@ def _max_pixels(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _quality(text: str) -> int:
+    """Parse ``--quality``: an integer 1-100 (JPEG/WebP)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1-100, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -96,7 +119,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         help="output format; auto keeps png/jpg/webp inputs' format, png otherwise "
         "(images with alpha never go to jpg: they are written as png)",
     )
-    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default: 95)")
+    g.add_argument("--quality", type=_quality, default=95, help="JPEG/WebP quality 1-100 (default: 95)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     g.add_argument(
         "--max-pixels",
@@ -238,7 +261,8 @@ def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespac
 
 
 def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand ``-i`` items: folders -> their image files (sorted, not recursive),
+    """Expand ``-i`` items: folders -> their image files (sorted, not recursive; broken
+    symbolic links with an image suffix are kept, so that they get a report line),
     globs -> matching files; other paths are kept as given (missing ones fail later).
 
     Returns ``(files, patterns_matching_nothing)``.
@@ -251,7 +275,9 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             found += sorted(
                 f
                 for f in path.iterdir()
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
+                if (f.is_file() or (f.is_symlink() and not f.exists()))
+                and not f.name.startswith(".")
+                and f.suffix.lower() in IMAGE_EXTENSIONS
             )
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(Path(m) for m in glob.glob(item) if Path(m).is_file())
@@ -268,6 +294,15 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             seen.add(key)
             unique.append(f)
     return unique, unmatched
+
+
+def own_outputs(files: list[Path], out_dir: Path, suffix: str) -> list[Path]:
+    """The files among ``files`` that are outputs of an earlier run into ``out_dir``: in ``out_dir``
+    itself and named ``<stem>_<suffix>.<ext>`` (``a_out.png``); upscaling them again would give ``a_out_out.png``."""
+    if not suffix:
+        return []
+    here = out_dir.resolve()
+    return [f for f in files if f.parent.resolve() == here and f.stem.endswith(f"_{suffix}")]
 
 
 def output_path(out_dir: Path, src: Path, suffix: str, fmt: str) -> Path:
@@ -346,16 +381,22 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _write_report(path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result]) -> None:
+def _counts(results: list[Result]) -> dict[str, int]:
+    return {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed", "not_run")}
+
+
+def _write_report(
+    path: Path, spec: MethodSpec, args: argparse.Namespace, results: list[Result], interrupted: bool
+) -> None:
     """Write the ``--json`` report atomically."""
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     report = {
         "semsr_version": __version__,
         "method": spec.name,
         "outscale": args.outscale,
         "tile": args.options.tile,
         "tile_pad": args.options.tile_pad,
-        "summary": counts,
+        "interrupted": interrupted,
+        "summary": _counts(results),
         "results": [asdict(r) for r in results],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,11 +452,17 @@ class _Runner:
             return "skipped", out
         if note:
             log.warning("%s: %s", src, note)
+        native = (pic.height * self.spec.scale, pic.width * self.spec.scale)
+        out_hw = native if a.outscale is None else output_size(pic.height, pic.width, a.outscale)
+        check_memory(pic, out_hw, out_hw != native, src)
         result = upscale_picture_output(
             self.method(), pic, self.options, outscale=a.outscale, alpha=a.alpha_upsampler, progress=self.progress
         )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_picture(result.picture, out, fmt, quality=a.quality)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_picture(result.picture, out, fmt, quality=a.quality)
+        except OSError as err:  # full disk, folder removed or made read-only during the run
+            raise SemsrError(write_error_message(err, out), src) from None
         tqdm.write(f"wrote {out} ({result.picture.width}x{result.picture.height})", file=sys.stdout)
         if wants_side_images(self.options):
             for side in write_side_images(result.side_images, out):
@@ -436,27 +483,58 @@ def write_side_images(images: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def _print_summary(results: list[Result]) -> None:
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-    print(f"done: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed")
+def _print_summary(results: list[Result], interrupted: bool) -> None:
+    counts = _counts(results)
+    line = f"done: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed"
+    if interrupted:
+        line = f"interrupted: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed, "
+        line += f"{counts['not_run']} not run"
+    print(line, flush=True)
     for r in results:
         if r.status == "failed":
             print(f"  failed: {r.input}: {r.error}")
 
 
+def _check_destinations(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Check ``-o`` and ``--json`` before any model is loaded; sweep temp files of killed runs there."""
+    out_dir = check_output_folder(args.output, "-o/--output", create=False)
+    report = check_output_file(args.json, "--json", create=False) if args.json else None
+    for folder in {out_dir, *(() if report is None else (report.parent,))}:
+        sweep_temp_files(folder)
+    return out_dir, report
+
+
 def run(args: argparse.Namespace) -> int:
-    """Upscale every input; returns 0 when none failed, 1 otherwise."""
+    """Upscale every input; returns 0 when none failed, 1 otherwise.
+
+    A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM through the CLI) stops after
+    the current file is written or dropped; the summary and the ``--json``
+    report (``"interrupted": true``, the rest ``not_run``) are still written,
+    then the interrupt goes on to the CLI.
+    """
     _setup_logging()
     debug = bool(getattr(args, "debug", False))
     spec = args.spec
+    out_dir, report_path = _check_destinations(args)
     runner = _Runner(args)
     files, unmatched = collect_inputs(args.input)
+    earlier = own_outputs(files, out_dir, args.suffix)
+    if earlier:
+        print(
+            f"skipping {len(earlier)} file(s) in {out_dir} named *_{args.suffix}.* (outputs of an earlier run): "
+            + ", ".join(f.name for f in earlier[:5])
+            + (" ..." if len(earlier) > 5 else "")
+        )
+    files = [f for f in files if f not in set(earlier)]
     inputs: list[Path | str] = [*files, *unmatched]
     if not inputs:
         raise InputError("no image files found", " ".join(args.input))
     single = len(inputs) == 1
-    results: list[Result] = []
+    results: list[Result] = [Result(str(f), None, "skipped", "output of an earlier run", 0.0, 0.0) for f in earlier]
     rss = PeakRss()
+    interrupted: KeyboardInterrupt | None = None
+    failure: SemsrError | None = None
+    report_failed = False
     # runner.progress: False = --no-progress, None = bars only on a terminal (tqdm's disable=None)
     bar = tqdm(inputs, desc="images", unit="img", disable=True if single or runner.progress is False else None)
     try:
@@ -464,12 +542,14 @@ def run(args: argparse.Namespace) -> int:
             rss.reset()
             t0 = time.perf_counter()
             error: str | None = None
-            failure: SemsrError | None = None
             out: Path | None = None
             try:
                 status, out = runner.process(src)
             except _LoadFailed as err:
                 raise err.error from None
+            except KeyboardInterrupt as err:
+                interrupted = err
+                break
             except _PER_FILE_ERRORS as err:
                 if debug and not isinstance(err, SemsrError):
                     raise
@@ -487,12 +567,22 @@ def run(args: argparse.Namespace) -> int:
                     round(rss.peak_mb(), 1),
                 )
             )
-            if single and failure is not None:
-                raise failure
+    except KeyboardInterrupt as err:  # between two files (progress bar, bookkeeping)
+        interrupted = err
     finally:
         bar.close()
-        if args.json:
-            _write_report(Path(args.json), spec, args, results)
-    if not single:
-        _print_summary(results)
-    return 1 if any(r.status == "failed" for r in results) else 0
+        done = {r.input for r in results}
+        results += [Result(str(s), None, "not_run", None, 0.0, 0.0) for s in inputs if str(s) not in done]
+        if interrupted is not None or not single:
+            _print_summary(results, interrupted is not None)
+        if report_path is not None:
+            try:
+                _write_report(report_path, spec, args, results, interrupted is not None)
+            except OSError as err:
+                print(f"semsr: error: --json: {write_error_message(err, report_path)}", file=sys.stderr)
+                report_failed = True
+    if interrupted is not None:
+        raise interrupted
+    if single and failure is not None:
+        raise failure
+    return 1 if report_failed or any(r.status == "failed" for r in results) else 0

@@ -39,3 +39,31 @@ class UnavailableError(SemsrError):
     """A model, weight file or optional dependency is not available here."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received a termination signal (SIGTERM); handled like Ctrl-C.
+
+    Raised by the CLI's signal handler so that ``finally`` blocks run: the
+    current output is finished or dropped (never left partial), the ``--json``
+    report and the summary are written, and the exit code is ``128 + signum``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def unsafe_pickle_message(err: BaseException) -> str | None:
+    """A one-line reason for a pickle that ``torch.load(weights_only=True)`` refused, else ``None``.
+
+    PyTorch's own message advises retrying with ``weights_only=False``, which
+    would run code from the file; semsr never does that, so the advice is replaced.
+    """
+    text = str(err)
+    if "Weights only load failed" in text or "weights_only" in text or "Unsupported global" in text:
+        return (
+            "the file holds pickled Python objects besides tensors; semsr loads pickles only with "
+            "weights_only=True and will not unpickle them (they could run code); convert it to .safetensors"
+        )
+    return None

@@ -22,17 +22,26 @@ What :func:`read_image` handles:
 
 Writes are atomic: :func:`atomic_write` (files) and :func:`atomic_folder`
 (folders) build the result under a temporary name beside the destination and
-rename it into place only once it is complete (:func:`atomic_move`).
+rename it into place only once it is complete (:func:`atomic_move`). The
+temporary name is ``.<name>.semsr-<pid>-<random>.tmp``; what a killed process
+(``kill -9``) leaves behind is removed by :func:`sweep_temp_files`, which
+commands call on their output folders at start (only names of that pattern whose
+process is gone). Files and folders are created with the usual permissions
+(``0666``/``0777`` minus the umask), not the private ones of :mod:`tempfile`.
+:func:`check_output_folder` and :func:`check_output_file` test a destination
+before any work is done.
 :data:`IMAGE_EXTENSIONS` are the file suffixes :func:`read_image` tries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import io
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -47,7 +56,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-from semsr.core.errors import InputError
+from semsr.core.errors import InputError, SemsrError
 
 log = logging.getLogger("semsr.core.io")
 
@@ -140,7 +149,7 @@ def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
 
 
 def _megapixels(n: int) -> str:
-    return f"{n / 1e6:.1f} MP"
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
 
 
 def check_size(w: int, h: int, max_pixels: int | None, path: Path | None) -> None:
@@ -328,6 +337,8 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"broken symbolic link (its target {os.readlink(path)} does not exist)", path)
         raise InputError("no such file or folder", path)
     if path.is_dir():
         raise InputError("is a folder, not an image file", path)
@@ -339,7 +350,13 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         except UnidentifiedImageError:
             raise InputError("not a readable image (unknown format or corrupt header)", path) from None
         except Image.DecompressionBombError as err:
-            raise InputError(f"image too large ({err}); raise --max-pixels if you trust it", path) from None
+            m = re.search(r"\((\d+) pixels\)", str(err))  # Pillow's text quotes its own limit (2x ours)
+            size = f"{_megapixels(int(m.group(1)))}, " if m else ""
+            raise InputError(
+                f"image is too large ({size}above the --max-pixels limit of {_megapixels(max_pixels or 0)}); "
+                "raise --max-pixels if you trust this file",
+                path,
+            ) from None
         except OSError as err:
             raise InputError(f"cannot open image: {err}", path) from None
         with im:
@@ -377,6 +394,56 @@ def picture_from_array(arr: np.ndarray) -> Picture:
         return Picture(rgb=grey_to_rgb(a), grey=True)
     alpha = a[..., 3].copy() if a.shape[2] == 4 else None
     return Picture(rgb=np.ascontiguousarray(a[..., :3]), alpha=alpha)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", fh.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def picture_memory(pic: Picture, out_hw: tuple[int, int], resized: bool) -> int:
+    """Bytes of the whole-image buffers an upscale of ``pic`` to ``out_hw`` holds at its peak.
+
+    The method itself works tile by tile (its working set is bounded by the tile
+    size, not the image); what grows with the image are the decoded input and
+    its copy, the assembled output, one converted copy for encoding (two for
+    16-bit PNG: colour order and the encoded stream), and the resized copy when
+    ``--outscale`` differs from the native scale. Alpha planes count the same way.
+    """
+    b = pic.bit_depth // 8
+    channels = 3 + (pic.alpha is not None)
+    copies_out = (2 if b == 1 else 3) + int(resized)
+    h, w = out_hw
+    return pic.width * pic.height * channels * b * 2 + h * w * channels * b * copies_out
+
+
+def check_memory(pic: Picture, out_hw: tuple[int, int], resized: bool, path: Path | None) -> int:
+    """Refuse an upscale whose buffers (:func:`picture_memory`) exceed the memory available now.
+
+    Returns the estimate in bytes. Raises :class:`InputError` naming both numbers.
+    """
+    need = picture_memory(pic, out_hw, resized)
+    free = available_memory()
+    if free is not None and need > free:
+        h, w = out_hw
+        raise InputError(
+            f"upscaling to {w}x{h} ({_megapixels(w * h)}) needs about {_size(need)} of memory for the "
+            f"image buffers; {_size(free)} is available. Use a smaller --outscale or free memory",
+            path,
+        )
+    return need
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # ---------------------------------------------------------------- writing
@@ -433,16 +500,112 @@ def _current_umask() -> int:
     return mask
 
 
+#: Temporary names of :func:`atomic_write` / :func:`atomic_folder`: ``.<name>.semsr-<pid>-<random>.tmp``.
+TEMP_NAME_RE = re.compile(r"^\..+\.semsr-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.semsr-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove temporary files and folders of :func:`atomic_write`/:func:`atomic_folder` whose process is gone.
+
+    Only names matching :data:`TEMP_NAME_RE` are touched; those of a running process
+    (another semsr writing into the same folder) are kept. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    entries = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    for entry in list(entries):
+        m = TEMP_NAME_RE.match(entry.name)
+        if m and not _process_alive(int(m.group("pid"))):
+            _remove(entry)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted runs in %s", len(removed), folder)
+    return removed
+
+
+def _probe_writable(folder: Path) -> None:
+    fd, name = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(folder / "probe"), suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_folder(path: str | Path, what: str, create: bool = True) -> Path:
+    """Make sure ``path`` is (or can be created as) a folder this process can write into.
+
+    ``create=True`` creates it (with parents) when missing; otherwise the nearest
+    existing parent must be a writable folder. ``what`` names the option in the
+    message (``"-o/--output"``).
+
+    Raises:
+        SemsrError: naming ``path`` and the problem (a file, not writable, cannot be created).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SemsrError(f"{what} is a file, not a folder", path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SemsrError(f"{what}: {existing} is a file, not a folder", path)
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            existing = path
+        _probe_writable(existing)
+    except OSError as err:
+        raise SemsrError(f"{what}: cannot write here ({err.strerror or err})", path) from None
+    return path
+
+
+def check_output_file(path: str | Path, what: str, create: bool = True) -> Path:
+    """Make sure a file can be written at ``path`` (its folder is created when missing and ``create``).
+
+    Raises:
+        SemsrError: ``path`` is a folder, its parent is a file or not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SemsrError(f"{what} is a folder; give a file name", path)
+    check_output_folder(path.parent, f"the folder of {what}", create=create)
+    return path
+
+
+def write_error_message(err: OSError, path: Path) -> str:
+    """One line for a failed write of ``path`` (never the temporary file's name)."""
+    reason = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    return f"cannot write {path}: {reason}"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
 
     On any error (or ``KeyboardInterrupt``) the temporary file is removed and
     ``path`` is left untouched, so a reader never sees a partial file. The
-    parent folder must exist.
+    parent folder must exist. The file gets ``0666`` minus the umask.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -516,7 +679,7 @@ def atomic_folder(path: str | Path, *, staging: str | Path | None = None, replac
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if staging is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     else:
         tmp = Path(staging)
         if tmp.exists():
@@ -524,10 +687,21 @@ def atomic_folder(path: str | Path, *, staging: str | Path | None = None, replac
         tmp.mkdir(parents=True)
     try:
         yield tmp
+        _public_permissions(tmp)
         atomic_move(tmp, path, replace=replace)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _public_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions of ordinary new files (``0666``/``0777`` minus
+    the umask): :mod:`tempfile` (used here and by the libraries that save weights) creates them private."""
+    mask = _current_umask()
+    for entry in [root, *root.rglob("*")]:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from semsr.core.dtypes import resolve_dtype
-from semsr.core.errors import SemsrError, UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError, unsafe_pickle_message
 
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -327,7 +327,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UnavailableError(f"cannot load weights safely: {_one_line(err)}", path) from err
+        raise UnavailableError(
+            f"cannot load weights safely: {unsafe_pickle_message(err) or _one_line(err)}", path
+        ) from err
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from semsr.core.errors import UnavailableError
+from semsr.core.errors import UnavailableError, unsafe_pickle_message
 from semsr.core.io import atomic_write_bytes
 from semsr.core.paths import cache_dir
 from semsr.core.paths import weights_dir as default_weights_dir
@@ -138,7 +138,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign file: tell the user which one
-        raise UnavailableError(f"cannot load weights ({type(err).__name__}: {err})", path) from None
+        reason = unsafe_pickle_message(err) or f"{type(err).__name__}: {err}"
+        raise UnavailableError(f"cannot load weights ({reason})", path) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

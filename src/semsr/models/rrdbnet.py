@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semsr.core.errors import InputError
+from semsr.core.errors import InputError, unsafe_pickle_message
 from semsr.core.io import atomic_write
 from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
@@ -247,7 +247,8 @@ def rrdbnet_from_pth(path: str | Path) -> RRDBNet:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors: report, do not trace back
-        raise InputError(f"cannot read weights: {type(err).__name__}: {err}".splitlines()[0], path) from None
+        reason = unsafe_pickle_message(err) or f"{type(err).__name__}: {err}".splitlines()[0]
+        raise InputError(f"cannot read weights: {reason}", path) from None
     state = _unwrap_state_dict(obj, path)
     model = RRDBNet(config_from_state_dict(state, path))
     try:

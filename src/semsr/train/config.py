@@ -207,6 +207,7 @@ class ExperimentConfig:
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)"),
             (0.0 <= self.train.null_prompt_prob <= 1.0, "train.null_prompt_prob must be in [0, 1]"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.train.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.train.threads}"),
             (self.schedule.name in ("constant", "cosine"), "schedule.name must be constant or cosine"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0"),
             (self.optim.lr > 0, "optim.lr must be > 0"),

@@ -13,9 +13,12 @@ into an output directory (layout in :mod:`semsr.train.checkpoints`):
   weights (diffusers' ``EMAModel``);
 - data are a pure function of the sample position (:mod:`semsr.train.data`),
   so resuming only needs the step counter to reproduce the data order;
-- every ``checkpoint.every`` steps ``accelerator.save_state`` writes the model,
-  optimiser, LR scheduler, EMA, trainer step and every process's RNG states;
-  ``resume=True`` loads the newest one and continues at the same step;
+- every ``checkpoint.every`` steps a checkpoint stores the model, optimiser, LR
+  scheduler, EMA, loss scaler, trainer step and sample position, and every
+  process's RNG states as JSON + safetensors (:mod:`semsr.train.checkpoints`;
+  nothing is pickled, so resuming cannot run code); ``resume=True`` loads the
+  newest intact one (falling back to an older one, with a warning, when the newest
+  cannot be read) and continues at the same step;
 - a JSON-lines log, a curve PNG, periodic validation (SR of held-out images,
   metrics from :mod:`semsr.eval.metrics`, a sample grid PNG).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ import torch
 
 from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
-from semsr.core.io import atomic_folder
+from semsr.core.io import atomic_folder, check_output_folder, sweep_temp_files
 from semsr.eval.atomic import write_png, write_text
 from semsr.eval.metrics import get_metric
 from semsr.train import checkpoints as ckpt
@@ -56,7 +60,7 @@ StepCallback = Callable[["Trainer", int, dict[str, Any]], None]
 
 
 class TrainState:
-    """Counters saved with each checkpoint (registered with Accelerate)."""
+    """Counters saved with each checkpoint (part ``train_state``)."""
 
     def __init__(self) -> None:
         self.step = 0  # optimiser steps done
@@ -125,6 +129,9 @@ class Trainer:
             raise SemsrError(f"unknown task '{cfg.task}' (known: {', '.join(available_tasks())})")
         for name in cfg.losses:
             get_loss(name)  # fail on unknown loss names before loading models
+        if self.output.exists() and not self.output.is_dir():
+            raise SemsrError("--output is a file, not a run folder", self.output)
+        check_output_folder(self.output, "--output", create=False)
         if not resume and ckpt.list_checkpoints(self.output):
             raise SemsrError("output already holds checkpoints; pass --resume or choose another --output", self.output)
 
@@ -164,6 +171,7 @@ class Trainer:
         if cfg.train.mixed_precision == "fp16" and not has_accelerator_device():
             raise SemsrError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         self.output.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(self.output, recursive=True)  # a killed run's temp files and export staging folders
         self._build()
         acc, state = self.accelerator, self.state
         run_log = ckpt.RunLog(self.output / "log.jsonl")
@@ -246,23 +254,91 @@ class Trainer:
             from diffusers.training_utils import EMAModel  # heavy dependency, imported on use
 
             self.ema = EMAModel(acc.unwrap_model(self.model).parameters(), decay=cfg.train.ema_decay)
-            acc.register_for_checkpointing(self.ema)
-        acc.register_for_checkpointing(self.lr_scheduler, self.state)
+
+    def _state_parts(self) -> dict[str, Any]:
+        """The objects a checkpoint holds, by part name (each has ``state_dict``/``load_state_dict``)."""
+        parts: dict[str, Any] = {
+            "model": self.accelerator.unwrap_model(self.model),
+            "optimizer": self.optimizer,
+            "scheduler": self.lr_scheduler,
+            "train_state": self.state,
+        }
+        if self.ema is not None:
+            parts["ema"] = self.ema
+        if self.accelerator.scaler is not None:
+            parts["scaler"] = self.accelerator.scaler
+        return parts
+
+    def _read_checkpoint(self, step: int, folder: Path) -> dict[str, Any]:
+        """Every part of one checkpoint this process needs, read and checked before anything is applied.
+
+        Raises:
+            SemsrError: unknown files in the folder (refused, never loaded).
+            CorruptCheckpoint: a part that cannot be read, or a step that does not match the folder.
+        """
+        ckpt.check_known_files(folder)
+        if self.ema is not None and not (folder / "ema.json").exists() and (folder / "model.json").exists():
+            raise SemsrError(
+                "checkpoint has no EMA state (trained with train.ema_decay=0); resume with the same", folder
+            )
+        names = [n for n in self._state_parts() if n != "scaler" or (folder / "scaler.json").exists()]
+        states = {name: ckpt.read_part(folder, name) for name in names}
+        rng = f"random_states_{self.accelerator.process_index}"
+        if (folder / f"{rng}.json").exists():
+            states[rng] = ckpt.read_part(folder, rng)
+        saved = states["train_state"]
+        if not isinstance(saved, dict) or saved.get("step") != step:
+            raise ckpt.CorruptCheckpoint(f"train_state.json does not say step {step}", folder)
+        return states
 
     def _resume(self, run_log: ckpt.RunLog) -> Path | None:
-        """Load the newest complete checkpoint (if any); returns its folder."""
-        acc, state = self.accelerator, self.state
+        """Load the newest intact checkpoint (if any); returns its folder.
+
+        A checkpoint that cannot be read is skipped with a warning naming it and the
+        one used instead; a checkpoint holding unknown files stops the run.
+        """
+        acc = self.accelerator
         if acc.is_main_process:
             ckpt.remove_staging_dirs(self.output)
-        found = ckpt.latest_checkpoint(self.output)
-        if found is None:
+        acc.wait_for_everyone()
+        found = ckpt.list_checkpoints(self.output)
+        if not found:
             log.warning("no checkpoint in %s: starting from step 0", self.output)
             return None
-        acc.load_state(str(found[1]))
-        if state.step != found[0]:
-            raise SemsrError(f"checkpoint says step {state.step}, folder says {found[0]}", found[1])
-        acc.print(f"resumed from {found[1]} at step {state.step}")
-        return found[1]
+        skipped: list[str] = []
+        for step, folder in reversed(found):
+            try:
+                states = self._read_checkpoint(step, folder)
+            except ckpt.CorruptCheckpoint as err:
+                if acc.is_main_process:
+                    print(f"semsr: warning: checkpoint {folder.name} is unreadable ({err}); trying an older one",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                skipped.append(folder.name)
+                continue
+            self._apply_checkpoint(states, folder)
+            note = f" (skipped unreadable {', '.join(skipped)})" if skipped else ""
+            acc.print(f"resumed from {folder} at step {self.state.step}{note}")
+            return folder
+        raise SemsrError(f"no intact checkpoint to resume from ({', '.join(skipped)} unreadable)", self.output)
+
+    def _apply_checkpoint(self, states: dict[str, Any], folder: Path) -> None:
+        """Load the parts read by :meth:`_read_checkpoint` into the live objects."""
+        parts = self._state_parts()
+        try:
+            for name, obj in parts.items():
+                if name in states:
+                    obj.load_state_dict(states[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise SemsrError(
+                f"checkpoint does not match this experiment ({str(err).splitlines()[0]}); "
+                "resume with the config it was trained with",
+                folder,
+            ) from None
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
+        rng = states.get(f"random_states_{self.accelerator.process_index}")
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
 
     def _data(self) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The endless batch iterator (from the consumed sample count) and the validation pairs."""
@@ -341,7 +417,10 @@ class Trainer:
         acc = self.accelerator
         staging = ckpt.staging_dir(self.output, step, clear=acc.is_main_process)
         acc.wait_for_everyone()
-        acc.save_state(str(staging))
+        if acc.is_main_process:
+            for name, obj in self._state_parts().items():
+                ckpt.write_part(staging, name, obj.state_dict())
+        ckpt.write_part(staging, f"random_states_{acc.process_index}", ckpt.capture_rng_state())
         acc.wait_for_everyone()
         final = self.output / "checkpoints" / ckpt.checkpoint_name(step)
         if acc.is_main_process:
