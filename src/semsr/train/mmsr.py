@@ -112,7 +112,7 @@ class MMSRTask(LatentDiffusionTask):
                     width=width,
                     text_width=int(self.text.width),
                     spatial=self.modalities,
-                    vq_dim=int(self.tokenizer.embed_dim),
+                    vq_dim=int(next(iter(self.tokenizers.values())).embed_dim),
                     **extra,
                 )
                 cond = MMSRConditioning.new(
