@@ -336,7 +336,9 @@ class MultimodalLatentConnector(Component):
             temperature_mode: ``divide`` (the paper: logits / delta) or ``bias`` (logits - ln delta).
         """
         if temperature_mode not in TEMPERATURE_MODES:
-            raise SemsrError(f"unknown temperature mode {temperature_mode!r}; use one of {', '.join(TEMPERATURE_MODES)}")
+            raise SemsrError(
+                f"unknown temperature mode {temperature_mode!r}; use one of {', '.join(TEMPERATURE_MODES)}"
+            )
         seq = self.sequence(text, spatial, drop)
         bias = scale = None
         if temperature_mode == "bias":

@@ -445,9 +445,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 #: How a user turns a published taming / latent-diffusion ``.ckpt`` into the safetensors file semsr reads
 #: (run in their own environment: it unpickles the file).
 TAMING_CONVERSION = (
-    "python -c \"import sys, torch; from safetensors.torch import save_file; "
+    'python -c "import sys, torch; from safetensors.torch import save_file; '
     "sd = torch.load(sys.argv[1], map_location='cpu', weights_only=False)['state_dict']; "
-    "save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])\" last.ckpt vqgan.safetensors"
+    'save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])" last.ckpt vqgan.safetensors'
 )
 
 
@@ -478,9 +478,7 @@ def taming_vqgan_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
             "out_channels": int(state["decoder.conv_out.weight"].shape[0]),
             "down_block_types": tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in enc_attn),
-            "up_block_types": tuple(
-                "AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(dec_attn)
-            ),
+            "up_block_types": tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(dec_attn)),
             "block_out_channels": tuple(widths),
             "layers_per_block": len(blocks),
             "latent_channels": int(state["encoder.conv_out.weight"].shape[0]),

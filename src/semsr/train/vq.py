@@ -204,9 +204,7 @@ class EdgeVQTask(Task):
         opts = dict(cfg.model.options)
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise SemsrError(
-                f"unknown model.options for {cfg.task}: {sorted(unknown)} (known: {sorted(self.OPTIONS)})"
-            )
+            raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
         self.modalities, self.providers = self.map_providers(opts)  # uncached: every crop is new
         self.lr_scale = float(opts.get("lr_scale", 0.5))
         self.crop_min = int(opts.get("crop_min", 64))
@@ -308,7 +306,9 @@ class _ModelMapVQTask(EdgeVQTask):
     def map_providers(self, opts: Mapping[str, Any]) -> tuple[tuple[str, ...], list[PriorProvider]]:
         """``((name,), [provider])``: the :attr:`PROVIDER` prior on ``model.options.model``."""
         if not opts.get("model"):
-            raise SemsrError(f"task {self.cfg.task} needs model.options.model: a local transformers {self.PROVIDER} folder")
+            raise SemsrError(
+                f"task {self.cfg.task} needs model.options.model: a local transformers {self.PROVIDER} folder"
+            )
         return (self.PROVIDER,), [get_provider(self.PROVIDER, model=resolve_model_path(str(opts["model"])))]
 
 
