@@ -11,7 +11,7 @@ go through the on-disk prior cache; training calls the providers directly
 depth: a DepthVQ; seg: a SegVQ or any RGB VQGAN, never a grey tokenizer, which would
 merge classes of equal grey value; or one VQGAN for all, as the paper) that turns
 its map into ``(grid*grid, embed_dim)`` = ``(256, 256)`` codebook vectors.
-Depth and segmentation models run on ``device``.
+Depth, segmentation and HED models run on ``device``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from semsr.priors.base import cached, get_provider
 #: Provider name of each spatial modality (``edge`` may also use ``hed``).
 DEFAULT_PROVIDERS: dict[str, str] = {"edge": "canny", "depth": "depth", "seg": "seg"}
 EDGE_PROVIDERS = ("canny", "hed")
-#: Modalities whose maps come from a neural model (run on the method's device).
-NEURAL_MODALITIES = ("depth", "seg")
+#: Providers that run a neural model (on the method's device).
+NEURAL_PROVIDERS = ("depth", "seg", "hed")
 
 
 class ModalityTokens:
@@ -44,7 +44,7 @@ class ModalityTokens:
         provider_opts: per modality, options of its provider (e.g. ``{"depth": {"model": PATH}}``).
         edge: provider of the ``edge`` modality, ``canny`` (default, as the paper) or ``hed``.
         use_cache: go through the on-disk prior cache.
-        device: torch device of the depth / segmentation models (their ``device`` option).
+        device: torch device of the depth / segmentation / HED models (their ``device`` option).
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class ModalityTokens:
         self.providers = {}
         for m in self.modalities:
             kwargs = dict(opts.get(m, {}))
-            if m in NEURAL_MODALITIES:
+            if names[m] in NEURAL_PROVIDERS:
                 kwargs.setdefault("device", str(device))
             provider = get_provider(names[m], **kwargs)
             self.providers[m] = cached(provider) if use_cache else provider
