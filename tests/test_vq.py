@@ -4,6 +4,7 @@ the ``edge-vq`` training task."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -402,13 +403,23 @@ def test_taming_vqgan_loading_is_strict(tiny_taming, tmp_path):
     assert TAMING_CONVERSION in str(err.value) and "safetensors" in TAMING_CONVERSION
 
 
-def test_mmsr_runs_on_a_taming_vqgan_for_every_map(tiny_models, tiny_taming, one_thread):
+def test_mmsr_runs_on_a_taming_vqgan_for_every_map(tiny_models, tiny_taming, one_thread, tmp_path):
     from semsr.methods.mmsr import MMSR, MMSROptions
 
     pipe = MMSR.from_pretrained(tiny_models / "sd", tiny_models / "mmsr", vq=tiny_taming / "vqgan.safetensors")
     assert len({id(t) for t in pipe.tokenizers.values()}) == 1 and set(pipe.tokenizers) == {"edge", "depth", "seg"}
     out = pipe(torch.rand(1, 3, 12, 16), MMSROptions(steps=1, prompt="a cat"))
     assert out.images.shape == (1, 3, 48, 64)
+    # an earlier checkpoint's single meta.tokenizer path still counts for every map
+    ckpt = tmp_path / "old"
+    shutil.copytree(tiny_models / "mmsr", ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    for name in ("vq_depth", "vq_seg"):
+        del index[name]
+    index["meta"] = {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizer": str(tiny_taming)}
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    old = MMSR.from_pretrained(tiny_models / "sd", ckpt)
+    assert {type(t).__name__ for t in old.tokenizers.values()} == {"DiffusersVQTokenizer"}
 
 
 # ------------------------------------------------------------ depth / seg tokenizer training

@@ -41,7 +41,8 @@ the layout of :mod:`semsr.core.components`)::
 Tokenizer of a spatial modality ``m``, first found: ``--depth-vq`` / ``--seg-vq``;
 ``--vq`` (one tokenizer for every map, e.g. a VQGAN as in the paper); the
 checkpoint's ``vq_<m>/``; ``meta.tokenizers[m]`` (a path, relative ones against
-the checkpoint folder); for ``edge`` only, the shipped edge VQ. Depth / seg models:
+the checkpoint folder; an earlier checkpoint's single ``meta.tokenizer`` path
+counts for every modality); for ``edge`` only, the shipped edge VQ. Depth / seg models:
 ``--depth-model`` / ``--seg-model``, else a ``depth/`` or ``seg/``
 transformers folder inside the checkpoint folder or beside it (so
 ``--checkpoint /tmp/tiny/mmsr`` finds ``/tmp/tiny/depth`` and ``/tmp/tiny/seg``
@@ -272,6 +273,8 @@ def load_mmsr_tokenizers(
     folder = Path(folder).expanduser()
     index = read_index(folder, RECIPE)
     recorded = dict(meta.get("tokenizers") or {})
+    if meta.get("tokenizer"):  # the earlier layout: one tokenizer path for every map
+        recorded = {m: meta["tokenizer"] for m in spatial} | recorded
     out: dict[str, SpatialTokenizer] = {}
     shared = load_tokenizer(vq, device=device) if vq is not None else None
     for m in spatial:
