@@ -393,6 +393,15 @@ def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc != 0 and "--depth-model" in err and "Traceback" not in err
+    # without models beside the checkpoint: an error naming the flags, or an explicit opt-out
+    common = ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o4", "--method", "mmsr", "--base"]
+    common += [tiny_models / "sd", "--checkpoint", ckpt, "--steps", "1", "--no-progress"]
+    assert main([str(a) for a in common]) != 0
+    err = capsys.readouterr().err
+    assert "--depth-model" in err and "--no-depth" in err and len(err.strip().splitlines()) == 1
+    assert main([str(a) for a in [*common, "--no-depth", "--no-segmentation"]]) == 0
+    assert (tmp_path / "o4" / "img_out.png").is_file()
+    capsys.readouterr()
     rc = main(
         [
             str(a)
