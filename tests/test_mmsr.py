@@ -681,3 +681,13 @@ def test_cross_attention_trains_by_default(tiny_models):
     base["model"]["options"].update(modalities=["edge", "depth"], depth_model=str(tiny_models / "depth"))
     with pytest.raises(SemsrError, match="model.options.depth_vq"):
         build_task(config_from_dict(base))
+    # continuing from a checkpoint reuses its tokenizers
+    base["model"]["options"] = {
+        "modalities": ["edge", "depth", "seg"],
+        "depth_model": str(tiny_models / "depth"),
+        "seg_model": str(tiny_models / "seg"),
+        "init": str(tiny_models / "mmsr"),
+    }
+    task = build_task(config_from_dict(base))
+    assert isinstance(task.tokenizers["depth"], DepthVQ) and isinstance(task.tokenizers["seg"], SegVQ)
+    assert task.shipped == {"edge"}

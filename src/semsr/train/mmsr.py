@@ -38,11 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from semsr.core.components import read_index
 from semsr.core.errors import SemsrError
 from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector
 from semsr.fusion.mmsr_conditioning import MMSRConditioning
-from semsr.methods.mmsr import MMSR, MMSROptions, load_mmsr, save_mmsr
-from semsr.models.vq import EdgeVQ, SpatialTokenizer, load_tokenizer
+from semsr.methods.mmsr import MMSR, MMSROptions, load_mmsr, load_mmsr_tokenizers, save_mmsr
+from semsr.models.vq import EdgeVQ, SpatialTokenizer, check_modality_tokenizer, load_tokenizer
 from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.mmsr import ModalityTokens
 from semsr.testing.tiny import resolve_model_path
@@ -93,7 +94,7 @@ class MMSRTask(LatentDiffusionTask):
                 self.sources[name] = {"model": str(resolve_model_path(str(given)))}
         self.edge = str(opts.get("edge", "canny"))
         self.tokenizers = self.load_tokenizers(opts)
-        self.tokens = ModalityTokens(self.modalities, self.tokenizers, self.sources, edge=self.edge, use_cache=False)
+        self.tokens: ModalityTokens | None = None  # built on the training device by setup()
         if opts.get("init"):
             cond, _ = load_mmsr(resolve_model_path(str(opts["init"])))
             if cond.connector.spatial != self.modalities:
@@ -127,8 +128,19 @@ class MMSRTask(LatentDiffusionTask):
         self.trainable = cond.float().train().requires_grad_(True)
 
     def load_tokenizers(self, opts: dict[str, Any]) -> dict[str, SpatialTokenizer]:
-        """Per spatial modality its tokenizer: ``<m>_vq``, else ``vq``, else (edge) the shipped edge VQ."""
+        """Per spatial modality its tokenizer: ``<m>_vq``, else ``vq``, else the ``init`` checkpoint's, else
+        (edge only) the shipped edge VQ; each checked against its modality."""
         shared = load_tokenizer(resolve_model_path(str(opts["vq"]))) if opts.get("vq") else None
+        inherited: dict[str, SpatialTokenizer] = {}
+        init_shipped_edge = False
+        if opts.get("init"):
+            init = resolve_model_path(str(opts["init"]))
+            index = read_index(init, "mmsr")
+            inherited = load_mmsr_tokenizers(init, index.meta, self.modalities)
+            recorded = index.meta.get("tokenizers") or {}
+            init_shipped_edge = not (
+                "vq_edge" in index.components or recorded.get("edge") or index.meta.get("tokenizer")
+            )
         out: dict[str, SpatialTokenizer] = {}
         self.shipped: set[str] = set()
         for m in self.modalities:
@@ -137,6 +149,10 @@ class MMSRTask(LatentDiffusionTask):
                 out[m] = load_tokenizer(resolve_model_path(str(own)))
             elif shared is not None:
                 out[m] = shared
+            elif m in inherited:
+                out[m] = inherited[m]
+                if m == "edge" and init_shipped_edge:
+                    self.shipped.add(m)
             elif m == "edge":
                 out[m] = load_tokenizer(None)
                 self.shipped.add(m)
@@ -145,6 +161,7 @@ class MMSRTask(LatentDiffusionTask):
                     f"modality {m} needs a tokenizer: model.options.{m}_vq (a {'DepthVQ' if m == 'depth' else 'SegVQ'}"
                     f" folder, task {m}-vq) or model.options.vq (a VQGAN for every map)"
                 )
+            check_modality_tokenizer(m, out[m], str(opts.get(f"{m}_vq") or opts.get("vq") or m))
         return out
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -174,6 +191,7 @@ class MMSRTask(LatentDiffusionTask):
         drops = self.draw_drops(step.gens)
         text = self.prompts(prompts).to(self.device, torch.float32)
         hint = make_hint(step.lr, tuple(step.hr.shape[-2:]))
+        assert self.tokens is not None, "setup() builds the modality tokens"
         spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
         z_lr = self.vae_mode(hint)
         return {
