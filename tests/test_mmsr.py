@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from diffusers import VQModel
 from PIL import Image
 
 from semsr.cli import main
 from semsr.core.components import load_component, read_index
-from semsr.core.errors import SemsrError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector, parse_temperatures
 from semsr.fusion.mmsr_conditioning import ConcatConvIn, MMSRConditioning, cross_attention_paths
 from semsr.methods import build
 from semsr.methods.mmsr import MMSR, MMSROptions, guidance_negative, load_mmsr
+from semsr.models.vq import (
+    DepthVQ,
+    DiffusersVQTokenizer,
+    EdgeVQ,
+    SegVQ,
+    check_modality_tokenizer,
+    load_tokenizer,
+    prepare_maps,
+)
 from semsr.pipeline.guidance import cfg
+from semsr.priors.depth_seg import label_palette
+from semsr.priors.mmsr import ModalityTokens
 from train_helpers import REPO, write_textures
 
 W = 32  # tiny width (the tiny UNet's cross-attention width)
@@ -91,14 +104,50 @@ def test_missing_modality_uses_its_null_token(connector):
         connector.sequence(text, {"edge": torch.randn(2, 100, 256)})
 
 
-def test_temperature_moves_attention_mass_monotonically(connector):
+def test_temperature_divides_the_modality_logits_by_default(connector):
+    """The paper's temperature: softmax over s_ij / delta_m(j) (the old default added -ln delta instead)."""
+    text, spatial = _inputs(batch=1)
+    q = torch.randn(1, 3, W)
+    kv = connector.sequence(text, spatial)
+    attn = connector.cross_blocks[0].attn
+    temps = {"depth": 0.5, "edge": 4.0}
+    with torch.no_grad():
+        _, got = attn(q, kv, None, return_weights=True, key_scale=connector.key_scale(temps))
+        slots = connector.slots()
+        # rebuild the scaled logits from the raw ones: s = q.k / sqrt(d) per head
+        qh = attn._split(attn.to_q(q))
+        kh = attn._split(attn.to_k(kv))
+        raw = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
+        scaled = raw.clone()
+        for m, d in temps.items():
+            scaled[..., slots[m]] = raw[..., slots[m]] / d
+        assert torch.allclose(got, scaled.softmax(-1), atol=1e-5)
+        # the connector uses this form unless told otherwise, and it differs from the bias form
+        weights: list[torch.Tensor] = []
+        connector(text, spatial, temps, attention_out=weights)
+        by_bias: list[torch.Tensor] = []
+        connector(text, spatial, temps, attention_out=by_bias, temperature_mode="bias")
+    expect = connector.cross_blocks[0].attn(
+        connector.cross_blocks[0].norm_q(connector.latents[None]),
+        connector.cross_blocks[0].norm_kv(kv),
+        None,
+        return_weights=True,
+        key_scale=connector.key_scale(temps),
+    )[1]
+    assert torch.allclose(weights[0], expect, atol=1e-5)
+    assert not torch.allclose(weights[0], by_bias[0], atol=1e-3)
+    with pytest.raises(SemsrError, match="temperature mode"):
+        connector(text, spatial, temps, temperature_mode="x")
+
+
+def test_bias_temperature_moves_attention_mass_monotonically(connector):
     text, spatial = _inputs()
     deltas = [0.4, 0.7, 1.0, 2.0, 5.0, 10.0]
     masses = []
     with torch.no_grad():
         for d in deltas:
             weights: list[torch.Tensor] = []
-            connector(text, spatial, {"depth": d}, attention_out=weights)
+            connector(text, spatial, {"depth": d}, attention_out=weights, temperature_mode="bias")
             masses.append({k: float(v) for k, v in connector.modality_mass(weights[0]).items()})
     depth = [m["depth"] for m in masses]
     others = [m["edge"] + m["seg"] + m[CAPTION] for m in masses]
@@ -114,8 +163,8 @@ def test_temperature_moves_attention_mass_monotonically(connector):
     s = connector.slots()["depth"]
     a = float(w1[..., s].sum(-1).mean())
     assert math.isclose(float(w4[..., s].sum(-1).mean()), (a / 4) / (a / 4 + 1 - a), rel_tol=1e-4)
-    # delta = 1 is the untempered model; no temperatures -> no bias at all
-    assert connector.key_bias({"edge": 1.0}) is None
+    # delta = 1 is the untempered model; no temperatures -> no bias / scale at all
+    assert connector.key_bias({"edge": 1.0}) is None and connector.key_scale({"edge": 1.0}) is None
     with torch.no_grad():
         assert torch.allclose(connector(text, spatial, {"edge": 1.0}), connector(text, spatial), atol=1e-6)
 
@@ -210,10 +259,13 @@ def test_tiny_checkpoint_layout(tiny_models):
     assert index.components == {
         "connector": ("semsr", "MultimodalLatentConnector"),
         "conv_in": ("semsr", "ConcatConvIn"),
+        "unet_attention": ("semsr", "CrossAttentionLayers"),
+        "vq_depth": ("semsr", "DepthVQ"),
+        "vq_seg": ("semsr", "SegVQ"),
     }
-    assert index.meta == {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizer": None}
+    assert index.meta == {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizers": {}}
     cond, meta = load_mmsr(tiny_models / "mmsr")
-    assert meta == index.meta and cond.unet_attention is None and cond.latent_channels == 4
+    assert meta == index.meta and cond.unet_attention is not None and cond.latent_channels == 4
 
 
 def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models):
@@ -232,7 +284,9 @@ def test_tiny_pipeline_modalities_temperature_and_modes(mmsr_method, tiny_models
     assert "modality_temperature" not in res.priors and set(res.timings) >= {"priors", "encode", "denoise"}
     assert torch.equal(out, pipe(lr, run).images)
     hot = pipe(lr, run.replace(modality_temperature="edge=2"))
-    assert hot.priors["modality_temperature"] == {"edge": 2.0}
+    assert hot.priors["modality_temperature"] == {"edge": 2.0} and hot.priors["temperature_mode"] == "divide"
+    biased = pipe(lr, run.replace(modality_temperature="edge=2", temperature_mode="bias"))
+    assert biased.priors["temperature_mode"] == "bias" and not torch.equal(biased.images, hot.images)
     # the per-modality option is the same knob and overrides the M=D form
     assert torch.equal(pipe(lr, run.replace(edge_temperature=2.0)).images, hot.images)
     assert torch.equal(pipe(lr, run.replace(modality_temperature="edge=5", edge_temperature=2.0)).images, hot.images)
@@ -314,8 +368,6 @@ def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
     capsys.readouterr()
     # a requested modality without a model is a one-line error
     ckpt = tmp_path / "ckpt"
-    import shutil
-
     shutil.copytree(tiny_models / "mmsr", ckpt)
     rc = main(
         [
@@ -341,6 +393,15 @@ def test_cli_acceptance_command(tiny_models, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc != 0 and "--depth-model" in err and "Traceback" not in err
+    # without models beside the checkpoint: an error naming the flags, or an explicit opt-out
+    common = ["upscale", "-i", tmp_path / "img.png", "-o", tmp_path / "o4", "--method", "mmsr", "--base"]
+    common += [tiny_models / "sd", "--checkpoint", ckpt, "--steps", "1", "--no-progress"]
+    assert main([str(a) for a in common]) != 0
+    err = capsys.readouterr().err
+    assert "--depth-model" in err and "--no-depth" in err and len(err.strip().splitlines()) == 1
+    assert main([str(a) for a in [*common, "--no-depth", "--no-segmentation"]]) == 0
+    assert (tmp_path / "o4" / "img_out.png").is_file()
+    capsys.readouterr()
     rc = main(
         [
             str(a)
@@ -379,6 +440,8 @@ def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, ca
         f"model.pretrained={tiny_models / 'sd'}",
         f"model.options.depth_model={tiny_models / 'depth'}",
         f"model.options.seg_model={tiny_models / 'seg'}",
+        f"model.options.depth_vq={tiny_models / 'vq-depth'}",
+        f"model.options.seg_vq={tiny_models / 'vq-seg'}",
         f"data.hr=[{hr}]",
         "data.val_count=1",
         "data.limit=0",
@@ -391,7 +454,10 @@ def test_tiny_training_config_runs_through_semsr_train(tiny_models, tmp_path, ca
     assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
     final = tmp_path / "run" / "final"
     cond, meta = load_mmsr(final)
-    assert meta["modalities"] == ["edge", "depth", "seg"]
+    assert meta["modalities"] == ["edge", "depth", "seg"] and cond.unet_attention is not None
+    index = read_index(final, "mmsr")
+    assert index.components["vq_depth"] == ("semsr", "DepthVQ") and index.components["vq_seg"] == ("semsr", "SegVQ")
+    assert "vq_edge" not in index.components  # the shipped edge VQ is not copied
     assert cond.conv_in.weight[:, 4:].abs().sum() > 0  # the LR channels left zero and learned
     pipe = MMSR.from_pretrained(
         tiny_models / "sd", final, depth_model=tiny_models / "depth", seg_model=tiny_models / "seg"
@@ -481,3 +547,147 @@ def test_cross_attention_training_exports_and_reloads(tiny_models, tmp_path):
     assert torch.allclose(loaded, layers[key].to_k.weight)
     run = MMSROptions(modalities=("caption", "edge"), steps=1)
     assert pipe(torch.rand(1, 3, 16, 16), run).images.shape == (1, 3, 64, 64)
+
+
+# ----------------------------------------------------------------------------- modality tokenizers
+
+
+def _equal_grey_pair() -> tuple[int, int]:
+    """Two label ids whose palette colours differ but have the same grey (channel mean) value."""
+    palette = label_palette(16)
+    grey = palette.mean(1)
+    for i in range(1, 16):
+        for j in range(i + 1, 16):
+            if torch.isclose(grey[i], grey[j]) and not torch.equal(palette[i], palette[j]):
+                return i, j
+    raise AssertionError("no equal-grey pair in the palette")
+
+
+def test_seg_tokens_keep_class_identity(tiny_models):
+    """A seg map of two classes with equal grey value gives different tokens (the grey edge VQ merged them)."""
+    i, j = _equal_grey_pair()
+    palette = label_palette(16)
+    maps = torch.stack([palette[k].view(3, 1, 1).expand(3, 48, 64) for k in (i, j)])
+    assert torch.equal(prepare_maps(maps, 64, 1)[0], prepare_maps(maps, 64, 1)[1])  # grey: one class
+    seg_vq = load_tokenizer(tiny_models / "vq-seg")
+    assert isinstance(seg_vq, SegVQ) and seg_vq.in_channels == 3
+    ids = seg_vq.encode(maps)
+    assert not torch.equal(ids[0], ids[1])
+    # a two-class map and the same map with the two classes swapped: one grey map, different tokens
+    two = torch.zeros(2, 3, 48, 64)
+    two[0, :, :, :32], two[0, :, :, 32:] = palette[i].view(3, 1, 1), palette[j].view(3, 1, 1)
+    two[1, :, :, :32], two[1, :, :, 32:] = palette[j].view(3, 1, 1), palette[i].view(3, 1, 1)
+    assert torch.equal(two[0].mean(0), two[1].mean(0))
+    ids = seg_vq.encode(two)
+    assert not torch.equal(ids[0], ids[1])
+    # the pipeline tokenizes seg with the checkpoint's SegVQ; a grey tokenizer is refused for seg
+    tokens = ModalityTokens(["seg"], {"seg": seg_vq}, {"seg": {"model": str(tiny_models / "seg")}}, use_cache=False)
+    vectors, seg_maps = tokens.encode(torch.rand(1, 3, 40, 52, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(vectors["seg"], seg_vq.embed(seg_vq.encode(seg_maps["seg"])))
+    grey_vqgan = VQModel(
+        in_channels=1, out_channels=1, block_out_channels=(32,), norm_num_groups=8, vq_embed_dim=256, latent_channels=4
+    )
+    with pytest.raises(UnavailableError, match="classes of equal grey"):
+        ModalityTokens(["seg"], {"seg": DiffusersVQTokenizer(grey_vqgan, "grey")}, use_cache=False)
+    with pytest.raises(UnavailableError, match="EdgeVQ tokenizes edge maps, not seg"):
+        check_modality_tokenizer("seg", load_tokenizer(None), "edge-vq")
+
+
+def test_depth_has_its_own_tokenizer(mmsr_method, tiny_models, tmp_path):
+    pipe = mmsr_method
+    assert isinstance(pipe.tokenizers["depth"], DepthVQ) and isinstance(pipe.tokenizers["seg"], SegVQ)
+    assert type(pipe.tokenizers["edge"]) is EdgeVQ and pipe.tokenizers["depth"] is not pipe.tokenizers["edge"]
+    edge_codes = pipe.tokenizers["edge"].quantizer.codebook
+    depth_codes = pipe.tokenizers["depth"].quantizer.codebook
+    assert edge_codes.shape != depth_codes.shape or not torch.equal(edge_codes, depth_codes)
+    hint = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    vectors, maps = pipe.modality_tokens(["depth"]).encode(hint)
+    depth_vq = pipe.tokenizers["depth"]
+    assert torch.equal(vectors["depth"], depth_vq.embed(depth_vq.encode(maps["depth"])))
+    with pytest.raises(UnavailableError, match="tokenizes edge maps, not depth"):
+        check_modality_tokenizer("depth", pipe.tokenizers["edge"], "x")
+    # a checkpoint without a depth tokenizer: an error naming --depth-vq (never the edge codebook)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_models / "mmsr", ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    del index["vq_depth"]
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    models = {"depth_model": tiny_models / "depth", "seg_model": tiny_models / "seg"}
+    bare = MMSR.from_pretrained(tiny_models / "sd", ckpt, **models)
+    assert "depth" not in bare.tokenizers
+    with pytest.raises(UnavailableError, match="--depth-vq"):
+        bare(torch.rand(1, 3, 12, 16), MMSROptions(steps=1))
+    given = MMSR.from_pretrained(tiny_models / "sd", ckpt, depth_vq=tiny_models / "vq-depth", **models)
+    assert isinstance(given.tokenizers["depth"], DepthVQ)
+
+
+def test_missing_depth_or_seg_model_is_an_error_or_an_explicit_opt_out(tiny_models, tmp_path):
+    ckpt = tmp_path / "alone" / "mmsr"  # no depth/ or seg/ beside it
+    shutil.copytree(tiny_models / "mmsr", ckpt)
+    pipe = MMSR.from_pretrained(tiny_models / "sd", ckpt)
+    lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(0))
+    assert pipe.default_modalities() == [CAPTION, "edge", "depth", "seg"]  # not silently fewer
+    with pytest.raises(UnavailableError, match="--depth-model PATH.*--no-depth"):
+        pipe(lr, MMSROptions(steps=1))
+    out = pipe(lr, MMSROptions(steps=1, no_depth=True, no_segmentation=True))
+    assert out.priors["no_depth"] is True and out.priors["no_segmentation"] is True
+    assert out.priors["modalities"] == (CAPTION, "edge") and "depth" not in out.priors
+    with pytest.raises(SemsrError, match="--no-depth"):
+        pipe(lr, MMSROptions(steps=1, no_depth=True, modalities=("caption", "depth")))
+    full = MMSR.from_pretrained(tiny_models / "sd", tiny_models / "mmsr")
+    assert "no_depth" not in full(lr, MMSROptions(steps=1, no_segmentation=True)).priors
+
+
+def test_depth_and_seg_providers_run_on_the_method_device(tiny_models, monkeypatch):
+    import semsr.priors.mmsr as priors_mmsr
+
+    seen: dict[str, dict] = {}
+    real = priors_mmsr.get_provider
+
+    def spy(name, **opts):
+        seen[name] = opts
+        return real(name, **opts)
+
+    monkeypatch.setattr(priors_mmsr, "get_provider", spy)
+    pipe = MMSR.from_pretrained(tiny_models / "sd", tiny_models / "mmsr", device="cpu")
+    tokens = pipe.modality_tokens(["edge", "depth", "seg"])
+    assert seen["depth"]["device"] == seen["seg"]["device"] == str(pipe.device)
+    assert tokens.providers["depth"].provider.device == pipe.device
+    assert "device" not in seen["canny"]
+
+
+def test_cross_attention_trains_by_default(tiny_models):
+    """The paper does not say which UNet parts train; the cross-attention reads connector tokens, so it trains."""
+    from semsr.train.config import config_from_dict
+    from semsr.train.tasks import build_task
+
+    base = {
+        "name": "t",
+        "task": "mmsr",
+        "seed": 0,
+        "model": {
+            "pretrained": str(tiny_models / "sd"),
+            "options": {"modalities": ["edge"], "connector": {"num_latents": 8, "heads": 4, "self_layers": 1}},
+        },
+        "data": {"hr": ["/nonexistent"], "crop_size": 64, "scale": 4, "batch_size": 2},
+    }
+    task = build_task(config_from_dict(base))
+    trainable = {n for n, p in task.trainable.named_parameters() if p.requires_grad}
+    assert task.trainable.unet_attention is not None
+    assert any(n.startswith("unet_attention.") and ".to_k." in n for n in trainable)
+    base["model"]["options"]["train_cross_attention"] = False
+    assert build_task(config_from_dict(base)).trainable.unet_attention is None
+    # a depth modality without a tokenizer is an error naming the option
+    base["model"]["options"].update(modalities=["edge", "depth"], depth_model=str(tiny_models / "depth"))
+    with pytest.raises(SemsrError, match="model.options.depth_vq"):
+        build_task(config_from_dict(base))
+    # continuing from a checkpoint reuses its tokenizers
+    base["model"]["options"] = {
+        "modalities": ["edge", "depth", "seg"],
+        "depth_model": str(tiny_models / "depth"),
+        "seg_model": str(tiny_models / "seg"),
+        "init": str(tiny_models / "mmsr"),
+    }
+    task = build_task(config_from_dict(base))
+    assert isinstance(task.tokenizers["depth"], DepthVQ) and isinstance(task.tokenizers["seg"], SegVQ)
+    assert task.shipped == {"edge"}

@@ -4,6 +4,7 @@ the ``edge-vq`` training task."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,152 @@ def test_edge_vq_task_draws_per_sample_and_initialises_the_codebook(tmp_path):
     assert torch.equal(one["maps"][0], out["maps"][1])
     with pytest.raises(SemsrError, match="unknown model.options"):
         build_task(config_from_dict({"name": "t", "task": "edge-vq", "model": {"options": {"foo": 1}}}))
+
+
+# ------------------------------------------------- taming / latent-diffusion VQGAN
+
+
+def _taming_encoder_reference(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """taming-transformers' ``Encoder.forward`` + ``quant_conv`` written out on the raw taming-named tensors
+    (``taming/modules/diffusionmodules/model.py``): the reference the key mapping must reproduce."""
+
+    def gn(h, name):
+        return F.group_norm(h, 32, sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
+
+    def conv(h, name, padding=1, stride=1):
+        return F.conv2d(h, sd[f"{name}.weight"], sd[f"{name}.bias"], stride=stride, padding=padding)
+
+    def resnet(h, name):
+        y = conv(F.silu(gn(h, f"{name}.norm1")), f"{name}.conv1")
+        y = conv(F.silu(gn(y, f"{name}.norm2")), f"{name}.conv2")
+        if f"{name}.nin_shortcut.weight" in sd:
+            h = conv(h, f"{name}.nin_shortcut", padding=0)
+        return h + y
+
+    def attn(h, name):
+        b, c, hh, ww = h.shape
+        n = gn(h, f"{name}.norm")
+        q, k, v = (conv(n, f"{name}.{p}", padding=0).reshape(b, c, hh * ww) for p in ("q", "k", "v"))
+        w = torch.softmax(q.permute(0, 2, 1) @ k * c**-0.5, dim=2)  # (b, hw_q, hw_k)
+        out = (v @ w.permute(0, 2, 1)).reshape(b, c, hh, ww)
+        return h + conv(out, f"{name}.proj_out", padding=0)
+
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    h = conv(x, "encoder.conv_in")
+    for i in range(levels):
+        for j in range(blocks):
+            h = resnet(h, f"encoder.down.{i}.block.{j}")
+            if f"encoder.down.{i}.attn.{j}.q.weight" in sd:
+                h = attn(h, f"encoder.down.{i}.attn.{j}")
+        if f"encoder.down.{i}.downsample.conv.weight" in sd:
+            h = conv(F.pad(h, (0, 1, 0, 1)), f"encoder.down.{i}.downsample.conv", padding=0, stride=2)
+    h = resnet(h, "encoder.mid.block_1")
+    h = attn(h, "encoder.mid.attn_1")
+    h = resnet(h, "encoder.mid.block_2")
+    h = conv(F.silu(gn(h, "encoder.norm_out")), "encoder.conv_out")
+    return conv(h, "quant_conv", padding=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_taming(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from semsr.testing.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-taming"), ["vqgan-taming"]) / "vqgan-taming"
+
+
+def test_taming_vqgan_loads_as_the_papers_tokenizer(tiny_taming):
+    from safetensors.torch import load_file
+
+    from semsr.models.vq import DiffusersVQTokenizer
+
+    sd = load_file(str(tiny_taming / "vqgan.safetensors"))
+    assert "encoder.down.1.attn.0.q.weight" in sd and "loss.discriminator.main.0.weight" in sd  # taming layout
+    for tok in (load_tokenizer(tiny_taming), load_tokenizer(tiny_taming / "vqgan.safetensors")):
+        assert isinstance(tok, DiffusersVQTokenizer) and isinstance(tok, SpatialTokenizer)
+        assert (tok.grid, tok.codebook_size, tok.embed_dim, tok.image_size, tok.in_channels) == (16, 1024, 256, 32, 3)
+    maps = torch.rand(2, 3, 40, 44, generator=torch.Generator().manual_seed(0))
+    x = prepare_maps(maps, 32, 3) * 2 - 1
+    with torch.no_grad():
+        ref = _taming_encoder_reference(sd, x)  # (2, 256, 16, 16)
+        got = tok.model.quant_conv(tok.model.encoder(x))
+    assert ref.shape == got.shape == (2, 256, 16, 16)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # the token ids are taming's nearest codebook entries (L2), and embed() returns those entries
+    flat = ref.permute(0, 2, 3, 1).reshape(-1, 256)
+    expect = torch.cdist(flat, sd["quantize.embedding.weight"]).argmin(1).view(2, 16, 16)
+    ids = tok.encode(maps)
+    assert (ids == expect).float().mean() > 0.99  # ties of float rounding aside
+    assert torch.equal(tok.embed(ids)[0, 5], sd["quantize.embedding.weight"][ids[0, 0, 5]])
+    assert tok.decode(ids).shape == (2, 3, 32, 32)
+
+
+def test_taming_vqgan_loading_is_strict(tiny_taming, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from semsr.models.vq import TAMING_CONVERSION
+
+    sd = load_file(str(tiny_taming / "vqgan.safetensors"))
+    extra = dict(sd, **{"encoder.down.0.block.0.extra.weight": torch.zeros(1)})
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UnavailableError, match=r"keys of no taming VQGAN part: encoder\.down\.0\.block\.0\.extra"):
+        load_tokenizer(tmp_path / "extra.safetensors")
+    missing = {k: v for k, v in sd.items() if k != "decoder.up.0.block.1.conv2.bias"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UnavailableError, match=r"missing decoder\.up_blocks\.1\.resnets\.1\.conv2\.bias"):
+        load_tokenizer(tmp_path / "missing.safetensors")
+    (tmp_path / "last.ckpt").write_bytes(b"not read")
+    with pytest.raises(UnavailableError, match="pickled checkpoints are not read") as err:
+        load_tokenizer(tmp_path / "last.ckpt")
+    assert TAMING_CONVERSION in str(err.value) and "safetensors" in TAMING_CONVERSION
+
+
+def test_mmsr_runs_on_a_taming_vqgan_for_every_map(tiny_models, tiny_taming, one_thread, tmp_path):
+    from semsr.methods.mmsr import MMSR, MMSROptions
+
+    pipe = MMSR.from_pretrained(tiny_models / "sd", tiny_models / "mmsr", vq=tiny_taming / "vqgan.safetensors")
+    assert len({id(t) for t in pipe.tokenizers.values()}) == 1 and set(pipe.tokenizers) == {"edge", "depth", "seg"}
+    out = pipe(torch.rand(1, 3, 12, 16), MMSROptions(steps=1, prompt="a cat"))
+    assert out.images.shape == (1, 3, 48, 64)
+    # an earlier checkpoint's single meta.tokenizer path still counts for every map
+    ckpt = tmp_path / "old"
+    shutil.copytree(tiny_models / "mmsr", ckpt)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    for name in ("vq_depth", "vq_seg"):
+        del index[name]
+    index["meta"] = {"modalities": ["edge", "depth", "seg"], "edge": "canny", "tokenizer": str(tiny_taming)}
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    old = MMSR.from_pretrained(tiny_models / "sd", ckpt)
+    assert {type(t).__name__ for t in old.tokenizers.values()} == {"DiffusersVQTokenizer"}
+
+
+# ------------------------------------------------------------ depth / seg tokenizer training
+
+
+@pytest.mark.parametrize("kind", ["depth", "seg"])
+def test_depth_and_seg_vq_tasks_run_through_semsr_train(kind, tiny_models, tmp_path, one_thread):
+    from semsr.cli import main
+    from semsr.models.vq import DepthVQ, SegVQ
+
+    imgs = _rectangles(tmp_path / "imgs")
+    repo = Path(__file__).resolve().parents[1]
+    args = [
+        "train",
+        "--config",
+        str(repo / "configs" / f"{kind}-vq-tiny.yaml"),
+        "--output",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        f"data.hr=[{imgs}]",
+        "data.crop_size=48",
+        "data.limit=0",
+        "model.options.lr_scale=1.0",
+        f"model.options.model={tiny_models / kind}",
+    ]
+    assert main(args) == 0
+    tok = load_tokenizer(tmp_path / "run" / "final")
+    cls, channels = (DepthVQ, 1) if kind == "depth" else (SegVQ, 3)
+    assert type(tok) is cls and tok.in_channels == channels
+    report = json.loads((tmp_path / "run" / "final" / "report.json").read_text())
+    assert report["task"] == f"{kind}-vq" and report["modalities"] == [kind]

@@ -15,26 +15,28 @@ cross-attention (``O(M N)``), then mix with self-attention (``O(N^2)``); the
 text context of the UNet's cross-attention.
 
 **Per-modality temperature** ``delta_m`` in ``[0.4, 10]`` (default 1 = the
-trained model). In every cross-attention of the connector the unnormalised
-attention weights of modality ``m``'s tokens are *divided* by ``delta_m``::
+trained model), as the paper defines it: in every cross-attention of the
+connector the attention *logits* of modality ``m``'s tokens are divided by
+``delta_m`` (``TEMPERATURE_MODES[0]``, ``"divide"``, the default)::
 
-    a_ij = exp(s_ij) / delta_m(j)  /  sum_l exp(s_il) / delta_m(l)
-    (i.e. the logits s_ij get the bias -ln delta_m(j))
+    a_ij = softmax_j( s_ij / delta_m(j) )
 
-so a *larger* ``delta`` gives the modality *less* attention mass and a smaller
-one more (the paper: lowering the depth temperature strengthens depth-of-field,
-lowering the edge temperature sharpens detail). The modality's share of every
-query's attention, ``A / delta / (A / delta + B)``, is strictly decreasing in
-``delta`` whatever the logits are. Dividing the raw logits (``s / delta``)
-was not used: it sharpens or flattens the distribution *inside* the modality
-and moves mass in a direction that depends on the logits' signs (negative
-logits gain mass as ``delta`` grows), so the user's knob would not be monotone.
+implemented by scaling the keys of the modality's slots by ``1 / delta``. A
+smaller ``delta`` sharpens the attention over that modality's tokens (its
+largest logits dominate); a larger one flattens it towards uniform.
+
+``"bias"`` (an option, off by default) is semsr's earlier form: the
+unnormalised attention weights of modality ``m`` are divided by ``delta_m``,
+i.e. the logits get the bias ``-ln delta_m``, so the modality's share of
+every query's attention, ``A / delta / (A / delta + B)``, is strictly
+decreasing in ``delta`` whatever the logits are (dividing the logits moves
+mass in a direction that depends on their signs).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,8 @@ SPATIAL_MODALITIES: tuple[str, ...] = ("edge", "depth", "seg")
 ALL_MODALITIES: tuple[str, ...] = (CAPTION, *SPATIAL_MODALITIES)
 #: Allowed range of a modality temperature (paper: delta in [0.4, 10]).
 TEMPERATURE_RANGE = (0.4, 10.0)
+#: How a temperature acts: ``divide`` the modality's logits (the paper, default) or ``bias`` them by ``-ln delta``.
+TEMPERATURE_MODES: tuple[str, ...] = ("divide", "bias")
 
 
 def parse_temperatures(text: str | Mapping[str, float] | None) -> dict[str, float]:
@@ -83,7 +87,8 @@ def parse_temperatures(text: str | Mapping[str, float] | None) -> dict[str, floa
 
 class CrossAttention(nn.Module):
     """Multi-head attention ``(B, N, D)`` queries over ``(B, M, D)`` keys/values with an optional
-    per-key logit bias ``(B or 1, M)`` (the temperature term ``-ln delta``)."""
+    per-key logit scale ``(B or 1, M)`` (``1 / delta``: the logits are divided by the temperature)
+    and per-key logit bias ``(B or 1, M)`` (``-ln delta``, the ``bias`` temperature mode)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -98,10 +103,20 @@ class CrossAttention(nn.Module):
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(
-        self, q: torch.Tensor, kv: torch.Tensor, key_bias: torch.Tensor | None = None, return_weights: bool = False
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
+        return_weights: bool = False,
+        key_scale: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(B, N, D)`` (and the attention weights ``(B, heads, N, M)`` when asked)."""
+        """Returns ``(B, N, D)`` (and the attention weights ``(B, heads, N, M)`` when asked).
+
+        ``key_scale`` multiplies the logits of each key (applied to the keys, ``q . (k * s)``).
+        """
         qh, kh, vh = self._split(self.to_q(q)), self._split(self.to_k(kv)), self._split(self.to_v(kv))
+        if key_scale is not None:
+            kh = kh * key_scale[:, None, :, None].to(kh.dtype)
         mask = None if key_bias is None else key_bias[:, None, None, :].to(qh.dtype)
         if return_weights:
             logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
@@ -135,10 +150,17 @@ class _Block(nn.Module):
         kv: torch.Tensor | None = None,
         key_bias: torch.Tensor | None = None,
         weights_out: list[torch.Tensor] | None = None,
+        key_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = self.norm_q(x)
         src = self.norm_kv(kv) if self.cross else q
-        res = self.attn(q, src, key_bias if self.cross else None, return_weights=weights_out is not None)
+        res = self.attn(
+            q,
+            src,
+            key_bias if self.cross else None,
+            return_weights=weights_out is not None,
+            key_scale=key_scale if self.cross else None,
+        )
         if weights_out is not None:
             res, w = res
             weights_out.append(w)
@@ -257,24 +279,44 @@ class MultimodalLatentConnector(Component):
             parts.append(tokens)
         return torch.cat(parts, dim=1)
 
+    def _per_key(
+        self,
+        temperatures: Mapping[str, float] | None,
+        fill: float,
+        value: Callable[[float], float],
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+    ) -> torch.Tensor | None:
+        """``(1, M)`` tensor: ``fill``, and ``value(delta_m)`` on modality ``m``'s slots (None when every delta is 1)."""
+        temps = parse_temperatures(temperatures or {})
+        if all(v == 1.0 for v in temps.values()):
+            return None
+        out = torch.full(
+            (1, self.sequence_length), fill, device=device or self.latents.device, dtype=dtype or self.latents.dtype
+        )
+        slots = self.slots()
+        for m, delta in temps.items():
+            if m in slots:
+                out[:, slots[m]] = value(delta)
+        return out
+
     def key_bias(
         self,
         temperatures: Mapping[str, float] | None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor | None:
-        """``(1, M)`` logit bias ``-ln delta_m`` over the sequence, or None when every delta is 1."""
-        temps = parse_temperatures(temperatures or {})
-        if all(v == 1.0 for v in temps.values()):
-            return None
-        bias = torch.zeros(
-            1, self.sequence_length, device=device or self.latents.device, dtype=dtype or self.latents.dtype
-        )
-        slots = self.slots()
-        for m, delta in temps.items():
-            if m in slots:
-                bias[:, slots[m]] = -math.log(delta)
-        return bias
+        """``(1, M)`` logit bias ``-ln delta_m`` over the sequence (``bias`` mode), or None when every delta is 1."""
+        return self._per_key(temperatures, 0.0, lambda d: -math.log(d), device, dtype)
+
+    def key_scale(
+        self,
+        temperatures: Mapping[str, float] | None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
+        """``(1, M)`` logit factor ``1 / delta_m`` over the sequence (``divide`` mode), or None when every delta is 1."""
+        return self._per_key(temperatures, 1.0, lambda d: 1.0 / d, device, dtype)
 
     def forward(
         self,
@@ -283,6 +325,7 @@ class MultimodalLatentConnector(Component):
         temperatures: Mapping[str, float] | None = None,
         drop: Mapping[str, torch.Tensor] | None = None,
         attention_out: list[torch.Tensor] | None = None,
+        temperature_mode: str = "divide",
     ) -> torch.Tensor:
         """Latent tokens ``(B, N, D)`` (see :meth:`sequence` for the inputs).
 
@@ -290,12 +333,21 @@ class MultimodalLatentConnector(Component):
             temperatures: per-modality delta (default 1 each).
             attention_out: if a list, the cross-attention weights ``(B, heads, N, M)``
                 of each cross block are appended (for inspection and tests).
+            temperature_mode: ``divide`` (the paper: logits / delta) or ``bias`` (logits - ln delta).
         """
+        if temperature_mode not in TEMPERATURE_MODES:
+            raise SemsrError(
+                f"unknown temperature mode {temperature_mode!r}; use one of {', '.join(TEMPERATURE_MODES)}"
+            )
         seq = self.sequence(text, spatial, drop)
-        bias = self.key_bias(temperatures, seq.device, seq.dtype)
+        bias = scale = None
+        if temperature_mode == "bias":
+            bias = self.key_bias(temperatures, seq.device, seq.dtype)
+        else:
+            scale = self.key_scale(temperatures, seq.device, seq.dtype)
         x = self.latents.unsqueeze(0).expand(seq.shape[0], -1, -1)
         for blk in self.cross_blocks:
-            x = blk(x, seq, bias, attention_out)
+            x = blk(x, seq, bias, attention_out, scale)
         for blk in self.self_blocks:
             x = blk(x)
         return self.norm_out(x)

@@ -5,7 +5,8 @@ Three components (each saved as its own checkpoint sub-folder, see
 
     connector       MultimodalLatentConnector (semsr.fusion.mmlc): caption + modality tokens -> (B, 128, D)
     conv_in         ConcatConvIn: the UNet's conv_in widened to read [z_t ; z_LR] (2C channels)
-    unet_attention  CrossAttentionLayers (optional): trained copies of the UNet's cross-attentions (attn2)
+    unet_attention  CrossAttentionLayers: trained copies of the UNet's cross-attentions (attn2), trained by
+                    default: they read the connector's tokens, not the CLIP text tokens they were trained on
 
 :class:`MMSRConditioning` holds them (it is the trainable module of the
 ``mmsr`` training task), installs ``conv_in`` and the attention copies into
@@ -236,9 +237,11 @@ class MMSRConditioning(nn.Module):
         spatial: Mapping[str, torch.Tensor | None],
         temperatures: Mapping[str, float] | None = None,
         drop: Mapping[str, torch.Tensor] | None = None,
+        temperature_mode: str = "divide",
     ) -> torch.Tensor:
-        """Connector output ``(B, N, D)`` (see :meth:`MultimodalLatentConnector.sequence` for the inputs)."""
-        return self.connector(text, spatial, temperatures, drop)
+        """Connector output ``(B, N, D)`` (see :meth:`MultimodalLatentConnector.sequence` for the inputs;
+        ``temperature_mode`` as :meth:`MultimodalLatentConnector.forward`)."""
+        return self.connector(text, spatial, temperatures, drop, temperature_mode=temperature_mode)
 
     def forward(
         self,
@@ -256,7 +259,7 @@ class MMSRConditioning(nn.Module):
 
     @classmethod
     def new(
-        cls, unet: nn.Module, connector: MultimodalLatentConnector, cross_attention: bool = False
+        cls, unet: nn.Module, connector: MultimodalLatentConnector, cross_attention: bool = True
     ) -> MMSRConditioning:
         """Fresh conditioning for ``unet`` (not changed): conv_in widened by the latent channel count;
         with ``cross_attention`` also trainable copies of the UNet's cross-attention layers."""

@@ -9,8 +9,11 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
     for t:  eps = UNet([z_t ; z_LR], t, context)      conv_in widened 4 -> 8 channels (InstructPix2Pix)
     VAE.decode --colour fix vs hint--> HR
 
-The trained parts are in :mod:`semsr.fusion.mmsr_conditioning`; missing
-modalities (not in ``modalities``) get the connector's learnable null tokens.
+The trained parts are in :mod:`semsr.fusion.mmsr_conditioning`; modalities
+left out (not in ``modalities``, or opted out with ``no_depth`` /
+``no_segmentation``, which the output's priors record) get the connector's
+learnable null tokens. A checkpoint modality whose model or tokenizer is missing
+is an error naming the option to pass, never a silent null token.
 
 **Guidance** (``w`` = ``guidance_scale``, the paper's ``w``; default 2).
 Every mode evaluates ``eps = (1 + w) * eps(pos) - w * eps(neg)``, i.e.
@@ -28,18 +31,23 @@ the negative::
 the layout of :mod:`semsr.core.components`)::
 
     model_index.json   {"_class_name": "mmsr", "connector": [...], "conv_in": [...], ["unet_attention": [...]],
-                        "meta": {"modalities": [...spatial...], "edge": "canny", "tokenizer": null | PATH}}
+                        ["vq_depth": ["semsr", "DepthVQ"], "vq_seg": ["semsr", "SegVQ"], ...]
+                        "meta": {"modalities": [...spatial...], "edge": "canny", "tokenizers": {m: PATH}}}
     connector/         MultimodalLatentConnector
     conv_in/           ConcatConvIn (the widened UNet conv_in)
-    unet_attention/    optional: CrossAttentionLayers (trained UNet cross-attentions)
+    unet_attention/    CrossAttentionLayers (trained UNet cross-attentions; trained by default)
+    vq_<m>/            semsr's own tokenizer of modality m (EdgeVQ / DepthVQ / SegVQ), when trained with one
 
-``tokenizer`` null means the shipped edge VQ (used for every spatial modality);
-a relative path is resolved against the checkpoint folder. Depth / seg models:
+Tokenizer of a spatial modality ``m``, first found: ``--depth-vq`` / ``--seg-vq``;
+``--vq`` (one tokenizer for every map, e.g. a VQGAN as in the paper); the
+checkpoint's ``vq_<m>/``; ``meta.tokenizers[m]`` (a path, relative ones against
+the checkpoint folder; an earlier checkpoint's single ``meta.tokenizer`` path
+counts for every modality); for ``edge`` only, the shipped edge VQ. Depth / seg models:
 ``--depth-model`` / ``--seg-model``, else a ``depth/`` or ``seg/``
 transformers folder inside the checkpoint folder or beside it (so
 ``--checkpoint /tmp/tiny/mmsr`` finds ``/tmp/tiny/depth`` and ``/tmp/tiny/seg``
-that ``semsr dev tiny-models`` writes). Without ``--modalities`` every
-modality of the checkpoint whose source is available is used.
+that ``semsr dev tiny-models`` writes); they run on ``--device``. Without
+``--modalities`` every modality of the checkpoint is used.
 """
 
 from __future__ import annotations
@@ -52,17 +60,17 @@ from typing import Any
 
 import torch
 
-from semsr.core.components import INDEX_FILE, load_checkpoint, save_checkpoint
+from semsr.core.components import INDEX_FILE, Component, load_checkpoint, load_component, read_index, save_checkpoint
 from semsr.core.dtypes import apply_threads, resolve_device, resolve_dtype
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.loading import load_sd
 from semsr.core.method import MethodSpec, ProgressFn
 from semsr.core.options import option
 from semsr.core.outputs import SROutput, compact
-from semsr.fusion.mmlc import ALL_MODALITIES, CAPTION, SPATIAL_MODALITIES, TEMPERATURE_RANGE
+from semsr.fusion.mmlc import ALL_MODALITIES, CAPTION, SPATIAL_MODALITIES, TEMPERATURE_MODES, TEMPERATURE_RANGE
 from semsr.fusion.mmsr_conditioning import MMSRConditioning, concat_unet_forward
 from semsr.methods import register
-from semsr.models.vq import load_tokenizer
+from semsr.models.vq import OWN_TOKENIZERS, SpatialTokenizer, load_tokenizer
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import LatentSRPipeline
 from semsr.pipeline.latent_tiling import Window, crop_window
@@ -91,8 +99,8 @@ def _temperature_option(modality: str) -> Any:
         widget="slider",
         step=0.1,
         metavar="D",
-        help=f"attention temperature of the {modality} modality in [{_LO:g}, {_HI:g}] (smaller = "
-        "stronger influence; 1 = as trained; other values override --modality-temperature)",
+        help=f"attention temperature of the {modality} modality in [{_LO:g}, {_HI:g}] (divides its attention "
+        "logits: smaller = sharper; 1 = as trained; other values override --modality-temperature)",
     )
 
 
@@ -119,8 +127,14 @@ class MMSROptions(LatentSROptions):
         None,
         stage="build",
         metavar="PATH",
-        help="VQ tokenizer for the spatial modalities (diffusers VQModel or EdgeVQ folder; "
-        "default: the checkpoint's, else the shipped edge VQ)",
+        help="one VQ tokenizer for every spatial map (a VQGAN: diffusers VQModel folder or taming/latent-diffusion "
+        ".safetensors; default: the checkpoint's per-modality tokenizers, the shipped edge VQ for edges)",
+    )
+    depth_vq: Path | None = option(
+        None, stage="build", metavar="PATH", help="depth tokenizer (DepthVQ folder from task depth-vq, or a VQGAN)"
+    )
+    seg_vq: Path | None = option(
+        None, stage="build", metavar="PATH", help="segmentation tokenizer (SegVQ folder from task seg-vq, or a VQGAN)"
     )
     edge_detector: str | None = option(
         None, stage="build", choices=EDGE_PROVIDERS, help="edge modality source (default: the checkpoint's, canny)"
@@ -141,8 +155,12 @@ class MMSROptions(LatentSROptions):
         None,
         choices=ALL_MODALITIES,
         metavar="LIST",
-        help="modalities to use, from caption,edge,depth,seg (default: caption + every checkpoint modality whose "
-        "model is found); the others get the learned null token",
+        help="modalities to use, from caption,edge,depth,seg (default: caption + every checkpoint modality); "
+        "the others get the learned null token",
+    )
+    no_depth: bool = option(False, help="run without the depth modality (its learned null token; no depth model)")
+    no_segmentation: bool = option(
+        False, help="run without the segmentation modality (its learned null token; no segmentation model)"
     )
     modality_temperature: dict[str, float] | None = option(
         None,
@@ -151,8 +169,14 @@ class MMSROptions(LatentSROptions):
         max=_HI,
         hidden=True,
         metavar="M=D,...",
-        help=f"attention temperature per modality in [{_LO:g}, {_HI:g}], e.g. depth=0.5,edge=2 (smaller = "
-        "stronger influence; default 1)",
+        help=f"attention temperature per modality in [{_LO:g}, {_HI:g}], e.g. depth=0.5,edge=2 (divides that "
+        "modality's attention logits; default 1)",
+    )
+    temperature_mode: str = option(
+        "divide",
+        choices=TEMPERATURE_MODES,
+        help="how a temperature acts: divide the modality's attention logits (the paper) or bias them by -ln delta "
+        "(its attention share then falls monotonically as delta grows)",
     )
     caption_temperature: float = _temperature_option("caption")
     edge_temperature: float = _temperature_option("edge")
@@ -189,17 +213,34 @@ def guidance_negative(mode: str) -> tuple[bool, bool]:
 # ----------------------------------------------------------------------------- checkpoint
 
 
+#: Option naming the tokenizer / model / opt-out of each spatial modality (for error messages).
+_VQ_FLAG = {"edge": "--vq", "depth": "--depth-vq", "seg": "--seg-vq"}
+_OPT_OUT = {"depth": "--no-depth", "seg": "--no-segmentation"}
+
+
 def save_mmsr(
     folder: str | Path,
     cond: MMSRConditioning,
     *,
     modalities: Sequence[str],
     edge: str = "canny",
-    tokenizer: str | None = None,
+    tokenizers: Mapping[str, SpatialTokenizer | str | Path | None] | None = None,
 ) -> Path:
-    """Write an MMSR checkpoint folder (see the module docstring)."""
-    meta = {"modalities": [m for m in modalities if m != CAPTION], "edge": edge, "tokenizer": tokenizer}
-    return save_checkpoint(folder, RECIPE, cond.components(), meta=meta)
+    """Write an MMSR checkpoint folder (see the module docstring).
+
+    ``tokenizers``: per spatial modality, a semsr tokenizer component (saved as ``vq_<m>/``), a path
+    (recorded in ``meta.tokenizers``; e.g. a VQGAN) or None (edge: the shipped edge VQ).
+    """
+    spatial = [m for m in modalities if m != CAPTION]
+    comps: dict[str, Any] = dict(cond.components())
+    paths: dict[str, str] = {}
+    for m, tok in (tokenizers or {}).items():
+        if isinstance(tok, Component):
+            comps[f"vq_{m}"] = tok
+        elif tok is not None:
+            paths[m] = str(getattr(tok, "path", tok))
+    meta = {"modalities": spatial, "edge": edge, "tokenizers": paths}
+    return save_checkpoint(folder, RECIPE, comps, meta=meta)
 
 
 def load_mmsr(folder: str | Path) -> tuple[MMSRConditioning, dict[str, Any]]:
@@ -209,9 +250,51 @@ def load_mmsr(folder: str | Path) -> tuple[MMSRConditioning, dict[str, Any]]:
         raise UnavailableError(
             f"not an MMSR checkpoint folder ({INDEX_FILE}, connector/, conv_in/)", folder / INDEX_FILE
         )
-    comps, index = load_checkpoint(folder, RECIPE)
+    index = read_index(folder, RECIPE)
+    names = [n for n in ("connector", "conv_in", "unet_attention") if n in index.components]
+    comps, index = load_checkpoint(folder, RECIPE, names=names)
     cond = MMSRConditioning(comps["connector"], comps["conv_in"], comps.get("unet_attention"))
     return cond.eval(), dict(index.meta)
+
+
+def load_mmsr_tokenizers(
+    folder: str | Path,
+    meta: Mapping[str, Any],
+    spatial: Sequence[str],
+    *,
+    vq: str | Path | None = None,
+    per_modality: Mapping[str, str | Path | None] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, SpatialTokenizer]:
+    """The tokenizer of each spatial modality of a checkpoint, in the order of the module docstring.
+
+    Modalities without one are left out (using them is an error naming ``--depth-vq`` / ``--seg-vq``).
+    """
+    folder = Path(folder).expanduser()
+    index = read_index(folder, RECIPE)
+    recorded = dict(meta.get("tokenizers") or {})
+    if meta.get("tokenizer"):  # the earlier layout: one tokenizer path for every map
+        recorded = {m: meta["tokenizer"] for m in spatial} | recorded
+    out: dict[str, SpatialTokenizer] = {}
+    shared = load_tokenizer(vq, device=device) if vq is not None else None
+    for m in spatial:
+        given = (per_modality or {}).get(m)
+        comp = index.components.get(f"vq_{m}")
+        if given is not None:
+            out[m] = load_tokenizer(given, device=device)
+        elif shared is not None:
+            out[m] = shared
+        elif comp is not None:
+            library, name = comp
+            if library != "semsr" or name not in OWN_TOKENIZERS:
+                raise UnavailableError(f"vq_{m} names {library}.{name}, not a semsr tokenizer", folder / INDEX_FILE)
+            out[m] = load_component(OWN_TOKENIZERS[name], folder / f"vq_{m}").to(device)
+        elif recorded.get(m):
+            path = Path(recorded[m]).expanduser()
+            out[m] = load_tokenizer(path if path.is_absolute() else folder / path, device=device)
+        elif m == "edge":
+            out[m] = load_tokenizer(None, device=device)
+    return out
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -223,8 +306,9 @@ class MMSR(LatentSRPipeline):
     Attributes:
         vae, unet, text: frozen SD components (the UNet carries the widened conv_in).
         cond: :class:`~semsr.fusion.mmsr_conditioning.MMSRConditioning` (connector + conv_in).
-        meta: the checkpoint's settings (``modalities``, ``edge``, ``tokenizer``).
+        meta: the checkpoint's settings (``modalities``, ``edge``, ``tokenizers``).
         sources: per spatial modality, provider options (``{"depth": {"model": PATH}}``).
+        tokenizers: per spatial modality its VQ tokenizer (see the module docstring).
         scale: SR factor of a call.
     """
 
@@ -242,7 +326,7 @@ class MMSR(LatentSRPipeline):
         meta: Mapping[str, Any],
         scheduler_config: dict[str, Any],
         sources: Mapping[str, Mapping[str, Any]] | None = None,
-        tokenizer: Any = None,
+        tokenizers: Mapping[str, SpatialTokenizer] | None = None,
         vlm: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "fp32",
@@ -265,7 +349,7 @@ class MMSR(LatentSRPipeline):
         )
         self.meta = dict(meta)
         self.sources = {k: dict(v) for k, v in (sources or {}).items()}
-        self.tokenizer = tokenizer
+        self.tokenizers = dict(tokenizers or {})
         self.vlm = vlm
         ccfg = self.cond.connector.config
         if int(self.text.width) != int(ccfg.text_width):
@@ -274,6 +358,11 @@ class MMSR(LatentSRPipeline):
             raise SemsrError(
                 f"connector width {ccfg.width} != UNet cross-attention width {self.unet.config.cross_attention_dim}"
             )
+        for m, tok in self.tokenizers.items():
+            if int(tok.embed_dim) != int(ccfg.vq_dim):
+                raise SemsrError(
+                    f"the {m} tokenizer gives {tok.embed_dim}-d vectors, the connector expects {ccfg.vq_dim}-d"
+                )
         self._encoders: dict[tuple[str, ...], ModalityTokens] = {}
         self._captioner: Any = None
 
@@ -287,6 +376,8 @@ class MMSR(LatentSRPipeline):
         depth_model: str | Path | None = None,
         seg_model: str | Path | None = None,
         vq: str | Path | None = None,
+        depth_vq: str | Path | None = None,
+        seg_vq: str | Path | None = None,
         vlm: str | Path | None = None,
         edge: str | None = None,
         **kwargs: Any,
@@ -307,16 +398,14 @@ class MMSR(LatentSRPipeline):
             folder = find_model_folder(name, given, near)
             if folder is not None:
                 sources[name] = {"model": str(folder)}
-        tok_path = vq if vq is not None else meta.get("tokenizer")
-        if tok_path is not None and vq is None and not Path(tok_path).is_absolute():
-            tok_path = checkpoint / tok_path
-        tokenizer = load_tokenizer(tok_path)
-        if int(tokenizer.embed_dim) != int(cond.connector.config.vq_dim):
-            raise SemsrError(
-                f"VQ tokenizer vectors have {tokenizer.embed_dim} dims, the connector expects "
-                f"{cond.connector.config.vq_dim}",
-                tok_path or "shipped edge VQ",
-            )
+        tokenizers = load_mmsr_tokenizers(
+            checkpoint,
+            meta,
+            cond.connector.spatial,
+            vq=vq,
+            per_modality={"depth": depth_vq, "seg": seg_vq},
+            device=device,
+        )
         if edge is not None:
             meta = {**meta, "edge": edge}
         return cls(
@@ -327,30 +416,40 @@ class MMSR(LatentSRPipeline):
             meta=meta,
             scheduler_config=comps.scheduler_config,
             sources=sources,
-            tokenizer=tokenizer,
+            tokenizers=tokenizers,
             vlm=vlm,
             **{**kwargs, "device": device, "dtype": dtype},
         )
 
     # ------------------------------------------------------------------ conditions
 
-    def default_modalities(self) -> list[str]:
-        """Caption + every checkpoint modality whose source is available."""
-        return [CAPTION] + [m for m in self.cond.connector.spatial if m in self.sources]
+    def default_modalities(self, no_depth: bool = False, no_segmentation: bool = False) -> list[str]:
+        """Caption + every checkpoint modality, less the opted-out ones."""
+        out = {"depth": no_depth, "seg": no_segmentation}
+        return [CAPTION] + [m for m in self.cond.connector.spatial if not out.get(m, False)]
 
     def modality_tokens(self, spatial: Sequence[str]) -> ModalityTokens:
-        """The (cached) map extractor + tokenizer of the spatial modalities ``spatial``."""
+        """The (cached) map extractors + tokenizers of the spatial modalities ``spatial``.
+
+        A modality without its model or tokenizer is an error naming the option to pass (or its opt-out).
+        """
         key = tuple(spatial)
         if key not in self._encoders:
-            missing = [m for m in spatial if m not in self.sources]
-            if missing:
-                flag = " / ".join(f"--{m}-model" for m in missing)
-                raise UnavailableError(
-                    f"modality {', '.join(missing)} needs a model folder: pass {flag} PATH "
-                    f"(or put a {missing[0]}/ folder beside the checkpoint)"
-                )
+            for m in spatial:
+                opt_out = f", or {_OPT_OUT[m]} to run with its null token" if m in _OPT_OUT else ""
+                if m not in self.sources:
+                    raise UnavailableError(
+                        f"modality {m} needs a model folder: pass --{m}-model PATH (or put a {m}/ folder beside "
+                        f"the checkpoint){opt_out}"
+                    )
+                if m not in self.tokenizers:
+                    raise UnavailableError(
+                        f"modality {m} has no tokenizer in the checkpoint: pass {_VQ_FLAG[m]} PATH (a "
+                        f"{'DepthVQ' if m == 'depth' else 'SegVQ'} folder or a VQGAN), or --vq VQGAN for every "
+                        f"map{opt_out}"
+                    )
             self._encoders[key] = ModalityTokens(
-                list(spatial), self.tokenizer, self.sources, edge=self.meta.get("edge", "canny"), device=self.device
+                list(spatial), self.tokenizers, self.sources, edge=self.meta.get("edge", "canny"), device=self.device
             )
         return self._encoders[key]
 
@@ -383,6 +482,7 @@ class MMSR(LatentSRPipeline):
         temperatures: Mapping[str, float] | None,
         mode: str,
         need_negative: bool,
+        temperature_mode: str = "divide",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(positive, negative)`` connector contexts ``(B, N, D)`` (negative None when not needed).
 
@@ -391,19 +491,22 @@ class MMSR(LatentSRPipeline):
             negatives: ``B`` negative prompts.
             spatial: per used spatial modality, codebook vectors ``(B, 256, vq_dim)``.
             mode: guidance mode (:data:`GUIDANCE_MODES`), choosing the negative branch.
+            temperature_mode: how ``temperatures`` act (:data:`~semsr.fusion.mmlc.TEMPERATURE_MODES`).
         """
         bsz = len(negatives)
         spatial = {m: v.to(self.device, self.dtype) for m, v in spatial.items()}
         text = self.encode_prompts(captions) if captions is not None else None
         with torch.no_grad():
-            pos = self.cond.context(text, spatial, temperatures)
+            pos = self.cond.context(text, spatial, temperatures, temperature_mode=temperature_mode)
             if text is None and pos.shape[0] != bsz:
                 pos = pos.expand(bsz, -1, -1)
             neg = None
             if need_negative:
                 use_prompt, keep_modalities = guidance_negative(mode)
                 neg_text = self.encode_prompts(negatives if use_prompt else [""] * bsz)
-                neg = self.cond.context(neg_text, spatial if keep_modalities else {}, temperatures)
+                neg = self.cond.context(
+                    neg_text, spatial if keep_modalities else {}, temperatures, temperature_mode=temperature_mode
+                )
         return pos.to(self.dtype), neg if neg is None else neg.to(self.dtype)
 
     def spatial_denoiser(self, z_lr: torch.Tensor):
@@ -432,13 +535,16 @@ class MMSR(LatentSRPipeline):
 
         Args:
             options: the run options (``None``: :class:`MMSROptions` defaults); ``modalities`` None
-                means :meth:`default_modalities`; ``guidance_scale`` is ``w``.
+                means :meth:`default_modalities` (less ``no_depth`` / ``no_segmentation``);
+                ``guidance_scale`` is ``w``.
             prompts: one caption per image, overriding ``options.prompt`` (e.g. validation captions).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
         Returns:
             ``images``; ``priors`` of the first image: ``prompt`` (the caption) and ``caption_source``
             (user / vlm / none) when the caption is used, ``negative_prompt``, ``modalities``,
-            ``modality_temperature``, ``guidance_mode`` and the ``(1, C, H, W)`` modality maps;
+            ``no_depth`` / ``no_segmentation`` when set, ``modality_temperature`` and
+            ``temperature_mode`` when a temperature is set, ``guidance_mode`` and the ``(1, C, H, W)``
+            modality maps;
             ``timings`` (``priors``, ``encode``, ``denoise``, ``decode`` seconds).
         """
         opts = options if options is not None else self.options_class()
@@ -449,7 +555,14 @@ class MMSR(LatentSRPipeline):
         layout = self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
         bsz = layout.batch
         temps = opts.temperatures()
-        mods = list(opts.modalities) if opts.modalities is not None else self.default_modalities()
+        opted_out = [m for m, flag in (("depth", opts.no_depth), ("seg", opts.no_segmentation)) if flag]
+        if opts.modalities is not None:
+            clash = [m for m in opted_out if m in opts.modalities]
+            if clash:
+                raise SemsrError(f"--modalities has {', '.join(clash)}, which {_OPT_OUT[clash[0]]} turns off")
+            mods = list(opts.modalities)
+        else:
+            mods = self.default_modalities(opts.no_depth, opts.no_segmentation)
         given = list(prompts) if prompts is not None else [opts.prompt] * bsz
         negatives = [opts.negative_prompt] * bsz
         if len(given) != bsz:
@@ -461,7 +574,13 @@ class MMSR(LatentSRPipeline):
         tokens, maps = self.modality_tokens(spatial_names).encode(layout.hint) if spatial_names else ({}, {})
         captions = self.captions(lr, given) if CAPTION in mods else None
         pos, neg = self.contexts(
-            captions, negatives, tokens, temperatures=temps, mode=opts.guidance_mode, need_negative=w != 0
+            captions,
+            negatives,
+            tokens,
+            temperatures=temps,
+            mode=opts.guidance_mode,
+            need_negative=w != 0,
+            temperature_mode=opts.temperature_mode,
         )
         timings["priors"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -487,7 +606,10 @@ class MMSR(LatentSRPipeline):
                 "caption_source": source if captions is not None else None,
                 "negative_prompt": negatives[0],
                 "modalities": tuple(mods),
+                "no_depth": True if opts.no_depth else None,
+                "no_segmentation": True if opts.no_segmentation else None,
                 "modality_temperature": temps,
+                "temperature_mode": opts.temperature_mode if temps else None,
                 "guidance_mode": opts.guidance_mode,
                 **{m: v[:1] for m, v in maps.items()},
             }
@@ -526,6 +648,8 @@ def build(options: MMSROptions) -> MMSR:
         depth_model=options.depth_model,
         seg_model=options.seg_model,
         vq=options.vq,
+        depth_vq=options.depth_vq,
+        seg_vq=options.seg_vq,
         vlm=options.vlm,
         edge=options.edge_detector,
         device=options.device,
@@ -546,7 +670,7 @@ register(
         "m-CFG (--base SD, --checkpoint MMSR folder)",
         suggests_priors=True,
         diffusion=True,
-        weight_paths=("base", "checkpoint", "depth_model", "seg_model", "vq", "vlm"),
+        weight_paths=("base", "checkpoint", "depth_model", "seg_model", "vq", "depth_vq", "seg_vq", "vlm"),
         bundled_paths=("vq",),
     )
 )
@@ -562,5 +686,6 @@ __all__ = [
     "build",
     "guidance_negative",
     "load_mmsr",
+    "load_mmsr_tokenizers",
     "save_mmsr",
 ]

@@ -2,7 +2,7 @@
 
 MMSR (seed 001) turns each spatial modality (edges, depth, segmentation) into
 a 16x16 grid of codebook indices (codebook 1024, embedding dim 256) so it can
-join the text tokens in the Multimodal Latent Connector. Two tokenizers share
+join the text tokens in the Multimodal Latent Connector. The tokenizers share
 one interface (:class:`SpatialTokenizer`):
 
 - :class:`EdgeVQ` -- the project's own small VQ autoencoder (conv encoder,
@@ -13,11 +13,19 @@ one interface (:class:`SpatialTokenizer`):
   see :mod:`semsr.train.vq`) and shipped in the package
   (``assets/weights/vq-edges/``, a component folder), so the edge modalities
   work offline: :func:`load_tokenizer` with no path loads it.
-- :class:`DiffusersVQTokenizer` -- any diffusers ``VQModel`` (a VQGAN) from a
-  local folder; the input size is chosen so the latent grid is 16x16.
+  :class:`DepthVQ` (depth maps, task ``depth-vq``) and :class:`SegVQ`
+  (colour-palette segmentation maps, 3 channels so classes of equal grey stay
+  apart, task ``seg-vq``) are the same network with their own weights and
+  codebooks.
+- :class:`DiffusersVQTokenizer` -- a VQGAN as a diffusers ``VQModel``: a local
+  diffusers folder, or a taming-transformers / latent-diffusion VQGAN state
+  dict exported to safetensors (:func:`load_taming_vqgan`, the paper's kind of
+  tokenizer); the input size is chosen so the latent grid is 16x16.
 
 Maps are ``(B, C, H, W)`` float in [0, 1] of any size; each tokenizer resizes
-them to its input size and adapts the channel count (grey <-> RGB).
+them to its input size and adapts the channel count (grey <-> RGB). A 1-channel
+tokenizer averages RGB maps to grey, so it must not read segmentation maps
+(:func:`check_modality_tokenizer`).
 """
 
 from __future__ import annotations
@@ -25,15 +33,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
+from safetensors.torch import load_file
 from torch import nn
 
 from semsr.core.components import Component, load_component, register_component, register_to_config
-from semsr.core.errors import UnavailableError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.loading import quiet_hf_logging
 from semsr.core.paths import assets_dir
 
@@ -49,11 +58,13 @@ class SpatialTokenizer(Protocol):
         grid: tokens per side (16).
         codebook_size: number of codebook entries (1024).
         embed_dim: dimension of a codebook vector (256).
+        in_channels: map channels the network reads (1 = grey, 3 = RGB).
     """
 
     grid: int
     codebook_size: int
     embed_dim: int
+    in_channels: int
 
     def encode(self, maps: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` in [0, 1] -> token ids ``(B, grid, grid)`` int64 in [0, codebook_size)."""
@@ -215,11 +226,12 @@ class EMAQuantizer(nn.Module):
 
 @register_component
 class EdgeVQ(Component):
-    """Small VQ autoencoder for single-channel modality maps (edges by default).
+    """Small VQ autoencoder for modality maps (edges; :class:`DepthVQ`, :class:`SegVQ` for the others).
 
     ``encode``: maps ``(B, C, H, W)`` in [0, 1] -> ids ``(B, 16, 16)``;
     ``decode``: ids -> maps ``(B, in_channels, image_size, image_size)`` in [0, 1];
     ``forward`` (training): prepared maps -> ``(logits, ids, commitment loss)``.
+    ``modality``: the spatial modality this class tokenizes.
 
     The encoder folds ``patch x patch`` pixels into channels (pixel unshuffle),
     then runs ``len(channels)`` stages, each but the first halving the
@@ -236,6 +248,8 @@ class EdgeVQ(Component):
         codebook_size: number of codes (1024).
         decay, dead_threshold: codebook EMA settings used in training (:class:`CodebookEMA`).
     """
+
+    modality = "edge"
 
     @register_to_config
     def __init__(
@@ -318,6 +332,42 @@ class EdgeVQ(Component):
         return torch.sigmoid(self.decoder(q))
 
 
+@register_component
+class DepthVQ(EdgeVQ):
+    """:class:`EdgeVQ`'s network for depth maps ``(B, 1, H, W)`` (near = bright): its own weights and
+    codebook, trained by task ``depth-vq`` (:mod:`semsr.train.vq`)."""
+
+    modality = "depth"
+
+
+@register_component
+class SegVQ(EdgeVQ):
+    """:class:`EdgeVQ`'s network for colour-palette segmentation maps ``(B, 3, H, W)``
+    (:func:`semsr.priors.depth_seg.label_palette`): ``in_channels`` 3, so classes whose colours have
+    the same grey value give different tokens; trained by task ``seg-vq`` (:mod:`semsr.train.vq`)."""
+
+    modality = "seg"
+
+
+#: semsr's own tokenizer classes by their ``config.json`` ``_class_name``.
+OWN_TOKENIZERS: dict[str, type[EdgeVQ]] = {c.__name__: c for c in (EdgeVQ, DepthVQ, SegVQ)}
+
+
+def check_modality_tokenizer(modality: str, tokenizer: SpatialTokenizer, where: str | Path) -> None:
+    """Refuse a tokenizer that cannot keep ``modality`` apart: segmentation maps need 3 input channels
+    (a grey tokenizer would average class colours, so classes of equal grey collapse), and semsr's own
+    tokenizers read only the modality they were trained on."""
+    own = getattr(tokenizer, "modality", None)
+    if isinstance(tokenizer, EdgeVQ) and own != modality:
+        raise UnavailableError(f"a {type(tokenizer).__name__} tokenizes {own} maps, not {modality} maps", where)
+    if modality == "seg" and int(tokenizer.in_channels) < 3:
+        raise UnavailableError(
+            f"the seg tokenizer reads {tokenizer.in_channels}-channel maps; segmentation needs an RGB "
+            "tokenizer (SegVQ or a VQGAN) so classes of equal grey value stay apart",
+            where,
+        )
+
+
 def shipped_edge_vq_path() -> Path:
     """Folder of the edge tokenizer shipped in the package (``assets/weights/vq-edges``)."""
     return assets_dir() / "weights" / SHIPPED_EDGE_VQ
@@ -327,20 +377,21 @@ def shipped_edge_vq_path() -> Path:
 
 
 class DiffusersVQTokenizer:
-    """A diffusers ``VQModel`` (VQGAN) from a local folder as a :class:`SpatialTokenizer`.
+    """A diffusers ``VQModel`` (VQGAN) as a :class:`SpatialTokenizer` (:meth:`from_folder`,
+    or :func:`load_taming_vqgan` for taming / latent-diffusion weights).
 
     The input side is ``grid * 2**(len(block_out_channels) - 1)`` (256 for the
     usual 5-level f16 VQGAN), so the latent grid is ``grid x grid``; maps are
     fed as RGB in [-1, 1] (grey maps repeated) and decoded back to [0, 1].
+
+    Args:
+        model: the ``VQModel`` (moved to ``device``, eval mode).
+        path: where it came from (for messages and checkpoint metadata).
     """
 
-    def __init__(self, path: str | Path, grid: int = 16, device: str = "cpu") -> None:
-        quiet_hf_logging()  # also forces the hubs offline
+    def __init__(self, model: VQModel, path: str | Path, grid: int = 16, device: str | torch.device = "cpu") -> None:
         self.path = Path(path)
-        try:
-            self.model = VQModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
-        except (OSError, ValueError) as err:
-            raise UnavailableError(f"cannot load a diffusers VQModel: {err}", self.path) from err
+        self.model = model.to(device).eval()
         cfg = self.model.config
         self.grid = grid
         self.codebook_size = int(cfg.num_vq_embeddings)
@@ -348,9 +399,23 @@ class DiffusersVQTokenizer:
         self.image_size = grid * 2 ** (len(cfg.block_out_channels) - 1)
         self.in_channels = int(cfg.in_channels)
 
+    @classmethod
+    def from_folder(cls, path: str | Path, grid: int = 16, device: str | torch.device = "cpu") -> DiffusersVQTokenizer:
+        """A diffusers ``VQModel`` folder (``config.json`` + weights)."""
+        quiet_hf_logging()  # also forces the hubs offline
+        try:
+            model = VQModel.from_pretrained(Path(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UnavailableError(f"cannot load a diffusers VQModel: {err}", path) from err
+        return cls(model, path, grid, device)
+
     @property
     def device(self) -> torch.device:
         return self.model.quantize.embedding.weight.device
+
+    def to(self, device: str | torch.device) -> DiffusersVQTokenizer:
+        self.model.to(device)
+        return self
 
     @torch.no_grad()
     def encode(self, maps: torch.Tensor) -> torch.Tensor:
@@ -370,6 +435,185 @@ class DiffusersVQTokenizer:
         return ((out + 1.0) / 2.0).clamp(0, 1)
 
 
+# ------------------------------------------------- taming / latent-diffusion VQGAN
+
+#: Keys of a taming / latent-diffusion VQGAN file that are not part of the tokenizer: the training
+#: loss (discriminator, LPIPS) and the segmentation-logging colouriser. Everything else must map.
+TAMING_SKIPPED_PREFIXES = ("loss.", "colorize")
+#: File suffixes of pickled checkpoints, which are never unpickled.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+#: How a user turns a published taming / latent-diffusion ``.ckpt`` into the safetensors file semsr reads
+#: (run in their own environment: it unpickles the file).
+TAMING_CONVERSION = (
+    'python -c "import sys, torch; from safetensors.torch import save_file; '
+    "sd = torch.load(sys.argv[1], map_location='cpu', weights_only=False)['state_dict']; "
+    'save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])" last.ckpt vqgan.safetensors'
+)
+
+
+def _conv1x1_to_linear(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], w.shape[1])
+
+
+def _taming_levels(state: dict[str, torch.Tensor], prefix: str) -> list[int]:
+    levels = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+    return sorted(levels)
+
+
+def taming_vqgan_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The diffusers ``VQModel`` arguments of a taming-layout VQGAN state dict, read from its shapes.
+
+    taming's ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
+    ``z_channels``, ``in_channels``, ``out_ch``), ``n_embed`` and ``embed_dim`` all show in the tensor
+    shapes; taming normalises with 32 groups. Attention levels become ``AttnDownEncoderBlock2D`` /
+    ``AttnUpDecoderBlock2D``.
+    """
+    try:
+        levels = _taming_levels(state, "encoder.down.")
+        blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
+        widths = [int(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in levels]
+        enc_attn = [any(k.startswith(f"encoder.down.{i}.attn.") for k in state) for i in levels]
+        dec_attn = [any(k.startswith(f"decoder.up.{i}.attn.") for k in state) for i in levels]
+        config = {
+            "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
+            "out_channels": int(state["decoder.conv_out.weight"].shape[0]),
+            "down_block_types": tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in enc_attn),
+            "up_block_types": tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(dec_attn)),
+            "block_out_channels": tuple(widths),
+            "layers_per_block": len(blocks),
+            "latent_channels": int(state["encoder.conv_out.weight"].shape[0]),
+            "num_vq_embeddings": int(state["quantize.embedding.weight"].shape[0]),
+            "vq_embed_dim": int(state["quant_conv.weight"].shape[0]),
+            "norm_num_groups": 32,
+        }
+    except (KeyError, IndexError, ValueError) as err:
+        raise SemsrError(f"not a taming-transformers VQGAN state dict (missing {err})") from None
+    if not levels or levels != list(range(len(levels))):
+        raise SemsrError("not a taming-transformers VQGAN state dict (no encoder.down.N levels)")
+    return config
+
+
+def taming_to_diffusers_key(key: str, levels: int) -> str | None:
+    """The diffusers ``VQModel`` name of a taming-layout key (None when the key has no counterpart).
+
+    taming's decoder lists its levels from the finest (``up.0``) while diffusers' ``up_blocks`` start at
+    the coarsest: ``decoder.up.i`` -> ``decoder.up_blocks.(levels - 1 - i)``.
+    """
+    resnet = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+    attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    top = {
+        "quant_conv": "quant_conv",
+        "post_quant_conv": "post_quant_conv",
+        "quantize.embedding": "quantize.embedding",
+    }
+    stem, _, param = key.rpartition(".")
+    if stem in top:
+        return f"{top[stem]}.{param}"
+    parts = stem.split(".")
+    if len(parts) < 2 or parts[0] not in ("encoder", "decoder"):
+        return None
+    net, rest = parts[0], parts[1:]
+    if rest in (["conv_in"], ["conv_out"]):
+        return f"{net}.{rest[0]}.{param}"
+    if rest == ["norm_out"]:
+        return f"{net}.conv_norm_out.{param}"
+    if rest[0] == "mid" and len(rest) == 3:
+        name = {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"}.get(rest[1])
+        table = attn if rest[1] == "attn_1" else resnet
+        if name is None or rest[2] not in table:
+            return None
+        return f"{net}.mid_block.{name}.{table[rest[2]]}.{param}"
+    group = {"encoder": "down", "decoder": "up"}[net]
+    if rest[0] != group or len(rest) < 3 or not rest[1].isdigit():
+        return None
+    level = int(rest[1])
+    block = f"{net}.down_blocks.{level}" if net == "encoder" else f"{net}.up_blocks.{levels - 1 - level}"
+    if rest[2] in ("block", "attn") and len(rest) == 5 and rest[3].isdigit():
+        table = resnet if rest[2] == "block" else attn
+        kind = "resnets" if rest[2] == "block" else "attentions"
+        if rest[4] not in table:
+            return None
+        return f"{block}.{kind}.{rest[3]}.{table[rest[4]]}.{param}"
+    if rest[2:] == ["downsample", "conv"] and net == "encoder":
+        return f"{block}.downsamplers.0.conv.{param}"
+    if rest[2:] == ["upsample", "conv"] and net == "decoder":
+        return f"{block}.upsamplers.0.conv.{param}"
+    return None
+
+
+def _listing(keys: Sequence[str]) -> str:
+    shown = ", ".join(sorted(keys)[:4])
+    return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def taming_to_diffusers(state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(VQModel config, VQModel state dict)`` of a taming-layout VQGAN state dict.
+
+    Strict: every key must map (bar :data:`TAMING_SKIPPED_PREFIXES`), else :class:`SemsrError`
+    naming the first few unmapped keys. taming's 1x1-conv attention projections become linear weights.
+    """
+    config = taming_vqgan_config(state)
+    levels = len(config["block_out_channels"])
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, value in state.items():
+        if key.startswith(TAMING_SKIPPED_PREFIXES):
+            continue
+        new = taming_to_diffusers_key(key, levels)
+        if new is None:
+            unmapped.append(key)
+            continue
+        projection = key.rsplit(".", 2)[-2] in ("q", "k", "v", "proj_out") and ".attn" in key
+        out[new] = _conv1x1_to_linear(value) if projection and value.ndim == 4 else value
+    if unmapped:
+        raise SemsrError(f"{len(unmapped)} keys of no taming VQGAN part: {_listing(unmapped)}")
+    return config, out
+
+
+def load_taming_vqgan(path: str | Path, grid: int = 16, device: str | torch.device = "cpu") -> DiffusersVQTokenizer:
+    """A taming-transformers / latent-diffusion VQGAN (``VQModel`` / ``VQModelInterface`` state dict keys:
+    ``encoder.*``, ``decoder.*``, ``quantize.embedding.weight``, ``quant_conv.*``, ``post_quant_conv.*``)
+    from a ``.safetensors`` file (or a folder holding exactly one) as a :class:`DiffusersVQTokenizer`.
+
+    Strict: unmapped file keys and model weights the file lacks are one-line errors naming the first
+    few. Pickled ``.ckpt`` files are refused with the conversion command (:data:`TAMING_CONVERSION`).
+    """
+    path = Path(path).expanduser()
+    if path.suffix in PICKLE_SUFFIXES:
+        raise UnavailableError(
+            f"pickled checkpoints are not read; export its state_dict to safetensors in your own environment: "
+            f"{TAMING_CONVERSION}",
+            path,
+        )
+    file = path
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise UnavailableError(f"expected one taming VQGAN .safetensors file, found {len(found)}", path)
+        file = found[0]
+    if not file.is_file():
+        raise UnavailableError("no such VQGAN file", file)
+    try:
+        state = load_file(str(file))
+        config, mapped = taming_to_diffusers(state)
+    except SemsrError as err:
+        raise UnavailableError(str(err), file) from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UnavailableError(f"cannot read safetensors: {err}", file) from None
+    model = VQModel(**config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in mapped]
+    extra = [k for k in mapped if k not in expected]
+    if missing or extra:
+        what = f"missing {_listing(missing)}" if missing else f"unexpected {_listing(extra)}"
+        raise UnavailableError(f"taming VQGAN weights do not fit the VQModel they describe: {what}", file)
+    bad = [k for k in expected if tuple(expected[k].shape) != tuple(mapped[k].shape)]
+    if bad:
+        raise UnavailableError(f"taming VQGAN tensors of the wrong shape: {_listing(bad)}", file)
+    model.load_state_dict(mapped, strict=True)
+    return DiffusersVQTokenizer(model, file, grid, device)
+
+
 def _config_class(folder: Path) -> str | None:
     """``_class_name`` of ``folder/config.json`` (None when unreadable)."""
     try:
@@ -379,18 +623,28 @@ def _config_class(folder: Path) -> str | None:
     return str(data.get("_class_name")) if isinstance(data, dict) else None
 
 
-def load_tokenizer(path: str | Path | None = None, device: str = "cpu") -> SpatialTokenizer:
+def load_tokenizer(path: str | Path | None = None, device: str | torch.device = "cpu") -> SpatialTokenizer:
     """Load a spatial tokenizer.
 
     Args:
-        path: ``None`` for the shipped edge tokenizer; an :class:`EdgeVQ` component
-            folder (``config.json`` with ``_class_name: EdgeVQ``); or a diffusers
-            ``VQModel`` folder.
+        path: ``None`` for the shipped edge tokenizer; a semsr tokenizer folder (``config.json``
+            with ``_class_name`` EdgeVQ, DepthVQ or SegVQ); a diffusers ``VQModel`` folder; or a
+            taming / latent-diffusion VQGAN ``.safetensors`` file, or a folder with one and no
+            ``config.json`` (:func:`load_taming_vqgan`).
         device: torch device.
     """
     folder = shipped_edge_vq_path() if path is None else Path(path).expanduser()
+    if folder.suffix == ".safetensors" or folder.suffix in PICKLE_SUFFIXES:
+        return load_taming_vqgan(folder, device=device)
     if not folder.is_dir():
-        raise UnavailableError("not a VQ tokenizer folder (an EdgeVQ component or a diffusers VQModel folder)", folder)
-    if _config_class(folder) == EdgeVQ.__name__:
-        return load_component(EdgeVQ, folder).to(device)
-    return DiffusersVQTokenizer(folder, device=device)
+        raise UnavailableError(
+            "not a VQ tokenizer (an EdgeVQ/DepthVQ/SegVQ or diffusers VQModel folder, or a taming VQGAN "
+            ".safetensors file)",
+            folder,
+        )
+    own = OWN_TOKENIZERS.get(_config_class(folder) or "")
+    if own is not None:
+        return load_component(own, folder).to(device)
+    if not (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return load_taming_vqgan(folder, device=device)
+    return DiffusersVQTokenizer.from_folder(folder, device=device)

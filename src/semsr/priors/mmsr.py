@@ -6,9 +6,12 @@ Maps come from the prior-provider registry (``canny`` or ``hed`` for
 bicubic-upsampled to the output size (the size at which thin Canny edges are
 drawn; depth/seg models resize to their own input anyway). At inference they
 go through the on-disk prior cache; training calls the providers directly
-(every degraded LR is new). A :class:`~semsr.models.vq.SpatialTokenizer`
-(the shipped edge VQ by default, or a diffusers VQGAN folder) turns each map
-into ``(grid*grid, embed_dim)`` = ``(256, 256)`` codebook vectors.
+(every degraded LR is new). Each modality has its own
+:class:`~semsr.models.vq.SpatialTokenizer` (edge: the shipped edge VQ by default;
+depth: a DepthVQ; seg: a SegVQ or any RGB VQGAN, never a grey tokenizer, which would
+merge classes of equal grey value; or one VQGAN for all, as the paper) that turns
+its map into ``(grid*grid, embed_dim)`` = ``(256, 256)`` codebook vectors.
+Depth, segmentation and HED models run on ``device``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Any
 import torch
 
 from semsr.core.errors import SemsrError
-from semsr.models.vq import SpatialTokenizer, load_tokenizer
+from semsr.models.vq import SpatialTokenizer, check_modality_tokenizer, load_tokenizer
 from semsr.priors.base import cached, get_provider
 
 #: Provider name of each spatial modality (``edge`` may also use ``hed``).
 DEFAULT_PROVIDERS: dict[str, str] = {"edge": "canny", "depth": "depth", "seg": "seg"}
 EDGE_PROVIDERS = ("canny", "hed")
+#: Providers that run a neural model (on the method's device).
+NEURAL_PROVIDERS = ("depth", "seg", "hed")
 
 
 class ModalityTokens:
@@ -33,16 +38,19 @@ class ModalityTokens:
 
     Args:
         modalities: spatial modality names (subset of ``edge``, ``depth``, ``seg``).
-        tokenizer: VQ tokenizer (default: the shipped edge VQ, used for every modality).
+        tokenizers: per modality its VQ tokenizer (checked with
+            :func:`~semsr.models.vq.check_modality_tokenizer`); ``edge`` defaults to the shipped edge VQ,
+            a missing ``depth`` / ``seg`` one is an error.
         provider_opts: per modality, options of its provider (e.g. ``{"depth": {"model": PATH}}``).
         edge: provider of the ``edge`` modality, ``canny`` (default, as the paper) or ``hed``.
         use_cache: go through the on-disk prior cache.
+        device: torch device of the depth / segmentation / HED models (their ``device`` option).
     """
 
     def __init__(
         self,
         modalities: Sequence[str],
-        tokenizer: SpatialTokenizer | None = None,
+        tokenizers: Mapping[str, SpatialTokenizer],
         provider_opts: Mapping[str, Mapping[str, Any]] | None = None,
         edge: str = "canny",
         use_cache: bool = True,
@@ -54,17 +62,24 @@ class ModalityTokens:
         if unknown:
             raise SemsrError(f"unknown spatial modalities {unknown}; known: {', '.join(DEFAULT_PROVIDERS)}")
         self.modalities = list(modalities)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None, device=str(device))
+        self.tokenizers: dict[str, SpatialTokenizer] = {}
+        for m in self.modalities:
+            tok = tokenizers.get(m)
+            if tok is None and m == "edge":
+                tok = load_tokenizer(None, device=device)
+            if tok is None:
+                raise SemsrError(f"modality {m} has no tokenizer")
+            check_modality_tokenizer(m, tok, getattr(tok, "path", m))
+            self.tokenizers[m] = tok
         names = {**DEFAULT_PROVIDERS, "edge": edge}
         opts = provider_opts or {}
         self.providers = {}
         for m in self.modalities:
-            provider = get_provider(names[m], **dict(opts.get(m, {})))
+            kwargs = dict(opts.get(m, {}))
+            if names[m] in NEURAL_PROVIDERS:
+                kwargs.setdefault("device", str(device))
+            provider = get_provider(names[m], **kwargs)
             self.providers[m] = cached(provider) if use_cache else provider
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.tokenizer.embed_dim)
 
     def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` in [0, 1] -> per modality ``(B, C, H, W)`` maps in [0, 1]."""
@@ -80,8 +95,8 @@ class ModalityTokens:
         maps = self.maps(images)
         vectors = {}
         for m, value in maps.items():
-            ids = self.tokenizer.encode(value)
-            vectors[m] = self.tokenizer.embed(ids).float().cpu()
+            tok = self.tokenizers[m]
+            vectors[m] = tok.embed(tok.encode(value)).float().cpu()
         return vectors, maps
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,16 +11,26 @@ is exercised on randomly initialised models of the same classes, written with
 - ``depth-dpt``: ``DPTForDepthEstimation`` (ViT backbone) + DPT processor;
 - ``seg``: ``SegformerForSemanticSegmentation`` (5 labels) + SegFormer processor;
 - ``seg-mask2former``: ``Mask2FormerForUniversalSegmentation`` (Swin backbone);
-- ``vqgan``: diffusers ``VQModel`` with a 16x16 latent grid at 32x32 input,
-  codebook 1024 x 256 (the MMSR tokenizer sizes).
+- ``vqgan``: diffusers ``VQModel`` folder with a 16x16 latent grid at 32x32 input,
+  codebook 1024 x 256 (the MMSR tokenizer sizes);
+- ``vqgan-taming``: a VQGAN state dict in the taming-transformers / latent-diffusion
+  layout (``encoder.down.0.block.0.norm1.weight``, ``quantize.embedding.weight``...,
+  plus a ``loss.*`` tensor as training checkpoints carry), random values, saved as
+  ``vqgan-taming/vqgan.safetensors``: 32x32 input -> 16x16 grid, codebook 1024 x 256,
+  attention at the 16x16 level as taming's ``attn_resolutions``;
+- ``vq-depth`` / ``vq-seg``: semsr's own :class:`~semsr.models.vq.DepthVQ` (1 channel) and
+  :class:`~semsr.models.vq.SegVQ` (3 channels), 64x64 maps -> 16x16 tokens, codebook 64 x 256.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import VQModel
+from safetensors.torch import save_file
 
+from semsr.models.vq import DepthVQ, EdgeVQ, SegVQ
 from semsr.testing.tiny import register_tiny
 
 _LABELS = {0: "background", 1: "sky", 2: "building", 3: "person", 4: "tree"}
@@ -160,8 +170,115 @@ def write_tiny_vqgan(root: Path) -> None:
     ).save_pretrained(root / "vqgan")
 
 
+def taming_vqgan_state(
+    *,
+    ch: int = 32,
+    ch_mult: tuple[int, ...] = (1, 2),
+    num_res_blocks: int = 1,
+    attn_levels: tuple[int, ...] = (1,),
+    in_channels: int = 3,
+    out_ch: int = 3,
+    z_channels: int = 8,
+    n_embed: int = 1024,
+    embed_dim: int = 256,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random tensors under the names and shapes of taming-transformers' ``VQModel`` (its
+    ``Encoder`` / ``Decoder`` of ``taming/modules/diffusionmodules/model.py``, ``VectorQuantizer2``,
+    ``quant_conv``, ``post_quant_conv``), levels ``attn_levels`` with attention blocks."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, cin: int, cout: int, k: int) -> None:
+        state[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
+        state[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.05
+
+    def norm(name: str, c: int) -> None:
+        state[f"{name}.weight"] = 1.0 + 0.1 * torch.randn(c, generator=g)
+        state[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+
+    def resnet(name: str, cin: int, cout: int) -> None:
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name: str, c: int) -> None:
+        norm(f"{name}.norm", c)
+        for p in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{p}", c, c, 1)
+
+    levels = len(ch_mult)
+    conv("encoder.conv_in", in_channels, ch, 3)
+    block_in = ch
+    for i, mult in enumerate(ch_mult):
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{i}.block.{j}", block_in, ch * mult)
+            block_in = ch * mult
+            if i in attn_levels:
+                attn(f"encoder.down.{i}.attn.{j}", block_in)
+        if i != levels - 1:
+            conv(f"encoder.down.{i}.downsample.conv", block_in, block_in, 3)
+    for net in ("encoder", "decoder"):
+        c = ch * ch_mult[-1]
+        if net == "decoder":
+            conv("decoder.conv_in", z_channels, c, 3)
+        resnet(f"{net}.mid.block_1", c, c)
+        attn(f"{net}.mid.attn_1", c)
+        resnet(f"{net}.mid.block_2", c, c)
+    norm("encoder.norm_out", block_in)
+    conv("encoder.conv_out", block_in, z_channels, 3)
+    for i in reversed(range(levels)):
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", block_in, ch * ch_mult[i])
+            block_in = ch * ch_mult[i]
+            if i in attn_levels:
+                attn(f"decoder.up.{i}.attn.{j}", block_in)
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", block_in, block_in, 3)
+    norm("decoder.norm_out", block_in)
+    conv("decoder.conv_out", block_in, out_ch, 3)
+    conv("quant_conv", z_channels, embed_dim, 1)
+    conv("post_quant_conv", embed_dim, z_channels, 1)
+    state["quantize.embedding.weight"] = torch.randn(n_embed, embed_dim, generator=g)
+    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4, generator=g)  # training-only
+    return state
+
+
+def write_tiny_vqgan_taming(root: Path) -> None:
+    """``root/vqgan-taming/vqgan.safetensors``: see :func:`taming_vqgan_state`."""
+    (root / "vqgan-taming").mkdir(parents=True, exist_ok=True)
+    save_file(taming_vqgan_state(), str(root / "vqgan-taming" / "vqgan.safetensors"))
+
+
+def tiny_map_vq(cls: type[EdgeVQ], seed: int) -> EdgeVQ:
+    """A tiny random semsr tokenizer of class ``cls`` (64x64 maps, 16x16 tokens, codebook 64 x 256);
+    its codebook is set from the encoder outputs of random maps (as training's first batch does)."""
+    channels = 3 if cls is SegVQ else 1
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vq = cls(in_channels=channels, channels=(8, 16), image_size=64, codebook_size=64, embed_dim=256)
+        vq(torch.rand(4, channels, 64, 64), vq.new_ema(fresh=True), torch.Generator().manual_seed(seed))
+    return vq.eval()
+
+
+def write_tiny_depth_vq(root: Path) -> None:
+    """``root/vq-depth``: :func:`tiny_map_vq` of :class:`~semsr.models.vq.DepthVQ`."""
+    tiny_map_vq(DepthVQ, 1).save_pretrained(root / "vq-depth", safe_serialization=True)
+
+
+def write_tiny_seg_vq(root: Path) -> None:
+    """``root/vq-seg``: :func:`tiny_map_vq` of :class:`~semsr.models.vq.SegVQ`."""
+    tiny_map_vq(SegVQ, 2).save_pretrained(root / "vq-seg", safe_serialization=True)
+
+
 register_tiny("depth", write_tiny_depth_anything)
 register_tiny("depth-dpt", write_tiny_dpt)
 register_tiny("seg", write_tiny_segformer)
 register_tiny("seg-mask2former", write_tiny_mask2former)
 register_tiny("vqgan", write_tiny_vqgan)
+register_tiny("vqgan-taming", write_tiny_vqgan_taming)
+register_tiny("vq-depth", write_tiny_depth_vq)
+register_tiny("vq-seg", write_tiny_seg_vq)

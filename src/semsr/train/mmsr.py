@@ -11,32 +11,39 @@ Per micro-batch (HR crop, degraded LR, caption, seed)::
 ``model.options``:
     ``modalities``: spatial modalities (default ``[edge, depth, seg]``);
     ``depth_model`` / ``seg_model``: transformers folders (``tiny://depth``, ``tiny://seg`` for the tiny ones);
-    ``vq``: tokenizer path (default: the shipped edge VQ); ``edge``: ``canny`` (default) or ``hed``;
+    ``vq``: one tokenizer for every map (a VQGAN: diffusers folder or taming .safetensors, as the paper);
+    ``depth_vq`` / ``seg_vq``: per-modality tokenizers (DepthVQ / SegVQ folders from tasks ``depth-vq`` /
+    ``seg-vq``; ``tiny://vq-depth``, ``tiny://vq-seg``); edges default to the shipped edge VQ; a depth or
+    seg modality without a tokenizer is an error; ``edge``: ``canny`` (default) or ``hed``;
     ``modality_drop_prob``: null-token substitution probability per modality (0.1);
     ``connector``: :class:`~semsr.fusion.mmlc.MultimodalLatentConnector` arguments (``num_latents``, ``heads``,
     ``cross_layers``, ``self_layers``, ``mlp_ratio``); width and text width follow the UNet / text encoder;
     ``init``: an MMSR checkpoint folder to continue from;
-    ``train_cross_attention``: also train (copies of) the UNet's cross-attention layers (``attn2``), which
-    read the connector's tokens instead of the text tokens they were trained on (default false).
+    ``train_cross_attention``: train (copies of) the UNet's cross-attention layers (``attn2``), which
+    read the connector's tokens instead of the CLIP text tokens they were trained on (default true: the
+    paper does not say which UNet parts train, and a frozen cross-attention would read foreign tokens;
+    false trains only the connector and conv_in).
 
-Trainable: the connector and the widened conv_in, plus the UNet's
-cross-attention layers with ``train_cross_attention`` (the rest is frozen). Export: an MMSR checkpoint folder
-(:func:`semsr.methods.mmsr.save_mmsr`).
+Trainable: the connector, the widened conv_in and the UNet's cross-attention layers (the rest is
+frozen). Depth / seg models run on the training device. Export: an MMSR checkpoint folder
+(:func:`semsr.methods.mmsr.save_mmsr`) with semsr's own tokenizers inside (``vq_<m>/``).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from semsr.core.components import read_index
 from semsr.core.errors import SemsrError
 from semsr.fusion.mmlc import CAPTION, SPATIAL_MODALITIES, MultimodalLatentConnector
 from semsr.fusion.mmsr_conditioning import MMSRConditioning
-from semsr.methods.mmsr import MMSR, MMSROptions, load_mmsr, save_mmsr
-from semsr.models.vq import load_tokenizer
+from semsr.methods.mmsr import MMSR, MMSROptions, load_mmsr, load_mmsr_tokenizers, save_mmsr
+from semsr.models.vq import EdgeVQ, SpatialTokenizer, check_modality_tokenizer, load_tokenizer
 from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.mmsr import ModalityTokens
 from semsr.testing.tiny import resolve_model_path
@@ -55,6 +62,8 @@ class MMSRTask(LatentDiffusionTask):
         "depth_model",
         "seg_model",
         "vq",
+        "depth_vq",
+        "seg_vq",
         "edge",
         "modality_drop_prob",
         "connector",
@@ -83,10 +92,9 @@ class MMSRTask(LatentDiffusionTask):
                 if not given:
                     raise SemsrError(f"modality {name} needs model.options.{name}_model")
                 self.sources[name] = {"model": str(resolve_model_path(str(given)))}
-        self.vq_path = str(resolve_model_path(str(opts["vq"]))) if opts.get("vq") else None
         self.edge = str(opts.get("edge", "canny"))
-        self.tokenizer = load_tokenizer(self.vq_path)
-        self.tokens = ModalityTokens(self.modalities, self.tokenizer, self.sources, edge=self.edge, use_cache=False)
+        self.tokenizers = self.load_tokenizers(opts)
+        self.tokens: ModalityTokens | None = None  # built on the training device by setup()
         if opts.get("init"):
             cond, _ = load_mmsr(resolve_model_path(str(opts["init"])))
             if cond.connector.spatial != self.modalities:
@@ -105,18 +113,65 @@ class MMSRTask(LatentDiffusionTask):
                     width=width,
                     text_width=int(self.text.width),
                     spatial=self.modalities,
-                    vq_dim=int(self.tokenizer.embed_dim),
+                    vq_dim=int(next(iter(self.tokenizers.values())).embed_dim),
                     **extra,
                 )
                 cond = MMSRConditioning.new(
-                    self.unet, connector, cross_attention=bool(opts.get("train_cross_attention", False))
+                    self.unet, connector, cross_attention=bool(opts.get("train_cross_attention", True))
                 )
-        if int(cond.connector.config.vq_dim) != int(self.tokenizer.embed_dim):
-            raise SemsrError(
-                f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the tokenizer gives "
-                f"{self.tokenizer.embed_dim}"
-            )
+        for m, tok in self.tokenizers.items():
+            if int(cond.connector.config.vq_dim) != int(tok.embed_dim):
+                raise SemsrError(
+                    f"connector expects {cond.connector.config.vq_dim}-d VQ vectors, the {m} tokenizer gives "
+                    f"{tok.embed_dim}"
+                )
         self.trainable = cond.float().train().requires_grad_(True)
+
+    def load_tokenizers(self, opts: dict[str, Any]) -> dict[str, SpatialTokenizer]:
+        """Per spatial modality its tokenizer: ``<m>_vq``, else ``vq``, else the ``init`` checkpoint's, else
+        (edge only) the shipped edge VQ; each checked against its modality."""
+        shared = load_tokenizer(resolve_model_path(str(opts["vq"]))) if opts.get("vq") else None
+        inherited: dict[str, SpatialTokenizer] = {}
+        init_shipped_edge = False
+        if opts.get("init"):
+            init = resolve_model_path(str(opts["init"]))
+            index = read_index(init, "mmsr")
+            inherited = load_mmsr_tokenizers(init, index.meta, self.modalities)
+            recorded = index.meta.get("tokenizers") or {}
+            init_shipped_edge = not (
+                "vq_edge" in index.components or recorded.get("edge") or index.meta.get("tokenizer")
+            )
+        out: dict[str, SpatialTokenizer] = {}
+        self.shipped: set[str] = set()
+        for m in self.modalities:
+            own = opts.get(f"{m}_vq")
+            if own:
+                out[m] = load_tokenizer(resolve_model_path(str(own)))
+            elif shared is not None:
+                out[m] = shared
+            elif m in inherited:
+                out[m] = inherited[m]
+                if m == "edge" and init_shipped_edge:
+                    self.shipped.add(m)
+            elif m == "edge":
+                out[m] = load_tokenizer(None)
+                self.shipped.add(m)
+            else:
+                raise SemsrError(
+                    f"modality {m} needs a tokenizer: model.options.{m}_vq (a {'DepthVQ' if m == 'depth' else 'SegVQ'}"
+                    f" folder, task {m}-vq) or model.options.vq (a VQGAN for every map)"
+                )
+            check_modality_tokenizer(m, out[m], str(opts.get(f"{m}_vq") or opts.get("vq") or m))
+        return out
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """The frozen SD on ``device``; the depth / seg models and tokenizers too."""
+        super().setup(device, weight_dtype)
+        for tok in self.tokenizers.values():
+            tok.to(device)
+        self.tokens = ModalityTokens(
+            self.modalities, self.tokenizers, self.sources, edge=self.edge, use_cache=False, device=device
+        )
 
     def draw_drops(self, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per modality (caption first, then the spatial ones) a ``(B,)`` bool: replace by the null token."""
@@ -136,6 +191,7 @@ class MMSRTask(LatentDiffusionTask):
         drops = self.draw_drops(step.gens)
         text = self.prompts(prompts).to(self.device, torch.float32)
         hint = make_hint(step.lr, tuple(step.hr.shape[-2:]))
+        assert self.tokens is not None, "setup() builds the modality tokens"
         spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
         z_lr = self.vae_mode(hint)
         return {
@@ -160,10 +216,10 @@ class MMSRTask(LatentDiffusionTask):
             unet=self.unet,
             text=self.text,
             cond=model,
-            meta={"modalities": self.modalities, "edge": self.edge, "tokenizer": self.vq_path},
+            meta={"modalities": self.modalities, "edge": self.edge},
             scheduler_config=self.components.scheduler_config,
             sources=self.sources,
-            tokenizer=self.tokenizer,
+            tokenizers=self.tokenizers,
             device=self.device,
             dtype=self.weight_dtype,
             scale=self.cfg.data.scale,
@@ -174,5 +230,12 @@ class MMSRTask(LatentDiffusionTask):
         return pipe(lr, options, prompts=list(prompts)).images
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write an MMSR checkpoint folder (``model_index.json``, ``connector/``, ``conv_in/``)."""
-        save_mmsr(folder, model, modalities=self.modalities, edge=self.edge, tokenizer=self.vq_path)
+        """Write an MMSR checkpoint folder (``model_index.json``, ``connector/``, ``conv_in/``, ``unet_attention/``,
+        ``vq_<m>/`` for semsr's own tokenizers but the shipped edge one; a VQGAN is recorded by its path)."""
+        toks: dict[str, Any] = {}
+        for m, tok in self.tokenizers.items():
+            if m in self.shipped:
+                toks[m] = None
+            else:
+                toks[m] = copy.deepcopy(tok).cpu() if isinstance(tok, EdgeVQ) else tok
+        save_mmsr(folder, model, modalities=self.modalities, edge=self.edge, tokenizers=toks)

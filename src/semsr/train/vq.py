@@ -1,4 +1,11 @@
-"""Edge tokenizer training (``task: edge-vq``): the :class:`~semsr.models.vq.EdgeVQ` of MMSR's spatial modalities.
+"""Tokenizer training of MMSR's spatial modalities: ``task: edge-vq`` (:class:`~semsr.models.vq.EdgeVQ`),
+``depth-vq`` (:class:`~semsr.models.vq.DepthVQ`) and ``seg-vq`` (:class:`~semsr.models.vq.SegVQ`).
+
+``depth-vq`` / ``seg-vq`` are the edge task below with the maps of one local transformers model
+(``model.options.model``: a depth or segmentation folder; ``tiny://depth`` / ``tiny://seg``) instead of
+``model.options.modalities``; segmentation maps keep their 3 palette channels (classes of equal grey
+stay apart). Configs: ``configs/depth-vq.yaml``, ``configs/depth-vq-tiny.yaml``, ``configs/seg-vq.yaml``,
+``configs/seg-vq-tiny.yaml``. The edge task:
 
 Run by the one trainer: ``semsr train --config configs/edge-vq.yaml`` (or
 ``configs/edge-vq-tiny.yaml``, seconds on the tiny data). Per micro-batch
@@ -50,7 +57,7 @@ from torch import nn
 from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_write_bytes
-from semsr.models.vq import CodebookEMA, EdgeVQ, prepare_maps
+from semsr.models.vq import CodebookEMA, DepthVQ, EdgeVQ, SegVQ, prepare_maps
 from semsr.ops.imresize import imresize
 from semsr.priors.base import PriorProvider, cached, get_provider
 from semsr.testing.tiny import resolve_model_path
@@ -80,18 +87,22 @@ class EdgeVQTraining(nn.Module):
         return self.vq(maps, self.ema if self.training else None, generator)
 
 
-def edge_map(image: torch.Tensor, provider: PriorProvider, lr_scale: float) -> torch.Tensor:
-    """The grey edge map ``(1, 1, h, w)`` of ``image`` ``(1, 3, H, W)`` in [0, 1] downscaled by ``lr_scale``."""
+def edge_map(image: torch.Tensor, provider: PriorProvider, lr_scale: float, channels: int = 1) -> torch.Tensor:
+    """The map ``(1, channels, h, w)`` of ``image`` ``(1, 3, H, W)`` in [0, 1] downscaled by ``lr_scale``
+    (``channels`` 1: grey; 3: the provider's RGB map as it is, e.g. a segmentation palette)."""
     image = image.float().cpu().clamp(0, 1)
     if lr_scale != 1.0:
         image = imresize(image, scale=lr_scale).clamp(0, 1)
     value = provider(image).value
     assert isinstance(value, torch.Tensor)
-    return value.float().mean(1, keepdim=True)
+    value = value.float()
+    if channels == 1:
+        return value.mean(1, keepdim=True)
+    return value if value.shape[1] == channels else value.expand(-1, channels, -1, -1)
 
 
 def random_view(edges: torch.Tensor, size: int, crop_min: int, gen: torch.Generator) -> torch.Tensor:
-    """A random square crop of ``edges`` ``(1, 1, h, w)``, rotated/flipped, resized: ``(1, 1, size, size)``.
+    """A random square crop of ``edges`` ``(1, C, h, w)``, rotated/flipped, resized: ``(1, C, size, size)``.
 
     Draws from ``gen``: crop side, top, left, quarter turns, flip.
     """
@@ -104,7 +115,7 @@ def random_view(edges: torch.Tensor, size: int, crop_min: int, gen: torch.Genera
     crop = torch.rot90(crop, int(torch.randint(4, (1,), generator=gen)), dims=(-2, -1))
     if bool(torch.randint(2, (1,), generator=gen)):
         crop = crop.flip(-1)
-    return prepare_maps(crop, size, 1)
+    return prepare_maps(crop, size, crop.shape[1])
 
 
 @register_loss("vq_bce")
@@ -180,8 +191,12 @@ def evaluate(model: EdgeVQ, maps: torch.Tensor) -> dict[str, dict[str, float]]:
 
 @register_task("edge-vq")
 class EdgeVQTask(Task):
-    """See the module docstring."""
+    """See the module docstring. :class:`DepthVQTask` and :class:`SegVQTask` are the same task on
+    depth and segmentation maps (class attributes below)."""
 
+    #: The tokenizer class trained and the map channels it reads.
+    VQ_CLASS: type[EdgeVQ] = EdgeVQ
+    CHANNELS = 1
     OPTIONS = {"modalities", "lr_scale", "crop_min", "vq", "init"}
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -189,36 +204,42 @@ class EdgeVQTask(Task):
         opts = dict(cfg.model.options)
         unknown = set(opts) - self.OPTIONS
         if unknown:
-            raise SemsrError(f"unknown model.options for edge-vq: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
-        self.modalities = tuple(opts.get("modalities") or EDGE_MODALITIES)
-        bad = [m for m in self.modalities if m not in EDGE_MODALITIES]
-        if bad:
-            raise SemsrError(f"model.options.modalities: unknown {bad}; known: {list(EDGE_MODALITIES)}")
+            raise SemsrError(f"unknown model.options for {cfg.task}: {sorted(unknown)} (known: {sorted(self.OPTIONS)})")
+        self.modalities, self.providers = self.map_providers(opts)  # uncached: every crop is new
         self.lr_scale = float(opts.get("lr_scale", 0.5))
         self.crop_min = int(opts.get("crop_min", 64))
         if not 0.0 < self.lr_scale <= 1.0 or self.crop_min < 1:
             raise SemsrError("model.options.lr_scale must be in (0, 1] and crop_min >= 1")
-        self.providers = [get_provider(m) for m in self.modalities]  # uncached: every crop is new
         if opts.get("init"):
             if opts.get("vq"):
                 raise SemsrError("model.options.vq and init exclude each other (init brings its architecture)")
-            vq = load_component(EdgeVQ, resolve_model_path(str(opts["init"])))
+            vq = load_component(self.VQ_CLASS, resolve_model_path(str(opts["init"])))
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 try:
-                    vq = EdgeVQ(**dict(opts.get("vq") or {}))
+                    vq = self.VQ_CLASS(**{"in_channels": self.CHANNELS, **dict(opts.get("vq") or {})})
                 except (TypeError, ValueError) as err:
                     raise SemsrError(f"model.options.vq: {err}") from None
+        if int(vq.in_channels) != self.CHANNELS:
+            raise SemsrError(f"model.options.vq: {cfg.task} maps have {self.CHANNELS} channels, not {vq.in_channels}")
         self.trainable = EdgeVQTraining(vq.float(), fresh=not opts.get("init")).train().requires_grad_(True)
         self.device = torch.device("cpu")
+
+    def map_providers(self, opts: Mapping[str, Any]) -> tuple[tuple[str, ...], list[PriorProvider]]:
+        """``(names, providers)`` of the maps: ``model.options.modalities`` of :data:`EDGE_MODALITIES`."""
+        names = tuple(opts.get("modalities") or EDGE_MODALITIES)
+        bad = [m for m in names if m not in EDGE_MODALITIES]
+        if bad:
+            raise SemsrError(f"model.options.modalities: unknown {bad}; known: {list(EDGE_MODALITIES)}")
+        return names, [get_provider(m) for m in names]
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Nothing is frozen; maps are computed on the CPU and moved to ``device``."""
         self.device = device
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``logits`` / ``maps`` ``(B, 1, S, S)`` and ``commit`` for the HR crops of ``batch``.
+        """``logits`` / ``maps`` ``(B, C, S, S)`` and ``commit`` for the HR crops of ``batch``.
 
         Per-sample draws, in order: the modality, then :func:`random_view`'s; then one
         draw of the first sample seeds the codebook's random picks.
@@ -228,7 +249,8 @@ class EdgeVQTask(Task):
         views = []
         for image, gen in zip(batch["hr"], gens, strict=True):
             provider = self.providers[int(torch.randint(len(self.providers), (1,), generator=gen))]
-            views.append(random_view(edge_map(image[None], provider, self.lr_scale), size, self.crop_min, gen))
+            value = edge_map(image[None], provider, self.lr_scale, self.CHANNELS)
+            views.append(random_view(value, size, self.crop_min, gen))
         maps = torch.cat(views).to(self.device)
         seed = int(torch.randint(0, 2**62, (1,), generator=gens[0]))
         logits, _, commit = model(maps, seed)
@@ -238,29 +260,32 @@ class EdgeVQTask(Task):
         self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
     ) -> torch.Tensor:
         raise SemsrError(
-            "task edge-vq has no SR validation: set validation.every: 0 (export writes held-out scores to report.json)"
+            f"task {self.cfg.task} has no SR validation: set validation.every: 0 (export writes held-out scores to report.json)"
         )
 
     def heldout_maps(self) -> tuple[list[str], torch.Tensor]:
-        """Names and maps ``(N, 1, S, S)`` of the validation images (whole images, every modality)."""
+        """Names and maps ``(N, C, S, S)`` of the validation images (whole images, every modality)."""
         _, val_items = list_images(self.cfg.data, self.cfg.data.crop_size)
         size = int(self.trainable.vq.image_size)
         providers = [cached(p) for p in self.providers]  # the same images at every export
         maps = [
-            prepare_maps(edge_map(to_tensor(load_image(item.path))[None], p, self.lr_scale), size, 1)
+            prepare_maps(
+                edge_map(to_tensor(load_image(item.path))[None], p, self.lr_scale, self.CHANNELS), size, self.CHANNELS
+            )
             for item in val_items
             for p in providers
         ]
-        return [item.path.name for item in val_items], torch.cat(maps) if maps else torch.zeros(0, 1, size, size)
+        empty = torch.zeros(0, self.CHANNELS, size, size)
+        return [item.path.name for item in val_items], torch.cat(maps) if maps else empty
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write the EdgeVQ component folder and ``report.json`` (held-out scores, when there are held-out images)."""
+        """Write the tokenizer component folder and ``report.json`` (held-out scores, when there are held-out images)."""
         vq = copy.deepcopy(model.vq).float().cpu().eval()
         folder = Path(folder)
         vq.save_pretrained(folder, safe_serialization=True)
         names, maps = self.heldout_maps() if self.cfg.data.val_count else ([], None)
         report: dict[str, Any] = {
-            "task": "edge-vq",
+            "task": self.cfg.task,
             "modalities": list(self.modalities),
             "lr_scale": self.lr_scale,
             "heldout_images": names,
@@ -270,3 +295,37 @@ class EdgeVQTask(Task):
             report["scores_heldout"] = evaluate(vq, maps)
         report["config"] = self.cfg.to_dict()
         atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+
+
+class _ModelMapVQTask(EdgeVQTask):
+    """Tokenizer training on the maps of one local transformers model (``model.options.model``)."""
+
+    PROVIDER = ""
+    OPTIONS = {"model", "lr_scale", "crop_min", "vq", "init"}
+
+    def map_providers(self, opts: Mapping[str, Any]) -> tuple[tuple[str, ...], list[PriorProvider]]:
+        """``((name,), [provider])``: the :attr:`PROVIDER` prior on ``model.options.model``."""
+        if not opts.get("model"):
+            raise SemsrError(
+                f"task {self.cfg.task} needs model.options.model: a local transformers {self.PROVIDER} folder"
+            )
+        return (self.PROVIDER,), [get_provider(self.PROVIDER, model=resolve_model_path(str(opts["model"])))]
+
+
+@register_task("depth-vq")
+class DepthVQTask(_ModelMapVQTask):
+    """``task: depth-vq``: a :class:`~semsr.models.vq.DepthVQ` on the depth maps (1 channel, near = bright) of
+    ``model.options.model`` (a Depth-Anything / DPT folder), taken from the downscaled HR crops as for edges."""
+
+    VQ_CLASS = DepthVQ
+    PROVIDER = "depth"
+
+
+@register_task("seg-vq")
+class SegVQTask(_ModelMapVQTask):
+    """``task: seg-vq``: a :class:`~semsr.models.vq.SegVQ` on the colour-palette segmentation maps (3 channels)
+    of ``model.options.model`` (a SegFormer / Mask2Former folder)."""
+
+    VQ_CLASS = SegVQ
+    CHANNELS = 3
+    PROVIDER = "seg"
