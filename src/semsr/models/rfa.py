@@ -22,9 +22,9 @@ Both models are :class:`~semsr.core.components.Component` s: a folder with
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` (``save_pretrained``,
 :func:`~semsr.core.components.load_component`). The RFA checkpoint is one
 :func:`~semsr.core.components.save_checkpoint` folder of recipe ``rfa`` with the
-components ``aligner`` (optional), ``enhancer`` and ``adain``
-(:class:`~semsr.fusion.adain.AdaINAdapters`), plus optionally a transformers
-causal LM folder (the text decoder) named in the index meta
+components ``aligner``, ``enhancer``, ``adain`` and ``controlnet_adain``
+(:class:`~semsr.fusion.adain.AdaINAdapters` of the UNet and of the ControlNet),
+plus a transformers causal LM folder (the text decoder) named in the index meta
 (:func:`save_rfa_checkpoint`).
 """
 
@@ -304,7 +304,7 @@ def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
 def save_rfa_checkpoint(
     folder: str | Path, components: Mapping[str, Component | None], text_decoder: str | Path | None = None
 ) -> Path:
-    """Write an RFA checkpoint: ``components`` (``aligner`` (optional), ``enhancer``, ``adain``) with
+    """Write an RFA checkpoint: ``components`` (``aligner``, ``enhancer``, ``adain``, ``controlnet_adain``) with
     :func:`~semsr.core.components.save_checkpoint`, plus a copy of the ``text_decoder`` folder (a
     transformers causal LM + tokenizer) as ``text-decoder/``, named in the index meta."""
     meta = {TEXT_DECODER_KEY: TEXT_DECODER_DIR} if text_decoder is not None else {}
