@@ -227,7 +227,7 @@ class EmbeddingEnhancer(Component):
             raise SemsrError(f"enhancer expects {c.num_tokens} tokens and <= {c.num_refs} references, got {n} and {k}")
         q = self.proj(lr_tokens) + self.pos + self.slot[0]
         refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1 : 1 + k].unsqueeze(0)
-        mem = torch.cat([q, refs.reshape(b, k * n, -1)], dim=1)
+        mem = torch.cat([q, refs.reshape(b, k * n, refs.shape[-1])], dim=1)
         for layer in self.layers:
             q = layer(q, mem)
         pooled = self.norm(q).mean(dim=1)

@@ -15,8 +15,8 @@ the reference database's), ``width`` (256), ``depth`` (2), ``heads`` (4),
 
 **``rfa-enhancer``** — the enhancer (:class:`~semsr.models.rfa.EmbeddingEnhancer`).
 Per sample: LR tokens; the top-K references retrieved from the reference
-database ``db`` with the aligned LR query (``aligner``; raw LR embedding
-without one), skipping the database entry of the training image itself
+database ``db`` with the aligned LR query (``aligner``; the raw LR embedding
+only with the explicit ``no_aligner: true``), skipping the database entry of the training image itself
 (same content hash) so the enhancer cannot copy its target; their tokens
 (cached in memory per database row). Outputs the enhanced image embedding
 (loss ``rfa_image_cos``: ``1 - cos`` to the HR crop's embedding) and the
@@ -28,8 +28,9 @@ of the caption after the prefix) is an optional auxiliary term, not the
 seed's. Captions come from the corpus manifest (``data.manifest``, prior
 ``data.caption_prior``) or ``data.prompt``. Exports ``final/enhancer/``.
 ``model.options``: ``embedder``, ``db``, ``text_decoder`` (causal LM
-folder) required; ``clip_text`` (CLIP text encoder: SD or CLIP folder,
-default ``model.pretrained``), ``aligner`` (folder or ``default``),
+folder) and ``aligner`` (folder or ``default``; or ``no_aligner: true``)
+required; ``clip_text`` (CLIP text encoder: SD or CLIP folder, default
+``model.pretrained``),
 ``num_refs`` (4), ``exclude_self`` (true), ``width``/``depth``/``heads``/
 ``prefix_len`` (256/2/4/4), ``decode_len`` (16 tokens), ``tau`` (1.0),
 ``ref_cache`` (1024 reference token sets kept), ``init`` (enhancer folder).
@@ -375,6 +376,37 @@ class ReferenceTokens:
         return torch.stack([torch.stack([self._tokens(h.entry) for h in row[:n]]) for row in rows])
 
 
+class TrainingHashes:
+    """Content hash of the training image behind each global sample position (as the trainer's dataset maps
+    positions to images), so retrieval can skip the database entry of the training image itself."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self._items, _ = list_images(cfg.data, cfg.data.crop_size)
+        self._positions = CropDataset(self._items, cfg.data, lambda hr, seed: hr, cfg.seed)
+        self._shas: dict[Path, str] = {}
+
+    def __call__(self, position: int) -> str:
+        path = self._items[self._positions.index_at(int(position))].path
+        if path not in self._shas:
+            self._shas[path] = file_sha256(path)
+        return self._shas[path]
+
+
+def retrieval_aligner(opts: dict, embedder: Embedder, what: str) -> ReferenceFindingAligner | None:
+    """The aligner a task retrieves with: ``model.options.aligner`` (a folder or ``default``), or None under
+    ``model.options.no_aligner: true`` (the raw LR embedding is the query); one line naming both otherwise."""
+    if opts.get("no_aligner"):
+        if opts.get("aligner"):
+            raise SemsrError(f"{what}: model.options.aligner and model.options.no_aligner contradict each other")
+        return None
+    if not opts.get("aligner"):
+        raise SemsrError(
+            f"{what} needs model.options.aligner (the rfa-aligner run's final/aligner), or "
+            "model.options.no_aligner: true to query with the raw LR embedding"
+        )
+    return load_aligner(opts["aligner"], embedder)
+
+
 @register_task("rfa-enhancer")
 class RFAEnhancerTask(_Stage1Task):
     """I2T Embedding Enhancer: ``rfa_image_cos`` + ``rfa_text_clip`` (see module docstring)."""
@@ -384,6 +416,7 @@ class RFAEnhancerTask(_Stage1Task):
             "embedder",
             "db",
             "aligner",
+            "no_aligner",
             "num_refs",
             "exclude_self",
             "width",
@@ -434,7 +467,7 @@ class RFAEnhancerTask(_Stage1Task):
             raise SemsrError(
                 f"database embedder {db.embedder_spec!r} differs from model.options.embedder {emb.spec!r}", db.folder
             )
-        aligner = load_aligner(o["aligner"], emb) if o.get("aligner") else None
+        aligner = retrieval_aligner(o, emb, "rfa-enhancer")
         self.refs = ReferenceTokens(
             db,
             emb,
@@ -442,12 +475,7 @@ class RFAEnhancerTask(_Stage1Task):
             min(int(o.get("num_refs", model.config.num_refs)), model.config.num_refs),
             int(o.get("ref_cache", 1024)),
         )
-        self.exclude_self = bool(o.get("exclude_self", True))
-        if self.exclude_self:  # sample position -> training image, as the trainer's dataset maps it
-            items, _ = list_images(cfg.data, cfg.data.crop_size)
-            self._items = items
-            self._positions = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)
-            self._shas: dict[Path, str] = {}
+        self.hashes = TrainingHashes(cfg) if bool(o.get("exclude_self", True)) else None
 
         self.decode_len = int(o.get("decode_len", 16))
         self.tau = float(o.get("tau", 1.0))
@@ -468,18 +496,12 @@ class RFAEnhancerTask(_Stage1Task):
             self.clip_text.to(device=device, dtype=weight_dtype)
             self.captions.clear()
 
-    def _sha(self, position: int) -> str:
-        path = self._items[self._positions.index_at(position)].path
-        if path not in self._shas:
-            self._shas[path] = file_sha256(path)
-        return self._shas[path]
-
     def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """``image_embed``/``hr_embed`` ``(B, D)``; with the text terms on, ``text_embed``/``caption_embed``
         ``(B, Dt)`` and/or ``caption_nll`` (scalar)."""
         lr_vec, lr_tok = self.encode(batch["lr"])
         positions = [int(p) for p in batch["position"]]
-        exclude = [self._sha(p) for p in positions] if self.exclude_self else [None] * len(positions)
+        exclude = [self.hashes(p) if self.hashes is not None else None for p in positions]
         ref_tok = self.refs(lr_tok, lr_vec, exclude).to(self.device)
         image_embed, prefix = model(lr_tok, ref_tok)
         out = {"image_embed": image_embed, "hr_embed": self.embed(batch["hr"])}
