@@ -342,10 +342,10 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
 def test_rfa_sr_conditions_on_the_enhancer_output_of_the_lr_crop(rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
     """Training feeds the AdaIN adapters what inference feeds them: the enhancer's embedding of the LR crop and its
     references (not the HR crop's embedding); the training image itself is never a reference."""
-    from semsr.models.rfa import encode
-    from semsr.train.config import load_config
     from torch.utils.data import default_collate
 
+    from semsr.models.rfa import encode
+    from semsr.train.config import load_config
     from semsr.train.data import CropDataset, list_images, make_degrader
     from semsr.train.tasks import build_task
 
@@ -368,7 +368,9 @@ def test_rfa_sr_conditions_on_the_enhancer_output_of_the_lr_crop(rfa_runs, tiny_
     # ControlNet: only the hint encoder and the zero convolutions train; all adapters train
     model = task.trainable
     cn = {n for n, p in model.controlnet.named_parameters() if p.requires_grad}
-    assert cn and all(n.startswith(("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid")) for n in cn)
+    assert cn and all(
+        n.startswith(("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid")) for n in cn
+    )
     assert all(p.requires_grad for p in (*model.adain.parameters(), *model.controlnet_adain.parameters()))
     items, _ = list_images(cfg.data, cfg.data.crop_size)
     data = CropDataset(items, cfg.data, make_degrader(cfg.degradation, cfg.data.scale), cfg.seed)
@@ -419,7 +421,8 @@ def test_stage1_and_stage2_tasks_need_an_aligner_or_the_opt_out(rfa_runs, tiny_m
             build_task(load_config(REPO / "configs" / f"{name}.yaml", common + more + ["model.options.aligner="]))
         task = build_task(
             load_config(
-                REPO / "configs" / f"{name}.yaml", common + more + ["model.options.aligner=", "model.options.no_aligner=true"]
+                REPO / "configs" / f"{name}.yaml",
+                common + more + ["model.options.aligner=", "model.options.no_aligner=true"],
             )
         )
         assert task is not None

@@ -280,7 +280,9 @@ def build(options: RFAOptions) -> RFASR:
             "without references"
         )
     if options.no_database and options.clip is None:
-        raise UnavailableError("rfa --no-database needs --clip DIR (the CLIP vision folder the enhancer was trained on)")
+        raise UnavailableError(
+            "rfa --no-database needs --clip DIR (the CLIP vision folder the enhancer was trained on)"
+        )
     apply_threads(options.threads)
     database = ReferenceDB(options.db) if options.db is not None else None
     spec = f"clip:{options.clip}" if options.clip is not None else database.embedder_spec  # type: ignore[union-attr]
