@@ -187,6 +187,24 @@ def test_adain_gates_at_init_leave_unet_unchanged_and_learn(tiny_models: Path) -
         assert torch.allclose(unet(x, t, encoder_hidden_states=ctx).sample, ref, atol=1e-5)  # off outside it
 
 
+def test_fp32_adain_adapters_run_on_a_bf16_model(tiny_models: Path) -> None:
+    """Mixed-precision training: trainable fp32 adapters on the frozen bf16 UNet (outside autocast)."""
+    from diffusers import UNet2DConditionModel
+
+    from semsr.testing.tiny_rfa import open_adapters
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet").eval().to(torch.bfloat16)
+    adapters = attach_adain(unet, open_adapters(AdaINAdapters.for_model(unet, control_dim=16)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=g).bfloat16()
+    ctx = torch.randn(1, 7, unet.config.cross_attention_dim, generator=g).bfloat16()
+    with adapters.control(torch.randn(1, 16, generator=g)):
+        out = unet(x, torch.tensor([10]), encoder_hidden_states=ctx).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().pow(2).mean().backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.float32 for v in adapters.gates().values())
+
+
 def test_adain_adapters_are_a_component_checked_against_the_model(tiny_models: Path, tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 

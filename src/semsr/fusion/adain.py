@@ -84,10 +84,12 @@ class StyleHead(nn.Module):
 
 
 def _gated(x: torch.Tensor, gate: torch.Tensor, head: StyleHead, c: torch.Tensor | None) -> torch.Tensor:
+    """``x + tanh(gate) * (AdaIN(x, head(c)) - x)``; the head runs in its own dtype (fp32 adapters on a bf16
+    model under mixed-precision training), the result is in ``x``'s."""
     if c is None:
         return x
-    mean, std = head(c.to(x.dtype))
-    return x + torch.tanh(gate).to(x.dtype) * (adain(x, mean, std) - x)
+    mean, std = head(c.to(head.proj.weight.dtype))
+    return x + torch.tanh(gate).to(x.dtype) * (adain(x, mean.to(x.dtype), std.to(x.dtype)) - x)
 
 
 class AdaINNorm(nn.Module):
