@@ -227,7 +227,7 @@ def test_stage1_tasks_reject_bad_options(tiny_models: Path, tmp_path: Path) -> N
 def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
     from semsr.priors.retrieval.embedders import embedder_from_spec
     from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
-    from semsr.train.rfa import ReferenceTokens
+    from semsr.priors.retrieval.references import ReferenceTokens
 
     emb = embedder_from_spec(f"clip:{rfa_runs['clip']}")
     files = sorted(rfa_runs["imgs"].iterdir())[:2]

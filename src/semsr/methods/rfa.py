@@ -67,6 +67,7 @@ from semsr.pipeline.options import ControlNetSROptions, require_paths
 from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
 from semsr.priors.retrieval.index import Hit, ReferenceDB, load_rgb
+from semsr.priors.retrieval.references import ReferenceTokens
 
 DEFAULT_SCALE = 16
 DEFAULT_REFERENCES = 4
@@ -165,7 +166,8 @@ class ReferenceRetriever:
         lm: Any = None,
         tokenizer: Any = None,
     ) -> None:
-        self.embedder, self.db, self.aligner, self.enhancer = embedder, db, aligner, enhancer
+        self.embedder, self.enhancer = embedder, enhancer
+        self.refs = ReferenceTokens(db, embedder, aligner, DEFAULT_REFERENCES)
         self.lm, self.tokenizer = lm, tokenizer
 
     @torch.no_grad()
@@ -173,18 +175,9 @@ class ReferenceRetriever:
         """Retrieve up to ``k`` references per image (at most the enhancer's ``num_refs``; the fewest any
         image of the batch has) and run the enhancer and the text decoder."""
         vec, tok = encode(self.embedder, lr.float().cpu())
-        query = F.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
-        k = min(int(k), self.enhancer.config.num_refs)
-        hits = self.db.search(query.numpy(), k) if self.db is not None and k > 0 else [[] for _ in range(len(lr))]
-        n_ref = min(len(h) for h in hits)
-        refs_img: list[list[torch.Tensor]] = []
-        ref_tokens = []
-        for row in hits:
-            imgs = [load_rgb(Path(h.entry.path)) for h in row[:n_ref]]
-            refs_img.append(imgs)
-            toks = [encode(self.embedder, im)[1][0] for im in imgs]
-            ref_tokens.append(torch.stack(toks) if toks else tok.new_zeros(0, *tok.shape[1:]))
-        image_embed, prefix = self.enhancer(tok, torch.stack(ref_tokens))
+        hits = self.refs.search(tok, vec, k=min(int(k), self.enhancer.config.num_refs))
+        refs_img = [[load_rgb(Path(h.entry.path)) for h in row] for row in hits]
+        image_embed, prefix = self.enhancer(tok, self.refs.tokens(hits, tok))
         text = generate_text(self.lm, self.tokenizer, prefix) if self.lm is not None else [""] * len(lr)
         return Retrieval(F.normalize(image_embed, dim=-1), text, hits, refs_img)
 

@@ -52,7 +52,6 @@ images come from the offline corpus, never from benchmark sets.
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,8 @@ from semsr.models.rfa_text import VocabBridge, load_clip_text, soft_decode
 from semsr.ops.imresize import imresize
 from semsr.pipeline.text import PromptEncoder
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
-from semsr.priors.retrieval.index import Entry, ReferenceDB, file_sha256, load_rgb
+from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
+from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import CropDataset, list_images
@@ -332,48 +332,6 @@ class RFAAlignerTask(_Stage1Task):
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write the component folder ``folder/aligner/``."""
         model.save_pretrained(Path(folder) / "aligner", safe_serialization=True)
-
-
-class ReferenceTokens:
-    """Top-K reference tokens for LR queries from a reference database.
-
-    The query is the aligner's prediction (normalised) or the raw LR
-    embedding; hits whose content hash is in ``exclude`` (the training image
-    itself) are skipped. Tokens of database images are computed once and kept
-    for the ``cache_size`` most recent rows.
-    """
-
-    def __init__(
-        self, db: ReferenceDB, embedder: Embedder, aligner: nn.Module | None, k: int, cache_size: int = 1024
-    ) -> None:
-        self.db, self.embedder, self.aligner, self.k = db, embedder, aligner, int(k)
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def _tokens(self, entry: Entry) -> torch.Tensor:
-        tok = self._cache.get(entry.vid)
-        if tok is None:
-            tok = encode(self.embedder, load_rgb(Path(entry.path)))[1][0].float()
-            self._cache[entry.vid] = tok
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(entry.vid)
-        return tok
-
-    @torch.no_grad()
-    def __call__(self, lr_tok: torch.Tensor, lr_vec: torch.Tensor, exclude: Sequence[str | None]) -> torch.Tensor:
-        """``(B, k', N, T)`` tokens (CPU, fp32) of the top ``k' <= k`` references of each LR query
-        (``k'`` = fewest usable hits in the batch)."""
-        tok, vec = lr_tok.float().cpu(), lr_vec.float().cpu()
-        query = torch.nn.functional.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
-        extra = 1 if any(e is not None for e in exclude) else 0
-        hits = self.db.search(query.numpy(), self.k + extra) if self.k > 0 else [[] for _ in exclude]
-        rows = [[h for h in row if h.entry.sha256 != sha][: self.k] for row, sha in zip(hits, exclude, strict=True)]
-        n = min(len(r) for r in rows)
-        if n == 0:
-            return tok.new_zeros(len(rows), 0, *tok.shape[1:])
-        return torch.stack([torch.stack([self._tokens(h.entry) for h in row[:n]]) for row in rows])
 
 
 class TrainingHashes:

@@ -48,9 +48,10 @@ from semsr.fusion.adain import AdaINAdapters, adain_control, attach_adain
 from semsr.models.rfa import EmbeddingEnhancer, check_embedder, encode, save_rfa_checkpoint
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
 from semsr.priors.retrieval.index import ReferenceDB
+from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.rfa import ReferenceTokens, TrainingHashes, resolve_embedder_spec, retrieval_aligner
+from semsr.train.rfa import TrainingHashes, resolve_embedder_spec, retrieval_aligner
 from semsr.train.tasks import ControlNetSRTask, register_task
 
 #: ``model.options`` of ``rfa-sr`` besides those of ``controlnet_sr``.
@@ -94,7 +95,7 @@ def set_trainable(model: nn.Module, prefixes: str | Sequence[str]) -> list[str]:
 class EnhancedEmbedding:
     """Stage 1 as at inference, for training stage 2: LR ``(B, 3, h, w)`` -> ``(B, D)`` unit enhanced embeddings.
 
-    LR tokens -> (aligned) query -> top-K reference tokens (:class:`~semsr.train.rfa.ReferenceTokens`,
+    LR tokens -> (aligned) query -> top-K reference tokens (:class:`~semsr.priors.retrieval.references.ReferenceTokens`,
     hits in ``exclude`` skipped) -> frozen enhancer. Runs on the CPU in float32.
     """
 
