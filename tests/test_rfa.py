@@ -76,7 +76,9 @@ def test_residual_aligner_starts_as_identity_and_round_trips(tmp_path: Path) -> 
     again = load_component(ReferenceFindingAligner, tmp_path / "al")  # the structure comes from config.json alone
     with torch.no_grad():
         assert torch.allclose(again(feats.lr_tokens, feats.lr_vec), ref)
-    check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5))
+    check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5, dim=16))
+    with pytest.raises(SemsrError, match="gives 16-d embeddings, the embedder x 24-d"):
+        check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5, dim=24))
     with pytest.raises(SemsrError, match="trained for embedder"):
         check_embedder(again, SimpleNamespace(spec="other-embedder", token_dim=12, num_tokens=5))
     with pytest.raises(SemsrError, match="tokens"):

@@ -55,8 +55,9 @@ TEXT_DECODER_DIR = "text-decoder"
 def check_embedder(model: Component, embedder: Any, where: str | Path | None = None) -> None:
     """Raise :class:`SemsrError` unless the stage-1 ``model`` (aligner or enhancer) fits ``embedder``.
 
-    The model must take the embedder's ``num_tokens`` tokens of ``token_dim``, and, when it records the
-    embedder it was trained for (``config.embedder``), that must be ``embedder.spec``.
+    The model must take the embedder's ``num_tokens`` tokens of ``token_dim`` and give embeddings of its
+    ``dim`` (an aligner or enhancer made for CLIP's 768-d projection does not fit the 1024-d CLS), and, when
+    it records the embedder it was trained for (``config.embedder``), that must be ``embedder.spec``.
     """
     c = model.config
     name = type(model).__name__
@@ -69,6 +70,13 @@ def check_embedder(model: Component, embedder: Any, where: str | Path | None = N
             f"the {name} takes {c.num_tokens} tokens of {c.token_dim}, the embedder {embedder.spec} "
             f"gives {embedder.num_tokens} of {embedder.token_dim} (build the database with the "
             "embedder the checkpoint was trained for)",
+            where,
+        )
+    dim = getattr(embedder, "dim", None)
+    if dim is not None and int(c.out_dim) != int(dim):
+        raise SemsrError(
+            f"the {name} gives {c.out_dim}-d embeddings, the embedder {embedder.spec} {int(dim)}-d ones "
+            "(made for another embedding, e.g. CLIP's projection instead of its CLS token? retrain it)",
             where,
         )
 
