@@ -1,4 +1,4 @@
-"""AdaIN adapters (RFA, seed 003 stage 2): steer a UNet's transformer blocks toward a control embedding.
+"""AdaIN adapters (RFA stage 2): steer a UNet's transformer blocks toward a control embedding.
 
 For every ``BasicTransformerBlock`` of a diffusers UNet (or ControlNet) the
 adapter adds, per block:

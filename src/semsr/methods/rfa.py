@@ -1,4 +1,4 @@
-"""``rfa``: retrieval-augmented extreme SR (seed 003; x16 by default, any scale).
+"""``rfa``: retrieval-augmented extreme SR (the RFA paper; x16 by default, any scale).
 
     semsr upscale -i lr32.png -o out --method rfa --base SD --controlnet CN --checkpoint RFA --db DB \\
         [--text-decoder GPT2DIR] [--aligner DIR] [--num-references 4] [--save-reference]

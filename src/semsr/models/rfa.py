@@ -1,7 +1,7 @@
-"""Stage-1 models of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
+"""Stage-1 models of the RFA recipe: Reference-Finding Aligner and I2T Embedding Enhancer.
 
 The aligner maps the embedder tokens of a *low-resolution* image (32x32 in
-the seed, upsampled to the embedder's input size) to the global embedding the
+the paper, upsampled to the embedder's input size) to the global embedding the
 *high-resolution* image would have, so the reference database (built from HR
 images) can be searched with an LR query.
 
@@ -9,13 +9,13 @@ Architecture: tokens ``(B, N, T)`` are projected to width ``W`` and given a
 learned position embedding; a learnable CLS query attends to them through
 ``depth`` cross-attention decoder layers (``nn.TransformerDecoderLayer``,
 pre-norm); a LayerNorm + linear head gives the predicted HR embedding
-``(B, D)``. Trained with ``L_align = ||C_hat_LR - C_HR||_2^2`` (the seed's L2).
+``(B, D)``. Trained with ``L_align = ||C_hat_LR - C_HR||_2^2`` (the paper's L2).
 
 ``residual=True`` (default) adds the raw LR embedding to the head output and
 initialises the head to zero, so the untrained aligner *is* the raw LR
 embedding and training learns the LR -> HR correction. With a few hundred
-training pairs (our offline corpus, not the seed's 100k ImageNet images) this
-keeps the aligner from being worse than no alignment; the seed maps tokens to
+training pairs (our offline corpus, not the paper's 100k ImageNet images) this
+keeps the aligner from being worse than no alignment; the paper maps tokens to
 the CLS directly (``residual=False``).
 
 Both models are :class:`~semsr.core.components.Component` s: a folder with
@@ -149,7 +149,7 @@ class ReferenceFindingAligner(Component):
 
 
 def align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Seed's ``L_align = ||pred - target||^2`` averaged over the batch; both ``(B, D)``."""
+    """The paper's ``L_align = ||pred - target||^2`` averaged over the batch; both ``(B, D)``."""
     return (pred - target).pow(2).sum(-1).mean()
 
 
@@ -176,7 +176,7 @@ def aligner_dir(folder: str | Path, embedder_spec: str) -> Path:
 
 @register_component
 class EmbeddingEnhancer(Component):
-    """I2T Embedding Enhancer (seed 003 stage 1b).
+    """I2T Embedding Enhancer (stage 1b).
 
     LR tokens are the queries; keys/values are the LR tokens plus the tokens of
     the K retrieved references (each slot with a learned type embedding), in
@@ -253,7 +253,7 @@ def caption_loss(
 ) -> torch.Tensor:
     """Teacher-forced LM loss of caption tokens ``(B, L)`` after the prefix ``(B, P, lm_dim)``.
 
-    An auxiliary term (``rfa_caption_nll``); the seed's supervision — the CLIP
+    An auxiliary term (``rfa_caption_nll``); the paper's supervision — the CLIP
     text embedding of the generated text aligned to the caption's — is
     :mod:`semsr.models.rfa_text` (loss ``rfa_text_clip``).
     """

@@ -1,4 +1,4 @@
-"""Stage-1 training of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
+"""Stage-1 training of the RFA recipe: Reference-Finding Aligner and I2T Embedding Enhancer.
 
 Two tasks of the shared trainer (``semsr train --config ...``; stage 2 is
 ``rfa-sr`` in :mod:`semsr.train.rfa_sr`):
@@ -6,8 +6,8 @@ Two tasks of the shared trainer (``semsr train --config ...``; stage 2 is
 **``rfa-aligner``** — the aligner (:class:`~semsr.models.rfa.ReferenceFindingAligner`)
 on the trainer's (HR crop, degraded LR) pairs: the LR crop's embedder tokens
 and raw embedding -> predicted HR embedding, loss ``rfa_align_l2`` (the
-seed's ``||C_hat_LR - C_HR||^2``) to the embedder's embedding of the HR crop.
-The seed's setting is 512-px crops, ``scale: 16`` (32x32 LR) and
+paper's ``||C_hat_LR - C_HR||^2``) to the embedder's embedding of the HR crop.
+The paper's setting is 512-px crops, ``scale: 16`` (32x32 LR) and
 ``degradation: {type: bicubic}``. Exports ``final/aligner/``.
 ``model.options``: ``embedder`` (required: ``hed-vgg`` or ``clip:FOLDER``,
 the reference database's), ``width`` (256), ``depth`` (2), ``heads`` (4),
@@ -25,7 +25,7 @@ CLIP text encoder and aligned to the CLIP text embedding of the image's
 caption (loss ``rfa_text_clip``, made differentiable as described in
 :mod:`semsr.models.rfa_text`). ``rfa_caption_nll`` (teacher-forced LM loss
 of the caption after the prefix) is an optional auxiliary term, not the
-seed's. Captions come from the corpus manifest (``data.manifest``, prior
+paper's. Captions come from the corpus manifest (``data.manifest``, prior
 ``data.caption_prior``) or ``data.prompt``. Exports ``final/enhancer/``.
 ``model.options``: ``embedder``, ``db``, ``text_decoder`` (causal LM
 folder) and ``aligner`` (folder or ``default``; or ``no_aligner: true``)
@@ -95,7 +95,7 @@ LR_SIZE = 32
 
 @register_loss("rfa_align_l2")
 def rfa_align_l2(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Seed's ``||aligned - hr_embed||^2`` (summed over the embedding, mean over the batch); ``(B, D)`` each."""
+    """The paper's ``||aligned - hr_embed||^2`` (summed over the embedding, mean over the batch); ``(B, D)`` each."""
     _require(outputs, "rfa_align_l2", "aligned", "hr_embed")
     return align_loss(outputs["aligned"].float(), outputs["hr_embed"].float())
 
@@ -120,7 +120,7 @@ def rfa_text_clip(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @register_loss("rfa_caption_nll")
 def rfa_caption_nll(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher-forced LM loss of the caption after the prefix (scalar; auxiliary, not the seed's)."""
+    """Teacher-forced LM loss of the caption after the prefix (scalar; auxiliary, not the paper's)."""
     _require(outputs, "rfa_caption_nll", "caption_nll")
     return outputs["caption_nll"]
 

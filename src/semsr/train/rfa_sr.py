@@ -3,7 +3,7 @@
 Frozen SD (VAE, UNet, text encoder) and frozen stage-1 parts (aligner,
 enhancer). Trainable: the AdaIN adapters (gates alpha/beta/gamma and their
 style heads, :class:`~semsr.fusion.adain.AdaINAdapters`) of the UNet *and* of
-the ControlNet, and part of the ControlNet (seed 003: "the adapters and part of
+the ControlNet, and part of the ControlNet (the paper: "the adapters and part of
 the ControlNet are fine-tuned"; which part is not said: by default the hint
 encoder and the zero convolutions, ``controlnet_trainable``).
 
@@ -13,7 +13,7 @@ references retrieved from the database ``db`` with the aligned LR query
 (:class:`EnhancedEmbedding`). Captions (or the empty prompt) are the
 cross-attention context, as the decoded text is at inference. The model call is
 ``controlnet_sr``'s (:class:`~semsr.train.tasks.ControlNetSRTask`, the inference
-forward) inside both adapter sets' ``control`` block. The seed's LR is bicubic
+forward) inside both adapter sets' ``control`` block. The paper's LR is bicubic
 32 -> 512 (``degradation: {type: bicubic}``, ``scale: 16``; configs/rfa.yaml).
 
 ``model.options``:

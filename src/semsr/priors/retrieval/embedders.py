@@ -14,7 +14,7 @@ Two embedders exist:
     a folder that also holds the projection, ``CLIPVisionModelWithProjection``
     or a whole ``CLIPModel``, loads its vision tower; ``local_files_only``).
     ``embed`` = the CLS token after the tower's final LayerNorm, *before* the
-    image projection (``hidden_size`` values: 1024 for ViT-L/14, the seed's
+    image projection (``hidden_size`` values: 1024 for ViT-L/14, the paper's
     ``C in R^1024``); ``tokens`` = last hidden states (CLS + patches), as the
     seed (256 patches + CLS for ViT-L/14 at 224 px).
 

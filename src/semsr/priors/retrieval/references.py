@@ -1,4 +1,4 @@
-"""Reference retrieval of the RFA recipe (seed 003 stage 1a), shared by inference and training.
+"""Reference retrieval of the RFA recipe (stage 1a), shared by inference and training.
 
 LR embedder outputs ``(vec (B, D), tokens (B, N, T))`` -> query (the
 Reference-Finding Aligner's prediction, normalised, or the raw LR embedding
