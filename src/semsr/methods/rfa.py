@@ -71,6 +71,8 @@ from semsr.priors.retrieval.references import ReferenceTokens
 
 DEFAULT_SCALE = 16
 DEFAULT_REFERENCES = 4
+#: Reference token sets a built method keeps in memory (about 1 MB each with CLIP ViT-L/14).
+REFERENCE_CACHE = 64
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -167,7 +169,7 @@ class ReferenceRetriever:
         tokenizer: Any = None,
     ) -> None:
         self.embedder, self.enhancer = embedder, enhancer
-        self.refs = ReferenceTokens(db, embedder, aligner, DEFAULT_REFERENCES)
+        self.refs = ReferenceTokens(db, embedder, aligner, DEFAULT_REFERENCES, cache_size=REFERENCE_CACHE)
         self.lm, self.tokenizer = lm, tokenizer
 
     @torch.no_grad()
