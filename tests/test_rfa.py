@@ -340,6 +340,8 @@ def test_rfa_build_errors(tiny_models: Path, reference_db: Path, tmp_path: Path)
         build("rfa", {**base, "no_database": True})
     with pytest.raises(SemsrError, match="--db and --no-database contradict"):
         build("rfa", {**base, "db": reference_db, "no_database": True})
+    with pytest.raises(SemsrError, match="nothing is retrieved"):
+        build("rfa", {**base, "no_database": True, "no_aligner": True, "clip": tiny_models / "clip-vision"})
     with pytest.raises(UnavailableError, match="--checkpoint"):
         build("rfa", {"base": tiny_models / "sd", "db": reference_db})
     parts, index = load_checkpoint(tiny_models / "rfa", "rfa")

@@ -258,6 +258,8 @@ def _opt_out_conflicts(options: RFAOptions) -> None:
         if getattr(options, part) is not None and getattr(options, opt):
             flag = part.replace("_", "-")
             raise SemsrError(f"rfa: --{flag} and --{opt.replace('_', '-')} contradict each other: pass one")
+    if options.no_database and (options.aligner is not None or options.no_aligner):
+        raise SemsrError("rfa: without a database nothing is retrieved: drop --aligner / --no-aligner")
 
 
 def build(options: RFAOptions) -> RFASR:
