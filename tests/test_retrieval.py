@@ -141,3 +141,40 @@ def test_cli_build_twice_search_json_info(tmp_path: Path, clip_spec: str, capsys
     assert all({"path", "score"} <= set(r) for r in res)
     assert main(["index", "search", str(files[1]), "--db", str(tmp_path / "nope")]) != 0
     assert "not a reference database" in capsys.readouterr().err
+
+
+def test_clip_embedding_is_the_pre_projection_cls_token(tmp_path: Path, tiny_models: Path) -> None:
+    """With a CLIP folder that holds the image projection, the embedding is the seed's CLS token (``hidden_size``
+    values, e.g. 1024 for ViT-L/14), not the projected one (768); a database of another size is refused."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from semsr.core.errors import SemsrError
+    from semsr.testing.tiny_coser import TINY_CLIP_VISION
+
+    folder = tmp_path / "clip-proj"
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_CLIP_VISION, "projection_dim": 16})).eval()
+    model.save_pretrained(folder)
+    shutil.copy(tiny_models / "clip-vision" / "preprocessor_config.json", folder)
+    emb = embedder_from_spec(f"clip:{folder}")
+    assert emb.dim == TINY_CLIP_VISION["hidden_size"] == 32 and emb.token_dim == 32
+    img = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    vec, tok = emb.encode(img)
+    with torch.no_grad():
+        out = model(pixel_values=emb._pixels(img), output_hidden_states=True)
+        inner = getattr(model, "vision_model", model)
+        want = torch.nn.functional.normalize(inner.post_layernorm(out.last_hidden_state[:, 0]), dim=-1)
+    assert vec.shape == (2, 32) and torch.allclose(vec, want, atol=1e-5)
+    assert not torch.allclose(vec[:, :16], torch.nn.functional.normalize(out.image_embeds, dim=-1), atol=1e-3)
+    assert torch.allclose(tok, out.last_hidden_state, atol=1e-5)
+    # a database holding the projected 16-d vectors (an older semsr's) is refused with a rebuild hint
+    db = ReferenceDB(tmp_path / "old-db", create=True, embedder=emb.spec)
+    from semsr.priors.retrieval.index import Entry
+
+    db.add_vectors([Entry(-1, "x.png", "0" * 64, 8, 8)], np.ones((1, 16), dtype=np.float32) / 4)
+    with pytest.raises(SemsrError, match="16-d vectors .*gives 32-d .*rebuild"):
+        db.check_dim(emb.dim)
+    with pytest.raises(SemsrError, match="rebuild"):
+        db.search(vec.numpy(), k=1)
+    db.close()

@@ -76,7 +76,9 @@ def test_residual_aligner_starts_as_identity_and_round_trips(tmp_path: Path) -> 
     again = load_component(ReferenceFindingAligner, tmp_path / "al")  # the structure comes from config.json alone
     with torch.no_grad():
         assert torch.allclose(again(feats.lr_tokens, feats.lr_vec), ref)
-    check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5))
+    check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5, dim=16))
+    with pytest.raises(SemsrError, match="gives 16-d embeddings, the embedder x 24-d"):
+        check_embedder(again, SimpleNamespace(spec="x", token_dim=12, num_tokens=5, dim=24))
     with pytest.raises(SemsrError, match="trained for embedder"):
         check_embedder(again, SimpleNamespace(spec="other-embedder", token_dim=12, num_tokens=5))
     with pytest.raises(SemsrError, match="tokens"):
@@ -185,6 +187,24 @@ def test_adain_gates_at_init_leave_unet_unchanged_and_learn(tiny_models: Path) -
     assert adapters.state.embedding is None  # the control is set inside the block only
     with torch.no_grad():
         assert torch.allclose(unet(x, t, encoder_hidden_states=ctx).sample, ref, atol=1e-5)  # off outside it
+
+
+def test_fp32_adain_adapters_run_on_a_bf16_model(tiny_models: Path) -> None:
+    """Mixed-precision training: trainable fp32 adapters on the frozen bf16 UNet (outside autocast)."""
+    from diffusers import UNet2DConditionModel
+
+    from semsr.testing.tiny_rfa import open_adapters
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sd" / "unet").eval().to(torch.bfloat16)
+    adapters = attach_adain(unet, open_adapters(AdaINAdapters.for_model(unet, control_dim=16)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=g).bfloat16()
+    ctx = torch.randn(1, 7, unet.config.cross_attention_dim, generator=g).bfloat16()
+    with adapters.control(torch.randn(1, 16, generator=g)):
+        out = unet(x, torch.tensor([10]), encoder_hidden_states=ctx).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().pow(2).mean().backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.float32 for v in adapters.gates().values())
 
 
 def test_adain_adapters_are_a_component_checked_against_the_model(tiny_models: Path, tmp_path: Path) -> None:
@@ -310,23 +330,111 @@ def test_rfa_method_returns_references_and_keeps_no_state(tiny_models: Path, ref
 
 def test_rfa_build_errors(tiny_models: Path, reference_db: Path, tmp_path: Path) -> None:
     from semsr.methods import build
+    from semsr.models.rfa import save_rfa_checkpoint
 
     base = {"base": tiny_models / "sd", "checkpoint": tiny_models / "rfa"}
-    with pytest.raises(UnavailableError, match="--db"):
+    # no database: an error naming --db and the opt-out (before: ran without references)
+    with pytest.raises(UnavailableError, match="--db DB .*--no-database"):
         build("rfa", base)
+    with pytest.raises(UnavailableError, match="--no-database needs --clip"):
+        build("rfa", {**base, "no_database": True})
+    with pytest.raises(SemsrError, match="--db and --no-database contradict"):
+        build("rfa", {**base, "db": reference_db, "no_database": True})
+    with pytest.raises(SemsrError, match="nothing is retrieved"):
+        build("rfa", {**base, "no_database": True, "no_aligner": True, "clip": tiny_models / "clip-vision"})
     with pytest.raises(UnavailableError, match="--checkpoint"):
         build("rfa", {"base": tiny_models / "sd", "db": reference_db})
     parts, index = load_checkpoint(tiny_models / "rfa", "rfa")
-    assert set(parts) == {"aligner", "enhancer", "adain"} and index.meta == {"text_decoder": "text-decoder"}
+    assert set(parts) == {"aligner", "enhancer", "adain", "controlnet_adain"}
+    assert index.meta == {"text_decoder": "text-decoder"}
+    # no aligner: an error naming --aligner and --no-aligner (before: the raw LR embedding, silently)
+    save_rfa_checkpoint(tmp_path / "bare", {k: v for k, v in parts.items() if k != "aligner"})
+    assert read_index(tmp_path / "bare").meta == {}
+    bare = {**base, "checkpoint": tmp_path / "bare", "db": reference_db, "text_decoder": tiny_models / "text-decoder"}
+    with pytest.raises(UnavailableError, match="--aligner DIR .*--no-aligner"):
+        build("rfa", bare)
+    # no text decoder: an error naming --text-decoder and --no-text-decoder (before: the empty prompt, silently)
+    with pytest.raises(UnavailableError, match="--text-decoder DIR, or --no-text-decoder"):
+        build("rfa", {**bare, "text_decoder": None, "no_aligner": True})
+    for name in ("enhancer", "controlnet_adain"):  # ControlNet adapters are part of the recipe
+        save_rfa_checkpoint(tmp_path / f"no-{name}", {k: v for k, v in parts.items() if k != name})
+        with pytest.raises(UnavailableError, match=name):
+            build("rfa", {**base, "checkpoint": tmp_path / f"no-{name}", "db": reference_db})
+
+
+def test_rfa_opt_outs_run_and_are_recorded_in_priors(tiny_models: Path, reference_db: Path, tmp_path: Path) -> None:
+    from semsr.methods import build, resolve
     from semsr.models.rfa import save_rfa_checkpoint
 
-    save_rfa_checkpoint(tmp_path / "no-enhancer", {"aligner": parts["aligner"], "adain": parts["adain"]})
-    assert read_index(tmp_path / "no-enhancer").meta == {}
-    with pytest.raises(UnavailableError, match="enhancer"):
-        build("rfa", {**base, "checkpoint": tmp_path / "no-enhancer", "db": reference_db})
+    parts, _ = load_checkpoint(tiny_models / "rfa", "rfa")
+    save_rfa_checkpoint(tmp_path / "bare", {k: v for k, v in parts.items() if k != "aligner"})
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    run = resolve("rfa").parse({"steps": 1, "num_references": 2})
+    common = {"base": tiny_models / "sd", "controlnet": tiny_models / "controlnet"}
+    raw = build("rfa", {**common, "checkpoint": tmp_path / "bare", "db": reference_db, "no_aligner": True,
+                        "no_text_decoder": True})  # fmt: skip
+    out = raw(x, run)
+    assert out.priors["no_aligner"] is True and out.priors["no_text_decoder"] is True
+    assert out.priors["prompt_source"] == "none" and len(out.side_images) == 2
+    assert "no_database" not in out.priors
+    alone = build(
+        "rfa", {**common, "checkpoint": tiny_models / "rfa", "no_database": True, "clip": tiny_models / "clip-vision"}
+    )
+    out = alone(x, run)
+    assert out.priors["no_database"] is True and not out.side_images and "reference_paths" not in out.priors
+    assert out.priors["prompt_source"] == "text decoder" and out.images.shape == (1, 3, 64, 64)
+    full = build("rfa", {**common, "checkpoint": tiny_models / "rfa", "db": reference_db})
+    assert not {"no_aligner", "no_database", "no_text_decoder"} & set(full(x, run).priors)
 
 
-def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> None:
+def test_rfa_control_embedding_changes_the_output_through_unet_and_controlnet(
+    tiny_models: Path, reference_db: Path
+) -> None:
+    """The tiny checkpoint's adapters are open: a broken retrieval -> enhancer -> AdaIN path changes the result."""
+    from semsr.methods import build, resolve
+
+    method = build(
+        "rfa",
+        {
+            "base": tiny_models / "sd",
+            "controlnet": tiny_models / "controlnet",
+            "checkpoint": tiny_models / "rfa",
+            "db": reference_db,
+        },
+    )
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    run = resolve("rfa").parse({"steps": 1, "prompt": "a wall", "num_references": 2, "seed": 0})
+    ref = method(x, run).images
+    assert torch.equal(method(x, run).images, ref)  # deterministic
+    retriever = method.retriever
+    found = retriever(x, 2)
+    other = F.normalize(torch.randn(found.embedding.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
+    method.retriever = lambda lr, k: type(found)(other, found.text, found.hits, found.references)
+    try:
+        changed = method(x, run).images
+    finally:
+        method.retriever = retriever
+    assert (changed - ref).abs().max() > 1e-3
+    # the ControlNet carries adapters of its own (the paper's adapters on ControlNet and UNet)
+    assert method.controlnet_adapters is not method.adapters and method.controlnet_adapters.gates()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, method.unet.config.cross_attention_dim, generator=g)
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+
+    def residuals(control: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad(), method.controlnet_adapters.control(control):
+            down, mid = method.controlnet(
+                z, torch.tensor([500]), encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False
+            )
+        return torch.cat([d.flatten() for d in (*down, mid)])
+
+    base = residuals(found.embedding)
+    assert (residuals(other) - base).abs().max() > 1e-5
+    assert (residuals(None) - base).abs().max() > 1e-5
+
+
+def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 
     from semsr.cli import main
@@ -383,22 +491,25 @@ def test_rfa_end_to_end_saves_references(tmp_path: Path, tiny_models: Path) -> N
     assert len([m for m in made if "_reference" in m]) == 2
     main_out = [m for m in made if "_reference" not in m]
     assert len(main_out) == 1 and Image.open(out / main_out[0]).size == (64, 64)  # x16 default
-    # without a database or --clip the method explains what it needs
-    assert (
-        main(
-            [
-                "upscale",
-                "-i",
-                str(lr),
-                "-o",
-                str(tmp_path / "out2"),
-                "--method",
-                "rfa",
-                "--base",
-                str(tiny_models / "sd"),
-                "--checkpoint",
-                str(tiny_models / "rfa"),
-            ]
-        )
-        != 0
+    # without a database and without the opt-out: exit status 2 and one line naming --db and --no-database
+    capsys.readouterr()
+    rc = main(
+        [
+            "upscale",
+            "-i",
+            str(lr),
+            "-o",
+            str(tmp_path / "out2"),
+            "--method",
+            "rfa",
+            "--base",
+            str(tiny_models / "sd"),
+            "--checkpoint",
+            str(tiny_models / "rfa"),
+            "--clip",
+            str(tiny_models / "clip-vision"),
+        ]
     )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--db" in err[0] and "--no-database" in err[0], err
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())

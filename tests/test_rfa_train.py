@@ -227,7 +227,7 @@ def test_stage1_tasks_reject_bad_options(tiny_models: Path, tmp_path: Path) -> N
 def test_reference_tokens_skip_the_training_image_itself(rfa_runs) -> None:
     from semsr.priors.retrieval.embedders import embedder_from_spec
     from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
-    from semsr.train.rfa import ReferenceTokens
+    from semsr.priors.retrieval.references import ReferenceTokens
 
     emb = embedder_from_spec(f"clip:{rfa_runs['clip']}")
     files = sorted(rfa_runs["imgs"].iterdir())[:2]
@@ -279,7 +279,8 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
     assert all(0.0 <= r["terms"]["rfa_text_clip"] <= 2.0 for r in records)
     enhancer = load_component(EmbeddingEnhancer, run / "final" / "enhancer")
     assert enhancer.config.embedder == f"clip:{rfa_runs['clip'].resolve()}"
-    # stage 2 (rfa-sr: ControlNet + AdaIN adapters) exports the RFA checkpoint with the stage-1 parts it is given
+    # stage 2 (rfa-sr: ControlNet + AdaIN adapters on UNet and ControlNet) exports the RFA checkpoint with the
+    # stage-1 parts it is given
     sr = tmp_path / "sr"
     assert (
         main(
@@ -290,11 +291,12 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
                 "--output",
                 str(sr),
                 "--max-steps",
-                "2",
+                "3",  # step 1 warms up at lr 0; the ControlNet adapters see a gradient once the zero convs moved
                 f"model.pretrained={tiny_models / 'sd'}",
                 f"model.options.embedder=clip:{rfa_runs['clip']}",
                 f"model.options.aligner={rfa_runs['aligner_run'] / 'final' / 'aligner'}",
                 f"model.options.enhancer={run / 'final' / 'enhancer'}",
+                f"model.options.db={rfa_runs['db']}",
                 f"model.options.text_decoder={tiny_models / 'text-decoder'}",
                 f"data.hr=[{rfa_runs['imgs']}]",
                 "data.val_count=2",
@@ -306,13 +308,22 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
     )
     ckpt = sr / "final" / "rfa"
     parts, index = load_checkpoint(ckpt, "rfa")
-    assert set(parts) == {"aligner", "enhancer", "adain"} and (ckpt / index.meta["text_decoder"]).is_dir()
-    gates = {
-        k: v
-        for k, v in load_safetensors(ckpt / "adain" / "diffusion_pytorch_model.safetensors").items()
-        if v.numel() == 1
-    }
-    assert gates and any(float(v.abs()) > 0 for v in gates.values())  # the gates left their zero initialisation
+    assert set(parts) == {"aligner", "enhancer", "adain", "controlnet_adain"}
+    assert (ckpt / index.meta["text_decoder"]).is_dir()
+    for name in ("adain", "controlnet_adain"):
+        gates = {
+            k: v
+            for k, v in load_safetensors(ckpt / name / "diffusion_pytorch_model.safetensors").items()
+            if v.numel() == 1
+        }
+        assert gates and any(float(v.abs()) > 0 for v in gates.values())  # the gates left their zero initialisation
+    # part of the ControlNet trained (hint encoder, zero convolutions); its UNet-copied body stayed frozen
+    trained = load_safetensors(sr / "final" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    unet = load_safetensors(tiny_models / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+    body = [k for k in trained if k.startswith(("down_blocks.", "mid_block.", "conv_in.", "time_embedding."))]
+    assert body and all(torch.equal(trained[k], unet[k]) for k in body)
+    zero = [k for k in trained if k.startswith("controlnet_down_blocks.")]
+    assert zero and any(float(trained[k].abs().max()) > 0 for k in zero)
     method = build(
         "rfa",
         {
@@ -326,6 +337,95 @@ def test_enhancer_and_sr_tasks_train_and_the_rfa_method_loads_the_three_runs(
     out = method(x, resolve("rfa").parse({"steps": 1}))
     assert out.images.shape == (1, 3, 64, 64) and out.priors["prompt_source"] == "text decoder"
     assert len(out.side_images) == 4
+
+
+def test_rfa_sr_conditions_on_the_enhancer_output_of_the_lr_crop(rfa_runs, tiny_models: Path, tmp_path: Path) -> None:
+    """Training feeds the AdaIN adapters what inference feeds them: the enhancer's embedding of the LR crop and its
+    references (not the HR crop's embedding); the training image itself is never a reference."""
+    from torch.utils.data import default_collate
+
+    from semsr.models.rfa import encode
+    from semsr.train.config import load_config
+    from semsr.train.data import CropDataset, list_images, make_degrader
+    from semsr.train.tasks import build_task
+
+    cfg = load_config(
+        REPO / "configs" / "rfa-tiny.yaml",
+        [
+            f"model.pretrained={tiny_models / 'sd'}",
+            f"model.options.embedder=clip:{rfa_runs['clip']}",
+            f"model.options.aligner={tiny_models / 'rfa' / 'aligner'}",
+            f"model.options.enhancer={tiny_models / 'rfa' / 'enhancer'}",
+            f"model.options.db={rfa_runs['db']}",
+            f"data.hr=[{rfa_runs['imgs']}]",
+            "data.val_count=2",
+            "data.limit=0",
+            "validation.every=0",
+        ],
+    )
+    task = build_task(cfg)
+    task.setup(torch.device("cpu"), torch.float32)
+    # ControlNet: only the hint encoder and the zero convolutions train; all adapters train
+    model = task.trainable
+    cn = {n for n, p in model.controlnet.named_parameters() if p.requires_grad}
+    assert cn and all(
+        n.startswith(("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid")) for n in cn
+    )
+    assert all(p.requires_grad for p in (*model.adain.parameters(), *model.controlnet_adain.parameters()))
+    items, _ = list_images(cfg.data, cfg.data.crop_size)
+    data = CropDataset(items, cfg.data, make_degrader(cfg.degradation, cfg.data.scale), cfg.seed)
+    batch = default_collate([data[p] for p in range(2)])
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("adain", "controlnet_adain"):
+        adapters = getattr(model, name)
+        adapters.control = lambda emb, _n=name, _c=adapters.control: (seen.__setitem__(_n, emb), _c(emb))[1]
+    task.compute(model, batch)
+    enhancer, emb = task.enhanced.enhancer, task.embedder
+    vec, tok = encode(emb, batch["lr"].float())
+    excluded = [task.hashes(int(p)) for p in batch["position"]]
+    want = F.normalize(enhancer(tok, task.enhanced.refs(tok, vec, excluded))[0], dim=-1)
+    for name in ("adain", "controlnet_adain"):
+        torch.testing.assert_close(seen[name], want)
+        hr = emb.embed(batch["hr"].float())
+        assert (seen[name] - hr).abs().max() > 1e-3  # not the HR crop's embedding
+    assert task.control(batch["lr"], [int(p) for p in batch["position"]]).shape == want.shape
+
+
+def test_rfa_stage2_configs_use_the_papers_bicubic_lr() -> None:
+    from semsr.train.config import load_config
+
+    for name, crop, scale in (("rfa", 512, 16), ("rfa-tiny", 64, 4)):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.task == "rfa-sr" and cfg.degradation["type"] == "bicubic"
+        assert (cfg.data.crop_size, cfg.data.scale) == (crop, scale)
+        assert {"enhancer", "db", "aligner"} <= set(cfg.model.options)
+
+
+def test_stage1_and_stage2_tasks_need_an_aligner_or_the_opt_out(rfa_runs, tiny_models: Path) -> None:
+    from semsr.core.errors import SemsrError
+    from semsr.train.config import load_config
+    from semsr.train.tasks import build_task
+
+    common = [
+        f"model.pretrained={tiny_models / 'sd'}",
+        f"model.options.embedder=clip:{rfa_runs['clip']}",
+        f"model.options.db={rfa_runs['db']}",
+        f"data.hr=[{rfa_runs['imgs']}]",
+    ]
+    extra = {
+        "rfa-enhancer-tiny": [f"model.options.text_decoder={tiny_models / 'text-decoder'}"],
+        "rfa-tiny": [f"model.options.enhancer={tiny_models / 'rfa' / 'enhancer'}", "validation.every=0"],
+    }
+    for name, more in extra.items():
+        with pytest.raises(SemsrError, match="needs model.options.aligner .*no_aligner: true"):
+            build_task(load_config(REPO / "configs" / f"{name}.yaml", common + more + ["model.options.aligner="]))
+        task = build_task(
+            load_config(
+                REPO / "configs" / f"{name}.yaml",
+                common + more + ["model.options.aligner=", "model.options.no_aligner=true"],
+            )
+        )
+        assert task is not None
 
 
 @pytest.mark.parametrize("name", ["rfa-aligner", "rfa-aligner-tiny", "rfa-enhancer", "rfa-enhancer-tiny"])

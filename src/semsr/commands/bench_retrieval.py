@@ -1,7 +1,7 @@
 """``semsr bench retrieval``: does the Reference-Finding Aligner help LR retrieval?
 
     semsr bench retrieval --json r.json                         # bsds500 train images, hed-vgg, built DB cached
-    semsr bench retrieval --db /tmp/db --images ../shared/data/train/bsds500 --json r.json
+    semsr bench retrieval --db /tmp/db --images path/to/hr-images --json r.json
     semsr bench retrieval --save-aligner src/semsr/assets/weights/rfa/aligner-hed-vgg
     semsr bench retrieval --aligner runs/rfa-aligner --json r.json   # an aligner trained by `semsr train`
 
@@ -51,7 +51,7 @@ from semsr.train.data import list_images
 from semsr.train.rfa import PairFeatures, hit_rates, lr_pair_features, split_by_hash
 from semsr.train.trainer import Trainer
 
-#: Largest SR factor of the training crops (the seed's x16: 512-px crops for 32x32 LR).
+#: Largest SR factor of the training crops (the paper's x16: 512-px crops for 32x32 LR).
 MAX_TRAIN_SCALE = 16
 #: Micro-batch and most warm-up steps of the aligner training (as configs/rfa-aligner.yaml).
 TRAIN_BATCH = 8
@@ -74,7 +74,7 @@ def register_kind(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embedder", default=None, help="embedder when the database is created (default: the aligner's, else hed-vgg)"
     )
-    p.add_argument("--lr-size", type=int, default=32, help="LR side (default 32, the seed's x16 setting)")
+    p.add_argument("--lr-size", type=int, default=32, help="LR side (default 32, the paper's x16 setting)")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out fraction (default 0.25)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--steps", type=int, default=400, help="aligner training steps (default 400)")

@@ -1,6 +1,6 @@
 """``semsr index``: build, grow, inspect, search and merge a reference database.
 
-    semsr index build --images ../shared/data/train/bsds500 --out /tmp/db      # offline hed-vgg embedder
+    semsr index build --images path/to/hr-images --out /tmp/db      # offline hed-vgg embedder
     semsr index build --images DIR --out DB --embedder clip:~/models/clip-vit-l --kind hnsw
     semsr index add --db DB --images MORE                                       # incremental, de-duplicated
     semsr index info --db DB

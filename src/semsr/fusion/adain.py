@@ -1,4 +1,4 @@
-"""AdaIN adapters (RFA, seed 003 stage 2): steer a UNet's transformer blocks toward a control embedding.
+"""AdaIN adapters (RFA stage 2): steer a UNet's transformer blocks toward a control embedding.
 
 For every ``BasicTransformerBlock`` of a diffusers UNet (or ControlNet) the
 adapter adds, per block:
@@ -16,9 +16,11 @@ output is unchanged exactly. Statistics come from the control embedding ``c``
 
 :class:`AdaINAdapters` is a :class:`~semsr.core.components.Component`: its
 config records ``control_dim`` and, per block, the widths its layers need, so
-it is built (and loaded) without the UNet. Usage::
+it is built (and loaded) without the UNet. One instance serves one model; RFA
+attaches one to the UNet and one to the ControlNet and sets both controls
+with :func:`adain_control`. Usage::
 
-    adapters = attach_adain(unet, AdaINAdapters.for_model(unet, control_dim=768))
+    adapters = attach_adain(unet, AdaINAdapters.for_model(unet, control_dim=1024))
     with adapters.control(embedding):          # (B, Dc); repeated over CFG batches
         eps = unet(x, t, encoder_hidden_states=ctx).sample
 
@@ -27,8 +29,8 @@ Outside a ``control`` block the adapters are off (the UNet is the base one).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -82,10 +84,12 @@ class StyleHead(nn.Module):
 
 
 def _gated(x: torch.Tensor, gate: torch.Tensor, head: StyleHead, c: torch.Tensor | None) -> torch.Tensor:
+    """``x + tanh(gate) * (AdaIN(x, head(c)) - x)``; the head runs in its own dtype (fp32 adapters on a bf16
+    model under mixed-precision training), the result is in ``x``'s."""
     if c is None:
         return x
-    mean, std = head(c.to(x.dtype))
-    return x + torch.tanh(gate).to(x.dtype) * (adain(x, mean, std) - x)
+    mean, std = head(c.to(head.proj.weight.dtype))
+    return x + torch.tanh(gate).to(x.dtype) * (adain(x, mean.to(x.dtype), std.to(x.dtype)) - x)
 
 
 class AdaINNorm(nn.Module):
@@ -237,6 +241,15 @@ class AdaINAdapters(Component):
             out[f"{name}.beta"] = mods["norm2"].gate
             out[f"{name}.gamma"] = mods["norm3"].gate
         return out
+
+
+@contextmanager
+def adain_control(adapters: Iterable[AdaINAdapters], embedding: torch.Tensor | None) -> Iterator[None]:
+    """:meth:`AdaINAdapters.control` of several adapter sets (e.g. the UNet's and the ControlNet's) at once."""
+    with ExitStack() as stack:
+        for ad in adapters:
+            stack.enter_context(ad.control(embedding))
+        yield
 
 
 def _transformer_blocks(model: nn.Module) -> dict[str, tuple[Any, int, int]]:

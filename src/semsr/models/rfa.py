@@ -1,7 +1,7 @@
-"""Stage-1 models of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
+"""Stage-1 models of the RFA recipe: Reference-Finding Aligner and I2T Embedding Enhancer.
 
 The aligner maps the embedder tokens of a *low-resolution* image (32x32 in
-the seed, upsampled to the embedder's input size) to the global embedding the
+the paper, upsampled to the embedder's input size) to the global embedding the
 *high-resolution* image would have, so the reference database (built from HR
 images) can be searched with an LR query.
 
@@ -9,22 +9,22 @@ Architecture: tokens ``(B, N, T)`` are projected to width ``W`` and given a
 learned position embedding; a learnable CLS query attends to them through
 ``depth`` cross-attention decoder layers (``nn.TransformerDecoderLayer``,
 pre-norm); a LayerNorm + linear head gives the predicted HR embedding
-``(B, D)``. Trained with ``L_align = ||C_hat_LR - C_HR||_2^2`` (the seed's L2).
+``(B, D)``. Trained with ``L_align = ||C_hat_LR - C_HR||_2^2`` (the paper's L2).
 
 ``residual=True`` (default) adds the raw LR embedding to the head output and
 initialises the head to zero, so the untrained aligner *is* the raw LR
 embedding and training learns the LR -> HR correction. With a few hundred
-training pairs (our offline corpus, not the seed's 100k ImageNet images) this
-keeps the aligner from being worse than no alignment; the seed maps tokens to
+training pairs (our offline corpus, not the paper's 100k ImageNet images) this
+keeps the aligner from being worse than no alignment; the paper maps tokens to
 the CLS directly (``residual=False``).
 
 Both models are :class:`~semsr.core.components.Component` s: a folder with
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` (``save_pretrained``,
 :func:`~semsr.core.components.load_component`). The RFA checkpoint is one
 :func:`~semsr.core.components.save_checkpoint` folder of recipe ``rfa`` with the
-components ``aligner`` (optional), ``enhancer`` and ``adain``
-(:class:`~semsr.fusion.adain.AdaINAdapters`), plus optionally a transformers
-causal LM folder (the text decoder) named in the index meta
+components ``aligner``, ``enhancer``, ``adain`` and ``controlnet_adain``
+(:class:`~semsr.fusion.adain.AdaINAdapters` of the UNet and of the ControlNet),
+plus a transformers causal LM folder (the text decoder) named in the index meta
 (:func:`save_rfa_checkpoint`).
 """
 
@@ -55,8 +55,9 @@ TEXT_DECODER_DIR = "text-decoder"
 def check_embedder(model: Component, embedder: Any, where: str | Path | None = None) -> None:
     """Raise :class:`SemsrError` unless the stage-1 ``model`` (aligner or enhancer) fits ``embedder``.
 
-    The model must take the embedder's ``num_tokens`` tokens of ``token_dim``, and, when it records the
-    embedder it was trained for (``config.embedder``), that must be ``embedder.spec``.
+    The model must take the embedder's ``num_tokens`` tokens of ``token_dim`` and give embeddings of its
+    ``dim`` (an aligner or enhancer made for CLIP's 768-d projection does not fit the 1024-d CLS), and, when
+    it records the embedder it was trained for (``config.embedder``), that must be ``embedder.spec``.
     """
     c = model.config
     name = type(model).__name__
@@ -69,6 +70,13 @@ def check_embedder(model: Component, embedder: Any, where: str | Path | None = N
             f"the {name} takes {c.num_tokens} tokens of {c.token_dim}, the embedder {embedder.spec} "
             f"gives {embedder.num_tokens} of {embedder.token_dim} (build the database with the "
             "embedder the checkpoint was trained for)",
+            where,
+        )
+    dim = getattr(embedder, "dim", None)
+    if dim is not None and int(c.out_dim) != int(dim):
+        raise SemsrError(
+            f"the {name} gives {c.out_dim}-d embeddings, the embedder {embedder.spec} {int(dim)}-d ones "
+            "(made for another embedding, e.g. CLIP's projection instead of its CLS token? retrain it)",
             where,
         )
 
@@ -141,7 +149,7 @@ class ReferenceFindingAligner(Component):
 
 
 def align_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Seed's ``L_align = ||pred - target||^2`` averaged over the batch; both ``(B, D)``."""
+    """The paper's ``L_align = ||pred - target||^2`` averaged over the batch; both ``(B, D)``."""
     return (pred - target).pow(2).sum(-1).mean()
 
 
@@ -168,7 +176,7 @@ def aligner_dir(folder: str | Path, embedder_spec: str) -> Path:
 
 @register_component
 class EmbeddingEnhancer(Component):
-    """I2T Embedding Enhancer (seed 003 stage 1b).
+    """I2T Embedding Enhancer (stage 1b).
 
     LR tokens are the queries; keys/values are the LR tokens plus the tokens of
     the K retrieved references (each slot with a learned type embedding), in
@@ -227,7 +235,7 @@ class EmbeddingEnhancer(Component):
             raise SemsrError(f"enhancer expects {c.num_tokens} tokens and <= {c.num_refs} references, got {n} and {k}")
         q = self.proj(lr_tokens) + self.pos + self.slot[0]
         refs = self.proj(ref_tokens) + self.pos.unsqueeze(1) + self.slot[1 : 1 + k].unsqueeze(0)
-        mem = torch.cat([q, refs.reshape(b, k * n, -1)], dim=1)
+        mem = torch.cat([q, refs.reshape(b, k * n, refs.shape[-1])], dim=1)
         for layer in self.layers:
             q = layer(q, mem)
         pooled = self.norm(q).mean(dim=1)
@@ -245,7 +253,7 @@ def caption_loss(
 ) -> torch.Tensor:
     """Teacher-forced LM loss of caption tokens ``(B, L)`` after the prefix ``(B, P, lm_dim)``.
 
-    An auxiliary term (``rfa_caption_nll``); the seed's supervision — the CLIP
+    An auxiliary term (``rfa_caption_nll``); the paper's supervision — the CLIP
     text embedding of the generated text aligned to the caption's — is
     :mod:`semsr.models.rfa_text` (loss ``rfa_text_clip``).
     """
@@ -304,7 +312,7 @@ def load_text_decoder(folder: str | Path) -> tuple[Any, Any]:
 def save_rfa_checkpoint(
     folder: str | Path, components: Mapping[str, Component | None], text_decoder: str | Path | None = None
 ) -> Path:
-    """Write an RFA checkpoint: ``components`` (``aligner`` (optional), ``enhancer``, ``adain``) with
+    """Write an RFA checkpoint: ``components`` (``aligner``, ``enhancer``, ``adain``, ``controlnet_adain``) with
     :func:`~semsr.core.components.save_checkpoint`, plus a copy of the ``text_decoder`` folder (a
     transformers causal LM + tokenizer) as ``text-decoder/``, named in the index meta."""
     meta = {TEXT_DECODER_KEY: TEXT_DECODER_DIR} if text_decoder is not None else {}

@@ -1,9 +1,9 @@
-"""Text path of the RFA I2T enhancer, supervised in CLIP text space (seed 003, section 3.3).
+"""Text path of the RFA I2T enhancer, supervised in CLIP text space (paper section 3.3).
 
 The seed: the token-pooled summary of the enhanced tokens conditions a light
 text decoder (a causal LM) that *generates* text; the frozen CLIP text
 encoder's embedding of that text is aligned by cosine similarity with the
-CLIP text embedding of the image's caption (BLIP-2 prompts in the seed, the
+CLIP text embedding of the image's caption (BLIP-2 prompts in the paper, the
 corpus captions here). Generated text is discrete, so the loss is made
 differentiable in three pieces:
 

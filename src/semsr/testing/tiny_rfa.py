@@ -4,15 +4,20 @@
   (the I2T text decoder's on-disk format; random weights, initialised 10x
   wider than GPT-2's so its greedy text depends on the prefix).
 - ``rfa/``: an RFA checkpoint (:func:`semsr.models.rfa.save_rfa_checkpoint`) for
-  ``clip-vision`` + ``sd``: the components ``aligner`` and ``enhancer`` (random)
-  and ``adain`` (adapters at their identity initialisation), and a text decoder
-  of its own in ``rfa/text-decoder``.
+  ``clip-vision`` + ``sd`` + ``controlnet``: the components ``aligner`` and
+  ``enhancer`` (random), ``adain`` (UNet) and ``controlnet_adain`` (ControlNet),
+  and a text decoder of its own in ``rfa/text-decoder``. The adapters are
+  *opened* (random gates in [0.5, 1], random style heads): as after training,
+  the control embedding changes the output, so a broken retrieval -> enhancer
+  -> AdaIN path shows in the tests.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+
+import torch
 
 from semsr.fusion.adain import AdaINAdapters
 from semsr.models.rfa import EmbeddingEnhancer, ReferenceFindingAligner, save_rfa_checkpoint
@@ -45,9 +50,22 @@ def write_tiny_text_decoder(root: Path) -> None:
     _write_gpt2(root / "text-decoder")
 
 
+@torch.no_grad()
+def open_adapters(adapters: AdaINAdapters, style_std: float = 0.3) -> AdaINAdapters:
+    """Random opened adapters, in place: gates uniform in [0.5, 1], style-head weights and biases normal
+    with ``style_std`` (the identity initialisation ignores the control embedding)."""
+    for name, param in adapters.named_parameters():
+        if name.endswith("gate"):
+            param.uniform_(0.5, 1.0)
+        else:
+            param.normal_(0.0, style_std)
+    return adapters
+
+
 def write_tiny_rfa(root: Path) -> None:
-    """``root/rfa``: an RFA checkpoint (aligner, enhancer, AdaIN adapters for ``root/sd``) with a text decoder."""
-    from diffusers import UNet2DConditionModel  # optional heavy dependency
+    """``root/rfa``: an RFA checkpoint (aligner, enhancer, opened AdaIN adapters for ``root/sd`` and
+    ``root/controlnet``) with a text decoder."""
+    from diffusers import ControlNetModel, UNet2DConditionModel  # optional heavy dependency
 
     c = TINY_CLIP_VISION
     tokens = 1 + (c["image_size"] // c["patch_size"]) ** 2
@@ -65,12 +83,14 @@ def write_tiny_rfa(root: Path) -> None:
         prefix_len=2,
     )
     unet = UNet2DConditionModel.from_pretrained(root / "sd" / "unet")
-    adain = AdaINAdapters.for_model(unet, control_dim=c["hidden_size"])
+    controlnet = ControlNetModel.from_pretrained(root / "controlnet")
+    adain = open_adapters(AdaINAdapters.for_model(unet, control_dim=c["hidden_size"]))
+    controlnet_adain = open_adapters(AdaINAdapters.for_model(controlnet, control_dim=c["hidden_size"]))
     with tempfile.TemporaryDirectory(prefix=".tiny-rfa-", dir=root) as tmp:
         _write_gpt2(Path(tmp) / "text-decoder")  # the RNG draws of the GPT-2 follow those of the adapters
         save_rfa_checkpoint(
             root / "rfa",
-            {"aligner": aligner, "enhancer": enhancer, "adain": adain},
+            {"aligner": aligner, "enhancer": enhancer, "adain": adain, "controlnet_adain": controlnet_adain},
             text_decoder=Path(tmp) / "text-decoder",
         )
 

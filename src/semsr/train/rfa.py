@@ -1,4 +1,4 @@
-"""Stage-1 training of the RFA recipe (seed 003): Reference-Finding Aligner and I2T Embedding Enhancer.
+"""Stage-1 training of the RFA recipe: Reference-Finding Aligner and I2T Embedding Enhancer.
 
 Two tasks of the shared trainer (``semsr train --config ...``; stage 2 is
 ``rfa-sr`` in :mod:`semsr.train.rfa_sr`):
@@ -6,8 +6,8 @@ Two tasks of the shared trainer (``semsr train --config ...``; stage 2 is
 **``rfa-aligner``** — the aligner (:class:`~semsr.models.rfa.ReferenceFindingAligner`)
 on the trainer's (HR crop, degraded LR) pairs: the LR crop's embedder tokens
 and raw embedding -> predicted HR embedding, loss ``rfa_align_l2`` (the
-seed's ``||C_hat_LR - C_HR||^2``) to the embedder's embedding of the HR crop.
-The seed's setting is 512-px crops, ``scale: 16`` (32x32 LR) and
+paper's ``||C_hat_LR - C_HR||^2``) to the embedder's embedding of the HR crop.
+The paper's setting is 512-px crops, ``scale: 16`` (32x32 LR) and
 ``degradation: {type: bicubic}``. Exports ``final/aligner/``.
 ``model.options``: ``embedder`` (required: ``hed-vgg`` or ``clip:FOLDER``,
 the reference database's), ``width`` (256), ``depth`` (2), ``heads`` (4),
@@ -15,8 +15,8 @@ the reference database's), ``width`` (256), ``depth`` (2), ``heads`` (4),
 
 **``rfa-enhancer``** — the enhancer (:class:`~semsr.models.rfa.EmbeddingEnhancer`).
 Per sample: LR tokens; the top-K references retrieved from the reference
-database ``db`` with the aligned LR query (``aligner``; raw LR embedding
-without one), skipping the database entry of the training image itself
+database ``db`` with the aligned LR query (``aligner``; the raw LR embedding
+only with the explicit ``no_aligner: true``), skipping the database entry of the training image itself
 (same content hash) so the enhancer cannot copy its target; their tokens
 (cached in memory per database row). Outputs the enhanced image embedding
 (loss ``rfa_image_cos``: ``1 - cos`` to the HR crop's embedding) and the
@@ -25,11 +25,12 @@ CLIP text encoder and aligned to the CLIP text embedding of the image's
 caption (loss ``rfa_text_clip``, made differentiable as described in
 :mod:`semsr.models.rfa_text`). ``rfa_caption_nll`` (teacher-forced LM loss
 of the caption after the prefix) is an optional auxiliary term, not the
-seed's. Captions come from the corpus manifest (``data.manifest``, prior
+paper's. Captions come from the corpus manifest (``data.manifest``, prior
 ``data.caption_prior``) or ``data.prompt``. Exports ``final/enhancer/``.
 ``model.options``: ``embedder``, ``db``, ``text_decoder`` (causal LM
-folder) required; ``clip_text`` (CLIP text encoder: SD or CLIP folder,
-default ``model.pretrained``), ``aligner`` (folder or ``default``),
+folder) and ``aligner`` (folder or ``default``; or ``no_aligner: true``)
+required; ``clip_text`` (CLIP text encoder: SD or CLIP folder, default
+``model.pretrained``),
 ``num_refs`` (4), ``exclude_self`` (true), ``width``/``depth``/``heads``/
 ``prefix_len`` (256/2/4/4), ``decode_len`` (16 tokens), ``tau`` (1.0),
 ``ref_cache`` (1024 reference token sets kept), ``init`` (enhancer folder).
@@ -51,7 +52,6 @@ images come from the offline corpus, never from benchmark sets.
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,8 @@ from semsr.models.rfa_text import VocabBridge, load_clip_text, soft_decode
 from semsr.ops.imresize import imresize
 from semsr.pipeline.text import PromptEncoder
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
-from semsr.priors.retrieval.index import Entry, ReferenceDB, file_sha256, load_rgb
+from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
+from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import CropDataset, list_images
@@ -94,7 +95,7 @@ LR_SIZE = 32
 
 @register_loss("rfa_align_l2")
 def rfa_align_l2(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Seed's ``||aligned - hr_embed||^2`` (summed over the embedding, mean over the batch); ``(B, D)`` each."""
+    """The paper's ``||aligned - hr_embed||^2`` (summed over the embedding, mean over the batch); ``(B, D)`` each."""
     _require(outputs, "rfa_align_l2", "aligned", "hr_embed")
     return align_loss(outputs["aligned"].float(), outputs["hr_embed"].float())
 
@@ -119,7 +120,7 @@ def rfa_text_clip(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @register_loss("rfa_caption_nll")
 def rfa_caption_nll(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher-forced LM loss of the caption after the prefix (scalar; auxiliary, not the seed's)."""
+    """Teacher-forced LM loss of the caption after the prefix (scalar; auxiliary, not the paper's)."""
     _require(outputs, "rfa_caption_nll", "caption_nll")
     return outputs["caption_nll"]
 
@@ -333,46 +334,35 @@ class RFAAlignerTask(_Stage1Task):
         model.save_pretrained(Path(folder) / "aligner", safe_serialization=True)
 
 
-class ReferenceTokens:
-    """Top-K reference tokens for LR queries from a reference database.
+class TrainingHashes:
+    """Content hash of the training image behind each global sample position (as the trainer's dataset maps
+    positions to images), so retrieval can skip the database entry of the training image itself."""
 
-    The query is the aligner's prediction (normalised) or the raw LR
-    embedding; hits whose content hash is in ``exclude`` (the training image
-    itself) are skipped. Tokens of database images are computed once and kept
-    for the ``cache_size`` most recent rows.
-    """
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self._items, _ = list_images(cfg.data, cfg.data.crop_size)
+        self._positions = CropDataset(self._items, cfg.data, lambda hr, seed: hr, cfg.seed)
+        self._shas: dict[Path, str] = {}
 
-    def __init__(
-        self, db: ReferenceDB, embedder: Embedder, aligner: nn.Module | None, k: int, cache_size: int = 1024
-    ) -> None:
-        self.db, self.embedder, self.aligner, self.k = db, embedder, aligner, int(k)
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+    def __call__(self, position: int) -> str:
+        path = self._items[self._positions.index_at(int(position))].path
+        if path not in self._shas:
+            self._shas[path] = file_sha256(path)
+        return self._shas[path]
 
-    def _tokens(self, entry: Entry) -> torch.Tensor:
-        tok = self._cache.get(entry.vid)
-        if tok is None:
-            tok = encode(self.embedder, load_rgb(Path(entry.path)))[1][0].float()
-            self._cache[entry.vid] = tok
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(entry.vid)
-        return tok
 
-    @torch.no_grad()
-    def __call__(self, lr_tok: torch.Tensor, lr_vec: torch.Tensor, exclude: Sequence[str | None]) -> torch.Tensor:
-        """``(B, k', N, T)`` tokens (CPU, fp32) of the top ``k' <= k`` references of each LR query
-        (``k'`` = fewest usable hits in the batch)."""
-        tok, vec = lr_tok.float().cpu(), lr_vec.float().cpu()
-        query = torch.nn.functional.normalize(self.aligner(tok, vec), dim=-1) if self.aligner is not None else vec
-        extra = 1 if any(e is not None for e in exclude) else 0
-        hits = self.db.search(query.numpy(), self.k + extra) if self.k > 0 else [[] for _ in exclude]
-        rows = [[h for h in row if h.entry.sha256 != sha][: self.k] for row, sha in zip(hits, exclude, strict=True)]
-        n = min(len(r) for r in rows)
-        if n == 0:
-            return tok.new_zeros(len(rows), 0, *tok.shape[1:])
-        return torch.stack([torch.stack([self._tokens(h.entry) for h in row[:n]]) for row in rows])
+def retrieval_aligner(opts: dict, embedder: Embedder, what: str) -> ReferenceFindingAligner | None:
+    """The aligner a task retrieves with: ``model.options.aligner`` (a folder or ``default``), or None under
+    ``model.options.no_aligner: true`` (the raw LR embedding is the query); one line naming both otherwise."""
+    if opts.get("no_aligner"):
+        if opts.get("aligner"):
+            raise SemsrError(f"{what}: model.options.aligner and model.options.no_aligner contradict each other")
+        return None
+    if not opts.get("aligner"):
+        raise SemsrError(
+            f"{what} needs model.options.aligner (the rfa-aligner run's final/aligner), or "
+            "model.options.no_aligner: true to query with the raw LR embedding"
+        )
+    return load_aligner(opts["aligner"], embedder)
 
 
 @register_task("rfa-enhancer")
@@ -384,6 +374,7 @@ class RFAEnhancerTask(_Stage1Task):
             "embedder",
             "db",
             "aligner",
+            "no_aligner",
             "num_refs",
             "exclude_self",
             "width",
@@ -434,7 +425,7 @@ class RFAEnhancerTask(_Stage1Task):
             raise SemsrError(
                 f"database embedder {db.embedder_spec!r} differs from model.options.embedder {emb.spec!r}", db.folder
             )
-        aligner = load_aligner(o["aligner"], emb) if o.get("aligner") else None
+        aligner = retrieval_aligner(o, emb, "rfa-enhancer")
         self.refs = ReferenceTokens(
             db,
             emb,
@@ -442,12 +433,7 @@ class RFAEnhancerTask(_Stage1Task):
             min(int(o.get("num_refs", model.config.num_refs)), model.config.num_refs),
             int(o.get("ref_cache", 1024)),
         )
-        self.exclude_self = bool(o.get("exclude_self", True))
-        if self.exclude_self:  # sample position -> training image, as the trainer's dataset maps it
-            items, _ = list_images(cfg.data, cfg.data.crop_size)
-            self._items = items
-            self._positions = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)
-            self._shas: dict[Path, str] = {}
+        self.hashes = TrainingHashes(cfg) if bool(o.get("exclude_self", True)) else None
 
         self.decode_len = int(o.get("decode_len", 16))
         self.tau = float(o.get("tau", 1.0))
@@ -468,18 +454,12 @@ class RFAEnhancerTask(_Stage1Task):
             self.clip_text.to(device=device, dtype=weight_dtype)
             self.captions.clear()
 
-    def _sha(self, position: int) -> str:
-        path = self._items[self._positions.index_at(position)].path
-        if path not in self._shas:
-            self._shas[path] = file_sha256(path)
-        return self._shas[path]
-
     def compute(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """``image_embed``/``hr_embed`` ``(B, D)``; with the text terms on, ``text_embed``/``caption_embed``
         ``(B, Dt)`` and/or ``caption_nll`` (scalar)."""
         lr_vec, lr_tok = self.encode(batch["lr"])
         positions = [int(p) for p in batch["position"]]
-        exclude = [self._sha(p) for p in positions] if self.exclude_self else [None] * len(positions)
+        exclude = [self.hashes(p) if self.hashes is not None else None for p in positions]
         ref_tok = self.refs(lr_tok, lr_vec, exclude).to(self.device)
         image_embed, prefix = model(lr_tok, ref_tok)
         out = {"image_embed": image_embed, "hr_embed": self.embed(batch["hr"])}

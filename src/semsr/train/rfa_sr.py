@@ -1,58 +1,123 @@
-"""Stage-2 training of the RFA recipe: task ``rfa-sr`` (SD + ControlNet + AdaIN adapters).
+"""Stage-2 training of the RFA recipe: task ``rfa-sr`` (SD + ControlNet + AdaIN adapters on both).
 
-Frozen SD (VAE, UNet, text encoder); trainable: the SR ControlNet and the
-AdaIN adapters (gates alpha/beta/gamma and their style heads,
-:class:`~semsr.fusion.adain.AdaINAdapters`) attached to the UNet. The AdaIN
-control is the embedder's embedding of the GT HR crop — teacher forcing: at
-inference the I2T enhancer's output, which is trained to match that embedding
-by cosine alignment, takes its place. Captions (or the empty prompt) are the
-cross-attention context, as the decoded text is at inference. The model call
-is ``controlnet_sr``'s (:class:`~semsr.train.tasks.ControlNetSRTask`, the
-inference forward) inside the adapters' ``control`` block.
+Frozen SD (VAE, UNet, text encoder) and frozen stage-1 parts (aligner,
+enhancer). Trainable: the AdaIN adapters (gates alpha/beta/gamma and their
+style heads, :class:`~semsr.fusion.adain.AdaINAdapters`) of the UNet *and* of
+the ControlNet, and part of the ControlNet (the paper: "the adapters and part of
+the ControlNet are fine-tuned"; which part is not said: by default the hint
+encoder and the zero convolutions, ``controlnet_trainable``).
+
+The AdaIN control is what inference feeds it: the LR crop's tokens, the top-K
+references retrieved from the database ``db`` with the aligned LR query
+(the training image itself skipped), through the I2T enhancer, normalised
+(:class:`EnhancedEmbedding`). Captions (or the empty prompt) are the
+cross-attention context, as the decoded text is at inference. The model call is
+``controlnet_sr``'s (:class:`~semsr.train.tasks.ControlNetSRTask`, the inference
+forward) inside both adapter sets' ``control`` block. The paper's LR is bicubic
+32 -> 512 (``degradation: {type: bicubic}``, ``scale: 16``; configs/rfa.yaml).
 
 ``model.options``:
-    ``embedder``: ``hed-vgg`` | ``clip:FOLDER`` (``tiny://`` paths allowed);
-    ``conditioning_channels``: as for ``controlnet_sr``;
-    ``aligner``, ``enhancer``: the ``final/aligner`` and ``final/enhancer``
-    folders of the stage-1 runs, and ``text_decoder``: the enhancer's causal LM
-    folder (optional; copied into the exported checkpoint).
+    ``embedder``: ``hed-vgg`` | ``clip:FOLDER`` (``tiny://`` paths allowed; the database's);
+    ``enhancer``, ``db``: the ``rfa-enhancer`` run's ``final/enhancer`` and the reference database (required);
+    ``aligner``: the ``rfa-aligner`` run's ``final/aligner`` (required unless ``no_aligner: true``:
+    the raw LR embedding is the query);
+    ``num_refs`` (the enhancer's), ``exclude_self`` (true), ``ref_cache`` (1024): as for ``rfa-enhancer``;
+    ``controlnet_trainable``: ``all`` or a list of ControlNet module-name prefixes
+    (default :data:`CONTROLNET_TRAINABLE`);
+    ``text_decoder``: the enhancer's causal LM folder (copied into the exported checkpoint);
+    ``conditioning_channels``: as for ``controlnet_sr``.
 
 Export: ``<folder>/controlnet`` (diffusers ControlNet: ``--controlnet``) and
 ``<folder>/rfa``, an RFA checkpoint (:func:`semsr.models.rfa.save_rfa_checkpoint`)
-with the trained ``adain`` component and the stage-1 parts given in
-``model.options`` (``--checkpoint`` of ``--method rfa`` when it has the enhancer).
+with the trained ``adain`` and ``controlnet_adain`` and the stage-1 parts (``--checkpoint`` of ``--method rfa``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.components import Component, load_component
 from semsr.core.errors import SemsrError
-from semsr.fusion.adain import AdaINAdapters, attach_adain
-from semsr.models.rfa import EmbeddingEnhancer, ReferenceFindingAligner, check_embedder, save_rfa_checkpoint
-from semsr.pipeline.latent_sr import make_hint
-from semsr.priors.retrieval.embedders import embedder_from_spec
+from semsr.fusion.adain import AdaINAdapters, adain_control, attach_adain
+from semsr.models.rfa import EmbeddingEnhancer, check_embedder, encode, save_rfa_checkpoint
+from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
+from semsr.priors.retrieval.index import ReferenceDB
+from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.rfa import resolve_embedder_spec
+from semsr.train.rfa import TrainingHashes, resolve_embedder_spec, retrieval_aligner
 from semsr.train.tasks import ControlNetSRTask, register_task
 
 #: ``model.options`` of ``rfa-sr`` besides those of ``controlnet_sr``.
-RFA_OPTIONS = ("embedder", "aligner", "enhancer", "text_decoder")
+RFA_OPTIONS = (
+    "embedder",
+    "aligner",
+    "no_aligner",
+    "enhancer",
+    "db",
+    "num_refs",
+    "exclude_self",
+    "ref_cache",
+    "controlnet_trainable",
+    "text_decoder",
+)
+#: The ControlNet parts trained by default: the hint encoder and the zero convolutions (diffusers names).
+CONTROLNET_TRAINABLE = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+
+
+def set_trainable(model: nn.Module, prefixes: str | Sequence[str]) -> list[str]:
+    """Freeze ``model`` but the parameters whose names start with one of ``prefixes`` (``"all"``: train all).
+
+    Returns the trainable parameter names; raises :class:`SemsrError` for a prefix that names nothing.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if prefixes == "all":
+        model.requires_grad_(True)
+        return names
+    prefixes = [str(p) for p in ([prefixes] if isinstance(prefixes, str) else prefixes)]
+    unused = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unused:
+        raise SemsrError(f"model.options.controlnet_trainable: no ControlNet parameters under {unused}")
+    chosen = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))
+        if param.requires_grad:
+            chosen.append(name)
+    return chosen
+
+
+class EnhancedEmbedding:
+    """Stage 1 as at inference, for training stage 2: LR ``(B, 3, h, w)`` -> ``(B, D)`` unit enhanced embeddings.
+
+    LR tokens -> (aligned) query -> top-K reference tokens (:class:`~semsr.priors.retrieval.references.ReferenceTokens`,
+    hits in ``exclude`` skipped) -> frozen enhancer. Runs on the CPU in float32.
+    """
+
+    def __init__(self, embedder: Embedder, enhancer: EmbeddingEnhancer, refs: ReferenceTokens) -> None:
+        self.embedder, self.enhancer, self.refs = embedder, enhancer.float().eval().requires_grad_(False), refs
+
+    @torch.no_grad()
+    def __call__(self, lr: torch.Tensor, exclude: Sequence[str | None] | None = None) -> torch.Tensor:
+        vec, tok = encode(self.embedder, lr.float().cpu())
+        ref = self.refs(tok, vec, list(exclude) if exclude is not None else [None] * len(lr))
+        return F.normalize(self.enhancer(tok, ref)[0], dim=-1)
 
 
 class ControlNetWithAdaIN(nn.Module):
-    """Trainable container: ``forward`` runs the ControlNet; ``adain`` holds the adapter parameters."""
+    """Trainable container: ``forward`` runs the ControlNet; ``adain`` and ``controlnet_adain`` hold the
+    adapters of the UNet and of the ControlNet."""
 
-    def __init__(self, controlnet: nn.Module, adain: AdaINAdapters) -> None:
+    def __init__(self, controlnet: nn.Module, adain: AdaINAdapters, controlnet_adain: AdaINAdapters) -> None:
         super().__init__()
         self.controlnet = controlnet
         self.adain = adain
+        self.controlnet_adain = controlnet_adain
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.controlnet(*args, **kwargs)
@@ -60,59 +125,85 @@ class ControlNetWithAdaIN(nn.Module):
 
 @register_task("rfa-sr")
 class RFASRTask(ControlNetSRTask):
-    """SD + ControlNet + AdaIN adapters toward the HR image embedding (see module docstring)."""
+    """SD + partly trainable ControlNet + AdaIN adapters on both, controlled by the enhancer's embedding
+    (see module docstring)."""
 
     OPTIONS = {"conditioning_channels", *RFA_OPTIONS}
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         opts = dict(cfg.model.options)
-        if "embedder" not in opts:
-            raise SemsrError("rfa-sr needs model.options.embedder (hed-vgg or clip:FOLDER)")
+        for key in ("embedder", "enhancer", "db"):
+            if not opts.get(key):
+                raise SemsrError(f"rfa-sr needs model.options.{key} (see configs/rfa.yaml)")
         own = {k: opts.pop(k) for k in RFA_OPTIONS if k in opts}
         cfg.model.options = opts  # the base class validates the rest
         try:
             super().__init__(cfg)
         finally:
             cfg.model.options = {**opts, **own}
-        self.embedder = embedder_from_spec(resolve_embedder_spec(str(own["embedder"])))
-        self.stage1: dict[str, Component] = {}  # exported with the adapters (loading them leaves the RNG as it is)
-        with torch.random.fork_rng():
-            for name, cls in (("aligner", ReferenceFindingAligner), ("enhancer", EmbeddingEnhancer)):
-                if own.get(name):
-                    folder = resolve_model_path(str(own[name]))
-                    self.stage1[name] = load_component(cls, folder)
-                    check_embedder(self.stage1[name], self.embedder, folder)
+        self.embedder = emb = embedder_from_spec(resolve_embedder_spec(str(own["embedder"])))
+        with torch.random.fork_rng():  # loading the stage-1 parts leaves the RNG as it is
+            folder = resolve_model_path(str(own["enhancer"]))
+            enhancer = load_component(EmbeddingEnhancer, folder)
+            check_embedder(enhancer, emb, folder)
+            if enhancer.config.out_dim != emb.dim:
+                raise SemsrError(f"the enhancer gives {enhancer.config.out_dim}-d embeddings, {emb.spec} {emb.dim}-d")
+            aligner = retrieval_aligner(own, emb, "rfa-sr")
+        self.stage1: dict[str, Component] = {"enhancer": enhancer}  # exported with the adapters
+        if aligner is not None:
+            self.stage1["aligner"] = aligner
+        db = ReferenceDB(resolve_model_path(str(own["db"])))
+        if db.embedder_spec != emb.spec:
+            raise SemsrError(
+                f"database embedder {db.embedder_spec!r} differs from model.options.embedder {emb.spec!r}", db.folder
+            )
+        db.check_dim(emb.dim)
+        k = min(int(own.get("num_refs", enhancer.config.num_refs)), enhancer.config.num_refs)
+        refs = ReferenceTokens(db, emb, aligner, k, int(own.get("ref_cache", 1024)))
+        self.enhanced = EnhancedEmbedding(emb, enhancer, refs)
+        self.hashes = TrainingHashes(cfg) if bool(own.get("exclude_self", True)) else None
         self.text_decoder = resolve_model_path(str(own["text_decoder"])) if own.get("text_decoder") else None
+        controlnet = self.trainable
+        set_trainable(controlnet, own.get("controlnet_trainable", CONTROLNET_TRAINABLE))
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            adapters = attach_adain(self.unet, AdaINAdapters.for_model(self.unet, control_dim=int(self.embedder.dim)))
-        self.trainable = ControlNetWithAdaIN(self.trainable, adapters.float().train().requires_grad_(True))
+            unet_adain = attach_adain(self.unet, AdaINAdapters.for_model(self.unet, control_dim=int(emb.dim)))
+            cn_adain = attach_adain(controlnet, AdaINAdapters.for_model(controlnet, control_dim=int(emb.dim)))
+        self.trainable = ControlNetWithAdaIN(
+            controlnet,
+            unet_adain.float().train().requires_grad_(True),
+            cn_adain.float().train().requires_grad_(True),
+        )
+
+    def control(self, lr: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """The AdaIN control ``(B, D)`` of LR crops ``(B, 3, h, w)``: the enhancer's embedding, the training
+        images at ``positions`` excluded from the references (see :class:`EnhancedEmbedding`)."""
+        exclude = [self.hashes(p) for p in positions] if positions is not None and self.hashes is not None else None
+        return self.enhanced(lr, exclude).to(self.device)
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """As ``controlnet_sr`` with the AdaIN control = embedding of ``batch["hr"]``."""
-        with torch.no_grad():
-            control = self.embedder.embed(batch["hr"].float().cpu()).to(self.device)
-        adapters = self._adapters(model)
-        with adapters.control(control.to(self.weight_dtype)):
+        """As ``controlnet_sr`` with the AdaIN control of :meth:`control` on ``batch["lr"]``."""
+        control = self.control(batch["lr"], [int(p) for p in batch["position"]])
+        with adain_control(self._adapters(model), control.to(self.weight_dtype)):
             return super().compute(model, batch)
 
-    def _adapters(self, model: nn.Module) -> AdaINAdapters:
-        """The adapters of ``model`` (a container, DDP-wrapped or plain), attached to the UNet."""
+    def _adapters(self, model: nn.Module) -> tuple[AdaINAdapters, AdaINAdapters]:
+        """The adapters of ``model`` (a container, DDP-wrapped or plain), attached to the UNet and to its
+        ControlNet."""
         inner = getattr(model, "module", model)
-        return attach_adain(self.unet, inner.adain)
+        return attach_adain(self.unet, inner.adain), attach_adain(inner.controlnet, inner.controlnet_adain)
 
     @torch.no_grad()
     def sample(
         self, model: nn.Module, lr: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float, seed: int
     ) -> torch.Tensor:
-        """SR with the copy's adapters; control = embedding of the bicubic-upsampled LR (no references here)."""
+        """SR with the copy's ControlNet and adapters, controlled by the enhancer's embedding of ``lr``."""
         adapters = self._adapters(model)
-        size = (lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale)
-        control = self.embedder.embed(make_hint(lr.float().cpu(), size)).to(self.device, self.weight_dtype)
-        with adapters.control(control):
+        with adain_control(adapters, self.control(lr).to(self.weight_dtype)):
             return super().sample(model.controlnet, lr, prompts, steps, guidance_scale, seed)
 
     def export(self, model: nn.Module, folder: Path) -> None:
         """Write ``folder/controlnet`` and the RFA checkpoint ``folder/rfa`` (see the module docstring)."""
         model.controlnet.save_pretrained(Path(folder) / "controlnet", safe_serialization=True)
-        save_rfa_checkpoint(Path(folder) / "rfa", {**self.stage1, "adain": model.adain}, self.text_decoder)
+        parts = {**self.stage1, "adain": model.adain, "controlnet_adain": model.controlnet_adain}
+        save_rfa_checkpoint(Path(folder) / "rfa", parts, self.text_decoder)

@@ -10,11 +10,13 @@ An embedder turns an RGB image into
 Two embedders exist:
 
 ``clip:<folder>``
-    A CLIP vision tower from a local transformers folder
-    (``CLIPVisionModelWithProjection`` when the folder holds a projection,
-    else ``CLIPVisionModel``; ``local_files_only``). ``embed`` = projected (or
-    post-layernorm) CLS, ``tokens`` = last hidden states (CLS + patches), as
-    the seed (256 patches + CLS for ViT-L/14 at 224 px).
+    A CLIP vision tower from a local transformers folder (``CLIPVisionModel``;
+    a folder that also holds the projection, ``CLIPVisionModelWithProjection``
+    or a whole ``CLIPModel``, loads its vision tower; ``local_files_only``).
+    ``embed`` = the CLS token after the tower's final LayerNorm, *before* the
+    image projection (``hidden_size`` values: 1024 for ViT-L/14, the paper's
+    ``C in R^1024``); ``tokens`` = last hidden states (CLS + patches), as the
+    seed (256 patches + CLS for ViT-L/14 at 224 px).
 
 ``hed-vgg`` (offline default)
     CLIP weights are not available offline, so the default embedder is the
@@ -138,27 +140,22 @@ class HedVGGEmbedder(_OnePassEmbedder):
 
 
 class CLIPEmbedder(_OnePassEmbedder):
-    """CLIP vision embedder from a local folder (see module docstring)."""
+    """CLIP vision embedder from a local folder (see module docstring): the pre-projection CLS."""
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection  # optional heavy dependency
+        from transformers import CLIPVisionModelWithProjection  # optional heavy dependency
 
         folder = require(Path(folder).expanduser(), "CLIP vision folder")
         tower = load_clip_vision(folder, layer=-1)  # resolves size/mean/std from the processor
-        arch = _architectures(folder)
-        self.projected = any(a in ("CLIPVisionModelWithProjection", "CLIPModel") for a in arch)
-        if self.projected:
+        if "CLIPVisionModelWithProjection" in _architectures(folder):  # its weights as saved (the projection unused)
             tower.model = load_transformers_model(
                 CLIPVisionModelWithProjection, folder, what="CLIP vision model with projection"
             ).eval()
-            self.dim = int(tower.model.config.projection_dim)
-        else:
-            assert isinstance(tower.model, CLIPVisionModel)
-            self.dim = int(tower.model.config.hidden_size)
         self.tower = tower.requires_grad_(False)
-        self.token_dim = int(tower.model.config.hidden_size)
         cfg = tower.model.config
+        self.dim = int(cfg.hidden_size)
+        self.token_dim = int(cfg.hidden_size)
         self.num_tokens = 1 + (int(cfg.image_size) // int(cfg.patch_size)) ** 2
         self.spec = f"clip:{folder.resolve()}"
 
@@ -168,10 +165,12 @@ class CLIPEmbedder(_OnePassEmbedder):
 
     @torch.no_grad()
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embed (B, dim), tokens (B, 1 + P, hidden))`` (last hidden states) from one pass."""
-        out = self.tower.model(pixel_values=self._pixels(img))
-        vec = out.image_embeds if self.projected else out.pooler_output
-        return F.normalize(vec.float(), dim=-1), out.last_hidden_state.float()
+        """``(embed (B, hidden), tokens (B, 1 + P, hidden))``: the unit CLS token after the final LayerNorm
+        (no projection) and the last hidden states, from one pass."""
+        model = self.tower.model
+        hidden = model(pixel_values=self._pixels(img)).last_hidden_state
+        cls = getattr(model, "vision_model", model).post_layernorm(hidden[:, 0])
+        return F.normalize(cls.float(), dim=-1), hidden.float()
 
 
 def _architectures(folder: Path) -> list[str]:

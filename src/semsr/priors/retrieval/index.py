@@ -365,11 +365,26 @@ class ReferenceDB:
             self._index.hnsw.efSearch = 64
         return self._index
 
+    def check_dim(self, dim: int) -> None:
+        """Raise :class:`SemsrError` unless the database's vectors have ``dim`` values (an empty one fits any).
+
+        A database built by an older semsr with a CLIP folder that has a projection holds the projected
+        embedding (e.g. 768 values for ViT-L/14) where the embedder now gives the CLS token (1024).
+        """
+        if self._dim is not None and int(dim) != self._dim:
+            raise SemsrError(
+                f"the database holds {self._dim}-d vectors but its embedder {self.embedder_spec} gives {int(dim)}-d "
+                "ones (built by an older semsr?): rebuild it with `semsr index build`",
+                self.folder,
+            )
+
     def search(self, queries: np.ndarray, k: int = 4) -> list[list[Hit]]:
         """Top-``k`` entries for each query ``(Q, D)`` (unit vectors), best first."""
         if len(self) == 0:
             return [[] for _ in range(len(queries))]
-        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self._dim))
+        queries = np.asarray(queries, dtype=np.float32)
+        self.check_dim(queries.shape[-1])
+        q = np.ascontiguousarray(queries.reshape(-1, self._dim))
         scores, ids = self.index().search(q, min(k, len(self)))
         out = []
         for srow, irow in zip(scores, ids):
