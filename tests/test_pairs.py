@@ -111,3 +111,37 @@ def test_pairs_manifest_errors_name_the_file(tmp_path: Path) -> None:
         read_pairs(tmp_path / "p")
     assert lr.name in str(err.value)
     np.testing.assert_equal(len(list((tmp_path / "p").iterdir())), 2)  # lr/ and pairs.jsonl only
+
+
+def test_training_reads_pairs_instead_of_degrading(tmp_path: Path) -> None:
+    """``data.pairs``: the trainer takes its LR crops from the pairs folder (validation too)."""
+    from tests.train_helpers import tiny_config_dict
+
+    from semsr.train.config import config_from_dict
+    from semsr.train.trainer import Trainer
+
+    hr = write_textures(tmp_path / "hr", count=4, size=(96, 96))
+    make_pairs(
+        sorted(hr.iterdir()),
+        tmp_path / "p",
+        degrade=make_degrader({"type": "bicubic"}, 4),
+        degradation="bicubic",
+        scale=4,
+        per_image=2,
+        log=lambda _: None,
+    )
+    seen: list[torch.Tensor] = []
+
+    def spy(trainer, step, record) -> None:
+        seen.append(step)
+
+    cfg = tiny_config_dict(
+        tmp_path / "nowhere",  # not read: the pairs folder replaces data.hr
+        data={"pairs": str(tmp_path / "p"), "hr": []},
+        degradation={"type": "realesrgan"},  # not used either: the LR images are precomputed
+        train={"max_steps": 2, "grad_accum": 1, "ema_decay": 0.9, "threads": 1},
+        validation={"every": 2, "count": 1, "size": 64, "steps": 1},
+    )
+    result = Trainer(config_from_dict(cfg), tmp_path / "run", callbacks=[spy]).fit()
+    assert result.step == 2 and seen == [1, 2]
+    assert (tmp_path / "run" / "final").is_dir()

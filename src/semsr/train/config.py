@@ -77,6 +77,9 @@ class DataConfig:
         max_crop_tries: crops tried before keeping the most textured one.
         hflip: mirror crops horizontally with probability 0.5.
         cache_images: keep decoded images in memory (small corpora only).
+        pairs: a pairs folder of ``semsr data make-pairs`` (``{data}`` expands): train on its precomputed
+            LR images (aligned crops) instead of degrading HR crops on the fly; ``hr``/``manifest`` and the
+            ``degradation`` section are then not used for the training data.
     """
 
     hr: list[str] = field(default_factory=list)
@@ -93,6 +96,7 @@ class DataConfig:
     max_crop_tries: int = 10
     hflip: bool = True
     cache_images: bool = True
+    pairs: str | None = None
 
 
 @dataclass

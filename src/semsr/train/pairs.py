@@ -219,6 +219,7 @@ class PairedCropDataset(CropDataset):
             "prompt": item.caption if item.caption is not None else self.cfg.prompt,
             "seed": torch.tensor(derive_seed(self.seed, "task", position), dtype=torch.int64),
             "position": torch.tensor(position, dtype=torch.int64),
+            "path": str(item.path),
         }
 
 

@@ -51,6 +51,7 @@ from semsr.train.config import ExperimentConfig, dump_config
 from semsr.train.curve import plot_curve
 from semsr.train.data import CropDataset, list_images, make_degrader, make_loader, validation_pairs
 from semsr.train.losses import combine_losses, get_loss
+from semsr.train.pairs import PairedCropDataset, paired_validation, read_pairs, split_pairs
 from semsr.train.tasks import available_tasks, build_task, import_task_modules
 
 log = logging.getLogger(__name__)
@@ -344,9 +345,16 @@ class Trainer:
         """The endless batch iterator (from the consumed sample count) and the validation pairs."""
         cfg, acc = self.cfg, self.accelerator
         degrade = make_degrader(cfg.degradation, cfg.data.scale)
-        train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
+        pairs = read_pairs(cfg.data.pairs) if cfg.data.pairs else None
+        if pairs is not None:
+            train_items, val_items = split_pairs(pairs, cfg.data)
+        else:
+            train_items, val_items = list_images(cfg.data, cfg.data.crop_size)
         train_items = self.task.train_items(train_items)
-        dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
+        if pairs is not None:
+            dataset: CropDataset = PairedCropDataset(train_items, pairs, cfg.data, cfg.seed)
+        else:
+            dataset = CropDataset(train_items, cfg.data, degrade, cfg.seed)
         loader = make_loader(
             dataset,
             cfg.data.batch_size,
@@ -357,13 +365,15 @@ class Trainer:
         )
         val_pairs = []
         if cfg.validation.every and acc.is_main_process and val_items:
-            val_pairs = validation_pairs(
-                val_items[: cfg.validation.count],
-                cfg.validation.size,
-                degrade,
-                cfg.seed,
-                multiple=cfg.data.scale * self.task.pixel_multiple,
-            )
+            multiple = cfg.data.scale * self.task.pixel_multiple
+            if pairs is not None:
+                val_pairs = paired_validation(
+                    val_items[: cfg.validation.count], pairs, cfg.validation.size, cfg.data.scale, multiple
+                )
+            else:
+                val_pairs = validation_pairs(
+                    val_items[: cfg.validation.count], cfg.validation.size, degrade, cfg.seed, multiple=multiple
+                )
         acc.print(
             f"training '{cfg.name}' ({cfg.task}): {len(train_items)} images, {self.n_params / 1e6:.3f} M trainable "
             f"params, {acc.num_processes} process(es) x batch {cfg.data.batch_size} x accum {cfg.train.grad_accum}"
