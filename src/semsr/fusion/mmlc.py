@@ -1,4 +1,4 @@
-"""MMSR's Multimodal Latent Connector (seed 001): many modality tokens -> 128 latent tokens.
+"""MMSR's Multimodal Latent Connector: many modality tokens -> 128 latent tokens.
 
 Input sequence (``M = 77 + 256 * k`` tokens for ``k`` spatial modalities; 845 for 3)::
 

@@ -1,4 +1,4 @@
-"""``mmsr``: MMSR (seed 001, "The Power of Context") on Stable Diffusion.
+"""``mmsr``: MMSR ("The Power of Context", CVPR 2025) on Stable Diffusion.
 
 Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
 

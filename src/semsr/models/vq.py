@@ -1,6 +1,6 @@
 """VQ tokenizers: spatial modality maps -> 16x16 discrete tokens.
 
-MMSR (seed 001) turns each spatial modality (edges, depth, segmentation) into
+MMSR ("The Power of Context") turns each spatial modality (edges, depth, segmentation) into
 a 16x16 grid of codebook indices (codebook 1024, embedding dim 256) so it can
 join the text tokens in the Multimodal Latent Connector. The tokenizers share
 one interface (:class:`SpatialTokenizer`):
