@@ -254,6 +254,9 @@ def test_real_defaults_presets_advanced_options_and_prompt(browser_page, tmp_pat
     which, the research ablations sit behind the Advanced disclosure, and the prompt is empty with a
     placeholder saying what it does."""
     page, _, _ = browser_page
+    page.select_option("#method", "mmsr")
+    page.fill("#prompt", "")  # the previous test's prompts (kept across method changes, as typed text is)
+    page.fill("#negative_prompt", "")
     page.select_option("#method", "default")
     assert page.input_value("#steps") == "1" and page.input_value("#guidance_scale") == "1"
     assert page.input_value("#seed") == "0" and page.input_value("[data-dest=scheduler]") == "ddim"
@@ -282,6 +285,16 @@ def test_real_defaults_presets_advanced_options_and_prompt(browser_page, tmp_pat
     _save_screenshot(page.screenshot(full_page=True), "demo-options.png")
     page.click("#advanced summary")
     assert page.is_hidden("[data-dest=no_text_prior]")
+    # the degradation phrase stays out of the prompt after an upload; the Extract button still writes it
+    _upload(page, _photo(tmp_path / "face.png", 32))
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('face.png · 32×32')")
+    page.wait_for_function("!document.querySelector('#run').disabled")  # its priors look-up has finished
+    assert page.input_value("#prompt") == "" and "adds the degradation it sees" in page.inner_text("#note")
+    suggested = page.evaluate("document.querySelector('#priors-list dd').textContent")
+    page.click("#extract")
+    page.wait_for_function("document.querySelector('#prompt').value !== ''")
+    assert page.input_value("#prompt") == suggested
+    page.fill("#prompt", "")
 
 
 def test_example_batch_history_and_cancel(browser_page, tmp_path):

@@ -25,7 +25,8 @@ from _ui_helpers import serve
 from semsr.core.options import MethodOptions, option
 from semsr.core.outputs import SROutput
 from semsr.methods import MethodSpec, register, resolve
-from semsr.ui.catalog import path_options, required_paths
+from semsr.methods.default_diffusion import packaged_weights
+from semsr.ui.catalog import catalogue, find, path_options, required_paths
 from semsr.ui.server import DemoApp, make_server
 
 GATE = threading.Event()
@@ -754,3 +755,25 @@ def test_example_image_is_offered_and_used_with_one_request():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_shown_steps_default_follows_the_served_checkpoint(tmp_path):
+    """The default model's shown steps default is its checkpoint's default_steps: the packaged one (1), or a
+    retrained one given to ``semsr serve`` (read from its model_index.json)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    index = json.loads(_packaged_index().read_text())
+    index["meta"]["default_steps"] = 3
+    (mine / "model_index.json").write_text(json.dumps(index))
+    entries = catalogue({"checkpoint": {"default-diffusion": str(mine)}})
+    for name in ("default", "default-diffusion"):
+        assert find(entries, name)["common"]["steps"]["default"] == 3
+        assert find(entries, name)["presets"]["detail"]["steps"] == 6
+    assert find(catalogue(), "default")["common"]["steps"]["default"] == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()  # no checkpoint there: no value to show (the field says auto), no presets to derive
+    assert find(catalogue({"checkpoint": {"default": str(empty)}}), "default")["common"]["steps"]["default"] is None
+
+
+def _packaged_index() -> Path:
+    return packaged_weights() / "model_index.json"

@@ -113,7 +113,7 @@ function setupCommon(m) {
       continue;
     }
     if (k === "prompt" || k === "negative_prompt") {
-      el.value = ""; el.placeholder = "optional: " + o.help;  // what the prompt does for this method
+      el.placeholder = "optional: " + o.help;  // what the prompt does for this method
       continue;
     }
     if (o.min !== null && o.min !== undefined) el.min = o.min; else el.removeAttribute("min");
@@ -441,7 +441,8 @@ async function main() {
 
 // The fields a suggestion may pre-fill: the prompts and the method's text options, by name.
 function prefillFields() {
-  const fields = { prompt: $("prompt"), negative_prompt: $("negative_prompt") };
+  const common = (currentMethod() || {}).common || {}, fields = {};
+  for (const k of ["prompt", "negative_prompt"]) if (common[k]) fields[k] = $(k);  // the method's own only
   for (const el of $("mo-fields").querySelectorAll("[data-dest]"))
     if (el.dataset.widget === "text") fields[el.dataset.dest] = el;
   return fields;
@@ -467,15 +468,16 @@ async function extractPriors(auto) {
     const p = st.output.priors || {};
     state.suggested = {};
     // A suggested prompt that is only the degradation description (the default model's IRPAD text) is not
-    // written into the prompt: the method adds it by itself, and the prompt box stays the user's.
-    const degradationOnly = typeof p.prompt === "string" && p.prompt === p.degradation;
+    // written into the prompt after an upload: the method adds it by itself, and the prompt box stays the
+    // user's (the Extract button still fills it on request).
+    const degradationOnly = auto && typeof p.prompt === "string" && p.prompt === p.degradation;
     for (const [k, el] of Object.entries(fields)) {
       if (typeof p[k] !== "string" || (degradationOnly && k === "prompt")) continue;
       el.value = p[k]; state.suggested[k] = p[k];
     }
     if (typeof p.prompt === "string" && !degradationOnly) state.priorsInPrompt = true;
     renderPriors(p);
-    showNote(degradationOnly ? `${currentMethod().name} adds the degradation it sees (${p.degradation}) to the prompt by itself; the prompt is yours (optional)`
+    showNote(degradationOnly ? `${currentMethod().name} adds the degradation it sees (${p.degradation}) to its text by itself; the prompt is optional`
       : Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
       : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
   } catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); }
