@@ -59,6 +59,8 @@ def browser_page(tmp_path_factory, tiny_models):
         str(tiny_models / "vlm"),
         "--threads",
         "1",
+        "--max-jobs",
+        "2",  # a batch of three is queued two at a time
     ]
     with serve(*paths) as (url, seconds), sync_api.sync_playwright() as pw:
         assert seconds < 60

@@ -232,8 +232,9 @@ async function withJobs(work) {
   state.job = true; updateRun();
   const cancel = $("cancel");
   cancel.hidden = false; cancel.disabled = false;
+  state.cancelled = false;
   cancel.onclick = () => {
-    cancel.disabled = true;
+    cancel.disabled = true; state.cancelled = true;  // and submit no more of the batch
     for (const id of [...state.active].reverse())  // queued ones first, so none starts meanwhile
       api(`/api/jobs/${id}`, { method: "DELETE" }).catch(() => {});
   };
@@ -243,15 +244,20 @@ async function withJobs(work) {
 
 async function runJob(body) { return withJobs(async () => waitJob(await submitJob(body))); }
 
-// Upscale every image of the batch: all queued at once (the server runs one at a time), each finished
-// one shown and added to the session's results.
+// Upscale every image of the batch: queued as jobs (the server runs one at a time; at most its max_jobs
+// are queued at once, the next one each time one ends), each finished one shown and added to the
+// session's results.
 async function runBatch() {
-  const images = state.images.slice();
+  const images = state.images.slice(), ids = [];
+  const submitUpTo = async (n) => {
+    while (ids.length < Math.min(n, images.length) && !state.cancelled) ids.push(await submitJob(collect(images[ids.length])));
+  };
   return withJobs(async () => {
-    const ids = [];
-    for (const image of images) ids.push(await submitJob(collect(image)));
+    await submitUpTo(state.config.max_jobs);
     let cancelled = 0;
-    for (const [i, id] of ids.entries()) {
+    for (let i = 0; i < images.length; i++) {
+      if (i >= ids.length) { cancelled += 1; continue; }  // cancelled before it was submitted
+      const id = ids[i];
       try {
         const st = await waitJob(id, images.length > 1 ? `image ${i + 1}/${images.length}: ` : "");
         showResult(st, images[i]);
@@ -260,8 +266,12 @@ async function runBatch() {
         if (!err.cancelled) throw err;
         cancelled += 1;
       }
+      await submitUpTo(i + 1 + state.config.max_jobs);
     }
-    if (cancelled) { const err = new Error(cancelled === 1 && ids.length === 1 ? "cancelled while running" : `${cancelled} of ${ids.length} jobs cancelled`); err.cancelled = true; throw err; }
+    if (cancelled) {
+      const err = new Error(images.length === 1 ? "cancelled while running" : `${cancelled} of ${images.length} images cancelled`);
+      err.cancelled = true; throw err;
+    }
   });
 }
 
