@@ -1,9 +1,10 @@
 """The web demo in a real headless Chromium (Debian package) driven by Playwright.
 
 Run with ``.ci/browser`` (installs chromium + playwright, then ``pytest -m browser``).
-Skips when /usr/bin/chromium or the playwright package is missing. Saves a
-screenshot of the demo to ``$SEMSR_DEMO_SCREENSHOT`` (default: the temp folder;
-``SEMSR_DEMO_SCREENSHOT=docs/img/demo.png`` refreshes the one docs/webdemo.md
+Skips when /usr/bin/chromium or the playwright package is missing. Saves
+screenshots of the demo to ``$SEMSR_DEMO_SCREENSHOT`` and beside it
+(``demo-options.png``, ``demo-batch.png``; default: the temp folder;
+``SEMSR_DEMO_SCREENSHOT=docs/img/demo.png`` refreshes the ones docs/webdemo.md
 shows — tests never touch tracked files on their own). The server gets the tiny
 random models (SD, MMSR checkpoint, VLM) so a prompt-driven method can pre-fill
 its prompt from the image's priors.
@@ -58,6 +59,8 @@ def browser_page(tmp_path_factory, tiny_models):
         str(tiny_models / "vlm"),
         "--threads",
         "1",
+        "--max-jobs",
+        "2",  # a batch of three is queued two at a time
     ]
     with serve(*paths) as (url, seconds), sync_api.sync_playwright() as pw:
         assert seconds < 60
@@ -92,8 +95,9 @@ def _upload(page, path: Path) -> None:
     page.set_input_files("#file", str(path))
 
 
-def _run(page, method: str) -> None:
+def _run(page, method: str, outscale: str = "") -> None:
     page.select_option("#method", method)
+    page.select_option("#outscale", outscale)
     page.wait_for_function("!document.querySelector('#run').disabled")
     before = page.eval_on_selector("#after", "e => e.src")
     page.click("#run")
@@ -110,6 +114,16 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
     page.wait_for_function("document.querySelector('#drop-text').textContent.includes('24×24')")
     assert page.is_hidden("#error")
     assert page.is_hidden("#compare") and page.is_hidden("#download")  # nothing to compare yet
+    # ... but the upload is previewed at once
+    assert page.is_visible("#preview-box") and page.is_hidden("#placeholder")
+    page.wait_for_function("document.querySelector('#previews img').naturalWidth === 24")
+    assert "tiny.png · 24×24" in page.inner_text("#previews")
+    # the output scale: the method's own factor or a smaller one, and the result honours it
+    page.select_option("#method", "bicubic")
+    assert page.eval_on_selector_all("#outscale option", "os => os.map(o => o.value)") == ["", "1", "1.5", "2", "3"]
+    _run(page, "bicubic", "2")
+    assert page.eval_on_selector("#after", "e => [e.naturalWidth, e.naturalHeight]") == [48, 48]
+    assert page.eval_on_selector("#download", "e => e.download") == "tiny_bicubic_x2.png"
     _run(page, "bicubic")
     assert page.eval_on_selector("#after", "e => [e.naturalWidth, e.naturalHeight]") == [96, 96]
     assert "bicubic" in page.inner_text("#result-info")
@@ -132,6 +146,9 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
     _upload(page, _photo(tmp_path / "photo.png", 64))
     page.wait_for_function("document.querySelector('#drop-text').textContent.includes('64×64')")
     assert page.is_hidden("#error")
+    page.select_option("#method", "default")
+    page.wait_for_function("!document.querySelector('#run').disabled")  # the priors look-up has finished
+    assert page.input_value("#prompt") == ""  # the degradation phrase is not written into the prompt
     _run(page, "default")
     assert page.eval_on_selector("#after", "e => e.naturalWidth") == 256
     out = np.asarray(Image.open(io.BytesIO(page.request.get(page.eval_on_selector("#download", "e => e.href")).body())))
@@ -218,8 +235,8 @@ def _centre(page, selector: str, fx: float, fy: float) -> tuple[float, float]:
     return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
 
 
-def _save_screenshot(png: bytes) -> None:
-    """Write the screenshot (``SCREENSHOT``), reduced to a palette image if needed to stay < 300 KB."""
+def _save_screenshot(png: bytes, name: str | None = None) -> None:
+    """Write the screenshot (``SCREENSHOT``, or ``name`` in its folder), reduced to a palette image if needed to stay < 300 KB."""
     im = Image.open(io.BytesIO(png)).convert("RGB")
     buf = io.BytesIO()
     im.save(buf, "PNG", optimize=True)
@@ -229,5 +246,92 @@ def _save_screenshot(png: bytes) -> None:
         im.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, "PNG", optimize=True)
         colours //= 2
     assert buf.tell() < MAX_SCREENSHOT
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    SCREENSHOT.write_bytes(buf.getvalue())
+    path = SCREENSHOT if name is None else SCREENSHOT.with_name(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+def test_real_defaults_presets_advanced_options_and_prompt(browser_page, tmp_path):
+    """The default model's fields hold its real defaults (1 step), the presets write concrete values and say
+    which, the research ablations sit behind the Advanced disclosure, and the prompt is empty with a
+    placeholder saying what it does."""
+    page, _, _ = browser_page
+    page.select_option("#method", "mmsr")
+    page.fill("#prompt", "")  # the previous test's prompts (kept across method changes, as typed text is)
+    page.fill("#negative_prompt", "")
+    page.select_option("#method", "default")
+    assert page.input_value("#steps") == "1" and page.input_value("#guidance_scale") == "1"
+    assert page.input_value("#seed") == "0" and page.input_value("[data-dest=scheduler]") == "ddim"
+    assert page.input_value("#prompt") == ""
+    assert page.get_attribute("#prompt", "placeholder").startswith("optional: positive prompt")
+    # balanced = the defaults; fidelity and detail write their values and show them
+    assert "balanced: steps 1 · guidance 1" in page.inner_text("#preset-values")
+    page.click(".preset[data-preset=fidelity]")
+    assert page.input_value("#steps") == "0" and "fidelity: steps 0" in page.inner_text("#preset-values")
+    page.click(".preset[data-preset=detail]")
+    assert page.input_value("#steps") == "4" and page.get_attribute(".preset[data-preset=detail]", "class").endswith(
+        "active"
+    )
+    page.fill("#steps", "3")
+    assert page.inner_text("#preset-values") == "custom settings"
+    # research switches and tiling internals only behind the disclosure
+    assert page.locator("#mo-fields [data-dest=no_text_prior]").count() == 0
+    assert page.is_hidden("[data-dest=no_text_prior]") and page.is_hidden("[data-dest=no_edge_prior]")
+    assert page.is_hidden("#seed") and page.is_hidden("#tile")
+    assert page.is_visible("[data-dest=scheduler]")
+    page.click("#advanced summary")
+    assert page.is_visible("[data-dest=no_text_prior]") and page.is_visible("#seed")
+    assert page.get_attribute("[data-dest=latent_tile]", "placeholder") == "auto"
+    page.click(".preset[data-preset=balanced]")
+    page.wait_for_function("!document.querySelector('#run').disabled")  # the priors look-up has finished
+    _save_screenshot(page.screenshot(full_page=True), "demo-options.png")
+    page.click("#advanced summary")
+    assert page.is_hidden("[data-dest=no_text_prior]")
+    # the degradation phrase stays out of the prompt after an upload; the Extract button still writes it
+    _upload(page, _photo(tmp_path / "face.png", 32))
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('face.png · 32×32')")
+    page.wait_for_function("!document.querySelector('#run').disabled")  # its priors look-up has finished
+    assert page.input_value("#prompt") == "" and "adds the degradation it sees" in page.inner_text("#note")
+    suggested = page.evaluate("document.querySelector('#priors-list dd').textContent")
+    page.click("#extract")
+    page.wait_for_function("document.querySelector('#prompt').value !== ''")
+    assert page.input_value("#prompt") == suggested
+    page.fill("#prompt", "")
+
+
+def test_example_batch_history_and_cancel(browser_page, tmp_path):
+    """One click uses the bundled sample; several files make a batch queued as jobs whose results are listed
+    with download links; Cancel stops a running job."""
+    page, url, _ = browser_page
+    page.select_option("#method", "bicubic")
+    page.click("#examples button[data-example=sample]")
+    page.wait_for_function("document.querySelector('#drop-text').textContent.includes('sample.png · 192×192')")
+    page.wait_for_function("document.querySelector('#previews img').naturalWidth === 192")
+
+    files = [_photo(tmp_path / f"b{i}.png", size) for i, size in enumerate((16, 20, 24))]
+    page.set_input_files("#file", [str(f) for f in files])
+    page.wait_for_function("document.querySelector('#run').textContent === 'Upscale 3 images'")
+    assert page.locator("#previews img").count() == 3
+    before = page.locator("#history-list li").count()
+    page.click("#run")
+    page.wait_for_function(f"document.querySelectorAll('#history-list li').length === {before + 3}")
+    page.wait_for_function("!document.querySelector('#run').disabled")
+    links = page.eval_on_selector_all("#history-list li a", "els => els.map(a => [a.download, a.href])")[:3]
+    assert [name for name, _ in links] == ["b2_bicubic_x4.png", "b1_bicubic_x4.png", "b0_bicubic_x4.png"]
+    for (name, href), size in zip(links, (24, 20, 16), strict=True):
+        assert Image.open(io.BytesIO(page.request.get(href).body())).size == (4 * size, 4 * size), name
+    _save_screenshot(page.screenshot(full_page=True), "demo-batch.png")
+
+    # Cancel a running job: the default model with many steps stops after its current step.
+    _upload(page, _photo(tmp_path / "slow.png", 32))
+    page.select_option("#method", "default")
+    page.wait_for_function("!document.querySelector('#run').disabled")
+    page.fill("#steps", "200")
+    count = page.locator("#history-list li").count()
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.includes('/200')")
+    page.click("#cancel")
+    page.wait_for_selector("#note:not([hidden])")
+    assert "cancelled" in page.inner_text("#note") and page.is_hidden("#error")
+    assert page.locator("#history-list li").count() == count and page.is_hidden("#cancel")
+    page.wait_for_function("!document.querySelector('#run').disabled")

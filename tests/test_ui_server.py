@@ -25,7 +25,8 @@ from _ui_helpers import serve
 from semsr.core.options import MethodOptions, option
 from semsr.core.outputs import SROutput
 from semsr.methods import MethodSpec, register, resolve
-from semsr.ui.catalog import path_options, required_paths
+from semsr.methods.default_diffusion import packaged_weights
+from semsr.ui.catalog import catalogue, find, path_options, required_paths
 from semsr.ui.server import DemoApp, make_server
 
 GATE = threading.Event()
@@ -675,3 +676,104 @@ def test_serve_command_options_and_quiet_disconnects(tmp_path):
         assert _req(url + "api/config")[0] == 200
     text = log_file.read_text()
     assert "Traceback" not in text and "Error" not in text, text
+
+
+def test_outscale_is_a_validated_job_field_the_result_honours(server):
+    """``outscale`` resizes the result to ``round(outscale * size)`` (not ignored); bad factors are a 400."""
+    _, img = _upload(server, _png(), "o.png")
+    for factor, size, name in (
+        (2, (12, 10), "o_bicubic_x2.png"),
+        ("1.5", (9, 8), "o_bicubic_x1.5.png"),
+        (4, (24, 20), None),
+    ):
+        status, job = _json(server + "api/jobs", {"image": img["id"], "method": "bicubic", "outscale": factor})
+        assert status == 202, job
+        st = _wait(server, job["id"])
+        assert st["state"] == "done", st
+        assert (st["output"]["width"], st["output"]["height"]) == size and st["output"]["outscale"] == float(factor)
+        status, body, headers = _req(f"{server}api/jobs/{job['id']}/result?download=1")
+        assert Image.open(io.BytesIO(body)).size == size
+        assert f'filename="{name or "o_bicubic_x4.png"}"' in headers["Content-Disposition"]
+    for bad in (0, -1, 4.5, "two", True, [2], {"x": 1}):
+        status, body = _json(server + "api/jobs", {"image": img["id"], "method": "bicubic", "outscale": bad})
+        assert status == 400 and body["error"].startswith("outscale: expected a factor above 0"), (bad, body)
+        assert "at most the method's scale 4" in body["error"]
+    status, body = _json(server + "api/jobs", {"image": img["id"], "method": "bicubic", "outscale": "nan"})
+    assert status == 400
+
+
+def test_real_defaults_presets_and_advanced_options_in_the_catalogue():
+    """Defaults a checkpoint decides are shown as values (the default model: 1 step), presets are concrete
+    values of the method's options within the server's step cap, ablations are marked advanced."""
+    srv = _own_server(max_steps=30)
+    try:
+        _, methods = _json(srv.url + "api/methods")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    by = {m["name"]: m for m in methods}
+    default = by["default"]
+    assert default["common"]["steps"]["default"] == 1  # the packaged checkpoint's default_steps, not None
+    assert default["presets"] == {
+        "fidelity": {"steps": 0, "guidance_scale": 1.0},
+        "balanced": {"steps": 1, "guidance_scale": 1.0},
+        "detail": {"steps": 4, "guidance_scale": 1.0},
+    }
+    advanced = {o["dest"] for o in default["options"] if o["advanced"]}
+    assert {"no_text_prior", "no_edge_prior"} <= advanced
+    assert {o["dest"] for o in default["options"]} - advanced == {"scheduler"}
+    gated = by["test-ui-gated"]
+    assert not any(o["advanced"] for o in gated["options"])
+    assert gated["presets"] == {
+        "fidelity": {"steps": 10, "guidance_scale": 1.0},
+        "balanced": {"steps": 20, "guidance_scale": 1.0},
+        "detail": {"steps": 30, "guidance_scale": 1.0},  # 40, capped by --max-steps 30
+    }
+    assert by["bicubic"]["presets"] == {}  # nothing to trade in a single-pass method
+
+
+def test_example_image_is_offered_and_used_with_one_request():
+    """The bundled sample is listed in /api/config, served, and becomes an upload with one JSON POST."""
+    srv = _own_server()
+    url = srv.url
+    try:
+        _, config = _json(url + "api/config")
+        assert config["examples"] == [{"name": "sample", "width": 192, "height": 192}]
+        status, body, headers = _req(url + "api/examples/sample")
+        assert (
+            status == 200 and headers["Content-Type"] == "image/png" and Image.open(io.BytesIO(body)).size == (192, 192)
+        )
+        status, body, _ = _req(url + "api/examples/sample", b"{}", headers={"Content-Type": "text/plain"})
+        assert status == 415  # a cross-site form cannot create uploads
+        assert _json(url + "api/examples/nope", {})[0] == 400
+        status, img = _json(url + "api/examples/sample", {})
+        assert status == 201 and (img["width"], img["height"], img["name"]) == (192, 192, "sample.png")
+        status, job = _json(url + "api/jobs", {"image": img["id"], "method": "bicubic", "outscale": 2})
+        st = _wait(url, job["id"])
+        assert st["state"] == "done" and (st["output"]["width"], st["output"]["height"]) == (384, 384)
+        assert st["output"]["filename"] == "sample_bicubic_x2.png"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_shown_steps_default_follows_the_served_checkpoint(tmp_path):
+    """The default model's shown steps default is its checkpoint's default_steps: the packaged one (1), or a
+    retrained one given to ``semsr serve`` (read from its model_index.json)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    index = json.loads(_packaged_index().read_text())
+    index["meta"]["default_steps"] = 3
+    (mine / "model_index.json").write_text(json.dumps(index))
+    entries = catalogue({"checkpoint": {"default-diffusion": str(mine)}})
+    for name in ("default", "default-diffusion"):
+        assert find(entries, name)["common"]["steps"]["default"] == 3
+        assert find(entries, name)["presets"]["detail"]["steps"] == 6
+    assert find(catalogue(), "default")["common"]["steps"]["default"] == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()  # no checkpoint there: no value to show (the field says auto), no presets to derive
+    assert find(catalogue({"checkpoint": {"default": str(empty)}}), "default")["common"]["steps"]["default"] is None
+
+
+def _packaged_index() -> Path:
+    return packaged_weights() / "model_index.json"

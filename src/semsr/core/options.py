@@ -71,6 +71,8 @@ class OptionInfo:
         widget: web-form hint: ``slider``, ``image`` (an upload), or ``None`` (from the kind).
         step: slider step.
         hidden: not offered in the web form (still accepted everywhere).
+        advanced: offered in the web form behind its "Advanced options" disclosure
+            (research ablations, tiling internals), not among the main fields.
     """
 
     name: str
@@ -88,6 +90,7 @@ class OptionInfo:
     widget: str | None = None
     step: float | None = None
     hidden: bool = False
+    advanced: bool = False
 
     @property
     def flag(self) -> str:
@@ -122,6 +125,7 @@ def option(
     widget: str | None = None,
     step: float | None = None,
     hidden: bool = False,
+    advanced: bool = False,
 ) -> Any:
     """A dataclass field of a :class:`MethodOptions` subclass (see the module docstring).
 
@@ -142,6 +146,7 @@ def option(
             "widget": widget,
             "step": step,
             "hidden": hidden,
+            "advanced": advanced,
         }
     }
     return field(default=default, metadata=meta)
@@ -290,6 +295,11 @@ class MethodOptions:
         """The options (of one ``stage``) whose value differs from the default."""
         infos = self.infos()
         return {n: v for n, v in self.values(stage).items() if v != infos[n].default}
+
+    def resolved_defaults(self) -> dict[str, Any]:
+        """Run options whose declared default (``None``) stands for a value the build options decide
+        (a checkpoint's setting): ``{name: value}``. The base class has none; the web form shows these."""
+        return {}
 
     def build_key(self) -> tuple[Any, ...]:
         """A hashable identity of the build options (methods are cached per key)."""

@@ -139,8 +139,12 @@ class CoSeROptions(LatentSROptions):
         metavar="PX",
         help="long side of the generated reference (at most the output size)",
     )
-    no_reference: bool = option(False, help="ablation: no reference image (AiA keeps only the LR attention)")
-    no_cognition: bool = option(False, help="ablation: no cognitive embedding (the prompt's text embedding instead)")
+    no_reference: bool = option(
+        False, advanced=True, help="ablation: no reference image (AiA keeps only the LR attention)"
+    )
+    no_cognition: bool = option(
+        False, advanced=True, help="ablation: no cognitive embedding (the prompt's text embedding instead)"
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints

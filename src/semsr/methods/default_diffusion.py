@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from semsr.core.components import INDEX_FILE
+from semsr.core.components import INDEX_FILE, read_index
 from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.method import MethodSpec, ProgressFn
@@ -78,13 +78,14 @@ class DefaultDiffusionOptions(MethodOptions):
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
     guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
-    no_text_prior: bool = option(False, help="ablation: empty text condition (no prompt, no IRPAD)")
-    no_edge_prior: bool = option(False, help="ablation: no edge map (zero ControlNet hint)")
+    no_text_prior: bool = option(False, advanced=True, help="ablation: empty text condition (no prompt, no IRPAD)")
+    no_edge_prior: bool = option(False, advanced=True, help="ablation: no edge map (zero ControlNet hint)")
     priors_in_prompt: bool = option(
         False, hidden=True, help="the prompt already holds the (edited) degradation description"
     )
     latent_tile: int | None = option(
         None,
+        advanced=True,
         min=0,
         max=1 << 16,
         units="working-space px",
@@ -92,8 +93,23 @@ class DefaultDiffusionOptions(MethodOptions):
         help=f"working-space tile side, overrides --tile (default: {DEFAULT_TILE})",
     )
     tile_overlap: int | None = option(
-        None, min=0, max=1 << 16, units="working-space px", metavar="N", help="overlap of tiles (default: tile/4)"
+        None,
+        advanced=True,
+        min=0,
+        max=1 << 16,
+        units="working-space px",
+        metavar="N",
+        help="overlap of tiles (default: tile/4)",
     )
+
+    def resolved_defaults(self) -> dict[str, Any]:
+        """``steps``: the checkpoint's ``default_steps`` (``{}`` when the checkpoint folder is unreadable)."""
+        folder = Path(self.checkpoint).expanduser() if self.checkpoint else packaged_weights()
+        try:
+            steps = read_index(folder).meta.get("default_steps")
+        except UnavailableError:
+            return {}
+        return {} if steps is None else {"steps": int(steps)}
 
 
 # ---------------------------------------------------------------------- priors

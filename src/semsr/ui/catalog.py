@@ -22,6 +22,14 @@ any text option named like a suggested key, e.g. xpsr's ``low_prompt``), then
 runs with ``priors_in_prompt`` so the method uses the (edited) fields as given.
 Bool options named ``save_*`` (e.g. coser's ``save_reference``) are switched on
 by the server so the side images they produce are shown with the priors.
+
+Options declared ``advanced=True`` (research ablations, tiling internals) are
+marked ``advanced`` and shown behind the page's "Advanced options" disclosure.
+Every field carries its real default: the declared one, or for a ``None``
+default that a checkpoint decides (the default model's ``steps``) the value of
+:meth:`~semsr.core.options.MethodOptions.resolved_defaults` with the server's
+weight paths. :func:`presets` turns those defaults into the page's fidelity /
+balanced / detail presets: concrete values of the method's own options.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from semsr.core.errors import SemsrError
 from semsr.core.method import MethodSpec
 from semsr.core.options import OptionInfo
 from semsr.methods import specs
@@ -40,6 +49,10 @@ from semsr.priors.report import PRIORS_IN_PROMPT
 SERVE_PATHS = ("base", "controlnet", "checkpoint", "vlm", "clip")
 #: Run options with a fixed place on the page (shown when the method has them).
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
+#: The page's presets, in display order (see :func:`presets`).
+PRESETS = ("fidelity", "balanced", "detail")
+#: Colour fixes a fidelity preset picks, first available wins (keeps the input's colours).
+_FAITHFUL_COLOUR = ("wavelet", "adain")
 #: Options the page never renders per method (fixed fields, or sent by the page itself).
 _SKIP = {"tile", "tile_pad", PRIORS_IN_PROMPT, *COMMON_FIELDS}
 
@@ -87,11 +100,14 @@ def _widget(info: OptionInfo) -> str:
     return "number" if info.kind in ("int", "float") else "text"
 
 
-def option_schema(info: OptionInfo) -> dict[str, Any]:
-    """JSON description of one option for the page."""
-    default = info.default if isinstance(info.default, (str, int, float, bool)) or info.default is None else None
-    if isinstance(info.default, tuple):
-        default = ",".join(map(str, info.default))
+def option_schema(info: OptionInfo, resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """JSON description of one option for the page; ``resolved``: real values of ``None`` defaults."""
+    value = info.default
+    if value is None and resolved and info.name in resolved:
+        value = resolved[info.name]
+    default = value if isinstance(value, (str, int, float, bool)) or value is None else None
+    if isinstance(value, tuple):
+        default = ",".join(map(str, value))
     return {
         "dest": info.name,
         "label": info.name.replace("_", "-"),
@@ -103,7 +119,59 @@ def option_schema(info: OptionInfo) -> dict[str, Any]:
         "max": info.max,
         "step": info.step,
         "default": default,
+        "advanced": info.advanced,
     }
+
+
+def resolved_defaults(spec: MethodSpec, paths: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's :meth:`~semsr.core.options.MethodOptions.resolved_defaults` with the server's weight paths
+    (``{}`` when those paths do not parse)."""
+    try:
+        return spec.parse(paths_for(spec, paths)).resolved_defaults()
+    except SemsrError:
+        return {}
+
+
+def presets(common: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Fidelity / balanced / detail as concrete values of the method's common options.
+
+    ``common``: the entry's common fields (:func:`option_schema`, defaults resolved, bounds the server's).
+    ``balanced`` is the method's defaults; ``fidelity`` halves the sampling steps (rounded down, so a
+    1-step default gives 0 where the method allows it: its deterministic first stage), brings the
+    guidance halfway to 1 and picks a colour-preserving fix; ``detail`` doubles the steps (at least 4)
+    and raises guidance above 1 by half. Only options the method has, clamped to their bounds; no
+    presets for a method without a steps option (a single-pass restorer has nothing to trade).
+    """
+    steps = common.get("steps")
+    if not steps or not isinstance(steps.get("default"), int):
+        return {}
+
+    def clamp(field: Mapping[str, Any], value: float) -> float:
+        lo, hi = field.get("min"), field.get("max")
+        value = max(value, lo) if lo is not None else value
+        return min(value, hi) if hi is not None else value
+
+    n = int(steps["default"])
+    out: dict[str, dict[str, Any]] = {
+        "fidelity": {"steps": int(clamp(steps, n // 2))},
+        "balanced": {"steps": n},
+        "detail": {"steps": int(clamp(steps, max(2 * n, 4)))},
+    }
+    guidance = common.get("guidance_scale")
+    if guidance and isinstance(guidance.get("default"), (int, float)):
+        g = float(guidance["default"])
+        out["fidelity"]["guidance_scale"] = round(clamp(guidance, 1.0 + (g - 1.0) / 2 if g > 1 else g), 2)
+        out["balanced"]["guidance_scale"] = g
+        out["detail"]["guidance_scale"] = round(clamp(guidance, 1.0 + (g - 1.0) * 1.5 if g > 1 else g), 2)
+    colour = common.get("colour_fix")
+    if colour:
+        faithful = next((c for c in _FAITHFUL_COLOUR if c in colour["choices"]), None)
+        default = colour.get("default")
+        for name in PRESETS:
+            value = faithful if name == "fidelity" and faithful else default
+            if value is not None:
+                out[name]["colour_fix"] = value
+    return out
 
 
 def form_options(spec: MethodSpec) -> list[OptionInfo]:
@@ -140,7 +208,8 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
     if row.get("needs") and len(missing) == len(needs):
         available, reason = False, f"needs {row['needs']}"
     infos = spec.options.infos()
-    common = {n: option_schema(infos[n]) for n in COMMON_FIELDS if n in infos and not infos[n].hidden}
+    resolved = resolved_defaults(spec, paths)
+    common = {n: option_schema(infos[n], resolved) for n in COMMON_FIELDS if n in infos and not infos[n].hidden}
     return {
         "name": spec.name,
         "scale": spec.scale,
@@ -149,7 +218,8 @@ def method_entry(spec: MethodSpec, row: Mapping[str, Any], paths: Mapping[str, A
         "reason": reason,
         "diffusion": spec.diffusion,
         "common": common,
-        "options": [option_schema(i) for i in form_options(spec)],
+        "options": [option_schema(i, resolved) for i in form_options(spec)],
+        "presets": presets(common),
         "missing_paths": missing if available else [],
         "suggests_priors": spec.suggests_priors,
         "priors_in_prompt": PRIORS_IN_PROMPT in infos,

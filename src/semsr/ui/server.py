@@ -4,11 +4,13 @@ The page (``static/index.html``, ``app.js``, ``app.css``) talks to a small JSON 
 
 ==========================  ===================================================
 ``GET  /``                  the page
-``GET  /api/config``        limits (upload bytes, pixels, queue, steps, job time) and defaults
+``GET  /api/config``        limits (upload bytes, pixels, queue, steps, job time), defaults, example images
 ``GET  /api/methods``       the method picker (:func:`semsr.ui.catalog.catalogue`)
 ``POST /api/images``        upload one image (raw request body) -> ``{id, width, height}``
 ``GET  /api/images/<id>``   the uploaded image as PNG
-``POST /api/jobs``          JSON ``{kind: "upscale"|"priors", image, method, ...}`` -> ``{id, position}``
+``GET  /api/examples/<name>``  an example image (the bundled sample) as PNG
+``POST /api/examples/<name>``  JSON ``{}``: use the example as an upload -> ``{id, width, height}``
+``POST /api/jobs``          JSON ``{kind: "upscale"|"priors", image, method, outscale, ...}`` -> ``{id, position}``
 ``GET  /api/jobs/<id>``     state, queue position, progress, output
 ``DELETE /api/jobs/<id>``   cancel a job (queued: dropped; running: stopped at its next step)
 ``GET  /api/jobs/<id>/result[?download=1]``  full-resolution PNG
@@ -17,7 +19,7 @@ The page (``static/index.html``, ``app.js``, ``app.css``) talks to a small JSON 
 
 A job's options are validated by the method's options class
 (:meth:`semsr.core.method.MethodSpec.parse`) when it is submitted: every
-request field other than ``kind``, ``image``, ``method`` and ``options`` is a
+request field other than ``kind``, ``image``, ``method``, ``outscale`` and ``options`` is a
 run option of the method (the page sends ``prompt``, ``negative_prompt``,
 ``steps``, ``guidance_scale``, ``seed``, ``colour_fix``, ``tile``,
 ``priors_in_prompt``), and ``options`` (a JSON object ``{name: value}``) holds
@@ -26,7 +28,11 @@ them (``"3"`` and ``3`` alike, ``1.5`` is no integer), ``null`` and ``""``
 mean "the default", an image option holds an upload id. An unknown option
 (named with the closest valid one), a build option (those come from the
 ``semsr serve`` command line), a bad value or more sampling steps than
-``max_steps`` is a 400 answer with the one-line reason.
+``max_steps`` is a 400 answer with the one-line reason. ``outscale`` (``null``
+or ``""`` = the method's own factor) is the result's final factor, as
+``semsr upscale --outscale``: a number above 0 and at most the method's scale
+(the native result is resized to ``round(outscale * size)``); anything else is
+refused with a 400.
 
 What the server refuses before any work (``docs/security.md``): a ``Host``
 header that is not an allowed host name (localhost by default: DNS
@@ -71,8 +77,9 @@ from semsr.api import load
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import picture_to_pil, read_image
 from semsr.core.options import MethodOptions, OptionError, closest
+from semsr.core.paths import assets_dir
 from semsr.methods import resolve
-from semsr.ui.catalog import catalogue, find, paths_for
+from semsr.ui.catalog import catalogue, find, paths_for, presets
 from semsr.ui.jobs import Job, JobQueue, QueueFull
 
 log = logging.getLogger("semsr.ui")
@@ -81,7 +88,9 @@ STATIC = Path(__file__).with_name("static")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _PRIOR_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: Fields of a job request that are not options of the method.
-REQUEST_FIELDS = ("kind", "image", "method", "options")
+REQUEST_FIELDS = ("kind", "image", "method", "outscale", "options")
+#: Example images offered on the page (one click uses them as an upload): name -> file.
+EXAMPLES = {"sample": assets_dir() / "sample.png"}
 #: Deepest nesting of a job request (the page sends depth 2).
 MAX_JSON_DEPTH = 8
 #: Largest job request body.
@@ -154,6 +163,7 @@ class DemoApp:
                     for field in [*entry["common"].values(), *entry["options"]]:
                         if _is_steps(field["dest"], field["type"]):
                             field["max"] = min(field["max"] or self.max_steps, self.max_steps)
+                    entry["presets"] = presets(entry["common"])  # within the server's bounds
             self._methods = entries
         return self._methods
 
@@ -166,7 +176,24 @@ class DemoApp:
             "max_steps": self.max_steps,
             "job_timeout": self.job_timeout,
             "default_method": self.default_method,
+            "examples": self.examples(),
         }
+
+    def examples(self) -> list[dict[str, Any]]:
+        """The example images that exist: ``[{name, width, height}]``."""
+        out = []
+        for name, path in EXAMPLES.items():
+            if path.is_file():
+                with Image.open(path) as im:
+                    out.append({"name": name, "width": im.width, "height": im.height})
+        return out
+
+    def example_path(self, name: str) -> Path:
+        """The file of example ``name``; :class:`InputError` for an unknown one."""
+        path = EXAMPLES.get(name)
+        if path is None or not path.is_file():
+            raise InputError(f"unknown example image {_short(name)}")
+        return path
 
     # ---------------------------------------------------------- images
     def _new_id(self, prefix: str) -> str:
@@ -233,6 +260,7 @@ class DemoApp:
             raise InputError(f"image must be the id of an upload, got {_short(image)}")
         self.image(image)  # exists?
         self.options(entry, body)  # validate now: errors answer the request, not the job
+        outscale(body.get("outscale"), resolve(name).scale)
         return self.queue.submit(kind, dict(body, method=name))
 
     def build_values(self, spec: Any) -> dict[str, Any]:
@@ -301,7 +329,8 @@ class DemoApp:
             priors = pipe.suggest_priors(pic)
             return {"priors": _json_priors(priors, None)}
         job.progress("upscale", 0, 0)
-        result = pipe(pic, options, on_progress=job.progress)
+        factor = outscale(body.get("outscale"), spec.scale)
+        result = pipe(pic, options, outscale=factor, on_progress=job.progress)
         folder = self.workdir / job.id
         folder.mkdir(exist_ok=True)
         result.image.save(folder / "result.png")
@@ -315,10 +344,11 @@ class DemoApp:
             "height": result.image.height,
             "method": spec.name,
             "scale": spec.scale,
+            "outscale": factor if factor is not None else spec.scale,
             "timings": {k: round(v, 3) for k, v in result.timings.items()},
             "priors": _json_priors(result.priors, prior_images),
             "options": _json_options(options.changed("run")),
-            "filename": f"{Path(info['name']).stem or 'image'}_{spec.name}_x{spec.scale}.png",
+            "filename": f"{Path(info['name']).stem or 'image'}_{spec.name}_x{factor or spec.scale:g}.png",
         }
 
     def job_status(self, job: Job) -> dict[str, Any]:
@@ -343,6 +373,26 @@ class DemoApp:
     def close(self) -> None:
         self.queue.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def outscale(value: Any, scale: int) -> float | None:
+    """The job's ``outscale`` field: ``None`` (the method's ``scale``) or a factor in ``(0, scale]``;
+    :class:`OptionError` for anything else."""
+    if value is None or value == "":
+        return None
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not (0 < number <= scale):
+        raise OptionError(
+            f"outscale: expected a factor above 0 and at most the method's scale {scale}, got {_short(value)}"
+        )
+    return None if number == scale else number
 
 
 def _is_steps(name: str, kind: str) -> bool:
@@ -645,6 +695,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, self.app.methods())
         elif len(parts) == 3 and parts[:2] == ["api", "images"] and _ID.match(parts[2]):
             self._file(Path(self.app.image(parts[2])["preview"]), "image/png")
+        elif len(parts) == 3 and parts[:2] == ["api", "examples"] and _ID.match(parts[2]):
+            self._file(self.app.example_path(parts[2]), "image/png")
         elif len(parts) >= 3 and parts[:2] == ["api", "jobs"] and _ID.match(parts[2]):
             self._get_job(parts[2], parts[3:], parse_qs(url.query))
         elif parts == ["favicon.ico"]:
@@ -678,6 +730,10 @@ class Handler(BaseHTTPRequestHandler):
             data = self._read_body(self.app.max_upload_bytes, "the file", "the upload limit")
             name = unquote(self.headers.get("X-Filename") or "upload")
             self._json(201, self.app.add_image(data, name))
+        elif len(parts) == 3 and parts[:2] == ["api", "examples"] and _ID.match(parts[2]):
+            self._json_body()  # JSON only, like a job: a cross-site form cannot post it
+            path = self.app.example_path(parts[2])
+            self._json(201, self.app.add_image(path.read_bytes(), path.name))
         elif parts == ["api", "jobs"]:
             job = self.app.submit(self._json_body())
             self._json(202, {"id": job.id, "position": self.app.queue.position(job)})

@@ -2,8 +2,9 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 // suggested: field -> value last pre-filled from priors; priorsInPrompt: the prompts came from priors (maybe edited).
-const state = { config: null, methods: [], image: null, job: null, result: null, point: null, refs: {},
-  suggested: {}, priorsInPrompt: false };
+// images: the current batch of uploads (image = the first, used for priors); active: ids of running/queued jobs.
+const state = { config: null, methods: [], image: null, images: [], job: null, active: new Set(), result: null,
+  point: null, refs: {}, suggested: {}, priorsInPrompt: false, preset: "balanced", history: [] };
 
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; if (msg) showNote(""); }
 function showNote(msg) { const e = $("note"); e.textContent = msg; e.hidden = !msg; }
@@ -52,7 +53,10 @@ function optionField(o) {
   let input;
   if (o.widget === "select") {
     input = document.createElement("select");
-    input.innerHTML = '<option value="">default</option>' + o.choices.map((c) => `<option>${c}</option>`).join("");
+    input.innerHTML = (o.default === null || o.default === undefined ? '<option value="">automatic</option>' : "") +
+      o.choices.map((c) => `<option>${c}</option>`).join("");
+    input.value = o.default === null || o.default === undefined ? "" : String(o.default);
+    input.dataset.default = input.value;  // left at its default, the option is not sent
   } else if (o.widget === "checkbox") {
     input = document.createElement("input"); input.type = "checkbox"; input.checked = o.default === true;
     input.dataset.default = String(o.default === true);  // sent only when changed
@@ -78,7 +82,7 @@ function optionField(o) {
     if (o.type === "float") input.step = o.step ?? "any";
     if (o.min !== null && o.min !== undefined) input.min = o.min;
     if (o.max !== null && o.max !== undefined) input.max = o.max;
-    input.placeholder = o.default === null || o.default === undefined || o.default === "" ? "default" : String(o.default);
+    showDefault(input, o);
   }
   input.dataset.dest = o.dest; input.dataset.widget = o.widget; input.dataset.type = o.type;
   if (!label.contains(input)) {
@@ -87,7 +91,16 @@ function optionField(o) {
   return label;
 }
 
-// Show the common fields the method has, with its bounds, choices and defaults as placeholders.
+// The field holds the option's real default as its value (left unchanged, it is not sent); an option
+// without one (null: decided at run time, e.g. a tile side) shows what that means as a placeholder.
+function showDefault(el, o) {
+  const none = o.default === null || o.default === undefined;
+  el.value = none ? "" : String(o.default);
+  el.dataset.default = el.value;
+  el.placeholder = none ? "auto" : "";
+}
+
+// Show the common fields the method has, with its bounds, choices and real default values.
 function setupCommon(m) {
   const common = m.common || {};
   for (const k of COMMON) {
@@ -95,15 +108,48 @@ function setupCommon(m) {
     el.closest("label").hidden = !o;
     if (!o) continue;
     if (k === "colour_fix") {
-      el.innerHTML = '<option value="">default</option>' + o.choices.map((c) => `<option>${c}</option>`).join("");
+      el.innerHTML = o.choices.map((c) => `<option>${c}</option>`).join("");
+      el.value = o.default; el.dataset.default = o.default;
+      continue;
+    }
+    if (k === "prompt" || k === "negative_prompt") {
+      el.placeholder = "optional: " + o.help;  // what the prompt does for this method
       continue;
     }
     if (o.min !== null && o.min !== undefined) el.min = o.min; else el.removeAttribute("min");
     if (o.max !== null && o.max !== undefined) el.max = o.max; else el.removeAttribute("max");
-    el.placeholder = o.default === null || o.default === undefined || o.default === "" ? "default" : String(o.default);
+    showDefault(el, o);
   }
   $("diffusion").hidden = Object.keys(common).length === 0;
   $("extract").hidden = !m.suggests_priors;
+}
+
+// The output scale: the method's own factor or a smaller one (the native result resized, as --outscale).
+function setupOutscale(m) {
+  const sel = $("outscale"), keep = sel.value;
+  const factors = [1, 1.5, 2, 3, 4, 8].filter((f) => f < m.scale);
+  sel.innerHTML = `<option value="">×${m.scale} (the method's own)</option>` +
+    factors.map((f) => `<option value="${f}">×${f}</option>`).join("");
+  sel.value = factors.map(String).includes(keep) ? keep : "";
+}
+
+// Presets: concrete values of the method's options (from the server), shown and written into the fields.
+const NAMES = { steps: "steps", guidance_scale: "guidance", colour_fix: "colour fix" };
+function describePreset(values) { return Object.entries(values).map(([k, v]) => `${NAMES[k] || k} ${v}`).join(" · "); }
+
+function setupPresets(m) {
+  const presets = m.presets || {};
+  $("presets-box").hidden = Object.keys(presets).length === 0;
+  for (const b of document.querySelectorAll(".preset")) b.title = presets[b.dataset.preset] ? describePreset(presets[b.dataset.preset]) : "";
+  applyPreset(presets.balanced ? "balanced" : null);
+}
+
+function applyPreset(name) {
+  const m = currentMethod(), values = name && m.presets ? m.presets[name] : null;
+  state.preset = values ? name : null;
+  if (values) for (const [k, v] of Object.entries(values)) $(k).value = String(v);
+  for (const b of document.querySelectorAll(".preset")) b.classList.toggle("active", b.dataset.preset === state.preset);
+  $("preset-values").textContent = values ? `${name}: ${describePreset(values)}` : "custom settings";
 }
 
 function onMethodChange() {
@@ -112,35 +158,39 @@ function onMethodChange() {
   $("method-info").textContent = m.summary +
     (m.missing_paths && m.missing_paths.length ? ` (not configured: ${m.missing_paths.map((p) => "--" + p).join(", ")})` : "");
   setupCommon(m);
-  const fields = $("mo-fields");
-  fields.innerHTML = ""; state.refs = {};
-  for (const o of m.options) fields.appendChild(optionField(o));
+  setupOutscale(m);
+  setupPresets(m);
+  const fields = $("mo-fields"), adv = $("adv-fields");
+  fields.innerHTML = ""; adv.innerHTML = ""; state.refs = {};
+  for (const o of m.options) (o.advanced ? adv : fields).appendChild(optionField(o));  // research switches: Advanced
   $("mo-name").textContent = m.name;
-  $("method-options").hidden = m.options.length === 0;
+  $("method-options").hidden = !m.options.some((o) => !o.advanced);
   updateRun();
   if (state.image && m.suggests_priors && !state.job) extractPriors(true);
 }
 
-function updateRun() { $("run").disabled = !state.image || !currentMethod() || !!state.job; }
+function updateRun() {
+  $("run").disabled = !state.image || !currentMethod() || !!state.job;
+  $("run").textContent = state.images.length > 1 ? `Upscale ${state.images.length} images` : "Upscale";
+}
 
-function collect() {
+function collect(image) {
   const m = currentMethod();
-  const body = { kind: "upscale", image: state.image.id, method: m.name, tile: $("tile").value };
+  const body = { kind: "upscale", image: image.id, method: m.name, tile: $("tile").value, outscale: $("outscale").value };
   for (const k of Object.keys(m.common || {})) body[k] = $(k).value;
   if (state.priorsInPrompt && m.priors_in_prompt) body.priors_in_prompt = true;
   const options = {};
-  for (const el of $("mo-fields").querySelectorAll("[data-dest]")) {
+  for (const el of document.querySelectorAll("#mo-fields [data-dest], #adv-fields [data-dest]")) {
     const d = el.dataset.dest;
     if (el.dataset.widget === "checkbox") { if (String(el.checked) !== el.dataset.default) options[d] = el.checked; }
     else if (el.dataset.widget === "image") { if (state.refs[d]) options[d] = state.refs[d]; }
-    else if (el.dataset.widget === "slider") { if (el.value !== el.dataset.default) options[d] = el.value; }
-    else if (el.value !== "") options[d] = el.value;
+    else if (el.value !== el.dataset.default) options[d] = el.value;
   }
   body.options = options;
   return body;
 }
 
-function setProgress(st) {
+function setProgress(st, prefix) {
   $("progress-box").hidden = false;
   const bar = $("bar");
   let text;
@@ -154,35 +204,98 @@ function setProgress(st) {
     if (st.total) { bar.className = ""; bar.style.width = (100 * frac).toFixed(1) + "%"; } else { bar.className = "indeterminate"; bar.style.width = ""; }
   } else if (st.state === "done") { text = `done in ${st.elapsed.toFixed(1)} s`; bar.className = ""; bar.style.width = "100%"; }
   else { text = st.state; bar.className = ""; }
-  $("progress-text").textContent = text;
+  $("progress-text").textContent = (prefix || "") + text;
 }
 
-async function runJob(body) {
+async function submitJob(body) {
   const sub = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-  state.job = sub.id; updateRun();
-  // Cancel: a queued job is dropped, a running one stops after its current step.
+  state.active.add(sub.id);
+  return sub.id;
+}
+
+// Poll a job until it ends: its final status, or an error (err.cancelled when it was cancelled).
+async function waitJob(id, prefix) {
+  for (;;) {
+    const st = await api(`/api/jobs/${id}`);
+    setProgress(st, prefix);
+    $("status").textContent = st.state === "queued" ? `queue position ${st.position}` : st.state;
+    if (st.state !== "queued" && st.state !== "running") state.active.delete(id);
+    if (st.state === "done") return st;
+    if (st.state === "cancelled") { const err = new Error(st.message || "cancelled"); err.cancelled = true; throw err; }
+    if (st.state === "error") throw new Error(st.message || st.state);
+    await new Promise((r) => setTimeout(r, 400));
+  }
+}
+
+// While jobs run: the Cancel button drops the queued ones and stops the running one after its current step.
+async function withJobs(work) {
+  state.job = true; updateRun();
   const cancel = $("cancel");
   cancel.hidden = false; cancel.disabled = false;
+  state.cancelled = false;
   cancel.onclick = () => {
-    cancel.disabled = true;
-    api(`/api/jobs/${sub.id}`, { method: "DELETE" }).catch((err) => showError(err.message));
+    cancel.disabled = true; state.cancelled = true;  // and submit no more of the batch
+    for (const id of [...state.active].reverse())  // queued ones first, so none starts meanwhile
+      api(`/api/jobs/${id}`, { method: "DELETE" }).catch(() => {});
   };
-  try {
-    for (;;) {
-      const st = await api(`/api/jobs/${sub.id}`);
-      setProgress(st);
-      $("status").textContent = st.state === "queued" ? `queue position ${st.position}` : st.state;
-      if (st.state === "done") return st;
-      if (st.state === "cancelled") { const err = new Error(st.message || "cancelled"); err.cancelled = true; throw err; }
-      if (st.state === "error") throw new Error(st.message || st.state);
-      await new Promise((r) => setTimeout(r, 400));
-    }
-  } finally { state.job = null; cancel.hidden = true; cancel.onclick = null; updateRun(); }
+  try { return await work(); }
+  finally { state.job = null; state.active.clear(); cancel.hidden = true; cancel.onclick = null; updateRun(); }
 }
 
-function showResult(st) {
+async function runJob(body) { return withJobs(async () => waitJob(await submitJob(body))); }
+
+// Upscale every image of the batch: queued as jobs (the server runs one at a time; at most its max_jobs
+// are queued at once, the next one each time one ends), each finished one shown and added to the
+// session's results.
+async function runBatch() {
+  const images = state.images.slice(), ids = [];
+  const submitUpTo = async (n) => {
+    while (ids.length < Math.min(n, images.length) && !state.cancelled) ids.push(await submitJob(collect(images[ids.length])));
+  };
+  return withJobs(async () => {
+    await submitUpTo(state.config.max_jobs);
+    let cancelled = 0;
+    for (let i = 0; i < images.length; i++) {
+      if (i >= ids.length) { cancelled += 1; continue; }  // cancelled before it was submitted
+      const id = ids[i];
+      try {
+        const st = await waitJob(id, images.length > 1 ? `image ${i + 1}/${images.length}: ` : "");
+        showResult(st, images[i]);
+        addHistory(st, images[i]);
+      } catch (err) {
+        if (!err.cancelled) throw err;
+        cancelled += 1;
+      }
+      await submitUpTo(i + 1 + state.config.max_jobs);
+    }
+    if (cancelled) {
+      const err = new Error(images.length === 1 ? "cancelled while running" : `${cancelled} of ${images.length} images cancelled`);
+      err.cancelled = true; throw err;
+    }
+  });
+}
+
+function addHistory(st, image) {
   const out = st.output;
-  state.result = { id: st.id, ...out };
+  state.history.unshift({ id: st.id, image, output: out });
+  const li = document.createElement("li");
+  li.dataset.job = st.id;
+  const img = document.createElement("img"); img.src = `/api/jobs/${st.id}/result`; img.alt = out.filename;
+  const a = document.createElement("a"); a.href = `/api/jobs/${st.id}/result?download=1`; a.download = out.filename;
+  a.textContent = out.filename;
+  const info = document.createElement("span"); info.className = "small muted";
+  info.textContent = `${image.width}×${image.height} → ${out.width}×${out.height} · ${out.method} · ${st.elapsed.toFixed(1)} s`;
+  const show = document.createElement("button"); show.type = "button"; show.className = "secondary"; show.textContent = "Show";
+  show.onclick = () => showResult(st, image);
+  li.append(img, a, info, show);
+  $("history-list").prepend(li);
+  $("history").hidden = false;
+}
+
+function showResult(st, image) {
+  const out = st.output;
+  image = image || state.image;
+  state.result = { id: st.id, input: image, ...out };
   const after = $("after"), before = $("before");
   after.onload = () => {
     // Show small results enlarged (at least 512 px wide) and big ones fitted to the view.
@@ -192,14 +305,14 @@ function showResult(st) {
     after.style.width = Math.round(after.naturalWidth * Math.min(want, fit)) + "px";
     drawCrops();
   };
-  before.src = `/api/images/${state.image.id}`;
+  before.src = `/api/images/${image.id}`;
   after.src = `/api/jobs/${st.id}/result`;
-  $("placeholder").hidden = true; $("compare").hidden = false;
+  $("placeholder").hidden = true; $("preview-box").hidden = true; $("compare").hidden = false;
   $("result-bar").hidden = false; $("crops").hidden = false;
   const dl = $("download");
   dl.href = `/api/jobs/${st.id}/result?download=1`; dl.download = out.filename;
   const t = out.timings;
-  $("result-info").textContent = `${out.method}: ${state.image.width}×${state.image.height} → ${out.width}×${out.height} · ` +
+  $("result-info").textContent = `${out.method}: ${image.width}×${image.height} → ${out.width}×${out.height} · ` +
     `upscale ${t.upscale.toFixed(2)} s` + (t.load > 0.01 ? ` · load ${t.load.toFixed(2)} s` : "");
   renderPriors(out.priors);
 }
@@ -221,7 +334,7 @@ function drawCrops() {
   const r = state.result; if (!r) return;
   const after = $("after"), before = $("before");
   if (!after.complete || !before.complete || !after.naturalWidth) return;
-  const s = r.width / state.image.width;
+  const s = r.width / r.input.width;
   const p = state.point || { x: 0.5, y: 0.5 };
   const size = 128, view = 256;  // 128 output pixels shown 2x
   let ax = Math.round(p.x * r.width - size / 2), ay = Math.round(p.y * r.height - size / 2);
@@ -250,24 +363,64 @@ function setupCompare() {
   move();
 }
 
-async function onFile(file) {
+// New input images (uploads or an example): preview them; several make a batch.
+async function setImages(load, label) {
   showError("");
-  state.image = null; updateRun();
+  state.image = null; state.images = []; updateRun();
   $("drop").classList.remove("has-file");
-  if (!file) return;
-  $("drop-text").textContent = `uploading ${file.name}…`;
+  $("drop-text").textContent = `uploading ${label}…`;
   try {
-    state.image = await uploadFile(file);
-    $("drop-text").textContent = `${state.image.name} · ${state.image.width}×${state.image.height}`;
+    state.images = await load();
+    state.image = state.images[0];
+    $("drop-text").textContent = state.images.length === 1 ? `${state.image.name} · ${state.image.width}×${state.image.height}`
+      : `${state.images.length} images: ${state.images.map((i) => i.name).join(", ")}`;
     $("drop").classList.add("has-file");
-    $("before").src = `/api/images/${state.image.id}`;
+    showPreview();
     forgetSuggestions();
     if (currentMethod() && currentMethod().suggests_priors) extractPriors(true);
   } catch (err) {
-    $("drop-text").textContent = "Drop an image here or choose a file";
+    $("drop-text").textContent = "Drop images here or choose files (several = a batch)";
     showError(err.message);
   }
   updateRun();
+}
+
+async function onFiles(files) {
+  files = [...(files || [])];
+  if (!files.length) return;
+  const images = [];
+  await setImages(async () => { for (const f of files) images.push(await uploadFile(f)); return images; },
+    files.length === 1 ? files[0].name : `${files.length} files`);
+}
+
+function useExample(name) {
+  return setImages(async () => [await api(`/api/examples/${name}`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" })], name);
+}
+
+// The uploaded images, shown at once (before any run).
+function showPreview() {
+  const box = $("previews"); box.innerHTML = "";
+  for (const im of state.images) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img"); img.src = `/api/images/${im.id}`; img.alt = im.name;
+    const cap = document.createElement("figcaption"); cap.textContent = `${im.name} · ${im.width}×${im.height}`;
+    fig.append(img, cap); box.appendChild(fig);
+  }
+  $("preview-count").textContent = state.images.length > 1 ? ` (a batch of ${state.images.length})` : "";
+  $("placeholder").hidden = true; $("compare").hidden = true; $("result-bar").hidden = true; $("crops").hidden = true;
+  $("preview-box").hidden = false;
+}
+
+function setupExamples() {
+  const box = $("examples");
+  for (const ex of state.config.examples || []) {
+    const b = document.createElement("button"); b.type = "button"; b.className = "secondary example"; b.dataset.example = ex.name;
+    const img = document.createElement("img"); img.src = `/api/examples/${ex.name}`; img.alt = "";
+    b.append(img, `${ex.name} (${ex.width}×${ex.height})`);
+    b.addEventListener("click", () => useExample(ex.name));
+    box.appendChild(b);
+  }
+  box.hidden = !(state.config.examples || []).length;
 }
 
 async function main() {
@@ -278,15 +431,19 @@ async function main() {
   $("status").textContent = `semsr ${state.config.version}`;
   renderMethods();
   setupCompare();
+  setupExamples();
   $("method").addEventListener("change", onMethodChange);
-  $("file").addEventListener("change", () => onFile($("file").files[0]));
+  $("file").addEventListener("change", () => onFiles($("file").files));
+  for (const b of document.querySelectorAll(".preset")) b.addEventListener("click", () => applyPreset(b.dataset.preset));
+  for (const k of ["steps", "guidance_scale", "colour_fix"])
+    $(k).addEventListener("input", () => { if (state.preset) applyPreset(null); });  // edited by hand: custom
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); onFile(e.dataTransfer.files[0]); });
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); onFiles(e.dataTransfer.files); });
   $("run").addEventListener("click", async () => {
     showError(""); showNote("");
-    try { showResult(await runJob(collect())); }
+    try { await runBatch(); }
     catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); $("progress-box").hidden = true; }
   });
   $("extract").addEventListener("click", () => extractPriors(false));
@@ -294,7 +451,8 @@ async function main() {
 
 // The fields a suggestion may pre-fill: the prompts and the method's text options, by name.
 function prefillFields() {
-  const fields = { prompt: $("prompt"), negative_prompt: $("negative_prompt") };
+  const common = (currentMethod() || {}).common || {}, fields = {};
+  for (const k of ["prompt", "negative_prompt"]) if (common[k]) fields[k] = $(k);  // the method's own only
   for (const el of $("mo-fields").querySelectorAll("[data-dest]"))
     if (el.dataset.widget === "text") fields[el.dataset.dest] = el;
   return fields;
@@ -319,13 +477,18 @@ async function extractPriors(auto) {
     const st = await runJob({ kind: "priors", image: state.image.id, method: currentMethod().name });
     const p = st.output.priors || {};
     state.suggested = {};
+    // A suggested prompt that is only the degradation description (the default model's IRPAD text) is not
+    // written into the prompt after an upload: the method adds it by itself, and the prompt box stays the
+    // user's (the Extract button still fills it on request).
+    const degradationOnly = auto && typeof p.prompt === "string" && p.prompt === p.degradation;
     for (const [k, el] of Object.entries(fields)) {
-      if (typeof p[k] !== "string") continue;
+      if (typeof p[k] !== "string" || (degradationOnly && k === "prompt")) continue;
       el.value = p[k]; state.suggested[k] = p[k];
     }
-    if (typeof p.prompt === "string") state.priorsInPrompt = true;
+    if (typeof p.prompt === "string" && !degradationOnly) state.priorsInPrompt = true;
     renderPriors(p);
-    showNote(Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
+    showNote(degradationOnly ? `${currentMethod().name} adds the degradation it sees (${p.degradation}) to its text by itself; the prompt is optional`
+      : Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
       : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
   } catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); }
 }
