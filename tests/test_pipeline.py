@@ -390,7 +390,7 @@ def test_single_file_loads_same_weights_as_folder(tiny_models):
 
 
 def test_ckpt_single_file_loads_with_weights_only(tiny_models, tmp_path):
-    from semsr.pipeline.single_file import save_single_file
+    from semsr.core.single_file import save_single_file
 
     comps = load_sd(tiny_models / "sd")
     ckpt = save_single_file(tmp_path / "model.ckpt", unet=comps.unet, vae=comps.vae, text_encoder=comps.text_encoder)

@@ -51,6 +51,7 @@ from semsr.core.io import (
     picture_to_pil,
     read_image,
 )
+from semsr.core.loading import partial_loading
 from semsr.core.method import Method, MethodSpec, ProgressFn, SuggestsPriors
 from semsr.core.options import MethodOptions, OptionError
 from semsr.core.outputs import SROutput
@@ -106,7 +107,8 @@ def build_cached(spec: MethodSpec, options: MethodOptions) -> tuple[Method, floa
         _cache.move_to_end(key)
         return _cache[key], 0.0
     t0 = time.perf_counter()
-    built = spec.factory(options)
+    with partial_loading(bool(getattr(options, "partial_load", False))):
+        built = spec.factory(options)
     _cache[key] = built
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)

@@ -43,7 +43,7 @@ from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_move
 from semsr.core.loading import load_sd
 from semsr.core.paths import cache_dir
-from semsr.pipeline.single_file import save_single_file
+from semsr.core.single_file import save_single_file
 from semsr.pipeline.text import MiniLMTextEncoder
 
 TinyWriter = Callable[[Path], None]
