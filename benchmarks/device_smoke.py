@@ -116,7 +116,7 @@ def run_method(name: str, device: str, extra: dict[str, str], guard: bool) -> di
     return {"output_device": str(images.device), "shape": list(images.shape)}
 
 
-class _nothing:  # noqa: N801 - a stand-in for the guard's context manager
+class _nothing:
     def __enter__(self) -> None:
         return None
 
@@ -188,7 +188,16 @@ def _setup(work: Path) -> dict[str, str]:
     textures = write_textures(work / "textures")
     db = work / "db"
     rc = semsr_main(
-        ["index", "build", "--images", str(textures), "--out", str(db), "--embedder", f"clip:{resolve_model_path('tiny://clip-vision')}"]
+        [
+            "index",
+            "build",
+            "--images",
+            str(textures),
+            "--out",
+            str(db),
+            "--embedder",
+            f"clip:{resolve_model_path('tiny://clip-vision')}",
+        ]
     )
     pth = work / "rrdb.pth"
     save_pth(RRDBNet(RRDBConfig(num_block=1, num_feat=8, num_grow_ch=4, scale=4)), pth)

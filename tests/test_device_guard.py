@@ -3,6 +3,11 @@ and fail as CUDA would when an op mixes a device tensor with a host one."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +15,10 @@ from semsr.methods import build, resolve
 from semsr.pipeline.colorfix import colour_fix
 from semsr.testing.device_guard import VIRTUAL_DEVICE, DeviceGuard, DeviceMismatch
 from semsr.testing.tiny import resolve_model_path
+from semsr.train.config import load_config
+from semsr.train.tasks import build_task
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,3 +63,32 @@ def test_sd_controlnet_runs_on_the_simulated_device(fix):
         pipe = build("sd-controlnet", options)  # built under the guard: its modules move to the device
         out = pipe(guard.put(lr), options)
     assert out.images.shape == (1, 3, 64, 64)
+
+
+def test_training_step_and_validation_sampling_run_on_the_simulated_device():
+    """``semsr train --config configs/tiny.yaml`` on a GPU failed in validation sampling (the colour fix)."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [])
+    with DeviceGuard() as guard:
+        task = build_task(cfg)
+        task.setup(VIRTUAL_DEVICE, torch.float32)
+        model = copy.deepcopy(task.trainable).to(VIRTUAL_DEVICE)
+        sr = task.sample(model.eval(), guard.put(torch.rand(1, 3, 16, 16)), [""], 2, 1.0, seed=0)
+        assert sr.shape == (1, 3, 64, 64)
+        batch = {"hr": torch.rand(2, 3, 64, 64), "lr": torch.rand(2, 3, 16, 16), "prompt": ["", ""]}
+        out = task.compute(model.train(), {**batch, "seed": torch.tensor([0, 1])})
+        assert guard.on_device(out["pred"]) and guard.on_device(out["target"])
+
+
+def test_device_smoke_benchmark_runs_every_recipe_on_the_simulated_device(tmp_path):
+    """``benchmarks/device_smoke.py --guard``: each recipe (and a restorer per runtime, and the CLI) on the
+    simulated device; a row that mixes devices fails the run."""
+    spec = importlib.util.spec_from_file_location("device_smoke", REPO / "benchmarks" / "device_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    recipes = ["xpsr", "dalpsr", "mmsr", "coser", "rfa", "default-diffusion"]
+    only = [*recipes, "bicubic", "realesrgan-x4plus", "realcugan-2x", "cli"]
+    report = tmp_path / "smoke.json"
+    rc = smoke.main(["--device", "cpu", "--guard", "--no-train", "--json", str(report), "--only", *only])
+    rows = json.loads(report.read_text())["rows"]
+    assert {r["name"] for r in rows} >= {f"upscale {n}" for n in recipes}
+    assert rc == 0, [r for r in rows if r["status"] == "fail"]

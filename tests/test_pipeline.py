@@ -557,3 +557,17 @@ def test_compile_option_values() -> None:
     assert compile_mode("Freeze") == "freeze"
     with pytest.raises(SemsrError, match="compile must be"):
         compile_mode("fast")
+
+
+def test_dev_tiny_models_writes_what_it_can_without_an_optional_package(tmp_path, monkeypatch, capsys):
+    """Without the MiniLM package, ``semsr dev tiny-models`` writes the rest and names what it skipped."""
+    import semsr.pipeline.text as text
+    from semsr.cli import main
+
+    monkeypatch.setattr(text, "MINILM_PACKAGE", "semsr_no_such_minilm_package")
+    rc = main(["dev", "tiny-models", "--out", str(tmp_path), "--only", "sd", "controlnet", "sd-minilm"])
+    assert rc == 0
+    assert (tmp_path / "sd" / "model_index.json").is_file() and (tmp_path / "controlnet").is_dir()
+    assert not (tmp_path / "sd-minilm").exists()
+    err = capsys.readouterr().err
+    assert "skipped sd-minilm" in err and "pip install" in err
