@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.reference import cases as C
 
 from semsr.methods import build, resolve
 from semsr.pipeline.colorfix import colour_fix
+from semsr.priors.mmsr import ModalityTokens
 from semsr.testing.device_guard import VIRTUAL_DEVICE, DeviceGuard, DeviceMismatch
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import load_config
@@ -92,3 +94,40 @@ def test_device_smoke_benchmark_runs_every_recipe_on_the_simulated_device(tmp_pa
     rows = json.loads(report.read_text())["rows"]
     assert {r["name"] for r in rows} >= {f"upscale {n}" for n in recipes}
     assert rc == 0, [r for r in rows if r["status"] == "fail"]
+
+
+TRAIN_KEYS = [k for k, c in C.CASES.items() if k.startswith("train/") and c.kind == "trainer"]
+NO_SR_VALIDATION = {"train/rfa-aligner", "train/rfa-enhancer", "train/irpad"}  # they refuse validation.every
+
+
+@pytest.mark.parametrize("key", TRAIN_KEYS)
+def test_every_training_task_steps_and_validates_on_the_simulated_device(key, tiny_models, tmp_path, monkeypatch):
+    """One optimiser step and a validation of every training config's task, with Accelerate's device the
+    simulated one (so the trainer, the prepared loader and the task put everything there)."""
+    from accelerate import Accelerator
+
+    case = C.CASES[key]
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: VIRTUAL_DEVICE))
+    with C.isolated(parent=tmp_path) as work:
+        paths = C._prepare(case.needs, tiny_models, work)
+        overrides = C._fill(dict(case.overrides), paths)
+        if key not in NO_SR_VALIDATION:
+            overrides.update({"validation.every": 1, "validation.count": 1})
+        with DeviceGuard():
+            seen = C.train_with_trainer(C.REPO / str(case.config), overrides, work / "run")
+        assert "loss" in seen
+        log = (work / "run" / "log.jsonl").read_text()
+    assert ('"val"' in log) == (key not in NO_SR_VALIDATION)
+
+
+def test_mmsr_depth_and_segmentation_providers_run_on_the_method_device():
+    """They were built on the CPU whatever ``--device`` said."""
+    opts = {"depth": {"model": resolve_model_path("tiny://depth")}, "seg": {"model": resolve_model_path("tiny://seg")}}
+    with DeviceGuard() as guard:
+        tokens = ModalityTokens(["depth", "seg"], provider_opts=opts, use_cache=False, device=VIRTUAL_DEVICE)
+        for name in ("depth", "seg"):
+            provider = tokens.providers[name]
+            assert provider.device == VIRTUAL_DEVICE
+            assert guard.on_device(next(provider.model.parameters()))
+        vectors, maps = tokens.encode(guard.put(torch.rand(1, 3, 32, 32)))
+    assert set(vectors) == {"depth", "seg"} and maps["depth"].shape[-2:] == (32, 32)

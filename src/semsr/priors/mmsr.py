@@ -26,6 +26,8 @@ from semsr.priors.base import cached, get_provider
 #: Provider name of each spatial modality (``edge`` may also use ``hed``).
 DEFAULT_PROVIDERS: dict[str, str] = {"edge": "canny", "depth": "depth", "seg": "seg"}
 EDGE_PROVIDERS = ("canny", "hed")
+#: Providers that run a network, built on the tokens' ``device``.
+DEVICE_PROVIDERS = ("depth", "seg", "hed")
 
 
 class ModalityTokens:
@@ -37,6 +39,7 @@ class ModalityTokens:
         provider_opts: per modality, options of its provider (e.g. ``{"depth": {"model": PATH}}``).
         edge: provider of the ``edge`` modality, ``canny`` (default, as the paper) or ``hed``.
         use_cache: go through the on-disk prior cache.
+        device: where the tokenizer and the network providers (:data:`DEVICE_PROVIDERS`) run.
     """
 
     def __init__(
@@ -59,7 +62,10 @@ class ModalityTokens:
         opts = provider_opts or {}
         self.providers = {}
         for m in self.modalities:
-            provider = get_provider(names[m], **dict(opts.get(m, {})))
+            kwargs = dict(opts.get(m, {}))
+            if names[m] in DEVICE_PROVIDERS:
+                kwargs.setdefault("device", str(device))
+            provider = get_provider(names[m], **kwargs)
             self.providers[m] = cached(provider) if use_cache else provider
 
     @property

@@ -36,7 +36,9 @@ VIRTUAL_DEVICE = torch.device("cpu", 0)
 _DEVICE_PROPERTY = torch._C.TensorBase.device
 _DATA_PROPERTY = torch._C.TensorBase.data
 # Ops that may legitimately take host and device tensors together (copies and indexing).
-_MIXING_ALLOWED = frozenset({"copy_", "__setitem__", "__getitem__", "set_", "_has_compatible_shallow_copy_type"})
+_MIXING_ALLOWED = frozenset(
+    {"copy_", "__setitem__", "__getitem__", "set_", "_has_compatible_shallow_copy_type", "__deepcopy__"}
+)
 
 
 class DeviceMismatch(RuntimeError):
@@ -61,6 +63,32 @@ class DeviceGuard(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.tags: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self._depth = 0
+
+    def __enter__(self) -> DeviceGuard:
+        self._depth += 1
+        if self._depth > 1:  # put() inside the guard's own block
+            super().__enter__()
+            return self
+        # nn.Parameter(data) (e.g. in Parameter.__deepcopy__) wraps data without a torch function: keep its tag
+        self._parameter_new = torch.nn.Parameter.__new__
+        original, tags = self._parameter_new, self.tags
+
+        def parameter_new(cls: type, data: torch.Tensor | None = None, requires_grad: bool = True) -> Any:
+            param = original(cls, data, requires_grad)
+            if data is not None and data in tags:
+                tags[param] = True
+            return param
+
+        torch.nn.Parameter.__new__ = staticmethod(parameter_new)  # type: ignore[method-assign]
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._depth -= 1
+        if self._depth == 0:
+            torch.nn.Parameter.__new__ = staticmethod(self._parameter_new)  # type: ignore[method-assign]
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` on the simulated device (as an input moved there by a caller)."""
