@@ -131,3 +131,14 @@ def test_mmsr_depth_and_segmentation_providers_run_on_the_method_device():
             assert guard.on_device(next(provider.model.parameters()))
         vectors, maps = tokens.encode(guard.put(torch.rand(1, 3, 32, 32)))
     assert set(vectors) == {"depth", "seg"} and maps["depth"].shape[-2:] == (32, 32)
+
+
+def test_default_diffusion_runs_irpad_on_its_device():
+    options = resolve("default-diffusion").parse(
+        {"irpad": resolve_model_path("tiny://irpad-untrained"), "device": str(VIRTUAL_DEVICE), "steps": 1}
+    )
+    with DeviceGuard() as guard:
+        pipe = build("default-diffusion", options)
+        assert guard.on_device(next(pipe.degradation.estimator.model.parameters()))
+        out = pipe(guard.put(torch.rand(1, 3, 16, 16)), options)
+    assert out.images.shape == (1, 3, 64, 64)

@@ -155,3 +155,26 @@ def test_restorer_pth_is_strict(tmp_path):
         rrdbnet_from_pth(path)
     assert "body.0.extra.weight" in _one_line(err) and "net.pth" in str(err.value)
     assert isinstance(rrdbnet_from_pth(path, partial=True), RRDBNet)
+
+
+def _tiny_clip(folder: Path) -> Path:
+    from transformers import CLIPConfig, CLIPModel
+
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {**text, "image_size": 32, "patch_size": 8}
+    CLIPModel(
+        CLIPConfig(text_config={**text, "vocab_size": 100}, vision_config=vision, projection_dim=8)
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_tower_loads_from_a_full_clip_folder_but_not_with_a_stray_tensor(tmp_path):
+    from transformers import CLIPVisionModel
+
+    from semsr.core.loading import load_transformers_model
+
+    folder = _tiny_clip(tmp_path / "clip")
+    load_transformers_model(CLIPVisionModel, folder)  # the text tower and projections are the other parts
+    _edit(folder / "model.safetensors", add="vision_model.encoder.extra.weight")
+    with pytest.raises(UnavailableError, match=r"encoder\.extra\.weight"):
+        load_transformers_model(CLIPVisionModel, folder)

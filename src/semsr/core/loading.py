@@ -258,15 +258,36 @@ def strict_from_pretrained(
     cls: Any, folder: str | Path, *, what: str | None = None, partial: bool | None = None, **kwargs: Any
 ) -> Any:
     """``cls.from_pretrained(folder, local_files_only=True, **kwargs)`` (diffusers or transformers) that fails
-    with one line naming the folder when the weights miss or add tensors (:func:`check_keys`)."""
+    with one line naming the folder when the weights miss or add tensors (:func:`check_keys`).
+
+    A transformers folder saved from a larger model (its ``config.json`` names other ``architectures``,
+    e.g. a full ``CLIPModel`` loaded as ``CLIPVisionModel``) may hold the other parts: unexpected tensors
+    outside the loaded model's own top-level modules are not reported (:func:`other_parts_dropped`).
+    """
     folder = Path(folder)
     what = what or cls.__name__
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
-    check_loading_info(info, folder, what, partial)
+    check_loading_info(other_parts_dropped(model, folder, info), folder, what, partial)
     return model
+
+
+def other_parts_dropped(model: Any, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` without the unexpected keys of the *other* parts of a larger checkpoint.
+
+    Only when ``folder/config.json`` names ``architectures`` that do not include the loaded class
+    (a tower or base model loaded from a composite/with-head checkpoint); keys under the model's own
+    top-level modules stay reported, so a stray tensor inside the model still fails.
+    """
+    config = folder / "config.json"
+    arch = _read_json(config).get("architectures") if config.is_file() else None
+    if not arch or type(model).__name__ in arch:
+        return info
+    roots = {k.split(".")[0] for k in model.state_dict()}
+    kept = [k for k in info.get("unexpected_keys") or () if k.split(".")[0] in roots]
+    return {**info, "unexpected_keys": kept}
 
 
 def load_transformers_model(
@@ -277,7 +298,8 @@ def load_transformers_model(
     what: str | None = None,
     partial: bool | None = None,
 ) -> Any:
-    """Load a transformers ``PreTrainedModel`` subclass from a local folder (strict, see :func:`check_keys`)."""
+    """Load a transformers ``PreTrainedModel`` subclass from a local folder (strict, see :func:`check_keys`;
+    the other parts of a larger checkpoint are allowed, see :func:`other_parts_dropped`)."""
     folder = Path(folder)
     what = what or cls.__name__
     _check_component(folder, TRANSFORMERS_WEIGHTS, what)
@@ -286,7 +308,7 @@ def load_transformers_model(
         model, info = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
-    check_loading_info(info, folder / weights, what, partial)
+    check_loading_info(other_parts_dropped(model, folder, info), folder / weights, what, partial)
     return model
 
 
