@@ -166,7 +166,8 @@ def _apply_to_planes(
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(top)
     out = np.empty((*scaled_size(arr.shape[0], arr.shape[1], method.scale), 3), dtype=arr.dtype)
     view = torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)  # (1, 3, sH, sW) view of out
-    result = upscale_tiled(method, x, options, progress=progress, out=view)
+    with partial_loading(bool(getattr(options, "partial_load", False))):  # priors a method loads on first use
+        result = upscale_tiled(method, x, options, progress=progress, out=view)
     return out, result
 
 
@@ -475,7 +476,8 @@ class Pipeline:
         """
         opts = self.call_options(options, values)
         if isinstance(image, torch.Tensor):
-            return self.method(image, opts, progress=progress)
+            with partial_loading(bool(getattr(opts, "partial_load", False))):
+                return self.method(image, opts, progress=progress)
         t0 = time.perf_counter()
         pic = as_picture(image, max_pixels=max_pixels)
         t1 = time.perf_counter()

@@ -34,7 +34,7 @@ from torch import nn
 
 from semsr.core.components import Component, load_component, register_component, register_to_config
 from semsr.core.errors import UnavailableError
-from semsr.core.loading import quiet_hf_logging
+from semsr.core.loading import quiet_hf_logging, strict_from_pretrained
 from semsr.core.paths import assets_dir
 
 #: Folder of the shipped edge tokenizer inside ``assets/weights``.
@@ -338,7 +338,7 @@ class DiffusersVQTokenizer:
         quiet_hf_logging()  # also forces the hubs offline
         self.path = Path(path)
         try:
-            self.model = VQModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
+            self.model = strict_from_pretrained(VQModel, self.path, what="VQModel").to(device).eval()
         except (OSError, ValueError) as err:
             raise UnavailableError(f"cannot load a diffusers VQModel: {err}", self.path) from err
         cfg = self.model.config
