@@ -178,3 +178,14 @@ def test_a_tower_loads_from_a_full_clip_folder_but_not_with_a_stray_tensor(tmp_p
     _edit(folder / "model.safetensors", add="vision_model.encoder.extra.weight")
     with pytest.raises(UnavailableError, match=r"encoder\.extra\.weight"):
         load_transformers_model(CLIPVisionModel, folder)
+
+
+def test_a_mis_shaped_tensor_fails_naming_it(controlnet_copy):
+    file = controlnet_copy / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(file))
+    key = "controlnet_mid_block.weight"
+    tensors[key] = torch.zeros(1, *tensors[key].shape[1:])
+    save_file(tensors, str(file))
+    with pytest.raises(UnavailableError) as err:
+        load_controlnet(controlnet_copy)
+    assert key in _one_line(err)

@@ -328,8 +328,13 @@ def load_clip_tokenizer(folder: str | Path) -> Any:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The first line of ``err``; with the next one when it only introduces it (``"Error(s) in ...:"``)."""
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not text:
+        return type(err).__name__
+    if text[0].endswith(":") and len(text) > 1:
+        return f"{text[0]} {text[1]}"
+    return text[0]
 
 
 @dataclass
