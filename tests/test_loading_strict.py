@@ -189,3 +189,20 @@ def test_a_mis_shaped_tensor_fails_naming_it(controlnet_copy):
     with pytest.raises(UnavailableError) as err:
         load_controlnet(controlnet_copy)
     assert key in _one_line(err)
+
+
+@pytest.mark.parametrize("name", ["depth", "seg", "tagger", "vlm"])
+def test_prior_models_are_strict(name, tmp_path):
+    from semsr.priors.depth_seg import DepthProvider, SegProvider
+    from semsr.priors.tagger import TagsProvider
+    from semsr.priors.vlm import load_vlm
+
+    load = {"depth": DepthProvider, "seg": SegProvider, "tagger": TagsProvider, "vlm": lambda p: load_vlm(str(p))}[name]
+    folder = tmp_path / name
+    shutil.copytree(resolve_model_path(f"tiny://{name}"), folder)
+    file = next(folder.glob("*.safetensors"))
+    root = sorted(load_file(str(file)))[0].split(".")[0]
+    _edit(file, add=f"{root}.stray.weight")
+    with pytest.raises(UnavailableError) as err:
+        load(folder)
+    assert "stray.weight" in _one_line(err) and str(folder) in str(err.value)
