@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from tests.reference import cases as C
+from tests.test_metrics import weights_dir  # noqa: F401 - fixture: random networks in the published layouts
 
+from semsr.eval.metrics import get_metric
 from semsr.methods import build, resolve
 from semsr.pipeline.colorfix import colour_fix
 from semsr.priors.mmsr import ModalityTokens
@@ -142,3 +144,16 @@ def test_default_diffusion_runs_irpad_on_its_device():
         assert guard.on_device(next(pipe.degradation.estimator.model.parameters()))
         out = pipe(guard.put(torch.rand(1, 3, 16, 16)), options)
     assert out.images.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["lpips", "dists", "fid"])
+def test_metric_backbones_run_on_the_simulated_device(name, weights_dir):
+    images = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fetch = {} if name == "fid" else {"fetch": False}
+    with DeviceGuard() as guard:
+        metric = get_metric(name, weights_dir=weights_dir, device=str(VIRTUAL_DEVICE), **fetch)
+        a, b, c = (guard.put(x) for x in images)
+        if name == "fid":
+            assert metric.features([a, b, c]).shape == (3, 2048)
+        else:
+            assert metric(a, b) > 0
