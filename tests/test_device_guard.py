@@ -147,7 +147,7 @@ def test_default_diffusion_runs_irpad_on_its_device():
 
 
 @pytest.mark.parametrize("name", ["lpips", "dists", "fid"])
-def test_metric_backbones_run_on_the_simulated_device(name, weights_dir):
+def test_metric_backbones_run_on_the_simulated_device(name, weights_dir):  # noqa: F811 - the fixture
     images = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     fetch = {} if name == "fid" else {"fetch": False}
     with DeviceGuard() as guard:
