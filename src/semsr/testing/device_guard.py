@@ -130,9 +130,9 @@ class DeviceGuard(TorchFunctionMode):
         if explicit is None and name not in _MIXING_ALLOWED and any(on):
             host = [t for t, o in zip(tensors, on) if not o and t.dim() > 0 and t.device.type != "meta"]
             if host:
-                shapes = f"device {tuple(next(t for t, o in zip(tensors, on) if o).shape)}"
+                shape = tuple(next(t for t, o in zip(tensors, on) if o).shape)
                 raise DeviceMismatch(
-                    f"{name or func}: mixes tensors on the device ({shapes}) with host tensors "
+                    f"{name or func}: mixes a tensor on the device {shape} with host tensors "
                     f"({', '.join(str(tuple(t.shape)) for t in host[:3])}); on a GPU this fails"
                 )
         out = func(*args, **kwargs)
