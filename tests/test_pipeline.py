@@ -390,7 +390,7 @@ def test_single_file_loads_same_weights_as_folder(tiny_models):
 
 
 def test_ckpt_single_file_loads_with_weights_only(tiny_models, tmp_path):
-    from semsr.pipeline.single_file import save_single_file
+    from semsr.core.single_file import save_single_file
 
     comps = load_sd(tiny_models / "sd")
     ckpt = save_single_file(tmp_path / "model.ckpt", unet=comps.unet, vae=comps.vae, text_encoder=comps.text_encoder)
@@ -557,3 +557,17 @@ def test_compile_option_values() -> None:
     assert compile_mode("Freeze") == "freeze"
     with pytest.raises(SemsrError, match="compile must be"):
         compile_mode("fast")
+
+
+def test_dev_tiny_models_writes_what_it_can_without_an_optional_package(tmp_path, monkeypatch, capsys):
+    """Without the MiniLM package, ``semsr dev tiny-models`` writes the rest and names what it skipped."""
+    import semsr.pipeline.text as text
+    from semsr.cli import main
+
+    monkeypatch.setattr(text, "MINILM_PACKAGE", "semsr_no_such_minilm_package")
+    rc = main(["dev", "tiny-models", "--out", str(tmp_path), "--only", "sd", "controlnet", "sd-minilm"])
+    assert rc == 0
+    assert (tmp_path / "sd" / "model_index.json").is_file() and (tmp_path / "controlnet").is_dir()
+    assert not (tmp_path / "sd-minilm").exists()
+    err = capsys.readouterr().err
+    assert "skipped sd-minilm" in err and "pip install" in err

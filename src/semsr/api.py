@@ -58,6 +58,7 @@ from semsr.core.io import (
     picture_to_pil,
     read_image,
 )
+from semsr.core.loading import partial_loading
 from semsr.core.method import Method, MethodSpec, ProgressFn, SuggestsPriors
 from semsr.core.options import MethodOptions, OptionError, closest
 from semsr.core.outputs import SROutput
@@ -154,7 +155,8 @@ def build_cached(spec: MethodSpec, options: MethodOptions) -> tuple[Method, floa
         _cache.move_to_end(key)
         return _cache[key], 0.0
     t0 = time.perf_counter()
-    built = spec.factory(options)
+    with partial_loading(bool(getattr(options, "partial_load", False))):
+        built = spec.factory(options)
     _cache[key] = built
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
@@ -212,7 +214,8 @@ def _apply_to_planes(
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float().div_(top)
     out = np.empty((*scaled_size(arr.shape[0], arr.shape[1], method.scale), 3), dtype=arr.dtype)
     view = torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)  # (1, 3, sH, sW) view of out
-    result = upscale_tiled(method, x, options, progress=progress, out=view)
+    with partial_loading(bool(getattr(options, "partial_load", False))):  # priors a method loads on first use
+        result = upscale_tiled(method, x, options, progress=progress, out=view)
     return out, result
 
 
@@ -601,7 +604,8 @@ class Pipeline:
             raise OptionError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         opts = self.call_options(options, method_keywords(self.spec, values, f"pipeline {self.spec.name!r}"))
         if isinstance(image, torch.Tensor):
-            return self.method(image, opts, progress=progress)
+            with partial_loading(bool(getattr(opts, "partial_load", False))):
+                return self.method(image, opts, progress=progress)
         images = list(image) if _is_batch(image) else [image]
         outputs, all_priors, timings = [], [], {"load": self.load_seconds}
         for item in images:

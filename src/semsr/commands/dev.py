@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from semsr.testing.tiny import write_tiny_models
@@ -26,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
-    out = write_tiny_models(args.out, args.only, seed=args.seed)
+    skipped: dict[str, str] = {}
+    out = write_tiny_models(args.out, args.only, seed=args.seed, skipped=skipped)
     for entry in sorted(out.iterdir()):
         print(entry)
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0

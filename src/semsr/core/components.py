@@ -40,6 +40,7 @@ from diffusers.configuration_utils import register_to_config
 
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.io import atomic_folder
+from semsr.core.loading import check_loading_info
 from semsr.core.version import __version__
 
 __all__ = [
@@ -97,25 +98,33 @@ def component_class(library: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def load_component(cls: type, folder: str | Path, *, dtype: torch.dtype | None = None) -> Any:
-    """Load one component folder (``config.json`` + safetensors weights) as ``cls``, in eval mode."""
+def load_component(
+    cls: type, folder: str | Path, *, dtype: torch.dtype | None = None, partial: bool | None = None
+) -> Any:
+    """Load one component folder (``config.json`` + safetensors weights) as ``cls``, in eval mode.
+
+    Strict: weights with missing or unexpected tensors fail with one line naming the file and the
+    first keys, unless ``partial`` (None: :func:`semsr.core.loading.partial_loading`'s setting).
+    """
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise UnavailableError(f"not a {cls.__name__} folder (no config.json)", folder)
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
         raise UnavailableError(f"not a {cls.__name__} folder (no .safetensors weights)", folder)
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "output_loading_info": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if issubclass(cls, Component):
         kwargs["low_cpu_mem_usage"] = False  # build real tensors: some components hold computed buffers
     try:
-        model = cls.from_pretrained(folder, **kwargs)  # type: ignore[attr-defined]  # a ModelMixin class
+        model, info = cls.from_pretrained(folder, **kwargs)  # type: ignore[attr-defined]  # a ModelMixin class
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         lines = str(err).strip().splitlines()
         raise UnavailableError(
             f"cannot load {cls.__name__}: {lines[0] if lines else type(err).__name__}", folder
         ) from err
+    weights = folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else folder
+    check_loading_info(info, weights, cls.__name__, partial)
     return model.eval()
 
 
@@ -198,8 +207,12 @@ def load_checkpoint(
     *,
     names: Iterable[str] | None = None,
     dtype: torch.dtype | None = None,
+    partial: bool | None = None,
 ) -> tuple[dict[str, Any], CheckpointIndex]:
-    """``({name: component}, index)`` of a checkpoint folder (only ``names`` when given)."""
+    """``({name: component}, index)`` of a checkpoint folder (only ``names`` when given).
+
+    Every component loads strictly unless ``partial`` (see :func:`load_component`).
+    """
     folder = Path(folder).expanduser()
     index = read_index(folder, recipe)
     wanted = list(index.components) if names is None else list(names)
@@ -209,5 +222,5 @@ def load_checkpoint(
     out = {}
     for name in wanted:
         lib, cls_name = index.components[name]
-        out[name] = load_component(component_class(lib, cls_name), folder / name, dtype=dtype)
+        out[name] = load_component(component_class(lib, cls_name), folder / name, dtype=dtype, partial=partial)
     return out, index

@@ -138,15 +138,18 @@ class DegradationText:
     Args:
         weights: IRPAD folder; ``None`` = the shipped weights (may be absent).
         enabled: False always returns empty descriptions.
+        device: where the IRPAD network runs (the pipeline's device).
     """
 
-    def __init__(self, weights: str | Path | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, weights: str | Path | None = None, enabled: bool = True, device: str | torch.device = "cpu"
+    ) -> None:
         self.estimator: Any = None
         self.reason = "disabled"
         if not enabled:
             return
         try:
-            self.estimator = IRPADEstimator(weights=weights, max_crops=4)
+            self.estimator = IRPADEstimator(weights=weights, max_crops=4, device=str(device))
             self.reason = ""
         except UnavailableError as err:
             self.reason = str(err)
@@ -217,7 +220,7 @@ class DefaultSRPipeline:
         self.scale = int(self.config.scale)
         self.stage1 = stage1 if stage1 is not None else build_method(self.config.stage1, {"device": str(self.device)})
         self.text = text if text is not None else TextTokens()
-        self.degradation = degradation if degradation is not None else DegradationText(irpad)
+        self.degradation = degradation if degradation is not None else DegradationText(irpad, device=self.device)
 
     def __call__(
         self,

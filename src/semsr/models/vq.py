@@ -43,7 +43,7 @@ from torch import nn
 
 from semsr.core.components import Component, load_component, register_component, register_to_config
 from semsr.core.errors import SemsrError, UnavailableError
-from semsr.core.loading import quiet_hf_logging
+from semsr.core.loading import quiet_hf_logging, strict_from_pretrained
 from semsr.core.paths import assets_dir
 
 #: Folder of the shipped edge tokenizer inside ``assets/weights``.
@@ -404,7 +404,7 @@ class DiffusersVQTokenizer:
         """A diffusers ``VQModel`` folder (``config.json`` + weights)."""
         quiet_hf_logging()  # also forces the hubs offline
         try:
-            model = VQModel.from_pretrained(Path(path), local_files_only=True)
+            model = strict_from_pretrained(VQModel, Path(path), what="VQModel")
         except (OSError, ValueError) as err:
             raise UnavailableError(f"cannot load a diffusers VQModel: {err}", path) from err
         return cls(model, path, grid, device)

@@ -68,9 +68,14 @@ def colour_fix(x: torch.Tensor, ref: torch.Tensor, method: str | None = "adain")
 
     Args:
         x: ``(B, 3, H, W)`` float in [0, 1], the diffusion output.
-        ref: ``(B, 3, H, W)`` float in [0, 1], the LR upsampled to the output size.
+        ref: ``(B, 3, H, W)`` float in [0, 1], the LR upsampled to the output size (moved to
+            ``x``'s device).
+
+    Returns:
+        ``(B, 3, H, W)`` on ``x``'s device, in ``x``'s dtype.
     """
     method = (method or "none").lower()
+    ref = ref.to(x.device)
     if method == "adain":
         out = adain(x, ref)
     elif method == "wavelet":

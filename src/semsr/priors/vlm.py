@@ -42,6 +42,7 @@ import torch
 
 from semsr.core.errors import UnavailableError
 from semsr.core.fingerprint import fingerprint
+from semsr.core.loading import strict_from_pretrained
 from semsr.priors.base import (
     DEVICE_OPTION,
     PriorResult,
@@ -103,7 +104,7 @@ def load_vlm(path: str, device: str = "cpu", dtype: str = "float32") -> LoadedVL
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     for auto in _vlm_auto_classes():
         if type(config) in auto._model_mapping:
-            model = auto.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype))
+            model = strict_from_pretrained(auto, folder, what="VLM", dtype=getattr(torch, dtype))
             break
     else:
         raise UnavailableError(f"model type {config.model_type!r} is not an image-text-to-text model", folder)

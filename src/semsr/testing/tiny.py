@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from semsr.core.errors import SemsrError
+from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.io import atomic_move
 from semsr.core.loading import load_sd
 from semsr.core.paths import cache_dir
-from semsr.pipeline.single_file import save_single_file
+from semsr.core.single_file import save_single_file
 from semsr.pipeline.text import MiniLMTextEncoder
 
 TinyWriter = Callable[[Path], None]
@@ -88,8 +88,29 @@ def _import_tiny_modules() -> None:
         importlib.import_module(mod)
 
 
-def write_tiny_models(out: str | Path, names: Iterable[str] | None = None, *, seed: int = 0) -> Path:
-    """Write the tiny components ``names`` (default: all) into ``out``; returns ``out``."""
+def missing_package(err: BaseException) -> str | None:
+    """The one-line reason when ``err`` says an optional package is not installed, else None."""
+    if isinstance(err, ImportError):
+        return f"missing package ({err})"
+    text = str(err)
+    if isinstance(err, UnavailableError) and ("pip install" in text or "not installed" in text):
+        return text.splitlines()[0] if text else type(err).__name__
+    return None
+
+
+def write_tiny_models(
+    out: str | Path,
+    names: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    skipped: dict[str, str] | None = None,
+) -> Path:
+    """Write the tiny components ``names`` (default: all) into ``out``; returns ``out``.
+
+    With a ``skipped`` dict, a component whose writer needs an optional package that is not
+    installed (e.g. the MiniLM encoder's) is left out and recorded as ``{name: reason}``, and so is
+    a component written from one left out; without it, that error is raised.
+    """
     _import_tiny_modules()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +121,17 @@ def write_tiny_models(out: str | Path, names: Iterable[str] | None = None, *, se
     for name in _WRITERS:  # keep registration order (dependencies)
         if name in wanted:
             torch.manual_seed(seed + zlib.crc32(name.encode()))
-            _WRITERS[name](out)
+            try:
+                _WRITERS[name](out)
+            except Exception as err:
+                reason = missing_package(err)
+                if skipped is None or reason is None:
+                    if skipped and isinstance(err, (OSError, SemsrError)):  # it reads a component left out
+                        skipped[name] = f"needs a component left out ({', '.join(skipped)}): {err}"
+                        continue
+                    raise
+                skipped[name] = reason
+                shutil.rmtree(out / name, ignore_errors=True)
     return out
 
 

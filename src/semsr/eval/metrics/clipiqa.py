@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from semsr.core.errors import UnavailableError
+from semsr.core.loading import strict_from_pretrained
 from semsr.core.weights import resolve_weights_dir
 from semsr.eval.metrics.base import Metric, as_rgb
 
@@ -94,7 +95,7 @@ class CLIPIQA(Metric):
 
         folder = Path(clip_path) if clip_path else find_clip_folder(weights_dir)
         try:
-            self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+            self.model = strict_from_pretrained(CLIPModel, folder, what="CLIP model")
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:
             raise UnavailableError(f"cannot load a CLIP model and tokenizer ({err})", folder) from None

@@ -4,7 +4,8 @@ Community SD checkpoints are single ``.safetensors`` / ``.ckpt`` files in the
 layout of the original latent-diffusion code (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.transformer.*``). diffusers reads
 that layout with ``from_single_file``; this module writes it, so the tiny
-test models (and users who fine-tune here) get a real single-file variant.
+test models (and users who fine-tune here) get a real single-file variant, and
+:func:`single_file_key_mismatch` checks a loaded file's keys against the modules.
 The mapping is the inverse of diffusers' LDM -> diffusers conversion for SD 1.x
 UNets, the KL VAE and the CLIP (not OpenCLIP) text encoder.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,24 +118,50 @@ def vae_key_to_ldm(key: str, config: dict[str, Any]) -> str:
     return f"{side}.{rest}"
 
 
-def to_ldm_state_dict(*, unet: Any, vae: Any, text_encoder: Any | None = None) -> dict[str, torch.Tensor]:
-    """Build the single-file state dict (LDM key names) from diffusers/transformers modules."""
-    out: dict[str, torch.Tensor] = {}
+def _ldm_items(*, unet: Any, vae: Any, text_encoder: Any | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(LDM key, tensor)`` of every weight of the given modules (tensors as the modules hold them)."""
     ucfg = dict(unet.config)
     for key, value in unet.state_dict().items():
-        out[UNET_PREFIX + unet_key_to_ldm(key, ucfg)] = value
+        yield UNET_PREFIX + unet_key_to_ldm(key, ucfg), value
     vcfg = dict(vae.config)
     for key, value in vae.state_dict().items():
         new = vae_key_to_ldm(key, vcfg)
         if ".mid.attn_1." in new and value.ndim == 2:  # LDM uses 1x1 convs for VAE attention
             value = value[:, :, None, None]
-        out[VAE_PREFIX + new] = value
+        yield VAE_PREFIX + new, value
     if text_encoder is not None:
         for key, value in text_encoder.state_dict().items():
             if not key.startswith(CLIP_MODEL_PREFIX):
                 key = CLIP_MODEL_PREFIX + key
-            out[CLIP_PREFIX + key] = value
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+            yield CLIP_PREFIX + key, value
+
+
+def to_ldm_state_dict(*, unet: Any, vae: Any, text_encoder: Any | None = None) -> dict[str, torch.Tensor]:
+    """Build the single-file state dict (LDM key names) from diffusers/transformers modules."""
+    items = _ldm_items(unet=unet, vae=vae, text_encoder=text_encoder)
+    return {k: v.detach().to("cpu").contiguous() for k, v in items}
+
+
+#: LDM keys of a single file that hold no weights of the UNet, VAE or text encoder (training state, buffers).
+IGNORED_LDM_KEYS = (CLIP_PREFIX + CLIP_MODEL_PREFIX + "embeddings.position_ids", VAE_PREFIX + "loss.")
+
+
+def single_file_key_mismatch(
+    file_keys: Iterable[str], *, unet: Any, vae: Any, text_encoder: Any | None = None
+) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` LDM keys of a single-file checkpoint against the loaded modules.
+
+    Only the UNet and VAE sections (``model.diffusion_model.*``, ``first_stage_model.*``) and, when
+    the file has one and a ``text_encoder`` is given, the CLIP section (``cond_stage_model.transformer.*``)
+    are compared; other keys (noise-schedule buffers, EMA copies, an OpenCLIP encoder) are not weights
+    of these modules and are left alone, as are :data:`IGNORED_LDM_KEYS`.
+    """
+    keys = set(file_keys)
+    with_text = text_encoder is not None and any(k.startswith(CLIP_PREFIX) for k in keys)
+    expected = {k for k, _ in _ldm_items(unet=unet, vae=vae, text_encoder=text_encoder if with_text else None)}
+    sections = (UNET_PREFIX, VAE_PREFIX) + ((CLIP_PREFIX,) if with_text else ())
+    present = {k for k in keys if k.startswith(sections) and not k.startswith(IGNORED_LDM_KEYS)}
+    return sorted(expected - present), sorted(present - expected)
 
 
 def save_single_file(path: str | Path, *, unet: Any, vae: Any, text_encoder: Any | None = None) -> Path:
