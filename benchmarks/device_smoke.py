@@ -47,7 +47,13 @@ _SD = {"base": "tiny://sd"}
 TINY_OPTIONS: dict[str, dict[str, Any]] = {
     "sd-controlnet": {**_SD, "controlnet": "tiny://controlnet", "guidance_scale": 2.0},
     "xpsr": {**_SD, "checkpoint": "tiny://xpsr", "vlm": "tiny://vlm", "irpad": "tiny://irpad-untrained"},
-    "dalpsr": {**_SD, "checkpoint": "tiny://dalpsr", "tagger": "tiny://tagger", "irpad": "tiny://irpad-untrained"},
+    "dalpsr": {
+        **_SD,
+        "checkpoint": "tiny://dalpsr",
+        "tagger": "tiny://tagger",
+        "irpad": "tiny://irpad-untrained",
+        "no_vlm": True,
+    },
     "mmsr": {
         **_SD,
         "checkpoint": "tiny://mmsr",

@@ -15,6 +15,7 @@ from tests.test_metrics import weights_dir  # noqa: F401 - fixture: random netwo
 
 from semsr.eval.metrics import get_metric
 from semsr.methods import build, resolve
+from semsr.models.vq import load_tokenizer
 from semsr.pipeline.colorfix import colour_fix
 from semsr.priors.mmsr import ModalityTokens
 from semsr.testing.device_guard import VIRTUAL_DEVICE, DeviceGuard, DeviceMismatch
@@ -126,7 +127,10 @@ def test_mmsr_depth_and_segmentation_providers_run_on_the_method_device():
     """They were built on the CPU whatever ``--device`` said."""
     opts = {"depth": {"model": resolve_model_path("tiny://depth")}, "seg": {"model": resolve_model_path("tiny://seg")}}
     with DeviceGuard() as guard:
-        tokens = ModalityTokens(["depth", "seg"], provider_opts=opts, use_cache=False, device=VIRTUAL_DEVICE)
+        tokenizers = {m: load_tokenizer(resolve_model_path(f"tiny://vq-{m}"), VIRTUAL_DEVICE) for m in ("depth", "seg")}
+        tokens = ModalityTokens(
+            ["depth", "seg"], tokenizers, provider_opts=opts, use_cache=False, device=VIRTUAL_DEVICE
+        )
         for name in ("depth", "seg"):
             provider = tokens.providers[name]
             assert provider.device == VIRTUAL_DEVICE

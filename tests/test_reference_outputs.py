@@ -9,7 +9,9 @@ grow through 20-50 sampling steps or a few optimiser steps: measured AVX512 agai
 ``method/coser`` differs by up to 7.0e-3 and ``train/edge-vq``'s biases by up to 1.9e-3. There the check is
 ``atol = rtol = CROSS_CPU_TOL`` (2e-2): it still catches a changed structure or a broken path (those move
 values by 0.1 and more), while the bit-identical check on the recording capability guards numerics.
-Strings (reported priors, parameter names, shapes) must always be equal. The semsr calls are all in
+A case may declare a small ``tolerance`` (its last bits are not reproducible from process to process;
+the case says why), which then replaces the bit-identical check. Strings (reported priors, parameter names,
+shapes) must always be equal. The semsr calls are all in
 ``tests/reference/cases.py``.
 """
 
@@ -63,10 +65,16 @@ def test_matches_reference(key: str, reference: dict[str, torch.Tensor], tiny_mo
     assert sorted(got_tensors) == sorted(want_tensors)
     assert got_strings == want_strings
     bitwise = exact(key)
+    case_tolerance = float(getattr(C.CASES[key], "tolerance", 0.0))
     mismatched = []
     for name, want in want_tensors.items():
         got = got_tensors[name].detach().cpu()
-        if bitwise:
+        if bitwise and case_tolerance:
+            try:
+                torch.testing.assert_close(got, want, atol=case_tolerance, rtol=case_tolerance)
+            except AssertionError as err:
+                mismatched.append(f"{name}: {str(err).splitlines()[0]}")
+        elif bitwise:
             if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
                 diff = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else "shape"
                 mismatched.append(f"{name}: max |diff| {diff}")

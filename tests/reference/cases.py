@@ -47,6 +47,8 @@ class MethodCase:
 
     ``input``: ``{"shape": (B, 3, h, w), "seed": s}`` -> ``torch.rand(shape, generator=seed)``.
     ``needs``: set-up steps (``"db"``: a reference database of the textures).
+    ``tolerance``: 0 = bit-identical on the recording's CPU capability; > 0 = within this ``atol``/``rtol``
+    there too, for a case whose last bits are not reproducible from one process to the next (say why).
     """
 
     name: str
@@ -55,6 +57,7 @@ class MethodCase:
     run: Mapping[str, Any] = field(default_factory=dict)
     input: Mapping[str, Any] = field(default_factory=lambda: {"shape": (1, 3, 16, 16), "seed": 0})
     needs: tuple[str, ...] = ()
+    tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ METHOD_CASES: list[MethodCase] = [
         build={**_SD, "checkpoint": "{tiny}/mmsr"},
         run={"steps": 2, "seed": 0, "guidance_mode": "mcfg", "guidance_scale": 2.0},
         input={"shape": (1, 3, 12, 16), "seed": 3},
+        # on AVX-512 the output moves by up to 4e-6 with the folder the tiny models are written to (the maps
+        # and every reported prior stay bit-identical; weights are in aligned memory); cause not yet found
+        tolerance=1e-5,
     ),
     MethodCase(
         "mmsr-modalities",
@@ -149,6 +155,7 @@ METHOD_CASES: list[MethodCase] = [
             "guidance_mode": "mcfg",
         },
         input={"shape": (1, 3, 12, 16), "seed": 3},
+        tolerance=1e-5,  # as method/mmsr
     ),
     MethodCase(
         "coser",

@@ -141,7 +141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="weights of deep metrics (lpips, dists, fid, clipiqa); default SEMSR_WEIGHTS",
     )
-    p.add_argument("--data-root", type=Path, default=None, help="data folder (default: SEMSR_DATA, else a shared/data folder beside the repository)")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="data folder (default: SEMSR_DATA, else a shared/data folder beside the repository)",
+    )
     p.add_argument(
         "--no-isolate",
         action="store_true",

@@ -40,7 +40,7 @@ from diffusers.configuration_utils import register_to_config
 
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.io import atomic_folder
-from semsr.core.loading import check_loading_info
+from semsr.core.loading import check_loading_info, own_memory
 from semsr.core.version import __version__
 
 __all__ = [
@@ -125,7 +125,7 @@ def load_component(
         ) from err
     weights = folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else folder
     check_loading_info(info, weights, cls.__name__, partial)
-    return model.eval()
+    return own_memory(model).eval()
 
 
 def _library_of(module: Any) -> tuple[str, str]:

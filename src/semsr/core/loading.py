@@ -251,7 +251,29 @@ def load_diffusers_model(
     except (OSError, ValueError, RuntimeError) as err:
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
     check_loading_info(info, folder / weights, what, partial)
-    return model
+    return own_memory(model)
+
+
+#: Byte alignment the CPU allocator gives tensors (and the kernels expect for their usual paths).
+WEIGHT_ALIGNMENT = 64
+
+
+def own_memory(module: Any) -> Any:
+    """Give every CPU parameter and buffer of ``module`` that is not :data:`WEIGHT_ALIGNMENT`-aligned its own memory.
+
+    ``from_pretrained`` on safetensors files can leave tensors as views into the file's buffer at arbitrary
+    byte offsets. On AVX-512 CPUs the oneDNN/MKL kernels take different paths for unaligned operands, so the
+    same weights gave results that differed in the last bits from one process to the next; a copy (the
+    allocator aligns it) makes results reproducible. Tied weights stay tied (a parameter is one object).
+    Returns ``module``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        return module
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % WEIGHT_ALIGNMENT:
+                tensor.data = tensor.data.clone()
+    return module
 
 
 def strict_from_pretrained(
@@ -271,7 +293,7 @@ def strict_from_pretrained(
     except (OSError, ValueError, RuntimeError) as err:
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
     check_loading_info(other_parts_dropped(model, folder, info), folder, what, partial)
-    return model
+    return own_memory(model)
 
 
 def other_parts_dropped(model: Any, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +331,7 @@ def load_transformers_model(
     except (OSError, ValueError, RuntimeError) as err:
         raise UnavailableError(f"cannot load {what}: {_one_line(err)}", folder) from err
     check_loading_info(other_parts_dropped(model, folder, info), folder / weights, what, partial)
-    return model
+    return own_memory(model)
 
 
 def load_clip_tokenizer(folder: str | Path) -> Any:
