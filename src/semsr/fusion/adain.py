@@ -199,6 +199,7 @@ class AdaINAdapters(Component):
             cross-attention queries. :meth:`for_model` reads them from a model. The adapters of a block
             are ``blocks[key]`` (``attn2``, ``norm2``, ``norm3``).
     """
+
     #: Set only inside :meth:`control`; gradient checkpointing restores it when it recomputes a block.
     checkpoint_state_attrs = ("state.embedding",)
 

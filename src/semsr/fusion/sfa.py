@@ -231,6 +231,7 @@ class SFAFusion(Component):
     State-dict keys are XPSR's released ones (module docstring). :meth:`from_models` fills these
     from a ControlNet (and UNet) and initialises the layers.
     """
+
     #: Set only inside :meth:`conditions`; gradient checkpointing restores them when it recomputes a block.
     checkpoint_state_attrs = ("_low_context", "_residuals")
 
