@@ -200,6 +200,9 @@ class AdaINAdapters(Component):
             are ``blocks[key]`` (``attn2``, ``norm2``, ``norm3``).
     """
 
+    #: Set only inside :meth:`control`; gradient checkpointing restores it when it recomputes a block.
+    checkpoint_state_attrs = ("state.embedding",)
+
     @register_to_config
     def __init__(self, control_dim: int, block_widths: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()

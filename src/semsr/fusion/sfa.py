@@ -232,6 +232,9 @@ class SFAFusion(Component):
     from a ControlNet (and UNet) and initialises the layers.
     """
 
+    #: Set only inside :meth:`conditions`; gradient checkpointing restores them when it recomputes a block.
+    checkpoint_state_attrs = ("_low_context", "_residuals")
+
     @register_to_config
     def __init__(
         self,

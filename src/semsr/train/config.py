@@ -12,7 +12,7 @@ dataclasses below (unknown keys are errors, so typos do not pass silently)::
     optim:   {lr: 5.0e-5, weight_decay: 0.01, max_grad_norm: 1.0}
     schedule: {name: constant, warmup_steps: 0}
     train:   {max_steps: 100, grad_accum: 1, mixed_precision: "no", ema_decay: 0.999,
-              null_prompt_prob: 0.1}
+              null_prompt_prob: 0.1, gradient_checkpointing: false, attention: default}
     losses:  {eps_mse: 1.0}        # loss-term name -> weight (semsr.train.losses)
     validation: {every: 50, count: 2, steps: 4}
     checkpoint: {every: 50, keep: 3}
@@ -133,6 +133,13 @@ class TrainConfig:
         log_every: write a JSON-lines record every N steps.
         find_unused_parameters: passed to DDP for tasks with conditional branches.
         threads: torch intra-op threads per process (0 = leave torch's default).
+        gradient_checkpointing: recompute activations in the backward pass instead of storing them, in every
+            diffusers component of the trainable module and in the frozen UNet the gradients flow through
+            (``enable_gradient_checkpointing()``): less memory, about one more forward pass of time.
+        attention: attention kernel of the standard diffusers attentions of those components: ``default``
+            (leave them as built; diffusers picks SDPA on torch >= 2), ``sdpa``
+            (``F.scaled_dot_product_attention``), ``eager`` (the attention matrix materialised) or ``sliced``
+            (one sample's heads at a time). semsr's own processors (AdaIN, hard attention) keep theirs.
     """
 
     max_steps: int = 1000
@@ -143,6 +150,12 @@ class TrainConfig:
     log_every: int = 1
     find_unused_parameters: bool = False
     threads: int = 0
+    gradient_checkpointing: bool = False
+    attention: str = "default"
+
+
+#: Values of ``train.attention`` (see :class:`TrainConfig`).
+ATTENTION_MODES = ("default", "sdpa", "eager", "sliced")
 
 
 @dataclass
@@ -212,6 +225,10 @@ class ExperimentConfig:
             (0.0 <= self.train.null_prompt_prob <= 1.0, "train.null_prompt_prob must be in [0, 1]"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
             (self.train.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.train.threads}"),
+            (
+                self.train.attention in ATTENTION_MODES,
+                f"train.attention must be one of {', '.join(ATTENTION_MODES)}, got {self.train.attention!r}",
+            ),
             (self.schedule.name in ("constant", "cosine"), "schedule.name must be constant or cosine"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0"),
             (self.optim.lr > 0, "optim.lr must be > 0"),

@@ -20,7 +20,10 @@ into an output directory (layout in :mod:`semsr.train.checkpoints`):
   newest intact one (falling back to an older one, with a warning, when the newest
   cannot be read) and continues at the same step;
 - a JSON-lines log, a curve PNG, periodic validation (SR of held-out images,
-  metrics from :mod:`semsr.eval.metrics`, a sample grid PNG).
+  metrics from :mod:`semsr.eval.metrics`, a sample grid PNG);
+- memory options (:func:`apply_memory_options`): ``train.gradient_checkpointing`` and
+  ``train.attention`` reach every diffusers component of the trainable module and the
+  frozen UNet the gradients flow through.
 
 The LR schedule is rebuilt from the config on resume; a cosine schedule
 therefore follows the *new* ``max_steps`` if it was changed.
@@ -28,12 +31,13 @@ therefore follows the *new* ``max_steps`` if it was changed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +51,12 @@ from semsr.core.io import atomic_folder, check_output_folder, sweep_temp_files
 from semsr.eval.atomic import write_png, write_text
 from semsr.eval.metrics import get_metric
 from semsr.train import checkpoints as ckpt
-from semsr.train.config import ExperimentConfig, dump_config
+from semsr.train.config import ATTENTION_MODES, ExperimentConfig, dump_config
 from semsr.train.curve import plot_curve
 from semsr.train.data import CropDataset, list_images, make_degrader, make_loader, validation_pairs
 from semsr.train.losses import combine_losses, get_loss
 from semsr.train.pairs import PairedCropDataset, paired_validation, read_pairs, split_pairs
-from semsr.train.tasks import available_tasks, build_task, import_task_modules
+from semsr.train.tasks import Task, available_tasks, build_task, import_task_modules
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,116 @@ def has_accelerator_device() -> bool:
         return True
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
+
+
+def memory_option_targets(task: Task) -> dict[str, torch.nn.Module]:
+    """The modules :func:`apply_memory_options` changes, by name: ``trainable`` and, for tasks on a frozen
+    diffusion UNet (``task.unet``), that UNet, since the trainable parts' gradients flow through it (its
+    activations are stored for the backward pass although its weights are frozen)."""
+    targets = {"trainable": task.trainable}
+    unet = getattr(task, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        targets["unet"] = unet
+    return targets
+
+
+def _state_holders(roots: list[torch.nn.Module]) -> list[tuple[Any, str]]:
+    """``(object, attribute)`` of every per-call state the modules under ``roots`` declare in
+    ``checkpoint_state_attrs`` (dotted paths, e.g. ``state.embedding``)."""
+    holders = []
+    for root in roots:
+        for module in root.modules():
+            for path in getattr(type(module), "checkpoint_state_attrs", ()):
+                *parents, attr = path.split(".")
+                obj = module
+                for part in parents:
+                    obj = getattr(obj, part)
+                holders.append((obj, attr))
+    return holders
+
+
+@contextlib.contextmanager
+def _restored(snapshot: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set each ``(object, attribute, value)`` of ``snapshot`` inside the block, then put the old values back."""
+    old = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in snapshot]
+    for obj, attr, value in snapshot:
+        setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        for obj, attr, value in old:
+            setattr(obj, attr, value)
+
+
+def checkpoint_function(holders: list[tuple[Any, str]]) -> Callable[..., Any]:
+    """A diffusers ``gradient_checkpointing_func``: ``torch.utils.checkpoint`` (non-reentrant) that, when it
+    recomputes a block in the backward pass, restores the per-call state of ``holders`` as it was in the
+    forward pass (a recipe's hooks read e.g. the low-level prompt or the control embedding from there, and
+    the forward has reset it by the time the backward runs)."""
+
+    def run(module: torch.nn.Module, *args: Any) -> Any:
+        snapshot = [(obj, attr, getattr(obj, attr)) for obj, attr in holders]
+
+        def contexts() -> tuple[Any, Any]:
+            return contextlib.nullcontext(), _restored(snapshot)
+
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    return run
+
+
+def apply_memory_options(task: Task, gradient_checkpointing: bool, attention: str) -> dict[str, list[str]]:
+    """Apply ``train.gradient_checkpointing`` and ``train.attention`` to :func:`memory_option_targets`.
+
+    Gradient checkpointing calls ``enable_gradient_checkpointing()`` on every diffusers ``ModelMixin`` inside
+    the targets that supports it (its blocks then recompute their activations in the backward pass; a
+    recipe's new attentions living in those blocks, such as XPSR's SFA layers or CoSeR's AiA, are
+    recomputed with them). A component's per-call state declared in ``checkpoint_state_attrs`` (XPSR's
+    SFA prompts, RFA's AdaIN control) is restored for the recomputation (:func:`checkpoint_function`).
+    ``attention`` replaces the processor of every diffusers ``Attention`` whose
+    processor is a standard one (``AttnProcessor``, ``AttnProcessor2_0``, ``SlicedAttnProcessor``);
+    semsr's own processors are left as they are.
+
+    Returns what was changed: ``{"checkpointing": [component paths], "attention": [attention paths]}``,
+    paths prefixed by the target name (``trainable.controlnet``, ``unet``, ...).
+
+    Raises:
+        SemsrError: an unknown ``attention`` mode.
+    """
+    from diffusers import ModelMixin  # heavy dependency, imported on use
+    from diffusers.models.attention_processor import (  # heavy dependency, imported on use
+        Attention,
+        AttnProcessor,
+        AttnProcessor2_0,
+        SlicedAttnProcessor,
+    )
+
+    if attention not in ATTENTION_MODES:
+        raise SemsrError(f"train.attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    done: dict[str, list[str]] = {"checkpointing": [], "attention": []}
+    standard = (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor)
+    targets = memory_option_targets(task)
+    recompute = checkpoint_function(_state_holders(list(targets.values())))
+    for target, root in targets.items():
+        for path, module in root.named_modules():
+            name = f"{target}.{path}" if path else target
+            if (
+                gradient_checkpointing
+                and isinstance(module, ModelMixin)
+                and module._supports_gradient_checkpointing
+                and not module.is_gradient_checkpointing
+            ):
+                module.enable_gradient_checkpointing(recompute)
+                done["checkpointing"].append(name)
+            if attention != "default" and isinstance(module, Attention) and type(module.processor) in standard:
+                if attention == "sdpa":
+                    module.set_processor(AttnProcessor2_0())
+                elif attention == "eager":
+                    module.set_processor(AttnProcessor())
+                else:  # sliced: the heads of one sample per slice
+                    module.set_processor(SlicedAttnProcessor(slice_size=module.heads))
+                done["attention"].append(name)
+    return done
 
 
 class Trainer:
@@ -238,6 +352,9 @@ class Trainer:
             task = self.task = build_task(cfg)
         mixed = cfg.train.mixed_precision
         task.setup(acc.device, resolve_dtype(None if mixed == "no" else mixed))
+        self.memory_options = apply_memory_options(task, cfg.train.gradient_checkpointing, cfg.train.attention)
+        if cfg.train.gradient_checkpointing and not self.memory_options["checkpointing"]:
+            log.warning("train.gradient_checkpointing: task '%s' has no component that supports it", cfg.task)
         params = [p for p in task.trainable.parameters() if p.requires_grad]
         if not params:
             raise SemsrError(f"task '{cfg.task}' has no trainable parameters")
