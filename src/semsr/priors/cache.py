@@ -10,7 +10,7 @@ absolute path), so an LR prior belongs to one fixed LR file (a pairs folder of `
 make-pairs``); LR images drawn on the fly by training have no file and hence no cached prior.
 Values by kind: ``text`` in the row; ``tags`` as a JSON list in the row; ``spatial`` as ``uint8
 (C, H, W)`` (the [0, 1] map times 255, rounded); ``embedding`` as ``float32`` of the provider's
-shape. Nothing is pickled (``np.load(..., allow_pickle=False)``).
+shape without its batch dimension. Nothing is pickled (``np.load(..., allow_pickle=False)``).
 
 Writes are safe for several processes on one file system (SQLite, WAL journal, a busy timeout);
 an array file is written atomically before its row, so a row always has its data and a killed
