@@ -52,7 +52,7 @@ def launch_semsr(*args: str, processes: int = 2, timeout: float = 300) -> subpro
         *args,
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "Error" in l or "semsr" in l)[-3000:]
     return proc
 
 

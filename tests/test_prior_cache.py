@@ -27,6 +27,7 @@ from semsr.cli import main
 from semsr.core.errors import SemsrError
 from semsr.priors.base import PriorResult, provider_specs
 from semsr.priors.cache import PriorStore, image_id
+from semsr.testing.tiny import resolve_model_path
 
 MMSR_BUILD = ("--recipe", "mmsr", "--depth-model", "tiny://depth", "--seg-model", "tiny://seg", "--batch-size", "1")
 XPSR_BUILD = ("--recipe", "xpsr", "--vlm", "tiny://vlm", "--vlm-max-new-tokens", "4", "--batch-size", "2")
@@ -119,8 +120,11 @@ def _train(config: str, out: Path, pairs: Path, store: Path, *extra: str) -> Non
 
 def test_chain_pairs_build_two_processes_train_from_cache_upscale(tmp_path: Path, monkeypatch):
     pairs, store = _pairs(tmp_path, count=4), tmp_path / "store"
-    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *XPSR_BUILD)
-    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *MMSR_BUILD)
+    # the tiny models are written here first: two launched processes would both write them
+    local = [str(resolve_model_path(a)) if a.startswith("tiny://") else a for a in (*XPSR_BUILD, *MMSR_BUILD)]
+    xpsr, mmsr = local[: len(XPSR_BUILD)], local[len(XPSR_BUILD) :]
+    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *xpsr)
+    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *mmsr)
     assert PriorStore(store).priors() == {"canny": 4, "caption": 4, "depth": 4, "quality": 8, "seg": 4}
 
     with monkeypatch.context() as m:
@@ -133,7 +137,8 @@ def test_chain_pairs_build_two_processes_train_from_cache_upscale(tmp_path: Path
     out = tmp_path / "sr"
     lr = next((pairs / "lr").iterdir())
     args = ["upscale", "-i", str(lr), "-o", str(out), "-n", "mmsr", "--checkpoint", str(tmp_path / "mmsr" / "final")]
-    assert main([*args, "--base", "tiny://", "--steps", "1", "--depth-model", "tiny://depth"]) == 0
+    args += ["--base", str(resolve_model_path("tiny://")), "--modalities", "caption,edge", "--steps", "1"]
+    assert main([*args, "--no-progress"]) == 0
     assert len(list(out.iterdir())) == 1
 
 
