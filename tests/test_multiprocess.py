@@ -13,12 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import REPO, write_textures
-
 from semsr.commands.shard import Shard, merge_parts
+from train_helpers import REPO, write_textures
 
 
 def _free_port() -> int:
@@ -52,7 +49,8 @@ def launch_semsr(*args: str, processes: int = 2, timeout: float = 300) -> subpro
         *args,
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "Error" in l or "semsr" in l)[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "semsr" in line]
+    assert proc.returncode == 0, "\n".join(errors)[-3000:]
     return proc
 
 
