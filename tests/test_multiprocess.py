@@ -86,3 +86,25 @@ def test_upscale_two_processes_six_images_one_report(tmp_path: Path):
     launch_semsr(*args)
     data = json.loads(report.read_text())
     assert data["summary"]["skipped"] == 6 and len(data["results"]) == 6
+
+
+def test_bench_two_processes_split_images_one_result(tmp_path: Path):
+    src = write_textures(tmp_path / "hr", count=6, size=(32, 32))
+    report = tmp_path / "bench.json"
+    proc = launch_semsr(
+        "bench",
+        "--methods",
+        "bicubic",
+        "--datasets",
+        str(src),
+        "--metrics",
+        "psnr",
+        "--no-isolate",
+        "--json",
+        str(report),
+    )
+    # each process upscaled its 3 images into the shared cache; rank 0 scored all 6
+    assert proc.stderr.count("bicubic: upscaling 3 image(s) (0 cached)") == 2
+    rows = json.loads(report.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["n_images"] == 6 and rows[0]["metrics"]["psnr"] > 10
+    assert proc.stdout.count("| bicubic") == 1  # one table, from rank 0
