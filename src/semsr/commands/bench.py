@@ -27,6 +27,10 @@ Results are cached under the semsr cache, so an interrupted or extended run
 only computes what is missing; the cache key includes the method's options and
 a fingerprint of its weight files (packaged weights, a checkpoint folder), so
 retrained weights are never served from stale outputs (see :mod:`semsr.eval.runner`).
+
+Under ``accelerate launch --num_processes N -m semsr.cli bench ...`` each process upscales every
+N-th image (one model per process, into the shared result cache); rank 0 then computes the metrics
+and writes the one table / JSON / CSV / report.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from semsr.commands.shard import Shard
 from semsr.core.errors import SemsrError
 from semsr.core.io import check_output_file, check_output_folder, sweep_temp_files
 from semsr.core.paths import cache_dir
@@ -205,8 +210,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         check_output_folder(args.report, "--report", create=False)
     sweep_temp_files(cache_dir() / "bench", recursive=True)  # LR sets, SR outputs of killed runs
+    shard = Shard.from_env()  # under `accelerate launch`: images split across processes, rank 0 reports
     with ResultCache() as cache:
-        result = run_bench(config, progress, cache)
+        result = run_bench(config, progress, cache, part=(shard.rank, shard.world), wait=shard.wait)
+        if not shard.main:
+            return 0
         if args.report is not None:
             files = write_report(result, cache, args.report, args.report_images, args.report_crop)
             progress(f"report: {len(files)} files in {args.report} (open {args.report / 'index.html'})")

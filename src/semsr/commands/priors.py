@@ -4,6 +4,19 @@
     semsr priors -i $SEMSR_DATA/benchmarks/Set5 --modalities canny,hed -o out
     semsr priors -i lr/ --modalities depth,seg --depth-model ~/models/dpt --seg-model ~/models/segformer
     semsr priors --list                                    # what can be extracted here
+    semsr priors build --recipe xpsr --pairs PAIRS -o STORE --vlm VLM --device cuda   # training priors
+
+``semsr priors build`` computes every prior a recipe's training reads, once per image, into one
+prior store (:mod:`semsr.priors.cache`; training reads it with ``data.priors: STORE``). The images
+are the HR and LR files of a pairs folder (``--pairs``, from ``semsr data make-pairs``) or HR
+images (``-i``; HR priors only). What each recipe needs (:data:`RECIPE_PRIORS`): ``xpsr`` the
+caption and quality answer of each HR image and the quality answer of each LR file; ``dalpsr``
+the caption of each HR image and IRPAD's description of each LR file; ``mmsr`` the edge (canny),
+depth and segmentation maps of each LR file bicubic-upsampled to its HR size (the size at which
+training extracts them; a crop of the map is what training tokenizes). Images are processed in
+batches of ``--batch-size``, each batch committed at once; a killed build is resumed by running it
+again (priors already stored are not recomputed). Under ``accelerate launch`` every process takes
+its share of the images and writes into the same store (:mod:`semsr.commands.shard`).
 
 The command is generic over the provider registry (:mod:`semsr.priors.base`):
 every registered provider can be named in ``--modalities`` and its options
@@ -24,12 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
+from semsr.commands.shard import Shard
 from semsr.commands.upscale import collect_inputs
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.fingerprint import image_key
 from semsr.core.io import atomic_write, read_image
 from semsr.eval.atomic import write_json, write_png
+from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.base import (
     PriorProvider,
     ProviderSpec,
@@ -39,8 +56,20 @@ from semsr.priors.base import (
     resolve_provider,
     spatial_to_uint8,
 )
+from semsr.priors.cache import PriorStore, image_id
+from semsr.testing.tiny import resolve_model_path
+from semsr.train.pairs import read_pairs
 
 DEFAULT_MODALITIES = "canny,hed"
+
+
+#: Per recipe: the priors of each image kind (``hr``: HR files, ``lr``: LR files, ``lr_up``: LR files
+#: bicubic-upsampled to their HR size), by provider name.
+RECIPE_PRIORS: dict[str, dict[str, tuple[str, ...]]] = {
+    "xpsr": {"hr": ("caption", "quality"), "lr": ("quality",)},
+    "dalpsr": {"hr": ("caption",), "lr": ("irpad",)},
+    "mmsr": {"lr_up": ("canny", "depth", "seg")},
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Extract priors from an image, a folder of images or a glob, write spatial maps as PNG "
         "and everything (with metadata) into a JSON index. `semsr priors --list` shows the "
         "available priors.",
+    )
+    p.add_argument(
+        "action", nargs="?", choices=["build"], help="build: compute a recipe's training priors into a prior store"
     )
     p.add_argument("-i", "--input", nargs="+", metavar="FILE|DIR", help="input image(s), folder(s) or glob(s)")
     p.add_argument("-o", "--output", type=Path, default=Path("priors"), help="output folder (default: ./priors)")
@@ -61,6 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="JSON index path (default: <output>/priors.json)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the prior cache")
     p.add_argument("--list", action="store_true", help="list the available priors and exit")
+    b = p.add_argument_group("priors build")
+    b.add_argument("--recipe", choices=sorted(RECIPE_PRIORS), help="the recipe whose training priors to build")
+    b.add_argument("--pairs", type=Path, help="pairs folder of semsr data make-pairs (its HR and LR files)")
+    b.add_argument("--batch-size", type=int, default=8, help="images per committed batch (default: 8)")
     group = p.add_argument_group("prior options")
     seen: set[str] = set()
     for spec in provider_specs():
@@ -83,6 +119,8 @@ def provider_options(args: argparse.Namespace, spec: ProviderSpec) -> dict[str, 
     opts = {}
     for opt in spec.options:
         value = getattr(args, _dest(opt.flag), None)
+        if isinstance(value, str) and value.startswith("tiny://"):
+            value = str(resolve_model_path(value))
         if value is not None:
             opts[opt.name] = value
     return opts
@@ -105,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         _print_list()
         return 0
+    if args.action == "build":
+        return build(args)
     if not args.input:
         raise SemsrError("no input: give -i FILE|DIR (or --list)")
     names = [n.strip() for n in args.modalities.split(",") if n.strip()]
@@ -169,3 +209,84 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     return 1 if failed else 0
+
+
+def _build_images(args: argparse.Namespace) -> dict[str, list[tuple[Path, Path | None]]]:
+    """Per image kind (``hr`` / ``lr`` / ``lr_up``) the ``(file, its HR file)`` to process."""
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs)
+        hrs = list(pairs)
+        lrs = [(lr, hr) for hr, lr_files in pairs.items() for lr in lr_files]
+    elif args.input:
+        files, unmatched = collect_inputs(args.input)
+        for pattern in unmatched:
+            print(f"semsr: warning: {pattern}: no file matches", file=sys.stderr)
+        hrs, lrs = files, []
+    else:
+        raise SemsrError("priors build needs --pairs PAIRS (or -i HR images for HR priors only)")
+    need = RECIPE_PRIORS[args.recipe]
+    if not args.pairs and any(k != "hr" for k in need):
+        raise SemsrError(
+            f"recipe {args.recipe} needs priors of LR files: give --pairs (from semsr data make-pairs); "
+            "LR images degraded on the fly during training have no file to cache priors for"
+        )
+    return {"hr": [(h, None) for h in hrs], "lr": lrs, "lr_up": lrs}
+
+
+def _load(kind: str, path: Path, hr: Path | None) -> torch.Tensor:
+    """``(1, 3, H, W)`` in [0, 1]: the image, or (``lr_up``) the LR bicubic-upsampled to its HR size."""
+    image = picture_tensor(read_image(path))
+    if kind != "lr_up":
+        return image
+    assert hr is not None
+    with Image.open(hr) as im:
+        w, h = im.size
+    s = w // image.shape[-1]
+    return make_hint(image, (image.shape[-2] * s, image.shape[-1] * s))
+
+
+def build(args: argparse.Namespace) -> int:
+    """``semsr priors build`` (module docstring); 0 when every image has its priors, 1 when some failed."""
+    if args.recipe is None:
+        raise SemsrError("priors build needs --recipe (one of " + ", ".join(sorted(RECIPE_PRIORS)) + ")")
+    if args.batch_size < 1:
+        raise SemsrError(f"--batch-size must be >= 1, got {args.batch_size}")
+    shard = Shard.from_env()
+    images = _build_images(args)
+    need = RECIPE_PRIORS[args.recipe]
+    store = PriorStore(args.output, create=True)
+    providers: dict[str, PriorProvider] = {}
+    for name in dict.fromkeys(n for names in need.values() for n in names):  # a missing model fails first
+        spec = resolve_provider(name)
+        providers[name] = spec.factory(**provider_options(args, spec))
+    counts = {"computed": 0, "kept": 0, "failed": 0}
+    for kind, names in need.items():
+        done = {n: store.done(n) for n in names}
+        todo: list[tuple[Path, Path | None, list[str]]] = []
+        for path, hr in shard.take(images[kind], key=lambda item: str(item[0])):
+            missing = [n for n in names if image_id(path) not in done[n]]
+            counts["kept"] += len(names) - len(missing)
+            if missing:
+                todo.append((path, hr, missing))
+        for start in range(0, len(todo), args.batch_size):
+            rows = []
+            for path, hr, missing in todo[start : start + args.batch_size]:
+                try:
+                    image = _load(kind, path, hr)
+                    rows += [(path, n, providers[n](image)) for n in missing]
+                except SemsrError as err:
+                    counts["failed"] += 1
+                    print(f"semsr: error: {err}", file=sys.stderr)
+            counts["computed"] += store.put_many(rows)
+            print(f"{kind}: {min(start + args.batch_size, len(todo))}/{len(todo)} images", flush=True)
+    store.close()
+    print(
+        f"rank {shard.rank}/{shard.world}: computed {counts['computed']}, kept {counts['kept']}, "
+        f"failed {counts['failed']} priors -> {args.output}",
+        flush=True,
+    )
+    shard.wait()
+    if shard.main:
+        summary = PriorStore(args.output).describe()
+        print("store: " + ", ".join(f"{k} {v}" for k, v in summary["priors"].items()) + f"; {summary['bytes']} bytes")
+    return 1 if counts["failed"] else 0

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from semsr import __version__
 from semsr.api import load_method, output_size, upscale_picture_output
+from semsr.commands.shard import Shard
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import (
     DEFAULT_MAX_PIXELS,
@@ -530,6 +531,8 @@ def run(args: argparse.Namespace) -> int:
     if not inputs:
         raise InputError("no image files found", " ".join(args.input))
     single = len(inputs) == 1
+    shard = Shard.from_env()  # under `accelerate launch`: this process's share of the inputs (commands.shard)
+    inputs, earlier = shard.take(inputs), shard.take(earlier)
     results: list[Result] = [Result(str(f), None, "skipped", "output of an earlier run", 0.0, 0.0) for f in earlier]
     rss = PeakRss()
     interrupted: KeyboardInterrupt | None = None
@@ -577,7 +580,9 @@ def run(args: argparse.Namespace) -> int:
             _print_summary(results, interrupted is not None)
         if report_path is not None:
             try:
-                _write_report(report_path, spec, args, results, interrupted is not None)
+                _write_report(shard.part(report_path), spec, args, results, interrupted is not None)
+                shard.wait()
+                shard.merge_reports(report_path, lambda rs: _counts([Result(**r) for r in rs]))
             except OSError as err:
                 print(f"semsr: error: --json: {write_error_message(err, report_path)}", file=sys.stderr)
                 report_failed = True

@@ -662,8 +662,21 @@ def _score_set(metric: Any, sr_paths: list[Path], gt_paths: list[Path]) -> float
 # --------------------------------------------------------------------------- the run
 
 
-def run_bench(config: BenchConfig, progress: Progress | None = None, cache: ResultCache | None = None) -> BenchResult:
-    """Run (or resume) a benchmark and return one :class:`Row` per (method entry, dataset)."""
+def run_bench(
+    config: BenchConfig,
+    progress: Progress | None = None,
+    cache: ResultCache | None = None,
+    part: tuple[int, int] = (0, 1),
+    wait: Callable[[], None] = lambda: None,
+) -> BenchResult:
+    """Run (or resume) a benchmark and return one :class:`Row` per (method entry, dataset).
+
+    Several processes (``part`` = ``(rank, world)``, ``wait`` a barrier of all of them) share the
+    work: rank 0 prepares the LR sets first, each rank upscales every ``world``-th image (of the
+    LR sets in order) of every method into the shared result cache, and after the barrier rank 0
+    computes the metrics and returns the rows; the other ranks return no rows.
+    """
+    rank, world = part
     say = progress or (lambda _msg: None)
     if not config.methods:
         raise SemsrError("no methods given")
@@ -674,9 +687,13 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
     for name, reason in metrics.unavailable.items():
         say(f"metric {name} unavailable: {reason}")
     lrsets = []
-    for ds in config.datasets:
-        say(f"preparing {ds.name} ({config.degradation} x{config.scale})")
-        lrsets.append(prepare(ds.limited(config.limit), config.degradation, config.scale, config.seed))
+    for turn in (0, 1):  # rank 0 writes the LR sets, then the others find them prepared
+        if (rank == 0) == (turn == 0):
+            for ds in config.datasets:
+                say(f"preparing {ds.name} ({config.degradation} x{config.scale})")
+                lrsets.append(prepare(ds.limited(config.limit), config.degradation, config.scale, config.seed))
+        if turn == 0:
+            wait()
 
     own_cache = cache is None
     cache = cache or ResultCache()
@@ -686,7 +703,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
     try:
         for plan in plans:
             keys[plan.label] = plan.key
-            _ensure_upscaled(config, plan, lrsets, cache, stats, say)
+            _ensure_upscaled(config, plan, lrsets, cache, stats, say, part)
+        wait()
+        for plan in plans if rank == 0 else ():
             for lrset in lrsets:
                 rows.append(_evaluate(config, plan.label, plan.key, lrset, metrics, cache, stats, say))
     finally:
@@ -697,18 +716,26 @@ def run_bench(config: BenchConfig, progress: Progress | None = None, cache: Resu
 
 
 def _ensure_upscaled(
-    config: BenchConfig, plan: MethodPlan, lrsets: list[LRSet], cache: ResultCache, stats: Stats, say: Progress
+    config: BenchConfig,
+    plan: MethodPlan,
+    lrsets: list[LRSet],
+    cache: ResultCache,
+    stats: Stats,
+    say: Progress,
+    part: tuple[int, int] = (0, 1),
 ) -> None:
+    """Upscale what the cache lacks of this process's share (``part`` = ``(rank, world)``) of the images."""
     name, mkey = plan.label, plan.key
     jobs: list[_Job] = []
     cached = 0
-    for lrset in lrsets:
-        for item in lrset.images:
-            out = sr_file(mkey, lrset, item)
-            if cache.upscale(mkey, lrset.uid, item.key) is not None and out.is_file():
-                cached += 1
-            else:
-                jobs.append(_Job(lrset.uid, item.key, str(item.lr_path), str(out)))
+    rank, world = part
+    every = [(lrset, item) for lrset in lrsets for item in lrset.images]
+    for lrset, item in every[rank::world]:
+        out = sr_file(mkey, lrset, item)
+        if cache.upscale(mkey, lrset.uid, item.key) is not None and out.is_file():
+            cached += 1
+        else:
+            jobs.append(_Job(lrset.uid, item.key, str(item.lr_path), str(out)))
     stats.upscale_cached += cached
     if not jobs:
         return

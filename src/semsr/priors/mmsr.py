@@ -45,6 +45,8 @@ class ModalityTokens:
         edge: provider of the ``edge`` modality, ``canny`` (default, as the paper) or ``hed``.
         use_cache: go through the on-disk prior cache.
         device: torch device of the depth / segmentation / HED models (their ``device`` option).
+        extract: build the providers; False: only the tokenizers (maps come from elsewhere, e.g. a
+            prior store, and go through :meth:`embed`).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ModalityTokens:
         edge: str = "canny",
         use_cache: bool = True,
         device: str | torch.device = "cpu",
+        extract: bool = True,
     ) -> None:
         if edge not in EDGE_PROVIDERS:
             raise SemsrError(f"unknown edge detector {edge!r}; use one of {', '.join(EDGE_PROVIDERS)}")
@@ -74,7 +77,8 @@ class ModalityTokens:
         names = {**DEFAULT_PROVIDERS, "edge": edge}
         opts = provider_opts or {}
         self.providers = {}
-        for m in self.modalities:
+        self.provider_names = {m: names[m] for m in self.modalities}
+        for m in self.modalities if extract else ():
             kwargs = dict(opts.get(m, {}))
             if names[m] in NEURAL_PROVIDERS:
                 kwargs.setdefault("device", str(device))
@@ -93,11 +97,15 @@ class ModalityTokens:
         """``(B, 3, H, W)`` in [0, 1] -> ``(vectors, maps)``: per modality the codebook vectors
         ``(B, grid*grid, embed_dim)`` float32 and the maps they encode ``(B, C, H, W)`` in [0, 1]."""
         maps = self.maps(images)
+        return self.embed(maps), maps
+
+    def embed(self, maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per modality ``(B, C, H, W)`` maps in [0, 1] -> codebook vectors ``(B, grid*grid, embed_dim)`` float32."""
         vectors = {}
         for m, value in maps.items():
             tok = self.tokenizers[m]
             vectors[m] = tok.embed(tok.encode(value)).float().cpu()
-        return vectors, maps
+        return vectors
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` in [0, 1] -> per modality codebook vectors ``(B, grid*grid, embed_dim)`` float32."""

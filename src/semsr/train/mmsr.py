@@ -24,6 +24,11 @@ Per micro-batch (HR crop, degraded LR, caption, seed)::
     paper does not say which UNet parts train, and a frozen cross-attention would read foreign tokens;
     false trains only the connector and conv_in).
 
+With ``data.priors: STORE`` (``semsr priors build --recipe mmsr``, with ``data.pairs``) the edge / depth
+/ seg maps are read from the store (each LR file's maps at its HR size, cropped at the sample's HR box
+and mirrored with it) and only tokenized here: no depth / seg / edge model is built for training (the
+frozen tokenizers are part of the model). VQ tokens themselves are not cached: they depend on the crop.
+
 Trainable: the connector, the widened conv_in and the UNet's cross-attention layers (the rest is
 frozen). Depth / seg models run on the training device. Export: an MMSR checkpoint folder
 (:func:`semsr.methods.mmsr.save_mmsr`) with semsr's own tokenizers inside (``vq_<m>/``).
@@ -48,6 +53,7 @@ from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.mmsr import ModalityTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
+from semsr.train.priors import open_prior_store
 from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, register_task
 
 _CONNECTOR_KEYS = {"num_latents", "heads", "cross_layers", "self_layers", "mlp_ratio"}
@@ -95,6 +101,7 @@ class MMSRTask(LatentDiffusionTask):
         self.edge = str(opts.get("edge", "canny"))
         self.tokenizers = self.load_tokenizers(opts)
         self.tokens: ModalityTokens | None = None  # built on the training device by setup()
+        self.store = open_prior_store(cfg)
         if opts.get("init"):
             cond, _ = load_mmsr(resolve_model_path(str(opts["init"])))
             if cond.connector.spatial != self.modalities:
@@ -170,8 +177,30 @@ class MMSRTask(LatentDiffusionTask):
         for tok in self.tokenizers.values():
             tok.to(device)
         self.tokens = ModalityTokens(
-            self.modalities, self.tokenizers, self.sources, edge=self.edge, use_cache=False, device=device
+            self.modalities,
+            self.tokenizers,
+            self.sources,
+            edge=self.edge,
+            use_cache=False,
+            device=device,
+            extract=self.store is None,
         )
+
+    def stored_maps(self, batch: dict[str, Any], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per modality ``(B, C, h, w)`` maps in [0, 1] of the batch's crops (``size`` = ``(h, w)``) from the store."""
+        assert self.store is not None and self.tokens is not None
+        out: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        for lr_path, box in zip(batch["lr_path"], batch["box"].tolist(), strict=True):
+            top, left, flip = box
+            for m in self.modalities:
+                full = self.store.spatial(lr_path, self.tokens.provider_names[m])
+                crop = full[:, top : top + size[0], left : left + size[1]]
+                if tuple(crop.shape[-2:]) != size:
+                    raise SemsrError(
+                        f"the stored {m} map is smaller than its HR image (built at another scale?)", lr_path
+                    )
+                out[m].append(crop.flip(-1) if flip else crop)
+        return {m: torch.stack(v) for m, v in out.items()}
 
     def draw_drops(self, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per modality (caption first, then the spatial ones) a ``(B,)`` bool: replace by the null token."""
@@ -192,7 +221,11 @@ class MMSRTask(LatentDiffusionTask):
         text = self.prompts(prompts).to(self.device, torch.float32)
         hint = make_hint(step.lr, tuple(step.hr.shape[-2:]))
         assert self.tokens is not None, "setup() builds the modality tokens"
-        spatial = {m: v.to(self.device) for m, v in self.tokens(hint).items()}
+        if self.store is not None:
+            vectors = self.tokens.embed(self.stored_maps(step.batch, tuple(step.hr.shape[-2:])))
+        else:
+            vectors = self.tokens(hint)
+        spatial = {m: v.to(self.device) for m, v in vectors.items()}
         z_lr = self.vae_mode(hint)
         return {
             "pred": model(

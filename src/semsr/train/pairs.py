@@ -181,7 +181,8 @@ class PairedCropDataset(CropDataset):
     (``derive_seed(seed, "variant", p) % K``) and an LR window of ``crop_size // scale`` (flat windows
     redrawn as in training on the fly); the HR crop is the same window times ``scale``. Items are
     the dicts of :class:`~semsr.train.data.CropDataset` (``hr (3, crop, crop)``, ``lr (3, crop/s, crop/s)``,
-    ``prompt``, ``seed``, ``position``).
+    ``prompt``, ``seed``, ``position``) plus ``lr_path`` (the LR file) and ``box`` (``(3,)``: the HR crop's
+    top and left and whether it is mirrored), by which training reads cached priors of the crop.
     """
 
     def __init__(self, items: list[ImageItem], pairs: dict[Path, list[Path]], cfg: DataConfig, seed: int) -> None:
@@ -211,7 +212,8 @@ class PairedCropDataset(CropDataset):
         ((top, left),) = sample_crop_boxes(lr_img, c, 1, rng, self.cfg.min_texture, self.cfg.max_crop_tries)
         lr = lr_img[top : top + c, left : left + c]
         hr = hr_img[top * s : top * s + size, left * s : left * s + size]
-        if self.cfg.hflip and rng.uniform() < 0.5:
+        flip = self.cfg.hflip and rng.uniform() < 0.5
+        if flip:
             lr, hr = lr[:, ::-1], hr[:, ::-1]
         return {
             "hr": to_tensor(hr),
@@ -220,6 +222,8 @@ class PairedCropDataset(CropDataset):
             "seed": torch.tensor(derive_seed(self.seed, "task", position), dtype=torch.int64),
             "position": torch.tensor(position, dtype=torch.int64),
             "path": str(item.path),
+            "lr_path": str(lr_path),
+            "box": torch.tensor([top * s, left * s, int(flip)], dtype=torch.int64),  # HR crop top, left, mirrored
         }
 
 

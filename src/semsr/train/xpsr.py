@@ -7,7 +7,12 @@ Prompts per sample, high-level ``c_h`` and low-level ``c_l``:
   the HR image, ``c_l`` = the quality answer for its LR image (``low_gt``, the answer for the HR
   image, where the HR crop is the hint); with ``low_source: irpad`` ``c_l`` is IRPAD's description of
   the hint. A training image without a record is a one-line error before the first step.
-- **online** (no ``prompts``): :class:`~semsr.priors.prompts.TextPriors` on the hint image (cached per
+- **prior store** (``data.priors: STORE`` of ``semsr priors build --recipe xpsr|dalpsr``, with
+  ``data.pairs``): as the prompts file, from the store: ``c_h`` = the ``caption`` of the HR image,
+  ``c_l`` = the ``quality`` (``low_source: vlm``) or ``irpad`` (``low_source: irpad``) prior of the
+  sample's LR file (of the HR image where it is the hint). No prior model is built for training;
+  a missing prior is a one-line error before the first step.
+- **online** (no ``prompts``, no ``data.priors``): :class:`~semsr.priors.prompts.TextPriors` on the hint image (cached per
   image content): XPSR asks the VLM (``low_source: vlm``), DaLPSR uses IRPAD (``low_source: irpad``;
   tags from ``tagger`` steer the caption). A non-empty batch caption (manifest or ``data.prompt``)
   replaces the caption. Without ``vlm`` this needs ``no_vlm: true`` (no silent fallback).
@@ -67,6 +72,8 @@ from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import expand_path
 from semsr.train.losses import _require, register_loss
+from semsr.train.pairs import read_pairs
+from semsr.train.priors import open_prior_store
 from semsr.train.tasks import ControlNetSRTask, NoisedBatch, register_task
 from semsr.train.xpsr_prompts import XPSRPromptFile
 
@@ -195,7 +202,12 @@ class XPSRTask(ControlNetSRTask):
         self._priors: TextPriors | None = None
         prompts = self.opts["prompts"]
         self.prompt_file = XPSRPromptFile.load(expand_path(str(prompts))) if prompts else None
-        if self.prompt_file is None or self.opts["low_source"] != "vlm" or cfg.validation.every:
+        self.store = open_prior_store(cfg)
+        if self.store is not None and self.prompt_file is not None:
+            raise SemsrError("give model.options.prompts or data.priors, not both")
+        self.pairs = read_pairs(cfg.data.pairs) if self.store is not None else {}
+        precomputed = self.store is not None or (self.prompt_file is not None and self.opts["low_source"] == "vlm")
+        if not precomputed or cfg.validation.every:
             self.text_priors()  # training or validation asks it: a missing VLM fails now, not at step 1
 
     # -- prompts ---------------------------------------------------------
@@ -230,7 +242,17 @@ class XPSRTask(ControlNetSRTask):
         if self.prompt_file is not None:
             for item in items:
                 self.prompt_file.get(item.path, self._record_fields())
+        if self.store is not None:
+            gt = float(self.opts["gt_hint_prob"]) > 0
+            for item in items:
+                self.store.text(item.path, "caption")
+                for image in [*self.pairs.get(item.path, []), *([item.path] if gt else [])]:
+                    self.store.text(image, self._low_prior())
         return items
+
+    def _low_prior(self) -> str:
+        """The store's prior for the low-level prompt."""
+        return "quality" if self.opts["low_source"] == "vlm" else "irpad"
 
     def _record_fields(self) -> tuple[str, ...]:
         if self.opts["low_source"] != "vlm":
@@ -241,6 +263,11 @@ class XPSRTask(ControlNetSRTask):
         """``(high, low)`` per sample of ``step`` (module docstring); ``gt_hint[i]``: the HR crop is sample
         ``i``'s hint, so its low-level prompt describes the HR image."""
         images = [hr if gt else lr for hr, lr, gt in zip(step.hr, step.lr, gt_hint, strict=True)]
+        if self.store is not None:
+            paths, lr_paths = step.batch["path"], step.batch["lr_path"]
+            highs = [self.store.text(p, "caption") for p in paths]
+            hints = [p if gt else q for p, q, gt in zip(paths, lr_paths, gt_hint, strict=True)]
+            return highs, [self.store.text(h, self._low_prior()) for h in hints]
         if self.prompt_file is None:
             highs, lows = [], []
             for img, caption in zip(images, step.batch["prompt"], strict=True):
