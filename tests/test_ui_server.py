@@ -7,6 +7,8 @@ import json
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -777,3 +779,14 @@ def test_shown_steps_default_follows_the_served_checkpoint(tmp_path):
 
 def _packaged_index() -> Path:
     return packaged_weights() / "model_index.json"
+
+
+def test_serve_takes_every_weight_path_the_recipes_need() -> None:
+    """rfa (database, aligner, text decoder), mmsr (depth/seg models), dalpsr (tagger) can be served."""
+    assert {"db", "aligner", "text_decoder"} <= set(path_options(resolve("rfa")))
+    assert {"depth_model", "seg_model"} <= set(path_options(resolve("mmsr")))
+    assert "tagger" in path_options(resolve("dalpsr"))
+    out = subprocess.run(
+        [sys.executable, "-m", "semsr", "serve", "-h"], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "--text-decoder" in out and "--depth-model" in out and "--db" in out

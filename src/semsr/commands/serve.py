@@ -101,7 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for name in SERVE_PATHS:
         g.add_argument(
-            f"--{name}", metavar="[METHOD=]PATH", action="append", help=f"{name} weights for methods that take them"
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="[METHOD=]PATH",
+            action="append",
+            help=f"{name.replace('_', ' ')} for methods that take it",
         )
     p.set_defaults(func=run)
 

@@ -46,7 +46,20 @@ from semsr.priors.report import PRIORS_IN_PROMPT
 
 #: Weight-path options ``semsr serve`` takes (``--base PATH`` or ``--base METHOD=PATH``) and
 #: gives to the methods that have them.
-SERVE_PATHS = ("base", "controlnet", "checkpoint", "vlm", "clip")
+SERVE_PATHS = (
+    "base",
+    "controlnet",
+    "checkpoint",
+    "vlm",
+    "clip",
+    "tagger",
+    "irpad",
+    "depth_model",
+    "seg_model",
+    "db",
+    "aligner",
+    "text_decoder",
+)
 #: Run options with a fixed place on the page (shown when the method has them).
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "colour_fix")
 #: The page's presets, in display order (see :func:`presets`).
