@@ -604,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir, report_path = _check_destinations(args)
     runner = _Runner(args, reporter)
     files, unmatched = collect_inputs(args.input)
-    earlier = own_outputs(files, out_dir, args.suffix)
+    earlier = own_outputs(files, out_dir, args.suffix) if runner.out_file is None else []
     if earlier:
         print(
             f"skipping {len(earlier)} file(s) in {out_dir} named *_{args.suffix}.* (outputs of an earlier run): "

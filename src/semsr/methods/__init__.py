@@ -76,7 +76,9 @@ def unknown_method_message(name: str, known: list[str]) -> str:
     if _fold(name) in upstream:
         original, (near, hint) = upstream[_fold(name)]
         return f"semsr does not ship the weights of {original}; the closest method is {near!r} ({hint})"
-    pool = {_fold(k): k for k in known}
+    pool: dict[str, str] = {}
+    for k in known:  # registered names before aliases: the canonical spelling is suggested
+        pool.setdefault(_fold(k), k)
     near = difflib.get_close_matches(_fold(name), list(pool), n=1, cutoff=0.5)
     hint = f"did you mean {pool[near[0]]!r}? " if near else ""
     return f"unknown method {name!r}; {hint}`semsr models list` lists them"
