@@ -251,6 +251,7 @@ def test_models_list_fits_100_columns_and_marks_methods_that_need_weights() -> N
         assert "needs weights" in rows[name] and " yes " not in rows[name], rows[name]
     assert " yes " in rows["realesrgan-x4plus"] and " yes " in rows["default"]
     assert any(line.startswith("  sd-controlnet: weights: --base PATH") for line in lines)
+    assert "RealESRGAN_x4plus = realesrgan-x4plus" in res.stdout
     listed = {r["name"]: r for r in json.loads(run_piped("models", "list", "--json").stdout)}
     assert listed["xpsr"]["available"] is False and "--base PATH" in listed["xpsr"]["needs"]
     assert listed["realesrgan-x4plus"]["available"] is True

@@ -89,6 +89,9 @@ def format_table(table: list[dict[str, Any]], width: int = WIDTH) -> str:
     if packages:
         text = "weights from: " + ", ".join(packages)
         out += ["", *textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)]
+    aliases = [f"{a} = {r['name']}" for r in table for a in r.get("aliases") or ()]
+    if aliases:
+        out += ["", *textwrap.wrap("Real-ESRGAN's names: " + ", ".join(aliases), width, subsequent_indent="  ")]
     needs = [r for r in table if r.get("needs") and not r["available"]]
     if needs:
         out += ["", "needs weights you provide (see `semsr upscale -n NAME -h`):"]

@@ -138,6 +138,7 @@ class ModelInfo:
             "alias_of": self.alias_of,
             "needs": self.needs,
             "training_data": self.training_data,
+            "aliases": list(self.aliases),
         }
 
 
@@ -345,6 +346,7 @@ def method_row(name: str, scale: int, summary: str, info: Any = None) -> dict[st
         "alias_of": None,
         "needs": None,
         "training_data": None,
+        "aliases": [],
     }
 
 
