@@ -289,3 +289,32 @@ def test_missing_extra_message_maps_modules_to_extras() -> None:
         "semsr bench needs the optional package matplotlib: pip install 'semsr[report]'"
     )
     assert message("torch", command="upscale") is None  # not an optional package: a real error
+
+
+def test_stage_reporter_eta_is_the_mean_step_time_times_the_steps_left(monkeypatch) -> None:
+    import io
+
+    from semsr.commands import _progress
+
+    now = [100.0]
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: now[0])
+    stream = io.StringIO()
+    rep = _progress.StageReporter(stream, enabled=True)
+    rep.begin("a.png  ", "upscale", eta_rest=10.0)  # 10 s for the images after this one
+    now[0] = 104.0
+    rep.count("denoise", 1, 5)  # the first report: no ETA of the steps yet, only the rest
+    assert stream.getvalue().endswith("a.png  denoise 1/5  elapsed 4.0s  ETA 10.0s")
+    now[0] = 106.0
+    rep.count("denoise", 3, 5)  # 2 steps in 2 s: 2 steps left = 2 s, plus 10 s
+    assert stream.getvalue().endswith("a.png  denoise 3/5  elapsed 6.0s  ETA 12.0s")
+    now[0] = 106.5
+    rep.stage("write")
+    rep.done("a.png  denoise 2.0s")
+    assert stream.getvalue().endswith("\r\x1b[Ka.png  denoise 2.0s\n")
+    assert _progress.seconds(125) == "2m05s" and _progress.seconds(3720) == "1h02m"
+    quiet = io.StringIO()
+    off = _progress.StageReporter(quiet, enabled=False)
+    off.begin("a.png  ", "upscale")
+    off.count("denoise", 1, 2)
+    off.done("x")
+    assert quiet.getvalue() == ""
