@@ -312,6 +312,10 @@ def test_stage_reporter_eta_is_the_mean_step_time_times_the_steps_left(monkeypat
     rep.done("a.png  denoise 2.0s")
     assert stream.getvalue().endswith("\r\x1b[Ka.png  denoise 2.0s\n")
     assert _progress.seconds(125) == "2m05s" and _progress.seconds(3720) == "1h02m"
+    rep.begin("[2/2] b.png  ", "upscale: priors, stage1", expected=5.0)  # the mean of the images before
+    now[0] = 108.0
+    rep.stage("upscale: priors, stage1")
+    assert stream.getvalue().endswith("[2/2] b.png  upscale: priors, stage1  elapsed 1.5s  ETA 3.5s")
     quiet = io.StringIO()
     off = _progress.StageReporter(quiet, enabled=False)
     off.begin("a.png  ", "upscale")

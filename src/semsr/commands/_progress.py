@@ -78,6 +78,7 @@ class StageReporter:
         self._done = 0
         self._last = 0.0  # time of the last report
         self._eta_extra: float | None = None  # seconds still needed after this image (the other images)
+        self._expected: float | None = None  # seconds this image should take (from the images before it)
         self._shown = False
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -99,6 +100,8 @@ class StageReporter:
         if self._counting and total and first_done < done < total:
             per_unit = (self._last - since) / (done - first_done)
             eta = max(per_unit * (total - done) - (now - self._last), 0.0)
+        elif not self._counting and self._expected is not None:
+            eta = max(self._expected - (now - self._started), 0.0)
         if self._eta_extra is not None:
             eta = (eta or 0.0) + self._eta_extra
         if eta is not None:
@@ -142,12 +145,14 @@ class StageReporter:
                 self._clear()
 
     # ------------------------------------------------------------------ stages
-    def begin(self, prefix: str, label: str, eta_rest: float | None = None) -> None:
+    def begin(self, prefix: str, label: str, eta_rest: float | None = None, expected: float | None = None) -> None:
         """A new step begins (loading, or one image): ``prefix`` leads the line, elapsed time starts at 0;
-        ``eta_rest``: seconds the steps after this one should take (added to the ETA)."""
+        ``eta_rest``: seconds the steps after this one should take (added to the ETA); ``expected``:
+        seconds this step should take (the ETA until the method reports its own progress)."""
         with self._lock:
             self._prefix = prefix
             self._eta_extra = eta_rest
+            self._expected = expected
             self._started = time.perf_counter()
             self._set(label)
 

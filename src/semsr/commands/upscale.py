@@ -473,6 +473,8 @@ class _Runner:
         self._method: Method | None = None
         self.prefix = ""  # "[i/N] name  " of the input being processed
         self.eta_rest: float | None = None  # seconds the inputs after it should take
+        self.expected: float | None = None  # seconds it should take (the mean of the inputs before it)
+        self.durations: list[float] = []  # seconds of each upscaled input (upscale + write, no loading)
         self.first_stage = "upscale"  # the label before the method's first progress report
 
     def method(self) -> Method:
@@ -527,7 +529,7 @@ class _Runner:
         method = self.method()
         rep = self.reporter
         t0 = time.perf_counter()
-        rep.begin(self.prefix or f"{src.name}  ", self.first_stage, self.eta_rest)
+        rep.begin(self.prefix or f"{src.name}  ", self.first_stage, self.eta_rest, self.expected)
         # a self-tiling method reports its sampler steps, the pixel tiler its tiles
         progress = rep.counter("denoise" if method.tiles_itself else "tile") if rep.enabled else False
         result = upscale_picture_output(
@@ -542,7 +544,8 @@ class _Runner:
             raise SemsrError(write_error_message(err, out), src) from None
         stages = stage_summary({**result.timings, "write": time.perf_counter() - t1})
         self.first_stage = first_stage(result.timings)
-        rep.done(f"{self.prefix or src.name + '  '}{stages}  (total {seconds(time.perf_counter() - t0)})")
+        self.durations.append(time.perf_counter() - t0)
+        rep.done(f"{self.prefix or src.name + '  '}{stages}  (total {seconds(self.durations[-1])})")
         self.echo(f"wrote {out} ({result.picture.width}x{result.picture.height})")
         if wants_side_images(self.options):
             for side in write_side_images(result.side_images, out):
@@ -625,13 +628,14 @@ def run(args: argparse.Namespace) -> int:
     interrupted: KeyboardInterrupt | None = None
     failure: SemsrError | None = None
     report_failed = False
-    upscaled: list[float] = []  # seconds of each upscaled input, for the ETA of the rest
     reporter.start()
     try:
         for index, src in enumerate(inputs, start=1):
             runner.prefix = "" if single else f"[{index}/{len(inputs)}] {Path(src).name}  "
-            mean = sum(upscaled) / len(upscaled) if upscaled else None
-            runner.eta_rest = None if mean is None else mean * (len(inputs) - index)
+            done_s = runner.durations
+            runner.expected = sum(done_s) / len(done_s) if done_s else None
+            left = len(inputs) - index
+            runner.eta_rest = runner.expected * left if runner.expected is not None and left else None
             rss.reset()
             t0 = time.perf_counter()
             error: str | None = None
@@ -651,8 +655,6 @@ def run(args: argparse.Namespace) -> int:
                 failure = err if isinstance(err, SemsrError) else SemsrError(error, src)
                 if not single:
                     runner.echo(f"semsr: error: {src}: {error}", file=sys.stderr)
-            if status == "ok":
-                upscaled.append(time.perf_counter() - t0)
             results.append(
                 Result(
                     str(src),
