@@ -12,6 +12,11 @@ chosen method's options) parses in two stages: it sets ``finish_parse``
 (``(namespace, leftover arguments) -> namespace``), which receives what the
 first stage did not recognise; other commands get argparse's usual
 "unrecognized arguments" error.
+
+Option names may be spelled with underscores (``--tile_pad`` is ``--tile-pad``,
+Real-ESRGAN's habit): :func:`normalise_flags` rewrites them before parsing. A
+command that needs an optional package that is not installed (faiss, matplotlib)
+ends with one line naming the extra that provides it (:data:`EXTRAS`), exit code 3.
 """
 
 from __future__ import annotations
@@ -49,6 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Optional packages (top-level module) -> the extra of semsr that installs them (pyproject.toml).
+EXTRAS: dict[str, str] = {"faiss": "index", "matplotlib": "report"}
+#: Commands whose use of an optional package belongs to another extra than :data:`EXTRAS` says.
+_COMMAND_EXTRAS: dict[tuple[str, str], str] = {("train", "matplotlib"): "train"}
+
+
+def normalise_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` with underscores in long option names turned into dashes (``--tile_pad=8`` ->
+    ``--tile-pad=8``); words after a bare ``--`` and values are left alone."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + list(argv[i:])
+        if word.startswith("--") and "_" in word.split("=", 1)[0]:
+            name, sep, value = word.partition("=")
+            word = name.replace("_", "-") + sep + value
+        out.append(word)
+    return out
+
+
+def missing_extra_message(err: ModuleNotFoundError, args: argparse.Namespace) -> str | None:
+    """One line for an optional package that is not installed, naming its extra; ``None`` for other modules."""
+    module = (err.name or "").split(".")[0]
+    command = getattr(args, "command", None) or "semsr"
+    extra = _COMMAND_EXTRAS.get((command, module), EXTRAS.get(module))
+    if extra is None:
+        return None
+    words = [command, *(str(v) for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str))]
+    return f"semsr {' '.join(words)} needs the optional package {module}: pip install 'semsr[{extra}]'"
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
 
@@ -71,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(normalise_flags(sys.argv[1:] if argv is None else argv))
     finish = getattr(args, "finish_parse", None)
     if finish is None and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -93,6 +129,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("semsr: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        message = missing_extra_message(err, args)
+        if message is None or args.debug:
+            raise
+        print(f"semsr: error: {message}", file=sys.stderr)
+        return 3
     except MemoryError:
         if args.debug:
             raise

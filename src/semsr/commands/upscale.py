@@ -6,7 +6,8 @@
     semsr upscale -n sd-controlnet -h                # the options of one method
 
 Each input is read (:mod:`semsr.core.io`), upscaled (:func:`semsr.api.upscale_picture_output`)
-and written atomically as ``<output>/<stem>_<suffix>.<ext>``. Existing outputs
+and written atomically as ``<output>/<stem>_<suffix>.<ext>``; an ``-o`` whose name ends in an
+image suffix (``-o result.png``) is the output file of a single input. Existing outputs
 are skipped unless ``--overwrite``. A bad input is reported and the run goes
 on; the exit code is non-zero when any input failed (a single failing input
 gives the usual one-line ``semsr: error: <file>: <problem>``).
@@ -21,6 +22,11 @@ a bool that defaults to false is a switch, one that defaults to true has a
 the method does not have is one line naming the closest one it has
 (``method 'bicubic' has no option --steps; did you mean --scale?``);
 ``semsr upscale -n NAME -h`` lists NAME's options under "options of NAME".
+
+**Progress.** On a terminal (stderr is a TTY, no ``--no-progress``) a live line shows
+the stage (``loading``, then per image ``denoise k/N`` or ``tile k/N``, ``write``) with the
+elapsed time and an ETA, and one line per image names the method's stages after the fact
+(``SROutput.timings``); see :mod:`semsr.commands._progress`. Piped, nothing of it is printed.
 
 **Side images.** A method may return extra images with its output
 (``SROutput.side_images``, e.g. coser's reference); when one of its ``save_*``
@@ -47,10 +53,12 @@ from tqdm.auto import tqdm
 
 from semsr import __version__
 from semsr.api import load_method, output_size, upscale_picture_output
+from semsr.commands._progress import StageReporter, seconds, stage_summary
 from semsr.commands.shard import Shard
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import (
     DEFAULT_MAX_PIXELS,
+    FORMATS,
     IMAGE_EXTENSIONS,
     atomic_write,
     check_memory,
@@ -70,8 +78,9 @@ log = logging.getLogger("semsr.upscale")
 
 _DESCRIPTION = "Upscale images with a restorer or a diffusion recipe."
 _EPILOG = (
-    "Outputs are written atomically; existing outputs are skipped unless --overwrite. "
-    "`semsr upscale -n NAME -h` lists the options of method NAME."
+    "Only the options every method shares are listed here; `semsr upscale -n NAME -h` adds the options of "
+    "method NAME (--tile, --tile-pad, --steps, --prompt...). Option names may also be written with "
+    "underscores (--tile_pad). Outputs are written atomically; existing outputs are skipped unless --overwrite."
 )
 
 
@@ -111,7 +120,13 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "-i", "--input", nargs="+", metavar="PATH", help="image file(s), folder(s) or glob pattern(s) (required)"
     )
-    g.add_argument("-o", "--output", default="results", metavar="DIR", help="output folder (default: results)")
+    g.add_argument(
+        "-o",
+        "--output",
+        default="results",
+        metavar="DIR",
+        help="output folder (default: results); a name ending in .png/.jpg/.webp is the output file of one input",
+    )
     g.add_argument("--suffix", default="out", help="output name is <stem>_<suffix>.<ext> (default: out; '' = none)")
     g.add_argument(
         "--ext",
@@ -132,7 +147,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--json", metavar="PATH", help="write a JSON report (per input: output, status, error, seconds, peak RSS)"
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no stage line (it is shown only on a terminal)")
 
     g = p.add_argument_group("method")
     g.add_argument(
@@ -152,11 +167,14 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--alpha-upsampler",
-        choices=["bicubic", "model"],
+        choices=["bicubic", "model", "realesrgan"],
         default="bicubic",
-        help="how the alpha channel is upscaled (default: bicubic)",
+        help="how the alpha channel is upscaled: bicubic, or by the method (model; realesrgan is the same) "
+        "(default: bicubic)",
     )
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
+    # Real-ESRGAN's face restoration (GFPGAN): answered with one line in finish_parse
+    g.add_argument("--face-enhance", action="store_true", help=argparse.SUPPRESS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -249,8 +267,12 @@ def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespac
     if args.help:
         help_parser(resolve(args.method) if args.method else None).print_help()
         raise SystemExit(0)
+    if args.face_enhance:
+        raise SemsrError("--face-enhance is not supported: semsr has no face restorer (GFPGAN)")
     if not args.input:
         help_parser(None).error("the following arguments are required: -i/--input")
+    if args.alpha_upsampler == "realesrgan":  # Real-ESRGAN's name for running the model on the alpha plane
+        args.alpha_upsampler = "model"
     spec = resolve(args.method or "default")
     args.spec = spec
     args.method = spec.name
@@ -304,6 +326,22 @@ def own_outputs(files: list[Path], out_dir: Path, suffix: str) -> list[Path]:
         return []
     here = out_dir.resolve()
     return [f for f in files if f.parent.resolve() == here and f.stem.endswith(f"_{suffix}")]
+
+
+def first_stage(timings: dict[str, float]) -> str:
+    """Label of the time before a method's first progress report: ``upscale``, plus the stages the
+    method reported (in ``timings``) before ``denoise`` on the last input (``upscale: priors, stage1``)."""
+    keys = list(timings)
+    before = keys[: keys.index("denoise")] if "denoise" in keys else []
+    return "upscale" + (f": {', '.join(before)}" if before else "")
+
+
+def output_file(output: str) -> Path | None:
+    """The file ``-o`` names when its name ends in an image suffix and it is no folder, else ``None``."""
+    path = Path(output)
+    if path.suffix.lower().lstrip(".") in (*FORMATS, "jpeg") and not path.is_dir():
+        return path
+    return None
 
 
 def output_path(out_dir: Path, src: Path, suffix: str, fmt: str) -> Path:
@@ -369,17 +407,26 @@ def _one_line(err: BaseException) -> str:
 
 
 class _StderrHandler(logging.Handler):
-    """Log records as ``semsr: warning: ...`` lines on the *current* ``sys.stderr``, above progress bars."""
+    """Log records as ``semsr: warning: ...`` lines on the *current* ``sys.stderr``, above the stage line."""
+
+    reporter: StageReporter | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(f"semsr: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        text = f"semsr: {record.levelname.lower()}: {record.getMessage()}"
+        if self.reporter is not None:
+            self.reporter.echo(text, file=sys.stderr)
+        else:
+            tqdm.write(text, file=sys.stderr)
 
 
-def _setup_logging() -> None:
+def _setup_logging(reporter: StageReporter | None = None) -> None:
     logger = logging.getLogger("semsr")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler(logging.WARNING))
+    handlers = [h for h in logger.handlers if isinstance(h, _StderrHandler)]
+    if not handlers:
+        handlers = [_StderrHandler(logging.WARNING)]
+        logger.addHandler(handlers[0])
         logger.setLevel(logging.INFO)
+    handlers[0].reporter = reporter
 
 
 def _counts(results: list[Result]) -> dict[str, int]:
@@ -416,23 +463,46 @@ def wants_side_images(options: MethodOptions) -> bool:
 class _Runner:
     """Processes one input at a time with the settings of a ``semsr upscale`` invocation."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, reporter: StageReporter | None = None) -> None:
         self.args = args
         self.spec: MethodSpec = args.spec
         self.options: MethodOptions = args.options
-        self.out_dir = Path(args.output)
-        self.progress: bool | None = False if args.no_progress else None
+        self.out_file = output_file(args.output)
+        self.out_dir = Path(args.output) if self.out_file is None else self.out_file.parent
+        self.reporter = reporter if reporter is not None else StageReporter(sys.stderr, False)
         self.claimed: dict[Path, str] = {}
         self._method: Method | None = None
+        self.prefix = ""  # "[i/N] name  " of the input being processed
+        self.eta_rest: float | None = None  # seconds the inputs after it should take
+        self.expected: float | None = None  # seconds it should take (the mean of the inputs before it)
+        self.durations: list[float] = []  # seconds of each upscaled input (upscale + write, no loading)
+        self.first_stage = "upscale"  # the label before the method's first progress report
 
     def method(self) -> Method:
         """The method, built on first use (so a run that skips everything loads nothing)."""
         if self._method is None:
+            name = self.spec.name + (f" ({self.spec.alias_of})" if self.spec.alias_of else "")
+            t0 = time.perf_counter()
+            self.reporter.begin("", f"loading {name}")
             try:
                 self._method = load_method(self.spec.name, self.options)
             except Exception as err:
                 raise _LoadFailed(err) from err
+            self.reporter.done(f"loaded {name} in {seconds(time.perf_counter() - t0)}")
         return self._method
+
+    def output_for(self, src: Path, fmt: str) -> Path:
+        """Where ``src``'s output goes: the ``-o`` file, or ``<output>/<stem>_<suffix>.<fmt>``."""
+        if self.out_file is None:
+            return output_path(self.out_dir, src, self.args.suffix, fmt)
+        wanted = self.out_file.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        if fmt != wanted:
+            raise InputError(f"-o {self.out_file}: this image is written as {fmt} (give a .{fmt} name)", src)
+        return self.out_file
+
+    def echo(self, text: str, file: Any = None) -> None:
+        """Print a line above the stage line."""
+        self.reporter.echo(text, file=sys.stdout if file is None else file)
 
     def process(self, src: Path | str) -> tuple[str, Path]:
         """Upscale ``src`` unless its output exists; returns ``(status, output_path)``."""
@@ -440,8 +510,9 @@ class _Runner:
         if isinstance(src, str):
             raise InputError("no files match this pattern", src)
         pic = read_image(src, max_pixels=a.max_pixels or None)
-        fmt, note = choose_format(a.ext, pic)
-        out = output_path(self.out_dir, src, a.suffix, fmt)
+        ext = a.ext if self.out_file is None or a.ext != "auto" else self.out_file.suffix
+        fmt, note = choose_format(ext, pic)
+        out = self.output_for(src, fmt)
         key = out.resolve()
         if key == src.resolve():
             raise InputError(f"output {out} would overwrite the input; use another -o or --suffix", src)
@@ -449,25 +520,37 @@ class _Runner:
             raise InputError(f"output {out} is also the output of {self.claimed[key]}", src)
         self.claimed[key] = str(src)
         if out.exists() and not a.overwrite:
-            tqdm.write(f"skipped {src}: {out} exists (use --overwrite to replace it)", file=sys.stdout)
+            self.echo(f"skipped {src}: {out} exists (use --overwrite to replace it)")
             return "skipped", out
         if note:
             log.warning("%s: %s", src, note)
         native = (pic.height * self.spec.scale, pic.width * self.spec.scale)
         out_hw = native if a.outscale is None else output_size(pic.height, pic.width, a.outscale)
         check_memory(pic, out_hw, out_hw != native, src)
+        method = self.method()
+        rep = self.reporter
+        t0 = time.perf_counter()
+        rep.begin(self.prefix or f"{src.name}  ", self.first_stage, self.eta_rest, self.expected)
+        # a self-tiling method reports its sampler steps, the pixel tiler its tiles
+        progress = rep.counter("denoise" if method.tiles_itself else "tile") if rep.enabled else False
         result = upscale_picture_output(
-            self.method(), pic, self.options, outscale=a.outscale, alpha=a.alpha_upsampler, progress=self.progress
+            method, pic, self.options, outscale=a.outscale, alpha=a.alpha_upsampler, progress=progress
         )
+        t1 = time.perf_counter()
+        rep.stage("write")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_picture(result.picture, out, fmt, quality=a.quality)
         except OSError as err:  # full disk, folder removed or made read-only during the run
             raise SemsrError(write_error_message(err, out), src) from None
-        tqdm.write(f"wrote {out} ({result.picture.width}x{result.picture.height})", file=sys.stdout)
+        stages = stage_summary({**result.timings, "write": time.perf_counter() - t1})
+        self.first_stage = first_stage(result.timings)
+        self.durations.append(time.perf_counter() - t0)
+        rep.done(f"{self.prefix or src.name + '  '}{stages}  (total {seconds(self.durations[-1])})")
+        self.echo(f"wrote {out} ({result.picture.width}x{result.picture.height})")
         if wants_side_images(self.options):
             for side in write_side_images(result.side_images, out):
-                tqdm.write(f"wrote {side}", file=sys.stdout)
+                self.echo(f"wrote {side}")
         return "ok", out
 
 
@@ -497,8 +580,13 @@ def _print_summary(results: list[Result], interrupted: bool) -> None:
 
 
 def _check_destinations(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """Check ``-o`` and ``--json`` before any model is loaded; sweep temp files of killed runs there."""
-    out_dir = check_output_folder(args.output, "-o/--output", create=False)
+    """Check ``-o`` (a folder, or an output file) and ``--json`` before any model is loaded; sweep temp
+    files of killed runs there. Returns ``(output folder, report path)``."""
+    file = output_file(args.output)
+    if file is not None:
+        out_dir = check_output_file(file, "-o/--output", create=False).parent
+    else:
+        out_dir = check_output_folder(args.output, "-o/--output", create=False)
     report = check_output_file(args.json, "--json", create=False) if args.json else None
     for folder in {out_dir, *(() if report is None else (report.parent,))}:
         sweep_temp_files(folder)
@@ -513,13 +601,14 @@ def run(args: argparse.Namespace) -> int:
     report (``"interrupted": true``, the rest ``not_run``) are still written,
     then the interrupt goes on to the CLI.
     """
-    _setup_logging()
+    reporter = StageReporter.for_terminal(args.no_progress)
+    _setup_logging(reporter)
     debug = bool(getattr(args, "debug", False))
     spec = args.spec
     out_dir, report_path = _check_destinations(args)
-    runner = _Runner(args)
+    runner = _Runner(args, reporter)
     files, unmatched = collect_inputs(args.input)
-    earlier = own_outputs(files, out_dir, args.suffix)
+    earlier = own_outputs(files, out_dir, args.suffix) if runner.out_file is None else []
     if earlier:
         print(
             f"skipping {len(earlier)} file(s) in {out_dir} named *_{args.suffix}.* (outputs of an earlier run): "
@@ -530,6 +619,10 @@ def run(args: argparse.Namespace) -> int:
     inputs: list[Path | str] = [*files, *unmatched]
     if not inputs:
         raise InputError("no image files found", " ".join(args.input))
+    if runner.out_file is not None and len(inputs) > 1:
+        raise SemsrError(
+            f"-o {args.output} names one output file, but {len(inputs)} inputs were given; give a folder as -o"
+        )
     single = len(inputs) == 1
     shard = Shard.from_env()  # under `accelerate launch`: this process's share of the inputs (commands.shard)
     inputs, earlier = shard.take(inputs), shard.take(earlier)
@@ -538,10 +631,14 @@ def run(args: argparse.Namespace) -> int:
     interrupted: KeyboardInterrupt | None = None
     failure: SemsrError | None = None
     report_failed = False
-    # runner.progress: False = --no-progress, None = bars only on a terminal (tqdm's disable=None)
-    bar = tqdm(inputs, desc="images", unit="img", disable=True if single or runner.progress is False else None)
+    reporter.start()
     try:
-        for src in bar:
+        for index, src in enumerate(inputs, start=1):
+            runner.prefix = "" if single else f"[{index}/{len(inputs)}] {Path(src).name}  "
+            done_s = runner.durations
+            runner.expected = sum(done_s) / len(done_s) if done_s else None
+            left = len(inputs) - index
+            runner.eta_rest = runner.expected * left if runner.expected is not None and left else None
             rss.reset()
             t0 = time.perf_counter()
             error: str | None = None
@@ -557,9 +654,10 @@ def run(args: argparse.Namespace) -> int:
                 if debug and not isinstance(err, SemsrError):
                     raise
                 status, error, out = "failed", _one_line(err), None
+                reporter.idle()
                 failure = err if isinstance(err, SemsrError) else SemsrError(error, src)
                 if not single:
-                    tqdm.write(f"semsr: error: {src}: {error}", file=sys.stderr)
+                    runner.echo(f"semsr: error: {src}: {error}", file=sys.stderr)
             results.append(
                 Result(
                     str(src),
@@ -573,7 +671,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as err:  # between two files (progress bar, bookkeeping)
         interrupted = err
     finally:
-        bar.close()
+        reporter.close()
+        _setup_logging(None)
         done = {r.input for r in results}
         results += [Result(str(s), None, "not_run", None, 0.0, 0.0) for s in inputs if str(s) not in done]
         if interrupted is not None or not single:

@@ -13,9 +13,13 @@ this package imports no model code.
 
 from __future__ import annotations
 
+import difflib
+
+from semsr.core.errors import SemsrError
 from semsr.core.method import Method, MethodSpec
 from semsr.core.options import MethodOptions
 from semsr.core.registry import Registry
+from semsr.models.catalog import UPSTREAM_WITHOUT_WEIGHTS
 
 __all__ = ["Method", "MethodSpec", "build", "register", "resolve", "specs"]
 
@@ -45,8 +49,39 @@ def specs() -> list[MethodSpec]:
 
 
 def resolve(name: str) -> MethodSpec:
-    """The spec of ``name`` (or an alias); a one-line error naming the closest name if unknown."""
-    return REGISTRY.resolve(name)
+    """The spec of ``name`` (or an alias, in any case, ``_`` for ``-``: ``RealESRGAN_x4plus``).
+
+    Raises:
+        SemsrError: one line: for an upstream Real-ESRGAN name whose weights semsr does not
+            ship, the closest method it has; otherwise the closest registered name.
+    """
+    REGISTRY.load_builtins()
+    known = {**{n: n for n in REGISTRY.entries}, **REGISTRY.aliases}
+    if name in known:
+        return REGISTRY.resolve(name)
+    folded = {_fold(k): k for k in known}
+    if _fold(name) in folded:
+        return REGISTRY.resolve(folded[_fold(name)])
+    raise SemsrError(unknown_method_message(name, list(known)))
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def unknown_method_message(name: str, known: list[str]) -> str:
+    """One line for an unknown method ``name``: the closest of ``known`` (or for an upstream name
+    without shipped weights, semsr's closest method and a hint)."""
+    upstream = {_fold(k): (k, v) for k, v in UPSTREAM_WITHOUT_WEIGHTS.items()}
+    if _fold(name) in upstream:
+        original, (near, hint) = upstream[_fold(name)]
+        return f"semsr does not ship the weights of {original}; the closest method is {near!r} ({hint})"
+    pool: dict[str, str] = {}
+    for k in known:  # registered names before aliases: the canonical spelling is suggested
+        pool.setdefault(_fold(k), k)
+    near = difflib.get_close_matches(_fold(name), list(pool), n=1, cutoff=0.5)
+    hint = f"did you mean {pool[near[0]]!r}? " if near else ""
+    return f"unknown method {name!r}; {hint}`semsr models list` lists them"
 
 
 def build(name: str, options: MethodOptions | dict | None = None) -> Method:

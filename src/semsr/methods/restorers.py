@@ -211,7 +211,9 @@ def build_ncnn(info: ModelInfo, options: MethodOptions) -> NcnnRestorer:
 
 def spec_for(info: ModelInfo) -> MethodSpec:
     """The :class:`MethodSpec` of catalogue entry ``info``."""
-    common: dict[str, Any] = dict(name=info.name, scale=info.scale, summary=info.summary, info=info)
+    common: dict[str, Any] = dict(
+        name=info.name, scale=info.scale, summary=info.summary, info=info, aliases=info.aliases
+    )
     if info.name == "bicubic":
         return MethodSpec(factory=build_bicubic, options=BicubicOptions, **common)
     if info.name == "realesrgan-pth":

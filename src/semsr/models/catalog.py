@@ -50,6 +50,7 @@ class ModelInfo:
         training_data: what the weights were trained on, for models semsr trained itself.
         uses: other files under ``<module>/`` the outputs depend on (the IRPAD weights behind the
             default model's degradation text); part of the benchmark cache key with ``files``.
+        aliases: other names of the same weights (the upstream Real-ESRGAN model names).
     """
 
     name: str
@@ -65,6 +66,7 @@ class ModelInfo:
     folder: str = "models"
     training_data: str | None = None
     uses: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def _root(self) -> Path | None:
@@ -136,6 +138,7 @@ class ModelInfo:
             "alias_of": self.alias_of,
             "needs": self.needs,
             "training_data": self.training_data,
+            "aliases": list(self.aliases),
         }
 
 
@@ -153,6 +156,7 @@ def _rrdb_models() -> list[ModelInfo]:
             *PKG_REALESRGAN,
             _blob("REALESRGAN_X4PLUS_UP4X"),
             LIC_REALESRGAN,
+            aliases=("RealESRGAN_x4plus",),
             extra={"input": "data", "output": "output"},
         ),
         ModelInfo(
@@ -163,6 +167,7 @@ def _rrdb_models() -> list[ModelInfo]:
             *PKG_REALESRGAN,
             _blob("REALESRGAN_X4PLUSANIME_UP4X"),
             LIC_REALESRGAN,
+            aliases=("RealESRGAN_x4plus_anime_6B",),
             extra={"input": "data", "output": "output"},
         ),
         ModelInfo(
@@ -188,6 +193,7 @@ def _animevideo_models() -> list[ModelInfo]:
             *PKG_REALESRGAN,
             _blob(f"REALESRGAN_ANIMAVIDEOV3_UP{s}X"),
             LIC_REALESRGAN,
+            aliases=("realesr-animevideov3",) if s == 4 else (),  # upstream's name is the 4x model
             extra={"input": "data", "output": "output"},
         )
         for s in (2, 3, 4)
@@ -262,6 +268,14 @@ DEFAULT_SR = ModelInfo(
     "the corpus manifest",
 )
 
+#: Upstream Real-ESRGAN model names whose weights semsr does not ship -> (the closest method, a hint).
+UPSTREAM_WITHOUT_WEIGHTS: dict[str, tuple[str, str]] = {
+    "RealESRNet_x4plus": ("realesrgan-x4plus", "or load your RealESRNet_x4plus.pth: -n realesrgan-pth --weights FILE"),
+    "RealESRGAN_x2plus": ("realesrgan-x4plus", "with -s 2; or load your .pth: -n realesrgan-pth --weights FILE"),
+    "realesr-general-x4v3": ("realesrgan-x4plus", "SRVGGNetCompact .pth files are not loadable"),
+    "realesr-general-wdn-x4v3": ("realesrgan-x4plus", "SRVGGNetCompact .pth files are not loadable"),
+}
+
 # The model behind the name "default" (registered by semsr.methods.default_alias).
 DEFAULT_TARGET = "default-diffusion"
 
@@ -332,6 +346,7 @@ def method_row(name: str, scale: int, summary: str, info: Any = None) -> dict[st
         "alias_of": None,
         "needs": None,
         "training_data": None,
+        "aliases": [],
     }
 
 
