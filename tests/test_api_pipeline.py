@@ -221,3 +221,16 @@ def test_mistyped_values_are_one_line(values: dict[str, Any], match: str):
     assert str(err.value) == match and "\n" not in str(err.value)
     with pytest.raises(OptionError, match="option tile: expected an integer"):
         semsr.upscale(np.zeros((4, 4, 3), np.uint8), model="bicubic", tile="abc")
+
+
+def test_api_errors_name_python_keywords_not_cli_flags():
+    """The CLI says ``--base PATH``; the API says ``base=PATH`` (flags of other things stay as they are)."""
+    with pytest.raises(semsr.core.errors.SemsrError) as err:
+        semsr.load("sd-controlnet")
+    assert "base=PATH" in str(err.value) and "--base" not in str(err.value)
+    spec = semsr.methods.resolve("xpsr")
+    raw = semsr.core.errors.UnavailableError("no VLM: pass --vlm PATH, or --no-vlm; see --help", "/m")
+    new = api.as_keywords(raw, spec)
+    assert str(new) == "/m: no VLM: pass vlm=PATH, or no_vlm=True; see --help"
+    assert type(new) is type(raw) and new.path == "/m"
+    assert api.as_keywords(semsr.core.errors.SemsrError("nothing to change"), spec).message == "nothing to change"

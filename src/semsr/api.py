@@ -35,9 +35,12 @@ shrinking, Lanczos when enlarging, as Real-ESRGAN does).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,59 @@ def method_keywords(spec: MethodSpec, values: Mapping[str, Any], who: str, extra
             raise UnknownKeyword(f"{who} got an unexpected keyword argument {key!r}{hint}")
         out[name] = value
     return out
+
+
+#: A command-line flag in a message, with its metavar: ``--base PATH``, ``--no-vlm``.
+_FLAG = re.compile(r"--([a-z0-9][a-z0-9-]*)(?: ([A-Z][A-Z0-9_]*)\b)?")
+
+
+def as_keywords(err: SemsrError, spec: MethodSpec) -> SemsrError:
+    """``err`` with the command-line flags of ``spec``'s options written as Python keywords.
+
+    ``pass --base PATH`` becomes ``pass base=PATH`` and ``--no-vlm`` ``no_vlm=True``; flags that are not options
+    of ``spec`` stay as they are. Returns ``err`` itself when nothing changed.
+    """
+    infos = spec.options.infos()
+
+    def keyword(m: re.Match[str]) -> str:
+        name = m.group(1).replace("-", "_")
+        if name not in infos:
+            return m.group(0)
+        if m.group(2):
+            return f"{name}={m.group(2)}"
+        return f"{name}=True" if infos[name].kind == "bool" else f"{name}=..."
+
+    text = _FLAG.sub(keyword, err.message)
+    if text == err.message:
+        return err
+    new = type(err).__new__(type(err))
+    new.__dict__.update(err.__dict__)
+    new.message = text
+    Exception.__init__(new, str(new))
+    return new
+
+
+@contextmanager
+def keyword_errors(spec: MethodSpec) -> Iterator[None]:
+    """Re-raise a :class:`SemsrError` of the block with Python keywords instead of CLI flags (:func:`as_keywords`)."""
+    try:
+        yield
+    except SemsrError as err:
+        new = as_keywords(err, spec)
+        if new is err:
+            raise
+        raise new from err
+
+
+def _with_keyword_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Pipeline` method whose errors name Python keywords (:func:`keyword_errors` of ``self.spec``)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        with keyword_errors(self.spec):
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _generator_seed(generator: Any) -> int | None:
@@ -354,15 +410,16 @@ def upscale(
     name = model if model is not None else method
     spec = resolve(name)
     opts = parse_options(spec, None, method_keywords(spec, options, f"semsr.upscale({name!r})"))
-    built, _ = build_cached(spec, opts)
+    with keyword_errors(spec):
+        built, _ = build_cached(spec, opts)
 
-    def one(image: Any) -> Image.Image:
-        pic = as_picture(image, max_pixels=max_pixels)
-        return picture_to_pil(upscale_picture(built, pic, opts, outscale=outscale, alpha=alpha, progress=progress))
+        def one(image: Any) -> Image.Image:
+            pic = as_picture(image, max_pixels=max_pixels)
+            return picture_to_pil(upscale_picture(built, pic, opts, outscale=outscale, alpha=alpha, progress=progress))
 
-    if _is_batch(image_or_path):
-        return [one(image) for image in image_or_path]
-    return one(image_or_path)
+        if _is_batch(image_or_path):
+            return [one(image) for image in image_or_path]
+        return one(image_or_path)
 
 
 def _is_batch(images: Any) -> bool:
@@ -526,6 +583,7 @@ class Pipeline:
         return opts
 
     # diffusers habits ------------------------------------------------------
+    @_with_keyword_errors
     def to(
         self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
     ) -> Pipeline:
@@ -560,6 +618,7 @@ class Pipeline:
         return torch.device(self.options.device)
 
     # Image-level API ----------------------------------------------------
+    @_with_keyword_errors
     def __call__(
         self,
         image: Any,
@@ -633,6 +692,7 @@ class Pipeline:
             return (outputs,)
         return Result(images=outputs, priors=all_priors[0], timings=timings, image_priors=all_priors)
 
+    @_with_keyword_errors
     def suggest_priors(
         self, image: str | Path | Image.Image | np.ndarray | Picture, max_pixels: int | None = DEFAULT_MAX_PIXELS
     ) -> dict[str, Any]:
@@ -683,7 +743,8 @@ def load(method: str = "default", options: MethodOptions | None = None, **values
     """
     spec = resolve(method)
     opts = parse_options(spec, options, method_keywords(spec, values, f"semsr.load({method!r})"))
-    built, seconds = build_cached(spec, opts)
+    with keyword_errors(spec):
+        built, seconds = build_cached(spec, opts)
     key = (spec.name, _options_key(opts))
     cached = _pipelines.get(key)
     if cached is not None and cached.method is built:
