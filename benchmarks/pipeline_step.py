@@ -50,6 +50,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from semsr.core.machine import cpu_has_native_bf16, cpu_model, rss_mb
+
 if TYPE_CHECKING:  # the workers import torch in their own subprocess
     import torch
 
@@ -96,8 +98,8 @@ def _peak_memory(device: str) -> dict:
     import torch
 
     if _device_type(device) == "cuda":
-        return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_rss_mb": _rss_mb("VmHWM")}
-    return {"peak_rss_mb": _rss_mb("VmHWM")}
+        return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_rss_mb": rss_mb("VmHWM")}
+    return {"peak_rss_mb": rss_mb("VmHWM")}
 
 
 def _sd_parts(size: str, *, with_text_encoder: bool) -> tuple[dict, dict]:
@@ -120,34 +122,6 @@ def _controlnet(unet, size: str):
     from semsr.testing.tiny import tiny_controlnet
 
     return new_controlnet(unet) if size == "real" else tiny_controlnet(unet)
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), for the tables."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def _cpu_has_native_bf16() -> bool:
-    """Whether the CPU flags list avx512_bf16 or AMX (bf16 matrix work in hardware)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cpu_seconds() -> float:
@@ -189,7 +163,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         for m in (unet, controlnet):
             m.compile(**({} if mode is True else {"mode": mode}))
     gc.collect()
-    rss_loaded = _rss_mb("VmRSS")
+    rss_loaded = rss_mb("VmRSS")
     _reset_peak_memory(device)
     n = dims["latent"]
     x = torch.randn(2, 4, n, n, dtype=dtype, device=device)  # CFG batch: [uncond, cond]
@@ -271,7 +245,7 @@ def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real
     del parts
     gc.collect()
     build_seconds = time.perf_counter() - t_build
-    rss_loaded = _rss_mb("VmRSS")
+    rss_loaded = rss_mb("VmRSS")
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
     opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0)
     if _device_type(device) == "cuda":  # first call: kernels, cuDNN autotuning
@@ -391,7 +365,7 @@ def worker_compile(target: str, mode: str, reps: int, dtype_name: str) -> dict:
         "speedup_median": statistics.median(eager) / statistics.median(comp),
         "max_abs_diff": diff,
         "ref_abs_max": ref.float().abs().max().item(),
-        "peak_rss_mb": _rss_mb("VmHWM"),
+        "peak_rss_mb": rss_mb("VmHWM"),
     }
 
 
@@ -534,7 +508,7 @@ def main() -> int:
     if args.merge and args.json and Path(args.json).is_file():
         results = json.loads(Path(args.json).read_text())
     machine = results.setdefault("machine", {"cpus": os.cpu_count()})
-    machine.update(device=args.device, size=args.size, cpu_model=_cpu_model(), cpu_bf16=_cpu_has_native_bf16())
+    machine.update(device=args.device, size=args.size, cpu_model=cpu_model(), cpu_bf16=cpu_has_native_bf16())
     runs = machine.setdefault("load_avg", {})
     dev = _device_type(args.device)
     common = ["--device", args.device, "--size", args.size]

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from semsr.core.machine import cpu_model, peak_rss_mb
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["sd-controlnet", "xpsr", "dalpsr", "mmsr", "coser", "rfa", "default"]
 CONFIG = {"sd-controlnet": "tiny", "xpsr": "xpsr", "dalpsr": "dalpsr", "mmsr": "mmsr", "coser": "coser"}
@@ -67,25 +69,6 @@ COLUMNS += ["train_ckpt_peak_mb", "trainable_m", "wall_s"]
 
 
 # ----------------------------------------------------------------------------- worker (own process)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def _vmhwm_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 class Meter:
@@ -112,7 +95,7 @@ class Meter:
         if self.cuda:
             self.torch.cuda.synchronize()
         seconds = time.perf_counter() - self.t0
-        peak = self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _vmhwm_mb()
+        peak = self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb()
         return round(seconds, 4), round(peak, 1)
 
 
@@ -261,7 +244,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     budget = args.budget or (75.0 if args.device.startswith("cuda") else 300.0)
-    report: dict[str, Any] = {"device": args.device, "size": size, "cpu": _cpu_model(), "rows": []}
+    report: dict[str, Any] = {"device": args.device, "size": size, "cpu": cpu_model(), "rows": []}
     print(" | ".join(COLUMNS), flush=True)
     with tempfile.TemporaryDirectory(prefix="semsr-recipes-speed-") as tmp:
         sd = None

@@ -7,51 +7,12 @@ report parts after a barrier. Launches start two Python processes each (``launch
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semsr.commands.shard import Shard, merge_parts
-from train_helpers import REPO, write_textures
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_semsr(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes N -m semsr.cli ARGS`` on CPU (gloo); must succeed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "semsr.cli",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "semsr" in line]
-    assert proc.returncode == 0, "\n".join(errors)[-3000:]
-    return proc
+from train_helpers import launch_semsr, write_textures
 
 
 def test_shard_take_splits_sorted_inputs_without_overlap():

@@ -25,8 +25,7 @@ from semsr.core.errors import SemsrError
 from semsr.priors.base import PriorResult, provider_specs
 from semsr.priors.cache import PriorStore, image_id
 from semsr.testing.tiny import resolve_model_path
-from test_multiprocess import launch_semsr
-from train_helpers import REPO, write_textures
+from train_helpers import REPO, launch_semsr, write_textures
 
 MMSR_BUILD = ("--recipe", "mmsr", "--depth-model", "tiny://depth", "--seg-model", "tiny://seg", "--batch-size", "1")
 XPSR_BUILD = ("--recipe", "xpsr", "--vlm", "tiny://vlm", "--vlm-max-new-tokens", "4", "--batch-size", "2")

@@ -10,8 +10,6 @@ shared cores), hence ``slow``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures
+from train_helpers import launch_semsr, load_safetensors, tiny_config_dict, write_textures
 
 pytestmark = pytest.mark.slow
 
@@ -38,45 +36,12 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(config: dict, output: Path, *extra: str, processes: int = 2) -> None:
     cfg_file = output.parent / f"{output.name}.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "semsr.cli",
-        "train",
-        "--config",
-        str(cfg_file),
-        "--output",
-        str(output),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_semsr(
+        "train", "--config", str(cfg_file), "--output", str(output), *extra, processes=processes, timeout=600
+    )
     assert f"{processes} process(es)" in proc.stdout + proc.stderr
 
 

@@ -1,7 +1,11 @@
-"""Shared helpers of the training tests (tests/test_train.py, tests/test_train_ddp.py)."""
+"""Shared helpers of the training and multi-process tests (textures, tiny configs, ``accelerate launch``)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +56,42 @@ def load_safetensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_semsr(*args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N -m semsr.cli ARGS`` on CPU (gloo); must succeed.
+
+    Returns the finished process (its stdout/stderr), after asserting a zero exit status.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "semsr.cli",
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "semsr" in line]
+    assert proc.returncode == 0, "\n".join(errors)[-3000:]
+    return proc

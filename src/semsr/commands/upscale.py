@@ -41,7 +41,6 @@ import glob
 import json
 import logging
 import re
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -70,6 +69,7 @@ from semsr.core.io import (
     write_error_message,
     write_picture,
 )
+from semsr.core.machine import peak_rss_mb
 from semsr.core.method import Method, MethodSpec
 from semsr.core.options import MethodOptions, OptionInfo
 from semsr.methods import resolve
@@ -366,15 +366,7 @@ class PeakRss:
                 self.resettable = False
 
     def peak_mb(self) -> float:
-        try:
-            with open("/proc/self/status") as fh:
-                m = re.search(r"VmHWM:\s+(\d+)\s+kB", fh.read())
-            if m:
-                return int(m.group(1)) / 1024.0
-        except OSError:
-            pass
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
+        return peak_rss_mb()
 
 
 @dataclass

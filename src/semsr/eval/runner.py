@@ -62,9 +62,7 @@ import json
 import math
 import multiprocessing as mp
 import os
-import resource
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -76,6 +74,7 @@ import torch
 
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.fingerprint import fingerprint
+from semsr.core.machine import peak_rss_mb
 from semsr.core.method import MethodSpec
 from semsr.core.options import MethodOptions
 from semsr.core.paths import cache_dir
@@ -466,19 +465,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark in MiB (``VmHWM``, else ``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
 # --------------------------------------------------------------------------- upscaling
