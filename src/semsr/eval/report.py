@@ -2,18 +2,25 @@
 
 Tables put the peers side by side: one row per method, one column group per
 dataset, each metric flagged ↑ (higher is better) or ↓ (lower is better),
-the best value of each column in bold.
+the best value of each column in bold. Each (degradation, scale) gets a
+quality table and a timing table; real photos (LR-only sets, degradation
+``real``) get tables of their own with no-reference metrics only, never a
+column inside a synthetic-degradation table. Timing is per set (wall and CPU
+seconds per image of that set, peak RSS, the set's LR size), never averaged
+across sets of different image sizes.
 
 The visual report (``semsr bench --report DIR``) holds, per dataset and
 degradation:
 
-- ``<dataset>_<degradation>_x<s>.html`` -- mean table, a quality-vs-seconds
-  plot and, for a few images, a PNG grid of the *same* crop side by side:
-  the LR input (nearest-neighbour enlarged), every method, the ground truth;
+- ``<dataset>_<degradation>_x<s>.html`` -- which images it covers (all, or
+  the first N of the set), the CPU it ran on, the tables, a quality-vs-seconds
+  plot and, for a few images, a PNG grid of the *same* crops side by side:
+  the LR input (nearest-neighbour enlarged), every method, the ground truth,
+  one row per crop (``crops``, ``--report-crops``);
 - ``<dataset>_<degradation>_x<s>_<image>.png`` (grids) and ``..._speed.png`` (plot);
 
 plus ``index.html`` linking every page ever written to DIR (kept in
-``report.json``) with the full tables, and ``results_<degradation>_x<s>.{md,csv,json}``.
+``report.json``) with the full tables, and ``results_<degradation>_x<s>.{md,csv}``.
 Crops are small (``crop`` SR pixels, default 96, shown at 2x) so that a whole
 report stays a few MB.
 """
