@@ -3,6 +3,7 @@ crop count, non-overlapping plot labels, coverage and CPU on the pages."""
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import combinations
 from pathlib import Path
@@ -137,3 +138,32 @@ def test_bench_report_crops_coverage_and_cpu(
     capsys.readouterr()
     assert main(["bench", "--methods", "bicubic", "--datasets", str(hr), "--report-crops", "0"]) != 0
     assert "--report-crops must be >= 1" in capsys.readouterr().err
+
+
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "report"
+
+
+def test_committed_report_is_consistent() -> None:
+    """docs/report: every file belongs to an indexed page or the tables, no stale page, no machine path,
+    the default model in every table, real photos apart, coverage and CPU on every page."""
+    state = json.loads((REPORT / "report.json").read_text())
+    pages = {p["page"] for p in state["pages"]}
+    assert pages == {p.name for p in REPORT.glob("*.html")} - {"index.html"}
+    referenced = {"index.html", "report.json"}
+    for page in sorted(REPORT.glob("*.html")):
+        text = page.read_text()
+        refs = set(re.findall(r"(?:src|href)='([^']+)'", text))
+        assert all((REPORT / r).is_file() for r in refs), page.name
+        referenced |= refs
+    assert {f.name for f in REPORT.iterdir()} == referenced, "files no page links to (stale?)"
+    for f in REPORT.iterdir():
+        if f.suffix in (".html", ".json", ".md", ".csv"):
+            assert not re.search(r"/(work|root|tmp|home)/", f.read_text()), f.name
+    for p in state["pages"]:
+        assert p["coverage"].startswith(p["dataset"]) and "CPU: " in p["machine"], p["page"]
+    for key in {(r["dataset"], r["degradation"]) for r in state["rows"]}:
+        assert "default" in {r["method"] for r in state["rows"] if (r["dataset"], r["degradation"]) == key}, key
+    real_sets = {r["dataset"] for r in state["rows"] if r["degradation"] == "real"}
+    for md in REPORT.glob("results_*.md"):
+        if md.name != "results_real_x4.md":
+            assert not any(s in md.read_text() for s in real_sets), md.name
