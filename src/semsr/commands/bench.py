@@ -123,6 +123,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--report-crop", type=int, default=96, metavar="PX", help="crop side in SR pixels (default 96, shown at 2x)"
     )
     p.add_argument(
+        "--report-crops",
+        type=int,
+        default=1,
+        metavar="N",
+        help="crops per image in the report's grids: the N most detailed non-overlapping windows (default 1)",
+    )
+    p.add_argument(
         "-t",
         "--tile",
         type=int,
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         ("--limit", args.limit),
         ("--report-images", args.report_images),
         ("--report-crop", args.report_crop),
+        ("--report-crops", args.report_crops),
     ):
         if value is not None and value < 1:
             raise SemsrError(f"{name} must be >= 1, got {value}")
@@ -216,7 +224,15 @@ def run(args: argparse.Namespace) -> int:
         if not shard.main:
             return 0
         if args.report is not None:
-            files = write_report(result, cache, args.report, args.report_images, args.report_crop)
+            files = write_report(
+                result,
+                cache,
+                args.report,
+                args.report_images,
+                args.report_crop,
+                crops=args.report_crops,
+                threads=args.threads,
+            )
             progress(f"report: {len(files)} files in {args.report} (open {args.report / 'index.html'})")
     print(markdown_tables(result.rows))
     if args.json is not None:
