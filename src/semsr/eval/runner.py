@@ -676,7 +676,8 @@ def run_bench(
     for turn in (0, 1):  # rank 0 writes the LR sets, then the others find them prepared
         if (rank == 0) == (turn == 0):
             for ds in config.datasets:
-                say(f"preparing {ds.name} ({config.degradation} x{config.scale})")
+                kind = f"{config.degradation} x{config.scale}" if ds.has_gt else f"real LR photos, x{config.scale}"
+                say(f"preparing {ds.name} ({kind})")
                 lrsets.append(prepare(ds.limited(config.limit), config.degradation, config.scale, config.seed))
         if turn == 0:
             wait()
