@@ -68,4 +68,6 @@ def test_bench_two_processes_split_images_one_result(tmp_path: Path):
     assert proc.stderr.count("bicubic: upscaling 3 image(s) (0 cached)") == 2
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["n_images"] == 6 and rows[0]["metrics"]["psnr"] > 10
-    assert proc.stdout.count("| bicubic") == 1  # one table, from rank 0
+    assert (
+        proc.stdout.count("**x4, LR by bicubic degradation**") == 1
+    )  # one report (quality + timing tables), from rank 0

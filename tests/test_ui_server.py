@@ -155,7 +155,7 @@ def test_methods_catalogue_from_registry(server):
     # packaged weights: --checkpoint is optional for the shipped model, still passed on when given
     assert by["default-diffusion"]["available"] and by["default-diffusion"]["missing_paths"] == []
     assert required_paths(resolve("default-diffusion")) == []
-    assert path_options(resolve("default-diffusion")) == ["checkpoint"]
+    assert path_options(resolve("default-diffusion")) == ["checkpoint", "irpad"]
     assert required_paths(resolve("realesrgan-pth")) == ["checkpoint"]
     assert by["sd-controlnet"]["diffusion"] and not by["bicubic"]["diffusion"]
     assert by["default"]["diffusion"] and by["default-diffusion"]["diffusion"]  # prompt, steps, seed on the page

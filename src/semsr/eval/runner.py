@@ -396,6 +396,18 @@ class ResultCache:
         self.path = path or cache_dir() / "bench" / "results.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60)
+        # Several processes (accelerate launch) open the store at once; switching to WAL takes an exclusive
+        # lock that SQLite's busy timeout does not wait for, so the schema script is retried for a while.
+        for attempt in range(200):
+            try:
+                self._create_schema()
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 199:
+                    raise
+                time.sleep(0.05)
+
+    def _create_schema(self) -> None:
         self.db.executescript(
             """
             PRAGMA journal_mode=WAL;
