@@ -25,6 +25,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("SEMSR_CACHE", str(cache))
 
 
+@pytest.fixture(autouse=True)
+def _fp32_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype auto`` (the default) means fp32 in tests: the suite's numbers were recorded in fp32, and auto is
+    bf16 on CPUs with native bf16. Tests of ``auto`` itself remove ``SEMSR_DTYPE`` (see tests/test_dtype_auto.py)."""
+    monkeypatch.setenv("SEMSR_DTYPE", "fp32")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with every registered tiny random model (``semsr.testing.tiny``), written once per session.

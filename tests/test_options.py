@@ -78,7 +78,7 @@ def test_text_and_python_values_give_equal_options() -> None:
         ({"modalities": "edge,seg"}, "option modalities: unknown entry 'seg'"),
         ({"temperature": "edge=20"}, "option temperature[edge]: must be <= 10"),
         ({"temperature": "edge"}, "option temperature: expected NAME=NUMBER"),
-        ({"dtype": "fp64"}, "option dtype: choose one of fp32, bf16, fp16"),
+        ({"dtype": "fp64"}, "option dtype: choose one of auto, fp32, bf16, fp16"),
     ],
 )
 def test_bad_options_are_one_line_errors(values: dict, message: str) -> None:

@@ -420,10 +420,14 @@ def build_reference_db(images: Path, out: Path, tiny_dir: Path) -> Path:
 
 
 def method_options(name: str, build: Mapping[str, Any], run: Mapping[str, Any]) -> Any:
-    """The method's typed options from the case's build and run option values (validated)."""
+    """The method's typed options from the case's build and run option values (validated).
+
+    The cases were recorded in fp32: ``dtype="fp32"`` is passed explicitly (a case may override it), so the
+    ``auto`` default (bf16 on CPUs with native bf16) does not change the recorded numbers.
+    """
     from semsr.methods import resolve
 
-    return resolve(name).parse({**dict(build), **dict(run)})
+    return resolve(name).parse({"dtype": "fp32", **dict(build), **dict(run)})
 
 
 def build_method(name: str, options: Any) -> Any:

@@ -54,6 +54,7 @@ from semsr import __version__
 from semsr.api import load_method, output_size, upscale_picture_output
 from semsr.commands._progress import StageReporter, seconds, stage_summary
 from semsr.commands.shard import Shard
+from semsr.core.dtypes import describe_dtype
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import (
     DEFAULT_MAX_PIXELS,
@@ -435,6 +436,8 @@ def _write_report(
         "outscale": args.outscale,
         "tile": args.options.tile,
         "tile_pad": args.options.tile_pad,
+        # the precision asked for, what it resolved to on this machine, and why (``--dtype auto``)
+        "precision": describe_dtype(getattr(args.options, "dtype", None), getattr(args.options, "device", None)),
         "interrupted": interrupted,
         "summary": _counts(results),
         "results": [asdict(r) for r in results],

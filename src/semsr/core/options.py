@@ -215,7 +215,11 @@ class MethodOptions:
 
     device: str = option("cpu", stage="build", help="torch device (cpu, cuda, cuda:N)")
     dtype: str | None = option(
-        None, stage="build", choices=("fp32", "bf16", "fp16"), help="compute precision (default: the method's)"
+        "auto",
+        stage="build",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="compute precision; auto = bf16 on CPUs with native bf16 (avx512_bf16/AMX) and on bf16 GPUs, "
+        "fp16 on other GPUs, fp32 elsewhere (env SEMSR_DTYPE overrides auto)",
     )
     threads: int | None = option(None, stage="build", min=1, max=1024, help="CPU threads for torch", metavar="N")
     tile: int | None = option(

@@ -639,7 +639,7 @@ def build(options: CoSeROptions) -> CoSeRSR:
         options.clip,
         base_config=options.base_config,
         device=options.device,
-        dtype=options.dtype or "fp32",
+        dtype=options.dtype or "auto",
         channels_last=options.channels_last,
         compile=options.compile,
         scale=options.scale,

@@ -393,7 +393,9 @@ def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
         )
     apply_threads(options.threads)
     model = load_default_sr(folder)
-    stage1 = build_method(options.stage1 or model.config.stage1, {"device": options.device})
+    # The stage-1 restorer runs in the resolved precision (auto: bf16 on CPUs with native bf16); the 5.9 M-parameter
+    # refiner, colour fix and VAE-free latent maths stay fp32 for correctness (they cost little).
+    stage1 = build_method(options.stage1 or model.config.stage1, {"device": options.device, "dtype": options.dtype})
     return DefaultSRPipeline(model, stage1=stage1, irpad=options.irpad, device=options.device)
 
 

@@ -653,7 +653,7 @@ def build(options: MMSROptions) -> MMSR:
         vlm=options.vlm,
         edge=options.edge_detector,
         device=options.device,
-        dtype=options.dtype or "fp32",
+        dtype=options.dtype or "auto",
         channels_last=options.channels_last,
         compile=options.compile,
         scale=options.scale,

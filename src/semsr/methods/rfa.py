@@ -319,7 +319,7 @@ def build(options: RFAOptions) -> RFASR:
         options.controlnet,
         base_config=options.base_config,
         device=options.device,  # type: ignore[arg-type]
-        dtype=options.dtype or "fp32",
+        dtype=options.dtype or "auto",
         channels_last=options.channels_last,
         compile=options.compile,
         scale=options.scale,

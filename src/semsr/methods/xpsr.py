@@ -360,7 +360,7 @@ def build_two_prompt(
         base_config=options.base_config,
         sfa_mode=options.sfa_mode,
         device=options.device,
-        dtype=options.dtype or "fp32",
+        dtype=options.dtype or "auto",
         channels_last=options.channels_last,
         compile=options.compile,
         scale=options.scale,
