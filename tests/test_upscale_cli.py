@@ -20,6 +20,7 @@ import semsr
 from _upscale_helpers import files_in, make_image, run_cli
 from semsr import api
 from semsr.commands.upscale import parse_method_options
+from semsr.core import machine
 from semsr.core.errors import SemsrError
 from semsr.core.options import MethodOptions, OptionError, option
 from semsr.core.outputs import SROutput
@@ -275,6 +276,21 @@ def test_options_not_given_keep_their_defaults(tmp_path: Path, capsys, recorder)
     )
     assert rc == 0, err
     assert Recorder.calls[-1]["run"].dtype == "bf16"  # --dtype wins over --fp32
+
+
+def test_dtype_auto_is_the_default_and_reported(tmp_path: Path, capsys, recorder, monkeypatch) -> None:
+    monkeypatch.delenv("SEMSR_DTYPE", raising=False)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512_bf16"})
+    src = make_image(tmp_path / "a.png", 6, 4)
+    assert run_cli(capsys, "upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder")[0] == 0
+    assert Recorder.calls[-1]["run"].dtype == "auto"
+    rep = tmp_path / "r.json"
+    args = ("upscale", "-i", src, "-o", tmp_path / "o", "-n", "test-recorder", "--overwrite", "--json", rep)
+    assert run_cli(capsys, *args, "--dtype", "auto")[0] == 0
+    assert Recorder.calls[-1]["run"].dtype == "auto"
+    precision = json.loads(rep.read_text())["precision"]
+    assert precision == {"dtype_requested": "auto", "dtype": "bf16", "dtype_reason": precision["dtype_reason"]}
+    assert "native bf16" in precision["dtype_reason"]
 
 
 def test_save_reference_writes_the_side_images(tmp_path: Path, capsys, recorder) -> None:

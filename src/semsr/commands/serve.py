@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from semsr.commands.upscale import _max_pixels
+from semsr.core.dtypes import DTYPE_CHOICES
 from semsr.core.errors import SemsrError
 from semsr.methods import resolve
 from semsr.ui.catalog import SERVE_PATHS
@@ -92,7 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-connections", type=int, default=32, metavar="N", help="connections served at once (default: 32)"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute precision (default: the method's)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPE_CHOICES),
+        default="auto",
+        help="compute precision (default auto: bf16 on CPUs with native bf16, fp32 elsewhere)",
+    )
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     g = p.add_argument_group(
         "weights of diffusion methods (local paths)",

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from semsr.core.dtypes import describe_dtype
 from semsr.eval import atomic
 from semsr.eval.images import to_uint8
 from semsr.eval.lrsets import REAL, EvalImage, LRSet, load_gt, load_lr
@@ -455,6 +456,12 @@ def _slug(*parts: Any) -> str:
     return keep.strip("-")
 
 
+def _auto_note() -> str:
+    """What ``dtype=auto`` (every method's default precision) resolves to on this CPU, and why."""
+    info = describe_dtype("auto", "cpu")
+    return f"; dtype auto = {info['dtype']} ({info['dtype_reason']})"
+
+
 def cpu_description() -> str:
     """This machine's CPU for the report: model name, logical cores and the bf16/AMX/AVX-512 flags it has."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -532,7 +539,7 @@ def write_report(
         title = f"{lrset.dataset.name} — {_title(lrset.degradation, lrset.scale)}"
         total = len(list_images(lrset.dataset.root))
         coverage = _coverage(lrset.dataset.name, len(lrset.images), total, size)
-        machine = f"CPU: {cpu}" + (f"; {threads} torch thread(s) per method" if threads else "")
+        machine = f"CPU: {cpu}" + (f"; {threads} torch thread(s) per method" if threads else "") + _auto_note()
         plot = out_dir / f"{stem}_speed.png"
         speed_plot(ds_rows, hb, plot, title)
         written.append(plot)

@@ -45,10 +45,9 @@ from semsr.models.realcugan import RealCUGAN
 from semsr.models.rrdbnet import RRDBNet, rrdbnet_from_ncnn, rrdbnet_from_pth
 from semsr.ops.imresize import imresize
 
-# Fastest accurate settings measured by benchmarks/restorers.py (docs/benchmarks): fp32 with
-# channels_last on CPU, fp16 on CUDA.
-CPU_DEFAULT_DTYPE = torch.float32
-CUDA_DEFAULT_DTYPE = torch.float16
+# Precision: the ``dtype`` option, ``auto`` by default (semsr.core.dtypes.auto_dtype): bf16 on CPUs with native
+# bf16 (avx512_bf16/AMX; about 2x faster than fp32 for RRDBNet, benchmarks/restorers.py), fp32 on other CPUs, bf16 or
+# fp16 on CUDA. channels_last on CPU.
 
 
 # --------------------------------------------------------------------------- options
@@ -166,7 +165,8 @@ def _model_paths(info: ModelInfo) -> list[Path]:
 
 
 def _dtype(options: MethodOptions, device: torch.device) -> torch.dtype:
-    return resolve_dtype(options.dtype, device, default=CPU_DEFAULT_DTYPE, cuda_default=CUDA_DEFAULT_DTYPE)
+    # None (a caller that passes no precision) means auto, like the option default; the ncnn runtime is fp32 only.
+    return resolve_dtype(options.dtype or "auto", device)
 
 
 def build_bicubic(options: BicubicOptions) -> Bicubic:
