@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the workers import torch in their own subprocess
 CONFIGS = {
     "fp32": {"dtype": "fp32", "channels_last": False, "compile": False},
     "bf16": {"dtype": "bf16", "channels_last": False, "compile": False},
+    "auto": {"dtype": "auto", "channels_last": False, "compile": False},  # semsr's default: its row names the result
     "bf16-cl": {"dtype": "bf16", "channels_last": True, "compile": False},
     "bf16-compile": {"dtype": "bf16", "channels_last": False, "compile": True},
     "fp32-autocast": {"dtype": "fp32", "channels_last": False, "compile": False, "autocast": True},
@@ -67,9 +68,8 @@ CONFIGS = {
     "fp16-cudagraphs": {"dtype": "fp16", "channels_last": False, "compile": "reduce-overhead"},
 }
 #: Step configs and end-to-end sizes measured by default, per device type.
-DEFAULT_CONFIGS = {"cpu": "fp32,bf16,bf16-cl", "cuda": "fp16,fp16-cl,fp16-compile,fp16-cudagraphs,bf16"}
+DEFAULT_CONFIGS = {"cpu": "fp32,bf16,auto,bf16-cl", "cuda": "fp16,fp16-cl,fp16-compile,fp16-cudagraphs,bf16"}
 DEFAULT_E2E_SIZES = {"cpu": "512,2048", "cuda": "512,1024,2048"}
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _device_type(device: str) -> str:
@@ -146,6 +146,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
 
     import torch
 
+    from semsr.core.dtypes import describe_dtype, resolve_dtype
     from semsr.pipeline.precision import prepare_module
     from semsr.pipeline.sd_controlnet import controlnet_unet_forward
 
@@ -153,7 +154,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     parts, dims = _sd_parts(size, with_text_encoder=False)
     unet = parts["unet"]
     controlnet = _controlnet(unet, size)
-    dtype = getattr(torch, _DTYPES[cfg["dtype"]])
+    dtype = resolve_dtype(cfg["dtype"], device)  # "auto": bf16 on CPUs with native bf16, else fp32; bf16/fp16 on CUDA
+    precision = describe_dtype(cfg["dtype"], device)
     mode = cfg["compile"]
     cuda_graphs = mode == "reduce-overhead" and _device_type(device) == "cuda"
     unet, controlnet = (
@@ -199,6 +201,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         "seconds_per_step_all": times,
         "warmup_seconds": warm,
         "max_abs_diff_to_first_call": diff,
+        "dtype_resolved": precision["dtype"],
+        "dtype_reason": precision["dtype_reason"],
         "rss_after_load_mb": rss_loaded,
         "config": cfg,
         "device": device,
@@ -406,6 +410,8 @@ def _print_tables(results: dict) -> None:
         print("\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s")
     for name in steps:
         r = results[name]
+        if name == "auto" and "dtype_resolved" in r:
+            print(f"auto = {r['dtype_resolved']} on this machine ({r['dtype_reason']})")
         if "error" in r:
             print(f"{name:<17} error: {r['error']}")
         else:

@@ -47,11 +47,16 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
         {"dtype": "fp16", "channels_last": True, "device": "cuda"},
         "RRDBNet fp16 weights, channels_last (CUDA only: fp16 is refused on CPU)",
     ),
-    "torch-default": ("realesrgan-x4plus", {}, "RRDBNet with semsr's CPU defaults"),
+    "torch-auto-cl": (
+        "realesrgan-x4plus",
+        {"dtype": "auto", "channels_last": True},
+        "RRDBNet dtype auto (bf16 on CPUs with native bf16, else fp32), channels_last",
+    ),
+    "torch-default": ("realesrgan-x4plus", {}, "RRDBNet with semsr's defaults (dtype auto)"),
     "ncnn": ("ncnn:realesrgan-x4plus", {}, "ncnn runtime, same blob"),
     "realcugan-4x": ("realcugan-4x", {}, "Real-CUGAN SE 4x, ncnn runtime"),
 }
-DEFAULT_CONFIGS = ("bicubic", "torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "ncnn", "realcugan-4x")
+DEFAULT_CONFIGS = ("bicubic", "torch-fp32", "torch-fp32-cl", "torch-bf16-cl", "torch-auto-cl", "ncnn", "realcugan-4x")
 RRDB_CONFIGS = {k for k, v in CONFIGS.items() if v[0] in ("realesrgan-x4plus", "ncnn:realesrgan-x4plus")}
 
 
@@ -114,6 +119,10 @@ def worker(config: str, size: int, threads: int, repeats: int, out_npy: str | No
         "load_seconds": load_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "output_shape": list(y.shape),
+        # the precision the method runs in (what ``auto`` resolved to on this machine)
+        "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            getattr(run, "dtype", None), "-"
+        ),
     }
 
 
@@ -147,6 +156,8 @@ def run_all(configs: list[str], sizes: list[int], threads: int, repeats: int) ->
                     continue
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["description"] = CONFIGS[config][2]
+                if CONFIGS[config][1].get("dtype", "auto") == "auto" and row.get("dtype", "-") != "-":
+                    row["description"] += f" -> resolved to {row['dtype']}"
                 rows.append(row)
                 if npy:
                     outputs[config] = npy
@@ -155,7 +166,12 @@ def run_all(configs: list[str], sizes: list[int], threads: int, repeats: int) ->
 
 
 def _add_diffs(rows: list[dict], outputs: dict[str, str], size: int) -> None:
-    """Max/mean |output - ncnn output| for the RRDB configs of one size."""
+    """Max/mean |output - ncnn output| (and max |output - torch-fp32-cl output|) for the RRDB configs of one size."""
+    if "torch-fp32-cl" in outputs:
+        fp32 = np.load(outputs["torch-fp32-cl"])
+        for row in rows:
+            if row.get("size") == size and row["config"] in outputs:
+                row["max_abs_diff_vs_fp32"] = float(np.abs(np.load(outputs[row["config"]]) - fp32).max())
     if "ncnn" not in outputs:
         return
     ref = np.load(outputs["ncnn"])
@@ -168,21 +184,28 @@ def _add_diffs(rows: list[dict], outputs: dict[str, str], size: int) -> None:
 
 def markdown(rows: list[dict]) -> str:
     ncnn_s = {r["size"]: r["seconds"] for r in rows if r["config"] == "ncnn" and "seconds" in r}
+    fp32_s = {r["size"]: r["seconds"] for r in rows if r["config"] == "torch-fp32-cl" and "seconds" in r}
     lines = [
-        "| config | input | seconds | CPU seconds | vs ncnn | peak RSS (MiB) | max abs diff vs ncnn | mean abs diff | what |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| config | input | dtype | seconds | CPU seconds | vs ncnn | vs fp32-cl | peak RSS (MiB) | max abs diff vs ncnn "
+        "| mean abs diff | max abs diff vs fp32-cl | what |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['size']}x{r['size']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['config']} | {r['size']}x{r['size']} | | failed: {r['error']} | | | | | | | | |")
             continue
         same_blob = r["config"] in RRDB_CONFIGS and r["size"] in ncnn_s
         ratio = f"{ncnn_s[r['size']] / r['seconds']:.2f}x" if same_blob else "-"
         mad = f"{r['max_abs_diff_vs_ncnn']:.2e}" if "max_abs_diff_vs_ncnn" in r else "-"
         mean = f"{r['mean_abs_diff_vs_ncnn']:.2e}" if "mean_abs_diff_vs_ncnn" in r else "-"
+        vs32 = (
+            f"{fp32_s[r['size']] / r['seconds']:.2f}x" if r["config"] in RRDB_CONFIGS and r["size"] in fp32_s else "-"
+        )
+        d32 = f"{r['max_abs_diff_vs_fp32']:.2e}" if "max_abs_diff_vs_fp32" in r else "-"
         lines.append(
-            f"| {r['config']} | {r['size']}x{r['size']} | {r['seconds']:.3f} | {r['cpu_seconds']:.2f} | {ratio} | "
-            f"{r['peak_rss_mib']:.0f} | {mad} | {mean} | {r['description']} |"
+            f"| {r['config']} | {r['size']}x{r['size']} | {r.get('dtype', '-')} | {r['seconds']:.3f} | "
+            f"{r['cpu_seconds']:.2f} | {ratio} | {vs32} | {r['peak_rss_mib']:.0f} | {mad} | {mean} | {d32} | "
+            f"{r['description']} |"
         )
     return "\n".join(lines)
 
