@@ -297,7 +297,7 @@ def test_bicubic_method() -> None:
 def test_build_options_validated() -> None:
     with pytest.raises(OptionError, match="has no option tiles; did you mean tile"):
         methods.build("realcugan-2x", {"tiles": 64})
-    with pytest.raises(OptionError, match="choose one of fp32, bf16, fp16"):
+    with pytest.raises(OptionError, match="choose one of auto, fp32, bf16, fp16"):
         methods.build("bicubic", {"dtype": "int7"})
     with pytest.raises(SemsrError, match="fp16 needs a GPU"):
         methods.build("realesrgan-x4plus", {"dtype": "fp16"})

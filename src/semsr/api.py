@@ -589,11 +589,14 @@ class Pipeline:
     ) -> Pipeline:
         """Move the pipeline to ``device`` and/or ``dtype`` (diffusers' ``pipe.to(...)``); returns ``self``.
 
-        ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to("cpu", torch.float32)``. The method is
+        ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to("cpu", torch.float32)``, ``pipe.to("auto")``
+        (the default precision: bf16 on CPUs with native bf16, fp32 on other CPUs, bf16/fp16 on GPUs). The method is
         rebuilt with the new build options (from the cache when it was built that way before).
         """
         for arg in args:
-            if isinstance(arg, (torch.dtype, str)) and (arg in _DTYPE_NAMES or arg in _DTYPE_NAMES.values()):
+            if isinstance(arg, (torch.dtype, str)) and (
+                arg in _DTYPE_NAMES or arg in _DTYPE_NAMES.values() or arg == "auto"
+            ):
                 dtype = arg
             elif isinstance(arg, (str, torch.device)):
                 device = arg

@@ -16,7 +16,8 @@ Every method is called as ``method(x, options=None, *, progress=False)`` with
 float32 in [0, 1] on the device of ``x`` (no priors, no timings); attributes
 ``name``, ``scale`` and ``tiles_itself = False`` (callers tile in pixels).
 Build options shared by all (:class:`~semsr.core.options.MethodOptions`):
-``device``, ``dtype`` (default fp32 on CPU, fp16 on CUDA) and ``threads``
+``device``, ``dtype`` (default ``auto``: bf16 on CPUs with native bf16, fp32 on other CPUs, bf16 or fp16
+on CUDA) and ``threads``
 (``torch.set_num_threads`` and the ncnn thread count). The ncnn runtime
 computes in fp32 on CPU whatever ``dtype``/``device`` say (its result is moved
 to ``x``'s device).

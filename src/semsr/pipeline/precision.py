@@ -1,7 +1,7 @@
 """Memory-format and compile settings for inference modules (dtypes: :func:`semsr.core.dtypes.resolve_dtype`).
 
-fp32 is the default precision; bf16 weights halve the memory; fp16 is for GPUs
-only. diffusers already uses PyTorch SDPA attention. ``channels_last`` and
+The default precision is ``auto`` (:func:`semsr.core.dtypes.auto_dtype`: bf16 on CPUs with native bf16, fp32
+on other CPUs, bf16/fp16 on GPUs); bf16 weights halve the memory; fp16 is for GPUs only. diffusers already uses PyTorch SDPA attention. ``channels_last`` and
 ``torch.compile`` (``compile="default"``, or ``"freeze"`` for inductor weight
 freezing: faster forwards on CPU for twice the memory and a long compile) are
 options, off by default. Measurements behind these defaults:
