@@ -79,3 +79,24 @@ def test_auto_end_to_end_restorer(monkeypatch: pytest.MonkeyPatch) -> None:
     assert y_bf.dtype == y_32.dtype == torch.float32 and y_bf.shape == (1, 3, 32, 32)
     diff = (y_bf - y_32).abs()  # random-noise input: bf16 rounding shows most here
     assert diff.mean() < 1e-2 and diff.max() < 0.15
+
+
+def test_auto_end_to_end_tiny_sd_controlnet(tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sd-controlnet on the tiny random models under the default ``auto``: bf16 with native-bf16 flags, fp32
+    without; both give a finite image of the right size, close to each other."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16)
+    build = {"base": str(tiny_models / "sd"), "controlnet": str(tiny_models / "controlnet"), "steps": 1, "seed": 0}
+    outs = {}
+    for flag in ("avx512_bf16", "avx2"):
+        _flags(monkeypatch, {flag})
+        spec = methods.resolve("sd-controlnet")
+        options = spec.parse(build)
+        assert options.dtype == "auto"
+        method = spec.factory(options)
+        with torch.no_grad():
+            outs[flag] = (method.dtype, method(x, options).images)
+    assert outs["avx512_bf16"][0] == torch.bfloat16 and outs["avx2"][0] == torch.float32
+    y_bf, y_32 = outs["avx512_bf16"][1], outs["avx2"][1]
+    assert y_bf.shape == y_32.shape and y_bf.shape[-2:] == (16 * 4, 16 * 4) and torch.isfinite(y_bf).all()
+    assert (y_bf.float() - y_32.float()).abs().mean() < 0.1
