@@ -388,3 +388,10 @@ def test_detail_blends_the_residual_and_zero_is_stage1_exactly(
     assert (info.min, info.max, info.widget) == (0.0, 1.0, "slider")
     with pytest.raises(SemsrError, match="detail"):
         spec.parse({"detail": "1.5"})
+
+
+def test_dtype_is_the_stage1_precision() -> None:
+    spec = resolve("default-diffusion")
+    method = spec.build(spec.parse({"stage1": "bicubic", "dtype": "bf16"}))
+    assert method.stage1.dtype == torch.bfloat16
+    assert method.model.unet.dtype == torch.float32  # the refiner stays fp32

@@ -402,7 +402,8 @@ class DefaultSRPipeline:
 
 def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
     """Factory of ``default-diffusion``: the ``checkpoint`` (default: the packaged weights), the IRPAD
-    folder and a stage-1 override; built on ``device``."""
+    folder and a stage-1 override; built on ``device``. ``dtype`` is handed to the stage-1 restorer
+    (``bf16`` runs its RRDBNet in bfloat16); the refiner computes in fp32."""
     folder = Path(options.checkpoint).expanduser() if options.checkpoint else packaged_weights()
     if not (folder / INDEX_FILE).is_file():
         raise UnavailableError(
@@ -412,7 +413,10 @@ def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
         )
     apply_threads(options.threads)
     model = load_default_sr(folder)
-    stage1 = build_method(options.stage1 or model.config.stage1, {"device": options.device})
+    stage1_options: dict[str, Any] = {"device": options.device}
+    if options.dtype is not None:  # the precision of stage 1; the refiner computes in fp32
+        stage1_options["dtype"] = options.dtype
+    stage1 = build_method(options.stage1 or model.config.stage1, stage1_options)
     return DefaultSRPipeline(model, stage1=stage1, irpad=options.irpad, device=options.device)
 
 
