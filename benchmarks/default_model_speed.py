@@ -3,14 +3,16 @@
 Times, on the bundled sample photo resized to ``--size`` (or ``--image``):
 
 * ``semsr upscale`` end to end in a fresh process (start-up, loading, priors, sampling,
-  writing the PNG) with the default settings -- the number the 60 s target is read from;
-  peak RSS is that process's;
+  writing the PNG) with the default settings (``--dtype`` optional) -- the row
+  "256² → 1024² end to end (`semsr upscale`, fresh process)" that the speed target (8 s on
+  2 cores, peak RSS 1.5 GiB) is read from; peak RSS is that process's;
 * in this process: the stage-1 restorer alone and the method for each ``--steps``
   (peak RSS here is this process's peak so far).
 
 Weights: the shipped ones (``semsr/assets/weights/default-sr``), ``--checkpoint``, or a
 fresh untrained model of ``configs/default.yaml``'s architecture when none are shipped.
-Prints a table; ``--json PATH`` writes the rows.
+Prints the CPU model, its native bf16 flags and the load average beside the table;
+``--json PATH`` writes the rows.
 
     python benchmarks/default_model_speed.py --size 256 --steps 1 4 --threads 2 --json speed.json
 """
@@ -42,8 +44,9 @@ def load_input(path: str | None, size: int) -> torch.Tensor:
     return imresize(x, size=(size, size)).clamp(0, 1)
 
 
-def cli_run(x: torch.Tensor, checkpoint: str, threads: int) -> dict:
-    """Wall time and peak RSS of ``semsr upscale`` on ``x`` in a child process (default method settings)."""
+def cli_run(x: torch.Tensor, checkpoint: str, threads: int, dtype: str | None = None) -> dict:
+    """Wall time and peak RSS of ``semsr upscale`` on ``x`` in a child process (default method settings;
+    ``dtype``: ``--dtype`` of the run, i.e. the stage-1 precision)."""
     import subprocess
     import sys
 
@@ -68,13 +71,16 @@ def cli_run(x: torch.Tensor, checkpoint: str, threads: int) -> dict:
             "--threads",
             str(threads),
             "--no-progress",
+            *(["--dtype", dtype] if dtype else []),
         ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - t0
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     steps = json.loads((Path(checkpoint) / "model_index.json").read_text()).get("meta", {}).get("default_steps", 4)
-    return {"what": "semsr upscale (CLI)", "steps": steps, "seconds": seconds, "peak_rss_gib": child_peak}
+    side = x.shape[-1]
+    what = f"{side}² → {4 * side}² end to end (`semsr upscale`, fresh process)"
+    return {"what": what, "dtype": dtype or "default", "steps": steps, "seconds": seconds, "peak_rss_gib": child_peak}
 
 
 def main() -> int:
@@ -85,9 +91,11 @@ def main() -> int:
     p.add_argument("--checkpoint", help="default-model folder (default: the shipped weights, else a fresh model)")
     p.add_argument("--image", help="input photo (default: the bundled sample), resized to --size")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="--dtype of the fresh-process run (stage-1 precision)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from semsr import methods
+    from semsr.core.machine import cpu_flags, cpu_model
     from semsr.methods.default_diffusion import packaged_weights
     from semsr.models.default_sr import DefaultSR, save_default_sr
 
@@ -99,7 +107,8 @@ def main() -> int:
         torch.manual_seed(0)
         save_default_sr(DefaultSR(), ck)
     x, rows = load_input(args.image, args.size), []
-    rows.append(cli_run(x, ck, args.threads))
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    rows.append(cli_run(x, ck, args.threads, args.dtype))
     spec = methods.resolve("default-diffusion")
     method = spec.build(spec.parse({"checkpoint": ck}))
     t0 = time.perf_counter()
@@ -117,12 +126,16 @@ def main() -> int:
                 "peak_rss_gib": rss_gib(),
             }
         )
+    bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    machine = {"cpu": cpu_model(), "bf16_flags": bf16, "loadavg_before": load}
     print(f"input {args.size}x{args.size} -> {tuple(y.shape[-2:])}, threads {args.threads}")
-    print(f"{'what':<20}{'steps':>6}{'seconds':>10}{'peak RSS GiB':>14}")
+    print(f"CPU {machine['cpu']}, native bf16 flags {bf16 or 'none'}, load average before {' '.join(load)}")
+    print(f"{'what':<58}{'steps':>6}{'seconds':>10}{'peak RSS GiB':>14}")
     for r in rows:
-        print(f"{r['what']:<20}{r['steps']:>6}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}")
+        print(f"{r['what']:<58}{r['steps']:>6}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "threads": args.threads, "rows": rows}, indent=2))
+        out = {"size": args.size, "threads": args.threads, "machine": machine, "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

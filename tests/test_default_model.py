@@ -365,3 +365,33 @@ def test_gradient_l1_is_aligned_and_differentiable() -> None:
     flat = torch.full_like(hr, 0.5).requires_grad_(True)
     gradient_l1({"sr": flat, "hr": hr}).backward()
     assert float(flat.grad.abs().sum()) > 0
+
+
+def test_detail_blends_the_residual_and_zero_is_stage1_exactly(
+    tmp_path: Path, text_tokens: TextTokens, bicubic
+) -> None:
+    pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))
+    lr = textured(21, 26)
+    run = DefaultDiffusionOptions(steps=2, seed=1)
+    assert run.detail == 1.0
+    y1 = bicubic(lr).images.float().clamp(0, 1)
+    full = pipe(lr, run).images
+    assert torch.equal(pipe(lr, run.replace(detail=1.0)).images, full)
+    assert torch.equal(pipe(lr, run.replace(detail=0.0)).images, y1)  # bit for bit, not just close
+    half = pipe(lr, run.replace(detail=0.5)).images
+    inside = (full > 0.01) & (full < 0.99) & (y1 > 0.01) & (y1 < 0.99)  # away from the clamp
+    torch.testing.assert_close(half[inside], (y1 + 0.5 * (full - y1))[inside], atol=1e-5, rtol=0)
+    assert (half - y1).abs().mean() < (full - y1).abs().mean()
+    spec = resolve("default-diffusion")
+    assert spec.parse({"detail": "0.25"}).detail == 0.25
+    info = DefaultDiffusionOptions.infos()["detail"]
+    assert (info.min, info.max, info.widget) == (0.0, 1.0, "slider")
+    with pytest.raises(SemsrError, match="detail"):
+        spec.parse({"detail": "1.5"})
+
+
+def test_dtype_is_the_stage1_precision() -> None:
+    spec = resolve("default-diffusion")
+    method = spec.build(spec.parse({"stage1": "bicubic", "dtype": "bf16"}))
+    assert method.stage1.dtype == torch.bfloat16
+    assert method.model.unet.dtype == torch.float32  # the refiner stays fp32

@@ -84,6 +84,7 @@ def test_list_metrics_names_and_orientation() -> None:
     expected = {
         "psnr": (True, True), "psnry": (True, True), "ssim": (True, True), "lpips": (False, True),
         "lpips-vgg": (False, True), "dists": (False, True), "niqe": (False, False), "fid": (False, True),
+        "noise_sigma": (False, False), "gmsd": (False, True), "ms-ssim": (True, True),
         "clipiqa": (True, False), "musiq": (True, False), "maniqa": (True, False),
     }  # fmt: skip
     assert {n: (i.higher_better, i.needs_gt) for n, i in infos.items()} == expected

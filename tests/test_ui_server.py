@@ -723,7 +723,9 @@ def test_real_defaults_presets_and_advanced_options_in_the_catalogue():
     }
     advanced = {o["dest"] for o in default["options"] if o["advanced"]}
     assert {"no_text_prior", "no_edge_prior"} <= advanced
-    assert {o["dest"] for o in default["options"]} - advanced == {"scheduler"}
+    assert {o["dest"] for o in default["options"]} - advanced == {"scheduler", "detail"}
+    detail = next(o for o in default["options"] if o["dest"] == "detail")
+    assert (detail["default"], detail["min"], detail["max"]) == (1.0, 0.0, 1.0)
     gated = by["test-ui-gated"]
     assert not any(o["advanced"] for o in gated["options"])
     assert gated["presets"] == {

@@ -290,9 +290,9 @@ def _print(result: dict[str, Any]) -> None:
     print(f"{result['n_images']} image(s), crop border {result['crop_border']}")
     for info in result["metrics"].values():
         arrow = "higher is better" if info["higher_better"] else "lower is better"
-        print(f"  {info['name']:<10} {_fmt(info['mean']):>10}   ({arrow})")
+        print(f"  {info['name']:<11} {_fmt(info['mean']):>10}   ({arrow})")
     for n, reason in result["unavailable"].items():
-        print(f"  {n:<10} {'unavailable':>10}   {reason}")
+        print(f"  {n:<11} {'unavailable':>10}   {reason}")
     for side in ("pred", "gt"):
         skipped = result.get("unmatched", {}).get(side) or []
         if skipped:

@@ -55,7 +55,7 @@ from semsr.eval.metrics.image import list_images, load_eval_image
 DECIMALS = {"psnr": 2, "psnry": 2, "fid": 2, "musiq": 2}
 # preference order of the plotted quality axis: fidelity first, then perceptual
 FIDELITY = ("psnry", "psnr", "ssim")
-PERCEPTUAL = ("lpips", "dists", "niqe", "musiq", "clipiqa", "maniqa", "fid")
+PERCEPTUAL = ("lpips", "dists", "gmsd", "ms-ssim", "noise_sigma", "niqe", "musiq", "clipiqa", "maniqa", "fid")
 
 
 def higher_better_map() -> dict[str, bool]:

@@ -7,6 +7,10 @@ with IRPAD's degradation description (:mod:`semsr.priors.irpad`; none when the
 IRPAD weights are absent), the ControlNet hint the Canny edges of the stage-1
 output. Ablation switches: ``--no-text-prior``, ``--no-edge-prior``.
 
+Fidelity <-> detail: ``--detail D`` in [0, 1] scales the sampled residual in pixel space,
+``SR = clamp(y1 + D * r / k, 0, 1)``; ``D = 0`` skips the refiner and returns the stage-1 output
+bit for bit, ``D = 1`` is the full refinement (the unscaled formula, bit for bit).
+
 Tiles: ``--tile`` is in input pixels like every method's, converted to the
 working space (``u``-times pixel-unshuffled output) by
 :func:`semsr.pipeline.options.latent_tile` (the one rule of the latent
@@ -74,6 +78,15 @@ class DefaultDiffusionOptions(MethodOptions):
         max=1000,
         metavar="N",
         help="sampling steps (0 = the stage-1 output; default: the checkpoint's default_steps)",
+    )
+    detail: float = option(
+        1.0,
+        min=0.0,
+        max=1.0,
+        step=0.05,
+        widget="slider",
+        metavar="D",
+        help="fidelity <-> detail: scale of the refiner's residual (0 = the stage-1 output exactly, 1 = all of it)",
     )
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
@@ -265,6 +278,7 @@ class DefaultSRPipeline:
             seed=opts.seed,
             scheduler=opts.scheduler,
             guidance_scale=opts.guidance_scale,
+            detail=opts.detail,
             use_edges=not opts.no_edge_prior,
             tile=DEFAULT_TILE if tile is None else tile,
             tile_overlap=opts.tile_overlap,
@@ -312,6 +326,7 @@ class DefaultSRPipeline:
         seed: int,
         scheduler: str = "ddim",
         guidance_scale: float = 1.0,
+        detail: float = 1.0,
         use_edges: bool = True,
         edge_scale: float = 1.0,
         tile: int | None = DEFAULT_TILE,
@@ -323,8 +338,9 @@ class DefaultSRPipeline:
         ``texts``: ``(B, 3, s h, s w)`` in [0, 1] on the CPU.
 
         ``tile`` is the side of a working-space tile (``tile * u`` output pixels; None or 0:
-        untiled), ``tile_overlap`` their overlap (None: tile / 4). ``steps == 0`` returns the
-        stage-1 output (the ablation floor).
+        untiled), ``tile_overlap`` their overlap (None: tile / 4). ``steps == 0`` or ``detail == 0``
+        returns the stage-1 output (the ablation floor); otherwise ``detail`` scales the refiner's
+        pixel-space residual (``detail == 1``: unscaled).
         """
         timings = {} if timings is None else timings
         cfg_ = self.config
@@ -332,7 +348,7 @@ class DefaultSRPipeline:
         t0 = time.perf_counter()
         y1 = self.stage1(lr).images.float().clamp(0, 1).to(self.device)
         timings["stage1"] = time.perf_counter() - t0
-        if steps == 0:
+        if steps == 0 or detail == 0:
             return y1.cpu()
         # pad the stage-1 output (not the LR) to the model's multiple, so the crop is exactly stage1(lr)
         multiple = self.model.multiple
@@ -377,13 +393,17 @@ class DefaultSRPipeline:
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0
-        sr = (y1 + from_space(residual, u) / cfg_.residual_scale).clamp_(0, 1)
+        delta = from_space(residual, u) / cfg_.residual_scale
+        if detail != 1:
+            delta = delta * float(detail)
+        sr = (y1 + delta).clamp_(0, 1)
         return sr[..., : h * cfg_.scale, : w * cfg_.scale].cpu()
 
 
 def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:
     """Factory of ``default-diffusion``: the ``checkpoint`` (default: the packaged weights), the IRPAD
-    folder and a stage-1 override; built on ``device``."""
+    folder and a stage-1 override; built on ``device``. ``dtype`` is handed to the stage-1 restorer
+    (``bf16`` runs its RRDBNet in bfloat16); the refiner computes in fp32."""
     folder = Path(options.checkpoint).expanduser() if options.checkpoint else packaged_weights()
     if not (folder / INDEX_FILE).is_file():
         raise UnavailableError(

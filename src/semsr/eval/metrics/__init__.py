@@ -19,6 +19,9 @@ lpips        lower            yes       deep          AlexNet (``net="vgg"`` or 
 lpips-vgg    lower            yes       deep          VGG16
 dists        lower            yes       deep          VGG16 + L2 pooling
 niqe         lower            no        pixel         MATLAB reference, pristine params
+noise_sigma  lower            no        pixel         Y, skimage ``estimate_sigma`` (db2 wavelet MAD)
+gmsd         lower            yes       pixel         Y, Xue et al. 2014 (``GMSD.m``), T = 170
+ms-ssim      higher           yes       pixel         Y, Wang et al. 2003, 5 scales, >= 176x176
 fid          lower            yes (set) distribution  ``compute_folders(a, b)``
 clipiqa      higher           no        deep          transformers CLIP, "Good/Bad photo."
 musiq        higher           no        deep          not implemented: UnavailableError
@@ -60,6 +63,9 @@ _ENTRIES: dict[str, _Entry] = {
         _entry("lpips-vgg", False, True, "deep", "lpips:LPIPS", "LPIPS v0.1, VGG16", net="vgg"),
         _entry("dists", False, True, "deep", "dists:DISTS", "DISTS (VGG16, L2 pooling)"),
         _entry("niqe", False, False, "pixel", "niqe:NIQE", "NIQE on the MATLAB Y channel"),
+        _entry("noise_sigma", False, False, "pixel", "structure:NoiseSigma", "wavelet MAD noise estimate of Y (0-255)"),
+        _entry("gmsd", False, True, "pixel", "structure:GMSD", "Gradient Magnitude Similarity Deviation on Y"),
+        _entry("ms-ssim", True, True, "pixel", "structure:MSSSIM", "multi-scale SSIM on Y (5 scales)"),
         _entry("fid", False, True, "distribution", "fid:FID", "Frechet Inception Distance between two sets"),
         _entry("clipiqa", True, False, "deep", "clipiqa:CLIPIQA", "CLIP-IQA prompt pair on a local CLIP"),
         _entry("musiq", True, False, "deep", "unavailable:MUSIQ", "MUSIQ (not implemented)"),
