@@ -29,11 +29,16 @@ The ControlNet is ``ControlNetModel.from_unet`` (SD-1.5 ControlNet size).
 
 ``--device cuda``: times are taken between ``torch.cuda.synchronize()`` calls, memory is
 ``torch.cuda.max_memory_allocated`` (reset before each measurement), the step configs default to
-``fp16, fp16-cl, fp16-compile, fp16-cudagraphs, bf16`` (``-compile``: ``torch.compile`` with
-inductor's default mode; ``-cudagraphs``: ``mode="reduce-overhead"``, with
+``fp16, fp16-cudagraphs, fp16-cl`` (``-cudagraphs``: ``mode="reduce-overhead"``, with
 ``torch.compiler.cudagraph_mark_step_begin()`` before each step because the ControlNet's
-output buffers are reused), and the end-to-end runs time all ``--e2e-steps`` (default 20)
-at 512, 1024 and 2048 instead of estimating them from one step.
+output buffers are reused; ``fp16-compile`` and ``bf16`` on request), the end-to-end runs time all
+``--e2e-steps`` (default 20) at 512, 1024 and 2048 (latent tiles chosen from free GPU memory) instead
+of estimating them from one step, and ``--e2e-compile`` (default ``reduce-overhead``) adds the pipeline
+built with ``compile=<mode>`` at 512 (``--e2e-compile-sizes``) after an untimed compiling call. The
+order (eager first, one compile per process) keeps the default run near 5 minutes on an H200.
+
+``--scaling 256,512,1024,2048``: end-to-end seconds and peak memory per output size, once with
+``--scaling-tile`` latent tiles (default 64: memory stays flat) and once with the automatic tile.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ CONFIGS = {
     "fp16-cudagraphs": {"dtype": "fp16", "channels_last": False, "compile": "reduce-overhead"},
 }
 #: Step configs and end-to-end sizes measured by default, per device type.
-DEFAULT_CONFIGS = {"cpu": "fp32,bf16,auto,bf16-cl", "cuda": "fp16,fp16-cl,fp16-compile,fp16-cudagraphs,bf16"}
+DEFAULT_CONFIGS = {"cpu": "fp32,bf16,auto,bf16-cl", "cuda": "fp16,fp16-cudagraphs,fp16-cl"}
 DEFAULT_E2E_SIZES = {"cpu": "512,2048", "cuda": "512,1024,2048"}
 
 
@@ -211,10 +216,20 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     }
 
 
-def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real", steps: int = 1) -> dict:
+def worker_e2e(
+    out_size: int,
+    dtype: str,
+    device: str = "cpu",
+    size: str = "real",
+    steps: int = 1,
+    compile: str | None = None,
+    latent_tile: int | None = None,
+) -> dict:
     """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
 
     With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
+    ``compile`` is the pipeline's ``compile`` option (compiled at build, warmed up by a first call that is
+    not timed); ``latent_tile`` None = the automatic choice (free memory), 0 = untiled.
     """
     import gc
 
@@ -244,6 +259,7 @@ def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real
         device=device,
         dtype=dtype,
         scale=4,
+        compile=compile,
         options_class=SDControlNetOptions,
     )
     del parts
@@ -251,10 +267,14 @@ def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real
     build_seconds = time.perf_counter() - t_build
     rss_loaded = rss_mb("VmRSS")
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
-    opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0)
-    if _device_type(device) == "cuda":  # first call: kernels, cuDNN autotuning
+    opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0, latent_tile=latent_tile)
+    warmup_seconds = None
+    if _device_type(device) == "cuda" or compile:  # first call: kernels, cuDNN autotuning, compilation
+        t_warm = time.perf_counter()
         with torch.inference_mode():
             pipe(lr, opts.replace(steps=1))
+        _sync(device)
+        warmup_seconds = time.perf_counter() - t_warm
     _reset_peak_memory(device)
     _sync(device)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -283,7 +303,9 @@ def worker_e2e(out_size: int, dtype: str, device: str = "cpu", size: str = "real
         "decode_seconds": tm["decode"],
         "estimated_seconds_20_steps": fixed + 20 * per_step,
         "seconds_20_steps_measured": total if steps == 20 else None,
-        "latent_tile": pipe.resolve_latent_tile((out_size // 8, out_size // 8), None),
+        "latent_tile": pipe.resolve_latent_tile((out_size // 8, out_size // 8), latent_tile),
+        "compile": compile,
+        "warmup_seconds": warmup_seconds,
         "rss_after_load_mb": rss_loaded,
         **_peak_memory(device),
     }
@@ -459,6 +481,64 @@ def _print_compile_table(results: dict) -> None:
             )
 
 
+#: Pipeline compile modes timed end to end by default, per device type (CPU: none, compiling takes minutes).
+DEFAULT_E2E_COMPILE = {"cpu": "", "cuda": "reduce-overhead"}
+
+
+def run_e2e_compile(measure, args, dev: str, sizes: str, dtype: str, steps: int) -> None:
+    """End-to-end runs of the pipeline built with ``compile=<mode>`` (``--e2e-compile``) at the
+    ``--e2e-compile-sizes`` among ``sizes`` (each process compiles anew, about two minutes on an H200),
+    smallest first; keys ``e2e_<size>_<mode>``; each run is capped at ``--compile-timeout`` seconds."""
+    modes = DEFAULT_E2E_COMPILE.get(dev, "") if args.e2e_compile is None else args.e2e_compile
+    wanted = {int(s) for s in args.e2e_compile_sizes.split(",") if s}
+    for mode in [m for m in modes.split(",") if m]:
+        for size in sorted(int(s) for s in sizes.split(",") if s and int(s) in wanted):
+            measure(f"e2e_{size}_{mode}", ["e2e", str(size), dtype, str(steps), mode, "-"], args.compile_timeout)
+
+
+def run_scaling(measure, args, dev: str) -> None:
+    """``--scaling``: one end-to-end run per output size, tiled with ``--scaling-tile`` latent tiles (flat
+    memory) and with the automatic tile; ``--e2e-steps`` (default 1: the 20-step time is estimated)."""
+    dtype = args.e2e_dtype or ("fp16" if dev == "cuda" else "fp32")
+    steps = args.e2e_steps or 1
+    for size in sorted(int(s) for s in args.scaling.split(",") if s):
+        if args.scaling_tile:
+            measure(f"scaling_{size}_tiled", ["e2e", str(size), dtype, str(steps), "-", str(args.scaling_tile)])
+        measure(f"scaling_{size}_auto", ["e2e", str(size), dtype, str(steps), "-", "-"])
+
+
+def _print_e2e_compile_table(results: dict) -> None:
+    rows = {k: v for k, v in results.items() if k.startswith("e2e_") and isinstance(v, dict) and v.get("compile")}
+    if not rows:
+        return
+    print("\nend to end, pipeline compile modes (eager rows above):")
+    print(f"{'run':28} {'s/step':>8} {'total s':>8} {'20-step s':>10} {'warm-up s':>10} {'peak MB':>9}")
+    for key, r in rows.items():
+        if "seconds_per_step" not in r:
+            print(f"{key:28} {r.get('error', 'failed')}")
+            continue
+        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb") or 0
+        print(
+            f"{key:28} {r['seconds_per_step']:8.3f} {r['seconds_total']:8.2f} "
+            f"{r['estimated_seconds_20_steps']:10.2f} {r.get('warmup_seconds') or 0:10.1f} {peak:9.0f}"
+        )
+
+
+def _print_scaling_table(results: dict) -> None:
+    rows = {k: v for k, v in results.items() if k.startswith("scaling_")}
+    print("\nscaling with output size (end to end):")
+    print(f"{'run':24} {'tile':>5} {'1-step s':>9} {'20-step s':>10} {'peak MB':>9}")
+    for key, r in rows.items():
+        if "seconds_per_step" not in r:
+            print(f"{key:24} {r.get('error', 'failed')}")
+            continue
+        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb") or 0
+        print(
+            f"{key:24} {r['latent_tile']:5d} {r['seconds_1_step']:9.2f} "
+            f"{r['estimated_seconds_20_steps']:10.2f} {peak:9.0f}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write results as JSON here (updated after every measurement)")
@@ -495,6 +575,25 @@ def main() -> int:
         help="inductor cache folder shared by the compile runs (default: a fresh one per run, i.e. "
         "cold-cache compile times; run twice with the same DIR for warm-cache times)",
     )
+    ap.add_argument(
+        "--e2e-compile",
+        default=None,
+        help="pipeline compile modes (default, reduce-overhead, freeze) also timed end to end, each after an "
+        f"untimed compiling call; '' = eager only; default per device: {DEFAULT_E2E_COMPILE}",
+    )
+    ap.add_argument(
+        "--e2e-compile-sizes", default="512,64", help="output sizes of the --e2e-compile runs (default 512,64)"
+    )
+    ap.add_argument(
+        "--scaling",
+        default=None,
+        metavar="SIZES",
+        help="scaling curve: end-to-end seconds and peak memory at these output sizes (e.g. 256,512,1024,2048), "
+        "tiled (--scaling-tile) and automatic; replaces the step / end-to-end runs",
+    )
+    ap.add_argument(
+        "--scaling-tile", type=int, default=64, help="latent tile of the tiled scaling rows (default 64; 0 = none)"
+    )
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -506,7 +605,16 @@ def main() -> int:
         elif kind == "compile":
             res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
-            res = worker_e2e(int(args.worker[1]), args.worker[2], args.device, args.size, int(args.worker[3]))
+            extra = [None if a == "-" else a for a in args.worker[4:6]] + [None, None]
+            res = worker_e2e(
+                int(args.worker[1]),
+                args.worker[2],
+                args.device,
+                args.size,
+                int(args.worker[3]),
+                compile=extra[0],
+                latent_tile=None if extra[1] is None else int(extra[1]),
+            )
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
 
@@ -537,6 +645,10 @@ def main() -> int:
         print(f"  {results[key]}", flush=True)
         save()
 
+    if args.scaling is not None:
+        run_scaling(measure, args, dev)
+        _print_scaling_table(results)
+        return 0
     configs = [c for c in (DEFAULT_CONFIGS.get(dev, "fp32") if args.configs is None else args.configs).split(",") if c]
     for name in configs:
         measure(name, ["step", name, str(args.reps)])
@@ -549,6 +661,7 @@ def main() -> int:
     e2e_steps = args.e2e_steps or (20 if dev == "cuda" else 1)
     for size in [int(s) for s in sizes.split(",") if s]:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype, str(e2e_steps)])
+    run_e2e_compile(measure, args, dev, sizes, e2e_dtype, e2e_steps)
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
@@ -562,6 +675,7 @@ def main() -> int:
                 results[key]["inductor_cache"] = "shared: " + args.compile_cache
                 save()
     _print_tables(results)
+    _print_e2e_compile_table(results)
     _print_compile_table(results)
     return 0
 

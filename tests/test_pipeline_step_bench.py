@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,3 +25,33 @@ def test_pipeline_step_benchmark_runs_on_tiny_models(tmp_path: Path) -> None:
     assert "error" not in e2e and e2e["steps"] == 2 and e2e["output"] == "64x64" and e2e["peak_rss_mb"] > 0
     assert res["machine"]["device"] == "cpu" and isinstance(res["machine"]["cpu_bf16"], bool)
     assert "ms/step" in proc.stdout and "end-to-end" in proc.stdout
+
+
+def test_scaling_mode_runs_on_tiny_models_tiled_and_automatic(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_step.py"), "--size", "tiny", "--device", "cpu"]
+    cmd += ["--scaling", "64,128", "--scaling-tile", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for size in (64, 128):
+        tiled, auto = res[f"scaling_{size}_tiled"], res[f"scaling_{size}_auto"]
+        assert "error" not in tiled and tiled["output"] == f"{size}x{size}"
+        assert tiled["latent_tile"] == (8 if size == 128 else 0)  # a 64² output is an 8² latent: one tile
+        assert "error" not in auto and auto["latent_tile"] == 0  # the tiny model always fits
+        assert tiled["estimated_seconds_20_steps"] > 0 and tiled["peak_rss_mb"] > 0
+    assert "scaling with output size" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_compile_end_to_end_rows_on_tiny_models(tmp_path: Path) -> None:
+    """The CUDA run's ``--e2e-compile`` rows (here ``default``: inductor on the CPU) at tiny size."""
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_step.py"), "--size", "tiny", "--device", "cpu"]
+    cmd += ["--configs", "", "--e2e-sizes", "64", "--e2e-steps", "2", "--e2e-compile", "default", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    row = res["e2e_64_default"]
+    assert "error" not in row and row["compile"] == "default" and row["warmup_seconds"] > 0
+    assert "pipeline compile modes" in proc.stdout

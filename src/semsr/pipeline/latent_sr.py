@@ -30,14 +30,13 @@ from semsr.core.errors import SemsrError
 from semsr.ops.imresize import imresize
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import Denoiser
-from semsr.pipeline.latent_tiling import SpatialDenoiser, tiled, untiled, vae_tiling
+from semsr.pipeline.latent_tiling import SpatialDenoiser, Window, tiled, untiled, vae_tiling
+from semsr.pipeline.memory import untiled_fits
 from semsr.pipeline.options import LatentSROptions
-from semsr.pipeline.precision import prepare_module
+from semsr.pipeline.precision import compile_mode, prepare_module, step_begin
 from semsr.pipeline.sampler import make_scheduler, sample
 
-#: Latent side above which the latent is tiled automatically (96 latent = 768 px).
-AUTO_TILE_ABOVE = 96
-#: Default latent tile (SD's native 64 latent = 512 px).
+#: Latent tile of the automatic choice when the untiled step does not fit (SD's native 64 latent = 512 px).
 DEFAULT_LATENT_TILE = 64
 
 
@@ -65,6 +64,17 @@ def progress_fn(progress: Any, desc: str = "denoise") -> tuple[Callable[[int, in
         bar.update(done - bar.n)
 
     return update, lambda: bar.close() if bar is not None else None
+
+
+def marked_steps(spatial: SpatialDenoiser, mode: str | None) -> SpatialDenoiser:
+    """``spatial`` with :func:`~semsr.pipeline.precision.step_begin` before every model call (CUDA graphs:
+    each call may overwrite the previous call's output buffers, so the output is cloned)."""
+
+    def marked(x: torch.Tensor, t: torch.Tensor, cond: Any, window: Window) -> torch.Tensor:
+        step_begin(mode)
+        return spatial(x, t, cond, window).clone()
+
+    return marked
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class LatentSRPipeline:
             unet, device=self.device, dtype=self.dtype, channels_last=channels_last, compile=compile
         )
         self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.compile_mode = compile_mode(compile)
         self.scheduler_config = dict(scheduler_config)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -155,10 +166,23 @@ class LatentSRPipeline:
             x = self.vae.decode((z / cfg.scaling_factor + shift).to(self.device, self.dtype)).sample
         return ((x.float() + 1) / 2).clamp_(0, 1)
 
-    def resolve_latent_tile(self, latent_hw: tuple[int, int], latent_tile: int | None) -> int:
-        """Latent tile side to use (0 = untiled): ``None`` = automatic (64 when a side exceeds 96)."""
+    def resolve_latent_tile(
+        self, latent_hw: tuple[int, int], latent_tile: int | None, *, batch: int = 1, free: int | None = None
+    ) -> int:
+        """Latent tile side to use (0 = untiled). ``None`` = automatic: untiled when a CFG step on ``batch``
+        images (and the VAE decode) fits in the device's free memory (``free`` bytes; None: measured now),
+        else :data:`DEFAULT_LATENT_TILE` (rule: :mod:`semsr.pipeline.memory`)."""
         if latent_tile is None:
-            latent_tile = DEFAULT_LATENT_TILE if max(latent_hw) > AUTO_TILE_ABOVE else 0
+            fits = max(latent_hw) <= DEFAULT_LATENT_TILE or untiled_fits(
+                self.unet.config,
+                self.vae.config,
+                latent_hw,
+                batch=2 * batch,
+                dtype=self.dtype,
+                device=self.device,
+                free=free,
+            )
+            latent_tile = 0 if fits else DEFAULT_LATENT_TILE
         if latent_tile <= 0 or latent_tile >= max(latent_hw):
             return 0
         m = self.latent_multiple
@@ -176,7 +200,7 @@ class LatentSRPipeline:
         hint = make_hint(lr, (out_h, out_w))
         hint_padded = F.pad(hint, (0, pad_w - out_w, 0, pad_h - out_h), mode="replicate")
         lat_hw = (pad_h // self.factor, pad_w // self.factor)
-        tile = self.resolve_latent_tile(lat_hw, latent_tile)
+        tile = self.resolve_latent_tile(lat_hw, latent_tile, batch=bsz)
         return SRLayout(
             batch=bsz,
             out_hw=(out_h, out_w),
@@ -219,6 +243,8 @@ class LatentSRPipeline:
         """
         tile = layout.tile
         overlap = tile // 4 if options.tile_overlap is None else int(options.tile_overlap)
+        if self.compile_mode == "reduce-overhead":
+            spatial = marked_steps(spatial, self.compile_mode)
         denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
         if guide is not None:
             denoiser = guide(denoiser)

@@ -18,6 +18,7 @@ from pathlib import Path
 from semsr.core.errors import UnavailableError
 from semsr.core.options import MethodOptions, option
 from semsr.pipeline.colorfix import COLOUR_FIXES
+from semsr.pipeline.precision import COMPILE_MODES
 from semsr.pipeline.sampler import SCHEDULER_NAMES
 
 
@@ -50,7 +51,12 @@ class LatentSROptions(SamplingOptions):
     )
     channels_last: bool = option(False, stage="build", hidden=True, help="channels-last memory format")
     compile: str | None = option(
-        None, stage="build", choices=("default", "freeze"), hidden=True, help="torch.compile the UNet"
+        None,
+        stage="build",
+        choices=COMPILE_MODES,
+        hidden=True,
+        help="torch.compile the UNet and ControlNet once per pipeline: default (inductor), "
+        "reduce-overhead (CUDA graphs, GPU) or freeze (inductor weight freezing, CPU)",
     )
     latent_tile: int | None = option(
         None,
@@ -58,7 +64,7 @@ class LatentSROptions(SamplingOptions):
         max=1 << 16,
         units="latent px",
         metavar="N",
-        help="latent tile side, overrides --tile (default: 64 when the latent exceeds 96)",
+        help="latent tile side, overrides --tile (default: untiled when the step fits in free device memory, else 64)",
     )
     partial_load: bool = option(
         False,
