@@ -55,3 +55,15 @@ def test_pipeline_compile_end_to_end_rows_on_tiny_models(tmp_path: Path) -> None
     row = res["e2e_64_default"]
     assert "error" not in row and row["compile"] == "default" and row["warmup_seconds"] > 0
     assert "pipeline compile modes" in proc.stdout
+
+
+def test_pipeline_step_hint_cache_configs_run_on_tiny_models(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_step.py"), "--size", "tiny", "--device", "cpu"]
+    cmd += ["--configs", "fp32-hintcache,bf16-hintcache", "--e2e-sizes", "", "--reps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in ("fp32-hintcache", "bf16-hintcache"):
+        assert "error" not in res[key] and res[key]["seconds_per_step"] > 0
+        assert res[key]["max_abs_diff_to_first_call"] == 0.0  # the cached embedding gives the same output

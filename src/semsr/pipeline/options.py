@@ -82,6 +82,10 @@ class ControlNetSROptions(LatentSROptions):
 
     controlnet: Path | None = option(None, stage="build", metavar="DIR", help="SR ControlNet folder")
     conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
+    cache_hint: bool = option(
+        True,
+        help="embed the ControlNet hint of each tile once per call instead of at every step (same output)",
+    )
 
 
 def require_paths(method: str, options: MethodOptions, *fields: tuple[str, str]) -> None:

@@ -39,6 +39,7 @@ from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.options import ControlNetSROptions, latent_tile
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler
+from semsr.pipeline.step_cache import set_hint_cache
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
 
 log = logging.getLogger("semsr.pipeline")
@@ -339,20 +340,25 @@ class SDControlNetSR(LatentSRPipeline):
     ) -> torch.Tensor:
         """From the conditions of a call to the image ``(B, 3, *layout.out_hw)``: the LR start latent
         (``encode`` seconds counted from ``t0``, when the conditions started), then CFG sampling with the
-        ControlNet hint and decoding (:meth:`denoise_decode`)."""
+        ControlNet hint and decoding (:meth:`denoise_decode`). With ``opts.cache_hint`` the hint of each
+        tile is embedded once (:func:`~semsr.pipeline.step_cache.set_hint_cache`; same output)."""
         init = self.vae_encode(layout.hint_padded, layout.vae_tile) if opts.start_from_lr else None
         timings["encode"] = time.perf_counter() - t0
-        return self.denoise_decode(
-            self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
-            layout,
-            opts,
-            channels=self.unet.config.in_channels,
-            cond=cond,
-            guide=lambda d: cfg(d, uncond, opts.guidance_scale),
-            init_latents=init,
-            progress=progress,
-            timings=timings,
-        )
+        set_hint_cache(self.controlnet, getattr(opts, "cache_hint", False))
+        try:
+            return self.denoise_decode(
+                self.spatial_denoiser(layout.hint_padded, opts.conditioning_scale),
+                layout,
+                opts,
+                channels=self.unet.config.in_channels,
+                cond=cond,
+                guide=lambda d: cfg(d, uncond, opts.guidance_scale),
+                init_latents=init,
+                progress=progress,
+                timings=timings,
+            )
+        finally:
+            set_hint_cache(self.controlnet, False)  # drop the stored embeddings
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """Nothing is extracted from the image: the default negative prompt, to edit."""
