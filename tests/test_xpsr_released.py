@@ -1,0 +1,121 @@
+"""XPSR's released weight layout: strict loading into semsr's modules, matched against the official code's
+outputs (tests/data/xpsr-released, produced as its README says)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from semsr.core.errors import UnavailableError
+from semsr.methods.xpsr_released import (
+    build_released_xpsr,
+    home_keys,
+    is_released_layout,
+    load_released_xpsr,
+    route,
+)
+
+FIXTURE = Path(__file__).parent / "data" / "xpsr-released"
+CHECKPOINT = FIXTURE / "checkpoint-4"
+
+
+@pytest.fixture(scope="module")
+def released():
+    return load_released_xpsr(CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_file(str(FIXTURE / "outputs.safetensors"))
+
+
+def _inputs(o):
+    return [o[f"input.{k}"] for k in ("sample", "timestep", "context", "low_context", "hint")]
+
+
+def test_layout_detected():
+    assert is_released_layout(CHECKPOINT)
+    assert not is_released_layout(FIXTURE)
+
+
+def test_sources_name_the_released_files(released):
+    assert released.sources["unet"].endswith("unet/diffusion_pytorch_model.safetensors")
+    assert released.sources["controlnet"].endswith("controlnet/diffusion_pytorch_model.safetensors")
+    assert released.sources["dfc"] == released.sources["controlnet"]
+    assert set(released.sources) == {"unet", "controlnet", "dfc", "sfa (unet side)", "sfa (controlnet side)"}
+
+
+def test_controlnet_residuals_match_official(released, official):
+    x, t, c, low, hint = _inputs(official)
+    released.sfa.install(released.controlnet, released.unet)
+    with torch.no_grad(), released.sfa.conditions(low=low):
+        down, mid = released.controlnet(x, t, encoder_hidden_states=c, controlnet_cond=hint, return_dict=False)
+    assert len(down) == len([k for k in official if k.startswith("controlnet.down.")])
+    for i, d in enumerate(down):
+        assert (d - official[f"controlnet.down.{i}"]).abs().max() <= 1e-4
+    assert (mid - official["controlnet.mid"]).abs().max() <= 1e-4
+
+
+def test_unet_output_matches_official(released, official):
+    x, t, c, low, hint = _inputs(official)
+    released.sfa.install(released.controlnet, released.unet)
+    with torch.no_grad():
+        eps = released.sfa.controlnet_unet_forward(released.unet, released.controlnet, x, t, c, low, hint)
+    ref = official["unet.sample"]
+    assert ref.abs().max() > 0.1  # the fixture's new layers act
+    assert (eps - ref).abs().max() <= 1e-4
+
+
+def test_renamed_tensor_fails_with_one_line(tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, folder)
+    path = folder / "controlnet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    key = "down_blocks.0.attentions_lowlevel.0.proj_in.weight"
+    tensors["down_blocks.0.attentions_lowlevel.0.proj_inn.weight"] = tensors.pop(key)
+    save_file(tensors, str(path))
+    with pytest.raises(UnavailableError) as err:
+        load_released_xpsr(folder)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "proj_inn" in message and key in message and "controlnet" in message
+
+
+def test_pickled_weights_are_not_read(tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UnavailableError, match="only safetensors"):
+        load_released_xpsr(folder)
+
+
+def test_full_size_every_released_key_has_a_home(tmp_path):
+    """SD-1.5-size XPSR built on ``meta`` from the released configs: the official code's full-size key set
+    (names and shapes, recorded from the official modules) maps one to one onto semsr's modules."""
+    recorded = json.loads((FIXTURE / "released-sd15-keys.json").read_text())
+    folder = tmp_path / "full"
+    for part in ("unet", "controlnet"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(recorded[part]["config"]))
+    model = build_released_xpsr(folder, device="meta")
+    homes = home_keys(model)
+    states = {
+        "unet": model.unet.state_dict(),
+        "controlnet": model.controlnet.state_dict(),
+        "sfa": model.sfa.state_dict(),
+        "dfc": model.dfc.state_dict(),
+    }
+    for part in ("unet", "controlnet"):
+        released = recorded[part]["keys"]
+        unmapped = [k for k in released if k not in homes[part].get(route(part, k), set())]
+        assert not unmapped, unmapped[:5]
+        expected = set().union(*homes[part].values())
+        assert not expected - set(released), sorted(expected - set(released))[:5]
+        for key, shape in released.items():
+            assert list(states[route(part, key)][key].shape) == shape, key
+    assert sum(len(v) for v in homes["unet"].values()) == len(recorded["unet"]["keys"])
