@@ -7,8 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from semsr.core.errors import UnavailableError
@@ -119,3 +121,52 @@ def test_full_size_every_released_key_has_a_home(tmp_path):
         for key, shape in released.items():
             assert list(states[route(part, key)][key].shape) == shape, key
     assert sum(len(v) for v in homes["unet"].values()) == len(recorded["unet"]["keys"])
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD (text width 32, as the fixture UNet's cross-attention) and tiny VLM."""
+    from semsr.testing.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny"), ["sd", "vlm"])
+
+
+def test_upscale_cli_and_bench_on_released_folder(tiny_base, tmp_path, capsys):
+    from semsr.cli import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(images / "a.png")
+    rc = main(
+        [
+            "upscale", "-i", str(images), "-o", str(tmp_path / "out"), "--method", "xpsr",
+            "--base", str(tiny_base / "sd"), "--checkpoint", str(CHECKPOINT), "--vlm", str(tiny_base / "vlm"),
+            "--steps", "2",
+        ]
+    )  # fmt: skip
+    capsys.readouterr()
+    assert rc == 0
+    assert Image.open(tmp_path / "out" / "a_out.png").size == (64, 64)
+    rc = main(
+        [
+            "bench", "--methods", f"bicubic,xpsr[base={tiny_base / 'sd'},checkpoint={CHECKPOINT},"
+            f"vlm={tiny_base / 'vlm'},steps=2]", "--datasets", str(images), "--limit", "1", "--metrics", "psnr",
+            "--no-isolate",
+            "--json", str(tmp_path / "r.json"),
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert "xpsr" in out
+
+
+def test_output_names_released_files(tiny_base):
+    from semsr.methods.xpsr import TwoPromptSR
+    from semsr.priors.prompts import TextPriors
+
+    pipe = TwoPromptSR.from_checkpoint(tiny_base / "sd", CHECKPOINT)
+    pipe.priors = TextPriors(vlm=tiny_base / "vlm", low_source="vlm")
+    out = pipe(torch.rand(1, 3, 8, 8), pipe.options_class(steps=1))
+    weights = out.priors["weights"]
+    assert weights["unet"].endswith("unet/diffusion_pytorch_model.safetensors")
+    assert weights["controlnet"].endswith("controlnet/diffusion_pytorch_model.safetensors")
