@@ -170,3 +170,15 @@ def test_output_names_released_files(tiny_base):
     weights = out.priors["weights"]
     assert weights["unet"].endswith("unet/diffusion_pytorch_model.safetensors")
     assert weights["controlnet"].endswith("controlnet/diffusion_pytorch_model.safetensors")
+
+
+def test_released_config_parses_as_xpsr_options():
+    import yaml
+
+    from semsr.methods import resolve
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "xpsr-released.yaml").read_text())
+    assert config["method"] == "xpsr"
+    options = resolve("xpsr").parse(config["options"])
+    assert (options.steps, options.guidance_scale) == (20, 4.5)
+    assert str(options.checkpoint).startswith("{weights}/")
