@@ -20,7 +20,9 @@ The checkpoint folder (``--checkpoint``) is a component checkpoint
 (:mod:`semsr.core.components`) of recipe ``xpsr`` or ``dalpsr`` with the
 components ``controlnet`` (diffusers ControlNet), ``sfa``
 (:class:`~semsr.fusion.sfa.SFAFusion`) and, from training, ``dfc``
-(:class:`~semsr.fusion.dfc.DFCHeads`, unused at inference).
+(:class:`~semsr.fusion.dfc.DFCHeads`, unused at inference), or a folder of XPSR's released
+weights (``unet/`` + ``controlnet/`` diffusers folders, :mod:`semsr.methods.xpsr_released`), whose
+UNet then replaces the base's; ``SROutput.priors["weights"]`` names the released file of each part.
 
 :class:`TwoPromptSR` is the pipeline and the method of both recipes; the
 DaLPSR preset (:mod:`semsr.methods.dalpsr`) gives it other text priors
@@ -46,6 +48,7 @@ from semsr.core.options import option
 from semsr.core.outputs import SROutput, compact
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import register
+from semsr.methods.xpsr_released import is_released_layout, load_released_xpsr
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sd_controlnet import SDControlNetSR
@@ -162,6 +165,9 @@ class TwoPromptSR(SDControlNetSR):
             raise SemsrError(f"unet_prompts must be one of {', '.join(UNET_PROMPTS)}, got {unet_prompts!r}")
         self.priors = priors
         self.unet_prompts = unet_prompts
+        #: Released file each component came from (``unet``, ``controlnet``, ``sfa (... side)``); empty
+        #: for a semsr checkpoint.
+        self.weight_sources: dict[str, str] = {}
         self.sfa = prepare_module(sfa, device=self.device, dtype=self.dtype)
         self.sfa.install(self.controlnet, self.unet)
 
@@ -182,20 +188,29 @@ class TwoPromptSR(SDControlNetSR):
         """
         device = torch.device(kwargs.get("device", "cpu"))
         dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
-        parts = read_two_prompt_checkpoint(checkpoint, dtype=dtype)
+        sources: dict[str, str] = {}
+        unet = None
+        if is_released_layout(checkpoint):
+            released = load_released_xpsr(checkpoint, dtype=dtype)
+            parts: dict[str, Any] = {"controlnet": released.controlnet, "sfa": released.sfa}
+            unet, sources = released.unet, released.sources
+        else:
+            parts = read_two_prompt_checkpoint(checkpoint, dtype=dtype)
         if sfa_mode is not None:
             parts["sfa"].mode = sfa_mode
         comps = load_sd(base, dtype=dtype, config=base_config)
         text = load_text_conditioner(comps, dtype=dtype, device=device)
-        return cls(
+        pipe = cls(
             vae=comps.vae,
-            unet=comps.unet,
+            unet=unet if unet is not None else comps.unet,
             controlnet=parts["controlnet"],
             text=text,
             sfa=parts["sfa"],
             scheduler_config=comps.scheduler_config,
             **{**kwargs, "device": device, "dtype": dtype},
         )
+        pipe.weight_sources = sources
+        return pipe
 
     # ------------------------------------------------------------------ pieces
 
@@ -317,6 +332,7 @@ class TwoPromptSR(SDControlNetSR):
                 "low_negative_prompt": opts.low_negative_prompt,
                 "user_prompt": (opts.prompt or None) if use_high else None,
                 "no_vlm": True if self.priors is not None and self.priors.no_vlm else None,
+                "weights": dict(self.weight_sources) or None,
                 **used,
             }
         )
