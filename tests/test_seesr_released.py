@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from semsr.core.errors import UnavailableError
 from semsr.models.ram import RAMTagger, load_ram_tagger, ram_preprocess, tagging_state, tags_from_logits
+from semsr.priors.tagger import TagsProvider
 
 DATA = Path(__file__).parent / "data" / "seesr-released"
 
@@ -62,3 +63,10 @@ def test_ram_full_size_every_released_key_has_a_home() -> None:
     # what has no module of its own: LoRA factors (merged), recomputed buffers, the captioning parts
     dropped = [k for k in set(state) - set(kept) if ".lora_" not in k and not k.endswith(("_index", "attn_mask"))]
     assert {k.split(".")[0] for k in dropped} == {"tag_encoder", "text_decoder"}
+
+
+def test_tags_prior_accepts_a_ram_folder() -> None:
+    provider = TagsProvider(DATA / "DAPE")
+    result = provider(_npy("ram_image.npy").float() / 255)
+    expected = json.loads((DATA / "ram_tags.json").read_text())["tags"].split(", ")
+    assert sorted(result.value) == sorted(expected)
