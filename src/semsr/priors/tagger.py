@@ -11,9 +11,10 @@ unset — its softmax probabilities are thresholded the same way.
 
 ``"tags"`` results carry ``meta["scores"]`` (tag -> score, rounded).
 
-recognize-anything checkpoints (RAM / RAM++ ``.pth``: Swin-L + a BERT
-query2label head) are not loaded; why, and the accepted format, in
-docs/dalpsr.md. DaLPSR's LR-robust fine-tuning of a tagger's image encoder is
+A RAM folder (``ram_swin_large_14m.safetensors`` or ``.pth``, ``ram_tag_list.txt``, optionally
+``ram_tag_list_threshold.txt`` and SeeSR's ``DAPE`` fine-tune) is accepted too and runs through
+:mod:`semsr.models.ram`: RAM's per-tag thresholds apply unless ``threshold`` is given. RAM++ is not
+supported (docs/dalpsr.md). DaLPSR's LR-robust fine-tuning of a tagger's image encoder is
 the ``dalpsr-encoder`` training task (:mod:`semsr.train.dalpsr_encoder`).
 """
 
@@ -28,6 +29,7 @@ from PIL import Image
 from semsr.core.errors import UnavailableError
 from semsr.core.fingerprint import fingerprint
 from semsr.core.loading import strict_from_pretrained
+from semsr.models.ram import RAM_BASE, load_ram_tagger, ram_preprocess
 from semsr.priors.base import (
     DEVICE_OPTION,
     PriorResult,
@@ -59,12 +61,15 @@ def tagger_folder(path: str | Path | None) -> Path:
     """The tagger folder: ``path`` or ``weights_dir()/"tagger"``; raises if ``config.json`` is missing
     (naming recognize-anything ``.pth`` checkpoints, which are not a supported format, when given one)."""
     given = Path(path).expanduser() if path is not None else None
+    if given is not None and is_ram_folder(given):
+        return given
     if given is not None and not (given / "config.json").is_file():
         pth = sorted(given.glob("*.pth")) if given.is_dir() else ([given] if given.suffix == ".pth" else [])
         if pth:
             raise UnavailableError(
-                f"{pth[0].name}: recognize-anything (RAM/RAM++) .pth checkpoints are not a supported tagger format; "
-                "pass a transformers image-classification folder (docs/dalpsr.md, Tagger)",
+                f"{pth[0].name}: not a supported tagger format; pass a RAM folder (holding ram_swin_large_14m.pth "
+                "or .safetensors and ram_tag_list.txt; RAM++ is not supported) or a transformers "
+                "image-classification folder (docs/dalpsr.md, Tagger)",
                 given,
             )
     return model_folder(
@@ -73,6 +78,11 @@ def tagger_folder(path: str | Path | None) -> Path:
         "no tagger folder (config.json missing); pass --tagger PATH to a "
         "multi-label image-classification model written by save_pretrained",
     )
+
+
+def is_ram_folder(path: Path) -> bool:
+    """Whether ``path`` is a RAM tagger folder (RAM's released weights as ``.safetensors`` or ``.pth``)."""
+    return path.is_dir() and any((path / f"{RAM_BASE}{suffix}").is_file() for suffix in (".safetensors", ".pth"))
 
 
 class TagsProvider:
@@ -102,6 +112,20 @@ class TagsProvider:
         )
 
         self.path = tagger_folder(tagger)
+        self.device = torch.device(device)
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        self.top_k = DEFAULT_TOP_K if top_k is None else int(top_k)
+        self.ram = None
+        if is_ram_folder(self.path):
+            self.ram = load_ram_tagger(self.path)
+            self.ram.model.to(self.device)
+            self.labels = dict(enumerate(self.ram.tags))
+            self.multi_label = True
+            self.ram_thresholds = (
+                self.ram.thresholds if threshold is None else torch.full_like(self.ram.thresholds, self.threshold)
+            )
+            self.version = f"{_REVISION};ram;{fingerprint([self.path])};th={threshold};k={self.top_k}"
+            return
         config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         if type(config) not in AutoModelForImageClassification._model_mapping:
             raise UnavailableError(f"model type {config.model_type!r} is not an image-classification model", self.path)
@@ -124,6 +148,9 @@ class TagsProvider:
     def scores(self, image: torch.Tensor) -> torch.Tensor:
         """Per-label scores ``(num_labels,)`` in [0, 1] for ``image`` ``(1, 3, H, W)`` in [0, 1]."""
         check_image(image)
+        if self.ram is not None:
+            x = ram_preprocess(image.to(self.device), self.ram.model.config.image_size)
+            return torch.sigmoid(self.ram.model(x)[1][0].float().cpu())
         inputs = self.processor(images=to_pil(image), return_tensors="pt").to(self.device)
         logits = self.model(**inputs).logits[0].float().cpu()
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, 0)
@@ -131,7 +158,10 @@ class TagsProvider:
     def __call__(self, image: torch.Tensor) -> PriorResult:
         scores = self.scores(image)
         order = torch.argsort(scores, descending=True).tolist()
-        keep = [i for i in order if float(scores[i]) >= self.threshold]
+        if self.ram is not None:  # RAM's rule: score above the tag's own threshold
+            keep = [i for i in order if float(scores[i]) > float(self.ram_thresholds[i])]
+        else:
+            keep = [i for i in order if float(scores[i]) >= self.threshold]
         if self.top_k > 0:
             keep = keep[: self.top_k]
         tags = tuple(self.labels.get(i, str(i)) for i in keep)
