@@ -22,7 +22,14 @@ from semsr.methods.default_diffusion import (
     TextTokens,
     packaged_weights,
 )
-from semsr.models.default_sr import DefaultSR, from_space, load_default_sr, save_default_sr, to_space
+from semsr.models.default_sr import (
+    DefaultSR,
+    blur_residual,
+    from_space,
+    load_default_sr,
+    save_default_sr,
+    to_space,
+)
 from semsr.pipeline.options import latent_tile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,6 +155,49 @@ def test_ablation_switches_change_the_output(tmp_path: Path, text_tokens: TextTo
     assert torch.equal(pipe(textured(32, 40), run.replace(steps=1, tile=16, tile_overlap=4)).images, tiled)
 
 
+def test_mean_start_is_deterministic_and_seed_free(tmp_path: Path, text_tokens: TextTokens, bicubic) -> None:
+    """``start="mean"`` samples from ``r_T = 0``: the seed does not matter; ``"noise"`` depends on it."""
+    lr = textured()
+    run = DefaultDiffusionOptions(steps=1, seed=1)
+    outs = {}
+    for start in ("noise", "mean"):
+        model = tiny_model(perturb=True, start=start)
+        pipe = DefaultSRPipeline(model, stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))
+        outs[start] = (pipe(lr, run).images, pipe(lr, run.replace(seed=7)).images)
+    assert not torch.allclose(*outs["noise"])
+    assert torch.equal(*outs["mean"])
+    assert not torch.allclose(outs["mean"][0], bicubic(lr).images)  # a trained model still refines
+    with pytest.raises(SemsrError, match="start"):
+        DefaultSR(start="zeros")
+
+
+def test_residual_blur_keeps_means_and_removes_pixel_grain() -> None:
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(1, 3, 32, 32, generator=g)
+    assert torch.equal(blur_residual(r, 0.0), r)
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    torch.testing.assert_close(blur_residual(flat, 0.7), flat)
+    assert blur_residual(r, 0.7).std() < 0.6 * r.std()  # white noise loses most of its energy
+    with pytest.raises(SemsrError, match="residual_blur"):
+        DefaultSR(residual_blur=-1.0)
+
+
+def test_text_prior_off_skips_irpad_but_keeps_a_user_prompt(text_tokens: TextTokens, bicubic) -> None:
+    """A checkpoint with ``text_prior=False``: no IRPAD description; a prompt the user gives still conditions."""
+    lr = textured()
+    pipe = DefaultSRPipeline(
+        tiny_model(perturb=True, text_prior=False),
+        stage1=bicubic,
+        text=text_tokens,
+        degradation=FixedDegradation("noisy, blurry"),
+    )
+    out = pipe(lr, DefaultDiffusionOptions(steps=1))
+    assert out.priors["prompt"] == "" and "degradation" not in out.priors
+    prompted = pipe(lr, DefaultDiffusionOptions(steps=1, prompt="a brick wall"))
+    assert prompted.priors["prompt"] == "a brick wall"
+    assert not torch.allclose(out.images, prompted.images)
+
+
 def test_tile_uses_the_one_latent_tile_rule() -> None:
     opts = DefaultDiffusionOptions.parse({"tile": "64"})
     assert latent_tile(opts, 4, 4) == 64 and latent_tile(opts, 4, 2) == 128
@@ -232,6 +282,8 @@ def test_packaged_weights_are_a_default_sr_checkpoint() -> None:
     index = read_index(folder, "default-sr")
     assert set(index.components) == {"unet", "controlnet", "text_proj"}
     assert index.meta["default_steps"] == 1 and index.meta["stage1"] == "realesrgan-x4plus"
+    # v2 defaults (model card): deterministic start, low-passed residual, no text prior
+    assert index.meta["start"] == "mean" and index.meta["residual_blur"] > 0 and index.meta["text_prior"] is False
     model = load_default_sr(folder)
     assert model.config.scale == 4 and model.channels == 48
     assert sum(p.numel() for p in model.parameters()) > 5_000_000

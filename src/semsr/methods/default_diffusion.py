@@ -38,7 +38,7 @@ from semsr.core.paths import assets_dir
 from semsr.methods import build as build_method
 from semsr.methods import register
 from semsr.models.catalog import DEFAULT_SR
-from semsr.models.default_sr import MINILM_WIDTH, DefaultSR, from_space, load_default_sr, to_space
+from semsr.models.default_sr import MINILM_WIDTH, DefaultSR, blur_residual, from_space, load_default_sr, to_space
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import progress_fn
 from semsr.pipeline.latent_tiling import crop_window, tiled, untiled
@@ -264,8 +264,9 @@ class DefaultSRPipeline:
         lr = x.float().clamp(0, 1)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        use_text = not opts.no_text_prior
-        with_irpad = use_text and not opts.priors_in_prompt
+        # the checkpoint's text_prior=False: no IRPAD description; a prompt the user gives is still used
+        use_text = not opts.no_text_prior and (self.config.text_prior or any(u.strip() for u in users))
+        with_irpad = use_text and self.config.text_prior and not opts.priors_in_prompt
         degradation = self.degradation(lr) if with_irpad else [""] * b
         texts = [join_prompt(u, d) if use_text else "" for u, d in zip(users, degradation, strict=True)]
         timings["priors"] = time.perf_counter() - t0
@@ -379,8 +380,9 @@ class DefaultSRPipeline:
             denoiser = untiled(spatial)
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
+        start = sample_from_mean if cfg_.start == "mean" else sample
         try:
-            residual = sample(
+            residual = start(
                 cfg(denoiser, uncond, guidance_scale),
                 make_scheduler(scheduler, cfg_.scheduler),
                 shape=shape,
@@ -393,11 +395,39 @@ class DefaultSRPipeline:
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0
-        delta = from_space(residual, u) / cfg_.residual_scale
+        delta = blur_residual(from_space(residual, u) / cfg_.residual_scale, float(cfg_.residual_blur))
         if detail != 1:
             delta = delta * float(detail)
         sr = (y1 + delta).clamp_(0, 1)
         return sr[..., : h * cfg_.scale, : w * cfg_.scale].cpu()
+
+
+def sample_from_mean(
+    denoiser: Any,
+    scheduler: Any,
+    *,
+    shape: tuple[int, ...],
+    cond: Any,
+    steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: Any = None,
+) -> torch.Tensor:
+    """The reverse diffusion of :func:`semsr.pipeline.sampler.sample` started at the prior's mean
+    (``r_T = 0`` of ``shape``) instead of a noise draw: with DDIM (eta 0) the result is deterministic, and
+    one step is the model's x0 prediction from the stage-1 output and the priors alone (no sampled grain).
+    Returns the final latent ``shape`` (float32)."""
+    if steps < 1:
+        raise SemsrError(f"steps must be >= 1, got {steps}")
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.zeros(shape, dtype=torch.float32, device=device)
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        out = denoiser(scheduler.scale_model_input(x, t), t, cond).float()
+        x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+        if progress is not None:
+            progress(i + 1, total)
+    return x
 
 
 def build(options: DefaultDiffusionOptions) -> DefaultSRPipeline:

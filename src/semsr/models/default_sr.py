@@ -54,6 +54,8 @@ from semsr.core.errors import SemsrError, UnavailableError
 RECIPE = "default-sr"
 #: Width of the frozen MiniLM tokens the text projection reads.
 MINILM_WIDTH = 384
+#: Where sampling starts (``DefaultSR.start``): a noise draw or the prior's mean (zeros).
+START_MODES = ("noise", "mean")
 #: Default diffusion schedule (diffusers scheduler config; DDIM/DPM++ are built from it).
 DEFAULT_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -103,6 +105,12 @@ class DefaultSR(Component):
         scheduler: diffusers scheduler config (default :data:`DEFAULT_SCHEDULER`).
         default_steps: sampling steps the method uses when the user gives none (chosen
             for the shipped weights, see docs/default-model.md).
+        start: where sampling starts: ``"noise"`` (``r_T ~ N(0, I)``, a fresh texture per seed) or
+            ``"mean"`` (``r_T = 0``, the prior's mean: deterministic, no sampled grain).
+        residual_blur: sigma in output pixels of a Gaussian low-pass applied to the predicted residual
+            before it is added to ``y1`` (0 = none); removes the pixel-level grain of the working space.
+        text_prior: whether the method feeds the text condition by default (False: the empty
+            condition, no IRPAD; ``--prompt`` still works when the user gives one).
         text_width: width of the text tokens the projection reads (MiniLM: 384).
         unet, controlnet, text_proj: the parts, when loaded from a checkpoint (not part of
             the config); by default they are built from the config (``conv_out`` and the
@@ -132,6 +140,9 @@ class DefaultSR(Component):
         scheduler: Mapping[str, Any] | None = None,
         default_steps: int = 4,
         text_width: int = MINILM_WIDTH,
+        start: str = "noise",
+        residual_blur: float = 0.0,
+        text_prior: bool = True,
         *,
         unet: UNet2DConditionModel | None = None,
         controlnet: ControlNetModel | None = None,
@@ -145,6 +156,10 @@ class DefaultSR(Component):
             raise SemsrError(f"conditioning_channels needs {u.bit_length()} entries for unshuffle={u}")
         if default_steps < 1:
             raise SemsrError(f"default_steps must be >= 1, got {default_steps}")
+        if start not in START_MODES:
+            raise SemsrError(f"start must be one of {START_MODES}, got {start!r}")
+        if residual_blur < 0:
+            raise SemsrError(f"residual_blur must be >= 0, got {residual_blur}")
         if scheduler is None:  # record the schedule in the config: the file describes the model
             self.register_to_config(scheduler=dict(DEFAULT_SCHEDULER))
         channels = 3 * u * u
@@ -253,6 +268,21 @@ def load_default_sr(folder: str | Path) -> DefaultSR:
     except SemsrError as err:
         raise UnavailableError(f"bad default-model checkpoint: {err.message}", folder / INDEX_FILE) from None
     return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------- residual filter
+def blur_residual(residual: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian low-pass (replicate padding) of ``residual (B, C, H, W)``; ``sigma <= 0``: unchanged."""
+    if sigma <= 0:
+        return residual
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=residual.device)
+    g = torch.exp(-(x**2) / (2 * sigma * sigma))
+    g = (g / g.sum()).to(residual.dtype)
+    c = residual.shape[1]
+    out = F.pad(residual, (radius,) * 4, mode="replicate")
+    out = F.conv2d(out, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(out, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 # ---------------------------------------------------------------------- space conversions

@@ -18,7 +18,8 @@ image), ``gradient_l1`` and ``texture_energy`` (registered here; see
 
 ``model.options`` (all optional): the :class:`~semsr.models.default_sr.DefaultSR` config
 fields (``block_out_channels``, ``unshuffle``, ``stage1``, ``residual_scale``...),
-``init`` (a checkpoint folder to start from), ``irpad`` (IRPAD folder; ``null`` =
+``init`` (a checkpoint folder to start from), ``mean_start_prob`` (default 0: the share of
+samples trained as the first step of ``start="mean"`` sampling, ``t = T - 1`` from ``r_t = 0``), ``irpad`` (IRPAD folder; ``null`` =
 the shipped weights, silently absent if none), ``use_irpad`` (default true),
 ``edge_drop_prob`` (default 0.1). ``model.pretrained`` / ``model.controlnet`` are unused.
 """
@@ -45,14 +46,23 @@ from semsr.methods.default_diffusion import (
     edge_map,
     join_prompt,
 )
-from semsr.models.default_sr import DefaultSR, from_space, load_default_sr, save_default_sr, to_space
+from semsr.models.default_sr import (
+    DefaultSR,
+    blur_residual,
+    from_space,
+    load_default_sr,
+    save_default_sr,
+    to_space,
+)
 from semsr.train.config import ExperimentConfig
 from semsr.train.losses import _require, register_loss
 from semsr.train.tasks import Task, per_sample_generators, randn_like_per_sample, register_task
 
 log = logging.getLogger(__name__)
 
-_TASK_OPTIONS = {"init", "irpad", "use_irpad", "edge_drop_prob"}
+#: DefaultSR config keys an ``init`` checkpoint may change (inference settings, not architecture)
+INFERENCE_SETTINGS = {"start", "residual_blur", "text_prior", "default_steps"}
+_TASK_OPTIONS = {"init", "irpad", "use_irpad", "edge_drop_prob", "mean_start_prob"}
 
 
 @register_loss("residual_l1")
@@ -60,6 +70,13 @@ def residual_l1(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """L1 between ``pred`` and ``target`` ``(B, C, h, w)`` (the x0 residual of ``default_sr``)."""
     _require(outputs, "residual_l1", "pred", "target")
     return F.l1_loss(outputs["pred"].float(), outputs["target"].float())
+
+
+@register_loss("sr_l1")
+def sr_l1(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between the SR image (the residual as the method adds it, low-pass included) and HR, ``(B, 3, H, W)``."""
+    _require(outputs, "sr_l1", "sr", "hr")
+    return F.l1_loss(outputs["sr"].float(), outputs["hr"].float())
 
 
 #: BT.601 luma weights for the texture statistics
@@ -123,12 +140,19 @@ class DefaultSRTask(Task):
             "irpad": None,
             "use_irpad": True,
             "edge_drop_prob": 0.1,
+            "mean_start_prob": 0.0,
             **{k: v for k, v in opts.items() if k in _TASK_OPTIONS},
         }
         if self.options["init"]:
             model = load_default_sr(Path(str(self.options["init"])).expanduser()).train().requires_grad_(True)
+            settings = {k: arch.pop(k) for k in list(arch) if k in INFERENCE_SETTINGS}
             if arch:
                 raise SemsrError(f"model.options {sorted(arch)} cannot change an 'init' checkpoint's architecture")
+            if settings:  # validated by a throwaway config check, then recorded in the exported meta
+                current = {k: v for k, v in model.config.items() if not k.startswith("_")}
+                parts = {"unet": model.unet, "controlnet": model.controlnet, "text_proj": model.text_proj}
+                DefaultSR.from_options({**current, **settings}, **parts)
+                model.register_to_config(**settings)
         else:
             arch.setdefault("scale", cfg.data.scale)
             with torch.random.fork_rng():  # the init depends on the seed only
@@ -160,7 +184,9 @@ class DefaultSRTask(Task):
         """Outputs ``pred``/``target`` ``(B, 3u^2, H/u, W/u)``, ``timesteps (B,)`` and the images
         ``sr`` (``y1 + residual(pred)``) / ``hr`` ``(B, 3, H, W)`` for pixel-space terms.
 
-        Per-sample draws, in order: diffusion noise, timestep, prompt dropout, edge dropout.
+        Per-sample draws, in order: diffusion noise, timestep, prompt dropout, edge dropout, mean start.
+        A "mean start" sample (probability ``model.options.mean_start_prob``) is the first step of
+        ``start="mean"`` sampling: ``t = T - 1`` and the input ``r_t = 0`` (the prior's mean).
         """
         cfg = self.mconfig
         hr = batch["hr"].float()
@@ -178,15 +204,22 @@ class DefaultSRTask(Task):
             p_edge = float(self.options["edge_drop_prob"])
             drop_text = [float(torch.rand((), generator=g)) < p_text for g in gens]
             drop_edge = [float(torch.rand((), generator=g)) < p_edge for g in gens]
+            p_mean = float(self.options["mean_start_prob"])
+            mean_start = [p_mean > 0 and float(torch.rand((), generator=g)) < p_mean for g in gens]
             deg = self.degradation(lr)
             prompts = ["" if d else join_prompt(p, q) for p, q, d in zip(batch["prompt"], deg, drop_text, strict=True)]
             edges = edge_map(y1) * torch.tensor([0.0 if d else 1.0 for d in drop_edge]).view(-1, 1, 1, 1)
             noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
+            if any(mean_start):
+                keep = torch.tensor([0.0 if m else 1.0 for m in mean_start]).view(-1, 1, 1, 1)
+                noisy = noisy * keep
+                timesteps = torch.where(torch.tensor(mean_start), torch.full_like(timesteps, t_max - 1), timesteps)
             cond = {"stage1": to_space(y1 * 2 - 1, cfg.unshuffle), "tokens": self.text(prompts), "edges": edges}
         dev = self.device
         cond = {k: v.to(dev) for k, v in cond.items()}
         pred = model(noisy.to(dev), timesteps.to(dev), cond)
-        sr = y1.to(dev) + from_space(pred, cfg.unshuffle) / cfg.residual_scale
+        # the SR image as the method makes it: the residual low-passed by residual_blur (0: unchanged)
+        sr = y1.to(dev) + blur_residual(from_space(pred, cfg.unshuffle) / cfg.residual_scale, cfg.residual_blur)
         return {"pred": pred, "target": target.to(dev), "timesteps": timesteps.to(dev), "sr": sr, "hr": hr.to(dev)}
 
     @torch.no_grad()
