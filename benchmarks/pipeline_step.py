@@ -512,36 +512,33 @@ def run_scaling(measure, args, dev: str) -> None:
         measure(f"scaling_{size}_auto", ["e2e", str(size), dtype, str(steps), "-", "-"])
 
 
-def _print_e2e_compile_table(results: dict) -> None:
-    rows = {k: v for k, v in results.items() if k.startswith("e2e_") and isinstance(v, dict) and v.get("compile")}
-    if not rows:
-        return
-    print("\nend to end, pipeline compile modes (eager rows above):")
-    print(f"{'run':28} {'s/step':>8} {'total s':>8} {'20-step s':>10} {'warm-up s':>10} {'peak MB':>9}")
+def _print_e2e_rows(title: str, rows: dict, name_width: int, columns: list[tuple[str, int, str, str]]) -> None:
+    """One table of end-to-end rows: the run name, then ``columns`` = (header, width, result key, format spec),
+    then the peak memory (GPU when measured, else RSS). Failed rows print their error."""
+    print(f"\n{title}")
+    print(f"{'run':{name_width}} " + " ".join(f"{h:>{w}}" for h, w, _, _ in columns) + f" {'peak MB':>9}")
     for key, r in rows.items():
         if "seconds_per_step" not in r:
-            print(f"{key:28} {r.get('error', 'failed')}")
+            print(f"{key:{name_width}} {r.get('error', 'failed')}")
             continue
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb") or 0
-        print(
-            f"{key:28} {r['seconds_per_step']:8.3f} {r['seconds_total']:8.2f} "
-            f"{r['estimated_seconds_20_steps']:10.2f} {r.get('warmup_seconds') or 0:10.1f} {peak:9.0f}"
-        )
+        cells = " ".join(f"{r.get(k) or 0:{w}{spec}}" for _, w, k, spec in columns)
+        print(f"{key:{name_width}} {cells} {peak:9.0f}")
+
+
+def _print_e2e_compile_table(results: dict) -> None:
+    rows = {k: v for k, v in results.items() if k.startswith("e2e_") and isinstance(v, dict) and v.get("compile")}
+    if rows:
+        columns = [("s/step", 8, "seconds_per_step", ".3f"), ("total s", 8, "seconds_total", ".2f")]
+        columns += [("20-step s", 10, "estimated_seconds_20_steps", ".2f"), ("warm-up s", 10, "warmup_seconds", ".1f")]
+        _print_e2e_rows("end to end, pipeline compile modes (eager rows above):", rows, 28, columns)
 
 
 def _print_scaling_table(results: dict) -> None:
     rows = {k: v for k, v in results.items() if k.startswith("scaling_")}
-    print("\nscaling with output size (end to end):")
-    print(f"{'run':24} {'tile':>5} {'1-step s':>9} {'20-step s':>10} {'peak MB':>9}")
-    for key, r in rows.items():
-        if "seconds_per_step" not in r:
-            print(f"{key:24} {r.get('error', 'failed')}")
-            continue
-        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb") or 0
-        print(
-            f"{key:24} {r['latent_tile']:5d} {r['seconds_1_step']:9.2f} "
-            f"{r['estimated_seconds_20_steps']:10.2f} {peak:9.0f}"
-        )
+    columns = [("tile", 5, "latent_tile", "d"), ("1-step s", 9, "seconds_1_step", ".2f")]
+    columns += [("20-step s", 10, "estimated_seconds_20_steps", ".2f")]
+    _print_e2e_rows("scaling with output size (end to end):", rows, 24, columns)
 
 
 def main() -> int:

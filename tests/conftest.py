@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from semsr.core.paths import data_root
+from semsr.methods.sd_controlnet import SDControlNetOptions
+from semsr.pipeline.sd_controlnet import SDControlNetSR
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +58,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path) -> SDControlNetSR:
+    """The tiny SD + SR ControlNet pipeline (modules that need another pipeline define their own ``pipe``)."""
+    return SDControlNetSR.from_pretrained(
+        tiny_models / "sd", tiny_models / "controlnet", options_class=SDControlNetOptions
+    )
+
+
+@pytest.fixture(scope="module")
+def lr() -> torch.Tensor:
+    """A fixed ``(1, 3, 32, 40)`` LR image in [0, 1]."""
+    return torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))

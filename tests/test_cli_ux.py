@@ -130,7 +130,8 @@ def test_stage_lines_on_a_terminal_with_elapsed_time_and_eta(tmp_path: Path) -> 
     assert f"wrote {tmp_path / 'o' / 'a_out.png'} (40x24)" in out
     # the --json report is the same as without a terminal
     data = json.loads(report.read_text())
-    assert set(data) == {"semsr_version", "method", "outscale", "tile", "tile_pad", "interrupted", "summary", "results"}
+    keys = {"semsr_version", "method", "outscale", "tile", "tile_pad", "precision", "interrupted", "summary", "results"}
+    assert set(data) == keys
     assert data["summary"] == {"ok": 1, "skipped": 0, "failed": 0, "not_run": 0}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,18 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op 
 SD15_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8}
 SD_VAE = {"block_out_channels": [128, 256, 512, 512]}
 GB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_models: Path) -> SDControlNetSR:
-    return SDControlNetSR.from_pretrained(
-        tiny_models / "sd", tiny_models / "controlnet", options_class=SDControlNetOptions
-    )
-
-
-@pytest.fixture(scope="module")
-def lr() -> torch.Tensor:
-    return torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
 
 
 def run(pipe: SDControlNetSR, lr: torch.Tensor, **kw) -> torch.Tensor:

@@ -26,18 +26,6 @@ from semsr.pipeline.sd_controlnet import SDControlNetSR, controlnet_unet_forward
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_models: Path) -> SDControlNetSR:
-    return SDControlNetSR.from_pretrained(
-        tiny_models / "sd", tiny_models / "controlnet", options_class=SDControlNetOptions
-    )
-
-
-@pytest.fixture(scope="module")
-def lr() -> torch.Tensor:
-    return torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
-
-
 def call(pipe: SDControlNetSR, lr: torch.Tensor, **kw) -> SROutput:
     opts = dict(steps=3, prompt="a photo", seed=1)
     opts.update(kw)

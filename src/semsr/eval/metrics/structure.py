@@ -137,35 +137,38 @@ class NoiseSigma(Metric):
         return estimate_noise_sigma(_y(pred, self.quantize))
 
 
-class GMSD(Metric):
+class _FullReferenceY(Metric):
+    """A full-reference score of the Y channels (0-255) of ``pred`` and ``gt`` (``(1, 3, H, W)`` in [0, 1])."""
+
+    needs_gt = True
+    kind = "pixel"
+
+    def __init__(self, quantize: bool = True) -> None:
+        self.quantize = quantize
+
+    @staticmethod
+    def score(pred_y: np.ndarray, gt_y: np.ndarray) -> float:
+        """The metric of two ``(H, W)`` float64 Y images in 0-255."""
+        raise NotImplementedError
+
+    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
+        assert gt is not None
+        return self.score(_y(pred, self.quantize), _y(gt, self.quantize))
+
+
+class GMSD(_FullReferenceY):
     """Gradient Magnitude Similarity Deviation on Y (lower is better; rises with blur and with grain)."""
 
     name = "gmsd"
     higher_better = False
-    needs_gt = True
-    kind = "pixel"
     summary = "GMSD on Y (Xue et al. 2014, T=170)"
-
-    def __init__(self, quantize: bool = True) -> None:
-        self.quantize = quantize
-
-    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
-        assert gt is not None
-        return gmsd_255(_y(pred, self.quantize), _y(gt, self.quantize))
+    score = staticmethod(gmsd_255)
 
 
-class MSSSIM(Metric):
+class MSSSIM(_FullReferenceY):
     """Multi-scale SSIM on Y (higher is better; images of at least 176x176)."""
 
     name = "ms-ssim"
     higher_better = True
-    needs_gt = True
-    kind = "pixel"
     summary = "MS-SSIM on Y (Wang et al. 2003, 5 scales)"
-
-    def __init__(self, quantize: bool = True) -> None:
-        self.quantize = quantize
-
-    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None) -> float:
-        assert gt is not None
-        return ms_ssim_255(_y(pred, self.quantize), _y(gt, self.quantize))
+    score = staticmethod(ms_ssim_255)
