@@ -472,6 +472,7 @@ class _Runner:
         self.expected: float | None = None  # seconds it should take (the mean of the inputs before it)
         self.durations: list[float] = []  # seconds of each upscaled input (upscale + write, no loading)
         self.first_stage = "upscale"  # the label before the method's first progress report
+        self.written: Path | None = None  # the current input's output once it is on disk
 
     def method(self) -> Method:
         """The method, built on first use (so a run that skips everything loads nothing)."""
@@ -536,6 +537,7 @@ class _Runner:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_picture(result.picture, out, fmt, quality=a.quality)
+            self.written = out
         except OSError as err:  # full disk, folder removed or made read-only during the run
             raise SemsrError(write_error_message(err, out), src) from None
         stages = stage_summary({**result.timings, "write": time.perf_counter() - t1})
@@ -638,12 +640,15 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             error: str | None = None
             out: Path | None = None
+            runner.written = None
             try:
                 status, out = runner.process(src)
             except _LoadFailed as err:
                 raise err.error from None
             except KeyboardInterrupt as err:
                 interrupted = err
+                if runner.written is not None:  # stopped after its output was written: it counts as done
+                    results.append(Result(str(src), str(runner.written), "ok", None, 0.0, 0.0))
                 break
             except _PER_FILE_ERRORS as err:
                 if debug and not isinstance(err, SemsrError):
