@@ -32,9 +32,7 @@ class Registry(Generic[S]):
         locate: name -> the built-in module that registers it (None: unknown; every module is imported).
     """
 
-    def __init__(
-        self, builtin: Sequence[str], what: str, locate: Callable[[str], str | None] | None = None
-    ) -> None:
+    def __init__(self, builtin: Sequence[str], what: str, locate: Callable[[str], str | None] | None = None) -> None:
         self.entries: dict[str, S] = {}
         self.aliases: dict[str, str] = {}
         self.builtin = tuple(builtin)

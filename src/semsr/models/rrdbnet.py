@@ -116,6 +116,16 @@ def _body_fused(body: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
     return feat
 
 
+@dataclass(frozen=True)
+class RRDBConfig:
+    """Hyper-parameters of an RRDBNet (Real-ESRGAN x4plus: 23, 64, 32, 4)."""
+
+    num_block: int = 23
+    num_feat: int = 64
+    num_grow_ch: int = 32
+    scale: int = 4
+
+
 class ResidualDenseBlock(nn.Module):
     """Five densely connected 3x3 convs; ``(B, nf, H, W) -> (B, nf, H, W)``."""
 
