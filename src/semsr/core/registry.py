@@ -41,16 +41,19 @@ class Registry(Generic[S]):
         self._loaded = False
         self._imported: set[str] = set()
         self._importing: list[str] = []
-        self._rank: dict[str, int] = {}
+        self._origin: dict[str, str | None] = {}
 
     def add(self, name: str, spec: S, aliases: Iterable[str] = ()) -> S:
         """Register ``spec`` as ``name`` (a later registration replaces an earlier one)."""
         self.entries[name] = spec
         for alias in aliases:
             self.aliases[alias] = name
-        mod = self._importing[-1] if self._importing else None
-        self._rank[name] = self.builtin.index(mod) if mod in self.builtin else len(self.builtin)
+        self._origin[name] = self._importing[-1] if self._importing else None
         return spec
+
+    def origin(self, name: str) -> str | None:
+        """The built-in module that registered ``name`` (None: registered from elsewhere, e.g. a test)."""
+        return self._origin.get(name)
 
     def _import(self, mod: str) -> None:
         if mod in self._imported:
@@ -86,7 +89,8 @@ class Registry(Generic[S]):
     def specs(self) -> list[S]:
         """All registered specs, in the order of the built-in modules (then of registration)."""
         self.load_builtins()
-        names = sorted(self.entries, key=lambda n: self._rank.get(n, len(self.builtin)))  # stable: then registration
+        rank = {mod: i for i, mod in enumerate(self.builtin)}
+        names = sorted(self.entries, key=lambda n: rank.get(self._origin.get(n) or "", len(rank)))  # stable sort
         return [self.entries[n] for n in names]
 
     def resolve(self, name: str) -> S:
