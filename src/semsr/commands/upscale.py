@@ -441,7 +441,9 @@ def _write_report(
         # the precision asked for, what it resolved to on this machine, and why (``--dtype auto``)
         "precision": describe_dtype(getattr(args.options, "dtype", None), getattr(args.options, "device", None)),
         "interrupted": interrupted,
-        "load_seconds": getattr(args, "load_seconds", None),  # building the method (reading weights); None when nothing was loaded
+        "load_seconds": getattr(
+            args, "load_seconds", None
+        ),  # building the method (reading weights); None when nothing was loaded
         "summary": _counts(results),
         "results": [asdict(r) for r in results],
     }

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def conv_lrelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 def _scaled_conv5(rdb: ResidualDenseBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """``RESIDUAL_SCALE * (conv5.weight, conv5.bias)`` of ``rdb``, kept until the parameters change."""
-    w, b = rdb.conv5.weight, rdb.conv5.bias
+    w, b = rdb.conv5.weight, cast(torch.Tensor, rdb.conv5.bias)
     key = (w.data_ptr(), w._version, w.dtype, b.data_ptr(), b._version)
     cached = rdb.__dict__.get("_scaled_conv5")
     if cached is None or cached[0] != key:
@@ -91,8 +91,8 @@ def _rdb_fused(rdb: ResidualDenseBlock, x: torch.Tensor, buf: torch.Tensor) -> t
     (channels-last; overwritten): each conv after the first reads a channel prefix of it, and writes its slice."""
     n = x.shape[1]
     buf[:, :n] = x
-    for conv in (rdb.conv1, rdb.conv2, rdb.conv3, rdb.conv4):
-        buf[:, n : n + conv.out_channels] = conv_lrelu(x if conv is rdb.conv1 else buf[:, :n], conv)
+    for i, conv in enumerate(rdb.dense_convs()):
+        buf[:, n : n + conv.out_channels] = conv_lrelu(x if i == 0 else buf[:, :n], conv)
         n += conv.out_channels
     if x.dtype == torch.float32:  # the exact formula of forward()
         return rdb.conv5(buf) * RESIDUAL_SCALE + x
@@ -106,11 +106,12 @@ def _body_fused(body: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
     """The RRDB trunk ``body(feat)`` through :func:`_rdb_fused` with one feature buffer for all blocks."""
     if not len(body):
         return feat
-    width = body[0].rdb1.conv5.in_channels
+    blocks = cast(list[RRDB], list(body))
+    width = blocks[0].rdb1.conv5.in_channels
     b, _, h, w = feat.shape
     buf = torch.empty((b, width, h, w), dtype=feat.dtype, device=feat.device, memory_format=torch.channels_last)
     exact = feat.dtype == torch.float32
-    for rrdb in body:
+    for rrdb in blocks:
         y = _rdb_fused(rrdb.rdb3, _rdb_fused(rrdb.rdb2, _rdb_fused(rrdb.rdb1, feat, buf), buf), buf)
         feat = y * RESIDUAL_SCALE + feat if exact else torch.add(feat, y, alpha=RESIDUAL_SCALE)
     return feat
@@ -134,6 +135,10 @@ class ResidualDenseBlock(nn.Module):
         for i in range(4):
             setattr(self, f"conv{i + 1}", nn.Conv2d(num_feat + i * num_grow_ch, num_grow_ch, 3, 1, 1))
         self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+
+    def dense_convs(self) -> list[nn.Conv2d]:
+        """``conv1`` .. ``conv4`` (each followed by LeakyReLU, their outputs concatenated)."""
+        return [cast(nn.Conv2d, getattr(self, f"conv{i}")) for i in range(1, 5)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
