@@ -43,12 +43,18 @@ class Registry(Generic[S]):
         self._importing: list[str] = []
         self._origin: dict[str, str | None] = {}
 
-    def add(self, name: str, spec: S, aliases: Iterable[str] = ()) -> S:
-        """Register ``spec`` as ``name`` (a later registration replaces an earlier one)."""
+    def add(self, name: str, spec: S, aliases: Iterable[str] = (), origin: str | None = None) -> S:
+        """Register ``spec`` as ``name`` (a later registration replaces an earlier one, in the same place).
+
+        ``origin``: the module that registers it (default: the built-in module being imported, if any);
+        listings order the entries by it (:meth:`specs`).
+        """
         self.entries[name] = spec
         for alias in aliases:
             self.aliases[alias] = name
-        self._origin[name] = self._importing[-1] if self._importing else None
+        origin = origin or (self._importing[-1] if self._importing else None)
+        if origin is not None or name not in self._origin:
+            self._origin[name] = origin
         return spec
 
     def origin(self, name: str) -> str | None:

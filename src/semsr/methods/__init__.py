@@ -66,7 +66,10 @@ REGISTRY: Registry[MethodSpec] = Registry(_BUILTIN, "method", builtin_module)
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (later registrations replace earlier ones)."""
-    return REGISTRY.add(spec.name, spec, spec.aliases)
+    # the module that registers it (the alias module for an alias): listings keep the built-in order even when
+    # a module was imported directly (``from semsr.methods.restorers import ...``) before the first lookup
+    origin = "semsr.methods.default_alias" if spec.alias_of else getattr(spec.factory, "func", spec.factory).__module__
+    return REGISTRY.add(spec.name, spec, spec.aliases, origin=origin if origin in _BUILTIN else None)
 
 
 def specs() -> list[MethodSpec]:
