@@ -221,6 +221,7 @@ class LatentSRPipeline:
         cond: Any,
         guide: Callable[[Denoiser], Denoiser] | None = None,
         init_latents: torch.Tensor | None = None,
+        init_timestep: int | None = None,
         progress: Any,
         timings: dict[str, float],
     ) -> torch.Tensor:
@@ -236,6 +237,7 @@ class LatentSRPipeline:
                 ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
                 ``tile_overlap`` (None: tile // 4) and ``colour_fix``.
             init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
+            init_timestep: the timestep ``init_latents`` are noised to (None: the first one sampled).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
             timings: gets ``denoise`` and ``decode`` seconds and ``steps``.
         Returns:
@@ -260,6 +262,7 @@ class LatentSRPipeline:
                 generator=torch.Generator("cpu").manual_seed(int(options.seed)),
                 init_latents=init_latents if options.start_from_lr else None,
                 strength=options.strength,
+                init_timestep=init_timestep,
                 device=self.device,
                 progress=callback,
             )
