@@ -19,6 +19,8 @@ from semsr.core.errors import UnavailableError
 from semsr.models.ram import RAMTagger, load_ram_tagger, ram_preprocess, tagging_state, tags_from_logits
 from semsr.priors.tagger import TagsProvider
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
+
 DATA = Path(__file__).parent / "data" / "seesr-released"
 
 
