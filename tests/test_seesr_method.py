@@ -130,3 +130,13 @@ def test_web_form_lists_seesr_with_its_folders() -> None:
     assert entry is not None
     text = json.dumps(entry)
     assert "process_size" in text and "start_timestep" in text and "tagger" in text
+
+
+def test_python_api_runs_seesr(official) -> None:
+    import semsr
+
+    picture = Image.fromarray(official[0]["sample.lr"][0].permute(1, 2, 0).numpy())
+    out = semsr.upscale(
+        picture, "seesr", base=BASE, checkpoint=CHECKPOINT, tagger=TAGGER, steps=1, process_size=0, dtype="fp32"
+    )
+    assert out.size == (64, 64)
