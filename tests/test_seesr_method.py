@@ -64,14 +64,32 @@ def test_four_step_sample_matches_official(pipe, official) -> None:
     assert out.priors["weights"]["tagger"].endswith("DAPE.safetensors")
 
 
-def test_tiles_and_small_input_resize(pipe, official) -> None:
+def test_latent_tiles_match_official(pipe, official) -> None:
+    """The released pipeline's tiling (square tiles on a stride of tile - overlap, the last flush with the edge,
+    its Gaussian weights) on the 8x8 latent with tiles of 4, overlap 1: 3 x 3 tiles, 2 steps."""
+    tensors, meta = official
+    options = SeeSROptions(
+        steps=2, seed=int(meta["seed"]), colour_fix="none", process_size=0, latent_tile=4, tile_overlap=1
+    )
+    out = pipe(_lr(official), options)
+    assert (out.images - tensors["sample.image_tiled"]).abs().max() <= 1e-3
+    assert (tensors["sample.image_tiled"] - tensors["sample.image"]).abs().max() > 0.1  # the tiles act
+
+
+def test_small_input_resize(pipe, official) -> None:
     lr = _lr(official)
     assert pipe.process_input(lr, 512).shape[-2:] == (128, 128)  # short side 512 / 4
     assert pipe.process_input(lr, 0) is lr and pipe.process_input(lr, 64) is lr
-    tiled = pipe(lr, SeeSROptions(steps=1, latent_tile=4, tile_overlap=1, process_size=0))
-    assert tiled.images.shape == (1, 3, 64, 64) and torch.isfinite(tiled.images).all()
     resized = pipe(lr[:, :, :12, :10], SeeSROptions(steps=1, process_size=96, latent_tile=0))
     assert resized.images.shape == (1, 3, 48, 40)  # processed at 24 px short side, returned at 4x the input
+
+
+def test_tile_offsets_follow_the_released_grid() -> None:
+    from semsr.pipeline.latent_tiling import stride_starts
+
+    assert stride_starts(200, 96, 4) == [0, 92, 104]
+    assert stride_starts(8, 4, 1) == [0, 3, 4]
+    assert stride_starts(96, 96, 4) == [0]
 
 
 def test_options_and_config_follow_the_released_script() -> None:

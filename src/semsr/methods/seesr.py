@@ -8,7 +8,8 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, 4h, 4w)`` in [0, 1]), as the rel
     hint = bicubic x4; z_LR = VAE posterior sample of the hint, noised to t = 999 (start point "lr")
     DDPM 50 steps (the schedule's first step is 981), CFG 5.5 (both branches see the image embeddings):
         eps = UNet(z_t, t, text, image, + ControlNet(z_t, t, text, image, hint))   on latent tiles 96, overlap 4
-    VAE decode -> AdaIN colour fix against the hint
+        (the released layout and weights: ``tile_style = "seesr"``, :mod:`semsr.pipeline.latent_tiling`)
+    VAE decode (1024 px tiles above that size) -> AdaIN colour fix against the hint
 
 ``--base`` is a Stable Diffusion 2 base folder (VAE, text encoder, tokenizer, scheduler; its UNet is not read),
 ``--checkpoint`` the released SeeSR folder (``unet/`` + ``controlnet/``, :mod:`semsr.models.seesr`), ``--tagger``
@@ -19,7 +20,7 @@ the DAPE folder (RAM's ``ram_swin_large_14m`` weights + ``DAPE``, the tag list a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ SEESR_START_TIMESTEP = 999
 SEESR_PROCESS_SIZE = 512
 SEESR_LATENT_TILE = 96
 SEESR_LATENT_OVERLAP = 4
+#: VAE tile side in pixels for images larger than it (the released script's encoder tile; untiled below).
+SEESR_VAE_TILE = 1024
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -116,6 +119,7 @@ class SeeSRPipeline(SDControlNetSR):
 
     name = "seesr"
     options_class: type[SeeSROptions] = SeeSROptions  # type: ignore[assignment]
+    tile_style = "seesr"  # the released pipeline's latent tile layout and weights
 
     def __init__(self, *, tagger: RAMBundle | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -283,6 +287,8 @@ class SeeSRPipeline(SDControlNetSR):
         t0 = time.perf_counter()
         x = self.process_input(lr, opts.process_size)
         layout = self.layout(x, self.scale, latent_tile(opts, self.scale, self.factor))
+        big = max(layout.hint_padded.shape[-2:]) > SEESR_VAE_TILE
+        layout = replace(layout, vae_tile=SEESR_VAE_TILE if big else None)
         cond, uncond = self.conditions(
             list(prompts), opts.negative_prompt, opts.guidance_scale, image_embeds=image_embeds
         )

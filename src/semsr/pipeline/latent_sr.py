@@ -116,6 +116,8 @@ class LatentSRPipeline:
     factor: int
     latent_multiple: int
     scheduler_config: dict[str, Any]
+    #: Latent tile layout of :meth:`denoise_decode` (:func:`~semsr.pipeline.latent_tiling.tiled`'s ``style``).
+    tile_style: str = "even"
 
     def setup_sd(
         self,
@@ -247,7 +249,7 @@ class LatentSRPipeline:
         overlap = tile // 4 if options.tile_overlap is None else int(options.tile_overlap)
         if self.compile_mode == "reduce-overhead":
             spatial = marked_steps(spatial, self.compile_mode)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
+        denoiser = tiled(spatial, tile, overlap, style=self.tile_style) if tile else untiled(spatial)
         if guide is not None:
             denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
