@@ -158,3 +158,10 @@ def test_python_api_runs_seesr(official) -> None:
         picture, "seesr", base=BASE, checkpoint=CHECKPOINT, tagger=TAGGER, steps=1, process_size=0, dtype="fp32"
     )
     assert out.size == (64, 64)
+
+
+def test_guidance_at_most_one_runs_without_negative_branch(pipe) -> None:
+    embeds = torch.zeros(1, 5, 512)
+    cond, uncond = pipe.conditions(["a"], "b", 0.5, image_embeds=embeds)
+    assert uncond is None and set(cond) == {"context", "image"}
+    assert pipe.conditions(["a"], "b", 5.5, image_embeds=embeds)[1] is not None

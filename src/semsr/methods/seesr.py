@@ -186,9 +186,11 @@ class SeeSRPipeline(SDControlNetSR):
         image_embeds: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """``cond = {"context": (B, 77, D), "image": (B, 1 + T, 512)}``; ``uncond`` the negative prompts with the
-        same image embeddings (as the released pipeline), None without CFG."""
+        same image embeddings (as the released pipeline), None without CFG (``guidance_scale <= 1``)."""
         if image_embeds is None:
             raise SemsrError("seesr needs DAPE's image embeddings (image_embeds=...)")
+        if guidance_scale <= 1.0:  # the released pipeline guides only above 1
+            negative_prompt = None
         text, uncond_text = super().conditions(prompts, negative_prompt, guidance_scale)
         image = image_embeds.to(self.device, self.dtype)
         cond = {**text, "image": image}
@@ -300,7 +302,7 @@ class SeeSRPipeline(SDControlNetSR):
             opts,
             channels=self.unet.config.in_channels,
             cond=cond,
-            guide=lambda d: cfg(d, uncond, opts.guidance_scale),
+            guide=None if uncond is None else lambda d: cfg(d, uncond, opts.guidance_scale),
             init_latents=init,
             init_timestep=int(opts.start_timestep),
             progress=progress,
