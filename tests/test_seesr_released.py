@@ -146,6 +146,25 @@ def test_seesr_unet_output_matches_official(released, official) -> None:
     assert (unet(torch.zeros_like(o["input.image_context"])) - eps).abs().max() > 1e-3  # the image context acts
 
 
+def test_seesr_unet_copy_runs_its_own_image_attentions(released, official) -> None:
+    import copy
+
+    o = official
+    down, mid = _residuals(o)
+    twin = copy.deepcopy(released.unet)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if ".image_attentions." in name:
+                p.add_(0.1)
+        kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid, "return_dict": False}
+        args = (o["input.sample"], o["input.timestep"], o["input.context"])
+        image = o["input.image_context"]
+        eps = released.unet(*args, image_encoder_hidden_states=image, **kwargs)[0]
+        eps_twin = twin(*args, image_encoder_hidden_states=image, **kwargs)[0]
+    assert (eps - o["unet.sample"]).abs().max() <= 1e-4  # the original is untouched
+    assert (eps_twin - eps).abs().max() > 1e-2  # the copy's hooks run the copy's image attentions
+
+
 def test_seesr_unet_needs_the_image_context(released, official) -> None:
     from semsr.core.errors import SemsrError
 

@@ -5,7 +5,9 @@ SeeSR (public repository ``cswry/SeeSR``) extends Stable Diffusion 2's UNet and 
 up blocks) a second list of full ``Transformer2DModel``s, one per text transformer, with the same configuration
 except ``cross_attention_dim = image_cross_attention_dim`` (512, the width of the DAPE tagger's image
 embeddings). Each runs right after the text transformer of the same index, on its output, with the image
-embeddings ``(B, T_img, 512)`` as context::
+embeddings ``(B, T_img, 512)`` as context (the released mid block builds its image transformers without
+``only_cross_attention``; SD-2 has it off everywhere, so copying the text transformer's configuration is the
+same)::
 
     h = resnet(h); h = attentions[i](h, text (B, 77, D)); h = image_attentions[i](h, image (B, T_img, 512))
 
@@ -83,27 +85,29 @@ def _image_transformer(text: Transformer2DModel, dim: int) -> Transformer2DModel
         return Transformer2DModel.from_config(config)
 
 
-def _hook(image_attn: Transformer2DModel, context: _ImageContext):
-    """Forward hook for a text transformer: its output ``(B, C, h, w)`` goes through ``image_attn`` with the
+#: Plain (unregistered) attributes of a text transformer naming its image transformer and the model's image
+#: context: no new state-dict keys, and ``copy.deepcopy`` of the model carries them over to the copies.
+_IMAGE_ATTN_ATTR, _CONTEXT_ATTR = "_seesr_image_attention", "_seesr_image_context"
+
+
+def _image_attention_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook of a text transformer: its output ``(B, C, h, w)`` goes through its image transformer with the
     image embeddings of the running forward as context (attention mask and cross-attention kwargs passed on)."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if context.value is None:
-            raise SemsrError("this SeeSR model needs the image embeddings: pass image_encoder_hidden_states")
-        hidden = output[0] if isinstance(output, tuple) else output.sample
-        out = image_attn(
-            hidden,
-            encoder_hidden_states=context.value.to(hidden.dtype),
-            cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
-            attention_mask=kwargs.get("attention_mask"),
-            return_dict=False,
-        )[0]
-        if isinstance(output, tuple):
-            return (out, *output[1:])
-        output.sample = out
-        return output
-
-    return hook
+    image_attn, context = module.__dict__[_IMAGE_ATTN_ATTR], module.__dict__[_CONTEXT_ATTR]
+    if context.value is None:
+        raise SemsrError("this SeeSR model needs the image embeddings: pass image_encoder_hidden_states")
+    hidden = output[0] if isinstance(output, tuple) else output.sample
+    out = image_attn(
+        hidden,
+        encoder_hidden_states=context.value.to(hidden.dtype),
+        cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
+        attention_mask=kwargs.get("attention_mask"),
+        return_dict=False,
+    )[0]
+    if isinstance(output, tuple):
+        return (out, *output[1:])
+    output.sample = out
+    return output
 
 
 def install_image_attentions(model: nn.Module, dim: int, context: _ImageContext) -> int:
@@ -114,7 +118,9 @@ def install_image_attentions(model: nn.Module, dim: int, context: _ImageContext)
         images = nn.ModuleList([_image_transformer(a, dim) for a in block.attentions])
         block.add_module(IMAGE_ATTENTIONS, images)
         for text, image in zip(block.attentions, images, strict=True):
-            text.register_forward_hook(_hook(image, context), with_kwargs=True)
+            object.__setattr__(text, _IMAGE_ATTN_ATTR, image)
+            object.__setattr__(text, _CONTEXT_ATTR, context)
+            text.register_forward_hook(_image_attention_hook, with_kwargs=True)
             count += 1
     return count
 
