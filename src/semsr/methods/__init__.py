@@ -30,6 +30,7 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.coser",
     "semsr.methods.xpsr",
     "semsr.methods.dalpsr",
+    "semsr.methods.seesr",
     "semsr.methods.mmsr",
     "semsr.methods.rfa",
     "semsr.methods.default_diffusion",

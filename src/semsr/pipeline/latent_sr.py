@@ -116,6 +116,8 @@ class LatentSRPipeline:
     factor: int
     latent_multiple: int
     scheduler_config: dict[str, Any]
+    #: Latent tile layout of :meth:`denoise_decode` (:func:`~semsr.pipeline.latent_tiling.tiled`'s ``style``).
+    tile_style: str = "even"
 
     def setup_sd(
         self,
@@ -221,6 +223,7 @@ class LatentSRPipeline:
         cond: Any,
         guide: Callable[[Denoiser], Denoiser] | None = None,
         init_latents: torch.Tensor | None = None,
+        init_timestep: int | None = None,
         progress: Any,
         timings: dict[str, float],
     ) -> torch.Tensor:
@@ -236,6 +239,7 @@ class LatentSRPipeline:
                 ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
                 ``tile_overlap`` (None: tile // 4) and ``colour_fix``.
             init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
+            init_timestep: the timestep ``init_latents`` are noised to (None: the first one sampled).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
             timings: gets ``denoise`` and ``decode`` seconds and ``steps``.
         Returns:
@@ -245,7 +249,7 @@ class LatentSRPipeline:
         overlap = tile // 4 if options.tile_overlap is None else int(options.tile_overlap)
         if self.compile_mode == "reduce-overhead":
             spatial = marked_steps(spatial, self.compile_mode)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
+        denoiser = tiled(spatial, tile, overlap, style=self.tile_style) if tile else untiled(spatial)
         if guide is not None:
             denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
@@ -260,6 +264,7 @@ class LatentSRPipeline:
                 generator=torch.Generator("cpu").manual_seed(int(options.seed)),
                 init_latents=init_latents if options.start_from_lr else None,
                 strength=options.strength,
+                init_timestep=init_timestep,
                 device=self.device,
                 progress=callback,
             )

@@ -13,6 +13,10 @@ borders — where the model lacks context — contribute little); :func:`untiled
 runs it once on the whole latent. Peak memory of a tiled step is that of one
 tile plus the latent-size accumulators.
 
+Two tile layouts (``style``): ``even`` (semsr's: tiles spread evenly, Gaussian sigma = side / 4) and
+``seesr`` (SeeSR's released pipeline: square tiles of ``min(tile, H, W)`` on a stride of ``tile - overlap``, the
+last one flush with the edge, Gaussian sigma = side / 10; untiled when ``H * W <= tile**2``).
+
 VAE tiling uses diffusers' ``AutoencoderKL`` tiling (overlapping tiles with
 linear blending) with the tile size set per call (:func:`vae_tiling`).
 """
@@ -47,6 +51,26 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
+def stride_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """SeeSR's tile offsets along one axis: ``k * (tile - overlap)`` while a tile starts inside ``size``, the last
+    one moved to ``size - tile`` (flush with the end)."""
+    n = 1
+    while (n - 1) * (tile - overlap) + tile < size:
+        n += 1
+    return [k * (tile - overlap) for k in range(n - 1)] + [size - tile]
+
+
+def seesr_weight(height: int, width: int, *, device: Any = None) -> torch.Tensor:
+    """SeeSR's tile weights ``(height, width)``: Gaussian with variance 0.01 in units of the side, centred at
+    ``(width - 1) / 2`` across and at ``height / 2`` down (as released)."""
+
+    def axis(n: int, mid: float) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float64, device=device) - mid
+        return torch.exp(-(pos * pos) / (n * n) / (2 * 0.01)) / math.sqrt(2 * math.pi * 0.01)
+
+    return (axis(height, height / 2)[:, None] * axis(width, (width - 1) / 2)[None, :]).float()
+
+
 def gaussian_weight(height: int, width: int, sigma_frac: float = 0.25, *, device: Any = None) -> torch.Tensor:
     """Separable Gaussian window ``(height, width)``, peak 1 at the centre, sigma = ``sigma_frac`` * side."""
 
@@ -63,6 +87,8 @@ def blend_windows(
     tile: int,
     overlap: int,
     sigma_frac: float = 0.25,
+    *,
+    style: str = "even",
 ) -> torch.Tensor:
     """Apply ``fn(x_tile, window)`` on overlapping tiles of ``x`` and blend with Gaussian weights.
 
@@ -71,16 +97,28 @@ def blend_windows(
         x: ``(B, C, H, W)``.
         tile: tile side (latent pixels); tiles are clipped to the image.
         overlap: minimum overlap between neighbouring tiles.
+        style: ``even`` or ``seesr`` (module docstring; ``sigma_frac`` applies to ``even``).
     Returns:
         ``(B, C', H, W)`` float32, the weighted average of the tiles.
     """
     _, _, height, width = x.shape
-    th, tw = min(tile, height), min(tile, width)
-    weight = gaussian_weight(th, tw, sigma_frac, device=x.device)
+    if style == "seesr":
+        if height * width <= tile * tile:
+            return fn(x, (0, 0, height, width)).float()
+        th = tw = min(tile, height, width)
+        weight = seesr_weight(th, tw, device=x.device)
+        tops, lefts = stride_starts(height, th, overlap), stride_starts(width, tw, overlap)
+    elif style == "even":
+        th, tw = min(tile, height), min(tile, width)
+        weight = gaussian_weight(th, tw, sigma_frac, device=x.device)
+        tops = tile_starts(height, th, min(overlap, th - 1))
+        lefts = tile_starts(width, tw, min(overlap, tw - 1))
+    else:
+        raise ValueError(f"unknown tile style {style!r} (even, seesr)")
     out: torch.Tensor | None = None
     total = torch.zeros(height, width, dtype=torch.float32, device=x.device)
-    for top in tile_starts(height, th, min(overlap, th - 1)):
-        for left in tile_starts(width, tw, min(overlap, tw - 1)):
+    for top in tops:
+        for left in lefts:
             window = (top, left, th, tw)
             y = fn(x[:, :, top : top + th, left : left + tw], window).float()
             if out is None:
@@ -91,11 +129,11 @@ def blend_windows(
     return out / total
 
 
-def tiled(spatial: SpatialDenoiser, tile: int, overlap: int) -> Denoiser:
-    """Wrap a spatial denoiser so each call runs on Gaussian-blended latent tiles."""
+def tiled(spatial: SpatialDenoiser, tile: int, overlap: int, *, style: str = "even") -> Denoiser:
+    """Wrap a spatial denoiser so each call runs on Gaussian-blended latent tiles (``style``: module docstring)."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return blend_windows(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap)
+        return blend_windows(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap, style=style)
 
     return denoise
 
