@@ -75,6 +75,12 @@ class PriorStore:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> PriorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def done(self, prior: str) -> set[str]:
         """The images that already have ``prior``."""
         return {r[0] for r in self.db.execute("SELECT image FROM priors WHERE prior = ?", (prior,))}
@@ -119,6 +125,14 @@ class PriorStore:
                 f"prior store {self.root} has no '{prior}' of this image (run semsr priors build for it)", image
             )
         return row
+
+    def meta(self, image: str | Path, prior: str) -> dict[str, Any]:
+        """The metadata the provider recorded with ``prior`` of ``image`` (one-line error when missing)."""
+        self._row(image, prior)
+        row = self.db.execute(
+            "SELECT meta FROM priors WHERE image = ? AND prior = ?", (image_id(image), prior)
+        ).fetchone()
+        return dict(json.loads(row[0]))
 
     def text(self, image: str | Path, prior: str) -> str:
         """The ``text`` prior ``prior`` of ``image`` (one-line error when missing)."""
