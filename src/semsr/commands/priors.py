@@ -58,6 +58,7 @@ from semsr.priors.base import (
     spatial_to_uint8,
 )
 from semsr.priors.cache import PriorStore, image_id
+from semsr.priors.clip_embed import COSER_NEIGHBOURS, RFA_REFS
 from semsr.priors.retrieval.embedders import embedder_from_spec
 from semsr.priors.retrieval.index import ReferenceDB, file_sha256
 from semsr.priors.retrieval.references import ReferenceTokens
@@ -79,8 +80,6 @@ RECIPE_PRIORS: dict[str, dict[str, tuple[str, ...]]] = {
     "rfa": {"hr": ("rfa-embed",), "lr": ("rfa-embed", "rfa-tokens"), "db": ("rfa-tokens",)},
     "coser": {"hr": ("coser-clip",), "lr": ("coser-cognitive",)},
 }
-#: The neighbour priors (tags: image ids, best first) of ``rfa`` (per LR file) and ``coser`` (per HR image).
-RFA_REFS, COSER_NEIGHBOURS = "rfa-refs", "coser-neighbours"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

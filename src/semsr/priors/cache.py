@@ -41,7 +41,10 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS priors (
 
 
 def image_id(path: str | Path) -> str:
-    """The store's name of an image file: ``{data}/REL`` under the data root, else its absolute path."""
+    """The store's name of an image file: ``{data}/REL`` under the data root, else its absolute path (a
+    ``{data}/...`` name, as neighbour priors list them, is kept)."""
+    if isinstance(path, str) and path.startswith("{data}/"):
+        return path
     resolved = Path(path).expanduser().resolve()
     root = data_root()
     if root is not None:

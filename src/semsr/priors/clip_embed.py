@@ -31,6 +31,11 @@ from semsr.priors.base import DEVICE_OPTION, PriorResult, ProviderOption, Provid
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
 
 _REVISION = "clip-embed-1"
+#: The neighbour priors (tags: store image ids, best first) ``semsr priors build`` adds: ``rfa`` per LR
+#: file (its retrieved references), ``coser`` per HR image (its CLIP neighbours).
+RFA_REFS, COSER_NEIGHBOURS = "rfa-refs", "coser-neighbours"
+#: CoSeR's embedding priors: the reference-pool embedding (HR images), the cognitive embedding (LR files).
+COSER_CLIP, COSER_COGNITIVE = "coser-clip", "coser-cognitive"
 
 EMBEDDER_OPTION = ProviderOption(
     "embedder", "--embedder", "RFA embedder: hed-vgg or clip:FOLDER (default: the --db database's)"
@@ -144,6 +149,13 @@ class CoSeRClipProvider:
         return PriorResult("embedding", pool_embeddings(self.clip, centre_square(image, self.clip.image_size)))
 
 
+def cognitive_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a cognitive encoder's weights: its ``cognitive/`` component in a checkpoint folder, or
+    the component folder itself (both spellings of one encoder give one fingerprint)."""
+    path = Path(path).expanduser()
+    return fingerprint([path / "cognitive" if (path / "cognitive").is_dir() else path])
+
+
 class CoSeRCognitiveProvider:
     """Embedding prior ``coser-cognitive``: the frozen cognitive encoder's ``(1, Te, D)`` of the whole image."""
 
@@ -158,13 +170,14 @@ class CoSeRCognitiveProvider:
             raise SemsrError(f"prior {self.name} needs --cognitive (the coser-cognitive run's final/ checkpoint)")
         path = Path(cognitive).expanduser()
         self.encoder = load_cognitive_encoder(path, folder).float().eval().requires_grad_(False).to(device)
-        self.version = f"{_REVISION};{fingerprint([path])};{fingerprint([folder])}"
+        self.meta = {"cognitive": cognitive_fingerprint(path), "clip": fingerprint([folder])}
+        self.version = f"{_REVISION};{self.meta['cognitive']};{self.meta['clip']}"
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> PriorResult:
         check_image(image)
         device = _device_of(self.encoder)
-        return PriorResult("embedding", self.encoder.embed(image.float().to(device)).float().cpu())
+        return PriorResult("embedding", self.encoder.embed(image.float().to(device)).float().cpu(), self.meta)
 
 
 register_provider(

@@ -83,8 +83,9 @@ from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
 from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.data import CropDataset, list_images
+from semsr.train.data import CropDataset
 from semsr.train.losses import _require, register_loss
+from semsr.train.priors import training_items
 from semsr.train.tasks import Task, register_task
 
 LR_SIZE = 32
@@ -339,7 +340,7 @@ class TrainingHashes:
     positions to images), so retrieval can skip the database entry of the training image itself."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self._items, _ = list_images(cfg.data, cfg.data.crop_size)
+        self._items = training_items(cfg.data)
         self._positions = CropDataset(self._items, cfg.data, lambda hr, seed: hr, cfg.seed)
         self._shas: dict[Path, str] = {}
 
