@@ -1,7 +1,8 @@
 """The prior store (semsr.priors.cache), ``semsr priors build`` and training that reads only the store.
 
 The chain test: make-pairs -> priors build (2 processes, one store) -> XPSR-tiny and MMSR-tiny
-training with ``data.priors`` while every prior model class raises when built -> upscale.
+training with ``data.priors`` while every prior model class raises when built -> upscale; the same
+for RFA stage 2 and CoSeR stage 2 with their CLIP priors (no CLIP / embedder model may be built).
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import semsr.models.cognitive as models_cognitive
 import semsr.priors.mmsr as priors_mmsr
+import semsr.priors.retrieval.embedders as embedders
+import semsr.train.coser as train_coser
+import semsr.train.rfa as train_rfa
+import semsr.train.rfa_sr as train_rfa_sr
 import semsr.train.xpsr as train_xpsr
 from semsr.cli import main
 from semsr.core.errors import SemsrError
 from semsr.priors.base import PriorResult, provider_specs
 from semsr.priors.cache import PriorStore, image_id
 from semsr.testing.tiny import resolve_model_path
+from semsr.train.pairs import read_pairs
 from train_helpers import REPO, launch_semsr, write_textures
 
 MMSR_BUILD = ("--recipe", "mmsr", "--depth-model", "tiny://depth", "--seg-model", "tiny://seg", "--batch-size", "1")
@@ -156,3 +163,99 @@ def test_training_fails_in_one_line_when_a_prior_is_missing(tmp_path: Path, caps
     assert main(args) != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("semsr")]
     assert len(err) == 1 and "has no 'caption' of this image (run semsr priors build" in err[0]
+
+
+# ----------------------------------------------------------------------------- rfa / coser (CLIP priors)
+
+
+def _forbid_clip_models(monkeypatch):
+    """Every prior provider and every CLIP / RFA embedder constructor raise when called in training."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a CLIP / embedder model was constructed inside training")
+
+    for spec in provider_specs():
+        monkeypatch.setattr(spec, "factory", boom)
+    for module in (train_rfa_sr, train_rfa):
+        monkeypatch.setattr(module, "embedder_from_spec", boom)
+    monkeypatch.setattr(train_coser, "load_clip_vision", boom)
+    monkeypatch.setattr(models_cognitive, "load_clip_vision", boom)
+    monkeypatch.setattr(embedders, "CLIPEmbedder", boom)
+
+
+def _clip_builds(tmp_path: Path, pairs: Path) -> tuple[list[str], list[str], Path]:
+    """The rfa and coser build flags (tiny models resolved here: launched processes would both write them)
+    and the reference database of the pairs' HR images."""
+    clip = resolve_model_path("tiny://clip-vision")
+    hr = tmp_path / "hr"
+    db = tmp_path / "db"
+    assert main(["index", "build", "--images", str(hr), "--out", str(db), "--embedder", f"clip:{clip}"]) == 0
+    aligner = resolve_model_path("tiny://rfa/aligner")
+    rfa = ["--recipe", "rfa", "--db", str(db), "--aligner", str(aligner), "--num-refs", "2", "--batch-size", "2"]
+    cognitive = resolve_model_path("tiny://coser/cognitive")
+    coser = ["--recipe", "coser", "--clip", str(clip), "--cognitive", str(cognitive), "--neighbours", "3"]
+    return rfa, coser, db
+
+
+def test_rfa_and_coser_build_two_processes_and_train_from_the_store(tmp_path: Path, monkeypatch):
+    pairs, store = _pairs(tmp_path, count=4), tmp_path / "store"
+    rfa, coser, db = _clip_builds(tmp_path, pairs)
+    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *rfa)
+    launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *coser)
+    s = PriorStore(store)
+    # rfa: embedding of 4 HR + 4 LR files, tokens of 4 LR files + 4 database images, references of 4 LR files;
+    # coser: pool embedding + neighbours of 4 HR images, cognitive embedding of 4 LR files
+    assert s.priors() == {
+        "coser-clip": 4,
+        "coser-cognitive": 4,
+        "coser-neighbours": 4,
+        "rfa-embed": 8,
+        "rfa-refs": 4,
+        "rfa-tokens": 8,
+    }
+    for hr, lrs in read_pairs(pairs).items():
+        assert image_id(hr) not in s.tags(hr, "coser-neighbours") and len(s.tags(hr, "coser-neighbours")) == 3
+        refs = s.tags(lrs[0], "rfa-refs")
+        assert len(refs) == 2 and image_id(hr) not in refs  # the training image itself is never a reference
+        assert s.array(lrs[0], "coser-cognitive").shape[0] == 50  # (Te, D)
+    again = main(["priors", "build", "--pairs", str(pairs), "-o", str(store), *coser])  # resumed: nothing to do
+    assert again == 0
+
+    common = ["data.hr=[]"]  # class folders are not needed here (flat pool)
+    with monkeypatch.context() as m:
+        _forbid_clip_models(m)
+        _train("rfa-tiny.yaml", tmp_path / "rfa", pairs, store, f"model.options.db={db}", "model.options.num_refs=2")
+        _train("coser-tiny.yaml", tmp_path / "coser", pairs, store, *common)
+    assert (tmp_path / "rfa" / "final" / "rfa").is_dir()
+    assert (tmp_path / "coser" / "final" / "cognitive").is_dir() and (tmp_path / "coser" / "final" / "aia").is_dir()
+
+
+def test_coser_stored_neighbours_equal_the_live_ranking(tmp_path: Path):
+    """The store's pool (read, no CLIP) and the live one (CLIP in the cache's store) pick the same references."""
+    from semsr.train.config import load_config
+
+    pairs, store = _pairs(tmp_path, count=5), tmp_path / "store"
+    _, coser, _ = _clip_builds(tmp_path, pairs)
+    assert main(["priors", "build", "--pairs", str(pairs), "-o", str(store), *coser[:2], *coser[2:4]]) == 0
+    cfg = load_config(REPO / "configs" / "coser-tiny.yaml", [f"data.pairs={pairs}", "data.hr=[]", "data.val_count=1"])
+    clip = models_cognitive.load_clip_vision(resolve_model_path("tiny://clip-vision"), require_processor=True)
+    live = train_coser.NeighbourReferences(cfg, clip, 3)
+    stored = train_coser.NeighbourReferences(cfg, None, 3, store=PriorStore(store))
+    assert [r.tolist() for r in live.neighbours] == [r.tolist() for r in stored.neighbours]
+    assert len(live.neighbours) == 4 and all(len(r) == 3 for r in live.neighbours)
+
+
+def test_rfa_and_coser_training_fail_in_one_line_when_a_prior_is_missing(tmp_path: Path, capsys):
+    pairs, store = _pairs(tmp_path, count=3), tmp_path / "store"
+    _, _, db = _clip_builds(tmp_path, pairs)
+    PriorStore(store, create=True).close()  # empty store
+    for config, extra, prior in (
+        ("rfa-tiny.yaml", [f"model.options.db={db}"], "rfa-tokens"),
+        ("coser-tiny.yaml", ["data.hr=[]"], "coser-cognitive"),
+    ):
+        args = ["train", "--config", str(REPO / "configs" / config), "--output", str(tmp_path / config)]
+        args += [f"data.pairs={pairs}", f"data.priors={store}", "validation.every=0", "data.val_count=1", *extra]
+        assert main(args) != 0
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("semsr")]
+        assert len(err) == 1 and f"has no '{prior}' of this image (run semsr priors build" in err[0], err
+        assert "/lr/" in err[0]  # names the LR file

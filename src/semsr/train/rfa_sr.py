@@ -275,6 +275,16 @@ class RFASRTask(ControlNetSRTask):
             self._enhanced = EnhancedEmbedding(emb, self.enhancer, refs)
         return self._enhanced
 
+    @property
+    def enhanced(self) -> EnhancedEmbedding:
+        """The live stage 1 (:meth:`live_embedding`)."""
+        return self.live_embedding()
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder of the live stage 1 (loaded on first use)."""
+        return self.live_embedding().embedder
+
     def control(self, lr: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
         """The AdaIN control ``(B, D)`` of LR crops ``(B, 3, h, w)``: the enhancer's embedding, the training
         images at ``positions`` excluded from the references (see :class:`EnhancedEmbedding`)."""
