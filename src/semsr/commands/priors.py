@@ -13,7 +13,11 @@ images (``-i``; HR priors only). What each recipe needs (:data:`RECIPE_PRIORS`):
 caption and quality answer of each HR image and the quality answer of each LR file; ``dalpsr``
 the caption of each HR image and IRPAD's description of each LR file; ``mmsr`` the edge (canny),
 depth and segmentation maps of each LR file bicubic-upsampled to its HR size (the size at which
-training extracts them; a crop of the map is what training tokenizes). Images are processed in
+training extracts them; a crop of the map is what training tokenizes); ``rfa`` the ``--db`` database
+embedder's embedding of each HR image and LR file, its tokens of each LR file and database image, and
+the ``--num-refs`` references retrieved for each LR file (through ``--aligner``); ``coser`` the pooled
+CLIP embedding (``--clip``) and CLIP neighbours of each HR image and the frozen cognitive encoder's
+(``--cognitive``) embedding of each LR file. Images are processed in
 batches of ``--batch-size``, each batch committed at once; a killed build is resumed by running it
 again (priors already stored are not recomputed). Under ``accelerate launch`` every process takes
 its share of the images and writes into the same store (:mod:`semsr.commands.shard`).

@@ -40,7 +40,14 @@ checkpoint folder or its ``aia/`` component), ``reference_top_k`` (10),
 ``reference_drop_prob`` (0.1), ``reference_pool`` (``auto``: same class when
 every image has a class folder, CLIP neighbours when none has; ``class``;
 ``clip``), ``init_from_self_attention`` (true), ``control`` (``controlnet``
-or ``encoder``, see :mod:`semsr.fusion.aia`).
+or ``encoder``, see :mod:`semsr.fusion.aia`), ``lr_embedding`` (``image``, the default with ``data.priors``:
+the stored cognitive embedding of the crop's whole LR file, no CLIP model in the loop; ``crop``, the
+default without: the cognitive encoder on each LR crop, as the paper).
+
+Prior store (``data.priors`` of ``semsr priors build --recipe coser``, with ``data.pairs``): the
+reference pool's CLIP embeddings and neighbour lists (:class:`NeighbourReferences`) and, under
+``lr_embedding: image``, the cognitive embeddings (``coser-cognitive``, of the encoder given as
+``cognitive``: checked by fingerprint) come from it. Validation (inference) attaches CLIP on first use.
 
 Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path`:
 ``tiny://`` is the tiny SD, ``tiny://clip-vision``, ``tiny://coser``...).

@@ -25,7 +25,15 @@ forward) inside both adapter sets' ``control`` block. The paper's LR is bicubic
     ``controlnet_trainable``: ``all`` or a list of ControlNet module-name prefixes
     (default :data:`CONTROLNET_TRAINABLE`);
     ``text_decoder``: the enhancer's causal LM folder (copied into the exported checkpoint);
-    ``conditioning_channels``: as for ``controlnet_sr``.
+    ``conditioning_channels``: as for ``controlnet_sr``;
+    ``lr_embedding``: ``image`` (the default with ``data.priors``) or ``crop`` (the default without).
+
+Prior store (``data.priors`` of ``semsr priors build --recipe rfa``, with ``data.pairs``): under
+``lr_embedding: image`` the control of a crop is that of its whole LR file: the stored tokens of the
+LR file and of its stored references (``rfa-refs``: retrieved at build time with the aligned query,
+the training image skipped) through the frozen enhancer, once per LR file; no embedder is built for
+training (:class:`StoredEnhancedEmbedding`). ``lr_embedding: crop`` embeds each LR crop in the loop,
+as the paper (and as without a store). Validation (inference) builds the embedder on first use.
 
 Export: ``<folder>/controlnet`` (diffusers ControlNet: ``--controlnet``) and
 ``<folder>/rfa``, an RFA checkpoint (:func:`semsr.models.rfa.save_rfa_checkpoint`)
