@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -71,8 +72,10 @@ class _SharedEncoder:
     ask for the same image one after the other)."""
 
     def __init__(self, spec: str, device: str) -> None:
-        self.embedder: Embedder = embedder_from_spec(spec)
-        self.embedder.to(device)  # type: ignore[attr-defined]
+        shared = embedder_from_spec(spec)  # memoised per spec on the CPU: moved as a copy, never in place
+        self.embedder: Embedder = (
+            shared if torch.device(device) == torch.device("cpu") else copy.deepcopy(shared).to(device)
+        )  # type: ignore[attr-defined]
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @torch.no_grad()
