@@ -197,7 +197,7 @@ def _clip_builds(tmp_path: Path, pairs: Path) -> tuple[list[str], list[str], Pat
     return rfa, coser, db
 
 
-def test_rfa_and_coser_build_two_processes_and_train_from_the_store(tmp_path: Path, monkeypatch):
+def test_rfa_and_coser_build_two_processes_and_train_from_the_store(tmp_path: Path, monkeypatch, capsys):
     pairs, store = _pairs(tmp_path, count=4), tmp_path / "store"
     rfa, coser, db = _clip_builds(tmp_path, pairs)
     launch_semsr("priors", "build", "--pairs", str(pairs), "-o", str(store), *rfa)
@@ -228,6 +228,33 @@ def test_rfa_and_coser_build_two_processes_and_train_from_the_store(tmp_path: Pa
         _train("coser-tiny.yaml", tmp_path / "coser", pairs, store, *common)
     assert (tmp_path / "rfa" / "final" / "rfa").is_dir()
     assert (tmp_path / "coser" / "final" / "cognitive").is_dir() and (tmp_path / "coser" / "final" / "aia").is_dir()
+
+    # references retrieved with the aligner do not fit a run without one: refused before the first step
+    capsys.readouterr()
+    args = ["train", "--config", str(REPO / "configs" / "rfa-tiny.yaml"), "--output", str(tmp_path / "rfa2")]
+    args += [f"data.pairs={pairs}", f"data.priors={store}", "validation.every=0", "data.val_count=1"]
+    args += [
+        f"model.options.db={db}",
+        "model.options.num_refs=2",
+        "model.options.aligner=",
+        "model.options.no_aligner=true",
+    ]
+    assert main(args) != 0
+    assert "retrieved with another aligner" in capsys.readouterr().err
+
+
+def test_lr_embedding_option():
+    from semsr.train.config import load_config
+    from semsr.train.priors import lr_embedding_mode
+
+    cfg = load_config(REPO / "configs" / "coser-tiny.yaml")
+    store = object()  # only its presence counts
+    assert lr_embedding_mode(cfg, store, None) == "image" and lr_embedding_mode(cfg, None, None) == "crop"  # type: ignore[arg-type]
+    assert lr_embedding_mode(cfg, store, "crop") == "crop"  # type: ignore[arg-type]
+    with pytest.raises(SemsrError, match="reads the LR embeddings from data.priors"):
+        lr_embedding_mode(cfg, None, "image")
+    with pytest.raises(SemsrError, match="must be image or crop"):
+        lr_embedding_mode(cfg, store, "tile")  # type: ignore[arg-type]
 
 
 def test_coser_stored_neighbours_equal_the_live_ranking(tmp_path: Path):

@@ -68,7 +68,7 @@ from semsr.priors.retrieval.index import ReferenceDB, file_sha256
 from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.pairs import read_pairs
-from semsr.train.rfa import load_aligner, resolve_embedder_spec
+from semsr.train.rfa import aligner_fingerprint, load_aligner, resolve_embedder_spec
 
 DEFAULT_MODALITIES = "canny,hed"
 
@@ -383,7 +383,7 @@ def rfa_references(store: PriorStore, lrs: list[tuple[Path, Path | None]], args:
     refs = ReferenceTokens(db, embedder, aligner, args.num_refs)
     meta = {
         "db": str(Path(args.db).resolve()),
-        "aligner": None if aligner is None else str(args.aligner),
+        "aligner": aligner_fingerprint(None if aligner is None else args.aligner, db.embedder_spec),
         "num_refs": args.num_refs,
         "exclude_self": True,
         "embedder": db.embedder_spec,

@@ -62,6 +62,7 @@ from torch import nn
 
 from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
+from semsr.core.fingerprint import fingerprint
 from semsr.core.io import atomic_write_bytes
 from semsr.core.paths import cache_dir
 from semsr.models.rfa import (
@@ -236,10 +237,21 @@ def resolve_embedder_spec(text: str) -> str:
     return text
 
 
+def aligner_folder(value: object, embedder_spec: str) -> Path:
+    """The folder of a configured aligner (``tiny://`` forms, ``default``: the shipped one for the embedder)."""
+    return aligner_dir("default", embedder_spec) if str(value) == "default" else resolve_model_path(str(value))
+
+
+def aligner_fingerprint(value: object | None, embedder_spec: str) -> str | None:
+    """Fingerprint of a configured aligner's files (None: no aligner, the raw LR embedding is the query); the
+    prior store records it with the references it retrieved."""
+    return None if value is None else fingerprint([aligner_folder(value, embedder_spec)])
+
+
 def load_aligner(value: object, embedder: Embedder) -> ReferenceFindingAligner:
     """The aligner of a configured folder (``tiny://`` forms, ``default``: the shipped one), checked against
     ``embedder``."""
-    folder = aligner_dir("default", embedder.spec) if str(value) == "default" else resolve_model_path(str(value))
+    folder = aligner_folder(value, embedder.spec)
     model = load_component(ReferenceFindingAligner, folder)
     check_embedder(model, embedder, folder)
     return model

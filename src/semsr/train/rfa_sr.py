@@ -64,7 +64,7 @@ from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.priors import lr_embedding_mode, open_prior_store, require_priors, training_lr_files
-from semsr.train.rfa import TrainingHashes, resolve_embedder_spec, retrieval_aligner
+from semsr.train.rfa import TrainingHashes, aligner_fingerprint, resolve_embedder_spec, retrieval_aligner
 from semsr.train.tasks import ControlNetSRTask, register_task
 
 #: ``model.options`` of ``rfa-sr`` besides those of ``controlnet_sr``.
@@ -144,8 +144,11 @@ class StoredEnhancedEmbedding:
     (``rfa-refs``, retrieved at build time with the aligned query, the training image skipped) through the
     frozen enhancer; ``(D,)`` per LR file, computed once and kept in memory."""
 
-    def __init__(self, store: PriorStore, enhancer: EmbeddingEnhancer, spec: str, k: int) -> None:
+    def __init__(
+        self, store: PriorStore, enhancer: EmbeddingEnhancer, spec: str, k: int, aligner: str | None = None
+    ) -> None:
         self.store, self.enhancer, self.spec, self.k = store, enhancer.float().eval().requires_grad_(False), spec, k
+        self.aligner = aligner  # fingerprint of the training's aligner (None: no aligner)
         self._memo: dict[str, torch.Tensor] = {}
 
     def check(self, lr_files: list[Path]) -> None:
@@ -158,6 +161,12 @@ class StoredEnhancedEmbedding:
             raise SemsrError(
                 f"the store's references were retrieved with embedder {meta.get('embedder')!r}, "
                 f"model.options.embedder is {self.spec!r}",
+                self.store.root,
+            )
+        if meta.get("aligner") != self.aligner:
+            raise SemsrError(
+                "the store's references were retrieved with another aligner than model.options.aligner "
+                "(or no_aligner); rebuild them with the same --aligner / --no-aligner",
                 self.store.root,
             )
         refs = sorted({r for lr in lr_files for r in self.store.tags(lr, RFA_REFS)[: self.k]})
@@ -259,7 +268,8 @@ class RFASRTask(ControlNetSRTask):
                     "model.options.lr_embedding: crop"
                 )
             self.hashes = None
-            self.stored = StoredEnhancedEmbedding(self.store, enhancer, spec, self.num_refs)
+            fp = aligner_fingerprint(own.get("aligner") if aligner is not None else None, spec)
+            self.stored = StoredEnhancedEmbedding(self.store, enhancer, spec, self.num_refs, fp)
             self.stored.check(training_lr_files(cfg.data))
         self.text_decoder = resolve_model_path(str(own["text_decoder"])) if own.get("text_decoder") else None
         controlnet = self.trainable
