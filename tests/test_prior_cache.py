@@ -218,8 +218,18 @@ def test_rfa_and_coser_build_two_processes_and_train_from_the_store(tmp_path: Pa
         refs = s.tags(lrs[0], "rfa-refs")
         assert len(refs) == 2 and image_id(hr) not in refs  # the training image itself is never a reference
         assert s.array(lrs[0], "coser-cognitive").shape[0] == 50  # (Te, D)
-    again = main(["priors", "build", "--pairs", str(pairs), "-o", str(store), *coser])  # resumed: nothing to do
-    assert again == 0
+    capsys.readouterr()
+    assert main(["priors", "build", "--pairs", str(pairs), "-o", str(store), *coser]) == 0  # nothing left to do
+    out = capsys.readouterr().out
+    assert "computed 0, kept 8, failed 0" in out and "coser-neighbours: computed 0, kept 4" in out
+    # as after a kill: two LR files lack their references, one database image its tokens
+    lost = [image_id(lrs[0]) for lrs in list(read_pairs(pairs).values())[:2]]
+    db_image = image_id(next((tmp_path / "hr").iterdir()))
+    with sqlite3.connect(store / "index.sqlite") as con:
+        con.executemany("DELETE FROM priors WHERE image = ? AND prior = 'rfa-refs'", [(i,) for i in lost])
+        con.execute("DELETE FROM priors WHERE image = ? AND prior = 'rfa-tokens'", (db_image,))
+    assert main(["priors", "build", "--pairs", str(pairs), "-o", str(store), *rfa]) == 0
+    assert "computed 3, kept 17, failed 0" in capsys.readouterr().out  # 4 HR + 8 LR + 4 DB + 4 refs rows
 
     common = ["data.hr=[]"]  # class folders are not needed here (flat pool)
     with monkeypatch.context() as m:
