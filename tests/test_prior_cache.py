@@ -296,3 +296,19 @@ def test_rfa_and_coser_training_fail_in_one_line_when_a_prior_is_missing(tmp_pat
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("semsr")]
         assert len(err) == 1 and f"has no '{prior}' of this image (run semsr priors build" in err[0], err
         assert "/lr/" in err[0]  # names the LR file
+
+
+def test_clip_priors_of_a_batch_equal_those_of_single_images():
+    """``priors build`` embeds a batch of differently sized images in one pass: the same values as one by one."""
+    from semsr.priors.base import get_provider
+
+    clip = resolve_model_path("tiny://clip-vision")
+    images = [torch.rand(1, 3, 24 + 4 * i, 20 + 8 * i, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for name, kw in (
+        ("rfa-embed", {"embedder": f"clip:{clip}"}),
+        ("rfa-tokens", {"embedder": f"clip:{clip}"}),
+        ("coser-clip", {"clip": clip}),
+    ):
+        provider = get_provider(name, **kw)
+        for batched, single in zip(provider.many(images), [provider(i) for i in images], strict=True):
+            torch.testing.assert_close(batched.value, single.value, atol=1e-5, rtol=1e-4)

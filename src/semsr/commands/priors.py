@@ -330,13 +330,19 @@ def build(args: argparse.Namespace) -> int:
                 todo.append((path, hr, missing))
         for start in range(0, len(todo), args.batch_size):
             rows = []
+            batched = [n for n in names if hasattr(providers[n], "many")]  # one model pass for the batch
+            loaded: list[tuple[Path, torch.Tensor, list[str]]] = []
             for path, hr, missing in todo[start : start + args.batch_size]:
                 try:
                     image = _load(kind, path, hr)
-                    rows += [(path, n, providers[n](image)) for n in missing]
+                    rows += [(path, n, providers[n](image)) for n in missing if n not in batched]
+                    loaded.append((path, image, missing))
                 except SemsrError as err:
                     counts["failed"] += 1
                     print(f"semsr: error: {err}", file=sys.stderr)
+            for name in batched:
+                group = [(path, image) for path, image, missing in loaded if name in missing]
+                rows += _batched_rows(providers[name], name, group, counts)
             counts["computed"] += store.put_many(rows)
             print(f"{kind}: {min(start + args.batch_size, len(todo))}/{len(todo)} images", flush=True)
     if args.recipe == "rfa":
@@ -358,6 +364,27 @@ def build(args: argparse.Namespace) -> int:
         summary = PriorStore(args.output).describe()
         print("store: " + ", ".join(f"{k} {v}" for k, v in summary["priors"].items()) + f"; {summary['bytes']} bytes")
     return 1 if counts["failed"] else 0
+
+
+def _batched_rows(
+    provider: PriorProvider, name: str, group: list[tuple[Path, torch.Tensor]], counts: dict[str, int]
+) -> list[tuple[Path, str, PriorResult]]:
+    """``(file, prior, result)`` rows of ``group`` from one ``provider.many`` call; when that fails, image by
+    image, so one bad image fails alone (counted in ``counts``)."""
+    if not group:
+        return []
+    try:
+        results = provider.many([image for _, image in group])  # type: ignore[attr-defined]
+        return [(path, name, result) for (path, _), result in zip(group, results, strict=True)]
+    except SemsrError:
+        rows = []
+        for path, image in group:
+            try:
+                rows.append((path, name, provider(image)))
+            except SemsrError as err:
+                counts["failed"] += 1
+                print(f"semsr: error: {err}", file=sys.stderr)
+        return rows
 
 
 def _add_counts(counts: dict[str, int], more: dict[str, int]) -> None:

@@ -76,16 +76,34 @@ class _SharedEncoder:
         self.embedder: Embedder = (
             shared if torch.device(device) == torch.device("cpu") else copy.deepcopy(shared).to(device)
         )  # type: ignore[attr-defined]
-        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        emb = self.embedder
+        #: the square side the embedder resizes every image to (batching resizes first, the same way)
+        self.side = int(getattr(emb, "size", 0) or emb.tower.image_size)  # type: ignore[attr-defined]
+        self._last: tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vec (1, D), tokens (1, N, T))`` of one image ``(1, 3, H, W)`` (on the host)."""
+        return self.many([image])[0]
 
     @torch.no_grad()
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._last is not None and self._last[0] is image:
-            return self._last[1]
-        vec, tok = encode(self.embedder, image.float().to(_device_of(self.embedder)))
-        out = (vec.float().cpu(), tok.float().cpu())
-        self._last = (image, out)
+    def many(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`__call__` of each image, in one embedder pass (each first resized to the embedder's square
+        side as the embedder itself does, which makes its own resize an identity)."""
+        if self._last is not None and len(self._last[0]) == len(images):
+            if all(a is b for a, b in zip(self._last[0], images, strict=True)):
+                return self._last[1]
+        square = images[0].float() if len(images) == 1 else torch.cat([_square(i, self.side) for i in images])
+        vec, tok = encode(self.embedder, square.to(_device_of(self.embedder)))
+        out = [(v[None].float().cpu(), t[None].float().cpu()) for v, t in zip(vec, tok, strict=True)]
+        self._last = (list(images), out)
         return out
+
+
+def _square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """``(1, 3, H, W)`` -> ``(1, 3, side, side)``: the embedders' own resize (bicubic, antialiased, clamped)."""
+    return F.interpolate(image.float(), size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(
+        0, 1
+    )
 
 
 _ENCODERS: dict[tuple[str, str], _SharedEncoder] = {}
@@ -116,8 +134,13 @@ class RFAEmbedProvider(_RFAProvider):
     name = "rfa-embed"
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
-        check_image(image)
-        return PriorResult("embedding", self.encoder(image)[0], {"embedder": self.spec})
+        return self.many([image])[0]
+
+    def many(self, images: list[torch.Tensor]) -> list[PriorResult]:
+        """The prior of each image ``(1, 3, H, W)``, in one embedder pass."""
+        for image in images:
+            check_image(image)
+        return [PriorResult("embedding", v, {"embedder": self.spec}) for v, _ in self.encoder.many(images)]
 
 
 class RFATokensProvider(_RFAProvider):
@@ -126,8 +149,13 @@ class RFATokensProvider(_RFAProvider):
     name = "rfa-tokens"
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
-        check_image(image)
-        return PriorResult("embedding", self.encoder(image)[1], {"embedder": self.spec})
+        return self.many([image])[0]
+
+    def many(self, images: list[torch.Tensor]) -> list[PriorResult]:
+        """The prior of each image ``(1, 3, H, W)``, in one embedder pass (shared with ``rfa-embed``)."""
+        for image in images:
+            check_image(image)
+        return [PriorResult("embedding", t, {"embedder": self.spec}) for _, t in self.encoder.many(images)]
 
 
 def _clip_folder(clip: str | Path | None, what: str) -> Path:
@@ -148,8 +176,14 @@ class CoSeRClipProvider:
         self.version = f"{_REVISION};{fingerprint([folder])}"
 
     def __call__(self, image: torch.Tensor) -> PriorResult:
-        check_image(image)
-        return PriorResult("embedding", pool_embeddings(self.clip, centre_square(image, self.clip.image_size)))
+        return self.many([image])[0]
+
+    def many(self, images: list[torch.Tensor]) -> list[PriorResult]:
+        """The prior of each image ``(1, 3, H, W)``, in one CLIP pass."""
+        for image in images:
+            check_image(image)
+        squares = torch.cat([centre_square(image, self.clip.image_size) for image in images])
+        return [PriorResult("embedding", e[None]) for e in pool_embeddings(self.clip, squares)]
 
 
 def cognitive_fingerprint(path: str | Path) -> str:
