@@ -280,6 +280,12 @@ def test_coser_stored_neighbours_equal_the_live_ranking(tmp_path: Path):
     stored = train_coser.NeighbourReferences(cfg, None, 3, store=PriorStore(store))
     assert [r.tolist() for r in live.neighbours] == [r.tolist() for r in stored.neighbours]
     assert len(live.neighbours) == 4 and all(len(r) == 3 for r in live.neighbours)
+    # the paper's per-crop cognitive embedding with the pool from the store (built without --cognitive)
+    overrides = [f"data.pairs={pairs}", f"data.priors={store}", "data.hr=[]", "data.val_count=1"]
+    overrides += [f"model.pretrained={resolve_model_path('tiny://')}", "model.options.lr_embedding=crop"]
+    task = train_coser.CoSeRSRTask(load_config(REPO / "configs" / "coser-tiny.yaml", overrides))
+    assert task.lr_embedding == "crop" and task.cognitive.clip is not None
+    assert [r.tolist() for r in task.references.neighbours] == [r.tolist() for r in live.neighbours]
 
 
 def test_rfa_and_coser_training_fail_in_one_line_when_a_prior_is_missing(tmp_path: Path, capsys):
