@@ -80,9 +80,9 @@ class DataConfig:
         pairs: a pairs folder of ``semsr data make-pairs`` (``{data}`` expands): train on its precomputed
             LR images (aligned crops) instead of degrading HR crops on the fly; ``hr``/``manifest`` and the
             ``degradation`` section are then not used for the training data.
-        priors: a prior store of ``semsr priors build`` (``{data}`` expands): the ``xpsr``, ``dalpsr`` and
-            ``mmsr`` tasks read their training priors from it instead of running prior models (needs
-            ``pairs``: LR priors belong to fixed LR files).
+        priors: a prior store of ``semsr priors build`` (``{data}`` expands): the ``xpsr``, ``dalpsr``,
+            ``mmsr``, ``rfa-sr`` and ``coser-sr`` tasks read their training priors from it instead of
+            running prior models (needs ``pairs``: LR priors belong to fixed LR files).
     """
 
     hr: list[str] = field(default_factory=list)
