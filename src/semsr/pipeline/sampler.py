@@ -51,6 +51,7 @@ def sample(
     generator: torch.Generator | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    added_noise_level: int | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -68,6 +69,8 @@ def sample(
             latent), noised to the first timestep used; None starts from pure noise.
         strength: with ``init_latents``, the fraction of the schedule to run
             (1.0 = from t=T, XPSR; smaller skips the noisiest steps).
+        added_noise_level: with ``init_latents``, noise the noised start once more, with fresh noise from
+            ``generator``, to this training timestep (XPSR's / SeeSR's released scripts: 800); None: no.
         progress: called as ``progress(done, total)`` after each step.
     """
     if steps < 1:
@@ -85,6 +88,9 @@ def sample(
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
         x = scheduler.add_noise(init_latents.float().to(device), noise, timesteps[:1])
+        if added_noise_level is not None:
+            added = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+            x = scheduler.add_noise(x, added, torch.tensor([int(added_noise_level)], device=device))
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
