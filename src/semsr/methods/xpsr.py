@@ -127,6 +127,14 @@ class XPSROptions(LatentSROptions):
         help="released: the released inference script's prompts, start latent, hint/output resizing, tiling and "
         "colour fix; semsr: semsr's (default: released for a released XPSR folder, else semsr)",
     )
+    process_size: int = option(
+        RELEASED_PROCESS_SIZE,
+        min=8,
+        max=1 << 16,
+        units="px",
+        metavar="N",
+        help="released preset: the hint's shorter side is enlarged to at least this (the script's process_size)",
+    )
     negative_prompt: str | None = option(
         None, help="negative prompt (high-level branch; default: the preset's)", metavar="TEXT"
     )
@@ -147,6 +155,25 @@ class XPSROptions(LatentSROptions):
         hidden=True,
         help="the prompt already holds the semantic prior (an edited suggestion): use it as the high-level prompt",
     )
+
+    def resolved_defaults(self) -> dict[str, Any]:
+        """``preset`` (``released`` when ``checkpoint`` is a released XPSR folder, else ``semsr``) and the
+        negative / added prompts of that preset, for those left unset."""
+        released = self.checkpoint is not None and is_released_layout(Path(self.checkpoint).expanduser())
+        return preset_defaults(self, released)
+
+
+def preset_defaults(options: XPSROptions, released_weights: bool) -> dict[str, Any]:
+    """The unset (None) ``preset``, ``negative_prompt`` and ``added_prompt`` of ``options``: the preset is
+    ``released`` for released weights, else ``semsr``; the prompts are the preset's."""
+    preset = options.preset or ("released" if released_weights else "semsr")
+    released = preset == "released"
+    values = {
+        "preset": preset,
+        "negative_prompt": RELEASED_NEGATIVE if released else XPSR_NEGATIVE,
+        "added_prompt": RELEASED_ADDED_PROMPT if released else XPSR_ADDED_POSITIVE,
+    }
+    return {k: v for k, v in values.items() if getattr(options, k) is None}
 
 
 def join_prompt(*parts: str | None) -> str:
@@ -318,18 +345,7 @@ class TwoPromptSR(SDControlNetSR):
         """``options`` (None: the defaults) with the preset chosen (``released`` for a pipeline loaded from a
         released XPSR folder, else ``semsr``) and the negative / added prompts left unset filled from it."""
         opts = options if options is not None else self.options_class()
-        preset = opts.preset or ("released" if self.weight_sources else "semsr")
-        released = preset == "released"
-        return replace(
-            opts,
-            preset=preset,
-            negative_prompt=opts.negative_prompt
-            if opts.negative_prompt is not None
-            else (RELEASED_NEGATIVE if released else XPSR_NEGATIVE),
-            added_prompt=opts.added_prompt
-            if opts.added_prompt is not None
-            else (RELEASED_ADDED_PROMPT if released else XPSR_ADDED_POSITIVE),
-        )
+        return replace(opts, **preset_defaults(opts, bool(self.weight_sources)))
 
     def __call__(  # type: ignore[override]  # extra keyword arguments: per-image prompts
         self,
@@ -399,7 +415,7 @@ class TwoPromptSR(SDControlNetSR):
             {
                 "prompt": highs[0],
                 "negative_prompt": opts.negative_prompt,
-                "preset": opts.preset,
+                "preset": "released" if opts.preset == "released" else None,
                 "low_prompt": lows[0],
                 "low_negative_prompt": opts.low_negative_prompt,
                 "user_prompt": (opts.prompt or None) if use_high else None,
@@ -422,7 +438,8 @@ class TwoPromptSR(SDControlNetSR):
         t0: float,
     ) -> torch.Tensor:
         """The released inference script on each image of ``lr`` ``(B, 3, h, w)`` in [0, 1] ->
-        ``(B, 3, scale*h, scale*w)`` (8-bit values): its hint (:func:`~semsr.methods.xpsr_released.script_hint`),
+        ``(B, 3, scale*h, scale*w)`` (8-bit values): its hint (:func:`~semsr.methods.xpsr_released.script_hint`
+        with ``opts.process_size``),
         a generator seeded ``opts.seed`` per image drawing, in the script's order, the LR latent from the VAE
         posterior, the noise to t=T and the noise to 800, then every DDPM step's noise; CFG steps on
         :func:`~semsr.pipeline.latent_tiling.script_tiled` tiles (``latent_tile`` / ``tile_overlap``, default
@@ -437,7 +454,7 @@ class TwoPromptSR(SDControlNetSR):
         try:
             for i, x in enumerate(lr):
                 t1 = time.perf_counter()
-                ref = script_hint(x, self.scale, process_size=RELEASED_PROCESS_SIZE, multiple=self.factor)
+                ref = script_hint(x, self.scale, process_size=int(opts.process_size), multiple=self.factor)
                 hint = from_pil(ref)[None]
                 generator = torch.Generator("cpu").manual_seed(int(opts.seed))
                 big = max(hint.shape[-2:]) > RELEASED_VAE_ENCODER_TILE + 64  # the script's tiled-VAE threshold
