@@ -131,6 +131,16 @@ def test_full_size_every_released_key_has_a_home(tmp_path):
         for key, shape in released.items():
             assert list(states[route(part, key)][key].shape) == shape, key
     assert sum(len(v) for v in homes["unet"].values()) == len(recorded["unet"]["keys"])
+    # strict loading of the full-size released tensors (as meta tensors of the recorded shapes) fills every
+    # module completely: no key missing or unexpected in any home
+    modules = {"unet": model.unet, "controlnet": model.controlnet, "sfa": model.sfa, "dfc": model.dfc}
+    filled: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    for part in ("unet", "controlnet"):
+        for key, shape in recorded[part]["keys"].items():
+            filled[route(part, key)][key] = torch.empty(shape, device="meta")
+    for name, module in modules.items():
+        result = module.load_state_dict(filled[name], strict=True, assign=True)
+        assert not result.missing_keys and not result.unexpected_keys, name
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +231,7 @@ def test_four_step_sample_matches_official_at_released_size(released_pipe, sampl
 
 
 def test_script_tiles_match_the_released_layout():
-    assert script_tile_starts(64, 24, 8) == [0, 16, 40]
+    assert script_tile_starts(64, 24, 8) == [0, 16, 32, 40]  # stride 16, last tile at the end
     assert script_tile_starts(85, 24, 8) == [0, 16, 32, 48, 61]
     assert script_tile_starts(24, 24, 8) == [0]
     w = script_tile_weight(6)
