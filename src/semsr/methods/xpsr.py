@@ -442,10 +442,11 @@ class TwoPromptSR(SDControlNetSR):
         with ``opts.process_size``),
         a generator seeded ``opts.seed`` per image drawing, in the script's order, the LR latent from the VAE
         posterior, the noise to t=T and the noise to 800, then every DDPM step's noise; CFG steps on
-        :func:`~semsr.pipeline.latent_tiling.script_tiled` tiles (``latent_tile`` / ``tile_overlap``, default
-        320 / 8 latent pixels); the decoded image rounded to 8 bits, colour-fixed
+        :func:`~semsr.pipeline.latent_tiling.script_tiled` tiles (``latent_tile`` or ``tile``, and ``tile_overlap``;
+        default 320 / 8 latent pixels; 0: untiled); the decoded image rounded to 8 bits, colour-fixed
         (:func:`~semsr.methods.xpsr_released.script_adain` for ``adain``) and resized back with PIL bicubic."""
-        tile = int(opts.latent_tile) if opts.latent_tile else RELEASED_LATENT_TILE
+        chosen = latent_tile(opts, self.scale, self.factor)  # --latent-tile, or --tile in latent pixels
+        tile = RELEASED_LATENT_TILE if chosen is None else (int(chosen) if chosen > 0 else 1 << 30)  # 0: untiled
         overlap = RELEASED_TILE_OVERLAP if opts.tile_overlap is None else int(opts.tile_overlap)
         callback, close = progress_fn(progress)
         images, denoise, decode = [], 0.0, 0.0
