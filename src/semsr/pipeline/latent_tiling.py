@@ -147,6 +147,53 @@ def untiled(spatial: SpatialDenoiser) -> Denoiser:
     return denoise
 
 
+def script_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts of the StableSR-family inference scripts (XPSR's, SeeSR's released pipelines): stride
+    ``tile - overlap`` from 0, the last tile aligned to the end (its overlap may be larger); ``size <= tile``: ``[0]``."""
+    count, covered = 0, 0
+    while covered < size:
+        covered = max(count * (tile - overlap), 0) + tile
+        count += 1
+    return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
+
+
+def script_tile_weight(tile: int, *, device: Any = None) -> torch.Tensor:
+    """Float64 ``(tile, tile)`` Gaussian tile weights of those scripts: variance 0.01 of the side, centred at
+    ``(tile - 1) / 2`` across and at ``tile / 2`` down (as released)."""
+    var = 0.01
+    pos = torch.arange(tile, dtype=torch.float64, device=device)
+    norm = math.sqrt(2 * math.pi * var)
+    across = torch.exp(-((pos - (tile - 1) / 2) ** 2) / (tile * tile) / (2 * var)) / norm
+    down = torch.exp(-((pos - tile / 2) ** 2) / (tile * tile) / (2 * var)) / norm
+    return down[:, None] * across[None, :]
+
+
+def script_tiled(spatial: SpatialDenoiser, tile: int, overlap: int) -> Denoiser:
+    """Wrap a spatial denoiser as the StableSR-family scripts tile a step: a latent of ``h * w <= tile**2``
+    runs whole; else square tiles of side ``min(tile, h, w)`` at :func:`script_tile_starts`, blended with
+    :func:`script_tile_weight` (float32 sums, tiles left to right, each column top to bottom)."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height * width <= tile * tile:
+            return spatial(x, t, cond, (0, 0, height, width))
+        side = min(tile, height, width)
+        weight = script_tile_weight(side, device=x.device)
+        out: torch.Tensor | None = None
+        total = torch.zeros(x.shape[0], 1, height, width, dtype=torch.float32, device=x.device)
+        for left in script_tile_starts(width, side, overlap):
+            for top in script_tile_starts(height, side, overlap):
+                y = spatial(x[:, :, top : top + side, left : left + side], t, cond, (top, left, side, side)).float()
+                if out is None:
+                    out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
+                out[:, :, top : top + side, left : left + side] += y * weight
+                total[:, :, top : top + side, left : left + side] += weight
+        assert out is not None
+        return out / total
+
+    return denoise
+
+
 def crop_window(t: torch.Tensor, window: Window, factor: int = 1, batch: int | None = None) -> torch.Tensor:
     """Crop a spatial condition ``(B, C, factor*H, factor*W)`` to the latent ``window``.
 
