@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,12 +249,14 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
 
 
 def build_reference_db(images: Path, out: Path, clip_folder: Path) -> Path:
-    """``semsr index build`` of ``images`` with the CLIP embedder ``clip_folder`` into ``out``."""
-    cmd = [sys.executable, "-m", "semsr.cli", "index", "build", "--images", str(images), "--out", str(out)]
-    cmd += ["--embedder", f"clip:{clip_folder.resolve()}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"semsr index build failed: {proc.stderr.strip()[-500:]}")
+    """``semsr index build`` of ``images`` with the CLIP embedder ``clip_folder`` into ``out`` (in this process)."""
+    from semsr.cli import main as cli
+
+    rc = cli(
+        ["index", "build", "--images", str(images), "--out", str(out), "--embedder", f"clip:{clip_folder.resolve()}"]
+    )
+    if rc:
+        raise RuntimeError(f"semsr index build failed ({rc})")
     return out
 
 
@@ -438,7 +438,7 @@ def meta_config(recipe: str) -> Any:
 
     name = {"sd-controlnet": "tiny"}.get(recipe, recipe)
     raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-    opts = dict((raw.setdefault("model", {}).get("options") or {}))
+    opts = dict(raw.setdefault("model", {}).get("options") or {})
     if recipe in ("xpsr", "dalpsr"):
         for key in ("vlm", "prompts", "tagger", "irpad"):
             opts.pop(key, None)
