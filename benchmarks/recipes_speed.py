@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     prepare_s = round(time.perf_counter() - t0, 1)
     cfg = recipe_config(args.worker, args.size, args.sd, overrides, crop)
     task = build_task(cfg)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
     if args.worker == "default" and not tiny:
         task.stage1 = recipes_full.random_stage1(device, dtype)
     task.setup(device, dtype)
@@ -184,7 +184,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     crop = cfg.data.crop_size
     batch_size = args.batch or (2 if tiny else 4)
     scale = cfg.data.scale
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    row["dtype"], row["optimizer"] = "bf16" if dtype == torch.bfloat16 else "fp32", args.optimizer
 
     # inference
     copy = _weights_copy(trainable)
@@ -209,7 +210,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "path": [f"{i}.png" for i in range(batch_size)],
     }
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    if args.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=1e-6)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
 
     def step() -> None:
         with autocast:
@@ -255,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=int, default=0, help="SR output size in pixels (0: 512; tiny: 64)")
     parser.add_argument("--crop", type=int, default=0, help="training crop in pixels (0: 512; tiny: the config's)")
     parser.add_argument("--batch", type=int, default=0, help="training batch (0: 4; tiny: 2)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="frozen weights (cuda: bf16, cpu: fp32)"
+    )
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: no optimiser state")
     parser.add_argument("--in-process", action="store_true", help="run the recipes in this process (no limits)")
     parser.add_argument("--meta", action="store_true", help="full-size builds on the meta device: parameter counts")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -345,6 +353,7 @@ def meta_report(recipes: list[str], out: Path | None) -> int:
 def _worker_args(recipe: str, args: argparse.Namespace, size: str, sd: str | None, tmp: str) -> list[str]:
     cmd = ["--worker", recipe, "--device", args.device, "--size", size, "--steps", str(args.steps)]
     cmd += ["--out", str(args.out), "--crop", str(args.crop), "--batch", str(args.batch), "--tmp", tmp]
+    cmd += ["--optimizer", args.optimizer] + (["--dtype", args.dtype] if args.dtype else [])
     return cmd + (["--sd", sd] if sd else [])
 
 
