@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=["fp32", "bf16"], default=None, help="frozen weights (cuda: bf16, cpu: fp32)"
     )
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: no optimiser state")
+    for layout, name in (("sd15", "SD-1.5"), ("sd21", "SD-2.1-base")):
+        parser.add_argument(f"--{layout}", default=None, help=f"an {name} folder to use instead of a random one")
     parser.add_argument("--in-process", action="store_true", help="run the recipes in this process (no limits)")
     parser.add_argument("--meta", action="store_true", help="full-size builds on the meta device: parameter counts")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -286,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(" | ".join(COLUMNS), flush=True)
     with tempfile.TemporaryDirectory(prefix="semsr-recipes-speed-") as tmp:
-        sds: dict[str, str] = {}
         layouts = sorted({recipes_full.SD_LAYOUT[r] for r in recipes if r in recipes_full.SD_LAYOUT})
+        given = {layout: getattr(args, layout) for layout in layouts if getattr(args, layout)}
+        layouts = [layout for layout in layouts if layout not in given]
+        sds = {layout: str(Path(folder).resolve()) for layout, folder in given.items()}
         if size == "full" and layouts:
             t0 = time.perf_counter()
-            sds = write_sds(layouts, Path(tmp))
+            sds |= write_sds(layouts, Path(tmp))
             report["random_sd_write_s"] = round(time.perf_counter() - t0, 1)
             print(
                 f"random {', '.join(layouts)} written in {report['random_sd_write_s']} s", file=sys.stderr, flush=True
