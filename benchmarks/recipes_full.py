@@ -297,6 +297,7 @@ def write_recipe_models(recipe: str, root: Path, crop: int) -> dict[str, Any]:
             "model.options.cognitive": str(root / "coser-cognitive"),
             "model.options.reference_pool": "clip",
             "data.hr": [str(pool)],
+            "data.val_count": 0,
         }
     if recipe == "rfa":
         clip = _save_clip(CLIP_VIT_L14_VISION, root / "clip-vit-l14")
