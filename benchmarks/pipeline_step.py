@@ -74,6 +74,28 @@ CONFIGS = {
     "fp16-cl": {"dtype": "fp16", "channels_last": True, "compile": False},
     "fp16-compile": {"dtype": "fp16", "channels_last": False, "compile": "default"},
     "fp16-cudagraphs": {"dtype": "fp16", "channels_last": False, "compile": "reduce-overhead"},
+    # the rows below keep the hint cache on (the pipelines' default) and compare with bf16-hintcache
+    # token merging (semsr.pipeline.tome): ratio of the tokens merged before self-attention at full resolution
+    "bf16-tome30": {"dtype": "bf16", "cache_hint": True, "tome": 0.3},
+    "bf16-tome50": {"dtype": "bf16", "cache_hint": True, "tome": 0.5},
+    "bf16-tome50-all": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_targets": "attn1,attn2,ff"},
+    "bf16-tome50-ds2": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_max_downsample": 2},
+    "fp32-tome50": {"dtype": "fp32", "cache_hint": True, "tome": 0.5},
+    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (eager weights freed)
+    "bf16-freeze": {"dtype": "bf16", "cache_hint": True, "compile": "freeze"},
+    "bf16-freeze-discard": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "discard": True},
+    "bf16-freeze-tome50": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "tome": 0.5},
+    "bf16-freeze-discard-tome50": {
+        "dtype": "bf16",
+        "cache_hint": True,
+        "compile": "freeze",
+        "discard": True,
+        "tome": 0.5,
+    },
+    "bf16-cl-hintcache": {"dtype": "bf16", "channels_last": True, "cache_hint": True},
+    # attention variants: SDPA restricted to the math backend; diffusers attention slicing (sliced processor)
+    "bf16-sdpa-math": {"dtype": "bf16", "cache_hint": True, "sdpa": "math"},
+    "bf16-slice": {"dtype": "bf16", "cache_hint": True, "attention_slice": "auto"},
 }
 #: Step configs and end-to-end sizes measured by default, per device type.
 DEFAULT_CONFIGS = {"cpu": "fp32,bf16,auto,bf16-cl", "cuda": "fp16,fp16-cudagraphs,fp16-cl"}
@@ -149,7 +171,27 @@ def _reset_peak() -> None:
         pass
 
 
+def _eps_quality(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """How close a step's output ``out`` is to the exact (unmerged, eager) output ``ref``, both ``(2, 4, h, w)``:
+    PSNR in dB over ``ref``'s value range and the relative L2 error."""
+    import math
+
+    a, b = out.double(), ref.double()
+    mse = (a - b).pow(2).mean().item()
+    span = (b.max() - b.min()).item()
+    return {
+        "psnr_vs_exact_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
+        "rel_l2_vs_exact": ((a - b).norm() / b.norm()).item(),
+        "max_abs_diff_vs_exact": (a - b).abs().max().item(),
+    }
+
+
 def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -> dict:
+    """Time one CFG step of ``cfg`` (see :data:`CONFIGS`): dtype, channels_last, compile (True/mode), hint cache,
+    autocast, token merging (``tome`` ratio, ``tome_targets``, ``tome_max_downsample``), SDPA backend
+    (``sdpa``), attention slicing. Configs that merge tokens or compile are also compared with the exact
+    eager output of the same models and inputs (``psnr_vs_exact_db``)."""
+    import contextlib
     import gc
 
     import torch
@@ -158,6 +200,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     from semsr.pipeline.precision import prepare_module
     from semsr.pipeline.sd_controlnet import controlnet_unet_forward
     from semsr.pipeline.step_cache import set_hint_cache
+    from semsr.pipeline.tome import set_token_merging, tome_state
 
     torch.manual_seed(0)
     parts, dims = _sd_parts(size, with_text_encoder=False)
@@ -165,31 +208,57 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     controlnet = _controlnet(unet, size)
     dtype = resolve_dtype(cfg["dtype"], device)  # "auto": bf16 on CPUs with native bf16, else fp32; bf16/fp16 on CUDA
     precision = describe_dtype(cfg["dtype"], device)
-    mode = cfg["compile"]
+    mode = cfg.get("compile", False)
     cuda_graphs = mode == "reduce-overhead" and _device_type(device) == "cuda"
     unet, controlnet = (
-        prepare_module(m, device=device, dtype=dtype, channels_last=cfg["channels_last"]) for m in (unet, controlnet)
+        prepare_module(m, device=device, dtype=dtype, channels_last=cfg.get("channels_last", False))
+        for m in (unet, controlnet)
     )
     set_hint_cache(controlnet, bool(cfg.get("cache_hint", False)))
-    if mode:
+    if cfg.get("attention_slice"):
         for m in (unet, controlnet):
-            m.compile(**({} if mode is True else {"mode": mode}))
-    gc.collect()
-    rss_loaded = rss_mb("VmRSS")
-    _reset_peak_memory(device)
+            m.set_attention_slice(cfg["attention_slice"])
     n = dims["latent"]
     x = torch.randn(2, 4, n, n, dtype=dtype, device=device)  # CFG batch: [uncond, cond]
     ctx = torch.randn(2, 77, dims["context"], dtype=dtype, device=device)
     hint = torch.rand(2, 3, n * dims["factor"], n * dims["factor"], dtype=dtype, device=device)
     t = torch.tensor(500, device=device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.get("autocast", False)))
+    sdpa = contextlib.nullcontext()
+    if cfg.get("sdpa"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # reason: only the sdpa rows need it
+
+        sdpa = sdpa_kernel(getattr(SDPBackend, cfg["sdpa"].upper()))
+    exact = None
+    if cfg.get("tome") or mode:  # the exact eager output, to compare with
+        with torch.inference_mode(), autocast, sdpa:
+            exact = controlnet_unet_forward(unet, controlnet, x, t, ctx, hint).clone()
+    if cfg.get("tome"):
+        targets = tuple(cfg.get("tome_targets", "attn1").split(","))
+        for m in (unet, controlnet):
+            set_token_merging(m, cfg["tome"], seed=0, targets=targets, max_downsample=cfg.get("tome_max_downsample", 1))
+    if mode:
+        if cfg.get("discard"):
+            import torch._inductor.config as inductor_config  # reason: only the freeze rows need it
+
+            inductor_config.freezing_discard_parameters = True
+        for m in (unet, controlnet):
+            if mode == "freeze":
+                prepare_module(m, device=device, dtype=dtype, compile="freeze")
+            else:
+                m.compile(**({} if mode is True else {"mode": mode}))
+    gc.collect()
+    rss_loaded = rss_mb("VmRSS")
+    _reset_peak_memory(device)
 
     def step() -> torch.Tensor:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
 
-    with torch.inference_mode(), autocast:
+    # freezing needs no_grad (inference-mode tensors cannot be frozen constants); eager rows use inference_mode
+    grad_off = torch.no_grad() if mode == "freeze" else torch.inference_mode()
+    with grad_off, autocast, sdpa:
         _sync(device)
         t0 = time.perf_counter()
         ref = step().clone()  # warm-up (compiles when compiled)
@@ -206,11 +275,14 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
             times.append(time.perf_counter() - t0)
         diff = (out.float() - ref.float()).abs().max().item()
     assert torch.isfinite(out.float()).all()
+    state = tome_state(unet)
     return {
         "seconds_per_step": min(times),
         "seconds_per_step_all": times,
         "warmup_seconds": warm,
         "max_abs_diff_to_first_call": diff,
+        **(_eps_quality(out, exact) if exact is not None else {}),
+        "tome_merged_calls_unet": state.merged_calls if state is not None else 0,
         "dtype_resolved": precision["dtype"],
         "dtype_reason": precision["dtype_reason"],
         "rss_after_load_mb": rss_loaded,
