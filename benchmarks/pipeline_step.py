@@ -81,17 +81,11 @@ CONFIGS = {
     "bf16-tome50-all": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_targets": "attn1,attn2,ff"},
     "bf16-tome50-ds2": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_max_downsample": 2},
     "fp32-tome50": {"dtype": "fp32", "cache_hint": True, "tome": 0.5},
-    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (eager weights freed)
+    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (eager weights freed;
+    # not with token merging, whose destination draw is a graph break that runs eager code on the weights)
     "bf16-freeze": {"dtype": "bf16", "cache_hint": True, "compile": "freeze"},
     "bf16-freeze-discard": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "discard": True},
     "bf16-freeze-tome50": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "tome": 0.5},
-    "bf16-freeze-discard-tome50": {
-        "dtype": "bf16",
-        "cache_hint": True,
-        "compile": "freeze",
-        "discard": True,
-        "tome": 0.5,
-    },
     "bf16-cl-hintcache": {"dtype": "bf16", "channels_last": True, "cache_hint": True},
     # attention variants: SDPA restricted to the math backend; diffusers attention slicing (sliced processor)
     "bf16-sdpa-math": {"dtype": "bf16", "cache_hint": True, "sdpa": "math"},
@@ -293,21 +287,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     }
 
 
-def worker_e2e(
-    out_size: int,
-    dtype: str,
-    device: str = "cpu",
-    size: str = "real",
-    steps: int = 1,
-    compile: str | None = None,
-    latent_tile: int | None = None,
-) -> dict:
-    """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
-
-    With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
-    ``compile`` is the pipeline's ``compile`` option (compiled at build, warmed up by a first call that is
-    not timed); ``latent_tile`` None = the automatic choice (free memory), 0 = untiled.
-    """
+def _build_pipeline(size: str, device: str, dtype: str, compile: str | None = None):
+    """``SDControlNetSR`` (x4) on the random real-size or tiny models, built like the method builds it."""
     import gc
 
     import torch
@@ -318,7 +299,6 @@ def worker_e2e(
     from semsr.pipeline.text import CLIPTextConditioner
     from semsr.testing.tiny import tiny_clip_tokenizer, tiny_text_encoder
 
-    t_build = time.perf_counter()
     torch.manual_seed(0)
     parts, _ = _sd_parts(size, with_text_encoder=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,6 +321,60 @@ def worker_e2e(
     )
     del parts
     gc.collect()
+    return pipe
+
+
+def worker_tome_quality(out_size: int, dtype: str, ratios: list[float], steps: int, device: str, size: str) -> dict:
+    """Token merging end to end: one x4 upscale to ``out_size``² with ``steps`` steps unmerged (the reference)
+    and once per ratio; PSNR / SSIM (RGB, 0-255) of each against the reference and the seconds per step."""
+    import torch
+
+    from semsr.eval.metrics.pixel import psnr_255, ssim_255
+    from semsr.methods.sd_controlnet import SDControlNetOptions
+
+    pipe = _build_pipeline(size, device, dtype)
+    lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
+    opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0, latent_tile=0)
+    res: dict = {"output": f"{out_size}x{out_size}", "steps": steps, "dtype": str(pipe.dtype), "size": size}
+    ref = None
+    for ratio in [0.0, *ratios]:
+        with torch.inference_mode():
+            out = pipe(lr, opts.replace(tome_ratio=ratio))
+        img = out.images[0] * 255
+        tm = out.timings
+        row = {"seconds_per_step": tm["denoise"] / steps, "seconds_total": tm["encode"] + tm["denoise"] + tm["decode"]}
+        if ref is None:
+            ref = img
+        else:
+            row.update(psnr_db=psnr_255(img, ref), ssim=ssim_255(img, ref))
+            row["step_speedup"] = res["0.0"]["seconds_per_step"] / row["seconds_per_step"]
+        res[str(ratio)] = row
+    res["peak_rss_mb"] = rss_mb("VmHWM")
+    return res
+
+
+def worker_e2e(
+    out_size: int,
+    dtype: str,
+    device: str = "cpu",
+    size: str = "real",
+    steps: int = 1,
+    compile: str | None = None,
+    latent_tile: int | None = None,
+) -> dict:
+    """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
+
+    With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
+    ``compile`` is the pipeline's ``compile`` option (compiled at build, warmed up by a first call that is
+    not timed); ``latent_tile`` None = the automatic choice (free memory), 0 = untiled.
+    """
+
+    import torch
+
+    from semsr.methods.sd_controlnet import SDControlNetOptions
+
+    t_build = time.perf_counter()
+    pipe = _build_pipeline(size, device, dtype, compile)
     build_seconds = time.perf_counter() - t_build
     rss_loaded = rss_mb("VmRSS")
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
@@ -598,6 +632,23 @@ def _print_e2e_rows(title: str, rows: dict, name_width: int, columns: list[tuple
         print(f"{key:{name_width}} {cells} {peak:9.0f}")
 
 
+def _print_tome_table(results: dict) -> None:
+    keys = [k for k in results if k.startswith("tome_quality_")]
+    if keys:
+        print("\ntoken merging end to end    ratio   s/step   step speedup   PSNR dB vs ratio 0   SSIM vs ratio 0")
+    for key in keys:
+        r = results[key]
+        if "error" in r:
+            print(f"{key:<27} error: {r['error']}")
+            continue
+        for ratio, row in ((k, v) for k, v in r.items() if isinstance(v, dict)):
+            print(
+                f"{r['output'] + ' ' + str(r['steps']) + ' steps':<27} {ratio:>5}   {row['seconds_per_step']:>6.3f}"
+                f"   {row.get('step_speedup', 1.0):>12.2f}   {row.get('psnr_db', float('inf')):>18.2f}"
+                f"   {row.get('ssim', 1.0):>15.4f}"
+            )
+
+
 def _print_e2e_compile_table(results: dict) -> None:
     rows = {k: v for k, v in results.items() if k.startswith("e2e_") and isinstance(v, dict) and v.get("compile")}
     if rows:
@@ -668,6 +719,15 @@ def main() -> int:
     ap.add_argument(
         "--scaling-tile", type=int, default=64, help="latent tile of the tiled scaling rows (default 64; 0 = none)"
     )
+    ap.add_argument(
+        "--tome-quality",
+        default="",
+        metavar="SIZES",
+        help="token merging end to end at these output sizes (e.g. 512): PSNR/SSIM against the unmerged output "
+        "and seconds per step for each --tome-ratios, --tome-steps steps, dtype --e2e-dtype (default auto)",
+    )
+    ap.add_argument("--tome-ratios", default="0.3,0.5", help="token merging ratios of --tome-quality")
+    ap.add_argument("--tome-steps", type=int, default=20, help="denoising steps of --tome-quality")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -676,6 +736,10 @@ def main() -> int:
         kind = args.worker[0]
         if kind == "step":
             res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]), args.device, args.size)
+        elif kind == "tome-quality":
+            ratios = [float(r) for r in args.worker[3].split(",") if r]
+            w = args.worker
+            res = worker_tome_quality(int(w[1]), w[2], ratios, int(w[4]), args.device, args.size)
         elif kind == "compile":
             res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
@@ -736,6 +800,9 @@ def main() -> int:
     for size in [int(s) for s in sizes.split(",") if s]:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype, str(e2e_steps)])
     run_e2e_compile(measure, args, dev, sizes, e2e_dtype, e2e_steps)
+    for size in [int(s) for s in args.tome_quality.split(",") if s]:
+        tome_args = [str(size), args.e2e_dtype or "auto", args.tome_ratios, str(args.tome_steps)]
+        measure(f"tome_quality_{size}", ["tome-quality", *tome_args])
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
@@ -751,6 +818,7 @@ def main() -> int:
     _print_tables(results)
     _print_e2e_compile_table(results)
     _print_compile_table(results)
+    _print_tome_table(results)
     return 0
 
 
