@@ -81,11 +81,18 @@ CONFIGS = {
     "bf16-tome50-all": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_targets": "attn1,attn2,ff"},
     "bf16-tome50-ds2": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_max_downsample": 2},
     "fp32-tome50": {"dtype": "fp32", "cache_hint": True, "tome": 0.5},
-    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (eager weights freed;
-    # not with token merging, whose destination draw is a graph break that runs eager code on the weights)
+    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (the eager weights are
+    # freed after freezing: no eager baseline, and any graph break would fail)
     "bf16-freeze": {"dtype": "bf16", "cache_hint": True, "compile": "freeze"},
     "bf16-freeze-discard": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "discard": True},
     "bf16-freeze-tome50": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "tome": 0.5},
+    "bf16-freeze-discard-tome50": {
+        "dtype": "bf16",
+        "cache_hint": True,
+        "compile": "freeze",
+        "discard": True,
+        "tome": 0.5,
+    },
     "bf16-cl-hintcache": {"dtype": "bf16", "channels_last": True, "cache_hint": True},
     # attention variants: SDPA restricted to the math backend; diffusers attention slicing (sliced processor)
     "bf16-sdpa-math": {"dtype": "bf16", "cache_hint": True, "sdpa": "math"},
@@ -223,6 +230,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         from torch.nn.attention import SDPBackend, sdpa_kernel  # reason: only the sdpa rows need it
 
         sdpa = sdpa_kernel(getattr(SDPBackend, cfg["sdpa"].upper()))
+    tome_targets = tuple(cfg.get("tome_targets", "attn1").split(","))
     exact = None
     if cfg.get("tome") or mode:  # the exact eager output, to compare with
         with torch.inference_mode(), autocast, sdpa:
@@ -250,8 +258,43 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
             torch.compiler.cudagraph_mark_step_begin()
         return controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
 
+    # The same step without the config's speed-up, timed in turn with it (same machine load): compiled rows
+    # run their modules eagerly (torch.compiler.set_stance("force_eager"), token merging kept); eager rows
+    # with token merging run with it removed. None: no such baseline (discarded weights, other rows).
+    tome_kwargs = {}
+    if cfg.get("tome"):
+        tome_kwargs = {"seed": 0, "targets": tome_targets, "max_downsample": cfg.get("tome_max_downsample", 1)}
+    baseline_name = None
+    if mode and not cfg.get("discard"):
+        baseline_name = "eager"
+    elif cfg.get("tome") and not mode:
+        baseline_name = "unmerged"
+
+    @contextlib.contextmanager
+    def baseline():
+        if baseline_name == "eager":
+            with torch.compiler.set_stance("force_eager"):
+                yield
+        else:
+            for m in (unet, controlnet):
+                set_token_merging(m, 0.0)
+            try:
+                yield
+            finally:
+                for m in (unet, controlnet):
+                    set_token_merging(m, cfg["tome"], **tome_kwargs)
+
+    def timed(ctx=contextlib.nullcontext) -> tuple[float, torch.Tensor]:
+        with ctx():
+            _sync(device)
+            t0 = time.perf_counter()
+            res = step()
+            _sync(device)
+        return time.perf_counter() - t0, res
+
     # freezing needs no_grad (inference-mode tensors cannot be frozen constants); eager rows use inference_mode
     grad_off = torch.no_grad() if mode == "freeze" else torch.inference_mode()
+    times, base_times = [], []
     with grad_off, autocast, sdpa:
         _sync(device)
         t0 = time.perf_counter()
@@ -260,14 +303,22 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
             step()
         _sync(device)
         warm = time.perf_counter() - t0
-        times = []
+        if baseline_name:
+            timed(baseline)  # the baseline's own warm-up
         for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            if baseline_name:
+                base_times.append(timed(baseline)[0])
+            dt, out = timed()
+            times.append(dt)
         diff = (out.float() - ref.float()).abs().max().item()
+    interleaved = {}
+    if base_times:
+        interleaved = {
+            "baseline": baseline_name,
+            "baseline_seconds_all": base_times,
+            "speedup_interleaved": min(base_times) / min(times),
+            "speedup_interleaved_median": statistics.median(base_times) / statistics.median(times),
+        }
     assert torch.isfinite(out.float()).all()
     state = tome_state(unet)
     return {
@@ -276,6 +327,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         "warmup_seconds": warm,
         "max_abs_diff_to_first_call": diff,
         **(_eps_quality(out, exact) if exact is not None else {}),
+        **interleaved,
         "tome_merged_calls_unet": state.merged_calls if state is not None else 0,
         "dtype_resolved": precision["dtype"],
         "dtype_reason": precision["dtype_reason"],
@@ -540,7 +592,10 @@ def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: s
 def _print_tables(results: dict) -> None:
     steps = [k for k in CONFIGS if k in results]
     if steps:
-        print("\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s")
+        print(
+            "\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s"
+            "   [speed-up, timed in turn with its baseline]   [eps PSNR vs the exact eager step]"
+        )
     for name in steps:
         r = results[name]
         if name == "auto" and "dtype_resolved" in r:
@@ -549,9 +604,14 @@ def _print_tables(results: dict) -> None:
             print(f"{name:<17} error: {r['error']}")
         else:
             peak = r.get("peak_gpu_mb", r["peak_rss_mb"])
+            extra = ""
+            if "speedup_interleaved" in r:
+                extra += f"   {r['speedup_interleaved']:.2f}x vs {r['baseline']} (median {r['speedup_interleaved_median']:.2f}x)"
+            if "psnr_vs_exact_db" in r:
+                extra += f"   eps PSNR vs exact {r['psnr_vs_exact_db']:.1f} dB"
             print(
                 f"{name:<17} {1000 * r['seconds_per_step']:>18.1f}   {peak:>27.0f}   {r['rss_after_load_mb']:>13.0f}"
-                f"   {r['warmup_seconds']:>9.1f}"
+                f"   {r['warmup_seconds']:>9.1f}{extra}"
             )
     sizes = [k for k in results if k.startswith("e2e_")]
     if sizes:

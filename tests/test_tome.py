@@ -26,10 +26,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_matching_merges_the_requested_tokens_and_unmerges_to_the_grid() -> None:
-    gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 15 * 13, 8)  # odd sides: the remainder row / column are sources
-    m = bipartite_matching(x, (15, 13), 0.3, gen)
-    assert m.b_idx.numel() == 7 * 6 and m.a_idx.numel() == 15 * 13 - 42
+    counter = torch.zeros((), dtype=torch.int64)
+    m = bipartite_matching(x, (15, 13), 0.3, 0, counter)
+    assert m.b_idx.numel() == 7 * 6 and m.a_idx.numel() == 15 * 13 - 42 and int(counter) == 1
+    assert torch.equal(torch.cat([m.a_idx, m.b_idx]).sort().values, torch.arange(15 * 13))
+    cells = torch.stack([m.b_idx // 13 // 2, m.b_idx % 13 // 2], 1)  # one destination per 2x2 cell
+    assert len({tuple(c) for c in cells.tolist()}) == 42 and (m.b_idx // 13 < 14).all() and (m.b_idx % 13 < 12).all()
+    again = bipartite_matching(x, (15, 13), 0.3, 0, torch.zeros((), dtype=torch.int64))
+    other = bipartite_matching(x, (15, 13), 0.3, 0, counter)  # the next draw
+    assert torch.equal(again.b_idx, m.b_idx) and not torch.equal(other.b_idx, m.b_idx)
+    assert not torch.equal(bipartite_matching(x, (15, 13), 0.3, 1).b_idx, m.b_idx)  # another seed
     merged = m.merge(x)
     assert merged.shape == (2, 15 * 13 - int(0.3 * 15 * 13), 8)
     out = m.unmerge(merged)
@@ -38,12 +45,12 @@ def test_matching_merges_the_requested_tokens_and_unmerges_to_the_grid() -> None
     assert torch.equal(out[0, kept], x[0, kept])
     # identical tokens: merging averages equal vectors, so unmerge(merge(x)) == x; r is capped at the sources
     same = torch.randn(1, 1, 8).expand(2, 64, 8).contiguous()
-    m = bipartite_matching(same, (8, 8), MAX_TOME_RATIO, gen)
+    m = bipartite_matching(same, (8, 8), MAX_TOME_RATIO)
     assert m.merge(same).shape == (2, 16, 8)
     torch.testing.assert_close(m.unmerge(m.merge(same)), same)
-    assert bipartite_matching(x, (15, 13), 0.0, gen) is None
+    assert bipartite_matching(x, (15, 13), 0.0) is None
     with pytest.raises(SemsrError, match="grid"):
-        bipartite_matching(x, (14, 13), 0.5, gen)
+        bipartite_matching(x, (14, 13), 0.5)
 
 
 def _models() -> tuple[torch.nn.Module, torch.nn.Module, tuple]:

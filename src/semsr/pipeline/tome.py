@@ -4,9 +4,11 @@ In the transformer blocks of the highest-resolution levels (``max_downsample`` 1
 the latent's own size, 4096 tokens at 512² output), the tokens entering self-attention are merged by
 bipartite soft matching and unmerged after it:
 
-1. The ``h x w`` token grid is cut into 2x2 cells; one token per cell (chosen at random with the state's
-   ``torch.Generator``, seeded with ``seed`` when merging is switched on, so a run is deterministic) is a
-   *destination*, the other three are *sources* (rows / columns past an even size are sources too).
+1. The ``h x w`` token grid is cut into 2x2 cells; one token per cell is a *destination*, the other three
+   are *sources* (rows / columns past an even size are sources too). The destination is drawn at random
+   for every block call by a counter-based generator (a hash of ``seed``, the draw number and the cell;
+   the count restarts when merging is switched on), so a run is deterministic and ``torch.compile`` can
+   trace the draw without graph breaks.
 2. Each source is matched to its most similar destination (cosine similarity of the block's input tokens);
    the ``r = int(ratio * N)`` sources with the highest similarity (at most the number of sources) are
    averaged into their destination, the others are kept: ``N`` tokens become ``N - r``.
@@ -77,31 +79,60 @@ class _Matching:
         return out
 
 
-@torch.compiler.disable
-def _destinations(
-    h: int, w: int, generator: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 tensor of values < 2**32 -> the same), for counter-based random draws."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _destinations(h: int, w: int, seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a_idx, b_idx)``: source and destination token indices of an ``h x w`` grid (row-major), one random
-    destination per 2x2 cell drawn from ``generator`` (CPU), the cells' remainder rows/columns all sources."""
+    destination per 2x2 cell, the remainder row / column (odd sides) all sources.
+
+    The draw is counter-based: the choice of each cell is a hash of ``seed``, the draw ``counter`` (a 0-d
+    int64 tensor, one value per draw) and the cell's index, so it is deterministic, differs between draws,
+    and is made of tensor operations with fixed shapes (``torch.compile`` traces it without graph breaks).
+    """
     hc, wc = h // 2, w // 2
-    choice = torch.randint(4, (hc, wc, 1), generator=generator)
-    cells = torch.zeros(hc, wc, 4, dtype=torch.bool).scatter_(2, choice, True)
-    is_dst = torch.zeros(h, w, dtype=torch.bool)
-    is_dst[: 2 * hc, : 2 * wc] = cells.view(hc, wc, 2, 2).transpose(1, 2).reshape(2 * hc, 2 * wc)
-    flat = is_dst.flatten()
-    return (~flat).nonzero().squeeze(1).to(device), flat.nonzero().squeeze(1).to(device)
+    dev = counter.device
+    cell = torch.arange(hc * wc, device=dev)
+    salt = (int(seed) * 0x85EBCA77) & _MASK32
+    key = (_hash32((counter * 0x9E3779B1 + salt) & _MASK32) + cell) & _MASK32
+    choice = _hash32(key) % 4  # (hc * wc,) position of the destination in its cell
+    ci, cj = cell // wc, cell % wc
+
+    def token(k: torch.Tensor) -> torch.Tensor:
+        return (2 * ci + k // 2) * w + 2 * cj + k % 2
+
+    b_idx = token(choice)
+    parts = [token((choice + m) % 4) for m in (1, 2, 3)]
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    if w % 2:  # last column of the paired rows
+        parts.append(rows[: 2 * hc] * w + (w - 1))
+    if h % 2:  # last row, whole
+        parts.append((h - 1) * w + cols)
+    return torch.cat(parts), b_idx
 
 
 def bipartite_matching(
-    x: torch.Tensor, hw: tuple[int, int], ratio: float, generator: torch.Generator
+    x: torch.Tensor, hw: tuple[int, int], ratio: float, seed: int = 0, counter: torch.Tensor | None = None
 ) -> _Matching | None:
     """The matching of tokens ``x (B, N, C)`` on an ``hw`` grid (``N = h * w``) merging ``int(ratio * N)``
-    tokens (capped at the number of sources); None when nothing would be merged."""
+    tokens (capped at the number of sources); None when nothing would be merged. The destinations are drawn
+    with ``seed`` and the draw number ``counter`` (0-d int64 tensor, incremented in place; None: draw 0)."""
     h, w = hw
     n = x.shape[1]
     if h * w != n:
         raise SemsrError(f"token merging: {n} tokens do not form the {h}x{w} grid")
-    a_idx, b_idx = _destinations(h, w, generator, x.device)
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64, device=x.device)
+    a_idx, b_idx = _destinations(h, w, seed, counter)
+    counter.add_(1)
     r = min(int(ratio * n), a_idx.numel())
     if r <= 0 or b_idx.numel() == 0:
         return None
@@ -118,20 +149,25 @@ class ToMeState:
     """Token merging settings of one model (stored on it as ``_semsr_tome``) and its hooks.
 
     ``latent_hw``: the model input's spatial size of the current call; ``hw`` / ``active``: the grid of the
-    transformer running now and whether it is merged; ``matching``: the current block's matching.
+    transformer running now and whether it is merged; ``matching``: the current block's matching;
+    ``counter``: 0-d int64 tensor, the number of destination draws so far (one per merged block call).
     """
 
     ratio: float
     seed: int
     max_downsample: int
     targets: tuple[str, ...]
-    generator: torch.Generator
+    counter: torch.Tensor
     handles: list[Any] = field(default_factory=list)
     latent_hw: tuple[int, int] | None = None
     hw: tuple[int, int] | None = None
     active: bool = False
     matching: _Matching | None = None
-    merged_calls: int = 0
+
+    @property
+    def merged_calls(self) -> int:
+        """Transformer block calls whose tokens were matched so far."""
+        return int(self.counter)
 
 
 def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
@@ -166,8 +202,9 @@ def _block_pre_hook(state: ToMeState) -> Callable:
         state.matching = None
         x = _first_tensor(args, kwargs, "hidden_states")
         if state.active and x is not None and x.ndim == 3 and state.hw is not None:
-            state.matching = bipartite_matching(x, state.hw, state.ratio, state.generator)
-            state.merged_calls += state.matching is not None
+            if state.counter.device != x.device:
+                state.counter = state.counter.to(x.device)
+            state.matching = bipartite_matching(x, state.hw, state.ratio, state.seed, state.counter)
 
     return hook
 
@@ -237,16 +274,14 @@ def set_token_merging(
     queries, ``ff`` feed-forward) and unmerge after them. ``ratio=0`` removes merging (exact model).
 
     ``model``: a diffusers ``UNet2DConditionModel`` / ``ControlNetModel`` (any module whose transformers have
-    ``transformer_blocks`` with those sub-modules). Re-applying replaces the previous settings and reseeds the
-    destination generator. Returns ``model``.
+    ``transformer_blocks`` with those sub-modules). Re-applying replaces the previous settings and restarts
+    the destination draws. Returns ``model``.
     """
     targets = check_tome(ratio, targets, max_downsample)
     remove_token_merging(model)
     if ratio == 0:
         return model
-    state = ToMeState(
-        float(ratio), int(seed), int(max_downsample), targets, torch.Generator("cpu").manual_seed(int(seed))
-    )
+    state = ToMeState(float(ratio), int(seed), int(max_downsample), targets, torch.zeros((), dtype=torch.int64))
     reg = state.handles.append
     reg(model.register_forward_pre_hook(_root_pre_hook(state), with_kwargs=True))
     found = 0
