@@ -35,6 +35,7 @@ from semsr.pipeline.memory import untiled_fits
 from semsr.pipeline.options import LatentSROptions
 from semsr.pipeline.precision import compile_mode, prepare_module, step_begin
 from semsr.pipeline.sampler import make_scheduler, sample
+from semsr.pipeline.tome import token_merging
 
 #: Latent tile of the automatic choice when the untiled step does not fit (SD's native 64 latent = 512 px).
 DEFAULT_LATENT_TILE = 64
@@ -147,6 +148,11 @@ class LatentSRPipeline:
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def tome_models(self) -> list[Any]:
+        """The models token merging (``tome_ratio``) applies to: the UNet and, when the pipeline has one,
+        the ControlNet."""
+        return [m for m in (self.unet, getattr(self, "controlnet", None)) if m is not None]
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``B`` prompts -> ``(B, 77, D)`` context in the pipeline dtype."""
         with torch.no_grad():
@@ -237,7 +243,8 @@ class LatentSRPipeline:
                 ``lambda d: cfg(d, uncond, scale)`` (:mod:`semsr.pipeline.guidance`); None: no guidance.
             options: the sampling options: ``steps``, ``seed`` (noise from a CPU generator),
                 ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
-                ``tile_overlap`` (None: tile // 4) and ``colour_fix``.
+                ``tile_overlap`` (None: tile // 4), ``colour_fix`` and ``tome_ratio`` (token merging in
+                :meth:`tome_models` during sampling, :mod:`semsr.pipeline.tome`; 0 = off).
             init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
             init_timestep: the timestep ``init_latents`` are noised to (None: the first one sampled).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
@@ -254,20 +261,22 @@ class LatentSRPipeline:
             denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
+        merging = token_merging(self.tome_models(), float(getattr(options, "tome_ratio", 0.0)), seed=int(options.seed))
         try:
-            z = sample(
-                denoiser,
-                make_scheduler(options.scheduler, self.scheduler_config),
-                shape=(layout.batch, int(channels), *layout.lat_hw),
-                cond=cond,
-                steps=int(options.steps),
-                generator=torch.Generator("cpu").manual_seed(int(options.seed)),
-                init_latents=init_latents if options.start_from_lr else None,
-                strength=options.strength,
-                init_timestep=init_timestep,
-                device=self.device,
-                progress=callback,
-            )
+            with merging:
+                z = sample(
+                    denoiser,
+                    make_scheduler(options.scheduler, self.scheduler_config),
+                    shape=(layout.batch, int(channels), *layout.lat_hw),
+                    cond=cond,
+                    steps=int(options.steps),
+                    generator=torch.Generator("cpu").manual_seed(int(options.seed)),
+                    init_latents=init_latents if options.start_from_lr else None,
+                    strength=options.strength,
+                    init_timestep=init_timestep,
+                    device=self.device,
+                    progress=callback,
+                )
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0
