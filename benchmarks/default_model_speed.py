@@ -1,141 +1,189 @@
-"""Wall time and peak RSS of the default model (``default-diffusion``) on one LR image.
+"""Wall time, CPU time and peak RSS of the default model (``default-diffusion``) on one LR image.
 
-Times, on the bundled sample photo resized to ``--size`` (or ``--image``):
+The speed row of the default: ``semsr upscale`` of the bundled sample photo resized to
+``--size`` (or ``--image``), end to end in a fresh process per run (start-up, loading, stage 1,
+refiner, writing the PNG), with the default settings and each ``--dtypes`` entry (``auto``: what
+``--dtype auto`` resolves to on this CPU, printed). The target (256² -> 1024² in 8 s on 2 cores,
+peak RSS 1.5 GiB) is read from it. Each row is split with the ``--json`` report of the run:
 
-* ``semsr upscale`` end to end in a fresh process (start-up, loading, priors, sampling,
-  writing the PNG) with the default settings (``--dtype`` optional) -- the row
-  "256² → 1024² end to end (`semsr upscale`, fresh process)" that the speed target (8 s on
-  2 cores, peak RSS 1.5 GiB) is read from; peak RSS is that process's;
-* in this process: the stage-1 restorer alone and the method for each ``--steps``
-  (peak RSS here is this process's peak so far).
+* ``start-up``: process start, imports and argument parsing (and exit): total - image;
+* ``load``: building the method (weights read from disk);
+* ``stage1``, ``refiner`` (priors + denoise) and ``write`` (the PNG): the method's stage timings;
 
-Weights: the shipped ones (``semsr/assets/weights/default-sr``), ``--checkpoint``, or a
-fresh untrained model of ``configs/default.yaml``'s architecture when none are shipped.
-Prints the CPU model, its native bf16 flags and the load average beside the table;
-``--json PATH`` writes the rows.
+``cpu s`` is the child's user + system CPU time (the honest figure on a shared machine), peak
+RSS its maximum resident set. With ``--repeats N`` each row is the run with the least CPU time.
+``--steps N ...`` adds in-process rows (stage 1 alone, the method per step count).
 
-    python benchmarks/default_model_speed.py --size 256 --steps 1 4 --threads 2 --json speed.json
+Prints the CPU model, its native bf16 flags and the load average before and after beside the
+table; ``--json PATH`` writes the rows. Weights: the shipped ones
+(``semsr/assets/weights/default-sr``), ``--checkpoint``, or a fresh untrained model of
+``configs/default.yaml``'s architecture when none are shipped.
+
+    python benchmarks/default_model_speed.py --size 256 --threads 2 --dtypes fp32 auto --json speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+from semsr import methods
+from semsr.core.io import read_image, to_8bit
+from semsr.core.machine import cpu_flags, cpu_model
+from semsr.core.paths import assets_dir
+from semsr.methods.default_diffusion import packaged_weights
+from semsr.models.default_sr import DefaultSR, save_default_sr
+from semsr.ops.imresize import imresize
+
+_REFINER = ("priors", "denoise")
 
 
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def loadavg() -> list[str]:
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.is_file() else []
+
+
 def load_input(path: str | None, size: int) -> torch.Tensor:
     """``(1, 3, size, size)`` in [0, 1]: the photo (default: the bundled sample) resized with MATLAB bicubic."""
-    from semsr.core.io import read_image, to_8bit
-    from semsr.core.paths import assets_dir
-    from semsr.ops.imresize import imresize
-
     pic = read_image(Path(path) if path else assets_dir() / "sample.png")
     x = torch.from_numpy(to_8bit(pic.rgb).copy()).permute(2, 0, 1)[None].float() / 255.0
     return imresize(x, size=(size, size)).clamp(0, 1)
 
 
-def cli_run(x: torch.Tensor, checkpoint: str, threads: int, dtype: str | None = None) -> dict:
-    """Wall time and peak RSS of ``semsr upscale`` on ``x`` in a child process (default method settings;
-    ``dtype``: ``--dtype`` of the run, i.e. the stage-1 precision)."""
-    import subprocess
-    import sys
+def upscale_command(src: Path, out: Path, report: Path, checkpoint: str | None, threads: int, dtype: str) -> list[str]:
+    """The ``semsr upscale`` command line of one row (default method settings)."""
+    return [
+        sys.executable,
+        "-m",
+        "semsr",
+        "upscale",
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--method",
+        "default",
+        *(["--checkpoint", checkpoint] if checkpoint else []),
+        "--threads",
+        str(threads),
+        "--dtype",
+        dtype,
+        "--no-progress",
+        "--overwrite",
+        "--json",
+        str(report),
+    ]
 
-    from PIL import Image
 
+def cli_run(src: Path, checkpoint: str | None, threads: int, dtype: str) -> dict:
+    """One fresh ``semsr upscale`` process on ``src``: wall and CPU seconds, peak RSS and the stage split."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "input.png"
-        Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(src)
-        cmd = [
-            sys.executable,
-            "-m",
-            "semsr",
-            "upscale",
-            "-i",
-            str(src),
-            "-o",
-            str(Path(tmp) / "out"),
-            "--method",
-            "default-diffusion",
-            "--checkpoint",
-            checkpoint,
-            "--threads",
-            str(threads),
-            "--no-progress",
-            *(["--dtype", dtype] if dtype else []),
-        ]
+        report = Path(tmp) / "report.json"
+        cmd = upscale_command(src, Path(tmp) / "out.png", report, checkpoint, threads, dtype)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        pid = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).pid
+        _, status, usage = os.wait4(pid, 0)
         seconds = time.perf_counter() - t0
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    steps = json.loads((Path(checkpoint) / "model_index.json").read_text()).get("meta", {}).get("default_steps", 4)
-    side = x.shape[-1]
-    what = f"{side}² → {4 * side}² end to end (`semsr upscale`, fresh process)"
-    return {"what": what, "dtype": dtype or "default", "steps": steps, "seconds": seconds, "peak_rss_gib": child_peak}
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"semsr upscale failed ({status}): {' '.join(cmd)}")
+        rep = json.loads(report.read_text())
+    result = rep["results"][0]
+    stages, load = result.get("stages") or {}, rep.get("load_seconds") or 0.0
+    image = result["seconds"] - load
+    return {
+        "dtype": dtype,
+        "resolved": rep["precision"]["dtype"],
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "startup": seconds - result["seconds"],
+        "load": load,
+        "stage1": stages.get("stage1", 0.0),
+        "refiner": sum(stages.get(k, 0.0) for k in _REFINER),
+        "write": stages.get("write", 0.0),
+        "other": image - sum(v for k, v in stages.items() if k != "steps"),
+        "steps": int(stages.get("steps", 0)),
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+        "command": " ".join(["semsr", *cmd[3:]]),
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=256, help="LR side (output is 4x)")
-    p.add_argument("--steps", type=int, nargs="+", default=[4])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "auto"], help="--dtype of the fresh-process rows")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row; the one with the least CPU time is shown")
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="in-process rows: the method with N steps")
     p.add_argument("--checkpoint", help="default-model folder (default: the shipped weights, else a fresh model)")
     p.add_argument("--image", help="input photo (default: the bundled sample), resized to --size")
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), help="--dtype of the fresh-process run (stage-1 precision)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from semsr import methods
-    from semsr.core.machine import cpu_flags, cpu_model
-    from semsr.methods.default_diffusion import packaged_weights
-    from semsr.models.default_sr import DefaultSR, save_default_sr
-
     ck = args.checkpoint
-    if ck is None and (packaged_weights() / "model_index.json").is_file():
-        ck = str(packaged_weights())
-    if ck is None:
+    if ck is None and not (packaged_weights() / "model_index.json").is_file():
         ck = tempfile.mkdtemp(prefix="default-sr-")
         torch.manual_seed(0)
         save_default_sr(DefaultSR(), ck)
-    x, rows = load_input(args.image, args.size), []
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
-    rows.append(cli_run(x, ck, args.threads, args.dtype))
-    spec = methods.resolve("default-diffusion")
-    method = spec.build(spec.parse({"checkpoint": ck}))
-    t0 = time.perf_counter()
-    method.stage1(x)
-    rows.append({"what": "stage1 only", "steps": 0, "seconds": time.perf_counter() - t0, "peak_rss_gib": rss_gib()})
-    for steps in args.steps:
-        options = spec.parse({"checkpoint": ck, "steps": steps})
+    x = load_input(args.image, args.size)
+    side = x.shape[-1]
+    load_before = loadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"input{side}.png"
+        Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(src)
+        for dtype in args.dtypes:
+            runs = [cli_run(src, ck, args.threads, dtype) for _ in range(max(1, args.repeats))]
+            rows.append({**min(runs, key=lambda r: r["cpu_seconds"]), "runs": len(runs), "loadavg": loadavg()})
+    in_process = []
+    if args.steps:
+        spec = methods.resolve("default-diffusion")
+        method = spec.build(spec.parse({"checkpoint": ck}))
         t0 = time.perf_counter()
-        y = method(x, options).images
-        rows.append(
-            {
-                "what": "default-diffusion",
-                "steps": steps,
-                "seconds": time.perf_counter() - t0,
-                "peak_rss_gib": rss_gib(),
-            }
-        )
-    bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    machine = {"cpu": cpu_model(), "bf16_flags": bf16, "loadavg_before": load}
-    print(f"input {args.size}x{args.size} -> {tuple(y.shape[-2:])}, threads {args.threads}")
-    print(f"CPU {machine['cpu']}, native bf16 flags {bf16 or 'none'}, load average before {' '.join(load)}")
-    print(f"{'what':<58}{'steps':>6}{'seconds':>10}{'peak RSS GiB':>14}")
+        method.stage1(x)
+        in_process.append({"what": "stage1 only", "steps": 0, "seconds": time.perf_counter() - t0})
+        for steps in args.steps:
+            t0 = time.perf_counter()
+            method(x, spec.parse({"checkpoint": ck, "steps": steps}))
+            in_process.append({"what": "default-diffusion", "steps": steps, "seconds": time.perf_counter() - t0})
+    bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "bf16_flags": bf16,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "torch": torch.__version__,
+    }
+    what = f"{side}² → {4 * side}² end to end (`semsr upscale`, fresh process)"
+    print(f"{what}, threads {args.threads}")
+    print(f"CPU {machine['cpu']} ({machine['cores']} cores), native bf16 flags {' '.join(bf16) or 'none'}, ", end="")
+    print(f"load average before {' '.join(load_before)}, after {' '.join(machine['loadavg_after'])}")
+    cols = ("dtype", "steps", "total s", "cpu s", "start-up", "load", "stage1", "refiner", "write", "peak RSS GiB")
+    print("".join(f"{c:>13}" for c in cols))
     for r in rows:
-        print(f"{r['what']:<58}{r['steps']:>6}{r['seconds']:>10.1f}{r['peak_rss_gib']:>14.2f}")
+        dt = r["dtype"] if r["dtype"] == r["resolved"] else f"{r['dtype']}->{r['resolved']}"
+        vals = [r[k] for k in ("seconds", "cpu_seconds", "startup", "load", "stage1", "refiner", "write")]
+        print(f"{dt:>13}{r['steps']:>13}" + "".join(f"{v:>13.2f}" for v in vals) + f"{r['peak_rss_gib']:>13.2f}")
+    for r in in_process:
+        print(f"in process: {r['what']} steps {r['steps']}: {r['seconds']:.2f} s (peak RSS {rss_gib():.2f} GiB)")
+    print("command:", rows[-1]["command"] if rows else "")
     if args.json:
-        out = {"size": args.size, "threads": args.threads, "machine": machine, "rows": rows}
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        out = {"what": what, "size": side, "threads": args.threads, "machine": machine, "rows": rows}
+        Path(args.json).write_text(json.dumps({**out, "in_process": in_process}, indent=2) + "\n")
     return 0
 
 

@@ -131,7 +131,14 @@ def test_stage_lines_on_a_terminal_with_elapsed_time_and_eta(tmp_path: Path) -> 
     # the --json report is the same as without a terminal
     data = json.loads(report.read_text())
     keys = {"semsr_version", "method", "outscale", "tile", "tile_pad", "precision", "interrupted", "summary", "results"}
-    assert set(data) == keys
+    assert set(data) == keys | {"load_seconds"}
+    assert data["load_seconds"] >= 0 and set(data["results"][0]["stages"]) == {
+        "priors",
+        "stage1",
+        "denoise",
+        "steps",
+        "write",
+    }
     assert data["summary"] == {"ok": 1, "skipped": 0, "failed": 0, "not_run": 0}
 
 

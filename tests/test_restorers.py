@@ -21,7 +21,14 @@ from semsr.models import catalog as cat
 from semsr.models.ncnn_blob import NcnnFormatError, load_ncnn, parse_param
 from semsr.models.ncnn_runtime import NcnnNet
 from semsr.models.realcugan import pad_reflect
-from semsr.models.rrdbnet import RRDBConfig, RRDBNet, rrdbnet_from_ncnn, rrdbnet_from_pth, save_pth
+from semsr.models.rrdbnet import (
+    RRDBConfig,
+    RRDBNet,
+    fused_inference,
+    rrdbnet_from_ncnn,
+    rrdbnet_from_pth,
+    save_pth,
+)
 from semsr.ops.imresize import imresize
 
 STANDARD_KEYS = (
@@ -325,3 +332,37 @@ def test_copied_blob_loads_from_any_folder(tmp_path: Path) -> None:
     shutil.copy(bin_, tmp_path / "a.bin")
     model = rrdbnet_from_ncnn(tmp_path / "a.param", tmp_path / "a.bin")
     assert model.config == RRDBConfig(6, 64, 32, 4)
+
+
+# --------------------------------------------------------------------------- oneDNN fast path
+
+
+def test_fused_rrdb_fp32_is_bit_exact_and_bf16_close(data_dir: Path, x4plus: RRDBNet) -> None:
+    """The fused inference path (channels-last, no autograd) gives the plain forward bit for bit in fp32;
+    in bf16 it stays as close to fp32 as the plain bf16 forward (same error budget)."""
+    x = _set5_crop(data_dir, "bird", 100, 100, 24)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = copy.deepcopy(x4plus).to(dtype=dtype, memory_format=torch.channels_last)
+        inp = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if not fused_inference(inp):
+                pytest.skip("this PyTorch has no oneDNN fused convolutions")
+            outs[dtype, True] = model(inp).float()
+        with torch.enable_grad():  # autograd on: the plain forward (oneDNN fused ops have no backward)
+            assert not fused_inference(inp)
+            outs[dtype, False] = model(inp).detach().float()
+    assert torch.equal(outs[torch.float32, True], outs[torch.float32, False])
+    ref = outs[torch.float32, False]
+    fused, plain = (float((outs[torch.bfloat16, f] - ref).abs().max()) for f in (True, False))
+    assert 0 < fused < 0.15 and fused <= 1.5 * plain
+
+
+def test_fused_inference_only_for_channels_last_cpu_inference() -> None:
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert not fused_inference(x)  # NCHW: the plain forward (as before)
+        assert not fused_inference(x.half().contiguous(memory_format=torch.channels_last))
+        cl = x.contiguous(memory_format=torch.channels_last)
+        assert fused_inference(cl) == torch.backends.mkldnn.is_available()
+    assert not fused_inference(cl)  # autograd enabled

@@ -139,7 +139,9 @@ def test_json_report(tmp_path: Path, capsys) -> None:
     assert ok["status"] == "ok" and ok["output"] == str(tmp_path / "o" / "good_out.png") and ok["error"] is None
     assert ok["seconds"] >= 0 and ok["peak_rss_mb"] > 10
     assert bad["status"] == "failed" and bad["output"] is None and "empty" in bad["error"]
-    assert set(ok) == {"input", "output", "status", "error", "seconds", "peak_rss_mb"}
+    assert set(ok) == {"input", "output", "status", "error", "seconds", "peak_rss_mb", "stages"}
+    assert set(ok["stages"]) >= {"write"} and bad["stages"] is None
+    assert data["load_seconds"] >= 0  # building the method, apart from the per-input seconds
     # a second run reports the existing output as skipped
     run_cli(capsys, "upscale", "-i", good, "-o", tmp_path / "o", "-n", "bicubic", "--json", report)
     assert json.loads(report.read_text())["results"][0]["status"] == "skipped"

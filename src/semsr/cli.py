@@ -13,6 +13,11 @@ chosen method's options) parses in two stages: it sets ``finish_parse``
 first stage did not recognise; other commands get argparse's usual
 "unrecognized arguments" error.
 
+Only the module of the command being run is imported (``semsr upscale`` does not import
+the training or benchmark code): :func:`command_word` finds the command in ``argv`` and
+:func:`build_parser` registers that one module when it names one; ``semsr``, ``semsr -h``
+and an unknown command build the full parser.
+
 Option names may be spelled with underscores (``--tile_pad`` is ``--tile-pad``,
 Real-ESRGAN's habit): :func:`normalise_flags` rewrites them before parsing. A
 command that needs an optional package that is not installed (faiss, matplotlib)
@@ -35,8 +40,25 @@ from semsr import __version__
 from semsr.core.errors import SemsrError, Terminated
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every discovered sub-command."""
+def command_modules() -> list[str]:
+    """Names of the modules under :mod:`semsr.commands` that define commands (each is its command's name)."""
+    names = [info.name for info in pkgutil.iter_modules(commands_pkg.__path__)]
+    return sorted(n for n in names if not n.startswith(("_", "bench_")))  # bench_*: kinds of `semsr bench`
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is not a top-level option), or None."""
+    for word in argv:
+        if word in ("-h", "--help", "--version"):
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser: with every discovered sub-command, or only with ``command``'s module
+    when ``command`` names one (start-up of a run imports nothing of the other commands)."""
     parser = argparse.ArgumentParser(
         prog="semsr",
         description="Semantics-guided diffusion super-resolution (offline-first).",
@@ -44,10 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"semsr {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith(("_", "bench_")):  # bench_*: kinds of `semsr bench`
-            continue
-        module = importlib.import_module(f"semsr.commands.{info.name}")
+    names = command_modules()
+    for name in [command] if command in names else names:
+        module = importlib.import_module(f"semsr.commands.{name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
@@ -106,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(normalise_flags(sys.argv[1:] if argv is None else argv))
+    words = normalise_flags(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_word(words))
+    args, rest = parser.parse_known_args(words)
     finish = getattr(args, "finish_parse", None)
     if finish is None and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -18,19 +18,23 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from accelerate import PartialState
 
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_write
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 T = TypeVar("T")
 
 
 def _state() -> PartialState:
     """The launcher's process group; on a machine without CUDA, the CPU (gloo) one."""
+    from accelerate import PartialState  # lazy: accelerate costs start-up time and only launched runs need it
+
     return PartialState(cpu=not torch.cuda.is_available())
 
 

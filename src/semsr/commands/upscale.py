@@ -430,6 +430,8 @@ class Result:
     error: str | None
     seconds: float
     peak_rss_mb: float
+    #: seconds of the method's stages (``stage1``, ``priors``, ``denoise``...) and ``write``; None when not run
+    stages: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------- running
@@ -489,6 +491,9 @@ def _write_report(
         # the precision asked for, what it resolved to on this machine, and why (``--dtype auto``)
         "precision": describe_dtype(getattr(args.options, "dtype", None), getattr(args.options, "device", None)),
         "interrupted": interrupted,
+        "load_seconds": getattr(
+            args, "load_seconds", None
+        ),  # building the method (reading weights); None when nothing was loaded
         "summary": _counts(results),
         "results": [asdict(r) for r in results],
     }
@@ -523,6 +528,8 @@ class _Runner:
         self.durations: list[float] = []  # seconds of each upscaled input (upscale + write, no loading)
         self.first_stage = "upscale"  # the label before the method's first progress report
         self.written: Path | None = None  # the current input's output once it is on disk
+        self.stages: dict[str, float] | None = None  # stage seconds of the current input
+        args.load_seconds = getattr(args, "load_seconds", None)
 
     def method(self) -> Method:
         """The method, built on first use (so a run that skips everything loads nothing)."""
@@ -534,7 +541,8 @@ class _Runner:
                 self._method = load_method(self.spec.name, self.options)
             except Exception as err:
                 raise _LoadFailed(err) from err
-            self.reporter.done(f"loaded {name} in {seconds(time.perf_counter() - t0)}")
+            self.args.load_seconds = round(time.perf_counter() - t0, 3)
+            self.reporter.done(f"loaded {name} in {seconds(self.args.load_seconds)}")
         return self._method
 
     def output_for(self, src: Path, fmt: str) -> Path:
@@ -590,7 +598,8 @@ class _Runner:
             self.written = out
         except OSError as err:  # full disk, folder removed or made read-only during the run
             raise SemsrError(write_error_message(err, out), src) from None
-        stages = stage_summary({**result.timings, "write": time.perf_counter() - t1})
+        self.stages = {k: round(v, 3) for k, v in {**result.timings, "write": time.perf_counter() - t1}.items()}
+        stages = stage_summary(self.stages)
         self.first_stage = first_stage(result.timings)
         self.durations.append(time.perf_counter() - t0)
         rep.done(f"{self.prefix or src.name + '  '}{stages}  (total {seconds(self.durations[-1])})")
@@ -691,6 +700,7 @@ def run(args: argparse.Namespace) -> int:
             error: str | None = None
             out: Path | None = None
             runner.written = None
+            runner.stages = None
             try:
                 status, out = runner.process(src)
             except _LoadFailed as err:
@@ -716,6 +726,7 @@ def run(args: argparse.Namespace) -> int:
                     error,
                     round(time.perf_counter() - t0, 3),
                     round(rss.peak_mb(), 1),
+                    runner.stages if status == "ok" else None,
                 )
             )
     except KeyboardInterrupt as err:  # between two files (progress bar, bookkeeping)

@@ -8,7 +8,9 @@ the web demo run goes through :func:`resolve`, so a new restorer or recipe
 only has to register a spec.
 
 The built-in modules register on first lookup (``_BUILTIN``), so importing
-this package imports no model code.
+this package imports no model code; looking up one built-in name imports only
+the module that registers it (:func:`builtin_module`), so ``semsr upscale -n
+default`` does not import the code of the other recipes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from semsr.core.errors import SemsrError
 from semsr.core.method import Method, MethodSpec
 from semsr.core.options import MethodOptions
 from semsr.core.registry import Registry
-from semsr.models.catalog import UPSTREAM_WITHOUT_WEIGHTS
+from semsr.models.catalog import UPSTREAM_WITHOUT_WEIGHTS, catalog
 
 __all__ = ["Method", "MethodSpec", "build", "register", "resolve", "specs"]
 
@@ -36,7 +38,31 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.methods.default_diffusion",
     "semsr.methods.default_alias",  # last: "default" points at a method registered above
 )
-REGISTRY: Registry[MethodSpec] = Registry(_BUILTIN, "method")
+#: Built-in method names (folded, see :func:`resolve`) of the modules other than the restorers (whose names are
+#: the catalogue's); a name missing here still resolves, after every built-in module is imported.
+_BUILTIN_NAMES: dict[str, str] = {
+    "sd-controlnet": "semsr.methods.sd_controlnet",
+    "coser": "semsr.methods.coser",
+    "xpsr": "semsr.methods.xpsr",
+    "dalpsr": "semsr.methods.dalpsr",
+    "mmsr": "semsr.methods.mmsr",
+    "rfa": "semsr.methods.rfa",
+    "default-diffusion": "semsr.methods.default_diffusion",
+    "default": "semsr.methods.default_alias",
+}
+
+
+def builtin_module(name: str) -> str | None:
+    """The built-in module that registers method ``name`` (any spelling :func:`resolve` accepts), or None."""
+    key = _fold(name)
+    if key in _BUILTIN_NAMES:
+        return _BUILTIN_NAMES[key]
+    if any(key in (_fold(i.name), *map(_fold, i.aliases)) for i in catalog()):
+        return "semsr.methods.restorers"
+    return None
+
+
+REGISTRY: Registry[MethodSpec] = Registry(_BUILTIN, "method", builtin_module)
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -56,13 +82,15 @@ def resolve(name: str) -> MethodSpec:
         SemsrError: one line: for an upstream Real-ESRGAN name whose weights semsr does not
             ship, the closest method it has; otherwise the closest registered name.
     """
-    REGISTRY.load_builtins()
-    known = {**{n: n for n in REGISTRY.entries}, **REGISTRY.aliases}
-    if name in known:
-        return REGISTRY.resolve(name)
-    folded = {_fold(k): k for k in known}
-    if _fold(name) in folded:
-        return REGISTRY.resolve(folded[_fold(name)])
+    REGISTRY.load_for(name)
+    for _ in range(2):  # the second time after importing every built-in module
+        known = {**{n: n for n in REGISTRY.entries}, **REGISTRY.aliases}
+        if name in known:
+            return REGISTRY.resolve(name)
+        folded = {_fold(k): k for k in known}
+        if _fold(name) in folded:
+            return REGISTRY.resolve(folded[_fold(name)])
+        REGISTRY.load_builtins()
     raise SemsrError(unknown_method_message(name, list(known)))
 
 

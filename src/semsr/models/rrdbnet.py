@@ -14,6 +14,12 @@ Each RRDB scales its three-RDB output by 0.2 and adds its input. For scale 2
 and 1 the input is pixel-unshuffled first (as Real-ESRGAN x2plus does), so the
 network always upsamples x4 internally.
 
+Inference fast path (:func:`fused_inference`): on the CPU without autograd, for a channels-last
+fp32/bf16 input, the dense blocks write their features into one preallocated buffer instead of
+concatenating them again for every conv, and each LeakyReLU runs inside its conv (oneDNN post-op).
+In fp32 the result is bit for bit the plain forward; in bf16 the 0.2 residual scale is also folded
+into ``conv5`` and the skip added inside it, which rounds differently (within bf16's own error).
+
 Weights come from two sources:
 
 - :func:`rrdbnet_from_ncnn`: ncnn blobs (``.param`` + ``.bin``, e.g. the ones
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,75 @@ from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
 LRELU_SLOPE = 0.2
 RESIDUAL_SCALE = 0.2
+
+
+def fused_inference(x: torch.Tensor) -> bool:
+    """Whether the oneDNN fast path runs for input ``x``: CPU, no autograd, fp32/bf16, channels-last 4-D."""
+    return (
+        x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.ndim == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and _has_fused_conv()
+    )
+
+
+def _has_fused_conv() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):  # a build without oneDNN's fused ops
+        return False
+
+
+def conv_lrelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``leaky_relu(conv(x), 0.2)`` as one oneDNN convolution with a post-op (3x3, stride 1, pad 1);
+    bit for bit the two ops in fp32. ``x`` may be a channel slice of a larger channels-last tensor."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [LRELU_SLOPE], ""
+    )
+
+
+def _scaled_conv5(rdb: ResidualDenseBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RESIDUAL_SCALE * (conv5.weight, conv5.bias)`` of ``rdb``, kept until the parameters change."""
+    w, b = rdb.conv5.weight, cast(torch.Tensor, rdb.conv5.bias)
+    key = (w.data_ptr(), w._version, w.dtype, b.data_ptr(), b._version)
+    cached = rdb.__dict__.get("_scaled_conv5")
+    if cached is None or cached[0] != key:
+        cached = (key, w * RESIDUAL_SCALE, b * RESIDUAL_SCALE)
+        rdb.__dict__["_scaled_conv5"] = cached
+    return cached[1], cached[2]
+
+
+def _rdb_fused(rdb: ResidualDenseBlock, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """:meth:`ResidualDenseBlock.forward` with the dense features in ``buf`` ``(B, nf + 4 gc, H, W)``
+    (channels-last; overwritten): each conv after the first reads a channel prefix of it, and writes its slice."""
+    n = x.shape[1]
+    buf[:, :n] = x
+    for i, conv in enumerate(rdb.dense_convs()):
+        buf[:, n : n + conv.out_channels] = conv_lrelu(x if i == 0 else buf[:, :n], conv)
+        n += conv.out_channels
+    if x.dtype == torch.float32:  # the exact formula of forward()
+        return rdb.conv5(buf) * RESIDUAL_SCALE + x
+    w, b = _scaled_conv5(rdb)  # 0.2 * conv5(buf) + x in one oneDNN call
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        buf, x, w, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, None, [], None
+    )
+
+
+def _body_fused(body: nn.Sequential, feat: torch.Tensor) -> torch.Tensor:
+    """The RRDB trunk ``body(feat)`` through :func:`_rdb_fused` with one feature buffer for all blocks."""
+    if not len(body):
+        return feat
+    blocks = cast(list[RRDB], list(body))
+    width = blocks[0].rdb1.conv5.in_channels
+    b, _, h, w = feat.shape
+    buf = torch.empty((b, width, h, w), dtype=feat.dtype, device=feat.device, memory_format=torch.channels_last)
+    exact = feat.dtype == torch.float32
+    for rrdb in blocks:
+        y = _rdb_fused(rrdb.rdb3, _rdb_fused(rrdb.rdb2, _rdb_fused(rrdb.rdb1, feat, buf), buf), buf)
+        feat = y * RESIDUAL_SCALE + feat if exact else torch.add(feat, y, alpha=RESIDUAL_SCALE)
+    return feat
 
 
 @dataclass(frozen=True)
@@ -60,6 +135,10 @@ class ResidualDenseBlock(nn.Module):
         for i in range(4):
             setattr(self, f"conv{i + 1}", nn.Conv2d(num_feat + i * num_grow_ch, num_grow_ch, 3, 1, 1))
         self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+
+    def dense_convs(self) -> list[nn.Conv2d]:
+        """``conv1`` .. ``conv4`` (each followed by LeakyReLU, their outputs concatenated)."""
+        return [cast(nn.Conv2d, getattr(self, f"conv{i}")) for i in range(1, 5)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
@@ -119,11 +198,24 @@ class RRDBNet(nn.Module):
             if ph or pw:
                 x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
             x = F.pixel_unshuffle(x, factor)
+        if fused_inference(x):
+            return self._forward_fused(x, h, w)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), LRELU_SLOPE)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), LRELU_SLOPE)
         out = self.conv_last(F.leaky_relu(self.conv_hr(feat), LRELU_SLOPE))
+        if self.config.scale < 4:
+            out = out[..., : h * self.config.scale, : w * self.config.scale]
+        return out
+
+    def _forward_fused(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """:meth:`forward` on the oneDNN fast path (:func:`fused_inference`); ``x`` already unshuffled."""
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(_body_fused(self.body, feat))
+        feat = conv_lrelu(F.interpolate(feat, scale_factor=2, mode="nearest"), self.conv_up1)
+        feat = conv_lrelu(F.interpolate(feat, scale_factor=2, mode="nearest"), self.conv_up2)
+        out = self.conv_last(conv_lrelu(feat, self.conv_hr))
         if self.config.scale < 4:
             out = out[..., : h * self.config.scale, : w * self.config.scale]
         return out
@@ -202,8 +294,9 @@ def rrdbnet_from_ncnn(param_path: str | Path, bin_path: str | Path) -> RRDBNet:
     """Build an :class:`RRDBNet` (float32, eval mode) from an ncnn blob pair."""
     layers = load_ncnn(param_path, bin_path)
     config, state = rrdb_state_dict_from_ncnn(layers, source=str(param_path))
-    model = RRDBNet(config)
-    model.load_state_dict(state)
+    with torch.device("meta"):  # no random init of weights that are replaced at once
+        model = RRDBNet(config)
+    model.load_state_dict(state, assign=True)  # the blob's tensors become the parameters (no copy)
     return model.eval()
 
 
