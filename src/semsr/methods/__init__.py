@@ -45,6 +45,7 @@ _BUILTIN_NAMES: dict[str, str] = {
     "coser": "semsr.methods.coser",
     "xpsr": "semsr.methods.xpsr",
     "dalpsr": "semsr.methods.dalpsr",
+    "seesr": "semsr.methods.seesr",
     "mmsr": "semsr.methods.mmsr",
     "rfa": "semsr.methods.rfa",
     "default-diffusion": "semsr.methods.default_diffusion",
