@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from semsr.core.errors import UnavailableError
 from semsr.methods import resolve
 from semsr.methods.seesr import SeeSROptions, SeeSRPipeline, seesr_prompt
+from semsr.pipeline.latent_tiling import script_tile_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
@@ -85,11 +86,9 @@ def test_small_input_resize(pipe, official) -> None:
 
 
 def test_tile_offsets_follow_the_released_grid() -> None:
-    from semsr.pipeline.latent_tiling import stride_starts
-
-    assert stride_starts(200, 96, 4) == [0, 92, 104]
-    assert stride_starts(8, 4, 1) == [0, 3, 4]
-    assert stride_starts(96, 96, 4) == [0]
+    assert script_tile_starts(200, 96, 4) == [0, 92, 104]
+    assert script_tile_starts(8, 4, 1) == [0, 3, 4]
+    assert script_tile_starts(96, 96, 4) == [0]
 
 
 def test_options_and_config_follow_the_released_script() -> None:

@@ -8,7 +8,7 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, 4h, 4w)`` in [0, 1]), as the rel
     hint = bicubic x4; z_LR = VAE posterior sample of the hint, noised to t = 999 (start point "lr")
     DDPM 50 steps (the schedule's first step is 981), CFG 5.5 (both branches see the image embeddings):
         eps = UNet(z_t, t, text, image, + ControlNet(z_t, t, text, image, hint))   on latent tiles 96, overlap 4
-        (the released layout and weights: ``tile_style = "seesr"``, :mod:`semsr.pipeline.latent_tiling`)
+        (the released layout and weights: ``tile_style = "script"``, :mod:`semsr.pipeline.latent_tiling`)
     VAE decode (1024 px tiles above that size) -> AdaIN colour fix against the hint
 
 ``--base`` is a Stable Diffusion 2 base folder (VAE, text encoder, tokenizer, scheduler; its UNet is not read),
@@ -119,7 +119,7 @@ class SeeSRPipeline(SDControlNetSR):
 
     name = "seesr"
     options_class: type[SeeSROptions] = SeeSROptions  # type: ignore[assignment]
-    tile_style = "seesr"  # the released pipeline's latent tile layout and weights
+    tile_style = "script"  # the released pipeline's latent tile layout and weights
 
     def __init__(self, *, tagger: RAMBundle | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

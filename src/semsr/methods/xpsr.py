@@ -75,7 +75,7 @@ from semsr.methods.xpsr_released import (
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import progress_fn
-from semsr.pipeline.latent_tiling import script_tiled, vae_tiling
+from semsr.pipeline.latent_tiling import tiled, vae_tiling
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
@@ -442,7 +442,7 @@ class TwoPromptSR(SDControlNetSR):
         with ``opts.process_size``),
         a generator seeded ``opts.seed`` per image drawing, in the script's order, the LR latent from the VAE
         posterior, the noise to t=T and the noise to 800, then every DDPM step's noise; CFG steps on
-        :func:`~semsr.pipeline.latent_tiling.script_tiled` tiles (``latent_tile`` or ``tile``, and ``tile_overlap``;
+        :func:`~semsr.pipeline.latent_tiling.tiled` (``style="script"``) tiles (``latent_tile`` or ``tile``, and ``tile_overlap``;
         default 320 / 8 latent pixels; 0: untiled); the decoded image rounded to 8 bits, colour-fixed
         (:func:`~semsr.methods.xpsr_released.script_adain` for ``adain``) and resized back with PIL bicubic."""
         chosen = latent_tile(opts, self.scale, self.factor)  # --latent-tile, or --tile in latent pixels
@@ -468,7 +468,7 @@ class TwoPromptSR(SDControlNetSR):
                 one = {k: v[i : i + 1] for k, v in cond.items()}
                 none = None if uncond is None else {k: v[i : i + 1] for k, v in uncond.items()}
                 z = sample(
-                    cfg(script_tiled(spatial, tile, overlap), none, opts.guidance_scale),
+                    cfg(tiled(spatial, tile, overlap, style="script"), none, opts.guidance_scale),
                     make_scheduler(opts.scheduler, self.scheduler_config),
                     shape=tuple(z0.shape),
                     cond=one,

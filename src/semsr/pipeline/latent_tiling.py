@@ -14,8 +14,9 @@ runs it once on the whole latent. Peak memory of a tiled step is that of one
 tile plus the latent-size accumulators.
 
 Two tile layouts (``style``): ``even`` (semsr's: tiles spread evenly, Gaussian sigma = side / 4) and
-``seesr`` (SeeSR's released pipeline: square tiles of ``min(tile, H, W)`` on a stride of ``tile - overlap``, the
-last one flush with the edge, Gaussian sigma = side / 10; untiled when ``H * W <= tile**2``).
+``script`` (the StableSR-family inference scripts, XPSR's and SeeSR's released pipelines: square tiles of
+``min(tile, H, W)`` on a stride of ``tile - overlap``, the last one flush with the edge, Gaussian sigma =
+side / 10, tiles left to right and each column top to bottom; untiled when ``H * W <= tile**2``).
 
 VAE tiling uses diffusers' ``AutoencoderKL`` tiling (overlapping tiles with
 linear blending) with the tile size set per call (:func:`vae_tiling`).
@@ -51,26 +52,6 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def stride_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """SeeSR's tile offsets along one axis: ``k * (tile - overlap)`` while a tile starts inside ``size``, the last
-    one moved to ``size - tile`` (flush with the end)."""
-    n = 1
-    while (n - 1) * (tile - overlap) + tile < size:
-        n += 1
-    return [k * (tile - overlap) for k in range(n - 1)] + [size - tile]
-
-
-def seesr_weight(height: int, width: int, *, device: Any = None) -> torch.Tensor:
-    """SeeSR's tile weights ``(height, width)``: Gaussian with variance 0.01 in units of the side, centred at
-    ``(width - 1) / 2`` across and at ``height / 2`` down (as released)."""
-
-    def axis(n: int, mid: float) -> torch.Tensor:
-        pos = torch.arange(n, dtype=torch.float64, device=device) - mid
-        return torch.exp(-(pos * pos) / (n * n) / (2 * 0.01)) / math.sqrt(2 * math.pi * 0.01)
-
-    return (axis(height, height / 2)[:, None] * axis(width, (width - 1) / 2)[None, :]).float()
-
-
 def gaussian_weight(height: int, width: int, sigma_frac: float = 0.25, *, device: Any = None) -> torch.Tensor:
     """Separable Gaussian window ``(height, width)``, peak 1 at the centre, sigma = ``sigma_frac`` * side."""
 
@@ -97,34 +78,34 @@ def blend_windows(
         x: ``(B, C, H, W)``.
         tile: tile side (latent pixels); tiles are clipped to the image.
         overlap: minimum overlap between neighbouring tiles.
-        style: ``even`` or ``seesr`` (module docstring; ``sigma_frac`` applies to ``even``).
+        style: ``even`` or ``script`` (module docstring; ``sigma_frac`` applies to ``even``).
     Returns:
         ``(B, C', H, W)`` float32, the weighted average of the tiles.
     """
     _, _, height, width = x.shape
-    if style == "seesr":
+    weight: torch.Tensor
+    if style == "script":
         if height * width <= tile * tile:
             return fn(x, (0, 0, height, width)).float()
         th = tw = min(tile, height, width)
-        weight = seesr_weight(th, tw, device=x.device)
-        tops, lefts = stride_starts(height, th, overlap), stride_starts(width, tw, overlap)
+        weight = script_tile_weight(th, device=x.device)
+        columns = script_tile_starts(width, tw, overlap)
+        windows = [(top, left) for left in columns for top in script_tile_starts(height, th, overlap)]
     elif style == "even":
         th, tw = min(tile, height), min(tile, width)
         weight = gaussian_weight(th, tw, sigma_frac, device=x.device)
-        tops = tile_starts(height, th, min(overlap, th - 1))
         lefts = tile_starts(width, tw, min(overlap, tw - 1))
+        windows = [(top, left) for top in tile_starts(height, th, min(overlap, th - 1)) for left in lefts]
     else:
-        raise ValueError(f"unknown tile style {style!r} (even, seesr)")
+        raise ValueError(f"unknown tile style {style!r} (even, script)")
     out: torch.Tensor | None = None
     total = torch.zeros(height, width, dtype=torch.float32, device=x.device)
-    for top in tops:
-        for left in lefts:
-            window = (top, left, th, tw)
-            y = fn(x[:, :, top : top + th, left : left + tw], window).float()
-            if out is None:
-                out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
-            out[:, :, top : top + th, left : left + tw] += y * weight
-            total[top : top + th, left : left + tw] += weight
+    for top, left in windows:
+        y = fn(x[:, :, top : top + th, left : left + tw], (top, left, th, tw)).float()
+        if out is None:
+            out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
+        out[:, :, top : top + th, left : left + tw] += y * weight
+        total[top : top + th, left : left + tw] += weight
     assert out is not None
     return out / total
 
@@ -148,7 +129,7 @@ def untiled(spatial: SpatialDenoiser) -> Denoiser:
 
 
 def script_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile starts of the StableSR-family inference scripts (XPSR's, SeeSR's released pipelines): stride
+    """Tile starts of the ``script`` layout (XPSR's, SeeSR's released pipelines): stride
     ``tile - overlap`` from 0, the last tile aligned to the end (its overlap may be larger); ``size <= tile``: ``[0]``."""
     count, covered = 0, 0
     while covered < size:
@@ -158,7 +139,7 @@ def script_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def script_tile_weight(tile: int, *, device: Any = None) -> torch.Tensor:
-    """Float64 ``(tile, tile)`` Gaussian tile weights of those scripts: variance 0.01 of the side, centred at
+    """Float64 ``(tile, tile)`` Gaussian tile weights of the ``script`` layout: variance 0.01 of the side, centred at
     ``(tile - 1) / 2`` across and at ``tile / 2`` down (as released)."""
     var = 0.01
     pos = torch.arange(tile, dtype=torch.float64, device=device)
@@ -166,32 +147,6 @@ def script_tile_weight(tile: int, *, device: Any = None) -> torch.Tensor:
     across = torch.exp(-((pos - (tile - 1) / 2) ** 2) / (tile * tile) / (2 * var)) / norm
     down = torch.exp(-((pos - tile / 2) ** 2) / (tile * tile) / (2 * var)) / norm
     return down[:, None] * across[None, :]
-
-
-def script_tiled(spatial: SpatialDenoiser, tile: int, overlap: int) -> Denoiser:
-    """Wrap a spatial denoiser as the StableSR-family scripts tile a step: a latent of ``h * w <= tile**2``
-    runs whole; else square tiles of side ``min(tile, h, w)`` at :func:`script_tile_starts`, blended with
-    :func:`script_tile_weight` (float32 sums, tiles left to right, each column top to bottom)."""
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        if height * width <= tile * tile:
-            return spatial(x, t, cond, (0, 0, height, width))
-        side = min(tile, height, width)
-        weight = script_tile_weight(side, device=x.device)
-        out: torch.Tensor | None = None
-        total = torch.zeros(x.shape[0], 1, height, width, dtype=torch.float32, device=x.device)
-        for left in script_tile_starts(width, side, overlap):
-            for top in script_tile_starts(height, side, overlap):
-                y = spatial(x[:, :, top : top + side, left : left + side], t, cond, (top, left, side, side)).float()
-                if out is None:
-                    out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
-                out[:, :, top : top + side, left : left + side] += y * weight
-                total[:, :, top : top + side, left : left + side] += weight
-        assert out is not None
-        return out / total
-
-    return denoise
 
 
 def crop_window(t: torch.Tensor, window: Window, factor: int = 1, batch: int | None = None) -> torch.Tensor:
