@@ -74,6 +74,29 @@ CONFIGS = {
     "fp16-cl": {"dtype": "fp16", "channels_last": True, "compile": False},
     "fp16-compile": {"dtype": "fp16", "channels_last": False, "compile": "default"},
     "fp16-cudagraphs": {"dtype": "fp16", "channels_last": False, "compile": "reduce-overhead"},
+    # the rows below keep the hint cache on (the pipelines' default) and compare with bf16-hintcache
+    # token merging (semsr.pipeline.tome): ratio of the tokens merged before self-attention at full resolution
+    "bf16-tome30": {"dtype": "bf16", "cache_hint": True, "tome": 0.3},
+    "bf16-tome50": {"dtype": "bf16", "cache_hint": True, "tome": 0.5},
+    "bf16-tome50-all": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_targets": "attn1,attn2,ff"},
+    "bf16-tome50-ds2": {"dtype": "bf16", "cache_hint": True, "tome": 0.5, "tome_max_downsample": 2},
+    "fp32-tome50": {"dtype": "fp32", "cache_hint": True, "tome": 0.5},
+    # inductor weight freezing (compile="freeze"); -discard: freezing_discard_parameters (the eager weights are
+    # freed after freezing: no eager baseline, and any graph break would fail)
+    "bf16-freeze": {"dtype": "bf16", "cache_hint": True, "compile": "freeze"},
+    "bf16-freeze-discard": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "discard": True},
+    "bf16-freeze-tome50": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "tome": 0.5},
+    "bf16-freeze-discard-tome50": {
+        "dtype": "bf16",
+        "cache_hint": True,
+        "compile": "freeze",
+        "discard": True,
+        "tome": 0.5,
+    },
+    "bf16-cl-hintcache": {"dtype": "bf16", "channels_last": True, "cache_hint": True},
+    # attention variants: SDPA restricted to the math backend; diffusers attention slicing (sliced processor)
+    "bf16-sdpa-math": {"dtype": "bf16", "cache_hint": True, "sdpa": "math"},
+    "bf16-slice": {"dtype": "bf16", "cache_hint": True, "attention_slice": "auto"},
 }
 #: Step configs and end-to-end sizes measured by default, per device type.
 DEFAULT_CONFIGS = {"cpu": "fp32,bf16,auto,bf16-cl", "cuda": "fp16,fp16-cudagraphs,fp16-cl"}
@@ -149,7 +172,27 @@ def _reset_peak() -> None:
         pass
 
 
+def _eps_quality(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """How close a step's output ``out`` is to the exact (unmerged, eager) output ``ref``, both ``(2, 4, h, w)``:
+    PSNR in dB over ``ref``'s value range and the relative L2 error."""
+    import math
+
+    a, b = out.double(), ref.double()
+    mse = (a - b).pow(2).mean().item()
+    span = (b.max() - b.min()).item()
+    return {
+        "psnr_vs_exact_db": math.inf if mse == 0 else 10 * math.log10(span**2 / mse),
+        "rel_l2_vs_exact": ((a - b).norm() / b.norm()).item(),
+        "max_abs_diff_vs_exact": (a - b).abs().max().item(),
+    }
+
+
 def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -> dict:
+    """Time one CFG step of ``cfg`` (see :data:`CONFIGS`): dtype, channels_last, compile (True/mode), hint cache,
+    autocast, token merging (``tome`` ratio, ``tome_targets``, ``tome_max_downsample``), SDPA backend
+    (``sdpa``), attention slicing. Configs that merge tokens or compile are also compared with the exact
+    eager output of the same models and inputs (``psnr_vs_exact_db``)."""
+    import contextlib
     import gc
 
     import torch
@@ -158,6 +201,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     from semsr.pipeline.precision import prepare_module
     from semsr.pipeline.sd_controlnet import controlnet_unet_forward
     from semsr.pipeline.step_cache import set_hint_cache
+    from semsr.pipeline.tome import set_token_merging, tome_state
 
     torch.manual_seed(0)
     parts, dims = _sd_parts(size, with_text_encoder=False)
@@ -165,31 +209,93 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     controlnet = _controlnet(unet, size)
     dtype = resolve_dtype(cfg["dtype"], device)  # "auto": bf16 on CPUs with native bf16, else fp32; bf16/fp16 on CUDA
     precision = describe_dtype(cfg["dtype"], device)
-    mode = cfg["compile"]
+    mode = cfg.get("compile", False)
     cuda_graphs = mode == "reduce-overhead" and _device_type(device) == "cuda"
     unet, controlnet = (
-        prepare_module(m, device=device, dtype=dtype, channels_last=cfg["channels_last"]) for m in (unet, controlnet)
+        prepare_module(m, device=device, dtype=dtype, channels_last=cfg.get("channels_last", False))
+        for m in (unet, controlnet)
     )
     set_hint_cache(controlnet, bool(cfg.get("cache_hint", False)))
-    if mode:
+    if cfg.get("attention_slice"):
         for m in (unet, controlnet):
-            m.compile(**({} if mode is True else {"mode": mode}))
-    gc.collect()
-    rss_loaded = rss_mb("VmRSS")
-    _reset_peak_memory(device)
+            m.set_attention_slice(cfg["attention_slice"])
     n = dims["latent"]
     x = torch.randn(2, 4, n, n, dtype=dtype, device=device)  # CFG batch: [uncond, cond]
     ctx = torch.randn(2, 77, dims["context"], dtype=dtype, device=device)
     hint = torch.rand(2, 3, n * dims["factor"], n * dims["factor"], dtype=dtype, device=device)
     t = torch.tensor(500, device=device)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.get("autocast", False)))
+    sdpa = contextlib.nullcontext()
+    if cfg.get("sdpa"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # reason: only the sdpa rows need it
+
+        sdpa = sdpa_kernel(getattr(SDPBackend, cfg["sdpa"].upper()))
+    tome_targets = tuple(cfg.get("tome_targets", "attn1").split(","))
+    exact = None
+    if cfg.get("tome") or mode:  # the exact eager output, to compare with
+        with torch.inference_mode(), autocast, sdpa:
+            exact = controlnet_unet_forward(unet, controlnet, x, t, ctx, hint).clone()
+    if cfg.get("tome"):
+        targets = tuple(cfg.get("tome_targets", "attn1").split(","))
+        for m in (unet, controlnet):
+            set_token_merging(m, cfg["tome"], seed=0, targets=targets, max_downsample=cfg.get("tome_max_downsample", 1))
+    if mode:
+        if cfg.get("discard"):
+            import torch._inductor.config as inductor_config  # reason: only the freeze rows need it
+
+            inductor_config.freezing_discard_parameters = True
+        for m in (unet, controlnet):
+            if mode == "freeze":
+                prepare_module(m, device=device, dtype=dtype, compile="freeze")
+            else:
+                m.compile(**({} if mode is True else {"mode": mode}))
+    gc.collect()
+    rss_loaded = rss_mb("VmRSS")
+    _reset_peak_memory(device)
 
     def step() -> torch.Tensor:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return controlnet_unet_forward(unet, controlnet, x, t, ctx, hint)
 
-    with torch.inference_mode(), autocast:
+    # The same step without the config's speed-up, timed in turn with it (same machine load): compiled rows
+    # run their modules eagerly (torch.compiler.set_stance("force_eager"), token merging kept); eager rows
+    # with token merging run with it removed. None: no such baseline (discarded weights, other rows).
+    tome_kwargs = {}
+    if cfg.get("tome"):
+        tome_kwargs = {"seed": 0, "targets": tome_targets, "max_downsample": cfg.get("tome_max_downsample", 1)}
+    baseline_name = None
+    if mode and not cfg.get("discard"):
+        baseline_name = "eager"
+    elif cfg.get("tome") and not mode:
+        baseline_name = "unmerged"
+
+    @contextlib.contextmanager
+    def baseline():
+        if baseline_name == "eager":
+            with torch.compiler.set_stance("force_eager"):
+                yield
+        else:
+            for m in (unet, controlnet):
+                set_token_merging(m, 0.0)
+            try:
+                yield
+            finally:
+                for m in (unet, controlnet):
+                    set_token_merging(m, cfg["tome"], **tome_kwargs)
+
+    def timed(ctx=contextlib.nullcontext) -> tuple[float, torch.Tensor]:
+        with ctx():
+            _sync(device)
+            t0 = time.perf_counter()
+            res = step()
+            _sync(device)
+        return time.perf_counter() - t0, res
+
+    # freezing needs no_grad (inference-mode tensors cannot be frozen constants); eager rows use inference_mode
+    grad_off = torch.no_grad() if mode == "freeze" else torch.inference_mode()
+    times, base_times = [], []
+    with grad_off, autocast, sdpa:
         _sync(device)
         t0 = time.perf_counter()
         ref = step().clone()  # warm-up (compiles when compiled)
@@ -197,20 +303,32 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
             step()
         _sync(device)
         warm = time.perf_counter() - t0
-        times = []
+        if baseline_name:
+            timed(baseline)  # the baseline's own warm-up
         for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            if baseline_name:
+                base_times.append(timed(baseline)[0])
+            dt, out = timed()
+            times.append(dt)
         diff = (out.float() - ref.float()).abs().max().item()
+    interleaved = {}
+    if base_times:
+        interleaved = {
+            "baseline": baseline_name,
+            "baseline_seconds_all": base_times,
+            "speedup_interleaved": min(base_times) / min(times),
+            "speedup_interleaved_median": statistics.median(base_times) / statistics.median(times),
+        }
     assert torch.isfinite(out.float()).all()
+    state = tome_state(unet)
     return {
         "seconds_per_step": min(times),
         "seconds_per_step_all": times,
         "warmup_seconds": warm,
         "max_abs_diff_to_first_call": diff,
+        **(_eps_quality(out, exact) if exact is not None else {}),
+        **interleaved,
+        "tome_merged_calls_unet": state.merged_calls if state is not None else 0,
         "dtype_resolved": precision["dtype"],
         "dtype_reason": precision["dtype_reason"],
         "rss_after_load_mb": rss_loaded,
@@ -221,21 +339,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     }
 
 
-def worker_e2e(
-    out_size: int,
-    dtype: str,
-    device: str = "cpu",
-    size: str = "real",
-    steps: int = 1,
-    compile: str | None = None,
-    latent_tile: int | None = None,
-) -> dict:
-    """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
-
-    With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
-    ``compile`` is the pipeline's ``compile`` option (compiled at build, warmed up by a first call that is
-    not timed); ``latent_tile`` None = the automatic choice (free memory), 0 = untiled.
-    """
+def _build_pipeline(size: str, device: str, dtype: str, compile: str | None = None):
+    """``SDControlNetSR`` (x4) on the random real-size or tiny models, built like the method builds it."""
     import gc
 
     import torch
@@ -246,7 +351,6 @@ def worker_e2e(
     from semsr.pipeline.text import CLIPTextConditioner
     from semsr.testing.tiny import tiny_clip_tokenizer, tiny_text_encoder
 
-    t_build = time.perf_counter()
     torch.manual_seed(0)
     parts, _ = _sd_parts(size, with_text_encoder=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,6 +373,60 @@ def worker_e2e(
     )
     del parts
     gc.collect()
+    return pipe
+
+
+def worker_tome_quality(out_size: int, dtype: str, ratios: list[float], steps: int, device: str, size: str) -> dict:
+    """Token merging end to end: one x4 upscale to ``out_size``² with ``steps`` steps unmerged (the reference)
+    and once per ratio; PSNR / SSIM (RGB, 0-255) of each against the reference and the seconds per step."""
+    import torch
+
+    from semsr.eval.metrics.pixel import psnr_255, ssim_255
+    from semsr.methods.sd_controlnet import SDControlNetOptions
+
+    pipe = _build_pipeline(size, device, dtype)
+    lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
+    opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0, latent_tile=0)
+    res: dict = {"output": f"{out_size}x{out_size}", "steps": steps, "dtype": str(pipe.dtype), "size": size}
+    ref = None
+    for ratio in [0.0, *ratios]:
+        with torch.inference_mode():
+            out = pipe(lr, opts.replace(tome_ratio=ratio))
+        img = out.images[0] * 255
+        tm = out.timings
+        row = {"seconds_per_step": tm["denoise"] / steps, "seconds_total": tm["encode"] + tm["denoise"] + tm["decode"]}
+        if ref is None:
+            ref = img
+        else:
+            row.update(psnr_db=psnr_255(img, ref), ssim=ssim_255(img, ref))
+            row["step_speedup"] = res["0.0"]["seconds_per_step"] / row["seconds_per_step"]
+        res[str(ratio)] = row
+    res["peak_rss_mb"] = rss_mb("VmHWM")
+    return res
+
+
+def worker_e2e(
+    out_size: int,
+    dtype: str,
+    device: str = "cpu",
+    size: str = "real",
+    steps: int = 1,
+    compile: str | None = None,
+    latent_tile: int | None = None,
+) -> dict:
+    """One upscale to ``out_size``² through ``SDControlNetSR`` with ``steps`` denoising steps.
+
+    With one step the 20-step time is estimated as ``encode + decode + 20 * step``; with more it is measured.
+    ``compile`` is the pipeline's ``compile`` option (compiled at build, warmed up by a first call that is
+    not timed); ``latent_tile`` None = the automatic choice (free memory), 0 = untiled.
+    """
+
+    import torch
+
+    from semsr.methods.sd_controlnet import SDControlNetOptions
+
+    t_build = time.perf_counter()
+    pipe = _build_pipeline(size, device, dtype, compile)
     build_seconds = time.perf_counter() - t_build
     rss_loaded = rss_mb("VmRSS")
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
@@ -434,7 +592,10 @@ def _run_worker(args: list[str], timeout: float | None = None, inductor_cache: s
 def _print_tables(results: dict) -> None:
     steps = [k for k in CONFIGS if k in results]
     if steps:
-        print("\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s")
+        print(
+            "\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s"
+            "   [speed-up, timed in turn with its baseline]   [eps PSNR vs the exact eager step]"
+        )
     for name in steps:
         r = results[name]
         if name == "auto" and "dtype_resolved" in r:
@@ -443,9 +604,14 @@ def _print_tables(results: dict) -> None:
             print(f"{name:<17} error: {r['error']}")
         else:
             peak = r.get("peak_gpu_mb", r["peak_rss_mb"])
+            extra = ""
+            if "speedup_interleaved" in r:
+                extra += f"   {r['speedup_interleaved']:.2f}x vs {r['baseline']} (median {r['speedup_interleaved_median']:.2f}x)"
+            if "psnr_vs_exact_db" in r:
+                extra += f"   eps PSNR vs exact {r['psnr_vs_exact_db']:.1f} dB"
             print(
                 f"{name:<17} {1000 * r['seconds_per_step']:>18.1f}   {peak:>27.0f}   {r['rss_after_load_mb']:>13.0f}"
-                f"   {r['warmup_seconds']:>9.1f}"
+                f"   {r['warmup_seconds']:>9.1f}{extra}"
             )
     sizes = [k for k in results if k.startswith("e2e_")]
     if sizes:
@@ -526,6 +692,23 @@ def _print_e2e_rows(title: str, rows: dict, name_width: int, columns: list[tuple
         print(f"{key:{name_width}} {cells} {peak:9.0f}")
 
 
+def _print_tome_table(results: dict) -> None:
+    keys = [k for k in results if k.startswith("tome_quality_")]
+    if keys:
+        print("\ntoken merging end to end    ratio   s/step   step speedup   PSNR dB vs ratio 0   SSIM vs ratio 0")
+    for key in keys:
+        r = results[key]
+        if "error" in r:
+            print(f"{key:<27} error: {r['error']}")
+            continue
+        for ratio, row in ((k, v) for k, v in r.items() if isinstance(v, dict)):
+            print(
+                f"{r['output'] + ' ' + str(r['steps']) + ' steps':<27} {ratio:>5}   {row['seconds_per_step']:>6.3f}"
+                f"   {row.get('step_speedup', 1.0):>12.2f}   {row.get('psnr_db', float('inf')):>18.2f}"
+                f"   {row.get('ssim', 1.0):>15.4f}"
+            )
+
+
 def _print_e2e_compile_table(results: dict) -> None:
     rows = {k: v for k, v in results.items() if k.startswith("e2e_") and isinstance(v, dict) and v.get("compile")}
     if rows:
@@ -596,6 +779,15 @@ def main() -> int:
     ap.add_argument(
         "--scaling-tile", type=int, default=64, help="latent tile of the tiled scaling rows (default 64; 0 = none)"
     )
+    ap.add_argument(
+        "--tome-quality",
+        default="",
+        metavar="SIZES",
+        help="token merging end to end at these output sizes (e.g. 512): PSNR/SSIM against the unmerged output "
+        "and seconds per step for each --tome-ratios, --tome-steps steps, dtype --e2e-dtype (default auto)",
+    )
+    ap.add_argument("--tome-ratios", default="0.3,0.5", help="token merging ratios of --tome-quality")
+    ap.add_argument("--tome-steps", type=int, default=20, help="denoising steps of --tome-quality")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -604,6 +796,10 @@ def main() -> int:
         kind = args.worker[0]
         if kind == "step":
             res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]), args.device, args.size)
+        elif kind == "tome-quality":
+            ratios = [float(r) for r in args.worker[3].split(",") if r]
+            w = args.worker
+            res = worker_tome_quality(int(w[1]), w[2], ratios, int(w[4]), args.device, args.size)
         elif kind == "compile":
             res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
@@ -664,6 +860,9 @@ def main() -> int:
     for size in [int(s) for s in sizes.split(",") if s]:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype, str(e2e_steps)])
     run_e2e_compile(measure, args, dev, sizes, e2e_dtype, e2e_steps)
+    for size in [int(s) for s in args.tome_quality.split(",") if s]:
+        tome_args = [str(size), args.e2e_dtype or "auto", args.tome_ratios, str(args.tome_steps)]
+        measure(f"tome_quality_{size}", ["tome-quality", *tome_args])
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")
@@ -679,6 +878,7 @@ def main() -> int:
     _print_tables(results)
     _print_e2e_compile_table(results)
     _print_compile_table(results)
+    _print_tome_table(results)
     return 0
 
 

@@ -22,14 +22,26 @@ process's VmHWM on CPU (reset through ``/proc/self/clear_refs`` where the kernel
 frozen modules are bf16 and the trainable ones fp32 under bf16 autocast (the configs'
 ``mixed_precision: bf16``); times are taken between ``torch.cuda.synchronize()`` calls.
 
-Full size: the SD-1.5 recipes (``sd-controlnet``, ``xpsr``, ``dalpsr``) use a random SD-1.5
-(:mod:`semsr.pipeline.sd_configs`) written once per run to a temporary folder as fp16 safetensors
-(about 2 GB; the tasks load SD from a folder) with the tiny CLIP tokenizer; their trainable parts
-(ControlNet, SFA, DFC heads) are built by the task at that size. XPSR/DaLPSR run without their VLM /
-IRPAD prompt models (``no_vlm``: empty prompts; prompts are precomputed in real training). ``mmsr``,
-``coser``, ``rfa`` and ``default`` need trained stage-1 models or an SD-2.1 layout that is not built
-here at full size: their full-size rows say so (``skipped``) instead of measuring something else.
-At ``--size tiny`` ``rfa`` needs a reference database and is skipped the same way.
+Full size: every recipe at the published sizes with random weights (:mod:`recipes_full`). A random
+SD-1.5 (``sd-controlnet``, ``xpsr``, ``dalpsr``, ``rfa``) and a random SD-2.1-base (``mmsr``, ``coser``)
+are written once per run to a temporary folder as fp16 safetensors (about 2 GB each, the two in parallel;
+the tasks load SD from a folder) with the tiny CLIP tokenizer. Each recipe's worker writes its other
+models before it builds the task (``prepare_s``): MMSR's Depth-Anything-small, Mask2Former Swin-L and
+DepthVQ/SegVQ; CoSeR's CLIP ViT-H/14 tower, cognitive encoder and a pool of a few random images; RFA's
+CLIP ViT-L/14 tower, aligner, enhancer and a reference database of a few random images (``semsr index
+build``); the default model's stage 1 is a random Real-ESRGAN x4plus-shaped RRDBNet. Trainable parts are
+built by the task at full size with random init. XPSR/DaLPSR run without their VLM / IRPAD prompt models
+(``no_vlm``: empty prompts; prompts are precomputed in real training); RFA without excluding the training
+image from retrieval (the batches are random tensors). At ``--size tiny`` ``rfa`` gets a database of a
+few random images with the tiny CLIP embedder the same way.
+
+``--meta`` builds every selected recipe's training task at full size on the ``meta`` device instead
+(no memory, no weights; :func:`recipes_full.meta_task`) and prints the parameter counts per part.
+
+Budgets: each recipe has a time limit (``--budget``, default on CUDA per recipe, :data:`CUDA_BUDGET`;
+on CPU 300 s) and the whole run one (``--total``, default on CUDA 470 s, so that a GPU run ends inside
+8 minutes; a recipe that would start with less than a minute left is reported as ``not_run``). The
+warm-up SR before the timed one uses at most 2 steps (same shapes, so the kernels are ready).
 
 The JSON (``--json``) is rewritten after every recipe: ``{"device", "size", "cpu", "rows": [...]}``.
 """
@@ -40,7 +52,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,22 +61,21 @@ from typing import Any
 
 from semsr.core.machine import cpu_model, peak_rss_mb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipes_full  # the benchmark's sibling module (full-size random models)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ["sd-controlnet", "xpsr", "dalpsr", "mmsr", "coser", "rfa", "default"]
 CONFIG = {"sd-controlnet": "tiny", "xpsr": "xpsr", "dalpsr": "dalpsr", "mmsr": "mmsr", "coser": "coser"}
 CONFIG |= {"rfa": "rfa", "default": "default"}
-FULL = {"sd-controlnet", "xpsr", "dalpsr"}
 #: The recipes' default sampling steps (their inference options).
 DEFAULT_STEPS = {"sd-controlnet": 20, "xpsr": 20, "dalpsr": 20, "mmsr": 50, "coser": 50, "rfa": 20, "default": 20}
-SKIP_REASON = {
-    ("full", "mmsr"): "needs trained DepthVQ/SegVQ and an SD-2.1 layout; not built at full size",
-    ("full", "coser"): "needs the stage-1 cognitive encoder and CLIP ViT-H; not built at full size",
-    ("full", "rfa"): "needs the stage-1 aligner/enhancer runs and a reference database; not built at full size",
-    ("full", "default"): "needs the shipped stage-1 restorer weights; not built at full size",
-    ("tiny", "rfa"): "needs a reference database (semsr index build); not built here",
-}
+#: (size, recipe) pairs that are reported as skipped, with the reason (none at present).
+SKIP_REASON: dict[tuple[str, str], str] = {}
+#: Seconds per recipe on CUDA (``--budget`` overrides): model writing, loading, 2 SRs and 4 training steps.
+CUDA_BUDGET = {"sd-controlnet": 60, "xpsr": 70, "dalpsr": 70, "mmsr": 110, "coser": 110, "rfa": 90, "default": 45}
 COLUMNS = ["recipe", "status", "infer_s", "infer_peak_mb", "train_s", "train_peak_mb", "train_ckpt_s"]
-COLUMNS += ["train_ckpt_peak_mb", "trainable_m", "wall_s"]
+COLUMNS += ["train_ckpt_peak_mb", "trainable_m", "prepare_s", "wall_s"]
 
 
 # ----------------------------------------------------------------------------- worker (own process)
@@ -99,26 +109,12 @@ class Meter:
         return round(seconds, 4), round(peak, 1)
 
 
-def write_random_sd15(folder: Path) -> Path:
-    """A diffusers SD-1.5 folder with random weights (fp16 safetensors) and the tiny CLIP tokenizer."""
-    import torch  # the worker's dependency, imported in the worker process only
-
-    from semsr.pipeline.sd_configs import SD15_SCHEDULER, random_sd15
-    from semsr.testing.tiny import resolve_model_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, model in random_sd15().items():
-        model.to(torch.float16).save_pretrained(folder / name, safe_serialization=True)
-    shutil.copytree(resolve_model_path("tiny://sd") / "tokenizer", folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
-
-
-def recipe_config(recipe: str, size: str, sd_folder: str | None) -> Any:
-    """The experiment config of ``recipe`` at ``size`` (validation off; XPSR/DaLPSR without prompt models)."""
+def recipe_config(
+    recipe: str, size: str, sd_folder: str | None, overrides: dict[str, Any] | None = None, crop: int = 0
+) -> Any:
+    """The experiment config of ``recipe`` at ``size`` (validation off; XPSR/DaLPSR without prompt models);
+    ``overrides``: dotted keys (``model.options.db``...) set on the YAML; ``crop``: ``data.crop_size`` (0: the
+    config's)."""
     import yaml  # the worker's dependency, imported in the worker process only
 
     from semsr.train.config import config_from_dict
@@ -133,10 +129,29 @@ def recipe_config(recipe: str, size: str, sd_folder: str | None) -> Any:
         opts["no_vlm"] = True
         opts["low_source"] = "vlm"  # with no_vlm: empty low-level prompts (no IRPAD model)
     if size == "full":
-        raw["model"]["pretrained"] = sd_folder
+        if recipe in recipes_full.SD_LAYOUT:
+            raw["model"]["pretrained"] = sd_folder
         opts.pop("conditioning_channels", None)
         raw["data"]["hr"], raw["data"]["manifest"] = [], None
+    if crop:
+        raw["data"]["crop_size"] = crop
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return config_from_dict(raw, ["validation.every=0"])
+
+
+def prepare(recipe: str, size: str, folder: Path, crop: int) -> dict[str, Any]:
+    """Write what ``recipe`` loads besides SD into ``folder`` (full size: :func:`recipes_full.write_recipe_models`;
+    tiny ``rfa``: a reference database); returns the config overrides."""
+    if size == "full":
+        return recipes_full.write_recipe_models(recipe, folder, crop)
+    if recipe == "rfa":
+        return recipes_full.write_tiny_rfa_db(folder)
+    return {}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,28 +164,35 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = recipe_config(args.worker, args.size, args.sd)
+    tiny = args.size == "tiny"
+    t0 = time.perf_counter()
+    crop = args.crop or (0 if tiny else 512)
+    overrides = prepare(args.worker, args.size, Path(args.tmp) / args.worker, crop)
+    prepare_s = round(time.perf_counter() - t0, 1)
+    cfg = recipe_config(args.worker, args.size, args.sd, overrides, crop)
     task = build_task(cfg)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    if args.worker == "default" and not tiny:
+        task.stage1 = recipes_full.random_stage1(device, dtype)
     task.setup(device, dtype)
     trainable = task.trainable.to(device)
     meter = Meter(device)
-    row: dict[str, Any] = {"recipe": args.worker, "status": "ok"}
+    row: dict[str, Any] = {"recipe": args.worker, "status": "ok", "prepare_s": prepare_s}
     row["trainable_m"] = round(sum(p.numel() for p in trainable.parameters() if p.requires_grad) / 1e6, 3)
-    tiny = args.size == "tiny"
     out = args.out or (64 if tiny else 512)
     steps = args.steps or (2 if tiny else DEFAULT_STEPS[args.worker])
-    crop = args.crop or (cfg.data.crop_size if tiny else 512)
+    crop = cfg.data.crop_size
     batch_size = args.batch or (2 if tiny else 4)
     scale = cfg.data.scale
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    row["dtype"], row["optimizer"] = "bf16" if dtype == torch.bfloat16 else "fp32", args.optimizer
 
     # inference
     copy = _weights_copy(trainable)
     lr = torch.rand(1, 3, out // scale, out // scale, generator=torch.Generator().manual_seed(0)).to(device)
     for timed in (False, True):
         meter.start()
-        task.sample(copy, lr, ["a photo"], steps, 1.0, seed=0)
+        task.sample(copy, lr, ["a photo"], steps if timed else min(steps, 2), 1.0, seed=0)
         if timed:
             row["infer_s"], row["infer_peak_mb"] = meter.stop()
     row["infer_steps"], row["infer_out"] = steps, out
@@ -188,7 +210,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "path": [f"{i}.png" for i in range(batch_size)],
     }
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    if args.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=1e-6)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
 
     def step() -> None:
         with autocast:
@@ -220,20 +245,32 @@ def _print_row(row: dict[str, Any]) -> None:
     print(" | ".join(str(row.get(c, "")) for c in COLUMNS), flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", choices=["tiny", "full"], default=None, help="default: full on cuda, tiny on cpu")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {RECIPES}")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--budget", type=float, default=None, help="seconds per recipe (default: cuda 75, cpu 300)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds per recipe (default: cuda per recipe, cpu 300)"
+    )
+    parser.add_argument("--total", type=float, default=None, help="seconds for the whole run (default: cuda 470)")
     parser.add_argument("--steps", type=int, default=0, help="sampling steps (0: the recipe's default; tiny: 2)")
     parser.add_argument("--out", type=int, default=0, help="SR output size in pixels (0: 512; tiny: 64)")
     parser.add_argument("--crop", type=int, default=0, help="training crop in pixels (0: 512; tiny: the config's)")
     parser.add_argument("--batch", type=int, default=0, help="training batch (0: 4; tiny: 2)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="frozen weights (cuda: bf16, cpu: fp32)"
+    )
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: no optimiser state")
+    for layout, name in (("sd15", "SD-1.5"), ("sd21", "SD-2.1-base")):
+        parser.add_argument(f"--{layout}", default=None, help=f"an {name} folder to use instead of a random one")
+    parser.add_argument("--in-process", action="store_true", help="run the recipes in this process (no limits)")
+    parser.add_argument("--meta", action="store_true", help="full-size builds on the meta device: parameter counts")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sd", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     size = args.size or ("full" if args.device.startswith("cuda") else "tiny")
     args.size = size
     if args.worker:
@@ -243,37 +280,110 @@ def main() -> int:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
-    budget = args.budget or (75.0 if args.device.startswith("cuda") else 300.0)
+    if args.meta:
+        return meta_report(recipes, args.json)
+    cuda = args.device.startswith("cuda")
+    total = args.total or (470.0 if cuda else float("inf"))
     report: dict[str, Any] = {"device": args.device, "size": size, "cpu": cpu_model(), "rows": []}
+    start = time.perf_counter()
     print(" | ".join(COLUMNS), flush=True)
     with tempfile.TemporaryDirectory(prefix="semsr-recipes-speed-") as tmp:
-        sd = None
-        if size == "full" and any(r in FULL for r in recipes):
+        layouts = sorted({recipes_full.SD_LAYOUT[r] for r in recipes if r in recipes_full.SD_LAYOUT})
+        given = {layout: getattr(args, layout) for layout in layouts if getattr(args, layout)}
+        layouts = [layout for layout in layouts if layout not in given]
+        sds = {layout: str(Path(folder).resolve()) for layout, folder in given.items()}
+        if size == "full" and layouts:
             t0 = time.perf_counter()
-            code = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import recipes_speed as r; "
-            code += f"r.write_random_sd15(__import__('pathlib').Path({tmp!r}) / 'sd15')"
-            subprocess.run([sys.executable, "-c", code], check=True)
-            sd = str(Path(tmp) / "sd15")
-            report["random_sd15_write_s"] = round(time.perf_counter() - t0, 1)
-            print(f"random SD-1.5 written in {report['random_sd15_write_s']} s", file=sys.stderr, flush=True)
+            sds |= write_sds(layouts, Path(tmp))
+            report["random_sd_write_s"] = round(time.perf_counter() - t0, 1)
+            print(
+                f"random {', '.join(layouts)} written in {report['random_sd_write_s']} s", file=sys.stderr, flush=True
+            )
         for recipe in recipes:
-            row = run_recipe(recipe, args, size, budget, sd)
+            sd = sds.get(recipes_full.SD_LAYOUT.get(recipe, ""))
+            left = total - (time.perf_counter() - start)
+            budget = min(args.budget or (CUDA_BUDGET[recipe] if cuda else 300.0), left)
+            if budget < 60 and left < total:
+                row = {"recipe": recipe, "status": "not_run", "reason": f"total budget ({total:.0f} s) spent"}
+            elif args.in_process:
+                row = run_in_process(recipe, args, size, sd, tmp)
+            else:
+                row = run_recipe(recipe, args, size, budget, sd, tmp)
             report["rows"].append(row)
             _print_row(row)
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2) + "\n")
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all(r["status"] in ("ok", "skipped") for r in report["rows"]) else 1
 
 
-def run_recipe(recipe: str, args: argparse.Namespace, size: str, budget: float, sd: str | None) -> dict[str, Any]:
+def write_sds(layouts: list[str], tmp: Path) -> dict[str, str]:
+    """Write a random SD folder per layout (``sd15``/``sd21``) under ``tmp``, in parallel subprocesses."""
+    procs = {}
+    for layout in layouts:
+        code = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import recipes_full as r; "
+        code += f"r.write_sd({layout!r}, __import__('pathlib').Path({str(tmp)!r}) / {layout!r})"
+        procs[layout] = subprocess.Popen([sys.executable, "-c", code])
+    for layout, proc in procs.items():
+        if proc.wait():
+            raise RuntimeError(f"writing the random {layout} folder failed ({proc.returncode})")
+    return {layout: str(tmp / layout) for layout in layouts}
+
+
+def meta_report(recipes: list[str], out: Path | None) -> int:
+    """Build each recipe at full size on the meta device; print and (``out``) write the parameter counts."""
+    import torch  # the meta build's dependency
+
+    rows = []
+    for recipe in recipes:
+        t0 = time.perf_counter()
+        task = recipes_full.meta_task(recipe)
+        stray = [
+            name
+            for name, t in [*task.trainable.named_parameters(), *task.trainable.named_buffers()]
+            if t.device != torch.device("meta")
+        ]
+        row = {"recipe": recipe, "millions": recipes_full.parameter_counts(task), "off_meta": stray}
+        row["build_s"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        print(f"{recipe}: {row['millions']}" + (f" off meta: {stray[:5]}" if stray else ""), flush=True)
+    if out:
+        out.write_text(json.dumps({"device": "meta", "size": "full", "rows": rows}, indent=2) + "\n")
+    return 0 if not any(r["off_meta"] for r in rows) else 1
+
+
+def _worker_args(recipe: str, args: argparse.Namespace, size: str, sd: str | None, tmp: str) -> list[str]:
+    cmd = ["--worker", recipe, "--device", args.device, "--size", size, "--steps", str(args.steps)]
+    cmd += ["--out", str(args.out), "--crop", str(args.crop), "--batch", str(args.batch), "--tmp", tmp]
+    cmd += ["--optimizer", args.optimizer] + (["--dtype", args.dtype] if args.dtype else [])
+    return cmd + (["--sd", sd] if sd else [])
+
+
+def run_in_process(recipe: str, args: argparse.Namespace, size: str, sd: str | None, tmp: str) -> dict[str, Any]:
+    """Run one recipe's worker in this process (``--in-process``); its row (status ok|skipped|error)."""
+    reason = SKIP_REASON.get((size, recipe))
+    if reason:
+        return {"recipe": recipe, "status": "skipped", "reason": reason}
+    sub = argparse.Namespace(**{**vars(args), "worker": recipe, "size": size, "sd": sd, "tmp": tmp})
+    t0 = time.perf_counter()
+    try:
+        row = worker(sub)
+    except Exception as err:  # one failing recipe is a row, the next one runs
+        return {"recipe": recipe, "status": "error", "error": f"{type(err).__name__}: {err}"[:300]}
+    return {**row, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_recipe(
+    recipe: str, args: argparse.Namespace, size: str, budget: float, sd: str | None, tmp: str
+) -> dict[str, Any]:
     """Run one recipe's worker subprocess under ``budget`` seconds; its row (status ok|skipped|timeout|error)."""
     reason = SKIP_REASON.get((size, recipe))
     if reason:
         return {"recipe": recipe, "status": "skipped", "reason": reason}
     print(f"{recipe}: running (limit {budget:.0f} s)", file=sys.stderr, flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", recipe, "--device", args.device]
-    cmd += ["--size", size, "--steps", str(args.steps), "--out", str(args.out), "--crop", str(args.crop)]
-    cmd += ["--batch", str(args.batch)] + (["--sd", sd] if sd else [])
+    cmd = [sys.executable, str(Path(__file__).resolve()), *_worker_args(recipe, args, size, sd, tmp)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, env=os.environ.copy())

@@ -771,7 +771,8 @@ def test_sr_task_trains_aia_and_encoders_only(tiny_models, tmp_path):
     for pos in range(6):
         i = task.references.dataset.index_at(pos)
         assert task.references.neighbour(pos, torch.Generator().manual_seed(pos)) != i
-    assert len(list((Path(os.environ["SEMSR_CACHE"]) / "coser-clip-embeddings").glob("*.pt"))) >= 1
+    # the pool embeddings are kept in a prior store per CLIP model in the cache
+    assert len(list((Path(os.environ["SEMSR_CACHE"]) / "coser-clip-store").glob("*/index.sqlite"))) >= 1
     with pytest.raises(SemsrError, match="unknown model.options"):
         CoSeRSRTask(
             config_from_dict(

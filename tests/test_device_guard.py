@@ -161,3 +161,26 @@ def test_metric_backbones_run_on_the_simulated_device(name, weights_dir):  # noq
             assert metric.features([a, b, c]).shape == (3, 2048)
         else:
             assert metric(a, b) > 0
+
+
+def test_rfa_and_coser_embedding_priors_run_on_their_device():
+    """``semsr priors build --recipe rfa|coser --device ...``: the models on the device, host images in, host
+    results out (what the store writes)."""
+    from semsr.priors.base import get_provider
+
+    clip = resolve_model_path("tiny://clip-vision")
+    opts = {
+        "rfa-embed": {"embedder": f"clip:{clip}"},
+        "rfa-tokens": {"embedder": f"clip:{clip}"},
+        "coser-clip": {"clip": clip},
+        "coser-cognitive": {"clip": clip, "cognitive": resolve_model_path("tiny://coser/cognitive")},
+    }
+    image = torch.rand(1, 3, 24, 20)
+    with DeviceGuard() as guard:
+        for name, kw in opts.items():
+            provider = get_provider(name, device=str(VIRTUAL_DEVICE), **kw)
+            model = getattr(provider, "clip", None) or getattr(provider, "encoder", None)
+            model = getattr(model, "embedder", model)
+            assert guard.on_device(next(model.parameters())), name
+            result = provider(image)
+            assert result.kind == "embedding" and result.value.device.type == "cpu", name

@@ -67,3 +67,38 @@ def test_pipeline_step_hint_cache_configs_run_on_tiny_models(tmp_path: Path) -> 
     for key in ("fp32-hintcache", "bf16-hintcache"):
         assert "error" not in res[key] and res[key]["seconds_per_step"] > 0
         assert res[key]["max_abs_diff_to_first_call"] == 0.0  # the cached embedding gives the same output
+
+
+def test_token_merging_and_attention_rows_run_on_tiny_models(tmp_path: Path) -> None:
+    """The ToMe / attention-variant step rows and the ToMe end-to-end quality run, at tiny size."""
+    out = tmp_path / "t.json"
+    configs = "bf16-hintcache,bf16-tome50,bf16-tome50-all,bf16-sdpa-math,bf16-slice,bf16-cl-hintcache"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_step.py"), "--size", "tiny", "--device", "cpu"]
+    cmd += ["--configs", configs, "--e2e-sizes", "", "--reps", "1", "--json", str(out)]
+    cmd += ["--tome-quality", "64", "--tome-ratios", "0.5", "--tome-steps", "2", "--e2e-dtype", "fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in configs.split(","):
+        assert "error" not in res[key] and res[key]["seconds_per_step"] > 0, res[key]
+    for key in ("bf16-tome50", "bf16-tome50-all"):  # merged: compared with the exact output of the same inputs
+        assert res[key]["tome_merged_calls_unet"] > 0 and 20 < res[key]["psnr_vs_exact_db"] < float("inf")
+    assert res["bf16-hintcache"]["tome_merged_calls_unet"] == 0 and "psnr_vs_exact_db" not in res["bf16-hintcache"]
+    q = res["tome_quality_64"]
+    assert "error" not in q and q["0.0"]["seconds_per_step"] > 0
+    assert 30 < q["0.5"]["psnr_db"] < float("inf") and 0.9 < q["0.5"]["ssim"] < 1
+    assert "token merging end to end" in proc.stdout
+
+
+@pytest.mark.slow
+def test_freeze_rows_run_on_tiny_models(tmp_path: Path) -> None:
+    """Inductor freezing with and without token merging (minutes of compiling on 2 cores)."""
+    out = tmp_path / "f.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_step.py"), "--size", "tiny", "--device", "cpu"]
+    cmd += ["--configs", "bf16-freeze,bf16-freeze-tome50", "--e2e-sizes", "", "--reps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in ("bf16-freeze", "bf16-freeze-tome50"):
+        assert "error" not in res[key] and res[key]["psnr_vs_exact_db"] > 20, res[key]
+    assert res["bf16-freeze-tome50"]["tome_merged_calls_unet"] > 0

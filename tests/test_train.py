@@ -64,6 +64,13 @@ def test_tiny_yaml_loads_with_overrides():
     assert again == cfg
 
 
+def test_null_overrides_reach_free_form_options_but_not_typed_fields():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.options.prompt=null", "model.controlnet=null"])
+    assert cfg.model.options["prompt"] is None and cfg.model.controlnet is None
+    with pytest.raises(SemsrError, match="'train.max_steps' must not be null"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.max_steps=null"])
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [

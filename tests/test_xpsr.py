@@ -477,11 +477,17 @@ def test_xpsr_options_carry_the_recipe_defaults():
     spec = resolve("xpsr")
     opts = spec.parse({})
     assert isinstance(opts, XPSROptions) and spec.options is XPSROptions and spec.suggests_priors
-    assert (opts.negative_prompt, opts.low_negative_prompt, opts.added_prompt) == (
-        XPSR_NEGATIVE,
+    assert (opts.negative_prompt, opts.added_prompt, opts.preset, opts.low_negative_prompt) == (
+        None,
+        None,
+        None,
         XPSR_LOW_NEGATIVE,
-        XPSR_ADDED_POSITIVE,
-    )
+    )  # the preset's: semsr's for a semsr checkpoint
+    assert opts.resolved_defaults() == {
+        "preset": "semsr",
+        "negative_prompt": XPSR_NEGATIVE,
+        "added_prompt": XPSR_ADDED_POSITIVE,
+    }
     assert (opts.steps, opts.guidance_scale, opts.scheduler, opts.colour_fix, opts.start_from_lr) == (
         20,
         4.5,

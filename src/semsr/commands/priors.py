@@ -13,7 +13,11 @@ images (``-i``; HR priors only). What each recipe needs (:data:`RECIPE_PRIORS`):
 caption and quality answer of each HR image and the quality answer of each LR file; ``dalpsr``
 the caption of each HR image and IRPAD's description of each LR file; ``mmsr`` the edge (canny),
 depth and segmentation maps of each LR file bicubic-upsampled to its HR size (the size at which
-training extracts them; a crop of the map is what training tokenizes). Images are processed in
+training extracts them; a crop of the map is what training tokenizes); ``rfa`` the ``--db`` database
+embedder's embedding of each HR image and LR file, its tokens of each LR file and database image, and
+the ``--num-refs`` references retrieved for each LR file (through ``--aligner``); ``coser`` the pooled
+CLIP embedding (``--clip``) and CLIP neighbours of each HR image and the frozen cognitive encoder's
+(``--cognitive``) embedding of each LR file. Images are processed in
 batches of ``--batch-size``, each batch committed at once; a killed build is resumed by running it
 again (priors already stored are not recomputed). Under ``accelerate launch`` every process takes
 its share of the images and writes into the same store (:mod:`semsr.commands.shard`).
@@ -49,6 +53,7 @@ from semsr.eval.atomic import write_json, write_png
 from semsr.pipeline.latent_sr import make_hint
 from semsr.priors.base import (
     PriorProvider,
+    PriorResult,
     ProviderSpec,
     cached,
     picture_tensor,
@@ -57,18 +62,27 @@ from semsr.priors.base import (
     spatial_to_uint8,
 )
 from semsr.priors.cache import PriorStore, image_id
+from semsr.priors.clip_embed import COSER_NEIGHBOURS, RFA_REFS
+from semsr.priors.retrieval.embedders import embedder_from_spec
+from semsr.priors.retrieval.index import ReferenceDB, file_sha256
+from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.pairs import read_pairs
+from semsr.train.rfa import aligner_fingerprint, load_aligner, resolve_embedder_spec
 
 DEFAULT_MODALITIES = "canny,hed"
 
 
 #: Per recipe: the priors of each image kind (``hr``: HR files, ``lr``: LR files, ``lr_up``: LR files
-#: bicubic-upsampled to their HR size), by provider name.
+#: bicubic-upsampled to their HR size, ``db``: the images of the ``--db`` reference database), by provider
+#: name. ``rfa`` also stores ``rfa-refs`` per LR file and ``coser`` ``coser-neighbours`` per HR image
+#: (:func:`rfa_references`, :func:`coser_neighbours`).
 RECIPE_PRIORS: dict[str, dict[str, tuple[str, ...]]] = {
     "xpsr": {"hr": ("caption", "quality"), "lr": ("quality",)},
     "dalpsr": {"hr": ("caption",), "lr": ("irpad",)},
     "mmsr": {"lr_up": ("canny", "depth", "seg")},
+    "rfa": {"hr": ("rfa-embed",), "lr": ("rfa-embed", "rfa-tokens"), "db": ("rfa-tokens",)},
+    "coser": {"hr": ("coser-clip",), "lr": ("coser-cognitive",)},
 }
 
 
@@ -97,6 +111,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--recipe", choices=sorted(RECIPE_PRIORS), help="the recipe whose training priors to build")
     b.add_argument("--pairs", type=Path, help="pairs folder of semsr data make-pairs (its HR and LR files)")
     b.add_argument("--batch-size", type=int, default=8, help="images per committed batch (default: 8)")
+    b.add_argument("--db", type=Path, help="rfa: the reference database (semsr index build) to retrieve from")
+    b.add_argument("--aligner", help="rfa: the rfa-aligner run's final/aligner (or default) that makes the query")
+    b.add_argument("--no-aligner", action="store_true", help="rfa: query with the raw LR embedding")
+    b.add_argument(
+        "--num-refs", type=int, default=4, help="rfa: references stored per LR file (default: 4, the enhancer's)"
+    )
+    b.add_argument(
+        "--neighbours", type=int, default=32, help="coser: CLIP neighbours stored per HR image (default: 32)"
+    )
     group = p.add_argument_group("prior options")
     seen: set[str] = set()
     for spec in provider_specs():
@@ -211,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _build_images(args: argparse.Namespace) -> dict[str, list[tuple[Path, Path | None]]]:
-    """Per image kind (``hr`` / ``lr`` / ``lr_up``) the ``(file, its HR file)`` to process."""
+def _build_images(
+    args: argparse.Namespace, need: dict[str, tuple[str, ...]]
+) -> dict[str, list[tuple[Path, Path | None]]]:
+    """Per image kind (``hr`` / ``lr`` / ``lr_up`` / ``db``) the ``(file, its HR file)`` to process."""
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)
         hrs = list(pairs)
@@ -224,13 +249,16 @@ def _build_images(args: argparse.Namespace) -> dict[str, list[tuple[Path, Path |
         hrs, lrs = files, []
     else:
         raise SemsrError("priors build needs --pairs PAIRS (or -i HR images for HR priors only)")
-    need = RECIPE_PRIORS[args.recipe]
-    if not args.pairs and any(k != "hr" for k in need):
+    if not args.pairs and any(k in ("lr", "lr_up") for k in need):
         raise SemsrError(
             f"recipe {args.recipe} needs priors of LR files: give --pairs (from semsr data make-pairs); "
             "LR images degraded on the fly during training have no file to cache priors for"
         )
-    return {"hr": [(h, None) for h in hrs], "lr": lrs, "lr_up": lrs}
+    images: dict[str, list[tuple[Path, Path | None]]] = {"hr": [(h, None) for h in hrs], "lr": lrs, "lr_up": lrs}
+    if "db" in need:
+        with ReferenceDB(args.db) as db:
+            images["db"] = [(Path(e.path), None) for e in db.entries()]
+    return images
 
 
 def _load(kind: str, path: Path, hr: Path | None) -> torch.Tensor:
@@ -245,6 +273,38 @@ def _load(kind: str, path: Path, hr: Path | None) -> torch.Tensor:
     return make_hint(image, (image.shape[-2] * s, image.shape[-1] * s))
 
 
+def _recipe_options(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """The recipe's priors per image kind, checked against the recipe's flags (rfa: ``--db``, its embedder;
+    coser: ``--clip``, and ``--cognitive`` for the LR priors)."""
+    need = dict(RECIPE_PRIORS[args.recipe])
+    if args.recipe == "rfa":
+        if args.db is None:
+            raise SemsrError("priors build --recipe rfa needs --db (the reference database, semsr index build)")
+        if not args.no_aligner and not args.aligner:
+            raise SemsrError("priors build --recipe rfa needs --aligner (final/aligner or default) or --no-aligner")
+        if args.no_aligner and args.aligner:
+            raise SemsrError("--aligner and --no-aligner contradict each other")
+        if args.num_refs < 1:
+            raise SemsrError(f"--num-refs must be >= 1, got {args.num_refs}")
+        with ReferenceDB(args.db) as db:
+            spec = db.embedder_spec
+        given = getattr(args, _dest("--embedder"), None)
+        if given and resolve_embedder_spec(str(given)) != spec:
+            raise SemsrError(f"--embedder {given} differs from the database's embedder {spec}", args.db)
+        setattr(args, _dest("--embedder"), spec)
+    if args.recipe == "coser":
+        if args.neighbours < 1:
+            raise SemsrError(f"--neighbours must be >= 1, got {args.neighbours}")
+        if not getattr(args, _dest("--cognitive"), None):
+            print(
+                "semsr: note: no --cognitive: the cognitive embeddings of the LR files are not stored "
+                "(training then needs model.options.lr_embedding: crop)",
+                file=sys.stderr,
+            )
+            need.pop("lr")
+    return need
+
+
 def build(args: argparse.Namespace) -> int:
     """``semsr priors build`` (module docstring); 0 when every image has its priors, 1 when some failed."""
     if args.recipe is None:
@@ -252,8 +312,8 @@ def build(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SemsrError(f"--batch-size must be >= 1, got {args.batch_size}")
     shard = Shard.from_env()
-    images = _build_images(args)
-    need = RECIPE_PRIORS[args.recipe]
+    need = _recipe_options(args)
+    images = _build_images(args, need)
     store = PriorStore(args.output, create=True)
     providers: dict[str, PriorProvider] = {}
     for name in dict.fromkeys(n for names in need.values() for n in names):  # a missing model fails first
@@ -270,15 +330,24 @@ def build(args: argparse.Namespace) -> int:
                 todo.append((path, hr, missing))
         for start in range(0, len(todo), args.batch_size):
             rows = []
+            batched = [n for n in names if hasattr(providers[n], "many")]  # one model pass for the batch
+            loaded: list[tuple[Path, torch.Tensor, list[str]]] = []
             for path, hr, missing in todo[start : start + args.batch_size]:
                 try:
                     image = _load(kind, path, hr)
-                    rows += [(path, n, providers[n](image)) for n in missing]
+                    rows += [(path, n, providers[n](image)) for n in missing if n not in batched]
+                    loaded.append((path, image, missing))
                 except SemsrError as err:
                     counts["failed"] += 1
                     print(f"semsr: error: {err}", file=sys.stderr)
+            for name in batched:
+                group = [(path, image) for path, image, missing in loaded if name in missing]
+                rows += _batched_rows(providers[name], name, group, counts)
             counts["computed"] += store.put_many(rows)
             print(f"{kind}: {min(start + args.batch_size, len(todo))}/{len(todo)} images", flush=True)
+    if args.recipe == "rfa":
+        lrs = shard.take(images["lr"], key=lambda item: str(item[0]))
+        _add_counts(counts, rfa_references(store, lrs, args))
     store.close()
     print(
         f"rank {shard.rank}/{shard.world}: computed {counts['computed']}, kept {counts['kept']}, "
@@ -287,6 +356,117 @@ def build(args: argparse.Namespace) -> int:
     )
     shard.wait()
     if shard.main:
+        if args.recipe == "coser":  # needs every HR embedding: after all processes are done
+            with PriorStore(args.output) as main_store:
+                made = coser_neighbours(main_store, [p for p, _ in images["hr"]], args.neighbours, args.batch_size)
+            print(f"coser-neighbours: computed {made['computed']}, kept {made['kept']}", flush=True)
+            counts["failed"] += made["failed"]
         summary = PriorStore(args.output).describe()
         print("store: " + ", ".join(f"{k} {v}" for k, v in summary["priors"].items()) + f"; {summary['bytes']} bytes")
     return 1 if counts["failed"] else 0
+
+
+def _batched_rows(
+    provider: PriorProvider, name: str, group: list[tuple[Path, torch.Tensor]], counts: dict[str, int]
+) -> list[tuple[Path, str, PriorResult]]:
+    """``(file, prior, result)`` rows of ``group`` from one ``provider.many`` call; when that fails, image by
+    image, so one bad image fails alone (counted in ``counts``)."""
+    if not group:
+        return []
+    try:
+        results = provider.many([image for _, image in group])  # type: ignore[attr-defined]
+        return [(path, name, result) for (path, _), result in zip(group, results, strict=True)]
+    except SemsrError:
+        rows = []
+        for path, image in group:
+            try:
+                rows.append((path, name, provider(image)))
+            except SemsrError as err:
+                counts["failed"] += 1
+                print(f"semsr: error: {err}", file=sys.stderr)
+        return rows
+
+
+def _add_counts(counts: dict[str, int], more: dict[str, int]) -> None:
+    for key, value in more.items():
+        counts[key] += value
+
+
+def rfa_references(store: PriorStore, lrs: list[tuple[Path, Path | None]], args: argparse.Namespace) -> dict[str, int]:
+    """Store ``rfa-refs`` of each LR file in ``lrs`` that has none: the ``--num-refs`` database images retrieved
+    with its stored ``rfa-embed`` / ``rfa-tokens`` (through ``--aligner``, or raw under ``--no-aligner``), its
+    HR file's database entry skipped (as training's ``exclude_self``), best first, as store image ids.
+
+    The query is built from the whole LR image's embedding (what training reads from the store)."""
+    counts = {"computed": 0, "kept": 0, "failed": 0}
+    done = store.done(RFA_REFS)
+    todo = [(lr, hr) for lr, hr in lrs if image_id(lr) not in done]
+    counts["kept"] = len(lrs) - len(todo)
+    if not todo:
+        return counts
+    db = ReferenceDB(args.db)
+    embedder = embedder_from_spec(db.embedder_spec)
+    aligner = None if args.no_aligner else load_aligner(args.aligner, embedder).float().eval()
+    refs = ReferenceTokens(db, embedder, aligner, args.num_refs)
+    meta = {
+        "db": str(Path(args.db).resolve()),
+        "aligner": aligner_fingerprint(None if aligner is None else args.aligner, db.embedder_spec),
+        "num_refs": args.num_refs,
+        "exclude_self": True,
+        "embedder": db.embedder_spec,
+    }
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        rows = []
+        for lr, hr in batch:
+            try:
+                vec = torch.from_numpy(np.array(store.array(lr, "rfa-embed")))[None]
+                tok = torch.from_numpy(np.array(store.array(lr, "rfa-tokens")))[None]
+                (hits,) = refs.search(tok, vec, [file_sha256(hr) if hr is not None else None])
+                if len(hits) < args.num_refs:
+                    raise SemsrError(f"the database has only {len(hits)} references for this image", lr)
+                ids = tuple(image_id(h.entry.path) for h in hits)
+                rows.append((lr, RFA_REFS, PriorResult("tags", ids, {**meta, "scores": [h.score for h in hits]})))
+            except SemsrError as err:
+                counts["failed"] += 1
+                print(f"semsr: error: {err}", file=sys.stderr)
+        counts["computed"] += store.put_many(rows)
+        print(f"{RFA_REFS}: {min(start + args.batch_size, len(todo))}/{len(todo)} images", flush=True)
+    db.close()
+    return counts
+
+
+def coser_neighbours(store: PriorStore, hrs: list[Path], top: int, batch: int = 256) -> dict[str, int]:
+    """Store ``coser-neighbours`` of each HR image in ``hrs`` that has none: the ``top`` other images of
+    ``hrs`` most similar by their stored ``coser-clip`` embeddings (cosine), best first, as store image ids.
+
+    Training narrows each list to its training images (and, with class folders, to the same class); an
+    image added to the corpus later is not in the lists of images stored before it (rebuild the store)."""
+    counts = {"computed": 0, "kept": 0, "failed": 0}
+    done = store.done(COSER_NEIGHBOURS)
+    todo = [i for i, p in enumerate(hrs) if image_id(p) not in done]
+    counts["kept"] = len(hrs) - len(todo)
+    if not todo:
+        return counts
+    try:
+        emb = torch.stack([torch.from_numpy(np.array(store.array(p, "coser-clip"))).float() for p in hrs])
+    except SemsrError as err:
+        print(f"semsr: error: {err}", file=sys.stderr)
+        counts["failed"] = len(todo)
+        return counts
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    ids = [image_id(p) for p in hrs]
+    k = min(int(top), len(hrs) - 1)
+    for start in range(0, len(todo), max(1, batch)):
+        rows_idx = todo[start : start + max(1, batch)]
+        sims = emb[rows_idx] @ emb.T
+        sims[torch.arange(len(rows_idx)), torch.tensor(rows_idx)] = -float("inf")  # never the image itself
+        best = sims.topk(k, dim=1) if k > 0 else None
+        rows = []
+        for r, i in enumerate(rows_idx):
+            picked = best.indices[r].tolist() if best is not None else []
+            scores = best.values[r].tolist() if best is not None else []
+            value = tuple(ids[j] for j in picked)
+            rows.append((hrs[i], COSER_NEIGHBOURS, PriorResult("tags", value, {"pool": len(hrs), "scores": scores})))
+        counts["computed"] += store.put_many(rows)
+    return counts

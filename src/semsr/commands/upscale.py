@@ -23,6 +23,11 @@ the method does not have is one line naming the closest one it has
 (``method 'bicubic' has no option --steps; did you mean --scale?``);
 ``semsr upscale -n NAME -h`` lists NAME's options under "options of NAME".
 
+**Method config.** ``--config FILE`` reads a YAML file ``{method: NAME, options: {name: value}}``
+(``configs/xpsr-released.yaml``): its method unless ``-n`` names the same one (another is an error), its
+options as defaults that flags override; ``{weights}`` in a text value expands to the weights folder
+(:func:`semsr.core.paths.weights_dir`: ``SEMSR_WEIGHTS``). A bad key fails in one line naming the file.
+
 **Progress.** On a terminal (stderr is a TTY, no ``--no-progress``) a live line shows
 the stage (``loading``, then per image ``denoise k/N`` or ``tile k/N``, ``write``) with the
 elapsed time and an ETA, and one line per image names the method's stages after the fact
@@ -47,6 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -72,7 +78,8 @@ from semsr.core.io import (
 )
 from semsr.core.machine import peak_rss_mb
 from semsr.core.method import Method, MethodSpec
-from semsr.core.options import MethodOptions, OptionInfo
+from semsr.core.options import MethodOptions, OptionError, OptionInfo
+from semsr.core.paths import weights_dir
 from semsr.methods import resolve
 
 log = logging.getLogger("semsr.upscale")
@@ -174,6 +181,13 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         "(default: bicubic)",
     )
     g.add_argument("--fp32", action="store_true", help="same as --dtype fp32")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="method config YAML {method: NAME, options: {...}} (e.g. configs/xpsr-released.yaml); flags override "
+        "its options; {weights} in its values is the weights folder (SEMSR_WEIGHTS)",
+    )
     # Real-ESRGAN's face restoration (GFPGAN): answered with one line in finish_parse
     g.add_argument("--face-enhance", action="store_true", help=argparse.SUPPRESS)
 
@@ -231,8 +245,33 @@ def help_parser(spec: MethodSpec | None) -> argparse.ArgumentParser:
     return add_method_options(p, spec) if spec is not None else p
 
 
-def parse_method_options(spec: MethodSpec, argv: list[str], fp32: bool = False) -> MethodOptions:
-    """``spec``'s options from command-line words (the second stage).
+def read_method_config(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """``(method, options)`` of a method config YAML ``{method: NAME, options: {name: value}}``; ``{weights}``
+    in text values expands to :func:`~semsr.core.paths.weights_dir`. Raises SemsrError (one line) on a bad file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SemsrError(f"{path}: cannot read the method config: {_one_line(err)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("options", {}), dict):
+        raise SemsrError(f"{path}: a method config is a mapping {{method: NAME, options: {{name: value}}}}")
+    unknown = sorted(set(data) - {"method", "options"})
+    if unknown:
+        raise SemsrError(f"{path}: unknown key {unknown[0]!r} (a method config has method and options)")
+    weights = str(weights_dir())
+    options = {
+        str(k): v.replace("{weights}", weights) if isinstance(v, str) else v
+        for k, v in (data.get("options") or {}).items()
+    }
+    method = data.get("method")
+    return (str(method) if method is not None else None), options
+
+
+def parse_method_options(
+    spec: MethodSpec, argv: list[str], fp32: bool = False, defaults: dict[str, Any] | None = None
+) -> MethodOptions:
+    """``spec``'s options from command-line words (the second stage); ``defaults`` (option name -> value,
+    e.g. from ``--config``) apply where no flag is given.
 
     Raises:
         OptionError: a flag the method does not have (naming the closest one), or a bad value.
@@ -249,7 +288,7 @@ def parse_method_options(spec: MethodSpec, argv: list[str], fp32: bool = False) 
             spec.parse({word.split("=", 1)[0].lstrip("-").replace("-", "_"): ""}, style="flag")  # raises
     if left:
         raise SemsrError(f"unrecognized arguments: {' '.join(left)}")
-    values = vars(ns)
+    values = {**(defaults or {}), **vars(ns)}
     if fp32 and "dtype" not in values:
         values["dtype"] = "fp32"
     return spec.parse(values, style="flag")
@@ -274,10 +313,21 @@ def finish_parse(args: argparse.Namespace, rest: list[str]) -> argparse.Namespac
         help_parser(None).error("the following arguments are required: -i/--input")
     if args.alpha_upsampler == "realesrgan":  # Real-ESRGAN's name for running the model on the alpha plane
         args.alpha_upsampler = "model"
+    defaults: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        method, defaults = read_method_config(args.config)
+        if args.method and method and resolve(args.method).name != resolve(method).name:
+            raise SemsrError(f"{args.config}: the config is for method {method}, not {args.method}")
+        args.method = args.method or method
     spec = resolve(args.method or "default")
+    if defaults:
+        try:
+            spec.parse(defaults)
+        except OptionError as err:
+            raise SemsrError(f"{args.config}: {err}") from None
     args.spec = spec
     args.method = spec.name
-    args.options = parse_method_options(spec, rest, fp32=args.fp32)
+    args.options = parse_method_options(spec, rest, fp32=args.fp32, defaults=defaults)
     return args
 
 

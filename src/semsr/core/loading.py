@@ -388,6 +388,7 @@ def load_sd(
     dtype: str | torch.dtype = "fp32",
     config: str | Path | None = None,
     partial: bool | None = None,
+    with_unet: bool = True,
 ) -> SDComponents:
     """Load Stable Diffusion components from a diffusers folder or a single file.
 
@@ -401,32 +402,39 @@ def load_sd(
             ``model_index.json``, else ``<file without suffix>/``.
         partial: accept weight files with missing or unexpected tensors (warning); None: the
             :func:`partial_loading` setting (strict by default, see :func:`check_keys`).
+        with_unet: False leaves ``unet`` None (a recipe that brings its whole UNet, e.g. SeeSR's released one);
+            a folder then needs no ``unet/``.
     """
     path = Path(path).expanduser()
     torch_dtype = resolve_dtype(dtype)
     quiet_hf_logging()
     if path.is_dir():
-        return _load_sd_folder(path, torch_dtype, partial)
+        return _load_sd_folder(path, torch_dtype, partial, with_unet=with_unet)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UnavailableError(
                 f"not a Stable Diffusion checkpoint (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})",
                 path,
             )
-        return _load_sd_single_file(
+        comps = _load_sd_single_file(
             path, torch_dtype, None if config is None else Path(config).expanduser(), partial=partial
         )
+        if not with_unet:
+            comps.unet = None
+        return comps
     raise UnavailableError("no such Stable Diffusion folder or file", path)
 
 
-def _load_sd_folder(folder: Path, dtype: torch.dtype, partial: bool | None) -> SDComponents:
+def _load_sd_folder(folder: Path, dtype: torch.dtype, partial: bool | None, *, with_unet: bool = True) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy dependency, imported on use
     from transformers import CLIPTextModel  # heavy dependency, imported on use
 
     require(folder / "model_index.json", "model_index.json (not a diffusers Stable Diffusion folder)")
     sched_file = require(folder / "scheduler" / "scheduler_config.json", "scheduler config")
     vae = load_diffusers_model(AutoencoderKL, folder / "vae", dtype=dtype, what="VAE", partial=partial)
-    unet = load_diffusers_model(UNet2DConditionModel, folder / "unet", dtype=dtype, what="UNet", partial=partial)
+    unet = None
+    if with_unet:
+        unet = load_diffusers_model(UNet2DConditionModel, folder / "unet", dtype=dtype, what="UNet", partial=partial)
     text_encoder = tokenizer = projection = None
     if (folder / "text_encoder").exists():
         text_encoder = load_transformers_model(

@@ -178,8 +178,12 @@ def concat_unet_forward(
         context: ``(B, N, D)`` connector tokens.
     Returns:
         ``(B, C, h, w)`` model output (epsilon or v) in the UNet's dtype.
+
+    The inputs take the dtype of the UNet's body (``conv_out``), not ``unet.dtype`` (its first parameter,
+    the trainable fp32 conv_in when training with a bf16 frozen UNet, whose fp32 output CPU autocast would
+    hand to bf16 group norms).
     """
-    dtype = unet.dtype
+    dtype = unet.conv_out.weight.dtype
     return unet(torch.cat([x, z_lr], dim=1).to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0]
 
 

@@ -11,6 +11,13 @@ Flow (``(B, 3, h, w)`` LR in [0, 1] -> ``(B, 3, s*h, s*w)`` in [0, 1])::
          neg_l = "high resolution, best quality, clear"                   (--low-negative-prompt)
     DDPM 20 steps, s = 4.5, start from the LR latent noised to t=T, AdaIN colour fix
 
+Two presets (``--preset``): ``semsr`` (the flow above on semsr's shared latent SR steps: MATLAB
+bicubic hint, replicate padding, LR latent = posterior mode, semsr's tiling) and ``released``, the
+released inference script's behaviour (:mod:`semsr.methods.xpsr_released`: its negative and added
+prompts, 8-bit PIL hint enlarged to 512 pixels, LR latent sampled from the posterior and noised to
+t=T and then to 800, its latent tiles 320 / overlap 8, its 8-bit AdaIN, PIL resize back). A released
+weight folder selects ``released`` unless ``--preset semsr`` is given.
+
 A VLM is required: without ``--vlm`` (or ``weights_dir()/vlm``) the build fails with one
 line naming ``--vlm`` and ``--no-vlm``. ``--no-vlm`` is the explicit opt-out: the high-level
 prompt is the user prompt and the low-level one IRPAD's degradation description, and
@@ -33,11 +40,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from semsr.core.components import load_checkpoint, read_index
 from semsr.core.dtypes import apply_threads, resolve_dtype
@@ -48,10 +56,31 @@ from semsr.core.options import option
 from semsr.core.outputs import SROutput, compact
 from semsr.fusion.sfa import SFA_MODES, SFAFusion
 from semsr.methods import register
-from semsr.methods.xpsr_released import is_released_layout, load_released_xpsr
+from semsr.methods.xpsr_released import (
+    RELEASED_ADDED_NOISE_LEVEL,
+    RELEASED_ADDED_PROMPT,
+    RELEASED_LATENT_TILE,
+    RELEASED_NEGATIVE,
+    RELEASED_PROCESS_SIZE,
+    RELEASED_TILE_OVERLAP,
+    RELEASED_VAE_DECODER_TILE,
+    RELEASED_VAE_ENCODER_TILE,
+    from_pil,
+    is_released_layout,
+    load_released_xpsr,
+    script_adain,
+    script_hint,
+    to_pil,
+)
+from semsr.pipeline.colorfix import colour_fix
+from semsr.pipeline.guidance import cfg
+from semsr.pipeline.latent_sr import progress_fn
+from semsr.pipeline.latent_tiling import tiled, vae_tiling
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.precision import prepare_module
+from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR
+from semsr.pipeline.step_cache import set_hint_cache
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.prompts import TextConditions, TextPriors
 from semsr.priors.report import text_conditions_priors
@@ -68,6 +97,8 @@ TWO_PROMPT_RECIPES = ("xpsr", "dalpsr")
 #: Which prompts form the UNet's cross-attention context: ``high`` (XPSR: ``c_h`` only) or
 #: ``both`` (DaLPSR: ``cat([c_h, c_l], tokens)``, semantic and degradation prompt).
 UNET_PROMPTS = ("high", "both")
+#: ``--preset``: ``released`` (the released inference script's behaviour) or ``semsr`` (semsr's steps).
+PRESETS = ("released", "semsr")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -90,7 +121,23 @@ class XPSROptions(LatentSROptions):
         choices=SFA_MODES,
         help="semantic-fusion variant (default: the checkpoint's; XPSR Table 3 ablation)",
     )
-    negative_prompt: str = option(XPSR_NEGATIVE, help="negative prompt (high-level branch)")
+    preset: str | None = option(
+        None,
+        choices=PRESETS,
+        help="released: the released inference script's prompts, start latent, hint/output resizing, tiling and "
+        "colour fix; semsr: semsr's (default: released for a released XPSR folder, else semsr)",
+    )
+    process_size: int = option(
+        RELEASED_PROCESS_SIZE,
+        min=8,
+        max=1 << 16,
+        units="px",
+        metavar="N",
+        help="released preset: the hint's shorter side is enlarged to at least this (the script's process_size)",
+    )
+    negative_prompt: str | None = option(
+        None, help="negative prompt (high-level branch; default: the preset's)", metavar="TEXT"
+    )
     steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
     guidance_scale: float = option(
         DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
@@ -99,7 +146,9 @@ class XPSROptions(LatentSROptions):
         None, metavar="TEXT", help="low-level (quality/degradation) prompt instead of the VLM/IRPAD one"
     )
     low_negative_prompt: str = option(XPSR_LOW_NEGATIVE, metavar="TEXT", help="negative prompt of the low-level branch")
-    added_prompt: str = option(XPSR_ADDED_POSITIVE, metavar="TEXT", help="appended to the high-level prompt")
+    added_prompt: str | None = option(
+        None, metavar="TEXT", help="appended to the high-level prompt (default: the preset's)"
+    )
     conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
     priors_in_prompt: bool = option(
         False,
@@ -107,10 +156,34 @@ class XPSROptions(LatentSROptions):
         help="the prompt already holds the semantic prior (an edited suggestion): use it as the high-level prompt",
     )
 
+    def resolved_defaults(self) -> dict[str, Any]:
+        """``preset`` (``released`` when ``checkpoint`` is a released XPSR folder, else ``semsr``) and the
+        negative / added prompts of that preset, for those left unset."""
+        released = self.checkpoint is not None and is_released_layout(Path(self.checkpoint).expanduser())
+        return preset_defaults(self, released)
+
+
+def preset_defaults(options: XPSROptions, released_weights: bool) -> dict[str, Any]:
+    """The unset (None) ``preset``, ``negative_prompt`` and ``added_prompt`` of ``options``: the preset is
+    ``released`` for released weights, else ``semsr``; the prompts are the preset's."""
+    preset = options.preset or ("released" if released_weights else "semsr")
+    released = preset == "released"
+    values = {
+        "preset": preset,
+        "negative_prompt": RELEASED_NEGATIVE if released else XPSR_NEGATIVE,
+        "added_prompt": RELEASED_ADDED_PROMPT if released else XPSR_ADDED_POSITIVE,
+    }
+    return {k: v for k, v in values.items() if getattr(options, k) is None}
+
 
 def join_prompt(*parts: str | None) -> str:
     """Comma-join the non-empty parts."""
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
+
+
+def join_released(*parts: str | None) -> str:
+    """Space-join the non-empty parts (the released script's ``prompt + " " + added_prompt``)."""
+    return " ".join(p.strip() for p in parts if p and p.strip())
 
 
 def unet_context(high: torch.Tensor, low: torch.Tensor, prompts: str) -> torch.Tensor:
@@ -268,6 +341,12 @@ class TwoPromptSR(SDControlNetSR):
 
     # ------------------------------------------------------------------ run
 
+    def resolve_options(self, options: XPSROptions | None = None) -> XPSROptions:
+        """``options`` (None: the defaults) with the preset chosen (``released`` for a pipeline loaded from a
+        released XPSR folder, else ``semsr``) and the negative / added prompts left unset filled from it."""
+        opts = options if options is not None else self.options_class()
+        return replace(opts, **preset_defaults(opts, bool(self.weight_sources)))
+
     def __call__(  # type: ignore[override]  # extra keyword arguments: per-image prompts
         self,
         lr: torch.Tensor,
@@ -294,8 +373,13 @@ class TwoPromptSR(SDControlNetSR):
             tags / degradation or quality text and their ``sources``); ``timings`` (``priors``,
             ``encode``, ``denoise``, ``decode`` seconds and ``steps``).
         """
-        opts = options if options is not None else self.options_class()
-        layout = self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
+        opts = self.resolve_options(options)
+        released = opts.preset == "released"
+        join = join_released if released else join_prompt
+        layout = None if released else self.layout(lr, self.scale, latent_tile(opts, self.scale, self.factor))
+        if lr.ndim != 4 or lr.shape[1] != 3:
+            raise SemsrError(f"expected a (B, 3, H, W) image tensor, got shape {tuple(lr.shape)}")
+        batch = lr.shape[0]
         timings: dict[str, float] = {}
         given = bool(opts.priors_in_prompt)
         use_high = prompts is None and not given
@@ -305,13 +389,13 @@ class TwoPromptSR(SDControlNetSR):
         if prompts is None or low_prompts is None:
             conds = self.text_conditions(lr, None if given else (opts.prompt or "").strip() or None)
         if prompts is None:
-            highs = [join_prompt(opts.prompt if given else c.high, opts.added_prompt) for c in conds]
+            highs = [join(opts.prompt if given else c.high, opts.added_prompt) for c in conds]
         else:
-            highs = _per_image(list(prompts), layout.batch, "prompts")
+            highs = _per_image(list(prompts), batch, "prompts")
         if low_prompts is None:
             lows = [opts.low_prompt if opts.low_prompt is not None else c.low for c in conds]
         else:
-            lows = _per_image(list(low_prompts), layout.batch, "low-level prompts")
+            lows = _per_image(list(low_prompts), batch, "low-level prompts")
         timings["priors"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -320,14 +404,18 @@ class TwoPromptSR(SDControlNetSR):
             opts.negative_prompt,
             opts.guidance_scale,
             low_prompts=lows,
-            low_negative_prompts=[opts.low_negative_prompt] * layout.batch,
+            low_negative_prompts=[opts.low_negative_prompt] * batch,
         )
-        image = self.controlnet_sample(layout, opts, cond, uncond, progress=progress, timings=timings, t0=t0)
+        if layout is None:
+            image = self.script_sample(lr, opts, cond, uncond, progress=progress, timings=timings, t0=t0)
+        else:
+            image = self.controlnet_sample(layout, opts, cond, uncond, progress=progress, timings=timings, t0=t0)
         used = text_conditions_priors(conds[0], high=use_high, low=use_low) if conds else {}
         priors = compact(
             {
                 "prompt": highs[0],
                 "negative_prompt": opts.negative_prompt,
+                "preset": "released" if opts.preset == "released" else None,
                 "low_prompt": lows[0],
                 "low_negative_prompt": opts.low_negative_prompt,
                 "user_prompt": (opts.prompt or None) if use_high else None,
@@ -337,6 +425,77 @@ class TwoPromptSR(SDControlNetSR):
             }
         )
         return SROutput(image, priors=priors, timings=timings)
+
+    def script_sample(
+        self,
+        lr: torch.Tensor,
+        opts: XPSROptions,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
+        *,
+        progress: ProgressFn | bool | None,
+        timings: dict[str, float],
+        t0: float,
+    ) -> torch.Tensor:
+        """The released inference script on each image of ``lr`` ``(B, 3, h, w)`` in [0, 1] ->
+        ``(B, 3, scale*h, scale*w)`` (8-bit values): its hint (:func:`~semsr.methods.xpsr_released.script_hint`
+        with ``opts.process_size``),
+        a generator seeded ``opts.seed`` per image drawing, in the script's order, the LR latent from the VAE
+        posterior, the noise to t=T and the noise to 800, then every DDPM step's noise; CFG steps on
+        :func:`~semsr.pipeline.latent_tiling.tiled` (``style="script"``) tiles (``latent_tile`` or ``tile``, and ``tile_overlap``;
+        default 320 / 8 latent pixels; 0: untiled); the decoded image rounded to 8 bits, colour-fixed
+        (:func:`~semsr.methods.xpsr_released.script_adain` for ``adain``) and resized back with PIL bicubic."""
+        chosen = latent_tile(opts, self.scale, self.factor)  # --latent-tile, or --tile in latent pixels
+        tile = RELEASED_LATENT_TILE if chosen is None else (int(chosen) if chosen > 0 else 1 << 30)  # 0: untiled
+        overlap = RELEASED_TILE_OVERLAP if opts.tile_overlap is None else int(opts.tile_overlap)
+        callback, close = progress_fn(progress)
+        images, denoise, decode = [], 0.0, 0.0
+        timings["encode"] = time.perf_counter() - t0
+        set_hint_cache(self.controlnet, getattr(opts, "cache_hint", False))
+        try:
+            for i, x in enumerate(lr):
+                t1 = time.perf_counter()
+                ref = script_hint(x, self.scale, process_size=int(opts.process_size), multiple=self.factor)
+                hint = from_pil(ref)[None]
+                generator = torch.Generator("cpu").manual_seed(int(opts.seed))
+                big = max(hint.shape[-2:]) > RELEASED_VAE_ENCODER_TILE + 64  # the script's tiled-VAE threshold
+                with torch.no_grad(), vae_tiling(self.vae, RELEASED_VAE_ENCODER_TILE if big else None):
+                    post = self.vae.encode((hint * 2 - 1).to(self.device, self.dtype)).latent_dist
+                    z0 = post.sample(generator).float() * self.vae.config.scaling_factor
+                timings["encode"] += time.perf_counter() - t1
+                t1 = time.perf_counter()
+                spatial = self.spatial_denoiser(hint, opts.conditioning_scale)
+                one = {k: v[i : i + 1] for k, v in cond.items()}
+                none = None if uncond is None else {k: v[i : i + 1] for k, v in uncond.items()}
+                z = sample(
+                    cfg(tiled(spatial, tile, overlap, style="script"), none, opts.guidance_scale),
+                    make_scheduler(opts.scheduler, self.scheduler_config),
+                    shape=tuple(z0.shape),
+                    cond=one,
+                    steps=int(opts.steps),
+                    generator=generator,
+                    init_latents=z0,
+                    added_noise_level=RELEASED_ADDED_NOISE_LEVEL,
+                    device=self.device,
+                    progress=None if callback is None else lambda d, n, i=i: callback(i * n + d, len(lr) * n),
+                )
+                denoise += time.perf_counter() - t1
+                t1 = time.perf_counter()
+                big = max(z.shape[-2:]) > RELEASED_VAE_DECODER_TILE + 22  # the script's tiled-VAE threshold
+                out = to_pil(self.vae_decode(z, RELEASED_VAE_DECODER_TILE * self.factor if big else None)[0])
+                method = (opts.colour_fix or "none").lower()
+                if method == "adain":
+                    out = script_adain(out, ref)
+                elif method != "none":
+                    out = to_pil(colour_fix(from_pil(out)[None], hint, method)[0])
+                size = (x.shape[-1] * self.scale, x.shape[-2] * self.scale)
+                images.append(from_pil(out.resize(size, Image.BICUBIC)))
+                decode += time.perf_counter() - t1
+        finally:
+            set_hint_cache(self.controlnet, False)
+            close()
+        timings.update(denoise=denoise, decode=decode, steps=float(opts.steps))
+        return torch.stack(images)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
         """Semantic prompt (VLM caption / tags) and low-level prompt (VLM quality / IRPAD) of ``x``
@@ -349,7 +508,7 @@ class TwoPromptSR(SDControlNetSR):
             {
                 "prompt": cond.high,
                 "low_prompt": cond.low,
-                "negative_prompt": self.options_class().negative_prompt,
+                "negative_prompt": self.resolve_options().negative_prompt,
                 **text_conditions_priors(cond),
             }
         )

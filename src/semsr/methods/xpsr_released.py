@@ -20,6 +20,13 @@ Each tensor is routed by name to its home in semsr (:func:`route`):
 
 Loading is strict: any released tensor without a home, or any semsr tensor the files do not fill,
 fails with one line naming the file and the tensor(s). Only safetensors files are read.
+
+The released inference script's image handling (``preset="released"`` of ``xpsr``, the default for a
+released folder) is here too, on 8-bit images as the script does it::
+
+    LR --PIL bicubic x s--> if the shorter side < 512: PIL bilinear to 512 --> PIL bicubic to a multiple of 8
+       = hint (H, W)  ... sampling ...  decoded image rounded to 8 bits
+    --AdaIN (sqrt(var + 1e-5), unbiased var) vs the hint, truncated to 8 bits--> PIL bicubic to (s*h, s*w)
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -46,6 +55,59 @@ log = logging.getLogger(__name__)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 #: ControlNet key prefixes of the Degradation-Free Constraint heads (released names).
 DFC_PREFIXES = ("conv_degradation.", "conv_degradation_mid.", "controlnet_cond_embedding.to_rgbs.")
+
+#: The released test config's negative prompt (high-level branch).
+RELEASED_NEGATIVE = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
+#: The released test config's ``added_prompt``, appended to the caption after a space.
+RELEASED_ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."
+#: The released script's ``process_size``: a hint whose shorter side is smaller is enlarged to it.
+RELEASED_PROCESS_SIZE = 512
+#: The released script's ``added_noise_level``: the noised LR latent is noised again to this timestep.
+RELEASED_ADDED_NOISE_LEVEL = 800
+#: The released script's latent tile (``latent_tiled_size``) and overlap (``latent_tiled_overlap``).
+RELEASED_LATENT_TILE = 320
+RELEASED_TILE_OVERLAP = 8
+#: The released script's VAE tiles: encoder 1024 pixels, decoder 224 latent pixels.
+RELEASED_VAE_ENCODER_TILE = 1024
+RELEASED_VAE_DECODER_TILE = 224
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` in [0, 1] -> 8-bit RGB PIL image (rounded)."""
+    arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> ``(3, H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div_(255)
+
+
+def script_hint(
+    lr: torch.Tensor, scale: int, *, process_size: int = RELEASED_PROCESS_SIZE, multiple: int = 8
+) -> Image.Image:
+    """The released script's ControlNet image of one LR image ``(3, h, w)`` in [0, 1]: 8-bit, PIL bicubic
+    ``scale`` x; if its shorter side is below ``process_size``, PIL bilinear so that side is ``process_size``
+    (the other ``int(process_size * long / short)``); then PIL bicubic to a multiple of ``multiple``."""
+    img = to_pil(lr)
+    img = img.resize((img.width * scale, img.height * scale), Image.BICUBIC)
+    if min(img.size) < process_size:
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        other = int(process_size * long / short)
+        img = img.resize((process_size, other) if w <= h else (other, process_size), Image.BILINEAR)
+    return img.resize((img.width // multiple * multiple, img.height // multiple * multiple), Image.BICUBIC)
+
+
+def script_adain(image: Image.Image, reference: Image.Image, eps: float = 1e-5) -> Image.Image:
+    """The released colour fix on 8-bit images: per channel, ``image``'s mean / std (``sqrt(var + eps)``,
+    unbiased variance) set to ``reference``'s, clamped, then truncated to 8 bits."""
+    x, ref = from_pil(image).flatten(1), from_pil(reference).flatten(1)
+    mean_x, std_x = x.mean(1, keepdim=True), (x.var(1, keepdim=True) + eps).sqrt()
+    mean_r, std_r = ref.mean(1, keepdim=True), (ref.var(1, keepdim=True) + eps).sqrt()
+    out = ((x - mean_x) / std_x * std_r + mean_r).clamp_(0, 1)
+    arr = out.mul(255).to(torch.uint8).reshape(3, image.height, image.width)  # truncation, as released
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
 def is_released_layout(folder: str | Path) -> bool:

@@ -470,13 +470,14 @@ def build_cognitive_encoder(
 
 
 def load_cognitive_encoder(
-    path: str | Path, clip: CLIPVisionTower | str | Path, *, dtype: torch.dtype | None = None
+    path: str | Path, clip: CLIPVisionTower | str | Path | None, *, dtype: torch.dtype | None = None
 ) -> CognitiveEncoder:
     """Load a cognitive encoder, in eval mode, with a CLIP tower attached.
 
     Args:
         path: a CoSeR checkpoint folder (its ``cognitive`` component) or the component folder itself.
-        clip: a loaded tower or the CLIP vision folder; its width must match the encoder's.
+        clip: a loaded tower or the CLIP vision folder; its width must match the encoder's. None: attach
+            none (training that reads the cognitive embeddings from a prior store; attach one to run it).
         dtype: weights dtype (default: as saved).
     """
     path = Path(path).expanduser()
@@ -484,6 +485,8 @@ def load_cognitive_encoder(
         encoder = load_checkpoint(path, RECIPE, names=["cognitive"], dtype=dtype)[0]["cognitive"]
     else:
         encoder = load_component(CognitiveEncoder, require(path, "cognitive encoder folder"), dtype=dtype)
+    if clip is None:
+        return encoder.eval()
     if not isinstance(clip, CLIPVisionTower):
         clip = load_clip_vision(clip, layer=int(encoder.config["clip_layer"]), require_processor=True)
     try:

@@ -35,6 +35,7 @@ from semsr.pipeline.memory import untiled_fits
 from semsr.pipeline.options import LatentSROptions
 from semsr.pipeline.precision import compile_mode, prepare_module, step_begin
 from semsr.pipeline.sampler import make_scheduler, sample
+from semsr.pipeline.tome import token_merging
 
 #: Latent tile of the automatic choice when the untiled step does not fit (SD's native 64 latent = 512 px).
 DEFAULT_LATENT_TILE = 64
@@ -116,6 +117,8 @@ class LatentSRPipeline:
     factor: int
     latent_multiple: int
     scheduler_config: dict[str, Any]
+    #: Latent tile layout of :meth:`denoise_decode` (:func:`~semsr.pipeline.latent_tiling.tiled`'s ``style``).
+    tile_style: str = "even"
 
     def setup_sd(
         self,
@@ -144,6 +147,11 @@ class LatentSRPipeline:
         self.scheduler_config = dict(scheduler_config)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def tome_models(self) -> list[Any]:
+        """The models token merging (``tome_ratio``) applies to: the UNet and, when the pipeline has one,
+        the ControlNet."""
+        return [m for m in (self.unet, getattr(self, "controlnet", None)) if m is not None]
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``B`` prompts -> ``(B, 77, D)`` context in the pipeline dtype."""
@@ -221,6 +229,7 @@ class LatentSRPipeline:
         cond: Any,
         guide: Callable[[Denoiser], Denoiser] | None = None,
         init_latents: torch.Tensor | None = None,
+        init_timestep: int | None = None,
         progress: Any,
         timings: dict[str, float],
     ) -> torch.Tensor:
@@ -234,8 +243,10 @@ class LatentSRPipeline:
                 ``lambda d: cfg(d, uncond, scale)`` (:mod:`semsr.pipeline.guidance`); None: no guidance.
             options: the sampling options: ``steps``, ``seed`` (noise from a CPU generator),
                 ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
-                ``tile_overlap`` (None: tile // 4) and ``colour_fix``.
+                ``tile_overlap`` (None: tile // 4), ``colour_fix`` and ``tome_ratio`` (token merging in
+                :meth:`tome_models` during sampling, :mod:`semsr.pipeline.tome`; 0 = off).
             init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
+            init_timestep: the timestep ``init_latents`` are noised to (None: the first one sampled).
             progress: callable ``(done, total)``, True (bar), None (bar on a terminal) or False.
             timings: gets ``denoise`` and ``decode`` seconds and ``steps``.
         Returns:
@@ -245,24 +256,27 @@ class LatentSRPipeline:
         overlap = tile // 4 if options.tile_overlap is None else int(options.tile_overlap)
         if self.compile_mode == "reduce-overhead":
             spatial = marked_steps(spatial, self.compile_mode)
-        denoiser = tiled(spatial, tile, overlap) if tile else untiled(spatial)
+        denoiser = tiled(spatial, tile, overlap, style=self.tile_style) if tile else untiled(spatial)
         if guide is not None:
             denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
+        merging = token_merging(self.tome_models(), float(getattr(options, "tome_ratio", 0.0)), seed=int(options.seed))
         try:
-            z = sample(
-                denoiser,
-                make_scheduler(options.scheduler, self.scheduler_config),
-                shape=(layout.batch, int(channels), *layout.lat_hw),
-                cond=cond,
-                steps=int(options.steps),
-                generator=torch.Generator("cpu").manual_seed(int(options.seed)),
-                init_latents=init_latents if options.start_from_lr else None,
-                strength=options.strength,
-                device=self.device,
-                progress=callback,
-            )
+            with merging:
+                z = sample(
+                    denoiser,
+                    make_scheduler(options.scheduler, self.scheduler_config),
+                    shape=(layout.batch, int(channels), *layout.lat_hw),
+                    cond=cond,
+                    steps=int(options.steps),
+                    generator=torch.Generator("cpu").manual_seed(int(options.seed)),
+                    init_latents=init_latents if options.start_from_lr else None,
+                    strength=options.strength,
+                    init_timestep=init_timestep,
+                    device=self.device,
+                    progress=callback,
+                )
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0

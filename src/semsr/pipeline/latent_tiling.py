@@ -13,6 +13,11 @@ borders — where the model lacks context — contribute little); :func:`untiled
 runs it once on the whole latent. Peak memory of a tiled step is that of one
 tile plus the latent-size accumulators.
 
+Two tile layouts (``style``): ``even`` (semsr's: tiles spread evenly, Gaussian sigma = side / 4) and
+``script`` (the StableSR-family inference scripts, XPSR's and SeeSR's released pipelines: square tiles of
+``min(tile, H, W)`` on a stride of ``tile - overlap``, the last one flush with the edge, Gaussian sigma =
+side / 10, tiles left to right and each column top to bottom; untiled when ``H * W <= tile**2``).
+
 VAE tiling uses diffusers' ``AutoencoderKL`` tiling (overlapping tiles with
 linear blending) with the tile size set per call (:func:`vae_tiling`).
 """
@@ -63,6 +68,8 @@ def blend_windows(
     tile: int,
     overlap: int,
     sigma_frac: float = 0.25,
+    *,
+    style: str = "even",
 ) -> torch.Tensor:
     """Apply ``fn(x_tile, window)`` on overlapping tiles of ``x`` and blend with Gaussian weights.
 
@@ -71,31 +78,43 @@ def blend_windows(
         x: ``(B, C, H, W)``.
         tile: tile side (latent pixels); tiles are clipped to the image.
         overlap: minimum overlap between neighbouring tiles.
+        style: ``even`` or ``script`` (module docstring; ``sigma_frac`` applies to ``even``).
     Returns:
         ``(B, C', H, W)`` float32, the weighted average of the tiles.
     """
     _, _, height, width = x.shape
-    th, tw = min(tile, height), min(tile, width)
-    weight = gaussian_weight(th, tw, sigma_frac, device=x.device)
+    weight: torch.Tensor
+    if style == "script":
+        if height * width <= tile * tile:
+            return fn(x, (0, 0, height, width)).float()
+        th = tw = min(tile, height, width)
+        weight = script_tile_weight(th, device=x.device)
+        columns = script_tile_starts(width, tw, overlap)
+        windows = [(top, left) for left in columns for top in script_tile_starts(height, th, overlap)]
+    elif style == "even":
+        th, tw = min(tile, height), min(tile, width)
+        weight = gaussian_weight(th, tw, sigma_frac, device=x.device)
+        lefts = tile_starts(width, tw, min(overlap, tw - 1))
+        windows = [(top, left) for top in tile_starts(height, th, min(overlap, th - 1)) for left in lefts]
+    else:
+        raise ValueError(f"unknown tile style {style!r} (even, script)")
     out: torch.Tensor | None = None
     total = torch.zeros(height, width, dtype=torch.float32, device=x.device)
-    for top in tile_starts(height, th, min(overlap, th - 1)):
-        for left in tile_starts(width, tw, min(overlap, tw - 1)):
-            window = (top, left, th, tw)
-            y = fn(x[:, :, top : top + th, left : left + tw], window).float()
-            if out is None:
-                out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
-            out[:, :, top : top + th, left : left + tw] += y * weight
-            total[top : top + th, left : left + tw] += weight
+    for top, left in windows:
+        y = fn(x[:, :, top : top + th, left : left + tw], (top, left, th, tw)).float()
+        if out is None:
+            out = torch.zeros(y.shape[0], y.shape[1], height, width, dtype=torch.float32, device=x.device)
+        out[:, :, top : top + th, left : left + tw] += y * weight
+        total[top : top + th, left : left + tw] += weight
     assert out is not None
     return out / total
 
 
-def tiled(spatial: SpatialDenoiser, tile: int, overlap: int) -> Denoiser:
-    """Wrap a spatial denoiser so each call runs on Gaussian-blended latent tiles."""
+def tiled(spatial: SpatialDenoiser, tile: int, overlap: int, *, style: str = "even") -> Denoiser:
+    """Wrap a spatial denoiser so each call runs on Gaussian-blended latent tiles (``style``: module docstring)."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return blend_windows(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap)
+        return blend_windows(lambda xt, window: spatial(xt, t, cond, window), x, tile, overlap, style=style)
 
     return denoise
 
@@ -107,6 +126,27 @@ def untiled(spatial: SpatialDenoiser) -> Denoiser:
         return spatial(x, t, cond, (0, 0, x.shape[-2], x.shape[-1]))
 
     return denoise
+
+
+def script_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts of the ``script`` layout (XPSR's, SeeSR's released pipelines): stride
+    ``tile - overlap`` from 0, the last tile aligned to the end (its overlap may be larger); ``size <= tile``: ``[0]``."""
+    count, covered = 0, 0
+    while covered < size:
+        covered = max(count * (tile - overlap), 0) + tile
+        count += 1
+    return [i * (tile - overlap) for i in range(count - 1)] + [size - tile]
+
+
+def script_tile_weight(tile: int, *, device: Any = None) -> torch.Tensor:
+    """Float64 ``(tile, tile)`` Gaussian tile weights of the ``script`` layout: variance 0.01 of the side, centred at
+    ``(tile - 1) / 2`` across and at ``tile / 2`` down (as released)."""
+    var = 0.01
+    pos = torch.arange(tile, dtype=torch.float64, device=device)
+    norm = math.sqrt(2 * math.pi * var)
+    across = torch.exp(-((pos - (tile - 1) / 2) ** 2) / (tile * tile) / (2 * var)) / norm
+    down = torch.exp(-((pos - tile / 2) ** 2) / (tile * tile) / (2 * var)) / norm
+    return down[:, None] * across[None, :]
 
 
 def crop_window(t: torch.Tensor, window: Window, factor: int = 1, batch: int | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from semsr.core.options import MethodOptions, option
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.precision import COMPILE_MODES
 from semsr.pipeline.sampler import SCHEDULER_NAMES
+from semsr.pipeline.tome import MAX_TOME_RATIO
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -74,6 +75,14 @@ class LatentSROptions(SamplingOptions):
     )
     start_from_lr: bool = option(True, help="start from the LR latent noised to the first timestep")
     strength: float = option(1.0, min=1e-6, max=1.0, help="fraction of the schedule run from the noised LR latent")
+    tome_ratio: float = option(
+        0.0,
+        min=0.0,
+        max=MAX_TOME_RATIO,
+        metavar="R",
+        help="token merging: fraction of the tokens merged before self-attention in the UNet's and ControlNet's "
+        "highest-resolution transformer blocks (faster steps, slightly different output; 0 = off, exact)",
+    )
 
 
 @dataclass(kw_only=True, frozen=True)

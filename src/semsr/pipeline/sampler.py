@@ -51,6 +51,8 @@ def sample(
     generator: torch.Generator | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    init_timestep: int | None = None,
+    added_noise_level: int | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -68,6 +70,10 @@ def sample(
             latent), noised to the first timestep used; None starts from pure noise.
         strength: with ``init_latents``, the fraction of the schedule to run
             (1.0 = from t=T, XPSR; smaller skips the noisiest steps).
+        init_timestep: with ``init_latents``, the timestep they are noised to instead of the first one
+            used (SeeSR: 999, while its 50-step schedule starts at 981).
+        added_noise_level: with ``init_latents``, noise the noised start once more, with fresh noise from
+            ``generator``, to this training timestep (XPSR's released script: 800); None: no.
         progress: called as ``progress(done, total)`` after each step.
     """
     if steps < 1:
@@ -84,7 +90,11 @@ def sample(
         timesteps = timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
-        x = scheduler.add_noise(init_latents.float().to(device), noise, timesteps[:1])
+        at = timesteps[:1] if init_timestep is None else torch.tensor([int(init_timestep)], device=timesteps.device)
+        x = scheduler.add_noise(init_latents.float().to(device), noise, at)
+        if added_noise_level is not None:
+            added = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+            x = scheduler.add_noise(x, added, torch.tensor([int(added_noise_level)], device=device))
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)

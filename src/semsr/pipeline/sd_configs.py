@@ -1,9 +1,9 @@
-"""Published Stable Diffusion 1.5 component configurations, as code (no download).
+"""Published Stable Diffusion 1.5 and 2.1-base component configurations, as code (no download).
 
-These are the architecture hyper-parameters of SD 1.5 (``unet/config.json``,
+These are the architecture hyper-parameters of SD 1.5 and SD 2.1-base (``unet/config.json``,
 ``vae/config.json``, ``text_encoder/config.json``, ``scheduler``); with them
 real-size models can be built with random weights, e.g. for speed and memory
-benchmarks (``benchmarks/pipeline_step.py``).
+benchmarks (``benchmarks/pipeline_step.py``, ``benchmarks/recipes_speed.py``).
 """
 
 from __future__ import annotations
@@ -73,13 +73,52 @@ SD15_SCHEDULER: dict[str, Any] = {
 }
 
 
-def random_sd15(*, with_text_encoder: bool = True) -> dict[str, Any]:
-    """SD-1.5-size ``unet``, ``vae`` (and CLIP ``text_encoder``) with random weights (fp32)."""
+#: SD 2.1-base (512 px, epsilon prediction): the SD-1.5 layout with linear attention projections,
+#: per-level head dims and 1024-wide cross-attention (OpenCLIP ViT-H/14 text).
+SD21_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
+
+SD21_VAE: dict[str, Any] = dict(SD15_VAE)
+
+# OpenCLIP ViT-H/14 text tower (SD 2.x uses its penultimate layer; 23 of the 24 layers are kept)
+SD21_TEXT_ENCODER: dict[str, Any] = {
+    **SD15_TEXT_ENCODER,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+
+SD21_SCHEDULER: dict[str, Any] = dict(SD15_SCHEDULER)
+
+#: Per layout: (unet, vae, text encoder, scheduler) configs.
+SD_LAYOUTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_SCHEDULER),
+    "sd21": (SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER, SD21_SCHEDULER),
+}
+
+
+def random_sd(layout: str = "sd15", *, with_text_encoder: bool = True) -> dict[str, Any]:
+    """Real-size ``unet``, ``vae`` (and CLIP ``text_encoder``) of ``layout`` (``sd15`` or ``sd21``) with
+    random weights (fp32), on torch's current default device (``with torch.device("meta"):`` builds
+    them without memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy dependency, imported on use
 
-    parts: dict[str, Any] = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE)}
+    unet, vae, text, _ = SD_LAYOUTS[layout]
+    parts: dict[str, Any] = {"unet": UNet2DConditionModel(**unet), "vae": AutoencoderKL(**vae)}
     if with_text_encoder:
         from transformers import CLIPTextConfig, CLIPTextModel  # heavy dependency, imported on use
 
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text))
     return parts
+
+
+def random_sd15(*, with_text_encoder: bool = True) -> dict[str, Any]:
+    """SD-1.5-size ``unet``, ``vae`` (and CLIP ``text_encoder``) with random weights (fp32)."""
+    return random_sd("sd15", with_text_encoder=with_text_encoder)

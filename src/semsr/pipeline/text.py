@@ -159,9 +159,10 @@ class MiniLMTextEncoder(nn.Module):
 
 
 def load_text_conditioner(
-    components: SDComponents, *, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"
+    components: SDComponents, *, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None
 ) -> nn.Module:
-    """The conditioning encoder for ``components``: CLIP if present, else MiniLM + projection.
+    """The conditioning encoder for ``components``: CLIP if present, else MiniLM + projection; on ``device``
+    (None: where the components are; a fresh MiniLM on the CPU).
 
     The MiniLM projection comes from ``components.text_projection`` when the
     checkpoint has one; otherwise a fresh (seeded, untrained) projection to the
@@ -173,7 +174,7 @@ def load_text_conditioner(
         enc = MiniLMTextEncoder.from_projection(components.text_projection)
     else:
         enc = MiniLMTextEncoder.build(int(components.unet.config.cross_attention_dim))
-    return enc.to(device=device, dtype=resolve_dtype(dtype))
+    return enc.to(device=device, dtype=resolve_dtype(dtype)) if device is not None else enc.to(resolve_dtype(dtype))
 
 
 class PromptEncoder:

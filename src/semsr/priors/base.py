@@ -138,6 +138,7 @@ _BUILTIN: tuple[str, ...] = (
     "semsr.priors.tagger",
     "semsr.priors.vlm",
     "semsr.priors.irpad",
+    "semsr.priors.clip_embed",
 )
 _PROVIDERS: Registry[ProviderSpec] = Registry(_BUILTIN, "prior")
 _REGISTRY = _PROVIDERS.entries

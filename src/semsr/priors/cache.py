@@ -41,7 +41,10 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS priors (
 
 
 def image_id(path: str | Path) -> str:
-    """The store's name of an image file: ``{data}/REL`` under the data root, else its absolute path."""
+    """The store's name of an image file: ``{data}/REL`` under the data root, else its absolute path (a
+    ``{data}/...`` name, as neighbour priors list them, is kept)."""
+    if isinstance(path, str) and path.startswith("{data}/"):
+        return path
     resolved = Path(path).expanduser().resolve()
     root = data_root()
     if root is not None:
@@ -74,6 +77,12 @@ class PriorStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> PriorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def done(self, prior: str) -> set[str]:
         """The images that already have ``prior``."""
@@ -119,6 +128,14 @@ class PriorStore:
                 f"prior store {self.root} has no '{prior}' of this image (run semsr priors build for it)", image
             )
         return row
+
+    def meta(self, image: str | Path, prior: str) -> dict[str, Any]:
+        """The metadata the provider recorded with ``prior`` of ``image`` (one-line error when missing)."""
+        self._row(image, prior)
+        row = self.db.execute(
+            "SELECT meta FROM priors WHERE image = ? AND prior = ?", (image_id(image), prior)
+        ).fetchone()
+        return dict(json.loads(row[0]))
 
     def text(self, image: str | Path, prior: str) -> str:
         """The ``text`` prior ``prior`` of ``image`` (one-line error when missing)."""

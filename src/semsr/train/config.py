@@ -80,9 +80,9 @@ class DataConfig:
         pairs: a pairs folder of ``semsr data make-pairs`` (``{data}`` expands): train on its precomputed
             LR images (aligned crops) instead of degrading HR crops on the fly; ``hr``/``manifest`` and the
             ``degradation`` section are then not used for the training data.
-        priors: a prior store of ``semsr priors build`` (``{data}`` expands): the ``xpsr``, ``dalpsr`` and
-            ``mmsr`` tasks read their training priors from it instead of running prior models (needs
-            ``pairs``: LR priors belong to fixed LR files).
+        priors: a prior store of ``semsr priors build`` (``{data}`` expands): the ``xpsr``, ``dalpsr``,
+            ``mmsr``, ``rfa-sr`` and ``coser-sr`` tasks read their training priors from it instead of
+            running prior models (needs ``pairs``: LR priors belong to fixed LR files).
     """
 
     hr: list[str] = field(default_factory=list)
@@ -281,6 +281,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated field type (dataclass, tuple, number)."""
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if hint is Any:  # free-form values (task options) pass through; the task validates them, null included
+        return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -299,7 +301,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if origin is dict:
             if not isinstance(value, dict):
                 raise TypeError("expected a mapping")
-            return {str(k): (_coerce(args[1], v, where) if args else v) for k, v in value.items()}
+            return {str(k): (_coerce(args[1], v, f"{where}.{k}") if args else v) for k, v in value.items()}
         if hint is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 return value.lower() in ("true", "yes", "1")

@@ -40,7 +40,14 @@ checkpoint folder or its ``aia/`` component), ``reference_top_k`` (10),
 ``reference_drop_prob`` (0.1), ``reference_pool`` (``auto``: same class when
 every image has a class folder, CLIP neighbours when none has; ``class``;
 ``clip``), ``init_from_self_attention`` (true), ``control`` (``controlnet``
-or ``encoder``, see :mod:`semsr.fusion.aia`).
+or ``encoder``, see :mod:`semsr.fusion.aia`), ``lr_embedding`` (``image``, the default with ``data.priors``:
+the stored cognitive embedding of the crop's whole LR file, no CLIP model in the loop; ``crop``, the
+default without: the cognitive encoder on each LR crop, as the paper).
+
+Prior store (``data.priors`` of ``semsr priors build --recipe coser``, with ``data.pairs``): the
+reference pool's CLIP embeddings and neighbour lists (:class:`NeighbourReferences`) and, under
+``lr_embedding: image``, the cognitive embeddings (``coser-cognitive``, of the encoder given as
+``cognitive``: checked by fingerprint) come from it. Validation (inference) attaches CLIP on first use.
 
 Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path`:
 ``tiny://`` is the tiny SD, ``tiny://clip-vision``, ``tiny://coser``...).
@@ -49,7 +56,6 @@ Paths may be ``tiny://NAME[/SUB]`` (:func:`semsr.testing.tiny.resolve_model_path
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -63,7 +69,6 @@ from torch import nn
 from semsr.core.components import save_checkpoint
 from semsr.core.errors import SemsrError
 from semsr.core.fingerprint import fingerprint
-from semsr.core.io import atomic_write
 from semsr.core.loading import load_clip_tokenizer, load_sd, load_transformers_model
 from semsr.core.paths import cache_dir
 from semsr.fusion.aia import AiAFusion, install_aia
@@ -80,10 +85,27 @@ from semsr.models.cognitive import (
 from semsr.ops.imresize import imresize
 from semsr.pipeline.latent_sr import make_hint
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, PromptEncoder, load_text_conditioner
+from semsr.priors.base import PriorResult
+from semsr.priors.cache import PriorStore, image_id
+from semsr.priors.clip_embed import (
+    COSER_CLIP,
+    COSER_COGNITIVE,
+    COSER_NEIGHBOURS,
+    centre_square,
+    cognitive_fingerprint,
+    pool_embeddings,
+)
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
 from semsr.train.data import CropDataset, ImageItem, expand_path, list_images, load_image, to_tensor
 from semsr.train.losses import _require, register_loss
+from semsr.train.priors import (
+    lr_embedding_mode,
+    open_prior_store,
+    require_priors,
+    training_items,
+    training_lr_files,
+)
 from semsr.train.tasks import LatentDiffusionTask, NoisedBatch, Task, register_task
 
 log = logging.getLogger(__name__)
@@ -238,26 +260,31 @@ class NeighbourReferences:
     ``clip`` when none has; a mix is an error, as is an image with no other candidate (a lone image, or a
     class with one image): its reference would be itself. :attr:`pool` is the pool used.
 
-    Embeddings are the CLIP tower's pooled image embeddings of a centre square
-    of every training image: one CLIP pass per image, cached on disk per CLIP
-    model and image list (``<cache>/coser-clip-embeddings/``), so resumed runs
-    and the other processes of a multi-process run (the task is built on the
-    main process first) only read them.
+    Embeddings are the CLIP tower's pooled image embeddings of a centre square of every training image
+    (prior ``coser-clip``, :mod:`semsr.priors.clip_embed`). With a prior ``store`` (``data.priors``, from
+    ``semsr priors build --recipe coser``) they, and the neighbour lists ``coser-neighbours``, are read
+    from it and no CLIP model is needed (``clip`` may be None); a stored list narrowed to the training
+    images (and the class) is used when it still holds ``top_k`` candidates (or all there are), else the
+    ranking is recomputed from the stored embeddings. Without a store, ``clip`` embeds the images that
+    have no embedding yet in the per-CLIP-model store ``<cache>/coser-clip-store/<model>/`` (batched,
+    resumable; an image whose file changed is embedded again), so resumed runs and the other processes
+    of a multi-process run (the task is built on the main process first) only read them.
     """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
-        clip: CLIPVisionTower,
+        clip: CLIPVisionTower | None,
         top_k: int = 10,
         *,
         pool: str = "auto",
         clip_dir: Path | None = None,
         batch: int = 16,
+        store: PriorStore | None = None,
     ) -> None:
         if pool not in REFERENCE_POOLS:
             raise SemsrError(f"model.options.reference_pool must be one of {', '.join(REFERENCE_POOLS)}, got {pool!r}")
-        items, _ = list_images(cfg.data, cfg.data.crop_size)
+        items = training_items(cfg.data)
         self.items = items
         labels = class_labels(items, [expand_path(h) for h in cfg.data.hr])
         labelled = sum(label is not None for label in labels)
@@ -278,63 +305,99 @@ class NeighbourReferences:
         self.pool = pool
         self.labels = labels
         self.dataset = CropDataset(items, cfg.data, lambda hr, seed: hr, cfg.seed)  # positions -> image, crops
-        emb = F.normalize(self._embeddings(clip, clip_dir, batch), dim=-1)
-        sims = emb @ emb.T
-        sims.fill_diagonal_(-float("inf"))  # never the image itself
-        if pool == "class":
-            names = sorted({str(label) for label in labels})
-            codes = torch.tensor([names.index(str(label)) for label in labels])
-            sims = sims.masked_fill(codes[:, None] != codes[None, :], -float("inf"))
-        candidates = torch.isfinite(sims).sum(dim=1)
-        if int(candidates.min()) < 1:
-            lone = int(candidates.argmin())
-            what = f"class {labels[lone]!r} has" if pool == "class" else "the training set has"
+        k = max(1, int(top_k))
+        names = sorted({str(label) for label in labels})
+        codes = torch.tensor([names.index(str(label)) for label in labels])
+        if store is not None:
+            require_priors(store, [it.path for it in items], (COSER_CLIP,))
+        stored = self._stored_neighbours(store, codes, k) if store is not None else None
+        if stored is not None:
+            #: per training image, the indices of its (up to) ``top_k`` candidates, most similar first
+            self.neighbours = stored
+            how = "stored"
+        else:
+            self.neighbours = self._rank(self._embeddings(clip, clip_dir, batch, store), codes, k)
+            how = "ranked"
+        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
+        log.info("CoSeR references: %d training images, top-%d CLIP neighbours (%s pool, %s)", len(items), k, pool, how)
+
+    def _candidates(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` how many other images each image may take a reference from; an image with none is an error."""
+        if self.pool == "class":
+            counts = torch.bincount(codes)[codes] - 1
+        else:
+            counts = torch.full((len(codes),), len(codes) - 1)
+        if int(counts.min()) < 1:
+            lone = int(counts.argmin())
+            what = f"class {self.labels[lone]!r} has" if self.pool == "class" else "the training set has"
             raise SemsrError(
                 f"{what} no other image to take a reference from (CoSeR references are other training images)",
-                items[lone].path,
+                self.items[lone].path,
             )
-        k = max(1, int(top_k))
-        #: per training image, the indices of its (up to) ``top_k`` candidates, most similar first
-        self.neighbours = [row.topk(min(k, int(n))).indices for row, n in zip(sims, candidates, strict=True)]
-        self._cache: OrderedDict[Path, np.ndarray] = OrderedDict()
-        log.info("CoSeR references: %d training images, top-%d CLIP neighbours (%s pool)", len(items), k, pool)
+        return counts
 
-    def _embeddings(self, clip: CLIPVisionTower, clip_dir: Path | None, batch: int) -> torch.Tensor:
-        """``(N, Hc)`` pooled CLIP embeddings of the training images (cached on disk)."""
-        listing = [(str(it.path), it.path.stat().st_size, it.path.stat().st_mtime_ns) for it in self.items]
-        key = hashlib.sha256(
-            json.dumps(
-                [fingerprint([clip_dir]) if clip_dir else repr(clip.model.config), clip.image_size, listing]
-            ).encode()
-        ).hexdigest()
-        path = cache_dir() / "coser-clip-embeddings" / f"{key}.pt"
-        if path.is_file():
-            try:
-                emb = torch.load(path, map_location="cpu", weights_only=True)
-                if emb.shape[0] == len(self.items):
-                    return emb
-            except (OSError, RuntimeError):
-                pass  # unreadable: recompute
-        embs = []
-        device = next(clip.parameters()).device
-        for start in range(0, len(self.items), batch):
-            imgs = []
-            for item in self.items[start : start + batch]:
-                img = load_image(item.path)
-                side = min(img.shape[:2])
-                top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-                sq = to_tensor(img[top : top + side, left : left + side])
-                imgs.append(
-                    F.interpolate(
-                        sq[None], size=(clip.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False
-                    )[0].clamp(0, 1)
-                )
-            embs.append(clip.pooled(torch.stack(imgs).to(device)).cpu())
-        emb = torch.cat(embs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            torch.save(emb, tmp)
-        return emb
+    def _rank(self, emb: torch.Tensor, codes: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Per image the indices of its up to ``k`` most similar candidates, from embeddings ``(N, Hc)``."""
+        candidates = self._candidates(codes)
+        emb = F.normalize(emb.float(), dim=-1)
+        sims = emb @ emb.T
+        sims.fill_diagonal_(-float("inf"))  # never the image itself
+        if self.pool == "class":
+            sims = sims.masked_fill(codes[:, None] != codes[None, :], -float("inf"))
+        return [row.topk(min(k, int(n))).indices for row, n in zip(sims, candidates, strict=True)]
+
+    def _stored_neighbours(self, store: PriorStore, codes: torch.Tensor, k: int) -> list[torch.Tensor] | None:
+        """The stored ``coser-neighbours`` narrowed to the training images (and class); None when an image has
+        no list or its narrowed list is shorter than ``min(k, candidates)`` (then rank from the embeddings)."""
+        candidates = self._candidates(codes)
+        done = store.done(COSER_NEIGHBOURS)
+        ids = [image_id(it.path) for it in self.items]
+        if any(i not in done for i in ids):
+            return None
+        index = {name: i for i, name in enumerate(ids)}
+        rows = []
+        for i, name in enumerate(ids):
+            found = [index[n] for n in store.tags(name, COSER_NEIGHBOURS) if n in index and index[n] != i]
+            if self.pool == "class":
+                found = [j for j in found if int(codes[j]) == int(codes[i])]
+            if len(found) < min(k, int(candidates[i])):
+                return None
+            rows.append(torch.tensor(found[:k], dtype=torch.long))
+        return rows
+
+    def _embeddings(
+        self, clip: CLIPVisionTower | None, clip_dir: Path | None, batch: int, store: PriorStore | None
+    ) -> torch.Tensor:
+        """``(N, Hc)`` pooled CLIP embeddings of the training images: from ``store``, else from the per-model
+        store in the cache, embedding the images it lacks (see the class docstring)."""
+        paths = [it.path for it in self.items]
+        if store is None:
+            if clip is None:
+                raise SemsrError("CoSeR references need a CLIP model or a prior store (data.priors)")
+            model = (
+                fingerprint([clip_dir]) if clip_dir else hashlib.sha256(repr(clip.model.config).encode()).hexdigest()
+            )
+            store = PriorStore(cache_dir() / "coser-clip-store" / model[:32], create=True)
+            self._embed_missing(store, clip, paths, batch)
+        return torch.stack([torch.from_numpy(np.array(store.array(p, COSER_CLIP))).float() for p in paths])
+
+    @staticmethod
+    def _embed_missing(store: PriorStore, clip: CLIPVisionTower, paths: list[Path], batch: int) -> None:
+        """Embed into ``store`` the images of ``paths`` it lacks or whose file changed since (size, mtime)."""
+
+        def stamp(path: Path) -> dict[str, int]:
+            st = path.stat()
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+        done = store.done(COSER_CLIP)
+        todo = [p for p in paths if image_id(p) not in done or store.meta(p, COSER_CLIP) != stamp(p)]
+        for start in range(0, len(todo), max(1, batch)):
+            chunk = todo[start : start + max(1, batch)]
+            imgs = torch.cat([centre_square(to_tensor(load_image(p))[None], clip.image_size) for p in chunk])
+            emb = pool_embeddings(clip, imgs)
+            store.put_many(
+                (p, COSER_CLIP, PriorResult("embedding", e[None], stamp(p))) for p, e in zip(chunk, emb, strict=True)
+            )
 
     def _image(self, path: Path) -> np.ndarray:
         img = self._cache.get(path)
@@ -371,22 +434,30 @@ class CoSeRSRTask(LatentDiffusionTask):
         "reference_pool",
         "init_from_self_attention",
         "control",
+        "lr_embedding",
     }
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         opts = _options(cfg, self.OPTIONS, ("clip", "cognitive"))
+        self.store = open_prior_store(cfg)
+        self.lr_embedding = lr_embedding_mode(cfg, self.store, opts.get("lr_embedding"))
         self.load_frozen_sd(resolve_model_path(cfg.model.pretrained))
         self.unet = install_aia(self.unet)
-        clip_dir = resolve_model_path(str(opts["clip"]))
-        clip = load_clip_vision(clip_dir, require_processor=True)
-        self.cognitive: CognitiveEncoder = load_cognitive_encoder(resolve_model_path(str(opts["cognitive"])), clip)
+        self.clip_dir = clip_dir = resolve_model_path(str(opts["clip"]))
+        # with the store, no CLIP model in the loop: the cognitive embeddings and the reference pool are stored
+        clip = load_clip_vision(clip_dir, require_processor=True) if self.lr_embedding == "crop" else None
+        cognitive_path = resolve_model_path(str(opts["cognitive"]))
+        self.cognitive: CognitiveEncoder = load_cognitive_encoder(cognitive_path, clip)
         self.cognitive.requires_grad_(False).eval()
         if self.cognitive.text_width != int(self.unet.config.cross_attention_dim):
             raise SemsrError(
                 f"cognitive encoder width {self.cognitive.text_width} != UNet cross-attention width "
                 f"{self.unet.config.cross_attention_dim}"
             )
+        if self.lr_embedding == "image":
+            assert self.store is not None
+            self._check_stored_cognitive(self.store, training_lr_files(cfg.data), cognitive_path)
         self.null_tokens = PromptEncoder(lambda p: text_token_targets(self.text, p, self.cognitive.num_queries))
         if opts.get("init"):
             fusion = load_part(resolve_model_path(str(opts["init"])), "aia", AiAFusion)
@@ -406,11 +477,44 @@ class CoSeRSRTask(LatentDiffusionTask):
         self._zero_latents: dict[tuple[int, int], torch.Tensor] = {}
         self.references = NeighbourReferences(
             cfg,
-            clip,
+            clip if self.store is None else None,
             int(opts.get("reference_top_k", 10)),
             pool=str(opts.get("reference_pool", "auto")),
             clip_dir=clip_dir,
+            store=self.store,
         )
+
+    def _check_stored_cognitive(self, store: PriorStore, lr_files: list[Path], cognitive_path: Path) -> None:
+        """One-line error before training when a stored cognitive embedding is missing, of another shape or
+        of another cognitive encoder than ``model.options.cognitive``."""
+        require_priors(store, lr_files, (COSER_COGNITIVE,))
+        if not lr_files:
+            return
+        shape = tuple(store.array(lr_files[0], COSER_COGNITIVE).shape)
+        want = (self.cognitive.num_queries, self.cognitive.text_width)
+        if shape != want:
+            raise SemsrError(f"stored cognitive embeddings are {shape}, the cognitive encoder gives {want}", store.root)
+        if store.meta(lr_files[0], COSER_COGNITIVE).get("cognitive") != cognitive_fingerprint(cognitive_path):
+            raise SemsrError(
+                "the store's cognitive embeddings were made by another cognitive encoder than "
+                "model.options.cognitive (rebuild them: semsr priors build --recipe coser --cognitive ...)",
+                store.root,
+            )
+
+    def stored_cognitive(self, lr_files: list[str]) -> torch.Tensor:
+        """``(B, Te, D)`` stored cognitive embeddings of the whole LR files (``lr_embedding: image``)."""
+        assert self.store is not None
+        arrays = [torch.from_numpy(np.array(self.store.array(f, COSER_COGNITIVE))) for f in lr_files]
+        return torch.stack(arrays).to(self.device, self.weight_dtype)
+
+    def attach_clip(self) -> None:
+        """Attach the CLIP tower to the cognitive encoder when it has none (validation runs inference)."""
+        if self.cognitive.clip is None:
+            clip = load_clip_vision(
+                self.clip_dir, layer=int(self.cognitive.config["clip_layer"]), require_processor=True
+            )
+            self.cognitive.attach_clip(clip)
+            self.cognitive.to(self.device, self.weight_dtype)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [*super().frozen_modules(), self.cognitive]
@@ -422,11 +526,18 @@ class CoSeRSRTask(LatentDiffusionTask):
 
     @torch.no_grad()
     def conditions(
-        self, lr: torch.Tensor, positions: torch.Tensor, gens: list[torch.Generator], size: tuple[int, int]
+        self,
+        lr: torch.Tensor,
+        positions: torch.Tensor,
+        gens: list[torch.Generator],
+        size: tuple[int, int],
+        lr_files: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(context (B, Te, D), z_lr (B, 4, h, w), z_ref (B, 4, h, w))`` with the per-sample drop-outs.
 
-        Draws per sample, in order: cognition drop, reference drop, reference choice.
+        The cognitive embedding is of the LR crops ``lr``, or (``lr_embedding: image``) the stored one of
+        their whole LR files ``lr_files``. Draws per sample, in order: cognition drop, reference drop,
+        reference choice.
         """
         bsz = lr.shape[0]
         p_null = self.cfg.train.null_prompt_prob
@@ -434,7 +545,12 @@ class CoSeRSRTask(LatentDiffusionTask):
         keep_ref = torch.tensor(
             [float(torch.rand((), generator=g)) >= self.reference_drop_prob for g in gens], device=self.device
         )
-        cog = self.cognitive.embed(lr.to(self.device, self.weight_dtype)).to(self.weight_dtype)
+        if self.lr_embedding == "image":
+            if lr_files is None:
+                raise SemsrError("lr_embedding: image needs the batch's LR files (data.pairs)")
+            cog = self.stored_cognitive(lr_files)
+        else:
+            cog = self.cognitive.embed(lr.to(self.device, self.weight_dtype)).to(self.weight_dtype)
         null = self.null_tokens([""] * bsz).to(self.device, self.weight_dtype)
         context = torch.where(keep_cog[:, None, None], cog, null)
         z_lr = self.vae_mode(make_hint(lr, size))
@@ -446,7 +562,10 @@ class CoSeRSRTask(LatentDiffusionTask):
 
     def predict(self, model: nn.Module, step: NoisedBatch) -> dict[str, Any]:
         """``pred (B, 4, h, w)`` of the AiA UNet; draws those of :meth:`conditions` after the base task's."""
-        context, z_lr, z_ref = self.conditions(step.lr, step.batch["position"], step.gens, tuple(step.hr.shape[-2:]))
+        files = list(step.batch["lr_path"]) if "lr_path" in step.batch else None
+        context, z_lr, z_ref = self.conditions(
+            step.lr, step.batch["position"], step.gens, tuple(step.hr.shape[-2:]), files
+        )
         noisy = step.noisy.to(self.weight_dtype)
         return {
             "pred": model(
@@ -464,6 +583,7 @@ class CoSeRSRTask(LatentDiffusionTask):
 
         The pipeline casts and freezes ``model``: pass a copy, never the trained module.
         """
+        self.attach_clip()
         pipe = CoSeRSR(
             vae=self.vae,
             unet=self.unet,

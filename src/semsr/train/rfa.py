@@ -62,6 +62,7 @@ from torch import nn
 
 from semsr.core.components import load_component
 from semsr.core.errors import SemsrError
+from semsr.core.fingerprint import fingerprint
 from semsr.core.io import atomic_write_bytes
 from semsr.core.paths import cache_dir
 from semsr.models.rfa import (
@@ -83,8 +84,9 @@ from semsr.priors.retrieval.index import ReferenceDB, file_sha256, load_rgb
 from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.data import CropDataset, list_images
+from semsr.train.data import CropDataset
 from semsr.train.losses import _require, register_loss
+from semsr.train.priors import training_items
 from semsr.train.tasks import Task, register_task
 
 LR_SIZE = 32
@@ -235,10 +237,21 @@ def resolve_embedder_spec(text: str) -> str:
     return text
 
 
+def aligner_folder(value: object, embedder_spec: str) -> Path:
+    """The folder of a configured aligner (``tiny://`` forms, ``default``: the shipped one for the embedder)."""
+    return aligner_dir("default", embedder_spec) if str(value) == "default" else resolve_model_path(str(value))
+
+
+def aligner_fingerprint(value: object | None, embedder_spec: str) -> str | None:
+    """Fingerprint of a configured aligner's files (None: no aligner, the raw LR embedding is the query); the
+    prior store records it with the references it retrieved."""
+    return None if value is None else fingerprint([aligner_folder(value, embedder_spec)])
+
+
 def load_aligner(value: object, embedder: Embedder) -> ReferenceFindingAligner:
     """The aligner of a configured folder (``tiny://`` forms, ``default``: the shipped one), checked against
     ``embedder``."""
-    folder = aligner_dir("default", embedder.spec) if str(value) == "default" else resolve_model_path(str(value))
+    folder = aligner_folder(value, embedder.spec)
     model = load_component(ReferenceFindingAligner, folder)
     check_embedder(model, embedder, folder)
     return model
@@ -339,7 +352,7 @@ class TrainingHashes:
     positions to images), so retrieval can skip the database entry of the training image itself."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self._items, _ = list_images(cfg.data, cfg.data.crop_size)
+        self._items = training_items(cfg.data)
         self._positions = CropDataset(self._items, cfg.data, lambda hr, seed: hr, cfg.seed)
         self._shas: dict[Path, str] = {}
 

@@ -25,7 +25,15 @@ forward) inside both adapter sets' ``control`` block. The paper's LR is bicubic
     ``controlnet_trainable``: ``all`` or a list of ControlNet module-name prefixes
     (default :data:`CONTROLNET_TRAINABLE`);
     ``text_decoder``: the enhancer's causal LM folder (copied into the exported checkpoint);
-    ``conditioning_channels``: as for ``controlnet_sr``.
+    ``conditioning_channels``: as for ``controlnet_sr``;
+    ``lr_embedding``: ``image`` (the default with ``data.priors``) or ``crop`` (the default without).
+
+Prior store (``data.priors`` of ``semsr priors build --recipe rfa``, with ``data.pairs``): under
+``lr_embedding: image`` the control of a crop is that of its whole LR file: the stored tokens of the
+LR file and of its stored references (``rfa-refs``: retrieved at build time with the aligned query,
+the training image skipped) through the frozen enhancer, once per LR file; no embedder is built for
+training (:class:`StoredEnhancedEmbedding`). ``lr_embedding: crop`` embeds each LR crop in the loop,
+as the paper (and as without a store). Validation (inference) builds the embedder on first use.
 
 Export: ``<folder>/controlnet`` (diffusers ControlNet: ``--controlnet``) and
 ``<folder>/rfa``, an RFA checkpoint (:func:`semsr.models.rfa.save_rfa_checkpoint`)
@@ -35,9 +43,11 @@ with the trained ``adain`` and ``controlnet_adain`` and the stage-1 parts (``--c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,12 +56,15 @@ from semsr.core.components import Component, load_component
 from semsr.core.errors import SemsrError
 from semsr.fusion.adain import AdaINAdapters, adain_control, attach_adain
 from semsr.models.rfa import EmbeddingEnhancer, check_embedder, encode, save_rfa_checkpoint
+from semsr.priors.cache import PriorStore
+from semsr.priors.clip_embed import RFA_REFS
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
 from semsr.priors.retrieval.index import ReferenceDB
 from semsr.priors.retrieval.references import ReferenceTokens
 from semsr.testing.tiny import resolve_model_path
 from semsr.train.config import ExperimentConfig
-from semsr.train.rfa import TrainingHashes, resolve_embedder_spec, retrieval_aligner
+from semsr.train.priors import lr_embedding_mode, open_prior_store, require_priors, training_lr_files
+from semsr.train.rfa import TrainingHashes, aligner_fingerprint, resolve_embedder_spec, retrieval_aligner
 from semsr.train.tasks import ControlNetSRTask, register_task
 
 #: ``model.options`` of ``rfa-sr`` besides those of ``controlnet_sr``.
@@ -66,6 +79,7 @@ RFA_OPTIONS = (
     "ref_cache",
     "controlnet_trainable",
     "text_decoder",
+    "lr_embedding",
 )
 #: The ControlNet parts trained by default: the hint encoder and the zero convolutions (diffusers names).
 CONTROLNET_TRAINABLE = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
@@ -109,6 +123,83 @@ class EnhancedEmbedding:
         return F.normalize(self.enhancer(tok, ref)[0], dim=-1)
 
 
+@dataclass(frozen=True)
+class StoredEmbedder:
+    """An embedder's spec and shapes without its model (``lr_embedding: image``: the store holds its outputs)."""
+
+    spec: str
+    dim: int
+    token_dim: int
+    num_tokens: int
+
+    @classmethod
+    def of(cls, spec: str, enhancer: EmbeddingEnhancer) -> StoredEmbedder:
+        c = enhancer.config
+        return cls(spec, int(c.out_dim), int(c.token_dim), int(c.num_tokens))
+
+
+class StoredEnhancedEmbedding:
+    """:class:`EnhancedEmbedding` from the prior store (``semsr priors build --recipe rfa``): per LR file,
+    its whole-image ``rfa-tokens`` and the ``rfa-tokens`` of its stored references
+    (``rfa-refs``, retrieved at build time with the aligned query, the training image skipped) through the
+    frozen enhancer; ``(D,)`` per LR file, computed once and kept in memory."""
+
+    def __init__(
+        self, store: PriorStore, enhancer: EmbeddingEnhancer, spec: str, k: int, aligner: str | None = None
+    ) -> None:
+        self.store, self.enhancer, self.spec, self.k = store, enhancer.float().eval().requires_grad_(False), spec, k
+        self.aligner = aligner  # fingerprint of the training's aligner (None: no aligner)
+        self._memo: dict[str, torch.Tensor] = {}
+
+    def check(self, lr_files: list[Path]) -> None:
+        """One-line error before training when a prior of ``lr_files`` is missing or was built otherwise."""
+        require_priors(self.store, lr_files, ("rfa-tokens", RFA_REFS))
+        if not lr_files:
+            return
+        meta = self.store.meta(lr_files[0], RFA_REFS)
+        if meta.get("embedder") != self.spec:
+            raise SemsrError(
+                f"the store's references were retrieved with embedder {meta.get('embedder')!r}, "
+                f"model.options.embedder is {self.spec!r}",
+                self.store.root,
+            )
+        if meta.get("aligner") != self.aligner:
+            raise SemsrError(
+                "the store's references were retrieved with another aligner than model.options.aligner "
+                "(or no_aligner); rebuild them with the same --aligner / --no-aligner",
+                self.store.root,
+            )
+        refs = sorted({r for lr in lr_files for r in self.store.tags(lr, RFA_REFS)[: self.k]})
+        require_priors(self.store, refs, ("rfa-tokens",))
+        short = [lr for lr in lr_files if len(self.store.tags(lr, RFA_REFS)) < self.k]
+        if short:
+            raise SemsrError(f"the store has fewer than {self.k} references of this image (--num-refs)", short[0])
+        tok = self.store.array(lr_files[0], "rfa-tokens")
+        c = self.enhancer.config
+        if tuple(tok.shape) != (c.num_tokens, c.token_dim):
+            raise SemsrError(
+                f"stored tokens are {tuple(tok.shape)}, the enhancer takes {(c.num_tokens, c.token_dim)}",
+                self.store.root,
+            )
+
+    def _array(self, image: str | Path, prior: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.store.array(image, prior))).float()
+
+    @torch.no_grad()
+    def __call__(self, lr_files: Sequence[str | Path]) -> torch.Tensor:
+        """``(B, D)`` unit enhanced embeddings of the LR files."""
+        out = []
+        for lr in lr_files:
+            key = str(lr)
+            if key not in self._memo:
+                tok = self._array(lr, "rfa-tokens")[None]
+                refs = self.store.tags(lr, RFA_REFS)[: self.k]
+                ref = torch.stack([self._array(r, "rfa-tokens") for r in refs])[None]
+                self._memo[key] = F.normalize(self.enhancer(tok, ref)[0], dim=-1)[0]
+            out.append(self._memo[key])
+        return torch.stack(out)
+
+
 class ControlNetWithAdaIN(nn.Module):
     """Trainable container: ``forward`` runs the ControlNet; ``adain`` and ``controlnet_adain`` hold the
     adapters of the UNet and of the ControlNet."""
@@ -141,10 +232,14 @@ class RFASRTask(ControlNetSRTask):
             super().__init__(cfg)
         finally:
             cfg.model.options = {**opts, **own}
-        self.embedder = emb = embedder_from_spec(resolve_embedder_spec(str(own["embedder"])))
+        self.store = open_prior_store(cfg)
+        self.lr_embedding = lr_embedding_mode(cfg, self.store, own.get("lr_embedding"))
+        spec = resolve_embedder_spec(str(own["embedder"]))
         with torch.random.fork_rng():  # loading the stage-1 parts leaves the RNG as it is
             folder = resolve_model_path(str(own["enhancer"]))
             enhancer = load_component(EmbeddingEnhancer, folder)
+            # from the store, the embedder is not loaded: its shapes are the enhancer's (checked on the store)
+            emb: Any = embedder_from_spec(spec) if self.lr_embedding == "crop" else StoredEmbedder.of(spec, enhancer)
             check_embedder(enhancer, emb, folder)
             if enhancer.config.out_dim != emb.dim:
                 raise SemsrError(f"the enhancer gives {enhancer.config.out_dim}-d embeddings, {emb.spec} {emb.dim}-d")
@@ -152,16 +247,30 @@ class RFASRTask(ControlNetSRTask):
         self.stage1: dict[str, Component] = {"enhancer": enhancer}  # exported with the adapters
         if aligner is not None:
             self.stage1["aligner"] = aligner
-        db = ReferenceDB(resolve_model_path(str(own["db"])))
+        self.db = db = ReferenceDB(resolve_model_path(str(own["db"])))
         if db.embedder_spec != emb.spec:
             raise SemsrError(
                 f"database embedder {db.embedder_spec!r} differs from model.options.embedder {emb.spec!r}", db.folder
             )
         db.check_dim(emb.dim)
-        k = min(int(own.get("num_refs", enhancer.config.num_refs)), enhancer.config.num_refs)
-        refs = ReferenceTokens(db, emb, aligner, k, int(own.get("ref_cache", 1024)))
-        self.enhanced = EnhancedEmbedding(emb, enhancer, refs)
-        self.hashes = TrainingHashes(cfg) if bool(own.get("exclude_self", True)) else None
+        self.num_refs = min(int(own.get("num_refs", enhancer.config.num_refs)), enhancer.config.num_refs)
+        self.own, self.enhancer, self.aligner = own, enhancer, aligner
+        self._enhanced: EnhancedEmbedding | None = None
+        self.stored: StoredEnhancedEmbedding | None = None
+        if self.lr_embedding == "crop":
+            self.hashes = TrainingHashes(cfg) if bool(own.get("exclude_self", True)) else None
+            self.live_embedding()
+        else:
+            assert self.store is not None
+            if not bool(own.get("exclude_self", True)):
+                raise SemsrError(
+                    "the stored references skip the training image itself; exclude_self: false needs "
+                    "model.options.lr_embedding: crop"
+                )
+            self.hashes = None
+            fp = aligner_fingerprint(own.get("aligner") if aligner is not None else None, spec)
+            self.stored = StoredEnhancedEmbedding(self.store, enhancer, spec, self.num_refs, fp)
+            self.stored.check(training_lr_files(cfg.data))
         self.text_decoder = resolve_model_path(str(own["text_decoder"])) if own.get("text_decoder") else None
         controlnet = self.trainable
         set_trainable(controlnet, own.get("controlnet_trainable", CONTROLNET_TRAINABLE))
@@ -175,15 +284,37 @@ class RFASRTask(ControlNetSRTask):
             cn_adain.float().train().requires_grad_(True),
         )
 
+    def live_embedding(self) -> EnhancedEmbedding:
+        """Stage 1 run on LR images (``lr_embedding: crop``, and validation, which runs inference): the embedder
+        and the database references, built on first use."""
+        if self._enhanced is None:
+            emb = embedder_from_spec(resolve_embedder_spec(str(self.own["embedder"])))
+            refs = ReferenceTokens(self.db, emb, self.aligner, self.num_refs, int(self.own.get("ref_cache", 1024)))
+            self._enhanced = EnhancedEmbedding(emb, self.enhancer, refs)
+        return self._enhanced
+
+    @property
+    def enhanced(self) -> EnhancedEmbedding:
+        """The live stage 1 (:meth:`live_embedding`)."""
+        return self.live_embedding()
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder of the live stage 1 (loaded on first use)."""
+        return self.live_embedding().embedder
+
     def control(self, lr: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
         """The AdaIN control ``(B, D)`` of LR crops ``(B, 3, h, w)``: the enhancer's embedding, the training
         images at ``positions`` excluded from the references (see :class:`EnhancedEmbedding`)."""
         exclude = [self.hashes(p) for p in positions] if positions is not None and self.hashes is not None else None
-        return self.enhanced(lr, exclude).to(self.device)
+        return self.live_embedding()(lr, exclude).to(self.device)
 
     def compute(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """As ``controlnet_sr`` with the AdaIN control of :meth:`control` on ``batch["lr"]``."""
-        control = self.control(batch["lr"], [int(p) for p in batch["position"]])
+        if self.stored is not None:  # the stored control of each crop's whole LR file
+            control = self.stored(list(batch["lr_path"])).to(self.device)
+        else:
+            control = self.control(batch["lr"], [int(p) for p in batch["position"]])
         with adain_control(self._adapters(model), control.to(self.weight_dtype)):
             return super().compute(model, batch)
 

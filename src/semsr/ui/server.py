@@ -73,7 +73,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 from PIL import Image
 
 from semsr import __version__
-from semsr.api import load
+from semsr.api import load, load_method
 from semsr.core.errors import InputError, SemsrError
 from semsr.core.io import picture_to_pil, read_image
 from semsr.core.options import MethodOptions, OptionError, closest
@@ -321,6 +321,9 @@ class DemoApp:
         info = self.image(str(body["image"]))
         spec = resolve(entry["name"])
         job.progress("load", 0, 0)
+        # build first through load_method: its errors name semsr serve's flags (--checkpoint PATH), which is
+        # what the server's operator passes; load then wraps the cached method without building again
+        load_method(spec.name, options)
         pipe = load(spec.name, options)
         job.check()
         pic = read_image(info["path"], max_pixels=self.max_pixels)
