@@ -303,6 +303,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
             step()
         _sync(device)
         warm = time.perf_counter() - t0
+        peak_warmup = _peak_memory(device)  # includes compiling, for compiled rows
+        _reset_peak_memory(device)
         if baseline_name:
             timed(baseline)  # the baseline's own warm-up
         for _ in range(reps):
@@ -328,6 +330,7 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         "max_abs_diff_to_first_call": diff,
         **(_eps_quality(out, exact) if exact is not None else {}),
         **interleaved,
+        "peak_warmup": peak_warmup,
         "tome_merged_calls_unet": state.merged_calls if state is not None else 0,
         "dtype_resolved": precision["dtype"],
         "dtype_reason": precision["dtype_reason"],
@@ -335,7 +338,8 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
         "config": cfg,
         "device": device,
         "size": size,
-        **_peak_memory(device),
+        **{k: max(v, peak_warmup[k]) for k, v in _peak_memory(device).items()},  # the whole run (as before)
+        **{f"{k.removesuffix('_mb')}_steady_mb": v for k, v in _peak_memory(device).items()},  # after warm-up
     }
 
 
@@ -607,6 +611,8 @@ def _print_tables(results: dict) -> None:
             extra = ""
             if "speedup_interleaved" in r:
                 extra += f"   {r['speedup_interleaved']:.2f}x vs {r['baseline']} (median {r['speedup_interleaved_median']:.2f}x)"
+            if r.get("config", {}).get("compile"):
+                extra += f"   peak RSS after warm-up {r.get('peak_rss_steady_mb', 0):.0f} MB"
             if "psnr_vs_exact_db" in r:
                 extra += f"   eps PSNR vs exact {r['psnr_vs_exact_db']:.1f} dB"
             print(
