@@ -404,7 +404,9 @@ def run_recipe(
     rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode or not rows:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"recipe": recipe, "status": "error", "error": last[:300], "wall_s": wall}
+        if proc.returncode < 0:  # a signal: -9 is most often the kernel's out-of-memory killer
+            last = f"killed by signal {-proc.returncode} (9: e.g. out of memory) after: {last.strip()}"
+        return {"recipe": recipe, "status": "error", "error": last[:300], "rc": proc.returncode, "wall_s": wall}
     return {**json.loads(rows[-1]), "wall_s": wall}
 
 
