@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -176,6 +177,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         task.stage1 = recipes_full.random_stage1(device, dtype)
     task.setup(device, dtype)
     trainable = task.trainable.to(device)
+    if args.trainable_dtype == "bf16":  # CPU memory saver: bf16 master weights and gradients
+        trainable = trainable.to(torch.bfloat16)
     meter = Meter(device)
     row: dict[str, Any] = {"recipe": args.worker, "status": "ok", "prepare_s": prepare_s}
     row["trainable_m"] = round(sum(p.numel() for p in trainable.parameters() if p.requires_grad) / 1e6, 3)
@@ -186,6 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     scale = cfg.data.scale
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     row["dtype"], row["optimizer"] = "bf16" if dtype == torch.bfloat16 else "fp32", args.optimizer
+    row["trainable_dtype"] = args.trainable_dtype
 
     # inference
     copy = _weights_copy(trainable)
@@ -197,6 +201,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             row["infer_s"], row["infer_peak_mb"] = meter.stop()
     row["infer_steps"], row["infer_out"] = steps, out
     del copy
+    gc.collect()  # the pipeline's references to the copy (e.g. AiA blocks installed in the frozen UNet)
     print(f"  {args.worker}: inference {row['infer_s']} s", file=sys.stderr, flush=True)
 
     # training
@@ -261,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="training batch (0: 4; tiny: 2)")
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16"], default=None, help="frozen weights (cuda: bf16, cpu: fp32)"
+    )
+    parser.add_argument(
+        "--trainable-dtype", choices=["fp32", "bf16"], default="fp32", help="trainable weights (bf16: CPU memory)"
     )
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: no optimiser state")
     for layout, name in (("sd15", "SD-1.5"), ("sd21", "SD-2.1-base")):
@@ -357,7 +365,9 @@ def meta_report(recipes: list[str], out: Path | None) -> int:
 def _worker_args(recipe: str, args: argparse.Namespace, size: str, sd: str | None, tmp: str) -> list[str]:
     cmd = ["--worker", recipe, "--device", args.device, "--size", size, "--steps", str(args.steps)]
     cmd += ["--out", str(args.out), "--crop", str(args.crop), "--batch", str(args.batch), "--tmp", tmp]
-    cmd += ["--optimizer", args.optimizer] + (["--dtype", args.dtype] if args.dtype else [])
+    cmd += ["--optimizer", args.optimizer, "--trainable-dtype", args.trainable_dtype] + (
+        ["--dtype", args.dtype] if args.dtype else []
+    )
     return cmd + (["--sd", sd] if sd else [])
 
 
@@ -394,7 +404,9 @@ def run_recipe(
     rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode or not rows:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"recipe": recipe, "status": "error", "error": last[:300], "wall_s": wall}
+        if proc.returncode < 0:  # a signal: -9 is most often the kernel's out-of-memory killer
+            last = f"killed by signal {-proc.returncode} (9: e.g. out of memory) after: {last.strip()}"
+        return {"recipe": recipe, "status": "error", "error": last[:300], "rc": proc.returncode, "wall_s": wall}
     return {**json.loads(rows[-1]), "wall_s": wall}
 
 
