@@ -25,6 +25,8 @@ from semsr.methods.default_diffusion import (
 from semsr.models.default_sr import (
     DefaultSR,
     blur_residual,
+    finish_refinement,
+    flat_weight,
     from_space,
     load_default_sr,
     save_default_sr,
@@ -182,6 +184,27 @@ def test_residual_blur_keeps_means_and_removes_pixel_grain() -> None:
         DefaultSR(residual_blur=-1.0)
 
 
+def test_finish_refinement_cores_the_residual_and_smooths_only_flat_regions() -> None:
+    g = torch.Generator().manual_seed(0)
+    y1 = torch.full((1, 3, 32, 64), 0.5)
+    y1[..., 32:] += 0.2 * torch.rand(1, 3, 32, 32, generator=g)  # right half textured, left half flat
+    y1[..., :32] += 0.002 * torch.randn(1, 3, 32, 32, generator=g)  # faint grain on the flat half
+    residual = 0.003 * torch.randn(1, 3, 32, 64, generator=g)  # all below the core (< 6.7 sigma)
+    residual[..., 10, 40] = 0.1
+    plain = tiny_model().config
+    torch.testing.assert_close(finish_refinement(y1, residual, plain), y1 + residual)  # defaults: unchanged
+    out = finish_refinement(y1, residual, tiny_model(residual_core=0.02, residual_gain=1.5).config)
+    delta = out - y1
+    assert int((delta != 0).sum()) == 3 and abs(float(delta[0, 0, 10, 40]) - 1.5 * 0.08) < 1e-6
+    out = finish_refinement(y1, torch.zeros_like(y1), tiny_model(flat_smooth=0.7).config)
+    assert out[..., 2:-2, 2:28].std() < 0.6 * y1[..., 2:-2, 2:28].std()  # flat grain removed
+    torch.testing.assert_close(out[..., 36:], y1[..., 36:])  # texture untouched
+    assert flat_weight(y1, (1 / 255, 3 / 255))[..., 36:].max() == 0
+    for bad in ({"residual_core": -1.0}, {"flat_gate": (0.02, 0.01)}):
+        with pytest.raises(SemsrError):
+            tiny_model(**bad)
+
+
 def test_text_prior_off_skips_irpad_but_keeps_a_user_prompt(text_tokens: TextTokens, bicubic) -> None:
     """A checkpoint with ``text_prior=False``: no IRPAD description; a prompt the user gives still conditions."""
     lr = textured()
@@ -282,8 +305,9 @@ def test_packaged_weights_are_a_default_sr_checkpoint() -> None:
     index = read_index(folder, "default-sr")
     assert set(index.components) == {"unet", "controlnet", "text_proj"}
     assert index.meta["default_steps"] == 1 and index.meta["stage1"] == "realesrgan-x4plus"
-    # v2 defaults (model card): deterministic start, low-passed residual, no text prior
-    assert index.meta["start"] == "mean" and index.meta["residual_blur"] > 0 and index.meta["text_prior"] is False
+    # shipped settings (model card): deterministic start, cored residual, flat-region noise gate, no text prior
+    assert index.meta["start"] == "mean" and index.meta["text_prior"] is False
+    assert index.meta["residual_core"] > 0 and index.meta["flat_smooth"] > 0
     model = load_default_sr(folder)
     assert model.config.scale == 4 and model.channels == 48
     assert sum(p.numel() for p in model.parameters()) > 5_000_000
@@ -419,7 +443,7 @@ def test_gradient_l1_is_aligned_and_differentiable() -> None:
     assert float(flat.grad.abs().sum()) > 0
 
 
-def test_detail_blends_the_residual_and_zero_is_stage1_exactly(
+def test_detail_blends_stage1_and_the_refinement_and_zero_is_stage1_exactly(
     tmp_path: Path, text_tokens: TextTokens, bicubic
 ) -> None:
     pipe = DefaultSRPipeline(tiny_model(perturb=True), stage1=bicubic, text=text_tokens, degradation=no_irpad(tmp_path))

@@ -7,9 +7,10 @@ with IRPAD's degradation description (:mod:`semsr.priors.irpad`; none when the
 IRPAD weights are absent), the ControlNet hint the Canny edges of the stage-1
 output. Ablation switches: ``--no-text-prior``, ``--no-edge-prior``.
 
-Fidelity <-> detail: ``--detail D`` in [0, 1] scales the sampled residual in pixel space,
-``SR = clamp(y1 + D * r / k, 0, 1)``; ``D = 0`` skips the refiner and returns the stage-1 output
-bit for bit, ``D = 1`` is the full refinement (the unscaled formula, bit for bit).
+Fidelity <-> detail: ``--detail D`` in [0, 1] blends the stage-1 output ``y1`` and the refined image
+``R`` (:func:`semsr.models.default_sr.finish_refinement`: cored residual ``r / k`` and the flat-region
+noise gate, as the checkpoint's settings say), ``SR = clamp(y1 + D * (R - y1), 0, 1)``; ``D = 0`` skips
+the refiner and returns the stage-1 output bit for bit, ``D = 1`` is ``clamp(R, 0, 1)`` bit for bit.
 
 Tiles: ``--tile`` is in input pixels like every method's, converted to the
 working space (``u``-times pixel-unshuffled output) by
@@ -38,7 +39,14 @@ from semsr.core.paths import assets_dir
 from semsr.methods import build as build_method
 from semsr.methods import register
 from semsr.models.catalog import DEFAULT_SR
-from semsr.models.default_sr import MINILM_WIDTH, DefaultSR, blur_residual, from_space, load_default_sr, to_space
+from semsr.models.default_sr import (
+    MINILM_WIDTH,
+    DefaultSR,
+    finish_refinement,
+    from_space,
+    load_default_sr,
+    to_space,
+)
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import progress_fn
 from semsr.pipeline.latent_tiling import crop_window, tiled, untiled
@@ -86,7 +94,7 @@ class DefaultDiffusionOptions(MethodOptions):
         step=0.05,
         widget="slider",
         metavar="D",
-        help="fidelity <-> detail: scale of the refiner's residual (0 = the stage-1 output exactly, 1 = all of it)",
+        help="fidelity <-> detail: how much of the refinement is applied (0 = the stage-1 output exactly, 1 = all of it)",
     )
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
@@ -340,8 +348,8 @@ class DefaultSRPipeline:
 
         ``tile`` is the side of a working-space tile (``tile * u`` output pixels; None or 0:
         untiled), ``tile_overlap`` their overlap (None: tile / 4). ``steps == 0`` or ``detail == 0``
-        returns the stage-1 output (the ablation floor); otherwise ``detail`` scales the refiner's
-        pixel-space residual (``detail == 1``: unscaled).
+        returns the stage-1 output (the ablation floor); otherwise ``detail`` blends the stage-1 output
+        and the refined image (``detail == 1``: the refined image).
         """
         timings = {} if timings is None else timings
         cfg_ = self.config
@@ -395,10 +403,8 @@ class DefaultSRPipeline:
         finally:
             close()
         timings["denoise"] = time.perf_counter() - t0
-        delta = blur_residual(from_space(residual, u) / cfg_.residual_scale, float(cfg_.residual_blur))
-        if detail != 1:
-            delta = delta * float(detail)
-        sr = (y1 + delta).clamp_(0, 1)
+        refined = finish_refinement(y1, from_space(residual, u) / cfg_.residual_scale, cfg_)
+        sr = (refined if detail == 1 else y1 + float(detail) * (refined - y1)).clamp_(0, 1)
         return sr[..., : h * cfg_.scale, : w * cfg_.scale].cpu()
 
 

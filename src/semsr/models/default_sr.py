@@ -109,6 +109,14 @@ class DefaultSR(Component):
             ``"mean"`` (``r_T = 0``, the prior's mean: deterministic, no sampled grain).
         residual_blur: sigma in output pixels of a Gaussian low-pass applied to the predicted residual
             before it is added to ``y1`` (0 = none); removes the pixel-level grain of the working space.
+        residual_core: soft threshold (coring) of the residual in [0, 1] units (0 = none): residual
+            values below it, the refiner's low-amplitude, grain-like output, are dropped; larger
+            ones (edges, tone and colour corrections) are kept, shrunk by it.
+        residual_gain: factor on the cored residual (1 = as predicted).
+        flat_smooth: sigma in output pixels of a Gaussian low-pass of ``y1`` applied only where ``y1``
+            is flat (0 = none): the noise gate, see :func:`finish_refinement`.
+        flat_gate: ``(lo, hi)`` local standard deviation of ``y1``'s luma (3x3 window, [0, 1] units):
+            fully smoothed below ``lo``, untouched above ``hi``, linear in between.
         text_prior: whether the method feeds the text condition by default (False: the empty
             condition, no IRPAD; ``--prompt`` still works when the user gives one).
         text_width: width of the text tokens the projection reads (MiniLM: 384).
@@ -143,6 +151,10 @@ class DefaultSR(Component):
         start: str = "noise",
         residual_blur: float = 0.0,
         text_prior: bool = True,
+        residual_core: float = 0.0,
+        residual_gain: float = 1.0,
+        flat_smooth: float = 0.0,
+        flat_gate: Sequence[float] = (1 / 255, 3 / 255),
         *,
         unet: UNet2DConditionModel | None = None,
         controlnet: ControlNetModel | None = None,
@@ -160,6 +172,13 @@ class DefaultSR(Component):
             raise SemsrError(f"start must be one of {START_MODES}, got {start!r}")
         if residual_blur < 0:
             raise SemsrError(f"residual_blur must be >= 0, got {residual_blur}")
+        if residual_core < 0 or residual_gain < 0 or flat_smooth < 0:
+            raise SemsrError(
+                f"residual_core, residual_gain and flat_smooth must be >= 0, got {residual_core}, "
+                f"{residual_gain}, {flat_smooth}"
+            )
+        if len(flat_gate) != 2 or not 0 <= flat_gate[0] < flat_gate[1]:
+            raise SemsrError(f"flat_gate must be (lo, hi) with 0 <= lo < hi, got {tuple(flat_gate)}")
         if scheduler is None:  # record the schedule in the config: the file describes the model
             self.register_to_config(scheduler=dict(DEFAULT_SCHEDULER))
         channels = 3 * u * u
@@ -283,6 +302,54 @@ def blur_residual(residual: torch.Tensor, sigma: float) -> torch.Tensor:
     out = F.pad(residual, (radius,) * 4, mode="replicate")
     out = F.conv2d(out, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(out, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+#: BT.601 luma weights (the gate of :func:`flat_weight` reads the luma of ``y1``)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def local_std(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Standard deviation of ``x (B, C, H, W)`` in a ``(2 radius + 1)^2`` window (replicate padding), same shape."""
+    k = 2 * radius + 1
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.pad(v, (radius,) * 4, mode="replicate"), k, stride=1)
+
+    m = mean(x)
+    return (mean(x * x) - m * m).clamp_min(0).sqrt()
+
+
+def flat_weight(y1: torch.Tensor, gate: Sequence[float]) -> torch.Tensor:
+    """Flatness of ``y1 (B, 3, H, W)`` in [0, 1]: ``(B, 1, H, W)``, 1 where the luma's 3x3 standard
+    deviation is below ``gate[0]``, 0 above ``gate[1]``, linear in between."""
+    w = torch.tensor(_LUMA, dtype=y1.dtype, device=y1.device).view(1, 3, 1, 1)
+    lo, hi = float(gate[0]), float(gate[1])
+    return (1 - (local_std((y1 * w).sum(1, keepdim=True)) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def finish_refinement(y1: torch.Tensor, residual: torch.Tensor, config: Any) -> torch.Tensor:
+    """The refined image (not clamped) from the stage-1 output ``y1 (B, 3, H, W)`` and the predicted
+    pixel-space residual ``residual (B, 3, H, W)`` (``from_space(r_0) / k``), with ``config``'s
+    inference settings (a :class:`DefaultSR` config; defaults: ``y1 + residual``):
+
+    ``flat = flat_weight(y1, flat_gate)``,
+    ``y1' = y1 + flat * (blur(y1, flat_smooth) - y1)`` (the noise gate: the stage-1 output's faint
+    pixel-level texture is removed where it has no structure),
+    ``r' = residual_gain * soft(blur(residual, residual_blur), residual_core)`` (coring: the refiner's
+    low-amplitude residual, grain-like, is dropped), result ``y1' + r'``.
+    """
+    r = blur_residual(residual, float(config.residual_blur))
+    core = float(getattr(config, "residual_core", 0.0))
+    if core > 0:
+        r = r.sign() * (r.abs() - core).clamp_min(0)
+    gain = float(getattr(config, "residual_gain", 1.0))
+    if gain != 1:
+        r = r * gain
+    smooth = float(getattr(config, "flat_smooth", 0.0))
+    if smooth > 0:
+        flat = flat_weight(y1, getattr(config, "flat_gate", (1 / 255, 3 / 255)))
+        y1 = y1 + flat * (blur_residual(y1, smooth) - y1)
+    return y1 + r
 
 
 # ---------------------------------------------------------------------- space conversions

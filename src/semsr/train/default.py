@@ -61,7 +61,16 @@ from semsr.train.tasks import Task, per_sample_generators, randn_like_per_sample
 log = logging.getLogger(__name__)
 
 #: DefaultSR config keys an ``init`` checkpoint may change (inference settings, not architecture)
-INFERENCE_SETTINGS = {"start", "residual_blur", "text_prior", "default_steps"}
+INFERENCE_SETTINGS = {
+    "start",
+    "residual_blur",
+    "text_prior",
+    "default_steps",
+    "residual_core",
+    "residual_gain",
+    "flat_smooth",
+    "flat_gate",
+}
 _TASK_OPTIONS = {"init", "irpad", "use_irpad", "edge_drop_prob", "mean_start_prob"}
 
 
