@@ -17,7 +17,8 @@ network always upsamples x4 internally.
 Inference fast path (:func:`fused_inference`): on the CPU without autograd, for a channels-last
 fp32/bf16 input, the dense blocks write their features into one preallocated buffer instead of
 concatenating them again for every conv, and each LeakyReLU runs inside its conv (oneDNN post-op).
-In fp32 the result is bit for bit the plain forward; in bf16 the 0.2 residual scale is also folded
+In fp32 the result is bit for bit the plain forward: the fast path runs only where PyTorch's own
+convolutions use oneDNN too (:data:`ONEDNN_MIN_NUMEL`); in bf16 the 0.2 residual scale is also folded
 into ``conv5`` and the skip added inside it, which rounds differently (within bf16's own error).
 
 Weights come from two sources:
@@ -46,6 +47,9 @@ from semsr.models.ncnn_blob import NcnnFormatError, NcnnLayer, load_ncnn
 
 LRELU_SLOPE = 0.2
 RESIDUAL_SCALE = 0.2
+# ATen's ``use_mkldnn`` sends a single-image fp32 3x3 convolution to oneDNN only above this many input
+# elements (below it, its native im2col kernel, which rounds differently); the fp32 fast path keeps to that.
+ONEDNN_MIN_NUMEL = 20480
 
 
 def fused_inference(x: torch.Tensor) -> bool:
@@ -198,7 +202,7 @@ class RRDBNet(nn.Module):
             if ph or pw:
                 x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
             x = F.pixel_unshuffle(x, factor)
-        if fused_inference(x):
+        if fused_inference(x) and self._trunk_on_onednn(x):
             return self._forward_fused(x, h, w)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
@@ -208,6 +212,11 @@ class RRDBNet(nn.Module):
         if self.config.scale < 4:
             out = out[..., : h * self.config.scale, : w * self.config.scale]
         return out
+
+    def _trunk_on_onednn(self, x: torch.Tensor) -> bool:
+        """Whether the plain forward's trunk convolutions (smallest input ``(B, num_feat, H, W)``) run on oneDNN."""
+        b, _, h, w = x.shape
+        return x.dtype != torch.float32 or b > 1 or self.config.num_feat * h * w > ONEDNN_MIN_NUMEL
 
     def _forward_fused(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """:meth:`forward` on the oneDNN fast path (:func:`fused_inference`); ``x`` already unshuffled."""
