@@ -117,7 +117,12 @@ def cli_run(src: Path, checkpoint: str | None, threads: int, dtype: str) -> dict
         "other": image - sum(v for k, v in stages.items() if k != "steps"),
         "steps": int(stages.get("steps", 0)),
         "peak_rss_gib": usage.ru_maxrss / 2**20,
-        "command": " ".join(["semsr", *cmd[3:]]),
+        "command": " ".join(
+            [
+                "semsr",
+                *upscale_command(Path("{input}"), Path("{out}"), Path("{report}"), checkpoint, threads, dtype)[3:],
+            ]
+        ),
     }
 
 
