@@ -86,6 +86,13 @@ CONFIGS = {
     "bf16-freeze": {"dtype": "bf16", "cache_hint": True, "compile": "freeze"},
     "bf16-freeze-discard": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "discard": True},
     "bf16-freeze-tome50": {"dtype": "bf16", "cache_hint": True, "compile": "freeze", "tome": 0.5},
+    "bf16-freeze-tome50-all": {
+        "dtype": "bf16",
+        "cache_hint": True,
+        "compile": "freeze",
+        "tome": 0.5,
+        "tome_targets": "attn1,attn2,ff",
+    },
     "bf16-freeze-discard-tome50": {
         "dtype": "bf16",
         "cache_hint": True,
