@@ -387,9 +387,12 @@ def _build_pipeline(size: str, device: str, dtype: str, compile: str | None = No
     return pipe
 
 
-def worker_tome_quality(out_size: int, dtype: str, ratios: list[float], steps: int, device: str, size: str) -> dict:
+def worker_tome_quality(
+    out_size: int, dtype: str, ratios: list[float], steps: int, device: str, size: str, targets: str = "attn1"
+) -> dict:
     """Token merging end to end: one x4 upscale to ``out_size``² with ``steps`` steps unmerged (the reference)
-    and once per ratio; PSNR / SSIM (RGB, 0-255) of each against the reference and the seconds per step."""
+    and once per ratio (merging ``targets``); PSNR / SSIM (RGB, 0-255) of each against the reference and the
+    seconds per step."""
     import torch
 
     from semsr.eval.metrics.pixel import psnr_255, ssim_255
@@ -399,10 +402,11 @@ def worker_tome_quality(out_size: int, dtype: str, ratios: list[float], steps: i
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
     opts = SDControlNetOptions(steps=steps, prompt="a photo", seed=0, latent_tile=0)
     res: dict = {"output": f"{out_size}x{out_size}", "steps": steps, "dtype": str(pipe.dtype), "size": size}
+    res["targets"] = targets
     ref = None
     for ratio in [0.0, *ratios]:
         with torch.inference_mode():
-            out = pipe(lr, opts.replace(tome_ratio=ratio))
+            out = pipe(lr, opts.replace(tome_ratio=ratio, tome_targets=targets))
         img = out.images[0] * 255
         tm = out.timings
         row = {"seconds_per_step": tm["denoise"] / steps, "seconds_total": tm["encode"] + tm["denoise"] + tm["decode"]}
@@ -716,7 +720,7 @@ def _print_tome_table(results: dict) -> None:
             continue
         for ratio, row in ((k, v) for k, v in r.items() if isinstance(v, dict)):
             print(
-                f"{r['output'] + ' ' + str(r['steps']) + ' steps':<27} {ratio:>5}   {row['seconds_per_step']:>6.3f}"
+                f"{r['output'] + ' ' + str(r['steps']) + ' steps ' + r.get('targets', 'attn1'):<27} {ratio:>5}   {row['seconds_per_step']:>6.3f}"
                 f"   {row.get('step_speedup', 1.0):>12.2f}   {row.get('psnr_db', float('inf')):>18.2f}"
                 f"   {row.get('ssim', 1.0):>15.4f}"
             )
@@ -801,6 +805,11 @@ def main() -> int:
     )
     ap.add_argument("--tome-ratios", default="0.3,0.5", help="token merging ratios of --tome-quality")
     ap.add_argument("--tome-steps", type=int, default=20, help="denoising steps of --tome-quality")
+    ap.add_argument(
+        "--tome-targets",
+        default="attn1",
+        help="merged sub-modules of --tome-quality (the tome_targets option: attn1, attn1+ff, attn1+attn2+ff)",
+    )
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -812,7 +821,7 @@ def main() -> int:
         elif kind == "tome-quality":
             ratios = [float(r) for r in args.worker[3].split(",") if r]
             w = args.worker
-            res = worker_tome_quality(int(w[1]), w[2], ratios, int(w[4]), args.device, args.size)
+            res = worker_tome_quality(int(w[1]), w[2], ratios, int(w[4]), args.device, args.size, w[5])
         elif kind == "compile":
             res = worker_compile(args.worker[1], args.worker[2], int(args.worker[3]), args.worker[4])
         else:
@@ -874,8 +883,9 @@ def main() -> int:
         measure(f"e2e_{size}", ["e2e", str(size), e2e_dtype, str(e2e_steps)])
     run_e2e_compile(measure, args, dev, sizes, e2e_dtype, e2e_steps)
     for size in [int(s) for s in args.tome_quality.split(",") if s]:
-        tome_args = [str(size), args.e2e_dtype or "auto", args.tome_ratios, str(args.tome_steps)]
-        measure(f"tome_quality_{size}", ["tome-quality", *tome_args])
+        tome_args = [str(size), args.e2e_dtype or "auto", args.tome_ratios, str(args.tome_steps), args.tome_targets]
+        suffix = "" if args.tome_targets == "attn1" else "_" + args.tome_targets.replace("+", "_")
+        measure(f"tome_quality_{size}{suffix}", ["tome-quality", *tome_args])
     for target in [t for t in args.compile.split(",") if t]:
         for mode in [m for m in args.compile_modes.split(",") if m]:
             key = f"compile_{target}_{mode}" + ("_cache" if args.compile_cache else "")

@@ -124,6 +124,10 @@ def test_option_is_validated_and_shared_by_the_sd_methods() -> None:
             spec.parse({"tome_ratio": bad})
     for name in ("xpsr", "dalpsr", "rfa", "mmsr", "coser"):
         assert resolve(name).options().tome_ratio == 0.0
+    assert SDControlNetOptions().tome_targets == "attn1"
+    assert spec.parse({"tome_targets": "attn1+attn2+ff"}).tome_targets == "attn1+attn2+ff"
+    with pytest.raises(OptionError, match="tome_targets"):
+        spec.parse({"tome_targets": "attn2"})
 
 
 def _to255(img: torch.Tensor) -> torch.Tensor:
@@ -141,6 +145,9 @@ def test_pipeline_output_exact_at_zero_deterministic_and_close(pipe: SDControlNe
     psnr, ssim = psnr_255(_to255(a), _to255(ref)), ssim_255(_to255(a), _to255(ref))
     assert psnr > 30 and ssim > 0.9, (psnr, ssim)
     assert torch.equal(pipe(lr, opts).images, ref)  # nothing left behind
+    every = pipe(lr, opts.replace(tome_ratio=0.5, tome_targets="attn1+attn2+ff")).images
+    assert not torch.equal(every, a) and psnr_255(_to255(every), _to255(ref)) > 25
+    assert torch.equal(pipe(lr, opts.replace(tome_targets="attn1+attn2+ff")).images, ref)  # ratio 0: exact
 
 
 def test_pipeline_tiled_call_merges_each_tile(tiny_models: Path, lr: torch.Tensor) -> None:

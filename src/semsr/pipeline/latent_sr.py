@@ -243,7 +243,7 @@ class LatentSRPipeline:
                 ``lambda d: cfg(d, uncond, scale)`` (:mod:`semsr.pipeline.guidance`); None: no guidance.
             options: the sampling options: ``steps``, ``seed`` (noise from a CPU generator),
                 ``scheduler``, ``strength``, ``start_from_lr`` (use ``init_latents``),
-                ``tile_overlap`` (None: tile // 4), ``colour_fix`` and ``tome_ratio`` (token merging in
+                ``tile_overlap`` (None: tile // 4), ``colour_fix``, ``tome_ratio`` and ``tome_targets`` (token merging in
                 :meth:`tome_models` during sampling, :mod:`semsr.pipeline.tome`; 0 = off).
             init_latents: the latent to start from when ``options.start_from_lr`` (e.g. the LR latent).
             init_timestep: the timestep ``init_latents`` are noised to (None: the first one sampled).
@@ -261,7 +261,12 @@ class LatentSRPipeline:
             denoiser = guide(denoiser)
         callback, close = progress_fn(progress)
         t0 = time.perf_counter()
-        merging = token_merging(self.tome_models(), float(getattr(options, "tome_ratio", 0.0)), seed=int(options.seed))
+        merging = token_merging(
+            self.tome_models(),
+            float(getattr(options, "tome_ratio", 0.0)),
+            seed=int(options.seed),
+            targets=tuple(str(getattr(options, "tome_targets", "attn1")).split("+")),
+        )
         try:
             with merging:
                 z = sample(

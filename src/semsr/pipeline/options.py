@@ -20,7 +20,7 @@ from semsr.core.options import MethodOptions, option
 from semsr.pipeline.colorfix import COLOUR_FIXES
 from semsr.pipeline.precision import COMPILE_MODES
 from semsr.pipeline.sampler import SCHEDULER_NAMES
-from semsr.pipeline.tome import MAX_TOME_RATIO
+from semsr.pipeline.tome import MAX_TOME_RATIO, TOME_TARGET_SETS
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -82,6 +82,13 @@ class LatentSROptions(SamplingOptions):
         metavar="R",
         help="token merging: fraction of the tokens merged before self-attention in the UNet's and ControlNet's "
         "highest-resolution transformer blocks (faster steps, slightly different output; 0 = off, exact)",
+    )
+    tome_targets: str = option(
+        "attn1",
+        choices=TOME_TARGET_SETS,
+        help="the sub-modules of each merged transformer block that run on the merged tokens: attn1 "
+        "(self-attention, as ToMe for SD), attn2 (cross-attention queries), ff (feed-forward)",
+        advanced=True,
     )
 
 

@@ -37,6 +37,8 @@ from semsr.core.errors import SemsrError
 MAX_TOME_RATIO = 0.75
 #: Sub-modules of a transformer block that can be merged (``attn1`` = self-attention, the ToMe default).
 TOME_TARGETS = ("attn1", "attn2", "ff")
+#: The ``tome_targets`` option's choices: sub-modules joined by "+", from ToMe's default to everything.
+TOME_TARGET_SETS = ("attn1", "attn1+ff", "attn1+attn2+ff")
 
 
 @dataclass
