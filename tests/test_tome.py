@@ -115,6 +115,34 @@ def test_controlnet_and_the_context_manager_remove_their_hooks() -> None:
         set_token_merging(torch.nn.Conv2d(3, 3, 1), 0.5)
 
 
+def test_compiled_models_keep_their_hooks_switched_off_between_calls() -> None:
+    """On a compiled model new hooks at every call would recompile it: the same hooks are switched off on exit
+    and on again (draws restarted) by the next call with the same settings; off, the model is exact."""
+    _, net, (x, t, ctx) = _models()
+    hint = torch.rand(2, 3, 128, 128)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks, without compiling
+            down, mid = net(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+        return (*down, mid)
+
+    ref = run()
+    net.compile()
+    with token_merging([net], 0.5, seed=0):
+        first = run()
+    state = tome_state(net)
+    assert state is not None and not state.enabled
+    assert all(torch.equal(a, b) for a, b in zip(run(), ref))  # switched off: exact
+    with token_merging([net], 0.5, seed=0):
+        assert tome_state(net) is state and state.enabled and state.merged_calls == 0
+        again = run()
+    assert all(torch.equal(a, b) for a, b in zip(again, first))  # draws restarted: the same output
+    with token_merging([net], 0.3, seed=0):  # other settings: new hooks
+        assert tome_state(net) is not state
+    set_token_merging(net, 0.0)
+    assert tome_state(net) is None
+
+
 def test_option_is_validated_and_shared_by_the_sd_methods() -> None:
     spec = resolve("sd-controlnet")
     assert spec.parse({"tome_ratio": "0.5"}).tome_ratio == 0.5

@@ -152,7 +152,8 @@ class ToMeState:
 
     ``latent_hw``: the model input's spatial size of the current call; ``hw`` / ``active``: the grid of the
     transformer running now and whether it is merged; ``matching``: the current block's matching;
-    ``counter``: 0-d int64 tensor, the number of destination draws so far (one per merged block call).
+    ``counter``: 0-d int64 tensor, the number of destination draws so far (one per merged block call);
+    ``enabled``: False leaves the hooks in place but merges nothing (the exact model).
     """
 
     ratio: float
@@ -165,6 +166,16 @@ class ToMeState:
     hw: tuple[int, int] | None = None
     active: bool = False
     matching: _Matching | None = None
+    enabled: bool = True
+
+    def same_settings(self, ratio: float, seed: int, targets: Sequence[str], max_downsample: int) -> bool:
+        """Whether these are the settings the hooks were made with."""
+        return (self.ratio, self.seed, self.targets, self.max_downsample) == (
+            float(ratio),
+            int(seed),
+            tuple(targets),
+            int(max_downsample),
+        )
 
     @property
     def merged_calls(self) -> int:
@@ -180,7 +191,8 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
 def _root_pre_hook(state: ToMeState) -> Callable:
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
         x = _first_tensor(args, kwargs, "sample")
-        state.latent_hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else None
+        enabled = state.enabled and x is not None and x.ndim == 4
+        state.latent_hw = tuple(x.shape[-2:]) if enabled else None  # None: no transformer is merged
 
     return hook
 
@@ -312,20 +324,44 @@ def tome_state(model: Any) -> ToMeState | None:
     return model.__dict__.get("_semsr_tome")
 
 
+def _compiled(model: Any) -> bool:
+    """Whether ``model.compile()`` wrapped the model's call (its hooks are then part of the compiled graphs)."""
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
 @contextmanager
-def token_merging(models: Sequence[Any], ratio: float, *, seed: int = 0, **kwargs: Any) -> Iterator[None]:
+def token_merging(
+    models: Sequence[Any],
+    ratio: float,
+    *,
+    seed: int = 0,
+    targets: Sequence[str] = ("attn1",),
+    max_downsample: int = 1,
+) -> Iterator[None]:
     """Token merging on ``models`` inside the block (:func:`set_token_merging`), removed on exit.
 
-    ``ratio=0`` does nothing (the models run exactly as without it).
+    ``ratio=0`` does nothing (the models run exactly as without it). On a compiled model the hooks are
+    switched off on exit instead of removed (``enabled``), and the next block with the same settings switches
+    them on again with the destination draws restarted: new hooks would make ``torch.compile`` compile the
+    model again at every call.
     """
-    check_tome(ratio, kwargs.get("targets", ("attn1",)), kwargs.get("max_downsample", 1))
+    targets = check_tome(ratio, targets, max_downsample)
     if ratio == 0:
         yield
         return
     try:
         for model in models:
-            set_token_merging(model, ratio, seed=seed, **kwargs)
+            state = tome_state(model)
+            if state is not None and _compiled(model) and state.same_settings(ratio, seed, targets, max_downsample):
+                state.counter.zero_()
+                state.enabled = True
+            else:
+                set_token_merging(model, ratio, seed=seed, targets=targets, max_downsample=max_downsample)
         yield
     finally:
         for model in models:
-            remove_token_merging(model)
+            state = tome_state(model)
+            if state is not None and _compiled(model):
+                state.enabled = False
+            else:
+                remove_token_merging(model)
