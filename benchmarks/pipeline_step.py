@@ -100,6 +100,10 @@ CONFIGS = {
         "discard": True,
         "tome": 0.5,
     },
+    # the same in fp32, for CPUs without native bf16 (where auto = fp32)
+    "fp32-tome50-all": {"dtype": "fp32", "cache_hint": True, "tome": 0.5, "tome_targets": "attn1,attn2,ff"},
+    "fp32-freeze": {"dtype": "fp32", "cache_hint": True, "compile": "freeze"},
+    "fp32-freeze-tome50": {"dtype": "fp32", "cache_hint": True, "compile": "freeze", "tome": 0.5},
     "bf16-cl-hintcache": {"dtype": "bf16", "channels_last": True, "cache_hint": True},
     # attention variants: SDPA restricted to the math backend; diffusers attention slicing (sliced processor)
     "bf16-sdpa-math": {"dtype": "bf16", "cache_hint": True, "sdpa": "math"},
