@@ -18,12 +18,14 @@ from semsr.core.options import MethodOptions, OptionError
 from semsr.core.outputs import SROutput
 from semsr.methods.restorers import BicubicOptions, RRDBOptions, RRDBPthOptions, TorchRestorer, build_ncnn
 from semsr.models import catalog as cat
+from semsr.models import rrdbnet as rrdbnet_module
 from semsr.models.ncnn_blob import NcnnFormatError, load_ncnn, parse_param
 from semsr.models.ncnn_runtime import NcnnNet
 from semsr.models.realcugan import pad_reflect
 from semsr.models.rrdbnet import (
     RRDBConfig,
     RRDBNet,
+    _has_fused_bf16,
     fused_inference,
     rrdbnet_from_ncnn,
     rrdbnet_from_pth,
@@ -339,10 +341,11 @@ def test_copied_blob_loads_from_any_folder(tmp_path: Path) -> None:
 
 def test_fused_rrdb_fp32_is_bit_exact_and_bf16_close(data_dir: Path, x4plus: RRDBNet) -> None:
     """The fused inference path (channels-last, no autograd) gives the plain forward bit for bit in fp32;
-    in bf16 it stays as close to fp32 as the plain bf16 forward (same error budget)."""
+    in bf16 (on a CPU with oneDNN's bf16 kernels) it stays as close to fp32 as the plain bf16 forward."""
     x = _set5_crop(data_dir, "bird", 100, 100, 24)
+    dtypes = [torch.float32] + ([torch.bfloat16] if _has_fused_bf16() else [])
     outs = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         model = copy.deepcopy(x4plus).to(dtype=dtype, memory_format=torch.channels_last)
         inp = x.to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -359,9 +362,25 @@ def test_fused_rrdb_fp32_is_bit_exact_and_bf16_close(data_dir: Path, x4plus: RRD
         fast = model(small)
     with torch.enable_grad():
         assert torch.equal(fast, model(small).detach())
+    if torch.bfloat16 not in dtypes:
+        pytest.skip("this CPU has no oneDNN bf16 convolutions (needs avx512bw/vl/dq or avx_ne_convert)")
     ref = outs[torch.float32, False]
     fused, plain = (float((outs[torch.bfloat16, f] - ref).abs().max()) for f in (True, False))
     assert 0 < fused < 0.15 and fused <= 1.5 * plain
+
+
+def test_bf16_without_onednn_bf16_runs_the_plain_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose oneDNN has no bf16 convolutions the fused op would raise: bf16 input takes the plain
+    modules (fp32 input still takes the fused path), and the forward runs."""
+    monkeypatch.setattr(rrdbnet_module, "_has_fused_bf16", lambda: False)
+    torch.manual_seed(0)
+    model = RRDBNet(RRDBConfig(num_block=1, num_feat=8, num_grow_ch=4)).to(memory_format=torch.channels_last).eval()
+    x = torch.rand(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert not fused_inference(x.bfloat16())
+        assert fused_inference(x) == torch.backends.mkldnn.is_available()
+        out = model.bfloat16()(x.bfloat16())
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out.float()).all()
 
 
 def test_fused_inference_only_for_channels_last_cpu_inference() -> None:

@@ -32,6 +32,7 @@ Weights come from two sources:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -53,15 +54,26 @@ ONEDNN_MIN_NUMEL = 20480
 
 
 def fused_inference(x: torch.Tensor) -> bool:
-    """Whether the oneDNN fast path runs for input ``x``: CPU, no autograd, fp32/bf16, channels-last 4-D."""
+    """Whether the oneDNN fast path runs for input ``x``: CPU, no autograd, fp32 or (where the CPU has oneDNN's
+    bf16 kernels) bf16, channels-last 4-D."""
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _has_fused_bf16()))
         and x.ndim == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and _has_fused_conv()
     )
+
+
+@functools.cache
+def _has_fused_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (avx512bw/vl/dq or avx_ne_convert); without them the
+    fused op raises and the plain modules (slow, but correct) take the bf16 input."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _has_fused_conv() -> bool:
