@@ -354,6 +354,67 @@ def worker_step(cfg: dict, reps: int, device: str = "cpu", size: str = "real") -
     }
 
 
+def worker_flops(size: str = "real", device: str = "cpu") -> dict:
+    """Floating-point operations of one exact CFG step (the step rows' UNet + ControlNet, batch 2), counted
+    on the meta device (shapes only, nothing computed): convolutions and matmuls by torch's
+    ``FlopCounterMode``, attention as ``4 * B * heads * L * S * d`` per ``scaled_dot_product_attention``
+    call (QK^T and the weighted sum of V; softmax not counted). Token merging is off: merged rows do fewer.
+    On a CPU also the GFLOP/s of a large matmul (:func:`matmul_gflops`) in fp32, and in bf16 where the CPU
+    has native bf16."""
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from semsr.pipeline.sd_controlnet import controlnet_unet_forward
+
+    torch.manual_seed(0)
+    parts, dims = _sd_parts(size, with_text_encoder=False)
+    controlnet = _controlnet(parts["unet"], size).to("meta")
+    unet = parts["unet"].to("meta")
+    n, meta = dims["latent"], torch.device("meta")
+    attention = [0]
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        attention[0] += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), mock.patch.object(F, "scaled_dot_product_attention", sdpa), counter:
+        controlnet_unet_forward(
+            unet,
+            controlnet,
+            torch.empty(2, 4, n, n, device=meta),
+            torch.tensor(500, device=meta),
+            torch.empty(2, 77, dims["context"], device=meta),
+            torch.empty(2, 3, n * dims["factor"], n * dims["factor"], device=meta),
+        )
+    by_op = {str(op): int(c) for op, c in counter.get_flop_counts().get("Global", {}).items()}
+    total = counter.get_total_flops() + attention[0]
+    res = {"flops_per_step": total, "attention_flops": attention[0], "flops_by_op": by_op}
+    if _device_type(device) == "cpu":  # the practical ceiling the rows are compared with
+        res["matmul_gflops"] = {"fp32": matmul_gflops(torch.float32)}
+        if cpu_has_native_bf16():
+            res["matmul_gflops"]["bf16"] = matmul_gflops(torch.bfloat16)
+    return res
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on the CPU (best of ``reps`` after a warm-up):
+    the rate dense kernels reach on this machine, a practical ceiling for the step rows."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def _build_pipeline(size: str, device: str, dtype: str, compile: str | None = None):
     """``SDControlNetSR`` (x4) on the random real-size or tiny models, built like the method builds it."""
     import gc
@@ -612,9 +673,14 @@ def _print_tables(results: dict) -> None:
     steps = [k for k in CONFIGS if k in results]
     if steps:
         print(
-            "\nconfig            ms/step(CFG,512px)   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s"
+            "\nconfig            ms/step(CFG,512px)   GFLOP/s   peak MB (GPU alloc. or RSS)   RSS loaded MB   warm-up s"
             "   [speed-up, timed in turn with its baseline]   [eps PSNR vs the exact eager step]"
         )
+    flops = results.get("flops", {}).get("flops_per_step")
+    if steps and flops:
+        print(f"one exact CFG step: {flops / 1e9:.0f} GFLOP (GFLOP/s: these over s/step; merged rows do fewer)")
+        for name, rate in results["flops"].get("matmul_gflops", {}).items():
+            print(f"a 4096² {name} matmul on this CPU: {rate:.0f} GFLOP/s")
     for name in steps:
         r = results[name]
         if name == "auto" and "dtype_resolved" in r:
@@ -630,8 +696,9 @@ def _print_tables(results: dict) -> None:
                 extra += f"   peak RSS after warm-up {r.get('peak_rss_steady_mb', 0):.0f} MB"
             if "psnr_vs_exact_db" in r:
                 extra += f"   eps PSNR vs exact {r['psnr_vs_exact_db']:.1f} dB"
+            rate = f"{flops / 1e9 / r['seconds_per_step']:>7.1f}" if flops else f"{'-':>7}"
             print(
-                f"{name:<17} {1000 * r['seconds_per_step']:>18.1f}   {peak:>27.0f}   {r['rss_after_load_mb']:>13.0f}"
+                f"{name:<17} {1000 * r['seconds_per_step']:>18.1f}   {rate}   {peak:>27.0f}   {r['rss_after_load_mb']:>13.0f}"
                 f"   {r['warmup_seconds']:>9.1f}{extra}"
             )
     sizes = [k for k in results if k.startswith("e2e_")]
@@ -814,6 +881,11 @@ def main() -> int:
         default="attn1",
         help="merged sub-modules of --tome-quality (the tome_targets option: attn1, attn1+ff, attn1+attn2+ff)",
     )
+    ap.add_argument(
+        "--no-flops",
+        action="store_true",
+        help="skip counting the step's floating-point operations (the GFLOP/s column of the step table)",
+    )
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -822,6 +894,8 @@ def main() -> int:
         kind = args.worker[0]
         if kind == "step":
             res = worker_step(CONFIGS[args.worker[1]], int(args.worker[2]), args.device, args.size)
+        elif kind == "flops":
+            res = worker_flops(args.size, args.device)
         elif kind == "tome-quality":
             ratios = [float(r) for r in args.worker[3].split(",") if r]
             w = args.worker
@@ -874,6 +948,8 @@ def main() -> int:
         _print_scaling_table(results)
         return 0
     configs = [c for c in (DEFAULT_CONFIGS.get(dev, "fp32") if args.configs is None else args.configs).split(",") if c]
+    if configs and not args.no_flops:
+        measure("flops", ["flops"])
     for name in configs:
         measure(name, ["step", name, str(args.reps)])
     timed = {k: v for k, v in results.items() if k in CONFIGS and "seconds_per_step" in v}

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from semsr.pipeline.sd_controlnet import controlnet_unet_forward
+from semsr.testing.tiny import tiny_controlnet, tiny_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +33,39 @@ def test_pipeline_step_benchmark_runs_on_tiny_models(tmp_path: Path) -> None:
     assert "error" not in e2e and e2e["steps"] == 2 and e2e["output"] == "64x64" and e2e["peak_rss_mb"] > 0
     assert res["machine"]["device"] == "cpu" and isinstance(res["machine"]["cpu_bf16"], bool)
     assert "ms/step" in proc.stdout and "end-to-end" in proc.stdout
+    assert res["flops"]["flops_per_step"] > res["flops"]["attention_flops"] > 0 and "GFLOP/s" in proc.stdout
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("pipeline_step_bench", ROOT / "benchmarks" / "pipeline_step.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_count_on_meta_equals_the_count_of_a_real_step() -> None:
+    """The meta-device count equals FlopCounterMode on the computed tiny step, whose attention (not counted by
+    torch on the CPU) is summed from the real SDPA calls' shapes; the meta count has no double-counted matmuls."""
+    bench = _bench_module()
+    meta = bench.worker_flops("tiny")
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    controlnet = tiny_controlnet(unet)
+    calls: list[tuple[int, ...]] = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append((q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    counter = FlopCounterMode(display=False)
+    x, ctx, hint = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32), torch.rand(2, 3, 128, 128)
+    with torch.inference_mode(), mock.patch.object(F, "scaled_dot_product_attention", sdpa), counter:
+        controlnet_unet_forward(unet, controlnet, x, torch.tensor(500), ctx, hint)
+    attention = sum(4 * b * h * lq * lk * d for b, h, lq, lk, d in calls)
+    assert calls and meta["attention_flops"] == attention
+    assert meta["flops_per_step"] == counter.get_total_flops() + attention
 
 
 def test_scaling_mode_runs_on_tiny_models_tiled_and_automatic(tmp_path: Path) -> None:
