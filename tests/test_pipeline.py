@@ -18,7 +18,7 @@ from semsr.core.outputs import SROutput
 from semsr.methods.sd_controlnet import SDControlNetOptions
 from semsr.pipeline.colorfix import adain, colour_fix, wavelet, wavelet_split
 from semsr.pipeline.guidance import cat_conditions, cfg, weighted
-from semsr.pipeline.latent_tiling import blend_windows, tile_starts, tiled, untiled
+from semsr.pipeline.latent_tiling import blend_windows, script_tile_starts, tile_starts, tiled, untiled
 from semsr.pipeline.options import ControlNetSROptions
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR, controlnet_unet_forward
@@ -201,6 +201,18 @@ def test_blend_windows_exact_for_pointwise_functions_with_window_crops():
     torch.testing.assert_close(tiles, full, rtol=0, atol=1e-5)
     blended = blend_windows(lambda xt, window: spatial(xt, torch.tensor(1), 0.5, window), x, 16, 5)
     assert torch.equal(blended, tiles)
+
+
+def test_script_tiles_no_larger_than_their_overlap_still_advance():
+    """The released (script) layout with a tile rounded down to the overlap or below (e.g. ``--latent-tile 4``
+    against SeeSR's overlap of 4) clamps the overlap to tile - 1 instead of never advancing, and stays exact for
+    a pointwise model; the start rule itself refuses such an overlap."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = blend_windows(lambda xt, window: torch.tanh(xt), x, 4, 4, style="script")
+    torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="overlap 4 must be smaller than the tile"):
+        script_tile_starts(8, 4, 4)
+    assert script_tile_starts(4, 4, 4) == [0]
 
 
 def test_latent_tile_at_least_latent_size_is_identical(pipe, lr):

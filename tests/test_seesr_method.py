@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from semsr.core.errors import UnavailableError
 from semsr.methods import resolve
-from semsr.methods.seesr import SeeSROptions, SeeSRPipeline, seesr_prompt
+from semsr.methods.seesr import SEESR_LATENT_TILE, SeeSROptions, SeeSRPipeline, seesr_prompt
 from semsr.pipeline.latent_tiling import script_tile_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
@@ -91,11 +91,30 @@ def test_tile_offsets_follow_the_released_grid() -> None:
     assert script_tile_starts(96, 96, 4) == [0]
 
 
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [({}, SEESR_LATENT_TILE), ({"tile": 16}, 8), ({"tile": 16, "latent_tile": 5}, 5), ({"latent_tile": 0}, 0)],
+)
+def test_tile_option_reaches_the_layout(pipe, official, monkeypatch, given, want) -> None:
+    """``--tile`` (input px; x4 over the VAE's 8: half as many latent px) sets the latent tile, ``--latent-tile``
+    overrides it, and without either the released script's 96 applies."""
+    seen: list[int | None] = []
+    layout = pipe.layout
+
+    def spy(x, scale, tile):
+        seen.append(tile)
+        return layout(x, scale, tile)
+
+    monkeypatch.setattr(pipe, "layout", spy)
+    pipe(_lr(official), SeeSROptions(steps=1, colour_fix="none", process_size=0, **given))
+    assert seen == [want]
+
+
 def test_options_and_config_follow_the_released_script() -> None:
     spec = resolve("seesr")
     options = spec.options()
     assert (options.steps, options.guidance_scale, options.conditioning_scale) == (50, 5.5, 1.0)
-    assert (options.latent_tile, options.tile_overlap, options.colour_fix) == (96, 4, "adain")
+    assert (options.latent_tile, options.tile_overlap, options.colour_fix) == (None, 4, "adain")  # 96 unless --tile
     assert (options.start_from_lr, options.start_timestep, options.process_size) == (True, 999, 512)
     assert options.added_prompt == "clean, high-resolution, 8k"
     assert spec.weight_paths == ("base", "checkpoint", "tagger") and spec.diffusion

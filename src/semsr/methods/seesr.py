@@ -90,12 +90,13 @@ class SeeSROptions(LatentSROptions):
         help="inputs whose short side is below PX/scale are first resized (bicubic) up to it; 0: never",
     )
     latent_tile: int | None = option(
-        SEESR_LATENT_TILE,
+        None,
         min=0,
         max=1 << 16,
         units="latent px",
         metavar="N",
-        help="latent tile side, overrides --tile (0: untiled)",
+        help=f"latent tile side, overrides --tile (0: untiled; default without --tile: {SEESR_LATENT_TILE}, "
+        "the released script's)",
     )
     tile_overlap: int | None = option(
         SEESR_LATENT_OVERLAP, min=0, max=1 << 16, units="latent px", metavar="N", help="overlap of latent tiles"
@@ -288,7 +289,8 @@ class SeeSRPipeline(SDControlNetSR):
 
         t0 = time.perf_counter()
         x = self.process_input(lr, opts.process_size)
-        layout = self.layout(x, self.scale, latent_tile(opts, self.scale, self.factor))
+        tile = latent_tile(opts, self.scale, self.factor)
+        layout = self.layout(x, self.scale, SEESR_LATENT_TILE if tile is None else tile)
         big = max(layout.hint_padded.shape[-2:]) > SEESR_VAE_TILE
         layout = replace(layout, vae_tile=SEESR_VAE_TILE if big else None)
         cond, uncond = self.conditions(

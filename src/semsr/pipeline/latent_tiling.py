@@ -89,6 +89,7 @@ def blend_windows(
             return fn(x, (0, 0, height, width)).float()
         th = tw = min(tile, height, width)
         weight = script_tile_weight(th, device=x.device)
+        overlap = min(overlap, th - 1)  # a tile rounded down to the overlap or below still advances
         columns = script_tile_starts(width, tw, overlap)
         windows = [(top, left) for left in columns for top in script_tile_starts(height, th, overlap)]
     elif style == "even":
@@ -130,7 +131,10 @@ def untiled(spatial: SpatialDenoiser) -> Denoiser:
 
 def script_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Tile starts of the ``script`` layout (XPSR's, SeeSR's released pipelines): stride
-    ``tile - overlap`` from 0, the last tile aligned to the end (its overlap may be larger); ``size <= tile``: ``[0]``."""
+    ``tile - overlap`` from 0, the last tile aligned to the end (its overlap may be larger); ``size <= tile``: ``[0]``.
+    Raises ``ValueError`` when ``overlap >= tile`` would never advance."""
+    if size > tile and overlap >= tile:
+        raise ValueError(f"tile overlap {overlap} must be smaller than the tile ({tile})")
     count, covered = 0, 0
     while covered < size:
         covered = max(count * (tile - overlap), 0) + tile
