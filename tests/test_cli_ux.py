@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,65 @@ def test_stage_reporter_eta_is_the_mean_step_time_times_the_steps_left(monkeypat
     off.count("denoise", 1, 2)
     off.done("x")
     assert quiet.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- quick exit of the console entry
+
+
+def _entry(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (which ends by calling :func:`semsr.cli.run`) in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+    )
+
+
+def test_quick_exit_runs_exit_handlers_flushes_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    """``semsr`` ends with ``os._exit`` after the command: atexit handlers still run (their output and files
+    appear), buffered output is flushed, and the command's exit code is the process's."""
+    code = (
+        "import atexit, sys\n"
+        "from pathlib import Path\n"
+        "from semsr import cli\n"
+        "atexit.register(lambda: Path('handler-ran').write_text('yes'))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "sys.argv = ['semsr', 'upscale', '-i', 'missing.png', '-o', 'out']\n"
+        "cli.run()\n"
+    )
+    for slow in ("0", "1"):
+        proc = _entry(code, tmp_path, SEMSR_SLOW_EXIT=slow)
+        assert proc.returncode != 0 and "missing.png" in proc.stderr, proc.stderr
+        assert proc.stdout.startswith("buffered, no newline")
+        assert (tmp_path / "handler-ran").read_text() == "yes"
+        (tmp_path / "handler-ran").unlink()
+
+
+def test_quick_exit_waits_for_a_running_non_daemon_thread(tmp_path: Path) -> None:
+    """A non-daemon thread still working when the command returns is not cut off: the usual exit waits for it."""
+    code = (
+        "import sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from semsr import cli\n"
+        "def work():\n"
+        "    time.sleep(1.0)\n"
+        "    Path('thread-done').write_text('done')\n"
+        "threading.Thread(target=work).start()\n"
+        "sys.argv = ['semsr', 'models', 'list']\n"
+        "cli.run()\n"
+    )
+    proc = _entry(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "thread-done").read_text() == "done"
+
+
+def test_python_dash_m_semsr_uses_the_quick_exit(tmp_path: Path) -> None:
+    """``python -m semsr`` and the ``semsr`` script share :func:`semsr.cli.run`."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["semsr"] == "semsr.cli:run"
+    assert "run()" in (ROOT / "src" / "semsr" / "__main__.py").read_text()
+    proc = subprocess.run([sys.executable, "-m", "semsr", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip()

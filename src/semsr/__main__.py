@@ -1,5 +1,3 @@
-import sys
+from semsr.cli import run
 
-from semsr.cli import main
-
-sys.exit(main())
+run()
