@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from semsr import methods
 from semsr.core import dtypes, machine
+from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
 from semsr.core.options import MethodOptions
 
@@ -100,3 +103,24 @@ def test_auto_end_to_end_tiny_sd_controlnet(tiny_models, monkeypatch: pytest.Mon
     y_bf, y_32 = outs["avx512_bf16"][1], outs["avx2"][1]
     assert y_bf.shape == y_32.shape and y_bf.shape[-2:] == (16 * 4, 16 * 4) and torch.isfinite(y_bf).all()
     assert (y_bf.float() - y_32.float()).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize(("flags", "warned"), [({"avx2"}, True), ({"avx512_bf16"}, False)])
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flags: set[str], warned: bool
+) -> None:
+    """``--dtype bf16`` (or ``SEMSR_DTYPE=bf16``) on a CPU that emulates bf16 logs one warning per process;
+    fp32, auto and CPUs with native bf16 log none."""
+    _flags(monkeypatch, flags)
+    monkeypatch.setattr(dtypes, "_warned_bf16", [])
+    with caplog.at_level(logging.WARNING, logger="semsr.core.dtypes"):
+        assert resolve_dtype("fp32", "cpu") == torch.float32
+        assert resolve_dtype("auto", "cpu") == (torch.float32 if warned else torch.bfloat16)
+        assert not caplog.records
+        assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+        assert resolve_dtype(torch.bfloat16) == torch.bfloat16
+        monkeypatch.setenv("SEMSR_DTYPE", "bf16")
+        assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == (1 if warned else 0)
+    assert all("emulated and much slower than fp32" in m for m in messages)

@@ -64,6 +64,8 @@ def auto_dtype(device: str | torch.device | None = None) -> tuple[torch.dtype, s
         if out == torch.float16 and dev.type == "cpu":
             out = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
             return out, f"{DTYPE_ENV}=fp16 cannot run on CPU; {_names(out)} instead"
+        if out == torch.bfloat16 and dev.type == "cpu":
+            warn_emulated_bf16()
         return out, f"{DTYPE_ENV}={env}"
     if dev.type == "cuda":
         if torch.cuda.is_bf16_supported():
@@ -118,7 +120,23 @@ def resolve_dtype(
         raise SemsrError(f"dtype must be floating point, not {out}")
     if out == torch.float16 and dev is not None and dev.type == "cpu":
         raise SemsrError("fp16 needs a GPU; on CPU use bf16 or fp32")
+    if out == torch.bfloat16 and dtype is not None and (dev is None or dev.type == "cpu"):
+        warn_emulated_bf16()
     return out
+
+
+_warned_bf16: list[bool] = []
+
+
+def warn_emulated_bf16() -> None:
+    """Log once per process that bf16 was asked for on a CPU without native bf16 (no avx512_bf16/AMX), where
+    PyTorch emulates it far slower than fp32; nothing when the CPU has native bf16."""
+    if _warned_bf16 or cpu_has_native_bf16():
+        return
+    _warned_bf16.append(True)
+    log.warning(
+        "bf16 on this CPU (no avx512_bf16/AMX) is emulated and much slower than fp32; --dtype auto picks fp32 here"
+    )
 
 
 def apply_threads(threads: int | None) -> None:
