@@ -369,11 +369,12 @@ def worker_flops(size: str = "real", device: str = "cpu") -> dict:
 
     from semsr.pipeline.sd_controlnet import controlnet_unet_forward
 
-    torch.manual_seed(0)
-    parts, dims = _sd_parts(size, with_text_encoder=False)
-    controlnet = _controlnet(parts["unet"], size).to("meta")
-    unet = parts["unet"].to("meta")
-    n, meta = dims["latent"], torch.device("meta")
+    meta = torch.device("meta")
+    with meta:  # shapes only: no weights are allocated or initialised
+        parts, dims = _sd_parts(size, with_text_encoder=False)
+        unet = parts["unet"]
+        controlnet = _controlnet(unet, size)
+    n = dims["latent"]
     attention = [0]
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> torch.Tensor:
