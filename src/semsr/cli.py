@@ -178,8 +178,7 @@ def run() -> NoReturn:
 
 def quick_exit(code: int) -> NoReturn:
     """End the process with ``code`` without the interpreter's teardown of every imported module and object
-    (torch, diffusers, transformers and the loaded models: about a second on two cores), once nothing is left
-    to do: the exit handlers (``atexit``: logging, temporary folders, coverage) run and the standard streams
+    (torch, diffusers, transformers and the loaded models), once nothing is left to do: the exit handlers (``atexit``: logging, temporary folders, coverage) run and the standard streams
     are flushed first. While another non-daemon thread is alive it exits the usual way, which waits for it."""
     if any(t is not threading.current_thread() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
