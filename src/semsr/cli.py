@@ -178,8 +178,9 @@ def run() -> NoReturn:
 
 def quick_exit(code: int) -> NoReturn:
     """End the process with ``code`` without the interpreter's teardown of every imported module and object
-    (torch, diffusers, transformers and the loaded models), once nothing is left to do: the exit handlers (``atexit``: logging, temporary folders, coverage) run and the standard streams
-    are flushed first. While another non-daemon thread is alive it exits the usual way, which waits for it."""
+    (torch, diffusers, transformers and the loaded models), once nothing is left to do: the exit handlers
+    (``atexit``: logging, temporary folders, coverage) run and the standard streams are flushed first. While
+    another non-daemon thread is alive it exits the usual way, which waits for it."""
     if any(t is not threading.current_thread() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()  # what the usual exit runs first; CPython's own (stable) hook
