@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semsr.core.machine import cpu_has_native_bf16, cpu_model, rss_mb
+from semsr.core.machine import cpu_has_native_bf16, cpu_model, matmul_gflops, rss_mb
 
 if TYPE_CHECKING:  # the workers import torch in their own subprocess
     import torch
@@ -359,7 +359,7 @@ def worker_flops(size: str = "real", device: str = "cpu") -> dict:
     on the meta device (shapes only, nothing computed): convolutions and matmuls by torch's
     ``FlopCounterMode``, attention as ``4 * B * heads * L * S * d`` per ``scaled_dot_product_attention``
     call (QK^T and the weighted sum of V; softmax not counted). Token merging is off: merged rows do fewer.
-    On a CPU also the GFLOP/s of a large matmul (:func:`matmul_gflops`) in fp32, and in bf16 where the CPU
+    On a CPU also the GFLOP/s of a large matmul (:func:`semsr.core.machine.matmul_gflops`) in fp32, and in bf16 where the CPU
     has native bf16."""
     from unittest import mock
 
@@ -399,21 +399,6 @@ def worker_flops(size: str = "real", device: str = "cpu") -> dict:
         if cpu_has_native_bf16():
             res["matmul_gflops"]["bf16"] = matmul_gflops(torch.bfloat16)
     return res
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    """GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on the CPU (best of ``reps`` after a warm-up):
-    the rate dense kernels reach on this machine, a practical ceiling for the step rows."""
-    import torch
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def _build_pipeline(size: str, device: str, dtype: str, compile: str | None = None):

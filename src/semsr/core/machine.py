@@ -3,13 +3,20 @@
 Speed tables name the CPU they came from and whether it has native bf16 (``avx512_bf16`` or AMX), because
 bf16 is about twice as fast as fp32 on such CPUs and slower elsewhere. Memory is this process's resident set
 (``VmRSS``) and its high-water mark (``VmHWM``) from ``/proc/self/status``, with ``ru_maxrss`` as fallback.
+:func:`matmul_gflops` measures the rate a large matrix product reaches: the practical arithmetic ceiling that
+a model's achieved GFLOP/s is compared with.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -60,3 +67,18 @@ def peak_rss_mb() -> float:
         return peak
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of an ``(n, n) @ (n, n)`` matmul in ``dtype`` on the CPU with the current torch threads (best of
+    ``reps`` after one warm-up call)."""
+    import torch  # reason: only this measurement needs torch; the CPU facts above stay import-light
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
