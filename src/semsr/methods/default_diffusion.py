@@ -279,7 +279,6 @@ class DefaultSRPipeline:
         texts = [join_prompt(u, d) if use_text else "" for u, d in zip(users, degradation, strict=True)]
         timings["priors"] = time.perf_counter() - t0
         steps = int(self.config.default_steps if opts.steps is None else opts.steps)
-        tile = latent_tile(opts, self.scale, self.config.unshuffle)
         images = self.refine(
             lr,
             texts,
@@ -289,7 +288,7 @@ class DefaultSRPipeline:
             guidance_scale=opts.guidance_scale,
             detail=opts.detail,
             use_edges=not opts.no_edge_prior,
-            tile=DEFAULT_TILE if tile is None else tile,
+            tile=latent_tile(opts, self.scale, self.config.unshuffle, DEFAULT_TILE),
             tile_overlap=opts.tile_overlap,
             progress=progress,
             timings=timings,

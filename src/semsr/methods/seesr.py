@@ -289,8 +289,7 @@ class SeeSRPipeline(SDControlNetSR):
 
         t0 = time.perf_counter()
         x = self.process_input(lr, opts.process_size)
-        tile = latent_tile(opts, self.scale, self.factor)
-        layout = self.layout(x, self.scale, SEESR_LATENT_TILE if tile is None else tile)
+        layout = self.layout(x, self.scale, latent_tile(opts, self.scale, self.factor, SEESR_LATENT_TILE))
         big = max(layout.hint_padded.shape[-2:]) > SEESR_VAE_TILE
         layout = replace(layout, vae_tile=SEESR_VAE_TILE if big else None)
         cond, uncond = self.conditions(

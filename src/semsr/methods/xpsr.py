@@ -445,8 +445,8 @@ class TwoPromptSR(SDControlNetSR):
         :func:`~semsr.pipeline.latent_tiling.tiled` (``style="script"``) tiles (``latent_tile`` or ``tile``, and ``tile_overlap``;
         default 320 / 8 latent pixels; 0: untiled); the decoded image rounded to 8 bits, colour-fixed
         (:func:`~semsr.methods.xpsr_released.script_adain` for ``adain``) and resized back with PIL bicubic."""
-        chosen = latent_tile(opts, self.scale, self.factor)  # --latent-tile, or --tile in latent pixels
-        tile = RELEASED_LATENT_TILE if chosen is None else (int(chosen) if chosen > 0 else 1 << 30)  # 0: untiled
+        chosen = latent_tile(opts, self.scale, self.factor, RELEASED_LATENT_TILE)  # --latent-tile, or --tile
+        tile = int(chosen) if chosen else 1 << 30  # 0: untiled
         overlap = RELEASED_TILE_OVERLAP if opts.tile_overlap is None else int(opts.tile_overlap)
         callback, close = progress_fn(progress)
         images, denoise, decode = [], 0.0, 0.0

@@ -111,11 +111,12 @@ def require_paths(method: str, options: MethodOptions, *fields: tuple[str, str])
             raise UnavailableError(f"{method} needs {what}: pass --{name.replace('_', '-')} PATH")
 
 
-def latent_tile(options: LatentSROptions, scale: float, factor: int) -> int | None:
+def latent_tile(options: LatentSROptions, scale: float, factor: int, default: int | None = None) -> int | None:
     """The latent tile side of a call: ``latent_tile`` if given, else ``tile`` (input pixels) in latent
-    pixels of the ``scale`` x output (VAE factor ``factor``), at least 1; ``None`` = automatic."""
+    pixels of the ``scale`` x output (VAE factor ``factor``), at least 1, else the method's ``default``
+    (``None`` = automatic)."""
     if options.latent_tile is not None:
         return options.latent_tile
     if options.tile:
         return max(1, round(int(options.tile) * scale / factor))
-    return None
+    return default
