@@ -359,8 +359,8 @@ def worker_flops(size: str = "real", device: str = "cpu") -> dict:
     on the meta device (shapes only, nothing computed): convolutions and matmuls by torch's
     ``FlopCounterMode``, attention as ``4 * B * heads * L * S * d`` per ``scaled_dot_product_attention``
     call (QK^T and the weighted sum of V; softmax not counted). Token merging is off: merged rows do fewer.
-    On a CPU also the GFLOP/s of a large matmul (:func:`semsr.core.machine.matmul_gflops`) in fp32, and in bf16 where the CPU
-    has native bf16."""
+    On a CPU also the GFLOP/s of a large matmul (:func:`semsr.core.machine.matmul_gflops`) in fp32, and in
+    bf16 where the CPU has native bf16."""
     from unittest import mock
 
     import torch
