@@ -78,6 +78,7 @@ from semsr.core.machine import peak_rss_mb
 from semsr.core.method import MethodSpec
 from semsr.core.options import MethodOptions
 from semsr.core.paths import cache_dir
+from semsr.core.wal import connect_wal
 from semsr.eval import atomic
 from semsr.eval import metrics as metric_registry
 from semsr.eval.datasets import Dataset
@@ -389,41 +390,32 @@ def sr_file(mkey: str, lrset: LRSet, item: EvalImage) -> Path:
     return cache_dir() / "bench" / "sr" / safe / lrset.uid / f"{item.key}.png"
 
 
+_RESULT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS upscale (
+    method TEXT, lrset TEXT, image TEXT,
+    seconds REAL, peak_rss_mb REAL, created REAL, cpu_seconds REAL,
+    PRIMARY KEY (method, lrset, image));
+CREATE TABLE IF NOT EXISTS metric (
+    method TEXT, lrset TEXT, image TEXT, metric TEXT, value REAL,
+    PRIMARY KEY (method, lrset, image, metric));
+"""
+
+
 class ResultCache:
     """SQLite store of upscale records and metric values (one writer: the runner)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / "bench" / "results.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        # Several processes (accelerate launch) open the store at once; switching to WAL takes an exclusive
-        # lock that SQLite's busy timeout does not wait for, so the schema script is retried for a while.
-        for attempt in range(200):
-            try:
-                self._create_schema()
-                break
-            except sqlite3.OperationalError as err:
-                if "locked" not in str(err) or attempt == 199:
-                    raise
-                time.sleep(0.05)
-
-    def _create_schema(self) -> None:
-        self.db.executescript(
-            """
-            PRAGMA journal_mode=WAL;
-            CREATE TABLE IF NOT EXISTS upscale (
-                method TEXT, lrset TEXT, image TEXT,
-                seconds REAL, peak_rss_mb REAL, created REAL, cpu_seconds REAL,
-                PRIMARY KEY (method, lrset, image));
-            CREATE TABLE IF NOT EXISTS metric (
-                method TEXT, lrset TEXT, image TEXT, metric TEXT, value REAL,
-                PRIMARY KEY (method, lrset, image, metric));
-            """
-        )
+        self.db = connect_wal(self.path, _RESULT_SCHEMA, timeout=60)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(upscale)")}
         if "cpu_seconds" not in columns:  # caches written before CPU time was recorded
-            with self.db:
-                self.db.execute("ALTER TABLE upscale ADD COLUMN cpu_seconds REAL")
+            try:
+                with self.db:
+                    self.db.execute("ALTER TABLE upscale ADD COLUMN cpu_seconds REAL")
+            except sqlite3.OperationalError as err:  # another process added it first
+                if "duplicate column" not in str(err):
+                    raise
 
     def close(self) -> None:
         self.db.close()

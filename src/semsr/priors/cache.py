@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_write
 from semsr.core.paths import data_root
+from semsr.core.wal import connect_wal
 from semsr.priors.base import PriorResult
 
 INDEX = "index.sqlite"
@@ -70,10 +70,7 @@ class PriorStore:
         if not create and not index.is_file():
             raise SemsrError("no prior store here (make it with: semsr priors build)", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(index, timeout=120.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(_SCHEMA)
-        self.db.commit()
+        self.db = connect_wal(index, _SCHEMA + ";")
 
     def close(self) -> None:
         self.db.close()

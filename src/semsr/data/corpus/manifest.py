@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from semsr.core.fingerprint import image_key
+from semsr.core.wal import connect_wal
 
 SCHEMA_VERSION = 1
 
@@ -166,9 +167,7 @@ class Manifest:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(_SCHEMA)
+            self.db = connect_wal(self.path, _SCHEMA, timeout=30.0)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.commit()
         self.db.row_factory = sqlite3.Row
