@@ -52,12 +52,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from semsr.core.components import INDEX_FILE, load_checkpoint, load_component, read_index
-from semsr.core.dtypes import apply_threads, resolve_dtype
+from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.fingerprint import fingerprint
 from semsr.core.loading import load_sd
@@ -70,10 +70,9 @@ from semsr.methods.coser_references import ReferenceCache, read_reference
 from semsr.models.cognitive import RECIPE, CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import Denoiser, weighted
-from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
+from semsr.pipeline.latent_sr import LatentSRPipeline, Placement, make_hint, progress_fn, resolve_placement
 from semsr.pipeline.latent_tiling import SpatialDenoiser, Window, crop_window
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
-from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.text import load_text_conditioner
 
@@ -236,29 +235,15 @@ class CoSeRSR(LatentSRPipeline):
         cognitive: CognitiveEncoder,
         fusion: AiAFusion,
         scheduler_config: dict[str, Any],
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "fp32",
-        channels_last: bool = False,
-        compile: bool | str | None = False,
-        scale: int = 4,
         references: ReferenceCache | None = None,
         model_id: str = "",
+        **placement: Unpack[Placement],
     ) -> None:
         fusion.check_unet(unet)
-        self.setup_sd(
-            vae=vae,
-            unet=unet,
-            text=text,
-            scheduler_config=scheduler_config,
-            device=device,
-            dtype=dtype,
-            channels_last=channels_last,
-            compile=compile,
-            scale=scale,
-        )
+        self.setup_sd(vae=vae, unet=unet, text=text, scheduler_config=scheduler_config, **placement)
         self.unet = install_aia(self.unet)
-        self.fusion = prepare_module(fusion, device=self.device, dtype=self.dtype, channels_last=channels_last)
-        self.cognitive = prepare_module(cognitive, device=self.device, dtype=self.dtype)
+        self.fusion = self.prepare(fusion, channels_last=True)
+        self.cognitive = self.prepare(cognitive)
         self.references = references
         self.model_id = model_id
         width = int(self.unet.config.cross_attention_dim)
@@ -282,8 +267,7 @@ class CoSeRSR(LatentSRPipeline):
         """Load from local paths: ``base`` SD folder/file, ``checkpoint`` CoSeR checkpoint folder
         (``cognitive`` + ``aia`` components), ``clip`` CLIP vision folder. ``kwargs``: device, dtype,
         channels_last, compile, scale, references, model_id."""
-        device = torch.device(kwargs.get("device", "cpu"))
-        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        device, dtype = resolve_placement(kwargs)
         checkpoint = Path(checkpoint).expanduser()
         if not (checkpoint / INDEX_FILE).is_file():
             raise UnavailableError(

@@ -56,12 +56,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from semsr.core.components import INDEX_FILE, Component, load_checkpoint, load_component, read_index, save_checkpoint
-from semsr.core.dtypes import apply_threads, resolve_device, resolve_dtype
+from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.loading import load_sd
 from semsr.core.method import MethodSpec, ProgressFn
@@ -72,7 +72,7 @@ from semsr.fusion.mmsr_conditioning import MMSRConditioning, concat_unet_forward
 from semsr.methods import register
 from semsr.models.vq import OWN_TOKENIZERS, SpatialTokenizer, load_tokenizer
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline
+from semsr.pipeline.latent_sr import LatentSRPipeline, Placement, resolve_placement
 from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.precision import prepare_module
@@ -328,25 +328,11 @@ class MMSR(LatentSRPipeline):
         sources: Mapping[str, Mapping[str, Any]] | None = None,
         tokenizers: Mapping[str, SpatialTokenizer] | None = None,
         vlm: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "fp32",
-        channels_last: bool = False,
-        compile: bool | str | None = None,
-        scale: int = 4,
+        **placement: Unpack[Placement],
     ) -> None:
-        cond = prepare_module(cond, device=resolve_device(device), dtype=resolve_dtype(dtype, resolve_device(device)))
-        self.cond = cond
-        self.setup_sd(
-            vae=vae,
-            unet=cond.attach(unet),
-            text=text,
-            scheduler_config=scheduler_config,
-            device=device,
-            dtype=dtype,
-            channels_last=channels_last,
-            compile=compile,
-            scale=scale,
-        )
+        device, dtype = resolve_placement(placement)
+        self.cond = prepare_module(cond, device=device, dtype=dtype)
+        self.setup_sd(vae=vae, unet=self.cond.attach(unet), text=text, scheduler_config=scheduler_config, **placement)
         self.meta = dict(meta)
         self.sources = {k: dict(v) for k, v in (sources or {}).items()}
         self.tokenizers = dict(tokenizers or {})
@@ -386,8 +372,7 @@ class MMSR(LatentSRPipeline):
 
         ``kwargs``: ``device``, ``dtype``, ``channels_last``, ``compile``, ``scale``.
         """
-        device = resolve_device(kwargs.get("device", "cpu"))
-        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        device, dtype = resolve_placement(kwargs)
         checkpoint = Path(checkpoint).expanduser()
         cond, meta = load_mmsr(checkpoint)
         comps = load_sd(base, dtype=dtype, config=base_config)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from semsr.core.dtypes import apply_threads, resolve_dtype
+from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError
 from semsr.core.loading import load_sd
 from semsr.core.method import MethodSpec, ProgressFn
@@ -37,7 +37,7 @@ from semsr.models.ram import RAMBundle, load_ram_tagger, ram_preprocess, tags_fr
 from semsr.models.seesr import load_released_seesr
 from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import SRLayout
+from semsr.pipeline.latent_sr import SRLayout, resolve_placement
 from semsr.pipeline.latent_tiling import vae_tiling
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
 from semsr.pipeline.sd_controlnet import SDControlNetSR
@@ -144,8 +144,7 @@ class SeeSRPipeline(SDControlNetSR):
         """``base`` SD-2 folder/file (its UNet is not read) + released SeeSR ``checkpoint`` folder + DAPE
         ``tagger`` folder. ``kwargs``: ``device``, ``dtype``, ``scale``, ``name``, ``options_class``,
         ``channels_last``, ``compile``."""
-        device = torch.device(kwargs.get("device", "cpu"))
-        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        device, dtype = resolve_placement(kwargs)
         released = load_released_seesr(checkpoint, dtype=dtype, partial=partial)
         bundle = load_ram_tagger(tagger, partial=partial) if tagger is not None else None
         comps = load_sd(base, dtype=dtype, config=base_config, partial=partial, with_unet=False)

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from semsr.core.components import load_checkpoint, read_index
-from semsr.core.dtypes import apply_threads, resolve_dtype
+from semsr.core.dtypes import apply_threads
 from semsr.core.errors import SemsrError, UnavailableError
 from semsr.core.loading import load_sd
 from semsr.core.method import MethodSpec, ProgressFn
@@ -74,10 +74,9 @@ from semsr.methods.xpsr_released import (
 )
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import progress_fn
+from semsr.pipeline.latent_sr import progress_fn, resolve_placement
 from semsr.pipeline.latent_tiling import tiled, vae_tiling
 from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
-from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.step_cache import set_hint_cache
@@ -241,7 +240,7 @@ class TwoPromptSR(SDControlNetSR):
         #: Released file each component came from (``unet``, ``controlnet``, ``sfa (... side)``); empty
         #: for a semsr checkpoint.
         self.weight_sources: dict[str, str] = {}
-        self.sfa = prepare_module(sfa, device=self.device, dtype=self.dtype)
+        self.sfa = self.prepare(sfa)
         self.sfa.install(self.controlnet, self.unet)
 
     @classmethod
@@ -259,8 +258,7 @@ class TwoPromptSR(SDControlNetSR):
         ``sfa_mode`` overrides the checkpoint's; ``kwargs``: ``device``, ``dtype``, ``priors``,
         ``unet_prompts``, ``scale``, ``name``, ``options_class``, ``channels_last``, ``compile``.
         """
-        device = torch.device(kwargs.get("device", "cpu"))
-        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        device, dtype = resolve_placement(kwargs)
         sources: dict[str, str] = {}
         unet = None
         if is_released_layout(checkpoint):

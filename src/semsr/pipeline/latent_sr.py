@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -101,12 +101,32 @@ class SRLayout:
     vae_tile: int | None
 
 
+class Placement(TypedDict, total=False):
+    """Where and how a latent SR pipeline runs its models: the keywords every pipeline constructor passes on
+    to :meth:`LatentSRPipeline.setup_sd` (defaults there)."""
+
+    device: str | torch.device
+    dtype: str | torch.dtype
+    channels_last: bool
+    compile: bool | str | None
+    scale: int
+
+
+def resolve_placement(placement: Mapping[str, Any]) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype :class:`Placement` keywords name (defaults: CPU, fp32; ``dtype="auto"`` resolved
+    for the device)."""
+    device = resolve_device(placement.get("device", "cpu"))
+    return device, resolve_dtype(placement.get("dtype", "fp32"), device)
+
+
 class LatentSRPipeline:
     """Shared pieces of the SD latent SR pipelines (see the module docstring).
 
-    Subclasses set ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
-    ``device``, ``dtype``, ``factor`` (VAE downsampling), ``latent_multiple``
-    (UNet granularity) and ``scheduler_config``.
+    Subclass constructors take their recipe's parts and the :class:`Placement` keywords and call
+    :meth:`setup_sd`, which sets ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
+    ``device``, ``dtype``, ``channels_last``, ``compile_mode``, ``factor`` (VAE downsampling),
+    ``latent_multiple`` (UNet granularity) and ``scheduler_config``; :meth:`prepare` places a recipe's
+    other modules the same way.
     """
 
     vae: Any
@@ -114,6 +134,8 @@ class LatentSRPipeline:
     text: Any
     device: torch.device
     dtype: torch.dtype
+    channels_last: bool
+    compile_mode: str | None
     factor: int
     latent_multiple: int
     scheduler_config: dict[str, Any]
@@ -138,15 +160,25 @@ class LatentSRPipeline:
         self.scale = int(scale)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.vae = prepare_module(vae, device=self.device, dtype=self.dtype, channels_last=channels_last)
-        self.unet = prepare_module(
-            unet, device=self.device, dtype=self.dtype, channels_last=channels_last, compile=compile
-        )
-        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.channels_last = bool(channels_last)
         self.compile_mode = compile_mode(compile)
+        self.vae = self.prepare(vae, channels_last=True)
+        self.unet = self.prepare(unet, channels_last=True, compile=True)
+        self.text = text.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def prepare(self, module: Any, *, channels_last: bool = False, compile: bool = False) -> Any:
+        """``module`` on the pipeline's device and dtype, eval, no grad; channels-last and compiled when the
+        pipeline is (``channels_last`` / ``compile`` say whether this module takes part)."""
+        return prepare_module(
+            module,
+            device=self.device,
+            dtype=self.dtype,
+            channels_last=channels_last and self.channels_last,
+            compile=self.compile_mode if compile else None,
+        )
 
     def tome_models(self) -> list[Any]:
         """The models token merging (``tome_ratio``) applies to: the UNet and, when the pipeline has one,

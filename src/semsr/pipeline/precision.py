@@ -62,7 +62,7 @@ def prepare_module(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
-    compile: bool | str = False,
+    compile: bool | str | None = False,
 ) -> Any:
     """Move ``module`` to ``device``/``dtype`` in eval mode, optionally channels-last and compiled.
 

@@ -23,21 +23,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
-from semsr.core.dtypes import resolve_dtype
 from semsr.core.errors import SemsrError
 from semsr.core.io import atomic_folder, atomic_write_bytes
 from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.core.method import ProgressFn
 from semsr.core.outputs import SROutput, compact
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline, SRLayout
+from semsr.pipeline.latent_sr import LatentSRPipeline, Placement, SRLayout, resolve_placement
 from semsr.pipeline.latent_tiling import Window, crop_window
 from semsr.pipeline.options import ControlNetSROptions, latent_tile
-from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.sampler import make_scheduler
 from semsr.pipeline.step_cache import set_hint_cache
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
@@ -124,32 +122,16 @@ class SDControlNetSR(LatentSRPipeline):
         controlnet: Any,
         text: Any,
         scheduler_config: dict[str, Any],
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "fp32",
-        channels_last: bool = False,
-        compile: bool | str | None = False,
-        scale: int = 4,
         name: str | None = None,
         options_class: type[ControlNetSROptions] | None = None,
+        **placement: Unpack[Placement],
     ) -> None:
         if name is not None:
             self.name = name
         if options_class is not None:
             self.options_class = options_class
-        self.setup_sd(
-            vae=vae,
-            unet=unet,
-            text=text,
-            scheduler_config=scheduler_config,
-            device=device,
-            dtype=dtype,
-            channels_last=channels_last,
-            compile=compile,
-            scale=scale,
-        )
-        self.controlnet = prepare_module(
-            controlnet, device=self.device, dtype=self.dtype, channels_last=channels_last, compile=compile
-        )
+        self.setup_sd(vae=vae, unet=unet, text=text, scheduler_config=scheduler_config, **placement)
+        self.controlnet = self.prepare(controlnet, channels_last=True, compile=True)
         hint_factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
         if hint_factor != self.factor:
             raise SemsrError(f"ControlNet hint encoder downsamples by {hint_factor} but the VAE by {self.factor}")
@@ -170,7 +152,8 @@ class SDControlNetSR(LatentSRPipeline):
                 "(its zero convolutions ignore the LR hint)"
             )
             controlnet = new_controlnet(components.unet)
-        text = load_text_conditioner(components, dtype=kwargs.get("dtype", "fp32"), device=kwargs.get("device", "cpu"))
+        device, dtype = resolve_placement(kwargs)
+        text = load_text_conditioner(components, dtype=dtype, device=device)
         return cls(
             vae=components.vae,
             unet=components.unet,
@@ -203,8 +186,7 @@ class SDControlNetSR(LatentSRPipeline):
             **kwargs: ``device``, ``dtype``, ``channels_last``, ``compile``, ``scale``, ``name``,
                 ``options_class`` (see :class:`SDControlNetSR`).
         """
-        device = torch.device(kwargs.get("device", "cpu"))
-        dtype = resolve_dtype(kwargs.get("dtype", "fp32"), device)
+        device, dtype = resolve_placement(kwargs)
         comps = load_sd(base, dtype=dtype, config=base_config, partial=partial)
         if controlnet is None and Path(base).is_dir() and (Path(base) / "controlnet").is_dir():
             controlnet = Path(base) / "controlnet"
