@@ -70,9 +70,9 @@ from semsr.methods.coser_references import ReferenceCache, read_reference
 from semsr.models.cognitive import RECIPE, CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import Denoiser, weighted
-from semsr.pipeline.latent_sr import LatentSRPipeline, Placement, make_hint, progress_fn, resolve_placement
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn, resolve_placement
 from semsr.pipeline.latent_tiling import SpatialDenoiser, Window, crop_window
-from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.options import LatentSROptions, Placement, latent_tile, require_paths, steps_option
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.text import load_text_conditioner
 
@@ -107,7 +107,7 @@ class CoSeROptions(LatentSROptions):
         "", help="prompt, only with --no-cognition (CoSeR conditions on the cognitive embedding alone)"
     )
     negative_prompt: str = option(COSER_NEGATIVE, help="negative prompt")
-    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    steps: int = steps_option(DEFAULT_STEPS)
     guidance_scale: float = option(
         DEFAULT_GUIDANCE, min=0.0, max=100.0, metavar="S", help="cognitive (classifier-free) guidance scale"
     )
@@ -622,11 +622,7 @@ def build(options: CoSeROptions) -> CoSeRSR:
         options.checkpoint,
         options.clip,
         base_config=options.base_config,
-        device=options.device,
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
         references=ReferenceCache(),
         model_id=fingerprint([options.base, options.base_config, options.checkpoint, options.clip]),
     )

@@ -50,7 +50,7 @@ from semsr.models.default_sr import (
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import progress_fn
 from semsr.pipeline.latent_tiling import crop_window, tiled, untiled
-from semsr.pipeline.options import latent_tile
+from semsr.pipeline.options import guidance_option, latent_tile
 from semsr.pipeline.sampler import SCHEDULER_NAMES, make_scheduler, sample
 from semsr.pipeline.text import MiniLMTextEncoder, PromptEncoder
 from semsr.priors.edges import canny_edges
@@ -98,7 +98,7 @@ class DefaultDiffusionOptions(MethodOptions):
     )
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddim", choices=SCHEDULER_NAMES, help="sampler")
-    guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+    guidance_scale: float = guidance_option(1.0)
     no_text_prior: bool = option(False, advanced=True, help="ablation: empty text condition (no prompt, no IRPAD)")
     no_edge_prior: bool = option(False, advanced=True, help="ablation: no edge map (zero ControlNet hint)")
     priors_in_prompt: bool = option(

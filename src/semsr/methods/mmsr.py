@@ -72,9 +72,9 @@ from semsr.fusion.mmsr_conditioning import MMSRConditioning, concat_unet_forward
 from semsr.methods import register
 from semsr.models.vq import OWN_TOKENIZERS, SpatialTokenizer, load_tokenizer
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline, Placement, resolve_placement
+from semsr.pipeline.latent_sr import LatentSRPipeline, resolve_placement
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.options import LatentSROptions, Placement, latent_tile, require_paths, steps_option
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.base import cached, get_provider
@@ -143,7 +143,7 @@ class MMSROptions(LatentSROptions):
         None, stage="build", metavar="DIR", help="local VLM folder captioning the image when the prompt is empty"
     )
     negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
-    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
+    steps: int = steps_option(DEFAULT_STEPS)
     guidance_scale: float = option(
         DEFAULT_GUIDANCE,
         min=0.0,
@@ -637,11 +637,7 @@ def build(options: MMSROptions) -> MMSR:
         seg_vq=options.seg_vq,
         vlm=options.vlm,
         edge=options.edge_detector,
-        device=options.device,
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
     )
 
 

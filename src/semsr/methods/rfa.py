@@ -63,7 +63,7 @@ from semsr.models.rfa import (
     load_text_decoder,
     text_decoder_dir,
 )
-from semsr.pipeline.options import ControlNetSROptions, require_paths
+from semsr.pipeline.options import ControlNetSROptions, guidance_option, require_paths, steps_option
 from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
 from semsr.priors.retrieval.embedders import Embedder, embedder_from_spec
 from semsr.priors.retrieval.index import Hit, ReferenceDB, load_rgb
@@ -109,10 +109,8 @@ class RFAOptions(ControlNetSROptions):
         False, stage="build", help="opt-out: no decoded text (the prompt is --prompt, or empty)"
     )
     negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
-    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(
-        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
-    )
+    steps: int = steps_option(DEFAULT_STEPS)
+    guidance_scale: float = guidance_option(DEFAULT_GUIDANCE)
     num_references: int = option(
         DEFAULT_REFERENCES, min=0, max=1024, metavar="K", help="references retrieved per image"
     )
@@ -318,11 +316,7 @@ def build(options: RFAOptions) -> RFASR:
         options.base,
         options.controlnet,
         base_config=options.base_config,
-        device=options.device,  # type: ignore[arg-type]
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
         retriever=ReferenceRetriever(embedder, database, aligner, enhancer, lm, tok),
         adain=parts["adain"],
         controlnet_adain=parts["controlnet_adain"],

@@ -13,7 +13,7 @@ from semsr.core.dtypes import apply_threads
 from semsr.core.method import MethodSpec
 from semsr.core.options import option
 from semsr.methods import register
-from semsr.pipeline.options import ControlNetSROptions, require_paths
+from semsr.pipeline.options import ControlNetSROptions, guidance_option, require_paths, steps_option
 from semsr.pipeline.sd_controlnet import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_STEPS, SDControlNetSR
 
 
@@ -22,10 +22,8 @@ class SDControlNetOptions(ControlNetSROptions):
     """Options of ``sd-controlnet``."""
 
     negative_prompt: str = option(DEFAULT_NEGATIVE, help="negative prompt")
-    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(
-        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
-    )
+    steps: int = steps_option(DEFAULT_STEPS)
+    guidance_scale: float = guidance_option(DEFAULT_GUIDANCE)
 
 
 def build(options: SDControlNetOptions) -> SDControlNetSR:
@@ -40,11 +38,7 @@ def build(options: SDControlNetOptions) -> SDControlNetSR:
         options.base,
         options.controlnet,
         base_config=options.base_config,
-        device=options.device,
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
         options_class=SDControlNetOptions,
     )
 

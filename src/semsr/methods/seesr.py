@@ -39,7 +39,7 @@ from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import SRLayout, resolve_placement
 from semsr.pipeline.latent_tiling import vae_tiling
-from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.options import LatentSROptions, guidance_option, latent_tile, require_paths, steps_option
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.text import load_text_conditioner
 
@@ -69,10 +69,8 @@ class SeeSROptions(LatentSROptions):
         None, stage="build", metavar="DIR", help="DAPE tagger folder (RAM weights + DAPE fine-tune, tag list)"
     )
     negative_prompt: str = option(SEESR_NEGATIVE, help="negative prompt")
-    steps: int = option(SEESR_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(
-        SEESR_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
-    )
+    steps: int = steps_option(SEESR_STEPS)
+    guidance_scale: float = guidance_option(SEESR_GUIDANCE)
     added_prompt: str = option(SEESR_ADDED_PROMPT, metavar="TEXT", help="appended to the prompt")
     conditioning_scale: float = option(1.0, min=0.0, max=10.0, help="ControlNet residual scale", hidden=True)
     start_timestep: int = option(
@@ -340,11 +338,7 @@ def build(options: SeeSROptions) -> SeeSRPipeline:
         options.checkpoint,
         options.tagger,
         base_config=options.base_config,
-        device=options.device,
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
         name="seesr",
         options_class=type(options),
     )

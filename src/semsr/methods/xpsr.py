@@ -76,7 +76,7 @@ from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import cfg
 from semsr.pipeline.latent_sr import progress_fn, resolve_placement
 from semsr.pipeline.latent_tiling import tiled, vae_tiling
-from semsr.pipeline.options import LatentSROptions, latent_tile, require_paths
+from semsr.pipeline.options import LatentSROptions, guidance_option, latent_tile, require_paths, steps_option
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.step_cache import set_hint_cache
@@ -137,10 +137,8 @@ class XPSROptions(LatentSROptions):
     negative_prompt: str | None = option(
         None, help="negative prompt (high-level branch; default: the preset's)", metavar="TEXT"
     )
-    steps: int = option(DEFAULT_STEPS, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(
-        DEFAULT_GUIDANCE, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S"
-    )
+    steps: int = steps_option(DEFAULT_STEPS)
+    guidance_scale: float = guidance_option(DEFAULT_GUIDANCE)
     low_prompt: str | None = option(
         None, metavar="TEXT", help="low-level (quality/degradation) prompt instead of the VLM/IRPAD one"
     )
@@ -532,11 +530,7 @@ def build_two_prompt(
         options.checkpoint,
         base_config=options.base_config,
         sfa_mode=options.sfa_mode,
-        device=options.device,
-        dtype=options.dtype or "auto",
-        channels_last=options.channels_last,
-        compile=options.compile,
-        scale=options.scale,
+        **options.placement(),
         name=name,
         options_class=type(options),
         unet_prompts=unet_prompts,

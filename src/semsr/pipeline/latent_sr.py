@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,20 +101,9 @@ class SRLayout:
     vae_tile: int | None
 
 
-class Placement(TypedDict, total=False):
-    """Where and how a latent SR pipeline runs its models: the keywords every pipeline constructor passes on
-    to :meth:`LatentSRPipeline.setup_sd` (defaults there)."""
-
-    device: str | torch.device
-    dtype: str | torch.dtype
-    channels_last: bool
-    compile: bool | str | None
-    scale: int
-
-
 def resolve_placement(placement: Mapping[str, Any]) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype :class:`Placement` keywords name (defaults: CPU, fp32; ``dtype="auto"`` resolved
-    for the device)."""
+    """The device and dtype that :class:`~semsr.pipeline.options.Placement` keywords name (defaults: CPU,
+    fp32; ``dtype="auto"`` resolved for the device)."""
     device = resolve_device(placement.get("device", "cpu"))
     return device, resolve_dtype(placement.get("dtype", "fp32"), device)
 
@@ -122,8 +111,8 @@ def resolve_placement(placement: Mapping[str, Any]) -> tuple[torch.device, torch
 class LatentSRPipeline:
     """Shared pieces of the SD latent SR pipelines (see the module docstring).
 
-    Subclass constructors take their recipe's parts and the :class:`Placement` keywords and call
-    :meth:`setup_sd`, which sets ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
+    Subclass constructors take their recipe's parts and the :class:`~semsr.pipeline.options.Placement`
+    keywords and call :meth:`setup_sd`, which sets ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
     ``device``, ``dtype``, ``channels_last``, ``compile_mode``, ``factor`` (VAE downsampling),
     ``latent_multiple`` (UNet granularity) and ``scheduler_config``; :meth:`prepare` places a recipe's
     other modules the same way.

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
 
 from semsr.core.errors import UnavailableError
 from semsr.core.options import MethodOptions, option
@@ -23,14 +26,35 @@ from semsr.pipeline.sampler import SCHEDULER_NAMES
 from semsr.pipeline.tome import MAX_TOME_RATIO, TOME_TARGET_SETS
 
 
+class Placement(TypedDict, total=False):
+    """Where and how a latent SR pipeline runs its models: the keywords every pipeline constructor passes on
+    to :meth:`~semsr.pipeline.latent_sr.LatentSRPipeline.setup_sd` (defaults there)."""
+
+    device: str | torch.device
+    dtype: str | torch.dtype
+    channels_last: bool
+    compile: bool | str | None
+    scale: int
+
+
+def steps_option(default: int) -> Any:
+    """The ``steps`` field (sampling steps, 1-1000) with a recipe's default."""
+    return option(default, min=1, max=1000, help="sampling steps", metavar="N")
+
+
+def guidance_option(default: float) -> Any:
+    """The ``guidance_scale`` field (classifier-free guidance scale, 0-100) with a recipe's default."""
+    return option(default, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+
+
 @dataclass(kw_only=True, frozen=True)
 class SamplingOptions(MethodOptions):
     """Prompts and sampling of a diffusion method."""
 
     prompt: str = option("", help="positive prompt")
     negative_prompt: str = option("", help="negative prompt")
-    steps: int = option(20, min=1, max=1000, help="sampling steps", metavar="N")
-    guidance_scale: float = option(1.0, min=0.0, max=100.0, help="classifier-free guidance scale", metavar="S")
+    steps: int = steps_option(20)
+    guidance_scale: float = guidance_option(1.0)
     seed: int = option(0, min=0, max=2**63 - 1, help="random seed", metavar="N")
     scheduler: str = option("ddpm", choices=SCHEDULER_NAMES, help="sampler")
     colour_fix: str = option(
@@ -90,6 +114,16 @@ class LatentSROptions(SamplingOptions):
         "(self-attention, as ToMe for SD), attn2 (cross-attention queries), ff (feed-forward)",
         advanced=True,
     )
+
+    def placement(self) -> Placement:
+        """The pipeline keywords these options set (an unset ``dtype`` is ``auto``)."""
+        return Placement(
+            device=self.device,
+            dtype=self.dtype or "auto",
+            channels_last=self.channels_last,
+            compile=self.compile,
+            scale=self.scale,
+        )
 
 
 @dataclass(kw_only=True, frozen=True)
