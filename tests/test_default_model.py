@@ -271,6 +271,26 @@ def test_reported_and_suggested_priors(tmp_path: Path, text_tokens: TextTokens, 
     assert pipe(lr, run).priors == {"prompt": "a cat", "edge_prior": True}
 
 
+def test_no_suggestion_without_the_text_prior(text_tokens: TextTokens, bicubic) -> None:
+    """A checkpoint trained without the text prior (the shipped default) suggests no prompt and runs no IRPAD:
+    the web demo's suggestion after an upload would otherwise become a text condition the model never uses."""
+
+    class Counting(FixedDegradation):
+        calls = 0
+
+        def __call__(self, lr: torch.Tensor) -> list[str]:
+            Counting.calls += 1
+            return super().__call__(lr)
+
+    pipe = DefaultSRPipeline(
+        tiny_model(perturb=True, text_prior=False), stage1=bicubic, text=text_tokens, degradation=Counting("heavy blur")
+    )
+    lr = textured(16, 16)
+    assert pipe.suggest_priors(lr) == {}
+    out = pipe(lr, DefaultDiffusionOptions(steps=1))
+    assert out.priors == {"prompt": "", "edge_prior": True} and Counting.calls == 0
+
+
 def test_missing_irpad_gives_empty_description(tmp_path: Path) -> None:
     deg = DegradationText(tmp_path / "none")
     assert not deg.available and "IRPAD" in deg.reason

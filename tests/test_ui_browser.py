@@ -148,7 +148,7 @@ def test_upload_run_download_and_errors(browser_page, tmp_path):
     assert page.is_hidden("#error")
     page.select_option("#method", "default")
     page.wait_for_function("!document.querySelector('#run').disabled")  # the priors look-up has finished
-    assert page.input_value("#prompt") == ""  # the degradation phrase is not written into the prompt
+    assert page.input_value("#prompt") == ""  # the shipped default suggests no prompt
     _run(page, "default")
     assert page.eval_on_selector("#after", "e => e.naturalWidth") == 256
     out = np.asarray(Image.open(io.BytesIO(page.request.get(page.eval_on_selector("#download", "e => e.href")).body())))
@@ -287,16 +287,14 @@ def test_real_defaults_presets_advanced_options_and_prompt(browser_page, tmp_pat
     _save_screenshot(page.screenshot(full_page=True), "demo-options.png")
     page.click("#advanced summary")
     assert page.is_hidden("[data-dest=no_text_prior]")
-    # the degradation phrase stays out of the prompt after an upload; the Extract button still writes it
+    # the shipped default was trained without the text prior: an upload suggests nothing, the prompt stays empty
     _upload(page, _photo(tmp_path / "face.png", 32))
     page.wait_for_function("document.querySelector('#drop-text').textContent.includes('face.png · 32×32')")
     page.wait_for_function("!document.querySelector('#run').disabled")  # its priors look-up has finished
-    assert page.input_value("#prompt") == "" and "adds the degradation it sees" in page.inner_text("#note")
-    suggested = page.evaluate("document.querySelector('#priors-list dd').textContent")
+    assert page.input_value("#prompt") == "" and "suggests no priors" in page.inner_text("#note")
     page.click("#extract")
-    page.wait_for_function("document.querySelector('#prompt').value !== ''")
-    assert page.input_value("#prompt") == suggested
-    page.fill("#prompt", "")
+    page.wait_for_function("document.querySelector('#note').textContent.includes('suggests no priors')")
+    assert page.input_value("#prompt") == "" and page.is_hidden("#priors")
 
 
 def test_example_batch_history_and_cancel(browser_page, tmp_path):

@@ -305,9 +305,13 @@ class DefaultSRPipeline:
         return SROutput(images, priors=priors, timings=timings)
 
     def suggest_priors(self, x: torch.Tensor) -> dict[str, Any]:
-        """IRPAD's degradation description of ``x (1, 3, H, W)`` as the prompt (``""`` without IRPAD weights)."""
+        """IRPAD's degradation description of ``x (1, 3, H, W)`` as the prompt (``""`` without IRPAD weights);
+        nothing for a checkpoint trained without the text prior (``text_prior=False``, the shipped default),
+        which never adds the description to its text."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise SemsrError(f"expected a (1, 3, H, W) image tensor, got shape {tuple(x.shape)}")
+        if not self.config.text_prior:
+            return {}
         with torch.no_grad():
             degradation = self.degradation(x[:1].float().clamp(0, 1))[0]
         return compact({"prompt": degradation, "degradation": degradation or None})

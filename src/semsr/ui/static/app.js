@@ -489,7 +489,7 @@ async function extractPriors(auto) {
     renderPriors(p);
     showNote(degradationOnly ? `${currentMethod().name} adds the degradation it sees (${p.degradation}) to its text by itself; the prompt is optional`
       : Object.keys(p).length ? "priors extracted: edit the prompts if you like, then Upscale"
-      : `${currentMethod().name} extracts no priors before running; write the prompts yourself`);
+      : `${currentMethod().name} suggests no priors for this image; the prompt is optional`);
   } catch (err) { if (err.cancelled) showNote(err.message); else showError(err.message); }
 }
 main();
