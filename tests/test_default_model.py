@@ -380,7 +380,46 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["train", "--output", str(root / "a"), "--max-steps", "1", *common]) == 0
     assert main(["train", "--output", str(root / "a"), "--max-steps", "2", "--resume", *common]) == 0
     assert main(["train", "--output", str(root / "b"), "--max-steps", "2", *common]) == 0
+    shipped = [f"model.options.{k}={v}" for k, v in SHIPPED_INFERENCE.items()]
+    assert main(["train", "--output", str(root / "c"), "--max-steps", "2", *common, *shipped]) == 0
     return root
+
+
+#: Inference settings of the shipped checkpoint as ``model.options`` overrides (configs/default.yaml sets them).
+SHIPPED_INFERENCE = {
+    "start": "mean",
+    "text_prior": "false",
+    "default_steps": "1",
+    "residual_core": "0.016",
+    "residual_gain": "1.5",
+    "flat_smooth": "0.5",
+}
+
+
+def test_inference_settings_reach_the_checkpoint_but_not_the_training(tiny_runs: Path) -> None:
+    """A run with the shipped inference settings trains the same weights and records the settings."""
+    from safetensors.torch import load_file
+
+    for part in ("unet", "controlnet", "text_proj"):
+        name = f"{part}/diffusion_pytorch_model.safetensors"
+        b, c = load_file(str(tiny_runs / "b" / "final" / name)), load_file(str(tiny_runs / "c" / "final" / name))
+        assert sorted(b) == sorted(c) and all(torch.equal(b[k], c[k]) for k in b), part
+    config = load_default_sr(tiny_runs / "c" / "final").config
+    assert (config.start, config.text_prior, config.default_steps) == ("mean", False, 1)
+    assert (config.residual_core, config.residual_gain, config.flat_smooth) == (0.016, 1.5, 0.5)
+    assert load_default_sr(tiny_runs / "b" / "final").config.residual_core == 0.0
+
+
+def test_training_config_gives_the_shipped_checkpoint_config() -> None:
+    """``semsr train --config configs/default.yaml`` builds a model whose config (architecture and inference
+    settings, what its export writes as meta) is the shipped checkpoint's."""
+    from semsr.train.config import load_config
+    from semsr.train.tasks import build_task
+
+    task = build_task(load_config(REPO / "configs" / "default.yaml"))
+    built = {k: v for k, v in task.trainable.config.items() if not k.startswith("_")}
+    shipped = read_index(packaged_weights()).meta
+    assert json.loads(json.dumps(built)) == json.loads(json.dumps(dict(shipped)))
 
 
 def test_resumed_run_equals_straight_run(tiny_runs: Path) -> None:
