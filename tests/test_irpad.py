@@ -58,6 +58,7 @@ from semsr.train.irpad_realesrgan import (
     white_noise_std,
 )
 from semsr.train.trainer import Trainer
+from train_helpers import fresh_training_state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,15 +77,8 @@ def bench_irpad(argv: list[str]) -> int:
 
 def train_irpad(output: Path, overrides: list[str]) -> Path:
     """One run of configs/irpad-tiny.yaml with ``overrides`` through the shared trainer; returns ``output/final``."""
-    threads = torch.get_num_threads()
-    try:
+    with fresh_training_state():
         Trainer(load_config(REPO / "configs" / "irpad-tiny.yaml", overrides), output).fit()
-    finally:
-        torch.set_num_threads(threads)
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
     return output / "final"
 
 

@@ -15,25 +15,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import semsr
 from semsr.cli import main
 from semsr.core.errors import SemsrError
 from semsr.train.config import config_from_dict
-from train_helpers import tiny_config_dict, write_textures
+from train_helpers import fresh_training_state, tiny_config_dict, write_textures
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_training_state():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semsr.core.errors import SemsrError
 from semsr.train.config import config_from_dict, dump_config, load_config
-from train_helpers import REPO, load_safetensors, tiny_config_dict, write_textures
+from train_helpers import REPO, fresh_training_state, load_safetensors, tiny_config_dict, write_textures
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    """Each Trainer builds its own Accelerator; reset Accelerate's process-wide singletons after a
-    test, and torch's thread count (the test configs train with one thread)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_training_state():
+        yield
 
 
 @pytest.fixture(scope="module")

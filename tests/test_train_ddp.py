@@ -18,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import launch_semsr, load_safetensors, tiny_config_dict, write_textures
+from train_helpers import fresh_training_state, launch_semsr, load_safetensors, tiny_config_dict, write_textures
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,8 @@ GRADIENT_PROBE = {"lr": 1000.0, "eps": 1000.0, "weight_decay": 0.0, "max_grad_no
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_training_state():
+        yield
 
 
 def _launch(config: dict, output: Path, *extra: str, processes: int = 2) -> None:

@@ -6,13 +6,30 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def fresh_training_state() -> Iterator[None]:
+    """Run an in-process ``Trainer`` and then restore torch's thread count (the test configs train with one
+    thread) and reset Accelerate's process-wide singletons (each Trainer builds its own Accelerator)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def write_textures(folder: Path, count: int = 6, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:
