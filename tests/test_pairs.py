@@ -20,6 +20,19 @@ from semsr.train.data import load_image, make_degrader, to_tensor
 from semsr.train.pairs import PairedCropDataset, make_pairs, paired_validation, read_pairs, split_pairs
 
 
+def _bicubic_pairs(hr: Path, out: Path, per_image: int) -> dict[str, int]:
+    """``make_pairs`` of every image in ``hr`` into ``out`` with the bicubic x4 degradation."""
+    return make_pairs(
+        sorted(hr.iterdir()),
+        out,
+        degrade=make_degrader({"type": "bicubic"}, 4),
+        degradation="bicubic",
+        scale=4,
+        per_image=per_image,
+        log=lambda _: None,
+    )
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "semsr.cli", *args], capture_output=True, text=True, timeout=300)
 
@@ -48,15 +61,7 @@ def test_make_pairs_cli_is_deterministic_and_resumable(tmp_path: Path) -> None:
 
 def test_bicubic_pairs_are_imresize_of_the_cut_hr(tmp_path: Path) -> None:
     hr = write_textures(tmp_path / "hr", count=1, size=(50, 42))
-    counts = make_pairs(
-        sorted(hr.iterdir()),
-        tmp_path / "p",
-        degrade=make_degrader({"type": "bicubic"}, 4),
-        degradation="bicubic",
-        scale=4,
-        per_image=1,
-        log=lambda _: None,
-    )
+    counts = _bicubic_pairs(hr, tmp_path / "p", per_image=1)
     assert counts == {"written": 1, "kept": 0, "images": 1, "failed": 0}
     ((hr_file, (lr_file,)),) = read_pairs(tmp_path / "p").items()
     want = imresize(to_tensor(load_image(hr_file)[:40, :48])[None], scale=0.25).clamp(0, 1)[0]
@@ -66,15 +71,7 @@ def test_bicubic_pairs_are_imresize_of_the_cut_hr(tmp_path: Path) -> None:
 
 def test_paired_crops_are_aligned_and_validation_is_fixed(tmp_path: Path) -> None:
     hr = write_textures(tmp_path / "hr", count=4, size=(96, 80))
-    make_pairs(
-        sorted(hr.iterdir()),
-        tmp_path / "p",
-        degrade=make_degrader({"type": "bicubic"}, 4),
-        degradation="bicubic",
-        scale=4,
-        per_image=2,
-        log=lambda _: None,
-    )
+    _bicubic_pairs(hr, tmp_path / "p", per_image=2)
     pairs = read_pairs(tmp_path / "p")
     cfg = DataConfig(crop_size=32, scale=4, val_count=1, hflip=True, min_texture=0.0)
     train, val = split_pairs(pairs, cfg)
@@ -96,15 +93,7 @@ def test_pairs_manifest_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(SemsrError, match="no pairs manifest"):
         read_pairs(tmp_path)
     hr = write_textures(tmp_path / "hr", count=1, size=(40, 40))
-    make_pairs(
-        sorted(hr.iterdir()),
-        tmp_path / "p",
-        degrade=make_degrader({"type": "bicubic"}, 4),
-        degradation="bicubic",
-        scale=4,
-        per_image=1,
-        log=lambda _: None,
-    )
+    _bicubic_pairs(hr, tmp_path / "p", per_image=1)
     lr = next((tmp_path / "p" / "lr").iterdir())
     lr.unlink()
     with pytest.raises(SemsrError, match="missing") as err:
@@ -121,15 +110,7 @@ def test_training_reads_pairs_instead_of_degrading(tmp_path: Path) -> None:
     from semsr.train.trainer import Trainer
 
     hr = write_textures(tmp_path / "hr", count=4, size=(96, 96))
-    make_pairs(
-        sorted(hr.iterdir()),
-        tmp_path / "p",
-        degrade=make_degrader({"type": "bicubic"}, 4),
-        degradation="bicubic",
-        scale=4,
-        per_image=2,
-        log=lambda _: None,
-    )
+    _bicubic_pairs(hr, tmp_path / "p", per_image=2)
     seen: list[torch.Tensor] = []
 
     def spy(trainer, step, record) -> None:
