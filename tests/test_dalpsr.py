@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,11 +20,35 @@ from semsr.methods.dalpsr import DaLPSROptions
 from semsr.methods.xpsr import XPSR_ADDED_POSITIVE, TwoPromptSR, XPSROptions, unet_context
 from semsr.priors.irpad import LEVELS
 from semsr.priors.tagger import TagsProvider
-from semsr.train.config import config_from_dict, load_config
+from semsr.train.config import ExperimentConfig, config_from_dict, load_config
 from semsr.train.tasks import build_task
 from train_helpers import REPO, write_textures
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
+
+
+def _tiny_config(
+    tiny_models: Path, hr: Path, task: str, losses: dict[str, float] | None = None, **options: object
+) -> ExperimentConfig:
+    """A ``task`` (xpsr / dalpsr) training config on the tiny models: no VLM, the untrained IRPAD, 64-px crops
+    of the images in ``hr``; ``options`` add to ``model.options``."""
+    data: dict[str, Any] = {
+        "name": "t",
+        "task": task,
+        "model": {
+            "pretrained": str(tiny_models / "sd"),
+            "options": {"irpad": str(tiny_models / "irpad-untrained"), "no_vlm": True, **options},
+        },
+        "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
+    }
+    if losses is not None:
+        data["losses"] = losses
+    return config_from_dict(data)
+
+
+def _tiny_task(tiny_models: Path, hr: Path, task: str, **options: object) -> Any:
+    """The training task of :func:`_tiny_config`."""
+    return build_task(_tiny_config(tiny_models, hr, task, **options))
 
 
 def _is_irpad_text(text: str) -> bool:
@@ -210,18 +235,7 @@ def test_tiny_dalpsr_config_trains_through_semsr_train(tiny_models, tmp_path, ca
 
 def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_path):
     hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "task": "xpsr",
-            "model": {
-                "pretrained": str(tiny_models / "sd"),
-                "options": {"irpad": str(tiny_models / "irpad-untrained"), "low_source": "irpad", "no_vlm": True},
-            },
-            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
-            "losses": {"eps_mse": 1.0, "dfc": 0.05},
-        }
-    )
+    cfg = _tiny_config(tiny_models, hr, "xpsr", losses={"eps_mse": 1.0, "dfc": 0.05}, low_source="irpad")
     task = build_task(cfg)
     params = list(task.trainable.parameters())
     assert params and all(p.requires_grad for p in params)
@@ -245,22 +259,7 @@ def test_dalpsr_task_trains_controlnet_and_new_attention_only(tiny_models, tmp_p
 def test_training_continues_from_a_checkpoint(tiny_models, tmp_path):
     """``model.options.init``: the checkpoint's ControlNet, SFA (mode from the task) and DFC heads."""
     hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "task": "dalpsr",
-            "model": {
-                "pretrained": str(tiny_models / "sd"),
-                "options": {
-                    "irpad": str(tiny_models / "irpad-untrained"),
-                    "init": str(tiny_models / "xpsr"),
-                    "no_vlm": True,
-                },
-            },
-            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
-        }
-    )
-    task = build_task(cfg)
+    task = _tiny_task(tiny_models, hr, "dalpsr", init=str(tiny_models / "xpsr"))
     model = task.trainable
     assert model.sfa.mode == "serial" and model.sfa.conditional_attention  # the xpsr checkpoint's
     pipe = TwoPromptSR.from_checkpoint(tiny_models / "sd", tiny_models / "xpsr")
@@ -282,18 +281,7 @@ def test_dalpsr_configs_train_with_plain_diffusion_loss_on_both_prompts(name):
 
 def test_dalpsr_training_feeds_both_prompts_to_the_unet(tiny_models, tmp_path):
     hr = write_textures(tmp_path / "hr", count=2, size=(72, 72))
-    cfg = config_from_dict(
-        {
-            "name": "t",
-            "task": "dalpsr",
-            "model": {
-                "pretrained": str(tiny_models / "sd"),
-                "options": {"irpad": str(tiny_models / "irpad-untrained"), "no_vlm": True},
-            },
-            "data": {"hr": [str(hr)], "val_count": 1, "crop_size": 64, "scale": 4, "batch_size": 1},
-        }
-    )
-    task = build_task(cfg)
+    task = _tiny_task(tiny_models, hr, "dalpsr")
     model = task.trainable
     seen: list[torch.Tensor] = []
     handle = task.unet.register_forward_pre_hook(
