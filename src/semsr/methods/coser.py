@@ -70,9 +70,16 @@ from semsr.methods.coser_references import ReferenceCache, read_reference
 from semsr.models.cognitive import RECIPE, CognitiveEncoder, load_cognitive_encoder, text_token_targets
 from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import Denoiser, weighted
-from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn, resolve_placement
+from semsr.pipeline.latent_sr import LatentSRPipeline, make_hint, progress_fn
 from semsr.pipeline.latent_tiling import SpatialDenoiser, Window, crop_window
-from semsr.pipeline.options import LatentSROptions, Placement, latent_tile, require_paths, steps_option
+from semsr.pipeline.options import (
+    LatentSROptions,
+    Placement,
+    latent_tile,
+    require_paths,
+    resolve_placement,
+    steps_option,
+)
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.text import load_text_conditioner
 

@@ -72,9 +72,16 @@ from semsr.fusion.mmsr_conditioning import MMSRConditioning, concat_unet_forward
 from semsr.methods import register
 from semsr.models.vq import OWN_TOKENIZERS, SpatialTokenizer, load_tokenizer
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline, resolve_placement
+from semsr.pipeline.latent_sr import LatentSRPipeline
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.options import LatentSROptions, Placement, latent_tile, require_paths, steps_option
+from semsr.pipeline.options import (
+    LatentSROptions,
+    Placement,
+    latent_tile,
+    require_paths,
+    resolve_placement,
+    steps_option,
+)
 from semsr.pipeline.precision import prepare_module
 from semsr.pipeline.text import load_text_conditioner
 from semsr.priors.base import cached, get_provider

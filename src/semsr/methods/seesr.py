@@ -37,9 +37,16 @@ from semsr.models.ram import RAMBundle, load_ram_tagger, ram_preprocess, tags_fr
 from semsr.models.seesr import load_released_seesr
 from semsr.ops.imresize import imresize
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import SRLayout, resolve_placement
+from semsr.pipeline.latent_sr import SRLayout
 from semsr.pipeline.latent_tiling import vae_tiling
-from semsr.pipeline.options import LatentSROptions, guidance_option, latent_tile, require_paths, steps_option
+from semsr.pipeline.options import (
+    LatentSROptions,
+    guidance_option,
+    latent_tile,
+    require_paths,
+    resolve_placement,
+    steps_option,
+)
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.text import load_text_conditioner
 

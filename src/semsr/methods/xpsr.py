@@ -74,9 +74,16 @@ from semsr.methods.xpsr_released import (
 )
 from semsr.pipeline.colorfix import colour_fix
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import progress_fn, resolve_placement
+from semsr.pipeline.latent_sr import progress_fn
 from semsr.pipeline.latent_tiling import tiled, vae_tiling
-from semsr.pipeline.options import LatentSROptions, guidance_option, latent_tile, require_paths, steps_option
+from semsr.pipeline.options import (
+    LatentSROptions,
+    guidance_option,
+    latent_tile,
+    require_paths,
+    resolve_placement,
+    steps_option,
+)
 from semsr.pipeline.sampler import make_scheduler, sample
 from semsr.pipeline.sd_controlnet import SDControlNetSR
 from semsr.pipeline.step_cache import set_hint_cache

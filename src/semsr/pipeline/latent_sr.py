@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,21 +101,14 @@ class SRLayout:
     vae_tile: int | None
 
 
-def resolve_placement(placement: Mapping[str, Any]) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype that :class:`~semsr.pipeline.options.Placement` keywords name (defaults: CPU,
-    fp32; ``dtype="auto"`` resolved for the device)."""
-    device = resolve_device(placement.get("device", "cpu"))
-    return device, resolve_dtype(placement.get("dtype", "fp32"), device)
-
-
 class LatentSRPipeline:
     """Shared pieces of the SD latent SR pipelines (see the module docstring).
 
     Subclass constructors take their recipe's parts and the :class:`~semsr.pipeline.options.Placement`
-    keywords and call :meth:`setup_sd`, which sets ``vae``, ``unet``, ``text`` (``encode(prompts) -> (B, L, D)``),
-    ``device``, ``dtype``, ``channels_last``, ``compile_mode``, ``factor`` (VAE downsampling),
-    ``latent_multiple`` (UNet granularity) and ``scheduler_config``; :meth:`prepare` places a recipe's
-    other modules the same way.
+    keywords and call :meth:`setup_sd`, which sets ``vae``, ``unet``, ``text``
+    (``encode(prompts) -> (B, L, D)``), ``device``, ``dtype``, ``channels_last``, ``compile_mode``,
+    ``factor`` (VAE downsampling), ``latent_multiple`` (UNet granularity) and ``scheduler_config``;
+    :meth:`prepare` places a recipe's other modules the same way.
     """
 
     vae: Any

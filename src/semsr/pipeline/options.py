@@ -12,12 +12,14 @@ it. :func:`latent_tile` is the one conversion between the two.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
 
+from semsr.core.dtypes import resolve_device, resolve_dtype
 from semsr.core.errors import UnavailableError
 from semsr.core.options import MethodOptions, option
 from semsr.pipeline.colorfix import COLOUR_FIXES
@@ -35,6 +37,13 @@ class Placement(TypedDict, total=False):
     channels_last: bool
     compile: bool | str | None
     scale: int
+
+
+def resolve_placement(placement: Mapping[str, Any]) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype that :class:`Placement` keywords name (defaults: CPU, fp32; ``dtype="auto"``
+    resolved for the device)."""
+    device = resolve_device(placement.get("device", "cpu"))
+    return device, resolve_dtype(placement.get("dtype", "fp32"), device)
 
 
 def steps_option(default: int) -> Any:

@@ -33,9 +33,9 @@ from semsr.core.loading import SDComponents, load_controlnet, load_sd
 from semsr.core.method import ProgressFn
 from semsr.core.outputs import SROutput, compact
 from semsr.pipeline.guidance import cfg
-from semsr.pipeline.latent_sr import LatentSRPipeline, SRLayout, resolve_placement
+from semsr.pipeline.latent_sr import LatentSRPipeline, SRLayout
 from semsr.pipeline.latent_tiling import Window, crop_window
-from semsr.pipeline.options import ControlNetSROptions, Placement, latent_tile
+from semsr.pipeline.options import ControlNetSROptions, Placement, latent_tile, resolve_placement
 from semsr.pipeline.sampler import make_scheduler
 from semsr.pipeline.step_cache import set_hint_cache
 from semsr.pipeline.text import CLIPTextConditioner, MiniLMTextEncoder, load_text_conditioner
